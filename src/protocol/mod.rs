@@ -1,0 +1,14 @@
+//! The pure protocol: keys, bundles, X3DH, the Double Ratchet, sessions, the
+//! wire codec and the session state encoding. No I/O, no clock, no implicit
+//! randomness.
+
+pub mod bundle;
+pub mod fingerprint;
+pub mod hazmat;
+pub mod keys;
+pub mod prekeys;
+pub mod ratchet;
+pub mod session;
+pub mod state;
+pub mod wire;
+mod x3dh;

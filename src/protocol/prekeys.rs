@@ -1,0 +1,128 @@
+//! The owner's side of prekeys: an in-memory set of a device's private
+//! prekeys (current and retired signed prekeys, unused one-time prekeys),
+//! from which it publishes bundles and answers prekey messages.
+//!
+//! Persistent stores implement [`PrekeyLookup`] themselves; this type is for
+//! tests, embedding and applications that persist the set elsewhere.
+
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+
+use rand_core::CryptoRngCore;
+
+use crate::error::{Error, Result};
+use crate::protocol::bundle::PrekeyBundle;
+use crate::protocol::keys::{IdentityKeyPair, OneTimePrekey, SignedPrekey};
+use crate::protocol::session::{Accepted, PrekeyLookup, Session};
+use crate::protocol::ratchet::SessionConfig;
+use crate::protocol::wire::Incoming;
+
+/// A device's private prekeys.
+#[derive(Clone, Debug)]
+pub struct PrekeyStore {
+    current: SignedPrekey,
+    retired: Vec<SignedPrekey>,
+    one_time: BTreeMap<u32, OneTimePrekey>,
+    next_one_time_id: u32,
+}
+
+impl PrekeyStore {
+    /// A store with a first signed prekey (id 1) created at `now`.
+    pub fn new(rng: &mut impl CryptoRngCore, identity: &IdentityKeyPair, now: u64) -> Self {
+        Self::with_signed_prekey(SignedPrekey::generate(rng, identity, 1, now))
+    }
+
+    /// A store around an existing signed prekey.
+    pub fn with_signed_prekey(signed_prekey: SignedPrekey) -> Self {
+        PrekeyStore {
+            current: signed_prekey,
+            retired: Vec::new(),
+            one_time: BTreeMap::new(),
+            next_one_time_id: 1,
+        }
+    }
+
+    /// The current signed prekey.
+    pub fn current_signed_prekey(&self) -> &SignedPrekey {
+        &self.current
+    }
+
+    /// Replaces the current signed prekey with a new one created at `now`;
+    /// the old one is retained (so late prekey messages still decrypt) until
+    /// [`Self::forget_retired_before`] drops it.
+    pub fn rotate_signed_prekey(&mut self, rng: &mut impl CryptoRngCore, identity: &IdentityKeyPair, now: u64) {
+        let id = self.current.id().wrapping_add(1);
+        let new = SignedPrekey::generate(rng, identity, id, now);
+        self.retired.push(core::mem::replace(&mut self.current, new));
+    }
+
+    /// Drops retired signed prekeys created before `cutoff` (unix seconds).
+    pub fn forget_retired_before(&mut self, cutoff: u64) {
+        self.retired.retain(|k| k.created() >= cutoff);
+    }
+
+    /// Generates `count` new one-time prekeys and returns them (to publish
+    /// their public halves).
+    pub fn generate_one_time_prekeys(&mut self, rng: &mut impl CryptoRngCore, count: u32) -> Vec<&OneTimePrekey> {
+        let first = self.next_one_time_id;
+        for _ in 0..count {
+            let id = self.next_one_time_id;
+            self.next_one_time_id = self.next_one_time_id.wrapping_add(1);
+            self.one_time.insert(id, OneTimePrekey::generate(rng, id));
+        }
+        self.one_time.range(first..).map(|(_, k)| k).collect()
+    }
+
+    /// Adds an existing one-time prekey.
+    pub fn insert_one_time_prekey(&mut self, key: OneTimePrekey) {
+        self.next_one_time_id = self.next_one_time_id.max(key.id().wrapping_add(1));
+        self.one_time.insert(key.id(), key);
+    }
+
+    /// Deletes a one-time prekey (after a session used it).
+    pub fn remove_one_time_prekey(&mut self, id: u32) -> bool {
+        self.one_time.remove(&id).is_some()
+    }
+
+    /// Number of unused one-time prekeys.
+    pub fn one_time_prekey_count(&self) -> usize {
+        self.one_time.len()
+    }
+
+    /// A bundle with the current signed prekey and, if any is left, the
+    /// one-time prekey with the lowest id.
+    pub fn bundle(&self, identity: &IdentityKeyPair) -> PrekeyBundle {
+        PrekeyBundle::new(identity, &self.current, self.one_time.values().next())
+    }
+
+    /// [`Session::accept`] followed by deleting the consumed one-time prekey.
+    ///
+    /// # Errors
+    /// As [`Session::accept`]; nothing is consumed on error.
+    pub fn accept(
+        &mut self,
+        identity: &IdentityKeyPair,
+        message: &Incoming<'_>,
+        config: SessionConfig,
+    ) -> Result<Accepted> {
+        let accepted = Session::accept(identity, self, message, config)?;
+        if let Some(id) = accepted.consumed_one_time_prekey {
+            if !self.remove_one_time_prekey(id) {
+                return Err(Error::UnknownPrekey);
+            }
+        }
+        Ok(accepted)
+    }
+}
+
+impl PrekeyLookup for PrekeyStore {
+    fn signed_prekey(&self, id: u32) -> Option<&SignedPrekey> {
+        if self.current.id() == id {
+            return Some(&self.current);
+        }
+        self.retired.iter().find(|k| k.id() == id)
+    }
+    fn one_time_prekey(&self, id: u32) -> Option<&OneTimePrekey> {
+        self.one_time.get(&id)
+    }
+}

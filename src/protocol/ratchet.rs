@@ -1,0 +1,475 @@
+//! The Double Ratchet (Signal's specification, section 3) with the profile's
+//! functions:
+//!
+//! ```text
+//! KDF_RK(rk, dh) = HKDF(salt = rk, ikm = dh, info = "cubbyhole/v1 root", L = 64)
+//!                  -> (new rk = [0..32], chain key = [32..64])
+//! KDF_CK(ck)     = (mk = HMAC(ck, 0x01), next ck = HMAC(ck, 0x02))
+//! keys(mk)       = HKDF(salt = 0^32, ikm = mk, info = "cubbyhole/v1 message", L = 44)
+//!                  -> (aes_key = [0..32], nonce = [32..44])
+//! ```
+//!
+//! Decryption is staged: everything a message would change (skipped keys,
+//! new chains, a new root key) is computed into locals, and committed only
+//! after the AEAD tag verifies, so a rejected message leaves the state as it
+//! was.
+//!
+//! The sending half of a DH ratchet step is lazy: after receiving a new
+//! ratchet key the new sending key pair is generated just before the next
+//! send (the profile allows this; the bytes on the wire are the same).
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use rand_core::CryptoRngCore;
+use sha2::Sha256;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::error::{Error, Result};
+use crate::protocol::keys::{dh, KeyPair};
+use crate::protocol::wire::Header;
+
+const ROOT_INFO: &[u8] = b"cubbyhole/v1 root";
+const MESSAGE_INFO: &[u8] = b"cubbyhole/v1 message";
+
+/// Limits on skipped message keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// How many message keys may be derived ahead in one chain for one
+    /// incoming message (a message with `n = Nr + max_skip` is accepted,
+    /// `Nr + max_skip + 1` is not). Profile default 1000.
+    pub max_skip: u32,
+    /// How many skipped message keys a session keeps in all; the oldest are
+    /// evicted first. Profile default 2000.
+    pub max_skipped_keys: u32,
+}
+
+impl SessionConfig {
+    /// The profile's `MAX_SKIP`.
+    pub const DEFAULT_MAX_SKIP: u32 = 1000;
+    /// The profile's per-session cap on stored skipped keys.
+    pub const DEFAULT_MAX_SKIPPED_KEYS: u32 = 2000;
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_skip: Self::DEFAULT_MAX_SKIP,
+            max_skipped_keys: Self::DEFAULT_MAX_SKIPPED_KEYS,
+        }
+    }
+}
+
+macro_rules! secret32 {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        #[derive(Clone, Zeroize, ZeroizeOnDrop)]
+        pub(crate) struct $name(pub(crate) [u8; 32]);
+
+        impl core::fmt::Debug for $name {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str(concat!(stringify!($name), "(<redacted>)"))
+            }
+        }
+    };
+}
+
+secret32!(
+    /// The root key.
+    RootKey
+);
+secret32!(
+    /// A sending or receiving chain key.
+    ChainKey
+);
+secret32!(
+    /// A message key: single use.
+    MessageKey
+);
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl RootKey {
+    /// KDF_RK.
+    fn step(&self, dh_out: &[u8; 32]) -> (RootKey, ChainKey) {
+        let mut okm = Zeroizing::new([0u8; 64]);
+        Hkdf::<Sha256>::new(Some(&self.0), dh_out)
+            .expand(ROOT_INFO, okm.as_mut())
+            .expect("64 bytes is a valid HKDF-SHA-256 output length");
+        let mut rk = RootKey([0; 32]);
+        let mut ck = ChainKey([0; 32]);
+        rk.0.copy_from_slice(&okm[..32]);
+        ck.0.copy_from_slice(&okm[32..]);
+        (rk, ck)
+    }
+}
+
+impl ChainKey {
+    /// KDF_CK: the message key for this position and the next chain key.
+    pub(crate) fn step(&self) -> (MessageKey, ChainKey) {
+        let keyed = <HmacSha256 as Mac>::new_from_slice(&self.0)
+            .expect("HMAC accepts keys of any length");
+        let mut mac = keyed.clone();
+        mac.update(&[0x01]);
+        let mk = MessageKey(mac.finalize().into_bytes().into());
+        let mut mac = keyed;
+        mac.update(&[0x02]);
+        let ck = ChainKey(mac.finalize().into_bytes().into());
+        (mk, ck)
+    }
+
+    /// Advances from index `from` to index `to` (`from <= to`), returning
+    /// the message keys of `from..to`, the key of `to` and the chain key of
+    /// `to + 1`.
+    fn derive(&self, from: u32, to: u32) -> (Vec<(u32, MessageKey)>, MessageKey, ChainKey) {
+        let mut skipped = Vec::with_capacity((to - from) as usize);
+        let (mut mk, mut ck) = self.step();
+        for n in from..to {
+            skipped.push((n, mk));
+            (mk, ck) = ck.step();
+        }
+        (skipped, mk, ck)
+    }
+
+    /// The message keys of `from..until` (empty when `until <= from`).
+    fn skip(&self, from: u32, until: u32) -> Vec<(u32, MessageKey)> {
+        let mut skipped = Vec::with_capacity(until.saturating_sub(from) as usize);
+        let mut ck = self.clone();
+        for n in from..until {
+            let (mk, next) = ck.step();
+            skipped.push((n, mk));
+            ck = next;
+        }
+        skipped
+    }
+}
+
+impl MessageKey {
+    /// keys(mk): the AES-256-GCM key and nonce.
+    fn expand(&self) -> (Zeroizing<[u8; 32]>, [u8; 12]) {
+        let mut okm = Zeroizing::new([0u8; 44]);
+        Hkdf::<Sha256>::new(Some(&[0u8; 32]), &self.0)
+            .expand(MESSAGE_INFO, okm.as_mut())
+            .expect("44 bytes is a valid HKDF-SHA-256 output length");
+        let mut key = Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(&okm[..32]);
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&okm[32..]);
+        (key, nonce)
+    }
+
+    /// Encrypts `buf` in place and returns the tag.
+    pub(crate) fn seal(&self, aad: &[u8], buf: &mut [u8]) -> Result<[u8; 16]> {
+        let (key, nonce) = self.expand();
+        let cipher = Aes256Gcm::new(key.as_ref().into());
+        let tag = cipher
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, buf)
+            .map_err(|_| Error::Decode("plaintext too long"))?;
+        Ok(tag.into())
+    }
+
+    /// Verifies `tag` and decrypts `buf` in place.
+    pub(crate) fn open(&self, aad: &[u8], buf: &mut [u8], tag: &[u8]) -> Result<()> {
+        if tag.len() != 16 {
+            return Err(Error::Auth);
+        }
+        let (key, nonce) = self.expand();
+        let cipher = Aes256Gcm::new(key.as_ref().into());
+        cipher
+            .decrypt_in_place_detached(Nonce::from_slice(&nonce), aad, buf, Tag::from_slice(tag))
+            .map_err(|_| Error::Auth)
+    }
+}
+
+/// Skipped message keys of one receiving chain, in increasing `n`.
+#[derive(Clone)]
+pub(crate) struct SkippedChain {
+    pub(crate) ratchet_key: [u8; 32],
+    pub(crate) keys: VecDeque<(u32, MessageKey)>,
+}
+
+/// All skipped message keys of a session, oldest first. Keys are stored
+/// chain by chain and in increasing `n` within a chain, so the order of
+/// storage is the order of the chains and then of `n`: eviction pops from
+/// the front.
+#[derive(Clone, Default)]
+pub(crate) struct SkippedKeys {
+    pub(crate) chains: VecDeque<SkippedChain>,
+    pub(crate) len: usize,
+}
+
+impl SkippedKeys {
+    fn chain_index(&self, ratchet_key: &[u8; 32]) -> Option<usize> {
+        // The most recent chains are the likeliest; search from the back.
+        self.chains
+            .iter()
+            .rposition(|c| &c.ratchet_key == ratchet_key)
+    }
+
+    fn find(&self, ratchet_key: &[u8; 32], n: u32) -> Option<(usize, usize)> {
+        let ci = self.chain_index(ratchet_key)?;
+        let ki = self.chains[ci]
+            .keys
+            .binary_search_by_key(&n, |(k, _)| *k)
+            .ok()?;
+        Some((ci, ki))
+    }
+
+    fn remove(&mut self, ci: usize, ki: usize) {
+        let chain = &mut self.chains[ci];
+        chain.keys.remove(ki);
+        self.len -= 1;
+        if chain.keys.is_empty() {
+            self.chains.remove(ci);
+        }
+    }
+
+    fn append(&mut self, ratchet_key: &[u8; 32], keys: Vec<(u32, MessageKey)>) {
+        if keys.is_empty() {
+            return;
+        }
+        self.len += keys.len();
+        match self.chains.back_mut() {
+            Some(last) if &last.ratchet_key == ratchet_key => last.keys.extend(keys),
+            _ => self.chains.push_back(SkippedChain {
+                ratchet_key: *ratchet_key,
+                keys: keys.into_iter().collect(),
+            }),
+        }
+    }
+
+    fn evict_to(&mut self, cap: usize) {
+        while self.len > cap {
+            let Some(front) = self.chains.front_mut() else {
+                break;
+            };
+            front.keys.pop_front();
+            self.len -= 1;
+            if front.keys.is_empty() {
+                self.chains.pop_front();
+            }
+        }
+    }
+}
+
+/// The Double Ratchet state of one session.
+#[derive(Clone)]
+pub(crate) struct Ratchet {
+    pub(crate) root: RootKey,
+    /// Our current ratchet key pair (the responder starts with its signed
+    /// prekey). When `sending` is `None`, a new pair is due before the next
+    /// send.
+    pub(crate) dhs: KeyPair,
+    /// The peer's current ratchet key (`None` only for a responder before
+    /// its first message).
+    pub(crate) dhr: Option<[u8; 32]>,
+    pub(crate) sending: Option<ChainKey>,
+    pub(crate) ns: u32,
+    pub(crate) pn: u32,
+    pub(crate) receiving: Option<ChainKey>,
+    pub(crate) nr: u32,
+    pub(crate) skipped: SkippedKeys,
+    pub(crate) config: SessionConfig,
+}
+
+/// What a message would change, computed before the AEAD check.
+enum Plan {
+    /// Use the stored skipped key at (chain, index).
+    Stored(usize, usize),
+    /// A message in the current receiving chain.
+    Current {
+        skipped: Vec<(u32, MessageKey)>,
+        mk: MessageKey,
+        next: ChainKey,
+    },
+    /// A message with a new ratchet key: a DH ratchet step.
+    NewChain {
+        old_skipped: Vec<(u32, MessageKey)>,
+        root: RootKey,
+        skipped: Vec<(u32, MessageKey)>,
+        mk: MessageKey,
+        next: ChainKey,
+    },
+}
+
+impl Ratchet {
+    /// RatchetInitAlice with an eagerly generated first ratchet key pair.
+    pub(crate) fn initiator(
+        rng: &mut impl CryptoRngCore,
+        shared_secret: &[u8; 32],
+        their_signed_prekey: [u8; 32],
+        config: SessionConfig,
+    ) -> Result<Self> {
+        let dhs = KeyPair::generate(rng);
+        let (root, sending) = RootKey(*shared_secret).step(&*dh(&dhs.secret, &their_signed_prekey)?);
+        Ok(Ratchet {
+            root,
+            dhs,
+            dhr: Some(their_signed_prekey),
+            sending: Some(sending),
+            ns: 0,
+            pn: 0,
+            receiving: None,
+            nr: 0,
+            skipped: SkippedKeys::default(),
+            config,
+        })
+    }
+
+    /// RatchetInitBob: the initial ratchet key pair is the signed prekey.
+    pub(crate) fn responder(shared_secret: &[u8; 32], signed_prekey: KeyPair, config: SessionConfig) -> Self {
+        Ratchet {
+            root: RootKey(*shared_secret),
+            dhs: signed_prekey,
+            dhr: None,
+            sending: None,
+            ns: 0,
+            pn: 0,
+            receiving: None,
+            nr: 0,
+            skipped: SkippedKeys::default(),
+            config,
+        }
+    }
+
+    /// Performs the lazy sending half of a DH ratchet step if one is due,
+    /// then returns the header and message key of the next message and
+    /// advances the sending chain.
+    pub(crate) fn next_sending_key(&mut self, rng: &mut impl CryptoRngCore) -> Result<(Header, MessageKey)> {
+        if self.ns == u32::MAX {
+            return Err(Error::CounterExhausted);
+        }
+        let chain = match self.sending.take() {
+            Some(chain) => chain,
+            None => {
+                let dhr = self.dhr.ok_or(Error::State("no remote ratchet key"))?;
+                let dhs = KeyPair::generate(rng);
+                let (root, chain) = self.root.step(&*dh(&dhs.secret, &dhr)?);
+                self.root = root;
+                self.dhs = dhs;
+                chain
+            }
+        };
+        let (mk, next) = chain.step();
+        let header = Header {
+            ratchet_key: self.dhs.public,
+            pn: self.pn,
+            n: self.ns,
+        };
+        self.sending = Some(next);
+        self.ns += 1;
+        Ok((header, mk))
+    }
+
+    /// The profile's ratchet checks, in order, without changing anything.
+    fn plan(&self, header: &Header) -> Result<Plan> {
+        let key = &header.ratchet_key;
+        let n = header.n;
+        let current = self.dhr.as_ref() == Some(key);
+        // 1. duplicate
+        if let Some((ci, ki)) = self.skipped.find(key, n) {
+            return Ok(Plan::Stored(ci, ki));
+        }
+        if (current && n < self.nr) || (!current && self.skipped.chain_index(key).is_some()) {
+            return Err(Error::Duplicate);
+        }
+        let max_skip = u64::from(self.config.max_skip);
+        if current {
+            if u64::from(n) > u64::from(self.nr) + max_skip {
+                return Err(Error::TooManySkipped);
+            }
+            let chain = self.receiving.as_ref().ok_or(Error::Auth)?;
+            if n == u32::MAX {
+                return Err(Error::CounterExhausted);
+            }
+            let (skipped, mk, next) = chain.derive(self.nr, n);
+            return Ok(Plan::Current { skipped, mk, next });
+        }
+        // A new ratchet key: DH ratchet step.
+        if u64::from(header.pn) > u64::from(self.nr) + max_skip {
+            return Err(Error::TooManySkipped);
+        }
+        let dh_out = dh(&self.dhs.secret, key)?;
+        if u64::from(n) > max_skip {
+            return Err(Error::TooManySkipped);
+        }
+        if n == u32::MAX {
+            return Err(Error::CounterExhausted);
+        }
+        let (root, chain) = self.root.step(&dh_out);
+        let old_skipped = match &self.receiving {
+            Some(old) => old.skip(self.nr, header.pn),
+            None => Vec::new(),
+        };
+        let (skipped, mk, next) = chain.derive(0, n);
+        Ok(Plan::NewChain {
+            old_skipped,
+            root,
+            skipped,
+            mk,
+            next,
+        })
+    }
+
+    /// Decrypts a message's ciphertext, appending the plaintext to `out`.
+    /// On any error `self` and `out` are unchanged.
+    pub(crate) fn decrypt(
+        &mut self,
+        header: &Header,
+        aad: &[u8],
+        ciphertext: &[u8],
+        tag: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let plan = self.plan(header)?;
+        let mk = match &plan {
+            Plan::Stored(ci, ki) => &self.skipped.chains[*ci].keys[*ki].1,
+            Plan::Current { mk, .. } | Plan::NewChain { mk, .. } => mk,
+        };
+        let start = out.len();
+        out.extend_from_slice(ciphertext);
+        if let Err(e) = mk.open(aad, &mut out[start..], tag) {
+            out.truncate(start);
+            return Err(e);
+        }
+        // Commit.
+        let cap = self.config.max_skipped_keys as usize;
+        match plan {
+            Plan::Stored(ci, ki) => self.skipped.remove(ci, ki),
+            Plan::Current { skipped, next, .. } => {
+                if let Some(dhr) = self.dhr {
+                    self.skipped.append(&dhr, skipped);
+                }
+                self.skipped.evict_to(cap);
+                self.receiving = Some(next);
+                self.nr = header.n + 1;
+            }
+            Plan::NewChain {
+                old_skipped,
+                root,
+                skipped,
+                next,
+                ..
+            } => {
+                if let Some(old) = self.dhr {
+                    self.skipped.append(&old, old_skipped);
+                }
+                self.skipped.append(&header.ratchet_key, skipped);
+                self.skipped.evict_to(cap);
+                self.root = root;
+                self.dhr = Some(header.ratchet_key);
+                self.receiving = Some(next);
+                self.nr = header.n + 1;
+                if self.sending.take().is_some() {
+                    self.pn = self.ns;
+                    self.ns = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}

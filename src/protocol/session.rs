@@ -1,0 +1,344 @@
+//! Sessions: X3DH joined to the Double Ratchet.
+//!
+//! The initiator creates a [`Session`] from a [`VerifiedBundle`] and sends
+//! prekey messages until it has decrypted a first message from the responder.
+//! The responder creates its session from the first prekey message it
+//! receives ([`Session::accept`]); repeats of that prekey message (same IK_A
+//! and EK_A) belong to the same session and are decrypted by
+//! [`Session::decrypt`], without looking the one-time prekey up again.
+
+use alloc::vec::Vec;
+use core::fmt;
+
+use rand_core::CryptoRngCore;
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+use crate::protocol::bundle::VerifiedBundle;
+use crate::protocol::keys::{IdentityKey, IdentityKeyPair, KeyPair, OneTimePrekey, SignedPrekey};
+use crate::protocol::ratchet::{MessageKey, Ratchet, SessionConfig};
+use crate::protocol::wire::{Incoming, PrekeyFields, KIND_MESSAGE, KIND_PREKEY, MAX_PREFIX_LEN, TAG_LEN, VERSION};
+use crate::protocol::x3dh;
+
+/// AES-GCM's limit on one plaintext (2^36 - 32 bytes).
+const MAX_PLAINTEXT: u64 = (1 << 36) - 32;
+
+/// Which side of X3DH a session was created on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Created the session from the peer's bundle.
+    Initiator,
+    /// Created the session from the peer's prekey message.
+    Responder,
+}
+
+/// Read access to a device's private prekeys, as the responder needs them.
+pub trait PrekeyLookup {
+    /// The signed prekey with this id, current or retained.
+    fn signed_prekey(&self, id: u32) -> Option<&SignedPrekey>;
+    /// The one-time prekey with this id, if it is still unused.
+    fn one_time_prekey(&self, id: u32) -> Option<&OneTimePrekey>;
+}
+
+/// The outcome of [`Session::accept`].
+#[derive(Debug)]
+pub struct Accepted {
+    /// The new session.
+    pub session: Session,
+    /// The first message's plaintext.
+    pub plaintext: Vec<u8>,
+    /// The one-time prekey the session used. The caller must delete its
+    /// private half now (after persisting the session).
+    pub consumed_one_time_prekey: Option<u32>,
+}
+
+/// An end-to-end encrypted session with one peer device.
+#[derive(Clone)]
+pub struct Session {
+    pub(crate) role: Role,
+    pub(crate) local: IdentityKey,
+    pub(crate) remote: IdentityKey,
+    /// EK_A: with IK_A it names the session.
+    pub(crate) ephemeral: [u8; 32],
+    /// Initiator only: the prekey fields sent until the first reply arrives.
+    pub(crate) pending_prekey: Option<(u32, Option<u32>)>,
+    pub(crate) ratchet: Ratchet,
+}
+
+impl Session {
+    /// Starts a session as initiator from a verified bundle: runs X3DH and
+    /// the first half of the ratchet. Draws two X25519 keys from `rng`: the
+    /// ephemeral key EK_A, then the first ratchet key (in that order).
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] if a DH output is not contributory.
+    pub fn initiate(
+        rng: &mut impl CryptoRngCore,
+        identity: &IdentityKeyPair,
+        bundle: &VerifiedBundle,
+        config: SessionConfig,
+    ) -> Result<Session> {
+        let ephemeral = KeyPair::generate(rng);
+        let x3dh = x3dh::initiator(
+            identity,
+            &ephemeral.secret,
+            bundle.identity(),
+            bundle.signed_prekey(),
+            bundle.one_time_prekey().map(|(_, k)| k),
+        )?;
+        let ratchet = Ratchet::initiator(rng, &x3dh.shared_secret, *bundle.signed_prekey(), config)?;
+        Ok(Session {
+            role: Role::Initiator,
+            local: *identity.public(),
+            remote: *bundle.identity(),
+            ephemeral: ephemeral.public,
+            pending_prekey: Some((
+                bundle.signed_prekey_id(),
+                bundle.one_time_prekey().map(|(id, _)| id),
+            )),
+            ratchet,
+        })
+    }
+
+    /// Creates the responder's session from a first prekey message.
+    ///
+    /// Checks, in the profile's order: the named signed prekey is held
+    /// (`UnknownPrekey`), the named one-time prekey is held
+    /// (`UnknownPrekey`), each X3DH DH is contributory (`InvalidKey`), then
+    /// the ratchet checks and the AEAD. Nothing is consumed on failure; on
+    /// success the caller deletes [`Accepted::consumed_one_time_prekey`].
+    ///
+    /// The caller must first check that no existing session matches the
+    /// message ([`Session::matches`]): a repeated prekey message goes to
+    /// [`Session::decrypt`] of the session it created.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] if `message` is not a prekey message, and the errors
+    /// above.
+    pub fn accept(
+        identity: &IdentityKeyPair,
+        prekeys: &impl PrekeyLookup,
+        message: &Incoming<'_>,
+        config: SessionConfig,
+    ) -> Result<Accepted> {
+        let fields = message.prekey().ok_or(Error::Decode("not a prekey message"))?;
+        let spk = prekeys
+            .signed_prekey(fields.signed_prekey_id)
+            .ok_or(Error::UnknownPrekey)?;
+        let opk = match fields.one_time_prekey_id {
+            Some(id) => Some(prekeys.one_time_prekey(id).ok_or(Error::UnknownPrekey)?),
+            None => None,
+        };
+        let x3dh = x3dh::responder(
+            identity,
+            spk.secret(),
+            opk.map(|k| k.secret()),
+            &fields.identity,
+            &fields.ephemeral,
+        )?;
+        let ratchet = Ratchet::responder(
+            &x3dh.shared_secret,
+            KeyPair {
+                secret: spk.secret().clone(),
+                public: *spk.public(),
+            },
+            config,
+        );
+        let mut session = Session {
+            role: Role::Responder,
+            local: *identity.public(),
+            remote: fields.identity,
+            ephemeral: fields.ephemeral,
+            pending_prekey: None,
+            ratchet,
+        };
+        let mut plaintext = Vec::new();
+        session.decrypt_incoming(message, &mut plaintext)?;
+        Ok(Accepted {
+            session,
+            plaintext,
+            consumed_one_time_prekey: fields.one_time_prekey_id,
+        })
+    }
+
+    /// Whether an incoming prekey message belongs to this session (same
+    /// IK_A and EK_A). Normal messages carry no session identifier; the
+    /// application knows their sender from outside the message.
+    pub fn matches(&self, message: &Incoming<'_>) -> bool {
+        match message.prekey() {
+            Some(fields) => {
+                self.role == Role::Responder
+                    && fields.identity == self.remote
+                    && fields.ephemeral == self.ephemeral
+            }
+            None => true,
+        }
+    }
+
+    /// Encrypts `plaintext` into a new wire message.
+    ///
+    /// # Errors
+    /// See [`Session::encrypt_into`].
+    pub fn encrypt(&mut self, rng: &mut impl CryptoRngCore, plaintext: &[u8]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.encrypt_into(rng, plaintext, &mut out)?;
+        Ok(out)
+    }
+
+    /// Encrypts `plaintext`, appending the wire message to `out` (one
+    /// reservation, no other allocation). Draws 32 bytes from `rng` only when
+    /// a DH ratchet step is due. Until the initiator has decrypted a message
+    /// from the responder, the output is a prekey message.
+    ///
+    /// # Errors
+    /// [`Error::CounterExhausted`] after 2^32 - 1 messages in one chain,
+    /// [`Error::Decode`] for a plaintext longer than AES-GCM allows.
+    pub fn encrypt_into(
+        &mut self,
+        rng: &mut impl CryptoRngCore,
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        self.encrypt_with_key(rng, plaintext, out).map(drop)
+    }
+
+    pub(crate) fn encrypt_with_key(
+        &mut self,
+        rng: &mut impl CryptoRngCore,
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<MessageKey> {
+        if plaintext.len() as u64 > MAX_PLAINTEXT {
+            return Err(Error::Decode("plaintext too long"));
+        }
+        let (header, mk) = self.ratchet.next_sending_key(rng)?;
+        let start = out.len();
+        out.reserve(MAX_PREFIX_LEN + plaintext.len() + TAG_LEN);
+        out.push(VERSION);
+        match self.pending_prekey {
+            Some((signed_prekey_id, one_time_prekey_id)) => {
+                out.push(KIND_PREKEY);
+                PrekeyFields {
+                    identity: self.local,
+                    ephemeral: self.ephemeral,
+                    signed_prekey_id,
+                    one_time_prekey_id,
+                }
+                .write(out);
+            }
+            None => out.push(KIND_MESSAGE),
+        }
+        header.write(out);
+        let body = out.len();
+        let mut aad = [0u8; 64 + MAX_PREFIX_LEN];
+        let aad_len = self.fill_aad(&mut aad, &out[start..body]);
+        out.extend_from_slice(plaintext);
+        let tag = mk.seal(&aad[..aad_len], &mut out[body..])?;
+        out.extend_from_slice(&tag);
+        Ok(mk)
+    }
+
+    /// Decodes and decrypts a wire message (either kind) from the peer.
+    ///
+    /// # Errors
+    /// [`Error::Decode`], [`Error::SessionMismatch`] for a prekey message of
+    /// another session, and the ratchet errors: [`Error::Duplicate`],
+    /// [`Error::TooManySkipped`], [`Error::InvalidKey`], [`Error::Auth`].
+    /// On error the session is unchanged.
+    pub fn decrypt(&mut self, message: &[u8]) -> Result<Vec<u8>> {
+        let incoming = Incoming::decode(message)?;
+        let mut out = Vec::new();
+        self.decrypt_incoming(&incoming, &mut out)?;
+        Ok(out)
+    }
+
+    /// Decrypts an already decoded message, appending the plaintext to `out`.
+    /// On error neither the session nor `out` changes.
+    ///
+    /// # Errors
+    /// As [`Session::decrypt`].
+    pub fn decrypt_incoming(&mut self, message: &Incoming<'_>, out: &mut Vec<u8>) -> Result<()> {
+        if !self.matches(message) {
+            return Err(Error::SessionMismatch);
+        }
+        let mut aad = [0u8; 64 + MAX_PREFIX_LEN];
+        let aad_len = self.fill_aad(&mut aad, message.prefix());
+        self.ratchet.decrypt(
+            message.header(),
+            &aad[..aad_len],
+            message.ciphertext(),
+            message.tag(),
+            out,
+        )?;
+        // The initiator has heard back: no more prekey messages.
+        self.pending_prekey = None;
+        Ok(())
+    }
+
+    /// AD || prefix into `buf`; returns the length used.
+    fn fill_aad(&self, buf: &mut [u8; 64 + MAX_PREFIX_LEN], prefix: &[u8]) -> usize {
+        let (a, b) = match self.role {
+            Role::Initiator => (&self.local, &self.remote),
+            Role::Responder => (&self.remote, &self.local),
+        };
+        buf[..32].copy_from_slice(a.as_bytes());
+        buf[32..64].copy_from_slice(b.as_bytes());
+        buf[64..64 + prefix.len()].copy_from_slice(prefix);
+        64 + prefix.len()
+    }
+
+    /// Which side created the session.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    /// The peer's identity key.
+    pub fn remote_identity(&self) -> &IdentityKey {
+        &self.remote
+    }
+    /// Our own identity key.
+    pub fn local_identity(&self) -> &IdentityKey {
+        &self.local
+    }
+    /// The initiator's X3DH ephemeral key EK_A, which with IK_A names the
+    /// session.
+    pub fn ephemeral_key(&self) -> &[u8; 32] {
+        &self.ephemeral
+    }
+    /// Whether the next message will be a prekey message (the initiator has
+    /// not yet heard back).
+    pub fn sends_prekey_messages(&self) -> bool {
+        self.pending_prekey.is_some()
+    }
+    /// The skipped-key limits.
+    pub fn config(&self) -> SessionConfig {
+        self.ratchet.config
+    }
+    /// Number of skipped message keys held (messages the counters show were
+    /// sent but have not arrived, up to the cap).
+    pub fn skipped_message_keys(&self) -> usize {
+        self.ratchet.skipped.len
+    }
+    /// Serializes the session state (see SPEC.md, "Session state encoding").
+    /// The bytes contain secret keys: store them encrypted.
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        crate::protocol::state::encode(self)
+    }
+    /// Restores a session from [`Session::to_bytes`].
+    ///
+    /// # Errors
+    /// [`Error::State`] for corrupted, truncated or unknown-version input.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Session> {
+        crate::protocol::state::decode(bytes)
+    }
+}
+
+impl fmt::Debug for Session {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Session")
+            .field("role", &self.role)
+            .field("remote", &self.remote)
+            .field("sends_prekey_messages", &self.sends_prekey_messages())
+            .field("skipped_message_keys", &self.ratchet.skipped.len)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,223 @@
+//! The wire codec: messages and prekey messages (profile "Wire format").
+//!
+//! ```text
+//! message        = 0x01 || 0x02 || header (40) || ciphertext || tag (16)
+//! prekey message = 0x01 || 0x01 || IK_A (32) || EK_A (32) || spk_id (4)
+//!                  || has_opk (1) || [opk_id (4)] || header (40) || ciphertext || tag (16)
+//! header         = ratchet_public (32) || pn (4) || n (4)
+//! ```
+//!
+//! Decoding never panics and never allocates: the decoded values borrow the
+//! input. The ciphertext runs to the last 16 bytes, so a message with a byte
+//! appended or cut still decodes (and later fails authentication).
+
+use crate::error::{Error, Result};
+use crate::protocol::keys::IdentityKey;
+
+/// Protocol version byte of cubbyhole/v1.
+pub const VERSION: u8 = 0x01;
+/// Kind byte of a prekey message.
+pub const KIND_PREKEY: u8 = 0x01;
+/// Kind byte of a normal message.
+pub const KIND_MESSAGE: u8 = 0x02;
+/// Length of the ratchet header.
+pub const HEADER_LEN: usize = 40;
+/// Length of the AES-GCM tag.
+pub const TAG_LEN: usize = 16;
+/// Longest prefix (everything before the ciphertext) of any message.
+pub(crate) const MAX_PREFIX_LEN: usize = 2 + 32 + 32 + 4 + 1 + 4 + HEADER_LEN;
+
+/// A bounds-checked cursor over untrusted bytes.
+pub(crate) struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes }
+    }
+    pub(crate) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8]> {
+        if self.bytes.len() < n {
+            return Err(Error::Decode(what));
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+    pub(crate) fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N]> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+    pub(crate) fn u8(&mut self, what: &'static str) -> Result<u8> {
+        Ok(self.array::<1>(what)?[0])
+    }
+    pub(crate) fn u32(&mut self, what: &'static str) -> Result<u32> {
+        Ok(u32::from_be_bytes(self.array(what)?))
+    }
+    pub(crate) fn u64(&mut self, what: &'static str) -> Result<u64> {
+        Ok(u64::from_be_bytes(self.array(what)?))
+    }
+    pub(crate) fn bool(&mut self, what: &'static str) -> Result<bool> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(Error::Decode(what)),
+        }
+    }
+    pub(crate) fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
+    pub(crate) fn finish(&self, what: &'static str) -> Result<()> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Decode(what))
+        }
+    }
+}
+
+/// The Double Ratchet header: sender's ratchet public key, previous chain
+/// length `pn`, and message number `n`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// The sender's current ratchet public key.
+    pub ratchet_key: [u8; 32],
+    /// Length of the sender's previous sending chain.
+    pub pn: u32,
+    /// Index of this message in its sending chain.
+    pub n: u32,
+}
+
+impl Header {
+    fn read(r: &mut Reader<'_>) -> Result<Self> {
+        Ok(Header {
+            ratchet_key: r.array("header ratchet key")?,
+            pn: r.u32("header pn")?,
+            n: r.u32("header n")?,
+        })
+    }
+    pub(crate) fn write(&self, out: &mut alloc::vec::Vec<u8>) {
+        out.extend_from_slice(&self.ratchet_key);
+        out.extend_from_slice(&self.pn.to_be_bytes());
+        out.extend_from_slice(&self.n.to_be_bytes());
+    }
+}
+
+/// The X3DH fields of a prekey message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrekeyFields {
+    /// The initiator's identity key (IK_A).
+    pub identity: IdentityKey,
+    /// The initiator's ephemeral key (EK_A).
+    pub ephemeral: [u8; 32],
+    /// Id of the responder's signed prekey that was used.
+    pub signed_prekey_id: u32,
+    /// Id of the responder's one-time prekey that was used, if any.
+    pub one_time_prekey_id: Option<u32>,
+}
+
+impl PrekeyFields {
+    pub(crate) fn write(&self, out: &mut alloc::vec::Vec<u8>) {
+        out.extend_from_slice(self.identity.as_bytes());
+        out.extend_from_slice(&self.ephemeral);
+        out.extend_from_slice(&self.signed_prekey_id.to_be_bytes());
+        match self.one_time_prekey_id {
+            Some(id) => {
+                out.push(1);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            None => out.push(0),
+        }
+    }
+}
+
+/// A decoded message of either kind, borrowing the input bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Incoming<'a> {
+    raw: &'a [u8],
+    prefix_len: usize,
+    prekey: Option<PrekeyFields>,
+    header: Header,
+}
+
+impl<'a> Incoming<'a> {
+    /// Decodes a message or prekey message.
+    ///
+    /// For a prekey message the initiator's identity key is validated after
+    /// the whole structure decodes (profile order of checks).
+    ///
+    /// # Errors
+    /// [`Error::Decode`] for an unknown version or kind, a truncated field or
+    /// a message shorter than header and tag; [`Error::InvalidKey`] for an
+    /// invalid IK_A in a prekey message.
+    pub fn decode(raw: &'a [u8]) -> Result<Self> {
+        let mut r = Reader::new(raw);
+        if r.u8("version")? != VERSION {
+            return Err(Error::Decode("version"));
+        }
+        let kind = r.u8("kind")?;
+        let prekey_raw = match kind {
+            KIND_MESSAGE => None,
+            KIND_PREKEY => {
+                let identity: [u8; 32] = r.array("prekey identity key")?;
+                let ephemeral: [u8; 32] = r.array("prekey ephemeral key")?;
+                let spk = r.u32("prekey signed prekey id")?;
+                let opk = if r.bool("prekey has_opk")? {
+                    Some(r.u32("prekey one-time prekey id")?)
+                } else {
+                    None
+                };
+                Some((identity, ephemeral, spk, opk))
+            }
+            _ => return Err(Error::Decode("kind")),
+        };
+        let header = Header::read(&mut r)?;
+        if r.remaining() < TAG_LEN {
+            return Err(Error::Decode("tag"));
+        }
+        let prefix_len = raw.len() - r.remaining();
+        let prekey = match prekey_raw {
+            None => None,
+            Some((identity, ephemeral, signed_prekey_id, one_time_prekey_id)) => {
+                Some(PrekeyFields {
+                    identity: IdentityKey::from_array(&identity)?,
+                    ephemeral,
+                    signed_prekey_id,
+                    one_time_prekey_id,
+                })
+            }
+        };
+        Ok(Incoming {
+            raw,
+            prefix_len,
+            prekey,
+            header,
+        })
+    }
+
+    /// The X3DH fields, if this is a prekey message.
+    pub fn prekey(&self) -> Option<&PrekeyFields> {
+        self.prekey.as_ref()
+    }
+
+    /// The ratchet header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Every byte before the ciphertext (bound into the AEAD).
+    pub(crate) fn prefix(&self) -> &'a [u8] {
+        &self.raw[..self.prefix_len]
+    }
+
+    /// The ciphertext without the tag.
+    pub(crate) fn ciphertext(&self) -> &'a [u8] {
+        &self.raw[self.prefix_len..self.raw.len() - TAG_LEN]
+    }
+
+    /// The 16-byte tag.
+    pub(crate) fn tag(&self) -> &'a [u8] {
+        &self.raw[self.raw.len() - TAG_LEN..]
+    }
+}
