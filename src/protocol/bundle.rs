@@ -13,7 +13,9 @@
 use alloc::vec::Vec;
 
 use crate::error::{Error, Result};
-use crate::protocol::keys::{spk_signed_message, IdentityKey, IdentityKeyPair, OneTimePrekey, SignedPrekey};
+use crate::protocol::keys::{
+    spk_signed_message, IdentityKey, IdentityKeyPair, OneTimePrekey, SignedPrekey,
+};
 use crate::protocol::wire::{Reader, VERSION};
 
 /// Encoded length of a bundle without a one-time prekey.
@@ -95,7 +97,10 @@ impl PrekeyBundle {
         let signed_prekey = r.array("bundle signed prekey")?;
         let signature = r.array("bundle signature")?;
         let one_time_prekey = if r.bool("bundle has_opk")? {
-            Some((r.u32("bundle one-time prekey id")?, r.array("bundle one-time prekey")?))
+            Some((
+                r.u32("bundle one-time prekey id")?,
+                r.array("bundle one-time prekey")?,
+            ))
         } else {
             None
         };

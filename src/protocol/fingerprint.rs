@@ -25,9 +25,17 @@ impl Fingerprint {
     /// Computes the fingerprint of an identity key.
     pub fn of(identity: &IdentityKey) -> Self {
         let ik = identity.as_bytes();
-        let mut h: [u8; 64] = Sha512::new().chain_update(LABEL).chain_update(ik).finalize().into();
+        let mut h: [u8; 64] = Sha512::new()
+            .chain_update(LABEL)
+            .chain_update(ik)
+            .finalize()
+            .into();
         for _ in 0..ITERATIONS {
-            h = Sha512::new().chain_update(h).chain_update(ik).finalize().into();
+            h = Sha512::new()
+                .chain_update(h)
+                .chain_update(ik)
+                .finalize()
+                .into();
         }
         let mut digits = [0u8; 30];
         for (chunk, out) in h[..30].chunks_exact(5).zip(digits.chunks_exact_mut(5)) {

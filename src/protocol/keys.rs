@@ -225,7 +225,12 @@ impl SignedPrekey {
 
     /// Rebuilds (and re-signs) a signed prekey from its private key. Ed25519
     /// signatures are deterministic, so the result equals the original.
-    pub fn from_secret(identity: &IdentityKeyPair, id: u32, created: u64, secret: [u8; 32]) -> Self {
+    pub fn from_secret(
+        identity: &IdentityKeyPair,
+        id: u32,
+        created: u64,
+        secret: [u8; 32],
+    ) -> Self {
         let secret = StaticSecret::from(secret);
         let public = XPublic::from(&secret).to_bytes();
         let signature = identity.sign(&spk_signed_message(id, created, &public));

@@ -13,8 +13,8 @@ use rand_core::CryptoRngCore;
 use crate::error::{Error, Result};
 use crate::protocol::bundle::PrekeyBundle;
 use crate::protocol::keys::{IdentityKeyPair, OneTimePrekey, SignedPrekey};
-use crate::protocol::session::{Accepted, PrekeyLookup, Session};
 use crate::protocol::ratchet::SessionConfig;
+use crate::protocol::session::{Accepted, PrekeyLookup, Session};
 use crate::protocol::wire::Incoming;
 
 /// A device's private prekeys.
@@ -50,10 +50,16 @@ impl PrekeyStore {
     /// Replaces the current signed prekey with a new one created at `now`;
     /// the old one is retained (so late prekey messages still decrypt) until
     /// [`Self::forget_retired_before`] drops it.
-    pub fn rotate_signed_prekey(&mut self, rng: &mut impl CryptoRngCore, identity: &IdentityKeyPair, now: u64) {
+    pub fn rotate_signed_prekey(
+        &mut self,
+        rng: &mut impl CryptoRngCore,
+        identity: &IdentityKeyPair,
+        now: u64,
+    ) {
         let id = self.current.id().wrapping_add(1);
         let new = SignedPrekey::generate(rng, identity, id, now);
-        self.retired.push(core::mem::replace(&mut self.current, new));
+        self.retired
+            .push(core::mem::replace(&mut self.current, new));
     }
 
     /// Drops retired signed prekeys created before `cutoff` (unix seconds).
@@ -63,7 +69,11 @@ impl PrekeyStore {
 
     /// Generates `count` new one-time prekeys and returns them (to publish
     /// their public halves).
-    pub fn generate_one_time_prekeys(&mut self, rng: &mut impl CryptoRngCore, count: u32) -> Vec<&OneTimePrekey> {
+    pub fn generate_one_time_prekeys(
+        &mut self,
+        rng: &mut impl CryptoRngCore,
+        count: u32,
+    ) -> Vec<&OneTimePrekey> {
         let first = self.next_one_time_id;
         for _ in 0..count {
             let id = self.next_one_time_id;

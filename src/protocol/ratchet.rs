@@ -111,8 +111,8 @@ impl RootKey {
 impl ChainKey {
     /// KDF_CK: the message key for this position and the next chain key.
     pub(crate) fn step(&self) -> (MessageKey, ChainKey) {
-        let keyed = <HmacSha256 as Mac>::new_from_slice(&self.0)
-            .expect("HMAC accepts keys of any length");
+        let keyed =
+            <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC accepts keys of any length");
         let mut mac = keyed.clone();
         mac.update(&[0x01]);
         let mk = MessageKey(mac.finalize().into_bytes().into());
@@ -305,7 +305,8 @@ impl Ratchet {
         config: SessionConfig,
     ) -> Result<Self> {
         let dhs = KeyPair::generate(rng);
-        let (root, sending) = RootKey(*shared_secret).step(&*dh(&dhs.secret, &their_signed_prekey)?);
+        let (root, sending) =
+            RootKey(*shared_secret).step(&*dh(&dhs.secret, &their_signed_prekey)?);
         Ok(Ratchet {
             root,
             dhs,
@@ -321,7 +322,11 @@ impl Ratchet {
     }
 
     /// RatchetInitBob: the initial ratchet key pair is the signed prekey.
-    pub(crate) fn responder(shared_secret: &[u8; 32], signed_prekey: KeyPair, config: SessionConfig) -> Self {
+    pub(crate) fn responder(
+        shared_secret: &[u8; 32],
+        signed_prekey: KeyPair,
+        config: SessionConfig,
+    ) -> Self {
         Ratchet {
             root: RootKey(*shared_secret),
             dhs: signed_prekey,
@@ -339,7 +344,10 @@ impl Ratchet {
     /// Performs the lazy sending half of a DH ratchet step if one is due,
     /// then returns the header and message key of the next message and
     /// advances the sending chain.
-    pub(crate) fn next_sending_key(&mut self, rng: &mut impl CryptoRngCore) -> Result<(Header, MessageKey)> {
+    pub(crate) fn next_sending_key(
+        &mut self,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<(Header, MessageKey)> {
         if self.ns == u32::MAX {
             return Err(Error::CounterExhausted);
         }

@@ -17,7 +17,9 @@ use crate::error::{Error, Result};
 use crate::protocol::bundle::VerifiedBundle;
 use crate::protocol::keys::{IdentityKey, IdentityKeyPair, KeyPair, OneTimePrekey, SignedPrekey};
 use crate::protocol::ratchet::{MessageKey, Ratchet, SessionConfig};
-use crate::protocol::wire::{Incoming, PrekeyFields, KIND_MESSAGE, KIND_PREKEY, MAX_PREFIX_LEN, TAG_LEN, VERSION};
+use crate::protocol::wire::{
+    Incoming, PrekeyFields, KIND_MESSAGE, KIND_PREKEY, MAX_PREFIX_LEN, TAG_LEN, VERSION,
+};
 use crate::protocol::x3dh;
 
 /// AES-GCM's limit on one plaintext (2^36 - 32 bytes).
@@ -86,7 +88,8 @@ impl Session {
             bundle.signed_prekey(),
             bundle.one_time_prekey().map(|(_, k)| k),
         )?;
-        let ratchet = Ratchet::initiator(rng, &x3dh.shared_secret, *bundle.signed_prekey(), config)?;
+        let ratchet =
+            Ratchet::initiator(rng, &x3dh.shared_secret, *bundle.signed_prekey(), config)?;
         Ok(Session {
             role: Role::Initiator,
             local: *identity.public(),
@@ -121,7 +124,9 @@ impl Session {
         message: &Incoming<'_>,
         config: SessionConfig,
     ) -> Result<Accepted> {
-        let fields = message.prekey().ok_or(Error::Decode("not a prekey message"))?;
+        let fields = message
+            .prekey()
+            .ok_or(Error::Decode("not a prekey message"))?;
         let spk = prekeys
             .signed_prekey(fields.signed_prekey_id)
             .ok_or(Error::UnknownPrekey)?;

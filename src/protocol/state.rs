@@ -37,7 +37,9 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::protocol::keys::{IdentityKey, KeyPair};
-use crate::protocol::ratchet::{ChainKey, MessageKey, Ratchet, RootKey, SessionConfig, SkippedChain, SkippedKeys};
+use crate::protocol::ratchet::{
+    ChainKey, MessageKey, Ratchet, RootKey, SessionConfig, SkippedChain, SkippedKeys,
+};
 use crate::protocol::session::{Role, Session};
 use crate::protocol::wire::Reader;
 
