@@ -1,0 +1,1487 @@
+//! Generates `test-vectors/` deterministically:
+//!
+//! ```text
+//! cargo run --example gen_vectors [-- OUTPUT_DIR]
+//! ```
+//!
+//! All randomness comes from a ChaCha20 generator with a fixed seed, so the
+//! output is identical on every run. Session cases are scripts of sends and
+//! deliveries; negative cases are mutations of their messages (and of
+//! bundles and identity keys), each with the error kind that the profile's
+//! order of checks gives, worked out by hand and written next to the case in
+//! its `description`. The generator refuses to write a negative case that the
+//! crate does not reject with that kind, and `tests/vectors.rs` checks every
+//! field again from the files.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use cubbyhole::bundle::FreshnessPolicy;
+use cubbyhole::{
+    hazmat, Error, IdentityKey, IdentityKeyPair, Incoming, OneTimePrekey, PrekeyBundle,
+    PrekeyStore, Session, SessionConfig, SignedPrekey,
+};
+use rand_chacha::rand_core::{CryptoRng, RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde_json::{json, Value};
+
+const SEED: [u8; 32] = *b"cubbyhole/v1 test vectors seed!!";
+const MAX_SKIP: u32 = SessionConfig::DEFAULT_MAX_SKIP;
+
+/// Wraps the generator's RNG and records what the crate draws from it.
+struct Recording<'a> {
+    inner: &'a mut ChaCha20Rng,
+    drawn: Vec<u8>,
+}
+
+impl RngCore for Recording<'_> {
+    fn next_u32(&mut self) -> u32 {
+        let mut b = [0; 4];
+        self.fill_bytes(&mut b);
+        u32::from_le_bytes(b)
+    }
+    fn next_u64(&mut self) -> u64 {
+        let mut b = [0; 8];
+        self.fill_bytes(&mut b);
+        u64::from_le_bytes(b)
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.inner.fill_bytes(dest);
+        self.drawn.extend_from_slice(dest);
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_chacha::rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+impl CryptoRng for Recording<'_> {}
+
+fn h(bytes: &[u8]) -> Value {
+    Value::String(hex::encode(bytes))
+}
+
+fn bytes32(rng: &mut ChaCha20Rng) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    rng.fill_bytes(&mut b);
+    b
+}
+
+/// The keys of one case.
+struct Keys {
+    initiator_seed: [u8; 32],
+    responder_seed: [u8; 32],
+    spk_id: u32,
+    spk_created: u64,
+    spk_private: [u8; 32],
+    opk: Option<(u32, [u8; 32])>,
+}
+
+impl Keys {
+    fn random(rng: &mut ChaCha20Rng, with_opk: bool) -> Self {
+        Keys {
+            initiator_seed: bytes32(rng),
+            responder_seed: bytes32(rng),
+            spk_id: rng.next_u32(),
+            // Some time between 2021 and 2027.
+            spk_created: 1_609_459_200 + rng.next_u64() % 189_302_400,
+            spk_private: bytes32(rng),
+            opk: with_opk.then(|| (rng.next_u32(), bytes32(rng))),
+        }
+    }
+    fn initiator(&self) -> IdentityKeyPair {
+        IdentityKeyPair::from_seed(&self.initiator_seed)
+    }
+    fn responder(&self) -> IdentityKeyPair {
+        IdentityKeyPair::from_seed(&self.responder_seed)
+    }
+    fn signed_prekey(&self) -> SignedPrekey {
+        SignedPrekey::from_secret(
+            &self.responder(),
+            self.spk_id,
+            self.spk_created,
+            self.spk_private,
+        )
+    }
+    fn one_time_prekey(&self) -> Option<OneTimePrekey> {
+        self.opk.map(|(id, k)| OneTimePrekey::from_secret(id, k))
+    }
+    fn bundle(&self) -> PrekeyBundle {
+        PrekeyBundle::new(
+            &self.responder(),
+            &self.signed_prekey(),
+            self.one_time_prekey().as_ref(),
+        )
+    }
+
+    /// The fields shared by x3dh.json and session.json cases.
+    fn setup_json(&self, name: &str, ephemeral: &[u8; 32]) -> serde_json::Map<String, Value> {
+        let (init, resp) = (self.initiator(), self.responder());
+        let spk = self.signed_prekey();
+        let opk = self.one_time_prekey();
+        let bundle = self.bundle();
+        let x = hazmat::x3dh_initiator(&init, ephemeral, &bundle).expect("X3DH");
+        let mut m = serde_json::Map::new();
+        m.insert("name".into(), json!(name));
+        m.insert("initiator_identity_seed".into(), h(&self.initiator_seed));
+        m.insert("responder_identity_seed".into(), h(&self.responder_seed));
+        m.insert("signed_prekey_id".into(), json!(self.spk_id));
+        m.insert("signed_prekey_created".into(), json!(self.spk_created));
+        m.insert("signed_prekey_private".into(), h(&self.spk_private));
+        m.insert(
+            "one_time_prekey_id".into(),
+            json!(self.opk.map(|(id, _)| id)),
+        );
+        m.insert(
+            "one_time_prekey_private".into(),
+            self.opk.map_or(Value::Null, |(_, k)| h(&k)),
+        );
+        m.insert("initiator_ephemeral_private".into(), h(ephemeral));
+        m.insert(
+            "initiator_identity_public".into(),
+            h(init.public().as_bytes()),
+        );
+        m.insert(
+            "responder_identity_public".into(),
+            h(resp.public().as_bytes()),
+        );
+        m.insert(
+            "initiator_identity_x25519_public".into(),
+            h(init.public().x25519_bytes()),
+        );
+        m.insert(
+            "responder_identity_x25519_public".into(),
+            h(resp.public().x25519_bytes()),
+        );
+        m.insert("signed_prekey_public".into(), h(spk.public()));
+        m.insert("signed_prekey_signature".into(), h(spk.signature()));
+        m.insert(
+            "one_time_prekey_public".into(),
+            opk.map_or(Value::Null, |k| h(k.public())),
+        );
+        m.insert("bundle".into(), h(&bundle.encode()));
+        m.insert("dh1".into(), h(x.dh1.as_ref()));
+        m.insert("dh2".into(), h(x.dh2.as_ref()));
+        m.insert("dh3".into(), h(x.dh3.as_ref()));
+        m.insert(
+            "dh4".into(),
+            x.dh4.as_ref().map_or(Value::Null, |d| h(d.as_ref())),
+        );
+        m.insert("shared_secret".into(), h(x.shared_secret.as_ref()));
+        m.insert("associated_data".into(), h(&x.associated_data));
+        m
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Who {
+    Initiator,
+    Responder,
+}
+
+impl Who {
+    fn name(self) -> &'static str {
+        match self {
+            Who::Initiator => "initiator",
+            Who::Responder => "responder",
+        }
+    }
+}
+
+/// One step of a session script.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    /// The party encrypts a plaintext of this many bytes.
+    Send(Who, usize),
+    /// The message with this index reaches its receiver.
+    Deliver(usize),
+}
+use Op::{Deliver, Send};
+use Who::{Initiator as I, Responder as R};
+
+#[derive(Clone)]
+struct Party {
+    identity: IdentityKeyPair,
+    prekeys: Option<PrekeyStore>,
+    session: Option<Session>,
+}
+
+impl Party {
+    fn receive(&mut self, wire: &[u8]) -> Result<Vec<u8>, Error> {
+        let incoming = Incoming::decode(wire)?;
+        if let Some(session) = self.session.as_mut().filter(|s| s.matches(&incoming)) {
+            let mut out = Vec::new();
+            session.decrypt_incoming(&incoming, &mut out)?;
+            return Ok(out);
+        }
+        if incoming.prekey().is_none() {
+            return Err(Error::SessionMismatch);
+        }
+        let prekeys = self.prekeys.as_mut().ok_or(Error::UnknownPrekey)?;
+        let accepted = prekeys.accept(&self.identity, &incoming, SessionConfig::default())?;
+        self.session = Some(accepted.session);
+        Ok(accepted.plaintext)
+    }
+}
+
+/// A generated session case, with snapshots of both parties after every
+/// delivery count that negative cases ask for.
+struct Run {
+    json: Value,
+    wires: Vec<Vec<u8>>,
+    senders: Vec<Who>,
+    /// Delivery count -> (initiator, responder) before the sends due at it.
+    snapshots: BTreeMap<usize, (Party, Party)>,
+    keys: Keys,
+}
+
+fn run_script(
+    rng: &mut ChaCha20Rng,
+    name: &str,
+    keys: Keys,
+    script: &[Op],
+    snapshot_at: &[usize],
+) -> Run {
+    let mut rec = Recording {
+        inner: rng,
+        drawn: Vec::new(),
+    };
+    let bundle = keys
+        .bundle()
+        .verify(keys.spk_created, FreshnessPolicy::default())
+        .expect("fresh bundle");
+    let session = Session::initiate(
+        &mut rec,
+        &keys.initiator(),
+        &bundle,
+        SessionConfig::default(),
+    )
+    .expect("initiate");
+    assert_eq!(
+        rec.drawn.len(),
+        64,
+        "initiate draws EK_A then the first ratchet key"
+    );
+    let ephemeral: [u8; 32] = rec.drawn[..32].try_into().expect("32");
+    let mut pending_ratchet: Option<Vec<u8>> = Some(rec.drawn[32..].to_vec());
+    let mut prekeys = PrekeyStore::with_signed_prekey(keys.signed_prekey());
+    if let Some(k) = keys.one_time_prekey() {
+        prekeys.insert_one_time_prekey(k);
+    }
+    let mut init = Party {
+        identity: keys.initiator(),
+        prekeys: None,
+        session: Some(session),
+    };
+    let mut resp = Party {
+        identity: keys.responder(),
+        prekeys: Some(prekeys),
+        session: None,
+    };
+    let mut messages = Vec::new();
+    let mut deliveries = Vec::new();
+    let mut wires: Vec<Vec<u8>> = Vec::new();
+    let mut senders = Vec::new();
+    let mut plaintexts: Vec<Vec<u8>> = Vec::new();
+    let mut snapshots = BTreeMap::new();
+    let mut delivered_flags = Vec::new();
+    let take_snapshot =
+        |snapshots: &mut BTreeMap<usize, (Party, Party)>, k: usize, init: &Party, resp: &Party| {
+            if snapshot_at.contains(&k) && !snapshots.contains_key(&k) {
+                snapshots.insert(k, (init.clone(), resp.clone()));
+            }
+        };
+    take_snapshot(&mut snapshots, 0, &init, &resp);
+    for op in script {
+        match *op {
+            Send(who, len) => {
+                let mut plaintext = vec![0u8; len];
+                rec.inner.fill_bytes(&mut plaintext);
+                let party = if who == I { &mut init } else { &mut resp };
+                rec.drawn.clear();
+                let (wire, mk) = hazmat::encrypt_exposing_message_key(
+                    party.session.as_mut().expect("sender has a session"),
+                    &mut rec,
+                    &plaintext,
+                )
+                .expect("encrypt");
+                let ratchet_private = if messages.is_empty() {
+                    pending_ratchet.take()
+                } else {
+                    (!rec.drawn.is_empty()).then(|| rec.drawn.clone())
+                };
+                messages.push(json!({
+                    "sender": who.name(),
+                    "after_deliveries": deliveries.len(),
+                    "ratchet_private": ratchet_private.map_or(Value::Null, |r| h(&r)),
+                    "plaintext": h(&plaintext),
+                    "message_key": h(mk.as_ref()),
+                    "wire": h(&wire),
+                }));
+                wires.push(wire);
+                senders.push(who);
+                plaintexts.push(plaintext);
+                delivered_flags.push(false);
+            }
+            Deliver(i) => {
+                assert!(!delivered_flags[i], "{name}: message {i} delivered twice");
+                delivered_flags[i] = true;
+                let receiver = if senders[i] == I { R } else { I };
+                let party = if receiver == I { &mut init } else { &mut resp };
+                let pt = party
+                    .receive(&wires[i])
+                    .unwrap_or_else(|e| panic!("{name}: delivering message {i}: {e:?}"));
+                assert_eq!(pt, plaintexts[i], "{name}: plaintext of message {i}");
+                deliveries.push(json!({"receiver": receiver.name(), "index": i}));
+                take_snapshot(&mut snapshots, deliveries.len(), &init, &resp);
+            }
+        }
+    }
+    let mut case = keys.setup_json(name, &ephemeral);
+    case.insert("messages".into(), Value::Array(messages));
+    case.insert("delivery".into(), Value::Array(deliveries));
+    Run {
+        json: Value::Object(case),
+        wires,
+        senders,
+        snapshots,
+        keys,
+    }
+}
+
+/// Script helpers.
+fn ping_pong(rounds: usize, len: usize) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for r in 0..rounds {
+        let who = if r % 2 == 0 { I } else { R };
+        ops.push(Send(who, len));
+        ops.push(Deliver(r));
+    }
+    ops
+}
+
+/// `count` sends by `who`, starting at message index `first`.
+fn burst(who: Who, count: usize, len: usize) -> Vec<Op> {
+    vec![Send(who, len); count]
+}
+
+fn deliver_all(indices: impl IntoIterator<Item = usize>) -> Vec<Op> {
+    indices.into_iter().map(Deliver).collect()
+}
+
+/// A negative case: the input, when it is given, and the kind the profile's
+/// order of checks gives (worked out by hand in `description`).
+struct Neg {
+    name: String,
+    case: &'static str,
+    kind: &'static str,
+    receiver: Who,
+    after: usize,
+    input: Vec<u8>,
+    error: &'static str,
+    description: String,
+}
+
+fn flip(mut bytes: Vec<u8>, bit: usize) -> Vec<u8> {
+    bytes[bit / 8] ^= 0x80 >> (bit % 8);
+    bytes
+}
+
+fn with(mut bytes: Vec<u8>, at: usize, value: &[u8]) -> Vec<u8> {
+    bytes[at..at + value.len()].copy_from_slice(value);
+    bytes
+}
+
+/// Offsets in a prekey message.
+const PKM_IK: usize = 2;
+const PKM_EK: usize = 34;
+const PKM_SPK_ID: usize = 66;
+const PKM_HAS_OPK: usize = 70;
+/// Offset of the header in a normal message.
+const MSG_HEADER: usize = 2;
+
+fn pkm_header(wire: &[u8]) -> usize {
+    if wire[PKM_HAS_OPK] == 1 {
+        75
+    } else {
+        71
+    }
+}
+
+fn main() {
+    let out_dir = std::env::args()
+        .nth(1)
+        .map_or_else(|| PathBuf::from("test-vectors"), PathBuf::from);
+    std::fs::create_dir_all(&out_dir).expect("create output directory");
+    let mut rng = ChaCha20Rng::from_seed(SEED);
+
+    // ---------------------------------------------------------------- x3dh
+    let mut x3dh_cases = Vec::new();
+    for (name, with_opk) in [
+        ("with_one_time_prekey", true),
+        ("without_one_time_prekey", false),
+        ("with_one_time_prekey_2", true),
+        ("without_one_time_prekey_2", false),
+    ] {
+        let keys = Keys::random(&mut rng, with_opk);
+        let ephemeral = bytes32(&mut rng);
+        x3dh_cases.push(Value::Object(keys.setup_json(name, &ephemeral)));
+    }
+
+    // ------------------------------------------------------------- session
+    let mut runs: BTreeMap<&'static str, Run> = BTreeMap::new();
+    let mut negs: Vec<Neg> = Vec::new();
+    let add = |runs: &mut BTreeMap<&'static str, Run>,
+               rng: &mut ChaCha20Rng,
+               name: &'static str,
+               opk: bool,
+               script: Vec<Op>,
+               at: &[usize]| {
+        let keys = Keys::random(rng, opk);
+        let run = run_script(rng, name, keys, &script, at);
+        runs.insert(name, run);
+    };
+
+    // Ping-pong: a DH ratchet step with every message.
+    add(
+        &mut runs,
+        &mut rng,
+        "ping_pong_opk",
+        true,
+        ping_pong(10, 24),
+        &[0, 1, 2, 7, 10],
+    );
+    add(
+        &mut runs,
+        &mut rng,
+        "ping_pong_no_opk",
+        false,
+        ping_pong(8, 24),
+        &[0, 1, 8],
+    );
+
+    // Several prekey messages before the first reply, delivered out of
+    // order; then replies, and a late prekey message.
+    let mut s = burst(I, 5, 16);
+    s.extend(deliver_all([3, 0, 4]));
+    s.push(Send(R, 16)); // 5
+    s.push(Deliver(5));
+    s.push(Send(I, 16)); // 6: a normal message now
+    s.extend(deliver_all([1, 6, 2]));
+    add(
+        &mut runs,
+        &mut rng,
+        "prekey_messages_out_of_order",
+        true,
+        s,
+        &[1, 3, 7],
+    );
+
+    // Long one-way runs.
+    let mut s = burst(I, 40, 8);
+    s.extend(deliver_all(0..40));
+    add(
+        &mut runs,
+        &mut rng,
+        "long_one_way_initiator_prekey",
+        true,
+        s,
+        &[],
+    );
+    let mut s = vec![Send(I, 8), Deliver(0)];
+    s.extend(burst(R, 40, 8));
+    s.extend(deliver_all(1..41));
+    add(
+        &mut runs,
+        &mut rng,
+        "long_one_way_responder",
+        false,
+        s,
+        &[20, 41],
+    );
+
+    // Several DH ratchet steps, out of order within a chain and across
+    // chains: messages of an earlier chain arrive after a later chain.
+    let s = vec![
+        Send(I, 12),
+        Send(I, 12),
+        Send(I, 12), // 0 1 2   chain A1
+        Deliver(2),
+        Deliver(0), //         1 is skipped
+        Send(R, 12),
+        Send(R, 12),
+        Send(R, 12), // 3 4 5   chain B1
+        Deliver(4),  //         3 skipped
+        Send(I, 12),
+        Send(I, 12), // 6 7     chain A2 (pn = 3)
+        Deliver(7),  //         6 skipped; chain A1 key 1 still stored
+        Send(R, 12), // 8       chain B2
+        Deliver(8),
+        Deliver(3),
+        Deliver(1), //         old chains after new
+        Deliver(6),
+        Deliver(5),
+        Send(I, 12),
+        Deliver(9), // 9       chain A3
+    ];
+    add(
+        &mut runs,
+        &mut rng,
+        "ratchet_steps_out_of_order",
+        true,
+        s,
+        &[4, 5, 6, 7, 10],
+    );
+
+    // Both parties send before hearing from each other.
+    let s = vec![
+        Send(I, 10),
+        Deliver(0),
+        Send(I, 10),
+        Send(R, 10), // 1 (prekey message), 2 crossing
+        Deliver(2),
+        Deliver(1),
+        Send(I, 10),
+        Send(R, 10),
+        Deliver(3),
+        Deliver(4),
+    ];
+    add(&mut runs, &mut rng, "crossing_messages", false, s, &[1, 3]);
+
+    // Empty and 64 KiB plaintexts, both directions.
+    let s = vec![
+        Send(I, 0),
+        Deliver(0),
+        Send(R, 65536),
+        Deliver(1),
+        Send(I, 65536),
+        Deliver(2),
+        Send(R, 0),
+        Deliver(3),
+    ];
+    add(&mut runs, &mut rng, "empty_and_large", true, s, &[]);
+
+    // A gap of exactly MAX_SKIP: message n = 1000 of a fresh chain arrives
+    // first, then every skipped one.
+    let gap = MAX_SKIP as usize;
+    let mut s = vec![Send(I, 4), Deliver(0)];
+    s.extend(burst(R, gap + 1, 4)); // 1 ..= 1001 (n = 0 ..= 1000)
+    s.push(Deliver(gap + 1));
+    s.extend(deliver_all(1..gap + 1));
+    add(&mut runs, &mut rng, "skip_gap_max", false, s, &[1, 2, 3]);
+
+    // Messages the relay dropped: never delivered, their keys stay stored.
+    let s = vec![
+        Send(I, 20),
+        Send(I, 20),
+        Send(I, 20),
+        Deliver(0),
+        Deliver(2), // 1 dropped
+        Send(R, 20),
+        Send(R, 20),
+        Send(R, 20),
+        Send(R, 20),
+        Deliver(6), // 3 4 5 ; 3 4 dropped
+        Send(I, 20),
+        Deliver(7),
+        Send(R, 20),
+        Send(R, 20),
+        Deliver(9), // 7; 8 9 ; 8 dropped
+        Deliver(5),
+        Send(I, 20),
+        Send(I, 20),
+        Deliver(11), // 10 11; 10 dropped
+    ];
+    add(
+        &mut runs,
+        &mut rng,
+        "relay_dropped_messages",
+        true,
+        s,
+        &[5, 8, 9],
+    );
+
+    // More skipped keys than the cap: three chains of 1001 messages of which
+    // only the last arrives (1000 skipped keys each), so the oldest 1000 of
+    // the first chain are evicted; then keys of the second chain are used.
+    let mut s = vec![Send(I, 1), Deliver(0)];
+    let mut idx = 1;
+    let mut lasts = Vec::new();
+    for round in 0..3 {
+        s.extend(burst(R, gap + 1, 1));
+        let first = idx;
+        idx += gap + 1;
+        s.push(Deliver(idx - 1));
+        lasts.push((first, idx - 1));
+        // The initiator replies so the responder's next burst is a new chain.
+        if round < 2 {
+            s.push(Send(I, 1));
+            s.push(Deliver(idx));
+            idx += 1;
+        }
+    }
+    // Chain 2's skipped keys are still there; deliver a few.
+    let (c2_first, _) = lasts[1];
+    s.extend(deliver_all([c2_first, c2_first + 500, c2_first + 999]));
+    // Chain 3's skipped keys too.
+    let (c3_first, _) = lasts[2];
+    s.push(Deliver(c3_first + 3));
+    add(
+        &mut runs,
+        &mut rng,
+        "skipped_keys_evicted",
+        true,
+        s,
+        &[4, 6, 9],
+    );
+
+    // Random walks: random sends, deliveries, reorders and drops.
+    for (name, steps) in [("random_walk_1", 60), ("random_walk_2", 60)] {
+        let mut s = vec![Send(I, 8), Deliver(0)];
+        let mut sent: Vec<Who> = vec![I];
+        let mut pending: Vec<usize> = Vec::new();
+        for _ in 0..steps {
+            let r = rng.next_u32() % 10;
+            if r < 5 || pending.is_empty() {
+                // The responder can only send once it has a session, which it
+                // has after delivery 0.
+                let who = if rng.next_u32() % 2 == 0 { I } else { R };
+                s.push(Send(who, (rng.next_u32() % 48) as usize));
+                pending.push(sent.len());
+                sent.push(who);
+            } else if r < 9 {
+                let i = pending.remove((rng.next_u32() as usize) % pending.len());
+                s.push(Deliver(i));
+            } else {
+                // Dropped by the relay.
+                pending.remove((rng.next_u32() as usize) % pending.len());
+            }
+        }
+        add(&mut runs, &mut rng, name, true, s, &[7, 20]);
+    }
+
+    // ------------------------------------------------------------ negative
+    // Prekey messages given to a responder without a session.
+    for case in ["ping_pong_opk", "ping_pong_no_opk"] {
+        let run = &runs[case];
+        let w = run.wires[0].clone();
+        let hdr = pkm_header(&w);
+        let opk = w[PKM_HAS_OPK] == 1;
+        let p = if opk { "pkm_opk" } else { "pkm_no_opk" };
+        let mut n = |suffix: &str, input: Vec<u8>, error: &'static str, why: &str| {
+            negs.push(Neg {
+                case,
+                name: format!("{p}_{suffix}"),
+                kind: "prekey_message",
+                receiver: R,
+                after: 0,
+                input,
+                error,
+                description: format!(
+                    "first prekey message of {case} (responder has no session): {why}"
+                ),
+            });
+        };
+        n(
+            "version",
+            with(w.clone(), 0, &[0x02]),
+            "decode",
+            "version byte 0x01 -> 0x02",
+        );
+        n(
+            "kind_unknown",
+            with(w.clone(), 1, &[0x03]),
+            "decode",
+            "kind byte 0x01 -> 0x03",
+        );
+        n(
+            "truncated_in_fields",
+            w[..PKM_SPK_ID + 2].to_vec(),
+            "decode",
+            "cut inside spk_id",
+        );
+        n(
+            "truncated_in_header",
+            w[..hdr + 20].to_vec(),
+            "decode",
+            "cut inside the header",
+        );
+        n(
+            "truncated_tag",
+            w[..hdr + 40 + 15].to_vec(),
+            "decode",
+            "header then only 15 bytes: shorter than the tag",
+        );
+        n(
+            "has_opk_not_boolean",
+            with(w.clone(), PKM_HAS_OPK, &[0x02]),
+            "decode",
+            "has_opk = 0x02",
+        );
+        n(
+            "ik_a_sign_bit",
+            flip(w.clone(), PKM_IK * 8 + 248),
+            "auth",
+            "sign bit of IK_A flipped: the negated point is valid and has the same X25519 form, so X3DH succeeds and gives the same SK, but AD (which holds IK_A) differs: auth",
+        );
+        n(
+            "ik_a_small_order",
+            with(w.clone(), PKM_IK, &SMALL_ORDER[0]),
+            "invalid_key",
+            "IK_A replaced by the identity point (small order)",
+        );
+        n(
+            "ik_a_negative_zero",
+            with(w.clone(), PKM_IK, &NEGATIVE_ZERO),
+            "invalid_key",
+            "IK_A = y 1 with the sign bit set (x = 0): not canonical",
+        );
+        n(
+            "ek_a_zero",
+            with(w.clone(), PKM_EK, &[0u8; 32]),
+            "invalid_key",
+            "EK_A = 0 (small order): DH2 is not contributory",
+        );
+        n(
+            "ek_a_one",
+            with(w.clone(), PKM_EK, &X25519_ONE),
+            "invalid_key",
+            "EK_A = 1 (small order): DH2 is not contributory",
+        );
+        n(
+            "ek_a_bit",
+            flip(w.clone(), PKM_EK * 8 + 3),
+            "auth",
+            "a bit of EK_A flipped: X3DH gives another SK: auth",
+        );
+        n(
+            "spk_id",
+            flip(w.clone(), PKM_SPK_ID * 8 + 31),
+            "unknown_prekey",
+            "spk_id changed: not held",
+        );
+        if opk {
+            n(
+                "opk_id",
+                flip(w.clone(), (PKM_HAS_OPK + 1) * 8 + 31),
+                "unknown_prekey",
+                "opk_id changed: not held",
+            );
+            // has_opk cleared: opk_id is read as the first 4 header bytes, and
+            // pn as bytes 28..32 of the real ratchet key.
+            let pn = u32::from_be_bytes(w[hdr + 28..hdr + 32].try_into().expect("4"));
+            assert!(pn > MAX_SKIP, "choose another seed");
+            n("has_opk_cleared", with(w.clone(), PKM_HAS_OPK, &[0]), "too_many_skipped", &format!("has_opk 1 -> 0: the header is read 4 bytes early; its ratchet key is new and pn = {pn} > MAX_SKIP"));
+        } else {
+            let opk_id = u32::from_be_bytes(w[hdr..hdr + 4].try_into().expect("4"));
+            n("has_opk_set", with(w.clone(), PKM_HAS_OPK, &[1]), "unknown_prekey", &format!("has_opk 0 -> 1: opk_id is read from the header ({opk_id}), a one-time prekey not held"));
+        }
+        n(
+            "header_dh_bit",
+            flip(w.clone(), hdr * 8 + 100),
+            "auth",
+            "a bit of the header's ratchet key flipped: another DH: auth",
+        );
+        n(
+            "header_pn_low_bit",
+            flip(w.clone(), (hdr + 32) * 8 + 31),
+            "auth",
+            "pn 0 -> 1: within MAX_SKIP, and in the AD: auth",
+        );
+        n(
+            "header_pn_high_bit",
+            flip(w.clone(), (hdr + 32) * 8 + 1),
+            "too_many_skipped",
+            "pn 0 -> 2^30: beyond MAX_SKIP (checked even without a receiving chain)",
+        );
+        n(
+            "header_n_low_bit",
+            flip(w.clone(), (hdr + 36) * 8 + 31),
+            "auth",
+            "n 0 -> 1: within MAX_SKIP: auth",
+        );
+        n(
+            "header_n_high_bit",
+            flip(w.clone(), (hdr + 36) * 8),
+            "too_many_skipped",
+            "n 0 -> 2^31: beyond MAX_SKIP",
+        );
+        n(
+            "ciphertext_bit",
+            flip(w.clone(), (hdr + 41) * 8 + 5),
+            "auth",
+            "a ciphertext bit flipped",
+        );
+        n(
+            "tag_bit",
+            flip(w.clone(), (w.len() - 1) * 8),
+            "auth",
+            "a tag bit flipped",
+        );
+        n(
+            "truncated_one_byte",
+            w[..w.len() - 1].to_vec(),
+            "auth",
+            "last byte cut: still decodes (ciphertext one shorter): auth",
+        );
+        let mut t = w.clone();
+        t.push(0);
+        n(
+            "trailing_byte",
+            t,
+            "auth",
+            "one byte appended: still decodes (ciphertext runs to the last 16 bytes): auth",
+        );
+    }
+
+    // The one-time prekey is consumed: a new session naming it again.
+    {
+        let case = "ping_pong_opk";
+        let run = &runs[case];
+        let w = with(run.wires[0].clone(), PKM_EK, &run.keys.initiator_seed); // another EK_A
+        negs.push(Neg {
+            case,
+            name: "pkm_opk_already_used".into(),
+            kind: "prekey_message",
+            receiver: R,
+            after: 1,
+            input: w,
+            error: "unknown_prekey",
+            description: "after the first prekey message was accepted, a prekey message with another EK_A (so no session matches) names the consumed one-time prekey".into(),
+        });
+    }
+
+    // Repeats of a prekey message with altered fields (the session exists).
+    {
+        let case = "prekey_messages_out_of_order";
+        let w = runs[case].wires[1].clone(); // not yet delivered at 3
+        let hdr = pkm_header(&w);
+        let mut n = |suffix: &str, input: Vec<u8>, error: &'static str, why: &str| {
+            negs.push(Neg {
+                case,
+                name: format!("pkm_repeat_{suffix}"),
+                kind: "prekey_message",
+                receiver: R,
+                after: 3,
+                input,
+                error,
+                description: format!("{case} message 1 (a prekey message of the existing session, not yet delivered) after 3 deliveries: {why}"),
+            });
+        };
+        n("spk_id", flip(w.clone(), PKM_SPK_ID * 8 + 30), "auth", "spk_id altered: (IK_A, EK_A) names the existing session; the prekey fields are in the AD: auth");
+        n(
+            "opk_id",
+            flip(w.clone(), (PKM_HAS_OPK + 1) * 8 + 30),
+            "auth",
+            "opk_id altered: same session, the one-time prekey is not looked up again: auth",
+        );
+        n("ek_a", flip(w.clone(), PKM_EK * 8 + 7), "unknown_prekey", "EK_A altered: no session matches, so a new session is tried, and its one-time prekey was consumed: unknown_prekey");
+        n(
+            "ik_a_small_order",
+            with(w.clone(), PKM_IK, &SMALL_ORDER[1]),
+            "invalid_key",
+            "IK_A replaced by a small-order point: no session matches; IK_A invalid",
+        );
+        let pn = u32::from_be_bytes(w[PKM_EK..PKM_EK + 4].try_into().expect("4"));
+        assert!(pn > MAX_SKIP + 10);
+        n("kind_to_message", with(w.clone(), 1, &[0x02]), "too_many_skipped", &format!("kind 0x01 -> 0x02: read as a message whose header is IK_A || EK_A[0..8]: a new ratchet key with pn = {pn}, beyond MAX_SKIP"));
+        n(
+            "header_n_bit",
+            flip(w.clone(), (hdr + 36) * 8 + 29),
+            "auth",
+            "n altered within MAX_SKIP: auth",
+        );
+        negs.push(Neg {
+            case,
+            name: "pkm_replay_delivered".into(),
+            kind: "prekey_message",
+            receiver: R,
+            after: 3,
+            input: runs[case].wires[0].clone(),
+            error: "duplicate",
+            description: format!("{case}: message 0 (n = 0), already delivered, again: current receiving key, n < Nr, no stored key: duplicate"),
+        });
+        negs.push(Neg {
+            case,
+            name: "pkm_replay_first".into(),
+            kind: "prekey_message",
+            receiver: R,
+            after: 1,
+            input: runs[case].wires[3].clone(),
+            error: "duplicate",
+            description: format!(
+                "{case}: message 3, the first delivered, again right away: duplicate"
+            ),
+        });
+        negs.push(Neg {
+            case,
+            name: "pkm_replay_after_new_chain".into(),
+            kind: "prekey_message",
+            receiver: R,
+            after: 7,
+            input: runs[case].wires[0].clone(),
+            error: "auth",
+            description: format!("{case}: message 0 after the initiator's next chain arrived and every key of the first chain was used: no key of that ratchet key is stored, so it is a new ratchet key to the ratchet: auth"),
+        });
+    }
+
+    // Normal messages.
+    {
+        let case = "ping_pong_opk";
+        let run = &runs[case];
+        // Message 7 (responder -> initiator) is delivered as event 7; give it
+        // altered at 7 (before delivery): its ratchet key is new.
+        let w = run.wires[7].clone();
+        assert_eq!(run.senders[7], R);
+        let mut n = |suffix: &str, input: Vec<u8>, error: &'static str, why: &str| {
+            negs.push(Neg {
+                case,
+                name: format!("msg_{suffix}"),
+                kind: "message",
+                receiver: I,
+                after: 7,
+                input,
+                error,
+                description: format!("{case} message 7 (a new ratchet key to the initiator) before its delivery: {why}"),
+            });
+        };
+        let h0 = MSG_HEADER;
+        n(
+            "version",
+            with(w.clone(), 0, &[0x00]),
+            "decode",
+            "version 0x01 -> 0x00",
+        );
+        n(
+            "kind_unknown",
+            with(w.clone(), 1, &[0xff]),
+            "decode",
+            "kind 0x02 -> 0xff",
+        );
+        n(
+            "truncated_header",
+            w[..h0 + 39].to_vec(),
+            "decode",
+            "cut inside the header",
+        );
+        n(
+            "truncated_tag",
+            w[..h0 + 40 + 15].to_vec(),
+            "decode",
+            "header then 15 bytes",
+        );
+        assert!(w[PKM_HAS_OPK] > 1 || w.len() < 71 + 56);
+        n("kind_to_prekey", with(w.clone(), 1, &[0x01]), "decode", "kind 0x02 -> 0x01: read as a prekey message; the byte read as has_opk is neither 0 nor 1 (or the input is too short)");
+        n(
+            "header_dh_bit",
+            flip(w.clone(), h0 * 8 + 77),
+            "auth",
+            "ratchet key bit flipped: still a new key, pn and n small: auth",
+        );
+        n(
+            "header_pn_high_bit",
+            flip(w.clone(), (h0 + 32) * 8 + 2),
+            "too_many_skipped",
+            "pn + 2^29 with a new ratchet key: beyond MAX_SKIP",
+        );
+        n(
+            "header_pn_low_bit",
+            flip(w.clone(), (h0 + 32) * 8 + 30),
+            "auth",
+            "pn changed by 2: within MAX_SKIP: auth",
+        );
+        n(
+            "header_n_high_bit",
+            flip(w.clone(), (h0 + 36) * 8 + 3),
+            "too_many_skipped",
+            "n + 2^28: beyond MAX_SKIP",
+        );
+        n(
+            "header_n_low_bit",
+            flip(w.clone(), (h0 + 36) * 8 + 31),
+            "auth",
+            "n 0 -> 1: auth",
+        );
+        n(
+            "ciphertext_bit",
+            flip(w.clone(), (h0 + 40) * 8),
+            "auth",
+            "first ciphertext bit flipped",
+        );
+        n(
+            "tag_bit",
+            flip(w.clone(), (w.len() - 16) * 8 + 3),
+            "auth",
+            "a tag bit flipped",
+        );
+        n(
+            "truncated_one_byte",
+            w[..w.len() - 1].to_vec(),
+            "auth",
+            "last byte cut: auth",
+        );
+        let mut t = w.clone();
+        t.push(0xaa);
+        n("trailing_byte", t, "auth", "a byte appended: auth");
+        n(
+            "ratchet_key_zero",
+            with(w.clone(), h0, &[0u8; 32]),
+            "invalid_key",
+            "ratchet key 0 (small order), pn within MAX_SKIP: the DH is not contributory",
+        );
+        negs.push(Neg {
+            case,
+            name: "msg_replay_ping_pong".into(),
+            kind: "message",
+            receiver: R,
+            after: 10,
+            input: run.wires[8].clone(),
+            error: "duplicate",
+            description: format!("{case} message 8 (responder's current receiving chain, n = 0 < Nr = 1) delivered again: duplicate"),
+        });
+        negs.push(Neg {
+            case,
+            name: "msg_replay_earlier_chain".into(),
+            kind: "message",
+            receiver: R,
+            after: 10,
+            input: run.wires[6].clone(),
+            error: "auth",
+            description: format!("{case} message 6, from a chain of which no key is stored: a new ratchet key to the ratchet (pn within MAX_SKIP), then the AEAD fails: auth"),
+        });
+        negs.push(Neg {
+            case,
+            name: "msg_no_receiving_chain".into(),
+            kind: "message",
+            receiver: I,
+            after: 1,
+            input: with(run.wires[1].clone(), h0, run.keys.signed_prekey().public()),
+            error: "auth",
+            description: format!("{case} message 1 (the responder's first reply) with its ratchet key replaced by SPK_B, given to the initiator before any reply: the current receiving key, but no receiving chain: auth"),
+        });
+    }
+    {
+        let case = "long_one_way_responder";
+        let run = &runs[case];
+        // After 20 deliveries the initiator has received responder messages
+        // 1..=19 (n = 0..=18) of one chain.
+        let w = run.wires[25].clone(); // n = 24, same chain
+        let h0 = MSG_HEADER;
+        let nr = 19u32;
+        let set_n = |n: u32| with(w.clone(), h0 + 36, &n.to_be_bytes());
+        negs.push(Neg { case, name: "msg_current_chain_pn_high_bit".into(), kind: "message", receiver: I, after: 20, input: flip(w.clone(), (h0 + 32) * 8), error: "auth", description: format!("{case} message 25 (current receiving chain) with pn + 2^31: pn is only checked for a new ratchet key; auth") });
+        negs.push(Neg { case, name: "msg_skip_exactly_max".into(), kind: "message", receiver: I, after: 20, input: set_n(nr + MAX_SKIP), error: "auth", description: format!("{case} message 25 with n set to Nr + MAX_SKIP = {}: allowed, then the AEAD fails: auth", nr + MAX_SKIP) });
+        negs.push(Neg {
+            case,
+            name: "msg_skip_beyond_max".into(),
+            kind: "message",
+            receiver: I,
+            after: 20,
+            input: set_n(nr + MAX_SKIP + 1),
+            error: "too_many_skipped",
+            description: format!(
+                "{case} message 25 with n set to Nr + MAX_SKIP + 1 = {}: too_many_skipped",
+                nr + MAX_SKIP + 1
+            ),
+        });
+        negs.push(Neg { case, name: "msg_lowered_counter".into(), kind: "message", receiver: I, after: 20, input: set_n(10), error: "duplicate", description: format!("{case} message 25 with n lowered to 10 < Nr = {nr}, no stored key: duplicate (checked before any key derivation)") });
+        negs.push(Neg {
+            case,
+            name: "msg_replay_current_chain".into(),
+            kind: "message",
+            receiver: I,
+            after: 20,
+            input: run.wires[5].clone(),
+            error: "duplicate",
+            description: format!("{case} message 5 (n = 4), delivered, again: duplicate"),
+        });
+    }
+    {
+        let case = "ratchet_steps_out_of_order";
+        let run = &runs[case];
+        // After 5 deliveries (2, 0, 4, 7, 8): the responder holds the skipped
+        // key of message 1 (chain A1) and 6 (chain A2).
+        negs.push(Neg { case, name: "msg_skipped_key_ciphertext_bit".into(), kind: "prekey_message", receiver: R, after: 5, input: flip(run.wires[1].clone(), (pkm_header(&run.wires[1]) + 40) * 8 + 1), error: "auth", description: format!("{case} message 1, whose skipped key is stored, with a ciphertext bit flipped: the stored key is tried: auth (and stays stored)") });
+        negs.push(Neg { case, name: "msg_replay_earlier_chain_keys_stored".into(), kind: "prekey_message", receiver: R, after: 5, input: run.wires[0].clone(), error: "duplicate", description: format!("{case} message 0 again: its chain is not the current one, but a key of it (message 1) is stored: duplicate") });
+        negs.push(Neg { case, name: "msg_earlier_chain_unsent_n".into(), kind: "prekey_message", receiver: R, after: 5, input: with(run.wires[0].clone(), pkm_header(&run.wires[0]) + 36, &7u32.to_be_bytes()), error: "duplicate", description: format!("{case} message 0 with n = 7 (never sent): not the current chain, another key of it is stored, none for n = 7: duplicate") });
+        negs.push(Neg { case, name: "msg_replay_keys_gone".into(), kind: "message", receiver: R, after: 10, input: run.wires[7].clone(), error: "auth", description: format!("{case} message 7 again after chain A3 arrived and every key of chain A2 was used: a new ratchet key to the ratchet: auth") });
+        negs.push(Neg { case, name: "msg_replay_stored_key_used".into(), kind: "prekey_message", receiver: R, after: 7, input: run.wires[1].clone(), error: "auth", description: format!("{case} message 1 again after its stored key was used (chain A1 has no key left): a new ratchet key to the ratchet: auth") });
+    }
+    {
+        let case = "skipped_keys_evicted";
+        let run = &runs[case];
+        // Deliveries: 0, 1001, 1002, 2003, 2004, 3005 (6 events), then chain 2
+        // keys. Chain 1 = messages 1..=1001, chain 2 = 1003..=2003, chain 3 =
+        // 2005..=3005. After 6 events: 3000 keys were stored, the 1000 of
+        // chain 1 were evicted.
+        negs.push(Neg { case, name: "msg_evicted_chain_gone".into(), kind: "message", receiver: I, after: 6, input: run.wires[1].clone(), error: "auth", description: format!("{case} message 1 (chain 1, n = 0), its key evicted by the cap with every other key of chain 1: a new ratchet key to the ratchet: auth") });
+        negs.push(Neg { case, name: "msg_stored_chain_2".into(), kind: "message", receiver: I, after: 9, input: flip(run.wires[1004].clone(), (MSG_HEADER + 40) * 8), error: "auth", description: format!("{case} message 1004 (chain 2, n = 1, key stored) with a ciphertext bit flipped: auth") });
+        negs.push(Neg { case, name: "msg_replay_stored_chain".into(), kind: "message", receiver: I, after: 9, input: run.wires[1003].clone(), error: "duplicate", description: format!("{case} message 1003 (chain 2, n = 0) again after its stored key was used; other keys of chain 2 are stored: duplicate") });
+    }
+    {
+        // Eviction within the current chain.
+        let keys = Keys::random(&mut rng, false);
+        let mut s = vec![Send(I, 1), Deliver(0)];
+        s.extend(burst(R, 2 * gap + 4, 1)); // 1 ..= 2004: n = 0 ..= 2003
+        s.push(Deliver(gap + 1)); // n = 1000: keys 0..=999 stored (1000)
+        s.push(Deliver(2 * gap + 2)); // n = 2001: keys 1001..=2000 stored (2000)
+        s.push(Deliver(2 * gap + 4)); // n = 2003: key 2002 stored, 2001 > 2000: n = 0 evicted
+        s.push(Deliver(2)); // n = 1: still stored
+        let case = "skipped_keys_cap_one_chain";
+        let run = run_script(&mut rng, case, keys, &s, &[5]);
+        negs.push(Neg { case, name: "msg_evicted_current_chain".into(), kind: "message", receiver: I, after: 5, input: run.wires[1].clone(), error: "duplicate", description: "skipped_keys_cap_one_chain message 1 (n = 0), dropped, its key evicted as the oldest when a 2001st key was stored; current receiving chain, n < Nr: duplicate".into() });
+        runs.insert("skipped_keys_cap_one_chain", run);
+    }
+    {
+        let case = "crossing_messages";
+        // Message 1 is a prekey message the initiator sent before hearing
+        // back; it reaches the responder (which has the session) at event 2.
+        let w = runs[case].wires[1].clone();
+        negs.push(Neg { case, name: "pkm_crossing_repeat_spk_id".into(), kind: "prekey_message", receiver: R, after: 1, input: flip(w.clone(), PKM_SPK_ID * 8 + 20), error: "auth", description: format!("{case} message 1 (second prekey message of the session, not yet delivered) with spk_id altered: (IK_A, EK_A) names the existing session; the prekey fields are in the AD: auth") });
+        negs.push(Neg {
+            case,
+            name: "pkm_crossing_replay".into(),
+            kind: "prekey_message",
+            receiver: R,
+            after: 3,
+            input: w,
+            error: "duplicate",
+            description: format!("{case} message 1 again after its delivery: duplicate"),
+        });
+    }
+
+    // Bundles.
+    let mut bundle_negs = Vec::new();
+    {
+        let keys = &runs["ping_pong_opk"].keys;
+        let b = keys.bundle().encode();
+        let now = keys.spk_created + 3600;
+        let max_age = FreshnessPolicy::DEFAULT_MAX_AGE;
+        let mut n = |name: &str, input: Vec<u8>, now: u64, error: &'static str, why: &str| {
+            bundle_negs.push(json!({"name": name, "kind": "bundle", "input": h(&input), "now": now, "max_age": max_age, "error": error, "description": why}));
+        };
+        n(
+            "bundle_version",
+            with(b.clone(), 0, &[2]),
+            now,
+            "decode",
+            "version 0x02",
+        );
+        n(
+            "bundle_truncated",
+            b[..100].to_vec(),
+            now,
+            "decode",
+            "cut inside the signature",
+        );
+        let mut t = b.clone();
+        t.push(0);
+        n(
+            "bundle_trailing_byte",
+            t,
+            now,
+            "decode",
+            "one byte appended",
+        );
+        n(
+            "bundle_has_opk_not_boolean",
+            with(b.clone(), 141, &[7]),
+            now,
+            "decode",
+            "has_opk = 0x07",
+        );
+        n(
+            "bundle_has_opk_cleared",
+            with(b.clone(), 141, &[0]),
+            now,
+            "decode",
+            "has_opk 1 -> 0: the one-time prekey is then trailing bytes",
+        );
+        n(
+            "bundle_identity_small_order",
+            with(b.clone(), 1, &SMALL_ORDER[2]),
+            now,
+            "invalid_key",
+            "identity key of small order (checked before the signature)",
+        );
+        n(
+            "bundle_identity_not_canonical",
+            with(b.clone(), 1, &P_PLUS_ONE),
+            now,
+            "invalid_key",
+            "identity key y = p + 1: not canonical",
+        );
+        n(
+            "bundle_identity_sign_bit",
+            flip(b.clone(), 8 + 248),
+            now,
+            "signature",
+            "identity key's sign bit flipped: a valid key, but not the signer",
+        );
+        n(
+            "bundle_spk_id_bit",
+            flip(b.clone(), 33 * 8 + 31),
+            now,
+            "signature",
+            "spk_id changed",
+        );
+        n(
+            "bundle_created_bit",
+            flip(b.clone(), 37 * 8 + 63),
+            now,
+            "signature",
+            "creation time changed by one second",
+        );
+        n(
+            "bundle_spk_public_bit",
+            flip(b.clone(), 45 * 8 + 200),
+            now,
+            "signature",
+            "a bit of the signed prekey flipped",
+        );
+        n(
+            "bundle_signature_bit",
+            flip(b.clone(), 77 * 8 + 300),
+            now,
+            "signature",
+            "a bit of the signature flipped",
+        );
+        n(
+            "bundle_signature_s_plus_l",
+            with(b.clone(), 77 + 32, &add_l(&b[77 + 32..77 + 64])),
+            now,
+            "signature",
+            "S replaced by S + L: the same scalar, not canonical: verify_strict rejects it",
+        );
+        let other = IdentityKeyPair::from_seed(&[7; 32]);
+        let forged =
+            SignedPrekey::from_secret(&other, keys.spk_id, keys.spk_created, keys.spk_private);
+        n(
+            "bundle_signature_other_key",
+            with(b.clone(), 77, forged.signature()),
+            now,
+            "signature",
+            "a valid signature by another identity key",
+        );
+        n(
+            "bundle_stale_by_one_second",
+            b.clone(),
+            keys.spk_created + max_age + 1,
+            "stale_bundle",
+            "now - created = max_age + 1",
+        );
+        n(
+            "bundle_stale",
+            b.clone(),
+            keys.spk_created + 10 * max_age,
+            "stale_bundle",
+            "ten times max_age old",
+        );
+        let no_opk = runs["ping_pong_no_opk"].keys.bundle().encode();
+        let now2 = runs["ping_pong_no_opk"].keys.spk_created;
+        n(
+            "bundle_has_opk_set_without_opk",
+            with(no_opk.clone(), 141, &[1]),
+            now2,
+            "decode",
+            "has_opk 0 -> 1 with no one-time prekey following",
+        );
+        let mut stale_sig = with(no_opk, 141 - 64, &[0u8; 64]);
+        stale_sig[141 - 64] = 1;
+        n(
+            "bundle_bad_signature_and_stale",
+            stale_sig,
+            now2 + 100 * max_age,
+            "signature",
+            "bad signature and stale: the signature is checked first",
+        );
+    }
+
+    // Identity keys.
+    let mut identity_negs = Vec::new();
+    for (i, k) in SMALL_ORDER.iter().enumerate() {
+        identity_negs.push(json!({"name": format!("identity_small_order_{i}"), "kind": "identity_key", "input": h(k), "error": "invalid_key", "description": "a point of small order"}));
+    }
+    for (name, k, error, why) in [
+        (
+            "identity_negative_zero",
+            NEGATIVE_ZERO.to_vec(),
+            "invalid_key",
+            "y = 1 with the sign bit set: x = 0 cannot be negative",
+        ),
+        (
+            "identity_y_equals_p_plus_1",
+            P_PLUS_ONE.to_vec(),
+            "invalid_key",
+            "y = p + 1: not canonical",
+        ),
+        ("identity_length_31", vec![0x11; 31], "decode", "31 bytes"),
+        ("identity_length_33", vec![0x11; 33], "decode", "33 bytes"),
+        ("identity_empty", vec![], "decode", "0 bytes"),
+    ] {
+        identity_negs.push(json!({"name": name, "kind": "identity_key", "input": h(&k), "error": error, "description": why}));
+    }
+
+    // Check every session negative against the crate before writing it.
+    let mut negative_cases = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for neg in &negs {
+        assert!(
+            seen.insert(neg.name.clone()),
+            "duplicate negative name {}",
+            neg.name
+        );
+        let case = neg.case;
+        let run = &runs[case];
+        let (init, resp) = run
+            .snapshots
+            .get(&neg.after)
+            .unwrap_or_else(|| panic!("{}: no snapshot of {case} at {}", neg.name, neg.after));
+        let mut party = if neg.receiver == I {
+            init.clone()
+        } else {
+            resp.clone()
+        };
+        let before = party.session.as_ref().map(|s| s.to_bytes().to_vec());
+        let got = party.receive(&neg.input);
+        let kind = match &got {
+            Err(e) => e.profile_kind().unwrap_or("<none>"),
+            Ok(_) => "<accepted>",
+        };
+        assert_eq!(kind, neg.error, "{}: the crate says {got:?}", neg.name);
+        assert_eq!(
+            party.session.as_ref().map(|s| s.to_bytes().to_vec()),
+            before,
+            "{}: state changed",
+            neg.name
+        );
+        negative_cases.push(json!({
+            "name": neg.name,
+            "kind": neg.kind,
+            "input": h(&neg.input),
+            "session_case": case,
+            "after_deliveries": neg.after,
+            "receiver": neg.receiver.name(),
+            "error": neg.error,
+            "description": neg.description,
+        }));
+    }
+    for c in bundle_negs {
+        let input = hex::decode(c["input"].as_str().expect("hex")).expect("hex");
+        let got = PrekeyBundle::decode(&input).and_then(|b| {
+            b.verify(
+                c["now"].as_u64().expect("now"),
+                FreshnessPolicy::max_age(c["max_age"].as_u64().expect("max_age")),
+            )
+        });
+        assert_eq!(
+            got.err().and_then(|e| e.profile_kind()),
+            c["error"].as_str(),
+            "{}",
+            c["name"]
+        );
+        negative_cases.push(c);
+    }
+    for c in identity_negs {
+        let input = hex::decode(c["input"].as_str().expect("hex")).expect("hex");
+        let got = IdentityKey::from_bytes(&input);
+        assert_eq!(
+            got.err().and_then(|e| e.profile_kind()),
+            c["error"].as_str(),
+            "{}",
+            c["name"]
+        );
+        negative_cases.push(c);
+    }
+
+    // ----------------------------------------------------------- fingerprint
+    let mut fingerprint_cases = Vec::new();
+    for i in 0..4 {
+        let a = IdentityKeyPair::generate(&mut rng);
+        let b = IdentityKeyPair::generate(&mut rng);
+        let (fa, fb) = (
+            cubbyhole::Fingerprint::of(a.public()),
+            cubbyhole::Fingerprint::of(b.public()),
+        );
+        fingerprint_cases.push(json!({
+            "name": format!("pair_{i}"),
+            "identity_a": h(a.public().as_bytes()),
+            "identity_b": h(b.public().as_bytes()),
+            "fingerprint_a": fa.as_str(),
+            "fingerprint_b": fb.as_str(),
+            "safety_number": cubbyhole::SafetyNumber::new(a.public(), b.public()).as_str(),
+        }));
+    }
+
+    let generator = "cubbyhole examples/gen_vectors.rs (ChaCha20, fixed seed)";
+    let write = |file: &str, cases: Vec<Value>| {
+        let v = json!({"profile": "cubbyhole/v1", "generator": generator, "cases": cases});
+        let path = out_dir.join(file);
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&v).expect("json") + "\n",
+        )
+        .expect("write");
+        println!(
+            "wrote {} ({} cases)",
+            path.display(),
+            v["cases"].as_array().map_or(0, Vec::len)
+        );
+    };
+    write("x3dh.json", x3dh_cases);
+    write("session.json", runs.into_values().map(|r| r.json).collect());
+    write("negative.json", negative_cases);
+    write("fingerprint.json", fingerprint_cases);
+}
+
+/// The eight small-order points of edwards25519 (canonical encodings).
+const SMALL_ORDER: [[u8; 32]; 8] = [
+    hex32("0100000000000000000000000000000000000000000000000000000000000000"),
+    hex32("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+    hex32("0000000000000000000000000000000000000000000000000000000000000000"),
+    hex32("0000000000000000000000000000000000000000000000000000000000000080"),
+    hex32("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"),
+    hex32("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa"),
+    hex32("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    hex32("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85"),
+];
+/// y = 1 with the sign bit set.
+const NEGATIVE_ZERO: [u8; 32] =
+    hex32("0100000000000000000000000000000000000000000000000000000000000080");
+/// y = p + 1 = 2^255 - 18.
+const P_PLUS_ONE: [u8; 32] =
+    hex32("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f");
+/// The X25519 point u = 1 (small order).
+const X25519_ONE: [u8; 32] =
+    hex32("0100000000000000000000000000000000000000000000000000000000000000");
+
+const fn hex32(s: &str) -> [u8; 32] {
+    let b = s.as_bytes();
+    let mut out = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        out[i] = (nibble(b[2 * i]) << 4) | nibble(b[2 * i + 1]);
+        i += 1;
+    }
+    out
+}
+
+const fn nibble(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => panic!("not hex"),
+    }
+}
+
+/// S + L for a 32-byte little-endian scalar S (L = 2^252 + 27742317777372353535851937790883648493).
+fn add_l(s: &[u8]) -> [u8; 32] {
+    const L: [u8; 32] = hex32("edd3f55c1a631258d69cf7a2def9de1400000000000000000000000000000010");
+    let mut out = [0u8; 32];
+    let mut carry = 0u16;
+    for i in 0..32 {
+        let v = u16::from(s[i]) + u16::from(L[i]) + carry;
+        out[i] = v as u8;
+        carry = v >> 8;
+    }
+    out
+}
