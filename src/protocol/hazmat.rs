@@ -13,7 +13,8 @@ use zeroize::Zeroizing;
 use crate::error::Result;
 use crate::protocol::bundle::PrekeyBundle;
 use crate::protocol::keys::{IdentityKey, IdentityKeyPair, OneTimePrekey, SignedPrekey};
-use crate::protocol::session::Session;
+use crate::protocol::ratchet::SessionConfig;
+use crate::protocol::session::{PrekeyLookup, Session};
 use crate::protocol::x3dh;
 
 /// Every value X3DH computes.
@@ -104,4 +105,38 @@ pub fn encrypt_exposing_message_key(
     let mut out = Vec::new();
     let mk = session.encrypt_with_key(rng, plaintext, &mut out)?;
     Ok((out, Zeroizing::new(mk.0)))
+}
+
+/// Deniability, made concrete: builds, from the **responder's** keys and the
+/// initiator's **public** identity key only, an initiator-side session whose
+/// prekey messages the responder's own [`Session::accept`] accepts as coming
+/// from `initiator`.
+///
+/// This works because X3DH authenticates with Diffie-Hellman, not with
+/// signatures: DH1 = X25519(IK_A, SPK_B) is also X25519(SPK_B, IK_A), and
+/// every other input is the fabricator's own choice. So a transcript of
+/// cubbyhole messages proves nothing to a third party about who wrote it.
+/// It exists for tests and for readers of SPEC.md; applications never need it.
+///
+/// # Errors
+/// [`crate::Error::UnknownPrekey`] if a named prekey is not in `prekeys`,
+/// [`crate::Error::InvalidKey`] for a non-contributory DH.
+pub fn simulate_initiator(
+    rng: &mut impl CryptoRngCore,
+    responder: &IdentityKeyPair,
+    prekeys: &impl PrekeyLookup,
+    signed_prekey_id: u32,
+    one_time_prekey_id: Option<u32>,
+    initiator: &IdentityKey,
+    config: SessionConfig,
+) -> Result<Session> {
+    Session::simulate_initiator(
+        rng,
+        responder,
+        prekeys,
+        signed_prekey_id,
+        one_time_prekey_id,
+        initiator,
+        config,
+    )
 }

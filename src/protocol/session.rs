@@ -43,7 +43,6 @@ pub trait PrekeyLookup {
 }
 
 /// The outcome of [`Session::accept`].
-#[derive(Debug)]
 pub struct Accepted {
     /// The new session.
     pub session: Session,
@@ -163,6 +162,44 @@ impl Session {
             session,
             plaintext,
             consumed_one_time_prekey: fields.one_time_prekey_id,
+        })
+    }
+
+    /// See [`crate::hazmat::simulate_initiator`].
+    pub(crate) fn simulate_initiator(
+        rng: &mut impl CryptoRngCore,
+        responder: &IdentityKeyPair,
+        prekeys: &impl PrekeyLookup,
+        signed_prekey_id: u32,
+        one_time_prekey_id: Option<u32>,
+        initiator: &IdentityKey,
+        config: SessionConfig,
+    ) -> Result<Session> {
+        let spk = prekeys
+            .signed_prekey(signed_prekey_id)
+            .ok_or(Error::UnknownPrekey)?;
+        let opk = match one_time_prekey_id {
+            Some(id) => Some(prekeys.one_time_prekey(id).ok_or(Error::UnknownPrekey)?),
+            None => None,
+        };
+        let ephemeral = KeyPair::generate(rng);
+        // The responder's side of X3DH gives the initiator's SK: DH1 needs
+        // only SPK_B's private half and IK_A's public half.
+        let x3dh = x3dh::responder(
+            responder,
+            spk.secret(),
+            opk.map(|k| k.secret()),
+            initiator,
+            &ephemeral.public,
+        )?;
+        let ratchet = Ratchet::initiator(rng, &x3dh.shared_secret, *spk.public(), config)?;
+        Ok(Session {
+            role: Role::Initiator,
+            local: *initiator,
+            remote: *responder.public(),
+            ephemeral: ephemeral.public,
+            pending_prekey: Some((signed_prekey_id, one_time_prekey_id)),
+            ratchet,
         })
     }
 
@@ -334,6 +371,16 @@ impl Session {
     /// [`Error::State`] for corrupted, truncated or unknown-version input.
     pub fn from_bytes(bytes: &[u8]) -> Result<Session> {
         crate::protocol::state::decode(bytes)
+    }
+}
+
+impl fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Accepted")
+            .field("session", &self.session)
+            .field("plaintext_len", &self.plaintext.len())
+            .field("consumed_one_time_prekey", &self.consumed_one_time_prekey)
+            .finish()
     }
 }
 

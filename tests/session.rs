@@ -1,0 +1,292 @@
+//! Behaviour of sessions, bundles and prekeys beyond the vectors.
+
+use cubbyhole::bundle::FreshnessPolicy;
+use cubbyhole::{
+    Error, IdentityKeyPair, Incoming, PrekeyBundle, PrekeyStore, Session, SessionConfig,
+};
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+const NOW: u64 = 1_800_000_000;
+
+struct Pair {
+    rng: ChaCha20Rng,
+    alice: IdentityKeyPair,
+    bob: IdentityKeyPair,
+    bob_prekeys: PrekeyStore,
+}
+
+fn pair(seed: u64, one_time_prekeys: u32) -> Pair {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let alice = IdentityKeyPair::generate(&mut rng);
+    let bob = IdentityKeyPair::generate(&mut rng);
+    let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, NOW);
+    bob_prekeys.generate_one_time_prekeys(&mut rng, one_time_prekeys);
+    Pair {
+        rng,
+        alice,
+        bob,
+        bob_prekeys,
+    }
+}
+
+impl Pair {
+    fn initiate(&mut self, config: SessionConfig) -> Session {
+        let bundle = PrekeyBundle::decode(&self.bob_prekeys.bundle(&self.bob).encode())
+            .unwrap()
+            .verify(NOW, FreshnessPolicy::default())
+            .unwrap();
+        Session::initiate(&mut self.rng, &self.alice, &bundle, config).unwrap()
+    }
+    fn accept(&mut self, wire: &[u8], config: SessionConfig) -> Result<(Session, Vec<u8>), Error> {
+        let a = self
+            .bob_prekeys
+            .accept(&self.bob, &Incoming::decode(wire)?, config)?;
+        Ok((a.session, a.plaintext))
+    }
+}
+
+#[test]
+fn freshness_boundaries() {
+    let p = pair(1, 0);
+    let bytes = p.bob_prekeys.bundle(&p.bob).encode();
+    let created = p.bob_prekeys.current_signed_prekey().created();
+    let policy = FreshnessPolicy::max_age(3600);
+    let verify = |now| PrekeyBundle::decode(&bytes).unwrap().verify(now, policy);
+    assert!(verify(created + 3600).is_ok(), "exactly max_age is fresh");
+    assert_eq!(verify(created + 3601).unwrap_err(), Error::StaleBundle);
+    assert!(
+        verify(created - 10_000).is_ok(),
+        "a creation time in the future is accepted"
+    );
+    assert!(verify(0).is_ok());
+    assert_eq!(verify(u64::MAX).unwrap_err(), Error::StaleBundle);
+}
+
+#[test]
+fn bundle_round_trip_with_and_without_one_time_prekey() {
+    let mut p = pair(2, 1);
+    let with = p.bob_prekeys.bundle(&p.bob);
+    assert_eq!(with.encode().len(), cubbyhole::bundle::BUNDLE_LEN_WITH_OPK);
+    assert_eq!(PrekeyBundle::decode(&with.encode()).unwrap(), with);
+    let s = p.initiate(SessionConfig::default());
+    let m = {
+        let mut s = s;
+        s.encrypt(&mut p.rng, b"x").unwrap()
+    };
+    p.accept(&m, SessionConfig::default()).unwrap();
+    assert_eq!(
+        p.bob_prekeys.one_time_prekey_count(),
+        0,
+        "the one-time prekey is consumed"
+    );
+    let without = p.bob_prekeys.bundle(&p.bob);
+    assert!(without.one_time_prekey().is_none());
+    assert_eq!(
+        without.encode().len(),
+        cubbyhole::bundle::BUNDLE_LEN_WITHOUT_OPK
+    );
+    // A session still starts without a one-time prekey.
+    let mut s = p.initiate(SessionConfig::default());
+    let m = s.encrypt(&mut p.rng, b"no opk").unwrap();
+    assert_eq!(p.accept(&m, SessionConfig::default()).unwrap().1, b"no opk");
+}
+
+#[test]
+fn initiator_sends_prekey_messages_until_it_hears_back() {
+    let mut p = pair(3, 3);
+    let mut alice = p.initiate(SessionConfig::default());
+    let m: Vec<Vec<u8>> = (0..3)
+        .map(|i| alice.encrypt(&mut p.rng, &[i]).unwrap())
+        .collect();
+    for w in &m {
+        assert!(Incoming::decode(w).unwrap().prekey().is_some());
+    }
+    let (mut bob, pt) = p.accept(&m[1], SessionConfig::default()).unwrap();
+    assert_eq!(pt, [1]);
+    // Repeats go to the same session; the one-time prekey is not looked up again.
+    assert!(bob.matches(&Incoming::decode(&m[0]).unwrap()));
+    assert_eq!(bob.decrypt(&m[0]).unwrap(), [0]);
+    assert_eq!(bob.decrypt(&m[2]).unwrap(), [2]);
+    assert_eq!(bob.decrypt(&m[2]).unwrap_err(), Error::Duplicate);
+    // Replies from Bob make Alice switch to normal messages.
+    assert!(alice.sends_prekey_messages());
+    let r = bob.encrypt(&mut p.rng, b"r").unwrap();
+    assert!(Incoming::decode(&r).unwrap().prekey().is_none());
+    assert_eq!(alice.decrypt(&r).unwrap(), b"r");
+    assert!(!alice.sends_prekey_messages());
+    let n = alice.encrypt(&mut p.rng, b"n").unwrap();
+    assert!(Incoming::decode(&n).unwrap().prekey().is_none());
+    assert_eq!(bob.decrypt(&n).unwrap(), b"n");
+    // A prekey message of another session is refused by this one.
+    let mut other = p.initiate(SessionConfig::default());
+    let o = other.encrypt(&mut p.rng, b"o").unwrap();
+    assert!(!bob.matches(&Incoming::decode(&o).unwrap()));
+    assert_eq!(bob.decrypt(&o).unwrap_err(), Error::SessionMismatch);
+}
+
+#[test]
+fn configurable_skip_limits_and_eviction() {
+    let config = SessionConfig {
+        max_skip: 5,
+        max_skipped_keys: 3,
+    };
+    let mut p = pair(4, 0);
+    let mut alice = p.initiate(config);
+    let m: Vec<Vec<u8>> = (0..12u8)
+        .map(|i| alice.encrypt(&mut p.rng, &[i]).unwrap())
+        .collect();
+    // n = 6 with Nr = 0 is beyond max_skip = 5.
+    assert_eq!(p.accept(&m[6], config).unwrap_err(), Error::TooManySkipped);
+    // n = 5 is allowed: 5 keys derived, only the newest 3 kept.
+    let (mut bob, pt) = p.accept(&m[5], config).unwrap();
+    assert_eq!(pt, [5]);
+    assert_eq!(bob.skipped_message_keys(), 3);
+    assert_eq!(bob.decrypt(&m[0]).unwrap_err(), Error::Duplicate, "evicted");
+    assert_eq!(bob.decrypt(&m[1]).unwrap_err(), Error::Duplicate, "evicted");
+    for i in 2..5 {
+        assert_eq!(bob.decrypt(&m[i]).unwrap(), [i as u8]);
+    }
+    assert_eq!(bob.skipped_message_keys(), 0);
+    assert_eq!(bob.config(), config);
+    // The limits survive serialization.
+    let restored = Session::from_bytes(&bob.to_bytes()).unwrap();
+    assert_eq!(restored.config(), config);
+}
+
+#[test]
+fn retired_signed_prekey_still_accepts_until_forgotten() {
+    let mut p = pair(5, 0);
+    let mut alice = p.initiate(SessionConfig::default());
+    let late = alice.encrypt(&mut p.rng, b"late").unwrap();
+    let (rng, bob) = (&mut p.rng, &p.bob);
+    p.bob_prekeys.rotate_signed_prekey(rng, bob, NOW + 86_400);
+    let mut check = p.bob_prekeys.clone();
+    assert_eq!(
+        check
+            .accept(
+                &p.bob,
+                &Incoming::decode(&late).unwrap(),
+                SessionConfig::default()
+            )
+            .unwrap()
+            .plaintext,
+        b"late"
+    );
+    p.bob_prekeys.forget_retired_before(NOW + 1);
+    assert_eq!(
+        p.accept(&late, SessionConfig::default()).unwrap_err(),
+        Error::UnknownPrekey
+    );
+}
+
+#[test]
+fn failed_decrypt_leaves_state_and_buffer_unchanged() {
+    let mut p = pair(6, 1);
+    let mut alice = p.initiate(SessionConfig::default());
+    let m0 = alice.encrypt(&mut p.rng, b"zero").unwrap();
+    let m1 = alice.encrypt(&mut p.rng, b"one").unwrap();
+    let m2 = alice.encrypt(&mut p.rng, b"two").unwrap();
+    let (mut bob, _) = p.accept(&m2, SessionConfig::default()).unwrap();
+    let before = bob.to_bytes();
+    let mut out = b"prefix".to_vec();
+    let mut bad = m1.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    let incoming = Incoming::decode(&bad).unwrap();
+    assert_eq!(
+        bob.decrypt_incoming(&incoming, &mut out).unwrap_err(),
+        Error::Auth
+    );
+    assert_eq!(out, b"prefix");
+    assert_eq!(*bob.to_bytes(), *before);
+    // The real messages still decrypt afterwards, into the caller's buffer.
+    bob.decrypt_incoming(&Incoming::decode(&m1).unwrap(), &mut out)
+        .unwrap();
+    assert_eq!(out, b"prefixone");
+    assert_eq!(bob.decrypt(&m0).unwrap(), b"zero");
+}
+
+#[test]
+fn encrypt_into_appends() {
+    let mut p = pair(7, 0);
+    let mut alice = p.initiate(SessionConfig::default());
+    let mut buf = vec![0xAA; 3];
+    alice.encrypt_into(&mut p.rng, b"hello", &mut buf).unwrap();
+    assert_eq!(&buf[..3], &[0xAA; 3]);
+    let (_, pt) = p.accept(&buf[3..], SessionConfig::default()).unwrap();
+    assert_eq!(pt, b"hello");
+}
+
+#[test]
+fn state_decoding_rejects_every_truncation_and_bad_version() {
+    let mut p = pair(8, 1);
+    let mut alice = p.initiate(SessionConfig::default());
+    let msgs: Vec<Vec<u8>> = (0..4u8)
+        .map(|i| alice.encrypt(&mut p.rng, &[i]).unwrap())
+        .collect();
+    let (bob, _) = p.accept(&msgs[3], SessionConfig::default()).unwrap();
+    for session in [&alice, &bob] {
+        let bytes = session.to_bytes();
+        assert_eq!(*Session::from_bytes(&bytes).unwrap().to_bytes(), *bytes);
+        for len in 0..bytes.len() {
+            assert!(
+                matches!(Session::from_bytes(&bytes[..len]), Err(Error::State(_))),
+                "truncated to {len}"
+            );
+        }
+        let mut longer = bytes.to_vec();
+        longer.push(0);
+        assert!(matches!(Session::from_bytes(&longer), Err(Error::State(_))));
+        let mut v2 = bytes.to_vec();
+        v2[0] = 2;
+        assert_eq!(
+            Session::from_bytes(&v2).unwrap_err(),
+            Error::State("state version")
+        );
+    }
+}
+
+#[test]
+fn debug_output_holds_no_secrets() {
+    let mut p = pair(9, 1);
+    let seed_hex = hex::encode(*p.alice.seed());
+    let spk = p.bob_prekeys.current_signed_prekey().clone();
+    let spk_hex = hex::encode(*spk.secret_bytes());
+    let mut alice = p.initiate(SessionConfig::default());
+    let m = alice.encrypt(&mut p.rng, b"secret plaintext").unwrap();
+    let accepted = p
+        .bob_prekeys
+        .clone()
+        .accept(
+            &p.bob,
+            &Incoming::decode(&m).unwrap(),
+            SessionConfig::default(),
+        )
+        .unwrap();
+    let state_hex = hex::encode(&*alice.to_bytes());
+    let printed = format!(
+        "{:?} {:?} {:?} {:?} {:?} {:?}",
+        p.alice, spk, p.bob_prekeys, alice, accepted, p.bob
+    );
+    assert!(!printed.contains(&seed_hex));
+    assert!(!printed.contains(&spk_hex));
+    assert!(!printed.contains("secret plaintext"));
+    assert!(
+        !printed.to_lowercase().contains(&state_hex[100..164]),
+        "no state bytes"
+    );
+    for b in [&seed_hex[..16], &spk_hex[..16]] {
+        assert!(!printed.contains(b));
+    }
+}
+
+#[test]
+fn identity_key_round_trip_and_seed() {
+    let mut rng = ChaCha20Rng::seed_from_u64(10);
+    let id = IdentityKeyPair::generate(&mut rng);
+    let again = IdentityKeyPair::from_seed(&id.seed());
+    assert_eq!(id.public(), again.public());
+    let parsed = cubbyhole::IdentityKey::from_bytes(id.public().as_bytes()).unwrap();
+    assert_eq!(&parsed, id.public());
+    assert_eq!(parsed.x25519_bytes(), id.public().x25519_bytes());
+}
