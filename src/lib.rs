@@ -87,6 +87,11 @@ pub use protocol::ratchet::SessionConfig;
 pub use protocol::session::{Accepted, PrekeyLookup, Role, Session};
 pub use protocol::wire::{Header, Incoming, PrekeyFields};
 
+/// Runs the README's example as a doctest.
+#[cfg(all(doctest, feature = "std"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// The operating system's random number generator (feature `std`).
 #[cfg(feature = "std")]
 pub use rand_core::OsRng;
