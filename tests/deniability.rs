@@ -42,7 +42,10 @@ fn responder_fabricates_a_transcript_from_the_initiator() {
 
     // Bob's ordinary receive path accepts it as a session with Alice.
     let incoming = Incoming::decode(&m1).unwrap();
-    assert_eq!(incoming.prekey().unwrap().identity, alice_public);
+    assert_eq!(
+        &incoming.prekey().unwrap().identity,
+        alice_public.as_bytes()
+    );
     let accepted = bob_prekeys
         .accept(&bob, &incoming, SessionConfig::default())
         .expect("Bob's session accepts the fabricated prekey message");

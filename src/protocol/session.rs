@@ -104,7 +104,8 @@ impl Session {
 
     /// Creates the responder's session from a first prekey message.
     ///
-    /// Checks, in the profile's order: the named signed prekey is held
+    /// Checks, in the profile's order: IK_A is a valid identity key
+    /// (`InvalidKey`), the named signed prekey is held
     /// (`UnknownPrekey`), the named one-time prekey is held
     /// (`UnknownPrekey`), each X3DH DH is contributory (`InvalidKey`), then
     /// the ratchet checks and the AEAD. Nothing is consumed on failure; on
@@ -126,6 +127,7 @@ impl Session {
         let fields = message
             .prekey()
             .ok_or(Error::Decode("not a prekey message"))?;
+        let initiator = IdentityKey::from_array(&fields.identity)?;
         let spk = prekeys
             .signed_prekey(fields.signed_prekey_id)
             .ok_or(Error::UnknownPrekey)?;
@@ -137,7 +139,7 @@ impl Session {
             identity,
             spk.secret(),
             opk.map(|k| k.secret()),
-            &fields.identity,
+            &initiator,
             &fields.ephemeral,
         )?;
         let ratchet = Ratchet::responder(
@@ -151,7 +153,7 @@ impl Session {
         let mut session = Session {
             role: Role::Responder,
             local: *identity.public(),
-            remote: fields.identity,
+            remote: initiator,
             ephemeral: fields.ephemeral,
             pending_prekey: None,
             ratchet,
@@ -210,7 +212,7 @@ impl Session {
         match message.prekey() {
             Some(fields) => {
                 self.role == Role::Responder
-                    && fields.identity == self.remote
+                    && fields.identity == *self.remote.as_bytes()
                     && fields.ephemeral == self.ephemeral
             }
             None => true,
@@ -261,7 +263,7 @@ impl Session {
             Some((signed_prekey_id, one_time_prekey_id)) => {
                 out.push(KIND_PREKEY);
                 PrekeyFields {
-                    identity: self.local,
+                    identity: *self.local.as_bytes(),
                     ephemeral: self.ephemeral,
                     signed_prekey_id,
                     one_time_prekey_id,

@@ -12,7 +12,6 @@
 //! appended or cut still decodes (and later fails authentication).
 
 use crate::error::{Error, Result};
-use crate::protocol::keys::IdentityKey;
 
 /// Protocol version byte of cubbyhole/v1.
 pub const VERSION: u8 = 0x01;
@@ -107,8 +106,11 @@ impl Header {
 /// The X3DH fields of a prekey message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrekeyFields {
-    /// The initiator's identity key (IK_A).
-    pub identity: IdentityKey,
+    /// The initiator's identity key (IK_A), as received. It is validated
+    /// only when it would start a new session (profile order of checks: a
+    /// repeat is matched against an existing session by its bytes first),
+    /// which spares a point decompression per repeated prekey message.
+    pub identity: [u8; 32],
     /// The initiator's ephemeral key (EK_A).
     pub ephemeral: [u8; 32],
     /// Id of the responder's signed prekey that was used.
@@ -119,7 +121,7 @@ pub struct PrekeyFields {
 
 impl PrekeyFields {
     pub(crate) fn write(&self, out: &mut alloc::vec::Vec<u8>) {
-        out.extend_from_slice(self.identity.as_bytes());
+        out.extend_from_slice(&self.identity);
         out.extend_from_slice(&self.ephemeral);
         out.extend_from_slice(&self.signed_prekey_id.to_be_bytes());
         match self.one_time_prekey_id {
@@ -144,13 +146,12 @@ pub struct Incoming<'a> {
 impl<'a> Incoming<'a> {
     /// Decodes a message or prekey message.
     ///
-    /// For a prekey message the initiator's identity key is validated after
-    /// the whole structure decodes (profile order of checks).
+    /// Only the structure is checked here; the initiator's identity key in
+    /// a prekey message is validated by [`crate::Session::accept`].
     ///
     /// # Errors
     /// [`Error::Decode`] for an unknown version or kind, a truncated field or
-    /// a message shorter than header and tag; [`Error::InvalidKey`] for an
-    /// invalid IK_A in a prekey message.
+    /// a message shorter than header and tag.
     pub fn decode(raw: &'a [u8]) -> Result<Self> {
         let mut r = Reader::new(raw);
         if r.u8("version")? != VERSION {
@@ -181,7 +182,7 @@ impl<'a> Incoming<'a> {
             None => None,
             Some((identity, ephemeral, signed_prekey_id, one_time_prekey_id)) => {
                 Some(PrekeyFields {
-                    identity: IdentityKey::from_array(&identity)?,
+                    identity,
                     ephemeral,
                     signed_prekey_id,
                     one_time_prekey_id,
