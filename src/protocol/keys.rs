@@ -61,10 +61,14 @@ impl IdentityKey {
     }
 
     pub(crate) fn from_array(bytes: &[u8; 32]) -> Result<Self> {
+        // Canonical encoding: y < p = 2^255 - 19. (A set sign bit with x = 0
+        // only occurs for y = 1 or y = -1, points of small order, rejected
+        // below.) This byte check spares re-encoding the point.
+        if y_at_least_p(bytes) {
+            return Err(Error::InvalidKey);
+        }
         let ed25519 = VerifyingKey::from_bytes(bytes).map_err(|_| Error::InvalidKey)?;
-        // Canonical encoding: re-encoding the decoded point must give the input
-        // back (this rejects y >= p and a set sign bit on x = 0).
-        if ed25519.to_edwards().compress().as_bytes() != bytes || ed25519.is_weak() {
+        if ed25519.is_weak() {
             return Err(Error::InvalidKey);
         }
         Ok(IdentityKey {
@@ -112,6 +116,12 @@ impl fmt::Debug for IdentityKey {
         }
         write!(f, ")")
     }
+}
+
+/// Whether the little-endian y-coordinate in `bytes` (sign bit masked) is
+/// at least p = 2^255 - 19, that is, not canonically encoded.
+fn y_at_least_p(bytes: &[u8; 32]) -> bool {
+    bytes[31] & 0x7f == 0x7f && bytes[1..31].iter().all(|b| *b == 0xff) && bytes[0] >= 0xed
 }
 
 /// A device's own identity key pair: an Ed25519 signing key, and its X25519
@@ -338,5 +348,40 @@ impl KeyPair {
     pub(crate) fn from_secret(secret: StaticSecret) -> Self {
         let public = XPublic::from(&secret).to_bytes();
         KeyPair { secret, public }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_y_boundary() {
+        let mut p_minus_1 = [0xffu8; 32];
+        p_minus_1[0] = 0xec;
+        p_minus_1[31] = 0x7f;
+        assert!(!y_at_least_p(&p_minus_1));
+        let mut p = p_minus_1;
+        p[0] = 0xed;
+        assert!(y_at_least_p(&p));
+        let mut max = p;
+        max[0] = 0xff;
+        assert!(y_at_least_p(&max));
+        // The sign bit does not take part.
+        let mut p_signed = p;
+        p_signed[31] = 0xff;
+        assert!(y_at_least_p(&p_signed));
+        let mut low = p;
+        low[17] = 0xfe;
+        assert!(!y_at_least_p(&low));
+    }
+
+    #[test]
+    fn x25519_form_matches_the_ed25519_form() {
+        // The X25519 public key computed from the clamped SHA-512(seed) half
+        // equals the Montgomery form of the Ed25519 public key.
+        let pair = IdentityKeyPair::from_seed(&[42; 32]);
+        let from_secret = XPublic::from(pair.x25519_secret()).to_bytes();
+        assert_eq!(&from_secret, pair.public().x25519_bytes());
     }
 }

@@ -27,6 +27,7 @@ use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use rand_core::CryptoRngCore;
 use sha2::Sha256;
+use x25519_dalek::StaticSecret;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::error::{Error, Result};
@@ -34,6 +35,10 @@ use crate::protocol::keys::{dh, KeyPair};
 use crate::protocol::wire::Header;
 
 const ROOT_INFO: &[u8] = b"cubbyhole/v1 root";
+/// A fixed X25519 scalar used only to test whether a peer's ratchet key is
+/// of small order (the result is all-zero exactly then, whatever the
+/// clamped scalar) when there is no ratchet secret to use.
+const CONTRIBUTORY_PROBE: [u8; 32] = [0x5a; 32];
 const MESSAGE_INFO: &[u8] = b"cubbyhole/v1 message";
 
 /// Limits on skipped message keys.
@@ -260,10 +265,14 @@ impl SkippedKeys {
 #[derive(Clone)]
 pub(crate) struct Ratchet {
     pub(crate) root: RootKey,
-    /// Our current ratchet key pair (the responder starts with its signed
-    /// prekey). When `sending` is `None`, a new pair is due before the next
-    /// send.
-    pub(crate) dhs: KeyPair,
+    /// Our ratchet key pair while it is needed: the pair of the current
+    /// sending chain, or, for a responder before its first message, the
+    /// signed prekey. It is dropped at a DH ratchet step: the next pair is
+    /// generated just before the next send, and until then no legitimate
+    /// message can carry a new ratchet key (the peer has not seen ours).
+    /// So no copy of the signed prekey outlives the session's first message,
+    /// and no old ratchet secret waits for our next send.
+    pub(crate) dhs: Option<KeyPair>,
     /// The peer's current ratchet key (`None` only for a responder before
     /// its first message).
     pub(crate) dhr: Option<[u8; 32]>,
@@ -309,7 +318,7 @@ impl Ratchet {
             RootKey(*shared_secret).step(&*dh(&dhs.secret, &their_signed_prekey)?);
         Ok(Ratchet {
             root,
-            dhs,
+            dhs: Some(dhs),
             dhr: Some(their_signed_prekey),
             sending: Some(sending),
             ns: 0,
@@ -329,7 +338,7 @@ impl Ratchet {
     ) -> Self {
         Ratchet {
             root: RootKey(*shared_secret),
-            dhs: signed_prekey,
+            dhs: Some(signed_prekey),
             dhr: None,
             sending: None,
             ns: 0,
@@ -351,20 +360,26 @@ impl Ratchet {
         if self.ns == u32::MAX {
             return Err(Error::CounterExhausted);
         }
-        let chain = match self.sending.take() {
-            Some(chain) => chain,
-            None => {
+        let (mk, next, ratchet_key) = match (&self.sending, &self.dhs) {
+            (Some(chain), Some(dhs)) => {
+                let (mk, next) = chain.step();
+                (mk, next, dhs.public)
+            }
+            _ => {
+                // The sending half of a DH ratchet step, due since the last
+                // step (or, for a responder, since its session began).
                 let dhr = self.dhr.ok_or(Error::State("no remote ratchet key"))?;
                 let dhs = KeyPair::generate(rng);
                 let (root, chain) = self.root.step(&*dh(&dhs.secret, &dhr)?);
+                let (mk, next) = chain.step();
+                let public = dhs.public;
                 self.root = root;
-                self.dhs = dhs;
-                chain
+                self.dhs = Some(dhs);
+                (mk, next, public)
             }
         };
-        let (mk, next) = chain.step();
         let header = Header {
-            ratchet_key: self.dhs.public,
+            ratchet_key,
             pn: self.pn,
             n: self.ns,
         };
@@ -401,10 +416,20 @@ impl Ratchet {
         if u64::from(header.pn) > u64::from(self.nr) + max_skip {
             return Err(Error::TooManySkipped);
         }
-        let dh_out = dh(&self.dhs.secret, key)?;
+        let dh_out = match &self.dhs {
+            Some(dhs) => Some(dh(&dhs.secret, key)?),
+            None => {
+                // Our next key pair does not exist yet, so the peer cannot
+                // have answered it: this message is not authentic. Keep the
+                // profile's order of checks: contributory, then n, then auth.
+                dh(&StaticSecret::from(CONTRIBUTORY_PROBE), key)?;
+                None
+            }
+        };
         if u64::from(n) > max_skip {
             return Err(Error::TooManySkipped);
         }
+        let dh_out = dh_out.ok_or(Error::Auth)?;
         if n == u32::MAX {
             return Err(Error::CounterExhausted);
         }
@@ -472,6 +497,7 @@ impl Ratchet {
                 self.dhr = Some(header.ratchet_key);
                 self.receiving = Some(next);
                 self.nr = header.n + 1;
+                self.dhs = None;
                 if self.sending.take().is_some() {
                     self.pn = self.ns;
                     self.ns = 0;

@@ -11,10 +11,11 @@
 //!               bit 2: receiving chain present
 //!               bit 3: initiator still sends prekey messages
 //!               bit 4: ... and they name a one-time prekey
+//!               bit 5: our ratchet key pair present
 //! local identity (32) || remote identity (32) || ephemeral EK_A (32)
 //! [spk_id (4) [|| opk_id (4)]]                  if bit 3 [and bit 4]
 //! root key (32)
-//! our ratchet secret (32) || our ratchet public (32)
+//! our ratchet secret (32) || our ratchet public (32)   if bit 5
 //! remote ratchet key (32)                       if bit 0
 //! sending chain key (32)                        if bit 1
 //! ns (4) || pn (4)
@@ -51,6 +52,7 @@ const HAS_SENDING: u8 = 2;
 const HAS_RECEIVING: u8 = 4;
 const PENDING_PREKEY: u8 = 8;
 const PENDING_OPK: u8 = 16;
+const HAS_DHS: u8 = 32;
 
 pub(crate) fn encode(s: &Session) -> Zeroizing<Vec<u8>> {
     let r = &s.ratchet;
@@ -60,6 +62,9 @@ pub(crate) fn encode(s: &Session) -> Zeroizing<Vec<u8>> {
     let mut flags = 0;
     if r.dhr.is_some() {
         flags |= HAS_DHR;
+    }
+    if r.dhs.is_some() {
+        flags |= HAS_DHS;
     }
     if r.sending.is_some() {
         flags |= HAS_SENDING;
@@ -89,8 +94,10 @@ pub(crate) fn encode(s: &Session) -> Zeroizing<Vec<u8>> {
         }
     }
     out.extend_from_slice(&r.root.0);
-    out.extend_from_slice(r.dhs.secret.as_bytes());
-    out.extend_from_slice(&r.dhs.public);
+    if let Some(dhs) = &r.dhs {
+        out.extend_from_slice(dhs.secret.as_bytes());
+        out.extend_from_slice(&dhs.public);
+    }
     if let Some(dhr) = &r.dhr {
         out.extend_from_slice(dhr);
     }
@@ -157,8 +164,10 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Session> {
         _ => return Err(Error::State("state role")),
     };
     let flags = r.u8("state flags")?;
-    if flags & !(HAS_DHR | HAS_SENDING | HAS_RECEIVING | PENDING_PREKEY | PENDING_OPK) != 0
+    if flags & !(HAS_DHR | HAS_SENDING | HAS_RECEIVING | PENDING_PREKEY | PENDING_OPK | HAS_DHS)
+        != 0
         || flags & HAS_DHR == 0
+        || (flags & HAS_SENDING != 0 && flags & HAS_DHS == 0)
         || (flags & PENDING_OPK != 0 && flags & PENDING_PREKEY == 0)
         || (flags & PENDING_PREKEY != 0 && role != Role::Initiator)
     {
@@ -179,9 +188,13 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Session> {
         None
     };
     let root = RootKey(*r.secret("state root key")?);
-    let dhs = KeyPair {
-        secret: StaticSecret::from(*r.secret("state ratchet secret")?),
-        public: r.key("state ratchet public")?,
+    let dhs = if flags & HAS_DHS != 0 {
+        Some(KeyPair {
+            secret: StaticSecret::from(*r.secret("state ratchet secret")?),
+            public: r.key("state ratchet public")?,
+        })
+    } else {
+        None
     };
     let dhr = Some(r.key("state remote ratchet key")?);
     let sending = if flags & HAS_SENDING != 0 {

@@ -158,19 +158,18 @@ impl<'a> Incoming<'a> {
             return Err(Error::Decode("version"));
         }
         let kind = r.u8("kind")?;
-        let prekey_raw = match kind {
+        let prekey = match kind {
             KIND_MESSAGE => None,
-            KIND_PREKEY => {
-                let identity: [u8; 32] = r.array("prekey identity key")?;
-                let ephemeral: [u8; 32] = r.array("prekey ephemeral key")?;
-                let spk = r.u32("prekey signed prekey id")?;
-                let opk = if r.bool("prekey has_opk")? {
+            KIND_PREKEY => Some(PrekeyFields {
+                identity: r.array("prekey identity key")?,
+                ephemeral: r.array("prekey ephemeral key")?,
+                signed_prekey_id: r.u32("prekey signed prekey id")?,
+                one_time_prekey_id: if r.bool("prekey has_opk")? {
                     Some(r.u32("prekey one-time prekey id")?)
                 } else {
                     None
-                };
-                Some((identity, ephemeral, spk, opk))
-            }
+                },
+            }),
             _ => return Err(Error::Decode("kind")),
         };
         let header = Header::read(&mut r)?;
@@ -178,17 +177,6 @@ impl<'a> Incoming<'a> {
             return Err(Error::Decode("tag"));
         }
         let prefix_len = raw.len() - r.remaining();
-        let prekey = match prekey_raw {
-            None => None,
-            Some((identity, ephemeral, signed_prekey_id, one_time_prekey_id)) => {
-                Some(PrekeyFields {
-                    identity,
-                    ephemeral,
-                    signed_prekey_id,
-                    one_time_prekey_id,
-                })
-            }
-        };
         Ok(Incoming {
             raw,
             prefix_len,
