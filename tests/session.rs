@@ -290,3 +290,27 @@ fn identity_key_round_trip_and_seed() {
     assert_eq!(&parsed, id.public());
     assert_eq!(parsed.x25519_bytes(), id.public().x25519_bytes());
 }
+
+#[test]
+fn limits_are_clamped_and_checked_in_stored_state() {
+    let mut p = pair(11, 0);
+    let huge = SessionConfig {
+        max_skip: u32::MAX,
+        max_skipped_keys: u32::MAX,
+    };
+    let alice = p.initiate(huge);
+    assert_eq!(alice.config().max_skip, SessionConfig::LIMIT_MAX_SKIP);
+    assert_eq!(
+        alice.config().max_skipped_keys,
+        SessionConfig::LIMIT_MAX_SKIPPED_KEYS
+    );
+    // A stored state (no skipped keys: it ends with max_skip, max_skipped_keys
+    // and a zero chain count) whose limit was raised is refused.
+    let mut bytes = alice.to_bytes().to_vec();
+    let at = bytes.len() - 12;
+    bytes[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert_eq!(
+        Session::from_bytes(&bytes).unwrap_err(),
+        Error::State("state limits")
+    );
+}

@@ -41,7 +41,9 @@ const ROOT_INFO: &[u8] = b"cubbyhole/v1 root";
 const CONTRIBUTORY_PROBE: [u8; 32] = [0x5a; 32];
 const MESSAGE_INFO: &[u8] = b"cubbyhole/v1 message";
 
-/// Limits on skipped message keys.
+/// Limits on skipped message keys. Values above the hard maxima
+/// ([`Self::LIMIT_MAX_SKIP`], [`Self::LIMIT_MAX_SKIPPED_KEYS`]) are clamped
+/// when a session is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SessionConfig {
     /// How many message keys may be derived ahead in one chain for one
@@ -58,6 +60,20 @@ impl SessionConfig {
     pub const DEFAULT_MAX_SKIP: u32 = 1000;
     /// The profile's per-session cap on stored skipped keys.
     pub const DEFAULT_MAX_SKIPPED_KEYS: u32 = 2000;
+    /// The largest `max_skip` a session accepts; larger values are clamped
+    /// to it (one message may cost `max_skip` HMACs and 36 bytes each).
+    pub const LIMIT_MAX_SKIP: u32 = 100_000;
+    /// The largest `max_skipped_keys` a session accepts; larger values are
+    /// clamped to it (36 bytes of memory per stored key).
+    pub const LIMIT_MAX_SKIPPED_KEYS: u32 = 1_000_000;
+
+    /// The configuration with both limits clamped to the hard maxima.
+    pub fn clamped(self) -> Self {
+        SessionConfig {
+            max_skip: self.max_skip.min(Self::LIMIT_MAX_SKIP),
+            max_skipped_keys: self.max_skipped_keys.min(Self::LIMIT_MAX_SKIPPED_KEYS),
+        }
+    }
 }
 
 impl Default for SessionConfig {
@@ -326,7 +342,7 @@ impl Ratchet {
             receiving: None,
             nr: 0,
             skipped: SkippedKeys::default(),
-            config,
+            config: config.clamped(),
         })
     }
 
@@ -346,7 +362,7 @@ impl Ratchet {
             receiving: None,
             nr: 0,
             skipped: SkippedKeys::default(),
-            config,
+            config: config.clamped(),
         }
     }
 

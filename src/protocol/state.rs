@@ -28,7 +28,10 @@
 //!
 //! Decoding checks every length against the remaining input before it
 //! allocates, rejects unknown versions, flags, trailing bytes, empty or
-//! repeated chains, unsorted counters and more stored keys than the cap.
+//! repeated chains, unsorted counters, more stored keys than the cap, and
+//! limits above [`SessionConfig::LIMIT_MAX_SKIP`] and
+//! [`SessionConfig::LIMIT_MAX_SKIPPED_KEYS`] (a corrupted state must not turn
+//! one message into an unbounded amount of work).
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
@@ -214,6 +217,9 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Session> {
         max_skip: r.u32("state max_skip")?,
         max_skipped_keys: r.u32("state max_skipped_keys")?,
     };
+    if config != config.clamped() {
+        return Err(Error::State("state limits"));
+    }
     let chain_count = r.u32("state chain count")? as usize;
     if chain_count > config.max_skipped_keys as usize {
         return Err(Error::State("state chain count"));
