@@ -94,6 +94,16 @@ impl PrekeyStore {
         self.one_time.remove(&id).is_some()
     }
 
+    /// The current signed prekey, then the retained ones (oldest first).
+    pub fn signed_prekeys(&self) -> impl Iterator<Item = &SignedPrekey> {
+        core::iter::once(&self.current).chain(self.retired.iter())
+    }
+
+    /// The unused one-time prekeys, by id.
+    pub fn one_time_prekeys(&self) -> impl Iterator<Item = &OneTimePrekey> {
+        self.one_time.values()
+    }
+
     /// Number of unused one-time prekeys.
     pub fn one_time_prekey_count(&self) -> usize {
         self.one_time.len()

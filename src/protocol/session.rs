@@ -113,7 +113,11 @@ impl Session {
     ///
     /// The caller must first check that no existing session matches the
     /// message ([`Session::matches`]): a repeated prekey message goes to
-    /// [`Session::decrypt`] of the session it created.
+    /// [`Session::decrypt`] of the session it created. This routing is what
+    /// detects replays of prekey messages: given to `accept` again, a prekey
+    /// message without a one-time prekey would start a second session and
+    /// yield its plaintext a second time. Keep sessions findable by
+    /// (IK_A, EK_A) for as long as the signed prekey they used is held.
     ///
     /// # Errors
     /// [`Error::Decode`] if `message` is not a prekey message, and the errors
