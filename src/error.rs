@@ -28,6 +28,8 @@ pub enum Error {
     /// A key that is not canonically encoded, is of small order, or a
     /// Diffie-Hellman result that is not contributory.
     InvalidKey,
+    /// The plaintext is longer than AES-GCM can encrypt (2^36 - 32 bytes).
+    PlaintextTooLong,
     /// A prekey message that belongs to a different session (other initiator
     /// identity or ephemeral key) was given to this session.
     SessionMismatch,
@@ -60,7 +62,10 @@ impl Error {
             Error::StaleBundle => "stale_bundle",
             Error::TooManySkipped => "too_many_skipped",
             Error::UnknownPrekey => "unknown_prekey",
-            Error::CounterExhausted | Error::SessionMismatch | Error::State(_) => return None,
+            Error::CounterExhausted
+            | Error::PlaintextTooLong
+            | Error::SessionMismatch
+            | Error::State(_) => return None,
         })
     }
 }
@@ -73,6 +78,7 @@ impl fmt::Display for Error {
             Error::Decode(what) => write!(f, "malformed input: {what}"),
             Error::Duplicate => f.write_str("message already received"),
             Error::InvalidKey => f.write_str("invalid or weak public key"),
+            Error::PlaintextTooLong => f.write_str("plaintext too long"),
             Error::SessionMismatch => f.write_str("prekey message belongs to another session"),
             Error::Signature => f.write_str("signed prekey signature does not verify"),
             Error::StaleBundle => f.write_str("signed prekey is older than allowed"),

@@ -18,6 +18,7 @@
 //! ratchet key the new sending key pair is generated just before the next
 //! send (the profile allows this; the bytes on the wire are the same).
 
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 
@@ -146,23 +147,23 @@ impl ChainKey {
     /// Advances from index `from` to index `to` (`from <= to`), returning
     /// the message keys of `from..to`, the key of `to` and the chain key of
     /// `to + 1`.
-    fn derive(&self, from: u32, to: u32) -> (Vec<(u32, MessageKey)>, MessageKey, ChainKey) {
+    fn derive(&self, from: u32, to: u32) -> (Vec<StoredKey>, MessageKey, ChainKey) {
         let mut skipped = Vec::with_capacity((to - from) as usize);
         let (mut mk, mut ck) = self.step();
         for n in from..to {
-            skipped.push((n, mk));
+            skipped.push((n, Box::new(mk)));
             (mk, ck) = ck.step();
         }
         (skipped, mk, ck)
     }
 
     /// The message keys of `from..until` (empty when `until <= from`).
-    fn skip(&self, from: u32, until: u32) -> Vec<(u32, MessageKey)> {
+    fn skip(&self, from: u32, until: u32) -> Vec<StoredKey> {
         let mut skipped = Vec::with_capacity(until.saturating_sub(from) as usize);
         let mut ck = self.clone();
         for n in from..until {
             let (mk, next) = ck.step();
-            skipped.push((n, mk));
+            skipped.push((n, Box::new(mk)));
             ck = next;
         }
         skipped
@@ -189,7 +190,7 @@ impl MessageKey {
         let cipher = Aes256Gcm::new(key.as_ref().into());
         let tag = cipher
             .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, buf)
-            .map_err(|_| Error::Decode("plaintext too long"))?;
+            .map_err(|_| Error::PlaintextTooLong)?;
         Ok(tag.into())
     }
 
@@ -206,11 +207,16 @@ impl MessageKey {
     }
 }
 
+/// A skipped message key and its `n`. The key is boxed so that moving it
+/// between collections (growth, shifts on removal) moves a pointer, never a
+/// copy of the key: the one heap copy is zeroized when it drops.
+pub(crate) type StoredKey = (u32, Box<MessageKey>);
+
 /// Skipped message keys of one receiving chain, in increasing `n`.
 #[derive(Clone)]
 pub(crate) struct SkippedChain {
     pub(crate) ratchet_key: [u8; 32],
-    pub(crate) keys: VecDeque<(u32, MessageKey)>,
+    pub(crate) keys: VecDeque<StoredKey>,
 }
 
 /// All skipped message keys of a session, oldest first. Keys are stored
@@ -249,7 +255,7 @@ impl SkippedKeys {
         }
     }
 
-    fn append(&mut self, ratchet_key: &[u8; 32], keys: Vec<(u32, MessageKey)>) {
+    fn append(&mut self, ratchet_key: &[u8; 32], keys: Vec<StoredKey>) {
         if keys.is_empty() {
             return;
         }
@@ -307,15 +313,15 @@ enum Plan {
     Stored(usize, usize),
     /// A message in the current receiving chain.
     Current {
-        skipped: Vec<(u32, MessageKey)>,
+        skipped: Vec<StoredKey>,
         mk: MessageKey,
         next: ChainKey,
     },
     /// A message with a new ratchet key: a DH ratchet step.
     NewChain {
-        old_skipped: Vec<(u32, MessageKey)>,
+        old_skipped: Vec<StoredKey>,
         root: RootKey,
-        skipped: Vec<(u32, MessageKey)>,
+        skipped: Vec<StoredKey>,
         mk: MessageKey,
         next: ChainKey,
     },

@@ -240,7 +240,7 @@ impl Session {
     ///
     /// # Errors
     /// [`Error::CounterExhausted`] after 2^32 - 1 messages in one chain,
-    /// [`Error::Decode`] for a plaintext longer than AES-GCM allows.
+    /// [`Error::PlaintextTooLong`] for a plaintext longer than AES-GCM allows.
     pub fn encrypt_into(
         &mut self,
         rng: &mut impl CryptoRngCore,
@@ -257,7 +257,7 @@ impl Session {
         out: &mut Vec<u8>,
     ) -> Result<MessageKey> {
         if plaintext.len() as u64 > MAX_PLAINTEXT {
-            return Err(Error::Decode("plaintext too long"));
+            return Err(Error::PlaintextTooLong);
         }
         let (header, mk) = self.ratchet.next_sending_key(rng)?;
         let start = out.len();

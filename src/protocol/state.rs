@@ -33,7 +33,8 @@
 //! [`SessionConfig::LIMIT_MAX_SKIPPED_KEYS`] (a corrupted state must not turn
 //! one message into an unbounded amount of work).
 
-use alloc::collections::VecDeque;
+use alloc::boxed::Box;
+use alloc::collections::{BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
 use x25519_dalek::StaticSecret;
@@ -225,13 +226,14 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Session> {
         return Err(Error::State("state chain count"));
     }
     let mut skipped = SkippedKeys::default();
+    let mut seen_chains = BTreeSet::new();
     for _ in 0..chain_count {
         let ratchet_key = r.key("state skipped chain key")?;
         let count = r.u32("state skipped key count")? as usize;
         if count == 0
             || skipped.len + count > config.max_skipped_keys as usize
             || count > r.0.remaining() / 36
-            || skipped.chains.iter().any(|c| c.ratchet_key == ratchet_key)
+            || !seen_chains.insert(ratchet_key)
         {
             return Err(Error::State("state skipped key count"));
         }
@@ -243,7 +245,10 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Session> {
                 return Err(Error::State("state skipped key order"));
             }
             last = Some(n);
-            keys.push_back((n, MessageKey(*r.secret("state skipped message key")?)));
+            keys.push_back((
+                n,
+                Box::new(MessageKey(*r.secret("state skipped message key")?)),
+            ));
         }
         skipped.len += count;
         skipped.chains.push_back(SkippedChain { ratchet_key, keys });
