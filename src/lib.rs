@@ -77,6 +77,15 @@ extern crate alloc;
 pub mod error;
 pub mod protocol;
 
+#[cfg(feature = "std")]
+pub mod client;
+#[cfg(feature = "std")]
+pub mod relay;
+#[cfg(feature = "std")]
+pub mod storage;
+#[cfg(feature = "std")]
+pub mod transport;
+
 pub use error::{Error, Result};
 pub use protocol::bundle::{self, FreshnessPolicy, PrekeyBundle, VerifiedBundle};
 pub use protocol::fingerprint::{Fingerprint, SafetyNumber};

@@ -253,6 +253,24 @@ impl SignedPrekey {
         }
     }
 
+    /// Rebuilds a signed prekey from stored parts, without recomputing
+    /// (the caller's storage must be authenticated).
+    pub(crate) fn from_parts(
+        id: u32,
+        created: u64,
+        secret: [u8; 32],
+        public: [u8; 32],
+        signature: [u8; 64],
+    ) -> Self {
+        SignedPrekey {
+            id,
+            created,
+            secret: StaticSecret::from(secret),
+            public,
+            signature,
+        }
+    }
+
     /// The prekey id.
     pub fn id(&self) -> u32 {
         self.id
@@ -307,6 +325,15 @@ impl OneTimePrekey {
         let secret = StaticSecret::from(secret);
         let public = XPublic::from(&secret).to_bytes();
         OneTimePrekey { id, secret, public }
+    }
+
+    /// Rebuilds a one-time prekey from stored parts, without recomputing.
+    pub(crate) fn from_parts(id: u32, secret: [u8; 32], public: [u8; 32]) -> Self {
+        OneTimePrekey {
+            id,
+            secret: StaticSecret::from(secret),
+            public,
+        }
     }
 
     /// The prekey id.

@@ -15,7 +15,8 @@ use crate::protocol::bundle::PrekeyBundle;
 use crate::protocol::keys::{IdentityKeyPair, OneTimePrekey, SignedPrekey};
 use crate::protocol::ratchet::SessionConfig;
 use crate::protocol::session::{Accepted, PrekeyLookup, Session};
-use crate::protocol::wire::Incoming;
+use crate::protocol::wire::{Incoming, Reader};
+use zeroize::Zeroizing;
 
 /// A device's private prekeys.
 #[derive(Clone, Debug)]
@@ -132,6 +133,91 @@ impl PrekeyStore {
             }
         }
         Ok(accepted)
+    }
+}
+
+const PREKEYS_VERSION: u8 = 1;
+
+impl PrekeyStore {
+    /// Serializes the set (secret keys included: store it encrypted).
+    ///
+    /// ```text
+    /// 0x01 || next_one_time_id (4) || signed count (4, >= 1: current first)
+    ///   || signed count x (id 4 || created 8 || secret 32 || public 32 || signature 64)
+    ///   || one-time count (4) || one-time count x (id 4 || secret 32 || public 32)
+    /// ```
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(
+            13 + 140 * (1 + self.retired.len()) + 68 * self.one_time.len(),
+        ));
+        out.push(PREKEYS_VERSION);
+        out.extend_from_slice(&self.next_one_time_id.to_be_bytes());
+        out.extend_from_slice(&(1 + self.retired.len() as u32).to_be_bytes());
+        for k in self.signed_prekeys() {
+            out.extend_from_slice(&k.id().to_be_bytes());
+            out.extend_from_slice(&k.created().to_be_bytes());
+            out.extend_from_slice(k.secret().as_bytes());
+            out.extend_from_slice(k.public());
+            out.extend_from_slice(k.signature());
+        }
+        out.extend_from_slice(&(self.one_time.len() as u32).to_be_bytes());
+        for k in self.one_time.values() {
+            out.extend_from_slice(&k.id().to_be_bytes());
+            out.extend_from_slice(k.secret().as_bytes());
+            out.extend_from_slice(k.public());
+        }
+        out
+    }
+
+    /// Restores a set from [`Self::to_bytes`].
+    ///
+    /// # Errors
+    /// [`Error::State`] for malformed input.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let st = |e: Error| match e {
+            Error::Decode(w) => Error::State(w),
+            other => other,
+        };
+        let mut r = Reader::new(bytes);
+        if r.u8("prekeys version").map_err(st)? != PREKEYS_VERSION {
+            return Err(Error::State("prekeys version"));
+        }
+        let next_one_time_id = r.u32("prekeys next id").map_err(st)?;
+        let signed = r.u32("prekeys signed count").map_err(st)? as usize;
+        if signed == 0 || signed > r.remaining() / 140 {
+            return Err(Error::State("prekeys signed count"));
+        }
+        let mut keys = Vec::with_capacity(signed);
+        for _ in 0..signed {
+            let id = r.u32("prekeys signed").map_err(st)?;
+            let created = r.u64("prekeys signed").map_err(st)?;
+            let secret = Zeroizing::new(r.array::<32>("prekeys signed").map_err(st)?);
+            let public = r.array("prekeys signed").map_err(st)?;
+            let signature = r.array("prekeys signed").map_err(st)?;
+            keys.push(SignedPrekey::from_parts(
+                id, created, *secret, public, signature,
+            ));
+        }
+        let count = r.u32("prekeys one-time count").map_err(st)? as usize;
+        if count > r.remaining() / 68 {
+            return Err(Error::State("prekeys one-time count"));
+        }
+        let mut one_time = BTreeMap::new();
+        for _ in 0..count {
+            let id = r.u32("prekeys one-time").map_err(st)?;
+            let secret = Zeroizing::new(r.array::<32>("prekeys one-time").map_err(st)?);
+            let public = r.array("prekeys one-time").map_err(st)?;
+            one_time.insert(id, OneTimePrekey::from_parts(id, *secret, public));
+        }
+        r.finish("prekeys trailing bytes").map_err(st)?;
+        let mut keys = keys.into_iter();
+        let current = keys.next().ok_or(Error::State("prekeys signed count"))?;
+        Ok(PrekeyStore {
+            current,
+            retired: keys.collect(),
+            one_time,
+            next_one_time_id,
+        })
     }
 }
 

@@ -1,0 +1,187 @@
+//! The untrusted side: addresses, envelopes, the prekey directory and the
+//! mailbox, as async, runtime-agnostic traits.
+//!
+//! Nothing here is trusted for confidentiality: the directory and the
+//! mailbox see only what this module encodes, byte for byte, and SPEC.md
+//! ("What the directory and the mailbox learn") lists it. They are trusted
+//! not to let one user harm another, which is why publishing needs a
+//! signature by the device's identity key and fetching or acknowledging a
+//! mailbox needs proof of its owner's key over a fresh, single-use challenge
+//! (see [`crate::relay`] for the rules any relay applies).
+//!
+//! The traits return `impl Future + Send`, so implementations may use any
+//! runtime (or none: the in-process relay answers immediately).
+
+mod codec;
+
+use alloc::vec::Vec;
+use core::fmt;
+use core::future::Future;
+
+use sha2::{Digest, Sha256};
+
+pub use codec::{
+    decode_envelope, encode_envelope, BundleSetUpload, MailboxAuth, MailboxOp, SignedPrekeyRecord,
+    MAILBOX_AUTH_LEN,
+};
+
+use crate::protocol::keys::IdentityKey;
+
+/// A device: its identity key (each device has its own) and a device number
+/// that groups devices of one person. Sessions, peers and mailboxes are
+/// addressed by it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct DeviceAddress {
+    /// The device's identity key bytes (a valid [`IdentityKey`]).
+    pub identity: [u8; 32],
+    /// The device number.
+    pub device_id: u32,
+}
+
+impl DeviceAddress {
+    /// The address of the device with this identity key and number.
+    pub fn new(identity: &IdentityKey, device_id: u32) -> Self {
+        DeviceAddress {
+            identity: *identity.as_bytes(),
+            device_id,
+        }
+    }
+
+    /// The device's mailbox:
+    /// `SHA-256("cubbyhole/v1 mailbox" || identity || device_id)`.
+    pub fn mailbox(&self) -> MailboxId {
+        let digest = Sha256::new()
+            .chain_update(b"cubbyhole/v1 mailbox")
+            .chain_update(self.identity)
+            .chain_update(self.device_id.to_be_bytes())
+            .finalize();
+        MailboxId(digest.into())
+    }
+}
+
+/// The opaque name of a mailbox on a relay (derived from the owner's
+/// device address, so senders can compute it and the relay can check the
+/// owner's proofs).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MailboxId(pub [u8; 32]);
+
+impl fmt::Debug for MailboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MailboxId(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "..)")
+    }
+}
+
+/// The sender-chosen id of an envelope: random, and the same on every retry
+/// of the same deposit, so that a retried deposit lands once.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct EnvelopeId(pub [u8; 16]);
+
+/// An envelope as the mailbox stores it: its id and the opaque payload (a
+/// cubbyhole wire message). The relay learns the recipient mailbox, the id,
+/// the length and the time; for prekey messages the payload also shows the
+/// sender's identity key (the profile's wire format).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Envelope {
+    /// The envelope id.
+    pub id: EnvelopeId,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// Why the untrusted side refused or failed a request. Implementations over
+/// a network map their failures onto these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The request was malformed (the reason names the field).
+    BadRequest(&'static str),
+    /// A signature or mailbox proof did not verify, or the challenge was
+    /// unknown, expired or already used.
+    Unauthorized,
+    /// An upload's counter is not above the last accepted one (a replayed
+    /// or reordered upload).
+    Replayed,
+    /// A bound was hit (the reason names it: envelope size, mailbox full,
+    /// too many one-time prekeys, ...).
+    LimitExceeded(&'static str),
+    /// No bundle is published for that device.
+    NotFound,
+    /// The service could not be reached or failed; the request may be
+    /// retried if it is idempotent.
+    Unavailable(&'static str),
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransportError::BadRequest(why) => write!(f, "bad request: {why}"),
+            TransportError::Unauthorized => f.write_str("unauthorized"),
+            TransportError::Replayed => f.write_str("replayed or outdated upload"),
+            TransportError::LimitExceeded(what) => write!(f, "limit exceeded: {what}"),
+            TransportError::NotFound => f.write_str("not found"),
+            TransportError::Unavailable(why) => write!(f, "unavailable: {why}"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for TransportError {}
+
+/// The prekey directory: where devices publish their bundle sets and
+/// senders fetch bundles.
+pub trait PrekeyDirectory: Send + Sync {
+    /// Publishes or replaces a device's bundle set. The upload is signed by
+    /// the device's identity key and carries a counter above the last one.
+    fn publish(&self, upload: &[u8]) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Fetches a bundle (the profile's bundle encoding) for a device,
+    /// claiming at most one of its one-time prekeys.
+    fn fetch_bundle(
+        &self,
+        device: &DeviceAddress,
+    ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + Send;
+
+    /// How many one-time prekeys the device has left in the directory.
+    fn one_time_prekeys_left(
+        &self,
+        device: &DeviceAddress,
+    ) -> impl Future<Output = Result<u32, TransportError>> + Send;
+}
+
+/// The mailbox: where senders leave envelopes and recipients pick them up.
+pub trait Mailbox: Send + Sync {
+    /// Deposits an encoded envelope for a mailbox. Needs no identity.
+    /// Idempotent: depositing the same envelope id again is accepted and
+    /// stored once.
+    fn deposit(
+        &self,
+        to: &MailboxId,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// A fresh, single-use challenge for proving ownership of a mailbox.
+    fn challenge(
+        &self,
+        mailbox: &MailboxId,
+    ) -> impl Future<Output = Result<[u8; 32], TransportError>> + Send;
+
+    /// Pending envelopes, oldest first, at most `limit`; `auth` must be a
+    /// [`MailboxOp::Fetch`] proof over a fresh challenge.
+    fn fetch(
+        &self,
+        auth: &MailboxAuth,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send;
+
+    /// Deletes envelopes by id; `auth` must be a [`MailboxOp::Acknowledge`]
+    /// proof over a fresh challenge. Unknown ids are ignored.
+    fn acknowledge(
+        &self,
+        auth: &MailboxAuth,
+        ids: &[EnvelopeId],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+}
