@@ -63,6 +63,14 @@ impl PrekeyStore {
             .push(core::mem::replace(&mut self.current, new));
     }
 
+    /// Drops a retired signed prekey by id (the current one is never
+    /// dropped). Returns whether it was held.
+    pub fn remove_retired_signed_prekey(&mut self, id: u32) -> bool {
+        let before = self.retired.len();
+        self.retired.retain(|k| k.id() != id);
+        self.retired.len() != before
+    }
+
     /// Drops retired signed prekeys created before `cutoff` (unix seconds).
     pub fn forget_retired_before(&mut self, cutoff: u64) {
         self.retired.retain(|k| k.created() >= cutoff);

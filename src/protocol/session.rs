@@ -366,6 +366,24 @@ impl Session {
     pub fn skipped_message_keys(&self) -> usize {
         self.ratchet.skipped.len
     }
+    /// The peer's ratchet public keys this session can still decrypt under
+    /// without a DH ratchet step: the current receiving key and the keys of
+    /// chains with stored skipped message keys. A client that is not told
+    /// which session a message belongs to routes it by its header's key.
+    pub fn receiving_ratchet_keys(&self) -> impl Iterator<Item = &[u8; 32]> {
+        self.ratchet
+            .dhr
+            .iter()
+            .chain(self.ratchet.skipped.chains.iter().map(|c| &c.ratchet_key))
+    }
+
+    /// Whether the peer may legitimately answer with a new ratchet key (we
+    /// have a sending chain the peer may have seen). Only such sessions can
+    /// own a message whose ratchet key no session knows yet.
+    pub fn awaits_new_ratchet_key(&self) -> bool {
+        self.ratchet.sending.is_some()
+    }
+
     /// Serializes the session state (see SPEC.md, "Session state encoding").
     /// The bytes contain secret keys: store them encrypted.
     pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
