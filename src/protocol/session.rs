@@ -377,6 +377,17 @@ impl Session {
             .chain(self.ratchet.skipped.chains.iter().map(|c| &c.ratchet_key))
     }
 
+    /// How many messages this session has sent in its current sending chain
+    /// (0 when a DH ratchet step is due before the next send). With a peer
+    /// that never replies, this counts every message ever sent.
+    pub fn sending_chain_length(&self) -> u32 {
+        if self.ratchet.sending.is_some() {
+            self.ratchet.ns
+        } else {
+            0
+        }
+    }
+
     /// Whether the peer may legitimately answer with a new ratchet key (we
     /// have a sending chain the peer may have seen). Only such sessions can
     /// own a message whose ratchet key no session knows yet.
