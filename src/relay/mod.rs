@@ -1,1 +1,727 @@
-//! placeholder
+//! The relay: one implementation of the prekey directory's and the
+//! mailbox's rules, over a pluggable storage backend.
+//!
+//! [`Relay`] is sans-IO like the rest of the crate: every method takes the
+//! current time (`now`, unix seconds) and, where it needs randomness, a
+//! `&mut impl CryptoRngCore`; it never reads a clock or the OS generator.
+//! [`InProcessRelay`] wraps it for use in the same process (tests, demos)
+//! and implements [`PrekeyDirectory`](crate::transport::PrekeyDirectory)
+//! and [`Mailbox`](crate::transport::Mailbox); a network server calls the
+//! same [`Relay`] methods.
+//!
+//! # The rules
+//!
+//! The relay is untrusted for confidentiality (it stores only public keys
+//! and opaque envelopes), but it must not let one user harm another:
+//!
+//! - **Publishing** ([`Relay::publish`]) a device's bundle set requires the
+//!   upload to be signed by the device's identity key
+//!   ([`BundleSetUpload::decode_verified`]: upload signature and signed
+//!   prekey signature, strict Ed25519). The device address contains the
+//!   identity key, so only its holder can write that device's record. The
+//!   upload's counter must be **strictly greater** than the last accepted
+//!   one, so an old upload (or the same one again) is refused with
+//!   [`TransportError::Replayed`]: nobody can roll back a signed prekey or
+//!   re-add one-time prekeys that were already handed out. A client that
+//!   lost the answer to an upload must therefore not resend the same bytes:
+//!   it re-signs with a higher counter (typically replacing the pool).
+//!   An upload either replaces the device's pool of one-time prekeys or adds
+//!   to it (an id already in the pool gets the new key); if the resulting
+//!   pool would exceed [`RelayConfig::max_one_time_prekeys`] the whole
+//!   upload is refused with [`TransportError::LimitExceeded`]
+//!   ([`reason::ONE_TIME_PREKEYS`]) and nothing changes (no silent
+//!   trimming: the device keeps exactly the private keys the relay can hand
+//!   out, and can replace the pool instead). Duplicate one-time prekey ids
+//!   within one upload are a [`TransportError::BadRequest`].
+//! - **Fetching a bundle** ([`Relay::fetch_bundle`]) needs no identity and
+//!   claims at most one one-time prekey (the oldest in the pool), which is
+//!   deleted when claimed, so it is handed out once. A device without a
+//!   record is [`TransportError::NotFound`] (also for
+//!   [`Relay::one_time_prekeys_left`]).
+//! - **Depositing** ([`Relay::deposit`]) needs no identity: senders stay
+//!   anonymous to the relay as far as the wire format allows. It is
+//!   idempotent by envelope id: a repeat of an id still pending, or
+//!   acknowledged within the retention period, is accepted and not stored
+//!   again (the first payload is kept). With
+//!   [`RelayConfig::require_published_mailbox`] (the default), a deposit to
+//!   a mailbox whose device never published is [`TransportError::NotFound`],
+//!   so storage cannot be spread over made-up mailboxes.
+//! - **Fetching and acknowledging** a mailbox ([`Relay::fetch`],
+//!   [`Relay::acknowledge`]) require a [`MailboxAuth`] for that operation:
+//!   its op must match the method, its signature must verify under the
+//!   identity key of the mailbox's owner (the mailbox is derived from the
+//!   owner's address), and its challenge must have been issued by
+//!   [`Relay::challenge`] for that mailbox, be unexpired, and is consumed
+//!   (single use). Any failure is [`TransportError::Unauthorized`]; a proof
+//!   that fails before the challenge check does not consume the challenge.
+//!   Acknowledging deletes the envelopes (unknown ids are ignored) and
+//!   remembers their ids until they would have expired, for idempotent
+//!   redeposits. The relay never parses an envelope's payload.
+//!
+//! # Bounds
+//!
+//! Every bound is a field of [`RelayConfig`] (default after the colon):
+//!
+//! - envelope payload size: 256 KiB ([`reason::ENVELOPE_SIZE`]);
+//! - pending envelopes per mailbox: 10 000
+//!   ([`reason::PENDING_ENVELOPES`]); pending payload bytes per mailbox:
+//!   64 MiB ([`reason::PENDING_BYTES`]);
+//! - one-time prekeys per device: 1 000 ([`reason::ONE_TIME_PREKEYS`]);
+//! - retention: 30 days. An envelope older than it (`now - received >
+//!   retention`) is expired: never returned by a fetch, not counted against
+//!   the mailbox's bounds at the next deposit, deleted by [`Relay::sweep`];
+//! - challenge lifetime: 300 s; outstanding challenges per mailbox: 64
+//!   (issuing one more evicts the oldest, so a stranger requesting
+//!   challenges cannot lock the owner out; they can only race it);
+//! - envelopes per fetch: 1 000, payload bytes per fetch: 8 MiB; ids per
+//!   acknowledgment: 1 000 ([`reason::ACKNOWLEDGE_IDS`]).
+//!
+//! These bound each device and mailbox; they do not bound the relay's total
+//! storage or work. Anonymous requests (deposits, bundle fetches, which
+//! drain one-time prekeys, challenges) are for the network server in front
+//! of the relay to rate-limit.
+
+mod in_process;
+mod memory;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::string::String;
+use std::vec::Vec;
+
+use rand_core::CryptoRngCore;
+
+pub use in_process::{Clock, InProcessRelay};
+pub use memory::MemoryRelayStorage;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteRelayStorage;
+
+use crate::protocol::bundle::BUNDLE_LEN_WITH_OPK;
+use crate::protocol::wire::VERSION;
+use crate::transport::{
+    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxId, MailboxOp,
+    SignedPrekeyRecord, TransportError,
+};
+
+/// The reasons carried by [`TransportError::LimitExceeded`] from a relay.
+pub mod reason {
+    /// An envelope's payload is larger than
+    /// [`RelayConfig::max_envelope_bytes`](super::RelayConfig::max_envelope_bytes).
+    pub const ENVELOPE_SIZE: &str = "envelope size";
+    /// The mailbox holds
+    /// [`RelayConfig::max_pending_envelopes`](super::RelayConfig::max_pending_envelopes)
+    /// envelopes.
+    pub const PENDING_ENVELOPES: &str = "pending envelopes per mailbox";
+    /// The envelope would take the mailbox over
+    /// [`RelayConfig::max_pending_bytes`](super::RelayConfig::max_pending_bytes).
+    pub const PENDING_BYTES: &str = "pending bytes per mailbox";
+    /// The upload would leave the device with more than
+    /// [`RelayConfig::max_one_time_prekeys`](super::RelayConfig::max_one_time_prekeys).
+    pub const ONE_TIME_PREKEYS: &str = "one-time prekeys per device";
+    /// An acknowledgment lists more than
+    /// [`RelayConfig::max_acknowledge_ids`](super::RelayConfig::max_acknowledge_ids).
+    pub const ACKNOWLEDGE_IDS: &str = "ids per acknowledgment";
+}
+
+/// The relay's bounds. Every field is public; [`Default`] gives the values
+/// documented on each field (and in the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Largest envelope payload accepted, in bytes (the envelope id is not
+    /// counted). Default 256 KiB (262 144).
+    pub max_envelope_bytes: u32,
+    /// Most envelopes pending in one mailbox. Default 10 000.
+    pub max_pending_envelopes: u32,
+    /// Most payload bytes pending in one mailbox. Default 64 MiB.
+    pub max_pending_bytes: u64,
+    /// Most one-time prekeys in one device's pool. Default 1 000.
+    pub max_one_time_prekeys: u32,
+    /// How long an envelope is kept, in seconds: it expires once
+    /// `now - received > retention`. Acknowledged ids are remembered as
+    /// long (for idempotent redeposits). Default 30 days (2 592 000).
+    pub retention: u64,
+    /// How long a challenge stays valid, in seconds: it is refused once
+    /// `now - issued > challenge_ttl`. Default 300.
+    pub challenge_ttl: u64,
+    /// Most challenges outstanding for one mailbox; issuing another evicts
+    /// the oldest. Default 64.
+    pub max_outstanding_challenges: u32,
+    /// Most envelopes returned by one fetch (the caller's limit is capped
+    /// to it). Default 1 000.
+    pub max_fetch_envelopes: u32,
+    /// Most payload bytes returned by one fetch: the batch stops before the
+    /// envelope that would exceed it, but always holds at least one
+    /// envelope if any is pending. Default 8 MiB.
+    pub max_fetch_bytes: u64,
+    /// Most ids in one acknowledgment. Default 1 000.
+    pub max_acknowledge_ids: u32,
+    /// Refuse deposits and challenges for mailboxes of devices that never
+    /// published ([`TransportError::NotFound`]). Default `true`.
+    pub require_published_mailbox: bool,
+}
+
+impl RelayConfig {
+    /// Default [`Self::max_envelope_bytes`]: 256 KiB.
+    pub const DEFAULT_MAX_ENVELOPE_BYTES: u32 = 256 * 1024;
+    /// Default [`Self::max_pending_envelopes`]: 10 000.
+    pub const DEFAULT_MAX_PENDING_ENVELOPES: u32 = 10_000;
+    /// Default [`Self::max_pending_bytes`]: 64 MiB.
+    pub const DEFAULT_MAX_PENDING_BYTES: u64 = 64 * 1024 * 1024;
+    /// Default [`Self::max_one_time_prekeys`]: 1 000.
+    pub const DEFAULT_MAX_ONE_TIME_PREKEYS: u32 = 1_000;
+    /// Default [`Self::retention`]: 30 days.
+    pub const DEFAULT_RETENTION: u64 = 30 * 24 * 60 * 60;
+    /// Default [`Self::challenge_ttl`]: 300 seconds.
+    pub const DEFAULT_CHALLENGE_TTL: u64 = 300;
+    /// Default [`Self::max_outstanding_challenges`]: 64.
+    pub const DEFAULT_MAX_OUTSTANDING_CHALLENGES: u32 = 64;
+    /// Default [`Self::max_fetch_envelopes`]: 1 000.
+    pub const DEFAULT_MAX_FETCH_ENVELOPES: u32 = 1_000;
+    /// Default [`Self::max_fetch_bytes`]: 8 MiB.
+    pub const DEFAULT_MAX_FETCH_BYTES: u64 = 8 * 1024 * 1024;
+    /// Default [`Self::max_acknowledge_ids`]: 1 000.
+    pub const DEFAULT_MAX_ACKNOWLEDGE_IDS: u32 = 1_000;
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            max_envelope_bytes: Self::DEFAULT_MAX_ENVELOPE_BYTES,
+            max_pending_envelopes: Self::DEFAULT_MAX_PENDING_ENVELOPES,
+            max_pending_bytes: Self::DEFAULT_MAX_PENDING_BYTES,
+            max_one_time_prekeys: Self::DEFAULT_MAX_ONE_TIME_PREKEYS,
+            retention: Self::DEFAULT_RETENTION,
+            challenge_ttl: Self::DEFAULT_CHALLENGE_TTL,
+            max_outstanding_challenges: Self::DEFAULT_MAX_OUTSTANDING_CHALLENGES,
+            max_fetch_envelopes: Self::DEFAULT_MAX_FETCH_ENVELOPES,
+            max_fetch_bytes: Self::DEFAULT_MAX_FETCH_BYTES,
+            max_acknowledge_ids: Self::DEFAULT_MAX_ACKNOWLEDGE_IDS,
+            require_published_mailbox: true,
+        }
+    }
+}
+
+/// What the relay keeps of a device (besides its one-time prekey pool).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// The device (its address holds its identity key).
+    pub device: DeviceAddress,
+    /// Counter of the last accepted upload.
+    pub counter: u64,
+    /// The current signed prekey.
+    pub signed_prekey: SignedPrekeyRecord,
+    /// When the last upload was accepted (unix seconds).
+    pub published_at: u64,
+}
+
+/// What [`RelayStorage::apply_upload`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadOutcome {
+    /// The record and pool were written.
+    Applied,
+    /// The counter was not above the stored one; nothing was written.
+    Replayed,
+    /// The pool would exceed the bound; nothing was written.
+    TooManyOneTimePrekeys,
+}
+
+/// The bounds [`RelayStorage::insert_envelope`] enforces, atomically with
+/// the insert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MailboxLimits {
+    /// Most envelopes pending in the mailbox after the insert.
+    pub max_envelopes: u32,
+    /// Most payload bytes pending in the mailbox after the insert.
+    pub max_bytes: u64,
+    /// Envelopes (and acknowledged ids) of this mailbox received before
+    /// this time are expired: delete them first.
+    pub expire_before: u64,
+}
+
+/// What [`RelayStorage::insert_envelope`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// The envelope was stored.
+    Stored,
+    /// An envelope with that id is pending or was acknowledged; nothing
+    /// was written.
+    Duplicate,
+    /// The mailbox holds its maximum number of envelopes; nothing was
+    /// written.
+    TooManyEnvelopes,
+    /// The envelope would take the mailbox over its byte bound; nothing
+    /// was written.
+    TooManyBytes,
+}
+
+/// How much a mailbox holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MailboxUsage {
+    /// Pending envelopes.
+    pub envelopes: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+}
+
+/// What [`Relay::sweep`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Pending envelopes past the retention period.
+    pub envelopes_expired: u64,
+    /// Challenges past their lifetime.
+    pub challenges_expired: u64,
+}
+
+/// A relay storage failure.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RelayStorageError {
+    /// The schema is newer than this code understands.
+    UnsupportedSchema(u32),
+    /// The database is not a relay database (or is damaged).
+    Corrupted(String),
+    /// The backend failed (I/O, locking, ...).
+    Backend(String),
+}
+
+impl fmt::Display for RelayStorageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RelayStorageError::UnsupportedSchema(v) => {
+                write!(f, "unsupported relay schema version {v}")
+            }
+            RelayStorageError::Corrupted(why) => write!(f, "corrupted relay storage: {why}"),
+            RelayStorageError::Backend(e) => write!(f, "relay storage backend: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RelayStorageError {}
+
+/// Where a relay keeps its state. Synchronous and backend-agnostic; the
+/// [`Relay`] applies the rules, the storage applies each write atomically
+/// (methods that check a condition and write do both in one transaction,
+/// so that several relay processes can share one database).
+///
+/// Times are unix seconds. "Oldest" means first inserted.
+pub trait RelayStorage {
+    /// A device's record.
+    fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError>;
+
+    /// Whether a device whose [`DeviceAddress::mailbox`] is `mailbox` has a
+    /// record.
+    fn mailbox_exists(&self, mailbox: &MailboxId) -> Result<bool, RelayStorageError>;
+
+    /// Atomically: unless the device has a record with a counter at or
+    /// above `upload.counter` ([`UploadOutcome::Replayed`]), writes the
+    /// record (counter, signed prekey, `published_at`) and replaces
+    /// (`upload.replace_one_time_prekeys`) or extends the pool with
+    /// `upload.one_time_prekeys` (an id already pooled keeps its place and
+    /// takes the new key; new ids go to the back); if the pool would then
+    /// hold more than `max_one_time_prekeys`, writes nothing
+    /// ([`UploadOutcome::TooManyOneTimePrekeys`]). The upload's signatures
+    /// were checked by the caller and its ids are distinct.
+    fn apply_upload(
+        &mut self,
+        upload: &BundleSetUpload,
+        published_at: u64,
+        max_one_time_prekeys: u32,
+    ) -> Result<UploadOutcome, RelayStorageError>;
+
+    /// Atomically removes and returns the device's oldest one-time prekey.
+    fn claim_one_time_prekey(
+        &mut self,
+        device: &DeviceAddress,
+    ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError>;
+
+    /// How many one-time prekeys the device's pool holds.
+    fn one_time_prekey_count(&self, device: &DeviceAddress) -> Result<u32, RelayStorageError>;
+
+    /// Atomically: deletes the mailbox's envelopes and acknowledged ids
+    /// received before `limits.expire_before`; then, if the envelope's id
+    /// is pending or acknowledged in the mailbox, returns
+    /// [`InsertOutcome::Duplicate`]; else, if the bounds allow it, stores
+    /// the envelope with its receipt time.
+    fn insert_envelope(
+        &mut self,
+        mailbox: &MailboxId,
+        envelope: &Envelope,
+        received_at: u64,
+        limits: MailboxLimits,
+    ) -> Result<InsertOutcome, RelayStorageError>;
+
+    /// The mailbox's pending envelopes received at or after
+    /// `received_since`, oldest first: at most `limit`, stopping before the
+    /// envelope that would take the payload total over `max_bytes` (the
+    /// first is always included).
+    fn list_envelopes(
+        &self,
+        mailbox: &MailboxId,
+        received_since: u64,
+        limit: u32,
+        max_bytes: u64,
+    ) -> Result<Vec<Envelope>, RelayStorageError>;
+
+    /// How many envelopes and payload bytes the mailbox holds (expired but
+    /// not yet swept ones included).
+    fn mailbox_usage(&self, mailbox: &MailboxId) -> Result<MailboxUsage, RelayStorageError>;
+
+    /// Deletes the mailbox's pending envelopes with these ids and remembers
+    /// the ids (with their receipt time) as acknowledged. Unknown ids are
+    /// ignored. Returns how many were deleted.
+    fn acknowledge_envelopes(
+        &mut self,
+        mailbox: &MailboxId,
+        ids: &[EnvelopeId],
+    ) -> Result<u64, RelayStorageError>;
+
+    /// Deletes every envelope and acknowledged id received before
+    /// `received_before`. Returns how many pending envelopes were deleted.
+    fn expire_envelopes(&mut self, received_before: u64) -> Result<u64, RelayStorageError>;
+
+    /// Atomically: deletes the mailbox's challenges that expired before
+    /// `now`, stores the challenge with its expiry, and evicts the
+    /// mailbox's oldest challenges beyond `max_outstanding`.
+    fn insert_challenge(
+        &mut self,
+        mailbox: &MailboxId,
+        challenge: &[u8; 32],
+        now: u64,
+        expires_at: u64,
+        max_outstanding: u32,
+    ) -> Result<(), RelayStorageError>;
+
+    /// Atomically: if the challenge was stored for this mailbox, deletes it
+    /// and returns whether it was still valid (`now <= expires_at`).
+    fn consume_challenge(
+        &mut self,
+        mailbox: &MailboxId,
+        challenge: &[u8; 32],
+        now: u64,
+    ) -> Result<bool, RelayStorageError>;
+
+    /// Deletes every challenge that expired before `now` (`expires_at <
+    /// now`). Returns how many.
+    fn purge_challenges(&mut self, now: u64) -> Result<u64, RelayStorageError>;
+}
+
+/// The relay's rules over a storage backend. See the module docs.
+#[derive(Debug)]
+pub struct Relay<S> {
+    storage: S,
+    config: RelayConfig,
+    storage_error: Option<RelayStorageError>,
+}
+
+impl<S: RelayStorage> Relay<S> {
+    /// A relay over `storage` with these bounds.
+    pub fn new(storage: S, config: RelayConfig) -> Self {
+        Relay {
+            storage,
+            config,
+            storage_error: None,
+        }
+    }
+
+    /// The bounds.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// The storage (for inspection).
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// The storage, mutably (for maintenance; bypasses the rules).
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
+    }
+
+    /// Gives the storage back.
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+
+    /// The last storage failure, which the caller saw as
+    /// [`TransportError::Unavailable`] (for logging); clears it.
+    pub fn take_storage_error(&mut self) -> Option<RelayStorageError> {
+        self.storage_error.take()
+    }
+
+    fn storage_failed(&mut self, error: RelayStorageError) -> TransportError {
+        self.storage_error = Some(error);
+        TransportError::Unavailable("relay storage")
+    }
+
+    fn check<T>(&mut self, result: Result<T, RelayStorageError>) -> Result<T, TransportError> {
+        result.map_err(|e| self.storage_failed(e))
+    }
+
+    /// Publishes or replaces a device's bundle set from a signed upload
+    /// ([`BundleSetUpload::sign`]).
+    ///
+    /// # Errors
+    /// [`TransportError::BadRequest`] for a malformed upload or duplicate
+    /// one-time prekey ids, [`TransportError::Unauthorized`] for a
+    /// signature that fails, [`TransportError::Replayed`] for a counter not
+    /// above the last accepted one, [`TransportError::LimitExceeded`]
+    /// ([`reason::ONE_TIME_PREKEYS`]) for a pool over the bound,
+    /// [`TransportError::Unavailable`] for a storage failure.
+    pub fn publish(&mut self, now: u64, upload: &[u8]) -> Result<(), TransportError> {
+        let upload = BundleSetUpload::decode_verified(upload)?;
+        let max = self.config.max_one_time_prekeys;
+        if upload.one_time_prekeys.len() > max as usize {
+            return Err(TransportError::LimitExceeded(reason::ONE_TIME_PREKEYS));
+        }
+        let mut ids = HashSet::with_capacity(upload.one_time_prekeys.len());
+        if !upload
+            .one_time_prekeys
+            .iter()
+            .all(|(id, _)| ids.insert(*id))
+        {
+            return Err(TransportError::BadRequest("duplicate one-time prekey id"));
+        }
+        let outcome = self.storage.apply_upload(&upload, now, max);
+        match self.check(outcome)? {
+            UploadOutcome::Applied => Ok(()),
+            UploadOutcome::Replayed => Err(TransportError::Replayed),
+            UploadOutcome::TooManyOneTimePrekeys => {
+                Err(TransportError::LimitExceeded(reason::ONE_TIME_PREKEYS))
+            }
+        }
+    }
+
+    /// A bundle for the device, in the profile's bundle encoding, with one
+    /// of its one-time prekeys if any is left (claimed: never handed out
+    /// again).
+    ///
+    /// # Errors
+    /// [`TransportError::NotFound`] if the device never published,
+    /// [`TransportError::Unavailable`] for a storage failure.
+    pub fn fetch_bundle(&mut self, device: &DeviceAddress) -> Result<Vec<u8>, TransportError> {
+        let record = self.storage.device(device);
+        let record = self.check(record)?.ok_or(TransportError::NotFound)?;
+        let one_time_prekey = self.storage.claim_one_time_prekey(device);
+        let one_time_prekey = self.check(one_time_prekey)?;
+        Ok(encode_bundle(
+            &record.device.identity,
+            &record.signed_prekey,
+            one_time_prekey.as_ref(),
+        ))
+    }
+
+    /// How many one-time prekeys the device has left.
+    ///
+    /// # Errors
+    /// [`TransportError::NotFound`] if the device never published,
+    /// [`TransportError::Unavailable`] for a storage failure.
+    pub fn one_time_prekeys_left(&mut self, device: &DeviceAddress) -> Result<u32, TransportError> {
+        let record = self.storage.device(device);
+        if self.check(record)?.is_none() {
+            return Err(TransportError::NotFound);
+        }
+        let count = self.storage.one_time_prekey_count(device);
+        self.check(count)
+    }
+
+    /// Deposits an envelope for a mailbox, anonymously. Idempotent by
+    /// envelope id (see the module docs).
+    ///
+    /// # Errors
+    /// [`TransportError::LimitExceeded`] ([`reason::ENVELOPE_SIZE`],
+    /// [`reason::PENDING_ENVELOPES`], [`reason::PENDING_BYTES`]),
+    /// [`TransportError::NotFound`] for an unpublished mailbox (with
+    /// [`RelayConfig::require_published_mailbox`]),
+    /// [`TransportError::Unavailable`] for a storage failure.
+    pub fn deposit(
+        &mut self,
+        now: u64,
+        mailbox: &MailboxId,
+        envelope: &Envelope,
+    ) -> Result<(), TransportError> {
+        if envelope.payload.len() > self.config.max_envelope_bytes as usize {
+            return Err(TransportError::LimitExceeded(reason::ENVELOPE_SIZE));
+        }
+        self.require_mailbox(mailbox)?;
+        let limits = MailboxLimits {
+            max_envelopes: self.config.max_pending_envelopes,
+            max_bytes: self.config.max_pending_bytes,
+            expire_before: self.expiry_cutoff(now),
+        };
+        let outcome = self.storage.insert_envelope(mailbox, envelope, now, limits);
+        match self.check(outcome)? {
+            InsertOutcome::Stored | InsertOutcome::Duplicate => Ok(()),
+            InsertOutcome::TooManyEnvelopes => {
+                Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES))
+            }
+            InsertOutcome::TooManyBytes => {
+                Err(TransportError::LimitExceeded(reason::PENDING_BYTES))
+            }
+        }
+    }
+
+    /// Issues a fresh, single-use challenge for proving ownership of a
+    /// mailbox, valid for [`RelayConfig::challenge_ttl`] seconds.
+    ///
+    /// # Errors
+    /// [`TransportError::NotFound`] for an unpublished mailbox (with
+    /// [`RelayConfig::require_published_mailbox`]),
+    /// [`TransportError::Unavailable`] for a storage failure.
+    pub fn challenge(
+        &mut self,
+        now: u64,
+        rng: &mut impl CryptoRngCore,
+        mailbox: &MailboxId,
+    ) -> Result<[u8; 32], TransportError> {
+        self.require_mailbox(mailbox)?;
+        let mut challenge = [0u8; 32];
+        rng.fill_bytes(&mut challenge);
+        let result = self.storage.insert_challenge(
+            mailbox,
+            &challenge,
+            now,
+            now.saturating_add(self.config.challenge_ttl),
+            self.config.max_outstanding_challenges.max(1),
+        );
+        self.check(result)?;
+        Ok(challenge)
+    }
+
+    /// The mailbox's pending envelopes, oldest first: at most `limit`
+    /// (capped by [`RelayConfig::max_fetch_envelopes`] and
+    /// [`RelayConfig::max_fetch_bytes`]). Expired envelopes are left out.
+    ///
+    /// # Errors
+    /// [`TransportError::Unauthorized`] unless `auth` is a valid
+    /// [`MailboxOp::Fetch`] proof over a fresh challenge (which it
+    /// consumes), [`TransportError::Unavailable`] for a storage failure.
+    pub fn fetch(
+        &mut self,
+        now: u64,
+        auth: &MailboxAuth,
+        limit: u32,
+    ) -> Result<Vec<Envelope>, TransportError> {
+        let mailbox = self.authorize(now, auth, MailboxOp::Fetch)?;
+        let limit = limit.min(self.config.max_fetch_envelopes);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let envelopes = self.storage.list_envelopes(
+            &mailbox,
+            self.expiry_cutoff(now),
+            limit,
+            self.config.max_fetch_bytes,
+        );
+        self.check(envelopes)
+    }
+
+    /// Deletes envelopes from the mailbox by id (unknown ids are ignored).
+    ///
+    /// # Errors
+    /// [`TransportError::Unauthorized`] unless `auth` is a valid
+    /// [`MailboxOp::Acknowledge`] proof over a fresh challenge (which it
+    /// consumes), [`TransportError::LimitExceeded`]
+    /// ([`reason::ACKNOWLEDGE_IDS`]) for too many ids (checked first, the
+    /// challenge is not consumed), [`TransportError::Unavailable`] for a
+    /// storage failure.
+    pub fn acknowledge(
+        &mut self,
+        now: u64,
+        auth: &MailboxAuth,
+        ids: &[EnvelopeId],
+    ) -> Result<(), TransportError> {
+        if ids.len() > self.config.max_acknowledge_ids as usize {
+            return Err(TransportError::LimitExceeded(reason::ACKNOWLEDGE_IDS));
+        }
+        let mailbox = self.authorize(now, auth, MailboxOp::Acknowledge)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let result = self.storage.acknowledge_envelopes(&mailbox, ids);
+        self.check(result).map(|_| ())
+    }
+
+    /// Deletes expired envelopes (and acknowledged ids) and challenges.
+    /// Call it periodically; the rules hold without it, it frees space.
+    ///
+    /// # Errors
+    /// [`TransportError::Unavailable`] for a storage failure.
+    pub fn sweep(&mut self, now: u64) -> Result<SweepReport, TransportError> {
+        let expired = self.storage.expire_envelopes(self.expiry_cutoff(now));
+        let envelopes_expired = self.check(expired)?;
+        let purged = self.storage.purge_challenges(now);
+        let challenges_expired = self.check(purged)?;
+        Ok(SweepReport {
+            envelopes_expired,
+            challenges_expired,
+        })
+    }
+
+    /// Envelopes received before this are expired.
+    fn expiry_cutoff(&self, now: u64) -> u64 {
+        now.saturating_sub(self.config.retention)
+    }
+
+    fn require_mailbox(&mut self, mailbox: &MailboxId) -> Result<(), TransportError> {
+        if !self.config.require_published_mailbox {
+            return Ok(());
+        }
+        let exists = self.storage.mailbox_exists(mailbox);
+        if self.check(exists)? {
+            Ok(())
+        } else {
+            Err(TransportError::NotFound)
+        }
+    }
+
+    /// The mailbox check: op, signature, then the challenge (consumed).
+    fn authorize(
+        &mut self,
+        now: u64,
+        auth: &MailboxAuth,
+        op: MailboxOp,
+    ) -> Result<MailboxId, TransportError> {
+        if auth.op != op {
+            return Err(TransportError::Unauthorized);
+        }
+        auth.verify()?;
+        let mailbox = auth.mailbox();
+        let fresh = self
+            .storage
+            .consume_challenge(&mailbox, &auth.challenge, now);
+        if self.check(fresh)? {
+            Ok(mailbox)
+        } else {
+            Err(TransportError::Unauthorized)
+        }
+    }
+}
+
+/// The profile's bundle encoding from published parts:
+/// `0x01 || IK || spk_id || spk_created || spk_public || spk_signature ||
+/// has_opk || [opk_id || opk_public]`.
+fn encode_bundle(
+    identity: &[u8; 32],
+    spk: &SignedPrekeyRecord,
+    one_time_prekey: Option<&(u32, [u8; 32])>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BUNDLE_LEN_WITH_OPK);
+    out.push(VERSION);
+    out.extend_from_slice(identity);
+    out.extend_from_slice(&spk.id.to_be_bytes());
+    out.extend_from_slice(&spk.created.to_be_bytes());
+    out.extend_from_slice(&spk.public);
+    out.extend_from_slice(&spk.signature);
+    match one_time_prekey {
+        Some((id, key)) => {
+            out.push(1);
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(key);
+        }
+        None => out.push(0),
+    }
+    out
+}

@@ -1,0 +1,287 @@
+//! The in-memory relay storage (tests, demos, a relay that may forget).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::vec::Vec;
+
+use super::{
+    DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage, RelayStorageError,
+    UploadOutcome,
+};
+use crate::transport::{BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId};
+
+/// Relay storage in memory: everything is lost when it is dropped.
+/// Cloning copies the whole state.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryRelayStorage {
+    devices: HashMap<DeviceAddress, DeviceRecord>,
+    published_mailboxes: HashSet<MailboxId>,
+    pools: HashMap<DeviceAddress, VecDeque<(u32, [u8; 32])>>,
+    mailboxes: HashMap<MailboxId, Queue>,
+    challenges: HashMap<MailboxId, VecDeque<([u8; 32], u64)>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Queue {
+    /// Oldest first.
+    pending: VecDeque<Stored>,
+    pending_ids: HashSet<EnvelopeId>,
+    bytes: u64,
+    /// Acknowledged id -> receipt time.
+    acknowledged: HashMap<EnvelopeId, u64>,
+}
+
+#[derive(Clone, Debug)]
+struct Stored {
+    envelope: Envelope,
+    received_at: u64,
+}
+
+impl Queue {
+    /// Deletes what was received before `cutoff`; returns how many pending
+    /// envelopes went.
+    fn expire(&mut self, cutoff: u64) -> u64 {
+        let before = self.pending.len();
+        let (pending_ids, bytes) = (&mut self.pending_ids, &mut self.bytes);
+        self.pending.retain(|s| {
+            let keep = s.received_at >= cutoff;
+            if !keep {
+                pending_ids.remove(&s.envelope.id);
+                *bytes -= s.envelope.payload.len() as u64;
+            }
+            keep
+        });
+        self.acknowledged.retain(|_, received| *received >= cutoff);
+        (before - self.pending.len()) as u64
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.acknowledged.is_empty()
+    }
+}
+
+impl MemoryRelayStorage {
+    /// Empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl RelayStorage for MemoryRelayStorage {
+    fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
+        Ok(self.devices.get(device).copied())
+    }
+
+    fn mailbox_exists(&self, mailbox: &MailboxId) -> Result<bool, RelayStorageError> {
+        Ok(self.published_mailboxes.contains(mailbox))
+    }
+
+    fn apply_upload(
+        &mut self,
+        upload: &BundleSetUpload,
+        published_at: u64,
+        max_one_time_prekeys: u32,
+    ) -> Result<UploadOutcome, RelayStorageError> {
+        if let Some(record) = self.devices.get(&upload.device) {
+            if upload.counter <= record.counter {
+                return Ok(UploadOutcome::Replayed);
+            }
+        }
+        let mut pool = if upload.replace_one_time_prekeys {
+            VecDeque::new()
+        } else {
+            self.pools.get(&upload.device).cloned().unwrap_or_default()
+        };
+        for &(id, key) in &upload.one_time_prekeys {
+            match pool.iter_mut().find(|(pooled, _)| *pooled == id) {
+                Some(entry) => entry.1 = key,
+                None => pool.push_back((id, key)),
+            }
+        }
+        if pool.len() > max_one_time_prekeys as usize {
+            return Ok(UploadOutcome::TooManyOneTimePrekeys);
+        }
+        self.devices.insert(
+            upload.device,
+            DeviceRecord {
+                device: upload.device,
+                counter: upload.counter,
+                signed_prekey: upload.signed_prekey,
+                published_at,
+            },
+        );
+        self.published_mailboxes.insert(upload.device.mailbox());
+        self.pools.insert(upload.device, pool);
+        Ok(UploadOutcome::Applied)
+    }
+
+    fn claim_one_time_prekey(
+        &mut self,
+        device: &DeviceAddress,
+    ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError> {
+        Ok(self.pools.get_mut(device).and_then(VecDeque::pop_front))
+    }
+
+    fn one_time_prekey_count(&self, device: &DeviceAddress) -> Result<u32, RelayStorageError> {
+        let count = self.pools.get(device).map_or(0, VecDeque::len);
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    fn insert_envelope(
+        &mut self,
+        mailbox: &MailboxId,
+        envelope: &Envelope,
+        received_at: u64,
+        limits: MailboxLimits,
+    ) -> Result<InsertOutcome, RelayStorageError> {
+        let queue = self.mailboxes.entry(*mailbox).or_default();
+        queue.expire(limits.expire_before);
+        if queue.pending_ids.contains(&envelope.id) || queue.acknowledged.contains_key(&envelope.id)
+        {
+            return Ok(InsertOutcome::Duplicate);
+        }
+        if queue.pending.len() >= limits.max_envelopes as usize {
+            return Ok(InsertOutcome::TooManyEnvelopes);
+        }
+        let size = envelope.payload.len() as u64;
+        if queue.bytes.saturating_add(size) > limits.max_bytes {
+            return Ok(InsertOutcome::TooManyBytes);
+        }
+        queue.pending_ids.insert(envelope.id);
+        queue.bytes += size;
+        queue.pending.push_back(Stored {
+            envelope: envelope.clone(),
+            received_at,
+        });
+        Ok(InsertOutcome::Stored)
+    }
+
+    fn list_envelopes(
+        &self,
+        mailbox: &MailboxId,
+        received_since: u64,
+        limit: u32,
+        max_bytes: u64,
+    ) -> Result<Vec<Envelope>, RelayStorageError> {
+        let mut out = Vec::new();
+        let Some(queue) = self.mailboxes.get(mailbox) else {
+            return Ok(out);
+        };
+        let mut total = 0u64;
+        for stored in queue
+            .pending
+            .iter()
+            .filter(|s| s.received_at >= received_since)
+        {
+            if out.len() >= limit as usize {
+                break;
+            }
+            let size = stored.envelope.payload.len() as u64;
+            if !out.is_empty() && total.saturating_add(size) > max_bytes {
+                break;
+            }
+            total = total.saturating_add(size);
+            out.push(stored.envelope.clone());
+        }
+        Ok(out)
+    }
+
+    fn mailbox_usage(&self, mailbox: &MailboxId) -> Result<MailboxUsage, RelayStorageError> {
+        Ok(self
+            .mailboxes
+            .get(mailbox)
+            .map_or_else(MailboxUsage::default, |q| MailboxUsage {
+                envelopes: q.pending.len() as u64,
+                bytes: q.bytes,
+            }))
+    }
+
+    fn acknowledge_envelopes(
+        &mut self,
+        mailbox: &MailboxId,
+        ids: &[EnvelopeId],
+    ) -> Result<u64, RelayStorageError> {
+        let Some(queue) = self.mailboxes.get_mut(mailbox) else {
+            return Ok(0);
+        };
+        let ids: HashSet<&EnvelopeId> = ids
+            .iter()
+            .filter(|id| queue.pending_ids.contains(id))
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let Queue {
+            pending,
+            pending_ids,
+            bytes,
+            acknowledged,
+        } = queue;
+        pending.retain(|s| {
+            if ids.contains(&s.envelope.id) {
+                pending_ids.remove(&s.envelope.id);
+                *bytes -= s.envelope.payload.len() as u64;
+                acknowledged.insert(s.envelope.id, s.received_at);
+                false
+            } else {
+                true
+            }
+        });
+        Ok(ids.len() as u64)
+    }
+
+    fn expire_envelopes(&mut self, received_before: u64) -> Result<u64, RelayStorageError> {
+        let mut expired = 0;
+        self.mailboxes.retain(|_, queue| {
+            expired += queue.expire(received_before);
+            !queue.is_empty()
+        });
+        Ok(expired)
+    }
+
+    fn insert_challenge(
+        &mut self,
+        mailbox: &MailboxId,
+        challenge: &[u8; 32],
+        now: u64,
+        expires_at: u64,
+        max_outstanding: u32,
+    ) -> Result<(), RelayStorageError> {
+        let outstanding = self.challenges.entry(*mailbox).or_default();
+        outstanding.retain(|(_, expiry)| *expiry >= now);
+        outstanding.push_back((*challenge, expires_at));
+        while outstanding.len() > max_outstanding as usize {
+            outstanding.pop_front();
+        }
+        Ok(())
+    }
+
+    fn consume_challenge(
+        &mut self,
+        mailbox: &MailboxId,
+        challenge: &[u8; 32],
+        now: u64,
+    ) -> Result<bool, RelayStorageError> {
+        let Some(outstanding) = self.challenges.get_mut(mailbox) else {
+            return Ok(false);
+        };
+        let Some(position) = outstanding.iter().position(|(c, _)| c == challenge) else {
+            return Ok(false);
+        };
+        let (_, expires_at) = outstanding.remove(position).unwrap_or_default();
+        if outstanding.is_empty() {
+            self.challenges.remove(mailbox);
+        }
+        Ok(now <= expires_at)
+    }
+
+    fn purge_challenges(&mut self, now: u64) -> Result<u64, RelayStorageError> {
+        let mut purged = 0;
+        self.challenges.retain(|_, outstanding| {
+            let before = outstanding.len();
+            outstanding.retain(|(_, expiry)| *expiry >= now);
+            purged += (before - outstanding.len()) as u64;
+            !outstanding.is_empty()
+        });
+        Ok(purged)
+    }
+}

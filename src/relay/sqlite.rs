@@ -1,0 +1,581 @@
+//! The persistent relay storage over SQLite (feature `sqlite`).
+//!
+//! One database file holds devices, one-time prekeys, envelopes,
+//! acknowledged ids and challenges. The file runs in WAL mode with
+//! `synchronous = FULL` (an accepted deposit or upload survives a power
+//! loss), a busy timeout (several relay processes may share it), and
+//! `user_version` schema versioning under a relay `application_id`. Every
+//! check-then-write happens in one `IMMEDIATE` transaction or one
+//! statement, so the [`RelayStorage`] atomicity contract holds across
+//! processes.
+//!
+//! Unsigned 64-bit counters and signed-prekey creation times are stored
+//! bit-for-bit as SQLite integers; times the database compares (receipt,
+//! expiry) are clamped to `i64::MAX`.
+
+use std::path::Path;
+use std::time::Duration;
+use std::vec::Vec;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{
+    DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage, RelayStorageError,
+    UploadOutcome,
+};
+use crate::transport::{
+    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,
+};
+
+/// `PRAGMA application_id` of a relay database ("cbrl").
+const APPLICATION_ID: i32 = 0x6362_726c;
+/// The schema version this code writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: u32 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE devices (
+    identity BLOB NOT NULL,
+    device_id INTEGER NOT NULL,
+    mailbox BLOB NOT NULL,
+    counter INTEGER NOT NULL,
+    spk_id INTEGER NOT NULL,
+    spk_created INTEGER NOT NULL,
+    spk_public BLOB NOT NULL,
+    spk_signature BLOB NOT NULL,
+    published_at INTEGER NOT NULL,
+    PRIMARY KEY (identity, device_id)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX devices_by_mailbox ON devices (mailbox);
+
+CREATE TABLE one_time_prekeys (
+    seq INTEGER PRIMARY KEY,
+    identity BLOB NOT NULL,
+    device_id INTEGER NOT NULL,
+    key_id INTEGER NOT NULL,
+    public BLOB NOT NULL,
+    UNIQUE (identity, device_id, key_id)
+);
+CREATE INDEX one_time_prekeys_by_device ON one_time_prekeys (identity, device_id, seq);
+
+CREATE TABLE envelopes (
+    seq INTEGER PRIMARY KEY,
+    mailbox BLOB NOT NULL,
+    id BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    UNIQUE (mailbox, id)
+);
+CREATE INDEX envelopes_by_mailbox ON envelopes (mailbox, seq, received_at, size);
+CREATE INDEX envelopes_by_time ON envelopes (received_at);
+
+CREATE TABLE acknowledged (
+    mailbox BLOB NOT NULL,
+    id BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, id)
+) WITHOUT ROWID;
+CREATE INDEX acknowledged_by_time ON acknowledged (received_at);
+
+CREATE TABLE challenges (
+    seq INTEGER PRIMARY KEY,
+    mailbox BLOB NOT NULL,
+    challenge BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    UNIQUE (mailbox, challenge)
+);
+CREATE INDEX challenges_by_mailbox ON challenges (mailbox, seq);
+CREATE INDEX challenges_by_expiry ON challenges (expires_at);
+";
+
+fn db(error: rusqlite::Error) -> RelayStorageError {
+    match error {
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => {
+            RelayStorageError::Corrupted(error.to_string())
+        }
+        other => RelayStorageError::Backend(other.to_string()),
+    }
+}
+
+/// A time the database compares, clamped into SQLite's integer range.
+fn time(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+/// A 64-bit value stored bit for bit.
+fn bits(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+fn unbits(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
+}
+
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Relay storage in an SQLite database. See the module docs of
+/// [`crate::relay`] for the rules it backs.
+#[derive(Debug)]
+pub struct SqliteRelayStorage {
+    conn: Connection,
+}
+
+impl SqliteRelayStorage {
+    /// Opens (creating if needed) the relay database at `path`.
+    ///
+    /// # Errors
+    /// [`RelayStorageError::Backend`] if the file cannot be opened,
+    /// [`RelayStorageError::Corrupted`] if it is another kind of database,
+    /// [`RelayStorageError::UnsupportedSchema`] if its schema is newer.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, RelayStorageError> {
+        Self::setup(Connection::open(path).map_err(db)?)
+    }
+
+    /// A private in-memory database (lost when dropped).
+    ///
+    /// # Errors
+    /// [`RelayStorageError::Backend`].
+    pub fn open_in_memory() -> Result<Self, RelayStorageError> {
+        Self::setup(Connection::open_in_memory().map_err(db)?)
+    }
+
+    fn setup(mut conn: Connection) -> Result<Self, RelayStorageError> {
+        conn.busy_timeout(Duration::from_secs(5)).map_err(db)?;
+        conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
+        conn.set_prepared_statement_cache_capacity(32);
+
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let application_id: i32 = tx
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .map_err(db)?;
+        let version: u32 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(db)?;
+        match (application_id, version) {
+            (0, 0) => {
+                let tables: i64 = tx
+                    .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                    .map_err(db)?;
+                if tables != 0 {
+                    return Err(RelayStorageError::Corrupted(
+                        "not a cubbyhole relay database".into(),
+                    ));
+                }
+                tx.execute_batch(SCHEMA).map_err(db)?;
+                tx.pragma_update(None, "application_id", APPLICATION_ID)
+                    .map_err(db)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(db)?;
+            }
+            (APPLICATION_ID, SCHEMA_VERSION) => {}
+            (APPLICATION_ID, newer) if newer > SCHEMA_VERSION => {
+                return Err(RelayStorageError::UnsupportedSchema(newer));
+            }
+            _ => {
+                return Err(RelayStorageError::Corrupted(
+                    "not a cubbyhole relay database".into(),
+                ))
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(SqliteRelayStorage { conn })
+    }
+}
+
+impl RelayStorage for SqliteRelayStorage {
+    fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT counter, spk_id, spk_created, spk_public, spk_signature, published_at
+                 FROM devices WHERE identity = ?1 AND device_id = ?2",
+            )
+            .map_err(db)?;
+        stmt.query_row(params![device.identity, device.device_id], |r| {
+            Ok(DeviceRecord {
+                device: *device,
+                counter: unbits(r.get(0)?),
+                signed_prekey: SignedPrekeyRecord {
+                    id: r.get(1)?,
+                    created: unbits(r.get(2)?),
+                    public: r.get(3)?,
+                    signature: r.get(4)?,
+                },
+                published_at: count(r.get(5)?),
+            })
+        })
+        .optional()
+        .map_err(db)
+    }
+
+    fn mailbox_exists(&self, mailbox: &MailboxId) -> Result<bool, RelayStorageError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM devices WHERE mailbox = ?1")
+            .map_err(db)?;
+        stmt.exists(params![mailbox.0]).map_err(db)
+    }
+
+    fn apply_upload(
+        &mut self,
+        upload: &BundleSetUpload,
+        published_at: u64,
+        max_one_time_prekeys: u32,
+    ) -> Result<UploadOutcome, RelayStorageError> {
+        let device = &upload.device;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let stored: Option<i64> = tx
+            .prepare_cached("SELECT counter FROM devices WHERE identity = ?1 AND device_id = ?2")
+            .map_err(db)?
+            .query_row(params![device.identity, device.device_id], |r| r.get(0))
+            .optional()
+            .map_err(db)?;
+        if stored.is_some_and(|c| upload.counter <= unbits(c)) {
+            return Ok(UploadOutcome::Replayed);
+        }
+        let spk = &upload.signed_prekey;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO devices (identity, device_id, mailbox, counter, spk_id,
+                 spk_created, spk_public, spk_signature, published_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .map_err(db)?
+        .execute(params![
+            device.identity,
+            device.device_id,
+            device.mailbox().0,
+            bits(upload.counter),
+            spk.id,
+            bits(spk.created),
+            spk.public,
+            spk.signature,
+            time(published_at),
+        ])
+        .map_err(db)?;
+        if upload.replace_one_time_prekeys {
+            tx.prepare_cached(
+                "DELETE FROM one_time_prekeys WHERE identity = ?1 AND device_id = ?2",
+            )
+            .map_err(db)?
+            .execute(params![device.identity, device.device_id])
+            .map_err(db)?;
+        }
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO one_time_prekeys (identity, device_id, key_id, public)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (identity, device_id, key_id)
+                     DO UPDATE SET public = excluded.public",
+                )
+                .map_err(db)?;
+            for (id, key) in &upload.one_time_prekeys {
+                insert
+                    .execute(params![device.identity, device.device_id, id, key])
+                    .map_err(db)?;
+            }
+        }
+        let pooled: i64 = tx
+            .prepare_cached(
+                "SELECT count(*) FROM one_time_prekeys WHERE identity = ?1 AND device_id = ?2",
+            )
+            .map_err(db)?
+            .query_row(params![device.identity, device.device_id], |r| r.get(0))
+            .map_err(db)?;
+        if count(pooled) > u64::from(max_one_time_prekeys) {
+            // Dropping the transaction rolls everything back.
+            return Ok(UploadOutcome::TooManyOneTimePrekeys);
+        }
+        tx.commit().map_err(db)?;
+        Ok(UploadOutcome::Applied)
+    }
+
+    fn claim_one_time_prekey(
+        &mut self,
+        device: &DeviceAddress,
+    ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError> {
+        // One statement, in an IMMEDIATE transaction (the write lock is
+        // taken up front, waiting on the busy timeout, never upgraded).
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let claimed = tx
+            .prepare_cached(
+                "DELETE FROM one_time_prekeys WHERE seq = (
+                     SELECT seq FROM one_time_prekeys
+                     WHERE identity = ?1 AND device_id = ?2 ORDER BY seq LIMIT 1)
+                 RETURNING key_id, public",
+            )
+            .map_err(db)?
+            .query_row(params![device.identity, device.device_id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(claimed)
+    }
+
+    fn one_time_prekey_count(&self, device: &DeviceAddress) -> Result<u32, RelayStorageError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT count(*) FROM one_time_prekeys WHERE identity = ?1 AND device_id = ?2",
+            )
+            .map_err(db)?;
+        let n: i64 = stmt
+            .query_row(params![device.identity, device.device_id], |r| r.get(0))
+            .map_err(db)?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    fn insert_envelope(
+        &mut self,
+        mailbox: &MailboxId,
+        envelope: &Envelope,
+        received_at: u64,
+        limits: MailboxLimits,
+    ) -> Result<InsertOutcome, RelayStorageError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let cutoff = time(limits.expire_before);
+        tx.prepare_cached("DELETE FROM envelopes WHERE mailbox = ?1 AND received_at < ?2")
+            .map_err(db)?
+            .execute(params![mailbox.0, cutoff])
+            .map_err(db)?;
+        tx.prepare_cached("DELETE FROM acknowledged WHERE mailbox = ?1 AND received_at < ?2")
+            .map_err(db)?
+            .execute(params![mailbox.0, cutoff])
+            .map_err(db)?;
+        let duplicate = tx
+            .prepare_cached(
+                "SELECT 1 FROM envelopes WHERE mailbox = ?1 AND id = ?2
+                 UNION ALL SELECT 1 FROM acknowledged WHERE mailbox = ?1 AND id = ?2",
+            )
+            .map_err(db)?
+            .exists(params![mailbox.0, envelope.id.0])
+            .map_err(db)?;
+        let outcome = if duplicate {
+            InsertOutcome::Duplicate
+        } else {
+            let (envelopes, bytes): (i64, i64) = tx
+                .prepare_cached(
+                    "SELECT count(*), coalesce(sum(size), 0) FROM envelopes WHERE mailbox = ?1",
+                )
+                .map_err(db)?
+                .query_row(params![mailbox.0], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(db)?;
+            let size = envelope.payload.len() as u64;
+            if count(envelopes) >= u64::from(limits.max_envelopes) {
+                InsertOutcome::TooManyEnvelopes
+            } else if count(bytes).saturating_add(size) > limits.max_bytes {
+                InsertOutcome::TooManyBytes
+            } else {
+                tx.prepare_cached(
+                    "INSERT INTO envelopes (mailbox, id, received_at, size, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(db)?
+                .execute(params![
+                    mailbox.0,
+                    envelope.id.0,
+                    time(received_at),
+                    time(size),
+                    envelope.payload,
+                ])
+                .map_err(db)?;
+                InsertOutcome::Stored
+            }
+        };
+        tx.commit().map_err(db)?;
+        Ok(outcome)
+    }
+
+    fn list_envelopes(
+        &self,
+        mailbox: &MailboxId,
+        received_since: u64,
+        limit: u32,
+        max_bytes: u64,
+    ) -> Result<Vec<Envelope>, RelayStorageError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, size, payload FROM envelopes
+                 WHERE mailbox = ?1 AND received_at >= ?2 ORDER BY seq LIMIT ?3",
+            )
+            .map_err(db)?;
+        let mut rows = stmt
+            .query(params![mailbox.0, time(received_since), limit])
+            .map_err(db)?;
+        let mut out = Vec::new();
+        let mut total = 0u64;
+        while let Some(row) = rows.next().map_err(db)? {
+            let size = count(row.get(1).map_err(db)?);
+            if !out.is_empty() && total.saturating_add(size) > max_bytes {
+                break;
+            }
+            total = total.saturating_add(size);
+            out.push(Envelope {
+                id: EnvelopeId(row.get(0).map_err(db)?),
+                payload: row.get(2).map_err(db)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn mailbox_usage(&self, mailbox: &MailboxId) -> Result<MailboxUsage, RelayStorageError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT count(*), coalesce(sum(size), 0) FROM envelopes WHERE mailbox = ?1",
+            )
+            .map_err(db)?;
+        stmt.query_row(params![mailbox.0], |r| {
+            Ok(MailboxUsage {
+                envelopes: count(r.get(0)?),
+                bytes: count(r.get(1)?),
+            })
+        })
+        .map_err(db)
+    }
+
+    fn acknowledge_envelopes(
+        &mut self,
+        mailbox: &MailboxId,
+        ids: &[EnvelopeId],
+    ) -> Result<u64, RelayStorageError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let mut deleted = 0;
+        {
+            let mut delete = tx
+                .prepare_cached(
+                    "DELETE FROM envelopes WHERE mailbox = ?1 AND id = ?2 RETURNING received_at",
+                )
+                .map_err(db)?;
+            let mut remember = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO acknowledged (mailbox, id, received_at)
+                     VALUES (?1, ?2, ?3)",
+                )
+                .map_err(db)?;
+            for id in ids {
+                let received: Option<i64> = delete
+                    .query_row(params![mailbox.0, id.0], |r| r.get(0))
+                    .optional()
+                    .map_err(db)?;
+                if let Some(received) = received {
+                    remember
+                        .execute(params![mailbox.0, id.0, received])
+                        .map_err(db)?;
+                    deleted += 1;
+                }
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(deleted)
+    }
+
+    fn expire_envelopes(&mut self, received_before: u64) -> Result<u64, RelayStorageError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let cutoff = time(received_before);
+        let expired = tx
+            .prepare_cached("DELETE FROM envelopes WHERE received_at < ?1")
+            .map_err(db)?
+            .execute(params![cutoff])
+            .map_err(db)?;
+        tx.prepare_cached("DELETE FROM acknowledged WHERE received_at < ?1")
+            .map_err(db)?
+            .execute(params![cutoff])
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(expired as u64)
+    }
+
+    fn insert_challenge(
+        &mut self,
+        mailbox: &MailboxId,
+        challenge: &[u8; 32],
+        now: u64,
+        expires_at: u64,
+        max_outstanding: u32,
+    ) -> Result<(), RelayStorageError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        tx.prepare_cached("DELETE FROM challenges WHERE mailbox = ?1 AND expires_at < ?2")
+            .map_err(db)?
+            .execute(params![mailbox.0, time(now)])
+            .map_err(db)?;
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO challenges (mailbox, challenge, expires_at)
+             VALUES (?1, ?2, ?3)",
+        )
+        .map_err(db)?
+        .execute(params![mailbox.0, challenge, time(expires_at)])
+        .map_err(db)?;
+        tx.prepare_cached(
+            "DELETE FROM challenges WHERE mailbox = ?1 AND seq NOT IN (
+                 SELECT seq FROM challenges WHERE mailbox = ?1 ORDER BY seq DESC LIMIT ?2)",
+        )
+        .map_err(db)?
+        .execute(params![mailbox.0, max_outstanding])
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(())
+    }
+
+    fn consume_challenge(
+        &mut self,
+        mailbox: &MailboxId,
+        challenge: &[u8; 32],
+        now: u64,
+    ) -> Result<bool, RelayStorageError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let expires_at: Option<i64> = tx
+            .prepare_cached(
+                "DELETE FROM challenges WHERE mailbox = ?1 AND challenge = ?2
+                 RETURNING expires_at",
+            )
+            .map_err(db)?
+            .query_row(params![mailbox.0, challenge], |r| r.get(0))
+            .optional()
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(expires_at.is_some_and(|e| time(now) <= e))
+    }
+
+    fn purge_challenges(&mut self, now: u64) -> Result<u64, RelayStorageError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM challenges WHERE expires_at < ?1")
+            .map_err(db)?;
+        let purged = stmt.execute(params![time(now)]).map_err(db)?;
+        Ok(purged as u64)
+    }
+}
