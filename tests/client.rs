@@ -4,11 +4,9 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
 
-use cubbyhole::client::{Client, ClientConfig, ClientError, Rejection};
+use cubbyhole::client::{block_on, Client, ClientConfig, ClientError, Rejection};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
 use cubbyhole::storage::{MemoryStore, Store, Trust};
 use cubbyhole::transport::{
@@ -18,23 +16,6 @@ use cubbyhole::transport::{
 use cubbyhole::{Error, IdentityKeyPair};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-
-struct NoopWake;
-impl Wake for NoopWake {
-    fn wake(self: Arc<Self>) {}
-}
-
-/// Runs a future that never waits (the in-process relay answers at once).
-fn block_on<F: Future>(f: F) -> F::Output {
-    let waker = Waker::from(Arc::new(NoopWake));
-    let mut cx = Context::from_waker(&waker);
-    let mut f = pin!(f);
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-    }
-}
 
 const T0: u64 = 1_900_000_000;
 const DAY: u64 = 86_400;

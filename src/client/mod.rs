@@ -800,3 +800,31 @@ fn parse_frame(mut plaintext: Vec<u8>) -> Result<(u32, Vec<u8>), Rejection> {
     let body = plaintext.split_off(FRAME_HEADER);
     Ok((u32::from_be_bytes(device), body))
 }
+
+/// Runs a future to completion on the current thread, parking it while the
+/// future waits. For synchronous programs, examples and tests; applications
+/// with an async runtime await the client's futures there instead.
+pub fn block_on<F: core::future::Future>(future: F) -> F::Output {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+    use std::thread::{self, Thread};
+
+    struct Unpark(Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = core::pin::pin!(future);
+    loop {
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(output) => return output,
+            Poll::Pending => thread::park(),
+        }
+    }
+}

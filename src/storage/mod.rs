@@ -12,12 +12,16 @@
 //! "Guaranteed delivery").
 
 mod memory;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 use std::fmt;
 use std::string::String;
 use std::vec::Vec;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
 
 use crate::protocol::keys::IdentityKeyPair;
 use crate::protocol::prekeys::PrekeyStore;

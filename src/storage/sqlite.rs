@@ -1,0 +1,1050 @@
+//! The file-backed [`Store`] over SQLite: see [`SqliteStore`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::format;
+use std::path::Path;
+use std::string::{String, ToString};
+use std::time::Duration;
+use std::vec::Vec;
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use hkdf::Hkdf;
+use rand_core::{OsRng, RngCore};
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, Row, Transaction, TransactionBehavior};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use super::{
+    InboxMessage, LocalIdentity, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, Store,
+    StoreError, Trust,
+};
+use crate::protocol::keys::IdentityKeyPair;
+use crate::protocol::session::Session;
+use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
+
+const T_META: &str = "meta";
+const T_IDENTITY: &str = "identity";
+const T_PREKEYS: &str = "prekeys";
+const T_SESSIONS: &str = "sessions";
+const T_PEERS: &str = "peers";
+const T_OUTBOX: &str = "outbox";
+const T_INBOX: &str = "inbox";
+
+/// The key of the singleton rows (identity, prekeys), as stored and as
+/// bound into their associated data.
+const SINGLETON: u32 = 1;
+/// The `meta` row holding the sealed key check value.
+const KEY_CHECK_ROW: &str = "key_check";
+/// The plaintext of the key check row.
+const KEY_CHECK_VALUE: &[u8] = b"cubbyhole sqlite store key check v1";
+/// HKDF info for the at-rest key.
+const KEY_INFO: &[u8] = b"cubbyhole/v1 sqlite store at-rest key";
+/// Prefix of every associated data.
+const AAD_DOMAIN: &[u8] = b"cubbyhole/v1 sqlite\0";
+
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+/// How long a writer waits for another connection's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A schema step, from version `i` to `i + 1` for `MIGRATIONS[i]`. It runs
+/// inside the opening transaction; a step may rewrite rows (it gets the
+/// sealer for that).
+type Migration = fn(&Transaction<'_>, &Sealer) -> Result<(), StoreError>;
+
+/// The schema steps, in order. To change the schema, append a step: never
+/// edit a published one.
+const MIGRATIONS: &[Migration] = &[migrate_v1];
+
+/// Version 1: the tables and the key check row.
+fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE TABLE meta (
+             name TEXT PRIMARY KEY,
+             value BLOB NOT NULL
+         ) WITHOUT ROWID, STRICT;
+         CREATE TABLE identity (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             secret BLOB NOT NULL
+         ) STRICT;
+         CREATE TABLE prekeys (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             state BLOB NOT NULL
+         ) STRICT;
+         CREATE TABLE sessions (
+             identity BLOB NOT NULL CHECK (length(identity) = 32),
+             device_id INTEGER NOT NULL CHECK (device_id BETWEEN 0 AND 4294967295),
+             state BLOB NOT NULL,
+             PRIMARY KEY (identity, device_id)
+         ) WITHOUT ROWID, STRICT;
+         CREATE TABLE peers (
+             identity BLOB NOT NULL CHECK (length(identity) = 32),
+             device_id INTEGER NOT NULL CHECK (device_id BETWEEN 0 AND 4294967295),
+             trust INTEGER NOT NULL,
+             first_seen INTEGER NOT NULL,
+             auth BLOB NOT NULL,
+             PRIMARY KEY (identity, device_id)
+         ) WITHOUT ROWID, STRICT;
+         CREATE TABLE outbox (
+             seq INTEGER PRIMARY KEY,
+             envelope_id BLOB NOT NULL UNIQUE CHECK (length(envelope_id) = 16),
+             to_identity BLOB NOT NULL,
+             to_device INTEGER NOT NULL,
+             payload BLOB NOT NULL,
+             created INTEGER NOT NULL
+         ) STRICT;
+         CREATE TABLE processed (
+             envelope_id BLOB PRIMARY KEY CHECK (length(envelope_id) = 16),
+             processed_at INTEGER NOT NULL
+         ) WITHOUT ROWID, STRICT;
+         CREATE INDEX processed_by_time ON processed (processed_at);
+         CREATE TABLE inbox (
+             seq INTEGER PRIMARY KEY,
+             envelope_id BLOB NOT NULL UNIQUE CHECK (length(envelope_id) = 16),
+             from_identity BLOB NOT NULL,
+             from_device INTEGER NOT NULL,
+             received_at INTEGER NOT NULL,
+             body BLOB NOT NULL
+         ) STRICT;",
+    )
+    .map_err(backend)?;
+    let check = sealer.seal(T_META, KEY_CHECK_ROW.as_bytes(), KEY_CHECK_VALUE)?;
+    tx.execute(
+        "INSERT INTO meta (name, value) VALUES (?1, ?2)",
+        params![KEY_CHECK_ROW, check],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// A file-backed [`Store`] over SQLite (feature `sqlite`), with secrets
+/// encrypted at rest.
+///
+/// # Durability and atomicity
+///
+/// The database runs in WAL mode with `synchronous=FULL`: once a write
+/// method returns `Ok`, the change survives a crash or power loss.
+/// [`Store::commit_send`] and [`Store::commit_receive`] each run in one
+/// `BEGIN IMMEDIATE` transaction, so a crash or error leaves all of their
+/// changes or none. Several processes may open the same file; writers wait
+/// for each other up to a busy timeout (10 s) before failing with
+/// [`StoreError::Backend`].
+///
+/// # Encryption at rest
+///
+/// Secrets are sealed with AES-256-GCM under a key derived (HKDF-SHA256)
+/// from the 32-byte key the application supplies: the identity seed, the
+/// prekey state, every session state and every inbox message body. A sealed
+/// value is `nonce (12, fresh from the OS) || ciphertext || tag (16)`; its
+/// associated data binds it to its table and row key (and, for inbox
+/// messages, to the sender and reception time), so a value altered, cut or
+/// moved to another row or table fails to open. Peer records are stored in
+/// the clear (they are queried by key) but carry an authentication tag over
+/// the same binding, so a changed trust level is detected too. Outbox
+/// payloads (already end-to-end ciphertext) and processed-envelope marks are
+/// stored in the clear. Metadata is not hidden: which peers and sessions
+/// exist, envelope ids, times, sizes.
+///
+/// The key is checked when the store opens: a `meta` row holds a sealed
+/// check value, written when the database is created, and a key that does
+/// not open it is [`StoreError::WrongKey`]. The encryption does not protect
+/// against a whole-file rollback (restoring an older copy) or against
+/// deleting rows; it guarantees that what is read is what this key wrote
+/// for that row.
+///
+/// Nonces are random, so the usual AES-GCM bound applies: keep the number
+/// of sealed values written under one key below 2^32 (each session, peer,
+/// prekey or identity write and each received message is one; a receive
+/// batch seals each session it changes once). That is 50 days at 1,000
+/// writes a second, sustained.
+///
+/// # Corrupted rows
+///
+/// A row that fails to open or decode is [`StoreError::Corrupted`], naming
+/// the table and the row's key (`hex(identity)/device_id` for sessions and
+/// peers, `hex(envelope_id)` for the inbox and the outbox, `1` for the
+/// singleton identity and prekeys rows); it never affects the other rows:
+///
+/// - methods reading one row ([`Store::session`], [`Store::peer`], ...)
+///   fail only when *that* row is corrupted;
+/// - methods returning a list ([`Store::sessions`], [`Store::outbox`],
+///   [`Store::inbox`]) return the error naming the first corrupted row
+///   rather than silently dropping it (a missing session or message must
+///   not look like an absent one);
+/// - writes replace a corrupted row as usual ([`Store::commit_send`],
+///   [`Store::remove_inbox`], [`SqliteStore::remove_session`]), which is how
+///   an application recovers; [`SqliteStore::corrupted_rows`] lists every
+///   corrupted row and [`SqliteStore::session_addresses`] lists sessions
+///   without opening them.
+///
+/// # Schema
+///
+/// The schema version is SQLite's `user_version`. Opening a database of an
+/// older version migrates it, one step per version, all in the opening
+/// transaction (a crash mid-migration leaves the old version); a newer
+/// version than this code knows is [`StoreError::UnsupportedSchema`].
+///
+/// # Example
+///
+/// ```no_run
+/// # fn main() -> Result<(), cubbyhole::storage::StoreError> {
+/// use cubbyhole::storage::{SqliteStore, Store};
+/// let key = [7u8; 32]; // the application's secret, e.g. from the OS keychain
+/// let store = SqliteStore::open("device.db", &key)?;
+/// assert!(store.identity()?.is_none());
+/// # Ok(()) }
+/// ```
+pub struct SqliteStore {
+    conn: Connection,
+    sealer: Sealer,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.conn.path())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// The schema version this code creates and understands (SQLite's
+    /// `user_version`).
+    pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+    /// Opens the store at `path`, creating it if absent, migrating an older
+    /// schema, and checking `key`.
+    ///
+    /// # Errors
+    /// - [`StoreError::WrongKey`] if the database was created under another
+    ///   key;
+    /// - [`StoreError::UnsupportedSchema`] if it was written by newer code;
+    /// - [`StoreError::Corrupted`] if the key check row is missing or cut;
+    /// - [`StoreError::Backend`] if SQLite fails (unreadable file, not a
+    ///   database, a non-empty database of another application, locked
+    ///   longer than the busy timeout, ...).
+    pub fn open(path: impl AsRef<Path>, key: &[u8; 32]) -> Result<Self, StoreError> {
+        let conn = Connection::open(path.as_ref()).map_err(backend)?;
+        Self::init(conn, key, true)
+    }
+
+    /// Opens a fresh store in memory (gone when dropped): the same code
+    /// paths as a file, for tests.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if SQLite fails.
+    pub fn open_in_memory(key: &[u8; 32]) -> Result<Self, StoreError> {
+        let conn = Connection::open_in_memory().map_err(backend)?;
+        Self::init(conn, key, false)
+    }
+
+    fn init(mut conn: Connection, key: &[u8; 32], file: bool) -> Result<Self, StoreError> {
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(backend)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))
+            .map_err(backend)?;
+        if file && !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Backend(format!(
+                "cannot enable WAL mode (journal mode is {mode})"
+            )));
+        }
+        // FULL: in WAL mode, every commit syncs the log before it returns.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(backend)?;
+        let synchronous: i64 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .map_err(backend)?;
+        if synchronous != 2 {
+            return Err(StoreError::Backend(format!(
+                "cannot set synchronous=FULL (it is {synchronous})"
+            )));
+        }
+        conn.set_prepared_statement_cache_capacity(64);
+        let sealer = Sealer::new(key);
+
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let version: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(backend)?;
+        // user_version is a signed 32-bit value; read negatives as huge.
+        let version = version as i32 as u32;
+        if version > Self::SCHEMA_VERSION {
+            return Err(StoreError::UnsupportedSchema(version));
+        }
+        if version == 0 {
+            let objects: i64 = tx
+                .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+                .map_err(backend)?;
+            if objects != 0 {
+                return Err(StoreError::Backend(
+                    "the file holds another application's database".to_string(),
+                ));
+            }
+        } else {
+            check_key(&tx, &sealer)?;
+        }
+        for step in &MIGRATIONS[version as usize..] {
+            step(&tx, &sealer)?;
+        }
+        if version < Self::SCHEMA_VERSION {
+            tx.pragma_update(None, "user_version", Self::SCHEMA_VERSION)
+                .map_err(backend)?;
+        }
+        tx.commit().map_err(backend)?;
+        Ok(SqliteStore { conn, sealer })
+    }
+
+    /// The addresses of all sessions, without opening them (so a corrupted
+    /// session does not hide the others): with [`Store::session`] per
+    /// address, an application can load every healthy session.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if SQLite fails, [`StoreError::Corrupted`]
+    /// for an unreadable row key.
+    pub fn session_addresses(&self) -> Result<Vec<DeviceAddress>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT identity, device_id FROM sessions ORDER BY identity, device_id")
+            .map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(backend)? {
+            out.push(address_key(T_SESSIONS, row, 0, 1)?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes the session with a peer device, if any (for instance a
+    /// corrupted one, before establishing a new session).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if SQLite fails.
+    pub fn remove_session(&mut self, peer: &DeviceAddress) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM sessions WHERE identity = ?1 AND device_id = ?2")
+            .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Opens and decodes every row that [`Store`] reads and returns one
+    /// [`StoreError::Corrupted`] per row that fails, in table order
+    /// (identity, prekeys, sessions, peers, outbox, inbox). Empty means the
+    /// store is healthy.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if SQLite fails.
+    pub fn corrupted_rows(&self) -> Result<Vec<StoreError>, StoreError> {
+        let mut found = Vec::new();
+        let mut keep = |r: Result<(), StoreError>| match r {
+            Ok(()) => Ok(()),
+            Err(e @ StoreError::Corrupted { .. }) => {
+                found.push(e);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        keep(self.identity().map(drop))?;
+        keep(self.prekeys().map(drop))?;
+        self.scan(
+            "SELECT identity, device_id, state FROM sessions ORDER BY identity, device_id",
+            |row| self.session_row(row).map(drop),
+            &mut keep,
+        )?;
+        self.scan(
+            "SELECT identity, device_id, trust, first_seen, auth FROM peers
+             ORDER BY identity, device_id",
+            |row| {
+                let address = address_key(T_PEERS, row, 0, 1)?;
+                self.peer_row(&address, row, 2).map(drop)
+            },
+            &mut keep,
+        )?;
+        self.scan(OUTBOX_SELECT, |row| outbox_row(row).map(drop), &mut keep)?;
+        self.scan(INBOX_SELECT, |row| self.inbox_row(row).map(drop), &mut keep)?;
+        Ok(found)
+    }
+
+    fn scan(
+        &self,
+        sql: &str,
+        mut each: impl FnMut(&Row<'_>) -> Result<(), StoreError>,
+        keep: &mut impl FnMut(Result<(), StoreError>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        while let Some(row) = rows.next().map_err(backend)? {
+            keep(each(row))?;
+        }
+        Ok(())
+    }
+
+    /// Decodes a `(identity, device_id, state)` row of `sessions`.
+    fn session_row(&self, row: &Row<'_>) -> Result<(DeviceAddress, Session), StoreError> {
+        let address = address_key(T_SESSIONS, row, 0, 1)?;
+        let session = self.open_session(&address, row, 2)?;
+        Ok((address, session))
+    }
+
+    fn open_session(
+        &self,
+        address: &DeviceAddress,
+        row: &Row<'_>,
+        column: usize,
+    ) -> Result<Session, StoreError> {
+        let name = || address_name(address);
+        let sealed = blob(row, column, "state").map_err(|r| corrupted(T_SESSIONS, name(), r))?;
+        let plain = self
+            .sealer
+            .open(T_SESSIONS, &address_bytes(address), sealed)
+            .map_err(|r| corrupted(T_SESSIONS, name(), r))?;
+        Session::from_bytes(&plain)
+            .map_err(|e| corrupted(T_SESSIONS, name(), format!("session state: {e}")))
+    }
+
+    /// Decodes `(trust, first_seen, auth)` at `column..` of a `peers` row.
+    fn peer_row(
+        &self,
+        address: &DeviceAddress,
+        row: &Row<'_>,
+        column: usize,
+    ) -> Result<PeerRecord, StoreError> {
+        let fail = |r: String| corrupted(T_PEERS, address_name(address), r);
+        let trust = int(row, column, "trust").map_err(fail)?;
+        let first_seen = int(row, column + 1, "first_seen").map_err(fail)? as u64;
+        let auth = blob(row, column + 2, "auth").map_err(fail)?;
+        let trust = match trust {
+            0 => Trust::Unvalidated,
+            1 => Trust::Validated,
+            2 => Trust::Compromised,
+            _ => return Err(fail(format!("unknown trust level {trust}"))),
+        };
+        let record = PeerRecord {
+            address: *address,
+            trust,
+            first_seen,
+        };
+        let plain = self
+            .sealer
+            .open(T_PEERS, &peer_binding(&record), auth)
+            .map_err(fail)?;
+        if !plain.is_empty() {
+            return Err(fail("auth: unexpected content".to_string()));
+        }
+        Ok(record)
+    }
+
+    /// Decodes a row of [`INBOX_SELECT`].
+    fn inbox_row(&self, row: &Row<'_>) -> Result<InboxMessage, StoreError> {
+        let id = envelope_key(T_INBOX, row, 0)?;
+        let fail = |r: String| corrupted(T_INBOX, hex(&id.0), r);
+        let from = address_columns(row, 1, 2).map_err(fail)?;
+        let received_at = int(row, 3, "received_at").map_err(fail)? as u64;
+        let sealed = blob(row, 4, "body").map_err(fail)?;
+        let mut body = self
+            .sealer
+            .open(T_INBOX, &inbox_binding(&id, &from, received_at), sealed)
+            .map_err(fail)?;
+        Ok(InboxMessage {
+            envelope_id: id,
+            from,
+            body: core::mem::take(&mut *body),
+            received_at,
+        })
+    }
+}
+
+const OUTBOX_SELECT: &str =
+    "SELECT envelope_id, to_identity, to_device, payload, created FROM outbox ORDER BY seq";
+const INBOX_SELECT: &str =
+    "SELECT envelope_id, from_identity, from_device, received_at, body FROM inbox ORDER BY seq";
+
+const SESSION_UPSERT: &str = "INSERT INTO sessions (identity, device_id, state) VALUES (?1, ?2, ?3)
+     ON CONFLICT (identity, device_id) DO UPDATE SET state = excluded.state";
+const PREKEYS_UPSERT: &str = "INSERT INTO prekeys (id, state) VALUES (?1, ?2)
+     ON CONFLICT (id) DO UPDATE SET state = excluded.state";
+const PEER_UPSERT: &str =
+    "INSERT INTO peers (identity, device_id, trust, first_seen, auth) VALUES (?1, ?2, ?3, ?4, ?5)
+     ON CONFLICT (identity, device_id) DO UPDATE SET
+         trust = excluded.trust, first_seen = excluded.first_seen, auth = excluded.auth";
+
+/// Decodes a row of [`OUTBOX_SELECT`].
+fn outbox_row(row: &Row<'_>) -> Result<OutboxEntry, StoreError> {
+    let id = envelope_key(T_OUTBOX, row, 0)?;
+    let fail = |r: String| corrupted(T_OUTBOX, hex(&id.0), r);
+    let to = address_columns(row, 1, 2).map_err(fail)?;
+    let payload = blob(row, 3, "payload").map_err(fail)?.to_vec();
+    let created = int(row, 4, "created").map_err(fail)? as u64;
+    Ok(OutboxEntry {
+        to,
+        envelope: Envelope { id, payload },
+        created,
+    })
+}
+
+/// Checks the key against the sealed check value.
+fn check_key(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
+    let fail = |r: &str| corrupted(T_META, KEY_CHECK_ROW.to_string(), r.to_string());
+    let value: Option<Vec<u8>> = tx
+        .query_row(
+            "SELECT value FROM meta WHERE name = ?1",
+            [KEY_CHECK_ROW],
+            |r| r.get(0),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })
+        .map_err(backend)?;
+    let value = value.ok_or_else(|| fail("missing"))?;
+    if value.len() < NONCE_LEN + TAG_LEN {
+        return Err(fail("too short"));
+    }
+    let plain = sealer
+        .open(T_META, KEY_CHECK_ROW.as_bytes(), &value)
+        .map_err(|_| StoreError::WrongKey)?;
+    if plain.as_slice() != KEY_CHECK_VALUE {
+        return Err(fail("unexpected check value"));
+    }
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn identity(&self) -> Result<Option<LocalIdentity>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT secret FROM identity WHERE id = ?1")
+            .map_err(backend)?;
+        let mut rows = stmt.query([SINGLETON]).map_err(backend)?;
+        let Some(row) = rows.next().map_err(backend)? else {
+            return Ok(None);
+        };
+        let fail = |r: String| corrupted(T_IDENTITY, SINGLETON.to_string(), r);
+        let sealed = blob(row, 0, "secret").map_err(fail)?;
+        let plain = self
+            .sealer
+            .open(T_IDENTITY, &SINGLETON.to_be_bytes(), sealed)
+            .map_err(fail)?;
+        if plain.len() != 36 {
+            return Err(fail(format!("secret: {} bytes, expected 36", plain.len())));
+        }
+        let mut seed = Zeroizing::new([0u8; 32]);
+        seed.copy_from_slice(&plain[..32]);
+        let mut device = [0u8; 4];
+        device.copy_from_slice(&plain[32..]);
+        Ok(Some(LocalIdentity {
+            keys: IdentityKeyPair::from_seed(&seed),
+            device_id: u32::from_be_bytes(device),
+        }))
+    }
+
+    fn set_identity(&mut self, identity: &LocalIdentity) -> Result<(), StoreError> {
+        let mut plain = Zeroizing::new(Vec::with_capacity(36));
+        plain.extend_from_slice(&identity.keys.seed()[..]);
+        plain.extend_from_slice(&identity.device_id.to_be_bytes());
+        let sealed = self
+            .sealer
+            .seal(T_IDENTITY, &SINGLETON.to_be_bytes(), &plain)?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO identity (id, secret) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET secret = excluded.secret",
+            )
+            .and_then(|mut s| s.execute(params![SINGLETON, sealed]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn prekeys(&self) -> Result<Option<PrekeyState>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT state FROM prekeys WHERE id = ?1")
+            .map_err(backend)?;
+        let mut rows = stmt.query([SINGLETON]).map_err(backend)?;
+        let Some(row) = rows.next().map_err(backend)? else {
+            return Ok(None);
+        };
+        let fail = |r: String| corrupted(T_PREKEYS, SINGLETON.to_string(), r);
+        let sealed = blob(row, 0, "state").map_err(fail)?;
+        let plain = self
+            .sealer
+            .open(T_PREKEYS, &SINGLETON.to_be_bytes(), sealed)
+            .map_err(fail)?;
+        PrekeyState::from_bytes(&plain)
+            .map(Some)
+            .map_err(|e| fail(format!("prekey state: {e}")))
+    }
+
+    fn set_prekeys(&mut self, state: &PrekeyState) -> Result<(), StoreError> {
+        let sealed = self.seal_prekeys(state)?;
+        self.conn
+            .prepare_cached(PREKEYS_UPSERT)
+            .and_then(|mut s| s.execute(params![SINGLETON, sealed]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn session(&self, peer: &DeviceAddress) -> Result<Option<Session>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT state FROM sessions WHERE identity = ?1 AND device_id = ?2")
+            .map_err(backend)?;
+        let mut rows = stmt
+            .query(params![&peer.identity[..], peer.device_id])
+            .map_err(backend)?;
+        match rows.next().map_err(backend)? {
+            None => Ok(None),
+            Some(row) => self.open_session(peer, row, 0).map(Some),
+        }
+    }
+
+    /// All sessions, ordered by address. A corrupted session row fails the
+    /// whole call with [`StoreError::Corrupted`] naming it (use
+    /// [`SqliteStore::session_addresses`] and [`Store::session`] to load the
+    /// healthy ones).
+    fn sessions(&self) -> Result<Vec<(DeviceAddress, Session)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT identity, device_id, state FROM sessions ORDER BY identity, device_id",
+            )
+            .map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(backend)? {
+            out.push(self.session_row(row)?);
+        }
+        Ok(out)
+    }
+
+    fn peer(&self, device: &DeviceAddress) -> Result<Option<PeerRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT trust, first_seen, auth FROM peers WHERE identity = ?1 AND device_id = ?2",
+            )
+            .map_err(backend)?;
+        let mut rows = stmt
+            .query(params![&device.identity[..], device.device_id])
+            .map_err(backend)?;
+        match rows.next().map_err(backend)? {
+            None => Ok(None),
+            Some(row) => self.peer_row(device, row, 0).map(Some),
+        }
+    }
+
+    fn set_peer(&mut self, peer: &PeerRecord) -> Result<(), StoreError> {
+        let auth = self.sealer.seal(T_PEERS, &peer_binding(peer), &[])?;
+        self.conn
+            .prepare_cached(PEER_UPSERT)
+            .and_then(|mut s| s.execute(peer_params(peer, &auth)))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Stores the session and appends the envelope to the outbox, in one
+    /// transaction. An envelope id already in the outbox is replaced in
+    /// place (same position).
+    fn commit_send(&mut self, session: &Session, entry: &OutboxEntry) -> Result<(), StoreError> {
+        let sealed = self.seal_session(&entry.to, session)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        tx.prepare_cached(SESSION_UPSERT)
+            .and_then(|mut s| {
+                s.execute(params![&entry.to.identity[..], entry.to.device_id, sealed])
+            })
+            .map_err(backend)?;
+        tx.prepare_cached(
+            "INSERT INTO outbox (envelope_id, to_identity, to_device, payload, created)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (envelope_id) DO UPDATE SET to_identity = excluded.to_identity,
+                 to_device = excluded.to_device, payload = excluded.payload,
+                 created = excluded.created",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                &entry.envelope.id.0[..],
+                &entry.to.identity[..],
+                entry.to.device_id,
+                &entry.envelope.payload[..],
+                entry.created as i64,
+            ])
+        })
+        .map_err(backend)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(OUTBOX_SELECT).map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(backend)? {
+            out.push(outbox_row(row)?);
+        }
+        Ok(out)
+    }
+
+    fn remove_outbox(&mut self, id: &EnvelopeId) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM outbox WHERE envelope_id = ?1")
+            .and_then(|mut s| s.execute([&id.0[..]]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn is_processed(&self, id: &EnvelopeId) -> Result<bool, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM processed WHERE envelope_id = ?1")
+            .map_err(backend)?;
+        stmt.exists([&id.0[..]]).map_err(backend)
+    }
+
+    /// Applies the batch in one transaction. Everything is sealed before the
+    /// transaction starts (so the write lock is held only for the writes),
+    /// and a session, peer or prekey state changed several times in the
+    /// batch is written once, in its last state.
+    fn commit_receive(&mut self, batch: &[ReceiveCommit<'_>]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut sessions: BTreeMap<DeviceAddress, &Session> = BTreeMap::new();
+        let mut peers: BTreeMap<DeviceAddress, &PeerRecord> = BTreeMap::new();
+        let mut prekeys = None;
+        for c in batch {
+            if let Some((address, session)) = c.session {
+                sessions.insert(*address, session);
+            }
+            if let Some(peer) = c.peer {
+                peers.insert(peer.address, peer);
+            }
+            if c.prekeys.is_some() {
+                prekeys = c.prekeys;
+            }
+        }
+        let sessions = sessions
+            .into_iter()
+            .map(|(a, s)| Ok((a, self.seal_session(&a, s)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let peers = peers
+            .into_values()
+            .map(|p| Ok((p, self.sealer.seal(T_PEERS, &peer_binding(p), &[])?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let prekeys = prekeys.map(|p| self.seal_prekeys(p)).transpose()?;
+        let messages = batch
+            .iter()
+            .filter_map(|c| c.message)
+            .map(|m| {
+                let binding = inbox_binding(&m.envelope_id, &m.from, m.received_at);
+                Ok((m, self.sealer.seal(T_INBOX, &binding, &m.body)?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        {
+            let mut stmt = tx.prepare_cached(SESSION_UPSERT).map_err(backend)?;
+            for (a, sealed) in &sessions {
+                stmt.execute(params![&a.identity[..], a.device_id, sealed])
+                    .map_err(backend)?;
+            }
+            if !peers.is_empty() {
+                let mut stmt = tx.prepare_cached(PEER_UPSERT).map_err(backend)?;
+                for (p, auth) in &peers {
+                    stmt.execute(peer_params(p, auth)).map_err(backend)?;
+                }
+            }
+            if let Some(sealed) = &prekeys {
+                tx.prepare_cached(PREKEYS_UPSERT)
+                    .and_then(|mut s| s.execute(params![SINGLETON, sealed]))
+                    .map_err(backend)?;
+            }
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO inbox (envelope_id, from_identity, from_device, received_at, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (envelope_id) DO NOTHING",
+                )
+                .map_err(backend)?;
+            for (m, sealed) in &messages {
+                stmt.execute(params![
+                    &m.envelope_id.0[..],
+                    &m.from.identity[..],
+                    m.from.device_id,
+                    m.received_at as i64,
+                    sealed,
+                ])
+                .map_err(backend)?;
+            }
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO processed (envelope_id, processed_at) VALUES (?1, ?2)
+                     ON CONFLICT (envelope_id) DO UPDATE SET processed_at = excluded.processed_at",
+                )
+                .map_err(backend)?;
+            for c in batch {
+                stmt.execute(params![&c.envelope_id.0[..], c.processed_at as i64])
+                    .map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)
+    }
+
+    fn prune_processed(&mut self, before: u64) -> Result<(), StoreError> {
+        // Times are stored as the i64 with the same bits, so values from
+        // 2^63 on are negative: "at < before" in u64 order is "0 <= at <
+        // before" when `before` < 2^63, and "at >= 0 or at < before" beyond.
+        let sql = if before <= i64::MAX as u64 {
+            "DELETE FROM processed WHERE processed_at >= 0 AND processed_at < ?1"
+        } else {
+            "DELETE FROM processed WHERE processed_at >= 0 OR processed_at < ?1"
+        };
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute([before as i64]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Messages in the order received. A corrupted message fails the call
+    /// with [`StoreError::Corrupted`] naming its envelope id (hex), which
+    /// [`Store::remove_inbox`] can then discard.
+    fn inbox(&self) -> Result<Vec<InboxMessage>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(INBOX_SELECT).map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(backend)? {
+            out.push(self.inbox_row(row)?);
+        }
+        Ok(out)
+    }
+
+    fn remove_inbox(&mut self, id: &EnvelopeId) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM inbox WHERE envelope_id = ?1")
+            .and_then(|mut s| s.execute([&id.0[..]]))
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    fn seal_session(
+        &self,
+        address: &DeviceAddress,
+        session: &Session,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.sealer
+            .seal(T_SESSIONS, &address_bytes(address), &session.to_bytes())
+    }
+
+    fn seal_prekeys(&self, state: &PrekeyState) -> Result<Vec<u8>, StoreError> {
+        self.sealer
+            .seal(T_PREKEYS, &SINGLETON.to_be_bytes(), &state.to_bytes())
+    }
+}
+
+/// AES-256-GCM under the store's derived key.
+struct Sealer {
+    cipher: Aes256Gcm,
+}
+
+impl Sealer {
+    fn new(key: &[u8; 32]) -> Self {
+        let mut derived = Zeroizing::new([0u8; 32]);
+        Hkdf::<Sha256>::new(None, key)
+            .expand(KEY_INFO, derived.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        Sealer {
+            cipher: Aes256Gcm::new(derived.as_ref().into()),
+        }
+    }
+
+    /// `nonce || ciphertext || tag`, bound to `table` and `row`.
+    fn seal(&self, table: &str, row: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
+        let mut out = Zeroizing::new(Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN));
+        out.resize(NONCE_LEN, 0);
+        OsRng
+            .try_fill_bytes(&mut out[..NONCE_LEN])
+            .map_err(|e| StoreError::Backend(format!("operating system RNG: {e}")))?;
+        out.extend_from_slice(plaintext);
+        let (nonce, body) = out.split_at_mut(NONCE_LEN);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(Nonce::from_slice(nonce), &aad(table, row), body)
+            .map_err(|_| StoreError::Backend("value too long to encrypt".to_string()))?;
+        out.extend_from_slice(&tag);
+        // The buffer now holds only ciphertext: no need to wipe it.
+        Ok(core::mem::take(&mut *out))
+    }
+
+    /// Opens [`Self::seal`]'s output; the error is the reason.
+    fn open(&self, table: &str, row: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
+        if sealed.len() < NONCE_LEN + TAG_LEN {
+            return Err(format!("sealed value too short ({} bytes)", sealed.len()));
+        }
+        let (nonce, rest) = sealed.split_at(NONCE_LEN);
+        let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut plain = Zeroizing::new(body.to_vec());
+        self.cipher
+            .decrypt_in_place_detached(
+                Nonce::from_slice(nonce),
+                &aad(table, row),
+                &mut plain,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| {
+                "authentication failed (altered, cut, or moved from another row)".to_string()
+            })?;
+        Ok(plain)
+    }
+}
+
+/// `AAD_DOMAIN || table || 0 || row`.
+fn aad(table: &str, row: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(AAD_DOMAIN.len() + table.len() + 1 + row.len());
+    out.extend_from_slice(AAD_DOMAIN);
+    out.extend_from_slice(table.as_bytes());
+    out.push(0);
+    out.extend_from_slice(row);
+    out
+}
+
+/// The row key of a session or peer: `identity || device_id (4, BE)`.
+fn address_bytes(a: &DeviceAddress) -> [u8; 36] {
+    let mut out = [0u8; 36];
+    out[..32].copy_from_slice(&a.identity);
+    out[32..].copy_from_slice(&a.device_id.to_be_bytes());
+    out
+}
+
+/// What a peer row's tag covers: `address || trust (1) || first_seen (8)`.
+fn peer_binding(p: &PeerRecord) -> [u8; 45] {
+    let mut out = [0u8; 45];
+    out[..36].copy_from_slice(&address_bytes(&p.address));
+    out[36] = trust_code(p.trust) as u8;
+    out[37..].copy_from_slice(&p.first_seen.to_be_bytes());
+    out
+}
+
+/// What an inbox body is bound to: `envelope_id || from || received_at`.
+fn inbox_binding(id: &EnvelopeId, from: &DeviceAddress, received_at: u64) -> [u8; 60] {
+    let mut out = [0u8; 60];
+    out[..16].copy_from_slice(&id.0);
+    out[16..52].copy_from_slice(&address_bytes(from));
+    out[52..].copy_from_slice(&received_at.to_be_bytes());
+    out
+}
+
+fn trust_code(t: Trust) -> i64 {
+    match t {
+        Trust::Unvalidated => 0,
+        Trust::Validated => 1,
+        Trust::Compromised => 2,
+    }
+}
+
+fn peer_params<'a>(p: &'a PeerRecord, auth: &'a [u8]) -> impl rusqlite::Params + 'a {
+    (
+        &p.address.identity[..],
+        p.address.device_id,
+        trust_code(p.trust),
+        p.first_seen as i64,
+        auth,
+    )
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn corrupted(table: &'static str, row: String, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupted {
+        table,
+        row,
+        reason: reason.into(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use core::fmt::Write;
+    let mut s = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn address_name(a: &DeviceAddress) -> String {
+    format!("{}/{}", hex(&a.identity), a.device_id)
+}
+
+fn blob<'r>(row: &'r Row<'_>, i: usize, what: &str) -> Result<&'r [u8], String> {
+    match row.get_ref(i) {
+        Ok(ValueRef::Blob(b)) => Ok(b),
+        Ok(v) => Err(format!("{what}: a {} instead of a blob", v.data_type())),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+fn int(row: &Row<'_>, i: usize, what: &str) -> Result<i64, String> {
+    match row.get_ref(i) {
+        Ok(ValueRef::Integer(v)) => Ok(v),
+        Ok(v) => Err(format!("{what}: a {} instead of an integer", v.data_type())),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+/// A device address from an identity and a device column.
+fn address_columns(row: &Row<'_>, identity: usize, device: usize) -> Result<DeviceAddress, String> {
+    let id = blob(row, identity, "identity")?;
+    let identity: [u8; 32] = id
+        .try_into()
+        .map_err(|_| format!("identity: {} bytes, expected 32", id.len()))?;
+    let device = int(row, device, "device_id")?;
+    let device_id =
+        u32::try_from(device).map_err(|_| format!("device_id: {device} out of range"))?;
+    Ok(DeviceAddress {
+        identity,
+        device_id,
+    })
+}
+
+/// A row's key address; a failure names the raw key as far as readable.
+fn address_key(
+    table: &'static str,
+    row: &Row<'_>,
+    identity: usize,
+    device: usize,
+) -> Result<DeviceAddress, StoreError> {
+    address_columns(row, identity, device).map_err(|r| corrupted(table, raw_name(row, identity), r))
+}
+
+/// A row's key envelope id.
+fn envelope_key(table: &'static str, row: &Row<'_>, i: usize) -> Result<EnvelopeId, StoreError> {
+    let fail = |r: String| corrupted(table, raw_name(row, i), r);
+    let b = blob(row, i, "envelope_id").map_err(fail)?;
+    let id: [u8; 16] = b
+        .try_into()
+        .map_err(|_| fail(format!("envelope_id: {} bytes, expected 16", b.len())))?;
+    Ok(EnvelopeId(id))
+}
+
+/// A best-effort name for a row whose key does not decode.
+fn raw_name(row: &Row<'_>, i: usize) -> String {
+    match row.get_ref(i) {
+        Ok(ValueRef::Blob(b)) => hex(b),
+        Ok(ValueRef::Integer(v)) => v.to_string(),
+        Ok(ValueRef::Text(t)) => String::from_utf8_lossy(t).into_owned(),
+        _ => "(unreadable key)".to_string(),
+    }
+}
