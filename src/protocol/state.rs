@@ -28,7 +28,8 @@
 //!
 //! Decoding checks every length against the remaining input before it
 //! allocates, rejects unknown versions, flags, trailing bytes, empty or
-//! repeated chains, unsorted counters, more stored keys than the cap, and
+//! repeated chains, a current receiving chain that is not the newest,
+//! unsorted counters, more stored keys than the cap, and
 //! limits above [`SessionConfig::LIMIT_MAX_SKIP`] and
 //! [`SessionConfig::LIMIT_MAX_SKIPPED_KEYS`] (a corrupted state must not turn
 //! one message into an unbounded amount of work).
@@ -252,6 +253,14 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Session> {
         }
         skipped.len += count;
         skipped.chains.push_back(SkippedChain { ratchet_key, keys });
+    }
+    // Keys are stored chain by chain, and the chain of the current
+    // receiving key is the newest: if it has stored keys, it is the last.
+    // (The ratchet appends later skips of the current chain to that chain.)
+    if let Some(pos) = skipped.chains.iter().position(|c| Some(c.ratchet_key) == dhr) {
+        if pos + 1 != skipped.chains.len() {
+            return Err(Error::State("state skipped chain order"));
+        }
     }
     StateReader::map(r.0.finish("state trailing bytes"))?;
     Ok(Session {
