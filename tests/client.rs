@@ -541,3 +541,77 @@ fn restart_from_the_same_store_and_outbox_flush() {
     assert_eq!(w.receive(&mut bob).received, 2);
     assert_eq!(bodies(&bob), vec![b"first".to_vec(), b"second".to_vec()]);
 }
+
+/// A mailbox whose acknowledgements are lost (the receiver "crashes" between
+/// its commit and the acknowledgement, as far as the relay can tell).
+#[derive(Clone)]
+struct LosesAcks(Evil);
+
+impl Mailbox for LosesAcks {
+    fn deposit(
+        &self,
+        to: &MailboxId,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.0.deposit(to, envelope)
+    }
+    fn challenge(
+        &self,
+        mailbox: &MailboxId,
+    ) -> impl Future<Output = Result<[u8; 32], TransportError>> + Send {
+        self.0.challenge(mailbox)
+    }
+    fn fetch(
+        &self,
+        auth: &MailboxAuth,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send {
+        self.0.fetch(auth, limit)
+    }
+    async fn acknowledge(&self, _: &MailboxAuth, _: &[EnvelopeId]) -> Result<(), TransportError> {
+        Err(TransportError::Unavailable("connection lost"))
+    }
+}
+
+#[test]
+fn committed_but_unacknowledged_envelopes_are_recognised() {
+    let mut w = World::new(10);
+    let bob = w.device(MemoryStore::new(), ClientConfig::default());
+    let mut alice = w.device(MemoryStore::new(), ClientConfig::default());
+    for i in 0..3u8 {
+        w.send(&mut alice, &bob, &[i]);
+    }
+    let store = bob.into_store();
+    let mut flaky = Client::open(
+        store,
+        w.evil.clone(),
+        LosesAcks(w.evil.clone()),
+        ClientConfig::default(),
+        &mut w.rng,
+    )
+    .unwrap();
+    let now = w.now();
+    assert!(matches!(
+        block_on(flaky.receive(now)),
+        Err(ClientError::Transport(_))
+    ));
+    assert_eq!(
+        flaky.inbox().unwrap().len(),
+        3,
+        "committed before the acknowledgement"
+    );
+    let store = flaky.into_store();
+    let mut bob = Client::open(
+        store,
+        w.evil.clone(),
+        w.evil.clone(),
+        ClientConfig::default(),
+        &mut w.rng,
+    )
+    .unwrap();
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 0);
+    assert_eq!(report.redelivered, 3);
+    assert!(report.rejected.is_empty());
+    assert_eq!(bodies(&bob), vec![vec![0], vec![1], vec![2]]);
+}
