@@ -257,7 +257,11 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Session> {
     // Keys are stored chain by chain, and the chain of the current
     // receiving key is the newest: if it has stored keys, it is the last.
     // (The ratchet appends later skips of the current chain to that chain.)
-    if let Some(pos) = skipped.chains.iter().position(|c| Some(c.ratchet_key) == dhr) {
+    if let Some(pos) = skipped
+        .chains
+        .iter()
+        .position(|c| Some(c.ratchet_key) == dhr)
+    {
         if pos + 1 != skipped.chains.len() {
             return Err(Error::State("state skipped chain order"));
         }
