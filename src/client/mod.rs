@@ -523,10 +523,30 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// [`ClientError::Store`], [`ClientError::Transport`]. Nothing is
     /// acknowledged that was not committed first.
     pub async fn receive(&mut self, now: u64) -> Result<ReceiveReport, ClientError> {
+        self.receive_waiting(now, 0).await
+    }
+
+    /// [`Client::receive`], but when nothing is pending the first fetch waits
+    /// up to `wait_ms` milliseconds for an envelope (a long poll, if the
+    /// mailbox supports it), so an online device gets messages as they
+    /// arrive without polling in a loop.
+    ///
+    /// # Errors
+    /// As [`Client::receive`].
+    pub async fn receive_waiting(
+        &mut self,
+        now: u64,
+        wait_ms: u32,
+    ) -> Result<ReceiveReport, ClientError> {
         let mut report = ReceiveReport::default();
+        let mut wait_ms = wait_ms;
         loop {
             let auth = self.auth(MailboxOp::Fetch).await?;
-            let envelopes = self.mailbox.fetch(&auth, self.config.receive_batch).await?;
+            let envelopes = self
+                .mailbox
+                .fetch_waiting(&auth, self.config.receive_batch, wait_ms)
+                .await?;
+            wait_ms = 0;
             if envelopes.is_empty() {
                 break;
             }

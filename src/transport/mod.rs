@@ -177,6 +177,19 @@ pub trait Mailbox: Send + Sync {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send;
 
+    /// Like [`Mailbox::fetch`], but when nothing is pending waits up to
+    /// `wait_ms` milliseconds for an envelope to arrive (push for online
+    /// recipients: a long poll). The default does not wait.
+    fn fetch_waiting(
+        &self,
+        auth: &MailboxAuth,
+        limit: u32,
+        wait_ms: u32,
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send {
+        let _ = wait_ms;
+        self.fetch(auth, limit)
+    }
+
     /// Deletes envelopes by id; `auth` must be a [`MailboxOp::Acknowledge`]
     /// proof over a fresh challenge. Unknown ids are ignored.
     fn acknowledge(
