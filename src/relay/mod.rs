@@ -352,6 +352,22 @@ pub trait RelayStorage {
         limits: MailboxLimits,
     ) -> Result<InsertOutcome, RelayStorageError>;
 
+    /// Deposits a batch, each envelope checked as by
+    /// [`RelayStorage::insert_envelope`] in order, and all committed
+    /// together (group commit: one durable write for the batch). On error
+    /// none is stored. The default runs them one by one.
+    fn insert_envelopes(
+        &mut self,
+        batch: &[(MailboxId, Envelope)],
+        received_at: u64,
+        limits: MailboxLimits,
+    ) -> Result<Vec<InsertOutcome>, RelayStorageError> {
+        batch
+            .iter()
+            .map(|(mailbox, envelope)| self.insert_envelope(mailbox, envelope, received_at, limits))
+            .collect()
+    }
+
     /// The mailbox's pending envelopes received at or after
     /// `received_since`, oldest first: at most `limit`, stopping before the
     /// envelope that would take the payload total over `max_bytes` (the
@@ -561,6 +577,68 @@ impl<S: RelayStorage> Relay<S> {
                 Err(TransportError::LimitExceeded(reason::PENDING_BYTES))
             }
         }
+    }
+
+    /// Deposits several envelopes with one storage commit (group commit),
+    /// for servers that gather concurrent deposits. Each result is what
+    /// [`Relay::deposit`] would answer for that envelope, with `Ok(true)`
+    /// when it was stored now and `Ok(false)` when that id was already
+    /// there (an idempotent retry). A storage failure fails every envelope
+    /// of the batch (none is stored).
+    pub fn deposit_batch(
+        &mut self,
+        now: u64,
+        batch: &[(MailboxId, Envelope)],
+    ) -> Vec<Result<bool, TransportError>> {
+        let mut results: Vec<Result<bool, TransportError>> = Vec::with_capacity(batch.len());
+        let mut accepted: Vec<(MailboxId, Envelope)> = Vec::with_capacity(batch.len());
+        let mut slots = Vec::with_capacity(batch.len());
+        for (mailbox, envelope) in batch {
+            let checked = if envelope.payload.len() > self.config.max_envelope_bytes as usize {
+                Err(TransportError::LimitExceeded(reason::ENVELOPE_SIZE))
+            } else {
+                self.require_mailbox(mailbox)
+            };
+            match checked {
+                Ok(()) => {
+                    slots.push(results.len());
+                    accepted.push((*mailbox, envelope.clone()));
+                    results.push(Ok(false));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if accepted.is_empty() {
+            return results;
+        }
+        let limits = MailboxLimits {
+            max_envelopes: self.config.max_pending_envelopes,
+            max_bytes: self.config.max_pending_bytes,
+            expire_before: self.expiry_cutoff(now),
+        };
+        let outcome = self.storage.insert_envelopes(&accepted, now, limits);
+        match self.check(outcome) {
+            Ok(outcomes) => {
+                for (slot, outcome) in slots.into_iter().zip(outcomes) {
+                    results[slot] = match outcome {
+                        InsertOutcome::Stored => Ok(true),
+                        InsertOutcome::Duplicate => Ok(false),
+                        InsertOutcome::TooManyEnvelopes => {
+                            Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES))
+                        }
+                        InsertOutcome::TooManyBytes => {
+                            Err(TransportError::LimitExceeded(reason::PENDING_BYTES))
+                        }
+                    };
+                }
+            }
+            Err(e) => {
+                for slot in slots {
+                    results[slot] = Err(e.clone());
+                }
+            }
+        }
+        results
     }
 
     /// Issues a fresh, single-use challenge for proving ownership of a

@@ -353,57 +353,28 @@ impl RelayStorage for SqliteRelayStorage {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let cutoff = time(limits.expire_before);
-        tx.prepare_cached("DELETE FROM envelopes WHERE mailbox = ?1 AND received_at < ?2")
-            .map_err(db)?
-            .execute(params![mailbox.0, cutoff])
-            .map_err(db)?;
-        tx.prepare_cached("DELETE FROM acknowledged WHERE mailbox = ?1 AND received_at < ?2")
-            .map_err(db)?
-            .execute(params![mailbox.0, cutoff])
-            .map_err(db)?;
-        let duplicate = tx
-            .prepare_cached(
-                "SELECT 1 FROM envelopes WHERE mailbox = ?1 AND id = ?2
-                 UNION ALL SELECT 1 FROM acknowledged WHERE mailbox = ?1 AND id = ?2",
-            )
-            .map_err(db)?
-            .exists(params![mailbox.0, envelope.id.0])
-            .map_err(db)?;
-        let outcome = if duplicate {
-            InsertOutcome::Duplicate
-        } else {
-            let (envelopes, bytes): (i64, i64) = tx
-                .prepare_cached(
-                    "SELECT count(*), coalesce(sum(size), 0) FROM envelopes WHERE mailbox = ?1",
-                )
-                .map_err(db)?
-                .query_row(params![mailbox.0], |r| Ok((r.get(0)?, r.get(1)?)))
-                .map_err(db)?;
-            let size = envelope.payload.len() as u64;
-            if count(envelopes) >= u64::from(limits.max_envelopes) {
-                InsertOutcome::TooManyEnvelopes
-            } else if count(bytes).saturating_add(size) > limits.max_bytes {
-                InsertOutcome::TooManyBytes
-            } else {
-                tx.prepare_cached(
-                    "INSERT INTO envelopes (mailbox, id, received_at, size, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(db)?
-                .execute(params![
-                    mailbox.0,
-                    envelope.id.0,
-                    time(received_at),
-                    time(size),
-                    envelope.payload,
-                ])
-                .map_err(db)?;
-                InsertOutcome::Stored
-            }
-        };
+        let outcome = insert_one(&tx, mailbox, envelope, received_at, limits)?;
         tx.commit().map_err(db)?;
         Ok(outcome)
+    }
+
+    fn insert_envelopes(
+        &mut self,
+        batch: &[(MailboxId, Envelope)],
+        received_at: u64,
+        limits: MailboxLimits,
+    ) -> Result<Vec<InsertOutcome>, RelayStorageError> {
+        // Group commit: one transaction (one fsync) for the whole batch.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(db)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (mailbox, envelope) in batch {
+            outcomes.push(insert_one(&tx, mailbox, envelope, received_at, limits)?);
+        }
+        tx.commit().map_err(db)?;
+        Ok(outcomes)
     }
 
     fn list_envelopes(
@@ -578,4 +549,65 @@ impl RelayStorage for SqliteRelayStorage {
         let purged = stmt.execute(params![time(now)]).map_err(db)?;
         Ok(purged as u64)
     }
+}
+
+/// One deposit inside an open transaction: expire the mailbox's old
+/// envelopes, recognise a duplicate id, check the bounds, insert.
+fn insert_one(
+    tx: &rusqlite::Transaction<'_>,
+    mailbox: &MailboxId,
+    envelope: &Envelope,
+    received_at: u64,
+    limits: MailboxLimits,
+) -> Result<InsertOutcome, RelayStorageError> {
+    let cutoff = time(limits.expire_before);
+    tx.prepare_cached("DELETE FROM envelopes WHERE mailbox = ?1 AND received_at < ?2")
+        .map_err(db)?
+        .execute(params![mailbox.0, cutoff])
+        .map_err(db)?;
+    tx.prepare_cached("DELETE FROM acknowledged WHERE mailbox = ?1 AND received_at < ?2")
+        .map_err(db)?
+        .execute(params![mailbox.0, cutoff])
+        .map_err(db)?;
+    let duplicate = tx
+        .prepare_cached(
+            "SELECT 1 FROM envelopes WHERE mailbox = ?1 AND id = ?2
+                 UNION ALL SELECT 1 FROM acknowledged WHERE mailbox = ?1 AND id = ?2",
+        )
+        .map_err(db)?
+        .exists(params![mailbox.0, envelope.id.0])
+        .map_err(db)?;
+    let outcome = if duplicate {
+        InsertOutcome::Duplicate
+    } else {
+        let (envelopes, bytes): (i64, i64) = tx
+            .prepare_cached(
+                "SELECT count(*), coalesce(sum(size), 0) FROM envelopes WHERE mailbox = ?1",
+            )
+            .map_err(db)?
+            .query_row(params![mailbox.0], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(db)?;
+        let size = envelope.payload.len() as u64;
+        if count(envelopes) >= u64::from(limits.max_envelopes) {
+            InsertOutcome::TooManyEnvelopes
+        } else if count(bytes).saturating_add(size) > limits.max_bytes {
+            InsertOutcome::TooManyBytes
+        } else {
+            tx.prepare_cached(
+                "INSERT INTO envelopes (mailbox, id, received_at, size, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(db)?
+            .execute(params![
+                mailbox.0,
+                envelope.id.0,
+                time(received_at),
+                time(size),
+                envelope.payload,
+            ])
+            .map_err(db)?;
+            InsertOutcome::Stored
+        }
+    };
+    Ok(outcome)
 }
