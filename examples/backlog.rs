@@ -1,0 +1,81 @@
+//! Receives a backlog of offline messages and reports the rate:
+//!
+//! ```text
+//! cargo run --release --example backlog --features sqlite [-- MESSAGES]
+//! ```
+//!
+//! Alice deposits MESSAGES (default 10,000) messages for Bob through an
+//! in-process relay while Bob is offline; then Bob receives and commits them
+//! all, once with the in-memory store and once with the SQLite store (a
+//! file, WAL, synchronous=FULL). Prints messages per second for each.
+
+use std::time::{Duration, Instant};
+
+use cubbyhole::client::{block_on, Client, ClientConfig};
+use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
+use cubbyhole::storage::{MemoryStore, SqliteStore, Store};
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+const NOW: u64 = 1_900_000_000;
+
+fn run<S: Store>(bob_store: S, messages: usize, rng: &mut ChaCha20Rng) -> (Duration, usize) {
+    let relay_config = RelayConfig {
+        max_pending_envelopes: messages as u32 + 10,
+        max_fetch_envelopes: 1000,
+        ..RelayConfig::default()
+    };
+    let relay = InProcessRelay::with_clock(
+        Relay::new(MemoryRelayStorage::new(), relay_config),
+        std::sync::Arc::new(|| NOW),
+    );
+    let config = ClientConfig {
+        receive_batch: 1000,
+        ..ClientConfig::default()
+    };
+    let mut bob = Client::open(bob_store, relay.clone(), relay.clone(), config, rng).expect("bob");
+    block_on(bob.maintain_prekeys(rng, NOW)).expect("publish");
+    let mut alice = Client::open(
+        MemoryStore::new(),
+        relay.clone(),
+        relay.clone(),
+        config,
+        rng,
+    )
+    .expect("alice");
+    block_on(alice.maintain_prekeys(rng, NOW)).expect("publish");
+    let to = bob.address();
+    for i in 0..messages {
+        let body = (i as u32).to_be_bytes();
+        block_on(alice.send(rng, &to, &body, NOW)).expect("send");
+    }
+    let start = Instant::now();
+    let report = block_on(bob.receive(NOW)).expect("receive");
+    let elapsed = start.elapsed();
+    assert_eq!(report.received, messages);
+    (elapsed, bob.inbox().expect("inbox").len())
+}
+
+fn main() {
+    let messages: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10_000);
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let (t, n) = run(MemoryStore::new(), messages, &mut rng);
+    println!(
+        "memory store: {n} messages in {:.3} s = {:.0} msg/s",
+        t.as_secs_f64(),
+        n as f64 / t.as_secs_f64()
+    );
+    let dir = std::env::temp_dir().join(format!("cubbyhole-backlog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let store = SqliteStore::open(dir.join("bob.db"), &[7; 32]).expect("store");
+    let (t, n) = run(store, messages, &mut rng);
+    println!(
+        "sqlite store: {n} messages in {:.3} s = {:.0} msg/s",
+        t.as_secs_f64(),
+        n as f64 / t.as_secs_f64()
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
