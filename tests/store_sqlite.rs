@@ -71,6 +71,8 @@ fn world(seed: u64) -> World {
         upload_counter: 3,
         last_rotation: NOW - 100,
         retired_at: vec![(7, NOW - 50)],
+        one_time_retired: vec![(3, NOW - 40)],
+        upload_pending: true,
     };
     let mut peers = Vec::new();
     for device_id in 1..=3 {

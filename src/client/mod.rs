@@ -77,6 +77,12 @@ pub struct ClientConfig {
     /// How long "processed" marks are kept (default 60 days, twice the
     /// relay's retention).
     pub processed_retention: u64,
+    /// The longest body [`Client::send`] accepts (default 256 KiB minus 256
+    /// bytes, so that the envelope fits the relay's default 256 KiB).
+    pub max_body: usize,
+    /// Fetch rounds one [`Client::receive`] makes at most (default 100): a
+    /// relay that keeps serving envelopes cannot hold the client forever.
+    pub max_receive_rounds: u32,
 }
 
 const DAY: u64 = 24 * 60 * 60;
@@ -94,6 +100,8 @@ impl Default for ClientConfig {
             receive_batch: 500,
             deposit_attempts: 3,
             processed_retention: 60 * DAY,
+            max_body: 256 * 1024 - 256,
+            max_receive_rounds: 100,
         }
     }
 }
@@ -291,15 +299,31 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         self.store
     }
 
-    /// Runs the prekey lifecycle at time `now`: creates the prekeys on
-    /// first use, rotates the signed prekey when it is older than the
-    /// rotation period (keeping the old private half for the grace period),
-    /// forgets retired ones past their grace, refills one-time prekeys when
-    /// the directory holds fewer than the threshold, and uploads whatever
-    /// changed. Returns whether an upload was made.
+    /// Runs the prekey lifecycle at time `now` and uploads what changed;
+    /// returns whether an upload was made. Call it at start-up and then
+    /// periodically (say hourly):
+    ///
+    /// - on first use, creates the signed prekey and a pool of one-time
+    ///   prekeys;
+    /// - when the signed prekey is older than the rotation period, replaces
+    ///   it (keeping the old private half for the grace period) and replaces
+    ///   the directory's one-time-prekey pool with a fresh one;
+    /// - when the directory holds fewer one-time prekeys than the threshold,
+    ///   adds new ones;
+    /// - forgets retired signed prekeys, and one-time prekeys withdrawn from
+    ///   the directory, once their grace period is over (so local keys stay
+    ///   bounded: a withdrawn key can only be named by a prekey message sent
+    ///   before the withdrawal, which the relay keeps no longer than its
+    ///   retention, shorter than the grace period);
+    /// - if an earlier upload failed, or the directory lost the device,
+    ///   replaces the pool again (fresh keys, so none is handed out twice).
+    ///
+    /// The state, with an upload counter above the last one, is committed
+    /// before each upload and marked done after it.
     ///
     /// # Errors
-    /// [`ClientError::Store`], [`ClientError::Transport`].
+    /// [`ClientError::Store`], [`ClientError::Transport`]; a failed upload
+    /// is retried by the next call.
     pub async fn maintain_prekeys(
         &mut self,
         rng: &mut (impl CryptoRngCore + Send),
@@ -307,83 +331,74 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ) -> Result<bool, ClientError> {
         let me = self.address();
         let keys = &self.identity.keys;
-        let (mut state, mut upload, mut replace) = match self.store.prekeys()? {
-            Some(state) => (state, false, false),
-            None => (
-                PrekeyState {
-                    prekeys: PrekeyStore::new(rng, keys, now),
-                    upload_counter: 0,
-                    last_rotation: now,
-                    retired_at: Vec::new(),
-                },
-                true,
-                true,
-            ),
+        let mut state = match self.store.prekeys()? {
+            Some(state) => state,
+            None => PrekeyState {
+                prekeys: PrekeyStore::new(rng, keys, now),
+                upload_counter: 0,
+                last_rotation: now,
+                retired_at: Vec::new(),
+                one_time_retired: Vec::new(),
+                upload_pending: true,
+            },
         };
+        let mut changed = false;
+        let mut replace = state.upload_pending;
         if now.saturating_sub(state.last_rotation) >= self.config.signed_prekey_rotation {
             let old = state.prekeys.current_signed_prekey().id();
             state.prekeys.rotate_signed_prekey(rng, keys, now);
             state.retired_at.push((old, now));
             state.last_rotation = now;
-            upload = true;
+            replace = true;
         }
+        // Forget what is past its grace period.
         let grace = self.config.signed_prekey_grace;
-        let expired: Vec<u32> = state
-            .retired_at
-            .iter()
-            .filter(|(_, at)| now.saturating_sub(*at) > grace)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &expired {
+        let expired = |at: &u64| now.saturating_sub(*at) > grace;
+        for (id, _) in state.retired_at.iter().filter(|(_, at)| expired(at)) {
             state.prekeys.remove_retired_signed_prekey(*id);
+            changed = true;
         }
-        state.retired_at.retain(|(id, _)| !expired.contains(id));
+        state.retired_at.retain(|(_, at)| !expired(at));
+        for (below, _) in state.one_time_retired.iter().filter(|(_, at)| expired(at)) {
+            changed |= state.prekeys.remove_one_time_prekeys_below(*below) > 0;
+        }
+        state.one_time_retired.retain(|(_, at)| !expired(at));
 
-        let left = if replace {
-            0
-        } else {
+        let mut add = 0;
+        if !replace {
             match self.directory.one_time_prekeys_left(&me).await {
-                Ok(n) => n,
-                Err(TransportError::NotFound) => {
-                    replace = true;
-                    upload = true;
-                    0
+                Ok(left) if left < self.config.refill_below => {
+                    add = self.config.one_time_prekeys.saturating_sub(left);
                 }
+                Ok(_) => {}
+                Err(TransportError::NotFound) => replace = true,
                 Err(e) => return Err(e.into()),
             }
-        };
-        let mut new_ids = Vec::new();
-        if replace || left < self.config.refill_below {
-            let count = self
-                .config
-                .one_time_prekeys
-                .saturating_sub(if replace { 0 } else { left });
-            new_ids = state
-                .prekeys
-                .generate_one_time_prekeys(rng, count)
-                .iter()
-                .map(|k| k.id())
-                .collect();
-            upload |= !new_ids.is_empty();
         }
-        if !upload {
-            if !expired.is_empty() {
+        let first_new = state.prekeys.next_one_time_prekey_id();
+        if replace {
+            // Withdraw the whole pool: keys already handed out stay held for
+            // the grace period; none is published again.
+            state.one_time_retired.push((first_new, now));
+            add = self.config.one_time_prekeys;
+        }
+        if !replace && add == 0 {
+            if changed {
                 self.store.set_prekeys(&state)?;
             }
             return Ok(false);
         }
-        // The counter is persisted before the upload, so it is never reused.
+        state.prekeys.generate_one_time_prekeys(rng, add);
+        // Committed before the upload: the counter is never reused, and a
+        // failed upload is redone (with fresh keys) by the next call.
         state.upload_counter = state.upload_counter.max(now).saturating_add(1);
+        state.upload_pending = true;
         self.store.set_prekeys(&state)?;
-        let one_time: Vec<_> = if replace {
-            state.prekeys.one_time_prekeys().collect()
-        } else {
-            state
-                .prekeys
-                .one_time_prekeys()
-                .filter(|k| new_ids.contains(&k.id()))
-                .collect()
-        };
+        let one_time: Vec<_> = state
+            .prekeys
+            .one_time_prekeys()
+            .filter(|k| k.id() >= first_new)
+            .collect();
         let upload = BundleSetUpload::new(
             self.identity.device_id,
             keys,
@@ -394,6 +409,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         )
         .sign(keys);
         self.directory.publish(&upload).await?;
+        state.upload_pending = false;
+        self.store.set_prekeys(&state)?;
         Ok(true)
     }
 
@@ -425,6 +442,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         body: &[u8],
         now: u64,
     ) -> Result<Sent, ClientError> {
+        if body.len() > self.config.max_body {
+            return Err(ClientError::TooLong);
+        }
         let record = self.check_trust(to)?;
         let mut session = match self.store.session(to)? {
             Some(session) => session,
@@ -481,8 +501,15 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                     return Ok(true);
                 }
                 Err(TransportError::Unavailable(_)) => continue,
-                // Refused for good (too big, mailbox full): keep it queued
-                // for a later flush and tell the caller.
+                // Never deliverable: drop it from the outbox (the receiver's
+                // counters will show it as missing) and say so.
+                Err(e @ TransportError::LimitExceeded(crate::relay::reason::ENVELOPE_SIZE))
+                | Err(e @ TransportError::BadRequest(_)) => {
+                    self.store.remove_outbox(&entry.envelope.id)?;
+                    return Err(e.into());
+                }
+                // Refused for now (mailbox full, rate limited): keep it
+                // queued for a later flush and tell the caller.
                 Err(_) => return Ok(false),
             }
         }
@@ -540,7 +567,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ) -> Result<ReceiveReport, ClientError> {
         let mut report = ReceiveReport::default();
         let mut wait_ms = wait_ms;
-        loop {
+        for _ in 0..self.config.max_receive_rounds.max(1) {
             let auth = self.auth(MailboxOp::Fetch).await?;
             let envelopes = self
                 .mailbox
@@ -550,11 +577,13 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             if envelopes.is_empty() {
                 break;
             }
-            let n = envelopes.len();
+            let redelivered_before = report.redelivered;
             let ids = self.process_batch(&envelopes, now, &mut report)?;
             let auth = self.auth(MailboxOp::Acknowledge).await?;
             self.mailbox.acknowledge(&auth, &ids).await?;
-            if n < self.config.receive_batch as usize {
+            // Fetch until the mailbox is empty (a batch may be cut short by
+            // the relay's byte limit), but stop if a batch held nothing new.
+            if report.redelivered - redelivered_before == envelopes.len() {
                 break;
             }
         }

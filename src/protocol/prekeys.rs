@@ -113,6 +113,20 @@ impl PrekeyStore {
         self.one_time.values()
     }
 
+    /// The id the next generated one-time prekey will get.
+    pub fn next_one_time_prekey_id(&self) -> u32 {
+        self.next_one_time_id
+    }
+
+    /// Deletes every one-time prekey with an id below `bound`; returns how
+    /// many were deleted.
+    pub fn remove_one_time_prekeys_below(&mut self, bound: u32) -> usize {
+        let keep = self.one_time.split_off(&bound);
+        let removed = self.one_time.len();
+        self.one_time = keep;
+        removed
+    }
+
     /// Number of unused one-time prekeys.
     pub fn one_time_prekey_count(&self) -> usize {
         self.one_time.len()

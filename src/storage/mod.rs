@@ -48,6 +48,12 @@ pub struct PrekeyState {
     pub last_rotation: u64,
     /// When the retired signed prekeys started their grace period, by id.
     pub retired_at: Vec<(u32, u64)>,
+    /// Withdrawn one-time prekeys: those with ids below `.0` were withdrawn
+    /// from the directory at time `.1` (their grace period starts then).
+    pub one_time_retired: Vec<(u32, u64)>,
+    /// An upload was committed but not confirmed by the directory: the next
+    /// maintenance replaces the pool again.
+    pub upload_pending: bool,
 }
 
 /// How far a peer's identity key is trusted.
@@ -209,20 +215,28 @@ pub trait Store {
 
 impl PrekeyState {
     /// Serializes the state (secret keys included: store it encrypted):
-    /// `0x01 || upload_counter (8) || last_rotation (8) || retired count (4)
-    /// || count x (id 4 || retired_at 8) || PrekeyStore::to_bytes()`.
+    ///
+    /// ```text
+    /// 0x02 || upload_counter (8) || last_rotation (8) || upload_pending (1)
+    ///   || retired count (4) || count x (spk id (4) || retired_at (8))
+    ///   || withdrawn count (4) || count x (below id (4) || withdrawn_at (8))
+    ///   || PrekeyStore::to_bytes()
+    /// ```
     pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
         let prekeys = self.prekeys.to_bytes();
         let mut out = zeroize::Zeroizing::new(Vec::with_capacity(
-            21 + 12 * self.retired_at.len() + prekeys.len(),
+            26 + 12 * (self.retired_at.len() + self.one_time_retired.len()) + prekeys.len(),
         ));
-        out.push(1);
+        out.push(2);
         out.extend_from_slice(&self.upload_counter.to_be_bytes());
         out.extend_from_slice(&self.last_rotation.to_be_bytes());
-        out.extend_from_slice(&(self.retired_at.len() as u32).to_be_bytes());
-        for (id, at) in &self.retired_at {
-            out.extend_from_slice(&id.to_be_bytes());
-            out.extend_from_slice(&at.to_be_bytes());
+        out.push(u8::from(self.upload_pending));
+        for list in [&self.retired_at, &self.one_time_retired] {
+            out.extend_from_slice(&(list.len() as u32).to_be_bytes());
+            for (id, at) in list {
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&at.to_be_bytes());
+            }
         }
         out.extend_from_slice(&prekeys);
         out
@@ -234,35 +248,55 @@ impl PrekeyState {
     /// [`crate::Error::State`] for malformed input.
     pub fn from_bytes(bytes: &[u8]) -> crate::Result<Self> {
         let bad = crate::Error::State("prekey state");
-        let (head, rest) = bytes.split_first().ok_or(bad)?;
-        if *head != 1 || rest.len() < 20 {
+        let mut r = Cursor(bytes);
+        if r.take(1).ok_or(bad)? != [2] {
             return Err(bad);
         }
-        let u64_at = |b: &[u8], i: usize| -> u64 {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i..i + 8]);
-            u64::from_be_bytes(a)
+        let upload_counter = r.u64().ok_or(bad)?;
+        let last_rotation = r.u64().ok_or(bad)?;
+        let upload_pending = match r.take(1).ok_or(bad)? {
+            [0] => false,
+            [1] => true,
+            _ => return Err(bad),
         };
-        let upload_counter = u64_at(rest, 0);
-        let last_rotation = u64_at(rest, 8);
-        let mut n = [0u8; 4];
-        n.copy_from_slice(&rest[16..20]);
-        let count = u32::from_be_bytes(n) as usize;
-        let rest = &rest[20..];
-        if count > rest.len() / 12 {
-            return Err(bad);
+        let mut lists = [Vec::new(), Vec::new()];
+        for list in &mut lists {
+            let count = r.u32().ok_or(bad)? as usize;
+            if count > r.0.len() / 12 {
+                return Err(bad);
+            }
+            for _ in 0..count {
+                list.push((r.u32().ok_or(bad)?, r.u64().ok_or(bad)?));
+            }
         }
-        let mut retired_at = Vec::with_capacity(count);
-        for i in 0..count {
-            let mut id = [0u8; 4];
-            id.copy_from_slice(&rest[12 * i..12 * i + 4]);
-            retired_at.push((u32::from_be_bytes(id), u64_at(rest, 12 * i + 4)));
-        }
+        let [retired_at, one_time_retired] = lists;
         Ok(PrekeyState {
-            prekeys: PrekeyStore::from_bytes(&rest[12 * count..])?,
+            prekeys: PrekeyStore::from_bytes(r.0)?,
             upload_counter,
             last_rotation,
             retired_at,
+            one_time_retired,
+            upload_pending,
         })
+    }
+}
+
+/// A minimal reader for [`PrekeyState::from_bytes`].
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)?.try_into().ok().map(u32::from_be_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)?.try_into().ok().map(u64::from_be_bytes)
     }
 }
