@@ -1,0 +1,794 @@
+//! The client side of the HTTP API: [`HttpRelay`] implements
+//! [`PrekeyDirectory`] and [`Mailbox`] over HTTP (see `relay/API.md`), so a
+//! [`cubbyhole::client::Client`] talks to a remote relay exactly as it talks
+//! to an in-process one.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use cubbyhole::client::{Client, ClientConfig};
+//! use cubbyhole::storage::MemoryStore;
+//! use cubbyhole_relay::client::HttpRelay;
+//!
+//! let relay = HttpRelay::new("http://127.0.0.1:8080")?;
+//! let mut me = Client::open(
+//!     MemoryStore::new(),
+//!     relay.clone(),
+//!     relay,
+//!     ClientConfig::default(),
+//!     &mut cubbyhole::OsRng,
+//! )?;
+//! me.maintain_prekeys(&mut cubbyhole::OsRng, 1_700_000_000).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Errors
+//!
+//! Every refusal of the relay comes back as the [`TransportError`] the
+//! in-process relay would give: `400` is [`TransportError::BadRequest`],
+//! `401` [`TransportError::Unauthorized`], `404`
+//! [`TransportError::NotFound`], `409` [`TransportError::Replayed`];
+//! `413`, `422`, `429` and `507` are [`TransportError::LimitExceeded`] whose
+//! reason is the core's [`cubbyhole::relay::reason`] constant for the bounds
+//! of the relay rules (`envelope_size` is
+//! [`reason::ENVELOPE_SIZE`](cubbyhole::relay::reason::ENVELOPE_SIZE), ...)
+//! and one of this module's [`reason`] constants for the bounds of the HTTP
+//! server (body size, rates, total storage). `404 no_route` and `405` (a
+//! base URL or version that does not match the server) are
+//! [`TransportError::BadRequest`]. `408`, `5xx`, network failures, timeouts
+//! and malformed answers are [`TransportError::Unavailable`].
+//!
+//! # Retries
+//!
+//! A call is attempted at most [`HttpRelayConfig::retries`] + 1 times,
+//! sleeping between attempts with exponential backoff and jitter
+//! ([`HttpRelayConfig::backoff_base`], doubled at every retry, capped at
+//! [`HttpRelayConfig::backoff_max`]; each sleep is drawn uniformly from the
+//! upper half of that delay). What is retried depends on the call:
+//!
+//! - **idempotent** calls are retried on every
+//!   [`TransportError::Unavailable`] (network failure, timeout, `408`,
+//!   `5xx`): [`Mailbox::deposit`] (idempotent by envelope id: a retry after
+//!   a lost reply is stored once), [`Mailbox::challenge`] (a spare
+//!   challenge is harmless), [`PrekeyDirectory::one_time_prekeys_left`] and
+//!   [`HttpRelay::health`];
+//! - [`PrekeyDirectory::publish`] and [`PrekeyDirectory::fetch_bundle`] are
+//!   retried only when the connection could not be made, so the request
+//!   certainly never reached the relay: a publish whose reply was lost may
+//!   have been applied, and sending the same bytes again would answer `409`
+//!   ([`TransportError::Replayed`]) although it landed (the caller re-signs
+//!   with a higher counter instead); a bundle fetch claims a one-time
+//!   prekey;
+//! - [`Mailbox::fetch`], [`Mailbox::fetch_waiting`] and
+//!   [`Mailbox::acknowledge`] are never retried here: each consumes its
+//!   single-use challenge, so a retry needs a new proof (the
+//!   [`cubbyhole::client::Client`] asks for one on its next receive).
+//!
+//! Refusals (`4xx` other than `408`, `507`) are never retried.
+
+use std::fmt;
+use std::time::Duration;
+
+use core::future::Future;
+
+use cubbyhole::relay::reason as core_reason;
+use cubbyhole::transport::{
+    decode_envelope, encode_envelope, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth,
+    MailboxId, PrekeyDirectory, TransportError,
+};
+use rand_core::{OsRng, RngCore};
+use reqwest::{Method, StatusCode};
+
+/// The reasons carried by [`TransportError::LimitExceeded`] for the bounds
+/// the HTTP server adds to the relay rules (the rules' own bounds use the
+/// constants of [`cubbyhole::relay::reason`]).
+pub mod reason {
+    /// `413 body_size`: the request body is above the server's body limit.
+    pub const BODY_SIZE: &str = "request body size";
+    /// `429 rate_deposits`: deposits per client address per minute.
+    pub const RATE_DEPOSITS: &str = "deposits per minute";
+    /// `429 rate_claims`: bundle fetches (one-time prekey claims) per client
+    /// address per minute.
+    pub const RATE_CLAIMS: &str = "bundle fetches per minute";
+    /// `429 rate_requests`: requests per client address per minute.
+    pub const RATE_REQUESTS: &str = "requests per minute";
+    /// `507 total_storage`: the relay holds its configured total.
+    pub const TOTAL_STORAGE: &str = "relay total storage";
+    /// A `413`, `422`, `429` or `507` with a reason this client does not
+    /// know (a newer server).
+    pub const OTHER: &str = "relay limit";
+}
+
+/// The [`TransportError::LimitExceeded`] reason for an API error reason.
+fn limit_reason(wire: &str) -> &'static str {
+    match wire {
+        "envelope_size" => core_reason::ENVELOPE_SIZE,
+        "pending_envelopes" => core_reason::PENDING_ENVELOPES,
+        "pending_bytes" => core_reason::PENDING_BYTES,
+        "one_time_prekeys" => core_reason::ONE_TIME_PREKEYS,
+        "acknowledge_ids" => core_reason::ACKNOWLEDGE_IDS,
+        "body_size" => reason::BODY_SIZE,
+        "rate_deposits" => reason::RATE_DEPOSITS,
+        "rate_claims" => reason::RATE_CLAIMS,
+        "rate_requests" => reason::RATE_REQUESTS,
+        "total_storage" => reason::TOTAL_STORAGE,
+        _ => reason::OTHER,
+    }
+}
+
+/// Maps an error answer (status and the JSON `error` reason, if any) to the
+/// transport error the in-process relay would have given. `what` names the
+/// request for [`TransportError::BadRequest`].
+fn error_for(status: StatusCode, wire: Option<&str>, what: &'static str) -> TransportError {
+    match status.as_u16() {
+        400 => TransportError::BadRequest(what),
+        401 => TransportError::Unauthorized,
+        404 if wire == Some("no_route") => TransportError::BadRequest("no such route on the relay"),
+        404 => TransportError::NotFound,
+        405 => TransportError::BadRequest("method not allowed by the relay"),
+        408 => TransportError::Unavailable("relay request timeout"),
+        409 => TransportError::Replayed,
+        413 | 422 | 429 | 507 => TransportError::LimitExceeded(limit_reason(wire.unwrap_or(""))),
+        503 => TransportError::Unavailable("relay unavailable"),
+        500..=599 => TransportError::Unavailable("relay error"),
+        _ => TransportError::Unavailable("unexpected relay status"),
+    }
+}
+
+/// The settings of an [`HttpRelay`]. The defaults are documented on each
+/// field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpRelayConfig {
+    /// How long to wait for a connection (TCP and TLS). Default 5 s.
+    pub connect_timeout: Duration,
+    /// How long one attempt of a request may take, from sending it to the
+    /// last byte of the answer. Default 15 s.
+    pub request_timeout: Duration,
+    /// What a long poll ([`Mailbox::fetch_waiting`]) gets on top of its
+    /// wait: its timeout is the wait plus this. Default 10 s.
+    pub long_poll_margin: Duration,
+    /// How many times a retryable call is retried (see the
+    /// [module docs](self)). Default 3 (four attempts).
+    pub retries: u32,
+    /// The first retry's delay; every further retry doubles it. Each sleep
+    /// is drawn uniformly between half the delay and the delay. Default
+    /// 100 ms.
+    pub backoff_base: Duration,
+    /// The longest delay between two attempts. Default 2 s.
+    pub backoff_max: Duration,
+    /// How long an idle pooled connection is kept for the next request.
+    /// Keep it below the relay's idle timeout (its `header_timeout_ms`,
+    /// 10 s by default), so a request is not sent on a connection the relay
+    /// is closing. Default 5 s.
+    pub pool_idle_timeout: Duration,
+    /// The largest answer accepted; a larger one is
+    /// [`TransportError::Unavailable`]. Default 32 MiB (a fetch answers at
+    /// most the relay's 8 MiB per fetch by default).
+    pub max_response_bytes: usize,
+}
+
+impl Default for HttpRelayConfig {
+    fn default() -> Self {
+        HttpRelayConfig {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(15),
+            long_poll_margin: Duration::from_secs(10),
+            retries: 3,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            pool_idle_timeout: Duration::from_secs(5),
+            max_response_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl HttpRelayConfig {
+    /// The sleep before retry number `retry` (0 for the first), without
+    /// jitter: `backoff_base * 2^retry`, capped at `backoff_max`. The actual
+    /// sleep is between half of it and all of it.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let factor = 1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX);
+        self.backoff_base
+            .checked_mul(factor)
+            .unwrap_or(self.backoff_max)
+            .min(self.backoff_max)
+    }
+}
+
+/// Why an [`HttpRelay`] could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum HttpRelayError {
+    /// The base URL is not an absolute `http` or `https` URL (the reason
+    /// says what is wrong).
+    InvalidUrl(&'static str),
+    /// The HTTP client could not be built (its TLS setup failed).
+    Client(reqwest::Error),
+}
+
+impl fmt::Display for HttpRelayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpRelayError::InvalidUrl(why) => write!(f, "invalid relay URL: {why}"),
+            HttpRelayError::Client(e) => write!(f, "HTTP client: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for HttpRelayError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            HttpRelayError::InvalidUrl(_) => None,
+            HttpRelayError::Client(e) => Some(e),
+        }
+    }
+}
+
+/// Which failures of a call are retried (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// Every [`TransportError::Unavailable`].
+    Idempotent,
+    /// Only failures to connect: the request never left.
+    Unsent,
+    /// Nothing.
+    Never,
+}
+
+/// One failed attempt.
+struct Failure {
+    error: TransportError,
+    /// The request certainly did not reach the relay.
+    unsent: bool,
+}
+
+impl Failure {
+    fn answered(error: TransportError) -> Self {
+        Failure {
+            error,
+            unsent: false,
+        }
+    }
+}
+
+/// A relay reached over HTTP: implements [`PrekeyDirectory`] and
+/// [`Mailbox`] per `relay/API.md`, with timeouts and retries (see the
+/// [module docs](self)). Clones share the connection pool, so one
+/// `HttpRelay` can be both the directory and the mailbox of a client.
+///
+/// It needs a Tokio runtime (its futures are `Send`).
+#[derive(Clone)]
+pub struct HttpRelay {
+    http: reqwest::Client,
+    base: String,
+    config: HttpRelayConfig,
+}
+
+impl fmt::Debug for HttpRelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpRelay")
+            .field("base", &self.base)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpRelay {
+    /// A relay at `base_url` (such as `https://relay.example` or
+    /// `http://127.0.0.1:8080/prefix`: the API's paths are appended to it),
+    /// with the default [`HttpRelayConfig`].
+    ///
+    /// # Errors
+    /// [`HttpRelayError::InvalidUrl`], [`HttpRelayError::Client`].
+    pub fn new(base_url: &str) -> Result<Self, HttpRelayError> {
+        Self::with_config(base_url, HttpRelayConfig::default())
+    }
+
+    /// A relay at `base_url` with these settings.
+    ///
+    /// # Errors
+    /// [`HttpRelayError::InvalidUrl`], [`HttpRelayError::Client`].
+    pub fn with_config(base_url: &str, config: HttpRelayConfig) -> Result<Self, HttpRelayError> {
+        let url =
+            reqwest::Url::parse(base_url).map_err(|_| HttpRelayError::InvalidUrl("syntax"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(HttpRelayError::InvalidUrl(
+                "the scheme must be http or https",
+            ));
+        }
+        if url.host_str().is_none() {
+            return Err(HttpRelayError::InvalidUrl("no host"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(HttpRelayError::InvalidUrl("a query or fragment"));
+        }
+        let base = url.as_str().trim_end_matches('/').to_owned();
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(config.pool_idle_timeout)
+            // A relay answers, it does not send clients elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!(
+                "cubbyhole-relay-client/",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .build()
+            .map_err(HttpRelayError::Client)?;
+        Ok(HttpRelay { http, base, config })
+    }
+
+    /// The base URL (without a trailing slash).
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &HttpRelayConfig {
+        &self.config
+    }
+
+    /// Checks `GET /v1/health` (retried like an idempotent call).
+    ///
+    /// # Errors
+    /// [`TransportError::Unavailable`] when the relay or its storage does
+    /// not answer.
+    pub async fn health(&self) -> Result<(), TransportError> {
+        self.call(
+            Method::GET,
+            "/v1/health".to_owned(),
+            None,
+            self.config.request_timeout,
+            Retry::Idempotent,
+            "health",
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Sends a request with the call's retry policy; the answer's body on
+    /// a `2xx`.
+    async fn call(
+        &self,
+        method: Method,
+        path: String,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+        retry: Retry,
+        what: &'static str,
+    ) -> Result<Vec<u8>, TransportError> {
+        let url = format!("{}{path}", self.base);
+        let mut retries = 0;
+        loop {
+            let failure = match self
+                .attempt(&method, &url, body.as_deref(), timeout, what)
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                Err(failure) => failure,
+            };
+            let retryable = match retry {
+                Retry::Idempotent => matches!(failure.error, TransportError::Unavailable(_)),
+                Retry::Unsent => failure.unsent,
+                Retry::Never => false,
+            };
+            if !retryable || retries >= self.config.retries {
+                return Err(failure.error);
+            }
+            tokio::time::sleep(jitter(self.config.backoff(retries))).await;
+            retries += 1;
+        }
+    }
+
+    /// One attempt.
+    async fn attempt(
+        &self,
+        method: &Method,
+        url: &str,
+        body: Option<&[u8]>,
+        timeout: Duration,
+        what: &'static str,
+    ) -> Result<Vec<u8>, Failure> {
+        let mut request = self.http.request(method.clone(), url).timeout(timeout);
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.to_vec());
+        }
+        let mut response = request.send().await.map_err(|e| Failure {
+            error: network_error(&e),
+            unsent: e.is_connect(),
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return read_body(&mut response, self.config.max_response_bytes)
+                .await
+                .map_err(Failure::answered);
+        }
+        // The error body is small JSON; an unreadable one still has a status.
+        let wire = match read_body(&mut response, 64 * 1024).await {
+            Ok(bytes) => serde_json::from_slice::<ErrorBody>(&bytes)
+                .ok()
+                .map(|b| b.error),
+            Err(_) => None,
+        };
+        Err(Failure::answered(error_for(status, wire.as_deref(), what)))
+    }
+
+    fn device_path(device: &DeviceAddress, what: &str) -> String {
+        format!(
+            "/v1/directory/{}/{}/{what}",
+            hex::encode(device.identity),
+            device.device_id
+        )
+    }
+
+    fn mailbox_path(mailbox: &MailboxId, what: &str) -> String {
+        format!("/v1/mailboxes/{}/{what}", hex::encode(mailbox.0))
+    }
+
+    /// A fetch, waiting up to `wait_ms` on the relay when nothing is
+    /// pending.
+    async fn fetch_inner(
+        &self,
+        auth: &MailboxAuth,
+        limit: u32,
+        wait_ms: u32,
+    ) -> Result<Vec<Envelope>, TransportError> {
+        let mut path = Self::mailbox_path(&auth.mailbox(), "fetch");
+        path.push_str(&format!("?limit={limit}"));
+        if wait_ms > 0 {
+            path.push_str(&format!("&wait_ms={wait_ms}"));
+        }
+        let timeout = if wait_ms > 0 {
+            Duration::from_millis(u64::from(wait_ms)) + self.config.long_poll_margin
+        } else {
+            self.config.request_timeout
+        };
+        let answer = self
+            .call(
+                Method::POST,
+                path,
+                Some(auth.encode()),
+                timeout,
+                Retry::Never,
+                "fetch proof",
+            )
+            .await?;
+        decode_envelopes(&answer)
+    }
+}
+
+/// The JSON error body.
+#[derive(serde::Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+/// A delay drawn uniformly from `[delay / 2, delay]`.
+fn jitter(delay: Duration) -> Duration {
+    let half = delay / 2;
+    let span = u64::try_from(half.as_micros()).unwrap_or(u64::MAX);
+    let extra = if span == 0 {
+        0
+    } else {
+        OsRng.next_u64() % (span + 1)
+    };
+    half + Duration::from_micros(extra)
+}
+
+/// A network failure (no answer) as a transport error.
+fn network_error(e: &reqwest::Error) -> TransportError {
+    if e.is_timeout() {
+        TransportError::Unavailable("relay timed out")
+    } else if e.is_connect() {
+        TransportError::Unavailable("cannot connect to the relay")
+    } else {
+        TransportError::Unavailable("relay connection failed")
+    }
+}
+
+/// Reads a body of at most `max` bytes.
+async fn read_body(
+    response: &mut reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, TransportError> {
+    let too_big = TransportError::Unavailable("relay answer too large");
+    if response.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_big);
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| network_error(&e))? {
+        if out.len() + chunk.len() > max {
+            return Err(too_big);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Decodes a fetch answer: `length (4) || encoded envelope`, repeated.
+fn decode_envelopes(mut bytes: &[u8]) -> Result<Vec<Envelope>, TransportError> {
+    let malformed = TransportError::Unavailable("malformed relay answer");
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (len, rest) = bytes.split_first_chunk::<4>().ok_or(malformed.clone())?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if rest.len() < len {
+            return Err(malformed);
+        }
+        let (one, rest) = rest.split_at(len);
+        out.push(decode_envelope(one).map_err(|_| malformed.clone())?);
+        bytes = rest;
+    }
+    Ok(out)
+}
+
+/// The `GET .../one-time-prekeys` answer.
+#[derive(serde::Deserialize)]
+struct CountBody {
+    count: u32,
+}
+
+impl PrekeyDirectory for HttpRelay {
+    fn publish(&self, upload: &[u8]) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let body = upload.to_vec();
+        async move {
+            self.call(
+                Method::POST,
+                "/v1/directory".to_owned(),
+                Some(body),
+                self.config.request_timeout,
+                Retry::Unsent,
+                "upload",
+            )
+            .await
+            .map(drop)
+        }
+    }
+
+    fn fetch_bundle(
+        &self,
+        device: &DeviceAddress,
+    ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + Send {
+        let path = Self::device_path(device, "bundle");
+        async move {
+            self.call(
+                Method::GET,
+                path,
+                None,
+                self.config.request_timeout,
+                Retry::Unsent,
+                "device address",
+            )
+            .await
+        }
+    }
+
+    fn one_time_prekeys_left(
+        &self,
+        device: &DeviceAddress,
+    ) -> impl Future<Output = Result<u32, TransportError>> + Send {
+        let path = Self::device_path(device, "one-time-prekeys");
+        async move {
+            let answer = self
+                .call(
+                    Method::GET,
+                    path,
+                    None,
+                    self.config.request_timeout,
+                    Retry::Idempotent,
+                    "device address",
+                )
+                .await?;
+            serde_json::from_slice::<CountBody>(&answer)
+                .map(|b| b.count)
+                .map_err(|_| TransportError::Unavailable("malformed relay answer"))
+        }
+    }
+}
+
+impl Mailbox for HttpRelay {
+    fn deposit(
+        &self,
+        to: &MailboxId,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let path = Self::mailbox_path(to, "envelopes");
+        let body = encode_envelope(envelope);
+        async move {
+            self.call(
+                Method::POST,
+                path,
+                Some(body),
+                self.config.request_timeout,
+                Retry::Idempotent,
+                "envelope",
+            )
+            .await
+            .map(drop)
+        }
+    }
+
+    fn challenge(
+        &self,
+        mailbox: &MailboxId,
+    ) -> impl Future<Output = Result<[u8; 32], TransportError>> + Send {
+        let path = Self::mailbox_path(mailbox, "challenge");
+        async move {
+            let answer = self
+                .call(
+                    Method::POST,
+                    path,
+                    None,
+                    self.config.request_timeout,
+                    Retry::Idempotent,
+                    "mailbox",
+                )
+                .await?;
+            <[u8; 32]>::try_from(answer.as_slice())
+                .map_err(|_| TransportError::Unavailable("malformed relay answer"))
+        }
+    }
+
+    fn fetch(
+        &self,
+        auth: &MailboxAuth,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send {
+        self.fetch_inner(auth, limit, 0)
+    }
+
+    fn fetch_waiting(
+        &self,
+        auth: &MailboxAuth,
+        limit: u32,
+        wait_ms: u32,
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send {
+        self.fetch_inner(auth, limit, wait_ms)
+    }
+
+    fn acknowledge(
+        &self,
+        auth: &MailboxAuth,
+        ids: &[EnvelopeId],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let path = Self::mailbox_path(&auth.mailbox(), "acknowledge");
+        let body = u16::try_from(ids.len()).map(|count| {
+            let mut body = auth.encode();
+            body.reserve(2 + 16 * ids.len());
+            body.extend_from_slice(&count.to_be_bytes());
+            for id in ids {
+                body.extend_from_slice(&id.0);
+            }
+            body
+        });
+        async move {
+            let body =
+                body.map_err(|_| TransportError::LimitExceeded(core_reason::ACKNOWLEDGE_IDS))?;
+            self.call(
+                Method::POST,
+                path,
+                Some(body),
+                self.config.request_timeout,
+                Retry::Never,
+                "acknowledgement",
+            )
+            .await
+            .map(drop)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_statuses_and_reasons() {
+        let s = |n| StatusCode::from_u16(n).unwrap();
+        assert_eq!(
+            error_for(s(400), Some("bad_request"), "x"),
+            TransportError::BadRequest("x")
+        );
+        assert_eq!(error_for(s(401), None, "x"), TransportError::Unauthorized);
+        assert_eq!(
+            error_for(s(404), Some("not_found"), "x"),
+            TransportError::NotFound
+        );
+        assert!(matches!(
+            error_for(s(404), Some("no_route"), "x"),
+            TransportError::BadRequest(_)
+        ));
+        assert!(matches!(
+            error_for(s(405), Some("method_not_allowed"), "x"),
+            TransportError::BadRequest(_)
+        ));
+        assert_eq!(
+            error_for(s(409), Some("replayed"), "x"),
+            TransportError::Replayed
+        );
+        for (status, wire, reason) in [
+            (413, "envelope_size", core_reason::ENVELOPE_SIZE),
+            (413, "body_size", reason::BODY_SIZE),
+            (413, "acknowledge_ids", core_reason::ACKNOWLEDGE_IDS),
+            (422, "one_time_prekeys", core_reason::ONE_TIME_PREKEYS),
+            (429, "rate_deposits", reason::RATE_DEPOSITS),
+            (429, "rate_claims", reason::RATE_CLAIMS),
+            (429, "rate_requests", reason::RATE_REQUESTS),
+            (507, "pending_envelopes", core_reason::PENDING_ENVELOPES),
+            (507, "pending_bytes", core_reason::PENDING_BYTES),
+            (507, "total_storage", reason::TOTAL_STORAGE),
+            (422, "limit", reason::OTHER),
+            (429, "something_new", reason::OTHER),
+        ] {
+            assert_eq!(
+                error_for(s(status), Some(wire), "x"),
+                TransportError::LimitExceeded(reason)
+            );
+        }
+        for status in [408, 500, 502, 503, 504, 302] {
+            assert!(matches!(
+                error_for(s(status), None, "x"),
+                TransportError::Unavailable(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter_in_the_upper_half() {
+        let config = HttpRelayConfig::default();
+        assert_eq!(config.backoff(0), Duration::from_millis(100));
+        assert_eq!(config.backoff(1), Duration::from_millis(200));
+        assert_eq!(config.backoff(4), Duration::from_millis(1600));
+        assert_eq!(config.backoff(5), Duration::from_secs(2));
+        assert_eq!(config.backoff(100), Duration::from_secs(2));
+        for _ in 0..100 {
+            let d = jitter(Duration::from_millis(100));
+            assert!(d >= Duration::from_millis(50) && d <= Duration::from_millis(100));
+        }
+    }
+
+    #[test]
+    fn decodes_fetch_answers_and_refuses_malformed_ones() {
+        let a = Envelope {
+            id: EnvelopeId([1; 16]),
+            payload: b"hello".to_vec(),
+        };
+        let b = Envelope {
+            id: EnvelopeId([2; 16]),
+            payload: Vec::new(),
+        };
+        let mut bytes = Vec::new();
+        for e in [&a, &b] {
+            let encoded = encode_envelope(e);
+            bytes.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+            bytes.extend_from_slice(&encoded);
+        }
+        assert_eq!(decode_envelopes(&bytes).unwrap(), vec![a, b]);
+        assert_eq!(decode_envelopes(&[]).unwrap(), Vec::new());
+        assert!(decode_envelopes(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode_envelopes(&[0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn futures_are_send() {
+        fn send<T: Send>(_: &T) {}
+        let relay = HttpRelay::new("http://127.0.0.1:1").unwrap();
+        let device = DeviceAddress {
+            identity: [0; 32],
+            device_id: 1,
+        };
+        send(&relay.health());
+        send(&relay.fetch_bundle(&device));
+        send(&relay.challenge(&device.mailbox()));
+    }
+
+    #[test]
+    fn refuses_bad_base_urls() {
+        for url in ["", "relay.example", "ftp://relay.example", "http://x/?q=1"] {
+            assert!(HttpRelay::new(url).is_err(), "{url}");
+        }
+        let relay = HttpRelay::new("http://127.0.0.1:8080/prefix/").unwrap();
+        assert_eq!(relay.base_url(), "http://127.0.0.1:8080/prefix");
+    }
+}

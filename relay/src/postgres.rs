@@ -1,0 +1,1013 @@
+//! Relay storage over PostgreSQL (feature `postgres`), so that several
+//! relay processes can share one database.
+//!
+//! [`PostgresRelayStorage`] implements [`RelayStorage`] with the same
+//! semantics as the SQLite backend
+//! ([`SqliteRelayStorage`](cubbyhole::relay::SqliteRelayStorage)): the
+//! shared rules test suite runs against both. Every check-then-write of the
+//! [`RelayStorage`] contract happens inside one transaction (or one
+//! statement) on the database, so relay processes sharing the database stay
+//! correct:
+//!
+//! - an upload ([`RelayStorage::apply_upload`]) locks the device's row
+//!   (`INSERT ... ON CONFLICT DO NOTHING`, then `SELECT ... FOR UPDATE`)
+//!   before comparing counters, so accepted counters strictly increase;
+//! - a one-time prekey claim takes the device's row `FOR SHARE` (no upload
+//!   can change the pool meanwhile) and deletes the oldest prekey that no
+//!   concurrent claim holds (`FOR UPDATE SKIP LOCKED`): each prekey is
+//!   handed out once;
+//! - a deposit takes a transaction-scoped advisory lock on its mailbox
+//!   (`pg_advisory_xact_lock`), so the duplicate check and the mailbox's
+//!   bounds see every earlier deposit to that mailbox;
+//! - challenge issuance takes another per-mailbox advisory lock (bounding
+//!   the outstanding challenges); consuming one is a single
+//!   `DELETE ... RETURNING`, which succeeds for one caller only.
+//!
+//! A transaction that PostgreSQL aborts as a deadlock victim or for a
+//! serialization failure (possible when an operator makes `SERIALIZABLE`
+//! the default isolation) is retried a few times.
+//!
+//! # Schema
+//!
+//! [`PostgresRelayStorage::connect`] creates the tables in the connection's
+//! current schema (the first schema of its `search_path`, `public` by
+//! default) if they are absent. All are named `cubbyhole_relay_*`; the
+//! single row of `cubbyhole_relay_meta` holds the schema version. A newer
+//! version is refused ([`RelayStorageError::UnsupportedSchema`]). The first
+//! connection needs the right to create tables there (in PostgreSQL 15 and
+//! later, `public` only admits the database owner by default).
+//!
+//! Unsigned 64-bit counters and signed-prekey creation times are stored bit
+//! for bit in `bigint` columns (compared in Rust, never in SQL); times the
+//! database compares (receipt, expiry) are clamped to `i64::MAX`; `u32`
+//! values are stored as `bigint`.
+//!
+//! # Deposit notifications
+//!
+//! Every stored deposit runs `NOTIFY cubbyhole_deposit, '<mailbox hex>'`
+//! ([`DEPOSIT_CHANNEL`]) inside its transaction: PostgreSQL delivers it to
+//! every listening connection when (and only if) the deposit commits.
+//! [`spawn_listener`] listens on a background thread and calls back, so a
+//! relay process can wake its long-polling fetches for deposits made
+//! through any process sharing the database.
+//!
+//! # Connections, TLS, blocking
+//!
+//! The connection string is a `postgres://user:password@host:port/dbname`
+//! URL or a `key=value` string, as [`postgres::Config`] parses them. The
+//! storage connects **without TLS** ([`postgres::NoTls`]): reach the database
+//! over a Unix socket (`host=/var/run/postgresql`), the loopback interface,
+//! or a network you trust or tunnel yourself (WireGuard, SSH, stunnel).
+//! Securing that link is the operator's concern; an `sslmode=require` in
+//! the URL makes the connection fail rather than silently go in clear.
+//!
+//! Each storage holds one connection (calls on one storage take turns). The
+//! call that finds it broken fails with [`RelayStorageError::Backend`]
+//! (whether a write in flight committed is then unknown, as after any lost
+//! answer); the next call reconnects. The methods block: in an async server,
+//! call them from a blocking thread (`tokio::task::spawn_blocking`), never
+//! on an async worker thread (the synchronous `postgres` client runs its own
+//! small runtime and panics inside another runtime's worker).
+
+#![deny(missing_docs)]
+
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::str::FromStr;
+use std::sync::{Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cubbyhole::relay::{
+    DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage, RelayStorageError,
+    UploadOutcome,
+};
+use cubbyhole::transport::{
+    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,
+};
+use postgres::error::SqlState;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, Config, NoTls, Statement};
+
+/// The `LISTEN`/`NOTIFY` channel of deposits. Each notification's payload
+/// is the mailbox id in 64 lowercase hex characters.
+pub const DEPOSIT_CHANNEL: &str = "cubbyhole_deposit";
+
+/// The schema version this code writes (`cubbyhole_relay_meta`).
+const SCHEMA_VERSION: i32 = 1;
+
+/// Advisory lock classes (first key of the two-key advisory locks; the
+/// second is the schema's `0` or the first four bytes of a mailbox id, which
+/// is a hash). Advisory locks are per database.
+const LOCK_SCHEMA: i32 = 0x6362_726c; // "cbrl"
+const LOCK_DEPOSIT: i32 = 0x6362_6d62; // "cbmb"
+const LOCK_CHALLENGE: i32 = 0x6362_6368; // "cbch"
+
+/// The tables besides `cubbyhole_relay_meta`.
+const TABLES: [&str; 5] = [
+    "cubbyhole_relay_devices",
+    "cubbyhole_relay_one_time_prekeys",
+    "cubbyhole_relay_envelopes",
+    "cubbyhole_relay_acknowledged",
+    "cubbyhole_relay_challenges",
+];
+
+const SCHEMA: &str = "
+CREATE TABLE cubbyhole_relay_meta (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    schema_version integer NOT NULL
+);
+
+CREATE TABLE cubbyhole_relay_devices (
+    identity bytea NOT NULL,
+    device_id bigint NOT NULL,
+    mailbox bytea NOT NULL,
+    counter bigint NOT NULL,
+    spk_id bigint NOT NULL,
+    spk_created bigint NOT NULL,
+    spk_public bytea NOT NULL,
+    spk_signature bytea NOT NULL,
+    published_at bigint NOT NULL,
+    PRIMARY KEY (identity, device_id)
+);
+CREATE UNIQUE INDEX cubbyhole_relay_devices_by_mailbox
+    ON cubbyhole_relay_devices (mailbox);
+
+CREATE TABLE cubbyhole_relay_one_time_prekeys (
+    identity bytea NOT NULL,
+    device_id bigint NOT NULL,
+    key_id bigint NOT NULL,
+    position bigint NOT NULL,
+    public bytea NOT NULL,
+    PRIMARY KEY (identity, device_id, key_id)
+);
+CREATE INDEX cubbyhole_relay_one_time_prekeys_by_position
+    ON cubbyhole_relay_one_time_prekeys (identity, device_id, position);
+
+CREATE TABLE cubbyhole_relay_envelopes (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    mailbox bytea NOT NULL,
+    id bytea NOT NULL,
+    received_at bigint NOT NULL,
+    size bigint NOT NULL,
+    payload bytea NOT NULL,
+    UNIQUE (mailbox, id)
+);
+-- Payloads are ciphertext: do not try to compress them.
+ALTER TABLE cubbyhole_relay_envelopes ALTER COLUMN payload SET STORAGE EXTERNAL;
+CREATE INDEX cubbyhole_relay_envelopes_by_mailbox
+    ON cubbyhole_relay_envelopes (mailbox, seq);
+CREATE INDEX cubbyhole_relay_envelopes_by_time
+    ON cubbyhole_relay_envelopes (received_at);
+
+CREATE TABLE cubbyhole_relay_acknowledged (
+    mailbox bytea NOT NULL,
+    id bytea NOT NULL,
+    received_at bigint NOT NULL,
+    PRIMARY KEY (mailbox, id)
+);
+CREATE INDEX cubbyhole_relay_acknowledged_by_time
+    ON cubbyhole_relay_acknowledged (received_at);
+
+CREATE TABLE cubbyhole_relay_challenges (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    mailbox bytea NOT NULL,
+    challenge bytea NOT NULL,
+    expires_at bigint NOT NULL,
+    UNIQUE (mailbox, challenge)
+);
+CREATE INDEX cubbyhole_relay_challenges_by_mailbox
+    ON cubbyhole_relay_challenges (mailbox, seq);
+CREATE INDEX cubbyhole_relay_challenges_by_expiry
+    ON cubbyhole_relay_challenges (expires_at);
+";
+
+/// How often a transaction aborted as a deadlock victim or for a
+/// serialization failure is tried again.
+const MAX_RETRIES: u32 = 8;
+/// The connect timeout when the connection string sets none.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The listener checks an idle connection this often.
+const LISTEN_IDLE_CHECK: Duration = Duration::from_secs(30);
+/// How long that check may take.
+const LISTEN_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// The listener's reconnection backoff: first and longest wait.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+// ------------------------------------------------------------- errors
+
+/// A failure inside one storage operation.
+enum Failure {
+    Db(postgres::Error),
+    Corrupted(String),
+}
+
+impl From<postgres::Error> for Failure {
+    fn from(error: postgres::Error) -> Self {
+        Failure::Db(error)
+    }
+}
+
+/// An error with its cause (the `postgres` error's own text is terse:
+/// "db error").
+fn describe(error: &postgres::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}
+
+fn backend(error: &postgres::Error) -> RelayStorageError {
+    RelayStorageError::Backend(describe(error))
+}
+
+/// Worth trying the transaction again: it was rolled back for a conflict
+/// with another one, not for anything it did.
+fn is_transient(error: &postgres::Error) -> bool {
+    error.code().is_some_and(|code| {
+        *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE
+    })
+}
+
+// ------------------------------------------------------ value mapping
+
+/// A time the database compares, clamped into `bigint`.
+fn time(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+/// A 64-bit value stored bit for bit.
+fn bits(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+fn unbits(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
+}
+
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn small(v: i64, what: &str) -> Result<u32, Failure> {
+    u32::try_from(v).map_err(|_| Failure::Corrupted(format!("{what} out of range: {v}")))
+}
+
+fn fixed<const N: usize>(bytes: &[u8], what: &str) -> Result<[u8; N], Failure> {
+    bytes
+        .try_into()
+        .map_err(|_| Failure::Corrupted(format!("{what} is {} bytes, not {N}", bytes.len())))
+}
+
+/// The second key of a mailbox's advisory locks.
+fn lock_key(mailbox: &MailboxId) -> i32 {
+    i32::from_be_bytes([mailbox.0[0], mailbox.0[1], mailbox.0[2], mailbox.0[3]])
+}
+
+fn parse_config(url: &str) -> Result<Config, RelayStorageError> {
+    let mut config = Config::from_str(url).map_err(|e| {
+        RelayStorageError::Backend(format!("invalid PostgreSQL connection string: {e}"))
+    })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("cubbyhole-relay");
+    }
+    Ok(config)
+}
+
+// --------------------------------------------------------- connection
+
+/// Every statement, prepared once per connection.
+struct Statements {
+    device: Statement,
+    mailbox_exists: Statement,
+    insert_device: Statement,
+    lock_device: Statement,
+    update_device: Statement,
+    clear_pool: Statement,
+    extend_pool: Statement,
+    pool_count: Statement,
+    share_device: Statement,
+    claim: Statement,
+    lock_mailbox: Statement,
+    expire_mailbox: Statement,
+    mailbox_state: Statement,
+    insert_envelope: Statement,
+    list_envelopes: Statement,
+    usage: Statement,
+    acknowledge: Statement,
+    expire_all: Statement,
+    lock_challenges: Statement,
+    expire_challenges: Statement,
+    insert_challenge: Statement,
+    evict_challenges: Statement,
+    consume_challenge: Statement,
+    purge_challenges: Statement,
+}
+
+impl Statements {
+    fn prepare(client: &mut Client) -> Result<Self, postgres::Error> {
+        let mut p = |sql: &str| client.prepare(sql);
+        Ok(Statements {
+            device: p(
+                "SELECT counter, spk_id, spk_created, spk_public, spk_signature,
+                          published_at
+                   FROM cubbyhole_relay_devices WHERE identity = $1 AND device_id = $2",
+            )?,
+            mailbox_exists: p("SELECT EXISTS (
+                                   SELECT 1 FROM cubbyhole_relay_devices WHERE mailbox = $1)")?,
+            insert_device: p(
+                "INSERT INTO cubbyhole_relay_devices (identity, device_id, mailbox,
+                                  counter, spk_id, spk_created, spk_public, spk_signature,
+                                  published_at)
+                              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                              ON CONFLICT (identity, device_id) DO NOTHING",
+            )?,
+            lock_device: p("SELECT counter FROM cubbyhole_relay_devices
+                            WHERE identity = $1 AND device_id = $2 FOR UPDATE")?,
+            update_device: p("UPDATE cubbyhole_relay_devices
+                              SET counter = $3, spk_id = $4, spk_created = $5, spk_public = $6,
+                                  spk_signature = $7, published_at = $8
+                              WHERE identity = $1 AND device_id = $2")?,
+            clear_pool: p("DELETE FROM cubbyhole_relay_one_time_prekeys
+                           WHERE identity = $1 AND device_id = $2")?,
+            // New ids go to the back in upload order; a pooled id keeps its
+            // position and takes the new key.
+            extend_pool: p("INSERT INTO cubbyhole_relay_one_time_prekeys
+                                (identity, device_id, key_id, position, public)
+                            SELECT $1::bytea, $2::bigint, k.key_id, last.position + k.n, k.public
+                            FROM (SELECT coalesce(max(position), 0) AS position
+                                  FROM cubbyhole_relay_one_time_prekeys
+                                  WHERE identity = $1 AND device_id = $2) AS last,
+                                 unnest($3::bigint[], $4::bytea[])
+                                     WITH ORDINALITY AS k(key_id, public, n)
+                            ON CONFLICT (identity, device_id, key_id)
+                            DO UPDATE SET public = excluded.public")?,
+            pool_count: p("SELECT count(*) FROM cubbyhole_relay_one_time_prekeys
+                           WHERE identity = $1 AND device_id = $2")?,
+            share_device: p("SELECT 1 FROM cubbyhole_relay_devices
+                             WHERE identity = $1 AND device_id = $2 FOR SHARE")?,
+            claim: p("DELETE FROM cubbyhole_relay_one_time_prekeys
+                      WHERE identity = $1 AND device_id = $2 AND key_id = (
+                          SELECT key_id FROM cubbyhole_relay_one_time_prekeys
+                          WHERE identity = $1 AND device_id = $2
+                          ORDER BY position LIMIT 1 FOR UPDATE SKIP LOCKED)
+                      RETURNING key_id, public")?,
+            lock_mailbox: p(&format!(
+                "SELECT pg_advisory_xact_lock({LOCK_DEPOSIT}, $1::integer)"
+            ))?,
+            expire_mailbox: p("WITH acknowledged AS (
+                                   DELETE FROM cubbyhole_relay_acknowledged
+                                   WHERE mailbox = $1 AND received_at < $2)
+                               DELETE FROM cubbyhole_relay_envelopes
+                               WHERE mailbox = $1 AND received_at < $2")?,
+            mailbox_state: p("SELECT
+                                  EXISTS (SELECT 1 FROM cubbyhole_relay_envelopes
+                                          WHERE mailbox = $1 AND id = $2)
+                                  OR EXISTS (SELECT 1 FROM cubbyhole_relay_acknowledged
+                                             WHERE mailbox = $1 AND id = $2),
+                                  count(*),
+                                  coalesce(sum(size), 0)::bigint
+                              FROM cubbyhole_relay_envelopes WHERE mailbox = $1")?,
+            insert_envelope: p(&format!(
+                "WITH stored AS (
+                     INSERT INTO cubbyhole_relay_envelopes
+                         (mailbox, id, received_at, size, payload)
+                     VALUES ($1, $2, $3, $4, $5) RETURNING 1)
+                 SELECT pg_notify('{DEPOSIT_CHANNEL}', $6::text) FROM stored"
+            ))?,
+            // The byte cap as a running sum, so that no payload past it is
+            // read.
+            list_envelopes: p("WITH head AS (
+                                   SELECT seq, row_number() OVER w AS n, sum(size) OVER w AS total
+                                   FROM cubbyhole_relay_envelopes
+                                   WHERE mailbox = $1 AND received_at >= $2
+                                   WINDOW w AS (ORDER BY seq)
+                                   ORDER BY seq LIMIT $3::bigint)
+                               SELECT e.id, e.payload
+                               FROM head JOIN cubbyhole_relay_envelopes e ON e.seq = head.seq
+                               WHERE head.n = 1 OR head.total <= $4::bigint
+                               ORDER BY head.seq")?,
+            usage: p("SELECT count(*), coalesce(sum(size), 0)::bigint
+                      FROM cubbyhole_relay_envelopes WHERE mailbox = $1")?,
+            acknowledge: p("WITH deleted AS (
+                                DELETE FROM cubbyhole_relay_envelopes
+                                WHERE mailbox = $1 AND id = ANY($2::bytea[])
+                                RETURNING id, received_at),
+                            remembered AS (
+                                INSERT INTO cubbyhole_relay_acknowledged (mailbox, id, received_at)
+                                SELECT $1::bytea, id, received_at FROM deleted
+                                ON CONFLICT (mailbox, id) DO NOTHING)
+                            SELECT count(*) FROM deleted")?,
+            expire_all: p("WITH acknowledged AS (
+                               DELETE FROM cubbyhole_relay_acknowledged WHERE received_at < $1)
+                           DELETE FROM cubbyhole_relay_envelopes WHERE received_at < $1")?,
+            lock_challenges: p(&format!(
+                "SELECT pg_advisory_xact_lock({LOCK_CHALLENGE}, $1::integer)"
+            ))?,
+            expire_challenges: p("DELETE FROM cubbyhole_relay_challenges
+                                  WHERE mailbox = $1 AND expires_at < $2")?,
+            insert_challenge: p("INSERT INTO cubbyhole_relay_challenges
+                                     (mailbox, challenge, expires_at)
+                                 VALUES ($1, $2, $3)
+                                 ON CONFLICT (mailbox, challenge)
+                                 DO UPDATE SET expires_at = excluded.expires_at")?,
+            evict_challenges: p("DELETE FROM cubbyhole_relay_challenges
+                                 WHERE mailbox = $1 AND seq NOT IN (
+                                     SELECT seq FROM cubbyhole_relay_challenges
+                                     WHERE mailbox = $1 ORDER BY seq DESC LIMIT $2::bigint)")?,
+            consume_challenge: p("DELETE FROM cubbyhole_relay_challenges
+                                  WHERE mailbox = $1 AND challenge = $2
+                                  RETURNING expires_at")?,
+            purge_challenges: p("DELETE FROM cubbyhole_relay_challenges WHERE expires_at < $1")?,
+        })
+    }
+}
+
+/// One open connection with its prepared statements.
+struct Connection {
+    client: Client,
+    statements: Statements,
+}
+
+impl Connection {
+    fn open(config: &Config) -> Result<Self, RelayStorageError> {
+        let mut client = config.connect(NoTls).map_err(|e| backend(&e))?;
+        ensure_schema(&mut client)?;
+        let statements = Statements::prepare(&mut client).map_err(|e| backend(&e))?;
+        Ok(Connection { client, statements })
+    }
+}
+
+/// Creates the schema if absent (under an advisory lock, so that relay
+/// processes starting together do not race), else checks its version.
+fn ensure_schema(client: &mut Client) -> Result<(), RelayStorageError> {
+    let db = |e: postgres::Error| backend(&e);
+    let mut tx = client.transaction().map_err(db)?;
+    tx.execute(
+        &format!("SELECT pg_advisory_xact_lock({LOCK_SCHEMA}, 0)"),
+        &[],
+    )
+    .map_err(db)?;
+    let has_meta: bool = tx
+        .query_one(
+            "SELECT to_regclass('cubbyhole_relay_meta') IS NOT NULL",
+            &[],
+        )
+        .and_then(|row| row.try_get(0))
+        .map_err(db)?;
+    if has_meta {
+        let rows = tx
+            .query("SELECT schema_version FROM cubbyhole_relay_meta", &[])
+            .map_err(db)?;
+        let version: i32 = match rows.as_slice() {
+            [row] => row.try_get(0).map_err(db)?,
+            _ => {
+                return Err(RelayStorageError::Corrupted(
+                    "cubbyhole_relay_meta does not hold one row".into(),
+                ))
+            }
+        };
+        return match version {
+            SCHEMA_VERSION => Ok(()),
+            newer if newer > SCHEMA_VERSION => Err(RelayStorageError::UnsupportedSchema(
+                u32::try_from(newer).unwrap_or(u32::MAX),
+            )),
+            older => Err(RelayStorageError::Corrupted(format!(
+                "unknown relay schema version {older}"
+            ))),
+        };
+    }
+    let tables: Vec<&str> = TABLES.to_vec();
+    let present: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM unnest($1::text[]) AS t(name)
+             WHERE to_regclass(t.name) IS NOT NULL",
+            &[&tables],
+        )
+        .and_then(|row| row.try_get(0))
+        .map_err(db)?;
+    if present != 0 {
+        return Err(RelayStorageError::Corrupted(
+            "cubbyhole_relay_* tables exist without cubbyhole_relay_meta".into(),
+        ));
+    }
+    tx.batch_execute(SCHEMA).map_err(db)?;
+    tx.execute(
+        "INSERT INTO cubbyhole_relay_meta (schema_version) VALUES ($1)",
+        &[&SCHEMA_VERSION],
+    )
+    .map_err(db)?;
+    tx.commit().map_err(db)
+}
+
+// ------------------------------------------------------------ storage
+
+/// Relay storage in a PostgreSQL database, which several relay processes
+/// may share. See the [module docs](self) for the schema, how each
+/// operation stays atomic across processes, and the connection's caveats
+/// (no TLS, blocking calls).
+pub struct PostgresRelayStorage {
+    config: Config,
+    /// `None` after the connection broke, until the next call reconnects.
+    connection: Mutex<Option<Connection>>,
+}
+
+impl fmt::Debug for PostgresRelayStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresRelayStorage")
+            .field("dbname", &self.config.get_dbname())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresRelayStorage {
+    /// Connects to the database at `url` (a `postgres://` URL or a
+    /// `key=value` connection string; no TLS, see the module docs) and
+    /// creates the relay's tables if they are absent.
+    ///
+    /// A connect timeout of 10 s and the application name
+    /// `cubbyhole-relay` apply unless the string sets them.
+    ///
+    /// # Errors
+    /// [`RelayStorageError::Backend`] for a malformed string or a database
+    /// that cannot be reached, logged into or written,
+    /// [`RelayStorageError::Corrupted`] if relay tables exist without a
+    /// valid `cubbyhole_relay_meta`, [`RelayStorageError::UnsupportedSchema`]
+    /// if the schema is newer than this code.
+    pub fn connect(url: &str) -> Result<Self, RelayStorageError> {
+        let config = parse_config(url)?;
+        let connection = Connection::open(&config)?;
+        Ok(PostgresRelayStorage {
+            config,
+            connection: Mutex::new(Some(connection)),
+        })
+    }
+
+    /// Runs `op` on the connection (reconnecting first if it broke),
+    /// retrying it when PostgreSQL rolled it back as a deadlock victim or
+    /// for a serialization failure. `op` must do all its writes in one
+    /// transaction or one statement, so that a retry starts afresh.
+    fn run<T>(
+        &self,
+        mut op: impl FnMut(&mut Client, &Statements) -> Result<T, Failure>,
+    ) -> Result<T, RelayStorageError> {
+        let mut slot = self
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut connection = match slot.take() {
+            Some(connection) if !connection.client.is_closed() => connection,
+            _ => Connection::open(&self.config)?,
+        };
+        let mut retries = 0;
+        let result = loop {
+            match op(&mut connection.client, &connection.statements) {
+                Ok(value) => break Ok(value),
+                Err(Failure::Db(e)) if is_transient(&e) && retries < MAX_RETRIES => {
+                    retries += 1;
+                    thread::sleep(retry_pause(retries));
+                }
+                Err(Failure::Db(e)) => break Err(backend(&e)),
+                Err(Failure::Corrupted(why)) => break Err(RelayStorageError::Corrupted(why)),
+            }
+        };
+        if !connection.client.is_closed() {
+            *slot = Some(connection);
+        }
+        result
+    }
+}
+
+/// A short, growing, jittered pause before retrying a transaction.
+fn retry_pause(retries: u32) -> Duration {
+    let jitter = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() % 5_000_000);
+    Duration::from_millis(u64::from(retries) * 2) + Duration::from_nanos(u64::from(jitter))
+}
+
+impl RelayStorage for PostgresRelayStorage {
+    fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
+        let device = *device;
+        self.run(|client, st| {
+            let Some(row) = client.query_opt(
+                &st.device,
+                &[&&device.identity[..], &i64::from(device.device_id)],
+            )?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(DeviceRecord {
+                device,
+                counter: unbits(row.try_get(0)?),
+                signed_prekey: SignedPrekeyRecord {
+                    id: small(row.try_get(1)?, "signed prekey id")?,
+                    created: unbits(row.try_get(2)?),
+                    public: fixed(row.try_get(3)?, "signed prekey")?,
+                    signature: fixed(row.try_get(4)?, "signed prekey signature")?,
+                },
+                published_at: count(row.try_get(5)?),
+            }))
+        })
+    }
+
+    fn mailbox_exists(&self, mailbox: &MailboxId) -> Result<bool, RelayStorageError> {
+        self.run(|client, st| {
+            Ok(client
+                .query_one(&st.mailbox_exists, &[&&mailbox.0[..]])?
+                .try_get(0)?)
+        })
+    }
+
+    fn apply_upload(
+        &mut self,
+        upload: &BundleSetUpload,
+        published_at: u64,
+        max_one_time_prekeys: u32,
+    ) -> Result<UploadOutcome, RelayStorageError> {
+        let device = &upload.device;
+        let identity = &device.identity[..];
+        let device_id = i64::from(device.device_id);
+        let mailbox = device.mailbox();
+        let spk = &upload.signed_prekey;
+        let key_ids: Vec<i64> = upload
+            .one_time_prekeys
+            .iter()
+            .map(|(id, _)| i64::from(*id))
+            .collect();
+        let keys: Vec<&[u8]> = upload
+            .one_time_prekeys
+            .iter()
+            .map(|(_, key)| &key[..])
+            .collect();
+        self.run(|client, st| {
+            let mut tx = client.transaction()?;
+            // A new device's row is inserted (and locked) at once; a
+            // concurrent first upload of the same device waits for this
+            // transaction, then finds the row.
+            let inserted = tx.execute(
+                &st.insert_device,
+                &[
+                    &identity,
+                    &device_id,
+                    &&mailbox.0[..],
+                    &bits(upload.counter),
+                    &i64::from(spk.id),
+                    &bits(spk.created),
+                    &&spk.public[..],
+                    &&spk.signature[..],
+                    &time(published_at),
+                ],
+            )?;
+            if inserted == 0 {
+                let stored: i64 = tx
+                    .query_one(&st.lock_device, &[&identity, &device_id])?
+                    .try_get(0)?;
+                if upload.counter <= unbits(stored) {
+                    // Dropping the transaction rolls it back.
+                    return Ok(UploadOutcome::Replayed);
+                }
+                tx.execute(
+                    &st.update_device,
+                    &[
+                        &identity,
+                        &device_id,
+                        &bits(upload.counter),
+                        &i64::from(spk.id),
+                        &bits(spk.created),
+                        &&spk.public[..],
+                        &&spk.signature[..],
+                        &time(published_at),
+                    ],
+                )?;
+            }
+            if upload.replace_one_time_prekeys {
+                tx.execute(&st.clear_pool, &[&identity, &device_id])?;
+            }
+            if !key_ids.is_empty() {
+                tx.execute(&st.extend_pool, &[&identity, &device_id, &key_ids, &keys])?;
+            }
+            let pooled: i64 = tx
+                .query_one(&st.pool_count, &[&identity, &device_id])?
+                .try_get(0)?;
+            if count(pooled) > u64::from(max_one_time_prekeys) {
+                return Ok(UploadOutcome::TooManyOneTimePrekeys);
+            }
+            tx.commit()?;
+            Ok(UploadOutcome::Applied)
+        })
+    }
+
+    fn claim_one_time_prekey(
+        &mut self,
+        device: &DeviceAddress,
+    ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError> {
+        let identity = &device.identity[..];
+        let device_id = i64::from(device.device_id);
+        self.run(|client, st| {
+            let mut tx = client.transaction()?;
+            // Shared with other claims, exclusive with uploads: the pool
+            // does not change under us except by concurrent claims, whose
+            // prekeys SKIP LOCKED passes over.
+            if tx
+                .query_opt(&st.share_device, &[&identity, &device_id])?
+                .is_none()
+            {
+                return Ok(None);
+            }
+            let claimed = match tx.query_opt(&st.claim, &[&identity, &device_id])? {
+                Some(row) => Some((
+                    small(row.try_get(0)?, "one-time prekey id")?,
+                    fixed(row.try_get(1)?, "one-time prekey")?,
+                )),
+                None => None,
+            };
+            tx.commit()?;
+            Ok(claimed)
+        })
+    }
+
+    fn one_time_prekey_count(&self, device: &DeviceAddress) -> Result<u32, RelayStorageError> {
+        let identity = &device.identity[..];
+        let device_id = i64::from(device.device_id);
+        self.run(|client, st| {
+            let n: i64 = client
+                .query_one(&st.pool_count, &[&identity, &device_id])?
+                .try_get(0)?;
+            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        })
+    }
+
+    fn insert_envelope(
+        &mut self,
+        mailbox: &MailboxId,
+        envelope: &Envelope,
+        received_at: u64,
+        limits: MailboxLimits,
+    ) -> Result<InsertOutcome, RelayStorageError> {
+        let mailbox_bytes = &mailbox.0[..];
+        let id = &envelope.id.0[..];
+        let cutoff = time(limits.expire_before);
+        let size = envelope.payload.len() as u64;
+        let notice = hex::encode(mailbox.0);
+        self.run(|client, st| {
+            let mut tx = client.transaction()?;
+            // Deposits to one mailbox take turns from here to the commit.
+            tx.execute(&st.lock_mailbox, &[&lock_key(mailbox)])?;
+            tx.execute(&st.expire_mailbox, &[&mailbox_bytes, &cutoff])?;
+            let state = tx.query_one(&st.mailbox_state, &[&mailbox_bytes, &id])?;
+            let duplicate: bool = state.try_get(0)?;
+            let envelopes: i64 = state.try_get(1)?;
+            let bytes: i64 = state.try_get(2)?;
+            let outcome = if duplicate {
+                InsertOutcome::Duplicate
+            } else if count(envelopes) >= u64::from(limits.max_envelopes) {
+                InsertOutcome::TooManyEnvelopes
+            } else if count(bytes).saturating_add(size) > limits.max_bytes {
+                InsertOutcome::TooManyBytes
+            } else {
+                // Stores and notifies, delivered on commit.
+                tx.execute(
+                    &st.insert_envelope,
+                    &[
+                        &mailbox_bytes,
+                        &id,
+                        &time(received_at),
+                        &time(size),
+                        &envelope.payload,
+                        &notice,
+                    ],
+                )?;
+                InsertOutcome::Stored
+            };
+            // Commits the expiry too, whatever the outcome.
+            tx.commit()?;
+            Ok(outcome)
+        })
+    }
+
+    fn list_envelopes(
+        &self,
+        mailbox: &MailboxId,
+        received_since: u64,
+        limit: u32,
+        max_bytes: u64,
+    ) -> Result<Vec<Envelope>, RelayStorageError> {
+        let mailbox = &mailbox.0[..];
+        self.run(|client, st| {
+            let rows = client.query(
+                &st.list_envelopes,
+                &[
+                    &mailbox,
+                    &time(received_since),
+                    &i64::from(limit),
+                    &time(max_bytes),
+                ],
+            )?;
+            rows.iter()
+                .map(|row| {
+                    Ok(Envelope {
+                        id: EnvelopeId(fixed(row.try_get(0)?, "envelope id")?),
+                        payload: row.try_get(1)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn mailbox_usage(&self, mailbox: &MailboxId) -> Result<MailboxUsage, RelayStorageError> {
+        let mailbox = &mailbox.0[..];
+        self.run(|client, st| {
+            let row = client.query_one(&st.usage, &[&mailbox])?;
+            Ok(MailboxUsage {
+                envelopes: count(row.try_get(0)?),
+                bytes: count(row.try_get(1)?),
+            })
+        })
+    }
+
+    fn acknowledge_envelopes(
+        &mut self,
+        mailbox: &MailboxId,
+        ids: &[EnvelopeId],
+    ) -> Result<u64, RelayStorageError> {
+        let mailbox = &mailbox.0[..];
+        let ids: Vec<&[u8]> = ids.iter().map(|id| &id.0[..]).collect();
+        // One statement: deletes and remembers the ids together.
+        self.run(|client, st| {
+            let deleted: i64 = client
+                .query_one(&st.acknowledge, &[&mailbox, &ids])?
+                .try_get(0)?;
+            Ok(count(deleted))
+        })
+    }
+
+    fn expire_envelopes(&mut self, received_before: u64) -> Result<u64, RelayStorageError> {
+        let cutoff = time(received_before);
+        self.run(|client, st| Ok(client.execute(&st.expire_all, &[&cutoff])?))
+    }
+
+    fn insert_challenge(
+        &mut self,
+        mailbox: &MailboxId,
+        challenge: &[u8; 32],
+        now: u64,
+        expires_at: u64,
+        max_outstanding: u32,
+    ) -> Result<(), RelayStorageError> {
+        let mailbox_bytes = &mailbox.0[..];
+        let challenge = &challenge[..];
+        self.run(|client, st| {
+            let mut tx = client.transaction()?;
+            tx.execute(&st.lock_challenges, &[&lock_key(mailbox)])?;
+            tx.execute(&st.expire_challenges, &[&mailbox_bytes, &time(now)])?;
+            tx.execute(
+                &st.insert_challenge,
+                &[&mailbox_bytes, &challenge, &time(expires_at)],
+            )?;
+            tx.execute(
+                &st.evict_challenges,
+                &[&mailbox_bytes, &i64::from(max_outstanding)],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn consume_challenge(
+        &mut self,
+        mailbox: &MailboxId,
+        challenge: &[u8; 32],
+        now: u64,
+    ) -> Result<bool, RelayStorageError> {
+        let mailbox = &mailbox.0[..];
+        let challenge = &challenge[..];
+        // One statement: of concurrent consumers, one deletes the row.
+        self.run(|client, st| {
+            let expires_at: Option<i64> = client
+                .query_opt(&st.consume_challenge, &[&mailbox, &challenge])?
+                .map(|row| row.try_get(0))
+                .transpose()?;
+            Ok(expires_at.is_some_and(|e| time(now) <= e))
+        })
+    }
+
+    fn purge_challenges(&mut self, now: u64) -> Result<u64, RelayStorageError> {
+        let now = time(now);
+        self.run(|client, st| Ok(client.execute(&st.purge_challenges, &[&now])?))
+    }
+}
+
+// ----------------------------------------------------------- listener
+
+/// Starts a background thread that listens on [`DEPOSIT_CHANNEL`] over its
+/// own connection to `url` and calls `on_deposit` with the mailbox of each
+/// committed deposit, made through any [`PostgresRelayStorage`] on that
+/// database (this process's included). Notifications whose payload is not
+/// a mailbox id are ignored; a panic in `on_deposit` is caught and logged.
+///
+/// The first connection is made (and `LISTEN` issued) before this returns,
+/// so every deposit committed afterwards is seen, as long as the connection
+/// holds. When it breaks (it is checked every 30 s when idle), the thread
+/// reconnects with exponential backoff (0.1 s doubling up to 30 s), logging
+/// through `tracing`. Deposits committed while it is disconnected are
+/// **not** reported: treat a call as a hint to look at the mailbox, and
+/// have waiters re-check it on their own now and then.
+///
+/// The thread runs for the rest of the process. Call this from a plain
+/// thread (or `spawn_blocking`), not an async worker.
+///
+/// # Errors
+/// [`RelayStorageError::Backend`] if the string is malformed, the first
+/// connection or `LISTEN` fails, or the thread cannot be started.
+pub fn spawn_listener(
+    url: &str,
+    on_deposit: impl Fn(MailboxId) + Send + Sync + 'static,
+) -> Result<(), RelayStorageError> {
+    let config = parse_config(url)?;
+    let client = listen(&config).map_err(|e| backend(&e))?;
+    thread::Builder::new()
+        .name("cubbyhole-relay-listen".into())
+        .spawn(move || listen_forever(&config, client, &on_deposit))
+        .map_err(|e| {
+            RelayStorageError::Backend(format!("cannot start the listener thread: {e}"))
+        })?;
+    Ok(())
+}
+
+fn listen(config: &Config) -> Result<Client, postgres::Error> {
+    let mut client = config.connect(NoTls)?;
+    client.batch_execute(&format!("LISTEN {DEPOSIT_CHANNEL}"))?;
+    Ok(client)
+}
+
+fn listen_forever(config: &Config, mut client: Client, on_deposit: &dyn Fn(MailboxId)) {
+    loop {
+        let why = deliver_until_broken(&mut client, on_deposit);
+        tracing::warn!(error = %why, "deposit listener lost its PostgreSQL connection");
+        client = reconnect(config);
+        tracing::info!("deposit listener reconnected");
+    }
+}
+
+/// Delivers notifications until the connection breaks; returns why.
+fn deliver_until_broken(client: &mut Client, on_deposit: &dyn Fn(MailboxId)) -> String {
+    loop {
+        {
+            let mut notifications = client.notifications();
+            // Ends after LISTEN_IDLE_CHECK without a notification, or when
+            // the connection closed.
+            let mut pending = notifications.timeout_iter(LISTEN_IDLE_CHECK);
+            loop {
+                match pending.next() {
+                    Ok(Some(notification)) => {
+                        if notification.channel() == DEPOSIT_CHANNEL {
+                            deliver(notification.payload(), on_deposit);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return describe(&e),
+                }
+            }
+        }
+        if client.is_closed() {
+            return "connection closed".into();
+        }
+        if let Err(e) = client.is_valid(LISTEN_PING_TIMEOUT) {
+            return describe(&e);
+        }
+    }
+}
+
+fn deliver(payload: &str, on_deposit: &dyn Fn(MailboxId)) {
+    let mut mailbox = [0u8; 32];
+    if hex::decode_to_slice(payload, &mut mailbox).is_err() {
+        tracing::debug!("ignoring a malformed deposit notification");
+        return;
+    }
+    if catch_unwind(AssertUnwindSafe(|| on_deposit(MailboxId(mailbox)))).is_err() {
+        tracing::error!("the deposit callback panicked");
+    }
+}
+
+fn reconnect(config: &Config) -> Client {
+    let mut pause = RECONNECT_MIN;
+    loop {
+        thread::sleep(pause);
+        match listen(config) {
+            Ok(client) => return client,
+            Err(e) => {
+                pause = (pause * 2).min(RECONNECT_MAX);
+                tracing::warn!(
+                    error = %describe(&e),
+                    retry_in = ?pause,
+                    "deposit listener cannot reconnect"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,1919 @@
+//! The HTTP server: `relay/API.md` over axum and hyper, in front of one
+//! [`cubbyhole::relay::Relay`].
+//!
+//! # How a request is handled
+//!
+//! Every request passes, outermost first: CORS (when origins are
+//! configured), the access log and metrics, the per-address request rate
+//! limit (`rate_requests`), the request timeout (`timeout`), a panic guard
+//! (a bug answers `500 internal` instead of dropping the connection), the
+//! router (`no_route`, `method_not_allowed`), the body size limit on routes
+//! with a body (`body_size`), and the route's handler. Handlers parse the
+//! path, query and body (`bad_request`), apply the per-address deposit and
+//! bundle-fetch rate limits and the relay-wide storage bound, and call the
+//! [`Relay`]: **every rule of the directory and the mailbox (owner proofs,
+//! upload signatures and counters, per-mailbox and per-device bounds,
+//! retention) is the relay core's**; the server only maps its answers to
+//! HTTP ([`REASONS`]).
+//!
+//! The relay core is synchronous (SQLite and the PostgreSQL client block),
+//! so it lives behind a mutex and every call runs in
+//! [`tokio::task::spawn_blocking`]. Deposits go through one queue: a worker
+//! takes every deposit waiting at that moment and stores them with
+//! [`Relay::deposit_batch`], one storage commit for the batch (group
+//! commit); each deposit is answered `201` only after that commit.
+//!
+//! # Long polls
+//!
+//! A fetch with `wait_ms` checks the proof and lists the mailbox as any
+//! fetch (consuming the challenge). If nothing is pending it waits on the
+//! mailbox's wake-up, which a deposit to that mailbox fires (through this
+//! process, or, with PostgreSQL, through any process sharing the database,
+//! via the LISTEN/NOTIFY listener), then lists the mailbox again without a
+//! proof (the challenge is spent) until it finds
+//! envelopes or the time is up.
+//!
+//! # Relay-wide numbers
+//!
+//! [`cubbyhole::relay::RelayStorage`] has per-mailbox usage but no
+//! relay-wide totals. The server therefore keeps the usage of every mailbox
+//! with pending envelopes that it has seen (deposited to or acknowledged
+//! from since it started; refreshed from the storage after every retention
+//! sweep): the `total_storage` bound and the storage gauges of `/metrics`
+//! count those mailboxes. Envelopes left from before a restart are counted
+//! once their mailbox is touched again.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Extension, MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, MethodRouter};
+use axum::Router;
+use cubbyhole::relay::{
+    reason as core_reason, MailboxUsage, Relay, RelayConfig, RelayStorage, RelayStorageError,
+    SqliteRelayStorage,
+};
+use cubbyhole::transport::{
+    decode_envelope, encode_envelope, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxId,
+    TransportError, MAILBOX_AUTH_LEN,
+};
+use http_body_util::LengthLimitError;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use rand_core::OsRng;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tower::ServiceExt as _;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tracing::{debug, error, info, warn};
+
+use crate::metrics::{Live, Metrics};
+use crate::ratelimit::{Kind, RateLimiter};
+use crate::waiters::Waiters;
+
+/// Where the relay keeps its state.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StorageConfig {
+    /// SQLite in memory: nothing survives the process (tests, demos).
+    SqliteMemory,
+    /// A SQLite database file, created if missing
+    /// ([`SqliteRelayStorage::open`]).
+    Sqlite(PathBuf),
+    /// A PostgreSQL connection URL (crate feature `postgres`), so several
+    /// relay processes can share one database. Without the feature,
+    /// [`serve`] answers [`ServerError::PostgresNotCompiled`].
+    Postgres(String),
+}
+
+impl fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageConfig::SqliteMemory => f.write_str("SqliteMemory"),
+            StorageConfig::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            // The URL may hold a password.
+            StorageConfig::Postgres(_) => f.write_str("Postgres(..)"),
+        }
+    }
+}
+
+/// The server's own abuse limits (the relay's bounds are
+/// [`RelayConfig`]). [`Default`] gives the values documented on each field
+/// (also the `DEFAULT_*` constants). Where a field says so, 0 disables the
+/// limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request body, in bytes: larger is `413 body_size` (checked
+    /// on `Content-Length` before reading, and while reading). Keep it above
+    /// [`RelayConfig::max_envelope_bytes`] + 17 so that oversized envelopes
+    /// get `envelope_size`. 0: no limit. Default 512 KiB (524 288).
+    pub max_body_bytes: usize,
+    /// Deposits per client address per minute (token bucket: bursts of up
+    /// to this many, refilled evenly over the minute): more is
+    /// `429 rate_deposits`. 0: no limit. Default 600.
+    pub deposits_per_minute: u32,
+    /// Bundle fetches (each claims a one-time prekey) per client address
+    /// per minute: more is `429 rate_claims`. 0: no limit. Default 60.
+    pub claims_per_minute: u32,
+    /// Requests of any kind per client address per minute: more is
+    /// `429 rate_requests`. 0: no limit. Default 1 200.
+    pub requests_per_minute: u32,
+    /// Most pending envelope payload bytes on the relay: a deposit that
+    /// would go over is `507 total_storage` (see the module docs for what
+    /// is counted). 0: no limit. Default 4 GiB.
+    pub total_storage_bytes: u64,
+    /// Longest a request may take, in milliseconds, from its headers to its
+    /// answer (a long-polling fetch gets [`Self::max_wait_ms`] more): longer
+    /// is `408 timeout`. 0: no limit. Default 30 000.
+    pub request_timeout_ms: u64,
+    /// Longest a client may take to send a request's headers, in
+    /// milliseconds, also the idle time allowed between requests on a
+    /// keep-alive connection; then the connection is closed. 0: no limit.
+    /// Default 10 000.
+    pub header_timeout_ms: u64,
+    /// Cap on a fetch's `wait_ms`. 0 disables long polls (fetches answer at
+    /// once). Default 30 000.
+    pub max_wait_ms: u32,
+    /// Take the client address for rate limits from the first entry of
+    /// `X-Forwarded-For` (when it parses) instead of the peer address. Only
+    /// behind a reverse proxy that sets that header itself; otherwise any
+    /// client picks its own address. Default `false`.
+    pub trust_forwarded_for: bool,
+}
+
+impl Limits {
+    /// Default [`Self::max_body_bytes`]: 512 KiB.
+    pub const DEFAULT_MAX_BODY_BYTES: usize = 512 * 1024;
+    /// Default [`Self::deposits_per_minute`]: 600.
+    pub const DEFAULT_DEPOSITS_PER_MINUTE: u32 = 600;
+    /// Default [`Self::claims_per_minute`]: 60.
+    pub const DEFAULT_CLAIMS_PER_MINUTE: u32 = 60;
+    /// Default [`Self::requests_per_minute`]: 1 200.
+    pub const DEFAULT_REQUESTS_PER_MINUTE: u32 = 1_200;
+    /// Default [`Self::total_storage_bytes`]: 4 GiB.
+    pub const DEFAULT_TOTAL_STORAGE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+    /// Default [`Self::request_timeout_ms`]: 30 s.
+    pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+    /// Default [`Self::header_timeout_ms`]: 10 s.
+    pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
+    /// Default [`Self::max_wait_ms`]: 30 s.
+    pub const DEFAULT_MAX_WAIT_MS: u32 = 30_000;
+
+    /// The time allowed to a request to `route`.
+    fn budget(&self, route: Option<Route>) -> Option<Duration> {
+        if self.request_timeout_ms == 0 {
+            return None;
+        }
+        let wait = match route {
+            Some(Route::Fetch) => u64::from(self.max_wait_ms),
+            _ => 0,
+        };
+        Some(Duration::from_millis(
+            self.request_timeout_ms.saturating_add(wait),
+        ))
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+            deposits_per_minute: Self::DEFAULT_DEPOSITS_PER_MINUTE,
+            claims_per_minute: Self::DEFAULT_CLAIMS_PER_MINUTE,
+            requests_per_minute: Self::DEFAULT_REQUESTS_PER_MINUTE,
+            total_storage_bytes: Self::DEFAULT_TOTAL_STORAGE_BYTES,
+            request_timeout_ms: Self::DEFAULT_REQUEST_TIMEOUT_MS,
+            header_timeout_ms: Self::DEFAULT_HEADER_TIMEOUT_MS,
+            max_wait_ms: Self::DEFAULT_MAX_WAIT_MS,
+            trust_forwarded_for: false,
+        }
+    }
+}
+
+/// Everything [`serve`] needs besides the listener. [`Default`]: SQLite in
+/// memory, default relay bounds and limits, no CORS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Where the state lives.
+    pub storage: StorageConfig,
+    /// The relay's rules' bounds (envelope size, mailbox bounds, retention,
+    /// ...).
+    pub relay: RelayConfig,
+    /// The server's abuse limits.
+    pub limits: Limits,
+    /// Origins allowed to call the relay from a browser (CORS), such as
+    /// `https://app.example`; `*` allows any. Empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            storage: StorageConfig::SqliteMemory,
+            relay: RelayConfig::default(),
+            limits: Limits::default(),
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+/// Why [`serve`] could not start (once started, it only stops on the
+/// shutdown signal).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The storage could not be opened.
+    Storage(RelayStorageError),
+    /// [`StorageConfig::Postgres`] needs the crate feature `postgres`.
+    PostgresNotCompiled,
+    /// The PostgreSQL storage or its listener could not be set up.
+    Postgres(String),
+    /// A setting is invalid (the message names it).
+    Config(String),
+    /// An I/O failure.
+    Io(std::io::Error),
+}
+
+impl fmt::Display for ServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerError::Storage(e) => write!(f, "relay storage: {e}"),
+            ServerError::PostgresNotCompiled => f.write_str(
+                "PostgreSQL storage is not compiled in: build cubbyhole-relay with the \
+                 `postgres` feature",
+            ),
+            ServerError::Postgres(e) => write!(f, "PostgreSQL: {e}"),
+            ServerError::Config(e) => write!(f, "invalid configuration: {e}"),
+            ServerError::Io(e) => write!(f, "I/O: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ServerError::Storage(e) => Some(e),
+            ServerError::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<std::io::Error> for ServerError {
+    fn from(e: std::io::Error) -> Self {
+        ServerError::Io(e)
+    }
+}
+
+impl From<RelayStorageError> for ServerError {
+    fn from(e: RelayStorageError) -> Self {
+        ServerError::Storage(e)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Routes and reasons
+// ---------------------------------------------------------------------------
+
+/// The route table: `(method, path template)` for every route of
+/// `relay/API.md`, with `{name}` path parameters. The router is built from
+/// it and `tests/openapi.rs` checks `openapi.json` against it.
+pub const ROUTES: &[(&str, &str)] = &[
+    Route::Health.spec(),
+    Route::Metrics.spec(),
+    Route::Publish.spec(),
+    Route::Bundle.spec(),
+    Route::OneTimePrekeys.spec(),
+    Route::Deposit.spec(),
+    Route::Challenge.spec(),
+    Route::Fetch.spec(),
+    Route::Acknowledge.spec(),
+];
+
+/// Every error reason the server answers with (the `error` field of an
+/// error body) and its HTTP status. `no_route`, `method_not_allowed`,
+/// `internal` (a bug) and `limit` (a relay bound this server does not
+/// know, for a newer relay core) can come from any request; the others are
+/// listed per route by [`route_responses`].
+pub const REASONS: &[(&str, u16)] = &[
+    Reason::BadRequest.spec(),
+    Reason::Unauthorized.spec(),
+    Reason::NotFound.spec(),
+    Reason::NoRoute.spec(),
+    Reason::MethodNotAllowed.spec(),
+    Reason::Timeout.spec(),
+    Reason::Replayed.spec(),
+    Reason::EnvelopeSize.spec(),
+    Reason::BodySize.spec(),
+    Reason::AcknowledgeIds.spec(),
+    Reason::OneTimePrekeys.spec(),
+    Reason::Limit.spec(),
+    Reason::RateDeposits.spec(),
+    Reason::RateClaims.spec(),
+    Reason::RateRequests.spec(),
+    Reason::Internal.spec(),
+    Reason::Unavailable.spec(),
+    Reason::PendingEnvelopes.spec(),
+    Reason::PendingBytes.spec(),
+    Reason::TotalStorage.spec(),
+];
+
+/// The answers a route can give: `(status, None)` for a success,
+/// `(status, Some(reason))` for an error (besides the reasons any request
+/// can get, see [`REASONS`]). `None` for a route not in [`ROUTES`].
+pub fn route_responses(method: &str, path: &str) -> Option<Vec<(u16, Option<&'static str>)>> {
+    let route = Route::ALL
+        .into_iter()
+        .find(|r| r.spec() == (method, path))?;
+    let mut out: Vec<(u16, Option<&'static str>)> =
+        route.successes().iter().map(|s| (*s, None)).collect();
+    out.extend(route.reasons().iter().map(|r| {
+        let (name, status) = r.spec();
+        (status, Some(name))
+    }));
+    Some(out)
+}
+
+/// The routes; [`ROUTES`] lists them in this order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Health,
+    Metrics,
+    Publish,
+    Bundle,
+    OneTimePrekeys,
+    Deposit,
+    Challenge,
+    Fetch,
+    Acknowledge,
+}
+
+impl Route {
+    const ALL: [Route; 9] = [
+        Route::Health,
+        Route::Metrics,
+        Route::Publish,
+        Route::Bundle,
+        Route::OneTimePrekeys,
+        Route::Deposit,
+        Route::Challenge,
+        Route::Fetch,
+        Route::Acknowledge,
+    ];
+
+    const fn spec(self) -> (&'static str, &'static str) {
+        match self {
+            Route::Health => ("GET", "/v1/health"),
+            Route::Metrics => ("GET", "/metrics"),
+            Route::Publish => ("POST", "/v1/directory"),
+            Route::Bundle => ("GET", "/v1/directory/{identity}/{device}/bundle"),
+            Route::OneTimePrekeys => ("GET", "/v1/directory/{identity}/{device}/one-time-prekeys"),
+            Route::Deposit => ("POST", "/v1/mailboxes/{mailbox}/envelopes"),
+            Route::Challenge => ("POST", "/v1/mailboxes/{mailbox}/challenge"),
+            Route::Fetch => ("POST", "/v1/mailboxes/{mailbox}/fetch"),
+            Route::Acknowledge => ("POST", "/v1/mailboxes/{mailbox}/acknowledge"),
+        }
+    }
+
+    /// The `route` label of the metrics and the access log.
+    const fn name(self) -> &'static str {
+        match self {
+            Route::Health => "health",
+            Route::Metrics => "metrics",
+            Route::Publish => "publish",
+            Route::Bundle => "bundle",
+            Route::OneTimePrekeys => "one_time_prekeys",
+            Route::Deposit => "deposit",
+            Route::Challenge => "challenge",
+            Route::Fetch => "fetch",
+            Route::Acknowledge => "acknowledge",
+        }
+    }
+
+    const fn successes(self) -> &'static [u16] {
+        match self {
+            Route::Publish | Route::Acknowledge => &[204],
+            Route::Deposit => &[201, 200],
+            _ => &[200],
+        }
+    }
+
+    /// The route-specific error reasons (what the handler and the layers
+    /// in front of it can answer, besides the global ones).
+    const fn reasons(self) -> &'static [Reason] {
+        use Reason::*;
+        match self {
+            Route::Health => &[RateRequests, Timeout, Unavailable],
+            Route::Metrics => &[RateRequests, Timeout],
+            Route::Publish => &[
+                BadRequest,
+                Unauthorized,
+                Replayed,
+                OneTimePrekeys,
+                BodySize,
+                RateRequests,
+                Timeout,
+                Unavailable,
+            ],
+            Route::Bundle => &[
+                BadRequest,
+                NotFound,
+                RateClaims,
+                RateRequests,
+                Timeout,
+                Unavailable,
+            ],
+            Route::OneTimePrekeys => &[BadRequest, NotFound, RateRequests, Timeout, Unavailable],
+            Route::Deposit => &[
+                BadRequest,
+                NotFound,
+                EnvelopeSize,
+                BodySize,
+                PendingEnvelopes,
+                PendingBytes,
+                TotalStorage,
+                RateDeposits,
+                RateRequests,
+                Timeout,
+                Unavailable,
+            ],
+            Route::Challenge => &[
+                BadRequest,
+                NotFound,
+                BodySize,
+                RateRequests,
+                Timeout,
+                Unavailable,
+            ],
+            Route::Fetch => &[
+                BadRequest,
+                Unauthorized,
+                BodySize,
+                RateRequests,
+                Timeout,
+                Unavailable,
+            ],
+            Route::Acknowledge => &[
+                BadRequest,
+                Unauthorized,
+                AcknowledgeIds,
+                BodySize,
+                RateRequests,
+                Timeout,
+                Unavailable,
+            ],
+        }
+    }
+
+    /// The path in axum 0.7's syntax (`:name` parameters).
+    fn axum_path(self) -> String {
+        self.spec()
+            .1
+            .split('/')
+            .map(|segment| match template_param(segment) {
+                Some(name) => format!(":{name}"),
+                None => segment.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    /// The route whose axum path is `path` (a [`MatchedPath`]).
+    fn from_axum_path(path: &str) -> Option<Route> {
+        Route::ALL.into_iter().find(|route| {
+            let template = route.spec().1;
+            template.split('/').count() == path.split('/').count()
+                && template
+                    .split('/')
+                    .zip(path.split('/'))
+                    .all(|(t, p)| match template_param(t) {
+                        Some(name) => p.strip_prefix(':') == Some(name),
+                        None => t == p,
+                    })
+        })
+    }
+
+    fn method_router<S: Storage>(self, body_limit: usize) -> MethodRouter<Arc<Shared<S>>> {
+        let limited = |router: MethodRouter<Arc<Shared<S>>>| {
+            if body_limit == 0 {
+                router
+            } else {
+                router.layer(RequestBodyLimitLayer::new(body_limit))
+            }
+        };
+        match self {
+            Route::Health => get(health::<S>),
+            Route::Metrics => get(metrics::<S>),
+            Route::Publish => limited(post(publish::<S>)),
+            Route::Bundle => get(bundle::<S>),
+            Route::OneTimePrekeys => get(one_time_prekeys::<S>),
+            Route::Deposit => limited(post(deposit::<S>)),
+            Route::Challenge => limited(post(challenge::<S>)),
+            Route::Fetch => limited(post(fetch::<S>)),
+            Route::Acknowledge => limited(post(acknowledge::<S>)),
+        }
+    }
+}
+
+/// `name` for a `{name}` path segment.
+fn template_param(segment: &str) -> Option<&str> {
+    segment.strip_prefix('{')?.strip_suffix('}')
+}
+
+/// The error reasons; [`REASONS`] lists them in this order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reason {
+    BadRequest,
+    Unauthorized,
+    NotFound,
+    NoRoute,
+    MethodNotAllowed,
+    Timeout,
+    Replayed,
+    EnvelopeSize,
+    BodySize,
+    AcknowledgeIds,
+    OneTimePrekeys,
+    Limit,
+    RateDeposits,
+    RateClaims,
+    RateRequests,
+    Internal,
+    Unavailable,
+    PendingEnvelopes,
+    PendingBytes,
+    TotalStorage,
+}
+
+impl Reason {
+    #[cfg(test)]
+    const ALL: [Reason; 20] = [
+        Reason::BadRequest,
+        Reason::Unauthorized,
+        Reason::NotFound,
+        Reason::NoRoute,
+        Reason::MethodNotAllowed,
+        Reason::Timeout,
+        Reason::Replayed,
+        Reason::EnvelopeSize,
+        Reason::BodySize,
+        Reason::AcknowledgeIds,
+        Reason::OneTimePrekeys,
+        Reason::Limit,
+        Reason::RateDeposits,
+        Reason::RateClaims,
+        Reason::RateRequests,
+        Reason::Internal,
+        Reason::Unavailable,
+        Reason::PendingEnvelopes,
+        Reason::PendingBytes,
+        Reason::TotalStorage,
+    ];
+
+    const fn spec(self) -> (&'static str, u16) {
+        match self {
+            Reason::BadRequest => ("bad_request", 400),
+            Reason::Unauthorized => ("unauthorized", 401),
+            Reason::NotFound => ("not_found", 404),
+            Reason::NoRoute => ("no_route", 404),
+            Reason::MethodNotAllowed => ("method_not_allowed", 405),
+            Reason::Timeout => ("timeout", 408),
+            Reason::Replayed => ("replayed", 409),
+            Reason::EnvelopeSize => ("envelope_size", 413),
+            Reason::BodySize => ("body_size", 413),
+            Reason::AcknowledgeIds => ("acknowledge_ids", 413),
+            Reason::OneTimePrekeys => ("one_time_prekeys", 422),
+            Reason::Limit => ("limit", 422),
+            Reason::RateDeposits => ("rate_deposits", 429),
+            Reason::RateClaims => ("rate_claims", 429),
+            Reason::RateRequests => ("rate_requests", 429),
+            Reason::Internal => ("internal", 500),
+            Reason::Unavailable => ("unavailable", 503),
+            Reason::PendingEnvelopes => ("pending_envelopes", 507),
+            Reason::PendingBytes => ("pending_bytes", 507),
+            Reason::TotalStorage => ("total_storage", 507),
+        }
+    }
+
+    const fn name(self) -> &'static str {
+        self.spec().0
+    }
+
+    fn status(self) -> StatusCode {
+        StatusCode::from_u16(self.spec().1).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Errors as answers
+// ---------------------------------------------------------------------------
+
+/// Marks an error answer with its reason (for the log and the metrics).
+#[derive(Clone, Copy, Debug)]
+struct Rejected(Reason);
+
+/// An error answer: `{"error": reason, "message": ...}`.
+#[derive(Debug)]
+struct ApiError {
+    reason: Reason,
+    message: Cow<'static, str>,
+    retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    fn new(reason: Reason, message: impl Into<Cow<'static, str>>) -> Self {
+        ApiError {
+            reason,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn bad(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(Reason::BadRequest, message)
+    }
+
+    fn rate(reason: Reason, wait: Duration) -> Self {
+        let what = match reason {
+            Reason::RateDeposits => "deposits",
+            Reason::RateClaims => "bundle fetches",
+            _ => "requests",
+        };
+        ApiError {
+            reason,
+            message: format!("too many {what} from this address; retry later").into(),
+            retry_after: Some(wait),
+        }
+    }
+
+    fn poisoned() -> Self {
+        Self::new(
+            Reason::Unavailable,
+            "the relay's state is unusable after an internal failure",
+        )
+    }
+
+    /// The answer for what the relay core refused.
+    fn from_transport(error: TransportError) -> Self {
+        match error {
+            TransportError::BadRequest(why) => Self::bad(why),
+            TransportError::Unauthorized => Self::new(
+                Reason::Unauthorized,
+                "the signature or mailbox proof does not verify, or its challenge is \
+                 unknown, expired or used",
+            ),
+            TransportError::Replayed => Self::new(
+                Reason::Replayed,
+                "the upload's counter is not above the last accepted one",
+            ),
+            TransportError::NotFound => Self::new(
+                Reason::NotFound,
+                "nothing is published for that device or mailbox",
+            ),
+            TransportError::LimitExceeded(bound) => {
+                let reason = match bound {
+                    core_reason::ENVELOPE_SIZE => Reason::EnvelopeSize,
+                    core_reason::PENDING_ENVELOPES => Reason::PendingEnvelopes,
+                    core_reason::PENDING_BYTES => Reason::PendingBytes,
+                    core_reason::ONE_TIME_PREKEYS => Reason::OneTimePrekeys,
+                    core_reason::ACKNOWLEDGE_IDS => Reason::AcknowledgeIds,
+                    _ => Reason::Limit,
+                };
+                Self::new(reason, format!("limit exceeded: {bound}"))
+            }
+            TransportError::Unavailable(why) => Self::new(
+                Reason::Unavailable,
+                format!("{why} unavailable; retry later"),
+            ),
+            other => Self::new(Reason::Internal, other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": self.reason.name(),
+            "message": self.message,
+        })
+        .to_string();
+        let mut response = (
+            self.reason.status(),
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+        if let Some(wait) = self.retry_after {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response.extensions_mut().insert(Rejected(self.reason));
+        response
+    }
+}
+
+/// Gives an error answer not made by [`ApiError`] (axum's own rejections,
+/// the body limit layer, `405`) the JSON error form.
+fn normalize(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || response.extensions().get::<Rejected>().is_some()
+    {
+        return response;
+    }
+    let (reason, message) = match status.as_u16() {
+        400 => (Reason::BadRequest, "malformed request"),
+        404 => (Reason::NoRoute, "no such route"),
+        405 => (Reason::MethodNotAllowed, "method not allowed on this route"),
+        408 => (Reason::Timeout, "the request took too long"),
+        413 => (
+            Reason::BodySize,
+            "the request body is larger than the server's limit",
+        ),
+        429 => (Reason::RateRequests, "too many requests; retry later"),
+        503 => (Reason::Unavailable, "unavailable; retry later"),
+        s if s < 500 => (Reason::BadRequest, "malformed request"),
+        _ => (Reason::Internal, "internal error"),
+    };
+    let (parts, _) = response.into_parts();
+    let mut answer = ApiError::new(reason, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    answer
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    error!("a request handler panicked");
+    ApiError::new(Reason::Internal, "internal error").into_response()
+}
+
+/// A storage failure in a direct storage call: logged, answered `503`.
+fn storage_failed(error: RelayStorageError) -> TransportError {
+    error!(error = %error, "relay storage failed");
+    TransportError::Unavailable("relay storage")
+}
+
+// ---------------------------------------------------------------------------
+// Shared state
+// ---------------------------------------------------------------------------
+
+/// A storage backend the server can run on.
+trait Storage: RelayStorage + Send + 'static {}
+impl<S: RelayStorage + Send + 'static> Storage for S {}
+
+/// The relay and what the server keeps about its contents, under one lock.
+struct Core<S> {
+    relay: Relay<S>,
+    /// Usage of the mailboxes with pending envelopes that this process has
+    /// seen (see the module docs).
+    usage: HashMap<MailboxId, MailboxUsage>,
+    envelopes: u64,
+    bytes: u64,
+}
+
+impl<S: Storage> Core<S> {
+    fn new(relay: Relay<S>) -> Self {
+        Core {
+            relay,
+            usage: HashMap::new(),
+            envelopes: 0,
+            bytes: 0,
+        }
+    }
+
+    fn set_usage(&mut self, mailbox: MailboxId, usage: MailboxUsage, metrics: &Metrics) {
+        let old = if usage.envelopes == 0 {
+            self.usage.remove(&mailbox)
+        } else {
+            self.usage.insert(mailbox, usage)
+        }
+        .unwrap_or_default();
+        self.envelopes = self
+            .envelopes
+            .saturating_sub(old.envelopes)
+            .saturating_add(usage.envelopes);
+        self.bytes = self
+            .bytes
+            .saturating_sub(old.bytes)
+            .saturating_add(usage.bytes);
+        metrics.envelopes.store(self.envelopes, Ordering::Relaxed);
+        metrics.pending_bytes.store(self.bytes, Ordering::Relaxed);
+        metrics
+            .mailboxes
+            .store(self.usage.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Reads the mailbox's usage from the storage.
+    fn refresh_usage(
+        &mut self,
+        mailbox: MailboxId,
+        metrics: &Metrics,
+    ) -> Result<(), RelayStorageError> {
+        let usage = self.relay.storage().mailbox_usage(&mailbox)?;
+        self.set_usage(mailbox, usage, metrics);
+        Ok(())
+    }
+
+    /// An envelope of `size` payload bytes was stored in the mailbox.
+    fn stored(
+        &mut self,
+        mailbox: MailboxId,
+        size: u64,
+        metrics: &Metrics,
+    ) -> Result<(), RelayStorageError> {
+        match self.usage.get(&mailbox).copied() {
+            Some(usage) => {
+                let usage = MailboxUsage {
+                    envelopes: usage.envelopes.saturating_add(1),
+                    bytes: usage.bytes.saturating_add(size),
+                };
+                self.set_usage(mailbox, usage, metrics);
+                Ok(())
+            }
+            None => self.refresh_usage(mailbox, metrics),
+        }
+    }
+
+    /// The mailbox's pending envelopes, as [`Relay::fetch`] lists them but
+    /// without a proof: for the second and later listings of a long poll
+    /// whose proof (and challenge) the first listing checked and consumed.
+    /// Same semantics: at most `limit` capped by `max_fetch_envelopes` and
+    /// `max_fetch_bytes`, expired envelopes left out.
+    fn list(
+        &self,
+        now: u64,
+        mailbox: &MailboxId,
+        limit: u32,
+    ) -> Result<Vec<Envelope>, TransportError> {
+        let config = self.relay.config();
+        let limit = limit.min(config.max_fetch_envelopes);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.relay
+            .storage()
+            .list_envelopes(
+                mailbox,
+                now.saturating_sub(config.retention),
+                limit,
+                config.max_fetch_bytes,
+            )
+            .map_err(storage_failed)
+    }
+}
+
+/// A deposit waiting for the deposit worker.
+struct DepositJob {
+    mailbox: MailboxId,
+    envelope: Envelope,
+    /// `Ok(true)`: stored now; `Ok(false)`: already there.
+    reply: oneshot::Sender<Result<bool, ApiError>>,
+}
+
+/// Most deposits stored in one commit.
+const MAX_DEPOSIT_BATCH: usize = 256;
+/// Most payload bytes stored in one commit.
+const MAX_DEPOSIT_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Deposits waiting for the worker before new ones wait to be queued.
+const DEPOSIT_QUEUE: usize = 4096;
+/// How often expired envelopes and challenges are deleted.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// Mailboxes whose usage is re-read per lock hold after a sweep.
+const REFRESH_CHUNK: usize = 256;
+
+/// The state every request shares.
+struct Shared<S> {
+    core: Mutex<Core<S>>,
+    limits: Limits,
+    rates: RateLimiter,
+    waiters: Arc<Waiters>,
+    metrics: Metrics,
+    deposits: mpsc::Sender<DepositJob>,
+}
+
+/// The peer address of a connection.
+#[derive(Clone, Copy, Debug)]
+struct PeerAddr(SocketAddr);
+
+/// The client address used for rate limits.
+#[derive(Clone, Copy, Debug)]
+struct ClientIp(IpAddr);
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl<S: Storage> Shared<S> {
+    /// Runs `f` on the relay in the blocking pool, at the current time.
+    async fn call<R, F>(self: &Arc<Self>, f: F) -> Result<R, ApiError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Core<S>, &Metrics, u64) -> Result<R, TransportError> + Send + 'static,
+    {
+        let shared = Arc::clone(self);
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut core = shared.core.lock().map_err(|_| ApiError::poisoned())?;
+            let result = f(&mut core, &shared.metrics, unix_now());
+            if let Some(e) = core.relay.take_storage_error() {
+                error!(error = %e, "relay storage failed");
+            }
+            result.map_err(ApiError::from_transport)
+        })
+        .await;
+        joined.unwrap_or_else(|e| {
+            error!(error = %e, "a relay call failed");
+            Err(ApiError::new(
+                Reason::Unavailable,
+                "the relay failed; retry later",
+            ))
+        })
+    }
+
+    /// Checks a rate limit for the request's client.
+    fn check_rate(&self, ip: IpAddr, kind: Kind, reason: Reason) -> Result<(), ApiError> {
+        self.rates
+            .check(ip, kind)
+            .map_err(|wait| ApiError::rate(reason, wait))
+    }
+
+    /// Stores a batch of deposits with one commit and answers each; returns
+    /// the mailboxes that got an envelope.
+    fn deposit_batch(&self, jobs: Vec<DepositJob>) -> Vec<MailboxId> {
+        let mut core = match self.core.lock() {
+            Ok(core) => core,
+            Err(_) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(ApiError::poisoned()));
+                }
+                return Vec::new();
+            }
+        };
+        let total = self.limits.total_storage_bytes;
+        let mut reserved = core.bytes;
+        let mut batch = Vec::with_capacity(jobs.len());
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let size = job.envelope.payload.len() as u64;
+            if total > 0 && reserved.saturating_add(size) > total {
+                let _ = job.reply.send(Err(ApiError::new(
+                    Reason::TotalStorage,
+                    "the relay holds its configured total of pending envelopes; retry later",
+                )));
+                continue;
+            }
+            reserved = reserved.saturating_add(size);
+            batch.push((job.mailbox, job.envelope));
+            replies.push(job.reply);
+        }
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let results = core.relay.deposit_batch(unix_now(), &batch);
+        if let Some(e) = core.relay.take_storage_error() {
+            error!(error = %e, deposits = batch.len(), "relay storage failed");
+        }
+        let mut stored = Vec::new();
+        for (((mailbox, envelope), result), reply) in batch.iter().zip(results).zip(replies) {
+            let answer = match result {
+                Ok(true) => {
+                    self.metrics.deposits.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) =
+                        core.stored(*mailbox, envelope.payload.len() as u64, &self.metrics)
+                    {
+                        warn!(error = %e, "could not read a mailbox's usage");
+                    }
+                    stored.push(*mailbox);
+                    Ok(true)
+                }
+                Ok(false) => Ok(false),
+                Err(e) => Err(ApiError::from_transport(e)),
+            };
+            let _ = reply.send(answer);
+        }
+        stored
+    }
+
+    /// Deletes what expired and re-reads the usage of the known mailboxes.
+    fn sweep(&self) {
+        let known = {
+            let Ok(mut core) = self.core.lock() else {
+                error!("relay state poisoned; not sweeping");
+                return;
+            };
+            match core.relay.sweep(unix_now()) {
+                Ok(report) => {
+                    self.metrics
+                        .expired
+                        .fetch_add(report.envelopes_expired, Ordering::Relaxed);
+                    debug!(
+                        envelopes = report.envelopes_expired,
+                        challenges = report.challenges_expired,
+                        "retention sweep"
+                    );
+                }
+                Err(_) => {
+                    if let Some(e) = core.relay.take_storage_error() {
+                        error!(error = %e, "retention sweep failed");
+                    }
+                    return;
+                }
+            }
+            core.usage.keys().copied().collect::<Vec<_>>()
+        };
+        for chunk in known.chunks(REFRESH_CHUNK) {
+            let Ok(mut core) = self.core.lock() else {
+                return;
+            };
+            for mailbox in chunk {
+                if let Err(e) = core.refresh_usage(*mailbox, &self.metrics) {
+                    warn!(error = %e, "could not read a mailbox's usage");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Serving
+// ---------------------------------------------------------------------------
+
+/// Serves the relay's HTTP API on `listener` until `shutdown` resolves,
+/// then stops accepting connections, lets the requests in flight finish
+/// (long polls are woken and answer what is pending), and returns.
+///
+/// The storage is opened first ([`ServerConfig::storage`]); a retention
+/// sweeper runs every minute.
+///
+/// # Errors
+/// [`ServerError`] when the storage cannot be opened or a setting is
+/// invalid (before serving anything). Failures while serving are answered
+/// per request and logged.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let cors = cors_layer(&config.cors_origins)?;
+    let waiters = Arc::new(Waiters::default());
+    match config.storage.clone() {
+        StorageConfig::SqliteMemory => {
+            let storage = blocking(SqliteRelayStorage::open_in_memory).await??;
+            info!(storage = "sqlite (in memory)", "relay storage opened");
+            run(listener, config, storage, cors, waiters, shutdown).await
+        }
+        StorageConfig::Sqlite(path) => {
+            let shown = path.display().to_string();
+            let storage = blocking(move || SqliteRelayStorage::open(path)).await??;
+            info!(storage = "sqlite", path = %shown, "relay storage opened");
+            run(listener, config, storage, cors, waiters, shutdown).await
+        }
+        #[cfg(feature = "postgres")]
+        StorageConfig::Postgres(url) => {
+            let connect_url = url.clone();
+            let storage = blocking(move || {
+                crate::postgres::PostgresRelayStorage::connect(&connect_url)
+                    .map_err(|e| ServerError::Postgres(e.to_string()))
+            })
+            .await??;
+            let notify = Arc::clone(&waiters);
+            blocking(move || {
+                crate::postgres::spawn_listener(&url, move |mailbox| notify.notify(&mailbox))
+                    .map_err(|e| ServerError::Postgres(e.to_string()))
+            })
+            .await??;
+            info!(
+                storage = "postgres",
+                "relay storage opened, listening for deposits"
+            );
+            run(listener, config, storage, cors, waiters, shutdown).await
+        }
+        #[cfg(not(feature = "postgres"))]
+        StorageConfig::Postgres(_) => Err(ServerError::PostgresNotCompiled),
+    }
+}
+
+/// Runs blocking set-up work off the async workers.
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, ServerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))
+}
+
+fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let values = origins
+            .iter()
+            .map(|origin| {
+                HeaderValue::from_str(origin)
+                    .map_err(|_| ServerError::Config(format!("CORS origin {origin:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(values)
+    };
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::CONTENT_TYPE])
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(Duration::from_secs(600)),
+    ))
+}
+
+fn router<S: Storage>(shared: Arc<Shared<S>>, cors: Option<CorsLayer>) -> Router {
+    let body_limit = shared.limits.max_body_bytes;
+    let mut router = Router::new();
+    for route in Route::ALL {
+        router = router.route(&route.axum_path(), route.method_router::<S>(body_limit));
+    }
+    let router = router
+        .fallback(no_route)
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&shared),
+            frame::<S>,
+        ))
+        .with_state(shared);
+    match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+async fn run<S: Storage>(
+    listener: TcpListener,
+    config: ServerConfig,
+    storage: S,
+    cors: Option<CorsLayer>,
+    waiters: Arc<Waiters>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let ServerConfig { relay, limits, .. } = config;
+    let (deposits, deposit_queue) = mpsc::channel(DEPOSIT_QUEUE);
+    let routes: Vec<&'static str> = Route::ALL
+        .iter()
+        .map(|r| r.name())
+        .chain(["no_route"])
+        .collect();
+    let reasons: Vec<&'static str> = REASONS.iter().map(|(name, _)| *name).collect();
+    let shared = Arc::new(Shared {
+        core: Mutex::new(Core::new(Relay::new(storage, relay))),
+        rates: RateLimiter::new(
+            limits.requests_per_minute,
+            limits.deposits_per_minute,
+            limits.claims_per_minute,
+        ),
+        limits,
+        waiters,
+        metrics: Metrics::new(&routes, &reasons),
+        deposits,
+    });
+    let router = router(Arc::clone(&shared), cors);
+
+    let (stop, stopped) = watch::channel(false);
+    let worker = tokio::spawn(deposit_worker(
+        Arc::clone(&shared),
+        deposit_queue,
+        stopped.clone(),
+    ));
+    let sweeper = tokio::spawn(sweeper(Arc::clone(&shared), stopped));
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new());
+    http.header_read_timeout(match shared.limits.header_timeout_ms {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    });
+    http.keep_alive(true);
+
+    match listener.local_addr() {
+        Ok(addr) => info!(%addr, "relay listening"),
+        Err(_) => info!("relay listening"),
+    }
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        while connections.try_join_next().is_some() {}
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = router.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<_>| {
+            request.extensions_mut().insert(PeerAddr(peer));
+            app.clone().oneshot(request)
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        connections.spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    info!("shutting down: finishing the requests in flight");
+    drop(listener);
+    shared.waiters.close_all();
+    let grace = Duration::from_millis(
+        match shared.limits.request_timeout_ms {
+            0 => 60_000,
+            ms => ms,
+        }
+        .saturating_add(u64::from(shared.limits.max_wait_ms)),
+    ) + Duration::from_secs(5);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("connections still open after the grace period; closing them");
+    }
+    connections.shutdown().await;
+    let _ = stop.send(true);
+    let _ = worker.await;
+    let _ = sweeper.await;
+    drop(router);
+    // The storage may block when closed (PostgreSQL): close it off the
+    // async workers.
+    let _ = tokio::task::spawn_blocking(move || drop(shared)).await;
+    info!("relay stopped");
+    Ok(())
+}
+
+/// Stores the queued deposits, batch by batch, until stopped.
+async fn deposit_worker<S: Storage>(
+    shared: Arc<Shared<S>>,
+    mut queue: mpsc::Receiver<DepositJob>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut carry: Option<DepositJob> = None;
+    loop {
+        let first = match carry.take() {
+            Some(job) => job,
+            None => tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                job = queue.recv() => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+            },
+        };
+        let mut bytes = first.envelope.payload.len();
+        let mut batch = vec![first];
+        while batch.len() < MAX_DEPOSIT_BATCH {
+            let Ok(job) = queue.try_recv() else {
+                break;
+            };
+            let size = job.envelope.payload.len();
+            if bytes.saturating_add(size) > MAX_DEPOSIT_BATCH_BYTES {
+                carry = Some(job);
+                break;
+            }
+            bytes += size;
+            batch.push(job);
+        }
+        let worker = Arc::clone(&shared);
+        let count = batch.len();
+        match tokio::task::spawn_blocking(move || worker.deposit_batch(batch)).await {
+            Ok(stored) => {
+                debug!(deposits = count, stored = stored.len(), "deposit batch");
+                for mailbox in &stored {
+                    shared.waiters.notify(mailbox);
+                }
+            }
+            // The batch's answers are dropped: those deposits answer 503.
+            Err(e) => error!(error = %e, "a deposit batch failed"),
+        }
+    }
+}
+
+/// Sweeps expired envelopes and challenges every minute (and at start),
+/// and forgets idle rate-limit buckets.
+async fn sweeper<S: Storage>(shared: Arc<Shared<S>>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            _ = tick.tick() => {}
+        }
+        shared.rates.cleanup();
+        let sweeping = Arc::clone(&shared);
+        if let Err(e) = tokio::task::spawn_blocking(move || sweeping.sweep()).await {
+            error!(error = %e, "the retention sweep failed");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Middleware
+// ---------------------------------------------------------------------------
+
+fn client_ip(request: &Request, trust_forwarded_for: bool) -> IpAddr {
+    if trust_forwarded_for {
+        let forwarded = request
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .and_then(|first| {
+                first
+                    .parse::<IpAddr>()
+                    .ok()
+                    .or_else(|| first.parse::<SocketAddr>().ok().map(|a| a.ip()))
+            });
+        if let Some(ip) = forwarded {
+            return ip;
+        }
+    }
+    request
+        .extensions()
+        .get::<PeerAddr>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip())
+}
+
+fn content_length(headers: &HeaderMap) -> u64 {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The outer frame of every request: request rate limit, timeout, JSON
+/// errors, metrics and the access log (route, status, sizes, latency:
+/// never paths, bodies, keys or addresses).
+async fn frame<S: Storage>(
+    State(shared): State<Arc<Shared<S>>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|p| Route::from_axum_path(p.as_str()));
+    let label = route.map_or("no_route", Route::name);
+    let method = request.method().clone();
+    let request_bytes = content_length(request.headers());
+    let ip = client_ip(&request, shared.limits.trust_forwarded_for);
+    request.extensions_mut().insert(ClientIp(ip));
+
+    let response = match shared.check_rate(ip, Kind::Request, Reason::RateRequests) {
+        Err(e) => e.into_response(),
+        Ok(()) => match shared.limits.budget(route) {
+            None => next.run(request).await,
+            Some(budget) => match tokio::time::timeout(budget, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => {
+                    ApiError::new(Reason::Timeout, "the request took too long").into_response()
+                }
+            },
+        },
+    };
+    let response = normalize(response);
+    let reason = response.extensions().get::<Rejected>().map(|r| r.0.name());
+    shared.metrics.record(label, reason);
+    let response_bytes = response.body().size_hint().exact().unwrap_or(0);
+    info!(
+        target: "cubbyhole_relay::access",
+        method = %method,
+        route = label,
+        status = response.status().as_u16(),
+        reason = reason.unwrap_or("-"),
+        request_bytes,
+        response_bytes,
+        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}
+
+// ---------------------------------------------------------------------------
+// Parsing
+// ---------------------------------------------------------------------------
+
+fn client(ip: Option<Extension<ClientIp>>) -> IpAddr {
+    ip.map_or(
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        |Extension(ClientIp(ip))| ip,
+    )
+}
+
+fn parse_hex32(value: &str, what: &'static str) -> Result<[u8; 32], ApiError> {
+    let mut out = [0u8; 32];
+    let lower_hex = value.len() == 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !lower_hex || hex::decode_to_slice(value, &mut out).is_err() {
+        return Err(ApiError::bad(format!(
+            "{what}: expected 64 lowercase hex characters"
+        )));
+    }
+    Ok(out)
+}
+
+fn parse_u32(value: &str, what: &'static str) -> Result<u32, ApiError> {
+    let digits =
+        !value.is_empty() && value.len() <= 10 && value.bytes().all(|b| b.is_ascii_digit());
+    digits
+        .then(|| value.parse::<u32>().ok())
+        .flatten()
+        .ok_or_else(|| ApiError::bad(format!("{what}: expected a decimal u32")))
+}
+
+fn parse_mailbox(path: Result<Path<String>, PathRejection>) -> Result<MailboxId, ApiError> {
+    let Path(mailbox) = path.map_err(|_| ApiError::bad("malformed path"))?;
+    parse_hex32(&mailbox, "mailbox").map(MailboxId)
+}
+
+fn parse_device(
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<DeviceAddress, ApiError> {
+    let Path((identity, device)) = path.map_err(|_| ApiError::bad("malformed path"))?;
+    Ok(DeviceAddress {
+        identity: parse_hex32(&identity, "identity")?,
+        device_id: parse_u32(&device, "device")?,
+    })
+}
+
+/// `limit` (default 100) and `wait_ms` (default 0) of a fetch; other
+/// parameters are ignored.
+fn parse_fetch_query(query: Option<&str>) -> Result<(u32, u32), ApiError> {
+    let mut limit = 100;
+    let mut wait_ms = 0;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "limit" => limit = parse_u32(value, "limit")?,
+            "wait_ms" => wait_ms = parse_u32(value, "wait_ms")?,
+            _ => {}
+        }
+    }
+    Ok((limit, wait_ms))
+}
+
+fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<LengthLimitError>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    // The size limit is the RequestBodyLimitLayer's, on the body.
+    axum::body::to_bytes(body, usize::MAX).await.map_err(|e| {
+        if is_length_limit(&e) {
+            ApiError::new(
+                Reason::BodySize,
+                "the request body is larger than the server's limit",
+            )
+        } else {
+            ApiError::bad("the request body could not be read")
+        }
+    })
+}
+
+fn decode_auth(bytes: &[u8], mailbox: &MailboxId) -> Result<MailboxAuth, ApiError> {
+    let auth = MailboxAuth::decode(bytes).map_err(ApiError::from_transport)?;
+    if auth.mailbox() != *mailbox {
+        return Err(ApiError::new(
+            Reason::Unauthorized,
+            "the proof is for another mailbox",
+        ));
+    }
+    Ok(auth)
+}
+
+/// The device an upload names (`0x01 || identity (32) || device_id (4) ||
+/// ...`), read for the `devices` gauge only: the relay core decodes and
+/// verifies the upload.
+fn upload_device(upload: &[u8]) -> Option<DeviceAddress> {
+    Some(DeviceAddress {
+        identity: upload.get(1..33)?.try_into().ok()?,
+        device_id: u32::from_be_bytes(upload.get(33..37)?.try_into().ok()?),
+    })
+}
+
+fn binary(status: StatusCode, bytes: Vec<u8>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response()
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+/// `length (4, big-endian) || encoded envelope`, for each envelope.
+fn envelopes_response(envelopes: &[Envelope]) -> Response {
+    let mut out = Vec::with_capacity(envelopes.iter().map(|e| 21 + e.payload.len()).sum());
+    for envelope in envelopes {
+        let encoded = encode_envelope(envelope);
+        let length = u32::try_from(encoded.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&length.to_be_bytes());
+        out.extend_from_slice(&encoded);
+    }
+    binary(StatusCode::OK, out)
+}
+
+// ---------------------------------------------------------------------------
+// Handlers
+// ---------------------------------------------------------------------------
+
+type AppState<S> = State<Arc<Shared<S>>>;
+
+async fn no_route() -> ApiError {
+    ApiError::new(Reason::NoRoute, "no such route")
+}
+
+async fn health<S: Storage>(State(shared): AppState<S>) -> Result<Response, ApiError> {
+    shared
+        .call(|core, _, _| {
+            core.relay
+                .storage()
+                .mailbox_exists(&MailboxId([0; 32]))
+                .map_err(storage_failed)
+        })
+        .await?;
+    Ok(json(StatusCode::OK, &serde_json::json!({ "status": "ok" })))
+}
+
+async fn metrics<S: Storage>(State(shared): AppState<S>) -> Response {
+    let text = shared.metrics.render(Live {
+        long_polls: shared.waiters.waiting(),
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response()
+}
+
+async fn publish<S: Storage>(State(shared): AppState<S>, body: Body) -> Result<Response, ApiError> {
+    let upload = read_body(body).await?;
+    shared
+        .call(move |core, metrics, now| {
+            let device = upload_device(&upload);
+            let new = device.is_some_and(|d| matches!(core.relay.storage().device(&d), Ok(None)));
+            core.relay.publish(now, &upload)?;
+            if new {
+                metrics.devices.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn bundle<S: Storage>(
+    State(shared): AppState<S>,
+    ip: Option<Extension<ClientIp>>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let device = parse_device(path)?;
+    shared.check_rate(client(ip), Kind::Claim, Reason::RateClaims)?;
+    let bundle = shared
+        .call(move |core, _, _| core.relay.fetch_bundle(&device))
+        .await?;
+    Ok(binary(StatusCode::OK, bundle))
+}
+
+async fn one_time_prekeys<S: Storage>(
+    State(shared): AppState<S>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let device = parse_device(path)?;
+    let count = shared
+        .call(move |core, _, _| core.relay.one_time_prekeys_left(&device))
+        .await?;
+    Ok(json(StatusCode::OK, &serde_json::json!({ "count": count })))
+}
+
+async fn deposit<S: Storage>(
+    State(shared): AppState<S>,
+    ip: Option<Extension<ClientIp>>,
+    path: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mailbox = parse_mailbox(path)?;
+    shared.check_rate(client(ip), Kind::Deposit, Reason::RateDeposits)?;
+    let bytes = read_body(body).await?;
+    let envelope = decode_envelope(&bytes).map_err(ApiError::from_transport)?;
+    let (reply, answer) = oneshot::channel();
+    let job = DepositJob {
+        mailbox,
+        envelope,
+        reply,
+    };
+    shared
+        .deposits
+        .send(job)
+        .await
+        .map_err(|_| ApiError::new(Reason::Unavailable, "the relay is shutting down"))?;
+    let stored = answer.await.map_err(|_| {
+        ApiError::new(
+            Reason::Unavailable,
+            "the deposit could not be stored; retry",
+        )
+    })??;
+    Ok(if stored {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
+    .into_response())
+}
+
+async fn challenge<S: Storage>(
+    State(shared): AppState<S>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let mailbox = parse_mailbox(path)?;
+    let challenge = shared
+        .call(move |core, _, now| core.relay.challenge(now, &mut OsRng, &mailbox))
+        .await?;
+    Ok(binary(StatusCode::OK, challenge.to_vec()))
+}
+
+async fn fetch<S: Storage>(
+    State(shared): AppState<S>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mailbox = parse_mailbox(path)?;
+    let (limit, wait_ms) = parse_fetch_query(query.as_deref())?;
+    let bytes = read_body(body).await?;
+    let auth = decode_auth(&bytes, &mailbox)?;
+    let wait = Duration::from_millis(u64::from(wait_ms.min(shared.limits.max_wait_ms)));
+    if wait.is_zero() || limit == 0 {
+        let envelopes = shared
+            .call(move |core, _, now| core.relay.fetch(now, &auth, limit))
+            .await?;
+        return Ok(envelopes_response(&envelopes));
+    }
+    // Register before the first listing, so that a deposit between the
+    // listing and the wait still wakes this request.
+    let waiter = shared.waiters.register(mailbox);
+    let mut woken = std::pin::pin!(waiter.notify().notified());
+    woken.as_mut().enable();
+    let envelopes = shared
+        .call(move |core, _, now| core.relay.fetch(now, &auth, limit))
+        .await?;
+    if !envelopes.is_empty() {
+        return Ok(envelopes_response(&envelopes));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    while !shared.waiters.is_closing()
+        && tokio::time::timeout_at(deadline, woken.as_mut())
+            .await
+            .is_ok()
+    {
+        woken.set(waiter.notify().notified());
+        woken.as_mut().enable();
+        let envelopes = shared
+            .call(move |core, _, now| core.list(now, &mailbox, limit))
+            .await?;
+        if !envelopes.is_empty() {
+            return Ok(envelopes_response(&envelopes));
+        }
+    }
+    Ok(envelopes_response(&[]))
+}
+
+async fn acknowledge<S: Storage>(
+    State(shared): AppState<S>,
+    path: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mailbox = parse_mailbox(path)?;
+    let bytes = read_body(body).await?;
+    let malformed = || ApiError::bad("acknowledgement: expected proof (133) || count (2) || ids");
+    let auth_bytes = bytes.get(..MAILBOX_AUTH_LEN).ok_or_else(malformed)?;
+    let count: [u8; 2] = bytes
+        .get(MAILBOX_AUTH_LEN..MAILBOX_AUTH_LEN + 2)
+        .and_then(|c| c.try_into().ok())
+        .ok_or_else(malformed)?;
+    let ids_bytes = bytes.get(MAILBOX_AUTH_LEN + 2..).ok_or_else(malformed)?;
+    if ids_bytes.len() != usize::from(u16::from_be_bytes(count)) * 16 {
+        return Err(ApiError::bad(
+            "acknowledgement: the id count does not match the body length",
+        ));
+    }
+    let ids: Vec<EnvelopeId> = ids_bytes
+        .chunks_exact(16)
+        .filter_map(|chunk| chunk.try_into().ok().map(EnvelopeId))
+        .collect();
+    let auth = decode_auth(auth_bytes, &mailbox)?;
+    shared
+        .call(move |core, metrics, now| {
+            core.relay.acknowledge(now, &auth, &ids)?;
+            if !ids.is_empty() {
+                if let Err(e) = core.refresh_usage(mailbox, metrics) {
+                    warn!(error = %e, "could not read a mailbox's usage");
+                }
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_follow_the_enums() {
+        assert_eq!(ROUTES.len(), Route::ALL.len());
+        for (i, route) in Route::ALL.into_iter().enumerate() {
+            assert_eq!(ROUTES[i], route.spec());
+            assert_eq!(Route::from_axum_path(&route.axum_path()), Some(route));
+        }
+        assert_eq!(REASONS.len(), Reason::ALL.len());
+        for (i, reason) in Reason::ALL.into_iter().enumerate() {
+            assert_eq!(REASONS[i], reason.spec());
+            assert_eq!(reason.status().as_u16(), reason.spec().1);
+        }
+        assert_eq!(
+            Route::Bundle.axum_path(),
+            "/v1/directory/:identity/:device/bundle"
+        );
+        assert_eq!(
+            Route::from_axum_path("/v1/directory/:x/:device/bundle"),
+            None
+        );
+    }
+
+    #[test]
+    fn maps_every_core_error() {
+        let cases = [
+            (TransportError::BadRequest("x"), "bad_request", 400),
+            (TransportError::Unauthorized, "unauthorized", 401),
+            (TransportError::NotFound, "not_found", 404),
+            (TransportError::Replayed, "replayed", 409),
+            (
+                TransportError::LimitExceeded(core_reason::ENVELOPE_SIZE),
+                "envelope_size",
+                413,
+            ),
+            (
+                TransportError::LimitExceeded(core_reason::ACKNOWLEDGE_IDS),
+                "acknowledge_ids",
+                413,
+            ),
+            (
+                TransportError::LimitExceeded(core_reason::ONE_TIME_PREKEYS),
+                "one_time_prekeys",
+                422,
+            ),
+            (
+                TransportError::LimitExceeded(core_reason::PENDING_ENVELOPES),
+                "pending_envelopes",
+                507,
+            ),
+            (
+                TransportError::LimitExceeded(core_reason::PENDING_BYTES),
+                "pending_bytes",
+                507,
+            ),
+            (TransportError::LimitExceeded("new bound"), "limit", 422),
+            (TransportError::Unavailable("x"), "unavailable", 503),
+        ];
+        for (error, name, status) in cases {
+            let e = ApiError::from_transport(error);
+            assert_eq!(e.reason.spec(), (name, status));
+        }
+    }
+
+    #[test]
+    fn parses_paths_and_queries() {
+        assert!(parse_hex32(&"ab".repeat(32), "x").is_ok());
+        assert!(parse_hex32(&"AB".repeat(32), "x").is_err());
+        assert!(parse_hex32(&"ab".repeat(31), "x").is_err());
+        assert!(parse_hex32(&"zz".repeat(32), "x").is_err());
+        assert!(parse_hex32("ééé", "x").is_err());
+        assert_eq!(parse_u32("4294967295", "d").unwrap(), u32::MAX);
+        for bad in ["", "+1", "-1", "4294967296", "1e3", "99999999999", " 1"] {
+            assert!(parse_u32(bad, "d").is_err(), "{bad}");
+        }
+        assert_eq!(parse_fetch_query(None).unwrap(), (100, 0));
+        assert_eq!(
+            parse_fetch_query(Some("wait_ms=5&limit=7&x=y&&")).unwrap(),
+            (7, 5)
+        );
+        assert!(parse_fetch_query(Some("limit=")).is_err());
+        assert!(parse_fetch_query(Some("wait_ms=-1")).is_err());
+    }
+
+    #[test]
+    fn budgets_include_the_long_poll() {
+        let limits = Limits::default();
+        assert_eq!(
+            limits.budget(Some(Route::Fetch)),
+            Some(Duration::from_millis(60_000))
+        );
+        assert_eq!(
+            limits.budget(Some(Route::Deposit)),
+            Some(Duration::from_millis(30_000))
+        );
+        let off = Limits {
+            request_timeout_ms: 0,
+            ..Limits::default()
+        };
+        assert_eq!(off.budget(None), None);
+    }
+
+    #[test]
+    fn storage_config_hides_the_postgres_url() {
+        let shown = format!(
+            "{:?}",
+            StorageConfig::Postgres("postgres://u:secret@h/db".into())
+        );
+        assert!(!shown.contains("secret"));
+    }
+
+    #[test]
+    fn forwarded_for_only_when_trusted() {
+        let mut request = Request::new(Body::empty());
+        request
+            .extensions_mut()
+            .insert(PeerAddr("192.0.2.1:5000".parse().unwrap()));
+        request.headers_mut().insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("198.51.100.7, 10.0.0.1"),
+        );
+        assert_eq!(
+            client_ip(&request, false),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            client_ip(&request, true),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", HeaderValue::from_static("garbage"));
+        assert_eq!(
+            client_ip(&request, true),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
+        );
+    }
+}

@@ -1,0 +1,640 @@
+//! The relay's rules against PostgreSQL: the shared rules suite
+//! (`tests/relay_suite` of the root crate, also run over memory and
+//! SQLite), plus what only a shared database shows: several relay
+//! processes (here, threads with their own connections) claiming prekeys,
+//! consuming challenges, depositing and uploading concurrently, schema
+//! versioning, reconnection, and deposit notifications.
+//!
+//! Needs `CUBBYHOLE_TEST_POSTGRES`, a `postgres://user:password@host:port/db`
+//! URL (or `key=value` string) for a role that may `CREATE DATABASE`: each
+//! test runs in its own scratch database, dropped at its end, so tests run
+//! in parallel. Without it the tests are skipped with a notice, unless `CI`
+//! is set: then they fail (CI must not skip them silently).
+
+#![cfg(feature = "postgres")]
+
+#[macro_use]
+#[path = "../../tests/relay_suite/mod.rs"]
+mod relay_suite;
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Barrier, Once};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cubbyhole::relay::{reason, Relay, RelayConfig, RelayStorage, RelayStorageError};
+use cubbyhole::transport::{MailboxAuth, MailboxId, MailboxOp, TransportError};
+use cubbyhole::PrekeyBundle;
+use cubbyhole_relay::postgres::{spawn_listener, PostgresRelayStorage, DEPOSIT_CHANNEL};
+use postgres::{Client, NoTls};
+use relay_suite::*;
+
+const ENV: &str = "CUBBYHOLE_TEST_POSTGRES";
+
+// ------------------------------------------------------ scratch databases
+
+/// The administrative connection string, or `None` to skip (outside CI).
+fn admin_url() -> Option<String> {
+    if let Ok(url) = std::env::var(ENV) {
+        if !url.trim().is_empty() {
+            return Some(url);
+        }
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
+    assert!(
+        !in_ci,
+        "{ENV} is not set, but CI is: the PostgreSQL tests must not be skipped in CI"
+    );
+    // Once, and past the test harness's output capture, so that it shows.
+    static NOTICE: Once = Once::new();
+    NOTICE.call_once(|| {
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: skipping the PostgreSQL tests: set {ENV}=postgres://user:password@host:port/db \
+             (a role that may CREATE DATABASE) to run them"
+        );
+    });
+    None
+}
+
+/// `url` pointing at database `name` instead.
+fn with_database(url: &str, name: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        // A key=value string: the last setting wins.
+        return format!("{url} dbname={name}");
+    };
+    let (base, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let path = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{name}{query}", &base[..path])
+}
+
+/// A database of its own for one test, dropped (connections and all) when
+/// this is.
+struct TestDb {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    fn create() -> Option<TestDb> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let admin = admin_url()?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "cubbyhole_test_{}_{}_{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut client = Client::connect(&admin, NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to {ENV}: {e:?}"));
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|e| panic!("cannot create a scratch database: {e:?}"));
+        let url = with_database(&admin, &name);
+        Some(TestDb { admin, name, url })
+    }
+
+    fn storage(&self) -> PostgresRelayStorage {
+        PostgresRelayStorage::connect(&self.url).unwrap()
+    }
+
+    /// A plain connection to the scratch database.
+    fn client(&self) -> Client {
+        Client::connect(&self.url, NoTls).unwrap()
+    }
+
+    /// Terminates the scratch database's relay connections: the
+    /// listeners' (`listeners`) or the storages'. Returns how many.
+    fn terminate(&self, listeners: bool) -> usize {
+        let mut admin = Client::connect(&self.admin, NoTls).unwrap();
+        let listen = format!("LISTEN {DEPOSIT_CHANNEL}");
+        let rows = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name = 'cubbyhole-relay'
+                   AND (query = $2) = $3",
+                &[&self.name, &listen, &listeners],
+            )
+            .unwrap();
+        rows.len()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Never panics (it may run while a failed test unwinds).
+        let dropped = Client::connect(&self.admin, NoTls).and_then(|mut admin| {
+            admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+        });
+        if let Err(e) = dropped {
+            eprintln!("could not drop scratch database {}: {e:?}", self.name);
+        }
+    }
+}
+
+// ----------------------------------------------------- the shared suite
+
+all_tests!(
+    pg,
+    db = TestDb::create(),
+    match &db {
+        Some(db) => db.storage(),
+        None => return,
+    }
+);
+
+// ------------------------------------------------------------- schema
+
+#[test]
+fn schema_is_created_once_and_versioned() {
+    let Some(db) = TestDb::create() else { return };
+
+    // Relays starting together on an empty database: one creates the
+    // schema, the others wait for it and use it.
+    let start = Arc::new(Barrier::new(6));
+    let starters: Vec<_> = (0..6)
+        .map(|_| {
+            let url = db.url.clone();
+            let start = Arc::clone(&start);
+            thread::spawn(move || {
+                start.wait();
+                PostgresRelayStorage::connect(&url).map(|_| ())
+            })
+        })
+        .collect();
+    for starter in starters {
+        starter.join().unwrap().unwrap();
+    }
+
+    // What one connection wrote, another (a later process) reads.
+    let mut rng = rng(20);
+    let bob = Device::new(&mut rng, 1, 3);
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    relay.publish(NOW, &bob.upload(7, true)).unwrap();
+    relay.fetch_bundle(&bob.address()).unwrap();
+    relay
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .unwrap();
+    let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+    drop(relay);
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(2));
+    assert_eq!(
+        relay.publish(NOW, &bob.upload(7, true)),
+        Err(TransportError::Replayed)
+    );
+    assert_eq!(
+        relay.fetch(NOW + 1, &bob.auth(MailboxOp::Fetch, challenge), 10),
+        Ok(vec![envelope(1, 10)])
+    );
+    drop(relay);
+
+    // A newer schema is refused, a damaged one too.
+    let mut client = db.client();
+    client
+        .batch_execute("UPDATE cubbyhole_relay_meta SET schema_version = 2")
+        .unwrap();
+    assert!(matches!(
+        PostgresRelayStorage::connect(&db.url),
+        Err(RelayStorageError::UnsupportedSchema(2))
+    ));
+    client
+        .batch_execute("UPDATE cubbyhole_relay_meta SET schema_version = 0")
+        .unwrap();
+    assert!(matches!(
+        PostgresRelayStorage::connect(&db.url),
+        Err(RelayStorageError::Corrupted(_))
+    ));
+    client
+        .batch_execute("DELETE FROM cubbyhole_relay_meta")
+        .unwrap();
+    assert!(matches!(
+        PostgresRelayStorage::connect(&db.url),
+        Err(RelayStorageError::Corrupted(_))
+    ));
+    // Relay tables without the meta table are not ours to take over.
+    client
+        .batch_execute("DROP TABLE cubbyhole_relay_meta")
+        .unwrap();
+    assert!(matches!(
+        PostgresRelayStorage::connect(&db.url),
+        Err(RelayStorageError::Corrupted(_))
+    ));
+}
+
+#[test]
+fn bad_connection_strings_and_servers_are_backend_errors() {
+    let Some(db) = TestDb::create() else { return };
+    assert!(matches!(
+        PostgresRelayStorage::connect("postgres://[nonsense"),
+        Err(RelayStorageError::Backend(_))
+    ));
+    let missing = with_database(&db.url, "cubbyhole_no_such_database");
+    assert!(matches!(
+        PostgresRelayStorage::connect(&missing),
+        Err(RelayStorageError::Backend(_))
+    ));
+    assert!(matches!(
+        spawn_listener(&missing, |_| {}),
+        Err(RelayStorageError::Backend(_))
+    ));
+}
+
+#[test]
+fn large_counters_compare_unsigned() {
+    let Some(db) = TestDb::create() else { return };
+    let mut rng = rng(21);
+    let bob = Device::new(&mut rng, 1, 0);
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    relay.publish(NOW, &bob.upload(5, true)).unwrap();
+    // Above i64::MAX: stored bit for bit, compared as u64.
+    relay.publish(NOW, &bob.upload(1 << 63, true)).unwrap();
+    assert_eq!(
+        relay.publish(NOW, &bob.upload(6, true)),
+        Err(TransportError::Replayed)
+    );
+    relay.publish(NOW, &bob.upload(u64::MAX - 1, true)).unwrap();
+    assert_eq!(
+        relay.publish(NOW, &bob.upload(u64::MAX - 1, true)),
+        Err(TransportError::Replayed)
+    );
+    relay.publish(NOW, &bob.upload(u64::MAX, true)).unwrap();
+    let record = relay.storage().device(&bob.address()).unwrap().unwrap();
+    assert_eq!(record.counter, u64::MAX);
+}
+
+// -------------------------------------------------------- concurrency
+
+/// Relays on separate connections: every one-time prekey is handed out
+/// exactly once, and while any is left none of the racing fetches goes
+/// without; every challenge authorizes exactly one fetch.
+#[test]
+fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
+    let Some(db) = TestDb::create() else { return };
+    const THREADS: usize = 8;
+    const PER_THREAD: usize = 8;
+    const KEYS: u32 = (THREADS * PER_THREAD) as u32;
+    let mut rng = rng(22);
+    let bob = Device::new(&mut rng, 1, KEYS);
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    relay.publish(NOW, &bob.upload(1, true)).unwrap();
+    let auths: Vec<MailboxAuth> = (0..KEYS)
+        .map(|_| {
+            let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+            bob.auth(MailboxOp::Fetch, challenge)
+        })
+        .collect();
+    drop(relay);
+
+    let auths = Arc::new(auths);
+    let address = bob.address();
+    let start = Arc::new(Barrier::new(THREADS));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let storage = db.storage();
+            let auths = Arc::clone(&auths);
+            let start = Arc::clone(&start);
+            thread::spawn(move || {
+                let mut relay = Relay::new(storage, RelayConfig::default());
+                let mut claimed = Vec::new();
+                let mut authorized = 0;
+                start.wait();
+                // As many fetches in all as there are prekeys: each must
+                // get one.
+                for _ in 0..PER_THREAD {
+                    let bundle = relay.fetch_bundle(&address).unwrap();
+                    let bundle = PrekeyBundle::decode(&bundle).unwrap();
+                    let (id, _) = bundle.one_time_prekey().expect("a prekey was left");
+                    claimed.push(id);
+                }
+                // Every thread tries every challenge.
+                for auth in auths.iter() {
+                    match relay.fetch(NOW, auth, 1) {
+                        Ok(_) => authorized += 1,
+                        Err(TransportError::Unauthorized) => {}
+                        Err(e) => panic!("{e:?}: {:?}", relay.take_storage_error()),
+                    }
+                }
+                (claimed, authorized)
+            })
+        })
+        .collect();
+    let mut all_claimed = Vec::new();
+    let mut all_authorized = 0;
+    for thread in threads {
+        let (claimed, authorized) = thread.join().unwrap();
+        all_claimed.extend(claimed);
+        all_authorized += authorized;
+    }
+    all_claimed.sort_unstable();
+    let expected: Vec<u32> = bob.one_time_prekeys.iter().map(|k| k.id()).collect();
+    assert_eq!(all_claimed, expected);
+    assert_eq!(all_authorized, KEYS);
+    // The pool is empty now: bundles come without.
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let bundle = relay.fetch_bundle(&address).unwrap();
+    assert_eq!(
+        PrekeyBundle::decode(&bundle).unwrap().one_time_prekey(),
+        None
+    );
+}
+
+/// Deposits racing for the last places of a mailbox: exactly as many are
+/// stored as fit, by count and by bytes; racing retries of one envelope
+/// store it once.
+#[test]
+fn concurrent_deposits_respect_mailbox_bounds() {
+    let Some(db) = TestDb::create() else { return };
+    const THREADS: usize = 8;
+    let config = RelayConfig {
+        max_pending_envelopes: 20,
+        max_pending_bytes: 1_000,
+        ..RelayConfig::default()
+    };
+    let mut rng = rng(23);
+    let bob = Device::new(&mut rng, 1, 0);
+    let carol = Device::new(&mut rng, 2, 0);
+    let dave = Device::new(&mut rng, 3, 0);
+    let mut relay = Relay::new(db.storage(), config.clone());
+    for device in [&bob, &carol, &dave] {
+        relay.publish(NOW, &device.upload(1, true)).unwrap();
+    }
+    // Bob's mailbox: 15 of 20 envelopes. Carol's: 700 of 1000 bytes.
+    for n in 0..15 {
+        relay
+            .deposit(NOW, &bob.mailbox(), &envelope(n, 10))
+            .unwrap();
+    }
+    for n in 0..7 {
+        relay
+            .deposit(NOW, &carol.mailbox(), &envelope(n, 100))
+            .unwrap();
+    }
+    drop(relay);
+
+    let (bob_box, carol_box, dave_box) = (bob.mailbox(), carol.mailbox(), dave.mailbox());
+    let start = Arc::new(Barrier::new(THREADS));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let storage = db.storage();
+            let config = config.clone();
+            let start = Arc::clone(&start);
+            thread::spawn(move || {
+                let mut relay = Relay::new(storage, config);
+                let mut stored = [0u32; 2];
+                start.wait();
+                for i in 0..5u8 {
+                    // Distinct ids across threads, above the prefilled ones.
+                    let n = 100 + (t as u8) * 5 + i;
+                    for (k, (mailbox, size, refusal)) in [
+                        (bob_box, 10, reason::PENDING_ENVELOPES),
+                        (carol_box, 100, reason::PENDING_BYTES),
+                    ]
+                    .into_iter()
+                    .enumerate()
+                    {
+                        match relay.deposit(NOW, &mailbox, &envelope(n, size)) {
+                            Ok(()) => stored[k] += 1,
+                            Err(TransportError::LimitExceeded(r)) if r == refusal => {}
+                            Err(e) => panic!("{e:?}: {:?}", relay.take_storage_error()),
+                        }
+                    }
+                    // Everyone retries the same envelope to Dave.
+                    relay.deposit(NOW, &dave_box, &envelope(1, 10)).unwrap();
+                }
+                stored
+            })
+        })
+        .collect();
+    let mut stored = [0u32; 2];
+    for thread in threads {
+        let s = thread.join().unwrap();
+        stored[0] += s[0];
+        stored[1] += s[1];
+    }
+    assert_eq!(stored, [5, 3]);
+    let storage = db.storage();
+    let usage = |m: &MailboxId| {
+        let u = storage.mailbox_usage(m).unwrap();
+        (u.envelopes, u.bytes)
+    };
+    assert_eq!(usage(&bob.mailbox()), (20, 200));
+    assert_eq!(usage(&carol.mailbox()), (10, 1_000));
+    assert_eq!(usage(&dave.mailbox()), (1, 10));
+}
+
+/// Uploads racing (the very first one included): no counter is accepted
+/// twice, none is refused for anything but a replay, the highest wins.
+#[test]
+fn concurrent_uploads_keep_counters_increasing() {
+    let Some(db) = TestDb::create() else { return };
+    const THREADS: usize = 6;
+    const COUNTERS: u64 = 15;
+    let mut rng = rng(24);
+    let bob = Arc::new(Device::new(&mut rng, 1, 3));
+    let start = Arc::new(Barrier::new(THREADS));
+    let threads: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let storage = db.storage();
+            let bob = Arc::clone(&bob);
+            let start = Arc::clone(&start);
+            thread::spawn(move || {
+                let uploads: Vec<Vec<u8>> =
+                    (1..=COUNTERS).map(|c| bob.upload(c, c % 2 == 0)).collect();
+                let mut relay = Relay::new(storage, RelayConfig::default());
+                let mut applied = Vec::new();
+                start.wait();
+                for (upload, counter) in uploads.iter().zip(1..) {
+                    match relay.publish(NOW, upload) {
+                        Ok(()) => applied.push(counter),
+                        Err(TransportError::Replayed) => {}
+                        Err(e) => panic!("{e:?}: {:?}", relay.take_storage_error()),
+                    }
+                    // Claims race with the uploads too.
+                    relay.fetch_bundle(&bob.address()).unwrap();
+                }
+                applied
+            })
+        })
+        .collect();
+    let mut applied: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    applied.sort_unstable();
+    let mut distinct = applied.clone();
+    distinct.dedup();
+    assert_eq!(applied, distinct, "a counter was accepted twice");
+    assert_eq!(applied.last(), Some(&COUNTERS));
+    let storage = db.storage();
+    let record = storage.device(&bob.address()).unwrap().unwrap();
+    assert_eq!(record.counter, COUNTERS);
+    assert!(storage.one_time_prekey_count(&bob.address()).unwrap() <= 3);
+}
+
+// ------------------------------------------------------ notifications
+
+/// Receives the next notification, if any within `within`.
+fn next(rx: &mpsc::Receiver<MailboxId>, within: Duration) -> Option<MailboxId> {
+    rx.recv_timeout(within).ok()
+}
+
+#[test]
+fn deposits_wake_the_listener() {
+    let Some(db) = TestDb::create() else { return };
+    let (tx, rx) = mpsc::channel();
+    spawn_listener(&db.url, move |mailbox| {
+        let _ = tx.send(mailbox);
+    })
+    .unwrap();
+
+    let config = RelayConfig {
+        max_pending_envelopes: 1,
+        ..RelayConfig::default()
+    };
+    let mut rng = rng(25);
+    let bob = Device::new(&mut rng, 1, 0);
+    let carol = Device::new(&mut rng, 2, 0);
+    let mut relay = Relay::new(db.storage(), config);
+    relay.publish(NOW, &bob.upload(1, true)).unwrap();
+    relay.publish(NOW, &carol.upload(1, true)).unwrap();
+
+    // A stored deposit wakes the listener within a second.
+    let sent = Instant::now();
+    relay
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .unwrap();
+    assert_eq!(next(&rx, Duration::from_secs(1)), Some(bob.mailbox()));
+    assert!(sent.elapsed() < Duration::from_secs(1));
+
+    // A retry (not stored again) and a refused deposit notify nobody.
+    relay
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .unwrap();
+    assert_eq!(
+        relay.deposit(NOW, &bob.mailbox(), &envelope(2, 10)),
+        Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES))
+    );
+    assert_eq!(next(&rx, Duration::from_millis(300)), None);
+
+    // Malformed notifications on the channel are ignored; the listener
+    // goes on.
+    let mut client = db.client();
+    client
+        .batch_execute(&format!(
+            "NOTIFY {DEPOSIT_CHANNEL}, 'not hex'; NOTIFY {DEPOSIT_CHANNEL}, 'abcd'"
+        ))
+        .unwrap();
+    relay
+        .deposit(NOW, &carol.mailbox(), &envelope(1, 10))
+        .unwrap();
+    assert_eq!(next(&rx, Duration::from_secs(1)), Some(carol.mailbox()));
+
+    // A deposit through another connection (another relay process) too.
+    let mut other = Relay::new(db.storage(), RelayConfig::default());
+    other
+        .deposit(NOW, &carol.mailbox(), &envelope(2, 10))
+        .unwrap();
+    assert_eq!(next(&rx, Duration::from_secs(1)), Some(carol.mailbox()));
+}
+
+#[test]
+fn the_listener_reconnects() {
+    let Some(db) = TestDb::create() else { return };
+    let (tx, rx) = mpsc::channel();
+    spawn_listener(&db.url, move |mailbox| {
+        let _ = tx.send(mailbox);
+    })
+    .unwrap();
+    let mut rng = rng(26);
+    let bob = Device::new(&mut rng, 1, 0);
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    relay.publish(NOW, &bob.upload(1, true)).unwrap();
+    relay
+        .deposit(NOW, &bob.mailbox(), &envelope(0, 10))
+        .unwrap();
+    assert_eq!(next(&rx, Duration::from_secs(1)), Some(bob.mailbox()));
+
+    assert_eq!(db.terminate(true), 1);
+    // Deposits made while it is away are lost; keep depositing until one
+    // is heard again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut n = 1;
+    loop {
+        assert!(Instant::now() < deadline, "the listener did not come back");
+        relay
+            .deposit(NOW, &bob.mailbox(), &envelope(n, 10))
+            .unwrap();
+        n += 1;
+        if next(&rx, Duration::from_millis(200)) == Some(bob.mailbox()) {
+            break;
+        }
+    }
+}
+
+#[test]
+fn the_storage_reconnects() {
+    let Some(db) = TestDb::create() else { return };
+    let mut rng = rng(27);
+    let bob = Device::new(&mut rng, 1, 0);
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    relay.publish(NOW, &bob.upload(1, true)).unwrap();
+    assert_eq!(db.terminate(false), 1);
+    // The call that finds the connection broken may fail (Unavailable,
+    // with the cause kept); the next one reconnects.
+    let mut failures = 0;
+    while let Err(e) = relay.deposit(NOW, &bob.mailbox(), &envelope(1, 10)) {
+        assert_eq!(e, TransportError::Unavailable("relay storage"));
+        assert!(matches!(
+            relay.take_storage_error(),
+            Some(RelayStorageError::Backend(_))
+        ));
+        failures += 1;
+        assert!(failures < 2, "the storage did not reconnect");
+    }
+    assert_eq!(
+        fetch_all(&mut relay, &mut rng, &bob, NOW),
+        vec![envelope(1, 10)]
+    );
+}
+
+/// The way an async server uses it: from the blocking pool.
+#[test]
+fn works_from_a_tokio_blocking_thread() {
+    let Some(db) = TestDb::create() else { return };
+    let url = db.url.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let left = runtime.block_on(async move {
+        tokio::task::spawn_blocking(move || {
+            let mut rng = rng(28);
+            let bob = Device::new(&mut rng, 1, 2);
+            let mut relay = Relay::new(
+                PostgresRelayStorage::connect(&url).unwrap(),
+                RelayConfig::default(),
+            );
+            relay.publish(NOW, &bob.upload(1, true)).unwrap();
+            relay.fetch_bundle(&bob.address()).unwrap();
+            relay.one_time_prekeys_left(&bob.address())
+        })
+        .await
+        .unwrap()
+    });
+    assert_eq!(left, Ok(1));
+}
