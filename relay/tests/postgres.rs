@@ -603,7 +603,9 @@ fn the_storage_reconnects() {
             Some(RelayStorageError::Backend(_))
         ));
         failures += 1;
-        assert!(failures < 2, "the storage did not reconnect");
+        // The termination is asynchronous: the first failing call may be
+        // either of the two a deposit makes, so allow a few.
+        assert!(failures < 4, "the storage did not reconnect");
     }
     assert_eq!(
         fetch_all(&mut relay, &mut rng, &bob, NOW),
