@@ -121,7 +121,8 @@ impl fmt::Debug for IdentityKey {
 /// Whether the little-endian y-coordinate in `bytes` (sign bit masked) is
 /// at least p = 2^255 - 19, that is, not canonically encoded.
 fn y_at_least_p(bytes: &[u8; 32]) -> bool {
-    bytes[31] & 0x7f == 0x7f && bytes[1..31].iter().all(|b| *b == 0xff) && bytes[0] >= 0xed
+    let [low, middle @ .., high] = bytes;
+    high & 0x7f == 0x7f && middle.iter().all(|b| *b == 0xff) && *low >= 0xed
 }
 
 /// A device's own identity key pair: an Ed25519 signing key, and its X25519
@@ -146,11 +147,13 @@ impl IdentityKeyPair {
         let signing = SigningKey::from_bytes(seed);
         let mut hash = Sha512::digest(seed);
         let mut scalar = Zeroizing::new([0u8; 32]);
-        scalar.copy_from_slice(&hash[..32]);
+        crate::protocol::ratchet::copy(scalar.as_mut(), hash.iter().copied());
         hash.as_mut_slice().zeroize();
-        scalar[0] &= 248;
-        scalar[31] &= 127;
-        scalar[31] |= 64;
+        // The clamping of RFC 7748 (x25519-dalek clamps again on use).
+        let [first, .., last]: &mut [u8; 32] = &mut scalar;
+        *first &= 248;
+        *last &= 127;
+        *last |= 64;
         let x25519 = StaticSecret::from(*scalar);
         let verifying = signing.verifying_key();
         let public = IdentityKey {
@@ -203,10 +206,14 @@ impl fmt::Debug for IdentityKeyPair {
 /// The message an identity key signs for a signed prekey.
 pub(crate) fn spk_signed_message(id: u32, created: u64, public: &[u8; 32]) -> [u8; 70] {
     let mut m = [0u8; 70];
-    m[..26].copy_from_slice(SPK_SIGNATURE_LABEL);
-    m[26..30].copy_from_slice(&id.to_be_bytes());
-    m[30..38].copy_from_slice(&created.to_be_bytes());
-    m[38..].copy_from_slice(public);
+    let (id, created) = (id.to_be_bytes(), created.to_be_bytes());
+    let parts = SPK_SIGNATURE_LABEL
+        .iter()
+        .chain(&id)
+        .chain(&created)
+        .chain(public)
+        .copied();
+    crate::protocol::ratchet::copy(&mut m, parts);
     m
 }
 

@@ -2,6 +2,13 @@
 //! wire codec and the session state encoding. No I/O, no clock, no implicit
 //! randomness.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
 pub mod bundle;
 pub mod fingerprint;
 pub mod hazmat;

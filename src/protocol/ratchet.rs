@@ -115,17 +115,34 @@ secret32!(
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// HKDF-SHA-256 (RFC 5869) into a fixed-size, zeroizing output.
+pub(crate) fn hkdf<const N: usize>(salt: &[u8], ikm: &[u8], info: &[u8]) -> Zeroizing<[u8; N]> {
+    const { assert!(N <= 255 * 32, "HKDF-SHA-256 output too long") };
+    let mut okm = Zeroizing::new([0u8; N]);
+    // Reasoned exception: `expand` fails only for outputs over 255 * 32
+    // bytes, which the compile-time assertion above excludes.
+    #[allow(clippy::expect_used)]
+    Hkdf::<Sha256>::new(Some(salt), ikm)
+        .expand(info, okm.as_mut())
+        .expect("HKDF output length checked at compile time");
+    okm
+}
+
+/// Copies `src` into `dst` as far as both go (no index can panic).
+pub(crate) fn copy(dst: &mut [u8], src: impl IntoIterator<Item = u8>) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s;
+    }
+}
+
 impl RootKey {
     /// KDF_RK.
     fn step(&self, dh_out: &[u8; 32]) -> (RootKey, ChainKey) {
-        let mut okm = Zeroizing::new([0u8; 64]);
-        Hkdf::<Sha256>::new(Some(&self.0), dh_out)
-            .expand(ROOT_INFO, okm.as_mut())
-            .expect("64 bytes is a valid HKDF-SHA-256 output length");
+        let okm = hkdf::<64>(&self.0, dh_out, ROOT_INFO);
         let mut rk = RootKey([0; 32]);
         let mut ck = ChainKey([0; 32]);
-        rk.0.copy_from_slice(&okm[..32]);
-        ck.0.copy_from_slice(&okm[32..]);
+        copy(&mut rk.0, okm.iter().copied());
+        copy(&mut ck.0, okm.iter().copied().skip(32));
         (rk, ck)
     }
 }
@@ -133,6 +150,9 @@ impl RootKey {
 impl ChainKey {
     /// KDF_CK: the message key for this position and the next chain key.
     pub(crate) fn step(&self) -> (MessageKey, ChainKey) {
+        // Reasoned exception: HMAC accepts keys of any length, so
+        // `new_from_slice` cannot fail.
+        #[allow(clippy::expect_used)]
         let keyed =
             <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC accepts keys of any length");
         let mut mac = keyed.clone();
@@ -173,14 +193,11 @@ impl ChainKey {
 impl MessageKey {
     /// keys(mk): the AES-256-GCM key and nonce.
     fn expand(&self) -> (Zeroizing<[u8; 32]>, [u8; 12]) {
-        let mut okm = Zeroizing::new([0u8; 44]);
-        Hkdf::<Sha256>::new(Some(&[0u8; 32]), &self.0)
-            .expand(MESSAGE_INFO, okm.as_mut())
-            .expect("44 bytes is a valid HKDF-SHA-256 output length");
+        let okm = hkdf::<44>(&[0u8; 32], &self.0, MESSAGE_INFO);
         let mut key = Zeroizing::new([0u8; 32]);
-        key.copy_from_slice(&okm[..32]);
+        copy(key.as_mut(), okm.iter().copied());
         let mut nonce = [0u8; 12];
-        nonce.copy_from_slice(&okm[32..]);
+        copy(&mut nonce, okm.iter().copied().skip(32));
         (key, nonce)
     }
 
@@ -239,17 +256,26 @@ impl SkippedKeys {
 
     fn find(&self, ratchet_key: &[u8; 32], n: u32) -> Option<(usize, usize)> {
         let ci = self.chain_index(ratchet_key)?;
-        let ki = self.chains[ci]
+        let ki = self
+            .chains
+            .get(ci)?
             .keys
             .binary_search_by_key(&n, |(k, _)| *k)
             .ok()?;
         Some((ci, ki))
     }
 
+    fn get(&self, ci: usize, ki: usize) -> Option<&MessageKey> {
+        self.chains.get(ci)?.keys.get(ki).map(|(_, k)| &**k)
+    }
+
     fn remove(&mut self, ci: usize, ki: usize) {
-        let chain = &mut self.chains[ci];
-        chain.keys.remove(ki);
-        self.len -= 1;
+        let Some(chain) = self.chains.get_mut(ci) else {
+            return;
+        };
+        if chain.keys.remove(ki).is_some() {
+            self.len -= 1;
+        }
         if chain.keys.is_empty() {
             self.chains.remove(ci);
         }
@@ -482,12 +508,19 @@ impl Ratchet {
     ) -> Result<()> {
         let plan = self.plan(header)?;
         let mk = match &plan {
-            Plan::Stored(ci, ki) => &self.skipped.chains[*ci].keys[*ki].1,
+            Plan::Stored(ci, ki) => self
+                .skipped
+                .get(*ci, *ki)
+                .ok_or(Error::State("skipped key index"))?,
             Plan::Current { mk, .. } | Plan::NewChain { mk, .. } => mk,
         };
         let start = out.len();
         out.extend_from_slice(ciphertext);
-        if let Err(e) = mk.open(aad, &mut out[start..], tag) {
+        let opened = match out.get_mut(start..) {
+            Some(buf) => mk.open(aad, buf, tag),
+            None => Err(Error::Auth),
+        };
+        if let Err(e) = opened {
             out.truncate(start);
             return Err(e);
         }

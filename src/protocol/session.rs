@@ -16,7 +16,7 @@ use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 use crate::protocol::bundle::VerifiedBundle;
 use crate::protocol::keys::{IdentityKey, IdentityKeyPair, KeyPair, OneTimePrekey, SignedPrekey};
-use crate::protocol::ratchet::{MessageKey, Ratchet, SessionConfig};
+use crate::protocol::ratchet::{copy, MessageKey, Ratchet, SessionConfig};
 use crate::protocol::wire::{
     Incoming, PrekeyFields, KIND_MESSAGE, KIND_PREKEY, MAX_PREFIX_LEN, TAG_LEN, VERSION,
 };
@@ -279,9 +279,12 @@ impl Session {
         header.write(out);
         let body = out.len();
         let mut aad = [0u8; 64 + MAX_PREFIX_LEN];
-        let aad_len = self.fill_aad(&mut aad, &out[start..body]);
+        let aad = self.fill_aad(&mut aad, out.get(start..).unwrap_or_default());
         out.extend_from_slice(plaintext);
-        let tag = mk.seal(&aad[..aad_len], &mut out[body..])?;
+        let tag = match out.get_mut(body..) {
+            Some(buf) => mk.seal(aad, buf)?,
+            None => return Err(Error::State("output buffer")),
+        };
         out.extend_from_slice(&tag);
         Ok(mk)
     }
@@ -310,10 +313,10 @@ impl Session {
             return Err(Error::SessionMismatch);
         }
         let mut aad = [0u8; 64 + MAX_PREFIX_LEN];
-        let aad_len = self.fill_aad(&mut aad, message.prefix());
+        let aad = self.fill_aad(&mut aad, message.prefix());
         self.ratchet.decrypt(
             message.header(),
-            &aad[..aad_len],
+            aad,
             message.ciphertext(),
             message.tag(),
             out,
@@ -323,16 +326,23 @@ impl Session {
         Ok(())
     }
 
-    /// AD || prefix into `buf`; returns the length used.
-    fn fill_aad(&self, buf: &mut [u8; 64 + MAX_PREFIX_LEN], prefix: &[u8]) -> usize {
+    /// AD || prefix into `buf`; returns the part used. A prefix is at most
+    /// `MAX_PREFIX_LEN` bytes (the decoder and the encoder guarantee it).
+    fn fill_aad<'b>(&self, buf: &'b mut [u8; 64 + MAX_PREFIX_LEN], prefix: &[u8]) -> &'b [u8] {
         let (a, b) = match self.role {
             Role::Initiator => (&self.local, &self.remote),
             Role::Responder => (&self.remote, &self.local),
         };
-        buf[..32].copy_from_slice(a.as_bytes());
-        buf[32..64].copy_from_slice(b.as_bytes());
-        buf[64..64 + prefix.len()].copy_from_slice(prefix);
-        64 + prefix.len()
+        let len = (64 + prefix.len()).min(buf.len());
+        copy(
+            buf,
+            a.as_bytes()
+                .iter()
+                .chain(b.as_bytes())
+                .chain(prefix)
+                .copied(),
+        );
+        buf.get(..len).unwrap_or_default()
     }
 
     /// Which side created the session.

@@ -137,8 +137,9 @@ impl PrekeyFields {
 /// A decoded message of either kind, borrowing the input bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct Incoming<'a> {
-    raw: &'a [u8],
-    prefix_len: usize,
+    prefix: &'a [u8],
+    ciphertext: &'a [u8],
+    tag: &'a [u8],
     prekey: Option<PrekeyFields>,
     header: Header,
 }
@@ -173,13 +174,14 @@ impl<'a> Incoming<'a> {
             _ => return Err(Error::Decode("kind")),
         };
         let header = Header::read(&mut r)?;
-        if r.remaining() < TAG_LEN {
-            return Err(Error::Decode("tag"));
-        }
-        let prefix_len = raw.len() - r.remaining();
+        let body = r.remaining();
+        let ciphertext = r.take(body.saturating_sub(TAG_LEN), "ciphertext")?;
+        let tag = r.take(TAG_LEN, "tag")?;
+        let (prefix, _) = raw.split_at(raw.len() - body);
         Ok(Incoming {
-            raw,
-            prefix_len,
+            prefix,
+            ciphertext,
+            tag,
             prekey,
             header,
         })
@@ -197,16 +199,16 @@ impl<'a> Incoming<'a> {
 
     /// Every byte before the ciphertext (bound into the AEAD).
     pub(crate) fn prefix(&self) -> &'a [u8] {
-        &self.raw[..self.prefix_len]
+        self.prefix
     }
 
     /// The ciphertext without the tag.
     pub(crate) fn ciphertext(&self) -> &'a [u8] {
-        &self.raw[self.prefix_len..self.raw.len() - TAG_LEN]
+        self.ciphertext
     }
 
     /// The 16-byte tag.
     pub(crate) fn tag(&self) -> &'a [u8] {
-        &self.raw[self.raw.len() - TAG_LEN..]
+        self.tag
     }
 }

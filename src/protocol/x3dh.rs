@@ -12,13 +12,12 @@
 //!
 //! Every DH output is checked to be contributory before it is used.
 
-use hkdf::Hkdf;
-use sha2::Sha256;
 use x25519_dalek::StaticSecret;
 use zeroize::Zeroizing;
 
 use crate::error::Result;
 use crate::protocol::keys::{dh, IdentityKey, IdentityKeyPair};
+use crate::protocol::ratchet::{copy, hkdf};
 
 const X3DH_INFO: &[u8] = b"cubbyhole/v1 x3dh";
 
@@ -37,18 +36,27 @@ fn finish(
     initiator: &IdentityKey,
     responder: &IdentityKey,
 ) -> X3dhOutput {
+    // ikm = 0xFF^32 || DH1 || DH2 || DH3 [|| DH4]
     let mut ikm = Zeroizing::new([0xFFu8; 32 * 5]);
     let n = if has_dh4 { 4 } else { 3 };
-    for (i, d) in dhs.iter().take(n).enumerate() {
-        ikm[32 * (i + 1)..32 * (i + 2)].copy_from_slice(d.as_ref());
+    for (chunk, d) in ikm.chunks_exact_mut(32).skip(1).zip(dhs.iter().take(n)) {
+        copy(chunk, d.iter().copied());
     }
-    let mut shared_secret = Zeroizing::new([0u8; 32]);
-    Hkdf::<Sha256>::new(Some(&[0u8; 32]), &ikm[..32 * (n + 1)])
-        .expand(X3DH_INFO, shared_secret.as_mut())
-        .expect("32 bytes is a valid HKDF-SHA-256 output length");
+    let ikm_len = 32 * (n + 1);
+    let shared_secret = hkdf::<32>(
+        &[0u8; 32],
+        ikm.get(..ikm_len).unwrap_or_default(),
+        X3DH_INFO,
+    );
     let mut associated_data = [0u8; 64];
-    associated_data[..32].copy_from_slice(initiator.as_bytes());
-    associated_data[32..].copy_from_slice(responder.as_bytes());
+    copy(
+        &mut associated_data,
+        initiator
+            .as_bytes()
+            .iter()
+            .chain(responder.as_bytes())
+            .copied(),
+    );
     X3dhOutput {
         dh: dhs,
         has_dh4,
