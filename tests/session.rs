@@ -314,3 +314,46 @@ fn limits_are_clamped_and_checked_in_stored_state() {
         Error::State("state limits")
     );
 }
+
+#[test]
+fn debug_of_the_offline_layer_holds_no_secrets() {
+    use cubbyhole::storage::{LocalIdentity, PrekeyState};
+    let mut p = pair(12, 3);
+    let identity = LocalIdentity {
+        keys: p.alice.clone(),
+        device_id: 1,
+    };
+    let state = PrekeyState {
+        prekeys: p.bob_prekeys.clone(),
+        upload_counter: 1,
+        last_rotation: NOW,
+        retired_at: vec![],
+        one_time_retired: vec![],
+        upload_pending: false,
+    };
+    let mut secrets: Vec<String> = vec![hex::encode(*p.alice.seed()), hex::encode(*p.bob.seed())];
+    for k in p.bob_prekeys.signed_prekeys() {
+        secrets.push(hex::encode(*k.secret_bytes()));
+    }
+    for k in p.bob_prekeys.one_time_prekeys() {
+        secrets.push(hex::encode(*k.secret_bytes()));
+    }
+    let bundle = p.bob_prekeys.bundle(&p.bob);
+    let x3dh = cubbyhole::hazmat::x3dh_initiator(&p.alice, &[9; 32], &bundle).unwrap();
+    secrets.push(hex::encode(*x3dh.shared_secret));
+    let mut alice = p.initiate(SessionConfig::default());
+    let (_, mk) =
+        cubbyhole::hazmat::encrypt_exposing_message_key(&mut alice, &mut p.rng, b"m").unwrap();
+    secrets.push(hex::encode(*mk));
+    let printed = format!("{identity:?} {state:?} {x3dh:?} {alice:?}").to_lowercase();
+    // Also as decimal byte lists, the way a derived Debug prints arrays.
+    for s in &secrets {
+        assert!(!printed.contains(s.as_str()));
+        let bytes = hex::decode(s).unwrap();
+        let decimal = format!("{:?}", &bytes[..8]);
+        assert!(
+            !printed.contains(&decimal[1..decimal.len() - 1]),
+            "{decimal}"
+        );
+    }
+}
