@@ -23,6 +23,13 @@
 //! [`Relay::deposit_batch`], one storage commit for the batch (group
 //! commit); each deposit is answered `201` only after that commit.
 //!
+//! The other calls (challenges, fetches, acknowledgements, uploads, ...)
+//! take turns: one at a time waits for the relay, the others queue in
+//! order (without holding a thread) behind it. Each of them is a commit of
+//! its own, so under load the deposit worker and that one call alternate on
+//! the relay: a batch of deposits waits for at most one other call, however
+//! many mailbox owners are polling.
+//!
 //! # Long polls
 //!
 //! A fetch with `wait_ms` checks the proof and lists the mailbox as any
@@ -74,7 +81,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use rand_core::OsRng;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 use tower::ServiceExt as _;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -890,7 +897,7 @@ struct DepositJob {
 }
 
 /// Most deposits stored in one commit.
-const MAX_DEPOSIT_BATCH: usize = 256;
+const MAX_DEPOSIT_BATCH: usize = 1024;
 /// Most payload bytes stored in one commit.
 const MAX_DEPOSIT_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// Deposits waiting for the worker before new ones wait to be queued.
@@ -908,6 +915,9 @@ struct Shared<S> {
     waiters: Arc<Waiters>,
     metrics: Metrics,
     deposits: mpsc::Sender<DepositJob>,
+    /// Turns of the relay calls other than deposit batches: one at a time
+    /// (see the module docs).
+    turns: Semaphore,
 }
 
 /// The peer address of a connection.
@@ -931,6 +941,11 @@ impl<S: Storage> Shared<S> {
         R: Send + 'static,
         F: FnOnce(&mut Core<S>, &Metrics, u64) -> Result<R, TransportError> + Send + 'static,
     {
+        let _turn = self
+            .turns
+            .acquire()
+            .await
+            .map_err(|_| ApiError::new(Reason::Unavailable, "the relay is shutting down"))?;
         let shared = Arc::clone(self);
         let joined = tokio::task::spawn_blocking(move || {
             let mut core = shared.core.lock().map_err(|_| ApiError::poisoned())?;
@@ -1196,6 +1211,7 @@ async fn run<S: Storage>(
         waiters,
         metrics: Metrics::new(&routes, &reasons),
         deposits,
+        turns: Semaphore::new(1),
     });
     let router = router(Arc::clone(&shared), cors);
 

@@ -1,7 +1,9 @@
 //! The persistent relay storage over SQLite (feature `sqlite`).
 //!
 //! One database file holds devices, one-time prekeys, envelopes,
-//! acknowledged ids and challenges. The file runs in WAL mode with
+//! acknowledged ids and challenges, and each mailbox's usage (envelope
+//! count and bytes, kept by triggers, so that a deposit checks the
+//! mailbox's bounds without counting its envelopes). The file runs in WAL mode with
 //! `synchronous = FULL` (an accepted deposit or upload survives a power
 //! loss), a busy timeout (several relay processes may share it), and
 //! `user_version` schema versioning under a relay `application_id`. Every
@@ -13,6 +15,7 @@
 //! bit-for-bit as SQLite integers; times the database compares (receipt,
 //! expiry) are clamped to `i64::MAX`.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::path::Path;
 use std::time::Duration;
 use std::vec::Vec;
@@ -86,6 +89,34 @@ CREATE TABLE challenges (
 );
 CREATE INDEX challenges_by_mailbox ON challenges (mailbox, seq);
 CREATE INDEX challenges_by_expiry ON challenges (expires_at);
+";
+
+/// What schema version 1 gained without changing its number (older code
+/// ignores it, and the triggers keep it right whatever code writes the
+/// envelopes, which are only ever inserted and deleted): each mailbox's
+/// usage, so that a deposit does not count the mailbox's envelopes, and
+/// the indexes of the per-mailbox expiry, so that a deposit does not scan
+/// the mailbox's envelopes and acknowledged ids. Applied when a database
+/// lacks it, counting the envelopes already stored.
+const USAGE_SCHEMA: &str = "
+CREATE TABLE mailbox_usage (
+    mailbox BLOB PRIMARY KEY,
+    envelopes INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER envelopes_usage_insert AFTER INSERT ON envelopes BEGIN
+    INSERT INTO mailbox_usage (mailbox, envelopes, bytes) VALUES (NEW.mailbox, 1, NEW.size)
+    ON CONFLICT (mailbox) DO UPDATE SET
+        envelopes = envelopes + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER envelopes_usage_delete AFTER DELETE ON envelopes BEGIN
+    UPDATE mailbox_usage SET envelopes = envelopes - 1, bytes = bytes - OLD.size
+    WHERE mailbox = OLD.mailbox;
+END;
+INSERT INTO mailbox_usage (mailbox, envelopes, bytes)
+    SELECT mailbox, count(*), sum(size) FROM envelopes GROUP BY mailbox;
+CREATE INDEX IF NOT EXISTS envelopes_by_mailbox_time ON envelopes (mailbox, received_at);
+CREATE INDEX IF NOT EXISTS acknowledged_by_mailbox_time ON acknowledged (mailbox, received_at);
 ";
 
 fn db(error: rusqlite::Error) -> RelayStorageError {
@@ -171,12 +202,25 @@ impl SqliteRelayStorage {
                     ));
                 }
                 tx.execute_batch(SCHEMA).map_err(db)?;
+                tx.execute_batch(USAGE_SCHEMA).map_err(db)?;
                 tx.pragma_update(None, "application_id", APPLICATION_ID)
                     .map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(db)?;
             }
-            (APPLICATION_ID, SCHEMA_VERSION) => {}
+            (APPLICATION_ID, SCHEMA_VERSION) => {
+                let has_usage: i64 = tx
+                    .query_row(
+                        "SELECT count(*) FROM sqlite_master
+                         WHERE type = 'table' AND name = 'mailbox_usage'",
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(db)?;
+                if has_usage == 0 {
+                    tx.execute_batch(USAGE_SCHEMA).map_err(db)?;
+                }
+            }
             (APPLICATION_ID, newer) if newer > SCHEMA_VERSION => {
                 return Err(RelayStorageError::UnsupportedSchema(newer));
             }
@@ -353,7 +397,14 @@ impl RelayStorage for SqliteRelayStorage {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let outcome = insert_one(&tx, mailbox, envelope, received_at, limits)?;
+        let outcome = insert_one(
+            &tx,
+            &mut Touched::new(),
+            mailbox,
+            envelope,
+            received_at,
+            limits,
+        )?;
         tx.commit().map_err(db)?;
         Ok(outcome)
     }
@@ -370,8 +421,16 @@ impl RelayStorage for SqliteRelayStorage {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
         let mut outcomes = Vec::with_capacity(batch.len());
+        let mut touched = Touched::new();
         for (mailbox, envelope) in batch {
-            outcomes.push(insert_one(&tx, mailbox, envelope, received_at, limits)?);
+            outcomes.push(insert_one(
+                &tx,
+                &mut touched,
+                mailbox,
+                envelope,
+                received_at,
+                limits,
+            )?);
         }
         tx.commit().map_err(db)?;
         Ok(outcomes)
@@ -411,19 +470,7 @@ impl RelayStorage for SqliteRelayStorage {
     }
 
     fn mailbox_usage(&self, mailbox: &MailboxId) -> Result<MailboxUsage, RelayStorageError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT count(*), coalesce(sum(size), 0) FROM envelopes WHERE mailbox = ?1",
-            )
-            .map_err(db)?;
-        stmt.query_row(params![mailbox.0], |r| {
-            Ok(MailboxUsage {
-                envelopes: count(r.get(0)?),
-                bytes: count(r.get(1)?),
-            })
-        })
-        .map_err(db)
+        usage_of(&self.conn, mailbox)
     }
 
     fn acknowledge_envelopes(
@@ -551,24 +598,38 @@ impl RelayStorage for SqliteRelayStorage {
     }
 }
 
+/// The mailboxes a transaction of deposits has touched: their expired
+/// envelopes and acknowledged ids are deleted, and this is their usage.
+type Touched = HashMap<MailboxId, MailboxUsage>;
+
 /// One deposit inside an open transaction: expire the mailbox's old
-/// envelopes, recognise a duplicate id, check the bounds, insert.
+/// envelopes (once per transaction), recognise a duplicate id, check the
+/// bounds, insert. A batch shares `touched`, so each of its mailboxes is
+/// expired and its usage read once: the cutoff is the same for the whole
+/// batch, and the batch's own envelopes are not older than it.
 fn insert_one(
     tx: &rusqlite::Transaction<'_>,
+    touched: &mut Touched,
     mailbox: &MailboxId,
     envelope: &Envelope,
     received_at: u64,
     limits: MailboxLimits,
 ) -> Result<InsertOutcome, RelayStorageError> {
-    let cutoff = time(limits.expire_before);
-    tx.prepare_cached("DELETE FROM envelopes WHERE mailbox = ?1 AND received_at < ?2")
-        .map_err(db)?
-        .execute(params![mailbox.0, cutoff])
-        .map_err(db)?;
-    tx.prepare_cached("DELETE FROM acknowledged WHERE mailbox = ?1 AND received_at < ?2")
-        .map_err(db)?
-        .execute(params![mailbox.0, cutoff])
-        .map_err(db)?;
+    let usage = match touched.entry(*mailbox) {
+        Entry::Occupied(known) => known.into_mut(),
+        Entry::Vacant(new) => {
+            let cutoff = time(limits.expire_before);
+            tx.prepare_cached("DELETE FROM envelopes WHERE mailbox = ?1 AND received_at < ?2")
+                .map_err(db)?
+                .execute(params![mailbox.0, cutoff])
+                .map_err(db)?;
+            tx.prepare_cached("DELETE FROM acknowledged WHERE mailbox = ?1 AND received_at < ?2")
+                .map_err(db)?
+                .execute(params![mailbox.0, cutoff])
+                .map_err(db)?;
+            new.insert(usage_of(tx, mailbox)?)
+        }
+    };
     let duplicate = tx
         .prepare_cached(
             "SELECT 1 FROM envelopes WHERE mailbox = ?1 AND id = ?2
@@ -577,37 +638,46 @@ fn insert_one(
         .map_err(db)?
         .exists(params![mailbox.0, envelope.id.0])
         .map_err(db)?;
-    let outcome = if duplicate {
-        InsertOutcome::Duplicate
-    } else {
-        let (envelopes, bytes): (i64, i64) = tx
-            .prepare_cached(
-                "SELECT count(*), coalesce(sum(size), 0) FROM envelopes WHERE mailbox = ?1",
-            )
-            .map_err(db)?
-            .query_row(params![mailbox.0], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(db)?;
-        let size = envelope.payload.len() as u64;
-        if count(envelopes) >= u64::from(limits.max_envelopes) {
-            InsertOutcome::TooManyEnvelopes
-        } else if count(bytes).saturating_add(size) > limits.max_bytes {
-            InsertOutcome::TooManyBytes
-        } else {
-            tx.prepare_cached(
-                "INSERT INTO envelopes (mailbox, id, received_at, size, payload)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(db)?
-            .execute(params![
-                mailbox.0,
-                envelope.id.0,
-                time(received_at),
-                time(size),
-                envelope.payload,
-            ])
-            .map_err(db)?;
-            InsertOutcome::Stored
-        }
-    };
-    Ok(outcome)
+    if duplicate {
+        return Ok(InsertOutcome::Duplicate);
+    }
+    let size = envelope.payload.len() as u64;
+    if usage.envelopes >= u64::from(limits.max_envelopes) {
+        return Ok(InsertOutcome::TooManyEnvelopes);
+    }
+    if usage.bytes.saturating_add(size) > limits.max_bytes {
+        return Ok(InsertOutcome::TooManyBytes);
+    }
+    tx.prepare_cached(
+        "INSERT INTO envelopes (mailbox, id, received_at, size, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .map_err(db)?
+    .execute(params![
+        mailbox.0,
+        envelope.id.0,
+        time(received_at),
+        time(size),
+        envelope.payload,
+    ])
+    .map_err(db)?;
+    usage.envelopes += 1;
+    usage.bytes = usage.bytes.saturating_add(size);
+    Ok(InsertOutcome::Stored)
+}
+
+/// The mailbox's usage, as the triggers of [`USAGE_SCHEMA`] keep it.
+fn usage_of(conn: &Connection, mailbox: &MailboxId) -> Result<MailboxUsage, RelayStorageError> {
+    let usage = conn
+        .prepare_cached("SELECT envelopes, bytes FROM mailbox_usage WHERE mailbox = ?1")
+        .map_err(db)?
+        .query_row(params![mailbox.0], |r| {
+            Ok(MailboxUsage {
+                envelopes: count(r.get(0)?),
+                bytes: count(r.get(1)?),
+            })
+        })
+        .optional()
+        .map_err(db)?;
+    Ok(usage.unwrap_or_default())
 }
