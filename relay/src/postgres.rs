@@ -324,7 +324,11 @@ impl Statements {
                                   counter, spk_id, spk_created, spk_public, spk_signature,
                                   published_at)
                               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                              ON CONFLICT (identity, device_id) DO NOTHING",
+                              -- No conflict target: the mailbox is derived
+                              -- from (identity, device_id), so a racing first
+                              -- upload hits either unique index for the same
+                              -- row, and both mean it is already there.
+                              ON CONFLICT DO NOTHING",
             )?,
             lock_device: p("SELECT counter FROM cubbyhole_relay_devices
                             WHERE identity = $1 AND device_id = $2 FOR UPDATE")?,

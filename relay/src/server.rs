@@ -70,7 +70,7 @@ use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use cubbyhole::relay::{
     reason as core_reason, MailboxUsage, Relay, RelayConfig, RelayStorage, RelayStorageError,
-    SqliteRelayStorage,
+    SqliteCheckpointer, SqliteRelayStorage,
 };
 use cubbyhole::transport::{
     decode_envelope, encode_envelope, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxId,
@@ -87,7 +87,7 @@ use tower::ServiceExt as _;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use crate::metrics::{Live, Metrics};
 use crate::ratelimit::{Kind, RateLimiter};
@@ -904,6 +904,8 @@ const MAX_DEPOSIT_BATCH_BYTES: usize = 16 * 1024 * 1024;
 const DEPOSIT_QUEUE: usize = 4096;
 /// How often expired envelopes and challenges are deleted.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// How often the SQLite write-ahead log is checkpointed off the commit path.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 /// Mailboxes whose usage is re-read per lock hold after a sweep.
 const REFRESH_CHUNK: usize = 256;
 
@@ -1096,13 +1098,27 @@ pub async fn serve(
         StorageConfig::SqliteMemory => {
             let storage = blocking(SqliteRelayStorage::open_in_memory).await??;
             info!(storage = "sqlite (in memory)", "relay storage opened");
-            run(listener, config, storage, cors, waiters, shutdown).await
+            run(listener, config, storage, None, cors, waiters, shutdown).await
         }
         StorageConfig::Sqlite(path) => {
             let shown = path.display().to_string();
-            let storage = blocking(move || SqliteRelayStorage::open(path)).await??;
+            let (storage, checkpointer) = blocking(move || {
+                let mut storage = SqliteRelayStorage::open(path)?;
+                let checkpointer = storage.checkpointer()?;
+                Ok::<_, RelayStorageError>((storage, checkpointer))
+            })
+            .await??;
             info!(storage = "sqlite", path = %shown, "relay storage opened");
-            run(listener, config, storage, cors, waiters, shutdown).await
+            run(
+                listener,
+                config,
+                storage,
+                checkpointer,
+                cors,
+                waiters,
+                shutdown,
+            )
+            .await
         }
         #[cfg(feature = "postgres")]
         StorageConfig::Postgres(url) => {
@@ -1122,7 +1138,7 @@ pub async fn serve(
                 storage = "postgres",
                 "relay storage opened, listening for deposits"
             );
-            run(listener, config, storage, cors, waiters, shutdown).await
+            run(listener, config, storage, None, cors, waiters, shutdown).await
         }
         #[cfg(not(feature = "postgres"))]
         StorageConfig::Postgres(_) => Err(ServerError::PostgresNotCompiled),
@@ -1188,6 +1204,7 @@ async fn run<S: Storage>(
     listener: TcpListener,
     config: ServerConfig,
     storage: S,
+    checkpointer: Option<SqliteCheckpointer>,
     cors: Option<CorsLayer>,
     waiters: Arc<Waiters>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -1221,6 +1238,7 @@ async fn run<S: Storage>(
         deposit_queue,
         stopped.clone(),
     ));
+    let checkpoints = checkpointer.map(|c| tokio::spawn(checkpoints(c, stopped.clone())));
     let sweeper = tokio::spawn(sweeper(Arc::clone(&shared), stopped));
 
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -1287,6 +1305,9 @@ async fn run<S: Storage>(
     let _ = stop.send(true);
     let _ = worker.await;
     let _ = sweeper.await;
+    if let Some(checkpoints) = checkpoints {
+        let _ = checkpoints.await;
+    }
     drop(router);
     // The storage may block when closed (PostgreSQL): close it off the
     // async workers.
@@ -1339,6 +1360,47 @@ async fn deposit_worker<S: Storage>(
             }
             // The batch's answers are dropped: those deposits answer 503.
             Err(e) => error!(error = %e, "a deposit batch failed"),
+        }
+    }
+}
+
+/// Checkpoints the SQLite write-ahead log every [`CHECKPOINT_INTERVAL`] on
+/// its own connection, so that commits (deposit batches waiting for their
+/// answers) do not (see [`SqliteCheckpointer`]).
+async fn checkpoints(checkpointer: SqliteCheckpointer, mut stop: watch::Receiver<bool>) {
+    let mut checkpointer = Some(checkpointer);
+    let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            _ = tick.tick() => {}
+        }
+        let Some(c) = checkpointer.take() else {
+            break;
+        };
+        match tokio::task::spawn_blocking(move || {
+            let result = c.checkpoint();
+            (c, result)
+        })
+        .await
+        {
+            Ok((c, result)) => {
+                checkpointer = Some(c);
+                match result {
+                    Ok(report) => trace!(
+                        log_frames = report.log_frames,
+                        checkpointed = report.checkpointed_frames,
+                        "checkpoint"
+                    ),
+                    Err(e) => warn!(error = %e, "checkpoint failed"),
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "checkpoint failed; the writer checkpoints from now on");
+                break;
+            }
         }
     }
 }

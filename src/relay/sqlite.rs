@@ -153,6 +153,64 @@ fn count(v: i64) -> u64 {
 #[derive(Debug)]
 pub struct SqliteRelayStorage {
     conn: Connection,
+    /// The database file (`None` in memory).
+    path: Option<std::path::PathBuf>,
+}
+
+/// Pages of write-ahead log after which the writer checkpoints in its own
+/// commit when a [`SqliteCheckpointer`] runs beside it (a backstop: the
+/// checkpointer normally keeps the log short).
+const BACKSTOP_CHECKPOINT_PAGES: i64 = 8192;
+/// The page cache of a relay connection, in KiB (SQLite's negative
+/// `cache_size`): the mailbox indexes stay in memory under load.
+const CACHE_KIB: i64 = 64 * 1024;
+/// Bytes the write-ahead log file is truncated to after it is reset.
+const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
+/// A second connection to a relay database that copies its write-ahead log
+/// into the database file ([`SqliteCheckpointer::checkpoint`]) off the
+/// writer's commit path.
+///
+/// SQLite's default is that the connection whose commit makes the log
+/// longer than 1000 pages checkpoints it there and then: that commit (a
+/// batch of deposits waiting for its answer) then also reads and writes
+/// every page of the log and syncs the database file. A server that calls
+/// [`SqliteRelayStorage::checkpointer`] and runs
+/// [`SqliteCheckpointer::checkpoint`] every few tens of milliseconds on
+/// another thread keeps that work out of the commits; the writer only
+/// checkpoints itself past a much longer log (8192 pages), as a backstop.
+/// A checkpoint never loses a commit: the log stays the durable copy until
+/// its frames are in the (synced) database file.
+#[derive(Debug)]
+pub struct SqliteCheckpointer {
+    conn: Connection,
+}
+
+/// What one [`SqliteCheckpointer::checkpoint`] found and did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CheckpointReport {
+    /// Frames in the write-ahead log.
+    pub log_frames: u64,
+    /// Frames of it now in the database file.
+    pub checkpointed_frames: u64,
+}
+
+impl SqliteCheckpointer {
+    /// Copies what it can of the write-ahead log into the database without
+    /// waiting for or blocking the writer (a `PASSIVE` checkpoint).
+    ///
+    /// # Errors
+    /// [`RelayStorageError::Backend`].
+    pub fn checkpoint(&self) -> Result<CheckpointReport, RelayStorageError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok(CheckpointReport {
+                    log_frames: count(r.get(1)?),
+                    checkpointed_frames: count(r.get(2)?),
+                })
+            })
+            .map_err(db)
+    }
 }
 
 impl SqliteRelayStorage {
@@ -163,7 +221,33 @@ impl SqliteRelayStorage {
     /// [`RelayStorageError::Corrupted`] if it is another kind of database,
     /// [`RelayStorageError::UnsupportedSchema`] if its schema is newer.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, RelayStorageError> {
-        Self::setup(Connection::open(path).map_err(db)?)
+        let path = path.as_ref();
+        let mut storage = Self::setup(Connection::open(path).map_err(db)?)?;
+        storage.path = Some(path.to_path_buf());
+        Ok(storage)
+    }
+
+    /// A [`SqliteCheckpointer`] for this database (`None` in memory, which
+    /// has no log), and from now on this connection checkpoints in its own
+    /// commits only as a backstop: run the checkpointer's
+    /// [`checkpoint`](SqliteCheckpointer::checkpoint) regularly (the relay
+    /// server does every 50 ms).
+    ///
+    /// # Errors
+    /// [`RelayStorageError::Backend`] if the second connection cannot be
+    /// opened.
+    pub fn checkpointer(&mut self) -> Result<Option<SqliteCheckpointer>, RelayStorageError> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let conn = Connection::open(path).map_err(db)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(db)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
+        self.conn
+            .pragma_update(None, "wal_autocheckpoint", BACKSTOP_CHECKPOINT_PAGES)
+            .map_err(db)?;
+        Ok(Some(SqliteCheckpointer { conn }))
     }
 
     /// A private in-memory database (lost when dropped).
@@ -179,6 +263,10 @@ impl SqliteRelayStorage {
         conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))
             .map_err(db)?;
         conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db)?;
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)
+            .map_err(db)?;
+        conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
             .map_err(db)?;
         conn.set_prepared_statement_cache_capacity(32);
 
@@ -231,7 +319,7 @@ impl SqliteRelayStorage {
             }
         }
         tx.commit().map_err(db)?;
-        Ok(SqliteRelayStorage { conn })
+        Ok(SqliteRelayStorage { conn, path: None })
     }
 }
 
@@ -446,7 +534,11 @@ impl RelayStorage for SqliteRelayStorage {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT id, size, payload FROM envelopes
+                // In mailbox order through the index that has it: the
+                // planner would otherwise pick the (mailbox, received_at)
+                // index and sort every pending envelope of the mailbox to
+                // return the first `limit`.
+                "SELECT id, size, payload FROM envelopes INDEXED BY envelopes_by_mailbox
                  WHERE mailbox = ?1 AND received_at >= ?2 ORDER BY seq LIMIT ?3",
             )
             .map_err(db)?;
