@@ -71,6 +71,7 @@
 
 #![deny(missing_docs)]
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::str::FromStr;
@@ -298,6 +299,11 @@ struct Statements {
     insert_envelope: Statement,
     list_envelopes: Statement,
     usage: Statement,
+    expire_mailboxes: Statement,
+    usage_of_mailboxes: Statement,
+    batch_duplicates: Statement,
+    insert_batch: Statement,
+    notify_batch: Statement,
     acknowledge: Statement,
     expire_all: Statement,
     lock_challenges: Statement,
@@ -397,6 +403,36 @@ impl Statements {
                                ORDER BY head.seq")?,
             usage: p("SELECT count(*), coalesce(sum(size), 0)::bigint
                       FROM cubbyhole_relay_envelopes WHERE mailbox = $1")?,
+            // The batch forms of the single-deposit statements above: one
+            // statement per step for all the batch's mailboxes.
+            expire_mailboxes: p("WITH acknowledged AS (
+                                     DELETE FROM cubbyhole_relay_acknowledged
+                                     WHERE mailbox = ANY($1::bytea[]) AND received_at < $2)
+                                 DELETE FROM cubbyhole_relay_envelopes
+                                 WHERE mailbox = ANY($1::bytea[]) AND received_at < $2")?,
+            usage_of_mailboxes: p("SELECT mailbox, count(*), coalesce(sum(size), 0)::bigint
+                                   FROM cubbyhole_relay_envelopes
+                                   WHERE mailbox = ANY($1::bytea[])
+                                   GROUP BY mailbox")?,
+            batch_duplicates: p("SELECT e.mailbox, e.id
+                                 FROM unnest($1::bytea[], $2::bytea[]) AS b(mailbox, id)
+                                 JOIN cubbyhole_relay_envelopes e
+                                     ON e.mailbox = b.mailbox AND e.id = b.id
+                                 UNION ALL
+                                 SELECT a.mailbox, a.id
+                                 FROM unnest($1::bytea[], $2::bytea[]) AS b(mailbox, id)
+                                 JOIN cubbyhole_relay_acknowledged a
+                                     ON a.mailbox = b.mailbox AND a.id = b.id")?,
+            // In batch order, so that `seq` (the delivery order) follows it.
+            insert_batch: p("INSERT INTO cubbyhole_relay_envelopes
+                                 (mailbox, id, received_at, size, payload)
+                             SELECT b.mailbox, b.id, $5, b.size, b.payload
+                             FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bytea[])
+                                 WITH ORDINALITY AS b(mailbox, id, size, payload, n)
+                             ORDER BY b.n")?,
+            notify_batch: p(&format!(
+                "SELECT pg_notify('{DEPOSIT_CHANNEL}', m) FROM unnest($1::text[]) AS m"
+            ))?,
             acknowledge: p("WITH deleted AS (
                                 DELETE FROM cubbyhole_relay_envelopes
                                 WHERE mailbox = $1 AND id = ANY($2::bytea[])
@@ -791,6 +827,104 @@ impl RelayStorage for PostgresRelayStorage {
             // Commits the expiry too, whatever the outcome.
             tx.commit()?;
             Ok(outcome)
+        })
+    }
+
+    /// One transaction for the batch (group commit), with a fixed number of
+    /// statements whatever its size: the advisory locks of its mailboxes
+    /// (taken in key order, so that processes depositing overlapping
+    /// batches cannot deadlock), their expiry and usage, the batch's ids
+    /// already pending or acknowledged, then the checks in batch order (as
+    /// [`insert_envelope`](RelayStorage::insert_envelope) one by one would
+    /// make them, counting the batch's own earlier envelopes), one insert
+    /// and one notification per mailbox that got an envelope.
+    fn insert_envelopes(
+        &mut self,
+        batch: &[(MailboxId, Envelope)],
+        received_at: u64,
+        limits: MailboxLimits,
+    ) -> Result<Vec<InsertOutcome>, RelayStorageError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut mailboxes: Vec<MailboxId> = batch.iter().map(|(m, _)| *m).collect();
+        mailboxes.sort_unstable_by_key(|m| m.0);
+        mailboxes.dedup();
+        let mut keys: Vec<i32> = mailboxes.iter().map(lock_key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mailbox_list: Vec<&[u8]> = mailboxes.iter().map(|m| &m.0[..]).collect();
+        let batch_mailboxes: Vec<&[u8]> = batch.iter().map(|(m, _)| &m.0[..]).collect();
+        let batch_ids: Vec<&[u8]> = batch.iter().map(|(_, e)| &e.id.0[..]).collect();
+        let cutoff = time(limits.expire_before);
+        self.run(|client, st| {
+            let mut tx = client.transaction()?;
+            for key in &keys {
+                tx.execute(&st.lock_mailbox, &[key])?;
+            }
+            tx.execute(&st.expire_mailboxes, &[&mailbox_list, &cutoff])?;
+            let mut usage: HashMap<MailboxId, (u64, u64)> = HashMap::new();
+            for row in tx.query(&st.usage_of_mailboxes, &[&mailbox_list])? {
+                let mailbox = MailboxId(fixed(row.try_get(0)?, "mailbox id")?);
+                let envelopes: i64 = row.try_get(1)?;
+                let bytes: i64 = row.try_get(2)?;
+                usage.insert(mailbox, (count(envelopes), count(bytes)));
+            }
+            let mut seen: HashSet<(MailboxId, EnvelopeId)> = HashSet::new();
+            for row in tx.query(&st.batch_duplicates, &[&batch_mailboxes, &batch_ids])? {
+                seen.insert((
+                    MailboxId(fixed(row.try_get(0)?, "mailbox id")?),
+                    EnvelopeId(fixed(row.try_get(1)?, "envelope id")?),
+                ));
+            }
+            let mut outcomes = Vec::with_capacity(batch.len());
+            let mut stored_mailboxes = Vec::new();
+            let mut ids = Vec::new();
+            let mut sizes = Vec::new();
+            let mut payloads = Vec::new();
+            let mut notices = Vec::new();
+            let mut notified = HashSet::new();
+            for (mailbox, envelope) in batch {
+                let size = envelope.payload.len() as u64;
+                let (envelopes, bytes) = usage.entry(*mailbox).or_insert((0, 0));
+                let outcome = if seen.contains(&(*mailbox, envelope.id)) {
+                    InsertOutcome::Duplicate
+                } else if *envelopes >= u64::from(limits.max_envelopes) {
+                    InsertOutcome::TooManyEnvelopes
+                } else if bytes.saturating_add(size) > limits.max_bytes {
+                    InsertOutcome::TooManyBytes
+                } else {
+                    *envelopes += 1;
+                    *bytes = bytes.saturating_add(size);
+                    seen.insert((*mailbox, envelope.id));
+                    if notified.insert(*mailbox) {
+                        notices.push(hex::encode(mailbox.0));
+                    }
+                    stored_mailboxes.push(&mailbox.0[..]);
+                    ids.push(&envelope.id.0[..]);
+                    sizes.push(time(size));
+                    payloads.push(&envelope.payload[..]);
+                    InsertOutcome::Stored
+                };
+                outcomes.push(outcome);
+            }
+            if !ids.is_empty() {
+                tx.execute(
+                    &st.insert_batch,
+                    &[
+                        &stored_mailboxes,
+                        &ids,
+                        &sizes,
+                        &payloads,
+                        &time(received_at),
+                    ],
+                )?;
+                // Delivered on commit, once per mailbox.
+                tx.query(&st.notify_batch, &[&notices])?;
+            }
+            // Commits the expiry too, whatever the outcomes.
+            tx.commit()?;
+            Ok(outcomes)
         })
     }
 

@@ -709,6 +709,92 @@ pub fn mailbox_bytes_bound<S: RelayStorage>(storage: S) {
     assert_eq!((usage.envelopes, usage.bytes), (3, 250));
 }
 
+/// Group commit: `deposit_batch` answers each envelope as `deposit` one by
+/// one would (duplicates within the batch and against pending or
+/// acknowledged ids, both mailbox bounds counting the batch's own earlier
+/// envelopes, unknown mailboxes, oversized envelopes), keeps the batch's
+/// order in each mailbox, and expires old envelopes first.
+pub fn deposit_batch_checks_each_envelope<S: RelayStorage>(storage: S) {
+    let config = RelayConfig {
+        max_envelope_bytes: 100,
+        max_pending_envelopes: 5,
+        max_pending_bytes: 250,
+        ..RelayConfig::default()
+    };
+    let mut rng = rng(21);
+    let bob = Device::new(&mut rng, 1, 0);
+    let carol = Device::new(&mut rng, 2, 0);
+    let mut relay = Relay::new(storage, config);
+    relay.publish(NOW, &bob.upload(1, true)).unwrap();
+    relay.publish(NOW, &carol.upload(1, true)).unwrap();
+    let unknown = DeviceAddress {
+        identity: [9; 32],
+        device_id: 1,
+    }
+    .mailbox();
+    let (b, c) = (bob.mailbox(), carol.mailbox());
+    // Pending before the batch: 1 (old enough to expire during it) and 2;
+    // acknowledged: 3.
+    relay.deposit(NOW, &b, &envelope(1, 10)).unwrap();
+    let later = NOW + RelayConfig::DEFAULT_RETENTION / 2 + 1;
+    relay.deposit(later, &b, &envelope(2, 10)).unwrap();
+    relay.deposit(later, &b, &envelope(3, 10)).unwrap();
+    acknowledge(&mut relay, &mut rng, &bob, later, &[EnvelopeId([3; 16])]);
+    let now = NOW + RelayConfig::DEFAULT_RETENTION + 1;
+    let batch = vec![
+        (b, envelope(2, 10)),       // pending: a repeat
+        (b, envelope(3, 10)),       // acknowledged: a repeat
+        (b, envelope(1, 10)),       // expired just now: new again
+        (b, envelope(4, 101)),      // too big
+        (c, envelope(5, 100)),      // stored
+        (b, envelope(6, 100)),      // stored: Bob has 2, 1, 6 (120 bytes)
+        (c, envelope(5, 100)),      // a repeat within the batch
+        (b, envelope(7, 100)),      // stored: 220 bytes
+        (b, envelope(8, 40)),       // 260 bytes: over the byte bound
+        (unknown, envelope(9, 10)), // never published
+        (b, envelope(10, 30)),      // stored: five envelopes, 250 bytes
+        (b, envelope(11, 0)),       // a sixth: over the count bound
+        (c, envelope(12, 100)),     // stored
+    ];
+    let results = relay.deposit_batch(now, &batch);
+    let pending_envelopes = Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES));
+    let pending_bytes = Err(TransportError::LimitExceeded(reason::PENDING_BYTES));
+    let size = Err(TransportError::LimitExceeded(reason::ENVELOPE_SIZE));
+    assert_eq!(
+        results,
+        vec![
+            Ok(false),
+            Ok(false),
+            Ok(true),
+            size,
+            Ok(true),
+            Ok(true),
+            Ok(false),
+            Ok(true),
+            pending_bytes,
+            Err(TransportError::NotFound),
+            Ok(true),
+            pending_envelopes,
+            Ok(true),
+        ]
+    );
+    let listed = |relay: &Relay<S>, mailbox| {
+        relay
+            .storage()
+            .list_envelopes(&mailbox, 0, 100, u64::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| e.id.0[0])
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed(&relay, b), vec![2, 1, 6, 7, 10]);
+    assert_eq!(listed(&relay, c), vec![5, 12]);
+    let usage = relay.storage().mailbox_usage(&b).unwrap();
+    assert_eq!((usage.envelopes, usage.bytes), (5, 250));
+    // An empty batch is fine.
+    assert!(relay.deposit_batch(now, &[]).is_empty());
+}
+
 pub fn fetch_and_acknowledge_bounds<S: RelayStorage>(storage: S) {
     let config = RelayConfig {
         max_fetch_envelopes: 3,
@@ -940,6 +1026,7 @@ macro_rules! all_tests {
                 envelope_size_bound,
                 mailbox_count_bound,
                 mailbox_bytes_bound,
+                deposit_batch_checks_each_envelope,
                 fetch_and_acknowledge_bounds,
                 retention_expires_envelopes,
                 in_process_relay,
