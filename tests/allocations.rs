@@ -92,13 +92,19 @@ fn steady_state_encrypt_and_decrypt_allocate_only_the_output() {
             let before = allocations();
             a.encrypt_into(&mut rng, &plaintext, &mut wire).unwrap();
             let encrypted = allocations() - before;
-            assert_eq!(encrypted, 0, "encrypt of {size} B allocated {encrypted} times");
+            assert_eq!(
+                encrypted, 0,
+                "encrypt of {size} B allocated {encrypted} times"
+            );
 
             let incoming = Incoming::decode(&wire).unwrap();
             let before = allocations();
             b.decrypt_incoming(&incoming, &mut out).unwrap();
             let decrypted = allocations() - before;
-            assert_eq!(decrypted, 0, "decrypt of {size} B allocated {decrypted} times");
+            assert_eq!(
+                decrypted, 0,
+                "decrypt of {size} B allocated {decrypted} times"
+            );
             assert_eq!(out, plaintext);
         }
     }

@@ -15,6 +15,11 @@
 #[path = "../fuzz/src/targets.rs"]
 mod targets;
 
+/// The decoder targets check that allocation stays bounded by the input's
+/// size; the metering allocator makes the replay check it too.
+#[global_allocator]
+static ALLOCATOR: targets::MeteredAllocator = targets::MeteredAllocator;
+
 use std::fs;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -61,7 +66,14 @@ fn replay(target: &str) {
 #[test]
 fn targets_match_fuzz_crate() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/fuzz_targets");
+    let manifest = fs::read_to_string(dir.join("../Cargo.toml")).expect("fuzz/Cargo.toml");
     for target in targets::TARGETS {
+        assert!(
+            manifest.contains(&format!(
+                "name = \"{target}\"\npath = \"fuzz_targets/{target}.rs\""
+            )),
+            "fuzz/Cargo.toml has no [[bin]] for {target}"
+        );
         let shim = dir.join(format!("{target}.rs"));
         let text = fs::read_to_string(&shim).unwrap_or_else(|e| panic!("{}: {e}", shim.display()));
         assert!(
@@ -100,6 +112,76 @@ fn accept_prekey() {
 #[test]
 fn two_party() {
     replay("two_party");
+}
+
+#[test]
+fn decode_prekeys() {
+    replay("decode_prekeys");
+}
+
+#[test]
+fn decode_prekey_state() {
+    replay("decode_prekey_state");
+}
+
+#[test]
+fn decode_identity() {
+    replay("decode_identity");
+}
+
+#[test]
+fn decode_upload() {
+    replay("decode_upload");
+}
+
+#[test]
+fn decode_mailbox_auth() {
+    replay("decode_mailbox_auth");
+}
+
+#[test]
+fn decode_envelope() {
+    replay("decode_envelope");
+}
+
+#[test]
+fn decode_envelope_list() {
+    replay("decode_envelope_list");
+}
+
+#[test]
+fn decode_acknowledge() {
+    replay("decode_acknowledge");
+}
+
+#[test]
+fn decode_fetch_query() {
+    replay("decode_fetch_query");
+}
+
+/// The allocation bounds of the decoder targets are checked in this
+/// replay: the metering allocator is installed and sees allocations.
+#[test]
+fn allocation_meter_is_installed() {
+    let (buffer, stats) = targets::measure(|| Vec::<u8>::with_capacity(100_000));
+    drop(buffer);
+    let stats = stats.expect("the metering allocator is installed");
+    assert_eq!(stats.largest, 100_000);
+    assert!(stats.largest > targets::max_allocation(4096));
+    let (_, nothing) = targets::measure(|| ());
+    assert_eq!(nothing.map(|s| s.total), Some(0));
+}
+
+/// Every target has a replay test above (the list is kept by hand).
+#[test]
+fn every_target_is_replayed() {
+    let source = include_str!("fuzz_corpus.rs");
+    for target in targets::TARGETS {
+        assert!(
+            source.contains(&format!("replay(\"{target}\")")),
+            "no replay test for {target}"
+        );
+    }
 }
 
 /// The fixtures the seeds are built from are deterministic: building the

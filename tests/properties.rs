@@ -36,6 +36,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<u8>().prop_map(Op::Replay),
         1 => (any::<u8>(), any::<u16>()).prop_map(|(index, how)| Op::Tamper { index, how }),
         1 => any::<bool>().prop_map(|alice| Op::Restore { alice }),
+        1 => any::<u8>().prop_map(Op::Prekeys),
     ]
 }
 

@@ -4,3 +4,8 @@
 //! stable.
 
 pub mod targets;
+
+/// Meters allocations, so the decoder targets check that they stay bounded
+/// by the input's size ([`targets::measure`]).
+#[global_allocator]
+static ALLOCATOR: targets::MeteredAllocator = targets::MeteredAllocator;

@@ -16,10 +16,20 @@
 //! ([`seed_corpus`]), so that their messages authenticate against the
 //! fixtures the targets use.
 
-use std::collections::VecDeque;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use cubbyhole::bundle::{BUNDLE_LEN_WITHOUT_OPK, BUNDLE_LEN_WITH_OPK};
+use cubbyhole::relay::{MailboxUsage, MemoryRelayStorage, Relay, RelayConfig, RelayStorage};
+use cubbyhole::storage::{LocalIdentity, PrekeyState, LOCAL_IDENTITY_LEN};
+use cubbyhole::transport::{
+    self, encode_acknowledge, encode_envelope, encode_envelope_list, BundleSetUpload,
+    DeviceAddress, Envelope, EnvelopeId, FetchQuery, MailboxAuth, MailboxOp, SignedPrekeyRecord,
+    TransportError, MAILBOX_AUTH_LEN,
+};
 use cubbyhole::{
     Error, FreshnessPolicy, Header, IdentityKey, IdentityKeyPair, Incoming, PrekeyBundle,
     PrekeyLookup, PrekeyStore, Role, Session, SessionConfig, VerifiedBundle,
@@ -105,6 +115,107 @@ pub fn encode_prefix(message: &Incoming<'_>) -> Vec<u8> {
 
 fn same(a: &[u8], b: &[u8]) -> bool {
     a == b
+}
+
+// ---------------------------------------------------------------------------
+// Allocation meter
+// ---------------------------------------------------------------------------
+
+/// What a [`measure`]d call allocated on its thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocStats {
+    /// The largest single allocation (or reallocation's new size), bytes.
+    pub largest: usize,
+    /// Every allocation's size added up, bytes.
+    pub total: usize,
+}
+
+thread_local! {
+    static METER: Cell<Option<AllocStats>> = const { Cell::new(None) };
+}
+
+/// Set by the first allocation through [`MeteredAllocator`]: whether it is
+/// this binary's global allocator.
+static METERED: AtomicBool = AtomicBool::new(false);
+
+fn meter(size: usize) {
+    if !METERED.load(Ordering::Relaxed) {
+        METERED.store(true, Ordering::Relaxed);
+    }
+    let _ = METER.try_with(|m| {
+        if let Some(s) = m.get() {
+            m.set(Some(AllocStats {
+                largest: s.largest.max(size),
+                total: s.total.saturating_add(size),
+            }));
+        }
+    });
+}
+
+/// The system allocator, metering the calling thread's allocations while
+/// [`measure`] runs. The binaries that include this file install it with
+/// `#[global_allocator]` (the fuzz crate and `tests/fuzz_corpus.rs`);
+/// elsewhere [`measure`] reports nothing and the allocation bounds are not
+/// checked.
+#[derive(Debug)]
+pub struct MeteredAllocator;
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the
+// wrapper only records sizes in a const-initialized thread-local `Cell`
+// (no destructor, no lazy initialization: it never allocates) and a
+// relaxed atomic flag.
+unsafe impl GlobalAlloc for MeteredAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        meter(layout.size());
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        meter(layout.size());
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        meter(new_size);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+/// Runs `f` and reports what it allocated on this thread, or `None` if
+/// [`MeteredAllocator`] is not the global allocator.
+pub fn measure<R>(f: impl FnOnce() -> R) -> (R, Option<AllocStats>) {
+    let outer = METER.with(|m| m.replace(Some(AllocStats::default())));
+    let out = f();
+    let stats = METER.with(|m| m.replace(outer));
+    (out, stats.filter(|_| METERED.load(Ordering::Relaxed)))
+}
+
+/// Largest single allocation a decoder may make for `len` input bytes.
+pub fn max_allocation(len: usize) -> usize {
+    8 * len + 1024
+}
+
+/// Most bytes a decoder may allocate in all for `len` input bytes.
+pub fn max_total_allocation(len: usize) -> usize {
+    16 * len + 4096
+}
+
+/// Bounded allocation: decoding `len` bytes allocates at most a constant
+/// factor of `len` plus a fixed slack, so no count or length field reserves
+/// memory before the bytes it counts are there.
+fn check_allocation(decoder: &str, len: usize, stats: Option<AllocStats>) {
+    let Some(stats) = stats else { return };
+    assert!(
+        stats.largest <= max_allocation(len),
+        "{decoder}: allocated {} bytes at once for {len} input bytes",
+        stats.largest
+    );
+    assert!(
+        stats.total <= max_total_allocation(len),
+        "{decoder}: allocated {} bytes in all for {len} input bytes",
+        stats.total
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -488,6 +599,683 @@ pub fn accept_prekey(data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------
+// Stored records: decode_prekeys, decode_prekey_state, decode_identity
+// ---------------------------------------------------------------------------
+
+/// The prekey message of the fixture: Alice to Bob's signed prekey 2 and
+/// one-time prekey 1, plaintext `hello Bob`.
+fn fixture_prekey_message() -> &'static [u8] {
+    static M: OnceLock<Vec<u8>> = OnceLock::new();
+    M.get_or_init(|| {
+        prekey_messages()
+            .into_iter()
+            .find(|(name, _)| *name == "prekey-opk")
+            .map(|(_, m)| m)
+            .expect("fixture prekey message")
+    })
+}
+
+/// `PrekeyStore::from_bytes` (the private prekeys every store persists):
+/// canonical (whatever decodes re-encodes to the input), bounded
+/// allocation, and the decoded store survives its whole lifecycle (see
+/// [`exercise_prekey_store`]).
+pub fn decode_prekeys(data: &[u8]) {
+    let (result, stats) = measure(|| PrekeyStore::from_bytes(data));
+    check_allocation("PrekeyStore::from_bytes", data.len(), stats);
+    let store = match result {
+        Ok(s) => s,
+        Err(Error::State(_)) => return,
+        Err(e) => panic!("PrekeyStore::from_bytes returned {e:?}"),
+    };
+    assert!(
+        same(&store.to_bytes(), data),
+        "prekey store encoding is not canonical"
+    );
+    exercise_prekey_store(store);
+}
+
+/// What any decoded prekey store supports: answering the fixture's prekey
+/// message (a failure consumes nothing), and the lifecycle operations with
+/// their documented effect (generation hands out exactly the next ids,
+/// rotation retains the old signed prekey, withdrawal and forgetting drop
+/// what they say), after which the store still re-encodes canonically.
+pub fn exercise_prekey_store(mut store: PrekeyStore) {
+    let dir = directory();
+    let ids: Vec<u32> = store.one_time_prekeys().map(|k| k.id()).collect();
+    assert_eq!(store.one_time_prekey_count(), ids.len());
+    let bundle = store.bundle(&dir.bob);
+    assert_eq!(
+        bundle.signed_prekey_id(),
+        store.current_signed_prekey().id()
+    );
+    assert_eq!(
+        bundle.one_time_prekey().map(|(id, _)| id),
+        ids.first().copied()
+    );
+
+    let incoming = Incoming::decode(fixture_prekey_message()).expect("fixture message");
+    let before = store.to_bytes();
+    match store.accept(&dir.bob, &incoming, SessionConfig::default()) {
+        Ok(accepted) => {
+            assert_eq!(accepted.plaintext, b"hello Bob");
+            assert_eq!(accepted.consumed_one_time_prekey, Some(1));
+            assert_eq!(store.one_time_prekey_count(), ids.len() - 1);
+            assert!(store.one_time_prekey(1).is_none(), "one-time prekey kept");
+        }
+        Err(_) => assert!(
+            same(&store.to_bytes(), &before),
+            "failed accept changed the store"
+        ),
+    }
+
+    let mut rng = TestRng::new(0x9E7);
+    let next = store.next_one_time_prekey_id();
+    let new: Vec<u32> = store
+        .generate_one_time_prekeys(&mut rng, 2)
+        .iter()
+        .map(|k| k.id())
+        .collect();
+    assert_eq!(
+        new,
+        [next, next.wrapping_add(1)],
+        "generate_one_time_prekeys did not return the keys it generated"
+    );
+    assert_eq!(store.next_one_time_prekey_id(), next.wrapping_add(2));
+    for id in &new {
+        assert!(store.one_time_prekey(*id).is_some());
+    }
+
+    let current = store.current_signed_prekey().id();
+    let retained = store.signed_prekeys().count();
+    store.rotate_signed_prekey(&mut rng, &dir.bob, NOW);
+    assert_eq!(store.current_signed_prekey().id(), current.wrapping_add(1));
+    assert_eq!(store.current_signed_prekey().created(), NOW);
+    assert_eq!(store.signed_prekeys().count(), retained + 1);
+    assert!(
+        store.signed_prekey(current).is_some(),
+        "old signed prekey dropped"
+    );
+
+    store.forget_retired_before(NOW);
+    assert!(store.signed_prekeys().skip(1).all(|k| k.created() >= NOW));
+    let bound = next.wrapping_add(1);
+    let count = store.one_time_prekey_count();
+    let removed = store.remove_one_time_prekeys_below(bound);
+    assert_eq!(store.one_time_prekey_count(), count - removed);
+    assert!(store.one_time_prekeys().all(|k| k.id() >= bound));
+
+    let bytes = store.to_bytes();
+    let again = PrekeyStore::from_bytes(&bytes).expect("a store restores after its lifecycle");
+    assert!(same(&again.to_bytes(), &bytes));
+}
+
+/// `PrekeyState::from_bytes` (the client's persisted prekeys and their
+/// bookkeeping): canonical, bounded allocation, the prekey store is the
+/// tail of the encoding.
+pub fn decode_prekey_state(data: &[u8]) {
+    let (result, stats) = measure(|| PrekeyState::from_bytes(data));
+    check_allocation("PrekeyState::from_bytes", data.len(), stats);
+    let state = match result {
+        Ok(s) => s,
+        Err(Error::State(_)) => return,
+        Err(e) => panic!("PrekeyState::from_bytes returned {e:?}"),
+    };
+    assert!(
+        same(&state.to_bytes(), data),
+        "prekey state encoding is not canonical"
+    );
+    let prekeys = state.prekeys.to_bytes();
+    let lists = state.retired_at.len() + state.one_time_retired.len();
+    assert_eq!(data.len(), 26 + 12 * lists + prekeys.len());
+    assert!(data.ends_with(&prekeys));
+    let restored = PrekeyState::from_bytes(&state.to_bytes()).expect("restores");
+    assert_eq!(restored.upload_counter, state.upload_counter);
+    assert_eq!(restored.last_rotation, state.last_rotation);
+    assert_eq!(restored.upload_pending, state.upload_pending);
+    assert_eq!(restored.retired_at, state.retired_at);
+    assert_eq!(restored.one_time_retired, state.one_time_retired);
+}
+
+/// `LocalIdentity::from_bytes` (the device's identity row): exactly 36
+/// bytes decode, canonically; the key pair is the seed's, its public key is
+/// a valid identity key, and what it signs verifies.
+pub fn decode_identity(data: &[u8]) {
+    let (result, stats) = measure(|| LocalIdentity::from_bytes(data));
+    check_allocation("LocalIdentity::from_bytes", data.len(), stats);
+    let identity = match result {
+        Ok(i) => i,
+        Err(Error::State(_)) => {
+            assert_ne!(data.len(), LOCAL_IDENTITY_LEN, "a 36-byte identity refused");
+            return;
+        }
+        Err(e) => panic!("LocalIdentity::from_bytes returned {e:?}"),
+    };
+    assert_eq!(data.len(), LOCAL_IDENTITY_LEN);
+    assert!(
+        same(&identity.to_bytes(), data),
+        "identity does not re-encode"
+    );
+    assert_eq!(&identity.keys.seed()[..], &data[..32]);
+    let public = *identity.keys.public();
+    assert_eq!(IdentityKey::from_bytes(public.as_bytes()), Ok(public));
+    let spk =
+        cubbyhole::SignedPrekey::from_secret(&identity.keys, identity.device_id, NOW, [0x5A; 32]);
+    PrekeyBundle::new(&identity.keys, &spk, None)
+        .verify(NOW, FreshnessPolicy::default())
+        .expect("a bundle of the decoded identity verifies");
+}
+
+// ---------------------------------------------------------------------------
+// Relay formats: decode_upload, decode_mailbox_auth, decode_envelope,
+// decode_envelope_list, decode_acknowledge, decode_fetch_query
+// ---------------------------------------------------------------------------
+
+/// Bob's device number on the fixture relay.
+pub const BOB_DEVICE_ID: u32 = 1;
+
+/// Length of an upload without one-time prekeys.
+pub const UPLOAD_FIXED_LEN: usize = 1 + 32 + 4 + 8 + 4 + 8 + 32 + 64 + 1 + 2 + 64;
+
+/// A relay where Bob's device has published (counter 1: his current signed
+/// prekey and one-time prekeys 1 to 3), with three envelopes pending in
+/// his mailbox and two outstanding challenges.
+pub struct RelayFixture {
+    /// Bob's device.
+    pub device: DeviceAddress,
+    /// The signed upload Bob published.
+    pub upload: Vec<u8>,
+    /// The relay's storage after the publication, deposits and challenges.
+    pub storage: MemoryRelayStorage,
+    /// The envelopes pending in Bob's mailbox, oldest first.
+    pub envelopes: Vec<Envelope>,
+    /// The outstanding challenges for Bob's mailbox.
+    pub challenges: [[u8; 32]; 2],
+    /// A fetch proof over the first challenge.
+    pub fetch_auth: MailboxAuth,
+}
+
+impl RelayFixture {
+    /// A relay (default bounds) over a copy of the fixture's storage.
+    pub fn relay(&self) -> Relay<MemoryRelayStorage> {
+        Relay::new(self.storage.clone(), RelayConfig::default())
+    }
+}
+
+/// The shared, deterministic relay fixture.
+pub fn relay_fixture() -> &'static RelayFixture {
+    static F: OnceLock<RelayFixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = directory();
+        let device = DeviceAddress::new(dir.bob.public(), BOB_DEVICE_ID);
+        let one_time: Vec<_> = dir.store.one_time_prekeys().collect();
+        let upload = BundleSetUpload::new(
+            BOB_DEVICE_ID,
+            &dir.bob,
+            1,
+            dir.store.current_signed_prekey(),
+            &one_time,
+            true,
+        )
+        .sign(&dir.bob);
+        let mut relay = Relay::new(MemoryRelayStorage::new(), RelayConfig::default());
+        relay.publish(NOW, &upload).expect("publish");
+        let envelopes: Vec<Envelope> = (1..=3u8)
+            .map(|i| Envelope {
+                id: EnvelopeId([i; 16]),
+                payload: vec![i; 10 * usize::from(i)],
+            })
+            .collect();
+        for e in &envelopes {
+            relay.deposit(NOW, &device.mailbox(), e).expect("deposit");
+        }
+        let mut rng = TestRng::new(0xC4A1);
+        let mut challenge = || {
+            relay
+                .challenge(NOW, &mut rng, &device.mailbox())
+                .expect("challenge")
+        };
+        let challenges = [challenge(), challenge()];
+        let fetch_auth =
+            MailboxAuth::sign(&dir.bob, BOB_DEVICE_ID, MailboxOp::Fetch, challenges[0]);
+        RelayFixture {
+            device,
+            upload,
+            storage: relay.into_storage(),
+            envelopes,
+            challenges,
+            fetch_auth,
+        }
+    })
+}
+
+fn usage(relay: &Relay<MemoryRelayStorage>, device: &DeviceAddress) -> MailboxUsage {
+    relay
+        .storage()
+        .mailbox_usage(&device.mailbox())
+        .expect("memory storage")
+}
+
+/// `BundleSetUpload::decode_verified` (the body of `POST /v1/directory`):
+/// only `bad_request` or `unauthorized`, bounded allocation; a verified
+/// upload has the length its count says, re-signs to the same bytes, and a
+/// fresh relay publishes it exactly as its rules say (see
+/// [`check_upload`]).
+///
+/// Inputs that start with 0x00 (not the upload version) also run the
+/// structured half ([`signed_upload`]): fields read from the bytes, signed
+/// by the fixture's identity, so the fuzzer reaches past the signatures.
+pub fn decode_upload(data: &[u8]) {
+    let (result, stats) = measure(|| BundleSetUpload::decode_verified(data));
+    check_allocation("BundleSetUpload::decode_verified", data.len(), stats);
+    match result {
+        Err(TransportError::BadRequest(_) | TransportError::Unauthorized) => {}
+        Err(e) => panic!("decode_verified returned {e:?}"),
+        Ok(upload) => check_upload(data, &upload),
+    }
+    if let Some((0, fields)) = data.split_first() {
+        signed_upload(fields);
+    }
+}
+
+/// A verified upload: its length, its re-encoding, and its publication to
+/// a fresh relay (accepted unless its one-time prekey ids repeat, then
+/// refused as a replay; the relay hands out a bundle that verifies, with
+/// the upload's first one-time prekey).
+fn check_upload(data: &[u8], upload: &BundleSetUpload) {
+    let n = upload.one_time_prekeys.len();
+    assert_eq!(data.len(), UPLOAD_FIXED_LEN + 36 * n);
+    assert!(IdentityKey::from_bytes(&upload.device.identity).is_ok());
+    let dir = directory();
+    if upload.device.identity == *dir.bob.public().as_bytes() {
+        assert!(
+            same(&upload.sign(&dir.bob), data),
+            "upload does not re-encode"
+        );
+    }
+    let distinct = upload
+        .one_time_prekeys
+        .iter()
+        .map(|(id, _)| *id)
+        .collect::<BTreeSet<_>>()
+        .len()
+        == n;
+    let mut relay = Relay::new(MemoryRelayStorage::new(), RelayConfig::default());
+    let max = relay.config().max_one_time_prekeys as usize;
+    match relay.publish(NOW, data) {
+        Ok(()) => {
+            assert!(distinct && n <= max);
+            assert_eq!(relay.one_time_prekeys_left(&upload.device), Ok(n as u32));
+            let bundle = relay.fetch_bundle(&upload.device).expect("bundle");
+            let bundle = PrekeyBundle::decode(&bundle).expect("the relay's bundle decodes");
+            assert_eq!(bundle.identity().as_bytes(), &upload.device.identity);
+            assert_eq!(bundle.signed_prekey_id(), upload.signed_prekey.id);
+            assert_eq!(bundle.signed_prekey(), &upload.signed_prekey.public);
+            assert_eq!(
+                bundle.one_time_prekey().map(|(id, key)| (id, *key)),
+                upload.one_time_prekeys.first().copied()
+            );
+            match bundle.verify(NOW, FreshnessPolicy::default()) {
+                Ok(_) | Err(Error::StaleBundle) => {}
+                Err(e) => panic!("the relay's bundle of a verified upload: {e:?}"),
+            }
+            assert_eq!(
+                relay.publish(NOW, data),
+                Err(TransportError::Replayed),
+                "an upload was accepted twice"
+            );
+        }
+        Err(TransportError::BadRequest(_)) => assert!(!distinct && n <= max),
+        Err(TransportError::LimitExceeded(_)) => assert!(n > max),
+        Err(e) => panic!("publish of a verified upload returned {e:?}"),
+    }
+}
+
+/// Reads fixed-width big-endian fields from fuzzer bytes (zeros once they
+/// run out).
+struct Fields<'a>(&'a [u8]);
+
+impl Fields<'_> {
+    fn array<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        let n = self.0.len().min(N);
+        out[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        out
+    }
+    fn u8(&mut self) -> u8 {
+        self.array::<1>()[0]
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_be_bytes(self.array())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_be_bytes(self.array())
+    }
+}
+
+/// The structured half of `decode_upload`: an upload of Bob's built from
+/// fuzzer fields (counter 8, signed prekey id 4, created 8, flags 1, then
+/// up to 16 one-time prekeys of id 4 and key byte 1), signed: it decodes
+/// to itself, and published over the fixture relay (counter 1, pool 1 to
+/// 3) it is refused for repeated one-time prekey ids, a replay for counter
+/// <= 1, else replaces or extends the pool exactly as the relay's rules
+/// say. (Fewer signature checks than [`check_upload`], for speed.)
+fn signed_upload(data: &[u8]) {
+    let dir = directory();
+    let fx = relay_fixture();
+    let mut f = Fields(data);
+    let counter = f.u64();
+    let spk_id = f.u32();
+    let created = f.u64();
+    let flags = f.u8();
+    let spk = cubbyhole::SignedPrekey::from_secret(&dir.bob, spk_id, created, [flags | 1; 32]);
+    let mut one_time_prekeys = Vec::new();
+    while !f.0.is_empty() && one_time_prekeys.len() < 16 {
+        let id = f.u32();
+        one_time_prekeys.push((id, [f.u8(); 32]));
+    }
+    let upload = BundleSetUpload {
+        device: fx.device,
+        counter,
+        signed_prekey: SignedPrekeyRecord::of(&spk),
+        replace_one_time_prekeys: flags & 1 == 1,
+        one_time_prekeys,
+    };
+    let bytes = upload.sign(&dir.bob);
+    assert_eq!(
+        BundleSetUpload::decode_verified(&bytes).as_ref(),
+        Ok(&upload),
+        "a signed upload does not decode to itself"
+    );
+    assert_eq!(
+        bytes.len(),
+        UPLOAD_FIXED_LEN + 36 * upload.one_time_prekeys.len()
+    );
+
+    let mut relay = fx.relay();
+    let distinct = upload
+        .one_time_prekeys
+        .iter()
+        .map(|(id, _)| *id)
+        .collect::<BTreeSet<_>>()
+        .len()
+        == upload.one_time_prekeys.len();
+    let mut pool: Vec<(u32, [u8; 32])> = if upload.replace_one_time_prekeys {
+        Vec::new()
+    } else {
+        dir.store
+            .one_time_prekeys()
+            .map(|k| (k.id(), *k.public()))
+            .collect()
+    };
+    for (id, key) in &upload.one_time_prekeys {
+        match pool.iter_mut().find(|(p, _)| p == id) {
+            Some(entry) => entry.1 = *key,
+            None => pool.push((*id, *key)),
+        }
+    }
+    let outcome = relay.publish(NOW, &bytes);
+    if !distinct {
+        assert_eq!(
+            outcome,
+            Err(TransportError::BadRequest("duplicate one-time prekey id"))
+        );
+    } else if counter <= 1 {
+        assert_eq!(outcome, Err(TransportError::Replayed));
+    } else {
+        assert_eq!(outcome, Ok(()));
+    }
+    if outcome.is_err() {
+        pool = dir
+            .store
+            .one_time_prekeys()
+            .map(|k| (k.id(), *k.public()))
+            .collect();
+    }
+    assert_eq!(
+        relay.one_time_prekeys_left(&fx.device),
+        Ok(pool.len() as u32)
+    );
+    let bundle = relay.fetch_bundle(&fx.device).expect("bundle");
+    let bundle = PrekeyBundle::decode(&bundle).expect("the relay's bundle decodes");
+    assert_eq!(
+        bundle.one_time_prekey().map(|(id, key)| (id, *key)),
+        pool.first().copied(),
+        "the relay handed out another one-time prekey than the oldest"
+    );
+}
+
+/// `MailboxAuth::decode` (the body of a fetch, the head of an
+/// acknowledgement): exactly 133 bytes with a known op decode, canonically;
+/// the fixture relay accepts the proof only if it verifies, is Bob's and
+/// is over one of his outstanding challenges, and only once.
+pub fn decode_mailbox_auth(data: &[u8]) {
+    let (result, stats) = measure(|| MailboxAuth::decode(data));
+    check_allocation("MailboxAuth::decode", data.len(), stats);
+    let auth = match result {
+        Ok(a) => a,
+        Err(TransportError::BadRequest(_)) => {
+            assert!(
+                data.len() != MAILBOX_AUTH_LEN || !matches!(data[36], 1 | 2),
+                "a well-formed proof refused"
+            );
+            return;
+        }
+        Err(e) => panic!("MailboxAuth::decode returned {e:?}"),
+    };
+    assert!(same(&auth.encode(), data), "proof does not re-encode");
+    let verified = auth.verify();
+    assert!(matches!(
+        verified,
+        Ok(()) | Err(TransportError::Unauthorized)
+    ));
+    let fx = relay_fixture();
+    let mut relay = fx.relay();
+    let run = |relay: &mut Relay<MemoryRelayStorage>| match auth.op {
+        MailboxOp::Fetch => relay.fetch(NOW, &auth, 100).map(|e| e.len()),
+        MailboxOp::Acknowledge => relay.acknowledge(NOW, &auth, &[]).map(|()| 0),
+    };
+    match run(&mut relay) {
+        Ok(n) => {
+            assert!(
+                verified.is_ok(),
+                "the relay took a proof that does not verify"
+            );
+            assert_eq!(auth.device, fx.device);
+            assert!(fx.challenges.contains(&auth.challenge));
+            if auth.op == MailboxOp::Fetch {
+                assert_eq!(n, fx.envelopes.len());
+            }
+            assert_eq!(
+                run(&mut relay),
+                Err(TransportError::Unauthorized),
+                "a proof was accepted twice"
+            );
+        }
+        Err(TransportError::Unauthorized) => assert!(
+            verified.is_err()
+                || auth.device != fx.device
+                || !fx.challenges.contains(&auth.challenge),
+            "the relay refused a valid proof"
+        ),
+        Err(e) => panic!("the relay answered a proof with {e:?}"),
+    }
+}
+
+/// `decode_envelope` (the body of a deposit): canonical; the fixture relay
+/// stores it once (a repeat, or an id already pending, changes nothing)
+/// and serves it back unchanged.
+pub fn decode_envelope(data: &[u8]) {
+    let (result, stats) = measure(|| transport::decode_envelope(data));
+    check_allocation("decode_envelope", data.len(), stats);
+    let envelope = match result {
+        Ok(e) => e,
+        Err(TransportError::BadRequest(_)) => return,
+        Err(e) => panic!("decode_envelope returned {e:?}"),
+    };
+    assert!(
+        same(&encode_envelope(&envelope), data),
+        "envelope does not re-encode"
+    );
+    let fx = relay_fixture();
+    let mut relay = fx.relay();
+    let before = usage(&relay, &fx.device);
+    let duplicate = fx.envelopes.iter().any(|e| e.id == envelope.id);
+    let mailbox = fx.device.mailbox();
+    let max = relay.config().max_envelope_bytes as usize;
+    match relay.deposit(NOW, &mailbox, &envelope) {
+        Ok(()) => assert!(envelope.payload.len() <= max),
+        Err(TransportError::LimitExceeded(_)) => {
+            assert!(envelope.payload.len() > max);
+            return;
+        }
+        Err(e) => panic!("deposit returned {e:?}"),
+    }
+    let after = usage(&relay, &fx.device);
+    if duplicate {
+        assert_eq!(after, before, "a repeated id was stored again");
+    } else {
+        assert_eq!(after.envelopes, before.envelopes + 1);
+        assert_eq!(after.bytes, before.bytes + envelope.payload.len() as u64);
+    }
+    assert_eq!(relay.deposit(NOW, &mailbox, &envelope), Ok(()));
+    assert_eq!(
+        usage(&relay, &fx.device),
+        after,
+        "a retried deposit was stored twice"
+    );
+    let served = relay.fetch(NOW, &fx.fetch_auth, 100).expect("fetch");
+    if duplicate {
+        assert_eq!(served, fx.envelopes);
+    } else {
+        assert_eq!(served.last(), Some(&envelope), "not served as deposited");
+        assert_eq!(served.len(), fx.envelopes.len() + 1);
+    }
+}
+
+/// `decode_envelope_list` (a fetch answer, parsed by the HTTP client):
+/// canonical, bounded allocation, every envelope re-decodes alone.
+pub fn decode_envelope_list(data: &[u8]) {
+    let (result, stats) = measure(|| transport::decode_envelope_list(data));
+    check_allocation("decode_envelope_list", data.len(), stats);
+    let list = match result {
+        Ok(l) => l,
+        Err(TransportError::BadRequest(_)) => return,
+        Err(e) => panic!("decode_envelope_list returned {e:?}"),
+    };
+    assert!(
+        same(&encode_envelope_list(&list), data),
+        "envelope list does not re-encode"
+    );
+    let total: usize = list.iter().map(|e| 21 + e.payload.len()).sum();
+    assert_eq!(total, data.len());
+    for envelope in &list {
+        assert_eq!(
+            transport::decode_envelope(&encode_envelope(envelope)).as_ref(),
+            Ok(envelope)
+        );
+    }
+}
+
+/// `decode_acknowledge` (the body of an acknowledgement): canonical,
+/// bounded allocation; on the fixture relay, an accepted acknowledgement
+/// is a valid proof of Bob's, deletes exactly the pending envelopes it
+/// names (whose ids then stay known: a redeposit stores nothing), and a
+/// refused one changes nothing.
+pub fn decode_acknowledge(data: &[u8]) {
+    let (result, stats) = measure(|| transport::decode_acknowledge(data));
+    check_allocation("decode_acknowledge", data.len(), stats);
+    let (auth, ids) = match result {
+        Ok(a) => a,
+        Err(TransportError::BadRequest(_)) => return,
+        Err(e) => panic!("decode_acknowledge returned {e:?}"),
+    };
+    assert_eq!(
+        encode_acknowledge(&auth, &ids).as_deref(),
+        Some(data),
+        "acknowledgement does not re-encode"
+    );
+    assert_eq!(data.len(), MAILBOX_AUTH_LEN + 2 + 16 * ids.len());
+    let fx = relay_fixture();
+    let mut relay = fx.relay();
+    let before = usage(&relay, &fx.device);
+    let max = relay.config().max_acknowledge_ids as usize;
+    match relay.acknowledge(NOW, &auth, &ids) {
+        Ok(()) => {
+            assert!(ids.len() <= max);
+            assert_eq!(auth.op, MailboxOp::Acknowledge);
+            assert_eq!(auth.device, fx.device);
+            assert!(
+                auth.verify().is_ok(),
+                "the relay took a proof that does not verify"
+            );
+            let acknowledged: Vec<&Envelope> = fx
+                .envelopes
+                .iter()
+                .filter(|e| ids.contains(&e.id))
+                .collect();
+            let bytes: usize = acknowledged.iter().map(|e| e.payload.len()).sum();
+            let after = usage(&relay, &fx.device);
+            assert_eq!(
+                after.envelopes,
+                before.envelopes - acknowledged.len() as u64
+            );
+            assert_eq!(after.bytes, before.bytes - bytes as u64);
+            for e in acknowledged {
+                assert_eq!(relay.deposit(NOW, &fx.device.mailbox(), e), Ok(()));
+            }
+            assert_eq!(
+                usage(&relay, &fx.device),
+                after,
+                "an acknowledged id stored again"
+            );
+        }
+        Err(TransportError::LimitExceeded(_)) => assert!(ids.len() > max),
+        Err(TransportError::Unauthorized) => {
+            assert_eq!(usage(&relay, &fx.device), before);
+        }
+        Err(e) => panic!("acknowledge returned {e:?}"),
+    }
+}
+
+/// `FetchQuery::decode` (the query of a fetch): it succeeds exactly when
+/// every `limit` and `wait_ms` value is 1 to 10 ASCII digits within `u32`;
+/// then the last of each counts (defaults 100 and 0), and the canonical
+/// encoding decodes to the same query.
+pub fn decode_fetch_query(data: &[u8]) {
+    let Ok(query) = std::str::from_utf8(data) else {
+        return;
+    };
+    let (result, stats) = measure(|| FetchQuery::decode(query));
+    check_allocation("FetchQuery::decode", data.len(), stats);
+    let pairs = || {
+        query
+            .split('&')
+            .map(|p| p.split_once('=').unwrap_or((p, "")))
+            .filter(|(k, _)| *k == "limit" || *k == "wait_ms")
+    };
+    let decimal = |v: &str| {
+        (1..=10).contains(&v.len())
+            && v.bytes().all(|b| b.is_ascii_digit())
+            && v.parse::<u32>().is_ok()
+    };
+    let valid = pairs().all(|(_, v)| decimal(v));
+    let last = |key: &str| pairs().rfind(|(k, _)| *k == key).map(|(_, v)| v);
+    match result {
+        Ok(q) => {
+            assert!(valid, "accepted a malformed value in {query:?}");
+            let expect = |key, default| last(key).map_or(default, |v: &str| v.parse().unwrap_or(0));
+            assert_eq!(q.limit, expect("limit", FetchQuery::DEFAULT_LIMIT));
+            assert_eq!(q.wait_ms, expect("wait_ms", 0));
+            let canonical = q.encode();
+            assert_eq!(FetchQuery::decode(&canonical), Ok(q));
+        }
+        Err(TransportError::BadRequest(_)) => assert!(!valid, "refused {query:?}"),
+        Err(e) => panic!("FetchQuery::decode returned {e:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
 // two_party
 // ---------------------------------------------------------------------------
 
@@ -524,6 +1312,18 @@ pub enum Op {
         /// Whether Alice's session is restored.
         alice: bool,
     },
+    /// Bob's prekey lifecycle, with `arg = how / 5`, by `how % 5`:
+    /// 0: rotate the signed prekey (the old one is retained);
+    /// 1: generate `arg % 4 + 1` one-time prekeys;
+    /// 2: drop retained signed prekeys (`arg` even: all of them; odd: the
+    /// oldest, by id);
+    /// 3: withdraw the one-time prekeys with ids below `arg % 8`;
+    /// 4: serialize and restore the store (through `PrekeyState`).
+    ///
+    /// Until Bob has a session, dropping the signed prekey or withdrawing
+    /// the one-time prekey Alice's bundle named makes her prekey messages
+    /// `unknown_prekey`; once he has one, nothing changes for the session.
+    Prekeys(u8),
 }
 
 /// Most operations a script runs.
@@ -534,7 +1334,10 @@ pub const MAX_MESSAGES: usize = 64;
 /// Parses fuzzer bytes: first byte the configuration (bit 0: bundle with a
 /// one-time prekey; bit 1: small limits, with `max_skip = bits 2..5` and
 /// `max_skipped_keys = 2 * bits 5..8`), then one operation per byte (with
-/// its arguments in the following bytes).
+/// its arguments in the following bytes), chosen by `code % 10`: 0, 1
+/// Alice sends; 2 Bob sends; 3 to 5 deliver; 6 drop; 7 replay; 8 tamper;
+/// 9 with bit 6 set: a prekey operation, else restore (bit 7 clear:
+/// Alice's session; set: Bob's).
 pub fn parse_two_party(data: &[u8]) -> (SessionConfig, bool, Vec<Op>) {
     let Some((&first, mut rest)) = data.split_first() else {
         return (SessionConfig::default(), true, Vec::new());
@@ -572,6 +1375,7 @@ pub fn parse_two_party(data: &[u8]) -> (SessionConfig, bool, Vec<Op>) {
                 index: take(&mut rest),
                 how: u16::from_be_bytes([take(&mut rest), take(&mut rest)]),
             },
+            _ if code & 0x40 != 0 => Op::Prekeys(take(&mut rest)),
             _ => Op::Restore {
                 alice: code & 0x80 == 0,
             },
@@ -698,14 +1502,45 @@ struct Sent {
     deliveries: u32,
 }
 
+/// What Bob's prekey store must hold: the expected outcome of every
+/// prekey operation, tracked by id only.
+#[derive(Clone, Debug)]
+struct PrekeyModel {
+    /// The current signed prekey id.
+    current: u32,
+    /// Retained signed prekey ids, oldest first.
+    retired: Vec<u32>,
+    /// Unused one-time prekey ids.
+    one_time: BTreeSet<u32>,
+    /// The id of the next generated one-time prekey.
+    next_one_time: u32,
+}
+
+impl PrekeyModel {
+    fn of(store: &PrekeyStore) -> Self {
+        let mut signed = store.signed_prekeys().map(|k| k.id());
+        PrekeyModel {
+            current: signed.next().expect("a current signed prekey"),
+            retired: signed.collect(),
+            one_time: store.one_time_prekeys().map(|k| k.id()).collect(),
+            next_one_time: store.next_one_time_prekey_id(),
+        }
+    }
+
+    fn holds_signed(&self, id: u32) -> bool {
+        self.current == id || self.retired.contains(&id)
+    }
+}
+
 struct World {
     config: SessionConfig,
-    with_opk: bool,
     rng: TestRng,
     alice: Session,
     bob: Option<Session>,
     store: PrekeyStore,
-    initial_one_time_prekeys: usize,
+    /// The signed and one-time prekey ids of Alice's bundle.
+    bundle_prekeys: (u32, Option<u32>),
+    prekey_model: PrekeyModel,
     alice_model: ReceiverModel,
     bob_model: ReceiverModel,
     alice_heard_back: bool,
@@ -713,14 +1548,14 @@ struct World {
     in_flight: Vec<usize>,
 }
 
-type Snapshot = (Vec<u8>, Option<Vec<u8>>, usize);
+type Snapshot = (Vec<u8>, Option<Vec<u8>>, Vec<u8>);
 
 impl World {
     fn snapshot(&self) -> Snapshot {
         (
             self.alice.to_bytes().to_vec(),
             self.bob.as_ref().map(|b| b.to_bytes().to_vec()),
-            self.store.one_time_prekey_count(),
+            self.store.to_bytes().to_vec(),
         )
     }
 
@@ -743,6 +1578,13 @@ impl World {
                     .store
                     .accept(&directory().bob, &incoming, self.config)?;
                 assert!(self.bob.is_none(), "a second session was accepted");
+                assert_eq!(
+                    accepted.consumed_one_time_prekey, self.bundle_prekeys.1,
+                    "consumed another one-time prekey than the bundle's"
+                );
+                if let Some(id) = accepted.consumed_one_time_prekey {
+                    self.prekey_model.one_time.remove(&id);
+                }
                 self.bob = Some(accepted.session);
                 Ok(accepted.plaintext)
             }
@@ -794,12 +1636,24 @@ impl World {
         } else {
             &self.alice_model
         };
-        let expected = model.expect(&msg.header, self.config);
+        // Before Bob has a session, Alice's prekey messages need the
+        // prekeys her bundle named (checked before the ratchet).
+        let (spk, opk) = self.bundle_prekeys;
+        let prekeys_gone = msg.to_bob
+            && self.bob.is_none()
+            && !(self.prekey_model.holds_signed(spk)
+                && opk.is_none_or(|id| self.prekey_model.one_time.contains(&id)));
+        let expected = if prekeys_gone {
+            Err(Error::UnknownPrekey)
+        } else {
+            model.expect(&msg.header, self.config)
+        };
         let before = self.snapshot();
         let got = self.deliver(msg.to_bob, &msg.bytes);
-        if self.config == SessionConfig::default() && msg.deliveries == 0 {
+        if self.config == SessionConfig::default() && msg.deliveries == 0 && !prekeys_gone {
             // Without eviction or skip limits in reach, every first delivery
-            // of a genuine message succeeds, whatever the order.
+            // of a genuine message succeeds, whatever the order (unless Bob
+            // withdrew the prekeys before he had a session).
             assert!(
                 got.is_ok(),
                 "first delivery of message {index} failed: {got:?}"
@@ -883,11 +1737,79 @@ impl World {
             );
         }
         assert_eq!(self.alice.sends_prekey_messages(), !self.alice_heard_back);
-        let consumed = usize::from(self.bob.is_some() && self.with_opk);
-        assert_eq!(
-            self.store.one_time_prekey_count(),
-            self.initial_one_time_prekeys - consumed
-        );
+        let held = PrekeyModel::of(&self.store);
+        let model = &self.prekey_model;
+        assert_eq!(held.current, model.current, "current signed prekey");
+        assert_eq!(held.retired, model.retired, "retained signed prekeys");
+        assert_eq!(held.one_time, model.one_time, "one-time prekeys");
+        assert_eq!(held.next_one_time, model.next_one_time, "next one-time id");
+    }
+
+    /// Applies [`Op::Prekeys`] to Bob's store and to the model.
+    fn prekeys(&mut self, how: u8) {
+        let bob = &directory().bob;
+        let arg = how / 5;
+        let model = &mut self.prekey_model;
+        match how % 5 {
+            0 => {
+                self.store.rotate_signed_prekey(&mut self.rng, bob, NOW);
+                model.retired.push(model.current);
+                model.current = model.current.wrapping_add(1);
+            }
+            1 => {
+                let count = u32::from(arg % 4 + 1);
+                let new: Vec<u32> = self
+                    .store
+                    .generate_one_time_prekeys(&mut self.rng, count)
+                    .iter()
+                    .map(|k| k.id())
+                    .collect();
+                let expected: Vec<u32> = (0..count)
+                    .map(|i| model.next_one_time.wrapping_add(i))
+                    .collect();
+                assert_eq!(new, expected, "generated one-time prekey ids");
+                model.one_time.extend(&expected);
+                model.next_one_time = model.next_one_time.wrapping_add(count);
+            }
+            2 if arg & 1 == 0 => {
+                self.store.forget_retired_before(u64::MAX);
+                model.retired.clear();
+            }
+            2 => match model.retired.first().copied() {
+                Some(oldest) => {
+                    assert!(self.store.remove_retired_signed_prekey(oldest));
+                    model.retired.retain(|id| *id != oldest);
+                }
+                // The current signed prekey is never dropped.
+                None => assert!(!self.store.remove_retired_signed_prekey(model.current)),
+            },
+            3 => {
+                let bound = u32::from(arg % 8);
+                let removed = self.store.remove_one_time_prekeys_below(bound);
+                let expected = model.one_time.range(..bound).count();
+                assert_eq!(removed, expected, "withdrawn one-time prekeys");
+                model.one_time.retain(|id| *id >= bound);
+            }
+            _ => {
+                let state = PrekeyState {
+                    prekeys: self.store.clone(),
+                    upload_counter: u64::from(how),
+                    last_rotation: NOW,
+                    retired_at: model.retired.iter().map(|id| (*id, NOW)).collect(),
+                    one_time_retired: vec![(model.next_one_time, NOW)],
+                    upload_pending: how & 1 == 0,
+                };
+                let bytes = state.to_bytes();
+                let restored = PrekeyState::from_bytes(&bytes).expect("prekey state restores");
+                assert!(
+                    same(&restored.to_bytes(), &bytes),
+                    "prekey state does not re-encode"
+                );
+                assert_eq!(restored.retired_at, state.retired_at);
+                assert_eq!(restored.one_time_retired, state.one_time_retired);
+                self.store = restored.prekeys;
+            }
+        }
     }
 }
 
@@ -902,6 +1824,10 @@ impl World {
 /// - with the default limits, every first delivery succeeds;
 /// - a corrupted message is rejected;
 /// - a rejection leaves both sessions and the prekey store byte-identical;
+/// - Bob's prekey store holds exactly what its lifecycle operations
+///   ([`Op::Prekeys`]: rotation, generation, withdrawal, serialization)
+///   and the one accepted session leave, and a prekey message whose
+///   prekeys were withdrawn before Bob had a session is `unknown_prekey`;
 /// - both sessions restore from `to_bytes` and re-encode to the same bytes
 ///   (after every step if `restore_every_step`, else after the last one).
 pub fn run_two_party(config: SessionConfig, with_opk: bool, ops: &[Op], restore_every_step: bool) {
@@ -915,12 +1841,15 @@ pub fn run_two_party(config: SessionConfig, with_opk: bool, ops: &[Op], restore_
     let alice = Session::initiate(&mut rng, self::alice(), bundle, config).expect("initiate");
     let mut world = World {
         config,
-        with_opk,
         rng,
         alice,
         bob: None,
         store: dir.store.clone(),
-        initial_one_time_prekeys: dir.store.one_time_prekey_count(),
+        bundle_prekeys: (
+            bundle.signed_prekey_id(),
+            bundle.one_time_prekey().map(|(id, _)| id),
+        ),
+        prekey_model: PrekeyModel::of(&dir.store),
         alice_model: ReceiverModel::initiator(*bundle.signed_prekey()),
         bob_model: ReceiverModel::responder(),
         alice_heard_back: false,
@@ -955,6 +1884,7 @@ pub fn run_two_party(config: SessionConfig, with_opk: bool, ops: &[Op], restore_
                     world.bob = Some(Session::from_bytes(&bob.to_bytes()).expect("restore"));
                 }
             }
+            Op::Prekeys(how) => world.prekeys(how),
             _ => {}
         }
         world.check(restore_every_step);
@@ -967,13 +1897,22 @@ pub fn run_two_party(config: SessionConfig, with_opk: bool, ops: &[Op], restore_
 // ---------------------------------------------------------------------------
 
 /// The names of every target, as in `fuzz/fuzz_targets/`.
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 15] = [
     "decode_incoming",
     "decode_bundle",
     "decode_state",
     "decrypt_session",
     "accept_prekey",
     "two_party",
+    "decode_prekeys",
+    "decode_prekey_state",
+    "decode_identity",
+    "decode_upload",
+    "decode_mailbox_auth",
+    "decode_envelope",
+    "decode_envelope_list",
+    "decode_acknowledge",
+    "decode_fetch_query",
 ];
 
 /// Runs the target called `name` on `data`.
@@ -985,6 +1924,15 @@ pub fn run(name: &str, data: &[u8]) {
         "decrypt_session" => decrypt_session(data),
         "accept_prekey" => accept_prekey(data),
         "two_party" => two_party(data),
+        "decode_prekeys" => decode_prekeys(data),
+        "decode_prekey_state" => decode_prekey_state(data),
+        "decode_identity" => decode_identity(data),
+        "decode_upload" => decode_upload(data),
+        "decode_mailbox_auth" => decode_mailbox_auth(data),
+        "decode_envelope" => decode_envelope(data),
+        "decode_envelope_list" => decode_envelope_list(data),
+        "decode_acknowledge" => decode_acknowledge(data),
+        "decode_fetch_query" => decode_fetch_query(data),
         _ => panic!("unknown fuzz target {name}"),
     }
 }
@@ -1129,7 +2077,7 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     }
 
     // two_party: hand-written scripts (see parse_two_party).
-    let scripts: [(&str, &[u8]); 6] = [
+    let scripts: [(&str, &[u8]); 9] = [
         ("empty", &[]),
         // A sends 3, all delivered in reverse, B replies, A replies.
         (
@@ -1204,9 +2152,298 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
                 9, 3, 1, 3, 0, 0, 9, 3, 0, 3, 0, 3, 0, 3, 0,
             ],
         ),
+        // Bob rotates his signed prekey and drops the oldest retained one
+        // before Alice's first message arrives (hers is still retained),
+        // then restores his store and generates more one-time prekeys.
+        (
+            "prekeys-rotate",
+            &[
+                1, 0, 5, 69, 0, 69, 7, 3, 0, 2, 4, 3, 0, 69, 4, 69, 6, 0, 7, 3, 0, 69, 2, 0, 3, 3,
+                0,
+            ],
+        ),
+        // Bob withdraws the one-time prekey Alice's bundle named, then
+        // rotates and forgets the signed prekey: her prekey messages are
+        // unknown_prekey, every time.
+        (
+            "prekeys-withdrawn",
+            &[
+                1, 0, 3, 0, 4, 69, 13, 3, 0, 7, 1, 69, 0, 69, 2, 3, 0, 7, 0, 69, 4,
+            ],
+        ),
+        // No one-time prekey; prekey operations between every step.
+        (
+            "prekeys-interleaved",
+            &[
+                0, 0, 1, 69, 4, 3, 0, 69, 0, 2, 8, 69, 16, 3, 0, 69, 4, 69, 2, 0, 9, 3, 0, 69, 38,
+                69, 4, 9, 137, 3, 0, 69, 1,
+            ],
+        ),
     ];
     for (name, script) in scripts {
         add("two_party", name, script.to_vec());
     }
+
+    stored_record_seeds(&mut add);
+    relay_seeds(&mut add);
     out
+}
+
+/// Seeds of the stored-record targets.
+fn stored_record_seeds(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
+    let dir = directory();
+    let mut rng = TestRng::new(0x5702E);
+
+    // decode_prekeys: the fixture store, a bare one, one about to wrap its
+    // one-time ids, and malformed variants.
+    let store = dir.store.to_bytes().to_vec();
+    add("decode_prekeys", "fixture", store.clone());
+    let bare = PrekeyStore::new(&mut rng, &dir.bob, NOW);
+    add("decode_prekeys", "bare", bare.to_bytes().to_vec());
+    let mut high = PrekeyStore::new(&mut rng, &dir.bob, NOW);
+    high.insert_one_time_prekey(cubbyhole::OneTimePrekey::from_secret(u32::MAX - 1, [7; 32]));
+    add("decode_prekeys", "next-id-max", high.to_bytes().to_vec());
+    let mut truncated = store.clone();
+    truncated.pop();
+    add("decode_prekeys", "truncated", truncated);
+    let mut trailing = store.clone();
+    trailing.push(0);
+    add("decode_prekeys", "trailing-byte", trailing);
+    // One-time prekeys 1, 2, 3 start after the signed ones: swap 1 and 2.
+    let one_time_start = store.len() - 3 * 68;
+    let mut unsorted = store.clone();
+    unsorted[one_time_start..one_time_start + 136].rotate_left(68);
+    add("decode_prekeys", "one-time-unsorted", unsorted);
+    let mut repeated = store.clone();
+    repeated.copy_within(one_time_start..one_time_start + 68, one_time_start + 68);
+    add("decode_prekeys", "one-time-repeated", repeated);
+    let mut no_signed = store.clone();
+    no_signed[5..9].copy_from_slice(&0u32.to_be_bytes());
+    add("decode_prekeys", "no-signed-prekey", no_signed);
+    let mut huge_count = store.clone();
+    huge_count[5..9].copy_from_slice(&u32::MAX.to_be_bytes());
+    add("decode_prekeys", "huge-signed-count", huge_count);
+    add("decode_prekeys", "empty", Vec::new());
+
+    // decode_prekey_state.
+    let state = PrekeyState {
+        prekeys: dir.store.clone(),
+        upload_counter: 7,
+        last_rotation: NOW - 3_600,
+        retired_at: vec![(1, NOW - 3_600)],
+        one_time_retired: vec![(1, NOW - 60)],
+        upload_pending: true,
+    };
+    let state_bytes = state.to_bytes().to_vec();
+    add("decode_prekey_state", "fixture", state_bytes.clone());
+    let fresh = PrekeyState {
+        prekeys: bare,
+        upload_counter: 0,
+        last_rotation: NOW,
+        retired_at: Vec::new(),
+        one_time_retired: Vec::new(),
+        upload_pending: false,
+    };
+    add("decode_prekey_state", "fresh", fresh.to_bytes().to_vec());
+    let mut bad_flag = state_bytes.clone();
+    bad_flag[17] = 2;
+    add("decode_prekey_state", "bad-pending-flag", bad_flag);
+    let mut huge_list = state_bytes.clone();
+    huge_list[18..22].copy_from_slice(&u32::MAX.to_be_bytes());
+    add("decode_prekey_state", "huge-list-count", huge_list);
+    let mut old_version = state_bytes.clone();
+    old_version[0] = 1;
+    add("decode_prekey_state", "version-1", old_version);
+    let mut truncated = state_bytes;
+    truncated.pop();
+    add("decode_prekey_state", "truncated", truncated);
+    add("decode_prekey_state", "empty", Vec::new());
+
+    // decode_identity.
+    for (name, seed, device) in [("alice", ALICE_SEED, 1u32), ("bob", BOB_SEED, u32::MAX)] {
+        let identity = LocalIdentity {
+            keys: IdentityKeyPair::from_seed(&seed),
+            device_id: device,
+        };
+        add("decode_identity", name, identity.to_bytes().to_vec());
+    }
+    add("decode_identity", "short", vec![0xA1; 35]);
+    add("decode_identity", "long", vec![0xA1; 37]);
+    add("decode_identity", "empty", Vec::new());
+}
+
+/// Seeds of the relay-format targets.
+fn relay_seeds(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
+    let dir = directory();
+    let fx = relay_fixture();
+
+    // decode_upload: raw uploads (version byte first) and structured ones
+    // (0x00 first: fields for `signed_upload`).
+    add("decode_upload", "fixture", fx.upload.clone());
+    let bare = BundleSetUpload::new(
+        7,
+        &dir.bob,
+        2,
+        dir.store.current_signed_prekey(),
+        &[],
+        false,
+    )
+    .sign(&dir.bob);
+    add("decode_upload", "no-one-time-prekeys", bare);
+    let mut bad_signature = fx.upload.clone();
+    let last = bad_signature.len() - 1;
+    bad_signature[last] ^= 1;
+    add("decode_upload", "bad-signature", bad_signature);
+    let mut bad_spk = fx.upload.clone();
+    bad_spk[100] ^= 1;
+    add("decode_upload", "bad-signed-prekey", bad_spk);
+    let mut truncated = fx.upload.clone();
+    truncated.pop();
+    add("decode_upload", "truncated", truncated);
+    let mut count_overrun = fx.upload.clone();
+    count_overrun[154..156].copy_from_slice(&u16::MAX.to_be_bytes());
+    add("decode_upload", "count-overrun", count_overrun);
+    let structured = |counter: u64, flags: u8, one_time: &[(u32, u8)]| {
+        let mut b = vec![0x00];
+        b.extend_from_slice(&counter.to_be_bytes());
+        b.extend_from_slice(&5u32.to_be_bytes());
+        b.extend_from_slice(&(NOW - 60).to_be_bytes());
+        b.push(flags);
+        for (id, key) in one_time {
+            b.extend_from_slice(&id.to_be_bytes());
+            b.push(*key);
+        }
+        b
+    };
+    add(
+        "decode_upload",
+        "structured-extend",
+        structured(2, 0, &[(3, 9), (4, 10)]),
+    );
+    add(
+        "decode_upload",
+        "structured-replace",
+        structured(9, 1, &[(8, 1)]),
+    );
+    add(
+        "decode_upload",
+        "structured-replayed",
+        structured(1, 0, &[(5, 5)]),
+    );
+    add(
+        "decode_upload",
+        "structured-duplicate-ids",
+        structured(3, 0, &[(6, 1), (6, 2)]),
+    );
+
+    // decode_mailbox_auth.
+    add("decode_mailbox_auth", "fetch", fx.fetch_auth.encode());
+    let acknowledge = MailboxAuth::sign(
+        &dir.bob,
+        BOB_DEVICE_ID,
+        MailboxOp::Acknowledge,
+        fx.challenges[1],
+    );
+    add("decode_mailbox_auth", "acknowledge", acknowledge.encode());
+    let unknown = MailboxAuth::sign(&dir.bob, BOB_DEVICE_ID, MailboxOp::Fetch, [0x77; 32]);
+    add("decode_mailbox_auth", "unknown-challenge", unknown.encode());
+    let stranger = MailboxAuth::sign(alice(), 1, MailboxOp::Fetch, fx.challenges[0]);
+    add("decode_mailbox_auth", "stranger", stranger.encode());
+    let mut bad_op = fx.fetch_auth.encode();
+    bad_op[36] = 3;
+    add("decode_mailbox_auth", "bad-op", bad_op);
+    let mut swapped_op = fx.fetch_auth.encode();
+    swapped_op[36] = 2;
+    add("decode_mailbox_auth", "swapped-op", swapped_op);
+    let mut truncated = fx.fetch_auth.encode();
+    truncated.pop();
+    add("decode_mailbox_auth", "truncated", truncated);
+
+    // decode_envelope.
+    for e in &fx.envelopes[..2] {
+        add(
+            "decode_envelope",
+            &format!("pending-{}", e.id.0[0]),
+            encode_envelope(e),
+        );
+    }
+    let message = Envelope {
+        id: EnvelopeId([0x42; 16]),
+        payload: fixture_prekey_message().to_vec(),
+    };
+    add(
+        "decode_envelope",
+        "prekey-message",
+        encode_envelope(&message),
+    );
+    let empty = Envelope {
+        id: EnvelopeId([0x43; 16]),
+        payload: Vec::new(),
+    };
+    add("decode_envelope", "empty-payload", encode_envelope(&empty));
+    let mut bad_version = encode_envelope(&empty);
+    bad_version[0] = 2;
+    add("decode_envelope", "bad-version", bad_version);
+    add("decode_envelope", "short-id", vec![1; 16]);
+
+    // decode_envelope_list.
+    let all = encode_envelope_list(&fx.envelopes);
+    add("decode_envelope_list", "pending", all.clone());
+    add(
+        "decode_envelope_list",
+        "one",
+        encode_envelope_list(&[message, empty]),
+    );
+    add("decode_envelope_list", "none", Vec::new());
+    let mut truncated = all.clone();
+    truncated.pop();
+    add("decode_envelope_list", "truncated", truncated);
+    let mut overrun = all.clone();
+    overrun[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+    add("decode_envelope_list", "length-overrun", overrun);
+    add("decode_envelope_list", "zero-length", vec![0; 4]);
+    add("decode_envelope_list", "short-length", vec![0; 3]);
+
+    // decode_acknowledge.
+    let ids: Vec<EnvelopeId> = fx.envelopes.iter().map(|e| e.id).collect();
+    let body =
+        |auth: &MailboxAuth, ids: &[EnvelopeId]| encode_acknowledge(auth, ids).expect("few ids");
+    add("decode_acknowledge", "two", body(&acknowledge, &ids[..2]));
+    add(
+        "decode_acknowledge",
+        "unknown-and-repeated",
+        body(&acknowledge, &[ids[0], EnvelopeId([9; 16]), ids[0]]),
+    );
+    add("decode_acknowledge", "none", body(&acknowledge, &[]));
+    add(
+        "decode_acknowledge",
+        "fetch-proof",
+        body(&fx.fetch_auth, &ids),
+    );
+    let mut count_mismatch = body(&acknowledge, &ids);
+    count_mismatch[MAILBOX_AUTH_LEN + 1] = 2;
+    add("decode_acknowledge", "count-mismatch", count_mismatch);
+    let mut bad_op = body(&acknowledge, &ids[..1]);
+    bad_op[36] = 0;
+    add("decode_acknowledge", "bad-op", bad_op);
+    add("decode_acknowledge", "proof-only", acknowledge.encode());
+
+    // decode_fetch_query.
+    let queries: [(&str, &[u8]); 12] = [
+        ("default", b""),
+        ("limit", b"limit=100"),
+        ("limit-wait", b"limit=7&wait_ms=30000"),
+        ("mixed", b"wait_ms=5&limit=7&x=y&&"),
+        ("repeated", b"limit=1&limit=0000000042"),
+        ("empty-value", b"limit="),
+        ("no-equals", b"wait_ms"),
+        ("negative", b"wait_ms=-1"),
+        ("overflow", b"limit=4294967296"),
+        ("plus", b"limit=+1"),
+        ("eleven-digits", b"limit=00000000001"),
+        ("not-utf8", b"limit=\xff"),
+    ];
+    for (name, query) in queries {
+        add("decode_fetch_query", name, query.to_vec());
+    }
 }

@@ -72,8 +72,8 @@ use core::future::Future;
 
 use cubbyhole::relay::reason as core_reason;
 use cubbyhole::transport::{
-    decode_envelope, encode_envelope, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth,
-    MailboxId, PrekeyDirectory, TransportError,
+    decode_envelope_list, encode_acknowledge, encode_envelope, DeviceAddress, Envelope, EnvelopeId,
+    FetchQuery, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory, TransportError,
 };
 use rand_core::{OsRng, RngCore};
 use reqwest::{Method, StatusCode};
@@ -435,10 +435,8 @@ impl HttpRelay {
         wait_ms: u32,
     ) -> Result<Vec<Envelope>, TransportError> {
         let mut path = Self::mailbox_path(&auth.mailbox(), "fetch");
-        path.push_str(&format!("?limit={limit}"));
-        if wait_ms > 0 {
-            path.push_str(&format!("&wait_ms={wait_ms}"));
-        }
+        path.push('?');
+        path.push_str(&FetchQuery { limit, wait_ms }.encode());
         let timeout = if wait_ms > 0 {
             Duration::from_millis(u64::from(wait_ms)) + self.config.long_poll_margin
         } else {
@@ -506,21 +504,10 @@ async fn read_body(
     Ok(out)
 }
 
-/// Decodes a fetch answer: `length (4) || encoded envelope`, repeated.
-fn decode_envelopes(mut bytes: &[u8]) -> Result<Vec<Envelope>, TransportError> {
-    let malformed = TransportError::Unavailable("malformed relay answer");
-    let mut out = Vec::new();
-    while !bytes.is_empty() {
-        let (len, rest) = bytes.split_first_chunk::<4>().ok_or(malformed.clone())?;
-        let len = u32::from_be_bytes(*len) as usize;
-        if rest.len() < len {
-            return Err(malformed);
-        }
-        let (one, rest) = rest.split_at(len);
-        out.push(decode_envelope(one).map_err(|_| malformed.clone())?);
-        bytes = rest;
-    }
-    Ok(out)
+/// Decodes a fetch answer: `length (4) || encoded envelope`, repeated
+/// ([`decode_envelope_list`]).
+fn decode_envelopes(bytes: &[u8]) -> Result<Vec<Envelope>, TransportError> {
+    decode_envelope_list(bytes).map_err(|_| TransportError::Unavailable("malformed relay answer"))
 }
 
 /// The `GET .../one-time-prekeys` answer.
@@ -653,18 +640,9 @@ impl Mailbox for HttpRelay {
         ids: &[EnvelopeId],
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let path = Self::mailbox_path(&auth.mailbox(), "acknowledge");
-        let body = u16::try_from(ids.len()).map(|count| {
-            let mut body = auth.encode();
-            body.reserve(2 + 16 * ids.len());
-            body.extend_from_slice(&count.to_be_bytes());
-            for id in ids {
-                body.extend_from_slice(&id.0);
-            }
-            body
-        });
+        let body = encode_acknowledge(auth, ids);
         async move {
-            let body =
-                body.map_err(|_| TransportError::LimitExceeded(core_reason::ACKNOWLEDGE_IDS))?;
+            let body = body.ok_or(TransportError::LimitExceeded(core_reason::ACKNOWLEDGE_IDS))?;
             self.call(
                 Method::POST,
                 path,

@@ -73,8 +73,8 @@ use cubbyhole::relay::{
     SqliteCheckpointer, SqliteRelayStorage,
 };
 use cubbyhole::transport::{
-    decode_envelope, encode_envelope, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxId,
-    TransportError, MAILBOX_AUTH_LEN,
+    decode_acknowledge, decode_envelope, encode_envelope_list, parse_decimal_u32, DeviceAddress,
+    Envelope, FetchQuery, MailboxAuth, MailboxId, TransportError,
 };
 use http_body_util::LengthLimitError;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -1535,12 +1535,7 @@ fn parse_hex32(value: &str, what: &'static str) -> Result<[u8; 32], ApiError> {
 }
 
 fn parse_u32(value: &str, what: &'static str) -> Result<u32, ApiError> {
-    let digits =
-        !value.is_empty() && value.len() <= 10 && value.bytes().all(|b| b.is_ascii_digit());
-    digits
-        .then(|| value.parse::<u32>().ok())
-        .flatten()
-        .ok_or_else(|| ApiError::bad(format!("{what}: expected a decimal u32")))
+    parse_decimal_u32(value).ok_or_else(|| ApiError::bad(format!("{what}: expected a decimal u32")))
 }
 
 fn parse_mailbox(path: Result<Path<String>, PathRejection>) -> Result<MailboxId, ApiError> {
@@ -1559,19 +1554,10 @@ fn parse_device(
 }
 
 /// `limit` (default 100) and `wait_ms` (default 0) of a fetch; other
-/// parameters are ignored.
+/// parameters are ignored ([`FetchQuery::decode`]).
 fn parse_fetch_query(query: Option<&str>) -> Result<(u32, u32), ApiError> {
-    let mut limit = 100;
-    let mut wait_ms = 0;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "limit" => limit = parse_u32(value, "limit")?,
-            "wait_ms" => wait_ms = parse_u32(value, "wait_ms")?,
-            _ => {}
-        }
-    }
-    Ok((limit, wait_ms))
+    let query = FetchQuery::decode(query.unwrap_or("")).map_err(ApiError::from_transport)?;
+    Ok((query.limit, query.wait_ms))
 }
 
 fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
@@ -1601,6 +1587,11 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
 
 fn decode_auth(bytes: &[u8], mailbox: &MailboxId) -> Result<MailboxAuth, ApiError> {
     let auth = MailboxAuth::decode(bytes).map_err(ApiError::from_transport)?;
+    for_mailbox(auth, mailbox)
+}
+
+/// The proof, if it is for the path's mailbox.
+fn for_mailbox(auth: MailboxAuth, mailbox: &MailboxId) -> Result<MailboxAuth, ApiError> {
     if auth.mailbox() != *mailbox {
         return Err(ApiError::new(
             Reason::Unauthorized,
@@ -1638,16 +1629,10 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response {
         .into_response()
 }
 
-/// `length (4, big-endian) || encoded envelope`, for each envelope.
+/// `length (4, big-endian) || encoded envelope`, for each envelope
+/// ([`encode_envelope_list`]).
 fn envelopes_response(envelopes: &[Envelope]) -> Response {
-    let mut out = Vec::with_capacity(envelopes.iter().map(|e| 21 + e.payload.len()).sum());
-    for envelope in envelopes {
-        let encoded = encode_envelope(envelope);
-        let length = u32::try_from(encoded.len()).unwrap_or(u32::MAX);
-        out.extend_from_slice(&length.to_be_bytes());
-        out.extend_from_slice(&encoded);
-    }
-    binary(StatusCode::OK, out)
+    binary(StatusCode::OK, encode_envelope_list(envelopes))
 }
 
 // ---------------------------------------------------------------------------
@@ -1823,23 +1808,8 @@ async fn acknowledge<S: Storage>(
 ) -> Result<Response, ApiError> {
     let mailbox = parse_mailbox(path)?;
     let bytes = read_body(body).await?;
-    let malformed = || ApiError::bad("acknowledgement: expected proof (133) || count (2) || ids");
-    let auth_bytes = bytes.get(..MAILBOX_AUTH_LEN).ok_or_else(malformed)?;
-    let count: [u8; 2] = bytes
-        .get(MAILBOX_AUTH_LEN..MAILBOX_AUTH_LEN + 2)
-        .and_then(|c| c.try_into().ok())
-        .ok_or_else(malformed)?;
-    let ids_bytes = bytes.get(MAILBOX_AUTH_LEN + 2..).ok_or_else(malformed)?;
-    if ids_bytes.len() != usize::from(u16::from_be_bytes(count)) * 16 {
-        return Err(ApiError::bad(
-            "acknowledgement: the id count does not match the body length",
-        ));
-    }
-    let ids: Vec<EnvelopeId> = ids_bytes
-        .chunks_exact(16)
-        .filter_map(|chunk| chunk.try_into().ok().map(EnvelopeId))
-        .collect();
-    let auth = decode_auth(auth_bytes, &mailbox)?;
+    let (auth, ids) = decode_acknowledge(&bytes).map_err(ApiError::from_transport)?;
+    let auth = for_mailbox(auth, &mailbox)?;
     shared
         .call(move |core, metrics, now| {
             core.relay.acknowledge(now, &auth, &ids)?;

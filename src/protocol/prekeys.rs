@@ -89,7 +89,15 @@ impl PrekeyStore {
             self.next_one_time_id = self.next_one_time_id.wrapping_add(1);
             self.one_time.insert(id, OneTimePrekey::generate(rng, id));
         }
-        self.one_time.range(first..).map(|(_, k)| k).collect()
+        // The new ids are `first..next`, or, if they wrapped past
+        // `u32::MAX`, `first..` and then `..next`.
+        let next = self.next_one_time_id;
+        let (head, tail) = if first <= next {
+            (self.one_time.range(first..next), self.one_time.range(..0))
+        } else {
+            (self.one_time.range(first..), self.one_time.range(..next))
+        };
+        head.chain(tail).map(|(_, k)| k).collect()
     }
 
     /// Adds an existing one-time prekey.
@@ -191,7 +199,9 @@ impl PrekeyStore {
         out
     }
 
-    /// Restores a set from [`Self::to_bytes`].
+    /// Restores a set from [`Self::to_bytes`]. The encoding is canonical:
+    /// whatever decodes re-encodes to the same bytes (one-time prekeys in
+    /// strictly increasing id order).
     ///
     /// # Errors
     /// [`Error::State`] for malformed input.
@@ -225,8 +235,15 @@ impl PrekeyStore {
             return Err(Error::State("prekeys one-time count"));
         }
         let mut one_time = BTreeMap::new();
+        let mut previous = None;
         for _ in 0..count {
             let id = r.u32("prekeys one-time").map_err(st)?;
+            // Written in increasing id order, each id once: anything else
+            // would lose a key or not re-encode to the same bytes.
+            if previous.is_some_and(|p| id <= p) {
+                return Err(Error::State("prekeys one-time order"));
+            }
+            previous = Some(id);
             let secret = Zeroizing::new(r.array::<32>("prekeys one-time").map_err(st)?);
             let public = r.array("prekeys one-time").map_err(st)?;
             one_time.insert(id, OneTimePrekey::from_parts(id, *secret, public));

@@ -213,6 +213,36 @@ pub trait Store {
     fn remove_inbox(&mut self, id: &EnvelopeId) -> Result<(), StoreError>;
 }
 
+/// Length of [`LocalIdentity::to_bytes`].
+pub const LOCAL_IDENTITY_LEN: usize = 36;
+
+impl LocalIdentity {
+    /// Serializes the identity (the secret seed included: store it
+    /// encrypted): `seed (32) || device_id (4, big-endian)`.
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(LOCAL_IDENTITY_LEN));
+        out.extend_from_slice(&self.keys.seed()[..]);
+        out.extend_from_slice(&self.device_id.to_be_bytes());
+        out
+    }
+
+    /// Restores [`Self::to_bytes`] (the key pair is derived from the seed).
+    ///
+    /// # Errors
+    /// [`crate::Error::State`] unless `bytes` is exactly
+    /// [`LOCAL_IDENTITY_LEN`] bytes long.
+    pub fn from_bytes(bytes: &[u8]) -> crate::Result<Self> {
+        let bad = crate::Error::State("local identity length");
+        let (seed, device) = bytes.split_first_chunk::<32>().ok_or(bad)?;
+        let device = <[u8; 4]>::try_from(device).map_err(|_| bad)?;
+        let seed = zeroize::Zeroizing::new(*seed);
+        Ok(LocalIdentity {
+            keys: IdentityKeyPair::from_seed(&seed),
+            device_id: u32::from_be_bytes(device),
+        })
+    }
+}
+
 impl PrekeyState {
     /// Serializes the state (secret keys included: store it encrypted):
     ///

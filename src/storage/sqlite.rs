@@ -19,9 +19,8 @@ use zeroize::Zeroizing;
 
 use super::{
     InboxMessage, LocalIdentity, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, Store,
-    StoreError, Trust,
+    StoreError, Trust, LOCAL_IDENTITY_LEN,
 };
-use crate::protocol::keys::IdentityKeyPair;
 use crate::protocol::session::Session;
 use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
 
@@ -531,23 +530,16 @@ impl Store for SqliteStore {
             .sealer
             .open(T_IDENTITY, &SINGLETON.to_be_bytes(), sealed)
             .map_err(fail)?;
-        if plain.len() != 36 {
-            return Err(fail(format!("secret: {} bytes, expected 36", plain.len())));
-        }
-        let mut seed = Zeroizing::new([0u8; 32]);
-        seed.copy_from_slice(&plain[..32]);
-        let mut device = [0u8; 4];
-        device.copy_from_slice(&plain[32..]);
-        Ok(Some(LocalIdentity {
-            keys: IdentityKeyPair::from_seed(&seed),
-            device_id: u32::from_be_bytes(device),
-        }))
+        LocalIdentity::from_bytes(&plain).map(Some).map_err(|_| {
+            fail(format!(
+                "secret: {} bytes, expected {LOCAL_IDENTITY_LEN}",
+                plain.len()
+            ))
+        })
     }
 
     fn set_identity(&mut self, identity: &LocalIdentity) -> Result<(), StoreError> {
-        let mut plain = Zeroizing::new(Vec::with_capacity(36));
-        plain.extend_from_slice(&identity.keys.seed()[..]);
-        plain.extend_from_slice(&identity.device_id.to_be_bytes());
+        let plain = identity.to_bytes();
         let sealed = self
             .sealer
             .seal(T_IDENTITY, &SINGLETON.to_be_bytes(), &plain)?;

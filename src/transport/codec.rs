@@ -1,4 +1,6 @@
-//! Encodings of the directory upload and the mailbox proof.
+//! Encodings of the directory upload, the mailbox proof, envelopes, and the
+//! bodies and queries of the relay's HTTP API (one implementation for the
+//! server and the client; `relay/API.md` describes them).
 //!
 //! ```text
 //! upload = 0x01 || identity (32) || device_id (4) || counter (8)
@@ -13,15 +15,28 @@
 //!          || challenge (32) || signature (64)
 //!   signature = Ed25519 by the identity key over
 //!               "cubbyhole/v1 mailbox auth" || mailbox_id (32) || op || challenge
+//!
+//! envelope       = 0x01 || id (16) || payload
+//! envelope list  = (length (4) || envelope)*         (a fetch answer)
+//! acknowledgement = auth (133) || count (2) || count x id (16)
+//! fetch query    = "limit=" decimal [ "&wait_ms=" decimal ]
+//!                  (as encoded; FetchQuery::decode also takes any order,
+//!                  repeats and other keys)
 //! ```
+//!
+//! Every decoder is total (an error, never a panic, for any input) and
+//! allocates no more than the input's size justifies: a count or length
+//! field is checked against the bytes actually present before anything is
+//! reserved for it.
 
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::protocol::keys::{
     spk_signed_message, IdentityKey, IdentityKeyPair, OneTimePrekey, SignedPrekey,
 };
 use crate::protocol::wire::Reader;
-use crate::transport::{DeviceAddress, MailboxId, TransportError};
+use crate::transport::{DeviceAddress, Envelope, EnvelopeId, MailboxId, TransportError};
 
 const UPLOAD_LABEL: &[u8] = b"cubbyhole/v1 directory upload";
 const AUTH_LABEL: &[u8] = b"cubbyhole/v1 mailbox auth";
@@ -311,7 +326,7 @@ impl MailboxAuth {
 
 /// Envelope encoding for network transports and stores:
 /// `0x01 || id (16) || payload`.
-pub fn encode_envelope(envelope: &super::Envelope) -> Vec<u8> {
+pub fn encode_envelope(envelope: &Envelope) -> Vec<u8> {
     let mut out = Vec::with_capacity(17 + envelope.payload.len());
     out.push(0x01);
     out.extend_from_slice(&envelope.id.0);
@@ -323,15 +338,174 @@ pub fn encode_envelope(envelope: &super::Envelope) -> Vec<u8> {
 ///
 /// # Errors
 /// [`TransportError::BadRequest`].
-pub fn decode_envelope(bytes: &[u8]) -> Result<super::Envelope, TransportError> {
+pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope, TransportError> {
     let mut r = Reader::new(bytes);
     if r.u8("").map_err(bad("envelope version"))? != 0x01 {
         return Err(TransportError::BadRequest("envelope version"));
     }
     let id = r.array("").map_err(bad("envelope id"))?;
     let payload = r.take(r.remaining(), "").map_err(bad("envelope"))?.to_vec();
-    Ok(super::Envelope {
-        id: super::EnvelopeId(id),
+    Ok(Envelope {
+        id: EnvelopeId(id),
         payload,
     })
+}
+
+/// Encodes a list of envelopes (the relay's answer to a fetch): for each,
+/// `length (4, big-endian) || encode_envelope(envelope)`. An empty list is
+/// empty bytes.
+pub fn encode_envelope_list(envelopes: &[Envelope]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(envelopes.iter().map(|e| 21 + e.payload.len()).sum());
+    for envelope in envelopes {
+        let encoded = encode_envelope(envelope);
+        // An envelope never comes near 4 GiB (the relay bounds payloads).
+        let length = u32::try_from(encoded.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&length.to_be_bytes());
+        out.extend_from_slice(&encoded);
+    }
+    out
+}
+
+/// Decodes [`encode_envelope_list`].
+///
+/// # Errors
+/// [`TransportError::BadRequest`] for a length that overruns the bytes, or
+/// an envelope that does not decode.
+pub fn decode_envelope_list(mut bytes: &[u8]) -> Result<Vec<Envelope>, TransportError> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let (length, rest) = bytes
+            .split_first_chunk::<4>()
+            .ok_or(TransportError::BadRequest("envelope list length"))?;
+        let length = usize::try_from(u32::from_be_bytes(*length))
+            .map_err(|_| TransportError::BadRequest("envelope list length"))?;
+        if rest.len() < length {
+            return Err(TransportError::BadRequest("envelope list length"));
+        }
+        let (one, rest) = rest.split_at(length);
+        out.push(decode_envelope(one)?);
+        bytes = rest;
+    }
+    Ok(out)
+}
+
+/// Most envelope ids one acknowledgement body can carry (its count field
+/// is 2 bytes; a relay may accept fewer).
+pub const MAX_ACKNOWLEDGE_IDS_ENCODED: usize = u16::MAX as usize;
+
+const ACKNOWLEDGE_MALFORMED: &str = "acknowledgement: expected proof (133) || count (2) || ids";
+const ACKNOWLEDGE_COUNT: &str = "acknowledgement: the id count does not match the body length";
+
+/// Encodes an acknowledgement request body:
+/// `auth.encode() || count (2, big-endian) || count x id (16)`.
+///
+/// Returns `None` for more than [`MAX_ACKNOWLEDGE_IDS_ENCODED`] ids.
+pub fn encode_acknowledge(auth: &MailboxAuth, ids: &[EnvelopeId]) -> Option<Vec<u8>> {
+    let count = u16::try_from(ids.len()).ok()?;
+    let mut out = Vec::with_capacity(MAILBOX_AUTH_LEN + 2 + 16 * ids.len());
+    out.extend_from_slice(&auth.encode());
+    out.extend_from_slice(&count.to_be_bytes());
+    for id in ids {
+        out.extend_from_slice(&id.0);
+    }
+    Some(out)
+}
+
+/// Decodes [`encode_acknowledge`]: first the structure (proof length, count,
+/// ids), then the proof ([`MailboxAuth::decode`]; not verified).
+///
+/// # Errors
+/// [`TransportError::BadRequest`].
+pub fn decode_acknowledge(bytes: &[u8]) -> Result<(MailboxAuth, Vec<EnvelopeId>), TransportError> {
+    let malformed = TransportError::BadRequest(ACKNOWLEDGE_MALFORMED);
+    let (auth, rest) = bytes
+        .split_at_checked(MAILBOX_AUTH_LEN)
+        .ok_or(malformed.clone())?;
+    let (count, ids) = rest.split_first_chunk::<2>().ok_or(malformed)?;
+    let count = usize::from(u16::from_be_bytes(*count));
+    if ids.len() != count * 16 {
+        return Err(TransportError::BadRequest(ACKNOWLEDGE_COUNT));
+    }
+    let auth = MailboxAuth::decode(auth)?;
+    let mut out = Vec::with_capacity(count);
+    for chunk in ids.chunks_exact(16) {
+        let mut id = [0u8; 16];
+        id.copy_from_slice(chunk);
+        out.push(EnvelopeId(id));
+    }
+    Ok((auth, out))
+}
+
+/// Parses a decimal `u32` as the relay's HTTP API writes one (in paths and
+/// queries): 1 to 10 ASCII digits, no sign, no spaces, at most
+/// `u32::MAX`.
+pub fn parse_decimal_u32(value: &str) -> Option<u32> {
+    let digits =
+        !value.is_empty() && value.len() <= 10 && value.bytes().all(|b| b.is_ascii_digit());
+    digits.then(|| value.parse::<u32>().ok()).flatten()
+}
+
+/// The query of a fetch request: `limit` (default
+/// [`FetchQuery::DEFAULT_LIMIT`]) and `wait_ms` (default 0, no waiting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FetchQuery {
+    /// Most envelopes to return (the relay caps it further).
+    pub limit: u32,
+    /// How long to wait for an envelope when none is pending
+    /// (milliseconds; the relay caps it).
+    pub wait_ms: u32,
+}
+
+impl Default for FetchQuery {
+    fn default() -> Self {
+        FetchQuery {
+            limit: Self::DEFAULT_LIMIT,
+            wait_ms: 0,
+        }
+    }
+}
+
+impl FetchQuery {
+    /// The `limit` of a query that names none.
+    pub const DEFAULT_LIMIT: u32 = 100;
+
+    /// The query string, without the `?`: `limit=N`, followed by
+    /// `&wait_ms=M` when `wait_ms` is not 0.
+    pub fn encode(&self) -> String {
+        use core::fmt::Write;
+        let mut out = String::with_capacity(32);
+        let _ = write!(out, "limit={}", self.limit);
+        if self.wait_ms > 0 {
+            let _ = write!(out, "&wait_ms={}", self.wait_ms);
+        }
+        out
+    }
+
+    /// Parses a query string (without the `?`): `&`-separated `key=value`
+    /// pairs; `limit` and `wait_ms` are decimal `u32`s
+    /// ([`parse_decimal_u32`]; the last occurrence counts), other keys and
+    /// empty pairs are ignored, a key without `=` has an empty value.
+    ///
+    /// # Errors
+    /// [`TransportError::BadRequest`] naming the parameter whose value is
+    /// not a decimal `u32`.
+    pub fn decode(query: &str) -> Result<Self, TransportError> {
+        let mut out = FetchQuery::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "limit" => {
+                    out.limit = parse_decimal_u32(value)
+                        .ok_or(TransportError::BadRequest("limit: expected a decimal u32"))?;
+                }
+                "wait_ms" => {
+                    out.wait_ms = parse_decimal_u32(value).ok_or(TransportError::BadRequest(
+                        "wait_ms: expected a decimal u32",
+                    ))?;
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
 }

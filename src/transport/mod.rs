@@ -21,8 +21,9 @@ use core::future::Future;
 use sha2::{Digest, Sha256};
 
 pub use codec::{
-    decode_envelope, encode_envelope, BundleSetUpload, MailboxAuth, MailboxOp, SignedPrekeyRecord,
-    MAILBOX_AUTH_LEN,
+    decode_acknowledge, decode_envelope, decode_envelope_list, encode_acknowledge, encode_envelope,
+    encode_envelope_list, parse_decimal_u32, BundleSetUpload, FetchQuery, MailboxAuth, MailboxOp,
+    SignedPrekeyRecord, MAILBOX_AUTH_LEN, MAX_ACKNOWLEDGE_IDS_ENCODED,
 };
 
 use crate::protocol::keys::IdentityKey;
