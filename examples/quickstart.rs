@@ -169,7 +169,9 @@ fn main() -> Result<(), Box<dyn StdError>> {
     // ------------------------------------------------------------------
     println!("== Both apps restart");
     // The bytes contain secret keys: a real application stores them
-    // encrypted. `to_bytes` returns a buffer that is zeroized on drop.
+    // encrypted. `to_bytes` returns a buffer that is zeroized on drop. They
+    // do not contain the identity keys: the application knows its own, and
+    // keys its sessions by the peer's.
     let alice_disk: Vec<u8> = alice_session.to_bytes().to_vec();
     let bob_disk: Vec<u8> = bob_session.to_bytes().to_vec();
     println!(
@@ -178,8 +180,8 @@ fn main() -> Result<(), Box<dyn StdError>> {
         bob_disk.len()
     );
     drop((alice_session, bob_session));
-    let mut alice_session = Session::from_bytes(&alice_disk)?;
-    let mut bob_session = Session::from_bytes(&bob_disk)?;
+    let mut alice_session = Session::from_bytes(&alice_disk, alice.public(), bob.public())?;
+    let mut bob_session = Session::from_bytes(&bob_disk, bob.public(), alice.public())?;
     let wire = bob_session.encrypt(&mut rng, b"still here after the restart")?;
     let plaintext = alice_session.decrypt(&wire)?;
     println!(

@@ -55,9 +55,10 @@
 //! assert_eq!(alice_session.decrypt(&reply)?, b"hi Alice");
 //! assert!(!alice_session.sends_prekey_messages());
 //!
-//! // Sessions survive restarts (store the bytes encrypted: they hold keys).
+//! // Sessions survive restarts (store the bytes encrypted: they hold keys;
+//! // the identity keys are not in them, the application keeps those).
 //! let saved = alice_session.to_bytes();
-//! let mut alice_session = Session::from_bytes(&saved)?;
+//! let mut alice_session = Session::from_bytes(&saved, alice.public(), bob.public())?;
 //! let more = alice_session.encrypt(&mut rng, b"great")?;
 //! assert_eq!(bob_session.decrypt(&more)?, b"great");
 //! # Ok(()) }

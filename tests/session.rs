@@ -46,6 +46,12 @@ impl Pair {
     }
 }
 
+/// Restores `bytes` with the identities of `like` (a session of the same
+/// pair, the same side).
+fn restore(bytes: &[u8], like: &Session) -> Result<Session, Error> {
+    Session::from_bytes(bytes, like.local_identity(), like.remote_identity())
+}
+
 #[test]
 fn freshness_boundaries() {
     let p = pair(1, 0);
@@ -150,7 +156,7 @@ fn configurable_skip_limits_and_eviction() {
     assert_eq!(bob.skipped_message_keys(), 0);
     assert_eq!(bob.config(), config);
     // The limits survive serialization.
-    let restored = Session::from_bytes(&bob.to_bytes()).unwrap();
+    let restored = restore(&bob.to_bytes(), &bob).unwrap();
     assert_eq!(restored.config(), config);
 }
 
@@ -227,22 +233,24 @@ fn state_decoding_rejects_every_truncation_and_bad_version() {
     let (bob, _) = p.accept(&msgs[3], SessionConfig::default()).unwrap();
     for session in [&alice, &bob] {
         let bytes = session.to_bytes();
-        assert_eq!(*Session::from_bytes(&bytes).unwrap().to_bytes(), *bytes);
+        assert_eq!(*restore(&bytes, session).unwrap().to_bytes(), *bytes);
         for len in 0..bytes.len() {
             assert!(
-                matches!(Session::from_bytes(&bytes[..len]), Err(Error::State(_))),
+                matches!(restore(&bytes[..len], session), Err(Error::State(_))),
                 "truncated to {len}"
             );
         }
         let mut longer = bytes.to_vec();
         longer.push(0);
-        assert!(matches!(Session::from_bytes(&longer), Err(Error::State(_))));
-        let mut v2 = bytes.to_vec();
-        v2[0] = 2;
-        assert_eq!(
-            Session::from_bytes(&v2).unwrap_err(),
-            Error::State("state version")
-        );
+        assert!(matches!(restore(&longer, session), Err(Error::State(_))));
+        for version in [0, 1, 3, 0xff] {
+            let mut other = bytes.to_vec();
+            other[0] = version;
+            assert_eq!(
+                restore(&other, session).unwrap_err(),
+                Error::State("state version")
+            );
+        }
     }
 }
 
@@ -304,13 +312,22 @@ fn limits_are_clamped_and_checked_in_stored_state() {
         alice.config().max_skipped_keys,
         SessionConfig::LIMIT_MAX_SKIPPED_KEYS
     );
-    // A stored state (no skipped keys: it ends with max_skip, max_skipped_keys
-    // and a zero chain count) whose limit was raised is refused.
+    // A stored state (no skipped keys, limits other than the defaults: it
+    // ends with max_skip and max_skipped_keys) whose limit was raised is
+    // refused, and so are the default limits marked as non-default (the
+    // encoding is canonical).
     let mut bytes = alice.to_bytes().to_vec();
-    let at = bytes.len() - 12;
+    let at = bytes.len() - 8;
     bytes[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
     assert_eq!(
-        Session::from_bytes(&bytes).unwrap_err(),
+        restore(&bytes, &alice).unwrap_err(),
+        Error::State("state limits")
+    );
+    let defaults = SessionConfig::default();
+    bytes[at..at + 4].copy_from_slice(&defaults.max_skip.to_be_bytes());
+    bytes[at + 4..].copy_from_slice(&defaults.max_skipped_keys.to_be_bytes());
+    assert_eq!(
+        restore(&bytes, &alice).unwrap_err(),
         Error::State("state limits")
     );
 }
@@ -356,4 +373,83 @@ fn debug_of_the_offline_layer_holds_no_secrets() {
             "{decimal}"
         );
     }
+}
+
+/// Issue 7's bound: without skipped keys a state is at most 200 bytes (the
+/// encoding gives at most 190, 198 with non-default limits), at every stage
+/// of a session's life and on both sides.
+#[test]
+fn states_without_skipped_keys_stay_small() {
+    for (seed, one_time_prekeys, config) in [
+        (20, 1, SessionConfig::default()),
+        (21, 0, SessionConfig::default()),
+        (
+            22,
+            1,
+            SessionConfig {
+                max_skip: 10,
+                max_skipped_keys: 20,
+            },
+        ),
+    ] {
+        let mut p = pair(seed, one_time_prekeys);
+        let bound = if config == SessionConfig::default() {
+            190
+        } else {
+            198
+        };
+        let mut alice = p.initiate(config);
+        let mut sizes = vec![("initiator, before sending", alice.to_bytes().len())];
+        let first = alice.encrypt(&mut p.rng, b"one").unwrap();
+        sizes.push(("initiator, sending prekey messages", alice.to_bytes().len()));
+        let (mut bob, _) = p.accept(&first, config).unwrap();
+        sizes.push(("responder, new", bob.to_bytes().len()));
+        let reply = bob.encrypt(&mut p.rng, b"two").unwrap();
+        sizes.push(("responder, both chains", bob.to_bytes().len()));
+        alice.decrypt(&reply).unwrap();
+        sizes.push(("initiator, receiving", alice.to_bytes().len()));
+        let again = alice.encrypt(&mut p.rng, b"three").unwrap();
+        sizes.push(("initiator, both chains", alice.to_bytes().len()));
+        bob.decrypt(&again).unwrap();
+        sizes.push(("responder, after a step", bob.to_bytes().len()));
+        println!("{config:?}, {one_time_prekeys} one-time prekeys: {sizes:?}");
+        for (stage, size) in &sizes {
+            assert!(*size <= bound, "{stage}: {size} bytes (bound {bound})");
+        }
+        assert_eq!(bob.skipped_message_keys(), 0);
+        // The largest states are the responder's with both chains and the
+        // initiator's while it still sends prekey messages.
+        assert_eq!(
+            sizes.iter().map(|(_, s)| *s).max(),
+            Some(bound),
+            "{sizes:?}"
+        );
+    }
+}
+
+/// The identities are not in the state: restored with the wrong ones, a
+/// session decrypts nothing (they are in the associated data) and leaves
+/// the state unchanged; restored with the right ones, it carries on.
+#[test]
+fn a_state_restored_with_the_wrong_identities_decrypts_nothing() {
+    let mut p = pair(23, 0);
+    let mut alice = p.initiate(SessionConfig::default());
+    let first = alice.encrypt(&mut p.rng, b"one").unwrap();
+    let (mut bob, _) = p.accept(&first, SessionConfig::default()).unwrap();
+    let reply = bob.encrypt(&mut p.rng, b"two").unwrap();
+    alice.decrypt(&reply).unwrap();
+    let next = alice.encrypt(&mut p.rng, b"three").unwrap();
+    let bytes = bob.to_bytes();
+    let mallory = IdentityKeyPair::generate(&mut p.rng);
+    for (local, remote) in [
+        (bob.local_identity(), mallory.public()),
+        (mallory.public(), bob.remote_identity()),
+        (bob.remote_identity(), bob.local_identity()),
+    ] {
+        let mut wrong = Session::from_bytes(&bytes, local, remote).unwrap();
+        assert_eq!(wrong.decrypt(&next).unwrap_err(), Error::Auth);
+        assert_eq!(*wrong.to_bytes(), *bytes);
+    }
+    let mut right = restore(&bytes, &bob).unwrap();
+    assert_eq!(right.decrypt(&next).unwrap(), b"three");
 }

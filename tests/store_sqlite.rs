@@ -456,6 +456,35 @@ fn wrong_key_is_a_clear_error_and_harms_nothing() {
 }
 
 #[test]
+fn sessions_need_the_identity_they_are_restored_with() {
+    let dir = TempDir::new("no-identity");
+    let mut w = world(12);
+    let (a, s) = w.peers[0].clone();
+    let entry = OutboxEntry {
+        to: a,
+        envelope: Envelope {
+            id: w.id(),
+            payload: vec![1],
+        },
+        created: NOW,
+    };
+    {
+        let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+        store.commit_send(&s, &entry).unwrap();
+        // No identity yet: the session cannot be restored.
+        assert_corrupted(store.session(&a).unwrap_err(), "sessions", &row_name(&a));
+        store.set_identity(&w.me).unwrap();
+        assert_eq!(bytes(&store.session(&a).unwrap().unwrap()), bytes(&s));
+    }
+    // Reopened, the store reads its identity when it first needs it.
+    let store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    let restored = store.session(&a).unwrap().unwrap();
+    assert_eq!(bytes(&restored), bytes(&s));
+    assert_eq!(restored.local_identity(), w.me.keys.public());
+    assert_eq!(restored.remote_identity().as_bytes(), &a.identity);
+}
+
+#[test]
 fn debug_does_not_print_the_key() {
     let store = SqliteStore::open_in_memory(&[0xab; 32]).unwrap();
     let shown = format!("{store:?}");
@@ -469,6 +498,7 @@ fn debug_does_not_print_the_key() {
 /// Stores sessions with all three peers, closes the store.
 fn three_sessions(dir: &TempDir, w: &mut World) {
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    store.set_identity(&w.me).unwrap();
     for i in 0..3 {
         let s = w.peers[i].1.clone();
         let entry = OutboxEntry {
@@ -667,6 +697,7 @@ fn commit_receive_is_all_or_nothing() {
     let a = w.peers[0].0;
     let before = w.peers[0].1.clone();
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    store.set_identity(&w.me).unwrap();
     store.set_prekeys(&w.prekeys).unwrap();
     let entry = OutboxEntry {
         to: a,
@@ -746,6 +777,7 @@ fn commit_send_is_all_or_nothing() {
     let mut w = world(9);
     let a = w.peers[0].0;
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    store.set_identity(&w.me).unwrap();
     let first = w.peers[0].1.clone();
     let entry = |id| OutboxEntry {
         to: a,

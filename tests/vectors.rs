@@ -468,7 +468,9 @@ impl<'a> Replay<'a> {
             if self.delivered % 7 == 0 || self.delivered == total {
                 if let Some(s) = party.session.as_mut() {
                     let bytes = s.to_bytes();
-                    let restored = Session::from_bytes(&bytes).expect("state decodes");
+                    let restored =
+                        Session::from_bytes(&bytes, s.local_identity(), s.remote_identity())
+                            .expect("state decodes");
                     assert_eq!(
                         *restored.to_bytes(),
                         *bytes,

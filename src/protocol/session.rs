@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::protocol::bundle::VerifiedBundle;
 use crate::protocol::keys::{IdentityKey, IdentityKeyPair, KeyPair, OneTimePrekey, SignedPrekey};
 use crate::protocol::ratchet::{copy, MessageKey, Ratchet, SessionConfig};
+use crate::protocol::state::{session_tag, SESSION_TAG_LEN};
 use crate::protocol::wire::{
     Incoming, PrekeyFields, KIND_MESSAGE, KIND_PREKEY, MAX_PREFIX_LEN, TAG_LEN, VERSION,
 };
@@ -59,8 +60,12 @@ pub struct Session {
     pub(crate) role: Role,
     pub(crate) local: IdentityKey,
     pub(crate) remote: IdentityKey,
-    /// EK_A: with IK_A it names the session.
+    /// EK_A, while the initiator still sends it in prekey messages (a
+    /// restored session knows it only then; otherwise zero).
     pub(crate) ephemeral: [u8; 32],
+    /// [`session_tag`] of EK_A: with IK_A it names the session, for the
+    /// responder's [`Session::matches`].
+    pub(crate) tag: [u8; SESSION_TAG_LEN],
     /// Initiator only: the prekey fields sent until the first reply arrives.
     pub(crate) pending_prekey: Option<(u32, Option<u32>)>,
     pub(crate) ratchet: Ratchet,
@@ -94,6 +99,7 @@ impl Session {
             local: *identity.public(),
             remote: *bundle.identity(),
             ephemeral: ephemeral.public,
+            tag: session_tag(&ephemeral.public),
             pending_prekey: Some((
                 bundle.signed_prekey_id(),
                 bundle.one_time_prekey().map(|(id, _)| id),
@@ -159,6 +165,7 @@ impl Session {
             local: *identity.public(),
             remote: initiator,
             ephemeral: fields.ephemeral,
+            tag: session_tag(&fields.ephemeral),
             pending_prekey: None,
             ratchet,
         };
@@ -204,6 +211,7 @@ impl Session {
             local: *initiator,
             remote: *responder.public(),
             ephemeral: ephemeral.public,
+            tag: session_tag(&ephemeral.public),
             pending_prekey: Some((signed_prekey_id, one_time_prekey_id)),
             ratchet,
         })
@@ -217,7 +225,7 @@ impl Session {
             Some(fields) => {
                 self.role == Role::Responder
                     && fields.identity == *self.remote.as_bytes()
-                    && fields.ephemeral == self.ephemeral
+                    && session_tag(&fields.ephemeral) == self.tag
             }
             None => true,
         }
@@ -357,11 +365,6 @@ impl Session {
     pub fn local_identity(&self) -> &IdentityKey {
         &self.local
     }
-    /// The initiator's X3DH ephemeral key EK_A, which with IK_A names the
-    /// session.
-    pub fn ephemeral_key(&self) -> &[u8; 32] {
-        &self.ephemeral
-    }
     /// Whether the next message will be a prekey message (the initiator has
     /// not yet heard back).
     pub fn sends_prekey_messages(&self) -> bool {
@@ -405,17 +408,24 @@ impl Session {
         self.ratchet.sending.is_some()
     }
 
-    /// Serializes the session state (see SPEC.md, "Session state encoding").
-    /// The bytes contain secret keys: store them encrypted.
+    /// Serializes the session state (see SPEC.md, "Session state encoding"):
+    /// at most 190 bytes without skipped message keys. The bytes contain
+    /// secret keys: store them encrypted. They do not contain the two
+    /// identity keys, which [`Session::from_bytes`] takes back.
     pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
         crate::protocol::state::encode(self)
     }
-    /// Restores a session from [`Session::to_bytes`].
+    /// Restores a session from [`Session::to_bytes`], with our identity key
+    /// and the peer's (the caller keeps them: a store keys its sessions by
+    /// the peer's device address, which holds the peer's identity). Given
+    /// the wrong identities, the session decrypts nothing (`Auth`) and the
+    /// peer rejects what it encrypts: both are in every message's
+    /// associated data.
     ///
     /// # Errors
     /// [`Error::State`] for corrupted, truncated or unknown-version input.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Session> {
-        crate::protocol::state::decode(bytes)
+    pub fn from_bytes(bytes: &[u8], local: &IdentityKey, remote: &IdentityKey) -> Result<Session> {
+        crate::protocol::state::decode(bytes, local, remote)
     }
 }
 

@@ -1,72 +1,101 @@
-//! Session state encoding (version 1), so that sessions survive restarts.
+//! Session state encoding (version 2), so that sessions survive restarts.
 //!
 //! All integers big-endian. The encoding holds secret keys: store it
 //! encrypted, and drop it promptly (it is returned in a zeroizing buffer).
+//! It holds nothing the owner of the session already knows: the two
+//! identity keys (the caller gives them back to [`decode`]; a session
+//! restored with the wrong ones decrypts nothing and its messages are
+//! rejected by the peer, as the identities are part of every message's
+//! associated data), our ratchet public key (recomputed from its secret),
+//! default limits and an empty skipped-key store. Without skipped keys a
+//! state is at most 190 bytes (198 with non-default limits).
 //!
 //! ```text
-//! version (1) = 0x01
-//! role    (1) = 0x00 initiator | 0x01 responder
-//! flags   (1) = bit 0: remote ratchet key present (always, in a stored session)
-//!               bit 1: sending chain present
+//! version (1) = 0x02
+//! flags   (1) = bit 0: responder (else initiator)
+//!               bit 1: sending chain present (requires bit 5)
 //!               bit 2: receiving chain present
 //!               bit 3: initiator still sends prekey messages
 //!               bit 4: ... and they name a one-time prekey
-//!               bit 5: our ratchet key pair present
-//! local identity (32) || remote identity (32) || ephemeral EK_A (32)
-//! [spk_id (4) [|| opk_id (4)]]                  if bit 3 [and bit 4]
+//!               bit 5: our ratchet secret present
+//!               bit 6: limits other than the defaults
+//!               bit 7: skipped message keys present
+//! EK_A (32) || spk_id (4) [|| opk_id (4)]      if bit 3 [and bit 4]
+//! SHA-256(EK_A)[..16] (16)                     if responder (bit 0)
 //! root key (32)
-//! our ratchet secret (32) || our ratchet public (32)   if bit 5
-//! remote ratchet key (32)                       if bit 0
-//! sending chain key (32)                        if bit 1
+//! our ratchet secret (32)                      if bit 5
+//! remote ratchet key (32)
+//! sending chain key (32)                       if bit 1
 //! ns (4) || pn (4)
-//! receiving chain key (32)                      if bit 2
+//! receiving chain key (32)                     if bit 2
 //! nr (4)
-//! max_skip (4) || max_skipped_keys (4)
-//! chain count (4), then per chain, oldest first:
-//!   ratchet key (32) || key count (4) || key count x (n (4) || message key (32))
+//! max_skip (4) || max_skipped_keys (4)         if bit 6
+//! chain count (4, >= 1), then per chain,       if bit 7
+//!   oldest first: ratchet key (32) || key count (4)
+//!                 || key count x (n (4) || message key (32))
 //! ```
 //!
+//! The responder keeps a 16-byte digest of EK_A instead of EK_A: all it
+//! needs is to recognise further prekey messages of this session
+//! ([`Session::matches`]), and telling two ephemeral keys apart by the
+//! digest fails only for a second preimage of a 128-bit truncated SHA-256.
+//!
 //! Decoding checks every length against the remaining input before it
-//! allocates, rejects unknown versions, flags, trailing bytes, empty or
-//! repeated chains, a current receiving chain that is not the newest,
-//! unsorted counters, more stored keys than the cap, and
-//! limits above [`SessionConfig::LIMIT_MAX_SKIP`] and
+//! allocates, rejects unknown versions, flags, trailing bytes, default
+//! limits marked as non-default, empty or repeated chains, a current
+//! receiving chain that is not the newest, unsorted counters, more stored
+//! keys than the cap, and limits above [`SessionConfig::LIMIT_MAX_SKIP`] and
 //! [`SessionConfig::LIMIT_MAX_SKIPPED_KEYS`] (a corrupted state must not turn
-//! one message into an unbounded amount of work).
+//! one message into an unbounded amount of work). The encoding is
+//! canonical: a state that decodes encodes to the same bytes.
 
 use alloc::boxed::Box;
 use alloc::collections::{BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
-use x25519_dalek::StaticSecret;
+use sha2::{Digest, Sha256};
+use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::protocol::keys::{IdentityKey, KeyPair};
 use crate::protocol::ratchet::{
-    ChainKey, MessageKey, Ratchet, RootKey, SessionConfig, SkippedChain, SkippedKeys,
+    copy, ChainKey, MessageKey, Ratchet, RootKey, SessionConfig, SkippedChain, SkippedKeys,
 };
 use crate::protocol::session::{Role, Session};
 use crate::protocol::wire::Reader;
 
 /// The current state encoding version.
-pub const STATE_VERSION: u8 = 1;
+pub const STATE_VERSION: u8 = 2;
 
-const HAS_DHR: u8 = 1;
+/// Bytes of the digest of EK_A a responder keeps to recognise its
+/// session's prekey messages.
+pub(crate) const SESSION_TAG_LEN: usize = 16;
+
+/// The first [`SESSION_TAG_LEN`] bytes of SHA-256(EK_A).
+pub(crate) fn session_tag(ephemeral: &[u8; 32]) -> [u8; SESSION_TAG_LEN] {
+    let mut tag = [0u8; SESSION_TAG_LEN];
+    copy(&mut tag, Sha256::digest(ephemeral));
+    tag
+}
+
+const RESPONDER: u8 = 1;
 const HAS_SENDING: u8 = 2;
 const HAS_RECEIVING: u8 = 4;
 const PENDING_PREKEY: u8 = 8;
 const PENDING_OPK: u8 = 16;
 const HAS_DHS: u8 = 32;
+const CUSTOM_LIMITS: u8 = 64;
+const HAS_SKIPPED: u8 = 128;
 
 pub(crate) fn encode(s: &Session) -> Zeroizing<Vec<u8>> {
     let r = &s.ratchet;
     let mut out = Zeroizing::new(Vec::with_capacity(
-        400 + r.skipped.len * 36 + r.skipped.chains.len() * 36,
+        200 + r.skipped.len * 36 + r.skipped.chains.len() * 36,
     ));
     let mut flags = 0;
-    if r.dhr.is_some() {
-        flags |= HAS_DHR;
+    if s.role == Role::Responder {
+        flags |= RESPONDER;
     }
     if r.dhs.is_some() {
         flags |= HAS_DHS;
@@ -83,29 +112,30 @@ pub(crate) fn encode(s: &Session) -> Zeroizing<Vec<u8>> {
             flags |= PENDING_OPK;
         }
     }
+    if r.config != SessionConfig::default() {
+        flags |= CUSTOM_LIMITS;
+    }
+    if !r.skipped.chains.is_empty() {
+        flags |= HAS_SKIPPED;
+    }
     out.push(STATE_VERSION);
-    out.push(match s.role {
-        Role::Initiator => 0,
-        Role::Responder => 1,
-    });
     out.push(flags);
-    out.extend_from_slice(s.local.as_bytes());
-    out.extend_from_slice(s.remote.as_bytes());
-    out.extend_from_slice(&s.ephemeral);
     if let Some((spk, opk)) = s.pending_prekey {
+        out.extend_from_slice(&s.ephemeral);
         out.extend_from_slice(&spk.to_be_bytes());
         if let Some(opk) = opk {
             out.extend_from_slice(&opk.to_be_bytes());
         }
     }
+    if s.role == Role::Responder {
+        out.extend_from_slice(&s.tag);
+    }
     out.extend_from_slice(&r.root.0);
     if let Some(dhs) = &r.dhs {
         out.extend_from_slice(dhs.secret.as_bytes());
-        out.extend_from_slice(&dhs.public);
     }
-    if let Some(dhr) = &r.dhr {
-        out.extend_from_slice(dhr);
-    }
+    // A stored session always has a remote ratchet key (SPK_B at first).
+    out.extend_from_slice(r.dhr.as_ref().unwrap_or(&[0; 32]));
     if let Some(ck) = &r.sending {
         out.extend_from_slice(&ck.0);
     }
@@ -115,15 +145,19 @@ pub(crate) fn encode(s: &Session) -> Zeroizing<Vec<u8>> {
         out.extend_from_slice(&ck.0);
     }
     out.extend_from_slice(&r.nr.to_be_bytes());
-    out.extend_from_slice(&r.config.max_skip.to_be_bytes());
-    out.extend_from_slice(&r.config.max_skipped_keys.to_be_bytes());
-    out.extend_from_slice(&(r.skipped.chains.len() as u32).to_be_bytes());
-    for chain in &r.skipped.chains {
-        out.extend_from_slice(&chain.ratchet_key);
-        out.extend_from_slice(&(chain.keys.len() as u32).to_be_bytes());
-        for (n, mk) in &chain.keys {
-            out.extend_from_slice(&n.to_be_bytes());
-            out.extend_from_slice(&mk.0);
+    if flags & CUSTOM_LIMITS != 0 {
+        out.extend_from_slice(&r.config.max_skip.to_be_bytes());
+        out.extend_from_slice(&r.config.max_skipped_keys.to_be_bytes());
+    }
+    if flags & HAS_SKIPPED != 0 {
+        out.extend_from_slice(&(r.skipped.chains.len() as u32).to_be_bytes());
+        for chain in &r.skipped.chains {
+            out.extend_from_slice(&chain.ratchet_key);
+            out.extend_from_slice(&(chain.keys.len() as u32).to_be_bytes());
+            for (n, mk) in &chain.keys {
+                out.extend_from_slice(&n.to_be_bytes());
+                out.extend_from_slice(&mk.0);
+            }
         }
     }
     out
@@ -153,35 +187,33 @@ impl<'a> StateReader<'a> {
         out.copy_from_slice(Self::map(self.0.take(32, what))?);
         Ok(out)
     }
-    fn identity(&mut self, what: &'static str) -> Result<IdentityKey> {
-        IdentityKey::from_array(&self.key(what)?).map_err(|_| Error::State(what))
+    fn key16(&mut self, what: &'static str) -> Result<[u8; 16]> {
+        Self::map(self.0.array(what))
     }
 }
 
-pub(crate) fn decode(bytes: &[u8]) -> Result<Session> {
+pub(crate) fn decode(bytes: &[u8], local: &IdentityKey, remote: &IdentityKey) -> Result<Session> {
     let mut r = StateReader(Reader::new(bytes));
     if r.u8("state version")? != STATE_VERSION {
         return Err(Error::State("state version"));
     }
-    let role = match r.u8("state role")? {
-        0 => Role::Initiator,
-        1 => Role::Responder,
-        _ => return Err(Error::State("state role")),
-    };
     let flags = r.u8("state flags")?;
-    if flags & !(HAS_DHR | HAS_SENDING | HAS_RECEIVING | PENDING_PREKEY | PENDING_OPK | HAS_DHS)
-        != 0
-        || flags & HAS_DHR == 0
-        || (flags & HAS_SENDING != 0 && flags & HAS_DHS == 0)
+    let role = if flags & RESPONDER != 0 {
+        Role::Responder
+    } else {
+        Role::Initiator
+    };
+    if (flags & HAS_SENDING != 0 && flags & HAS_DHS == 0)
         || (flags & PENDING_OPK != 0 && flags & PENDING_PREKEY == 0)
         || (flags & PENDING_PREKEY != 0 && role != Role::Initiator)
     {
         return Err(Error::State("state flags"));
     }
-    let local = r.identity("state local identity")?;
-    let remote = r.identity("state remote identity")?;
-    let ephemeral = r.key("state ephemeral key")?;
+    let mut ephemeral = [0u8; 32];
+    let mut tag = [0u8; SESSION_TAG_LEN];
     let pending_prekey = if flags & PENDING_PREKEY != 0 {
+        ephemeral = r.key("state ephemeral key")?;
+        tag = session_tag(&ephemeral);
         let spk = r.u32("state signed prekey id")?;
         let opk = if flags & PENDING_OPK != 0 {
             Some(r.u32("state one-time prekey id")?)
@@ -192,12 +224,14 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Session> {
     } else {
         None
     };
+    if role == Role::Responder {
+        tag = r.key16("state session tag")?;
+    }
     let root = RootKey(*r.secret("state root key")?);
     let dhs = if flags & HAS_DHS != 0 {
-        Some(KeyPair {
-            secret: StaticSecret::from(*r.secret("state ratchet secret")?),
-            public: r.key("state ratchet public")?,
-        })
+        let secret = StaticSecret::from(*r.secret("state ratchet secret")?);
+        let public = PublicKey::from(&secret).to_bytes();
+        Some(KeyPair { secret, public })
     } else {
         None
     };
@@ -215,17 +249,27 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Session> {
         None
     };
     let nr = r.u32("state nr")?;
-    let config = SessionConfig {
-        max_skip: r.u32("state max_skip")?,
-        max_skipped_keys: r.u32("state max_skipped_keys")?,
+    let config = if flags & CUSTOM_LIMITS != 0 {
+        let config = SessionConfig {
+            max_skip: r.u32("state max_skip")?,
+            max_skipped_keys: r.u32("state max_skipped_keys")?,
+        };
+        if config != config.clamped() || config == SessionConfig::default() {
+            return Err(Error::State("state limits"));
+        }
+        config
+    } else {
+        SessionConfig::default()
     };
-    if config != config.clamped() {
-        return Err(Error::State("state limits"));
-    }
-    let chain_count = r.u32("state chain count")? as usize;
-    if chain_count > config.max_skipped_keys as usize {
-        return Err(Error::State("state chain count"));
-    }
+    let chain_count = if flags & HAS_SKIPPED != 0 {
+        let count = r.u32("state chain count")? as usize;
+        if count == 0 || count > config.max_skipped_keys as usize {
+            return Err(Error::State("state chain count"));
+        }
+        count
+    } else {
+        0
+    };
     let mut skipped = SkippedKeys::default();
     let mut seen_chains = BTreeSet::new();
     for _ in 0..chain_count {
@@ -269,9 +313,10 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Session> {
     StateReader::map(r.0.finish("state trailing bytes"))?;
     Ok(Session {
         role,
-        local,
-        remote,
+        local: *local,
+        remote: *remote,
         ephemeral,
+        tag,
         pending_prekey,
         ratchet: Ratchet {
             root,

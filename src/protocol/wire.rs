@@ -212,3 +212,32 @@ impl<'a> Incoming<'a> {
         self.tag
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `MAX_PREFIX_LEN` is exactly the longest prefix (a prekey message
+    /// naming a one-time prekey): the associated-data buffers are sized by
+    /// it, so a smaller value would cut the AD and a larger one hides a
+    /// layout change.
+    #[test]
+    fn max_prefix_len_is_the_longest_prefix() {
+        let mut raw = alloc::vec![VERSION, KIND_PREKEY];
+        PrekeyFields {
+            identity: [1; 32],
+            ephemeral: [2; 32],
+            signed_prekey_id: 3,
+            one_time_prekey_id: Some(4),
+        }
+        .write(&mut raw);
+        raw.extend_from_slice(&[5; HEADER_LEN]);
+        raw.extend_from_slice(&[6; TAG_LEN]);
+        let longest = Incoming::decode(&raw).map(|m| m.prefix().len());
+        assert_eq!(longest, Ok(MAX_PREFIX_LEN));
+        let mut normal = alloc::vec![VERSION, KIND_MESSAGE];
+        normal.extend_from_slice(&[5; HEADER_LEN + TAG_LEN]);
+        let shortest = Incoming::decode(&normal).map(|m| m.prefix().len());
+        assert_eq!(shortest, Ok(2 + HEADER_LEN));
+    }
+}

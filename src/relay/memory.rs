@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::vec::Vec;
+use subtle::ConstantTimeEq;
 
 use super::{
     DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage, RelayStorageError,
@@ -264,7 +265,15 @@ impl RelayStorage for MemoryRelayStorage {
         let Some(outstanding) = self.challenges.get_mut(mailbox) else {
             return Ok(false);
         };
-        let Some(position) = outstanding.iter().position(|(c, _)| c == challenge) else {
+        // Compared in constant time, every outstanding one: a challenge
+        // is only as good as it is unguessable.
+        let mut found = None;
+        for (i, (c, _)) in outstanding.iter().enumerate() {
+            if bool::from(c.ct_eq(challenge)) {
+                found = Some(i);
+            }
+        }
+        let Some(position) = found else {
             return Ok(false);
         };
         let (_, expires_at) = outstanding.remove(position).unwrap_or_default();

@@ -180,7 +180,10 @@ pub trait Store {
     /// Replaces the private prekeys and their bookkeeping.
     fn set_prekeys(&mut self, state: &PrekeyState) -> Result<(), StoreError>;
 
-    /// The session with a peer device.
+    /// The session with a peer device. A store that serializes sessions
+    /// restores them with its identity (the state does not hold the
+    /// identity keys: [`Session::from_bytes`]), so it needs one: without it
+    /// a stored session is [`StoreError::Corrupted`].
     fn session(&self, peer: &DeviceAddress) -> Result<Option<Session>, StoreError>;
     /// All sessions.
     fn sessions(&self) -> Result<Vec<(DeviceAddress, Session)>, StoreError>;

@@ -21,6 +21,7 @@ use super::{
     InboxMessage, LocalIdentity, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, Store,
     StoreError, Trust, LOCAL_IDENTITY_LEN,
 };
+use crate::protocol::keys::IdentityKey;
 use crate::protocol::session::Session;
 use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
 
@@ -199,6 +200,8 @@ fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
 pub struct SqliteStore {
     conn: Connection,
     sealer: Sealer,
+    /// Our identity key, once read: session states are restored with it.
+    local: std::cell::Cell<Option<IdentityKey>>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -295,7 +298,11 @@ impl SqliteStore {
                 .map_err(backend)?;
         }
         tx.commit().map_err(backend)?;
-        Ok(SqliteStore { conn, sealer })
+        Ok(SqliteStore {
+            conn,
+            sealer,
+            local: std::cell::Cell::new(None),
+        })
     }
 
     /// The addresses of all sessions, without opening them (so a corrupted
@@ -402,7 +409,22 @@ impl SqliteStore {
             .sealer
             .open(T_SESSIONS, &address_bytes(address), sealed)
             .map_err(|r| corrupted(T_SESSIONS, name(), r))?;
-        Session::from_bytes(&plain)
+        let local = match self.local.get() {
+            Some(local) => local,
+            None => match self.identity()? {
+                Some(identity) => *identity.keys.public(),
+                None => {
+                    return Err(corrupted(
+                        T_SESSIONS,
+                        name(),
+                        "a session but no identity".to_string(),
+                    ))
+                }
+            },
+        };
+        let remote = IdentityKey::from_bytes(&address.identity)
+            .map_err(|e| corrupted(T_SESSIONS, name(), format!("peer identity: {e}")))?;
+        Session::from_bytes(&plain, &local, &remote)
             .map_err(|e| corrupted(T_SESSIONS, name(), format!("session state: {e}")))
     }
 
@@ -530,12 +552,14 @@ impl Store for SqliteStore {
             .sealer
             .open(T_IDENTITY, &SINGLETON.to_be_bytes(), sealed)
             .map_err(fail)?;
-        LocalIdentity::from_bytes(&plain).map(Some).map_err(|_| {
+        let identity = LocalIdentity::from_bytes(&plain).map_err(|_| {
             fail(format!(
                 "secret: {} bytes, expected {LOCAL_IDENTITY_LEN}",
                 plain.len()
             ))
-        })
+        })?;
+        self.local.set(Some(*identity.keys.public()));
+        Ok(Some(identity))
     }
 
     fn set_identity(&mut self, identity: &LocalIdentity) -> Result<(), StoreError> {
@@ -550,6 +574,7 @@ impl Store for SqliteStore {
             )
             .and_then(|mut s| s.execute(params![SINGLETON, sealed]))
             .map_err(backend)?;
+        self.local.set(Some(*identity.keys.public()));
         Ok(())
     }
 
