@@ -108,6 +108,20 @@ fn steady_state_encrypt_and_decrypt_allocate_only_the_output() {
             assert_eq!(out, plaintext);
         }
     }
+    // Into an empty buffer: exactly one allocation, the reservation for
+    // the whole message (prefix, ciphertext and tag).
+    for size in [0usize, 64, 1024, 16 * 1024] {
+        let plaintext = vec![0x5a; size];
+        let mut wire = Vec::new();
+        let before = allocations();
+        a.encrypt_into(&mut rng, &plaintext, &mut wire).unwrap();
+        assert_eq!(
+            allocations() - before,
+            1,
+            "encrypt of {size} B into an empty buffer"
+        );
+        assert_eq!(b.decrypt(&wire).unwrap(), plaintext);
+    }
     // The counter works: the convenience form allocates its output.
     let before = allocations();
     let wire = a.encrypt(&mut rng, b"x").unwrap();

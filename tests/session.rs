@@ -453,3 +453,69 @@ fn a_state_restored_with_the_wrong_identities_decrypts_nothing() {
     let mut right = restore(&bytes, &bob).unwrap();
     assert_eq!(right.decrypt(&next).unwrap(), b"three");
 }
+
+/// The accessors a client routes by, through a session's life.
+#[test]
+fn routing_accessors_follow_the_ratchet() {
+    let mut p = pair(24, 0);
+    let mut alice = p.initiate(SessionConfig::default());
+    let spk = *p.bob_prekeys.current_signed_prekey().public();
+    // A new initiator: a sending chain, nothing sent yet; it receives under
+    // SPK_B until Bob answers.
+    assert!(alice.awaits_new_ratchet_key());
+    assert_eq!(alice.sending_chain_length(), 0);
+    assert_eq!(alice.receiving_ratchet_keys().collect::<Vec<_>>(), [&spk]);
+    let m0 = alice.encrypt(&mut p.rng, b"0").unwrap();
+    let m1 = alice.encrypt(&mut p.rng, b"1").unwrap();
+    assert_eq!(alice.sending_chain_length(), 2);
+    let (mut bob, _) = p.accept(&m1, SessionConfig::default()).unwrap();
+    // Bob has not sent: no key of his can be answered yet; he still holds
+    // the key of m0 (skipped) under Alice's ratchet key.
+    assert!(!bob.awaits_new_ratchet_key());
+    assert_eq!(bob.sending_chain_length(), 0);
+    let alice_key = Incoming::decode(&m1).unwrap().header().ratchet_key;
+    // (Listed twice: as the current receiving key and as the key of the
+    // chain holding m0's skipped key.)
+    assert_eq!(
+        bob.receiving_ratchet_keys().collect::<Vec<_>>(),
+        [&alice_key, &alice_key]
+    );
+    assert_eq!(bob.decrypt(&m0).unwrap(), b"0");
+    let r0 = bob.encrypt(&mut p.rng, b"r0").unwrap();
+    assert!(bob.awaits_new_ratchet_key());
+    assert_eq!(bob.sending_chain_length(), 1);
+    alice.decrypt(&r0).unwrap();
+    let bob_key = Incoming::decode(&r0).unwrap().header().ratchet_key;
+    assert_eq!(
+        alice.receiving_ratchet_keys().collect::<Vec<_>>(),
+        [&bob_key]
+    );
+    // Alice's next send starts a new chain (a DH ratchet step is due).
+    assert!(!alice.awaits_new_ratchet_key());
+    assert_eq!(alice.sending_chain_length(), 0);
+}
+
+/// Debug shows what identifies a session (and no secret: see
+/// debug_output_holds_no_secrets).
+#[test]
+fn debug_output_names_the_session() {
+    let mut p = pair(25, 0);
+    let mut alice = p.initiate(SessionConfig::default());
+    let m = alice.encrypt(&mut p.rng, b"hello").unwrap();
+    let accepted = p
+        .bob_prekeys
+        .accept(
+            &p.bob,
+            &Incoming::decode(&m).unwrap(),
+            SessionConfig::default(),
+        )
+        .unwrap();
+    let printed = format!("{alice:?}");
+    assert!(printed.starts_with("Session {"), "{printed}");
+    assert!(printed.contains("role: Initiator"), "{printed}");
+    assert!(printed.contains("sends_prekey_messages: true"), "{printed}");
+    let printed = format!("{accepted:?}");
+    assert!(printed.starts_with("Accepted {"), "{printed}");
+    assert!(printed.contains("role: Responder"), "{printed}");
+    assert!(printed.contains("plaintext_len: 5"), "{printed}");
+}

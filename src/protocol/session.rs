@@ -26,6 +26,11 @@ use crate::protocol::x3dh;
 /// AES-GCM's limit on one plaintext (2^36 - 32 bytes).
 const MAX_PLAINTEXT: u64 = (1 << 36) - 32;
 
+/// Whether a plaintext of `len` bytes is within AES-GCM's limit.
+fn plaintext_fits(len: usize) -> bool {
+    len as u64 <= MAX_PLAINTEXT
+}
+
 /// Which side of X3DH a session was created on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -264,7 +269,7 @@ impl Session {
         plaintext: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<MessageKey> {
-        if plaintext.len() as u64 > MAX_PLAINTEXT {
+        if !plaintext_fits(plaintext.len()) {
             return Err(Error::PlaintextTooLong);
         }
         let (header, mk) = self.ratchet.next_sending_key(rng)?;
@@ -447,5 +452,20 @@ impl fmt::Debug for Session {
             .field("sends_prekey_messages", &self.sends_prekey_messages())
             .field("skipped_message_keys", &self.ratchet.skipped.len)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plaintext_limit_is_aes_gcm_s() {
+        // 2^36 - 32 bytes: 2^32 - 2 blocks of 16 bytes.
+        assert_eq!(MAX_PLAINTEXT, 68_719_476_704);
+        assert!(plaintext_fits(0));
+        assert!(plaintext_fits(68_719_476_704));
+        assert!(!plaintext_fits(68_719_476_705));
+        assert!(!plaintext_fits(usize::MAX));
     }
 }
