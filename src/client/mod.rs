@@ -644,6 +644,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut messages: Vec<InboxMessage> = Vec::new();
         let mut processed: Vec<EnvelopeId> = Vec::new();
         let mut seen_in_batch = std::collections::HashSet::new();
+        let mut known_peers = PeerCache::new();
         let mut ack = Vec::with_capacity(envelopes.len());
 
         for envelope in envelopes {
@@ -659,9 +660,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 &mut prekeys,
                 &mut prekeys_changed,
                 &mut touched,
+                &mut known_peers,
             ) {
                 Ok((from, body)) => {
-                    if self.store.peer(&from)?.is_none()
+                    if self.peer_trust(&mut known_peers, &from)?.is_none()
                         && !new_peers.iter().any(|p| p.address == from)
                     {
                         new_peers.push(PeerRecord {
@@ -750,6 +752,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         prekeys: &mut Option<PrekeyState>,
         prekeys_changed: &mut bool,
         touched: &mut Vec<DeviceAddress>,
+        known_peers: &mut PeerCache,
     ) -> Result<(DeviceAddress, Vec<u8>), Rejection> {
         let incoming = Incoming::decode(&envelope.payload).map_err(Rejection::Protocol)?;
         let mut plaintext = Vec::new();
@@ -794,7 +797,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                     identity: *accepted.session.remote_identity().as_bytes(),
                     device_id,
                 };
-                self.check_sender(&address)?;
+                self.check_sender(known_peers, &address)?;
                 if let Some(id) = accepted.consumed_one_time_prekey {
                     state.prekeys.remove_one_time_prekey(id);
                     *prekeys_changed = true;
@@ -827,17 +830,40 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         if device_id != address.device_id {
             return Err(Rejection::BadFrame);
         }
-        self.check_sender(&address)?;
+        self.check_sender(known_peers, &address)?;
         Ok((address, body))
     }
 
-    fn check_sender(&self, address: &DeviceAddress) -> Result<(), Rejection> {
-        match self.store.peer(address) {
-            Ok(Some(p)) if p.trust == Trust::Compromised => Err(Rejection::Compromised),
+    fn check_sender(
+        &self,
+        known_peers: &mut PeerCache,
+        address: &DeviceAddress,
+    ) -> Result<(), Rejection> {
+        match self.peer_trust(known_peers, address) {
+            Ok(Some(Trust::Compromised)) => Err(Rejection::Compromised),
             _ => Ok(()),
         }
     }
+
+    /// The peer's trust (`None`: not a known peer), read from the store
+    /// once per batch: peer records do not change while a batch is
+    /// processed (new peers are committed with it).
+    fn peer_trust(
+        &self,
+        known_peers: &mut PeerCache,
+        address: &DeviceAddress,
+    ) -> Result<Option<Trust>, StoreError> {
+        if let Some(trust) = known_peers.get(address) {
+            return Ok(*trust);
+        }
+        let trust = self.store.peer(address)?.map(|p| p.trust);
+        known_peers.insert(*address, trust);
+        Ok(trust)
+    }
 }
+
+/// Peers' trust read during one batch of received envelopes.
+type PeerCache = HashMap<DeviceAddress, Option<Trust>>;
 
 /// Splits a client frame into the sender's device number and the body.
 fn parse_frame(mut plaintext: Vec<u8>) -> Result<(u32, Vec<u8>), Rejection> {
