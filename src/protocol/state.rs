@@ -3,7 +3,7 @@
 //! All integers big-endian. The encoding holds secret keys: store it
 //! encrypted, and drop it promptly (it is returned in a zeroizing buffer).
 //! It holds nothing the owner of the session already knows: the two
-//! identity keys (the caller gives them back to [`decode`]; a session
+//! identity keys (the caller gives them back to [`Session::from_bytes`]; a session
 //! restored with the wrong ones decrypts nothing and its messages are
 //! rejected by the peer, as the identities are part of every message's
 //! associated data), our ratchet public key (recomputed from its secret),
