@@ -294,9 +294,6 @@ struct Statements {
     share_device: Statement,
     claim: Statement,
     lock_mailbox: Statement,
-    expire_mailbox: Statement,
-    mailbox_state: Statement,
-    insert_envelope: Statement,
     list_envelopes: Statement,
     usage: Statement,
     expire_mailboxes: Statement,
@@ -369,26 +366,6 @@ impl Statements {
             lock_mailbox: p(&format!(
                 "SELECT pg_advisory_xact_lock({LOCK_DEPOSIT}, $1::integer)"
             ))?,
-            expire_mailbox: p("WITH acknowledged AS (
-                                   DELETE FROM cubbyhole_relay_acknowledged
-                                   WHERE mailbox = $1 AND received_at < $2)
-                               DELETE FROM cubbyhole_relay_envelopes
-                               WHERE mailbox = $1 AND received_at < $2")?,
-            mailbox_state: p("SELECT
-                                  EXISTS (SELECT 1 FROM cubbyhole_relay_envelopes
-                                          WHERE mailbox = $1 AND id = $2)
-                                  OR EXISTS (SELECT 1 FROM cubbyhole_relay_acknowledged
-                                             WHERE mailbox = $1 AND id = $2),
-                                  count(*),
-                                  coalesce(sum(size), 0)::bigint
-                              FROM cubbyhole_relay_envelopes WHERE mailbox = $1")?,
-            insert_envelope: p(&format!(
-                "WITH stored AS (
-                     INSERT INTO cubbyhole_relay_envelopes
-                         (mailbox, id, received_at, size, payload)
-                     VALUES ($1, $2, $3, $4, $5) RETURNING 1)
-                 SELECT pg_notify('{DEPOSIT_CHANNEL}', $6::text) FROM stored"
-            ))?,
             // The byte cap as a running sum, so that no payload past it is
             // read.
             list_envelopes: p("WITH head AS (
@@ -403,8 +380,7 @@ impl Statements {
                                ORDER BY head.seq")?,
             usage: p("SELECT count(*), coalesce(sum(size), 0)::bigint
                       FROM cubbyhole_relay_envelopes WHERE mailbox = $1")?,
-            // The batch forms of the single-deposit statements above: one
-            // statement per step for all the batch's mailboxes.
+            // One statement per step for all of a deposit batch's mailboxes.
             expire_mailboxes: p("WITH acknowledged AS (
                                      DELETE FROM cubbyhole_relay_acknowledged
                                      WHERE mailbox = ANY($1::bytea[]) AND received_at < $2)
@@ -782,6 +758,8 @@ impl RelayStorage for PostgresRelayStorage {
         })
     }
 
+    /// A batch of one: the rules and the statements are those of
+    /// [`insert_envelopes`](RelayStorage::insert_envelopes).
     fn insert_envelope(
         &mut self,
         mailbox: &MailboxId,
@@ -789,45 +767,12 @@ impl RelayStorage for PostgresRelayStorage {
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<InsertOutcome, RelayStorageError> {
-        let mailbox_bytes = &mailbox.0[..];
-        let id = &envelope.id.0[..];
-        let cutoff = time(limits.expire_before);
-        let size = envelope.payload.len() as u64;
-        let notice = hex::encode(mailbox.0);
-        self.run(|client, st| {
-            let mut tx = client.transaction()?;
-            // Deposits to one mailbox take turns from here to the commit.
-            tx.execute(&st.lock_mailbox, &[&lock_key(mailbox)])?;
-            tx.execute(&st.expire_mailbox, &[&mailbox_bytes, &cutoff])?;
-            let state = tx.query_one(&st.mailbox_state, &[&mailbox_bytes, &id])?;
-            let duplicate: bool = state.try_get(0)?;
-            let envelopes: i64 = state.try_get(1)?;
-            let bytes: i64 = state.try_get(2)?;
-            let outcome = if duplicate {
-                InsertOutcome::Duplicate
-            } else if count(envelopes) >= u64::from(limits.max_envelopes) {
-                InsertOutcome::TooManyEnvelopes
-            } else if count(bytes).saturating_add(size) > limits.max_bytes {
-                InsertOutcome::TooManyBytes
-            } else {
-                // Stores and notifies, delivered on commit.
-                tx.execute(
-                    &st.insert_envelope,
-                    &[
-                        &mailbox_bytes,
-                        &id,
-                        &time(received_at),
-                        &time(size),
-                        &envelope.payload,
-                        &notice,
-                    ],
-                )?;
-                InsertOutcome::Stored
-            };
-            // Commits the expiry too, whatever the outcome.
-            tx.commit()?;
-            Ok(outcome)
-        })
+        let batch = [(*mailbox, envelope.clone())];
+        let outcome = self.insert_envelopes(&batch, received_at, limits)?;
+        outcome
+            .into_iter()
+            .next()
+            .ok_or_else(|| RelayStorageError::Corrupted("a batch of one gave no outcome".into()))
     }
 
     /// One transaction for the batch (group commit), with a fixed number of
