@@ -128,3 +128,32 @@ fn steady_state_encrypt_and_decrypt_allocate_only_the_output() {
     assert!(allocations() > before);
     assert_eq!(b.decrypt(&wire).unwrap(), b"x");
 }
+
+/// The initiator's prekey messages carry the longest prefix of all
+/// (`MAX_PREFIX_LEN` exactly), so a reservation that is short by even one
+/// byte shows up as a second allocation here.
+#[test]
+fn prekey_message_into_an_empty_buffer_is_one_allocation() {
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let alice = IdentityKeyPair::generate(&mut rng);
+    let bob = IdentityKeyPair::generate(&mut rng);
+    let mut prekeys = PrekeyStore::new(&mut rng, &bob, NOW);
+    prekeys.generate_one_time_prekeys(&mut rng, 1);
+    let bundle = PrekeyBundle::decode(&prekeys.bundle(&bob).encode())
+        .unwrap()
+        .verify(NOW, FreshnessPolicy::default())
+        .unwrap();
+    let mut a = Session::initiate(&mut rng, &alice, &bundle, SessionConfig::default()).unwrap();
+    for size in [0usize, 1, 64, 1024, 16 * 1024] {
+        let plaintext = vec![0x5a; size];
+        let mut wire = Vec::new();
+        let before = allocations();
+        a.encrypt_into(&mut rng, &plaintext, &mut wire).unwrap();
+        assert_eq!(
+            allocations() - before,
+            1,
+            "prekey message of {size} B into an empty buffer"
+        );
+        assert!(Incoming::decode(&wire).unwrap().prekey().is_some());
+    }
+}
