@@ -262,11 +262,197 @@ mod sqlite_file {
         drop(SqliteRelayStorage::open(&db.0).unwrap());
         {
             let conn = rusqlite::Connection::open(&db.0).unwrap();
-            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.pragma_update(None, "user_version", 3).unwrap();
         }
         assert!(matches!(
             SqliteRelayStorage::open(&db.0),
-            Err(RelayStorageError::UnsupportedSchema(2))
+            Err(RelayStorageError::UnsupportedSchema(3))
         ));
+    }
+
+    /// The relay schema of version 1 as it was last written (2026-11,
+    /// `378b872`), kept here verbatim so that the migration is tested
+    /// against a real version-1 file, not against what the code thinks it
+    /// was.
+    const SCHEMA_V1: &str = "
+        CREATE TABLE devices (identity BLOB NOT NULL, device_id INTEGER NOT NULL,
+            mailbox BLOB NOT NULL, counter INTEGER NOT NULL, spk_id INTEGER NOT NULL,
+            spk_created INTEGER NOT NULL, spk_public BLOB NOT NULL,
+            spk_signature BLOB NOT NULL, published_at INTEGER NOT NULL,
+            PRIMARY KEY (identity, device_id)) WITHOUT ROWID;
+        CREATE UNIQUE INDEX devices_by_mailbox ON devices (mailbox);
+        CREATE TABLE one_time_prekeys (seq INTEGER PRIMARY KEY, identity BLOB NOT NULL,
+            device_id INTEGER NOT NULL, key_id INTEGER NOT NULL, public BLOB NOT NULL,
+            UNIQUE (identity, device_id, key_id));
+        CREATE INDEX one_time_prekeys_by_device ON one_time_prekeys (identity, device_id, seq);
+        CREATE TABLE envelopes (seq INTEGER PRIMARY KEY, mailbox BLOB NOT NULL,
+            id BLOB NOT NULL, received_at INTEGER NOT NULL, size INTEGER NOT NULL,
+            payload BLOB NOT NULL, UNIQUE (mailbox, id));
+        CREATE INDEX envelopes_by_mailbox ON envelopes (mailbox, seq, received_at, size);
+        CREATE INDEX envelopes_by_time ON envelopes (received_at);
+        CREATE TABLE acknowledged (mailbox BLOB NOT NULL, id BLOB NOT NULL,
+            received_at INTEGER NOT NULL, PRIMARY KEY (mailbox, id)) WITHOUT ROWID;
+        CREATE INDEX acknowledged_by_time ON acknowledged (received_at);
+        CREATE TABLE challenges (seq INTEGER PRIMARY KEY, mailbox BLOB NOT NULL,
+            challenge BLOB NOT NULL, expires_at INTEGER NOT NULL,
+            UNIQUE (mailbox, challenge));
+        CREATE INDEX challenges_by_mailbox ON challenges (mailbox, seq);
+        CREATE INDEX challenges_by_expiry ON challenges (expires_at);
+        CREATE TABLE mailbox_usage (mailbox BLOB PRIMARY KEY, envelopes INTEGER NOT NULL,
+            bytes INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TRIGGER envelopes_usage_insert AFTER INSERT ON envelopes BEGIN
+            INSERT INTO mailbox_usage (mailbox, envelopes, bytes) VALUES (NEW.mailbox, 1, NEW.size)
+            ON CONFLICT (mailbox) DO UPDATE SET
+                envelopes = envelopes + 1, bytes = bytes + excluded.bytes;
+        END;
+        CREATE TRIGGER envelopes_usage_delete AFTER DELETE ON envelopes BEGIN
+            UPDATE mailbox_usage SET envelopes = envelopes - 1, bytes = bytes - OLD.size
+            WHERE mailbox = OLD.mailbox;
+        END;
+        CREATE INDEX envelopes_by_mailbox_time ON envelopes (mailbox, received_at);
+        CREATE INDEX acknowledged_by_mailbox_time ON acknowledged (mailbox, received_at);
+        PRAGMA application_id = 1667396204; -- 'cbrl'
+        PRAGMA user_version = 1;
+    ";
+
+    #[test]
+    fn migrates_a_version_1_database() {
+        use cubbyhole::relay::{InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage};
+        use cubbyhole::transport::MailboxId;
+
+        let db = TempDb::new("migrate");
+        let a = MailboxId([0xa1; 32]);
+        let b = MailboxId([0xb2; 32]);
+        {
+            let conn = rusqlite::Connection::open(&db.0).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            let mut insert = conn
+                .prepare(
+                    "INSERT INTO envelopes (seq, mailbox, id, received_at, size, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .unwrap();
+            // Mailbox a: three pending envelopes whose deposit order is
+            // not their id order, and one acknowledged id.
+            for (seq, n, len, at) in [
+                (5, 9u8, 30usize, NOW),
+                (7, 3, 10, NOW + 1),
+                (9, 6, 20, NOW + 2),
+            ] {
+                let e = envelope(n, len);
+                insert
+                    .execute(rusqlite::params![
+                        seq, a.0, e.id.0, at as i64, len as i64, e.payload
+                    ])
+                    .unwrap();
+            }
+            // Mailbox b: pending in a, acknowledged in b (ids are per mailbox).
+            let e = envelope(3, 10);
+            insert
+                .execute(rusqlite::params![
+                    11, b.0, e.id.0, NOW as i64, 10, e.payload
+                ])
+                .unwrap();
+            conn.execute("DELETE FROM envelopes WHERE seq = 11", [])
+                .unwrap();
+            let mut ack = conn
+                .prepare("INSERT INTO acknowledged (mailbox, id, received_at) VALUES (?1, ?2, ?3)")
+                .unwrap();
+            ack.execute(rusqlite::params![a.0, [1u8; 16], NOW as i64])
+                .unwrap();
+            ack.execute(rusqlite::params![b.0, [3u8; 16], (NOW + 10) as i64])
+                .unwrap();
+        }
+        let mut storage = SqliteRelayStorage::open(&db.0).unwrap();
+        {
+            let conn = rusqlite::Connection::open(&db.0).unwrap();
+            let version: u32 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(version, 2);
+        }
+        // Pending envelopes in deposit order, usage counted.
+        assert_eq!(
+            storage.list_envelopes(&a, 0, 10, u64::MAX).unwrap(),
+            vec![envelope(9, 30), envelope(3, 10), envelope(6, 20)]
+        );
+        assert_eq!(
+            storage.mailbox_usage(&a).unwrap(),
+            MailboxUsage {
+                envelopes: 3,
+                bytes: 60
+            }
+        );
+        assert_eq!(storage.mailbox_usage(&b).unwrap(), MailboxUsage::default());
+        assert!(storage
+            .list_envelopes(&b, 0, 10, u64::MAX)
+            .unwrap()
+            .is_empty());
+        // Acknowledged ids are still duplicates, pending ones too.
+        let limits = MailboxLimits {
+            max_envelopes: 100,
+            max_bytes: 1 << 20,
+            expire_before: 0,
+        };
+        for (mailbox, n) in [(&a, 1u8), (&a, 9), (&b, 3)] {
+            assert_eq!(
+                storage
+                    .insert_envelope(mailbox, &envelope(n, 5), NOW + 20, limits)
+                    .unwrap(),
+                InsertOutcome::Duplicate,
+                "envelope {n}"
+            );
+        }
+        // New deposits go after the migrated ones.
+        assert_eq!(
+            storage
+                .insert_envelope(&a, &envelope(2, 5), NOW + 20, limits)
+                .unwrap(),
+            InsertOutcome::Stored
+        );
+        assert_eq!(
+            storage
+                .acknowledge_envelopes(&a, &[EnvelopeId([3; 16])])
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            storage.list_envelopes(&a, 0, 10, u64::MAX).unwrap(),
+            vec![envelope(9, 30), envelope(6, 20), envelope(2, 5)]
+        );
+        assert_eq!(
+            storage.mailbox_usage(&a).unwrap(),
+            MailboxUsage {
+                envelopes: 3,
+                bytes: 55
+            }
+        );
+        // Receipt times survived: expiring before NOW + 5 drops a's two
+        // pending migrated envelopes, the one acknowledged since and a's
+        // migrated acknowledged id, and keeps b's, received at NOW + 10.
+        assert_eq!(storage.expire_envelopes(NOW + 5).unwrap(), 2);
+        assert_eq!(
+            storage.mailbox_usage(&a).unwrap(),
+            MailboxUsage {
+                envelopes: 1,
+                bytes: 5
+            }
+        );
+        assert_eq!(
+            storage
+                .insert_envelope(&a, &envelope(1, 5), NOW + 20, limits)
+                .unwrap(),
+            InsertOutcome::Stored
+        );
+        assert_eq!(
+            storage
+                .insert_envelope(&b, &envelope(3, 5), NOW + 20, limits)
+                .unwrap(),
+            InsertOutcome::Duplicate
+        );
+        assert_eq!(
+            storage.list_envelopes(&a, 0, 10, u64::MAX).unwrap(),
+            vec![envelope(2, 5), envelope(1, 5)]
+        );
     }
 }

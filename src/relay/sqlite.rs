@@ -1,9 +1,11 @@
 //! The persistent relay storage over SQLite (feature `sqlite`).
 //!
-//! One database file holds devices, one-time prekeys, envelopes,
-//! acknowledged ids and challenges, and each mailbox's usage (envelope
-//! count and bytes, kept by triggers, so that a deposit checks the
-//! mailbox's bounds without counting its envelopes). The file runs in WAL mode with
+//! One database file holds devices, one-time prekeys, mailboxes (each with
+//! a small integer key and its usage, the envelope count and bytes, so
+//! that a deposit checks the mailbox's bounds without counting its
+//! envelopes), envelopes (an acknowledged one keeps its row, without its
+//! payload, until it expires, so that its id stays a duplicate) and
+//! challenges. The file runs in WAL mode with
 //! `synchronous = FULL` (an accepted deposit or upload survives a power
 //! loss), a busy timeout (several relay processes may share it), and
 //! `user_version` schema versioning under a relay `application_id`. Every
@@ -33,9 +35,10 @@ use crate::transport::{
 /// `PRAGMA application_id` of a relay database ("cbrl").
 const APPLICATION_ID: i32 = 0x6362_726c;
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: u32 = 1;
+const SCHEMA_VERSION: u32 = 2;
 
-const SCHEMA: &str = "
+/// The tables every schema version shares.
+const COMMON_SCHEMA: &str = "
 CREATE TABLE devices (
     identity BLOB NOT NULL,
     device_id INTEGER NOT NULL,
@@ -60,26 +63,6 @@ CREATE TABLE one_time_prekeys (
 );
 CREATE INDEX one_time_prekeys_by_device ON one_time_prekeys (identity, device_id, seq);
 
-CREATE TABLE envelopes (
-    seq INTEGER PRIMARY KEY,
-    mailbox BLOB NOT NULL,
-    id BLOB NOT NULL,
-    received_at INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    payload BLOB NOT NULL,
-    UNIQUE (mailbox, id)
-);
-CREATE INDEX envelopes_by_mailbox ON envelopes (mailbox, seq, received_at, size);
-CREATE INDEX envelopes_by_time ON envelopes (received_at);
-
-CREATE TABLE acknowledged (
-    mailbox BLOB NOT NULL,
-    id BLOB NOT NULL,
-    received_at INTEGER NOT NULL,
-    PRIMARY KEY (mailbox, id)
-) WITHOUT ROWID;
-CREATE INDEX acknowledged_by_time ON acknowledged (received_at);
-
 CREATE TABLE challenges (
     seq INTEGER PRIMARY KEY,
     mailbox BLOB NOT NULL,
@@ -91,32 +74,88 @@ CREATE INDEX challenges_by_mailbox ON challenges (mailbox, seq);
 CREATE INDEX challenges_by_expiry ON challenges (expires_at);
 ";
 
-/// What schema version 1 gained without changing its number (older code
-/// ignores it, and the triggers keep it right whatever code writes the
-/// envelopes, which are only ever inserted and deleted): each mailbox's
-/// usage, so that a deposit does not count the mailbox's envelopes, and
-/// the indexes of the per-mailbox expiry, so that a deposit does not scan
-/// the mailbox's envelopes and acknowledged ids. Applied when a database
-/// lacks it, counting the envelopes already stored.
-const USAGE_SCHEMA: &str = "
-CREATE TABLE mailbox_usage (
-    mailbox BLOB PRIMARY KEY,
-    envelopes INTEGER NOT NULL,
-    bytes INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TRIGGER envelopes_usage_insert AFTER INSERT ON envelopes BEGIN
-    INSERT INTO mailbox_usage (mailbox, envelopes, bytes) VALUES (NEW.mailbox, 1, NEW.size)
-    ON CONFLICT (mailbox) DO UPDATE SET
-        envelopes = envelopes + 1, bytes = bytes + excluded.bytes;
-END;
-CREATE TRIGGER envelopes_usage_delete AFTER DELETE ON envelopes BEGIN
-    UPDATE mailbox_usage SET envelopes = envelopes - 1, bytes = bytes - OLD.size
-    WHERE mailbox = OLD.mailbox;
-END;
-INSERT INTO mailbox_usage (mailbox, envelopes, bytes)
-    SELECT mailbox, count(*), sum(size) FROM envelopes GROUP BY mailbox;
-CREATE INDEX IF NOT EXISTS envelopes_by_mailbox_time ON envelopes (mailbox, received_at);
-CREATE INDEX IF NOT EXISTS acknowledged_by_mailbox_time ON acknowledged (mailbox, received_at);
+/// The mailboxes and envelopes of schema version 2.
+///
+/// Each mailbox gets a small integer key (`mid`) the first time an
+/// envelope is deposited to it, and its row keeps the mailbox's usage
+/// (pending envelopes and their payload bytes), which the code updates
+/// once per transaction. An envelope stays one row from its deposit until
+/// it expires: acknowledging it sets `acknowledged` and drops its payload,
+/// so that its id is still recognised as a duplicate until it expires.
+/// That costs two B-tree writes (the row, and leaving the index of pending
+/// envelopes) where moving it to a table of acknowledged ids cost eight.
+///
+/// Indexes: `(mid, id)` finds duplicates and acknowledged ids;
+/// `(mid, seq)` over pending envelopes only lists a mailbox in deposit
+/// order; `(mid, received_at)` expires one mailbox; `(received_at)`
+/// expires the whole relay. Every key but `(mid, id)` grows at its end
+/// (per mailbox), so a batch of deposits dirties few pages of them.
+const MAILBOX_SCHEMA: &str = "
+CREATE TABLE mailboxes (
+    mid INTEGER PRIMARY KEY,
+    mailbox BLOB NOT NULL UNIQUE,
+    envelopes INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE envelopes (
+    seq INTEGER PRIMARY KEY,
+    mid INTEGER NOT NULL,
+    id BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    acknowledged INTEGER NOT NULL DEFAULT 0,
+    payload BLOB NOT NULL,
+    UNIQUE (mid, id)
+);
+";
+
+/// The indexes of [`MAILBOX_SCHEMA`] besides its unique keys (created
+/// after a migration has copied the rows).
+const MAILBOX_INDEXES: &str = "
+CREATE INDEX envelopes_pending ON envelopes (mid, seq) WHERE acknowledged = 0;
+CREATE INDEX envelopes_by_mailbox_time ON envelopes (mid, received_at);
+CREATE INDEX envelopes_by_time ON envelopes (received_at);
+";
+
+/// From schema version 1 (envelopes keyed by the 32-byte mailbox id,
+/// acknowledged ids in a table of their own, usage kept by triggers in
+/// `mailbox_usage`, which early version-1 databases lack) to version 2, in
+/// the transaction that opens the database. Pending envelopes keep their
+/// order (`seq`); acknowledged ids keep their receipt time.
+const MIGRATE_1_TO_2: &str = "
+CREATE TABLE mailboxes (
+    mid INTEGER PRIMARY KEY,
+    mailbox BLOB NOT NULL UNIQUE,
+    envelopes INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO mailboxes (mailbox)
+    SELECT mailbox FROM envelopes UNION SELECT mailbox FROM acknowledged;
+CREATE TABLE envelopes_v2 (
+    seq INTEGER PRIMARY KEY,
+    mid INTEGER NOT NULL,
+    id BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    acknowledged INTEGER NOT NULL DEFAULT 0,
+    payload BLOB NOT NULL,
+    UNIQUE (mid, id)
+);
+INSERT INTO envelopes_v2 (seq, mid, id, received_at, size, acknowledged, payload)
+    SELECT e.seq, m.mid, e.id, e.received_at, e.size, 0, e.payload
+    FROM envelopes e JOIN mailboxes m ON m.mailbox = e.mailbox ORDER BY e.seq;
+INSERT OR IGNORE INTO envelopes_v2 (mid, id, received_at, size, acknowledged, payload)
+    SELECT m.mid, a.id, a.received_at, 0, 1, X''
+    FROM acknowledged a JOIN mailboxes m ON m.mailbox = a.mailbox;
+UPDATE mailboxes SET
+    envelopes = (SELECT count(*) FROM envelopes_v2 e
+                 WHERE e.mid = mailboxes.mid AND e.acknowledged = 0),
+    bytes = (SELECT coalesce(sum(size), 0) FROM envelopes_v2 e
+             WHERE e.mid = mailboxes.mid AND e.acknowledged = 0);
+DROP TABLE IF EXISTS mailbox_usage;
+DROP TABLE acknowledged;
+DROP TABLE envelopes;
+ALTER TABLE envelopes_v2 RENAME TO envelopes;
 ";
 
 fn db(error: rusqlite::Error) -> RelayStorageError {
@@ -289,26 +328,21 @@ impl SqliteRelayStorage {
                         "not a cubbyhole relay database".into(),
                     ));
                 }
-                tx.execute_batch(SCHEMA).map_err(db)?;
-                tx.execute_batch(USAGE_SCHEMA).map_err(db)?;
+                tx.execute_batch(COMMON_SCHEMA).map_err(db)?;
+                tx.execute_batch(MAILBOX_SCHEMA).map_err(db)?;
+                tx.execute_batch(MAILBOX_INDEXES).map_err(db)?;
                 tx.pragma_update(None, "application_id", APPLICATION_ID)
                     .map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(db)?;
             }
-            (APPLICATION_ID, SCHEMA_VERSION) => {
-                let has_usage: i64 = tx
-                    .query_row(
-                        "SELECT count(*) FROM sqlite_master
-                         WHERE type = 'table' AND name = 'mailbox_usage'",
-                        [],
-                        |r| r.get(0),
-                    )
+            (APPLICATION_ID, 1) => {
+                tx.execute_batch(MIGRATE_1_TO_2).map_err(db)?;
+                tx.execute_batch(MAILBOX_INDEXES).map_err(db)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(db)?;
-                if has_usage == 0 {
-                    tx.execute_batch(USAGE_SCHEMA).map_err(db)?;
-                }
             }
+            (APPLICATION_ID, SCHEMA_VERSION) => {}
             (APPLICATION_ID, newer) if newer > SCHEMA_VERSION => {
                 return Err(RelayStorageError::UnsupportedSchema(newer));
             }
@@ -485,14 +519,9 @@ impl RelayStorage for SqliteRelayStorage {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let outcome = insert_one(
-            &tx,
-            &mut Touched::new(),
-            mailbox,
-            envelope,
-            received_at,
-            limits,
-        )?;
+        let mut touched = Touched::new();
+        let outcome = insert_one(&tx, &mut touched, mailbox, envelope, received_at, limits)?;
+        write_usage(&tx, &touched)?;
         tx.commit().map_err(db)?;
         Ok(outcome)
     }
@@ -520,6 +549,7 @@ impl RelayStorage for SqliteRelayStorage {
                 limits,
             )?);
         }
+        write_usage(&tx, &touched)?;
         tx.commit().map_err(db)?;
         Ok(outcomes)
     }
@@ -531,19 +561,23 @@ impl RelayStorage for SqliteRelayStorage {
         limit: u32,
         max_bytes: u64,
     ) -> Result<Vec<Envelope>, RelayStorageError> {
+        let Some(mid) = mailbox_key(&self.conn, mailbox)? else {
+            return Ok(Vec::new());
+        };
         let mut stmt = self
             .conn
             .prepare_cached(
-                // In mailbox order through the index that has it: the
-                // planner would otherwise pick the (mailbox, received_at)
-                // index and sort every pending envelope of the mailbox to
-                // return the first `limit`.
-                "SELECT id, size, payload FROM envelopes INDEXED BY envelopes_by_mailbox
-                 WHERE mailbox = ?1 AND received_at >= ?2 ORDER BY seq LIMIT ?3",
+                // In deposit order through the index of pending envelopes,
+                // which has it (the planner could otherwise take the
+                // (mid, received_at) index and sort every pending envelope
+                // of the mailbox to return the first `limit`).
+                "SELECT id, size, payload FROM envelopes INDEXED BY envelopes_pending
+                 WHERE mid = ?1 AND acknowledged = 0 AND received_at >= ?2
+                 ORDER BY seq LIMIT ?3",
             )
             .map_err(db)?;
         let mut rows = stmt
-            .query(params![mailbox.0, time(received_since), limit])
+            .query(params![mid, time(received_since), limit])
             .map_err(db)?;
         let mut out = Vec::new();
         let mut total = 0u64;
@@ -574,31 +608,40 @@ impl RelayStorage for SqliteRelayStorage {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let mut deleted = 0;
+        let Some(mid) = mailbox_key(&tx, mailbox)? else {
+            return Ok(0);
+        };
+        let mut deleted = 0u64;
+        let mut bytes = 0u64;
         {
-            let mut delete = tx
+            // The row stays (with its receipt time, for expiry) so that the
+            // id remains a duplicate; the payload goes.
+            let mut acknowledge = tx
                 .prepare_cached(
-                    "DELETE FROM envelopes WHERE mailbox = ?1 AND id = ?2 RETURNING received_at",
-                )
-                .map_err(db)?;
-            let mut remember = tx
-                .prepare_cached(
-                    "INSERT OR IGNORE INTO acknowledged (mailbox, id, received_at)
-                     VALUES (?1, ?2, ?3)",
+                    "UPDATE envelopes SET acknowledged = 1, payload = X''
+                     WHERE mid = ?1 AND id = ?2 AND acknowledged = 0
+                     RETURNING size",
                 )
                 .map_err(db)?;
             for id in ids {
-                let received: Option<i64> = delete
-                    .query_row(params![mailbox.0, id.0], |r| r.get(0))
+                let size: Option<i64> = acknowledge
+                    .query_row(params![mid, id.0], |r| r.get(0))
                     .optional()
                     .map_err(db)?;
-                if let Some(received) = received {
-                    remember
-                        .execute(params![mailbox.0, id.0, received])
-                        .map_err(db)?;
+                if let Some(size) = size {
                     deleted += 1;
+                    bytes = bytes.saturating_add(count(size));
                 }
             }
+        }
+        if deleted > 0 {
+            tx.prepare_cached(
+                "UPDATE mailboxes SET envelopes = max(envelopes - ?2, 0),
+                     bytes = max(bytes - ?3, 0) WHERE mid = ?1",
+            )
+            .map_err(db)?
+            .execute(params![mid, time(deleted), time(bytes)])
+            .map_err(db)?;
         }
         tx.commit().map_err(db)?;
         Ok(deleted)
@@ -609,18 +652,41 @@ impl RelayStorage for SqliteRelayStorage {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(db)?;
-        let cutoff = time(received_before);
-        let expired = tx
-            .prepare_cached("DELETE FROM envelopes WHERE received_at < ?1")
-            .map_err(db)?
-            .execute(params![cutoff])
-            .map_err(db)?;
-        tx.prepare_cached("DELETE FROM acknowledged WHERE received_at < ?1")
-            .map_err(db)?
-            .execute(params![cutoff])
-            .map_err(db)?;
+        let mut freed: HashMap<i64, MailboxUsage> = HashMap::new();
+        {
+            let mut expire = tx
+                .prepare_cached(
+                    "DELETE FROM envelopes WHERE received_at < ?1
+                     RETURNING mid, acknowledged, size",
+                )
+                .map_err(db)?;
+            let mut rows = expire.query(params![time(received_before)]).map_err(db)?;
+            while let Some(row) = rows.next().map_err(db)? {
+                let acknowledged: i64 = row.get(1).map_err(db)?;
+                if acknowledged == 0 {
+                    let usage = freed.entry(row.get(0).map_err(db)?).or_default();
+                    usage.envelopes += 1;
+                    usage.bytes = usage.bytes.saturating_add(count(row.get(2).map_err(db)?));
+                }
+            }
+        }
+        let mut expired = 0u64;
+        {
+            let mut release = tx
+                .prepare_cached(
+                    "UPDATE mailboxes SET envelopes = max(envelopes - ?2, 0),
+                         bytes = max(bytes - ?3, 0) WHERE mid = ?1",
+                )
+                .map_err(db)?;
+            for (mid, usage) in &freed {
+                release
+                    .execute(params![mid, time(usage.envelopes), time(usage.bytes)])
+                    .map_err(db)?;
+                expired += usage.envelopes;
+            }
+        }
         tx.commit().map_err(db)?;
-        Ok(expired as u64)
+        Ok(expired)
     }
 
     fn insert_challenge(
@@ -690,9 +756,18 @@ impl RelayStorage for SqliteRelayStorage {
     }
 }
 
-/// The mailboxes a transaction of deposits has touched: their expired
-/// envelopes and acknowledged ids are deleted, and this is their usage.
-type Touched = HashMap<MailboxId, MailboxUsage>;
+/// The mailboxes a transaction of deposits has touched: their key, their
+/// usage as the transaction has made it, and whether it changed (expired
+/// envelopes were deleted, or envelopes stored): [`write_usage`] writes it
+/// back before the commit.
+type Touched = HashMap<MailboxId, TouchedMailbox>;
+
+#[derive(Debug)]
+struct TouchedMailbox {
+    mid: i64,
+    usage: MailboxUsage,
+    changed: bool,
+}
 
 /// One deposit inside an open transaction: expire the mailbox's old
 /// envelopes (once per transaction), recognise a duplicate id, check the
@@ -707,61 +782,133 @@ fn insert_one(
     received_at: u64,
     limits: MailboxLimits,
 ) -> Result<InsertOutcome, RelayStorageError> {
-    let usage = match touched.entry(*mailbox) {
+    let entry = match touched.entry(*mailbox) {
         Entry::Occupied(known) => known.into_mut(),
-        Entry::Vacant(new) => {
-            let cutoff = time(limits.expire_before);
-            tx.prepare_cached("DELETE FROM envelopes WHERE mailbox = ?1 AND received_at < ?2")
-                .map_err(db)?
-                .execute(params![mailbox.0, cutoff])
-                .map_err(db)?;
-            tx.prepare_cached("DELETE FROM acknowledged WHERE mailbox = ?1 AND received_at < ?2")
-                .map_err(db)?
-                .execute(params![mailbox.0, cutoff])
-                .map_err(db)?;
-            new.insert(usage_of(tx, mailbox)?)
-        }
+        Entry::Vacant(new) => new.insert(touch(tx, mailbox, limits.expire_before)?),
     };
     let duplicate = tx
-        .prepare_cached(
-            "SELECT 1 FROM envelopes WHERE mailbox = ?1 AND id = ?2
-                 UNION ALL SELECT 1 FROM acknowledged WHERE mailbox = ?1 AND id = ?2",
-        )
+        .prepare_cached("SELECT 1 FROM envelopes WHERE mid = ?1 AND id = ?2")
         .map_err(db)?
-        .exists(params![mailbox.0, envelope.id.0])
+        .exists(params![entry.mid, envelope.id.0])
         .map_err(db)?;
     if duplicate {
         return Ok(InsertOutcome::Duplicate);
     }
     let size = envelope.payload.len() as u64;
-    if usage.envelopes >= u64::from(limits.max_envelopes) {
+    if entry.usage.envelopes >= u64::from(limits.max_envelopes) {
         return Ok(InsertOutcome::TooManyEnvelopes);
     }
-    if usage.bytes.saturating_add(size) > limits.max_bytes {
+    if entry.usage.bytes.saturating_add(size) > limits.max_bytes {
         return Ok(InsertOutcome::TooManyBytes);
     }
     tx.prepare_cached(
-        "INSERT INTO envelopes (mailbox, id, received_at, size, payload)
+        "INSERT INTO envelopes (mid, id, received_at, size, payload)
              VALUES (?1, ?2, ?3, ?4, ?5)",
     )
     .map_err(db)?
     .execute(params![
-        mailbox.0,
+        entry.mid,
         envelope.id.0,
         time(received_at),
         time(size),
         envelope.payload,
     ])
     .map_err(db)?;
-    usage.envelopes += 1;
-    usage.bytes = usage.bytes.saturating_add(size);
+    entry.usage.envelopes += 1;
+    entry.usage.bytes = entry.usage.bytes.saturating_add(size);
+    entry.changed = true;
     Ok(InsertOutcome::Stored)
 }
 
-/// The mailbox's usage, as the triggers of [`USAGE_SCHEMA`] keep it.
+/// A mailbox's first deposit in a transaction: its key (a new one for a
+/// mailbox never deposited to), with its envelopes and acknowledged ids
+/// received before `expire_before` deleted, and its usage after that.
+fn touch(
+    tx: &rusqlite::Transaction<'_>,
+    mailbox: &MailboxId,
+    expire_before: u64,
+) -> Result<TouchedMailbox, RelayStorageError> {
+    let known = tx
+        .prepare_cached("SELECT mid, envelopes, bytes FROM mailboxes WHERE mailbox = ?1")
+        .map_err(db)?
+        .query_row(params![mailbox.0], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                MailboxUsage {
+                    envelopes: count(r.get(1)?),
+                    bytes: count(r.get(2)?),
+                },
+            ))
+        })
+        .optional()
+        .map_err(db)?;
+    let Some((mid, mut usage)) = known else {
+        let mid = tx
+            .prepare_cached("INSERT INTO mailboxes (mailbox) VALUES (?1) RETURNING mid")
+            .map_err(db)?
+            .query_row(params![mailbox.0], |r| r.get(0))
+            .map_err(db)?;
+        return Ok(TouchedMailbox {
+            mid,
+            usage: MailboxUsage::default(),
+            changed: false,
+        });
+    };
+    let mut changed = false;
+    let mut expire = tx
+        .prepare_cached(
+            "DELETE FROM envelopes INDEXED BY envelopes_by_mailbox_time
+             WHERE mid = ?1 AND received_at < ?2 RETURNING acknowledged, size",
+        )
+        .map_err(db)?;
+    let mut rows = expire
+        .query(params![mid, time(expire_before)])
+        .map_err(db)?;
+    while let Some(row) = rows.next().map_err(db)? {
+        let acknowledged: i64 = row.get(0).map_err(db)?;
+        if acknowledged == 0 {
+            usage.envelopes = usage.envelopes.saturating_sub(1);
+            usage.bytes = usage.bytes.saturating_sub(count(row.get(1).map_err(db)?));
+            changed = true;
+        }
+    }
+    Ok(TouchedMailbox {
+        mid,
+        usage,
+        changed,
+    })
+}
+
+/// Writes the usage of the mailboxes a transaction changed.
+fn write_usage(tx: &rusqlite::Transaction<'_>, touched: &Touched) -> Result<(), RelayStorageError> {
+    let mut update = tx
+        .prepare_cached("UPDATE mailboxes SET envelopes = ?2, bytes = ?3 WHERE mid = ?1")
+        .map_err(db)?;
+    for entry in touched.values().filter(|t| t.changed) {
+        update
+            .execute(params![
+                entry.mid,
+                time(entry.usage.envelopes),
+                time(entry.usage.bytes)
+            ])
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+/// The mailbox's key, if anything was ever deposited to it.
+fn mailbox_key(conn: &Connection, mailbox: &MailboxId) -> Result<Option<i64>, RelayStorageError> {
+    conn.prepare_cached("SELECT mid FROM mailboxes WHERE mailbox = ?1")
+        .map_err(db)?
+        .query_row(params![mailbox.0], |r| r.get(0))
+        .optional()
+        .map_err(db)
+}
+
+/// The mailbox's usage, as the code keeps it in its `mailboxes` row.
 fn usage_of(conn: &Connection, mailbox: &MailboxId) -> Result<MailboxUsage, RelayStorageError> {
     let usage = conn
-        .prepare_cached("SELECT envelopes, bytes FROM mailbox_usage WHERE mailbox = ?1")
+        .prepare_cached("SELECT envelopes, bytes FROM mailboxes WHERE mailbox = ?1")
         .map_err(db)?
         .query_row(params![mailbox.0], |r| {
             Ok(MailboxUsage {
