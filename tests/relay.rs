@@ -270,6 +270,110 @@ mod sqlite_file {
         ));
     }
 
+    /// The relay server runs each turn of calls as one storage group: the
+    /// calls' writes become durable together at `commit_group`, a call
+    /// that fails inside the group writes nothing, and an uncommitted
+    /// group leaves nothing behind.
+    #[test]
+    fn a_group_commits_its_calls_together() {
+        use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage, UploadOutcome};
+
+        let db = TempDb::new("group");
+        let mut rng = rng(13);
+        let bob = Device::new(&mut rng, 1, 4);
+        let opk = &bob.one_time_prekeys;
+        let mailbox = bob.mailbox();
+        let limits = MailboxLimits {
+            max_envelopes: 100,
+            max_bytes: 1 << 20,
+            expire_before: 0,
+        };
+        let too_many = bob.upload_of(2, &[&opk[1], &opk[2], &opk[3]], false);
+        let run_group = |storage: &mut SqliteRelayStorage| {
+            storage.begin_group().unwrap();
+            assert!(storage.begin_group().is_err(), "groups do not nest");
+            assert_eq!(
+                storage
+                    .insert_envelope(&mailbox, &envelope(1, 10), NOW, limits)
+                    .unwrap(),
+                InsertOutcome::Stored
+            );
+            // Writes the device record and two keys, then refuses: its
+            // savepoint is rolled back, the group goes on.
+            assert_eq!(
+                storage.apply_upload(&too_many, NOW, 2).unwrap(),
+                UploadOutcome::TooManyOneTimePrekeys
+            );
+            assert_eq!(
+                storage
+                    .insert_envelope(&mailbox, &envelope(2, 20), NOW, limits)
+                    .unwrap(),
+                InsertOutcome::Stored
+            );
+            assert_eq!(
+                storage
+                    .acknowledge_envelopes(&mailbox, &[EnvelopeId([1; 16])])
+                    .unwrap(),
+                1
+            );
+            // Reads inside the group see its writes.
+            assert_eq!(
+                storage.list_envelopes(&mailbox, 0, 10, u64::MAX).unwrap(),
+                vec![envelope(2, 20)]
+            );
+        };
+
+        {
+            let mut storage = SqliteRelayStorage::open(&db.0).unwrap();
+            assert!(storage.commit_group().is_err(), "no group is open");
+            assert_eq!(
+                storage
+                    .apply_upload(&bob.upload_of(1, &[&opk[0]], true), NOW, 10)
+                    .unwrap(),
+                UploadOutcome::Applied
+            );
+            run_group(&mut storage);
+            // Closed before the commit (a crash): nothing of the group.
+        }
+        let mut storage = SqliteRelayStorage::open(&db.0).unwrap();
+        assert!(storage
+            .list_envelopes(&mailbox, 0, 10, u64::MAX)
+            .unwrap()
+            .is_empty());
+        assert_eq!(storage.mailbox_usage(&mailbox).unwrap(), Default::default());
+
+        run_group(&mut storage);
+        storage.commit_group().unwrap();
+        assert!(storage.commit_group().is_err(), "the group is closed");
+        drop(storage);
+
+        let mut storage = SqliteRelayStorage::open(&db.0).unwrap();
+        assert_eq!(
+            storage.list_envelopes(&mailbox, 0, 10, u64::MAX).unwrap(),
+            vec![envelope(2, 20)]
+        );
+        assert_eq!(storage.mailbox_usage(&mailbox).unwrap().envelopes, 1);
+        assert_eq!(
+            storage
+                .insert_envelope(&mailbox, &envelope(1, 10), NOW, limits)
+                .unwrap(),
+            InsertOutcome::Duplicate
+        );
+        // The refused upload left the record and the pool as they were.
+        assert_eq!(storage.device(&bob.address()).unwrap().unwrap().counter, 1);
+        assert_eq!(storage.one_time_prekey_count(&bob.address()).unwrap(), 1);
+        // Outside a group every call commits on its own again.
+        assert_eq!(
+            storage
+                .insert_envelope(&mailbox, &envelope(3, 5), NOW, limits)
+                .unwrap(),
+            InsertOutcome::Stored
+        );
+        drop(storage);
+        let storage = SqliteRelayStorage::open(&db.0).unwrap();
+        assert_eq!(storage.mailbox_usage(&mailbox).unwrap().envelopes, 2);
+    }
+
     /// The relay schema of version 1 as it was last written (2026-11,
     /// `378b872`), kept here verbatim so that the migration is tested
     /// against a real version-1 file, not against what the code thinks it

@@ -17,18 +17,16 @@
 //! HTTP ([`REASONS`]).
 //!
 //! The relay core is synchronous (SQLite and the PostgreSQL client block),
-//! so it lives behind a mutex and every call runs in
-//! [`tokio::task::spawn_blocking`]. Deposits go through one queue: a worker
-//! takes every deposit waiting at that moment and stores them with
-//! [`Relay::deposit_batch`], one storage commit for the batch (group
-//! commit); each deposit is answered `201` only after that commit.
-//!
-//! The other calls (challenges, fetches, acknowledgements, uploads, ...)
-//! take turns: one at a time waits for the relay, the others queue in
-//! order (without holding a thread) behind it. Each of them is a commit of
-//! its own, so under load the deposit worker and that one call alternate on
-//! the relay: a batch of deposits waits for at most one other call, however
-//! many mailbox owners are polling.
+//! so it runs on a thread of its own, which takes the calls from one
+//! queue. Each turn it takes every call queued at that moment: the deposits
+//! among them are stored together with [`Relay::deposit_batch`], one
+//! storage commit for the batch (group commit), and each is answered `201`
+//! only after that commit; then the other calls (challenges, fetches,
+//! acknowledgements, uploads, ...) run, each a commit of its own, in the
+//! order they came. So under load a deposit waits for at most one turn of
+//! other calls and a call for at most one batch of deposits, however many
+//! clients are depositing or polling, and the relay never waits for the
+//! async workers between two turns.
 //!
 //! # Long polls
 //!
@@ -81,7 +79,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use rand_core::OsRng;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tower::ServiceExt as _;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -896,12 +894,39 @@ struct DepositJob {
     reply: oneshot::Sender<Result<bool, ApiError>>,
 }
 
+/// A call's answer, held until its turn is committed: sends the call's
+/// result if it was (`true`), else an error.
+type Answer = Box<dyn FnOnce(bool) + Send>;
+
+/// A relay call other than a deposit, run on the relay thread.
+type Call<S> = Box<dyn FnOnce(&mut Core<S>, &Metrics, u64) -> Answer + Send>;
+
+/// The answer to a call whose turn could not be committed.
+fn not_committed() -> ApiError {
+    ApiError::new(
+        Reason::Unavailable,
+        "the relay could not store this; retry later",
+    )
+}
+
+/// What the relay thread does.
+enum Job<S> {
+    Deposit(DepositJob),
+    Call(Call<S>),
+    /// Finish the jobs queued before this one, then stop.
+    Stop,
+}
+
+/// Most other calls run in one turn of the relay thread.
+const MAX_CALLS_PER_TURN: usize = 64;
+
 /// Most deposits stored in one commit.
 const MAX_DEPOSIT_BATCH: usize = 1024;
-/// Most payload bytes stored in one commit.
+/// Payload bytes after which a batch takes no more deposits (it may end
+/// one envelope over).
 const MAX_DEPOSIT_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// Deposits waiting for the worker before new ones wait to be queued.
-const DEPOSIT_QUEUE: usize = 4096;
+const JOB_QUEUE: usize = 4096;
 /// How often expired envelopes and challenges are deleted.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// How often the SQLite write-ahead log is checkpointed off the commit path.
@@ -916,10 +941,8 @@ struct Shared<S> {
     rates: RateLimiter,
     waiters: Arc<Waiters>,
     metrics: Metrics,
-    deposits: mpsc::Sender<DepositJob>,
-    /// Turns of the relay calls other than deposit batches: one at a time
-    /// (see the module docs).
-    turns: Semaphore,
+    /// The relay thread's queue (see the module docs).
+    jobs: mpsc::Sender<Job<S>>,
 }
 
 /// The peer address of a connection.
@@ -937,29 +960,33 @@ fn unix_now() -> u64 {
 }
 
 impl<S: Storage> Shared<S> {
-    /// Runs `f` on the relay in the blocking pool, at the current time.
+    /// Runs `f` on the relay thread, at the current time, and waits for
+    /// its answer.
     async fn call<R, F>(self: &Arc<Self>, f: F) -> Result<R, ApiError>
     where
         R: Send + 'static,
         F: FnOnce(&mut Core<S>, &Metrics, u64) -> Result<R, TransportError> + Send + 'static,
     {
-        let _turn = self
-            .turns
-            .acquire()
-            .await
-            .map_err(|_| ApiError::new(Reason::Unavailable, "the relay is shutting down"))?;
-        let shared = Arc::clone(self);
-        let joined = tokio::task::spawn_blocking(move || {
-            let mut core = shared.core.lock().map_err(|_| ApiError::poisoned())?;
-            let result = f(&mut core, &shared.metrics, unix_now());
+        let (reply, answer) = oneshot::channel();
+        let job: Call<S> = Box::new(move |core, metrics, now| {
+            let result = f(core, metrics, now);
             if let Some(e) = core.relay.take_storage_error() {
                 error!(error = %e, "relay storage failed");
             }
-            result.map_err(ApiError::from_transport)
-        })
-        .await;
-        joined.unwrap_or_else(|e| {
-            error!(error = %e, "a relay call failed");
+            let result = result.map_err(ApiError::from_transport);
+            Box::new(move |committed| {
+                let _ = reply.send(if committed {
+                    result
+                } else {
+                    Err(not_committed())
+                });
+            })
+        });
+        self.jobs
+            .send(Job::Call(job))
+            .await
+            .map_err(|_| ApiError::new(Reason::Unavailable, "the relay is shutting down"))?;
+        answer.await.unwrap_or_else(|_| {
             Err(ApiError::new(
                 Reason::Unavailable,
                 "the relay failed; retry later",
@@ -974,18 +1001,14 @@ impl<S: Storage> Shared<S> {
             .map_err(|wait| ApiError::rate(reason, wait))
     }
 
-    /// Stores a batch of deposits with one commit and answers each; returns
-    /// the mailboxes that got an envelope.
-    fn deposit_batch(&self, jobs: Vec<DepositJob>) -> Vec<MailboxId> {
-        let mut core = match self.core.lock() {
-            Ok(core) => core,
-            Err(_) => {
-                for job in jobs {
-                    let _ = job.reply.send(Err(ApiError::poisoned()));
-                }
-                return Vec::new();
-            }
-        };
+    /// Stores a batch of deposits (in the turn's group) and adds their
+    /// answers to `answers`; returns the mailboxes that got an envelope.
+    fn deposit_batch(
+        &self,
+        core: &mut Core<S>,
+        jobs: Vec<DepositJob>,
+        answers: &mut Vec<Answer>,
+    ) -> Vec<MailboxId> {
         let total = self.limits.total_storage_bytes;
         let mut reserved = core.bytes;
         let mut batch = Vec::with_capacity(jobs.len());
@@ -1011,14 +1034,22 @@ impl<S: Storage> Shared<S> {
             error!(error = %e, deposits = batch.len(), "relay storage failed");
         }
         let mut stored = Vec::new();
+        // Mailboxes whose usage this batch read from the storage (which
+        // has all of the batch's envelopes already): counted.
+        let mut counted: Vec<MailboxId> = Vec::new();
         for (((mailbox, envelope), result), reply) in batch.iter().zip(results).zip(replies) {
             let answer = match result {
                 Ok(true) => {
                     self.metrics.deposits.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) =
-                        core.stored(*mailbox, envelope.payload.len() as u64, &self.metrics)
-                    {
-                        warn!(error = %e, "could not read a mailbox's usage");
+                    if !counted.contains(mailbox) {
+                        if !core.usage.contains_key(mailbox) {
+                            counted.push(*mailbox);
+                        }
+                        if let Err(e) =
+                            core.stored(*mailbox, envelope.payload.len() as u64, &self.metrics)
+                        {
+                            warn!(error = %e, "could not read a mailbox's usage");
+                        }
                     }
                     stored.push(*mailbox);
                     Ok(true)
@@ -1026,9 +1057,33 @@ impl<S: Storage> Shared<S> {
                 Ok(false) => Ok(false),
                 Err(e) => Err(ApiError::from_transport(e)),
             };
-            let _ = reply.send(answer);
+            answers.push(Box::new(move |committed| {
+                let _ = reply.send(if committed {
+                    answer
+                } else {
+                    Err(not_committed())
+                });
+            }));
         }
         stored
+    }
+
+    /// After a turn whose commit failed: what this process counted for it
+    /// is wrong, so count again from the storage.
+    fn recount(&self, core: &mut Core<S>, deposited: &[MailboxId]) {
+        self.metrics
+            .deposits
+            .fetch_sub(deposited.len() as u64, Ordering::Relaxed);
+        let mut mailboxes: Vec<MailboxId> = core.usage.keys().copied().collect();
+        mailboxes.extend_from_slice(deposited);
+        mailboxes.sort_unstable_by_key(|m| m.0);
+        mailboxes.dedup();
+        for mailbox in mailboxes {
+            if let Err(e) = core.refresh_usage(mailbox, &self.metrics) {
+                warn!(error = %e, "could not read a mailbox's usage");
+                return;
+            }
+        }
     }
 
     /// Deletes what expired and re-reads the usage of the known mailboxes.
@@ -1210,7 +1265,7 @@ async fn run<S: Storage>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let ServerConfig { relay, limits, .. } = config;
-    let (deposits, deposit_queue) = mpsc::channel(DEPOSIT_QUEUE);
+    let (jobs, queue) = mpsc::channel(JOB_QUEUE);
     let routes: Vec<&'static str> = Route::ALL
         .iter()
         .map(|r| r.name())
@@ -1227,17 +1282,18 @@ async fn run<S: Storage>(
         limits,
         waiters,
         metrics: Metrics::new(&routes, &reasons),
-        deposits,
-        turns: Semaphore::new(1),
+        jobs,
     });
     let router = router(Arc::clone(&shared), cors);
 
     let (stop, stopped) = watch::channel(false);
-    let worker = tokio::spawn(deposit_worker(
-        Arc::clone(&shared),
-        deposit_queue,
-        stopped.clone(),
-    ));
+    let worker = {
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("cubbyhole-relay".into())
+            .spawn(move || relay_thread(&shared, queue))
+            .map_err(ServerError::Io)?
+    };
     let checkpoints = checkpointer.map(|c| tokio::spawn(checkpoints(c, stopped.clone())));
     let sweeper = tokio::spawn(sweeper(Arc::clone(&shared), stopped));
 
@@ -1303,7 +1359,9 @@ async fn run<S: Storage>(
     }
     connections.shutdown().await;
     let _ = stop.send(true);
-    let _ = worker.await;
+    // The relay thread finishes what is queued, then stops.
+    let _ = shared.jobs.send(Job::Stop).await;
+    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
     let _ = sweeper.await;
     if let Some(checkpoints) = checkpoints {
         let _ = checkpoints.await;
@@ -1316,50 +1374,114 @@ async fn run<S: Storage>(
     Ok(())
 }
 
-/// Stores the queued deposits, batch by batch, until stopped.
-async fn deposit_worker<S: Storage>(
-    shared: Arc<Shared<S>>,
-    mut queue: mpsc::Receiver<DepositJob>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut carry: Option<DepositJob> = None;
-    loop {
-        let first = match carry.take() {
-            Some(job) => job,
-            None => tokio::select! {
-                biased;
-                _ = stop.changed() => break,
-                job = queue.recv() => match job {
-                    Some(job) => job,
-                    None => break,
-                },
-            },
+/// The relay thread: the only one that calls the relay (besides the
+/// minutely sweep). Each turn takes every job queued at that moment (up
+/// to [`MAX_DEPOSIT_BATCH`] deposits or [`MAX_CALLS_PER_TURN`] other
+/// calls) and runs it as one [`Shared::turn`]. So a deposit waits for at
+/// most one turn of other calls, and a call for at most one batch of
+/// deposits, however many clients there are. Running on a thread of its
+/// own, the relay never waits for the async workers between turns.
+fn relay_thread<S: Storage>(shared: &Shared<S>, mut queue: mpsc::Receiver<Job<S>>) {
+    let mut stopping = false;
+    while !stopping {
+        let Some(first) = queue.blocking_recv() else {
+            break;
         };
-        let mut bytes = first.envelope.payload.len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_DEPOSIT_BATCH {
-            let Ok(job) = queue.try_recv() else {
-                break;
-            };
-            let size = job.envelope.payload.len();
-            if bytes.saturating_add(size) > MAX_DEPOSIT_BATCH_BYTES {
-                carry = Some(job);
-                break;
-            }
-            bytes += size;
-            batch.push(job);
-        }
-        let worker = Arc::clone(&shared);
-        let count = batch.len();
-        match tokio::task::spawn_blocking(move || worker.deposit_batch(batch)).await {
-            Ok(stored) => {
-                debug!(deposits = count, stored = stored.len(), "deposit batch");
-                for mailbox in &stored {
-                    shared.waiters.notify(mailbox);
+        let mut deposits = Vec::new();
+        let mut calls = Vec::new();
+        let mut bytes = 0usize;
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Deposit(job) => {
+                    bytes = bytes.saturating_add(job.envelope.payload.len());
+                    deposits.push(job);
+                }
+                Job::Call(call) => calls.push(call),
+                Job::Stop => {
+                    stopping = true;
+                    break;
                 }
             }
-            // The batch's answers are dropped: those deposits answer 503.
-            Err(e) => error!(error = %e, "a deposit batch failed"),
+            if deposits.len() >= MAX_DEPOSIT_BATCH
+                || bytes >= MAX_DEPOSIT_BATCH_BYTES
+                || calls.len() >= MAX_CALLS_PER_TURN
+            {
+                break;
+            }
+            next = queue.try_recv().ok();
+        }
+        if !deposits.is_empty() || !calls.is_empty() {
+            shared.turn(deposits, calls);
+        }
+    }
+}
+
+impl<S: Storage> Shared<S> {
+    /// One turn of the relay thread: the deposits as one batch, then the
+    /// calls, all in one storage group (one durable commit), then the
+    /// answers.
+    fn turn(&self, deposits: Vec<DepositJob>, calls: Vec<Call<S>>) {
+        let mut core = match self.core.lock() {
+            Ok(core) => core,
+            Err(_) => {
+                error!("relay state poisoned");
+                for job in deposits {
+                    let _ = job.reply.send(Err(ApiError::poisoned()));
+                }
+                // Dropping the calls drops their answers: 503.
+                return;
+            }
+        };
+        let grouped = match core.relay.storage_mut().begin_group() {
+            Ok(()) => true,
+            Err(e) => {
+                // Then each call commits on its own.
+                warn!(error = %e, "could not open a storage group");
+                false
+            }
+        };
+        let mut answers: Vec<Answer> = Vec::with_capacity(deposits.len() + calls.len());
+        let mut stored = Vec::new();
+        if !deposits.is_empty() {
+            let count = deposits.len();
+            // A panic drops the answers of the batch not yet given: 503.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.deposit_batch(&mut core, deposits, &mut answers)
+            })) {
+                Ok(batch) => {
+                    debug!(deposits = count, stored = batch.len(), "deposit batch");
+                    stored = batch;
+                }
+                Err(_) => error!("a deposit batch failed"),
+            }
+        }
+        let now = unix_now();
+        for call in calls {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                call(&mut core, &self.metrics, now)
+            })) {
+                Ok(answer) => answers.push(answer),
+                Err(_) => error!("a relay call failed"),
+            }
+        }
+        let committed = !grouped
+            || match core.relay.storage_mut().commit_group() {
+                Ok(()) => true,
+                Err(e) => {
+                    error!(error = %e, calls = answers.len(), "could not commit a turn");
+                    self.recount(&mut core, &stored);
+                    false
+                }
+            };
+        drop(core);
+        for answer in answers {
+            answer(committed);
+        }
+        if committed {
+            for mailbox in &stored {
+                self.waiters.notify(mailbox);
+            }
         }
     }
 }
@@ -1726,8 +1848,8 @@ async fn deposit<S: Storage>(
         reply,
     };
     shared
-        .deposits
-        .send(job)
+        .jobs
+        .send(Job::Deposit(job))
         .await
         .map_err(|_| ApiError::new(Reason::Unavailable, "the relay is shutting down"))?;
     let stored = answer.await.map_err(|_| {

@@ -397,6 +397,33 @@ pub trait RelayStorage {
     /// `received_before`. Returns how many pending envelopes were deleted.
     fn expire_envelopes(&mut self, received_before: u64) -> Result<u64, RelayStorageError>;
 
+    /// Opens a group: until [`RelayStorage::commit_group`], every call's
+    /// writes are kept together and made durable by that one commit (the
+    /// relay server runs each turn of calls as a group: one durable write
+    /// per turn instead of one per call). Each call stays atomic on its
+    /// own inside the group (a call that fails writes nothing), and reads
+    /// see the group's writes. The caller answers none of the group's
+    /// calls before the commit succeeds.
+    ///
+    /// The default does nothing: every call keeps committing on its own,
+    /// which satisfies the same contract.
+    ///
+    /// # Errors
+    /// [`RelayStorageError::Backend`] if the group cannot be opened (then
+    /// no group is open and calls commit on their own).
+    fn begin_group(&mut self) -> Result<(), RelayStorageError> {
+        Ok(())
+    }
+
+    /// Commits the group opened by [`RelayStorage::begin_group`].
+    ///
+    /// # Errors
+    /// [`RelayStorageError::Backend`] if the commit failed: then none of
+    /// the group's writes is stored, and the group is closed.
+    fn commit_group(&mut self) -> Result<(), RelayStorageError> {
+        Ok(())
+    }
+
     /// Atomically: deletes the mailbox's challenges that expired before
     /// `now`, stores the challenge with its expiry, and evicts the
     /// mailbox's oldest challenges beyond `max_outstanding`.

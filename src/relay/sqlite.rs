@@ -77,85 +77,80 @@ CREATE INDEX challenges_by_expiry ON challenges (expires_at);
 /// The mailboxes and envelopes of schema version 2.
 ///
 /// Each mailbox gets a small integer key (`mid`) the first time an
-/// envelope is deposited to it, and its row keeps the mailbox's usage
-/// (pending envelopes and their payload bytes), which the code updates
-/// once per transaction. An envelope stays one row from its deposit until
-/// it expires: acknowledging it sets `acknowledged` and drops its payload,
-/// so that its id is still recognised as a duplicate until it expires.
-/// That costs two B-tree writes (the row, and leaving the index of pending
-/// envelopes) where moving it to a table of acknowledged ids cost eight.
+/// envelope is deposited to it; its row keeps the mailbox's usage (pending
+/// envelopes and their payload bytes) and the sequence number of its next
+/// envelope, which the code updates once per transaction.
+///
+/// Envelopes are stored clustered by mailbox, in deposit order (the
+/// primary key is `(mid, seq)`), so that what a fetch lists and an
+/// acknowledgement then touches are neighbouring rows on a few pages, not
+/// one page per envelope. An envelope stays one row from its deposit
+/// until it expires: acknowledging it sets `acknowledged` and drops its
+/// payload, so that its id is still recognised as a duplicate until it
+/// expires (moving it to a table of acknowledged ids cost eight B-tree
+/// writes per envelope).
 ///
 /// Indexes: `(mid, id)` finds duplicates and acknowledged ids;
-/// `(mid, seq)` over pending envelopes only lists a mailbox in deposit
-/// order; `(mid, received_at)` expires one mailbox; `(received_at)`
-/// expires the whole relay. Every key but `(mid, id)` grows at its end
-/// (per mailbox), so a batch of deposits dirties few pages of them.
-const MAILBOX_SCHEMA: &str = "
+/// `(mid, seq)` over pending envelopes only is where a listing starts;
+/// `(mid, received_at)` expires one mailbox; `(received_at)` expires the
+/// whole relay.
+const MAILBOX_TABLES: &str = "
 CREATE TABLE mailboxes (
     mid INTEGER PRIMARY KEY,
     mailbox BLOB NOT NULL UNIQUE,
     envelopes INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0
+    bytes INTEGER NOT NULL DEFAULT 0,
+    next_seq INTEGER NOT NULL DEFAULT 0
 );
-CREATE TABLE envelopes (
-    seq INTEGER PRIMARY KEY,
+CREATE TABLE envelopes_v2 (
     mid INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
     id BLOB NOT NULL,
     received_at INTEGER NOT NULL,
     size INTEGER NOT NULL,
     acknowledged INTEGER NOT NULL DEFAULT 0,
     payload BLOB NOT NULL,
+    PRIMARY KEY (mid, seq),
     UNIQUE (mid, id)
-);
+) WITHOUT ROWID;
 ";
 
-/// The indexes of [`MAILBOX_SCHEMA`] besides its unique keys (created
-/// after a migration has copied the rows).
+/// The indexes of [`MAILBOX_TABLES`] besides its keys (created after a
+/// migration has copied the rows), and the table's final name.
 const MAILBOX_INDEXES: &str = "
+ALTER TABLE envelopes_v2 RENAME TO envelopes;
 CREATE INDEX envelopes_pending ON envelopes (mid, seq) WHERE acknowledged = 0;
 CREATE INDEX envelopes_by_mailbox_time ON envelopes (mid, received_at);
 CREATE INDEX envelopes_by_time ON envelopes (received_at);
 ";
 
-/// From schema version 1 (envelopes keyed by the 32-byte mailbox id,
-/// acknowledged ids in a table of their own, usage kept by triggers in
-/// `mailbox_usage`, which early version-1 databases lack) to version 2, in
+/// From schema version 1 (envelopes keyed by the 32-byte mailbox id in
+/// one global order, acknowledged ids in a table of their own, usage kept
+/// by triggers in `mailbox_usage`, which early version-1 databases lack) to
+/// version 2, after [`MAILBOX_TABLES`] and before [`MAILBOX_INDEXES`], in
 /// the transaction that opens the database. Pending envelopes keep their
-/// order (`seq`); acknowledged ids keep their receipt time.
+/// order (their global `seq` becomes their mailbox sequence number);
+/// acknowledged ids keep their receipt time and get negative sequence
+/// numbers (they are never listed).
 const MIGRATE_1_TO_2: &str = "
-CREATE TABLE mailboxes (
-    mid INTEGER PRIMARY KEY,
-    mailbox BLOB NOT NULL UNIQUE,
-    envelopes INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0
-);
 INSERT INTO mailboxes (mailbox)
     SELECT mailbox FROM envelopes UNION SELECT mailbox FROM acknowledged;
-CREATE TABLE envelopes_v2 (
-    seq INTEGER PRIMARY KEY,
-    mid INTEGER NOT NULL,
-    id BLOB NOT NULL,
-    received_at INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    acknowledged INTEGER NOT NULL DEFAULT 0,
-    payload BLOB NOT NULL,
-    UNIQUE (mid, id)
-);
-INSERT INTO envelopes_v2 (seq, mid, id, received_at, size, acknowledged, payload)
-    SELECT e.seq, m.mid, e.id, e.received_at, e.size, 0, e.payload
-    FROM envelopes e JOIN mailboxes m ON m.mailbox = e.mailbox ORDER BY e.seq;
-INSERT OR IGNORE INTO envelopes_v2 (mid, id, received_at, size, acknowledged, payload)
-    SELECT m.mid, a.id, a.received_at, 0, 1, X''
+INSERT INTO envelopes_v2 (mid, seq, id, received_at, size, acknowledged, payload)
+    SELECT m.mid, e.seq, e.id, e.received_at, e.size, 0, e.payload
+    FROM envelopes e JOIN mailboxes m ON m.mailbox = e.mailbox;
+INSERT OR IGNORE INTO envelopes_v2 (mid, seq, id, received_at, size, acknowledged, payload)
+    SELECT m.mid, -row_number() OVER (), a.id, a.received_at, 0, 1, X''
     FROM acknowledged a JOIN mailboxes m ON m.mailbox = a.mailbox;
 UPDATE mailboxes SET
     envelopes = (SELECT count(*) FROM envelopes_v2 e
                  WHERE e.mid = mailboxes.mid AND e.acknowledged = 0),
     bytes = (SELECT coalesce(sum(size), 0) FROM envelopes_v2 e
-             WHERE e.mid = mailboxes.mid AND e.acknowledged = 0);
+             WHERE e.mid = mailboxes.mid AND e.acknowledged = 0),
+    next_seq = (SELECT coalesce(max(seq) + 1, 0) FROM envelopes_v2 e
+                WHERE e.mid = mailboxes.mid AND e.seq >= 0);
 DROP TABLE IF EXISTS mailbox_usage;
 DROP TABLE acknowledged;
 DROP TABLE envelopes;
-ALTER TABLE envelopes_v2 RENAME TO envelopes;
 ";
 
 fn db(error: rusqlite::Error) -> RelayStorageError {
@@ -194,6 +189,38 @@ pub struct SqliteRelayStorage {
     conn: Connection,
     /// The database file (`None` in memory).
     path: Option<std::path::PathBuf>,
+    /// Inside [`RelayStorage::begin_group`]: each call is a savepoint of
+    /// the group's transaction.
+    grouped: bool,
+}
+
+/// The transaction of one storage call: its own (committed by
+/// [`Tx::commit`]), or a savepoint of the open group (released by it, so
+/// that it is committed with the group). Dropped without `commit`, it
+/// rolls back (to the savepoint).
+enum Tx<'c> {
+    Own(rusqlite::Transaction<'c>),
+    Nested(rusqlite::Savepoint<'c>),
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        match self {
+            Tx::Own(tx) => tx,
+            Tx::Nested(savepoint) => savepoint,
+        }
+    }
+}
+
+impl Tx<'_> {
+    fn commit(self) -> rusqlite::Result<()> {
+        match self {
+            Tx::Own(tx) => tx.commit(),
+            Tx::Nested(savepoint) => savepoint.commit(),
+        }
+    }
 }
 
 /// Pages of write-ahead log after which the writer checkpoints in its own
@@ -289,6 +316,28 @@ impl SqliteRelayStorage {
         Ok(Some(SqliteCheckpointer { conn }))
     }
 
+    /// The transaction of one call: an `IMMEDIATE` one of its own (the
+    /// write lock taken up front, waiting on the busy timeout, never
+    /// upgraded), or a savepoint of the group.
+    fn begin(&mut self) -> Result<Tx<'_>, RelayStorageError> {
+        if !self.grouped {
+            return self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map(Tx::Own)
+                .map_err(db);
+        }
+        if self.conn.is_autocommit() {
+            // SQLite rolled the group's transaction back (after an I/O
+            // error, for one): a savepoint now would start a new one, and
+            // the group's commit would report the lost calls as stored.
+            return Err(RelayStorageError::Backend(
+                "the group's transaction was rolled back".into(),
+            ));
+        }
+        self.conn.savepoint().map(Tx::Nested).map_err(db)
+    }
+
     /// A private in-memory database (lost when dropped).
     ///
     /// # Errors
@@ -307,7 +356,7 @@ impl SqliteRelayStorage {
             .map_err(db)?;
         conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
             .map_err(db)?;
-        conn.set_prepared_statement_cache_capacity(32);
+        conn.set_prepared_statement_cache_capacity(64);
 
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -329,7 +378,7 @@ impl SqliteRelayStorage {
                     ));
                 }
                 tx.execute_batch(COMMON_SCHEMA).map_err(db)?;
-                tx.execute_batch(MAILBOX_SCHEMA).map_err(db)?;
+                tx.execute_batch(MAILBOX_TABLES).map_err(db)?;
                 tx.execute_batch(MAILBOX_INDEXES).map_err(db)?;
                 tx.pragma_update(None, "application_id", APPLICATION_ID)
                     .map_err(db)?;
@@ -337,6 +386,7 @@ impl SqliteRelayStorage {
                     .map_err(db)?;
             }
             (APPLICATION_ID, 1) => {
+                tx.execute_batch(MAILBOX_TABLES).map_err(db)?;
                 tx.execute_batch(MIGRATE_1_TO_2).map_err(db)?;
                 tx.execute_batch(MAILBOX_INDEXES).map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -353,7 +403,11 @@ impl SqliteRelayStorage {
             }
         }
         tx.commit().map_err(db)?;
-        Ok(SqliteRelayStorage { conn, path: None })
+        Ok(SqliteRelayStorage {
+            conn,
+            path: None,
+            grouped: false,
+        })
     }
 }
 
@@ -398,10 +452,7 @@ impl RelayStorage for SqliteRelayStorage {
         max_one_time_prekeys: u32,
     ) -> Result<UploadOutcome, RelayStorageError> {
         let device = &upload.device;
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = self.begin()?;
         let stored: Option<i64> = tx
             .prepare_cached("SELECT counter FROM devices WHERE identity = ?1 AND device_id = ?2")
             .map_err(db)?
@@ -474,10 +525,7 @@ impl RelayStorage for SqliteRelayStorage {
     ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError> {
         // One statement, in an IMMEDIATE transaction (the write lock is
         // taken up front, waiting on the busy timeout, never upgraded).
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = self.begin()?;
         let claimed = tx
             .prepare_cached(
                 "DELETE FROM one_time_prekeys WHERE seq = (
@@ -515,10 +563,7 @@ impl RelayStorage for SqliteRelayStorage {
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<InsertOutcome, RelayStorageError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = self.begin()?;
         let mut touched = Touched::new();
         let outcome = insert_one(&tx, &mut touched, mailbox, envelope, received_at, limits)?;
         write_usage(&tx, &touched)?;
@@ -533,10 +578,7 @@ impl RelayStorage for SqliteRelayStorage {
         limits: MailboxLimits,
     ) -> Result<Vec<InsertOutcome>, RelayStorageError> {
         // Group commit: one transaction (one fsync) for the whole batch.
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = self.begin()?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut touched = Touched::new();
         for (mailbox, envelope) in batch {
@@ -604,10 +646,7 @@ impl RelayStorage for SqliteRelayStorage {
         mailbox: &MailboxId,
         ids: &[EnvelopeId],
     ) -> Result<u64, RelayStorageError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = self.begin()?;
         let Some(mid) = mailbox_key(&tx, mailbox)? else {
             return Ok(0);
         };
@@ -648,10 +687,7 @@ impl RelayStorage for SqliteRelayStorage {
     }
 
     fn expire_envelopes(&mut self, received_before: u64) -> Result<u64, RelayStorageError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = self.begin()?;
         let mut freed: HashMap<i64, MailboxUsage> = HashMap::new();
         {
             let mut expire = tx
@@ -697,10 +733,7 @@ impl RelayStorage for SqliteRelayStorage {
         expires_at: u64,
         max_outstanding: u32,
     ) -> Result<(), RelayStorageError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = self.begin()?;
         tx.prepare_cached("DELETE FROM challenges WHERE mailbox = ?1 AND expires_at < ?2")
             .map_err(db)?
             .execute(params![mailbox.0, time(now)])
@@ -729,10 +762,7 @@ impl RelayStorage for SqliteRelayStorage {
         challenge: &[u8; 32],
         now: u64,
     ) -> Result<bool, RelayStorageError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
+        let tx = self.begin()?;
         let expires_at: Option<i64> = tx
             .prepare_cached(
                 "DELETE FROM challenges WHERE mailbox = ?1 AND challenge = ?2
@@ -754,6 +784,35 @@ impl RelayStorage for SqliteRelayStorage {
         let purged = stmt.execute(params![time(now)]).map_err(db)?;
         Ok(purged as u64)
     }
+
+    fn begin_group(&mut self) -> Result<(), RelayStorageError> {
+        if self.grouped {
+            return Err(RelayStorageError::Backend("a group is already open".into()));
+        }
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(db)?;
+        self.grouped = true;
+        Ok(())
+    }
+
+    fn commit_group(&mut self) -> Result<(), RelayStorageError> {
+        if !self.grouped {
+            return Err(RelayStorageError::Backend("no group is open".into()));
+        }
+        self.grouped = false;
+        if self.conn.is_autocommit() {
+            return Err(RelayStorageError::Backend(
+                "the group's transaction was rolled back".into(),
+            ));
+        }
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            // Whatever SQLite left open goes; nothing of the group stays.
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            return Err(db(e));
+        }
+        Ok(())
+    }
 }
 
 /// The mailboxes a transaction of deposits has touched: their key, their
@@ -766,6 +825,7 @@ type Touched = HashMap<MailboxId, TouchedMailbox>;
 struct TouchedMailbox {
     mid: i64,
     usage: MailboxUsage,
+    next_seq: i64,
     changed: bool,
 }
 
@@ -775,7 +835,7 @@ struct TouchedMailbox {
 /// expired and its usage read once: the cutoff is the same for the whole
 /// batch, and the batch's own envelopes are not older than it.
 fn insert_one(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     touched: &mut Touched,
     mailbox: &MailboxId,
     envelope: &Envelope,
@@ -802,12 +862,13 @@ fn insert_one(
         return Ok(InsertOutcome::TooManyBytes);
     }
     tx.prepare_cached(
-        "INSERT INTO envelopes (mid, id, received_at, size, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO envelopes (mid, seq, id, received_at, size, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )
     .map_err(db)?
     .execute(params![
         entry.mid,
+        entry.next_seq,
         envelope.id.0,
         time(received_at),
         time(size),
@@ -816,6 +877,7 @@ fn insert_one(
     .map_err(db)?;
     entry.usage.envelopes += 1;
     entry.usage.bytes = entry.usage.bytes.saturating_add(size);
+    entry.next_seq += 1;
     entry.changed = true;
     Ok(InsertOutcome::Stored)
 }
@@ -824,12 +886,12 @@ fn insert_one(
 /// mailbox never deposited to), with its envelopes and acknowledged ids
 /// received before `expire_before` deleted, and its usage after that.
 fn touch(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Connection,
     mailbox: &MailboxId,
     expire_before: u64,
 ) -> Result<TouchedMailbox, RelayStorageError> {
     let known = tx
-        .prepare_cached("SELECT mid, envelopes, bytes FROM mailboxes WHERE mailbox = ?1")
+        .prepare_cached("SELECT mid, envelopes, bytes, next_seq FROM mailboxes WHERE mailbox = ?1")
         .map_err(db)?
         .query_row(params![mailbox.0], |r| {
             Ok((
@@ -838,11 +900,12 @@ fn touch(
                     envelopes: count(r.get(1)?),
                     bytes: count(r.get(2)?),
                 },
+                r.get::<_, i64>(3)?,
             ))
         })
         .optional()
         .map_err(db)?;
-    let Some((mid, mut usage)) = known else {
+    let Some((mid, mut usage, next_seq)) = known else {
         let mid = tx
             .prepare_cached("INSERT INTO mailboxes (mailbox) VALUES (?1) RETURNING mid")
             .map_err(db)?
@@ -851,6 +914,7 @@ fn touch(
         return Ok(TouchedMailbox {
             mid,
             usage: MailboxUsage::default(),
+            next_seq: 0,
             changed: false,
         });
     };
@@ -875,21 +939,25 @@ fn touch(
     Ok(TouchedMailbox {
         mid,
         usage,
+        next_seq,
         changed,
     })
 }
 
 /// Writes the usage of the mailboxes a transaction changed.
-fn write_usage(tx: &rusqlite::Transaction<'_>, touched: &Touched) -> Result<(), RelayStorageError> {
+fn write_usage(tx: &Connection, touched: &Touched) -> Result<(), RelayStorageError> {
     let mut update = tx
-        .prepare_cached("UPDATE mailboxes SET envelopes = ?2, bytes = ?3 WHERE mid = ?1")
+        .prepare_cached(
+            "UPDATE mailboxes SET envelopes = ?2, bytes = ?3, next_seq = ?4 WHERE mid = ?1",
+        )
         .map_err(db)?;
     for entry in touched.values().filter(|t| t.changed) {
         update
             .execute(params![
                 entry.mid,
                 time(entry.usage.envelopes),
-                time(entry.usage.bytes)
+                time(entry.usage.bytes),
+                entry.next_seq,
             ])
             .map_err(db)?;
     }
