@@ -240,12 +240,7 @@ pub struct MailboxAuth {
 pub const MAILBOX_AUTH_LEN: usize = 32 + 4 + 1 + 32 + 64;
 
 fn auth_message(mailbox: &MailboxId, op: MailboxOp, challenge: &[u8; 32]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(AUTH_LABEL.len() + 65);
-    m.extend_from_slice(AUTH_LABEL);
-    m.extend_from_slice(&mailbox.0);
-    m.push(op.byte());
-    m.extend_from_slice(challenge);
-    m
+    [AUTH_LABEL, &mailbox.0, &[op.byte()], challenge].concat()
 }
 
 impl MailboxAuth {
