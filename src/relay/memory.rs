@@ -29,6 +29,10 @@ struct Queue {
     bytes: u64,
     /// Acknowledged id -> receipt time.
     acknowledged: HashMap<EnvelopeId, u64>,
+    /// No receipt time in `pending` or `acknowledged` is below this, so
+    /// an expiry with a cutoff at or below it has nothing to scan (every
+    /// deposit expires its mailbox first).
+    oldest: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -41,6 +45,9 @@ impl Queue {
     /// Deletes what was received before `cutoff`; returns how many pending
     /// envelopes went.
     fn expire(&mut self, cutoff: u64) -> u64 {
+        if cutoff <= self.oldest {
+            return 0;
+        }
         let before = self.pending.len();
         let (pending_ids, bytes) = (&mut self.pending_ids, &mut self.bytes);
         self.pending.retain(|s| {
@@ -52,6 +59,13 @@ impl Queue {
             keep
         });
         self.acknowledged.retain(|_, received| *received >= cutoff);
+        self.oldest = self
+            .pending
+            .iter()
+            .map(|s| s.received_at)
+            .chain(self.acknowledged.values().copied())
+            .min()
+            .unwrap_or(u64::MAX);
         (before - self.pending.len()) as u64
     }
 
@@ -149,6 +163,7 @@ impl RelayStorage for MemoryRelayStorage {
         }
         queue.pending_ids.insert(envelope.id);
         queue.bytes += size;
+        queue.oldest = queue.oldest.min(received_at);
         queue.pending.push_back(Stored {
             envelope: envelope.clone(),
             received_at,
@@ -216,6 +231,7 @@ impl RelayStorage for MemoryRelayStorage {
             pending_ids,
             bytes,
             acknowledged,
+            ..
         } = queue;
         pending.retain(|s| {
             if ids.contains(&s.envelope.id) {
