@@ -28,6 +28,13 @@
 //! clients are depositing or polling, and the relay never waits for the
 //! async workers between two turns.
 //!
+//! Each turn is one storage group (one commit). On a SQLite file the
+//! commit does not wait for the disk; a sync thread flushes the
+//! write-ahead log ([`WalSync`]) and only then answers the turn's calls,
+//! one flush for every turn committed while the previous flush ran, so the
+//! relay thread goes on with the next turn meanwhile. Nothing is answered
+//! before it would survive a power loss.
+//!
 //! # Long polls
 //!
 //! A fetch with `wait_ms` checks the proof and lists the mailbox as any
@@ -68,7 +75,7 @@ use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use cubbyhole::relay::{
     reason as core_reason, MailboxUsage, Relay, RelayConfig, RelayStorage, RelayStorageError,
-    SqliteCheckpointer, SqliteRelayStorage,
+    SqliteCheckpointer, SqliteRelayStorage, WalSync,
 };
 use cubbyhole::transport::{
     decode_acknowledge, decode_envelope, encode_envelope_list, parse_decimal_u32, DeviceAddress,
@@ -1153,27 +1160,22 @@ pub async fn serve(
         StorageConfig::SqliteMemory => {
             let storage = blocking(SqliteRelayStorage::open_in_memory).await??;
             info!(storage = "sqlite (in memory)", "relay storage opened");
-            run(listener, config, storage, None, cors, waiters, shutdown).await
+            let file = SqliteFile::default();
+            run(listener, config, storage, file, cors, waiters, shutdown).await
         }
         StorageConfig::Sqlite(path) => {
             let shown = path.display().to_string();
-            let (storage, checkpointer) = blocking(move || {
+            let (storage, file) = blocking(move || {
                 let mut storage = SqliteRelayStorage::open(path)?;
-                let checkpointer = storage.checkpointer()?;
-                Ok::<_, RelayStorageError>((storage, checkpointer))
+                let file = SqliteFile {
+                    checkpointer: storage.checkpointer()?,
+                    wal: storage.wal_sync()?,
+                };
+                Ok::<_, RelayStorageError>((storage, file))
             })
             .await??;
             info!(storage = "sqlite", path = %shown, "relay storage opened");
-            run(
-                listener,
-                config,
-                storage,
-                checkpointer,
-                cors,
-                waiters,
-                shutdown,
-            )
-            .await
+            run(listener, config, storage, file, cors, waiters, shutdown).await
         }
         #[cfg(feature = "postgres")]
         StorageConfig::Postgres(url) => {
@@ -1193,7 +1195,8 @@ pub async fn serve(
                 storage = "postgres",
                 "relay storage opened, listening for deposits"
             );
-            run(listener, config, storage, None, cors, waiters, shutdown).await
+            let file = SqliteFile::default();
+            run(listener, config, storage, file, cors, waiters, shutdown).await
         }
         #[cfg(not(feature = "postgres"))]
         StorageConfig::Postgres(_) => Err(ServerError::PostgresNotCompiled),
@@ -1255,11 +1258,21 @@ fn router<S: Storage>(shared: Arc<Shared<S>>, cors: Option<CorsLayer>) -> Router
     }
 }
 
+/// What a relay on a SQLite file runs beside the relay thread.
+#[derive(Debug, Default)]
+struct SqliteFile {
+    /// Checkpoints the log off the commit path ([`checkpoints`]).
+    checkpointer: Option<SqliteCheckpointer>,
+    /// Makes the turns' commits durable off the relay thread
+    /// ([`sync_thread`]).
+    wal: Option<WalSync>,
+}
+
 async fn run<S: Storage>(
     listener: TcpListener,
     config: ServerConfig,
     storage: S,
-    checkpointer: Option<SqliteCheckpointer>,
+    file: SqliteFile,
     cors: Option<CorsLayer>,
     waiters: Arc<Waiters>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -1287,14 +1300,28 @@ async fn run<S: Storage>(
     let router = router(Arc::clone(&shared), cors);
 
     let (stop, stopped) = watch::channel(false);
+    let (syncs, syncer) = match file.wal {
+        Some(wal) => {
+            let (syncs, turns) = std::sync::mpsc::channel();
+            let waiters = Arc::clone(&shared.waiters);
+            let syncer = std::thread::Builder::new()
+                .name("cubbyhole-sync".into())
+                .spawn(move || sync_thread(&waiters, &wal, &turns))
+                .map_err(ServerError::Io)?;
+            (Some(syncs), Some(syncer))
+        }
+        None => (None, None),
+    };
     let worker = {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("cubbyhole-relay".into())
-            .spawn(move || relay_thread(&shared, queue))
+            .spawn(move || relay_thread(&shared, queue, syncs))
             .map_err(ServerError::Io)?
     };
-    let checkpoints = checkpointer.map(|c| tokio::spawn(checkpoints(c, stopped.clone())));
+    let checkpoints = file
+        .checkpointer
+        .map(|c| tokio::spawn(checkpoints(c, stopped.clone())));
     let sweeper = tokio::spawn(sweeper(Arc::clone(&shared), stopped));
 
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -1361,7 +1388,15 @@ async fn run<S: Storage>(
     let _ = stop.send(true);
     // The relay thread finishes what is queued, then stops.
     let _ = shared.jobs.send(Job::Stop).await;
-    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = worker.join();
+        // The relay thread dropped its end: the sync thread answers the
+        // last turns and stops.
+        if let Some(syncer) = syncer {
+            let _ = syncer.join();
+        }
+    })
+    .await;
     let _ = sweeper.await;
     if let Some(checkpoints) = checkpoints {
         let _ = checkpoints.await;
@@ -1381,7 +1416,11 @@ async fn run<S: Storage>(
 /// most one turn of other calls, and a call for at most one batch of
 /// deposits, however many clients there are. Running on a thread of its
 /// own, the relay never waits for the async workers between turns.
-fn relay_thread<S: Storage>(shared: &Shared<S>, mut queue: mpsc::Receiver<Job<S>>) {
+fn relay_thread<S: Storage>(
+    shared: &Shared<S>,
+    mut queue: mpsc::Receiver<Job<S>>,
+    syncs: Option<std::sync::mpsc::Sender<Synced>>,
+) {
     let mut stopping = false;
     while !stopping {
         let Some(first) = queue.blocking_recv() else {
@@ -1412,7 +1451,7 @@ fn relay_thread<S: Storage>(shared: &Shared<S>, mut queue: mpsc::Receiver<Job<S>
             next = queue.try_recv().ok();
         }
         if !deposits.is_empty() || !calls.is_empty() {
-            shared.turn(deposits, calls);
+            shared.turn(deposits, calls, syncs.as_ref());
         }
     }
 }
@@ -1421,7 +1460,12 @@ impl<S: Storage> Shared<S> {
     /// One turn of the relay thread: the deposits as one batch, then the
     /// calls, all in one storage group (one durable commit), then the
     /// answers.
-    fn turn(&self, deposits: Vec<DepositJob>, calls: Vec<Call<S>>) {
+    fn turn(
+        &self,
+        deposits: Vec<DepositJob>,
+        calls: Vec<Call<S>>,
+        syncs: Option<&std::sync::mpsc::Sender<Synced>>,
+    ) {
         let mut core = match self.core.lock() {
             Ok(core) => core,
             Err(_) => {
@@ -1475,13 +1519,60 @@ impl<S: Storage> Shared<S> {
                 }
             };
         drop(core);
-        for answer in answers {
-            answer(committed);
-        }
-        if committed {
-            for mailbox in &stored {
-                self.waiters.notify(mailbox);
+        let turn = Synced { answers, stored };
+        match syncs {
+            // Answered once the log is on the disk, while this thread goes
+            // on with the next turn.
+            Some(syncs) if committed => {
+                if let Err(unsent) = syncs.send(turn) {
+                    unsent.0.answer(false, &self.waiters);
+                }
             }
+            _ => turn.answer(committed, &self.waiters),
+        }
+    }
+}
+
+/// A turn's answers, and the mailboxes it deposited to.
+struct Synced {
+    answers: Vec<Answer>,
+    stored: Vec<MailboxId>,
+}
+
+impl Synced {
+    /// Answers the turn's calls (with their results if its writes are
+    /// durable, else with an error) and wakes the long polls of the
+    /// mailboxes it deposited to.
+    fn answer(self, durable: bool, waiters: &Waiters) {
+        for answer in self.answers {
+            answer(durable);
+        }
+        if durable {
+            for mailbox in &self.stored {
+                waiters.notify(mailbox);
+            }
+        }
+    }
+}
+
+/// The sync thread of a relay on a SQLite file: takes the turns the relay
+/// thread committed (every one queued at that moment), makes them durable
+/// with one [`WalSync::sync`], then answers them. So the relay thread never
+/// waits for the disk, and one flush covers every turn committed while
+/// the previous one ran.
+fn sync_thread(waiters: &Waiters, wal: &WalSync, turns: &std::sync::mpsc::Receiver<Synced>) {
+    while let Ok(first) = turns.recv() {
+        let mut committed = vec![first];
+        committed.extend(turns.try_iter());
+        let durable = match wal.sync() {
+            Ok(()) => true,
+            Err(e) => {
+                error!(error = %e, "could not flush the write-ahead log");
+                false
+            }
+        };
+        for turn in committed {
+            turn.answer(durable, waiters);
         }
     }
 }

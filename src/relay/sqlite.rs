@@ -279,6 +279,39 @@ impl SqliteCheckpointer {
     }
 }
 
+/// Makes the commits of a relay database durable from another thread, so
+/// that the writer does not wait for the disk ([`SqliteRelayStorage::wal_sync`]).
+///
+/// After `wal_sync`, the writer's commits are written to the write-ahead
+/// log without waiting for it to reach the disk (`synchronous = NORMAL`:
+/// still durable across a crash of the process, such as `kill -9`), and
+/// [`WalSync::sync`] makes every commit made before it durable across a
+/// power loss too: it flushes the log file (`fdatasync`), which is what a
+/// `synchronous = FULL` commit does before it returns. A server answers a
+/// call only after a `sync` that started after the call's commit; one
+/// `sync` covers every commit before it, so the writer can go on with the
+/// next group of calls while the disk works (pipelined group commit).
+///
+/// SQLite keeps the log file (it truncates it in place, never replaces it)
+/// while the database has an open connection, so the file opened here
+/// stays the log as long as the storage is open.
+#[derive(Debug)]
+pub struct WalSync {
+    log: std::fs::File,
+}
+
+impl WalSync {
+    /// Flushes the write-ahead log to the disk: every commit made before
+    /// this call is then durable across a power loss.
+    ///
+    /// # Errors
+    /// The I/O error (then the commits may not be durable: do not answer
+    /// them as stored).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.log.sync_data()
+    }
+}
+
 impl SqliteRelayStorage {
     /// Opens (creating if needed) the relay database at `path`.
     ///
@@ -336,6 +369,28 @@ impl SqliteRelayStorage {
             ));
         }
         self.conn.savepoint().map(Tx::Nested).map_err(db)
+    }
+
+    /// A [`WalSync`] for this database (`None` in memory), and from now on
+    /// this connection's commits do not wait for the disk: the caller
+    /// must [`sync`](WalSync::sync) after a commit and before it reports
+    /// the commit as durable.
+    ///
+    /// # Errors
+    /// [`RelayStorageError::Backend`] if the log file cannot be opened
+    /// (then nothing changed).
+    pub fn wal_sync(&mut self) -> Result<Option<WalSync>, RelayStorageError> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let mut log = path.clone().into_os_string();
+        log.push("-wal");
+        let log = std::fs::File::open(&log)
+            .map_err(|e| RelayStorageError::Backend(format!("write-ahead log: {e}")))?;
+        self.conn
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db)?;
+        Ok(Some(WalSync { log }))
     }
 
     /// A private in-memory database (lost when dropped).
