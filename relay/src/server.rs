@@ -893,7 +893,7 @@ impl<S: Storage> Core<S> {
     }
 }
 
-/// A deposit waiting for the deposit worker.
+/// A deposit waiting for the relay thread.
 struct DepositJob {
     mailbox: MailboxId,
     envelope: Envelope,
