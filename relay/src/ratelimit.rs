@@ -76,11 +76,15 @@ impl RateLimiter {
     /// Takes a token of `kind` for `ip`. `Err` carries how long until the
     /// next token (for `Retry-After`).
     pub(crate) fn check(&self, ip: IpAddr, kind: Kind) -> Result<(), Duration> {
+        self.check_at(ip, kind, Instant::now())
+    }
+
+    /// [`RateLimiter::check`] at the time `now`.
+    fn check_at(&self, ip: IpAddr, kind: Kind, now: Instant) -> Result<(), Duration> {
         let per_minute = self.per_minute[kind as usize];
         if per_minute == 0 {
             return Ok(());
         }
-        let now = Instant::now();
         // The buckets are plain counters: a panic elsewhere while holding
         // the lock cannot leave them inconsistent, so poisoning is ignored.
         let mut map = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
@@ -153,6 +157,46 @@ mod tests {
         // Unlimited kind.
         for _ in 0..100 {
             assert!(limiter.check(ip, Kind::Deposit).is_ok());
+        }
+    }
+
+    /// A bucket of `n` per minute gains a token every `60 / n` seconds
+    /// (checked on a clock the test moves, not the real one).
+    #[test]
+    fn refills_at_n_per_minute() {
+        let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 3));
+        let start = Instant::now();
+        let at = |secs: f64| start + Duration::from_secs_f64(secs);
+        for (n, period) in [(60u32, 1.0f64), (3, 20.0), (120, 0.5)] {
+            let limiter = RateLimiter::new(n, 0, 0);
+            for _ in 0..n {
+                assert!(limiter.check_at(ip, Kind::Request, start).is_ok());
+            }
+            let wait = limiter.check_at(ip, Kind::Request, start).unwrap_err();
+            assert!(
+                (wait.as_secs_f64() - period).abs() < 1e-6,
+                "{n}/min: {wait:?}"
+            );
+            // Half a period later: half a token, still refused, half the wait.
+            let wait = limiter
+                .check_at(ip, Kind::Request, at(period / 2.0))
+                .unwrap_err();
+            assert!(
+                (wait.as_secs_f64() - period / 2.0).abs() < 1e-6,
+                "{n}/min: {wait:?}"
+            );
+            // A whole period: one token, one request.
+            assert!(limiter.check_at(ip, Kind::Request, at(period)).is_ok());
+            assert!(limiter.check_at(ip, Kind::Request, at(period)).is_err());
+            // Never more than a full bucket, however long it rested.
+            let later = period + 61.0;
+            for _ in 0..n {
+                assert!(
+                    limiter.check_at(ip, Kind::Request, at(later)).is_ok(),
+                    "{n}/min after resting"
+                );
+            }
+            assert!(limiter.check_at(ip, Kind::Request, at(later)).is_err());
         }
     }
 
