@@ -474,12 +474,13 @@ fn routing_accessors_follow_the_ratchet() {
     assert!(!bob.awaits_new_ratchet_key());
     assert_eq!(bob.sending_chain_length(), 0);
     let alice_key = Incoming::decode(&m1).unwrap().header().ratchet_key;
-    // (Listed twice: as the current receiving key and as the key of the
-    // chain holding m0's skipped key.)
+    // (Listed once, although it is both the current receiving key and the
+    // key of the chain holding m0's skipped key.)
     assert_eq!(
         bob.receiving_ratchet_keys().collect::<Vec<_>>(),
-        [&alice_key, &alice_key]
+        [&alice_key]
     );
+    assert_eq!(bob.skipped_message_keys(), 1);
     assert_eq!(bob.decrypt(&m0).unwrap(), b"0");
     let r0 = bob.encrypt(&mut p.rng, b"r0").unwrap();
     assert!(bob.awaits_new_ratchet_key());
@@ -518,4 +519,29 @@ fn debug_output_names_the_session() {
     assert!(printed.starts_with("Accepted {"), "{printed}");
     assert!(printed.contains("role: Responder"), "{printed}");
     assert!(printed.contains("plaintext_len: 5"), "{printed}");
+}
+
+/// A chain with skipped keys under an older ratchet key is listed after the
+/// current key.
+#[test]
+fn routing_lists_older_chains_with_skipped_keys() {
+    let mut p = pair(25, 0);
+    let mut alice = p.initiate(SessionConfig::default());
+    let a0 = alice.encrypt(&mut p.rng, b"a0").unwrap();
+    let a1 = alice.encrypt(&mut p.rng, b"a1").unwrap();
+    let (mut bob, _) = p.accept(&a1, SessionConfig::default()).unwrap();
+    let r0 = bob.encrypt(&mut p.rng, b"r0").unwrap();
+    alice.decrypt(&r0).unwrap();
+    let b0 = alice.encrypt(&mut p.rng, b"b0").unwrap();
+    assert_eq!(bob.decrypt(&b0).unwrap(), b"b0");
+    let old_key = Incoming::decode(&a1).unwrap().header().ratchet_key;
+    let new_key = Incoming::decode(&b0).unwrap().header().ratchet_key;
+    assert_ne!(old_key, new_key);
+    assert_eq!(
+        bob.receiving_ratchet_keys().collect::<Vec<_>>(),
+        [&new_key, &old_key]
+    );
+    // Once the skipped key is used, the old chain is gone.
+    assert_eq!(bob.decrypt(&a0).unwrap(), b"a0");
+    assert_eq!(bob.receiving_ratchet_keys().collect::<Vec<_>>(), [&new_key]);
 }

@@ -386,13 +386,19 @@ impl Session {
     }
     /// The peer's ratchet public keys this session can still decrypt under
     /// without a DH ratchet step: the current receiving key and the keys of
-    /// chains with stored skipped message keys. A client that is not told
-    /// which session a message belongs to routes it by its header's key.
+    /// chains with stored skipped message keys, each once. A client that is
+    /// not told which session a message belongs to routes it by its
+    /// header's key. (Public keys: compared with `==`.)
     pub fn receiving_ratchet_keys(&self) -> impl Iterator<Item = &[u8; 32]> {
-        self.ratchet
-            .dhr
-            .iter()
-            .chain(self.ratchet.skipped.chains.iter().map(|c| &c.ratchet_key))
+        let current = self.ratchet.dhr.as_ref();
+        current.into_iter().chain(
+            self.ratchet
+                .skipped
+                .chains
+                .iter()
+                .map(|c| &c.ratchet_key)
+                .filter(move |key| Some(*key) != current),
+        )
     }
 
     /// How many messages this session has sent in its current sending chain
