@@ -4,18 +4,22 @@
 //! cargo run --release --example backlog --features sqlite [-- MESSAGES]
 //! ```
 //!
-//! Alice deposits MESSAGES (default 10,000) messages for Bob through an
-//! in-process relay while Bob is offline; then Bob receives and commits them
-//! all, once with the in-memory store and once with the SQLite store (a
-//! file, WAL, synchronous=FULL). Prints messages per second for each.
+//! Alice deposits MESSAGES (default 10,000) messages of 64 bytes for Bob
+//! through an in-process relay while Bob is offline; then Bob receives and
+//! commits them all, once with the in-memory store and once with the SQLite
+//! store (a file, WAL, synchronous=FULL). Prints messages per second for
+//! each. (The scenario is the `backlog` benches', with batches of 1000.)
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cubbyhole::client::{block_on, Client, ClientConfig};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
 use cubbyhole::storage::{MemoryStore, SqliteStore, Store};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
+
+#[path = "../benches/support/scenario.rs"]
+mod scenario;
 
 const NOW: u64 = 1_900_000_000;
 
@@ -34,7 +38,6 @@ fn run<S: Store>(bob_store: S, messages: usize, rng: &mut ChaCha20Rng) -> (Durat
         ..ClientConfig::default()
     };
     let mut bob = Client::open(bob_store, relay.clone(), relay.clone(), config, rng).expect("bob");
-    block_on(bob.maintain_prekeys(rng, NOW)).expect("publish");
     let mut alice = Client::open(
         MemoryStore::new(),
         relay.clone(),
@@ -43,16 +46,10 @@ fn run<S: Store>(bob_store: S, messages: usize, rng: &mut ChaCha20Rng) -> (Durat
         rng,
     )
     .expect("alice");
-    block_on(alice.maintain_prekeys(rng, NOW)).expect("publish");
-    let to = bob.address();
-    for i in 0..messages {
-        let body = (i as u32).to_be_bytes();
-        block_on(alice.send(rng, &to, &body, NOW)).expect("send");
-    }
-    let start = Instant::now();
-    let report = block_on(bob.receive(NOW)).expect("receive");
-    let elapsed = start.elapsed();
-    assert_eq!(report.received, messages);
+    block_on(scenario::publish_and_send(
+        &mut bob, &mut alice, messages, rng, NOW,
+    ));
+    let elapsed = block_on(scenario::receive_all(&mut bob, messages, NOW));
     (elapsed, bob.inbox().expect("inbox").len())
 }
 
@@ -68,14 +65,12 @@ fn main() {
         t.as_secs_f64(),
         n as f64 / t.as_secs_f64()
     );
-    let dir = std::env::temp_dir().join(format!("cubbyhole-backlog-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let store = SqliteStore::open(dir.join("bob.db"), &[7; 32]).expect("store");
+    let dir = scenario::TempDir::new("cubbyhole-backlog");
+    let store = SqliteStore::open(dir.0.join("bob.db"), &[7; 32]).expect("store");
     let (t, n) = run(store, messages, &mut rng);
     println!(
         "sqlite store: {n} messages in {:.3} s = {:.0} msg/s",
         t.as_secs_f64(),
         n as f64 / t.as_secs_f64()
     );
-    std::fs::remove_dir_all(&dir).ok();
 }

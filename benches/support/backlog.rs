@@ -11,7 +11,7 @@
 //! the benches use `iter_custom` and add up only the `receive` calls.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{BenchmarkGroup, SamplingMode, Throughput};
 use cubbyhole::client::{block_on, Client, ClientConfig};
@@ -20,10 +20,11 @@ use cubbyhole::storage::{MemoryStore, Store};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
+#[path = "scenario.rs"]
+pub mod scenario;
+
 /// Messages in the backlog.
 pub const MESSAGES: usize = 10_000;
-/// Body size of each message, in bytes (the client adds a 5-byte frame).
-pub const BODY: usize = 64;
 /// Unix time of the whole scenario (the in-process relay's clock too).
 const NOW: u64 = 1_900_000_000;
 
@@ -49,7 +50,6 @@ impl<S: Store> Backlog<S> {
         let config = ClientConfig::default();
         let mut bob =
             Client::open(bob_store, relay.clone(), relay.clone(), config, rng).expect("bob");
-        block_on(bob.maintain_prekeys(rng, NOW)).expect("bob publishes");
         let mut alice = Client::open(
             MemoryStore::new(),
             relay.clone(),
@@ -58,39 +58,16 @@ impl<S: Store> Backlog<S> {
             rng,
         )
         .expect("alice");
-        block_on(alice.maintain_prekeys(rng, NOW)).expect("alice publishes");
-        let to = bob.address();
-        let mut body = [0x61u8; BODY];
-        for i in 0..MESSAGES {
-            body[..4].copy_from_slice(&(i as u32).to_be_bytes());
-            let sent = block_on(alice.send(rng, &to, &body, NOW)).expect("send");
-            assert!(sent.deposited, "message {i} was not deposited");
-        }
+        block_on(scenario::publish_and_send(
+            &mut bob, &mut alice, MESSAGES, rng, NOW,
+        ));
         Backlog { bob }
     }
 
-    /// The timed part: `receive` until all [`MESSAGES`] are in Bob's inbox.
+    /// The timed part: `receive` until all [`MESSAGES`] are in Bob's inbox
+    /// (the inbox is checked after the timing).
     pub fn receive_all(&mut self) -> Duration {
-        let start = Instant::now();
-        let mut received = 0;
-        while received < MESSAGES {
-            let report = block_on(self.bob.receive(NOW)).expect("receive");
-            assert!(
-                report.rejected.is_empty(),
-                "rejected: {:?}",
-                report.rejected
-            );
-            assert!(report.received > 0, "receive made no progress");
-            received += report.received;
-        }
-        let elapsed = start.elapsed();
-        assert_eq!(received, MESSAGES);
-        elapsed
-    }
-
-    /// Checks (untimed) that the inbox holds the whole backlog.
-    pub fn check(&self) {
-        assert_eq!(self.bob.inbox().expect("inbox").len(), MESSAGES);
+        block_on(scenario::receive_all(&mut self.bob, MESSAGES, NOW))
     }
 }
 
@@ -118,7 +95,6 @@ pub fn bench<S: Store, G>(
                 let (bob_store, guard) = store();
                 let mut backlog = Backlog::prepare(bob_store, &mut rng);
                 total += backlog.receive_all();
-                backlog.check();
                 drop(backlog);
                 drop(guard);
             }

@@ -43,8 +43,7 @@
 //! run's set-up and receive times.
 
 use std::future::{ready, Future};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -62,10 +61,13 @@ use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+#[path = "../../benches/support/scenario.rs"]
+mod scenario;
+
+use scenario::{publish_and_send, TempDir};
+
 /// Messages in the backlog.
 const MESSAGES: usize = 10_000;
-/// Body size of each message, in bytes (the client adds a 5-byte frame).
-const BODY: usize = 64;
 /// Envelopes per `Relay::deposit_batch` when filling the relay's file.
 const PREFILL_BATCH: usize = 1000;
 
@@ -77,28 +79,6 @@ fn now() -> u64 {
 
 fn verbose() -> bool {
     std::env::var_os("BACKLOG_VERBOSE").is_some()
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static RUN: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "cubbyhole-bench-backlog-http-{}-{}",
-            std::process::id(),
-            RUN.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("temporary directory");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The relay's bounds: room for the whole backlog in one mailbox.
@@ -154,13 +134,6 @@ impl Server {
     }
 }
 
-/// Alice's body number `i`.
-fn body(i: usize) -> [u8; BODY] {
-    let mut body = [0x61u8; BODY];
-    body[..4].copy_from_slice(&(i as u32).to_be_bytes());
-    body
-}
-
 /// The brief's set-up over HTTP: Bob (on `bob_store`) publishes, Alice
 /// sends him the backlog, one deposit request per message.
 async fn prepare_over_http<S: Store>(
@@ -171,7 +144,6 @@ async fn prepare_over_http<S: Store>(
 ) -> S {
     let config = ClientConfig::default();
     let mut bob = Client::open(bob_store, relay.clone(), relay.clone(), config, rng).expect("bob");
-    assert!(bob.maintain_prekeys(rng, now).await.expect("bob publishes"));
     let mut alice = Client::open(
         MemoryStore::new(),
         relay.clone(),
@@ -180,15 +152,7 @@ async fn prepare_over_http<S: Store>(
         rng,
     )
     .expect("alice");
-    alice
-        .maintain_prekeys(rng, now)
-        .await
-        .expect("alice publishes");
-    let to = bob.address();
-    for i in 0..MESSAGES {
-        let sent = alice.send(rng, &to, &body(i), now).await.expect("send");
-        assert!(sent.deposited, "message {i} was not deposited");
-    }
+    publish_and_send(&mut bob, &mut alice, MESSAGES, rng, now).await;
     bob.into_store()
 }
 
@@ -254,7 +218,6 @@ async fn prefill_relay_file<S: Store>(
     let relay: FileRelay = InProcessRelay::new(Relay::new(storage, relay_config()));
     let config = ClientConfig::default();
     let mut bob = Client::open(bob_store, relay.clone(), relay.clone(), config, rng).expect("bob");
-    assert!(bob.maintain_prekeys(rng, now).await.expect("bob publishes"));
     let collector = Collector {
         relay: relay.clone(),
         deposits: Arc::new(Mutex::new(Vec::with_capacity(MESSAGES))),
@@ -267,15 +230,8 @@ async fn prefill_relay_file<S: Store>(
         rng,
     )
     .expect("alice");
-    alice
-        .maintain_prekeys(rng, now)
-        .await
-        .expect("alice publishes");
-    let to = bob.address();
-    for i in 0..MESSAGES {
-        let sent = alice.send(rng, &to, &body(i), now).await.expect("send");
-        assert!(sent.deposited, "message {i} was not collected");
-    }
+    // "Deposited" here means collected.
+    publish_and_send(&mut bob, &mut alice, MESSAGES, rng, now).await;
     drop(alice);
     let deposits = std::mem::take(&mut *collector.deposits.lock().expect("collector lock"));
     assert_eq!(deposits.len(), MESSAGES);
@@ -307,22 +263,7 @@ async fn receive_all<S: Store>(
         rng,
     )
     .expect("bob");
-    let start = Instant::now();
-    let mut received = 0;
-    while received < MESSAGES {
-        let report = bob.receive(now).await.expect("receive");
-        assert!(
-            report.rejected.is_empty(),
-            "rejected: {:?}",
-            report.rejected
-        );
-        assert!(report.received > 0, "receive made no progress");
-        received += report.received;
-    }
-    let elapsed = start.elapsed();
-    assert_eq!(received, MESSAGES);
-    assert_eq!(bob.inbox().expect("inbox").len(), MESSAGES);
-    elapsed
+    scenario::receive_all(&mut bob, MESSAGES, now).await
 }
 
 /// Where the relay keeps its state, and so how the backlog gets there.
@@ -343,7 +284,7 @@ fn run<S: Store>(
     store: &mut impl FnMut(&TempDir) -> S,
     rng: &mut ChaCha20Rng,
 ) -> Duration {
-    let dir = TempDir::new();
+    let dir = TempDir::new("cubbyhole-bench-backlog-http");
     let now = now();
     let started = Instant::now();
     let (server, bob_store) = match setup {
