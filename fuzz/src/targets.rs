@@ -204,6 +204,14 @@ pub fn max_total_allocation(len: usize) -> usize {
 /// Bounded allocation: decoding `len` bytes allocates at most a constant
 /// factor of `len` plus a fixed slack, so no count or length field reserves
 /// memory before the bytes it counts are there.
+/// Runs `decoder` on `len` input bytes under the allocation meter and
+/// checks that its allocations stay within the bounds for that input.
+fn decode_bounded<R>(decoder: &str, len: usize, decode: impl FnOnce() -> R) -> R {
+    let (result, stats) = measure(decode);
+    check_allocation(decoder, len, stats);
+    result
+}
+
 fn check_allocation(decoder: &str, len: usize, stats: Option<AllocStats>) {
     let Some(stats) = stats else { return };
     assert!(
@@ -227,7 +235,7 @@ fn check_allocation(decoder: &str, len: usize, stats: Option<AllocStats>) {
 /// input's prefix, and a tag fits after it.
 pub fn decode_incoming(data: &[u8]) {
     // Decoding checks the structure only (IK_A is validated by accept).
-    let message = match Incoming::decode(data) {
+    let message = match decode_bounded("Incoming::decode", data.len(), || Incoming::decode(data)) {
         Ok(m) => m,
         Err(Error::Decode(_)) => return,
         Err(e) => panic!("Incoming::decode returned {e:?}"),
@@ -257,7 +265,9 @@ pub fn decode_incoming(data: &[u8]) {
 /// a session can be initiated (or refused with `InvalidKey`) from any bundle
 /// that verifies.
 pub fn decode_bundle(data: &[u8]) {
-    let bundle = match PrekeyBundle::decode(data) {
+    let bundle = match decode_bounded("PrekeyBundle::decode", data.len(), || {
+        PrekeyBundle::decode(data)
+    }) {
         Ok(b) => b,
         Err(Error::Decode(_) | Error::InvalidKey) => return,
         Err(e) => panic!("PrekeyBundle::decode returned {e:?}"),
@@ -324,7 +334,10 @@ fn fixed_probe_message() -> Vec<u8> {
 /// restorable state, `decrypt` of a probe fails without changing anything.
 pub fn decode_state(data: &[u8]) {
     // The identities are not part of the state: any valid keys do.
-    let mut session = match Session::from_bytes(data, alice().public(), directory().bob.public()) {
+    let (alice, bob) = (alice().public(), directory().bob.public());
+    let mut session = match decode_bounded("Session::from_bytes", data.len(), || {
+        Session::from_bytes(data, alice, bob)
+    }) {
         Ok(s) => s,
         Err(Error::State(_)) => return,
         Err(e) => panic!("Session::from_bytes returned {e:?}"),
@@ -621,8 +634,9 @@ fn fixture_prekey_message() -> &'static [u8] {
 /// allocation, and the decoded store survives its whole lifecycle (see
 /// [`exercise_prekey_store`]).
 pub fn decode_prekeys(data: &[u8]) {
-    let (result, stats) = measure(|| PrekeyStore::from_bytes(data));
-    check_allocation("PrekeyStore::from_bytes", data.len(), stats);
+    let result = decode_bounded("PrekeyStore::from_bytes", data.len(), || {
+        PrekeyStore::from_bytes(data)
+    });
     let store = match result {
         Ok(s) => s,
         Err(Error::State(_)) => return,
@@ -714,8 +728,9 @@ pub fn exercise_prekey_store(mut store: PrekeyStore) {
 /// bookkeeping): canonical, bounded allocation, the prekey store is the
 /// tail of the encoding.
 pub fn decode_prekey_state(data: &[u8]) {
-    let (result, stats) = measure(|| PrekeyState::from_bytes(data));
-    check_allocation("PrekeyState::from_bytes", data.len(), stats);
+    let result = decode_bounded("PrekeyState::from_bytes", data.len(), || {
+        PrekeyState::from_bytes(data)
+    });
     let state = match result {
         Ok(s) => s,
         Err(Error::State(_)) => return,
@@ -741,8 +756,9 @@ pub fn decode_prekey_state(data: &[u8]) {
 /// bytes decode, canonically; the key pair is the seed's, its public key is
 /// a valid identity key, and what it signs verifies.
 pub fn decode_identity(data: &[u8]) {
-    let (result, stats) = measure(|| LocalIdentity::from_bytes(data));
-    check_allocation("LocalIdentity::from_bytes", data.len(), stats);
+    let result = decode_bounded("LocalIdentity::from_bytes", data.len(), || {
+        LocalIdentity::from_bytes(data)
+    });
     let identity = match result {
         Ok(i) => i,
         Err(Error::State(_)) => {
@@ -866,8 +882,9 @@ fn usage(relay: &Relay<MemoryRelayStorage>, device: &DeviceAddress) -> MailboxUs
 /// structured half ([`signed_upload`]): fields read from the bytes, signed
 /// by the fixture's identity, so the fuzzer reaches past the signatures.
 pub fn decode_upload(data: &[u8]) {
-    let (result, stats) = measure(|| BundleSetUpload::decode_verified(data));
-    check_allocation("BundleSetUpload::decode_verified", data.len(), stats);
+    let result = decode_bounded("BundleSetUpload::decode_verified", data.len(), || {
+        BundleSetUpload::decode_verified(data)
+    });
     match result {
         Err(TransportError::BadRequest(_) | TransportError::Unauthorized) => {}
         Err(e) => panic!("decode_verified returned {e:?}"),
@@ -1051,8 +1068,9 @@ fn signed_upload(data: &[u8]) {
 /// the fixture relay accepts the proof only if it verifies, is Bob's and
 /// is over one of his outstanding challenges, and only once.
 pub fn decode_mailbox_auth(data: &[u8]) {
-    let (result, stats) = measure(|| MailboxAuth::decode(data));
-    check_allocation("MailboxAuth::decode", data.len(), stats);
+    let result = decode_bounded("MailboxAuth::decode", data.len(), || {
+        MailboxAuth::decode(data)
+    });
     let auth = match result {
         Ok(a) => a,
         Err(TransportError::BadRequest(_)) => {
@@ -1107,8 +1125,9 @@ pub fn decode_mailbox_auth(data: &[u8]) {
 /// stores it once (a repeat, or an id already pending, changes nothing)
 /// and serves it back unchanged.
 pub fn decode_envelope(data: &[u8]) {
-    let (result, stats) = measure(|| transport::decode_envelope(data));
-    check_allocation("decode_envelope", data.len(), stats);
+    let result = decode_bounded("decode_envelope", data.len(), || {
+        transport::decode_envelope(data)
+    });
     let envelope = match result {
         Ok(e) => e,
         Err(TransportError::BadRequest(_)) => return,
@@ -1157,8 +1176,9 @@ pub fn decode_envelope(data: &[u8]) {
 /// `decode_envelope_list` (a fetch answer, parsed by the HTTP client):
 /// canonical, bounded allocation, every envelope re-decodes alone.
 pub fn decode_envelope_list(data: &[u8]) {
-    let (result, stats) = measure(|| transport::decode_envelope_list(data));
-    check_allocation("decode_envelope_list", data.len(), stats);
+    let result = decode_bounded("decode_envelope_list", data.len(), || {
+        transport::decode_envelope_list(data)
+    });
     let list = match result {
         Ok(l) => l,
         Err(TransportError::BadRequest(_)) => return,
@@ -1184,8 +1204,9 @@ pub fn decode_envelope_list(data: &[u8]) {
 /// names (whose ids then stay known: a redeposit stores nothing), and a
 /// refused one changes nothing.
 pub fn decode_acknowledge(data: &[u8]) {
-    let (result, stats) = measure(|| transport::decode_acknowledge(data));
-    check_allocation("decode_acknowledge", data.len(), stats);
+    let result = decode_bounded("decode_acknowledge", data.len(), || {
+        transport::decode_acknowledge(data)
+    });
     let (auth, ids) = match result {
         Ok(a) => a,
         Err(TransportError::BadRequest(_)) => return,
@@ -1247,8 +1268,9 @@ pub fn decode_fetch_query(data: &[u8]) {
     let Ok(query) = std::str::from_utf8(data) else {
         return;
     };
-    let (result, stats) = measure(|| FetchQuery::decode(query));
-    check_allocation("FetchQuery::decode", data.len(), stats);
+    let result = decode_bounded("FetchQuery::decode", data.len(), || {
+        FetchQuery::decode(query)
+    });
     let pairs = || {
         query
             .split('&')
