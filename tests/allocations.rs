@@ -50,9 +50,9 @@ fn allocations() -> u64 {
 
 const NOW: u64 = 1_800_000_000;
 
-/// Alice and Bob past the prekey messages, each with a chain in both
-/// directions.
-fn established(rng: &mut ChaCha20Rng) -> (Session, Session) {
+/// Alice's new session to Bob (who has one one-time prekey), Bob and his
+/// prekeys.
+fn initiated(rng: &mut ChaCha20Rng) -> (Session, IdentityKeyPair, PrekeyStore) {
     let alice = IdentityKeyPair::generate(rng);
     let bob = IdentityKeyPair::generate(rng);
     let mut prekeys = PrekeyStore::new(rng, &bob, NOW);
@@ -61,7 +61,14 @@ fn established(rng: &mut ChaCha20Rng) -> (Session, Session) {
         .unwrap()
         .verify(NOW, FreshnessPolicy::default())
         .unwrap();
-    let mut a = Session::initiate(rng, &alice, &bundle, SessionConfig::default()).unwrap();
+    let a = Session::initiate(rng, &alice, &bundle, SessionConfig::default()).unwrap();
+    (a, bob, prekeys)
+}
+
+/// Alice and Bob past the prekey messages, each with a chain in both
+/// directions.
+fn established(rng: &mut ChaCha20Rng) -> (Session, Session) {
+    let (mut a, bob, mut prekeys) = initiated(rng);
     let first = a.encrypt(rng, b"hello").unwrap();
     let mut b = prekeys
         .accept(
@@ -135,15 +142,7 @@ fn steady_state_encrypt_and_decrypt_allocate_only_the_output() {
 #[test]
 fn prekey_message_into_an_empty_buffer_is_one_allocation() {
     let mut rng = ChaCha20Rng::seed_from_u64(7);
-    let alice = IdentityKeyPair::generate(&mut rng);
-    let bob = IdentityKeyPair::generate(&mut rng);
-    let mut prekeys = PrekeyStore::new(&mut rng, &bob, NOW);
-    prekeys.generate_one_time_prekeys(&mut rng, 1);
-    let bundle = PrekeyBundle::decode(&prekeys.bundle(&bob).encode())
-        .unwrap()
-        .verify(NOW, FreshnessPolicy::default())
-        .unwrap();
-    let mut a = Session::initiate(&mut rng, &alice, &bundle, SessionConfig::default()).unwrap();
+    let (mut a, _, _) = initiated(&mut rng);
     for size in [0usize, 1, 64, 1024, 16 * 1024] {
         let plaintext = vec![0x5a; size];
         let mut wire = Vec::new();
