@@ -729,13 +729,14 @@ impl RelayStorage for SqliteRelayStorage {
             }
         }
         if deleted > 0 {
-            tx.prepare_cached(
-                "UPDATE mailboxes SET envelopes = max(envelopes - ?2, 0),
-                     bytes = max(bytes - ?3, 0) WHERE mid = ?1",
-            )
-            .map_err(db)?
-            .execute(params![mid, time(deleted), time(bytes)])
-            .map_err(db)?;
+            release(
+                &tx,
+                mid,
+                MailboxUsage {
+                    envelopes: deleted,
+                    bytes,
+                },
+            )?;
         }
         tx.commit().map_err(db)?;
         Ok(deleted)
@@ -762,19 +763,9 @@ impl RelayStorage for SqliteRelayStorage {
             }
         }
         let mut expired = 0u64;
-        {
-            let mut release = tx
-                .prepare_cached(
-                    "UPDATE mailboxes SET envelopes = max(envelopes - ?2, 0),
-                         bytes = max(bytes - ?3, 0) WHERE mid = ?1",
-                )
-                .map_err(db)?;
-            for (mid, usage) in &freed {
-                release
-                    .execute(params![mid, time(usage.envelopes), time(usage.bytes)])
-                    .map_err(db)?;
-                expired += usage.envelopes;
-            }
+        for (mid, usage) in &freed {
+            release(&tx, *mid, *usage)?;
+            expired += usage.envelopes;
         }
         tx.commit().map_err(db)?;
         Ok(expired)
@@ -997,6 +988,19 @@ fn touch(
         next_seq,
         changed,
     })
+}
+
+/// Takes `freed` (pending envelopes acknowledged or expired) off the
+/// usage of mailbox `mid`.
+fn release(tx: &Connection, mid: i64, freed: MailboxUsage) -> Result<(), RelayStorageError> {
+    tx.prepare_cached(
+        "UPDATE mailboxes SET envelopes = max(envelopes - ?2, 0),
+             bytes = max(bytes - ?3, 0) WHERE mid = ?1",
+    )
+    .map_err(db)?
+    .execute(params![mid, time(freed.envelopes), time(freed.bytes)])
+    .map_err(db)?;
+    Ok(())
 }
 
 /// Writes the usage of the mailboxes a transaction changed.
