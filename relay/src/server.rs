@@ -56,7 +56,7 @@
 //! once their mailbox is touched again.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -924,6 +924,9 @@ enum Job<S> {
     Stop,
 }
 
+/// Most committed turns waiting for the sync thread's flush.
+const MAX_TURNS_AWAITING_SYNC: usize = 64;
+
 /// Most other calls run in one turn of the relay thread.
 const MAX_CALLS_PER_TURN: usize = 64;
 
@@ -1043,14 +1046,14 @@ impl<S: Storage> Shared<S> {
         let mut stored = Vec::new();
         // Mailboxes whose usage this batch read from the storage (which
         // has all of the batch's envelopes already): counted.
-        let mut counted: Vec<MailboxId> = Vec::new();
+        let mut counted: HashSet<MailboxId> = HashSet::new();
         for (((mailbox, envelope), result), reply) in batch.iter().zip(results).zip(replies) {
             let answer = match result {
                 Ok(true) => {
                     self.metrics.deposits.fetch_add(1, Ordering::Relaxed);
                     if !counted.contains(mailbox) {
                         if !core.usage.contains_key(mailbox) {
-                            counted.push(*mailbox);
+                            counted.insert(*mailbox);
                         }
                         if let Err(e) =
                             core.stored(*mailbox, envelope.payload.len() as u64, &self.metrics)
@@ -1302,7 +1305,8 @@ async fn run<S: Storage>(
     let (stop, stopped) = watch::channel(false);
     let (syncs, syncer) = match file.wal {
         Some(wal) => {
-            let (syncs, turns) = std::sync::mpsc::channel();
+            // Bounded: if the disk stalls, the relay thread waits too.
+            let (syncs, turns) = std::sync::mpsc::sync_channel(MAX_TURNS_AWAITING_SYNC);
             let waiters = Arc::clone(&shared.waiters);
             let syncer = std::thread::Builder::new()
                 .name("cubbyhole-sync".into())
@@ -1419,7 +1423,7 @@ async fn run<S: Storage>(
 fn relay_thread<S: Storage>(
     shared: &Shared<S>,
     mut queue: mpsc::Receiver<Job<S>>,
-    syncs: Option<std::sync::mpsc::Sender<Synced>>,
+    syncs: Option<std::sync::mpsc::SyncSender<Synced>>,
 ) {
     let mut stopping = false;
     while !stopping {
@@ -1464,7 +1468,7 @@ impl<S: Storage> Shared<S> {
         &self,
         deposits: Vec<DepositJob>,
         calls: Vec<Call<S>>,
-        syncs: Option<&std::sync::mpsc::Sender<Synced>>,
+        syncs: Option<&std::sync::mpsc::SyncSender<Synced>>,
     ) {
         let mut core = match self.core.lock() {
             Ok(core) => core,
