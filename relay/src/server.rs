@@ -19,21 +19,21 @@
 //! The relay core is synchronous (SQLite and the PostgreSQL client block),
 //! so it runs on a thread of its own, which takes the calls from one
 //! queue. Each turn it takes every call queued at that moment: the deposits
-//! among them are stored together with [`Relay::deposit_batch`], one
-//! storage commit for the batch (group commit), and each is answered `201`
-//! only after that commit; then the other calls (challenges, fetches,
-//! acknowledgements, uploads, ...) run, each a commit of its own, in the
-//! order they came. So under load a deposit waits for at most one turn of
-//! other calls and a call for at most one batch of deposits, however many
-//! clients are depositing or polling, and the relay never waits for the
-//! async workers between two turns.
+//! among them are stored together with [`Relay::deposit_batch`], then the
+//! other calls (challenges, fetches, acknowledgements, uploads, ...) run,
+//! each atomic on its own, in the order they came. So under load a deposit
+//! waits for at most one turn of other calls and a call for at most one
+//! batch of deposits, however many clients are depositing or polling, and
+//! the relay never waits for the async workers between two turns.
 //!
-//! Each turn is one storage group (one commit). On a SQLite file the
-//! commit does not wait for the disk; a sync thread flushes the
-//! write-ahead log ([`WalSync`]) and only then answers the turn's calls,
-//! one flush for every turn committed while the previous flush ran, so the
-//! relay thread goes on with the next turn meanwhile. Nothing is answered
-//! before it would survive a power loss.
+//! Each turn is one storage group ([`RelayStorage::begin_group`]): one
+//! commit for all its calls (group commit), and no call is answered (a
+//! deposit `201`) before it. On a SQLite file the commit does not wait for
+//! the disk; a sync thread flushes the write-ahead log ([`WalSync`]) and
+//! only then answers the turn's calls, one flush for every turn committed
+//! while the previous flush ran, so the relay thread goes on with the next
+//! turn meanwhile. Nothing is answered before it would survive a power
+//! loss.
 //!
 //! # Long polls
 //!
@@ -908,12 +908,22 @@ type Answer = Box<dyn FnOnce(bool) + Send>;
 /// A relay call other than a deposit, run on the relay thread.
 type Call<S> = Box<dyn FnOnce(&mut Core<S>, &Metrics, u64) -> Answer + Send>;
 
-/// The answer to a call whose turn could not be committed.
-fn not_committed() -> ApiError {
-    ApiError::new(
-        Reason::Unavailable,
-        "the relay could not store this; retry later",
-    )
+/// `result`, to be sent on `reply` once the turn is committed (an error
+/// instead if it is not).
+fn held<T: Send + 'static>(
+    reply: oneshot::Sender<Result<T, ApiError>>,
+    result: Result<T, ApiError>,
+) -> Answer {
+    Box::new(move |committed| {
+        let _ = reply.send(if committed {
+            result
+        } else {
+            Err(ApiError::new(
+                Reason::Unavailable,
+                "the relay could not store this; retry later",
+            ))
+        });
+    })
 }
 
 /// What the relay thread does.
@@ -983,14 +993,7 @@ impl<S: Storage> Shared<S> {
             if let Some(e) = core.relay.take_storage_error() {
                 error!(error = %e, "relay storage failed");
             }
-            let result = result.map_err(ApiError::from_transport);
-            Box::new(move |committed| {
-                let _ = reply.send(if committed {
-                    result
-                } else {
-                    Err(not_committed())
-                });
-            })
+            held(reply, result.map_err(ApiError::from_transport))
         });
         self.jobs
             .send(Job::Call(job))
@@ -1067,13 +1070,7 @@ impl<S: Storage> Shared<S> {
                 Ok(false) => Ok(false),
                 Err(e) => Err(ApiError::from_transport(e)),
             };
-            answers.push(Box::new(move |committed| {
-                let _ = reply.send(if committed {
-                    answer
-                } else {
-                    Err(not_committed())
-                });
-            }));
+            answers.push(held(reply, answer));
         }
         stored
     }
