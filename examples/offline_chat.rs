@@ -124,7 +124,7 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     println!("\n== Bob comes back: reopens his store from disk and receives");
     let mut bob = open(&dir, "bob", &bob_key, &relay)?;
-    let report = block_on(bob.receive(now()))?;
+    let report = block_on(bob.receive(&mut cubbyhole::OsRng, now()))?;
     println!(
         "   received {}, redelivered {}, rejected {}, missing {:?}",
         report.received,
@@ -143,7 +143,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     show_relay(&relay, &names)?;
 
     println!("\n== Alice receives the reply");
-    block_on(alice.receive(now()))?;
+    block_on(alice.receive(&mut cubbyhole::OsRng, now()))?;
     print_inbox(&mut alice, "Alice", &names)?;
 
     println!("\n== Safety number (compare out of band)");

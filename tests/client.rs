@@ -208,7 +208,7 @@ impl World {
     }
     fn receive(&mut self, c: &mut EvilClient) -> cubbyhole::client::ReceiveReport {
         let now = self.now();
-        block_on(c.receive(now)).unwrap()
+        block_on(c.receive(&mut self.rng, now)).unwrap()
     }
 }
 
@@ -479,10 +479,18 @@ fn signed_prekey_rotation_keeps_late_prekey_messages_decryptable() {
     let report = w.receive(&mut bob);
     assert_eq!(report.received, 0);
     assert_eq!(report.rejected.len(), 1, "{report:?}");
+    // The rejection names the identity key the prekey message claims.
     assert_eq!(
         report.rejected[0].1,
-        Rejection::Protocol(Error::UnknownPrekey)
+        Rejection::Prekey {
+            identity: identity_of(&dave),
+            error: Error::UnknownPrekey
+        }
     );
+}
+
+fn identity_of(c: &EvilClient) -> [u8; 32] {
+    c.address().identity
 }
 
 #[test]
@@ -608,7 +616,7 @@ fn committed_but_unacknowledged_envelopes_are_recognised() {
     .unwrap();
     let now = w.now();
     assert!(matches!(
-        block_on(flaky.receive(now)),
+        block_on(flaky.receive(&mut w.rng, now)),
         Err(ClientError::Transport(_))
     ));
     assert_eq!(

@@ -347,6 +347,7 @@ fn debug_of_the_offline_layer_holds_no_secrets() {
         retired_at: vec![],
         one_time_retired: vec![],
         upload_pending: false,
+        accepted: Vec::new(),
     };
     let mut secrets: Vec<String> = vec![hex::encode(*p.alice.seed()), hex::encode(*p.bob.seed())];
     for k in p.bob_prekeys.signed_prekeys() {

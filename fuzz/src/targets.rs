@@ -736,15 +736,25 @@ pub fn decode_prekey_state(data: &[u8]) {
         Err(Error::State(_)) => return,
         Err(e) => panic!("PrekeyState::from_bytes returned {e:?}"),
     };
-    assert!(
-        same(&state.to_bytes(), data),
-        "prekey state encoding is not canonical"
-    );
     let prekeys = state.prekeys.to_bytes();
     let lists = state.retired_at.len() + state.one_time_retired.len();
-    assert_eq!(data.len(), 26 + 12 * lists + prekeys.len());
+    if data[0] == 3 {
+        assert!(
+            same(&state.to_bytes(), data),
+            "prekey state encoding is not canonical"
+        );
+        assert_eq!(
+            data.len(),
+            30 + 12 * lists + 20 * state.accepted.len() + prekeys.len()
+        );
+    } else {
+        // Version 2 (no replay digests) decodes and is written as version 3.
+        assert!(state.accepted.is_empty());
+        assert_eq!(data.len(), 26 + 12 * lists + prekeys.len());
+    }
     assert!(data.ends_with(&prekeys));
     let restored = PrekeyState::from_bytes(&state.to_bytes()).expect("restores");
+    assert_eq!(restored.accepted, state.accepted);
     assert_eq!(restored.upload_counter, state.upload_counter);
     assert_eq!(restored.last_rotation, state.last_rotation);
     assert_eq!(restored.upload_pending, state.upload_pending);
@@ -1821,6 +1831,7 @@ impl World {
                     retired_at: model.retired.iter().map(|id| (*id, NOW)).collect(),
                     one_time_retired: vec![(model.next_one_time, NOW)],
                     upload_pending: how & 1 == 0,
+                    accepted: Vec::new(),
                 };
                 let bytes = state.to_bytes();
                 let restored = PrekeyState::from_bytes(&bytes).expect("prekey state restores");
@@ -2256,6 +2267,7 @@ fn stored_record_seeds(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
         retired_at: vec![(1, NOW - 3_600)],
         one_time_retired: vec![(1, NOW - 60)],
         upload_pending: true,
+        accepted: Vec::new(),
     };
     let state_bytes = state.to_bytes().to_vec();
     add("decode_prekey_state", "fixture", state_bytes.clone());
@@ -2266,6 +2278,7 @@ fn stored_record_seeds(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
         retired_at: Vec::new(),
         one_time_retired: Vec::new(),
         upload_pending: false,
+        accepted: Vec::new(),
     };
     add("decode_prekey_state", "fresh", fresh.to_bytes().to_vec());
     let mut bad_flag = state_bytes.clone();

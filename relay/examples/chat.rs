@@ -159,7 +159,7 @@ async fn demo(relay: &HttpRelay, dir: &Path) -> Result<(), Box<dyn Error>> {
 
     println!("\n== Bob comes back: reopens his store from disk and receives");
     let mut bob = open(dir, "bob", relay)?;
-    let report = bob.receive(now()).await?;
+    let report = bob.receive(&mut OsRng, now()).await?;
     println!(
         "   received {}, redelivered {}, rejected {}, missing {:?}",
         report.received,
@@ -172,7 +172,7 @@ async fn demo(relay: &HttpRelay, dir: &Path) -> Result<(), Box<dyn Error>> {
     println!("\n== Both online: Alice waits on her mailbox while Bob replies");
     let ((received, arrived), (sent, sent_at)) = tokio::join!(
         async {
-            let received = alice.receive_waiting(now(), 10_000).await;
+            let received = alice.receive_waiting(&mut OsRng, now(), 10_000).await;
             (received, Instant::now())
         },
         async {
@@ -258,12 +258,13 @@ async fn one_side(relay: &HttpRelay, dir: &Path, me: &str) -> Result<(), Box<dyn
         Line(Option<String>),
         Received(Result<(), Box<dyn Error>>),
     }
+    let mut rng = OsRng;
     loop {
         // A receive cancelled by a typed line loses nothing: envelopes are
         // acknowledged only after they are committed to the store.
         let event = tokio::select! {
             line = typed.recv() => Event::Line(line),
-            r = device.receive_waiting(now(), 25_000) => {
+            r = device.receive_waiting(&mut rng, now(), 25_000) => {
                 Event::Received(r.map(drop).map_err(Into::into))
             }
         };
@@ -279,7 +280,7 @@ async fn one_side(relay: &HttpRelay, dir: &Path, me: &str) -> Result<(), Box<dyn
                 None => println!("   ({peer} has not started yet: nothing sent)"),
             },
             Event::Line(None) => {
-                device.receive(now()).await?;
+                device.receive(&mut OsRng, now()).await?;
                 print_messages(&mut device, dir, peer)?;
                 return Ok(());
             }

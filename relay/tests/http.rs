@@ -215,7 +215,7 @@ async fn offline_conversation(relay: &HttpRelay, bob_store: impl Store + Send) {
     }
 
     let mut bob = device_on(bob_store, relay, ClientConfig::default());
-    let report = bob.receive(now()).await.unwrap();
+    let report = bob.receive(&mut cubbyhole::OsRng, now()).await.unwrap();
     assert_eq!(report.received, 3);
     assert!(report.rejected.is_empty() && report.missing.is_empty());
     let got = take_inbox(&mut bob);
@@ -225,12 +225,12 @@ async fn offline_conversation(relay: &HttpRelay, bob_store: impl Store + Send) {
     );
     assert!(got.iter().all(|(from, _)| *from == alice.address()));
     // Acknowledged: nothing more for Bob.
-    assert_eq!(bob.receive(now()).await.unwrap().received, 0);
+    assert_eq!(bob.receive(&mut cubbyhole::OsRng, now()).await.unwrap().received, 0);
 
     bob.send(&mut OsRng, &alice.address(), b"Got them all.", now())
         .await
         .unwrap();
-    assert_eq!(alice.receive(now()).await.unwrap().received, 1);
+    assert_eq!(alice.receive(&mut cubbyhole::OsRng, now()).await.unwrap().received, 1);
     assert_eq!(
         take_inbox(&mut alice),
         vec![(bob_address, "Got them all.".to_owned())]
@@ -281,7 +281,7 @@ async fn offline_conversation_over_a_sqlite_file_survives_a_relay_restart() {
         &relay,
         ClientConfig::default(),
     );
-    assert_eq!(bob.receive(now()).await.unwrap().received, 1);
+    assert_eq!(bob.receive(&mut cubbyhole::OsRng, now()).await.unwrap().received, 1);
     assert_eq!(
         take_inbox(&mut bob),
         vec![(alice.address(), "after the restart".to_owned())]
@@ -309,7 +309,7 @@ async fn online_recipient_gets_messages_pushed_by_long_poll() {
         // Bob waits (up to 5 s) in his own task...
         let waiting = tokio::spawn(async move {
             let started = Instant::now();
-            let report = bob.receive_waiting(now(), 5000).await.unwrap();
+            let report = bob.receive_waiting(&mut cubbyhole::OsRng, now(), 5000).await.unwrap();
             (bob, report, started, Instant::now())
         });
         // ...his long poll is in flight before Alice writes.
@@ -345,7 +345,7 @@ async fn online_recipient_gets_messages_pushed_by_long_poll() {
 
     // With nothing coming, the wait runs its course and returns empty.
     let started = Instant::now();
-    let report = bob.receive_waiting(now(), 700).await.unwrap();
+    let report = bob.receive_waiting(&mut cubbyhole::OsRng, now(), 700).await.unwrap();
     assert_eq!(report.received, 0);
     assert!(started.elapsed() >= Duration::from_millis(650));
     server.stop().await;
@@ -480,7 +480,7 @@ async fn a_stranger_cannot_read_acknowledge_or_replace_bobs_keys() {
         .send(&mut OsRng, &bob_address, b"hi from Carol", now())
         .await
         .unwrap();
-    bob.receive(now()).await.unwrap();
+    bob.receive(&mut cubbyhole::OsRng, now()).await.unwrap();
     assert!(take_inbox(&mut bob)
         .iter()
         .any(|(from, t)| *from == carol.address() && t == "hi from Carol"));
@@ -874,7 +874,7 @@ async fn a_deposit_whose_reply_is_lost_is_retried_and_lands_once() {
         .unwrap();
     assert!(sent.deposited);
     assert_eq!(deposits.load(Ordering::SeqCst), 2, "one retry");
-    let report = bob.receive(now()).await.unwrap();
+    let report = bob.receive(&mut cubbyhole::OsRng, now()).await.unwrap();
     assert_eq!((report.received, report.redelivered), (1, 0));
     assert_eq!(
         take_inbox(&mut bob),
@@ -1030,7 +1030,7 @@ async fn a_closed_port_is_unavailable_after_the_retries() {
     assert!(!sent.deposited);
     let mut alice = device_on(alice.into_store(), &live, ClientConfig::default());
     assert_eq!(alice.flush_outbox().await.unwrap(), 1);
-    assert_eq!(bob.receive(now()).await.unwrap().received, 2);
+    assert_eq!(bob.receive(&mut cubbyhole::OsRng, now()).await.unwrap().received, 2);
     let texts: Vec<String> = take_inbox(&mut bob).into_iter().map(|(_, t)| t).collect();
     assert_eq!(texts, ["first", "second"]);
     server.stop().await;

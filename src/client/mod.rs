@@ -6,26 +6,33 @@
 //! and verifying a bundle when there is no session yet), and receives
 //! everything pending with exactly-once delivery into the store's inbox:
 //!
-//! - **send**: encrypt, commit the new session state *and* the envelope to
-//!   the outbox in one transaction, then deposit; a failed or lost deposit
-//!   is retried with the same envelope id, so it lands once;
-//! - **receive**: fetch, decrypt, commit a batch (session states, consumed
-//!   one-time prekeys, inbox messages and the "processed" marks of the
-//!   envelopes) in one transaction, and only then acknowledge; an envelope
-//!   delivered again is recognised by its mark and only acknowledged.
+//! - **send**: encrypt, commit the session record, the envelope (outbox)
+//!   and the message (kept until the recipient acknowledges it) in one
+//!   transaction, then deposit; a failed or lost deposit is retried with
+//!   the same envelope id, so it lands once;
+//! - **receive**: fetch, decrypt, commit a batch (session records, consumed
+//!   one-time prekeys and replay digests, inbox messages, the "processed"
+//!   marks of the envelopes and of the message ids shown, receipts that
+//!   arrived) in one transaction, and only then acknowledge; then answer
+//!   with receipts, and re-send what is due ([`Client::resend`]).
 //!
-//! A crash at any point therefore loses nothing and shows nothing twice.
-//! The client reads no clock and draws no randomness of its own: `now` and
-//! `rng` are arguments, as in the protocol core.
+//! A crash at any point therefore loses nothing and shows nothing twice;
+//! a message that never gets a receipt is re-sent (on a new session when
+//! the old one looks dead) until it does, or is reported failed. SPEC.md,
+//! "Conversations that never die", has the rules. The client reads no clock
+//! and draws no randomness of its own: `now` and `rng` are arguments, as
+//! in the protocol core.
 //!
-//! Inside each message the client puts a small frame,
-//! `0x01 || sender device id (4) || body`, so that the recipient learns the
-//! sender's device number from the encrypted payload, not from anything the
-//! relay sees. The envelope carries no sender: a message is routed to its
-//! session by the ratchet key in its header (or, for a new chain, by trying
-//! the sessions that await one), and a prekey message by its IK_A and EK_A.
+//! Inside each message the client puts a small [frame](frame) with the
+//! sender's device number, the message id, receipts and session control
+//! fields, so that none of them is visible to the relay. The envelope
+//! carries no sender: a message is routed to its session by the ratchet key
+//! in its header (or, for a new chain, by trying the sessions that await
+//! one), and a prekey message by its IK_A and EK_A.
 
-use std::collections::HashMap;
+pub mod frame;
+
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::vec::Vec;
 
@@ -38,18 +45,19 @@ use crate::protocol::keys::{IdentityKey, IdentityKeyPair};
 use crate::protocol::prekeys::PrekeyStore;
 use crate::protocol::ratchet::SessionConfig;
 use crate::protocol::session::Session;
+use crate::protocol::state::session_tag;
 use crate::protocol::wire::Incoming;
+use crate::storage::record::DEFAULT_ARCHIVED_SESSIONS;
 use crate::storage::{
-    InboxMessage, LocalIdentity, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, Store,
+    accepted_digest, DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId, OutboxEntry,
+    PeerRecord, PrekeyState, ReceiveCommit, SentMessage, SessionEntry, SessionRecord, Store,
     StoreError, Trust,
 };
 use crate::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxOp,
     PrekeyDirectory, TransportError,
 };
-
-const FRAME_VERSION: u8 = 0x01;
-const FRAME_HEADER: usize = 5;
+use frame::Frame;
 
 /// The client's settings. The defaults are documented on each field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,8 +82,9 @@ pub struct ClientConfig {
     pub receive_batch: u32,
     /// Deposit attempts before a message is left in the outbox (default 3).
     pub deposit_attempts: u32,
-    /// How long "processed" marks are kept (default 60 days, twice the
-    /// relay's retention).
+    /// How long "processed" marks (of envelopes and of message ids shown)
+    /// are kept (default 60 days, twice the relay's retention and longer
+    /// than [`ClientConfig::give_up_after`]).
     pub processed_retention: u64,
     /// The longest body [`Client::send`] accepts (default 256 KiB minus 256
     /// bytes, so that the envelope fits the relay's default 256 KiB).
@@ -83,6 +92,21 @@ pub struct ClientConfig {
     /// Fetch rounds one [`Client::receive`] makes at most (default 100): a
     /// relay that keeps serving envelopes cannot hold the client forever.
     pub max_receive_rounds: u32,
+    /// Archived sessions kept per peer device beside the current one
+    /// (default 40).
+    pub archived_sessions: usize,
+    /// How long a message waits for its receipt before it is re-sent
+    /// (default 1 hour); each further re-send waits twice as long as the
+    /// one before, up to [`ClientConfig::resend_max_interval`].
+    pub resend_after: u64,
+    /// The longest wait between two re-sends (default 1 day).
+    pub resend_max_interval: u64,
+    /// How long after it was handed over a message without a receipt is
+    /// given up and reported failed (default 30 days).
+    pub give_up_after: u64,
+    /// At most one dead-session notice per peer device in this many seconds
+    /// (default 1 hour): what a forged prekey message can cost.
+    pub notice_interval: u64,
 }
 
 const DAY: u64 = 24 * 60 * 60;
@@ -102,6 +126,11 @@ impl Default for ClientConfig {
             processed_retention: 60 * DAY,
             max_body: 256 * 1024 - 256,
             max_receive_rounds: 100,
+            archived_sessions: DEFAULT_ARCHIVED_SESSIONS,
+            resend_after: 60 * 60,
+            resend_max_interval: DAY,
+            give_up_after: 30 * DAY,
+            notice_interval: 60 * 60,
         }
     }
 }
@@ -119,7 +148,7 @@ pub enum ClientError {
     /// The directory served a bundle whose identity key is not the one
     /// asked for (a substituted bundle).
     WrongIdentity,
-    /// The peer is marked compromised.
+    /// The peer's identity key is marked compromised.
     Compromised,
     /// The body is too long for one message.
     TooLong,
@@ -163,6 +192,8 @@ impl From<TransportError> for ClientError {
 pub struct Sent {
     /// The envelope id.
     pub id: EnvelopeId,
+    /// The message id: [`Client::delivery`] tells where it is.
+    pub message: MessageId,
     /// Whether the deposit succeeded; if not, the envelope waits in the
     /// outbox for [`Client::flush_outbox`].
     pub deposited: bool,
@@ -175,6 +206,9 @@ pub struct ReceiveReport {
     pub received: usize,
     /// Envelopes already processed before (redelivered), acknowledged again.
     pub redelivered: usize,
+    /// Messages re-sent by their sender that were already shown: not shown
+    /// again, acknowledged again end to end.
+    pub duplicates: usize,
     /// Envelopes rejected (undecryptable, replayed, forged, from a
     /// compromised peer), with the reason; they are acknowledged (they can
     /// never decrypt) and dropped.
@@ -182,6 +216,30 @@ pub struct ReceiveReport {
     /// Gaps: per peer device, how many messages the ratchet counters show
     /// were sent but have not arrived (dropped or withheld by the relay).
     pub missing: Vec<(DeviceAddress, usize)>,
+    /// Our messages whose receipt arrived in this call.
+    pub delivered: Vec<MessageId>,
+    /// Peer devices whose stored sessions did not load and were
+    /// quarantined ([`Store::quarantined`]); new sessions replace them.
+    pub quarantined: Vec<DeviceAddress>,
+    /// Peer devices told that we could not open their prekey message
+    /// (a dead-session notice, in a new session).
+    pub notices: Vec<DeviceAddress>,
+    /// What the re-send step after the batch did.
+    pub resend: ResendReport,
+}
+
+/// What one [`Client::resend`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResendReport {
+    /// Messages encrypted and queued again.
+    pub resent: usize,
+    /// New sessions started because the old one looked dead or was lost.
+    pub new_sessions: usize,
+    /// Messages given up, with the reason.
+    pub failed: Vec<(MessageId, Failure)>,
+    /// Peers that could not be reached this time (bundle or deposit
+    /// failed): tried again by the next call.
+    pub unreachable: Vec<DeviceAddress>,
 }
 
 /// Why an envelope was rejected.
@@ -189,6 +247,15 @@ pub struct ReceiveReport {
 pub enum Rejection {
     /// The protocol refused it (duplicate, forgery, ...).
     Protocol(Error),
+    /// A prekey message that could not start a session (our prekeys were
+    /// lost or it is forged): names the identity key it claims, to which a
+    /// dead-session notice goes if the key belongs to a known peer.
+    Prekey {
+        /// IK_A, as the message claims it (not authenticated).
+        identity: [u8; 32],
+        /// Why it failed.
+        error: Error,
+    },
     /// No session could take it.
     NoSession,
     /// Its plaintext is not a valid client frame.
@@ -204,6 +271,9 @@ pub struct Client<S, D, M> {
     mailbox: M,
     config: ClientConfig,
     identity: LocalIdentity,
+    /// When the last dead-session notice went to each peer (in memory: a
+    /// restart allows one more).
+    notices: HashMap<DeviceAddress, u64>,
 }
 
 impl<S, D, M> fmt::Debug for Client<S, D, M> {
@@ -217,6 +287,75 @@ impl<S, D, M> fmt::Debug for Client<S, D, M> {
             .finish_non_exhaustive()
     }
 }
+
+/// The working state of one received batch: copies of the records and
+/// prekeys, and everything to commit with the batch.
+#[derive(Default)]
+struct Batch {
+    records: HashMap<DeviceAddress, SessionRecord>,
+    touched: Vec<DeviceAddress>,
+    prekeys: Option<PrekeyState>,
+    prekeys_changed: bool,
+    peers: PeerCache,
+    /// Peer devices already looked up in this batch.
+    known: HashSet<DeviceAddress>,
+    new_peers: Vec<PeerRecord>,
+    /// Envelopes processed, each with the index of its inbox message.
+    processed: Vec<(EnvelopeId, Option<usize>)>,
+    messages: Vec<InboxMessage>,
+    /// Marks of the message ids shown (see [`seen_mark`]).
+    seen: HashSet<EnvelopeId>,
+    sent: Vec<SentMessage>,
+    receipts: Vec<(DeviceAddress, Vec<[u8; 16]>)>,
+    urgent: HashSet<DeviceAddress>,
+    unaccepted: Vec<([u8; 32], [u8; 16])>,
+    /// A store failure met while routing (aborts the batch).
+    failed: Option<StoreError>,
+}
+
+impl Batch {
+    fn touch(&mut self, address: DeviceAddress) {
+        if !self.touched.contains(&address) {
+            self.touched.push(address);
+        }
+    }
+    fn receipt(&mut self, to: DeviceAddress, id: [u8; 16]) {
+        match self.receipts.iter_mut().find(|(a, _)| *a == to) {
+            Some((_, ids)) => ids.push(id),
+            None => self.receipts.push((to, vec![id])),
+        }
+    }
+}
+
+/// The "processed" mark of a message id shown from `from`: kept in the
+/// same set as envelope ids, under a derived name,
+/// `SHA-256("cubbyhole/v1 seen" || identity || device_id || message id)`
+/// truncated to 16 bytes.
+fn seen_mark(from: &DeviceAddress, id: &[u8; 16]) -> EnvelopeId {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"cubbyhole/v1 seen")
+        .chain_update(from.identity)
+        .chain_update(from.device_id.to_be_bytes())
+        .chain_update(id)
+        .finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    EnvelopeId(out)
+}
+
+/// The strongest statement about an identity key among its peer records:
+/// compromised if any says so, else validated if any does.
+fn fold_trust(records: &[PeerRecord]) -> Option<Trust> {
+    records.iter().map(|p| p.trust).max_by_key(|t| match t {
+        Trust::Unvalidated => 0,
+        Trust::Validated => 1,
+        Trust::Compromised => 2,
+    })
+}
+
+/// Peers' trust by identity key, read once per batch.
+type PeerCache = HashMap<[u8; 32], Option<Trust>>;
 
 impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// Opens the device stored in `store`, creating its identity (and
@@ -248,6 +387,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             mailbox,
             config,
             identity,
+            notices: HashMap::new(),
         })
     }
 
@@ -261,6 +401,11 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         self.identity.keys.public()
     }
 
+    /// The client's settings.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
     /// The safety number to compare with a peer out of band.
     ///
     /// # Errors
@@ -271,6 +416,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     }
 
     /// Records the result of comparing safety numbers (or a compromise).
+    /// Trust belongs to the identity key: every known device with the
+    /// peer's key gets it, and a device number seen later inherits it (a
+    /// key marked compromised is refused under every device number).
     ///
     /// # Errors
     /// [`ClientError::Store`].
@@ -280,13 +428,37 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         trust: Trust,
         now: u64,
     ) -> Result<(), ClientError> {
-        let first_seen = self.store.peer(peer)?.map_or(now, |p| p.first_seen);
-        self.store.set_peer(&PeerRecord {
-            address: *peer,
-            trust,
-            first_seen,
-        })?;
+        let mut records = self.store.peers_with_identity(&peer.identity)?;
+        if !records.iter().any(|p| p.address == *peer) {
+            records.push(PeerRecord {
+                address: *peer,
+                trust,
+                first_seen: now,
+            });
+        }
+        for mut record in records {
+            record.trust = trust;
+            self.store.set_peer(&record)?;
+        }
+        if trust == Trust::Compromised {
+            // Nothing more goes to a compromised key.
+            for mut m in self.store.sent_messages()? {
+                if m.to.identity == peer.identity && m.state.is_pending() {
+                    m.state = DeliveryState::Failed(Failure::Compromised);
+                    m.body.clear();
+                    self.store.update_sent(&m)?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The trust of an identity key (`None`: never seen).
+    ///
+    /// # Errors
+    /// [`ClientError::Store`].
+    pub fn trust(&self, identity: &[u8; 32]) -> Result<Option<Trust>, ClientError> {
+        Ok(fold_trust(&self.store.peers_with_identity(identity)?))
     }
 
     /// The local store.
@@ -294,9 +466,116 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         &self.store
     }
 
+    /// The local store, mutably (for tests and tools: changing records
+    /// behind the client's back voids its guarantees).
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
     /// Consumes the client, returning its store (to close it).
     pub fn into_store(self) -> S {
         self.store
+    }
+
+    /// Where a message handed to [`Client::send`] is (`None`: unknown, or
+    /// delivered or failed long enough ago to be pruned).
+    ///
+    /// # Errors
+    /// [`ClientError::Store`].
+    pub fn delivery(&self, id: &MessageId) -> Result<Option<DeliveryState>, ClientError> {
+        Ok(self.store.sent_message(id)?.map(|m| m.state))
+    }
+
+    /// Tells the client that its store was just restored from a backup (or
+    /// copied from another device): it may hold sessions that already
+    /// encrypted past the copy, and encrypting under them again would
+    /// repeat message keys. Every session is superseded (none encrypts
+    /// again; new sessions, marked `RESET`, replace them at the next send
+    /// or [`Client::resend`]), every unacknowledged message is due for
+    /// re-sending, and the prekeys are replaced at once (the replay digests
+    /// of the sessions accepted after the copy are gone with it: the old
+    /// signed and one-time prekeys must not accept anything again). Call it
+    /// before any other method after a restore; SPEC.md, "Restoring a
+    /// backup", says why it cannot be detected from the store alone.
+    ///
+    /// # Errors
+    /// [`ClientError::Store`]; [`ClientError::Transport`] if the new
+    /// prekeys cannot be published (the next
+    /// [`Client::maintain_prekeys`] retries).
+    pub async fn restored_from_backup(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + Send),
+        now: u64,
+    ) -> Result<(), ClientError> {
+        for (peer, record) in self.store.sessions()? {
+            match record {
+                Ok(mut record) => {
+                    record.supersede_all();
+                    self.store.set_session(&peer, &record)?;
+                }
+                Err(e) => self.quarantine(&peer, now, &e)?,
+            }
+        }
+        for mut m in self.store.sent_messages()? {
+            if m.state.is_pending() {
+                m.last_sent = 0;
+                self.store.update_sent(&m)?;
+            }
+        }
+        if let Some(mut state) = self.store.prekeys()? {
+            let keys = &self.identity.keys;
+            state.prekeys.rotate_signed_prekey(rng, keys, now);
+            let current = state.prekeys.current_signed_prekey().id();
+            let old: Vec<u32> = state
+                .prekeys
+                .signed_prekeys()
+                .map(|k| k.id())
+                .filter(|id| *id != current)
+                .collect();
+            for id in old {
+                state.prekeys.remove_retired_signed_prekey(id);
+            }
+            let next = state.prekeys.next_one_time_prekey_id();
+            state.prekeys.remove_one_time_prekeys_below(next);
+            state.retired_at.clear();
+            state.one_time_retired.clear();
+            state.accepted.clear();
+            state.last_rotation = now;
+            state.upload_pending = true;
+            self.store.set_prekeys(&state)?;
+            self.maintain_prekeys(rng, now).await?;
+        }
+        Ok(())
+    }
+
+    fn quarantine(
+        &mut self,
+        peer: &DeviceAddress,
+        now: u64,
+        why: &StoreError,
+    ) -> Result<(), ClientError> {
+        self.store
+            .quarantine_session(peer, now, &why.to_string())?;
+        // An empty record remembers that sessions with this peer were lost:
+        // the next one we start carries RESET.
+        self.store.set_session(peer, &SessionRecord::new())?;
+        Ok(())
+    }
+
+    /// The stored record of a peer, quarantining it if it does not load.
+    fn load_record(
+        &mut self,
+        peer: &DeviceAddress,
+        now: u64,
+    ) -> Result<Option<SessionRecord>, ClientError> {
+        match self.store.session(peer) {
+            Ok(record) => Ok(record),
+            Err(e @ StoreError::Corrupted { .. }) => {
+                self.quarantine(peer, now, &e)?;
+                Ok(Some(SessionRecord::new()))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Runs the prekey lifecycle at time `now` and uploads what changed;
@@ -340,6 +619,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 retired_at: Vec::new(),
                 one_time_retired: Vec::new(),
                 upload_pending: true,
+                accepted: Vec::new(),
             },
         };
         let mut changed = false;
@@ -359,6 +639,12 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             changed = true;
         }
         state.retired_at.retain(|(_, at)| !expired(at));
+        // Replay digests go with their signed prekey: once it is gone, its
+        // prekey messages fail as `unknown_prekey` anyway.
+        let held: Vec<u32> = state.prekeys.signed_prekeys().map(|k| k.id()).collect();
+        let before = state.accepted.len();
+        state.accepted.retain(|(id, _)| held.contains(id));
+        changed |= state.accepted.len() != before;
         for (below, _) in state.one_time_retired.iter().filter(|(_, at)| expired(at)) {
             changed |= state.prekeys.remove_one_time_prekeys_below(*below) > 0;
         }
@@ -414,20 +700,19 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         Ok(true)
     }
 
-    fn check_trust(&self, peer: &DeviceAddress) -> Result<Option<PeerRecord>, ClientError> {
-        let record = self.store.peer(peer)?;
-        if record
-            .as_ref()
-            .is_some_and(|r| r.trust == Trust::Compromised)
-        {
+    fn check_trust(&self, peer: &DeviceAddress) -> Result<Option<Trust>, ClientError> {
+        let trust = fold_trust(&self.store.peers_with_identity(&peer.identity)?);
+        if trust == Some(Trust::Compromised) {
             return Err(ClientError::Compromised);
         }
-        Ok(record)
+        Ok(trust)
     }
 
     /// Sends `body` to a peer device: encrypts it (starting a session from
-    /// a fetched, verified bundle if there is none), commits the session and
-    /// the envelope to the outbox, and deposits it.
+    /// a fetched, verified bundle if there is no current one), commits the
+    /// session record, the envelope to the outbox and the message (kept
+    /// until a receipt arrives), and deposits it. The message's delivery
+    /// state is then [`Client::delivery`]`(sent.message)`.
     ///
     /// # Errors
     /// [`ClientError::WrongIdentity`] for a substituted bundle,
@@ -445,27 +730,111 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         if body.len() > self.config.max_body {
             return Err(ClientError::TooLong);
         }
-        let record = self.check_trust(to)?;
-        let mut session = match self.store.session(to)? {
-            Some(session) => session,
-            None => {
-                let bytes = self.directory.fetch_bundle(to).await?;
-                let bundle = PrekeyBundle::decode(&bytes)?;
-                if bundle.identity().as_bytes() != &to.identity {
-                    return Err(ClientError::WrongIdentity);
-                }
-                let bundle = bundle.verify(now, self.config.freshness)?;
-                Session::initiate(rng, &self.identity.keys, &bundle, self.config.session)?
+        let trust = self.check_trust(to)?;
+        let mut id = [0u8; 16];
+        rng.fill_bytes(&mut id);
+        let mut message = SentMessage {
+            id: MessageId(id),
+            to: *to,
+            body: body.to_vec(),
+            state: DeliveryState::Stored,
+            created: now,
+            last_sent: now,
+            sends: 1,
+        };
+        let frame = Frame {
+            message: Some((Some(id), body.to_vec())),
+            ..Frame::default()
+        };
+        let (record, entry) = self.encrypt_frame(rng, to, frame, now).await?;
+        if self.store.peer(to)?.is_none() {
+            self.store.set_peer(&PeerRecord {
+                address: *to,
+                trust: trust.unwrap_or(Trust::Unvalidated),
+                first_seen: now,
+            })?;
+        }
+        self.store.commit_send(&record, &entry, Some(&message))?;
+        // Committed: the message is handed over whatever happens next (a
+        // failed deposit, or a store failure recording it, is repaired by
+        // `flush_outbox` and `resend`).
+        let deposited = match self.deposit_message(&entry, &mut message).await {
+            Ok(deposited) => deposited,
+            Err(ClientError::Store(_)) => false,
+            Err(e) => return Err(e),
+        };
+        Ok(Sent {
+            id: entry.envelope.id,
+            message: MessageId(id),
+            deposited,
+        })
+    }
+
+    /// Deposits `entry` and moves `message` to its deposited state.
+    async fn deposit_message(
+        &mut self,
+        entry: &OutboxEntry,
+        message: &mut SentMessage,
+    ) -> Result<bool, ClientError> {
+        match self.deposit(entry).await {
+            Ok(true) => {
+                message.state = if message.sends > 1 {
+                    DeliveryState::Resent
+                } else {
+                    DeliveryState::Deposited
+                };
+                self.store.update_sent(message)?;
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(ClientError::Transport(e)) => {
+                message.state = DeliveryState::Failed(Failure::Refused);
+                message.body.clear();
+                self.store.update_sent(message)?;
+                Err(e.into())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Encrypts a frame for `to` under its current session, starting one
+    /// (from a fetched, verified bundle) if there is none. Returns the
+    /// updated record and the outbox entry, not yet committed.
+    async fn encrypt_frame(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + Send),
+        to: &DeviceAddress,
+        mut frame: Frame,
+        now: u64,
+    ) -> Result<(SessionRecord, OutboxEntry), ClientError> {
+        let me = self.address();
+        let stored = self.load_record(to, now)?;
+        let mut record = match stored {
+            Some(record) if record.current(&me, to).is_some() => record,
+            stored => {
+                // No session, or every one was lost or superseded.
+                let lost = stored.is_some();
+                let mut record = stored.unwrap_or_default();
+                let entry = self.new_session(rng, to, &record, lost, now).await?;
+                record.insert(entry, self.config.archived_sessions, &me, to);
+                record
             }
         };
-        let mut frame = Vec::with_capacity(FRAME_HEADER + body.len());
-        frame.push(FRAME_VERSION);
-        frame.extend_from_slice(&self.identity.device_id.to_be_bytes());
-        frame.extend_from_slice(body);
-        let payload = session.encrypt(rng, &frame).map_err(|e| match e {
-            Error::PlaintextTooLong => ClientError::TooLong,
-            e => ClientError::Protocol(e),
-        })?;
+        let current = record
+            .current_mut(&me, to)
+            .ok_or(ClientError::Protocol(Error::State("no current session")))?;
+        frame.device_id = self.identity.device_id;
+        if current.session.sends_prekey_messages() {
+            frame.generation = Some(current.generation);
+            frame.reset = current.reset;
+        }
+        let payload = current
+            .session
+            .encrypt(rng, &frame.encode())
+            .map_err(|e| match e {
+                Error::PlaintextTooLong => ClientError::TooLong,
+                e => ClientError::Protocol(e),
+            })?;
         let mut id = [0u8; 16];
         rng.fill_bytes(&mut id);
         let entry = OutboxEntry {
@@ -476,19 +845,44 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             },
             created: now,
         };
-        if record.is_none() {
-            self.store.set_peer(&PeerRecord {
-                address: *to,
-                trust: Trust::Unvalidated,
-                first_seen: now,
-            })?;
+        Ok((record, entry))
+    }
+
+    /// Starts a session with `to` from a fetched, verified bundle, with a
+    /// generation above every one in `record` and at least `now`.
+    async fn new_session(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + Send),
+        to: &DeviceAddress,
+        record: &SessionRecord,
+        reset: bool,
+        now: u64,
+    ) -> Result<SessionEntry, ClientError> {
+        let bytes = self.directory.fetch_bundle(to).await?;
+        let bundle = PrekeyBundle::decode(&bytes)?;
+        if bundle.identity().as_bytes() != &to.identity {
+            return Err(ClientError::WrongIdentity);
         }
-        self.store.commit_send(&session, &entry)?;
-        let deposited = self.deposit(&entry).await?;
-        Ok(Sent {
-            id: entry.envelope.id,
-            deposited,
-        })
+        let bundle = bundle.verify(now, self.config.freshness)?;
+        let session = Session::initiate(rng, &self.identity.keys, &bundle, self.config.session)?;
+        let generation = now.max(record.max_generation().saturating_add(1));
+        let mut entry = SessionEntry::new(session, generation, now);
+        entry.reset = reset;
+        Ok(entry)
+    }
+
+    /// Encrypts, commits and deposits a control frame (receipts, a notice)
+    /// to `to`. Returns whether it was deposited.
+    async fn send_control(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + Send),
+        to: &DeviceAddress,
+        frame: Frame,
+        now: u64,
+    ) -> Result<bool, ClientError> {
+        let (record, entry) = self.encrypt_frame(rng, to, frame, now).await?;
+        self.store.commit_send(&record, &entry, None)?;
+        self.deposit(&entry).await
     }
 
     /// Deposits with retries; removes the entry from the outbox on success.
@@ -524,8 +918,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     pub async fn flush_outbox(&mut self) -> Result<usize, ClientError> {
         let mut done = 0;
         for entry in self.store.outbox()? {
-            if self.deposit(&entry).await? {
-                done += 1;
+            match self.deposit(&entry).await {
+                Ok(true) => done += 1,
+                Ok(false) | Err(ClientError::Transport(_)) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(done)
@@ -541,16 +937,169 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         ))
     }
 
-    /// Receives everything pending: fetches envelopes in batches, decrypts,
-    /// commits each batch atomically to the store (sessions, consumed
-    /// one-time prekeys, inbox messages, processed marks), then acknowledges
-    /// it. Messages appear in the store's inbox ([`Client::inbox`]).
+    /// Re-sends what is due, at time `now`:
+    ///
+    /// - a message without a receipt `resend_after` after it was sent
+    ///   (doubling each time, up to `resend_max_interval`) is encrypted
+    ///   again, with the same message id, under the peer's current session;
+    ///   if nothing at all arrived from the peer since it was sent, the
+    ///   session is presumed dead and a new one is started first (at most
+    ///   every other round);
+    /// - a message older than `give_up_after` is reported failed;
+    /// - a peer whose sessions were all lost (quarantined, restored from a
+    ///   backup) gets a new session marked `RESET` at once, so it stops
+    ///   using the lost ones.
+    ///
+    /// [`Client::receive`] calls it after each receive; call it also
+    /// periodically when nothing is received (say every few minutes).
     ///
     /// # Errors
-    /// [`ClientError::Store`], [`ClientError::Transport`]. Nothing is
-    /// acknowledged that was not committed first.
-    pub async fn receive(&mut self, now: u64) -> Result<ReceiveReport, ClientError> {
-        self.receive_waiting(now, 0).await
+    /// [`ClientError::Store`]. A peer that cannot be reached is listed in
+    /// [`ResendReport::unreachable`] and tried again by the next call.
+    pub async fn resend(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + Send),
+        now: u64,
+    ) -> Result<ResendReport, ClientError> {
+        self.resend_urgent(rng, now, &HashSet::new()).await
+    }
+
+    async fn resend_urgent(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + Send),
+        now: u64,
+        urgent: &HashSet<DeviceAddress>,
+    ) -> Result<ResendReport, ClientError> {
+        let mut report = ResendReport::default();
+        let me = self.address();
+        // Due messages, by peer, oldest first.
+        let mut due: Vec<(DeviceAddress, Vec<SentMessage>)> = Vec::new();
+        for mut m in self.store.sent_messages()? {
+            if !m.state.is_pending() {
+                continue;
+            }
+            let failure = if now.saturating_sub(m.created) > self.config.give_up_after {
+                Some(Failure::TimedOut)
+            } else if self.check_trust(&m.to).is_err() {
+                Some(Failure::Compromised)
+            } else {
+                None
+            };
+            if let Some(failure) = failure {
+                m.state = DeliveryState::Failed(failure);
+                m.body.clear();
+                self.store.update_sent(&m)?;
+                report.failed.push((m.id, failure));
+                continue;
+            }
+            let shift = m.sends.saturating_sub(1).min(32);
+            let wait = self
+                .config
+                .resend_after
+                .saturating_mul(1u64 << shift)
+                .min(self.config.resend_max_interval.max(self.config.resend_after));
+            if urgent.contains(&m.to) || now >= m.last_sent.saturating_add(wait) {
+                match due.iter_mut().find(|(a, _)| *a == m.to) {
+                    Some((_, list)) => list.push(m),
+                    None => due.push((m.to, vec![m])),
+                }
+            }
+        }
+        // Peers whose sessions were all lost get a RESET session now.
+        for (peer, record) in self.store.sessions()? {
+            let Ok(record) = record else { continue };
+            if record.current(&me, &peer).is_none()
+                && !due.iter().any(|(a, _)| *a == peer)
+                && self.check_trust(&peer).is_ok()
+            {
+                due.push((peer, Vec::new()));
+            }
+        }
+        for (peer, messages) in due {
+            match self.resend_to(rng, &peer, messages, now, &mut report).await {
+                Ok(()) => {}
+                Err(ClientError::Store(e)) => return Err(e.into()),
+                Err(_) => report.unreachable.push(peer),
+            }
+        }
+        Ok(report)
+    }
+
+    async fn resend_to(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + Send),
+        peer: &DeviceAddress,
+        messages: Vec<SentMessage>,
+        now: u64,
+        report: &mut ResendReport,
+    ) -> Result<(), ClientError> {
+        let me = self.address();
+        let record = self.load_record(peer, now)?.unwrap_or_default();
+        let heard = record
+            .entries()
+            .iter()
+            .map(|e| e.last_received)
+            .max()
+            .unwrap_or(0);
+        let oldest = messages.iter().map(|m| m.last_sent).min().unwrap_or(0);
+        let fresh_since = record.current(&me, peer).map(|c| c.created);
+        // Presumed dead: nothing arrived since the oldest due message was
+        // sent, and the current session is older than that send.
+        let dead = !messages.is_empty()
+            && heard < oldest
+            && fresh_since.is_some_and(|created| created < oldest);
+        let lost = fresh_since.is_none();
+        if dead || lost {
+            let mut record = record;
+            let entry = self
+                .new_session(rng, peer, &record, lost && !record.is_empty(), now)
+                .await?;
+            record.insert(entry, self.config.archived_sessions, &me, peer);
+            self.store.set_session(peer, &record)?;
+            report.new_sessions += 1;
+            if messages.is_empty() {
+                // Nothing to re-send: an empty control frame carries the
+                // session (and its RESET) to the peer.
+                let frame = Frame::default();
+                self.send_control(rng, peer, frame, now).await?;
+            }
+        }
+        for mut m in messages {
+            let frame = Frame {
+                message: Some((Some(m.id.0), m.body.clone())),
+                ..Frame::default()
+            };
+            let (record, entry) = self.encrypt_frame(rng, peer, frame, now).await?;
+            m.sends = m.sends.saturating_add(1);
+            m.last_sent = now;
+            m.state = DeliveryState::Stored;
+            self.store.commit_send(&record, &entry, Some(&m))?;
+            report.resent += 1;
+            self.deposit_message(&entry, &mut m).await?;
+        }
+        Ok(())
+    }
+
+    /// Receives everything pending: fetches envelopes in batches, decrypts,
+    /// commits each batch atomically to the store (session records,
+    /// consumed one-time prekeys and replay digests, inbox messages,
+    /// processed marks, receipts that arrived), then acknowledges it.
+    /// Messages appear in the store's inbox ([`Client::inbox`]). Then it
+    /// sends receipts for what arrived, dead-session notices for prekey
+    /// messages it could not accept from known peers, and re-sends what is
+    /// due ([`Client::resend`]).
+    ///
+    /// # Errors
+    /// [`ClientError::Store`], [`ClientError::Transport`] (of the fetch or
+    /// acknowledgement). Nothing is acknowledged that was not committed
+    /// first. Receipts and notices that cannot be deposited are not errors:
+    /// the peer re-sends, and is answered again.
+    pub async fn receive(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + Send),
+        now: u64,
+    ) -> Result<ReceiveReport, ClientError> {
+        self.receive_waiting(rng, now, 0).await
     }
 
     /// [`Client::receive`], but when nothing is pending the first fetch waits
@@ -562,11 +1111,13 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// As [`Client::receive`].
     pub async fn receive_waiting(
         &mut self,
+        rng: &mut (impl CryptoRngCore + Send),
         now: u64,
         wait_ms: u32,
     ) -> Result<ReceiveReport, ClientError> {
         let mut report = ReceiveReport::default();
         let mut wait_ms = wait_ms;
+        let mut urgent = HashSet::new();
         for _ in 0..self.config.max_receive_rounds.max(1) {
             let auth = self.auth(MailboxOp::Fetch).await?;
             let envelopes = self
@@ -578,9 +1129,11 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 break;
             }
             let redelivered_before = report.redelivered;
-            let ids = self.process_batch(&envelopes, now, &mut report)?;
+            let (ids, batch) = self.process_batch(&envelopes, now, &mut report)?;
             let auth = self.auth(MailboxOp::Acknowledge).await?;
             self.mailbox.acknowledge(&auth, &ids).await?;
+            self.answer(rng, batch, now, &mut report, &mut urgent)
+                .await?;
             // Fetch until the mailbox is empty (a batch may be cut short by
             // the relay's byte limit), but stop if a batch held nothing new.
             if report.redelivered - redelivered_before == envelopes.len() {
@@ -589,12 +1142,82 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         }
         let cutoff = now.saturating_sub(self.config.processed_retention);
         self.store.prune_processed(cutoff)?;
+        self.store.prune_sent(cutoff)?;
+        report.resend = self.resend_urgent(rng, now, &urgent).await?;
         report.missing = self.missing()?;
         Ok(report)
     }
 
+    /// After a committed batch: receipts, dead-session notices.
+    async fn answer(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + Send),
+        batch: Batch,
+        now: u64,
+        report: &mut ReceiveReport,
+        urgent: &mut HashSet<DeviceAddress>,
+    ) -> Result<(), ClientError> {
+        urgent.extend(batch.urgent);
+        for (peer, ids) in batch.receipts {
+            if self.check_trust(&peer).is_err() {
+                continue;
+            }
+            for chunk in ids.chunks(1024) {
+                let frame = Frame {
+                    receipts: chunk.to_vec(),
+                    ..Frame::default()
+                };
+                match self.send_control(rng, &peer, frame, now).await {
+                    Ok(_) => {}
+                    Err(ClientError::Store(e)) => return Err(e.into()),
+                    // The sender re-sends, and is answered again.
+                    Err(_) => break,
+                }
+            }
+        }
+        for (identity, tag) in batch.unaccepted {
+            for peer in self.store.peers_with_identity(&identity)? {
+                if peer.trust == Trust::Compromised
+                    || self
+                        .notices
+                        .get(&peer.address)
+                        .is_some_and(|at| now.saturating_sub(*at) < self.config.notice_interval)
+                {
+                    continue;
+                }
+                self.notices.insert(peer.address, now);
+                // A new session carries the notice: only we can make it
+                // (X3DH authenticates us), and it is what the peer needs
+                // anyway to reach us again.
+                let mut record = self.load_record(&peer.address, now)?.unwrap_or_default();
+                let entry = match self
+                    .new_session(rng, &peer.address, &record, false, now)
+                    .await
+                {
+                    Ok(entry) => entry,
+                    Err(ClientError::Store(e)) => return Err(e.into()),
+                    Err(_) => continue,
+                };
+                let me = self.address();
+                record.insert(entry, self.config.archived_sessions, &me, &peer.address);
+                self.store.set_session(&peer.address, &record)?;
+                let frame = Frame {
+                    dead: vec![tag],
+                    ..Frame::default()
+                };
+                match self.send_control(rng, &peer.address, frame, now).await {
+                    Ok(_) => report.notices.push(peer.address),
+                    Err(ClientError::Store(e)) => return Err(e.into()),
+                    Err(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Per peer device, how many messages the ratchet counters show were
-    /// sent but have not arrived (up to the skipped-key cap).
+    /// sent but have not arrived (up to the skipped-key cap), over all its
+    /// sessions.
     ///
     /// # Errors
     /// [`ClientError::Store`].
@@ -603,8 +1226,13 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             .store
             .sessions()?
             .into_iter()
-            .filter_map(|(a, s)| {
-                let n = s.skipped_message_keys();
+            .filter_map(|(a, r)| {
+                let n: usize = r
+                    .ok()?
+                    .entries()
+                    .iter()
+                    .map(|e| e.session.skipped_message_keys())
+                    .sum();
                 (n > 0).then_some((a, n))
             })
             .collect())
@@ -626,25 +1254,31 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         Ok(self.store.remove_inbox(id)?)
     }
 
-    /// Decrypts a fetched batch against working copies of the sessions and
-    /// prekeys, commits it in one transaction, and returns the ids to
-    /// acknowledge.
+    /// Decrypts a fetched batch against working copies of the session
+    /// records and prekeys, commits it in one transaction, and returns the
+    /// ids to acknowledge with what is left to answer.
     fn process_batch(
         &mut self,
         envelopes: &[Envelope],
         now: u64,
         report: &mut ReceiveReport,
-    ) -> Result<Vec<EnvelopeId>, ClientError> {
-        let mut sessions: HashMap<DeviceAddress, Session> =
-            self.store.sessions()?.into_iter().collect();
-        let mut prekeys = self.store.prekeys()?;
-        let mut prekeys_changed = false;
-        let mut touched: Vec<DeviceAddress> = Vec::new();
-        let mut new_peers: Vec<PeerRecord> = Vec::new();
-        let mut messages: Vec<InboxMessage> = Vec::new();
-        let mut processed: Vec<EnvelopeId> = Vec::new();
-        let mut seen_in_batch = std::collections::HashSet::new();
-        let mut known_peers = PeerCache::new();
+    ) -> Result<(Vec<EnvelopeId>, Batch), ClientError> {
+        let mut b = Batch::default();
+        for (peer, record) in self.store.sessions()? {
+            match record {
+                Ok(record) => {
+                    b.records.insert(peer, record);
+                }
+                Err(e) => {
+                    // Set aside, and recovered for this peer alone.
+                    self.quarantine(&peer, now, &e)?;
+                    report.quarantined.push(peer);
+                    b.records.insert(peer, SessionRecord::new());
+                }
+            }
+        }
+        b.prekeys = self.store.prekeys()?;
+        let mut seen_in_batch = HashSet::new();
         let mut ack = Vec::with_capacity(envelopes.len());
 
         for envelope in envelopes {
@@ -653,227 +1287,335 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 report.redelivered += 1;
                 continue;
             }
-            processed.push(envelope.id);
-            match self.open_envelope(
-                envelope,
-                &mut sessions,
-                &mut prekeys,
-                &mut prekeys_changed,
-                &mut touched,
-                &mut known_peers,
-            ) {
-                Ok((from, body)) => {
-                    if self.peer_trust(&mut known_peers, &from)?.is_none()
-                        && !new_peers.iter().any(|p| p.address == from)
-                    {
-                        new_peers.push(PeerRecord {
-                            address: from,
-                            trust: Trust::Unvalidated,
-                            first_seen: now,
+            let opened = self.open_envelope(envelope, now, &mut b);
+            if let Some(e) = b.failed.take() {
+                return Err(e.into());
+            }
+            match opened {
+                Ok((from, frame)) => {
+                    let message = self.take_frame(from, frame, now, &mut b, report)?;
+                    let index = message.map(|body| {
+                        b.messages.push(InboxMessage {
+                            envelope_id: envelope.id,
+                            from,
+                            body,
+                            received_at: now,
                         });
-                    }
-                    messages.push(InboxMessage {
-                        envelope_id: envelope.id,
-                        from,
-                        body,
-                        received_at: now,
+                        report.received += 1;
+                        b.messages.len() - 1
                     });
-                    report.received += 1;
+                    b.processed.push((envelope.id, index));
                 }
-                Err(why) => report.rejected.push((envelope.id, why)),
+                Err(why) => {
+                    if let Rejection::Prekey { identity, .. } = why {
+                        if let Some(fields) = Incoming::decode(&envelope.payload)
+                            .ok()
+                            .and_then(|i| i.prekey().copied())
+                        {
+                            b.unaccepted
+                                .push((identity, session_tag(&fields.ephemeral)));
+                        }
+                    }
+                    report.rejected.push((envelope.id, why));
+                    b.processed.push((envelope.id, None));
+                }
             }
         }
+        self.commit_batch(&b, now)?;
+        Ok((ack, b))
+    }
 
-        // One transaction for the whole batch: every envelope's mark and
-        // message, then each touched session's final state, the prekeys if
-        // a one-time prekey was consumed, and new peers.
-        let mut commits: Vec<ReceiveCommit<'_>> =
-            Vec::with_capacity(processed.len() + touched.len() + 1);
-        let mut messages_iter = messages.iter().peekable();
-        for id in &processed {
-            let message = match messages_iter.peek() {
-                Some(m) if &m.envelope_id == id => messages_iter.next(),
-                _ => None,
-            };
+    /// One transaction for the whole batch: every envelope's mark and
+    /// message, the marks of the message ids shown, each touched record's
+    /// final state, the prekeys if they changed, new peers and sent
+    /// messages whose receipt arrived.
+    fn commit_batch(&mut self, b: &Batch, now: u64) -> Result<(), ClientError> {
+        let Some(&(last, _)) = b.processed.last() else {
+            return Ok(());
+        };
+        let blank = |id: EnvelopeId| ReceiveCommit {
+            envelope_id: id,
+            processed_at: now,
+            session: None,
+            prekeys: None,
+            peer: None,
+            message: None,
+            sent: None,
+        };
+        let mut commits: Vec<ReceiveCommit<'_>> = Vec::with_capacity(
+            b.processed.len() + b.seen.len() + b.touched.len() + b.new_peers.len() + b.sent.len() + 1,
+        );
+        for (id, index) in &b.processed {
             commits.push(ReceiveCommit {
-                envelope_id: *id,
-                processed_at: now,
-                session: None,
-                prekeys: None,
-                peer: None,
-                message,
+                message: index.map(|i| &b.messages[i]),
+                ..blank(*id)
             });
         }
-        let last = processed.last().copied();
-        if let Some(last) = last {
-            for address in &touched {
-                if let Some(session) = sessions.get(address) {
-                    commits.push(ReceiveCommit {
-                        envelope_id: last,
-                        processed_at: now,
-                        session: Some((address, session)),
-                        prekeys: None,
-                        peer: None,
-                        message: None,
-                    });
+        commits.extend(b.seen.iter().map(|id| blank(*id)));
+        for address in &b.touched {
+            if let Some(record) = b.records.get(address) {
+                commits.push(ReceiveCommit {
+                    session: Some((address, record)),
+                    ..blank(last)
+                });
+            }
+        }
+        for peer in &b.new_peers {
+            commits.push(ReceiveCommit {
+                peer: Some(peer),
+                ..blank(last)
+            });
+        }
+        for sent in &b.sent {
+            commits.push(ReceiveCommit {
+                sent: Some(sent),
+                ..blank(last)
+            });
+        }
+        if b.prekeys_changed {
+            commits.push(ReceiveCommit {
+                prekeys: b.prekeys.as_ref(),
+                ..blank(last)
+            });
+        }
+        self.store.commit_receive(&commits)?;
+        Ok(())
+    }
+
+    /// Applies a decrypted frame's control fields and decides whether its
+    /// message is shown: returns the body to show, if any.
+    fn take_frame(
+        &self,
+        from: DeviceAddress,
+        frame: Frame,
+        now: u64,
+        b: &mut Batch,
+        report: &mut ReceiveReport,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        if !frame.dead.is_empty() {
+            let record = b.records.entry(from).or_default();
+            let mut hit = false;
+            for id in &frame.dead {
+                hit |= record.supersede(id);
+            }
+            if hit {
+                b.touch(from);
+                b.urgent.insert(from);
+            }
+        }
+        for id in &frame.receipts {
+            let id = MessageId(*id);
+            let known = match b.sent.iter().position(|m| m.id == id) {
+                Some(_) => None,
+                None => self.store.sent_message(&id)?,
+            };
+            if let Some(mut m) = known {
+                if m.to == from && m.state.is_pending() {
+                    m.state = DeliveryState::Delivered;
+                    m.body.clear();
+                    report.delivered.push(id);
+                    b.sent.push(m);
                 }
             }
-            for peer in &new_peers {
-                commits.push(ReceiveCommit {
-                    envelope_id: last,
-                    processed_at: now,
-                    session: None,
-                    prekeys: None,
-                    peer: Some(peer),
-                    message: None,
-                });
-            }
-            if prekeys_changed {
-                commits.push(ReceiveCommit {
-                    envelope_id: last,
-                    processed_at: now,
-                    session: None,
-                    prekeys: prekeys.as_ref(),
-                    peer: None,
-                    message: None,
-                });
-            }
-            self.store.commit_receive(&commits)?;
         }
-        Ok(ack)
+        if b.known.insert(from) && self.store.peer(&from)?.is_none() {
+            // A new device: it inherits its identity key's trust.
+            let trust = self.peer_trust(&mut b.peers, &from.identity)?;
+            b.new_peers.push(PeerRecord {
+                address: from,
+                trust: trust.unwrap_or(Trust::Unvalidated),
+                first_seen: now,
+            });
+        }
+        let Some((id, body)) = frame.message else {
+            return Ok(None);
+        };
+        let Some(id) = id else {
+            return Ok(Some(body)); // a v1 frame: no id, no receipt
+        };
+        b.receipt(from, id);
+        let mark = seen_mark(&from, &id);
+        if b.seen.contains(&mark) || self.store.is_processed(&mark)? {
+            report.duplicates += 1;
+            return Ok(None);
+        }
+        b.seen.insert(mark);
+        Ok(Some(body))
     }
 
     /// Routes and decrypts one envelope against the working copies; records
-    /// every session it advanced in `touched`.
+    /// every record it changed in `b.touched`.
     fn open_envelope(
         &self,
         envelope: &Envelope,
-        sessions: &mut HashMap<DeviceAddress, Session>,
-        prekeys: &mut Option<PrekeyState>,
-        prekeys_changed: &mut bool,
-        touched: &mut Vec<DeviceAddress>,
-        known_peers: &mut PeerCache,
-    ) -> Result<(DeviceAddress, Vec<u8>), Rejection> {
+        now: u64,
+        b: &mut Batch,
+    ) -> Result<(DeviceAddress, Frame), Rejection> {
         let incoming = Incoming::decode(&envelope.payload).map_err(Rejection::Protocol)?;
         let mut plaintext = Vec::new();
         // The session the message belongs to: by IK_A and EK_A for a prekey
-        // message, by the header's ratchet key otherwise.
-        let existing = match incoming.prekey() {
-            Some(fields) => sessions
+        // message, by the header's ratchet key otherwise; archived sessions
+        // included.
+        let found = match incoming.prekey() {
+            Some(fields) => b
+                .records
                 .iter()
-                .find(|(a, s)| a.identity == fields.identity && s.matches(&incoming))
-                .map(|(a, _)| *a),
+                .filter(|(a, _)| a.identity == fields.identity)
+                .find_map(|(a, r)| {
+                    r.entries()
+                        .iter()
+                        .position(|e| e.session.matches(&incoming))
+                        .map(|i| (*a, i))
+                }),
             None => {
                 let key = &incoming.header().ratchet_key;
-                sessions
-                    .iter()
-                    .find(|(_, s)| s.receiving_ratchet_keys().any(|k| k == key))
-                    .map(|(a, _)| *a)
+                b.records.iter().find_map(|(a, r)| {
+                    r.entries()
+                        .iter()
+                        .position(|e| e.session.receiving_ratchet_keys().any(|k| k == key))
+                        .map(|i| (*a, i))
+                })
             }
         };
-        let address = match existing {
-            Some(address) => {
-                let session = sessions.get_mut(&address).ok_or(Rejection::NoSession)?;
-                session
+        let (address, index) = match found {
+            Some((address, index)) => {
+                let entry = b
+                    .records
+                    .get_mut(&address)
+                    .and_then(|r| r.entries_mut().get_mut(index))
+                    .ok_or(Rejection::NoSession)?;
+                entry
+                    .session
                     .decrypt_incoming(&incoming, &mut plaintext)
                     .map_err(Rejection::Protocol)?;
-                address
+                (address, index)
             }
             None if incoming.prekey().is_some() => {
-                // A new session. Nothing is consumed or stored unless the
-                // message decrypts, frames correctly and the peer is trusted.
-                let state = prekeys
-                    .as_mut()
-                    .ok_or(Rejection::Protocol(Error::UnknownPrekey))?;
-                let accepted = Session::accept(
-                    &self.identity.keys,
-                    &state.prekeys,
-                    &incoming,
-                    self.config.session,
-                )
-                .map_err(Rejection::Protocol)?;
-                let (device_id, body) = parse_frame(accepted.plaintext)?;
-                let address = DeviceAddress {
-                    identity: *accepted.session.remote_identity().as_bytes(),
-                    device_id,
-                };
-                self.check_sender(known_peers, &address)?;
-                if let Some(id) = accepted.consumed_one_time_prekey {
-                    state.prekeys.remove_one_time_prekey(id);
-                    *prekeys_changed = true;
-                }
-                // The newest session with a device replaces an older one.
-                sessions.insert(address, accepted.session);
-                if !touched.contains(&address) {
-                    touched.push(address);
-                }
-                return Ok((address, body));
+                return self.accept_new(&incoming, now, b);
             }
             None => {
                 // A new chain: only a session that awaits one can own it.
                 // Decryption is staged, so a wrong try changes nothing.
-                sessions
+                b.records
                     .iter_mut()
-                    .filter(|(_, s)| s.awaits_new_ratchet_key())
-                    .find_map(|(a, s)| {
-                        s.decrypt_incoming(&incoming, &mut plaintext)
-                            .ok()
-                            .map(|()| *a)
+                    .find_map(|(a, r)| {
+                        r.entries_mut()
+                            .iter_mut()
+                            .enumerate()
+                            .filter(|(_, e)| e.session.awaits_new_ratchet_key())
+                            .find_map(|(i, e)| {
+                                e.session
+                                    .decrypt_incoming(&incoming, &mut plaintext)
+                                    .ok()
+                                    .map(|()| (*a, i))
+                            })
                     })
                     .ok_or(Rejection::NoSession)?
             }
         };
-        if !touched.contains(&address) {
-            touched.push(address);
+        b.touch(address);
+        if let Some(entry) = b
+            .records
+            .get_mut(&address)
+            .and_then(|r| r.entries_mut().get_mut(index))
+        {
+            entry.last_received = now;
         }
-        let (device_id, body) = parse_frame(plaintext)?;
-        if device_id != address.device_id {
+        let frame = Frame::decode(plaintext).map_err(|_| Rejection::BadFrame)?;
+        if frame.device_id != address.device_id {
             return Err(Rejection::BadFrame);
         }
-        self.check_sender(known_peers, &address)?;
-        Ok((address, body))
+        self.refuse_compromised(b, &address.identity)?;
+        Ok((address, frame))
     }
 
-    fn check_sender(
+    /// Starts a session from a prekey message no session owns. Nothing is
+    /// consumed or stored unless it is not a replay, the key is not
+    /// compromised, it decrypts and its frame is valid.
+    fn accept_new(
         &self,
-        known_peers: &mut PeerCache,
-        address: &DeviceAddress,
-    ) -> Result<(), Rejection> {
-        match self.peer_trust(known_peers, address) {
+        incoming: &Incoming<'_>,
+        now: u64,
+        b: &mut Batch,
+    ) -> Result<(DeviceAddress, Frame), Rejection> {
+        let fields = incoming.prekey().ok_or(Rejection::NoSession)?;
+        let identity = fields.identity;
+        let digest = accepted_digest(&identity, &fields.ephemeral);
+        let unaccepted = |error| Rejection::Prekey { identity, error };
+        let replay = b
+            .prekeys
+            .as_ref()
+            .ok_or(unaccepted(Error::UnknownPrekey))?
+            .accepted
+            .iter()
+            .any(|(_, d)| d == &digest);
+        if replay {
+            return Err(Rejection::Protocol(Error::Duplicate));
+        }
+        self.refuse_compromised(b, &identity)?;
+        let state = b
+            .prekeys
+            .as_mut()
+            .ok_or(unaccepted(Error::UnknownPrekey))?;
+        let accepted = Session::accept(
+            &self.identity.keys,
+            &state.prekeys,
+            incoming,
+            self.config.session,
+        )
+        .map_err(unaccepted)?;
+        let frame = Frame::decode(accepted.plaintext).map_err(|_| Rejection::BadFrame)?;
+        let address = DeviceAddress {
+            identity,
+            device_id: frame.device_id,
+        };
+        if let Some(id) = accepted.consumed_one_time_prekey {
+            state.prekeys.remove_one_time_prekey(id);
+        }
+        state.accepted.push((fields.signed_prekey_id, digest));
+        b.prekeys_changed = true;
+        let mut entry = SessionEntry::new(accepted.session, frame.generation.unwrap_or(0), now);
+        entry.last_received = now;
+        let id = entry.id;
+        let me = self.address();
+        let record = b.records.entry(address).or_default();
+        record.insert(entry, self.config.archived_sessions, &me, &address);
+        if frame.reset {
+            record.apply_reset(&id);
+            b.urgent.insert(address);
+        }
+        b.touch(address);
+        Ok((address, frame))
+    }
+
+    /// Refuses a compromised key; a store failure aborts the batch (it is
+    /// kept in `b.failed` and returned by [`Client::process_batch`]).
+    fn refuse_compromised(&self, b: &mut Batch, identity: &[u8; 32]) -> Result<(), Rejection> {
+        match self.peer_trust(&mut b.peers, identity) {
             Ok(Some(Trust::Compromised)) => Err(Rejection::Compromised),
-            _ => Ok(()),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                b.failed = Some(e);
+                Err(Rejection::NoSession)
+            }
         }
     }
 
-    /// The peer's trust (`None`: not a known peer), read from the store
+    /// An identity key's trust (`None`: never seen), read from the store
     /// once per batch: peer records do not change while a batch is
     /// processed (new peers are committed with it).
     fn peer_trust(
         &self,
-        known_peers: &mut PeerCache,
-        address: &DeviceAddress,
+        cache: &mut PeerCache,
+        identity: &[u8; 32],
     ) -> Result<Option<Trust>, StoreError> {
-        if let Some(trust) = known_peers.get(address) {
+        if let Some(trust) = cache.get(identity) {
             return Ok(*trust);
         }
-        let trust = self.store.peer(address)?.map(|p| p.trust);
-        known_peers.insert(*address, trust);
+        let trust = fold_trust(&self.store.peers_with_identity(identity)?);
+        cache.insert(*identity, trust);
         Ok(trust)
     }
-}
-
-/// Peers' trust read during one batch of received envelopes.
-type PeerCache = HashMap<DeviceAddress, Option<Trust>>;
-
-/// Splits a client frame into the sender's device number and the body.
-fn parse_frame(mut plaintext: Vec<u8>) -> Result<(u32, Vec<u8>), Rejection> {
-    if plaintext.len() < FRAME_HEADER || plaintext[0] != FRAME_VERSION {
-        return Err(Rejection::BadFrame);
-    }
-    let mut device = [0u8; 4];
-    device.copy_from_slice(&plaintext[1..FRAME_HEADER]);
-    let body = plaintext.split_off(FRAME_HEADER);
-    Ok((u32::from_be_bytes(device), body))
 }
 
 /// Runs a future to completion on the current thread, parking it while the

@@ -358,6 +358,15 @@ impl Session {
         buf.get(..len).unwrap_or_default()
     }
 
+    /// The session's name: the first 16 bytes of SHA-256(EK_A), the same
+    /// on both sides. The responder always knows it; the initiator knows it
+    /// from [`Session::initiate`] until its first reply arrives (a session
+    /// restored after that returns zeros): keep it beside the session if it
+    /// is needed later, as the client's session records do.
+    pub fn id(&self) -> [u8; 16] {
+        self.tag
+    }
+
     /// Which side created the session.
     pub fn role(&self) -> Role {
         self.role

@@ -4,11 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::vec::Vec;
 
+use std::string::ToString;
+
 use super::{
-    InboxMessage, LocalIdentity, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, Store,
-    StoreError,
+    InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined,
+    ReceiveCommit, SentMessage, SessionRecord, Store, StoreError,
 };
-use crate::protocol::session::Session;
 use crate::transport::{DeviceAddress, EnvelopeId};
 
 /// A [`Store`] in memory.
@@ -16,7 +17,9 @@ use crate::transport::{DeviceAddress, EnvelopeId};
 pub struct MemoryStore {
     identity: Option<LocalIdentity>,
     prekeys: Option<PrekeyState>,
-    sessions: BTreeMap<DeviceAddress, Session>,
+    sessions: BTreeMap<DeviceAddress, SessionRecord>,
+    quarantine: Vec<Quarantined>,
+    sent: Vec<SentMessage>,
     peers: BTreeMap<DeviceAddress, PeerRecord>,
     outbox: Vec<OutboxEntry>,
     processed: HashMap<EnvelopeId, u64>,
@@ -46,11 +49,48 @@ impl Store for MemoryStore {
         self.prekeys = Some(state.clone());
         Ok(())
     }
-    fn session(&self, peer: &DeviceAddress) -> Result<Option<Session>, StoreError> {
+    fn session(&self, peer: &DeviceAddress) -> Result<Option<SessionRecord>, StoreError> {
         Ok(self.sessions.get(peer).cloned())
     }
-    fn sessions(&self) -> Result<Vec<(DeviceAddress, Session)>, StoreError> {
-        Ok(self.sessions.iter().map(|(a, s)| (*a, s.clone())).collect())
+    fn sessions(
+        &self,
+    ) -> Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError> {
+        Ok(self
+            .sessions
+            .iter()
+            .map(|(a, s)| (*a, Ok(s.clone())))
+            .collect())
+    }
+    fn set_session(
+        &mut self,
+        peer: &DeviceAddress,
+        record: &SessionRecord,
+    ) -> Result<(), StoreError> {
+        self.sessions.insert(*peer, record.clone());
+        Ok(())
+    }
+    fn remove_session(&mut self, peer: &DeviceAddress) -> Result<(), StoreError> {
+        self.sessions.remove(peer);
+        Ok(())
+    }
+    fn quarantine_session(
+        &mut self,
+        peer: &DeviceAddress,
+        now: u64,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        if let Some(record) = self.sessions.remove(peer) {
+            self.quarantine.push(Quarantined {
+                peer: *peer,
+                at: now,
+                bytes: record.to_bytes().to_vec(),
+                reason: reason.to_string(),
+            });
+        }
+        Ok(())
+    }
+    fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
+        Ok(self.quarantine.clone())
     }
     fn peer(&self, device: &DeviceAddress) -> Result<Option<PeerRecord>, StoreError> {
         Ok(self.peers.get(device).cloned())
@@ -59,9 +99,20 @@ impl Store for MemoryStore {
         self.peers.insert(peer.address, peer.clone());
         Ok(())
     }
-    fn commit_send(&mut self, session: &Session, entry: &OutboxEntry) -> Result<(), StoreError> {
-        self.sessions.insert(entry.to, session.clone());
+    fn peers(&self) -> Result<Vec<PeerRecord>, StoreError> {
+        Ok(self.peers.values().cloned().collect())
+    }
+    fn commit_send(
+        &mut self,
+        record: &SessionRecord,
+        entry: &OutboxEntry,
+        sent: Option<&SentMessage>,
+    ) -> Result<(), StoreError> {
+        self.sessions.insert(entry.to, record.clone());
         self.outbox.push(entry.clone());
+        if let Some(sent) = sent {
+            self.update_sent(sent)?;
+        }
         Ok(())
     }
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
@@ -76,8 +127,11 @@ impl Store for MemoryStore {
     }
     fn commit_receive(&mut self, batch: &[ReceiveCommit<'_>]) -> Result<(), StoreError> {
         for c in batch {
-            if let Some((peer, session)) = c.session {
-                self.sessions.insert(*peer, session.clone());
+            if let Some((peer, record)) = c.session {
+                self.sessions.insert(*peer, record.clone());
+            }
+            if let Some(sent) = c.sent {
+                self.update_sent(sent)?;
             }
             if let Some(prekeys) = c.prekeys {
                 self.prekeys = Some(prekeys.clone());
@@ -96,6 +150,24 @@ impl Store for MemoryStore {
     }
     fn prune_processed(&mut self, before: u64) -> Result<(), StoreError> {
         self.processed.retain(|_, at| *at >= before);
+        Ok(())
+    }
+    fn sent_messages(&self) -> Result<Vec<SentMessage>, StoreError> {
+        Ok(self.sent.clone())
+    }
+    fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
+        Ok(self.sent.iter().find(|m| &m.id == id).cloned())
+    }
+    fn update_sent(&mut self, message: &SentMessage) -> Result<(), StoreError> {
+        match self.sent.iter_mut().find(|m| m.id == message.id) {
+            Some(m) => *m = message.clone(),
+            None => self.sent.push(message.clone()),
+        }
+        Ok(())
+    }
+    fn prune_sent(&mut self, before: u64) -> Result<(), StoreError> {
+        self.sent
+            .retain(|m| m.state.is_pending() || m.created >= before);
         Ok(())
     }
     fn inbox(&self) -> Result<Vec<InboxMessage>, StoreError> {

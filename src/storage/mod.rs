@@ -12,6 +12,7 @@
 //! "Guaranteed delivery").
 
 mod memory;
+pub mod record;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -20,12 +21,12 @@ use std::string::String;
 use std::vec::Vec;
 
 pub use memory::MemoryStore;
+pub use record::{SessionEntry, SessionRecord};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
 use crate::protocol::keys::IdentityKeyPair;
 use crate::protocol::prekeys::PrekeyStore;
-use crate::protocol::session::Session;
 use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
 
 /// The device's identity and number.
@@ -54,6 +55,27 @@ pub struct PrekeyState {
     /// An upload was committed but not confirmed by the directory: the next
     /// maintenance replaces the pool again.
     pub upload_pending: bool,
+    /// Digests of the prekey messages accepted, with the signed prekey
+    /// each used: a prekey message whose digest is here is a replay
+    /// (`duplicate`), even after its session was archived or dropped. Each
+    /// digest goes with its signed prekey (SPEC.md, "Replay-proof first
+    /// messages"): the memory is 20 bytes per session accepted while the
+    /// signed prekeys held were current or in their grace period.
+    pub accepted: Vec<(u32, [u8; 16])>,
+}
+
+/// The replay digest of a prekey message: the first 16 bytes of
+/// `SHA-256("cubbyhole/v1 accepted" || IK_A || EK_A)`.
+pub fn accepted_digest(identity: &[u8; 32], ephemeral: &[u8; 32]) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"cubbyhole/v1 accepted")
+        .chain_update(identity)
+        .chain_update(ephemeral)
+        .finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
 }
 
 /// How far a peer's identity key is trusted.
@@ -122,14 +144,159 @@ pub struct ReceiveCommit<'a> {
     pub envelope_id: EnvelopeId,
     /// When it was processed (unix seconds).
     pub processed_at: u64,
-    /// The session's new state, if the envelope decrypted.
-    pub session: Option<(&'a DeviceAddress, &'a Session)>,
+    /// The peer's new session record, if the envelope changed it.
+    pub session: Option<(&'a DeviceAddress, &'a SessionRecord)>,
     /// The prekeys, if a one-time prekey was consumed.
     pub prekeys: Option<&'a PrekeyState>,
     /// A new or updated peer record.
     pub peer: Option<&'a PeerRecord>,
     /// The message for the application.
     pub message: Option<&'a InboxMessage>,
+    /// A sent message whose state changed (a receipt arrived).
+    pub sent: Option<&'a SentMessage>,
+}
+
+/// The id a sender gives a message, inside the encrypted frame: the
+/// recipient shows each id once and acknowledges it end to end.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub [u8; 16]);
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId(")?;
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "..)")
+    }
+}
+
+/// Why a message could not be delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// No receipt came within the configured time, despite re-sending.
+    TimedOut,
+    /// The recipient was marked compromised before it was delivered.
+    Compromised,
+    /// The relay refused it as never deliverable (too large, malformed).
+    Refused,
+}
+
+impl Failure {
+    /// A stable code for storage (1, 2, 3).
+    pub fn code(self) -> u8 {
+        match self {
+            Failure::TimedOut => 1,
+            Failure::Compromised => 2,
+            Failure::Refused => 3,
+        }
+    }
+    /// The inverse of [`Failure::code`].
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            1 => Failure::TimedOut,
+            2 => Failure::Compromised,
+            3 => Failure::Refused,
+            _ => return None,
+        })
+    }
+}
+
+/// Where a sent message is, as far as its sender can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Committed to the outbox, not yet deposited.
+    Stored,
+    /// Deposited at the recipient's relay; no receipt yet.
+    Deposited,
+    /// Re-sent (at least once) for want of a receipt; no receipt yet.
+    Resent,
+    /// The recipient's device acknowledged it end to end.
+    Delivered,
+    /// Given up, with the reason.
+    Failed(Failure),
+}
+
+impl DeliveryState {
+    /// Whether the message is still awaiting a receipt.
+    pub fn is_pending(self) -> bool {
+        matches!(
+            self,
+            DeliveryState::Stored | DeliveryState::Deposited | DeliveryState::Resent
+        )
+    }
+    /// A stable code for storage: 0 stored, 1 deposited, 2 re-sent,
+    /// 3 delivered, 16 + [`Failure::code`] failed.
+    pub fn code(self) -> u8 {
+        match self {
+            DeliveryState::Stored => 0,
+            DeliveryState::Deposited => 1,
+            DeliveryState::Resent => 2,
+            DeliveryState::Delivered => 3,
+            DeliveryState::Failed(f) => 16 + f.code(),
+        }
+    }
+    /// The inverse of [`DeliveryState::code`].
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => DeliveryState::Stored,
+            1 => DeliveryState::Deposited,
+            2 => DeliveryState::Resent,
+            3 => DeliveryState::Delivered,
+            c if c > 16 => DeliveryState::Failed(Failure::from_code(c - 16)?),
+            _ => return None,
+        })
+    }
+}
+
+/// A message handed to [`crate::client::Client::send`], kept (its body
+/// encrypted at rest) until the recipient acknowledges it, so that it can
+/// be re-sent; after that only its state is kept, until pruned.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SentMessage {
+    /// The message id (in the frame).
+    pub id: MessageId,
+    /// The recipient device.
+    pub to: DeviceAddress,
+    /// The application's bytes (emptied once delivered or failed).
+    pub body: Vec<u8>,
+    /// Its delivery state.
+    pub state: DeliveryState,
+    /// When the application handed it over (unix seconds).
+    pub created: u64,
+    /// When it was last encrypted and queued (unix seconds).
+    pub last_sent: u64,
+    /// How many times it was encrypted and queued (1 + re-sends).
+    pub sends: u32,
+}
+
+impl fmt::Debug for SentMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentMessage")
+            .field("id", &self.id)
+            .field("to", &self.to)
+            .field("body_len", &self.body.len())
+            .field("state", &self.state)
+            .field("created", &self.created)
+            .field("last_sent", &self.last_sent)
+            .field("sends", &self.sends)
+            .finish()
+    }
+}
+
+/// A session record set aside because it did not decrypt or decode: its
+/// bytes are kept as stored, for inspection; the peer gets a new session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The peer device.
+    pub peer: DeviceAddress,
+    /// When it was set aside (unix seconds).
+    pub at: u64,
+    /// The stored bytes, as found (still sealed, for a sealing store).
+    pub bytes: Vec<u8>,
+    /// Why it failed.
+    pub reason: String,
 }
 
 /// A storage failure.
@@ -180,22 +347,65 @@ pub trait Store {
     /// Replaces the private prekeys and their bookkeeping.
     fn set_prekeys(&mut self, state: &PrekeyState) -> Result<(), StoreError>;
 
-    /// The session with a peer device. A store that serializes sessions
+    /// The sessions with a peer device. A store that serializes sessions
     /// restores them with its identity (the state does not hold the
-    /// identity keys: [`Session::from_bytes`]), so it needs one: without it
-    /// a stored session is [`StoreError::Corrupted`].
-    fn session(&self, peer: &DeviceAddress) -> Result<Option<Session>, StoreError>;
-    /// All sessions.
-    fn sessions(&self) -> Result<Vec<(DeviceAddress, Session)>, StoreError>;
+    /// identity keys: [`SessionRecord::from_bytes`]), so it needs one:
+    /// without it a stored record is [`StoreError::Corrupted`].
+    fn session(&self, peer: &DeviceAddress) -> Result<Option<SessionRecord>, StoreError>;
+    /// Every peer's session record, each decoded on its own: a record that
+    /// fails is returned as its error (to be quarantined), the others load.
+    ///
+    /// # Errors
+    /// Only a failure that concerns the whole store (the backend failed).
+    #[allow(clippy::type_complexity)]
+    fn sessions(
+        &self,
+    ) -> Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError>;
+    /// Replaces (or creates) a peer's session record.
+    fn set_session(
+        &mut self,
+        peer: &DeviceAddress,
+        record: &SessionRecord,
+    ) -> Result<(), StoreError>;
+    /// Deletes a peer's session record, if any.
+    fn remove_session(&mut self, peer: &DeviceAddress) -> Result<(), StoreError>;
+    /// Moves a peer's session record, as stored, to the quarantine (with
+    /// `reason`), so that the peer starts afresh and the bytes stay for
+    /// inspection. No record: nothing happens.
+    fn quarantine_session(
+        &mut self,
+        peer: &DeviceAddress,
+        now: u64,
+        reason: &str,
+    ) -> Result<(), StoreError>;
+    /// The quarantined records, oldest first.
+    fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError>;
 
     /// What is known of a peer device.
     fn peer(&self, device: &DeviceAddress) -> Result<Option<PeerRecord>, StoreError>;
     /// Adds or updates a peer record.
     fn set_peer(&mut self, peer: &PeerRecord) -> Result<(), StoreError>;
+    /// Every peer record.
+    fn peers(&self) -> Result<Vec<PeerRecord>, StoreError>;
+    /// Every peer record with this identity key (trust belongs to the key:
+    /// SPEC.md, "Trust"). The default filters [`Store::peers`].
+    fn peers_with_identity(&self, identity: &[u8; 32]) -> Result<Vec<PeerRecord>, StoreError> {
+        Ok(self
+            .peers()?
+            .into_iter()
+            .filter(|p| &p.address.identity == identity)
+            .collect())
+    }
 
-    /// Atomically stores the session with `entry.to` and adds the envelope
-    /// to the outbox.
-    fn commit_send(&mut self, session: &Session, entry: &OutboxEntry) -> Result<(), StoreError>;
+    /// Atomically stores the session record of `entry.to`, adds the
+    /// envelope to the outbox and, if given, stores the sent message (new
+    /// or updated: keyed by its id).
+    fn commit_send(
+        &mut self,
+        record: &SessionRecord,
+        entry: &OutboxEntry,
+        sent: Option<&SentMessage>,
+    ) -> Result<(), StoreError>;
     /// Envelopes not yet deposited, oldest first.
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError>;
     /// Removes a deposited envelope from the outbox.
@@ -209,6 +419,16 @@ pub trait Store {
     /// relay's retention, a redelivery cannot happen from an honest relay,
     /// and the ratchet still rejects replays).
     fn prune_processed(&mut self, before: u64) -> Result<(), StoreError>;
+
+    /// Every sent message kept: awaiting a receipt, or delivered or failed
+    /// and not yet pruned; oldest first.
+    fn sent_messages(&self) -> Result<Vec<SentMessage>, StoreError>;
+    /// A sent message by id.
+    fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError>;
+    /// Stores a sent message (new or updated: keyed by its id).
+    fn update_sent(&mut self, message: &SentMessage) -> Result<(), StoreError>;
+    /// Forgets delivered and failed messages created before `before`.
+    fn prune_sent(&mut self, before: u64) -> Result<(), StoreError>;
 
     /// Messages waiting for the application, in the order received.
     fn inbox(&self) -> Result<Vec<InboxMessage>, StoreError>;
@@ -250,17 +470,22 @@ impl PrekeyState {
     /// Serializes the state (secret keys included: store it encrypted):
     ///
     /// ```text
-    /// 0x02 || upload_counter (8) || last_rotation (8) || upload_pending (1)
+    /// 0x03 || upload_counter (8) || last_rotation (8) || upload_pending (1)
     ///   || retired count (4) || count x (spk id (4) || retired_at (8))
     ///   || withdrawn count (4) || count x (below id (4) || withdrawn_at (8))
+    ///   || accepted count (4) || count x (spk id (4) || digest (16))
     ///   || PrekeyStore::to_bytes()
     /// ```
+    ///
+    /// Version 0x02 (the same without the accepted list) still decodes.
     pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
         let prekeys = self.prekeys.to_bytes();
         let mut out = zeroize::Zeroizing::new(Vec::with_capacity(
-            26 + 12 * (self.retired_at.len() + self.one_time_retired.len()) + prekeys.len(),
+            30 + 12 * (self.retired_at.len() + self.one_time_retired.len())
+                + 20 * self.accepted.len()
+                + prekeys.len(),
         ));
-        out.push(2);
+        out.push(3);
         out.extend_from_slice(&self.upload_counter.to_be_bytes());
         out.extend_from_slice(&self.last_rotation.to_be_bytes());
         out.push(u8::from(self.upload_pending));
@@ -271,20 +496,27 @@ impl PrekeyState {
                 out.extend_from_slice(&at.to_be_bytes());
             }
         }
+        out.extend_from_slice(&(self.accepted.len() as u32).to_be_bytes());
+        for (id, digest) in &self.accepted {
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(digest);
+        }
         out.extend_from_slice(&prekeys);
         out
     }
 
-    /// Restores [`Self::to_bytes`].
+    /// Restores [`Self::to_bytes`] (version 0x03, or 0x02 without the
+    /// accepted list).
     ///
     /// # Errors
     /// [`crate::Error::State`] for malformed input.
     pub fn from_bytes(bytes: &[u8]) -> crate::Result<Self> {
         let bad = crate::Error::State("prekey state");
         let mut r = Cursor(bytes);
-        if r.take(1).ok_or(bad)? != [2] {
-            return Err(bad);
-        }
+        let version = match r.take(1).ok_or(bad)? {
+            [v @ (2 | 3)] => *v,
+            _ => return Err(bad),
+        };
         let upload_counter = r.u64().ok_or(bad)?;
         let last_rotation = r.u64().ok_or(bad)?;
         let upload_pending = match r.take(1).ok_or(bad)? {
@@ -302,6 +534,19 @@ impl PrekeyState {
                 list.push((r.u32().ok_or(bad)?, r.u64().ok_or(bad)?));
             }
         }
+        let mut accepted = Vec::new();
+        if version == 3 {
+            let count = r.u32().ok_or(bad)? as usize;
+            if count > r.0.len() / 20 {
+                return Err(bad);
+            }
+            accepted.reserve_exact(count);
+            for _ in 0..count {
+                let id = r.u32().ok_or(bad)?;
+                let digest: [u8; 16] = r.take(16).ok_or(bad)?.try_into().map_err(|_| bad)?;
+                accepted.push((id, digest));
+            }
+        }
         let [retired_at, one_time_retired] = lists;
         Ok(PrekeyState {
             prekeys: PrekeyStore::from_bytes(r.0)?,
@@ -310,6 +555,7 @@ impl PrekeyState {
             retired_at,
             one_time_retired,
             upload_pending,
+            accepted,
         })
     }
 }

@@ -18,11 +18,11 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::{
-    InboxMessage, LocalIdentity, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, Store,
-    StoreError, Trust, LOCAL_IDENTITY_LEN,
+    DeliveryState, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState,
+    Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store, StoreError, Trust,
+    LOCAL_IDENTITY_LEN,
 };
 use crate::protocol::keys::IdentityKey;
-use crate::protocol::session::Session;
 use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
 
 const T_META: &str = "meta";
@@ -32,6 +32,8 @@ const T_SESSIONS: &str = "sessions";
 const T_PEERS: &str = "peers";
 const T_OUTBOX: &str = "outbox";
 const T_INBOX: &str = "inbox";
+const T_QUARANTINE: &str = "quarantine";
+const T_SENT: &str = "sent";
 
 /// The key of the singleton rows (identity, prekeys), as stored and as
 /// bound into their associated data.
@@ -57,7 +59,7 @@ type Migration = fn(&Transaction<'_>, &Sealer) -> Result<(), StoreError>;
 
 /// The schema steps, in order. To change the schema, append a step: never
 /// edit a published one.
-const MIGRATIONS: &[Migration] = &[migrate_v1];
+const MIGRATIONS: &[Migration] = &[migrate_v1, migrate_v2];
 
 /// Version 1: the tables and the key check row.
 fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
@@ -120,6 +122,36 @@ fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Version 2: session records (the `sessions.state` column now holds a
+/// sealed [`SessionRecord::to_bytes`]; a version 1 row, a sealed bare
+/// session state, still decodes as a record of one session, so no row is
+/// rewritten), the quarantine of session records that failed, and the sent
+/// messages.
+fn migrate_v2(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE TABLE quarantine (
+             seq INTEGER PRIMARY KEY,
+             identity BLOB NOT NULL CHECK (length(identity) = 32),
+             device_id INTEGER NOT NULL CHECK (device_id BETWEEN 0 AND 4294967295),
+             at INTEGER NOT NULL,
+             bytes BLOB NOT NULL,
+             reason TEXT NOT NULL
+         ) STRICT;
+         CREATE TABLE sent (
+             seq INTEGER PRIMARY KEY,
+             id BLOB NOT NULL UNIQUE CHECK (length(id) = 16),
+             to_identity BLOB NOT NULL CHECK (length(to_identity) = 32),
+             to_device INTEGER NOT NULL CHECK (to_device BETWEEN 0 AND 4294967295),
+             state INTEGER NOT NULL CHECK (state BETWEEN 0 AND 255),
+             created INTEGER NOT NULL,
+             last_sent INTEGER NOT NULL,
+             sends INTEGER NOT NULL CHECK (sends BETWEEN 0 AND 4294967295),
+             body BLOB NOT NULL
+         ) STRICT;",
+    )
+    .map_err(backend)
+}
+
 /// A file-backed [`Store`] over SQLite (feature `sqlite`), with secrets
 /// encrypted at rest.
 ///
@@ -127,9 +159,10 @@ fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
 ///
 /// The database runs in WAL mode with `synchronous=FULL`: once a write
 /// method returns `Ok`, the change survives a crash or power loss.
-/// [`Store::commit_send`] and [`Store::commit_receive`] each run in one
-/// `BEGIN IMMEDIATE` transaction, so a crash or error leaves all of their
-/// changes or none. Several processes may open the same file; writers wait
+/// [`Store::commit_send`], [`Store::commit_receive`] and
+/// [`Store::quarantine_session`] each run in one `BEGIN IMMEDIATE`
+/// transaction, so a crash or error leaves all of their changes or none.
+/// Several processes may open the same file; writers wait
 /// for each other up to a busy timeout (10 s) before failing with
 /// [`StoreError::Backend`].
 ///
@@ -137,16 +170,21 @@ fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
 ///
 /// Secrets are sealed with AES-256-GCM under a key derived (HKDF-SHA256)
 /// from the 32-byte key the application supplies: the identity seed, the
-/// prekey state, every session state and every inbox message body. A sealed
-/// value is `nonce (12, fresh from the OS) || ciphertext || tag (16)`; its
-/// associated data binds it to its table and row key (and, for inbox
-/// messages, to the sender and reception time), so a value altered, cut or
-/// moved to another row or table fails to open. Peer records are stored in
-/// the clear (they are queried by key) but carry an authentication tag over
-/// the same binding, so a changed trust level is detected too. Outbox
-/// payloads (already end-to-end ciphertext) and processed-envelope marks are
-/// stored in the clear. Metadata is not hidden: which peers and sessions
-/// exist, envelope ids, times, sizes.
+/// prekey state, every session record, every inbox message body and every
+/// sent message body. A sealed value is `nonce (12, fresh from the OS) ||
+/// ciphertext || tag (16)`; its associated data binds it to its table and
+/// row key (and, for inbox messages, to the sender and reception time; for
+/// sent messages, to the recipient and every column of the row: delivery
+/// state, times, send count), so a value altered, cut or moved to another
+/// row or table fails to open. Peer records are stored in the clear (they
+/// are queried by key) but carry an authentication tag over the same
+/// binding, so a changed trust level is detected too. Outbox payloads
+/// (already end-to-end ciphertext) and processed-envelope marks are stored
+/// in the clear. Quarantined session records keep the sealed bytes found in
+/// the `sessions` row (still sealed under that row's binding), with the
+/// peer, time and reason in the clear. Metadata is not hidden: which peers
+/// and sessions exist, envelope and message ids, delivery states, times,
+/// sizes.
 ///
 /// The key is checked when the store opens: a `meta` row holds a sealed
 /// check value, written when the database is created, and a key that does
@@ -156,29 +194,36 @@ fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
 /// for that row.
 ///
 /// Nonces are random, so the usual AES-GCM bound applies: keep the number
-/// of sealed values written under one key below 2^32 (each session, peer,
-/// prekey or identity write and each received message is one; a receive
-/// batch seals each session it changes once). That is 50 days at 1,000
+/// of sealed values written under one key below 2^32 (each session record,
+/// peer, prekey, identity or sent-message write and each received message
+/// is one; a receive batch seals each session record and sent message it
+/// changes once). That is 50 days at 1,000
 /// writes a second, sustained.
 ///
 /// # Corrupted rows
 ///
 /// A row that fails to open or decode is [`StoreError::Corrupted`], naming
 /// the table and the row's key (`hex(identity)/device_id` for sessions and
-/// peers, `hex(envelope_id)` for the inbox and the outbox, `1` for the
+/// peers, `hex(envelope_id)` for the inbox and the outbox, `hex(id)` for
+/// sent messages, the sequence number for the quarantine, `1` for the
 /// singleton identity and prekeys rows); it never affects the other rows:
 ///
-/// - methods reading one row ([`Store::session`], [`Store::peer`], ...)
-///   fail only when *that* row is corrupted;
-/// - methods returning a list ([`Store::sessions`], [`Store::outbox`],
-///   [`Store::inbox`]) return the error naming the first corrupted row
-///   rather than silently dropping it (a missing session or message must
-///   not look like an absent one);
-/// - writes replace a corrupted row as usual ([`Store::commit_send`],
-///   [`Store::remove_inbox`], [`SqliteStore::remove_session`]), which is how
-///   an application recovers; [`SqliteStore::corrupted_rows`] lists every
-///   corrupted row and [`SqliteStore::session_addresses`] lists sessions
-///   without opening them.
+/// - methods reading one row ([`Store::session`], [`Store::peer`],
+///   [`Store::sent_message`], ...) fail only when *that* row is corrupted;
+/// - [`Store::sessions`] decodes each record on its own: a corrupted one is
+///   returned as its error, beside the healthy ones, to be quarantined
+///   ([`Store::quarantine_session`] moves the row's bytes, as found, to the
+///   `quarantine` table);
+/// - the other methods returning a list ([`Store::peers`],
+///   [`Store::outbox`], [`Store::sent_messages`], [`Store::inbox`], ...)
+///   return the error naming the first corrupted row rather than silently
+///   dropping it (a missing message must not look like an absent one);
+/// - writes replace a corrupted row as usual ([`Store::set_session`],
+///   [`Store::remove_session`], [`Store::update_sent`],
+///   [`Store::remove_inbox`], [`SqliteStore::remove_sent`], ...), which is
+///   how an application recovers; [`SqliteStore::corrupted_rows`] lists
+///   every corrupted row and [`SqliteStore::session_addresses`] lists
+///   sessions without opening them.
 ///
 /// # Schema
 ///
@@ -186,6 +231,9 @@ fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
 /// older version migrates it, one step per version, all in the opening
 /// transaction (a crash mid-migration leaves the old version); a newer
 /// version than this code knows is [`StoreError::UnsupportedSchema`].
+/// Version 1 held a bare session state per peer; version 2 holds session
+/// records (a version 1 row still decodes, as a record of that one session)
+/// and adds the `quarantine` and `sent` tables.
 ///
 /// # Example
 ///
@@ -325,23 +373,25 @@ impl SqliteStore {
         Ok(out)
     }
 
-    /// Deletes the session with a peer device, if any (for instance a
-    /// corrupted one, before establishing a new session).
+    /// Deletes a sent message, if any: the way to discard a corrupted one
+    /// (which fails [`Store::sent_messages`] until it is removed or
+    /// overwritten with [`Store::update_sent`]).
     ///
     /// # Errors
     /// [`StoreError::Backend`] if SQLite fails.
-    pub fn remove_session(&mut self, peer: &DeviceAddress) -> Result<(), StoreError> {
+    pub fn remove_sent(&mut self, id: &MessageId) -> Result<(), StoreError> {
         self.conn
-            .prepare_cached("DELETE FROM sessions WHERE identity = ?1 AND device_id = ?2")
-            .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id]))
+            .prepare_cached("DELETE FROM sent WHERE id = ?1")
+            .and_then(|mut s| s.execute([&id.0[..]]))
             .map_err(backend)?;
         Ok(())
     }
 
     /// Opens and decodes every row that [`Store`] reads and returns one
     /// [`StoreError::Corrupted`] per row that fails, in table order
-    /// (identity, prekeys, sessions, peers, outbox, inbox). Empty means the
-    /// store is healthy.
+    /// (identity, prekeys, sessions, quarantine, peers, outbox, sent,
+    /// inbox). Empty means the store is healthy. (A quarantined record is
+    /// not opened: only its columns are decoded.)
     ///
     /// # Errors
     /// [`StoreError::Backend`] if SQLite fails.
@@ -358,13 +408,17 @@ impl SqliteStore {
         keep(self.identity().map(drop))?;
         keep(self.prekeys().map(drop))?;
         self.scan(
-            "SELECT identity, device_id, state FROM sessions ORDER BY identity, device_id",
+            SESSIONS_SELECT,
             |row| self.session_row(row).map(drop),
             &mut keep,
         )?;
         self.scan(
-            "SELECT identity, device_id, trust, first_seen, auth FROM peers
-             ORDER BY identity, device_id",
+            QUARANTINE_SELECT,
+            |row| quarantine_row(row).map(drop),
+            &mut keep,
+        )?;
+        self.scan(
+            PEERS_SELECT,
             |row| {
                 let address = address_key(T_PEERS, row, 0, 1)?;
                 self.peer_row(&address, row, 2).map(drop)
@@ -372,6 +426,7 @@ impl SqliteStore {
             &mut keep,
         )?;
         self.scan(OUTBOX_SELECT, |row| outbox_row(row).map(drop), &mut keep)?;
+        self.scan(SENT_SELECT, |row| self.sent_row(row).map(drop), &mut keep)?;
         self.scan(INBOX_SELECT, |row| self.inbox_row(row).map(drop), &mut keep)?;
         Ok(found)
     }
@@ -390,42 +445,45 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Decodes a `(identity, device_id, state)` row of `sessions`.
-    fn session_row(&self, row: &Row<'_>) -> Result<(DeviceAddress, Session), StoreError> {
+    /// Decodes a row of [`SESSIONS_SELECT`].
+    fn session_row(&self, row: &Row<'_>) -> Result<(DeviceAddress, SessionRecord), StoreError> {
         let address = address_key(T_SESSIONS, row, 0, 1)?;
-        let session = self.open_session(&address, row, 2)?;
-        Ok((address, session))
+        let local = self.local_key()?;
+        let record = self.open_record(&address, row, 2, local.as_ref())?;
+        Ok((address, record))
     }
 
-    fn open_session(
+    /// Our identity key (read once, then remembered): session records are
+    /// restored with it. `None` if the store has no identity yet.
+    fn local_key(&self) -> Result<Option<IdentityKey>, StoreError> {
+        match self.local.get() {
+            Some(local) => Ok(Some(local)),
+            // identity() remembers the key it reads.
+            None => Ok(self.identity()?.map(|i| *i.keys.public())),
+        }
+    }
+
+    /// Opens and decodes the sealed session record at `column` of a row
+    /// keyed by `address`, with our identity key `local`. Fails only with
+    /// [`StoreError::Corrupted`] naming the row.
+    fn open_record(
         &self,
         address: &DeviceAddress,
         row: &Row<'_>,
         column: usize,
-    ) -> Result<Session, StoreError> {
-        let name = || address_name(address);
-        let sealed = blob(row, column, "state").map_err(|r| corrupted(T_SESSIONS, name(), r))?;
+        local: Option<&IdentityKey>,
+    ) -> Result<SessionRecord, StoreError> {
+        let fail = |r: String| corrupted(T_SESSIONS, address_name(address), r);
+        let sealed = blob(row, column, "state").map_err(fail)?;
         let plain = self
             .sealer
             .open(T_SESSIONS, &address_bytes(address), sealed)
-            .map_err(|r| corrupted(T_SESSIONS, name(), r))?;
-        let local = match self.local.get() {
-            Some(local) => local,
-            None => match self.identity()? {
-                Some(identity) => *identity.keys.public(),
-                None => {
-                    return Err(corrupted(
-                        T_SESSIONS,
-                        name(),
-                        "a session but no identity".to_string(),
-                    ))
-                }
-            },
-        };
+            .map_err(fail)?;
+        let local = local.ok_or_else(|| fail("a session but no identity".to_string()))?;
         let remote = IdentityKey::from_bytes(&address.identity)
-            .map_err(|e| corrupted(T_SESSIONS, name(), format!("peer identity: {e}")))?;
-        Session::from_bytes(&plain, &local, &remote)
-            .map_err(|e| corrupted(T_SESSIONS, name(), format!("session state: {e}")))
+            .map_err(|e| fail(format!("peer identity: {e}")))?;
+        SessionRecord::from_bytes(&plain, local, &remote)
+            .map_err(|e| fail(format!("session record: {e}")))
     }
 
     /// Decodes `(trust, first_seen, auth)` at `column..` of a `peers` row.
@@ -478,10 +536,87 @@ impl SqliteStore {
             received_at,
         })
     }
+
+    /// Decodes a row of [`SENT_SELECT`].
+    fn sent_row(&self, row: &Row<'_>) -> Result<SentMessage, StoreError> {
+        let id = MessageId(key16(T_SENT, row, 0, "id")?);
+        let fail = |r: String| corrupted(T_SENT, hex(&id.0), r);
+        let to = address_columns(row, 1, 2).map_err(fail)?;
+        let code = int(row, 3, "state").map_err(fail)?;
+        let state = u8::try_from(code)
+            .ok()
+            .and_then(DeliveryState::from_code)
+            .ok_or_else(|| fail(format!("unknown delivery state {code}")))?;
+        let created = int(row, 4, "created").map_err(fail)? as u64;
+        let last_sent = int(row, 5, "last_sent").map_err(fail)? as u64;
+        let sends = int(row, 6, "sends").map_err(fail)?;
+        let sends =
+            u32::try_from(sends).map_err(|_| fail(format!("sends: {sends} out of range")))?;
+        let sealed = blob(row, 7, "body").map_err(fail)?;
+        let mut message = SentMessage {
+            id,
+            to,
+            body: Vec::new(),
+            state,
+            created,
+            last_sent,
+            sends,
+        };
+        let mut body = self
+            .sealer
+            .open(T_SENT, &sent_binding(&message), sealed)
+            .map_err(fail)?;
+        message.body = core::mem::take(&mut *body);
+        Ok(message)
+    }
+
+    /// Runs a query of [`SENT_SELECT`]'s columns, decoding every row.
+    fn sent_query(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<SentMessage>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend)?;
+        let mut rows = stmt.query(params).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(backend)? {
+            out.push(self.sent_row(row)?);
+        }
+        Ok(out)
+    }
+
+    /// Runs a query of [`PEERS_SELECT`]'s columns, decoding every row.
+    fn peer_query(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<PeerRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(backend)?;
+        let mut rows = stmt.query(params).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(backend)? {
+            let address = address_key(T_PEERS, row, 0, 1)?;
+            out.push(self.peer_row(&address, row, 2)?);
+        }
+        Ok(out)
+    }
 }
 
 const OUTBOX_SELECT: &str =
     "SELECT envelope_id, to_identity, to_device, payload, created FROM outbox ORDER BY seq";
+const SESSIONS_SELECT: &str =
+    "SELECT identity, device_id, state FROM sessions ORDER BY identity, device_id";
+const QUARANTINE_SELECT: &str =
+    "SELECT seq, identity, device_id, at, bytes, reason FROM quarantine ORDER BY seq";
+const PEERS_SELECT: &str = "SELECT identity, device_id, trust, first_seen, auth FROM peers
+     ORDER BY identity, device_id";
+const PEERS_OF_IDENTITY: &str = "SELECT identity, device_id, trust, first_seen, auth FROM peers
+     WHERE identity = ?1 ORDER BY device_id";
+const SENT_SELECT: &str =
+    "SELECT id, to_identity, to_device, state, created, last_sent, sends, body
+     FROM sent ORDER BY seq";
+const SENT_BY_ID: &str = "SELECT id, to_identity, to_device, state, created, last_sent, sends, body
+     FROM sent WHERE id = ?1";
 const INBOX_SELECT: &str =
     "SELECT envelope_id, from_identity, from_device, received_at, body FROM inbox ORDER BY seq";
 
@@ -493,6 +628,30 @@ const PEER_UPSERT: &str =
     "INSERT INTO peers (identity, device_id, trust, first_seen, auth) VALUES (?1, ?2, ?3, ?4, ?5)
      ON CONFLICT (identity, device_id) DO UPDATE SET
          trust = excluded.trust, first_seen = excluded.first_seen, auth = excluded.auth";
+/// Inserts a sent message, or updates it in place (keeping its position).
+const SENT_UPSERT: &str = "INSERT INTO sent
+         (id, to_identity, to_device, state, created, last_sent, sends, body)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+     ON CONFLICT (id) DO UPDATE SET
+         to_identity = excluded.to_identity, to_device = excluded.to_device,
+         state = excluded.state, created = excluded.created,
+         last_sent = excluded.last_sent, sends = excluded.sends, body = excluded.body";
+
+/// Decodes a row of [`QUARANTINE_SELECT`] (the record is not opened).
+fn quarantine_row(row: &Row<'_>) -> Result<Quarantined, StoreError> {
+    let seq = int(row, 0, "seq").map_err(|r| corrupted(T_QUARANTINE, raw_name(row, 0), r))?;
+    let fail = |r: String| corrupted(T_QUARANTINE, seq.to_string(), r);
+    let peer = address_columns(row, 1, 2).map_err(fail)?;
+    let at = int(row, 3, "at").map_err(fail)? as u64;
+    let bytes = blob(row, 4, "bytes").map_err(fail)?.to_vec();
+    let reason = text(row, 5, "reason").map_err(fail)?;
+    Ok(Quarantined {
+        peer,
+        at,
+        bytes,
+        reason,
+    })
+}
 
 /// Decodes a row of [`OUTBOX_SELECT`].
 fn outbox_row(row: &Row<'_>) -> Result<OutboxEntry, StoreError> {
@@ -607,7 +766,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn session(&self, peer: &DeviceAddress) -> Result<Option<Session>, StoreError> {
+    fn session(&self, peer: &DeviceAddress) -> Result<Option<SessionRecord>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT state FROM sessions WHERE identity = ?1 AND device_id = ?2")
@@ -617,25 +776,100 @@ impl Store for SqliteStore {
             .map_err(backend)?;
         match rows.next().map_err(backend)? {
             None => Ok(None),
-            Some(row) => self.open_session(peer, row, 0).map(Some),
+            Some(row) => {
+                let local = self.local_key()?;
+                self.open_record(peer, row, 0, local.as_ref()).map(Some)
+            }
         }
     }
 
-    /// All sessions, ordered by address. A corrupted session row fails the
-    /// whole call with [`StoreError::Corrupted`] naming it (use
-    /// [`SqliteStore::session_addresses`] and [`Store::session`] to load the
-    /// healthy ones).
-    fn sessions(&self) -> Result<Vec<(DeviceAddress, Session)>, StoreError> {
+    /// Every session record, ordered by address, each opened on its own: a
+    /// corrupted row is its [`StoreError::Corrupted`], beside the healthy
+    /// records. The whole call fails only if SQLite fails, if the identity
+    /// row (which every record is restored with) is corrupted, or if a row's
+    /// key does not decode (which the schema's constraints rule out).
+    #[allow(clippy::type_complexity)]
+    fn sessions(
+        &self,
+    ) -> Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(SESSIONS_SELECT).map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(backend)? {
+            let address = address_key(T_SESSIONS, row, 0, 1)?;
+            let local = self.local_key()?;
+            out.push((address, self.open_record(&address, row, 2, local.as_ref())));
+        }
+        Ok(out)
+    }
+
+    fn set_session(
+        &mut self,
+        peer: &DeviceAddress,
+        record: &SessionRecord,
+    ) -> Result<(), StoreError> {
+        let sealed = self.seal_record(peer, record)?;
+        self.conn
+            .prepare_cached(SESSION_UPSERT)
+            .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id, sealed]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn remove_session(&mut self, peer: &DeviceAddress) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM sessions WHERE identity = ?1 AND device_id = ?2")
+            .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Moves the row, in one transaction: the `state` column's bytes as
+    /// stored (sealed, whether or not they open) go to the `quarantine`
+    /// table with the peer, `now` and `reason`.
+    fn quarantine_session(
+        &mut self,
+        peer: &DeviceAddress,
+        now: u64,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let moved = tx
+            .prepare_cached(
+                "INSERT INTO quarantine (identity, device_id, at, bytes, reason)
+                 SELECT identity, device_id, ?3, state, ?4 FROM sessions
+                 WHERE identity = ?1 AND device_id = ?2",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    &peer.identity[..],
+                    peer.device_id,
+                    now as i64,
+                    reason
+                ])
+            })
+            .map_err(backend)?;
+        if moved == 0 {
+            return Ok(());
+        }
+        tx.prepare_cached("DELETE FROM sessions WHERE identity = ?1 AND device_id = ?2")
+            .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id]))
+            .map_err(backend)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT identity, device_id, state FROM sessions ORDER BY identity, device_id",
-            )
+            .prepare_cached(QUARANTINE_SELECT)
             .map_err(backend)?;
         let mut rows = stmt.query([]).map_err(backend)?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(backend)? {
-            out.push(self.session_row(row)?);
+            out.push(quarantine_row(row)?);
         }
         Ok(out)
     }
@@ -665,11 +899,30 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    /// Stores the session and appends the envelope to the outbox, in one
-    /// transaction. An envelope id already in the outbox is replaced in
-    /// place (same position).
-    fn commit_send(&mut self, session: &Session, entry: &OutboxEntry) -> Result<(), StoreError> {
-        let sealed = self.seal_session(&entry.to, session)?;
+    /// Every peer record, ordered by address. A corrupted row fails the
+    /// call with [`StoreError::Corrupted`] naming it.
+    fn peers(&self) -> Result<Vec<PeerRecord>, StoreError> {
+        self.peer_query(PEERS_SELECT, [])
+    }
+
+    /// The peer records of one identity key, by device number: one indexed
+    /// query (the key's prefix). A corrupted row fails the call.
+    fn peers_with_identity(&self, identity: &[u8; 32]) -> Result<Vec<PeerRecord>, StoreError> {
+        self.peer_query(PEERS_OF_IDENTITY, [&identity[..]])
+    }
+
+    /// Stores the session record, appends the envelope to the outbox and
+    /// stores the sent message, in one transaction. An envelope id already
+    /// in the outbox, or a message id already sent, is replaced in place
+    /// (same position).
+    fn commit_send(
+        &mut self,
+        record: &SessionRecord,
+        entry: &OutboxEntry,
+        sent: Option<&SentMessage>,
+    ) -> Result<(), StoreError> {
+        let sealed = self.seal_record(&entry.to, record)?;
+        let sent = sent.map(|m| Ok((m, self.seal_sent(m)?))).transpose()?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -696,6 +949,11 @@ impl Store for SqliteStore {
             ])
         })
         .map_err(backend)?;
+        if let Some((m, body)) = &sent {
+            tx.prepare_cached(SENT_UPSERT)
+                .and_then(|mut s| s.execute(sent_params(m, body)))
+                .map_err(backend)?;
+        }
         tx.commit().map_err(backend)
     }
 
@@ -727,21 +985,33 @@ impl Store for SqliteStore {
 
     /// Applies the batch in one transaction. Everything is sealed before the
     /// transaction starts (so the write lock is held only for the writes),
-    /// and a session, peer or prekey state changed several times in the
-    /// batch is written once, in its last state.
+    /// and a session record, peer, sent message or prekey state changed
+    /// several times in the batch is written once, in its last state (a sent
+    /// message new to the store takes the position of its first change).
     fn commit_receive(&mut self, batch: &[ReceiveCommit<'_>]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut sessions: BTreeMap<DeviceAddress, &Session> = BTreeMap::new();
+        let mut sessions: BTreeMap<DeviceAddress, &SessionRecord> = BTreeMap::new();
         let mut peers: BTreeMap<DeviceAddress, &PeerRecord> = BTreeMap::new();
+        let mut sent_at: BTreeMap<MessageId, usize> = BTreeMap::new();
+        let mut sent: Vec<&SentMessage> = Vec::new();
         let mut prekeys = None;
         for c in batch {
-            if let Some((address, session)) = c.session {
-                sessions.insert(*address, session);
+            if let Some((address, record)) = c.session {
+                sessions.insert(*address, record);
             }
             if let Some(peer) = c.peer {
                 peers.insert(peer.address, peer);
+            }
+            if let Some(m) = c.sent {
+                match sent_at.get(&m.id) {
+                    Some(&i) => sent[i] = m,
+                    None => {
+                        sent_at.insert(m.id, sent.len());
+                        sent.push(m);
+                    }
+                }
             }
             if c.prekeys.is_some() {
                 prekeys = c.prekeys;
@@ -749,7 +1019,11 @@ impl Store for SqliteStore {
         }
         let sessions = sessions
             .into_iter()
-            .map(|(a, s)| Ok((a, self.seal_session(&a, s)?)))
+            .map(|(a, r)| Ok((a, self.seal_record(&a, r)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let sent = sent
+            .into_iter()
+            .map(|m| Ok((m, self.seal_sent(m)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
         let peers = peers
             .into_values()
@@ -786,6 +1060,12 @@ impl Store for SqliteStore {
                     .and_then(|mut s| s.execute(params![SINGLETON, sealed]))
                     .map_err(backend)?;
             }
+            if !sent.is_empty() {
+                let mut stmt = tx.prepare_cached(SENT_UPSERT).map_err(backend)?;
+                for (m, body) in &sent {
+                    stmt.execute(sent_params(m, body)).map_err(backend)?;
+                }
+            }
             let mut stmt = tx
                 .prepare_cached(
                     "INSERT INTO inbox (envelope_id, from_identity, from_device, received_at, body)
@@ -817,16 +1097,52 @@ impl Store for SqliteStore {
     }
 
     fn prune_processed(&mut self, before: u64) -> Result<(), StoreError> {
-        // Times are stored as the i64 with the same bits, so values from
-        // 2^63 on are negative: "at < before" in u64 order is "0 <= at <
-        // before" when `before` < 2^63, and "at >= 0 or at < before" beyond.
-        let sql = if before <= i64::MAX as u64 {
-            "DELETE FROM processed WHERE processed_at >= 0 AND processed_at < ?1"
-        } else {
-            "DELETE FROM processed WHERE processed_at >= 0 OR processed_at < ?1"
-        };
+        let sql = format!(
+            "DELETE FROM processed WHERE {}",
+            older_than("processed_at", before)
+        );
         self.conn
-            .prepare_cached(sql)
+            .prepare_cached(&sql)
+            .and_then(|mut s| s.execute([before as i64]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Sent messages in the order first stored. A corrupted row fails the
+    /// call with [`StoreError::Corrupted`] naming its message id (hex),
+    /// which [`SqliteStore::remove_sent`] can then discard.
+    fn sent_messages(&self) -> Result<Vec<SentMessage>, StoreError> {
+        self.sent_query(SENT_SELECT, [])
+    }
+
+    fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
+        Ok(self.sent_query(SENT_BY_ID, [&id.0[..]])?.pop())
+    }
+
+    fn update_sent(&mut self, message: &SentMessage) -> Result<(), StoreError> {
+        let body = self.seal_sent(message)?;
+        self.conn
+            .prepare_cached(SENT_UPSERT)
+            .and_then(|mut s| s.execute(sent_params(message, &body)))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    /// Deletes the rows whose state is delivered or failed and whose
+    /// creation time is before `before`; a pending message, or a row whose
+    /// state code is unknown (corrupted), is kept.
+    fn prune_sent(&mut self, before: u64) -> Result<(), StoreError> {
+        let finished: Vec<String> = (0..=u8::MAX)
+            .filter(|&c| DeliveryState::from_code(c).is_some_and(|s| !s.is_pending()))
+            .map(|c| c.to_string())
+            .collect();
+        let sql = format!(
+            "DELETE FROM sent WHERE state IN ({}) AND ({})",
+            finished.join(", "),
+            older_than("created", before)
+        );
+        self.conn
+            .prepare_cached(&sql)
             .and_then(|mut s| s.execute([before as i64]))
             .map_err(backend)?;
         Ok(())
@@ -855,13 +1171,18 @@ impl Store for SqliteStore {
 }
 
 impl SqliteStore {
-    fn seal_session(
+    fn seal_record(
         &self,
         address: &DeviceAddress,
-        session: &Session,
+        record: &SessionRecord,
     ) -> Result<Vec<u8>, StoreError> {
         self.sealer
-            .seal(T_SESSIONS, &address_bytes(address), &session.to_bytes())
+            .seal(T_SESSIONS, &address_bytes(address), &record.to_bytes())
+    }
+
+    fn seal_sent(&self, message: &SentMessage) -> Result<Vec<u8>, StoreError> {
+        self.sealer
+            .seal(T_SENT, &sent_binding(message), &message.body)
     }
 
     fn seal_prekeys(&self, state: &PrekeyState) -> Result<Vec<u8>, StoreError> {
@@ -962,6 +1283,31 @@ fn inbox_binding(id: &EnvelopeId, from: &DeviceAddress, received_at: u64) -> [u8
     out
 }
 
+/// What a sent message's body is bound to: `id || to || state (1) ||
+/// created (8) || last_sent (8) || sends (4)`, every column of its row.
+fn sent_binding(m: &SentMessage) -> [u8; 73] {
+    let mut out = [0u8; 73];
+    out[..16].copy_from_slice(&m.id.0);
+    out[16..52].copy_from_slice(&address_bytes(&m.to));
+    out[52] = m.state.code();
+    out[53..61].copy_from_slice(&m.created.to_be_bytes());
+    out[61..69].copy_from_slice(&m.last_sent.to_be_bytes());
+    out[69..].copy_from_slice(&m.sends.to_be_bytes());
+    out
+}
+
+/// The condition "`column` < ?1" in u64 order, for a time stored as the
+/// i64 with the same bits (so values from 2^63 on are negative): "0 <= at
+/// < before" when `before` < 2^63, "at >= 0 or at < before" beyond. ?1 is
+/// `before as i64`.
+fn older_than(column: &str, before: u64) -> String {
+    if before <= i64::MAX as u64 {
+        format!("{column} >= 0 AND {column} < ?1")
+    } else {
+        format!("{column} >= 0 OR {column} < ?1")
+    }
+}
+
 fn trust_code(t: Trust) -> i64 {
     match t {
         Trust::Unvalidated => 0,
@@ -977,6 +1323,20 @@ fn peer_params<'a>(p: &'a PeerRecord, auth: &'a [u8]) -> impl rusqlite::Params +
         trust_code(p.trust),
         p.first_seen as i64,
         auth,
+    )
+}
+
+/// The parameters of [`SENT_UPSERT`], with the sealed body.
+fn sent_params<'a>(m: &'a SentMessage, body: &'a [u8]) -> impl rusqlite::Params + 'a {
+    (
+        &m.id.0[..],
+        &m.to.identity[..],
+        m.to.device_id,
+        m.state.code(),
+        m.created as i64,
+        m.last_sent as i64,
+        m.sends,
+        body,
     )
 }
 
@@ -1009,6 +1369,16 @@ fn blob<'r>(row: &'r Row<'_>, i: usize, what: &str) -> Result<&'r [u8], String> 
     match row.get_ref(i) {
         Ok(ValueRef::Blob(b)) => Ok(b),
         Ok(v) => Err(format!("{what}: a {} instead of a blob", v.data_type())),
+        Err(e) => Err(format!("{what}: {e}")),
+    }
+}
+
+fn text(row: &Row<'_>, i: usize, what: &str) -> Result<String, String> {
+    match row.get_ref(i) {
+        Ok(ValueRef::Text(t)) => {
+            String::from_utf8(t.to_vec()).map_err(|_| format!("{what}: not valid UTF-8"))
+        }
+        Ok(v) => Err(format!("{what}: a {} instead of text", v.data_type())),
         Err(e) => Err(format!("{what}: {e}")),
     }
 }
@@ -1048,12 +1418,15 @@ fn address_key(
 
 /// A row's key envelope id.
 fn envelope_key(table: &'static str, row: &Row<'_>, i: usize) -> Result<EnvelopeId, StoreError> {
+    key16(table, row, i, "envelope_id").map(EnvelopeId)
+}
+
+/// A row's 16-byte key (an envelope or message id) in column `i`.
+fn key16(table: &'static str, row: &Row<'_>, i: usize, what: &str) -> Result<[u8; 16], StoreError> {
     let fail = |r: String| corrupted(table, raw_name(row, i), r);
-    let b = blob(row, i, "envelope_id").map_err(fail)?;
-    let id: [u8; 16] = b
-        .try_into()
-        .map_err(|_| fail(format!("envelope_id: {} bytes, expected 16", b.len())))?;
-    Ok(EnvelopeId(id))
+    let b = blob(row, i, what).map_err(fail)?;
+    b.try_into()
+        .map_err(|_| fail(format!("{what}: {} bytes, expected 16", b.len())))
 }
 
 /// A best-effort name for a row whose key does not decode.

@@ -1,0 +1,233 @@
+//! The client frame: what the client puts inside each ratchet message
+//! (SPEC.md, "Client frame"). The relay never sees it.
+//!
+//! ```text
+//! v1: 0x01 || sender device id (4) || body
+//! v2: 0x02 || sender device id (4) || flags (1)
+//!       || [SESSION]  generation (8)
+//!       || [DEAD]     count (1, >= 1) || count x session id (16)
+//!       || [RECEIPTS] count (2, >= 1) || count x message id (16)
+//!       || [MESSAGE]  message id (16) || body (the rest)
+//! ```
+//!
+//! Flags: `MESSAGE` 0x01, `SESSION` 0x02, `RESET` 0x04 (only with
+//! `SESSION`), `RECEIPTS` 0x08, `DEAD` 0x10; other bits are zero, and at
+//! least one of `MESSAGE`, `SESSION`, `RECEIPTS` is set. Without `MESSAGE`
+//! nothing follows the last field.
+
+use std::vec::Vec;
+
+/// Frame version 1 (device id and body only; still accepted).
+pub const V1: u8 = 0x01;
+/// Frame version 2.
+pub const V2: u8 = 0x02;
+/// The frame carries an application message (id and body).
+pub const MESSAGE: u8 = 0x01;
+/// The frame carries its session's generation (sent in every prekey
+/// message, so the responder learns it from whichever arrives first).
+pub const SESSION: u8 = 0x02;
+/// The sender lost its earlier sessions with the recipient (a restored
+/// backup, a quarantined row): every session ranked below this one is
+/// superseded.
+pub const RESET: u8 = 0x04;
+/// The frame carries receipts: ids of messages the sender received.
+pub const RECEIPTS: u8 = 0x08;
+/// The frame names sessions of the recipient's that the sender could not
+/// open (their prekey messages failed): the recipient supersedes them.
+pub const DEAD: u8 = 0x10;
+const KNOWN: u8 = MESSAGE | SESSION | RESET | RECEIPTS | DEAD;
+
+/// Bytes before the body in a v2 frame carrying only a message.
+pub const V2_MESSAGE_OVERHEAD: usize = 6 + 16;
+
+/// A decoded frame.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    /// The sender's device number.
+    pub device_id: u32,
+    /// The session's generation, if carried.
+    pub generation: Option<u64>,
+    /// The `RESET` flag.
+    pub reset: bool,
+    /// Session ids the sender could not open.
+    pub dead: Vec<[u8; 16]>,
+    /// Ids of messages the sender received.
+    pub receipts: Vec<[u8; 16]>,
+    /// The message: its id (`None` for a v1 frame) and body.
+    pub message: Option<(Option<[u8; 16]>, Vec<u8>)>,
+}
+
+/// Why a frame does not decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadFrame;
+
+impl Frame {
+    /// Encodes a v2 frame. At most 255 dead ids and 65,535 receipts are
+    /// encoded (the caller sends the rest in another frame).
+    pub fn encode(&self) -> Vec<u8> {
+        let dead = &self.dead[..self.dead.len().min(255)];
+        let receipts = &self.receipts[..self.receipts.len().min(65_535)];
+        let body_len = self.message.as_ref().map_or(0, |(_, b)| 16 + b.len());
+        let mut out =
+            Vec::with_capacity(6 + 9 + 1 + 16 * dead.len() + 2 + 16 * receipts.len() + body_len);
+        let mut flags = 0;
+        if self.message.is_some() {
+            flags |= MESSAGE;
+        }
+        if self.generation.is_some() {
+            flags |= SESSION;
+            if self.reset {
+                flags |= RESET;
+            }
+        }
+        if !receipts.is_empty() {
+            flags |= RECEIPTS;
+        }
+        if !dead.is_empty() {
+            flags |= DEAD;
+        }
+        out.push(V2);
+        out.extend_from_slice(&self.device_id.to_be_bytes());
+        out.push(flags);
+        if let Some(generation) = self.generation {
+            out.extend_from_slice(&generation.to_be_bytes());
+        }
+        if !dead.is_empty() {
+            out.push(dead.len() as u8);
+            for id in dead {
+                out.extend_from_slice(id);
+            }
+        }
+        if !receipts.is_empty() {
+            out.extend_from_slice(&(receipts.len() as u16).to_be_bytes());
+            for id in receipts {
+                out.extend_from_slice(id);
+            }
+        }
+        if let Some((id, body)) = &self.message {
+            out.extend_from_slice(&id.unwrap_or([0; 16]));
+            out.extend_from_slice(body);
+        }
+        out
+    }
+
+    /// Decodes a v1 or v2 frame; consumes the plaintext (the body is split
+    /// off it without a copy).
+    ///
+    /// # Errors
+    /// [`BadFrame`] for an unknown version, a truncated field, an unknown
+    /// or inconsistent flag, a zero count or trailing bytes.
+    pub fn decode(mut plaintext: Vec<u8>) -> Result<Frame, BadFrame> {
+        let (&version, rest) = plaintext.split_first().ok_or(BadFrame)?;
+        let (device, rest) = rest.split_first_chunk::<4>().ok_or(BadFrame)?;
+        let device_id = u32::from_be_bytes(*device);
+        if version == V1 {
+            let body = plaintext.split_off(5);
+            return Ok(Frame {
+                device_id,
+                message: Some((None, body)),
+                ..Frame::default()
+            });
+        }
+        if version != V2 {
+            return Err(BadFrame);
+        }
+        let (&flags, mut r) = rest.split_first().ok_or(BadFrame)?;
+        if flags & !KNOWN != 0
+            || flags & (MESSAGE | SESSION | RECEIPTS) == 0
+            || (flags & RESET != 0 && flags & SESSION == 0)
+        {
+            return Err(BadFrame);
+        }
+        let mut frame = Frame {
+            device_id,
+            reset: flags & RESET != 0,
+            ..Frame::default()
+        };
+        if flags & SESSION != 0 {
+            frame.generation = Some(u64::from_be_bytes(take(&mut r)?));
+        }
+        if flags & DEAD != 0 {
+            let [count] = take::<1>(&mut r)?;
+            frame.dead = ids(&mut r, usize::from(count))?;
+        }
+        if flags & RECEIPTS != 0 {
+            let count = u16::from_be_bytes(take(&mut r)?);
+            frame.receipts = ids(&mut r, usize::from(count))?;
+        }
+        if flags & MESSAGE != 0 {
+            let id = take::<16>(&mut r)?;
+            let at = plaintext.len() - r.len();
+            let body = plaintext.split_off(at);
+            frame.message = Some((Some(id), body));
+        } else if !r.is_empty() {
+            return Err(BadFrame);
+        }
+        Ok(frame)
+    }
+}
+
+fn take<const N: usize>(r: &mut &[u8]) -> Result<[u8; N], BadFrame> {
+    let (head, tail) = r.split_first_chunk::<N>().ok_or(BadFrame)?;
+    *r = tail;
+    Ok(*head)
+}
+
+fn ids(r: &mut &[u8], count: usize) -> Result<Vec<[u8; 16]>, BadFrame> {
+    if count == 0 || count > r.len() / 16 {
+        return Err(BadFrame);
+    }
+    (0..count).map(|_| take::<16>(r)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_every_field() {
+        let frame = Frame {
+            device_id: 7,
+            generation: Some(1_700_000_000),
+            reset: true,
+            dead: vec![[1; 16]],
+            receipts: vec![[2; 16], [3; 16]],
+            message: Some((Some([4; 16]), b"hi".to_vec())),
+        };
+        let bytes = frame.encode();
+        assert_eq!(bytes.len(), 6 + 8 + 1 + 16 + 2 + 32 + 16 + 2);
+        assert_eq!(Frame::decode(bytes).unwrap(), frame);
+    }
+
+    #[test]
+    fn malformed_frames_are_refused() {
+        // Unknown flag, no content flag, RESET without SESSION, zero count,
+        // trailing bytes after a receipt-only frame, truncation.
+        for bad in [
+            &[2, 0, 0, 0, 1, 0x20][..],
+            &[2, 0, 0, 0, 1, 0][..],
+            &[2, 0, 0, 0, 1, RESET | RECEIPTS, 0, 1][..],
+            &[2, 0, 0, 0, 1, RECEIPTS, 0, 0][..],
+            &[2, 0, 0, 0, 1, MESSAGE, 1, 2, 3][..],
+            &[3, 0, 0, 0, 1][..],
+            &[2, 0, 0][..],
+        ] {
+            assert_eq!(Frame::decode(bad.to_vec()), Err(BadFrame), "{bad:?}");
+        }
+        let mut receipt_only = Frame {
+            device_id: 1,
+            receipts: vec![[9; 16]],
+            ..Frame::default()
+        }
+        .encode();
+        receipt_only.push(0);
+        assert_eq!(Frame::decode(receipt_only), Err(BadFrame));
+    }
+
+    #[test]
+    fn v1_frames_still_decode() {
+        let frame = Frame::decode(vec![1, 0, 0, 0, 9, b'x']).unwrap();
+        assert_eq!(frame.device_id, 9);
+        assert_eq!(frame.message, Some((None, b"x".to_vec())));
+    }
+}
