@@ -21,14 +21,14 @@ use std::sync::{Arc, Mutex};
 use cubbyhole::client::{block_on, Client, ClientConfig, ClientError};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
 use cubbyhole::storage::{
-    DeliveryState, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry, PeerRecord, PrekeyState,
-    Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store, StoreError,
+    DeliveryState, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry, PeerRecord,
+    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store, StoreError,
 };
 use cubbyhole::transport::{
     DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory,
     TransportError,
 };
-use cubbyhole::{Incoming, PrekeyStore};
+use cubbyhole::{Incoming, PrekeyStore, Role};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -48,11 +48,21 @@ struct StoreFaults {
     corrupt: HashSet<DeviceAddress>,
 }
 
+/// Every session a device ever accepted as responder, kept across
+/// restores: a session accepted twice means a replayed first message was
+/// taken for a new one.
+#[derive(Default)]
+struct Accepted {
+    ids: HashSet<([u8; 32], [u8; 16])>,
+    twice: usize,
+}
+
 /// A [`MemoryStore`] (each call atomic) that can die between any two
 /// writes and whose session rows can be corrupted.
 struct ChaosStore {
     inner: MemoryStore,
     faults: Arc<Mutex<StoreFaults>>,
+    accepted: Arc<Mutex<Accepted>>,
 }
 
 fn killed() -> StoreError {
@@ -95,6 +105,18 @@ impl ChaosStore {
     }
     fn heal(&self, peer: &DeviceAddress) {
         self.faults.lock().unwrap().corrupt.remove(peer);
+    }
+    /// Notes the responder sessions a write adds to a peer's record.
+    fn note(&self, peer: &DeviceAddress, record: &SessionRecord) {
+        let before = self.inner.session(peer).ok().flatten().unwrap_or_default();
+        let mut acc = self.accepted.lock().unwrap();
+        for e in record.entries() {
+            if e.session.role() == Role::Responder && before.find(&e.id).is_none() {
+                if !acc.ids.insert((peer.identity, e.id)) {
+                    acc.twice += 1;
+                }
+            }
+        }
     }
 }
 
@@ -143,6 +165,7 @@ impl Store for ChaosStore {
     ) -> Result<(), StoreError> {
         self.write()?;
         self.heal(peer);
+        self.note(peer, record);
         self.inner.set_session(peer, record)
     }
     fn remove_session(&mut self, peer: &DeviceAddress) -> Result<(), StoreError> {
@@ -184,6 +207,7 @@ impl Store for ChaosStore {
     ) -> Result<(), StoreError> {
         self.write()?;
         self.heal(&entry.to);
+        self.note(&entry.to, record);
         self.inner.commit_send(record, entry, sent)
     }
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
@@ -201,8 +225,9 @@ impl Store for ChaosStore {
     fn commit_receive(&mut self, batch: &[ReceiveCommit<'_>]) -> Result<(), StoreError> {
         self.write()?;
         for c in batch {
-            if let Some((peer, _)) = c.session {
+            if let Some((peer, record)) = c.session {
                 self.heal(peer);
+                self.note(peer, record);
             }
         }
         self.inner.commit_receive(batch)
@@ -453,6 +478,7 @@ struct Device {
     client: Option<Dev>,
     address: DeviceAddress,
     faults: Arc<Mutex<StoreFaults>>,
+    accepted: Arc<Mutex<Accepted>>,
     app: App,
     backup: Option<(MemoryStore, App)>,
 }
@@ -522,10 +548,16 @@ impl World {
         *self.clock.lock().unwrap() += seconds;
     }
 
-    fn open(&mut self, store: MemoryStore, faults: Arc<Mutex<StoreFaults>>) -> Dev {
+    fn open(
+        &mut self,
+        store: MemoryStore,
+        faults: Arc<Mutex<StoreFaults>>,
+        accepted: Arc<Mutex<Accepted>>,
+    ) -> Dev {
         let store = ChaosStore {
             inner: store,
             faults,
+            accepted,
         };
         Client::open(
             store,
@@ -539,13 +571,15 @@ impl World {
 
     fn add_device(&mut self) -> usize {
         let faults = Arc::new(Mutex::new(StoreFaults::default()));
-        let mut client = self.open(MemoryStore::new(), faults.clone());
+        let accepted = Arc::new(Mutex::new(Accepted::default()));
+        let mut client = self.open(MemoryStore::new(), faults.clone(), accepted.clone());
         let now = self.now();
         block_on(client.maintain_prekeys(&mut self.rng, now)).expect("first publish");
         self.devices.push(Device {
             address: client.address(),
             client: Some(client),
             faults,
+            accepted,
             app: App::default(),
             backup: None,
         });
@@ -563,7 +597,8 @@ impl World {
             let store = client.into_store().inner;
             let faults = self.devices[i].faults.clone();
             faults.lock().unwrap().dead = false;
-            client = self.open(store, faults);
+            let accepted = self.devices[i].accepted.clone();
+            client = self.open(store, faults, accepted);
         }
         self.devices[i].client = Some(client);
         r
@@ -649,19 +684,16 @@ impl World {
         };
         self.stats.restores += 1;
         let faults = Arc::new(Mutex::new(StoreFaults::default()));
-        let client = self.open(store, faults.clone());
+        let accepted = self.devices[i].accepted.clone();
+        let client = self.open(store, faults.clone(), accepted);
         self.devices[i].client = Some(client);
         self.devices[i].faults = faults;
         self.devices[i].app = app;
-        let r = self.with(i, |c, rng, now| {
-            block_on(c.restored_from_backup(rng, now))
-        });
+        let r = self.with(i, |c, rng, now| block_on(c.restored_from_backup(rng, now)));
         if let Err(ClientError::Transport(_)) | Ok(()) = r {
         } else {
             // Killed midway: call it again (it is idempotent).
-            let _ = self.with(i, |c, rng, now| {
-                block_on(c.restored_from_backup(rng, now))
-            });
+            let _ = self.with(i, |c, rng, now| block_on(c.restored_from_backup(rng, now)));
         }
     }
 
@@ -746,6 +778,7 @@ impl World {
 
 /// One schedule's outcome.
 struct Outcome {
+    seed: u64,
     /// Messages `send` accepted (in the applications' final histories).
     handed: usize,
     /// Of those, reported failed to their sender.
@@ -829,6 +862,44 @@ fn run(seed: u64) -> Result<Outcome, String> {
             w.receive(i);
         }
     }
+    // One round trip between every two devices: then each pair encrypts
+    // under the same session (the record rule converged).
+    let n = w.devices.len();
+    for i in 0..n {
+        for j in 0..n {
+            if i != j {
+                w.send(i, j);
+            }
+        }
+    }
+    for _ in 0..2 {
+        for i in 0..n {
+            w.receive(i);
+        }
+    }
+    for i in 0..n {
+        for j in i + 1..n {
+            let (x, y) = (&w.devices[i], &w.devices[j]);
+            let cx = x.client.as_ref().unwrap().store();
+            let cy = y.client.as_ref().unwrap().store();
+            let ix = cx.session(&y.address).ok().flatten();
+            let iy = cy.session(&x.address).ok().flatten();
+            let ix = ix.and_then(|r| r.current(&x.address, &y.address).map(|e| e.id));
+            let iy = iy.and_then(|r| r.current(&y.address, &x.address).map(|e| e.id));
+            if ix != iy {
+                w.violations.push(format!(
+                    "devices {i} and {j} did not converge: {ix:?} / {iy:?}"
+                ));
+            }
+        }
+    }
+    for d in &w.devices {
+        let twice = d.accepted.lock().unwrap().twice;
+        if twice > 0 {
+            w.violations
+                .push(format!("{twice} first messages accepted twice"));
+        }
+    }
     // Every sender was told: delivered (a receipt came) or failed.
     let mut handed = 0;
     let mut failed = 0;
@@ -856,6 +927,7 @@ fn run(seed: u64) -> Result<Outcome, String> {
     let mut stats = w.stats;
     stats.add(&net.stats);
     Ok(Outcome {
+        seed,
         handed,
         failed,
         sent: w.ever_sent.len(),
@@ -904,7 +976,7 @@ fn conversations_survive_chaos() {
                 shown += o.shown;
                 handed += o.handed;
                 failed += o.failed;
-                rounds.push(o.recovery_rounds);
+                rounds.push((o.recovery_rounds, o.seed));
                 total.add(&o.stats);
             }
             Err(e) => failures.push(e),
@@ -914,15 +986,21 @@ fn conversations_survive_chaos() {
     eprintln!(
         "chaos: {schedules} schedules, {} failed; {sent} sends, {handed} accepted \
          ({failed} reported failed), {shown} shown once, none twice; \
-         recovery rounds median {} max {}; faults {total:?}",
+         recovery rounds median {} max {} (seed {}); faults {total:?}",
         failures.len(),
-        rounds.get(rounds.len() / 2).copied().unwrap_or(0),
-        rounds.last().copied().unwrap_or(0),
+        rounds.get(rounds.len() / 2).map_or(0, |r| r.0),
+        rounds.last().map_or(0, |r| r.0),
+        rounds.last().map_or(0, |r| r.1),
     );
     assert!(
         failures.is_empty(),
         "{} schedules failed, first: {}",
         failures.len(),
-        failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
+        failures
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

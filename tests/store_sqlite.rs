@@ -1,14 +1,17 @@
 #![cfg(feature = "sqlite")]
 //! The SQLite store: round trips against the in-memory reference, reopening
 //! from disk, the key check, encryption at rest (corrupted and moved rows),
-//! atomic batches, schema versions and concurrent writers.
+//! atomic batches, session records (legacy rows, per-row errors, the
+//! quarantine), sent messages, peers, schema versions and migrations, and
+//! concurrent writers.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use cubbyhole::storage::{
-    InboxMessage, LocalIdentity, MemoryStore, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit,
-    SqliteStore, Store, StoreError, Trust,
+    DeliveryState, Failure, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry,
+    PeerRecord, PrekeyState, ReceiveCommit, SentMessage, SessionEntry, SessionRecord, SqliteStore,
+    Store, StoreError, Trust,
 };
 use cubbyhole::transport::{DeviceAddress, Envelope, EnvelopeId};
 use cubbyhole::{
@@ -52,13 +55,74 @@ fn raw(path: &Path) -> rusqlite::Connection {
     c
 }
 
+/// The store's at-rest format, written independently of it (see
+/// `SqliteStore`'s docs): AES-256-GCM under `HKDF-SHA256(key, info)`, the
+/// value `nonce || ciphertext || tag`, the associated data
+/// `"cubbyhole/v1 sqlite\0" || table || 0 || row`. The tests use it to
+/// write rows as older code did (legacy sessions, a version 1 database) and
+/// to read quarantined bytes.
+mod at_rest {
+    use super::*;
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use aes_gcm::{Aes256Gcm, Nonce};
+
+    fn cipher(key: &[u8; 32]) -> Aes256Gcm {
+        let mut derived = [0u8; 32];
+        hkdf::Hkdf::<sha2::Sha256>::new(None, key)
+            .expand(b"cubbyhole/v1 sqlite store at-rest key", &mut derived)
+            .unwrap();
+        Aes256Gcm::new(aes_gcm::Key::<Aes256Gcm>::from_slice(&derived))
+    }
+
+    fn aad(table: &str, row: &[u8]) -> Vec<u8> {
+        [b"cubbyhole/v1 sqlite\0", table.as_bytes(), &[0], row].concat()
+    }
+
+    pub fn seal(key: &[u8; 32], table: &str, row: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        static COUNTER: AtomicU64 = AtomicU64::new(1);
+        let mut nonce = [0u8; 12];
+        nonce[4..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+        let aad = aad(table, row);
+        let sealed = cipher(key)
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        [&nonce[..], &sealed].concat()
+    }
+
+    pub fn open(key: &[u8; 32], table: &str, row: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        let (nonce, body) = sealed.split_at_checked(12)?;
+        let aad = aad(table, row);
+        cipher(key)
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: body,
+                    aad: &aad,
+                },
+            )
+            .ok()
+    }
+
+    /// The row key of a session or peer.
+    pub fn address(a: &DeviceAddress) -> Vec<u8> {
+        [&a.identity[..], &a.device_id.to_be_bytes()].concat()
+    }
+}
+
 /// Real protocol objects: our identity and prekeys, and sessions with three
-/// peer devices.
+/// peer devices (two sessions with each: `extra` is a second one).
 struct World {
     rng: ChaCha20Rng,
     me: LocalIdentity,
     prekeys: PrekeyState,
     peers: Vec<(DeviceAddress, Session)>,
+    extra: Vec<Session>,
 }
 
 fn world(seed: u64) -> World {
@@ -73,8 +137,10 @@ fn world(seed: u64) -> World {
         retired_at: vec![(7, NOW - 50)],
         one_time_retired: vec![(3, NOW - 40)],
         upload_pending: true,
+        accepted: vec![(1, [0xac; 16]), (2, [0xad; 16])],
     };
     let mut peers = Vec::new();
+    let mut extra = Vec::new();
     for device_id in 1..=3 {
         let them = IdentityKeyPair::generate(&mut rng);
         let mut theirs = PrekeyStore::new(&mut rng, &them, NOW);
@@ -86,6 +152,9 @@ fn world(seed: u64) -> World {
         let mut s = Session::initiate(&mut rng, &me, &bundle, SessionConfig::default()).unwrap();
         s.encrypt(&mut rng, b"hello").unwrap();
         peers.push((DeviceAddress::new(them.public(), device_id), s));
+        let mut x = Session::initiate(&mut rng, &me, &bundle, SessionConfig::default()).unwrap();
+        x.encrypt(&mut rng, b"again").unwrap();
+        extra.push(x);
     }
     World {
         rng,
@@ -95,6 +164,7 @@ fn world(seed: u64) -> World {
         },
         prekeys,
         peers,
+        extra,
     }
 }
 
@@ -104,6 +174,11 @@ impl World {
         self.rng.fill_bytes(&mut id);
         EnvelopeId(id)
     }
+    fn message_id(&mut self) -> MessageId {
+        let mut id = [0u8; 16];
+        self.rng.fill_bytes(&mut id);
+        MessageId(id)
+    }
     /// The session with peer `i`, advanced by one message.
     fn advance(&mut self, i: usize) -> Session {
         let mut s = self.peers[i].1.clone();
@@ -111,10 +186,31 @@ impl World {
         self.peers[i].1 = s.clone();
         s
     }
+    /// A record of the session with peer `i`, advanced by one message.
+    fn record(&mut self, i: usize) -> SessionRecord {
+        single(&self.advance(i))
+    }
+    /// A record of both sessions with peer `i` (the extra one archived
+    /// beside the current one).
+    fn two_sessions(&self, i: usize) -> SessionRecord {
+        let (a, s) = &self.peers[i];
+        let local = DeviceAddress::new(self.me.keys.public(), self.me.device_id);
+        let mut r = SessionRecord::single(SessionEntry::new(self.extra[i].clone(), 4, NOW - 9));
+        r.insert(SessionEntry::new(s.clone(), 5, NOW), 40, &local, a);
+        r.supersede(&self.extra[i].id());
+        r.entries_mut()[0].last_received = NOW - 1;
+        assert_eq!(r.entries().len(), 2);
+        r
+    }
 }
 
-fn bytes(s: &Session) -> Vec<u8> {
-    s.to_bytes().to_vec()
+/// A record of one session (generation 1, created at NOW).
+fn single(s: &Session) -> SessionRecord {
+    SessionRecord::single(SessionEntry::new(s.clone(), 1, NOW))
+}
+
+fn bytes(r: &SessionRecord) -> Vec<u8> {
+    r.to_bytes().to_vec()
 }
 
 fn message(id: EnvelopeId, from: DeviceAddress, body: &[u8], at: u64) -> InboxMessage {
@@ -126,27 +222,80 @@ fn message(id: EnvelopeId, from: DeviceAddress, body: &[u8], at: u64) -> InboxMe
     }
 }
 
-/// Everything observable through the trait, in comparable form.
+fn sent(
+    id: MessageId,
+    to: DeviceAddress,
+    body: &[u8],
+    state: DeliveryState,
+    created: u64,
+) -> SentMessage {
+    SentMessage {
+        id,
+        to,
+        body: body.to_vec(),
+        state,
+        created,
+        last_sent: created,
+        sends: 1,
+    }
+}
+
+/// A receive commit that changes nothing but the processed mark.
+fn mark(envelope_id: EnvelopeId, processed_at: u64) -> ReceiveCommit<'static> {
+    ReceiveCommit {
+        envelope_id,
+        processed_at,
+        session: None,
+        prekeys: None,
+        peer: None,
+        message: None,
+        sent: None,
+    }
+}
+
+fn outbox_entry(to: DeviceAddress, id: EnvelopeId, payload: Vec<u8>) -> OutboxEntry {
+    OutboxEntry {
+        to,
+        envelope: Envelope { id, payload },
+        created: NOW,
+    }
+}
+
+/// Everything observable through the trait, in comparable form (a
+/// quarantined record's bytes are not compared: a sealing store keeps them
+/// sealed).
 #[derive(Debug, PartialEq)]
 struct Snapshot {
     identity: Option<([u8; 32], u32)>,
     prekeys: Option<Vec<u8>>,
     sessions: Vec<(DeviceAddress, Vec<u8>)>,
-    peers: Vec<Option<PeerRecord>>,
+    quarantined: Vec<(DeviceAddress, u64, String)>,
+    peer: Vec<Option<PeerRecord>>,
+    peers: Vec<PeerRecord>,
+    peers_with_identity: Vec<Vec<PeerRecord>>,
     outbox: Vec<OutboxEntry>,
     processed: Vec<bool>,
     inbox: Vec<InboxMessage>,
+    sent: Vec<SentMessage>,
+    sent_by_id: Vec<Option<SentMessage>>,
 }
 
-fn snapshot(store: &impl Store, addresses: &[DeviceAddress], ids: &[EnvelopeId]) -> Snapshot {
+/// What [`exercise`] used, to snapshot with.
+struct Keys {
+    addresses: Vec<DeviceAddress>,
+    ids: Vec<EnvelopeId>,
+    message_ids: Vec<MessageId>,
+}
+
+fn snapshot(store: &impl Store, k: &Keys) -> Snapshot {
     let sessions: Vec<_> = store
         .sessions()
         .unwrap()
-        .iter()
-        .map(|(a, s)| (*a, bytes(s)))
+        .into_iter()
+        .map(|(a, r)| (a, bytes(&r.unwrap())))
         .collect();
-    for (a, s) in &sessions {
-        assert_eq!(&bytes(&store.session(a).unwrap().unwrap()), s);
+    for (a, r) in &sessions {
+        assert_eq!(&bytes(&store.session(a).unwrap().unwrap()), r);
     }
     Snapshot {
         identity: store
@@ -155,21 +304,66 @@ fn snapshot(store: &impl Store, addresses: &[DeviceAddress], ids: &[EnvelopeId])
             .map(|i| (*i.keys.seed(), i.device_id)),
         prekeys: store.prekeys().unwrap().map(|p| p.to_bytes().to_vec()),
         sessions,
-        peers: addresses.iter().map(|a| store.peer(a).unwrap()).collect(),
+        quarantined: store
+            .quarantined()
+            .unwrap()
+            .into_iter()
+            .map(|q| (q.peer, q.at, q.reason))
+            .collect(),
+        peer: k.addresses.iter().map(|a| store.peer(a).unwrap()).collect(),
+        peers: store.peers().unwrap(),
+        peers_with_identity: k
+            .addresses
+            .iter()
+            .map(|a| store.peers_with_identity(&a.identity).unwrap())
+            .collect(),
         outbox: store.outbox().unwrap(),
-        processed: ids.iter().map(|i| store.is_processed(i).unwrap()).collect(),
+        processed: k
+            .ids
+            .iter()
+            .map(|i| store.is_processed(i).unwrap())
+            .collect(),
         inbox: store.inbox().unwrap(),
+        sent: store.sent_messages().unwrap(),
+        sent_by_id: k
+            .message_ids
+            .iter()
+            .map(|i| store.sent_message(i).unwrap())
+            .collect(),
     }
 }
 
 /// Drives a store through every method; returns what to snapshot with.
-fn exercise(store: &mut impl Store, w: &mut World) -> (Vec<DeviceAddress>, Vec<EnvelopeId>) {
-    let ids: Vec<EnvelopeId> = (0..8).map(|_| w.id()).collect();
+fn exercise(store: &mut impl Store, w: &mut World) -> Keys {
+    let ids: Vec<EnvelopeId> = (0..10).map(|_| w.id()).collect();
+    let mut mids: Vec<MessageId> = (0..9).map(|_| w.message_id()).collect();
+    // The smallest id, new in a receive batch after another new one: it
+    // must still come after it.
+    mids[7] = MessageId([0; 16]);
     let a: Vec<DeviceAddress> = w.peers.iter().map(|p| p.0).collect();
+    // Peer 0's second device, and a device of peer 2 whose session is
+    // stored and removed.
+    let other = DeviceAddress {
+        identity: a[0].identity,
+        device_id: 77,
+    };
+    let gone = DeviceAddress {
+        identity: a[2].identity,
+        device_id: 78,
+    };
     assert!(store.identity().unwrap().is_none());
     assert!(store.prekeys().unwrap().is_none());
     assert!(store.session(&a[0]).unwrap().is_none());
+    assert!(store.sessions().unwrap().is_empty());
+    assert!(store.quarantined().unwrap().is_empty());
     assert!(store.peer(&a[0]).unwrap().is_none());
+    assert!(store.peers().unwrap().is_empty());
+    assert!(store
+        .peers_with_identity(&a[0].identity)
+        .unwrap()
+        .is_empty());
+    assert!(store.sent_messages().unwrap().is_empty());
+    assert!(store.sent_message(&mids[0]).unwrap().is_none());
 
     store.set_identity(&w.me).unwrap();
     store.set_prekeys(&w.prekeys).unwrap();
@@ -194,10 +388,28 @@ fn exercise(store: &mut impl Store, w: &mut World) -> (Vec<DeviceAddress>, Vec<E
             first_seen: u64::MAX,
         })
         .unwrap();
+    store
+        .set_peer(&PeerRecord {
+            address: other,
+            trust: Trust::Validated,
+            first_seen: 1 << 63,
+        })
+        .unwrap();
 
-    // Three sends (one re-committing the session with the same peer).
-    for (n, i) in [0usize, 1, 0].into_iter().enumerate() {
-        let s = w.advance(i);
+    // Four sends: three new sent messages, one re-send of the first, and a
+    // session re-committed with the same peer; the last one with a record
+    // of two sessions and no sent message.
+    let s0 = sent(mids[0], a[0], b"m0", DeliveryState::Stored, 0);
+    let s1 = sent(mids[1], a[1], b"m1", DeliveryState::Stored, NOW + 1);
+    let s0_again = SentMessage {
+        state: DeliveryState::Resent,
+        last_sent: NOW + 2,
+        sends: 2,
+        ..s0.clone()
+    };
+    let sends = [(0usize, Some(&s0)), (1, Some(&s1)), (0, Some(&s0_again))];
+    for (n, (i, sent)) in sends.into_iter().enumerate() {
+        let r = w.record(i);
         let entry = OutboxEntry {
             to: a[i],
             envelope: Envelope {
@@ -206,17 +418,65 @@ fn exercise(store: &mut impl Store, w: &mut World) -> (Vec<DeviceAddress>, Vec<E
             },
             created: NOW + n as u64,
         };
-        store.commit_send(&s, &entry).unwrap();
+        store.commit_send(&r, &entry, sent).unwrap();
     }
+    let two = w.two_sessions(0);
+    store
+        .commit_send(&two, &outbox_entry(other, ids[8], vec![8; 3]), None)
+        .unwrap();
     store.remove_outbox(&ids[1]).unwrap();
     store.remove_outbox(&w.id()).unwrap();
 
+    // Sent messages updated and added outside a send.
+    store
+        .update_sent(&SentMessage {
+            state: DeliveryState::Deposited,
+            ..s1.clone()
+        })
+        .unwrap();
+    let s2 = sent(mids[2], a[2], b"m2", DeliveryState::Stored, NOW + 3);
+    store.update_sent(&s2).unwrap();
+    // Finished ones: delivered (at a time from 2^63 on), failed, delivered.
+    let s3 = sent(mids[3], a[1], b"", DeliveryState::Delivered, 1 << 63);
+    let s4 = sent(
+        mids[4],
+        a[2],
+        b"",
+        DeliveryState::Failed(Failure::TimedOut),
+        5,
+    );
+    let s6 = sent(mids[6], a[0], b"", DeliveryState::Delivered, NOW - 1);
+    for m in [&s3, &s4, &s6] {
+        store.update_sent(m).unwrap();
+    }
+
+    // Sessions set, quarantined (twice: the second finds nothing), set
+    // again, and removed.
+    let r1 = w.record(1);
+    store.set_session(&a[1], &r1).unwrap();
+    store
+        .quarantine_session(&a[1], NOW + 20, "did not decrypt")
+        .unwrap();
+    store.quarantine_session(&a[1], NOW + 21, "absent").unwrap();
+    assert!(store.session(&a[1]).unwrap().is_none());
+    let r1 = w.record(1);
+    store.set_session(&a[1], &r1).unwrap();
+    let r_gone = single(&w.extra[2]);
+    store.set_session(&gone, &r_gone).unwrap();
+    store.remove_session(&gone).unwrap();
+    store.remove_session(&gone).unwrap();
+    store.quarantine_session(&other, 1 << 63, "").unwrap();
+    store.set_session(&other, &two).unwrap();
+
     // A receive batch: two messages from peer 2, one duplicate message id,
-    // a consumed one-time prekey, a new peer, and a mark without a message.
-    let s2a = w.advance(2);
-    let s2b = w.advance(2);
+    // a consumed one-time prekey, a new peer, a mark without a message, and
+    // receipts: one for a known message, one twice for a new one (last state
+    // wins, first position), one failing another.
+    let s2a = w.record(2);
+    let s2b = w.record(2);
     let mut prekeys2 = w.prekeys.clone();
     prekeys2.upload_counter += 1;
+    prekeys2.accepted.push((3, [0xae; 16]));
     let peer2 = PeerRecord {
         address: a[2],
         trust: Trust::Unvalidated,
@@ -226,6 +486,22 @@ fn exercise(store: &mut impl Store, w: &mut World) -> (Vec<DeviceAddress>, Vec<E
     let m4 = message(ids[4], a[2], b"", NOW + 11);
     let m4dup = message(ids[4], a[2], b"dup body ignored", NOW + 12);
     let m5 = message(ids[5], a[1], &[0xff; 3000], 1 << 63);
+    let delivered1 = SentMessage {
+        body: Vec::new(),
+        state: DeliveryState::Delivered,
+        ..s1.clone()
+    };
+    let s5 = sent(mids[5], a[2], b"m5", DeliveryState::Stored, NOW + 4);
+    let s5_deposited = SentMessage {
+        state: DeliveryState::Deposited,
+        ..s5.clone()
+    };
+    let s7 = sent(mids[7], a[0], b"m7", DeliveryState::Stored, NOW + 5);
+    let failed2 = SentMessage {
+        body: Vec::new(),
+        state: DeliveryState::Failed(Failure::Compromised),
+        ..s2.clone()
+    };
     let batch = [
         ReceiveCommit {
             envelope_id: ids[3],
@@ -234,6 +510,7 @@ fn exercise(store: &mut impl Store, w: &mut World) -> (Vec<DeviceAddress>, Vec<E
             prekeys: Some(&prekeys2),
             peer: Some(&peer2),
             message: Some(&m3),
+            sent: Some(&delivered1),
         },
         ReceiveCommit {
             envelope_id: ids[4],
@@ -242,6 +519,7 @@ fn exercise(store: &mut impl Store, w: &mut World) -> (Vec<DeviceAddress>, Vec<E
             prekeys: None,
             peer: None,
             message: Some(&m4),
+            sent: Some(&s5),
         },
         ReceiveCommit {
             envelope_id: ids[6],
@@ -250,14 +528,11 @@ fn exercise(store: &mut impl Store, w: &mut World) -> (Vec<DeviceAddress>, Vec<E
             prekeys: None,
             peer: None,
             message: Some(&m4dup),
+            sent: Some(&failed2),
         },
         ReceiveCommit {
-            envelope_id: ids[7],
-            processed_at: 3,
-            session: None,
-            prekeys: None,
-            peer: None,
-            message: None,
+            sent: Some(&s7),
+            ..mark(ids[7], 3)
         },
         ReceiveCommit {
             envelope_id: ids[5],
@@ -266,48 +541,115 @@ fn exercise(store: &mut impl Store, w: &mut World) -> (Vec<DeviceAddress>, Vec<E
             prekeys: None,
             peer: None,
             message: Some(&m5),
+            sent: Some(&s5_deposited),
         },
     ];
     store.commit_receive(&batch).unwrap();
     store.commit_receive(&[]).unwrap();
     w.prekeys = prekeys2;
 
-    // Prune: only the mark at time 3 is older than NOW.
+    // Prune: only the mark at time 3 is older than NOW; of the sent
+    // messages, the finished ones created before NOW (s4, s6), not the
+    // pending one created at 0 (s0), nor the delivered one at 2^63 (s3).
     store.prune_processed(NOW).unwrap();
+    store.prune_sent(NOW).unwrap();
     store.remove_inbox(&ids[3]).unwrap();
-    (a, ids)
+    Keys {
+        addresses: vec![a[0], a[1], a[2], other, gone],
+        ids,
+        message_ids: mids,
+    }
 }
 
 #[test]
 fn round_trips_like_the_memory_store() {
     let mut w = world(1);
     let mut memory = MemoryStore::new();
-    let (a, ids) = exercise(&mut memory, &mut w);
-    let expected = snapshot(&memory, &a, &ids);
+    let k = exercise(&mut memory, &mut w);
+    let expected = snapshot(&memory, &k);
 
     let mut w = world(1);
     let mut sqlite = SqliteStore::open_in_memory(&KEY).unwrap();
     exercise(&mut sqlite, &mut w);
-    let got = snapshot(&sqlite, &a, &ids);
+    let got = snapshot(&sqlite, &k);
     assert_eq!(got, expected);
 
     // Spot checks of the reference semantics.
+    let (a, ids, mids) = (&k.addresses, &k.ids, &k.message_ids);
     assert_eq!(got.identity.unwrap().0, *w.me.keys.seed());
     assert_eq!(got.prekeys.unwrap(), w.prekeys.to_bytes().to_vec());
-    assert_eq!(got.sessions.len(), 3);
+    assert_eq!(
+        got.sessions.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [a[0], a[3], a[1], a[2]]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        "sessions by address, the removed one gone"
+    );
+    let two = sqlite.session(&a[3]).unwrap().unwrap();
+    assert_eq!(two.entries().len(), 2);
+    assert_eq!(bytes(&two), bytes(&w.two_sessions(0)));
+    assert_eq!(
+        got.quarantined,
+        [
+            (a[1], NOW + 20, "did not decrypt".to_string()),
+            (a[3], 1 << 63, String::new())
+        ]
+    );
+    // The quarantined bytes: sealed as they were stored, the same record as
+    // the memory store's underneath.
+    for (q, m) in sqlite
+        .quarantined()
+        .unwrap()
+        .iter()
+        .zip(memory.quarantined().unwrap())
+    {
+        assert_ne!(q.bytes, m.bytes);
+        let opened = at_rest::open(&KEY, "sessions", &at_rest::address(&q.peer), &q.bytes);
+        assert_eq!(opened.unwrap(), m.bytes);
+    }
     assert_eq!(
         got.outbox.iter().map(|e| e.envelope.id).collect::<Vec<_>>(),
-        [ids[0], ids[2]],
+        [ids[0], ids[2], ids[8]],
         "outbox: commit order, removed entry gone"
     );
     assert_eq!(
         got.processed,
-        [false, false, false, true, true, true, true, false]
+        [false, false, false, true, true, true, true, false, false, false]
     );
     let inbox: Vec<_> = got.inbox.iter().map(|m| m.envelope_id).collect();
     assert_eq!(inbox, [ids[4], ids[5]], "receive order, duplicate ignored");
     assert!(got.inbox[0].body.is_empty());
-    assert_eq!(got.peers[1].as_ref().unwrap().first_seen, u64::MAX);
+    assert_eq!(got.peer[1].as_ref().unwrap().first_seen, u64::MAX);
+    assert_eq!(got.peers.len(), 4);
+    assert_eq!(
+        got.peers_with_identity[0]
+            .iter()
+            .map(|p| p.address)
+            .collect::<Vec<_>>(),
+        [a[0], a[3]]
+    );
+    assert!(got.peers_with_identity[4].iter().all(|p| p.address == a[2]));
+    let sent: Vec<_> = got.sent.iter().map(|m| (m.id, m.state)).collect();
+    assert_eq!(
+        sent,
+        [
+            (mids[0], DeliveryState::Resent),
+            (mids[1], DeliveryState::Delivered),
+            (mids[2], DeliveryState::Failed(Failure::Compromised)),
+            (mids[3], DeliveryState::Delivered),
+            (mids[5], DeliveryState::Deposited),
+            (mids[7], DeliveryState::Stored),
+        ],
+        "sent: first-stored order, updated in place, finished ones pruned"
+    );
+    assert_eq!(got.sent[0].body, b"m0");
+    assert_eq!(got.sent[0].sends, 2);
+    assert_eq!(got.sent[4].body, b"m5");
+    assert!(got.sent_by_id[4].is_none() && got.sent_by_id[6].is_none());
+    assert_eq!(got.sent_by_id[7].as_ref().unwrap().body, b"m7");
+    assert!(got.sent_by_id[8].is_none(), "never stored");
 }
 
 #[test]
@@ -324,18 +666,7 @@ fn prune_and_times_use_the_full_u64_range() {
         u64::MAX,
     ];
     let ids: Vec<EnvelopeId> = times.iter().map(|_| w.id()).collect();
-    let batch: Vec<ReceiveCommit<'_>> = ids
-        .iter()
-        .zip(times)
-        .map(|(id, t)| ReceiveCommit {
-            envelope_id: *id,
-            processed_at: t,
-            session: None,
-            prekeys: None,
-            peer: None,
-            message: None,
-        })
-        .collect();
+    let batch: Vec<ReceiveCommit<'_>> = ids.iter().zip(times).map(|(id, t)| mark(*id, t)).collect();
     let alive = |store: &SqliteStore| -> Vec<bool> {
         ids.iter().map(|i| store.is_processed(i).unwrap()).collect()
     };
@@ -360,19 +691,19 @@ fn prune_and_times_use_the_full_u64_range() {
 fn reopening_from_disk_keeps_everything() {
     let dir = TempDir::new("reopen");
     let mut w = world(3);
-    let (a, ids, before) = {
+    let (k, before) = {
         let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
-        let (a, ids) = exercise(&mut store, &mut w);
-        let snap = snapshot(&store, &a, &ids);
-        (a, ids, snap)
+        let k = exercise(&mut store, &mut w);
+        let snap = snapshot(&store, &k);
+        (k, snap)
     };
     let store = SqliteStore::open(dir.db(), &KEY).unwrap();
-    assert_eq!(snapshot(&store, &a, &ids), before);
+    assert_eq!(snapshot(&store, &k), before);
     assert!(store.corrupted_rows().unwrap().is_empty());
 
     // A second handle on the same file sees the same (WAL: both open).
     let other = SqliteStore::open(dir.db(), &KEY).unwrap();
-    assert_eq!(snapshot(&other, &a, &ids), before);
+    assert_eq!(snapshot(&other, &k), before);
 
     let c = raw(&dir.db());
     let mode: String = c
@@ -383,6 +714,7 @@ fn reopening_from_disk_keeps_everything() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, SqliteStore::SCHEMA_VERSION);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 2);
 }
 
 #[test]
@@ -390,22 +722,38 @@ fn secrets_are_not_on_disk_in_the_clear() {
     let dir = TempDir::new("at-rest");
     let mut w = world(4);
     let marker = b"a very recognisable message body".to_vec();
+    let sent_marker = b"an equally recognisable sent body".to_vec();
+    let resent_marker = b"the sent body, updated in place".to_vec();
+    let receipt_marker = b"a sent body stored by a receipt".to_vec();
+    let (a, s) = w.peers[0].clone();
+    let two = w.two_sessions(1);
     {
         let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
         store.set_identity(&w.me).unwrap();
         store.set_prekeys(&w.prekeys).unwrap();
-        let (a, s) = w.peers[0].clone();
         let id = w.id();
         let m = message(id, a, &marker, NOW);
+        let mid = w.message_id();
+        let by_receipt = sent(mid, a, &receipt_marker, DeliveryState::Deposited, NOW);
+        let record = single(&s);
         store
             .commit_receive(&[ReceiveCommit {
                 envelope_id: id,
                 processed_at: NOW,
-                session: Some((&a, &s)),
+                session: Some((&a, &record)),
                 prekeys: None,
                 peer: None,
                 message: Some(&m),
+                sent: Some(&by_receipt),
             }])
+            .unwrap();
+        let mid = w.message_id();
+        let m = sent(mid, w.peers[1].0, &sent_marker, DeliveryState::Stored, NOW);
+        let entry = outbox_entry(w.peers[1].0, w.id(), vec![0; 8]);
+        store.commit_send(&two, &entry, Some(&m)).unwrap();
+        let mid = w.message_id();
+        store
+            .update_sent(&sent(mid, a, &resent_marker, DeliveryState::Resent, NOW))
             .unwrap();
     }
     let mut disk = Vec::new();
@@ -419,13 +767,17 @@ fn secrets_are_not_on_disk_in_the_clear() {
     );
     assert!(!contains(&w.me.keys.seed()[..]), "identity seed leaked");
     assert!(!contains(&marker), "message body leaked");
+    assert!(!contains(&sent_marker), "sent body leaked");
+    assert!(!contains(&resent_marker), "updated sent body leaked");
+    assert!(!contains(&receipt_marker), "sent body of a receipt leaked");
     let otk = w.prekeys.prekeys.one_time_prekeys().next().unwrap();
     assert!(!contains(&otk.secret_bytes()[..]), "prekey secret leaked");
-    let state = w.peers[0].1.to_bytes();
-    assert!(
-        !state.chunks(32).any(|c| c.len() == 32 && contains(c)),
-        "session state leaked"
-    );
+    for state in [s.to_bytes(), w.peers[1].1.to_bytes(), w.extra[1].to_bytes()] {
+        assert!(
+            !state.chunks(32).any(|c| c.len() == 32 && contains(c)),
+            "session state leaked"
+        );
+    }
 }
 
 #[test]
@@ -460,28 +812,33 @@ fn sessions_need_the_identity_they_are_restored_with() {
     let dir = TempDir::new("no-identity");
     let mut w = world(12);
     let (a, s) = w.peers[0].clone();
-    let entry = OutboxEntry {
-        to: a,
-        envelope: Envelope {
-            id: w.id(),
-            payload: vec![1],
-        },
-        created: NOW,
-    };
+    let record = single(&s);
+    let entry = outbox_entry(a, w.id(), vec![1]);
     {
         let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
-        store.commit_send(&s, &entry).unwrap();
-        // No identity yet: the session cannot be restored.
+        store.commit_send(&record, &entry, None).unwrap();
+        // No identity yet: the record cannot be restored.
         assert_corrupted(store.session(&a).unwrap_err(), "sessions", &row_name(&a));
+        let all = store.sessions().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_corrupted(
+            all.into_iter().next().unwrap().1.unwrap_err(),
+            "sessions",
+            &row_name(&a),
+        );
         store.set_identity(&w.me).unwrap();
-        assert_eq!(bytes(&store.session(&a).unwrap().unwrap()), bytes(&s));
+        assert_eq!(bytes(&store.session(&a).unwrap().unwrap()), bytes(&record));
     }
     // Reopened, the store reads its identity when it first needs it.
     let store = SqliteStore::open(dir.db(), &KEY).unwrap();
     let restored = store.session(&a).unwrap().unwrap();
-    assert_eq!(bytes(&restored), bytes(&s));
-    assert_eq!(restored.local_identity(), w.me.keys.public());
-    assert_eq!(restored.remote_identity().as_bytes(), &a.identity);
+    assert_eq!(bytes(&restored), bytes(&record));
+    let session = &restored.entries()[0].session;
+    assert_eq!(session.local_identity(), w.me.keys.public());
+    assert_eq!(session.remote_identity().as_bytes(), &a.identity);
+    let store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    let all = store.sessions().unwrap();
+    assert_eq!(bytes(all[0].1.as_ref().unwrap()), bytes(&record));
 }
 
 #[test]
@@ -495,21 +852,18 @@ fn debug_does_not_print_the_key() {
     );
 }
 
-/// Stores sessions with all three peers, closes the store.
+/// Stores records with all three peers (peer 2's holds two sessions),
+/// closes the store.
 fn three_sessions(dir: &TempDir, w: &mut World) {
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     store.set_identity(&w.me).unwrap();
     for i in 0..3 {
-        let s = w.peers[i].1.clone();
-        let entry = OutboxEntry {
-            to: w.peers[i].0,
-            envelope: Envelope {
-                id: w.id(),
-                payload: vec![1, 2, 3],
-            },
-            created: NOW,
+        let r = match i {
+            2 => w.two_sessions(2),
+            _ => single(&w.peers[i].1),
         };
-        store.commit_send(&s, &entry).unwrap();
+        let entry = outbox_entry(w.peers[i].0, w.id(), vec![1, 2, 3]);
+        store.commit_send(&r, &entry, None).unwrap();
     }
 }
 
@@ -528,6 +882,27 @@ fn assert_corrupted(r: StoreError, want_table: &str, want_row: &str) {
     }
 }
 
+/// The stored `state` of a session row.
+fn stored_state(c: &rusqlite::Connection, a: &DeviceAddress) -> Vec<u8> {
+    c.query_row(
+        "SELECT state FROM sessions WHERE identity = ?1 AND device_id = ?2",
+        rusqlite::params![&a.identity[..], a.device_id],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+fn set_stored_state(c: &rusqlite::Connection, a: &DeviceAddress, state: &[u8]) {
+    let n = c
+        .execute(
+            "INSERT INTO sessions (identity, device_id, state) VALUES (?1, ?2, ?3)
+             ON CONFLICT (identity, device_id) DO UPDATE SET state = excluded.state",
+            rusqlite::params![&a.identity[..], a.device_id, state],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
 #[test]
 fn a_corrupted_session_row_is_named_and_spares_the_others() {
     let dir = TempDir::new("corrupt");
@@ -536,20 +911,10 @@ fn a_corrupted_session_row_is_named_and_spares_the_others() {
     let (bad, good) = (w.peers[0].0, w.peers[1].0);
     {
         let c = raw(&dir.db());
-        let mut state: Vec<u8> = c
-            .query_row(
-                "SELECT state FROM sessions WHERE identity = ?1 AND device_id = ?2",
-                rusqlite::params![&bad.identity[..], bad.device_id],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let mut state = stored_state(&c, &bad);
         let mid = state.len() / 2;
         state[mid] ^= 0x01;
-        c.execute(
-            "UPDATE sessions SET state = ?1 WHERE identity = ?2 AND device_id = ?3",
-            rusqlite::params![state, &bad.identity[..], bad.device_id],
-        )
-        .unwrap();
+        set_stored_state(&c, &bad, &state);
     }
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     assert_corrupted(
@@ -559,10 +924,18 @@ fn a_corrupted_session_row_is_named_and_spares_the_others() {
     );
     assert_eq!(
         bytes(&store.session(&good).unwrap().unwrap()),
-        bytes(&w.peers[1].1),
+        bytes(&single(&w.peers[1].1)),
         "a healthy row still loads"
     );
-    assert_corrupted(store.sessions().unwrap_err(), "sessions", &row_name(&bad));
+    let all = store.sessions().unwrap();
+    assert_eq!(all.len(), 3);
+    for (a, r) in all {
+        if a == bad {
+            assert_corrupted(r.unwrap_err(), "sessions", &row_name(&bad));
+        } else {
+            assert!(r.is_ok(), "{a:?}: {r:?}");
+        }
+    }
     assert_eq!(store.session_addresses().unwrap().len(), 3);
     let found = store.corrupted_rows().unwrap();
     assert_eq!(found.len(), 1);
@@ -573,7 +946,7 @@ fn a_corrupted_session_row_is_named_and_spares_the_others() {
     );
     assert_eq!(store.outbox().unwrap().len(), 3, "other tables unaffected");
 
-    // Recovery: drop the row (or overwrite it with a new session).
+    // Recovery: drop the row (or overwrite it with a new record).
     store.remove_session(&bad).unwrap();
     assert_eq!(store.sessions().unwrap().len(), 2);
     assert!(store.corrupted_rows().unwrap().is_empty());
@@ -590,17 +963,191 @@ fn a_corrupted_session_row_is_named_and_spares_the_others() {
         "sessions",
         &row_name(&good),
     );
-    let s = w.peers[1].1.clone();
-    let entry = OutboxEntry {
-        to: good,
-        envelope: Envelope {
-            id: w.id(),
-            payload: vec![],
-        },
-        created: NOW,
+    let r = w.record(1);
+    let entry = outbox_entry(good, w.id(), vec![]);
+    store.commit_send(&r, &entry, None).unwrap();
+    assert_eq!(bytes(&store.session(&good).unwrap().unwrap()), bytes(&r));
+    // So does set_session.
+    raw(&dir.db())
+        .execute(
+            "UPDATE sessions SET state = x'0102' WHERE identity = ?1",
+            [&good.identity[..]],
+        )
+        .unwrap();
+    let r = w.record(1);
+    store.set_session(&good, &r).unwrap();
+    assert_eq!(bytes(&store.session(&good).unwrap().unwrap()), bytes(&r));
+}
+
+#[test]
+fn sessions_returns_the_healthy_records_and_an_error_per_corrupted_one() {
+    let dir = TempDir::new("sessions-per-row");
+    let mut w = world(13);
+    three_sessions(&dir, &mut w);
+    let a: Vec<DeviceAddress> = w.peers.iter().map(|p| p.0).collect();
+    {
+        let c = raw(&dir.db());
+        // Row 0 does not authenticate (cut); row 1 authenticates but does
+        // not decode as a record (sealed as the store would).
+        let state = stored_state(&c, &a[0]);
+        set_stored_state(&c, &a[0], &state[..state.len() - 1]);
+        let garbage = at_rest::seal(&KEY, "sessions", &at_rest::address(&a[1]), &[0x80, 0, 9]);
+        set_stored_state(&c, &a[1], &garbage);
+    }
+    let store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    let mut all = store.sessions().unwrap();
+    all.sort_by_key(|(address, _)| a.iter().position(|x| x == address));
+    assert_eq!(all.iter().map(|r| r.0).collect::<Vec<_>>(), a);
+    let mut results = all.into_iter().map(|r| r.1);
+    let cut = results.next().unwrap().unwrap_err();
+    assert!(cut.to_string().contains("authentication failed"), "{cut}");
+    assert_corrupted(cut, "sessions", &row_name(&a[0]));
+    let undecodable = results.next().unwrap().unwrap_err();
+    assert!(
+        undecodable.to_string().contains("session record"),
+        "{undecodable}"
+    );
+    assert_corrupted(undecodable, "sessions", &row_name(&a[1]));
+    let healthy = results.next().unwrap().unwrap();
+    assert_eq!(bytes(&healthy), bytes(&w.two_sessions(2)));
+    assert_eq!(store.corrupted_rows().unwrap().len(), 2);
+
+    // Once the corrupted ones are quarantined, only the healthy one is
+    // left, and the store is healthy.
+    let mut store = store;
+    for (i, peer) in a.iter().take(2).enumerate() {
+        store
+            .quarantine_session(peer, NOW + i as u64, "corrupted")
+            .unwrap();
+    }
+    let all = store.sessions().unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].0, a[2]);
+    assert!(store.corrupted_rows().unwrap().is_empty());
+}
+
+#[test]
+fn a_legacy_session_row_loads_as_a_one_session_record() {
+    let dir = TempDir::new("legacy");
+    let w = world(14);
+    let (a, s) = w.peers[0].clone();
+    let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    store.set_identity(&w.me).unwrap();
+    // A row as version 1 wrote it: the bare session state, sealed.
+    let legacy = at_rest::seal(&KEY, "sessions", &at_rest::address(&a), &s.to_bytes());
+    set_stored_state(&raw(&dir.db()), &a, &legacy);
+
+    let check = |r: &SessionRecord| {
+        assert_eq!(r.entries().len(), 1);
+        let e = &r.entries()[0];
+        assert_eq!(e.session.to_bytes(), s.to_bytes());
+        assert_eq!((e.generation, e.superseded), (0, false));
+        assert_eq!(e.session.remote_identity().as_bytes(), &a.identity);
     };
-    store.commit_send(&s, &entry).unwrap();
-    assert_eq!(bytes(&store.session(&good).unwrap().unwrap()), bytes(&s));
+    check(&store.session(&a).unwrap().unwrap());
+    let all = store.sessions().unwrap();
+    assert_eq!(all.len(), 1);
+    check(all[0].1.as_ref().unwrap());
+    assert!(store.corrupted_rows().unwrap().is_empty());
+
+    // Written back, it is a record (and still the same session).
+    let record = store.session(&a).unwrap().unwrap();
+    store.set_session(&a, &record).unwrap();
+    let stored = stored_state(&raw(&dir.db()), &a);
+    let plain = at_rest::open(&KEY, "sessions", &at_rest::address(&a), &stored).unwrap();
+    assert_eq!(plain, bytes(&record));
+    assert_ne!(plain, s.to_bytes().to_vec());
+    check(&store.session(&a).unwrap().unwrap());
+    drop(store);
+    check(
+        &SqliteStore::open(dir.db(), &KEY)
+            .unwrap()
+            .session(&a)
+            .unwrap()
+            .unwrap(),
+    );
+}
+
+#[test]
+fn quarantine_moves_the_stored_bytes() {
+    let dir = TempDir::new("quarantine");
+    let mut w = world(15);
+    three_sessions(&dir, &mut w);
+    let a: Vec<DeviceAddress> = w.peers.iter().map(|p| p.0).collect();
+    // Peer 0's row is garbled; peer 1's is healthy (a peer that lost its
+    // session is quarantined too).
+    let garbled = {
+        let c = raw(&dir.db());
+        let mut state = stored_state(&c, &a[0]);
+        state[20] ^= 0x80;
+        set_stored_state(&c, &a[0], &state);
+        state
+    };
+    let healthy = stored_state(&raw(&dir.db()), &a[1]);
+    let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    assert!(store.quarantined().unwrap().is_empty());
+    let reason = store.session(&a[0]).unwrap_err().to_string();
+    store.quarantine_session(&a[0], NOW + 5, &reason).unwrap();
+    store
+        .quarantine_session(&a[1], 1 << 63, "peer lost it")
+        .unwrap();
+    // Nothing to move: nothing happens.
+    store.quarantine_session(&a[0], NOW + 6, "again").unwrap();
+    let unknown = DeviceAddress {
+        identity: a[1].identity,
+        device_id: 999,
+    };
+    store.quarantine_session(&unknown, NOW, "unknown").unwrap();
+
+    let q = store.quarantined().unwrap();
+    assert_eq!(q.len(), 2, "oldest first, no-ops not recorded");
+    assert_eq!(
+        (q[0].peer, q[0].at, q[0].reason.as_str()),
+        (a[0], NOW + 5, reason.as_str())
+    );
+    assert_eq!(
+        q[0].bytes, garbled,
+        "as found, even though it does not open"
+    );
+    assert_eq!(
+        (q[1].peer, q[1].at, q[1].reason.as_str()),
+        (a[1], 1 << 63, "peer lost it")
+    );
+    assert_eq!(q[1].bytes, healthy, "still sealed");
+    let opened = at_rest::open(&KEY, "sessions", &at_rest::address(&a[1]), &q[1].bytes).unwrap();
+    assert_eq!(opened, bytes(&single(&w.peers[1].1)));
+
+    assert!(store.session(&a[0]).unwrap().is_none());
+    assert!(store.session(&a[1]).unwrap().is_none());
+    let all = store.sessions().unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].0, a[2]);
+    assert!(store.corrupted_rows().unwrap().is_empty());
+
+    // The peer starts afresh; the quarantine stays (and survives reopening).
+    let fresh = single(&w.extra[0]);
+    store.set_session(&a[0], &fresh).unwrap();
+    drop(store);
+    let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    assert_eq!(store.quarantined().unwrap(), q);
+    assert_eq!(
+        bytes(&store.session(&a[0]).unwrap().unwrap()),
+        bytes(&fresh)
+    );
+
+    // The move is one transaction: if the delete fails, nothing moved.
+    raw(&dir.db())
+        .execute_batch(
+            "CREATE TRIGGER keep_sessions BEFORE DELETE ON sessions
+             BEGIN SELECT RAISE(ABORT, 'delete refused'); END;",
+        )
+        .unwrap();
+    match store.quarantine_session(&a[2], NOW, "x") {
+        Err(StoreError::Backend(e)) => assert!(e.contains("delete refused"), "{e}"),
+        other => panic!("expected the injected failure, got {other:?}"),
+    }
+    assert_eq!(store.quarantined().unwrap(), q);
+    assert!(store.session(&a[2]).unwrap().is_some());
 }
 
 #[test]
@@ -610,6 +1157,7 @@ fn a_value_moved_to_another_row_or_table_fails() {
     three_sessions(&dir, &mut w);
     let (a0, a1, a2) = (w.peers[0].0, w.peers[1].0, w.peers[2].0);
     let inbox_id = w.id();
+    let (mid0, mid1) = (w.message_id(), w.message_id());
     {
         let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
         store.set_identity(&w.me).unwrap();
@@ -624,14 +1172,15 @@ fn a_value_moved_to_another_row_or_table_fails() {
         let m = message(inbox_id, a0, b"from a0", NOW);
         store
             .commit_receive(&[ReceiveCommit {
-                envelope_id: inbox_id,
-                processed_at: NOW,
-                session: None,
-                prekeys: None,
-                peer: None,
                 message: Some(&m),
+                ..mark(inbox_id, NOW)
             }])
             .unwrap();
+        for (id, to) in [(mid0, a0), (mid1, a1)] {
+            store
+                .update_sent(&sent(id, to, b"to be sent", DeliveryState::Stored, NOW))
+                .unwrap();
+        }
     }
     let c = raw(&dir.db());
     // Session of a0 copied onto a1's row.
@@ -647,7 +1196,7 @@ fn a_value_moved_to_another_row_or_table_fails() {
         [],
     )
     .unwrap();
-    // A session state copied into an inbox body.
+    // A session record copied into an inbox body.
     c.execute(
         "UPDATE inbox SET body = (SELECT state FROM sessions WHERE identity = ?1)",
         [&a2.identity[..]],
@@ -655,6 +1204,12 @@ fn a_value_moved_to_another_row_or_table_fails() {
     .unwrap();
     // A compromised peer turned validated.
     c.execute("UPDATE peers SET trust = 1", []).unwrap();
+    // The body of the message to a0 copied onto the message to a1.
+    c.execute(
+        "UPDATE sent SET body = (SELECT body FROM sent WHERE id = ?1) WHERE id = ?2",
+        [&mid0.0[..], &mid1.0[..]],
+    )
+    .unwrap();
 
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     assert!(store.session(&a0).unwrap().is_some());
@@ -668,7 +1223,22 @@ fn a_value_moved_to_another_row_or_table_fails() {
         &hex::encode(inbox_id.0),
     );
     assert_corrupted(store.peer(&a0).unwrap_err(), "peers", &row_name(&a0));
-    assert_eq!(store.corrupted_rows().unwrap().len(), 4);
+    assert_corrupted(store.peers().unwrap_err(), "peers", &row_name(&a0));
+    assert_eq!(
+        store.sent_message(&mid0).unwrap().unwrap().body,
+        b"to be sent"
+    );
+    assert_corrupted(
+        store.sent_message(&mid1).unwrap_err(),
+        "sent",
+        &hex::encode(mid1.0),
+    );
+    assert_corrupted(
+        store.sent_messages().unwrap_err(),
+        "sent",
+        &hex::encode(mid1.0),
+    );
+    assert_eq!(store.corrupted_rows().unwrap().len(), 5);
 
     // A sender rewritten on an inbox message is caught as well.
     store.remove_inbox(&inbox_id).unwrap();
@@ -676,12 +1246,8 @@ fn a_value_moved_to_another_row_or_table_fails() {
     let m = message(id, a0, b"from a0", NOW);
     store
         .commit_receive(&[ReceiveCommit {
-            envelope_id: id,
-            processed_at: NOW,
-            session: None,
-            prekeys: None,
-            peer: None,
             message: Some(&m),
+            ..mark(id, NOW)
         }])
         .unwrap();
     assert_eq!(store.inbox().unwrap(), [m]);
@@ -691,42 +1257,312 @@ fn a_value_moved_to_another_row_or_table_fails() {
 }
 
 #[test]
+fn a_sent_message_moved_or_altered_fails_to_open() {
+    let dir = TempDir::new("sent-moved");
+    let mut w = world(16);
+    let a: Vec<DeviceAddress> = w.peers.iter().map(|p| p.0).collect();
+    let ids: Vec<MessageId> = (0..6).map(|_| w.message_id()).collect();
+    let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    let messages: Vec<SentMessage> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| sent(*id, a[i % 3], b"same body", DeliveryState::Deposited, NOW))
+        .collect();
+    for m in &messages {
+        store.update_sent(m).unwrap();
+    }
+    let c = raw(&dir.db());
+    let hexes: Vec<String> = ids.iter().map(|i| hex::encode(i.0)).collect();
+    // Each row altered in one column; the same plaintext body everywhere, so
+    // only the binding can tell.
+    let edits = [
+        // 0: the body of message 5 moved here.
+        "UPDATE sent SET body = (SELECT body FROM sent WHERE id = ?2) WHERE id = ?1",
+        // 1: the recipient changed.
+        "UPDATE sent SET to_device = to_device + 100 WHERE id = ?1",
+        // 2: the state rolled back from deposited to stored.
+        "UPDATE sent SET state = 0 WHERE id = ?1",
+        // 3: the creation time changed (to escape, or hasten, pruning).
+        "UPDATE sent SET created = created - 1 WHERE id = ?1",
+    ];
+    for (i, sql) in edits.iter().enumerate() {
+        let mut stmt = c.prepare(sql).unwrap();
+        let params: Vec<&dyn rusqlite::ToSql> = if sql.contains("?2") {
+            vec![&ids[i].0, &ids[5].0]
+        } else {
+            vec![&ids[i].0]
+        };
+        assert_eq!(stmt.execute(&params[..]).unwrap(), 1);
+    }
+    // 4: the row's id changed (its values moved to another key).
+    c.execute(
+        "UPDATE sent SET id = x'00112233445566778899aabbccddeeff' WHERE id = ?1",
+        [&ids[4].0[..]],
+    )
+    .unwrap();
+    for i in 0..4 {
+        assert_corrupted(store.sent_message(&ids[i]).unwrap_err(), "sent", &hexes[i]);
+    }
+    assert_corrupted(
+        store
+            .sent_message(&MessageId([
+                0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+                0xee, 0xff,
+            ]))
+            .unwrap_err(),
+        "sent",
+        "00112233445566778899aabbccddeeff",
+    );
+    assert!(store.sent_message(&ids[4]).unwrap().is_none());
+    assert_eq!(store.sent_message(&ids[5]).unwrap().unwrap(), messages[5]);
+    assert_corrupted(store.sent_messages().unwrap_err(), "sent", &hexes[0]);
+    assert_eq!(store.corrupted_rows().unwrap().len(), 5);
+
+    // An unknown state code is named too (and not pruned as finished).
+    c.execute("UPDATE sent SET state = 99 WHERE id = ?1", [&ids[5].0[..]])
+        .unwrap();
+    let e = store.sent_message(&ids[5]).unwrap_err();
+    assert!(e.to_string().contains("unknown delivery state 99"), "{e}");
+    store.prune_sent(u64::MAX).unwrap();
+    assert_eq!(store.corrupted_rows().unwrap().len(), 6);
+
+    // Recovery: overwrite or remove each row.
+    store.update_sent(&messages[0]).unwrap();
+    for id in &ids[1..4] {
+        store.remove_sent(id).unwrap();
+    }
+    store
+        .remove_sent(&MessageId([
+            0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+            0xee, 0xff,
+        ]))
+        .unwrap();
+    store.remove_sent(&ids[5]).unwrap();
+    assert_eq!(store.sent_messages().unwrap(), [messages[0].clone()]);
+    assert!(store.corrupted_rows().unwrap().is_empty());
+}
+
+#[test]
+fn sent_messages_round_trip_update_in_place_and_prune() {
+    let dir = TempDir::new("sent");
+    let mut w = world(17);
+    let a: Vec<DeviceAddress> = w.peers.iter().map(|p| p.0).collect();
+    let ids: Vec<MessageId> = (0..8).map(|_| w.message_id()).collect();
+    let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    let mut memory = MemoryStore::new();
+    let stores: [&mut dyn Store; 2] = [&mut store, &mut memory];
+    let big = vec![0x42u8; 100_000];
+    let failed = |f| DeliveryState::Failed(f);
+    // (id, state, created): every state, times across the u64 range.
+    let cases = [
+        (0, DeliveryState::Stored, 0u64),
+        (1, DeliveryState::Deposited, 5),
+        (2, DeliveryState::Resent, NOW - 1),
+        (3, DeliveryState::Delivered, 5),
+        (4, failed(Failure::TimedOut), NOW - 1),
+        (5, failed(Failure::Refused), NOW),
+        (6, DeliveryState::Delivered, 1 << 63),
+        (7, failed(Failure::Compromised), u64::MAX),
+    ];
+    let originals: Vec<SentMessage> = cases
+        .iter()
+        .map(|&(i, state, created)| SentMessage {
+            id: ids[i],
+            to: a[i % 3],
+            body: if state.is_pending() {
+                big[..1000 * i + 1].to_vec()
+            } else {
+                Vec::new()
+            },
+            state,
+            created,
+            last_sent: created.wrapping_add(1),
+            sends: u32::MAX - i as u32,
+        })
+        .collect();
+    for s in stores {
+        for m in &originals {
+            s.update_sent(m).unwrap();
+        }
+        assert_eq!(s.sent_messages().unwrap(), originals);
+        for m in &originals {
+            assert_eq!(s.sent_message(&m.id).unwrap().as_ref(), Some(m));
+        }
+        assert!(s.sent_message(&MessageId([0; 16])).unwrap().is_none());
+    }
+    // Updated in place: message 0 delivered (body emptied), message 1 with a
+    // big body, both keep their positions.
+    let mut expected = originals.clone();
+    expected[0].state = DeliveryState::Delivered;
+    expected[0].body.clear();
+    expected[1].body = big.clone();
+    expected[1].state = DeliveryState::Resent;
+    expected[1].sends += 1;
+    for s in [&mut store as &mut dyn Store, &mut memory] {
+        s.update_sent(&expected[1]).unwrap();
+        s.update_sent(&expected[0]).unwrap();
+        assert_eq!(s.sent_messages().unwrap(), expected);
+    }
+    drop(store);
+    let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    assert_eq!(store.sent_messages().unwrap(), expected);
+
+    // Pruning: finished messages created before the bound go, pending ones
+    // never (whatever their age), and times use the full u64 range.
+    let alive = |s: &dyn Store| -> Vec<usize> {
+        s.sent_messages()
+            .unwrap()
+            .iter()
+            .map(|m| ids.iter().position(|i| *i == m.id).unwrap())
+            .collect()
+    };
+    let steps: [(u64, &[usize]); 5] = [
+        (0, &[0, 1, 2, 3, 4, 5, 6, 7]),
+        (6, &[1, 2, 4, 5, 6, 7]),
+        (NOW, &[1, 2, 5, 6, 7]),
+        (1 << 63, &[1, 2, 6, 7]),
+        (u64::MAX, &[1, 2, 7]),
+    ];
+    for (before, want) in steps {
+        for s in [&mut store as &mut dyn Store, &mut memory] {
+            s.prune_sent(before).unwrap();
+            assert_eq!(alive(s), want, "prune_sent({before})");
+        }
+    }
+    // The pending ones are still whole.
+    assert_eq!(
+        store.sent_messages().unwrap(),
+        memory.sent_messages().unwrap()
+    );
+    assert_eq!(store.sent_message(&ids[1]).unwrap().unwrap().body, big);
+    // Re-stored after pruning, a message goes to the end.
+    store.update_sent(&originals[3]).unwrap();
+    assert_eq!(alive(&store), [1, 2, 7, 3]);
+}
+
+#[test]
+fn peers_lists_every_peer_and_by_identity() {
+    let w = world(18);
+    let a: Vec<DeviceAddress> = w.peers.iter().map(|p| p.0).collect();
+    let mut store = SqliteStore::open_in_memory(&KEY).unwrap();
+    let mut memory = MemoryStore::new();
+    let mut records = Vec::new();
+    for (i, address) in a.iter().enumerate() {
+        for device_id in [5u32, 0, u32::MAX, address.device_id] {
+            records.push(PeerRecord {
+                address: DeviceAddress {
+                    identity: address.identity,
+                    device_id,
+                },
+                trust: [Trust::Unvalidated, Trust::Validated, Trust::Compromised][i],
+                first_seen: NOW + u64::from(device_id),
+            });
+        }
+    }
+    // An update replaces, it does not add.
+    records.push(PeerRecord {
+        trust: Trust::Compromised,
+        ..records[0].clone()
+    });
+    let unknown = [0x11u8; 32];
+    for s in [&mut store as &mut dyn Store, &mut memory] {
+        assert!(s.peers().unwrap().is_empty());
+        for r in &records {
+            s.set_peer(r).unwrap();
+        }
+    }
+    let all = store.peers().unwrap();
+    assert_eq!(all, memory.peers().unwrap());
+    assert_eq!(all.len(), 12);
+    let mut sorted = all.clone();
+    sorted.sort_by_key(|p| p.address);
+    assert_eq!(all, sorted, "ordered by address");
+    assert_eq!(
+        all.iter()
+            .find(|p| p.address == records[0].address)
+            .unwrap()
+            .trust,
+        Trust::Compromised
+    );
+    for address in &a {
+        let mine = store.peers_with_identity(&address.identity).unwrap();
+        assert_eq!(mine, memory.peers_with_identity(&address.identity).unwrap());
+        assert_eq!(
+            mine.iter().map(|p| p.address.device_id).collect::<Vec<_>>(),
+            [0, address.device_id, 5, u32::MAX]
+        );
+        assert!(mine.iter().all(|p| p.address.identity == address.identity));
+    }
+    assert!(store.peers_with_identity(&unknown).unwrap().is_empty());
+
+    // A corrupted row fails the lists that hold it, not the others.
+    let dir = TempDir::new("peers");
+    {
+        let mut file = SqliteStore::open(dir.db(), &KEY).unwrap();
+        for r in &records {
+            file.set_peer(r).unwrap();
+        }
+    }
+    raw(&dir.db())
+        .execute(
+            "UPDATE peers SET first_seen = first_seen + 1 WHERE identity = ?1 AND device_id = 0",
+            [&a[1].identity[..]],
+        )
+        .unwrap();
+    let file = SqliteStore::open(dir.db(), &KEY).unwrap();
+    let bad = DeviceAddress {
+        identity: a[1].identity,
+        device_id: 0,
+    };
+    assert_corrupted(file.peers().unwrap_err(), "peers", &row_name(&bad));
+    assert_corrupted(
+        file.peers_with_identity(&a[1].identity).unwrap_err(),
+        "peers",
+        &row_name(&bad),
+    );
+    assert_eq!(file.peers_with_identity(&a[0].identity).unwrap().len(), 4);
+    assert_eq!(file.peers_with_identity(&a[2].identity).unwrap().len(), 4);
+}
+
+#[test]
 fn commit_receive_is_all_or_nothing() {
     let dir = TempDir::new("atomic");
     let mut w = world(8);
     let a = w.peers[0].0;
-    let before = w.peers[0].1.clone();
+    let before = single(&w.peers[0].1);
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     store.set_identity(&w.me).unwrap();
     store.set_prekeys(&w.prekeys).unwrap();
-    let entry = OutboxEntry {
-        to: a,
-        envelope: Envelope {
-            id: w.id(),
-            payload: vec![7],
-        },
-        created: NOW,
-    };
-    store.commit_send(&before, &entry).unwrap();
+    let pending = sent(w.message_id(), a, b"waiting", DeliveryState::Deposited, NOW);
+    let entry = outbox_entry(a, w.id(), vec![7]);
+    store.commit_send(&before, &entry, Some(&pending)).unwrap();
 
     let ids: Vec<EnvelopeId> = (0..3).map(|_| w.id()).collect();
-    let sessions: Vec<Session> = (0..3).map(|_| w.advance(0)).collect();
+    let records: Vec<SessionRecord> = (0..3).map(|_| w.record(0)).collect();
     let messages: Vec<InboxMessage> = ids.iter().map(|id| message(*id, a, b"body", NOW)).collect();
     let mut prekeys = w.prekeys.clone();
     prekeys.upload_counter = 99;
+    prekeys.accepted.push((9, [9; 16]));
     let peer = PeerRecord {
         address: a,
         trust: Trust::Unvalidated,
         first_seen: NOW,
     };
+    let delivered = SentMessage {
+        body: Vec::new(),
+        state: DeliveryState::Delivered,
+        ..pending.clone()
+    };
+    let new = sent(w.message_id(), a, b"new", DeliveryState::Stored, NOW + 1);
     let batch: Vec<ReceiveCommit<'_>> = (0..3)
         .map(|i| ReceiveCommit {
             envelope_id: ids[i],
             processed_at: NOW,
-            session: Some((&a, &sessions[i])),
+            session: Some((&a, &records[i])),
             prekeys: (i == 0).then_some(&prekeys),
             peer: (i == 1).then_some(&peer),
             message: Some(&messages[i]),
+            sent: [Some(&delivered), None, Some(&new)][i],
         })
         .collect();
 
@@ -749,8 +1585,13 @@ fn commit_receive_is_all_or_nothing() {
         }
         assert!(store.inbox().unwrap().is_empty());
         assert_eq!(bytes(&store.session(&a).unwrap().unwrap()), bytes(&before));
-        assert_eq!(store.prekeys().unwrap().unwrap().upload_counter, 3);
+        let p = store.prekeys().unwrap().unwrap();
+        assert_eq!((p.upload_counter, p.accepted.len()), (3, 2));
         assert!(store.peer(&a).unwrap().is_none());
+        assert_eq!(
+            store.sent_messages().unwrap(),
+            std::slice::from_ref(&pending)
+        );
     };
     check_nothing(&store);
     check_nothing(&SqliteStore::open(dir.db(), &KEY).unwrap());
@@ -765,10 +1606,15 @@ fn commit_receive_is_all_or_nothing() {
     assert_eq!(store.inbox().unwrap(), messages);
     assert_eq!(
         bytes(&store.session(&a).unwrap().unwrap()),
-        bytes(&sessions[2])
+        bytes(&records[2])
     );
-    assert_eq!(store.prekeys().unwrap().unwrap().upload_counter, 99);
+    let p = store.prekeys().unwrap().unwrap();
+    assert_eq!(
+        (p.upload_counter, p.accepted),
+        (99, prekeys.accepted.clone())
+    );
     assert_eq!(store.peer(&a).unwrap(), Some(peer));
+    assert_eq!(store.sent_messages().unwrap(), [delivered, new]);
 }
 
 #[test]
@@ -778,29 +1624,341 @@ fn commit_send_is_all_or_nothing() {
     let a = w.peers[0].0;
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     store.set_identity(&w.me).unwrap();
-    let first = w.peers[0].1.clone();
-    let entry = |id| OutboxEntry {
-        to: a,
-        envelope: Envelope {
-            id,
-            payload: vec![1],
-        },
-        created: NOW,
-    };
-    store.commit_send(&first, &entry(w.id())).unwrap();
-    raw(&dir.db())
-        .execute_batch(
-            "CREATE TRIGGER no_outbox BEFORE INSERT ON outbox
-             BEGIN SELECT RAISE(ABORT, 'outbox refused'); END;",
-        )
+    let first = single(&w.peers[0].1);
+    let m1 = sent(w.message_id(), a, b"one", DeliveryState::Stored, NOW);
+    store
+        .commit_send(&first, &outbox_entry(a, w.id(), vec![1]), Some(&m1))
         .unwrap();
-    let second = w.advance(0);
+    let unchanged = |store: &SqliteStore| {
+        assert_eq!(bytes(&store.session(&a).unwrap().unwrap()), bytes(&first));
+        assert_eq!(store.outbox().unwrap().len(), 1);
+        assert_eq!(store.sent_messages().unwrap(), std::slice::from_ref(&m1));
+    };
+    // The outbox refuses: neither the record nor the sent message is kept.
+    let c = raw(&dir.db());
+    c.execute_batch(
+        "CREATE TRIGGER no_outbox BEFORE INSERT ON outbox
+         BEGIN SELECT RAISE(ABORT, 'outbox refused'); END;",
+    )
+    .unwrap();
+    let second = w.record(0);
+    let m2 = sent(w.message_id(), a, b"two", DeliveryState::Stored, NOW);
     assert!(matches!(
-        store.commit_send(&second, &entry(w.id())),
+        store.commit_send(&second, &outbox_entry(a, w.id(), vec![2]), Some(&m2)),
         Err(StoreError::Backend(_))
     ));
-    assert_eq!(bytes(&store.session(&a).unwrap().unwrap()), bytes(&first));
-    assert_eq!(store.outbox().unwrap().len(), 1);
+    unchanged(&store);
+    // The sent table refuses (a new message, or an update of one): neither
+    // the record nor the envelope is kept.
+    c.execute_batch(
+        "DROP TRIGGER no_outbox;
+         CREATE TRIGGER no_sent BEFORE INSERT ON sent
+         BEGIN SELECT RAISE(ABORT, 'sent refused'); END;",
+    )
+    .unwrap();
+    let resent = SentMessage {
+        state: DeliveryState::Resent,
+        sends: 2,
+        ..m1.clone()
+    };
+    for m in [&m2, &resent] {
+        match store.commit_send(&second, &outbox_entry(a, w.id(), vec![3]), Some(m)) {
+            Err(StoreError::Backend(e)) => assert!(e.contains("sent refused"), "{e}"),
+            other => panic!("expected the injected failure, got {other:?}"),
+        }
+        unchanged(&store);
+    }
+    unchanged(&SqliteStore::open(dir.db(), &KEY).unwrap());
+    // Without a sent message the send does not touch the table.
+    store
+        .commit_send(&second, &outbox_entry(a, w.id(), vec![4]), None)
+        .unwrap();
+    assert_eq!(bytes(&store.session(&a).unwrap().unwrap()), bytes(&second));
+    assert_eq!(store.outbox().unwrap().len(), 2);
+}
+
+/// Schema version 1, as published (`migrate_v1`).
+const SCHEMA_V1: &str = "CREATE TABLE meta (
+         name TEXT PRIMARY KEY,
+         value BLOB NOT NULL
+     ) WITHOUT ROWID, STRICT;
+     CREATE TABLE identity (
+         id INTEGER PRIMARY KEY CHECK (id = 1),
+         secret BLOB NOT NULL
+     ) STRICT;
+     CREATE TABLE prekeys (
+         id INTEGER PRIMARY KEY CHECK (id = 1),
+         state BLOB NOT NULL
+     ) STRICT;
+     CREATE TABLE sessions (
+         identity BLOB NOT NULL CHECK (length(identity) = 32),
+         device_id INTEGER NOT NULL CHECK (device_id BETWEEN 0 AND 4294967295),
+         state BLOB NOT NULL,
+         PRIMARY KEY (identity, device_id)
+     ) WITHOUT ROWID, STRICT;
+     CREATE TABLE peers (
+         identity BLOB NOT NULL CHECK (length(identity) = 32),
+         device_id INTEGER NOT NULL CHECK (device_id BETWEEN 0 AND 4294967295),
+         trust INTEGER NOT NULL,
+         first_seen INTEGER NOT NULL,
+         auth BLOB NOT NULL,
+         PRIMARY KEY (identity, device_id)
+     ) WITHOUT ROWID, STRICT;
+     CREATE TABLE outbox (
+         seq INTEGER PRIMARY KEY,
+         envelope_id BLOB NOT NULL UNIQUE CHECK (length(envelope_id) = 16),
+         to_identity BLOB NOT NULL,
+         to_device INTEGER NOT NULL,
+         payload BLOB NOT NULL,
+         created INTEGER NOT NULL
+     ) STRICT;
+     CREATE TABLE processed (
+         envelope_id BLOB PRIMARY KEY CHECK (length(envelope_id) = 16),
+         processed_at INTEGER NOT NULL
+     ) WITHOUT ROWID, STRICT;
+     CREATE INDEX processed_by_time ON processed (processed_at);
+     CREATE TABLE inbox (
+         seq INTEGER PRIMARY KEY,
+         envelope_id BLOB NOT NULL UNIQUE CHECK (length(envelope_id) = 16),
+         from_identity BLOB NOT NULL,
+         from_device INTEGER NOT NULL,
+         received_at INTEGER NOT NULL,
+         body BLOB NOT NULL
+     ) STRICT;";
+
+/// What [`version_1_database`] wrote.
+struct V1 {
+    peer: PeerRecord,
+    outbox: OutboxEntry,
+    processed: EnvelopeId,
+    inbox: InboxMessage,
+}
+
+/// A database as version 1 of the store wrote it (in WAL mode, as the
+/// store leaves it): the identity, the prekeys, a bare session state with
+/// peer 0, a peer, an outbox entry, a processed mark and an inbox message,
+/// all sealed as version 1 sealed them.
+fn version_1_database(path: &Path, w: &mut World) -> V1 {
+    let (a, s) = w.peers[0].clone();
+    let c = raw(path);
+    let _: String = c
+        .query_row("PRAGMA journal_mode = wal", [], |r| r.get(0))
+        .unwrap();
+    c.execute_batch(SCHEMA_V1).unwrap();
+    c.pragma_update(None, "user_version", 1).unwrap();
+    let one = 1u32.to_be_bytes();
+    let check = at_rest::seal(
+        &KEY,
+        "meta",
+        b"key_check",
+        b"cubbyhole sqlite store key check v1",
+    );
+    c.execute("INSERT INTO meta VALUES ('key_check', ?1)", [check])
+        .unwrap();
+    let secret = at_rest::seal(&KEY, "identity", &one, &w.me.to_bytes());
+    c.execute("INSERT INTO identity VALUES (1, ?1)", [secret])
+        .unwrap();
+    // The version 1 prekey encoding had no accepted list (version 0x02).
+    let mut v2 = w.prekeys.clone();
+    v2.accepted.clear();
+    let mut prekeys = v2.to_bytes().to_vec();
+    assert_eq!(prekeys[0], 3);
+    prekeys[0] = 2;
+    // The empty accepted list's count, after the header and both lists.
+    let at = 18 + 4 + 12 * v2.retired_at.len() + 4 + 12 * v2.one_time_retired.len();
+    assert_eq!(prekeys[at..at + 4], [0; 4]);
+    prekeys.drain(at..at + 4);
+    let state = at_rest::seal(&KEY, "prekeys", &one, &prekeys);
+    c.execute("INSERT INTO prekeys VALUES (1, ?1)", [state])
+        .unwrap();
+    let state = at_rest::seal(&KEY, "sessions", &at_rest::address(&a), &s.to_bytes());
+    set_stored_state(&c, &a, &state);
+    let peer = PeerRecord {
+        address: a,
+        trust: Trust::Validated,
+        first_seen: NOW - 3,
+    };
+    let binding = [
+        &at_rest::address(&a)[..],
+        &[1],
+        &peer.first_seen.to_be_bytes(),
+    ]
+    .concat();
+    c.execute(
+        "INSERT INTO peers VALUES (?1, ?2, 1, ?3, ?4)",
+        rusqlite::params![
+            &a.identity[..],
+            a.device_id,
+            peer.first_seen as i64,
+            at_rest::seal(&KEY, "peers", &binding, &[])
+        ],
+    )
+    .unwrap();
+    let outbox = outbox_entry(a, w.id(), vec![1, 2, 3]);
+    c.execute(
+        "INSERT INTO outbox (envelope_id, to_identity, to_device, payload, created)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        rusqlite::params![
+            &outbox.envelope.id.0[..],
+            &a.identity[..],
+            a.device_id,
+            &outbox.envelope.payload[..],
+            outbox.created as i64
+        ],
+    )
+    .unwrap();
+    let processed = w.id();
+    c.execute(
+        "INSERT INTO processed VALUES (?1, ?2)",
+        rusqlite::params![&processed.0[..], NOW as i64],
+    )
+    .unwrap();
+    let inbox = message(processed, a, b"from version 1", NOW + 1);
+    let binding = [
+        &inbox.envelope_id.0[..],
+        &at_rest::address(&a),
+        &inbox.received_at.to_be_bytes(),
+    ]
+    .concat();
+    c.execute(
+        "INSERT INTO inbox (envelope_id, from_identity, from_device, received_at, body)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        rusqlite::params![
+            &inbox.envelope_id.0[..],
+            &a.identity[..],
+            a.device_id,
+            inbox.received_at as i64,
+            at_rest::seal(&KEY, "inbox", &binding, &inbox.body)
+        ],
+    )
+    .unwrap();
+    V1 {
+        peer,
+        outbox,
+        processed,
+        inbox,
+    }
+}
+
+fn tables(c: &rusqlite::Connection) -> Vec<String> {
+    let mut stmt = c
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'table' ORDER BY name")
+        .unwrap();
+    let names = stmt.query_map([], |r| r.get(0)).unwrap();
+    names.map(Result::unwrap).collect()
+}
+
+#[test]
+fn a_version_1_database_is_migrated_with_its_data() {
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 2);
+    let dir = TempDir::new("migrate");
+    let mut w = world(19);
+    let v1 = version_1_database(&dir.db(), &mut w);
+    let a = w.peers[0].0;
+    let version = |c: &rusqlite::Connection| -> u32 {
+        c.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(version(&raw(&dir.db())), 1);
+    assert!(!tables(&raw(&dir.db())).contains(&"sent".to_string()));
+
+    let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    let c = raw(&dir.db());
+    assert_eq!(version(&c), 2);
+    let names = tables(&c);
+    for t in [
+        "identity",
+        "inbox",
+        "meta",
+        "outbox",
+        "peers",
+        "prekeys",
+        "processed",
+        "quarantine",
+        "sent",
+        "sessions",
+    ] {
+        assert!(names.contains(&t.to_string()), "{t} missing: {names:?}");
+    }
+    // Everything version 1 wrote reads back.
+    assert!(store.corrupted_rows().unwrap().is_empty());
+    assert_eq!(
+        *store.identity().unwrap().unwrap().keys.seed(),
+        *w.me.keys.seed()
+    );
+    let prekeys = store.prekeys().unwrap().unwrap();
+    assert_eq!(prekeys.upload_counter, w.prekeys.upload_counter);
+    assert!(prekeys.accepted.is_empty());
+    let record = store.session(&a).unwrap().unwrap();
+    assert_eq!(record.entries().len(), 1);
+    assert_eq!(
+        record.entries()[0].session.to_bytes(),
+        w.peers[0].1.to_bytes()
+    );
+    assert_eq!(store.peer(&a).unwrap(), Some(v1.peer.clone()));
+    assert_eq!(store.peers().unwrap(), [v1.peer]);
+    assert_eq!(store.outbox().unwrap(), [v1.outbox]);
+    assert!(store.is_processed(&v1.processed).unwrap());
+    assert_eq!(store.inbox().unwrap(), [v1.inbox]);
+    assert!(store.quarantined().unwrap().is_empty());
+    assert!(store.sent_messages().unwrap().is_empty());
+
+    // The new tables work, and the migrated store reopens as version 2.
+    let m = sent(
+        w.message_id(),
+        a,
+        b"after the migration",
+        DeliveryState::Stored,
+        NOW,
+    );
+    store.update_sent(&m).unwrap();
+    store.quarantine_session(&a, NOW, "test").unwrap();
+    drop(store);
+    let store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    assert_eq!(version(&raw(&dir.db())), 2);
+    assert_eq!(store.sent_messages().unwrap(), [m]);
+    let q = store.quarantined().unwrap();
+    assert_eq!((q.len(), q[0].peer), (1, a));
+    assert!(store.session(&a).unwrap().is_none());
+
+    // The wrong key is refused before anything is migrated.
+    let dir = TempDir::new("migrate-wrong-key");
+    version_1_database(&dir.db(), &mut w);
+    assert!(matches!(
+        SqliteStore::open(dir.db(), &[1; 32]),
+        Err(StoreError::WrongKey)
+    ));
+    assert_eq!(version(&raw(&dir.db())), 1);
+    assert!(!tables(&raw(&dir.db())).contains(&"quarantine".to_string()));
+}
+
+#[test]
+fn a_failed_migration_leaves_version_1() {
+    let dir = TempDir::new("migrate-fails");
+    let mut w = world(20);
+    version_1_database(&dir.db(), &mut w);
+    // A table in the way of the second step's second statement.
+    raw(&dir.db())
+        .execute_batch("CREATE TABLE sent (x INTEGER) STRICT")
+        .unwrap();
+    assert!(matches!(
+        SqliteStore::open(dir.db(), &KEY),
+        Err(StoreError::Backend(_))
+    ));
+    let c = raw(&dir.db());
+    let version: u32 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 1);
+    assert!(
+        !tables(&c).contains(&"quarantine".to_string()),
+        "rolled back"
+    );
+    // Once the obstacle is gone, the migration runs.
+    c.execute_batch("DROP TABLE sent").unwrap();
+    let store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    assert!(store.session(&w.peers[0].0).unwrap().is_some());
+    assert!(store.sent_messages().unwrap().is_empty());
 }
 
 #[test]
@@ -855,16 +2013,18 @@ fn concurrent_writers_wait_for_each_other() {
                 for i in 0..25u8 {
                     let mut id = [t; 16];
                     id[15] = i;
-                    store
-                        .commit_receive(&[ReceiveCommit {
-                            envelope_id: EnvelopeId(id),
-                            processed_at: NOW,
-                            session: None,
-                            prekeys: None,
-                            peer: None,
-                            message: None,
-                        }])
-                        .unwrap();
+                    store.commit_receive(&[mark(EnvelopeId(id), NOW)]).unwrap();
+                    let m = sent(
+                        MessageId(id),
+                        DeviceAddress {
+                            identity: [t; 32],
+                            device_id: 1,
+                        },
+                        b"x",
+                        DeliveryState::Stored,
+                        NOW,
+                    );
+                    store.update_sent(&m).unwrap();
                 }
             })
         })
@@ -872,8 +2032,11 @@ fn concurrent_writers_wait_for_each_other() {
     for t in threads {
         t.join().unwrap();
     }
-    let n: i64 = raw(&dir.db())
-        .query_row("SELECT count(*) FROM processed", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(n, 100);
+    let c = raw(&dir.db());
+    for table in ["processed", "sent"] {
+        let n: i64 = c
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 100, "{table}");
+    }
 }

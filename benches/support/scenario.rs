@@ -67,7 +67,10 @@ where
     let start = Instant::now();
     let mut received = 0;
     while received < messages {
-        let report = bob.receive(&mut cubbyhole::OsRng, now).await.expect("receive");
+        let report = bob
+            .receive(&mut cubbyhole::OsRng, now)
+            .await
+            .expect("receive");
         assert!(
             report.rejected.is_empty(),
             "rejected: {:?}",

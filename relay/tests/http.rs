@@ -225,12 +225,25 @@ async fn offline_conversation(relay: &HttpRelay, bob_store: impl Store + Send) {
     );
     assert!(got.iter().all(|(from, _)| *from == alice.address()));
     // Acknowledged: nothing more for Bob.
-    assert_eq!(bob.receive(&mut cubbyhole::OsRng, now()).await.unwrap().received, 0);
+    assert_eq!(
+        bob.receive(&mut cubbyhole::OsRng, now())
+            .await
+            .unwrap()
+            .received,
+        0
+    );
 
     bob.send(&mut OsRng, &alice.address(), b"Got them all.", now())
         .await
         .unwrap();
-    assert_eq!(alice.receive(&mut cubbyhole::OsRng, now()).await.unwrap().received, 1);
+    assert_eq!(
+        alice
+            .receive(&mut cubbyhole::OsRng, now())
+            .await
+            .unwrap()
+            .received,
+        1
+    );
     assert_eq!(
         take_inbox(&mut alice),
         vec![(bob_address, "Got them all.".to_owned())]
@@ -281,7 +294,13 @@ async fn offline_conversation_over_a_sqlite_file_survives_a_relay_restart() {
         &relay,
         ClientConfig::default(),
     );
-    assert_eq!(bob.receive(&mut cubbyhole::OsRng, now()).await.unwrap().received, 1);
+    assert_eq!(
+        bob.receive(&mut cubbyhole::OsRng, now())
+            .await
+            .unwrap()
+            .received,
+        1
+    );
     assert_eq!(
         take_inbox(&mut bob),
         vec![(alice.address(), "after the restart".to_owned())]
@@ -309,7 +328,10 @@ async fn online_recipient_gets_messages_pushed_by_long_poll() {
         // Bob waits (up to 5 s) in his own task...
         let waiting = tokio::spawn(async move {
             let started = Instant::now();
-            let report = bob.receive_waiting(&mut cubbyhole::OsRng, now(), 5000).await.unwrap();
+            let report = bob
+                .receive_waiting(&mut cubbyhole::OsRng, now(), 5000)
+                .await
+                .unwrap();
             (bob, report, started, Instant::now())
         });
         // ...his long poll is in flight before Alice writes.
@@ -345,7 +367,10 @@ async fn online_recipient_gets_messages_pushed_by_long_poll() {
 
     // With nothing coming, the wait runs its course and returns empty.
     let started = Instant::now();
-    let report = bob.receive_waiting(&mut cubbyhole::OsRng, now(), 700).await.unwrap();
+    let report = bob
+        .receive_waiting(&mut cubbyhole::OsRng, now(), 700)
+        .await
+        .unwrap();
     assert_eq!(report.received, 0);
     assert!(started.elapsed() >= Duration::from_millis(650));
     server.stop().await;
@@ -1030,7 +1055,13 @@ async fn a_closed_port_is_unavailable_after_the_retries() {
     assert!(!sent.deposited);
     let mut alice = device_on(alice.into_store(), &live, ClientConfig::default());
     assert_eq!(alice.flush_outbox().await.unwrap(), 1);
-    assert_eq!(bob.receive(&mut cubbyhole::OsRng, now()).await.unwrap().received, 2);
+    assert_eq!(
+        bob.receive(&mut cubbyhole::OsRng, now())
+            .await
+            .unwrap()
+            .received,
+        2
+    );
     let texts: Vec<String> = take_inbox(&mut bob).into_iter().map(|(_, t)| t).collect();
     assert_eq!(texts, ["first", "second"]);
     server.stop().await;

@@ -486,7 +486,10 @@ fn a_client_waiting_on_one_process_receives_a_message_sent_through_another() {
         for round in 0..ROUNDS / 2 {
             let waiting = tokio::spawn(async move {
                 let started = Instant::now();
-                let report = bob.receive_waiting(&mut cubbyhole::OsRng, now(), WAIT_MS).await.unwrap();
+                let report = bob
+                    .receive_waiting(&mut cubbyhole::OsRng, now(), WAIT_MS)
+                    .await
+                    .unwrap();
                 (bob, report, started, Instant::now())
             });
             b.until_waiting(1).await;

@@ -554,8 +554,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         now: u64,
         why: &StoreError,
     ) -> Result<(), ClientError> {
-        self.store
-            .quarantine_session(peer, now, &why.to_string())?;
+        self.store.quarantine_session(peer, now, &why.to_string())?;
         // An empty record remembers that sessions with this peer were lost:
         // the next one we start carries RESET.
         self.store.set_session(peer, &SessionRecord::new())?;
@@ -943,8 +942,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///   (doubling each time, up to `resend_max_interval`) is encrypted
     ///   again, with the same message id, under the peer's current session;
     ///   if nothing at all arrived from the peer since it was sent, the
-    ///   session is presumed dead and a new one is started first (at most
-    ///   every other round);
+    ///   session is presumed dead and a new one (from a fresh bundle) is
+    ///   started first;
     /// - a message older than `give_up_after` is reported failed;
     /// - a peer whose sessions were all lost (quarantined, restored from a
     ///   backup) gets a new session marked `RESET` at once, so it stops
@@ -993,11 +992,11 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 continue;
             }
             let shift = m.sends.saturating_sub(1).min(32);
-            let wait = self
-                .config
-                .resend_after
-                .saturating_mul(1u64 << shift)
-                .min(self.config.resend_max_interval.max(self.config.resend_after));
+            let wait = self.config.resend_after.saturating_mul(1u64 << shift).min(
+                self.config
+                    .resend_max_interval
+                    .max(self.config.resend_after),
+            );
             if urgent.contains(&m.to) || now >= m.last_sent.saturating_add(wait) {
                 match due.iter_mut().find(|(a, _)| *a == m.to) {
                     Some((_, list)) => list.push(m),
@@ -1044,16 +1043,14 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let oldest = messages.iter().map(|m| m.last_sent).min().unwrap_or(0);
         let fresh_since = record.current(&me, peer).map(|c| c.created);
         // Presumed dead: nothing arrived since the oldest due message was
-        // sent, and the current session is older than that send.
+        // sent on it (the peer answers every message with a receipt).
         let dead = !messages.is_empty()
             && heard < oldest
-            && fresh_since.is_some_and(|created| created < oldest);
+            && fresh_since.is_some_and(|created| created <= oldest);
         let lost = fresh_since.is_none();
         if dead || lost {
             let mut record = record;
-            let entry = self
-                .new_session(rng, peer, &record, lost && !record.is_empty(), now)
-                .await?;
+            let entry = self.new_session(rng, peer, &record, lost, now).await?;
             record.insert(entry, self.config.archived_sessions, &me, peer);
             self.store.set_session(peer, &record)?;
             report.new_sessions += 1;
@@ -1343,7 +1340,12 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             sent: None,
         };
         let mut commits: Vec<ReceiveCommit<'_>> = Vec::with_capacity(
-            b.processed.len() + b.seen.len() + b.touched.len() + b.new_peers.len() + b.sent.len() + 1,
+            b.processed.len()
+                + b.seen.len()
+                + b.touched.len()
+                + b.new_peers.len()
+                + b.sent.len()
+                + 1,
         );
         for (id, index) in &b.processed {
             commits.push(ReceiveCommit {
@@ -1553,10 +1555,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             return Err(Rejection::Protocol(Error::Duplicate));
         }
         self.refuse_compromised(b, &identity)?;
-        let state = b
-            .prekeys
-            .as_mut()
-            .ok_or(unaccepted(Error::UnknownPrekey))?;
+        let state = b.prekeys.as_mut().ok_or(unaccepted(Error::UnknownPrekey))?;
         let accepted = Session::accept(
             &self.identity.keys,
             &state.prekeys,

@@ -243,9 +243,7 @@ impl SessionRecord {
         out.push(RECORD_VERSION);
         out.extend_from_slice(&(self.entries.len() as u16).to_be_bytes());
         for (e, state) in self.entries.iter().zip(&states) {
-            out.push(
-                if e.superseded { SUPERSEDED } else { 0 } | if e.reset { RESET } else { 0 },
-            );
+            out.push(if e.superseded { SUPERSEDED } else { 0 } | if e.reset { RESET } else { 0 });
             out.extend_from_slice(&e.id);
             out.extend_from_slice(&e.generation.to_be_bytes());
             out.extend_from_slice(&e.created.to_be_bytes());

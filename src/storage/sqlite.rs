@@ -162,9 +162,8 @@ fn migrate_v2(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
 /// [`Store::commit_send`], [`Store::commit_receive`] and
 /// [`Store::quarantine_session`] each run in one `BEGIN IMMEDIATE`
 /// transaction, so a crash or error leaves all of their changes or none.
-/// Several processes may open the same file; writers wait
-/// for each other up to a busy timeout (10 s) before failing with
-/// [`StoreError::Backend`].
+/// Several processes may open the same file; writers wait for each other up
+/// to a busy timeout (10 s) before failing with [`StoreError::Backend`].
 ///
 /// # Encryption at rest
 ///
@@ -197,8 +196,7 @@ fn migrate_v2(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
 /// of sealed values written under one key below 2^32 (each session record,
 /// peer, prekey, identity or sent-message write and each received message
 /// is one; a receive batch seals each session record and sent message it
-/// changes once). That is 50 days at 1,000
-/// writes a second, sustained.
+/// changes once). That is 50 days at 1,000 writes a second, sustained.
 ///
 /// # Corrupted rows
 ///
