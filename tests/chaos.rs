@@ -111,10 +111,11 @@ impl ChaosStore {
         let before = self.inner.session(peer).ok().flatten().unwrap_or_default();
         let mut acc = self.accepted.lock().unwrap();
         for e in record.entries() {
-            if e.session.role() == Role::Responder && before.find(&e.id).is_none() {
-                if !acc.ids.insert((peer.identity, e.id)) {
-                    acc.twice += 1;
-                }
+            if e.session.role() == Role::Responder
+                && before.find(&e.id).is_none()
+                && !acc.ids.insert((peer.identity, e.id))
+            {
+                acc.twice += 1;
             }
         }
     }
@@ -496,6 +497,10 @@ struct World {
     ever_shown: HashSet<(DeviceAddress, u64)>,
     violations: Vec<String>,
     stats: Stats,
+    /// `CHAOS_VERBOSE=1`: print every step (to replay one seed).
+    verbose: bool,
+    /// Messages re-sent and sessions started since this was reset.
+    busy: usize,
 }
 
 impl World {
@@ -537,11 +542,19 @@ impl World {
             ever_shown: HashSet::new(),
             violations: Vec::new(),
             stats: Stats::default(),
+            verbose: std::env::var_os("CHAOS_VERBOSE").is_some(),
+            busy: 0,
         }
     }
 
     fn now(&self) -> u64 {
         *self.clock.lock().unwrap()
+    }
+
+    fn log(&self, what: impl FnOnce() -> String) {
+        if self.verbose {
+            eprintln!("[{}] {}", self.now() - T0, what());
+        }
     }
 
     fn advance(&mut self, seconds: u64) {
@@ -615,6 +628,7 @@ impl World {
         let r = self.with(from, |c, rng, now| {
             block_on(c.send(rng, &to_addr, &n.to_be_bytes(), now))
         });
+        self.log(|| format!("{from} sends #{n} to {to}: {r:?}"));
         match r {
             Ok(sent) => {
                 self.devices[from].app.sent.push((n, to_addr, sent.message));
@@ -628,6 +642,10 @@ impl World {
 
     fn receive(&mut self, i: usize) {
         let r = self.with(i, |c, rng, now| block_on(c.receive(rng, now)));
+        self.log(|| format!("{i} receives: {r:?}"));
+        if let Ok(r) = &r {
+            self.busy += r.resend.resent + r.resend.new_sessions + r.notices.len();
+        }
         if let Err(e) = &r {
             if !matches!(e, ClientError::Store(StoreError::Backend(_))) {
                 self.violations.push(format!("receive failed: {e}"));
@@ -663,11 +681,16 @@ impl World {
 
     fn chores(&mut self, i: usize) {
         let _ = self.with(i, |c, _, _| block_on(c.flush_outbox()));
-        let _ = self.with(i, |c, rng, now| block_on(c.resend(rng, now)));
+        let r = self.with(i, |c, rng, now| block_on(c.resend(rng, now)));
+        self.log(|| format!("{i} resends: {r:?}"));
+        if let Ok(r) = &r {
+            self.busy += r.resent + r.new_sessions;
+        }
         let _ = self.with(i, |c, rng, now| block_on(c.maintain_prekeys(rng, now)));
     }
 
     fn backup(&mut self, i: usize) {
+        self.log(|| format!("{i}: backup"));
         let copy = self.devices[i]
             .client
             .as_ref()
@@ -679,6 +702,7 @@ impl World {
     }
 
     fn restore(&mut self, i: usize) {
+        self.log(|| format!("{i}: restore"));
         let Some((store, app)) = self.devices[i].backup.clone() else {
             return;
         };
@@ -698,6 +722,7 @@ impl World {
     }
 
     fn lose_prekeys(&mut self, i: usize) {
+        self.log(|| format!("{i}: lose_prekeys"));
         self.stats.lost_prekeys += 1;
         let _ = self.with(i, |c, rng, now| {
             let identity = c.store().identity()?.expect("identity");
@@ -716,6 +741,7 @@ impl World {
     }
 
     fn corrupt(&mut self, i: usize) {
+        self.log(|| format!("{i}: corrupt"));
         let peers: Vec<DeviceAddress> = self.devices[i]
             .client
             .as_ref()
@@ -736,6 +762,7 @@ impl World {
     }
 
     fn drain(&mut self, i: usize) {
+        self.log(|| format!("{i}: drain"));
         let address = self.devices[i].address;
         for _ in 0..8 {
             if block_on(self.net.relay.fetch_bundle(&address)).is_err() {
@@ -746,6 +773,7 @@ impl World {
     }
 
     fn crash_soon(&mut self, i: usize) {
+        self.log(|| format!("{i}: crash_soon"));
         let n = self.rng.next_u32() % 6;
         self.devices[i].faults.lock().unwrap().crash_in = Some(n);
         self.stats.crashes += 1;
@@ -838,32 +866,9 @@ fn run(seed: u64) -> Result<Outcome, String> {
         f.crash_in = None;
         f.corrupt.clear();
     }
-    let mut rounds = 0;
-    while !w.undelivered().is_empty() {
-        if rounds == MAX_RECOVERY_ROUNDS {
-            return Err(format!(
-                "seed {seed}: after {rounds} rounds still undelivered: {:?}",
-                w.undelivered()
-            ));
-        }
-        rounds += 1;
-        w.advance(HOUR);
-        for i in 0..w.devices.len() {
-            w.chores(i);
-            w.receive(i);
-        }
-    }
-    // Everything settles (receipts in flight, late re-sends): nothing more
-    // may be shown twice.
-    for _ in 0..3 {
-        w.advance(4 * HOUR);
-        for i in 0..w.devices.len() {
-            w.chores(i);
-            w.receive(i);
-        }
-    }
-    // One round trip between every two devices: then each pair encrypts
-    // under the same session (the record rule converged).
+    // Every device writes once more to every other: a session that one
+    // side lost without knowing it (restored from a backup older than the
+    // session) is found out by traffic, like any dead session.
     let n = w.devices.len();
     for i in 0..n {
         for j in 0..n {
@@ -872,10 +877,46 @@ fn run(seed: u64) -> Result<Outcome, String> {
             }
         }
     }
-    for _ in 0..2 {
+    let mut rounds = 0;
+    loop {
         for i in 0..n {
+            w.chores(i);
             w.receive(i);
         }
+        if w.undelivered().is_empty() {
+            break;
+        }
+        if rounds == MAX_RECOVERY_ROUNDS {
+            return Err(format!(
+                "seed {seed}: after {rounds} rounds still undelivered: {:?}",
+                w.undelivered()
+            ));
+        }
+        rounds += 1;
+        w.advance(HOUR);
+    }
+    // Everything settles (receipts in flight, late re-sends): nothing more
+    // may be shown twice, and each pair encrypts under the same session
+    // (the record rule converged).
+    // Rounds go on until one passes in which nobody re-sent anything or
+    // started a session (a receipt lost on a session its receiver had
+    // lost makes the sender try again, once more).
+    let mut quiet = false;
+    for _ in 0..MAX_RECOVERY_ROUNDS {
+        w.advance(4 * HOUR);
+        w.busy = 0;
+        for i in 0..n {
+            w.chores(i);
+            w.receive(i);
+        }
+        if w.busy == 0 {
+            quiet = true;
+            break;
+        }
+        rounds += 1;
+    }
+    if !quiet {
+        w.violations.push("never quiet".into());
     }
     for i in 0..n {
         for j in i + 1..n {
@@ -890,6 +931,23 @@ fn run(seed: u64) -> Result<Outcome, String> {
                 w.violations.push(format!(
                     "devices {i} and {j} did not converge: {ix:?} / {iy:?}"
                 ));
+            }
+        }
+    }
+    if w.verbose {
+        for x in &w.devices {
+            for y in &w.devices {
+                if let Ok(Some(r)) = x.client.as_ref().unwrap().store().session(&y.address) {
+                    let cur = r.current(&x.address, &y.address).map(|e| e.id);
+                    eprintln!(
+                        "{:?}->{:?} current {cur:?}",
+                        &x.address.identity[..2],
+                        &y.address.identity[..2]
+                    );
+                    for e in r.entries() {
+                        eprintln!("    {e:?} prekey={}", e.session.sends_prekey_messages());
+                    }
+                }
             }
         }
     }

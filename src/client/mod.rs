@@ -1575,12 +1575,13 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         b.prekeys_changed = true;
         let mut entry = SessionEntry::new(accepted.session, frame.generation.unwrap_or(0), now);
         entry.last_received = now;
+        entry.reset = frame.reset;
         let id = entry.id;
         let me = self.address();
         let record = b.records.entry(address).or_default();
         record.insert(entry, self.config.archived_sessions, &me, &address);
         if frame.reset {
-            record.apply_reset(&id);
+            record.apply_reset(&id, &me, &address);
             b.urgent.insert(address);
         }
         b.touch(address);

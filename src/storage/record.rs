@@ -35,6 +35,8 @@ pub const DEFAULT_ARCHIVED_SESSIONS: usize = 40;
 const SUPERSEDED: u8 = 1;
 const RESET: u8 = 2;
 
+type Rank = (u64, DeviceAddress, bool, [u8; 16]);
+
 /// One session with a peer device and what the record rule needs of it.
 #[derive(Clone)]
 pub struct SessionEntry {
@@ -47,8 +49,9 @@ pub struct SessionEntry {
     /// Never current again (the peer said it lost it, or we restored a
     /// backup): it may still decrypt, it never encrypts.
     pub superseded: bool,
-    /// We initiated it after losing our earlier sessions with the peer: its
-    /// prekey messages carry the frame's `RESET` flag.
+    /// Its initiator had lost its earlier sessions with the other side: its
+    /// prekey messages carry the frame's `RESET` flag (set by the initiator
+    /// when it starts the session, by the responder when it accepts it).
     pub reset: bool,
     /// When it was created here (unix seconds).
     pub created: u64,
@@ -84,13 +87,14 @@ impl SessionEntry {
         }
     }
 
-    /// The record rule's sort key: `(generation, initiator address, id)`.
-    fn rank(&self, local: &DeviceAddress, peer: &DeviceAddress) -> (u64, DeviceAddress, [u8; 16]) {
+    /// The record rule's sort key: `(generation, initiator address, reset,
+    /// id)`.
+    fn rank(&self, local: &DeviceAddress, peer: &DeviceAddress) -> Rank {
         let initiator = match self.session.role() {
             Role::Initiator => *local,
             Role::Responder => *peer,
         };
-        (self.generation, initiator, self.id)
+        (self.generation, initiator, self.reset, self.id)
     }
 }
 
@@ -194,16 +198,17 @@ impl SessionRecord {
         }
     }
 
-    /// Applies a `RESET` carried by the new session `id` (the peer lost its
-    /// earlier sessions with us): every other session the peer initiated,
-    /// and every session we initiated that the peer has answered, is
-    /// superseded. A session we initiated that the peer never answered is
-    /// kept: the peer may not have seen it yet (it crossed the reset), and
-    /// it will reach the peer as a new session. Apply it once, when the
-    /// session `id` is accepted.
-    pub fn apply_reset(&mut self, id: &[u8; 16]) {
-        for e in self.entries.iter_mut().filter(|e| &e.id != id) {
-            if e.session.role() == Role::Responder || !e.session.sends_prekey_messages() {
+    /// Applies a `RESET` carried by the session `id` (the peer lost its
+    /// earlier sessions with us): every session ranked below it is
+    /// superseded. Sessions ranked above it were created after it (the peer
+    /// started them knowing it, or we did after receiving it) or cross it
+    /// with a later generation; the peer may hold them, so they stay.
+    pub fn apply_reset(&mut self, id: &[u8; 16], local: &DeviceAddress, peer: &DeviceAddress) {
+        let Some(top) = self.find(id).map(|e| e.rank(local, peer)) else {
+            return;
+        };
+        for e in &mut self.entries {
+            if e.rank(local, peer) < top {
                 e.superseded = true;
             }
         }
