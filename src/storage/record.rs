@@ -4,7 +4,7 @@
 //!
 //! Which session is current is not remembered but computed, by a rule both
 //! devices apply to the same facts: among the sessions not superseded, the
-//! one with the greatest `(generation, initiator address, id)`. The
+//! one with the greatest `(generation, reset, initiator address, id)`. The
 //! generation is chosen by the initiator (at least its clock, above every
 //! generation it knows for the peer) and carried inside the session's first
 //! messages, so once both devices have seen the same sessions they pick the
@@ -35,7 +35,7 @@ pub const DEFAULT_ARCHIVED_SESSIONS: usize = 40;
 const SUPERSEDED: u8 = 1;
 const RESET: u8 = 2;
 
-type Rank = (u64, DeviceAddress, bool, [u8; 16]);
+type Rank = (u64, bool, DeviceAddress, [u8; 16]);
 
 /// One session with a peer device and what the record rule needs of it.
 #[derive(Clone)]
@@ -87,14 +87,14 @@ impl SessionEntry {
         }
     }
 
-    /// The record rule's sort key: `(generation, initiator address, reset,
-    /// id)`.
+    /// The record rule's sort key: `(generation, reset, initiator address,
+    /// id)`. Both devices know every part of it, so they rank alike.
     fn rank(&self, local: &DeviceAddress, peer: &DeviceAddress) -> Rank {
         let initiator = match self.session.role() {
             Role::Initiator => *local,
             Role::Responder => *peer,
         };
-        (self.generation, initiator, self.reset, self.id)
+        (self.generation, self.reset, initiator, self.id)
     }
 }
 
