@@ -112,6 +112,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     block_on(alice.maintain_prekeys(&mut OsRng, now()))?;
     let alice_address = alice.address();
     let names = [("Alice", alice_address), ("Bob", bob_address)];
+    let mut sent_ids = Vec::new();
     for text in [
         "Hi Bob, it's Alice.",
         "I got your key from the directory.",
@@ -119,14 +120,15 @@ fn main() -> Result<(), Box<dyn Error>> {
     ] {
         let sent = block_on(alice.send(&mut OsRng, &bob_address, text.as_bytes(), now()))?;
         println!("   Alice -> Bob: {text}  (deposited: {})", sent.deposited);
+        sent_ids.push((text, sent.message));
     }
     show_relay(&relay, &names)?;
 
     println!("\n== Bob comes back: reopens his store from disk and receives");
     let mut bob = open(&dir, "bob", &bob_key, &relay)?;
-    let report = block_on(bob.receive(&mut cubbyhole::OsRng, now()))?;
+    let report = block_on(bob.receive(&mut OsRng, now()))?;
     println!(
-        "   received {}, redelivered {}, rejected {}, missing {:?}",
+        "   received {}, redelivered {}, rejected {}, missing {:?} (and a receipt goes back)",
         report.received,
         report.redelivered,
         report.rejected.len(),
@@ -142,9 +144,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("   Bob -> Alice: Hi Alice! Got all three.");
     show_relay(&relay, &names)?;
 
-    println!("\n== Alice receives the reply");
-    block_on(alice.receive(&mut cubbyhole::OsRng, now()))?;
+    println!("\n== Alice receives the reply, and Bob's receipt");
+    block_on(alice.receive(&mut OsRng, now()))?;
     print_inbox(&mut alice, "Alice", &names)?;
+    for (text, id) in sent_ids {
+        println!("   {text:36} {:?}", alice.delivery(&id)?.expect("kept"));
+    }
 
     println!("\n== Safety number (compare out of band)");
     println!("   Alice sees: {}", alice.safety_number(&bob_address)?);

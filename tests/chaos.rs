@@ -241,6 +241,10 @@ impl Store for ChaosStore {
         self.alive()?;
         self.inner.sent_messages()
     }
+    fn pending_sent(&self) -> Result<Vec<SentMessage>, StoreError> {
+        self.alive()?;
+        self.inner.pending_sent()
+    }
     fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
         self.alive()?;
         self.inner.sent_message(id)

@@ -442,8 +442,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         }
         if trust == Trust::Compromised {
             // Nothing more goes to a compromised key.
-            for mut m in self.store.sent_messages()? {
-                if m.to.identity == peer.identity && m.state.is_pending() {
+            for mut m in self.store.pending_sent()? {
+                if m.to.identity == peer.identity {
                     m.state = DeliveryState::Failed(Failure::Compromised);
                     m.body.clear();
                     self.store.update_sent(&m)?;
@@ -516,11 +516,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 Err(e) => self.quarantine(&peer, now, &e)?,
             }
         }
-        for mut m in self.store.sent_messages()? {
-            if m.state.is_pending() {
-                m.last_sent = 0;
-                self.store.update_sent(&m)?;
-            }
+        for mut m in self.store.pending_sent()? {
+            m.last_sent = 0;
+            self.store.update_sent(&m)?;
         }
         if let Some(mut state) = self.store.prekeys()? {
             let keys = &self.identity.keys;
@@ -545,6 +543,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             self.store.set_prekeys(&state)?;
             self.maintain_prekeys(rng, now).await?;
         }
+        // Tell every peer now (RESET sessions), and re-send.
+        self.resend(rng, now).await?;
         Ok(())
     }
 
@@ -960,23 +960,24 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         rng: &mut (impl CryptoRngCore + Send),
         now: u64,
     ) -> Result<ResendReport, ClientError> {
-        self.resend_urgent(rng, now, &HashSet::new()).await
+        self.resend_urgent(rng, now, &HashSet::new(), true).await
     }
 
+    /// [`Client::resend`]; `scan_lost`: look at every record for peers
+    /// whose sessions were all lost (otherwise only the `urgent` ones: a
+    /// receive does not decode every record when nothing asks for it).
     async fn resend_urgent(
         &mut self,
         rng: &mut (impl CryptoRngCore + Send),
         now: u64,
         urgent: &HashSet<DeviceAddress>,
+        scan_lost: bool,
     ) -> Result<ResendReport, ClientError> {
         let mut report = ResendReport::default();
         let me = self.address();
         // Due messages, by peer, oldest first.
         let mut due: Vec<(DeviceAddress, Vec<SentMessage>)> = Vec::new();
-        for mut m in self.store.sent_messages()? {
-            if !m.state.is_pending() {
-                continue;
-            }
+        for mut m in self.store.pending_sent()? {
             let failure = if now.saturating_sub(m.created) > self.config.give_up_after {
                 Some(Failure::TimedOut)
             } else if self.check_trust(&m.to).is_err() {
@@ -1005,8 +1006,22 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             }
         }
         // Peers whose sessions were all lost get a RESET session now.
-        for (peer, record) in self.store.sessions()? {
-            let Ok(record) = record else { continue };
+        let lost: Vec<(DeviceAddress, SessionRecord)> = if scan_lost {
+            self.store
+                .sessions()?
+                .into_iter()
+                .filter_map(|(peer, r)| Some((peer, r.ok()?)))
+                .collect()
+        } else {
+            let mut records = Vec::new();
+            for peer in urgent {
+                if let Ok(Some(record)) = self.store.session(peer) {
+                    records.push((*peer, record));
+                }
+            }
+            records
+        };
+        for (peer, record) in lost {
             if record.current(&me, &peer).is_none()
                 && !due.iter().any(|(a, _)| *a == peer)
                 && self.check_trust(&peer).is_ok()
@@ -1140,7 +1155,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let cutoff = now.saturating_sub(self.config.processed_retention);
         self.store.prune_processed(cutoff)?;
         self.store.prune_sent(cutoff)?;
-        report.resend = self.resend_urgent(rng, now, &urgent).await?;
+        urgent.extend(report.quarantined.iter().copied());
+        report.resend = self.resend_urgent(rng, now, &urgent, false).await?;
         report.missing = self.missing()?;
         Ok(report)
     }

@@ -423,6 +423,14 @@ pub trait Store {
     /// Every sent message kept: awaiting a receipt, or delivered or failed
     /// and not yet pruned; oldest first.
     fn sent_messages(&self) -> Result<Vec<SentMessage>, StoreError>;
+    /// The sent messages still awaiting a receipt, oldest first (read on
+    /// every receive: a store should not read the delivered ones for it).
+    /// The default filters [`Store::sent_messages`].
+    fn pending_sent(&self) -> Result<Vec<SentMessage>, StoreError> {
+        let mut all = self.sent_messages()?;
+        all.retain(|m| m.state.is_pending());
+        Ok(all)
+    }
     /// A sent message by id.
     fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError>;
     /// Stores a sent message (new or updated: keyed by its id).

@@ -147,7 +147,8 @@ fn migrate_v2(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
              last_sent INTEGER NOT NULL,
              sends INTEGER NOT NULL CHECK (sends BETWEEN 0 AND 4294967295),
              body BLOB NOT NULL
-         ) STRICT;",
+         ) STRICT;
+         CREATE INDEX sent_pending ON sent (seq) WHERE state < 3;",
     )
     .map_err(backend)
 }
@@ -613,6 +614,11 @@ const PEERS_OF_IDENTITY: &str = "SELECT identity, device_id, trust, first_seen, 
 const SENT_SELECT: &str =
     "SELECT id, to_identity, to_device, state, created, last_sent, sends, body
      FROM sent ORDER BY seq";
+/// Pending states are 0, 1 and 2 (`DeliveryState::code`); the partial
+/// index `sent_pending` holds just those rows.
+const SENT_PENDING: &str =
+    "SELECT id, to_identity, to_device, state, created, last_sent, sends, body
+     FROM sent WHERE state < 3 ORDER BY seq";
 const SENT_BY_ID: &str = "SELECT id, to_identity, to_device, state, created, last_sent, sends, body
      FROM sent WHERE id = ?1";
 const INBOX_SELECT: &str =
@@ -1115,6 +1121,12 @@ impl Store for SqliteStore {
 
     fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
         Ok(self.sent_query(SENT_BY_ID, [&id.0[..]])?.pop())
+    }
+
+    /// Reads only the pending rows (through the partial index
+    /// `sent_pending`), however many delivered ones are kept.
+    fn pending_sent(&self) -> Result<Vec<SentMessage>, StoreError> {
+        self.sent_query(SENT_PENDING, [])
     }
 
     fn update_sent(&mut self, message: &SentMessage) -> Result<(), StoreError> {
