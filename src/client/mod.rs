@@ -23,7 +23,7 @@
 //! and draws no randomness of its own: `now` and `rng` are arguments, as
 //! in the protocol core.
 //!
-//! Inside each message the client puts a small [frame](frame) with the
+//! Inside each message the client puts a small [`frame`] with the
 //! sender's device number, the message id, receipts and session control
 //! fields, so that none of them is visible to the relay. The envelope
 //! carries no sender: a message is routed to its session by the ratchet key
