@@ -12,11 +12,19 @@
 //! its `description`. The generator refuses to write a negative case that the
 //! crate does not reject with that kind, and `tests/vectors.rs` checks every
 //! field again from the files.
+//!
+//! `frames.json` (the client frame of `src/client/frame.rs`, not part of the
+//! profile) uses no randomness: ids are SHA-256 of a label, and every
+//! expected encoding is written out by hand from the layout, byte field by
+//! byte field. The generator then checks that `Frame::decode` gives the
+//! fields back and that `Frame::encode` gives the same bytes, and that every
+//! negative case is refused with `BadFrame`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use cubbyhole::bundle::FreshnessPolicy;
+use cubbyhole::client::frame::{BadFrame, Frame};
 use cubbyhole::{
     hazmat, Error, IdentityKey, IdentityKeyPair, Incoming, OneTimePrekey, PrekeyBundle,
     PrekeyStore, Session, SessionConfig, SignedPrekey,
@@ -24,6 +32,7 @@ use cubbyhole::{
 use rand_chacha::rand_core::{CryptoRng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 const SEED: [u8; 32] = *b"cubbyhole/v1 test vectors seed!!";
 const MAX_SKIP: u32 = SessionConfig::DEFAULT_MAX_SKIP;
@@ -1413,8 +1422,7 @@ fn main() {
     }
 
     let generator = "cubbyhole examples/gen_vectors.rs (ChaCha20, fixed seed)";
-    let write = |file: &str, cases: Vec<Value>| {
-        let v = json!({"profile": "cubbyhole/v1", "generator": generator, "cases": cases});
+    let write_json = |file: &str, v: Value| {
         let path = out_dir.join(file);
         std::fs::write(
             &path,
@@ -1427,10 +1435,27 @@ fn main() {
             v["cases"].as_array().map_or(0, Vec::len)
         );
     };
+    let write = |file: &str, cases: Vec<Value>| {
+        write_json(
+            file,
+            json!({"profile": "cubbyhole/v1", "generator": generator, "cases": cases}),
+        );
+    };
     write("x3dh.json", x3dh_cases);
     write("session.json", runs.into_values().map(|r| r.json).collect());
     write("negative.json", negative_cases);
     write("fingerprint.json", fingerprint_cases);
+    // The client frame is the crate's own format, not the profile's: no
+    // "profile" key, so that another implementation's directory need not
+    // have the file.
+    write_json(
+        "frames.json",
+        json!({
+            "description": FRAMES_DESCRIPTION,
+            "generator": "cubbyhole examples/gen_vectors.rs (encodings written by hand from the layout)",
+            "cases": frame_cases(),
+        }),
+    );
 }
 
 /// The eight small-order points of edwards25519 (canonical encodings).
@@ -1484,4 +1509,475 @@ fn add_l(s: &[u8]) -> [u8; 32] {
         carry = v >> 8;
     }
     out
+}
+
+// ------------------------------------------------------------------ frames
+
+const FRAMES_DESCRIPTION: &str = "Client frames (src/client/frame.rs; SPEC.md, \"Client frame\"), \
+not part of the cubbyhole/v1 profile. \
+v1: 0x01 || device_id (4, big-endian) || body. \
+v2: 0x02 || device_id (4, big-endian) || flags (1) || [SESSION] generation (8, big-endian) \
+|| [DEAD] count (1, >= 1) || count x session id (16) \
+|| [RECEIPTS] count (2, big-endian, >= 1) || count x message id (16) \
+|| [MESSAGE] message id (16) || body (the rest). \
+Flags: MESSAGE 0x01, SESSION 0x02, RESET 0x04 (only with SESSION), RECEIPTS 0x08, DEAD 0x10; \
+other bits are zero; at least one of MESSAGE, SESSION, RECEIPTS is set; \
+without MESSAGE nothing follows the last field. \
+A case with error null decodes to its fields (message.id null: a v1 frame) and, \
+unless decode_only (v1 frames are never encoded), its fields encode to its encoding. \
+A case with error \"bad_frame\" must be refused.";
+
+/// The layout's constants, written out from the comment at the top of
+/// `src/client/frame.rs` rather than taken from the crate, so that the
+/// expected encodings do not come from the code under test.
+mod layout {
+    pub const V1: u8 = 0x01;
+    pub const V2: u8 = 0x02;
+    pub const MESSAGE: u8 = 0x01;
+    pub const SESSION: u8 = 0x02;
+    pub const RESET: u8 = 0x04;
+    pub const RECEIPTS: u8 = 0x08;
+    pub const DEAD: u8 = 0x10;
+}
+
+/// A 16-byte id: the first half of SHA-256 of a label.
+fn frame_id(label: &str) -> [u8; 16] {
+    let digest = Sha256::digest(format!("cubbyhole frame vectors: {label}").as_bytes());
+    digest[..16].try_into().expect("16 bytes")
+}
+
+/// A valid frame: its fields and its encoding, written by hand.
+struct GoodFrame {
+    name: &'static str,
+    description: &'static str,
+    frame: Frame,
+    encoding: Vec<u8>,
+    /// A v1 frame: decoded, never encoded.
+    decode_only: bool,
+}
+
+fn frame_cases() -> Vec<Value> {
+    use layout::{DEAD, MESSAGE, RECEIPTS, RESET, SESSION, V1, V2};
+
+    let m = |n: u32| frame_id(&format!("message {n}"));
+    let r = |n: u32| frame_id(&format!("received message {n}"));
+    let s = |n: u32| frame_id(&format!("dead session {n}"));
+    // Generations are seconds (2026-01-01T00:00:00Z and after), and one
+    // with seven significant bytes (below 2^53, exact in any JSON reader).
+    let g0: u64 = 1_767_225_600;
+    let g_big: u64 = 0x0012_3456_789a_bcde;
+    let be32 = u32::to_be_bytes;
+    let be64 = u64::to_be_bytes;
+    let cat = |parts: &[&[u8]]| parts.concat();
+    let many: Vec<[u8; 16]> = (0..256).map(r).collect();
+
+    let good = vec![
+        GoodFrame {
+            name: "message",
+            description: "a plain message: MESSAGE",
+            frame: Frame {
+                device_id: 1,
+                message: Some((Some(m(1)), b"hello".to_vec())),
+                ..Frame::default()
+            },
+            encoding: cat(&[&[V2], &be32(1), &[MESSAGE], &m(1), b"hello"]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "message_empty_body",
+            description: "a message with an empty body: MESSAGE, the id ends the frame",
+            frame: Frame {
+                device_id: 1,
+                message: Some((Some(m(2)), Vec::new())),
+                ..Frame::default()
+            },
+            encoding: cat(&[&[V2], &be32(1), &[MESSAGE], &m(2)]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "prekey_message",
+            description: "the frame of a prekey message: SESSION (the generation) and MESSAGE",
+            frame: Frame {
+                device_id: 2,
+                generation: Some(g0),
+                message: Some((Some(m(3)), b"first message of a session".to_vec())),
+                ..Frame::default()
+            },
+            encoding: cat(&[
+                &[V2],
+                &be32(2),
+                &[SESSION | MESSAGE],
+                &be64(g0),
+                &m(3),
+                b"first message of a session",
+            ]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "prekey_message_reset",
+            description: "a prekey message after the sender lost its sessions: SESSION, RESET and MESSAGE",
+            frame: Frame {
+                device_id: 3,
+                generation: Some(g0 + 1),
+                reset: true,
+                message: Some((Some(m(4)), b"restored from a backup".to_vec())),
+                ..Frame::default()
+            },
+            encoding: cat(&[
+                &[V2],
+                &be32(3),
+                &[SESSION | RESET | MESSAGE],
+                &be64(g0 + 1),
+                &m(4),
+                b"restored from a backup",
+            ]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "session_only",
+            description: "a control frame carrying only its session's generation: SESSION, nothing after the generation",
+            frame: Frame {
+                device_id: 0x0102_0304,
+                generation: Some(g0 + 2),
+                ..Frame::default()
+            },
+            encoding: cat(&[&[V2], &be32(0x0102_0304), &[SESSION], &be64(g0 + 2)]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "session_reset_only",
+            description: "a control frame announcing a reset: SESSION and RESET, nothing after the generation",
+            frame: Frame {
+                device_id: 4,
+                generation: Some(g0 + 3),
+                reset: true,
+                ..Frame::default()
+            },
+            encoding: cat(&[&[V2], &be32(4), &[SESSION | RESET], &be64(g0 + 3)]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "receipts_one",
+            description: "one receipt: RECEIPTS, count 1, nothing after the id",
+            frame: Frame {
+                device_id: 5,
+                receipts: vec![r(1)],
+                ..Frame::default()
+            },
+            encoding: cat(&[&[V2], &be32(5), &[RECEIPTS], &[0, 1], &r(1)]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "receipts_several",
+            description: "three receipts: RECEIPTS, count 3",
+            frame: Frame {
+                device_id: 6,
+                receipts: vec![r(1), r(2), r(3)],
+                ..Frame::default()
+            },
+            encoding: cat(&[&[V2], &be32(6), &[RECEIPTS], &[0, 3], &r(1), &r(2), &r(3)]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "receipts_256",
+            description: "256 receipts: RECEIPTS, count 0x0100 (both bytes of the count used)",
+            frame: Frame {
+                device_id: 7,
+                receipts: many.clone(),
+                ..Frame::default()
+            },
+            encoding: cat(&[&[V2], &be32(7), &[RECEIPTS], &[1, 0], &many.concat()]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "receipts_with_message",
+            description: "a message carrying receipts: RECEIPTS and MESSAGE, the receipts before the message id",
+            frame: Frame {
+                device_id: 8,
+                receipts: vec![r(4), r(5)],
+                message: Some((Some(m(5)), b"and thanks".to_vec())),
+                ..Frame::default()
+            },
+            encoding: cat(&[
+                &[V2],
+                &be32(8),
+                &[RECEIPTS | MESSAGE],
+                &[0, 2],
+                &r(4),
+                &r(5),
+                &m(5),
+                b"and thanks",
+            ]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "dead_session_notice",
+            description: "a dead-session notice: SESSION and DEAD, one session id, nothing after it",
+            frame: Frame {
+                device_id: 0xffff_fffe,
+                generation: Some(g0 + 4),
+                dead: vec![s(1)],
+                ..Frame::default()
+            },
+            encoding: cat(&[
+                &[V2],
+                &be32(0xffff_fffe),
+                &[SESSION | DEAD],
+                &be64(g0 + 4),
+                &[1],
+                &s(1),
+            ]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "everything",
+            description: "every flag: MESSAGE, SESSION, RESET, RECEIPTS and DEAD (flags 0x1f), in the order generation, dead ids, receipts, message",
+            frame: Frame {
+                device_id: 0x8000_0001,
+                generation: Some(g_big),
+                reset: true,
+                dead: vec![s(2), s(3)],
+                receipts: vec![r(6), r(7), r(8)],
+                message: Some((Some(m(6)), b"everything at once".to_vec())),
+            },
+            encoding: cat(&[
+                &[V2],
+                &be32(0x8000_0001),
+                &[MESSAGE | SESSION | RESET | RECEIPTS | DEAD],
+                &be64(g_big),
+                &[2],
+                &s(2),
+                &s(3),
+                &[0, 3],
+                &r(6),
+                &r(7),
+                &r(8),
+                &m(6),
+                b"everything at once",
+            ]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "v1_message",
+            description: "a v1 frame: decodes as a message without id (decode only: v1 is never encoded)",
+            frame: Frame {
+                device_id: 9,
+                message: Some((None, b"hi".to_vec())),
+                ..Frame::default()
+            },
+            encoding: cat(&[&[V1], &be32(9), b"hi"]),
+            decode_only: true,
+        },
+        GoodFrame {
+            name: "v1_empty_body",
+            description: "a v1 frame with an empty body: the five header bytes only (decode only)",
+            frame: Frame {
+                device_id: 10,
+                message: Some((None, Vec::new())),
+                ..Frame::default()
+            },
+            encoding: cat(&[&[V1], &be32(10)]),
+            decode_only: true,
+        },
+    ];
+
+    let mut cases = Vec::new();
+    for c in good {
+        assert_eq!(
+            Frame::decode(c.encoding.clone()).as_ref(),
+            Ok(&c.frame),
+            "{}: Frame::decode of the hand-written encoding",
+            c.name
+        );
+        if !c.decode_only {
+            assert_eq!(
+                hex::encode(c.frame.encode()),
+                hex::encode(&c.encoding),
+                "{}: Frame::encode differs from the hand-written encoding",
+                c.name
+            );
+        }
+        let f = &c.frame;
+        cases.push(json!({
+            "name": c.name,
+            "description": c.description,
+            "device_id": f.device_id,
+            "generation": f.generation,
+            "reset": f.reset,
+            "dead": f.dead.iter().map(|id| h(id)).collect::<Vec<_>>(),
+            "receipts": f.receipts.iter().map(|id| h(id)).collect::<Vec<_>>(),
+            "message": f.message.as_ref().map_or(Value::Null, |(id, body)| json!({
+                "id": id.as_ref().map_or(Value::Null, |id| h(id)),
+                "body": h(body),
+            })),
+            "decode_only": c.decode_only,
+            "encoding": h(&c.encoding),
+            "error": Value::Null,
+        }));
+    }
+
+    // Negative cases: each is a valid frame (or header) with one thing
+    // wrong, said in its description.
+    let dev = be32(1);
+    let bad: Vec<(&str, &str, Vec<u8>)> = vec![
+        (
+            "version_0x00",
+            "version byte 0x00 (a valid v2 message otherwise)",
+            cat(&[&[0x00], &dev, &[MESSAGE], &m(1), b"hello"]),
+        ),
+        (
+            "version_0x03",
+            "version byte 0x03, unknown (a valid v2 message otherwise)",
+            cat(&[&[0x03], &dev, &[MESSAGE], &m(1), b"hello"]),
+        ),
+        (
+            "unknown_flag_0x20",
+            "flags MESSAGE | 0x20: bit 0x20 is not defined",
+            cat(&[&[V2], &dev, &[MESSAGE | 0x20], &m(1), b"hello"]),
+        ),
+        (
+            "unknown_flag_0x40",
+            "flags MESSAGE | 0x40: bit 0x40 is not defined",
+            cat(&[&[V2], &dev, &[MESSAGE | 0x40], &m(1), b"hello"]),
+        ),
+        (
+            "unknown_flag_0x80",
+            "flags MESSAGE | 0x80: bit 0x80 is not defined",
+            cat(&[&[V2], &dev, &[MESSAGE | 0x80], &m(1), b"hello"]),
+        ),
+        (
+            "no_flags",
+            "flags 0x00: none of MESSAGE, SESSION, RECEIPTS",
+            cat(&[&[V2], &dev, &[0]]),
+        ),
+        (
+            "dead_without_content_flag",
+            "flags DEAD alone, with a well-formed dead list: none of MESSAGE, SESSION, RECEIPTS",
+            cat(&[&[V2], &dev, &[DEAD], &[1], &s(1)]),
+        ),
+        (
+            "reset_without_session_message",
+            "flags RESET | MESSAGE: RESET without SESSION",
+            cat(&[&[V2], &dev, &[RESET | MESSAGE], &m(1), b"hello"]),
+        ),
+        (
+            "reset_without_session_receipts",
+            "flags RESET | RECEIPTS: RESET without SESSION",
+            cat(&[&[V2], &dev, &[RESET | RECEIPTS], &[0, 1], &r(1)]),
+        ),
+        (
+            "zero_receipt_count",
+            "flags RECEIPTS, receipt count 0 (and nothing after it)",
+            cat(&[&[V2], &dev, &[RECEIPTS], &[0, 0]]),
+        ),
+        (
+            "zero_receipt_count_with_message",
+            "flags RECEIPTS | MESSAGE, receipt count 0, then a well-formed message",
+            cat(&[&[V2], &dev, &[RECEIPTS | MESSAGE], &[0, 0], &m(1), b"hello"]),
+        ),
+        (
+            "zero_dead_count",
+            "flags SESSION | DEAD, dead count 0 (and nothing after it)",
+            cat(&[&[V2], &dev, &[SESSION | DEAD], &be64(g0), &[0]]),
+        ),
+        (
+            "zero_dead_count_with_message",
+            "flags SESSION | DEAD | MESSAGE, dead count 0, then a well-formed message",
+            cat(&[
+                &[V2],
+                &dev,
+                &[SESSION | DEAD | MESSAGE],
+                &be64(g0),
+                &[0],
+                &m(1),
+                b"hello",
+            ]),
+        ),
+        (
+            "truncated_generation",
+            "flags SESSION, 7 of the 8 generation bytes",
+            cat(&[&[V2], &dev, &[SESSION], &be64(g0)[..7]]),
+        ),
+        (
+            "truncated_dead_count",
+            "flags SESSION | DEAD, the frame ends after the generation (no dead count)",
+            cat(&[&[V2], &dev, &[SESSION | DEAD], &be64(g0)]),
+        ),
+        (
+            "truncated_dead_list",
+            "flags SESSION | DEAD, dead count 2, one id and 15 bytes of the second",
+            cat(&[&[V2], &dev, &[SESSION | DEAD], &be64(g0), &[2], &s(1), &s(2)[..15]]),
+        ),
+        (
+            "truncated_receipt_count",
+            "flags RECEIPTS, one of the two count bytes",
+            cat(&[&[V2], &dev, &[RECEIPTS], &[0]]),
+        ),
+        (
+            "truncated_receipt_list",
+            "flags RECEIPTS, receipt count 2, one id and 15 bytes of the second",
+            cat(&[&[V2], &dev, &[RECEIPTS], &[0, 2], &r(1), &r(2)[..15]]),
+        ),
+        (
+            "receipt_count_exceeds_list",
+            "flags RECEIPTS, receipt count 3, two whole ids",
+            cat(&[&[V2], &dev, &[RECEIPTS], &[0, 3], &r(1), &r(2)]),
+        ),
+        (
+            "truncated_message_id",
+            "flags MESSAGE, 15 of the 16 message id bytes",
+            cat(&[&[V2], &dev, &[MESSAGE], &m(1)[..15]]),
+        ),
+        (
+            "trailing_byte_after_receipts",
+            "flags RECEIPTS, count 1, one id, then one byte 0x00: without MESSAGE nothing follows the last field",
+            cat(&[&[V2], &dev, &[RECEIPTS], &[0, 1], &r(1), &[0]]),
+        ),
+        (
+            "trailing_id_after_receipts",
+            "flags RECEIPTS, count 1, then two ids: without MESSAGE nothing follows the last field",
+            cat(&[&[V2], &dev, &[RECEIPTS], &[0, 1], &r(1), &r(2)]),
+        ),
+        (
+            "trailing_byte_after_generation",
+            "flags SESSION, the generation, then one byte 0x00",
+            cat(&[&[V2], &dev, &[SESSION], &be64(g0), &[0]]),
+        ),
+        (
+            "trailing_id_after_dead_list",
+            "flags SESSION | DEAD, dead count 1, then two ids",
+            cat(&[&[V2], &dev, &[SESSION | DEAD], &be64(g0), &[1], &s(1), &s(2)]),
+        ),
+        ("empty", "no bytes at all", Vec::new()),
+        ("version_only", "the version byte 0x02 alone", vec![V2]),
+        (
+            "v2_truncated_device_id",
+            "0x02 and 3 of the 4 device id bytes",
+            cat(&[&[V2], &dev[..3]]),
+        ),
+        (
+            "v2_no_flags",
+            "0x02 and the device id, no flags byte",
+            cat(&[&[V2], &dev]),
+        ),
+        (
+            "v1_truncated_device_id",
+            "0x01 and 3 of the 4 device id bytes (a v1 frame needs 5 bytes)",
+            cat(&[&[V1], &dev[..3]]),
+        ),
+    ];
+    for (name, description, encoding) in bad {
+        assert_eq!(
+            Frame::decode(encoding.clone()),
+            Err(BadFrame),
+            "{name}: Frame::decode must refuse it"
+        );
+        cases.push(json!({
+            "name": name,
+            "description": description,
+            "encoding": h(&encoding),
+            "error": "bad_frame",
+        }));
+    }
+    cases
 }

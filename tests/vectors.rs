@@ -12,11 +12,17 @@
 //! outputs, SK, AD, message keys, wire bytes byte for byte, plaintexts in the
 //! given delivery order, and the error kind of every negative case (with the
 //! receiver's state checked unchanged after each rejection).
+//!
+//! `frames.json` holds the crate's client frames (`src/client/frame.rs`),
+//! which are not part of the profile: each valid case is decoded and
+//! encoded, each invalid one must be refused. A directory without
+//! `frames.json` (another implementation's) has that test skipped.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 
 use cubbyhole::bundle::FreshnessPolicy;
+use cubbyhole::client::frame::{BadFrame, Frame};
 use cubbyhole::{
     hazmat, Error, IdentityKey, IdentityKeyPair, Incoming, OneTimePrekey, PrekeyBundle,
     PrekeyStore, SafetyNumber, Session, SessionConfig, SignedPrekey,
@@ -44,6 +50,23 @@ fn load(name: &str) -> Value {
         "{name}: no cases"
     );
     v
+}
+
+/// Like [`load`] for a file outside the profile (no `profile` key): `None`
+/// when the directory does not have it.
+fn load_optional(name: &str) -> Option<Value> {
+    let path = dir().join(name);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("cannot read {}: {e}", path.display()),
+    };
+    let v: Value = serde_json::from_str(&text).expect("valid JSON");
+    assert!(
+        !v["cases"].as_array().expect("cases").is_empty(),
+        "{name}: no cases"
+    );
+    Some(v)
 }
 
 fn skipped(name: &str) -> bool {
@@ -628,4 +651,71 @@ fn fingerprint_vectors() {
         checked += 1;
     }
     eprintln!("fingerprint.json: {checked} cases checked");
+}
+
+fn hex16(v: &Value) -> [u8; 16] {
+    unhex(v).try_into().expect("16 bytes")
+}
+
+fn hex16_list(v: &Value) -> Vec<[u8; 16]> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("array expected, got {v}"))
+        .iter()
+        .map(hex16)
+        .collect()
+}
+
+/// The fields of a valid case of frames.json.
+fn frame_fields(case: &Value) -> Frame {
+    let message = &case["message"];
+    Frame {
+        device_id: u32::try_from(num(&case["device_id"])).expect("u32 device_id"),
+        generation: (!case["generation"].is_null()).then(|| num(&case["generation"])),
+        reset: case["reset"].as_bool().expect("reset"),
+        dead: hex16_list(&case["dead"]),
+        receipts: hex16_list(&case["receipts"]),
+        message: (!message.is_null()).then(|| {
+            (
+                (!message["id"].is_null()).then(|| hex16(&message["id"])),
+                unhex(&message["body"]),
+            )
+        }),
+    }
+}
+
+#[test]
+fn frame_vectors() {
+    let Some(file) = load_optional("frames.json") else {
+        eprintln!("frames.json: not in {}, skipped", dir().display());
+        return;
+    };
+    let (mut valid, mut invalid) = (0, 0);
+    for case in file["cases"].as_array().expect("cases") {
+        let name = case["name"].as_str().expect("name");
+        if skipped(name) {
+            continue;
+        }
+        let encoding = unhex(&case["encoding"]);
+        match case["error"].as_str() {
+            None => {
+                assert!(case["error"].is_null(), "{name}: error");
+                let fields = frame_fields(case);
+                assert_eq!(
+                    Frame::decode(encoding.clone()).as_ref(),
+                    Ok(&fields),
+                    "{name}: decode"
+                );
+                if !case["decode_only"].as_bool().expect("decode_only") {
+                    check_hex(name, "encoding", &case["encoding"], &fields.encode());
+                }
+                valid += 1;
+            }
+            Some("bad_frame") => {
+                assert_eq!(Frame::decode(encoding), Err(BadFrame), "{name}: refused");
+                invalid += 1;
+            }
+            Some(other) => panic!("{name}: unknown error {other:?}"),
+        }
+    }
+    eprintln!("frames.json: {valid} valid and {invalid} invalid cases checked");
 }

@@ -64,7 +64,23 @@ pub struct BadFrame;
 impl Frame {
     /// Encodes a v2 frame. At most 255 dead ids and 65,535 receipts are
     /// encoded (the caller sends the rest in another frame).
+    ///
+    /// The caller makes a frame that decodes: at least one of `message`,
+    /// `generation` and `receipts` set, `reset` only with a `generation`,
+    /// and a message with an id (v1 frames are never written). The client
+    /// always does (a frame without a message or receipts goes only in a
+    /// new session's first message, which carries its generation); debug
+    /// builds check it.
     pub fn encode(&self) -> Vec<u8> {
+        debug_assert!(
+            self.message.is_some() || self.generation.is_some() || !self.receipts.is_empty(),
+            "a frame with nothing to carry"
+        );
+        debug_assert!(!self.reset || self.generation.is_some(), "RESET without SESSION");
+        debug_assert!(
+            self.message.as_ref().is_none_or(|(id, _)| id.is_some()),
+            "a v2 message without an id"
+        );
         let dead = &self.dead[..self.dead.len().min(255)];
         let receipts = &self.receipts[..self.receipts.len().min(65_535)];
         let body_len = self.message.as_ref().map_or(0, |(_, b)| 16 + b.len());
