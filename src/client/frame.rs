@@ -76,7 +76,10 @@ impl Frame {
             self.message.is_some() || self.generation.is_some() || !self.receipts.is_empty(),
             "a frame with nothing to carry"
         );
-        debug_assert!(!self.reset || self.generation.is_some(), "RESET without SESSION");
+        debug_assert!(
+            !self.reset || self.generation.is_some(),
+            "RESET without SESSION"
+        );
         debug_assert!(
             self.message.as_ref().is_none_or(|(id, _)| id.is_some()),
             "a v2 message without an id"

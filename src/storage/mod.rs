@@ -11,6 +11,7 @@
 //! what makes delivery exactly-once across crashes (see SPEC.md,
 //! "Guaranteed delivery").
 
+pub mod conformance;
 mod memory;
 pub mod record;
 #[cfg(feature = "sqlite")]

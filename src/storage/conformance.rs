@@ -1,0 +1,1740 @@
+//! A conformance suite for [`Store`] implementations: for applications that
+//! bring their own storage, a way to check it keeps the contract of the
+//! trait (see [`Store`]'s methods and SPEC.md, "The `Store` contract") the
+//! way [`MemoryStore`](super::MemoryStore), the reference, and the SQLite
+//! store do.
+//!
+//! [`run`] runs every check in [`CHECKS`], each on a fresh store from the
+//! closure it is given, and panics with a message naming each check that
+//! failed and why ("store conformance: commit_send: ..."); [`try_run`]
+//! returns the [`Violation`]s instead. Each check is also a function of its
+//! own (`check_*`), for running one at a time.
+//!
+//! ```
+//! use cubbyhole::storage::MemoryStore;
+//!
+//! cubbyhole::storage::conformance::run(MemoryStore::new);
+//! ```
+//!
+//! In a test of your own store:
+//!
+//! ```
+//! # use cubbyhole::storage::MemoryStore as MyStore;
+//! use cubbyhole::storage::conformance;
+//!
+//! // Everything:
+//! if let Err(violations) = conformance::try_run(MyStore::new) {
+//!     for v in &violations {
+//!         eprintln!("{v}");
+//!     }
+//!     panic!("{} checks failed", violations.len());
+//! }
+//! // One check, on a store made here:
+//! conformance::check_commit_send(&mut MyStore::new()).unwrap();
+//! ```
+//!
+//! # What is checked
+//!
+//! Every check starts from an empty store (the `empty` check verifies that
+//! the closure makes one) and drives it through the trait only, with real
+//! protocol objects: an identity key pair, prekeys, sessions initiated from
+//! verified bundles. Before storing session records a check stores the
+//! identity, as a client does: a store that serializes sessions restores
+//! them with it. The checks, by name (see each `check_*` function):
+//!
+//! | name | contract |
+//! |---|---|
+//! | `empty` | a new store holds nothing; deleting or pruning nothing succeeds |
+//! | `identity` | [`Store::set_identity`] / [`Store::identity`] round trip |
+//! | `prekeys` | [`PrekeyState`] round trips, every field (`accepted` included); a second set replaces it |
+//! | `sessions` | session records round trip through [`Store::session`] and [`Store::sessions`]: entries, flags, generations, times, encoding |
+//! | `remove_session` | removes one peer's record, nothing else |
+//! | `quarantine` | [`Store::quarantine_session`] moves the record to [`Store::quarantined`] (oldest first); no record: nothing happens |
+//! | `peers` | peer records: replace by address, [`Store::peers`], [`Store::peers_with_identity`] |
+//! | `commit_send` | the session record, the outbox entry and the sent message are all stored |
+//! | `outbox` | oldest first; [`Store::remove_outbox`] removes one entry |
+//! | `processed` | marks are set by [`Store::commit_receive`]; [`Store::prune_processed`] drops those older than `before` only |
+//! | `commit_receive` | every part of every commit of a batch is applied, later ones winning |
+//! | `inbox` | in the order received; a duplicate envelope id adds nothing; [`Store::remove_inbox`] |
+//! | `sent_messages` | first-stored order, [`Store::update_sent`] in place, [`Store::sent_message`], [`Store::pending_sent`] |
+//! | `prune_sent` | drops delivered and failed messages created before `before`, never pending ones |
+//! | `u64_times` | times and counters use the whole `u64` range (a store keeping `i64`s must map them) |
+//!
+//! An error returned by the store (a [`StoreError::Backend`] for something
+//! it does not support, say) fails the check that met it, naming the method
+//! and the error. A store that panics is not caught: the panic names the
+//! method, and the test harness the test.
+//!
+//! # What is not checked: atomicity and durability
+//!
+//! [`Store::commit_send`] and [`Store::commit_receive`] must apply all
+//! their changes or none, and a write that returned `Ok` must survive a
+//! crash: that is what makes delivery exactly-once. Through the trait
+//! alone a suite cannot make a write fail halfway, so these are the
+//! implementor's to test, with fault injection of its own (a write failing
+//! or the process dying mid-commit, then the store reopened and compared
+//! with the state before). The crate's `tests/store_sqlite.rs`
+//! (`commit_send_is_all_or_nothing`, `commit_receive_is_all_or_nothing`,
+//! `reopening_from_disk_keeps_everything`) and `tests/kill.rs` do this for
+//! the SQLite store and may serve as examples.
+//!
+//! # Test data
+//!
+//! The keys are made with a small deterministic generator private to this
+//! module, so that failures reproduce: it is not random and serves only to
+//! build test data.
+
+use std::fmt;
+use std::string::String;
+use std::vec::Vec;
+
+use rand_core::{CryptoRng, RngCore};
+
+use super::{
+    DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord,
+    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionEntry, SessionRecord, Store,
+    StoreError, Trust,
+};
+use crate::protocol::bundle::{FreshnessPolicy, VerifiedBundle};
+use crate::protocol::keys::IdentityKeyPair;
+use crate::protocol::prekeys::PrekeyStore;
+use crate::protocol::ratchet::SessionConfig;
+use crate::protocol::session::Session;
+use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
+
+/// A broken promise: which check found it and what was wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// The check's name (as in [`CHECKS`]).
+    pub check: &'static str,
+    /// What the store did wrong (or the error it returned).
+    pub message: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "store conformance: {}: {}", self.check, self.message)
+    }
+}
+
+impl std::error::Error for Violation {}
+
+/// One check of the suite.
+#[derive(Clone, Copy)]
+pub struct Check {
+    /// Its name (the `check_*` function's, without the prefix).
+    pub name: &'static str,
+    /// Runs it on a store, which must be empty (fresh).
+    pub run: fn(&mut dyn Store) -> Result<(), Violation>,
+}
+
+impl fmt::Debug for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Check")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs every check of [`CHECKS`], each on a fresh store from `make`;
+/// returns the violations found (every check runs, whatever the others
+/// found).
+///
+/// # Errors
+/// The violations, in the order of [`CHECKS`], if any check failed.
+pub fn try_run<S: Store>(mut make: impl FnMut() -> S) -> Result<(), Vec<Violation>> {
+    let violations: Vec<Violation> = CHECKS
+        .iter()
+        .filter_map(|check| {
+            let mut store = make();
+            (check.run)(&mut store).err()
+        })
+        .collect();
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(violations)
+    }
+}
+
+/// Runs every check of [`CHECKS`], each on a fresh store from `make`.
+///
+/// # Panics
+/// If any check fails, with a message naming each failed check and what
+/// was wrong ("store conformance: commit_send: ...").
+pub fn run<S: Store>(make: impl FnMut() -> S) {
+    if let Err(violations) = try_run(make) {
+        match violations.as_slice() {
+            [one] => panic!("{one}"),
+            all => {
+                let lines: Vec<String> = all.iter().map(|v| format!("  {v}")).collect();
+                panic!(
+                    "store conformance: {} of {} checks failed:\n{}",
+                    all.len(),
+                    CHECKS.len(),
+                    lines.join("\n")
+                )
+            }
+        }
+    }
+}
+
+macro_rules! checks {
+    ($( $(#[$doc:meta])* $public:ident => $name:literal, $body:ident; )+) => {
+        $(
+            $(#[$doc])*
+            ///
+            /// The store must be empty (fresh).
+            ///
+            /// # Errors
+            /// A [`Violation`] naming the check and what was wrong.
+            pub fn $public(store: &mut dyn Store) -> Result<(), Violation> {
+                $body(store).map_err(|message| Violation { check: $name, message })
+            }
+        )+
+
+        /// Every check, in the order [`run`] runs them.
+        pub const CHECKS: &[Check] = &[$( Check { name: $name, run: $public } ),+];
+    };
+}
+
+checks! {
+    /// `empty`: a new store holds nothing (no identity, prekeys, sessions,
+    /// quarantined records, peers, outbox entries, processed marks, sent or
+    /// inbox messages), and removing, quarantining or pruning what is not
+    /// there, or committing an empty batch, succeeds and changes nothing.
+    check_empty => "empty", empty;
+    /// `identity`: [`Store::identity`] returns what [`Store::set_identity`]
+    /// stored (the key pair and the device number).
+    check_identity => "identity", identity;
+    /// `prekeys`: [`Store::prekeys`] returns what [`Store::set_prekeys`]
+    /// stored, every field (the `accepted` list included); a second
+    /// [`Store::set_prekeys`] replaces it.
+    check_prekeys => "prekeys", prekeys;
+    /// `sessions`: [`Store::session`] and [`Store::sessions`] return the
+    /// records [`Store::set_session`] stored, each entry with its session
+    /// state, id, generation, flags and times (and the same encoding,
+    /// [`SessionRecord::to_bytes`]); [`Store::sessions`] lists each peer
+    /// once, in any order; a second [`Store::set_session`] replaces the
+    /// record; an unknown peer has none.
+    check_sessions => "sessions", sessions;
+    /// `remove_session`: [`Store::remove_session`] deletes one peer's
+    /// record and no other; removing an absent record succeeds.
+    check_remove_session => "remove_session", remove_session;
+    /// `quarantine`: [`Store::quarantine_session`] moves the record: the
+    /// peer has no session afterwards, and [`Store::quarantined`] lists it,
+    /// oldest first, with the time, the reason and the stored bytes (not
+    /// empty); quarantining a peer without a record does nothing; the peer
+    /// can be given a new session.
+    check_quarantine => "quarantine", quarantine;
+    /// `peers`: [`Store::peer`] returns what [`Store::set_peer`] stored, a
+    /// second [`Store::set_peer`] for the address replaces it,
+    /// [`Store::peers`] lists each peer once and
+    /// [`Store::peers_with_identity`] exactly those with the identity key
+    /// (each in any order).
+    check_peers => "peers", peers;
+    /// `commit_send`: [`Store::commit_send`] stores the session record of
+    /// the entry's recipient, appends the entry to the outbox and, if
+    /// given, stores the sent message (a known id is updated in place); a
+    /// send without a sent message stores none.
+    check_commit_send => "commit_send", commit_send;
+    /// `outbox`: [`Store::outbox`] lists the committed entries, whole, oldest
+    /// first (in commit order, whatever their ids); [`Store::remove_outbox`]
+    /// removes one and keeps the others' order; removing an unknown id
+    /// succeeds.
+    check_outbox => "outbox", outbox;
+    /// `processed`: [`Store::commit_receive`] marks each commit's envelope
+    /// processed ([`Store::is_processed`]); [`Store::prune_processed`]
+    /// forgets the marks older than `before` and keeps those at `before` or
+    /// later.
+    check_processed => "processed", processed;
+    /// `commit_receive`: every part of every commit of a batch is applied:
+    /// the session record, the prekeys, the peer record, the inbox message,
+    /// the sent message and the processed mark; a later commit of the batch
+    /// wins over an earlier one (same peer, sent message, prekeys); an empty
+    /// batch changes nothing.
+    check_commit_receive => "commit_receive", commit_receive;
+    /// `inbox`: [`Store::inbox`] lists the received messages, whole, in the
+    /// order received (whatever their ids); a message whose envelope id is
+    /// already in the inbox adds nothing (in the same batch or a later
+    /// one: the first stays); [`Store::remove_inbox`] removes one and keeps
+    /// the others' order.
+    check_inbox => "inbox", inbox;
+    /// `sent_messages`: [`Store::sent_messages`] lists the stored messages,
+    /// whole, in the order first stored (whatever their ids), every
+    /// delivery state kept; [`Store::update_sent`] of a known id replaces
+    /// it in place; [`Store::sent_message`] finds each by id;
+    /// [`Store::pending_sent`] lists exactly the pending ones, in the same
+    /// order.
+    check_sent_messages => "sent_messages", sent_messages;
+    /// `prune_sent`: [`Store::prune_sent`] deletes the delivered and failed
+    /// messages created before `before`, keeps those created at `before` or
+    /// later, and never deletes a pending message, however old.
+    check_prune_sent => "prune_sent", prune_sent;
+    /// `u64_times`: times and counters round trip over their whole range
+    /// (a store keeping SQL `INTEGER`s must map values from 2^63 on), and
+    /// [`Store::prune_processed`] and [`Store::prune_sent`] compare times
+    /// as `u64`s.
+    check_u64_times => "u64_times", u64_times;
+}
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+/// The time the test data is made at (unix seconds, 2027).
+const NOW: u64 = 1_800_000_000;
+
+type Outcome = Result<(), String>;
+
+/// Fails the check unless `cond`, with a formatted message.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+/// Turns a store error into the check's failure, naming the method.
+trait OrFail<T> {
+    fn or_fail(self, method: &str) -> Result<T, String>;
+}
+
+impl<T> OrFail<T> for Result<T, StoreError> {
+    fn or_fail(self, method: &str) -> Result<T, String> {
+        self.map_err(|e| format!("Store::{method} returned an error: {e} ({e:?})"))
+    }
+}
+
+/// `got == want`, or a failure describing both.
+fn same<T: PartialEq + fmt::Debug + ?Sized>(what: &str, got: &T, want: &T) -> Outcome {
+    if got == want {
+        return Ok(());
+    }
+    let (g, w) = (compact(&format!("{got:?}")), compact(&format!("{want:?}")));
+    if g == w {
+        Err(format!(
+            "{what}: differs from what was stored in a field not shown (a body?): {g}"
+        ))
+    } else {
+        Err(format!("{what}: got {g}, expected {w}"))
+    }
+}
+
+/// `Debug` output with its byte arrays (keys, ids, payloads: lists of
+/// eight numbers or more) shortened to hex.
+fn compact(debug: &str) -> String {
+    let mut out = String::with_capacity(debug.len());
+    let mut rest = debug;
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let bytes = after.find(']').and_then(|close| {
+            let list: Option<Vec<u8>> =
+                after[..close].split(", ").map(|n| n.parse().ok()).collect();
+            list.filter(|b| b.len() >= 8).map(|b| (b, close))
+        });
+        match bytes {
+            Some((bytes, close)) => {
+                if bytes.len() <= 16 {
+                    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                    out.push_str(&format!("<{hex}>"));
+                } else {
+                    out.push_str(&format!("<{} bytes {}>", bytes.len(), short(&bytes)));
+                }
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('[');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn present<T>(value: Option<T>, what: &str) -> Result<T, String> {
+    value.ok_or_else(|| format!("{what} returned None"))
+}
+
+fn short(bytes: &[u8]) -> String {
+    let mut s: String = bytes.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    s.push_str("..");
+    s
+}
+
+fn name(a: &DeviceAddress) -> String {
+    format!("{}/{}", short(&a.identity), a.device_id)
+}
+
+/// Compares two session records entry by entry (found by id), then their
+/// encodings.
+fn same_record(what: &str, got: &SessionRecord, want: &SessionRecord) -> Outcome {
+    ensure!(
+        got.entries().len() == want.entries().len(),
+        "{what}: {} sessions in the record, expected {}",
+        got.entries().len(),
+        want.entries().len()
+    );
+    for w in want.entries() {
+        let id = short(&w.id);
+        let g = got
+            .find(&w.id)
+            .ok_or_else(|| format!("{what}: the session {id} is missing from the record"))?;
+        same(
+            &format!("{what}: session {id}: generation"),
+            &g.generation,
+            &w.generation,
+        )?;
+        same(
+            &format!("{what}: session {id}: superseded"),
+            &g.superseded,
+            &w.superseded,
+        )?;
+        same(&format!("{what}: session {id}: reset"), &g.reset, &w.reset)?;
+        same(
+            &format!("{what}: session {id}: created"),
+            &g.created,
+            &w.created,
+        )?;
+        same(
+            &format!("{what}: session {id}: last_received"),
+            &g.last_received,
+            &w.last_received,
+        )?;
+        ensure!(
+            g.session.to_bytes() == w.session.to_bytes(),
+            "{what}: session {id}: the session state differs from the one stored"
+        );
+    }
+    ensure!(
+        got.to_bytes() == want.to_bytes(),
+        "{what}: the same sessions but a different encoding (entries reordered?)"
+    );
+    Ok(())
+}
+
+fn same_prekeys(what: &str, got: &PrekeyState, want: &PrekeyState) -> Outcome {
+    same(
+        &format!("{what}: upload_counter"),
+        &got.upload_counter,
+        &want.upload_counter,
+    )?;
+    same(
+        &format!("{what}: last_rotation"),
+        &got.last_rotation,
+        &want.last_rotation,
+    )?;
+    same(
+        &format!("{what}: retired_at"),
+        &got.retired_at,
+        &want.retired_at,
+    )?;
+    same(
+        &format!("{what}: one_time_retired"),
+        &got.one_time_retired,
+        &want.one_time_retired,
+    )?;
+    same(
+        &format!("{what}: upload_pending"),
+        &got.upload_pending,
+        &want.upload_pending,
+    )?;
+    same(&format!("{what}: accepted"), &got.accepted, &want.accepted)?;
+    ensure!(
+        got.prekeys.to_bytes() == want.prekeys.to_bytes(),
+        "{what}: the prekeys (signed and one-time) differ from those stored"
+    );
+    ensure!(
+        got.to_bytes() == want.to_bytes(),
+        "{what}: the encoding differs from the state stored"
+    );
+    Ok(())
+}
+
+/// Peer records sorted by address (for order-free comparison).
+fn sorted(mut peers: Vec<PeerRecord>) -> Vec<PeerRecord> {
+    peers.sort_by_key(|p| p.address);
+    peers
+}
+
+/// A distinct envelope id for each `k`, descending as `k` grows (so that
+/// a store ordering by id instead of by insertion is caught).
+fn eid(k: u8) -> EnvelopeId {
+    let mut id = [0xffu8 - k; 16];
+    id[15] = 0x5a;
+    EnvelopeId(id)
+}
+
+/// A distinct message id for each `k`, descending as `k` grows.
+fn mid(k: u8) -> MessageId {
+    let mut id = [0xffu8 - k; 16];
+    id[15] = 0xa5;
+    MessageId(id)
+}
+
+fn sent(k: u8, to: DeviceAddress, state: DeliveryState, created: u64) -> SentMessage {
+    SentMessage {
+        id: mid(k),
+        to,
+        body: if state.is_pending() {
+            format!("message {k}").into_bytes()
+        } else {
+            Vec::new()
+        },
+        state,
+        created,
+        last_sent: created,
+        sends: 1,
+    }
+}
+
+fn message(id: EnvelopeId, from: DeviceAddress, body: &[u8], at: u64) -> InboxMessage {
+    InboxMessage {
+        envelope_id: id,
+        from,
+        body: body.to_vec(),
+        received_at: at,
+    }
+}
+
+/// A receive commit that adds a message (and marks its envelope).
+fn commit(m: &InboxMessage) -> ReceiveCommit<'_> {
+    ReceiveCommit {
+        message: Some(m),
+        ..mark(m.envelope_id, m.received_at)
+    }
+}
+
+/// A receive commit that changes nothing but the processed mark.
+fn mark(envelope_id: EnvelopeId, processed_at: u64) -> ReceiveCommit<'static> {
+    ReceiveCommit {
+        envelope_id,
+        processed_at,
+        session: None,
+        prekeys: None,
+        peer: None,
+        message: None,
+        sent: None,
+    }
+}
+
+fn entry(to: DeviceAddress, id: EnvelopeId, payload: Vec<u8>, created: u64) -> OutboxEntry {
+    OutboxEntry {
+        to,
+        envelope: Envelope { id, payload },
+        created,
+    }
+}
+
+/// The deterministic generator of the test data (SplitMix64). It is not
+/// random: it implements [`CryptoRng`] only so that the protocol's key
+/// generation accepts it for building test data.
+struct TestDataRng(u64);
+
+impl RngCore for TestDataRng {
+    fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        rand_core::impls::fill_bytes_via_next(self, dest);
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+impl CryptoRng for TestDataRng {}
+
+/// Real protocol objects: our identity and prekeys, and three peer devices
+/// (each with its own identity key) with a session with each.
+struct Fixture {
+    rng: TestDataRng,
+    me: LocalIdentity,
+    prekeys: PrekeyState,
+    /// The peer devices, their bundles and our current session with each.
+    peers: Vec<(DeviceAddress, VerifiedBundle, Session)>,
+}
+
+fn protocol<T>(r: crate::Result<T>, what: &str) -> Result<T, String> {
+    r.map_err(|e| format!("building the test data ({what}) failed: {e:?}"))
+}
+
+impl Fixture {
+    fn new() -> Result<Self, String> {
+        let mut rng = TestDataRng(0x0063_7562_6279_686f);
+        let keys = IdentityKeyPair::generate(&mut rng);
+        let mut store = PrekeyStore::new(&mut rng, &keys, NOW - 3600);
+        store.generate_one_time_prekeys(&mut rng, 3);
+        let prekeys = PrekeyState {
+            prekeys: store,
+            upload_counter: 3,
+            last_rotation: NOW - 3600,
+            retired_at: vec![(7, NOW - 50)],
+            one_time_retired: vec![(3, NOW - 40)],
+            upload_pending: true,
+            accepted: vec![(1, [0xac; 16]), (1, [0xad; 16])],
+        };
+        let mut peers = Vec::new();
+        for device_id in 1..=3 {
+            let them = IdentityKeyPair::generate(&mut rng);
+            let mut theirs = PrekeyStore::new(&mut rng, &them, NOW);
+            theirs.generate_one_time_prekeys(&mut rng, 1);
+            let bundle = protocol(
+                theirs.bundle(&them).verify(NOW, FreshnessPolicy::default()),
+                "bundle",
+            )?;
+            let mut session = protocol(
+                Session::initiate(&mut rng, &keys, &bundle, SessionConfig::default()),
+                "session",
+            )?;
+            protocol(session.encrypt(&mut rng, b"hello"), "encrypt")?;
+            peers.push((
+                DeviceAddress::new(them.public(), device_id),
+                bundle,
+                session,
+            ));
+        }
+        Ok(Fixture {
+            rng,
+            me: LocalIdentity { keys, device_id: 9 },
+            prekeys,
+            peers,
+        })
+    }
+
+    fn local(&self) -> DeviceAddress {
+        DeviceAddress::new(self.me.keys.public(), self.me.device_id)
+    }
+
+    fn address(&self, i: usize) -> DeviceAddress {
+        self.peers[i].0
+    }
+
+    /// A record of the session with peer `i`, advanced by one message (so
+    /// each call gives a different record).
+    fn record(&mut self, i: usize) -> Result<SessionRecord, String> {
+        let session = &mut self.peers[i].2;
+        protocol(session.encrypt(&mut self.rng, b"more"), "encrypt")?;
+        Ok(SessionRecord::single(SessionEntry::new(
+            session.clone(),
+            1,
+            NOW,
+        )))
+    }
+
+    /// A record of two sessions with peer `i`: an older one, superseded,
+    /// that received at `NOW - 1`, and the current one, of a later
+    /// generation, with the reset flag.
+    fn two_sessions(&mut self, i: usize) -> Result<SessionRecord, String> {
+        let (address, bundle, _) = &self.peers[i];
+        let (address, bundle) = (*address, bundle.clone());
+        let old = protocol(
+            Session::initiate(
+                &mut self.rng,
+                &self.me.keys,
+                &bundle,
+                SessionConfig::default(),
+            ),
+            "session",
+        )?;
+        let mut old = SessionEntry::new(old, 4, NOW - 9);
+        old.superseded = true;
+        old.last_received = NOW - 1;
+        let mut record = SessionRecord::single(old);
+        let current = self.record(i)?.entries()[0].session.clone();
+        let mut current = SessionEntry::new(current, 5, NOW);
+        current.reset = true;
+        record.insert(current, 40, &self.local(), &address);
+        ensure!(
+            record.entries().len() == 2,
+            "building the test data: a record of two sessions holds {}",
+            record.entries().len()
+        );
+        Ok(record)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The checks.
+
+/// Everything a fresh store must show empty, for the peers of `fx`.
+fn is_empty(store: &dyn Store, fx: &Fixture, when: &str) -> Outcome {
+    let a = fx.address(0);
+    ensure!(
+        store.identity().or_fail("identity")?.is_none(),
+        "{when}: identity() is Some"
+    );
+    ensure!(
+        store.prekeys().or_fail("prekeys")?.is_none(),
+        "{when}: prekeys() is Some"
+    );
+    ensure!(
+        store.session(&a).or_fail("session")?.is_none(),
+        "{when}: session() is Some"
+    );
+    same(
+        &format!("{when}: sessions().len()"),
+        &store.sessions().or_fail("sessions")?.len(),
+        &0,
+    )?;
+    same(
+        &format!("{when}: quarantined()"),
+        &store.quarantined().or_fail("quarantined")?,
+        &Vec::new(),
+    )?;
+    same(
+        &format!("{when}: peer()"),
+        &store.peer(&a).or_fail("peer")?,
+        &None,
+    )?;
+    same(
+        &format!("{when}: peers()"),
+        &store.peers().or_fail("peers")?,
+        &Vec::new(),
+    )?;
+    same(
+        &format!("{when}: peers_with_identity()"),
+        &store
+            .peers_with_identity(&a.identity)
+            .or_fail("peers_with_identity")?,
+        &Vec::new(),
+    )?;
+    same(
+        &format!("{when}: outbox()"),
+        &store.outbox().or_fail("outbox")?,
+        &Vec::new(),
+    )?;
+    ensure!(
+        !store.is_processed(&eid(0)).or_fail("is_processed")?,
+        "{when}: is_processed() is true"
+    );
+    same(
+        &format!("{when}: sent_messages()"),
+        &store.sent_messages().or_fail("sent_messages")?,
+        &Vec::new(),
+    )?;
+    same(
+        &format!("{when}: pending_sent()"),
+        &store.pending_sent().or_fail("pending_sent")?,
+        &Vec::new(),
+    )?;
+    same(
+        &format!("{when}: sent_message()"),
+        &store.sent_message(&mid(0)).or_fail("sent_message")?,
+        &None,
+    )?;
+    same(
+        &format!("{when}: inbox()"),
+        &store.inbox().or_fail("inbox")?,
+        &Vec::new(),
+    )?;
+    Ok(())
+}
+
+fn empty(store: &mut dyn Store) -> Outcome {
+    let fx = Fixture::new()?;
+    is_empty(store, &fx, "a new store")?;
+    let a = fx.address(0);
+    store.remove_session(&a).or_fail("remove_session")?;
+    store
+        .quarantine_session(&a, NOW, "no record")
+        .or_fail("quarantine_session")?;
+    store.remove_outbox(&eid(0)).or_fail("remove_outbox")?;
+    store.remove_inbox(&eid(0)).or_fail("remove_inbox")?;
+    store.prune_processed(u64::MAX).or_fail("prune_processed")?;
+    store.prune_sent(u64::MAX).or_fail("prune_sent")?;
+    store.commit_receive(&[]).or_fail("commit_receive")?;
+    is_empty(
+        store,
+        &fx,
+        "after removing, quarantining and pruning nothing in a new store",
+    )
+}
+
+fn identity(store: &mut dyn Store) -> Outcome {
+    let fx = Fixture::new()?;
+    store.set_identity(&fx.me).or_fail("set_identity")?;
+    let got = present(
+        store.identity().or_fail("identity")?,
+        "identity() after set_identity",
+    )?;
+    ensure!(
+        *got.keys.seed() == *fx.me.keys.seed(),
+        "identity(): the key pair differs from the one stored"
+    );
+    ensure!(
+        got.keys.public().as_bytes() == fx.me.keys.public().as_bytes(),
+        "identity(): the public key differs from the one stored"
+    );
+    same("identity(): device_id", &got.device_id, &fx.me.device_id)
+}
+
+fn prekeys(store: &mut dyn Store) -> Outcome {
+    let fx = Fixture::new()?;
+    store.set_prekeys(&fx.prekeys).or_fail("set_prekeys")?;
+    let got = present(
+        store.prekeys().or_fail("prekeys")?,
+        "prekeys() after set_prekeys",
+    )?;
+    same_prekeys("prekeys()", &got, &fx.prekeys)?;
+
+    // The state as a receive and a maintenance leave it: a one-time
+    // prekey consumed, a message accepted, the upload confirmed.
+    let mut next = fx.prekeys.clone();
+    let used = next.prekeys.one_time_prekeys().next().map(|k| k.id());
+    if let Some(id) = used {
+        next.prekeys.remove_one_time_prekey(id);
+    }
+    next.upload_counter += 1;
+    next.last_rotation = NOW;
+    next.retired_at.push((8, NOW));
+    next.one_time_retired.clear();
+    next.upload_pending = false;
+    next.accepted.push((2, [0xae; 16]));
+    store.set_prekeys(&next).or_fail("set_prekeys")?;
+    let got = present(
+        store.prekeys().or_fail("prekeys")?,
+        "prekeys() after a second set_prekeys",
+    )?;
+    same_prekeys("prekeys() after a second set_prekeys", &got, &next)
+}
+
+/// Checks `sessions()` lists exactly `want` (in any order), each record
+/// loading.
+fn sessions_are(
+    store: &dyn Store,
+    want: &[(DeviceAddress, &SessionRecord)],
+    when: &str,
+) -> Outcome {
+    let got = store.sessions().or_fail("sessions")?;
+    let mut addresses: Vec<DeviceAddress> = got.iter().map(|(a, _)| *a).collect();
+    addresses.sort();
+    let mut expected: Vec<DeviceAddress> = want.iter().map(|(a, _)| *a).collect();
+    expected.sort();
+    ensure!(
+        addresses == expected,
+        "{when}: sessions() lists {} (sorted), expected {}",
+        addresses.iter().map(name).collect::<Vec<_>>().join(", "),
+        expected.iter().map(name).collect::<Vec<_>>().join(", ")
+    );
+    for (address, record) in got {
+        let record = record.map_err(|e| {
+            format!(
+                "{when}: sessions() returned an error for {}: {e}",
+                name(&address)
+            )
+        })?;
+        let (_, expected) = want
+            .iter()
+            .find(|(a, _)| *a == address)
+            .ok_or_else(|| format!("{when}: sessions() lists {}", name(&address)))?;
+        same_record(
+            &format!("{when}: sessions(), {}", name(&address)),
+            &record,
+            expected,
+        )?;
+    }
+    Ok(())
+}
+
+fn session_is(
+    store: &dyn Store,
+    peer: &DeviceAddress,
+    want: &SessionRecord,
+    when: &str,
+) -> Outcome {
+    let what = format!("{when}: session({})", name(peer));
+    let got = present(store.session(peer).or_fail("session")?, &what)?;
+    same_record(&what, &got, want)
+}
+
+fn sessions(store: &mut dyn Store) -> Outcome {
+    let mut fx = Fixture::new()?;
+    store.set_identity(&fx.me).or_fail("set_identity")?;
+    let a: Vec<DeviceAddress> = (0..3).map(|i| fx.address(i)).collect();
+    let r0 = fx.two_sessions(0)?;
+    let r1 = fx.record(1)?;
+    let r2 = fx.record(2)?;
+    for (peer, record) in [(&a[0], &r0), (&a[1], &r1), (&a[2], &r2)] {
+        store.set_session(peer, record).or_fail("set_session")?;
+    }
+    session_is(store, &a[0], &r0, "after set_session")?;
+    session_is(store, &a[1], &r1, "after set_session")?;
+    session_is(store, &a[2], &r2, "after set_session")?;
+    sessions_are(
+        store,
+        &[(a[0], &r0), (a[1], &r1), (a[2], &r2)],
+        "after set_session",
+    )?;
+    // Another device of peer 0's identity has no session.
+    let other = DeviceAddress {
+        identity: a[0].identity,
+        device_id: a[0].device_id + 100,
+    };
+    same(
+        "session() of a peer never stored: is_some",
+        &store.session(&other).or_fail("session")?.is_some(),
+        &false,
+    )?;
+
+    // Replaced, not added.
+    let r1b = fx.record(1)?;
+    store.set_session(&a[1], &r1b).or_fail("set_session")?;
+    session_is(store, &a[1], &r1b, "after a second set_session")?;
+    sessions_are(
+        store,
+        &[(a[0], &r0), (a[1], &r1b), (a[2], &r2)],
+        "after a second set_session",
+    )
+}
+
+fn remove_session(store: &mut dyn Store) -> Outcome {
+    let mut fx = Fixture::new()?;
+    store.set_identity(&fx.me).or_fail("set_identity")?;
+    let (a0, a1) = (fx.address(0), fx.address(1));
+    let r0 = fx.record(0)?;
+    let r1 = fx.record(1)?;
+    store.set_session(&a0, &r0).or_fail("set_session")?;
+    store.set_session(&a1, &r1).or_fail("set_session")?;
+    store.remove_session(&a0).or_fail("remove_session")?;
+    ensure!(
+        store.session(&a0).or_fail("session")?.is_none(),
+        "session() still returns the removed record"
+    );
+    session_is(store, &a1, &r1, "after removing another peer's record")?;
+    sessions_are(store, &[(a1, &r1)], "after remove_session")?;
+    same(
+        "quarantined() after remove_session",
+        &store.quarantined().or_fail("quarantined")?,
+        &Vec::new(),
+    )?;
+    // Absent records: nothing happens.
+    store.remove_session(&a0).or_fail("remove_session")?;
+    store
+        .remove_session(&fx.address(2))
+        .or_fail("remove_session")?;
+    sessions_are(store, &[(a1, &r1)], "after removing absent records")?;
+    // The peer can have a record again.
+    store.set_session(&a0, &r0).or_fail("set_session")?;
+    session_is(store, &a0, &r0, "after set_session of a removed peer")
+}
+
+fn quarantine(store: &mut dyn Store) -> Outcome {
+    let mut fx = Fixture::new()?;
+    store.set_identity(&fx.me).or_fail("set_identity")?;
+    let a: Vec<DeviceAddress> = (0..3).map(|i| fx.address(i)).collect();
+    let r0 = fx.two_sessions(0)?;
+    let r1 = fx.record(1)?;
+    let r2 = fx.record(2)?;
+    for (peer, record) in [(&a[0], &r0), (&a[1], &r1), (&a[2], &r2)] {
+        store.set_session(peer, record).or_fail("set_session")?;
+    }
+    let quarantined = |store: &dyn Store| -> Result<Vec<(DeviceAddress, u64, String)>, String> {
+        let q: Vec<Quarantined> = store.quarantined().or_fail("quarantined")?;
+        if let Some(empty) = q.iter().find(|q| q.bytes.is_empty()) {
+            return Err(format!(
+                "quarantined(): the record of {} has no bytes (the stored record must be kept)",
+                name(&empty.peer)
+            ));
+        }
+        Ok(q.into_iter().map(|q| (q.peer, q.at, q.reason)).collect())
+    };
+
+    store
+        .quarantine_session(&a[0], NOW + 1, "did not decrypt")
+        .or_fail("quarantine_session")?;
+    ensure!(
+        store.session(&a[0]).or_fail("session")?.is_none(),
+        "session() still returns the quarantined record (quarantine moves it)"
+    );
+    sessions_are(
+        store,
+        &[(a[1], &r1), (a[2], &r2)],
+        "after quarantine_session",
+    )?;
+    same(
+        "quarantined() after quarantine_session",
+        &quarantined(store)?,
+        &vec![(a[0], NOW + 1, "did not decrypt".into())],
+    )?;
+
+    // No record (quarantined already, or never stored): nothing happens.
+    store
+        .quarantine_session(&a[0], NOW + 2, "again")
+        .or_fail("quarantine_session")?;
+    let never = DeviceAddress {
+        identity: a[1].identity,
+        device_id: a[1].device_id + 100,
+    };
+    store
+        .quarantine_session(&never, NOW + 2, "never stored")
+        .or_fail("quarantine_session")?;
+    same(
+        "quarantined() after quarantining peers without a record",
+        &quarantined(store)?,
+        &vec![(a[0], NOW + 1, "did not decrypt".into())],
+    )?;
+
+    // A second one comes after the first (oldest first), an empty reason
+    // kept as it is.
+    store
+        .quarantine_session(&a[2], NOW + 3, "")
+        .or_fail("quarantine_session")?;
+    same(
+        "quarantined() after a second quarantine_session",
+        &quarantined(store)?,
+        &vec![
+            (a[0], NOW + 1, "did not decrypt".into()),
+            (a[2], NOW + 3, String::new()),
+        ],
+    )?;
+    sessions_are(store, &[(a[1], &r1)], "after a second quarantine_session")?;
+
+    // The peer starts afresh.
+    let fresh = fx.record(0)?;
+    store.set_session(&a[0], &fresh).or_fail("set_session")?;
+    session_is(
+        store,
+        &a[0],
+        &fresh,
+        "after set_session of a quarantined peer",
+    )?;
+    same(
+        "quarantined().len() after set_session of a quarantined peer",
+        &quarantined(store)?.len(),
+        &2,
+    )
+}
+
+fn peers(store: &mut dyn Store) -> Outcome {
+    let fx = Fixture::new()?;
+    let a0 = fx.address(0);
+    // A second device with peer 0's identity key.
+    let a0b = DeviceAddress {
+        identity: a0.identity,
+        device_id: a0.device_id + 6,
+    };
+    let (a1, a2) = (fx.address(1), fx.address(2));
+    let record = |address, trust, first_seen| PeerRecord {
+        address,
+        trust,
+        first_seen,
+    };
+    let p0 = record(a0, Trust::Unvalidated, NOW);
+    let p0b = record(a0b, Trust::Validated, NOW + 1);
+    let p1 = record(a1, Trust::Compromised, NOW + 2);
+    let p2 = record(a2, Trust::Unvalidated, 0);
+    for p in [&p0, &p0b, &p1, &p2] {
+        store.set_peer(p).or_fail("set_peer")?;
+    }
+    for p in [&p0, &p0b, &p1, &p2] {
+        same(
+            &format!("peer({})", name(&p.address)),
+            &store.peer(&p.address).or_fail("peer")?,
+            &Some(p.clone()),
+        )?;
+    }
+    // Replaced, not added.
+    let p0v = record(a0, Trust::Validated, NOW);
+    store.set_peer(&p0v).or_fail("set_peer")?;
+    same(
+        "peer() after a second set_peer",
+        &store.peer(&a0).or_fail("peer")?,
+        &Some(p0v.clone()),
+    )?;
+    same(
+        "peers() (sorted by address)",
+        &sorted(store.peers().or_fail("peers")?),
+        &sorted(vec![p0v.clone(), p0b.clone(), p1.clone(), p2.clone()]),
+    )?;
+    same(
+        "peers_with_identity() of a key with two devices (sorted by address)",
+        &sorted(
+            store
+                .peers_with_identity(&a0.identity)
+                .or_fail("peers_with_identity")?,
+        ),
+        &sorted(vec![p0v, p0b]),
+    )?;
+    same(
+        "peers_with_identity() of a key with one device",
+        &store
+            .peers_with_identity(&a1.identity)
+            .or_fail("peers_with_identity")?,
+        &vec![p1],
+    )?;
+    same(
+        "peers_with_identity() of an unknown key",
+        &store
+            .peers_with_identity(fx.me.keys.public().as_bytes())
+            .or_fail("peers_with_identity")?,
+        &Vec::new(),
+    )?;
+    let unknown = DeviceAddress {
+        identity: a1.identity,
+        device_id: a1.device_id + 6,
+    };
+    same(
+        "peer() of an unknown device",
+        &store.peer(&unknown).or_fail("peer")?,
+        &None,
+    )
+}
+
+fn commit_send(store: &mut dyn Store) -> Outcome {
+    let mut fx = Fixture::new()?;
+    store.set_identity(&fx.me).or_fail("set_identity")?;
+    let (a0, a1) = (fx.address(0), fx.address(1));
+
+    // A first message to peer 0.
+    let r0 = fx.record(0)?;
+    let e0 = entry(a0, eid(0), vec![1; 40], NOW);
+    let s0 = sent(0, a0, DeliveryState::Stored, NOW);
+    store
+        .commit_send(&r0, &e0, Some(&s0))
+        .or_fail("commit_send")?;
+    let what = "after commit_send";
+    let got = store.session(&a0).or_fail("session")?;
+    let got = got.ok_or_else(|| format!("{what}: the session record is missing"))?;
+    same_record(&format!("{what}: session()"), &got, &r0)?;
+    let outbox = store.outbox().or_fail("outbox")?;
+    ensure!(!outbox.is_empty(), "{what}: the outbox entry is missing");
+    same(&format!("{what}: outbox()"), &outbox, &vec![e0.clone()])?;
+    let sent_messages = store.sent_messages().or_fail("sent_messages")?;
+    ensure!(
+        !sent_messages.is_empty(),
+        "{what}: the sent message is missing"
+    );
+    same(
+        &format!("{what}: sent_messages()"),
+        &sent_messages,
+        &vec![s0.clone()],
+    )?;
+    same(
+        &format!("{what}: sent_message()"),
+        &store.sent_message(&s0.id).or_fail("sent_message")?,
+        &Some(s0.clone()),
+    )?;
+
+    // A second message, stored on its own.
+    let s1 = sent(1, a1, DeliveryState::Deposited, NOW + 1);
+    store.update_sent(&s1).or_fail("update_sent")?;
+
+    // Without a sent message (a receipt, say): the record is replaced.
+    let r0b = fx.record(0)?;
+    let e1 = entry(a0, eid(1), vec![2; 30], NOW + 2);
+    store.commit_send(&r0b, &e1, None).or_fail("commit_send")?;
+    let what = "after a commit_send without a sent message";
+    session_is(store, &a0, &r0b, what)?;
+    same(
+        &format!("{what}: outbox()"),
+        &store.outbox().or_fail("outbox")?,
+        &vec![e0.clone(), e1.clone()],
+    )?;
+    same(
+        &format!("{what}: sent_messages()"),
+        &store.sent_messages().or_fail("sent_messages")?,
+        &vec![s0.clone(), s1.clone()],
+    )?;
+
+    // A re-send of the first message, to another peer's session record:
+    // the sent message is updated in place.
+    let r1 = fx.record(1)?;
+    let e2 = entry(a1, eid(2), vec![3; 50], NOW + 3);
+    let s0_resent = SentMessage {
+        state: DeliveryState::Resent,
+        last_sent: NOW + 3,
+        sends: 2,
+        ..s0
+    };
+    store
+        .commit_send(&r1, &e2, Some(&s0_resent))
+        .or_fail("commit_send")?;
+    let what = "after a commit_send re-sending a message";
+    session_is(store, &a1, &r1, what)?;
+    session_is(store, &a0, &r0b, what)?;
+    same(
+        &format!("{what}: outbox()"),
+        &store.outbox().or_fail("outbox")?,
+        &vec![e0, e1, e2],
+    )?;
+    same(
+        &format!("{what}: sent_messages() (updated in place)"),
+        &store.sent_messages().or_fail("sent_messages")?,
+        &vec![s0_resent, s1],
+    )
+}
+
+fn outbox(store: &mut dyn Store) -> Outcome {
+    let mut fx = Fixture::new()?;
+    store.set_identity(&fx.me).or_fail("set_identity")?;
+    let mut entries = Vec::new();
+    for k in 0..4u8 {
+        let i = usize::from(k) % 3;
+        let e = entry(
+            fx.address(i),
+            eid(k),
+            vec![k; 10 + usize::from(k)],
+            NOW + u64::from(k),
+        );
+        let record = fx.record(i)?;
+        store
+            .commit_send(&record, &e, None)
+            .or_fail("commit_send")?;
+        entries.push(e);
+    }
+    same(
+        "outbox() (commit order)",
+        &store.outbox().or_fail("outbox")?,
+        &entries,
+    )?;
+    store
+        .remove_outbox(&entries[1].envelope.id)
+        .or_fail("remove_outbox")?;
+    entries.remove(1);
+    same(
+        "outbox() after remove_outbox",
+        &store.outbox().or_fail("outbox")?,
+        &entries,
+    )?;
+    store.remove_outbox(&eid(200)).or_fail("remove_outbox")?;
+    same(
+        "outbox() after removing an unknown id",
+        &store.outbox().or_fail("outbox")?,
+        &entries,
+    )?;
+    for e in &entries {
+        store
+            .remove_outbox(&e.envelope.id)
+            .or_fail("remove_outbox")?;
+    }
+    same(
+        "outbox() after removing every entry",
+        &store.outbox().or_fail("outbox")?,
+        &Vec::new(),
+    )
+}
+
+fn processed(store: &mut dyn Store) -> Outcome {
+    let times = [NOW - 10, NOW - 1, NOW, NOW + 5];
+    let batch: Vec<ReceiveCommit<'_>> = (0..4u8)
+        .map(|k| mark(eid(k), times[usize::from(k)]))
+        .collect();
+    let marks = |store: &dyn Store| -> Result<Vec<bool>, String> {
+        (0..5u8)
+            .map(|k| store.is_processed(&eid(k)).or_fail("is_processed"))
+            .collect()
+    };
+    store.commit_receive(&batch).or_fail("commit_receive")?;
+    same(
+        "is_processed() of four envelopes committed and one not",
+        &marks(store)?,
+        &vec![true, true, true, true, false],
+    )?;
+    store.prune_processed(0).or_fail("prune_processed")?;
+    same(
+        "is_processed() after prune_processed(0)",
+        &marks(store)?,
+        &vec![true, true, true, true, false],
+    )?;
+    store.prune_processed(NOW).or_fail("prune_processed")?;
+    same(
+        "is_processed() after prune_processed(before) (marks at NOW-10, NOW-1, NOW, NOW+5; \
+         before = NOW: those older than before go, the one at before stays)",
+        &marks(store)?,
+        &vec![false, false, true, true, false],
+    )?;
+    // A mark set again after pruning.
+    store
+        .commit_receive(&[mark(eid(0), NOW + 1)])
+        .or_fail("commit_receive")?;
+    store.prune_processed(NOW + 1).or_fail("prune_processed")?;
+    same(
+        "is_processed() after marking again and prune_processed(NOW + 1)",
+        &marks(store)?,
+        &vec![true, false, false, true, false],
+    )
+}
+
+fn commit_receive(store: &mut dyn Store) -> Outcome {
+    let mut fx = Fixture::new()?;
+    store.set_identity(&fx.me).or_fail("set_identity")?;
+    let (a0, a1) = (fx.address(0), fx.address(1));
+
+    // Before: prekeys, a known peer, a message awaiting its receipt.
+    store.set_prekeys(&fx.prekeys).or_fail("set_prekeys")?;
+    let p1 = PeerRecord {
+        address: a1,
+        trust: Trust::Unvalidated,
+        first_seen: NOW - 100,
+    };
+    store.set_peer(&p1).or_fail("set_peer")?;
+    let waiting = sent(0, a0, DeliveryState::Deposited, NOW - 50);
+    store.update_sent(&waiting).or_fail("update_sent")?;
+
+    // The batch: two envelopes from peer 0 (the second session record
+    // wins), one from peer 1, a mark alone.
+    let r0 = fx.record(0)?;
+    let r0b = fx.record(0)?;
+    let r1 = fx.record(1)?;
+    let mut prekeys1 = fx.prekeys.clone();
+    let used = prekeys1.prekeys.one_time_prekeys().next().map(|k| k.id());
+    if let Some(id) = used {
+        prekeys1.prekeys.remove_one_time_prekey(id);
+    }
+    prekeys1.accepted.push((1, [0xb0; 16]));
+    let mut prekeys2 = prekeys1.clone();
+    prekeys2.accepted.push((1, [0xb1; 16]));
+    let p0 = PeerRecord {
+        address: a0,
+        trust: Trust::Unvalidated,
+        first_seen: NOW,
+    };
+    let p1v = PeerRecord {
+        trust: Trust::Validated,
+        ..p1.clone()
+    };
+    let m0 = message(eid(0), a0, b"first", NOW);
+    let m1 = message(eid(1), a0, b"second", NOW + 1);
+    let m2 = message(eid(2), a1, b"third", NOW + 2);
+    let delivered = SentMessage {
+        body: Vec::new(),
+        state: DeliveryState::Delivered,
+        ..waiting.clone()
+    };
+    let new = sent(1, a1, DeliveryState::Stored, NOW + 1);
+    let new_deposited = SentMessage {
+        state: DeliveryState::Deposited,
+        ..new.clone()
+    };
+    let batch = [
+        ReceiveCommit {
+            envelope_id: eid(0),
+            processed_at: NOW,
+            session: Some((&a0, &r0)),
+            prekeys: Some(&prekeys1),
+            peer: Some(&p0),
+            message: Some(&m0),
+            sent: Some(&delivered),
+        },
+        ReceiveCommit {
+            envelope_id: eid(1),
+            processed_at: NOW + 1,
+            session: Some((&a0, &r0b)),
+            prekeys: None,
+            peer: None,
+            message: Some(&m1),
+            sent: Some(&new),
+        },
+        ReceiveCommit {
+            envelope_id: eid(2),
+            processed_at: NOW + 2,
+            session: Some((&a1, &r1)),
+            prekeys: Some(&prekeys2),
+            peer: Some(&p1v),
+            message: Some(&m2),
+            sent: Some(&new_deposited),
+        },
+        mark(eid(3), NOW + 3),
+    ];
+    store.commit_receive(&batch).or_fail("commit_receive")?;
+
+    let check = |store: &dyn Store, what: &str| -> Outcome {
+        let got = store.session(&a0).or_fail("session")?;
+        let got = got.ok_or_else(|| format!("{what}: peer 0's session record is missing"))?;
+        same_record(
+            &format!("{what}: session() of a peer changed twice (the later record wins)"),
+            &got,
+            &r0b,
+        )?;
+        session_is(store, &a1, &r1, what)?;
+        let got = store.prekeys().or_fail("prekeys")?;
+        let got = got.ok_or_else(|| format!("{what}: the prekeys are missing"))?;
+        same_prekeys(
+            &format!("{what}: prekeys() (the later state wins)"),
+            &got,
+            &prekeys2,
+        )?;
+        same(
+            &format!("{what}: peer() of a new peer"),
+            &store.peer(&a0).or_fail("peer")?,
+            &Some(p0.clone()),
+        )?;
+        same(
+            &format!("{what}: peer() of an updated peer"),
+            &store.peer(&a1).or_fail("peer")?,
+            &Some(p1v.clone()),
+        )?;
+        same(
+            &format!("{what}: inbox()"),
+            &store.inbox().or_fail("inbox")?,
+            &vec![m0.clone(), m1.clone(), m2.clone()],
+        )?;
+        same(
+            &format!(
+                "{what}: sent_messages() (a receipt for the known one, a new one \
+                 changed twice: its later state, in its first position)"
+            ),
+            &store.sent_messages().or_fail("sent_messages")?,
+            &vec![delivered.clone(), new_deposited.clone()],
+        )?;
+        let marks: Vec<bool> = (0..5u8)
+            .map(|k| store.is_processed(&eid(k)).or_fail("is_processed"))
+            .collect::<Result<_, _>>()?;
+        same(
+            &format!("{what}: is_processed() of the four envelopes and another"),
+            &marks,
+            &vec![true, true, true, true, false],
+        )?;
+        same(
+            &format!("{what}: outbox()"),
+            &store.outbox().or_fail("outbox")?,
+            &Vec::new(),
+        )
+    };
+    check(store, "after commit_receive")?;
+    store.commit_receive(&[]).or_fail("commit_receive")?;
+    check(store, "after an empty commit_receive")
+}
+
+fn inbox(store: &mut dyn Store) -> Outcome {
+    let fx = Fixture::new()?;
+    let (a0, a1) = (fx.address(0), fx.address(1));
+    let m0 = message(eid(0), a0, b"zero", NOW);
+    let m1 = message(eid(1), a1, b"", NOW + 1);
+    let m0_again = message(eid(0), a0, b"a duplicate, ignored", NOW + 2);
+    let m2 = message(eid(2), a0, &[0xee; 3000], NOW + 3);
+    let m1_again = message(eid(1), a1, b"another duplicate", NOW + 4);
+    let m3 = message(eid(3), a1, b"three", NOW + 5);
+    let batch: Vec<ReceiveCommit<'_>> =
+        [&m0, &m1, &m0_again, &m2].into_iter().map(commit).collect();
+    store.commit_receive(&batch).or_fail("commit_receive")?;
+    same(
+        "inbox() (the order received, a duplicate in the batch ignored)",
+        &store.inbox().or_fail("inbox")?,
+        &vec![m0.clone(), m1.clone(), m2.clone()],
+    )?;
+    let batch: Vec<ReceiveCommit<'_>> = [&m1_again, &m3].into_iter().map(commit).collect();
+    store.commit_receive(&batch).or_fail("commit_receive")?;
+    let mut want = vec![m0, m1, m2, m3];
+    same(
+        "inbox() after a second batch (a duplicate of an earlier one ignored)",
+        &store.inbox().or_fail("inbox")?,
+        &want,
+    )?;
+    store.remove_inbox(&eid(1)).or_fail("remove_inbox")?;
+    want.remove(1);
+    same(
+        "inbox() after remove_inbox",
+        &store.inbox().or_fail("inbox")?,
+        &want,
+    )?;
+    store.remove_inbox(&eid(200)).or_fail("remove_inbox")?;
+    same(
+        "inbox() after removing an unknown id",
+        &store.inbox().or_fail("inbox")?,
+        &want,
+    )?;
+    for m in &want {
+        store.remove_inbox(&m.envelope_id).or_fail("remove_inbox")?;
+    }
+    same(
+        "inbox() after removing every message",
+        &store.inbox().or_fail("inbox")?,
+        &Vec::new(),
+    )
+}
+
+fn sent_messages(store: &mut dyn Store) -> Outcome {
+    let fx = Fixture::new()?;
+    let states = [
+        DeliveryState::Stored,
+        DeliveryState::Deposited,
+        DeliveryState::Resent,
+        DeliveryState::Delivered,
+        DeliveryState::Failed(Failure::TimedOut),
+        DeliveryState::Failed(Failure::Compromised),
+        DeliveryState::Failed(Failure::Refused),
+    ];
+    let mut all: Vec<SentMessage> = states
+        .iter()
+        .enumerate()
+        .map(|(k, state)| {
+            let k8 = k as u8;
+            SentMessage {
+                last_sent: NOW + 10 + k as u64,
+                sends: k as u32 + 1,
+                ..sent(k8, fx.address(k % 3), *state, NOW + k as u64)
+            }
+        })
+        .collect();
+    for m in &all {
+        store.update_sent(m).or_fail("update_sent")?;
+    }
+    let check = |store: &dyn Store, all: &[SentMessage], what: &str| -> Outcome {
+        same(
+            &format!("{what}: sent_messages() (the order first stored)"),
+            &store.sent_messages().or_fail("sent_messages")?,
+            &all.to_vec(),
+        )?;
+        for m in all {
+            same(
+                &format!("{what}: sent_message({:?})", m.id),
+                &store.sent_message(&m.id).or_fail("sent_message")?,
+                &Some(m.clone()),
+            )?;
+        }
+        same(
+            &format!("{what}: sent_message() of an unknown id"),
+            &store.sent_message(&mid(200)).or_fail("sent_message")?,
+            &None,
+        )?;
+        let pending: Vec<SentMessage> = all
+            .iter()
+            .filter(|m| m.state.is_pending())
+            .cloned()
+            .collect();
+        same(
+            &format!("{what}: pending_sent()"),
+            &store.pending_sent().or_fail("pending_sent")?,
+            &pending,
+        )
+    };
+    check(store, &all, "after update_sent")?;
+
+    // Updates in place: a re-send, a receipt.
+    all[1] = SentMessage {
+        state: DeliveryState::Resent,
+        last_sent: NOW + 100,
+        sends: all[1].sends + 1,
+        ..all[1].clone()
+    };
+    all[0] = SentMessage {
+        body: Vec::new(),
+        state: DeliveryState::Delivered,
+        ..all[0].clone()
+    };
+    store.update_sent(&all[1]).or_fail("update_sent")?;
+    store.update_sent(&all[0]).or_fail("update_sent")?;
+    check(store, &all, "after updating two messages")
+}
+
+fn prune_sent(store: &mut dyn Store) -> Outcome {
+    let fx = Fixture::new()?;
+    let to = fx.address(0);
+    // (state, created, kept by prune_sent(NOW))
+    let cases = [
+        (DeliveryState::Stored, 0, true),
+        (DeliveryState::Delivered, NOW - 1, false),
+        (DeliveryState::Deposited, 5, true),
+        (DeliveryState::Failed(Failure::TimedOut), 5, false),
+        (DeliveryState::Delivered, NOW, true),
+        (DeliveryState::Resent, NOW - 100, true),
+        (DeliveryState::Failed(Failure::Refused), NOW + 1, true),
+        (DeliveryState::Failed(Failure::Compromised), NOW - 1, false),
+    ];
+    let all: Vec<SentMessage> = cases
+        .iter()
+        .enumerate()
+        .map(|(k, (state, created, _))| sent(k as u8, to, *state, *created))
+        .collect();
+    for m in &all {
+        store.update_sent(m).or_fail("update_sent")?;
+    }
+    store.prune_sent(NOW).or_fail("prune_sent")?;
+    for (m, (_, _, kept)) in all.iter().zip(cases) {
+        let present = store.sent_message(&m.id).or_fail("sent_message")?.is_some();
+        if m.state.is_pending() {
+            ensure!(
+                present,
+                "prune_sent(before) removed a pending message ({:?}, created {} < before = {NOW}): \
+                 pending messages are never pruned",
+                m.state,
+                m.created
+            );
+        } else if kept {
+            ensure!(
+                present,
+                "prune_sent(before) removed a {:?} message created at or after before \
+                 ({} >= {NOW})",
+                m.state,
+                m.created
+            );
+        } else {
+            ensure!(
+                !present,
+                "prune_sent(before) kept a {:?} message created before before ({} < {NOW})",
+                m.state,
+                m.created
+            );
+        }
+    }
+    let kept: Vec<SentMessage> = all
+        .iter()
+        .zip(cases)
+        .filter(|(_, (_, _, kept))| *kept)
+        .map(|(m, _)| m.clone())
+        .collect();
+    same(
+        "sent_messages() after prune_sent(before)",
+        &store.sent_messages().or_fail("sent_messages")?,
+        &kept,
+    )?;
+    store.prune_sent(u64::MAX).or_fail("prune_sent")?;
+    let pending: Vec<SentMessage> = all
+        .iter()
+        .filter(|m| m.state.is_pending())
+        .cloned()
+        .collect();
+    same(
+        "sent_messages() after prune_sent(u64::MAX) (only the pending ones stay)",
+        &store.sent_messages().or_fail("sent_messages")?,
+        &pending,
+    )
+}
+
+fn u64_times(store: &mut dyn Store) -> Outcome {
+    let mut fx = Fixture::new()?;
+    store.set_identity(&fx.me).or_fail("set_identity")?;
+    let (a0, a1) = (fx.address(0), fx.address(1));
+    let big = [i64::MAX as u64, 1 << 63, u64::MAX - 1, u64::MAX];
+
+    // Peers.
+    let peers: Vec<PeerRecord> = big
+        .iter()
+        .enumerate()
+        .map(|(k, t)| PeerRecord {
+            address: DeviceAddress {
+                identity: a0.identity,
+                device_id: 50 + k as u32,
+            },
+            trust: Trust::Validated,
+            first_seen: *t,
+        })
+        .collect();
+    for p in &peers {
+        store.set_peer(p).or_fail("set_peer")?;
+    }
+    for p in &peers {
+        same(
+            &format!("peer() with first_seen = {}", p.first_seen),
+            &store.peer(&p.address).or_fail("peer")?,
+            &Some(p.clone()),
+        )?;
+    }
+
+    // A session record whose times and generation are the largest.
+    let mut record = fx.record(0)?;
+    for e in record.entries_mut() {
+        e.generation = u64::MAX;
+        e.created = u64::MAX;
+        e.last_received = 1 << 63;
+    }
+    let e = entry(a0, eid(0), vec![9; 20], u64::MAX);
+    let s = SentMessage {
+        last_sent: u64::MAX,
+        sends: u32::MAX,
+        ..sent(0, a0, DeliveryState::Resent, 1 << 63)
+    };
+    store
+        .commit_send(&record, &e, Some(&s))
+        .or_fail("commit_send")?;
+    session_is(store, &a0, &record, "with times of u64::MAX")?;
+    same(
+        "outbox() with created = u64::MAX",
+        &store.outbox().or_fail("outbox")?,
+        &vec![e],
+    )?;
+    same(
+        "sent_message() with created = 2^63, last_sent = u64::MAX, sends = u32::MAX",
+        &store.sent_message(&s.id).or_fail("sent_message")?,
+        &Some(s.clone()),
+    )?;
+
+    // Received at, processed at.
+    let m = message(eid(1), a1, b"late", u64::MAX);
+    let times = [0, 5, NOW, big[0], big[1], big[2], big[3]];
+    let mut batch: Vec<ReceiveCommit<'_>> = times
+        .iter()
+        .enumerate()
+        .map(|(k, t)| mark(eid(10 + k as u8), *t))
+        .collect();
+    batch.push(ReceiveCommit {
+        message: Some(&m),
+        ..mark(eid(1), u64::MAX)
+    });
+    store.commit_receive(&batch).or_fail("commit_receive")?;
+    same(
+        "inbox() with received_at = u64::MAX",
+        &store.inbox().or_fail("inbox")?,
+        &vec![m],
+    )?;
+    let marks = |store: &dyn Store| -> Result<Vec<bool>, String> {
+        (0..times.len())
+            .map(|k| {
+                store
+                    .is_processed(&eid(10 + k as u8))
+                    .or_fail("is_processed")
+            })
+            .collect()
+    };
+    store.prune_processed(6).or_fail("prune_processed")?;
+    same(
+        "is_processed() after prune_processed(6) (marks at 0, 5, NOW, 2^63-1, 2^63, \
+         u64::MAX-1, u64::MAX)",
+        &marks(store)?,
+        &vec![false, false, true, true, true, true, true],
+    )?;
+    store.prune_processed(1 << 63).or_fail("prune_processed")?;
+    same(
+        "is_processed() after prune_processed(2^63) (marks at 0, 5, NOW, 2^63-1, 2^63, \
+         u64::MAX-1, u64::MAX)",
+        &marks(store)?,
+        &vec![false, false, false, false, true, true, true],
+    )?;
+    store.prune_processed(u64::MAX).or_fail("prune_processed")?;
+    same(
+        "is_processed() after prune_processed(u64::MAX)",
+        &marks(store)?,
+        &vec![false, false, false, false, false, false, true],
+    )?;
+
+    // Finished sent messages on both sides of 2^63.
+    let finished: Vec<SentMessage> = big
+        .iter()
+        .enumerate()
+        .map(|(k, t)| sent(10 + k as u8, a1, DeliveryState::Delivered, *t))
+        .collect();
+    for m in &finished {
+        store.update_sent(m).or_fail("update_sent")?;
+    }
+    store.prune_sent((1 << 63) + 1).or_fail("prune_sent")?;
+    same(
+        "sent_messages() after prune_sent(2^63 + 1) (delivered ones created at 2^63-1, 2^63, \
+         u64::MAX-1, u64::MAX, and a pending one at 2^63)",
+        &store.sent_messages().or_fail("sent_messages")?,
+        &vec![s.clone(), finished[2].clone(), finished[3].clone()],
+    )?;
+
+    // Quarantined at.
+    store
+        .quarantine_session(&a0, u64::MAX, "late")
+        .or_fail("quarantine_session")?;
+    let q: Vec<(DeviceAddress, u64)> = store
+        .quarantined()
+        .or_fail("quarantined")?
+        .into_iter()
+        .map(|q| (q.peer, q.at))
+        .collect();
+    same("quarantined() at u64::MAX", &q, &vec![(a0, u64::MAX)])
+}

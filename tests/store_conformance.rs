@@ -1,0 +1,350 @@
+//! The `Store` conformance suite (`cubbyhole::storage::conformance`): the
+//! in-memory and SQLite stores pass it, and deliberately broken stores fail
+//! it, each at the check that covers its fault.
+
+use cubbyhole::storage::conformance::{self, Violation, CHECKS};
+use cubbyhole::storage::{
+    DeliveryState, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry, PeerRecord,
+    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store, StoreError,
+};
+use cubbyhole::transport::{DeviceAddress, EnvelopeId};
+
+#[test]
+fn the_memory_store_conforms() {
+    conformance::run(MemoryStore::new);
+}
+
+#[test]
+fn every_check_has_a_distinct_name_and_runs_alone() {
+    let mut names: Vec<&str> = CHECKS.iter().map(|c| c.name).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), CHECKS.len(), "duplicate check names");
+    for check in CHECKS {
+        (check.run)(&mut MemoryStore::new()).unwrap();
+    }
+    conformance::check_commit_send(&mut MemoryStore::new()).unwrap();
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use cubbyhole::storage::conformance;
+    use cubbyhole::storage::SqliteStore;
+
+    const KEY: [u8; 32] = [0x3c; 32];
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "cubbyhole-store-conformance-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_sqlite_store_in_memory_conforms() {
+        conformance::run(|| SqliteStore::open_in_memory(&KEY).unwrap());
+    }
+
+    #[test]
+    fn the_sqlite_store_on_a_file_conforms() {
+        let dir = TempDir::new();
+        let mut n = 0;
+        conformance::run(|| {
+            n += 1;
+            SqliteStore::open(dir.0.join(format!("store-{n}.db")), &KEY).unwrap()
+        });
+        assert_eq!(n, conformance::CHECKS.len(), "one fresh file per check");
+    }
+}
+
+/// What a [`Broken`] store gets wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// None: the wrapper is faithful.
+    None,
+    /// `prune_sent` also deletes old pending messages.
+    PruneSentDropsPending,
+    /// `commit_send` stores the record and the entry but not the sent
+    /// message.
+    CommitSendDropsSent,
+    /// `quarantine_session` is not supported (a backend error).
+    QuarantineUnsupported,
+    /// `commit_receive` ignores the peer records.
+    ReceiveDropsPeer,
+    /// `prune_processed` forgets the marks at `before` too.
+    PruneProcessedInclusive,
+    /// `outbox` lists the entries by envelope id.
+    OutboxSortedById,
+    /// The stores made are not empty (left over from an earlier test).
+    NotFresh,
+}
+
+/// The memory store with one fault.
+struct Broken {
+    inner: MemoryStore,
+    fault: Fault,
+}
+
+impl Broken {
+    fn new(fault: Fault) -> Broken {
+        let mut inner = MemoryStore::new();
+        if fault == Fault::NotFresh {
+            let message = InboxMessage {
+                envelope_id: EnvelopeId([1; 16]),
+                from: DeviceAddress {
+                    identity: [2; 32],
+                    device_id: 3,
+                },
+                body: b"left over".to_vec(),
+                received_at: 4,
+            };
+            inner
+                .commit_receive(&[ReceiveCommit {
+                    envelope_id: message.envelope_id,
+                    processed_at: 4,
+                    session: None,
+                    prekeys: None,
+                    peer: None,
+                    message: Some(&message),
+                    sent: None,
+                }])
+                .unwrap();
+        }
+        Broken { inner, fault }
+    }
+    fn maker(fault: Fault) -> impl FnMut() -> Broken {
+        move || Broken::new(fault)
+    }
+}
+
+impl Store for Broken {
+    fn identity(&self) -> Result<Option<LocalIdentity>, StoreError> {
+        self.inner.identity()
+    }
+    fn set_identity(&mut self, identity: &LocalIdentity) -> Result<(), StoreError> {
+        self.inner.set_identity(identity)
+    }
+    fn prekeys(&self) -> Result<Option<PrekeyState>, StoreError> {
+        self.inner.prekeys()
+    }
+    fn set_prekeys(&mut self, state: &PrekeyState) -> Result<(), StoreError> {
+        self.inner.set_prekeys(state)
+    }
+    fn session(&self, peer: &DeviceAddress) -> Result<Option<SessionRecord>, StoreError> {
+        self.inner.session(peer)
+    }
+    fn sessions(
+        &self,
+    ) -> Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError> {
+        self.inner.sessions()
+    }
+    fn set_session(
+        &mut self,
+        peer: &DeviceAddress,
+        record: &SessionRecord,
+    ) -> Result<(), StoreError> {
+        self.inner.set_session(peer, record)
+    }
+    fn remove_session(&mut self, peer: &DeviceAddress) -> Result<(), StoreError> {
+        self.inner.remove_session(peer)
+    }
+    fn quarantine_session(
+        &mut self,
+        peer: &DeviceAddress,
+        now: u64,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        if self.fault == Fault::QuarantineUnsupported {
+            return Err(StoreError::Backend("quarantine not supported".into()));
+        }
+        self.inner.quarantine_session(peer, now, reason)
+    }
+    fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
+        self.inner.quarantined()
+    }
+    fn peer(&self, device: &DeviceAddress) -> Result<Option<PeerRecord>, StoreError> {
+        self.inner.peer(device)
+    }
+    fn set_peer(&mut self, peer: &PeerRecord) -> Result<(), StoreError> {
+        self.inner.set_peer(peer)
+    }
+    fn peers(&self) -> Result<Vec<PeerRecord>, StoreError> {
+        self.inner.peers()
+    }
+    fn commit_send(
+        &mut self,
+        record: &SessionRecord,
+        entry: &OutboxEntry,
+        sent: Option<&SentMessage>,
+    ) -> Result<(), StoreError> {
+        let sent = sent.filter(|_| self.fault != Fault::CommitSendDropsSent);
+        self.inner.commit_send(record, entry, sent)
+    }
+    fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        let mut outbox = self.inner.outbox()?;
+        if self.fault == Fault::OutboxSortedById {
+            outbox.sort_by_key(|e| e.envelope.id);
+        }
+        Ok(outbox)
+    }
+    fn remove_outbox(&mut self, id: &EnvelopeId) -> Result<(), StoreError> {
+        self.inner.remove_outbox(id)
+    }
+    fn is_processed(&self, id: &EnvelopeId) -> Result<bool, StoreError> {
+        self.inner.is_processed(id)
+    }
+    fn commit_receive(&mut self, batch: &[ReceiveCommit<'_>]) -> Result<(), StoreError> {
+        if self.fault != Fault::ReceiveDropsPeer {
+            return self.inner.commit_receive(batch);
+        }
+        let batch: Vec<ReceiveCommit<'_>> = batch
+            .iter()
+            .map(|c| ReceiveCommit { peer: None, ..*c })
+            .collect();
+        self.inner.commit_receive(&batch)
+    }
+    fn prune_processed(&mut self, before: u64) -> Result<(), StoreError> {
+        let before = match self.fault {
+            Fault::PruneProcessedInclusive => before.saturating_add(1),
+            _ => before,
+        };
+        self.inner.prune_processed(before)
+    }
+    fn sent_messages(&self) -> Result<Vec<SentMessage>, StoreError> {
+        self.inner.sent_messages()
+    }
+    fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
+        self.inner.sent_message(id)
+    }
+    fn update_sent(&mut self, message: &SentMessage) -> Result<(), StoreError> {
+        self.inner.update_sent(message)
+    }
+    fn prune_sent(&mut self, before: u64) -> Result<(), StoreError> {
+        if self.fault == Fault::PruneSentDropsPending {
+            // Old pending messages are treated as finished.
+            for m in self.inner.sent_messages()? {
+                if m.state.is_pending() && m.created < before {
+                    self.inner.update_sent(&SentMessage {
+                        state: DeliveryState::Delivered,
+                        ..m
+                    })?;
+                }
+            }
+        }
+        self.inner.prune_sent(before)
+    }
+    fn inbox(&self) -> Result<Vec<InboxMessage>, StoreError> {
+        self.inner.inbox()
+    }
+    fn remove_inbox(&mut self, id: &EnvelopeId) -> Result<(), StoreError> {
+        self.inner.remove_inbox(id)
+    }
+}
+
+/// The failures of a broken store (it must fail).
+fn violations(fault: Fault) -> Vec<Violation> {
+    match conformance::try_run(Broken::maker(fault)) {
+        Ok(()) => panic!("a store with the fault {fault:?} passed the suite"),
+        Err(v) => v,
+    }
+}
+
+fn failed_checks(v: &[Violation]) -> Vec<&'static str> {
+    v.iter().map(|v| v.check).collect()
+}
+
+#[test]
+fn the_wrapper_without_a_fault_conforms() {
+    // So the failures below are the faults', not the wrapper's.
+    conformance::try_run(Broken::maker(Fault::None)).unwrap();
+}
+
+#[test]
+fn pruning_pending_sent_messages_fails_prune_sent() {
+    let v = violations(Fault::PruneSentDropsPending);
+    assert!(failed_checks(&v).contains(&"prune_sent"), "{v:#?}");
+    let prune = v.iter().find(|v| v.check == "prune_sent").unwrap();
+    assert!(
+        prune.message.contains("pending messages are never pruned"),
+        "{prune}"
+    );
+    assert!(
+        prune
+            .to_string()
+            .starts_with("store conformance: prune_sent: "),
+        "{prune}"
+    );
+}
+
+#[test]
+fn dropping_the_sent_message_fails_commit_send_and_run_panics_naming_it() {
+    let v = violations(Fault::CommitSendDropsSent);
+    assert!(failed_checks(&v).contains(&"commit_send"), "{v:#?}");
+    let commit = v.iter().find(|v| v.check == "commit_send").unwrap();
+    assert_eq!(
+        commit.to_string(),
+        "store conformance: commit_send: after commit_send: the sent message is missing"
+    );
+
+    let panic = std::panic::catch_unwind(|| {
+        conformance::run(Broken::maker(Fault::CommitSendDropsSent));
+    })
+    .expect_err("run must panic on a broken store");
+    let message = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap();
+    assert!(
+        message.contains(
+            "store conformance: commit_send: after commit_send: the sent message is missing"
+        ),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_unsupported_method_fails_clearly() {
+    let v = violations(Fault::QuarantineUnsupported);
+    let checks = failed_checks(&v);
+    assert!(checks.contains(&"quarantine"), "{v:#?}");
+    let q = v.iter().find(|v| v.check == "quarantine").unwrap();
+    assert!(
+        q.message
+            .contains("Store::quarantine_session returned an error: storage backend: quarantine not supported"),
+        "{q}"
+    );
+}
+
+#[test]
+fn other_faults_fail_the_checks_that_cover_them() {
+    for (fault, check) in [
+        (Fault::ReceiveDropsPeer, "commit_receive"),
+        (Fault::PruneProcessedInclusive, "processed"),
+        // The suite's ids descend as they are added: sorting shows.
+        (Fault::OutboxSortedById, "outbox"),
+        (Fault::NotFresh, "empty"),
+    ] {
+        let v = violations(fault);
+        assert!(failed_checks(&v).contains(&check), "{fault:?}: {v:#?}");
+    }
+}
