@@ -172,15 +172,23 @@ fn simultaneous_first_messages_converge_on_one_session() {
         let mut alice = w.device(MemoryStore::new());
         let mut bob = w.device(MemoryStore::new());
         let (a, b) = (alice.address(), bob.address());
+        // Time passes between every step: a rule that ranked sessions by
+        // when each device happened to create or accept them would pick
+        // different sessions on the two sides.
         w.send(&mut alice, &b, b"hi Bob");
+        w.advance(10);
         w.send(&mut bob, &a, b"hi Alice");
+        w.advance(10);
         if bob_first {
             assert_eq!(take_all_after(&mut w, &mut bob), [b"hi Bob".to_vec()]);
+            w.advance(10);
             assert_eq!(take_all_after(&mut w, &mut alice), [b"hi Alice".to_vec()]);
         } else {
             assert_eq!(take_all_after(&mut w, &mut alice), [b"hi Alice".to_vec()]);
+            w.advance(10);
             assert_eq!(take_all_after(&mut w, &mut bob), [b"hi Bob".to_vec()]);
         }
+        w.advance(10);
         // One round trip later both encrypt under the same session ...
         assert_eq!(current(&alice, &b), current(&bob, &a));
         // ... and every message in both directions arrives, once.
