@@ -699,6 +699,16 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         Ok(true)
     }
 
+    /// Whether the peer's identity key is marked compromised (a store
+    /// failure is an error, never taken for a compromise).
+    fn is_compromised(&self, peer: &DeviceAddress) -> Result<bool, ClientError> {
+        match self.check_trust(peer) {
+            Ok(_) => Ok(false),
+            Err(ClientError::Compromised) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     fn check_trust(&self, peer: &DeviceAddress) -> Result<Option<Trust>, ClientError> {
         let trust = fold_trust(&self.store.peers_with_identity(&peer.identity)?);
         if trust == Some(Trust::Compromised) {
@@ -980,7 +990,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         for mut m in self.store.pending_sent()? {
             let failure = if now.saturating_sub(m.created) > self.config.give_up_after {
                 Some(Failure::TimedOut)
-            } else if self.check_trust(&m.to).is_err() {
+            } else if self.is_compromised(&m.to)? {
                 Some(Failure::Compromised)
             } else {
                 None
@@ -1024,7 +1034,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         for (peer, record) in lost {
             if record.current(&me, &peer).is_none()
                 && !due.iter().any(|(a, _)| *a == peer)
-                && self.check_trust(&peer).is_ok()
+                && !self.is_compromised(&peer)?
             {
                 due.push((peer, Vec::new()));
             }
@@ -1048,7 +1058,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         report: &mut ResendReport,
     ) -> Result<(), ClientError> {
         let me = self.address();
-        let record = self.load_record(peer, now)?.unwrap_or_default();
+        let stored = self.load_record(peer, now)?;
+        let existed = stored.is_some();
+        let record = stored.unwrap_or_default();
         let heard = record
             .entries()
             .iter()
@@ -1065,7 +1077,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let lost = fresh_since.is_none();
         if dead || lost {
             let mut record = record;
-            let entry = self.new_session(rng, peer, &record, lost, now).await?;
+            let entry = self
+                .new_session(rng, peer, &record, lost && existed, now)
+                .await?;
             record.insert(entry, self.config.archived_sessions, &me, peer);
             self.store.set_session(peer, &record)?;
             report.new_sessions += 1;
@@ -1172,7 +1186,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ) -> Result<(), ClientError> {
         urgent.extend(batch.urgent);
         for (peer, ids) in batch.receipts {
-            if self.check_trust(&peer).is_err() {
+            if self.is_compromised(&peer)? {
                 continue;
             }
             for chunk in ids.chunks(1024) {
@@ -1202,16 +1216,22 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 // A new session carries the notice: only we can make it
                 // (X3DH authenticates us), and it is what the peer needs
                 // anyway to reach us again.
-                let mut record = self.load_record(&peer.address, now)?.unwrap_or_default();
+                let me = self.address();
+                let stored = self.load_record(&peer.address, now)?;
+                // No current session although a record exists: ours were
+                // lost too, and the notice's session says so (RESET).
+                let lost = stored
+                    .as_ref()
+                    .is_some_and(|r| r.current(&me, &peer.address).is_none());
+                let mut record = stored.unwrap_or_default();
                 let entry = match self
-                    .new_session(rng, &peer.address, &record, false, now)
+                    .new_session(rng, &peer.address, &record, lost, now)
                     .await
                 {
                     Ok(entry) => entry,
                     Err(ClientError::Store(e)) => return Err(e.into()),
                     Err(_) => continue,
                 };
-                let me = self.address();
                 record.insert(entry, self.config.archived_sessions, &me, &peer.address);
                 self.store.set_session(&peer.address, &record)?;
                 let frame = Frame {

@@ -109,7 +109,15 @@ impl Store for MemoryStore {
         sent: Option<&SentMessage>,
     ) -> Result<(), StoreError> {
         self.sessions.insert(entry.to, record.clone());
-        self.outbox.push(entry.clone());
+        // An envelope id already queued is replaced in place (as SQLite).
+        match self
+            .outbox
+            .iter_mut()
+            .find(|e| e.envelope.id == entry.envelope.id)
+        {
+            Some(queued) => *queued = entry.clone(),
+            None => self.outbox.push(entry.clone()),
+        }
         if let Some(sent) = sent {
             self.update_sent(sent)?;
         }
