@@ -327,6 +327,28 @@ impl Batch {
     }
 }
 
+/// What the batches of one receive leave to answer once they are all
+/// committed and acknowledged.
+#[derive(Default)]
+struct Answers {
+    receipts: Vec<(DeviceAddress, Vec<[u8; 16]>)>,
+    urgent: HashSet<DeviceAddress>,
+    unaccepted: Vec<([u8; 32], [u8; 16])>,
+}
+
+impl Answers {
+    fn take(&mut self, batch: Batch) {
+        for (peer, ids) in batch.receipts {
+            match self.receipts.iter_mut().find(|(a, _)| *a == peer) {
+                Some((_, all)) => all.extend(ids),
+                None => self.receipts.push((peer, ids)),
+            }
+        }
+        self.urgent.extend(batch.urgent);
+        self.unaccepted.extend(batch.unaccepted);
+    }
+}
+
 /// The "processed" mark of a message id shown from `from`: kept in the
 /// same set as envelope ids, under a derived name,
 /// `SHA-256("cubbyhole/v1 seen" || identity || device_id || message id)`
@@ -1144,6 +1166,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut report = ReceiveReport::default();
         let mut wait_ms = wait_ms;
         let mut urgent = HashSet::new();
+        let mut answers = Answers::default();
         for _ in 0..self.config.max_receive_rounds.max(1) {
             let auth = self.auth(MailboxOp::Fetch).await?;
             let envelopes = self
@@ -1158,14 +1181,17 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             let (ids, batch) = self.process_batch(&envelopes, now, &mut report)?;
             let auth = self.auth(MailboxOp::Acknowledge).await?;
             self.mailbox.acknowledge(&auth, &ids).await?;
-            self.answer(rng, batch, now, &mut report, &mut urgent)
-                .await?;
+            // Answered once, after the last batch: one receipt per sender
+            // per receive, however many batches it took.
+            answers.take(batch);
             // Fetch until the mailbox is empty (a batch may be cut short by
             // the relay's byte limit), but stop if a batch held nothing new.
             if report.redelivered - redelivered_before == envelopes.len() {
                 break;
             }
         }
+        self.answer(rng, answers, now, &mut report, &mut urgent)
+            .await?;
         let cutoff = now.saturating_sub(self.config.processed_retention);
         self.store.prune_processed(cutoff)?;
         self.store.prune_sent(cutoff)?;
@@ -1179,7 +1205,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     async fn answer(
         &mut self,
         rng: &mut (impl CryptoRngCore + Send),
-        batch: Batch,
+        batch: Answers,
         now: u64,
         report: &mut ReceiveReport,
         urgent: &mut HashSet<DeviceAddress>,
@@ -1313,32 +1339,23 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         b.prekeys = self.store.prekeys()?;
         let mut seen_in_batch = HashSet::new();
         let mut ack = Vec::with_capacity(envelopes.len());
-
-        for envelope in envelopes {
+        // One lookup for the batch's envelope marks, one for its message
+        // marks (SQLite: one query each instead of one per envelope).
+        let ids: Vec<EnvelopeId> = envelopes.iter().map(|e| e.id).collect();
+        let done = self.store.processed_among(&ids)?;
+        let mut opened = Vec::with_capacity(envelopes.len());
+        for (envelope, done) in envelopes.iter().zip(done) {
             ack.push(envelope.id);
-            if !seen_in_batch.insert(envelope.id) || self.store.is_processed(&envelope.id)? {
+            if !seen_in_batch.insert(envelope.id) || done {
                 report.redelivered += 1;
                 continue;
             }
-            let opened = self.open_envelope(envelope, now, &mut b);
+            let result = self.open_envelope(envelope, now, &mut b);
             if let Some(e) = b.failed.take() {
                 return Err(e.into());
             }
-            match opened {
-                Ok((from, frame)) => {
-                    let message = self.take_frame(from, frame, now, &mut b, report)?;
-                    let index = message.map(|body| {
-                        b.messages.push(InboxMessage {
-                            envelope_id: envelope.id,
-                            from,
-                            body,
-                            received_at: now,
-                        });
-                        report.received += 1;
-                        b.messages.len() - 1
-                    });
-                    b.processed.push((envelope.id, index));
-                }
+            match result {
+                Ok((from, frame)) => opened.push((envelope.id, from, frame)),
                 Err(why) => {
                     if let Rejection::Prekey { identity, .. } = why {
                         if let Some(fields) = Incoming::decode(&envelope.payload)
@@ -1353,6 +1370,33 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                     b.processed.push((envelope.id, None));
                 }
             }
+        }
+        let marks: Vec<EnvelopeId> = opened
+            .iter()
+            .filter_map(|(_, from, frame)| {
+                let id = frame.message.as_ref()?.0?;
+                Some(seen_mark(from, &id))
+            })
+            .collect();
+        let found = self.store.processed_among(&marks)?;
+        let already: HashSet<EnvelopeId> = marks
+            .into_iter()
+            .zip(found)
+            .filter_map(|(mark, found)| found.then_some(mark))
+            .collect();
+        for (envelope_id, from, frame) in opened {
+            let message = self.take_frame(from, frame, now, &mut b, report, &already)?;
+            let index = message.map(|body| {
+                b.messages.push(InboxMessage {
+                    envelope_id,
+                    from,
+                    body,
+                    received_at: now,
+                });
+                report.received += 1;
+                b.messages.len() - 1
+            });
+            b.processed.push((envelope_id, index));
         }
         self.commit_batch(&b, now)?;
         Ok((ack, b))
@@ -1429,6 +1473,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         now: u64,
         b: &mut Batch,
         report: &mut ReceiveReport,
+        already: &HashSet<EnvelopeId>,
     ) -> Result<Option<Vec<u8>>, ClientError> {
         if !frame.dead.is_empty() {
             let record = b.records.entry(from).or_default();
@@ -1473,7 +1518,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         };
         b.receipt(from, id);
         let mark = seen_mark(&from, &id);
-        if b.seen.contains(&mark) || self.store.is_processed(&mark)? {
+        if b.seen.contains(&mark) || already.contains(&mark) {
             report.duplicates += 1;
             return Ok(None);
         }

@@ -19,7 +19,10 @@ pub struct MemoryStore {
     prekeys: Option<PrekeyState>,
     sessions: BTreeMap<DeviceAddress, SessionRecord>,
     quarantine: Vec<Quarantined>,
+    /// Sent messages in the order first stored, with their positions by
+    /// id (an update or lookup is not a scan).
     sent: Vec<SentMessage>,
+    sent_index: HashMap<MessageId, usize>,
     peers: BTreeMap<DeviceAddress, PeerRecord>,
     outbox: Vec<OutboxEntry>,
     processed: HashMap<EnvelopeId, u64>,
@@ -163,19 +166,39 @@ impl Store for MemoryStore {
     fn sent_messages(&self) -> Result<Vec<SentMessage>, StoreError> {
         Ok(self.sent.clone())
     }
+    fn pending_sent(&self) -> Result<Vec<SentMessage>, StoreError> {
+        Ok(self
+            .sent
+            .iter()
+            .filter(|m| m.state.is_pending())
+            .cloned()
+            .collect())
+    }
     fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
-        Ok(self.sent.iter().find(|m| &m.id == id).cloned())
+        Ok(self.sent_index.get(id).map(|&i| self.sent[i].clone()))
     }
     fn update_sent(&mut self, message: &SentMessage) -> Result<(), StoreError> {
-        match self.sent.iter_mut().find(|m| m.id == message.id) {
-            Some(m) => *m = message.clone(),
-            None => self.sent.push(message.clone()),
+        match self.sent_index.get(&message.id) {
+            Some(&i) => self.sent[i] = message.clone(),
+            None => {
+                self.sent_index.insert(message.id, self.sent.len());
+                self.sent.push(message.clone());
+            }
         }
         Ok(())
     }
     fn prune_sent(&mut self, before: u64) -> Result<(), StoreError> {
+        let len = self.sent.len();
         self.sent
             .retain(|m| m.state.is_pending() || m.created >= before);
+        if self.sent.len() != len {
+            self.sent_index = self
+                .sent
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (m.id, i))
+                .collect();
+        }
         Ok(())
     }
     fn inbox(&self) -> Result<Vec<InboxMessage>, StoreError> {

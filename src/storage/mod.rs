@@ -414,6 +414,11 @@ pub trait Store {
 
     /// Whether an envelope was already processed.
     fn is_processed(&self, id: &EnvelopeId) -> Result<bool, StoreError>;
+    /// For each id, whether it is processed ([`Store::is_processed`] of
+    /// each, in order; a store answers a whole batch at once if it can).
+    fn processed_among(&self, ids: &[EnvelopeId]) -> Result<Vec<bool>, StoreError> {
+        ids.iter().map(|id| self.is_processed(id)).collect()
+    }
     /// Applies every commit of the batch, in order, atomically: all or none.
     fn commit_receive(&mut self, batch: &[ReceiveCommit<'_>]) -> Result<(), StoreError>;
     /// Forgets processed-envelope marks older than `before` (after the

@@ -987,6 +987,33 @@ impl Store for SqliteStore {
         stmt.exists([&id.0[..]]).map_err(backend)
     }
 
+    /// One query per 128 ids (the last chunk padded with its last id, so
+    /// that a single cached statement serves every call).
+    fn processed_among(&self, ids: &[EnvelopeId]) -> Result<Vec<bool>, StoreError> {
+        const CHUNK: usize = 128;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT envelope_id FROM processed WHERE envelope_id IN ({})",
+            vec!["?"; CHUNK].join(",")
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(backend)?;
+        let mut found = std::collections::HashSet::new();
+        for chunk in ids.chunks(CHUNK) {
+            let last = chunk.len() - 1;
+            let params = (0..CHUNK).map(|i| &chunk[i.min(last)].0[..]);
+            let mut rows = stmt
+                .query(rusqlite::params_from_iter(params))
+                .map_err(backend)?;
+            while let Some(row) = rows.next().map_err(backend)? {
+                let id = envelope_key("processed", row, 0)?;
+                found.insert(id);
+            }
+        }
+        Ok(ids.iter().map(|id| found.contains(id)).collect())
+    }
+
     /// Applies the batch in one transaction. Everything is sealed before the
     /// transaction starts (so the write lock is held only for the writes),
     /// and a session record, peer, sent message or prekey state changed
