@@ -53,7 +53,7 @@
 //! | `peers` | peer records: replace by address, [`Store::peers`], [`Store::peers_with_identity`] |
 //! | `commit_send` | the session record, the outbox entry and the sent message are all stored |
 //! | `outbox` | oldest first; [`Store::remove_outbox`] removes one entry |
-//! | `processed` | marks are set by [`Store::commit_receive`]; [`Store::prune_processed`] drops those older than `before` only |
+//! | `processed` | marks are set by [`Store::commit_receive`]; [`Store::processed_among`] agrees with [`Store::is_processed`]; [`Store::prune_processed`] drops those older than `before` only |
 //! | `commit_receive` | every part of every commit of a batch is applied, later ones winning |
 //! | `inbox` | in the order received; a duplicate envelope id adds nothing; [`Store::remove_inbox`] |
 //! | `sent_messages` | first-stored order, [`Store::update_sent`] in place, [`Store::sent_message`], [`Store::pending_sent`] |
@@ -1231,9 +1231,17 @@ fn processed(store: &mut dyn Store) -> Outcome {
         .map(|k| mark(eid(k), times[usize::from(k)]))
         .collect();
     let marks = |store: &dyn Store| -> Result<Vec<bool>, String> {
-        (0..5u8)
+        let one_by_one: Vec<bool> = (0..5u8)
             .map(|k| store.is_processed(&eid(k)).or_fail("is_processed"))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        // processed_among answers the same, in order, for any number of
+        // ids (201 here: batching stores split and pad their queries).
+        let ids: Vec<EnvelopeId> = (0..=200u8).map(eid).collect();
+        let among = store.processed_among(&ids).or_fail("processed_among")?;
+        let mut expected = one_by_one.clone();
+        expected.resize(ids.len(), false);
+        same("processed_among() beside is_processed()", &among, &expected)?;
+        Ok(one_by_one)
     };
     store.commit_receive(&batch).or_fail("commit_receive")?;
     same(
