@@ -130,6 +130,16 @@ fn decode_identity() {
 }
 
 #[test]
+fn decode_frame() {
+    replay("decode_frame");
+}
+
+#[test]
+fn decode_record() {
+    replay("decode_record");
+}
+
+#[test]
 fn decode_upload() {
     replay("decode_upload");
 }

@@ -23,8 +23,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use cubbyhole::bundle::{BUNDLE_LEN_WITHOUT_OPK, BUNDLE_LEN_WITH_OPK};
+use cubbyhole::client::frame::{BadFrame, Frame};
 use cubbyhole::relay::{MailboxUsage, MemoryRelayStorage, Relay, RelayConfig, RelayStorage};
-use cubbyhole::storage::{LocalIdentity, PrekeyState, LOCAL_IDENTITY_LEN};
+use cubbyhole::storage::{
+    LocalIdentity, PrekeyState, SessionEntry, SessionRecord, LOCAL_IDENTITY_LEN,
+};
 use cubbyhole::transport::{
     self, encode_acknowledge, encode_envelope, encode_envelope_list, BundleSetUpload,
     DeviceAddress, Envelope, EnvelopeId, FetchQuery, MailboxAuth, MailboxOp, SignedPrekeyRecord,
@@ -790,6 +793,59 @@ pub fn decode_identity(data: &[u8]) {
     PrekeyBundle::new(&identity.keys, &spk, None)
         .verify(NOW, FreshnessPolicy::default())
         .expect("a bundle of the decoded identity verifies");
+}
+
+// ---------------------------------------------------------------------------
+// Client layer: decode_frame, decode_record
+// ---------------------------------------------------------------------------
+
+/// `Frame::decode` (the client frame, the plaintext of every message a
+/// peer sends): only `BadFrame`; a v2 frame re-encodes to exactly its
+/// input, a v1 frame is a message without id whose body is the rest.
+pub fn decode_frame(data: &[u8]) {
+    let owned = data.to_vec();
+    let frame = match decode_bounded("Frame::decode", data.len(), || Frame::decode(owned)) {
+        Ok(frame) => frame,
+        Err(BadFrame) => return,
+    };
+    match data[0] {
+        0x02 => assert!(
+            same(&frame.encode(), data),
+            "frame encoding is not canonical"
+        ),
+        0x01 => {
+            assert_eq!(frame.message, Some((None, data[5..].to_vec())));
+            assert!(frame.generation.is_none() && frame.receipts.is_empty());
+        }
+        v => panic!("frame version {v} decoded"),
+    }
+    assert_eq!(frame.device_id.to_be_bytes(), data[1..5]);
+}
+
+/// `SessionRecord::from_bytes` (a peer's stored sessions): only `State`
+/// errors; a record re-encodes to exactly its input; a bare session state
+/// (the form before records) is a record of one entry of generation 0, and
+/// its record encoding decodes again to the same.
+pub fn decode_record(data: &[u8]) {
+    let (alice, bob) = (alice().public(), directory().bob.public());
+    let record = match decode_bounded("SessionRecord::from_bytes", data.len(), || {
+        SessionRecord::from_bytes(data, alice, bob)
+    }) {
+        Ok(r) => r,
+        Err(Error::State(_)) => return,
+        Err(e) => panic!("SessionRecord::from_bytes returned {e:?}"),
+    };
+    let bytes = record.to_bytes();
+    if data[0] == cubbyhole::protocol::state::STATE_VERSION {
+        assert_eq!(record.entries().len(), 1);
+        assert_eq!(record.entries()[0].generation, 0);
+        let again = SessionRecord::from_bytes(&bytes, alice, bob).expect("re-encoded record");
+        assert!(same(&again.to_bytes(), &bytes));
+    } else {
+        assert!(same(&bytes, data), "record encoding is not canonical");
+    }
+    let ids: BTreeSet<[u8; 16]> = record.entries().iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), record.entries().len(), "two entries with one id");
 }
 
 // ---------------------------------------------------------------------------
@@ -1931,7 +1987,7 @@ pub fn run_two_party(config: SessionConfig, with_opk: bool, ops: &[Op], restore_
 // ---------------------------------------------------------------------------
 
 /// The names of every target, as in `fuzz/fuzz_targets/`.
-pub const TARGETS: [&str; 15] = [
+pub const TARGETS: [&str; 17] = [
     "decode_incoming",
     "decode_bundle",
     "decode_state",
@@ -1947,6 +2003,8 @@ pub const TARGETS: [&str; 15] = [
     "decode_envelope_list",
     "decode_acknowledge",
     "decode_fetch_query",
+    "decode_frame",
+    "decode_record",
 ];
 
 /// Runs the target called `name` on `data`.
@@ -1967,6 +2025,8 @@ pub fn run(name: &str, data: &[u8]) {
         "decode_envelope_list" => decode_envelope_list(data),
         "decode_acknowledge" => decode_acknowledge(data),
         "decode_fetch_query" => decode_fetch_query(data),
+        "decode_frame" => decode_frame(data),
+        "decode_record" => decode_record(data),
         _ => panic!("unknown fuzz target {name}"),
     }
 }
@@ -2109,6 +2169,80 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, m) in &edges[..3] {
         add("decode_state", name, m.clone());
     }
+
+    // decode_record: records of the fixture sessions, and a bare state.
+    let record = {
+        let mut r = SessionRecord::single(SessionEntry::new(fx.bob.clone(), 1_900_000_000, NOW));
+        let mut other = SessionEntry::new(fresh.clone(), 1_900_000_001, NOW);
+        other.superseded = true;
+        other.reset = true;
+        other.last_received = NOW;
+        let alice_address = cubbyhole::transport::DeviceAddress::new(alice().public(), 1);
+        let bob_address = cubbyhole::transport::DeviceAddress::new(directory().bob.public(), 1);
+        r.insert(other, 40, &alice_address, &bob_address);
+        r
+    };
+    add("decode_record", "two", record.to_bytes().to_vec());
+    add(
+        "decode_record",
+        "one",
+        SessionRecord::single(SessionEntry::new(fx.alice.clone(), 7, NOW))
+            .to_bytes()
+            .to_vec(),
+    );
+    add("decode_record", "legacy", fx.bob.to_bytes().to_vec());
+    let mut cut = record.to_bytes().to_vec();
+    cut.truncate(cut.len() - 3);
+    add("decode_record", "truncated", cut);
+    add("decode_record", "empty-record", vec![0x80, 0, 0]);
+
+    // decode_frame: one of each kind, and broken ones.
+    let frames = [
+        (
+            "message",
+            Frame {
+                device_id: 1,
+                message: Some((Some([1; 16]), b"hello".to_vec())),
+                ..Frame::default()
+            },
+        ),
+        (
+            "first",
+            Frame {
+                device_id: 2,
+                generation: Some(1_900_000_000),
+                reset: true,
+                message: Some((Some([2; 16]), b"first".to_vec())),
+                ..Frame::default()
+            },
+        ),
+        (
+            "receipts",
+            Frame {
+                device_id: 3,
+                receipts: vec![[3; 16], [4; 16]],
+                ..Frame::default()
+            },
+        ),
+        (
+            "notice",
+            Frame {
+                device_id: 4,
+                generation: Some(5),
+                dead: vec![[5; 16]],
+                ..Frame::default()
+            },
+        ),
+    ];
+    for (name, frame) in &frames {
+        add("decode_frame", name, frame.encode());
+    }
+    add("decode_frame", "v1", b"\x01\x00\x00\x00\x01body".to_vec());
+    add(
+        "decode_frame",
+        "zero-count",
+        vec![2, 0, 0, 0, 1, 0x08, 0, 0],
+    );
 
     // two_party: hand-written scripts (see parse_two_party).
     let scripts: [(&str, &[u8]); 9] = [
