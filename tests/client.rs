@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use cubbyhole::client::{block_on, Client, ClientConfig, ClientError, Rejection};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
-use cubbyhole::storage::{MemoryStore, Store, Trust};
+use cubbyhole::storage::{DeliveryState, MemoryStore, Store, Trust};
 use cubbyhole::transport::{
     DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, MailboxOp,
     PrekeyDirectory, TransportError,
@@ -550,6 +550,10 @@ fn restart_from_the_same_store_and_outbox_flush() {
     let sent = block_on(offline.send(&mut w.rng, &bob.address(), b"second", now)).unwrap();
     assert!(!sent.deposited);
     assert_eq!(offline.store().outbox().unwrap().len(), 1);
+    assert_eq!(
+        offline.delivery(&sent.message).unwrap(),
+        Some(DeliveryState::Stored)
+    );
     // Back online (a restart with the same store): the outbox is flushed.
     let store = offline.into_store();
     let mut alice = Client::open(
@@ -562,8 +566,18 @@ fn restart_from_the_same_store_and_outbox_flush() {
     .unwrap();
     assert_eq!(block_on(alice.flush_outbox()).unwrap(), 1);
     assert!(alice.store().outbox().unwrap().is_empty());
+    // The flush moved the message's state; Bob's receipt moves it again.
+    assert_eq!(
+        alice.delivery(&sent.message).unwrap(),
+        Some(DeliveryState::Deposited)
+    );
     assert_eq!(w.receive(&mut bob).received, 2);
     assert_eq!(bodies(&bob), vec![b"first".to_vec(), b"second".to_vec()]);
+    w.receive(&mut alice);
+    assert_eq!(
+        alice.delivery(&sent.message).unwrap(),
+        Some(DeliveryState::Delivered)
+    );
 }
 
 /// A mailbox whose acknowledgements are lost (the receiver "crashes" between

@@ -868,6 +868,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             })?;
         let mut id = [0u8; 16];
         rng.fill_bytes(&mut id);
+        let message = frame.message.as_ref().and_then(|(id, _)| id.map(MessageId));
         let entry = OutboxEntry {
             to: *to,
             envelope: Envelope {
@@ -875,6 +876,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 payload,
             },
             created: now,
+            message,
         };
         Ok((record, entry))
     }
@@ -950,7 +952,21 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut done = 0;
         for entry in self.store.outbox()? {
             match self.deposit(&entry).await {
-                Ok(true) => done += 1,
+                Ok(true) => {
+                    done += 1;
+                    let sent = match entry.message {
+                        Some(id) => self.store.sent_message(&id)?,
+                        None => None,
+                    };
+                    if let Some(mut m) = sent.filter(|m| m.state == DeliveryState::Stored) {
+                        m.state = if m.sends > 1 {
+                            DeliveryState::Resent
+                        } else {
+                            DeliveryState::Deposited
+                        };
+                        self.store.update_sent(&m)?;
+                    }
+                }
                 Ok(false) | Err(ClientError::Transport(_)) => {}
                 Err(e) => return Err(e),
             }

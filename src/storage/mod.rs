@@ -111,6 +111,9 @@ pub struct OutboxEntry {
     pub envelope: Envelope,
     /// When it was created (unix seconds).
     pub created: u64,
+    /// The message it carries, if any (a receipt or a notice carries
+    /// none): depositing it moves that message's delivery state.
+    pub message: Option<MessageId>,
 }
 
 /// A received, decrypted message, waiting for the application.

@@ -148,7 +148,9 @@ fn migrate_v2(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
              sends INTEGER NOT NULL CHECK (sends BETWEEN 0 AND 4294967295),
              body BLOB NOT NULL
          ) STRICT;
-         CREATE INDEX sent_pending ON sent (seq) WHERE state < 3;",
+         CREATE INDEX sent_pending ON sent (seq) WHERE state < 3;
+         ALTER TABLE outbox ADD COLUMN message BLOB
+             CHECK (message IS NULL OR length(message) = 16);",
     )
     .map_err(backend)
 }
@@ -602,7 +604,7 @@ impl SqliteStore {
 }
 
 const OUTBOX_SELECT: &str =
-    "SELECT envelope_id, to_identity, to_device, payload, created FROM outbox ORDER BY seq";
+    "SELECT envelope_id, to_identity, to_device, payload, created, message FROM outbox ORDER BY seq";
 const SESSIONS_SELECT: &str =
     "SELECT identity, device_id, state FROM sessions ORDER BY identity, device_id";
 const QUARANTINE_SELECT: &str =
@@ -664,10 +666,19 @@ fn outbox_row(row: &Row<'_>) -> Result<OutboxEntry, StoreError> {
     let to = address_columns(row, 1, 2).map_err(fail)?;
     let payload = blob(row, 3, "payload").map_err(fail)?.to_vec();
     let created = int(row, 4, "created").map_err(fail)? as u64;
+    let message = match row.get_ref(5).map_err(|e| fail(e.to_string()))? {
+        rusqlite::types::ValueRef::Null => None,
+        rusqlite::types::ValueRef::Blob(b) => Some(MessageId(
+            b.try_into()
+                .map_err(|_| fail(format!("message: {} bytes", b.len())))?,
+        )),
+        _ => return Err(fail("message: not a blob".to_string())),
+    };
     Ok(OutboxEntry {
         to,
         envelope: Envelope { id, payload },
         created,
+        message,
     })
 }
 
@@ -937,11 +948,11 @@ impl Store for SqliteStore {
             })
             .map_err(backend)?;
         tx.prepare_cached(
-            "INSERT INTO outbox (envelope_id, to_identity, to_device, payload, created)
-             VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO outbox (envelope_id, to_identity, to_device, payload, created, message)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (envelope_id) DO UPDATE SET to_identity = excluded.to_identity,
                  to_device = excluded.to_device, payload = excluded.payload,
-                 created = excluded.created",
+                 created = excluded.created, message = excluded.message",
         )
         .and_then(|mut s| {
             s.execute(params![
@@ -950,6 +961,7 @@ impl Store for SqliteStore {
                 entry.to.device_id,
                 &entry.envelope.payload[..],
                 entry.created as i64,
+                entry.message.as_ref().map(|m| &m.0[..]),
             ])
         })
         .map_err(backend)?;
