@@ -110,11 +110,14 @@ impl World {
         *self.clock.lock().unwrap() += seconds;
     }
     fn device<S: Store>(&mut self, store: S) -> Dev<S> {
+        self.device_with(store, ClientConfig::default())
+    }
+    fn device_with<S: Store>(&mut self, store: S, config: ClientConfig) -> Dev<S> {
         let mut c = Client::open(
             store,
             self.net.clone(),
             self.net.clone(),
-            ClientConfig::default(),
+            config,
             &mut self.rng,
         )
         .unwrap();
@@ -432,4 +435,42 @@ fn trust_belongs_to_the_identity_key_not_the_device_number() {
     let err = block_on(alice.send(&mut w.rng, &m2, b"x", now)).unwrap_err();
     assert!(matches!(err, ClientError::Compromised), "{err:?}");
     assert_eq!(alice.trust(&m.identity).unwrap(), Some(Trust::Compromised));
+}
+
+#[test]
+fn a_session_is_presumed_dead_after_enough_unanswered_messages() {
+    let mut w = World::new(8);
+    let config = ClientConfig {
+        dead_after_messages: 3,
+        ..ClientConfig::default()
+    };
+    let mut alice = w.device_with(MemoryStore::new(), config);
+    let mut bob = w.device(MemoryStore::new());
+    let (a, b) = (alice.address(), bob.address());
+    w.send(&mut alice, &b, b"hello");
+    assert_eq!(take_all_after(&mut w, &mut bob), [b"hello".to_vec()]);
+    w.receive(&mut alice); // the receipt: Alice's session is answered
+                           // Bob loses the session without knowing whose it was (say a bad
+                           // restore); Alice's next messages are undecryptable for him.
+    bob.store_mut().remove_session(&a).unwrap();
+    w.advance(1);
+    for body in [b"one", b"two", b"tri"] {
+        w.send(&mut alice, &b, body);
+    }
+    let report = w.receive(&mut bob);
+    assert_eq!(report.rejected.len(), 3, "{report:?}");
+    // No clock advance: three unanswered messages are enough.
+    let now = w.now();
+    let resend = block_on(alice.resend(&mut w.rng, now)).unwrap();
+    assert_eq!((resend.resent, resend.new_sessions), (3, 1), "{resend:?}");
+    assert_eq!(
+        take_all_after(&mut w, &mut bob),
+        [b"one".to_vec(), b"two".to_vec(), b"tri".to_vec()]
+    );
+    w.receive(&mut alice);
+    assert_eq!(current(&alice, &b), current(&bob, &a));
+    // Answered: nothing more is re-sent.
+    let now = w.now();
+    let resend = block_on(alice.resend(&mut w.rng, now)).unwrap();
+    assert_eq!((resend.resent, resend.new_sessions), (0, 0));
 }

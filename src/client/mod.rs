@@ -107,6 +107,11 @@ pub struct ClientConfig {
     /// At most one dead-session notice per peer device in this many seconds
     /// (default 1 hour): what a forged prekey message can cost.
     pub notice_interval: u64,
+    /// A session is presumed dead, without waiting for the re-send time,
+    /// once this many messages were handed over for the peer since the
+    /// session started, none of them answered, and nothing has arrived from
+    /// the peer since the first of them (default 50; times in seconds).
+    pub dead_after_messages: u32,
 }
 
 const DAY: u64 = 24 * 60 * 60;
@@ -131,6 +136,7 @@ impl Default for ClientConfig {
             resend_max_interval: DAY,
             give_up_after: 30 * DAY,
             notice_interval: 60 * 60,
+            dead_after_messages: 50,
         }
     }
 }
@@ -1025,6 +1031,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let me = self.address();
         // Due messages, by peer, oldest first.
         let mut due: Vec<(DeviceAddress, Vec<SentMessage>)> = Vec::new();
+        // Pending messages by peer (to presume a session dead by count).
+        let mut pending: Vec<(DeviceAddress, Vec<SentMessage>)> = Vec::new();
         for mut m in self.store.pending_sent()? {
             let failure = if now.saturating_sub(m.created) > self.config.give_up_after {
                 Some(Failure::TimedOut)
@@ -1046,10 +1054,45 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                     .resend_max_interval
                     .max(self.config.resend_after),
             );
-            if urgent.contains(&m.to) || now >= m.last_sent.saturating_add(wait) {
-                match due.iter_mut().find(|(a, _)| *a == m.to) {
-                    Some((_, list)) => list.push(m),
-                    None => due.push((m.to, vec![m])),
+            let is_due = urgent.contains(&m.to) || now >= m.last_sent.saturating_add(wait);
+            for (list, take) in [(&mut due, is_due), (&mut pending, true)] {
+                if !take {
+                    continue;
+                }
+                match list.iter_mut().find(|(a, _)| *a == m.to) {
+                    Some((_, l)) => l.push(m.clone()),
+                    None => list.push((m.to, vec![m.clone()])),
+                }
+            }
+        }
+        // A session is presumed dead also when dead_after_messages messages
+        // were handed over for the peer since it started and nothing has
+        // arrived from the peer since: all its pending messages go now, on
+        // a new session.
+        let mut force_dead = HashSet::new();
+        let limit = self.config.dead_after_messages.max(1) as usize;
+        for (peer, messages) in pending {
+            if messages.len() < limit {
+                continue;
+            }
+            let Ok(Some(record)) = self.store.session(&peer) else {
+                continue;
+            };
+            let Some(current) = record.current(&me, &peer) else {
+                continue;
+            };
+            let heard = record.entries().iter().map(|e| e.last_received).max();
+            let since: Vec<u64> = messages
+                .iter()
+                .map(|m| m.created)
+                .filter(|created| *created >= current.created)
+                .collect();
+            let first = since.iter().min().copied().unwrap_or(u64::MAX);
+            if since.len() >= limit && heard.unwrap_or(0) < first {
+                force_dead.insert(peer);
+                match due.iter_mut().find(|(a, _)| *a == peer) {
+                    Some((_, list)) => *list = messages,
+                    None => due.push((peer, messages)),
                 }
             }
         }
@@ -1078,7 +1121,11 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             }
         }
         for (peer, messages) in due {
-            match self.resend_to(rng, &peer, messages, now, &mut report).await {
+            let force = force_dead.contains(&peer);
+            match self
+                .resend_to(rng, &peer, messages, now, force, &mut report)
+                .await
+            {
                 Ok(()) => {}
                 Err(ClientError::Store(e)) => return Err(e.into()),
                 Err(_) => report.unreachable.push(peer),
@@ -1093,6 +1140,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         peer: &DeviceAddress,
         messages: Vec<SentMessage>,
         now: u64,
+        force_dead: bool,
         report: &mut ResendReport,
     ) -> Result<(), ClientError> {
         let me = self.address();
@@ -1109,9 +1157,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let fresh_since = record.current(&me, peer).map(|c| c.created);
         // Presumed dead: nothing arrived since the oldest due message was
         // sent on it (the peer answers every message with a receipt).
-        let dead = !messages.is_empty()
-            && heard < oldest
-            && fresh_since.is_some_and(|created| created <= oldest);
+        let dead = force_dead
+            || (!messages.is_empty()
+                && heard < oldest
+                && fresh_since.is_some_and(|created| created <= oldest));
         let lost = fresh_since.is_none();
         if dead || lost {
             let mut record = record;
