@@ -2047,3 +2047,91 @@ fn concurrent_writers_wait_for_each_other() {
         assert_eq!(n, 100, "{table}");
     }
 }
+
+/// Putting back an older copy of one row does not undo a Compromised mark:
+/// the mark is kept twice (the peer row and the `compromised` meta row),
+/// and either copy is enough. Only a rollback of both rows undoes it.
+#[test]
+fn a_compromised_mark_survives_one_rolled_back_row() {
+    let dir = TempDir::new("compromised");
+    let w = world(19);
+    let a = w.peers[0].0;
+    let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
+    let record = |trust| PeerRecord {
+        address: a,
+        trust,
+        first_seen: NOW,
+    };
+    store.set_peer(&record(Trust::Unvalidated)).unwrap();
+    let db = raw(&dir.db());
+    let old_peer: (i64, i64, Vec<u8>) = db
+        .query_row(
+            "SELECT trust, first_seen, auth FROM peers WHERE identity = ?1",
+            [&a.identity[..]],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    store.set_peer(&record(Trust::Compromised)).unwrap();
+    let trust = |store: &SqliteStore| {
+        let one = store.peer(&a).unwrap().unwrap().trust;
+        assert_eq!(
+            store.peers_with_identity(&a.identity).unwrap()[0].trust,
+            one
+        );
+        assert_eq!(store.peers().unwrap()[0].trust, one);
+        one
+    };
+    assert_eq!(trust(&store), Trust::Compromised);
+
+    // The peer row put back as it was (a valid, authenticated old copy).
+    let put_back_peer = |db: &rusqlite::Connection| {
+        db.execute(
+            "UPDATE peers SET trust = ?1, first_seen = ?2, auth = ?3 WHERE identity = ?4",
+            rusqlite::params![old_peer.0, old_peer.1, old_peer.2, &a.identity[..]],
+        )
+        .unwrap();
+    };
+    put_back_peer(&db);
+    assert_eq!(trust(&store), Trust::Compromised, "undone by one row");
+    assert!(store.corrupted_rows().unwrap().is_empty());
+
+    // Or the meta row removed (its state before the mark): the peer row
+    // still says Compromised.
+    store.set_peer(&record(Trust::Compromised)).unwrap();
+    let saved_meta: Vec<u8> = db
+        .query_row(
+            "SELECT value FROM meta WHERE name = 'compromised'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    db.execute("DELETE FROM meta WHERE name = 'compromised'", [])
+        .unwrap();
+    assert_eq!(trust(&store), Trust::Compromised, "undone by the meta row");
+
+    // Both rows put back: that is a rollback of the store, which the
+    // application must prevent or detect (SPEC 22.3).
+    put_back_peer(&db);
+    assert_eq!(trust(&store), Trust::Unvalidated);
+
+    // An honest change of trust updates both copies.
+    db.execute(
+        "INSERT INTO meta (name, value) VALUES ('compromised', ?1)",
+        [&saved_meta],
+    )
+    .unwrap();
+    assert_eq!(trust(&store), Trust::Compromised);
+    store.set_peer(&record(Trust::Validated)).unwrap();
+    assert_eq!(trust(&store), Trust::Validated);
+    // A moved or forged meta value does not open.
+    db.execute(
+        "UPDATE meta SET value = (SELECT value FROM meta WHERE name = 'key_check')
+         WHERE name = 'compromised'",
+        [],
+    )
+    .unwrap();
+    assert!(matches!(
+        store.peer(&a),
+        Err(StoreError::Corrupted { table: "meta", .. })
+    ));
+}

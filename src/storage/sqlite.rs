@@ -1,6 +1,6 @@
 //! The file-backed [`Store`] over SQLite: see [`SqliteStore`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::format;
 use std::path::Path;
@@ -40,6 +40,75 @@ const T_SENT: &str = "sent";
 const SINGLETON: u32 = 1;
 /// The `meta` row holding the sealed key check value.
 const KEY_CHECK_ROW: &str = "key_check";
+/// The `meta` row holding the addresses of the peer records marked
+/// Compromised (sealed; sorted `identity (32) || device_id (4)` end to end):
+/// a second copy of every Compromised mark, so that putting back an older
+/// copy of one row does not undo one (SPEC 22.3).
+const COMPROMISED_ROW: &str = "compromised";
+
+/// The compromised addresses of the `meta` row (none if absent).
+fn read_compromised(
+    conn: &Connection,
+    sealer: &Sealer,
+) -> Result<BTreeSet<DeviceAddress>, StoreError> {
+    let fail = |r: String| corrupted(T_META, COMPROMISED_ROW.to_string(), r);
+    let value: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT value FROM meta WHERE name = ?1")
+        .and_then(|mut s| {
+            let mut rows = s.query([COMPROMISED_ROW])?;
+            rows.next()?.map(|r| r.get(0)).transpose()
+        })
+        .map_err(backend)?;
+    let Some(sealed) = value else {
+        return Ok(BTreeSet::new());
+    };
+    let plain = sealer
+        .open(T_META, COMPROMISED_ROW.as_bytes(), &sealed)
+        .map_err(fail)?;
+    if plain.len() % 36 != 0 {
+        return Err(fail(format!("{} bytes, not addresses of 36", plain.len())));
+    }
+    Ok(plain
+        .chunks_exact(36)
+        .map(|a| {
+            let (identity, device) = a.split_at(32);
+            DeviceAddress {
+                identity: identity.try_into().unwrap_or([0; 32]),
+                device_id: u32::from_be_bytes(device.try_into().unwrap_or([0; 4])),
+            }
+        })
+        .collect())
+}
+
+/// Adds or removes the addresses of `peers` in the compromised row, in
+/// the caller's transaction, as their records say; writes it only if it
+/// changed.
+fn note_compromised<'a>(
+    conn: &Connection,
+    sealer: &Sealer,
+    peers: impl IntoIterator<Item = &'a PeerRecord>,
+) -> Result<(), StoreError> {
+    let mut set = read_compromised(conn, sealer)?;
+    let mut changed = false;
+    for p in peers {
+        changed |= if p.trust == Trust::Compromised {
+            set.insert(p.address)
+        } else {
+            set.remove(&p.address)
+        };
+    }
+    if changed {
+        let plain: Vec<u8> = set.iter().flat_map(address_bytes).collect();
+        let sealed = sealer.seal(T_META, COMPROMISED_ROW.as_bytes(), &plain)?;
+        conn.prepare_cached(
+            "INSERT INTO meta (name, value) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .and_then(|mut s| s.execute(params![COMPROMISED_ROW, sealed]))
+        .map_err(backend)?;
+    }
+    Ok(())
+}
 /// The plaintext of the key check row.
 const KEY_CHECK_VALUE: &[u8] = b"cubbyhole sqlite store key check v1";
 /// HKDF info for the at-rest key.
@@ -418,11 +487,18 @@ impl SqliteStore {
             |row| quarantine_row(row).map(drop),
             &mut keep,
         )?;
+        let compromised = match read_compromised(&self.conn, &self.sealer) {
+            Ok(set) => set,
+            Err(e) => {
+                keep(Err(e))?;
+                BTreeSet::new()
+            }
+        };
         self.scan(
             PEERS_SELECT,
             |row| {
                 let address = address_key(T_PEERS, row, 0, 1)?;
-                self.peer_row(&address, row, 2).map(drop)
+                self.peer_row(&address, row, 2, &compromised).map(drop)
             },
             &mut keep,
         )?;
@@ -487,12 +563,15 @@ impl SqliteStore {
             .map_err(|e| fail(format!("session record: {e}")))
     }
 
-    /// Decodes `(trust, first_seen, auth)` at `column..` of a `peers` row.
+    /// Decodes `(trust, first_seen, auth)` at `column..` of a `peers` row;
+    /// an address in `compromised` is Compromised whatever the row says (an
+    /// older copy of the row put back does not undo the mark).
     fn peer_row(
         &self,
         address: &DeviceAddress,
         row: &Row<'_>,
         column: usize,
+        compromised: &BTreeSet<DeviceAddress>,
     ) -> Result<PeerRecord, StoreError> {
         let fail = |r: String| corrupted(T_PEERS, address_name(address), r);
         let trust = int(row, column, "trust").map_err(fail)?;
@@ -515,6 +594,10 @@ impl SqliteStore {
             .map_err(fail)?;
         if !plain.is_empty() {
             return Err(fail("auth: unexpected content".to_string()));
+        }
+        let mut record = record;
+        if compromised.contains(address) {
+            record.trust = Trust::Compromised;
         }
         Ok(record)
     }
@@ -592,12 +675,13 @@ impl SqliteStore {
         sql: &str,
         params: impl rusqlite::Params,
     ) -> Result<Vec<PeerRecord>, StoreError> {
+        let compromised = read_compromised(&self.conn, &self.sealer)?;
         let mut stmt = self.conn.prepare_cached(sql).map_err(backend)?;
         let mut rows = stmt.query(params).map_err(backend)?;
         let mut out = Vec::new();
         while let Some(row) = rows.next().map_err(backend)? {
             let address = address_key(T_PEERS, row, 0, 1)?;
-            out.push(self.peer_row(&address, row, 2)?);
+            out.push(self.peer_row(&address, row, 2, &compromised)?);
         }
         Ok(out)
     }
@@ -901,17 +985,26 @@ impl Store for SqliteStore {
             .map_err(backend)?;
         match rows.next().map_err(backend)? {
             None => Ok(None),
-            Some(row) => self.peer_row(device, row, 0).map(Some),
+            Some(row) => {
+                let compromised = read_compromised(&self.conn, &self.sealer)?;
+                self.peer_row(device, row, 0, &compromised).map(Some)
+            }
         }
     }
 
+    /// Writes the row and, in the same transaction, the key's entry in the
+    /// compromised row (added for Compromised, removed otherwise).
     fn set_peer(&mut self, peer: &PeerRecord) -> Result<(), StoreError> {
         let auth = self.sealer.seal(T_PEERS, &peer_binding(peer), &[])?;
-        self.conn
-            .prepare_cached(PEER_UPSERT)
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        tx.prepare_cached(PEER_UPSERT)
             .and_then(|mut s| s.execute(peer_params(peer, &auth)))
             .map_err(backend)?;
-        Ok(())
+        note_compromised(&tx, &self.sealer, [peer])?;
+        tx.commit().map_err(backend)
     }
 
     /// Every peer record, ordered by address. A corrupted row fails the
@@ -1097,6 +1190,7 @@ impl Store for SqliteStore {
                 for (p, auth) in &peers {
                     stmt.execute(peer_params(p, auth)).map_err(backend)?;
                 }
+                note_compromised(&tx, &self.sealer, peers.iter().map(|(p, _)| *p))?;
             }
             if let Some(sealed) = &prekeys {
                 tx.prepare_cached(PREKEYS_UPSERT)
