@@ -474,3 +474,56 @@ fn a_session_is_presumed_dead_after_enough_unanswered_messages() {
     let resend = block_on(alice.resend(&mut w.rng, now)).unwrap();
     assert_eq!((resend.resent, resend.new_sessions), (0, 0));
 }
+
+#[cfg(feature = "sqlite")]
+#[test]
+fn corrupted_peer_and_sent_rows_stop_only_what_they_concern() {
+    use cubbyhole::storage::SqliteStore;
+    let dir = std::env::temp_dir().join(format!("cubbyhole-recovery-rows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bob.db");
+    let _ = std::fs::remove_file(&path);
+    let mut w = World::new(9);
+    let mut bob = w.device(SqliteStore::open(&path, &[9; 32]).unwrap());
+    let mut alice = w.device(MemoryStore::new());
+    let mut carol = w.device(MemoryStore::new());
+    let (a, b, c) = (alice.address(), bob.address(), carol.address());
+    w.send(&mut alice, &b, b"a1");
+    w.send(&mut carol, &b, b"c1");
+    assert_eq!(take_all_after(&mut w, &mut bob).len(), 2);
+    let now = w.now();
+    let pending = block_on(bob.send(&mut w.rng, &a, b"b1", now)).unwrap();
+
+    // Carol's peer row and Bob's sent row rot on disk.
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.execute(
+        "UPDATE peers SET auth = X'00' WHERE identity = ?1",
+        [&c.identity[..]],
+    )
+    .unwrap();
+    raw.execute("UPDATE sent SET body = X'00'", []).unwrap();
+    drop(raw);
+
+    w.send(&mut alice, &b, b"a2");
+    w.send(&mut carol, &b, b"c2");
+    let report = w.receive(&mut bob);
+    // Alice's message arrives; Carol's is refused (her trust cannot be
+    // read: fail closed); the re-send step names the rotten sent row.
+    assert_eq!(take_all(&mut bob), [b"a2".to_vec()]);
+    assert_eq!(
+        report.rejected.iter().map(|r| r.1).collect::<Vec<_>>(),
+        [Rejection::Unverified]
+    );
+    assert_eq!(report.resend.problems.len(), 1, "{report:?}");
+
+    // The application repairs both; Carol's message comes with her re-send.
+    let now = w.now();
+    bob.set_trust(&c, Trust::Unvalidated, now).unwrap();
+    bob.store_mut().remove_sent(&pending.message).unwrap();
+    w.advance(HOUR);
+    let now = w.now();
+    block_on(carol.resend(&mut w.rng, now)).unwrap();
+    assert_eq!(take_all_after(&mut w, &mut bob), [b"c2".to_vec()]);
+    drop(bob);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -246,6 +246,9 @@ pub struct ResendReport {
     /// Peers that could not be reached this time (bundle or deposit
     /// failed): tried again by the next call.
     pub unreachable: Vec<DeviceAddress>,
+    /// Stored rows that did not load (corrupted), as the store names
+    /// them: the messages they concern wait until the rows are repaired.
+    pub problems: Vec<String>,
 }
 
 /// Why an envelope was rejected.
@@ -268,6 +271,9 @@ pub enum Rejection {
     BadFrame,
     /// The sender is marked compromised.
     Compromised,
+    /// The sender's trust cannot be read (its peer record does not load):
+    /// refused until [`Client::set_trust`] rewrites the record.
+    Unverified,
 }
 
 /// A device: its store and its view of the untrusted directory and mailbox.
@@ -456,7 +462,13 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         trust: Trust,
         now: u64,
     ) -> Result<(), ClientError> {
-        let mut records = self.store.peers_with_identity(&peer.identity)?;
+        // A record of the key that does not load is rewritten (from the
+        // given address) rather than blocking the change.
+        let mut records = match self.store.peers_with_identity(&peer.identity) {
+            Ok(records) => records,
+            Err(StoreError::Corrupted { .. }) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
         if !records.iter().any(|p| p.address == *peer) {
             records.push(PeerRecord {
                 address: *peer,
@@ -1034,9 +1046,18 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         // Pending messages by peer (to presume a session dead by count).
         let mut pending: Vec<(DeviceAddress, Vec<SentMessage>)> = Vec::new();
         for mut m in self.store.pending_sent()? {
+            let compromised = match self.is_compromised(&m.to) {
+                Ok(c) => c,
+                Err(ClientError::Store(e @ StoreError::Corrupted { .. })) => {
+                    // Its trust cannot be read: it waits (fail closed).
+                    report.problems.push(e.to_string());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let failure = if now.saturating_sub(m.created) > self.config.give_up_after {
                 Some(Failure::TimedOut)
-            } else if self.is_compromised(&m.to)? {
+            } else if compromised {
                 Some(Failure::Compromised)
             } else {
                 None
@@ -1261,7 +1282,16 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         self.store.prune_processed(cutoff)?;
         self.store.prune_sent(cutoff)?;
         urgent.extend(report.quarantined.iter().copied());
-        report.resend = self.resend_urgent(rng, now, &urgent, false).await?;
+        report.resend = match self.resend_urgent(rng, now, &urgent, false).await {
+            Ok(resend) => resend,
+            // The batches are committed: a row that does not load stops
+            // the re-send step, not the receive.
+            Err(ClientError::Store(e @ StoreError::Corrupted { .. })) => ResendReport {
+                problems: vec![e.to_string()],
+                ..ResendReport::default()
+            },
+            Err(e) => return Err(e),
+        };
         report.missing = self.missing()?;
         Ok(report)
     }
@@ -1740,6 +1770,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         match self.peer_trust(&mut b.peers, identity) {
             Ok(Some(Trust::Compromised)) => Err(Rejection::Compromised),
             Ok(_) => Ok(()),
+            // Its trust cannot be read: refused (fail closed), and the
+            // batch goes on for everyone else.
+            Err(StoreError::Corrupted { .. }) => Err(Rejection::Unverified),
             Err(e) => {
                 b.failed = Some(e);
                 Err(Rejection::NoSession)
