@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex};
 use cubbyhole::client::{block_on, Client, ClientConfig, ClientError};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
 use cubbyhole::storage::{
-    DeliveryState, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry, PeerRecord,
-    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store, StoreError,
+    ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry,
+    PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store,
+    StoreError,
 };
 use cubbyhole::transport::{
     DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory,
@@ -195,6 +196,18 @@ impl Store for ChaosStore {
     fn set_peer(&mut self, peer: &PeerRecord) -> Result<(), StoreError> {
         self.write()?;
         self.inner.set_peer(peer)
+    }
+    fn contact(&self, name: &[u8]) -> Result<Option<ContactRecord>, StoreError> {
+        self.alive()?;
+        self.inner.contact(name)
+    }
+    fn set_contact(&mut self, contact: &ContactRecord) -> Result<(), StoreError> {
+        self.write()?;
+        self.inner.set_contact(contact)
+    }
+    fn contacts(&self) -> Result<Vec<ContactRecord>, StoreError> {
+        self.alive()?;
+        self.inner.contacts()
     }
     fn peers(&self) -> Result<Vec<PeerRecord>, StoreError> {
         self.alive()?;

@@ -527,3 +527,65 @@ fn corrupted_peer_and_sent_rows_stop_only_what_they_concern() {
     drop(bob);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_contact_whose_key_changed_is_reported_as_such() {
+    use cubbyhole::client::ContactUpdate;
+    let mut w = World::new(10);
+    let mut alice = w.device(MemoryStore::new());
+    let bob = w.device(MemoryStore::new());
+    let old = bob.address();
+    let now = w.now();
+    assert_eq!(
+        alice.save_contact(b"bob", &old, now).unwrap(),
+        ContactUpdate::New
+    );
+    assert_eq!(
+        alice.save_contact(b"bob", &old, now).unwrap(),
+        ContactUpdate::Unchanged
+    );
+    alice.set_trust(&old, Trust::Validated, now).unwrap();
+
+    // Bob reinstalls: a new identity key under the same device number.
+    drop(bob);
+    let mut bob = w.device(MemoryStore::new());
+    let new = bob.address();
+    assert_eq!(new.device_id, old.device_id);
+    w.send(&mut bob, &alice.address(), b"it's me, reinstalled");
+    assert_eq!(take_all_after(&mut w, &mut alice).len(), 1);
+    // When the application learns the person's new address, the client
+    // says that a known (and validated) contact's key changed.
+    let now = w.now();
+    assert_eq!(
+        alice.save_contact(b"bob", &new, now).unwrap(),
+        ContactUpdate::KeyChanged {
+            device_id: old.device_id,
+            previous: old.identity,
+            previous_trust: Some(Trust::Validated),
+        }
+    );
+    // Trust stays with each key: the new one is not validated.
+    assert_eq!(
+        alice.trust(&new.identity).unwrap(),
+        Some(Trust::Unvalidated)
+    );
+    assert_eq!(alice.trust(&old.identity).unwrap(), Some(Trust::Validated));
+    let contact = alice.contact(b"bob").unwrap().unwrap();
+    assert_eq!(contact.devices, [new]);
+    assert_eq!(contact.previous, [old.identity]);
+    assert_eq!(contact.changed_at, now);
+    // A second device of the person is a new device, not a key change.
+    let other = DeviceAddress {
+        identity: [9; 32],
+        device_id: 2,
+    };
+    assert_eq!(
+        alice.save_contact(b"bob", &other, now).unwrap(),
+        ContactUpdate::NewDevice
+    );
+    let too_long = [b'x'; 256];
+    assert!(matches!(
+        alice.save_contact(&too_long, &new, now),
+        Err(ClientError::TooLong)
+    ));
+}

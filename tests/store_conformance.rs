@@ -4,8 +4,9 @@
 
 use cubbyhole::storage::conformance::{self, Violation, CHECKS};
 use cubbyhole::storage::{
-    DeliveryState, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry, PeerRecord,
-    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store, StoreError,
+    ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry,
+    PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store,
+    StoreError,
 };
 use cubbyhole::transport::{DeviceAddress, EnvelopeId};
 
@@ -186,6 +187,15 @@ impl Store for Broken {
     }
     fn set_peer(&mut self, peer: &PeerRecord) -> Result<(), StoreError> {
         self.inner.set_peer(peer)
+    }
+    fn contact(&self, name: &[u8]) -> Result<Option<ContactRecord>, StoreError> {
+        self.inner.contact(name)
+    }
+    fn set_contact(&mut self, contact: &ContactRecord) -> Result<(), StoreError> {
+        self.inner.set_contact(contact)
+    }
+    fn contacts(&self) -> Result<Vec<ContactRecord>, StoreError> {
+        self.inner.contacts()
     }
     fn peers(&self) -> Result<Vec<PeerRecord>, StoreError> {
         self.inner.peers()

@@ -49,9 +49,9 @@ use crate::protocol::state::session_tag;
 use crate::protocol::wire::Incoming;
 use crate::storage::record::DEFAULT_ARCHIVED_SESSIONS;
 use crate::storage::{
-    accepted_digest, DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId, OutboxEntry,
-    PeerRecord, PrekeyState, ReceiveCommit, SentMessage, SessionEntry, SessionRecord, Store,
-    StoreError, Trust,
+    accepted_digest, ContactRecord, DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId,
+    OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, SentMessage, SessionEntry, SessionRecord,
+    Store, StoreError, Trust,
 };
 use crate::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxOp,
@@ -276,6 +276,29 @@ pub enum Rejection {
     Unverified,
 }
 
+/// What [`Client::save_contact`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContactUpdate {
+    /// A contact not known before.
+    New,
+    /// This address was already the contact's.
+    Unchanged,
+    /// A device number not known before for the contact.
+    NewDevice,
+    /// The contact's device has a new identity key: the safety number
+    /// changed. The new key has its own trust (unvalidated unless it was
+    /// validated itself): compare safety numbers again.
+    KeyChanged {
+        /// The device number.
+        device_id: u32,
+        /// The key it had.
+        previous: [u8; 32],
+        /// The trust the previous key had (`Validated`: tell the user the
+        /// verified contact changed).
+        previous_trust: Option<Trust>,
+    },
+}
+
 /// A device: its store and its view of the untrusted directory and mailbox.
 pub struct Client<S, D, M> {
     store: S,
@@ -491,6 +514,91 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             }
         }
         Ok(())
+    }
+
+    /// Records that `address` is a device of the contact the application
+    /// calls `name` (its own name for a person: a user name, a row id), as
+    /// the application learns it (from its own directory, before sending,
+    /// or when the user links a conversation to a person). The client
+    /// compares it with the address it had for the same device number:
+    /// a different identity key is a [`ContactUpdate::KeyChanged`], the
+    /// key change of a known contact (Signal's "safety number changed"),
+    /// never a silent switch. Trust stays with each key: the new key does
+    /// not inherit the old one's `Validated`. The contact's earlier keys
+    /// are kept (the last [`ContactRecord::MAX_PREVIOUS`]).
+    ///
+    /// # Errors
+    /// [`ClientError::TooLong`] for a name over
+    /// [`ContactRecord::MAX_NAME`] bytes; [`ClientError::Store`].
+    pub fn save_contact(
+        &mut self,
+        name: &[u8],
+        address: &DeviceAddress,
+        now: u64,
+    ) -> Result<ContactUpdate, ClientError> {
+        if name.len() > ContactRecord::MAX_NAME {
+            return Err(ClientError::TooLong);
+        }
+        let mut contact = self.store.contact(name)?.unwrap_or(ContactRecord {
+            name: name.to_vec(),
+            devices: Vec::new(),
+            previous: Vec::new(),
+            changed_at: 0,
+        });
+        let is_new = contact.devices.is_empty();
+        let update = match contact
+            .devices
+            .iter_mut()
+            .find(|d| d.device_id == address.device_id)
+        {
+            Some(d) if d.identity == address.identity => ContactUpdate::Unchanged,
+            Some(d) => {
+                let previous = d.identity;
+                d.identity = address.identity;
+                contact.previous.retain(|k| k != &previous);
+                contact.previous.push(previous);
+                let excess = contact
+                    .previous
+                    .len()
+                    .saturating_sub(ContactRecord::MAX_PREVIOUS);
+                contact.previous.drain(..excess);
+                contact.changed_at = now;
+                ContactUpdate::KeyChanged {
+                    device_id: address.device_id,
+                    previous,
+                    previous_trust: fold_trust(&self.store.peers_with_identity(&previous)?),
+                }
+            }
+            None if is_new => ContactUpdate::New,
+            None => ContactUpdate::NewDevice,
+        };
+        if matches!(update, ContactUpdate::New | ContactUpdate::NewDevice) {
+            if contact.devices.len() >= ContactRecord::MAX_DEVICES {
+                return Err(ClientError::TooLong);
+            }
+            contact.devices.push(*address);
+            contact.devices.sort_by_key(|d| d.device_id);
+        }
+        if update != ContactUpdate::Unchanged {
+            self.store.set_contact(&contact)?;
+        }
+        if self.store.peer(address)?.is_none() {
+            let trust = fold_trust(&self.store.peers_with_identity(&address.identity)?);
+            self.store.set_peer(&PeerRecord {
+                address: *address,
+                trust: trust.unwrap_or(Trust::Unvalidated),
+                first_seen: now,
+            })?;
+        }
+        Ok(update)
+    }
+
+    /// A contact by the application's name for it.
+    ///
+    /// # Errors
+    /// [`ClientError::Store`].
+    pub fn contact(&self, name: &[u8]) -> Result<Option<ContactRecord>, ClientError> {
+        Ok(self.store.contact(name)?)
     }
 
     /// The trust of an identity key (`None`: never seen).

@@ -51,6 +51,7 @@
 //! | `remove_session` | removes one peer's record, nothing else |
 //! | `quarantine` | [`Store::quarantine_session`] moves the record to [`Store::quarantined`] (oldest first); no record: nothing happens |
 //! | `peers` | peer records: replace by address, [`Store::peers`], [`Store::peers_with_identity`] |
+//! | `contacts` | contact records: round trip, replace by name, [`Store::contacts`] |
 //! | `commit_send` | the session record, the outbox entry and the sent message are all stored |
 //! | `outbox` | oldest first; [`Store::remove_outbox`] removes one entry |
 //! | `processed` | marks are set by [`Store::commit_receive`]; [`Store::processed_among`] agrees with [`Store::is_processed`]; [`Store::prune_processed`] drops those older than `before` only |
@@ -91,9 +92,9 @@ use std::vec::Vec;
 use rand_core::{CryptoRng, RngCore};
 
 use super::{
-    DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord,
-    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionEntry, SessionRecord, Store,
-    StoreError, Trust,
+    ContactRecord, DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId, OutboxEntry,
+    PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionEntry, SessionRecord,
+    Store, StoreError, Trust,
 };
 use crate::protocol::bundle::{FreshnessPolicy, VerifiedBundle};
 use crate::protocol::keys::IdentityKeyPair;
@@ -233,6 +234,12 @@ checks! {
     /// [`Store::peers_with_identity`] exactly those with the identity key
     /// (each in any order).
     check_peers => "peers", peers;
+    /// `contacts`: [`Store::contact`] returns what [`Store::set_contact`]
+    /// stored (name, devices, earlier keys, time), a second
+    /// [`Store::set_contact`] of the name replaces it, [`Store::contacts`]
+    /// lists each contact once, an unknown name has none, and a name of
+    /// [`ContactRecord::MAX_NAME`] bytes (any bytes) is kept whole.
+    check_contacts => "contacts", contacts;
     /// `commit_send`: [`Store::commit_send`] stores the session record of
     /// the entry's recipient, appends the entry to the outbox and, if
     /// given, stores the sent message (a known id is updated in place); a
@@ -1016,6 +1023,64 @@ fn quarantine(store: &mut dyn Store) -> Outcome {
         "quarantined().len() after set_session of a quarantined peer",
         &quarantined(store)?.len(),
         &2,
+    )
+}
+
+fn contacts(store: &mut dyn Store) -> Outcome {
+    let fx = Fixture::new()?;
+    let (a0, a1) = (fx.address(0), fx.address(1));
+    let alice = ContactRecord {
+        name: b"alice".to_vec(),
+        devices: vec![a0, a1],
+        previous: vec![[7; 32], a1.identity],
+        changed_at: u64::MAX,
+    };
+    let long = ContactRecord {
+        name: (0..ContactRecord::MAX_NAME).map(|i| i as u8).collect(),
+        devices: Vec::new(),
+        previous: Vec::new(),
+        changed_at: 0,
+    };
+    same(
+        "contact() of an unknown name",
+        &store.contact(b"alice").or_fail("contact")?,
+        &None,
+    )?;
+    for c in [&alice, &long] {
+        store.set_contact(c).or_fail("set_contact")?;
+    }
+    same(
+        "contact(alice)",
+        &store.contact(b"alice").or_fail("contact")?,
+        &Some(alice.clone()),
+    )?;
+    same(
+        "contact(a 255-byte name)",
+        &store.contact(&long.name).or_fail("contact")?,
+        &Some(long.clone()),
+    )?;
+    // Replaced, not added.
+    let alice2 = ContactRecord {
+        devices: vec![a1],
+        previous: Vec::new(),
+        changed_at: NOW,
+        ..alice.clone()
+    };
+    store.set_contact(&alice2).or_fail("set_contact")?;
+    same(
+        "contact(alice) after a second set_contact",
+        &store.contact(b"alice").or_fail("contact")?,
+        &Some(alice2.clone()),
+    )?;
+    let mut all = store.contacts().or_fail("contacts")?;
+    all.sort_by(|x, y| x.name.cmp(&y.name));
+    let mut want = vec![alice2, long];
+    want.sort_by(|x, y| x.name.cmp(&y.name));
+    same("contacts()", &all, &want)?;
+    same(
+        "contact() of a name that is a prefix of another",
+        &store.contact(b"ali").or_fail("contact")?,
+        &None,
     )
 }
 

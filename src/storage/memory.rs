@@ -7,8 +7,8 @@ use std::vec::Vec;
 use std::string::ToString;
 
 use super::{
-    InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined,
-    ReceiveCommit, SentMessage, SessionRecord, Store, StoreError,
+    ContactRecord, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState,
+    Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store, StoreError,
 };
 use crate::transport::{DeviceAddress, EnvelopeId};
 
@@ -23,6 +23,7 @@ pub struct MemoryStore {
     /// id (an update or lookup is not a scan).
     sent: Vec<SentMessage>,
     sent_index: HashMap<MessageId, usize>,
+    contacts: BTreeMap<Vec<u8>, ContactRecord>,
     peers: BTreeMap<DeviceAddress, PeerRecord>,
     outbox: Vec<OutboxEntry>,
     processed: HashMap<EnvelopeId, u64>,
@@ -101,6 +102,16 @@ impl Store for MemoryStore {
     fn set_peer(&mut self, peer: &PeerRecord) -> Result<(), StoreError> {
         self.peers.insert(peer.address, peer.clone());
         Ok(())
+    }
+    fn contact(&self, name: &[u8]) -> Result<Option<ContactRecord>, StoreError> {
+        Ok(self.contacts.get(name).cloned())
+    }
+    fn set_contact(&mut self, contact: &ContactRecord) -> Result<(), StoreError> {
+        self.contacts.insert(contact.name.clone(), contact.clone());
+        Ok(())
+    }
+    fn contacts(&self) -> Result<Vec<ContactRecord>, StoreError> {
+        Ok(self.contacts.values().cloned().collect())
     }
     fn peers(&self) -> Result<Vec<PeerRecord>, StoreError> {
         Ok(self.peers.values().cloned().collect())

@@ -289,6 +289,101 @@ impl fmt::Debug for SentMessage {
     }
 }
 
+/// What the application knows of a person: its own name for them, and the
+/// device addresses it was last given for them. The client compares each
+/// new address with these, by device number, to tell the application
+/// that a contact's key changed (Signal's "safety number changed"),
+/// instead of meeting the new key as a stranger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContactRecord {
+    /// The application's name for the contact (at most
+    /// [`ContactRecord::MAX_NAME`] bytes).
+    pub name: Vec<u8>,
+    /// Its devices, one address per device number, by device number.
+    pub devices: Vec<DeviceAddress>,
+    /// Identity keys the contact's devices had before, oldest first (at
+    /// most [`ContactRecord::MAX_PREVIOUS`]).
+    pub previous: Vec<[u8; 32]>,
+    /// When a key last changed (unix seconds; 0: never).
+    pub changed_at: u64,
+}
+
+impl ContactRecord {
+    /// The longest name.
+    pub const MAX_NAME: usize = 255;
+    /// Earlier keys kept.
+    pub const MAX_PREVIOUS: usize = 16;
+    /// The most devices kept.
+    pub const MAX_DEVICES: usize = 255;
+
+    /// Serializes the record:
+    /// `0x01 || name length (1) || name || device count (1) || count x
+    /// (identity (32) || device_id (4)) || previous count (1) || count x
+    /// identity (32) || changed_at (8)`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            13 + self.name.len() + 36 * self.devices.len() + 32 * self.previous.len(),
+        );
+        out.push(1);
+        out.push(self.name.len().min(Self::MAX_NAME) as u8);
+        out.extend_from_slice(&self.name[..self.name.len().min(Self::MAX_NAME)]);
+        let devices = &self.devices[..self.devices.len().min(Self::MAX_DEVICES)];
+        out.push(devices.len() as u8);
+        for d in devices {
+            out.extend_from_slice(&d.identity);
+            out.extend_from_slice(&d.device_id.to_be_bytes());
+        }
+        let previous = &self.previous[self.previous.len().saturating_sub(Self::MAX_PREVIOUS)..];
+        out.push(previous.len() as u8);
+        for k in previous {
+            out.extend_from_slice(k);
+        }
+        out.extend_from_slice(&self.changed_at.to_be_bytes());
+        out
+    }
+
+    /// Restores [`Self::to_bytes`].
+    ///
+    /// # Errors
+    /// [`crate::Error::State`] for malformed input.
+    pub fn from_bytes(bytes: &[u8]) -> crate::Result<Self> {
+        let bad = crate::Error::State("contact record");
+        let mut r = Cursor(bytes);
+        if r.take(1).ok_or(bad)? != [1] {
+            return Err(bad);
+        }
+        let len = usize::from(r.take(1).ok_or(bad)?[0]);
+        let name = r.take(len).ok_or(bad)?.to_vec();
+        let count = usize::from(r.take(1).ok_or(bad)?[0]);
+        let mut devices = Vec::with_capacity(count.min(r.0.len() / 36));
+        for _ in 0..count {
+            let identity: [u8; 32] = r.take(32).ok_or(bad)?.try_into().map_err(|_| bad)?;
+            devices.push(DeviceAddress {
+                identity,
+                device_id: r.u32().ok_or(bad)?,
+            });
+        }
+        let count = usize::from(r.take(1).ok_or(bad)?[0]);
+        if count > Self::MAX_PREVIOUS {
+            return Err(bad);
+        }
+        let mut previous = Vec::with_capacity(count.min(r.0.len() / 32));
+        for _ in 0..count {
+            previous.push(r.take(32).ok_or(bad)?.try_into().map_err(|_| bad)?);
+        }
+        let changed_at = r.u64().ok_or(bad)?;
+        if !r.0.is_empty() {
+            return Err(bad);
+        }
+        Ok(ContactRecord {
+            name,
+            devices,
+            previous,
+            changed_at,
+        })
+    }
+}
+
 /// A session record set aside because it did not decrypt or decode: its
 /// bytes are kept as stored, for inspection; the peer gets a new session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -391,6 +486,12 @@ pub trait Store {
     fn set_peer(&mut self, peer: &PeerRecord) -> Result<(), StoreError>;
     /// Every peer record.
     fn peers(&self) -> Result<Vec<PeerRecord>, StoreError>;
+    /// A contact by the application's name for it.
+    fn contact(&self, name: &[u8]) -> Result<Option<ContactRecord>, StoreError>;
+    /// Adds or replaces a contact (keyed by its name).
+    fn set_contact(&mut self, contact: &ContactRecord) -> Result<(), StoreError>;
+    /// Every contact, by name.
+    fn contacts(&self) -> Result<Vec<ContactRecord>, StoreError>;
     /// Every peer record with this identity key (trust belongs to the key:
     /// SPEC.md, "Trust"). The default filters [`Store::peers`].
     fn peers_with_identity(&self, identity: &[u8; 32]) -> Result<Vec<PeerRecord>, StoreError> {

@@ -18,8 +18,8 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::{
-    DeliveryState, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState,
-    Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store, StoreError, Trust,
+    ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord,
+    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store, StoreError, Trust,
     LOCAL_IDENTITY_LEN,
 };
 use crate::protocol::keys::IdentityKey;
@@ -34,6 +34,7 @@ const T_OUTBOX: &str = "outbox";
 const T_INBOX: &str = "inbox";
 const T_QUARANTINE: &str = "quarantine";
 const T_SENT: &str = "sent";
+const T_CONTACTS: &str = "contacts";
 
 /// The key of the singleton rows (identity, prekeys), as stored and as
 /// bound into their associated data.
@@ -219,7 +220,11 @@ fn migrate_v2(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
          ) STRICT;
          CREATE INDEX sent_pending ON sent (seq) WHERE state < 3;
          ALTER TABLE outbox ADD COLUMN message BLOB
-             CHECK (message IS NULL OR length(message) = 16);",
+             CHECK (message IS NULL OR length(message) = 16);
+         CREATE TABLE contacts (
+             name BLOB PRIMARY KEY CHECK (length(name) <= 255),
+             record BLOB NOT NULL
+         ) WITHOUT ROWID, STRICT;",
     )
     .map_err(backend)
 }
@@ -504,6 +509,11 @@ impl SqliteStore {
         )?;
         self.scan(OUTBOX_SELECT, |row| outbox_row(row).map(drop), &mut keep)?;
         self.scan(SENT_SELECT, |row| self.sent_row(row).map(drop), &mut keep)?;
+        self.scan(
+            CONTACTS_SELECT,
+            |row| self.contact_row(row).map(drop),
+            &mut keep,
+        )?;
         self.scan(INBOX_SELECT, |row| self.inbox_row(row).map(drop), &mut keep)?;
         Ok(found)
     }
@@ -655,6 +665,22 @@ impl SqliteStore {
     }
 
     /// Runs a query of [`SENT_SELECT`]'s columns, decoding every row.
+    /// Opens a `(name, record)` row of `contacts`: the record is sealed
+    /// and bound to its name.
+    fn contact_row(&self, row: &Row<'_>) -> Result<ContactRecord, StoreError> {
+        let name = blob(row, 0, "name")
+            .map_err(|r| corrupted(T_CONTACTS, "?".to_string(), r))?
+            .to_vec();
+        let fail = |r: String| corrupted(T_CONTACTS, hex(&name), r);
+        let sealed = blob(row, 1, "record").map_err(fail)?;
+        let plain = self.sealer.open(T_CONTACTS, &name, sealed).map_err(fail)?;
+        let record = ContactRecord::from_bytes(&plain).map_err(|e| fail(e.to_string()))?;
+        if record.name != name {
+            return Err(fail("record of another name".to_string()));
+        }
+        Ok(record)
+    }
+
     fn sent_query(
         &self,
         sql: &str,
@@ -697,6 +723,7 @@ const PEERS_SELECT: &str = "SELECT identity, device_id, trust, first_seen, auth 
      ORDER BY identity, device_id";
 const PEERS_OF_IDENTITY: &str = "SELECT identity, device_id, trust, first_seen, auth FROM peers
      WHERE identity = ?1 ORDER BY device_id";
+const CONTACTS_SELECT: &str = "SELECT name, record FROM contacts ORDER BY name";
 const SENT_SELECT: &str =
     "SELECT id, to_identity, to_device, state, created, last_sent, sends, body
      FROM sent ORDER BY seq";
@@ -958,6 +985,47 @@ impl Store for SqliteStore {
             .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id]))
             .map_err(backend)?;
         tx.commit().map_err(backend)
+    }
+
+    fn contact(&self, name: &[u8]) -> Result<Option<ContactRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, record FROM contacts WHERE name = ?1")
+            .map_err(backend)?;
+        let mut rows = stmt.query([name]).map_err(backend)?;
+        match rows.next().map_err(backend)? {
+            None => Ok(None),
+            Some(row) => self.contact_row(row).map(Some),
+        }
+    }
+
+    fn set_contact(&mut self, contact: &ContactRecord) -> Result<(), StoreError> {
+        if contact.name.len() > ContactRecord::MAX_NAME {
+            return Err(StoreError::Backend(
+                "contact name longer than 255 bytes".into(),
+            ));
+        }
+        let sealed = self
+            .sealer
+            .seal(T_CONTACTS, &contact.name, &contact.to_bytes())?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO contacts (name, record) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET record = excluded.record",
+            )
+            .and_then(|mut s| s.execute(params![&contact.name[..], sealed]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn contacts(&self) -> Result<Vec<ContactRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(CONTACTS_SELECT).map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(backend)? {
+            out.push(self.contact_row(row)?);
+        }
+        Ok(out)
     }
 
     fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
