@@ -3,7 +3,8 @@
 //! envelopes (old prekey messages included, after a stranger drained the
 //! one-time prekeys), while the schedule injects simultaneous first
 //! messages, restores from an old backup, lost prekeys, corrupted session
-//! rows and crashes between any two store operations. After the faults
+//! rows and crashes between any two store operations; a compromised key
+//! writes under two device numbers. After the faults
 //! stop, within a bounded number of rounds, every message an application
 //! handed to `send` has been shown exactly once to its recipient (or its
 //! sender was told it failed), nothing was shown that was not sent, and no
@@ -20,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use cubbyhole::client::{block_on, Client, ClientConfig, ClientError};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
+use cubbyhole::storage::Trust;
 use cubbyhole::storage::{
     ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry,
     PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store,
@@ -309,6 +311,7 @@ struct Stats {
     corrupted: usize,
     crashes: usize,
     simultaneous: usize,
+    compromised_sends: usize,
 }
 
 impl Stats {
@@ -324,6 +327,7 @@ impl Stats {
         self.corrupted += o.corrupted;
         self.crashes += o.crashes;
         self.simultaneous += o.simultaneous;
+        self.compromised_sends += o.compromised_sends;
     }
 }
 
@@ -518,6 +522,11 @@ struct World {
     verbose: bool,
     /// Messages re-sent and sessions started since this was reset.
     busy: usize,
+    /// Mallory: one identity key under two device numbers, marked
+    /// compromised by Alice and Bob from the start (trust per key).
+    mallory: Vec<Client<MemoryStore, Net, Net>>,
+    /// Message numbers Mallory sent: none may ever be shown.
+    forbidden: HashSet<u64>,
 }
 
 impl World {
@@ -561,6 +570,8 @@ impl World {
             stats: Stats::default(),
             verbose: std::env::var_os("CHAOS_VERBOSE").is_some(),
             busy: 0,
+            mallory: Vec::new(),
+            forbidden: HashSet::new(),
         }
     }
 
@@ -672,6 +683,57 @@ impl World {
     }
 
     /// The application shows what is in the inbox, then removes it.
+    /// Mallory's two devices; Alice and Bob (devices 0 and 1) mark her key
+    /// compromised (under her first device number only: the mark must
+    /// cover the other).
+    fn add_mallory(&mut self) {
+        let now = self.now();
+        let mut first = Client::open(
+            MemoryStore::new(),
+            self.net.clone(),
+            self.net.clone(),
+            self.config,
+            &mut self.rng,
+        )
+        .expect("mallory");
+        let identity = first.store().identity().unwrap().expect("identity");
+        let mut store = MemoryStore::new();
+        store
+            .set_identity(&LocalIdentity {
+                keys: identity.keys.clone(),
+                device_id: identity.device_id + 1,
+            })
+            .unwrap();
+        let mut second = Client::open(
+            store,
+            self.net.clone(),
+            self.net.clone(),
+            self.config,
+            &mut self.rng,
+        )
+        .expect("mallory's second device");
+        for m in [&mut first, &mut second] {
+            block_on(m.maintain_prekeys(&mut self.rng, now)).expect("publish");
+        }
+        let marked = first.address();
+        for i in [0, 1] {
+            let _ = self.with(i, |c, _, now| c.set_trust(&marked, Trust::Compromised, now));
+        }
+        self.mallory = vec![first, second];
+    }
+
+    /// One of Mallory's devices writes to Alice or Bob.
+    fn mallory_sends(&mut self) {
+        let n = self.next_message;
+        self.next_message += 1;
+        self.forbidden.insert(n);
+        self.stats.compromised_sends += 1;
+        let k = self.rng.next_u32() as usize % 2;
+        let to = self.devices[self.rng.next_u32() as usize % 2].address;
+        let now = self.now();
+        let _ = block_on(self.mallory[k].send(&mut self.rng, &to, &n.to_be_bytes(), now));
+    }
+
     fn take_inbox(&mut self, i: usize) {
         let Ok(inbox) = self.devices[i].client.as_ref().unwrap().inbox() else {
             return;
@@ -681,6 +743,11 @@ impl World {
             let d = &mut self.devices[i];
             if d.app.envelopes.insert(m.envelope_id) {
                 let n = u64::from_be_bytes(m.body[..8].try_into().expect("8 bytes"));
+                if self.forbidden.contains(&n) {
+                    self.violations
+                        .push(format!("shown from a compromised key: {n}"));
+                    continue;
+                }
                 match self.ever_sent.get(&n) {
                     Some((from, to)) if *from == m.from && *to == me => {}
                     _ => self
@@ -842,6 +909,7 @@ fn run(seed: u64) -> Result<Outcome, String> {
     let mut w = World::new(seed);
     let a = w.add_device();
     let b = w.add_device();
+    w.add_mallory();
     // Simultaneous first messages, in half the schedules.
     if w.rng.next_u32() % 2 == 0 {
         w.send(a, b);
@@ -871,6 +939,7 @@ fn run(seed: u64) -> Result<Outcome, String> {
             87..=88 => w.lose_prekeys(i),
             89..=91 => w.corrupt(i),
             92..=94 => w.drain(i),
+            95..=96 => w.mallory_sends(),
             _ => {}
         }
         w.net.churn();
