@@ -981,9 +981,14 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             .current_mut(&me, to)
             .ok_or(ClientError::Protocol(Error::State("no current session")))?;
         frame.device_id = self.identity.device_id;
-        if current.session.sends_prekey_messages() {
+        // Prekey messages carry the session's generation (and RESET); so
+        // does a frame that would carry nothing else (a notice or an
+        // announcement: they normally start a session, but a frame must
+        // decode whatever session is current).
+        let prekey = current.session.sends_prekey_messages();
+        if prekey || (frame.message.is_none() && frame.receipts.is_empty()) {
             frame.generation = Some(current.generation);
-            frame.reset = current.reset;
+            frame.reset = current.reset && prekey;
         }
         let payload = current
             .session
