@@ -1065,10 +1065,12 @@ fn sqlite_relay_killed_under_load_loses_and_duplicates_nothing() {
 
 #[cfg(feature = "postgres")]
 #[test]
+#[cfg_attr(
+    not(cubbyhole_test_postgres),
+    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+)]
 fn postgres_relay_killed_under_load_loses_and_duplicates_nothing() {
-    let Some(db) = pg::TestDb::create() else {
-        return;
-    };
+    let db = pg::TestDb::create("crash");
     let dir = TempDir::new("crash-postgres");
     let figures = run(
         "PostgreSQL",
@@ -1079,98 +1081,13 @@ fn postgres_relay_killed_under_load_loses_and_duplicates_nothing() {
     drop(db);
 }
 
-/// Scratch PostgreSQL databases, as in `tests/postgres.rs`.
+/// Scratch PostgreSQL databases.
 #[cfg(feature = "postgres")]
-mod pg {
-    use std::io::Write;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::Once;
-    use std::time::{SystemTime, UNIX_EPOCH};
+#[path = "support/pg.rs"]
+mod pg;
 
-    use postgres::{Client, NoTls};
-
-    const ENV: &str = "CUBBYHOLE_TEST_POSTGRES";
-
-    /// The administrative connection string, or `None` to skip (outside
-    /// CI).
-    fn admin_url() -> Option<String> {
-        if let Ok(url) = std::env::var(ENV) {
-            if !url.trim().is_empty() {
-                return Some(url);
-            }
-        }
-        let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
-        assert!(
-            !in_ci,
-            "{ENV} is not set, but CI is: the PostgreSQL tests must not be skipped in CI"
-        );
-        static NOTICE: Once = Once::new();
-        NOTICE.call_once(|| {
-            let _ = writeln!(
-                std::io::stderr(),
-                "note: skipping the PostgreSQL tests: set {ENV}=postgres://user:password@host:port/db \
-                 (a role that may CREATE DATABASE) to run them"
-            );
-        });
-        None
-    }
-
-    /// `url` pointing at database `name` instead.
-    fn with_database(url: &str, name: &str) -> String {
-        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-            return format!("{url} dbname={name}");
-        };
-        let (base, query) = match url.find('?') {
-            Some(q) => (&url[..q], &url[q..]),
-            None => (url, ""),
-        };
-        let path = base[scheme_end..]
-            .find('/')
-            .map_or(base.len(), |i| scheme_end + i);
-        format!("{}/{name}{query}", &base[..path])
-    }
-
-    /// A database of its own, dropped (connections and all) with this.
-    pub(crate) struct TestDb {
-        admin: String,
-        name: String,
-        pub(crate) url: String,
-    }
-
-    impl TestDb {
-        pub(crate) fn create() -> Option<TestDb> {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let admin = admin_url()?;
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos();
-            let name = format!(
-                "cubbyhole_crash_{}_{}_{nanos}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            );
-            let mut client = Client::connect(&admin, NoTls)
-                .unwrap_or_else(|e| panic!("cannot connect to {ENV}: {e:?}"));
-            client
-                .batch_execute(&format!("CREATE DATABASE {name}"))
-                .unwrap_or_else(|e| panic!("cannot create a scratch database: {e:?}"));
-            let url = with_database(&admin, &name);
-            Some(TestDb { admin, name, url })
-        }
-    }
-
-    impl Drop for TestDb {
-        fn drop(&mut self) {
-            let dropped = Client::connect(&self.admin, NoTls).and_then(|mut admin| {
-                admin.batch_execute(&format!(
-                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                    self.name
-                ))
-            });
-            if let Err(e) = dropped {
-                eprintln!("could not drop scratch database {}: {e:?}", self.name);
-            }
-        }
-    }
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_tests_are_not_ignored_in_ci() {
+    pg::assert_not_ignored_in_ci();
 }

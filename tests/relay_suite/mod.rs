@@ -977,8 +977,9 @@ pub fn in_process_relay<S: RelayStorage + Send + 'static>(storage: S) {
 /// One test of the suite: runs `setup` (statements, in braces), then the
 /// generic body over `make`.
 macro_rules! suite_test {
-    ($test:ident, { $($setup:tt)* }, $make:expr) => {
+    ($test:ident, [$(#[$attr:meta])*], { $($setup:tt)* }, $make:expr) => {
         #[test]
+        $(#[$attr])*
         fn $test() {
             $($setup)*
             super::$test($make);
@@ -988,12 +989,12 @@ macro_rules! suite_test {
 
 /// The suite's tests for one backend, as a module of `#[test]`s.
 macro_rules! for_backend {
-    ($backend:ident, $setup:tt, $make:expr, [$($test:ident),* $(,)?]) => {
+    ($backend:ident, $attrs:tt, $setup:tt, $make:expr, [$($test:ident),* $(,)?]) => {
         mod $backend {
             #[allow(unused_imports)]
             use super::*;
             $(
-                suite_test!($test, $setup, $make);
+                suite_test!($test, $attrs, $setup, $make);
             )*
         }
     };
@@ -1003,11 +1004,13 @@ macro_rules! for_backend {
 /// builds each test's storage with the expression `make`;
 /// `all_tests!(name, guard = setup, make)` first binds `guard` to `setup`,
 /// which `make` may use and which lives until the test ends (a scratch
-/// database to drop afterwards, say).
+/// database to drop afterwards, say). Attributes before the name go on
+/// every test (`#[cfg_attr(..., ignore)]`, say).
 macro_rules! all_tests {
-    (@list $backend:ident, { $($setup:tt)* }, $make:expr) => {
+    (@list $backend:ident, $attrs:tt, { $($setup:tt)* }, $make:expr) => {
         for_backend!(
             $backend,
+            $attrs,
             { $($setup)* },
             $make,
             [
@@ -1033,10 +1036,10 @@ macro_rules! all_tests {
             ]
         );
     };
-    ($backend:ident, $guard:ident = $setup:expr, $make:expr) => {
-        all_tests!(@list $backend, { let $guard = $setup; }, $make);
+    ($(#[$attr:meta])* $backend:ident, $guard:ident = $setup:expr, $make:expr) => {
+        all_tests!(@list $backend, [$(#[$attr])*], { let $guard = $setup; }, $make);
     };
-    ($backend:ident, $make:expr) => {
-        all_tests!(@list $backend, {}, $make);
+    ($(#[$attr:meta])* $backend:ident, $make:expr) => {
+        all_tests!(@list $backend, [$(#[$attr])*], {}, $make);
     };
 }
