@@ -609,7 +609,7 @@ fn round_trips_like_the_memory_store() {
     {
         assert_ne!(q.bytes, m.bytes);
         let opened = at_rest::open(&KEY, "sessions", &at_rest::address(&q.peer), &q.bytes);
-        assert_eq!(opened.unwrap(), m.bytes);
+        assert_eq!(opened.unwrap(), *m.bytes);
     }
     assert_eq!(
         got.outbox.iter().map(|e| e.envelope.id).collect::<Vec<_>>(),
@@ -1108,14 +1108,14 @@ fn quarantine_moves_the_stored_bytes() {
         (a[0], NOW + 5, reason.as_str())
     );
     assert_eq!(
-        q[0].bytes, garbled,
+        *q[0].bytes, garbled,
         "as found, even though it does not open"
     );
     assert_eq!(
         (q[1].peer, q[1].at, q[1].reason.as_str()),
         (a[1], 1 << 63, "peer lost it")
     );
-    assert_eq!(q[1].bytes, healthy, "still sealed");
+    assert_eq!(*q[1].bytes, healthy, "still sealed");
     let opened = at_rest::open(&KEY, "sessions", &at_rest::address(&a[1]), &q[1].bytes).unwrap();
     assert_eq!(opened, bytes(&single(&w.peers[1].1)));
 

@@ -49,9 +49,9 @@ use crate::protocol::state::session_tag;
 use crate::protocol::wire::Incoming;
 use crate::storage::record::DEFAULT_ARCHIVED_SESSIONS;
 use crate::storage::{
-    accepted_digest, ContactRecord, DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId,
-    OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, SentMessage, SessionEntry, SessionRecord,
-    Store, StoreError, Trust,
+    accepted_digest, labelled_digest16, ContactRecord, DeliveryState, Failure, InboxMessage,
+    LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, SentMessage,
+    SessionEntry, SessionRecord, Store, StoreError, Trust,
 };
 use crate::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxOp,
@@ -389,16 +389,10 @@ impl Answers {
 /// `SHA-256("cubbyhole/v1 seen" || identity || device_id || message id)`
 /// truncated to 16 bytes.
 fn seen_mark(from: &DeviceAddress, id: &[u8; 16]) -> EnvelopeId {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::new()
-        .chain_update(b"cubbyhole/v1 seen")
-        .chain_update(from.identity)
-        .chain_update(from.device_id.to_be_bytes())
-        .chain_update(id)
-        .finalize();
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&digest[..16]);
-    EnvelopeId(out)
+    EnvelopeId(labelled_digest16(
+        b"cubbyhole/v1 seen",
+        &[&from.identity, &from.device_id.to_be_bytes(), id],
+    ))
 }
 
 /// The strongest statement about an identity key among its peer records:

@@ -87,7 +87,7 @@ impl Store for MemoryStore {
             self.quarantine.push(Quarantined {
                 peer: *peer,
                 at: now,
-                bytes: record.to_bytes().to_vec(),
+                bytes: record.to_bytes(),
                 reason: reason.to_string(),
             });
         }

@@ -68,14 +68,19 @@ pub struct PrekeyState {
 /// The replay digest of a prekey message: the first 16 bytes of
 /// `SHA-256("cubbyhole/v1 accepted" || IK_A || EK_A)`.
 pub fn accepted_digest(identity: &[u8; 32], ephemeral: &[u8; 32]) -> [u8; 16] {
+    labelled_digest16(b"cubbyhole/v1 accepted", &[identity, ephemeral])
+}
+
+/// The first 16 bytes of `SHA-256(label || parts...)`: the client layer's
+/// short names (replay digests, seen marks).
+pub(crate) fn labelled_digest16(label: &[u8], parts: &[&[u8]]) -> [u8; 16] {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::new()
-        .chain_update(b"cubbyhole/v1 accepted")
-        .chain_update(identity)
-        .chain_update(ephemeral)
-        .finalize();
+    let mut hash = Sha256::new().chain_update(label);
+    for part in parts {
+        hash.update(part);
+    }
     let mut out = [0u8; 16];
-    out.copy_from_slice(&digest[..16]);
+    out.copy_from_slice(&hash.finalize()[..16]);
     out
 }
 
@@ -349,27 +354,26 @@ impl ContactRecord {
     pub fn from_bytes(bytes: &[u8]) -> crate::Result<Self> {
         let bad = crate::Error::State("contact record");
         let mut r = Cursor(bytes);
-        if r.take(1).ok_or(bad)? != [1] {
+        if r.u8().ok_or(bad)? != 1 {
             return Err(bad);
         }
-        let len = usize::from(r.take(1).ok_or(bad)?[0]);
+        let len = usize::from(r.u8().ok_or(bad)?);
         let name = r.take(len).ok_or(bad)?.to_vec();
-        let count = usize::from(r.take(1).ok_or(bad)?[0]);
+        let count = usize::from(r.u8().ok_or(bad)?);
         let mut devices = Vec::with_capacity(count.min(r.0.len() / 36));
         for _ in 0..count {
-            let identity: [u8; 32] = r.take(32).ok_or(bad)?.try_into().map_err(|_| bad)?;
             devices.push(DeviceAddress {
-                identity,
+                identity: r.array().ok_or(bad)?,
                 device_id: r.u32().ok_or(bad)?,
             });
         }
-        let count = usize::from(r.take(1).ok_or(bad)?[0]);
+        let count = usize::from(r.u8().ok_or(bad)?);
         if count > Self::MAX_PREVIOUS {
             return Err(bad);
         }
         let mut previous = Vec::with_capacity(count.min(r.0.len() / 32));
         for _ in 0..count {
-            previous.push(r.take(32).ok_or(bad)?.try_into().map_err(|_| bad)?);
+            previous.push(r.array().ok_or(bad)?);
         }
         let changed_at = r.u64().ok_or(bad)?;
         if !r.0.is_empty() {
@@ -386,16 +390,29 @@ impl ContactRecord {
 
 /// A session record set aside because it did not decrypt or decode: its
 /// bytes are kept as stored, for inspection; the peer gets a new session.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// They may hold session secrets (a store that does not seal keeps them in
+/// the clear): zeroized on drop, never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Quarantined {
     /// The peer device.
     pub peer: DeviceAddress,
     /// When it was set aside (unix seconds).
     pub at: u64,
     /// The stored bytes, as found (still sealed, for a sealing store).
-    pub bytes: Vec<u8>,
+    pub bytes: zeroize::Zeroizing<Vec<u8>>,
     /// Why it failed.
     pub reason: String,
+}
+
+impl fmt::Debug for Quarantined {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Quarantined")
+            .field("peer", &self.peer)
+            .field("at", &self.at)
+            .field("bytes_len", &self.bytes.len())
+            .field("reason", &self.reason)
+            .finish()
+    }
 }
 
 /// A storage failure.
@@ -661,7 +678,7 @@ impl PrekeyState {
             accepted.reserve_exact(count);
             for _ in 0..count {
                 let id = r.u32().ok_or(bad)?;
-                let digest: [u8; 16] = r.take(16).ok_or(bad)?.try_into().map_err(|_| bad)?;
+                let digest = r.array::<16>().ok_or(bad)?;
                 accepted.push((id, digest));
             }
         }
@@ -678,8 +695,8 @@ impl PrekeyState {
     }
 }
 
-/// A minimal reader for [`PrekeyState::from_bytes`].
-struct Cursor<'a>(&'a [u8]);
+/// A minimal reader for the stored records' encodings.
+pub(crate) struct Cursor<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Option<&'a [u8]> {
@@ -689,6 +706,15 @@ impl<'a> Cursor<'a> {
         let (head, tail) = self.0.split_at(n);
         self.0 = tail;
         Some(head)
+    }
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.array::<1>().map(|[b]| b)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.array().map(u16::from_be_bytes)
     }
     fn u32(&mut self) -> Option<u32> {
         self.take(4)?.try_into().ok().map(u32::from_be_bytes)

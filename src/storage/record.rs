@@ -23,6 +23,8 @@ use crate::protocol::session::{Role, Session};
 use crate::protocol::state::STATE_VERSION;
 use crate::transport::DeviceAddress;
 
+use super::Cursor;
+
 /// First byte of [`SessionRecord::to_bytes`] (distinct from every session
 /// state version, so a bare session state, as stored before records, still
 /// decodes: as a record of one session of generation 0).
@@ -275,27 +277,23 @@ impl SessionRecord {
             Some(&RECORD_VERSION) => {}
             _ => return Err(bad),
         }
-        let mut r = &bytes[1..];
-        let count = u16::from_be_bytes(take(&mut r)?) as usize;
-        if count > r.len() / 45 {
+        let mut r = Cursor(&bytes[1..]);
+        let count = usize::from(r.u16().ok_or(bad)?);
+        if count > r.0.len() / 45 {
             return Err(bad);
         }
         let mut entries = Vec::with_capacity(count);
         for _ in 0..count {
-            let [flags] = take::<1>(&mut r)?;
+            let flags = r.u8().ok_or(bad)?;
             if flags & !(SUPERSEDED | RESET) != 0 {
                 return Err(bad);
             }
-            let id = take::<16>(&mut r)?;
-            let generation = u64::from_be_bytes(take(&mut r)?);
-            let created = u64::from_be_bytes(take(&mut r)?);
-            let last_received = u64::from_be_bytes(take(&mut r)?);
-            let len = u32::from_be_bytes(take(&mut r)?) as usize;
-            if len > r.len() {
-                return Err(bad);
-            }
-            let (state, rest) = r.split_at(len);
-            r = rest;
+            let id = r.array::<16>().ok_or(bad)?;
+            let generation = r.u64().ok_or(bad)?;
+            let created = r.u64().ok_or(bad)?;
+            let last_received = r.u64().ok_or(bad)?;
+            let len = r.u32().ok_or(bad)? as usize;
+            let state = r.take(len).ok_or(bad)?;
             let session = Session::from_bytes(state, local, remote)?;
             if entries.iter().any(|e: &SessionEntry| e.id == id) {
                 return Err(bad);
@@ -310,17 +308,9 @@ impl SessionRecord {
                 last_received,
             });
         }
-        if !r.is_empty() {
+        if !r.0.is_empty() {
             return Err(bad);
         }
         Ok(SessionRecord { entries })
     }
-}
-
-fn take<const N: usize>(r: &mut &[u8]) -> Result<[u8; N]> {
-    let (head, tail) = r
-        .split_first_chunk::<N>()
-        .ok_or(Error::State("session record"))?;
-    *r = tail;
-    Ok(*head)
 }

@@ -760,7 +760,7 @@ fn quarantine_row(row: &Row<'_>) -> Result<Quarantined, StoreError> {
     let fail = |r: String| corrupted(T_QUARANTINE, seq.to_string(), r);
     let peer = address_columns(row, 1, 2).map_err(fail)?;
     let at = int(row, 3, "at").map_err(fail)? as u64;
-    let bytes = blob(row, 4, "bytes").map_err(fail)?.to_vec();
+    let bytes = Zeroizing::new(blob(row, 4, "bytes").map_err(fail)?.to_vec());
     let reason = text(row, 5, "reason").map_err(fail)?;
     Ok(Quarantined {
         peer,
