@@ -37,9 +37,6 @@ pub const RECEIPTS: u8 = 0x08;
 pub const DEAD: u8 = 0x10;
 const KNOWN: u8 = MESSAGE | SESSION | RESET | RECEIPTS | DEAD;
 
-/// Bytes before the body in a v2 frame carrying only a message.
-pub const V2_MESSAGE_OVERHEAD: usize = 6 + 16;
-
 /// A decoded frame.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Frame {

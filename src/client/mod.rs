@@ -884,20 +884,25 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let trust = self.check_trust(to)?;
         let mut id = [0u8; 16];
         rng.fill_bytes(&mut id);
+        let mut frame = Frame {
+            message: Some((Some(id), body.to_vec())),
+            ..Frame::default()
+        };
+        let (record, entry) = self.encrypt_frame(rng, to, &mut frame, now).await?;
+        // The body the frame carried is the one kept for re-sending.
         let mut message = SentMessage {
             id: MessageId(id),
             to: *to,
-            body: body.to_vec(),
+            body: frame
+                .message
+                .take()
+                .map(|(_, body)| body)
+                .unwrap_or_default(),
             state: DeliveryState::Stored,
             created: now,
             last_sent: now,
             sends: 1,
         };
-        let frame = Frame {
-            message: Some((Some(id), body.to_vec())),
-            ..Frame::default()
-        };
-        let (record, entry) = self.encrypt_frame(rng, to, frame, now).await?;
         if self.store.peer(to)?.is_none() {
             self.store.set_peer(&PeerRecord {
                 address: *to,
@@ -955,7 +960,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         &mut self,
         rng: &mut (impl CryptoRngCore + Send),
         to: &DeviceAddress,
-        mut frame: Frame,
+        frame: &mut Frame,
         now: u64,
     ) -> Result<(SessionRecord, OutboxEntry), ClientError> {
         let me = self.address();
@@ -1038,7 +1043,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         frame: Frame,
         now: u64,
     ) -> Result<bool, ClientError> {
-        let (record, entry) = self.encrypt_frame(rng, to, frame, now).await?;
+        let mut frame = frame;
+        let (record, entry) = self.encrypt_frame(rng, to, &mut frame, now).await?;
         self.store.commit_send(&record, &entry, None)?;
         self.deposit(&entry).await
     }
@@ -1306,11 +1312,17 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             }
         }
         for mut m in messages {
-            let frame = Frame {
-                message: Some((Some(m.id.0), m.body.clone())),
+            let mut frame = Frame {
+                message: Some((Some(m.id.0), std::mem::take(&mut m.body))),
                 ..Frame::default()
             };
-            let (record, entry) = self.encrypt_frame(rng, peer, frame, now).await?;
+            let encrypted = self.encrypt_frame(rng, peer, &mut frame, now).await;
+            m.body = frame
+                .message
+                .take()
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            let (record, entry) = encrypted?;
             m.sends = m.sends.saturating_add(1);
             m.last_sent = now;
             m.state = DeliveryState::Stored;
