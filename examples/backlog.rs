@@ -37,7 +37,9 @@ fn run<S: Store>(bob_store: S, messages: usize, rng: &mut ChaCha20Rng) -> (Durat
         receive_batch: 1000,
         ..ClientConfig::default()
     };
-    let mut bob = Client::open(bob_store, relay.clone(), relay.clone(), config, rng).expect("bob");
+    let mut bob = Client::open(bob_store, relay.clone(), relay.clone(), config, rng)
+        .wait()
+        .expect("bob");
     let mut alice = Client::open(
         MemoryStore::new(),
         relay.clone(),
@@ -45,12 +47,13 @@ fn run<S: Store>(bob_store: S, messages: usize, rng: &mut ChaCha20Rng) -> (Durat
         config,
         rng,
     )
+    .wait()
     .expect("alice");
     block_on(scenario::publish_and_send(
         &mut bob, &mut alice, messages, rng, NOW,
     ));
     let elapsed = block_on(scenario::receive_all(&mut bob, messages, NOW));
-    (elapsed, bob.inbox().expect("inbox").len())
+    (elapsed, bob.inbox().wait().expect("inbox").len())
 }
 
 fn main() {
@@ -74,3 +77,12 @@ fn main() {
         n as f64 / t.as_secs_f64()
     );
 }
+
+/// Drives a future to completion on this thread (the client's futures, from
+/// synchronous test code).
+trait Wait: std::future::Future + Sized {
+    fn wait(self) -> Self::Output {
+        cubbyhole::client::block_on(self)
+    }
+}
+impl<F: std::future::Future> Wait for F {}

@@ -36,13 +36,13 @@ fn hex(bytes: &[u8]) -> String {
 
 fn open(dir: &Path, name: &str, key: &[u8; 32], relay: &Relayed) -> Result<Device, Box<dyn Error>> {
     let store = SqliteStore::open(dir.join(format!("{name}.db")), key)?;
-    Ok(Client::open(
+    Ok(block_on(Client::open(
         store,
         relay.clone(),
         relay.clone(),
         ClientConfig::default(),
         &mut OsRng,
-    )?)
+    ))?)
 }
 
 fn show_relay(relay: &Relayed, mailboxes: &[(&str, DeviceAddress)]) -> Result<(), Box<dyn Error>> {
@@ -77,7 +77,7 @@ fn print_inbox(
     name: &str,
     names: &[(&str, DeviceAddress)],
 ) -> Result<(), Box<dyn Error>> {
-    for m in device.inbox()? {
+    for m in block_on(device.inbox())? {
         let from = names
             .iter()
             .find(|(_, a)| *a == m.from)
@@ -86,7 +86,7 @@ fn print_inbox(
             "   {name} reads from {from}: {}",
             String::from_utf8_lossy(&m.body)
         );
-        device.remove_from_inbox(&m.envelope_id)?;
+        block_on(device.remove_from_inbox(&m.envelope_id))?;
     }
     Ok(())
 }
@@ -148,7 +148,10 @@ fn main() -> Result<(), Box<dyn Error>> {
     block_on(alice.receive(&mut OsRng, now()))?;
     print_inbox(&mut alice, "Alice", &names)?;
     for (text, id) in sent_ids {
-        println!("   {text:36} {:?}", alice.delivery(&id)?.expect("kept"));
+        println!(
+            "   {text:36} {:?}",
+            block_on(alice.delivery(&id))?.expect("kept")
+        );
     }
 
     println!("\n== Safety number (compare out of band)");

@@ -75,6 +75,7 @@
 
 extern crate alloc;
 
+mod bounds;
 pub mod error;
 pub mod protocol;
 
@@ -87,6 +88,7 @@ pub mod storage;
 #[cfg(feature = "std")]
 pub mod transport;
 
+pub use bounds::{MaybeSend, MaybeSync};
 pub use error::{Error, Result};
 pub use protocol::bundle::{self, FreshnessPolicy, PrekeyBundle, VerifiedBundle};
 pub use protocol::fingerprint::{Fingerprint, SafetyNumber};

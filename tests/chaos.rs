@@ -23,9 +23,9 @@ use cubbyhole::client::{block_on, Client, ClientConfig, ClientError};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
 use cubbyhole::storage::Trust;
 use cubbyhole::storage::{
-    ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry,
-    PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store,
-    StoreError,
+    BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MemoryStore,
+    MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage,
+    SessionRecord, StoreError,
 };
 use cubbyhole::transport::{
     DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory,
@@ -124,7 +124,7 @@ impl ChaosStore {
     }
 }
 
-impl Store for ChaosStore {
+impl BlockingStore for ChaosStore {
     fn identity(&self) -> Result<Option<LocalIdentity>, StoreError> {
         self.alive()?;
         self.inner.identity()
@@ -607,6 +607,7 @@ impl World {
             self.config,
             &mut self.rng,
         )
+        .wait()
         .expect("open")
     }
 
@@ -695,6 +696,7 @@ impl World {
             self.config,
             &mut self.rng,
         )
+        .wait()
         .expect("mallory");
         let identity = first.store().identity().unwrap().expect("identity");
         let mut store = MemoryStore::new();
@@ -711,13 +713,16 @@ impl World {
             self.config,
             &mut self.rng,
         )
+        .wait()
         .expect("mallory's second device");
         for m in [&mut first, &mut second] {
             block_on(m.maintain_prekeys(&mut self.rng, now)).expect("publish");
         }
         let marked = first.address();
         for i in [0, 1] {
-            let _ = self.with(i, |c, _, now| c.set_trust(&marked, Trust::Compromised, now));
+            let _ = self.with(i, |c, _, now| {
+                block_on(c.set_trust(&marked, Trust::Compromised, now))
+            });
         }
         self.mallory = vec![first, second];
     }
@@ -735,7 +740,7 @@ impl World {
     }
 
     fn take_inbox(&mut self, i: usize) {
-        let Ok(inbox) = self.devices[i].client.as_ref().unwrap().inbox() else {
+        let Ok(inbox) = block_on(self.devices[i].client.as_ref().unwrap().inbox()) else {
             return;
         };
         let me = self.devices[i].address;
@@ -759,7 +764,7 @@ impl World {
                 }
                 self.ever_shown.insert((me, n));
             }
-            let _ = self.with(i, |c, _, _| c.remove_from_inbox(&m.envelope_id));
+            let _ = self.with(i, |c, _, _| block_on(c.remove_from_inbox(&m.envelope_id)));
         }
     }
 
@@ -878,7 +883,7 @@ impl World {
                 if self.ever_shown.contains(&(*to, *n)) {
                     continue;
                 }
-                match client.delivery(id) {
+                match block_on(client.delivery(id)) {
                     Ok(Some(DeliveryState::Failed(_))) => {}
                     _ => out.push((i, *n)),
                 }
@@ -1051,7 +1056,7 @@ fn run(seed: u64) -> Result<Outcome, String> {
         let client = d.client.as_ref().unwrap();
         for (n, to, id) in &d.app.sent {
             handed += 1;
-            match client.delivery(id) {
+            match block_on(client.delivery(id)) {
                 Ok(Some(DeliveryState::Delivered)) => {}
                 Ok(Some(DeliveryState::Failed(_))) => failed += 1,
                 other => w
@@ -1148,3 +1153,12 @@ fn conversations_survive_chaos() {
             .join("\n")
     );
 }
+
+/// Drives a future to completion on this thread (the client's futures, from
+/// synchronous test code).
+trait Wait: std::future::Future + Sized {
+    fn wait(self) -> Self::Output {
+        cubbyhole::client::block_on(self)
+    }
+}
+impl<F: std::future::Future> Wait for F {}

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use cubbyhole::client::{block_on, Client, ClientConfig, ClientError, Rejection};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
-use cubbyhole::storage::{DeliveryState, MemoryStore, Store, Trust};
+use cubbyhole::storage::{BlockingStore, DeliveryState, MemoryStore, Trust};
 use cubbyhole::transport::{
     DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, MailboxOp,
     PrekeyDirectory, TransportError,
@@ -195,6 +195,7 @@ impl World {
             config,
             &mut self.rng,
         )
+        .wait()
         .unwrap();
         let now = self.now();
         block_on(c.maintain_prekeys(&mut self.rng, now)).unwrap();
@@ -213,13 +214,18 @@ impl World {
 }
 
 fn bodies(c: &EvilClient) -> Vec<Vec<u8>> {
-    c.inbox().unwrap().into_iter().map(|m| m.body).collect()
+    c.inbox()
+        .wait()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.body)
+        .collect()
 }
 
 fn take_all(c: &mut EvilClient) -> Vec<Vec<u8>> {
-    let msgs = c.inbox().unwrap();
+    let msgs = c.inbox().wait().unwrap();
     for m in &msgs {
-        c.remove_from_inbox(&m.envelope_id).unwrap();
+        c.remove_from_inbox(&m.envelope_id).wait().unwrap();
     }
     msgs.into_iter().map(|m| m.body).collect()
 }
@@ -240,12 +246,12 @@ fn offline_conversation_both_ways() {
         take_all(&mut bob),
         (0..5u8).map(|i| vec![b'a', i]).collect::<Vec<_>>()
     );
-    let from = bob.inbox().unwrap();
+    let from = bob.inbox().wait().unwrap();
     assert!(from.is_empty());
     w.send(&mut bob, &alice, b"reply");
     let report = w.receive(&mut alice);
     assert_eq!(report.received, 1);
-    let msg = &alice.inbox().unwrap()[0];
+    let msg = &alice.inbox().wait().unwrap()[0];
     assert_eq!(msg.body, b"reply");
     assert_eq!(msg.from, bob.address());
     // And on: several DH ratchet steps.
@@ -427,6 +433,7 @@ fn sessions_without_one_time_prekeys_when_the_pool_is_empty() {
         config_refill,
         &mut w.rng,
     )
+    .wait()
     .unwrap();
     let now = w.now();
     assert!(block_on(bob.maintain_prekeys(&mut w.rng, now)).unwrap());
@@ -467,6 +474,7 @@ fn signed_prekey_rotation_keeps_late_prekey_messages_decryptable() {
         short_grace,
         &mut w.rng,
     )
+    .wait()
     .unwrap();
     let mut dave = w.device(MemoryStore::new(), config);
     w.send(&mut dave, &bob, b"late");
@@ -502,6 +510,7 @@ fn compromised_peers_are_refused() {
     assert_eq!(w.receive(&mut bob).received, 1);
     let now = w.now();
     bob.set_trust(&alice.address(), Trust::Compromised, now)
+        .wait()
         .unwrap();
     w.send(&mut alice, &bob, b"two");
     let report = w.receive(&mut bob);
@@ -545,13 +554,14 @@ fn restart_from_the_same_store_and_outbox_flush() {
         ClientConfig::default(),
         &mut w.rng,
     )
+    .wait()
     .unwrap();
     let now = w.now();
     let sent = block_on(offline.send(&mut w.rng, &bob.address(), b"second", now)).unwrap();
     assert!(!sent.deposited);
     assert_eq!(offline.store().outbox().unwrap().len(), 1);
     assert_eq!(
-        offline.delivery(&sent.message).unwrap(),
+        offline.delivery(&sent.message).wait().unwrap(),
         Some(DeliveryState::Stored)
     );
     // Back online (a restart with the same store): the outbox is flushed.
@@ -563,19 +573,20 @@ fn restart_from_the_same_store_and_outbox_flush() {
         ClientConfig::default(),
         &mut w.rng,
     )
+    .wait()
     .unwrap();
     assert_eq!(block_on(alice.flush_outbox()).unwrap(), 1);
     assert!(alice.store().outbox().unwrap().is_empty());
     // The flush moved the message's state; Bob's receipt moves it again.
     assert_eq!(
-        alice.delivery(&sent.message).unwrap(),
+        alice.delivery(&sent.message).wait().unwrap(),
         Some(DeliveryState::Deposited)
     );
     assert_eq!(w.receive(&mut bob).received, 2);
     assert_eq!(bodies(&bob), vec![b"first".to_vec(), b"second".to_vec()]);
     w.receive(&mut alice);
     assert_eq!(
-        alice.delivery(&sent.message).unwrap(),
+        alice.delivery(&sent.message).wait().unwrap(),
         Some(DeliveryState::Delivered)
     );
 }
@@ -627,6 +638,7 @@ fn committed_but_unacknowledged_envelopes_are_recognised() {
         ClientConfig::default(),
         &mut w.rng,
     )
+    .wait()
     .unwrap();
     let now = w.now();
     assert!(matches!(
@@ -634,7 +646,7 @@ fn committed_but_unacknowledged_envelopes_are_recognised() {
         Err(ClientError::Transport(_))
     ));
     assert_eq!(
-        flaky.inbox().unwrap().len(),
+        flaky.inbox().wait().unwrap().len(),
         3,
         "committed before the acknowledgement"
     );
@@ -646,6 +658,7 @@ fn committed_but_unacknowledged_envelopes_are_recognised() {
         ClientConfig::default(),
         &mut w.rng,
     )
+    .wait()
     .unwrap();
     let report = w.receive(&mut bob);
     assert_eq!(report.received, 0);
@@ -749,3 +762,12 @@ fn receive_takes_everything_even_when_batches_are_cut_by_size() {
         .to_bytes();
     assert_eq!(*before, *after);
 }
+
+/// Drives a future to completion on this thread (the client's futures, from
+/// synchronous test code).
+trait Wait: std::future::Future + Sized {
+    fn wait(self) -> Self::Output {
+        cubbyhole::client::block_on(self)
+    }
+}
+impl<F: std::future::Future> Wait for F {}

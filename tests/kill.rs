@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cubbyhole::client::{block_on, Client, ClientConfig};
 use cubbyhole::relay::{InProcessRelay, Relay, RelayConfig, SqliteRelayStorage};
-use cubbyhole::storage::{SqliteStore, Store};
+use cubbyhole::storage::{BlockingStore, SqliteStore};
 use cubbyhole::transport::DeviceAddress;
 use cubbyhole::OsRng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -51,7 +51,9 @@ fn open(dir: &Path, name: &str, key: &[u8; 32]) -> Device {
         RelayConfig::default(),
     ));
     let store = SqliteStore::open(dir.join(format!("{name}.db")), key).expect("store");
-    Client::open(store, relay.clone(), relay, config, &mut OsRng).expect("client")
+    Client::open(store, relay.clone(), relay, config, &mut OsRng)
+        .wait()
+        .expect("client")
 }
 
 fn bob_address(dir: &Path) -> DeviceAddress {
@@ -234,3 +236,12 @@ fn kill_the_sender_and_the_receiver_many_times() {
     drop((alice, bob));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Drives a future to completion on this thread (the client's futures, from
+/// synchronous test code).
+trait Wait: std::future::Future + Sized {
+    fn wait(self) -> Self::Output {
+        cubbyhole::client::block_on(self)
+    }
+}
+impl<F: std::future::Future> Wait for F {}

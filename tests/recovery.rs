@@ -120,6 +120,7 @@ impl World {
             config,
             &mut self.rng,
         )
+        .wait()
         .unwrap();
         let now = self.now();
         block_on(c.maintain_prekeys(&mut self.rng, now)).unwrap();
@@ -151,16 +152,16 @@ impl World {
 }
 
 fn take_all<S: Store>(c: &mut Dev<S>) -> Vec<Vec<u8>> {
-    let msgs = c.inbox().unwrap();
+    let msgs = c.inbox().wait().unwrap();
     for m in &msgs {
-        c.remove_from_inbox(&m.envelope_id).unwrap();
+        c.remove_from_inbox(&m.envelope_id).wait().unwrap();
     }
     msgs.into_iter().map(|m| m.body).collect()
 }
 
 /// The id of the session `c` would encrypt to `peer` under.
 fn current<S: Store>(c: &Dev<S>, peer: &DeviceAddress) -> [u8; 16] {
-    let record = c.store().session(peer).unwrap().expect("a record");
+    let record = c.store().session(peer).wait().unwrap().expect("a record");
     record
         .current(&c.address(), peer)
         .expect("a current session")
@@ -244,7 +245,7 @@ fn a_replayed_first_message_is_a_duplicate_after_the_one_time_prekeys_ran_out() 
     w.receive(&mut bob); // Alice's receipt
 
     // Even once the session itself is gone, the replay digest refuses it.
-    bob.store_mut().remove_session(&a).unwrap();
+    bob.store_mut().remove_session(&a).wait().unwrap();
     w.replay(&first);
     let report = w.receive(&mut bob);
     assert_eq!(report.received, 0);
@@ -259,8 +260,8 @@ fn a_replayed_first_message_is_a_duplicate_after_the_one_time_prekeys_ran_out() 
 /// the same identity (or an old backup of the prekeys) does, and publishes.
 fn lose_prekeys<S: Store>(w: &mut World, c: &mut Dev<S>) {
     let now = w.now();
-    let identity: LocalIdentity = c.store().identity().unwrap().unwrap();
-    let old = c.store().prekeys().unwrap().unwrap();
+    let identity: LocalIdentity = c.store().identity().wait().unwrap().unwrap();
+    let old = c.store().prekeys().wait().unwrap().unwrap();
     let fresh = PrekeyState {
         prekeys: PrekeyStore::new(&mut w.rng, &identity.keys, now),
         upload_counter: old.upload_counter,
@@ -270,7 +271,7 @@ fn lose_prekeys<S: Store>(w: &mut World, c: &mut Dev<S>) {
         upload_pending: true,
         accepted: Vec::new(),
     };
-    c.store_mut().set_prekeys(&fresh).unwrap();
+    c.store_mut().set_prekeys(&fresh).wait().unwrap();
     block_on(c.maintain_prekeys(&mut w.rng, now)).unwrap();
 }
 
@@ -296,7 +297,7 @@ fn a_sender_whose_responder_lost_its_prekeys_starts_again_after_a_timeout() {
         "{report:?}"
     );
     assert_eq!(
-        alice.delivery(&sent.message).unwrap(),
+        alice.delivery(&sent.message).wait().unwrap(),
         Some(DeliveryState::Deposited)
     );
     // Nothing comes back; after the resend time Alice presumes the session
@@ -310,7 +311,7 @@ fn a_sender_whose_responder_lost_its_prekeys_starts_again_after_a_timeout() {
     let report = w.receive(&mut alice);
     assert_eq!(report.delivered, [sent.message]);
     assert_eq!(
-        alice.delivery(&sent.message).unwrap(),
+        alice.delivery(&sent.message).wait().unwrap(),
         Some(DeliveryState::Delivered)
     );
     assert!(
@@ -341,7 +342,7 @@ fn a_responder_that_lost_its_prekeys_tells_a_known_sender_at_once() {
     assert_eq!(take_all_after(&mut w, &mut bob), [b"from Alice".to_vec()]);
     w.receive(&mut alice);
     assert_eq!(
-        alice.delivery(&sent.message).unwrap(),
+        alice.delivery(&sent.message).wait().unwrap(),
         Some(DeliveryState::Delivered)
     );
     assert_eq!(current(&alice, &b), current(&bob, &a));
@@ -381,7 +382,7 @@ fn a_corrupted_session_row_is_quarantined_and_the_others_keep_working() {
     // Carol's message arrives; Alice's row is set aside with its bytes.
     assert_eq!(report.quarantined, [a]);
     assert_eq!(take_all(&mut bob), [b"c2".to_vec()]);
-    let q = bob.store().quarantined().unwrap();
+    let q = bob.store().quarantined().wait().unwrap();
     assert_eq!(q.len(), 1);
     assert_eq!(q[0].peer, a);
     assert_eq!(&q[0].bytes[..], &[0x00, 0x11, 0x22, 0x33]);
@@ -408,16 +409,17 @@ fn trust_belongs_to_the_identity_key_not_the_device_number() {
     w.send(&mut mallory, &a, b"hello");
     assert_eq!(take_all_after(&mut w, &mut alice).len(), 1);
     let now = w.now();
-    alice.set_trust(&m, Trust::Compromised, now).unwrap();
+    alice.set_trust(&m, Trust::Compromised, now).wait().unwrap();
 
     // The same key publishes under another device number.
-    let identity = mallory.store().identity().unwrap().unwrap();
+    let identity = mallory.store().identity().wait().unwrap().unwrap();
     let mut store = MemoryStore::new();
     store
         .set_identity(&LocalIdentity {
             keys: identity.keys.clone(),
             device_id: 2,
         })
+        .wait()
         .unwrap();
     let mut mallory2 = w.device(store);
     let m2 = mallory2.address();
@@ -434,7 +436,10 @@ fn trust_belongs_to_the_identity_key_not_the_device_number() {
     let now = w.now();
     let err = block_on(alice.send(&mut w.rng, &m2, b"x", now)).unwrap_err();
     assert!(matches!(err, ClientError::Compromised), "{err:?}");
-    assert_eq!(alice.trust(&m.identity).unwrap(), Some(Trust::Compromised));
+    assert_eq!(
+        alice.trust(&m.identity).wait().unwrap(),
+        Some(Trust::Compromised)
+    );
 }
 
 #[test]
@@ -452,7 +457,7 @@ fn a_session_is_presumed_dead_after_enough_unanswered_messages() {
     w.receive(&mut alice); // the receipt: Alice's session is answered
                            // Bob loses the session without knowing whose it was (say a bad
                            // restore); Alice's next messages are undecryptable for him.
-    bob.store_mut().remove_session(&a).unwrap();
+    bob.store_mut().remove_session(&a).wait().unwrap();
     w.advance(1);
     for body in [b"one", b"two", b"tri"] {
         w.send(&mut alice, &b, body);
@@ -518,7 +523,7 @@ fn corrupted_peer_and_sent_rows_stop_only_what_they_concern() {
 
     // The application repairs both; Carol's message comes with her re-send.
     let now = w.now();
-    bob.set_trust(&c, Trust::Unvalidated, now).unwrap();
+    bob.set_trust(&c, Trust::Unvalidated, now).wait().unwrap();
     bob.store_mut().remove_sent(&pending.message).unwrap();
     w.advance(HOUR);
     let now = w.now();
@@ -537,14 +542,14 @@ fn a_contact_whose_key_changed_is_reported_as_such() {
     let old = bob.address();
     let now = w.now();
     assert_eq!(
-        alice.save_contact(b"bob", &old, now).unwrap(),
+        alice.save_contact(b"bob", &old, now).wait().unwrap(),
         ContactUpdate::New
     );
     assert_eq!(
-        alice.save_contact(b"bob", &old, now).unwrap(),
+        alice.save_contact(b"bob", &old, now).wait().unwrap(),
         ContactUpdate::Unchanged
     );
-    alice.set_trust(&old, Trust::Validated, now).unwrap();
+    alice.set_trust(&old, Trust::Validated, now).wait().unwrap();
 
     // Bob reinstalls: a new identity key under the same device number.
     drop(bob);
@@ -557,7 +562,7 @@ fn a_contact_whose_key_changed_is_reported_as_such() {
     // says that a known (and validated) contact's key changed.
     let now = w.now();
     assert_eq!(
-        alice.save_contact(b"bob", &new, now).unwrap(),
+        alice.save_contact(b"bob", &new, now).wait().unwrap(),
         ContactUpdate::KeyChanged {
             device_id: old.device_id,
             previous: old.identity,
@@ -566,11 +571,14 @@ fn a_contact_whose_key_changed_is_reported_as_such() {
     );
     // Trust stays with each key: the new one is not validated.
     assert_eq!(
-        alice.trust(&new.identity).unwrap(),
+        alice.trust(&new.identity).wait().unwrap(),
         Some(Trust::Unvalidated)
     );
-    assert_eq!(alice.trust(&old.identity).unwrap(), Some(Trust::Validated));
-    let contact = alice.contact(b"bob").unwrap().unwrap();
+    assert_eq!(
+        alice.trust(&old.identity).wait().unwrap(),
+        Some(Trust::Validated)
+    );
+    let contact = alice.contact(b"bob").wait().unwrap().unwrap();
     assert_eq!(contact.devices, [new]);
     assert_eq!(contact.previous, [old.identity]);
     assert_eq!(contact.changed_at, now);
@@ -580,12 +588,21 @@ fn a_contact_whose_key_changed_is_reported_as_such() {
         device_id: 2,
     };
     assert_eq!(
-        alice.save_contact(b"bob", &other, now).unwrap(),
+        alice.save_contact(b"bob", &other, now).wait().unwrap(),
         ContactUpdate::NewDevice
     );
     let too_long = [b'x'; 256];
     assert!(matches!(
-        alice.save_contact(&too_long, &new, now),
+        alice.save_contact(&too_long, &new, now).wait(),
         Err(ClientError::TooLong)
     ));
 }
+
+/// Drives a future to completion on this thread (the client's futures, from
+/// synchronous test code).
+trait Wait: std::future::Future + Sized {
+    fn wait(self) -> Self::Output {
+        cubbyhole::client::block_on(self)
+    }
+}
+impl<F: std::future::Future> Wait for F {}

@@ -4,9 +4,9 @@
 
 use cubbyhole::storage::conformance::{self, Violation, CHECKS};
 use cubbyhole::storage::{
-    ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry,
-    PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store,
-    StoreError,
+    BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MemoryStore,
+    MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage,
+    SessionRecord, StoreError,
 };
 use cubbyhole::transport::{DeviceAddress, EnvelopeId};
 
@@ -22,9 +22,11 @@ fn every_check_has_a_distinct_name_and_runs_alone() {
     names.dedup();
     assert_eq!(names.len(), CHECKS.len(), "duplicate check names");
     for check in CHECKS {
-        (check.run)(&mut MemoryStore::new()).unwrap();
+        check.run(&mut MemoryStore::new()).wait().unwrap();
     }
-    conformance::check_commit_send(&mut MemoryStore::new()).unwrap();
+    conformance::check_commit_send(&mut MemoryStore::new())
+        .wait()
+        .unwrap();
 }
 
 #[cfg(feature = "sqlite")]
@@ -97,12 +99,20 @@ enum Fault {
     OutboxSortedById,
     /// The stores made are not empty (left over from an earlier test).
     NotFresh,
+    /// The routing index is not updated by `commit_send`.
+    RoutesMissCommitSend,
+    /// `awaiting_ratchet_key` lists nothing.
+    AwaitingNone,
+    /// `sessions_with_identity` returns one device of the identity only.
+    IdentityFindsOneDevice,
 }
 
 /// The memory store with one fault.
 struct Broken {
     inner: MemoryStore,
     fault: Fault,
+    /// Peers whose record `commit_send` wrote.
+    sent_to: Vec<DeviceAddress>,
 }
 
 impl Broken {
@@ -130,14 +140,18 @@ impl Broken {
                 }])
                 .unwrap();
         }
-        Broken { inner, fault }
+        Broken {
+            inner,
+            fault,
+            sent_to: Vec::new(),
+        }
     }
     fn maker(fault: Fault) -> impl FnMut() -> Broken {
         move || Broken::new(fault)
     }
 }
 
-impl Store for Broken {
+impl BlockingStore for Broken {
     fn identity(&self) -> Result<Option<LocalIdentity>, StoreError> {
         self.inner.identity()
     }
@@ -207,7 +221,32 @@ impl Store for Broken {
         sent: Option<&SentMessage>,
     ) -> Result<(), StoreError> {
         let sent = sent.filter(|_| self.fault != Fault::CommitSendDropsSent);
+        self.sent_to.push(entry.to);
         self.inner.commit_send(record, entry, sent)
+    }
+    fn route_ratchet_keys(&self, keys: &[[u8; 32]]) -> Result<Vec<DeviceAddress>, StoreError> {
+        let mut found = self.inner.route_ratchet_keys(keys)?;
+        if self.fault == Fault::RoutesMissCommitSend {
+            found.retain(|a| !self.sent_to.contains(a));
+        }
+        Ok(found)
+    }
+    fn awaiting_ratchet_key(&self) -> Result<Vec<DeviceAddress>, StoreError> {
+        if self.fault == Fault::AwaitingNone {
+            return Ok(Vec::new());
+        }
+        self.inner.awaiting_ratchet_key()
+    }
+    #[allow(clippy::type_complexity)]
+    fn sessions_with_identity(
+        &self,
+        identity: &[u8; 32],
+    ) -> Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError> {
+        let mut found = self.inner.sessions_with_identity(identity)?;
+        if self.fault == Fault::IdentityFindsOneDevice {
+            found.truncate(1);
+        }
+        Ok(found)
     }
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         let mut outbox = self.inner.outbox()?;
@@ -353,8 +392,20 @@ fn other_faults_fail_the_checks_that_cover_them() {
         // The suite's ids descend as they are added: sorting shows.
         (Fault::OutboxSortedById, "outbox"),
         (Fault::NotFresh, "empty"),
+        (Fault::RoutesMissCommitSend, "routes"),
+        (Fault::AwaitingNone, "routes"),
+        (Fault::IdentityFindsOneDevice, "routes"),
     ] {
         let v = violations(fault);
         assert!(failed_checks(&v).contains(&check), "{fault:?}: {v:#?}");
     }
 }
+
+/// Drives a future to completion on this thread (the client's futures, from
+/// synchronous test code).
+trait Wait: std::future::Future + Sized {
+    fn wait(self) -> Self::Output {
+        cubbyhole::client::block_on(self)
+    }
+}
+impl<F: std::future::Future> Wait for F {}

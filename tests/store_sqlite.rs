@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use cubbyhole::storage::{
-    DeliveryState, Failure, InboxMessage, LocalIdentity, MemoryStore, MessageId, OutboxEntry,
-    PeerRecord, PrekeyState, ReceiveCommit, SentMessage, SessionEntry, SessionRecord, SqliteStore,
-    Store, StoreError, Trust,
+    BlockingStore, DeliveryState, Failure, InboxMessage, LocalIdentity, MemoryStore, MessageId,
+    OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, SentMessage, SessionEntry, SessionRecord,
+    SqliteStore, StoreError, Trust,
 };
 use cubbyhole::transport::{DeviceAddress, Envelope, EnvelopeId};
 use cubbyhole::{
@@ -288,7 +288,7 @@ struct Keys {
     message_ids: Vec<MessageId>,
 }
 
-fn snapshot(store: &impl Store, k: &Keys) -> Snapshot {
+fn snapshot(store: &impl BlockingStore, k: &Keys) -> Snapshot {
     let sessions: Vec<_> = store
         .sessions()
         .unwrap()
@@ -335,7 +335,7 @@ fn snapshot(store: &impl Store, k: &Keys) -> Snapshot {
 }
 
 /// Drives a store through every method; returns what to snapshot with.
-fn exercise(store: &mut impl Store, w: &mut World) -> Keys {
+fn exercise(store: &mut impl BlockingStore, w: &mut World) -> Keys {
     let ids: Vec<EnvelopeId> = (0..10).map(|_| w.id()).collect();
     let mut mids: Vec<MessageId> = (0..9).map(|_| w.message_id()).collect();
     // The smallest id, new in a receive batch after another new one: it
@@ -716,7 +716,7 @@ fn reopening_from_disk_keeps_everything() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, SqliteStore::SCHEMA_VERSION);
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 2);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 3);
 }
 
 #[test]
@@ -1352,7 +1352,7 @@ fn sent_messages_round_trip_update_in_place_and_prune() {
     let ids: Vec<MessageId> = (0..8).map(|_| w.message_id()).collect();
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     let mut memory = MemoryStore::new();
-    let stores: [&mut dyn Store; 2] = [&mut store, &mut memory];
+    let stores: [&mut dyn BlockingStore; 2] = [&mut store, &mut memory];
     let big = vec![0x42u8; 100_000];
     let failed = |f| DeliveryState::Failed(f);
     // (id, state, created): every state, times across the u64 range.
@@ -1400,7 +1400,7 @@ fn sent_messages_round_trip_update_in_place_and_prune() {
     expected[1].body = big.clone();
     expected[1].state = DeliveryState::Resent;
     expected[1].sends += 1;
-    for s in [&mut store as &mut dyn Store, &mut memory] {
+    for s in [&mut store as &mut dyn BlockingStore, &mut memory] {
         s.update_sent(&expected[1]).unwrap();
         s.update_sent(&expected[0]).unwrap();
         assert_eq!(s.sent_messages().unwrap(), expected);
@@ -1411,7 +1411,7 @@ fn sent_messages_round_trip_update_in_place_and_prune() {
 
     // Pruning: finished messages created before the bound go, pending ones
     // never (whatever their age), and times use the full u64 range.
-    let alive = |s: &dyn Store| -> Vec<usize> {
+    let alive = |s: &dyn BlockingStore| -> Vec<usize> {
         s.sent_messages()
             .unwrap()
             .iter()
@@ -1426,7 +1426,7 @@ fn sent_messages_round_trip_update_in_place_and_prune() {
         (u64::MAX, &[1, 2, 7]),
     ];
     for (before, want) in steps {
-        for s in [&mut store as &mut dyn Store, &mut memory] {
+        for s in [&mut store as &mut dyn BlockingStore, &mut memory] {
             s.prune_sent(before).unwrap();
             assert_eq!(alive(s), want, "prune_sent({before})");
         }
@@ -1467,7 +1467,7 @@ fn peers_lists_every_peer_and_by_identity() {
         ..records[0].clone()
     });
     let unknown = [0x11u8; 32];
-    for s in [&mut store as &mut dyn Store, &mut memory] {
+    for s in [&mut store as &mut dyn BlockingStore, &mut memory] {
         assert!(s.peers().unwrap().is_empty());
         for r in &records {
             s.set_peer(r).unwrap();
@@ -1852,7 +1852,7 @@ fn tables(c: &rusqlite::Connection) -> Vec<String> {
 
 #[test]
 fn a_version_1_database_is_migrated_with_its_data() {
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 2);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 3);
     let dir = TempDir::new("migrate");
     let mut w = world(19);
     let v1 = version_1_database(&dir.db(), &mut w);
@@ -1866,7 +1866,7 @@ fn a_version_1_database_is_migrated_with_its_data() {
 
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     let c = raw(&dir.db());
-    assert_eq!(version(&c), 2);
+    assert_eq!(version(&c), 3);
     let names = tables(&c);
     for t in [
         "identity",
@@ -1877,6 +1877,7 @@ fn a_version_1_database_is_migrated_with_its_data() {
         "prekeys",
         "processed",
         "quarantine",
+        "routes",
         "sent",
         "sessions",
     ] {
@@ -1896,6 +1897,15 @@ fn a_version_1_database_is_migrated_with_its_data() {
     assert_eq!(
         record.entries()[0].session.to_bytes(),
         w.peers[0].1.to_bytes()
+    );
+    // Version 3 filled the routing index for the old record.
+    let keys: Vec<[u8; 32]> = record.ratchet_keys().copied().collect();
+    assert!(!keys.is_empty());
+    assert_eq!(store.route_ratchet_keys(&keys).unwrap(), [a]);
+    assert_eq!(store.route_ratchet_keys(&[[9; 32]]).unwrap(), []);
+    assert_eq!(
+        store.awaiting_ratchet_key().unwrap().contains(&a),
+        record.awaits_ratchet_key()
     );
     assert_eq!(store.peer(&a).unwrap(), Some(v1.peer.clone()));
     assert_eq!(store.peers().unwrap(), [v1.peer]);
@@ -1922,7 +1932,7 @@ fn a_version_1_database_is_migrated_with_its_data() {
     store.quarantine_session(&a, NOW, "test").unwrap();
     drop(store);
     let store = SqliteStore::open(dir.db(), &KEY).unwrap();
-    assert_eq!(version(&raw(&dir.db())), 2);
+    assert_eq!(version(&raw(&dir.db())), 3);
     assert_eq!(store.sent_messages().unwrap(), [m]);
     let q = store.quarantined().unwrap();
     assert_eq!((q.len(), q[0].peer), (1, a));

@@ -48,8 +48,9 @@ impl<S: Store> Backlog<S> {
             Arc::new(|| NOW),
         );
         let config = ClientConfig::default();
-        let mut bob =
-            Client::open(bob_store, relay.clone(), relay.clone(), config, rng).expect("bob");
+        let mut bob = Client::open(bob_store, relay.clone(), relay.clone(), config, rng)
+            .wait()
+            .expect("bob");
         let mut alice = Client::open(
             MemoryStore::new(),
             relay.clone(),
@@ -57,6 +58,7 @@ impl<S: Store> Backlog<S> {
             config,
             rng,
         )
+        .wait()
         .expect("alice");
         block_on(scenario::publish_and_send(
             &mut bob, &mut alice, MESSAGES, rng, NOW,
@@ -102,3 +104,12 @@ pub fn bench<S: Store, G>(
         })
     });
 }
+
+/// Drives a future to completion on this thread (the client's futures, from
+/// synchronous test code).
+trait Wait: std::future::Future + Sized {
+    fn wait(self) -> Self::Output {
+        cubbyhole::client::block_on(self)
+    }
+}
+impl<F: std::future::Future> Wait for F {}

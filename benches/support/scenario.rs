@@ -81,7 +81,7 @@ where
     }
     let elapsed = start.elapsed();
     assert_eq!(received, messages);
-    assert_eq!(bob.inbox().expect("inbox").len(), messages);
+    assert_eq!(bob.inbox().await.expect("inbox").len(), messages);
     elapsed
 }
 

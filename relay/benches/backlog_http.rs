@@ -143,7 +143,9 @@ async fn prepare_over_http<S: Store>(
     now: u64,
 ) -> S {
     let config = ClientConfig::default();
-    let mut bob = Client::open(bob_store, relay.clone(), relay.clone(), config, rng).expect("bob");
+    let mut bob = Client::open(bob_store, relay.clone(), relay.clone(), config, rng)
+        .await
+        .expect("bob");
     let mut alice = Client::open(
         MemoryStore::new(),
         relay.clone(),
@@ -151,6 +153,7 @@ async fn prepare_over_http<S: Store>(
         config,
         rng,
     )
+    .await
     .expect("alice");
     publish_and_send(&mut bob, &mut alice, MESSAGES, rng, now).await;
     bob.into_store()
@@ -217,7 +220,9 @@ async fn prefill_relay_file<S: Store>(
     let storage = SqliteRelayStorage::open(db).expect("relay database");
     let relay: FileRelay = InProcessRelay::new(Relay::new(storage, relay_config()));
     let config = ClientConfig::default();
-    let mut bob = Client::open(bob_store, relay.clone(), relay.clone(), config, rng).expect("bob");
+    let mut bob = Client::open(bob_store, relay.clone(), relay.clone(), config, rng)
+        .await
+        .expect("bob");
     let collector = Collector {
         relay: relay.clone(),
         deposits: Arc::new(Mutex::new(Vec::with_capacity(MESSAGES))),
@@ -229,6 +234,7 @@ async fn prefill_relay_file<S: Store>(
         config,
         rng,
     )
+    .await
     .expect("alice");
     // "Deposited" here means collected.
     publish_and_send(&mut bob, &mut alice, MESSAGES, rng, now).await;
@@ -262,6 +268,7 @@ async fn receive_all<S: Store>(
         ClientConfig::default(),
         rng,
     )
+    .await
     .expect("bob");
     scenario::receive_all(&mut bob, MESSAGES, now).await
 }

@@ -36,7 +36,7 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cubbyhole::client::{Client, ClientConfig};
+use cubbyhole::client::{block_on, Client, ClientConfig};
 use cubbyhole::storage::SqliteStore;
 use cubbyhole::transport::{DeviceAddress, PrekeyDirectory};
 use cubbyhole::OsRng;
@@ -69,13 +69,13 @@ fn store_key(name: &str) -> [u8; 32] {
 
 fn open(dir: &Path, name: &str, relay: &HttpRelay) -> Result<Device, Box<dyn Error>> {
     let store = SqliteStore::open(dir.join(format!("{name}.db")), &store_key(name))?;
-    Ok(Client::open(
+    Ok(block_on(Client::open(
         store,
         relay.clone(),
         relay.clone(),
         ClientConfig::default(),
         &mut OsRng,
-    )?)
+    ))?)
 }
 
 /// What the relay shows over HTTP: each device's one-time prekey count
@@ -117,7 +117,7 @@ fn print_inbox(
     name: &str,
     names: &[(&str, DeviceAddress)],
 ) -> Result<(), Box<dyn Error>> {
-    for m in device.inbox()? {
+    for m in block_on(device.inbox())? {
         let from = names
             .iter()
             .find(|(_, a)| *a == m.from)
@@ -126,7 +126,7 @@ fn print_inbox(
             "   {name} reads from {from}: {}",
             String::from_utf8_lossy(&m.body)
         );
-        device.remove_from_inbox(&m.envelope_id)?;
+        block_on(device.remove_from_inbox(&m.envelope_id))?;
     }
     Ok(())
 }
@@ -296,14 +296,14 @@ async fn one_side(relay: &HttpRelay, dir: &Path, me: &str) -> Result<(), Box<dyn
 
 fn print_messages(device: &mut Device, dir: &Path, peer: &str) -> Result<(), Box<dyn Error>> {
     let peer_address = read_address(dir, peer);
-    for m in device.inbox()? {
+    for m in block_on(device.inbox())? {
         let from = if Some(m.from) == peer_address {
             peer.to_owned()
         } else {
             format!("{}..", &hex(&m.from.identity)[..16])
         };
         println!("[{from}] {}", String::from_utf8_lossy(&m.body));
-        device.remove_from_inbox(&m.envelope_id)?;
+        block_on(device.remove_from_inbox(&m.envelope_id))?;
     }
     Ok(())
 }

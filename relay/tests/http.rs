@@ -126,7 +126,9 @@ impl Drop for TempDir {
 type Device<S = MemoryStore> = Client<S, HttpRelay, HttpRelay>;
 
 fn device_on<S: Store>(store: S, relay: &HttpRelay, config: ClientConfig) -> Device<S> {
-    Client::open(store, relay.clone(), relay.clone(), config, &mut OsRng).unwrap()
+    Client::open(store, relay.clone(), relay.clone(), config, &mut OsRng)
+        .wait()
+        .unwrap()
 }
 
 /// A device with a fresh in-memory store, its prekeys published.
@@ -139,9 +141,9 @@ async fn published(relay: &HttpRelay) -> Device {
 /// Takes every message from the inbox, as text.
 fn take_inbox<S: Store>(device: &mut Device<S>) -> Vec<(DeviceAddress, String)> {
     let mut out = Vec::new();
-    for m in device.inbox().unwrap() {
+    for m in device.inbox().wait().unwrap() {
         out.push((m.from, String::from_utf8(m.body.clone()).unwrap()));
-        device.remove_from_inbox(&m.envelope_id).unwrap();
+        device.remove_from_inbox(&m.envelope_id).wait().unwrap();
     }
     out
 }
@@ -188,7 +190,7 @@ fn envelope(id: u8, len: usize) -> Envelope {
 /// A fetch proof by the owner's key (taken from the device's store).
 async fn owner_auth<S: Store>(device: &Device<S>, relay: &HttpRelay, op: MailboxOp) -> MailboxAuth {
     let me = device.address();
-    let keys = device.store().identity().unwrap().unwrap().keys;
+    let keys = device.store().identity().await.unwrap().unwrap().keys;
     let challenge = relay.challenge(&me.mailbox()).await.unwrap();
     MailboxAuth::sign(&keys, me.device_id, op, challenge)
 }
@@ -477,8 +479,8 @@ async fn a_stranger_cannot_read_acknowledge_or_replace_bobs_keys() {
     assert_eq!((status, why.as_deref()), (401, Some("unauthorized")));
 
     // ...and so is one signed by Bob's key under an old counter (a replay).
-    let bob_keys = bob.store().identity().unwrap().unwrap().keys;
-    let bob_prekeys = bob.store().prekeys().unwrap().unwrap();
+    let bob_keys = bob.store().identity().await.unwrap().unwrap().keys;
+    let bob_prekeys = bob.store().prekeys().await.unwrap().unwrap();
     let old = BundleSetUpload::new(
         bob_address.device_id,
         &bob_keys,
@@ -1093,3 +1095,12 @@ async fn health_and_unknown_routes() {
     );
     server.stop().await;
 }
+
+/// Drives a future to completion on this thread (the client's futures, from
+/// synchronous test code).
+trait Wait: std::future::Future + Sized {
+    fn wait(self) -> Self::Output {
+        cubbyhole::client::block_on(self)
+    }
+}
+impl<F: std::future::Future> Wait for F {}

@@ -38,6 +38,7 @@ use std::vec::Vec;
 
 use rand_core::CryptoRngCore;
 
+use crate::bounds::MaybeSend;
 use crate::error::Error;
 use crate::protocol::bundle::{FreshnessPolicy, PrekeyBundle};
 use crate::protocol::fingerprint::SafetyNumber;
@@ -219,8 +220,10 @@ pub struct ReceiveReport {
     /// compromised peer), with the reason; they are acknowledged (they can
     /// never decrypt) and dropped.
     pub rejected: Vec<(EnvelopeId, Rejection)>,
-    /// Gaps: per peer device, how many messages the ratchet counters show
-    /// were sent but have not arrived (dropped or withheld by the relay).
+    /// Gaps: per peer device heard from in this receive, how many messages
+    /// the ratchet counters show were sent but have not arrived (dropped or
+    /// withheld by the relay), sorted by address. [`Client::missing`] lists
+    /// them for every peer (it opens every record).
     pub missing: Vec<(DeviceAddress, usize)>,
     /// Our messages whose receipt arrived in this call.
     pub delivered: Vec<MessageId>,
@@ -346,6 +349,8 @@ struct Batch {
     unaccepted: Vec<([u8; 32], [u8; 16])>,
     /// A store failure met while routing (aborts the batch).
     failed: Option<StoreError>,
+    /// Whether the records awaiting a new ratchet key are loaded.
+    awaiting_loaded: bool,
 }
 
 impl Batch {
@@ -414,21 +419,21 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
-    pub fn open(
+    pub async fn open(
         mut store: S,
         directory: D,
         mailbox: M,
         config: ClientConfig,
         rng: &mut impl CryptoRngCore,
     ) -> Result<Self, ClientError> {
-        let identity = match store.identity()? {
+        let identity = match store.identity().await? {
             Some(identity) => identity,
             None => {
                 let identity = LocalIdentity {
                     keys: IdentityKeyPair::generate(rng),
                     device_id: config.device_id,
                 };
-                store.set_identity(&identity)?;
+                store.set_identity(&identity).await?;
                 identity
             }
         };
@@ -473,7 +478,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
-    pub fn set_trust(
+    pub async fn set_trust(
         &mut self,
         peer: &DeviceAddress,
         trust: Trust,
@@ -481,7 +486,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ) -> Result<(), ClientError> {
         // A record of the key that does not load is rewritten (from the
         // given address) rather than blocking the change.
-        let mut records = match self.store.peers_with_identity(&peer.identity) {
+        let mut records = match self.store.peers_with_identity(&peer.identity).await {
             Ok(records) => records,
             Err(StoreError::Corrupted { .. }) => Vec::new(),
             Err(e) => return Err(e.into()),
@@ -495,15 +500,15 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         }
         for mut record in records {
             record.trust = trust;
-            self.store.set_peer(&record)?;
+            self.store.set_peer(&record).await?;
         }
         if trust == Trust::Compromised {
             // Nothing more goes to a compromised key.
-            for mut m in self.store.pending_sent()? {
+            for mut m in self.store.pending_sent().await? {
                 if m.to.identity == peer.identity {
                     m.state = DeliveryState::Failed(Failure::Compromised);
                     m.body.clear();
-                    self.store.update_sent(&m)?;
+                    self.store.update_sent(&m).await?;
                 }
             }
         }
@@ -524,7 +529,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// # Errors
     /// [`ClientError::TooLong`] for a name over
     /// [`ContactRecord::MAX_NAME`] bytes; [`ClientError::Store`].
-    pub fn save_contact(
+    pub async fn save_contact(
         &mut self,
         name: &[u8],
         address: &DeviceAddress,
@@ -533,7 +538,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         if name.len() > ContactRecord::MAX_NAME {
             return Err(ClientError::TooLong);
         }
-        let mut contact = self.store.contact(name)?.unwrap_or(ContactRecord {
+        let mut contact = self.store.contact(name).await?.unwrap_or(ContactRecord {
             name: name.to_vec(),
             devices: Vec::new(),
             previous: Vec::new(),
@@ -560,7 +565,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 ContactUpdate::KeyChanged {
                     device_id: address.device_id,
                     previous,
-                    previous_trust: fold_trust(&self.store.peers_with_identity(&previous)?),
+                    previous_trust: fold_trust(&self.store.peers_with_identity(&previous).await?),
                 }
             }
             None if is_new => ContactUpdate::New,
@@ -574,15 +579,17 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             contact.devices.sort_by_key(|d| d.device_id);
         }
         if update != ContactUpdate::Unchanged {
-            self.store.set_contact(&contact)?;
+            self.store.set_contact(&contact).await?;
         }
-        if self.store.peer(address)?.is_none() {
-            let trust = fold_trust(&self.store.peers_with_identity(&address.identity)?);
-            self.store.set_peer(&PeerRecord {
-                address: *address,
-                trust: trust.unwrap_or(Trust::Unvalidated),
-                first_seen: now,
-            })?;
+        if self.store.peer(address).await?.is_none() {
+            let trust = fold_trust(&self.store.peers_with_identity(&address.identity).await?);
+            self.store
+                .set_peer(&PeerRecord {
+                    address: *address,
+                    trust: trust.unwrap_or(Trust::Unvalidated),
+                    first_seen: now,
+                })
+                .await?;
         }
         Ok(update)
     }
@@ -591,16 +598,16 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
-    pub fn contact(&self, name: &[u8]) -> Result<Option<ContactRecord>, ClientError> {
-        Ok(self.store.contact(name)?)
+    pub async fn contact(&self, name: &[u8]) -> Result<Option<ContactRecord>, ClientError> {
+        Ok(self.store.contact(name).await?)
     }
 
     /// The trust of an identity key (`None`: never seen).
     ///
     /// # Errors
     /// [`ClientError::Store`].
-    pub fn trust(&self, identity: &[u8; 32]) -> Result<Option<Trust>, ClientError> {
-        Ok(fold_trust(&self.store.peers_with_identity(identity)?))
+    pub async fn trust(&self, identity: &[u8; 32]) -> Result<Option<Trust>, ClientError> {
+        Ok(fold_trust(&self.store.peers_with_identity(identity).await?))
     }
 
     /// The local store.
@@ -624,8 +631,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
-    pub fn delivery(&self, id: &MessageId) -> Result<Option<DeliveryState>, ClientError> {
-        Ok(self.store.sent_message(id)?.map(|m| m.state))
+    pub async fn delivery(&self, id: &MessageId) -> Result<Option<DeliveryState>, ClientError> {
+        Ok(self.store.sent_message(id).await?.map(|m| m.state))
     }
 
     /// Tells the client that its store was just restored from a backup (or
@@ -646,23 +653,23 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// [`Client::maintain_prekeys`] retries).
     pub async fn restored_from_backup(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         now: u64,
     ) -> Result<(), ClientError> {
-        for (peer, record) in self.store.sessions()? {
+        for (peer, record) in self.store.sessions().await? {
             match record {
                 Ok(mut record) => {
                     record.supersede_all();
-                    self.store.set_session(&peer, &record)?;
+                    self.store.set_session(&peer, &record).await?;
                 }
-                Err(e) => self.quarantine(&peer, now, &e)?,
+                Err(e) => self.quarantine(&peer, now, &e).await?,
             }
         }
-        for mut m in self.store.pending_sent()? {
+        for mut m in self.store.pending_sent().await? {
             m.last_sent = 0;
-            self.store.update_sent(&m)?;
+            self.store.update_sent(&m).await?;
         }
-        if let Some(mut state) = self.store.prekeys()? {
+        if let Some(mut state) = self.store.prekeys().await? {
             let keys = &self.identity.keys;
             state.prekeys.rotate_signed_prekey(rng, keys, now);
             let current = state.prekeys.current_signed_prekey().id();
@@ -682,7 +689,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             state.accepted.clear();
             state.last_rotation = now;
             state.upload_pending = true;
-            self.store.set_prekeys(&state)?;
+            self.store.set_prekeys(&state).await?;
             self.maintain_prekeys(rng, now).await?;
         }
         // Tell every peer now (RESET sessions), and re-send.
@@ -690,29 +697,31 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         Ok(())
     }
 
-    fn quarantine(
+    async fn quarantine(
         &mut self,
         peer: &DeviceAddress,
         now: u64,
         why: &StoreError,
     ) -> Result<(), ClientError> {
-        self.store.quarantine_session(peer, now, &why.to_string())?;
+        self.store
+            .quarantine_session(peer, now, &why.to_string())
+            .await?;
         // An empty record remembers that sessions with this peer were lost:
         // the next one we start carries RESET.
-        self.store.set_session(peer, &SessionRecord::new())?;
+        self.store.set_session(peer, &SessionRecord::new()).await?;
         Ok(())
     }
 
     /// The stored record of a peer, quarantining it if it does not load.
-    fn load_record(
+    async fn load_record(
         &mut self,
         peer: &DeviceAddress,
         now: u64,
     ) -> Result<Option<SessionRecord>, ClientError> {
-        match self.store.session(peer) {
+        match self.store.session(peer).await {
             Ok(record) => Ok(record),
             Err(e @ StoreError::Corrupted { .. }) => {
-                self.quarantine(peer, now, &e)?;
+                self.quarantine(peer, now, &e).await?;
                 Ok(Some(SessionRecord::new()))
             }
             Err(e) => Err(e.into()),
@@ -746,12 +755,12 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// is retried by the next call.
     pub async fn maintain_prekeys(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         now: u64,
     ) -> Result<bool, ClientError> {
         let me = self.address();
         let keys = &self.identity.keys;
-        let mut state = match self.store.prekeys()? {
+        let mut state = match self.store.prekeys().await? {
             Some(state) => state,
             None => PrekeyState {
                 prekeys: PrekeyStore::new(rng, keys, now),
@@ -811,7 +820,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         }
         if !replace && add == 0 {
             if changed {
-                self.store.set_prekeys(&state)?;
+                self.store.set_prekeys(&state).await?;
             }
             return Ok(false);
         }
@@ -820,7 +829,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         // failed upload is redone (with fresh keys) by the next call.
         state.upload_counter = state.upload_counter.max(now).saturating_add(1);
         state.upload_pending = true;
-        self.store.set_prekeys(&state)?;
+        self.store.set_prekeys(&state).await?;
         let one_time: Vec<_> = state
             .prekeys
             .one_time_prekeys()
@@ -837,22 +846,22 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         .sign(keys);
         self.directory.publish(&upload).await?;
         state.upload_pending = false;
-        self.store.set_prekeys(&state)?;
+        self.store.set_prekeys(&state).await?;
         Ok(true)
     }
 
     /// Whether the peer's identity key is marked compromised (a store
     /// failure is an error, never taken for a compromise).
-    fn is_compromised(&self, peer: &DeviceAddress) -> Result<bool, ClientError> {
-        match self.check_trust(peer) {
+    async fn is_compromised(&self, peer: &DeviceAddress) -> Result<bool, ClientError> {
+        match self.check_trust(peer).await {
             Ok(_) => Ok(false),
             Err(ClientError::Compromised) => Ok(true),
             Err(e) => Err(e),
         }
     }
 
-    fn check_trust(&self, peer: &DeviceAddress) -> Result<Option<Trust>, ClientError> {
-        let trust = fold_trust(&self.store.peers_with_identity(&peer.identity)?);
+    async fn check_trust(&self, peer: &DeviceAddress) -> Result<Option<Trust>, ClientError> {
+        let trust = fold_trust(&self.store.peers_with_identity(&peer.identity).await?);
         if trust == Some(Trust::Compromised) {
             return Err(ClientError::Compromised);
         }
@@ -873,7 +882,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// cannot be fetched. A failed *deposit* is not an error: see [`Sent`].
     pub async fn send(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         to: &DeviceAddress,
         body: &[u8],
         now: u64,
@@ -881,7 +890,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         if body.len() > self.config.max_body {
             return Err(ClientError::TooLong);
         }
-        let trust = self.check_trust(to)?;
+        let trust = self.check_trust(to).await?;
         let mut id = [0u8; 16];
         rng.fill_bytes(&mut id);
         let mut frame = Frame {
@@ -903,14 +912,18 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             last_sent: now,
             sends: 1,
         };
-        if self.store.peer(to)?.is_none() {
-            self.store.set_peer(&PeerRecord {
-                address: *to,
-                trust: trust.unwrap_or(Trust::Unvalidated),
-                first_seen: now,
-            })?;
+        if self.store.peer(to).await?.is_none() {
+            self.store
+                .set_peer(&PeerRecord {
+                    address: *to,
+                    trust: trust.unwrap_or(Trust::Unvalidated),
+                    first_seen: now,
+                })
+                .await?;
         }
-        self.store.commit_send(&record, &entry, Some(&message))?;
+        self.store
+            .commit_send(&record, &entry, Some(&message))
+            .await?;
         // Committed: the message is handed over whatever happens next (a
         // failed deposit, or a store failure recording it, is repaired by
         // `flush_outbox` and `resend`).
@@ -939,14 +952,14 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 } else {
                     DeliveryState::Deposited
                 };
-                self.store.update_sent(message)?;
+                self.store.update_sent(message).await?;
                 Ok(true)
             }
             Ok(false) => Ok(false),
             Err(ClientError::Transport(e)) => {
                 message.state = DeliveryState::Failed(Failure::Refused);
                 message.body.clear();
-                self.store.update_sent(message)?;
+                self.store.update_sent(message).await?;
                 Err(e.into())
             }
             Err(e) => Err(e),
@@ -958,13 +971,13 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// updated record and the outbox entry, not yet committed.
     async fn encrypt_frame(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         to: &DeviceAddress,
         frame: &mut Frame,
         now: u64,
     ) -> Result<(SessionRecord, OutboxEntry), ClientError> {
         let me = self.address();
-        let stored = self.load_record(to, now)?;
+        let stored = self.load_record(to, now).await?;
         let mut record = match stored {
             Some(record) if record.current(&me, to).is_some() => record,
             stored => {
@@ -1015,7 +1028,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// generation above every one in `record` and at least `now`.
     async fn new_session(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         to: &DeviceAddress,
         record: &SessionRecord,
         reset: bool,
@@ -1038,14 +1051,14 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// to `to`. Returns whether it was deposited.
     async fn send_control(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         to: &DeviceAddress,
         frame: Frame,
         now: u64,
     ) -> Result<bool, ClientError> {
         let mut frame = frame;
         let (record, entry) = self.encrypt_frame(rng, to, &mut frame, now).await?;
-        self.store.commit_send(&record, &entry, None)?;
+        self.store.commit_send(&record, &entry, None).await?;
         self.deposit(&entry).await
     }
 
@@ -1055,7 +1068,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         for _ in 0..self.config.deposit_attempts.max(1) {
             match self.mailbox.deposit(&mailbox, &entry.envelope).await {
                 Ok(()) => {
-                    self.store.remove_outbox(&entry.envelope.id)?;
+                    self.store.remove_outbox(&entry.envelope.id).await?;
                     return Ok(true);
                 }
                 Err(TransportError::Unavailable(_)) => continue,
@@ -1063,7 +1076,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 // counters will show it as missing) and say so.
                 Err(e @ TransportError::LimitExceeded(crate::relay::reason::ENVELOPE_SIZE))
                 | Err(e @ TransportError::BadRequest(_)) => {
-                    self.store.remove_outbox(&entry.envelope.id)?;
+                    self.store.remove_outbox(&entry.envelope.id).await?;
                     return Err(e.into());
                 }
                 // Refused for now (mailbox full, rate limited): keep it
@@ -1081,12 +1094,12 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// [`ClientError::Store`].
     pub async fn flush_outbox(&mut self) -> Result<usize, ClientError> {
         let mut done = 0;
-        for entry in self.store.outbox()? {
+        for entry in self.store.outbox().await? {
             match self.deposit(&entry).await {
                 Ok(true) => {
                     done += 1;
                     let sent = match entry.message {
-                        Some(id) => self.store.sent_message(&id)?,
+                        Some(id) => self.store.sent_message(&id).await?,
                         None => None,
                     };
                     if let Some(mut m) = sent.filter(|m| m.state == DeliveryState::Stored) {
@@ -1095,7 +1108,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                         } else {
                             DeliveryState::Deposited
                         };
-                        self.store.update_sent(&m)?;
+                        self.store.update_sent(&m).await?;
                     }
                 }
                 Ok(false) | Err(ClientError::Transport(_)) => {}
@@ -1136,7 +1149,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// [`ResendReport::unreachable`] and tried again by the next call.
     pub async fn resend(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         now: u64,
     ) -> Result<ResendReport, ClientError> {
         self.resend_urgent(rng, now, &HashSet::new(), true).await
@@ -1147,7 +1160,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// receive does not decode every record when nothing asks for it).
     async fn resend_urgent(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         now: u64,
         urgent: &HashSet<DeviceAddress>,
         scan_lost: bool,
@@ -1158,8 +1171,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut due: Vec<(DeviceAddress, Vec<SentMessage>)> = Vec::new();
         // Pending messages by peer (to presume a session dead by count).
         let mut pending: Vec<(DeviceAddress, Vec<SentMessage>)> = Vec::new();
-        for mut m in self.store.pending_sent()? {
-            let compromised = match self.is_compromised(&m.to) {
+        for mut m in self.store.pending_sent().await? {
+            let compromised = match self.is_compromised(&m.to).await {
                 Ok(c) => c,
                 Err(ClientError::Store(e @ StoreError::Corrupted { .. })) => {
                     // Its trust cannot be read: it waits (fail closed).
@@ -1178,7 +1191,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             if let Some(failure) = failure {
                 m.state = DeliveryState::Failed(failure);
                 m.body.clear();
-                self.store.update_sent(&m)?;
+                self.store.update_sent(&m).await?;
                 report.failed.push((m.id, failure));
                 continue;
             }
@@ -1209,7 +1222,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             if messages.len() < limit {
                 continue;
             }
-            let Ok(Some(record)) = self.store.session(&peer) else {
+            let Ok(Some(record)) = self.store.session(&peer).await else {
                 continue;
             };
             let Some(current) = record.current(&me, &peer) else {
@@ -1233,14 +1246,15 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         // Peers whose sessions were all lost get a RESET session now.
         let lost: Vec<(DeviceAddress, SessionRecord)> = if scan_lost {
             self.store
-                .sessions()?
+                .sessions()
+                .await?
                 .into_iter()
                 .filter_map(|(peer, r)| Some((peer, r.ok()?)))
                 .collect()
         } else {
             let mut records = Vec::new();
             for peer in urgent {
-                if let Ok(Some(record)) = self.store.session(peer) {
+                if let Ok(Some(record)) = self.store.session(peer).await {
                     records.push((*peer, record));
                 }
             }
@@ -1249,7 +1263,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         for (peer, record) in lost {
             if record.current(&me, &peer).is_none()
                 && !due.iter().any(|(a, _)| *a == peer)
-                && !self.is_compromised(&peer)?
+                && !self.is_compromised(&peer).await?
             {
                 due.push((peer, Vec::new()));
             }
@@ -1270,7 +1284,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
 
     async fn resend_to(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         peer: &DeviceAddress,
         messages: Vec<SentMessage>,
         now: u64,
@@ -1278,7 +1292,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         report: &mut ResendReport,
     ) -> Result<(), ClientError> {
         let me = self.address();
-        let stored = self.load_record(peer, now)?;
+        let stored = self.load_record(peer, now).await?;
         let existed = stored.is_some();
         let record = stored.unwrap_or_default();
         let heard = record
@@ -1302,7 +1316,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 .new_session(rng, peer, &record, lost && existed, now)
                 .await?;
             record.insert(entry, self.config.archived_sessions, &me, peer);
-            self.store.set_session(peer, &record)?;
+            self.store.set_session(peer, &record).await?;
             report.new_sessions += 1;
             if messages.is_empty() {
                 // Nothing to re-send: an empty control frame carries the
@@ -1326,7 +1340,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             m.sends = m.sends.saturating_add(1);
             m.last_sent = now;
             m.state = DeliveryState::Stored;
-            self.store.commit_send(&record, &entry, Some(&m))?;
+            self.store.commit_send(&record, &entry, Some(&m)).await?;
             report.resent += 1;
             self.deposit_message(&entry, &mut m).await?;
         }
@@ -1349,7 +1363,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// the peer re-sends, and is answered again.
     pub async fn receive(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         now: u64,
     ) -> Result<ReceiveReport, ClientError> {
         self.receive_waiting(rng, now, 0).await
@@ -1364,7 +1378,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// As [`Client::receive`].
     pub async fn receive_waiting(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         now: u64,
         wait_ms: u32,
     ) -> Result<ReceiveReport, ClientError> {
@@ -1372,6 +1386,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut wait_ms = wait_ms;
         let mut urgent = HashSet::new();
         let mut answers = Answers::default();
+        let mut gaps: HashMap<DeviceAddress, usize> = HashMap::new();
         for _ in 0..self.config.max_receive_rounds.max(1) {
             let auth = self.auth(MailboxOp::Fetch).await?;
             let envelopes = self
@@ -1383,7 +1398,17 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 break;
             }
             let redelivered_before = report.redelivered;
-            let (ids, batch) = self.process_batch(&envelopes, now, &mut report)?;
+            let (ids, batch) = self.process_batch(&envelopes, now, &mut report).await?;
+            for peer in &batch.touched {
+                if let Some(record) = batch.records.get(peer) {
+                    let n = record
+                        .entries()
+                        .iter()
+                        .map(|e| e.session.skipped_message_keys())
+                        .sum();
+                    gaps.insert(*peer, n);
+                }
+            }
             let auth = self.auth(MailboxOp::Acknowledge).await?;
             self.mailbox.acknowledge(&auth, &ids).await?;
             // Answered once, after the last batch: one receipt per sender
@@ -1398,8 +1423,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         self.answer(rng, answers, now, &mut report, &mut urgent)
             .await?;
         let cutoff = now.saturating_sub(self.config.processed_retention);
-        self.store.prune_processed(cutoff)?;
-        self.store.prune_sent(cutoff)?;
+        self.store.prune_processed(cutoff).await?;
+        self.store.prune_sent(cutoff).await?;
         urgent.extend(report.quarantined.iter().copied());
         report.resend = match self.resend_urgent(rng, now, &urgent, false).await {
             Ok(resend) => resend,
@@ -1411,14 +1436,17 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             },
             Err(e) => return Err(e),
         };
-        report.missing = self.missing()?;
+        let mut missing: Vec<(DeviceAddress, usize)> =
+            gaps.into_iter().filter(|(_, n)| *n > 0).collect();
+        missing.sort_unstable();
+        report.missing = missing;
         Ok(report)
     }
 
     /// After a committed batch: receipts, dead-session notices.
     async fn answer(
         &mut self,
-        rng: &mut (impl CryptoRngCore + Send),
+        rng: &mut (impl CryptoRngCore + MaybeSend),
         batch: Answers,
         now: u64,
         report: &mut ReceiveReport,
@@ -1426,7 +1454,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ) -> Result<(), ClientError> {
         urgent.extend(batch.urgent);
         for (peer, ids) in batch.receipts {
-            if self.is_compromised(&peer)? {
+            if self.is_compromised(&peer).await? {
                 continue;
             }
             for chunk in ids.chunks(1024) {
@@ -1443,7 +1471,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             }
         }
         for (identity, tag) in batch.unaccepted {
-            for peer in self.store.peers_with_identity(&identity)? {
+            for peer in self.store.peers_with_identity(&identity).await? {
                 if peer.trust == Trust::Compromised
                     || self
                         .notices
@@ -1457,7 +1485,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 // (X3DH authenticates us), and it is what the peer needs
                 // anyway to reach us again.
                 let me = self.address();
-                let stored = self.load_record(&peer.address, now)?;
+                let stored = self.load_record(&peer.address, now).await?;
                 // No current session although a record exists: ours were
                 // lost too, and the notice's session says so (RESET).
                 let lost = stored
@@ -1473,7 +1501,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                     Err(_) => continue,
                 };
                 record.insert(entry, self.config.archived_sessions, &me, &peer.address);
-                self.store.set_session(&peer.address, &record)?;
+                self.store.set_session(&peer.address, &record).await?;
                 let frame = Frame {
                     dead: vec![tag],
                     ..Frame::default()
@@ -1494,10 +1522,11 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
-    pub fn missing(&self) -> Result<Vec<(DeviceAddress, usize)>, ClientError> {
+    pub async fn missing(&self) -> Result<Vec<(DeviceAddress, usize)>, ClientError> {
         Ok(self
             .store
-            .sessions()?
+            .sessions()
+            .await?
             .into_iter()
             .filter_map(|(a, r)| {
                 let n: usize = r
@@ -1515,48 +1544,154 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
-    pub fn inbox(&self) -> Result<Vec<InboxMessage>, ClientError> {
-        Ok(self.store.inbox()?)
+    pub async fn inbox(&self) -> Result<Vec<InboxMessage>, ClientError> {
+        Ok(self.store.inbox().await?)
     }
 
     /// Removes a message the application has shown or saved.
     ///
     /// # Errors
     /// [`ClientError::Store`].
-    pub fn remove_from_inbox(&mut self, id: &EnvelopeId) -> Result<(), ClientError> {
-        Ok(self.store.remove_inbox(id)?)
+    pub async fn remove_from_inbox(&mut self, id: &EnvelopeId) -> Result<(), ClientError> {
+        Ok(self.store.remove_inbox(id).await?)
+    }
+
+    /// Loads a peer's record into the batch's working copies, unless it is
+    /// there already; a record that does not load is quarantined.
+    async fn load_into(
+        &mut self,
+        b: &mut Batch,
+        peer: DeviceAddress,
+        now: u64,
+        report: &mut ReceiveReport,
+    ) -> Result<(), ClientError> {
+        if b.records.contains_key(&peer) {
+            return Ok(());
+        }
+        match self.store.session(&peer).await {
+            Ok(Some(record)) => self.insert_loaded(b, peer, Ok(record), now, report).await,
+            Ok(None) => Ok(()),
+            Err(e @ StoreError::Corrupted { .. }) => {
+                self.insert_loaded(b, peer, Err(e), now, report).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Adds a loaded record to the batch (unless one is there already);
+    /// a record that did not decode is quarantined and replaced by an
+    /// empty one.
+    async fn insert_loaded(
+        &mut self,
+        b: &mut Batch,
+        peer: DeviceAddress,
+        record: Result<SessionRecord, StoreError>,
+        now: u64,
+        report: &mut ReceiveReport,
+    ) -> Result<(), ClientError> {
+        if b.records.contains_key(&peer) {
+            return Ok(());
+        }
+        match record {
+            Ok(record) => {
+                b.records.insert(peer, record);
+            }
+            Err(e @ StoreError::Corrupted { .. }) => {
+                // Set aside, and recovered for this peer alone.
+                self.quarantine(&peer, now, &e).await?;
+                report.quarantined.push(peer);
+                b.records.insert(peer, SessionRecord::new());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    /// Before a message is opened: if it starts a chain that no loaded
+    /// record knows, loads every record that awaits a new ratchet key (once
+    /// per batch): only they can own it. Prekey messages and messages under
+    /// a known key were routed when the batch began.
+    async fn route(
+        &mut self,
+        envelope: &Envelope,
+        now: u64,
+        b: &mut Batch,
+        report: &mut ReceiveReport,
+    ) -> Result<(), ClientError> {
+        if b.awaiting_loaded {
+            return Ok(());
+        }
+        let Ok(incoming) = Incoming::decode(&envelope.payload) else {
+            return Ok(());
+        };
+        if incoming.prekey().is_some() {
+            return Ok(());
+        }
+        let key = &incoming.header().ratchet_key;
+        if b.records
+            .values()
+            .any(|r| r.ratchet_keys().any(|k| k == key))
+        {
+            return Ok(());
+        }
+        b.awaiting_loaded = true;
+        for peer in self.store.awaiting_ratchet_key().await? {
+            self.load_into(b, peer, now, report).await?;
+        }
+        Ok(())
     }
 
     /// Decrypts a fetched batch against working copies of the session
     /// records and prekeys, commits it in one transaction, and returns the
     /// ids to acknowledge with what is left to answer.
-    fn process_batch(
+    async fn process_batch(
         &mut self,
         envelopes: &[Envelope],
         now: u64,
         report: &mut ReceiveReport,
     ) -> Result<(Vec<EnvelopeId>, Batch), ClientError> {
         let mut b = Batch::default();
-        for (peer, record) in self.store.sessions()? {
-            match record {
-                Ok(record) => {
-                    b.records.insert(peer, record);
-                }
-                Err(e) => {
-                    // Set aside, and recovered for this peer alone.
-                    self.quarantine(&peer, now, &e)?;
-                    report.quarantined.push(peer);
-                    b.records.insert(peer, SessionRecord::new());
-                }
-            }
-        }
-        b.prekeys = self.store.prekeys()?;
+        b.prekeys = self.store.prekeys().await?;
         let mut seen_in_batch = HashSet::new();
         let mut ack = Vec::with_capacity(envelopes.len());
         // One lookup for the batch's envelope marks, one for its message
         // marks (SQLite: one query each instead of one per envelope).
         let ids: Vec<EnvelopeId> = envelopes.iter().map(|e| e.id).collect();
-        let done = self.store.processed_among(&ids)?;
+        let done = self.store.processed_among(&ids).await?;
+        // Only the records the batch's messages name are loaded: by the
+        // header's ratchet key (one index lookup for the batch), by the
+        // sender's identity key for a prekey message, and the records that
+        // await a new ratchet key only if a message starts a chain no
+        // loaded record knows (see `route`).
+        let mut keys = Vec::new();
+        let mut identities = Vec::new();
+        for (envelope, done) in envelopes.iter().zip(&done) {
+            if *done {
+                continue;
+            }
+            match Incoming::decode(&envelope.payload) {
+                Ok(incoming) => match incoming.prekey() {
+                    Some(fields) => identities.push(fields.identity),
+                    None => keys.push(incoming.header().ratchet_key),
+                },
+                Err(_) => {}
+            }
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        identities.sort_unstable();
+        identities.dedup();
+        if !keys.is_empty() {
+            for peer in self.store.route_ratchet_keys(&keys).await? {
+                self.load_into(&mut b, peer, now, report).await?;
+            }
+        }
+        for identity in &identities {
+            for (peer, record) in self.store.sessions_with_identity(identity).await? {
+                self.insert_loaded(&mut b, peer, record, now, report)
+                    .await?;
+            }
+        }
         let mut opened = Vec::with_capacity(envelopes.len());
         for (envelope, done) in envelopes.iter().zip(done) {
             ack.push(envelope.id);
@@ -1564,7 +1699,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 report.redelivered += 1;
                 continue;
             }
-            let result = self.open_envelope(envelope, now, &mut b);
+            self.route(envelope, now, &mut b, report).await?;
+            let result = self.open_envelope(envelope, now, &mut b).await;
             if let Some(e) = b.failed.take() {
                 return Err(e.into());
             }
@@ -1592,14 +1728,16 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 Some(seen_mark(from, &id))
             })
             .collect();
-        let found = self.store.processed_among(&marks)?;
+        let found = self.store.processed_among(&marks).await?;
         let already: HashSet<EnvelopeId> = marks
             .into_iter()
             .zip(found)
             .filter_map(|(mark, found)| found.then_some(mark))
             .collect();
         for (envelope_id, from, frame) in opened {
-            let message = self.take_frame(from, frame, now, &mut b, report, &already)?;
+            let message = self
+                .take_frame(from, frame, now, &mut b, report, &already)
+                .await?;
             let index = message.map(|body| {
                 b.messages.push(InboxMessage {
                     envelope_id,
@@ -1612,7 +1750,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             });
             b.processed.push((envelope_id, index));
         }
-        self.commit_batch(&b, now)?;
+        self.commit_batch(&b, now).await?;
         Ok((ack, b))
     }
 
@@ -1620,7 +1758,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// message, the marks of the message ids shown, each touched record's
     /// final state, the prekeys if they changed, new peers and sent
     /// messages whose receipt arrived.
-    fn commit_batch(&mut self, b: &Batch, now: u64) -> Result<(), ClientError> {
+    async fn commit_batch(&mut self, b: &Batch, now: u64) -> Result<(), ClientError> {
         let Some(&(last, _)) = b.processed.last() else {
             return Ok(());
         };
@@ -1674,13 +1812,13 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 ..blank(last)
             });
         }
-        self.store.commit_receive(&commits)?;
+        self.store.commit_receive(&commits).await?;
         Ok(())
     }
 
     /// Applies a decrypted frame's control fields and decides whether its
     /// message is shown: returns the body to show, if any.
-    fn take_frame(
+    async fn take_frame(
         &self,
         from: DeviceAddress,
         frame: Frame,
@@ -1704,7 +1842,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             let id = MessageId(*id);
             let known = match b.sent.iter().position(|m| m.id == id) {
                 Some(_) => None,
-                None => self.store.sent_message(&id)?,
+                None => self.store.sent_message(&id).await?,
             };
             if let Some(mut m) = known {
                 if m.to == from && m.state.is_pending() {
@@ -1715,9 +1853,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 }
             }
         }
-        if b.known.insert(from) && self.store.peer(&from)?.is_none() {
+        if b.known.insert(from) && self.store.peer(&from).await?.is_none() {
             // A new device: it inherits its identity key's trust.
-            let trust = self.peer_trust(&mut b.peers, &from.identity)?;
+            let trust = self.peer_trust(&mut b.peers, &from.identity).await?;
             b.new_peers.push(PeerRecord {
                 address: from,
                 trust: trust.unwrap_or(Trust::Unvalidated),
@@ -1742,7 +1880,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
 
     /// Routes and decrypts one envelope against the working copies; records
     /// every record it changed in `b.touched`.
-    fn open_envelope(
+    async fn open_envelope(
         &self,
         envelope: &Envelope,
         now: u64,
@@ -1788,7 +1926,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 (address, index)
             }
             None if incoming.prekey().is_some() => {
-                return self.accept_new(&incoming, now, b);
+                return self.accept_new(&incoming, now, b).await;
             }
             None => {
                 // A new chain: only a session that awaits one can own it.
@@ -1822,14 +1960,14 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         if frame.device_id != address.device_id {
             return Err(Rejection::BadFrame);
         }
-        self.refuse_compromised(b, &address.identity)?;
+        self.refuse_compromised(b, &address.identity).await?;
         Ok((address, frame))
     }
 
     /// Starts a session from a prekey message no session owns. Nothing is
     /// consumed or stored unless it is not a replay, the key is not
     /// compromised, it decrypts and its frame is valid.
-    fn accept_new(
+    async fn accept_new(
         &self,
         incoming: &Incoming<'_>,
         now: u64,
@@ -1849,7 +1987,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         if replay {
             return Err(Rejection::Protocol(Error::Duplicate));
         }
-        self.refuse_compromised(b, &identity)?;
+        self.refuse_compromised(b, &identity).await?;
         let state = b.prekeys.as_mut().ok_or(unaccepted(Error::UnknownPrekey))?;
         let accepted = Session::accept(
             &self.identity.keys,
@@ -1885,8 +2023,12 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
 
     /// Refuses a compromised key; a store failure aborts the batch (it is
     /// kept in `b.failed` and returned by [`Client::process_batch`]).
-    fn refuse_compromised(&self, b: &mut Batch, identity: &[u8; 32]) -> Result<(), Rejection> {
-        match self.peer_trust(&mut b.peers, identity) {
+    async fn refuse_compromised(
+        &self,
+        b: &mut Batch,
+        identity: &[u8; 32],
+    ) -> Result<(), Rejection> {
+        match self.peer_trust(&mut b.peers, identity).await {
             Ok(Some(Trust::Compromised)) => Err(Rejection::Compromised),
             Ok(_) => Ok(()),
             // Its trust cannot be read: refused (fail closed), and the
@@ -1902,7 +2044,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// An identity key's trust (`None`: never seen), read from the store
     /// once per batch: peer records do not change while a batch is
     /// processed (new peers are committed with it).
-    fn peer_trust(
+    async fn peer_trust(
         &self,
         cache: &mut PeerCache,
         identity: &[u8; 32],
@@ -1910,7 +2052,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         if let Some(trust) = cache.get(identity) {
             return Ok(*trust);
         }
-        let trust = fold_trust(&self.store.peers_with_identity(identity)?);
+        let trust = fold_trust(&self.store.peers_with_identity(identity).await?);
         cache.insert(*identity, trust);
         Ok(trust)
     }

@@ -59,6 +59,7 @@
 //! | `inbox` | in the order received; a duplicate envelope id adds nothing; [`Store::remove_inbox`] |
 //! | `sent_messages` | first-stored order, [`Store::update_sent`] in place, [`Store::sent_message`], [`Store::pending_sent`] |
 //! | `prune_sent` | drops delivered and failed messages created before `before`, never pending ones |
+//! | `routes` | [`Store::route_ratchet_keys`], [`Store::awaiting_ratchet_key`] and [`Store::sessions_with_identity`] agree with the records stored, after every kind of write |
 //! | `u64_times` | times and counters use the whole `u64` range (a store keeping `i64`s must map them) |
 //!
 //! An error returned by the store (a [`StoreError::Backend`] for something
@@ -101,6 +102,7 @@ use crate::protocol::keys::IdentityKeyPair;
 use crate::protocol::prekeys::PrekeyStore;
 use crate::protocol::ratchet::SessionConfig;
 use crate::protocol::session::Session;
+use crate::protocol::wire::Incoming;
 use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
 
 /// A broken promise: which check found it and what was wrong.
@@ -120,42 +122,52 @@ impl fmt::Display for Violation {
 
 impl std::error::Error for Violation {}
 
-/// One check of the suite.
-#[derive(Clone, Copy)]
+/// One check of the suite (see [`CHECKS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Check {
     /// Its name (the `check_*` function's, without the prefix).
     pub name: &'static str,
-    /// Runs it on a store, which must be empty (fresh).
-    pub run: fn(&mut dyn Store) -> Result<(), Violation>,
 }
 
-impl fmt::Debug for Check {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Check")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+impl Check {
+    /// Runs the check on a store, which must be empty (fresh).
+    ///
+    /// # Errors
+    /// A [`Violation`] naming the check and what was wrong.
+    pub async fn run<S: Store>(&self, store: &mut S) -> Result<(), Violation> {
+        run_named(self.name, store).await
     }
 }
 
-/// Runs every check of [`CHECKS`], each on a fresh store from `make`;
-/// returns the violations found (every check runs, whatever the others
-/// found).
+/// Runs every check of [`CHECKS`], each on a fresh store from `make`, on
+/// whatever executor awaits it (a browser's, for a store whose futures are
+/// not `Send`); returns the violations found (every check runs, whatever
+/// the others found).
 ///
 /// # Errors
 /// The violations, in the order of [`CHECKS`], if any check failed.
-pub fn try_run<S: Store>(mut make: impl FnMut() -> S) -> Result<(), Vec<Violation>> {
-    let violations: Vec<Violation> = CHECKS
-        .iter()
-        .filter_map(|check| {
-            let mut store = make();
-            (check.run)(&mut store).err()
-        })
-        .collect();
+pub async fn try_run_async<S: Store>(mut make: impl FnMut() -> S) -> Result<(), Vec<Violation>> {
+    let mut violations = Vec::new();
+    for check in CHECKS {
+        let mut store = make();
+        if let Err(v) = check.run(&mut store).await {
+            violations.push(v);
+        }
+    }
     if violations.is_empty() {
         Ok(())
     } else {
         Err(violations)
     }
+}
+
+/// [`try_run_async`], driven to completion on this thread
+/// ([`crate::client::block_on`]).
+///
+/// # Errors
+/// The violations, in the order of [`CHECKS`], if any check failed.
+pub fn try_run<S: Store>(make: impl FnMut() -> S) -> Result<(), Vec<Violation>> {
+    crate::client::block_on(try_run_async(make))
 }
 
 /// Runs every check of [`CHECKS`], each on a fresh store from `make`.
@@ -189,13 +201,20 @@ macro_rules! checks {
             ///
             /// # Errors
             /// A [`Violation`] naming the check and what was wrong.
-            pub fn $public(store: &mut dyn Store) -> Result<(), Violation> {
-                $body(store).map_err(|message| Violation { check: $name, message })
+            pub async fn $public<S: Store>(store: &mut S) -> Result<(), Violation> {
+                $body(store).await.map_err(|message| Violation { check: $name, message })
             }
         )+
 
         /// Every check, in the order [`run`] runs them.
-        pub const CHECKS: &[Check] = &[$( Check { name: $name, run: $public } ),+];
+        pub const CHECKS: &[Check] = &[$( Check { name: $name } ),+];
+
+        async fn run_named<S: Store>(name: &str, store: &mut S) -> Result<(), Violation> {
+            match name {
+                $( $name => $public(store).await, )+
+                _ => Err(Violation { check: "unknown", message: format!("no check named {name:?}") }),
+            }
+        }
     };
 }
 
@@ -283,6 +302,18 @@ checks! {
     /// [`Store::prune_processed`] and [`Store::prune_sent`] compare times
     /// as `u64`s.
     check_u64_times => "u64_times", u64_times;
+    /// `routes`: [`Store::route_ratchet_keys`] finds exactly the peers
+    /// whose stored record can decrypt under one of the keys
+    /// ([`SessionRecord::ratchet_keys`]), [`Store::awaiting_ratchet_key`]
+    /// exactly those whose record awaits a new ratchet key
+    /// ([`SessionRecord::awaits_ratchet_key`]) and
+    /// [`Store::sessions_with_identity`] exactly the records of that
+    /// identity key's devices, after every way a record is written or
+    /// dropped: [`Store::set_session`], [`Store::commit_send`],
+    /// [`Store::commit_receive`], [`Store::remove_session`],
+    /// [`Store::quarantine_session`] (an index that is not kept up to date
+    /// loses messages or routes them to a dropped record).
+    check_routes => "routes", routes;
 }
 
 // ---------------------------------------------------------------------------
@@ -642,6 +673,39 @@ impl Fixture {
         )))
     }
 
+    /// A record of a session we accepted from a new peer (device 4 of a
+    /// new identity key), which has not sent yet: it does not await a new
+    /// ratchet key.
+    fn responder(&mut self) -> Result<(DeviceAddress, SessionRecord), String> {
+        let them = IdentityKeyPair::generate(&mut self.rng);
+        let bundle = protocol(
+            self.prekeys
+                .prekeys
+                .bundle(&self.me.keys)
+                .verify(NOW, FreshnessPolicy::default()),
+            "bundle",
+        )?;
+        let mut theirs = protocol(
+            Session::initiate(&mut self.rng, &them, &bundle, SessionConfig::default()),
+            "session",
+        )?;
+        let first = protocol(theirs.encrypt(&mut self.rng, b"hi"), "encrypt")?;
+        let incoming = protocol(Incoming::decode(&first), "decode")?;
+        let accepted = protocol(
+            Session::accept(
+                &self.me.keys,
+                &self.prekeys.prekeys,
+                &incoming,
+                SessionConfig::default(),
+            ),
+            "accept",
+        )?;
+        Ok((
+            DeviceAddress::new(them.public(), 4),
+            SessionRecord::single(SessionEntry::new(accepted.session, 1, NOW)),
+        ))
+    }
+
     /// A record of two sessions with peer `i`: an older one, superseded,
     /// that received at `NOW - 1`, and the current one, of a later
     /// generation, with the reset flag.
@@ -678,104 +742,113 @@ impl Fixture {
 // The checks.
 
 /// Everything a fresh store must show empty, for the peers of `fx`.
-fn is_empty(store: &dyn Store, fx: &Fixture, when: &str) -> Outcome {
+async fn is_empty<S: Store>(store: &S, fx: &Fixture, when: &str) -> Outcome {
     let a = fx.address(0);
     ensure!(
-        store.identity().or_fail("identity")?.is_none(),
+        store.identity().await.or_fail("identity")?.is_none(),
         "{when}: identity() is Some"
     );
     ensure!(
-        store.prekeys().or_fail("prekeys")?.is_none(),
+        store.prekeys().await.or_fail("prekeys")?.is_none(),
         "{when}: prekeys() is Some"
     );
     ensure!(
-        store.session(&a).or_fail("session")?.is_none(),
+        store.session(&a).await.or_fail("session")?.is_none(),
         "{when}: session() is Some"
     );
     same(
         &format!("{when}: sessions().len()"),
-        &store.sessions().or_fail("sessions")?.len(),
+        &store.sessions().await.or_fail("sessions")?.len(),
         &0,
     )?;
     same(
         &format!("{when}: quarantined()"),
-        &store.quarantined().or_fail("quarantined")?,
+        &store.quarantined().await.or_fail("quarantined")?,
         &Vec::new(),
     )?;
     same(
         &format!("{when}: peer()"),
-        &store.peer(&a).or_fail("peer")?,
+        &store.peer(&a).await.or_fail("peer")?,
         &None,
     )?;
     same(
         &format!("{when}: peers()"),
-        &store.peers().or_fail("peers")?,
+        &store.peers().await.or_fail("peers")?,
         &Vec::new(),
     )?;
     same(
         &format!("{when}: peers_with_identity()"),
         &store
             .peers_with_identity(&a.identity)
+            .await
             .or_fail("peers_with_identity")?,
         &Vec::new(),
     )?;
     same(
         &format!("{when}: outbox()"),
-        &store.outbox().or_fail("outbox")?,
+        &store.outbox().await.or_fail("outbox")?,
         &Vec::new(),
     )?;
     ensure!(
-        !store.is_processed(&eid(0)).or_fail("is_processed")?,
+        !store.is_processed(&eid(0)).await.or_fail("is_processed")?,
         "{when}: is_processed() is true"
     );
     same(
         &format!("{when}: sent_messages()"),
-        &store.sent_messages().or_fail("sent_messages")?,
+        &store.sent_messages().await.or_fail("sent_messages")?,
         &Vec::new(),
     )?;
     same(
         &format!("{when}: pending_sent()"),
-        &store.pending_sent().or_fail("pending_sent")?,
+        &store.pending_sent().await.or_fail("pending_sent")?,
         &Vec::new(),
     )?;
     same(
         &format!("{when}: sent_message()"),
-        &store.sent_message(&mid(0)).or_fail("sent_message")?,
+        &store.sent_message(&mid(0)).await.or_fail("sent_message")?,
         &None,
     )?;
     same(
         &format!("{when}: inbox()"),
-        &store.inbox().or_fail("inbox")?,
+        &store.inbox().await.or_fail("inbox")?,
         &Vec::new(),
     )?;
     Ok(())
 }
 
-fn empty(store: &mut dyn Store) -> Outcome {
+async fn empty<S: Store>(store: &mut S) -> Outcome {
     let fx = Fixture::new()?;
-    is_empty(store, &fx, "a new store")?;
+    is_empty(store, &fx, "a new store").await?;
     let a = fx.address(0);
-    store.remove_session(&a).or_fail("remove_session")?;
+    store.remove_session(&a).await.or_fail("remove_session")?;
     store
         .quarantine_session(&a, NOW, "no record")
+        .await
         .or_fail("quarantine_session")?;
-    store.remove_outbox(&eid(0)).or_fail("remove_outbox")?;
-    store.remove_inbox(&eid(0)).or_fail("remove_inbox")?;
-    store.prune_processed(u64::MAX).or_fail("prune_processed")?;
-    store.prune_sent(u64::MAX).or_fail("prune_sent")?;
-    store.commit_receive(&[]).or_fail("commit_receive")?;
+    store
+        .remove_outbox(&eid(0))
+        .await
+        .or_fail("remove_outbox")?;
+    store.remove_inbox(&eid(0)).await.or_fail("remove_inbox")?;
+    store
+        .prune_processed(u64::MAX)
+        .await
+        .or_fail("prune_processed")?;
+    store.prune_sent(u64::MAX).await.or_fail("prune_sent")?;
+    store.commit_receive(&[]).await.or_fail("commit_receive")?;
     is_empty(
         store,
         &fx,
         "after removing, quarantining and pruning nothing in a new store",
     )
+    .await
 }
 
-fn identity(store: &mut dyn Store) -> Outcome {
+async fn identity<S: Store>(store: &mut S) -> Outcome {
     let fx = Fixture::new()?;
-    store.set_identity(&fx.me).or_fail("set_identity")?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
     let got = present(
-        store.identity().or_fail("identity")?,
+        store.identity().await.or_fail("identity")?,
         "identity() after set_identity",
     )?;
     ensure!(
@@ -789,11 +862,14 @@ fn identity(store: &mut dyn Store) -> Outcome {
     same("identity(): device_id", &got.device_id, &fx.me.device_id)
 }
 
-fn prekeys(store: &mut dyn Store) -> Outcome {
+async fn prekeys<S: Store>(store: &mut S) -> Outcome {
     let fx = Fixture::new()?;
-    store.set_prekeys(&fx.prekeys).or_fail("set_prekeys")?;
+    store
+        .set_prekeys(&fx.prekeys)
+        .await
+        .or_fail("set_prekeys")?;
     let got = present(
-        store.prekeys().or_fail("prekeys")?,
+        store.prekeys().await.or_fail("prekeys")?,
         "prekeys() after set_prekeys",
     )?;
     same_prekeys("prekeys()", &got, &fx.prekeys)?;
@@ -811,9 +887,9 @@ fn prekeys(store: &mut dyn Store) -> Outcome {
     next.one_time_retired.clear();
     next.upload_pending = false;
     next.accepted.push((2, [0xae; 16]));
-    store.set_prekeys(&next).or_fail("set_prekeys")?;
+    store.set_prekeys(&next).await.or_fail("set_prekeys")?;
     let got = present(
-        store.prekeys().or_fail("prekeys")?,
+        store.prekeys().await.or_fail("prekeys")?,
         "prekeys() after a second set_prekeys",
     )?;
     same_prekeys("prekeys() after a second set_prekeys", &got, &next)
@@ -821,12 +897,12 @@ fn prekeys(store: &mut dyn Store) -> Outcome {
 
 /// Checks `sessions()` lists exactly `want` (in any order), each record
 /// loading.
-fn sessions_are(
-    store: &dyn Store,
+async fn sessions_are<S: Store>(
+    store: &S,
     want: &[(DeviceAddress, &SessionRecord)],
     when: &str,
 ) -> Outcome {
-    let got = store.sessions().or_fail("sessions")?;
+    let got = store.sessions().await.or_fail("sessions")?;
     let mut addresses: Vec<DeviceAddress> = got.iter().map(|(a, _)| *a).collect();
     addresses.sort();
     let mut expected: Vec<DeviceAddress> = want.iter().map(|(a, _)| *a).collect();
@@ -857,35 +933,39 @@ fn sessions_are(
     Ok(())
 }
 
-fn session_is(
-    store: &dyn Store,
+async fn session_is<S: Store>(
+    store: &S,
     peer: &DeviceAddress,
     want: &SessionRecord,
     when: &str,
 ) -> Outcome {
     let what = format!("{when}: session({})", name(peer));
-    let got = present(store.session(peer).or_fail("session")?, &what)?;
+    let got = present(store.session(peer).await.or_fail("session")?, &what)?;
     same_record(&what, &got, want)
 }
 
-fn sessions(store: &mut dyn Store) -> Outcome {
+async fn sessions<S: Store>(store: &mut S) -> Outcome {
     let mut fx = Fixture::new()?;
-    store.set_identity(&fx.me).or_fail("set_identity")?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
     let a: Vec<DeviceAddress> = (0..3).map(|i| fx.address(i)).collect();
     let r0 = fx.two_sessions(0)?;
     let r1 = fx.record(1)?;
     let r2 = fx.record(2)?;
     for (peer, record) in [(&a[0], &r0), (&a[1], &r1), (&a[2], &r2)] {
-        store.set_session(peer, record).or_fail("set_session")?;
+        store
+            .set_session(peer, record)
+            .await
+            .or_fail("set_session")?;
     }
-    session_is(store, &a[0], &r0, "after set_session")?;
-    session_is(store, &a[1], &r1, "after set_session")?;
-    session_is(store, &a[2], &r2, "after set_session")?;
+    session_is(store, &a[0], &r0, "after set_session").await?;
+    session_is(store, &a[1], &r1, "after set_session").await?;
+    session_is(store, &a[2], &r2, "after set_session").await?;
     sessions_are(
         store,
         &[(a[0], &r0), (a[1], &r1), (a[2], &r2)],
         "after set_session",
-    )?;
+    )
+    .await?;
     // Another device of peer 0's identity has no session.
     let other = DeviceAddress {
         identity: a[0].identity,
@@ -893,64 +973,72 @@ fn sessions(store: &mut dyn Store) -> Outcome {
     };
     same(
         "session() of a peer never stored: is_some",
-        &store.session(&other).or_fail("session")?.is_some(),
+        &store.session(&other).await.or_fail("session")?.is_some(),
         &false,
     )?;
 
     // Replaced, not added.
     let r1b = fx.record(1)?;
-    store.set_session(&a[1], &r1b).or_fail("set_session")?;
-    session_is(store, &a[1], &r1b, "after a second set_session")?;
+    store
+        .set_session(&a[1], &r1b)
+        .await
+        .or_fail("set_session")?;
+    session_is(store, &a[1], &r1b, "after a second set_session").await?;
     sessions_are(
         store,
         &[(a[0], &r0), (a[1], &r1b), (a[2], &r2)],
         "after a second set_session",
     )
+    .await
 }
 
-fn remove_session(store: &mut dyn Store) -> Outcome {
+async fn remove_session<S: Store>(store: &mut S) -> Outcome {
     let mut fx = Fixture::new()?;
-    store.set_identity(&fx.me).or_fail("set_identity")?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
     let (a0, a1) = (fx.address(0), fx.address(1));
     let r0 = fx.record(0)?;
     let r1 = fx.record(1)?;
-    store.set_session(&a0, &r0).or_fail("set_session")?;
-    store.set_session(&a1, &r1).or_fail("set_session")?;
-    store.remove_session(&a0).or_fail("remove_session")?;
+    store.set_session(&a0, &r0).await.or_fail("set_session")?;
+    store.set_session(&a1, &r1).await.or_fail("set_session")?;
+    store.remove_session(&a0).await.or_fail("remove_session")?;
     ensure!(
-        store.session(&a0).or_fail("session")?.is_none(),
+        store.session(&a0).await.or_fail("session")?.is_none(),
         "session() still returns the removed record"
     );
-    session_is(store, &a1, &r1, "after removing another peer's record")?;
-    sessions_are(store, &[(a1, &r1)], "after remove_session")?;
+    session_is(store, &a1, &r1, "after removing another peer's record").await?;
+    sessions_are(store, &[(a1, &r1)], "after remove_session").await?;
     same(
         "quarantined() after remove_session",
-        &store.quarantined().or_fail("quarantined")?,
+        &store.quarantined().await.or_fail("quarantined")?,
         &Vec::new(),
     )?;
     // Absent records: nothing happens.
-    store.remove_session(&a0).or_fail("remove_session")?;
+    store.remove_session(&a0).await.or_fail("remove_session")?;
     store
         .remove_session(&fx.address(2))
+        .await
         .or_fail("remove_session")?;
-    sessions_are(store, &[(a1, &r1)], "after removing absent records")?;
+    sessions_are(store, &[(a1, &r1)], "after removing absent records").await?;
     // The peer can have a record again.
-    store.set_session(&a0, &r0).or_fail("set_session")?;
-    session_is(store, &a0, &r0, "after set_session of a removed peer")
+    store.set_session(&a0, &r0).await.or_fail("set_session")?;
+    session_is(store, &a0, &r0, "after set_session of a removed peer").await
 }
 
-fn quarantine(store: &mut dyn Store) -> Outcome {
+async fn quarantine<S: Store>(store: &mut S) -> Outcome {
     let mut fx = Fixture::new()?;
-    store.set_identity(&fx.me).or_fail("set_identity")?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
     let a: Vec<DeviceAddress> = (0..3).map(|i| fx.address(i)).collect();
     let r0 = fx.two_sessions(0)?;
     let r1 = fx.record(1)?;
     let r2 = fx.record(2)?;
     for (peer, record) in [(&a[0], &r0), (&a[1], &r1), (&a[2], &r2)] {
-        store.set_session(peer, record).or_fail("set_session")?;
+        store
+            .set_session(peer, record)
+            .await
+            .or_fail("set_session")?;
     }
-    let quarantined = |store: &dyn Store| -> Result<Vec<(DeviceAddress, u64, String)>, String> {
-        let q: Vec<Quarantined> = store.quarantined().or_fail("quarantined")?;
+    let quarantined = async |store: &S| -> Result<Vec<(DeviceAddress, u64, String)>, String> {
+        let q: Vec<Quarantined> = store.quarantined().await.or_fail("quarantined")?;
         if let Some(empty) = q.iter().find(|q| q.bytes.is_empty()) {
             return Err(format!(
                 "quarantined(): the record of {} has no bytes (the stored record must be kept)",
@@ -962,25 +1050,28 @@ fn quarantine(store: &mut dyn Store) -> Outcome {
 
     store
         .quarantine_session(&a[0], NOW + 1, "did not decrypt")
+        .await
         .or_fail("quarantine_session")?;
     ensure!(
-        store.session(&a[0]).or_fail("session")?.is_none(),
+        store.session(&a[0]).await.or_fail("session")?.is_none(),
         "session() still returns the quarantined record (quarantine moves it)"
     );
     sessions_are(
         store,
         &[(a[1], &r1), (a[2], &r2)],
         "after quarantine_session",
-    )?;
+    )
+    .await?;
     same(
         "quarantined() after quarantine_session",
-        &quarantined(store)?,
+        &quarantined(store).await?,
         &vec![(a[0], NOW + 1, "did not decrypt".into())],
     )?;
 
     // No record (quarantined already, or never stored): nothing happens.
     store
         .quarantine_session(&a[0], NOW + 2, "again")
+        .await
         .or_fail("quarantine_session")?;
     let never = DeviceAddress {
         identity: a[1].identity,
@@ -988,10 +1079,11 @@ fn quarantine(store: &mut dyn Store) -> Outcome {
     };
     store
         .quarantine_session(&never, NOW + 2, "never stored")
+        .await
         .or_fail("quarantine_session")?;
     same(
         "quarantined() after quarantining peers without a record",
-        &quarantined(store)?,
+        &quarantined(store).await?,
         &vec![(a[0], NOW + 1, "did not decrypt".into())],
     )?;
 
@@ -999,34 +1091,39 @@ fn quarantine(store: &mut dyn Store) -> Outcome {
     // kept as it is.
     store
         .quarantine_session(&a[2], NOW + 3, "")
+        .await
         .or_fail("quarantine_session")?;
     same(
         "quarantined() after a second quarantine_session",
-        &quarantined(store)?,
+        &quarantined(store).await?,
         &vec![
             (a[0], NOW + 1, "did not decrypt".into()),
             (a[2], NOW + 3, String::new()),
         ],
     )?;
-    sessions_are(store, &[(a[1], &r1)], "after a second quarantine_session")?;
+    sessions_are(store, &[(a[1], &r1)], "after a second quarantine_session").await?;
 
     // The peer starts afresh.
     let fresh = fx.record(0)?;
-    store.set_session(&a[0], &fresh).or_fail("set_session")?;
+    store
+        .set_session(&a[0], &fresh)
+        .await
+        .or_fail("set_session")?;
     session_is(
         store,
         &a[0],
         &fresh,
         "after set_session of a quarantined peer",
-    )?;
+    )
+    .await?;
     same(
         "quarantined().len() after set_session of a quarantined peer",
-        &quarantined(store)?.len(),
+        &quarantined(store).await?.len(),
         &2,
     )
 }
 
-fn contacts(store: &mut dyn Store) -> Outcome {
+async fn contacts<S: Store>(store: &mut S) -> Outcome {
     let fx = Fixture::new()?;
     let (a0, a1) = (fx.address(0), fx.address(1));
     let alice = ContactRecord {
@@ -1043,20 +1140,20 @@ fn contacts(store: &mut dyn Store) -> Outcome {
     };
     same(
         "contact() of an unknown name",
-        &store.contact(b"alice").or_fail("contact")?,
+        &store.contact(b"alice").await.or_fail("contact")?,
         &None,
     )?;
     for c in [&alice, &long] {
-        store.set_contact(c).or_fail("set_contact")?;
+        store.set_contact(c).await.or_fail("set_contact")?;
     }
     same(
         "contact(alice)",
-        &store.contact(b"alice").or_fail("contact")?,
+        &store.contact(b"alice").await.or_fail("contact")?,
         &Some(alice.clone()),
     )?;
     same(
         "contact(a 255-byte name)",
-        &store.contact(&long.name).or_fail("contact")?,
+        &store.contact(&long.name).await.or_fail("contact")?,
         &Some(long.clone()),
     )?;
     // Replaced, not added.
@@ -1066,25 +1163,25 @@ fn contacts(store: &mut dyn Store) -> Outcome {
         changed_at: NOW,
         ..alice.clone()
     };
-    store.set_contact(&alice2).or_fail("set_contact")?;
+    store.set_contact(&alice2).await.or_fail("set_contact")?;
     same(
         "contact(alice) after a second set_contact",
-        &store.contact(b"alice").or_fail("contact")?,
+        &store.contact(b"alice").await.or_fail("contact")?,
         &Some(alice2.clone()),
     )?;
-    let mut all = store.contacts().or_fail("contacts")?;
+    let mut all = store.contacts().await.or_fail("contacts")?;
     all.sort_by(|x, y| x.name.cmp(&y.name));
     let mut want = vec![alice2, long];
     want.sort_by(|x, y| x.name.cmp(&y.name));
     same("contacts()", &all, &want)?;
     same(
         "contact() of a name that is a prefix of another",
-        &store.contact(b"ali").or_fail("contact")?,
+        &store.contact(b"ali").await.or_fail("contact")?,
         &None,
     )
 }
 
-fn peers(store: &mut dyn Store) -> Outcome {
+async fn peers<S: Store>(store: &mut S) -> Outcome {
     let fx = Fixture::new()?;
     let a0 = fx.address(0);
     // A second device with peer 0's identity key.
@@ -1103,26 +1200,26 @@ fn peers(store: &mut dyn Store) -> Outcome {
     let p1 = record(a1, Trust::Compromised, NOW + 2);
     let p2 = record(a2, Trust::Unvalidated, 0);
     for p in [&p0, &p0b, &p1, &p2] {
-        store.set_peer(p).or_fail("set_peer")?;
+        store.set_peer(p).await.or_fail("set_peer")?;
     }
     for p in [&p0, &p0b, &p1, &p2] {
         same(
             &format!("peer({})", name(&p.address)),
-            &store.peer(&p.address).or_fail("peer")?,
+            &store.peer(&p.address).await.or_fail("peer")?,
             &Some(p.clone()),
         )?;
     }
     // Replaced, not added.
     let p0v = record(a0, Trust::Validated, NOW);
-    store.set_peer(&p0v).or_fail("set_peer")?;
+    store.set_peer(&p0v).await.or_fail("set_peer")?;
     same(
         "peer() after a second set_peer",
-        &store.peer(&a0).or_fail("peer")?,
+        &store.peer(&a0).await.or_fail("peer")?,
         &Some(p0v.clone()),
     )?;
     same(
         "peers() (sorted by address)",
-        &sorted(store.peers().or_fail("peers")?),
+        &sorted(store.peers().await.or_fail("peers")?),
         &sorted(vec![p0v.clone(), p0b.clone(), p1.clone(), p2.clone()]),
     )?;
     same(
@@ -1130,6 +1227,7 @@ fn peers(store: &mut dyn Store) -> Outcome {
         &sorted(
             store
                 .peers_with_identity(&a0.identity)
+                .await
                 .or_fail("peers_with_identity")?,
         ),
         &sorted(vec![p0v, p0b]),
@@ -1138,6 +1236,7 @@ fn peers(store: &mut dyn Store) -> Outcome {
         "peers_with_identity() of a key with one device",
         &store
             .peers_with_identity(&a1.identity)
+            .await
             .or_fail("peers_with_identity")?,
         &vec![p1],
     )?;
@@ -1145,6 +1244,7 @@ fn peers(store: &mut dyn Store) -> Outcome {
         "peers_with_identity() of an unknown key",
         &store
             .peers_with_identity(fx.me.keys.public().as_bytes())
+            .await
             .or_fail("peers_with_identity")?,
         &Vec::new(),
     )?;
@@ -1154,14 +1254,14 @@ fn peers(store: &mut dyn Store) -> Outcome {
     };
     same(
         "peer() of an unknown device",
-        &store.peer(&unknown).or_fail("peer")?,
+        &store.peer(&unknown).await.or_fail("peer")?,
         &None,
     )
 }
 
-fn commit_send(store: &mut dyn Store) -> Outcome {
+async fn commit_send<S: Store>(store: &mut S) -> Outcome {
     let mut fx = Fixture::new()?;
-    store.set_identity(&fx.me).or_fail("set_identity")?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
     let (a0, a1) = (fx.address(0), fx.address(1));
 
     // A first message to peer 0.
@@ -1170,15 +1270,16 @@ fn commit_send(store: &mut dyn Store) -> Outcome {
     let s0 = sent(0, a0, DeliveryState::Stored, NOW);
     store
         .commit_send(&r0, &e0, Some(&s0))
+        .await
         .or_fail("commit_send")?;
     let what = "after commit_send";
-    let got = store.session(&a0).or_fail("session")?;
+    let got = store.session(&a0).await.or_fail("session")?;
     let got = got.ok_or_else(|| format!("{what}: the session record is missing"))?;
     same_record(&format!("{what}: session()"), &got, &r0)?;
-    let outbox = store.outbox().or_fail("outbox")?;
+    let outbox = store.outbox().await.or_fail("outbox")?;
     ensure!(!outbox.is_empty(), "{what}: the outbox entry is missing");
     same(&format!("{what}: outbox()"), &outbox, &vec![e0.clone()])?;
-    let sent_messages = store.sent_messages().or_fail("sent_messages")?;
+    let sent_messages = store.sent_messages().await.or_fail("sent_messages")?;
     ensure!(
         !sent_messages.is_empty(),
         "{what}: the sent message is missing"
@@ -1190,28 +1291,31 @@ fn commit_send(store: &mut dyn Store) -> Outcome {
     )?;
     same(
         &format!("{what}: sent_message()"),
-        &store.sent_message(&s0.id).or_fail("sent_message")?,
+        &store.sent_message(&s0.id).await.or_fail("sent_message")?,
         &Some(s0.clone()),
     )?;
 
     // A second message, stored on its own.
     let s1 = sent(1, a1, DeliveryState::Deposited, NOW + 1);
-    store.update_sent(&s1).or_fail("update_sent")?;
+    store.update_sent(&s1).await.or_fail("update_sent")?;
 
     // Without a sent message (a receipt, say): the record is replaced.
     let r0b = fx.record(0)?;
     let e1 = entry(a0, eid(1), vec![2; 30], NOW + 2);
-    store.commit_send(&r0b, &e1, None).or_fail("commit_send")?;
+    store
+        .commit_send(&r0b, &e1, None)
+        .await
+        .or_fail("commit_send")?;
     let what = "after a commit_send without a sent message";
-    session_is(store, &a0, &r0b, what)?;
+    session_is(store, &a0, &r0b, what).await?;
     same(
         &format!("{what}: outbox()"),
-        &store.outbox().or_fail("outbox")?,
+        &store.outbox().await.or_fail("outbox")?,
         &vec![e0.clone(), e1.clone()],
     )?;
     same(
         &format!("{what}: sent_messages()"),
-        &store.sent_messages().or_fail("sent_messages")?,
+        &store.sent_messages().await.or_fail("sent_messages")?,
         &vec![s0.clone(), s1.clone()],
     )?;
 
@@ -1227,25 +1331,26 @@ fn commit_send(store: &mut dyn Store) -> Outcome {
     };
     store
         .commit_send(&r1, &e2, Some(&s0_resent))
+        .await
         .or_fail("commit_send")?;
     let what = "after a commit_send re-sending a message";
-    session_is(store, &a1, &r1, what)?;
-    session_is(store, &a0, &r0b, what)?;
+    session_is(store, &a1, &r1, what).await?;
+    session_is(store, &a0, &r0b, what).await?;
     same(
         &format!("{what}: outbox()"),
-        &store.outbox().or_fail("outbox")?,
+        &store.outbox().await.or_fail("outbox")?,
         &vec![e0, e1, e2],
     )?;
     same(
         &format!("{what}: sent_messages() (updated in place)"),
-        &store.sent_messages().or_fail("sent_messages")?,
+        &store.sent_messages().await.or_fail("sent_messages")?,
         &vec![s0_resent, s1],
     )
 }
 
-fn outbox(store: &mut dyn Store) -> Outcome {
+async fn outbox<S: Store>(store: &mut S) -> Outcome {
     let mut fx = Fixture::new()?;
-    store.set_identity(&fx.me).or_fail("set_identity")?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
     let mut entries = Vec::new();
     for k in 0..4u8 {
         let i = usize::from(k) % 3;
@@ -1258,105 +1363,128 @@ fn outbox(store: &mut dyn Store) -> Outcome {
         let record = fx.record(i)?;
         store
             .commit_send(&record, &e, None)
+            .await
             .or_fail("commit_send")?;
         entries.push(e);
     }
     same(
         "outbox() (commit order)",
-        &store.outbox().or_fail("outbox")?,
+        &store.outbox().await.or_fail("outbox")?,
         &entries,
     )?;
     store
         .remove_outbox(&entries[1].envelope.id)
+        .await
         .or_fail("remove_outbox")?;
     entries.remove(1);
     same(
         "outbox() after remove_outbox",
-        &store.outbox().or_fail("outbox")?,
+        &store.outbox().await.or_fail("outbox")?,
         &entries,
     )?;
-    store.remove_outbox(&eid(200)).or_fail("remove_outbox")?;
+    store
+        .remove_outbox(&eid(200))
+        .await
+        .or_fail("remove_outbox")?;
     same(
         "outbox() after removing an unknown id",
-        &store.outbox().or_fail("outbox")?,
+        &store.outbox().await.or_fail("outbox")?,
         &entries,
     )?;
     for e in &entries {
         store
             .remove_outbox(&e.envelope.id)
+            .await
             .or_fail("remove_outbox")?;
     }
     same(
         "outbox() after removing every entry",
-        &store.outbox().or_fail("outbox")?,
+        &store.outbox().await.or_fail("outbox")?,
         &Vec::new(),
     )
 }
 
-fn processed(store: &mut dyn Store) -> Outcome {
+async fn processed<S: Store>(store: &mut S) -> Outcome {
     let times = [NOW - 10, NOW - 1, NOW, NOW + 5];
     let batch: Vec<ReceiveCommit<'_>> = (0..4u8)
         .map(|k| mark(eid(k), times[usize::from(k)]))
         .collect();
-    let marks = |store: &dyn Store| -> Result<Vec<bool>, String> {
-        let one_by_one: Vec<bool> = (0..5u8)
-            .map(|k| store.is_processed(&eid(k)).or_fail("is_processed"))
-            .collect::<Result<_, _>>()?;
+    let marks = async |store: &S| -> Result<Vec<bool>, String> {
+        let mut one_by_one: Vec<bool> = Vec::new();
+        for k in 0..5u8 {
+            one_by_one.push(store.is_processed(&eid(k)).await.or_fail("is_processed")?);
+        }
         // processed_among answers the same, in order, for any number of
         // ids (201 here: batching stores split and pad their queries).
         let ids: Vec<EnvelopeId> = (0..=200u8).map(eid).collect();
-        let among = store.processed_among(&ids).or_fail("processed_among")?;
+        let among = store
+            .processed_among(&ids)
+            .await
+            .or_fail("processed_among")?;
         let mut expected = one_by_one.clone();
         expected.resize(ids.len(), false);
         same("processed_among() beside is_processed()", &among, &expected)?;
         Ok(one_by_one)
     };
-    store.commit_receive(&batch).or_fail("commit_receive")?;
+    store
+        .commit_receive(&batch)
+        .await
+        .or_fail("commit_receive")?;
     same(
         "is_processed() of four envelopes committed and one not",
-        &marks(store)?,
+        &marks(store).await?,
         &vec![true, true, true, true, false],
     )?;
-    store.prune_processed(0).or_fail("prune_processed")?;
+    store.prune_processed(0).await.or_fail("prune_processed")?;
     same(
         "is_processed() after prune_processed(0)",
-        &marks(store)?,
+        &marks(store).await?,
         &vec![true, true, true, true, false],
     )?;
-    store.prune_processed(NOW).or_fail("prune_processed")?;
+    store
+        .prune_processed(NOW)
+        .await
+        .or_fail("prune_processed")?;
     same(
         "is_processed() after prune_processed(before) (marks at NOW-10, NOW-1, NOW, NOW+5; \
          before = NOW: those older than before go, the one at before stays)",
-        &marks(store)?,
+        &marks(store).await?,
         &vec![false, false, true, true, false],
     )?;
     // A mark set again after pruning.
     store
         .commit_receive(&[mark(eid(0), NOW + 1)])
+        .await
         .or_fail("commit_receive")?;
-    store.prune_processed(NOW + 1).or_fail("prune_processed")?;
+    store
+        .prune_processed(NOW + 1)
+        .await
+        .or_fail("prune_processed")?;
     same(
         "is_processed() after marking again and prune_processed(NOW + 1)",
-        &marks(store)?,
+        &marks(store).await?,
         &vec![true, false, false, true, false],
     )
 }
 
-fn commit_receive(store: &mut dyn Store) -> Outcome {
+async fn commit_receive<S: Store>(store: &mut S) -> Outcome {
     let mut fx = Fixture::new()?;
-    store.set_identity(&fx.me).or_fail("set_identity")?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
     let (a0, a1) = (fx.address(0), fx.address(1));
 
     // Before: prekeys, a known peer, a message awaiting its receipt.
-    store.set_prekeys(&fx.prekeys).or_fail("set_prekeys")?;
+    store
+        .set_prekeys(&fx.prekeys)
+        .await
+        .or_fail("set_prekeys")?;
     let p1 = PeerRecord {
         address: a1,
         trust: Trust::Unvalidated,
         first_seen: NOW - 100,
     };
-    store.set_peer(&p1).or_fail("set_peer")?;
+    store.set_peer(&p1).await.or_fail("set_peer")?;
     let waiting = sent(0, a0, DeliveryState::Deposited, NOW - 50);
-    store.update_sent(&waiting).or_fail("update_sent")?;
+    store.update_sent(&waiting).await.or_fail("update_sent")?;
 
     // The batch: two envelopes from peer 0 (the second session record
     // wins), one from peer 1, a mark alone.
@@ -1423,18 +1551,21 @@ fn commit_receive(store: &mut dyn Store) -> Outcome {
         },
         mark(eid(3), NOW + 3),
     ];
-    store.commit_receive(&batch).or_fail("commit_receive")?;
+    store
+        .commit_receive(&batch)
+        .await
+        .or_fail("commit_receive")?;
 
-    let check = |store: &dyn Store, what: &str| -> Outcome {
-        let got = store.session(&a0).or_fail("session")?;
+    let check = async |store: &S, what: &str| -> Outcome {
+        let got = store.session(&a0).await.or_fail("session")?;
         let got = got.ok_or_else(|| format!("{what}: peer 0's session record is missing"))?;
         same_record(
             &format!("{what}: session() of a peer changed twice (the later record wins)"),
             &got,
             &r0b,
         )?;
-        session_is(store, &a1, &r1, what)?;
-        let got = store.prekeys().or_fail("prekeys")?;
+        session_is(store, &a1, &r1, what).await?;
+        let got = store.prekeys().await.or_fail("prekeys")?;
         let got = got.ok_or_else(|| format!("{what}: the prekeys are missing"))?;
         same_prekeys(
             &format!("{what}: prekeys() (the later state wins)"),
@@ -1443,17 +1574,17 @@ fn commit_receive(store: &mut dyn Store) -> Outcome {
         )?;
         same(
             &format!("{what}: peer() of a new peer"),
-            &store.peer(&a0).or_fail("peer")?,
+            &store.peer(&a0).await.or_fail("peer")?,
             &Some(p0.clone()),
         )?;
         same(
             &format!("{what}: peer() of an updated peer"),
-            &store.peer(&a1).or_fail("peer")?,
+            &store.peer(&a1).await.or_fail("peer")?,
             &Some(p1v.clone()),
         )?;
         same(
             &format!("{what}: inbox()"),
-            &store.inbox().or_fail("inbox")?,
+            &store.inbox().await.or_fail("inbox")?,
             &vec![m0.clone(), m1.clone(), m2.clone()],
         )?;
         same(
@@ -1461,12 +1592,13 @@ fn commit_receive(store: &mut dyn Store) -> Outcome {
                 "{what}: sent_messages() (a receipt for the known one, a new one \
                  changed twice: its later state, in its first position)"
             ),
-            &store.sent_messages().or_fail("sent_messages")?,
+            &store.sent_messages().await.or_fail("sent_messages")?,
             &vec![delivered.clone(), new_deposited.clone()],
         )?;
-        let marks: Vec<bool> = (0..5u8)
-            .map(|k| store.is_processed(&eid(k)).or_fail("is_processed"))
-            .collect::<Result<_, _>>()?;
+        let mut marks: Vec<bool> = Vec::new();
+        for k in 0..5u8 {
+            marks.push(store.is_processed(&eid(k)).await.or_fail("is_processed")?);
+        }
         same(
             &format!("{what}: is_processed() of the four envelopes and another"),
             &marks,
@@ -1474,16 +1606,16 @@ fn commit_receive(store: &mut dyn Store) -> Outcome {
         )?;
         same(
             &format!("{what}: outbox()"),
-            &store.outbox().or_fail("outbox")?,
+            &store.outbox().await.or_fail("outbox")?,
             &Vec::new(),
         )
     };
-    check(store, "after commit_receive")?;
-    store.commit_receive(&[]).or_fail("commit_receive")?;
-    check(store, "after an empty commit_receive")
+    check(store, "after commit_receive").await?;
+    store.commit_receive(&[]).await.or_fail("commit_receive")?;
+    check(store, "after an empty commit_receive").await
 }
 
-fn inbox(store: &mut dyn Store) -> Outcome {
+async fn inbox<S: Store>(store: &mut S) -> Outcome {
     let fx = Fixture::new()?;
     let (a0, a1) = (fx.address(0), fx.address(1));
     let m0 = message(eid(0), a0, b"zero", NOW);
@@ -1494,44 +1626,56 @@ fn inbox(store: &mut dyn Store) -> Outcome {
     let m3 = message(eid(3), a1, b"three", NOW + 5);
     let batch: Vec<ReceiveCommit<'_>> =
         [&m0, &m1, &m0_again, &m2].into_iter().map(commit).collect();
-    store.commit_receive(&batch).or_fail("commit_receive")?;
+    store
+        .commit_receive(&batch)
+        .await
+        .or_fail("commit_receive")?;
     same(
         "inbox() (the order received, a duplicate in the batch ignored)",
-        &store.inbox().or_fail("inbox")?,
+        &store.inbox().await.or_fail("inbox")?,
         &vec![m0.clone(), m1.clone(), m2.clone()],
     )?;
     let batch: Vec<ReceiveCommit<'_>> = [&m1_again, &m3].into_iter().map(commit).collect();
-    store.commit_receive(&batch).or_fail("commit_receive")?;
+    store
+        .commit_receive(&batch)
+        .await
+        .or_fail("commit_receive")?;
     let mut want = vec![m0, m1, m2, m3];
     same(
         "inbox() after a second batch (a duplicate of an earlier one ignored)",
-        &store.inbox().or_fail("inbox")?,
+        &store.inbox().await.or_fail("inbox")?,
         &want,
     )?;
-    store.remove_inbox(&eid(1)).or_fail("remove_inbox")?;
+    store.remove_inbox(&eid(1)).await.or_fail("remove_inbox")?;
     want.remove(1);
     same(
         "inbox() after remove_inbox",
-        &store.inbox().or_fail("inbox")?,
+        &store.inbox().await.or_fail("inbox")?,
         &want,
     )?;
-    store.remove_inbox(&eid(200)).or_fail("remove_inbox")?;
+    store
+        .remove_inbox(&eid(200))
+        .await
+        .or_fail("remove_inbox")?;
     same(
         "inbox() after removing an unknown id",
-        &store.inbox().or_fail("inbox")?,
+        &store.inbox().await.or_fail("inbox")?,
         &want,
     )?;
     for m in &want {
-        store.remove_inbox(&m.envelope_id).or_fail("remove_inbox")?;
+        store
+            .remove_inbox(&m.envelope_id)
+            .await
+            .or_fail("remove_inbox")?;
     }
     same(
         "inbox() after removing every message",
-        &store.inbox().or_fail("inbox")?,
+        &store.inbox().await.or_fail("inbox")?,
         &Vec::new(),
     )
 }
 
-fn sent_messages(store: &mut dyn Store) -> Outcome {
+async fn sent_messages<S: Store>(store: &mut S) -> Outcome {
     let fx = Fixture::new()?;
     let states = [
         DeliveryState::Stored,
@@ -1555,24 +1699,27 @@ fn sent_messages(store: &mut dyn Store) -> Outcome {
         })
         .collect();
     for m in &all {
-        store.update_sent(m).or_fail("update_sent")?;
+        store.update_sent(m).await.or_fail("update_sent")?;
     }
-    let check = |store: &dyn Store, all: &[SentMessage], what: &str| -> Outcome {
+    let check = async |store: &S, all: &[SentMessage], what: &str| -> Outcome {
         same(
             &format!("{what}: sent_messages() (the order first stored)"),
-            &store.sent_messages().or_fail("sent_messages")?,
+            &store.sent_messages().await.or_fail("sent_messages")?,
             &all.to_vec(),
         )?;
         for m in all {
             same(
                 &format!("{what}: sent_message({:?})", m.id),
-                &store.sent_message(&m.id).or_fail("sent_message")?,
+                &store.sent_message(&m.id).await.or_fail("sent_message")?,
                 &Some(m.clone()),
             )?;
         }
         same(
             &format!("{what}: sent_message() of an unknown id"),
-            &store.sent_message(&mid(200)).or_fail("sent_message")?,
+            &store
+                .sent_message(&mid(200))
+                .await
+                .or_fail("sent_message")?,
             &None,
         )?;
         let pending: Vec<SentMessage> = all
@@ -1582,11 +1729,11 @@ fn sent_messages(store: &mut dyn Store) -> Outcome {
             .collect();
         same(
             &format!("{what}: pending_sent()"),
-            &store.pending_sent().or_fail("pending_sent")?,
+            &store.pending_sent().await.or_fail("pending_sent")?,
             &pending,
         )
     };
-    check(store, &all, "after update_sent")?;
+    check(store, &all, "after update_sent").await?;
 
     // Updates in place: a re-send, a receipt.
     all[1] = SentMessage {
@@ -1600,12 +1747,12 @@ fn sent_messages(store: &mut dyn Store) -> Outcome {
         state: DeliveryState::Delivered,
         ..all[0].clone()
     };
-    store.update_sent(&all[1]).or_fail("update_sent")?;
-    store.update_sent(&all[0]).or_fail("update_sent")?;
-    check(store, &all, "after updating two messages")
+    store.update_sent(&all[1]).await.or_fail("update_sent")?;
+    store.update_sent(&all[0]).await.or_fail("update_sent")?;
+    check(store, &all, "after updating two messages").await
 }
 
-fn prune_sent(store: &mut dyn Store) -> Outcome {
+async fn prune_sent<S: Store>(store: &mut S) -> Outcome {
     let fx = Fixture::new()?;
     let to = fx.address(0);
     // (state, created, kept by prune_sent(NOW))
@@ -1625,11 +1772,15 @@ fn prune_sent(store: &mut dyn Store) -> Outcome {
         .map(|(k, (state, created, _))| sent(k as u8, to, *state, *created))
         .collect();
     for m in &all {
-        store.update_sent(m).or_fail("update_sent")?;
+        store.update_sent(m).await.or_fail("update_sent")?;
     }
-    store.prune_sent(NOW).or_fail("prune_sent")?;
+    store.prune_sent(NOW).await.or_fail("prune_sent")?;
     for (m, (_, _, kept)) in all.iter().zip(cases) {
-        let present = store.sent_message(&m.id).or_fail("sent_message")?.is_some();
+        let present = store
+            .sent_message(&m.id)
+            .await
+            .or_fail("sent_message")?
+            .is_some();
         if m.state.is_pending() {
             ensure!(
                 present,
@@ -1663,10 +1814,10 @@ fn prune_sent(store: &mut dyn Store) -> Outcome {
         .collect();
     same(
         "sent_messages() after prune_sent(before)",
-        &store.sent_messages().or_fail("sent_messages")?,
+        &store.sent_messages().await.or_fail("sent_messages")?,
         &kept,
     )?;
-    store.prune_sent(u64::MAX).or_fail("prune_sent")?;
+    store.prune_sent(u64::MAX).await.or_fail("prune_sent")?;
     let pending: Vec<SentMessage> = all
         .iter()
         .filter(|m| m.state.is_pending())
@@ -1674,14 +1825,14 @@ fn prune_sent(store: &mut dyn Store) -> Outcome {
         .collect();
     same(
         "sent_messages() after prune_sent(u64::MAX) (only the pending ones stay)",
-        &store.sent_messages().or_fail("sent_messages")?,
+        &store.sent_messages().await.or_fail("sent_messages")?,
         &pending,
     )
 }
 
-fn u64_times(store: &mut dyn Store) -> Outcome {
+async fn u64_times<S: Store>(store: &mut S) -> Outcome {
     let mut fx = Fixture::new()?;
-    store.set_identity(&fx.me).or_fail("set_identity")?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
     let (a0, a1) = (fx.address(0), fx.address(1));
     let big = [i64::MAX as u64, 1 << 63, u64::MAX - 1, u64::MAX];
 
@@ -1699,12 +1850,12 @@ fn u64_times(store: &mut dyn Store) -> Outcome {
         })
         .collect();
     for p in &peers {
-        store.set_peer(p).or_fail("set_peer")?;
+        store.set_peer(p).await.or_fail("set_peer")?;
     }
     for p in &peers {
         same(
             &format!("peer() with first_seen = {}", p.first_seen),
-            &store.peer(&p.address).or_fail("peer")?,
+            &store.peer(&p.address).await.or_fail("peer")?,
             &Some(p.clone()),
         )?;
     }
@@ -1724,16 +1875,17 @@ fn u64_times(store: &mut dyn Store) -> Outcome {
     };
     store
         .commit_send(&record, &e, Some(&s))
+        .await
         .or_fail("commit_send")?;
-    session_is(store, &a0, &record, "with times of u64::MAX")?;
+    session_is(store, &a0, &record, "with times of u64::MAX").await?;
     same(
         "outbox() with created = u64::MAX",
-        &store.outbox().or_fail("outbox")?,
+        &store.outbox().await.or_fail("outbox")?,
         &vec![e],
     )?;
     same(
         "sent_message() with created = 2^63, last_sent = u64::MAX, sends = u32::MAX",
-        &store.sent_message(&s.id).or_fail("sent_message")?,
+        &store.sent_message(&s.id).await.or_fail("sent_message")?,
         &Some(s.clone()),
     )?;
 
@@ -1749,39 +1901,51 @@ fn u64_times(store: &mut dyn Store) -> Outcome {
         message: Some(&m),
         ..mark(eid(1), u64::MAX)
     });
-    store.commit_receive(&batch).or_fail("commit_receive")?;
+    store
+        .commit_receive(&batch)
+        .await
+        .or_fail("commit_receive")?;
     same(
         "inbox() with received_at = u64::MAX",
-        &store.inbox().or_fail("inbox")?,
+        &store.inbox().await.or_fail("inbox")?,
         &vec![m],
     )?;
-    let marks = |store: &dyn Store| -> Result<Vec<bool>, String> {
-        (0..times.len())
-            .map(|k| {
+    let marks = async |store: &S| -> Result<Vec<bool>, String> {
+        let mut out = Vec::new();
+        for k in 0..times.len() {
+            out.push(
                 store
                     .is_processed(&eid(10 + k as u8))
-                    .or_fail("is_processed")
-            })
-            .collect()
+                    .await
+                    .or_fail("is_processed")?,
+            );
+        }
+        Ok(out)
     };
-    store.prune_processed(6).or_fail("prune_processed")?;
+    store.prune_processed(6).await.or_fail("prune_processed")?;
     same(
         "is_processed() after prune_processed(6) (marks at 0, 5, NOW, 2^63-1, 2^63, \
          u64::MAX-1, u64::MAX)",
-        &marks(store)?,
+        &marks(store).await?,
         &vec![false, false, true, true, true, true, true],
     )?;
-    store.prune_processed(1 << 63).or_fail("prune_processed")?;
+    store
+        .prune_processed(1 << 63)
+        .await
+        .or_fail("prune_processed")?;
     same(
         "is_processed() after prune_processed(2^63) (marks at 0, 5, NOW, 2^63-1, 2^63, \
          u64::MAX-1, u64::MAX)",
-        &marks(store)?,
+        &marks(store).await?,
         &vec![false, false, false, false, true, true, true],
     )?;
-    store.prune_processed(u64::MAX).or_fail("prune_processed")?;
+    store
+        .prune_processed(u64::MAX)
+        .await
+        .or_fail("prune_processed")?;
     same(
         "is_processed() after prune_processed(u64::MAX)",
-        &marks(store)?,
+        &marks(store).await?,
         &vec![false, false, false, false, false, false, true],
     )?;
 
@@ -1792,25 +1956,255 @@ fn u64_times(store: &mut dyn Store) -> Outcome {
         .map(|(k, t)| sent(10 + k as u8, a1, DeliveryState::Delivered, *t))
         .collect();
     for m in &finished {
-        store.update_sent(m).or_fail("update_sent")?;
+        store.update_sent(m).await.or_fail("update_sent")?;
     }
-    store.prune_sent((1 << 63) + 1).or_fail("prune_sent")?;
+    store
+        .prune_sent((1 << 63) + 1)
+        .await
+        .or_fail("prune_sent")?;
     same(
         "sent_messages() after prune_sent(2^63 + 1) (delivered ones created at 2^63-1, 2^63, \
          u64::MAX-1, u64::MAX, and a pending one at 2^63)",
-        &store.sent_messages().or_fail("sent_messages")?,
+        &store.sent_messages().await.or_fail("sent_messages")?,
         &vec![s.clone(), finished[2].clone(), finished[3].clone()],
     )?;
 
     // Quarantined at.
     store
         .quarantine_session(&a0, u64::MAX, "late")
+        .await
         .or_fail("quarantine_session")?;
     let q: Vec<(DeviceAddress, u64)> = store
         .quarantined()
+        .await
         .or_fail("quarantined")?
         .into_iter()
         .map(|q| (q.peer, q.at))
         .collect();
     same("quarantined() at u64::MAX", &q, &vec![(a0, u64::MAX)])
+}
+
+/// What the routing methods must answer for `stored` (every record the
+/// store holds, by peer).
+async fn routes_are<S: Store>(
+    store: &S,
+    stored: &[(DeviceAddress, &SessionRecord)],
+    probe: &[(DeviceAddress, &SessionRecord)],
+    when: &str,
+) -> Outcome {
+    let sorted = |mut v: Vec<DeviceAddress>| {
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    // Each record's keys, one by one and all at once.
+    for (address, record) in probe {
+        let keys: Vec<[u8; 32]> = record.ratchet_keys().copied().collect();
+        ensure!(
+            !keys.is_empty(),
+            "building the test data: a record without keys"
+        );
+        let want = sorted(
+            stored
+                .iter()
+                .filter(|(_, r)| r.ratchet_keys().any(|k| keys.contains(k)))
+                .map(|(a, _)| *a)
+                .collect(),
+        );
+        let got = sorted(
+            store
+                .route_ratchet_keys(&keys)
+                .await
+                .or_fail("route_ratchet_keys")?,
+        );
+        ensure!(
+            got == want,
+            "{when}: route_ratchet_keys(the keys of {}'s record) found [{}], expected [{}]",
+            name(address),
+            got.iter().map(name).collect::<Vec<_>>().join(", "),
+            want.iter().map(name).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let all: Vec<[u8; 32]> = probe
+        .iter()
+        .flat_map(|(_, r)| r.ratchet_keys().copied())
+        .collect();
+    let want = sorted(
+        stored
+            .iter()
+            .filter(|(_, r)| r.ratchet_keys().any(|k| all.contains(k)))
+            .map(|(a, _)| *a)
+            .collect(),
+    );
+    let got = sorted(
+        store
+            .route_ratchet_keys(&all)
+            .await
+            .or_fail("route_ratchet_keys")?,
+    );
+    ensure!(
+        got == want,
+        "{when}: route_ratchet_keys(every key) found {} peers, expected {}",
+        got.len(),
+        want.len()
+    );
+    let none = store
+        .route_ratchet_keys(&[[0x5a; 32]])
+        .await
+        .or_fail("route_ratchet_keys")?;
+    ensure!(
+        none.is_empty(),
+        "{when}: route_ratchet_keys(a key no record has) found {} peers",
+        none.len()
+    );
+    let want = sorted(
+        stored
+            .iter()
+            .filter(|(_, r)| r.awaits_ratchet_key())
+            .map(|(a, _)| *a)
+            .collect(),
+    );
+    let got = sorted(
+        store
+            .awaiting_ratchet_key()
+            .await
+            .or_fail("awaiting_ratchet_key")?,
+    );
+    ensure!(
+        got == want,
+        "{when}: awaiting_ratchet_key() lists [{}], expected [{}]",
+        got.iter().map(name).collect::<Vec<_>>().join(", "),
+        want.iter().map(name).collect::<Vec<_>>().join(", ")
+    );
+    for (address, _) in probe {
+        let want = sorted(
+            stored
+                .iter()
+                .filter(|(a, _)| a.identity == address.identity)
+                .map(|(a, _)| *a)
+                .collect(),
+        );
+        let found = store
+            .sessions_with_identity(&address.identity)
+            .await
+            .or_fail("sessions_with_identity")?;
+        for (a, r) in &found {
+            let r = r
+                .as_ref()
+                .map_err(|e| format!("{when}: sessions_with_identity: {}: {e}", name(a)))?;
+            let stored = stored.iter().find(|(s, _)| s == a).map(|(_, r)| *r);
+            match stored {
+                Some(s) => same_record(
+                    &format!("{when}: sessions_with_identity, {}", name(a)),
+                    r,
+                    s,
+                )?,
+                None => ensure!(false, "{when}: sessions_with_identity lists {}", name(a)),
+            }
+        }
+        let got = sorted(found.into_iter().map(|(a, _)| a).collect());
+        ensure!(
+            got == want,
+            "{when}: sessions_with_identity(identity of {}) lists [{}], expected [{}]",
+            name(address),
+            got.iter().map(name).collect::<Vec<_>>().join(", "),
+            want.iter().map(name).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
+async fn routes<S: Store>(store: &mut S) -> Outcome {
+    let mut fx = Fixture::new()?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
+    let (a0, a1, a2) = (fx.address(0), fx.address(1), fx.address(2));
+    // A second device of peer 0's identity key.
+    let a0b = DeviceAddress {
+        identity: a0.identity,
+        device_id: a0.device_id + 100,
+    };
+    let r0 = fx.record(0)?;
+    let r0b = fx.two_sessions(0)?;
+    let r1 = fx.two_sessions(1)?;
+    let r2 = fx.record(2)?;
+    let (a3, r3) = fx.responder()?;
+    ensure!(
+        r0.awaits_ratchet_key() && !r3.awaits_ratchet_key(),
+        "building the test data: awaiting flags"
+    );
+    let probe = [(a0, &r0), (a0b, &r0b), (a1, &r1), (a2, &r2), (a3, &r3)];
+    routes_are(store, &[], &probe, "empty store").await?;
+
+    store.set_session(&a0, &r0).await.or_fail("set_session")?;
+    store.set_session(&a0b, &r0b).await.or_fail("set_session")?;
+    store.set_session(&a3, &r3).await.or_fail("set_session")?;
+    let mut stored = vec![(a0, &r0), (a0b, &r0b), (a3, &r3)];
+    routes_are(store, &stored, &probe, "after set_session").await?;
+
+    // Replaced: the old record's keys lead nowhere.
+    let empty = SessionRecord::new();
+    store
+        .set_session(&a3, &empty)
+        .await
+        .or_fail("set_session")?;
+    stored.retain(|(a, _)| *a != a3);
+    stored.push((a3, &empty));
+    routes_are(
+        store,
+        &stored,
+        &probe,
+        "after set_session replaced a record",
+    )
+    .await?;
+
+    let e = entry(a1, eid(1), b"sealed".to_vec(), NOW);
+    store
+        .commit_send(&r1, &e, None)
+        .await
+        .or_fail("commit_send")?;
+    stored.push((a1, &r1));
+    routes_are(store, &stored, &probe, "after commit_send").await?;
+
+    let batch = [ReceiveCommit {
+        session: Some((&a2, &r2)),
+        ..mark(eid(2), NOW)
+    }];
+    store
+        .commit_receive(&batch)
+        .await
+        .or_fail("commit_receive")?;
+    stored.push((a2, &r2));
+    routes_are(store, &stored, &probe, "after commit_receive").await?;
+
+    // commit_receive replacing a record with another.
+    let r2b = fx.record(2)?;
+    let batch = [ReceiveCommit {
+        session: Some((&a2, &r2b)),
+        ..mark(eid(3), NOW)
+    }];
+    store
+        .commit_receive(&batch)
+        .await
+        .or_fail("commit_receive")?;
+    stored.retain(|(a, _)| *a != a2);
+    stored.push((a2, &r2b));
+    let probe2 = [(a0, &r0), (a0b, &r0b), (a1, &r1), (a2, &r2b), (a3, &r3)];
+    routes_are(
+        store,
+        &stored,
+        &probe2,
+        "after commit_receive replaced a record",
+    )
+    .await?;
+
+    store.remove_session(&a0b).await.or_fail("remove_session")?;
+    stored.retain(|(a, _)| *a != a0b);
+    routes_are(store, &stored, &probe2, "after remove_session").await?;
+
+    store
+        .quarantine_session(&a1, NOW, "test")
+        .await
+        .or_fail("quarantine_session")?;
+    stored.retain(|(a, _)| *a != a1);
+    routes_are(store, &stored, &probe2, "after quarantine_session").await
 }

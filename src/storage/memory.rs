@@ -1,4 +1,4 @@
-//! An in-memory [`Store`], for tests and for applications that persist
+//! An in-memory [`Store`](super::Store), for tests and for applications that persist
 //! elsewhere. Every commit is trivially atomic.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -7,12 +7,14 @@ use std::vec::Vec;
 use std::string::ToString;
 
 use super::{
-    ContactRecord, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState,
-    Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store, StoreError,
+    BlockingStore, ContactRecord, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord,
+    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, StoreError,
 };
 use crate::transport::{DeviceAddress, EnvelopeId};
 
-/// A [`Store`] in memory.
+/// A [`Store`](super::Store) in memory (a [`BlockingStore`] that never
+/// blocks). Routing looks at the decoded records in memory: no index is
+/// needed.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
     identity: Option<LocalIdentity>,
@@ -38,7 +40,7 @@ impl MemoryStore {
     }
 }
 
-impl Store for MemoryStore {
+impl BlockingStore for MemoryStore {
     fn identity(&self) -> Result<Option<LocalIdentity>, StoreError> {
         Ok(self.identity.clone())
     }
@@ -72,6 +74,38 @@ impl Store for MemoryStore {
     ) -> Result<(), StoreError> {
         self.sessions.insert(*peer, record.clone());
         Ok(())
+    }
+    #[allow(clippy::type_complexity)]
+    fn sessions_with_identity(
+        &self,
+        identity: &[u8; 32],
+    ) -> Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError> {
+        let from = DeviceAddress {
+            identity: *identity,
+            device_id: 0,
+        };
+        Ok(self
+            .sessions
+            .range(from..)
+            .take_while(|(a, _)| &a.identity == identity)
+            .map(|(a, r)| (*a, Ok(r.clone())))
+            .collect())
+    }
+    fn route_ratchet_keys(&self, keys: &[[u8; 32]]) -> Result<Vec<DeviceAddress>, StoreError> {
+        Ok(self
+            .sessions
+            .iter()
+            .filter(|(_, r)| r.ratchet_keys().any(|k| keys.contains(k)))
+            .map(|(a, _)| *a)
+            .collect())
+    }
+    fn awaiting_ratchet_key(&self) -> Result<Vec<DeviceAddress>, StoreError> {
+        Ok(self
+            .sessions
+            .iter()
+            .filter(|(_, r)| r.awaits_ratchet_key())
+            .map(|(a, _)| *a)
+            .collect())
     }
     fn remove_session(&mut self, peer: &DeviceAddress) -> Result<(), StoreError> {
         self.sessions.remove(peer);

@@ -17,6 +17,7 @@ pub mod record;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+use core::future::Future;
 use std::fmt;
 use std::string::String;
 use std::vec::Vec;
@@ -26,6 +27,7 @@ pub use record::{SessionEntry, SessionRecord};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
+use crate::bounds::{MaybeSend, MaybeSync};
 use crate::protocol::keys::IdentityKeyPair;
 use crate::protocol::prekeys::PrekeyStore;
 use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
@@ -451,8 +453,10 @@ impl fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
-/// The device's local state. See the module docs.
-pub trait Store {
+/// The device's local state, with blocking methods: the trait to implement
+/// for a synchronous backend (every [`BlockingStore`] is a [`Store`]). See
+/// the module docs for the contract.
+pub trait BlockingStore {
     /// The device's identity, if created.
     fn identity(&self) -> Result<Option<LocalIdentity>, StoreError>;
     /// Sets the device's identity (once, at creation).
@@ -510,7 +514,7 @@ pub trait Store {
     /// Every contact, by name.
     fn contacts(&self) -> Result<Vec<ContactRecord>, StoreError>;
     /// Every peer record with this identity key (trust belongs to the key:
-    /// SPEC.md, "Trust"). The default filters [`Store::peers`].
+    /// SPEC.md, "Trust"). The default filters [`BlockingStore::peers`].
     fn peers_with_identity(&self, identity: &[u8; 32]) -> Result<Vec<PeerRecord>, StoreError> {
         Ok(self
             .peers()?
@@ -535,7 +539,7 @@ pub trait Store {
 
     /// Whether an envelope was already processed.
     fn is_processed(&self, id: &EnvelopeId) -> Result<bool, StoreError>;
-    /// For each id, whether it is processed ([`Store::is_processed`] of
+    /// For each id, whether it is processed ([`BlockingStore::is_processed`] of
     /// each, in order; a store answers a whole batch at once if it can).
     fn processed_among(&self, ids: &[EnvelopeId]) -> Result<Vec<bool>, StoreError> {
         ids.iter().map(|id| self.is_processed(id)).collect()
@@ -552,7 +556,7 @@ pub trait Store {
     fn sent_messages(&self) -> Result<Vec<SentMessage>, StoreError>;
     /// The sent messages still awaiting a receipt, oldest first (read on
     /// every receive: a store should not read the delivered ones for it).
-    /// The default filters [`Store::sent_messages`].
+    /// The default filters [`BlockingStore::sent_messages`].
     fn pending_sent(&self) -> Result<Vec<SentMessage>, StoreError> {
         let mut all = self.sent_messages()?;
         all.retain(|m| m.state.is_pending());
@@ -569,6 +573,529 @@ pub trait Store {
     fn inbox(&self) -> Result<Vec<InboxMessage>, StoreError>;
     /// Removes a message the application has consumed.
     fn remove_inbox(&mut self, id: &EnvelopeId) -> Result<(), StoreError>;
+
+    /// The session records of every peer device with this identity key,
+    /// each decoded on its own (as [`BlockingStore::sessions`]): a prekey
+    /// message names its sender's identity key, so this is how it finds
+    /// its sessions. The default filters [`BlockingStore::sessions`].
+    #[allow(clippy::type_complexity)]
+    fn sessions_with_identity(
+        &self,
+        identity: &[u8; 32],
+    ) -> Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError> {
+        let mut all = self.sessions()?;
+        all.retain(|(a, _)| &a.identity == identity);
+        Ok(all)
+    }
+    /// The peer devices whose session record holds a session that can
+    /// decrypt under one of these ratchet keys without a DH ratchet step
+    /// ([`SessionRecord::ratchet_keys`]), each once, in any order. A
+    /// record that does not decode is included (so that it is found and
+    /// quarantined). A store should keep an index, written with the
+    /// records, so that routing a message does not open every record; the
+    /// default filters [`BlockingStore::sessions`].
+    fn route_ratchet_keys(&self, keys: &[[u8; 32]]) -> Result<Vec<DeviceAddress>, StoreError> {
+        Ok(self
+            .sessions()?
+            .into_iter()
+            .filter(|(_, r)| match r {
+                Ok(r) => r.ratchet_keys().any(|k| keys.contains(k)),
+                Err(_) => true,
+            })
+            .map(|(a, _)| a)
+            .collect())
+    }
+    /// The peer devices whose session record holds a session that awaits a
+    /// new ratchet key from its peer ([`SessionRecord::awaits_ratchet_key`]):
+    /// only they can own a message whose ratchet key no record knows. A
+    /// record that does not decode is included. The default filters
+    /// [`BlockingStore::sessions`].
+    fn awaiting_ratchet_key(&self) -> Result<Vec<DeviceAddress>, StoreError> {
+        Ok(self
+            .sessions()?
+            .into_iter()
+            .filter(|(_, r)| r.as_ref().map_or(true, SessionRecord::awaits_ratchet_key))
+            .map(|(a, _)| a)
+            .collect())
+    }
+}
+
+/// The device's local state, asynchronous: what the client awaits. A
+/// synchronous backend implements [`BlockingStore`] instead and gets this
+/// trait for free; an asynchronous one (IndexedDB, a network database)
+/// implements it directly. See the module docs for the contract.
+#[allow(clippy::type_complexity)]
+pub trait Store: MaybeSend + MaybeSync {
+    /// The device's identity, if created.
+    fn identity(
+        &self,
+    ) -> impl Future<Output = Result<Option<LocalIdentity>, StoreError>> + MaybeSend;
+    /// Sets the device's identity (once, at creation).
+    fn set_identity(
+        &mut self,
+        identity: &LocalIdentity,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// The private prekeys and their bookkeeping.
+    fn prekeys(&self) -> impl Future<Output = Result<Option<PrekeyState>, StoreError>> + MaybeSend;
+    /// Replaces the private prekeys and their bookkeeping.
+    fn set_prekeys(
+        &mut self,
+        state: &PrekeyState,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// The sessions with a peer device. A store that serializes sessions
+    /// restores them with its identity (the state does not hold the
+    /// identity keys: [`SessionRecord::from_bytes`]), so it needs one:
+    /// without it a stored record is [`StoreError::Corrupted`].
+    fn session(
+        &self,
+        peer: &DeviceAddress,
+    ) -> impl Future<Output = Result<Option<SessionRecord>, StoreError>> + MaybeSend;
+    /// Every peer's session record, each decoded on its own: a record that
+    /// fails is returned as its error (to be quarantined), the others load.
+    ///
+    /// # Errors
+    /// Only a failure that concerns the whole store (the backend failed).
+
+    fn sessions(
+        &self,
+    ) -> impl Future<
+        Output = Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError>,
+    > + MaybeSend;
+    /// Replaces (or creates) a peer's session record.
+    fn set_session(
+        &mut self,
+        peer: &DeviceAddress,
+        record: &SessionRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// Deletes a peer's session record, if any.
+    fn remove_session(
+        &mut self,
+        peer: &DeviceAddress,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// Moves a peer's session record, as stored, to the quarantine (with
+    /// `reason`), so that the peer starts afresh and the bytes stay for
+    /// inspection. No record: nothing happens.
+    fn quarantine_session(
+        &mut self,
+        peer: &DeviceAddress,
+        now: u64,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// The quarantined records, oldest first.
+    fn quarantined(&self)
+        -> impl Future<Output = Result<Vec<Quarantined>, StoreError>> + MaybeSend;
+    /// What is known of a peer device.
+    fn peer(
+        &self,
+        device: &DeviceAddress,
+    ) -> impl Future<Output = Result<Option<PeerRecord>, StoreError>> + MaybeSend;
+    /// Adds or updates a peer record.
+    fn set_peer(
+        &mut self,
+        peer: &PeerRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// Every peer record.
+    fn peers(&self) -> impl Future<Output = Result<Vec<PeerRecord>, StoreError>> + MaybeSend;
+    /// A contact by the application's name for it.
+    fn contact(
+        &self,
+        name: &[u8],
+    ) -> impl Future<Output = Result<Option<ContactRecord>, StoreError>> + MaybeSend;
+    /// Adds or replaces a contact (keyed by its name).
+    fn set_contact(
+        &mut self,
+        contact: &ContactRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// Every contact, by name.
+    fn contacts(&self) -> impl Future<Output = Result<Vec<ContactRecord>, StoreError>> + MaybeSend;
+    /// Every peer record with this identity key (trust belongs to the key:
+    /// SPEC.md, "Trust"). The default filters [`Store::peers`].
+    fn peers_with_identity(
+        &self,
+        identity: &[u8; 32],
+    ) -> impl Future<Output = Result<Vec<PeerRecord>, StoreError>> + MaybeSend {
+        async move {
+            let mut all = self.peers().await?;
+            all.retain(|p| &p.address.identity == identity);
+            Ok(all)
+        }
+    }
+    /// Atomically stores the session record of `entry.to`, adds the
+    /// envelope to the outbox and, if given, stores the sent message (new
+    /// or updated: keyed by its id).
+    fn commit_send(
+        &mut self,
+        record: &SessionRecord,
+        entry: &OutboxEntry,
+        sent: Option<&SentMessage>,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// Envelopes not yet deposited, oldest first.
+    fn outbox(&self) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + MaybeSend;
+    /// Removes a deposited envelope from the outbox.
+    fn remove_outbox(
+        &mut self,
+        id: &EnvelopeId,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// Whether an envelope was already processed.
+    fn is_processed(
+        &self,
+        id: &EnvelopeId,
+    ) -> impl Future<Output = Result<bool, StoreError>> + MaybeSend;
+    /// For each id, whether it is processed ([`Store::is_processed`] of
+    /// each, in order; a store answers a whole batch at once if it can).
+    fn processed_among(
+        &self,
+        ids: &[EnvelopeId],
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + MaybeSend {
+        async move {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                out.push(self.is_processed(id).await?);
+            }
+            Ok(out)
+        }
+    }
+    /// Applies every commit of the batch, in order, atomically: all or none.
+    fn commit_receive(
+        &mut self,
+        batch: &[ReceiveCommit<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// Forgets processed-envelope marks older than `before` (after the
+    /// relay's retention, a redelivery cannot happen from an honest relay,
+    /// and the ratchet still rejects replays).
+    fn prune_processed(
+        &mut self,
+        before: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// Every sent message kept: awaiting a receipt, or delivered or failed
+    /// and not yet pruned; oldest first.
+    fn sent_messages(
+        &self,
+    ) -> impl Future<Output = Result<Vec<SentMessage>, StoreError>> + MaybeSend;
+    /// The sent messages still awaiting a receipt, oldest first (read on
+    /// every receive: a store should not read the delivered ones for it).
+    /// The default filters [`Store::sent_messages`].
+    fn pending_sent(
+        &self,
+    ) -> impl Future<Output = Result<Vec<SentMessage>, StoreError>> + MaybeSend {
+        async move {
+            let mut all = self.sent_messages().await?;
+            all.retain(|m| m.state.is_pending());
+            Ok(all)
+        }
+    }
+    /// A sent message by id.
+    fn sent_message(
+        &self,
+        id: &MessageId,
+    ) -> impl Future<Output = Result<Option<SentMessage>, StoreError>> + MaybeSend;
+    /// Stores a sent message (new or updated: keyed by its id).
+    fn update_sent(
+        &mut self,
+        message: &SentMessage,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// Forgets delivered and failed messages created before `before`.
+    fn prune_sent(
+        &mut self,
+        before: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// Messages waiting for the application, in the order received.
+    fn inbox(&self) -> impl Future<Output = Result<Vec<InboxMessage>, StoreError>> + MaybeSend;
+    /// Removes a message the application has consumed.
+    fn remove_inbox(
+        &mut self,
+        id: &EnvelopeId,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// The session records of every peer device with this identity key,
+    /// each decoded on its own (as [`Store::sessions`]): a prekey
+    /// message names its sender's identity key, so this is how it finds
+    /// its sessions. The default filters [`Store::sessions`].
+
+    fn sessions_with_identity(
+        &self,
+        identity: &[u8; 32],
+    ) -> impl Future<
+        Output = Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError>,
+    > + MaybeSend {
+        async move {
+            let mut all = self.sessions().await?;
+            all.retain(|(a, _)| &a.identity == identity);
+            Ok(all)
+        }
+    }
+    /// The peer devices whose session record holds a session that can
+    /// decrypt under one of these ratchet keys without a DH ratchet step
+    /// ([`SessionRecord::ratchet_keys`]), each once, in any order. A
+    /// record that does not decode is included (so that it is found and
+    /// quarantined). A store should keep an index, written with the
+    /// records, so that routing a message does not open every record; the
+    /// default filters [`Store::sessions`].
+    fn route_ratchet_keys(
+        &self,
+        keys: &[[u8; 32]],
+    ) -> impl Future<Output = Result<Vec<DeviceAddress>, StoreError>> + MaybeSend {
+        async move {
+            Ok(self
+                .sessions()
+                .await?
+                .into_iter()
+                .filter(|(_, r)| match r {
+                    Ok(r) => r.ratchet_keys().any(|k| keys.contains(k)),
+                    Err(_) => true,
+                })
+                .map(|(a, _)| a)
+                .collect())
+        }
+    }
+    /// The peer devices whose session record holds a session that awaits a
+    /// new ratchet key from its peer ([`SessionRecord::awaits_ratchet_key`]):
+    /// only they can own a message whose ratchet key no record knows. A
+    /// record that does not decode is included. The default filters
+    /// [`Store::sessions`].
+    fn awaiting_ratchet_key(
+        &self,
+    ) -> impl Future<Output = Result<Vec<DeviceAddress>, StoreError>> + MaybeSend {
+        async move {
+            Ok(self
+                .sessions()
+                .await?
+                .into_iter()
+                .filter(|(_, r)| r.as_ref().map_or(true, SessionRecord::awaits_ratchet_key))
+                .map(|(a, _)| a)
+                .collect())
+        }
+    }
+}
+
+/// Every blocking store is a store: each method does its work when called
+/// and returns a ready future (see the module docs: where it blocks).
+#[allow(clippy::type_complexity)]
+impl<T: BlockingStore + MaybeSend + MaybeSync> Store for T {
+    fn identity(
+        &self,
+    ) -> impl Future<Output = Result<Option<LocalIdentity>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::identity(self))
+    }
+
+    fn set_identity(
+        &mut self,
+        identity: &LocalIdentity,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::set_identity(self, identity))
+    }
+
+    fn prekeys(&self) -> impl Future<Output = Result<Option<PrekeyState>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::prekeys(self))
+    }
+
+    fn set_prekeys(
+        &mut self,
+        state: &PrekeyState,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::set_prekeys(self, state))
+    }
+
+    fn session(
+        &self,
+        peer: &DeviceAddress,
+    ) -> impl Future<Output = Result<Option<SessionRecord>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::session(self, peer))
+    }
+
+    fn sessions(
+        &self,
+    ) -> impl Future<
+        Output = Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError>,
+    > + MaybeSend {
+        core::future::ready(BlockingStore::sessions(self))
+    }
+
+    fn set_session(
+        &mut self,
+        peer: &DeviceAddress,
+        record: &SessionRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::set_session(self, peer, record))
+    }
+
+    fn remove_session(
+        &mut self,
+        peer: &DeviceAddress,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::remove_session(self, peer))
+    }
+
+    fn quarantine_session(
+        &mut self,
+        peer: &DeviceAddress,
+        now: u64,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::quarantine_session(self, peer, now, reason))
+    }
+
+    fn quarantined(
+        &self,
+    ) -> impl Future<Output = Result<Vec<Quarantined>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::quarantined(self))
+    }
+
+    fn peer(
+        &self,
+        device: &DeviceAddress,
+    ) -> impl Future<Output = Result<Option<PeerRecord>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::peer(self, device))
+    }
+
+    fn set_peer(
+        &mut self,
+        peer: &PeerRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::set_peer(self, peer))
+    }
+
+    fn peers(&self) -> impl Future<Output = Result<Vec<PeerRecord>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::peers(self))
+    }
+
+    fn contact(
+        &self,
+        name: &[u8],
+    ) -> impl Future<Output = Result<Option<ContactRecord>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::contact(self, name))
+    }
+
+    fn set_contact(
+        &mut self,
+        contact: &ContactRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::set_contact(self, contact))
+    }
+
+    fn contacts(&self) -> impl Future<Output = Result<Vec<ContactRecord>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::contacts(self))
+    }
+
+    fn peers_with_identity(
+        &self,
+        identity: &[u8; 32],
+    ) -> impl Future<Output = Result<Vec<PeerRecord>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::peers_with_identity(self, identity))
+    }
+
+    fn commit_send(
+        &mut self,
+        record: &SessionRecord,
+        entry: &OutboxEntry,
+        sent: Option<&SentMessage>,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::commit_send(self, record, entry, sent))
+    }
+
+    fn outbox(&self) -> impl Future<Output = Result<Vec<OutboxEntry>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::outbox(self))
+    }
+
+    fn remove_outbox(
+        &mut self,
+        id: &EnvelopeId,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::remove_outbox(self, id))
+    }
+
+    fn is_processed(
+        &self,
+        id: &EnvelopeId,
+    ) -> impl Future<Output = Result<bool, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::is_processed(self, id))
+    }
+
+    fn processed_among(
+        &self,
+        ids: &[EnvelopeId],
+    ) -> impl Future<Output = Result<Vec<bool>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::processed_among(self, ids))
+    }
+
+    fn commit_receive(
+        &mut self,
+        batch: &[ReceiveCommit<'_>],
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::commit_receive(self, batch))
+    }
+
+    fn prune_processed(
+        &mut self,
+        before: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::prune_processed(self, before))
+    }
+
+    fn sent_messages(
+        &self,
+    ) -> impl Future<Output = Result<Vec<SentMessage>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::sent_messages(self))
+    }
+
+    fn pending_sent(
+        &self,
+    ) -> impl Future<Output = Result<Vec<SentMessage>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::pending_sent(self))
+    }
+
+    fn sent_message(
+        &self,
+        id: &MessageId,
+    ) -> impl Future<Output = Result<Option<SentMessage>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::sent_message(self, id))
+    }
+
+    fn update_sent(
+        &mut self,
+        message: &SentMessage,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::update_sent(self, message))
+    }
+
+    fn prune_sent(
+        &mut self,
+        before: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::prune_sent(self, before))
+    }
+
+    fn inbox(&self) -> impl Future<Output = Result<Vec<InboxMessage>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::inbox(self))
+    }
+
+    fn remove_inbox(
+        &mut self,
+        id: &EnvelopeId,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::remove_inbox(self, id))
+    }
+
+    fn sessions_with_identity(
+        &self,
+        identity: &[u8; 32],
+    ) -> impl Future<
+        Output = Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError>,
+    > + MaybeSend {
+        core::future::ready(BlockingStore::sessions_with_identity(self, identity))
+    }
+
+    fn route_ratchet_keys(
+        &self,
+        keys: &[[u8; 32]],
+    ) -> impl Future<Output = Result<Vec<DeviceAddress>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::route_ratchet_keys(self, keys))
+    }
+
+    fn awaiting_ratchet_key(
+        &self,
+    ) -> impl Future<Output = Result<Vec<DeviceAddress>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::awaiting_ratchet_key(self))
+    }
 }
 
 /// Length of [`LocalIdentity::to_bytes`].

@@ -129,6 +129,27 @@ impl SessionRecord {
         &mut self.entries
     }
 
+    /// The peer's ratchet public keys the record's sessions can decrypt
+    /// under without a DH ratchet step (each session's
+    /// [`Session::receiving_ratchet_keys`]): what a store indexes to route
+    /// a message to its record ([`Store::route_ratchet_keys`]).
+    ///
+    /// [`Store::route_ratchet_keys`]: super::Store::route_ratchet_keys
+    pub fn ratchet_keys(&self) -> impl Iterator<Item = &[u8; 32]> {
+        self.entries
+            .iter()
+            .flat_map(|e| e.session.receiving_ratchet_keys())
+    }
+
+    /// Whether one of the record's sessions awaits a new ratchet key from
+    /// the peer ([`Session::awaits_new_ratchet_key`]): only such a record
+    /// can own a message whose ratchet key no record knows.
+    pub fn awaits_ratchet_key(&self) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.session.awaits_new_ratchet_key())
+    }
+
     /// Whether the record holds no session.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()

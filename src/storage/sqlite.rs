@@ -5,12 +5,14 @@ use std::fmt;
 use std::format;
 use std::path::Path;
 use std::string::{String, ToString};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use std::vec::Vec;
 
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
 use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
 use rand_core::{OsRng, RngCore};
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, Row, Transaction, TransactionBehavior};
@@ -18,9 +20,9 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::{
-    ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord,
-    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, Store, StoreError, Trust,
-    LOCAL_IDENTITY_LEN,
+    BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MessageId,
+    OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord,
+    StoreError, Trust, LOCAL_IDENTITY_LEN,
 };
 use crate::protocol::keys::IdentityKey;
 use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
@@ -114,6 +116,8 @@ fn note_compromised<'a>(
 const KEY_CHECK_VALUE: &[u8] = b"cubbyhole sqlite store key check v1";
 /// HKDF info for the at-rest key.
 const KEY_INFO: &[u8] = b"cubbyhole/v1 sqlite store at-rest key";
+/// HKDF info of the routing index's key ([`Sealer::route`]).
+const ROUTE_KEY_INFO: &[u8] = b"cubbyhole/v1 sqlite store route key";
 /// Prefix of every associated data.
 const AAD_DOMAIN: &[u8] = b"cubbyhole/v1 sqlite\0";
 
@@ -129,7 +133,7 @@ type Migration = fn(&Transaction<'_>, &Sealer) -> Result<(), StoreError>;
 
 /// The schema steps, in order. To change the schema, append a step: never
 /// edit a published one.
-const MIGRATIONS: &[Migration] = &[migrate_v1, migrate_v2];
+const MIGRATIONS: &[Migration] = &[migrate_v1, migrate_v2, migrate_v3];
 
 /// Version 1: the tables and the key check row.
 fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
@@ -229,6 +233,125 @@ fn migrate_v2(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
     .map_err(backend)
 }
 
+/// Version 3: the routing index. `routes` maps a keyed digest of each
+/// ratchet key a peer's record can decrypt under
+/// ([`SessionRecord::ratchet_keys`], [`Sealer::route`]) to the peer, and
+/// `sessions.awaits` marks the records that await a new ratchet key
+/// ([`SessionRecord::awaits_ratchet_key`]), so a receive opens only the
+/// records its messages belong to. Both are written with the record, in
+/// the same transaction; this step fills them for the existing records (a
+/// record that does not open is marked awaiting, so a receive finds it
+/// and quarantines it).
+fn migrate_v3(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE TABLE routes (
+             key BLOB NOT NULL CHECK (length(key) = 16),
+             identity BLOB NOT NULL CHECK (length(identity) = 32),
+             device_id INTEGER NOT NULL CHECK (device_id BETWEEN 0 AND 4294967295),
+             PRIMARY KEY (key, identity, device_id)
+         ) WITHOUT ROWID, STRICT;
+         CREATE INDEX routes_by_peer ON routes (identity, device_id);
+         ALTER TABLE sessions ADD COLUMN awaits INTEGER NOT NULL DEFAULT 0
+             CHECK (awaits IN (0, 1));
+         CREATE INDEX sessions_awaiting ON sessions (identity, device_id) WHERE awaits = 1;",
+    )
+    .map_err(backend)?;
+    let local = {
+        let mut stmt = tx
+            .prepare("SELECT secret FROM identity WHERE id = ?1")
+            .map_err(backend)?;
+        let mut rows = stmt.query([SINGLETON]).map_err(backend)?;
+        match rows.next().map_err(backend)? {
+            None => None,
+            Some(row) => blob(row, 0, "secret")
+                .ok()
+                .and_then(|sealed| {
+                    sealer
+                        .open(T_IDENTITY, &SINGLETON.to_be_bytes(), sealed)
+                        .ok()
+                })
+                .and_then(|plain| LocalIdentity::from_bytes(&plain).ok())
+                .map(|i| *i.keys.public()),
+        }
+    };
+    let mut found = Vec::new();
+    {
+        let mut stmt = tx.prepare(SESSIONS_SELECT).map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        while let Some(row) = rows.next().map_err(backend)? {
+            let address = address_key(T_SESSIONS, row, 0, 1)?;
+            let record = blob(row, 2, "state").ok().and_then(|sealed| {
+                let plain = sealer
+                    .open(T_SESSIONS, &address_bytes(&address), sealed)
+                    .ok()?;
+                let remote = IdentityKey::from_bytes(&address.identity).ok()?;
+                SessionRecord::from_bytes(&plain, local.as_ref()?, &remote).ok()
+            });
+            found.push((address, record));
+        }
+    }
+    for (address, record) in found {
+        match record {
+            Some(record) => write_routes(tx, &address, &sealer.routes(&record))?,
+            None => write_routes(tx, &address, &Routes::unknown())?,
+        }
+    }
+    Ok(())
+}
+
+/// What the routing index holds for one record.
+struct Routes {
+    keys: Vec<[u8; 16]>,
+    awaits: bool,
+}
+
+impl Routes {
+    /// For a record that does not open: no key, awaiting (found by the
+    /// next receive that looks for a new chain, and quarantined).
+    fn unknown() -> Self {
+        Routes {
+            keys: Vec::new(),
+            awaits: true,
+        }
+    }
+}
+
+/// Replaces the routing index entries of `peer` (whose `sessions` row is
+/// written in the same transaction).
+fn write_routes(
+    conn: &Connection,
+    peer: &DeviceAddress,
+    routes: &Routes,
+) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM routes WHERE identity = ?1 AND device_id = ?2")
+        .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id]))
+        .map_err(backend)?;
+    if !routes.keys.is_empty() {
+        let mut stmt = conn
+            .prepare_cached(
+                "INSERT INTO routes (key, identity, device_id) VALUES (?1, ?2, ?3)
+                 ON CONFLICT DO NOTHING",
+            )
+            .map_err(backend)?;
+        for key in &routes.keys {
+            stmt.execute(params![&key[..], &peer.identity[..], peer.device_id])
+                .map_err(backend)?;
+        }
+    }
+    conn.prepare_cached("UPDATE sessions SET awaits = ?3 WHERE identity = ?1 AND device_id = ?2")
+        .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id, routes.awaits]))
+        .map_err(backend)?;
+    Ok(())
+}
+
+/// Deletes the routing index entries of `peer`.
+fn delete_routes(conn: &Connection, peer: &DeviceAddress) -> Result<(), StoreError> {
+    conn.prepare_cached("DELETE FROM routes WHERE identity = ?1 AND device_id = ?2")
+        .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id]))
+        .map_err(backend)?;
+    Ok(())
+}
+
 /// A file-backed [`Store`] over SQLite (feature `sqlite`), with secrets
 /// encrypted at rest.
 ///
@@ -321,6 +444,12 @@ fn migrate_v2(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
 /// # Ok(()) }
 /// ```
 pub struct SqliteStore {
+    db: Mutex<Db>,
+}
+
+/// The store proper; [`SqliteStore`] puts it behind a mutex so that it is
+/// `Sync` (a rusqlite connection is not).
+struct Db {
     conn: Connection,
     sealer: Sealer,
     /// Our identity key, once read: session states are restored with it.
@@ -329,13 +458,254 @@ pub struct SqliteStore {
 
 impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.lock().fmt(f)
+    }
+}
+
+impl SqliteStore {
+    /// The schema version this code creates and understands (SQLite's
+    /// `user_version`).
+    pub const SCHEMA_VERSION: u32 = Db::SCHEMA_VERSION;
+
+    /// Opens the store at `path`, creating it if absent, migrating an older
+    /// schema, and checking `key`.
+    ///
+    /// # Errors
+    /// - [`StoreError::WrongKey`] if the database was created under another
+    ///   key;
+    /// - [`StoreError::UnsupportedSchema`] if it was written by newer code;
+    /// - [`StoreError::Corrupted`] if the key check row is missing or cut;
+    /// - [`StoreError::Backend`] if SQLite fails (unreadable file, not a
+    ///   database, a non-empty database of another application, locked
+    ///   longer than the busy timeout, ...).
+    pub fn open(path: impl AsRef<Path>, key: &[u8; 32]) -> Result<Self, StoreError> {
+        Db::open(path, key).map(Self::wrap)
+    }
+
+    /// Opens a fresh store in memory (gone when dropped): the same code
+    /// paths as a file, for tests.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if SQLite fails.
+    pub fn open_in_memory(key: &[u8; 32]) -> Result<Self, StoreError> {
+        Db::open_in_memory(key).map(Self::wrap)
+    }
+
+    fn wrap(db: Db) -> Self {
+        SqliteStore { db: Mutex::new(db) }
+    }
+
+    /// The store, for a call through `&self`. A panic while it was held
+    /// (which no method allows) cannot leave a half-applied change: every
+    /// write is one SQLite transaction, rolled back if not committed.
+    fn lock(&self) -> MutexGuard<'_, Db> {
+        self.db.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get_mut(&mut self) -> &mut Db {
+        self.db.get_mut().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The addresses of all sessions, without opening them (so a corrupted
+    /// session does not hide the others): with [`Store::session`] per
+    /// address, an application can load every healthy session.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if SQLite fails, [`StoreError::Corrupted`]
+    /// for an unreadable row key.
+    pub fn session_addresses(&self) -> Result<Vec<DeviceAddress>, StoreError> {
+        self.lock().session_addresses()
+    }
+
+    /// Deletes a sent message, if any: the way to discard a corrupted one
+    /// (which fails [`Store::sent_messages`] until it is removed or
+    /// overwritten with [`Store::update_sent`]).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if SQLite fails.
+    pub fn remove_sent(&mut self, id: &MessageId) -> Result<(), StoreError> {
+        self.get_mut().remove_sent(id)
+    }
+
+    /// Opens and decodes every row that [`Store`] reads and returns one
+    /// [`StoreError::Corrupted`] per row that fails, in table order
+    /// (identity, prekeys, sessions, quarantine, peers, outbox, sent,
+    /// inbox). Empty means the store is healthy. (A quarantined record is
+    /// not opened: only its columns are decoded.)
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if SQLite fails.
+    pub fn corrupted_rows(&self) -> Result<Vec<StoreError>, StoreError> {
+        self.lock().corrupted_rows()
+    }
+}
+
+impl BlockingStore for SqliteStore {
+    fn identity(&self) -> Result<Option<LocalIdentity>, StoreError> {
+        self.lock().identity()
+    }
+
+    fn set_identity(&mut self, identity: &LocalIdentity) -> Result<(), StoreError> {
+        self.get_mut().set_identity(identity)
+    }
+
+    fn prekeys(&self) -> Result<Option<PrekeyState>, StoreError> {
+        self.lock().prekeys()
+    }
+
+    fn set_prekeys(&mut self, state: &PrekeyState) -> Result<(), StoreError> {
+        self.get_mut().set_prekeys(state)
+    }
+
+    fn session(&self, peer: &DeviceAddress) -> Result<Option<SessionRecord>, StoreError> {
+        self.lock().session(peer)
+    }
+
+    fn sessions(
+        &self,
+    ) -> Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError> {
+        self.lock().sessions()
+    }
+
+    fn set_session(
+        &mut self,
+        peer: &DeviceAddress,
+        record: &SessionRecord,
+    ) -> Result<(), StoreError> {
+        self.get_mut().set_session(peer, record)
+    }
+
+    fn remove_session(&mut self, peer: &DeviceAddress) -> Result<(), StoreError> {
+        self.get_mut().remove_session(peer)
+    }
+
+    fn quarantine_session(
+        &mut self,
+        peer: &DeviceAddress,
+        now: u64,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.get_mut().quarantine_session(peer, now, reason)
+    }
+
+    fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
+        self.lock().quarantined()
+    }
+
+    fn peer(&self, device: &DeviceAddress) -> Result<Option<PeerRecord>, StoreError> {
+        self.lock().peer(device)
+    }
+
+    fn set_peer(&mut self, peer: &PeerRecord) -> Result<(), StoreError> {
+        self.get_mut().set_peer(peer)
+    }
+
+    fn peers(&self) -> Result<Vec<PeerRecord>, StoreError> {
+        self.lock().peers()
+    }
+
+    fn contact(&self, name: &[u8]) -> Result<Option<ContactRecord>, StoreError> {
+        self.lock().contact(name)
+    }
+
+    fn set_contact(&mut self, contact: &ContactRecord) -> Result<(), StoreError> {
+        self.get_mut().set_contact(contact)
+    }
+
+    fn contacts(&self) -> Result<Vec<ContactRecord>, StoreError> {
+        self.lock().contacts()
+    }
+
+    fn peers_with_identity(&self, identity: &[u8; 32]) -> Result<Vec<PeerRecord>, StoreError> {
+        self.lock().peers_with_identity(identity)
+    }
+
+    fn commit_send(
+        &mut self,
+        record: &SessionRecord,
+        entry: &OutboxEntry,
+        sent: Option<&SentMessage>,
+    ) -> Result<(), StoreError> {
+        self.get_mut().commit_send(record, entry, sent)
+    }
+
+    fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.lock().outbox()
+    }
+
+    fn remove_outbox(&mut self, id: &EnvelopeId) -> Result<(), StoreError> {
+        self.get_mut().remove_outbox(id)
+    }
+
+    fn is_processed(&self, id: &EnvelopeId) -> Result<bool, StoreError> {
+        self.lock().is_processed(id)
+    }
+
+    fn processed_among(&self, ids: &[EnvelopeId]) -> Result<Vec<bool>, StoreError> {
+        self.lock().processed_among(ids)
+    }
+
+    fn commit_receive(&mut self, batch: &[ReceiveCommit<'_>]) -> Result<(), StoreError> {
+        self.get_mut().commit_receive(batch)
+    }
+
+    fn prune_processed(&mut self, before: u64) -> Result<(), StoreError> {
+        self.get_mut().prune_processed(before)
+    }
+
+    fn sent_messages(&self) -> Result<Vec<SentMessage>, StoreError> {
+        self.lock().sent_messages()
+    }
+
+    fn pending_sent(&self) -> Result<Vec<SentMessage>, StoreError> {
+        self.lock().pending_sent()
+    }
+
+    fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
+        self.lock().sent_message(id)
+    }
+
+    fn update_sent(&mut self, message: &SentMessage) -> Result<(), StoreError> {
+        self.get_mut().update_sent(message)
+    }
+
+    fn prune_sent(&mut self, before: u64) -> Result<(), StoreError> {
+        self.get_mut().prune_sent(before)
+    }
+
+    fn inbox(&self) -> Result<Vec<InboxMessage>, StoreError> {
+        self.lock().inbox()
+    }
+
+    fn remove_inbox(&mut self, id: &EnvelopeId) -> Result<(), StoreError> {
+        self.get_mut().remove_inbox(id)
+    }
+
+    fn sessions_with_identity(
+        &self,
+        identity: &[u8; 32],
+    ) -> Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError> {
+        self.lock().sessions_with_identity(identity)
+    }
+
+    fn route_ratchet_keys(&self, keys: &[[u8; 32]]) -> Result<Vec<DeviceAddress>, StoreError> {
+        self.lock().route_ratchet_keys(keys)
+    }
+
+    fn awaiting_ratchet_key(&self) -> Result<Vec<DeviceAddress>, StoreError> {
+        self.lock().awaiting_ratchet_key()
+    }
+}
+
+impl fmt::Debug for Db {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteStore")
             .field("path", &self.conn.path())
             .finish_non_exhaustive()
     }
 }
 
-impl SqliteStore {
+impl Db {
     /// The schema version this code creates and understands (SQLite's
     /// `user_version`).
     pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -421,7 +791,7 @@ impl SqliteStore {
                 .map_err(backend)?;
         }
         tx.commit().map_err(backend)?;
-        Ok(SqliteStore {
+        Ok(Db {
             conn,
             sealer,
             local: std::cell::Cell::new(None),
@@ -821,7 +1191,7 @@ fn check_key(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
     Ok(())
 }
 
-impl Store for SqliteStore {
+impl BlockingStore for Db {
     fn identity(&self) -> Result<Option<LocalIdentity>, StoreError> {
         let mut stmt = self
             .conn
@@ -929,25 +1299,87 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    #[allow(clippy::type_complexity)]
+    fn sessions_with_identity(
+        &self,
+        identity: &[u8; 32],
+    ) -> Result<Vec<(DeviceAddress, Result<SessionRecord, StoreError>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT identity, device_id, state FROM sessions WHERE identity = ?1
+                 ORDER BY device_id",
+            )
+            .map_err(backend)?;
+        let mut rows = stmt.query([&identity[..]]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(backend)? {
+            let address = address_key(T_SESSIONS, row, 0, 1)?;
+            let local = self.local_key()?;
+            out.push((address, self.open_record(&address, row, 2, local.as_ref())));
+        }
+        Ok(out)
+    }
+
+    /// One indexed lookup per key, of its keyed digest
+    /// ([`Sealer::route`]): no record is opened.
+    fn route_ratchet_keys(&self, keys: &[[u8; 32]]) -> Result<Vec<DeviceAddress>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT identity, device_id FROM routes WHERE key = ?1")
+            .map_err(backend)?;
+        let mut out = BTreeSet::new();
+        for key in keys {
+            let digest = self.sealer.route(key);
+            let mut rows = stmt.query([&digest[..]]).map_err(backend)?;
+            while let Some(row) = rows.next().map_err(backend)? {
+                out.insert(address_key(T_SESSIONS, row, 0, 1)?);
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    fn awaiting_ratchet_key(&self) -> Result<Vec<DeviceAddress>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT identity, device_id FROM sessions WHERE awaits = 1")
+            .map_err(backend)?;
+        let mut rows = stmt.query([]).map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(backend)? {
+            out.push(address_key(T_SESSIONS, row, 0, 1)?);
+        }
+        Ok(out)
+    }
+
     fn set_session(
         &mut self,
         peer: &DeviceAddress,
         record: &SessionRecord,
     ) -> Result<(), StoreError> {
         let sealed = self.seal_record(peer, record)?;
-        self.conn
-            .prepare_cached(SESSION_UPSERT)
+        let routes = self.sealer.routes(record);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        tx.prepare_cached(SESSION_UPSERT)
             .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id, sealed]))
             .map_err(backend)?;
-        Ok(())
+        write_routes(&tx, peer, &routes)?;
+        tx.commit().map_err(backend)
     }
 
     fn remove_session(&mut self, peer: &DeviceAddress) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached("DELETE FROM sessions WHERE identity = ?1 AND device_id = ?2")
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        tx.prepare_cached("DELETE FROM sessions WHERE identity = ?1 AND device_id = ?2")
             .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id]))
             .map_err(backend)?;
-        Ok(())
+        delete_routes(&tx, peer)?;
+        tx.commit().map_err(backend)
     }
 
     /// Moves the row, in one transaction: the `state` column's bytes as
@@ -984,6 +1416,7 @@ impl Store for SqliteStore {
         tx.prepare_cached("DELETE FROM sessions WHERE identity = ?1 AND device_id = ?2")
             .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id]))
             .map_err(backend)?;
+        delete_routes(&tx, peer)?;
         tx.commit().map_err(backend)
     }
 
@@ -1098,6 +1531,7 @@ impl Store for SqliteStore {
         sent: Option<&SentMessage>,
     ) -> Result<(), StoreError> {
         let sealed = self.seal_record(&entry.to, record)?;
+        let routes = self.sealer.routes(record);
         let sent = sent.map(|m| Ok((m, self.seal_sent(m)?))).transpose()?;
         let tx = self
             .conn
@@ -1108,6 +1542,7 @@ impl Store for SqliteStore {
                 s.execute(params![&entry.to.identity[..], entry.to.device_id, sealed])
             })
             .map_err(backend)?;
+        write_routes(&tx, &entry.to, &routes)?;
         tx.prepare_cached(
             "INSERT INTO outbox (envelope_id, to_identity, to_device, payload, created, message)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -1223,7 +1658,7 @@ impl Store for SqliteStore {
         }
         let sessions = sessions
             .into_iter()
-            .map(|(a, r)| Ok((a, self.seal_record(&a, r)?)))
+            .map(|(a, r)| Ok((a, self.seal_record(&a, r)?, self.sealer.routes(r))))
             .collect::<Result<Vec<_>, StoreError>>()?;
         let sent = sent
             .into_iter()
@@ -1249,9 +1684,12 @@ impl Store for SqliteStore {
             .map_err(backend)?;
         {
             let mut stmt = tx.prepare_cached(SESSION_UPSERT).map_err(backend)?;
-            for (a, sealed) in &sessions {
+            for (a, sealed, _) in &sessions {
                 stmt.execute(params![&a.identity[..], a.device_id, sealed])
                     .map_err(backend)?;
+            }
+            for (a, _, routes) in &sessions {
+                write_routes(&tx, a, routes)?;
             }
             if !peers.is_empty() {
                 let mut stmt = tx.prepare_cached(PEER_UPSERT).map_err(backend)?;
@@ -1381,7 +1819,7 @@ impl Store for SqliteStore {
     }
 }
 
-impl SqliteStore {
+impl Db {
     fn seal_record(
         &self,
         address: &DeviceAddress,
@@ -1405,6 +1843,8 @@ impl SqliteStore {
 /// AES-256-GCM under the store's derived key.
 struct Sealer {
     cipher: Aes256Gcm,
+    /// The key of the routing index's digests ([`Sealer::route`]).
+    route_key: Zeroizing<[u8; 32]>,
 }
 
 impl Sealer {
@@ -1413,8 +1853,38 @@ impl Sealer {
         Hkdf::<Sha256>::new(None, key)
             .expand(KEY_INFO, derived.as_mut())
             .expect("32 bytes is a valid HKDF-SHA256 output length");
+        let mut route_key = Zeroizing::new([0u8; 32]);
+        Hkdf::<Sha256>::new(None, key)
+            .expand(ROUTE_KEY_INFO, route_key.as_mut())
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
         Sealer {
             cipher: Aes256Gcm::new(derived.as_ref().into()),
+            route_key,
+        }
+    }
+
+    /// The routing index's name for a ratchet public key: the first 16
+    /// bytes of HMAC-SHA256 under a key derived from the store key, so the
+    /// file alone does not tell which envelope seen on a relay belongs to
+    /// which peer.
+    fn route(&self, ratchet_key: &[u8; 32]) -> [u8; 16] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.route_key.as_ref())
+            .expect("HMAC takes a key of any length");
+        mac.update(ratchet_key);
+        let tag = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&tag[..16]);
+        out
+    }
+
+    /// The routing index entries of a record.
+    fn routes(&self, record: &SessionRecord) -> Routes {
+        let mut keys: Vec<[u8; 16]> = record.ratchet_keys().map(|k| self.route(k)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        Routes {
+            keys,
+            awaits: record.awaits_ratchet_key(),
         }
     }
 

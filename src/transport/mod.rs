@@ -9,8 +9,10 @@
 //! mailbox needs proof of its owner's key over a fresh, single-use challenge
 //! (see [`crate::relay`] for the rules any relay applies).
 //!
-//! The traits return `impl Future + Send`, so implementations may use any
-//! runtime (or none: the in-process relay answers immediately).
+//! The traits return `impl Future + MaybeSend` (`Send` on native targets,
+//! unbounded on `wasm32`, where a browser transport awaits JavaScript
+//! promises), so implementations may use any runtime (or none: the
+//! in-process relay answers immediately).
 
 mod codec;
 
@@ -26,6 +28,7 @@ pub use codec::{
     SignedPrekeyRecord, MAILBOX_AUTH_LEN, MAX_ACKNOWLEDGE_IDS_ENCODED,
 };
 
+use crate::bounds::{MaybeSend, MaybeSync};
 use crate::protocol::keys::IdentityKey;
 
 /// A device: its identity key (each device has its own) and a device number
@@ -134,27 +137,30 @@ impl std::error::Error for TransportError {}
 
 /// The prekey directory: where devices publish their bundle sets and
 /// senders fetch bundles.
-pub trait PrekeyDirectory: Send + Sync {
+pub trait PrekeyDirectory: MaybeSend + MaybeSync {
     /// Publishes or replaces a device's bundle set. The upload is signed by
     /// the device's identity key and carries a counter above the last one.
-    fn publish(&self, upload: &[u8]) -> impl Future<Output = Result<(), TransportError>> + Send;
+    fn publish(
+        &self,
+        upload: &[u8],
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend;
 
     /// Fetches a bundle (the profile's bundle encoding) for a device,
     /// claiming at most one of its one-time prekeys.
     fn fetch_bundle(
         &self,
         device: &DeviceAddress,
-    ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + Send;
+    ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + MaybeSend;
 
     /// How many one-time prekeys the device has left in the directory.
     fn one_time_prekeys_left(
         &self,
         device: &DeviceAddress,
-    ) -> impl Future<Output = Result<u32, TransportError>> + Send;
+    ) -> impl Future<Output = Result<u32, TransportError>> + MaybeSend;
 }
 
 /// The mailbox: where senders leave envelopes and recipients pick them up.
-pub trait Mailbox: Send + Sync {
+pub trait Mailbox: MaybeSend + MaybeSync {
     /// Deposits an encoded envelope for a mailbox. Needs no identity.
     /// Idempotent: depositing the same envelope id again is accepted and
     /// stored once.
@@ -162,13 +168,13 @@ pub trait Mailbox: Send + Sync {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
-    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend;
 
     /// A fresh, single-use challenge for proving ownership of a mailbox.
     fn challenge(
         &self,
         mailbox: &MailboxId,
-    ) -> impl Future<Output = Result<[u8; 32], TransportError>> + Send;
+    ) -> impl Future<Output = Result<[u8; 32], TransportError>> + MaybeSend;
 
     /// Pending envelopes, oldest first, at most `limit`; `auth` must be a
     /// [`MailboxOp::Fetch`] proof over a fresh challenge.
@@ -176,7 +182,7 @@ pub trait Mailbox: Send + Sync {
         &self,
         auth: &MailboxAuth,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + MaybeSend;
 
     /// Like [`Mailbox::fetch`], but when nothing is pending waits up to
     /// `wait_ms` milliseconds for an envelope to arrive (push for online
@@ -186,7 +192,7 @@ pub trait Mailbox: Send + Sync {
         auth: &MailboxAuth,
         limit: u32,
         wait_ms: u32,
-    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send {
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + MaybeSend {
         let _ = wait_ms;
         self.fetch(auth, limit)
     }
@@ -197,5 +203,5 @@ pub trait Mailbox: Send + Sync {
         &self,
         auth: &MailboxAuth,
         ids: &[EnvelopeId],
-    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend;
 }
