@@ -677,3 +677,38 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
     assert!(after_restore(&StorageConfig::Sqlite(dir.0.join("missing.db")), NOW, MARGIN).is_err());
     assert!(!dir.0.join("missing.db").exists());
 }
+
+// ---------------------------------------------------------------------------
+// The README's options
+// ---------------------------------------------------------------------------
+
+/// The `CUBBYHOLE_RELAY_*` names and `--flags` in `text`.
+fn option_names(text: &str) -> (std::collections::BTreeSet<String>, std::collections::BTreeSet<String>) {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    let mut vars = std::collections::BTreeSet::new();
+    let mut flags = std::collections::BTreeSet::new();
+    for token in text.split(|c: char| !word(c)) {
+        if let Some(rest) = token.strip_prefix("CUBBYHOLE_RELAY_") {
+            if !rest.is_empty() {
+                vars.insert(token.to_owned());
+            }
+        } else if token.starts_with("--") && token.len() > 2 {
+            flags.insert(token.to_owned());
+        }
+    }
+    (vars, flags)
+}
+
+#[test]
+fn the_readme_lists_every_option_of_help() {
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8(help.stdout).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let (help_vars, help_flags) = option_names(&help);
+    let (readme_vars, readme_flags) = option_names(&readme);
+    assert!(help_vars.contains("CUBBYHOLE_RELAY_LOG_FORMAT"), "{help_vars:?}");
+    assert_eq!(help_vars, readme_vars, "environment variables: --help vs README");
+    let missing: Vec<_> = help_flags.difference(&readme_flags).collect();
+    assert!(missing.is_empty(), "flags of --help missing from the README: {missing:?}");
+}
