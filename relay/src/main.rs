@@ -755,9 +755,19 @@ mod tests {
         assert!(s.server.limits.trust_forwarded_for);
         assert_eq!(s.server.limits.max_wait_ms, 1000);
         assert!(run(&["--bogus"]).is_err());
-        assert!(run(&["--counter-margin-secs", "5"]).is_err(), "only after-restore");
+        assert!(
+            run(&["--counter-margin-secs", "5"]).is_err(),
+            "only after-restore"
+        );
         assert_eq!(
-            run(&["after-restore", "--db", "x.db", "--counter-margin-secs", "5"]).unwrap(),
+            run(&[
+                "after-restore",
+                "--db",
+                "x.db",
+                "--counter-margin-secs",
+                "5"
+            ])
+            .unwrap(),
             Command::AfterRestore(vec![("DB", "x.db".to_owned())], None, Some(5))
         );
         let Command::Run(sets, _) = run(&["--log-format", "json", "--memory"]).unwrap() else {
@@ -773,7 +783,10 @@ mod tests {
                 "test",
             )
             .unwrap_err();
-            assert!(err.contains("LOG_FORMAT") && err.contains("text or json"), "{err}");
+            assert!(
+                err.contains("LOG_FORMAT") && err.contains("text or json"),
+                "{err}"
+            );
         }
         assert!(run(&["--db"]).is_err());
     }

@@ -90,7 +90,13 @@ impl Metrics {
 
     /// Adds a request's latency to the histogram of its route, method and
     /// status class.
-    pub(crate) fn observe(&self, route: &'static str, method: &str, status: u16, latency: Duration) {
+    pub(crate) fn observe(
+        &self,
+        route: &'static str,
+        method: &str,
+        status: u16,
+        latency: Duration,
+    ) {
         let key = SeriesKey {
             route,
             method: method_label(method),

@@ -128,7 +128,9 @@ fn sqlite_after_restore(path: &Path, floor: u64) -> Result<RestoreReport, Server
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(sql)?;
-    let one_time_prekeys_deleted = tx.execute("DELETE FROM one_time_prekeys", []).map_err(sql)?;
+    let one_time_prekeys_deleted = tx
+        .execute("DELETE FROM one_time_prekeys", [])
+        .map_err(sql)?;
     let challenges_deleted = tx.execute("DELETE FROM challenges", []).map_err(sql)?;
     let devices: i64 = tx
         .query_row("SELECT count(*) FROM devices", [], |r| r.get(0))

@@ -1793,8 +1793,8 @@ async fn frame<S: Storage>(
 ) -> Response {
     let id = request_id(request.headers());
     let span = tracing::info_span!("request", request_id = %id);
-    let mut response = tracing::Instrument::instrument(frame_inner(shared, request, next), span)
-        .await;
+    let mut response =
+        tracing::Instrument::instrument(frame_inner(shared, request, next), span).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }

@@ -66,7 +66,13 @@ impl Answer {
 }
 
 /// One HTTP/1.1 request on its own connection (`Connection: close`).
-fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Answer {
+fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Answer {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -90,7 +96,14 @@ fn call(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], bo
         .expect("a head");
     let head = std::str::from_utf8(&bytes[..head_end]).unwrap();
     let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -361,7 +374,10 @@ fn json_logs_carry_the_request_id_and_never_the_secrets() {
         ("the mailbox proof", hex::encode(&proof)),
         ("the challenge", hex::encode(&challenge.body)),
         ("the upload", hex::encode(&upload)),
-        ("the signed prekey", hex::encode(device.store.current_signed_prekey().public())),
+        (
+            "the signed prekey",
+            hex::encode(device.store.current_signed_prekey().public()),
+        ),
     ];
     for key in device.store.one_time_prekeys() {
         secrets.push(("a one-time prekey", hex::encode(key.public())));
@@ -443,13 +459,11 @@ async fn metrics_have_latency_histograms_and_process_metrics() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 
-    let (buckets, count, sum) =
-        histogram(&text, "route=\"health\",method=\"GET\",status=\"2xx\"");
+    let (buckets, count, sum) = histogram(&text, "route=\"health\",method=\"GET\",status=\"2xx\"");
     assert_eq!(count, 7);
     assert!(sum > 0.0);
     check_consistent(&buckets, count);
-    let (buckets, count, _) =
-        histogram(&text, "route=\"no_route\",method=\"GET\",status=\"4xx\"");
+    let (buckets, count, _) = histogram(&text, "route=\"no_route\",method=\"GET\",status=\"4xx\"");
     assert_eq!(count, 3, "unknown paths share the no_route series");
     check_consistent(&buckets, count);
     let (_, count, _) = histogram(&text, "route=\"health\",method=\"DELETE\",status=\"4xx\"");
@@ -477,7 +491,10 @@ async fn metrics_have_latency_histograms_and_process_metrics() {
             .unwrap()
             .as_secs_f64();
         let start = value("process_start_time_seconds");
-        assert!(start > now - 3600.0 && start <= now + 1.0, "{start} vs {now}");
+        assert!(
+            start > now - 3600.0 && start <= now + 1.0,
+            "{start} vs {now}"
+        );
     }
 }
 
@@ -575,7 +592,10 @@ const NOW: u64 = 1_800_000_000;
 const MARGIN: u64 = 3_600;
 
 fn relay_on(path: &Path) -> Relay<SqliteRelayStorage> {
-    Relay::new(SqliteRelayStorage::open(path).unwrap(), RelayConfig::default())
+    Relay::new(
+        SqliteRelayStorage::open(path).unwrap(),
+        RelayConfig::default(),
+    )
 }
 
 /// The documented online backup: `VACUUM INTO` on a second connection
@@ -615,7 +635,9 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
 
     let mut relay = relay_on(&db);
     relay.publish(NOW - 1000, &device.upload(100)).unwrap();
-    relay.publish(NOW - 1000, &high.upload(u64::MAX - 5)).unwrap();
+    relay
+        .publish(NOW - 1000, &high.upload(u64::MAX - 5))
+        .unwrap();
     backup(&db, &saved);
     // After the backup: a prekey is claimed, and an upload (which someone
     // may keep) raises the counter.
@@ -651,7 +673,9 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
         relay.publish(NOW, &device.upload(NOW + MARGIN)),
         Err(TransportError::Replayed)
     ));
-    relay.publish(NOW, &device.upload(NOW + MARGIN + 1)).unwrap();
+    relay
+        .publish(NOW, &device.upload(NOW + MARGIN + 1))
+        .unwrap();
     assert_eq!(relay.one_time_prekeys_left(&address).unwrap(), 3);
     assert!(matches!(
         relay.publish(NOW, &high.upload(u64::MAX - 5)),
@@ -666,7 +690,11 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
         .args(["--counter-margin-secs", "0"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("deleted 3 one-time prekeys"), "{said}");
 
@@ -674,7 +702,12 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
         after_restore(&StorageConfig::SqliteMemory, NOW, MARGIN),
         Err(ServerError::Config(_))
     ));
-    assert!(after_restore(&StorageConfig::Sqlite(dir.0.join("missing.db")), NOW, MARGIN).is_err());
+    assert!(after_restore(
+        &StorageConfig::Sqlite(dir.0.join("missing.db")),
+        NOW,
+        MARGIN
+    )
+    .is_err());
     assert!(!dir.0.join("missing.db").exists());
 }
 
@@ -683,7 +716,12 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
 // ---------------------------------------------------------------------------
 
 /// The `CUBBYHOLE_RELAY_*` names and `--flags` in `text`.
-fn option_names(text: &str) -> (std::collections::BTreeSet<String>, std::collections::BTreeSet<String>) {
+fn option_names(
+    text: &str,
+) -> (
+    std::collections::BTreeSet<String>,
+    std::collections::BTreeSet<String>,
+) {
     let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
     let mut vars = std::collections::BTreeSet::new();
     let mut flags = std::collections::BTreeSet::new();
@@ -704,11 +742,21 @@ fn the_readme_lists_every_option_of_help() {
     let help = Command::new(BIN).arg("--help").output().unwrap();
     assert!(help.status.success());
     let help = String::from_utf8(help.stdout).unwrap();
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let (help_vars, help_flags) = option_names(&help);
     let (readme_vars, readme_flags) = option_names(&readme);
-    assert!(help_vars.contains("CUBBYHOLE_RELAY_LOG_FORMAT"), "{help_vars:?}");
-    assert_eq!(help_vars, readme_vars, "environment variables: --help vs README");
+    assert!(
+        help_vars.contains("CUBBYHOLE_RELAY_LOG_FORMAT"),
+        "{help_vars:?}"
+    );
+    assert_eq!(
+        help_vars, readme_vars,
+        "environment variables: --help vs README"
+    );
     let missing: Vec<_> = help_flags.difference(&readme_flags).collect();
-    assert!(missing.is_empty(), "flags of --help missing from the README: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "flags of --help missing from the README: {missing:?}"
+    );
 }

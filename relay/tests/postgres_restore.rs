@@ -7,7 +7,9 @@
 #![cfg(feature = "postgres")]
 
 use cubbyhole::relay::{Relay, RelayConfig};
-use cubbyhole::transport::{BundleSetUpload, DeviceAddress, MailboxAuth, MailboxOp, TransportError};
+use cubbyhole::transport::{
+    BundleSetUpload, DeviceAddress, MailboxAuth, MailboxOp, TransportError,
+};
 use cubbyhole::{IdentityKeyPair, OneTimePrekey, OsRng, PrekeyStore};
 use cubbyhole_relay::postgres::PostgresRelayStorage;
 use cubbyhole_relay::restore::after_restore;
@@ -69,7 +71,9 @@ fn after_restore_on_postgres() {
         RelayConfig::default(),
     );
     relay.publish(NOW - 100, &device.upload(100)).unwrap();
-    relay.publish(NOW - 100, &high.upload(u64::MAX - 5)).unwrap();
+    relay
+        .publish(NOW - 100, &high.upload(u64::MAX - 5))
+        .unwrap();
     relay.fetch_bundle(&device.address()).unwrap();
     let mailbox = device.address().mailbox();
     let challenge = relay.challenge(NOW - 10, &mut OsRng, &mailbox).unwrap();
