@@ -6,6 +6,8 @@
 //!   PostgreSQL (feature `postgres`), with abuse limits, metrics, health
 //!   and graceful shutdown. The binary `cubbyhole-relay` runs it (see the
 //!   crate README for its options).
+//! - [`restore`]: the step to run once after restoring the database from a
+//!   backup ([`restore::after_restore`]).
 //! - [`client`]: the client side, a transport implementing
 //!   [`cubbyhole::transport::PrekeyDirectory`] and
 //!   [`cubbyhole::transport::Mailbox`] over that API.
@@ -39,6 +41,7 @@
 pub mod client;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod restore;
 pub mod server;
 
 mod metrics;

@@ -21,7 +21,18 @@ struct Settings {
     postgres: Option<String>,
     memory: bool,
     log: Option<String>,
+    log_format: LogFormat,
     server: ServerConfig,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Default for Settings {
@@ -32,6 +43,7 @@ impl Default for Settings {
             postgres: None,
             memory: false,
             log: None,
+            log_format: LogFormat::Text,
             server: ServerConfig::default(),
         }
     }
@@ -149,6 +161,21 @@ const KEYS: &[Key] = &[
                `warn,cubbyhole_relay::access=info`); RUST_LOG when unset",
         apply: |s, v| {
             s.log = Some(v.to_owned());
+            Ok(())
+        },
+    },
+    Key {
+        key: "LOG_FORMAT",
+        switch: false,
+        default: "text",
+        help: "log line format: `text` (for people) or `json` (one object per line, \
+               for log collectors)",
+        apply: |s, v| {
+            s.log_format = match v.to_ascii_lowercase().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err(format!("expected text or json, got {v:?}")),
+            };
             Ok(())
         },
     },
@@ -314,7 +341,8 @@ fn help() -> String {
         "cubbyhole-relay: the cubbyhole prekey directory and mailbox over HTTP\n\n\
          USAGE:\n    cubbyhole-relay --db relay.db [--listen 127.0.0.1:8080] [OPTIONS]\n    \
          cubbyhole-relay --postgres postgres://user@host/db [OPTIONS]\n    \
-         cubbyhole-relay --memory [OPTIONS]\n\n\
+         cubbyhole-relay --memory [OPTIONS]\n    \
+         cubbyhole-relay after-restore (--db PATH | --postgres URL) [--counter-margin-secs N]\n\n\
          Every option can also be set by the environment variable named on its\n\
          second line, or by a line `NAME = value` (same name) in the file given\n\
          with --config FILE (or CUBBYHOLE_RELAY_CONFIG). The command line wins\n\
@@ -343,10 +371,16 @@ fn help() -> String {
         };
         line(flag, format!("{PREFIX}{}", key.key), key.help, key.default);
     }
-    out.push_str(
+    out.push_str(&format!(
         "    -h, --help\n        print this help\n    -V, --version\n        print the version\n\n\
-         Stop with Ctrl-C or SIGTERM: the relay finishes the requests in flight.\n",
-    );
+         Stop with Ctrl-C or SIGTERM: the relay finishes the requests in flight.\n\n\
+         AFTER A RESTORE:\n    \
+         cubbyhole-relay after-restore, with the storage options above, runs once after\n    \
+         the database was restored from a backup, before any relay serves it: it deletes\n    \
+         every one-time prekey and challenge and raises every device's upload counter to\n    \
+         now + N seconds (--counter-margin-secs N, default {}), then exits.\n",
+        cubbyhole_relay::restore::DEFAULT_COUNTER_MARGIN_SECS
+    ));
     out
 }
 
@@ -356,6 +390,7 @@ fn value_name(key: &str) -> &'static str {
         "DB" => "PATH",
         "POSTGRES" => "URL",
         "LOG" => "FILTER",
+        "LOG_FORMAT" => "FORMAT",
         "REQUIRE_PUBLISHED_MAILBOX" => "BOOL",
         _ => "N",
     }
@@ -365,6 +400,8 @@ fn value_name(key: &str) -> &'static str {
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
     Run(Vec<(&'static str, String)>, Option<PathBuf>),
+    /// `after-restore`: the settings, the config file and the margin.
+    AfterRestore(Vec<(&'static str, String)>, Option<PathBuf>, Option<u64>),
     Help,
     Version,
 }
@@ -372,7 +409,9 @@ enum Command {
 /// Parses the arguments (without the program name) into settings to apply,
 /// in order, and the config file.
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
-    let mut args = args.into_iter();
+    let mut args = args.into_iter().peekable();
+    let after_restore = args.next_if(|a| a == "after-restore").is_some();
+    let mut margin = None;
     let mut sets = Vec::new();
     let mut config = None;
     let mut cors = Vec::new();
@@ -394,6 +433,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "-V" | "--version" => return Ok(Command::Version),
             "--config" => config = Some(PathBuf::from(value("--config")?)),
             "--cors-origin" => cors.push(value("--cors-origin")?),
+            "--counter-margin-secs" if after_restore => {
+                margin = Some(number(&value("--counter-margin-secs")?)?);
+            }
             _ => {
                 let key = KEYS
                     .iter()
@@ -410,6 +452,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     }
     if !cors.is_empty() {
         sets.push(("CORS_ORIGINS", cors.join(",")));
+    }
+    if after_restore {
+        return Ok(Command::AfterRestore(sets, config, margin));
     }
     Ok(Command::Run(sets, config))
 }
@@ -505,16 +550,54 @@ fn settings(
     Ok(settings)
 }
 
-fn init_logs(filter: Option<&str>) {
+fn init_logs(filter: Option<&str>, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = filter
         .map(EnvFilter::new)
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    match format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
+        // {"timestamp", "level", "target", "message", the event's fields,
+        // "span": {"name": "request", "request_id": ...}} on one line.
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .init(),
+    }
+}
+
+/// `cubbyhole-relay after-restore`: runs the step and prints what it did.
+fn after_restore(settings: &Settings, margin: Option<u64>) -> ExitCode {
+    use cubbyhole_relay::restore::{after_restore, DEFAULT_COUNTER_MARGIN_SECS};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let margin = margin.unwrap_or(DEFAULT_COUNTER_MARGIN_SECS);
+    match after_restore(&settings.server.storage, now, margin) {
+        Ok(report) => {
+            println!(
+                "cubbyhole-relay after-restore: deleted {} one-time prekeys and {} challenges; \
+                 raised the upload counter of {} of {} devices to {} (now + {margin} s)",
+                report.one_time_prekeys_deleted,
+                report.challenges_deleted,
+                report.counters_raised,
+                report.devices,
+                report.counter_floor,
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cubbyhole-relay after-restore: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -550,7 +633,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (args, config) = match command {
+    let (args, config, restore) = match command {
         Command::Help => {
             print!("{}", help());
             return ExitCode::SUCCESS;
@@ -559,7 +642,8 @@ fn main() -> ExitCode {
             println!("cubbyhole-relay {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Command::Run(args, config) => (args, config),
+        Command::Run(args, config) => (args, config, None),
+        Command::AfterRestore(args, config, margin) => (args, config, Some(margin)),
     };
     let settings = match settings(args, config, std::env::vars().collect()) {
         Ok(settings) => settings,
@@ -568,6 +652,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(margin) = restore {
+        return after_restore(&settings, margin);
+    }
     let listen: SocketAddr = match settings.listen.parse() {
         Ok(addr) => addr,
         Err(_) => {
@@ -578,7 +665,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logs(settings.log.as_deref());
+    init_logs(settings.log.as_deref(), settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -623,6 +710,7 @@ mod tests {
             }
         }
         from_table.log = None;
+        assert_eq!(from_table.log_format, defaults.log_format);
         assert_eq!(from_table.server, defaults.server);
         assert_eq!(from_table.listen, defaults.listen);
         assert_eq!(defaults.server.limits, Limits::default());
@@ -667,6 +755,39 @@ mod tests {
         assert!(s.server.limits.trust_forwarded_for);
         assert_eq!(s.server.limits.max_wait_ms, 1000);
         assert!(run(&["--bogus"]).is_err());
+        assert!(
+            run(&["--counter-margin-secs", "5"]).is_err(),
+            "only after-restore"
+        );
+        assert_eq!(
+            run(&[
+                "after-restore",
+                "--db",
+                "x.db",
+                "--counter-margin-secs",
+                "5"
+            ])
+            .unwrap(),
+            Command::AfterRestore(vec![("DB", "x.db".to_owned())], None, Some(5))
+        );
+        let Command::Run(sets, _) = run(&["--log-format", "json", "--memory"]).unwrap() else {
+            panic!("not a run")
+        };
+        let mut s = Settings::default();
+        apply(&mut s, &sets, "test").unwrap();
+        assert_eq!(s.log_format, LogFormat::Json);
+        for bad in ["yaml", ""] {
+            let err = apply(
+                &mut Settings::default(),
+                &[("LOG_FORMAT", bad.to_owned())],
+                "test",
+            )
+            .unwrap_err();
+            assert!(
+                err.contains("LOG_FORMAT") && err.contains("text or json"),
+                "{err}"
+            );
+        }
         assert!(run(&["--db"]).is_err());
     }
 

@@ -563,6 +563,48 @@ impl PostgresRelayStorage {
         })
     }
 
+    /// The step to run once after restoring the database from a backup,
+    /// before any relay serves it ([`crate::restore`] explains why): in
+    /// one transaction, deletes every one-time prekey and every
+    /// outstanding challenge, and raises the stored upload counter of every
+    /// device below `floor` to `floor` (stored counters are compared as
+    /// unsigned: a stored value at or above 2^63 is above any floor and
+    /// stays). `floor` is capped at `i64::MAX`.
+    ///
+    /// # Errors
+    /// [`RelayStorageError::Backend`] if the database fails; nothing is
+    /// changed then.
+    pub fn after_restore(
+        &self,
+        floor: u64,
+    ) -> Result<crate::restore::RestoreReport, RelayStorageError> {
+        let floor = floor.min(i64::MAX as u64);
+        let floor_bits = bits(floor);
+        self.run(|client, _| {
+            let mut tx = client.transaction()?;
+            let one_time_prekeys_deleted =
+                tx.execute("DELETE FROM cubbyhole_relay_one_time_prekeys", &[])?;
+            let challenges_deleted = tx.execute("DELETE FROM cubbyhole_relay_challenges", &[])?;
+            let devices: i64 = tx
+                .query_one("SELECT count(*) FROM cubbyhole_relay_devices", &[])?
+                .try_get(0)?;
+            // A negative bigint is a counter of 2^63 or more: above the floor.
+            let counters_raised = tx.execute(
+                "UPDATE cubbyhole_relay_devices SET counter = $1
+                 WHERE counter >= 0 AND counter < $1",
+                &[&floor_bits],
+            )?;
+            tx.commit()?;
+            Ok(crate::restore::RestoreReport {
+                one_time_prekeys_deleted,
+                challenges_deleted,
+                devices: count(devices),
+                counters_raised,
+                counter_floor: floor,
+            })
+        })
+    }
+
     /// Runs `op` on the connection (reconnecting first if it broke),
     /// retrying it when PostgreSQL rolled it back as a deadlock victim or
     /// for a serialization failure. `op` must do all its writes in one

@@ -256,6 +256,14 @@ pub enum ServerError {
     Postgres(String),
     /// A setting is invalid (the message names it).
     Config(String),
+    /// Another relay process (or another [`serve`] in this process) has the
+    /// SQLite database open: it holds the lock file beside it.
+    DatabaseInUse {
+        /// The database file.
+        database: PathBuf,
+        /// Its lock file.
+        lock: PathBuf,
+    },
     /// An I/O failure.
     Io(std::io::Error),
 }
@@ -270,6 +278,13 @@ impl fmt::Display for ServerError {
             ),
             ServerError::Postgres(e) => write!(f, "PostgreSQL: {e}"),
             ServerError::Config(e) => write!(f, "invalid configuration: {e}"),
+            ServerError::DatabaseInUse { database, lock } => write!(
+                f,
+                "the database {} is in use by another relay process (it holds the lock \
+                 on {}); stop that relay first, or give this one another database",
+                database.display(),
+                lock.display()
+            ),
             ServerError::Io(e) => write!(f, "I/O: {e}"),
         }
     }
@@ -988,7 +1003,10 @@ impl<S: Storage> Shared<S> {
         F: FnOnce(&mut Core<S>, &Metrics, u64) -> Result<R, TransportError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
+        // What the call logs on the relay thread is in the request's span.
+        let span = tracing::Span::current();
         let job: Call<S> = Box::new(move |core, metrics, now| {
+            let _entered = span.enter();
             let result = f(core, metrics, now);
             if let Some(e) = core.relay.take_storage_error() {
                 error!(error = %e, "relay storage failed");
@@ -1165,6 +1183,8 @@ pub async fn serve(
         }
         StorageConfig::Sqlite(path) => {
             let shown = path.display().to_string();
+            // Held until the server stops (dropped at the end of this arm).
+            let _lock = lock_database(&path)?;
             let (storage, file) = blocking(move || {
                 let mut storage = SqliteRelayStorage::open(path)?;
                 let file = SqliteFile {
@@ -1203,6 +1223,59 @@ pub async fn serve(
     }
 }
 
+/// The lock file of the SQLite database at `db`: `<db>-relay.lock` beside
+/// it.
+pub fn lock_path(db: &std::path::Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-relay.lock");
+    PathBuf::from(name)
+}
+
+/// Takes the exclusive advisory lock of the SQLite database at `db` (on
+/// [`lock_path`], created if missing), held as long as the returned file
+/// is open: a second relay process on the same database gets
+/// [`ServerError::DatabaseInUse`].
+///
+/// Why a lock file beside the database and not the database itself:
+/// SQLite locks the database file with POSIX `fcntl` record locks, which a
+/// process loses entirely when it closes *any* descriptor of that file, and
+/// on some platforms and network file systems `flock` is emulated with the
+/// same record locks (Windows locks are mandatory byte ranges); a second
+/// descriptor of our own on the database could release or block SQLite's
+/// own locks. The lock file is touched by nothing else. It is never
+/// deleted (deleting a lock file races with a process about to lock it).
+///
+/// # Errors
+/// [`ServerError::DatabaseInUse`] when another process (or another
+/// [`serve`] in this one) holds it, [`ServerError::Io`] when the lock file
+/// cannot be created or locked.
+pub(crate) fn lock_database(db: &std::path::Path) -> Result<std::fs::File, ServerError> {
+    let path = lock_path(db);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| {
+            ServerError::Io(std::io::Error::new(
+                e.kind(),
+                format!("lock file {}: {e}", path.display()),
+            ))
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(ServerError::DatabaseInUse {
+            database: db.to_path_buf(),
+            lock: path,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(ServerError::Io(std::io::Error::new(
+            e.kind(),
+            format!("lock file {}: {e}", path.display()),
+        ))),
+    }
+}
+
 /// Runs blocking set-up work off the async workers.
 async fn blocking<R: Send + 'static>(
     f: impl FnOnce() -> R + Send + 'static,
@@ -1232,8 +1305,14 @@ fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST])
-            .allow_headers([header::CONTENT_TYPE])
-            .expose_headers([header::RETRY_AFTER])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static(REQUEST_ID_HEADER),
+            ])
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::HeaderName::from_static(REQUEST_ID_HEADER),
+            ])
             .max_age(Duration::from_secs(600)),
     ))
 }
@@ -1674,11 +1753,56 @@ fn content_length(headers: &HeaderMap) -> u64 {
         .unwrap_or(0)
 }
 
-/// The outer frame of every request: request rate limit, timeout, JSON
-/// errors, metrics and the access log (route, status, sizes, latency:
-/// never paths, bodies, keys or addresses).
+/// The header carrying a request's id, in both directions.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Longest request id taken from a client's `X-Request-Id`.
+pub const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// The request id: the client's `X-Request-Id` if it is 1 to
+/// [`MAX_REQUEST_ID_LEN`] bytes of letters, digits and `-_.:;/+=@`
+/// (so that it cannot forge log lines or fields), else 128 random bits in
+/// hex.
+fn request_id(headers: &HeaderMap) -> String {
+    let sane = |v: &str| {
+        (1..=MAX_REQUEST_ID_LEN).contains(&v.len())
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:;/+=@".contains(&b))
+    };
+    if let Some(id) = headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| sane(v))
+    {
+        return id.to_owned();
+    }
+    let mut bytes = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut OsRng, &mut bytes);
+    hex::encode(bytes)
+}
+
+/// The outer frame of every request: request id, request rate limit,
+/// timeout, JSON errors, metrics and the access log (route, status, sizes,
+/// latency: never paths, bodies, keys or addresses). Everything logged
+/// while the request runs is in its `request` span, which holds the
+/// request id (returned in `X-Request-Id`).
 async fn frame<S: Storage>(
     State(shared): State<Arc<Shared<S>>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let id = request_id(request.headers());
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut response =
+        tracing::Instrument::instrument(frame_inner(shared, request, next), span).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+async fn frame_inner<S: Storage>(
+    shared: Arc<Shared<S>>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -1709,6 +1833,10 @@ async fn frame<S: Storage>(
     let reason = response.extensions().get::<Rejected>().map(|r| r.0.name());
     shared.metrics.record(label, reason);
     let response_bytes = response.body().size_hint().exact().unwrap_or(0);
+    let latency = started.elapsed();
+    shared
+        .metrics
+        .observe(label, method.as_str(), response.status().as_u16(), latency);
     info!(
         target: "cubbyhole_relay::access",
         method = %method,
@@ -1717,7 +1845,7 @@ async fn frame<S: Storage>(
         reason = reason.unwrap_or("-"),
         request_bytes,
         response_bytes,
-        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+        latency_ms = latency.as_secs_f64() * 1000.0,
         "request"
     );
     response

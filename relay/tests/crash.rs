@@ -451,7 +451,7 @@ impl Depositor {
                 // that repeating an accepted deposit stores nothing.
                 seen = current;
                 self.retry_lost().await;
-                if self.rng.next_u32() % 3 == 0 {
+                if self.rng.next_u32().is_multiple_of(3) {
                     self.probe().await;
                 }
             }
@@ -469,7 +469,7 @@ impl Depositor {
             let index = self.log.deposits.len() - 1;
             let sent_in = *generation.borrow();
             if !self.attempt(index).await {
-                if self.rng.next_u32() % ABANDON_ONE_IN == 0 {
+                if self.rng.next_u32().is_multiple_of(ABANDON_ONE_IN) {
                     self.log.deposits[index].abandoned = true;
                 } else {
                     self.retry.push(index);
