@@ -397,6 +397,7 @@ fn a_client_waiting_on_one_process_receives_a_message_sent_through_another() {
             ClientConfig::default(),
             &mut OsRng,
         )
+        .await
         .unwrap();
         assert!(bob.maintain_prekeys(&mut OsRng, now()).await.unwrap());
         let bob_address = bob.address();
@@ -407,6 +408,7 @@ fn a_client_waiting_on_one_process_receives_a_message_sent_through_another() {
             ClientConfig::default(),
             &mut OsRng,
         )
+        .await
         .unwrap();
         assert!(alice.maintain_prekeys(&mut OsRng, now()).await.unwrap());
 
@@ -432,11 +434,11 @@ fn a_client_waiting_on_one_process_receives_a_message_sent_through_another() {
             let (back, report, started, done) = waiting.await.unwrap();
             bob = back;
             assert_eq!(report.received, 1);
-            let inbox = bob.inbox().unwrap();
+            let inbox = bob.inbox().await.unwrap();
             assert_eq!(inbox.len(), 1);
             assert_eq!(inbox[0].from, alice.address());
             assert_eq!(inbox[0].body, text.as_bytes());
-            bob.remove_from_inbox(&inbox[0].envelope_id).unwrap();
+            bob.remove_from_inbox(&inbox[0].envelope_id).await.unwrap();
             let latency = done.saturating_duration_since(sent_at);
             println!(
                 "client round {round}: send through A took {}, Bob's receive_waiting on B \
