@@ -95,6 +95,7 @@ pub use protocol::keys::{IdentityKey, IdentityKeyPair, OneTimePrekey, SignedPrek
 pub use protocol::prekeys::PrekeyStore;
 pub use protocol::ratchet::SessionConfig;
 pub use protocol::session::{Accepted, PrekeyLookup, Role, Session};
+pub use protocol::time::{check_timestamp, MAX_TIMESTAMP};
 pub use protocol::wire::{Header, Incoming, PrekeyFields};
 
 /// Runs the README's example as a doctest.
