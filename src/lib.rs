@@ -32,7 +32,7 @@
 //!
 //! // Bob publishes a bundle to an untrusted directory and goes offline.
 //! let bob = IdentityKeyPair::generate(&mut rng);
-//! let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, now);
+//! let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, now)?;
 //! bob_prekeys.generate_one_time_prekeys(&mut rng, 10);
 //! let published: Vec<u8> = bob_prekeys.bundle(&bob).encode();
 //!
