@@ -67,6 +67,10 @@
 //! ## Features
 //! - `std` (default): `std::error::Error` for [`Error`] and the `OsRng`
 //!   re-export [`OsRng`]. Without it the crate is `#![no_std]` + `alloc`.
+//! - `sqlite`: the SQLite local store and relay backend.
+//! - `serde`: `Serialize`/`Deserialize` for addresses, ids, delivery states
+//!   and the stored records ([`forms`], with `std`); never for key
+//!   material. `serde` is used without its `std` feature.
 
 #![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
@@ -80,6 +84,8 @@ pub mod protocol;
 
 #[cfg(feature = "std")]
 pub mod client;
+#[cfg(feature = "std")]
+pub mod forms;
 #[cfg(feature = "std")]
 pub mod relay;
 #[cfg(feature = "std")]
