@@ -316,9 +316,21 @@ impl Named for DeliveryState {
         ("deposited", 1, DeliveryState::Deposited),
         ("resent", 2, DeliveryState::Resent),
         ("delivered", 3, DeliveryState::Delivered),
-        ("failed:timed_out", 17, DeliveryState::Failed(Failure::TimedOut)),
-        ("failed:compromised", 18, DeliveryState::Failed(Failure::Compromised)),
-        ("failed:refused", 19, DeliveryState::Failed(Failure::Refused)),
+        (
+            "failed:timed_out",
+            17,
+            DeliveryState::Failed(Failure::TimedOut),
+        ),
+        (
+            "failed:compromised",
+            18,
+            DeliveryState::Failed(Failure::Compromised),
+        ),
+        (
+            "failed:refused",
+            19,
+            DeliveryState::Failed(Failure::Refused),
+        ),
     ];
     fn code_of(self) -> u8 {
         self.code()

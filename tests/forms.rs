@@ -38,7 +38,10 @@ where
 {
     let json = serde_json::to_string(value).expect("serializes");
     assert_eq!(json, expected);
-    assert_eq!(&serde_json::from_str::<T>(&json).expect("deserializes"), value);
+    assert_eq!(
+        &serde_json::from_str::<T>(&json).expect("deserializes"),
+        value
+    );
 }
 
 fn binary_round_trip<T>(value: &T) -> Vec<u8>
@@ -46,7 +49,10 @@ where
     T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
 {
     let bytes = bincode::serialize(value).expect("serializes");
-    assert_eq!(&bincode::deserialize::<T>(&bytes).expect("deserializes"), value);
+    assert_eq!(
+        &bincode::deserialize::<T>(&bytes).expect("deserializes"),
+        value
+    );
     bytes
 }
 
@@ -80,7 +86,10 @@ fn device_address_refusals() {
         // The identity of a small-order point (y = 1) is not a key.
         (format!("01{}.1", "00".repeat(31)), ParseError::IdentityKey),
         // y = p (not canonical).
-        (format!("ed{}7f.1", "ff".repeat(30)), ParseError::IdentityKey),
+        (
+            format!("ed{}7f.1", "ff".repeat(30)),
+            ParseError::IdentityKey,
+        ),
         (String::new(), ParseError::Separator),
         ("x".repeat(10_000), ParseError::TooLong),
     ];
@@ -96,12 +105,24 @@ fn ids_text_and_refusals() {
     text_round_trip(&EnvelopeId([0x01; 16]), &"01".repeat(16));
     text_round_trip(&MessageId([0xf0; 16]), &"f0".repeat(16));
     assert_eq!("AB".repeat(32).parse::<MailboxId>(), Err(ParseError::Hex));
-    assert_eq!("ab".repeat(31).parse::<MailboxId>(), Err(ParseError::Length));
-    assert_eq!("ab".repeat(33).parse::<MailboxId>(), Err(ParseError::TooLong));
-    assert_eq!("0".repeat(31).parse::<EnvelopeId>(), Err(ParseError::Length));
+    assert_eq!(
+        "ab".repeat(31).parse::<MailboxId>(),
+        Err(ParseError::Length)
+    );
+    assert_eq!(
+        "ab".repeat(33).parse::<MailboxId>(),
+        Err(ParseError::TooLong)
+    );
+    assert_eq!(
+        "0".repeat(31).parse::<EnvelopeId>(),
+        Err(ParseError::Length)
+    );
     assert_eq!("g".repeat(32).parse::<MessageId>(), Err(ParseError::Hex));
     assert_eq!("".parse::<MessageId>(), Err(ParseError::Length));
-    assert_eq!(format!("+{}", "0".repeat(31)).parse::<MessageId>(), Err(ParseError::Hex));
+    assert_eq!(
+        format!("+{}", "0".repeat(31)).parse::<MessageId>(),
+        Err(ParseError::Hex)
+    );
 }
 
 #[test]
@@ -116,16 +137,32 @@ fn enums_text_and_refusals() {
     text_round_trip(&DeliveryState::Deposited, "deposited");
     text_round_trip(&DeliveryState::Resent, "resent");
     text_round_trip(&DeliveryState::Delivered, "delivered");
-    text_round_trip(&DeliveryState::Failed(Failure::TimedOut), "failed:timed_out");
-    text_round_trip(&DeliveryState::Failed(Failure::Compromised), "failed:compromised");
+    text_round_trip(
+        &DeliveryState::Failed(Failure::TimedOut),
+        "failed:timed_out",
+    );
+    text_round_trip(
+        &DeliveryState::Failed(Failure::Compromised),
+        "failed:compromised",
+    );
     text_round_trip(&DeliveryState::Failed(Failure::Refused), "failed:refused");
-    for bad in ["Validated", "VALIDATED", " validated", "validated ", "", "trusted"] {
+    for bad in [
+        "Validated",
+        "VALIDATED",
+        " validated",
+        "validated ",
+        "",
+        "trusted",
+    ] {
         assert_eq!(bad.parse::<Trust>(), Err(ParseError::Name), "{bad:?}");
     }
     assert_eq!("failed".parse::<DeliveryState>(), Err(ParseError::Name));
     assert_eq!("failed:".parse::<DeliveryState>(), Err(ParseError::Name));
     assert_eq!("timed_out".parse::<DeliveryState>(), Err(ParseError::Name));
-    assert_eq!("x".repeat(1000).parse::<Failure>(), Err(ParseError::TooLong));
+    assert_eq!(
+        "x".repeat(1000).parse::<Failure>(),
+        Err(ParseError::TooLong)
+    );
 }
 
 #[test]
@@ -161,7 +198,10 @@ fn leaves_json_and_binary() {
         &DeliveryState::Failed(Failure::TimedOut),
         "\"failed:timed_out\"",
     );
-    assert_eq!(binary_round_trip(&DeliveryState::Failed(Failure::TimedOut)), [17]);
+    assert_eq!(
+        binary_round_trip(&DeliveryState::Failed(Failure::TimedOut)),
+        [17]
+    );
     assert_eq!(binary_round_trip(&DeliveryState::Delivered), [3]);
 }
 
@@ -176,7 +216,10 @@ fn leaves_refuse_malformed_serialized_input() {
         "[1,2,3]".to_string(),
         "null".to_string(),
     ] {
-        assert!(serde_json::from_str::<DeviceAddress>(&bad).is_err(), "{bad}");
+        assert!(
+            serde_json::from_str::<DeviceAddress>(&bad).is_err(),
+            "{bad}"
+        );
     }
     let err = serde_json::from_str::<DeviceAddress>(&format!("\"01{}.1\"", "00".repeat(31)))
         .unwrap_err()
@@ -285,7 +328,10 @@ fn records_json() {
     };
     let json = serde_json::to_string(&no_message).unwrap();
     assert!(json.ends_with(r#""message":null}"#), "{json}");
-    assert_eq!(serde_json::from_str::<OutboxEntry>(&json).unwrap(), no_message);
+    assert_eq!(
+        serde_json::from_str::<OutboxEntry>(&json).unwrap(),
+        no_message
+    );
     json_round_trip(
         &inbox,
         &format!(
@@ -331,7 +377,10 @@ fn records_binary() {
     // Truncated anywhere: an error, not a panic.
     let bytes = bincode::serialize(&contact).unwrap();
     for n in 0..bytes.len() {
-        assert!(bincode::deserialize::<ContactRecord>(&bytes[..n]).is_err(), "{n}");
+        assert!(
+            bincode::deserialize::<ContactRecord>(&bytes[..n]).is_err(),
+            "{n}"
+        );
     }
 }
 
@@ -350,7 +399,10 @@ fn records_refuse_malformed_json() {
     let json = serde_json::to_string(&inbox).unwrap();
     for body in ["686", "6A69", "zz"] {
         let bad = json.replace("\"6869\"", &format!("\"{body}\""));
-        assert!(serde_json::from_str::<InboxMessage>(&bad).is_err(), "{body}");
+        assert!(
+            serde_json::from_str::<InboxMessage>(&bad).is_err(),
+            "{body}"
+        );
     }
     // A contact's earlier key of the wrong length.
     let json = serde_json::to_string(&contact).unwrap();
@@ -379,8 +431,9 @@ fn records_refuse_malformed_json() {
 }
 
 fn valid_address() -> impl Strategy<Value = DeviceAddress> {
-    (any::<[u8; 32]>(), any::<u32>())
-        .prop_map(|(seed, device)| DeviceAddress::new(IdentityKeyPair::from_seed(&seed).public(), device))
+    (any::<[u8; 32]>(), any::<u32>()).prop_map(|(seed, device)| {
+        DeviceAddress::new(IdentityKeyPair::from_seed(&seed).public(), device)
+    })
 }
 
 proptest! {

@@ -166,7 +166,9 @@ fn retired_signed_prekey_still_accepts_until_forgotten() {
     let mut alice = p.initiate(SessionConfig::default());
     let late = alice.encrypt(&mut p.rng, b"late").unwrap();
     let (rng, bob) = (&mut p.rng, &p.bob);
-    p.bob_prekeys.rotate_signed_prekey(rng, bob, NOW + 86_400).expect("time in unix seconds");
+    p.bob_prekeys
+        .rotate_signed_prekey(rng, bob, NOW + 86_400)
+        .expect("time in unix seconds");
     let mut check = p.bob_prekeys.clone();
     assert_eq!(
         check
@@ -179,7 +181,9 @@ fn retired_signed_prekey_still_accepts_until_forgotten() {
             .plaintext,
         b"late"
     );
-    p.bob_prekeys.forget_retired_before(NOW + 1).expect("time in unix seconds");
+    p.bob_prekeys
+        .forget_retired_before(NOW + 1)
+        .expect("time in unix seconds");
     assert_eq!(
         p.accept(&late, SessionConfig::default()).unwrap_err(),
         Error::UnknownPrekey

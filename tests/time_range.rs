@@ -4,8 +4,7 @@
 
 use cubbyhole::bundle::FreshnessPolicy;
 use cubbyhole::{
-    check_timestamp, Error, IdentityKeyPair, PrekeyBundle, PrekeyStore, SignedPrekey,
-    MAX_TIMESTAMP,
+    check_timestamp, Error, IdentityKeyPair, PrekeyBundle, PrekeyStore, SignedPrekey, MAX_TIMESTAMP,
 };
 use ed25519_dalek::{Signer, SigningKey};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -28,10 +27,7 @@ fn the_bound_is_the_documented_one() {
     // 2500-01-01T00:00:00Z in seconds is accepted (five centuries ahead).
     assert_eq!(check_timestamp(16_725_225_600), Ok(16_725_225_600));
     // 1971-01-01T00:00:00Z read from a millisecond clock is refused.
-    assert_eq!(
-        check_timestamp(31_536_000_000),
-        Err(Error::TimeOutOfRange)
-    );
+    assert_eq!(check_timestamp(31_536_000_000), Err(Error::TimeOutOfRange));
 }
 
 #[test]
@@ -90,7 +86,11 @@ fn rotation_refuses_and_changes_nothing() {
             "{t}"
         );
         assert_eq!(peek(&rng), before, "randomness drawn for a refused time");
-        assert_eq!(store.to_bytes(), saved, "store changed by a refused rotation");
+        assert_eq!(
+            store.to_bytes(),
+            saved,
+            "store changed by a refused rotation"
+        );
     }
     store
         .rotate_signed_prekey(&mut rng, &bob, MAX_TIMESTAMP)
@@ -118,7 +118,9 @@ fn forgetting_refuses_and_drops_nothing() {
     }
     store.forget_retired_before(NOW).expect("in range");
     assert_eq!(store.signed_prekeys().count(), 2, "created at NOW is kept");
-    store.forget_retired_before(MAX_TIMESTAMP).expect("in range");
+    store
+        .forget_retired_before(MAX_TIMESTAMP)
+        .expect("in range");
     assert_eq!(store.signed_prekeys().count(), 1);
 }
 
@@ -205,7 +207,11 @@ fn verify_refuses_a_millisecond_now() {
     assert_eq!(verify(&bytes, NOW, 60), Ok(()));
     for now in OUT_OF_RANGE {
         // Not "stale": the caller's clock is wrong, not the bundle.
-        assert_eq!(verify(&bytes, now, u64::MAX), Err(Error::TimeOutOfRange), "{now}");
+        assert_eq!(
+            verify(&bytes, now, u64::MAX),
+            Err(Error::TimeOutOfRange),
+            "{now}"
+        );
     }
     // The caller's time is checked before the signature.
     let forged = bundle_bytes(&[6; 32], 1, NOW, true);
@@ -218,7 +224,11 @@ fn verify_refuses_a_bundle_signed_with_a_millisecond_clock() {
     for created in OUT_OF_RANGE {
         let bytes = bundle_bytes(&[7; 32], 1, created, false);
         // Accepted before this check: a future creation time is not stale.
-        assert_eq!(verify(&bytes, NOW, 60), Err(Error::TimeOutOfRange), "{created}");
+        assert_eq!(
+            verify(&bytes, NOW, 60),
+            Err(Error::TimeOutOfRange),
+            "{created}"
+        );
         assert_eq!(
             verify(&bytes, MAX_TIMESTAMP, 60),
             Err(Error::TimeOutOfRange),

@@ -447,7 +447,8 @@ async fn a_stranger_cannot_read_acknowledge_or_replace_bobs_keys() {
 
     // Replacing Bob's prekeys: an upload for Bob's device signed by another
     // key is refused...
-    let mut stranger_prekeys = PrekeyStore::new(&mut OsRng, &stranger, now()).expect("time in unix seconds");
+    let mut stranger_prekeys =
+        PrekeyStore::new(&mut OsRng, &stranger, now()).expect("time in unix seconds");
     let keys: Vec<_> = stranger_prekeys
         .generate_one_time_prekeys(&mut OsRng, 5)
         .iter()
