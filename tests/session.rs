@@ -66,7 +66,12 @@ fn freshness_boundaries() {
         "a creation time in the future is accepted"
     );
     assert!(verify(0).is_ok());
-    assert_eq!(verify(u64::MAX).unwrap_err(), Error::StaleBundle);
+    assert_eq!(
+        verify(cubbyhole::MAX_TIMESTAMP).unwrap_err(),
+        Error::StaleBundle
+    );
+    // Beyond MAX_TIMESTAMP the caller's clock is not in seconds.
+    assert_eq!(verify(u64::MAX).unwrap_err(), Error::TimeOutOfRange);
 }
 
 #[test]
