@@ -263,7 +263,7 @@ struct Responder {
 impl Responder {
     fn new(rng: &mut ChaCha20Rng) -> Self {
         let identity = IdentityKeyPair::generate(rng);
-        let mut prekeys = PrekeyStore::new(rng, &identity, NOW);
+        let mut prekeys = PrekeyStore::new(rng, &identity, NOW).expect("time in unix seconds");
         let bundle_without_opk = prekeys.bundle(&identity).encode();
         prekeys.generate_one_time_prekeys(rng, 1);
         let bundle_with_opk = prekeys.bundle(&identity).encode();

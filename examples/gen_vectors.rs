@@ -110,6 +110,7 @@ impl Keys {
             self.spk_created,
             self.spk_private,
         )
+        .expect("time in unix seconds")
     }
     fn one_time_prekey(&self) -> Option<OneTimePrekey> {
         self.opk.map(|(id, k)| OneTimePrekey::from_secret(id, k))
@@ -1263,7 +1264,8 @@ fn main() {
         );
         let other = IdentityKeyPair::from_seed(&[7; 32]);
         let forged =
-            SignedPrekey::from_secret(&other, keys.spk_id, keys.spk_created, keys.spk_private);
+            SignedPrekey::from_secret(&other, keys.spk_id, keys.spk_created, keys.spk_private)
+                .expect("time in unix seconds");
         n(
             "bundle_signature_other_key",
             with(b.clone(), 77, forged.signature()),

@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn StdError>> {
     let bob = IdentityKeyPair::generate(&mut rng);
     // The store holds Bob's private prekeys: a signed prekey (id 1, created
     // now) and a batch of one-time prekeys, each usable by one session.
-    let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, now);
+    let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, now)?;
     bob_prekeys.generate_one_time_prekeys(&mut rng, 5);
 
     // The untrusted directory: device name -> encoded bundle.

@@ -40,6 +40,11 @@ pub enum Error {
     /// A serialized session state (or other stored record) is corrupted,
     /// truncated or of an unsupported version. The reason names the field.
     State(&'static str),
+    /// A time given to the crate (or the signed creation time in a bundle)
+    /// is above [`MAX_TIMESTAMP`](crate::MAX_TIMESTAMP): not unix seconds,
+    /// most likely a millisecond or microsecond clock. See
+    /// [`check_timestamp`](crate::check_timestamp).
+    TimeOutOfRange,
     /// The message would require deriving more message keys than the
     /// configured `max_skip` allows.
     TooManySkipped,
@@ -65,7 +70,8 @@ impl Error {
             Error::CounterExhausted
             | Error::PlaintextTooLong
             | Error::SessionMismatch
-            | Error::State(_) => return None,
+            | Error::State(_)
+            | Error::TimeOutOfRange => return None,
         })
     }
 }
@@ -83,6 +89,9 @@ impl fmt::Display for Error {
             Error::Signature => f.write_str("signed prekey signature does not verify"),
             Error::StaleBundle => f.write_str("signed prekey is older than allowed"),
             Error::State(what) => write!(f, "corrupted stored state: {what}"),
+            Error::TimeOutOfRange => {
+                f.write_str("time out of range: not unix seconds (a millisecond clock?)")
+            }
             Error::TooManySkipped => f.write_str("too many skipped messages"),
             Error::UnknownPrekey => f.write_str("unknown or already used prekey"),
         }

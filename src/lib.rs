@@ -32,7 +32,7 @@
 //!
 //! // Bob publishes a bundle to an untrusted directory and goes offline.
 //! let bob = IdentityKeyPair::generate(&mut rng);
-//! let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, now);
+//! let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, now)?;
 //! bob_prekeys.generate_one_time_prekeys(&mut rng, 10);
 //! let published: Vec<u8> = bob_prekeys.bundle(&bob).encode();
 //!
@@ -67,6 +67,10 @@
 //! ## Features
 //! - `std` (default): `std::error::Error` for [`Error`] and the `OsRng`
 //!   re-export [`OsRng`]. Without it the crate is `#![no_std]` + `alloc`.
+//! - `sqlite`: the SQLite local store and relay backend.
+//! - `serde`: `Serialize`/`Deserialize` for addresses, ids, delivery states
+//!   and the stored records ([`forms`], with `std`); never for key
+//!   material. `serde` is used without its `std` feature.
 
 #![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
@@ -81,6 +85,8 @@ pub mod protocol;
 
 #[cfg(feature = "std")]
 pub mod client;
+#[cfg(feature = "std")]
+pub mod forms;
 #[cfg(feature = "std")]
 pub mod relay;
 #[cfg(feature = "std")]
@@ -97,6 +103,7 @@ pub use protocol::keys::{IdentityKey, IdentityKeyPair, OneTimePrekey, SignedPrek
 pub use protocol::prekeys::PrekeyStore;
 pub use protocol::ratchet::SessionConfig;
 pub use protocol::session::{Accepted, PrekeyLookup, Role, Session};
+pub use protocol::time::{check_timestamp, MAX_TIMESTAMP};
 pub use protocol::wire::{Header, Incoming, PrekeyFields};
 
 /// Runs the README's example as a doctest.

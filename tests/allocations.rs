@@ -55,7 +55,7 @@ const NOW: u64 = 1_800_000_000;
 fn initiated(rng: &mut ChaCha20Rng) -> (Session, IdentityKeyPair, PrekeyStore) {
     let alice = IdentityKeyPair::generate(rng);
     let bob = IdentityKeyPair::generate(rng);
-    let mut prekeys = PrekeyStore::new(rng, &bob, NOW);
+    let mut prekeys = PrekeyStore::new(rng, &bob, NOW).expect("time in unix seconds");
     prekeys.generate_one_time_prekeys(rng, 1);
     let bundle = PrekeyBundle::decode(&prekeys.bundle(&bob).encode())
         .unwrap()

@@ -817,7 +817,7 @@ impl World {
             let identity = c.store().identity()?.expect("identity");
             let old = c.store().prekeys()?.expect("prekeys");
             let fresh = PrekeyState {
-                prekeys: PrekeyStore::new(rng, &identity.keys, now),
+                prekeys: PrekeyStore::new(rng, &identity.keys, now).expect("time in unix seconds"),
                 upload_counter: old.upload_counter,
                 last_rotation: now,
                 retired_at: Vec::new(),

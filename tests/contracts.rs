@@ -42,7 +42,7 @@ fn identity_keys_compare_and_hash_by_their_bytes() {
 fn exported_prekey_secrets_are_the_keys_secrets() {
     let mut rng = ChaCha20Rng::seed_from_u64(2);
     let identity = IdentityKeyPair::generate(&mut rng);
-    let spk = SignedPrekey::generate(&mut rng, &identity, 7, NOW);
+    let spk = SignedPrekey::generate(&mut rng, &identity, 7, NOW).expect("time in unix seconds");
     let opk = OneTimePrekey::generate(&mut rng, 9);
     // The X25519 public key of the exported secret, computed by
     // x25519-dalek directly, is the key's public key.
@@ -74,7 +74,7 @@ fn debug_names_keys_by_their_public_parts() {
         format!("{identity:?}"),
         format!("IdentityKeyPair {{ public: IdentityKey({hex}), .. }}")
     );
-    let spk = SignedPrekey::generate(&mut rng, &identity, 7, NOW);
+    let spk = SignedPrekey::generate(&mut rng, &identity, 7, NOW).expect("time in unix seconds");
     assert_eq!(
         format!("{spk:?}"),
         format!("SignedPrekey {{ id: 7, created: {NOW}, .. }}")
@@ -93,7 +93,7 @@ fn documented_constants() {
 fn a_bundle_carries_its_signed_prekey_signature() {
     let mut rng = ChaCha20Rng::seed_from_u64(4);
     let bob = IdentityKeyPair::generate(&mut rng);
-    let prekeys = PrekeyStore::new(&mut rng, &bob, NOW);
+    let prekeys = PrekeyStore::new(&mut rng, &bob, NOW).expect("time in unix seconds");
     let bundle = PrekeyBundle::decode(&prekeys.bundle(&bob).encode()).unwrap();
     assert_eq!(
         bundle.signature(),

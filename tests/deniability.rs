@@ -17,7 +17,7 @@ fn responder_fabricates_a_transcript_from_the_initiator() {
     let now = 1_800_000_000;
     let alice = IdentityKeyPair::generate(&mut rng);
     let bob = IdentityKeyPair::generate(&mut rng);
-    let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, now);
+    let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, now).expect("time in unix seconds");
     let opk_id = bob_prekeys.generate_one_time_prekeys(&mut rng, 2)[0].id();
 
     // Bob has Alice's public identity key only (from a bundle, a directory,
@@ -86,7 +86,7 @@ fn simulation_needs_the_responders_prekeys() {
     let mut rng = ChaCha20Rng::seed_from_u64(8);
     let alice = IdentityKeyPair::generate(&mut rng);
     let bob = IdentityKeyPair::generate(&mut rng);
-    let prekeys = PrekeyStore::new(&mut rng, &bob, 0);
+    let prekeys = PrekeyStore::new(&mut rng, &bob, 0).expect("time in unix seconds");
     assert!(prekeys.signed_prekey(99).is_none());
     assert_eq!(
         hazmat::simulate_initiator(

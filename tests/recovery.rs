@@ -263,7 +263,7 @@ fn lose_prekeys<S: Store>(w: &mut World, c: &mut Dev<S>) {
     let identity: LocalIdentity = c.store().identity().wait().unwrap().unwrap();
     let old = c.store().prekeys().wait().unwrap().unwrap();
     let fresh = PrekeyState {
-        prekeys: PrekeyStore::new(&mut w.rng, &identity.keys, now),
+        prekeys: PrekeyStore::new(&mut w.rng, &identity.keys, now).expect("time in unix seconds"),
         upload_counter: old.upload_counter,
         last_rotation: now,
         retired_at: Vec::new(),

@@ -20,7 +20,7 @@ fn pair(seed: u64, one_time_prekeys: u32) -> Pair {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let alice = IdentityKeyPair::generate(&mut rng);
     let bob = IdentityKeyPair::generate(&mut rng);
-    let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, NOW);
+    let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, NOW).expect("time in unix seconds");
     bob_prekeys.generate_one_time_prekeys(&mut rng, one_time_prekeys);
     Pair {
         rng,
@@ -66,7 +66,12 @@ fn freshness_boundaries() {
         "a creation time in the future is accepted"
     );
     assert!(verify(0).is_ok());
-    assert_eq!(verify(u64::MAX).unwrap_err(), Error::StaleBundle);
+    assert_eq!(
+        verify(cubbyhole::MAX_TIMESTAMP).unwrap_err(),
+        Error::StaleBundle
+    );
+    // Beyond MAX_TIMESTAMP the caller's clock is not in seconds.
+    assert_eq!(verify(u64::MAX).unwrap_err(), Error::TimeOutOfRange);
 }
 
 #[test]
@@ -166,7 +171,9 @@ fn retired_signed_prekey_still_accepts_until_forgotten() {
     let mut alice = p.initiate(SessionConfig::default());
     let late = alice.encrypt(&mut p.rng, b"late").unwrap();
     let (rng, bob) = (&mut p.rng, &p.bob);
-    p.bob_prekeys.rotate_signed_prekey(rng, bob, NOW + 86_400);
+    p.bob_prekeys
+        .rotate_signed_prekey(rng, bob, NOW + 86_400)
+        .expect("time in unix seconds");
     let mut check = p.bob_prekeys.clone();
     assert_eq!(
         check
@@ -179,7 +186,9 @@ fn retired_signed_prekey_still_accepts_until_forgotten() {
             .plaintext,
         b"late"
     );
-    p.bob_prekeys.forget_retired_before(NOW + 1);
+    p.bob_prekeys
+        .forget_retired_before(NOW + 1)
+        .expect("time in unix seconds");
     assert_eq!(
         p.accept(&late, SessionConfig::default()).unwrap_err(),
         Error::UnknownPrekey

@@ -128,7 +128,7 @@ struct World {
 fn world(seed: u64) -> World {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let me = IdentityKeyPair::generate(&mut rng);
-    let mut my_prekeys = PrekeyStore::new(&mut rng, &me, NOW);
+    let mut my_prekeys = PrekeyStore::new(&mut rng, &me, NOW).expect("time in unix seconds");
     my_prekeys.generate_one_time_prekeys(&mut rng, 5);
     let prekeys = PrekeyState {
         prekeys: my_prekeys,
@@ -143,7 +143,7 @@ fn world(seed: u64) -> World {
     let mut extra = Vec::new();
     for device_id in 1..=3 {
         let them = IdentityKeyPair::generate(&mut rng);
-        let mut theirs = PrekeyStore::new(&mut rng, &them, NOW);
+        let mut theirs = PrekeyStore::new(&mut rng, &them, NOW).expect("time in unix seconds");
         theirs.generate_one_time_prekeys(&mut rng, 1);
         let bundle = PrekeyBundle::decode(&theirs.bundle(&them).encode())
             .unwrap()

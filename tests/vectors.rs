@@ -191,7 +191,8 @@ fn setup(case: &Value) -> Setup {
         u32::try_from(num(&case["signed_prekey_id"])).expect("u32 id"),
         num(&case["signed_prekey_created"]),
         unhex32(&case["signed_prekey_private"]),
-    );
+    )
+    .expect("time in unix seconds");
     check_hex(
         name,
         "signed_prekey_public",

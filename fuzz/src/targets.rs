@@ -420,9 +420,12 @@ pub fn directory() -> &'static Directory {
     D.get_or_init(|| {
         let mut rng = TestRng::new(0xB0B);
         let bob = IdentityKeyPair::from_seed(&BOB_SEED);
-        let mut store = PrekeyStore::new(&mut rng, &bob, NOW - 86_400);
+        let mut store =
+            PrekeyStore::new(&mut rng, &bob, NOW - 86_400).expect("time in unix seconds");
         let old = store.current_signed_prekey().clone();
-        store.rotate_signed_prekey(&mut rng, &bob, NOW - 3_600);
+        store
+            .rotate_signed_prekey(&mut rng, &bob, NOW - 3_600)
+            .expect("time in unix seconds");
         store.generate_one_time_prekeys(&mut rng, 3);
         let verify = |b: PrekeyBundle| {
             b.verify(NOW, FreshnessPolicy::default())
@@ -705,7 +708,9 @@ pub fn exercise_prekey_store(mut store: PrekeyStore) {
 
     let current = store.current_signed_prekey().id();
     let retained = store.signed_prekeys().count();
-    store.rotate_signed_prekey(&mut rng, &dir.bob, NOW);
+    store
+        .rotate_signed_prekey(&mut rng, &dir.bob, NOW)
+        .expect("time in unix seconds");
     assert_eq!(store.current_signed_prekey().id(), current.wrapping_add(1));
     assert_eq!(store.current_signed_prekey().created(), NOW);
     assert_eq!(store.signed_prekeys().count(), retained + 1);
@@ -714,7 +719,9 @@ pub fn exercise_prekey_store(mut store: PrekeyStore) {
         "old signed prekey dropped"
     );
 
-    store.forget_retired_before(NOW);
+    store
+        .forget_retired_before(NOW)
+        .expect("time in unix seconds");
     assert!(store.signed_prekeys().skip(1).all(|k| k.created() >= NOW));
     let bound = next.wrapping_add(1);
     let count = store.one_time_prekey_count();
@@ -789,7 +796,8 @@ pub fn decode_identity(data: &[u8]) {
     let public = *identity.keys.public();
     assert_eq!(IdentityKey::from_bytes(public.as_bytes()), Ok(public));
     let spk =
-        cubbyhole::SignedPrekey::from_secret(&identity.keys, identity.device_id, NOW, [0x5A; 32]);
+        cubbyhole::SignedPrekey::from_secret(&identity.keys, identity.device_id, NOW, [0x5A; 32])
+            .expect("time in unix seconds");
     PrekeyBundle::new(&identity.keys, &spk, None)
         .verify(NOW, FreshnessPolicy::default())
         .expect("a bundle of the decoded identity verifies");
@@ -1050,9 +1058,12 @@ fn signed_upload(data: &[u8]) {
     let mut f = Fields(data);
     let counter = f.u64();
     let spk_id = f.u32();
-    let created = f.u64();
+    // A creation time above MAX_TIMESTAMP cannot be signed (from_secret
+    // refuses it): the field is masked into range.
+    let created = f.u64() & cubbyhole::MAX_TIMESTAMP;
     let flags = f.u8();
-    let spk = cubbyhole::SignedPrekey::from_secret(&dir.bob, spk_id, created, [flags | 1; 32]);
+    let spk = cubbyhole::SignedPrekey::from_secret(&dir.bob, spk_id, created, [flags | 1; 32])
+        .expect("a creation time in range");
     let mut one_time_prekeys = Vec::new();
     while !f.0.is_empty() && one_time_prekeys.len() < 16 {
         let id = f.u32();
@@ -1841,7 +1852,9 @@ impl World {
         let model = &mut self.prekey_model;
         match how % 5 {
             0 => {
-                self.store.rotate_signed_prekey(&mut self.rng, bob, NOW);
+                self.store
+                    .rotate_signed_prekey(&mut self.rng, bob, NOW)
+                    .expect("time in unix seconds");
                 model.retired.push(model.current);
                 model.current = model.current.wrapping_add(1);
             }
@@ -1861,7 +1874,13 @@ impl World {
                 model.next_one_time = model.next_one_time.wrapping_add(count);
             }
             2 if arg & 1 == 0 => {
-                self.store.forget_retired_before(u64::MAX);
+                assert_eq!(
+                    self.store.forget_retired_before(u64::MAX),
+                    Err(cubbyhole::Error::TimeOutOfRange)
+                );
+                self.store
+                    .forget_retired_before(cubbyhole::MAX_TIMESTAMP)
+                    .expect("MAX_TIMESTAMP is in range");
                 model.retired.clear();
             }
             2 => match model.retired.first().copied() {
@@ -2115,13 +2134,15 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     add("decode_bundle", "without-opk", dir.without_opk.encode());
     add("decode_bundle", "retained-spk", dir.retained.encode());
     let mut rng = TestRng::new(0xB4D);
-    let stale = cubbyhole::SignedPrekey::generate(&mut rng, &dir.bob, 9, NOW - 31 * 86_400);
+    let stale = cubbyhole::SignedPrekey::generate(&mut rng, &dir.bob, 9, NOW - 31 * 86_400)
+        .expect("time in unix seconds");
     add(
         "decode_bundle",
         "stale",
         PrekeyBundle::new(&dir.bob, &stale, None).encode(),
     );
-    let future = cubbyhole::SignedPrekey::generate(&mut rng, &dir.bob, 10, NOW + 86_400);
+    let future = cubbyhole::SignedPrekey::generate(&mut rng, &dir.bob, 10, NOW + 86_400)
+        .expect("time in unix seconds");
     add(
         "decode_bundle",
         "future",
@@ -2366,9 +2387,9 @@ fn stored_record_seeds(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
     // one-time ids, and malformed variants.
     let store = dir.store.to_bytes().to_vec();
     add("decode_prekeys", "fixture", store.clone());
-    let bare = PrekeyStore::new(&mut rng, &dir.bob, NOW);
+    let bare = PrekeyStore::new(&mut rng, &dir.bob, NOW).expect("time in unix seconds");
     add("decode_prekeys", "bare", bare.to_bytes().to_vec());
-    let mut high = PrekeyStore::new(&mut rng, &dir.bob, NOW);
+    let mut high = PrekeyStore::new(&mut rng, &dir.bob, NOW).expect("time in unix seconds");
     high.insert_one_time_prekey(cubbyhole::OneTimePrekey::from_secret(u32::MAX - 1, [7; 32]));
     add("decode_prekeys", "next-id-max", high.to_bytes().to_vec());
     let mut truncated = store.clone();

@@ -205,23 +205,17 @@ async fn demo(relay: &HttpRelay, dir: &Path) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// `identity-hex:device` in `dir/NAME.address`.
+/// The address's text form (`<identity hex>.<device number>`, its
+/// `Display`) in `dir/NAME.address`.
 fn write_address(dir: &Path, name: &str, address: &DeviceAddress) -> std::io::Result<()> {
-    let text = format!("{}:{}\n", hex(&address.identity), address.device_id);
-    std::fs::write(dir.join(format!("{name}.address")), text)
+    std::fs::write(dir.join(format!("{name}.address")), format!("{address}\n"))
 }
 
+/// Reads it back with `FromStr`, which refuses anything but the canonical
+/// form of a valid identity key.
 fn read_address(dir: &Path, name: &str) -> Option<DeviceAddress> {
     let text = std::fs::read_to_string(dir.join(format!("{name}.address"))).ok()?;
-    let (identity, device) = text.trim().split_once(':')?;
-    let bytes: Vec<u8> = (0..identity.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(identity.get(i..i + 2)?, 16).ok())
-        .collect::<Option<_>>()?;
-    Some(DeviceAddress {
-        identity: bytes.try_into().ok()?,
-        device_id: device.parse().ok()?,
-    })
+    text.trim_end().parse().ok()
 }
 
 /// One side, interactive: lines typed are sent to the peer, what arrives

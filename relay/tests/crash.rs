@@ -511,7 +511,7 @@ impl Owner {
     /// A fresh device, published with a real signed upload.
     async fn publish(relay: &HttpRelay) -> Owner {
         let keys = IdentityKeyPair::generate(&mut OsRng);
-        let mut prekeys = PrekeyStore::new(&mut OsRng, &keys, now());
+        let mut prekeys = PrekeyStore::new(&mut OsRng, &keys, now()).expect("time in unix seconds");
         prekeys.generate_one_time_prekeys(&mut OsRng, 5);
         let one_time: Vec<_> = prekeys.one_time_prekeys().collect();
         let upload = BundleSetUpload::new(

@@ -449,7 +449,8 @@ async fn a_stranger_cannot_read_acknowledge_or_replace_bobs_keys() {
 
     // Replacing Bob's prekeys: an upload for Bob's device signed by another
     // key is refused...
-    let mut stranger_prekeys = PrekeyStore::new(&mut OsRng, &stranger, now());
+    let mut stranger_prekeys =
+        PrekeyStore::new(&mut OsRng, &stranger, now()).expect("time in unix seconds");
     let keys: Vec<_> = stranger_prekeys
         .generate_one_time_prekeys(&mut OsRng, 5)
         .iter()
@@ -636,7 +637,7 @@ async fn too_many_one_time_prekeys_is_422() {
     ));
     // Raw: 11 keys are 422, 10 are fine.
     let keys = IdentityKeyPair::generate(&mut OsRng);
-    let mut prekeys = PrekeyStore::new(&mut OsRng, &keys, now());
+    let mut prekeys = PrekeyStore::new(&mut OsRng, &keys, now()).expect("time in unix seconds");
     prekeys.generate_one_time_prekeys(&mut OsRng, 11);
     let all: Vec<_> = prekeys.one_time_prekeys().collect();
     let upload = |counter, n: usize| {

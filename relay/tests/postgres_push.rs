@@ -257,7 +257,7 @@ where
 /// A device published with a real signed upload (through `relay`).
 async fn publish(relay: &HttpRelay) -> (IdentityKeyPair, DeviceAddress) {
     let keys = IdentityKeyPair::generate(&mut OsRng);
-    let mut prekeys = PrekeyStore::new(&mut OsRng, &keys, now());
+    let mut prekeys = PrekeyStore::new(&mut OsRng, &keys, now()).expect("time in unix seconds");
     prekeys.generate_one_time_prekeys(&mut OsRng, 3);
     let one_time: Vec<_> = prekeys.one_time_prekeys().collect();
     let upload = BundleSetUpload::new(

@@ -671,7 +671,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         }
         if let Some(mut state) = self.store.prekeys().await? {
             let keys = &self.identity.keys;
-            state.prekeys.rotate_signed_prekey(rng, keys, now);
+            state.prekeys.rotate_signed_prekey(rng, keys, now)?;
             let current = state.prekeys.current_signed_prekey().id();
             let old: Vec<u32> = state
                 .prekeys
@@ -763,7 +763,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut state = match self.store.prekeys().await? {
             Some(state) => state,
             None => PrekeyState {
-                prekeys: PrekeyStore::new(rng, keys, now),
+                prekeys: PrekeyStore::new(rng, keys, now)?,
                 upload_counter: 0,
                 last_rotation: now,
                 retired_at: Vec::new(),
@@ -776,7 +776,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut replace = state.upload_pending;
         if now.saturating_sub(state.last_rotation) >= self.config.signed_prekey_rotation {
             let old = state.prekeys.current_signed_prekey().id();
-            state.prekeys.rotate_signed_prekey(rng, keys, now);
+            state.prekeys.rotate_signed_prekey(rng, keys, now)?;
             state.retired_at.push((old, now));
             state.last_rotation = now;
             replace = true;

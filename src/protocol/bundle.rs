@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::protocol::keys::{
     spk_signed_message, IdentityKey, IdentityKeyPair, OneTimePrekey, SignedPrekey,
 };
+use crate::protocol::time::check_timestamp;
 use crate::protocol::wire::{Reader, VERSION};
 
 /// Encoded length of a bundle without a one-time prekey.
@@ -138,15 +139,25 @@ impl PrekeyBundle {
     /// Verifies the signed prekey's signature (strict Ed25519) and then its
     /// freshness at time `now` (unix seconds).
     ///
+    /// In order: `now` is checked first (it is the caller's argument, not
+    /// the bundle's); then the signature; then the signed creation time
+    /// must be at most [`MAX_TIMESTAMP`](crate::MAX_TIMESTAMP) (a bundle
+    /// signed with a millisecond clock would otherwise never go stale);
+    /// then freshness.
+    ///
     /// # Errors
-    /// [`Error::Signature`] or [`Error::StaleBundle`].
+    /// [`Error::TimeOutOfRange`] if `now` or the bundle's creation time is
+    /// above [`MAX_TIMESTAMP`](crate::MAX_TIMESTAMP); [`Error::Signature`]
+    /// or [`Error::StaleBundle`].
     pub fn verify(self, now: u64, policy: FreshnessPolicy) -> Result<VerifiedBundle> {
+        check_timestamp(now)?;
         let message = spk_signed_message(
             self.signed_prekey_id,
             self.signed_prekey_created,
             &self.signed_prekey,
         );
         self.identity.verify_strict(&message, &self.signature)?;
+        check_timestamp(self.signed_prekey_created)?;
         if now.saturating_sub(self.signed_prekey_created) > policy.max_age {
             return Err(Error::StaleBundle);
         }

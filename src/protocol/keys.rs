@@ -13,6 +13,7 @@ use x25519_dalek::{PublicKey as XPublic, StaticSecret};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
+use crate::protocol::time::check_timestamp;
 
 /// Prefix of the message an identity key signs for a signed prekey.
 const SPK_SIGNATURE_LABEL: &[u8] = b"cubbyhole/v1 signed prekey";
@@ -229,35 +230,47 @@ pub struct SignedPrekey {
 }
 
 impl SignedPrekey {
-    /// Generates a fresh signed prekey with the given id, created at `now`.
+    /// Generates a fresh signed prekey with the given id, created at `now`
+    /// (unix seconds).
+    ///
+    /// # Errors
+    /// [`Error::TimeOutOfRange`] if `now` is above
+    /// [`MAX_TIMESTAMP`](crate::MAX_TIMESTAMP); nothing is drawn from `rng`
+    /// then.
     pub fn generate(
         rng: &mut impl CryptoRngCore,
         identity: &IdentityKeyPair,
         id: u32,
         now: u64,
-    ) -> Self {
+    ) -> Result<Self> {
+        check_timestamp(now)?;
         let secret = random_x25519(rng);
         Self::from_secret(identity, id, now, secret.to_bytes())
     }
 
     /// Rebuilds (and re-signs) a signed prekey from its private key. Ed25519
     /// signatures are deterministic, so the result equals the original.
+    ///
+    /// # Errors
+    /// [`Error::TimeOutOfRange`] if `created` (unix seconds) is above
+    /// [`MAX_TIMESTAMP`](crate::MAX_TIMESTAMP).
     pub fn from_secret(
         identity: &IdentityKeyPair,
         id: u32,
         created: u64,
         secret: [u8; 32],
-    ) -> Self {
+    ) -> Result<Self> {
+        check_timestamp(created)?;
         let secret = StaticSecret::from(secret);
         let public = XPublic::from(&secret).to_bytes();
         let signature = identity.sign(&spk_signed_message(id, created, &public));
-        SignedPrekey {
+        Ok(SignedPrekey {
             id,
             created,
             secret,
             public,
             signature,
-        }
+        })
     }
 
     /// Rebuilds a signed prekey from stored parts, without recomputing

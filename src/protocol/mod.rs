@@ -17,5 +17,6 @@ pub mod prekeys;
 pub mod ratchet;
 pub mod session;
 pub mod state;
+pub mod time;
 pub mod wire;
 mod x3dh;

@@ -15,6 +15,7 @@ use crate::protocol::bundle::PrekeyBundle;
 use crate::protocol::keys::{IdentityKeyPair, OneTimePrekey, SignedPrekey};
 use crate::protocol::ratchet::SessionConfig;
 use crate::protocol::session::{Accepted, PrekeyLookup, Session};
+use crate::protocol::time::check_timestamp;
 use crate::protocol::wire::{Incoming, Reader};
 use zeroize::Zeroizing;
 
@@ -28,9 +29,17 @@ pub struct PrekeyStore {
 }
 
 impl PrekeyStore {
-    /// A store with a first signed prekey (id 1) created at `now`.
-    pub fn new(rng: &mut impl CryptoRngCore, identity: &IdentityKeyPair, now: u64) -> Self {
-        Self::with_signed_prekey(SignedPrekey::generate(rng, identity, 1, now))
+    /// A store with a first signed prekey (id 1) created at `now` (unix
+    /// seconds).
+    ///
+    /// # Errors
+    /// [`Error::TimeOutOfRange`] if `now` is above
+    /// [`MAX_TIMESTAMP`](crate::MAX_TIMESTAMP); nothing is drawn from `rng`
+    /// then.
+    pub fn new(rng: &mut impl CryptoRngCore, identity: &IdentityKeyPair, now: u64) -> Result<Self> {
+        Ok(Self::with_signed_prekey(SignedPrekey::generate(
+            rng, identity, 1, now,
+        )?))
     }
 
     /// A store around an existing signed prekey.
@@ -48,19 +57,25 @@ impl PrekeyStore {
         &self.current
     }
 
-    /// Replaces the current signed prekey with a new one created at `now`;
-    /// the old one is retained (so late prekey messages still decrypt) until
-    /// [`Self::forget_retired_before`] drops it.
+    /// Replaces the current signed prekey with a new one created at `now`
+    /// (unix seconds); the old one is retained (so late prekey messages
+    /// still decrypt) until [`Self::forget_retired_before`] drops it.
+    ///
+    /// # Errors
+    /// [`Error::TimeOutOfRange`] if `now` is above
+    /// [`MAX_TIMESTAMP`](crate::MAX_TIMESTAMP); the store is unchanged and
+    /// nothing is drawn from `rng` then.
     pub fn rotate_signed_prekey(
         &mut self,
         rng: &mut impl CryptoRngCore,
         identity: &IdentityKeyPair,
         now: u64,
-    ) {
+    ) -> Result<()> {
         let id = self.current.id().wrapping_add(1);
-        let new = SignedPrekey::generate(rng, identity, id, now);
+        let new = SignedPrekey::generate(rng, identity, id, now)?;
         self.retired
             .push(core::mem::replace(&mut self.current, new));
+        Ok(())
     }
 
     /// Drops a retired signed prekey by id (the current one is never
@@ -72,8 +87,15 @@ impl PrekeyStore {
     }
 
     /// Drops retired signed prekeys created before `cutoff` (unix seconds).
-    pub fn forget_retired_before(&mut self, cutoff: u64) {
+    ///
+    /// # Errors
+    /// [`Error::TimeOutOfRange`] if `cutoff` is above
+    /// [`MAX_TIMESTAMP`](crate::MAX_TIMESTAMP) (a millisecond cutoff would
+    /// drop every retired key); nothing is dropped then.
+    pub fn forget_retired_before(&mut self, cutoff: u64) -> Result<()> {
+        check_timestamp(cutoff)?;
         self.retired.retain(|k| k.created() >= cutoff);
+        Ok(())
     }
 
     /// Generates `count` new one-time prekeys and returns them (to publish

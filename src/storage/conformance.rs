@@ -614,7 +614,7 @@ impl Fixture {
     fn new() -> Result<Self, String> {
         let mut rng = TestDataRng(0x0063_7562_6279_686f);
         let keys = IdentityKeyPair::generate(&mut rng);
-        let mut store = PrekeyStore::new(&mut rng, &keys, NOW - 3600);
+        let mut store = protocol(PrekeyStore::new(&mut rng, &keys, NOW - 3600), "prekeys")?;
         store.generate_one_time_prekeys(&mut rng, 3);
         let prekeys = PrekeyState {
             prekeys: store,
@@ -628,7 +628,7 @@ impl Fixture {
         let mut peers = Vec::new();
         for device_id in 1..=3 {
             let them = IdentityKeyPair::generate(&mut rng);
-            let mut theirs = PrekeyStore::new(&mut rng, &them, NOW);
+            let mut theirs = protocol(PrekeyStore::new(&mut rng, &them, NOW), "prekeys")?;
             theirs.generate_one_time_prekeys(&mut rng, 1);
             let bundle = protocol(
                 theirs.bundle(&them).verify(NOW, FreshnessPolicy::default()),

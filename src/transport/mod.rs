@@ -16,6 +16,7 @@
 
 mod codec;
 
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 use core::future::Future;
@@ -98,7 +99,21 @@ pub struct Envelope {
 
 /// Why the untrusted side refused or failed a request. Implementations over
 /// a network map their failures onto these.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// The variants with a `&'static str` reason name what failed in words the
+/// crate fixes. A transport that fails below the protocol (a socket, a
+/// file, a TLS stack) and wants to hand the underlying error to the
+/// application uses [`TransportError::Io`] (built with
+/// [`TransportError::io`]): the error is kept and returned by
+/// [`std::error::Error::source`], so an error reporter that walks the
+/// chain shows it. Like [`TransportError::Unavailable`], an `Io` failure
+/// says nothing about the request itself: an idempotent request may be
+/// retried.
+///
+/// Equality compares the variant and its reason; for `Io`, the context and
+/// the source's `Display` text (two sources are equal if they are the same
+/// allocation or print the same).
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum TransportError {
     /// The request was malformed (the reason names the field).
@@ -117,7 +132,67 @@ pub enum TransportError {
     /// The service could not be reached or failed; the request may be
     /// retried if it is idempotent.
     Unavailable(&'static str),
+    /// The transport itself failed (I/O, TLS, a driver...), with the
+    /// underlying error; the request may be retried if it is idempotent.
+    /// `Display` shows the context only; the underlying error is the
+    /// [`source`](std::error::Error::source).
+    Io {
+        /// What the transport was doing ("connect to the relay", "read
+        /// the answer", ...).
+        context: &'static str,
+        /// The underlying error. It must not carry secrets: it is
+        /// displayed and logged like any error.
+        source: Arc<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
+
+impl TransportError {
+    /// A [`TransportError::Io`] carrying `source`.
+    ///
+    /// ```
+    /// use cubbyhole::transport::TransportError;
+    /// let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+    /// let e = TransportError::io("read the relay's answer", io);
+    /// assert_eq!(e.to_string(), "transport failed: read the relay's answer");
+    /// let source = std::error::Error::source(&e).expect("the I/O error");
+    /// assert_eq!(source.to_string(), "reset by peer");
+    /// ```
+    pub fn io(
+        context: &'static str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        TransportError::Io {
+            context,
+            source: Arc::new(source),
+        }
+    }
+}
+
+impl PartialEq for TransportError {
+    fn eq(&self, other: &Self) -> bool {
+        use TransportError as E;
+        match (self, other) {
+            (E::BadRequest(a), E::BadRequest(b))
+            | (E::LimitExceeded(a), E::LimitExceeded(b))
+            | (E::Unavailable(a), E::Unavailable(b)) => a == b,
+            (E::Unauthorized, E::Unauthorized)
+            | (E::Replayed, E::Replayed)
+            | (E::NotFound, E::NotFound) => true,
+            (
+                E::Io {
+                    context: a,
+                    source: x,
+                },
+                E::Io {
+                    context: b,
+                    source: y,
+                },
+            ) => a == b && (Arc::ptr_eq(x, y) || x.to_string() == y.to_string()),
+            _ => false,
+        }
+    }
+}
+impl Eq for TransportError {}
 
 impl fmt::Display for TransportError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -128,12 +203,19 @@ impl fmt::Display for TransportError {
             TransportError::LimitExceeded(what) => write!(f, "limit exceeded: {what}"),
             TransportError::NotFound => f.write_str("not found"),
             TransportError::Unavailable(why) => write!(f, "unavailable: {why}"),
+            TransportError::Io { context, .. } => write!(f, "transport failed: {context}"),
         }
     }
 }
 
-#[cfg(feature = "std")]
-impl std::error::Error for TransportError {}
+impl std::error::Error for TransportError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TransportError::Io { source, .. } => Some(&**source),
+            _ => None,
+        }
+    }
+}
 
 /// The prekey directory: where devices publish their bundle sets and
 /// senders fetch bundles.

@@ -63,7 +63,8 @@ pub struct Device {
 impl Device {
     pub fn new(rng: &mut ChaCha20Rng, device_id: u32, one_time_prekeys: u32) -> Self {
         let keys = IdentityKeyPair::generate(rng);
-        let signed_prekey = SignedPrekey::generate(rng, &keys, 1, NOW);
+        let signed_prekey =
+            SignedPrekey::generate(rng, &keys, 1, NOW).expect("time in unix seconds");
         let one_time_prekeys = (0..one_time_prekeys)
             .map(|i| OneTimePrekey::generate(rng, 100 + i))
             .collect();
@@ -258,7 +259,8 @@ pub fn add_and_replace_pool<S: RelayStorage>(storage: S) {
     );
 
     // A new signed prekey replaces the old one.
-    bob.signed_prekey = SignedPrekey::generate(&mut rng, &bob.keys, 2, NOW + 100);
+    bob.signed_prekey =
+        SignedPrekey::generate(&mut rng, &bob.keys, 2, NOW + 100).expect("time in unix seconds");
     relay
         .publish(NOW + 100, &bob.upload_of(4, &[], false).sign(&bob.keys))
         .unwrap();

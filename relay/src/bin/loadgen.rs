@@ -851,7 +851,8 @@ async fn fetcher(shared: Arc<Shared>, mut conn: Conn, index: usize) -> Tally {
 /// returns its owner.
 async fn publish(conn: &mut Conn, counter: u64, fetch_limit: u32) -> Result<Owner, String> {
     let keys = IdentityKeyPair::generate(&mut OsRng);
-    let signed_prekey = SignedPrekey::generate(&mut OsRng, &keys, 1, counter / 1000);
+    let signed_prekey = SignedPrekey::generate(&mut OsRng, &keys, 1, counter / 1000)
+        .map_err(|e| format!("signed prekey: {e}"))?;
     let upload = BundleSetUpload::new(1, &keys, counter, &signed_prekey, &[], true).sign(&keys);
     match conn.request("/v1/directory", Some(&upload)).await {
         Ok((204, _)) => {}
