@@ -128,7 +128,8 @@ struct Device {
 impl Device {
     fn new(device_id: u32, one_time: u32) -> Device {
         let identity = IdentityKeyPair::generate(&mut OsRng);
-        let mut store = PrekeyStore::new(&mut OsRng, &identity, 1_700_000_000);
+        let mut store =
+            PrekeyStore::new(&mut OsRng, &identity, 1_700_000_000).expect("time in unix seconds");
         store.generate_one_time_prekeys(&mut OsRng, one_time);
         Device {
             identity,

@@ -34,7 +34,8 @@ struct Device {
 impl Device {
     fn new(one_time: u32) -> Device {
         let identity = IdentityKeyPair::generate(&mut OsRng);
-        let mut store = PrekeyStore::new(&mut OsRng, &identity, 1_700_000_000);
+        let mut store =
+            PrekeyStore::new(&mut OsRng, &identity, 1_700_000_000).expect("time in unix seconds");
         store.generate_one_time_prekeys(&mut OsRng, one_time);
         Device { identity, store }
     }
