@@ -255,3 +255,40 @@ fn verify_accepts_the_whole_range() {
         Err(Error::StaleBundle)
     );
 }
+
+#[test]
+fn the_client_refuses_a_millisecond_clock_before_doing_anything() {
+    use cubbyhole::client::{block_on, Client, ClientConfig, ClientError};
+    use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
+    use cubbyhole::storage::MemoryStore;
+    use std::error::Error as _;
+
+    let relay = InProcessRelay::new(Relay::new(
+        MemoryRelayStorage::new(),
+        RelayConfig::default(),
+    ));
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+    let mut c = block_on(Client::open(
+        MemoryStore::new(),
+        relay.clone(),
+        relay,
+        ClientConfig::default(),
+        &mut rng,
+    ))
+    .unwrap();
+    let ms = 1_700_000_000_000;
+    let me = c.address();
+    let refused = |r: Result<(), ClientError>| match r {
+        Err(e @ ClientError::Protocol(Error::TimeOutOfRange)) => {
+            // The chain names the cause.
+            assert!(e.source().is_some(), "{e}");
+        }
+        other => panic!("expected TimeOutOfRange, got {other:?}"),
+    };
+    refused(block_on(c.maintain_prekeys(&mut rng, ms)).map(drop));
+    refused(block_on(c.send(&mut rng, &me, b"x", ms)).map(drop));
+    refused(block_on(c.receive(&mut rng, ms)).map(drop));
+    refused(block_on(c.resend(&mut rng, ms)).map(drop));
+    // Nothing was published: the check came first.
+    assert!(block_on(c.maintain_prekeys(&mut rng, 1_700_000_000)).is_ok());
+}

@@ -47,6 +47,7 @@ use crate::protocol::prekeys::PrekeyStore;
 use crate::protocol::ratchet::SessionConfig;
 use crate::protocol::session::Session;
 use crate::protocol::state::session_tag;
+use crate::protocol::time::check_timestamp;
 use crate::protocol::wire::Incoming;
 use crate::storage::record::DEFAULT_ARCHIVED_SESSIONS;
 use crate::storage::{
@@ -164,9 +165,9 @@ pub enum ClientError {
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ClientError::Protocol(e) => write!(f, "protocol: {e}"),
-            ClientError::Store(e) => write!(f, "store: {e}"),
-            ClientError::Transport(e) => write!(f, "transport: {e}"),
+            ClientError::Protocol(_) => f.write_str("the protocol refused"),
+            ClientError::Store(_) => f.write_str("the local store failed"),
+            ClientError::Transport(_) => f.write_str("the directory or mailbox failed"),
             ClientError::WrongIdentity => {
                 f.write_str("the directory served a bundle of another identity")
             }
@@ -176,7 +177,20 @@ impl fmt::Display for ClientError {
     }
 }
 
-impl std::error::Error for ClientError {}
+/// The underlying error is the [`source`](std::error::Error::source) (and
+/// is not repeated in the `Display` text, so that a reporter printing the
+/// chain shows each once): `protocol`, `store` or `transport` failures
+/// carry it; the others have none.
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ClientError::Protocol(e) => Some(e),
+            ClientError::Store(e) => Some(e),
+            ClientError::Transport(e) => Some(e),
+            ClientError::WrongIdentity | ClientError::Compromised | ClientError::TooLong => None,
+        }
+    }
+}
 
 impl From<Error> for ClientError {
     fn from(e: Error) -> Self {
@@ -484,6 +498,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         trust: Trust,
         now: u64,
     ) -> Result<(), ClientError> {
+        check_timestamp(now)?;
         // A record of the key that does not load is rewritten (from the
         // given address) rather than blocking the change.
         let mut records = match self.store.peers_with_identity(&peer.identity).await {
@@ -535,6 +550,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         address: &DeviceAddress,
         now: u64,
     ) -> Result<ContactUpdate, ClientError> {
+        check_timestamp(now)?;
         if name.len() > ContactRecord::MAX_NAME {
             return Err(ClientError::TooLong);
         }
@@ -656,6 +672,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         rng: &mut (impl CryptoRngCore + MaybeSend),
         now: u64,
     ) -> Result<(), ClientError> {
+        check_timestamp(now)?;
         for (peer, record) in self.store.sessions().await? {
             match record {
                 Ok(mut record) => {
@@ -758,6 +775,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         rng: &mut (impl CryptoRngCore + MaybeSend),
         now: u64,
     ) -> Result<bool, ClientError> {
+        check_timestamp(now)?;
         let me = self.address();
         let keys = &self.identity.keys;
         let mut state = match self.store.prekeys().await? {
@@ -887,6 +905,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         body: &[u8],
         now: u64,
     ) -> Result<Sent, ClientError> {
+        check_timestamp(now)?;
         if body.len() > self.config.max_body {
             return Err(ClientError::TooLong);
         }
@@ -1071,7 +1090,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                     self.store.remove_outbox(&entry.envelope.id).await?;
                     return Ok(true);
                 }
-                Err(TransportError::Unavailable(_)) => continue,
+                Err(TransportError::Unavailable(_) | TransportError::Io { .. }) => continue,
                 // Never deliverable: drop it from the outbox (the receiver's
                 // counters will show it as missing) and say so.
                 Err(e @ TransportError::LimitExceeded(crate::relay::reason::ENVELOPE_SIZE))
@@ -1152,6 +1171,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         rng: &mut (impl CryptoRngCore + MaybeSend),
         now: u64,
     ) -> Result<ResendReport, ClientError> {
+        check_timestamp(now)?;
         self.resend_urgent(rng, now, &HashSet::new(), true).await
     }
 
@@ -1366,6 +1386,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         rng: &mut (impl CryptoRngCore + MaybeSend),
         now: u64,
     ) -> Result<ReceiveReport, ClientError> {
+        check_timestamp(now)?;
         self.receive_waiting(rng, now, 0).await
     }
 
@@ -1382,6 +1403,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         now: u64,
         wait_ms: u32,
     ) -> Result<ReceiveReport, ClientError> {
+        check_timestamp(now)?;
         let mut report = ReceiveReport::default();
         let mut wait_ms = wait_ms;
         let mut urgent = HashSet::new();
