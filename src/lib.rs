@@ -1,14 +1,77 @@
 //! # cubbyhole
 //!
-//! Asynchronous end-to-end encryption for messaging through stores and
-//! relays nobody trusts: Signal-style X3DH prekey agreement and the Double
-//! Ratchet, exactly as fixed by the `cubbyhole/v1` protocol profile (see
-//! `SPEC.md`).
+//! Asynchronous end-to-end encrypted messaging through stores and relays
+//! nobody trusts: Signal-style X3DH prekey agreement and the Double Ratchet,
+//! exactly as fixed by the `cubbyhole/v1` protocol profile (`SPEC.md`), with
+//! a client that delivers every message exactly once across crashes, lost
+//! messages and dead sessions.
 //!
-//! cubbyhole is **sans-IO**. It never touches the network or the disk, never
-//! reads a clock and never draws randomness on its own: bytes come in, are
-//! decoded into typed values, go through the protocol, and leave as bytes.
-//! Randomness is passed in as `&mut impl CryptoRngCore`, time as an argument.
+//! ## The client path: store + transport + client
+//!
+//! Most applications need three parts:
+//!
+//! - a **store** for the device's state ([`storage`]): [`storage::SqliteStore`]
+//!   (feature `sqlite`: one file, secrets encrypted at rest under the
+//!   application's key), [`storage::MemoryStore`], or your own (implement
+//!   [`storage::BlockingStore`] for a synchronous backend or
+//!   [`storage::Store`] for an asynchronous one, and run
+//!   [`storage::conformance`] against it);
+//! - a **transport** to the untrusted directory and mailbox ([`transport`]):
+//!   `HttpRelay` from the `cubbyhole-http` crate talks to a
+//!   `cubbyhole-relay` server over HTTP; [`relay::InProcessRelay`] runs the
+//!   same relay rules in the process (tests, embedding);
+//! - the **[`client::Client`]**, which joins them: it publishes and rotates
+//!   prekeys, sends (starting sessions from verified bundles), receives
+//!   with exactly-once delivery into the store's inbox, sends receipts and
+//!   re-sends what got none.
+//!
+//! ```
+//! use cubbyhole::client::{block_on, Client, ClientConfig};
+//! use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
+//! use cubbyhole::storage::MemoryStore;
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut rng = cubbyhole::OsRng;
+//! let now = 1_700_000_000; // unix seconds, from the application's clock
+//! let relay = InProcessRelay::new(Relay::new(MemoryRelayStorage::new(), RelayConfig::default()));
+//!
+//! block_on(async {
+//!     let config = ClientConfig::default();
+//!     let mut bob = Client::open(MemoryStore::new(), relay.clone(), relay.clone(), config, &mut rng).await?;
+//!     bob.maintain_prekeys(&mut rng, now).await?; // publish, then go offline
+//!
+//!     let mut alice = Client::open(MemoryStore::new(), relay.clone(), relay.clone(), config, &mut rng).await?;
+//!     alice.maintain_prekeys(&mut rng, now).await?;
+//!     alice.send(&mut rng, &bob.address(), b"hello Bob", now).await?;
+//!
+//!     bob.receive(&mut rng, now).await?; // later: fetch, decrypt, commit, acknowledge
+//!     let inbox = bob.inbox().await?;
+//!     assert_eq!(inbox[0].body, b"hello Bob");
+//!     assert_eq!(inbox[0].from, alice.address());
+//!     Ok::<_, cubbyhole::client::ClientError>(())
+//! })?;
+//! # Ok(()) }
+//! ```
+//!
+//! Every client future is `Send` on native targets with the crate's stores
+//! and transports, so each device's loop can run in `tokio::spawn`;
+//! [`client::block_on`] drives them from synchronous code. Times are unix
+//! **seconds** (a millisecond clock is refused: [`check_timestamp`]).
+//!
+//! Debug builds: the crate's `Cargo.toml` optimizes the crypto
+//! dependencies in its own debug builds, but Cargo ignores a dependency's
+//! profile settings, so in *your* debug build the primitives run about six
+//! times slower. Paste the profile overrides from the README ("Debug
+//! builds") into your application's `Cargo.toml`.
+//!
+//! ## The sans-IO core
+//!
+//! Underneath, the protocol is **sans-IO**: it never touches the network or
+//! the disk, never reads a clock and never draws randomness on its own:
+//! bytes come in, are decoded into typed values, go through the protocol,
+//! and leave as bytes. Randomness is passed in as `&mut impl CryptoRngCore`,
+//! time as an argument. Applications with their own storage and transport
+//! can use it directly ([`protocol`], re-exported at the crate root); it
+//! builds without `std`.
 //!
 //! ```text
 //!   untrusted store / relay                         your application
@@ -65,9 +128,12 @@
 //! ```
 //!
 //! ## Features
-//! - `std` (default): `std::error::Error` for [`Error`] and the `OsRng`
-//!   re-export [`OsRng`]. Without it the crate is `#![no_std]` + `alloc`.
-//! - `sqlite`: the SQLite local store and relay backend.
+//! - `std` (default): the client, storage, transport and relay layers,
+//!   `std::error::Error` for [`Error`] and the `OsRng` re-export [`OsRng`].
+//!   Without it the crate is the `#![no_std]` + `alloc` protocol core.
+//! - `sqlite`: [`storage::SqliteStore`], the SQLite local store, and
+//!   [`relay::SqliteRelayStorage`], the SQLite relay backend (rusqlite with
+//!   SQLite bundled; implies `std`).
 //! - `serde`: `Serialize`/`Deserialize` for addresses, ids, delivery states
 //!   and the stored records ([`forms`], with `std`); never for key
 //!   material. `serde` is used without its `std` feature.

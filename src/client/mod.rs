@@ -433,6 +433,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe; a dropped call may have stored a new identity (the
+    /// next call opens it).
     pub async fn open(
         mut store: S,
         directory: D,
@@ -492,6 +496,11 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe; each peer record is written on its own, so a
+    /// dropped call may have marked some of the key's devices and not others:
+    /// call it again.
     pub async fn set_trust(
         &mut self,
         peer: &DeviceAddress,
@@ -544,6 +553,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// # Errors
     /// [`ClientError::TooLong`] for a name over
     /// [`ContactRecord::MAX_NAME`] bytes; [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe; the contact is written in one call: dropped, it is
+    /// either saved or not (call it again).
     pub async fn save_contact(
         &mut self,
         name: &[u8],
@@ -614,6 +627,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe (a read).
     pub async fn contact(&self, name: &[u8]) -> Result<Option<ContactRecord>, ClientError> {
         Ok(self.store.contact(name).await?)
     }
@@ -622,6 +638,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe (a read).
     pub async fn trust(&self, identity: &[u8; 32]) -> Result<Option<Trust>, ClientError> {
         Ok(fold_trust(&self.store.peers_with_identity(identity).await?))
     }
@@ -647,6 +666,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe (a read).
     pub async fn delivery(&self, id: &MessageId) -> Result<Option<DeliveryState>, ClientError> {
         Ok(self.store.sent_message(id).await?.map(|m| m.state))
     }
@@ -667,6 +689,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// [`ClientError::Store`]; [`ClientError::Transport`] if the new
     /// prekeys cannot be published (the next
     /// [`Client::maintain_prekeys`] retries).
+    ///
+    /// # Cancel safety
+    /// Safe; what was done is stored, and calling it again
+    /// finishes the rest.
     pub async fn restored_from_backup(
         &mut self,
         rng: &mut (impl CryptoRngCore + MaybeSend),
@@ -770,6 +796,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// # Errors
     /// [`ClientError::Store`], [`ClientError::Transport`]; a failed upload
     /// is retried by the next call.
+    ///
+    /// # Cancel safety
+    /// Safe; an upload committed locally but not confirmed is
+    /// redone by the next call (the prekey state remembers it).
     pub async fn maintain_prekeys(
         &mut self,
         rng: &mut (impl CryptoRngCore + MaybeSend),
@@ -898,6 +928,15 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// ([`Error::StaleBundle`]) one, [`ClientError::Compromised`],
     /// [`ClientError::Store`], [`ClientError::Transport`] if the bundle
     /// cannot be fetched. A failed *deposit* is not an error: see [`Sent`].
+    ///
+    /// # Cancel safety
+    /// nothing is ever half-done: the session, the outbox entry
+    /// and the message are committed together, then deposited. Dropped before
+    /// the commit, nothing was sent; dropped after it, the message is kept and
+    /// deposited by [`Client::flush_outbox`] or [`Client::resend`], and
+    /// delivered once. A dropped call does not tell which happened (sending
+    /// again would send a second message): do not cancel it if you need to
+    /// know.
     pub async fn send(
         &mut self,
         rng: &mut (impl CryptoRngCore + MaybeSend),
@@ -1111,6 +1150,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe; deposits are idempotent by envelope id, and an
+    /// envelope leaves the outbox only after its deposit succeeded.
     pub async fn flush_outbox(&mut self) -> Result<usize, ClientError> {
         let mut done = 0;
         for entry in self.store.outbox().await? {
@@ -1166,6 +1209,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// # Errors
     /// [`ClientError::Store`]. A peer that cannot be reached is listed in
     /// [`ResendReport::unreachable`] and tried again by the next call.
+    ///
+    /// # Cancel safety
+    /// Safe; every re-send is committed before it is deposited,
+    /// and a later call picks up what a dropped one left.
     pub async fn resend(
         &mut self,
         rng: &mut (impl CryptoRngCore + MaybeSend),
@@ -1381,6 +1428,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// acknowledgement). Nothing is acknowledged that was not committed
     /// first. Receipts and notices that cannot be deposited are not errors:
     /// the peer re-sends, and is answered again.
+    ///
+    /// # Cancel safety
+    /// Safe, as [`Client::receive_waiting`].
     pub async fn receive(
         &mut self,
         rng: &mut (impl CryptoRngCore + MaybeSend),
@@ -1397,6 +1447,14 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// As [`Client::receive`].
+    ///
+    /// # Cancel safety
+    /// Safe: nothing is lost or shown twice. Dropped while
+    /// waiting or fetching, nothing changed; dropped after a batch was
+    /// committed but before it was acknowledged, the next receive fetches the
+    /// batch again, recognizes every envelope as processed and acknowledges it
+    /// (receipts are sent again then). So a receive loop may be cancelled at
+    /// any await, e.g. by `tokio::select!` on user input.
     pub async fn receive_waiting(
         &mut self,
         rng: &mut (impl CryptoRngCore + MaybeSend),
@@ -1544,6 +1602,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe (a read).
     pub async fn missing(&self) -> Result<Vec<(DeviceAddress, usize)>, ClientError> {
         Ok(self
             .store
@@ -1566,6 +1627,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe (a read).
     pub async fn inbox(&self) -> Result<Vec<InboxMessage>, ClientError> {
         Ok(self.store.inbox().await?)
     }
@@ -1574,6 +1638,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ///
     /// # Errors
     /// [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe; the message is removed or not (removing it again
+    /// succeeds).
     pub async fn remove_from_inbox(&mut self, id: &EnvelopeId) -> Result<(), ClientError> {
         Ok(self.store.remove_inbox(id).await?)
     }

@@ -19,6 +19,8 @@ use rusqlite::{params, Connection, Row, Transaction, TransactionBehavior};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+#[allow(unused_imports)] // the docs' links
+use super::Store;
 use super::{
     BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MessageId,
     OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord,
@@ -437,7 +439,7 @@ fn delete_routes(conn: &Connection, peer: &DeviceAddress) -> Result<(), StoreErr
 ///
 /// ```no_run
 /// # fn main() -> Result<(), cubbyhole::storage::StoreError> {
-/// use cubbyhole::storage::{SqliteStore, Store};
+/// use cubbyhole::storage::{BlockingStore, SqliteStore};
 /// let key = [7u8; 32]; // the application's secret, e.g. from the OS keychain
 /// let store = SqliteStore::open("device.db", &key)?;
 /// assert!(store.identity()?.is_none());
