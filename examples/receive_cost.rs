@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use cubbyhole::client::{block_on, Client, ClientConfig};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
-use cubbyhole::storage::{MemoryStore, SqliteStore};
+use cubbyhole::storage::{BlockingStore, MemoryStore, SqliteStore};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -136,6 +136,30 @@ fn run(n: usize) {
         block_on(alice.send(&mut rng, &bob_address, b"turn", NOW)).unwrap();
         all_awaiting.push(timed(&mut bob, &mut rng));
     }
+    // Where SqliteStore blocks: a read, and a commit (one transaction and
+    // its fdatasync).
+    let alice_address = alice.address();
+    let record = bob.store().session(&alice_address).unwrap().unwrap();
+    let mut reads = Vec::new();
+    let mut commits = Vec::new();
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        let _ = bob.store().session(&alice_address).unwrap();
+        reads.push(t.elapsed());
+        let t = Instant::now();
+        bob.store_mut()
+            .set_session(&alice_address, &record)
+            .unwrap();
+        commits.push(t.elapsed());
+    }
+    println!(
+        "{n:>6} sessions  store read (session)   {}",
+        quartiles(reads)
+    );
+    println!(
+        "{n:>6} sessions  store commit           {}",
+        quartiles(commits)
+    );
     println!(
         "{n:>6} sessions  known chain            {}",
         quartiles(known)
