@@ -81,6 +81,7 @@
 //! drain one-time prekeys, challenges) are for the network server in front
 //! of the relay to rate-limit.
 
+pub mod conformance;
 mod in_process;
 mod memory;
 #[cfg(feature = "sqlite")]
