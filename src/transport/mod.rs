@@ -13,6 +13,7 @@
 //! runtime (or none: the in-process relay answers immediately).
 
 mod codec;
+pub mod conformance;
 
 use alloc::vec::Vec;
 use core::fmt;
