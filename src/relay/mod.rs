@@ -81,6 +81,7 @@
 //! drain one-time prekeys, challenges) are for the network server in front
 //! of the relay to rate-limit.
 
+pub mod conformance;
 mod in_process;
 mod memory;
 #[cfg(feature = "sqlite")]
@@ -306,8 +307,43 @@ impl std::error::Error for RelayStorageError {}
 /// so that several relay processes can share one database).
 ///
 /// Times are unix seconds. "Oldest" means first inserted.
+///
+/// # Contract
+///
+/// Each method's docs state what it must do; in addition:
+///
+/// - **Atomicity.** Every call applies all of its writes or none: a call
+///   that returns an error wrote nothing, and so did a call whose outcome
+///   says so ([`UploadOutcome::Replayed`],
+///   [`UploadOutcome::TooManyOneTimePrekeys`],
+///   [`InsertOutcome::Duplicate`], [`InsertOutcome::TooManyEnvelopes`],
+///   [`InsertOutcome::TooManyBytes`]). A batch
+///   ([`RelayStorage::insert_envelopes`]) that returns an error stored none
+///   of its envelopes, and a group whose [`RelayStorage::commit_group`]
+///   failed stored none of its writes. A write that returned `Ok` is
+///   durable for a storage that claims durability.
+/// - **Isolation.** Several relays sharing one backend see each call as
+///   if alone: a one-time prekey is claimed once and a challenge consumed
+///   once whoever asks, and the mailbox bounds hold under concurrent
+///   inserts.
+/// - **Order.** Pools and mailboxes keep insertion order: the "oldest"
+///   one-time prekey or envelope is the first inserted, whatever its id.
+/// - **Values.** Counters and signed-prekey creation times round trip bit
+///   for bit over the whole `u64` range and counters compare as `u64`.
+///   Times the storage compares (receipt, expiry, `published_at`) are exact
+///   up to `i64::MAX`; a backend with signed integers may clamp later times
+///   to `i64::MAX`.
+/// - **Scope.** Envelope ids, acknowledged ids and challenges belong to
+///   one mailbox: the same id or challenge in another mailbox is another
+///   one.
+///
+/// [`conformance`] checks all of this that a single caller can observe
+/// through the trait (every outcome, order, bound, expiry, the single use
+/// of prekeys and challenges, groups); failures halfway, durability and
+/// concurrency need fault injection of the implementor's own (see that
+/// module's docs).
 pub trait RelayStorage {
-    /// A device's record.
+    /// A device's record (`None` if it never had an upload applied).
     fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError>;
 
     /// Whether a device whose [`DeviceAddress::mailbox`] is `mailbox` has a
@@ -330,13 +366,16 @@ pub trait RelayStorage {
         max_one_time_prekeys: u32,
     ) -> Result<UploadOutcome, RelayStorageError>;
 
-    /// Atomically removes and returns the device's oldest one-time prekey.
+    /// Atomically removes and returns the device's oldest one-time prekey
+    /// (`None` if its pool is empty or it has none): no key is ever
+    /// returned twice.
     fn claim_one_time_prekey(
         &mut self,
         device: &DeviceAddress,
     ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError>;
 
-    /// How many one-time prekeys the device's pool holds.
+    /// How many one-time prekeys the device's pool holds (0 for a device
+    /// without a record).
     fn one_time_prekey_count(&self, device: &DeviceAddress) -> Result<u32, RelayStorageError>;
 
     /// Atomically: deletes the mailbox's envelopes and acknowledged ids
@@ -353,9 +392,12 @@ pub trait RelayStorage {
     ) -> Result<InsertOutcome, RelayStorageError>;
 
     /// Deposits a batch, each envelope checked as by
-    /// [`RelayStorage::insert_envelope`] in order, and all committed
-    /// together (group commit: one durable write for the batch). On error
-    /// none is stored. The default runs them one by one.
+    /// [`RelayStorage::insert_envelope`] in order (so an id repeated in the
+    /// batch is a [`InsertOutcome::Duplicate`] and earlier envelopes of the
+    /// batch count against the bounds), and all committed together (group
+    /// commit: one durable write for the batch). Returns one outcome per
+    /// envelope, in order. On error none is stored. The default runs them
+    /// one by one.
     fn insert_envelopes(
         &mut self,
         batch: &[(MailboxId, Envelope)],
@@ -371,7 +413,8 @@ pub trait RelayStorage {
     /// The mailbox's pending envelopes received at or after
     /// `received_since`, oldest first: at most `limit`, stopping before the
     /// envelope that would take the payload total over `max_bytes` (the
-    /// first is always included).
+    /// first is always included). Whole envelopes, as inserted; deletes
+    /// nothing.
     fn list_envelopes(
         &self,
         mailbox: &MailboxId,
@@ -385,8 +428,10 @@ pub trait RelayStorage {
     fn mailbox_usage(&self, mailbox: &MailboxId) -> Result<MailboxUsage, RelayStorageError>;
 
     /// Deletes the mailbox's pending envelopes with these ids and remembers
-    /// the ids (with their receipt time) as acknowledged. Unknown ids are
-    /// ignored. Returns how many were deleted.
+    /// the ids (with their receipt time) as acknowledged. Unknown ids (and
+    /// ids pending in another mailbox, or already acknowledged) are
+    /// ignored. Returns how many were deleted (an id listed twice counts
+    /// once).
     fn acknowledge_envelopes(
         &mut self,
         mailbox: &MailboxId,

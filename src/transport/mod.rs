@@ -15,6 +15,7 @@
 //! in-process relay answers immediately).
 
 mod codec;
+pub mod conformance;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -219,6 +220,34 @@ impl std::error::Error for TransportError {
 
 /// The prekey directory: where devices publish their bundle sets and
 /// senders fetch bundles.
+///
+/// # Contract
+///
+/// An implementation (a relay, or a client of one) must keep all of this;
+/// [`conformance`] checks it against any implementation:
+///
+/// - [`publish`](Self::publish) accepts only an upload
+///   ([`BundleSetUpload`]) signed by the identity key of the device it
+///   names, whose signed prekey's signature also verifies under that key;
+///   otherwise [`TransportError::Unauthorized`] (malformed bytes:
+///   [`TransportError::BadRequest`]), and nothing changes. Its counter must
+///   be strictly above the device's last accepted one, else
+///   [`TransportError::Replayed`] and nothing changes (the same upload sent
+///   twice is refused the second time). An accepted upload replaces the
+///   device's signed prekey and replaces or extends its pool of one-time
+///   prekeys.
+/// - [`fetch_bundle`](Self::fetch_bundle) returns the profile's bundle
+///   encoding ([`PrekeyBundle`](crate::PrekeyBundle)) of the device's
+///   identity key and current signed prekey, with at most one one-time
+///   prekey from the pool, which it claims: no one-time prekey is ever
+///   handed out twice. When the pool is empty the bundle has none.
+/// - [`one_time_prekeys_left`](Self::one_time_prekeys_left) is the pool's
+///   size: each bundle that carried one leaves one fewer.
+/// - A device that never published (a device number is a device of its
+///   own) is [`TransportError::NotFound`] for both.
+/// - Failures to reach or run the service are
+///   [`TransportError::Unavailable`]; bounds are
+///   [`TransportError::LimitExceeded`].
 pub trait PrekeyDirectory: MaybeSend + MaybeSync {
     /// Publishes or replaces a device's bundle set. The upload is signed by
     /// the device's identity key and carries a counter above the last one.
@@ -242,6 +271,42 @@ pub trait PrekeyDirectory: MaybeSend + MaybeSync {
 }
 
 /// The mailbox: where senders leave envelopes and recipients pick them up.
+///
+/// # Contract
+///
+/// An implementation (a relay, or a client of one) must keep all of this;
+/// [`conformance`] checks it against any implementation:
+///
+/// - [`deposit`](Self::deposit) needs no identity and is idempotent by
+///   envelope id within a mailbox: an id already pending, or acknowledged
+///   within the retention period, is accepted (`Ok`) and not stored again;
+///   the first payload stays. A payload over the size bound is
+///   [`TransportError::LimitExceeded`] and is not stored (so are deposits
+///   into a full mailbox). A relay may refuse mailboxes of devices that
+///   never published ([`TransportError::NotFound`]).
+/// - [`challenge`](Self::challenge) issues a fresh challenge for one
+///   mailbox. A proof ([`MailboxAuth`]) is accepted only if its challenge
+///   was issued for the mailbox of the device it names, has not expired and
+///   was not used before (single use), its operation is the method's
+///   ([`MailboxOp::Fetch`] for [`fetch`](Self::fetch) and
+///   [`fetch_waiting`](Self::fetch_waiting), [`MailboxOp::Acknowledge`]
+///   for [`acknowledge`](Self::acknowledge)), and its signature verifies
+///   under that device's identity key; anything else is
+///   [`TransportError::Unauthorized`] and reads or deletes nothing.
+/// - [`fetch`](Self::fetch) returns the proof's mailbox's pending
+///   envelopes, whole, oldest first (in the order deposited), at most
+///   `limit` (an implementation may return fewer, for its own bounds), and
+///   deletes nothing: the same envelopes come back until acknowledged.
+/// - [`fetch_waiting`](Self::fetch_waiting) is [`fetch`](Self::fetch),
+///   except that an implementation that supports waiting, when nothing is
+///   pending, waits up to `wait_ms` for a deposit and returns it.
+/// - [`acknowledge`](Self::acknowledge) deletes exactly the named
+///   envelopes of the proof's mailbox; unknown ids (and ids already
+///   acknowledged) are ignored.
+/// - Failures to reach or run the service are
+///   [`TransportError::Unavailable`]; a deposit, an acknowledgment and a
+///   fetch may be retried (the first two are idempotent, fetching deletes
+///   nothing), with a fresh proof.
 pub trait Mailbox: MaybeSend + MaybeSync {
     /// Deposits an encoded envelope for a mailbox. Needs no identity.
     /// Idempotent: depositing the same envelope id again is accepted and

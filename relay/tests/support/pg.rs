@@ -1,18 +1,33 @@
 //! Scratch PostgreSQL databases for the relay's PostgreSQL tests
-//! (`tests/postgres.rs`, `tests/postgres_push.rs`, `tests/crash.rs`), and
-//! how those tests are reported when there is no database.
+//! (`tests/postgres.rs`, `tests/postgres_push.rs`, `tests/crash.rs`,
+//! `tests/relay_storage_conformance.rs`), and how those tests are reported
+//! when there is no database.
 //!
-//! `CUBBYHOLE_TEST_POSTGRES` names a role that may `CREATE DATABASE`
-//! (`postgres://user:password@host:port/db`, or a `key=value` string): each
-//! test makes a database of its own and drops it at its end. The build
-//! script (`relay/build.rs`) sets the cfg `cubbyhole_test_postgres` when
-//! the variable is set at build time; without it every PostgreSQL test is
-//! `#[ignore]`d, so the runner reports it as ignored, never as passed. Run
-//! them with the variable set (or, with `-- --ignored`, they fail at once,
-//! saying what is missing). Under `CI` the guard test
-//! [`assert_not_ignored_in_ci`] fails if they would be ignored.
+//! The server: `CUBBYHOLE_TEST_POSTGRES`, if set, names a role that may
+//! `CREATE DATABASE` (`postgres://user:password@host:port/db`, or a
+//! `key=value` string). If it is not set, the tests start a throwaway
+//! server of their own, once per test binary: `initdb` into a fresh
+//! temporary directory, `postgres` listening only on a Unix socket in it
+//! (no TCP port), fsync off. A watchdog process (`sh`, reading a pipe from
+//! the test process) stops it and deletes the directory when the test
+//! process exits, however it exits (a failed test, a panic, a signal; only
+//! a `SIGKILL` of the whole process group, watchdog included, leaks it).
+//! That needs PostgreSQL's server binaries (`initdb`, `pg_ctl`,
+//! `postgres`: on `PATH`, or Debian's `/usr/lib/postgresql/<version>/bin`)
+//! and a user other than root (`initdb` refuses root).
+//!
+//! Each test makes a database of its own and drops it at its end. The build
+//! script (`relay/build.rs`) sets the cfg `cubbyhole_test_postgres` when the
+//! variable is set at build time, or the binaries are installed and the
+//! build does not run as root; otherwise every PostgreSQL test is
+//! `#[ignore]`d, so the runner reports it as ignored, never as passed (run
+//! with `-- --ignored`, they fail at once, saying what is missing). Under
+//! `CI` the guard test [`assert_not_ignored_in_ci`] fails if they would be
+//! ignored.
 
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use postgres::{Client, NoTls};
@@ -29,16 +44,123 @@ pub fn assert_not_ignored_in_ci() {
     );
 }
 
-/// The administrative connection string; a test that runs without it
-/// fails (it was built to run, or run with `--ignored`).
+/// The administrative connection string: `CUBBYHOLE_TEST_POSTGRES`, or the
+/// server this process started. A test that runs without either fails (it
+/// was built to run, or run with `--ignored`).
 fn admin_url() -> String {
     match std::env::var(ENV) {
         Ok(url) if !url.trim().is_empty() => url,
-        _ => panic!(
-            "{ENV} is not set: set it to postgres://user:password@host:port/db \
-             (a role that may CREATE DATABASE) to run the PostgreSQL tests"
-        ),
+        _ => match own_server() {
+            Ok(server) => server.url.clone(),
+            Err(why) => panic!(
+                "{ENV} is not set and no PostgreSQL server could be started here: {why}. \
+                 Set {ENV} to postgres://user:password@host:port/db (a role that may \
+                 CREATE DATABASE), or install PostgreSQL's server binaries and run the \
+                 tests as a user other than root"
+            ),
+        },
     }
+}
+
+include!("pg_bin.rs");
+
+/// A server started by this process (see the module docs).
+struct OwnServer {
+    /// `host=<socket dir> user=cubbyhole dbname=postgres`.
+    url: String,
+    /// The watchdog's stdin: closed when this process exits, which makes
+    /// the watchdog stop the server and delete its directory. Never
+    /// written.
+    _watchdog: std::process::ChildStdin,
+}
+
+/// The server of this process, started at the first call.
+fn own_server() -> Result<&'static OwnServer, String> {
+    static SERVER: OnceLock<Result<OwnServer, String>> = OnceLock::new();
+    SERVER
+        .get_or_init(start_own_server)
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+fn start_own_server() -> Result<OwnServer, String> {
+    let bin = postgres_bin_dir().ok_or_else(|| {
+        "PostgreSQL's server binaries (initdb, pg_ctl, postgres) are neither on PATH \
+         nor in /usr/lib/postgresql/<version>/bin"
+            .to_string()
+    })?;
+    if running_as_root() {
+        return Err("this process runs as root, and initdb refuses root".into());
+    }
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!("cubbyhole-pg-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let data = dir.join("data");
+    // The watchdog first, so that whatever follows is cleaned up. It
+    // ignores the terminal's signals (a Ctrl-C reaches the whole process
+    // group) and waits for end of file on its stdin.
+    let script = r#"trap '' INT TERM HUP QUIT
+read _ignored
+"$1/pg_ctl" -D "$2/data" -m immediate -w stop >/dev/null 2>&1
+rm -rf "$2""#;
+    let mut watchdog = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("pg-watchdog")
+        .arg(&bin)
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start the watchdog (sh): {e}"))?;
+    let stdin = watchdog
+        .stdin
+        .take()
+        .ok_or_else(|| "the watchdog has no stdin".to_string())?;
+    let run = |what: &str, command: &mut Command| -> Result<(), String> {
+        let out = command
+            .output()
+            .map_err(|e| format!("cannot run {what}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    run(
+        "initdb",
+        Command::new(bin.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "cubbyhole", "-A", "trust", "-E", "UTF8"])
+            .args(["--no-locale", "--no-sync"]),
+    )?;
+    let options = format!(
+        "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off \
+         -c full_page_writes=off -c max_connections=200",
+        dir.display()
+    );
+    run(
+        "pg_ctl start",
+        Command::new(bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .args(["-w", "-t", "60", "-o", &options, "start"]),
+    )?;
+    Ok(OwnServer {
+        url: format!("host={} user=cubbyhole dbname=postgres", dir.display()),
+        _watchdog: stdin,
+    })
 }
 
 /// `url` pointing at database `name` instead.

@@ -1,0 +1,94 @@
+//! The transport conformance suite (`cubbyhole::transport::conformance`)
+//! against the real thing: the relay server on a loopback port (SQLite in
+//! memory, a fresh server for each check) driven through [`HttpRelay`],
+//! long polls included.
+
+use cubbyhole::relay::RelayConfig;
+use cubbyhole::transport::conformance::{self, Options};
+use cubbyhole_relay::client::HttpRelay;
+use cubbyhole_relay::{serve, Limits, ServerConfig, StorageConfig};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// Starts a server (on the current Tokio runtime) and returns its URL; it
+/// stops when its sender in `stops` is dropped.
+fn start(stops: &mut Vec<oneshot::Sender<()>>, max_wait_ms: u32) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let listener = TcpListener::from_std(listener).unwrap();
+    let config = ServerConfig {
+        storage: StorageConfig::SqliteMemory,
+        relay: RelayConfig::default(),
+        // The suite makes a few dozen requests per check from one address.
+        limits: Limits {
+            deposits_per_minute: 0,
+            claims_per_minute: 0,
+            requests_per_minute: 0,
+            max_wait_ms,
+            ..Limits::default()
+        },
+        ..ServerConfig::default()
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    stops.push(stop);
+    tokio::spawn(async move {
+        serve(listener, config, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("the server failed");
+    });
+    url
+}
+
+/// Runs the suite against fresh servers with this long-poll cap.
+fn suite(max_wait_ms: u32) -> Result<(), Vec<conformance::Violation>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut stops = Vec::new();
+        let options = Options {
+            max_envelope_bytes: RelayConfig::DEFAULT_MAX_ENVELOPE_BYTES,
+            supports_waiting: true,
+            wait_ms: 10_000,
+        };
+        let mut servers = 0;
+        let result = conformance::check_all(
+            || {
+                servers += 1;
+                let relay = HttpRelay::new(&start(&mut stops, max_wait_ms)).unwrap();
+                (relay.clone(), relay)
+            },
+            &options,
+        )
+        .await;
+        drop(stops);
+        assert_eq!(servers, conformance::CHECKS.len(), "one server per check");
+        result
+    })
+}
+
+#[test]
+fn the_http_relay_conforms() {
+    if let Err(violations) = suite(Limits::DEFAULT_MAX_WAIT_MS) {
+        panic!("{}", conformance::report(&violations));
+    }
+}
+
+/// The long-poll part of the suite is real over HTTP: a server that does
+/// not wait fails it, and only it.
+#[test]
+fn a_server_without_long_polls_fails_fetch_waiting() {
+    let violations = suite(0).expect_err("a server that never waits passed fetch_waiting");
+    let names: Vec<&str> = violations.iter().map(|v| v.check).collect();
+    assert_eq!(
+        names,
+        ["fetch_waiting"],
+        "{}",
+        conformance::report(&violations)
+    );
+}

@@ -1,0 +1,1324 @@
+//! A conformance suite for [`RelayStorage`] implementations: for relays
+//! that keep their state in a backend of their own, a way to check it keeps
+//! the contract of the trait (see [`RelayStorage`] and its methods) the way
+//! [`MemoryRelayStorage`](super::MemoryRelayStorage), the reference, the
+//! SQLite storage and the relay crate's PostgreSQL storage do.
+//!
+//! [`run`] runs every check in [`CHECKS`], each on a fresh storage from the
+//! closure it is given, and panics with a message naming each check that
+//! failed and why ("relay storage conformance: claim: ..."); [`try_run`]
+//! returns the [`Violation`]s instead. Each check is also a function of its
+//! own (`check_*`), for running one at a time.
+//!
+//! ```
+//! use cubbyhole::relay::MemoryRelayStorage;
+//!
+//! cubbyhole::relay::conformance::run(MemoryRelayStorage::new);
+//! ```
+//!
+//! In a test of your own storage:
+//!
+//! ```
+//! # use cubbyhole::relay::MemoryRelayStorage as MyStorage;
+//! use cubbyhole::relay::conformance;
+//!
+//! // Everything:
+//! if let Err(violations) = conformance::try_run(MyStorage::new) {
+//!     for v in &violations {
+//!         eprintln!("{v}");
+//!     }
+//!     panic!("{} checks failed", violations.len());
+//! }
+//! // One check, on a storage made here:
+//! conformance::check_claim(&mut MyStorage::new()).unwrap();
+//! ```
+//!
+//! # What is checked
+//!
+//! Every check starts from an empty storage (the `empty` check verifies
+//! that the closure makes one) and drives it through the trait only. The
+//! checks, by name (see each `check_*` function):
+//!
+//! | name | contract |
+//! |---|---|
+//! | `empty` | a new storage holds nothing; reading, claiming, acknowledging, expiring and consuming nothing succeeds |
+//! | `upload` | [`RelayStorage::apply_upload`] writes the record; adding to and replacing the pool; [`RelayStorage::mailbox_exists`] |
+//! | `upload_counter` | a counter not above the stored one is [`UploadOutcome::Replayed`] and writes nothing; counters compare as `u64` |
+//! | `prekey_bound` | a pool over the bound is [`UploadOutcome::TooManyOneTimePrekeys`] and writes nothing (not even the counter) |
+//! | `claim` | [`RelayStorage::claim_one_time_prekey`] hands out the oldest key, each once, and the count goes down |
+//! | `insert` | [`RelayStorage::insert_envelope`] stores once per id and mailbox (the first payload stays) |
+//! | `insert_bounds` | [`MailboxLimits`]: [`InsertOutcome::TooManyEnvelopes`], [`InsertOutcome::TooManyBytes`], nothing written; a duplicate stays [`InsertOutcome::Duplicate`] |
+//! | `insert_batch` | [`RelayStorage::insert_envelopes`]: each envelope as by `insert_envelope`, in order, earlier ones of the batch counted |
+//! | `list` | [`RelayStorage::list_envelopes`]: oldest first, `limit`, `max_bytes` (the first always), `received_since` |
+//! | `acknowledge` | [`RelayStorage::acknowledge_envelopes`] deletes only the named pending ids of that mailbox, remembers them, counts them |
+//! | `usage` | [`RelayStorage::mailbox_usage`] exact after inserts, refusals, acknowledgments and expiry |
+//! | `expiry` | [`RelayStorage::expire_envelopes`] and `insert_envelope`'s `expire_before`: strictly before, acknowledged ids too |
+//! | `challenges` | single use, per mailbox, expiry inclusive, eviction beyond `max_outstanding`, [`RelayStorage::purge_challenges`] |
+//! | `groups` | [`RelayStorage::begin_group`] / [`RelayStorage::commit_group`]: reads inside see the group's writes, a refused call writes nothing, everything is there after the commit |
+//! | `large_values` | counters and signed-prekey creation times over their whole `u64` range; an expiry of `u64::MAX` |
+//!
+//! An error returned by the storage fails the check that met it, naming
+//! the method and the error. A storage that panics is not caught.
+//!
+//! # What is not checked: failures and concurrency
+//!
+//! "Nothing was written" is checked wherever the trait promises it for an
+//! outcome (a replayed upload, a pool over the bound, a full mailbox). A
+//! *failure* halfway (a write error, the process dying, a lost connection)
+//! cannot be provoked through the trait, so the promise that a call (or an
+//! [`RelayStorage::insert_envelopes`] batch, or a group whose commit
+//! failed) that returned an error wrote nothing is the implementor's to
+//! test with fault injection of its own; so are durability and several
+//! relay processes sharing one database (the crate's SQLite tests and the
+//! relay crate's `relay/tests/crash.rs` and `relay/tests/postgres.rs` do
+//! this and may serve as examples).
+//!
+//! # Test data
+//!
+//! Identity keys and signed prekeys are real (derived from fixed seeds, so
+//! failures reproduce); one-time prekeys and payloads are made-up bytes,
+//! which a storage stores without interpreting.
+
+use std::fmt;
+use std::format;
+use std::string::String;
+use std::vec;
+use std::vec::Vec;
+
+use super::{
+    DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage, RelayStorageError,
+    UploadOutcome,
+};
+use crate::protocol::keys::{IdentityKeyPair, SignedPrekey};
+use crate::transport::{
+    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,
+};
+
+/// A broken promise: which check found it and what was wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// The check's name (as in [`CHECKS`]).
+    pub check: &'static str,
+    /// What the storage did wrong (or the error it returned).
+    pub message: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "relay storage conformance: {}: {}",
+            self.check, self.message
+        )
+    }
+}
+
+impl std::error::Error for Violation {}
+
+/// One check of the suite.
+#[derive(Clone, Copy)]
+pub struct Check {
+    /// Its name (the `check_*` function's, without the prefix).
+    pub name: &'static str,
+    /// Runs it on a storage, which must be empty (fresh).
+    pub run: fn(&mut dyn RelayStorage) -> Result<(), Violation>,
+}
+
+impl fmt::Debug for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Check")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs every check of [`CHECKS`], each on a fresh storage from `make`;
+/// returns the violations found (every check runs, whatever the others
+/// found).
+///
+/// # Errors
+/// The violations, in the order of [`CHECKS`], if any check failed.
+pub fn try_run<S: RelayStorage>(mut make: impl FnMut() -> S) -> Result<(), Vec<Violation>> {
+    let violations: Vec<Violation> = CHECKS
+        .iter()
+        .filter_map(|check| {
+            let mut storage = make();
+            (check.run)(&mut storage).err()
+        })
+        .collect();
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(violations)
+    }
+}
+
+/// Runs every check of [`CHECKS`], each on a fresh storage from `make`.
+///
+/// # Panics
+/// If any check fails, with a message naming each failed check and what
+/// was wrong ("relay storage conformance: claim: ...").
+pub fn run<S: RelayStorage>(make: impl FnMut() -> S) {
+    if let Err(violations) = try_run(make) {
+        match violations.as_slice() {
+            [one] => panic!("{one}"),
+            all => {
+                let lines: Vec<String> = all.iter().map(|v| format!("  {v}")).collect();
+                panic!(
+                    "relay storage conformance: {} of {} checks failed:\n{}",
+                    all.len(),
+                    CHECKS.len(),
+                    lines.join("\n")
+                )
+            }
+        }
+    }
+}
+
+macro_rules! checks {
+    ($( $(#[$doc:meta])* $public:ident => $name:literal, $body:ident; )+) => {
+        $(
+            $(#[$doc])*
+            ///
+            /// The storage must be empty (fresh).
+            ///
+            /// # Errors
+            /// A [`Violation`] naming the check and what was wrong.
+            pub fn $public(storage: &mut dyn RelayStorage) -> Result<(), Violation> {
+                $body(storage).map_err(|message| Violation { check: $name, message })
+            }
+        )+
+
+        /// Every check, in the order [`run`] runs them.
+        pub const CHECKS: &[Check] = &[$( Check { name: $name, run: $public } ),+];
+    };
+}
+
+checks! {
+    /// `empty`: a new storage has no device record, no mailbox, no
+    /// one-time prekeys, envelopes or challenges; claiming, acknowledging,
+    /// expiring, purging and consuming what is not there succeeds and finds
+    /// nothing.
+    check_empty => "empty", empty;
+    /// `upload`: [`RelayStorage::apply_upload`] returns
+    /// [`UploadOutcome::Applied`] and [`RelayStorage::device`] returns the
+    /// record (device, counter, signed prekey, `published_at`);
+    /// [`RelayStorage::mailbox_exists`] is true for the device's mailbox
+    /// only; an upload that adds keeps the pool's order, appends new ids
+    /// and gives an id already pooled its new key in its place; an upload
+    /// that replaces drops the old pool.
+    check_upload => "upload", upload;
+    /// `upload_counter`: an upload whose counter equals or is below the
+    /// stored one is [`UploadOutcome::Replayed`] and changes nothing
+    /// (record, pool); a higher counter applies; counters compare as `u64`
+    /// (2^63 and above are higher than 2^63 - 1).
+    check_upload_counter => "upload_counter", upload_counter;
+    /// `prekey_bound`: a pool of exactly `max_one_time_prekeys` applies; an
+    /// upload that would leave more (counting ids already pooled once) is
+    /// [`UploadOutcome::TooManyOneTimePrekeys`] and writes nothing: the
+    /// record, the pool and the counter stay (the same counter applies
+    /// afterwards).
+    check_prekey_bound => "prekey_bound", prekey_bound;
+    /// `claim`: [`RelayStorage::claim_one_time_prekey`] returns the pool's
+    /// oldest key and removes it: every key once, in pool order, then
+    /// `None`; [`RelayStorage::one_time_prekey_count`] goes down by one per
+    /// claim; another device's pool is untouched.
+    check_claim => "claim", claim;
+    /// `insert`: [`RelayStorage::insert_envelope`] stores an envelope
+    /// ([`InsertOutcome::Stored`]); the same id again is
+    /// [`InsertOutcome::Duplicate`] and the first payload stays; the same id
+    /// in another mailbox is another envelope.
+    check_insert => "insert", insert;
+    /// `insert_bounds`: a mailbox holding `max_envelopes` refuses one more
+    /// ([`InsertOutcome::TooManyEnvelopes`]); an envelope that would take it
+    /// over `max_bytes` is [`InsertOutcome::TooManyBytes`] (one that fits
+    /// exactly is stored); refusals write nothing; a pending id stays
+    /// [`InsertOutcome::Duplicate`] even in a full mailbox.
+    check_insert_bounds => "insert_bounds", insert_bounds;
+    /// `insert_batch`: [`RelayStorage::insert_envelopes`] answers each
+    /// envelope as [`RelayStorage::insert_envelope`] would in the batch's
+    /// order (an id repeated in the batch is a duplicate, earlier envelopes
+    /// count against the bounds), per mailbox, and stores the ones it says.
+    check_insert_batch => "insert_batch", insert_batch;
+    /// `list`: [`RelayStorage::list_envelopes`] returns the mailbox's
+    /// envelopes whole, oldest first (in insertion order, whatever the
+    /// ids), at most `limit`, stopping before the envelope that would take
+    /// the total over `max_bytes` but always including the first, and only
+    /// those received at or after `received_since`; listing deletes
+    /// nothing.
+    check_list => "list", list;
+    /// `acknowledge`: [`RelayStorage::acknowledge_envelopes`] deletes
+    /// exactly the named pending envelopes of that mailbox and returns how
+    /// many; unknown ids, ids of another mailbox and ids already
+    /// acknowledged are ignored (not counted); an acknowledged id is
+    /// remembered: inserting it again is [`InsertOutcome::Duplicate`].
+    check_acknowledge => "acknowledge", acknowledge;
+    /// `usage`: [`RelayStorage::mailbox_usage`] counts the mailbox's
+    /// pending envelopes and payload bytes exactly, after inserts,
+    /// duplicates, refusals, acknowledgments and expiry, and counts expired
+    /// envelopes not yet deleted.
+    check_usage => "usage", usage_check;
+    /// `expiry`: [`RelayStorage::expire_envelopes`] deletes the envelopes
+    /// (of every mailbox) received before `received_before`, keeps those
+    /// received at it or later, returns how many pending envelopes it
+    /// deleted, and forgets acknowledged ids received before it (they can
+    /// be inserted again); [`RelayStorage::insert_envelope`] first expires
+    /// the mailbox by `expire_before` (freeing room under the bounds).
+    check_expiry => "expiry", expiry;
+    /// `challenges`: [`RelayStorage::consume_challenge`] is true once for a
+    /// stored, unexpired challenge (`now <= expires_at`) and false after;
+    /// false for an unknown challenge or another mailbox's (which stays
+    /// usable); an expired challenge is false and deleted;
+    /// [`RelayStorage::insert_challenge`] evicts the oldest beyond
+    /// `max_outstanding`; [`RelayStorage::purge_challenges`] deletes and
+    /// counts those with `expires_at < now` and keeps the others.
+    check_challenges => "challenges", challenges;
+    /// `groups`: between [`RelayStorage::begin_group`] and
+    /// [`RelayStorage::commit_group`] reads see the group's writes, a call
+    /// refused by an outcome writes nothing while the others' writes stay,
+    /// and after the commit everything is there; groups follow one another.
+    check_groups => "groups", groups;
+    /// `large_values`: upload counters and signed-prekey creation times
+    /// round trip over the whole `u64` range (bit for bit) and counters
+    /// compare as `u64`; a challenge expiring at `u64::MAX` is valid.
+    check_large_values => "large_values", large_values;
+}
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+/// The time the test data is made at (unix seconds, 2027).
+const NOW: u64 = 1_800_000_000;
+
+type Outcome = Result<(), String>;
+
+/// Fails the check unless `cond`, with a formatted message.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+/// Turns a storage error into the check's failure, naming the method.
+trait OrFail<T> {
+    fn or_fail(self, method: &str) -> Result<T, String>;
+}
+
+impl<T> OrFail<T> for Result<T, RelayStorageError> {
+    fn or_fail(self, method: &str) -> Result<T, String> {
+        self.map_err(|e| format!("RelayStorage::{method} returned an error: {e} ({e:?})"))
+    }
+}
+
+/// `got == want`, or a failure describing both.
+fn same<T: PartialEq + fmt::Debug + ?Sized>(what: &str, got: &T, want: &T) -> Outcome {
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("{what}: got {got:?}, expected {want:?}"))
+    }
+}
+
+/// A device of the test data: a real identity key and signed prekey.
+struct Device {
+    keys: IdentityKeyPair,
+    address: DeviceAddress,
+    signed_prekey: SignedPrekeyRecord,
+}
+
+impl Device {
+    /// Device `n` (a different identity key for each `n`).
+    fn new(n: u8) -> Device {
+        let keys = IdentityKeyPair::from_seed(&[n; 32]);
+        let address = DeviceAddress::new(keys.public(), u32::from(n));
+        let spk = SignedPrekey::from_secret(&keys, 1, NOW - 60, [n ^ 0x5a; 32]);
+        Device {
+            address,
+            signed_prekey: SignedPrekeyRecord::of(&spk),
+            keys,
+        }
+    }
+
+    fn mailbox(&self) -> MailboxId {
+        self.address.mailbox()
+    }
+
+    /// An upload with one-time prekeys `ids` (keys made from the ids and
+    /// `salt`).
+    fn upload(&self, counter: u64, ids: &[u32], salt: u8, replace: bool) -> BundleSetUpload {
+        BundleSetUpload {
+            device: self.address,
+            counter,
+            signed_prekey: self.signed_prekey,
+            replace_one_time_prekeys: replace,
+            one_time_prekeys: ids.iter().map(|&id| (id, opk(id, salt))).collect(),
+        }
+    }
+
+    /// Another signed prekey (id 2) for this device.
+    fn rotated(&self) -> SignedPrekeyRecord {
+        let spk = SignedPrekey::from_secret(&self.keys, 2, NOW, [0xa5; 32]);
+        SignedPrekeyRecord::of(&spk)
+    }
+}
+
+/// The made-up key of one-time prekey `id` in uploads with `salt`.
+fn opk(id: u32, salt: u8) -> [u8; 32] {
+    let mut key = [salt; 32];
+    key[..4].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn eid(k: u8) -> EnvelopeId {
+    EnvelopeId([k; 16])
+}
+
+/// Envelope `k` with a payload of `len` bytes of `fill`.
+fn env(k: u8, len: usize, fill: u8) -> Envelope {
+    Envelope {
+        id: eid(k),
+        payload: vec![fill; len],
+    }
+}
+
+fn ids(envelopes: &[Envelope]) -> Vec<u8> {
+    envelopes.iter().map(|e| e.id.0[0]).collect()
+}
+
+/// Bounds that allow everything, expiring nothing.
+const OPEN: MailboxLimits = MailboxLimits {
+    max_envelopes: u32::MAX,
+    max_bytes: u64::MAX,
+    expire_before: 0,
+};
+
+fn apply(s: &mut dyn RelayStorage, upload: &BundleSetUpload, at: u64, max: u32) -> Outcome {
+    let outcome = s.apply_upload(upload, at, max).or_fail("apply_upload")?;
+    same(
+        &format!("apply_upload (counter {})", upload.counter),
+        &outcome,
+        &UploadOutcome::Applied,
+    )
+}
+
+fn insert_stored(s: &mut dyn RelayStorage, m: &MailboxId, e: &Envelope, at: u64) -> Outcome {
+    let outcome = s
+        .insert_envelope(m, e, at, OPEN)
+        .or_fail("insert_envelope")?;
+    same(
+        &format!("insert_envelope of a new id {:?}", e.id),
+        &outcome,
+        &InsertOutcome::Stored,
+    )
+}
+
+fn list_all(s: &dyn RelayStorage, m: &MailboxId) -> Result<Vec<Envelope>, String> {
+    s.list_envelopes(m, 0, u32::MAX, u64::MAX)
+        .or_fail("list_envelopes")
+}
+
+fn usage(s: &dyn RelayStorage, m: &MailboxId) -> Result<MailboxUsage, String> {
+    s.mailbox_usage(m).or_fail("mailbox_usage")
+}
+
+fn usage_is(
+    s: &dyn RelayStorage,
+    m: &MailboxId,
+    when: &str,
+    envelopes: u64,
+    bytes: u64,
+) -> Outcome {
+    same(
+        &format!("mailbox_usage {when}"),
+        &usage(s, m)?,
+        &MailboxUsage { envelopes, bytes },
+    )
+}
+
+/// Claims every key left, in order.
+fn claim_all(s: &mut dyn RelayStorage, d: &DeviceAddress) -> Result<Vec<u32>, String> {
+    let mut out = Vec::new();
+    while let Some((id, _)) = s
+        .claim_one_time_prekey(d)
+        .or_fail("claim_one_time_prekey")?
+    {
+        out.push(id);
+        ensure!(
+            out.len() <= 1_000,
+            "claim_one_time_prekey keeps returning keys (1 000 claimed from a small pool)"
+        );
+    }
+    Ok(out)
+}
+
+fn count(s: &dyn RelayStorage, d: &DeviceAddress) -> Result<u32, String> {
+    s.one_time_prekey_count(d).or_fail("one_time_prekey_count")
+}
+
+fn record(s: &dyn RelayStorage, d: &Device) -> Result<Option<DeviceRecord>, String> {
+    s.device(&d.address).or_fail("device")
+}
+
+fn consume(
+    s: &mut dyn RelayStorage,
+    m: &MailboxId,
+    c: &[u8; 32],
+    now: u64,
+) -> Result<bool, String> {
+    s.consume_challenge(m, c, now).or_fail("consume_challenge")
+}
+
+fn challenge(
+    s: &mut dyn RelayStorage,
+    m: &MailboxId,
+    c: u8,
+    now: u64,
+    ttl: u64,
+    max: u32,
+) -> Outcome {
+    s.insert_challenge(m, &[c; 32], now, now + ttl, max)
+        .or_fail("insert_challenge")
+}
+
+// ---------------------------------------------------------------------------
+// The checks.
+
+fn empty(s: &mut dyn RelayStorage) -> Outcome {
+    let a = Device::new(1);
+    same("device() of a new storage", &record(s, &a)?, &None)?;
+    ensure!(
+        !s.mailbox_exists(&a.mailbox()).or_fail("mailbox_exists")?,
+        "mailbox_exists() is true in a new storage"
+    );
+    same("one_time_prekey_count()", &count(s, &a.address)?, &0)?;
+    same(
+        "claim_one_time_prekey()",
+        &s.claim_one_time_prekey(&a.address)
+            .or_fail("claim_one_time_prekey")?,
+        &None,
+    )?;
+    same("list_envelopes()", &list_all(s, &a.mailbox())?, &Vec::new())?;
+    usage_is(s, &a.mailbox(), "of a new storage", 0, 0)?;
+    same(
+        "acknowledge_envelopes() of unknown ids",
+        &s.acknowledge_envelopes(&a.mailbox(), &[eid(1)])
+            .or_fail("acknowledge_envelopes")?,
+        &0,
+    )?;
+    same(
+        "expire_envelopes()",
+        &s.expire_envelopes(u64::MAX).or_fail("expire_envelopes")?,
+        &0,
+    )?;
+    same(
+        "purge_challenges()",
+        &s.purge_challenges(u64::MAX).or_fail("purge_challenges")?,
+        &0,
+    )?;
+    ensure!(
+        !consume(s, &a.mailbox(), &[7; 32], NOW)?,
+        "consume_challenge() of a challenge never stored is true"
+    );
+    Ok(())
+}
+
+fn upload(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b) = (Device::new(1), Device::new(2));
+    apply(s, &a.upload(5, &[10, 11, 12], 1, false), NOW, 100)?;
+    same(
+        "device() after an upload",
+        &record(s, &a)?,
+        &Some(DeviceRecord {
+            device: a.address,
+            counter: 5,
+            signed_prekey: a.signed_prekey,
+            published_at: NOW,
+        }),
+    )?;
+    ensure!(
+        s.mailbox_exists(&a.mailbox()).or_fail("mailbox_exists")?,
+        "mailbox_exists() is false for the mailbox of a device with a record"
+    );
+    ensure!(
+        !s.mailbox_exists(&b.mailbox()).or_fail("mailbox_exists")?,
+        "mailbox_exists() is true for the mailbox of a device without a record"
+    );
+    same("device() of another device", &record(s, &b)?, &None)?;
+    same("one_time_prekey_count()", &count(s, &a.address)?, &3)?;
+
+    // Adding: 11 takes a new key in its place, 13 goes to the back.
+    let mut add = a.upload(6, &[13, 11], 2, false);
+    add.signed_prekey = a.rotated();
+    apply(s, &add, NOW + 1, 100)?;
+    same(
+        "device() after a second upload",
+        &record(s, &a)?,
+        &Some(DeviceRecord {
+            device: a.address,
+            counter: 6,
+            signed_prekey: a.rotated(),
+            published_at: NOW + 1,
+        }),
+    )?;
+    same(
+        "one_time_prekey_count() after adding 13 and re-uploading 11",
+        &count(s, &a.address)?,
+        &4,
+    )?;
+    let mut claimed = Vec::new();
+    while let Some(key) = s
+        .claim_one_time_prekey(&a.address)
+        .or_fail("claim_one_time_prekey")?
+    {
+        claimed.push(key);
+        ensure!(claimed.len() <= 10, "claim_one_time_prekey never runs out");
+    }
+    same(
+        "the pool after adding (claimed in order; 11 keeps its place with its new key)",
+        &claimed,
+        &vec![
+            (10, opk(10, 1)),
+            (11, opk(11, 2)),
+            (12, opk(12, 1)),
+            (13, opk(13, 2)),
+        ],
+    )?;
+
+    // Replacing.
+    apply(s, &a.upload(7, &[20, 21], 1, false), NOW + 2, 100)?;
+    apply(s, &a.upload(8, &[30, 31], 3, true), NOW + 3, 100)?;
+    same(
+        "the pool after an upload that replaces it",
+        &claim_all(s, &a.address)?,
+        &vec![30, 31],
+    )?;
+    apply(s, &a.upload(9, &[], 3, true), NOW + 4, 100)?;
+    same(
+        "one_time_prekey_count() after replacing with nothing",
+        &count(s, &a.address)?,
+        &0,
+    )?;
+    same(
+        "the counter after four more uploads",
+        &record(s, &a)?.map(|r| r.counter),
+        &Some(9),
+    )?;
+    Ok(())
+}
+
+fn upload_counter(s: &mut dyn RelayStorage) -> Outcome {
+    let a = Device::new(1);
+    apply(s, &a.upload(10, &[1, 2], 1, false), NOW, 100)?;
+    let before = record(s, &a)?;
+    for counter in [10, 9, 0] {
+        let mut replay = a.upload(counter, &[3], 1, true);
+        replay.signed_prekey = a.rotated();
+        same(
+            &format!("apply_upload with counter {counter} after 10"),
+            &s.apply_upload(&replay, NOW + 5, 100)
+                .or_fail("apply_upload")?,
+            &UploadOutcome::Replayed,
+        )?;
+    }
+    same("device() after refused replays", &record(s, &a)?, &before)?;
+    same(
+        "one_time_prekey_count() after refused replays",
+        &count(s, &a.address)?,
+        &2,
+    )?;
+    apply(s, &a.upload(11, &[3], 1, false), NOW + 6, 100)?;
+    same(
+        "one_time_prekey_count() after 11",
+        &count(s, &a.address)?,
+        &3,
+    )?;
+    // Unsigned: 2^63 is above 2^63 - 1, and 2^63 - 1 is then a replay.
+    let high = 1u64 << 63;
+    apply(s, &a.upload(high - 1, &[], 1, false), NOW + 7, 100)?;
+    apply(s, &a.upload(high, &[], 1, false), NOW + 8, 100)?;
+    same(
+        "apply_upload with counter 2^63 - 1 after 2^63",
+        &s.apply_upload(&a.upload(high - 1, &[], 1, false), NOW + 9, 100)
+            .or_fail("apply_upload")?,
+        &UploadOutcome::Replayed,
+    )?;
+    same(
+        "the counter after 2^63",
+        &record(s, &a)?.map(|r| r.counter),
+        &Some(high),
+    )?;
+    Ok(())
+}
+
+fn prekey_bound(s: &mut dyn RelayStorage) -> Outcome {
+    let a = Device::new(1);
+    apply(s, &a.upload(1, &[1, 2, 3], 1, false), NOW, 4)?;
+    let before = record(s, &a)?;
+    // 3 pooled + 2 new (one id already pooled) = 4: fits.
+    apply(s, &a.upload(2, &[3, 4], 2, false), NOW + 1, 4)?;
+    // One more is over.
+    let mut over = a.upload(3, &[5], 2, false);
+    over.signed_prekey = a.rotated();
+    same(
+        "apply_upload adding a fifth key with a bound of 4",
+        &s.apply_upload(&over, NOW + 2, 4).or_fail("apply_upload")?,
+        &UploadOutcome::TooManyOneTimePrekeys,
+    )?;
+    let replacing = a.upload(3, &[6, 7, 8, 9, 10], 2, true);
+    same(
+        "apply_upload replacing the pool with five keys with a bound of 4",
+        &s.apply_upload(&replacing, NOW + 2, 4)
+            .or_fail("apply_upload")?,
+        &UploadOutcome::TooManyOneTimePrekeys,
+    )?;
+    let after = record(s, &a)?;
+    ensure!(
+        after.is_some_and(|r| r.counter == 2 && r.signed_prekey == a.signed_prekey),
+        "a refused upload (TooManyOneTimePrekeys) changed the record: {after:?} (before: {before:?} then counter 2)"
+    );
+    same(
+        "one_time_prekey_count() after refused uploads",
+        &count(s, &a.address)?,
+        &4,
+    )?;
+    // The refused counter was not taken.
+    apply(s, &a.upload(3, &[], 2, true), NOW + 3, 4)?;
+    same(
+        "one_time_prekey_count() after replacing with nothing",
+        &count(s, &a.address)?,
+        &0,
+    )?;
+    Ok(())
+}
+
+fn claim(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b) = (Device::new(1), Device::new(2));
+    apply(s, &a.upload(1, &[30, 10, 20], 1, false), NOW, 100)?;
+    apply(s, &b.upload(1, &[40], 1, false), NOW, 100)?;
+    for (left, id) in [(2u32, 30u32), (1, 10), (0, 20)] {
+        same(
+            "claim_one_time_prekey() (the oldest first)",
+            &s.claim_one_time_prekey(&a.address)
+                .or_fail("claim_one_time_prekey")?,
+            &Some((id, opk(id, 1))),
+        )?;
+        same(
+            &format!("one_time_prekey_count() after claiming {id}"),
+            &count(s, &a.address)?,
+            &left,
+        )?;
+    }
+    for _ in 0..2 {
+        same(
+            "claim_one_time_prekey() of an exhausted pool",
+            &s.claim_one_time_prekey(&a.address)
+                .or_fail("claim_one_time_prekey")?,
+            &None,
+        )?;
+    }
+    same(
+        "one_time_prekey_count() of another device",
+        &count(s, &b.address)?,
+        &1,
+    )?;
+    same(
+        "claim_one_time_prekey() of an unknown device",
+        &s.claim_one_time_prekey(&Device::new(3).address)
+            .or_fail("claim_one_time_prekey")?,
+        &None,
+    )?;
+    Ok(())
+}
+
+fn insert(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b) = (Device::new(1).mailbox(), Device::new(2).mailbox());
+    insert_stored(s, &a, &env(1, 10, 0xaa), NOW)?;
+    same(
+        "insert_envelope of an id already pending",
+        &s.insert_envelope(&a, &env(1, 20, 0xbb), NOW + 1, OPEN)
+            .or_fail("insert_envelope")?,
+        &InsertOutcome::Duplicate,
+    )?;
+    same(
+        "list_envelopes() after a duplicate",
+        &list_all(s, &a)?,
+        &vec![env(1, 10, 0xaa)],
+    )?;
+    insert_stored(s, &b, &env(1, 5, 0xcc), NOW)?;
+    same(
+        "list_envelopes() of a",
+        &list_all(s, &a)?,
+        &vec![env(1, 10, 0xaa)],
+    )?;
+    same(
+        "list_envelopes() of b",
+        &list_all(s, &b)?,
+        &vec![env(1, 5, 0xcc)],
+    )?;
+    // An empty payload is an envelope too.
+    insert_stored(s, &a, &env(2, 0, 0), NOW + 2)?;
+    same(
+        "list_envelopes() with an empty payload",
+        &list_all(s, &a)?,
+        &vec![env(1, 10, 0xaa), env(2, 0, 0)],
+    )?;
+    Ok(())
+}
+
+fn insert_bounds(s: &mut dyn RelayStorage) -> Outcome {
+    let m = Device::new(1).mailbox();
+    let limits = MailboxLimits {
+        max_envelopes: 3,
+        max_bytes: 100,
+        expire_before: 0,
+    };
+    let try_insert = |s: &mut dyn RelayStorage, e: &Envelope| {
+        s.insert_envelope(&m, e, NOW, limits)
+            .or_fail("insert_envelope")
+    };
+    same(
+        "insert of 60 bytes",
+        &try_insert(s, &env(1, 60, 1))?,
+        &InsertOutcome::Stored,
+    )?;
+    same(
+        "insert of 41 more bytes with max_bytes 100",
+        &try_insert(s, &env(2, 41, 2))?,
+        &InsertOutcome::TooManyBytes,
+    )?;
+    same(
+        "insert of 40 more bytes with max_bytes 100 (exactly full)",
+        &try_insert(s, &env(3, 40, 3))?,
+        &InsertOutcome::Stored,
+    )?;
+    same(
+        "insert of an empty payload into a mailbox at its byte bound",
+        &try_insert(s, &env(4, 0, 4))?,
+        &InsertOutcome::Stored,
+    )?;
+    same(
+        "insert into a mailbox holding max_envelopes (3)",
+        &try_insert(s, &env(5, 0, 5))?,
+        &InsertOutcome::TooManyEnvelopes,
+    )?;
+    same(
+        "insert of a pending id into a full mailbox",
+        &try_insert(s, &env(1, 60, 1))?,
+        &InsertOutcome::Duplicate,
+    )?;
+    same(
+        "list_envelopes() after refusals",
+        &ids(&list_all(s, &m)?),
+        &vec![1, 3, 4],
+    )?;
+    usage_is(s, &m, "after refusals", 3, 100)?;
+    // Refused ids were not remembered: with room, they are stored.
+    same(
+        "insert of an id refused earlier, with room",
+        &s.insert_envelope(&m, &env(2, 41, 2), NOW, OPEN)
+            .or_fail("insert_envelope")?,
+        &InsertOutcome::Stored,
+    )?;
+    Ok(())
+}
+
+fn insert_batch(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b) = (Device::new(1).mailbox(), Device::new(2).mailbox());
+    insert_stored(s, &a, &env(1, 10, 1), NOW)?;
+    let limits = MailboxLimits {
+        max_envelopes: 3,
+        max_bytes: 1_000,
+        expire_before: 0,
+    };
+    let batch = vec![
+        (a, env(1, 10, 9)),  // pending: duplicate
+        (a, env(2, 10, 2)),  // stored (2 pending)
+        (b, env(2, 10, 2)),  // another mailbox: stored
+        (a, env(2, 10, 9)),  // earlier in the batch: duplicate
+        (a, env(3, 10, 3)),  // stored (3 pending)
+        (a, env(4, 10, 4)),  // full
+        (b, env(5, 995, 5)), // over b's bytes (10 + 995)
+        (b, env(6, 990, 6)), // fits exactly
+    ];
+    let outcomes = s
+        .insert_envelopes(&batch, NOW + 1, limits)
+        .or_fail("insert_envelopes")?;
+    use InsertOutcome::*;
+    same(
+        "insert_envelopes outcomes",
+        &outcomes,
+        &vec![
+            Duplicate,
+            Stored,
+            Stored,
+            Duplicate,
+            Stored,
+            TooManyEnvelopes,
+            TooManyBytes,
+            Stored,
+        ],
+    )?;
+    same(
+        "list_envelopes() of a after the batch",
+        &list_all(s, &a)?,
+        &vec![env(1, 10, 1), env(2, 10, 2), env(3, 10, 3)],
+    )?;
+    same(
+        "list_envelopes() of b after the batch",
+        &list_all(s, &b)?,
+        &vec![env(2, 10, 2), env(6, 990, 6)],
+    )?;
+    same(
+        "insert_envelopes of an empty batch",
+        &s.insert_envelopes(&[], NOW + 2, limits)
+            .or_fail("insert_envelopes")?,
+        &Vec::new(),
+    )?;
+    Ok(())
+}
+
+fn list(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b) = (Device::new(1).mailbox(), Device::new(2).mailbox());
+    // Ids in descending order, times ascending, sizes 10, 20, 30, 40, 50.
+    for (i, k) in [9u8, 7, 5, 3, 1].into_iter().enumerate() {
+        insert_stored(s, &a, &env(k, 10 * (i + 1), k), NOW + i as u64)?;
+    }
+    insert_stored(s, &b, &env(2, 10, 2), NOW)?;
+    let list = |s: &dyn RelayStorage, since: u64, limit: u32, max_bytes: u64| {
+        s.list_envelopes(&a, since, limit, max_bytes)
+            .map(|l| ids(&l))
+            .or_fail("list_envelopes")
+    };
+    same(
+        "list_envelopes() (oldest first)",
+        &list(s, 0, 100, u64::MAX)?,
+        &vec![9, 7, 5, 3, 1],
+    )?;
+    same(
+        "list_envelopes() whole",
+        &list_all(s, &a)?.get(1).cloned(),
+        &Some(env(7, 20, 7)),
+    )?;
+    same(
+        "list_envelopes() with limit 2",
+        &list(s, 0, 2, u64::MAX)?,
+        &vec![9, 7],
+    )?;
+    same(
+        "list_envelopes() with limit 1",
+        &list(s, 0, 1, u64::MAX)?,
+        &vec![9],
+    )?;
+    same(
+        "list_envelopes() with max_bytes 60 (10 + 20 + 30)",
+        &list(s, 0, 100, 60)?,
+        &vec![9, 7, 5],
+    )?;
+    same(
+        "list_envelopes() with max_bytes 59",
+        &list(s, 0, 100, 59)?,
+        &vec![9, 7],
+    )?;
+    same(
+        "list_envelopes() with max_bytes 1 (the first always)",
+        &list(s, 0, 100, 1)?,
+        &vec![9],
+    )?;
+    same(
+        "list_envelopes() received since NOW + 2",
+        &list(s, NOW + 2, 100, u64::MAX)?,
+        &vec![5, 3, 1],
+    )?;
+    same(
+        "list_envelopes() received since NOW + 3 with max_bytes 10 (the first always)",
+        &list(s, NOW + 3, 100, 10)?,
+        &vec![3],
+    )?;
+    same(
+        "list_envelopes() received since after the last",
+        &list(s, NOW + 5, 100, u64::MAX)?,
+        &Vec::new(),
+    )?;
+    same("list_envelopes() of b", &ids(&list_all(s, &b)?), &vec![2])?;
+    usage_is(s, &a, "after listing", 5, 150)?;
+    Ok(())
+}
+
+fn acknowledge(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b) = (Device::new(1).mailbox(), Device::new(2).mailbox());
+    for k in 1..=4 {
+        insert_stored(s, &a, &env(k, 10, k), NOW)?;
+    }
+    insert_stored(s, &b, &env(2, 10, 2), NOW)?;
+    let ack = |s: &mut dyn RelayStorage, m: &MailboxId, ks: &[u8]| {
+        let ids: Vec<EnvelopeId> = ks.iter().map(|&k| eid(k)).collect();
+        s.acknowledge_envelopes(m, &ids)
+            .or_fail("acknowledge_envelopes")
+    };
+    same(
+        "acknowledge_envelopes([2, 4, 99]) (99 unknown)",
+        &ack(s, &a, &[2, 4, 99])?,
+        &2,
+    )?;
+    same(
+        "list_envelopes() after acknowledging 2 and 4",
+        &ids(&list_all(s, &a)?),
+        &vec![1, 3],
+    )?;
+    same(
+        "another mailbox's envelope with an acknowledged id",
+        &ids(&list_all(s, &b)?),
+        &vec![2],
+    )?;
+    same("acknowledge_envelopes([2]) again", &ack(s, &a, &[2])?, &0)?;
+    same("acknowledge_envelopes([]) ", &ack(s, &a, &[])?, &0)?;
+    same(
+        "acknowledge_envelopes of a's ids in a mailbox without them",
+        &ack(s, &Device::new(3).mailbox(), &[1, 3])?,
+        &0,
+    )?;
+    same(
+        "insert_envelope of an acknowledged id",
+        &s.insert_envelope(&a, &env(2, 10, 9), NOW + 1, OPEN)
+            .or_fail("insert_envelope")?,
+        &InsertOutcome::Duplicate,
+    )?;
+    same(
+        "list_envelopes() after re-inserting an acknowledged id",
+        &ids(&list_all(s, &a)?),
+        &vec![1, 3],
+    )?;
+    same(
+        "acknowledge_envelopes([1, 1, 3]) (a repeated id)",
+        &ack(s, &a, &[1, 1, 3])?,
+        &2,
+    )?;
+    same(
+        "list_envelopes() when all acknowledged",
+        &list_all(s, &a)?,
+        &Vec::new(),
+    )?;
+    Ok(())
+}
+
+fn usage_check(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b) = (Device::new(1).mailbox(), Device::new(2).mailbox());
+    insert_stored(s, &a, &env(1, 100, 1), NOW)?;
+    insert_stored(s, &a, &env(2, 50, 2), NOW + 10)?;
+    insert_stored(s, &b, &env(1, 7, 1), NOW)?;
+    usage_is(s, &a, "after two inserts", 2, 150)?;
+    usage_is(s, &b, "of another mailbox", 1, 7)?;
+    s.insert_envelope(&a, &env(1, 999, 1), NOW, OPEN)
+        .or_fail("insert_envelope")?;
+    usage_is(s, &a, "after a duplicate", 2, 150)?;
+    let full = MailboxLimits {
+        max_envelopes: 2,
+        ..OPEN
+    };
+    s.insert_envelope(&a, &env(3, 30, 3), NOW, full)
+        .or_fail("insert_envelope")?;
+    usage_is(s, &a, "after a refused insert", 2, 150)?;
+    insert_stored(s, &a, &env(3, 30, 3), NOW + 20)?;
+    usage_is(s, &a, "after a third insert", 3, 180)?;
+    s.acknowledge_envelopes(&a, &[eid(2), eid(9)])
+        .or_fail("acknowledge_envelopes")?;
+    usage_is(s, &a, "after acknowledging 50 bytes", 2, 130)?;
+    // Expired by listing's cutoff but not deleted: still counted.
+    same(
+        "list_envelopes() since NOW + 1",
+        &ids(&s
+            .list_envelopes(&a, NOW + 1, 100, u64::MAX)
+            .or_fail("list_envelopes")?),
+        &vec![3],
+    )?;
+    usage_is(s, &a, "with an expired envelope not yet deleted", 2, 130)?;
+    s.expire_envelopes(NOW + 1).or_fail("expire_envelopes")?;
+    usage_is(s, &a, "after expiring 100 bytes", 1, 30)?;
+    usage_is(s, &b, "of b after expiring everything before NOW + 1", 0, 0)?;
+    s.acknowledge_envelopes(&a, &[eid(3)])
+        .or_fail("acknowledge_envelopes")?;
+    usage_is(s, &a, "when empty again", 0, 0)?;
+    Ok(())
+}
+
+fn expiry(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b) = (Device::new(1).mailbox(), Device::new(2).mailbox());
+    insert_stored(s, &a, &env(1, 10, 1), NOW - 2)?;
+    insert_stored(s, &a, &env(2, 10, 2), NOW - 1)?;
+    insert_stored(s, &a, &env(3, 10, 3), NOW)?;
+    insert_stored(s, &b, &env(1, 10, 1), NOW - 1)?;
+    s.acknowledge_envelopes(&a, &[eid(1)])
+        .or_fail("acknowledge_envelopes")?;
+    same(
+        "expire_envelopes(NOW) (a: 1 acknowledged, 2 before; b: 1 before)",
+        &s.expire_envelopes(NOW).or_fail("expire_envelopes")?,
+        &2,
+    )?;
+    same(
+        "list_envelopes() of a after expiry",
+        &ids(&list_all(s, &a)?),
+        &vec![3],
+    )?;
+    same(
+        "list_envelopes() of b after expiry",
+        &list_all(s, &b)?,
+        &Vec::new(),
+    )?;
+    same(
+        "insert_envelope of an acknowledged id after its expiry",
+        &s.insert_envelope(&a, &env(1, 10, 1), NOW, OPEN)
+            .or_fail("insert_envelope")?,
+        &InsertOutcome::Stored,
+    )?;
+    same(
+        "insert_envelope of an expired id",
+        &s.insert_envelope(&a, &env(2, 10, 2), NOW, OPEN)
+            .or_fail("insert_envelope")?,
+        &InsertOutcome::Stored,
+    )?;
+    same(
+        "expire_envelopes(NOW) again (nothing received before NOW)",
+        &s.expire_envelopes(NOW).or_fail("expire_envelopes")?,
+        &0,
+    )?;
+    same(
+        "list_envelopes() of a",
+        &ids(&list_all(s, &a)?),
+        &vec![3, 1, 2],
+    )?;
+
+    // insert_envelope expires the mailbox first: a full mailbox of old
+    // envelopes takes a new one, and an old acknowledged id is new again.
+    let c = Device::new(3).mailbox();
+    insert_stored(s, &c, &env(1, 10, 1), NOW - 10)?;
+    insert_stored(s, &c, &env(2, 10, 2), NOW - 10)?;
+    insert_stored(s, &c, &env(3, 10, 3), NOW)?;
+    s.acknowledge_envelopes(&c, &[eid(2)])
+        .or_fail("acknowledge_envelopes")?;
+    let limits = MailboxLimits {
+        max_envelopes: 2,
+        max_bytes: 20,
+        expire_before: NOW - 9,
+    };
+    same(
+        "insert_envelope with expire_before after an acknowledged id's receipt",
+        &s.insert_envelope(&c, &env(2, 10, 2), NOW, limits)
+            .or_fail("insert_envelope")?,
+        &InsertOutcome::Stored,
+    )?;
+    same(
+        "list_envelopes() after an insert that expired the mailbox",
+        &ids(&list_all(s, &c)?),
+        &vec![3, 2],
+    )?;
+    usage_is(s, &c, "after an insert that expired the mailbox", 2, 20)?;
+    Ok(())
+}
+
+fn challenges(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b) = (Device::new(1).mailbox(), Device::new(2).mailbox());
+    challenge(s, &a, 1, NOW, 300, 8)?;
+    challenge(s, &a, 2, NOW, 300, 8)?;
+    ensure!(
+        !consume(s, &b, &[1; 32], NOW)?,
+        "consume_challenge() of another mailbox's challenge is true"
+    );
+    ensure!(
+        !consume(s, &a, &[3; 32], NOW)?,
+        "consume_challenge() of an unknown challenge is true"
+    );
+    ensure!(
+        consume(s, &a, &[1; 32], NOW + 1)?,
+        "consume_challenge() of a stored challenge is false (or it was consumed by a try on another mailbox)"
+    );
+    ensure!(
+        !consume(s, &a, &[1; 32], NOW + 1)?,
+        "consume_challenge() of a challenge already consumed is true (not single use)"
+    );
+    ensure!(
+        consume(s, &a, &[2; 32], NOW + 300)?,
+        "consume_challenge() at its expiry time (now == expires_at) is false"
+    );
+    challenge(s, &a, 4, NOW, 300, 8)?;
+    ensure!(
+        !consume(s, &a, &[4; 32], NOW + 301)?,
+        "consume_challenge() after its expiry is true"
+    );
+    ensure!(
+        !consume(s, &a, &[4; 32], NOW)?,
+        "an expired challenge was not deleted by consume_challenge()"
+    );
+
+    // Eviction beyond max_outstanding: the oldest go.
+    for c in 10..15 {
+        challenge(s, &a, c, NOW, 300, 3)?;
+    }
+    for c in [10, 11] {
+        ensure!(
+            !consume(s, &a, &[c; 32], NOW)?,
+            "challenge {c} was not evicted (5 inserted with max_outstanding 3)"
+        );
+    }
+    for c in [12, 13, 14] {
+        ensure!(
+            consume(s, &a, &[c; 32], NOW)?,
+            "challenge {c}, among the 3 newest, was evicted"
+        );
+    }
+
+    // insert_challenge deletes the mailbox's expired challenges first.
+    challenge(s, &a, 20, NOW, 10, 8)?;
+    challenge(s, &a, 21, NOW + 11, 10, 8)?;
+    ensure!(
+        !consume(s, &a, &[20; 32], NOW)?,
+        "insert_challenge() did not delete the mailbox's expired challenge"
+    );
+    ensure!(
+        consume(s, &a, &[21; 32], NOW + 11)?,
+        "a fresh challenge was lost"
+    );
+
+    // purge_challenges: expires_at < now only, every mailbox.
+    challenge(s, &a, 30, NOW, 10, 8)?; // expires NOW + 10
+    challenge(s, &a, 31, NOW, 20, 8)?; // expires NOW + 20
+    challenge(s, &b, 32, NOW, 5, 8)?; // expires NOW + 5
+    same(
+        "purge_challenges(NOW + 10)",
+        &s.purge_challenges(NOW + 10).or_fail("purge_challenges")?,
+        &1,
+    )?;
+    ensure!(
+        !consume(s, &b, &[32; 32], NOW)?,
+        "a purged challenge is still there"
+    );
+    ensure!(
+        consume(s, &a, &[30; 32], NOW + 10)?,
+        "purge_challenges() deleted a challenge expiring at `now`"
+    );
+    same(
+        "purge_challenges(NOW + 21)",
+        &s.purge_challenges(NOW + 21).or_fail("purge_challenges")?,
+        &1,
+    )?;
+    ensure!(
+        !consume(s, &a, &[31; 32], NOW)?,
+        "a purged challenge is still there"
+    );
+    Ok(())
+}
+
+fn groups(s: &mut dyn RelayStorage) -> Outcome {
+    let a = Device::new(1);
+    let m = a.mailbox();
+    s.begin_group().or_fail("begin_group")?;
+    apply(s, &a.upload(5, &[1, 2], 1, false), NOW, 100)?;
+    ensure!(
+        s.mailbox_exists(&m).or_fail("mailbox_exists")?,
+        "inside a group, mailbox_exists() does not see the group's upload"
+    );
+    same(
+        "inside a group, a replayed upload",
+        &s.apply_upload(&a.upload(5, &[3], 1, true), NOW, 100)
+            .or_fail("apply_upload")?,
+        &UploadOutcome::Replayed,
+    )?;
+    insert_stored(s, &m, &env(1, 10, 1), NOW)?;
+    same(
+        "inside a group, a duplicate",
+        &s.insert_envelope(&m, &env(1, 20, 2), NOW, OPEN)
+            .or_fail("insert_envelope")?,
+        &InsertOutcome::Duplicate,
+    )?;
+    same(
+        "inside a group, claim_one_time_prekey()",
+        &s.claim_one_time_prekey(&a.address)
+            .or_fail("claim_one_time_prekey")?,
+        &Some((1, opk(1, 1))),
+    )?;
+    challenge(s, &m, 1, NOW, 300, 8)?;
+    ensure!(
+        consume(s, &m, &[1; 32], NOW)?,
+        "inside a group, a challenge inserted in the group cannot be consumed"
+    );
+    same(
+        "inside a group, list_envelopes()",
+        &list_all(s, &m)?,
+        &vec![env(1, 10, 1)],
+    )?;
+    s.commit_group().or_fail("commit_group")?;
+
+    same(
+        "after the commit, device()",
+        &record(s, &a)?.map(|r| r.counter),
+        &Some(5),
+    )?;
+    same("after the commit, the pool", &count(s, &a.address)?, &1)?;
+    same(
+        "after the commit, list_envelopes()",
+        &list_all(s, &m)?,
+        &vec![env(1, 10, 1)],
+    )?;
+    ensure!(
+        !consume(s, &m, &[1; 32], NOW)?,
+        "after the commit, a challenge consumed in the group is back"
+    );
+
+    // A second group, then calls outside any group.
+    s.begin_group().or_fail("begin_group")?;
+    s.acknowledge_envelopes(&m, &[eid(1)])
+        .or_fail("acknowledge_envelopes")?;
+    insert_stored(s, &m, &env(2, 10, 2), NOW)?;
+    s.commit_group().or_fail("commit_group")?;
+    insert_stored(s, &m, &env(3, 10, 3), NOW)?;
+    same(
+        "after a second group and an insert outside a group",
+        &ids(&list_all(s, &m)?),
+        &vec![2, 3],
+    )?;
+    s.begin_group().or_fail("begin_group")?;
+    s.commit_group().or_fail("commit_group")?;
+    usage_is(s, &m, "after an empty group", 2, 20)?;
+    Ok(())
+}
+
+fn large_values(s: &mut dyn RelayStorage) -> Outcome {
+    let a = Device::new(1);
+    let mut upload = a.upload(u64::MAX - 1, &[u32::MAX], 1, false);
+    let spk = SignedPrekey::from_secret(&a.keys, u32::MAX, u64::MAX, [9; 32]);
+    upload.signed_prekey = SignedPrekeyRecord::of(&spk);
+    apply(s, &upload, NOW, u32::MAX)?;
+    let got = record(s, &a)?;
+    same(
+        "device() of an upload with counter 2^64 - 2 and a prekey created at 2^64 - 1",
+        &got.map(|r| (r.counter, r.signed_prekey)),
+        &Some((u64::MAX - 1, upload.signed_prekey)),
+    )?;
+    same(
+        "one_time_prekey_count() with a bound of u32::MAX",
+        &count(s, &a.address)?,
+        &1,
+    )?;
+    same(
+        "claim_one_time_prekey() of id u32::MAX",
+        &s.claim_one_time_prekey(&a.address)
+            .or_fail("claim_one_time_prekey")?,
+        &Some((u32::MAX, opk(u32::MAX, 1))),
+    )?;
+    same(
+        "apply_upload with counter 2^63 after 2^64 - 2",
+        &s.apply_upload(&a.upload(1 << 63, &[], 1, false), NOW, 10)
+            .or_fail("apply_upload")?,
+        &UploadOutcome::Replayed,
+    )?;
+    apply(s, &a.upload(u64::MAX, &[], 1, false), NOW, 10)?;
+    let m = a.mailbox();
+    s.insert_challenge(&m, &[1; 32], NOW, u64::MAX, 8)
+        .or_fail("insert_challenge")?;
+    ensure!(
+        consume(s, &m, &[1; 32], NOW)?,
+        "a challenge expiring at u64::MAX is not valid now"
+    );
+    Ok(())
+}
