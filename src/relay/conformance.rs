@@ -333,7 +333,8 @@ impl Device {
     fn new(n: u8) -> Device {
         let keys = IdentityKeyPair::from_seed(&[n; 32]);
         let address = DeviceAddress::new(keys.public(), u32::from(n));
-        let spk = SignedPrekey::from_secret(&keys, 1, NOW - 60, [n ^ 0x5a; 32]);
+        let spk =
+            SignedPrekey::from_secret(&keys, 1, NOW - 60, [n ^ 0x5a; 32]).expect("a time in range");
         Device {
             address,
             signed_prekey: SignedPrekeyRecord::of(&spk),
@@ -359,7 +360,8 @@ impl Device {
 
     /// Another signed prekey (id 2) for this device.
     fn rotated(&self) -> SignedPrekeyRecord {
-        let spk = SignedPrekey::from_secret(&self.keys, 2, NOW, [0xa5; 32]);
+        let spk =
+            SignedPrekey::from_secret(&self.keys, 2, NOW, [0xa5; 32]).expect("a time in range");
         SignedPrekeyRecord::of(&spk)
     }
 }
@@ -1286,8 +1288,13 @@ fn groups(s: &mut dyn RelayStorage) -> Outcome {
 fn large_values(s: &mut dyn RelayStorage) -> Outcome {
     let a = Device::new(1);
     let mut upload = a.upload(u64::MAX - 1, &[u32::MAX], 1, false);
-    let spk = SignedPrekey::from_secret(&a.keys, u32::MAX, u64::MAX, [9; 32]);
-    upload.signed_prekey = SignedPrekeyRecord::of(&spk);
+    // The storage keeps what it is given: a creation time the protocol
+    // would refuse (above MAX_TIMESTAMP) must still round trip.
+    let spk = SignedPrekey::from_secret(&a.keys, u32::MAX, NOW, [9; 32]).expect("a time in range");
+    upload.signed_prekey = SignedPrekeyRecord {
+        created: u64::MAX,
+        ..SignedPrekeyRecord::of(&spk)
+    };
     apply(s, &upload, NOW, u32::MAX)?;
     let got = record(s, &a)?;
     same(

@@ -474,7 +474,8 @@ impl Device {
         secret[1] = n;
         let keys = IdentityKeyPair::from_seed(&secret);
         secret[2] = 1;
-        let signed_prekey = SignedPrekey::from_secret(&keys, 1, NOW, secret);
+        let signed_prekey =
+            SignedPrekey::from_secret(&keys, 1, NOW, secret).expect("a time in range");
         let one_time_prekeys = (1..=3u8)
             .map(|i| {
                 secret[2] = 1 + i;
@@ -514,7 +515,8 @@ impl Device {
     fn rotate(&mut self) {
         let mut secret = *self.signed_prekey.secret_bytes();
         secret[3] ^= 0xff;
-        self.signed_prekey = SignedPrekey::from_secret(&self.keys, 2, NOW + 1, secret);
+        self.signed_prekey =
+            SignedPrekey::from_secret(&self.keys, 2, NOW + 1, secret).expect("a time in range");
     }
 
     fn opk_ids(&self) -> Vec<u32> {
