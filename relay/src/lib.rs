@@ -6,9 +6,9 @@
 //!   PostgreSQL (feature `postgres`), with abuse limits, metrics, health
 //!   and graceful shutdown. The binary `cubbyhole-relay` runs it (see the
 //!   crate README for its options).
-//! - [`client`]: the client side, a transport implementing
-//!   [`cubbyhole::transport::PrekeyDirectory`] and
-//!   [`cubbyhole::transport::Mailbox`] over that API.
+//!
+//! The client side of that API, `HttpRelay`, is the `cubbyhole-http`
+//! crate (a client depends on it, not on this server).
 //!
 //! Every rule of the directory and the mailbox (owner proofs, upload
 //! signatures and counters, bounds, retention) is enforced by
@@ -36,11 +36,11 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod client;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod server;
 
+mod durability;
 mod metrics;
 mod ratelimit;
 mod waiters;
