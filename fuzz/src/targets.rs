@@ -34,11 +34,11 @@ use cubbyhole::transport::{
     DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxOp, SignedPrekeyRecord,
     TransportError, MAILBOX_AUTH_LEN,
 };
-use cubbyhole_http::wire::FetchQuery;
 use cubbyhole::{
     Error, FreshnessPolicy, Header, IdentityKey, IdentityKeyPair, Incoming, PrekeyBundle,
     PrekeyLookup, PrekeyStore, Role, Session, SessionConfig, VerifiedBundle,
 };
+use cubbyhole_http::wire::FetchQuery;
 use rand_core::{CryptoRng, RngCore};
 
 /// The fixed "current time" of every target (unix seconds).

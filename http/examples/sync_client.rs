@@ -130,7 +130,10 @@ fn conversation(relay: &HttpRelay, dir: &std::path::Path) -> Result<(), Box<dyn 
         questions.map(|q| format!("Bob got: {q}")),
         "Alice received Bob's replies"
     );
-    println!("Alice's safety number: {}", alice.safety_number(&bob.address())?);
+    println!(
+        "Alice's safety number: {}",
+        alice.safety_number(&bob.address())?
+    );
     println!("done: {} messages each way", questions.len());
     Ok(())
 }

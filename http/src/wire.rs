@@ -100,7 +100,16 @@ mod tests {
         assert_eq!(parse_decimal_u32("0"), Some(0));
         assert_eq!(parse_decimal_u32("0000000042"), Some(42));
         assert_eq!(parse_decimal_u32("4294967295"), Some(u32::MAX));
-        for bad in ["", "4294967296", "00000000001", "+1", "-1", " 1", "1 ", "0x1"] {
+        for bad in [
+            "",
+            "4294967296",
+            "00000000001",
+            "+1",
+            "-1",
+            " 1",
+            "1 ",
+            "0x1",
+        ] {
             assert_eq!(parse_decimal_u32(bad), None, "{bad:?}");
         }
     }

@@ -237,7 +237,9 @@ mod tests {
         // Every committed envelope is there after reopening, in order.
         let storage = SqliteRelayStorage::open(&db.0).unwrap();
         assert_eq!(
-            storage.list_envelopes(&MAILBOX, 0, 1_000, u64::MAX).unwrap(),
+            storage
+                .list_envelopes(&MAILBOX, 0, 1_000, u64::MAX)
+                .unwrap(),
             sent
         );
     }
@@ -248,7 +250,9 @@ mod tests {
         assert!(WalSync::open(&mut memory).unwrap().is_none());
         let db = TempDb::new("walsync");
         let mut storage = SqliteRelayStorage::open(&db.0).unwrap();
-        let wal = WalSync::open(&mut storage).unwrap().expect("a file has a log");
+        let wal = WalSync::open(&mut storage)
+            .unwrap()
+            .expect("a file has a log");
         for n in 1..=3 {
             store(&mut storage, &envelope(n, 10));
             wal.sync().unwrap();
