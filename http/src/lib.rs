@@ -106,8 +106,8 @@
 //! Dropping a future returned by an [`HttpRelay`] method aborts its task,
 //! as dropping an in-place `reqwest` future would cancel it: the request
 //! stops at its next suspension point (connecting, sending, waiting for or
-//! reading the answer, or sleeping before a retry), and its connection is
-//! closed rather than reused. Whether the relay has already received and
+//! reading the answer, or sleeping before a retry), and a connection it
+//! was using is not reused. Whether the relay has already received and
 //! applied it is then unknown, so for each call:
 //!
 //! - [`Mailbox::deposit`](cubbyhole::transport::Mailbox::deposit) is
