@@ -11,7 +11,7 @@ use std::hash::{Hash, Hasher};
 use cubbyhole::bundle::FreshnessPolicy;
 use cubbyhole::transport::{
     decode_acknowledge, decode_envelope_list, encode_acknowledge, encode_envelope_list,
-    DeviceAddress, Envelope, EnvelopeId, FetchQuery, MailboxAuth, MailboxOp,
+    DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxOp,
 };
 use cubbyhole::{IdentityKeyPair, OneTimePrekey, PrekeyBundle, PrekeyStore, SignedPrekey};
 use ed25519_dalek::Signer;
@@ -191,14 +191,6 @@ fn acknowledgements_round_trip_and_check_their_count() {
         longer.push(0);
         assert!(decode_acknowledge(&longer).is_err());
     }
-}
-
-#[test]
-fn fetch_queries_leave_out_a_zero_wait() {
-    let query = |limit, wait_ms| FetchQuery { limit, wait_ms };
-    assert_eq!(query(5, 0).encode(), "limit=5");
-    assert_eq!(query(5, 1).encode(), "limit=5&wait_ms=1");
-    assert_eq!(FetchQuery::decode("limit=5"), Ok(query(5, 0)));
 }
 
 #[cfg(feature = "sqlite")]

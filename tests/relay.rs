@@ -139,55 +139,6 @@ mod sqlite_file {
     }
 
     #[test]
-    fn checkpointer_copies_the_log_beside_the_writer() {
-        assert!(SqliteRelayStorage::open_in_memory()
-            .unwrap()
-            .checkpointer()
-            .unwrap()
-            .is_none());
-        let db = TempDb::new("checkpoint");
-        let mut rng = rng(12);
-        let bob = Device::new(&mut rng, 1, 0);
-        let mut storage = SqliteRelayStorage::open(&db.0).unwrap();
-        let checkpointer = storage.checkpointer().unwrap().unwrap();
-        let mut relay = Relay::new(storage, RelayConfig::default());
-        relay.publish(NOW, &bob.upload(1, true)).unwrap();
-        // The checkpointer runs on its own thread while the writer commits.
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let checkpoints = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let mut copied = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let report = checkpointer.checkpoint().unwrap();
-                    assert!(report.checkpointed_frames <= report.log_frames);
-                    copied = copied.max(report.checkpointed_frames);
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                copied
-            })
-        };
-        let sent: Vec<_> = (0..=255u8)
-            .map(|i| envelope(i, 100 + usize::from(i)))
-            .collect();
-        for chunk in sent.chunks(3) {
-            let batch: Vec<_> = chunk.iter().map(|e| (bob.mailbox(), e.clone())).collect();
-            for result in relay.deposit_batch(NOW, &batch) {
-                assert_eq!(result, Ok(true));
-            }
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert!(checkpoints.join().unwrap() > 0, "nothing was checkpointed");
-        drop(relay);
-        // Every committed deposit is there after reopening, in order.
-        let mut relay = Relay::new(
-            SqliteRelayStorage::open(&db.0).unwrap(),
-            RelayConfig::default(),
-        );
-        assert_eq!(fetch_all(&mut relay, &mut rng, &bob, NOW + 1), sent);
-    }
-
-    #[test]
     fn connections_sharing_a_file_claim_each_prekey_once() {
         let db = TempDb::new("shared");
         let mut rng = rng(11);
@@ -372,47 +323,6 @@ mod sqlite_file {
         drop(storage);
         let storage = SqliteRelayStorage::open(&db.0).unwrap();
         assert_eq!(storage.mailbox_usage(&mailbox).unwrap().envelopes, 2);
-    }
-
-    #[test]
-    fn wal_sync_flushes_the_log_of_a_file() {
-        use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage};
-
-        assert!(SqliteRelayStorage::open_in_memory()
-            .unwrap()
-            .wal_sync()
-            .unwrap()
-            .is_none());
-        let db = TempDb::new("walsync");
-        let mut rng = rng(14);
-        let bob = Device::new(&mut rng, 1, 0);
-        let limits = MailboxLimits {
-            max_envelopes: 10,
-            max_bytes: 1 << 20,
-            expire_before: 0,
-        };
-        let mut storage = SqliteRelayStorage::open(&db.0).unwrap();
-        let wal = storage.wal_sync().unwrap().expect("a file has a log");
-        for n in 1..=3 {
-            assert_eq!(
-                storage
-                    .insert_envelope(&bob.mailbox(), &envelope(n, 10), NOW, limits)
-                    .unwrap(),
-                InsertOutcome::Stored
-            );
-            wal.sync().unwrap();
-        }
-        drop(storage);
-        // The log is flushed from its own file handle, which outlives the
-        // storage harmlessly.
-        wal.sync().unwrap();
-        let storage = SqliteRelayStorage::open(&db.0).unwrap();
-        assert_eq!(
-            storage
-                .list_envelopes(&bob.mailbox(), 0, 10, u64::MAX)
-                .unwrap(),
-            vec![envelope(1, 10), envelope(2, 10), envelope(3, 10)]
-        );
     }
 
     /// The relay schema of version 1 as it was last written (2026-11,

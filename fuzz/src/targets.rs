@@ -1,7 +1,8 @@
 //! The bodies of cubbyhole's fuzz targets, as plain functions.
 //!
-//! This file depends on nothing but `cubbyhole`, `rand_core` (the crate's own
-//! RNG traits) and `std`, so that it compiles both inside the cargo-fuzz crate
+//! This file depends on nothing but `cubbyhole`, `cubbyhole-http` (for the
+//! fetch query, [`decode_fetch_query`]), `rand_core` (the crate's own RNG
+//! traits) and `std`, so that it compiles both inside the cargo-fuzz crate
 //! (`fuzz/`, with libFuzzer and sanitizers) and inside the root crate's
 //! integration tests (`tests/fuzz_corpus.rs` and `tests/properties.rs`
 //! include it with `#[path]`), where every checked-in corpus file is replayed
@@ -30,13 +31,14 @@ use cubbyhole::storage::{
 };
 use cubbyhole::transport::{
     self, encode_acknowledge, encode_envelope, encode_envelope_list, BundleSetUpload,
-    DeviceAddress, Envelope, EnvelopeId, FetchQuery, MailboxAuth, MailboxOp, SignedPrekeyRecord,
+    DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxOp, SignedPrekeyRecord,
     TransportError, MAILBOX_AUTH_LEN,
 };
 use cubbyhole::{
     Error, FreshnessPolicy, Header, IdentityKey, IdentityKeyPair, Incoming, PrekeyBundle,
     PrekeyLookup, PrekeyStore, Role, Session, SessionConfig, VerifiedBundle,
 };
+use cubbyhole_http::wire::FetchQuery;
 use rand_core::{CryptoRng, RngCore};
 
 /// The fixed "current time" of every target (unix seconds).

@@ -52,7 +52,7 @@ use cubbyhole::client::{Client, ClientConfig};
 use cubbyhole::relay::{InProcessRelay, Relay, RelayConfig, SqliteRelayStorage};
 use cubbyhole::storage::{MemoryStore, SqliteStore, Store};
 use cubbyhole::transport::{Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, TransportError};
-use cubbyhole_relay::client::HttpRelay;
+use cubbyhole_http::HttpRelay;
 use cubbyhole_relay::{serve, Limits, ServerConfig, StorageConfig};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;

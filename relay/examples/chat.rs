@@ -40,7 +40,7 @@ use cubbyhole::client::{block_on, Client, ClientConfig};
 use cubbyhole::storage::SqliteStore;
 use cubbyhole::transport::{DeviceAddress, PrekeyDirectory};
 use cubbyhole::OsRng;
-use cubbyhole_relay::client::HttpRelay;
+use cubbyhole_http::HttpRelay;
 use cubbyhole_relay::{serve, ServerConfig, StorageConfig};
 use tokio::sync::{mpsc, oneshot};
 

@@ -8,9 +8,9 @@
 //!   crate README for its options).
 //! - [`restore`]: the step to run once after restoring the database from a
 //!   backup ([`restore::after_restore`]).
-//! - [`client`]: the client side, a transport implementing
-//!   [`cubbyhole::transport::PrekeyDirectory`] and
-//!   [`cubbyhole::transport::Mailbox`] over that API.
+//!
+//! The client side of that API, `HttpRelay`, is the `cubbyhole-http`
+//! crate (a client depends on it, not on this server).
 //!
 //! Every rule of the directory and the mailbox (owner proofs, upload
 //! signatures and counters, bounds, retention) is enforced by
@@ -38,12 +38,12 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod client;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod restore;
 pub mod server;
 
+mod durability;
 mod metrics;
 mod ratelimit;
 mod waiters;

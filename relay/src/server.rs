@@ -29,7 +29,7 @@
 //! Each turn is one storage group ([`RelayStorage::begin_group`]): one
 //! commit for all its calls (group commit), and no call is answered (a
 //! deposit `201`) before it. On a SQLite file the commit does not wait for
-//! the disk; a sync thread flushes the write-ahead log ([`WalSync`]) and
+//! the disk; a sync thread flushes the write-ahead log (`WalSync`) and
 //! only then answers the turn's calls, one flush for every turn committed
 //! while the previous flush ran, so the relay thread goes on with the next
 //! turn meanwhile. Nothing is answered before it would survive a power
@@ -75,12 +75,13 @@ use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use cubbyhole::relay::{
     reason as core_reason, MailboxUsage, Relay, RelayConfig, RelayStorage, RelayStorageError,
-    SqliteCheckpointer, SqliteRelayStorage, WalSync,
+    SqliteRelayStorage,
 };
 use cubbyhole::transport::{
-    decode_acknowledge, decode_envelope, encode_envelope_list, parse_decimal_u32, DeviceAddress,
-    Envelope, FetchQuery, MailboxAuth, MailboxId, TransportError,
+    decode_acknowledge, decode_envelope, encode_envelope_list, DeviceAddress, Envelope,
+    MailboxAuth, MailboxId, TransportError,
 };
+use cubbyhole_http::wire::{parse_decimal_u32, FetchQuery};
 use http_body_util::LengthLimitError;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -94,6 +95,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::{debug, error, info, trace, warn};
 
+use crate::durability::{SqliteCheckpointer, WalSync};
 use crate::metrics::{Live, Metrics};
 use crate::ratelimit::{Kind, RateLimiter};
 use crate::waiters::Waiters;
@@ -1188,8 +1190,8 @@ pub async fn serve(
             let (storage, file) = blocking(move || {
                 let mut storage = SqliteRelayStorage::open(path)?;
                 let file = SqliteFile {
-                    checkpointer: storage.checkpointer()?,
-                    wal: storage.wal_sync()?,
+                    checkpointer: SqliteCheckpointer::open(&mut storage)?,
+                    wal: WalSync::open(&mut storage)?,
                 };
                 Ok::<_, RelayStorageError>((storage, file))
             })

@@ -50,7 +50,7 @@ use cubbyhole::transport::{
     MailboxId, MailboxOp, PrekeyDirectory, TransportError,
 };
 use cubbyhole::{IdentityKeyPair, OsRng, PrekeyStore};
-use cubbyhole_relay::client::{HttpRelay, HttpRelayConfig};
+use cubbyhole_http::{HttpRelay, HttpRelayConfig};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use tokio::sync::watch;

@@ -19,7 +19,7 @@ use cubbyhole::transport::{
     MailboxOp, PrekeyDirectory, TransportError,
 };
 use cubbyhole::{IdentityKeyPair, OsRng, PrekeyStore};
-use cubbyhole_relay::client::{reason, HttpRelay, HttpRelayConfig};
+use cubbyhole_http::{reason, HttpRelay, HttpRelayConfig};
 use cubbyhole_relay::{serve, Limits, ServerConfig, StorageConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;

@@ -27,7 +27,7 @@ use cubbyhole::transport::{
     PrekeyDirectory,
 };
 use cubbyhole::{IdentityKeyPair, OsRng, PrekeyStore};
-use cubbyhole_relay::client::HttpRelay;
+use cubbyhole_http::HttpRelay;
 use rand_chacha::rand_core::RngCore;
 
 /// The server binary under test.

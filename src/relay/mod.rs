@@ -97,7 +97,7 @@ use rand_core::CryptoRngCore;
 pub use in_process::{Clock, InProcessRelay};
 pub use memory::MemoryRelayStorage;
 #[cfg(feature = "sqlite")]
-pub use sqlite::{CheckpointReport, SqliteCheckpointer, SqliteRelayStorage, WalSync};
+pub use sqlite::SqliteRelayStorage;
 
 use crate::protocol::bundle::BUNDLE_LEN_WITH_OPK;
 use crate::protocol::wire::VERSION;

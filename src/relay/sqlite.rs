@@ -224,93 +224,14 @@ impl Tx<'_> {
 }
 
 /// Pages of write-ahead log after which the writer checkpoints in its own
-/// commit when a [`SqliteCheckpointer`] runs beside it (a backstop: the
-/// checkpointer normally keeps the log short).
+/// commit after [`SqliteRelayStorage::defer_checkpoints`] (a backstop: the
+/// caller's checkpoints normally keep the log short).
 const BACKSTOP_CHECKPOINT_PAGES: i64 = 8192;
 /// The page cache of a relay connection, in KiB (SQLite's negative
 /// `cache_size`): the mailbox indexes stay in memory under load.
 const CACHE_KIB: i64 = 64 * 1024;
 /// Bytes the write-ahead log file is truncated to after it is reset.
 const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
-
-/// A second connection to a relay database that copies its write-ahead log
-/// into the database file ([`SqliteCheckpointer::checkpoint`]) off the
-/// writer's commit path.
-///
-/// SQLite's default is that the connection whose commit makes the log
-/// longer than 1000 pages checkpoints it there and then: that commit (a
-/// batch of deposits waiting for its answer) then also reads and writes
-/// every page of the log and syncs the database file. A server that calls
-/// [`SqliteRelayStorage::checkpointer`] and runs
-/// [`SqliteCheckpointer::checkpoint`] every few tens of milliseconds on
-/// another thread keeps that work out of the commits; the writer only
-/// checkpoints itself past a much longer log (8192 pages), as a backstop.
-/// A checkpoint never loses a commit: the log stays the durable copy until
-/// its frames are in the (synced) database file.
-#[derive(Debug)]
-pub struct SqliteCheckpointer {
-    conn: Connection,
-}
-
-/// What one [`SqliteCheckpointer::checkpoint`] found and did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CheckpointReport {
-    /// Frames in the write-ahead log.
-    pub log_frames: u64,
-    /// Frames of it now in the database file.
-    pub checkpointed_frames: u64,
-}
-
-impl SqliteCheckpointer {
-    /// Copies what it can of the write-ahead log into the database without
-    /// waiting for or blocking the writer (a `PASSIVE` checkpoint).
-    ///
-    /// # Errors
-    /// [`RelayStorageError::Backend`].
-    pub fn checkpoint(&self) -> Result<CheckpointReport, RelayStorageError> {
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok(CheckpointReport {
-                    log_frames: count(r.get(1)?),
-                    checkpointed_frames: count(r.get(2)?),
-                })
-            })
-            .map_err(db)
-    }
-}
-
-/// Makes the commits of a relay database durable from another thread, so
-/// that the writer does not wait for the disk ([`SqliteRelayStorage::wal_sync`]).
-///
-/// After `wal_sync`, the writer's commits are written to the write-ahead
-/// log without waiting for it to reach the disk (`synchronous = NORMAL`:
-/// still durable across a crash of the process, such as `kill -9`), and
-/// [`WalSync::sync`] makes every commit made before it durable across a
-/// power loss too: it flushes the log file (`fdatasync`), which is what a
-/// `synchronous = FULL` commit does before it returns. A server answers a
-/// call only after a `sync` that started after the call's commit; one
-/// `sync` covers every commit before it, so the writer can go on with the
-/// next group of calls while the disk works (pipelined group commit).
-///
-/// SQLite keeps the log file (it truncates it in place, never replaces it)
-/// while the database has an open connection, so the file opened here
-/// stays the log as long as the storage is open.
-#[derive(Debug)]
-pub struct WalSync {
-    log: std::fs::File,
-}
-
-impl WalSync {
-    /// Flushes the write-ahead log to the disk: every commit made before
-    /// this call is then durable across a power loss.
-    ///
-    /// # Errors
-    /// The I/O error (then the commits may not be durable: do not answer
-    /// them as stored).
-    pub fn sync(&self) -> std::io::Result<()> {
-        self.log.sync_data()
-    }
-}
 
 impl SqliteRelayStorage {
     /// Opens (creating if needed) the relay database at `path`.
@@ -326,27 +247,35 @@ impl SqliteRelayStorage {
         Ok(storage)
     }
 
-    /// A [`SqliteCheckpointer`] for this database (`None` in memory, which
-    /// has no log), and from now on this connection checkpoints in its own
-    /// commits only as a backstop: run the checkpointer's
-    /// [`checkpoint`](SqliteCheckpointer::checkpoint) regularly (the relay
-    /// server does every 50 ms).
+    /// The database file (`None` in memory). A server opens its own
+    /// connections to it for work it keeps off the writer's commits (see
+    /// [`defer_checkpoints`](Self::defer_checkpoints) and
+    /// [`defer_log_flush`](Self::defer_log_flush)); its write-ahead log is
+    /// the file beside it with `-wal` appended.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// From now on this connection checkpoints the write-ahead log in its
+    /// own commits only past 8192 pages, as a backstop (SQLite's default:
+    /// the commit that makes the log longer than 1000 pages copies it all
+    /// into the database file and syncs it, while the callers of that
+    /// commit wait). The caller takes the work over: it runs `PRAGMA
+    /// wal_checkpoint(PASSIVE)` regularly on a connection of its own to
+    /// [`path`](Self::path) (the relay server does every 50 ms). A
+    /// checkpoint never loses a commit: the log stays the durable copy
+    /// until its frames are in the synced database file. In memory this
+    /// does nothing.
     ///
     /// # Errors
-    /// [`RelayStorageError::Backend`] if the second connection cannot be
-    /// opened.
-    pub fn checkpointer(&mut self) -> Result<Option<SqliteCheckpointer>, RelayStorageError> {
-        let Some(path) = &self.path else {
-            return Ok(None);
-        };
-        let conn = Connection::open(path).map_err(db)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(db)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(db)?;
+    /// [`RelayStorageError::Backend`].
+    pub fn defer_checkpoints(&mut self) -> Result<(), RelayStorageError> {
+        if self.path.is_none() {
+            return Ok(());
+        }
         self.conn
             .pragma_update(None, "wal_autocheckpoint", BACKSTOP_CHECKPOINT_PAGES)
-            .map_err(db)?;
-        Ok(Some(SqliteCheckpointer { conn }))
+            .map_err(db)
     }
 
     /// The transaction of one call: an `IMMEDIATE` one of its own (the
@@ -371,26 +300,28 @@ impl SqliteRelayStorage {
         self.conn.savepoint().map(Tx::Nested).map_err(db)
     }
 
-    /// A [`WalSync`] for this database (`None` in memory), and from now on
-    /// this connection's commits do not wait for the disk: the caller
-    /// must [`sync`](WalSync::sync) after a commit and before it reports
-    /// the commit as durable.
+    /// From now on this connection's commits are written to the
+    /// write-ahead log without waiting for it to reach the disk
+    /// (`synchronous = NORMAL`): still durable across a crash of the
+    /// process (such as `kill -9`), but not across a power loss until the
+    /// log file (`path` + `-wal`) is flushed. The caller must flush it
+    /// (`fdatasync`, what a `synchronous = FULL` commit does before it
+    /// returns) after a commit and before it reports the commit as
+    /// durable; one flush covers every commit before it. SQLite keeps the
+    /// log file (it truncates it in place, never replaces it) while the
+    /// database has an open connection, so a handle to it opened before
+    /// this call stays the log as long as the storage is open. In memory
+    /// this does nothing.
     ///
     /// # Errors
-    /// [`RelayStorageError::Backend`] if the log file cannot be opened
-    /// (then nothing changed).
-    pub fn wal_sync(&mut self) -> Result<Option<WalSync>, RelayStorageError> {
-        let Some(path) = &self.path else {
-            return Ok(None);
-        };
-        let mut log = path.clone().into_os_string();
-        log.push("-wal");
-        let log = std::fs::File::open(&log)
-            .map_err(|e| RelayStorageError::Backend(format!("write-ahead log: {e}")))?;
+    /// [`RelayStorageError::Backend`] (then nothing changed).
+    pub fn defer_log_flush(&mut self) -> Result<(), RelayStorageError> {
+        if self.path.is_none() {
+            return Ok(());
+        }
         self.conn
             .pragma_update(None, "synchronous", "NORMAL")
-            .map_err(db)?;
-        Ok(Some(WalSync { log }))
+            .map_err(db)
     }
 
     /// A private in-memory database (lost when dropped).

@@ -1,82 +1,25 @@
-//! The client side of the HTTP API: [`HttpRelay`] implements
-//! [`PrekeyDirectory`] and [`Mailbox`] over HTTP (see `relay/API.md`), so a
-//! [`cubbyhole::client::Client`] talks to a remote relay exactly as it talks
-//! to an in-process one.
-//!
-//! ```no_run
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use cubbyhole::client::{Client, ClientConfig};
-//! use cubbyhole::storage::MemoryStore;
-//! use cubbyhole_relay::client::HttpRelay;
-//!
-//! let relay = HttpRelay::new("http://127.0.0.1:8080")?;
-//! let mut me = Client::open(
-//!     MemoryStore::new(),
-//!     relay.clone(),
-//!     relay,
-//!     ClientConfig::default(),
-//!     &mut cubbyhole::OsRng,
-//! )?;
-//! me.maintain_prekeys(&mut cubbyhole::OsRng, 1_700_000_000).await?;
-//! # Ok(()) }
-//! ```
-//!
-//! # Errors
-//!
-//! Every refusal of the relay comes back as the [`TransportError`] the
-//! in-process relay would give: `400` is [`TransportError::BadRequest`],
-//! `401` [`TransportError::Unauthorized`], `404`
-//! [`TransportError::NotFound`], `409` [`TransportError::Replayed`];
-//! `413`, `422`, `429` and `507` are [`TransportError::LimitExceeded`] whose
-//! reason is the core's [`cubbyhole::relay::reason`] constant for the bounds
-//! of the relay rules (`envelope_size` is
-//! [`reason::ENVELOPE_SIZE`](cubbyhole::relay::reason::ENVELOPE_SIZE), ...)
-//! and one of this module's [`reason`] constants for the bounds of the HTTP
-//! server (body size, rates, total storage). `404 no_route` and `405` (a
-//! base URL or version that does not match the server) are
-//! [`TransportError::BadRequest`]. `408`, `5xx`, network failures, timeouts
-//! and malformed answers are [`TransportError::Unavailable`].
-//!
-//! # Retries
-//!
-//! A call is attempted at most [`HttpRelayConfig::retries`] + 1 times,
-//! sleeping between attempts with exponential backoff and jitter
-//! ([`HttpRelayConfig::backoff_base`], doubled at every retry, capped at
-//! [`HttpRelayConfig::backoff_max`]; each sleep is drawn uniformly from the
-//! upper half of that delay). What is retried depends on the call:
-//!
-//! - **idempotent** calls are retried on every
-//!   [`TransportError::Unavailable`] (network failure, timeout, `408`,
-//!   `5xx`): [`Mailbox::deposit`] (idempotent by envelope id: a retry after
-//!   a lost reply is stored once), [`Mailbox::challenge`] (a spare
-//!   challenge is harmless), [`PrekeyDirectory::one_time_prekeys_left`] and
-//!   [`HttpRelay::health`];
-//! - [`PrekeyDirectory::publish`] and [`PrekeyDirectory::fetch_bundle`] are
-//!   retried only when the connection could not be made, so the request
-//!   certainly never reached the relay: a publish whose reply was lost may
-//!   have been applied, and sending the same bytes again would answer `409`
-//!   ([`TransportError::Replayed`]) although it landed (the caller re-signs
-//!   with a higher counter instead); a bundle fetch claims a one-time
-//!   prekey;
-//! - [`Mailbox::fetch`], [`Mailbox::fetch_waiting`] and
-//!   [`Mailbox::acknowledge`] are never retried here: each consumes its
-//!   single-use challenge, so a retry needs a new proof (the
-//!   [`cubbyhole::client::Client`] asks for one on its next receive).
-//!
-//! Refusals (`4xx` other than `408`, `507`) are never retried.
+//! [`HttpRelay`]: the relay's HTTP API (`relay/API.md`) as a
+//! [`PrekeyDirectory`] and a [`Mailbox`]. The crate docs describe its
+//! errors, retries, runtime and cancellation.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-
-use core::future::Future;
 
 use cubbyhole::relay::reason as core_reason;
 use cubbyhole::transport::{
     decode_envelope_list, encode_acknowledge, encode_envelope, DeviceAddress, Envelope, EnvelopeId,
-    FetchQuery, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory, TransportError,
+    Mailbox, MailboxAuth, MailboxId, PrekeyDirectory, TransportError,
 };
 use rand_core::{OsRng, RngCore};
 use reqwest::{Method, StatusCode};
+use tokio::runtime::{Handle, Runtime};
+use tokio::task::JoinHandle;
+
+use crate::wire::FetchQuery;
 
 /// The reasons carried by [`TransportError::LimitExceeded`] for the bounds
 /// the HTTP server adds to the relay rules (the rules' own bounds use the
@@ -146,8 +89,8 @@ pub struct HttpRelayConfig {
     /// What a long poll ([`Mailbox::fetch_waiting`]) gets on top of its
     /// wait: its timeout is the wait plus this. Default 10 s.
     pub long_poll_margin: Duration,
-    /// How many times a retryable call is retried (see the
-    /// [module docs](self)). Default 3 (four attempts).
+    /// How many times a retryable call is retried (see
+    /// [Retries](crate#retries)). Default 3 (four attempts).
     pub retries: u32,
     /// The first retry's delay; every further retry doubles it. Each sleep
     /// is drawn uniformly between half the delay and the delay. Default
@@ -203,6 +146,9 @@ pub enum HttpRelayError {
     InvalidUrl(&'static str),
     /// The HTTP client could not be built (its TLS setup failed).
     Client(reqwest::Error),
+    /// Built outside a Tokio runtime, the relay could not start its private
+    /// runtime (the operating system refused a thread).
+    Runtime(std::io::Error),
 }
 
 impl fmt::Display for HttpRelayError {
@@ -210,6 +156,7 @@ impl fmt::Display for HttpRelayError {
         match self {
             HttpRelayError::InvalidUrl(why) => write!(f, "invalid relay URL: {why}"),
             HttpRelayError::Client(e) => write!(f, "HTTP client: {e}"),
+            HttpRelayError::Runtime(e) => write!(f, "HTTP runtime: {e}"),
         }
     }
 }
@@ -219,11 +166,12 @@ impl std::error::Error for HttpRelayError {
         match self {
             HttpRelayError::InvalidUrl(_) => None,
             HttpRelayError::Client(e) => Some(e),
+            HttpRelayError::Runtime(e) => Some(e),
         }
     }
 }
 
-/// Which failures of a call are retried (see the module docs).
+/// Which failures of a call are retried (see [Retries](crate#retries)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Retry {
     /// Every [`TransportError::Unavailable`].
@@ -251,24 +199,87 @@ impl Failure {
 }
 
 /// A relay reached over HTTP: implements [`PrekeyDirectory`] and
-/// [`Mailbox`] per `relay/API.md`, with timeouts and retries (see the
-/// [module docs](self)). Clones share the connection pool, so one
+/// [`Mailbox`] per `relay/API.md`, with timeouts and retries (see
+/// [Retries](crate#retries)).
+///
+/// Clones are cheap and share the connection pool and the runtime, so one
 /// `HttpRelay` can be both the directory and the mailbox of a client.
 ///
-/// It needs a Tokio runtime (its futures are `Send`).
+/// Every request runs as a task on the Tokio runtime chosen when the relay
+/// is built (the runtime it was built in, or else a private one it owns:
+/// see [the crate docs](crate#runtimes)); the futures its methods return
+/// only wait for that task. So they are `Send` and `'static`, and any
+/// executor can poll them, [`cubbyhole::client::block_on`] included.
+/// Dropping one of them aborts its request ([Cancellation](crate#cancellation)).
 #[derive(Clone)]
 pub struct HttpRelay {
+    /// What a request task needs (it holds a clone of this, never the
+    /// runtime's owner, so that the last user handle shuts a private
+    /// runtime down from the user's side, not from one of its own tasks).
+    inner: Arc<Inner>,
+    /// Where the requests run.
+    handle: Handle,
+    /// The private runtime, when the relay was built outside any runtime.
+    private: Option<Arc<PrivateRuntime>>,
+}
+
+struct Inner {
     http: reqwest::Client,
     base: String,
     config: HttpRelayConfig,
 }
 
+/// A runtime owned by the [`HttpRelay`]s cloned from one that was built
+/// outside any Tokio runtime: one worker thread (`cubbyhole-http`), I/O and
+/// timers enabled. The last clone's drop shuts it down with
+/// [`Runtime::shutdown_background`], which neither blocks nor panics, even
+/// inside an async context; requests still running are cancelled.
+struct PrivateRuntime(Option<Runtime>);
+
+impl Drop for PrivateRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 impl fmt::Debug for HttpRelay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpRelay")
-            .field("base", &self.base)
-            .field("config", &self.config)
+            .field("base", &self.inner.base)
+            .field("config", &self.inner.config)
+            .field("private_runtime", &self.private.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+/// The future of one request: waits for the request's task. Dropping it
+/// aborts the task.
+struct Spawned<T>(JoinHandle<Result<T, TransportError>>);
+
+impl<T> Future for Spawned<T> {
+    type Output = Result<T, TransportError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.get_mut().0).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(answer)) => Poll::Ready(answer),
+            // A panic in the request task is a bug: it goes on in the
+            // caller, as it would have with the request polled in place.
+            Poll::Ready(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime was shut down under the request.
+            Poll::Ready(Err(_)) => Poll::Ready(Err(TransportError::Unavailable(
+                "the HTTP client's runtime is shut down",
+            ))),
+        }
+    }
+}
+
+impl<T> Drop for Spawned<T> {
+    fn drop(&mut self) {
+        // A no-op once the task has finished.
+        self.0.abort();
     }
 }
 
@@ -277,16 +288,23 @@ impl HttpRelay {
     /// `http://127.0.0.1:8080/prefix`: the API's paths are appended to it),
     /// with the default [`HttpRelayConfig`].
     ///
+    /// Called inside a Tokio runtime, the relay's requests run on that
+    /// runtime; called outside any, it starts a private runtime of one
+    /// thread (see [Runtimes](crate#runtimes)).
+    ///
     /// # Errors
-    /// [`HttpRelayError::InvalidUrl`], [`HttpRelayError::Client`].
+    /// [`HttpRelayError::InvalidUrl`], [`HttpRelayError::Client`],
+    /// [`HttpRelayError::Runtime`].
     pub fn new(base_url: &str) -> Result<Self, HttpRelayError> {
         Self::with_config(base_url, HttpRelayConfig::default())
     }
 
-    /// A relay at `base_url` with these settings.
+    /// A relay at `base_url` with these settings (the runtime is chosen as
+    /// by [`HttpRelay::new`]).
     ///
     /// # Errors
-    /// [`HttpRelayError::InvalidUrl`], [`HttpRelayError::Client`].
+    /// [`HttpRelayError::InvalidUrl`], [`HttpRelayError::Client`],
+    /// [`HttpRelayError::Runtime`].
     pub fn with_config(base_url: &str, config: HttpRelayConfig) -> Result<Self, HttpRelayError> {
         let url =
             reqwest::Url::parse(base_url).map_err(|_| HttpRelayError::InvalidUrl("syntax"))?;
@@ -308,23 +326,44 @@ impl HttpRelay {
             .pool_idle_timeout(config.pool_idle_timeout)
             // A relay answers, it does not send clients elsewhere.
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!(
-                "cubbyhole-relay-client/",
-                env!("CARGO_PKG_VERSION")
-            ))
+            .user_agent(concat!("cubbyhole-http/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(HttpRelayError::Client)?;
-        Ok(HttpRelay { http, base, config })
+        let (handle, private) = match Handle::try_current() {
+            Ok(handle) => (handle, None),
+            Err(_) => {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("cubbyhole-http")
+                    .enable_all()
+                    .build()
+                    .map_err(HttpRelayError::Runtime)?;
+                let handle = runtime.handle().clone();
+                (handle, Some(Arc::new(PrivateRuntime(Some(runtime)))))
+            }
+        };
+        Ok(HttpRelay {
+            inner: Arc::new(Inner { http, base, config }),
+            handle,
+            private,
+        })
     }
 
     /// The base URL (without a trailing slash).
     pub fn base_url(&self) -> &str {
-        &self.base
+        &self.inner.base
     }
 
     /// The settings.
     pub fn config(&self) -> &HttpRelayConfig {
-        &self.config
+        &self.inner.config
+    }
+
+    /// Whether the requests run on a private runtime of this relay (it was
+    /// built outside any Tokio runtime) rather than on the runtime it was
+    /// built in (see [Runtimes](crate#runtimes)).
+    pub fn has_private_runtime(&self) -> bool {
+        self.private.is_some()
     }
 
     /// Checks `GET /v1/health` (retried like an idempotent call).
@@ -332,19 +371,73 @@ impl HttpRelay {
     /// # Errors
     /// [`TransportError::Unavailable`] when the relay or its storage does
     /// not answer.
-    pub async fn health(&self) -> Result<(), TransportError> {
-        self.call(
-            Method::GET,
-            "/v1/health".to_owned(),
-            None,
-            self.config.request_timeout,
-            Retry::Idempotent,
-            "health",
-        )
-        .await
-        .map(drop)
+    pub fn health(&self) -> impl Future<Output = Result<(), TransportError>> + Send + 'static {
+        let timeout = self.inner.config.request_timeout;
+        self.spawn(move |inner| async move {
+            inner
+                .call(
+                    Method::GET,
+                    "/v1/health".to_owned(),
+                    None,
+                    timeout,
+                    Retry::Idempotent,
+                    "health",
+                )
+                .await
+                .map(drop)
+        })
     }
 
+    /// Runs a request as a task on the relay's runtime.
+    fn spawn<T, F>(&self, request: impl FnOnce(Arc<Inner>) -> F) -> Spawned<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, TransportError>> + Send + 'static,
+    {
+        Spawned(self.handle.spawn(request(Arc::clone(&self.inner))))
+    }
+
+    fn device_path(device: &DeviceAddress, what: &str) -> String {
+        format!(
+            "/v1/directory/{}/{}/{what}",
+            hex::encode(device.identity),
+            device.device_id
+        )
+    }
+
+    fn mailbox_path(mailbox: &MailboxId, what: &str) -> String {
+        format!("/v1/mailboxes/{}/{what}", hex::encode(mailbox.0))
+    }
+
+    /// A fetch, waiting up to `wait_ms` on the relay when nothing is
+    /// pending.
+    fn fetch_inner(&self, auth: &MailboxAuth, limit: u32, wait_ms: u32) -> Spawned<Vec<Envelope>> {
+        let mut path = Self::mailbox_path(&auth.mailbox(), "fetch");
+        path.push('?');
+        path.push_str(&FetchQuery { limit, wait_ms }.encode());
+        let body = auth.encode();
+        self.spawn(move |inner| async move {
+            let timeout = if wait_ms > 0 {
+                Duration::from_millis(u64::from(wait_ms)) + inner.config.long_poll_margin
+            } else {
+                inner.config.request_timeout
+            };
+            let answer = inner
+                .call(
+                    Method::POST,
+                    path,
+                    Some(body),
+                    timeout,
+                    Retry::Never,
+                    "fetch proof",
+                )
+                .await?;
+            decode_envelopes(&answer)
+        })
+    }
+}
+
+impl Inner {
     /// Sends a request with the call's retry policy; the answer's body on
     /// a `2xx`.
     async fn call(
@@ -413,47 +506,6 @@ impl HttpRelay {
         };
         Err(Failure::answered(error_for(status, wire.as_deref(), what)))
     }
-
-    fn device_path(device: &DeviceAddress, what: &str) -> String {
-        format!(
-            "/v1/directory/{}/{}/{what}",
-            hex::encode(device.identity),
-            device.device_id
-        )
-    }
-
-    fn mailbox_path(mailbox: &MailboxId, what: &str) -> String {
-        format!("/v1/mailboxes/{}/{what}", hex::encode(mailbox.0))
-    }
-
-    /// A fetch, waiting up to `wait_ms` on the relay when nothing is
-    /// pending.
-    async fn fetch_inner(
-        &self,
-        auth: &MailboxAuth,
-        limit: u32,
-        wait_ms: u32,
-    ) -> Result<Vec<Envelope>, TransportError> {
-        let mut path = Self::mailbox_path(&auth.mailbox(), "fetch");
-        path.push('?');
-        path.push_str(&FetchQuery { limit, wait_ms }.encode());
-        let timeout = if wait_ms > 0 {
-            Duration::from_millis(u64::from(wait_ms)) + self.config.long_poll_margin
-        } else {
-            self.config.request_timeout
-        };
-        let answer = self
-            .call(
-                Method::POST,
-                path,
-                Some(auth.encode()),
-                timeout,
-                Retry::Never,
-                "fetch proof",
-            )
-            .await?;
-        decode_envelopes(&answer)
-    }
 }
 
 /// The JSON error body.
@@ -519,18 +571,20 @@ struct CountBody {
 impl PrekeyDirectory for HttpRelay {
     fn publish(&self, upload: &[u8]) -> impl Future<Output = Result<(), TransportError>> + Send {
         let body = upload.to_vec();
-        async move {
-            self.call(
-                Method::POST,
-                "/v1/directory".to_owned(),
-                Some(body),
-                self.config.request_timeout,
-                Retry::Unsent,
-                "upload",
-            )
-            .await
-            .map(drop)
-        }
+        self.spawn(move |inner| async move {
+            let timeout = inner.config.request_timeout;
+            inner
+                .call(
+                    Method::POST,
+                    "/v1/directory".to_owned(),
+                    Some(body),
+                    timeout,
+                    Retry::Unsent,
+                    "upload",
+                )
+                .await
+                .map(drop)
+        })
     }
 
     fn fetch_bundle(
@@ -538,17 +592,19 @@ impl PrekeyDirectory for HttpRelay {
         device: &DeviceAddress,
     ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + Send {
         let path = Self::device_path(device, "bundle");
-        async move {
-            self.call(
-                Method::GET,
-                path,
-                None,
-                self.config.request_timeout,
-                Retry::Unsent,
-                "device address",
-            )
-            .await
-        }
+        self.spawn(move |inner| async move {
+            let timeout = inner.config.request_timeout;
+            inner
+                .call(
+                    Method::GET,
+                    path,
+                    None,
+                    timeout,
+                    Retry::Unsent,
+                    "device address",
+                )
+                .await
+        })
     }
 
     fn one_time_prekeys_left(
@@ -556,13 +612,14 @@ impl PrekeyDirectory for HttpRelay {
         device: &DeviceAddress,
     ) -> impl Future<Output = Result<u32, TransportError>> + Send {
         let path = Self::device_path(device, "one-time-prekeys");
-        async move {
-            let answer = self
+        self.spawn(move |inner| async move {
+            let timeout = inner.config.request_timeout;
+            let answer = inner
                 .call(
                     Method::GET,
                     path,
                     None,
-                    self.config.request_timeout,
+                    timeout,
                     Retry::Idempotent,
                     "device address",
                 )
@@ -570,7 +627,7 @@ impl PrekeyDirectory for HttpRelay {
             serde_json::from_slice::<CountBody>(&answer)
                 .map(|b| b.count)
                 .map_err(|_| TransportError::Unavailable("malformed relay answer"))
-        }
+        })
     }
 }
 
@@ -582,18 +639,20 @@ impl Mailbox for HttpRelay {
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let path = Self::mailbox_path(to, "envelopes");
         let body = encode_envelope(envelope);
-        async move {
-            self.call(
-                Method::POST,
-                path,
-                Some(body),
-                self.config.request_timeout,
-                Retry::Idempotent,
-                "envelope",
-            )
-            .await
-            .map(drop)
-        }
+        self.spawn(move |inner| async move {
+            let timeout = inner.config.request_timeout;
+            inner
+                .call(
+                    Method::POST,
+                    path,
+                    Some(body),
+                    timeout,
+                    Retry::Idempotent,
+                    "envelope",
+                )
+                .await
+                .map(drop)
+        })
     }
 
     fn challenge(
@@ -601,20 +660,21 @@ impl Mailbox for HttpRelay {
         mailbox: &MailboxId,
     ) -> impl Future<Output = Result<[u8; 32], TransportError>> + Send {
         let path = Self::mailbox_path(mailbox, "challenge");
-        async move {
-            let answer = self
+        self.spawn(move |inner| async move {
+            let timeout = inner.config.request_timeout;
+            let answer = inner
                 .call(
                     Method::POST,
                     path,
                     None,
-                    self.config.request_timeout,
+                    timeout,
                     Retry::Idempotent,
                     "mailbox",
                 )
                 .await?;
             <[u8; 32]>::try_from(answer.as_slice())
                 .map_err(|_| TransportError::Unavailable("malformed relay answer"))
-        }
+        })
     }
 
     fn fetch(
@@ -641,19 +701,21 @@ impl Mailbox for HttpRelay {
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let path = Self::mailbox_path(&auth.mailbox(), "acknowledge");
         let body = encode_acknowledge(auth, ids);
-        async move {
+        self.spawn(move |inner| async move {
             let body = body.ok_or(TransportError::LimitExceeded(core_reason::ACKNOWLEDGE_IDS))?;
-            self.call(
-                Method::POST,
-                path,
-                Some(body),
-                self.config.request_timeout,
-                Retry::Never,
-                "acknowledgement",
-            )
-            .await
-            .map(drop)
-        }
+            let timeout = inner.config.request_timeout;
+            inner
+                .call(
+                    Method::POST,
+                    path,
+                    Some(body),
+                    timeout,
+                    Retry::Never,
+                    "acknowledgement",
+                )
+                .await
+                .map(drop)
+        })
     }
 }
 
@@ -751,12 +813,13 @@ mod tests {
     #[test]
     fn futures_are_send() {
         fn send<T: Send>(_: &T) {}
+        fn send_static<T: Send + 'static>(_: T) {}
         let relay = HttpRelay::new("http://127.0.0.1:1").unwrap();
         let device = DeviceAddress {
             identity: [0; 32],
             device_id: 1,
         };
-        send(&relay.health());
+        send_static(relay.health());
         send(&relay.fetch_bundle(&device));
         send(&relay.challenge(&device.mailbox()));
     }

@@ -1,0 +1,183 @@
+//! cubbyhole-http: the client transport of [cubbyhole] over HTTP.
+//!
+//! [`HttpRelay`] implements [`cubbyhole::transport::PrekeyDirectory`] and
+//! [`cubbyhole::transport::Mailbox`] over the HTTP API of the relay server
+//! (the `cubbyhole-relay` crate; `relay/API.md` in the repository), so a
+//! [`cubbyhole::client::Client`] talks to a remote relay exactly as it
+//! talks to an in-process one. The crate depends on the protocol crate,
+//! `reqwest` (with rustls) and a minimal Tokio, and on nothing of the
+//! server. [`wire`] holds what the client and the server share of the
+//! API's syntax.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use cubbyhole::client::{Client, ClientConfig};
+//! use cubbyhole::storage::MemoryStore;
+//! use cubbyhole_http::HttpRelay;
+//!
+//! let relay = HttpRelay::new("http://127.0.0.1:8080")?;
+//! let mut me = Client::open(
+//!     MemoryStore::new(),
+//!     relay.clone(),
+//!     relay,
+//!     ClientConfig::default(),
+//!     &mut cubbyhole::OsRng,
+//! )?;
+//! me.maintain_prekeys(&mut cubbyhole::OsRng, 1_700_000_000).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Runtimes
+//!
+//! The HTTP library (`reqwest`, on `hyper`) needs a Tokio reactor and
+//! timer. So every request of an [`HttpRelay`] runs as a task spawned on a
+//! Tokio runtime, chosen once, when the relay is built
+//! ([`HttpRelay::new`], [`HttpRelay::with_config`]):
+//!
+//! - built **inside a Tokio runtime** (in a task, or under
+//!   `Runtime::enter`), the relay uses that runtime;
+//! - built **outside any**, it starts a private runtime of one worker
+//!   thread (named `cubbyhole-http`) that its clones share; the last
+//!   clone's drop shuts it down without blocking
+//!   (`Runtime::shutdown_background`, which is allowed inside an async
+//!   context too), cancelling the requests still running.
+//!
+//! [`HttpRelay::has_private_runtime`] tells which. The futures returned by
+//! the relay's methods only wait for their request's task: they are `Send`,
+//! own everything they need (the inherent [`HttpRelay::health`]'s future
+//! is `'static`), need no runtime context when polled, and can be polled
+//! by any executor.
+//!
+//! ## Using it from Tokio
+//!
+//! Build the relay inside the runtime (in `main` under `#[tokio::main]`, or
+//! in a task) and use it as any Tokio I/O type: clone it into
+//! `tokio::spawn`ed tasks (the futures are `Send`), run it beside other
+//! work, on a multi-thread or current-thread runtime. A current-thread
+//! runtime runs the requests only while it is driven: do not block its
+//! thread waiting for one (for instance with
+//! [`cubbyhole::client::block_on`] inside a task), or it never completes.
+//!
+//! ## Using it from another executor
+//!
+//! Build the relay outside any Tokio runtime (for instance before starting
+//! `async-std`, `smol` or `futures::executor`): its private runtime does
+//! the I/O on its own thread, and the other executor only polls futures
+//! that wait for a result, woken when it comes.
+//!
+//! ## Using it from synchronous code
+//!
+//! Same: build it outside any runtime and drive each call to completion
+//! with [`cubbyhole::client::block_on`] (or any `block_on`). The calling
+//! thread sleeps until the private runtime's thread has the answer:
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use cubbyhole::client::{block_on, Client, ClientConfig};
+//! use cubbyhole::storage::MemoryStore;
+//! use cubbyhole_http::HttpRelay;
+//!
+//! let relay = HttpRelay::new("http://127.0.0.1:8080")?;
+//! assert!(relay.has_private_runtime());
+//! let mut me = Client::open(
+//!     MemoryStore::new(),
+//!     relay.clone(),
+//!     relay,
+//!     ClientConfig::default(),
+//!     &mut cubbyhole::OsRng,
+//! )?;
+//! block_on(me.maintain_prekeys(&mut cubbyhole::OsRng, 1_700_000_000))?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## A relay built in one runtime and used from another
+//!
+//! The requests stay on the runtime the relay was built in, whoever polls
+//! them. That works as long as that runtime runs: a multi-thread runtime
+//! does the I/O on its workers while another runtime or thread waits. Once
+//! it is shut down, every call answers
+//! [`TransportError::Unavailable`](cubbyhole::transport::TransportError::Unavailable)
+//! (a call then in flight too); no call panics. So build a relay where it
+//! lives: inside the runtime that outlives its use, or outside every
+//! runtime to give it its own.
+//!
+//! # Cancellation
+//!
+//! Dropping a future returned by an [`HttpRelay`] method aborts its task,
+//! as dropping an in-place `reqwest` future would cancel it: the request
+//! stops at its next suspension point (connecting, sending, waiting for or
+//! reading the answer, or sleeping before a retry), and a connection it
+//! was using is not reused. Whether the relay has already received and
+//! applied it is then unknown, so for each call:
+//!
+//! - [`Mailbox::deposit`](cubbyhole::transport::Mailbox::deposit) is
+//!   idempotent by envelope id: deposit the same envelope again (the
+//!   client's outbox does) and it is stored once;
+//! - [`PrekeyDirectory::publish`](cubbyhole::transport::PrekeyDirectory::publish)
+//!   may have been applied: republish with a higher counter (the client
+//!   does on its next prekey maintenance);
+//! - [`PrekeyDirectory::fetch_bundle`](cubbyhole::transport::PrekeyDirectory::fetch_bundle)
+//!   may have claimed a one-time prekey that nobody receives (the
+//!   recipient's pool is one key shorter; the session falls back to the
+//!   signed prekey if the pool runs out);
+//! - [`Mailbox::fetch`](cubbyhole::transport::Mailbox::fetch) and
+//!   [`Mailbox::fetch_waiting`](cubbyhole::transport::Mailbox::fetch_waiting)
+//!   may have consumed their challenge; the envelopes stay on the relay
+//!   until acknowledged, so nothing is lost (an aborted long poll also
+//!   frees its connection at once instead of holding it for the wait);
+//! - [`Mailbox::acknowledge`](cubbyhole::transport::Mailbox::acknowledge)
+//!   may have deleted the envelopes: acknowledging them again is harmless
+//!   (unknown ids are ignored);
+//! - challenges and counts have no effect worth undoing.
+//!
+//! Aborting rather than detaching means a dropped future leaves no work
+//! behind: a cancelled receive loop does not keep long polls open, and the
+//! relay's clones can be dropped as soon as the caller is done.
+//!
+//! # Errors
+//!
+//! Every refusal of the relay comes back as the
+//! [`TransportError`](cubbyhole::transport::TransportError) the in-process
+//! relay would give: `400` is `BadRequest`, `401` `Unauthorized`, `404`
+//! `NotFound`, `409` `Replayed`; `413`, `422`, `429` and `507` are
+//! `LimitExceeded` whose reason is the core's [`cubbyhole::relay::reason`]
+//! constant for the bounds of the relay rules (`envelope_size` is
+//! [`reason::ENVELOPE_SIZE`](cubbyhole::relay::reason::ENVELOPE_SIZE), ...)
+//! and one of this crate's [`reason`] constants for the bounds of the HTTP
+//! server (body size, rates, total storage). `404 no_route` and `405` (a
+//! base URL or version that does not match the server) are `BadRequest`.
+//! `408`, `5xx`, network failures, timeouts, malformed answers and a shut
+//! down runtime are `Unavailable`.
+//!
+//! # Retries
+//!
+//! A call is attempted at most [`HttpRelayConfig::retries`] + 1 times,
+//! sleeping between attempts with exponential backoff and jitter
+//! ([`HttpRelayConfig::backoff_base`], doubled at every retry, capped at
+//! [`HttpRelayConfig::backoff_max`]; each sleep is drawn uniformly from the
+//! upper half of that delay). What is retried depends on the call:
+//!
+//! - **idempotent** calls are retried on every `Unavailable` (network
+//!   failure, timeout, `408`, `5xx`): `deposit` (idempotent by envelope id:
+//!   a retry after a lost reply is stored once), `challenge` (a spare
+//!   challenge is harmless), `one_time_prekeys_left` and
+//!   [`HttpRelay::health`];
+//! - `publish` and `fetch_bundle` are retried only when the connection
+//!   could not be made, so the request certainly never reached the relay: a
+//!   publish whose reply was lost may have been applied, and sending the
+//!   same bytes again would answer `409` (`Replayed`) although it landed
+//!   (the caller re-signs with a higher counter instead); a bundle fetch
+//!   claims a one-time prekey;
+//! - `fetch`, `fetch_waiting` and `acknowledge` are never retried here:
+//!   each consumes its single-use challenge, so a retry needs a new proof
+//!   (the [`cubbyhole::client::Client`] asks for one on its next receive).
+//!
+//! Refusals (`4xx` other than `408`, `507`) are never retried.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod client;
+pub mod wire;
+
+pub use client::{reason, HttpRelay, HttpRelayConfig, HttpRelayError};
