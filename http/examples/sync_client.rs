@@ -33,13 +33,13 @@ fn open(dir: &std::path::Path, name: &str, relay: &HttpRelay) -> Result<Device, 
     // A real app keeps the store key in the OS keychain.
     let key = [name.as_bytes()[0]; 32];
     let store = SqliteStore::open(dir.join(format!("{name}.db")), &key)?;
-    Ok(Client::open(
+    Ok(block_on(Client::open(
         store,
         relay.clone(),
         relay.clone(),
         ClientConfig::default(),
         &mut OsRng,
-    )?)
+    ))?)
 }
 
 /// Receives (waiting up to 10 s on the relay) until `count` messages are in
@@ -48,9 +48,9 @@ fn receive(device: &mut Device, count: usize) -> Result<Vec<String>, Box<dyn Err
     let mut texts = Vec::new();
     for _ in 0..20 {
         block_on(device.receive_waiting(&mut OsRng, now(), 10_000))?;
-        for message in device.inbox()? {
+        for message in block_on(device.inbox())? {
             texts.push(String::from_utf8_lossy(&message.body).into_owned());
-            device.remove_from_inbox(&message.envelope_id)?;
+            block_on(device.remove_from_inbox(&message.envelope_id))?;
         }
         if texts.len() >= count {
             return Ok(texts);

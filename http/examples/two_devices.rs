@@ -12,21 +12,21 @@
 //! Without a URL the example starts a relay server (SQLite in memory) on a
 //! loopback port in this process, on the same runtime.
 //!
-//! The devices keep their state in a [`MemoryStore`]: a task spawned on a
-//! multi-thread runtime needs a `Send` future, which a client's futures are
-//! when its store is `Sync`. Swap in `cubbyhole::storage::SqliteStore` to
-//! keep it on disk once that store is `Sync` (the async store interface).
+//! The devices keep their state in a [`SqliteStore`] each (files in a
+//! temporary directory, secrets encrypted under a key that a real app keeps
+//! in the OS keychain): a task spawned on a multi-thread runtime needs a
+//! `Send` future, which a client's futures are with this store.
 
 use std::error::Error;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cubbyhole::client::{Client, ClientConfig};
-use cubbyhole::storage::MemoryStore;
+use cubbyhole::storage::SqliteStore;
 use cubbyhole::transport::DeviceAddress;
 use cubbyhole::OsRng;
 use cubbyhole_http::HttpRelay;
 
-type Device = Client<MemoryStore, HttpRelay, HttpRelay>;
+type Device = Client<SqliteStore, HttpRelay, HttpRelay>;
 type Failure = Box<dyn Error + Send + Sync>;
 
 const QUESTIONS: [&str; 3] = ["Hi Bob, it's Alice.", "Lunch at noon?", "See you."];
@@ -37,14 +37,17 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn device(relay: &HttpRelay) -> Result<Device, Failure> {
+async fn device(relay: &HttpRelay, dir: &std::path::Path, name: &str) -> Result<Device, Failure> {
+    let key = [name.as_bytes()[0]; 32];
+    let store = SqliteStore::open(dir.join(format!("{name}.db")), &key)?;
     let mut device = Client::open(
-        MemoryStore::new(),
+        store,
         relay.clone(),
         relay.clone(),
         ClientConfig::default(),
         &mut OsRng,
-    )?;
+    )
+    .await?;
     device.maintain_prekeys(&mut OsRng, now()).await?;
     Ok(device)
 }
@@ -54,7 +57,7 @@ async fn device(relay: &HttpRelay) -> Result<Device, Failure> {
 async fn next_messages(device: &mut Device) -> Result<Vec<(DeviceAddress, String)>, Failure> {
     loop {
         device.receive_waiting(&mut OsRng, now(), 10_000).await?;
-        let inbox = device.inbox()?;
+        let inbox = device.inbox().await?;
         if inbox.is_empty() {
             continue;
         }
@@ -64,7 +67,7 @@ async fn next_messages(device: &mut Device) -> Result<Vec<(DeviceAddress, String
                 message.from,
                 String::from_utf8_lossy(&message.body).into_owned(),
             ));
-            device.remove_from_inbox(&message.envelope_id)?;
+            device.remove_from_inbox(&message.envelope_id).await?;
         }
         return Ok(out);
     }
@@ -122,8 +125,10 @@ async fn main() -> Result<(), Failure> {
     let relay = HttpRelay::new(&url)?;
     relay.health().await?;
 
-    let bob = device(&relay).await?;
-    let alice = device(&relay).await?;
+    let dir = std::env::temp_dir().join(format!("cubbyhole-two-devices-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let bob = device(&relay, &dir, "bob").await?;
+    let alice = device(&relay, &dir, "alice").await?;
     let bob_address = bob.address();
     let bob_task = tokio::spawn(bob_loop(bob, QUESTIONS.len()));
     let alice_task = tokio::spawn(alice_loop(alice, bob_address));
@@ -135,6 +140,7 @@ async fn main() -> Result<(), Failure> {
     got.sort();
     assert_eq!(got, expected, "every question was answered once");
     println!("done: {} questions answered", answers.len());
+    std::fs::remove_dir_all(&dir)?;
 
     if let Some((stop, task)) = server {
         let _ = stop.send(());

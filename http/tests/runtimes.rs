@@ -55,13 +55,17 @@ fn device(relay: &HttpRelay) -> Device {
         ClientConfig::default(),
         &mut OsRng,
     )
+    .wait()
     .unwrap()
 }
 
 fn take_inbox(device: &mut Device) -> Vec<(DeviceAddress, Vec<u8>)> {
-    let inbox = device.inbox().unwrap();
+    let inbox = device.inbox().wait().unwrap();
     for message in &inbox {
-        device.remove_from_inbox(&message.envelope_id).unwrap();
+        device
+            .remove_from_inbox(&message.envelope_id)
+            .wait()
+            .unwrap();
     }
     inbox.into_iter().map(|m| (m.from, m.body)).collect()
 }
@@ -171,3 +175,12 @@ fn a_runtime_shut_down_under_the_relay_answers_unavailable() {
         Err(TransportError::Unavailable(_))
     ));
 }
+
+/// Drives a future to completion on this thread (the client's futures, from
+/// synchronous test code).
+trait Wait: std::future::Future + Sized {
+    fn wait(self) -> Self::Output {
+        cubbyhole::client::block_on(self)
+    }
+}
+impl<F: std::future::Future> Wait for F {}

@@ -5,7 +5,7 @@
 
 use cubbyhole::relay::RelayConfig;
 use cubbyhole::transport::conformance::{self, Options};
-use cubbyhole_relay::client::HttpRelay;
+use cubbyhole_http::HttpRelay;
 use cubbyhole_relay::{serve, Limits, ServerConfig, StorageConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
