@@ -37,6 +37,7 @@ use std::fmt;
 use std::vec::Vec;
 
 use rand_core::CryptoRngCore;
+use zeroize::Zeroize;
 
 use crate::bounds::MaybeSend;
 use crate::error::Error;
@@ -363,8 +364,12 @@ struct Batch {
     unaccepted: Vec<([u8; 32], [u8; 16])>,
     /// A store failure met while routing (aborts the batch).
     failed: Option<StoreError>,
-    /// Whether the records awaiting a new ratchet key are loaded.
-    awaiting_loaded: bool,
+    /// The records awaiting a new ratchet key not loaded yet, least
+    /// recently written first (`None`: not asked yet).
+    awaiting: Option<Vec<DeviceAddress>>,
+    /// The record `route` found to open the next message's new chain
+    /// (tried first).
+    new_chain_owner: Option<DeviceAddress>,
 }
 
 impl Batch {
@@ -1698,9 +1703,11 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     }
 
     /// Before a message is opened: if it starts a chain that no loaded
-    /// record knows, loads every record that awaits a new ratchet key (once
-    /// per batch): only they can own it. Prekey messages and messages under
-    /// a known key were routed when the batch began.
+    /// record knows, loads the records that await a new ratchet key, most
+    /// recently written first, until one decrypts it (a trial on a copy:
+    /// nothing changes), or all of them if none does: only they can own it.
+    /// Prekey messages and messages under a known key were routed when the
+    /// batch began.
     async fn route(
         &mut self,
         envelope: &Envelope,
@@ -1708,9 +1715,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         b: &mut Batch,
         report: &mut ReceiveReport,
     ) -> Result<(), ClientError> {
-        if b.awaiting_loaded {
-            return Ok(());
-        }
+        b.new_chain_owner = None;
         let Ok(incoming) = Incoming::decode(&envelope.payload) else {
             return Ok(());
         };
@@ -1724,9 +1729,31 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         {
             return Ok(());
         }
-        b.awaiting_loaded = true;
-        for peer in self.store.awaiting_ratchet_key().await? {
+        b.new_chain_owner = b
+            .records
+            .iter()
+            .find(|(_, r)| opens_new_chain(r, &incoming))
+            .map(|(a, _)| *a);
+        if b.new_chain_owner.is_some() {
+            return Ok(());
+        }
+        if b.awaiting.is_none() {
+            let mut order = self.store.awaiting_ratchet_key().await?;
+            order.reverse(); // popped from the end: most recent first
+            b.awaiting = Some(order);
+        }
+        while let Some(peer) = b.awaiting.as_mut().and_then(Vec::pop) {
+            if b.records.contains_key(&peer) {
+                continue; // already tried above
+            }
             self.load_into(b, peer, now, report).await?;
+            if b.records
+                .get(&peer)
+                .is_some_and(|r| opens_new_chain(r, &incoming))
+            {
+                b.new_chain_owner = Some(peer);
+                break;
+            }
         }
         Ok(())
     }
@@ -2019,23 +2046,42 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 return self.accept_new(&incoming, now, b).await;
             }
             None => {
-                // A new chain: only a session that awaits one can own it.
-                // Decryption is staged, so a wrong try changes nothing.
-                b.records
-                    .iter_mut()
-                    .find_map(|(a, r)| {
-                        r.entries_mut()
-                            .iter_mut()
-                            .enumerate()
-                            .filter(|(_, e)| e.session.awaits_new_ratchet_key())
-                            .find_map(|(i, e)| {
-                                e.session
-                                    .decrypt_incoming(&incoming, &mut plaintext)
-                                    .ok()
-                                    .map(|()| (*a, i))
-                            })
-                    })
-                    .ok_or(Rejection::NoSession)?
+                // A new chain: only a session that awaits one can own it,
+                // the one `route` found first. Decryption is staged, so a
+                // wrong try changes nothing.
+                let hint = b.new_chain_owner.take();
+                let hinted = hint.and_then(|a| {
+                    let r = b.records.get_mut(&a)?;
+                    r.entries_mut()
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(_, e)| e.session.awaits_new_ratchet_key())
+                        .find_map(|(i, e)| {
+                            e.session
+                                .decrypt_incoming(&incoming, &mut plaintext)
+                                .ok()
+                                .map(|()| (a, i))
+                        })
+                });
+                if let Some(found) = hinted {
+                    found
+                } else {
+                    b.records
+                        .iter_mut()
+                        .find_map(|(a, r)| {
+                            r.entries_mut()
+                                .iter_mut()
+                                .enumerate()
+                                .filter(|(_, e)| e.session.awaits_new_ratchet_key())
+                                .find_map(|(i, e)| {
+                                    e.session
+                                        .decrypt_incoming(&incoming, &mut plaintext)
+                                        .ok()
+                                        .map(|()| (*a, i))
+                                })
+                        })
+                        .ok_or(Rejection::NoSession)?
+                }
             }
         };
         b.touch(address);
@@ -2146,6 +2192,23 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         cache.insert(*identity, trust);
         Ok(trust)
     }
+}
+
+/// Whether a session of `record` that awaits a new chain decrypts
+/// `message` (tried on a copy of the session: nothing changes).
+fn opens_new_chain(record: &SessionRecord, message: &Incoming<'_>) -> bool {
+    let mut scratch = Vec::new();
+    record.entries().iter().any(|e| {
+        e.session.awaits_new_ratchet_key() && {
+            let ok = e
+                .session
+                .clone()
+                .decrypt_incoming(message, &mut scratch)
+                .is_ok();
+            scratch.zeroize();
+            ok
+        }
+    })
 }
 
 /// Runs a future to completion on the current thread, parking it while the

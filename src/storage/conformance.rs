@@ -5,7 +5,9 @@
 //! store do.
 //!
 //! [`run`] runs every check in [`CHECKS`], each on a fresh store from the
-//! closure it is given, and panics with a message naming each check that
+//! closure it is given (driven by [`crate::client::block_on`];
+//! [`try_run_async`] runs them on any executor, for a store whose futures
+//! need one), and panics with a message naming each check that
 //! failed and why ("store conformance: commit_send: ..."); [`try_run`]
 //! returns the [`Violation`]s instead. Each check is also a function of its
 //! own (`check_*`), for running one at a time.
@@ -29,8 +31,9 @@
 //!     }
 //!     panic!("{} checks failed", violations.len());
 //! }
-//! // One check, on a store made here:
-//! conformance::check_commit_send(&mut MyStore::new()).unwrap();
+//! // One check, on a store made here (the checks are async: a store's
+//! // futures may need the application's executor, a browser's say):
+//! cubbyhole::client::block_on(conformance::check_commit_send(&mut MyStore::new())).unwrap();
 //! ```
 //!
 //! # What is checked

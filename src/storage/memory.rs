@@ -20,6 +20,10 @@ pub struct MemoryStore {
     identity: Option<LocalIdentity>,
     prekeys: Option<PrekeyState>,
     sessions: BTreeMap<DeviceAddress, SessionRecord>,
+    /// When each record was last written (a counter): the order of
+    /// `awaiting_ratchet_key`.
+    written: HashMap<DeviceAddress, u64>,
+    writes: u64,
     quarantine: Vec<Quarantined>,
     /// Sent messages in the order first stored, with their positions by
     /// id (an update or lookup is not a scan).
@@ -37,6 +41,12 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn put_session(&mut self, peer: DeviceAddress, record: &SessionRecord) {
+        self.writes += 1;
+        self.written.insert(peer, self.writes);
+        self.sessions.insert(peer, record.clone());
     }
 }
 
@@ -72,7 +82,7 @@ impl BlockingStore for MemoryStore {
         peer: &DeviceAddress,
         record: &SessionRecord,
     ) -> Result<(), StoreError> {
-        self.sessions.insert(*peer, record.clone());
+        self.put_session(*peer, record);
         Ok(())
     }
     #[allow(clippy::type_complexity)]
@@ -100,12 +110,15 @@ impl BlockingStore for MemoryStore {
             .collect())
     }
     fn awaiting_ratchet_key(&self) -> Result<Vec<DeviceAddress>, StoreError> {
-        Ok(self
+        let mut found: Vec<(u64, DeviceAddress)> = self
             .sessions
             .iter()
             .filter(|(_, r)| r.awaits_ratchet_key())
-            .map(|(a, _)| *a)
-            .collect())
+            .map(|(a, _)| (self.written.get(a).copied().unwrap_or(0), *a))
+            .collect();
+        // Most recently written first.
+        found.sort_unstable_by(|x, y| y.cmp(x));
+        Ok(found.into_iter().map(|(_, a)| a).collect())
     }
     fn remove_session(&mut self, peer: &DeviceAddress) -> Result<(), StoreError> {
         self.sessions.remove(peer);
@@ -156,7 +169,7 @@ impl BlockingStore for MemoryStore {
         entry: &OutboxEntry,
         sent: Option<&SentMessage>,
     ) -> Result<(), StoreError> {
-        self.sessions.insert(entry.to, record.clone());
+        self.put_session(entry.to, record);
         // An envelope id already queued is replaced in place (as SQLite).
         match self
             .outbox
@@ -184,7 +197,7 @@ impl BlockingStore for MemoryStore {
     fn commit_receive(&mut self, batch: &[ReceiveCommit<'_>]) -> Result<(), StoreError> {
         for c in batch {
             if let Some((peer, record)) = c.session {
-                self.sessions.insert(*peer, record.clone());
+                self.put_session(*peer, record);
             }
             if let Some(sent) = c.sent {
                 self.update_sent(sent)?;

@@ -649,8 +649,11 @@ pub trait BlockingStore {
     /// The peer devices whose session record holds a session that awaits a
     /// new ratchet key from its peer ([`SessionRecord::awaits_ratchet_key`]):
     /// only they can own a message whose ratchet key no record knows. A
-    /// record that does not decode is included. The default filters
-    /// [`BlockingStore::sessions`].
+    /// record that does not decode is included. A store should list the
+    /// most recently written records first: the client tries them in this
+    /// order and stops at the one that decrypts, so the order decides the
+    /// cost, not the outcome. The default filters [`BlockingStore::sessions`], in
+    /// its order.
     fn awaiting_ratchet_key(&self) -> Result<Vec<DeviceAddress>, StoreError> {
         Ok(self
             .sessions()?
@@ -891,8 +894,11 @@ pub trait Store: MaybeSend + MaybeSync {
     /// The peer devices whose session record holds a session that awaits a
     /// new ratchet key from its peer ([`SessionRecord::awaits_ratchet_key`]):
     /// only they can own a message whose ratchet key no record knows. A
-    /// record that does not decode is included. The default filters
-    /// [`Store::sessions`].
+    /// record that does not decode is included. A store should list the
+    /// most recently written records first: the client tries them in this
+    /// order and stops at the one that decrypts, so the order decides the
+    /// cost, not the outcome. The default filters [`Store::sessions`], in
+    /// its order.
     fn awaiting_ratchet_key(
         &self,
     ) -> impl Future<Output = Result<Vec<DeviceAddress>, StoreError>> + MaybeSend {

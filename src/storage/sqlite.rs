@@ -239,7 +239,8 @@ fn migrate_v2(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
 /// ratchet key a peer's record can decrypt under
 /// ([`SessionRecord::ratchet_keys`], [`Sealer::route`]) to the peer, and
 /// `sessions.awaits` marks the records that await a new ratchet key
-/// ([`SessionRecord::awaits_ratchet_key`]), so a receive opens only the
+/// ([`SessionRecord::awaits_ratchet_key`]) with the order they were
+/// written in (0: not awaiting), so a receive opens only the
 /// records its messages belong to. Both are written with the record, in
 /// the same transaction; this step fills them for the existing records (a
 /// record that does not open is marked awaiting, so a receive finds it
@@ -254,8 +255,8 @@ fn migrate_v3(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
          ) WITHOUT ROWID, STRICT;
          CREATE INDEX routes_by_peer ON routes (identity, device_id);
          ALTER TABLE sessions ADD COLUMN awaits INTEGER NOT NULL DEFAULT 0
-             CHECK (awaits IN (0, 1));
-         CREATE INDEX sessions_awaiting ON sessions (identity, device_id) WHERE awaits = 1;",
+             CHECK (awaits >= 0);
+         CREATE INDEX sessions_awaiting ON sessions (awaits) WHERE awaits > 0;",
     )
     .map_err(backend)?;
     let local = {
@@ -340,9 +341,16 @@ fn write_routes(
                 .map_err(backend)?;
         }
     }
-    conn.prepare_cached("UPDATE sessions SET awaits = ?3 WHERE identity = ?1 AND device_id = ?2")
-        .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id, routes.awaits]))
-        .map_err(backend)?;
+    // 0: not awaiting; otherwise the order of the write (most recent
+    // highest), which is the order `awaiting_ratchet_key` answers in.
+    conn.prepare_cached(
+        "UPDATE sessions SET awaits = CASE WHEN ?3 THEN
+             (SELECT coalesce(max(awaits), 0) + 1 FROM sessions WHERE awaits > 0)
+             ELSE 0 END
+         WHERE identity = ?1 AND device_id = ?2",
+    )
+    .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id, routes.awaits]))
+    .map_err(backend)?;
     Ok(())
 }
 
@@ -1344,7 +1352,9 @@ impl BlockingStore for Db {
     fn awaiting_ratchet_key(&self) -> Result<Vec<DeviceAddress>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT identity, device_id FROM sessions WHERE awaits = 1")
+            .prepare_cached(
+                "SELECT identity, device_id FROM sessions WHERE awaits > 0 ORDER BY awaits DESC",
+            )
             .map_err(backend)?;
         let mut rows = stmt.query([]).map_err(backend)?;
         let mut out = Vec::new();
