@@ -26,7 +26,7 @@ fn every_client_future_is_send_with_the_sqlite_store() {
     // with `&mut Client`, is Send (this test fails to compile otherwise).
     fn futures(mut c: Client<SqliteStore, Relayed, Relayed>) {
         let peer = c.address();
-        let _ = spawnable(async move {
+        let future = spawnable(async move {
             let mut rng = OsRng;
             let _ = c.maintain_prekeys(&mut rng, NOW).await;
             let _ = c.send(&mut rng, &peer, b"x", NOW).await;
@@ -41,6 +41,7 @@ fn every_client_future_is_send_with_the_sqlite_store() {
             let _ = c.trust(&peer.identity).await;
             c
         });
+        drop(future);
     }
     let _ = futures;
 }

@@ -1767,8 +1767,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         now: u64,
         report: &mut ReceiveReport,
     ) -> Result<(Vec<EnvelopeId>, Batch), ClientError> {
-        let mut b = Batch::default();
-        b.prekeys = self.store.prekeys().await?;
+        let mut b = Batch {
+            prekeys: self.store.prekeys().await?,
+            ..Batch::default()
+        };
         let mut seen_in_batch = HashSet::new();
         let mut ack = Vec::with_capacity(envelopes.len());
         // One lookup for the batch's envelope marks, one for its message
@@ -1786,12 +1788,11 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             if *done {
                 continue;
             }
-            match Incoming::decode(&envelope.payload) {
-                Ok(incoming) => match incoming.prekey() {
+            if let Ok(incoming) = Incoming::decode(&envelope.payload) {
+                match incoming.prekey() {
                     Some(fields) => identities.push(fields.identity),
                     None => keys.push(incoming.header().ratchet_key),
-                },
-                Err(_) => {}
+                }
             }
         }
         keys.sort_unstable();

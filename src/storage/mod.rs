@@ -17,14 +17,16 @@
 //! Implementations in the crate: [`MemoryStore`] (never blocks) and
 //! `SqliteStore` (feature `sqlite`, `Send + Sync`: its connection is behind
 //! a mutex). `SqliteStore` blocks the thread that calls it for the length
-//! of one SQLite transaction, and every commit waits for the write-ahead
-//! log to reach the disk (`synchronous=FULL`): about 0.1 ms for a read and
-//! one `fdatasync` (typically 1 to 10 ms on an SSD, measured 3.9 ms median
-//! here: BENCHMARKS.md, "Store") for each `commit_send` and
-//! `commit_receive`. An application that must not block its async workers
-//! that long calls the client from a blocking-friendly thread (for Tokio:
-//! `tokio::task::spawn_blocking` around `block_on`, or a current-thread
-//! runtime of its own).
+//! of one SQLite statement or transaction, and every commit waits for the
+//! write-ahead log to reach the disk (`synchronous=FULL`). Measured with
+//! `examples/receive_cost.rs` (BENCHMARKS.md, "Routing a receive"): a
+//! session read takes 0.034 ms (median), a session commit 0.13 to 0.17 ms
+//! on an idle disk and 3.9 ms while other processes wrote to it; a whole
+//! receive of one message (several reads, one `commit_receive`, one
+//! `commit_send` for the receipt) about 1.2 ms. An application that must
+//! not block its async workers that long calls the client from a thread
+//! that may block (for Tokio: `tokio::task::spawn_blocking` around
+//! [`crate::client::block_on`], or a runtime of its own).
 //!
 //! # The contract
 //!
@@ -699,7 +701,7 @@ pub trait Store: MaybeSend + MaybeSync {
     ///
     /// # Errors
     /// Only a failure that concerns the whole store (the backend failed).
-
+    #[allow(clippy::type_complexity)]
     fn sessions(
         &self,
     ) -> impl Future<
@@ -854,7 +856,7 @@ pub trait Store: MaybeSend + MaybeSync {
     /// each decoded on its own (as [`Store::sessions`]): a prekey
     /// message names its sender's identity key, so this is how it finds
     /// its sessions. The default filters [`Store::sessions`].
-
+    #[allow(clippy::type_complexity)]
     fn sessions_with_identity(
         &self,
         identity: &[u8; 32],
