@@ -19,9 +19,7 @@
 //! envelope       = 0x01 || id (16) || payload
 //! envelope list  = (length (4) || envelope)*         (a fetch answer)
 //! acknowledgement = auth (133) || count (2) || count x id (16)
-//! fetch query    = "limit=" decimal [ "&wait_ms=" decimal ]
-//!                  (as encoded; FetchQuery::decode also takes any order,
-//!                  repeats and other keys)
+//! (the HTTP API's fetch query is `cubbyhole_http::wire::FetchQuery`)
 //! ```
 //!
 //! Every decoder is total (an error, never a panic, for any input) and
@@ -29,7 +27,6 @@
 //! field is checked against the bytes actually present before anything is
 //! reserved for it.
 
-use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::protocol::keys::{
@@ -429,78 +426,4 @@ pub fn decode_acknowledge(bytes: &[u8]) -> Result<(MailboxAuth, Vec<EnvelopeId>)
         out.push(EnvelopeId(id));
     }
     Ok((auth, out))
-}
-
-/// Parses a decimal `u32` as the relay's HTTP API writes one (in paths and
-/// queries): 1 to 10 ASCII digits, no sign, no spaces, at most
-/// `u32::MAX`.
-pub fn parse_decimal_u32(value: &str) -> Option<u32> {
-    let digits =
-        !value.is_empty() && value.len() <= 10 && value.bytes().all(|b| b.is_ascii_digit());
-    digits.then(|| value.parse::<u32>().ok()).flatten()
-}
-
-/// The query of a fetch request: `limit` (default
-/// [`FetchQuery::DEFAULT_LIMIT`]) and `wait_ms` (default 0, no waiting).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FetchQuery {
-    /// Most envelopes to return (the relay caps it further).
-    pub limit: u32,
-    /// How long to wait for an envelope when none is pending
-    /// (milliseconds; the relay caps it).
-    pub wait_ms: u32,
-}
-
-impl Default for FetchQuery {
-    fn default() -> Self {
-        FetchQuery {
-            limit: Self::DEFAULT_LIMIT,
-            wait_ms: 0,
-        }
-    }
-}
-
-impl FetchQuery {
-    /// The `limit` of a query that names none.
-    pub const DEFAULT_LIMIT: u32 = 100;
-
-    /// The query string, without the `?`: `limit=N`, followed by
-    /// `&wait_ms=M` when `wait_ms` is not 0.
-    pub fn encode(&self) -> String {
-        use core::fmt::Write;
-        let mut out = String::with_capacity(32);
-        let _ = write!(out, "limit={}", self.limit);
-        if self.wait_ms > 0 {
-            let _ = write!(out, "&wait_ms={}", self.wait_ms);
-        }
-        out
-    }
-
-    /// Parses a query string (without the `?`): `&`-separated `key=value`
-    /// pairs; `limit` and `wait_ms` are decimal `u32`s
-    /// ([`parse_decimal_u32`]; the last occurrence counts), other keys and
-    /// empty pairs are ignored, a key without `=` has an empty value.
-    ///
-    /// # Errors
-    /// [`TransportError::BadRequest`] naming the parameter whose value is
-    /// not a decimal `u32`.
-    pub fn decode(query: &str) -> Result<Self, TransportError> {
-        let mut out = FetchQuery::default();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match key {
-                "limit" => {
-                    out.limit = parse_decimal_u32(value)
-                        .ok_or(TransportError::BadRequest("limit: expected a decimal u32"))?;
-                }
-                "wait_ms" => {
-                    out.wait_ms = parse_decimal_u32(value).ok_or(TransportError::BadRequest(
-                        "wait_ms: expected a decimal u32",
-                    ))?;
-                }
-                _ => {}
-            }
-        }
-        Ok(out)
-    }
 }

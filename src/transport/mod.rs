@@ -26,8 +26,8 @@ use sha2::{Digest, Sha256};
 
 pub use codec::{
     decode_acknowledge, decode_envelope, decode_envelope_list, encode_acknowledge, encode_envelope,
-    encode_envelope_list, parse_decimal_u32, BundleSetUpload, FetchQuery, MailboxAuth, MailboxOp,
-    SignedPrekeyRecord, MAILBOX_AUTH_LEN, MAX_ACKNOWLEDGE_IDS_ENCODED,
+    encode_envelope_list, BundleSetUpload, MailboxAuth, MailboxOp, SignedPrekeyRecord,
+    MAILBOX_AUTH_LEN, MAX_ACKNOWLEDGE_IDS_ENCODED,
 };
 
 use crate::bounds::{MaybeSend, MaybeSync};
