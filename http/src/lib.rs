@@ -22,7 +22,8 @@
 //!     relay,
 //!     ClientConfig::default(),
 //!     &mut cubbyhole::OsRng,
-//! )?;
+//! )
+//! .await?;
 //! me.maintain_prekeys(&mut cubbyhole::OsRng, 1_700_000_000).await?;
 //! # Ok(()) }
 //! ```
@@ -79,13 +80,13 @@
 //!
 //! let relay = HttpRelay::new("http://127.0.0.1:8080")?;
 //! assert!(relay.has_private_runtime());
-//! let mut me = Client::open(
+//! let mut me = block_on(Client::open(
 //!     MemoryStore::new(),
 //!     relay.clone(),
 //!     relay,
 //!     ClientConfig::default(),
 //!     &mut cubbyhole::OsRng,
-//! )?;
+//! ))?;
 //! block_on(me.maintain_prekeys(&mut cubbyhole::OsRng, 1_700_000_000))?;
 //! # Ok(()) }
 //! ```
