@@ -289,6 +289,10 @@ fn the_client_refuses_a_millisecond_clock_before_doing_anything() {
     refused(block_on(c.send(&mut rng, &me, b"x", ms)).map(drop));
     refused(block_on(c.receive(&mut rng, ms)).map(drop));
     refused(block_on(c.resend(&mut rng, ms)).map(drop));
+    refused(block_on(c.receive_waiting(&mut rng, ms, 0)).map(drop));
+    refused(block_on(c.restored_from_backup(&mut rng, ms)));
+    refused(block_on(c.set_trust(&me, cubbyhole::storage::Trust::Validated, ms)).map(drop));
+    refused(block_on(c.save_contact(b"me", &me, ms)).map(drop));
     // Nothing was published: the check came first.
     assert!(block_on(c.maintain_prekeys(&mut rng, 1_700_000_000)).is_ok());
 }
