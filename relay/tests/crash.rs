@@ -1067,7 +1067,7 @@ fn sqlite_relay_killed_under_load_loses_and_duplicates_nothing() {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn postgres_relay_killed_under_load_loses_and_duplicates_nothing() {
     let db = pg::TestDb::create("crash");

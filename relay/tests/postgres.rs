@@ -82,7 +82,7 @@ impl TestDb {
 all_tests!(
     #[cfg_attr(
         not(cubbyhole_test_postgres),
-        ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+        ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
     )]
     pg_suite,
     db = TestDb::create(),
@@ -94,7 +94,7 @@ all_tests!(
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn schema_is_created_once_and_versioned() {
     let db = TestDb::create();
@@ -175,7 +175,7 @@ fn schema_is_created_once_and_versioned() {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn bad_connection_strings_and_servers_are_backend_errors() {
     let db = TestDb::create();
@@ -197,7 +197,7 @@ fn bad_connection_strings_and_servers_are_backend_errors() {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn large_counters_compare_unsigned() {
     let db = TestDb::create();
@@ -229,7 +229,7 @@ fn large_counters_compare_unsigned() {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
     let db = TestDb::create();
@@ -307,7 +307,7 @@ fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn concurrent_deposits_respect_mailbox_bounds() {
     let db = TestDb::create();
@@ -394,7 +394,7 @@ fn concurrent_deposits_respect_mailbox_bounds() {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn concurrent_uploads_keep_counters_increasing() {
     let db = TestDb::create();
@@ -452,7 +452,7 @@ fn next(rx: &mpsc::Receiver<MailboxId>, within: Duration) -> Option<MailboxId> {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn deposits_wake_the_listener() {
     let db = TestDb::create();
@@ -515,7 +515,7 @@ fn deposits_wake_the_listener() {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn the_listener_reconnects() {
     let db = TestDb::create();
@@ -553,7 +553,7 @@ fn the_listener_reconnects() {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn the_storage_reconnects() {
     let db = TestDb::create();
@@ -586,7 +586,7 @@ fn the_storage_reconnects() {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn works_from_a_tokio_blocking_thread() {
     let db = TestDb::create();

@@ -297,7 +297,7 @@ fn millis(d: Duration) -> String {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn a_deposit_through_one_process_wakes_a_fetch_waiting_on_another() {
     two_relays(|a, b| async move {
@@ -385,7 +385,7 @@ fn a_deposit_through_one_process_wakes_a_fetch_waiting_on_another() {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn a_client_waiting_on_one_process_receives_a_message_sent_through_another() {
     two_relays(|a, b| async move {

@@ -61,7 +61,7 @@ impl Device {
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
-    ignore = "needs CUBBYHOLE_TEST_POSTGRES (relay/tests/support/pg.rs)"
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
 )]
 fn after_restore_on_postgres() {
     let db = pg::TestDb::create("restore");
