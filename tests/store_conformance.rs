@@ -2,6 +2,7 @@
 //! in-memory and SQLite stores pass it, and deliberately broken stores fail
 //! it, each at the check that covers its fault.
 
+use cubbyhole::client::block_on;
 use cubbyhole::storage::conformance::{self, Violation, CHECKS};
 use cubbyhole::storage::{
     BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MemoryStore,
@@ -77,6 +78,86 @@ mod sqlite {
         });
         assert_eq!(n, conformance::CHECKS.len(), "one fresh file per check");
     }
+
+    /// Makes the `n`-th row written to the store's file from now on fail
+    /// (a trigger on every table, counting down in a table of its own),
+    /// through a second connection to the file.
+    fn injector(path: PathBuf) -> impl FnMut(&mut SqliteStore, Option<u32>) {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        move |_, n| {
+            let tables: Vec<String> = conn
+                .prepare(
+                    "SELECT name FROM sqlite_schema WHERE type = 'table'
+                     AND name NOT LIKE 'sqlite_%' AND name != 'fault'",
+                )
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let mut sql = String::from("BEGIN;");
+            for t in &tables {
+                for op in ["INSERT", "UPDATE", "DELETE"] {
+                    sql.push_str(&format!("DROP TRIGGER IF EXISTS fault_{t}_{op};"));
+                }
+            }
+            sql.push_str("DROP TABLE IF EXISTS fault;");
+            if let Some(n) = n {
+                sql.push_str(&format!(
+                    "CREATE TABLE fault (n INTEGER NOT NULL); INSERT INTO fault VALUES ({n});"
+                ));
+                for t in &tables {
+                    for op in ["INSERT", "UPDATE", "DELETE"] {
+                        sql.push_str(&format!(
+                            "CREATE TRIGGER fault_{t}_{op} BEFORE {op} ON {t} BEGIN
+                                 SELECT RAISE(ABORT, 'injected fault')
+                                     WHERE (SELECT n FROM fault) = 0;
+                                 UPDATE fault SET n = n - 1;
+                             END;"
+                        ));
+                    }
+                }
+            }
+            sql.push_str("COMMIT;");
+            conn.execute_batch(&sql).unwrap();
+        }
+    }
+
+    #[test]
+    fn sqlite_commits_are_all_or_nothing_whichever_write_fails() {
+        let dir = TempDir::new();
+        let path = dir.0.join("atomic.db");
+        let mut store = SqliteStore::open(&path, &KEY).unwrap();
+        cubbyhole::client::block_on(conformance::check_atomicity(&mut store, injector(path)))
+            .unwrap();
+    }
+
+    /// The injector really fails writes: with a fault at the first write
+    /// nothing can be stored.
+    #[test]
+    fn the_sqlite_injector_fails_writes() {
+        use cubbyhole::storage::{BlockingStore, PeerRecord, Trust};
+        use cubbyhole::transport::DeviceAddress;
+        let dir = TempDir::new();
+        let path = dir.0.join("inject.db");
+        let mut store = SqliteStore::open(&path, &KEY).unwrap();
+        let mut inject = injector(path);
+        let peer = PeerRecord {
+            address: DeviceAddress {
+                identity: [1; 32],
+                device_id: 1,
+            },
+            trust: Trust::Unvalidated,
+            first_seen: 5,
+        };
+        inject(&mut store, Some(0));
+        assert!(store.set_peer(&peer).is_err());
+        inject(&mut store, None);
+        store.set_peer(&peer).unwrap();
+        assert_eq!(store.peers().unwrap(), [peer]);
+    }
 }
 
 /// What a [`Broken`] store gets wrong.
@@ -105,6 +186,12 @@ enum Fault {
     AwaitingNone,
     /// `sessions_with_identity` returns one device of the identity only.
     IdentityFindsOneDevice,
+    /// `commit_receive` applies the batch commit by commit, so an injected
+    /// failure leaves the commits before it applied.
+    ReceiveNotAtomic,
+    /// `commit_send` stores the record before the outbox entry, in two
+    /// writes.
+    SendNotAtomic,
 }
 
 /// The memory store with one fault.
@@ -113,6 +200,22 @@ struct Broken {
     fault: Fault,
     /// Peers whose record `commit_send` wrote.
     sent_to: Vec<DeviceAddress>,
+    /// The injected failure: writes left before one fails.
+    fail_in: Option<u32>,
+}
+
+impl Broken {
+    /// One write: fails if the injected fault is due.
+    fn write(&mut self) -> Result<(), StoreError> {
+        match &mut self.fail_in {
+            Some(0) => Err(StoreError::Backend("injected fault".to_string())),
+            Some(n) => {
+                *n -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 impl Broken {
@@ -144,6 +247,7 @@ impl Broken {
             inner,
             fault,
             sent_to: Vec::new(),
+            fail_in: None,
         }
     }
     fn maker(fault: Fault) -> impl FnMut() -> Broken {
@@ -222,6 +326,14 @@ impl BlockingStore for Broken {
     ) -> Result<(), StoreError> {
         let sent = sent.filter(|_| self.fault != Fault::CommitSendDropsSent);
         self.sent_to.push(entry.to);
+        if self.fault == Fault::SendNotAtomic {
+            self.write()?;
+            self.inner.set_session(&entry.to, record)?;
+            self.write()?;
+            return self.inner.commit_send(record, entry, sent);
+        }
+        self.write()?;
+        self.write()?;
         self.inner.commit_send(record, entry, sent)
     }
     fn route_ratchet_keys(&self, keys: &[[u8; 32]]) -> Result<Vec<DeviceAddress>, StoreError> {
@@ -262,6 +374,17 @@ impl BlockingStore for Broken {
         self.inner.is_processed(id)
     }
     fn commit_receive(&mut self, batch: &[ReceiveCommit<'_>]) -> Result<(), StoreError> {
+        if self.fault == Fault::ReceiveNotAtomic {
+            for c in batch {
+                self.write()?;
+                self.inner.commit_receive(std::slice::from_ref(c))?;
+            }
+            return Ok(());
+        }
+        // Atomic: every write is checked before anything is applied.
+        for _ in batch {
+            self.write()?;
+        }
         if self.fault != Fault::ReceiveDropsPeer {
             return self.inner.commit_receive(batch);
         }
@@ -409,3 +532,46 @@ trait Wait: std::future::Future + Sized {
     }
 }
 impl<F: std::future::Future> Wait for F {}
+
+/// The injector of [`Broken`]: the `n`-th write from now on fails.
+fn inject_broken(store: &mut Broken, n: Option<u32>) {
+    store.fail_in = n;
+}
+
+#[test]
+fn atomicity_holds_for_the_memory_store_and_the_faithful_wrapper() {
+    // The memory store cannot fail: its first attempt succeeds.
+    block_on(conformance::check_atomicity(
+        &mut MemoryStore::new(),
+        |_, _| {},
+    ))
+    .unwrap();
+    // The wrapper fails whole commits: each attempt fails, then one passes.
+    block_on(conformance::check_atomicity(
+        &mut Broken::new(Fault::None),
+        inject_broken,
+    ))
+    .unwrap();
+}
+
+#[test]
+fn a_commit_applied_in_parts_fails_the_atomicity_check() {
+    for (fault, what) in [
+        (
+            Fault::ReceiveNotAtomic,
+            "commit_receive failed at injected write 1",
+        ),
+        (
+            Fault::SendNotAtomic,
+            "commit_send failed at injected write 1",
+        ),
+    ] {
+        let v = block_on(conformance::check_atomicity(
+            &mut Broken::new(fault),
+            inject_broken,
+        ))
+        .expect_err("a store applying its commit in parts passed");
+        assert_eq!(v.check, "atomicity");
+        assert!(v.message.contains(what), "{fault:?}: {v}");
+    }
+}

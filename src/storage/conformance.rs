@@ -70,18 +70,35 @@
 //! and the error. A store that panics is not caught: the panic names the
 //! method, and the test harness the test.
 //!
-//! # What is not checked: atomicity and durability
+//! # Atomicity under injected failures: [`check_atomicity`]
 //!
-//! [`Store::commit_send`] and [`Store::commit_receive`] must apply all
-//! their changes or none, and a write that returned `Ok` must survive a
-//! crash: that is what makes delivery exactly-once. Through the trait
-//! alone a suite cannot make a write fail halfway, so these are the
-//! implementor's to test, with fault injection of its own (a write failing
-//! or the process dying mid-commit, then the store reopened and compared
-//! with the state before). The crate's `tests/store_sqlite.rs`
-//! (`commit_send_is_all_or_nothing`, `commit_receive_is_all_or_nothing`,
-//! `reopening_from_disk_keeps_everything`) and `tests/kill.rs` do this for
-//! the SQLite store and may serve as examples.
+//! [`Store::commit_send`], [`Store::commit_receive`] and
+//! [`Store::quarantine_session`] must apply all their changes or none:
+//! that is what makes delivery exactly-once. Through the trait alone a
+//! suite cannot make a write fail halfway, so [`check_atomicity`] takes an
+//! injector from the implementor, `inject(store, Some(n))`: make the `n`-th
+//! write from now on fail. It then fails each commit at every write in
+//! turn and checks that each failure left everything as it was, and that
+//! the commit that finally succeeds applied everything. The crate runs it
+//! against the SQLite store with triggers that raise on the `n`-th row
+//! written (`tests/store_conformance.rs`: a `commit_send` split into two
+//! transactions fails it at the third write).
+//!
+//! ```
+//! # use cubbyhole::storage::MemoryStore;
+//! use cubbyhole::storage::conformance;
+//! // A store that cannot fail passes an injector that does nothing.
+//! cubbyhole::client::block_on(conformance::check_atomicity(&mut MemoryStore::new(), |_, _| {}))
+//!     .unwrap();
+//! ```
+//!
+//! # What is not checked: durability
+//!
+//! A write that returned `Ok` must survive a crash. That is the
+//! implementor's to test (the process killed mid-commit, then the store
+//! reopened and compared with the state before): the crate's
+//! `tests/store_sqlite.rs` (`reopening_from_disk_keeps_everything`) and
+//! `tests/kill.rs` do this for the SQLite store and may serve as examples.
 //!
 //! # Test data
 //!
@@ -2210,4 +2227,270 @@ async fn routes<S: Store>(store: &mut S) -> Outcome {
         .or_fail("quarantine_session")?;
     stored.retain(|(a, _)| *a != a1);
     routes_are(store, &stored, &probe2, "after quarantine_session").await
+}
+
+// ---------------------------------------------------------------------------
+// Atomicity under injected failures.
+
+/// Everything the atomicity check compares before and after a failed
+/// commit: records by their encoding, the rest as read.
+#[derive(PartialEq, Debug)]
+struct Snapshot {
+    prekeys: Option<Vec<u8>>,
+    sessions: Vec<(DeviceAddress, Result<Vec<u8>, String>)>,
+    quarantined: usize,
+    peers: Vec<PeerRecord>,
+    outbox: Vec<OutboxEntry>,
+    sent: Vec<SentMessage>,
+    inbox: Vec<InboxMessage>,
+    processed: Vec<bool>,
+    routes: Vec<DeviceAddress>,
+    awaiting: Vec<DeviceAddress>,
+}
+
+async fn snapshot<S: Store>(
+    store: &S,
+    ids: &[EnvelopeId],
+    keys: &[[u8; 32]],
+) -> Result<Snapshot, String> {
+    let mut sessions: Vec<(DeviceAddress, Result<Vec<u8>, String>)> = store
+        .sessions()
+        .await
+        .or_fail("sessions")?
+        .into_iter()
+        .map(|(a, r)| {
+            (
+                a,
+                r.map(|r| r.to_bytes().to_vec()).map_err(|e| e.to_string()),
+            )
+        })
+        .collect();
+    sessions.sort_by_key(|(a, _)| *a);
+    let mut routes = store
+        .route_ratchet_keys(keys)
+        .await
+        .or_fail("route_ratchet_keys")?;
+    routes.sort_unstable();
+    let mut awaiting = store
+        .awaiting_ratchet_key()
+        .await
+        .or_fail("awaiting_ratchet_key")?;
+    awaiting.sort_unstable();
+    Ok(Snapshot {
+        prekeys: store
+            .prekeys()
+            .await
+            .or_fail("prekeys")?
+            .map(|p| p.to_bytes().to_vec()),
+        sessions,
+        quarantined: store.quarantined().await.or_fail("quarantined")?.len(),
+        peers: sorted(store.peers().await.or_fail("peers")?),
+        outbox: store.outbox().await.or_fail("outbox")?,
+        sent: store.sent_messages().await.or_fail("sent_messages")?,
+        inbox: store.inbox().await.or_fail("inbox")?,
+        processed: store
+            .processed_among(ids)
+            .await
+            .or_fail("processed_among")?,
+        routes,
+        awaiting,
+    })
+}
+
+/// The most write failures the atomicity check injects per commit (a
+/// commit that still fails at the last one is a violation: the store never
+/// completes it).
+pub const MAX_INJECTED_WRITE: u32 = 400;
+
+/// `atomicity`: [`Store::commit_send`], [`Store::commit_receive`] and
+/// [`Store::quarantine_session`] apply all their changes or none, whatever
+/// write fails. For `n = 0, 1, 2, ...` the check asks `inject(store,
+/// Some(n))` to make the `n`-th write from then on fail (0: the first) and
+/// runs the commit: while it fails, everything the trait shows must be as
+/// before it (records, prekeys, peers, outbox, sent messages, inbox,
+/// processed marks, routes, quarantine); once it succeeds (the fault came
+/// after its last write), everything must be as after it. `inject(store,
+/// None)` removes the fault. How a write is made to fail is the
+/// implementation's (SQLite: a trigger that raises on the `n`-th row
+/// written; the crate's `tests/store_conformance.rs` has it); a store that
+/// cannot fail (in memory) passes an `inject` that does nothing, and its
+/// first attempt succeeds.
+///
+/// The store must be empty (fresh).
+///
+/// # Errors
+/// A [`Violation`] naming `atomicity` and what was wrong.
+pub async fn check_atomicity<S: Store>(
+    store: &mut S,
+    inject: impl FnMut(&mut S, Option<u32>),
+) -> Result<(), Violation> {
+    atomicity(store, inject).await.map_err(|message| Violation {
+        check: "atomicity",
+        message,
+    })
+}
+
+async fn atomicity<S: Store>(
+    store: &mut S,
+    mut inject: impl FnMut(&mut S, Option<u32>),
+) -> Outcome {
+    let mut fx = Fixture::new()?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
+    let (a0, a1, a2) = (fx.address(0), fx.address(1), fx.address(2));
+    store
+        .set_prekeys(&fx.prekeys)
+        .await
+        .or_fail("set_prekeys")?;
+    let p1 = PeerRecord {
+        address: a1,
+        trust: Trust::Unvalidated,
+        first_seen: NOW - 100,
+    };
+    store.set_peer(&p1).await.or_fail("set_peer")?;
+    let r0 = fx.record(0)?;
+    let waiting = sent(0, a0, DeliveryState::Deposited, NOW - 50);
+    store
+        .commit_send(
+            &r0,
+            &entry(a0, eid(40), vec![1, 2, 3], NOW - 50),
+            Some(&waiting),
+        )
+        .await
+        .or_fail("commit_send")?;
+    let r2 = fx.record(2)?;
+    store.set_session(&a2, &r2).await.or_fail("set_session")?;
+
+    let ids: Vec<EnvelopeId> = (0..8u8).map(eid).collect();
+    let r0b = fx.two_sessions(0)?;
+    let r1 = fx.record(1)?;
+    let keys: Vec<[u8; 32]> = [&r0, &r0b, &r1, &r2]
+        .iter()
+        .flat_map(|r| r.ratchet_keys().copied())
+        .collect();
+
+    // 1. commit_send: a record, an outbox entry, a new sent message.
+    let new = sent(1, a1, DeliveryState::Stored, NOW);
+    let e1 = entry(a1, eid(41), vec![4, 5], NOW);
+    attempts(
+        store,
+        &mut inject,
+        &ids,
+        &keys,
+        "commit_send",
+        async |s: &mut S| s.commit_send(&r1, &e1, Some(&new)).await,
+    )
+    .await?;
+
+    // 2. commit_receive: marks, two records, prekeys, a peer, inbox
+    // messages, a receipt (delivered) and a new sent message.
+    let mut prekeys = fx.prekeys.clone();
+    prekeys.upload_counter += 1;
+    prekeys.accepted.push((1, [0xc0; 16]));
+    let p0 = PeerRecord {
+        address: a0,
+        trust: Trust::Unvalidated,
+        first_seen: NOW,
+    };
+    let m0 = message(eid(0), a0, b"first", NOW);
+    let m1 = message(eid(1), a1, b"second", NOW + 1);
+    let delivered = SentMessage {
+        body: Vec::new(),
+        state: DeliveryState::Delivered,
+        ..waiting.clone()
+    };
+    let r1b = fx.record(1)?;
+    let batch = [
+        ReceiveCommit {
+            session: Some((&a0, &r0b)),
+            prekeys: Some(&prekeys),
+            peer: Some(&p0),
+            message: Some(&m0),
+            sent: Some(&delivered),
+            ..mark(eid(0), NOW)
+        },
+        ReceiveCommit {
+            session: Some((&a1, &r1b)),
+            message: Some(&m1),
+            ..mark(eid(1), NOW)
+        },
+        mark(eid(2), NOW),
+    ];
+    attempts(
+        store,
+        &mut inject,
+        &ids,
+        &keys,
+        "commit_receive",
+        async |s: &mut S| s.commit_receive(&batch).await,
+    )
+    .await?;
+
+    // 3. quarantine_session.
+    attempts(
+        store,
+        &mut inject,
+        &ids,
+        &keys,
+        "quarantine_session",
+        async |s: &mut S| s.quarantine_session(&a2, NOW, "test").await,
+    )
+    .await
+}
+
+/// Runs `commit` with a fault at every write in turn until it succeeds:
+/// each failure must leave the snapshot as it was; the success must change
+/// it (and a second snapshot must agree with the first after success).
+async fn attempts<S: Store>(
+    store: &mut S,
+    inject: &mut impl FnMut(&mut S, Option<u32>),
+    ids: &[EnvelopeId],
+    keys: &[[u8; 32]],
+    what: &str,
+    mut commit: impl AsyncFnMut(&mut S) -> Result<(), StoreError>,
+) -> Outcome {
+    let before = snapshot(store, ids, keys).await?;
+    for n in 0..=MAX_INJECTED_WRITE {
+        inject(store, Some(n));
+        let result = commit(store).await;
+        inject(store, None);
+        let now = snapshot(store, ids, keys).await?;
+        match result {
+            Err(_) => ensure!(
+                now == before,
+                "{what} failed at injected write {n} but changed the store: {}",
+                compact(&format!("{:?}", diff(&before, &now)))
+            ),
+            Ok(()) => {
+                ensure!(
+                    now != before,
+                    "{what} succeeded (faults from write {n} on) but changed nothing"
+                );
+                return Ok(());
+            }
+        }
+    }
+    Err(format!(
+        "{what} still failed with a fault at write {MAX_INJECTED_WRITE}: it never completes"
+    ))
+}
+
+/// The fields of two snapshots that differ, by name.
+fn diff(a: &Snapshot, b: &Snapshot) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut field = |name, same: bool| {
+        if !same {
+            out.push(name);
+        }
+    };
+    field("prekeys", a.prekeys == b.prekeys);
+    field("sessions", a.sessions == b.sessions);
+    field("quarantined", a.quarantined == b.quarantined);
+    field("peers", a.peers == b.peers);
+    field("outbox", a.outbox == b.outbox);
+    field("sent_messages", a.sent == b.sent);
+    field("inbox", a.inbox == b.inbox);
+    field("processed", a.processed == b.processed);
+    field("routes", a.routes == b.routes);
+    field("awaiting", a.awaiting == b.awaiting);
+    out
 }
