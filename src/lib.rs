@@ -172,8 +172,8 @@ pub use protocol::session::{Accepted, PrekeyLookup, Role, Session};
 pub use protocol::time::{check_timestamp, MAX_TIMESTAMP};
 pub use protocol::wire::{Header, Incoming, PrekeyFields};
 
-/// Runs the README's example as a doctest.
-#[cfg(all(doctest, feature = "std"))]
+/// Runs the README's examples as doctests (with `sqlite`: one uses the SQLite store).
+#[cfg(all(doctest, feature = "sqlite"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 

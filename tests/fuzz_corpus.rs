@@ -210,8 +210,14 @@ fn seed_corpus_is_deterministic() {
 }
 
 #[test]
-#[ignore = "rewrites fuzz/corpus/*/seed-*; run explicitly to regenerate"]
+#[ignore = "rewrites fuzz/corpus/*/seed-*: CUBBYHOLE_REGENERATE_CORPUS=1 cargo test --test fuzz_corpus -- --ignored regenerate_seed_corpus"]
 fn regenerate_seed_corpus() {
+    // `--include-ignored` must not rewrite checked-in files by accident.
+    assert!(
+        std::env::var_os("CUBBYHOLE_REGENERATE_CORPUS").is_some_and(|v| v == "1"),
+        "regenerate_seed_corpus rewrites the checked-in seeds: run it with \
+         CUBBYHOLE_REGENERATE_CORPUS=1"
+    );
     for target in targets::TARGETS {
         let dir = corpus_dir(target);
         fs::create_dir_all(&dir).expect("create corpus directory");
