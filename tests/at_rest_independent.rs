@@ -266,3 +266,49 @@ fn the_mailbox_id_is_sha256_of_its_label_identity_and_device() {
     let want: [u8; 32] = h.finalize().into();
     assert_eq!(address.mailbox().0, want);
 }
+
+#[test]
+fn the_directory_upload_is_built_and_signed_as_spec_15_2_says() {
+    use cubbyhole::transport::BundleSetUpload;
+    use cubbyhole::SignedPrekey;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    let seed = [0x42; 32];
+    let identity = IdentityKeyPair::from_seed(&seed);
+    let spk = SignedPrekey::from_secret(&identity, 9, NOW, [0x17; 32]).unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(24);
+    let mut pool = PrekeyStore::new(&mut rng, &identity, NOW).unwrap();
+    pool.generate_one_time_prekeys(&mut rng, 2);
+    let opks: Vec<_> = pool.one_time_prekeys().collect();
+
+    // SPEC 15.2, field by field.
+    let mut body = vec![0x01];
+    body.extend_from_slice(identity.public().as_bytes());
+    body.extend_from_slice(&3u32.to_be_bytes()); // device_id
+    body.extend_from_slice(&77u64.to_be_bytes()); // counter
+    body.extend_from_slice(&9u32.to_be_bytes());
+    body.extend_from_slice(&NOW.to_be_bytes());
+    body.extend_from_slice(spk.public());
+    body.extend_from_slice(spk.signature());
+    body.push(0x01); // replace
+    body.extend_from_slice(&(opks.len() as u16).to_be_bytes());
+    for k in &opks {
+        body.extend_from_slice(&k.id().to_be_bytes());
+        body.extend_from_slice(k.public());
+    }
+    // signature = Ed25519(IK, "cubbyhole/v1 directory upload" || body),
+    // IK's signing key being the identity seed (SPEC 2.1).
+    let mut message = b"cubbyhole/v1 directory upload".to_vec();
+    message.extend_from_slice(&body);
+    let signature = SigningKey::from_bytes(&seed).sign(&message);
+    let mut want = body;
+    want.extend_from_slice(&signature.to_bytes());
+    assert_eq!(want.len(), 220 + 36 * opks.len());
+
+    let got = BundleSetUpload::new(3, &identity, 77, &spk, &opks, true).sign(&identity);
+    assert_eq!(got, want, "the crate's upload differs from SPEC 15.2");
+    let decoded = BundleSetUpload::decode_verified(&want).unwrap();
+    assert_eq!(decoded.counter, 77);
+    assert!(decoded.replace_one_time_prekeys);
+    assert_eq!(decoded.one_time_prekeys.len(), 2);
+}
