@@ -457,6 +457,44 @@ async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
     .await
 }
 
+/// A timer that works on any executor: a thread sleeps `ms` milliseconds,
+/// then wakes the task. (The suite has no runtime of its own.)
+async fn delay(ms: u64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::task::Waker;
+
+    struct Shared {
+        done: AtomicBool,
+        waker: Mutex<Option<Waker>>,
+    }
+    let shared = Arc::new(Shared {
+        done: AtomicBool::new(false),
+        waker: Mutex::new(None),
+    });
+    let timer = Arc::clone(&shared);
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        timer.done.store(true, Ordering::SeqCst);
+        if let Some(w) = timer.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            w.wake();
+        }
+    });
+    poll_fn(move |cx| {
+        let mut waker = shared.waker.lock().unwrap_or_else(|e| e.into_inner());
+        if shared.done.load(Ordering::SeqCst) {
+            return Poll::Ready(());
+        }
+        *waker = Some(cx.waker().clone());
+        Poll::Pending
+    })
+    .await
+}
+
+/// How long the `fetch_waiting` check lets a waiting fetch start before it
+/// deposits (a server that does not wait has answered by then).
+pub const DEPOSIT_DELAY_MS: u64 = 500;
+
 /// A device of the test data, from a fixed seed.
 struct Device {
     keys: IdentityKeyPair,
@@ -1066,10 +1104,13 @@ async fn fetch_waiting<D: PrekeyDirectory, M: Mailbox>(t: &Under<'_, D, M>) -> O
         let auth = t.auth(&a, MailboxOp::Fetch).await?;
         let envelope = env(1, 10, 1);
         let wait_ms = t.options.wait_ms;
-        let (fetched, deposited) = join(
-            t.m.fetch_waiting(&auth, LIMIT, wait_ms),
-            t.m.deposit(&a.mailbox(), &envelope),
-        )
+        // The deposit comes DEPOSIT_DELAY_MS after the fetch started: a
+        // server that does not wait has answered (empty) by then, so only a
+        // waiting fetch that a deposit wakes passes.
+        let (fetched, deposited) = join(t.m.fetch_waiting(&auth, LIMIT, wait_ms), async {
+            delay(DEPOSIT_DELAY_MS).await;
+            t.m.deposit(&a.mailbox(), &envelope).await
+        })
         .await;
         deposited.or_fail("deposit (during a waiting fetch)")?;
         same(
