@@ -243,6 +243,43 @@ fn setup(case: &Value) -> Setup {
     }
 }
 
+/// The X3DH values of a case (`dh1`..`dh4`, `shared_secret`,
+/// `associated_data`), recomputed on both sides.
+fn check_x3dh(name: &str, case: &Value, s: &Setup) {
+    let init =
+        hazmat::x3dh_initiator(&s.initiator, &s.ephemeral, &s.bundle).expect("initiator X3DH");
+    let ephemeral_public = *OneTimePrekey::from_secret(0, s.ephemeral).public();
+    let resp = hazmat::x3dh_responder(
+        &s.responder,
+        &s.signed_prekey,
+        s.one_time_prekey.as_ref(),
+        s.initiator.public(),
+        &ephemeral_public,
+    )
+    .expect("responder X3DH");
+    for v in [&init, &resp] {
+        check_hex(name, "dh1", &case["dh1"], v.dh1.as_ref());
+        check_hex(name, "dh2", &case["dh2"], v.dh2.as_ref());
+        check_hex(name, "dh3", &case["dh3"], v.dh3.as_ref());
+        match &v.dh4 {
+            Some(dh4) => check_hex(name, "dh4", &case["dh4"], dh4.as_ref()),
+            None => assert!(case["dh4"].is_null(), "{name}: dh4"),
+        }
+        check_hex(
+            name,
+            "shared_secret",
+            &case["shared_secret"],
+            v.shared_secret.as_ref(),
+        );
+        check_hex(
+            name,
+            "associated_data",
+            &case["associated_data"],
+            &v.associated_data,
+        );
+    }
+}
+
 fn x3dh_vectors() {
     let file = load("x3dh.json");
     let mut checked = 0;
@@ -252,38 +289,7 @@ fn x3dh_vectors() {
             continue;
         }
         let s = setup(case);
-        let init =
-            hazmat::x3dh_initiator(&s.initiator, &s.ephemeral, &s.bundle).expect("initiator X3DH");
-        let ephemeral_public = *OneTimePrekey::from_secret(0, s.ephemeral).public();
-        let resp = hazmat::x3dh_responder(
-            &s.responder,
-            &s.signed_prekey,
-            s.one_time_prekey.as_ref(),
-            s.initiator.public(),
-            &ephemeral_public,
-        )
-        .expect("responder X3DH");
-        for v in [&init, &resp] {
-            check_hex(name, "dh1", &case["dh1"], v.dh1.as_ref());
-            check_hex(name, "dh2", &case["dh2"], v.dh2.as_ref());
-            check_hex(name, "dh3", &case["dh3"], v.dh3.as_ref());
-            match &v.dh4 {
-                Some(dh4) => check_hex(name, "dh4", &case["dh4"], dh4.as_ref()),
-                None => assert!(case["dh4"].is_null(), "{name}: dh4"),
-            }
-            check_hex(
-                name,
-                "shared_secret",
-                &case["shared_secret"],
-                v.shared_secret.as_ref(),
-            );
-            check_hex(
-                name,
-                "associated_data",
-                &case["associated_data"],
-                &v.associated_data,
-            );
-        }
+        check_x3dh(name, case, &s);
         // The bundle verifies at its creation time.
         s.bundle
             .clone()
@@ -354,6 +360,8 @@ impl<'a> Replay<'a> {
     fn new(case: &'a Value) -> Self {
         let name = case["name"].as_str().expect("name");
         let s = setup(case);
+        // A session case carries its X3DH values too: checked, not ignored.
+        check_x3dh(name, case, &s);
         let messages = case["messages"].as_array().expect("messages");
         assert_eq!(
             role(&messages[0]["sender"]),
