@@ -253,89 +253,72 @@ hex_id!(MailboxId, 32);
 hex_id!(EnvelopeId, 16);
 hex_id!(MessageId, 16);
 
-/// The names of an enum's text form, with its binary codes.
+/// The names of an enum's text form; its binary codes are the enum's own
+/// (`code` / `from_code`, as the SQLite store keeps them).
 trait Named: Sized + Copy + 'static {
-    const NAMES: &'static [(&'static str, u8, Self)];
+    const NAMES: &'static [(&'static str, Self)];
     #[cfg_attr(not(feature = "serde"), allow(dead_code))]
     fn code_of(self) -> u8;
+    #[cfg_attr(not(feature = "serde"), allow(dead_code))]
+    fn from_code_of(code: u8) -> Option<Self>;
 }
 
 fn name_of<T: Named + PartialEq>(value: T) -> &'static str {
     T::NAMES
         .iter()
-        .find(|(_, _, v)| *v == value)
-        .map_or("", |(name, _, _)| name)
+        .find(|(_, v)| *v == value)
+        .map_or("", |(name, _)| name)
 }
 
 fn by_name<T: Named>(s: &str) -> Result<T, ParseError> {
     T::NAMES
         .iter()
-        .find(|(name, _, _)| *name == s)
-        .map(|(_, _, v)| *v)
+        .find(|(name, _)| *name == s)
+        .map(|(_, v)| *v)
         .ok_or(ParseError::Name)
 }
 
 #[cfg(feature = "serde")]
 fn by_code<T: Named>(code: u64) -> Result<T, ParseError> {
-    T::NAMES
-        .iter()
-        .find(|(_, c, _)| u64::from(*c) == code)
-        .map(|(_, _, v)| *v)
+    u8::try_from(code)
+        .ok()
+        .and_then(T::from_code_of)
         .ok_or(ParseError::Name)
 }
 
-impl Named for Trust {
-    const NAMES: &'static [(&'static str, u8, Self)] = &[
-        ("unvalidated", 0, Trust::Unvalidated),
-        ("validated", 1, Trust::Validated),
-        ("compromised", 2, Trust::Compromised),
-    ];
-    fn code_of(self) -> u8 {
-        match self {
-            Trust::Unvalidated => 0,
-            Trust::Validated => 1,
-            Trust::Compromised => 2,
+macro_rules! named {
+    ($ty:ident, [$($name:literal => $value:expr),+ $(,)?]) => {
+        impl Named for $ty {
+            const NAMES: &'static [(&'static str, Self)] = &[$(($name, $value)),+];
+            fn code_of(self) -> u8 {
+                self.code()
+            }
+            fn from_code_of(code: u8) -> Option<Self> {
+                $ty::from_code(code)
+            }
         }
-    }
+    };
 }
 
-impl Named for Failure {
-    const NAMES: &'static [(&'static str, u8, Self)] = &[
-        ("timed_out", 1, Failure::TimedOut),
-        ("compromised", 2, Failure::Compromised),
-        ("refused", 3, Failure::Refused),
-    ];
-    fn code_of(self) -> u8 {
-        self.code()
-    }
-}
-
-impl Named for DeliveryState {
-    const NAMES: &'static [(&'static str, u8, Self)] = &[
-        ("stored", 0, DeliveryState::Stored),
-        ("deposited", 1, DeliveryState::Deposited),
-        ("resent", 2, DeliveryState::Resent),
-        ("delivered", 3, DeliveryState::Delivered),
-        (
-            "failed:timed_out",
-            17,
-            DeliveryState::Failed(Failure::TimedOut),
-        ),
-        (
-            "failed:compromised",
-            18,
-            DeliveryState::Failed(Failure::Compromised),
-        ),
-        (
-            "failed:refused",
-            19,
-            DeliveryState::Failed(Failure::Refused),
-        ),
-    ];
-    fn code_of(self) -> u8 {
-        self.code()
-    }
-}
+named!(Trust, [
+    "unvalidated" => Trust::Unvalidated,
+    "validated" => Trust::Validated,
+    "compromised" => Trust::Compromised,
+]);
+named!(Failure, [
+    "timed_out" => Failure::TimedOut,
+    "compromised" => Failure::Compromised,
+    "refused" => Failure::Refused,
+]);
+named!(DeliveryState, [
+    "stored" => DeliveryState::Stored,
+    "deposited" => DeliveryState::Deposited,
+    "resent" => DeliveryState::Resent,
+    "delivered" => DeliveryState::Delivered,
+    "failed:timed_out" => DeliveryState::Failed(Failure::TimedOut),
+    "failed:compromised" => DeliveryState::Failed(Failure::Compromised),
+    "failed:refused" => DeliveryState::Failed(Failure::Refused),
+]);
 
 /// The longest name of the enums above ("failed:compromised").
 const NAME_MAX: usize = 18;

@@ -1471,7 +1471,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut wait_ms = wait_ms;
         let mut urgent = HashSet::new();
         let mut answers = Answers::default();
-        let mut gaps: HashMap<DeviceAddress, usize> = HashMap::new();
+        let mut gap_counts: HashMap<DeviceAddress, usize> = HashMap::new();
         for _ in 0..self.config.max_receive_rounds.max(1) {
             let auth = self.auth(MailboxOp::Fetch).await?;
             let envelopes = self
@@ -1486,12 +1486,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             let (ids, batch) = self.process_batch(&envelopes, now, &mut report).await?;
             for peer in &batch.touched {
                 if let Some(record) = batch.records.get(peer) {
-                    let n = record
-                        .entries()
-                        .iter()
-                        .map(|e| e.session.skipped_message_keys())
-                        .sum();
-                    gaps.insert(*peer, n);
+                    gap_counts.insert(*peer, gaps(record));
                 }
             }
             let auth = self.auth(MailboxOp::Acknowledge).await?;
@@ -1522,7 +1517,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             Err(e) => return Err(e),
         };
         let mut missing: Vec<(DeviceAddress, usize)> =
-            gaps.into_iter().filter(|(_, n)| *n > 0).collect();
+            gap_counts.into_iter().filter(|(_, n)| *n > 0).collect();
         missing.sort_unstable();
         report.missing = missing;
         Ok(report)
@@ -1617,12 +1612,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             .await?
             .into_iter()
             .filter_map(|(a, r)| {
-                let n: usize = r
-                    .ok()?
-                    .entries()
-                    .iter()
-                    .map(|e| e.session.skipped_message_keys())
-                    .sum();
+                let n = gaps(&r.ok()?);
                 (n > 0).then_some((a, n))
             })
             .collect())
@@ -2053,35 +2043,17 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 let hint = b.new_chain_owner.take();
                 let hinted = hint.and_then(|a| {
                     let r = b.records.get_mut(&a)?;
-                    r.entries_mut()
-                        .iter_mut()
-                        .enumerate()
-                        .filter(|(_, e)| e.session.awaits_new_ratchet_key())
-                        .find_map(|(i, e)| {
-                            e.session
-                                .decrypt_incoming(&incoming, &mut plaintext)
-                                .ok()
-                                .map(|()| (a, i))
-                        })
+                    decrypt_new_chain(r, &incoming, &mut plaintext).map(|i| (a, i))
                 });
-                if let Some(found) = hinted {
-                    found
-                } else {
-                    b.records
+                match hinted {
+                    Some(found) => found,
+                    None => b
+                        .records
                         .iter_mut()
                         .find_map(|(a, r)| {
-                            r.entries_mut()
-                                .iter_mut()
-                                .enumerate()
-                                .filter(|(_, e)| e.session.awaits_new_ratchet_key())
-                                .find_map(|(i, e)| {
-                                    e.session
-                                        .decrypt_incoming(&incoming, &mut plaintext)
-                                        .ok()
-                                        .map(|()| (*a, i))
-                                })
+                            decrypt_new_chain(r, &incoming, &mut plaintext).map(|i| (*a, i))
                         })
-                        .ok_or(Rejection::NoSession)?
+                        .ok_or(Rejection::NoSession)?,
                 }
             }
         };
@@ -2210,6 +2182,37 @@ fn opens_new_chain(record: &SessionRecord, message: &Incoming<'_>) -> bool {
             ok
         }
     })
+}
+
+/// Decrypts `message` with the first session of `record` that awaits a new
+/// chain and opens it; returns that entry's index. Decryption is staged, so
+/// the sessions that fail are unchanged.
+fn decrypt_new_chain(
+    record: &mut SessionRecord,
+    message: &Incoming<'_>,
+    plaintext: &mut Vec<u8>,
+) -> Option<usize> {
+    record
+        .entries_mut()
+        .iter_mut()
+        .enumerate()
+        .filter(|(_, e)| e.session.awaits_new_ratchet_key())
+        .find_map(|(i, e)| {
+            e.session
+                .decrypt_incoming(message, plaintext)
+                .ok()
+                .map(|()| i)
+        })
+}
+
+/// Messages the ratchet counters of a peer's sessions show were sent but
+/// have not arrived (each session's skipped message keys).
+fn gaps(record: &SessionRecord) -> usize {
+    record
+        .entries()
+        .iter()
+        .map(|e| e.session.skipped_message_keys())
+        .sum()
 }
 
 /// Runs a future to completion on the current thread, parking it while the

@@ -111,6 +111,7 @@ use std::string::String;
 use std::vec::Vec;
 
 use rand_core::{CryptoRng, RngCore};
+use zeroize::Zeroizing;
 
 use super::{
     ContactRecord, DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId, OutboxEntry,
@@ -2232,12 +2233,16 @@ async fn routes<S: Store>(store: &mut S) -> Outcome {
 // ---------------------------------------------------------------------------
 // Atomicity under injected failures.
 
+/// An encoding that holds private keys (wiped on drop, redacted in Debug).
+type Secret = Zeroizing<Vec<u8>>;
+
 /// Everything the atomicity check compares before and after a failed
 /// commit: records by their encoding, the rest as read.
 #[derive(PartialEq, Debug)]
 struct Snapshot {
-    prekeys: Option<Vec<u8>>,
-    sessions: Vec<(DeviceAddress, Result<Vec<u8>, String>)>,
+    /// Encodings that hold private keys: wiped when the snapshot drops.
+    prekeys: Option<Secret>,
+    sessions: Vec<(DeviceAddress, Result<Secret, String>)>,
     quarantined: usize,
     peers: Vec<PeerRecord>,
     outbox: Vec<OutboxEntry>,
@@ -2253,17 +2258,12 @@ async fn snapshot<S: Store>(
     ids: &[EnvelopeId],
     keys: &[[u8; 32]],
 ) -> Result<Snapshot, String> {
-    let mut sessions: Vec<(DeviceAddress, Result<Vec<u8>, String>)> = store
+    let mut sessions: Vec<(DeviceAddress, Result<Secret, String>)> = store
         .sessions()
         .await
         .or_fail("sessions")?
         .into_iter()
-        .map(|(a, r)| {
-            (
-                a,
-                r.map(|r| r.to_bytes().to_vec()).map_err(|e| e.to_string()),
-            )
-        })
+        .map(|(a, r)| (a, r.map(|r| r.to_bytes()).map_err(|e| e.to_string())))
         .collect();
     sessions.sort_by_key(|(a, _)| *a);
     let mut routes = store
@@ -2281,7 +2281,7 @@ async fn snapshot<S: Store>(
             .prekeys()
             .await
             .or_fail("prekeys")?
-            .map(|p| p.to_bytes().to_vec()),
+            .map(|p| p.to_bytes()),
         sessions,
         quarantined: store.quarantined().await.or_fail("quarantined")?.len(),
         peers: sorted(store.peers().await.or_fail("peers")?),

@@ -140,6 +140,27 @@ pub enum Trust {
     Compromised,
 }
 
+impl Trust {
+    /// The trust level's code, as the SQLite store and the binary serde
+    /// form keep it: 0 unvalidated, 1 validated, 2 compromised.
+    pub fn code(self) -> u8 {
+        match self {
+            Trust::Unvalidated => 0,
+            Trust::Validated => 1,
+            Trust::Compromised => 2,
+        }
+    }
+    /// The inverse of [`Trust::code`].
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => Trust::Unvalidated,
+            1 => Trust::Validated,
+            2 => Trust::Compromised,
+            _ => return None,
+        })
+    }
+}
+
 /// What the device knows about a peer device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerRecord {

@@ -235,6 +235,50 @@ fn migrate_v2(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
     .map_err(backend)
 }
 
+/// Reads and opens the identity row (`None`: no identity yet).
+fn read_identity(conn: &Connection, sealer: &Sealer) -> Result<Option<LocalIdentity>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT secret FROM identity WHERE id = ?1")
+        .map_err(backend)?;
+    let mut rows = stmt.query([SINGLETON]).map_err(backend)?;
+    let Some(row) = rows.next().map_err(backend)? else {
+        return Ok(None);
+    };
+    let fail = |r: String| corrupted(T_IDENTITY, SINGLETON.to_string(), r);
+    let sealed = blob(row, 0, "secret").map_err(fail)?;
+    let plain = sealer
+        .open(T_IDENTITY, &SINGLETON.to_be_bytes(), sealed)
+        .map_err(fail)?;
+    LocalIdentity::from_bytes(&plain).map(Some).map_err(|_| {
+        fail(format!(
+            "secret: {} bytes, expected {LOCAL_IDENTITY_LEN}",
+            plain.len()
+        ))
+    })
+}
+
+/// Opens and decodes the sealed session record at `column` of a row keyed
+/// by `address`, with our identity key `local`. Fails only with
+/// [`StoreError::Corrupted`] naming the row.
+fn open_session_row(
+    sealer: &Sealer,
+    address: &DeviceAddress,
+    row: &Row<'_>,
+    column: usize,
+    local: Option<&IdentityKey>,
+) -> Result<SessionRecord, StoreError> {
+    let fail = |r: String| corrupted(T_SESSIONS, address_name(address), r);
+    let sealed = blob(row, column, "state").map_err(fail)?;
+    let plain = sealer
+        .open(T_SESSIONS, &address_bytes(address), sealed)
+        .map_err(fail)?;
+    let local = local.ok_or_else(|| fail("a session but no identity".to_string()))?;
+    let remote = IdentityKey::from_bytes(&address.identity)
+        .map_err(|e| fail(format!("peer identity: {e}")))?;
+    SessionRecord::from_bytes(&plain, local, &remote)
+        .map_err(|e| fail(format!("session record: {e}")))
+}
+
 /// Version 3: the routing index. `routes` maps a keyed digest of each
 /// ratchet key a peer's record can decrypt under
 /// ([`SessionRecord::ratchet_keys`], [`Sealer::route`]) to the peer, and
@@ -259,37 +303,19 @@ fn migrate_v3(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
          CREATE INDEX sessions_awaiting ON sessions (awaits) WHERE awaits > 0;",
     )
     .map_err(backend)?;
-    let local = {
-        let mut stmt = tx
-            .prepare("SELECT secret FROM identity WHERE id = ?1")
-            .map_err(backend)?;
-        let mut rows = stmt.query([SINGLETON]).map_err(backend)?;
-        match rows.next().map_err(backend)? {
-            None => None,
-            Some(row) => blob(row, 0, "secret")
-                .ok()
-                .and_then(|sealed| {
-                    sealer
-                        .open(T_IDENTITY, &SINGLETON.to_be_bytes(), sealed)
-                        .ok()
-                })
-                .and_then(|plain| LocalIdentity::from_bytes(&plain).ok())
-                .map(|i| *i.keys.public()),
-        }
-    };
+    // A store whose identity row does not open has no routes to build: its
+    // records are marked awaiting (and quarantined when a receive needs them).
+    let local = read_identity(tx, sealer)
+        .ok()
+        .flatten()
+        .map(|i| *i.keys.public());
     let mut found = Vec::new();
     {
         let mut stmt = tx.prepare(SESSIONS_SELECT).map_err(backend)?;
         let mut rows = stmt.query([]).map_err(backend)?;
         while let Some(row) = rows.next().map_err(backend)? {
             let address = address_key(T_SESSIONS, row, 0, 1)?;
-            let record = blob(row, 2, "state").ok().and_then(|sealed| {
-                let plain = sealer
-                    .open(T_SESSIONS, &address_bytes(&address), sealed)
-                    .ok()?;
-                let remote = IdentityKey::from_bytes(&address.identity).ok()?;
-                SessionRecord::from_bytes(&plain, local.as_ref()?, &remote).ok()
-            });
+            let record = open_session_row(sealer, &address, row, 2, local.as_ref()).ok();
             found.push((address, record));
         }
     }
@@ -468,7 +494,11 @@ struct Db {
 
 impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.lock().fmt(f)
+        // Never waits for (or deadlocks on) a store in use.
+        match self.db.try_lock() {
+            Ok(db) => db.fmt(f),
+            Err(_) => f.write_str("SqliteStore { .. (in use) }"),
+        }
     }
 }
 
@@ -940,17 +970,7 @@ impl Db {
         column: usize,
         local: Option<&IdentityKey>,
     ) -> Result<SessionRecord, StoreError> {
-        let fail = |r: String| corrupted(T_SESSIONS, address_name(address), r);
-        let sealed = blob(row, column, "state").map_err(fail)?;
-        let plain = self
-            .sealer
-            .open(T_SESSIONS, &address_bytes(address), sealed)
-            .map_err(fail)?;
-        let local = local.ok_or_else(|| fail("a session but no identity".to_string()))?;
-        let remote = IdentityKey::from_bytes(&address.identity)
-            .map_err(|e| fail(format!("peer identity: {e}")))?;
-        SessionRecord::from_bytes(&plain, local, &remote)
-            .map_err(|e| fail(format!("session record: {e}")))
+        open_session_row(&self.sealer, address, row, column, local)
     }
 
     /// Decodes `(trust, first_seen, auth)` at `column..` of a `peers` row;
@@ -967,12 +987,10 @@ impl Db {
         let trust = int(row, column, "trust").map_err(fail)?;
         let first_seen = int(row, column + 1, "first_seen").map_err(fail)? as u64;
         let auth = blob(row, column + 2, "auth").map_err(fail)?;
-        let trust = match trust {
-            0 => Trust::Unvalidated,
-            1 => Trust::Validated,
-            2 => Trust::Compromised,
-            _ => return Err(fail(format!("unknown trust level {trust}"))),
-        };
+        let trust = u8::try_from(trust)
+            .ok()
+            .and_then(Trust::from_code)
+            .ok_or_else(|| fail(format!("unknown trust level {trust}")))?;
         let record = PeerRecord {
             address: *address,
             trust,
@@ -1203,28 +1221,11 @@ fn check_key(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
 
 impl BlockingStore for Db {
     fn identity(&self) -> Result<Option<LocalIdentity>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT secret FROM identity WHERE id = ?1")
-            .map_err(backend)?;
-        let mut rows = stmt.query([SINGLETON]).map_err(backend)?;
-        let Some(row) = rows.next().map_err(backend)? else {
-            return Ok(None);
-        };
-        let fail = |r: String| corrupted(T_IDENTITY, SINGLETON.to_string(), r);
-        let sealed = blob(row, 0, "secret").map_err(fail)?;
-        let plain = self
-            .sealer
-            .open(T_IDENTITY, &SINGLETON.to_be_bytes(), sealed)
-            .map_err(fail)?;
-        let identity = LocalIdentity::from_bytes(&plain).map_err(|_| {
-            fail(format!(
-                "secret: {} bytes, expected {LOCAL_IDENTITY_LEN}",
-                plain.len()
-            ))
-        })?;
-        self.local.set(Some(*identity.keys.public()));
-        Ok(Some(identity))
+        let identity = read_identity(&self.conn, &self.sealer)?;
+        if let Some(identity) = &identity {
+            self.local.set(Some(*identity.keys.public()));
+        }
+        Ok(identity)
     }
 
     fn set_identity(&mut self, identity: &LocalIdentity) -> Result<(), StoreError> {
@@ -1962,7 +1963,7 @@ fn address_bytes(a: &DeviceAddress) -> [u8; 36] {
 fn peer_binding(p: &PeerRecord) -> [u8; 45] {
     let mut out = [0u8; 45];
     out[..36].copy_from_slice(&address_bytes(&p.address));
-    out[36] = trust_code(p.trust) as u8;
+    out[36] = p.trust.code();
     out[37..].copy_from_slice(&p.first_seen.to_be_bytes());
     out
 }
@@ -2001,19 +2002,11 @@ fn older_than(column: &str, before: u64) -> String {
     }
 }
 
-fn trust_code(t: Trust) -> i64 {
-    match t {
-        Trust::Unvalidated => 0,
-        Trust::Validated => 1,
-        Trust::Compromised => 2,
-    }
-}
-
 fn peer_params<'a>(p: &'a PeerRecord, auth: &'a [u8]) -> impl rusqlite::Params + 'a {
     (
         &p.address.identity[..],
         p.address.device_id,
-        trust_code(p.trust),
+        p.trust.code(),
         p.first_seen as i64,
         auth,
     )
