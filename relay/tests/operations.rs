@@ -18,8 +18,8 @@ use cubbyhole::transport::{
     encode_envelope, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth,
     MailboxId, MailboxOp, PrekeyDirectory, TransportError,
 };
-use cubbyhole_http::HttpRelay;
 use cubbyhole::{IdentityKeyPair, OneTimePrekey, OsRng, PrekeyBundle, PrekeyStore};
+use cubbyhole_http::HttpRelay;
 use cubbyhole_relay::restore::after_restore;
 use cubbyhole_relay::{serve, ServerConfig, ServerError, StorageConfig};
 
@@ -371,8 +371,14 @@ fn logs_never_carry_the_secrets(format: &str) {
     let mut secrets: Vec<(String, Vec<u8>)> = vec![
         ("the payload".into(), payload.clone()),
         ("the deposit body".into(), encode_envelope(&envelope)),
-        ("the identity key".into(), device.address().identity.to_vec()),
-        ("the mailbox id".into(), device.address().mailbox().0.to_vec()),
+        (
+            "the identity key".into(),
+            device.address().identity.to_vec(),
+        ),
+        (
+            "the mailbox id".into(),
+            device.address().mailbox().0.to_vec(),
+        ),
         ("the mailbox proof".into(), proof.clone()),
         ("the challenge".into(), challenge.body.clone()),
         ("the upload".into(), upload.clone()),
@@ -449,19 +455,38 @@ fn base64(bytes: &[u8], url_safe: bool, padded: bool) -> String {
     out
 }
 
+/// The log test's base64 is right: RFC 4648's test vectors, and the
+/// URL-safe alphabet.
+#[test]
+fn base64_matches_rfc_4648() {
+    for (input, output) in [
+        ("", ""),
+        ("f", "Zg=="),
+        ("fo", "Zm8="),
+        ("foo", "Zm9v"),
+        ("foob", "Zm9vYg=="),
+        ("fooba", "Zm9vYmE="),
+        ("foobar", "Zm9vYmFy"),
+    ] {
+        assert_eq!(base64(input.as_bytes(), false, true), output);
+        assert_eq!(
+            base64(input.as_bytes(), true, false),
+            output.trim_end_matches('=')
+        );
+    }
+    assert_eq!(base64(&[0xfb, 0xff], false, true), "+/8=");
+    assert_eq!(base64(&[0xfb, 0xff], true, true), "-_8=");
+}
+
 /// The forms a byte string could take in a log line: raw, hex (lower and
 /// upper case), base64 (standard and URL-safe, padded and not) and a Debug
-/// list of numbers, of the whole value; and, so that a part of it or the
-/// value inside a larger logged blob is caught too, the same of 12-byte
-/// windows at its start, middle and end (for base64, the complete groups
-/// of each of the three alignments a window can have in a larger blob).
+/// list of numbers, of the whole value; and, so that a part of it (any 15
+/// bytes or more) or the value inside a larger logged blob is caught too,
+/// the same of 12-byte windows starting every 4 bytes (for base64, the
+/// complete groups of each of the three alignments a window can have in a
+/// larger blob).
 fn forms(value: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let decimal = |b: &[u8]| {
-        b.iter()
-            .map(u8::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let decimal = |b: &[u8]| b.iter().map(u8::to_string).collect::<Vec<_>>().join(", ");
     let mut out = vec![
         ("raw".to_owned(), value.to_vec()),
         ("hex".to_owned(), hex::encode(value).into_bytes()),
@@ -478,7 +503,8 @@ fn forms(value: &[u8]) -> Vec<(String, Vec<u8>)> {
     }
     const W: usize = 12;
     if value.len() > W {
-        for start in [0, (value.len() - W) / 2, value.len() - W] {
+        let starts = (0..=value.len() - W).step_by(4).chain([value.len() - W]);
+        for start in starts {
             let window = &value[start..start + W];
             let at = format!("of bytes {start}..{}", start + W);
             out.push((format!("raw {at}"), window.to_vec()));
@@ -509,7 +535,10 @@ fn assert_no_secrets(lines: &[Vec<u8>], secrets: &[(String, Vec<u8>)]) {
         lines.iter().flat_map(|line| line.windows(8)).collect();
     for (what, value) in secrets {
         for (form, needle) in forms(value) {
-            assert!(needle.len() >= 12, "{what} ({form}) is too short to look for");
+            assert!(
+                needle.len() >= 12,
+                "{what} ({form}) is too short to look for"
+            );
             if !grams.contains(&needle[..8]) {
                 continue;
             }
@@ -605,7 +634,11 @@ impl Mailbox for Recorder {
         Ok(envelopes)
     }
 
-    async fn acknowledge(&self, auth: &MailboxAuth, ids: &[EnvelopeId]) -> Result<(), TransportError> {
+    async fn acknowledge(
+        &self,
+        auth: &MailboxAuth,
+        ids: &[EnvelopeId],
+    ) -> Result<(), TransportError> {
         self.keep_auth(auth);
         self.relay.acknowledge(auth, ids).await
     }
@@ -680,10 +713,21 @@ fn full_exchange(addr: SocketAddr, secrets: &mut Vec<(String, Vec<u8>)>) {
         let (a, b) = (alice.address(), bob.address());
         for round in 0..3 {
             let to_bob = plaintext(2 * round);
-            assert!(alice.send(&mut OsRng, &b, &to_bob, now()).await.unwrap().deposited);
+            assert!(
+                alice
+                    .send(&mut OsRng, &b, &to_bob, now())
+                    .await
+                    .unwrap()
+                    .deposited
+            );
             assert_eq!(bob.receive(&mut OsRng, now()).await.unwrap().received, 1);
             let to_alice = plaintext(2 * round + 1);
-            assert!(bob.send(&mut OsRng, &a, &to_alice, now()).await.unwrap().deposited);
+            assert!(
+                bob.send(&mut OsRng, &a, &to_alice, now())
+                    .await
+                    .unwrap()
+                    .deposited
+            );
             assert_eq!(alice.receive(&mut OsRng, now()).await.unwrap().received, 1);
             sent.extend([to_bob, to_alice]);
         }
@@ -695,14 +739,23 @@ fn full_exchange(addr: SocketAddr, secrets: &mut Vec<(String, Vec<u8>)>) {
         }
         // Into a parked long poll.
         let waiting = tokio::spawn(async move {
-            let report = bob.receive_waiting(&mut OsRng, now(), 60_000).await.unwrap();
+            let report = bob
+                .receive_waiting(&mut OsRng, now(), 60_000)
+                .await
+                .unwrap();
             (bob, report)
         });
         tokio::task::spawn_blocking(move || until_parked(addr, 1))
             .await
             .unwrap();
         let last = plaintext(6);
-        assert!(alice.send(&mut OsRng, &b, &last, now()).await.unwrap().deposited);
+        assert!(
+            alice
+                .send(&mut OsRng, &b, &last, now())
+                .await
+                .unwrap()
+                .deposited
+        );
         let (mut bob, report) = waiting.await.unwrap();
         assert_eq!(report.received, 1);
         sent.push(last);
@@ -728,9 +781,14 @@ fn full_exchange(addr: SocketAddr, secrets: &mut Vec<(String, Vec<u8>)>) {
     }
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert!(
-        ["a deposit body", "an owner proof", "a challenge answer (signature)", "a fetched payload"]
-            .iter()
-            .all(|what| seen.iter().any(|(w, _)| w == what)),
+        [
+            "a deposit body",
+            "an owner proof",
+            "a challenge answer (signature)",
+            "a fetched payload"
+        ]
+        .iter()
+        .all(|what| seen.iter().any(|(w, _)| w == what)),
         "the exchange crossed the wire"
     );
     secrets.extend(seen);
