@@ -368,7 +368,7 @@ fn logs_never_carry_the_secrets(format: &str) {
     );
     let fetch_id = fetched.header("x-request-id").unwrap().to_owned();
 
-    let mut secrets: Vec<(String, Vec<u8>)> = vec![
+    let mut secrets: Secrets = vec![
         ("the payload".into(), payload.clone()),
         ("the deposit body".into(), encode_envelope(&envelope)),
         (
@@ -526,7 +526,7 @@ fn forms(value: &[u8]) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Fails if any form of any secret is in the output `lines`.
-fn assert_no_secrets(lines: &[Vec<u8>], secrets: &[(String, Vec<u8>)]) {
+fn assert_no_secrets(lines: &[Vec<u8>], secrets: &Secrets) {
     assert!(secrets.len() > 20, "{} secrets", secrets.len());
     assert!(!lines.is_empty());
     // Every needle is at least 12 bytes long: only those whose first 8
@@ -562,8 +562,11 @@ fn assert_no_secrets(lines: &[Vec<u8>], secrets: &[(String, Vec<u8>)]) {
 #[derive(Clone)]
 struct Recorder {
     relay: HttpRelay,
-    seen: Arc<Mutex<Vec<(String, Vec<u8>)>>>,
+    seen: Arc<Mutex<Secrets>>,
 }
+
+/// Byte strings that must not be logged, each with what it is.
+type Secrets = Vec<(String, Vec<u8>)>;
 
 impl Recorder {
     fn keep(&self, what: &str, bytes: &[u8]) {
@@ -670,7 +673,7 @@ fn until_parked(addr: SocketAddr, n: u64) {
 /// acknowledge and answer each other's receipts. Adds to `secrets` what
 /// crossed the wire, the plaintexts, and the devices' public keys and
 /// mailbox ids.
-fn full_exchange(addr: SocketAddr, secrets: &mut Vec<(String, Vec<u8>)>) {
+fn full_exchange(addr: SocketAddr, secrets: &mut Secrets) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
