@@ -46,7 +46,8 @@ pub(crate) struct Metrics {
 /// A snapshot of values that live elsewhere.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Live {
-    /// Fetches waiting for an envelope.
+    /// Fetches parked waiting for an envelope (their first listing found
+    /// the mailbox empty; a deposit now wakes them).
     pub(crate) long_polls: u64,
 }
 
@@ -151,7 +152,7 @@ impl Metrics {
         gauge(
             &mut out,
             "cubbyhole_relay_long_polls",
-            "Fetches waiting for an envelope.",
+            "Fetches parked waiting for an envelope (the mailbox was empty; a deposit wakes them).",
             live.long_polls,
         );
         counter(

@@ -2003,7 +2003,7 @@ async fn health<S: Storage>(State(shared): AppState<S>) -> Result<Response, ApiE
 
 async fn metrics<S: Storage>(State(shared): AppState<S>) -> Response {
     let text = shared.metrics.render(Live {
-        long_polls: shared.waiters.waiting(),
+        long_polls: shared.waiters.parked(),
     });
     (
         StatusCode::OK,
@@ -2127,6 +2127,9 @@ async fn fetch<S: Storage>(
     if !envelopes.is_empty() {
         return Ok(envelopes_response(&envelopes));
     }
+    // Parked: from here on a deposit to the mailbox wakes this request
+    // (the `cubbyhole_relay_long_polls` gauge counts it).
+    waiter.park();
     let deadline = tokio::time::Instant::now() + wait;
     while !shared.waiters.is_closing()
         && tokio::time::timeout_at(deadline, woken.as_mut())

@@ -6,6 +6,12 @@
 //! PostgreSQL listener from another one) calls [`Waiters::notify`]. Entries
 //! are removed when their last waiter leaves, so the map only holds
 //! mailboxes being waited on.
+//!
+//! A waiter counts as parked ([`Waiter::park`]) once that first listing
+//! found the mailbox empty: [`Waiters::parked`] (the
+//! `cubbyhole_relay_long_polls` gauge) counts the requests that a deposit
+//! made now must wake, which is what an operator watching long polls wants
+//! to see, and what the tests wait for before they deposit.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,7 +25,7 @@ use tokio::sync::Notify;
 pub(crate) struct Waiters {
     map: Mutex<HashMap<MailboxId, Arc<Notify>>>,
     closing: AtomicBool,
-    waiting: AtomicU64,
+    parked: AtomicU64,
 }
 
 /// A registered waiter; leaving (dropping it) cleans the map up.
@@ -28,6 +34,7 @@ pub(crate) struct Waiter {
     waiters: Arc<Waiters>,
     mailbox: MailboxId,
     notify: Arc<Notify>,
+    parked: AtomicBool,
 }
 
 impl Waiters {
@@ -44,11 +51,11 @@ impl Waiters {
                 .entry(mailbox)
                 .or_insert_with(|| Arc::new(Notify::new())),
         );
-        self.waiting.fetch_add(1, Ordering::Relaxed);
         Waiter {
             waiters: Arc::clone(self),
             mailbox,
             notify,
+            parked: AtomicBool::new(false),
         }
     }
 
@@ -72,9 +79,10 @@ impl Waiters {
         self.closing.load(Ordering::SeqCst)
     }
 
-    /// How many requests are waiting.
-    pub(crate) fn waiting(&self) -> u64 {
-        self.waiting.load(Ordering::Relaxed)
+    /// How many requests are parked: registered, past their first listing
+    /// (which found nothing) and waiting for a wake-up.
+    pub(crate) fn parked(&self) -> u64 {
+        self.parked.load(Ordering::SeqCst)
     }
 
     /// How many mailboxes are waited on.
@@ -89,11 +97,22 @@ impl Waiter {
     pub(crate) fn notify(&self) -> &Notify {
         &self.notify
     }
+
+    /// Marks this waiter parked: its first listing found the mailbox empty
+    /// and it now waits for [`Waiters::notify`]. Counted in
+    /// [`Waiters::parked`] until it is dropped.
+    pub(crate) fn park(&self) {
+        if !self.parked.swap(true, Ordering::SeqCst) {
+            self.waiters.parked.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        self.waiters.waiting.fetch_sub(1, Ordering::Relaxed);
+        if *self.parked.get_mut() {
+            self.waiters.parked.fetch_sub(1, Ordering::SeqCst);
+        }
         let mut map = self.waiters.lock();
         // The map holds one reference, this waiter another: if nobody else
         // waits, the entry goes (clones are only made under the lock).
@@ -118,7 +137,12 @@ mod tests {
         let a = waiters.register(mailbox);
         let b = waiters.register(mailbox);
         assert_eq!(waiters.mailboxes(), 1);
-        assert_eq!(waiters.waiting(), 2);
+        // Registered, not parked yet (their first listing is to come).
+        assert_eq!(waiters.parked(), 0);
+        a.park();
+        a.park();
+        b.park();
+        assert_eq!(waiters.parked(), 2);
         {
             let notified = a.notify().notified();
             tokio::pin!(notified);
@@ -131,8 +155,13 @@ mod tests {
         }
         drop(a);
         assert_eq!(waiters.mailboxes(), 1);
+        assert_eq!(waiters.parked(), 1);
         drop(b);
         assert_eq!(waiters.mailboxes(), 0);
-        assert_eq!(waiters.waiting(), 0);
+        assert_eq!(waiters.parked(), 0);
+        // A waiter that leaves unparked (its first listing found
+        // envelopes) does not touch the count.
+        drop(waiters.register(mailbox));
+        assert_eq!(waiters.parked(), 0);
     }
 }

@@ -8,15 +8,18 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cubbyhole::client::{Client, ClientConfig};
 use cubbyhole::relay::{Relay, RelayConfig, SqliteRelayStorage};
+use cubbyhole::storage::MemoryStore;
 use cubbyhole::transport::{
-    encode_envelope, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxOp,
-    TransportError,
+    encode_envelope, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth,
+    MailboxId, MailboxOp, PrekeyDirectory, TransportError,
 };
 use cubbyhole::{IdentityKeyPair, OneTimePrekey, OsRng, PrekeyBundle, PrekeyStore};
+use cubbyhole_http::HttpRelay;
 use cubbyhole_relay::restore::after_restore;
 use cubbyhole_relay::{serve, ServerConfig, ServerError, StorageConfig};
 
@@ -158,11 +161,11 @@ impl Device {
 }
 
 /// A relay process, killed on drop; its standard output and error lines
-/// arrive on `lines`.
+/// arrive on `lines`, as the bytes written (not necessarily UTF-8).
 struct RelayProcess {
     child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
+    lines: mpsc::Receiver<Vec<u8>>,
+    seen: Vec<Vec<u8>>,
 }
 
 impl RelayProcess {
@@ -181,7 +184,7 @@ impl RelayProcess {
         for stream in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
             let send = send.clone();
             std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines() {
+                for line in BufReader::new(stream).split(b'\n') {
                     let Ok(line) = line else { break };
                     if send.send(line).is_err() {
                         break;
@@ -202,13 +205,17 @@ impl RelayProcess {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
+                Ok(bytes) => {
+                    let line = String::from_utf8_lossy(&bytes).into_owned();
+                    self.seen.push(bytes);
                     if line.contains(needle) {
                         return line;
                     }
                 }
-                Err(_) => panic!("no line with {needle:?}; got:\n{}", self.seen.join("\n")),
+                Err(_) => panic!(
+                    "no line with {needle:?}; got:\n{}",
+                    String::from_utf8_lossy(&self.seen.join(&b'\n'))
+                ),
             }
         }
     }
@@ -228,15 +235,24 @@ impl RelayProcess {
             .unwrap()
     }
 
-    /// Kills it and returns every line it wrote.
-    fn kill(mut self) -> Vec<String> {
+    /// Kills it and returns every line it wrote, as written.
+    fn kill_raw(mut self) -> Vec<Vec<u8>> {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let mut lines = std::mem::take(&mut self.seen);
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(10)) {
+        // Until both pipes are closed (the process is dead: no more lines).
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(60)) {
             lines.push(line);
         }
         lines
+    }
+
+    /// Kills it and returns every line it wrote.
+    fn kill(self) -> Vec<String> {
+        self.kill_raw()
+            .iter()
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect()
     }
 }
 
@@ -253,14 +269,31 @@ impl Drop for RelayProcess {
 
 #[test]
 fn json_logs_carry_the_request_id_and_never_the_secrets() {
+    logs_never_carry_the_secrets("json");
+}
+
+#[test]
+fn text_logs_never_carry_the_secrets() {
+    logs_never_carry_the_secrets("text");
+}
+
+/// The real binary at its most verbose (`--log trace`) in `format`: raw
+/// requests (whose request ids the JSON lines must carry), then a full
+/// exchange between two clients. No key, payload, owner proof, challenge,
+/// deposit body or plaintext that crossed the wire may be in its output,
+/// in any of the [`forms`] a log line could give it.
+fn logs_never_carry_the_secrets(format: &str) {
     let mut relay = RelayProcess::spawn(&[
         "--memory",
         "--listen",
         "127.0.0.1:0",
         "--log-format",
-        "json",
+        format,
         "--log",
-        "debug",
+        "trace",
+        // The test polls /metrics while a fetch parks.
+        "--requests-per-minute",
+        "0",
     ]);
     let addr = relay.addr();
     let device = Device::new(1, 3);
@@ -335,7 +368,39 @@ fn json_logs_carry_the_request_id_and_never_the_secrets() {
     );
     let fetch_id = fetched.header("x-request-id").unwrap().to_owned();
 
-    let lines = relay.kill();
+    let mut secrets: Secrets = vec![
+        ("the payload".into(), payload.clone()),
+        ("the deposit body".into(), encode_envelope(&envelope)),
+        (
+            "the identity key".into(),
+            device.address().identity.to_vec(),
+        ),
+        (
+            "the mailbox id".into(),
+            device.address().mailbox().0.to_vec(),
+        ),
+        ("the mailbox proof".into(), proof.clone()),
+        ("the challenge".into(), challenge.body.clone()),
+        ("the upload".into(), upload.clone()),
+        (
+            "the signed prekey".into(),
+            device.store.current_signed_prekey().public().to_vec(),
+        ),
+    ];
+    for key in device.store.one_time_prekeys() {
+        secrets.push(("a one-time prekey".into(), key.public().to_vec()));
+    }
+    full_exchange(addr, &mut secrets);
+
+    let raw = relay.kill_raw();
+    assert_no_secrets(&raw, &secrets);
+    if format != "json" {
+        return;
+    }
+    let lines: Vec<String> = raw
+        .iter()
+        .map(|l| String::from_utf8(l.clone()).expect("UTF-8 JSON lines"))
+        .collect();
     let entries: Vec<serde_json::Value> = lines
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
@@ -362,32 +427,374 @@ fn json_logs_carry_the_request_id_and_never_the_secrets() {
         assert_eq!(line["message"], "request");
     }
     assert_eq!(fetch_id, "fetch-7");
+}
 
-    let all = lines.join("\n");
-    let mut secrets = vec![
-        ("the payload (hex)", hex::encode(&payload)),
-        ("the payload (as a Debug list)", {
-            let shown = format!("{:?}", &payload[..8]);
-            shown.trim_end_matches(']').to_owned()
-        }),
-        ("the identity key", identity_hex.clone()),
-        ("the mailbox id", mailbox_hex.clone()),
-        ("the mailbox proof", hex::encode(&proof)),
-        ("the challenge", hex::encode(&challenge.body)),
-        ("the upload", hex::encode(&upload)),
-        (
-            "the signed prekey",
-            hex::encode(device.store.current_signed_prekey().public()),
-        ),
-    ];
-    for key in device.store.one_time_prekeys() {
-        secrets.push(("a one-time prekey", hex::encode(key.public())));
-    }
-    for (what, value) in secrets {
-        for window in [value.as_str(), value.get(..16).unwrap_or(&value)] {
-            assert!(!all.contains(window), "the logs contain {what}");
+/// Base64 of `bytes` (written here, from RFC 4648, not taken from the code
+/// under test): the standard or the URL-safe alphabet, padded or not.
+fn base64(bytes: &[u8], url_safe: bool, padded: bool) -> String {
+    let alphabet: &[u8; 64] = if url_safe {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    } else {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    };
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(alphabet[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+        if padded {
+            for _ in chunk.len()..3 {
+                out.push('=');
+            }
         }
     }
+    out
+}
+
+/// The log test's base64 is right: RFC 4648's test vectors, and the
+/// URL-safe alphabet.
+#[test]
+fn base64_matches_rfc_4648() {
+    for (input, output) in [
+        ("", ""),
+        ("f", "Zg=="),
+        ("fo", "Zm8="),
+        ("foo", "Zm9v"),
+        ("foob", "Zm9vYg=="),
+        ("fooba", "Zm9vYmE="),
+        ("foobar", "Zm9vYmFy"),
+    ] {
+        assert_eq!(base64(input.as_bytes(), false, true), output);
+        assert_eq!(
+            base64(input.as_bytes(), true, false),
+            output.trim_end_matches('=')
+        );
+    }
+    assert_eq!(base64(&[0xfb, 0xff], false, true), "+/8=");
+    assert_eq!(base64(&[0xfb, 0xff], true, true), "-_8=");
+}
+
+/// The forms a byte string could take in a log line: raw, hex (lower and
+/// upper case), base64 (standard and URL-safe, padded and not) and a Debug
+/// list of numbers, of the whole value; and, so that a part of it (any 15
+/// bytes or more) or the value inside a larger logged blob is caught too,
+/// the same of 12-byte windows starting every 4 bytes (for base64, the
+/// complete groups of each of the three alignments a window can have in a
+/// larger blob).
+fn forms(value: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let decimal = |b: &[u8]| b.iter().map(u8::to_string).collect::<Vec<_>>().join(", ");
+    let mut out = vec![
+        ("raw".to_owned(), value.to_vec()),
+        ("hex".to_owned(), hex::encode(value).into_bytes()),
+        ("HEX".to_owned(), hex::encode_upper(value).into_bytes()),
+        ("Debug list".to_owned(), decimal(value).into_bytes()),
+    ];
+    for (name, url, pad) in [
+        ("base64", false, true),
+        ("base64 unpadded", false, false),
+        ("base64url", true, true),
+        ("base64url unpadded", true, false),
+    ] {
+        out.push((name.to_owned(), base64(value, url, pad).into_bytes()));
+    }
+    const W: usize = 12;
+    if value.len() > W {
+        let starts = (0..=value.len() - W).step_by(4).chain([value.len() - W]);
+        for start in starts {
+            let window = &value[start..start + W];
+            let at = format!("of bytes {start}..{}", start + W);
+            out.push((format!("raw {at}"), window.to_vec()));
+            out.push((format!("hex {at}"), hex::encode(window).into_bytes()));
+            out.push((format!("HEX {at}"), hex::encode_upper(window).into_bytes()));
+            out.push((format!("Debug list {at}"), decimal(window).into_bytes()));
+            for skip in 0..3 {
+                let groups = &window[skip..skip + (W - skip) / 3 * 3];
+                for url in [false, true] {
+                    out.push((
+                        format!("base64 (url-safe: {url}) {at}, aligned +{skip}"),
+                        base64(groups, url, false).into_bytes(),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Fails if any form of any secret is in the output `lines`.
+fn assert_no_secrets(lines: &[Vec<u8>], secrets: &Secrets) {
+    assert!(secrets.len() > 20, "{} secrets", secrets.len());
+    assert!(!lines.is_empty());
+    // Every needle is at least 12 bytes long: only those whose first 8
+    // bytes occur somewhere are searched for in full.
+    let grams: std::collections::HashSet<&[u8]> =
+        lines.iter().flat_map(|line| line.windows(8)).collect();
+    for (what, value) in secrets {
+        for (form, needle) in forms(value) {
+            assert!(
+                needle.len() >= 12,
+                "{what} ({form}) is too short to look for"
+            );
+            if !grams.contains(&needle[..8]) {
+                continue;
+            }
+            if let Some(line) = lines
+                .iter()
+                .find(|l| l.windows(needle.len()).any(|w| w == needle.as_slice()))
+            {
+                panic!(
+                    "the logs contain {what} ({form}):\n{}",
+                    String::from_utf8_lossy(line)
+                );
+            }
+        }
+    }
+}
+
+/// A transport that passes every call to the relay and keeps every secret
+/// that crosses the wire: envelope payloads and deposit bodies, challenges,
+/// owner proofs and their signatures (the challenge answers), uploads and
+/// bundles.
+#[derive(Clone)]
+struct Recorder {
+    relay: HttpRelay,
+    seen: Arc<Mutex<Secrets>>,
+}
+
+/// Byte strings that must not be logged, each with what it is.
+type Secrets = Vec<(String, Vec<u8>)>;
+
+impl Recorder {
+    fn keep(&self, what: &str, bytes: &[u8]) {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((what.to_owned(), bytes.to_vec()));
+    }
+
+    fn keep_auth(&self, auth: &MailboxAuth) {
+        self.keep("an owner proof", &auth.encode());
+        self.keep("a challenge answer (signature)", &auth.signature);
+    }
+
+    fn keep_envelopes(&self, envelopes: &[Envelope]) {
+        for envelope in envelopes {
+            self.keep("a fetched payload", &envelope.payload);
+        }
+    }
+}
+
+impl PrekeyDirectory for Recorder {
+    async fn publish(&self, upload: &[u8]) -> Result<(), TransportError> {
+        self.keep("an upload", upload);
+        self.relay.publish(upload).await
+    }
+
+    async fn fetch_bundle(&self, device: &DeviceAddress) -> Result<Vec<u8>, TransportError> {
+        let bundle = self.relay.fetch_bundle(device).await?;
+        self.keep("a bundle", &bundle);
+        Ok(bundle)
+    }
+
+    async fn one_time_prekeys_left(&self, device: &DeviceAddress) -> Result<u32, TransportError> {
+        self.relay.one_time_prekeys_left(device).await
+    }
+}
+
+impl Mailbox for Recorder {
+    async fn deposit(&self, to: &MailboxId, envelope: &Envelope) -> Result<(), TransportError> {
+        self.keep("an envelope payload", &envelope.payload);
+        self.keep("a deposit body", &encode_envelope(envelope));
+        self.relay.deposit(to, envelope).await
+    }
+
+    async fn challenge(&self, mailbox: &MailboxId) -> Result<[u8; 32], TransportError> {
+        let challenge = self.relay.challenge(mailbox).await?;
+        self.keep("a challenge", &challenge);
+        Ok(challenge)
+    }
+
+    async fn fetch(&self, auth: &MailboxAuth, limit: u32) -> Result<Vec<Envelope>, TransportError> {
+        self.keep_auth(auth);
+        let envelopes = self.relay.fetch(auth, limit).await?;
+        self.keep_envelopes(&envelopes);
+        Ok(envelopes)
+    }
+
+    async fn fetch_waiting(
+        &self,
+        auth: &MailboxAuth,
+        limit: u32,
+        wait_ms: u32,
+    ) -> Result<Vec<Envelope>, TransportError> {
+        self.keep_auth(auth);
+        let envelopes = self.relay.fetch_waiting(auth, limit, wait_ms).await?;
+        self.keep_envelopes(&envelopes);
+        Ok(envelopes)
+    }
+
+    async fn acknowledge(
+        &self,
+        auth: &MailboxAuth,
+        ids: &[EnvelopeId],
+    ) -> Result<(), TransportError> {
+        self.keep_auth(auth);
+        self.relay.acknowledge(auth, ids).await
+    }
+}
+
+/// The `cubbyhole_relay_long_polls` gauge reads at least `n` (polled; the
+/// 60 s guard only turns a hang into a failure).
+fn until_parked(addr: SocketAddr, n: u64) {
+    let guard = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = call(addr, "GET", "/metrics", &[], b"");
+        let text = String::from_utf8(metrics.body).unwrap();
+        assert_eq!(metrics.status, 200, "{text}");
+        let parked: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("cubbyhole_relay_long_polls "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("the long_polls gauge");
+        if parked >= n {
+            return;
+        }
+        assert!(Instant::now() < guard, "no fetch parked");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Alice and Bob, clients over HTTP through [`Recorder`]s, publish, send
+/// each other messages (one into Bob's parked long poll), receive,
+/// acknowledge and answer each other's receipts. Adds to `secrets` what
+/// crossed the wire, the plaintexts, and the devices' public keys and
+/// mailbox ids.
+fn full_exchange(addr: SocketAddr, secrets: &mut Secrets) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorder = Recorder {
+        relay: HttpRelay::new(&format!("http://{addr}")).unwrap(),
+        seen: Arc::clone(&seen),
+    };
+    let now = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let plaintext = |n: usize| {
+        let mut random = [0u8; 20];
+        rand_core::RngCore::fill_bytes(&mut OsRng, &mut random);
+        format!("secret message {n}: {}", hex::encode(random)).into_bytes()
+    };
+    let mut sent = Vec::new();
+    let devices = runtime.block_on(async {
+        let mut devices = Vec::new();
+        for _ in 0..2 {
+            let device = Client::open(
+                MemoryStore::new(),
+                recorder.clone(),
+                recorder.clone(),
+                ClientConfig::default(),
+                &mut OsRng,
+            )
+            .await
+            .unwrap();
+            devices.push(device);
+        }
+        let (mut bob, mut alice) = (devices.pop().unwrap(), devices.pop().unwrap());
+        assert!(alice.maintain_prekeys(&mut OsRng, now()).await.unwrap());
+        assert!(bob.maintain_prekeys(&mut OsRng, now()).await.unwrap());
+        let (a, b) = (alice.address(), bob.address());
+        for round in 0..3 {
+            let to_bob = plaintext(2 * round);
+            assert!(
+                alice
+                    .send(&mut OsRng, &b, &to_bob, now())
+                    .await
+                    .unwrap()
+                    .deposited
+            );
+            assert_eq!(bob.receive(&mut OsRng, now()).await.unwrap().received, 1);
+            let to_alice = plaintext(2 * round + 1);
+            assert!(
+                bob.send(&mut OsRng, &a, &to_alice, now())
+                    .await
+                    .unwrap()
+                    .deposited
+            );
+            assert_eq!(alice.receive(&mut OsRng, now()).await.unwrap().received, 1);
+            sent.extend([to_bob, to_alice]);
+        }
+        // Receipts (answered after each receive) are taken first, so that
+        // Bob's mailbox is empty and his next fetch parks.
+        for _ in 0..2 {
+            alice.receive(&mut OsRng, now()).await.unwrap();
+            bob.receive(&mut OsRng, now()).await.unwrap();
+        }
+        // Into a parked long poll.
+        let waiting = tokio::spawn(async move {
+            let report = bob
+                .receive_waiting(&mut OsRng, now(), 60_000)
+                .await
+                .unwrap();
+            (bob, report)
+        });
+        tokio::task::spawn_blocking(move || until_parked(addr, 1))
+            .await
+            .unwrap();
+        let last = plaintext(6);
+        assert!(
+            alice
+                .send(&mut OsRng, &b, &last, now())
+                .await
+                .unwrap()
+                .deposited
+        );
+        let (mut bob, report) = waiting.await.unwrap();
+        assert_eq!(report.received, 1);
+        sent.push(last);
+        // Receipts and anything left.
+        alice.receive(&mut OsRng, now()).await.unwrap();
+        bob.receive(&mut OsRng, now()).await.unwrap();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        for device in [&alice, &bob] {
+            got.extend(device.inbox().await.unwrap().into_iter().map(|m| m.body));
+        }
+        got.sort();
+        let mut want = sent.clone();
+        want.sort();
+        assert_eq!(got, want, "every message arrived");
+        [a, b]
+    });
+    for device in devices {
+        secrets.push(("a client's identity key".into(), device.identity.to_vec()));
+        secrets.push(("a client's mailbox id".into(), device.mailbox().0.to_vec()));
+    }
+    for text in sent {
+        secrets.push(("a message plaintext".into(), text));
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert!(
+        [
+            "a deposit body",
+            "an owner proof",
+            "a challenge answer (signature)",
+            "a fetched payload"
+        ]
+        .iter()
+        .all(|what| seen.iter().any(|(w, _)| w == what)),
+        "the exchange crossed the wire"
+    );
+    secrets.extend(seen);
 }
 
 // ---------------------------------------------------------------------------

@@ -449,6 +449,10 @@ fn next(rx: &mpsc::Receiver<MailboxId>, within: Duration) -> Option<MailboxId> {
     rx.recv_timeout(within).ok()
 }
 
+/// How long a notification that must come may take: far more than it does
+/// even on a loaded machine (only a hang guard; nothing is measured).
+const HEARD: Duration = Duration::from_secs(60);
+
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
@@ -473,15 +477,16 @@ fn deposits_wake_the_listener() {
     relay.publish(NOW, &bob.upload(1, true)).unwrap();
     relay.publish(NOW, &carol.upload(1, true)).unwrap();
 
-    // A stored deposit wakes the listener within a second.
-    let sent = Instant::now();
+    // A stored deposit wakes the listener.
     relay
         .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
         .unwrap();
-    assert_eq!(next(&rx, Duration::from_secs(1)), Some(bob.mailbox()));
-    assert!(sent.elapsed() < Duration::from_secs(1));
+    assert_eq!(next(&rx, HEARD), Some(bob.mailbox()));
 
-    // A retry (not stored again) and a refused deposit notify nobody.
+    // A retry (not stored again) and a refused deposit notify nobody:
+    // checked below, where the next notification heard is Carol's
+    // (PostgreSQL delivers notifications in commit order, so one for Bob
+    // sent now would come first).
     relay
         .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
         .unwrap();
@@ -489,7 +494,6 @@ fn deposits_wake_the_listener() {
         relay.deposit(NOW, &bob.mailbox(), &envelope(2, 10)),
         Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES))
     );
-    assert_eq!(next(&rx, Duration::from_millis(300)), None);
 
     // Malformed notifications on the channel are ignored; the listener
     // goes on.
@@ -502,14 +506,14 @@ fn deposits_wake_the_listener() {
     relay
         .deposit(NOW, &carol.mailbox(), &envelope(1, 10))
         .unwrap();
-    assert_eq!(next(&rx, Duration::from_secs(1)), Some(carol.mailbox()));
+    assert_eq!(next(&rx, HEARD), Some(carol.mailbox()));
 
     // A deposit through another connection (another relay process) too.
     let mut other = Relay::new(db.storage(), RelayConfig::default());
     other
         .deposit(NOW, &carol.mailbox(), &envelope(2, 10))
         .unwrap();
-    assert_eq!(next(&rx, Duration::from_secs(1)), Some(carol.mailbox()));
+    assert_eq!(next(&rx, HEARD), Some(carol.mailbox()));
 }
 
 #[test]
@@ -531,12 +535,12 @@ fn the_listener_reconnects() {
     relay
         .deposit(NOW, &bob.mailbox(), &envelope(0, 10))
         .unwrap();
-    assert_eq!(next(&rx, Duration::from_secs(1)), Some(bob.mailbox()));
+    assert_eq!(next(&rx, HEARD), Some(bob.mailbox()));
 
     assert_eq!(db.terminate(true), 1);
     // Deposits made while it is away are lost; keep depositing until one
-    // is heard again.
-    let deadline = Instant::now() + Duration::from_secs(15);
+    // is heard again (the deadline is only a hang guard).
+    let deadline = Instant::now() + HEARD;
     let mut n = 1;
     loop {
         assert!(Instant::now() < deadline, "the listener did not come back");

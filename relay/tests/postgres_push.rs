@@ -1,15 +1,22 @@
 //! Push across relay processes: two `cubbyhole-relay` processes (the real
 //! binary) share one PostgreSQL database; a fetch waiting on one of them
 //! (a long poll) is woken by a deposit made through the other, through
-//! PostgreSQL `LISTEN/NOTIFY`, well within a second. Once with raw
+//! PostgreSQL `LISTEN/NOTIFY`. Once with raw
 //! [`HttpRelay`] calls, once with [`cubbyhole::client::Client`]s (Bob
 //! publishes through one process and waits on the other with
 //! `receive_waiting`, Alice sends through the first).
 //!
 //! Needs `CUBBYHOLE_TEST_POSTGRES` (see `support/pg.rs`): each test runs
 //! on a scratch database of its own. Without it (at build time) the tests
-//! are ignored, and reported as such; under `CI` that fails. The latencies are
-//! printed (run with `--nocapture` to see them).
+//! are ignored, and reported as such; under `CI` that fails.
+//!
+//! No clock is asserted on: each deposit is made once the waiting fetch is
+//! parked on the other process (its `cubbyhole_relay_long_polls` gauge
+//! reads 1: the fetch found the mailbox empty and waits), and the fetch
+//! waits far longer than a wake-up takes ([`WAIT_MS`]), so an answer that
+//! holds the envelope was woken by the deposit (a wait that runs out
+//! answers empty). The latencies are measured and printed (run with
+//! `--nocapture` to see them), not asserted.
 
 #![cfg(feature = "postgres")]
 
@@ -32,16 +39,12 @@ use rand_chacha::rand_core::RngCore;
 
 /// The server binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_cubbyhole-relay");
-/// How long the waiting fetches may wait, in ms.
-const WAIT_MS: u32 = 10_000;
-/// The longest a deposit may take to reach the waiting fetch on the other
-/// process (from the start of the deposit to the fetch's answer).
-const MAX_PUSH_LATENCY: Duration = Duration::from_secs(1);
+/// How long the waiting fetches may wait, in ms: far longer than a wake-up
+/// takes, even on a loaded machine (the relays run with this
+/// `--max-wait-ms`).
+const WAIT_MS: u32 = 60_000;
 /// Deposits (messages) per test, alternating between the processes.
 const ROUNDS: usize = 6;
-/// How long a fetch is given, once registered as waiting, to be past its
-/// first look at the mailbox.
-const SETTLE: Duration = Duration::from_millis(200);
 /// The longest a start may take to answer `/v1/health`.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -138,6 +141,7 @@ impl RelayProcess {
             .arg(addr.to_string())
             .args(["--postgres", url])
             .args(["--log", "warn"])
+            .args(["--max-wait-ms", &WAIT_MS.to_string()])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -189,8 +193,8 @@ impl RelayProcess {
         HttpRelay::new(&self.base).unwrap()
     }
 
-    /// The `cubbyhole_relay_long_polls` gauge: fetches waiting on this
-    /// process.
+    /// The `cubbyhole_relay_long_polls` gauge: fetches parked on this
+    /// process (their mailbox was empty; a deposit wakes them).
     async fn long_polls(&self) -> u64 {
         let text = self
             .http
@@ -207,20 +211,19 @@ impl RelayProcess {
             .expect("the long_polls gauge")
     }
 
-    /// Waits until `n` fetches wait on this process, and a little more, so
-    /// that they are past their first look at the mailbox: a deposit made
-    /// next must wake them.
-    async fn until_waiting(&self, n: u64) {
-        let deadline = Instant::now() + Duration::from_secs(5);
+    /// Waits until `n` fetches are parked on this process: a deposit made
+    /// next must wake them. (The 60 s guard only turns a hang into a
+    /// failure.)
+    async fn until_parked(&self, n: u64) {
+        let guard = Instant::now() + Duration::from_secs(60);
         while self.long_polls().await < n {
             assert!(
-                Instant::now() < deadline,
-                "no fetch is waiting on relay {}",
+                Instant::now() < guard,
+                "no fetch is parked on relay {}",
                 self.name
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        tokio::time::sleep(SETTLE).await;
     }
 }
 
@@ -293,7 +296,7 @@ fn millis(d: Duration) -> String {
 
 /// Bob publishes through A; his fetch waits on one process while an
 /// envelope is deposited through the other (B then A, alternately): the
-/// fetch answers with it within a second of the deposit.
+/// fetch answers with it.
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
@@ -320,7 +323,7 @@ fn a_deposit_through_one_process_wakes_a_fetch_waiting_on_another() {
                 let got = poller.fetch_waiting(&fetch, 100, WAIT_MS).await;
                 (got, started, Instant::now())
             });
-            waiting_on.until_waiting(1).await;
+            waiting_on.until_parked(1).await;
 
             let envelope = Envelope {
                 id: EnvelopeId([round as u8 + 1; 16]),
@@ -341,10 +344,6 @@ fn a_deposit_through_one_process_wakes_a_fetch_waiting_on_another() {
                 millis(latency),
                 millis(answered.saturating_duration_since(deposited)),
                 millis(answered - started),
-            );
-            assert!(
-                latency < MAX_PUSH_LATENCY,
-                "the deposit took {latency:?} to reach the fetch waiting on the other process"
             );
             let ack = auth(depositing, &bob_keys, &bob, MailboxOp::Acknowledge).await;
             depositing.acknowledge(&ack, &[envelope.id]).await.unwrap();
@@ -367,7 +366,7 @@ fn a_deposit_through_one_process_wakes_a_fetch_waiting_on_another() {
             let got = poller.fetch_waiting(&fetch, 100, 1_500).await;
             (got, started.elapsed())
         });
-        b.until_waiting(1).await;
+        b.until_parked(1).await;
         let other = Envelope {
             id: EnvelopeId([0xCC; 16]),
             payload: b"for Carol".to_vec(),
@@ -381,7 +380,7 @@ fn a_deposit_through_one_process_wakes_a_fetch_waiting_on_another() {
 
 /// The same with clients: Bob publishes through A and waits on B
 /// (`receive_waiting`); Alice fetches his bundle from A and sends through
-/// A; the message is in Bob's inbox within a second.
+/// A; the waiting receive gets the message.
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
@@ -422,7 +421,7 @@ fn a_client_waiting_on_one_process_receives_a_message_sent_through_another() {
                     .unwrap();
                 (bob, report, started, Instant::now())
             });
-            b.until_waiting(1).await;
+            b.until_parked(1).await;
             let text = format!("through A, to Bob waiting on B: {round}");
             let sent_at = Instant::now();
             let sent = alice
@@ -447,10 +446,6 @@ fn a_client_waiting_on_one_process_receives_a_message_sent_through_another() {
                 millis(latency),
                 millis(done.saturating_duration_since(deposited)),
                 millis(done - started)
-            );
-            assert!(
-                latency < MAX_PUSH_LATENCY,
-                "the message took {latency:?} from Alice's send to Bob's inbox"
             );
             latencies.push(latency);
         }

@@ -235,9 +235,41 @@ fn envelopes(mut body: &[u8]) -> Vec<Envelope> {
     out
 }
 
+/// Far longer than a wake-up takes, even on a loaded machine: a long poll
+/// that answers with an envelope was woken (or found it at once); it did
+/// not run out (a wait that runs out answers empty).
+const LONG_WAIT_MS: u32 = 60_000;
+
+/// The `cubbyhole_relay_long_polls` gauge of `/metrics`: fetches parked on
+/// an empty mailbox, which a deposit (or a shutdown) made now must wake.
+async fn parked_long_polls(addr: SocketAddr) -> u64 {
+    let metrics = call(addr, "GET", "/metrics", b"").await;
+    assert_eq!(metrics.status, 200);
+    String::from_utf8(metrics.body)
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("cubbyhole_relay_long_polls "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the long_polls gauge")
+}
+
+/// Waits until `n` fetches are parked (polling `/metrics`; the 60 s guard
+/// only turns a hang into a failure).
+async fn until_parked(addr: SocketAddr, n: u64) {
+    let guard = std::time::Instant::now() + Duration::from_secs(60);
+    while parked_long_polls(addr).await < n {
+        assert!(
+            std::time::Instant::now() < guard,
+            "no fetch parked on the relay"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn small_limits() -> Limits {
     Limits {
         max_body_bytes: 4096,
+        max_wait_ms: LONG_WAIT_MS,
         ..Limits::default()
     }
 }
@@ -363,18 +395,18 @@ async fn serves_the_api() {
     // Long poll: nothing pending, a deposit arrives while waiting.
     let auth = bob.proof(addr, MailboxOp::Fetch).await;
     let waiting = tokio::spawn({
-        let path = format!("{fetch_path}?limit=10&wait_ms=10000");
+        let path = format!("{fetch_path}?limit=10&wait_ms={LONG_WAIT_MS}");
         async move { call(addr, "POST", &path, &auth.encode()).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Parked (its first look found the mailbox empty): only the deposit's
+    // wake-up can answer it with an envelope before the wait runs out.
+    until_parked(addr, 1).await;
     let second = encode_envelope(&envelope(2, b"are you there?"));
     assert_eq!(call(addr, "POST", &deposit_path, &second).await.status, 201);
-    let woken = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("woken before the wait ran out")
-        .unwrap();
+    let woken = waiting.await.unwrap();
     assert_eq!(woken.status, 200);
     assert_eq!(envelopes(&woken.body), vec![envelope(2, b"are you there?")]);
+    assert_eq!(parked_long_polls(addr).await, 0);
 
     // A long poll that times out answers an empty list.
     let ack = bob.proof(addr, MailboxOp::Acknowledge).await;
@@ -630,6 +662,10 @@ async fn survives_a_restart_on_sqlite_and_shuts_down_gracefully() {
     let db = dir.join("relay.db");
     let config = ServerConfig {
         storage: StorageConfig::Sqlite(db.clone()),
+        limits: Limits {
+            max_wait_ms: LONG_WAIT_MS,
+            ..Limits::default()
+        },
         ..ServerConfig::default()
     };
     let carol = Device::new(5);
@@ -652,14 +688,17 @@ async fn survives_a_restart_on_sqlite_and_shuts_down_gracefully() {
     // A long poll in flight when the shutdown starts still gets an answer.
     let auth = carol.proof(addr, MailboxOp::Fetch).await;
     let waiting = tokio::spawn({
-        let path = format!("/v1/mailboxes/{}/fetch?wait_ms=20000", carol.mailbox_hex());
+        let path = format!(
+            "/v1/mailboxes/{}/fetch?wait_ms={LONG_WAIT_MS}",
+            carol.mailbox_hex()
+        );
         async move { call(addr, "POST", &path, &auth.encode()).await }
     });
-    let answered = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .expect("envelope pending: answered at once")
-        .unwrap();
+    // An envelope is pending: answered at once (an answer after the wait
+    // would be empty), and never parked.
+    let answered = waiting.await.unwrap();
     assert_eq!(envelopes(&answered.body), vec![envelope(1, b"kept")]);
+    assert_eq!(parked_long_polls(addr).await, 0);
     server.stop().await;
     assert!(TcpStream::connect(addr).await.is_err(), "stopped listening");
 
@@ -694,13 +733,16 @@ async fn survives_a_restart_on_sqlite_and_shuts_down_gracefully() {
     );
     let auth = carol.proof(addr, MailboxOp::Fetch).await;
     let waiting = tokio::spawn({
-        let path = format!("/v1/mailboxes/{}/fetch?wait_ms=20000", carol.mailbox_hex());
+        let path = format!(
+            "/v1/mailboxes/{}/fetch?wait_ms={LONG_WAIT_MS}",
+            carol.mailbox_hex()
+        );
         async move { call(addr, "POST", &path, &auth.encode()).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = std::time::Instant::now();
+    // Parked before the shutdown starts; the shutdown answers it rather
+    // than waiting LONG_WAIT_MS (`stop` fails after 30 s).
+    until_parked(addr, 1).await;
     server.stop().await;
-    assert!(started.elapsed() < Duration::from_secs(10));
     let answered = waiting.await.unwrap();
     assert_eq!((answered.status, answered.body.len()), (200, 0));
 
