@@ -365,7 +365,10 @@ fn identity_x25519_scalar(seed: &[u8; 32]) -> [u8; 32] {
 fn identity_secrets(name: &str, seed: &[u8; 32]) -> Secrets {
     let mut s = Secrets::default();
     s.add(format!("{name} seed"), seed);
-    s.add(format!("{name} X25519 scalar"), &identity_x25519_scalar(seed));
+    s.add(
+        format!("{name} X25519 scalar"),
+        &identity_x25519_scalar(seed),
+    );
     s
 }
 
@@ -615,7 +618,12 @@ fn session_after_messages() {
     let alice_now = session_secrets("alice now", &a.to_bytes());
     let bob_now = session_secrets("bob now", &b.to_bytes());
     assert!(bob_now.names.iter().any(|n| n.contains("skipped key")));
-    let held: Vec<String> = alice_now.names.iter().chain(&bob_now.names).cloned().collect();
+    let held: Vec<String> = alice_now
+        .names
+        .iter()
+        .chain(&bob_now.names)
+        .cloned()
+        .collect();
     secrets.extend(alice_now);
     secrets.extend(bob_now);
     drop((a, b));
@@ -640,7 +648,10 @@ fn skipped_keys_in_the_state_are_the_message_keys() {
     let after = a.encrypt(&mut rng, b"y").unwrap();
     b.decrypt(&after).unwrap();
     let secrets = session_secrets("bob", &b.to_bytes());
-    assert!(secrets.values.contains(&mk), "the exposed key is not in the state");
+    assert!(
+        secrets.values.contains(&mk),
+        "the exposed key is not in the state"
+    );
     // Using a skipped key, and a new chain's step, free no block holding a
     // secret of any state the session went through.
     let mut all = secrets;
@@ -665,7 +676,12 @@ fn session_record_with_archived_and_evicted_sessions() {
         // ones are evicted (the list shifts).
         let max_archived = if i < 5 { 40 } else { 2 };
         let ((), found) = freed_secrets(&secrets, || {
-            record.insert(SessionEntry::new(a, i, NOW + i), max_archived, &local, &peer)
+            record.insert(
+                SessionEntry::new(a, i, NOW + i),
+                max_archived,
+                &local,
+                &peer,
+            )
         });
         assert!(found.is_empty(), "inserting session {i}: {found:?}");
     }
@@ -733,7 +749,10 @@ fn quarantined_bytes() {
     };
     // The control: a plain copy of the bytes, freed, shows the secrets.
     let ((), found) = freed_secrets(&secrets, || drop(bytes.to_vec()));
-    assert!(!found.is_empty(), "control: a plain Vec of the state was not seen");
+    assert!(
+        !found.is_empty(),
+        "control: a plain Vec of the state was not seen"
+    );
     assert_drop_wipes("a Quarantined record", &secrets, quarantined);
 }
 
