@@ -63,6 +63,7 @@ fn main() {
         .unwrap_or(10_000);
     let mut rng = ChaCha20Rng::seed_from_u64(7);
     let (t, n) = run(MemoryStore::new(), messages, &mut rng);
+    assert_eq!(n, messages, "the memory store's inbox");
     println!(
         "memory store: {n} messages in {:.3} s = {:.0} msg/s",
         t.as_secs_f64(),
@@ -71,6 +72,7 @@ fn main() {
     let dir = scenario::TempDir::new("cubbyhole-backlog");
     let store = SqliteStore::open(dir.0.join("bob.db"), &[7; 32]).expect("store");
     let (t, n) = run(store, messages, &mut rng);
+    assert_eq!(n, messages, "the SQLite store's inbox");
     println!(
         "sqlite store: {n} messages in {:.3} s = {:.0} msg/s",
         t.as_secs_f64(),

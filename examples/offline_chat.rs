@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use cubbyhole::client::{block_on, Client, ClientConfig};
 use cubbyhole::relay::{InProcessRelay, Relay, RelayConfig, RelayStorage, SqliteRelayStorage};
-use cubbyhole::storage::SqliteStore;
+use cubbyhole::storage::{DeliveryState, SqliteStore};
 use cubbyhole::transport::DeviceAddress;
 use cubbyhole::OsRng;
 
@@ -134,6 +134,11 @@ fn main() -> Result<(), Box<dyn Error>> {
         report.rejected.len(),
         report.missing
     );
+    // What this example prints is also checked (CI runs it): a wrong claim
+    // makes it exit with an error.
+    if report.received != 3 || !report.rejected.is_empty() {
+        return Err(format!("Bob received {} of Alice's 3 messages", report.received).into());
+    }
     print_inbox(&mut bob, "Bob", &names)?;
     block_on(bob.send(
         &mut OsRng,
@@ -148,15 +153,23 @@ fn main() -> Result<(), Box<dyn Error>> {
     block_on(alice.receive(&mut OsRng, now()))?;
     print_inbox(&mut alice, "Alice", &names)?;
     for (text, id) in sent_ids {
-        println!(
-            "   {text:36} {:?}",
-            block_on(alice.delivery(&id))?.expect("kept")
-        );
+        let state = block_on(alice.delivery(&id))?.ok_or("a sent message was not kept")?;
+        println!("   {text:36} {state:?}");
+        if state != DeliveryState::Delivered {
+            return Err(format!("{text:?} is {state:?}, not delivered").into());
+        }
     }
 
     println!("\n== Safety number (compare out of band)");
-    println!("   Alice sees: {}", alice.safety_number(&bob_address)?);
-    println!("   Bob sees:   {}", bob.safety_number(&alice_address)?);
+    let (on_alice, on_bob) = (
+        alice.safety_number(&bob_address)?,
+        bob.safety_number(&alice_address)?,
+    );
+    println!("   Alice sees: {on_alice}");
+    println!("   Bob sees:   {on_bob}");
+    if on_alice != on_bob {
+        return Err("the safety numbers differ".into());
+    }
     show_relay(&relay, &names)?;
 
     drop((alice, bob, relay));

@@ -67,10 +67,18 @@ fn main() -> Result<(), Box<dyn StdError>> {
     let mut tampered = fetched.clone();
     tampered[45] ^= 1; // first byte of the signed prekey's public key
     let tampered = PrekeyBundle::decode(&tampered)?.verify(alice_now, FreshnessPolicy::default());
-    println!("   tampered copy:        {:?}", tampered.err());
+    println!("   tampered copy:        {:?}", tampered.as_ref().err());
+    // (Each claim this example prints is also checked: CI runs it, and a
+    // wrong claim makes it exit with an error.)
+    if !matches!(tampered, Err(Error::Signature)) {
+        return Err("a tampered bundle was not refused for its signature".into());
+    }
     // A bundle older than the policy allows is refused too (here: 1 day).
     let stale = PrekeyBundle::decode(fetched)?.verify(alice_now, FreshnessPolicy::max_age(DAY));
-    println!("   with a 1-day policy:  {:?}", stale.err());
+    println!("   with a 1-day policy:  {:?}", stale.as_ref().err());
+    if !matches!(stale, Err(Error::StaleBundle)) {
+        return Err("a bundle older than the policy was not refused as stale".into());
+    }
     // The real thing: decode (structure + identity key), then verify the
     // signature and the age at `alice_now` (default policy: 30 days).
     let bundle = PrekeyBundle::decode(fetched)?.verify(alice_now, FreshnessPolicy::default())?;
@@ -86,12 +94,13 @@ fn main() -> Result<(), Box<dyn StdError>> {
     println!("== Alice writes to Bob while he is offline");
     let mut alice_session = Session::initiate(&mut rng, &alice, &bundle, SessionConfig::default())?;
     let mut mailbox: Vec<Vec<u8>> = Vec::new();
-    for text in [
+    let texts = [
         "hi Bob, it's Alice",
         "got your key from the directory",
         "call me?",
         "ok, bye",
-    ] {
+    ];
+    for text in texts {
         let wire = alice_session.encrypt(&mut rng, text.as_bytes())?;
         // Until Alice hears back, every message carries the X3DH fields, so
         // Bob can start the session from whichever one reaches him first.
@@ -108,6 +117,7 @@ fn main() -> Result<(), Box<dyn StdError>> {
     // ------------------------------------------------------------------
     println!("== Bob collects his mail: order 2, 0, 3, 0 (again), 1");
     let mut bob_session: Option<Session> = None;
+    let mut seen = [false; 4];
     for index in [2, 0, 3, 0, 1] {
         let wire = &mailbox[index];
         let incoming = Incoming::decode(wire)?;
@@ -135,11 +145,20 @@ fn main() -> Result<(), Box<dyn StdError>> {
             }
         };
         match result {
-            Ok(plaintext) => println!("   #{index}: {:?}", String::from_utf8_lossy(&plaintext)),
+            Ok(plaintext) => {
+                println!("   #{index}: {:?}", String::from_utf8_lossy(&plaintext));
+                if plaintext != texts[index].as_bytes() || seen[index] {
+                    return Err(format!("message #{index} decrypted wrong or twice").into());
+                }
+                seen[index] = true;
+            }
             // A replay or double delivery: nothing to show, nothing changed.
-            Err(Error::Duplicate) => println!("   #{index}: rejected, duplicate"),
+            Err(Error::Duplicate) if seen[index] => println!("   #{index}: rejected, duplicate"),
             Err(e) => return Err(e.into()),
         }
+    }
+    if seen != [true; 4] {
+        return Err("a message was not delivered".into());
     }
     let mut bob_session = bob_session.ok_or("Bob received no message")?;
     println!(
@@ -159,10 +178,16 @@ fn main() -> Result<(), Box<dyn StdError>> {
         "   Alice still sends prekey messages: {}",
         alice_session.sends_prekey_messages()
     );
+    if plaintext != b"hi Alice! calling you tonight" || alice_session.sends_prekey_messages() {
+        return Err("Alice misread Bob's reply, or still sends prekey messages".into());
+    }
     let wire = alice_session.encrypt(&mut rng, b"great, talk tonight")?;
     println!("   Alice sends {} bytes ({})", wire.len(), kind(&wire)?);
     let plaintext = bob_session.decrypt(&wire)?;
     println!("   Bob reads: {:?}", String::from_utf8_lossy(&plaintext));
+    if plaintext != b"great, talk tonight" {
+        return Err("Bob misread Alice's message".into());
+    }
 
     // ------------------------------------------------------------------
     // 6. Both restart: sessions are saved and restored.
@@ -188,6 +213,9 @@ fn main() -> Result<(), Box<dyn StdError>> {
         "   after restore, Alice reads: {:?}",
         String::from_utf8_lossy(&plaintext)
     );
+    if plaintext != b"still here after the restart" {
+        return Err("the restored sessions do not talk".into());
+    }
 
     // ------------------------------------------------------------------
     // 7. Out of band, they compare safety numbers.

@@ -63,6 +63,317 @@ fn replay(target: &str) {
     );
 }
 
+fn corpus_files(target: &str) -> Vec<PathBuf> {
+    let dir = corpus_dir(target);
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("corpus directory {} is missing: {e}", dir.display()))
+        .map(|e| e.expect("readable directory entry").path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files
+}
+
+/// The checked-in corpus files that are meant to stop at their target's
+/// decoder: `(target, file name, the decoder's error as Debug prints it)`.
+/// Every other file must get past the decoder (`Reach::Decoded`), so a
+/// seed gone stale (an encoding changed under it, and it now exercises only
+/// an early decode error) fails `seeds_reach_past_their_decoders`.
+const INTENDED_DECODE_ERRORS: &[(&str, &str, &str)] = &[
+    ("decode_incoming", "seed-empty", "Decode(\"version\")"),
+    (
+        "decode_incoming",
+        "seed-message-short-by-one",
+        "Decode(\"tag\")",
+    ),
+    ("decode_incoming", "seed-unknown-kind", "Decode(\"kind\")"),
+    (
+        "decode_incoming",
+        "seed-unknown-version",
+        "Decode(\"version\")",
+    ),
+    ("decode_incoming", "seed-version-only", "Decode(\"kind\")"),
+    ("decode_bundle", "seed-empty", "Decode(\"bundle version\")"),
+    (
+        "decode_bundle",
+        "seed-trailing-byte",
+        "Decode(\"bundle trailing bytes\")",
+    ),
+    (
+        "decode_bundle",
+        "seed-unknown-version",
+        "Decode(\"bundle version\")",
+    ),
+    (
+        "decode_bundle",
+        "seed-version-only",
+        "Decode(\"bundle identity key\")",
+    ),
+    (
+        "decode_state",
+        "seed-bob-truncated",
+        "State(\"state skipped key count\")",
+    ),
+    ("decode_state", "seed-empty", "State(\"state version\")"),
+    (
+        "decode_state",
+        "seed-unknown-version",
+        "State(\"state flags\")",
+    ),
+    (
+        "decode_state",
+        "seed-version-only",
+        "State(\"state version\")",
+    ),
+    ("decrypt_session", "seed-empty", "Decode(\"version\")"),
+    (
+        "decrypt_session",
+        "seed-message-short-by-one",
+        "Decode(\"tag\")",
+    ),
+    ("decrypt_session", "seed-unknown-kind", "Decode(\"kind\")"),
+    (
+        "decrypt_session",
+        "seed-unknown-version",
+        "Decode(\"version\")",
+    ),
+    ("decrypt_session", "seed-version-only", "Decode(\"kind\")"),
+    ("accept_prekey", "seed-empty", "Decode(\"version\")"),
+    (
+        "accept_prekey",
+        "seed-message-short-by-one",
+        "Decode(\"tag\")",
+    ),
+    ("accept_prekey", "seed-unknown-kind", "Decode(\"kind\")"),
+    (
+        "accept_prekey",
+        "seed-unknown-version",
+        "Decode(\"version\")",
+    ),
+    ("accept_prekey", "seed-version-only", "Decode(\"kind\")"),
+    ("two_party", "seed-empty", "no operations"),
+    ("decode_prekeys", "seed-empty", "State(\"prekeys version\")"),
+    (
+        "decode_prekeys",
+        "seed-huge-signed-count",
+        "State(\"prekeys signed count\")",
+    ),
+    (
+        "decode_prekeys",
+        "seed-no-signed-prekey",
+        "State(\"prekeys signed count\")",
+    ),
+    (
+        "decode_prekeys",
+        "seed-one-time-repeated",
+        "State(\"prekeys one-time order\")",
+    ),
+    (
+        "decode_prekeys",
+        "seed-one-time-unsorted",
+        "State(\"prekeys one-time order\")",
+    ),
+    (
+        "decode_prekeys",
+        "seed-trailing-byte",
+        "State(\"prekeys trailing bytes\")",
+    ),
+    (
+        "decode_prekeys",
+        "seed-truncated",
+        "State(\"prekeys one-time count\")",
+    ),
+    (
+        "decode_prekey_state",
+        "seed-bad-pending-flag",
+        "State(\"prekey state\")",
+    ),
+    (
+        "decode_prekey_state",
+        "seed-empty",
+        "State(\"prekey state\")",
+    ),
+    (
+        "decode_prekey_state",
+        "seed-huge-list-count",
+        "State(\"prekey state\")",
+    ),
+    (
+        "decode_prekey_state",
+        "seed-truncated",
+        "State(\"prekeys one-time count\")",
+    ),
+    (
+        "decode_prekey_state",
+        "seed-version-1",
+        "State(\"prekey state\")",
+    ),
+    (
+        "decode_identity",
+        "seed-empty",
+        "State(\"local identity length\")",
+    ),
+    (
+        "decode_identity",
+        "seed-long",
+        "State(\"local identity length\")",
+    ),
+    (
+        "decode_identity",
+        "seed-short",
+        "State(\"local identity length\")",
+    ),
+    ("decode_upload", "seed-bad-signature", "Unauthorized"),
+    ("decode_upload", "seed-bad-signed-prekey", "Unauthorized"),
+    (
+        "decode_upload",
+        "seed-count-overrun",
+        "BadRequest(\"upload length\")",
+    ),
+    (
+        "decode_upload",
+        "seed-truncated",
+        "BadRequest(\"upload length\")",
+    ),
+    (
+        "decode_mailbox_auth",
+        "seed-bad-op",
+        "BadRequest(\"auth op\")",
+    ),
+    (
+        "decode_mailbox_auth",
+        "seed-truncated",
+        "BadRequest(\"auth\")",
+    ),
+    (
+        "decode_envelope",
+        "seed-bad-version",
+        "BadRequest(\"envelope version\")",
+    ),
+    (
+        "decode_envelope",
+        "seed-short-id",
+        "BadRequest(\"envelope id\")",
+    ),
+    (
+        "decode_envelope_list",
+        "seed-length-overrun",
+        "BadRequest(\"envelope list length\")",
+    ),
+    (
+        "decode_envelope_list",
+        "seed-short-length",
+        "BadRequest(\"envelope list length\")",
+    ),
+    (
+        "decode_envelope_list",
+        "seed-truncated",
+        "BadRequest(\"envelope list length\")",
+    ),
+    (
+        "decode_envelope_list",
+        "seed-zero-length",
+        "BadRequest(\"envelope version\")",
+    ),
+    (
+        "decode_acknowledge",
+        "seed-bad-op",
+        "BadRequest(\"auth op\")",
+    ),
+    (
+        "decode_acknowledge",
+        "seed-count-mismatch",
+        "BadRequest(\"acknowledgement: the id count does not match the body length\")",
+    ),
+    (
+        "decode_acknowledge",
+        "seed-proof-only",
+        "BadRequest(\"acknowledgement: expected proof (133) || count (2) || ids\")",
+    ),
+    (
+        "decode_fetch_query",
+        "seed-eleven-digits",
+        "BadRequest(\"limit: expected a decimal u32\")",
+    ),
+    (
+        "decode_fetch_query",
+        "seed-empty-value",
+        "BadRequest(\"limit: expected a decimal u32\")",
+    ),
+    (
+        "decode_fetch_query",
+        "seed-negative",
+        "BadRequest(\"wait_ms: expected a decimal u32\")",
+    ),
+    (
+        "decode_fetch_query",
+        "seed-no-equals",
+        "BadRequest(\"wait_ms: expected a decimal u32\")",
+    ),
+    ("decode_fetch_query", "seed-not-utf8", "not UTF-8"),
+    (
+        "decode_fetch_query",
+        "seed-overflow",
+        "BadRequest(\"limit: expected a decimal u32\")",
+    ),
+    (
+        "decode_fetch_query",
+        "seed-plus",
+        "BadRequest(\"limit: expected a decimal u32\")",
+    ),
+    ("decode_frame", "seed-zero-count", "BadFrame"),
+    (
+        "decode_record",
+        "seed-truncated",
+        "State(\"session record\")",
+    ),
+];
+
+/// Every corpus file reaches past its target's decoder, or is listed in
+/// [`INTENDED_DECODE_ERRORS`] with the error it gets; and every listed
+/// file exists and gets exactly that error.
+#[test]
+fn seeds_reach_past_their_decoders() {
+    let mut problems = Vec::new();
+    let mut listed_seen = Vec::new();
+    for target in targets::TARGETS {
+        let (mut decoded, mut refused) = (0, 0);
+        for file in corpus_files(target) {
+            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let data = fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            let reach = targets::run(target, &data);
+            let listed = INTENDED_DECODE_ERRORS
+                .iter()
+                .find(|(t, f, _)| *t == target && *f == name);
+            match (&reach, listed) {
+                (targets::Reach::Decoded, None) => decoded += 1,
+                (targets::Reach::Rejected(error), Some((_, _, expected))) if error == expected => {
+                    refused += 1;
+                    listed_seen.push((target, name.to_string()));
+                }
+                (targets::Reach::Rejected(error), None) => problems.push(format!(
+                    "{target}/{name}: stopped at the decoder with {error} (a stale seed? \
+                     regenerate it, or list it as intended)"
+                )),
+                (reach, Some((_, _, expected))) => {
+                    listed_seen.push((target, name.to_string()));
+                    problems.push(format!(
+                        "{target}/{name}: listed as refused with {expected}, got {reach:?}"
+                    ))
+                }
+            }
+        }
+        assert!(decoded > 0, "{target}: no seed gets past the decoder");
+        let _ = refused;
+    }
+    for (target, name, _) in INTENDED_DECODE_ERRORS {
+        if !listed_seen.iter().any(|(t, n)| t == target && n == name) {
+            problems.push(format!("{target}/{name}: listed, but no such corpus file"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[test]
 fn targets_match_fuzz_crate() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/fuzz_targets");

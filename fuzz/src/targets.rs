@@ -231,6 +231,22 @@ fn check_allocation(decoder: &str, len: usize, stats: Option<AllocStats>) {
     );
 }
 
+/// How far a target got with an input: past its decoder (the input
+/// reached the code behind it), or refused by the decoder, with the error.
+/// The seed corpus replay (`tests/fuzz_corpus.rs`) checks that every seed
+/// reaches past the decoder, or is a listed, intended decode error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// The decoder accepted the input: the checks behind it ran.
+    Decoded,
+    /// The decoder refused it; the error, as `Debug` prints it.
+    Rejected(String),
+}
+
+fn rejected(error: impl std::fmt::Debug) -> Reach {
+    Reach::Rejected(format!("{error:?}"))
+}
+
 // ---------------------------------------------------------------------------
 // decode_incoming
 // ---------------------------------------------------------------------------
@@ -238,11 +254,11 @@ fn check_allocation(decoder: &str, len: usize, stats: Option<AllocStats>) {
 /// `Incoming::decode` on arbitrary bytes: only `Decode` or (prekey messages)
 /// `InvalidKey` errors; on success the accessors re-encode to exactly the
 /// input's prefix, and a tag fits after it.
-pub fn decode_incoming(data: &[u8]) {
+pub fn decode_incoming(data: &[u8]) -> Reach {
     // Decoding checks the structure only (IK_A is validated by accept).
     let message = match decode_bounded("Incoming::decode", data.len(), || Incoming::decode(data)) {
         Ok(m) => m,
-        Err(Error::Decode(_)) => return,
+        Err(e @ Error::Decode(_)) => return rejected(e),
         Err(e) => panic!("Incoming::decode returned {e:?}"),
     };
     let prefix = encode_prefix(&message);
@@ -259,6 +275,7 @@ pub fn decode_incoming(data: &[u8]) {
     let again = Incoming::decode(data).expect("decodes twice");
     assert_eq!(again.header(), message.header());
     assert_eq!(again.prekey(), message.prekey());
+    Reach::Decoded
 }
 
 // ---------------------------------------------------------------------------
@@ -269,12 +286,12 @@ pub fn decode_incoming(data: &[u8]) {
 /// input), `verify` at a fixed time gives exactly the profile's outcome, and
 /// a session can be initiated (or refused with `InvalidKey`) from any bundle
 /// that verifies.
-pub fn decode_bundle(data: &[u8]) {
+pub fn decode_bundle(data: &[u8]) -> Reach {
     let bundle = match decode_bounded("PrekeyBundle::decode", data.len(), || {
         PrekeyBundle::decode(data)
     }) {
         Ok(b) => b,
-        Err(Error::Decode(_) | Error::InvalidKey) => return,
+        Err(e @ (Error::Decode(_) | Error::InvalidKey)) => return rejected(e),
         Err(e) => panic!("PrekeyBundle::decode returned {e:?}"),
     };
     assert_eq!(bundle.encode(), data, "bundle encoding is not canonical");
@@ -314,6 +331,7 @@ pub fn decode_bundle(data: &[u8]) {
         Err(Error::StaleBundle) => assert!(stale, "fresh bundle reported stale"),
         Err(e) => panic!("verify returned {e:?}"),
     }
+    Reach::Decoded
 }
 
 // ---------------------------------------------------------------------------
@@ -337,14 +355,14 @@ fn fixed_probe_message() -> Vec<u8> {
 /// `Session::from_bytes`: canonical encoding (to_bytes gives the input
 /// back), `encrypt` does not panic and either changes nothing or leaves a
 /// restorable state, `decrypt` of a probe fails without changing anything.
-pub fn decode_state(data: &[u8]) {
+pub fn decode_state(data: &[u8]) -> Reach {
     // The identities are not part of the state: any valid keys do.
     let (alice, bob) = (alice().public(), directory().bob.public());
     let mut session = match decode_bounded("Session::from_bytes", data.len(), || {
         Session::from_bytes(data, alice, bob)
     }) {
         Ok(s) => s,
-        Err(Error::State(_)) => return,
+        Err(e @ Error::State(_)) => return rejected(e),
         Err(e) => panic!("Session::from_bytes returned {e:?}"),
     };
     let before = session.to_bytes();
@@ -384,6 +402,7 @@ pub fn decode_state(data: &[u8]) {
             "failed encrypt changed the state"
         ),
     }
+    Reach::Decoded
 }
 
 /// `Session::from_bytes` with the identities of `like` (the state does not
@@ -510,7 +529,13 @@ pub fn session_fixture() -> &'static SessionFixture {
 /// Arbitrary bytes to `Session::decrypt` of both sides of a live pair: a
 /// rejection leaves the state byte-identical; an accepted message leaves a
 /// restorable state and is rejected the second time, without changes.
-pub fn decrypt_session(data: &[u8]) {
+pub fn decrypt_session(data: &[u8]) -> Reach {
+    // The decoder is the wire format's: the sessions decode before they
+    // decrypt.
+    let reach = match Incoming::decode(data) {
+        Ok(_) => Reach::Decoded,
+        Err(e) => rejected(e),
+    };
     let fx = session_fixture();
     for receiver in [&fx.bob, &fx.alice] {
         let mut session = receiver.clone();
@@ -537,6 +562,7 @@ pub fn decrypt_session(data: &[u8]) {
             }
         }
     }
+    reach
 }
 
 // ---------------------------------------------------------------------------
@@ -546,10 +572,11 @@ pub fn decrypt_session(data: &[u8]) {
 /// Arbitrary bytes to the responder's accept path with a fixed store: the
 /// profile's order of checks on prekey ids, no consumption on failure,
 /// exactly the named one-time prekey consumed on success.
-pub fn accept_prekey(data: &[u8]) {
+pub fn accept_prekey(data: &[u8]) -> Reach {
     let dir = directory();
-    let Ok(incoming) = Incoming::decode(data) else {
-        return;
+    let incoming = match Incoming::decode(data) {
+        Ok(m) => m,
+        Err(e) => return rejected(e),
     };
     let mut store = dir.store.clone();
     let count = store.one_time_prekey_count();
@@ -567,7 +594,7 @@ pub fn accept_prekey(data: &[u8]) {
             "accepted a normal message"
         );
         assert_eq!(store.one_time_prekey_count(), count);
-        return;
+        return Reach::Decoded;
     };
     let fields = *fields;
     let identity_valid = IdentityKey::from_bytes(&fields.identity).is_ok();
@@ -618,6 +645,7 @@ pub fn accept_prekey(data: &[u8]) {
             }
         }
     }
+    Reach::Decoded
 }
 
 // ---------------------------------------------------------------------------
@@ -641,13 +669,13 @@ fn fixture_prekey_message() -> &'static [u8] {
 /// canonical (whatever decodes re-encodes to the input), bounded
 /// allocation, and the decoded store survives its whole lifecycle (see
 /// [`exercise_prekey_store`]).
-pub fn decode_prekeys(data: &[u8]) {
+pub fn decode_prekeys(data: &[u8]) -> Reach {
     let result = decode_bounded("PrekeyStore::from_bytes", data.len(), || {
         PrekeyStore::from_bytes(data)
     });
     let store = match result {
         Ok(s) => s,
-        Err(Error::State(_)) => return,
+        Err(e @ Error::State(_)) => return rejected(e),
         Err(e) => panic!("PrekeyStore::from_bytes returned {e:?}"),
     };
     assert!(
@@ -655,6 +683,7 @@ pub fn decode_prekeys(data: &[u8]) {
         "prekey store encoding is not canonical"
     );
     exercise_prekey_store(store);
+    Reach::Decoded
 }
 
 /// What any decoded prekey store supports: answering the fixture's prekey
@@ -739,13 +768,13 @@ pub fn exercise_prekey_store(mut store: PrekeyStore) {
 /// `PrekeyState::from_bytes` (the client's persisted prekeys and their
 /// bookkeeping): canonical, bounded allocation, the prekey store is the
 /// tail of the encoding.
-pub fn decode_prekey_state(data: &[u8]) {
+pub fn decode_prekey_state(data: &[u8]) -> Reach {
     let result = decode_bounded("PrekeyState::from_bytes", data.len(), || {
         PrekeyState::from_bytes(data)
     });
     let state = match result {
         Ok(s) => s,
-        Err(Error::State(_)) => return,
+        Err(e @ Error::State(_)) => return rejected(e),
         Err(e) => panic!("PrekeyState::from_bytes returned {e:?}"),
     };
     let prekeys = state.prekeys.to_bytes();
@@ -772,20 +801,21 @@ pub fn decode_prekey_state(data: &[u8]) {
     assert_eq!(restored.upload_pending, state.upload_pending);
     assert_eq!(restored.retired_at, state.retired_at);
     assert_eq!(restored.one_time_retired, state.one_time_retired);
+    Reach::Decoded
 }
 
 /// `LocalIdentity::from_bytes` (the device's identity row): exactly 36
 /// bytes decode, canonically; the key pair is the seed's, its public key is
 /// a valid identity key, and what it signs verifies.
-pub fn decode_identity(data: &[u8]) {
+pub fn decode_identity(data: &[u8]) -> Reach {
     let result = decode_bounded("LocalIdentity::from_bytes", data.len(), || {
         LocalIdentity::from_bytes(data)
     });
     let identity = match result {
         Ok(i) => i,
-        Err(Error::State(_)) => {
+        Err(e @ Error::State(_)) => {
             assert_ne!(data.len(), LOCAL_IDENTITY_LEN, "a 36-byte identity refused");
-            return;
+            return rejected(e);
         }
         Err(e) => panic!("LocalIdentity::from_bytes returned {e:?}"),
     };
@@ -803,6 +833,7 @@ pub fn decode_identity(data: &[u8]) {
     PrekeyBundle::new(&identity.keys, &spk, None)
         .verify(NOW, FreshnessPolicy::default())
         .expect("a bundle of the decoded identity verifies");
+    Reach::Decoded
 }
 
 // ---------------------------------------------------------------------------
@@ -812,11 +843,11 @@ pub fn decode_identity(data: &[u8]) {
 /// `Frame::decode` (the client frame, the plaintext of every message a
 /// peer sends): only `BadFrame`; a v2 frame re-encodes to exactly its
 /// input, a v1 frame is a message without id whose body is the rest.
-pub fn decode_frame(data: &[u8]) {
+pub fn decode_frame(data: &[u8]) -> Reach {
     let owned = data.to_vec();
     let frame = match decode_bounded("Frame::decode", data.len(), || Frame::decode(owned)) {
         Ok(frame) => frame,
-        Err(BadFrame) => return,
+        Err(e @ BadFrame) => return rejected(e),
     };
     match data[0] {
         0x02 => assert!(
@@ -830,19 +861,20 @@ pub fn decode_frame(data: &[u8]) {
         v => panic!("frame version {v} decoded"),
     }
     assert_eq!(frame.device_id.to_be_bytes(), data[1..5]);
+    Reach::Decoded
 }
 
 /// `SessionRecord::from_bytes` (a peer's stored sessions): only `State`
 /// errors; a record re-encodes to exactly its input; a bare session state
 /// (the form before records) is a record of one entry of generation 0, and
 /// its record encoding decodes again to the same.
-pub fn decode_record(data: &[u8]) {
+pub fn decode_record(data: &[u8]) -> Reach {
     let (alice, bob) = (alice().public(), directory().bob.public());
     let record = match decode_bounded("SessionRecord::from_bytes", data.len(), || {
         SessionRecord::from_bytes(data, alice, bob)
     }) {
         Ok(r) => r,
-        Err(Error::State(_)) => return,
+        Err(e @ Error::State(_)) => return rejected(e),
         Err(e) => panic!("SessionRecord::from_bytes returned {e:?}"),
     };
     let bytes = record.to_bytes();
@@ -856,6 +888,7 @@ pub fn decode_record(data: &[u8]) {
     }
     let ids: BTreeSet<[u8; 16]> = record.entries().iter().map(|e| e.id).collect();
     assert_eq!(ids.len(), record.entries().len(), "two entries with one id");
+    Reach::Decoded
 }
 
 // ---------------------------------------------------------------------------
@@ -957,18 +990,24 @@ fn usage(relay: &Relay<MemoryRelayStorage>, device: &DeviceAddress) -> MailboxUs
 /// Inputs that start with 0x00 (not the upload version) also run the
 /// structured half ([`signed_upload`]): fields read from the bytes, signed
 /// by the fixture's identity, so the fuzzer reaches past the signatures.
-pub fn decode_upload(data: &[u8]) {
+pub fn decode_upload(data: &[u8]) -> Reach {
     let result = decode_bounded("BundleSetUpload::decode_verified", data.len(), || {
         BundleSetUpload::decode_verified(data)
     });
-    match result {
-        Err(TransportError::BadRequest(_) | TransportError::Unauthorized) => {}
+    let reach = match result {
+        Err(e @ (TransportError::BadRequest(_) | TransportError::Unauthorized)) => rejected(e),
         Err(e) => panic!("decode_verified returned {e:?}"),
-        Ok(upload) => check_upload(data, &upload),
-    }
+        Ok(upload) => {
+            check_upload(data, &upload);
+            Reach::Decoded
+        }
+    };
     if let Some((0, fields)) = data.split_first() {
+        // The structured half has no decoder to fail: it reaches the relay.
         signed_upload(fields);
+        return Reach::Decoded;
     }
+    reach
 }
 
 /// A verified upload: its length, its re-encoding, and its publication to
@@ -1146,18 +1185,18 @@ fn signed_upload(data: &[u8]) {
 /// acknowledgement): exactly 133 bytes with a known op decode, canonically;
 /// the fixture relay accepts the proof only if it verifies, is Bob's and
 /// is over one of his outstanding challenges, and only once.
-pub fn decode_mailbox_auth(data: &[u8]) {
+pub fn decode_mailbox_auth(data: &[u8]) -> Reach {
     let result = decode_bounded("MailboxAuth::decode", data.len(), || {
         MailboxAuth::decode(data)
     });
     let auth = match result {
         Ok(a) => a,
-        Err(TransportError::BadRequest(_)) => {
+        Err(e @ TransportError::BadRequest(_)) => {
             assert!(
                 data.len() != MAILBOX_AUTH_LEN || !matches!(data[36], 1 | 2),
                 "a well-formed proof refused"
             );
-            return;
+            return rejected(e);
         }
         Err(e) => panic!("MailboxAuth::decode returned {e:?}"),
     };
@@ -1198,18 +1237,19 @@ pub fn decode_mailbox_auth(data: &[u8]) {
         ),
         Err(e) => panic!("the relay answered a proof with {e:?}"),
     }
+    Reach::Decoded
 }
 
 /// `decode_envelope` (the body of a deposit): canonical; the fixture relay
 /// stores it once (a repeat, or an id already pending, changes nothing)
 /// and serves it back unchanged.
-pub fn decode_envelope(data: &[u8]) {
+pub fn decode_envelope(data: &[u8]) -> Reach {
     let result = decode_bounded("decode_envelope", data.len(), || {
         transport::decode_envelope(data)
     });
     let envelope = match result {
         Ok(e) => e,
-        Err(TransportError::BadRequest(_)) => return,
+        Err(e @ TransportError::BadRequest(_)) => return rejected(e),
         Err(e) => panic!("decode_envelope returned {e:?}"),
     };
     assert!(
@@ -1226,7 +1266,7 @@ pub fn decode_envelope(data: &[u8]) {
         Ok(()) => assert!(envelope.payload.len() <= max),
         Err(TransportError::LimitExceeded(_)) => {
             assert!(envelope.payload.len() > max);
-            return;
+            return Reach::Decoded;
         }
         Err(e) => panic!("deposit returned {e:?}"),
     }
@@ -1250,17 +1290,18 @@ pub fn decode_envelope(data: &[u8]) {
         assert_eq!(served.last(), Some(&envelope), "not served as deposited");
         assert_eq!(served.len(), fx.envelopes.len() + 1);
     }
+    Reach::Decoded
 }
 
 /// `decode_envelope_list` (a fetch answer, parsed by the HTTP client):
 /// canonical, bounded allocation, every envelope re-decodes alone.
-pub fn decode_envelope_list(data: &[u8]) {
+pub fn decode_envelope_list(data: &[u8]) -> Reach {
     let result = decode_bounded("decode_envelope_list", data.len(), || {
         transport::decode_envelope_list(data)
     });
     let list = match result {
         Ok(l) => l,
-        Err(TransportError::BadRequest(_)) => return,
+        Err(e @ TransportError::BadRequest(_)) => return rejected(e),
         Err(e) => panic!("decode_envelope_list returned {e:?}"),
     };
     assert!(
@@ -1275,6 +1316,7 @@ pub fn decode_envelope_list(data: &[u8]) {
             Ok(envelope)
         );
     }
+    Reach::Decoded
 }
 
 /// `decode_acknowledge` (the body of an acknowledgement): canonical,
@@ -1282,13 +1324,13 @@ pub fn decode_envelope_list(data: &[u8]) {
 /// is a valid proof of Bob's, deletes exactly the pending envelopes it
 /// names (whose ids then stay known: a redeposit stores nothing), and a
 /// refused one changes nothing.
-pub fn decode_acknowledge(data: &[u8]) {
+pub fn decode_acknowledge(data: &[u8]) -> Reach {
     let result = decode_bounded("decode_acknowledge", data.len(), || {
         transport::decode_acknowledge(data)
     });
     let (auth, ids) = match result {
         Ok(a) => a,
-        Err(TransportError::BadRequest(_)) => return,
+        Err(e @ TransportError::BadRequest(_)) => return rejected(e),
         Err(e) => panic!("decode_acknowledge returned {e:?}"),
     };
     assert_eq!(
@@ -1337,15 +1379,16 @@ pub fn decode_acknowledge(data: &[u8]) {
         }
         Err(e) => panic!("acknowledge returned {e:?}"),
     }
+    Reach::Decoded
 }
 
 /// `FetchQuery::decode` (the query of a fetch): it succeeds exactly when
 /// every `limit` and `wait_ms` value is 1 to 10 ASCII digits within `u32`;
 /// then the last of each counts (defaults 100 and 0), and the canonical
 /// encoding decodes to the same query.
-pub fn decode_fetch_query(data: &[u8]) {
+pub fn decode_fetch_query(data: &[u8]) -> Reach {
     let Ok(query) = std::str::from_utf8(data) else {
-        return;
+        return Reach::Rejected("not UTF-8".to_string());
     };
     let result = decode_bounded("FetchQuery::decode", data.len(), || {
         FetchQuery::decode(query)
@@ -1372,9 +1415,13 @@ pub fn decode_fetch_query(data: &[u8]) {
             let canonical = q.encode();
             assert_eq!(FetchQuery::decode(&canonical), Ok(q));
         }
-        Err(TransportError::BadRequest(_)) => assert!(!valid, "refused {query:?}"),
+        Err(e @ TransportError::BadRequest(_)) => {
+            assert!(!valid, "refused {query:?}");
+            return rejected(e);
+        }
         Err(e) => panic!("FetchQuery::decode returned {e:?}"),
     }
+    Reach::Decoded
 }
 
 // ---------------------------------------------------------------------------
@@ -1489,9 +1536,15 @@ pub fn parse_two_party(data: &[u8]) -> (SessionConfig, bool, Vec<Op>) {
 /// The structured two-party target: see [`run_two_party`]. For speed, the
 /// restore check runs after the last step (and at every `Restore` op)
 /// rather than after every step.
-pub fn two_party(data: &[u8]) {
+pub fn two_party(data: &[u8]) -> Reach {
     let (config, with_opk, ops) = parse_two_party(data);
     run_two_party(config, with_opk, &ops, false);
+    // The script's parser takes any bytes: an input without one operation
+    // ran nothing but the setup.
+    if ops.is_empty() {
+        return Reach::Rejected("no operations".to_string());
+    }
+    Reach::Decoded
 }
 
 /// What the profile says a receiver does with a genuine (untampered)
@@ -2028,8 +2081,8 @@ pub const TARGETS: [&str; 17] = [
     "decode_record",
 ];
 
-/// Runs the target called `name` on `data`.
-pub fn run(name: &str, data: &[u8]) {
+/// Runs the target called `name` on `data`; returns how far it got.
+pub fn run(name: &str, data: &[u8]) -> Reach {
     match name {
         "decode_incoming" => decode_incoming(data),
         "decode_bundle" => decode_bundle(data),

@@ -167,6 +167,11 @@ async fn demo(relay: &HttpRelay, dir: &Path) -> Result<(), Box<dyn Error>> {
         report.rejected.len(),
         report.missing
     );
+    // What this example prints is also checked (CI runs it): a wrong claim
+    // makes it exit with an error.
+    if report.received != 3 || !report.rejected.is_empty() {
+        return Err(format!("Bob received {} of Alice's 3 messages", report.received).into());
+    }
     print_inbox(&mut bob, "Bob", &names)?;
 
     println!("\n== Both online: Alice waits on her mailbox while Bob replies");
@@ -200,8 +205,15 @@ async fn demo(relay: &HttpRelay, dir: &Path) -> Result<(), Box<dyn Error>> {
     show_relay(relay, &names).await;
 
     println!("\n== Safety number (compare out of band)");
-    println!("   Alice sees: {}", alice.safety_number(&bob_address)?);
-    println!("   Bob sees:   {}", bob.safety_number(&alice_address)?);
+    let (on_alice, on_bob) = (
+        alice.safety_number(&bob_address)?,
+        bob.safety_number(&alice_address)?,
+    );
+    println!("   Alice sees: {on_alice}");
+    println!("   Bob sees:   {on_bob}");
+    if on_alice != on_bob {
+        return Err("the safety numbers differ".into());
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 //! Public key types validate on construction; private key types zeroize on
 //! drop and never print their secret in `Debug`.
 
+use alloc::boxed::Box;
 use core::fmt;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
@@ -224,7 +225,10 @@ pub(crate) fn spk_signed_message(id: u32, created: u64, public: &[u8; 32]) -> [u
 pub struct SignedPrekey {
     id: u32,
     created: u64,
-    secret: StaticSecret,
+    /// Boxed, as the one-time prekey's: moving the prekey (in a growing
+    /// `Vec`, between map nodes) moves a pointer, and the one copy of the
+    /// secret is wiped when the prekey drops.
+    secret: Box<StaticSecret>,
     public: [u8; 32],
     signature: [u8; 64],
 }
@@ -261,8 +265,8 @@ impl SignedPrekey {
         secret: [u8; 32],
     ) -> Result<Self> {
         check_timestamp(created)?;
-        let secret = StaticSecret::from(secret);
-        let public = XPublic::from(&secret).to_bytes();
+        let secret = Box::new(StaticSecret::from(secret));
+        let public = XPublic::from(&*secret).to_bytes();
         let signature = identity.sign(&spk_signed_message(id, created, &public));
         Ok(SignedPrekey {
             id,
@@ -285,7 +289,7 @@ impl SignedPrekey {
         SignedPrekey {
             id,
             created,
-            secret: StaticSecret::from(secret),
+            secret: Box::new(StaticSecret::from(secret)),
             public,
             signature,
         }
@@ -330,7 +334,10 @@ impl fmt::Debug for SignedPrekey {
 #[derive(Clone)]
 pub struct OneTimePrekey {
     id: u32,
-    secret: StaticSecret,
+    /// Boxed: a collection of prekeys (the `PrekeyStore`'s map, whose nodes
+    /// split and shift) moves pointers, never copies of the secret, so no
+    /// stale copy is left in memory the collection frees.
+    secret: Box<StaticSecret>,
     public: [u8; 32],
 }
 
@@ -342,8 +349,8 @@ impl OneTimePrekey {
 
     /// Rebuilds a one-time prekey from its private key.
     pub fn from_secret(id: u32, secret: [u8; 32]) -> Self {
-        let secret = StaticSecret::from(secret);
-        let public = XPublic::from(&secret).to_bytes();
+        let secret = Box::new(StaticSecret::from(secret));
+        let public = XPublic::from(&*secret).to_bytes();
         OneTimePrekey { id, secret, public }
     }
 
@@ -351,7 +358,7 @@ impl OneTimePrekey {
     pub(crate) fn from_parts(id: u32, secret: [u8; 32], public: [u8; 32]) -> Self {
         OneTimePrekey {
             id,
-            secret: StaticSecret::from(secret),
+            secret: Box::new(StaticSecret::from(secret)),
             public,
         }
     }

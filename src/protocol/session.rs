@@ -7,6 +7,7 @@
 //! and EK_A) belong to the same session and are decrypted by
 //! [`Session::decrypt`], without looking the one-time prekey up again.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -73,7 +74,10 @@ pub struct Session {
     pub(crate) tag: [u8; SESSION_TAG_LEN],
     /// Initiator only: the prekey fields sent until the first reply arrives.
     pub(crate) pending_prekey: Option<(u32, Option<u32>)>,
-    pub(crate) ratchet: Ratchet,
+    /// Boxed: every key of the session lives here, so moving a session (in
+    /// a growing or shifting `Vec` of a session record) moves a pointer and
+    /// leaves no copy of a key in memory the collection frees.
+    pub(crate) ratchet: Box<Ratchet>,
 }
 
 impl Session {
@@ -109,7 +113,7 @@ impl Session {
                 bundle.signed_prekey_id(),
                 bundle.one_time_prekey().map(|(id, _)| id),
             )),
-            ratchet,
+            ratchet: Box::new(ratchet),
         })
     }
 
@@ -172,7 +176,7 @@ impl Session {
             ephemeral: fields.ephemeral,
             tag: session_tag(&fields.ephemeral),
             pending_prekey: None,
-            ratchet,
+            ratchet: Box::new(ratchet),
         };
         let mut plaintext = Vec::new();
         session.decrypt_incoming(message, &mut plaintext)?;
@@ -218,7 +222,7 @@ impl Session {
             ephemeral: ephemeral.public,
             tag: session_tag(&ephemeral.public),
             pending_prekey: Some((signed_prekey_id, one_time_prekey_id)),
-            ratchet,
+            ratchet: Box::new(ratchet),
         })
     }
 

@@ -318,7 +318,7 @@ pub(crate) fn decode(bytes: &[u8], local: &IdentityKey, remote: &IdentityKey) ->
         ephemeral,
         tag,
         pending_prekey,
-        ratchet: Ratchet {
+        ratchet: Box::new(Ratchet {
             root,
             dhs,
             dhr,
@@ -329,6 +329,6 @@ pub(crate) fn decode(bytes: &[u8], local: &IdentityKey, remote: &IdentityKey) ->
             nr,
             skipped,
             config,
-        },
+        }),
     })
 }
