@@ -4,7 +4,9 @@
 //! long polls included.
 
 use cubbyhole::relay::RelayConfig;
-use cubbyhole::transport::conformance::{self, Options};
+use std::sync::{Arc, Mutex};
+
+use cubbyhole::transport::conformance::{self, Options, ParkedProbe};
 use cubbyhole_http::HttpRelay;
 use cubbyhole_relay::{serve, Limits, ServerConfig, StorageConfig};
 use tokio::net::TcpListener;
@@ -42,6 +44,21 @@ fn start(stops: &mut Vec<oneshot::Sender<()>>, max_wait_ms: u32) -> String {
     url
 }
 
+/// The server's `cubbyhole_relay_long_polls` gauge: fetches parked on an
+/// empty mailbox.
+async fn parked_long_polls(url: &str) -> u64 {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .expect("/metrics text");
+    text.lines()
+        .find_map(|line| line.strip_prefix("cubbyhole_relay_long_polls "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the long_polls gauge")
+}
+
 /// Runs the suite against fresh servers with this long-poll cap.
 fn suite(max_wait_ms: u32) -> Result<(), Vec<conformance::Violation>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -51,16 +68,27 @@ fn suite(max_wait_ms: u32) -> Result<(), Vec<conformance::Violation>> {
         .unwrap();
     runtime.block_on(async {
         let mut stops = Vec::new();
+        // The server of the check running now, which the probe asks.
+        let current = Arc::new(Mutex::new(String::new()));
+        let asked = current.clone();
         let options = Options {
             max_envelope_bytes: RelayConfig::DEFAULT_MAX_ENVELOPE_BYTES,
             supports_waiting: true,
             wait_ms: 10_000,
+            // fetch_waiting deposits once the server has parked the fetch,
+            // not after a delay a loaded machine can outrun.
+            parked: Some(ParkedProbe::new(move || {
+                let url = asked.lock().unwrap().clone();
+                async move { parked_long_polls(&url).await > 0 }
+            })),
         };
         let mut servers = 0;
         let result = conformance::check_all(
             || {
                 servers += 1;
-                let relay = HttpRelay::new(&start(&mut stops, max_wait_ms)).unwrap();
+                let url = start(&mut stops, max_wait_ms);
+                *current.lock().unwrap() = url.clone();
+                let relay = HttpRelay::new(&url).unwrap();
                 (relay.clone(), relay)
             },
             &options,

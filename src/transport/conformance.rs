@@ -108,11 +108,14 @@
 //! ([`crate::relay::conformance`]) covers expiry and the other bounds.
 
 use core::future::{poll_fn, Future};
-use core::pin::pin;
+use core::pin::{pin, Pin};
 use core::task::Poll;
+use std::boxed::Box;
 use std::fmt;
 use std::format;
 use std::string::String;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::Arc;
 use std::vec;
 use std::vec::Vec;
 
@@ -157,7 +160,58 @@ pub struct Options {
     /// How long that waiting fetch may wait, in milliseconds (the check
     /// fails if it comes back empty). Default 10 000.
     pub wait_ms: u32,
+    /// How the `fetch_waiting` check learns that the server has parked the
+    /// waiting fetch, so that it deposits only then. Without one (the
+    /// default) it deposits [`DEPOSIT_DELAY_MS`] after the fetch started,
+    /// which a slow network or a loaded machine can turn upside down (the
+    /// deposit arrives first, and a server that does not wait passes); give
+    /// one for a server across a network.
+    pub parked: Option<ParkedProbe>,
 }
+
+/// Asks the server under test whether a fetch is parked on an empty
+/// mailbox, waiting for a deposit (for a relay server: its
+/// `cubbyhole_relay_long_polls` gauge). The `fetch_waiting` check calls it
+/// every [`PROBE_INTERVAL_MS`] until it answers `true` or the fetch
+/// returns, and deposits then.
+#[derive(Clone)]
+pub struct ParkedProbe(Arc<ProbeFn>);
+
+type ProbeFn = dyn Fn() -> Pin<Box<dyn Future<Output = bool>>> + Send + Sync;
+
+impl ParkedProbe {
+    /// A probe from an async function answering "is a fetch parked now?".
+    pub fn new<F, Fut>(probe: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bool> + 'static,
+    {
+        ParkedProbe(Arc::new(move || Box::pin(probe())))
+    }
+
+    async fn parked(&self) -> bool {
+        (self.0)().await
+    }
+}
+
+impl fmt::Debug for ParkedProbe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ParkedProbe(..)")
+    }
+}
+
+/// Two probes are equal when they are the same probe (clones of one).
+impl PartialEq for ParkedProbe {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ParkedProbe {}
+
+/// How often the `fetch_waiting` check asks its [`ParkedProbe`], in
+/// milliseconds.
+pub const PROBE_INTERVAL_MS: u64 = 5;
 
 impl Default for Options {
     fn default() -> Self {
@@ -165,6 +219,7 @@ impl Default for Options {
             max_envelope_bytes: crate::relay::RelayConfig::DEFAULT_MAX_ENVELOPE_BYTES,
             supports_waiting: false,
             wait_ms: 10_000,
+            parked: None,
         }
     }
 }
@@ -492,7 +547,9 @@ async fn delay(ms: u64) {
 }
 
 /// How long the `fetch_waiting` check lets a waiting fetch start before it
-/// deposits (a server that does not wait has answered by then).
+/// deposits, when [`Options::parked`] gives it no way to know (a server
+/// that does not wait has answered by then, unless the fetch is slow to
+/// reach it).
 pub const DEPOSIT_DELAY_MS: u64 = 500;
 
 /// A device of the test data, from a fixed seed.
@@ -1104,14 +1161,28 @@ async fn fetch_waiting<D: PrekeyDirectory, M: Mailbox>(t: &Under<'_, D, M>) -> O
         let auth = t.auth(&a, MailboxOp::Fetch).await?;
         let envelope = env(1, 10, 1);
         let wait_ms = t.options.wait_ms;
-        // The deposit comes DEPOSIT_DELAY_MS after the fetch started: a
+        // The deposit comes once the server says the fetch is parked (or,
+        // without a probe, DEPOSIT_DELAY_MS after the fetch started): a
         // server that does not wait has answered (empty) by then, so only a
         // waiting fetch that a deposit wakes passes.
-        let (fetched, deposited) = join(t.m.fetch_waiting(&auth, LIMIT, wait_ms), async {
-            delay(DEPOSIT_DELAY_MS).await;
+        let answered = AtomicBool::new(false);
+        let fetch = async {
+            let fetched = t.m.fetch_waiting(&auth, LIMIT, wait_ms).await;
+            answered.store(true, AtomicOrdering::SeqCst);
+            fetched
+        };
+        let deposit = async {
+            match &t.options.parked {
+                Some(probe) => {
+                    while !answered.load(AtomicOrdering::SeqCst) && !probe.parked().await {
+                        delay(PROBE_INTERVAL_MS).await;
+                    }
+                }
+                None => delay(DEPOSIT_DELAY_MS).await,
+            }
             t.m.deposit(&a.mailbox(), &envelope).await
-        })
-        .await;
+        };
+        let (fetched, deposited) = join(fetch, deposit).await;
         deposited.or_fail("deposit (during a waiting fetch)")?;
         same(
             &format!("fetch_waiting ({wait_ms} ms) while an envelope is deposited"),
