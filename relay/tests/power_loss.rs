@@ -10,7 +10,11 @@
 //! on a real disk). Depositors load it concurrently and record every
 //! deposit it answered as stored (`201`, or `200` for a repeat). At a
 //! random moment under load the server is SIGKILLed and the power "goes":
-//! the data directory is replaced by its durable image. A copy of the
+//! the data directory is replaced by its durable image. Every other round
+//! (the first, the third...) the power goes in the middle of a flush
+//! instead: the shim kills the server inside its next sync that has
+//! something to flush, after the sync's snapshot and a long delay, before
+//! it ends. A copy of the
 //! image passes SQLite's integrity check, then a relay started on it
 //! (without the shim) must serve every deposit answered so far, with its
 //! payload, and nothing never deposited. The next round runs on the
@@ -60,7 +64,7 @@ const DEPOSITORS: u8 = 8;
 /// Mailboxes the envelopes go to.
 const MAILBOXES: usize = 3;
 /// How long each sync of the power-loss disk takes (a slow disk).
-const SYNC_MICROS: u32 = 3_000;
+const SYNC_MICROS: u32 = 15_000;
 /// The longest a start may take to answer `/v1/health`.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -149,6 +153,18 @@ impl Server {
             }
             assert!(Instant::now() < deadline, "the relay is not healthy");
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until the process is gone (it killed itself in a sync).
+    async fn wait_for_crash(mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the relay did not crash in a sync under load"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -433,8 +449,15 @@ fn every_answered_deposit_survives_a_power_loss() {
                 .collect();
             let load = LOAD_MS.0 + rng.next_u64() % (LOAD_MS.1 - LOAD_MS.0 + 1);
             tokio::time::sleep(Duration::from_millis(load)).await;
-            // The power goes while deposits are in flight.
-            running.kill();
+            // The power goes while deposits are in flight: at a random
+            // moment, or (every other round) in the middle of a flush.
+            let mid_flush = round % 2 == 0;
+            if mid_flush {
+                disk.crash_in_next_sync();
+                running.wait_for_crash().await;
+            } else {
+                running.kill();
+            }
             stop.store(true, Ordering::SeqCst);
             for task in tasks {
                 task.await.expect("a depositor failed");
@@ -451,8 +474,9 @@ fn every_answered_deposit_survives_a_power_loss() {
             )
             .await;
             println!(
-                "power loss: round {round}: load {load} ms; deposits attempted {}, answered \
+                "power loss: round {round}{}: load {load} ms; deposits attempted {}, answered \
                  as stored {}, in the durable image {in_image}",
+                if mid_flush { " (mid-flush)" } else { "" },
                 attempted_now.len(),
                 answered_now.len()
             );
@@ -466,6 +490,7 @@ fn every_answered_deposit_survives_a_power_loss() {
             syncs.ok
         );
         assert!(syncs.ok > 0, "the shim saw no sync: LD_PRELOAD did not work");
+        assert_eq!(syncs.crashed, ROUNDS.div_ceil(2), "power losses in a flush");
         assert!(answered > 0, "no deposit was answered");
     });
 }
@@ -560,3 +585,4 @@ fn a_deposit_whose_flush_fails_is_not_answered_as_stored() {
         );
     });
 }
+

@@ -11,7 +11,10 @@
 //! SIGKILL of the process, [`Disk::power_loss`] puts the image back as the
 //! data (what the machine finds when the power returns) and
 //! [`Disk::copy_image`] copies it for a check. [`Disk::fail_syncs`] makes
-//! every sync of a data file fail with `EIO` until it is turned off again.
+//! every sync of a data file fail with `EIO` until it is turned off again;
+//! [`Disk::crash_in_next_sync`] makes the process kill itself (SIGKILL) in
+//! the middle of its next sync of a data file, after the sync's snapshot
+//! and its delay, before it ends: the power fails during a flush.
 //! The model's limits are listed at the top of `shim.c`.
 
 #![allow(dead_code)]
@@ -34,6 +37,8 @@ pub struct Disk {
     image: PathBuf,
     /// While this file exists, syncs fail with `EIO`.
     fail_flag: PathBuf,
+    /// While this file exists, the next sync kills its process.
+    crash_flag: PathBuf,
     /// One line per sync the shim saw.
     log: PathBuf,
 }
@@ -45,6 +50,9 @@ pub struct Syncs {
     pub ok: usize,
     /// Syncs that failed (with `EIO` while [`Disk::fail_syncs`] is on).
     pub failed: usize,
+    /// Syncs in which the process killed itself
+    /// ([`Disk::crash_in_next_sync`]).
+    pub crashed: usize,
 }
 
 impl Disk {
@@ -78,6 +86,7 @@ impl Disk {
         let image = root.join("image").canonicalize().expect("image dir");
         Disk {
             fail_flag: root.join("fail-syncs"),
+            crash_flag: root.join("crash-in-next-sync"),
             log: root.join("syncs.log"),
             so,
             data,
@@ -109,6 +118,7 @@ impl Disk {
             .env("POWERLOSS_WATCH", &self.data)
             .env("POWERLOSS_IMAGE", &self.image)
             .env("POWERLOSS_FAIL", &self.fail_flag)
+            .env("POWERLOSS_CRASH", &self.crash_flag)
             .env("POWERLOSS_LOG", &self.log);
     }
 
@@ -130,6 +140,14 @@ impl Disk {
         }
     }
 
+    /// From now on, a process on this disk kills itself (SIGKILL) in its
+    /// next sync of a data file, after the sync's snapshot and delay and
+    /// before the sync ends (so its snapshot never reaches the image).
+    /// [`power_loss`](Self::power_loss) turns this off.
+    pub fn crash_in_next_sync(&self) {
+        std::fs::write(&self.crash_flag, b"").expect("crash flag");
+    }
+
     /// The syncs the shim saw so far.
     pub fn syncs(&self) -> Syncs {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -137,7 +155,9 @@ impl Disk {
         for line in log.lines() {
             let mut words = line.split(' ');
             let kind = words.next().unwrap_or("");
-            if kind == "fsync" || kind == "fdatasync" {
+            if kind == "crash" {
+                syncs.crashed += 1;
+            } else if kind == "fsync" || kind == "fdatasync" {
                 match words.next() {
                     Some("ok") => syncs.ok += 1,
                     _ => syncs.failed += 1,
@@ -157,6 +177,7 @@ impl Disk {
     /// dead, killed with SIGKILL): the data directory becomes its durable
     /// image.
     pub fn power_loss(&self) {
+        let _ = std::fs::remove_file(&self.crash_flag);
         for entry in std::fs::read_dir(&self.data).expect("data dir") {
             let path = entry.expect("entry").path();
             if path.is_dir() {

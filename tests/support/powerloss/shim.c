@@ -11,14 +11,23 @@
  *                    of a watched file fails with EIO (and changes nothing)
  *   POWERLOSS_DELAY_US optional: each sync of a watched file takes this
  *                    long (a slow disk), between its snapshot and its end
+ *   POWERLOSS_CRASH  optional: when a file exists at this path, the next
+ *                    sync of a watched file whose snapshot is not already
+ *                    its image (something written since its last sync)
+ *                    takes its snapshot, waits POWERLOSS_DELAY_US and 200 ms
+ *                    more, then SIGKILLs the process before it ends: the
+ *                    power fails in the middle of a (long) flush that had
+ *                    something to flush (no other sync ends meanwhile)
  *   POWERLOSS_LOG    optional: a line per sync of a watched file is
- *                    appended here ("<kind> <result> <bytes> <path>")
+ *                    appended here ("<kind> <ok|err> <bytes> <path> <thread>
+ *                    <monotonic seconds>")
  *
  * fsync and fdatasync of a regular file under WATCH: the file's content is
  * read (through /proc/self/fd/N) when the call starts, the real call runs,
  * and if it succeeds that snapshot replaces the file's image (written to a
- * temporary file and renamed, so an image is always whole). Syncs are
- * serialised by one lock, so an older snapshot never replaces a newer one.
+ * temporary file and renamed, so an image is always whole). Snapshots are
+ * numbered in the order they are taken and an older one never replaces a
+ * newer one; syncs run concurrently between their snapshot and their end.
  * Writes made while a sync runs are not in its snapshot (pessimistic: they
  * may or may not have reached a real disk). Syncs of a directory under
  * WATCH are passed through and logged; sync_file_range, syncfs and sync
@@ -41,6 +50,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,8 +110,11 @@ static void note(const char *kind, int result, long long bytes, const char *rel)
     if (!log || !*log)
         return;
     char line[4300];
-    int n = snprintf(line, sizeof line, "%s %s %lld %s\n", kind, result == 0 ? "ok" : "err",
-                     bytes, rel);
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    int n = snprintf(line, sizeof line, "%s %s %lld %s %ld %lld.%06ld\n", kind,
+                     result == 0 ? "ok" : "err", bytes, rel, (long)gettid(),
+                     (long long)now.tv_sec, now.tv_nsec / 1000);
     int fd = open(log, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
     if (fd < 0)
         return;
@@ -111,9 +124,13 @@ static void note(const char *kind, int result, long long bytes, const char *rel)
     close(fd);
 }
 
+static int flag(const char *name) {
+    const char *path = getenv(name);
+    return path && *path && access(path, F_OK) == 0;
+}
+
 static int failing(void) {
-    const char *fail = getenv("POWERLOSS_FAIL");
-    return fail && *fail && access(fail, F_OK) == 0;
+    return flag("POWERLOSS_FAIL");
 }
 
 /* The whole content of fd's file, read through a new descriptor (fd may be
@@ -223,6 +240,45 @@ static void apply_unlinks(void) {
     pending_count = 0;
 }
 
+/* Whether IMAGE/rel holds exactly these bytes. */
+static int in_image(const char *rel, const char *buf, long long len) {
+    const char *image = getenv("POWERLOSS_IMAGE");
+    char path[8192];
+    snprintf(path, sizeof path, "%s/%s", image ? image : "", rel);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    long long image_len = 0;
+    char *bytes = snapshot(fd, &image_len);
+    close(fd);
+    int same = bytes && image_len == len && memcmp(bytes, buf, (size_t)len) == 0;
+    free(bytes);
+    return same;
+}
+
+/* Snapshots taken so far (their order), and the power is failing. */
+static unsigned long long sequence;
+static int crashing;
+
+/* The sequence number of the snapshot in IMAGE/rel (0: none yet). */
+#define MAX_FILES 64
+static char published_name[MAX_FILES][4096];
+static unsigned long long published[MAX_FILES];
+static int published_count;
+
+static unsigned long long *published_seq(const char *rel) {
+    for (int i = 0; i < published_count; i++)
+        if (strcmp(published_name[i], rel) == 0)
+            return &published[i];
+    if (published_count == MAX_FILES) {
+        fprintf(stderr, "powerloss: too many files\n");
+        abort();
+    }
+    snprintf(published_name[published_count], sizeof published_name[0], "%s", rel);
+    published[published_count] = 0;
+    return &published[published_count++];
+}
+
 static void slow_disk(void) {
     const char *delay = getenv("POWERLOSS_DELAY_US");
     long us = delay ? atol(delay) : 0;
@@ -230,6 +286,16 @@ static void slow_disk(void) {
         struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
         while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
         }
+    }
+}
+
+/* Once the power is failing, no sync ends (called with the lock held). */
+static void wait_while_crashing(void) {
+    while (crashing) {
+        pthread_mutex_unlock(&lock);
+        struct timespec wait = {1, 0};
+        nanosleep(&wait, NULL);
+        pthread_mutex_lock(&lock);
     }
 }
 
@@ -242,6 +308,7 @@ static int durable_sync(int fd, int (*real)(int), const char *kind) {
     int result;
     struct stat st;
     if (fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+        wait_while_crashing();
         if (failing()) {
             result = -1;
             saved = EIO;
@@ -263,12 +330,34 @@ static int durable_sync(int fd, int (*real)(int), const char *kind) {
             perror("powerloss: snapshot");
             abort();
         }
+        unsigned long long seq = ++sequence;
+        int crash = !crashing && flag("POWERLOSS_CRASH") && !in_image(rel, buf, len);
+        if (crash)
+            crashing = 1;
+        /* The disk works on this sync while other syncs start. */
+        pthread_mutex_unlock(&lock);
         slow_disk();
+        if (crash) {
+            /* A flush that hangs 200 ms more before the power goes: what
+             * was answered before it has time to reach its client. */
+            struct timespec hang = {0, 200 * 1000 * 1000};
+            while (nanosleep(&hang, &hang) != 0 && errno == EINTR) {
+            }
+            note("crash", 0, len, rel);
+            kill(getpid(), SIGKILL);
+        }
         result = real(fd);
         saved = errno;
+        pthread_mutex_lock(&lock);
+        wait_while_crashing();
         if (result == 0) {
             apply_unlinks();
-            publish(rel, buf, len);
+            unsigned long long *last = published_seq(rel);
+            /* A later snapshot of this file is already the image. */
+            if (seq > *last) {
+                publish(rel, buf, len);
+                *last = seq;
+            }
         }
         free(buf);
         note(kind, result, len, rel);
