@@ -352,9 +352,10 @@ async fn check_image(
     assert!(
         lost.is_empty(),
         "{name}: {} of {} deposits answered as stored are not in the durable image (or in \
-         another mailbox): {lost:?}",
+         another mailbox), for example {:?}",
         lost.len(),
-        answered.len()
+        answered.len(),
+        lost.iter().take(5).collect::<Vec<_>>()
     );
     let _ = std::fs::remove_dir_all(&copy);
     served.len()
