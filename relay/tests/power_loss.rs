@@ -21,9 +21,9 @@
 //! recovered data. Several rounds.
 //!
 //! The second test turns the flush into a failure (`EIO`) while deposits
-//! come in: they must be answered `503` (not stored), and once the disk
-//! works again, retried deposits and new ones are answered and survive a
-//! power loss.
+//! come in: they must be answered `503` (not stored; a mailbox challenge,
+//! needed to fetch, is refused too), and once the disk works again,
+//! retried deposits and new ones are answered and survive a power loss.
 //!
 //! Broken on purpose (see the report of issue 14), both tests fail when
 //! `WalSync::sync` returns `Ok(())` without flushing, and the first when
@@ -41,7 +41,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cubbyhole::transport::{
     encode_envelope, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxId,
-    MailboxOp, PrekeyDirectory,
+    MailboxOp, PrekeyDirectory, TransportError,
 };
 use cubbyhole::transport::Mailbox;
 use cubbyhole::{IdentityKeyPair, OsRng, PrekeyStore};
@@ -545,6 +545,13 @@ fn a_deposit_whose_flush_fails_is_not_answered_as_stored() {
                 "a deposit whose flush failed was answered {answer:?}"
             );
         }
+        // Nor is any served: a fetch needs a challenge, whose commit is
+        // answered only after a flush too.
+        let challenge = relay.challenge(&mailbox).await;
+        assert!(
+            matches!(challenge, Err(TransportError::Unavailable(_))),
+            "a challenge while the flush fails: {challenge:?}"
+        );
         assert!(
             disk.syncs().failed > failed_before,
             "no sync failed: the shim's failure mode did not reach the relay"
