@@ -119,11 +119,9 @@ fn inbox_seqs(store: &SqliteStore) -> Vec<u32> {
 #[test]
 #[ignore = "run by committed_messages_survive_power_losses in a child process"]
 fn worker() {
-    let (Ok(role), Ok(data), Ok(off)) = (
-        std::env::var(ROLE),
-        std::env::var(DATA),
-        std::env::var(OFF),
-    ) else {
+    let (Ok(role), Ok(data), Ok(off)) =
+        (std::env::var(ROLE), std::env::var(DATA), std::env::var(OFF))
+    else {
         return;
     };
     let (data, off) = (PathBuf::from(data), PathBuf::from(off));
@@ -276,7 +274,12 @@ impl Drop for Worker {
 /// Checks a copy of the durable image: Bob's inbox holds every message
 /// `received` and no message twice, Alice's session sent at least every
 /// message in `sent`. Returns (inbox length, messages Alice's session sent).
-fn check_image(disk: &Disk, name: &str, sent: &HashSet<u32>, received: &HashSet<u32>) -> (usize, u32) {
+fn check_image(
+    disk: &Disk,
+    name: &str,
+    sent: &HashSet<u32>,
+    received: &HashSet<u32>,
+) -> (usize, u32) {
     let copy = disk.root().join("check");
     disk.copy_image(&copy);
     let alice = SqliteStore::open(copy.join("alice.db"), &ALICE_KEY).expect("alice's image");
@@ -288,7 +291,11 @@ fn check_image(disk: &Disk, name: &str, sent: &HashSet<u32>, received: &HashSet<
         .map_or(0, chain_length);
     let seqs = inbox_seqs(&bob);
     let unique: HashSet<u32> = seqs.iter().copied().collect();
-    assert_eq!(unique.len(), seqs.len(), "{name}: a message twice in the inbox");
+    assert_eq!(
+        unique.len(),
+        seqs.len(),
+        "{name}: a message twice in the inbox"
+    );
     let mut lost: Vec<u32> = received.difference(&unique).copied().collect();
     lost.sort_unstable();
     assert!(
@@ -320,10 +327,9 @@ fn committed_messages_survive_power_losses() {
     let seed = OsRng.next_u64();
     println!("power loss: seed {seed}");
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let disk = Disk::new(std::env::temp_dir().join(format!(
-        "cubbyhole-power-loss-{}",
-        std::process::id()
-    )));
+    let disk = Disk::new(
+        std::env::temp_dir().join(format!("cubbyhole-power-loss-{}", std::process::id())),
+    );
     let off = disk.root().join("off");
     std::fs::create_dir_all(&off).expect("off dir");
 
@@ -396,7 +402,10 @@ fn committed_messages_survive_power_losses() {
         syncs.ok,
         started.elapsed().as_secs_f64()
     );
-    assert!(syncs.ok > 0, "the shim saw no sync: LD_PRELOAD did not work");
+    assert!(
+        syncs.ok > 0,
+        "the shim saw no sync: LD_PRELOAD did not work"
+    );
     assert!(!sent.is_empty() && !received.is_empty());
     assert_eq!(
         seqs,

@@ -39,11 +39,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cubbyhole::transport::Mailbox;
 use cubbyhole::transport::{
     encode_envelope, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxId,
     MailboxOp, PrekeyDirectory, TransportError,
 };
-use cubbyhole::transport::Mailbox;
 use cubbyhole::{IdentityKeyPair, OsRng, PrekeyStore};
 use cubbyhole_http::{HttpRelay, HttpRelayConfig};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -490,7 +490,10 @@ fn every_answered_deposit_survives_a_power_loss() {
              the shim: {}",
             syncs.ok
         );
-        assert!(syncs.ok > 0, "the shim saw no sync: LD_PRELOAD did not work");
+        assert!(
+            syncs.ok > 0,
+            "the shim saw no sync: LD_PRELOAD did not work"
+        );
         assert_eq!(syncs.crashed, ROUNDS.div_ceil(2), "power losses in a flush");
         assert!(answered > 0, "no deposit was answered");
     });
@@ -593,4 +596,3 @@ fn a_deposit_whose_flush_fails_is_not_answered_as_stored() {
         );
     });
 }
-

@@ -201,7 +201,11 @@ fn copy_dir(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from).expect("read dir") {
         let entry = entry.expect("entry");
         // A half-written image file of a process killed while it synced.
-        if entry.file_name().to_string_lossy().ends_with(".powerloss-tmp") {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".powerloss-tmp")
+        {
             continue;
         }
         let target = to.join(entry.file_name());
