@@ -30,6 +30,7 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -238,8 +239,16 @@ impl Worker {
         self.child.try_wait().expect("try_wait").is_some()
     }
 
-    /// SIGKILL (if still running); the indices it reported with `prefix`.
+    /// SIGKILL (if still running: else it must have died of a SIGKILL,
+    /// in a sync); the indices it reported with `prefix`.
     fn kill(mut self, prefix: &str) -> Vec<u32> {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "a worker ended otherwise than by a power loss: {status}"
+            );
+        }
         let _ = self.child.kill();
         self.child.wait().expect("reap");
         self.reader.take().unwrap().join().expect("reader");

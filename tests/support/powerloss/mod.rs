@@ -191,8 +191,14 @@ impl Disk {
 }
 
 impl Drop for Disk {
+    /// Removes the disk, unless `CUBBYHOLE_POWER_LOSS_KEEP` is set (to look
+    /// at the image and the shim's log after a run).
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
+        if std::env::var_os("CUBBYHOLE_POWER_LOSS_KEEP").is_some() {
+            eprintln!("power-loss disk kept in {}", self.root.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }
 
