@@ -41,9 +41,15 @@
  * Limits of the model: a file is in the image from its first successful
  * sync on, whether or not its directory was synced after it was created
  * (a real file system may lose a new file's name until then); rename and
- * truncate reach the image only through a later sync of the file; writes through O_SYNC/O_DSYNC descriptors or msync are not seen
- * (nothing under test uses them); calls that bypass the dynamic linker
- * (a static binary, a raw syscall) are not seen.
+ * truncate reach the image only through a later sync of the file; writes
+ * through O_SYNC/O_DSYNC descriptors or msync are not seen (nothing under
+ * test uses them: strace shows SQLite calling fsync and the relay's
+ * WalSync fdatasync, nothing else); calls that bypass the dynamic linker
+ * (a static binary, a raw syscall) are not seen. Unsynced writes are all
+ * lost, never partly kept or reordered. A failed sync (POWERLOSS_FAIL)
+ * leaves the written data in the file, so a later successful sync makes
+ * it durable: Linux may instead drop dirty pages whose writeback failed,
+ * which this does not model.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
