@@ -6,8 +6,7 @@
 //! the real `cubbyhole-relay` binary runs on a power-loss disk
 //! (tests/support/powerloss: an `LD_PRELOAD` shim keeps a *durable image*
 //! of the data directory, updated with a file's content at each successful
-//! `fsync`/`fdatasync` of it, and each sync takes 15 ms, as
-//! on a real disk). Depositors load it concurrently and record every
+//! `fsync`/`fdatasync` of it; each sync takes 15 ms, as on a slow disk). Depositors load it concurrently and record every
 //! deposit it answered as stored (`201`, or `200` for a repeat). At a
 //! random moment under load the server is SIGKILLed and the power "goes":
 //! the data directory is replaced by its durable image. Every other round
