@@ -22,10 +22,9 @@ use std::cell::RefCell;
 
 use cubbyhole::bundle::FreshnessPolicy;
 use cubbyhole::hazmat;
-use cubbyhole::storage::{
-    BlockingStore, LocalIdentity, PrekeyState, Quarantined, SessionEntry, SessionRecord,
-    SqliteStore,
-};
+#[cfg(feature = "sqlite")]
+use cubbyhole::storage::{BlockingStore, SqliteStore};
+use cubbyhole::storage::{LocalIdentity, PrekeyState, Quarantined, SessionEntry, SessionRecord};
 use cubbyhole::transport::DeviceAddress;
 use cubbyhole::{
     IdentityKeyPair, Incoming, OneTimePrekey, PrekeyBundle, PrekeyStore, Session, SessionConfig,
@@ -33,7 +32,9 @@ use cubbyhole::{
 };
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use sha2::{Digest, Sha256, Sha512};
+#[cfg(feature = "sqlite")]
+use sha2::Sha256;
+use sha2::{Digest, Sha512};
 
 const NOW: u64 = 1_800_000_000;
 
@@ -759,6 +760,7 @@ fn quarantined_bytes() {
 /// The SQLite store's at-rest keys (derived from the application's key as
 /// SPEC.md 20.3 says, recomputed here with hkdf) are wiped when the store
 /// drops: the cipher's key schedule included.
+#[cfg(feature = "sqlite")]
 #[test]
 fn sqlite_store_keys() {
     use hkdf::Hkdf;
