@@ -485,7 +485,14 @@ impl Route {
                 Unavailable,
                 StorageFailed,
             ],
-            Route::OneTimePrekeys => &[BadRequest, NotFound, RateRequests, Timeout, Unavailable, StorageFailed],
+            Route::OneTimePrekeys => &[
+                BadRequest,
+                NotFound,
+                RateRequests,
+                Timeout,
+                Unavailable,
+                StorageFailed,
+            ],
             Route::Deposit => &[
                 BadRequest,
                 NotFound,
@@ -1538,9 +1545,13 @@ async fn run<S: Storage>(
             .spawn(move || relay_thread(&shared, queue, syncs))
             .map_err(ServerError::Io)?
     };
-    let checkpoints = file
-        .checkpointer
-        .map(|c| tokio::spawn(checkpoints(c, stopped.clone(), Arc::clone(&shared.fail_stop))));
+    let checkpoints = file.checkpointer.map(|c| {
+        tokio::spawn(checkpoints(
+            c,
+            stopped.clone(),
+            Arc::clone(&shared.fail_stop),
+        ))
+    });
     let sweeper = tokio::spawn(sweeper(Arc::clone(&shared), stopped));
 
     let mut http = hyper::server::conn::http1::Builder::new();
