@@ -2389,6 +2389,62 @@ async fn acknowledge<S: Storage>(
 mod tests {
     use super::*;
 
+    /// A flush that fails its first call and succeeds after (as a disk may
+    /// once its failed pages are dropped), counting its calls.
+    #[derive(Default)]
+    struct FailsOnce(std::sync::atomic::AtomicUsize);
+
+    impl Flush for FailsOnce {
+        fn flush(&self) -> std::io::Result<()> {
+            match self.0.fetch_add(1, Ordering::SeqCst) {
+                0 => Err(std::io::Error::other("EIO")),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// A turn of one call whose answer (durable or not) goes to `answers`.
+    fn turn(answers: &std::sync::mpsc::Sender<bool>) -> Synced {
+        let answers = answers.clone();
+        Synced {
+            answers: vec![Box::new(move |durable| answers.send(durable).unwrap())],
+            stored: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn after_a_failed_flush_the_sync_thread_never_flushes_nor_answers_durable_again() {
+        let flush = Arc::new(FailsOnce::default());
+        let fail_stop = Arc::new(FailStop::default());
+        let (syncs, turns) = std::sync::mpsc::sync_channel(MAX_TURNS_AWAITING_SYNC);
+        let (answer, answered) = std::sync::mpsc::channel();
+        let thread = {
+            let (flush, fail_stop) = (Arc::clone(&flush), Arc::clone(&fail_stop));
+            std::thread::spawn(move || {
+                sync_thread(&Waiters::default(), &*flush, &turns, &fail_stop)
+            })
+        };
+        syncs.send(turn(&answer)).unwrap();
+        assert!(!answered.recv().unwrap(), "the failed flush's turn");
+        assert!(fail_stop.has_failed());
+        assert!(fail_stop.enter().is_none(), "the storage is closed to all");
+        assert!(matches!(
+            fail_stop.error(),
+            Some(ServerError::LogFlushFailed(_))
+        ));
+        for _ in 0..3 {
+            syncs.send(turn(&answer)).unwrap();
+            assert!(!answered.recv().unwrap(), "a turn after the failure");
+        }
+        drop(syncs);
+        thread.join().unwrap();
+        assert_eq!(
+            flush.0.load(Ordering::SeqCst),
+            1,
+            "flushed after the failure"
+        );
+    }
+
     #[test]
     fn tables_follow_the_enums() {
         assert_eq!(ROUTES.len(), Route::ALL.len());
