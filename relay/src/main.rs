@@ -682,6 +682,12 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Logged at `error` when it happened; said once more for whoever
+        // reads the exit (systemd's journal keeps stderr too).
+        Err(e @ cubbyhole_relay::ServerError::LogFlushFailed(_)) => {
+            eprintln!("cubbyhole-relay: {e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             error!(error = %e, "the relay could not run");
             eprintln!("cubbyhole-relay: {e}");

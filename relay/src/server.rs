@@ -245,8 +245,8 @@ impl Default for ServerConfig {
     }
 }
 
-/// Why [`serve`] could not start (once started, it only stops on the
-/// shutdown signal).
+/// Why [`serve`] could not start, or why it stopped other than on the
+/// shutdown signal ([`ServerError::LogFlushFailed`]).
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ServerError {
@@ -268,6 +268,15 @@ pub enum ServerError {
     },
     /// An I/O failure.
     Io(std::io::Error),
+    /// The write-ahead log of the SQLite file could not be flushed to the
+    /// disk while serving, so the relay stopped (fail-stop, as PostgreSQL
+    /// does on a failed `fsync`): after a failed flush the operating
+    /// system may have dropped the unwritten data and a later flush that
+    /// succeeds proves nothing, so the relay answers nothing more and
+    /// leaves the database as it is on the disk. Restart it: SQLite's
+    /// recovery reads only what really reached the disk, which holds every
+    /// call answered as stored before the failure.
+    LogFlushFailed(std::io::Error),
 }
 
 impl fmt::Display for ServerError {
@@ -288,6 +297,13 @@ impl fmt::Display for ServerError {
                 lock.display()
             ),
             ServerError::Io(e) => write!(f, "I/O: {e}"),
+            ServerError::LogFlushFailed(e) => write!(
+                f,
+                "the write-ahead log could not be flushed to the disk ({e}); the relay \
+                 stopped so as not to answer for writes the disk may have lost. Restart it: \
+                 it recovers from what is on the disk, which holds every call answered as \
+                 stored before the failure"
+            ),
         }
     }
 }
@@ -296,7 +312,7 @@ impl std::error::Error for ServerError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ServerError::Storage(e) => Some(e),
-            ServerError::Io(e) => Some(e),
+            ServerError::Io(e) | ServerError::LogFlushFailed(e) => Some(e),
             _ => None,
         }
     }
@@ -359,6 +375,7 @@ pub const REASONS: &[(&str, u16)] = &[
     Reason::PendingEnvelopes.spec(),
     Reason::PendingBytes.spec(),
     Reason::TotalStorage.spec(),
+    Reason::StorageFailed.spec(),
 ];
 
 /// The answers a route can give: `(status, None)` for a success,
@@ -446,7 +463,7 @@ impl Route {
     const fn reasons(self) -> &'static [Reason] {
         use Reason::*;
         match self {
-            Route::Health => &[RateRequests, Timeout, Unavailable],
+            Route::Health => &[RateRequests, Timeout, Unavailable, StorageFailed],
             Route::Metrics => &[RateRequests, Timeout],
             Route::Publish => &[
                 BadRequest,
@@ -457,6 +474,7 @@ impl Route {
                 RateRequests,
                 Timeout,
                 Unavailable,
+                StorageFailed,
             ],
             Route::Bundle => &[
                 BadRequest,
@@ -465,8 +483,16 @@ impl Route {
                 RateRequests,
                 Timeout,
                 Unavailable,
+                StorageFailed,
             ],
-            Route::OneTimePrekeys => &[BadRequest, NotFound, RateRequests, Timeout, Unavailable],
+            Route::OneTimePrekeys => &[
+                BadRequest,
+                NotFound,
+                RateRequests,
+                Timeout,
+                Unavailable,
+                StorageFailed,
+            ],
             Route::Deposit => &[
                 BadRequest,
                 NotFound,
@@ -479,6 +505,7 @@ impl Route {
                 RateRequests,
                 Timeout,
                 Unavailable,
+                StorageFailed,
             ],
             Route::Challenge => &[
                 BadRequest,
@@ -487,6 +514,7 @@ impl Route {
                 RateRequests,
                 Timeout,
                 Unavailable,
+                StorageFailed,
             ],
             Route::Fetch => &[
                 BadRequest,
@@ -495,6 +523,7 @@ impl Route {
                 RateRequests,
                 Timeout,
                 Unavailable,
+                StorageFailed,
             ],
             Route::Acknowledge => &[
                 BadRequest,
@@ -504,6 +533,7 @@ impl Route {
                 RateRequests,
                 Timeout,
                 Unavailable,
+                StorageFailed,
             ],
         }
     }
@@ -586,11 +616,12 @@ enum Reason {
     PendingEnvelopes,
     PendingBytes,
     TotalStorage,
+    StorageFailed,
 }
 
 impl Reason {
     #[cfg(test)]
-    const ALL: [Reason; 20] = [
+    const ALL: [Reason; 21] = [
         Reason::BadRequest,
         Reason::Unauthorized,
         Reason::NotFound,
@@ -611,6 +642,7 @@ impl Reason {
         Reason::PendingEnvelopes,
         Reason::PendingBytes,
         Reason::TotalStorage,
+        Reason::StorageFailed,
     ];
 
     const fn spec(self) -> (&'static str, u16) {
@@ -635,6 +667,7 @@ impl Reason {
             Reason::PendingEnvelopes => ("pending_envelopes", 507),
             Reason::PendingBytes => ("pending_bytes", 507),
             Reason::TotalStorage => ("total_storage", 507),
+            Reason::StorageFailed => ("storage_failed", 503),
         }
     }
 
@@ -687,6 +720,16 @@ impl ApiError {
             message: format!("too many {what} from this address; retry later").into(),
             retry_after: Some(wait),
         }
+    }
+
+    /// The answer to every call once a flush of the write-ahead log failed
+    /// ([`FailStop`]).
+    fn storage_failed() -> Self {
+        Self::new(
+            Reason::StorageFailed,
+            "the relay could not flush its storage to the disk and is stopping; retry later \
+             (after its restart)",
+        )
     }
 
     fn poisoned() -> Self {
@@ -971,6 +1014,83 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 /// Mailboxes whose usage is re-read per lock hold after a sweep.
 const REFRESH_CHUNK: usize = 256;
 
+/// The relay's fail-stop state: set once a flush of the SQLite write-ahead
+/// log failed ([`sync_thread`]).
+///
+/// After a failed `fdatasync` the operating system may have dropped the
+/// unwritten pages (Linux marks them clean), so a later flush that
+/// succeeds proves nothing, and pages read back from the log may be stale.
+/// As PostgreSQL does on a failed `fsync`, the relay then stops touching
+/// the storage: the turn of the failed flush and every later one are
+/// answered not stored, every request that would use the storage is
+/// answered `503 storage_failed`, the server shuts down and [`serve`]
+/// returns [`ServerError::LogFlushFailed`], leaving the database files as
+/// they are (it does not even close the storage, which would checkpoint
+/// the log). A restart recovers from what is on the disk.
+#[derive(Debug, Default)]
+struct FailStop {
+    /// Held shared by whoever uses the storage (a turn of the relay
+    /// thread, a checkpoint, a retention sweep), taken exclusively to
+    /// declare the failure: once [`fail`](Self::fail) returns, nothing
+    /// uses the storage any more.
+    gate: std::sync::RwLock<()>,
+    /// The failed flush's error.
+    failed: std::sync::OnceLock<(std::io::ErrorKind, String)>,
+    /// Wakes the accept loop ([`failed`](Self::failed)).
+    notify: tokio::sync::Notify,
+}
+
+impl FailStop {
+    /// A guard to hold while using the storage, or `None` once the failure
+    /// is declared.
+    fn enter(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
+        let guard = self
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.failed.get().is_none().then_some(guard)
+    }
+
+    fn has_failed(&self) -> bool {
+        self.failed.get().is_some()
+    }
+
+    /// Declares the failure (the first call; later ones change nothing),
+    /// after the storage work in progress ends.
+    fn fail(&self, error: &std::io::Error) {
+        let _gate = self
+            .gate
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.failed.set((error.kind(), error.to_string())).is_ok() {
+            error!(
+                error = %error,
+                "could not flush the write-ahead log to the disk: the relay answers nothing \
+                 more and stops; restart it, it recovers from what is on the disk"
+            );
+            self.notify.notify_one();
+        }
+    }
+
+    /// Resolves once the failure is declared.
+    async fn failed(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.has_failed() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// What [`serve`] returns after the failure.
+    fn error(&self) -> Option<ServerError> {
+        self.failed.get().map(|(kind, message)| {
+            ServerError::LogFlushFailed(std::io::Error::new(*kind, message.clone()))
+        })
+    }
+}
+
 /// The state every request shares.
 struct Shared<S> {
     core: Mutex<Core<S>>,
@@ -980,6 +1100,8 @@ struct Shared<S> {
     metrics: Metrics,
     /// The relay thread's queue (see the module docs).
     jobs: mpsc::Sender<Job<S>>,
+    /// Set once a flush of the write-ahead log failed.
+    fail_stop: Arc<FailStop>,
 }
 
 /// The peer address of a connection.
@@ -1020,10 +1142,11 @@ impl<S: Storage> Shared<S> {
             .await
             .map_err(|_| ApiError::new(Reason::Unavailable, "the relay is shutting down"))?;
         answer.await.unwrap_or_else(|_| {
-            Err(ApiError::new(
-                Reason::Unavailable,
-                "the relay failed; retry later",
-            ))
+            Err(if self.fail_stop.has_failed() {
+                ApiError::storage_failed()
+            } else {
+                ApiError::new(Reason::Unavailable, "the relay failed; retry later")
+            })
         })
     }
 
@@ -1113,8 +1236,12 @@ impl<S: Storage> Shared<S> {
         }
     }
 
-    /// Deletes what expired and re-reads the usage of the known mailboxes.
+    /// Deletes what expired and re-reads the usage of the known mailboxes
+    /// (not after a failed flush: [`FailStop`]).
     fn sweep(&self) {
+        let Some(_storage) = self.fail_stop.enter() else {
+            return;
+        };
         let known = {
             let Ok(mut core) = self.core.lock() else {
                 error!("relay state poisoned; not sweeping");
@@ -1168,7 +1295,14 @@ impl<S: Storage> Shared<S> {
 /// # Errors
 /// [`ServerError`] when the storage cannot be opened or a setting is
 /// invalid (before serving anything). Failures while serving are answered
-/// per request and logged.
+/// per request and logged, but one: on a SQLite file, when the write-ahead
+/// log cannot be flushed to the disk, the server stops as on the shutdown
+/// signal (fail-stop, as PostgreSQL does on a failed `fsync`) and returns
+/// [`ServerError::LogFlushFailed`]. It then leaves the database open (it
+/// holds its files and lock until the process exits, and closing it would
+/// write to it): exit the process, and restart it, which recovers from
+/// what is on the disk. With PostgreSQL, its server makes commits durable
+/// and handles its own flush failures; nothing changes.
 pub async fn serve(
     listener: TcpListener,
     config: ServerConfig,
@@ -1185,8 +1319,8 @@ pub async fn serve(
         }
         StorageConfig::Sqlite(path) => {
             let shown = path.display().to_string();
-            // Held until the server stops (dropped at the end of this arm).
-            let _lock = lock_database(&path)?;
+            // Held until the server stops.
+            let lock = lock_database(&path)?;
             let (storage, file) = blocking(move || {
                 let mut storage = SqliteRelayStorage::open(path)?;
                 let file = SqliteFile {
@@ -1197,7 +1331,15 @@ pub async fn serve(
             })
             .await??;
             info!(storage = "sqlite", path = %shown, "relay storage opened");
-            run(listener, config, storage, file, cors, waiters, shutdown).await
+            let result = run(listener, config, storage, file, cors, waiters, shutdown).await;
+            if let Err(ServerError::LogFlushFailed(_)) = &result {
+                // The storage was left open (see `FailStop`): so is the
+                // lock, until the process exits.
+                std::mem::forget(lock);
+            } else {
+                drop(lock);
+            }
+            result
         }
         #[cfg(feature = "postgres")]
         StorageConfig::Postgres(url) => {
@@ -1377,6 +1519,7 @@ async fn run<S: Storage>(
         waiters,
         metrics: Metrics::new(&routes, &reasons),
         jobs,
+        fail_stop: Arc::new(FailStop::default()),
     });
     let router = router(Arc::clone(&shared), cors);
 
@@ -1386,9 +1529,10 @@ async fn run<S: Storage>(
             // Bounded: if the disk stalls, the relay thread waits too.
             let (syncs, turns) = std::sync::mpsc::sync_channel(MAX_TURNS_AWAITING_SYNC);
             let waiters = Arc::clone(&shared.waiters);
+            let fail_stop = Arc::clone(&shared.fail_stop);
             let syncer = std::thread::Builder::new()
                 .name("cubbyhole-sync".into())
-                .spawn(move || sync_thread(&waiters, &wal, &turns))
+                .spawn(move || sync_thread(&waiters, &wal, &turns, &fail_stop))
                 .map_err(ServerError::Io)?;
             (Some(syncs), Some(syncer))
         }
@@ -1401,9 +1545,13 @@ async fn run<S: Storage>(
             .spawn(move || relay_thread(&shared, queue, syncs))
             .map_err(ServerError::Io)?
     };
-    let checkpoints = file
-        .checkpointer
-        .map(|c| tokio::spawn(checkpoints(c, stopped.clone())));
+    let checkpoints = file.checkpointer.map(|c| {
+        tokio::spawn(checkpoints(
+            c,
+            stopped.clone(),
+            Arc::clone(&shared.fail_stop),
+        ))
+    });
     let sweeper = tokio::spawn(sweeper(Arc::clone(&shared), stopped));
 
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -1421,11 +1569,15 @@ async fn run<S: Storage>(
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let fail_stop = Arc::clone(&shared.fail_stop);
+    let mut failed = std::pin::pin!(fail_stop.failed());
     loop {
         while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             biased;
             () = &mut shutdown => break,
+            // A flush failed: stop (see `FailStop`).
+            () = &mut failed => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -1484,6 +1636,13 @@ async fn run<S: Storage>(
         let _ = checkpoints.await;
     }
     drop(router);
+    if let Some(failure) = fail_stop.error() {
+        // Not closed: closing the last connection checkpoints the log into
+        // the database, which must not happen after a failed flush (see
+        // `FailStop`). The files stay as they are until the process exits.
+        std::mem::forget(shared);
+        return Err(failure);
+    }
     // The storage may block when closed (PostgreSQL): close it off the
     // async workers.
     let _ = tokio::task::spawn_blocking(move || drop(shared)).await;
@@ -1548,6 +1707,14 @@ impl<S: Storage> Shared<S> {
         calls: Vec<Call<S>>,
         syncs: Option<&std::sync::mpsc::SyncSender<Synced>>,
     ) {
+        // After a failed flush nothing touches the storage any more.
+        let Some(storage) = self.fail_stop.enter() else {
+            for job in deposits {
+                let _ = job.reply.send(Err(ApiError::storage_failed()));
+            }
+            // Dropping the calls drops their answers: `storage_failed`.
+            return;
+        };
         let mut core = match self.core.lock() {
             Ok(core) => core,
             Err(_) => {
@@ -1601,6 +1768,9 @@ impl<S: Storage> Shared<S> {
                 }
             };
         drop(core);
+        // Released before waiting for the sync thread, which may be
+        // declaring a failure (and waiting for this guard).
+        drop(storage);
         let turn = Synced { answers, stored };
         match syncs {
             // Answered once the log is on the disk, while this thread goes
@@ -1642,27 +1812,58 @@ impl Synced {
 /// with one [`WalSync::sync`], then answers them. So the relay thread never
 /// waits for the disk, and one flush covers every turn committed while
 /// the previous one ran.
-fn sync_thread(waiters: &Waiters, wal: &WalSync, turns: &std::sync::mpsc::Receiver<Synced>) {
+///
+/// Fail-stop: once a flush fails, the failure is declared ([`FailStop`])
+/// before its turns are answered (not stored), and the thread never
+/// flushes again: every later turn is answered not stored too.
+fn sync_thread(
+    waiters: &Waiters,
+    wal: &impl Flush,
+    turns: &std::sync::mpsc::Receiver<Synced>,
+    fail_stop: &FailStop,
+) {
     while let Ok(first) = turns.recv() {
         let mut committed = vec![first];
         committed.extend(turns.try_iter());
-        let durable = match wal.sync() {
-            Ok(()) => true,
-            Err(e) => {
-                error!(error = %e, "could not flush the write-ahead log");
-                false
-            }
-        };
+        let durable = !fail_stop.has_failed()
+            && match wal.flush() {
+                Ok(()) => true,
+                Err(e) => {
+                    fail_stop.fail(&e);
+                    false
+                }
+            };
         for turn in committed {
             turn.answer(durable, waiters);
         }
     }
 }
 
+/// What [`sync_thread`] flushes: [`WalSync`] (a stand-in in the unit
+/// tests).
+trait Flush {
+    /// Makes every commit before it durable.
+    fn flush(&self) -> std::io::Result<()>;
+}
+
+impl Flush for WalSync {
+    fn flush(&self) -> std::io::Result<()> {
+        self.sync()
+    }
+}
+
 /// Checkpoints the SQLite write-ahead log every [`CHECKPOINT_INTERVAL`] on
 /// its own connection, so that commits (deposit batches waiting for their
 /// answers) do not (see [`SqliteCheckpointer`]).
-async fn checkpoints(checkpointer: SqliteCheckpointer, mut stop: watch::Receiver<bool>) {
+///
+/// Stops for good after a failed flush ([`FailStop`]): a checkpoint copies
+/// the log into the database, and after a failed flush the log's pages may
+/// be stale.
+async fn checkpoints(
+    checkpointer: SqliteCheckpointer,
+    mut stop: watch::Receiver<bool>,
+    fail_stop: Arc<FailStop>,
+) {
     let mut checkpointer = Some(checkpointer);
     let mut tick = tokio::time::interval(CHECKPOINT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1675,13 +1876,20 @@ async fn checkpoints(checkpointer: SqliteCheckpointer, mut stop: watch::Receiver
         let Some(c) = checkpointer.take() else {
             break;
         };
+        let fail_stop = Arc::clone(&fail_stop);
         match tokio::task::spawn_blocking(move || {
-            let result = c.checkpoint();
+            let result = fail_stop.enter().map(|_storage| c.checkpoint());
             (c, result)
         })
         .await
         {
-            Ok((c, result)) => {
+            Ok((c, None)) => {
+                // Not closed: see `FailStop` (and `run`, which leaves the
+                // storage open too).
+                std::mem::forget(c);
+                break;
+            }
+            Ok((c, Some(result))) => {
                 checkpointer = Some(c);
                 match result {
                     Ok(report) => trace!(
@@ -1819,8 +2027,14 @@ async fn frame_inner<S: Storage>(
     let ip = client_ip(&request, shared.limits.trust_forwarded_for);
     request.extensions_mut().insert(ClientIp(ip));
 
+    // After a failed flush, nothing that uses the storage is served (see
+    // `FailStop`); `/metrics` and unknown routes do not use it.
+    let uses_storage = route.is_some_and(|r| r != Route::Metrics);
     let response = match shared.check_rate(ip, Kind::Request, Reason::RateRequests) {
         Err(e) => e.into_response(),
+        Ok(()) if uses_storage && shared.fail_stop.has_failed() => {
+            ApiError::storage_failed().into_response()
+        }
         Ok(()) => match shared.limits.budget(route) {
             None => next.run(request).await,
             Some(budget) => match tokio::time::timeout(budget, next.run(request)).await {
@@ -2174,6 +2388,62 @@ async fn acknowledge<S: Storage>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A flush that fails its first call and succeeds after (as a disk may
+    /// once its failed pages are dropped), counting its calls.
+    #[derive(Default)]
+    struct FailsOnce(std::sync::atomic::AtomicUsize);
+
+    impl Flush for FailsOnce {
+        fn flush(&self) -> std::io::Result<()> {
+            match self.0.fetch_add(1, Ordering::SeqCst) {
+                0 => Err(std::io::Error::other("EIO")),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// A turn of one call whose answer (durable or not) goes to `answers`.
+    fn turn(answers: &std::sync::mpsc::Sender<bool>) -> Synced {
+        let answers = answers.clone();
+        Synced {
+            answers: vec![Box::new(move |durable| answers.send(durable).unwrap())],
+            stored: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn after_a_failed_flush_the_sync_thread_never_flushes_nor_answers_durable_again() {
+        let flush = Arc::new(FailsOnce::default());
+        let fail_stop = Arc::new(FailStop::default());
+        let (syncs, turns) = std::sync::mpsc::sync_channel(MAX_TURNS_AWAITING_SYNC);
+        let (answer, answered) = std::sync::mpsc::channel();
+        let thread = {
+            let (flush, fail_stop) = (Arc::clone(&flush), Arc::clone(&fail_stop));
+            std::thread::spawn(move || {
+                sync_thread(&Waiters::default(), &*flush, &turns, &fail_stop)
+            })
+        };
+        syncs.send(turn(&answer)).unwrap();
+        assert!(!answered.recv().unwrap(), "the failed flush's turn");
+        assert!(fail_stop.has_failed());
+        assert!(fail_stop.enter().is_none(), "the storage is closed to all");
+        assert!(matches!(
+            fail_stop.error(),
+            Some(ServerError::LogFlushFailed(_))
+        ));
+        for _ in 0..3 {
+            syncs.send(turn(&answer)).unwrap();
+            assert!(!answered.recv().unwrap(), "a turn after the failure");
+        }
+        drop(syncs);
+        thread.join().unwrap();
+        assert_eq!(
+            flush.0.load(Ordering::SeqCst),
+            1,
+            "flushed after the failure"
+        );
+    }
 
     #[test]
     fn tables_follow_the_enums() {
