@@ -2105,7 +2105,7 @@ fn device_cases() -> Vec<Value> {
     type Step<'k> = (Vec<(&'k IdentityKeyPair, u32)>, Vec<&'k IdentityKeyPair>);
     let many: Vec<IdentityKeyPair> = (0..15).map(|i| device_key(&format!("M{i}"))).collect();
     let mut sixteen: Vec<(&IdentityKeyPair, u32)> = vec![(&a, 1)];
-    sixteen.extend(many.iter().zip(2u32..).map(|(k, id)| (k, id)));
+    sixteen.extend(many.iter().zip(2u32..));
     let mut sixteen_signers: Vec<&IdentityKeyPair> = vec![&a];
     sixteen_signers.extend(many.iter());
     let chains: Vec<(&str, &str, Vec<Step<'_>>)> =
@@ -2183,7 +2183,7 @@ fn device_cases() -> Vec<Value> {
         &[&a, &b, &t],
     );
     let h2 = v2.verify_successor(&h1).expect("v2");
-    let known = vec![h(&v1.encode()), h(&v2.encode())];
+    let known = [h(&v1.encode()), h(&v2.encode())];
     let next = |devices: &[(&IdentityKeyPair, u32)], signers: &[&IdentityKeyPair]| {
         device_list(account, 3, *v2.body_hash(), devices, signers)
     };
