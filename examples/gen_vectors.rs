@@ -27,7 +27,7 @@ use cubbyhole::bundle::FreshnessPolicy;
 use cubbyhole::client::frame::{BadFrame, Frame};
 use cubbyhole::{
     hazmat, Error, IdentityKey, IdentityKeyPair, Incoming, OneTimePrekey, PrekeyBundle,
-    PrekeyStore, Session, SessionConfig, SignedPrekey,
+    PrekeyStore, SafetyNumber, Session, SessionConfig, SignedPrekey,
 };
 use rand_chacha::rand_core::{CryptoRng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -1458,6 +1458,17 @@ fn main() {
             "cases": frame_cases(),
         }),
     );
+    // Device lists (SPEC 25): no randomness, so the files above are
+    // unchanged by it.
+    write_json(
+        "devices.json",
+        json!({
+            "profile": "cubbyhole/v1",
+            "description": DEVICES_DESCRIPTION,
+            "generator": "cubbyhole examples/gen_vectors.rs (seeds are SHA-256 of labels)",
+            "cases": device_cases(),
+        }),
+    );
 }
 
 /// The eight small-order points of edwards25519 (canonical encodings).
@@ -1980,6 +1991,651 @@ fn frame_cases() -> Vec<Value> {
             "encoding": h(&encoding),
             "error": "bad_frame",
         }));
+    }
+    cases
+}
+
+// ----------------------------------------------------------------- devices
+
+const DEVICES_DESCRIPTION: &str = "Device lists (SPEC.md section 25). \
+A case with error null is a valid chain: each step lists its devices (seed, identity, device_id) \
+in the list's order (by identity key bytes), the signers (indices into devices), and the \
+expected body, body_hash, signatures and signed encoding; step 1 passes verify_genesis and \
+each later step verify_successor of the step before it. The account's fingerprint, a peer \
+account's fingerprint and the account safety number close the case. \
+A case with an error kind checks input (or, for check \"chain\", the offered lists) \
+against the chain in known (signed encodings, genesis first, each valid): \
+check \"decode\" must refuse it as malformed, \"genesis\" decodes it and verify_genesis gives the \
+error, \"successor\" decodes it and verify_successor of the last list of known gives the error, \
+\"chain\" gives the offered lists to the chain verifier with the last list of known as the head. \
+A conflict carries its evidence: conflict_ours (the verifier's list) and conflict_theirs.";
+
+use cubbyhole::devices::{
+    AccountId, DeviceEntry, DeviceList, DeviceListChain, DeviceListError, UnsignedDeviceList,
+    VerifiedDeviceList,
+};
+
+/// An identity of the device vectors: seed = SHA-256 of a label.
+fn device_key(label: &str) -> IdentityKeyPair {
+    let seed: [u8; 32] =
+        Sha256::digest(format!("cubbyhole device list vectors: {label}").as_bytes()).into();
+    IdentityKeyPair::from_seed(&seed)
+}
+
+/// A list with the given fields, signed by `signers` (who must be listed).
+fn device_list(
+    account: AccountId,
+    version: u64,
+    previous: [u8; 32],
+    devices: &[(&IdentityKeyPair, u32)],
+    signers: &[&IdentityKeyPair],
+) -> DeviceList {
+    let entries: Vec<DeviceEntry> = devices
+        .iter()
+        .map(|(k, id)| DeviceEntry {
+            identity: *k.public(),
+            device_id: *id,
+        })
+        .collect();
+    let mut u = UnsignedDeviceList::new(account, version, previous, &entries).expect("structure");
+    for s in signers {
+        u.sign(s).expect("listed signer");
+    }
+    u.into_list().expect("signed")
+}
+
+/// One valid step of a chain: the list and the JSON of it.
+fn device_step(
+    list: &DeviceList,
+    keys: &[&IdentityKeyPair],
+    signers: &[&IdentityKeyPair],
+) -> Value {
+    let seed_of = |ik: &IdentityKey| {
+        keys.iter()
+            .find(|k| k.public() == ik)
+            .map(|k| h(k.seed().as_ref()))
+            .expect("a key of the step")
+    };
+    let devices: Vec<Value> = list
+        .devices()
+        .iter()
+        .map(|d| {
+            json!({
+                "seed": seed_of(&d.identity),
+                "identity": h(d.identity.as_bytes()),
+                "device_id": d.device_id,
+            })
+        })
+        .collect();
+    let mut signer_indices: Vec<usize> = signers
+        .iter()
+        .map(|s| {
+            list.devices()
+                .iter()
+                .position(|d| d.identity == *s.public())
+                .expect("listed")
+        })
+        .collect();
+    signer_indices.sort_unstable();
+    json!({
+        "version": list.version(),
+        "account_id": h(list.account_id().as_bytes()),
+        "previous": h(list.previous()),
+        "devices": devices,
+        "signers": signer_indices,
+        "body": h(list.body()),
+        "body_hash": h(list.body_hash()),
+        "signatures": list.signatures().iter().map(|(i, s)| json!({"index": i, "signature": h(s)})).collect::<Vec<_>>(),
+        "signed": h(&list.encode()),
+    })
+}
+
+fn device_cases() -> Vec<Value> {
+    let a = device_key("A");
+    let b = device_key("B");
+    let c = device_key("C");
+    let d = device_key("D");
+    let t = device_key("T (the stolen device)");
+    let x = device_key("X (a stranger)");
+    let peer = AccountId::of_founder(device_key("peer founder").public());
+    let account = AccountId::of_founder(a.public());
+
+    let mut cases = Vec::new();
+    // Valid chains. Each step: (devices, signers); step 1 is the genesis of A.
+    type Step<'k> = (Vec<(&'k IdentityKeyPair, u32)>, Vec<&'k IdentityKeyPair>);
+    let many: Vec<IdentityKeyPair> = (0..15).map(|i| device_key(&format!("M{i}"))).collect();
+    let mut sixteen: Vec<(&IdentityKeyPair, u32)> = vec![(&a, 1)];
+    sixteen.extend(many.iter().zip(2u32..));
+    let mut sixteen_signers: Vec<&IdentityKeyPair> = vec![&a];
+    sixteen_signers.extend(many.iter());
+    let chains: Vec<(&str, &str, Vec<Step<'_>>)> =
+        vec![
+        ("genesis", "the first version: A alone, device 1, signed by A", vec![]),
+        (
+            "add_device",
+            "A adds B (device 2): version 2 signed by A (kept) and B (added)",
+            vec![(vec![(&a, 1), (&b, 2)], vec![&a, &b])],
+        ),
+        (
+            "remove_device",
+            "A adds B; then B removes A, the founder (the account id stays): version 3 signed by B",
+            vec![
+                (vec![(&a, 1), (&b, 2)], vec![&a, &b]),
+                (vec![(&b, 2)], vec![&b]),
+            ],
+        ),
+        (
+            "add_two_devices",
+            "A adds B and C at once: version 2 signed by A, B and C; then B removes C and adds D \
+             (device 4): version 3 signed by A and D",
+            vec![
+                (vec![(&a, 1), (&b, 2), (&c, 3)], vec![&a, &b, &c]),
+                (vec![(&a, 1), (&b, 2), (&d, 4)], vec![&a, &d]),
+            ],
+        ),
+        (
+            "sixteen_devices",
+            "A adds 15 devices at once (the most a list holds): every one signs",
+            vec![(sixteen.clone(), sixteen_signers.clone())],
+        ),
+    ];
+    let all_keys: Vec<&IdentityKeyPair> = [&a, &b, &c, &d].into_iter().chain(many.iter()).collect();
+    for (name, description, steps) in chains {
+        let genesis = DeviceList::genesis(&a, 1);
+        let mut head = genesis.verify_genesis().expect("genesis");
+        let mut json_steps = vec![device_step(&genesis, &all_keys, &[&a])];
+        for (devices, signers) in &steps {
+            let list = device_list(
+                account,
+                head.version() + 1,
+                *head.body_hash(),
+                devices,
+                signers,
+            );
+            head = list.verify_successor(&head).expect("valid step");
+            json_steps.push(device_step(&list, &all_keys, signers));
+        }
+        let (fa, fp) = (
+            cubbyhole::Fingerprint::of_account(&account),
+            cubbyhole::Fingerprint::of_account(&peer),
+        );
+        cases.push(json!({
+            "name": name,
+            "description": description,
+            "error": null,
+            "steps": json_steps,
+            "peer_account_id": h(peer.as_bytes()),
+            "account_fingerprint": fa.as_str(),
+            "peer_fingerprint": fp.as_str(),
+            "account_safety_number": SafetyNumber::for_accounts(&account, &peer).as_str(),
+        }));
+    }
+
+    // The chain the negative cases are checked against: v1 = {A},
+    // v2 = {A, B, T}.
+    let v1 = DeviceList::genesis(&a, 1);
+    let h1 = v1.verify_genesis().expect("v1");
+    let v2 = device_list(
+        account,
+        2,
+        *v1.body_hash(),
+        &[(&a, 1), (&b, 2), (&t, 3)],
+        &[&a, &b, &t],
+    );
+    let h2 = v2.verify_successor(&h1).expect("v2");
+    let known = [h(&v1.encode()), h(&v2.encode())];
+    let next = |devices: &[(&IdentityKeyPair, u32)], signers: &[&IdentityKeyPair]| {
+        device_list(account, 3, *v2.body_hash(), devices, signers)
+    };
+    let flip_signature = |list: &DeviceList| {
+        // The first byte of the last signature (its R).
+        let mut bytes = list.encode();
+        let at = bytes.len() - 64;
+        bytes[at] ^= 0x01;
+        bytes
+    };
+
+    struct Neg {
+        name: &'static str,
+        description: &'static str,
+        check: &'static str,
+        known: usize,
+        input: Vec<u8>,
+        offered: Vec<DeviceList>,
+        error: &'static str,
+    }
+    let mut negs: Vec<Neg> = Vec::new();
+    let mut neg = |name, description, check, known, input: Vec<u8>, error| {
+        negs.push(Neg {
+            name,
+            description,
+            check,
+            known,
+            input,
+            offered: Vec::new(),
+            error,
+        });
+    };
+
+    // Decode: every rule of SPEC 25.4, on v2 (body 182 bytes, 3 signatures).
+    let good = v2.encode();
+    let body_len = 74 + 3 * 36;
+    let edit = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = good.clone();
+        f(&mut b);
+        b
+    };
+    neg(
+        "decode_empty",
+        "no byte: shorter than the 74-byte header",
+        "decode",
+        0,
+        vec![],
+        "malformed",
+    );
+    neg(
+        "decode_short_header",
+        "73 bytes: shorter than the header",
+        "decode",
+        0,
+        good[..73].to_vec(),
+        "malformed",
+    );
+    neg(
+        "decode_format",
+        "format byte 0x02",
+        "decode",
+        0,
+        edit(&|b| b[0] = 0x02),
+        "malformed",
+    );
+    neg(
+        "decode_count_zero",
+        "count 0",
+        "decode",
+        0,
+        edit(&|b| b[73] = 0),
+        "malformed",
+    );
+    neg(
+        "decode_count_seventeen",
+        "count 17 (above MAX_DEVICES), with enough bytes after it",
+        "decode",
+        0,
+        edit(&|b| {
+            b[73] = 17;
+            b.resize(74 + 17 * 36 + 1 + 65, 0x11);
+        }),
+        "malformed",
+    );
+    neg(
+        "decode_body_only",
+        "the body without sig_count",
+        "decode",
+        0,
+        good[..body_len].to_vec(),
+        "malformed",
+    );
+    neg(
+        "decode_version_zero",
+        "version 0",
+        "decode",
+        0,
+        edit(&|b| b[33..41].fill(0)),
+        "malformed",
+    );
+    neg(
+        "decode_identity_small_order",
+        "the first IK replaced by the identity point (01 00..00, small order)",
+        "decode",
+        0,
+        edit(&|b| {
+            b[74..106].fill(0);
+            b[74] = 1;
+        }),
+        "malformed",
+    );
+    neg(
+        "decode_identity_non_canonical",
+        "the first IK replaced by y = p + 1 (not canonical)",
+        "decode",
+        0,
+        edit(&|b| b[74..106].copy_from_slice(&P_PLUS_ONE)),
+        "malformed",
+    );
+    neg(
+        "decode_identities_not_increasing",
+        "the first two entries swapped",
+        "decode",
+        0,
+        edit(&|b| {
+            let first = b[74..110].to_vec();
+            let second = b[110..146].to_vec();
+            b[74..110].copy_from_slice(&second);
+            b[110..146].copy_from_slice(&first);
+        }),
+        "malformed",
+    );
+    neg(
+        "decode_identity_twice",
+        "the second entry a copy of the first",
+        "decode",
+        0,
+        edit(&|b| {
+            let first = b[74..110].to_vec();
+            b[110..146].copy_from_slice(&first);
+        }),
+        "malformed",
+    );
+    neg(
+        "decode_device_id_twice",
+        "the third entry's device id set to the first's",
+        "decode",
+        0,
+        edit(&|b| {
+            let id = b[106..110].to_vec();
+            b[178..182].copy_from_slice(&id);
+        }),
+        "malformed",
+    );
+    neg(
+        "decode_sig_count_zero",
+        "sig_count 0 and no signature",
+        "decode",
+        0,
+        edit(&|b| {
+            b.truncate(body_len + 1);
+            b[body_len] = 0;
+        }),
+        "malformed",
+    );
+    neg(
+        "decode_sig_count_above_count",
+        "sig_count 4 with 4 signature records, count 3",
+        "decode",
+        0,
+        edit(&|b| {
+            b[body_len] = 4;
+            let last = b[b.len() - 65..].to_vec();
+            b.extend_from_slice(&last);
+        }),
+        "malformed",
+    );
+    neg(
+        "decode_trailing_byte",
+        "one byte after the last signature",
+        "decode",
+        0,
+        edit(&|b| b.push(0)),
+        "malformed",
+    );
+    neg(
+        "decode_truncated_signature",
+        "the last signature one byte short",
+        "decode",
+        0,
+        good[..good.len() - 1].to_vec(),
+        "malformed",
+    );
+    neg(
+        "decode_index_twice",
+        "the second signature's index equal to the first's",
+        "decode",
+        0,
+        edit(&|b| b[body_len + 1 + 65] = b[body_len + 1]),
+        "malformed",
+    );
+    neg(
+        "decode_index_out_of_range",
+        "the last signature's index 3 (count 3)",
+        "decode",
+        0,
+        edit(&|b| {
+            let at = b.len() - 65;
+            b[at] = 3;
+        }),
+        "malformed",
+    );
+
+    // Genesis.
+    neg(
+        "genesis_version_two",
+        "version 2, previous zero, A alone, signed by A: not a first version",
+        "genesis",
+        0,
+        device_list(account, 2, [0; 32], &[(&a, 1)], &[&a]).encode(),
+        "not_genesis",
+    );
+    neg(
+        "genesis_previous_not_zero",
+        "version 1 whose previous is not zero",
+        "genesis",
+        0,
+        device_list(account, 1, [7; 32], &[(&a, 1)], &[&a]).encode(),
+        "not_genesis",
+    );
+    neg(
+        "genesis_two_devices",
+        "version 1 listing A and B, signed by both: a first version lists one device",
+        "genesis",
+        0,
+        device_list(account, 1, [0; 32], &[(&a, 1), (&b, 2)], &[&a, &b]).encode(),
+        "not_genesis",
+    );
+    neg(
+        "genesis_wrong_account",
+        "version 1 of B alone under A's account id",
+        "genesis",
+        0,
+        device_list(account, 1, [0; 32], &[(&b, 1)], &[&b]).encode(),
+        "wrong_account",
+    );
+    neg(
+        "genesis_bad_signature",
+        "A's genesis with a bit of the signature's R flipped",
+        "genesis",
+        0,
+        flip_signature(&v1),
+        "bad_signature",
+    );
+
+    // Successors of v2 = {A, B, T}.
+    neg(
+        "successor_wrong_account",
+        "version 3 under another account id (X's), previous = hash(v2), signed by A",
+        "successor",
+        2,
+        device_list(
+            AccountId::of_founder(x.public()),
+            3,
+            *v2.body_hash(),
+            &[(&a, 1)],
+            &[&a],
+        )
+        .encode(),
+        "wrong_account",
+    );
+    neg(
+        "successor_replay",
+        "v2 itself offered again: version 2 is not above 2",
+        "successor",
+        2,
+        v2.encode(),
+        "stale",
+    );
+    neg(
+        "successor_stale_badly_signed",
+        "a version 2 with another previous and a bad signature: the version is checked first",
+        "successor",
+        2,
+        flip_signature(&device_list(account, 2, [9; 32], &[(&a, 1)], &[&a])),
+        "stale",
+    );
+    neg(
+        "successor_gap",
+        "version 4, previous = hash(v2), signed by A: version 3 is missing",
+        "successor",
+        2,
+        device_list(account, 4, *v2.body_hash(), &[(&a, 1)], &[&a]).encode(),
+        "gap",
+    );
+    neg(
+        "successor_bad_signature",
+        "version 3 removing T, signed by A, with a bit of A's signature flipped",
+        "successor",
+        2,
+        flip_signature(&next(&[(&a, 1), (&b, 2)], &[&a])),
+        "bad_signature",
+    );
+    neg(
+        "successor_forged_conflict",
+        "version 3 with a previous that is not hash(v2), signed by A, signature flipped: \
+         the signatures are checked before the chain, so it is no conflict",
+        "successor",
+        2,
+        flip_signature(&device_list(account, 3, [9; 32], &[(&a, 1)], &[&a])),
+        "bad_signature",
+    );
+    neg(
+        "successor_fork",
+        "version 3 with a previous that is not hash(v2), validly signed by A, a device of v2: \
+         a conflict, both lists are evidence",
+        "successor",
+        2,
+        device_list(account, 3, [9; 32], &[(&a, 1)], &[&a]).encode(),
+        "conflict",
+    );
+    neg(
+        "successor_stranger_fork",
+        "version 3 with a previous that is not hash(v2), listing and signed by X only: \
+         nobody of v2 signed it, so it is no conflict",
+        "successor",
+        2,
+        device_list(account, 3, [9; 32], &[(&x, 9)], &[&x]).encode(),
+        "unauthorized",
+    );
+    neg(
+        "successor_device_id_changed",
+        "version 3 keeping A as device 5 (was 1), signed by A",
+        "successor",
+        2,
+        next(&[(&a, 5), (&b, 2), (&t, 3)], &[&a]).encode(),
+        "device_id_changed",
+    );
+    neg(
+        "successor_device_id_reused",
+        "version 3 removing T (device 3) and adding C as device 3, signed by A and C",
+        "successor",
+        2,
+        next(&[(&a, 1), (&b, 2), (&c, 3)], &[&a, &c]).encode(),
+        "device_id_reused",
+    );
+    neg(
+        "successor_only_added_signed",
+        "version 3 adding C (device 4), signed by C only: no device of v2 signed",
+        "successor",
+        2,
+        next(&[(&a, 1), (&b, 2), (&t, 3), (&c, 4)], &[&c]).encode(),
+        "unauthorized",
+    );
+    neg(
+        "successor_stranger_adds_itself",
+        "version 3 = {A, B, T, X}, signed by X only: a stranger cannot add itself",
+        "successor",
+        2,
+        next(&[(&a, 1), (&b, 2), (&t, 3), (&x, 9)], &[&x]).encode(),
+        "unauthorized",
+    );
+    neg(
+        "successor_added_did_not_sign",
+        "version 3 adding C (device 4) and D (device 5), signed by A and C: D did not sign",
+        "successor",
+        2,
+        next(&[(&a, 1), (&b, 2), (&t, 3), (&c, 4), (&d, 5)], &[&a, &c]).encode(),
+        "unauthorized",
+    );
+
+    // The chain verifier: the thief's race.
+    let thief = next(&[(&t, 3)], &[&t]);
+    let honest = next(&[(&a, 1), (&b, 2)], &[&a]);
+    let forged = next(&[(&x, 9)], &[&x]);
+    let v4 = device_list(account, 4, *honest.body_hash(), &[(&a, 1)], &[&a]);
+    let chain_negs: [(&str, &str, Vec<DeviceList>, &str); 4] = [
+        (
+            "chain_thief_race",
+            "offered T's version 3 removing A and B (signed by T) and A's version 3 removing T \
+             (signed by A): the first is accepted, the second is another version 3 that verifies \
+             against v2: conflict (ours: T's, theirs: A's)",
+            vec![thief.clone(), honest.clone()],
+            "conflict",
+        ),
+        (
+            "chain_forged_sibling",
+            "offered A's version 3, then X's version 3 listing only X (signed by X): \
+             not a successor of v2, so no conflict",
+            vec![honest.clone(), forged],
+            "unauthorized",
+        ),
+        (
+            "chain_gap",
+            "offered version 4 (after A's version 3) without version 3",
+            vec![v4],
+            "gap",
+        ),
+        (
+            "chain_bad_signature",
+            "offered A's version 3 with A's signature flipped",
+            vec![DeviceList::decode(&flip_signature(&honest)).expect("decodes")],
+            "bad_signature",
+        ),
+    ];
+    for (name, description, offered, error) in chain_negs {
+        negs.push(Neg {
+            name,
+            description,
+            check: "chain",
+            known: 2,
+            input: Vec::new(),
+            offered,
+            error,
+        });
+    }
+
+    let heads: [Option<&VerifiedDeviceList>; 3] = [None, Some(&h1), Some(&h2)];
+    for n in negs {
+        let head = heads[n.known];
+        let result: Result<(), DeviceListError> = match n.check {
+            "decode" => DeviceList::decode(&n.input).map(|_| ()),
+            "genesis" => DeviceList::decode(&n.input)
+                .expect("decodes")
+                .verify_genesis()
+                .map(|_| ()),
+            "successor" => DeviceList::decode(&n.input)
+                .expect("decodes")
+                .verify_successor(head.expect("a head"))
+                .map(|_| ()),
+            "chain" => DeviceListChain::accept(head, &n.offered).map(|_| ()),
+            other => panic!("check {other}"),
+        };
+        let err = result.expect_err(n.name);
+        assert_eq!(err.profile_kind(), n.error, "{}", n.name);
+        let mut case = json!({
+            "name": n.name,
+            "description": n.description,
+            "check": n.check,
+            "known": known[..n.known],
+            "error": n.error,
+        });
+        if n.check == "chain" {
+            case["offered"] = n.offered.iter().map(|l| h(&l.encode())).collect();
+        } else {
+            case["input"] = h(&n.input);
+        }
+        if let DeviceListError::Conflict { ours, theirs } = &err {
+            case["conflict_ours"] = h(&ours.encode());
+            case["conflict_theirs"] = h(&theirs.encode());
+        }
+        cases.push(case);
     }
     cases
 }

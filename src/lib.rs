@@ -163,6 +163,10 @@ pub mod transport;
 pub use bounds::{MaybeSend, MaybeSync};
 pub use error::{Error, Result};
 pub use protocol::bundle::{self, FreshnessPolicy, PrekeyBundle, VerifiedBundle};
+pub use protocol::devices::{
+    self, AccountId, DeviceEntry, DeviceList, DeviceListChain, DeviceListError, UnsignedDeviceList,
+    VerifiedDeviceList,
+};
 pub use protocol::fingerprint::{Fingerprint, SafetyNumber};
 pub use protocol::hazmat;
 pub use protocol::keys::{IdentityKey, IdentityKeyPair, OneTimePrekey, SignedPrekey};

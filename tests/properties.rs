@@ -632,7 +632,25 @@ fn valid_inputs() -> Vec<Vec<u8>> {
     out.push(fx.alice.to_bytes().to_vec());
     out.push(fx.bob.to_bytes().to_vec());
     out.push(dir.bob.public().as_bytes().to_vec());
+    out.push(device_list());
     out
+}
+
+/// A signed device list of two devices (SPEC 25), signed by both.
+fn device_list() -> Vec<u8> {
+    let a = IdentityKeyPair::from_seed(&[1; 32]);
+    let b = IdentityKeyPair::from_seed(&[2; 32]);
+    let v1 = cubbyhole::DeviceList::genesis(&a, 1)
+        .verify_genesis()
+        .expect("genesis");
+    let entries = [(&a, 1), (&b, 2)].map(|(k, id)| cubbyhole::DeviceEntry {
+        identity: *k.public(),
+        device_id: id,
+    });
+    let mut next = v1.successor(&entries).expect("successor");
+    next.sign(&a).expect("a listed");
+    next.sign(&b).expect("b listed");
+    next.into_list().expect("signed").encode()
 }
 
 /// Runs every decoder on `bytes`; on success, the checks of the fuzz
@@ -641,6 +659,10 @@ fn decode_everything(bytes: &[u8]) {
     targets::decode_incoming(bytes);
     targets::decode_bundle(bytes);
     targets::decode_state(bytes);
+    // A device list decodes only from its one canonical encoding.
+    if let Ok(list) = cubbyhole::DeviceList::decode(bytes) {
+        assert_eq!(list.encode(), bytes);
+    }
     match IdentityKey::from_bytes(bytes) {
         Ok(k) => assert_eq!(&k.as_bytes()[..], bytes),
         Err(Error::Decode(_)) => assert_ne!(bytes.len(), 32),

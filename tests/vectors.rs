@@ -28,12 +28,21 @@
 //! `frames.json` (another implementation's) has that test reported as
 //! ignored: the file runs under its own harness (`libtest-mimic`), which
 //! decides at run time what the directory holds.
+//!
+//! `devices.json` holds the device lists of SPEC.md section 25: valid
+//! chains, every field rebuilt from the seeds, and refused lists with their
+//! error kinds. A directory without it (the interop vectors predate it) has
+//! `device_vectors` reported as ignored.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 
 use cubbyhole::bundle::FreshnessPolicy;
 use cubbyhole::client::frame::{BadFrame, Frame};
+use cubbyhole::devices::{
+    AccountId, DeviceEntry, DeviceList, DeviceListChain, DeviceListError, UnsignedDeviceList,
+    VerifiedDeviceList,
+};
 use cubbyhole::{
     hazmat, Error, IdentityKey, IdentityKeyPair, Incoming, OneTimePrekey, PrekeyBundle,
     PrekeyStore, SafetyNumber, Session, SessionConfig, SignedPrekey,
@@ -807,6 +816,209 @@ fn frame_vectors() {
     eprintln!("frames.json: {valid} valid and {invalid} invalid cases checked");
 }
 
+/// `SHA-256(label || body)`, written out from SPEC.md 25.3 (not through
+/// the crate).
+fn device_list_hash(body: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::new()
+        .chain_update(b"cubbyhole/v1 device list hash")
+        .chain_update(body)
+        .finalize()
+        .into()
+}
+
+/// Checks a valid chain of devices.json: every step rebuilt from its seeds
+/// and device numbers, byte for byte, and verified.
+fn device_chain_case(name: &str, case: &Value) {
+    let steps = case["steps"].as_array().expect("steps");
+    assert!(!steps.is_empty(), "{name}: no steps");
+    let mut head: Option<VerifiedDeviceList> = None;
+    let mut account: Option<AccountId> = None;
+    for (i, step) in steps.iter().enumerate() {
+        let what = format!("{name} step {i}");
+        let mut entries = Vec::new();
+        let mut keys = Vec::new();
+        for d in step["devices"].as_array().expect("devices") {
+            let key = IdentityKeyPair::from_seed(&unhex32(&d["seed"]));
+            check_hex(&what, "identity", &d["identity"], key.public().as_bytes());
+            entries.push(DeviceEntry {
+                identity: *key.public(),
+                device_id: u32::try_from(num(&d["device_id"])).expect("u32 device_id"),
+            });
+            keys.push(key);
+        }
+        let account_id = *account.get_or_insert_with(|| {
+            assert_eq!(entries.len(), 1, "{what}: a first version lists one device");
+            AccountId::of_founder(&entries[0].identity)
+        });
+        check_hex(
+            &what,
+            "account_id",
+            &step["account_id"],
+            account_id.as_bytes(),
+        );
+        let previous = head
+            .as_ref()
+            .map_or([0; 32], |h| device_list_hash(h.body()));
+        check_hex(&what, "previous", &step["previous"], &previous);
+        let version = num(&step["version"]);
+        let mut unsigned = UnsignedDeviceList::new(account_id, version, previous, &entries)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        check_hex(&what, "body", &step["body"], unsigned.body());
+        check_hex(
+            &what,
+            "body_hash",
+            &step["body_hash"],
+            &device_list_hash(unsigned.body()),
+        );
+        for s in step["signers"].as_array().expect("signers") {
+            let signer = keys.get(num(s) as usize).expect("signer index");
+            unsigned
+                .sign(signer)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+        let list = unsigned.into_list().expect("signed");
+        let order: Vec<_> = list.devices().iter().map(|d| d.identity).collect();
+        let given: Vec<_> = entries.iter().map(|d| d.identity).collect();
+        assert_eq!(order, given, "{what}: devices not in the list's order");
+        let signatures = step["signatures"].as_array().expect("signatures");
+        assert_eq!(
+            signatures.len(),
+            list.signatures().len(),
+            "{what}: signatures"
+        );
+        for (s, (index, signature)) in signatures.iter().zip(list.signatures()) {
+            assert_eq!(
+                num(&s["index"]),
+                u64::from(*index),
+                "{what}: signature index"
+            );
+            check_hex(&what, "signature", &s["signature"], signature);
+        }
+        let signed = unhex(&step["signed"]);
+        check_hex(&what, "signed", &step["signed"], &list.encode());
+        assert_eq!(
+            DeviceList::decode(&signed).as_ref(),
+            Ok(&list),
+            "{what}: decode"
+        );
+        let verified = match &head {
+            None => list.verify_genesis(),
+            Some(h) => list.verify_successor(h),
+        };
+        head = Some(verified.unwrap_or_else(|e| panic!("{what}: refused: {e}")));
+    }
+    let account = account.expect("an account");
+    let peer = AccountId(unhex32(&case["peer_account_id"]));
+    assert_eq!(
+        cubbyhole::Fingerprint::of_account(&account).as_str(),
+        case["account_fingerprint"],
+        "{name}: account_fingerprint"
+    );
+    assert_eq!(
+        cubbyhole::Fingerprint::of_account(&peer).as_str(),
+        case["peer_fingerprint"],
+        "{name}: peer_fingerprint"
+    );
+    for (x, y) in [(&account, &peer), (&peer, &account)] {
+        assert_eq!(
+            SafetyNumber::for_accounts(x, y).as_str(),
+            case["account_safety_number"],
+            "{name}: account_safety_number"
+        );
+    }
+}
+
+/// Checks one case of devices.json.
+fn device_case(case: &Value) {
+    let name = case["name"].as_str().expect("name");
+    if case["error"].is_null() {
+        return device_chain_case(name, case);
+    }
+    let expected = case["error"].as_str().expect("error");
+    let decode =
+        |v: &Value| DeviceList::decode(&unhex(v)).unwrap_or_else(|e| panic!("{name}: decode: {e}"));
+    let mut head: Option<VerifiedDeviceList> = None;
+    for list in case["known"].as_array().expect("known") {
+        let list = decode(list);
+        let verified = match &head {
+            None => list.verify_genesis(),
+            Some(h) => list.verify_successor(h),
+        };
+        head = Some(verified.unwrap_or_else(|e| panic!("{name}: known list refused: {e}")));
+    }
+    let got: DeviceListError = match case["check"].as_str().expect("check") {
+        "decode" => DeviceList::decode(&unhex(&case["input"]))
+            .err()
+            .unwrap_or_else(|| panic!("{name}: decode: accepted, expected {expected}")),
+        "genesis" => decode(&case["input"])
+            .verify_genesis()
+            .err()
+            .unwrap_or_else(|| panic!("{name}: genesis: accepted, expected {expected}")),
+        "successor" => decode(&case["input"])
+            .verify_successor(head.as_ref().expect("successor: known is empty"))
+            .err()
+            .unwrap_or_else(|| panic!("{name}: successor: accepted, expected {expected}")),
+        "chain" => {
+            let offered: Vec<DeviceList> = case["offered"]
+                .as_array()
+                .expect("offered")
+                .iter()
+                .map(decode)
+                .collect();
+            DeviceListChain::accept(head.as_ref(), &offered)
+                .err()
+                .unwrap_or_else(|| panic!("{name}: chain: accepted, expected {expected}"))
+        }
+        other => panic!("{name}: unknown check {other:?}"),
+    };
+    assert_eq!(got.profile_kind(), expected, "{name}: error kind");
+    if let DeviceListError::Conflict { ours, theirs } = &got {
+        check_hex(
+            name,
+            "conflict_ours",
+            &case["conflict_ours"],
+            &ours.encode(),
+        );
+        check_hex(
+            name,
+            "conflict_theirs",
+            &case["conflict_theirs"],
+            &theirs.encode(),
+        );
+    } else {
+        assert!(
+            case["conflict_ours"].is_null(),
+            "{name}: evidence without a conflict"
+        );
+        assert!(
+            case["conflict_theirs"].is_null(),
+            "{name}: evidence without a conflict"
+        );
+    }
+}
+
+fn device_vectors() {
+    let Some(file) = load_optional("devices.json") else {
+        panic!("devices.json: not in {}", dir().display());
+    };
+    assert_eq!(file["profile"], "cubbyhole/v1", "devices.json: profile");
+    let (mut valid, mut refused) = (0, 0);
+    for case in cases(&file) {
+        device_case(case);
+        if case["error"].is_null() {
+            valid += 1;
+        } else {
+            refused += 1;
+        }
+    }
+    assert!(
+        valid > 0 && refused > 0,
+        "devices.json: valid and refused cases"
+    );
+    eprintln!("devices.json: {valid} valid chains and {refused} refused lists checked");
+}
+
 /// Fields that are names or prose: no check can depend on them.
 const FREE_TEXT: &[&str] = &["name", "description", "generator"];
 
@@ -829,6 +1041,16 @@ const LOOSE: &[(&str, &str, &str)] = &[
         "delivery[].index",
         "in cases that drop messages, the next index may be another message never \
          delivered, which decrypts as well",
+    ),
+    (
+        "devices.json",
+        "input",
+        "a refused list with one more bit flipped is often refused for the same reason",
+    ),
+    (
+        "devices.json",
+        "offered[]",
+        "a refused list with one more bit flipped is often refused for the same reason",
     ),
     (
         "negative.json",
@@ -971,6 +1193,7 @@ fn every_field_is_checked() {
     let x3dh = load("x3dh.json");
     let fingerprint = load("fingerprint.json");
     let frames = load_optional("frames.json");
+    let devices = load_optional("devices.json");
     let mut files: Vec<(&str, &Value, CaseCheck<'_>)> = vec![
         ("x3dh.json", &x3dh, Box::new(x3dh_case)),
         ("fingerprint.json", &fingerprint, Box::new(fingerprint_case)),
@@ -995,6 +1218,9 @@ fn every_field_is_checked() {
                 frame_case(c);
             }),
         ));
+    }
+    if let Some(devices) = &devices {
+        files.push(("devices.json", devices, Box::new(device_case)));
     }
 
     let mut unchecked = Vec::new();
@@ -1082,12 +1308,20 @@ fn main() {
             dir().display()
         );
     }
+    let devices = dir().join("devices.json").exists();
+    if !devices {
+        eprintln!(
+            "note: device_vectors ignored: no devices.json in {}",
+            dir().display()
+        );
+    }
     let trials = vec![
         trial("x3dh_vectors", x3dh_vectors),
         trial("session_vectors", session_vectors),
         trial("negative_vectors", negative_vectors),
         trial("fingerprint_vectors", fingerprint_vectors),
         trial("frame_vectors", frame_vectors).with_ignored_flag(!frames),
+        trial("device_vectors", device_vectors).with_ignored_flag(!devices),
         trial("every_field_is_checked", every_field_is_checked),
     ];
     libtest_mimic::run(&Arguments::from_args(), trials).exit();

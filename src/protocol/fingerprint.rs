@@ -7,11 +7,16 @@
 //!               each mod 100000, as 5 zero-padded digits   (30 digits)
 //! safety number = both fingerprints, numerically smaller first (60 digits)
 //! ```
+//!
+//! Accounts (SPEC.md 25.8) have the same construction over the 32-byte
+//! account id with the label `"cubbyhole/v1 account fingerprint"`:
+//! [`Fingerprint::of_account`], [`SafetyNumber::for_accounts`].
 
 use core::fmt;
 
 use sha2::{Digest, Sha512};
 
+use crate::protocol::devices::{AccountId, ACCOUNT_FINGERPRINT_LABEL};
 use crate::protocol::keys::IdentityKey;
 
 const LABEL: &[u8] = b"cubbyhole/v1 fingerprint";
@@ -24,16 +29,27 @@ pub struct Fingerprint([u8; 30]);
 impl Fingerprint {
     /// Computes the fingerprint of an identity key.
     pub fn of(identity: &IdentityKey) -> Self {
-        let ik = identity.as_bytes();
+        Self::iterated(LABEL, identity.as_bytes())
+    }
+
+    /// Computes the fingerprint of an account id (label
+    /// `"cubbyhole/v1 account fingerprint"`, SPEC.md 25.8).
+    pub fn of_account(account: &AccountId) -> Self {
+        Self::iterated(ACCOUNT_FINGERPRINT_LABEL, account.as_bytes())
+    }
+
+    /// `h = SHA-512(label || input)`, 5200 times `h = SHA-512(h || input)`,
+    /// then the digits of the first 30 bytes.
+    fn iterated(label: &[u8], input: &[u8; 32]) -> Self {
         let mut h: [u8; 64] = Sha512::new()
-            .chain_update(LABEL)
-            .chain_update(ik)
+            .chain_update(label)
+            .chain_update(input)
             .finalize()
             .into();
         for _ in 0..ITERATIONS {
             h = Sha512::new()
                 .chain_update(h)
-                .chain_update(ik)
+                .chain_update(input)
                 .finalize()
                 .into();
         }
@@ -74,7 +90,16 @@ pub struct SafetyNumber([u8; 60]);
 impl SafetyNumber {
     /// The safety number of two identity keys (order does not matter).
     pub fn new(a: &IdentityKey, b: &IdentityKey) -> Self {
-        let (fa, fb) = (Fingerprint::of(a), Fingerprint::of(b));
+        Self::of_fingerprints(Fingerprint::of(a), Fingerprint::of(b))
+    }
+
+    /// The account safety number of two accounts (order does not matter,
+    /// SPEC.md 25.8): it does not change when their devices change.
+    pub fn for_accounts(a: &AccountId, b: &AccountId) -> Self {
+        Self::of_fingerprints(Fingerprint::of_account(a), Fingerprint::of_account(b))
+    }
+
+    fn of_fingerprints(fa: Fingerprint, fb: Fingerprint) -> Self {
         // Equal-length digit strings compare numerically as bytes.
         let (lo, hi) = if fa <= fb { (fa, fb) } else { (fb, fa) };
         let mut out = [0u8; 60];

@@ -10,6 +10,7 @@
 )]
 
 pub mod bundle;
+pub mod devices;
 pub mod fingerprint;
 pub mod hazmat;
 pub mod keys;
