@@ -333,7 +333,10 @@ fn settle(net: &Net, devices: &mut [&mut Dev], rng: &mut ChaCha20Rng) {
 
 /// A device's account messages: (logical id, sender device, sent copy,
 /// attributed account, body), in inbox order.
-fn shown(d: &Dev) -> Vec<(MessageId, DeviceAddress, bool, Option<AccountId>, Vec<u8>)> {
+/// (logical id, sender device, sent copy, attributed account, body).
+type Shown = (MessageId, DeviceAddress, bool, Option<AccountId>, Vec<u8>);
+
+fn shown(d: &Dev) -> Vec<Shown> {
     block_on(d.account_inbox())
         .unwrap()
         .into_iter()
