@@ -277,7 +277,7 @@ pub trait DeviceDirectory: MaybeSend + MaybeSync {
     /// directory does not know, or the successor of its newest stored version.
     /// Errors: `Replayed` for a version the directory already holds (identical or not: a
     /// different list of a held version is a conflict, `TransportError::Conflict` if B adds
-    /// that variant (TransportError is #[non_exhaustive]) — B decides and documents),
+    /// that variant (TransportError is `#[non_exhaustive]`) — B decides and documents),
     /// `BadRequest(..)` for a malformed list or a gap, `Unauthorized` for signatures that do
     /// not authorize it (SPEC 25.5/25.6 kinds mapped; B documents the mapping in SPEC 25.12).
     fn publish_device_list(
