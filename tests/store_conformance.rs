@@ -5,11 +5,12 @@
 use cubbyhole::client::block_on;
 use cubbyhole::storage::conformance::{self, Violation, CHECKS};
 use cubbyhole::storage::{
-    BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MemoryStore,
-    MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage,
-    SessionRecord, StoreError,
+    AccountRecord, BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity,
+    MemoryStore, MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit,
+    SendCopy, SentMessage, SessionRecord, StoreError,
 };
 use cubbyhole::transport::{DeviceAddress, EnvelopeId};
+use cubbyhole::AccountId;
 
 #[test]
 fn the_memory_store_conforms() {
@@ -317,6 +318,24 @@ impl BlockingStore for Broken {
     }
     fn peers(&self) -> Result<Vec<PeerRecord>, StoreError> {
         self.inner.peers()
+    }
+    fn commit_send_many(&mut self, copies: &[SendCopy]) -> Result<(), StoreError> {
+        self.inner.commit_send_many(copies)
+    }
+    fn own_account(&self) -> Result<Option<AccountRecord>, StoreError> {
+        self.inner.own_account()
+    }
+    fn set_own_account(&mut self, record: &AccountRecord) -> Result<(), StoreError> {
+        self.inner.set_own_account(record)
+    }
+    fn account(&self, account: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
+        self.inner.account(account)
+    }
+    fn set_account(&mut self, record: &AccountRecord) -> Result<(), StoreError> {
+        self.inner.set_account(record)
+    }
+    fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.inner.accounts()
     }
     fn commit_send(
         &mut self,

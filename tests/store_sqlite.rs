@@ -716,7 +716,7 @@ fn reopening_from_disk_keeps_everything() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, SqliteStore::SCHEMA_VERSION);
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 3);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 4);
 }
 
 #[test]
@@ -1852,7 +1852,7 @@ fn tables(c: &rusqlite::Connection) -> Vec<String> {
 
 #[test]
 fn a_version_1_database_is_migrated_with_its_data() {
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 3);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 4);
     let dir = TempDir::new("migrate");
     let mut w = world(19);
     let v1 = version_1_database(&dir.db(), &mut w);
@@ -1866,9 +1866,10 @@ fn a_version_1_database_is_migrated_with_its_data() {
 
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     let c = raw(&dir.db());
-    assert_eq!(version(&c), 3);
+    assert_eq!(version(&c), 4);
     let names = tables(&c);
     for t in [
+        "accounts",
         "identity",
         "inbox",
         "meta",
@@ -1930,9 +1931,23 @@ fn a_version_1_database_is_migrated_with_its_data() {
     );
     store.update_sent(&m).unwrap();
     store.quarantine_session(&a, NOW, "test").unwrap();
+    // Version 4: accounts (own and contacts), sealed.
+    assert!(store.own_account().unwrap().is_none());
+    let genesis = cubbyhole::DeviceList::genesis(&w.me.keys, 1);
+    let own = cubbyhole::storage::AccountRecord {
+        account: *genesis.account_id(),
+        head: genesis.encode(),
+        parent: None,
+        trust: cubbyhole::storage::Trust::Validated,
+        evidence: None,
+        updated_at: NOW,
+    };
+    store.set_own_account(&own).unwrap();
     drop(store);
     let store = SqliteStore::open(dir.db(), &KEY).unwrap();
-    assert_eq!(version(&raw(&dir.db())), 3);
+    assert_eq!(version(&raw(&dir.db())), 4);
+    assert_eq!(store.own_account().unwrap(), Some(own));
+    assert!(store.accounts().unwrap().is_empty());
     assert_eq!(store.sent_messages().unwrap(), [m]);
     let q = store.quarantined().unwrap();
     assert_eq!((q.len(), q[0].peer), (1, a));

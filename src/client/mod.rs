@@ -30,6 +30,7 @@
 //! in its header (or, for a new chain, by trying the sessions that await
 //! one), and a prekey message by its IK_A and EK_A.
 
+pub mod accounts;
 pub mod frame;
 
 use std::collections::{HashMap, HashSet};
@@ -161,6 +162,12 @@ pub enum ClientError {
     Compromised,
     /// The body is too long for one message.
     TooLong,
+    /// A device list was refused (SPEC.md 25.6), or a stored one does not
+    /// load.
+    DeviceList(Box<crate::protocol::devices::DeviceListError>),
+    /// This device has no account yet ([`Client::create_account`]), or the
+    /// contact's account was never fetched ([`Client::refresh_account`]).
+    NoAccount,
 }
 
 impl fmt::Display for ClientError {
@@ -174,6 +181,8 @@ impl fmt::Display for ClientError {
             }
             ClientError::Compromised => f.write_str("the peer is marked compromised"),
             ClientError::TooLong => f.write_str("message body too long"),
+            ClientError::DeviceList(_) => f.write_str("a device list was refused"),
+            ClientError::NoAccount => f.write_str("no such account"),
         }
     }
 }
@@ -188,7 +197,11 @@ impl std::error::Error for ClientError {
             ClientError::Protocol(e) => Some(e),
             ClientError::Store(e) => Some(e),
             ClientError::Transport(e) => Some(e),
-            ClientError::WrongIdentity | ClientError::Compromised | ClientError::TooLong => None,
+            ClientError::DeviceList(e) => Some(&**e),
+            ClientError::WrongIdentity
+            | ClientError::Compromised
+            | ClientError::TooLong
+            | ClientError::NoAccount => None,
         }
     }
 }

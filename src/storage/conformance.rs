@@ -114,11 +114,12 @@ use rand_core::{CryptoRng, RngCore};
 use zeroize::Zeroizing;
 
 use super::{
-    ContactRecord, DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId, OutboxEntry,
-    PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionEntry, SessionRecord,
-    Store, StoreError, Trust,
+    AccountRecord, ContactRecord, DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId,
+    OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionEntry,
+    SessionRecord, Store, StoreError, Trust,
 };
 use crate::protocol::bundle::{FreshnessPolicy, VerifiedBundle};
+use crate::protocol::devices::AccountId;
 use crate::protocol::keys::IdentityKeyPair;
 use crate::protocol::prekeys::PrekeyStore;
 use crate::protocol::ratchet::SessionConfig;
@@ -285,6 +286,17 @@ checks! {
     /// given, stores the sent message (a known id is updated in place); a
     /// send without a sent message stores none.
     check_commit_send => "commit_send", commit_send;
+    /// `commit_send_many`: [`Store::commit_send_many`] stores every copy:
+    /// each recipient's session record, each outbox entry (in the order
+    /// given, after those already queued) and each sent message.
+    check_commit_send_many => "commit_send_many", commit_send_many;
+    /// `accounts`: [`Store::own_account`] returns what
+    /// [`Store::set_own_account`] stored (every field), a second one
+    /// replaces it (even of another account); [`Store::account`] and
+    /// [`Store::accounts`] return what [`Store::set_account`] stored, each
+    /// account once, by account id, a second one replacing it; the own
+    /// account is not a contact's and a contact's is not the own.
+    check_accounts => "accounts", accounts;
     /// `outbox`: [`Store::outbox`] lists the committed entries, whole, oldest
     /// first (in commit order, whatever their ids); [`Store::remove_outbox`]
     /// removes one and keeps the others' order; removing an unknown id
@@ -1369,6 +1381,117 @@ async fn commit_send<S: Store>(store: &mut S) -> Outcome {
     )
 }
 
+async fn commit_send_many<S: Store>(store: &mut S) -> Outcome {
+    let mut fx = Fixture::new()?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
+    let (a0, a1, a2) = (fx.address(0), fx.address(1), fx.address(2));
+    let e9 = entry(a2, eid(9), vec![9; 10], NOW - 1);
+    let r2 = fx.record(2)?;
+    store
+        .commit_send(&r2, &e9, None)
+        .await
+        .or_fail("commit_send")?;
+    let (r0, r1) = (fx.record(0)?, fx.record(1)?);
+    let (e0, e1) = (
+        entry(a0, eid(0), vec![1; 40], NOW),
+        entry(a1, eid(1), vec![2; 30], NOW),
+    );
+    let (s0, s1) = (
+        sent(0, a0, DeliveryState::Stored, NOW),
+        sent(1, a1, DeliveryState::Stored, NOW),
+    );
+    store
+        .commit_send_many(&[
+            (r1.clone(), e1.clone(), Some(s1.clone())),
+            (r0.clone(), e0.clone(), Some(s0.clone())),
+        ])
+        .await
+        .or_fail("commit_send_many")?;
+    let what = "after commit_send_many";
+    session_is(store, &a0, &r0, what).await?;
+    session_is(store, &a1, &r1, what).await?;
+    session_is(store, &a2, &r2, what).await?;
+    same(
+        &format!("{what}: outbox()"),
+        &store.outbox().await.or_fail("outbox")?,
+        &vec![e9, e1, e0],
+    )?;
+    let mut got = store.sent_messages().await.or_fail("sent_messages")?;
+    got.sort_by_key(|m| m.id);
+    let mut want = vec![s0, s1];
+    want.sort_by_key(|m| m.id);
+    same(&format!("{what}: sent_messages()"), &got, &want)
+}
+
+fn account_record(k: u8, trust: Trust, evidence: bool) -> AccountRecord {
+    AccountRecord {
+        account: AccountId([k; 32]),
+        head: vec![k; 200],
+        parent: (k % 2 == 0).then(|| vec![k ^ 0xff; 110]),
+        trust,
+        evidence: evidence.then(|| (vec![1; AccountRecord::MAX_LIST], vec![2; 74])),
+        updated_at: NOW + u64::from(k),
+    }
+}
+
+async fn accounts<S: Store>(store: &mut S) -> Outcome {
+    same(
+        "a new store: own_account()",
+        &store.own_account().await.or_fail("own_account")?,
+        &None,
+    )?;
+    let own = account_record(5, Trust::Validated, false);
+    store
+        .set_own_account(&own)
+        .await
+        .or_fail("set_own_account")?;
+    same(
+        "own_account()",
+        &store.own_account().await.or_fail("own_account")?,
+        &Some(own.clone()),
+    )?;
+    let c1 = account_record(9, Trust::Unvalidated, false);
+    let c0 = account_record(2, Trust::Compromised, true);
+    store.set_account(&c1).await.or_fail("set_account")?;
+    store.set_account(&c0).await.or_fail("set_account")?;
+    same(
+        "account()",
+        &store.account(&c0.account).await.or_fail("account")?,
+        &Some(c0.clone()),
+    )?;
+    same(
+        "account() of the own account (not a contact)",
+        &store.account(&own.account).await.or_fail("account")?,
+        &None,
+    )?;
+    same(
+        "accounts()",
+        &store.accounts().await.or_fail("accounts")?,
+        &vec![c0.clone(), c1.clone()],
+    )?;
+    let c1b = AccountRecord {
+        trust: Trust::Validated,
+        head: vec![3; 300],
+        ..c1
+    };
+    store.set_account(&c1b).await.or_fail("set_account")?;
+    same(
+        "accounts() after a replacement",
+        &store.accounts().await.or_fail("accounts")?,
+        &vec![c0, c1b],
+    )?;
+    let own2 = account_record(7, Trust::Validated, false);
+    store
+        .set_own_account(&own2)
+        .await
+        .or_fail("set_own_account")?;
+    same(
+        "own_account() after a replacement",
+        &store.own_account().await.or_fail("own_account")?,
+        &Some(own2),
+    )
+}
+
 async fn outbox<S: Store>(store: &mut S) -> Outcome {
     let mut fx = Fixture::new()?;
     store.set_identity(&fx.me).await.or_fail("set_identity")?;
@@ -2302,8 +2425,8 @@ async fn snapshot<S: Store>(
 /// completes it).
 pub const MAX_INJECTED_WRITE: u32 = 400;
 
-/// `atomicity`: [`Store::commit_send`], [`Store::commit_receive`] and
-/// [`Store::quarantine_session`] apply all their changes or none, whatever
+/// `atomicity`: [`Store::commit_send`], [`Store::commit_receive`],
+/// [`Store::quarantine_session`] and [`Store::commit_send_many`] apply all their changes or none, whatever
 /// write fails. For `n = 0, 1, 2, ...` the check asks `inject(store,
 /// Some(n))` to make the `n`-th write from then on fail (0: the first) and
 /// runs the commit: while it fails, everything the trait shows must be as
@@ -2433,6 +2556,35 @@ async fn atomicity<S: Store>(
         &keys,
         "quarantine_session",
         async |s: &mut S| s.quarantine_session(&a2, NOW, "test").await,
+    )
+    .await?;
+
+    // 4. commit_send_many: three copies of one message (records, outbox
+    // entries, sent messages).
+    let copies = [
+        (
+            fx.record(0)?,
+            entry(a0, eid(42), vec![6], NOW),
+            Some(sent(3, a0, DeliveryState::Stored, NOW)),
+        ),
+        (
+            fx.record(1)?,
+            entry(a1, eid(43), vec![7], NOW),
+            Some(sent(4, a1, DeliveryState::Stored, NOW)),
+        ),
+        (
+            fx.record(2)?,
+            entry(a2, eid(44), vec![8], NOW),
+            Some(sent(5, a2, DeliveryState::Stored, NOW)),
+        ),
+    ];
+    attempts(
+        store,
+        &mut inject,
+        &ids,
+        &keys,
+        "commit_send_many",
+        async |s: &mut S| s.commit_send_many(&copies).await,
     )
     .await
 }

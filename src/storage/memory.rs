@@ -7,9 +7,11 @@ use std::vec::Vec;
 use std::string::ToString;
 
 use super::{
-    BlockingStore, ContactRecord, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord,
-    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord, StoreError,
+    AccountRecord, BlockingStore, ContactRecord, InboxMessage, LocalIdentity, MessageId,
+    OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy, SentMessage,
+    SessionRecord, StoreError,
 };
+use crate::protocol::devices::AccountId;
 use crate::transport::{DeviceAddress, EnvelopeId};
 
 /// A [`Store`](super::Store) in memory (a [`BlockingStore`] that never
@@ -35,6 +37,8 @@ pub struct MemoryStore {
     processed: HashMap<EnvelopeId, u64>,
     inbox: Vec<InboxMessage>,
     inbox_ids: BTreeSet<EnvelopeId>,
+    own_account: Option<AccountRecord>,
+    accounts: BTreeMap<[u8; 32], AccountRecord>,
 }
 
 impl MemoryStore {
@@ -183,6 +187,31 @@ impl BlockingStore for MemoryStore {
             self.update_sent(sent)?;
         }
         Ok(())
+    }
+    fn commit_send_many(&mut self, copies: &[SendCopy]) -> Result<(), StoreError> {
+        // Nothing below fails: all copies are stored, or (an error before
+        // this point) none.
+        for (record, entry, sent) in copies {
+            self.commit_send(record, entry, sent.as_ref())?;
+        }
+        Ok(())
+    }
+    fn own_account(&self) -> Result<Option<AccountRecord>, StoreError> {
+        Ok(self.own_account.clone())
+    }
+    fn set_own_account(&mut self, record: &AccountRecord) -> Result<(), StoreError> {
+        self.own_account = Some(record.clone());
+        Ok(())
+    }
+    fn account(&self, account: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
+        Ok(self.accounts.get(account.as_bytes()).cloned())
+    }
+    fn set_account(&mut self, record: &AccountRecord) -> Result<(), StoreError> {
+        self.accounts.insert(record.account.0, record.clone());
+        Ok(())
+    }
+    fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        Ok(self.accounts.values().cloned().collect())
     }
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         Ok(self.outbox.clone())

@@ -71,6 +71,7 @@ pub use record::{SessionEntry, SessionRecord};
 pub use sqlite::SqliteStore;
 
 use crate::bounds::{MaybeSend, MaybeSync};
+use crate::protocol::devices::AccountId;
 use crate::protocol::keys::IdentityKeyPair;
 use crate::protocol::prekeys::PrekeyStore;
 use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
@@ -481,6 +482,125 @@ impl fmt::Debug for Quarantined {
     }
 }
 
+/// What the device keeps of an account (SPEC.md 25.7, 25.8): its own
+/// account or a contact's. The lists are the signed encodings (SPEC.md
+/// 25.3), verified before they were stored; a client restores the head by
+/// taking the parent on first use and verifying the head as its successor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccountRecord {
+    /// The account id.
+    pub account: AccountId,
+    /// The newest verified list (signed encoding).
+    pub head: Vec<u8>,
+    /// The list the head was verified as the successor of, if any (kept to
+    /// authenticate a conflicting sibling of the head).
+    pub parent: Option<Vec<u8>>,
+    /// Trust in the person (the three states of SPEC.md 22.3, per account).
+    pub trust: Trust,
+    /// The evidence of a conflict (`ours`, `theirs`: two signed lists of one
+    /// version), kept once the account was marked compromised by one.
+    pub evidence: Option<(Vec<u8>, Vec<u8>)>,
+    /// When the record last changed (unix seconds).
+    pub updated_at: u64,
+}
+
+impl AccountRecord {
+    /// The longest list encoding a record holds (SPEC.md 25.10: 1691 bytes).
+    pub const MAX_LIST: usize = 74 + 36 * 16 + 1 + 65 * 16;
+
+    /// Serializes the record: `0x01 || account (32) || trust (1) ||
+    /// updated_at (8) || head (2-byte length || bytes) || parent flag (1) [||
+    /// parent (2 || bytes)] || evidence flag (1) [|| ours (2 || bytes) ||
+    /// theirs (2 || bytes)]`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+            let bytes = &bytes[..bytes.len().min(AccountRecord::MAX_LIST)];
+            out.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+            out.extend_from_slice(bytes);
+        }
+        let mut out = Vec::with_capacity(64 + self.head.len() * 3);
+        out.push(1);
+        out.extend_from_slice(self.account.as_bytes());
+        out.push(self.trust.code());
+        out.extend_from_slice(&self.updated_at.to_be_bytes());
+        put(&mut out, &self.head);
+        match &self.parent {
+            Some(parent) => {
+                out.push(1);
+                put(&mut out, parent);
+            }
+            None => out.push(0),
+        }
+        match &self.evidence {
+            Some((ours, theirs)) => {
+                out.push(1);
+                put(&mut out, ours);
+                put(&mut out, theirs);
+            }
+            None => out.push(0),
+        }
+        out
+    }
+
+    /// Restores [`Self::to_bytes`].
+    ///
+    /// # Errors
+    /// [`crate::Error::State`] for malformed input.
+    pub fn from_bytes(bytes: &[u8]) -> crate::Result<Self> {
+        let bad = crate::Error::State("account record");
+        fn list(r: &mut Cursor<'_>) -> Option<Vec<u8>> {
+            let len = usize::from(r.u16()?);
+            if len > AccountRecord::MAX_LIST {
+                return None;
+            }
+            Some(r.take(len)?.to_vec())
+        }
+        fn flag(r: &mut Cursor<'_>) -> Option<bool> {
+            match r.u8()? {
+                0 => Some(false),
+                1 => Some(true),
+                _ => None,
+            }
+        }
+        let mut r = Cursor(bytes);
+        if r.u8().ok_or(bad)? != 1 {
+            return Err(bad);
+        }
+        let account = AccountId(r.array().ok_or(bad)?);
+        let trust = Trust::from_code(r.u8().ok_or(bad)?).ok_or(bad)?;
+        let updated_at = r.u64().ok_or(bad)?;
+        let head = list(&mut r).ok_or(bad)?;
+        let parent = match flag(&mut r).ok_or(bad)? {
+            true => Some(list(&mut r).ok_or(bad)?),
+            false => None,
+        };
+        let evidence = match flag(&mut r).ok_or(bad)? {
+            true => Some((list(&mut r).ok_or(bad)?, list(&mut r).ok_or(bad)?)),
+            false => None,
+        };
+        if !r.0.is_empty() {
+            return Err(bad);
+        }
+        Ok(AccountRecord {
+            account,
+            head,
+            parent,
+            trust,
+            evidence,
+            updated_at,
+        })
+    }
+}
+
+/// One copy of a fan-out ([`Store::commit_send_many`]): the recipient
+/// device's session record, the envelope for the outbox and, if given, the
+/// sent message kept for re-sending.
+pub type SendCopy = (SessionRecord, OutboxEntry, Option<SentMessage>);
+
+fn accounts_unsupported() -> StoreError {
+    StoreError::Backend("this store does not keep accounts".into())
+}
+
 /// A storage failure.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -684,6 +804,39 @@ pub trait BlockingStore {
             .filter(|(_, r)| r.as_ref().map_or(true, SessionRecord::awaits_ratchet_key))
             .map(|(a, _)| a)
             .collect())
+    }
+
+    /// Atomically stores every copy of one fan-out (SPEC.md 25.13): each
+    /// recipient device's session record, its envelope in the outbox and
+    /// its sent message, all or none. The default refuses (a loop over
+    /// [`Self::commit_send`] would not be atomic).
+    fn commit_send_many(&mut self, copies: &[SendCopy]) -> Result<(), StoreError> {
+        let _ = copies;
+        Err(accounts_unsupported())
+    }
+    /// The device's own account (`None`: it has none yet). The default
+    /// keeps none.
+    fn own_account(&self) -> Result<Option<AccountRecord>, StoreError> {
+        Ok(None)
+    }
+    /// Stores (replaces) the device's own account. The default refuses.
+    fn set_own_account(&mut self, record: &AccountRecord) -> Result<(), StoreError> {
+        let _ = record;
+        Err(accounts_unsupported())
+    }
+    /// A contact's account, by id. The default keeps none.
+    fn account(&self, account: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
+        let _ = account;
+        Ok(None)
+    }
+    /// Stores (replaces) a contact's account. The default refuses.
+    fn set_account(&mut self, record: &AccountRecord) -> Result<(), StoreError> {
+        let _ = record;
+        Err(accounts_unsupported())
+    }
+    /// Every contact account, ordered by account id. The default keeps none.
+    fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        Ok(Vec::new())
     }
 }
 
@@ -935,6 +1088,49 @@ pub trait Store: MaybeSend + MaybeSync {
                 .collect())
         }
     }
+
+    /// [`BlockingStore::commit_send_many`].
+    fn commit_send_many(
+        &mut self,
+        copies: &[SendCopy],
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        let _ = copies;
+        core::future::ready(Err(accounts_unsupported()))
+    }
+    /// [`BlockingStore::own_account`].
+    fn own_account(
+        &self,
+    ) -> impl Future<Output = Result<Option<AccountRecord>, StoreError>> + MaybeSend {
+        core::future::ready(Ok(None))
+    }
+    /// [`BlockingStore::set_own_account`].
+    fn set_own_account(
+        &mut self,
+        record: &AccountRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        let _ = record;
+        core::future::ready(Err(accounts_unsupported()))
+    }
+    /// [`BlockingStore::account`].
+    fn account(
+        &self,
+        account: &AccountId,
+    ) -> impl Future<Output = Result<Option<AccountRecord>, StoreError>> + MaybeSend {
+        let _ = account;
+        core::future::ready(Ok(None))
+    }
+    /// [`BlockingStore::set_account`].
+    fn set_account(
+        &mut self,
+        record: &AccountRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        let _ = record;
+        core::future::ready(Err(accounts_unsupported()))
+    }
+    /// [`BlockingStore::accounts`].
+    fn accounts(&self) -> impl Future<Output = Result<Vec<AccountRecord>, StoreError>> + MaybeSend {
+        core::future::ready(Ok(Vec::new()))
+    }
 }
 
 /// Every blocking store is a store: each method does its work when called
@@ -1165,6 +1361,39 @@ impl<T: BlockingStore + MaybeSend + MaybeSync> Store for T {
         &self,
     ) -> impl Future<Output = Result<Vec<DeviceAddress>, StoreError>> + MaybeSend {
         core::future::ready(BlockingStore::awaiting_ratchet_key(self))
+    }
+
+    fn commit_send_many(
+        &mut self,
+        copies: &[SendCopy],
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::commit_send_many(self, copies))
+    }
+    fn own_account(
+        &self,
+    ) -> impl Future<Output = Result<Option<AccountRecord>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::own_account(self))
+    }
+    fn set_own_account(
+        &mut self,
+        record: &AccountRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::set_own_account(self, record))
+    }
+    fn account(
+        &self,
+        account: &AccountId,
+    ) -> impl Future<Output = Result<Option<AccountRecord>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::account(self, account))
+    }
+    fn set_account(
+        &mut self,
+        record: &AccountRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::set_account(self, record))
+    }
+    fn accounts(&self) -> impl Future<Output = Result<Vec<AccountRecord>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::accounts(self))
     }
 }
 

@@ -22,10 +22,11 @@ use zeroize::Zeroizing;
 #[allow(unused_imports)] // the docs' links
 use super::Store;
 use super::{
-    BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity, MessageId,
-    OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionRecord,
-    StoreError, Trust, LOCAL_IDENTITY_LEN,
+    AccountRecord, BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity,
+    MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy,
+    SentMessage, SessionRecord, StoreError, Trust, LOCAL_IDENTITY_LEN,
 };
+use crate::protocol::devices::AccountId;
 use crate::protocol::keys::IdentityKey;
 use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
 
@@ -39,6 +40,7 @@ const T_INBOX: &str = "inbox";
 const T_QUARANTINE: &str = "quarantine";
 const T_SENT: &str = "sent";
 const T_CONTACTS: &str = "contacts";
+const T_ACCOUNTS: &str = "accounts";
 
 /// The key of the singleton rows (identity, prekeys), as stored and as
 /// bound into their associated data.
@@ -135,7 +137,7 @@ type Migration = fn(&Transaction<'_>, &Sealer) -> Result<(), StoreError>;
 
 /// The schema steps, in order. To change the schema, append a step: never
 /// edit a published one.
-const MIGRATIONS: &[Migration] = &[migrate_v1, migrate_v2, migrate_v3];
+const MIGRATIONS: &[Migration] = &[migrate_v1, migrate_v2, migrate_v3, migrate_v4];
 
 /// Version 1: the tables and the key check row.
 fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
@@ -233,6 +235,71 @@ fn migrate_v2(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
          ) WITHOUT ROWID, STRICT;",
     )
     .map_err(backend)
+}
+
+/// Version 4: accounts (SPEC.md 25): the device's own account (`kind` 0,
+/// at most one row) and its contacts' accounts (`kind` 1), each an
+/// [`AccountRecord`] sealed under its kind and account id.
+fn migrate_v4(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE TABLE accounts (
+             kind INTEGER NOT NULL CHECK (kind IN (0, 1)),
+             account_id BLOB NOT NULL CHECK (length(account_id) = 32),
+             record BLOB NOT NULL,
+             PRIMARY KEY (kind, account_id)
+         ) WITHOUT ROWID, STRICT;",
+    )
+    .map_err(backend)
+}
+
+/// One copy of a send, sealed before its transaction opens.
+struct SealedSend<'a> {
+    record: Vec<u8>,
+    routes: Routes,
+    sent: Option<(&'a SentMessage, Vec<u8>)>,
+}
+
+/// Writes a sealed send (session record, routes, outbox entry, sent
+/// message) in the caller's transaction.
+fn write_send(
+    tx: &Transaction<'_>,
+    entry: &OutboxEntry,
+    sealed: &SealedSend<'_>,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(SESSION_UPSERT)
+        .and_then(|mut s| {
+            s.execute(params![
+                &entry.to.identity[..],
+                entry.to.device_id,
+                &sealed.record[..]
+            ])
+        })
+        .map_err(backend)?;
+    write_routes(tx, &entry.to, &sealed.routes)?;
+    tx.prepare_cached(
+        "INSERT INTO outbox (envelope_id, to_identity, to_device, payload, created, message)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (envelope_id) DO UPDATE SET to_identity = excluded.to_identity,
+             to_device = excluded.to_device, payload = excluded.payload,
+             created = excluded.created, message = excluded.message",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            &entry.envelope.id.0[..],
+            &entry.to.identity[..],
+            entry.to.device_id,
+            &entry.envelope.payload[..],
+            entry.created as i64,
+            entry.message.as_ref().map(|m| &m.0[..]),
+        ])
+    })
+    .map_err(backend)?;
+    if let Some((m, body)) = &sealed.sent {
+        tx.prepare_cached(SENT_UPSERT)
+            .and_then(|mut s| s.execute(sent_params(m, body)))
+            .map_err(backend)?;
+    }
+    Ok(())
 }
 
 /// Reads and opens the identity row (`None`: no identity yet).
@@ -669,6 +736,30 @@ impl BlockingStore for SqliteStore {
         self.get_mut().commit_send(record, entry, sent)
     }
 
+    fn commit_send_many(&mut self, copies: &[SendCopy]) -> Result<(), StoreError> {
+        self.get_mut().commit_send_many(copies)
+    }
+
+    fn own_account(&self) -> Result<Option<AccountRecord>, StoreError> {
+        self.lock().own_account()
+    }
+
+    fn set_own_account(&mut self, record: &AccountRecord) -> Result<(), StoreError> {
+        self.get_mut().set_own_account(record)
+    }
+
+    fn account(&self, account: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
+        self.lock().account(account)
+    }
+
+    fn set_account(&mut self, record: &AccountRecord) -> Result<(), StoreError> {
+        self.get_mut().set_account(record)
+    }
+
+    fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.lock().accounts()
+    }
+
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         self.lock().outbox()
     }
@@ -1065,6 +1156,64 @@ impl Db {
     /// Runs a query of [`SENT_SELECT`]'s columns, decoding every row.
     /// Opens a `(name, record)` row of `contacts`: the record is sealed
     /// and bound to its name.
+    fn seal_send<'a>(
+        &self,
+        record: &SessionRecord,
+        entry: &OutboxEntry,
+        sent: Option<&'a SentMessage>,
+    ) -> Result<SealedSend<'a>, StoreError> {
+        Ok(SealedSend {
+            record: self.seal_record(&entry.to, record)?,
+            routes: self.sealer.routes(record),
+            sent: sent.map(|m| Ok((m, self.seal_sent(m)?))).transpose()?,
+        })
+    }
+
+    fn seal_account(&self, kind: u8, record: &AccountRecord) -> Result<Vec<u8>, StoreError> {
+        let mut row = vec![kind];
+        row.extend_from_slice(&record.account.0);
+        self.sealer.seal(T_ACCOUNTS, &row, &record.to_bytes())
+    }
+
+    /// The account rows of `kind` (0: own, 1: contacts), of one account or
+    /// all, by account id.
+    fn account_query(
+        &self,
+        kind: u8,
+        account: Option<&AccountId>,
+    ) -> Result<Vec<AccountRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT account_id, record FROM accounts
+                 WHERE kind = ?1 AND (?2 IS NULL OR account_id = ?2) ORDER BY account_id",
+            )
+            .map_err(backend)?;
+        let mut rows = stmt
+            .query(params![kind, account.map(|a| &a.0[..])])
+            .map_err(backend)?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(backend)? {
+            let id = blob(row, 0, "account_id")
+                .map_err(|r| corrupted(T_ACCOUNTS, "?".to_string(), r))?
+                .to_vec();
+            let fail = |r: String| corrupted(T_ACCOUNTS, hex(&id), r);
+            let sealed = blob(row, 1, "record").map_err(fail)?;
+            let mut binding = vec![kind];
+            binding.extend_from_slice(&id);
+            let plain = self
+                .sealer
+                .open(T_ACCOUNTS, &binding, sealed)
+                .map_err(fail)?;
+            let record = AccountRecord::from_bytes(&plain).map_err(|e| fail(e.to_string()))?;
+            if record.account.0[..] != id[..] {
+                return Err(fail("record of another account".to_string()));
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+
     fn contact_row(&self, row: &Row<'_>) -> Result<ContactRecord, StoreError> {
         let name = blob(row, 0, "name")
             .map_err(|r| corrupted(T_CONTACTS, "?".to_string(), r))?
@@ -1543,43 +1692,68 @@ impl BlockingStore for Db {
         entry: &OutboxEntry,
         sent: Option<&SentMessage>,
     ) -> Result<(), StoreError> {
-        let sealed = self.seal_record(&entry.to, record)?;
-        let routes = self.sealer.routes(record);
-        let sent = sent.map(|m| Ok((m, self.seal_sent(m)?))).transpose()?;
+        let sealed = self.seal_send(record, entry, sent)?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(backend)?;
-        tx.prepare_cached(SESSION_UPSERT)
-            .and_then(|mut s| {
-                s.execute(params![&entry.to.identity[..], entry.to.device_id, sealed])
-            })
+        write_send(&tx, entry, &sealed)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn commit_send_many(&mut self, copies: &[SendCopy]) -> Result<(), StoreError> {
+        let sealed = copies
+            .iter()
+            .map(|(record, entry, sent)| self.seal_send(record, entry, sent.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(backend)?;
-        write_routes(&tx, &entry.to, &routes)?;
-        tx.prepare_cached(
-            "INSERT INTO outbox (envelope_id, to_identity, to_device, payload, created, message)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (envelope_id) DO UPDATE SET to_identity = excluded.to_identity,
-                 to_device = excluded.to_device, payload = excluded.payload,
-                 created = excluded.created, message = excluded.message",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                &entry.envelope.id.0[..],
-                &entry.to.identity[..],
-                entry.to.device_id,
-                &entry.envelope.payload[..],
-                entry.created as i64,
-                entry.message.as_ref().map(|m| &m.0[..]),
-            ])
-        })
-        .map_err(backend)?;
-        if let Some((m, body)) = &sent {
-            tx.prepare_cached(SENT_UPSERT)
-                .and_then(|mut s| s.execute(sent_params(m, body)))
-                .map_err(backend)?;
+        for ((_, entry, _), sealed) in copies.iter().zip(&sealed) {
+            write_send(&tx, entry, sealed)?;
         }
         tx.commit().map_err(backend)
+    }
+
+    fn own_account(&self) -> Result<Option<AccountRecord>, StoreError> {
+        Ok(self.account_query(0, None)?.pop())
+    }
+
+    fn set_own_account(&mut self, record: &AccountRecord) -> Result<(), StoreError> {
+        let sealed = self.seal_account(0, record)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        tx.execute("DELETE FROM accounts WHERE kind = 0", [])
+            .map_err(backend)?;
+        tx.execute(
+            "INSERT INTO accounts (kind, account_id, record) VALUES (0, ?1, ?2)",
+            params![&record.account.0[..], sealed],
+        )
+        .map_err(backend)?;
+        tx.commit().map_err(backend)
+    }
+
+    fn account(&self, account: &AccountId) -> Result<Option<AccountRecord>, StoreError> {
+        Ok(self.account_query(1, Some(account))?.pop())
+    }
+
+    fn set_account(&mut self, record: &AccountRecord) -> Result<(), StoreError> {
+        let sealed = self.seal_account(1, record)?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO accounts (kind, account_id, record) VALUES (1, ?1, ?2)
+                 ON CONFLICT (kind, account_id) DO UPDATE SET record = excluded.record",
+            )
+            .and_then(|mut s| s.execute(params![&record.account.0[..], sealed]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.account_query(1, None)
     }
 
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {

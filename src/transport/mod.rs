@@ -31,6 +31,7 @@ pub use codec::{
 };
 
 use crate::bounds::{MaybeSend, MaybeSync};
+use crate::protocol::devices::AccountId;
 use crate::protocol::keys::IdentityKey;
 
 /// A device: its identity key (each device has its own) and a device number
@@ -268,6 +269,28 @@ pub trait PrekeyDirectory: MaybeSend + MaybeSync {
         &self,
         device: &DeviceAddress,
     ) -> impl Future<Output = Result<u32, TransportError>> + MaybeSend;
+}
+
+/// Where accounts publish their device lists and contacts fetch them (SPEC 25.12).
+pub trait DeviceDirectory: MaybeSend + MaybeSync {
+    /// Publishes a signed device list (its SPEC 25.3 encoding): a genesis for an account the
+    /// directory does not know, or the successor of its newest stored version.
+    /// Errors: `Replayed` for a version the directory already holds (identical or not: a
+    /// different list of a held version is a conflict, `TransportError::Conflict` if B adds
+    /// that variant (TransportError is `#[non_exhaustive]`) — B decides and documents),
+    /// `BadRequest(..)` for a malformed list or a gap, `Unauthorized` for signatures that do
+    /// not authorize it (SPEC 25.5/25.6 kinds mapped; B documents the mapping in SPEC 25.12).
+    fn publish_device_list(
+        &self,
+        signed: &[u8],
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend;
+    /// The signed lists of `account` with a version above `after`, oldest first, at most
+    /// 64 (the newest the directory retains). `NotFound` if it has none for the account.
+    fn fetch_device_lists(
+        &self,
+        account: &AccountId,
+        after: u64,
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, TransportError>> + MaybeSend;
 }
 
 /// The mailbox: where senders leave envelopes and recipients pick them up.

@@ -1,0 +1,788 @@
+//! Accounts on the client (issue 15: fan-out, trust per person,
+//! revocation): Alice with 2 devices, Bob with 1, Carol with 3, over an
+//! in-process relay that drops, duplicates, delays and reorders envelopes,
+//! and an in-test device directory (a locked map that runs
+//! `verify_genesis` / `verify_successor`, as SPEC 25.12 says a directory
+//! does).
+//!
+//! - every device of each recipient and every other device of the sender
+//!   shows each message exactly once, the sender's own devices as a "sent"
+//!   copy attributed to the sender's account;
+//! - a device added mid-conversation gets what is sent after its senders
+//!   saw it listed, and nothing before;
+//! - a removed device gets nothing once the senders have the new list, and
+//!   what it sends is refused;
+//! - a thief's race (two successors of one version) is reported as a
+//!   conflict: the person is compromised, both lists kept, nothing sent;
+//! - the fan-out's commit is all or nothing: with a fault injected at
+//!   every write of the SQLite store in turn, the outbox holds every copy or
+//!   none.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use cubbyhole::client::accounts::AccountChange;
+use cubbyhole::client::{block_on, Client, ClientConfig, ClientError, Rejection};
+use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
+#[cfg(feature = "sqlite")]
+use cubbyhole::storage::SqliteStore;
+use cubbyhole::storage::{MemoryStore, MessageId, Store, Trust};
+use cubbyhole::transport::{
+    DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
+    PrekeyDirectory, TransportError,
+};
+use cubbyhole::{AccountId, DeviceList, DeviceListChain, DeviceListError};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+const T0: u64 = 1_900_000_000;
+const HOUR: u64 = 3600;
+
+// ------------------------------------------------------------------ network
+
+struct NetState {
+    rng: ChaCha20Rng,
+    /// Drops, duplicates, delays and reorders while set.
+    faulty: bool,
+    /// Every deposit fails (the relay is unreachable).
+    down: bool,
+    delayed: Vec<(MailboxId, Envelope)>,
+    /// The directory's chains, by account id (oldest first).
+    lists: HashMap<[u8; 32], Vec<DeviceList>>,
+    dropped: usize,
+    duplicated: usize,
+}
+
+#[derive(Clone)]
+struct Net {
+    relay: InProcessRelay<MemoryRelayStorage>,
+    clock: Arc<Mutex<u64>>,
+    state: Arc<Mutex<NetState>>,
+}
+
+impl Net {
+    fn new(seed: u64) -> Net {
+        let clock = Arc::new(Mutex::new(T0));
+        let c = clock.clone();
+        let relay = InProcessRelay::with_clock(
+            Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+            Arc::new(move || *c.lock().unwrap()),
+        );
+        Net {
+            relay,
+            clock,
+            state: Arc::new(Mutex::new(NetState {
+                rng: ChaCha20Rng::seed_from_u64(seed),
+                faulty: false,
+                down: false,
+                delayed: Vec::new(),
+                lists: HashMap::new(),
+                dropped: 0,
+                duplicated: 0,
+            })),
+        }
+    }
+    fn now(&self) -> u64 {
+        *self.clock.lock().unwrap()
+    }
+    fn advance(&self, by: u64) {
+        *self.clock.lock().unwrap() += by;
+    }
+    fn faulty(&self, on: bool) {
+        self.state.lock().unwrap().faulty = on;
+    }
+    fn put(&self, to: &MailboxId, envelope: &Envelope) {
+        let _ = block_on(self.relay.deposit(to, envelope));
+    }
+    /// Releases every delayed envelope.
+    fn release(&self) {
+        let held = std::mem::take(&mut self.state.lock().unwrap().delayed);
+        for (to, envelope) in held.into_iter().rev() {
+            self.put(&to, &envelope);
+        }
+    }
+}
+
+impl PrekeyDirectory for Net {
+    fn publish(&self, upload: &[u8]) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.relay.publish(upload)
+    }
+    fn fetch_bundle(
+        &self,
+        device: &DeviceAddress,
+    ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + Send {
+        self.relay.fetch_bundle(device)
+    }
+    fn one_time_prekeys_left(
+        &self,
+        device: &DeviceAddress,
+    ) -> impl Future<Output = Result<u32, TransportError>> + Send {
+        self.relay.one_time_prekeys_left(device)
+    }
+}
+
+/// The directory of SPEC 25.12, in memory: a genesis for an unknown
+/// account, else a valid successor of the stored head; a held version is
+/// `Replayed`.
+impl DeviceDirectory for Net {
+    fn publish_device_list(
+        &self,
+        signed: &[u8],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let result = (|| {
+            let list =
+                DeviceList::decode(signed).map_err(|_| TransportError::BadRequest("malformed"))?;
+            let mut s = self.state.lock().unwrap();
+            let chain = s.lists.entry(list.account_id().0).or_default();
+            if chain.is_empty() {
+                list.verify_genesis()
+                    .map_err(|_| TransportError::Unauthorized)?;
+                chain.push(list);
+                return Ok(());
+            }
+            let head = DeviceListChain::accept(None, chain)
+                .expect("the stored chain verifies")
+                .new
+                .pop()
+                .expect("a head");
+            if list.version() <= head.version() {
+                return Err(TransportError::Replayed);
+            }
+            match list.verify_successor(&head) {
+                Ok(_) => {
+                    chain.push(list);
+                    Ok(())
+                }
+                Err(DeviceListError::Gap) => Err(TransportError::BadRequest("gap")),
+                Err(_) => Err(TransportError::Unauthorized),
+            }
+        })();
+        std::future::ready(result)
+    }
+    fn fetch_device_lists(
+        &self,
+        account: &AccountId,
+        after: u64,
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, TransportError>> + Send {
+        let s = self.state.lock().unwrap();
+        let lists: Vec<Vec<u8>> = s
+            .lists
+            .get(&account.0)
+            .map(|chain| {
+                chain
+                    .iter()
+                    .filter(|l| l.version() > after)
+                    .map(DeviceList::encode)
+                    .collect()
+            })
+            .unwrap_or_default();
+        std::future::ready(if lists.is_empty() {
+            Err(TransportError::NotFound)
+        } else {
+            Ok(lists)
+        })
+    }
+}
+
+impl Mailbox for Net {
+    fn deposit(
+        &self,
+        to: &MailboxId,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let mut copies = Vec::new();
+        let result = {
+            let mut s = self.state.lock().unwrap();
+            if s.down {
+                Err(TransportError::Unavailable("down"))
+            } else {
+                let roll = if s.faulty { s.rng.next_u32() % 100 } else { 99 };
+                match roll {
+                    0..=14 => s.dropped += 1,
+                    15..=29 => s.delayed.push((*to, envelope.clone())),
+                    30..=39 => {
+                        s.duplicated += 1;
+                        let mut again = envelope.clone();
+                        let mut id = [0u8; 16];
+                        s.rng.fill_bytes(&mut id);
+                        again.id = EnvelopeId(id);
+                        copies.push(envelope.clone());
+                        copies.push(again);
+                    }
+                    _ => copies.push(envelope.clone()),
+                }
+                Ok(())
+            }
+        };
+        for copy in copies {
+            self.put(to, &copy);
+        }
+        std::future::ready(result)
+    }
+    fn challenge(
+        &self,
+        mailbox: &MailboxId,
+    ) -> impl Future<Output = Result<[u8; 32], TransportError>> + Send {
+        self.relay.challenge(mailbox)
+    }
+    fn fetch(
+        &self,
+        auth: &MailboxAuth,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send {
+        let got = block_on(self.relay.fetch(auth, limit));
+        let mut s = self.state.lock().unwrap();
+        let got = got.map(|mut got| {
+            if s.faulty && got.len() > 1 && s.rng.next_u32() % 2 == 0 {
+                got.reverse();
+            }
+            got
+        });
+        std::future::ready(got)
+    }
+    fn acknowledge(
+        &self,
+        auth: &MailboxAuth,
+        ids: &[EnvelopeId],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.relay.acknowledge(auth, ids)
+    }
+}
+
+// ------------------------------------------------------------------ people
+
+type Dev = Client<MemoryStore, Net, Net>;
+
+fn config(device_id: u32) -> ClientConfig {
+    ClientConfig {
+        device_id,
+        resend_after: HOUR,
+        resend_max_interval: 2 * HOUR,
+        one_time_prekeys: 10,
+        refill_below: 3,
+        ..ClientConfig::default()
+    }
+}
+
+fn open<S: Store>(
+    store: S,
+    net: &Net,
+    device_id: u32,
+    rng: &mut ChaCha20Rng,
+) -> Client<S, Net, Net> {
+    let mut c = block_on(Client::open(
+        store,
+        net.clone(),
+        net.clone(),
+        config(device_id),
+        rng,
+    ))
+    .unwrap();
+    block_on(c.maintain_prekeys(rng, net.now())).unwrap();
+    c
+}
+
+/// A person: the founder creates the account, each further device joins
+/// from it (add_device on the founder, join_account on the new device).
+fn person(net: &Net, devices: u32, rng: &mut ChaCha20Rng) -> (AccountId, Vec<Dev>) {
+    let mut all: Vec<Dev> = (1..=devices)
+        .map(|id| open(MemoryStore::new(), net, id, rng))
+        .collect();
+    let account = block_on(all[0].create_account(net.now())).unwrap();
+    for i in 1..all.len() {
+        join(net, &mut all, i);
+    }
+    (account, all)
+}
+
+/// Device `i` joins the account of device 0; every device refreshes.
+fn join(net: &Net, all: &mut [Dev], i: usize) {
+    let address = all[i].address();
+    let list = block_on(all[0].add_device(&address)).unwrap();
+    block_on(all[i].join_account(&list, net.now())).unwrap();
+    for d in all.iter_mut().take(i) {
+        block_on(d.refresh_own_account(net.now())).unwrap();
+    }
+}
+
+fn refresh_all(net: &Net, devices: &mut [&mut Dev], accounts: &[AccountId]) {
+    for d in devices.iter_mut() {
+        let own = block_on(d.own_account()).unwrap().unwrap();
+        for a in accounts {
+            if a != own.account_id() {
+                block_on(d.refresh_account(a, net.now())).unwrap();
+            }
+        }
+    }
+}
+
+/// Calms the network and lets every device receive (and re-send what
+/// lacks a receipt) until nothing moves, advancing the clock past the
+/// re-send interval each round.
+fn settle(net: &Net, devices: &mut [&mut Dev], rng: &mut ChaCha20Rng) {
+    net.faulty(false);
+    net.release();
+    for _ in 0..12 {
+        for d in devices.iter_mut() {
+            block_on(d.receive(rng, net.now())).unwrap();
+        }
+        net.advance(3 * HOUR);
+    }
+}
+
+/// A device's account messages: (logical id, sender device, sent copy,
+/// attributed account, body), in inbox order.
+/// (logical id, sender device, sent copy, attributed account, body).
+type Shown = (MessageId, DeviceAddress, bool, Option<AccountId>, Vec<u8>);
+
+fn shown(d: &Dev) -> Vec<Shown> {
+    block_on(d.account_inbox())
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.header.message, m.from, m.sent_copy, m.account, m.body))
+        .collect()
+}
+
+fn ids_shown(d: &Dev) -> Vec<MessageId> {
+    shown(d).into_iter().map(|m| m.0).collect()
+}
+
+// ------------------------------------------------------------------ tests
+
+/// Every device of the recipient and every other device of the sender
+/// shows each message exactly once, the sender's own devices as a sent
+/// copy of its account; with no faults, in each sender's order.
+#[test]
+fn every_device_of_each_person_shows_each_message_once() {
+    for seed in 0..3u64 {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let net = Net::new(seed);
+        let (alice, mut a) = person(&net, 2, &mut rng);
+        let (bob, mut b) = person(&net, 1, &mut rng);
+        let (carol, mut c) = person(&net, 3, &mut rng);
+        let accounts = [alice, bob, carol];
+        {
+            let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut b).chain(&mut c).collect();
+            refresh_all(&net, &mut all, &accounts);
+        }
+        // Who sends to whom: (sender person, device, recipient account).
+        let faulty = seed != 0;
+        net.faulty(faulty);
+        let mut sent: Vec<(usize, usize, AccountId, MessageId)> = Vec::new();
+        for round in 0..4u8 {
+            let plan = [
+                (0usize, 0usize, bob),
+                (1, 0, carol),
+                (2, 2, alice),
+                (0, 1, carol),
+                (2, 0, bob),
+            ];
+            for (k, (p, d, to)) in plan.into_iter().enumerate() {
+                let device = match p {
+                    0 => &mut a[d],
+                    1 => &mut b[d],
+                    _ => &mut c[d],
+                };
+                let body = vec![round, k as u8];
+                let out =
+                    block_on(device.send_to_account(&mut rng, &to, &body, net.now())).unwrap();
+                sent.push((p, d, to, out.message));
+            }
+            net.advance(60);
+            // Some devices receive in between (the others are offline).
+            for d in a.iter_mut().take(1).chain(c.iter_mut().skip(1)) {
+                block_on(d.receive(&mut rng, net.now())).unwrap();
+            }
+        }
+        {
+            let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut b).chain(&mut c).collect();
+            settle(&net, &mut all, &mut rng);
+        }
+        let people: [(&AccountId, &Vec<Dev>); 3] = [(&alice, &a), (&bob, &b), (&carol, &c)];
+        for (p, (_, devices)) in people.iter().enumerate() {
+            for (i, device) in devices.iter().enumerate() {
+                let got = shown(device);
+                let mut expected: Vec<MessageId> = Vec::new();
+                for (sp, sd, to, id) in &sent {
+                    let to_me = *to == *people[p].0;
+                    let own_copy = *sp == p && *sd != i;
+                    if to_me || own_copy {
+                        expected.push(*id);
+                    }
+                }
+                let mut ids: Vec<MessageId> = got.iter().map(|m| m.0).collect();
+                if !faulty {
+                    assert_eq!(ids, expected, "seed {seed}: person {p} device {i}: order");
+                }
+                ids.sort();
+                let mut want = expected.clone();
+                want.sort();
+                assert_eq!(
+                    ids, want,
+                    "seed {seed}: person {p} device {i}: each message exactly once"
+                );
+                for (id, from, sent_copy, account, _) in &got {
+                    let (sp, _, _, _) = sent.iter().find(|s| s.3 == *id).unwrap();
+                    assert_eq!(
+                        *account,
+                        Some(*people[*sp].0),
+                        "attributed to the sender's account"
+                    );
+                    assert_eq!(
+                        *sent_copy,
+                        *sp == p,
+                        "sent copy exactly on the sender's own devices"
+                    );
+                    assert!(devices_of(people[*sp].1).contains(from));
+                }
+            }
+        }
+        if faulty {
+            let s = net.state.lock().unwrap();
+            assert!(s.dropped > 0 && s.duplicated > 0, "the network was faulty");
+        }
+    }
+}
+
+fn devices_of(devices: &[Dev]) -> Vec<DeviceAddress> {
+    devices.iter().map(Client::address).collect()
+}
+
+/// A device added to Carol's account mid-conversation gets what Alice and
+/// Bob send once they have the new list, and nothing sent before.
+#[test]
+fn an_added_device_gets_what_is_sent_after_it_is_listed() {
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let net = Net::new(7);
+    let (alice, mut a) = person(&net, 1, &mut rng);
+    let (carol, mut c) = person(&net, 2, &mut rng);
+    {
+        let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut c).collect();
+        refresh_all(&net, &mut all, &[alice, carol]);
+    }
+    let before = block_on(a[0].send_to_account(&mut rng, &carol, b"before", net.now()))
+        .unwrap()
+        .message;
+    let mut c3 = open(MemoryStore::new(), &net, 3, &mut rng);
+    let list = block_on(c[0].add_device(&c3.address())).unwrap();
+    block_on(c3.join_account(&list, net.now())).unwrap();
+    block_on(c[1].refresh_own_account(net.now())).unwrap();
+    block_on(c[0].refresh_own_account(net.now())).unwrap();
+    block_on(c3.refresh_account(&alice, net.now())).unwrap();
+    let report = block_on(a[0].refresh_account(&carol, net.now())).unwrap();
+    assert_eq!(report.change, AccountChange::Verified);
+    assert_eq!(report.added, vec![c3.address()]);
+    assert_eq!(report.trust, Trust::Unvalidated);
+    let after = block_on(a[0].send_to_account(&mut rng, &carol, b"after", net.now()))
+        .unwrap()
+        .message;
+    let by_carol = block_on(c[1].send_to_account(&mut rng, &alice, b"from carol", net.now()))
+        .unwrap()
+        .message;
+    c.push(c3);
+    let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut c).collect();
+    settle(&net, &mut all, &mut rng);
+    assert_eq!(ids_shown(&c[0]), vec![before, after, by_carol]);
+    assert_eq!(ids_shown(&c[1]), vec![before, after]);
+    assert_eq!(
+        ids_shown(&c[2]),
+        vec![after, by_carol],
+        "the new device: only what followed"
+    );
+    assert!(
+        shown(&c[2])[1].2,
+        "Carol's own message is a sent copy on the new device"
+    );
+}
+
+/// Alice removes her stolen laptop: once Bob has the new list, nothing
+/// more goes to it, and what it sends is refused, by Bob and by Alice's
+/// phone.
+#[test]
+fn a_removed_device_gets_nothing_and_is_refused() {
+    let mut rng = ChaCha20Rng::seed_from_u64(11);
+    let net = Net::new(11);
+    let (alice, mut a) = person(&net, 2, &mut rng);
+    let (bob, mut b) = person(&net, 1, &mut rng);
+    {
+        let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut b).collect();
+        refresh_all(&net, &mut all, &[alice, bob]);
+    }
+    let first = block_on(b[0].send_to_account(&mut rng, &alice, b"first", net.now()))
+        .unwrap()
+        .message;
+    {
+        let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut b).collect();
+        settle(&net, &mut all, &mut rng);
+    }
+    assert_eq!(ids_shown(&a[1]), vec![first]);
+    let laptop = a[1].address();
+    let report = block_on(a[0].remove_device(&laptop, net.now())).unwrap();
+    assert_eq!(report.removed, vec![laptop]);
+    let report = block_on(b[0].refresh_account(&alice, net.now())).unwrap();
+    assert_eq!(report.change, AccountChange::Verified);
+    assert_eq!(report.removed, vec![laptop]);
+    let second = block_on(b[0].send_to_account(&mut rng, &alice, b"second", net.now())).unwrap();
+    assert!(
+        second.copies.iter().all(|(d, _)| *d != laptop),
+        "the removed device is not a recipient"
+    );
+    // The thief's laptop still believes it is listed and writes to both.
+    let stolen = block_on(a[1].send_to_account(&mut rng, &bob, b"from the thief", net.now()))
+        .unwrap()
+        .message;
+    let mut rejected = 0;
+    for d in [&mut a[0], &mut b[0]] {
+        for _ in 0..3 {
+            let r = block_on(d.receive(&mut rng, net.now())).unwrap();
+            rejected += r
+                .rejected
+                .iter()
+                .filter(|(_, why)| *why == Rejection::Compromised)
+                .count();
+            net.advance(3 * HOUR);
+        }
+    }
+    {
+        let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut b).collect();
+        settle(&net, &mut all, &mut rng);
+    }
+    assert!(
+        rejected >= 2,
+        "the thief's copies were refused ({rejected})"
+    );
+    assert!(
+        !ids_shown(&b[0]).contains(&stolen),
+        "Bob refused the removed device"
+    );
+    assert!(
+        !ids_shown(&a[0]).contains(&stolen),
+        "the phone refused the removed device"
+    );
+    assert_eq!(ids_shown(&a[0]), vec![first, second.message]);
+    assert_eq!(
+        ids_shown(&a[1]),
+        vec![first],
+        "nothing after the removal reached the laptop"
+    );
+}
+
+/// The thief's race: the stolen device signs a version removing every
+/// other device, the owner's phone one removing the thief. Bob holds one
+/// and is shown the other: a conflict, the person compromised, both lists
+/// kept, nothing sent; never a silent choice.
+#[test]
+fn a_thief_race_is_a_conflict_never_resolved() {
+    for thief_first in [false, true] {
+        let mut rng = ChaCha20Rng::seed_from_u64(13);
+        let net = Net::new(13);
+        let (carol, mut c) = person(&net, 3, &mut rng);
+        let (bob, mut b) = person(&net, 1, &mut rng);
+        {
+            let mut all: Vec<&mut Dev> = c.iter_mut().chain(&mut b).collect();
+            refresh_all(&net, &mut all, &[carol, bob]);
+        }
+        block_on(b[0].set_account_trust(&carol, Trust::Validated, net.now())).unwrap();
+        let head = block_on(c[0].own_account()).unwrap().unwrap();
+        let keys = |d: &Dev| block_on(d.store().identity()).unwrap().unwrap().keys;
+        let thief = c[2].address();
+        let mut theirs = head
+            .successor(
+                &head
+                    .devices()
+                    .iter()
+                    .filter(|e| e.device_id == 3)
+                    .copied()
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        theirs.sign(&keys(&c[2])).unwrap();
+        let theirs = theirs.into_list().unwrap();
+        let mut ours = head
+            .successor(
+                &head
+                    .devices()
+                    .iter()
+                    .filter(|e| e.device_id != 3)
+                    .copied()
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        ours.sign(&keys(&c[0])).unwrap();
+        let ours = ours.into_list().unwrap();
+        let (published, in_band) = if thief_first {
+            (&theirs, &ours)
+        } else {
+            (&ours, &theirs)
+        };
+        block_on(net.publish_device_list(&published.encode())).unwrap();
+        assert_eq!(
+            block_on(net.publish_device_list(&in_band.encode())),
+            Err(TransportError::Replayed)
+        );
+        let report = block_on(b[0].refresh_account(&carol, net.now())).unwrap();
+        assert_eq!(report.change, AccountChange::Verified);
+        let report =
+            block_on(b[0].offer_device_lists(&carol, &[in_band.encode()], net.now())).unwrap();
+        assert_eq!(
+            report.change,
+            AccountChange::Conflict,
+            "thief first: {thief_first}"
+        );
+        assert_eq!(report.trust, Trust::Compromised);
+        let record = block_on(b[0].account(&carol)).unwrap().unwrap();
+        assert_eq!(record.trust, Trust::Compromised);
+        let (e_ours, e_theirs) = record.evidence.clone().expect("evidence kept");
+        assert_eq!(e_ours, published.encode());
+        assert_eq!(e_theirs, in_band.encode());
+        assert!(matches!(
+            block_on(b[0].send_to_account(&mut rng, &carol, b"x", net.now())),
+            Err(ClientError::Compromised)
+        ));
+        // A later refresh does not clear it.
+        let report = block_on(b[0].refresh_account(&carol, net.now())).unwrap();
+        assert_eq!(report.trust, Trust::Compromised);
+        assert!(block_on(b[0].account(&carol))
+            .unwrap()
+            .unwrap()
+            .evidence
+            .is_some());
+        let _ = thief;
+    }
+}
+
+/// A change Bob cannot verify (versions missing: the directory withheld
+/// them) drops Carol to unvalidated; the newest list is taken on trust.
+#[test]
+fn an_unverifiable_change_drops_the_person_to_unvalidated() {
+    let mut rng = ChaCha20Rng::seed_from_u64(17);
+    let net = Net::new(17);
+    let (carol, mut c) = person(&net, 1, &mut rng);
+    let (bob, mut b) = person(&net, 1, &mut rng);
+    block_on(b[0].refresh_account(&carol, net.now())).unwrap();
+    block_on(b[0].set_account_trust(&carol, Trust::Validated, net.now())).unwrap();
+    let mut c2 = open(MemoryStore::new(), &net, 2, &mut rng);
+    let list = block_on(c[0].add_device(&c2.address())).unwrap();
+    block_on(c2.join_account(&list, net.now())).unwrap();
+    block_on(c[0].refresh_own_account(net.now())).unwrap();
+    let mut c3 = open(MemoryStore::new(), &net, 3, &mut rng);
+    let list = block_on(c[0].add_device(&c3.address())).unwrap();
+    block_on(c3.join_account(&list, net.now())).unwrap();
+    // The directory lost version 2.
+    net.state
+        .lock()
+        .unwrap()
+        .lists
+        .get_mut(&carol.0)
+        .unwrap()
+        .remove(1);
+    let report = block_on(b[0].refresh_account(&carol, net.now())).unwrap();
+    assert_eq!(report.change, AccountChange::Unverifiable);
+    assert_eq!(report.trust, Trust::Unvalidated);
+    assert_eq!(report.version, 3);
+    let _ = (bob, c2);
+}
+
+// ------------------------------------------------------------ atomicity
+
+#[cfg(feature = "sqlite")]
+/// Makes the `n`-th row write of the SQLite file fail (a trigger on every
+/// table), or removes the fault (`None`).
+fn inject(conn: &rusqlite::Connection, n: Option<u32>) {
+    let tables: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_schema WHERE type = 'table'
+             AND name NOT LIKE 'sqlite_%' AND name != 'fault'",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut sql = String::from("BEGIN;");
+    for t in &tables {
+        for op in ["INSERT", "UPDATE", "DELETE"] {
+            sql.push_str(&format!("DROP TRIGGER IF EXISTS fault_{t}_{op};"));
+        }
+    }
+    sql.push_str("DROP TABLE IF EXISTS fault;");
+    if let Some(n) = n {
+        sql.push_str(&format!(
+            "CREATE TABLE fault (n INTEGER NOT NULL); INSERT INTO fault VALUES ({n});"
+        ));
+        for t in &tables {
+            for op in ["INSERT", "UPDATE", "DELETE"] {
+                sql.push_str(&format!(
+                    "CREATE TRIGGER fault_{t}_{op} BEFORE {op} ON {t} BEGIN
+                         SELECT RAISE(ABORT, 'injected fault') WHERE (SELECT n FROM fault) = 0;
+                         UPDATE fault SET n = n - 1;
+                     END;"
+                ));
+            }
+        }
+    }
+    sql.push_str("COMMIT;");
+    conn.execute_batch(&sql).unwrap();
+}
+
+/// The fan-out's commit, with a fault at every write in turn: while it
+/// fails, no copy (outbox entry or sent message) is stored; once it
+/// succeeds, every copy is, under one logical id.
+#[cfg(feature = "sqlite")]
+#[test]
+fn the_fan_out_commit_stores_every_copy_or_none() {
+    let mut rng = ChaCha20Rng::seed_from_u64(19);
+    let net = Net::new(19);
+    let dir = std::env::temp_dir().join(format!("cubbyhole-accounts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("alice1.db");
+    let _ = std::fs::remove_file(&path);
+    let key = [7u8; 32];
+    let mut a1 = open(SqliteStore::open(&path, &key).unwrap(), &net, 1, &mut rng);
+    let alice = block_on(a1.create_account(net.now())).unwrap();
+    let mut a2 = open(MemoryStore::new(), &net, 2, &mut rng);
+    let list = block_on(a1.add_device(&a2.address())).unwrap();
+    block_on(a2.join_account(&list, net.now())).unwrap();
+    block_on(a1.refresh_own_account(net.now())).unwrap();
+    let (carol, c) = person(&net, 2, &mut rng);
+    block_on(a1.refresh_account(&carol, net.now())).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    net.state.lock().unwrap().down = true; // copies stay in the outbox
+    let mut done = false;
+    for n in 0..200 {
+        inject(&conn, Some(n));
+        let result = block_on(a1.send_to_account(&mut rng, &carol, b"all or none", net.now()));
+        inject(&conn, None);
+        let outbox = block_on(a1.store().outbox()).unwrap();
+        let sent = block_on(a1.store().sent_messages()).unwrap();
+        match result {
+            Err(_) => {
+                assert!(
+                    outbox.is_empty(),
+                    "write {n} failed, yet {} copies queued",
+                    outbox.len()
+                );
+                assert!(
+                    sent.is_empty(),
+                    "write {n} failed, yet {} copies kept",
+                    sent.len()
+                );
+            }
+            Ok(out) => {
+                assert_eq!(
+                    out.copies.len(),
+                    3,
+                    "Carol's two devices and Alice's laptop"
+                );
+                assert_eq!(outbox.len(), 3, "every copy queued");
+                assert_eq!(sent.len(), 3);
+                assert!(n > 0, "the fault was injected at least once");
+                done = true;
+                break;
+            }
+        }
+    }
+    assert!(done, "the send never succeeded");
+    let _ = (alice, a2, c, std::fs::remove_dir_all(&dir));
+}
