@@ -7,8 +7,9 @@
 
 use cubbyhole::client::block_on;
 use cubbyhole::relay::{
-    DeviceRecord, InProcessRelay, InsertOutcome, MailboxLimits, MailboxUsage, MemoryRelayStorage,
-    Relay, RelayConfig, RelayStorage, RelayStorageError, UploadOutcome,
+    AppendOutcome, DeviceRecord, InProcessRelay, InsertOutcome, MailboxLimits, MailboxUsage,
+    MemoryRelayStorage, Relay, RelayConfig, RelayStorage, RelayStorageError, StoredDeviceList,
+    UploadOutcome,
 };
 use cubbyhole::transport::conformance::{self, Options, Violation, CHECKS};
 use cubbyhole::transport::{
@@ -118,6 +119,37 @@ struct BrokenStorage {
 }
 
 impl RelayStorage for BrokenStorage {
+    fn device_list_head(
+        &self,
+        account: &cubbyhole::AccountId,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        self.inner.device_list_head(account)
+    }
+    fn device_list_version(
+        &self,
+        account: &cubbyhole::AccountId,
+        version: u64,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        self.inner.device_list_version(account, version)
+    }
+    fn device_lists_after(
+        &self,
+        account: &cubbyhole::AccountId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredDeviceList>, RelayStorageError> {
+        self.inner.device_lists_after(account, after, limit)
+    }
+    fn append_device_list(
+        &mut self,
+        account: &cubbyhole::AccountId,
+        list: &StoredDeviceList,
+        previous: &[u8; 32],
+        retain: u32,
+    ) -> Result<AppendOutcome, RelayStorageError> {
+        self.inner
+            .append_device_list(account, list, previous, retain)
+    }
     fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
         self.inner.device(device)
     }
