@@ -1261,6 +1261,8 @@ pub async fn check_device_directory<D: DeviceDirectory>(
 ) -> Result<(), Vec<Violation>> {
     let mut violations = Vec::new();
     for name in DEVICE_CHECKS {
+        // Each check names itself: a check added to the table must be
+        // dispatched below.
         let d = make();
         let outcome = match name {
             "device_genesis" => device_genesis(&d).await,
@@ -1358,6 +1360,27 @@ async fn fetched<D: DeviceDirectory>(
         .or_fail(&format!("fetch_device_lists(after {after})"))
 }
 
+/// `got == want` for lists, failing with their versions (not their bytes).
+fn same_lists(what: &str, got: &[Vec<u8>], want: &[Vec<u8>]) -> Outcome {
+    if got == want {
+        return Ok(());
+    }
+    let versions = |lists: &[Vec<u8>]| -> Vec<String> {
+        lists
+            .iter()
+            .map(|l| match DeviceList::decode(l) {
+                Ok(list) => format!("v{} ({} bytes)", list.version(), l.len()),
+                Err(_) => format!("undecodable ({} bytes)", l.len()),
+            })
+            .collect()
+    };
+    Err(format!(
+        "{what}: got {:?}, expected {:?} (or other bytes)",
+        versions(got),
+        versions(want)
+    ))
+}
+
 fn encodings(lists: &[VerifiedDeviceList]) -> Vec<Vec<u8>> {
     lists.iter().map(|l| l.encode()).collect()
 }
@@ -1383,21 +1406,21 @@ async fn device_genesis<D: DeviceDirectory>(d: &D) -> Outcome {
         &TransportError::BadRequest(""),
     )?;
     publish_all(d, &lists).await?;
-    same(
+    same_lists(
         "fetch_device_lists(after 0) after a first version",
         &fetched(d, &account, 0).await?,
         &encodings(&lists),
     )?;
-    same(
+    same_lists(
         "fetch_device_lists(after 1) of an account at version 1",
         &fetched(d, &account, 1).await?,
-        &vec![],
+        &[],
     )?;
     // A retry of the same upload (its answer was lost) is not an error.
     d.publish_device_list(&lists[0].encode())
         .await
         .or_fail("publish_device_list(the same first version again)")?;
-    same(
+    same_lists(
         "fetch_device_lists(after 0) after the same upload twice",
         &fetched(d, &account, 0).await?,
         &encodings(&lists),
@@ -1449,7 +1472,7 @@ async fn device_stranger<D: DeviceDirectory>(d: &D) -> Outcome {
         d.publish_device_list(&bad).await,
         &TransportError::Unauthorized,
     )?;
-    same(
+    same_lists(
         "fetch_device_lists(after 0) after refused uploads",
         &fetched(d, &account, 0).await?,
         &held,
@@ -1494,7 +1517,7 @@ async fn device_conflict<D: DeviceDirectory>(d: &D) -> Outcome {
         d.publish_device_list(&v5.encode()).await,
         &TransportError::BadRequest(""),
     )?;
-    same(
+    same_lists(
         "fetch_device_lists(after 0) after refused uploads",
         &fetched(d, &account, 0).await?,
         &held,
@@ -1510,18 +1533,18 @@ async fn device_fetch_after<D: DeviceDirectory>(d: &D) -> Outcome {
     let account = *a[0].account_id();
     for after in 0..=4u64 {
         let from = usize::try_from(after).unwrap_or(usize::MAX).min(a.len());
-        same(
+        same_lists(
             &format!("fetch_device_lists(after {after}) of versions 1 to 4"),
             &fetched(d, &account, after).await?,
             &encodings(&a[from..]),
         )?;
     }
-    same(
+    same_lists(
         "fetch_device_lists(after u64::MAX)",
         &fetched(d, &account, u64::MAX).await?,
-        &vec![],
+        &[],
     )?;
-    same(
+    same_lists(
         "fetch_device_lists(after 0) of the other account",
         &fetched(d, b[0].account_id(), 0).await?,
         &encodings(&b),
@@ -1534,12 +1557,12 @@ async fn device_retention<D: DeviceDirectory>(d: &D) -> Outcome {
     let account = *lists[0].account_id();
     publish_all(d, &lists).await?;
     let kept = &lists[lists.len() - DEVICE_LIST_RETENTION..];
-    same(
+    same_lists(
         "fetch_device_lists(after 0) after 66 versions",
         &fetched(d, &account, 0).await?,
         &encodings(kept),
     )?;
-    same(
+    same_lists(
         "fetch_device_lists(after 64) after 66 versions",
         &fetched(d, &account, 64).await?,
         &encodings(&lists[64..]),
