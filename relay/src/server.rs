@@ -588,19 +588,33 @@ impl Route {
             .join("/")
     }
 
-    /// The route whose axum path is `path` (a [`MatchedPath`]).
-    fn from_axum_path(path: &str) -> Option<Route> {
-        Route::ALL.into_iter().find(|route| {
-            let template = route.spec().1;
-            template.split('/').count() == path.split('/').count()
-                && template
-                    .split('/')
-                    .zip(path.split('/'))
-                    .all(|(t, p)| match template_param(t) {
-                        Some(name) => p.strip_prefix(':') == Some(name),
-                        None => t == p,
-                    })
-        })
+    /// The route whose axum path is `path` (a [`MatchedPath`]) and whose
+    /// method is `method`; for a method the path does not serve (`HEAD`
+    /// on a `GET` route, or an answer `405`), the first route of the path.
+    fn from_axum_path(method: &str, path: &str) -> Option<Route> {
+        let mut routes = Route::ALL
+            .into_iter()
+            .filter(|route| route.matches_axum_path(path));
+        let first = routes.next()?;
+        Some(
+            std::iter::once(first)
+                .chain(routes)
+                .find(|route| route.spec().0 == method)
+                .unwrap_or(first),
+        )
+    }
+
+    /// Whether `path` (axum syntax) is this route's path.
+    fn matches_axum_path(self, path: &str) -> bool {
+        let template = self.spec().1;
+        template.split('/').count() == path.split('/').count()
+            && template
+                .split('/')
+                .zip(path.split('/'))
+                .all(|(t, p)| match template_param(t) {
+                    Some(name) => p.strip_prefix(':') == Some(name),
+                    None => t == p,
+                })
     }
 
     fn method_router<S: Storage>(self, body_limit: usize) -> MethodRouter<Arc<Shared<S>>> {
@@ -2104,7 +2118,7 @@ async fn frame_inner<S: Storage>(
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .and_then(|p| Route::from_axum_path(p.as_str()));
+        .and_then(|p| Route::from_axum_path(request.method().as_str(), p.as_str()));
     let label = route.map_or("no_route", Route::name);
     let method = request.method().clone();
     let request_bytes = content_length(request.headers());
@@ -2582,7 +2596,10 @@ mod tests {
         assert_eq!(ROUTES.len(), Route::ALL.len());
         for (i, route) in Route::ALL.into_iter().enumerate() {
             assert_eq!(ROUTES[i], route.spec());
-            assert_eq!(Route::from_axum_path(&route.axum_path()), Some(route));
+            assert_eq!(
+                Route::from_axum_path(route.spec().0, &route.axum_path()),
+                Some(route)
+            );
         }
         assert_eq!(REASONS.len(), Reason::ALL.len());
         for (i, reason) in Reason::ALL.into_iter().enumerate() {
@@ -2594,8 +2611,16 @@ mod tests {
             "/v1/directory/:identity/:device/bundle"
         );
         assert_eq!(
-            Route::from_axum_path("/v1/directory/:x/:device/bundle"),
+            Route::from_axum_path("GET", "/v1/directory/:x/:device/bundle"),
             None
+        );
+        assert_eq!(
+            Route::from_axum_path("HEAD", "/v1/directory/:identity/:device/bundle"),
+            Some(Route::Bundle)
+        );
+        assert_eq!(
+            Route::from_axum_path("DELETE", "/v1/accounts/:account/devices"),
+            Some(Route::PublishDevices)
         );
     }
 
