@@ -424,8 +424,10 @@ mod sqlite_file {
             let version: u32 = conn
                 .pragma_query_value(None, "user_version", |r| r.get(0))
                 .unwrap();
-            assert_eq!(version, 2);
+            assert_eq!(version, 3);
         }
+        // The device lists' table came with the migration.
+        assert_device_lists_work(&mut storage);
         // Pending envelopes in deposit order, usage counted.
         assert_eq!(
             storage.list_envelopes(&a, 0, 10, u64::MAX).unwrap(),
@@ -509,5 +511,69 @@ mod sqlite_file {
             storage.list_envelopes(&a, 0, 10, u64::MAX).unwrap(),
             vec![envelope(2, 5), envelope(1, 5)]
         );
+    }
+
+    /// The device-list table exists and keeps a chain.
+    fn assert_device_lists_work(storage: &mut SqliteRelayStorage) {
+        use cubbyhole::relay::{AppendOutcome, RelayStorage, StoredDeviceList};
+        use cubbyhole::AccountId;
+        let account = AccountId([0x5a; 32]);
+        let v1 = StoredDeviceList {
+            version: 1,
+            body_hash: [1; 32],
+            signed: vec![1, 2, 3],
+        };
+        assert_eq!(storage.device_list_head(&account).unwrap(), None);
+        assert_eq!(
+            storage
+                .append_device_list(&account, &v1, &[0; 32], 64)
+                .unwrap(),
+            AppendOutcome::Appended
+        );
+        assert_eq!(storage.device_list_head(&account).unwrap(), Some(v1));
+    }
+
+    /// A version-2 database (schema 3 without `device_lists`) opens as
+    /// version 3 with its data and a working device-list table.
+    #[test]
+    fn migrates_a_version_2_database() {
+        use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage};
+        use cubbyhole::transport::MailboxId;
+
+        let db = TempDb::new("migrate-2");
+        let a = MailboxId([0xa1; 32]);
+        let limits = MailboxLimits {
+            max_envelopes: 100,
+            max_bytes: 1 << 20,
+            expire_before: 0,
+        };
+        {
+            let mut storage = SqliteRelayStorage::open(&db.0).unwrap();
+            assert_eq!(
+                storage
+                    .insert_envelope(&a, &envelope(4, 12), NOW, limits)
+                    .unwrap(),
+                InsertOutcome::Stored
+            );
+        }
+        {
+            // Back to version 2, as the previous release wrote it.
+            let conn = rusqlite::Connection::open(&db.0).unwrap();
+            conn.execute_batch("DROP TABLE device_lists; PRAGMA user_version = 2;")
+                .unwrap();
+        }
+        let mut storage = SqliteRelayStorage::open(&db.0).unwrap();
+        {
+            let conn = rusqlite::Connection::open(&db.0).unwrap();
+            let version: u32 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(version, 3);
+        }
+        assert_eq!(
+            storage.list_envelopes(&a, 0, 10, u64::MAX).unwrap(),
+            vec![envelope(4, 12)]
+        );
+        assert_device_lists_work(&mut storage);
     }
 }

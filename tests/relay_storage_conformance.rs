@@ -5,10 +5,11 @@
 
 use cubbyhole::relay::conformance::{self, Violation, CHECKS};
 use cubbyhole::relay::{
-    DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, MemoryRelayStorage, RelayStorage,
-    RelayStorageError, UploadOutcome,
+    AppendOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, MemoryRelayStorage,
+    RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
 };
 use cubbyhole::transport::{BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId};
+use cubbyhole::AccountId;
 
 #[test]
 fn the_memory_storage_conforms() {
@@ -114,6 +115,14 @@ enum Fault {
     ClampsCreated,
     /// The storages made are not empty.
     NotFresh,
+    /// `append_device_list` checks only that the version is not stored
+    /// yet and is above the head, not that the head is the version before
+    /// with the named hash (the check a racing relay needs).
+    AppendIgnoresHead,
+    /// `append_device_list` overwrites a stored version (an upsert).
+    AppendOverwrites,
+    /// `append_device_list` keeps every version.
+    RetainsAll,
 }
 
 /// The memory storage with one fault.
@@ -122,6 +131,8 @@ struct Broken {
     fault: Fault,
     /// The state at `begin_group` (for `CommitDrops`).
     group: Option<MemoryRelayStorage>,
+    /// The device lists, by account and version.
+    lists: std::collections::BTreeMap<(AccountId, u64), StoredDeviceList>,
 }
 
 impl Broken {
@@ -140,6 +151,7 @@ impl Broken {
             inner,
             fault,
             group: None,
+            lists: std::collections::BTreeMap::new(),
         }
     }
     fn maker(fault: Fault) -> impl FnMut() -> Broken {
@@ -354,6 +366,71 @@ impl RelayStorage for Broken {
         }
         self.inner.consume_challenge(mailbox, challenge, now)
     }
+    fn device_list_head(
+        &self,
+        account: &AccountId,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        Ok(self
+            .lists
+            .range((*account, 0)..=(*account, u64::MAX))
+            .next_back()
+            .map(|(_, l)| l.clone()))
+    }
+    fn device_list_version(
+        &self,
+        account: &AccountId,
+        version: u64,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        Ok(self.lists.get(&(*account, version)).cloned())
+    }
+    fn device_lists_after(
+        &self,
+        account: &AccountId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredDeviceList>, RelayStorageError> {
+        if after == u64::MAX {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .lists
+            .range((*account, after + 1)..=(*account, u64::MAX))
+            .take(limit as usize)
+            .map(|(_, l)| l.clone())
+            .collect())
+    }
+    fn append_device_list(
+        &mut self,
+        account: &AccountId,
+        list: &StoredDeviceList,
+        previous: &[u8; 32],
+        retain: u32,
+    ) -> Result<AppendOutcome, RelayStorageError> {
+        // The device lists live in `lists` (the faithful version is the
+        // contract's words, which the memory storage also implements).
+        let head = self.device_list_head(account)?;
+        let stored = self.lists.contains_key(&(*account, list.version));
+        let extends = match &head {
+            None => list.version == 1,
+            Some(h) => {
+                list.version != 1 && h.version == list.version - 1 && h.body_hash == *previous
+            }
+        };
+        let ok = match self.fault {
+            Fault::AppendIgnoresHead => !stored && head.map_or(0, |h| h.version) < list.version,
+            Fault::AppendOverwrites => extends || stored,
+            _ => extends,
+        };
+        if !ok {
+            return Ok(AppendOutcome::HeadMoved);
+        }
+        self.lists.insert((*account, list.version), list.clone());
+        if self.fault != Fault::RetainsAll {
+            let floor = list.version.saturating_sub(u64::from(retain.max(1)));
+            self.lists.retain(|(a, v), _| a != account || *v > floor);
+        }
+        Ok(AppendOutcome::Appended)
+    }
     fn purge_challenges(&mut self, now: u64) -> Result<u64, RelayStorageError> {
         if self.fault == Fault::PurgeUnsupported {
             return Err(RelayStorageError::Backend("purge not supported".into()));
@@ -408,6 +485,9 @@ fn every_fault_is_caught_by_its_check() {
         (Fault::CommitDrops, "groups"),
         (Fault::ClampsCreated, "large_values"),
         (Fault::NotFresh, "empty"),
+        (Fault::AppendIgnoresHead, "device_lists"),
+        (Fault::AppendOverwrites, "device_lists"),
+        (Fault::RetainsAll, "device_list_retention"),
     ];
     let mut missed = Vec::new();
     for (fault, check) in cases {

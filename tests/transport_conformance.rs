@@ -7,13 +7,14 @@
 
 use cubbyhole::client::block_on;
 use cubbyhole::relay::{
-    DeviceRecord, InProcessRelay, InsertOutcome, MailboxLimits, MailboxUsage, MemoryRelayStorage,
-    Relay, RelayConfig, RelayStorage, RelayStorageError, UploadOutcome,
+    AppendOutcome, DeviceRecord, InProcessRelay, InsertOutcome, MailboxLimits, MailboxUsage,
+    MemoryRelayStorage, Relay, RelayConfig, RelayStorage, RelayStorageError, StoredDeviceList,
+    UploadOutcome,
 };
 use cubbyhole::transport::conformance::{self, Options, Violation, CHECKS};
 use cubbyhole::transport::{
-    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
-    PrekeyDirectory, TransportError,
+    BundleSetUpload, DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth,
+    MailboxId, PrekeyDirectory, TransportError,
 };
 
 fn in_process<S: RelayStorage + Send>(storage: S) -> (InProcessRelay<S>, InProcessRelay<S>) {
@@ -118,6 +119,37 @@ struct BrokenStorage {
 }
 
 impl RelayStorage for BrokenStorage {
+    fn device_list_head(
+        &self,
+        account: &cubbyhole::AccountId,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        self.inner.device_list_head(account)
+    }
+    fn device_list_version(
+        &self,
+        account: &cubbyhole::AccountId,
+        version: u64,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        self.inner.device_list_version(account, version)
+    }
+    fn device_lists_after(
+        &self,
+        account: &cubbyhole::AccountId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredDeviceList>, RelayStorageError> {
+        self.inner.device_lists_after(account, after, limit)
+    }
+    fn append_device_list(
+        &mut self,
+        account: &cubbyhole::AccountId,
+        list: &StoredDeviceList,
+        previous: &[u8; 32],
+        retain: u32,
+    ) -> Result<AppendOutcome, RelayStorageError> {
+        self.inner
+            .append_device_list(account, list, previous, retain)
+    }
     fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
         self.inner.device(device)
     }
@@ -389,4 +421,98 @@ fn run_panics_naming_the_check() {
         || Broken::new(Fault::ChallengeReusable),
         &Options::default(),
     );
+}
+
+// ------------------------------------------------------- device directory
+
+#[test]
+fn the_in_process_relay_over_memory_is_a_conforming_device_directory() {
+    conformance::run_device_directory(|| in_process(MemoryRelayStorage::new()).0);
+}
+
+#[cfg(feature = "sqlite")]
+#[test]
+fn the_in_process_relay_over_sqlite_is_a_conforming_device_directory() {
+    use cubbyhole::relay::SqliteRelayStorage;
+    conformance::run_device_directory(|| {
+        in_process(SqliteRelayStorage::open_in_memory().unwrap()).0
+    });
+}
+
+/// What a broken device directory gets wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DirectoryFault {
+    /// Stores a list the rules refused as unauthorized (as a relay that
+    /// accepts a successor signed only by the device it adds would).
+    StoresUnauthorized,
+    /// Answers `Ok` to a conflicting list (hides the fork).
+    ConflictAnsweredOk,
+    /// Serves the lists newest first.
+    NewestFirst,
+}
+
+struct BrokenDirectory {
+    relay: InProcessRelay<MemoryRelayStorage>,
+    fault: DirectoryFault,
+}
+
+impl DeviceDirectory for BrokenDirectory {
+    async fn publish_device_list(&self, signed: &[u8]) -> Result<(), TransportError> {
+        let result = self.relay.publish_device_list(signed).await;
+        match (self.fault, &result) {
+            (DirectoryFault::StoresUnauthorized, Err(TransportError::Unauthorized)) => {
+                let list = cubbyhole::DeviceList::decode(signed).unwrap();
+                let stored = StoredDeviceList {
+                    version: list.version(),
+                    body_hash: *list.body_hash(),
+                    signed: signed.to_vec(),
+                };
+                self.relay
+                    .with_relay(|r| {
+                        r.storage_mut().append_device_list(
+                            list.account_id(),
+                            &stored,
+                            list.previous(),
+                            64,
+                        )
+                    })?
+                    .unwrap();
+                Ok(())
+            }
+            (DirectoryFault::ConflictAnsweredOk, Err(TransportError::Conflict)) => Ok(()),
+            _ => result,
+        }
+    }
+    async fn fetch_device_lists(
+        &self,
+        account: &cubbyhole::AccountId,
+        after: u64,
+    ) -> Result<Vec<Vec<u8>>, TransportError> {
+        let mut lists = self.relay.fetch_device_lists(account, after).await?;
+        if self.fault == DirectoryFault::NewestFirst {
+            lists.reverse();
+        }
+        Ok(lists)
+    }
+}
+
+#[test]
+fn broken_device_directories_fail_their_checks() {
+    for (fault, check) in [
+        (DirectoryFault::StoresUnauthorized, "device_stranger"),
+        (DirectoryFault::ConflictAnsweredOk, "device_conflict"),
+        (DirectoryFault::NewestFirst, "device_fetch_after"),
+    ] {
+        let make = || BrokenDirectory {
+            relay: in_process(MemoryRelayStorage::new()).0,
+            fault,
+        };
+        let violations = block_on(conformance::check_device_directory(make)).unwrap_err();
+        let names: Vec<&str> = violations.iter().map(|v| v.check).collect();
+        assert!(
+            names.contains(&check),
+            "{fault:?}: expected {check} to fail, failed: {names:?}"
+        );
+        eprintln!("{fault:?}: {}", conformance::report(&violations));
+    }
 }

@@ -1,5 +1,5 @@
 //! [`HttpRelay`]: the relay's HTTP API (`relay/API.md`) as a
-//! [`PrekeyDirectory`] and a [`Mailbox`]. The crate docs describe its
+//! [`PrekeyDirectory`], a [`DeviceDirectory`] and a [`Mailbox`]. The crate docs describe its
 //! errors, retries, runtime and cancellation.
 
 use std::fmt;
@@ -9,17 +9,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use cubbyhole::relay::reason as core_reason;
+use cubbyhole::protocol::devices::{AccountId, DeviceList};
+use cubbyhole::relay::{device_list_error, device_list_reason, reason as core_reason};
 use cubbyhole::transport::{
-    decode_envelope_list, encode_acknowledge, encode_envelope, DeviceAddress, Envelope, EnvelopeId,
-    Mailbox, MailboxAuth, MailboxId, PrekeyDirectory, TransportError,
+    decode_envelope_list, encode_acknowledge, encode_envelope, DeviceAddress, DeviceDirectory,
+    Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory, TransportError,
 };
 use rand_core::{OsRng, RngCore};
 use reqwest::{Method, StatusCode};
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 
-use crate::wire::FetchQuery;
+use crate::wire::{decode_device_lists, DeviceListQuery, FetchQuery};
 
 /// The reasons carried by [`TransportError::LimitExceeded`] for the bounds
 /// the HTTP server adds to the relay rules (the rules' own bounds use the
@@ -58,17 +59,46 @@ fn limit_reason(wire: &str) -> &'static str {
     }
 }
 
-/// Maps an error answer (status and the JSON `error` reason, if any) to the
-/// transport error the in-process relay would have given. `what` names the
-/// request for [`TransportError::BadRequest`].
-fn error_for(status: StatusCode, wire: Option<&str>, what: &'static str) -> TransportError {
+/// The device-list reason ([`device_list_reason`]) an error message names,
+/// if it is one of them (the relay answers a refused device list with its
+/// reason as the message).
+fn device_list_bad_request(message: &str) -> Option<&'static str> {
+    use device_list_reason as r;
+    [
+        r::MALFORMED,
+        r::NOT_GENESIS,
+        r::WRONG_ACCOUNT,
+        r::GAP,
+        r::DEVICE_ID_CHANGED,
+        r::DEVICE_ID_REUSED,
+    ]
+    .into_iter()
+    .find(|reason| *reason == message)
+}
+
+/// Maps an error answer (status, the JSON `error` reason and `message`, if
+/// any) to the transport error the in-process relay would have given.
+/// `what` names the request for [`TransportError::BadRequest`] (unless the
+/// message is a [`device_list_reason`]).
+fn error_for(
+    status: StatusCode,
+    wire: Option<&str>,
+    message: Option<&str>,
+    what: &'static str,
+) -> TransportError {
     match status.as_u16() {
-        400 => TransportError::BadRequest(what),
+        400 => {
+            TransportError::BadRequest(message.and_then(device_list_bad_request).unwrap_or(what))
+        }
         401 => TransportError::Unauthorized,
         404 if wire == Some("no_route") => TransportError::BadRequest("no such route on the relay"),
         404 => TransportError::NotFound,
         405 => TransportError::BadRequest("method not allowed by the relay"),
         408 => TransportError::Unavailable("relay request timeout"),
+        409 if wire == Some("device_list_conflict") => TransportError::Conflict,
+        409 if wire == Some("device_list_gap") => {
+            TransportError::BadRequest(device_list_reason::GAP)
+        }
         409 => TransportError::Replayed,
         413 | 422 | 429 | 507 => TransportError::LimitExceeded(limit_reason(wire.unwrap_or(""))),
         503 => TransportError::Unavailable("relay unavailable"),
@@ -405,6 +435,10 @@ impl HttpRelay {
         )
     }
 
+    fn devices_path(account: &AccountId) -> String {
+        format!("/v1/accounts/{}/devices", hex::encode(account.0))
+    }
+
     fn mailbox_path(mailbox: &MailboxId, what: &str) -> String {
         format!("/v1/mailboxes/{}/{what}", hex::encode(mailbox.0))
     }
@@ -498,13 +532,15 @@ impl Inner {
                 .map_err(Failure::answered);
         }
         // The error body is small JSON; an unreadable one still has a status.
-        let wire = match read_body(&mut response, 64 * 1024).await {
-            Ok(bytes) => serde_json::from_slice::<ErrorBody>(&bytes)
-                .ok()
-                .map(|b| b.error),
+        let body = match read_body(&mut response, 64 * 1024).await {
+            Ok(bytes) => serde_json::from_slice::<ErrorBody>(&bytes).ok(),
             Err(_) => None,
         };
-        Err(Failure::answered(error_for(status, wire.as_deref(), what)))
+        let (wire, message) = match &body {
+            Some(b) => (Some(b.error.as_str()), b.message.as_deref()),
+            None => (None, None),
+        };
+        Err(Failure::answered(error_for(status, wire, message, what)))
     }
 }
 
@@ -512,6 +548,8 @@ impl Inner {
 #[derive(serde::Deserialize)]
 struct ErrorBody {
     error: String,
+    #[serde(default)]
+    message: Option<String>,
 }
 
 /// A delay drawn uniformly from `[delay / 2, delay]`.
@@ -631,6 +669,64 @@ impl PrekeyDirectory for HttpRelay {
     }
 }
 
+impl DeviceDirectory for HttpRelay {
+    /// `PUT /v1/accounts/{account}/devices`. A publish is idempotent on
+    /// the relay (the same list again is accepted), so it is retried as a
+    /// deposit is. Bytes that do not decode as a device list are refused
+    /// here ([`TransportError::BadRequest`], as the relay would): the path
+    /// needs their account id.
+    fn publish_device_list(
+        &self,
+        signed: &[u8],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let path = DeviceList::decode(signed)
+            .map(|list| Self::devices_path(list.account_id()))
+            .map_err(|e| device_list_error(&e));
+        let body = signed.to_vec();
+        self.spawn(move |inner| async move {
+            let path = path?;
+            let timeout = inner.config.request_timeout;
+            inner
+                .call(
+                    Method::PUT,
+                    path,
+                    Some(body),
+                    timeout,
+                    Retry::Idempotent,
+                    "device list",
+                )
+                .await
+                .map(drop)
+        })
+    }
+
+    /// `GET /v1/accounts/{account}/devices?after=N`, retried as the other
+    /// reads are.
+    fn fetch_device_lists(
+        &self,
+        account: &AccountId,
+        after: u64,
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, TransportError>> + Send {
+        let mut path = Self::devices_path(account);
+        path.push('?');
+        path.push_str(&DeviceListQuery { after }.encode());
+        self.spawn(move |inner| async move {
+            let timeout = inner.config.request_timeout;
+            let answer = inner
+                .call(
+                    Method::GET,
+                    path,
+                    None,
+                    timeout,
+                    Retry::Idempotent,
+                    "account",
+                )
+                .await?;
+            decode_device_lists(&answer)
+        })
+    }
+}
+
 impl Mailbox for HttpRelay {
     fn deposit(
         &self,
@@ -727,25 +823,53 @@ mod tests {
     fn maps_statuses_and_reasons() {
         let s = |n| StatusCode::from_u16(n).unwrap();
         assert_eq!(
-            error_for(s(400), Some("bad_request"), "x"),
+            error_for(s(400), Some("bad_request"), None, "x"),
             TransportError::BadRequest("x")
         );
-        assert_eq!(error_for(s(401), None, "x"), TransportError::Unauthorized);
         assert_eq!(
-            error_for(s(404), Some("not_found"), "x"),
+            error_for(s(401), None, None, "x"),
+            TransportError::Unauthorized
+        );
+        assert_eq!(
+            error_for(s(404), Some("not_found"), None, "x"),
             TransportError::NotFound
         );
         assert!(matches!(
-            error_for(s(404), Some("no_route"), "x"),
+            error_for(s(404), Some("no_route"), None, "x"),
             TransportError::BadRequest(_)
         ));
         assert!(matches!(
-            error_for(s(405), Some("method_not_allowed"), "x"),
+            error_for(s(405), Some("method_not_allowed"), None, "x"),
             TransportError::BadRequest(_)
         ));
         assert_eq!(
-            error_for(s(409), Some("replayed"), "x"),
+            error_for(s(409), Some("replayed"), None, "x"),
             TransportError::Replayed
+        );
+        assert_eq!(
+            error_for(s(409), Some("stale_device_list"), None, "x"),
+            TransportError::Replayed
+        );
+        assert_eq!(
+            error_for(s(409), Some("device_list_conflict"), None, "x"),
+            TransportError::Conflict
+        );
+        assert_eq!(
+            error_for(s(409), Some("device_list_gap"), None, "x"),
+            TransportError::BadRequest(device_list_reason::GAP)
+        );
+        assert_eq!(
+            error_for(
+                s(400),
+                Some("bad_request"),
+                Some(device_list_reason::DEVICE_ID_REUSED),
+                "x"
+            ),
+            TransportError::BadRequest(device_list_reason::DEVICE_ID_REUSED)
+        );
+        assert_eq!(
+            error_for(s(400), Some("bad_request"), Some("something else"), "x"),
+            TransportError::BadRequest("x")
         );
         for (status, wire, reason) in [
             (413, "envelope_size", core_reason::ENVELOPE_SIZE),
@@ -762,13 +886,13 @@ mod tests {
             (429, "something_new", reason::OTHER),
         ] {
             assert_eq!(
-                error_for(s(status), Some(wire), "x"),
+                error_for(s(status), Some(wire), None, "x"),
                 TransportError::LimitExceeded(reason)
             );
         }
         for status in [408, 500, 502, 503, 504, 302] {
             assert!(matches!(
-                error_for(s(status), None, "x"),
+                error_for(s(status), None, None, "x"),
                 TransportError::Unavailable(_)
             ));
         }

@@ -1,6 +1,7 @@
 //! cubbyhole-http: the client transport of [cubbyhole] over HTTP.
 //!
-//! [`HttpRelay`] implements [`cubbyhole::transport::PrekeyDirectory`] and
+//! [`HttpRelay`] implements [`cubbyhole::transport::PrekeyDirectory`],
+//! [`cubbyhole::transport::DeviceDirectory`] and
 //! [`cubbyhole::transport::Mailbox`] over the HTTP API of the relay server
 //! (the `cubbyhole-relay` crate; `relay/API.md` in the repository), so a
 //! [`cubbyhole::client::Client`] talks to a remote relay exactly as it
@@ -129,7 +130,11 @@
 //! - [`Mailbox::acknowledge`](cubbyhole::transport::Mailbox::acknowledge)
 //!   may have deleted the envelopes: acknowledging them again is harmless
 //!   (unknown ids are ignored);
-//! - challenges and counts have no effect worth undoing.
+//! - [`DeviceDirectory::publish_device_list`](cubbyhole::transport::DeviceDirectory::publish_device_list)
+//!   may have been applied: publishing the same list again is accepted
+//!   (the relay holds it already);
+//! - challenges, counts and device-list fetches have no effect worth
+//!   undoing.
 //!
 //! Aborting rather than detaching means a dropped future leaves no work
 //! behind: a cancelled receive loop does not keep long polls open, and the
@@ -140,7 +145,12 @@
 //! Every refusal of the relay comes back as the
 //! [`TransportError`](cubbyhole::transport::TransportError) the in-process
 //! relay would give: `400` is `BadRequest`, `401` `Unauthorized`, `404`
-//! `NotFound`, `409` `Replayed`; `413`, `422`, `429` and `507` are
+//! `NotFound`, `409` `Replayed` (but `409 device_list_conflict` is
+//! `Conflict` and `409 device_list_gap` is `BadRequest` with
+//! [`device_list_reason::GAP`](cubbyhole::relay::device_list_reason::GAP);
+//! a `400` whose message is a
+//! [`device_list_reason`](cubbyhole::relay::device_list_reason) carries
+//! it); `413`, `422`, `429` and `507` are
 //! `LimitExceeded` whose reason is the core's [`cubbyhole::relay::reason`]
 //! constant for the bounds of the relay rules (`envelope_size` is
 //! [`reason::ENVELOPE_SIZE`](cubbyhole::relay::reason::ENVELOPE_SIZE), ...)
@@ -161,7 +171,9 @@
 //! - **idempotent** calls are retried on every `Unavailable` (network
 //!   failure, timeout, `408`, `5xx`): `deposit` (idempotent by envelope id:
 //!   a retry after a lost reply is stored once), `challenge` (a spare
-//!   challenge is harmless), `one_time_prekeys_left` and
+//!   challenge is harmless), `one_time_prekeys_left`,
+//!   `publish_device_list` (the same list again is accepted: a retry after
+//!   a lost reply is harmless), `fetch_device_lists` and
 //!   [`HttpRelay::health`];
 //! - `publish` and `fetch_bundle` are retried only when the connection
 //!   could not be made, so the request certainly never reached the relay: a

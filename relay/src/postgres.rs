@@ -80,12 +80,13 @@ use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cubbyhole::relay::{
-    DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage, RelayStorageError,
-    UploadOutcome,
+    AppendOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage,
+    RelayStorageError, StoredDeviceList, UploadOutcome,
 };
 use cubbyhole::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,
 };
+use cubbyhole::AccountId;
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Config, NoTls, Statement};
@@ -95,7 +96,7 @@ use postgres::{Client, Config, NoTls, Statement};
 pub const DEPOSIT_CHANNEL: &str = "cubbyhole_deposit";
 
 /// The schema version this code writes (`cubbyhole_relay_meta`).
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 
 /// Advisory lock classes (first key of the two-key advisory locks; the
 /// second is the schema's `0` or the first four bytes of a mailbox id, which
@@ -103,9 +104,11 @@ const SCHEMA_VERSION: i32 = 1;
 const LOCK_SCHEMA: i32 = 0x6362_726c; // "cbrl"
 const LOCK_DEPOSIT: i32 = 0x6362_6d62; // "cbmb"
 const LOCK_CHALLENGE: i32 = 0x6362_6368; // "cbch"
+const LOCK_DEVICE_LIST: i32 = 0x6362_646c; // "cbdl"
 
 /// The tables besides `cubbyhole_relay_meta`.
-const TABLES: [&str; 5] = [
+const TABLES: [&str; 6] = [
+    "cubbyhole_relay_device_lists",
     "cubbyhole_relay_devices",
     "cubbyhole_relay_one_time_prekeys",
     "cubbyhole_relay_envelopes",
@@ -181,6 +184,19 @@ CREATE INDEX cubbyhole_relay_challenges_by_mailbox
     ON cubbyhole_relay_challenges (mailbox, seq);
 CREATE INDEX cubbyhole_relay_challenges_by_expiry
     ON cubbyhole_relay_challenges (expires_at);
+";
+
+/// The device lists (schema version 2): per account the retained versions
+/// of its chain (SPEC.md 25.12). The primary key keeps two writers from
+/// both storing one version, whatever else happens.
+const DEVICE_LIST_TABLE: &str = "
+CREATE TABLE cubbyhole_relay_device_lists (
+    account_id bytea NOT NULL,
+    version bigint NOT NULL,
+    body_hash bytea NOT NULL,
+    signed bytea NOT NULL,
+    PRIMARY KEY (account_id, version)
+);
 ";
 
 /// How often a transaction aborted as a deadlock victim or for a
@@ -259,6 +275,22 @@ fn fixed<const N: usize>(bytes: &[u8], what: &str) -> Result<[u8; N], Failure> {
     bytes
         .try_into()
         .map_err(|_| Failure::Corrupted(format!("{what} is {} bytes, not {N}", bytes.len())))
+}
+
+/// The second key of an account's device-list advisory lock.
+fn account_lock_key(account: &AccountId) -> i32 {
+    i32::from_be_bytes([account.0[0], account.0[1], account.0[2], account.0[3]])
+}
+
+/// A device-list row (`version, body_hash, signed`).
+fn stored_list(row: &postgres::Row) -> Result<StoredDeviceList, Failure> {
+    let version: i64 = row.try_get(0)?;
+    Ok(StoredDeviceList {
+        version: u64::try_from(version)
+            .map_err(|_| Failure::Corrupted(format!("device list version {version}")))?,
+        body_hash: fixed(row.try_get(1)?, "device list hash")?,
+        signed: row.try_get(2)?,
+    })
 }
 
 /// The second key of a mailbox's advisory locks.
@@ -489,6 +521,16 @@ fn ensure_schema(client: &mut Client) -> Result<(), RelayStorageError> {
         };
         return match version {
             SCHEMA_VERSION => Ok(()),
+            1 => {
+                // Version 1 to 2: the device lists' table.
+                tx.batch_execute(DEVICE_LIST_TABLE).map_err(db)?;
+                tx.execute(
+                    "UPDATE cubbyhole_relay_meta SET schema_version = $1",
+                    &[&SCHEMA_VERSION],
+                )
+                .map_err(db)?;
+                tx.commit().map_err(db)
+            }
             newer if newer > SCHEMA_VERSION => Err(RelayStorageError::UnsupportedSchema(
                 u32::try_from(newer).unwrap_or(u32::MAX),
             )),
@@ -512,6 +554,7 @@ fn ensure_schema(client: &mut Client) -> Result<(), RelayStorageError> {
         ));
     }
     tx.batch_execute(SCHEMA).map_err(db)?;
+    tx.batch_execute(DEVICE_LIST_TABLE).map_err(db)?;
     tx.execute(
         "INSERT INTO cubbyhole_relay_meta (schema_version) VALUES ($1)",
         &[&SCHEMA_VERSION],
@@ -649,6 +692,116 @@ fn retry_pause(retries: u32) -> Duration {
 }
 
 impl RelayStorage for PostgresRelayStorage {
+    fn device_list_head(
+        &self,
+        account: &AccountId,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        self.run(|client, _| {
+            client
+                .query_opt(
+                    "SELECT version, body_hash, signed FROM cubbyhole_relay_device_lists
+                     WHERE account_id = $1 ORDER BY version DESC LIMIT 1",
+                    &[&&account.0[..]],
+                )?
+                .map(|row| stored_list(&row))
+                .transpose()
+        })
+    }
+
+    fn device_list_version(
+        &self,
+        account: &AccountId,
+        version: u64,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        let Ok(version) = i64::try_from(version) else {
+            return Ok(None);
+        };
+        self.run(|client, _| {
+            client
+                .query_opt(
+                    "SELECT version, body_hash, signed FROM cubbyhole_relay_device_lists
+                     WHERE account_id = $1 AND version = $2",
+                    &[&&account.0[..], &version],
+                )?
+                .map(|row| stored_list(&row))
+                .transpose()
+        })
+    }
+
+    fn device_lists_after(
+        &self,
+        account: &AccountId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredDeviceList>, RelayStorageError> {
+        let Ok(after) = i64::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        self.run(|client, _| {
+            client
+                .query(
+                    "SELECT version, body_hash, signed FROM cubbyhole_relay_device_lists
+                     WHERE account_id = $1 AND version > $2 ORDER BY version LIMIT $3",
+                    &[&&account.0[..], &after, &i64::from(limit)],
+                )?
+                .iter()
+                .map(stored_list)
+                .collect()
+        })
+    }
+
+    fn append_device_list(
+        &mut self,
+        account: &AccountId,
+        list: &StoredDeviceList,
+        previous: &[u8; 32],
+        retain: u32,
+    ) -> Result<AppendOutcome, RelayStorageError> {
+        let version = i64::try_from(list.version)
+            .map_err(|_| RelayStorageError::Backend("device list version out of range".into()))?;
+        let account_key = &account.0[..];
+        self.run(|client, _| {
+            let mut tx = client.transaction()?;
+            // One writer per account at a time (also for a first version,
+            // which has no row to lock): the head read below is the head
+            // the insert extends. The primary key backs it up.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, $2)",
+                &[&LOCK_DEVICE_LIST, &account_lock_key(account)],
+            )?;
+            let head = tx.query_opt(
+                "SELECT version, body_hash FROM cubbyhole_relay_device_lists
+                 WHERE account_id = $1 ORDER BY version DESC LIMIT 1",
+                &[&account_key],
+            )?;
+            let extends = match &head {
+                None => version == 1,
+                Some(row) => {
+                    let v: i64 = row.try_get(0)?;
+                    let hash: &[u8] = row.try_get(1)?;
+                    version != 1 && v == version - 1 && hash == &previous[..]
+                }
+            };
+            if !extends {
+                return Ok(AppendOutcome::HeadMoved);
+            }
+            let inserted = tx.execute(
+                "INSERT INTO cubbyhole_relay_device_lists (account_id, version, body_hash, signed)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[&account_key, &version, &&list.body_hash[..], &list.signed],
+            )?;
+            if inserted == 0 {
+                return Ok(AppendOutcome::HeadMoved);
+            }
+            tx.execute(
+                "DELETE FROM cubbyhole_relay_device_lists WHERE account_id = $1 AND version <= $2",
+                &[&account_key, &(version - i64::from(retain.max(1)))],
+            )?;
+            tx.commit()?;
+            Ok(AppendOutcome::Appended)
+        })
+    }
+
     fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
         let device = *device;
         self.run(|client, st| {

@@ -71,17 +71,21 @@ use axum::extract::{Extension, MatchedPath, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::{get, post, put, MethodRouter};
 use axum::Router;
+use cubbyhole::protocol::devices::{AccountId, DeviceList};
 use cubbyhole::relay::{
-    reason as core_reason, MailboxUsage, Relay, RelayConfig, RelayStorage, RelayStorageError,
-    SqliteRelayStorage,
+    device_list_error, device_list_reason, reason as core_reason, MailboxUsage, Relay, RelayConfig,
+    RelayStorage, RelayStorageError, SqliteRelayStorage,
 };
 use cubbyhole::transport::{
     decode_acknowledge, decode_envelope, encode_envelope_list, DeviceAddress, Envelope,
     MailboxAuth, MailboxId, TransportError,
 };
-use cubbyhole_http::wire::{parse_decimal_u32, FetchQuery};
+use cubbyhole_http::wire::{
+    encode_device_lists, parse_decimal_u32, DeviceListQuery, FetchQuery,
+    MAX_SIGNED_DEVICE_LIST_BYTES,
+};
 use http_body_util::LengthLimitError;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -347,6 +351,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     Route::Challenge.spec(),
     Route::Fetch.spec(),
     Route::Acknowledge.spec(),
+    Route::PublishDevices.spec(),
+    Route::Devices.spec(),
 ];
 
 /// Every error reason the server answers with (the `error` field of an
@@ -376,6 +382,9 @@ pub const REASONS: &[(&str, u16)] = &[
     Reason::PendingBytes.spec(),
     Reason::TotalStorage.spec(),
     Reason::StorageFailed.spec(),
+    Reason::StaleDeviceList.spec(),
+    Reason::DeviceListConflict.spec(),
+    Reason::DeviceListGap.spec(),
 ];
 
 /// The answers a route can give: `(status, None)` for a success,
@@ -406,10 +415,12 @@ enum Route {
     Challenge,
     Fetch,
     Acknowledge,
+    PublishDevices,
+    Devices,
 }
 
 impl Route {
-    const ALL: [Route; 9] = [
+    const ALL: [Route; 11] = [
         Route::Health,
         Route::Metrics,
         Route::Publish,
@@ -419,6 +430,8 @@ impl Route {
         Route::Challenge,
         Route::Fetch,
         Route::Acknowledge,
+        Route::PublishDevices,
+        Route::Devices,
     ];
 
     const fn spec(self) -> (&'static str, &'static str) {
@@ -432,6 +445,8 @@ impl Route {
             Route::Challenge => ("POST", "/v1/mailboxes/{mailbox}/challenge"),
             Route::Fetch => ("POST", "/v1/mailboxes/{mailbox}/fetch"),
             Route::Acknowledge => ("POST", "/v1/mailboxes/{mailbox}/acknowledge"),
+            Route::PublishDevices => ("PUT", "/v1/accounts/{account}/devices"),
+            Route::Devices => ("GET", "/v1/accounts/{account}/devices"),
         }
     }
 
@@ -447,12 +462,14 @@ impl Route {
             Route::Challenge => "challenge",
             Route::Fetch => "fetch",
             Route::Acknowledge => "acknowledge",
+            Route::PublishDevices => "publish_devices",
+            Route::Devices => "devices",
         }
     }
 
     const fn successes(self) -> &'static [u16] {
         match self {
-            Route::Publish | Route::Acknowledge => &[204],
+            Route::Publish | Route::Acknowledge | Route::PublishDevices => &[204],
             Route::Deposit => &[201, 200],
             _ => &[200],
         }
@@ -535,6 +552,26 @@ impl Route {
                 Unavailable,
                 StorageFailed,
             ],
+            Route::PublishDevices => &[
+                BadRequest,
+                Unauthorized,
+                StaleDeviceList,
+                DeviceListConflict,
+                DeviceListGap,
+                BodySize,
+                RateRequests,
+                Timeout,
+                Unavailable,
+                StorageFailed,
+            ],
+            Route::Devices => &[
+                BadRequest,
+                NotFound,
+                RateRequests,
+                Timeout,
+                Unavailable,
+                StorageFailed,
+            ],
         }
     }
 
@@ -551,19 +588,33 @@ impl Route {
             .join("/")
     }
 
-    /// The route whose axum path is `path` (a [`MatchedPath`]).
-    fn from_axum_path(path: &str) -> Option<Route> {
-        Route::ALL.into_iter().find(|route| {
-            let template = route.spec().1;
-            template.split('/').count() == path.split('/').count()
-                && template
-                    .split('/')
-                    .zip(path.split('/'))
-                    .all(|(t, p)| match template_param(t) {
-                        Some(name) => p.strip_prefix(':') == Some(name),
-                        None => t == p,
-                    })
-        })
+    /// The route whose axum path is `path` (a [`MatchedPath`]) and whose
+    /// method is `method`; for a method the path does not serve (`HEAD`
+    /// on a `GET` route, or an answer `405`), the first route of the path.
+    fn from_axum_path(method: &str, path: &str) -> Option<Route> {
+        let mut routes = Route::ALL
+            .into_iter()
+            .filter(|route| route.matches_axum_path(path));
+        let first = routes.next()?;
+        Some(
+            std::iter::once(first)
+                .chain(routes)
+                .find(|route| route.spec().0 == method)
+                .unwrap_or(first),
+        )
+    }
+
+    /// Whether `path` (axum syntax) is this route's path.
+    fn matches_axum_path(self, path: &str) -> bool {
+        let template = self.spec().1;
+        template.split('/').count() == path.split('/').count()
+            && template
+                .split('/')
+                .zip(path.split('/'))
+                .all(|(t, p)| match template_param(t) {
+                    Some(name) => p.strip_prefix(':') == Some(name),
+                    None => t == p,
+                })
     }
 
     fn method_router<S: Storage>(self, body_limit: usize) -> MethodRouter<Arc<Shared<S>>> {
@@ -584,6 +635,15 @@ impl Route {
             Route::Challenge => limited(post(challenge::<S>)),
             Route::Fetch => limited(post(fetch::<S>)),
             Route::Acknowledge => limited(post(acknowledge::<S>)),
+            // At most the largest signed list, whatever the server's limit.
+            Route::PublishDevices => {
+                let limit = match body_limit {
+                    0 => MAX_SIGNED_DEVICE_LIST_BYTES,
+                    n => n.min(MAX_SIGNED_DEVICE_LIST_BYTES),
+                };
+                put(publish_devices::<S>).layer(RequestBodyLimitLayer::new(limit))
+            }
+            Route::Devices => get(devices::<S>),
         }
     }
 }
@@ -617,11 +677,14 @@ enum Reason {
     PendingBytes,
     TotalStorage,
     StorageFailed,
+    StaleDeviceList,
+    DeviceListConflict,
+    DeviceListGap,
 }
 
 impl Reason {
     #[cfg(test)]
-    const ALL: [Reason; 21] = [
+    const ALL: [Reason; 24] = [
         Reason::BadRequest,
         Reason::Unauthorized,
         Reason::NotFound,
@@ -643,6 +706,9 @@ impl Reason {
         Reason::PendingBytes,
         Reason::TotalStorage,
         Reason::StorageFailed,
+        Reason::StaleDeviceList,
+        Reason::DeviceListConflict,
+        Reason::DeviceListGap,
     ];
 
     const fn spec(self) -> (&'static str, u16) {
@@ -668,6 +734,9 @@ impl Reason {
             Reason::PendingBytes => ("pending_bytes", 507),
             Reason::TotalStorage => ("total_storage", 507),
             Reason::StorageFailed => ("storage_failed", 503),
+            Reason::StaleDeviceList => ("stale_device_list", 409),
+            Reason::DeviceListConflict => ("device_list_conflict", 409),
+            Reason::DeviceListGap => ("device_list_gap", 409),
         }
     }
 
@@ -767,11 +836,39 @@ impl ApiError {
                 };
                 Self::new(reason, format!("limit exceeded: {bound}"))
             }
+            TransportError::Conflict => Self::new(
+                Reason::DeviceListConflict,
+                "the relay holds another device list of this version: the account's chain \
+                 has two authentic versions (evidence of a compromised device)",
+            ),
             TransportError::Unavailable(why) => Self::new(
                 Reason::Unavailable,
                 format!("{why} unavailable; retry later"),
             ),
             other => Self::new(Reason::Internal, other.to_string()),
+        }
+    }
+
+    /// The answer for a refused device list (SPEC.md 25.12): `stale` is
+    /// `409 stale_device_list`, `gap` `409 device_list_gap`, the other
+    /// refusals as [`ApiError::from_transport`] (`conflict` is `409
+    /// device_list_conflict`, the bad requests carry their
+    /// [`device_list_reason`] as the message).
+    fn from_device_list(error: TransportError) -> Self {
+        match error {
+            TransportError::Replayed => Self::new(
+                Reason::StaleDeviceList,
+                "the version is not above the newest stored one and is no longer held \
+                 (or its predecessor is not)",
+            ),
+            TransportError::BadRequest(device_list_reason::GAP) => {
+                Self::new(Reason::DeviceListGap, device_list_reason::GAP)
+            }
+            TransportError::Unauthorized => Self::new(
+                Reason::Unauthorized,
+                "the device list's signatures do not verify or do not authorize it",
+            ),
+            other => Self::from_transport(other),
         }
     }
 }
@@ -2020,7 +2117,7 @@ async fn frame_inner<S: Storage>(
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .and_then(|p| Route::from_axum_path(p.as_str()));
+        .and_then(|p| Route::from_axum_path(request.method().as_str(), p.as_str()));
     let label = route.map_or("no_route", Route::name);
     let method = request.method().clone();
     let request_bytes = content_length(request.headers());
@@ -2116,6 +2213,18 @@ fn parse_device(
 fn parse_fetch_query(query: Option<&str>) -> Result<(u32, u32), ApiError> {
     let query = FetchQuery::decode(query.unwrap_or("")).map_err(ApiError::from_transport)?;
     Ok((query.limit, query.wait_ms))
+}
+
+fn parse_account(path: Result<Path<String>, PathRejection>) -> Result<AccountId, ApiError> {
+    let Path(account) = path.map_err(|_| ApiError::bad("malformed path"))?;
+    parse_hex32(&account, "account").map(AccountId)
+}
+
+/// `after` (default 0) of a device-lists fetch; other parameters are
+/// ignored ([`DeviceListQuery::decode`]).
+fn parse_devices_query(query: Option<&str>) -> Result<u64, ApiError> {
+    let query = DeviceListQuery::decode(query.unwrap_or("")).map_err(ApiError::from_transport)?;
+    Ok(query.after)
 }
 
 fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
@@ -2385,6 +2494,42 @@ async fn acknowledge<S: Storage>(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+async fn publish_devices<S: Storage>(
+    State(shared): AppState<S>,
+    path: Result<Path<String>, PathRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let account = parse_account(path)?;
+    let signed = read_body(body).await?;
+    // Decoded here for the path check; the relay core decodes it again
+    // and verifies it.
+    let list = DeviceList::decode(&signed)
+        .map_err(|e| ApiError::from_device_list(device_list_error(&e)))?;
+    if *list.account_id() != account {
+        return Err(ApiError::bad(
+            "the device list is for another account than the path's",
+        ));
+    }
+    shared
+        .call(move |core, _, _| Ok(core.relay.publish_device_list(&signed)))
+        .await?
+        .map_err(ApiError::from_device_list)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn devices<S: Storage>(
+    State(shared): AppState<S>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let account = parse_account(path)?;
+    let after = parse_devices_query(query.as_deref())?;
+    let lists = shared
+        .call(move |core, _, _| core.relay.fetch_device_lists(&account, after))
+        .await?;
+    Ok(binary(StatusCode::OK, encode_device_lists(&lists)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2450,7 +2595,10 @@ mod tests {
         assert_eq!(ROUTES.len(), Route::ALL.len());
         for (i, route) in Route::ALL.into_iter().enumerate() {
             assert_eq!(ROUTES[i], route.spec());
-            assert_eq!(Route::from_axum_path(&route.axum_path()), Some(route));
+            assert_eq!(
+                Route::from_axum_path(route.spec().0, &route.axum_path()),
+                Some(route)
+            );
         }
         assert_eq!(REASONS.len(), Reason::ALL.len());
         for (i, reason) in Reason::ALL.into_iter().enumerate() {
@@ -2462,8 +2610,16 @@ mod tests {
             "/v1/directory/:identity/:device/bundle"
         );
         assert_eq!(
-            Route::from_axum_path("/v1/directory/:x/:device/bundle"),
+            Route::from_axum_path("GET", "/v1/directory/:x/:device/bundle"),
             None
+        );
+        assert_eq!(
+            Route::from_axum_path("HEAD", "/v1/directory/:identity/:device/bundle"),
+            Some(Route::Bundle)
+        );
+        assert_eq!(
+            Route::from_axum_path("DELETE", "/v1/accounts/:account/devices"),
+            Some(Route::PublishDevices)
         );
     }
 
@@ -2501,11 +2657,33 @@ mod tests {
             ),
             (TransportError::LimitExceeded("new bound"), "limit", 422),
             (TransportError::Unavailable("x"), "unavailable", 503),
+            (TransportError::Conflict, "device_list_conflict", 409),
         ];
         for (error, name, status) in cases {
             let e = ApiError::from_transport(error);
             assert_eq!(e.reason.spec(), (name, status));
         }
+        // Device lists (SPEC.md 25.12).
+        use device_list_reason as r;
+        let cases = [
+            (TransportError::Replayed, "stale_device_list", 409),
+            (TransportError::Conflict, "device_list_conflict", 409),
+            (TransportError::BadRequest(r::GAP), "device_list_gap", 409),
+            (TransportError::Unauthorized, "unauthorized", 401),
+            (TransportError::BadRequest(r::MALFORMED), "bad_request", 400),
+            (
+                TransportError::BadRequest(r::DEVICE_ID_REUSED),
+                "bad_request",
+                400,
+            ),
+            (TransportError::Unavailable("x"), "unavailable", 503),
+        ];
+        for (error, name, status) in cases {
+            let e = ApiError::from_device_list(error);
+            assert_eq!(e.reason.spec(), (name, status));
+        }
+        let e = ApiError::from_device_list(TransportError::BadRequest(r::NOT_GENESIS));
+        assert_eq!(e.message, r::NOT_GENESIS);
     }
 
     #[test]
@@ -2526,6 +2704,19 @@ mod tests {
         );
         assert!(parse_fetch_query(Some("limit=")).is_err());
         assert!(parse_fetch_query(Some("wait_ms=-1")).is_err());
+        assert_eq!(parse_devices_query(None).unwrap(), 0);
+        assert_eq!(
+            parse_devices_query(Some("x=1&after=18446744073709551615")).unwrap(),
+            u64::MAX
+        );
+        for bad in [
+            "after=",
+            "after=-1",
+            "after=18446744073709551616",
+            "after=0x1",
+        ] {
+            assert!(parse_devices_query(Some(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1140,3 +1140,168 @@ trait Wait: std::future::Future + Sized {
     }
 }
 impl<F: std::future::Future> Wait for F {}
+
+/// A device of the device-list tests (keys from a fixed seed).
+fn list_key(n: u8) -> IdentityKeyPair {
+    IdentityKeyPair::from_seed(&[0x70 ^ n; 32])
+}
+
+/// What only the HTTP layer of the device-list routes decides (the rules
+/// are the transport conformance suite's, `transport_conformance.rs`): the
+/// path's account must be the list's, strict path and query syntax, the
+/// 1691-byte body limit, the answer's framing and content type, and the
+/// route labels of the metrics.
+#[tokio::test(flavor = "multi_thread")]
+async fn device_list_routes_check_paths_bodies_and_label_their_metrics() {
+    use cubbyhole::transport::DeviceDirectory;
+    use cubbyhole::{DeviceEntry, DeviceList};
+    use cubbyhole_http::wire::{decode_device_lists, MAX_SIGNED_DEVICE_LIST_BYTES};
+
+    let server = Server::memory().await;
+    let devices_url = |account: &[u8; 32]| {
+        format!(
+            "{}/v1/accounts/{}/devices",
+            server.url,
+            hex::encode(account)
+        )
+    };
+    let v1 = DeviceList::genesis(&list_key(1), 1)
+        .verify_genesis()
+        .unwrap();
+    let account = v1.account_id().0;
+    let other = DeviceList::genesis(&list_key(2), 2)
+        .verify_genesis()
+        .unwrap();
+
+    // The path's account must be the list's.
+    assert_eq!(
+        raw(
+            reqwest::Method::PUT,
+            devices_url(&other.account_id().0),
+            v1.encode()
+        )
+        .await,
+        (400, Some("bad_request".into()))
+    );
+    // Uppercase hex and a short account are refused, not looked up.
+    let upper = format!(
+        "{}/v1/accounts/{}/devices",
+        server.url,
+        hex::encode(account).to_uppercase()
+    );
+    assert_eq!(
+        raw(reqwest::Method::PUT, upper, v1.encode()).await,
+        (400, Some("bad_request".into()))
+    );
+    assert_eq!(
+        raw(
+            reqwest::Method::GET,
+            format!("{}/v1/accounts/ab/devices", server.url),
+            vec![]
+        )
+        .await,
+        (400, Some("bad_request".into()))
+    );
+    // Above the largest list: refused before the body is read in full.
+    assert_eq!(
+        raw(
+            reqwest::Method::PUT,
+            devices_url(&account),
+            vec![1; MAX_SIGNED_DEVICE_LIST_BYTES + 1]
+        )
+        .await,
+        (413, Some("body_size".into()))
+    );
+    // The largest list (16 devices, all signing) fits exactly.
+    let all: Vec<DeviceEntry> = (1..=16u8)
+        .map(|n| DeviceEntry {
+            identity: *list_key(n).public(),
+            device_id: u32::from(n),
+        })
+        .collect();
+    let mut largest = v1.successor(&all).unwrap();
+    for n in 1..=16u8 {
+        largest.sign(&list_key(n)).unwrap();
+    }
+    let v2 = largest.into_list().unwrap().verify_successor(&v1).unwrap();
+    assert_eq!(v2.encode().len(), MAX_SIGNED_DEVICE_LIST_BYTES);
+    assert_eq!(
+        raw(reqwest::Method::PUT, devices_url(&account), v1.encode()).await,
+        (204, None)
+    );
+    assert_eq!(
+        raw(reqwest::Method::PUT, devices_url(&account), v2.encode()).await,
+        (204, None)
+    );
+
+    // The answer: octet-stream, length-prefixed, oldest first.
+    let response = reqwest::get(format!("{}?after=0", devices_url(&account)))
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/octet-stream"
+    );
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(&bytes[..4], &(v1.encode().len() as u32).to_be_bytes());
+    assert_eq!(
+        decode_device_lists(&bytes).unwrap(),
+        vec![v1.encode(), v2.encode()]
+    );
+    for bad in [
+        "after=-1",
+        "after=",
+        "after=18446744073709551616",
+        "after=0x1",
+    ] {
+        assert_eq!(
+            raw(
+                reqwest::Method::GET,
+                format!("{}?{bad}", devices_url(&account)),
+                vec![]
+            )
+            .await,
+            (400, Some("bad_request".into())),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        server.relay().fetch_device_lists(v1.account_id(), 1).await,
+        Ok(vec![v2.encode()])
+    );
+    assert_eq!(
+        server
+            .relay()
+            .fetch_device_lists(v1.account_id(), u64::MAX)
+            .await,
+        Ok(vec![])
+    );
+    assert_eq!(
+        server
+            .relay()
+            .fetch_device_lists(other.account_id(), 0)
+            .await,
+        Err(TransportError::NotFound)
+    );
+
+    // PUT and GET share a path: each has its own route label.
+    let text = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let requests = |route: &str| -> u64 {
+        let prefix = format!("cubbyhole_relay_requests_total{{route=\"{route}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {route} counter in\n{text}"))
+    };
+    // PUT: mismatch, uppercase, 413, v1, v2; GET: short account, the
+    // answer, 4 bad queries, 3 fetches.
+    assert_eq!(requests("publish_devices"), 5);
+    assert_eq!(requests("devices"), 9);
+    server.stop().await;
+}

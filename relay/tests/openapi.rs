@@ -181,8 +181,9 @@ fn binary_bodies_are_octet_streams() {
             }
         }
     }
-    // publish, deposit, fetch, acknowledge bodies; bundle, challenge, fetch answers.
-    assert_eq!(binary, 7);
+    // publish, deposit, fetch, acknowledge, device-list bodies; bundle,
+    // challenge, fetch, device-lists answers.
+    assert_eq!(binary, 9);
 }
 
 #[test]

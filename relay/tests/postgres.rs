@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use cubbyhole::relay::{reason, Relay, RelayConfig, RelayStorage, RelayStorageError};
 use cubbyhole::transport::{MailboxAuth, MailboxId, MailboxOp, TransportError};
-use cubbyhole::PrekeyBundle;
+use cubbyhole::{DeviceEntry, DeviceList, IdentityKeyPair, PrekeyBundle, VerifiedDeviceList};
 use cubbyhole_relay::postgres::{spawn_listener, PostgresRelayStorage, DEPOSIT_CHANNEL};
 use postgres::{Client, NoTls};
 use relay_suite::*;
@@ -142,11 +142,11 @@ fn schema_is_created_once_and_versioned() {
     // A newer schema is refused, a damaged one too.
     let mut client = db.client();
     client
-        .batch_execute("UPDATE cubbyhole_relay_meta SET schema_version = 2")
+        .batch_execute("UPDATE cubbyhole_relay_meta SET schema_version = 3")
         .unwrap();
     assert!(matches!(
         PostgresRelayStorage::connect(&db.url),
-        Err(RelayStorageError::UnsupportedSchema(2))
+        Err(RelayStorageError::UnsupportedSchema(3))
     ));
     client
         .batch_execute("UPDATE cubbyhole_relay_meta SET schema_version = 0")
@@ -170,6 +170,151 @@ fn schema_is_created_once_and_versioned() {
         PostgresRelayStorage::connect(&db.url),
         Err(RelayStorageError::Corrupted(_))
     ));
+}
+
+/// A device of the device-list tests (keys from a fixed seed).
+fn dkey(n: u8) -> IdentityKeyPair {
+    IdentityKeyPair::from_seed(&[0xd0 ^ n; 32])
+}
+
+/// The successor of `prev` listing devices `devices`, each signing it.
+fn successor(prev: &VerifiedDeviceList, devices: &[u8]) -> VerifiedDeviceList {
+    let entries: Vec<DeviceEntry> = devices
+        .iter()
+        .map(|n| DeviceEntry {
+            identity: *dkey(*n).public(),
+            device_id: u32::from(*n),
+        })
+        .collect();
+    let mut list = prev.successor(&entries).unwrap();
+    for n in devices {
+        list.sign(&dkey(*n)).unwrap();
+    }
+    list.into_list().unwrap().verify_successor(prev).unwrap()
+}
+
+/// The state of a version-1 database (before device lists): what this
+/// code creates, less the device lists' table, at version 1.
+fn downgrade_to_schema_1(client: &mut Client) {
+    client
+        .batch_execute(
+            "DROP TABLE cubbyhole_relay_device_lists;
+             UPDATE cubbyhole_relay_meta SET schema_version = 1",
+        )
+        .unwrap();
+}
+
+fn schema_version(client: &mut Client) -> i32 {
+    client
+        .query_one("SELECT schema_version FROM cubbyhole_relay_meta", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Schema 1 -> 2 (device lists): relays starting together on a version-1
+/// database migrate it once; what it held stays; device lists work.
+#[test]
+#[cfg_attr(
+    not(cubbyhole_test_postgres),
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
+)]
+fn schema_1_is_migrated_to_2() {
+    let db = TestDb::create();
+    let mut rng = rng(21);
+    let bob = Device::new(&mut rng, 1, 3);
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    relay.publish(NOW, &bob.upload(7, true)).unwrap();
+    relay
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .unwrap();
+    drop(relay);
+    let mut client = db.client();
+    downgrade_to_schema_1(&mut client);
+    assert_eq!(schema_version(&mut client), 1);
+
+    let start = Arc::new(Barrier::new(4));
+    let starters: Vec<_> = (0..4)
+        .map(|_| {
+            let url = db.url.clone();
+            let start = Arc::clone(&start);
+            thread::spawn(move || {
+                start.wait();
+                PostgresRelayStorage::connect(&url).map(|_| ())
+            })
+        })
+        .collect();
+    for starter in starters {
+        starter.join().unwrap().unwrap();
+    }
+    assert_eq!(schema_version(&mut client), 2);
+
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(3));
+    let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+    assert_eq!(
+        relay.fetch(NOW + 1, &bob.auth(MailboxOp::Fetch, challenge), 10),
+        Ok(vec![envelope(1, 10)])
+    );
+    let v1 = DeviceList::genesis(&dkey(1), 1).verify_genesis().unwrap();
+    let v2 = successor(&v1, &[1, 2]);
+    relay.publish_device_list(&v1.encode()).unwrap();
+    relay.publish_device_list(&v2.encode()).unwrap();
+    drop(relay);
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    assert_eq!(
+        relay.fetch_device_lists(v1.account_id(), 0),
+        Ok(vec![v1.encode(), v2.encode()])
+    );
+}
+
+/// Relays sharing a database, each publishing another authentic version 2
+/// of one account at once: exactly one is stored, every other upload is a
+/// conflict, and the chain the relays serve has one version 2.
+#[test]
+#[cfg_attr(
+    not(cubbyhole_test_postgres),
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
+)]
+fn relays_sharing_a_database_never_fork_a_device_list() {
+    const RELAYS: u8 = 6;
+    let v1 = DeviceList::genesis(&dkey(1), 1).verify_genesis().unwrap();
+    // Version 2 adding device 0x40 + i, for each relay i.
+    let forks: Vec<Vec<u8>> = (0..RELAYS)
+        .map(|i| successor(&v1, &[1, 0x40 + i]).encode())
+        .collect();
+    for _round in 0..3 {
+        let db = TestDb::create();
+        let mut relay = Relay::new(db.storage(), RelayConfig::default());
+        relay.publish_device_list(&v1.encode()).unwrap();
+        drop(relay);
+        let start = Arc::new(Barrier::new(usize::from(RELAYS)));
+        let racers: Vec<_> = forks
+            .iter()
+            .cloned()
+            .map(|list| {
+                let mut relay = Relay::new(db.storage(), RelayConfig::default());
+                let start = Arc::clone(&start);
+                thread::spawn(move || {
+                    start.wait();
+                    relay.publish_device_list(&list)
+                })
+            })
+            .collect();
+        let results: Vec<Result<(), TransportError>> =
+            racers.into_iter().map(|r| r.join().unwrap()).collect();
+        let winners: Vec<usize> = (0..results.len()).filter(|i| results[*i].is_ok()).collect();
+        assert_eq!(winners.len(), 1, "{results:?}");
+        for (i, result) in results.iter().enumerate() {
+            if i != winners[0] {
+                assert_eq!(result, &Err(TransportError::Conflict), "relay {i}");
+            }
+        }
+        let mut relay = Relay::new(db.storage(), RelayConfig::default());
+        assert_eq!(
+            relay.fetch_device_lists(v1.account_id(), 0),
+            Ok(vec![v1.encode(), forks[winners[0]].clone()])
+        );
+    }
 }
 
 #[test]

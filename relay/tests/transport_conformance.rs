@@ -120,3 +120,36 @@ fn a_server_without_long_polls_fails_fetch_waiting() {
         conformance::report(&violations)
     );
 }
+
+/// The device-directory suite (`conformance::check_device_directory`,
+/// SPEC.md 25.12) against fresh servers through [`HttpRelay`]: the routes
+/// `PUT`/`GET /v1/accounts/{account}/devices`, their error mapping on both
+/// sides (`409 stale_device_list` is `Replayed`, `409 device_list_conflict`
+/// `Conflict`, `409 device_list_gap` and `400` `BadRequest`, `401`
+/// `Unauthorized`, `404` `NotFound`) and the answer's framing.
+#[test]
+fn the_http_relay_conforms_as_a_device_directory() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut stops = Vec::new();
+        let mut servers = 0;
+        let result = conformance::check_device_directory(|| {
+            servers += 1;
+            HttpRelay::new(&start(&mut stops, 0)).unwrap()
+        })
+        .await;
+        drop(stops);
+        assert_eq!(
+            servers,
+            conformance::DEVICE_CHECKS.len(),
+            "one server per check"
+        );
+        if let Err(violations) = result {
+            panic!("{}", conformance::report(&violations));
+        }
+    });
+}

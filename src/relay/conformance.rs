@@ -56,6 +56,8 @@
 //! | `challenges` | single use, per mailbox, expiry inclusive, eviction beyond `max_outstanding`, [`RelayStorage::purge_challenges`] |
 //! | `groups` | [`RelayStorage::begin_group`] / [`RelayStorage::commit_group`]: reads inside see the group's writes, a refused call writes nothing, everything is there after the commit |
 //! | `large_values` | counters and signed-prekey creation times over their whole `u64` range; an expiry of `u64::MAX` |
+//! | `device_lists` | [`RelayStorage::append_device_list`] stores only the next version over the head it names: a second version 1, a version over another head, a gap and a second list of a stored version are [`AppendOutcome::HeadMoved`] and write nothing; accounts are separate |
+//! | `device_list_retention` | the newest `retain` versions are kept; [`RelayStorage::device_lists_after`] is oldest first, above `after`, at most `limit` |
 //!
 //! An error returned by the storage fails the check that met it, naming
 //! the method and the error. A storage that panics is not caught.
@@ -86,9 +88,10 @@ use std::vec;
 use std::vec::Vec;
 
 use super::{
-    DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage, RelayStorageError,
-    UploadOutcome,
+    AppendOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage,
+    RelayStorageError, StoredDeviceList, UploadOutcome,
 };
+use crate::protocol::devices::AccountId;
 use crate::protocol::keys::{IdentityKeyPair, SignedPrekey};
 use crate::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,
@@ -282,6 +285,20 @@ checks! {
     /// round trip over the whole `u64` range (bit for bit) and counters
     /// compare as `u64`; a challenge expiring at `u64::MAX` is valid.
     check_large_values => "large_values", large_values;
+    /// `device_lists`: a new storage has no device list; version 1 of an
+    /// account appends ([`AppendOutcome::Appended`]) and is the head; a
+    /// second version 1, a version 2 naming another previous hash, a
+    /// version 3 over head 1 (a gap), and, once version 2 is stored, a
+    /// second version 2 naming the right previous hash, are each
+    /// [`AppendOutcome::HeadMoved`] and change nothing (the chain cannot
+    /// fork); each stored version reads back byte for byte; another
+    /// account's chain is separate.
+    check_device_lists => "device_lists", device_lists;
+    /// `device_list_retention`: appending versions 1 to 6 with `retain` 3
+    /// keeps versions 4 to 6 only; [`RelayStorage::device_lists_after`]
+    /// returns the versions above `after`, oldest first, at most `limit`
+    /// (the oldest of them), nothing above the head.
+    check_device_list_retention => "device_list_retention", device_list_retention;
 }
 
 // ---------------------------------------------------------------------------
@@ -1327,5 +1344,215 @@ fn large_values(s: &mut dyn RelayStorage) -> Outcome {
         consume(s, &m, &[1; 32], NOW)?,
         "a challenge expiring at u64::MAX is not valid now"
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Device lists (the storage does not parse them: made-up bytes do).
+
+/// A made-up stored list: version, a body hash and bytes derived from
+/// `salt`.
+fn dl(version: u64, salt: u8) -> StoredDeviceList {
+    let mut body_hash = [salt; 32];
+    body_hash[..8].copy_from_slice(&version.to_be_bytes());
+    let mut signed = vec![salt; 40 + usize::from(salt % 7)];
+    signed[..8].copy_from_slice(&version.to_be_bytes());
+    StoredDeviceList {
+        version,
+        body_hash,
+        signed,
+    }
+}
+
+fn append(
+    s: &mut dyn RelayStorage,
+    account: &AccountId,
+    list: &StoredDeviceList,
+    previous: &[u8; 32],
+    retain: u32,
+) -> Result<AppendOutcome, String> {
+    s.append_device_list(account, list, previous, retain)
+        .or_fail("append_device_list")
+}
+
+fn versions(s: &dyn RelayStorage, account: &AccountId) -> Result<Vec<u64>, String> {
+    Ok(s.device_lists_after(account, 0, u32::MAX)
+        .or_fail("device_lists_after")?
+        .iter()
+        .map(|l| l.version)
+        .collect())
+}
+
+fn device_lists(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b) = (AccountId([0xa1; 32]), AccountId([0xb2; 32]));
+    same(
+        "device_list_head() of a new storage",
+        &s.device_list_head(&a).or_fail("device_list_head")?,
+        &None,
+    )?;
+    same(
+        "device_list_version(1) of a new storage",
+        &s.device_list_version(&a, 1)
+            .or_fail("device_list_version")?,
+        &None,
+    )?;
+    same(
+        "device_lists_after(0) of a new storage",
+        &versions(s, &a)?,
+        &vec![],
+    )?;
+    same(
+        "append_device_list(version 2) with no stored version",
+        &append(s, &a, &dl(2, 1), &[0; 32], 64)?,
+        &AppendOutcome::HeadMoved,
+    )?;
+    same(
+        "versions after a refused version 2",
+        &versions(s, &a)?,
+        &vec![],
+    )?;
+    let v1 = dl(1, 1);
+    same(
+        "append_device_list(version 1)",
+        &append(s, &a, &v1, &[0; 32], 64)?,
+        &AppendOutcome::Appended,
+    )?;
+    same(
+        "device_list_head() after version 1",
+        &s.device_list_head(&a).or_fail("device_list_head")?,
+        &Some(v1.clone()),
+    )?;
+    same(
+        "append_device_list(another version 1)",
+        &append(s, &a, &dl(1, 2), &[0; 32], 64)?,
+        &AppendOutcome::HeadMoved,
+    )?;
+    same(
+        "device_list_version(1) after another version 1 was refused",
+        &s.device_list_version(&a, 1)
+            .or_fail("device_list_version")?,
+        &Some(v1.clone()),
+    )?;
+    same(
+        "append_device_list(version 2 naming another previous hash)",
+        &append(s, &a, &dl(2, 3), &[0xee; 32], 64)?,
+        &AppendOutcome::HeadMoved,
+    )?;
+    same(
+        "append_device_list(version 3 over head 1)",
+        &append(s, &a, &dl(3, 3), &v1.body_hash, 64)?,
+        &AppendOutcome::HeadMoved,
+    )?;
+    same(
+        "versions after refused appends",
+        &versions(s, &a)?,
+        &vec![1],
+    )?;
+    let v2 = dl(2, 4);
+    same(
+        "append_device_list(version 2 over version 1)",
+        &append(s, &a, &v2, &v1.body_hash, 64)?,
+        &AppendOutcome::Appended,
+    )?;
+    same(
+        "append_device_list(a second version 2 over version 1: a fork)",
+        &append(s, &a, &dl(2, 5), &v1.body_hash, 64)?,
+        &AppendOutcome::HeadMoved,
+    )?;
+    same(
+        "device_list_version(2) after a fork was refused",
+        &s.device_list_version(&a, 2)
+            .or_fail("device_list_version")?,
+        &Some(v2.clone()),
+    )?;
+    same(
+        "device_list_head() after a fork was refused",
+        &s.device_list_head(&a).or_fail("device_list_head")?,
+        &Some(v2.clone()),
+    )?;
+    same(
+        "device_lists_after(0)",
+        &s.device_lists_after(&a, 0, 64)
+            .or_fail("device_lists_after")?,
+        &vec![v1.clone(), v2.clone()],
+    )?;
+    // Another account: separate chain, its own version 1.
+    same(
+        "device_list_head() of another account",
+        &s.device_list_head(&b).or_fail("device_list_head")?,
+        &None,
+    )?;
+    let b1 = dl(1, 6);
+    same(
+        "append_device_list(version 1 of another account)",
+        &append(s, &b, &b1, &[0; 32], 64)?,
+        &AppendOutcome::Appended,
+    )?;
+    same(
+        "versions of the first account",
+        &versions(s, &a)?,
+        &vec![1, 2],
+    )?;
+    same(
+        "device_list_version(1) of the other account",
+        &s.device_list_version(&b, 1)
+            .or_fail("device_list_version")?,
+        &Some(b1),
+    )?;
+    Ok(())
+}
+
+fn device_list_retention(s: &mut dyn RelayStorage) -> Outcome {
+    let a = AccountId([0xc3; 32]);
+    let lists: Vec<StoredDeviceList> = (1..=6u8).map(|v| dl(u64::from(v), v)).collect();
+    let mut previous = [0u8; 32];
+    for list in &lists {
+        same(
+            &format!("append_device_list(version {}) with retain 3", list.version),
+            &append(s, &a, list, &previous, 3)?,
+            &AppendOutcome::Appended,
+        )?;
+        previous = list.body_hash;
+    }
+    same(
+        "versions kept with retain 3",
+        &versions(s, &a)?,
+        &vec![4, 5, 6],
+    )?;
+    same(
+        "device_list_version(3) after retention dropped it",
+        &s.device_list_version(&a, 3)
+            .or_fail("device_list_version")?,
+        &None,
+    )?;
+    same(
+        "device_lists_after(4, 64)",
+        &s.device_lists_after(&a, 4, 64)
+            .or_fail("device_lists_after")?,
+        &lists[4..].to_vec(),
+    )?;
+    same(
+        "device_lists_after(0, 2)",
+        &s.device_lists_after(&a, 0, 2)
+            .or_fail("device_lists_after")?,
+        &lists[3..5].to_vec(),
+    )?;
+    same(
+        "device_lists_after(6, 64)",
+        &s.device_lists_after(&a, 6, 64)
+            .or_fail("device_lists_after")?,
+        &vec![],
+    )?;
+    same(
+        "device_lists_after(u64::MAX, 64)",
+        &s.device_lists_after(&a, u64::MAX, 64)
+            .or_fail("device_lists_after")?,
+        &vec![],
+    )?;
+    same(
+        "device_list_head() after retention",
+        &s.device_list_head(&a).or_fail("device_list_head")?,
+        &Some(lists[5].clone()),
+    )?;
     Ok(())
 }

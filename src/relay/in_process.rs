@@ -10,9 +10,10 @@ use core::future::{ready, Future};
 use rand_core::OsRng;
 
 use super::{Relay, RelayStorage, SweepReport};
+use crate::protocol::devices::AccountId;
 use crate::transport::{
-    DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory,
-    TransportError,
+    DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
+    PrekeyDirectory, TransportError,
 };
 
 /// A clock: the current time in unix seconds.
@@ -123,6 +124,23 @@ impl<S: RelayStorage + Send> PrekeyDirectory for InProcessRelay<S> {
         device: &DeviceAddress,
     ) -> impl Future<Output = Result<u32, TransportError>> + Send {
         ready(self.call(|relay, _| relay.one_time_prekeys_left(device)))
+    }
+}
+
+impl<S: RelayStorage + Send> DeviceDirectory for InProcessRelay<S> {
+    fn publish_device_list(
+        &self,
+        signed: &[u8],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        ready(self.call(|relay, _| relay.publish_device_list(signed)))
+    }
+
+    fn fetch_device_lists(
+        &self,
+        account: &AccountId,
+        after: u64,
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, TransportError>> + Send {
+        ready(self.call(|relay, _| relay.fetch_device_lists(account, after)))
     }
 }
 

@@ -5,9 +5,10 @@ use std::vec::Vec;
 use subtle::ConstantTimeEq;
 
 use super::{
-    DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage, RelayStorageError,
-    UploadOutcome,
+    AppendOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage,
+    RelayStorageError, StoredDeviceList, UploadOutcome,
 };
+use crate::protocol::devices::AccountId;
 use crate::transport::{BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId};
 
 /// Relay storage in memory: everything is lost when it is dropped.
@@ -19,6 +20,8 @@ pub struct MemoryRelayStorage {
     pools: HashMap<DeviceAddress, VecDeque<(u32, [u8; 32])>>,
     mailboxes: HashMap<MailboxId, Queue>,
     challenges: HashMap<MailboxId, VecDeque<([u8; 32], u64)>>,
+    /// Per account, the stored versions, oldest first (consecutive).
+    device_lists: HashMap<AccountId, VecDeque<StoredDeviceList>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -82,6 +85,74 @@ impl MemoryRelayStorage {
 }
 
 impl RelayStorage for MemoryRelayStorage {
+    fn device_list_head(
+        &self,
+        account: &AccountId,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        Ok(self
+            .device_lists
+            .get(account)
+            .and_then(|chain| chain.back().cloned()))
+    }
+
+    fn device_list_version(
+        &self,
+        account: &AccountId,
+        version: u64,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        Ok(self
+            .device_lists
+            .get(account)
+            .and_then(|chain| chain.iter().find(|l| l.version == version).cloned()))
+    }
+
+    fn device_lists_after(
+        &self,
+        account: &AccountId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredDeviceList>, RelayStorageError> {
+        Ok(self
+            .device_lists
+            .get(account)
+            .map(|chain| {
+                chain
+                    .iter()
+                    .filter(|l| l.version > after)
+                    .take(limit as usize)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn append_device_list(
+        &mut self,
+        account: &AccountId,
+        list: &StoredDeviceList,
+        previous: &[u8; 32],
+        retain: u32,
+    ) -> Result<AppendOutcome, RelayStorageError> {
+        let chain = self.device_lists.entry(*account).or_default();
+        let extends = match chain.back() {
+            None => list.version == 1,
+            Some(head) => {
+                list.version != 1 && head.version == list.version - 1 && head.body_hash == *previous
+            }
+        };
+        if !extends {
+            if chain.is_empty() {
+                self.device_lists.remove(account);
+            }
+            return Ok(AppendOutcome::HeadMoved);
+        }
+        chain.push_back(list.clone());
+        while chain.len() > retain.max(1) as usize {
+            chain.pop_front();
+        }
+        Ok(AppendOutcome::Appended)
+    }
+
     fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
         Ok(self.devices.get(device).copied())
     }

@@ -57,6 +57,24 @@
 //!   Acknowledging deletes the envelopes (unknown ids are ignored) and
 //!   remembers their ids until they would have expired, for idempotent
 //!   redeposits. The relay never parses an envelope's payload.
+//! - **Device lists** ([`Relay::publish_device_list`],
+//!   [`Relay::fetch_device_lists`], SPEC.md 25.12): the relay keeps per
+//!   account the chain of signed device lists, the newest
+//!   [`DEVICE_LIST_RETENTION`] versions. An upload for an account without
+//!   a stored list must pass `verify_genesis`; one whose version is the
+//!   newest stored + 1 must pass `verify_successor` against the newest
+//!   stored list (so only a device listed in it can sign, and every added
+//!   device must countersign: a stranger can neither add nor remove a
+//!   device). The check of the head and the insert are one storage call
+//!   ([`RelayStorage::append_device_list`]), so no race forks the chain.
+//!   The version is the upload counter: an upload of a version the relay
+//!   holds with the same body is accepted and changes nothing (a retry
+//!   after a lost answer is not an error); with another body it is
+//!   [`TransportError::Conflict`] if it is authentic (it passes the checks
+//!   against the version before it), else that check's error; an older
+//!   version no longer held is [`TransportError::Replayed`] (`stale`).
+//!   Fetching needs no identity. The relay trusts the signatures of the
+//!   lists it stored, so a request verifies at most one list's signatures.
 //!
 //! # Bounds
 //!
@@ -100,10 +118,11 @@ pub use memory::MemoryRelayStorage;
 pub use sqlite::SqliteRelayStorage;
 
 use crate::protocol::bundle::BUNDLE_LEN_WITH_OPK;
+use crate::protocol::devices::{AccountId, DeviceList, DeviceListError};
 use crate::protocol::wire::VERSION;
 use crate::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxId, MailboxOp,
-    SignedPrekeyRecord, TransportError,
+    SignedPrekeyRecord, TransportError, DEVICE_LIST_RETENTION,
 };
 
 /// The reasons carried by [`TransportError::LimitExceeded`] from a relay.
@@ -124,6 +143,48 @@ pub mod reason {
     /// An acknowledgment lists more than
     /// [`RelayConfig::max_acknowledge_ids`](super::RelayConfig::max_acknowledge_ids).
     pub const ACKNOWLEDGE_IDS: &str = "ids per acknowledgment";
+}
+
+/// The reasons carried by [`TransportError::BadRequest`] when the relay
+/// refuses a device list ([`Relay::publish_device_list`]), one per SPEC.md
+/// 25.6 kind that maps to a bad request.
+pub mod device_list_reason {
+    /// `malformed`: the bytes are not a signed device list (SPEC.md 25.4).
+    pub const MALFORMED: &str = "device list: malformed";
+    /// `not_genesis`: the account has no list and this is not a first
+    /// version.
+    pub const NOT_GENESIS: &str = "device list: not a first version";
+    /// `wrong_account`: the account id is not the founder's.
+    pub const WRONG_ACCOUNT: &str = "device list: wrong account";
+    /// `gap`: the version is above the newest stored version + 1.
+    pub const GAP: &str = "device list: gap";
+    /// `device_id_changed`: a kept device changed its number.
+    pub const DEVICE_ID_CHANGED: &str = "device list: device id changed";
+    /// `device_id_reused`: an added device took a number of the previous
+    /// version.
+    pub const DEVICE_ID_REUSED: &str = "device list: device id reused";
+}
+
+/// The transport error for a device-list refusal (SPEC.md 25.12): `stale`
+/// is [`TransportError::Replayed`], `conflict` [`TransportError::Conflict`],
+/// `bad_signature` and `unauthorized` [`TransportError::Unauthorized`], the
+/// other kinds [`TransportError::BadRequest`] with a
+/// [`device_list_reason`].
+pub fn device_list_error(error: &DeviceListError) -> TransportError {
+    use device_list_reason as r;
+    match error {
+        DeviceListError::Stale => TransportError::Replayed,
+        DeviceListError::Conflict { .. } => TransportError::Conflict,
+        DeviceListError::BadSignature | DeviceListError::Unauthorized => {
+            TransportError::Unauthorized
+        }
+        DeviceListError::NotGenesis => TransportError::BadRequest(r::NOT_GENESIS),
+        DeviceListError::WrongAccount => TransportError::BadRequest(r::WRONG_ACCOUNT),
+        DeviceListError::Gap => TransportError::BadRequest(r::GAP),
+        DeviceListError::DeviceIdChanged => TransportError::BadRequest(r::DEVICE_ID_CHANGED),
+        DeviceListError::DeviceIdReused => TransportError::BadRequest(r::DEVICE_ID_REUSED),
+        _ => TransportError::BadRequest(r::MALFORMED),
+    }
 }
 
 /// The relay's bounds. Every field is public; [`Default`] gives the values
@@ -273,6 +334,30 @@ pub struct SweepReport {
     pub envelopes_expired: u64,
     /// Challenges past their lifetime.
     pub challenges_expired: u64,
+}
+
+/// A stored version of an account's device list (SPEC.md 25.12): what
+/// [`RelayStorage::append_device_list`] keeps and the device-list reads
+/// return.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDeviceList {
+    /// The list's version (>= 1).
+    pub version: u64,
+    /// `list_hash(body)` (SPEC.md 25.3).
+    pub body_hash: [u8; 32],
+    /// The signed list, as uploaded.
+    pub signed: Vec<u8>,
+}
+
+/// What [`RelayStorage::append_device_list`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// The version was stored (and versions beyond the retention dropped).
+    Appended,
+    /// The account's newest stored version was not the one the caller
+    /// checked the list against (another upload came first); nothing was
+    /// written.
+    HeadMoved,
 }
 
 /// A relay storage failure.
@@ -468,6 +553,48 @@ pub trait RelayStorage {
     fn commit_group(&mut self) -> Result<(), RelayStorageError> {
         Ok(())
     }
+
+    /// The newest stored version of the account's device list (`None` if
+    /// it has none).
+    fn device_list_head(
+        &self,
+        account: &AccountId,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError>;
+
+    /// The stored version `version` of the account's device list (`None`
+    /// if it was never stored or no longer is).
+    fn device_list_version(
+        &self,
+        account: &AccountId,
+        version: u64,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError>;
+
+    /// The account's stored versions above `after`, oldest first, at most
+    /// `limit` (the oldest of them).
+    fn device_lists_after(
+        &self,
+        account: &AccountId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredDeviceList>, RelayStorageError>;
+
+    /// Atomically (one transaction, so that no concurrent call can fork the
+    /// chain): if `list.version` is 1, the account must have no stored
+    /// version; otherwise its newest stored version must be
+    /// `list.version - 1` with body hash `previous`. If so, stores `list`
+    /// and deletes the account's versions at or below `list.version -
+    /// retain` (keeping the newest `retain`, at least 1) and returns
+    /// [`AppendOutcome::Appended`]; else writes nothing and returns
+    /// [`AppendOutcome::HeadMoved`]. Two calls appending the same version
+    /// never both succeed. The caller verified the list; the storage does
+    /// not parse it.
+    fn append_device_list(
+        &mut self,
+        account: &AccountId,
+        list: &StoredDeviceList,
+        previous: &[u8; 32],
+        retain: u32,
+    ) -> Result<AppendOutcome, RelayStorageError>;
 
     /// Atomically: deletes the mailbox's challenges that expired before
     /// `now`, stores the challenge with its expiry, and evicts the
@@ -792,6 +919,144 @@ impl<S: RelayStorage> Relay<S> {
         }
         let result = self.storage.acknowledge_envelopes(&mailbox, ids);
         self.check(result).map(|_| ())
+    }
+
+    /// Publishes a signed device list (SPEC.md 25.12): a first version for
+    /// an account without a stored list, else the successor of the newest
+    /// stored version. The same list as a stored version (same body) is
+    /// accepted and changes nothing. See the module docs for the rules.
+    ///
+    /// Work per call is bounded: one upload decoded, at most two stored
+    /// lists read and one decoded, at most [`MAX_DEVICES`] signature
+    /// verifications (the relay trusts the signatures of the lists it
+    /// stored: it verified them before storing them).
+    ///
+    /// # Errors
+    /// As [`device_list_error`] maps the first failing check of SPEC.md
+    /// 25.5; [`TransportError::Conflict`] for an authentic list of a version
+    /// the relay holds with another body; [`TransportError::Replayed`] for a
+    /// version not above the newest that is no longer held;
+    /// [`TransportError::Unavailable`] for a storage failure (or a stored
+    /// list that no longer decodes).
+    ///
+    /// [`MAX_DEVICES`]: crate::protocol::devices::MAX_DEVICES
+    pub fn publish_device_list(&mut self, signed: &[u8]) -> Result<(), TransportError> {
+        let list = DeviceList::decode(signed).map_err(|e| device_list_error(&e))?;
+        let account = *list.account_id();
+        let head = self.storage.device_list_head(&account);
+        let previous = match self.check(head)? {
+            None => {
+                list.verify_genesis().map_err(|e| device_list_error(&e))?;
+                [0u8; 32]
+            }
+            Some(head) if list.version() <= head.version => {
+                return self.held_device_list(&account, &list, false);
+            }
+            Some(head) => {
+                let prev = self.stored_device_list(&head)?;
+                list.successor_checks(&prev)
+                    .map_err(|e| device_list_error(&e))?;
+                head.body_hash
+            }
+        };
+        let stored = StoredDeviceList {
+            version: list.version(),
+            body_hash: *list.body_hash(),
+            signed: signed.to_vec(),
+        };
+        let outcome = self.storage.append_device_list(
+            &account,
+            &stored,
+            &previous,
+            DEVICE_LIST_RETENTION as u32,
+        );
+        match self.check(outcome)? {
+            AppendOutcome::Appended => Ok(()),
+            // Another upload of this version came first. This list passed
+            // the checks against the version before it (which never
+            // changes once stored), so it is authentic: no need to verify
+            // it again.
+            AppendOutcome::HeadMoved => self.held_device_list(&account, &list, true),
+        }
+    }
+
+    /// A list whose version the relay holds (or held): the same body is
+    /// `Ok`, another authentic body a conflict, one no longer held stale.
+    fn held_device_list(
+        &mut self,
+        account: &AccountId,
+        list: &DeviceList,
+        authentic: bool,
+    ) -> Result<(), TransportError> {
+        let version = list.version();
+        let stored = self.storage.device_list_version(account, version);
+        let Some(stored) = self.check(stored)? else {
+            return Err(TransportError::Replayed);
+        };
+        if stored.body_hash == *list.body_hash() {
+            return Ok(());
+        }
+        if authentic {
+            return Err(TransportError::Conflict);
+        }
+        let checked = if version == 1 {
+            list.verify_genesis().map(drop)
+        } else {
+            let parent = self.storage.device_list_version(account, version - 1);
+            let Some(parent) = self.check(parent)? else {
+                // Its predecessor is gone: the relay cannot judge it.
+                return Err(TransportError::Replayed);
+            };
+            let parent = self.stored_device_list(&parent)?;
+            list.successor_checks(&parent)
+        };
+        match checked {
+            Ok(()) | Err(DeviceListError::Conflict { .. }) => Err(TransportError::Conflict),
+            Err(e) => Err(device_list_error(&e)),
+        }
+    }
+
+    /// A stored list, decoded (its signatures were verified when it was
+    /// stored).
+    fn stored_device_list(
+        &mut self,
+        stored: &StoredDeviceList,
+    ) -> Result<DeviceList, TransportError> {
+        match DeviceList::decode(&stored.signed) {
+            Ok(list)
+                if list.version() == stored.version && *list.body_hash() == stored.body_hash =>
+            {
+                Ok(list)
+            }
+            _ => Err(self.storage_failed(RelayStorageError::Corrupted(
+                "a stored device list does not decode".into(),
+            ))),
+        }
+    }
+
+    /// The account's stored device lists above version `after`, oldest
+    /// first, at most [`DEVICE_LIST_RETENTION`]; empty if none is above
+    /// `after`.
+    ///
+    /// # Errors
+    /// [`TransportError::NotFound`] for an account without a stored list,
+    /// [`TransportError::Unavailable`] for a storage failure.
+    pub fn fetch_device_lists(
+        &mut self,
+        account: &AccountId,
+        after: u64,
+    ) -> Result<Vec<Vec<u8>>, TransportError> {
+        let lists = self
+            .storage
+            .device_lists_after(account, after, DEVICE_LIST_RETENTION as u32);
+        let lists = self.check(lists)?;
+        if lists.is_empty() {
+            let head = self.storage.device_list_head(account);
+            if self.check(head)?.is_none() {
+                return Err(TransportError::NotFound);
+            }
+        }
+        Ok(lists.into_iter().map(|l| l.signed).collect())
     }
 
     /// Deletes expired envelopes (and acknowledged ids) and challenges.

@@ -25,9 +25,10 @@ use std::vec::Vec;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage, RelayStorageError,
-    UploadOutcome,
+    AppendOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage,
+    RelayStorageError, StoredDeviceList, UploadOutcome,
 };
+use crate::protocol::devices::AccountId;
 use crate::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,
 };
@@ -35,7 +36,7 @@ use crate::transport::{
 /// `PRAGMA application_id` of a relay database ("cbrl").
 const APPLICATION_ID: i32 = 0x6362_726c;
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: u32 = 2;
+const SCHEMA_VERSION: u32 = 3;
 
 /// The tables every schema version shares.
 const COMMON_SCHEMA: &str = "
@@ -152,6 +153,36 @@ DROP TABLE IF EXISTS mailbox_usage;
 DROP TABLE acknowledged;
 DROP TABLE envelopes;
 ";
+
+/// The device lists of schema version 3 (SPEC.md 25.12): per account the
+/// retained versions of its chain. The primary key makes a fork
+/// impossible even if two writers both passed the head check.
+const DEVICE_LIST_TABLE: &str = "
+CREATE TABLE device_lists (
+    account_id BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    body_hash BLOB NOT NULL,
+    signed BLOB NOT NULL,
+    PRIMARY KEY (account_id, version)
+) WITHOUT ROWID;
+";
+
+/// A device-list version as an SQLite integer (versions grow by one from
+/// 1, so they never reach `i64::MAX`; a larger one is refused).
+fn list_version(version: u64) -> Result<i64, RelayStorageError> {
+    i64::try_from(version)
+        .map_err(|_| RelayStorageError::Backend("device list version out of range".into()))
+}
+
+fn stored_list(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredDeviceList> {
+    let version: i64 = row.get(0)?;
+    Ok(StoredDeviceList {
+        version: u64::try_from(version)
+            .map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, version))?,
+        body_hash: row.get(1)?,
+        signed: row.get(2)?,
+    })
+}
 
 fn db(error: rusqlite::Error) -> RelayStorageError {
     match error {
@@ -366,6 +397,7 @@ impl SqliteRelayStorage {
                 tx.execute_batch(COMMON_SCHEMA).map_err(db)?;
                 tx.execute_batch(MAILBOX_TABLES).map_err(db)?;
                 tx.execute_batch(MAILBOX_INDEXES).map_err(db)?;
+                tx.execute_batch(DEVICE_LIST_TABLE).map_err(db)?;
                 tx.pragma_update(None, "application_id", APPLICATION_ID)
                     .map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -375,6 +407,12 @@ impl SqliteRelayStorage {
                 tx.execute_batch(MAILBOX_TABLES).map_err(db)?;
                 tx.execute_batch(MIGRATE_1_TO_2).map_err(db)?;
                 tx.execute_batch(MAILBOX_INDEXES).map_err(db)?;
+                tx.execute_batch(DEVICE_LIST_TABLE).map_err(db)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(db)?;
+            }
+            (APPLICATION_ID, 2) => {
+                tx.execute_batch(DEVICE_LIST_TABLE).map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(db)?;
             }
@@ -398,6 +436,108 @@ impl SqliteRelayStorage {
 }
 
 impl RelayStorage for SqliteRelayStorage {
+    fn device_list_head(
+        &self,
+        account: &AccountId,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        self.conn
+            .prepare_cached(
+                "SELECT version, body_hash, signed FROM device_lists
+                 WHERE account_id = ?1 ORDER BY version DESC LIMIT 1",
+            )
+            .map_err(db)?
+            .query_row(params![account.0], stored_list)
+            .optional()
+            .map_err(db)
+    }
+
+    fn device_list_version(
+        &self,
+        account: &AccountId,
+        version: u64,
+    ) -> Result<Option<StoredDeviceList>, RelayStorageError> {
+        let Ok(version) = i64::try_from(version) else {
+            return Ok(None);
+        };
+        self.conn
+            .prepare_cached(
+                "SELECT version, body_hash, signed FROM device_lists
+                 WHERE account_id = ?1 AND version = ?2",
+            )
+            .map_err(db)?
+            .query_row(params![account.0, version], stored_list)
+            .optional()
+            .map_err(db)
+    }
+
+    fn device_lists_after(
+        &self,
+        account: &AccountId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredDeviceList>, RelayStorageError> {
+        let Ok(after) = i64::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT version, body_hash, signed FROM device_lists
+                 WHERE account_id = ?1 AND version > ?2 ORDER BY version LIMIT ?3",
+            )
+            .map_err(db)?;
+        let rows = statement
+            .query_map(params![account.0, after, limit], stored_list)
+            .map_err(db)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)
+    }
+
+    fn append_device_list(
+        &mut self,
+        account: &AccountId,
+        list: &StoredDeviceList,
+        previous: &[u8; 32],
+        retain: u32,
+    ) -> Result<AppendOutcome, RelayStorageError> {
+        let version = list_version(list.version)?;
+        // The head check and the insert in one IMMEDIATE transaction (the
+        // write lock is taken at BEGIN, so no other writer runs between).
+        let tx = self.begin()?;
+        let head: Option<(i64, Vec<u8>)> = tx
+            .prepare_cached(
+                "SELECT version, body_hash FROM device_lists
+                 WHERE account_id = ?1 ORDER BY version DESC LIMIT 1",
+            )
+            .map_err(db)?
+            .query_row(params![account.0], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(db)?;
+        let extends = match &head {
+            None => version == 1,
+            Some((v, hash)) => version != 1 && *v == version - 1 && hash[..] == previous[..],
+        };
+        if !extends {
+            return Ok(AppendOutcome::HeadMoved);
+        }
+        let inserted = tx
+            .prepare_cached(
+                "INSERT INTO device_lists (account_id, version, body_hash, signed)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+            )
+            .map_err(db)?
+            .execute(params![account.0, version, list.body_hash, list.signed])
+            .map_err(db)?;
+        if inserted == 0 {
+            return Ok(AppendOutcome::HeadMoved);
+        }
+        tx.prepare_cached("DELETE FROM device_lists WHERE account_id = ?1 AND version <= ?2")
+            .map_err(db)?
+            .execute(params![account.0, version - i64::from(retain.max(1))])
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(AppendOutcome::Appended)
+    }
+
     fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
         let mut stmt = self
             .conn

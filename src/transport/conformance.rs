@@ -120,10 +120,11 @@ use std::vec;
 use std::vec::Vec;
 
 use super::{
-    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
-    MailboxOp, PrekeyDirectory, TransportError,
+    BundleSetUpload, DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth,
+    MailboxId, MailboxOp, PrekeyDirectory, TransportError, DEVICE_LIST_RETENTION,
 };
 use crate::protocol::bundle::{FreshnessPolicy, PrekeyBundle};
+use crate::protocol::devices::{AccountId, DeviceEntry, DeviceList, VerifiedDeviceList};
 use crate::protocol::keys::{IdentityKeyPair, OneTimePrekey, SignedPrekey};
 
 /// A broken promise: which check found it and what was wrong.
@@ -1223,6 +1224,359 @@ async fn bounds<D: PrekeyDirectory, M: Mailbox>(t: &Under<'_, D, M>) -> Outcome 
         "the largest envelope's payload length",
         &got.first().map(|e| e.payload.len()),
         &Some(max),
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The device directory (SPEC.md 25.12): a suite of its own, so that a
+// transport without device lists still runs the checks above.
+
+/// The names of the [`DeviceDirectory`] checks, in the order
+/// [`check_device_directory`] runs them:
+///
+/// | name | contract |
+/// |---|---|
+/// | `device_genesis` | an unknown account is [`TransportError::NotFound`]; a valid first version is stored and served byte for byte; the same upload again is `Ok` and changes nothing; a first upload that is not a valid first version is [`TransportError::BadRequest`] |
+/// | `device_stranger` | a list signed only by a device not in the newest list (one adding itself, one replacing every device) and a list with a bad signature are [`TransportError::Unauthorized`]; an added device that did not countersign is too; nothing changes |
+/// | `device_conflict` | another list of a held version signed by a listed device is [`TransportError::Conflict`]; a version past the newest + 1 is [`TransportError::BadRequest`]; nothing changes |
+/// | `device_fetch_after` | `fetch_device_lists(after)` returns exactly the versions above `after`, oldest first; accounts are separate |
+/// | `device_retention` | after 66 versions the newest [`DEVICE_LIST_RETENTION`] are served; a version no longer held (the same list or another) is [`TransportError::Replayed`] (stale) |
+pub const DEVICE_CHECKS: [&str; 5] = [
+    "device_genesis",
+    "device_stranger",
+    "device_conflict",
+    "device_fetch_after",
+    "device_retention",
+];
+
+/// Runs every device-directory check ([`DEVICE_CHECKS`]), each on a fresh
+/// directory from `make` (it must never have seen the suite's accounts,
+/// whose keys are derived from fixed seeds).
+///
+/// # Errors
+/// The violations, in the order of [`DEVICE_CHECKS`], if any check failed.
+pub async fn check_device_directory<D: DeviceDirectory>(
+    mut make: impl FnMut() -> D,
+) -> Result<(), Vec<Violation>> {
+    let mut violations = Vec::new();
+    for name in DEVICE_CHECKS {
+        // Each check names itself: a check added to the table must be
+        // dispatched below.
+        let d = make();
+        let outcome = match name {
+            "device_genesis" => device_genesis(&d).await,
+            "device_stranger" => device_stranger(&d).await,
+            "device_conflict" => device_conflict(&d).await,
+            "device_fetch_after" => device_fetch_after(&d).await,
+            _ => device_retention(&d).await,
+        };
+        if let Err(message) = outcome {
+            violations.push(Violation {
+                check: name,
+                message,
+            });
+        }
+    }
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(violations)
+    }
+}
+
+/// [`check_device_directory`] on the current thread
+/// ([`block_on`](crate::client::block_on)).
+///
+/// # Panics
+/// If any check fails, with a message naming each failed check.
+pub fn run_device_directory<D: DeviceDirectory>(make: impl FnMut() -> D) {
+    if let Err(violations) = crate::client::block_on(check_device_directory(make)) {
+        panic!("{}", report(&violations));
+    }
+}
+
+/// A device of the device-list checks (keys from a fixed seed).
+fn dkey(n: u8) -> IdentityKeyPair {
+    IdentityKeyPair::from_seed(&[0xd0 ^ n; 32])
+}
+
+fn entry(n: u8) -> DeviceEntry {
+    DeviceEntry {
+        identity: *dkey(n).public(),
+        device_id: u32::from(n),
+    }
+}
+
+/// The successor of `prev` listing devices `devices`, signed by `signers`.
+fn next_list(prev: &VerifiedDeviceList, devices: &[u8], signers: &[u8]) -> DeviceList {
+    let entries: Vec<DeviceEntry> = devices.iter().map(|n| entry(*n)).collect();
+    let mut list = prev.successor(&entries).expect("a well-formed list");
+    for s in signers {
+        list.sign(&dkey(*s)).expect("a listed signer");
+    }
+    list.into_list().expect("signed")
+}
+
+/// The account founded by device `founder`, and its chain of `extra`
+/// successors (each keeping the founder alone, so each has a new body).
+fn chain(founder: u8, extra: usize) -> Vec<VerifiedDeviceList> {
+    let first = DeviceList::genesis(&dkey(founder), u32::from(founder))
+        .verify_genesis()
+        .expect("a valid first version");
+    let mut out = vec![first];
+    for i in 0..extra {
+        // Alternate between the founder alone and the founder with
+        // device 0x40 + i (added and countersigned), so bodies differ.
+        let prev = out.last().expect("not empty");
+        let next = if i % 2 == 0 {
+            let added = 0x40 + u8::try_from(i % 64).unwrap_or(0);
+            next_list(prev, &[founder, added], &[founder, added])
+        } else {
+            next_list(prev, &[founder], &[founder])
+        };
+        let verified = next.verify_successor(prev).expect("a valid successor");
+        out.push(verified);
+    }
+    out
+}
+
+async fn publish_all<D: DeviceDirectory>(d: &D, lists: &[VerifiedDeviceList]) -> Outcome {
+    for l in lists {
+        d.publish_device_list(&l.encode())
+            .await
+            .or_fail(&format!("publish_device_list(version {})", l.version()))?;
+    }
+    Ok(())
+}
+
+async fn fetched<D: DeviceDirectory>(
+    d: &D,
+    account: &AccountId,
+    after: u64,
+) -> Result<Vec<Vec<u8>>, String> {
+    d.fetch_device_lists(account, after)
+        .await
+        .or_fail(&format!("fetch_device_lists(after {after})"))
+}
+
+/// `got == want` for lists, failing with their versions (not their bytes).
+fn same_lists(what: &str, got: &[Vec<u8>], want: &[Vec<u8>]) -> Outcome {
+    if got == want {
+        return Ok(());
+    }
+    let versions = |lists: &[Vec<u8>]| -> Vec<String> {
+        lists
+            .iter()
+            .map(|l| match DeviceList::decode(l) {
+                Ok(list) => format!("v{} ({} bytes)", list.version(), l.len()),
+                Err(_) => format!("undecodable ({} bytes)", l.len()),
+            })
+            .collect()
+    };
+    Err(format!(
+        "{what}: got {:?}, expected {:?} (or other bytes)",
+        versions(got),
+        versions(want)
+    ))
+}
+
+fn encodings(lists: &[VerifiedDeviceList]) -> Vec<Vec<u8>> {
+    lists.iter().map(|l| l.encode()).collect()
+}
+
+async fn device_genesis<D: DeviceDirectory>(d: &D) -> Outcome {
+    let lists = chain(1, 0);
+    let account = *lists[0].account_id();
+    refused(
+        "fetch_device_lists of an unknown account",
+        d.fetch_device_lists(&account, 0).await,
+        &TransportError::NotFound,
+    )?;
+    // A second version first: not a first version.
+    let later = chain(2, 1);
+    refused(
+        "publish_device_list(version 2 of an account the directory does not know)",
+        d.publish_device_list(&later[1].encode()).await,
+        &TransportError::BadRequest(""),
+    )?;
+    refused(
+        "publish_device_list(bytes that are not a list)",
+        d.publish_device_list(&[1, 2, 3]).await,
+        &TransportError::BadRequest(""),
+    )?;
+    publish_all(d, &lists).await?;
+    same_lists(
+        "fetch_device_lists(after 0) after a first version",
+        &fetched(d, &account, 0).await?,
+        &encodings(&lists),
+    )?;
+    same_lists(
+        "fetch_device_lists(after 1) of an account at version 1",
+        &fetched(d, &account, 1).await?,
+        &[],
+    )?;
+    // A retry of the same upload (its answer was lost) is not an error.
+    d.publish_device_list(&lists[0].encode())
+        .await
+        .or_fail("publish_device_list(the same first version again)")?;
+    same_lists(
+        "fetch_device_lists(after 0) after the same upload twice",
+        &fetched(d, &account, 0).await?,
+        &encodings(&lists),
+    )?;
+    refused(
+        "fetch_device_lists of an account never published",
+        d.fetch_device_lists(later[0].account_id(), 0).await,
+        &TransportError::NotFound,
+    )?;
+    Ok(())
+}
+
+async fn device_stranger<D: DeviceDirectory>(d: &D) -> Outcome {
+    // Founder 1 with device 2.
+    let lists = chain(1, 0);
+    let account = *lists[0].account_id();
+    let v2 = next_list(&lists[0], &[1, 2], &[1, 2])
+        .verify_successor(&lists[0])
+        .expect("valid");
+    publish_all(d, &[lists[0].clone(), v2.clone()]).await?;
+    let held = encodings(&[lists[0].clone(), v2.clone()]);
+    // Stranger 9 adds itself, signing alone.
+    let add = next_list(&v2, &[1, 2, 9], &[9]);
+    refused(
+        "publish_device_list(a stranger adding itself, signed by it alone)",
+        d.publish_device_list(&add.encode()).await,
+        &TransportError::Unauthorized,
+    )?;
+    // Stranger 9 replaces every device (removes 1 and 2).
+    let takeover = next_list(&v2, &[9], &[9]);
+    refused(
+        "publish_device_list(a stranger removing every device, signed by it alone)",
+        d.publish_device_list(&takeover.encode()).await,
+        &TransportError::Unauthorized,
+    )?;
+    // Device 1 adds 9 without 9's countersignature.
+    let unsigned_add = next_list(&v2, &[1, 2, 9], &[1]);
+    refused(
+        "publish_device_list(an added device that did not countersign)",
+        d.publish_device_list(&unsigned_add.encode()).await,
+        &TransportError::Unauthorized,
+    )?;
+    // A valid removal of device 2 with its signature bytes damaged.
+    let mut bad = next_list(&v2, &[1], &[1]).encode();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    refused(
+        "publish_device_list(a removal whose signature does not verify)",
+        d.publish_device_list(&bad).await,
+        &TransportError::Unauthorized,
+    )?;
+    same_lists(
+        "fetch_device_lists(after 0) after refused uploads",
+        &fetched(d, &account, 0).await?,
+        &held,
+    )?;
+    // The listed device 2 may remove the founder.
+    let removal = next_list(&v2, &[2], &[2]);
+    d.publish_device_list(&removal.encode())
+        .await
+        .or_fail("publish_device_list(device 2 removing the founder)")?;
+    Ok(())
+}
+
+async fn device_conflict<D: DeviceDirectory>(d: &D) -> Outcome {
+    let lists = chain(3, 2);
+    let account = *lists[0].account_id();
+    publish_all(d, &lists).await?;
+    let held = encodings(&lists);
+    // Version 2 again: the same list is fine, another one a conflict.
+    d.publish_device_list(&lists[1].encode())
+        .await
+        .or_fail("publish_device_list(the held version 2 again)")?;
+    let sibling = next_list(&lists[0], &[3, 7], &[3, 7]);
+    refused(
+        "publish_device_list(another version 2, signed by the founder)",
+        d.publish_device_list(&sibling.encode()).await,
+        &TransportError::Conflict,
+    )?;
+    // The newest version's sibling (the thief's race).
+    let head_sibling = next_list(&lists[1], &[3, 0x41], &[3, 0x41]);
+    refused(
+        "publish_device_list(another version 3, signed by the founder)",
+        d.publish_device_list(&head_sibling.encode()).await,
+        &TransportError::Conflict,
+    )?;
+    // A gap: version 5 over version 3.
+    let v4 = next_list(&lists[2], &[3, 5], &[3, 5])
+        .verify_successor(&lists[2])
+        .expect("valid");
+    let v5 = next_list(&v4, &[3], &[3]);
+    refused(
+        "publish_device_list(version 5 over version 3)",
+        d.publish_device_list(&v5.encode()).await,
+        &TransportError::BadRequest(""),
+    )?;
+    same_lists(
+        "fetch_device_lists(after 0) after refused uploads",
+        &fetched(d, &account, 0).await?,
+        &held,
+    )?;
+    Ok(())
+}
+
+async fn device_fetch_after<D: DeviceDirectory>(d: &D) -> Outcome {
+    let a = chain(4, 3);
+    let b = chain(6, 1);
+    publish_all(d, &a).await?;
+    publish_all(d, &b).await?;
+    let account = *a[0].account_id();
+    for after in 0..=4u64 {
+        let from = usize::try_from(after).unwrap_or(usize::MAX).min(a.len());
+        same_lists(
+            &format!("fetch_device_lists(after {after}) of versions 1 to 4"),
+            &fetched(d, &account, after).await?,
+            &encodings(&a[from..]),
+        )?;
+    }
+    same_lists(
+        "fetch_device_lists(after u64::MAX)",
+        &fetched(d, &account, u64::MAX).await?,
+        &[],
+    )?;
+    same_lists(
+        "fetch_device_lists(after 0) of the other account",
+        &fetched(d, b[0].account_id(), 0).await?,
+        &encodings(&b),
+    )?;
+    Ok(())
+}
+
+async fn device_retention<D: DeviceDirectory>(d: &D) -> Outcome {
+    let lists = chain(8, 65);
+    let account = *lists[0].account_id();
+    publish_all(d, &lists).await?;
+    let kept = &lists[lists.len() - DEVICE_LIST_RETENTION..];
+    same_lists(
+        "fetch_device_lists(after 0) after 66 versions",
+        &fetched(d, &account, 0).await?,
+        &encodings(kept),
+    )?;
+    same_lists(
+        "fetch_device_lists(after 64) after 66 versions",
+        &fetched(d, &account, 64).await?,
+        &encodings(&lists[64..]),
+    )?;
+    refused(
+        "publish_device_list(version 1, no longer held)",
+        d.publish_device_list(&lists[0].encode()).await,
+        &TransportError::Replayed,
+    )?;
+    let other_v2 = next_list(&lists[0], &[8, 9], &[8, 9]);
+    refused(
+        "publish_device_list(another version 2, whose version 1 is no longer held)",
+        d.publish_device_list(&other_v2.encode()).await,
+        &TransportError::Replayed,
     )?;
     Ok(())
 }

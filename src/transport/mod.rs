@@ -129,8 +129,15 @@ pub enum TransportError {
     /// A bound was hit (the reason names it: envelope size, mailbox full,
     /// too many one-time prekeys, ...).
     LimitExceeded(&'static str),
-    /// No bundle is published for that device.
+    /// No bundle is published for that device (or, from a
+    /// [`DeviceDirectory`], no device list for that account).
     NotFound,
+    /// The directory holds another device list of the same version (a
+    /// fork of the account's chain, SPEC.md 25.12): the upload is refused
+    /// and nothing changes. Unlike [`TransportError::Replayed`] it is
+    /// evidence that two authentic, incompatible lists exist (one of the
+    /// account's devices, or a thief holding one, signed the other).
+    Conflict,
     /// The service could not be reached or failed; the request may be
     /// retried if it is idempotent.
     Unavailable(&'static str),
@@ -179,7 +186,8 @@ impl PartialEq for TransportError {
             | (E::Unavailable(a), E::Unavailable(b)) => a == b,
             (E::Unauthorized, E::Unauthorized)
             | (E::Replayed, E::Replayed)
-            | (E::NotFound, E::NotFound) => true,
+            | (E::NotFound, E::NotFound)
+            | (E::Conflict, E::Conflict) => true,
             (
                 E::Io {
                     context: a,
@@ -204,6 +212,7 @@ impl fmt::Display for TransportError {
             TransportError::Replayed => f.write_str("replayed or outdated upload"),
             TransportError::LimitExceeded(what) => write!(f, "limit exceeded: {what}"),
             TransportError::NotFound => f.write_str("not found"),
+            TransportError::Conflict => f.write_str("conflicting device list"),
             TransportError::Unavailable(why) => write!(f, "unavailable: {why}"),
             TransportError::Io { context, .. } => write!(f, "transport failed: {context}"),
         }
@@ -271,21 +280,82 @@ pub trait PrekeyDirectory: MaybeSend + MaybeSync {
     ) -> impl Future<Output = Result<u32, TransportError>> + MaybeSend;
 }
 
-/// Where accounts publish their device lists and contacts fetch them (SPEC 25.12).
+/// Most versions of an account's device list a directory keeps (the
+/// newest ones), and so most lists one
+/// [`DeviceDirectory::fetch_device_lists`] returns (SPEC.md 25.12).
+pub const DEVICE_LIST_RETENTION: usize = 64;
+
+/// Where accounts publish their device lists and contacts fetch them
+/// (SPEC.md 25.12).
+///
+/// Nothing a directory serves is trusted: a contact verifies every list
+/// itself ([`DeviceListChain`](crate::protocol::devices::DeviceListChain)).
+/// The directory's rules keep a stranger from rewriting an account's list
+/// in the directory (and so from denying service quietly), and keep the
+/// chain it stores from forking.
+///
+/// # Contract
+///
+/// An implementation (a relay, or a client of one) must keep all of this;
+/// [`conformance`] checks it against any implementation:
+///
+/// - [`publish_device_list`](Self::publish_device_list) takes a signed list
+///   (SPEC.md 25.3). For an account with no stored list it must pass
+///   `verify_genesis`; otherwise, if its version is the newest stored
+///   version + 1, it must pass `verify_successor` against the newest stored
+///   list. Only then is it stored, and the check of the newest version and
+///   the store are one atomic step: two uploads of the same next version
+///   never both succeed. The directory keeps the newest
+///   [`DEVICE_LIST_RETENTION`] versions of each account.
+/// - Errors, and nothing changes:
+///   - bytes that do not decode, a first upload that is not a valid first
+///     version (`not_genesis`, `wrong_account`), a version above the
+///     newest + 1 (`gap`), or a device number changed or reused:
+///     [`TransportError::BadRequest`];
+///   - a signature that does not verify (`bad_signature`), or signers that
+///     do not authorize the list (`unauthorized`: no device of the newest
+///     list signed it, an added device did not countersign):
+///     [`TransportError::Unauthorized`];
+///   - a version the directory holds, with the same body (SPEC.md 25.3:
+///     the signature set aside) as the stored one: **accepted** (`Ok`),
+///     nothing is written and the stored encoding stays; an upload retried
+///     after a lost answer is thus not an error;
+///   - a version the directory holds, with another body, which is authentic
+///     (it passes the checks against the stored version before it, or as a
+///     first version): [`TransportError::Conflict`]; not authentic: the
+///     error of those checks;
+///   - a version not above the newest that the directory no longer holds
+///     (or whose predecessor it no longer holds): [`TransportError::Replayed`]
+///     (`stale`).
+/// - [`fetch_device_lists`](Self::fetch_device_lists) returns the stored
+///   signed lists of the account with a version above `after`, oldest
+///   first (at most [`DEVICE_LIST_RETENTION`]), byte for byte as
+///   uploaded; an empty vector when the account has none above `after`;
+///   [`TransportError::NotFound`] for an account with no stored list.
+/// - Failures to reach or run the service are
+///   [`TransportError::Unavailable`]; both calls may be retried (a publish
+///   is idempotent, see above).
 pub trait DeviceDirectory: MaybeSend + MaybeSync {
-    /// Publishes a signed device list (its SPEC 25.3 encoding): a genesis for an account the
-    /// directory does not know, or the successor of its newest stored version.
-    /// Errors: `Replayed` for a version the directory already holds (identical or not: a
-    /// different list of a held version is a conflict, `TransportError::Conflict` if B adds
-    /// that variant (TransportError is `#[non_exhaustive]`) — B decides and documents),
-    /// `BadRequest(..)` for a malformed list or a gap, `Unauthorized` for signatures that do
-    /// not authorize it (SPEC 25.5/25.6 kinds mapped; B documents the mapping in SPEC 25.12).
+    /// Publishes a signed device list (its SPEC.md 25.3 encoding): a
+    /// genesis for an account the directory does not know, or the
+    /// successor of its newest stored version.
+    ///
+    /// Errors (see the trait's contract): [`TransportError::BadRequest`]
+    /// for a malformed list, a gap, a bad first version or a device number
+    /// changed or reused; [`TransportError::Unauthorized`] for signatures
+    /// that do not verify or do not authorize it;
+    /// [`TransportError::Replayed`] for a stale version;
+    /// [`TransportError::Conflict`] for another list of a held version.
+    /// The same list again is `Ok`.
     fn publish_device_list(
         &self,
         signed: &[u8],
     ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend;
-    /// The signed lists of `account` with a version above `after`, oldest first, at most
-    /// 64 (the newest the directory retains). `NotFound` if it has none for the account.
+
+    /// The signed lists of `account` with a version above `after`, oldest
+    /// first, at most [`DEVICE_LIST_RETENTION`] (the newest the directory
+    /// retains); empty if none is above `after`. [`TransportError::NotFound`]
+    /// if it has none for the account.
     fn fetch_device_lists(
         &self,
         account: &AccountId,
