@@ -87,14 +87,18 @@ fn error_for(
     what: &'static str,
 ) -> TransportError {
     match status.as_u16() {
-        400 => TransportError::BadRequest(message.and_then(device_list_bad_request).unwrap_or(what)),
+        400 => {
+            TransportError::BadRequest(message.and_then(device_list_bad_request).unwrap_or(what))
+        }
         401 => TransportError::Unauthorized,
         404 if wire == Some("no_route") => TransportError::BadRequest("no such route on the relay"),
         404 => TransportError::NotFound,
         405 => TransportError::BadRequest("method not allowed by the relay"),
         408 => TransportError::Unavailable("relay request timeout"),
         409 if wire == Some("device_list_conflict") => TransportError::Conflict,
-        409 if wire == Some("device_list_gap") => TransportError::BadRequest(device_list_reason::GAP),
+        409 if wire == Some("device_list_gap") => {
+            TransportError::BadRequest(device_list_reason::GAP)
+        }
         409 => TransportError::Replayed,
         413 | 422 | 429 | 507 => TransportError::LimitExceeded(limit_reason(wire.unwrap_or(""))),
         503 => TransportError::Unavailable("relay unavailable"),
@@ -822,7 +826,10 @@ mod tests {
             error_for(s(400), Some("bad_request"), None, "x"),
             TransportError::BadRequest("x")
         );
-        assert_eq!(error_for(s(401), None, None, "x"), TransportError::Unauthorized);
+        assert_eq!(
+            error_for(s(401), None, None, "x"),
+            TransportError::Unauthorized
+        );
         assert_eq!(
             error_for(s(404), Some("not_found"), None, "x"),
             TransportError::NotFound

@@ -175,7 +175,9 @@ pub fn decode_device_lists(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, TransportEr
         let (length, rest) = bytes.split_at_checked(4).ok_or(malformed.clone())?;
         let length = u32::from_be_bytes(length.try_into().map_err(|_| malformed.clone())?);
         let length = usize::try_from(length).map_err(|_| malformed.clone())?;
-        if length == 0 || length > MAX_SIGNED_DEVICE_LIST_BYTES || out.len() >= DEVICE_LIST_RETENTION
+        if length == 0
+            || length > MAX_SIGNED_DEVICE_LIST_BYTES
+            || out.len() >= DEVICE_LIST_RETENTION
         {
             return Err(malformed);
         }
@@ -243,14 +245,26 @@ mod tests {
     #[test]
     fn device_list_queries() {
         assert_eq!(DeviceListQuery { after: 7 }.encode(), "after=7");
-        assert_eq!(DeviceListQuery::decode(""), Ok(DeviceListQuery { after: 0 }));
+        assert_eq!(
+            DeviceListQuery::decode(""),
+            Ok(DeviceListQuery { after: 0 })
+        );
         assert_eq!(
             DeviceListQuery::decode("x=1&after=3&after=18446744073709551615"),
             Ok(DeviceListQuery { after: u64::MAX })
         );
-        for bad in ["after=", "after", "after=-1", "after=18446744073709551616", "after=1e3"] {
+        for bad in [
+            "after=",
+            "after",
+            "after=-1",
+            "after=18446744073709551616",
+            "after=1e3",
+        ] {
             assert!(
-                matches!(DeviceListQuery::decode(bad), Err(TransportError::BadRequest(_))),
+                matches!(
+                    DeviceListQuery::decode(bad),
+                    Err(TransportError::BadRequest(_))
+                ),
                 "{bad:?}"
             );
         }
@@ -271,6 +285,9 @@ mod tests {
         let too_many = encode_device_lists(&vec![vec![0]; DEVICE_LIST_RETENTION + 1]);
         assert!(decode_device_lists(&too_many).is_err());
         let most = encode_device_lists(&vec![vec![0]; DEVICE_LIST_RETENTION]);
-        assert_eq!(decode_device_lists(&most).unwrap().len(), DEVICE_LIST_RETENTION);
+        assert_eq!(
+            decode_device_lists(&most).unwrap().len(),
+            DEVICE_LIST_RETENTION
+        );
     }
 }

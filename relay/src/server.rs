@@ -75,8 +75,8 @@ use axum::routing::{get, post, put, MethodRouter};
 use axum::Router;
 use cubbyhole::protocol::devices::{AccountId, DeviceList};
 use cubbyhole::relay::{
-    device_list_error, device_list_reason, reason as core_reason, MailboxUsage, Relay, RelayConfig, RelayStorage, RelayStorageError,
-    SqliteRelayStorage,
+    device_list_error, device_list_reason, reason as core_reason, MailboxUsage, Relay, RelayConfig,
+    RelayStorage, RelayStorageError, SqliteRelayStorage,
 };
 use cubbyhole::transport::{
     decode_acknowledge, decode_envelope, encode_envelope_list, DeviceAddress, Envelope,
@@ -861,10 +861,9 @@ impl ApiError {
                 "the version is not above the newest stored one and is no longer held \
                  (or its predecessor is not)",
             ),
-            TransportError::BadRequest(device_list_reason::GAP) => Self::new(
-                Reason::DeviceListGap,
-                device_list_reason::GAP,
-            ),
+            TransportError::BadRequest(device_list_reason::GAP) => {
+                Self::new(Reason::DeviceListGap, device_list_reason::GAP)
+            }
             TransportError::Unauthorized => Self::new(
                 Reason::Unauthorized,
                 "the device list's signatures do not verify or do not authorize it",
@@ -2672,7 +2671,11 @@ mod tests {
             (TransportError::BadRequest(r::GAP), "device_list_gap", 409),
             (TransportError::Unauthorized, "unauthorized", 401),
             (TransportError::BadRequest(r::MALFORMED), "bad_request", 400),
-            (TransportError::BadRequest(r::DEVICE_ID_REUSED), "bad_request", 400),
+            (
+                TransportError::BadRequest(r::DEVICE_ID_REUSED),
+                "bad_request",
+                400,
+            ),
             (TransportError::Unavailable("x"), "unavailable", 503),
         ];
         for (error, name, status) in cases {
@@ -2706,7 +2709,12 @@ mod tests {
             parse_devices_query(Some("x=1&after=18446744073709551615")).unwrap(),
             u64::MAX
         );
-        for bad in ["after=", "after=-1", "after=18446744073709551616", "after=0x1"] {
+        for bad in [
+            "after=",
+            "after=-1",
+            "after=18446744073709551616",
+            "after=0x1",
+        ] {
             assert!(parse_devices_query(Some(bad)).is_err(), "{bad}");
         }
     }

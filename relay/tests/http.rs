@@ -1153,21 +1153,34 @@ fn list_key(n: u8) -> IdentityKeyPair {
 /// route labels of the metrics.
 #[tokio::test(flavor = "multi_thread")]
 async fn device_list_routes_check_paths_bodies_and_label_their_metrics() {
-    use cubbyhole::{DeviceEntry, DeviceList};
     use cubbyhole::transport::DeviceDirectory;
+    use cubbyhole::{DeviceEntry, DeviceList};
     use cubbyhole_http::wire::{decode_device_lists, MAX_SIGNED_DEVICE_LIST_BYTES};
 
     let server = Server::memory().await;
     let devices_url = |account: &[u8; 32]| {
-        format!("{}/v1/accounts/{}/devices", server.url, hex::encode(account))
+        format!(
+            "{}/v1/accounts/{}/devices",
+            server.url,
+            hex::encode(account)
+        )
     };
-    let v1 = DeviceList::genesis(&list_key(1), 1).verify_genesis().unwrap();
+    let v1 = DeviceList::genesis(&list_key(1), 1)
+        .verify_genesis()
+        .unwrap();
     let account = v1.account_id().0;
-    let other = DeviceList::genesis(&list_key(2), 2).verify_genesis().unwrap();
+    let other = DeviceList::genesis(&list_key(2), 2)
+        .verify_genesis()
+        .unwrap();
 
     // The path's account must be the list's.
     assert_eq!(
-        raw(reqwest::Method::PUT, devices_url(&other.account_id().0), v1.encode()).await,
+        raw(
+            reqwest::Method::PUT,
+            devices_url(&other.account_id().0),
+            v1.encode()
+        )
+        .await,
         (400, Some("bad_request".into()))
     );
     // Uppercase hex and a short account are refused, not looked up.
@@ -1181,7 +1194,12 @@ async fn device_list_routes_check_paths_bodies_and_label_their_metrics() {
         (400, Some("bad_request".into()))
     );
     assert_eq!(
-        raw(reqwest::Method::GET, format!("{}/v1/accounts/ab/devices", server.url), vec![]).await,
+        raw(
+            reqwest::Method::GET,
+            format!("{}/v1/accounts/ab/devices", server.url),
+            vec![]
+        )
+        .await,
         (400, Some("bad_request".into()))
     );
     // Above the largest list: refused before the body is read in full.
@@ -1231,9 +1249,19 @@ async fn device_list_routes_check_paths_bodies_and_label_their_metrics() {
         decode_device_lists(&bytes).unwrap(),
         vec![v1.encode(), v2.encode()]
     );
-    for bad in ["after=-1", "after=", "after=18446744073709551616", "after=0x1"] {
+    for bad in [
+        "after=-1",
+        "after=",
+        "after=18446744073709551616",
+        "after=0x1",
+    ] {
         assert_eq!(
-            raw(reqwest::Method::GET, format!("{}?{bad}", devices_url(&account)), vec![]).await,
+            raw(
+                reqwest::Method::GET,
+                format!("{}?{bad}", devices_url(&account)),
+                vec![]
+            )
+            .await,
             (400, Some("bad_request".into())),
             "{bad}"
         );
@@ -1243,11 +1271,17 @@ async fn device_list_routes_check_paths_bodies_and_label_their_metrics() {
         Ok(vec![v2.encode()])
     );
     assert_eq!(
-        server.relay().fetch_device_lists(v1.account_id(), u64::MAX).await,
+        server
+            .relay()
+            .fetch_device_lists(v1.account_id(), u64::MAX)
+            .await,
         Ok(vec![])
     );
     assert_eq!(
-        server.relay().fetch_device_lists(other.account_id(), 0).await,
+        server
+            .relay()
+            .fetch_device_lists(other.account_id(), 0)
+            .await,
         Err(TransportError::NotFound)
     );
 

@@ -302,9 +302,7 @@ fn relays_sharing_a_database_never_fork_a_device_list() {
             .collect();
         let results: Vec<Result<(), TransportError>> =
             racers.into_iter().map(|r| r.join().unwrap()).collect();
-        let winners: Vec<usize> = (0..results.len())
-            .filter(|i| results[*i].is_ok())
-            .collect();
+        let winners: Vec<usize> = (0..results.len()).filter(|i| results[*i].is_ok()).collect();
         assert_eq!(winners.len(), 1, "{results:?}");
         for (i, result) in results.iter().enumerate() {
             if i != winners[0] {
