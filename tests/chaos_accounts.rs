@@ -358,8 +358,11 @@ struct Device {
     address: DeviceAddress,
     person: usize,
     crash: Arc<Mutex<Crash>>,
-    /// Message numbers shown (the application's memory).
+    /// Message numbers shown, and the envelopes they came in (the
+    /// application's memory: a crash before the inbox removal leaves a
+    /// message there, not shown again).
     shown: HashSet<u64>,
+    envelopes: HashSet<EnvelopeId>,
     /// Skips every step until this one.
     offline_until: usize,
     /// Removed from its account (it does not know: the thief's laptop).
@@ -498,6 +501,7 @@ impl World {
             person,
             crash,
             shown: HashSet::new(),
+            envelopes: HashSet::new(),
             offline_until: 0,
             removed: false,
             known: vec![0; 3],
@@ -509,8 +513,14 @@ impl World {
         let p = self.accounts.len();
         let first = self.new_device(p, 1);
         let now = self.now();
-        let account =
-            block_on(self.devices[first].client.as_mut().unwrap().create_account(now)).unwrap();
+        let account = block_on(
+            self.devices[first]
+                .client
+                .as_mut()
+                .unwrap()
+                .create_account(now),
+        )
+        .unwrap();
         self.accounts.push(account);
         self.truth.push(vec![vec![first]]);
         self.devices[first].known[p] = 1;
@@ -525,12 +535,26 @@ impl World {
     fn add(&mut self, p: usize, device_id: u32) -> usize {
         let faulty = std::mem::replace(&mut self.net.state.lock().unwrap().faulty, false);
         let founder = self.truth[p][0][0];
+        self.devices[founder].crash.lock().unwrap().crash_in = None;
         let new = self.new_device(p, device_id);
         let address = self.devices[new].address;
         let now = self.now();
-        let list = block_on(self.devices[founder].client.as_mut().unwrap().add_device(&address))
-            .unwrap();
-        block_on(self.devices[new].client.as_mut().unwrap().join_account(&list, now)).unwrap();
+        let list = block_on(
+            self.devices[founder]
+                .client
+                .as_mut()
+                .unwrap()
+                .add_device(&address),
+        )
+        .unwrap();
+        block_on(
+            self.devices[new]
+                .client
+                .as_mut()
+                .unwrap()
+                .join_account(&list, now),
+        )
+        .unwrap();
         let mut next = self.truth[p].last().unwrap().clone();
         next.push(new);
         self.truth[p].push(next);
@@ -560,7 +584,12 @@ impl World {
                     self.devices[i].known[p] = report.version;
                     return;
                 }
-                Err(e) if crashed(&e) => continue,
+                Err(e) if crashed(&e) => {
+                    if std::env::var_os("CHAOS_VERBOSE").is_some() {
+                        eprintln!("{i} crashed refreshing {p}");
+                    }
+                    continue;
+                }
                 // Withheld to nothing (an account never fetched).
                 Err(ClientError::Transport(TransportError::NotFound)) => return,
                 Err(e) => {
@@ -629,6 +658,11 @@ impl World {
             return;
         };
         for m in inbox {
+            if !self.devices[i].envelopes.insert(m.envelope_id) {
+                let id = m.envelope_id;
+                let _ = self.with(i, |c, _, _| block_on(c.remove_from_inbox(&id)));
+                continue;
+            }
             let n = u64::from_be_bytes(m.body[..8].try_into().expect("8 bytes"));
             match self.sent.get(&n) {
                 None => self.violations.push(format!("{i} shows #{n}, never sent")),
@@ -690,10 +724,16 @@ impl World {
         let victim = *self.truth[p].last().unwrap().last().unwrap();
         let address = self.devices[victim].address;
         let faulty = std::mem::replace(&mut self.net.state.lock().unwrap().faulty, false);
+        self.devices[founder].crash.lock().unwrap().crash_in = None;
         let now = self.now();
-        let report =
-            block_on(self.devices[founder].client.as_mut().unwrap().remove_device(&address, now))
-                .unwrap();
+        let report = block_on(
+            self.devices[founder]
+                .client
+                .as_mut()
+                .unwrap()
+                .remove_device(&address, now),
+        )
+        .unwrap();
         let mut next = self.truth[p].last().unwrap().clone();
         next.retain(|d| *d != victim);
         self.truth[p].push(next);
@@ -853,7 +893,12 @@ fn accounts_survive_chaos() {
         failures.is_empty(),
         "{} schedules failed, first: {}",
         failures.len(),
-        failures.iter().take(3).cloned().collect::<Vec<_>>().join("\n")
+        failures
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     if schedules >= 10 {
         assert!(
@@ -861,6 +906,9 @@ fn accounts_survive_chaos() {
             "the network was faulty"
         );
         assert!(total.crashes > 0 && total.offline > 0 && total.withheld_lists > 0);
-        assert!(total.refused > 0, "the removed device's copies were refused");
+        assert!(
+            total.refused > 0,
+            "the removed device's copies were refused"
+        );
     }
 }
