@@ -144,7 +144,9 @@ impl DeviceDirectory for Net {
             lists
                 .into_iter()
                 .filter(|l| {
-                    let version = DeviceList::decode(l).expect("the relay serves lists").version();
+                    let version = DeviceList::decode(l)
+                        .expect("the relay serves lists")
+                        .version();
                     !s.withheld.contains(&(account.0, version))
                 })
                 .collect()
