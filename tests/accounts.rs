@@ -1,9 +1,9 @@
 //! Accounts on the client (issue 15: fan-out, trust per person,
 //! revocation): Alice with 2 devices, Bob with 1, Carol with 3, over an
-//! in-process relay that drops, duplicates, delays and reorders envelopes,
-//! and an in-test device directory (a locked map that runs
-//! `verify_genesis` / `verify_successor`, as SPEC 25.12 says a directory
-//! does).
+//! in-process relay that drops, duplicates, delays and reorders envelopes;
+//! device lists go to the same relay's directory (`InProcessRelay`'s
+//! `DeviceDirectory`: the real SPEC 25.12 rules), which the test can make
+//! withhold versions.
 //!
 //! - every device of each recipient and every other device of the sender
 //!   shows each message exactly once, the sender's own devices as a "sent"
@@ -18,7 +18,7 @@
 //!   every write of the SQLite store in turn, the outbox holds every copy or
 //!   none.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
@@ -32,7 +32,7 @@ use cubbyhole::transport::{
     DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
     PrekeyDirectory, TransportError,
 };
-use cubbyhole::{AccountId, DeviceList, DeviceListChain, DeviceListError};
+use cubbyhole::{AccountId, DeviceList};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -48,8 +48,8 @@ struct NetState {
     /// Every deposit fails (the relay is unreachable).
     down: bool,
     delayed: Vec<(MailboxId, Envelope)>,
-    /// The directory's chains, by account id (oldest first).
-    lists: HashMap<[u8; 32], Vec<DeviceList>>,
+    /// (account, version) the directory withholds from fetches.
+    withheld: HashSet<([u8; 32], u64)>,
     dropped: usize,
     duplicated: usize,
 }
@@ -77,7 +77,7 @@ impl Net {
                 faulty: false,
                 down: false,
                 delayed: Vec::new(),
-                lists: HashMap::new(),
+                withheld: HashSet::new(),
                 dropped: 0,
                 duplicated: 0,
             })),
@@ -122,66 +122,36 @@ impl PrekeyDirectory for Net {
     }
 }
 
-/// The directory of SPEC 25.12, in memory: a genesis for an unknown
-/// account, else a valid successor of the stored head; a held version is
-/// `Replayed`.
+/// The relay's own directory (SPEC 25.12, [`InProcessRelay`]'s
+/// `DeviceDirectory`): every publish and fetch goes to the real relay
+/// rules; the one fault added here is a directory that withholds versions
+/// it holds (SPEC 25.12 allows it; 25.7 must notice the gap).
 impl DeviceDirectory for Net {
     fn publish_device_list(
         &self,
         signed: &[u8],
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
-        let result = (|| {
-            let list =
-                DeviceList::decode(signed).map_err(|_| TransportError::BadRequest("malformed"))?;
-            let mut s = self.state.lock().unwrap();
-            let chain = s.lists.entry(list.account_id().0).or_default();
-            if chain.is_empty() {
-                list.verify_genesis()
-                    .map_err(|_| TransportError::Unauthorized)?;
-                chain.push(list);
-                return Ok(());
-            }
-            let head = DeviceListChain::accept(None, chain)
-                .expect("the stored chain verifies")
-                .new
-                .pop()
-                .expect("a head");
-            if list.version() <= head.version() {
-                return Err(TransportError::Replayed);
-            }
-            match list.verify_successor(&head) {
-                Ok(_) => {
-                    chain.push(list);
-                    Ok(())
-                }
-                Err(DeviceListError::Gap) => Err(TransportError::BadRequest("gap")),
-                Err(_) => Err(TransportError::Unauthorized),
-            }
-        })();
-        std::future::ready(result)
+        self.relay.publish_device_list(signed)
     }
     fn fetch_device_lists(
         &self,
         account: &AccountId,
         after: u64,
     ) -> impl Future<Output = Result<Vec<Vec<u8>>, TransportError>> + Send {
+        let got = block_on(self.relay.fetch_device_lists(account, after));
         let s = self.state.lock().unwrap();
-        let lists: Vec<Vec<u8>> = s
-            .lists
-            .get(&account.0)
-            .map(|chain| {
-                chain
-                    .iter()
-                    .filter(|l| l.version() > after)
-                    .map(DeviceList::encode)
-                    .collect()
-            })
-            .unwrap_or_default();
-        std::future::ready(if lists.is_empty() {
-            Err(TransportError::NotFound)
-        } else {
-            Ok(lists)
-        })
+        let got = got.map(|lists| {
+            lists
+                .into_iter()
+                .filter(|l| {
+                    let version = DeviceList::decode(l)
+                        .expect("the relay serves lists")
+                        .version();
+                    !s.withheld.contains(&(account.0, version))
+                })
+                .collect()
+        });
+        std::future::ready(got)
     }
 }
 
@@ -617,9 +587,16 @@ fn a_thief_race_is_a_conflict_never_resolved() {
             (&ours, &theirs)
         };
         block_on(net.publish_device_list(&published.encode())).unwrap();
+        // SPEC 25.12: an authentic second list of a held version is a
+        // conflict, and the relay keeps the first.
         assert_eq!(
             block_on(net.publish_device_list(&in_band.encode())),
-            Err(TransportError::Replayed)
+            Err(TransportError::Conflict)
+        );
+        assert_eq!(
+            block_on(net.fetch_device_lists(&carol, head.version())),
+            Ok(vec![published.encode()]),
+            "the relay kept the first of the two"
         );
         let report = block_on(b[0].refresh_account(&carol, net.now())).unwrap();
         assert_eq!(report.change, AccountChange::Verified);
@@ -669,14 +646,8 @@ fn an_unverifiable_change_drops_the_person_to_unvalidated() {
     let mut c3 = open(MemoryStore::new(), &net, 3, &mut rng);
     let list = block_on(c[0].add_device(&c3.address())).unwrap();
     block_on(c3.join_account(&list, net.now())).unwrap();
-    // The directory lost version 2.
-    net.state
-        .lock()
-        .unwrap()
-        .lists
-        .get_mut(&carol.0)
-        .unwrap()
-        .remove(1);
+    // The directory withholds version 2.
+    net.state.lock().unwrap().withheld.insert((carol.0, 2));
     let report = block_on(b[0].refresh_account(&carol, net.now())).unwrap();
     assert_eq!(report.change, AccountChange::Unverifiable);
     assert_eq!(report.trust, Trust::Unvalidated);
