@@ -369,6 +369,10 @@ struct Device {
     removed: bool,
     /// The version of each person's list it was last told (0: none).
     known: Vec<u64>,
+    /// Every device of each person it was ever told was listed (in a
+    /// version it was told: the lists a refresh verified in between are not
+    /// counted, so this is what it surely knew).
+    seen: Vec<Vec<usize>>,
 }
 
 struct Sent {
@@ -505,6 +509,7 @@ impl World {
             offline_until: 0,
             removed: false,
             known: vec![0; 3],
+            seen: vec![Vec::new(); 3],
         });
         self.devices.len() - 1
     }
@@ -524,6 +529,7 @@ impl World {
         self.accounts.push(account);
         self.truth.push(vec![vec![first]]);
         self.devices[first].known[p] = 1;
+        self.saw(first, p);
         for id in 2..=devices {
             self.add(p, id);
         }
@@ -561,6 +567,7 @@ impl World {
         let version = self.truth[p].len() as u64;
         assert_eq!(list.version(), version, "one version per change");
         self.devices[new].known[p] = version;
+        self.saw(new, p);
         self.net.state.lock().unwrap().faulty = faulty;
         self.refresh(founder, p);
         new
@@ -582,6 +589,7 @@ impl World {
             match r {
                 Ok(report) => {
                     self.devices[i].known[p] = report.version;
+                    self.saw(i, p);
                     return;
                 }
                 Err(e) if crashed(&e) => {
@@ -599,6 +607,15 @@ impl World {
             }
         }
         self.violations.push("refresh never finished".into());
+    }
+
+    /// Records the devices of the version device `i` now holds of `p`.
+    fn saw(&mut self, i: usize, p: usize) {
+        for d in self.listed(i, p) {
+            if !self.devices[i].seen[p].contains(&d) {
+                self.devices[i].seen[p].push(d);
+            }
+        }
     }
 
     fn listed(&self, i: usize, p: usize) -> Vec<usize> {
@@ -670,8 +687,22 @@ impl World {
                     let from = s.from;
                     let sender = self.devices[from].person;
                     if s.refused {
-                        self.violations
-                            .push(format!("{i} shows #{n} from the removed device"));
+                        // Sent by the removed device after its removal: no
+                        // device shows it as its account's, and none that
+                        // was ever told the device was listed shows it at
+                        // all. A device that never learned the device was
+                        // part of the account (it first fetched the
+                        // account after the removal, with the versions
+                        // naming it withheld) sees an unknown device: it
+                        // may show the message, unattributed, as from a
+                        // stranger.
+                        if m.account.is_some()
+                            || m.sent_copy
+                            || self.devices[i].seen[sender].contains(&from)
+                        {
+                            self.violations
+                                .push(format!("{i} shows #{n} from the removed device"));
+                        }
                     } else if !s.expected.contains(&i) {
                         self.violations
                             .push(format!("{i} shows #{n} from {from}, not meant for it"));
@@ -740,6 +771,7 @@ impl World {
         let version = self.truth[p].len() as u64;
         assert_eq!(report.version, version);
         self.devices[founder].known[p] = version;
+        self.saw(founder, p);
         self.devices[victim].removed = true;
         self.removal = Some((victim, version));
         for i in 0..self.devices.len() {

@@ -694,43 +694,57 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
             return Err(list_error(DeviceListError::WrongAccount));
         }
         let known = record.as_ref().map(restore).transpose()?;
-        let before: Vec<DeviceAddress> = known.as_ref().map(|h| devices_of(h)).unwrap_or_default();
+        // Every device this refresh knows was listed: the held head's, and
+        // (below) those of every newly verified version before the new head,
+        // so that a device added and removed between two refreshes (or
+        // before a first one) is revoked too.
+        let held: Vec<DeviceAddress> = known.as_ref().map(|h| devices_of(h)).unwrap_or_default();
+        let mut before = held.clone();
         let trust = record.as_ref().map(|r| r.trust);
-        let (head, change, trust, evidence) =
-            match DeviceListChain::accept(known.as_ref(), &offered) {
-                Ok(accepted) => match (accepted.head(), &known) {
-                    (None, Some(known)) => (known.clone(), AccountChange::Unchanged, trust, None),
-                    (None, None) => return Err(ClientError::Transport(TransportError::NotFound)),
-                    (Some(head), None) => (head.clone(), AccountChange::New, None, None),
-                    (Some(head), Some(_)) => (head.clone(), AccountChange::Verified, trust, None),
-                },
-                Err(DeviceListError::Conflict { ours, theirs }) => {
-                    let Some(known) = known else {
-                        return Err(list_error(DeviceListError::Conflict { ours, theirs }));
-                    };
-                    (
-                        known,
-                        AccountChange::Conflict,
-                        Some(Trust::Compromised),
-                        Some((ours.encode(), theirs.encode())),
-                    )
+        let verified = DeviceListChain::accept(known.as_ref(), &offered);
+        if let Ok(accepted) = &verified {
+            for list in accepted.new.iter().rev().skip(1) {
+                for d in devices_of(list) {
+                    if !before.contains(&d) {
+                        before.push(d);
+                    }
                 }
-                Err(DeviceListError::Gap) => {
-                    // Unverifiable: the newest list, taken on trust.
-                    let newest = offered
-                        .iter()
-                        .max_by_key(|l| l.version())
-                        .ok_or(list_error(DeviceListError::Gap))?;
-                    let head = newest.accept_unverified().map_err(list_error)?;
-                    let change = if known.is_some() {
-                        AccountChange::Unverifiable
-                    } else {
-                        AccountChange::New
-                    };
-                    (head, change, Some(Trust::Unvalidated), None)
-                }
-                Err(e) => return Err(list_error(e)),
-            };
+            }
+        }
+        let (head, change, trust, evidence) = match verified {
+            Ok(accepted) => match (accepted.head(), &known) {
+                (None, Some(known)) => (known.clone(), AccountChange::Unchanged, trust, None),
+                (None, None) => return Err(ClientError::Transport(TransportError::NotFound)),
+                (Some(head), None) => (head.clone(), AccountChange::New, None, None),
+                (Some(head), Some(_)) => (head.clone(), AccountChange::Verified, trust, None),
+            },
+            Err(DeviceListError::Conflict { ours, theirs }) => {
+                let Some(known) = known else {
+                    return Err(list_error(DeviceListError::Conflict { ours, theirs }));
+                };
+                (
+                    known,
+                    AccountChange::Conflict,
+                    Some(Trust::Compromised),
+                    Some((ours.encode(), theirs.encode())),
+                )
+            }
+            Err(DeviceListError::Gap) => {
+                // Unverifiable: the newest list, taken on trust.
+                let newest = offered
+                    .iter()
+                    .max_by_key(|l| l.version())
+                    .ok_or(list_error(DeviceListError::Gap))?;
+                let head = newest.accept_unverified().map_err(list_error)?;
+                let change = if known.is_some() {
+                    AccountChange::Unverifiable
+                } else {
+                    AccountChange::New
+                };
+                (head, change, Some(Trust::Unvalidated), None)
+            }
+            Err(e) => return Err(list_error(e)),
+        };
         // A compromised person stays compromised (and keeps its evidence).
         let (trust, evidence) = match (&record, trust, evidence) {
             (Some(r), _, None) if r.trust == Trust::Compromised => {
@@ -745,24 +759,27 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
                 evidence,
             ),
         };
+        let now_listed = devices_of(&head);
+        let removed: Vec<DeviceAddress> = before
+            .iter()
+            .filter(|d| !now_listed.contains(d))
+            .copied()
+            .collect();
+        // Revoked before the new head is stored: a crash in between finds
+        // the old head again and revokes again (revoking is idempotent);
+        // the other order would leave a removed device trusted for good.
+        self.revoke(&removed, now).await?;
         let new = record_of(&head, trust, evidence, now);
         if own {
             self.store.set_own_account(&new).await?;
         } else {
             self.store.set_account(&new).await?;
         }
-        let now_listed = devices_of(&head);
         let added: Vec<DeviceAddress> = now_listed
             .iter()
-            .filter(|d| !before.contains(d))
+            .filter(|d| !held.contains(d))
             .copied()
             .collect();
-        let removed: Vec<DeviceAddress> = before
-            .iter()
-            .filter(|d| !now_listed.contains(d))
-            .copied()
-            .collect();
-        self.revoke(&removed, now).await?;
         Ok(AccountReport {
             account: *account,
             change,
