@@ -716,7 +716,7 @@ fn reopening_from_disk_keeps_everything() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, SqliteStore::SCHEMA_VERSION);
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 4);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 5);
 }
 
 #[test]
@@ -1852,7 +1852,7 @@ fn tables(c: &rusqlite::Connection) -> Vec<String> {
 
 #[test]
 fn a_version_1_database_is_migrated_with_its_data() {
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 4);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 5);
     let dir = TempDir::new("migrate");
     let mut w = world(19);
     let v1 = version_1_database(&dir.db(), &mut w);

@@ -8,6 +8,7 @@ use std::string::ToString;
 
 use super::{
     AccountRecord, BlockingStore, ContactRecord, InboxMessage, LocalIdentity, MessageId,
+    PairingRecord,
     OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy, SentMessage,
     SessionRecord, StoreError,
 };
@@ -39,6 +40,7 @@ pub struct MemoryStore {
     inbox_ids: BTreeSet<EnvelopeId>,
     own_account: Option<AccountRecord>,
     accounts: BTreeMap<[u8; 32], AccountRecord>,
+    pairing: Option<PairingRecord>,
 }
 
 impl MemoryStore {
@@ -212,6 +214,13 @@ impl BlockingStore for MemoryStore {
     }
     fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
         Ok(self.accounts.values().cloned().collect())
+    }
+    fn pairing(&self) -> Result<Option<PairingRecord>, StoreError> {
+        Ok(self.pairing.clone())
+    }
+    fn set_pairing(&mut self, record: Option<&PairingRecord>) -> Result<(), StoreError> {
+        self.pairing = record.cloned();
+        Ok(())
     }
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         Ok(self.outbox.clone())
