@@ -225,7 +225,11 @@ fn record_of(
 }
 
 /// [`record_of`] without evidence, for pairing.
-pub(super) fn record_of_pub(verified: &VerifiedDeviceList, trust: Trust, now: u64) -> AccountRecord {
+pub(super) fn record_of_pub(
+    verified: &VerifiedDeviceList,
+    trust: Trust,
+    now: u64,
+) -> AccountRecord {
     record_of(verified, trust, None, now)
 }
 

@@ -8,9 +8,8 @@ use std::string::ToString;
 
 use super::{
     AccountRecord, BlockingStore, ContactRecord, InboxMessage, LocalIdentity, MessageId,
-    PairingRecord,
-    OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy, SentMessage,
-    SessionRecord, StoreError,
+    OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy,
+    SentMessage, SessionRecord, StoreError,
 };
 use crate::protocol::devices::AccountId;
 use crate::transport::{DeviceAddress, EnvelopeId};

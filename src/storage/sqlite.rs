@@ -23,9 +23,8 @@ use zeroize::Zeroizing;
 use super::Store;
 use super::{
     AccountRecord, BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity,
-    PairingRecord,
-    MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy,
-    SentMessage, SessionRecord, StoreError, Trust, LOCAL_IDENTITY_LEN,
+    MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit,
+    SendCopy, SentMessage, SessionRecord, StoreError, Trust, LOCAL_IDENTITY_LEN,
 };
 use crate::protocol::devices::AccountId;
 use crate::protocol::keys::IdentityKey;
@@ -139,9 +138,7 @@ type Migration = fn(&Transaction<'_>, &Sealer) -> Result<(), StoreError>;
 
 /// The schema steps, in order. To change the schema, append a step: never
 /// edit a published one.
-const MIGRATIONS: &[Migration] = &[
-    migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5,
-];
+const MIGRATIONS: &[Migration] = &[migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5];
 
 /// Version 1: the tables and the key check row.
 fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
@@ -1790,10 +1787,7 @@ impl BlockingStore for Db {
             return Ok(None);
         };
         let fail = |r: String| corrupted(T_PAIRING, "1".to_string(), r);
-        let plain = self
-            .sealer
-            .open(T_PAIRING, b"1", &sealed)
-            .map_err(fail)?;
+        let plain = self.sealer.open(T_PAIRING, b"1", &sealed).map_err(fail)?;
         PairingRecord::from_bytes(&plain)
             .map(Some)
             .map_err(|e| fail(e.to_string()))
