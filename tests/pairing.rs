@@ -379,3 +379,33 @@ fn malformed_pairing_messages_are_refused_and_never_panic() {
     );
     unchanged(&w, &laptop, &alice, true);
 }
+
+/// The pending offer survives reopening a SQLite store, sealed: the code
+/// is not in the file in the clear, and `Debug` does not show it.
+#[cfg(feature = "sqlite")]
+#[test]
+fn the_offer_survives_a_sqlite_restart_sealed() {
+    use cubbyhole::storage::{BlockingStore, PairingRecord, SqliteStore};
+    let dir = std::env::temp_dir().join(format!("cubbyhole-pairing-{}", std::process::id()));
+    let _ = std::fs::remove_file(&dir);
+    let key = [5u8; 32];
+    let record = PairingRecord {
+        code: [0xa7u8; 16].into(),
+        created_at: T0,
+        expires_at: T0 + PAIRING_TTL,
+    };
+    {
+        let mut store = SqliteStore::open(&dir, &key).unwrap();
+        assert!(store.pairing().unwrap().is_none());
+        store.set_pairing(Some(&record)).unwrap();
+    }
+    let bytes = std::fs::read(&dir).unwrap();
+    assert!(!bytes.windows(16).any(|w| w == [0xa7u8; 16]));
+    let mut store = SqliteStore::open(&dir, &key).unwrap();
+    assert_eq!(store.pairing().unwrap(), Some(record.clone()));
+    assert!(!format!("{record:?}").contains("167"));
+    store.set_pairing(None).unwrap();
+    assert!(store.pairing().unwrap().is_none());
+    drop(store);
+    let _ = std::fs::remove_file(&dir);
+}

@@ -1866,10 +1866,11 @@ fn a_version_1_database_is_migrated_with_its_data() {
 
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     let c = raw(&dir.db());
-    assert_eq!(version(&c), 4);
+    assert_eq!(version(&c), 5);
     let names = tables(&c);
     for t in [
         "accounts",
+        "pairing",
         "identity",
         "inbox",
         "meta",
@@ -1945,7 +1946,7 @@ fn a_version_1_database_is_migrated_with_its_data() {
     store.set_own_account(&own).unwrap();
     drop(store);
     let store = SqliteStore::open(dir.db(), &KEY).unwrap();
-    assert_eq!(version(&raw(&dir.db())), 4);
+    assert_eq!(version(&raw(&dir.db())), 5);
     assert_eq!(store.own_account().unwrap(), Some(own));
     assert!(store.accounts().unwrap().is_empty());
     assert_eq!(store.sent_messages().unwrap(), [m]);
