@@ -5,8 +5,9 @@
 //! ```
 //!
 //! Alice has a phone and a laptop, Bob one device. Alice's phone creates her
-//! account; the laptop joins it (the phone signs the next version of the
-//! device list, the laptop countersigns it). Bob fetches Alice's list from
+//! account; the laptop joins it by pairing (it shows a payload, the phone
+//! sends it the next version of the device list with the pairing code
+//! through the relay, the laptop countersigns and publishes it). Bob fetches Alice's list from
 //! the directory and sends to the person: one copy per device of Alice's,
 //! each through its own pairwise session. Alice's laptop is offline for a
 //! week meanwhile; when it comes back it gets everything, and the copies of
@@ -21,6 +22,7 @@ use std::error::Error;
 use std::sync::{Arc, Mutex};
 
 use cubbyhole::client::accounts::AccountChange;
+use cubbyhole::client::pairing::PairingOutcome;
 use cubbyhole::client::{block_on, Client, ClientConfig, Rejection};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
 use cubbyhole::storage::{MemoryStore, Trust};
@@ -105,12 +107,20 @@ fn main() -> Result<(), Box<dyn Error>> {
         Arc::new(move || c.now()),
     );
 
-    println!("1. Alice's phone creates her account; her laptop joins it");
+    println!("1. Alice's phone creates her account; her laptop joins it by pairing");
     let mut phone = open(&relay, &clock, 1)?;
     let mut laptop = open(&relay, &clock, 2)?;
     let alice: AccountId = block_on(phone.create_account(clock.now()))?;
-    let next = block_on(phone.add_device(&laptop.address()))?;
-    block_on(laptop.join_account(&next, clock.now()))?;
+    // The laptop shows a pairing payload (a QR code); the phone scans it and
+    // sends the laptop the next device list with the code, through the relay.
+    let offer = block_on(laptop.pairing_offer(&mut OsRng, clock.now()))?;
+    block_on(phone.pair(&mut OsRng, &offer.encode(), clock.now()))?;
+    block_on(laptop.receive(&mut OsRng, clock.now()))?;
+    let paired = block_on(laptop.take_pairings(clock.now()))?;
+    check(
+        "the laptop joined Alice's account through the pairing message",
+        matches!(paired[..], [(_, PairingOutcome::Joined { version: 2, .. })]),
+    )?;
     block_on(phone.refresh_own_account(clock.now()))?;
     let list = block_on(phone.own_account())?.ok_or("no account")?;
     println!(

@@ -716,7 +716,7 @@ fn reopening_from_disk_keeps_everything() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, SqliteStore::SCHEMA_VERSION);
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 4);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 5);
 }
 
 #[test]
@@ -1852,7 +1852,7 @@ fn tables(c: &rusqlite::Connection) -> Vec<String> {
 
 #[test]
 fn a_version_1_database_is_migrated_with_its_data() {
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 4);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 5);
     let dir = TempDir::new("migrate");
     let mut w = world(19);
     let v1 = version_1_database(&dir.db(), &mut w);
@@ -1866,10 +1866,11 @@ fn a_version_1_database_is_migrated_with_its_data() {
 
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     let c = raw(&dir.db());
-    assert_eq!(version(&c), 4);
+    assert_eq!(version(&c), 5);
     let names = tables(&c);
     for t in [
         "accounts",
+        "pairing",
         "identity",
         "inbox",
         "meta",
@@ -1945,7 +1946,7 @@ fn a_version_1_database_is_migrated_with_its_data() {
     store.set_own_account(&own).unwrap();
     drop(store);
     let store = SqliteStore::open(dir.db(), &KEY).unwrap();
-    assert_eq!(version(&raw(&dir.db())), 4);
+    assert_eq!(version(&raw(&dir.db())), 5);
     assert_eq!(store.own_account().unwrap(), Some(own));
     assert!(store.accounts().unwrap().is_empty());
     assert_eq!(store.sent_messages().unwrap(), [m]);

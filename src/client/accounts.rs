@@ -224,6 +224,15 @@ fn record_of(
     }
 }
 
+/// [`record_of`] without evidence, for pairing.
+pub(super) fn record_of_pub(
+    verified: &VerifiedDeviceList,
+    trust: Trust,
+    now: u64,
+) -> AccountRecord {
+    record_of(verified, trust, None, now)
+}
+
 fn devices_of(list: &DeviceList) -> Vec<DeviceAddress> {
     list.devices().iter().map(address).collect()
 }

@@ -32,6 +32,7 @@
 
 pub mod accounts;
 pub mod frame;
+pub mod pairing;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -168,6 +169,10 @@ pub enum ClientError {
     /// This device has no account yet ([`Client::create_account`]), or the
     /// contact's account was never fetched ([`Client::refresh_account`]).
     NoAccount,
+    /// Pairing payload bytes that do not decode (SPEC.md 25.9).
+    Payload(pairing::PayloadError),
+    /// This device has an account already: it cannot offer to be paired.
+    AlreadyPaired,
 }
 
 impl fmt::Display for ClientError {
@@ -183,6 +188,8 @@ impl fmt::Display for ClientError {
             ClientError::TooLong => f.write_str("message body too long"),
             ClientError::DeviceList(_) => f.write_str("a device list was refused"),
             ClientError::NoAccount => f.write_str("no such account"),
+            ClientError::Payload(_) => f.write_str("malformed pairing payload"),
+            ClientError::AlreadyPaired => f.write_str("this device has an account already"),
         }
     }
 }
@@ -198,10 +205,12 @@ impl std::error::Error for ClientError {
             ClientError::Store(e) => Some(e),
             ClientError::Transport(e) => Some(e),
             ClientError::DeviceList(e) => Some(&**e),
+            ClientError::Payload(e) => Some(e),
             ClientError::WrongIdentity
             | ClientError::Compromised
             | ClientError::TooLong
-            | ClientError::NoAccount => None,
+            | ClientError::NoAccount
+            | ClientError::AlreadyPaired => None,
         }
     }
 }

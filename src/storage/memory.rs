@@ -8,8 +8,8 @@ use std::string::ToString;
 
 use super::{
     AccountRecord, BlockingStore, ContactRecord, InboxMessage, LocalIdentity, MessageId,
-    OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy, SentMessage,
-    SessionRecord, StoreError,
+    OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy,
+    SentMessage, SessionRecord, StoreError,
 };
 use crate::protocol::devices::AccountId;
 use crate::transport::{DeviceAddress, EnvelopeId};
@@ -39,6 +39,7 @@ pub struct MemoryStore {
     inbox_ids: BTreeSet<EnvelopeId>,
     own_account: Option<AccountRecord>,
     accounts: BTreeMap<[u8; 32], AccountRecord>,
+    pairing: Option<PairingRecord>,
 }
 
 impl MemoryStore {
@@ -212,6 +213,13 @@ impl BlockingStore for MemoryStore {
     }
     fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
         Ok(self.accounts.values().cloned().collect())
+    }
+    fn pairing(&self) -> Result<Option<PairingRecord>, StoreError> {
+        Ok(self.pairing.clone())
+    }
+    fn set_pairing(&mut self, record: Option<&PairingRecord>) -> Result<(), StoreError> {
+        self.pairing = record.cloned();
+        Ok(())
     }
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
         Ok(self.outbox.clone())

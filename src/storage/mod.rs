@@ -592,6 +592,69 @@ impl AccountRecord {
     }
 }
 
+/// A pairing offer this device showed and waits to be paired through
+/// (SPEC.md 25.9): the pairing code and when it expires. Zeroized on drop,
+/// never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PairingRecord {
+    /// The pairing code (16 random bytes), secret.
+    pub code: zeroize::Zeroizing<[u8; 16]>,
+    /// When the offer was made (unix seconds).
+    pub created_at: u64,
+    /// When it expires (unix seconds): a pairing message received later is
+    /// refused.
+    pub expires_at: u64,
+}
+
+impl fmt::Debug for PairingRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PairingRecord")
+            .field("code", &"<redacted>")
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+impl PairingRecord {
+    /// Length of [`Self::to_bytes`].
+    pub const LEN: usize = 1 + 16 + 8 + 8;
+
+    /// Serializes the record: `0x01 || code (16) || created_at (8) ||
+    /// expires_at (8)`.
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(Self::LEN));
+        out.push(1);
+        out.extend_from_slice(&self.code[..]);
+        out.extend_from_slice(&self.created_at.to_be_bytes());
+        out.extend_from_slice(&self.expires_at.to_be_bytes());
+        out
+    }
+
+    /// Restores [`Self::to_bytes`].
+    ///
+    /// # Errors
+    /// [`crate::Error::State`] for malformed input.
+    pub fn from_bytes(bytes: &[u8]) -> crate::Result<Self> {
+        let bad = crate::Error::State("pairing record");
+        let mut r = Cursor(bytes);
+        if r.u8().ok_or(bad)? != 1 {
+            return Err(bad);
+        }
+        let code = zeroize::Zeroizing::new(r.array::<16>().ok_or(bad)?);
+        let created_at = r.u64().ok_or(bad)?;
+        let expires_at = r.u64().ok_or(bad)?;
+        if !r.0.is_empty() {
+            return Err(bad);
+        }
+        Ok(PairingRecord {
+            code,
+            created_at,
+            expires_at,
+        })
+    }
+}
+
 /// One copy of a fan-out ([`Store::commit_send_many`]): the recipient
 /// device's session record, the envelope for the outbox and, if given, the
 /// sent message kept for re-sending.
@@ -837,6 +900,17 @@ pub trait BlockingStore {
     /// Every contact account, ordered by account id. The default keeps none.
     fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
         Ok(Vec::new())
+    }
+    /// The pending pairing offer (SPEC.md 25.9), if any. The default keeps
+    /// none.
+    fn pairing(&self) -> Result<Option<PairingRecord>, StoreError> {
+        Ok(None)
+    }
+    /// Stores (replaces) or, with `None`, drops the pending pairing offer.
+    /// The default refuses.
+    fn set_pairing(&mut self, record: Option<&PairingRecord>) -> Result<(), StoreError> {
+        let _ = record;
+        Err(accounts_unsupported())
     }
 }
 
@@ -1131,6 +1205,20 @@ pub trait Store: MaybeSend + MaybeSync {
     fn accounts(&self) -> impl Future<Output = Result<Vec<AccountRecord>, StoreError>> + MaybeSend {
         core::future::ready(Ok(Vec::new()))
     }
+    /// [`BlockingStore::pairing`].
+    fn pairing(
+        &self,
+    ) -> impl Future<Output = Result<Option<PairingRecord>, StoreError>> + MaybeSend {
+        core::future::ready(Ok(None))
+    }
+    /// [`BlockingStore::set_pairing`].
+    fn set_pairing(
+        &mut self,
+        record: Option<&PairingRecord>,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        let _ = record;
+        core::future::ready(Err(accounts_unsupported()))
+    }
 }
 
 /// Every blocking store is a store: each method does its work when called
@@ -1394,6 +1482,17 @@ impl<T: BlockingStore + MaybeSend + MaybeSync> Store for T {
     }
     fn accounts(&self) -> impl Future<Output = Result<Vec<AccountRecord>, StoreError>> + MaybeSend {
         core::future::ready(BlockingStore::accounts(self))
+    }
+    fn pairing(
+        &self,
+    ) -> impl Future<Output = Result<Option<PairingRecord>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::pairing(self))
+    }
+    fn set_pairing(
+        &mut self,
+        record: Option<&PairingRecord>,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::set_pairing(self, record))
     }
 }
 

@@ -15,7 +15,7 @@ use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use rand_core::{OsRng, RngCore};
 use rusqlite::types::ValueRef;
-use rusqlite::{params, Connection, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
@@ -23,8 +23,8 @@ use zeroize::Zeroizing;
 use super::Store;
 use super::{
     AccountRecord, BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity,
-    MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy,
-    SentMessage, SessionRecord, StoreError, Trust, LOCAL_IDENTITY_LEN,
+    MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit,
+    SendCopy, SentMessage, SessionRecord, StoreError, Trust, LOCAL_IDENTITY_LEN,
 };
 use crate::protocol::devices::AccountId;
 use crate::protocol::keys::IdentityKey;
@@ -41,6 +41,7 @@ const T_QUARANTINE: &str = "quarantine";
 const T_SENT: &str = "sent";
 const T_CONTACTS: &str = "contacts";
 const T_ACCOUNTS: &str = "accounts";
+const T_PAIRING: &str = "pairing";
 
 /// The key of the singleton rows (identity, prekeys), as stored and as
 /// bound into their associated data.
@@ -137,7 +138,7 @@ type Migration = fn(&Transaction<'_>, &Sealer) -> Result<(), StoreError>;
 
 /// The schema steps, in order. To change the schema, append a step: never
 /// edit a published one.
-const MIGRATIONS: &[Migration] = &[migrate_v1, migrate_v2, migrate_v3, migrate_v4];
+const MIGRATIONS: &[Migration] = &[migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5];
 
 /// Version 1: the tables and the key check row.
 fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
@@ -248,6 +249,18 @@ fn migrate_v4(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
              record BLOB NOT NULL,
              PRIMARY KEY (kind, account_id)
          ) WITHOUT ROWID, STRICT;",
+    )
+    .map_err(backend)
+}
+
+/// Version 5: the pending pairing offer (SPEC.md 25.9), at most one row, a
+/// [`PairingRecord`] sealed under row id 1.
+fn migrate_v5(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE TABLE pairing (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             record BLOB NOT NULL
+         ) STRICT;",
     )
     .map_err(backend)
 }
@@ -758,6 +771,14 @@ impl BlockingStore for SqliteStore {
 
     fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
         self.lock().accounts()
+    }
+
+    fn pairing(&self) -> Result<Option<PairingRecord>, StoreError> {
+        self.lock().pairing()
+    }
+
+    fn set_pairing(&mut self, record: Option<&PairingRecord>) -> Result<(), StoreError> {
+        self.get_mut().set_pairing(record)
     }
 
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
@@ -1754,6 +1775,43 @@ impl BlockingStore for Db {
 
     fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
         self.account_query(1, None)
+    }
+
+    fn pairing(&self) -> Result<Option<PairingRecord>, StoreError> {
+        let sealed: Option<Vec<u8>> = self
+            .conn
+            .query_row("SELECT record FROM pairing WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(backend)?;
+        let Some(sealed) = sealed else {
+            return Ok(None);
+        };
+        let fail = |r: String| corrupted(T_PAIRING, "1".to_string(), r);
+        let plain = self.sealer.open(T_PAIRING, b"1", &sealed).map_err(fail)?;
+        PairingRecord::from_bytes(&plain)
+            .map(Some)
+            .map_err(|e| fail(e.to_string()))
+    }
+
+    fn set_pairing(&mut self, record: Option<&PairingRecord>) -> Result<(), StoreError> {
+        match record {
+            Some(record) => {
+                let sealed = self.sealer.seal(T_PAIRING, b"1", &record.to_bytes())?;
+                self.conn
+                    .execute(
+                        "INSERT INTO pairing (id, record) VALUES (1, ?1)
+                         ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+                        params![sealed],
+                    )
+                    .map_err(backend)?;
+            }
+            None => {
+                self.conn
+                    .execute("DELETE FROM pairing", [])
+                    .map_err(backend)?;
+            }
+        }
+        Ok(())
     }
 
     fn outbox(&self) -> Result<Vec<OutboxEntry>, StoreError> {
