@@ -27,6 +27,10 @@
 //!   iteration, untimed): each copy fetches and verifies a bundle and runs
 //!   X3DH (a one-time prekey each time: the recipients refill, untimed).
 //!
+//! - `fanout/<store>/steady/verify_lists`: not a send: the decoding and
+//!   verification of the two device lists (sender's, recipient's) as
+//!   `send_to_account` does them from the store before each message.
+//!
 //! What is timed is the whole send, deposits included, but the mailbox the
 //! sender deposits into is a sink during the timing (each deposit accepted
 //! and dropped, counted), so that the relay's mailboxes do not grow with
@@ -57,7 +61,7 @@ use cubbyhole::storage::SqliteStore;
 use cubbyhole::transport::{
     DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, TransportError,
 };
-use cubbyhole::AccountId;
+use cubbyhole::{AccountId, DeviceList};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -361,6 +365,30 @@ fn bench_store<S: BlockingStore + Send + Sync, G>(
         drop(world);
         drop(guard);
     }
+    // What send_to_account does beyond its 7 copies before encrypting: it
+    // loads both accounts' device lists from the store and verifies them
+    // (`restore`: decode, parent taken as stored, head verified as its
+    // successor: its signatures and every listed identity key).
+    let (s, guard) = store();
+    let world = World::new(s, true);
+    let records = [
+        BlockingStore::own_account(world.sender.store()).expect("own"),
+        BlockingStore::account(world.sender.store(), &world.recipient).expect("theirs"),
+    ]
+    .map(|r| r.expect("stored account"));
+    group.bench_function(format!("{name}/steady/verify_lists"), |b| {
+        b.iter(|| {
+            for r in &records {
+                let head = DeviceList::decode(&r.head).expect("head");
+                let parent = DeviceList::decode(r.parent.as_deref().expect("parent"))
+                    .and_then(|p| p.accept_unverified())
+                    .expect("parent");
+                head.verify_successor(&parent).expect("successor");
+            }
+        })
+    });
+    drop(world);
+    drop(guard);
     for (op, fan_out) in [("send_to_account", true), ("send_x7", false)] {
         let (s, guard) = store();
         let mut world = World::new(s, false);
