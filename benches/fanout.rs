@@ -55,9 +55,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Samp
 use cubbyhole::client::accounts::ACCOUNT_HEADER_LEN;
 use cubbyhole::client::{block_on, Client, ClientConfig};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
-use cubbyhole::storage::{BlockingStore, MemoryStore, Store};
 #[cfg(feature = "sqlite")]
 use cubbyhole::storage::SqliteStore;
+use cubbyhole::storage::{BlockingStore, MemoryStore, Store};
 use cubbyhole::transport::{
     DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, TransportError,
 };
@@ -185,7 +185,7 @@ impl<S: BlockingStore + Send + Sync> World<S> {
     /// are made and answered (a fan-out, every target receives and sends
     /// its receipt, the sender receives them).
     fn new(store: S, established: bool) -> Self {
-        let mut rng = ChaCha20Rng::seed_from_u64(0x0066_616e_6f75_74);
+        let mut rng = ChaCha20Rng::seed_from_u64(0x0000_6661_6e6f_7574);
         let relay = InProcessRelay::with_clock(
             Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
             Arc::new(|| NOW),
@@ -264,7 +264,11 @@ impl<S: BlockingStore + Send + Sync> World<S> {
         assert_eq!(self.sink.dropped.swap(0, Relaxed), COPIES, "7 deposits");
         let fan_out_bytes = self.sink.bytes.swap(0, Relaxed);
         assert_eq!(
-            (fan_out.commit_send_many, fan_out.copies, fan_out.commit_send),
+            (
+                fan_out.commit_send_many,
+                fan_out.copies,
+                fan_out.commit_send
+            ),
             (1, COPIES, 0),
             "the fan-out commits its 7 copies to the outbox at once"
         );

@@ -71,8 +71,14 @@ fn open<S: Store>(
         device_id,
         ..ClientConfig::default()
     };
-    let mut c = block_on(Client::open(store, relay.clone(), relay.clone(), config, rng))
-        .expect("open");
+    let mut c = block_on(Client::open(
+        store,
+        relay.clone(),
+        relay.clone(),
+        config,
+        rng,
+    ))
+    .expect("open");
     block_on(c.maintain_prekeys(rng, NOW)).expect("publish");
     c
 }
@@ -138,7 +144,11 @@ fn catch_up<S: Store>(store: S, messages: usize, rng: &mut ChaCha20Rng) -> Catch
             assert!(prev < i, "sender order: {prev} then {i}");
         }
     }
-    assert_eq!(last.len(), PEOPLE * DEVICES_PER_PERSON as usize, "20 senders");
+    assert_eq!(
+        last.len(),
+        PEOPLE * DEVICES_PER_PERSON as usize,
+        "20 senders"
+    );
     CatchUp {
         receive,
         inbox: inbox_time,
@@ -149,8 +159,14 @@ fn catch_up<S: Store>(store: S, messages: usize, rng: &mut ChaCha20Rng) -> Catch
 fn backlog<S: Store>(store: S, messages: usize, rng: &mut ChaCha20Rng) -> Duration {
     let relay = relay(messages);
     let config = ClientConfig::default();
-    let mut bob = block_on(Client::open(store, relay.clone(), relay.clone(), config, rng))
-        .expect("bob");
+    let mut bob = block_on(Client::open(
+        store,
+        relay.clone(),
+        relay.clone(),
+        config,
+        rng,
+    ))
+    .expect("bob");
     let mut alice = block_on(Client::open(
         MemoryStore::new(),
         relay.clone(),
