@@ -347,6 +347,30 @@ impl DeviceList {
         DeviceList { body, signatures }
     }
 
+    /// The (identity key bytes, device number) entries of a list that was
+    /// decoded and verified before and kept in trusted storage, read
+    /// without decoding the keys again (the costly part of
+    /// [`DeviceList::decode`]). `None` if the bytes do not have a list's
+    /// layout. Never use it on bytes from outside.
+    pub(crate) fn stored_entries(bytes: &[u8]) -> Option<Vec<([u8; 32], u32)>> {
+        if *bytes.first()? != FORMAT {
+            return None;
+        }
+        let count = usize::from(*bytes.get(HEADER_LEN - 1)?);
+        if count == 0 || count > MAX_DEVICES {
+            return None;
+        }
+        let entries = bytes.get(HEADER_LEN..HEADER_LEN + ENTRY_LEN * count)?;
+        entries
+            .chunks_exact(ENTRY_LEN)
+            .map(|e| {
+                let ik: [u8; 32] = e.get(..32)?.try_into().ok()?;
+                let id: [u8; 4] = e.get(32..)?.try_into().ok()?;
+                Some((ik, u32::from_be_bytes(id)))
+            })
+            .collect()
+    }
+
     /// Parses untrusted bytes (SPEC.md 25.4). Pure parsing: signatures and
     /// the chain are checked by the `verify_*` methods.
     ///
@@ -1252,6 +1276,26 @@ mod tests {
         );
         // The genesis is no successor of anything.
         assert_eq!(kind(v1.list().verify_successor(&v2)), "stale");
+    }
+
+    #[test]
+    fn stored_entries_read_the_entries_as_decode_does() {
+        let Chain { v2, .. } = chain();
+        let bytes = v2.encode();
+        let expected: Vec<([u8; 32], u32)> = v2
+            .devices()
+            .iter()
+            .map(|d| (*d.identity.as_bytes(), d.device_id))
+            .collect();
+        assert_eq!(expected.len(), 2);
+        assert_eq!(DeviceList::stored_entries(&bytes), Some(expected));
+        // Not a list's layout: None, never a panic.
+        for cut in 0..crate::protocol::devices::HEADER_LEN + ENTRY_LEN {
+            assert_eq!(DeviceList::stored_entries(&bytes[..cut]), None, "cut {cut}");
+        }
+        let mut other = bytes.clone();
+        other[0] ^= 0xFF;
+        assert_eq!(DeviceList::stored_entries(&other), None);
     }
 
     #[test]
