@@ -213,11 +213,11 @@ mod sqlite_file {
         drop(SqliteRelayStorage::open(&db.0).unwrap());
         {
             let conn = rusqlite::Connection::open(&db.0).unwrap();
-            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.pragma_update(None, "user_version", 4).unwrap();
         }
         assert!(matches!(
             SqliteRelayStorage::open(&db.0),
-            Err(RelayStorageError::UnsupportedSchema(3))
+            Err(RelayStorageError::UnsupportedSchema(4))
         ));
     }
 
