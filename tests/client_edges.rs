@@ -1,0 +1,635 @@
+//! Edges of the client layer that the end-to-end tests did not pin down
+//! (issue 14, the mutants that survived in src/client): the documented
+//! defaults, the exact boundaries of the prekey lifecycle (rotation period,
+//! grace period, refill threshold, a directory that lost the device),
+//! duplicates inside one fetched batch, a mailbox that never forgets, gap
+//! reporting, a stranger's empty frame, new and validated peers in one
+//! batch, the exact `max_body`, and `block_on`'s waker.
+//!
+//! Every expected value is a literal or counted by the test itself.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use cubbyhole::client::{block_on, Client, ClientConfig, ClientError, Rejection};
+use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
+use cubbyhole::storage::{BlockingStore, MemoryStore, PeerRecord, Trust};
+use cubbyhole::transport::{
+    DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory,
+    TransportError,
+};
+use cubbyhole::{
+    FreshnessPolicy, IdentityKeyPair, PrekeyBundle, Session, SessionConfig,
+};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+const T0: u64 = 1_900_000_000;
+const DAY: u64 = 86_400;
+
+/// An honest in-process relay with switches for what a test needs.
+#[derive(Clone)]
+struct Net {
+    relay: InProcessRelay<MemoryRelayStorage>,
+    /// The directory answers `NotFound` to the next pool-size question (it
+    /// lost the device).
+    lost: Arc<AtomicBool>,
+    /// Each fetched batch holds every envelope twice.
+    duplicate: Arc<AtomicBool>,
+    /// Acknowledgements are answered but ignored (the relay keeps serving).
+    ignore_acks: Arc<AtomicBool>,
+    /// The next this-many deposits are claimed done and dropped.
+    drop_deposits: Arc<AtomicU32>,
+}
+
+impl PrekeyDirectory for Net {
+    fn publish(&self, upload: &[u8]) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.relay.publish(upload)
+    }
+    fn fetch_bundle(
+        &self,
+        device: &DeviceAddress,
+    ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + Send {
+        self.relay.fetch_bundle(device)
+    }
+    fn one_time_prekeys_left(
+        &self,
+        device: &DeviceAddress,
+    ) -> impl Future<Output = Result<u32, TransportError>> + Send {
+        let lost = self.lost.swap(false, Ordering::SeqCst);
+        let real = self.relay.one_time_prekeys_left(device);
+        async move {
+            let real = real.await;
+            if lost {
+                Err(TransportError::NotFound)
+            } else {
+                real
+            }
+        }
+    }
+}
+
+impl Mailbox for Net {
+    fn deposit(
+        &self,
+        to: &MailboxId,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let drop = self
+            .drop_deposits
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        // The in-process relay acts when called: call it only to deposit.
+        let relay = self.relay.clone();
+        let (to, envelope) = (*to, envelope.clone());
+        async move {
+            if drop {
+                Ok(())
+            } else {
+                relay.deposit(&to, &envelope).await
+            }
+        }
+    }
+    fn challenge(
+        &self,
+        mailbox: &MailboxId,
+    ) -> impl Future<Output = Result<[u8; 32], TransportError>> + Send {
+        self.relay.challenge(mailbox)
+    }
+    fn fetch(
+        &self,
+        auth: &MailboxAuth,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send {
+        let duplicate = self.duplicate.load(Ordering::SeqCst);
+        let real = self.relay.fetch(auth, limit);
+        async move {
+            let mut got = real.await?;
+            if duplicate {
+                let copy = got.clone();
+                got.extend(copy);
+            }
+            Ok(got)
+        }
+    }
+    fn acknowledge(
+        &self,
+        auth: &MailboxAuth,
+        ids: &[EnvelopeId],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        let ignore = self.ignore_acks.load(Ordering::SeqCst);
+        let relay = self.relay.clone();
+        let (auth, ids) = (auth.clone(), ids.to_vec());
+        async move {
+            if ignore {
+                Ok(())
+            } else {
+                relay.acknowledge(&auth, &ids).await
+            }
+        }
+    }
+}
+
+type Dev = Client<MemoryStore, Net, Net>;
+
+struct World {
+    clock: Arc<Mutex<u64>>,
+    net: Net,
+    rng: ChaCha20Rng,
+}
+
+impl World {
+    fn new(seed: u64) -> Self {
+        let clock = Arc::new(Mutex::new(T0));
+        let c = clock.clone();
+        let relay = InProcessRelay::with_clock(
+            Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+            Arc::new(move || *c.lock().unwrap()),
+        );
+        World {
+            clock,
+            net: Net {
+                relay,
+                lost: Arc::default(),
+                duplicate: Arc::default(),
+                ignore_acks: Arc::default(),
+                drop_deposits: Arc::default(),
+            },
+            rng: ChaCha20Rng::seed_from_u64(seed),
+        }
+    }
+    fn now(&self) -> u64 {
+        *self.clock.lock().unwrap()
+    }
+    fn set(&self, at: u64) {
+        *self.clock.lock().unwrap() = at;
+    }
+    fn device(&mut self, config: ClientConfig) -> Dev {
+        let mut c = block_on(Client::open(
+            MemoryStore::new(),
+            self.net.clone(),
+            self.net.clone(),
+            config,
+            &mut self.rng,
+        ))
+        .unwrap();
+        let now = self.now();
+        assert!(block_on(c.maintain_prekeys(&mut self.rng, now)).unwrap());
+        c
+    }
+    fn maintain(&mut self, c: &mut Dev) -> bool {
+        let now = self.now();
+        block_on(c.maintain_prekeys(&mut self.rng, now)).unwrap()
+    }
+    fn send(&mut self, from: &mut Dev, to: &Dev, body: &[u8]) {
+        let now = self.now();
+        let sent = block_on(from.send(&mut self.rng, &to.address(), body, now)).unwrap();
+        assert!(sent.deposited);
+    }
+    fn receive(&mut self, c: &mut Dev) -> cubbyhole::client::ReceiveReport {
+        let now = self.now();
+        block_on(c.receive(&mut self.rng, now)).unwrap()
+    }
+    /// One-time prekeys the directory holds for `c`.
+    fn pool(&self, c: &Dev) -> u32 {
+        block_on(self.net.relay.one_time_prekeys_left(&c.address())).unwrap()
+    }
+    /// Takes one bundle of `c` from the directory (uses up a one-time key).
+    fn drain(&self, c: &Dev, n: usize) {
+        for _ in 0..n {
+            block_on(self.net.relay.fetch_bundle(&c.address())).unwrap();
+        }
+    }
+}
+
+fn signed_ids(c: &Dev) -> Vec<u32> {
+    let state = c.store().prekeys().unwrap().unwrap();
+    let mut ids: Vec<u32> = state.prekeys.signed_prekeys().map(|k| k.id()).collect();
+    ids.sort_unstable();
+    ids
+}
+
+fn current_signed(c: &Dev) -> u32 {
+    let state = c.store().prekeys().unwrap().unwrap();
+    state.prekeys.current_signed_prekey().id()
+}
+
+fn local_one_time(c: &Dev) -> usize {
+    let state = c.store().prekeys().unwrap().unwrap();
+    state.prekeys.one_time_prekey_count()
+}
+
+fn bodies(c: &Dev) -> Vec<Vec<u8>> {
+    let mut got: Vec<Vec<u8>> = c.inbox().wait().into_iter().map(|m| m.body).collect();
+    got.sort();
+    got
+}
+
+trait Wait: Future + Sized {
+    fn wait(self) -> <Self::Output as Unwrap>::T
+    where
+        Self::Output: Unwrap,
+    {
+        block_on(self).unwrap_it()
+    }
+}
+impl<F: Future> Wait for F {}
+trait Unwrap {
+    type T;
+    fn unwrap_it(self) -> Self::T;
+}
+impl<T, E: std::fmt::Debug> Unwrap for Result<T, E> {
+    type T = T;
+    fn unwrap_it(self) -> T {
+        self.unwrap()
+    }
+}
+
+#[test]
+fn default_settings_are_the_documented_ones() {
+    // The values the field docs state, written out (not computed from the
+    // crate's own constants).
+    let c = ClientConfig::default();
+    assert_eq!(c.device_id, 1);
+    assert_eq!(c.signed_prekey_rotation, 604_800, "7 days");
+    assert_eq!(c.signed_prekey_grace, 3_024_000, "35 days");
+    assert_eq!(c.one_time_prekeys, 100);
+    assert_eq!(c.refill_below, 25);
+    assert_eq!(c.receive_batch, 500);
+    assert_eq!(c.deposit_attempts, 3);
+    assert_eq!(c.processed_retention, 5_184_000, "60 days");
+    assert_eq!(c.max_body, 261_888, "256 KiB minus 256 bytes");
+    assert_eq!(c.max_receive_rounds, 100);
+    assert_eq!(c.archived_sessions, 40);
+    assert_eq!(c.resend_after, 3_600, "1 hour");
+    assert_eq!(c.resend_max_interval, 86_400, "1 day");
+    assert_eq!(c.give_up_after, 2_592_000, "30 days");
+    assert_eq!(c.notice_interval, 3_600, "1 hour");
+    assert_eq!(c.dead_after_messages, 50);
+}
+
+#[test]
+fn the_signed_prekey_rotates_exactly_when_the_period_is_over() {
+    let mut w = World::new(1);
+    let mut bob = w.device(ClientConfig::default());
+    let first = current_signed(&bob);
+    // One second short of 7 days: nothing to do (the pool is full).
+    w.set(T0 + 7 * DAY - 1);
+    assert!(!w.maintain(&mut bob));
+    assert_eq!(current_signed(&bob), first);
+    assert_eq!(signed_ids(&bob), vec![first]);
+    // At 7 days exactly: rotated, the old one kept for its grace period.
+    w.set(T0 + 7 * DAY);
+    assert!(w.maintain(&mut bob));
+    let second = current_signed(&bob);
+    assert_ne!(second, first);
+    assert_eq!(signed_ids(&bob).len(), 2);
+    // The rotation restarted the period.
+    w.set(T0 + 14 * DAY - 1);
+    assert!(!w.maintain(&mut bob));
+    assert_eq!(current_signed(&bob), second);
+}
+
+#[test]
+fn retired_signed_prekeys_are_forgotten_just_after_their_grace_period() {
+    let mut w = World::new(2);
+    let config = ClientConfig {
+        signed_prekey_rotation: 7 * DAY,
+        signed_prekey_grace: 3 * DAY,
+        ..ClientConfig::default()
+    };
+    let mut bob = w.device(config);
+    let first = current_signed(&bob);
+    w.set(T0 + 7 * DAY);
+    assert!(w.maintain(&mut bob));
+    let second = current_signed(&bob);
+    // At the end of the grace period exactly the old key is still held ...
+    w.set(T0 + 10 * DAY);
+    assert!(!w.maintain(&mut bob));
+    assert_eq!(signed_ids(&bob), sorted(vec![first, second]));
+    // ... one second later it is gone, and that is stored although nothing
+    // was uploaded.
+    w.set(T0 + 10 * DAY + 1);
+    assert!(!w.maintain(&mut bob));
+    assert_eq!(signed_ids(&bob), vec![second]);
+    let state = bob.store().prekeys().unwrap().unwrap();
+    assert!(state.retired_at.is_empty(), "{:?}", state.retired_at);
+    // The next rotation's retired key gets its own grace period, counted
+    // from its own retirement.
+    w.set(T0 + 14 * DAY);
+    assert!(w.maintain(&mut bob));
+    let third = current_signed(&bob);
+    assert_eq!(signed_ids(&bob), sorted(vec![second, third]));
+    w.set(T0 + 17 * DAY + 1);
+    assert!(!w.maintain(&mut bob));
+    assert_eq!(signed_ids(&bob), vec![third]);
+}
+
+fn sorted(mut v: Vec<u32>) -> Vec<u32> {
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn a_directory_that_lost_the_device_gets_a_fresh_pool_and_the_old_one_is_forgotten_later() {
+    let mut w = World::new(3);
+    let config = ClientConfig {
+        one_time_prekeys: 10,
+        refill_below: 5,
+        signed_prekey_rotation: 30 * DAY,
+        signed_prekey_grace: 3 * DAY,
+        ..ClientConfig::default()
+    };
+    let mut bob = w.device(config);
+    assert_eq!(w.pool(&bob), 10);
+    assert_eq!(local_one_time(&bob), 10);
+    let signed = current_signed(&bob);
+    // The directory says it does not know the device: the whole pool is
+    // replaced (fresh keys, none published twice), the old keys are held
+    // for the grace period.
+    w.set(T0 + DAY);
+    w.net.lost.store(true, Ordering::SeqCst);
+    assert!(w.maintain(&mut bob));
+    assert_eq!(w.pool(&bob), 10);
+    assert_eq!(local_one_time(&bob), 20);
+    assert_eq!(current_signed(&bob), signed, "no rotation");
+    // At the end of the grace period exactly they are still held ...
+    w.set(T0 + 4 * DAY);
+    assert!(!w.maintain(&mut bob));
+    assert_eq!(local_one_time(&bob), 20);
+    // ... one second later they are gone (stored, without an upload).
+    w.set(T0 + 4 * DAY + 1);
+    assert!(!w.maintain(&mut bob));
+    assert_eq!(local_one_time(&bob), 10);
+    let state = bob.store().prekeys().unwrap().unwrap();
+    assert!(state.one_time_retired.is_empty());
+    assert!(!state.upload_pending);
+    assert_eq!(w.pool(&bob), 10);
+}
+
+#[test]
+fn the_pool_is_refilled_below_the_threshold_and_not_at_it() {
+    let mut w = World::new(4);
+    let config = ClientConfig {
+        one_time_prekeys: 10,
+        refill_below: 5,
+        ..ClientConfig::default()
+    };
+    let mut bob = w.device(config);
+    assert_eq!(w.pool(&bob), 10);
+    w.drain(&bob, 5);
+    assert_eq!(w.pool(&bob), 5);
+    // 5 left, threshold 5: nothing to do.
+    assert!(!w.maintain(&mut bob));
+    assert_eq!(w.pool(&bob), 5);
+    assert_eq!(local_one_time(&bob), 10);
+    // 4 left: topped up to 10 with 6 new keys, the 4 left in place.
+    w.drain(&bob, 1);
+    assert!(w.maintain(&mut bob));
+    assert_eq!(w.pool(&bob), 10);
+    assert_eq!(local_one_time(&bob), 16);
+    // Full again: nothing to do.
+    assert!(!w.maintain(&mut bob));
+    assert_eq!(w.pool(&bob), 10);
+}
+
+#[test]
+fn duplicates_inside_one_batch_are_redelivered_not_rejected() {
+    let mut w = World::new(5);
+    let mut bob = w.device(ClientConfig::default());
+    let mut alice = w.device(ClientConfig::default());
+    for i in 0..3u8 {
+        w.send(&mut alice, &bob, &[i]);
+    }
+    w.net.duplicate.store(true, Ordering::SeqCst);
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 3, "{report:?}");
+    assert_eq!(report.redelivered, 3, "{report:?}");
+    assert!(report.rejected.is_empty(), "{report:?}");
+    assert_eq!(report.duplicates, 0);
+    assert_eq!(bodies(&bob), vec![vec![0], vec![1], vec![2]]);
+}
+
+#[test]
+fn a_mailbox_that_never_forgets_is_fetched_once_more_not_forever() {
+    let mut w = World::new(6);
+    let mut bob = w.device(ClientConfig::default());
+    let mut alice = w.device(ClientConfig::default());
+    for i in 0..3u8 {
+        w.send(&mut alice, &bob, &[i]);
+    }
+    w.net.ignore_acks.store(true, Ordering::SeqCst);
+    // The first fetch brings three new envelopes, the second the same three
+    // again: nothing new, so the receive stops there.
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 3, "{report:?}");
+    assert_eq!(report.redelivered, 3, "{report:?}");
+    assert!(report.rejected.is_empty());
+}
+
+#[test]
+fn small_batches_take_everything_in_one_receive() {
+    let mut w = World::new(7);
+    let mut bob = w.device(ClientConfig {
+        receive_batch: 2,
+        ..ClientConfig::default()
+    });
+    let mut alice = w.device(ClientConfig::default());
+    for i in 0..5u8 {
+        w.send(&mut alice, &bob, &[i]);
+    }
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 5, "{report:?}");
+    assert_eq!(report.redelivered, 0);
+    assert_eq!(bodies(&bob).len(), 5);
+}
+
+#[test]
+fn gaps_are_reported_for_the_peer_that_has_them_only() {
+    let mut w = World::new(8);
+    let mut bob = w.device(ClientConfig::default());
+    let mut alice = w.device(ClientConfig::default());
+    let mut carol = w.device(ClientConfig::default());
+    w.send(&mut alice, &bob, b"a0");
+    w.send(&mut carol, &bob, b"c0");
+    // Alice's second and third messages are lost by the relay.
+    w.net.drop_deposits.store(2, Ordering::SeqCst);
+    let now = w.now();
+    block_on(alice.send(&mut w.rng, &bob.address(), b"a1", now)).unwrap();
+    block_on(alice.send(&mut w.rng, &bob.address(), b"a2", now)).unwrap();
+    w.send(&mut alice, &bob, b"a3");
+    w.send(&mut carol, &bob, b"c1");
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 4, "{report:?}");
+    assert_eq!(report.missing, vec![(alice.address(), 2)]);
+    assert_eq!(bob.missing().wait(), vec![(alice.address(), 2)]);
+    // A receive without gaps reports none, and a peer without gaps is
+    // never listed.
+    w.send(&mut carol, &bob, b"c2");
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 1);
+    assert_eq!(report.missing, vec![]);
+    assert_eq!(bob.missing().wait(), vec![(alice.address(), 2)]);
+    // Before anything was lost, nobody is missing anything.
+    assert_eq!(alice.missing().wait(), vec![]);
+}
+
+#[test]
+fn an_empty_frame_from_a_stranger_is_refused_and_changes_nothing() {
+    let mut w = World::new(9);
+    let config = ClientConfig {
+        one_time_prekeys: 10,
+        refill_below: 5,
+        ..ClientConfig::default()
+    };
+    let mut bob = w.device(config);
+    let stranger = IdentityKeyPair::generate(&mut w.rng);
+    let now = w.now();
+    let bytes = block_on(w.net.relay.fetch_bundle(&bob.address())).unwrap();
+    let bundle = PrekeyBundle::decode(&bytes)
+        .unwrap()
+        .verify(now, FreshnessPolicy::default())
+        .unwrap();
+    let mut session =
+        Session::initiate(&mut w.rng, &stranger, &bundle, SessionConfig::default()).unwrap();
+    // A valid prekey message whose plaintext (the client frame) is empty,
+    // and one whose frame is a lone version byte.
+    for plaintext in [&[][..], &[2][..]] {
+        let payload = session.encrypt(&mut w.rng, plaintext).unwrap();
+        let mut id = [0u8; 16];
+        w.rng.fill_bytes(&mut id);
+        block_on(w.net.relay.deposit(
+            &bob.address().mailbox(),
+            &Envelope {
+                id: EnvelopeId(id),
+                payload,
+            },
+        ))
+        .unwrap();
+    }
+    let before = bob.store().prekeys().unwrap().unwrap();
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 0);
+    assert_eq!(report.rejected.len(), 2, "{report:?}");
+    // The first is refused for its frame; the second names the same
+    // session (same EK_A) and is refused for its frame too.
+    assert_eq!(report.rejected[0].1, Rejection::BadFrame);
+    assert_eq!(report.rejected[1].1, Rejection::BadFrame);
+    // Nothing was consumed or stored for the stranger.
+    let after = bob.store().prekeys().unwrap().unwrap();
+    assert_eq!(
+        after.prekeys.one_time_prekey_count(),
+        before.prekeys.one_time_prekey_count()
+    );
+    assert!(after.accepted.is_empty());
+    assert!(bob.store().sessions().unwrap().is_empty());
+    assert!(bob.store().peers().unwrap().is_empty());
+    assert_eq!(bob.inbox().wait(), vec![]);
+}
+
+#[test]
+fn new_senders_in_one_batch_are_recorded_and_a_validated_peer_keeps_its_record() {
+    let mut w = World::new(10);
+    let mut bob = w.device(ClientConfig::default());
+    let mut alice = w.device(ClientConfig::default());
+    let mut carol = w.device(ClientConfig::default());
+    let mut dave = w.device(ClientConfig::default());
+    w.send(&mut alice, &bob, b"a0");
+    assert_eq!(w.receive(&mut bob).received, 1);
+    let now = w.now();
+    block_on(bob.set_trust(&alice.address(), Trust::Validated, now)).unwrap();
+    let validated = PeerRecord {
+        address: alice.address(),
+        trust: Trust::Validated,
+        first_seen: T0,
+    };
+    assert_eq!(bob.store().peer(&alice.address()).unwrap(), Some(validated.clone()));
+    // Later, one batch: two senders never seen, and Alice again.
+    w.set(T0 + DAY);
+    w.send(&mut carol, &bob, b"c0");
+    w.send(&mut alice, &bob, b"a1");
+    w.send(&mut dave, &bob, b"d0");
+    w.send(&mut carol, &bob, b"c1");
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 4, "{report:?}");
+    for new in [&carol, &dave] {
+        assert_eq!(
+            bob.store().peer(&new.address()).unwrap(),
+            Some(PeerRecord {
+                address: new.address(),
+                trust: Trust::Unvalidated,
+                first_seen: T0 + DAY,
+            })
+        );
+    }
+    assert_eq!(bob.store().peer(&alice.address()).unwrap(), Some(validated));
+    assert_eq!(bob.store().peers().unwrap().len(), 3);
+}
+
+#[test]
+fn max_body_is_the_longest_body_accepted() {
+    let mut w = World::new(11);
+    let bob = w.device(ClientConfig::default());
+    let mut alice = w.device(ClientConfig {
+        max_body: 100,
+        ..ClientConfig::default()
+    });
+    let now = w.now();
+    let sent = block_on(alice.send(&mut w.rng, &bob.address(), &[7; 100], now)).unwrap();
+    assert!(sent.deposited);
+    assert!(matches!(
+        block_on(alice.send(&mut w.rng, &bob.address(), &[7; 101], now)),
+        Err(ClientError::TooLong)
+    ));
+}
+
+/// Pending once, after waking its waker (by value or by reference), then
+/// ready: `block_on` must be woken by it or it parks for ever.
+struct WakeOnce {
+    woken: bool,
+    by_value: bool,
+}
+
+impl Future for WakeOnce {
+    type Output = &'static str;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.woken {
+            return Poll::Ready("done");
+        }
+        self.woken = true;
+        let waker = cx.waker().clone();
+        let by_value = self.by_value;
+        // Woken from another thread, after this poll returned (or not:
+        // either order must work).
+        std::thread::spawn(move || {
+            if by_value {
+                waker.wake();
+            } else {
+                waker.wake_by_ref();
+            }
+        });
+        Poll::Pending
+    }
+}
+
+#[test]
+fn block_on_is_woken_by_value_and_by_reference() {
+    for by_value in [true, false] {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let out = block_on(WakeOnce {
+                woken: false,
+                by_value,
+            });
+            tx.send(out).unwrap();
+        });
+        // A watchdog, not a timing assertion: the wake takes microseconds;
+        // without it the thread parks for ever.
+        let out = rx.recv_timeout(Duration::from_secs(60));
+        assert_eq!(out, Ok("done"), "block_on was not woken (by_value: {by_value})");
+    }
+}
