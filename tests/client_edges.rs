@@ -15,9 +15,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use cubbyhole::client::{block_on, Client, ClientConfig, ClientError, Rejection};
+use cubbyhole::client::{block_on, Client, ClientConfig, ClientError, ContactUpdate, Rejection};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
-use cubbyhole::storage::{BlockingStore, MemoryStore, PeerRecord, Trust};
+use cubbyhole::storage::{BlockingStore, DeliveryState, Failure, MemoryStore, PeerRecord, Trust};
 use cubbyhole::transport::{
     DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory,
     TransportError,
@@ -44,6 +44,8 @@ struct Net {
     ignore_acks: Arc<AtomicBool>,
     /// The next this-many deposits are claimed done and dropped.
     drop_deposits: Arc<AtomicU32>,
+    /// Deposits fail (the relay is unreachable) while this is set.
+    refuse_deposits: Arc<AtomicBool>,
 }
 
 impl PrekeyDirectory for Net {
@@ -83,11 +85,14 @@ impl Mailbox for Net {
             .drop_deposits
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
+        let refuse = self.refuse_deposits.load(Ordering::SeqCst);
         // The in-process relay acts when called: call it only to deposit.
         let relay = self.relay.clone();
         let (to, envelope) = (*to, envelope.clone());
         async move {
-            if drop {
+            if refuse {
+                Err(TransportError::Unavailable("relay unreachable"))
+            } else if drop {
                 Ok(())
             } else {
                 relay.deposit(&to, &envelope).await
@@ -158,6 +163,7 @@ impl World {
                 duplicate: Arc::default(),
                 ignore_acks: Arc::default(),
                 drop_deposits: Arc::default(),
+                refuse_deposits: Arc::default(),
             },
             rng: ChaCha20Rng::seed_from_u64(seed),
         }
@@ -632,4 +638,277 @@ fn block_on_is_woken_by_value_and_by_reference() {
         let out = rx.recv_timeout(Duration::from_secs(60));
         assert_eq!(out, Ok("done"), "block_on was not woken (by_value: {by_value})");
     }
+}
+
+#[test]
+fn receipts_reach_each_sender_across_batches() {
+    let mut w = World::new(12);
+    // Batches of two: the receipts of one sender span three batches, and
+    // each batch holds messages of both senders.
+    let mut bob = w.device(ClientConfig {
+        receive_batch: 2,
+        ..ClientConfig::default()
+    });
+    let mut alice = w.device(ClientConfig::default());
+    let mut carol = w.device(ClientConfig::default());
+    let mut sent = Vec::new();
+    for i in 0..3u8 {
+        for (from, tag) in [(&mut alice, b'a'), (&mut carol, b'c')] {
+            let now = w.now();
+            let s = block_on(from.send(&mut w.rng, &bob.address(), &[tag, i], now)).unwrap();
+            assert_eq!(
+                from.delivery(&s.message).wait(),
+                Some(DeliveryState::Deposited)
+            );
+            sent.push((tag, s.message));
+        }
+    }
+    assert_eq!(w.receive(&mut bob).received, 6);
+    let report_a = w.receive(&mut alice);
+    let report_c = w.receive(&mut carol);
+    for (tag, id) in &sent {
+        let (from, report) = if *tag == b'a' {
+            (&alice, &report_a)
+        } else {
+            (&carol, &report_c)
+        };
+        assert_eq!(from.delivery(id).wait(), Some(DeliveryState::Delivered));
+        assert!(report.delivered.contains(id));
+    }
+    assert_eq!(report_a.delivered.len(), 3);
+    assert_eq!(report_c.delivered.len(), 3);
+}
+
+#[test]
+fn a_refused_deposit_waits_in_the_outbox_and_is_flushed_once() {
+    let mut w = World::new(13);
+    let bob = w.device(ClientConfig::default());
+    let mut alice = w.device(ClientConfig::default());
+    w.net.refuse_deposits.store(true, Ordering::SeqCst);
+    let now = w.now();
+    let s = block_on(alice.send(&mut w.rng, &bob.address(), b"first", now)).unwrap();
+    assert!(!s.deposited);
+    assert_eq!(alice.delivery(&s.message).wait(), Some(DeliveryState::Stored));
+    assert_eq!(block_on(alice.flush_outbox()).unwrap(), 0);
+    w.net.refuse_deposits.store(false, Ordering::SeqCst);
+    assert_eq!(block_on(alice.flush_outbox()).unwrap(), 1);
+    assert_eq!(
+        alice.delivery(&s.message).wait(),
+        Some(DeliveryState::Deposited)
+    );
+    assert_eq!(block_on(alice.flush_outbox()).unwrap(), 0);
+    // A re-send whose deposit is refused is flushed as re-sent.
+    w.set(T0 + 3_600);
+    w.net.refuse_deposits.store(true, Ordering::SeqCst);
+    let now = w.now();
+    let report = block_on(alice.resend(&mut w.rng, now)).unwrap();
+    assert_eq!(report.resent, 1, "{report:?}");
+    assert_eq!(alice.delivery(&s.message).wait(), Some(DeliveryState::Stored));
+    w.net.refuse_deposits.store(false, Ordering::SeqCst);
+    // The re-sent message (on a new session: nothing came back) is the
+    // one envelope waiting.
+    assert_eq!(block_on(alice.flush_outbox()).unwrap(), 1);
+    assert_eq!(alice.delivery(&s.message).wait(), Some(DeliveryState::Resent));
+}
+
+#[test]
+fn re_sends_wait_exactly_their_interval_and_give_up_exactly_after_the_limit() {
+    let mut w = World::new(14);
+    let bob = w.device(ClientConfig::default());
+    let mut alice = w.device(ClientConfig {
+        resend_after: 3_600,
+        resend_max_interval: DAY,
+        give_up_after: 3 * DAY,
+        ..ClientConfig::default()
+    });
+    let now = w.now();
+    let s = block_on(alice.send(&mut w.rng, &bob.address(), b"hello?", now)).unwrap();
+    let mut resend_at = |w: &mut World, at: u64| {
+        w.set(at);
+        block_on(alice.resend(&mut w.rng, at)).unwrap()
+    };
+    // Bob never answers. First wait: one interval.
+    assert_eq!(resend_at(&mut w, T0 + 3_599).resent, 0);
+    assert_eq!(resend_at(&mut w, T0 + 3_600).resent, 1);
+    // Then twice as long, counted from the re-send.
+    assert_eq!(resend_at(&mut w, T0 + 3_600 + 7_199).resent, 0);
+    assert_eq!(resend_at(&mut w, T0 + 3_600 + 7_200).resent, 1);
+    // Then four times.
+    assert_eq!(resend_at(&mut w, T0 + 10_800 + 14_399).resent, 0);
+    assert_eq!(resend_at(&mut w, T0 + 10_800 + 14_400).resent, 1);
+    // Exactly at the limit it is still pending (and re-sent: the wait is
+    // capped at a day) ...
+    let report = resend_at(&mut w, T0 + 3 * DAY);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(report.resent, 1);
+    // ... one second later it is given up.
+    let report = resend_at(&mut w, T0 + 3 * DAY + 1);
+    assert_eq!(report.failed, vec![(s.message, Failure::TimedOut)]);
+    assert_eq!(report.resent, 0);
+    assert_eq!(
+        alice.delivery(&s.message).wait(),
+        Some(DeliveryState::Failed(Failure::TimedOut))
+    );
+}
+
+#[test]
+fn contacts_at_their_limits() {
+    let mut w = World::new(15);
+    let mut bob = w.device(ClientConfig::default());
+    let alice = IdentityKeyPair::generate(&mut w.rng);
+    let at = |k: &IdentityKeyPair, device: u32| DeviceAddress::new(k.public(), device);
+    let a1 = at(&alice, 1);
+    let now = w.now();
+    let save = |bob: &mut Dev, name: &[u8], a: &DeviceAddress| {
+        block_on(bob.save_contact(name, a, now))
+    };
+    // Names: 255 bytes at most.
+    assert!(save(&mut bob, &[b'n'; 255], &a1).is_ok());
+    assert!(matches!(
+        save(&mut bob, &[b'n'; 256], &a1),
+        Err(ClientError::TooLong)
+    ));
+    assert_eq!(save(&mut bob, b"alice", &a1).unwrap(), ContactUpdate::New);
+    assert_eq!(
+        save(&mut bob, b"alice", &a1).unwrap(),
+        ContactUpdate::Unchanged
+    );
+    assert_eq!(
+        save(&mut bob, b"alice", &at(&alice, 3)).unwrap(),
+        ContactUpdate::NewDevice
+    );
+    assert_eq!(
+        save(&mut bob, b"alice", &at(&alice, 2)).unwrap(),
+        ContactUpdate::NewDevice
+    );
+    let contact = bob.contact(b"alice").wait().unwrap();
+    let ids: Vec<u32> = contact.devices.iter().map(|d| d.device_id).collect();
+    assert_eq!(ids, vec![1, 2, 3]);
+    assert!(contact.previous.is_empty());
+    // The new devices' peer records inherit the key's trust.
+    block_on(bob.set_trust(&a1, Trust::Validated, now)).unwrap();
+    assert_eq!(
+        save(&mut bob, b"alice", &at(&alice, 4)).unwrap(),
+        ContactUpdate::NewDevice
+    );
+    assert_eq!(
+        bob.store().peer(&at(&alice, 4)).unwrap().unwrap().trust,
+        Trust::Validated
+    );
+    // Device 1 gets a new key: reported with the old key and its trust.
+    let alice2 = IdentityKeyPair::generate(&mut w.rng);
+    assert_eq!(
+        save(&mut bob, b"alice", &at(&alice2, 1)).unwrap(),
+        ContactUpdate::KeyChanged {
+            device_id: 1,
+            previous: *alice.public().as_bytes(),
+            previous_trust: Some(Trust::Validated),
+        }
+    );
+    let contact = bob.contact(b"alice").wait().unwrap();
+    assert_eq!(contact.previous, vec![*alice.public().as_bytes()]);
+    assert_eq!(contact.changed_at, now);
+    assert_eq!(contact.devices[0], at(&alice2, 1));
+    assert_eq!(
+        bob.store().peer(&at(&alice2, 1)).unwrap().unwrap().trust,
+        Trust::Unvalidated
+    );
+    // Devices: 255 at most.
+    let carol = IdentityKeyPair::generate(&mut w.rng);
+    for device in 1..=255 {
+        save(&mut bob, b"carol", &at(&carol, device)).unwrap();
+    }
+    assert!(matches!(
+        save(&mut bob, b"carol", &at(&carol, 256)),
+        Err(ClientError::TooLong)
+    ));
+    assert_eq!(bob.contact(b"carol").wait().unwrap().devices.len(), 255);
+}
+
+#[test]
+fn a_restore_keeps_only_the_new_signed_prekey_and_resets_every_session() {
+    let mut w = World::new(16);
+    let config = ClientConfig {
+        one_time_prekeys: 10,
+        refill_below: 5,
+        ..ClientConfig::default()
+    };
+    let mut bob = w.device(config);
+    let mut alice = w.device(ClientConfig::default());
+    w.send(&mut alice, &bob, b"hi");
+    assert_eq!(w.receive(&mut bob).received, 1);
+    w.set(T0 + 7 * DAY);
+    assert!(w.maintain(&mut bob));
+    assert_eq!(signed_ids(&bob).len(), 2);
+    let now = w.now();
+    let pending = block_on(bob.send(&mut w.rng, &alice.address(), b"pending", now)).unwrap();
+    let old = bob
+        .store()
+        .session(&alice.address())
+        .unwrap()
+        .unwrap()
+        .current(&bob.address(), &alice.address())
+        .unwrap()
+        .id;
+    w.set(T0 + 7 * DAY + 60);
+    let now = w.now();
+    block_on(bob.restored_from_backup(&mut w.rng, now)).unwrap();
+    // One signed prekey, new; a fresh pool of ten only; no replay digests.
+    let state = bob.store().prekeys().unwrap().unwrap();
+    assert_eq!(signed_ids(&bob), vec![state.prekeys.current_signed_prekey().id()]);
+    assert_eq!(state.prekeys.one_time_prekey_count(), 10);
+    assert!(state.accepted.is_empty());
+    assert!(!state.upload_pending);
+    assert_eq!(w.pool(&bob), 10);
+    // A new session, marked RESET, replaced the old one; the pending
+    // message went again.
+    let record = bob.store().session(&alice.address()).unwrap().unwrap();
+    let current = record.current(&bob.address(), &alice.address()).unwrap();
+    assert_ne!(current.id, old);
+    assert!(current.reset);
+    assert_eq!(
+        bob.delivery(&pending.message).wait(),
+        Some(DeliveryState::Resent)
+    );
+    // Alice gets the message once, and both ends go on.
+    let report = w.receive(&mut alice);
+    assert_eq!(report.received, 1, "{report:?}");
+    w.send(&mut alice, &bob, b"again");
+    assert_eq!(w.receive(&mut bob).received, 1);
+}
+
+#[test]
+fn errors_and_the_client_describe_themselves() {
+    use std::error::Error as _;
+    let errors = [
+        ClientError::Protocol(cubbyhole::Error::Duplicate),
+        ClientError::Store(cubbyhole::storage::StoreError::WrongKey),
+        ClientError::Transport(TransportError::NotFound),
+        ClientError::WrongIdentity,
+        ClientError::Compromised,
+        ClientError::TooLong,
+    ];
+    let texts: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    for (e, text) in errors.iter().zip(&texts) {
+        assert!(!text.is_empty(), "{e:?}");
+    }
+    let mut unique = texts.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), texts.len(), "{texts:?}");
+    let sources: Vec<bool> = errors.iter().map(|e| e.source().is_some()).collect();
+    assert_eq!(sources, [true, true, true, false, false, false]);
+    assert_eq!(
+        errors[0].source().unwrap().to_string(),
+        cubbyhole::Error::Duplicate.to_string()
+    );
+    assert!(matches!(
+        ClientError::from(cubbyhole::Error::Duplicate),
+        ClientError::Protocol(cubbyhole::Error::Duplicate)
+    ));
+    let mut w = World::new(17);
+    let bob = w.device(ClientConfig::default());
+    let shown = format!("{bob:?}");
+    assert!(shown.starts_with("Client"), "{shown}");
+    assert!(shown.contains("config"), "{shown}");
 }
