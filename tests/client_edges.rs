@@ -22,9 +22,7 @@ use cubbyhole::transport::{
     DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory,
     TransportError,
 };
-use cubbyhole::{
-    FreshnessPolicy, IdentityKeyPair, PrekeyBundle, Session, SessionConfig,
-};
+use cubbyhole::{FreshnessPolicy, IdentityKeyPair, PrekeyBundle, Session, SessionConfig};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -553,7 +551,10 @@ fn new_senders_in_one_batch_are_recorded_and_a_validated_peer_keeps_its_record()
         trust: Trust::Validated,
         first_seen: T0,
     };
-    assert_eq!(bob.store().peer(&alice.address()).unwrap(), Some(validated.clone()));
+    assert_eq!(
+        bob.store().peer(&alice.address()).unwrap(),
+        Some(validated.clone())
+    );
     // Later, one batch: two senders never seen, and Alice again.
     w.set(T0 + DAY);
     w.send(&mut carol, &bob, b"c0");
@@ -636,7 +637,11 @@ fn block_on_is_woken_by_value_and_by_reference() {
         // A watchdog, not a timing assertion: the wake takes microseconds;
         // without it the thread parks for ever.
         let out = rx.recv_timeout(Duration::from_secs(60));
-        assert_eq!(out, Ok("done"), "block_on was not woken (by_value: {by_value})");
+        assert_eq!(
+            out,
+            Ok("done"),
+            "block_on was not woken (by_value: {by_value})"
+        );
     }
 }
 
@@ -688,7 +693,10 @@ fn a_refused_deposit_waits_in_the_outbox_and_is_flushed_once() {
     let now = w.now();
     let s = block_on(alice.send(&mut w.rng, &bob.address(), b"first", now)).unwrap();
     assert!(!s.deposited);
-    assert_eq!(alice.delivery(&s.message).wait(), Some(DeliveryState::Stored));
+    assert_eq!(
+        alice.delivery(&s.message).wait(),
+        Some(DeliveryState::Stored)
+    );
     assert_eq!(block_on(alice.flush_outbox()).unwrap(), 0);
     w.net.refuse_deposits.store(false, Ordering::SeqCst);
     assert_eq!(block_on(alice.flush_outbox()).unwrap(), 1);
@@ -703,12 +711,18 @@ fn a_refused_deposit_waits_in_the_outbox_and_is_flushed_once() {
     let now = w.now();
     let report = block_on(alice.resend(&mut w.rng, now)).unwrap();
     assert_eq!(report.resent, 1, "{report:?}");
-    assert_eq!(alice.delivery(&s.message).wait(), Some(DeliveryState::Stored));
+    assert_eq!(
+        alice.delivery(&s.message).wait(),
+        Some(DeliveryState::Stored)
+    );
     w.net.refuse_deposits.store(false, Ordering::SeqCst);
     // The re-sent message (on a new session: nothing came back) is the
     // one envelope waiting.
     assert_eq!(block_on(alice.flush_outbox()).unwrap(), 1);
-    assert_eq!(alice.delivery(&s.message).wait(), Some(DeliveryState::Resent));
+    assert_eq!(
+        alice.delivery(&s.message).wait(),
+        Some(DeliveryState::Resent)
+    );
 }
 
 #[test]
@@ -759,9 +773,8 @@ fn contacts_at_their_limits() {
     let at = |k: &IdentityKeyPair, device: u32| DeviceAddress::new(k.public(), device);
     let a1 = at(&alice, 1);
     let now = w.now();
-    let save = |bob: &mut Dev, name: &[u8], a: &DeviceAddress| {
-        block_on(bob.save_contact(name, a, now))
-    };
+    let save =
+        |bob: &mut Dev, name: &[u8], a: &DeviceAddress| block_on(bob.save_contact(name, a, now));
     // Names: 255 bytes at most.
     assert!(save(&mut bob, &[b'n'; 255], &a1).is_ok());
     assert!(matches!(
@@ -855,7 +868,10 @@ fn a_restore_keeps_only_the_new_signed_prekey_and_resets_every_session() {
     block_on(bob.restored_from_backup(&mut w.rng, now)).unwrap();
     // One signed prekey, new; a fresh pool of ten only; no replay digests.
     let state = bob.store().prekeys().unwrap().unwrap();
-    assert_eq!(signed_ids(&bob), vec![state.prekeys.current_signed_prekey().id()]);
+    assert_eq!(
+        signed_ids(&bob),
+        vec![state.prekeys.current_signed_prekey().id()]
+    );
     assert_eq!(state.prekeys.one_time_prekey_count(), 10);
     assert!(state.accepted.is_empty());
     assert!(!state.upload_pending);

@@ -1214,10 +1214,7 @@ fn check_key(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
     // length that does not open is taken for a wrong key).
     let expected = NONCE_LEN + KEY_CHECK_VALUE.len() + TAG_LEN;
     if value.len() != expected {
-        return Err(fail(&format!(
-            "{} bytes, expected {expected}",
-            value.len()
-        )));
+        return Err(fail(&format!("{} bytes, expected {expected}", value.len())));
     }
     let plain = sealer
         .open(T_META, KEY_CHECK_ROW.as_bytes(), &value)
