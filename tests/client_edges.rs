@@ -300,10 +300,20 @@ fn the_signed_prekey_rotates_exactly_when_the_period_is_over() {
 
 #[test]
 fn retired_signed_prekeys_are_forgotten_just_after_their_grace_period() {
+    // With a pool of one-time prekeys (whose withdrawn keys expire at the
+    // same time) and without one (the signed prekey alone expires).
+    for one_time_prekeys in [10, 0] {
+        retired_signed_prekeys_expire(one_time_prekeys);
+    }
+}
+
+fn retired_signed_prekeys_expire(one_time_prekeys: u32) {
     let mut w = World::new(2);
     let config = ClientConfig {
         signed_prekey_rotation: 7 * DAY,
         signed_prekey_grace: 3 * DAY,
+        one_time_prekeys,
+        refill_below: one_time_prekeys / 2,
         ..ClientConfig::default()
     };
     let mut bob = w.device(config);
@@ -585,6 +595,7 @@ fn max_body_is_the_longest_body_accepted() {
         max_body: 100,
         ..ClientConfig::default()
     });
+    assert_eq!(alice.config().max_body, 100);
     let now = w.now();
     let sent = block_on(alice.send(&mut w.rng, &bob.address(), &[7; 100], now)).unwrap();
     assert!(sent.deposited);
@@ -826,6 +837,16 @@ fn contacts_at_their_limits() {
         bob.store().peer(&at(&alice2, 1)).unwrap().unwrap().trust,
         Trust::Unvalidated
     );
+    // A third key: both earlier ones are remembered, oldest first.
+    let alice3 = IdentityKeyPair::generate(&mut w.rng);
+    assert!(matches!(
+        save(&mut bob, b"alice", &at(&alice3, 1)).unwrap(),
+        ContactUpdate::KeyChanged { device_id: 1, .. }
+    ));
+    assert_eq!(
+        bob.contact(b"alice").wait().unwrap().previous,
+        vec![*alice.public().as_bytes(), *alice2.public().as_bytes()]
+    );
     // Devices: 255 at most.
     let carol = IdentityKeyPair::generate(&mut w.rng);
     for device in 1..=255 {
@@ -927,4 +948,41 @@ fn errors_and_the_client_describe_themselves() {
     let shown = format!("{bob:?}");
     assert!(shown.starts_with("Client"), "{shown}");
     assert!(shown.contains("config"), "{shown}");
+}
+
+#[test]
+fn trust_covers_every_device_of_the_key_and_a_compromise_fails_only_its_messages() {
+    let mut w = World::new(18);
+    let mut alice = w.device(ClientConfig::default());
+    let bob = w.device(ClientConfig::default());
+    let carol = w.device(ClientConfig::default());
+    let now = w.now();
+    let to_bob = block_on(alice.send(&mut w.rng, &bob.address(), b"b", now)).unwrap();
+    let to_carol = block_on(alice.send(&mut w.rng, &carol.address(), b"c", now)).unwrap();
+    // Bob's device 2 was never seen: validating it creates its record, and
+    // device 1 (known) gets the same trust.
+    let bob2 = DeviceAddress::new(bob.identity(), 2);
+    assert_eq!(bob.address().device_id, 1);
+    block_on(alice.set_trust(&bob2, Trust::Validated, now)).unwrap();
+    for device in [bob.address(), bob2] {
+        assert_eq!(
+            alice.store().peer(&device).unwrap().map(|p| p.trust),
+            Some(Trust::Validated),
+            "{device:?}"
+        );
+    }
+    // Compromised: Bob's pending message fails, Carol's does not.
+    block_on(alice.set_trust(&bob.address(), Trust::Compromised, now)).unwrap();
+    assert_eq!(
+        alice.delivery(&to_bob.message).wait(),
+        Some(DeliveryState::Failed(Failure::Compromised))
+    );
+    assert_eq!(
+        alice.delivery(&to_carol.message).wait(),
+        Some(DeliveryState::Deposited)
+    );
+    assert_eq!(
+        alice.store().peer(&bob2).unwrap().map(|p| p.trust),
+        Some(Trust::Compromised)
+    );
 }
