@@ -986,3 +986,61 @@ fn trust_covers_every_device_of_the_key_and_a_compromise_fails_only_its_messages
         Some(Trust::Compromised)
     );
 }
+
+#[test]
+fn a_send_over_a_record_without_a_current_session_starts_a_reset_session() {
+    let mut w = World::new(19);
+    let mut bob = w.device(ClientConfig::default());
+    let mut alice = w.device(ClientConfig::default());
+    w.send(&mut alice, &bob, b"hi");
+    assert_eq!(w.receive(&mut bob).received, 1);
+    // Every session of Bob's with Alice is superseded (what a restore or a
+    // dead-session notice leaves), the record stays.
+    let mut record = bob.store().session(&alice.address()).unwrap().unwrap();
+    let old = record.current(&bob.address(), &alice.address()).unwrap().id;
+    record.supersede_all();
+    bob.store_mut()
+        .set_session(&alice.address(), &record)
+        .unwrap();
+    w.send(&mut bob, &alice, b"after");
+    let record = bob.store().session(&alice.address()).unwrap().unwrap();
+    let current = record.current(&bob.address(), &alice.address()).unwrap();
+    assert_ne!(current.id, old);
+    assert!(current.reset, "the new session says the old ones were lost");
+    let report = w.receive(&mut alice);
+    assert_eq!(report.received, 1, "{report:?}");
+}
+
+#[test]
+fn a_compromised_peer_gets_no_new_session_after_a_restore() {
+    let mut w = World::new(20);
+    let mut bob = w.device(ClientConfig::default());
+    let mut alice = w.device(ClientConfig::default());
+    let mut carol = w.device(ClientConfig::default());
+    w.send(&mut alice, &bob, b"a");
+    w.send(&mut carol, &bob, b"c");
+    assert_eq!(w.receive(&mut bob).received, 2);
+    assert_eq!(w.receive(&mut alice).delivered.len(), 1);
+    assert_eq!(w.receive(&mut carol).delivered.len(), 1);
+    let now = w.now();
+    block_on(bob.set_trust(&alice.address(), Trust::Compromised, now)).unwrap();
+    block_on(bob.restored_from_backup(&mut w.rng, now)).unwrap();
+    // Carol gets a RESET session at once; Alice (compromised) nothing.
+    let current = |c: &Dev, peer: &Dev| {
+        c.store()
+            .session(&peer.address())
+            .unwrap()
+            .unwrap()
+            .current(&c.address(), &peer.address())
+            .map(|e| e.reset)
+    };
+    assert_eq!(current(&bob, &carol), Some(true));
+    assert_eq!(current(&bob, &alice), None);
+    let report = w.receive(&mut alice);
+    assert_eq!(
+        (report.received, report.redelivered, report.rejected.len()),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert!(alice.store().sessions().unwrap().len() == 1);
+}
