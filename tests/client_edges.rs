@@ -1044,3 +1044,43 @@ fn a_compromised_peer_gets_no_new_session_after_a_restore() {
     );
     assert!(alice.store().sessions().unwrap().len() == 1);
 }
+
+#[test]
+fn a_session_is_presumed_dead_by_count_only_when_nothing_came_back_since() {
+    let mut w = World::new(21);
+    let config = ClientConfig {
+        dead_after_messages: 3,
+        ..ClientConfig::default()
+    };
+    // More than the limit, nothing ever heard: dead at once (not only at
+    // exactly the limit).
+    let dave = w.device(ClientConfig::default());
+    let mut carol = w.device(config);
+    let now = w.now();
+    for i in 0..4u8 {
+        block_on(carol.send(&mut w.rng, &dave.address(), &[i], now)).unwrap();
+    }
+    let report = block_on(carol.resend(&mut w.rng, now)).unwrap();
+    assert_eq!((report.resent, report.new_sessions), (4, 1), "{report:?}");
+
+    // Enough unanswered messages, but the peer was heard from at the very
+    // second the first of them was sent: alive.
+    let mut bob = w.device(ClientConfig::default());
+    let mut alice = w.device(config);
+    w.send(&mut alice, &bob, b"hi");
+    assert_eq!(w.receive(&mut bob).received, 1);
+    w.send(&mut bob, &alice, b"yo");
+    assert_eq!(w.receive(&mut alice).received, 1);
+    w.set(T0 + 10);
+    for i in 0..3u8 {
+        w.send(&mut alice, &bob, &[i]);
+    }
+    w.send(&mut bob, &alice, b"meanwhile");
+    let report = w.receive(&mut alice);
+    assert_eq!(report.received, 1);
+    assert_eq!(
+        (report.resend.resent, report.resend.new_sessions),
+        (0, 0),
+        "{report:?}"
+    );
+}
