@@ -1062,6 +1062,15 @@ fn a_session_is_presumed_dead_by_count_only_when_nothing_came_back_since() {
     }
     let report = block_on(carol.resend(&mut w.rng, now)).unwrap();
     assert_eq!((report.resent, report.new_sessions), (4, 1), "{report:?}");
+    // Due by count and, an hour later, by time as well: still one new
+    // session and one re-send each.
+    let mut erin = w.device(config);
+    for i in 0..4u8 {
+        block_on(erin.send(&mut w.rng, &dave.address(), &[i], now)).unwrap();
+    }
+    let later = now + 3_600;
+    let report = block_on(erin.resend(&mut w.rng, later)).unwrap();
+    assert_eq!((report.resent, report.new_sessions), (4, 1), "{report:?}");
 
     // Enough unanswered messages, but the peer was heard from at the very
     // second the first of them was sent: alive.
