@@ -869,8 +869,10 @@ fn a_restore_keeps_only_the_new_signed_prekey_and_resets_every_session() {
     };
     let mut bob = w.device(config);
     let mut alice = w.device(ClientConfig::default());
+    let mut carol = w.device(ClientConfig::default());
     w.send(&mut alice, &bob, b"hi");
-    assert_eq!(w.receive(&mut bob).received, 1);
+    w.send(&mut carol, &bob, b"hi too");
+    assert_eq!(w.receive(&mut bob).received, 2);
     w.set(T0 + 7 * DAY);
     assert!(w.maintain(&mut bob));
     assert_eq!(signed_ids(&bob).len(), 2);
@@ -907,6 +909,10 @@ fn a_restore_keeps_only_the_new_signed_prekey_and_resets_every_session() {
         bob.delivery(&pending.message).wait(),
         Some(DeliveryState::Resent)
     );
+    // Carol, with nothing pending, gets a RESET session at once too.
+    let record = bob.store().session(&carol.address()).unwrap().unwrap();
+    let current = record.current(&bob.address(), &carol.address()).unwrap();
+    assert!(current.reset);
     // Alice gets the message once, and both ends go on.
     let report = w.receive(&mut alice);
     assert_eq!(report.received, 1, "{report:?}");
@@ -1062,6 +1068,14 @@ fn a_session_is_presumed_dead_by_count_only_when_nothing_came_back_since() {
     }
     let report = block_on(carol.resend(&mut w.rng, now)).unwrap();
     assert_eq!((report.resent, report.new_sessions), (4, 1), "{report:?}");
+    // A dead session is replaced, not lost: the new one is not RESET.
+    let record = carol.store().session(&dave.address()).unwrap().unwrap();
+    assert!(
+        !record
+            .current(&carol.address(), &dave.address())
+            .unwrap()
+            .reset
+    );
     // Due by count and, an hour later, by time as well: still one new
     // session and one re-send each.
     let mut erin = w.device(config);
@@ -1091,5 +1105,46 @@ fn a_session_is_presumed_dead_by_count_only_when_nothing_came_back_since() {
         (report.resend.resent, report.resend.new_sessions),
         (0, 0),
         "{report:?}"
+    );
+}
+
+#[test]
+fn a_re_send_to_a_peer_heard_from_since_it_was_sent_keeps_the_session() {
+    let mut w = World::new(22);
+    let mut bob = w.device(ClientConfig::default());
+    let mut alice = w.device(ClientConfig::default());
+    w.send(&mut alice, &bob, b"hi");
+    assert_eq!(w.receive(&mut bob).received, 1);
+    w.send(&mut bob, &alice, b"yo");
+    assert_eq!(w.receive(&mut alice).received, 1);
+    // At T1 Alice's message is lost by the relay, and Bob's arrives: Alice
+    // heard from Bob at the very second she sent it.
+    w.set(T0 + 100);
+    w.net.drop_deposits.store(1, Ordering::SeqCst);
+    let now = w.now();
+    let lost = block_on(alice.send(&mut w.rng, &bob.address(), b"lost", now)).unwrap();
+    w.send(&mut bob, &alice, b"meanwhile");
+    assert_eq!(w.receive(&mut alice).received, 1);
+    let session = |a: &Dev| {
+        a.store()
+            .session(&bob.address())
+            .unwrap()
+            .unwrap()
+            .current(&a.address(), &bob.address())
+            .unwrap()
+            .id
+    };
+    let before = session(&alice);
+    // Due an hour later: re-sent on the same session (Bob is alive).
+    let later = T0 + 100 + 3_600;
+    w.set(later);
+    let report = block_on(alice.resend(&mut w.rng, later)).unwrap();
+    assert_eq!((report.resent, report.new_sessions), (1, 0), "{report:?}");
+    assert_eq!(session(&alice), before);
+    assert_eq!(w.receive(&mut bob).received, 1);
+    w.receive(&mut alice);
+    assert_eq!(
+        alice.delivery(&lost.message).wait(),
+        Some(DeliveryState::Delivered)
     );
 }
