@@ -443,6 +443,17 @@ fn a_mailbox_that_never_forgets_is_fetched_once_more_not_forever() {
     assert_eq!(report.received, 3, "{report:?}");
     assert_eq!(report.redelivered, 3, "{report:?}");
     assert!(report.rejected.is_empty());
+    // The same with copies inside each batch (and the first three, never
+    // acknowledged, still there): the first round brings twelve envelopes,
+    // three new and nine known, the second the same twelve, all known, and
+    // it stops there.
+    for i in 3..6u8 {
+        w.send(&mut alice, &bob, &[i]);
+    }
+    w.net.duplicate.store(true, Ordering::SeqCst);
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 3, "{report:?}");
+    assert_eq!(report.redelivered, 9 + 12, "{report:?}");
 }
 
 #[test]
@@ -1147,4 +1158,70 @@ fn a_re_send_to_a_peer_heard_from_since_it_was_sent_keeps_the_session() {
         alice.delivery(&lost.message).wait(),
         Some(DeliveryState::Delivered)
     );
+}
+
+#[test]
+fn dead_session_notices_are_rate_limited_to_one_per_interval() {
+    use cubbyhole::storage::{LocalIdentity, PrekeyState};
+    let mut w = World::new(23);
+    let mut bob = w.device(ClientConfig::default());
+    let alice = w.device(ClientConfig::default());
+    let now = w.now();
+    // Bob knows Alice.
+    block_on(bob.set_trust(&alice.address(), Trust::Unvalidated, now)).unwrap();
+    // Three first messages from Alice's key to Bob's current prekeys ...
+    let keys = alice.store().identity().unwrap().unwrap().keys;
+    let mut first_messages = Vec::new();
+    for _ in 0..3 {
+        let bytes = block_on(w.net.relay.fetch_bundle(&bob.address())).unwrap();
+        let bundle = PrekeyBundle::decode(&bytes)
+            .unwrap()
+            .verify(now, FreshnessPolicy::default())
+            .unwrap();
+        let mut session =
+            Session::initiate(&mut w.rng, &keys, &bundle, SessionConfig::default()).unwrap();
+        first_messages.push(session.encrypt(&mut w.rng, b"x").unwrap());
+    }
+    // ... which Bob can no longer open: he lost those prekeys.
+    let identity: LocalIdentity = bob.store().identity().unwrap().unwrap();
+    let old = bob.store().prekeys().unwrap().unwrap();
+    let fresh = PrekeyState {
+        prekeys: cubbyhole::PrekeyStore::new(&mut w.rng, &identity.keys, now).unwrap(),
+        upload_counter: old.upload_counter,
+        last_rotation: now,
+        retired_at: Vec::new(),
+        one_time_retired: Vec::new(),
+        upload_pending: true,
+        accepted: Vec::new(),
+    };
+    bob.store_mut().set_prekeys(&fresh).unwrap();
+    w.maintain(&mut bob);
+    let mut deliver = |w: &mut World, bob: &mut Dev, payload: Vec<u8>, at: u64| {
+        let mut id = [0u8; 16];
+        w.rng.fill_bytes(&mut id);
+        block_on(w.net.relay.deposit(
+            &bob.address().mailbox(),
+            &Envelope {
+                id: EnvelopeId(id),
+                payload,
+            },
+        ))
+        .unwrap();
+        w.set(at);
+        let report = block_on(bob.receive(&mut w.rng, at)).unwrap();
+        assert_eq!(report.rejected.len(), 1, "{report:?}");
+        report.notices
+    };
+    let interval = ClientConfig::default().notice_interval;
+    let mut m = first_messages.into_iter();
+    assert_eq!(
+        deliver(&mut w, &mut bob, m.next().unwrap(), now),
+        vec![alice.address()]
+    );
+    // One second short of the interval: no second notice ...
+    let second = deliver(&mut w, &mut bob, m.next().unwrap(), now + interval - 1);
+    assert_eq!(second, vec![]);
+    // ... at the interval exactly, one.
+    let third = deliver(&mut w, &mut bob, m.next().unwrap(), now + interval);
+    assert_eq!(third, vec![alice.address()]);
 }
