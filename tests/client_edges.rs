@@ -1196,7 +1196,7 @@ fn dead_session_notices_are_rate_limited_to_one_per_interval() {
     };
     bob.store_mut().set_prekeys(&fresh).unwrap();
     w.maintain(&mut bob);
-    let mut deliver = |w: &mut World, bob: &mut Dev, payload: Vec<u8>, at: u64| {
+    let deliver = |w: &mut World, bob: &mut Dev, payload: Vec<u8>, at: u64| {
         let mut id = [0u8; 16];
         w.rng.fill_bytes(&mut id);
         block_on(w.net.relay.deposit(
