@@ -1225,3 +1225,31 @@ fn dead_session_notices_are_rate_limited_to_one_per_interval() {
     let third = deliver(&mut w, &mut bob, m.next().unwrap(), now + interval);
     assert_eq!(third, vec![alice.address()]);
 }
+
+#[test]
+fn a_second_receipt_for_a_delivered_message_changes_nothing() {
+    let mut w = World::new(24);
+    let mut bob = w.device(ClientConfig::default());
+    // One envelope per batch: the two receipts come in two batches.
+    let mut alice = w.device(ClientConfig {
+        receive_batch: 1,
+        ..ClientConfig::default()
+    });
+    let now = w.now();
+    let m = block_on(alice.send(&mut w.rng, &bob.address(), b"once", now)).unwrap();
+    assert_eq!(w.receive(&mut bob).received, 1);
+    // Alice re-sends before reading Bob's receipt; Bob sees a duplicate and
+    // answers it again.
+    let later = now + 3_600;
+    w.set(later);
+    assert_eq!(block_on(alice.resend(&mut w.rng, later)).unwrap().resent, 1);
+    let report = w.receive(&mut bob);
+    assert_eq!((report.received, report.duplicates), (0, 1), "{report:?}");
+    assert_eq!(bob.inbox().wait().len(), 1);
+    let report = w.receive(&mut alice);
+    assert_eq!(report.delivered, vec![m.message], "{report:?}");
+    assert_eq!(
+        alice.delivery(&m.message).wait(),
+        Some(DeliveryState::Delivered)
+    );
+}
