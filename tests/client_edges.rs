@@ -1253,3 +1253,25 @@ fn a_second_receipt_for_a_delivered_message_changes_nothing() {
         Some(DeliveryState::Delivered)
     );
 }
+
+#[test]
+fn a_new_chain_is_routed_to_its_owner_among_several_awaiting_records() {
+    let mut w = World::new(25);
+    let mut bob = w.device(ClientConfig::default());
+    let mut alice = w.device(ClientConfig::default());
+    let mut carol = w.device(ClientConfig::default());
+    for peer in [&mut alice, &mut carol] {
+        w.send(peer, &bob, b"hi");
+    }
+    assert_eq!(w.receive(&mut bob).received, 2);
+    // Bob answers both, Carol last: both records await a new ratchet key,
+    // Carol's the most recently written (tried first).
+    w.send(&mut bob, &alice, b"to alice");
+    w.send(&mut bob, &carol, b"to carol");
+    assert_eq!(w.receive(&mut alice).received, 1);
+    // Alice's answer starts a new chain that only her record opens.
+    w.send(&mut alice, &bob, b"new chain");
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 1, "{report:?}");
+    assert!(report.rejected.is_empty(), "{report:?}");
+}
