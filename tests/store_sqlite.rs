@@ -2035,6 +2035,51 @@ fn foreign_and_broken_files_are_refused() {
 }
 
 #[test]
+fn a_cut_or_extended_key_check_row_is_corrupted_not_a_wrong_key() {
+    let dir = TempDir::new("key-check-cut");
+    drop(SqliteStore::open(dir.db(), &KEY).unwrap());
+    let db = raw(&dir.db());
+    let read = || -> Vec<u8> {
+        db.query_row("SELECT value FROM meta WHERE name = 'key_check'", [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    let write = |v: &[u8]| {
+        db.execute("UPDATE meta SET value = ?1 WHERE name = 'key_check'", [v])
+            .unwrap();
+    };
+    let intact = read();
+    // 12-byte nonce, the 35-byte check value, 16-byte tag.
+    assert_eq!(intact.len(), 63);
+    for len in [0, 1, 27, 28, 29, 40, 62] {
+        write(&intact[..len]);
+        match SqliteStore::open(dir.db(), &KEY) {
+            Err(e) => assert_corrupted(e, "meta", "key_check"),
+            Ok(_) => panic!("opened with a key check cut to {len} bytes"),
+        }
+    }
+    let mut longer = intact.clone();
+    longer.push(0);
+    write(&longer);
+    match SqliteStore::open(dir.db(), &KEY) {
+        Err(e) => assert_corrupted(e, "meta", "key_check"),
+        Ok(_) => panic!("opened with an extended key check"),
+    }
+    // A row of the right length that does not open cannot be told from a
+    // wrong key: it is reported as one.
+    let mut flipped = intact.clone();
+    flipped[20] ^= 1;
+    write(&flipped);
+    assert!(matches!(
+        SqliteStore::open(dir.db(), &KEY),
+        Err(StoreError::WrongKey)
+    ));
+    write(&intact);
+    drop(SqliteStore::open(dir.db(), &KEY).unwrap());
+}
+
+#[test]
 fn concurrent_writers_wait_for_each_other() {
     let dir = TempDir::new("concurrent");
     drop(SqliteStore::open(dir.db(), &KEY).unwrap());

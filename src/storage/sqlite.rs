@@ -594,7 +594,8 @@ impl SqliteStore {
     /// - [`StoreError::WrongKey`] if the database was created under another
     ///   key;
     /// - [`StoreError::UnsupportedSchema`] if it was written by newer code;
-    /// - [`StoreError::Corrupted`] if the key check row is missing or cut;
+    /// - [`StoreError::Corrupted`] if the key check row is missing, cut or
+    ///   extended;
     /// - [`StoreError::Backend`] if SQLite fails (unreadable file, not a
     ///   database, a non-empty database of another application, locked
     ///   longer than the busy timeout, ...).
@@ -869,7 +870,8 @@ impl Db {
     /// - [`StoreError::WrongKey`] if the database was created under another
     ///   key;
     /// - [`StoreError::UnsupportedSchema`] if it was written by newer code;
-    /// - [`StoreError::Corrupted`] if the key check row is missing or cut;
+    /// - [`StoreError::Corrupted`] if the key check row is missing, cut or
+    ///   extended;
     /// - [`StoreError::Backend`] if SQLite fails (unreadable file, not a
     ///   database, a non-empty database of another application, locked
     ///   longer than the busy timeout, ...).
@@ -1377,8 +1379,12 @@ fn check_key(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
         })
         .map_err(backend)?;
     let value = value.ok_or_else(|| fail("missing"))?;
-    if value.len() < NONCE_LEN + TAG_LEN {
-        return Err(fail("too short"));
+    // The sealed check value has one length: a row cut or extended is
+    // corrupted, not sealed under another key (only a row of the right
+    // length that does not open is taken for a wrong key).
+    let expected = NONCE_LEN + KEY_CHECK_VALUE.len() + TAG_LEN;
+    if value.len() != expected {
+        return Err(fail(&format!("{} bytes, expected {expected}", value.len())));
     }
     let plain = sealer
         .open(T_META, KEY_CHECK_ROW.as_bytes(), &value)
