@@ -577,3 +577,41 @@ mod sqlite_file {
         assert_device_lists_work(&mut storage);
     }
 }
+
+/// The memory storage gives back the memory of a mailbox it has emptied:
+/// once every envelope and acknowledged id of a mailbox has expired, the
+/// storage is as a new one (an in-memory relay that keeps an empty queue
+/// per mailbox ever used grows without bound). Not visible through the
+/// trait, so compared through `Debug`, which shows every map.
+#[test]
+fn memory_storage_forgets_a_mailbox_once_everything_in_it_expired() {
+    use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage};
+    use cubbyhole::transport::{Envelope, EnvelopeId, MailboxId};
+
+    let empty = format!("{:?}", MemoryRelayStorage::new());
+    let mut s = MemoryRelayStorage::new();
+    let limits = MailboxLimits {
+        max_envelopes: 10,
+        max_bytes: 1_000,
+        expire_before: 0,
+    };
+    let (a, b) = (MailboxId([0xa1; 32]), MailboxId([0xb2; 32]));
+    for (mailbox, id, at) in [(&a, 1u8, 100), (&a, 2, 101), (&b, 3, 102)] {
+        let envelope = Envelope {
+            id: EnvelopeId([id; 16]),
+            payload: vec![id; 5],
+        };
+        assert_eq!(
+            s.insert_envelope(mailbox, &envelope, at, limits).unwrap(),
+            InsertOutcome::Stored
+        );
+    }
+    // One acknowledged id (remembered until it expires), two pending.
+    assert_eq!(s.acknowledge_envelopes(&a, &[EnvelopeId([1; 16])]).unwrap(), 1);
+    assert_ne!(format!("{s:?}"), empty);
+    // Nothing is old enough: everything stays.
+    assert_eq!(s.expire_envelopes(100).unwrap(), 0);
+    assert_ne!(format!("{s:?}"), empty);
+    assert_eq!(s.expire_envelopes(103).unwrap(), 2);
+    assert_eq!(format!("{s:?}"), empty, "an expired mailbox is kept");
+}
