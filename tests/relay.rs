@@ -221,6 +221,36 @@ mod sqlite_file {
         ));
     }
 
+    /// A relay database (its application id) whose schema version is 0,
+    /// or any version this build does not know below its own, is
+    /// `Corrupted`, not a newer schema: only a version above the current
+    /// one is `UnsupportedSchema`.
+    #[test]
+    fn a_relay_database_with_version_0_is_corrupted_not_newer() {
+        let db = TempDb::new("version0");
+        drop(SqliteRelayStorage::open(&db.0).unwrap());
+        {
+            let conn = rusqlite::Connection::open(&db.0).unwrap();
+            conn.pragma_update(None, "user_version", 0).unwrap();
+        }
+        let r = SqliteRelayStorage::open(&db.0);
+        assert!(
+            matches!(r, Err(RelayStorageError::Corrupted(_))),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    /// `path()` names the file a storage was opened on (the server opens
+    /// its checkpoint and log-flush connections to it), and none in memory.
+    #[test]
+    fn path_is_the_file_opened_and_none_in_memory() {
+        let db = TempDb::new("path");
+        let storage = SqliteRelayStorage::open(&db.0).unwrap();
+        assert_eq!(storage.path(), Some(db.0.as_path()));
+        assert_eq!(SqliteRelayStorage::open_in_memory().unwrap().path(), None);
+    }
+
     /// The relay server runs each turn of calls as one storage group: the
     /// calls' writes become durable together at `commit_group`, a call
     /// that fails inside the group writes nothing, and an uncommitted
