@@ -637,7 +637,10 @@ fn memory_storage_forgets_a_mailbox_once_everything_in_it_expired() {
         );
     }
     // One acknowledged id (remembered until it expires), two pending.
-    assert_eq!(s.acknowledge_envelopes(&a, &[EnvelopeId([1; 16])]).unwrap(), 1);
+    assert_eq!(
+        s.acknowledge_envelopes(&a, &[EnvelopeId([1; 16])]).unwrap(),
+        1
+    );
     assert_ne!(format!("{s:?}"), empty);
     // Nothing is old enough: everything stays.
     assert_eq!(s.expire_envelopes(100).unwrap(), 0);

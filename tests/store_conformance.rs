@@ -6,8 +6,8 @@ use cubbyhole::client::block_on;
 use cubbyhole::storage::conformance::{self, Violation, CHECKS};
 use cubbyhole::storage::{
     AccountRecord, BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity,
-    MemoryStore, MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit,
-    SendCopy, SentMessage, SessionRecord, StoreError,
+    MemoryStore, MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined,
+    ReceiveCommit, SendCopy, SentMessage, SessionRecord, StoreError,
 };
 use cubbyhole::transport::{DeviceAddress, EnvelopeId};
 use cubbyhole::AccountId;

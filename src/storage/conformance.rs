@@ -116,8 +116,8 @@ use zeroize::Zeroizing;
 
 use super::{
     AccountRecord, ContactRecord, DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId,
-    OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionEntry,
-    SessionRecord, Store, StoreError, Trust,
+    OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage,
+    SessionEntry, SessionRecord, Store, StoreError, Trust,
 };
 use crate::protocol::bundle::{FreshnessPolicy, VerifiedBundle};
 use crate::protocol::devices::AccountId;
