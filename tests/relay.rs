@@ -241,6 +241,51 @@ mod sqlite_file {
         );
     }
 
+    /// After `defer_checkpoints` the storage's own commits leave the
+    /// write-ahead log to the caller up to 8192 pages: 8 MiB of deposits
+    /// (about 2000 pages) grow the log past SQLite's default 1000-page
+    /// autocheckpoint, which would have reset it at about 4 MiB.
+    #[test]
+    fn defer_checkpoints_lets_the_log_grow_past_the_default_checkpoint() {
+        use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage};
+        use cubbyhole::transport::{Envelope, MailboxId};
+
+        let wal_after_8_mib = |defer: bool| {
+            let db = TempDb::new(if defer { "deferred" } else { "default" });
+            let mut s = SqliteRelayStorage::open(&db.0).unwrap();
+            if defer {
+                s.defer_checkpoints().unwrap();
+            }
+            let limits = MailboxLimits {
+                max_envelopes: 1_000,
+                max_bytes: 1 << 30,
+                expire_before: 0,
+            };
+            for i in 0..40u8 {
+                let envelope = Envelope {
+                    id: EnvelopeId([i; 16]),
+                    payload: vec![i; 200 * 1024],
+                };
+                let outcome = s
+                    .insert_envelope(&MailboxId([7; 32]), &envelope, 100, limits)
+                    .unwrap();
+                assert_eq!(outcome, InsertOutcome::Stored);
+            }
+            let mut wal = db.0.clone().into_os_string();
+            wal.push("-wal");
+            std::fs::metadata(wal).unwrap().len()
+        };
+        let (default, deferred) = (wal_after_8_mib(false), wal_after_8_mib(true));
+        assert!(
+            default < 6 << 20,
+            "without deferral the log is reset at 1000 pages: {default} bytes"
+        );
+        assert!(
+            deferred > 7 << 20,
+            "deferred checkpoints: the log holds every deposit: {deferred} bytes"
+        );
+    }
+
     /// `path()` names the file a storage was opened on (the server opens
     /// its checkpoint and log-flush connections to it), and none in memory.
     #[test]
