@@ -221,6 +221,81 @@ mod sqlite_file {
         ));
     }
 
+    /// A relay database (its application id) whose schema version is 0,
+    /// or any version this build does not know below its own, is
+    /// `Corrupted`, not a newer schema: only a version above the current
+    /// one is `UnsupportedSchema`.
+    #[test]
+    fn a_relay_database_with_version_0_is_corrupted_not_newer() {
+        let db = TempDb::new("version0");
+        drop(SqliteRelayStorage::open(&db.0).unwrap());
+        {
+            let conn = rusqlite::Connection::open(&db.0).unwrap();
+            conn.pragma_update(None, "user_version", 0).unwrap();
+        }
+        let r = SqliteRelayStorage::open(&db.0);
+        assert!(
+            matches!(r, Err(RelayStorageError::Corrupted(_))),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    /// After `defer_checkpoints` the storage's own commits leave the
+    /// write-ahead log to the caller up to 8192 pages: 8 MiB of deposits
+    /// (about 2000 pages) grow the log past SQLite's default 1000-page
+    /// autocheckpoint, which would have reset it at about 4 MiB.
+    #[test]
+    fn defer_checkpoints_lets_the_log_grow_past_the_default_checkpoint() {
+        use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage};
+        use cubbyhole::transport::{Envelope, MailboxId};
+
+        let wal_after_8_mib = |defer: bool| {
+            let db = TempDb::new(if defer { "deferred" } else { "default" });
+            let mut s = SqliteRelayStorage::open(&db.0).unwrap();
+            if defer {
+                s.defer_checkpoints().unwrap();
+            }
+            let limits = MailboxLimits {
+                max_envelopes: 1_000,
+                max_bytes: 1 << 30,
+                expire_before: 0,
+            };
+            for i in 0..40u8 {
+                let envelope = Envelope {
+                    id: EnvelopeId([i; 16]),
+                    payload: vec![i; 200 * 1024],
+                };
+                let outcome = s
+                    .insert_envelope(&MailboxId([7; 32]), &envelope, 100, limits)
+                    .unwrap();
+                assert_eq!(outcome, InsertOutcome::Stored);
+            }
+            let mut wal = db.0.clone().into_os_string();
+            wal.push("-wal");
+            std::fs::metadata(wal).unwrap().len()
+        };
+        let (default, deferred) = (wal_after_8_mib(false), wal_after_8_mib(true));
+        assert!(
+            default < 6 << 20,
+            "without deferral the log is reset at 1000 pages: {default} bytes"
+        );
+        assert!(
+            deferred > 7 << 20,
+            "deferred checkpoints: the log holds every deposit: {deferred} bytes"
+        );
+    }
+
+    /// `path()` names the file a storage was opened on (the server opens
+    /// its checkpoint and log-flush connections to it), and none in memory.
+    #[test]
+    fn path_is_the_file_opened_and_none_in_memory() {
+        let db = TempDb::new("path");
+        let storage = SqliteRelayStorage::open(&db.0).unwrap();
+        assert_eq!(storage.path(), Some(db.0.as_path()));
+        assert_eq!(SqliteRelayStorage::open_in_memory().unwrap().path(), None);
+    }
+
     /// The relay server runs each turn of calls as one storage group: the
     /// calls' writes become durable together at `commit_group`, a call
     /// that fails inside the group writes nothing, and an uncommitted
@@ -576,4 +651,45 @@ mod sqlite_file {
         );
         assert_device_lists_work(&mut storage);
     }
+}
+
+/// The memory storage gives back the memory of a mailbox it has emptied:
+/// once every envelope and acknowledged id of a mailbox has expired, the
+/// storage is as a new one (an in-memory relay that keeps an empty queue
+/// per mailbox ever used grows without bound). Not visible through the
+/// trait, so compared through `Debug`, which shows every map.
+#[test]
+fn memory_storage_forgets_a_mailbox_once_everything_in_it_expired() {
+    use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage};
+    use cubbyhole::transport::{Envelope, EnvelopeId, MailboxId};
+
+    let empty = format!("{:?}", MemoryRelayStorage::new());
+    let mut s = MemoryRelayStorage::new();
+    let limits = MailboxLimits {
+        max_envelopes: 10,
+        max_bytes: 1_000,
+        expire_before: 0,
+    };
+    let (a, b) = (MailboxId([0xa1; 32]), MailboxId([0xb2; 32]));
+    for (mailbox, id, at) in [(&a, 1u8, 100), (&a, 2, 101), (&b, 3, 102)] {
+        let envelope = Envelope {
+            id: EnvelopeId([id; 16]),
+            payload: vec![id; 5],
+        };
+        assert_eq!(
+            s.insert_envelope(mailbox, &envelope, at, limits).unwrap(),
+            InsertOutcome::Stored
+        );
+    }
+    // One acknowledged id (remembered until it expires), two pending.
+    assert_eq!(
+        s.acknowledge_envelopes(&a, &[EnvelopeId([1; 16])]).unwrap(),
+        1
+    );
+    assert_ne!(format!("{s:?}"), empty);
+    // Nothing is old enough: everything stays.
+    assert_eq!(s.expire_envelopes(100).unwrap(), 0);
+    assert_ne!(format!("{s:?}"), empty);
+    assert_eq!(s.expire_envelopes(103).unwrap(), 2);
+    assert_eq!(format!("{s:?}"), empty, "an expired mailbox is kept");
 }

@@ -6,8 +6,8 @@ use cubbyhole::client::block_on;
 use cubbyhole::storage::conformance::{self, Violation, CHECKS};
 use cubbyhole::storage::{
     AccountRecord, BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity,
-    MemoryStore, MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit,
-    SendCopy, SentMessage, SessionRecord, StoreError,
+    MemoryStore, MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined,
+    ReceiveCommit, SendCopy, SentMessage, SessionRecord, StoreError,
 };
 use cubbyhole::transport::{DeviceAddress, EnvelopeId};
 use cubbyhole::AccountId;
@@ -334,6 +334,12 @@ impl BlockingStore for Broken {
     fn set_account(&mut self, record: &AccountRecord) -> Result<(), StoreError> {
         self.inner.set_account(record)
     }
+    fn pairing(&self) -> Result<Option<PairingRecord>, StoreError> {
+        self.inner.pairing()
+    }
+    fn set_pairing(&mut self, record: Option<&PairingRecord>) -> Result<(), StoreError> {
+        self.inner.set_pairing(record)
+    }
     fn accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
         self.inner.accounts()
     }
@@ -593,4 +599,47 @@ fn a_commit_applied_in_parts_fails_the_atomicity_check() {
         assert_eq!(v.check, "atomicity");
         assert!(v.message.contains(what), "{fault:?}: {v}");
     }
+}
+
+/// Not a contract of the suite ([`BlockingStore::awaiting_ratchet_key`]
+/// only asks for it: the order decides the cost, not the outcome), but the
+/// memory store's own: the most recently written awaiting record first,
+/// whatever the addresses' order, and a rewrite moves a record to the front.
+#[test]
+fn the_memory_store_lists_the_most_recently_written_awaiting_record_first() {
+    use cubbyhole::storage::SessionEntry;
+    use cubbyhole::{
+        FreshnessPolicy, IdentityKeyPair, PrekeyBundle, PrekeyStore, Session, SessionConfig,
+    };
+    use rand_chacha::rand_core::SeedableRng;
+    use rand_chacha::ChaCha20Rng;
+
+    const NOW: u64 = 1_700_000_000;
+    let mut rng = ChaCha20Rng::seed_from_u64(14);
+    let me = IdentityKeyPair::generate(&mut rng);
+    let mut peers = Vec::new();
+    for device_id in 1..=3 {
+        let them = IdentityKeyPair::generate(&mut rng);
+        let theirs = PrekeyStore::new(&mut rng, &them, NOW).expect("time in unix seconds");
+        let bundle = PrekeyBundle::decode(&theirs.bundle(&them).encode())
+            .unwrap()
+            .verify(NOW, FreshnessPolicy::default())
+            .unwrap();
+        let mut s = Session::initiate(&mut rng, &me, &bundle, SessionConfig::default()).unwrap();
+        s.encrypt(&mut rng, b"hello").unwrap();
+        let record = SessionRecord::single(SessionEntry::new(s, 1, NOW));
+        assert!(record.awaits_ratchet_key(), "building the test data");
+        peers.push((DeviceAddress::new(them.public(), device_id), record));
+    }
+    peers.sort_by_key(|(a, _)| *a);
+    let [(a, ra), (b, rb), (c, rc)] = <[_; 3]>::try_from(peers).ok().unwrap();
+
+    let mut store = MemoryStore::new();
+    // Written in neither the addresses' order nor its reverse.
+    store.set_session(&a, &ra).unwrap();
+    store.set_session(&c, &rc).unwrap();
+    store.set_session(&b, &rb).unwrap();
+    assert_eq!(store.awaiting_ratchet_key().unwrap(), [b, c, a]);
+    store.set_session(&a, &ra).unwrap();
+    assert_eq!(store.awaiting_ratchet_key().unwrap(), [a, b, c]);
 }

@@ -56,6 +56,7 @@
 //! | `peers` | peer records: replace by address, [`Store::peers`], [`Store::peers_with_identity`] |
 //! | `contacts` | contact records: round trip, replace by name, [`Store::contacts`] |
 //! | `commit_send` | the session record, the outbox entry and the sent message are all stored |
+//! | `pairing` | [`Store::set_pairing`] / [`Store::pairing`] round trip every field; a second offer replaces it; `None` drops it |
 //! | `outbox` | oldest first; [`Store::remove_outbox`] removes one entry |
 //! | `processed` | marks are set by [`Store::commit_receive`]; [`Store::processed_among`] agrees with [`Store::is_processed`]; [`Store::prune_processed`] drops those older than `before` only |
 //! | `commit_receive` | every part of every commit of a batch is applied, later ones winning |
@@ -115,8 +116,8 @@ use zeroize::Zeroizing;
 
 use super::{
     AccountRecord, ContactRecord, DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId,
-    OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionEntry,
-    SessionRecord, Store, StoreError, Trust,
+    OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage,
+    SessionEntry, SessionRecord, Store, StoreError, Trust,
 };
 use crate::protocol::bundle::{FreshnessPolicy, VerifiedBundle};
 use crate::protocol::devices::AccountId;
@@ -297,6 +298,11 @@ checks! {
     /// account once, by account id, a second one replacing it; the own
     /// account is not a contact's and a contact's is not the own.
     check_accounts => "accounts", accounts;
+    /// `pairing`: a new store has no pairing offer; [`Store::pairing`]
+    /// returns what [`Store::set_pairing`] stored (code and both times), a
+    /// second offer replaces it, and `set_pairing(None)` drops it (again:
+    /// nothing to drop succeeds).
+    check_pairing => "pairing", pairing;
     /// `outbox`: [`Store::outbox`] lists the committed entries, whole, oldest
     /// first (in commit order, whatever their ids); [`Store::remove_outbox`]
     /// removes one and keeps the others' order; removing an unknown id
@@ -1489,6 +1495,60 @@ async fn accounts<S: Store>(store: &mut S) -> Outcome {
         "own_account() after a replacement",
         &store.own_account().await.or_fail("own_account")?,
         &Some(own2),
+    )
+}
+
+async fn pairing<S: Store>(store: &mut S) -> Outcome {
+    same(
+        "a new store: pairing()",
+        &store.pairing().await.or_fail("pairing")?,
+        &None,
+    )?;
+    let first = PairingRecord {
+        code: Zeroizing::new([0x5a; 16]),
+        created_at: 1_000,
+        expires_at: 1_600,
+    };
+    store
+        .set_pairing(Some(&first))
+        .await
+        .or_fail("set_pairing")?;
+    same(
+        "pairing()",
+        &store.pairing().await.or_fail("pairing")?,
+        &Some(first.clone()),
+    )?;
+    let second = PairingRecord {
+        code: Zeroizing::new([
+            0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0xfe, 0xdc, 0xba, 0x98, 0x76, 0x54,
+            0x32, 0x10,
+        ]),
+        created_at: u64::MAX - 600,
+        expires_at: u64::MAX,
+    };
+    store
+        .set_pairing(Some(&second))
+        .await
+        .or_fail("set_pairing")?;
+    same(
+        "pairing() after a second offer",
+        &store.pairing().await.or_fail("pairing")?,
+        &Some(second),
+    )?;
+    store.set_pairing(None).await.or_fail("set_pairing(None)")?;
+    same(
+        "pairing() after set_pairing(None)",
+        &store.pairing().await.or_fail("pairing")?,
+        &None,
+    )?;
+    store
+        .set_pairing(None)
+        .await
+        .or_fail("set_pairing(None) without an offer")?;
+    same(
+        "pairing() after a second set_pairing(None)",
+        &store.pairing().await.or_fail("pairing")?,
+        &None,
     )
 }
 
