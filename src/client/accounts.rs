@@ -226,7 +226,7 @@ fn stored_devices(record: &AccountRecord) -> Result<Vec<DeviceAddress>, ClientEr
         .collect())
 }
 
-fn record_of(
+pub(super) fn record_of(
     verified: &VerifiedDeviceList,
     trust: Trust,
     evidence: Option<(Vec<u8>, Vec<u8>)>,
@@ -240,15 +240,6 @@ fn record_of(
         evidence,
         updated_at: now,
     }
-}
-
-/// [`record_of`] without evidence, for pairing.
-pub(super) fn record_of_pub(
-    verified: &VerifiedDeviceList,
-    trust: Trust,
-    now: u64,
-) -> AccountRecord {
-    record_of(verified, trust, None, now)
 }
 
 fn devices_of(list: &DeviceList) -> Vec<DeviceAddress> {

@@ -20,7 +20,7 @@ use rand_core::CryptoRngCore;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use super::accounts::{record_of_pub, ACCOUNT_HEADER_LEN, ACCOUNT_MESSAGE_MAGIC};
+use super::accounts::{record_of, ACCOUNT_HEADER_LEN, ACCOUNT_MESSAGE_MAGIC};
 use super::{Client, ClientError, Sent};
 use crate::bounds::MaybeSend;
 use crate::protocol::devices::{AccountId, DeviceList, DeviceListChain, DeviceListError};
@@ -485,7 +485,7 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
             Err(e) => return Err(PairingStep::Refused(PairingRefusal::Directory(e))),
         }
         self.store
-            .set_own_account(&record_of_pub(&verified, Trust::Validated, now))
+            .set_own_account(&record_of(&verified, Trust::Validated, None, now))
             .await?;
         self.store.set_pairing(None).await?;
         let mut fetched = 0;
