@@ -127,7 +127,7 @@ fn catch_up<S: Store>(store: S, messages: usize, rng: &mut ChaCha20Rng) -> Catch
     // Timed: the receives, then the account inbox.
     let receive = block_on(scenario::receive_all(&mut me, messages, NOW));
     let start = Instant::now();
-    let inbox = block_on(me.account_inbox()).expect("account inbox");
+    let inbox = block_on(me.account_inbox(NOW)).expect("account inbox");
     let inbox_time = start.elapsed();
     // Checks.
     assert_eq!(inbox.len(), messages, "every message shown");

@@ -63,14 +63,14 @@ fn open(relay: &Relayed, clock: &Clock, device_id: u32) -> Result<Device, Box<dy
 
 /// Receives what is waiting and prints it; returns the bodies shown.
 fn receive(name: &str, device: &mut Device, clock: &Clock) -> Result<Vec<String>, Box<dyn Error>> {
-    let before = block_on(device.account_inbox())?.len();
+    let before = block_on(device.account_inbox(clock.now()))?.len();
     let report = block_on(device.receive(&mut OsRng, clock.now()))?;
     let refused = report
         .rejected
         .iter()
         .filter(|(_, why)| *why == Rejection::Compromised)
         .count();
-    let inbox = block_on(device.account_inbox())?;
+    let inbox = block_on(device.account_inbox(clock.now()))?;
     let mut shown = Vec::new();
     for m in &inbox[before..] {
         let body = String::from_utf8_lossy(&m.body).into_owned();

@@ -22,12 +22,12 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use cubbyhole::client::accounts::AccountChange;
+use cubbyhole::client::accounts::{copy_id as copy, AccountChange};
 use cubbyhole::client::{block_on, Client, ClientConfig, ClientError, Rejection};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
 #[cfg(feature = "sqlite")]
 use cubbyhole::storage::SqliteStore;
-use cubbyhole::storage::{MemoryStore, MessageId, Store, Trust};
+use cubbyhole::storage::{DeliveryState, MemoryStore, MessageId, Store, Trust};
 use cubbyhole::transport::{
     DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
     PrekeyDirectory, TransportError,
@@ -47,6 +47,8 @@ struct NetState {
     faulty: bool,
     /// Every deposit fails (the relay is unreachable).
     down: bool,
+    /// The next this many deposits are accepted and lost.
+    lose_next: usize,
     delayed: Vec<(MailboxId, Envelope)>,
     /// (account, version) the directory withholds from fetches.
     withheld: HashSet<([u8; 32], u64)>,
@@ -76,6 +78,7 @@ impl Net {
                 rng: ChaCha20Rng::seed_from_u64(seed),
                 faulty: false,
                 down: false,
+                lose_next: 0,
                 delayed: Vec::new(),
                 withheld: HashSet::new(),
                 dropped: 0,
@@ -166,6 +169,10 @@ impl Mailbox for Net {
             let mut s = self.state.lock().unwrap();
             if s.down {
                 Err(TransportError::Unavailable("down"))
+            } else if s.lose_next > 0 {
+                s.lose_next -= 1;
+                s.dropped += 1;
+                Ok(())
             } else {
                 let roll = if s.faulty { s.rng.next_u32() % 100 } else { 99 };
                 match roll {
@@ -306,16 +313,21 @@ fn settle(net: &Net, devices: &mut [&mut Dev], rng: &mut ChaCha20Rng) {
 /// (logical id, sender device, sent copy, attributed account, body).
 type Shown = (MessageId, DeviceAddress, bool, Option<AccountId>, Vec<u8>);
 
-fn shown(d: &Dev) -> Vec<Shown> {
-    block_on(d.account_inbox())
+/// Nothing is listed after a gap here: every message arrives within the
+/// hold-back time.
+fn shown(d: &Dev, now: u64) -> Vec<Shown> {
+    block_on(d.account_inbox(now))
         .unwrap()
         .into_iter()
-        .map(|m| (m.header.message, m.from, m.sent_copy, m.account, m.body))
+        .map(|m| {
+            assert!(!m.gap_before, "listed after a gap: {m:?}");
+            (m.header.message, m.from, m.sent_copy, m.account, m.body)
+        })
         .collect()
 }
 
-fn ids_shown(d: &Dev) -> Vec<MessageId> {
-    shown(d).into_iter().map(|m| m.0).collect()
+fn ids_shown(d: &Dev, now: u64) -> Vec<MessageId> {
+    shown(d, now).into_iter().map(|m| m.0).collect()
 }
 
 // ------------------------------------------------------------------ tests
@@ -372,7 +384,7 @@ fn every_device_of_each_person_shows_each_message_once() {
         let people: [(&AccountId, &Vec<Dev>); 3] = [(&alice, &a), (&bob, &b), (&carol, &c)];
         for (p, (_, devices)) in people.iter().enumerate() {
             for (i, device) in devices.iter().enumerate() {
-                let got = shown(device);
+                let got = shown(device, net.now());
                 let mut expected: Vec<MessageId> = Vec::new();
                 for (sp, sd, to, id) in &sent {
                     let to_me = *to == *people[p].0;
@@ -384,6 +396,23 @@ fn every_device_of_each_person_shows_each_message_once() {
                 let mut ids: Vec<MessageId> = got.iter().map(|m| m.0).collect();
                 if !faulty {
                     assert_eq!(ids, expected, "seed {seed}: person {p} device {i}: order");
+                }
+                // Each sender device's messages in the order it sent them,
+                // faults or not (lost ones were re-sent and held behind).
+                for (sp, sd) in sent.iter().map(|s| (s.0, s.1)).collect::<HashSet<_>>() {
+                    let of_sender =
+                        |id: &MessageId| sent.iter().any(|s| s.3 == *id && (s.0, s.1) == (sp, sd));
+                    let got_order: Vec<MessageId> =
+                        ids.iter().copied().filter(|id| of_sender(id)).collect();
+                    let want_order: Vec<MessageId> = expected
+                        .iter()
+                        .copied()
+                        .filter(|id| of_sender(id))
+                        .collect();
+                    assert_eq!(
+                        got_order, want_order,
+                        "seed {seed}: person {p} device {i}: the order of sender ({sp}, {sd})"
+                    );
                 }
                 ids.sort();
                 let mut want = expected.clone();
@@ -453,17 +482,108 @@ fn an_added_device_gets_what_is_sent_after_it_is_listed() {
     c.push(c3);
     let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut c).collect();
     settle(&net, &mut all, &mut rng);
-    assert_eq!(ids_shown(&c[0]), vec![before, after, by_carol]);
-    assert_eq!(ids_shown(&c[1]), vec![before, after]);
+    assert_eq!(ids_shown(&c[0], net.now()), vec![before, after, by_carol]);
+    assert_eq!(ids_shown(&c[1], net.now()), vec![before, after]);
     assert_eq!(
-        ids_shown(&c[2]),
+        ids_shown(&c[2], net.now()),
         vec![after, by_carol],
         "the new device: only what followed"
     );
     assert!(
-        shown(&c[2])[1].2,
+        shown(&c[2], net.now())[1].2,
         "Carol's own message is a sent copy on the new device"
     );
+}
+
+/// Each sender's order under loss (SPEC 25.13): a message whose
+/// predecessor was lost is held back until the re-sent predecessor arrives,
+/// then listed after it; a predecessor that never comes holds it back for
+/// `hold_back` only, then it is listed with `gap_before`, and the late
+/// predecessor after it.
+#[test]
+fn a_lost_message_holds_back_the_senders_later_ones() {
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let net = Net::new(7);
+    let (alice, mut a) = person(&net, 1, &mut rng);
+    let (bob, mut b) = person(&net, 1, &mut rng);
+    {
+        let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut b).collect();
+        refresh_all(&net, &mut all, &[alice, bob]);
+    }
+    let hold_back = b[0].config().hold_back;
+    let (sender, receiver) = (&mut a[0], &mut b[0]);
+    let send = |d: &mut Dev, rng: &mut ChaCha20Rng, body: &[u8], lose: bool| {
+        net.state.lock().unwrap().lose_next = usize::from(lose);
+        block_on(d.send_to_account(rng, &bob, body, net.now()))
+            .unwrap()
+            .message
+    };
+    let bodies = |d: &Dev| -> Vec<(Vec<u8>, bool)> {
+        block_on(d.account_inbox(net.now()))
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.body, m.gap_before))
+            .collect()
+    };
+    let take_all = |d: &mut Dev| {
+        for m in block_on(d.account_inbox(net.now())).unwrap() {
+            block_on(d.remove_from_inbox(&m.envelope_id)).unwrap();
+        }
+    };
+    // 1. The first message is lost; the next two arrive and wait for it.
+    let m1 = send(sender, &mut rng, b"1", true);
+    send(sender, &mut rng, b"2", false);
+    send(sender, &mut rng, b"3", false);
+    let r = block_on(receiver.receive(&mut rng, net.now())).unwrap();
+    assert_eq!(r.received, 2);
+    assert_eq!(bodies(receiver), vec![], "2 and 3 wait for 1");
+    assert_eq!(
+        block_on(receiver.inbox()).unwrap().len(),
+        2,
+        "kept in the inbox"
+    );
+    // The sender re-sends 1 (no receipt); it arrives and all three are
+    // listed in the order sent.
+    net.advance(2 * HOUR);
+    let r = block_on(sender.receive(&mut rng, net.now())).unwrap();
+    assert!(r.resend.resent >= 1, "1 re-sent (receive re-sends)");
+    block_on(receiver.receive(&mut rng, net.now())).unwrap();
+    assert_eq!(
+        bodies(receiver),
+        vec![
+            (b"1".to_vec(), false),
+            (b"2".to_vec(), false),
+            (b"3".to_vec(), false)
+        ]
+    );
+    take_all(receiver);
+    block_on(receiver.flush_outbox()).unwrap();
+    block_on(sender.receive(&mut rng, net.now())).unwrap();
+    assert_eq!(
+        block_on(sender.delivery(&copy(&m1, &receiver.address()))).unwrap(),
+        Some(DeliveryState::Delivered)
+    );
+    // 2. The fourth is lost and its sender does not re-send it for a long
+    // time: the fifth waits `hold_back`, then is listed with a gap.
+    send(sender, &mut rng, b"4", true);
+    send(sender, &mut rng, b"5", false);
+    block_on(receiver.receive(&mut rng, net.now())).unwrap();
+    assert_eq!(bodies(receiver), vec![]);
+    net.advance(hold_back - 1);
+    assert_eq!(bodies(receiver), vec![], "held until hold_back has passed");
+    net.advance(1);
+    assert_eq!(bodies(receiver), vec![(b"5".to_vec(), true)]);
+    take_all(receiver);
+    // The late fourth is then listed after it, once.
+    block_on(sender.receive(&mut rng, net.now())).unwrap();
+    block_on(sender.resend(&mut rng, net.now())).unwrap();
+    block_on(receiver.receive(&mut rng, net.now())).unwrap();
+    assert_eq!(bodies(receiver), vec![(b"4".to_vec(), false)]);
+    take_all(receiver);
+    net.advance(4 * HOUR);
+    block_on(sender.resend(&mut rng, net.now())).unwrap();
+    block_on(receiver.receive(&mut rng, net.now())).unwrap();
+    assert_eq!(bodies(receiver), vec![], "nothing twice");
 }
 
 /// Alice removes her stolen laptop: once Bob has the new list, nothing
@@ -486,7 +606,7 @@ fn a_removed_device_gets_nothing_and_is_refused() {
         let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut b).collect();
         settle(&net, &mut all, &mut rng);
     }
-    assert_eq!(ids_shown(&a[1]), vec![first]);
+    assert_eq!(ids_shown(&a[1], net.now()), vec![first]);
     let laptop = a[1].address();
     let report = block_on(a[0].remove_device(&laptop, net.now())).unwrap();
     assert_eq!(report.removed, vec![laptop]);
@@ -523,16 +643,16 @@ fn a_removed_device_gets_nothing_and_is_refused() {
         "the thief's copies were refused ({rejected})"
     );
     assert!(
-        !ids_shown(&b[0]).contains(&stolen),
+        !ids_shown(&b[0], net.now()).contains(&stolen),
         "Bob refused the removed device"
     );
     assert!(
-        !ids_shown(&a[0]).contains(&stolen),
+        !ids_shown(&a[0], net.now()).contains(&stolen),
         "the phone refused the removed device"
     );
-    assert_eq!(ids_shown(&a[0]), vec![first, second.message]);
+    assert_eq!(ids_shown(&a[0], net.now()), vec![first, second.message]);
     assert_eq!(
-        ids_shown(&a[1]),
+        ids_shown(&a[1], net.now()),
         vec![first],
         "nothing after the removal reached the laptop"
     );

@@ -260,6 +260,10 @@ impl BlockingStore for ChaosStore {
         self.alive()?;
         self.inner.pending_sent()
     }
+    fn last_pending_to(&self, to: &DeviceAddress) -> Result<Option<MessageId>, StoreError> {
+        self.alive()?;
+        self.inner.last_pending_to(to)
+    }
     fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
         self.alive()?;
         self.inner.sent_message(id)

@@ -188,6 +188,11 @@ impl BlockingStore for FailingStore {
         self.inner.pending_sent()
     }
 
+    fn last_pending_to(&self, to: &DeviceAddress) -> Result<Option<MessageId>, StoreError> {
+        self.op("last_pending_to")?;
+        self.inner.last_pending_to(to)
+    }
+
     fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
         self.op("sent_message")?;
         self.inner.sent_message(id)

@@ -170,7 +170,7 @@ fn pairing_happy_path_survives_a_restart_and_gets_messages() {
     let sent = block_on(bob.send_to_account(&mut w.rng, &alice, b"hi both", now)).unwrap();
     assert_eq!(sent.copies.len(), 2);
     block_on(laptop.receive(&mut w.rng, now)).unwrap();
-    let inbox = block_on(laptop.account_inbox()).unwrap();
+    let inbox = block_on(laptop.account_inbox(now)).unwrap();
     assert_eq!(inbox.len(), 1);
     assert_eq!(inbox[0].body, b"hi both");
     assert_eq!(inbox[0].account, Some(bob_account));

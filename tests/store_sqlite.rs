@@ -716,7 +716,7 @@ fn reopening_from_disk_keeps_everything() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, SqliteStore::SCHEMA_VERSION);
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 5);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 6);
 }
 
 #[test]
@@ -1852,7 +1852,7 @@ fn tables(c: &rusqlite::Connection) -> Vec<String> {
 
 #[test]
 fn a_version_1_database_is_migrated_with_its_data() {
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 5);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 6);
     let dir = TempDir::new("migrate");
     let mut w = world(19);
     let v1 = version_1_database(&dir.db(), &mut w);
@@ -1866,7 +1866,23 @@ fn a_version_1_database_is_migrated_with_its_data() {
 
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     let c = raw(&dir.db());
-    assert_eq!(version(&c), 5);
+    assert_eq!(version(&c), 6);
+    // Version 6's index, and the "last pending to" query uses it.
+    let plan: Vec<String> = c
+        .prepare(
+            "EXPLAIN QUERY PLAN SELECT id FROM sent WHERE state < 3 AND to_identity = ?1 \
+             AND to_device = ?2 ORDER BY seq DESC LIMIT 1",
+        )
+        .unwrap()
+        .query_map([vec![0u8; 32], vec![0u8; 4]], |r| r.get(3))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(
+        plan.iter()
+            .any(|p| p.contains("USING INDEX sent_pending_to")),
+        "{plan:?}"
+    );
     let names = tables(&c);
     for t in [
         "accounts",
@@ -1946,7 +1962,7 @@ fn a_version_1_database_is_migrated_with_its_data() {
     store.set_own_account(&own).unwrap();
     drop(store);
     let store = SqliteStore::open(dir.db(), &KEY).unwrap();
-    assert_eq!(version(&raw(&dir.db())), 5);
+    assert_eq!(version(&raw(&dir.db())), 6);
     assert_eq!(store.own_account().unwrap(), Some(own));
     assert!(store.accounts().unwrap().is_empty());
     assert_eq!(store.sent_messages().unwrap(), [m]);

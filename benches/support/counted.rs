@@ -180,6 +180,9 @@ impl<S: BlockingStore> BlockingStore for Counted<S> {
     fn pending_sent(&self) -> Result<Vec<SentMessage>, StoreError> {
         self.inner.pending_sent()
     }
+    fn last_pending_to(&self, to: &DeviceAddress) -> Result<Option<MessageId>, StoreError> {
+        self.inner.last_pending_to(to)
+    }
     fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
         self.inner.sent_message(id)
     }

@@ -9,11 +9,16 @@
 //! ([`Store::commit_send_many`]), so a crash leaves all of them or none.
 //! Each copy is its own sent message (its own receipt and re-sends) under
 //! a copy id derived from the logical message id and the device
-//! ([`copy_id`]); the logical id and whether the copy is a "sent copy"
-//! (for another device of the sender's own account) travel in the
-//! [`AccountHeader`] at the start of the message body.
+//! ([`copy_id`]); the logical id, whether the copy is a "sent copy"
+//! (for another device of the sender's own account) and the copy id of the
+//! sender's previous message to the same device still awaiting its receipt
+//! travel in the [`AccountHeader`] at the start of the message body, so
+//! that [`Client::account_inbox`] shows each sender's messages in the
+//! order they were sent even when the relay loses, withholds or reorders
+//! some and they are re-sent.
 
 use std::collections::HashMap;
+use std::vec;
 use std::vec::Vec;
 
 use rand_core::CryptoRngCore;
@@ -37,13 +42,14 @@ use crate::transport::{
 pub const ACCOUNT_MESSAGE_MAGIC: [u8; 8] = *b"\x00chacct1";
 
 /// The length of an [`AccountHeader`]'s encoding.
-pub const ACCOUNT_HEADER_LEN: usize = 8 + 1 + 16 + 32;
+pub const ACCOUNT_HEADER_LEN: usize = 8 + 1 + 16 + 32 + 16;
 
 /// What an account message says of itself, at the start of its body
 /// (inside the encrypted frame: the relay sees none of it):
 /// `ACCOUNT_MESSAGE_MAGIC (8) || kind (1: 0x01 to the account, 0x02 a sent
 /// copy) || message id (16, the logical id) || account (32: the account the
-/// message was sent to)`.
+/// message was sent to) || previous (16: a copy id, or 16 zero bytes for
+/// none)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AccountHeader {
     /// A copy for another device of the sender's own account.
@@ -52,6 +58,12 @@ pub struct AccountHeader {
     pub message: MessageId,
     /// The account the message was sent to.
     pub to: AccountId,
+    /// The id of the sender's latest message to the same device that was
+    /// still awaiting its receipt when this one was sent (a copy id, or the
+    /// message id of a plain [`Client::send`]): the receiver shows this one
+    /// after it (SPEC.md 25.13). `None` (16 zero bytes): nothing before it
+    /// is outstanding.
+    pub previous: Option<MessageId>,
 }
 
 impl AccountHeader {
@@ -62,6 +74,7 @@ impl AccountHeader {
         out.push(if self.sent_copy { 2 } else { 1 });
         out.extend_from_slice(&self.message.0);
         out.extend_from_slice(self.to.as_bytes());
+        out.extend_from_slice(&self.previous.map_or([0; 16], |p| p.0));
         out.extend_from_slice(body);
         out
     }
@@ -80,11 +93,14 @@ impl AccountHeader {
         };
         let message = MessageId(header[9..25].try_into().ok()?);
         let to = AccountId(header[25..57].try_into().ok()?);
+        let previous: [u8; 16] = header[57..73].try_into().ok()?;
+        let previous = (previous != [0; 16]).then_some(MessageId(previous));
         Some((
             AccountHeader {
                 sent_copy,
                 message,
                 to,
+                previous,
             },
             body,
         ))
@@ -166,6 +182,12 @@ pub struct AccountMessage {
     pub sent_copy: bool,
     /// The header as the sender wrote it.
     pub header: AccountHeader,
+    /// Shown without the message its header names as `previous`: that one
+    /// had not arrived [`ClientConfig::hold_back`](super::ClientConfig::hold_back)
+    /// after this one was received (lost, or given up by its sender). If it
+    /// arrives later, it is shown after this one: the only case in which a
+    /// sender's messages are shown out of their order.
+    pub gap_before: bool,
     /// The application's bytes.
     pub body: Vec<u8>,
     /// When it was received.
@@ -180,6 +202,7 @@ impl core::fmt::Debug for AccountMessage {
             .field("account", &self.account)
             .field("sent_copy", &self.sent_copy)
             .field("header", &self.header)
+            .field("gap_before", &self.gap_before)
             .field("body_len", &self.body.len())
             .finish()
     }
@@ -602,6 +625,7 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
                 sent_copy: *sent_copy,
                 message: logical,
                 to: *account,
+                previous: self.store.last_pending_to(to).await?,
             };
             let id = copy_id(&logical, to);
             let mut frame = Frame {
@@ -654,15 +678,28 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
 
     /// The account messages in the inbox (those whose body carries an
     /// [`AccountHeader`]), attributed to the account whose current list
-    /// holds the sender device. A "sent" copy is one from another device of
-    /// this device's own account that says so.
+    /// holds the sender device, in **each sender's order** (SPEC.md
+    /// 25.13): a message whose header names as `previous` a message of the
+    /// same sender device that has not arrived is held back (not listed)
+    /// until that one arrives, and is then listed after it; messages of
+    /// different senders keep the order they were received in. A message
+    /// held for [`ClientConfig::hold_back`](super::ClientConfig::hold_back)
+    /// (counted from when it, or a message held behind it, was received;
+    /// `now` is the current time) is listed anyway, with
+    /// [`AccountMessage::gap_before`] set. A "sent" copy is one from
+    /// another device of this device's own account that says so.
+    ///
+    /// The application shows what is listed and removes it
+    /// ([`Client::remove_from_inbox`]); held messages stay in the inbox
+    /// (already acknowledged to their sender, so they are not re-sent).
     ///
     /// # Errors
     /// [`ClientError::Store`], [`ClientError::DeviceList`].
-    pub async fn account_inbox(&self) -> Result<Vec<AccountMessage>, ClientError> {
+    pub async fn account_inbox(&self, now: u64) -> Result<Vec<AccountMessage>, ClientError> {
         let own = self.store.own_account().await?.map(|r| r.account);
         let accounts = self.device_accounts().await?;
-        let mut out = Vec::new();
+        let me = self.address();
+        let mut messages = Vec::new();
         for m in self.store.inbox().await? {
             let InboxMessage {
                 envelope_id,
@@ -675,7 +712,7 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
             };
             let account = accounts.get(&from).copied();
             let sent_copy = header.sent_copy && account.is_some() && account == own;
-            out.push(AccountMessage {
+            messages.push(AccountMessage {
                 envelope_id,
                 from,
                 account,
@@ -683,7 +720,41 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
                 header,
                 body: rest.to_vec(),
                 received_at,
+                gap_before: false,
             });
+        }
+        let order = in_sender_order(&messages, &me);
+        // Roots whose predecessor is not in the inbox: shown already (its
+        // seen mark, 19.9), or not arrived.
+        let outside: Vec<(usize, EnvelopeId)> = order
+            .roots
+            .iter()
+            .filter_map(|&r| {
+                let m = &messages[r];
+                let previous = m.header.previous?;
+                (order.parent[r] == NONE).then(|| (r, super::seen_mark(&m.from, &previous.0)))
+            })
+            .collect();
+        let marks: Vec<EnvelopeId> = outside.iter().map(|(_, mark)| *mark).collect();
+        let seen = self.store.processed_among(&marks).await?;
+        let mut held = vec![false; messages.len()];
+        for ((r, _), seen) in outside.iter().zip(seen) {
+            if seen {
+                continue;
+            }
+            let waited = now.saturating_sub(order.oldest[*r]);
+            if waited >= self.config.hold_back {
+                messages[*r].gap_before = true;
+            } else {
+                held[*r] = true;
+            }
+        }
+        let mut slots: Vec<Option<AccountMessage>> = messages.into_iter().map(Some).collect();
+        let mut out = Vec::with_capacity(slots.len());
+        for i in order.emit {
+            if !held[order.root[i]] {
+                out.extend(slots[i].take());
+            }
         }
         Ok(out)
     }
@@ -826,5 +897,234 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
             }
         }
         Ok(())
+    }
+}
+
+const NONE: usize = usize::MAX;
+
+/// The per-sender order of a list of account messages (see
+/// [`Client::account_inbox`]).
+struct SenderOrder {
+    /// Each message's predecessor in the list (`NONE`: its `previous` is
+    /// none, not in the list, or it closes a cycle).
+    parent: Vec<usize>,
+    /// Each message's root: the first of its chain of predecessors.
+    root: Vec<usize>,
+    /// The roots, in list order.
+    roots: Vec<usize>,
+    /// Per root, the earliest `received_at` of its chain (others: unused).
+    oldest: Vec<u64>,
+    /// Every index once, each after its predecessor, otherwise in list
+    /// order.
+    emit: Vec<usize>,
+}
+
+/// Links each message to the message of the same sender device its header
+/// names as `previous` (by copy id: the id the sender gave the copy for
+/// `me`), then orders them. A sender that forges a cycle of `previous`
+/// only orders (or holds) its own messages: the cycle is cut where it is
+/// found. Linear in the number of messages.
+fn in_sender_order(messages: &[AccountMessage], me: &DeviceAddress) -> SenderOrder {
+    let n = messages.len();
+    let mut index: HashMap<(DeviceAddress, MessageId), usize> = HashMap::with_capacity(n);
+    for (i, m) in messages.iter().enumerate() {
+        index
+            .entry((m.from, copy_id(&m.header.message, me)))
+            .or_insert(i);
+    }
+    let mut parent: Vec<usize> = messages
+        .iter()
+        .map(|m| {
+            m.header
+                .previous
+                .and_then(|p| index.get(&(m.from, p)).copied())
+                .unwrap_or(NONE)
+        })
+        .collect();
+    // Roots, cutting cycles: walk up from each message until a message
+    // whose root is known, a message without parent, or one already on
+    // this walk (a cycle: cut above it).
+    let mut root = vec![NONE; n];
+    let mut on_walk = vec![false; n];
+    let mut walk = Vec::new();
+    for i in 0..n {
+        let mut cur = i;
+        let top = loop {
+            if root[cur] != NONE {
+                break root[cur];
+            }
+            if on_walk[cur] {
+                parent[cur] = NONE;
+                break cur;
+            }
+            on_walk[cur] = true;
+            walk.push(cur);
+            if parent[cur] == NONE {
+                break cur;
+            }
+            cur = parent[cur];
+        };
+        for w in walk.drain(..) {
+            root[w] = top;
+            on_walk[w] = false;
+        }
+    }
+    let mut oldest = vec![u64::MAX; n];
+    let mut roots = Vec::new();
+    for i in 0..n {
+        let r = root[i];
+        if r == i {
+            roots.push(i);
+        }
+        oldest[r] = oldest[r].min(messages[i].received_at);
+    }
+    let mut emitted = vec![false; n];
+    let mut emit = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut cur = i;
+        while !emitted[cur] {
+            walk.push(cur);
+            if parent[cur] == NONE {
+                break;
+            }
+            cur = parent[cur];
+        }
+        for w in walk.drain(..).rev() {
+            emitted[w] = true;
+            emit.push(w);
+        }
+    }
+    SenderOrder {
+        parent,
+        root,
+        roots,
+        oldest,
+        emit,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: DeviceAddress = DeviceAddress {
+        identity: [9; 32],
+        device_id: 1,
+    };
+
+    fn sender(n: u8) -> DeviceAddress {
+        DeviceAddress {
+            identity: [n; 32],
+            device_id: 1,
+        }
+    }
+
+    /// A message from `from` with logical id `[id; 16]`, naming as
+    /// previous the copy for ME of logical id `[p; 16]`.
+    fn msg(from: u8, id: u8, previous: Option<u8>, received_at: u64) -> AccountMessage {
+        AccountMessage {
+            envelope_id: EnvelopeId([id; 16]),
+            from: sender(from),
+            account: None,
+            sent_copy: false,
+            header: AccountHeader {
+                sent_copy: false,
+                message: MessageId([id; 16]),
+                to: AccountId([0; 32]),
+                previous: previous.map(|p| copy_id(&MessageId([p; 16]), &ME)),
+            },
+            body: Vec::new(),
+            received_at,
+            gap_before: false,
+        }
+    }
+
+    fn ids(order: &SenderOrder, messages: &[AccountMessage]) -> Vec<u8> {
+        order
+            .emit
+            .iter()
+            .map(|&i| messages[i].header.message.0[0])
+            .collect()
+    }
+
+    #[test]
+    fn each_message_comes_after_its_predecessor() {
+        // Sender 1: 1 <- 2 <- 3, received 3, 1, 2; sender 2's 7 between.
+        let m = [
+            msg(1, 3, Some(2), 10),
+            msg(2, 7, None, 11),
+            msg(1, 1, None, 12),
+            msg(1, 2, Some(1), 13),
+        ];
+        let order = in_sender_order(&m, &ME);
+        assert_eq!(ids(&order, &m), vec![1, 2, 3, 7]);
+        assert_eq!(order.roots, vec![1, 2]);
+        assert_eq!(order.root, vec![2, 1, 2, 2]);
+        assert_eq!(order.oldest[2], 10, "the chain's earliest arrival");
+    }
+
+    #[test]
+    fn a_predecessor_of_another_sender_or_device_does_not_link() {
+        // 2 names 1's copy, but 1 came from another sender: not linked.
+        let m = [msg(1, 2, Some(1), 10), msg(2, 1, None, 11)];
+        let order = in_sender_order(&m, &ME);
+        assert_eq!(order.parent, vec![NONE, NONE]);
+        assert_eq!(order.roots, vec![0, 1]);
+        // A previous that names the copy for another device: not linked.
+        let mut other = msg(1, 2, None, 10);
+        other.header.previous = Some(copy_id(&MessageId([1; 16]), &sender(3)));
+        let m = [other, msg(1, 1, None, 11)];
+        assert_eq!(in_sender_order(&m, &ME).parent, vec![NONE, NONE]);
+    }
+
+    #[test]
+    fn forged_cycles_are_cut_and_every_message_is_emitted_once() {
+        // 1 -> 2 -> 3 -> 1 (each names the next as previous), a self-loop
+        // 5 -> 5, and 6 hanging below the cycle.
+        let m = [
+            msg(1, 1, Some(2), 10),
+            msg(1, 2, Some(3), 11),
+            msg(1, 3, Some(1), 12),
+            msg(1, 5, Some(5), 13),
+            msg(1, 6, Some(3), 14),
+        ];
+        let order = in_sender_order(&m, &ME);
+        let mut emitted = order.emit.clone();
+        emitted.sort_unstable();
+        assert_eq!(emitted, vec![0, 1, 2, 3, 4]);
+        for (i, &p) in order.parent.iter().enumerate() {
+            if p != NONE {
+                let at = |x| order.emit.iter().position(|&e| e == x).unwrap();
+                assert!(at(p) < at(i), "{i} after its parent {p}");
+            }
+        }
+        // One root per cycle, cut: every member hangs from it.
+        assert_eq!(order.roots.len(), 2);
+        assert!(order.root[..3].iter().all(|&r| r == order.root[0]));
+        assert_eq!(order.root[4], order.root[0]);
+        assert_eq!(order.root[3], 3);
+        assert_eq!(order.parent[3], NONE);
+    }
+
+    #[test]
+    fn the_header_round_trips_and_zero_previous_is_none() {
+        let h = AccountHeader {
+            sent_copy: true,
+            message: MessageId([1; 16]),
+            to: AccountId([2; 32]),
+            previous: Some(MessageId([3; 16])),
+        };
+        let bytes = h.encode(b"body");
+        assert_eq!(bytes.len(), ACCOUNT_HEADER_LEN + 4);
+        assert_eq!(&bytes[57..73], &[3; 16]);
+        assert_eq!(AccountHeader::decode(&bytes), Some((h, &b"body"[..])));
+        let none = AccountHeader {
+            previous: None,
+            ..h
+        };
+        let bytes = none.encode(b"");
+        assert_eq!(&bytes[57..], &[0; 16]);
+        assert_eq!(AccountHeader::decode(&bytes).unwrap().0.previous, None);
+        assert_eq!(AccountHeader::decode(&bytes[..72]), None, "short");
     }
 }

@@ -117,6 +117,17 @@ pub struct ClientConfig {
     /// session started, none of them answered, and nothing has arrived from
     /// the peer since the first of them (default 50; times in seconds).
     pub dead_after_messages: u32,
+    /// How long [`Client::account_inbox`] holds an account message back
+    /// while an earlier message of the same sender device to this device
+    /// (the one its header names as `previous`) has not arrived, counted
+    /// from when it was received (default 2 days: twice
+    /// [`ClientConfig::resend_max_interval`], so that a sender that is
+    /// online re-sends a lost message before its successors are shown
+    /// without it). After that the message is shown with
+    /// [`AccountMessage::gap_before`](accounts::AccountMessage::gap_before)
+    /// set: a lost or given-up message never blocks its successors for
+    /// longer.
+    pub hold_back: u64,
 }
 
 const DAY: u64 = 24 * 60 * 60;
@@ -142,6 +153,7 @@ impl Default for ClientConfig {
             give_up_after: 30 * DAY,
             notice_interval: 60 * 60,
             dead_after_messages: 50,
+            hold_back: 2 * DAY,
         }
     }
 }

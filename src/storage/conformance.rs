@@ -61,7 +61,7 @@
 //! | `processed` | marks are set by [`Store::commit_receive`]; [`Store::processed_among`] agrees with [`Store::is_processed`]; [`Store::prune_processed`] drops those older than `before` only |
 //! | `commit_receive` | every part of every commit of a batch is applied, later ones winning |
 //! | `inbox` | in the order received; a duplicate envelope id adds nothing; [`Store::remove_inbox`] |
-//! | `sent_messages` | first-stored order, [`Store::update_sent`] in place, [`Store::sent_message`], [`Store::pending_sent`] |
+//! | `sent_messages` | first-stored order, [`Store::update_sent`] in place, [`Store::sent_message`], [`Store::pending_sent`], [`Store::last_pending_to`] |
 //! | `prune_sent` | drops delivered and failed messages created before `before`, never pending ones |
 //! | `routes` | [`Store::route_ratchet_keys`], [`Store::awaiting_ratchet_key`] and [`Store::sessions_with_identity`] agree with the records stored, after every kind of write |
 //! | `u64_times` | times and counters use the whole `u64` range (a store keeping `i64`s must map them) |
@@ -330,7 +330,8 @@ checks! {
     /// delivery state kept; [`Store::update_sent`] of a known id replaces
     /// it in place; [`Store::sent_message`] finds each by id;
     /// [`Store::pending_sent`] lists exactly the pending ones, in the same
-    /// order.
+    /// order; [`Store::last_pending_to`] names the last pending one to each
+    /// peer (none for a peer without one).
     check_sent_messages => "sent_messages", sent_messages;
     /// `prune_sent`: [`Store::prune_sent`] deletes the delivered and failed
     /// messages created before `before`, keeps those created at `before` or
@@ -1889,6 +1890,10 @@ async fn sent_messages<S: Store>(store: &mut S) -> Outcome {
         DeliveryState::Failed(Failure::TimedOut),
         DeliveryState::Failed(Failure::Compromised),
         DeliveryState::Failed(Failure::Refused),
+        // Later ones to peers 1 and 2: the newest pending one to peer 1,
+        // a delivered one (never a "last pending") to peer 2.
+        DeliveryState::Stored,
+        DeliveryState::Delivered,
     ];
     let mut all: Vec<SentMessage> = states
         .iter()
@@ -1935,7 +1940,23 @@ async fn sent_messages<S: Store>(store: &mut S) -> Outcome {
             &format!("{what}: pending_sent()"),
             &store.pending_sent().await.or_fail("pending_sent")?,
             &pending,
-        )
+        )?;
+        let nobody = DeviceAddress {
+            identity: [0x77; 32],
+            device_id: 9,
+        };
+        for (k, to) in (0..3).map(|k| fx.address(k)).chain([nobody]).enumerate() {
+            let want = pending.iter().rev().find(|m| m.to == to).map(|m| m.id);
+            same(
+                &format!("{what}: last_pending_to(peer {k})"),
+                &store
+                    .last_pending_to(&to)
+                    .await
+                    .or_fail("last_pending_to")?,
+                &want,
+            )?;
+        }
+        Ok(())
     };
     check(store, &all, "after update_sent").await?;
 

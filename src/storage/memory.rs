@@ -269,6 +269,15 @@ impl BlockingStore for MemoryStore {
             .cloned()
             .collect())
     }
+    fn last_pending_to(&self, to: &DeviceAddress) -> Result<Option<MessageId>, StoreError> {
+        // From the newest: the last message to `to` is usually recent.
+        Ok(self
+            .sent
+            .iter()
+            .rev()
+            .find(|m| m.to == *to && m.state.is_pending())
+            .map(|m| m.id))
+    }
     fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
         Ok(self.sent_index.get(id).map(|&i| self.sent[i].clone()))
     }

@@ -809,6 +809,20 @@ pub trait BlockingStore {
         all.retain(|m| m.state.is_pending());
         Ok(all)
     }
+    /// The id of the most recently stored sent message to `to` that still
+    /// awaits a receipt (the last one addressed to `to` among
+    /// [`BlockingStore::pending_sent`]), or `None`. Read for every copy of
+    /// an account message (its `previous`, SPEC.md 25.13): a store should
+    /// answer it without reading every pending message. The default
+    /// filters [`BlockingStore::pending_sent`].
+    fn last_pending_to(&self, to: &DeviceAddress) -> Result<Option<MessageId>, StoreError> {
+        Ok(self
+            .pending_sent()?
+            .iter()
+            .rev()
+            .find(|m| m.to == *to)
+            .map(|m| m.id))
+    }
     /// A sent message by id.
     fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError>;
     /// Stores a sent message (new or updated: keyed by its id).
@@ -1076,6 +1090,22 @@ pub trait Store: MaybeSend + MaybeSync {
             let mut all = self.sent_messages().await?;
             all.retain(|m| m.state.is_pending());
             Ok(all)
+        }
+    }
+    /// [`BlockingStore::last_pending_to`]; the default filters
+    /// [`Store::pending_sent`].
+    fn last_pending_to(
+        &self,
+        to: &DeviceAddress,
+    ) -> impl Future<Output = Result<Option<MessageId>, StoreError>> + MaybeSend {
+        async move {
+            Ok(self
+                .pending_sent()
+                .await?
+                .iter()
+                .rev()
+                .find(|m| m.to == *to)
+                .map(|m| m.id))
         }
     }
     /// A sent message by id.
@@ -1395,6 +1425,13 @@ impl<T: BlockingStore + MaybeSend + MaybeSync> Store for T {
         &self,
     ) -> impl Future<Output = Result<Vec<SentMessage>, StoreError>> + MaybeSend {
         core::future::ready(BlockingStore::pending_sent(self))
+    }
+
+    fn last_pending_to(
+        &self,
+        to: &DeviceAddress,
+    ) -> impl Future<Output = Result<Option<MessageId>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::last_pending_to(self, to))
     }
 
     fn sent_message(

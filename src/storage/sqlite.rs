@@ -138,7 +138,9 @@ type Migration = fn(&Transaction<'_>, &Sealer) -> Result<(), StoreError>;
 
 /// The schema steps, in order. To change the schema, append a step: never
 /// edit a published one.
-const MIGRATIONS: &[Migration] = &[migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5];
+const MIGRATIONS: &[Migration] = &[
+    migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5, migrate_v6,
+];
 
 /// Version 1: the tables and the key check row.
 fn migrate_v1(tx: &Transaction<'_>, sealer: &Sealer) -> Result<(), StoreError> {
@@ -261,6 +263,16 @@ fn migrate_v5(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
              id INTEGER PRIMARY KEY CHECK (id = 1),
              record BLOB NOT NULL
          ) STRICT;",
+    )
+    .map_err(backend)
+}
+
+/// Version 6: an index of the pending sent messages by recipient, for
+/// [`BlockingStore::last_pending_to`] (read for every copy of an account
+/// message, SPEC.md 25.13).
+fn migrate_v6(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE INDEX sent_pending_to ON sent (to_identity, to_device, seq) WHERE state < 3;",
     )
     .map_err(backend)
 }
@@ -814,6 +826,10 @@ impl BlockingStore for SqliteStore {
         self.lock().pending_sent()
     }
 
+    fn last_pending_to(&self, to: &DeviceAddress) -> Result<Option<MessageId>, StoreError> {
+        self.lock().last_pending_to(to)
+    }
+
     fn sent_message(&self, id: &MessageId) -> Result<Option<SentMessage>, StoreError> {
         self.lock().sent_message(id)
     }
@@ -1302,6 +1318,9 @@ const SENT_SELECT: &str =
 const SENT_PENDING: &str =
     "SELECT id, to_identity, to_device, state, created, last_sent, sends, body
      FROM sent WHERE state < 3 ORDER BY seq";
+/// Uses the partial index `sent_pending_to` (schema version 6).
+const SENT_LAST_PENDING_TO: &str = "SELECT id FROM sent
+     WHERE state < 3 AND to_identity = ?1 AND to_device = ?2 ORDER BY seq DESC LIMIT 1";
 const SENT_BY_ID: &str = "SELECT id, to_identity, to_device, state, created, last_sent, sends, body
      FROM sent WHERE id = ?1";
 const INBOX_SELECT: &str =
@@ -2017,6 +2036,23 @@ impl BlockingStore for Db {
     /// `sent_pending`), however many delivered ones are kept.
     fn pending_sent(&self) -> Result<Vec<SentMessage>, StoreError> {
         self.sent_query(SENT_PENDING, [])
+    }
+
+    fn last_pending_to(&self, to: &DeviceAddress) -> Result<Option<MessageId>, StoreError> {
+        let id: Option<Vec<u8>> = self
+            .conn
+            .prepare_cached(SENT_LAST_PENDING_TO)
+            .and_then(|mut s| {
+                s.query_row(params![&to.identity[..], to.device_id], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(backend)?;
+        id.map(|id| {
+            id.try_into()
+                .map(MessageId)
+                .map_err(|_| corrupted("sent", hex(&to.identity), "message id length"))
+        })
+        .transpose()
     }
 
     fn update_sent(&mut self, message: &SentMessage) -> Result<(), StoreError> {
