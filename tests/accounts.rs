@@ -49,6 +49,8 @@ struct NetState {
     down: bool,
     /// The next this many deposits are accepted and lost.
     lose_next: usize,
+    /// Every envelope deposited (before any fault), with its mailbox.
+    log: Vec<(MailboxId, Envelope)>,
     delayed: Vec<(MailboxId, Envelope)>,
     /// (account, version) the directory withholds from fetches.
     withheld: HashSet<([u8; 32], u64)>,
@@ -79,6 +81,7 @@ impl Net {
                 faulty: false,
                 down: false,
                 lose_next: 0,
+                log: Vec::new(),
                 delayed: Vec::new(),
                 withheld: HashSet::new(),
                 dropped: 0,
@@ -167,6 +170,9 @@ impl Mailbox for Net {
         let mut copies = Vec::new();
         let result = {
             let mut s = self.state.lock().unwrap();
+            if !s.down {
+                s.log.push((*to, envelope.clone()));
+            }
             if s.down {
                 Err(TransportError::Unavailable("down"))
             } else if s.lose_next > 0 {
@@ -584,6 +590,59 @@ fn a_lost_message_holds_back_the_senders_later_ones() {
     block_on(sender.resend(&mut rng, net.now())).unwrap();
     block_on(receiver.receive(&mut rng, net.now())).unwrap();
     assert_eq!(bodies(receiver), vec![], "nothing twice");
+}
+
+/// Forward secrecy across devices: the keys of a stolen device (its whole
+/// store) open nothing addressed to another device. Every envelope that was
+/// deposited for Alice's phone and for Bob, account messages, sent copies
+/// and a plain message, is given to the laptop (deposited into its own
+/// mailbox): it opens none of them and shows nothing new.
+#[test]
+fn a_stolen_device_opens_nothing_addressed_to_other_devices() {
+    let mut rng = ChaCha20Rng::seed_from_u64(12);
+    let net = Net::new(12);
+    let (alice, mut a) = person(&net, 2, &mut rng);
+    let (bob, mut b) = person(&net, 1, &mut rng);
+    {
+        let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut b).collect();
+        refresh_all(&net, &mut all, &[alice, bob]);
+    }
+    for round in 0..3u8 {
+        block_on(b[0].send_to_account(&mut rng, &alice, &[1, round], net.now())).unwrap();
+        block_on(a[0].send_to_account(&mut rng, &bob, &[2, round], net.now())).unwrap();
+        block_on(a[0].send(&mut rng, &b[0].address(), &[3, round], net.now())).unwrap();
+        let mut all: Vec<&mut Dev> = a.iter_mut().chain(&mut b).collect();
+        settle(&net, &mut all, &mut rng);
+    }
+    let laptop = a[1].address();
+    let others = [a[0].address().mailbox(), b[0].address().mailbox()];
+    let elsewhere: Vec<Envelope> = net
+        .state
+        .lock()
+        .unwrap()
+        .log
+        .iter()
+        .filter(|(to, _)| others.contains(to))
+        .map(|(_, e)| e.clone())
+        .collect();
+    assert!(
+        elsewhere.len() >= 12,
+        "traffic to open: {}",
+        elsewhere.len()
+    );
+    let before = block_on(a[1].inbox()).unwrap();
+    assert_eq!(
+        before.len(),
+        6,
+        "the laptop's own copies (3 to Alice, 3 sent)"
+    );
+    for e in &elsewhere {
+        net.put(&laptop.mailbox(), e);
+    }
+    let r = block_on(a[1].receive(&mut rng, net.now())).unwrap();
+    assert_eq!(r.received, 0, "nothing opened: {r:?}");
+    assert_eq!(r.rejected.len(), elsewhere.len());
+    assert_eq!(block_on(a[1].inbox()).unwrap(), before);
 }
 
 /// Alice removes her stolen laptop: once Bob has the new list, nothing
