@@ -7,11 +7,12 @@
 use std::sync::{Arc, Mutex};
 
 use cubbyhole::client::pairing::{
-    PairingMessage, PairingOffer, PairingOutcome, PairingRefusal, PayloadError, PAIRING_TTL,
+    PairingContact, PairingMessage, PairingOffer, PairingOutcome, PairingRefusal, PayloadError,
+    PAIRING_TTL,
 };
 use cubbyhole::client::{block_on, Client, ClientConfig, ClientError};
 use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
-use cubbyhole::storage::{MemoryStore, MessageId};
+use cubbyhole::storage::{MemoryStore, MessageId, Trust};
 use cubbyhole::transport::{DeviceAddress, DeviceDirectory, EnvelopeId};
 use cubbyhole::{AccountId, DeviceList};
 use rand_chacha::rand_core::SeedableRng;
@@ -144,7 +145,8 @@ fn pairing_happy_path_survives_a_restart_and_gets_messages() {
         PairingOutcome::Joined {
             account: alice,
             version: 2,
-            contacts: 1
+            contacts: 1,
+            trusted: 0
         }
     );
     // The laptop holds the account at version 2 listing both devices.
@@ -355,7 +357,12 @@ fn malformed_pairing_messages_are_refused_and_never_panic() {
         message: MessageId([3; 16]),
         code: offer.code.clone(),
         list,
-        contacts: vec![bob_account],
+        contacts: vec![PairingContact {
+            account: bob_account,
+            trust: Trust::Validated,
+            version: 1,
+            head_hash: [7; 32],
+        }],
     };
     let good = message.encode().to_vec();
     assert_eq!(PairingMessage::decode(&good).unwrap(), message);
@@ -408,4 +415,55 @@ fn the_offer_survives_a_sqlite_restart_sealed() {
     assert!(store.pairing().unwrap().is_none());
     drop(store);
     let _ = std::fs::remove_file(&dir);
+}
+
+/// The new device takes the pairing device's trust in each contact (SPEC
+/// 25.9): validated when it fetches the very list the phone validated,
+/// compromised always; a contact whose list moved on since the phone
+/// validated it stays unvalidated (the new device did not see what was
+/// compared), as does one the phone never validated.
+#[test]
+fn the_new_device_takes_the_trust_in_contacts_it_can_match() {
+    let (mut w, mut phone, _bob, laptop, alice, bob_account) = setup(11);
+    let mut laptop = laptop;
+    let now = w.now();
+    let (mut carol, mut dave, mut erin) = (w.open(1), w.open(1), w.open(1));
+    let carol_account = block_on(carol.create_account(now)).unwrap();
+    let dave_account = block_on(dave.create_account(now)).unwrap();
+    let erin_account = block_on(erin.create_account(now)).unwrap();
+    for a in [&carol_account, &dave_account, &erin_account] {
+        block_on(phone.refresh_account(a, now)).unwrap();
+    }
+    // Bob and Dave validated, Carol compromised, Erin left unvalidated.
+    block_on(phone.set_account_trust(&bob_account, Trust::Validated, now)).unwrap();
+    block_on(phone.set_account_trust(&dave_account, Trust::Validated, now)).unwrap();
+    block_on(phone.set_account_trust(&carol_account, Trust::Compromised, now)).unwrap();
+    // Dave adds a device after the phone validated him: the directory
+    // serves version 2, the phone holds version 1.
+    let dave2 = w.open(2);
+    let list = block_on(dave.add_device(&dave2.address())).unwrap();
+    let mut dave2 = dave2;
+    block_on(dave2.join_account(&list, now)).unwrap();
+
+    let offer = block_on(laptop.pairing_offer(&mut w.rng, now)).unwrap();
+    block_on(phone.pair(&mut w.rng, &offer.encode(), now)).unwrap();
+    let outcomes = w.receive(&mut laptop);
+    assert_eq!(
+        outcomes[0].1,
+        PairingOutcome::Joined {
+            account: alice,
+            version: 2,
+            contacts: 4,
+            trusted: 2
+        }
+    );
+    let trust = |a: &AccountId| block_on(laptop.account(a)).unwrap().unwrap().trust;
+    assert_eq!(trust(&bob_account), Trust::Validated);
+    assert_eq!(trust(&carol_account), Trust::Compromised);
+    assert_eq!(
+        trust(&dave_account),
+        Trust::Unvalidated,
+        "the list moved on"
+    );
+    assert_eq!(trust(&erin_account), Trust::Unvalidated);
 }

@@ -42,6 +42,23 @@ pub const PAIRING_KIND: u8 = 0x03;
 pub const PAIRING_TTL: u64 = 600;
 /// The most contacts a pairing message carries.
 pub const MAX_PAIRING_CONTACTS: usize = 256;
+/// The length of one contact in a pairing message: `account (32) || trust
+/// (1) || version (8) || head hash (32)`.
+pub const PAIRING_CONTACT_LEN: usize = 32 + 1 + 8 + 32;
+
+/// A contact account as the pairing device holds it: the new device takes
+/// its trust if it fetches the very same head (SPEC.md 25.9).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PairingContact {
+    /// The contact's account.
+    pub account: AccountId,
+    /// The trust the pairing device has in the person.
+    pub trust: Trust,
+    /// The version of the list the pairing device holds.
+    pub version: u64,
+    /// `list_hash` of that list's body (SPEC.md 25.3).
+    pub head_hash: [u8; 32],
+}
 
 /// Why pairing payload bytes were refused ([`PairingOffer::decode`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,7 +157,7 @@ pub struct PairingMessage {
     /// by the sender.
     pub list: DeviceList,
     /// The account's contacts (at most [`MAX_PAIRING_CONTACTS`]).
-    pub contacts: Vec<AccountId>,
+    pub contacts: Vec<PairingContact>,
 }
 
 impl core::fmt::Debug for PairingMessage {
@@ -161,7 +178,7 @@ impl PairingMessage {
         let list = self.list.encode();
         let contacts = &self.contacts[..self.contacts.len().min(MAX_PAIRING_CONTACTS)];
         let mut out = Zeroizing::new(Vec::with_capacity(
-            ACCOUNT_HEADER_LEN + 16 + 2 + list.len() + 2 + 32 * contacts.len(),
+            ACCOUNT_HEADER_LEN + 16 + 2 + list.len() + 2 + PAIRING_CONTACT_LEN * contacts.len(),
         ));
         out.extend_from_slice(&ACCOUNT_MESSAGE_MAGIC);
         out.push(PAIRING_KIND);
@@ -172,7 +189,10 @@ impl PairingMessage {
         out.extend_from_slice(&list);
         out.extend_from_slice(&(contacts.len() as u16).to_be_bytes());
         for c in contacts {
-            out.extend_from_slice(c.as_bytes());
+            out.extend_from_slice(c.account.as_bytes());
+            out.push(c.trust.code());
+            out.extend_from_slice(&c.version.to_be_bytes());
+            out.extend_from_slice(&c.head_hash);
         }
         out
     }
@@ -220,7 +240,17 @@ impl PairingMessage {
         }
         let mut contacts = Vec::with_capacity(count);
         for _ in 0..count {
-            contacts.push(AccountId(array(&mut r)?));
+            let account = AccountId(array(&mut r)?);
+            let [trust] = array::<1>(&mut r)?;
+            let trust = Trust::from_code(trust).ok_or(PairingRefusal::Malformed)?;
+            let version = u64::from_be_bytes(array(&mut r)?);
+            let head_hash = array(&mut r)?;
+            contacts.push(PairingContact {
+                account,
+                trust,
+                version,
+                head_hash,
+            });
         }
         if !r.is_empty() {
             return Err(bad);
@@ -275,6 +305,10 @@ pub enum PairingOutcome {
         version: u64,
         /// Contacts fetched and stored.
         contacts: usize,
+        /// Of those, the ones whose trust was taken from the pairing
+        /// device (validated or compromised there, and the head fetched
+        /// is the one it holds).
+        trusted: usize,
     },
     /// Refused; nothing changed.
     Refused(PairingRefusal),
@@ -354,14 +388,20 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
         check_timestamp(now)?;
         let offer = PairingOffer::decode(payload).map_err(ClientError::Payload)?;
         let list = self.add_device(&offer.device).await?;
-        let mut contacts: Vec<AccountId> = self
-            .store
-            .accounts()
-            .await?
-            .iter()
-            .map(|r| r.account)
-            .collect();
-        contacts.sort_unstable_by_key(|a| a.0);
+        let mut contacts: Vec<PairingContact> = Vec::new();
+        for r in self.store.accounts().await? {
+            // A stored head that does not decode is left out (the new
+            // device can still add the contact itself).
+            if let Ok(head) = DeviceList::decode(&r.head) {
+                contacts.push(PairingContact {
+                    account: r.account,
+                    trust: r.trust,
+                    version: head.version(),
+                    head_hash: *head.body_hash(),
+                });
+            }
+        }
+        contacts.sort_unstable_by_key(|c| c.account.0);
         contacts.truncate(MAX_PAIRING_CONTACTS);
         let mut id = [0u8; 16];
         rng.fill_bytes(&mut id);
@@ -488,24 +528,60 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
             .set_own_account(&record_of(&verified, Trust::Validated, None, now))
             .await?;
         self.store.set_pairing(None).await?;
-        let mut fetched = 0;
+        let (mut fetched, mut trusted) = (0, 0);
         for contact in &message.contacts {
-            if *contact == account {
+            if contact.account == account {
                 continue;
             }
             // A contact the directory does not serve (or that does not
             // verify) is skipped: the application can refresh it later.
-            match self.refresh_account(contact, now).await {
+            match self.refresh_account(&contact.account, now).await {
                 Ok(_) => fetched += 1,
                 Err(ClientError::Store(e)) => return Err(PairingStep::Failed(e.into())),
-                Err(_) => {}
+                Err(_) => continue,
+            }
+            if self.take_contact_trust(contact, now).await? {
+                trusted += 1;
             }
         }
         Ok(PairingOutcome::Joined {
             account,
             version: verified.version(),
             contacts: fetched,
+            trusted,
         })
+    }
+}
+
+impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M> {
+    /// Takes the pairing device's trust in a contact just fetched (SPEC.md
+    /// 25.9): compromised there makes it compromised here; validated there
+    /// makes it validated here only if this device holds the very list the
+    /// pairing device validated (same version, same hash) and trusts it no
+    /// less than unvalidated (a conflict found here stays compromised).
+    /// Whether the trust was taken.
+    async fn take_contact_trust(
+        &mut self,
+        contact: &PairingContact,
+        now: u64,
+    ) -> Result<bool, PairingStep> {
+        let Some(mut record) = self.store.account(&contact.account).await? else {
+            return Ok(false);
+        };
+        let take = match (contact.trust, record.trust) {
+            (_, Trust::Compromised) | (Trust::Unvalidated, _) => false,
+            (Trust::Compromised, _) => true,
+            (Trust::Validated, _) => DeviceList::decode(&record.head).is_ok_and(|head| {
+                head.version() == contact.version
+                    && head.body_hash().ct_eq(&contact.head_hash).into()
+            }),
+        };
+        if take && record.trust != contact.trust {
+            record.trust = contact.trust;
+            record.updated_at = now;
+            self.store.set_account(&record).await?;
+        }
+        Ok(take)
     }
 }
 
