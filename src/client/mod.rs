@@ -55,9 +55,8 @@ use crate::protocol::wire::Incoming;
 use crate::storage::record::DEFAULT_ARCHIVED_SESSIONS;
 use crate::storage::{
     accepted_digest, labelled_digest16, ContactRecord, DeliveryState, DepositDone, Failure,
-    InboxMessage,
-    LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, SentMessage,
-    SessionEntry, SessionRecord, Store, StoreError, Trust,
+    InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit,
+    SentMessage, SessionEntry, SessionRecord, Store, StoreError, Trust,
 };
 use crate::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxOp,

@@ -22,9 +22,9 @@ use zeroize::Zeroizing;
 #[allow(unused_imports)] // the docs' links
 use super::Store;
 use super::{
-    AccountRecord, BlockingStore, ContactRecord, DeliveryState, DepositDone, InboxMessage, LocalIdentity,
-    MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit,
-    SendCopy, SentMessage, SessionRecord, StoreError, Trust, LOCAL_IDENTITY_LEN,
+    AccountRecord, BlockingStore, ContactRecord, DeliveryState, DepositDone, InboxMessage,
+    LocalIdentity, MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined,
+    ReceiveCommit, SendCopy, SentMessage, SessionRecord, StoreError, Trust, LOCAL_IDENTITY_LEN,
 };
 use crate::protocol::devices::AccountId;
 use crate::protocol::keys::IdentityKey;
