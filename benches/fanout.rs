@@ -300,7 +300,11 @@ impl<S: BlockingStore + Send + Sync> World<S> {
             "7 sends, 7 outbox commits"
         );
         assert_eq!(
-            (sends.commit_deposits, sends.remove_outbox, sends.update_sent),
+            (
+                sends.commit_deposits,
+                sends.remove_outbox,
+                sends.update_sent
+            ),
             (0, COPIES, COPIES),
             "7 sends record their deposits per copy"
         );

@@ -780,7 +780,12 @@ fn a_failed_deposit_record_loses_and_duplicates_nothing() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("alice1.db");
     let _ = std::fs::remove_file(&path);
-    let mut a1 = open(SqliteStore::open(&path, &[7u8; 32]).unwrap(), &net, 1, &mut rng);
+    let mut a1 = open(
+        SqliteStore::open(&path, &[7u8; 32]).unwrap(),
+        &net,
+        1,
+        &mut rng,
+    );
     let alice = block_on(a1.create_account(net.now())).unwrap();
     let mut a2 = open(MemoryStore::new(), &net, 2, &mut rng);
     let list = block_on(a1.add_device(&a2.address())).unwrap();
@@ -817,7 +822,11 @@ fn a_failed_deposit_record_loses_and_duplicates_nothing() {
             }
             Ok(out) => out,
         };
-        assert_eq!(out.copies.len(), 3, "Carol's two devices and Alice's laptop");
+        assert_eq!(
+            out.copies.len(),
+            3,
+            "Carol's two devices and Alice's laptop"
+        );
         sent.push(out.message);
         if out.deposited == 0 {
             // Deposited, but the record failed (as a whole: none is
@@ -855,7 +864,10 @@ fn a_failed_deposit_record_loses_and_duplicates_nothing() {
         }
     }
     assert!(done, "the send never succeeded");
-    assert!(record_failed >= 2, "faults fell in the record: {record_failed}");
+    assert!(
+        record_failed >= 2,
+        "faults fell in the record: {record_failed}"
+    );
     let (c0, c1) = c.split_at_mut(1);
     settle(&net, &mut [&mut c0[0], &mut c1[0], &mut a2], &mut rng);
     for (who, d) in [("carol 1", &c0[0]), ("carol 2", &c1[0]), ("alice 2", &a2)] {
@@ -867,4 +879,3 @@ fn a_failed_deposit_record_loses_and_duplicates_nothing() {
     }
     let _ = (alice, std::fs::remove_dir_all(&dir));
 }
-

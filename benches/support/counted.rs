@@ -13,9 +13,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use cubbyhole::storage::{
-    AccountRecord, BlockingStore, ContactRecord, DepositDone, InboxMessage, LocalIdentity, MessageId,
-    OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy, SentMessage,
-    SessionRecord, StoreError,
+    AccountRecord, BlockingStore, ContactRecord, DepositDone, InboxMessage, LocalIdentity,
+    MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy,
+    SentMessage, SessionRecord, StoreError,
 };
 use cubbyhole::transport::{DeviceAddress, EnvelopeId};
 use cubbyhole::AccountId;
