@@ -40,8 +40,11 @@
 //! before the timing each world sends once each way and asserts that the
 //! fan-out made exactly 7 copies to the 7 expected devices (5 of the
 //! recipient's, the sender's 2 others), 7 deposits, exactly one outbox
-//! commit (one `commit_send_many` of 7 copies, no `commit_send`), and that
-//! the 7 sends made 7 `commit_send`; each timed fan-out asserts its 7
+//! commit (one `commit_send_many` of 7 copies, no `commit_send`), exactly
+//! one record of the deposits (one `commit_deposits` of 7, no per-copy
+//! `remove_outbox` or `update_sent`; with established sessions, 2 write
+//! transactions in all), and that the 7 sends made 7 `commit_send` (and
+//! their 7 + 7 per-copy writes); each timed fan-out asserts its 7
 //! copies again; with established sessions, that the fan-out's envelopes
 //! are the sends' plus the 57-byte account header each. `FANOUT_VERBOSE=1`
 //! prints the sizes and the store writes of each.
@@ -272,6 +275,20 @@ impl<S: BlockingStore + Send + Sync> World<S> {
             (1, COPIES, 0),
             "the fan-out commits its 7 copies to the outbox at once"
         );
+        assert_eq!(
+            (
+                fan_out.commit_deposits,
+                fan_out.deposits,
+                fan_out.remove_outbox,
+                fan_out.update_sent
+            ),
+            (1, COPIES, 0, 0),
+            "the fan-out records its 7 deposits at once, nothing per copy"
+        );
+        if established {
+            // Peers are known: nothing but the two commits.
+            assert_eq!(fan_out.writes, 2, "2 write transactions: {fan_out:?}");
+        }
         self.refill();
         self.sends();
         let sends = self.sender.store().take();
@@ -281,6 +298,15 @@ impl<S: BlockingStore + Send + Sync> World<S> {
             (sends.commit_send_many, sends.commit_send),
             (0, COPIES),
             "7 sends, 7 outbox commits"
+        );
+        assert_eq!(
+            (
+                sends.commit_deposits,
+                sends.remove_outbox,
+                sends.update_sent
+            ),
+            (0, COPIES, COPIES),
+            "7 sends record their deposits per copy"
         );
         if established {
             assert_eq!(

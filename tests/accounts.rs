@@ -17,6 +17,9 @@
 //! - the fan-out's commit is all or nothing: with a fault injected at
 //!   every write of the SQLite store in turn, the outbox holds every copy or
 //!   none.
+//! - the record of the fan-out's deposits is all or nothing too: a fault
+//!   in it leaves every copy queued and stored, `flush_outbox` records them
+//!   later, and every device shows each message exactly once.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -935,4 +938,123 @@ fn the_fan_out_commit_stores_every_copy_or_none() {
     }
     assert!(done, "the send never succeeded");
     let _ = (alice, a2, c, std::fs::remove_dir_all(&dir));
+}
+
+/// The fan-out's deposit record (one `Store::commit_deposits`
+/// transaction after the copies are deposited), with a fault at every
+/// write in turn and the relay up: a send whose record fails has deposited
+/// its copies yet keeps every one queued and stored (all or none: never
+/// some recorded and some not); `flush_outbox` deposits them again (same
+/// envelope ids) and records them all; in the end every device shows each
+/// message exactly once, although one recipient device fetched and
+/// acknowledged the copies before they were deposited again.
+#[cfg(feature = "sqlite")]
+#[test]
+fn a_failed_deposit_record_loses_and_duplicates_nothing() {
+    use cubbyhole::storage::DeliveryState;
+
+    let mut rng = ChaCha20Rng::seed_from_u64(23);
+    let net = Net::new(23);
+    let dir = std::env::temp_dir().join(format!("cubbyhole-deposits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("alice1.db");
+    let _ = std::fs::remove_file(&path);
+    let mut a1 = open(
+        SqliteStore::open(&path, &[7u8; 32]).unwrap(),
+        &net,
+        1,
+        &mut rng,
+    );
+    let alice = block_on(a1.create_account(net.now())).unwrap();
+    let mut a2 = open(MemoryStore::new(), &net, 2, &mut rng);
+    let list = block_on(a1.add_device(&a2.address())).unwrap();
+    block_on(a2.join_account(&list, net.now())).unwrap();
+    block_on(a1.refresh_own_account(net.now())).unwrap();
+    let (carol, mut c) = person(&net, 2, &mut rng);
+    block_on(a1.refresh_account(&carol, net.now())).unwrap();
+    block_on(a2.refresh_account(&carol, net.now())).unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    // The states of a send's copies, by copy id.
+    let states = |a1: &Client<SqliteStore, Net, Net>, ids: &[(DeviceAddress, MessageId)]| {
+        let sent = block_on(a1.store().sent_messages()).unwrap();
+        ids.iter()
+            .map(|(_, id)| sent.iter().find(|m| m.id == *id).map(|m| m.state))
+            .collect::<Vec<_>>()
+    };
+    let mut sent = Vec::new();
+    let mut record_failed = 0;
+    let mut done = false;
+    for n in 0..300 {
+        let kept = block_on(a1.store().sent_messages()).unwrap().len();
+        inject(&conn, Some(n));
+        let body = format!("message {n}");
+        let result = block_on(a1.send_to_account(&mut rng, &carol, body.as_bytes(), net.now()));
+        inject(&conn, None);
+        let outbox = block_on(a1.store().outbox()).unwrap();
+        let out = match result {
+            // The fan-out's commit failed: nothing queued, nothing kept.
+            Err(_) => {
+                assert!(outbox.is_empty(), "write {n}: {} queued", outbox.len());
+                let now = block_on(a1.store().sent_messages()).unwrap().len();
+                assert_eq!(now, kept, "write {n}: a failed send kept copies");
+                continue;
+            }
+            Ok(out) => out,
+        };
+        assert_eq!(
+            out.copies.len(),
+            3,
+            "Carol's two devices and Alice's laptop"
+        );
+        sent.push(out.message);
+        if out.deposited == 0 {
+            // Deposited, but the record failed (as a whole: none is
+            // counted).
+            record_failed += 1;
+            assert_eq!(
+                outbox.len(),
+                3,
+                "write {n}: the record failed, yet not every copy is still queued"
+            );
+            assert_eq!(
+                states(&a1, &out.copies),
+                vec![Some(DeliveryState::Stored); 3],
+                "write {n}: the record failed, yet some copy left Stored"
+            );
+            // One recipient device takes the copy (and acknowledges it)
+            // before it is deposited again.
+            block_on(c[0].receive(&mut rng, net.now())).unwrap();
+            assert_eq!(block_on(a1.flush_outbox()).unwrap(), 3, "write {n}");
+        } else {
+            assert_eq!(out.deposited, 3, "write {n}");
+            done = true;
+        }
+        assert!(
+            block_on(a1.store().outbox()).unwrap().is_empty(),
+            "write {n}: every copy recorded as deposited"
+        );
+        assert_eq!(
+            states(&a1, &out.copies),
+            vec![Some(DeliveryState::Deposited); 3],
+            "write {n}"
+        );
+        if done {
+            break;
+        }
+    }
+    assert!(done, "the send never succeeded");
+    assert!(
+        record_failed >= 2,
+        "faults fell in the record: {record_failed}"
+    );
+    let (c0, c1) = c.split_at_mut(1);
+    settle(&net, &mut [&mut c0[0], &mut c1[0], &mut a2], &mut rng);
+    for (who, d) in [("carol 1", &c0[0]), ("carol 2", &c1[0]), ("alice 2", &a2)] {
+        let mut shown = ids_shown(d, net.now());
+        shown.sort();
+        let mut want = sent.clone();
+        want.sort();
+        assert_eq!(shown, want, "{who} shows each message exactly once");
+    }
+    let _ = (alice, std::fs::remove_dir_all(&dir));
 }

@@ -5,15 +5,17 @@
 //! `writes` (one transaction, one fsync with `SqliteStore`'s
 //! `synchronous = FULL`). The outbox commits are counted apart:
 //! `commit_send` calls, `commit_send_many` calls and the copies those
-//! carried. The cost is a few relaxed atomic additions per write.
+//! carried; so is the deposits' bookkeeping: `remove_outbox` and
+//! `update_sent` calls, `commit_deposits` calls and the deposits those
+//! recorded. The cost is a few relaxed atomic additions per write.
 #![allow(dead_code)]
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use cubbyhole::storage::{
-    AccountRecord, BlockingStore, ContactRecord, InboxMessage, LocalIdentity, MessageId,
-    OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy, SentMessage,
-    SessionRecord, StoreError,
+    AccountRecord, BlockingStore, ContactRecord, DepositDone, InboxMessage, LocalIdentity,
+    MessageId, OutboxEntry, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy,
+    SentMessage, SessionRecord, StoreError,
 };
 use cubbyhole::transport::{DeviceAddress, EnvelopeId};
 use cubbyhole::AccountId;
@@ -31,6 +33,14 @@ pub struct Counts {
     pub copies: usize,
     /// `commit_receive` calls.
     pub commit_receive: usize,
+    /// `remove_outbox` calls.
+    pub remove_outbox: usize,
+    /// `update_sent` calls.
+    pub update_sent: usize,
+    /// `commit_deposits` calls.
+    pub commit_deposits: usize,
+    /// Deposits recorded by the `commit_deposits` calls.
+    pub deposits: usize,
 }
 
 /// `S`, counting its writes.
@@ -41,6 +51,10 @@ pub struct Counted<S> {
     commit_send_many: AtomicUsize,
     copies: AtomicUsize,
     commit_receive: AtomicUsize,
+    remove_outbox: AtomicUsize,
+    update_sent: AtomicUsize,
+    commit_deposits: AtomicUsize,
+    deposits: AtomicUsize,
 }
 
 impl<S> Counted<S> {
@@ -53,6 +67,10 @@ impl<S> Counted<S> {
             commit_send_many: AtomicUsize::new(0),
             copies: AtomicUsize::new(0),
             commit_receive: AtomicUsize::new(0),
+            remove_outbox: AtomicUsize::new(0),
+            update_sent: AtomicUsize::new(0),
+            commit_deposits: AtomicUsize::new(0),
+            deposits: AtomicUsize::new(0),
         }
     }
 
@@ -64,6 +82,10 @@ impl<S> Counted<S> {
             commit_send_many: self.commit_send_many.swap(0, Relaxed),
             copies: self.copies.swap(0, Relaxed),
             commit_receive: self.commit_receive.swap(0, Relaxed),
+            remove_outbox: self.remove_outbox.swap(0, Relaxed),
+            update_sent: self.update_sent.swap(0, Relaxed),
+            commit_deposits: self.commit_deposits.swap(0, Relaxed),
+            deposits: self.deposits.swap(0, Relaxed),
         }
     }
 
@@ -157,6 +179,7 @@ impl<S: BlockingStore> BlockingStore for Counted<S> {
     }
     fn remove_outbox(&mut self, id: &EnvelopeId) -> Result<(), StoreError> {
         self.write();
+        self.remove_outbox.fetch_add(1, Relaxed);
         self.inner.remove_outbox(id)
     }
     fn is_processed(&self, id: &EnvelopeId) -> Result<bool, StoreError> {
@@ -188,6 +211,7 @@ impl<S: BlockingStore> BlockingStore for Counted<S> {
     }
     fn update_sent(&mut self, message: &SentMessage) -> Result<(), StoreError> {
         self.write();
+        self.update_sent.fetch_add(1, Relaxed);
         self.inner.update_sent(message)
     }
     fn prune_sent(&mut self, before: u64) -> Result<(), StoreError> {
@@ -218,6 +242,12 @@ impl<S: BlockingStore> BlockingStore for Counted<S> {
         self.commit_send_many.fetch_add(1, Relaxed);
         self.copies.fetch_add(copies.len(), Relaxed);
         self.inner.commit_send_many(copies)
+    }
+    fn commit_deposits(&mut self, done: &[DepositDone]) -> Result<(), StoreError> {
+        self.write();
+        self.commit_deposits.fetch_add(1, Relaxed);
+        self.deposits.fetch_add(done.len(), Relaxed);
+        self.inner.commit_deposits(done)
     }
     fn own_account(&self) -> Result<Option<AccountRecord>, StoreError> {
         self.inner.own_account()

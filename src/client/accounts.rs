@@ -658,17 +658,25 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
             copies.push((record, entry, Some(message)));
         }
         self.store.commit_send_many(&copies).await?;
-        let mut deposited = 0;
+        // Committed: every copy is handed over. Deposit them all, then
+        // record the outcomes in one store transaction
+        // (`Store::commit_deposits`). A copy the relay refused for good is
+        // failed; one not deposited now stays queued for `flush_outbox`;
+        // if the record fails, every copy stays queued (the deposited ones
+        // are deposited again under the same ids) and none is counted.
         let mut ids = Vec::with_capacity(copies.len());
+        let mut queued = Vec::with_capacity(copies.len());
         for (_, entry, message) in copies {
             ids.push((entry.to, entry.message.unwrap_or(logical)));
-            let Some(mut message) = message else { continue };
-            match self.deposit_message(&entry, &mut message).await {
-                Ok(true) => deposited += 1,
-                Ok(false) | Err(ClientError::Store(_)) | Err(ClientError::Transport(_)) => {}
-                Err(e) => return Err(e),
+            if let Some(message) = message {
+                queued.push((entry, message));
             }
         }
+        let deposited = match self.deposit_all(queued).await {
+            Ok(deposited) => deposited,
+            Err(ClientError::Store(_)) => 0,
+            Err(e) => return Err(e),
+        };
         Ok(AccountSent {
             message: logical,
             copies: ids,

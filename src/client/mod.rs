@@ -54,9 +54,9 @@ use crate::protocol::time::check_timestamp;
 use crate::protocol::wire::Incoming;
 use crate::storage::record::DEFAULT_ARCHIVED_SESSIONS;
 use crate::storage::{
-    accepted_digest, labelled_digest16, ContactRecord, DeliveryState, Failure, InboxMessage,
-    LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit, SentMessage,
-    SessionEntry, SessionRecord, Store, StoreError, Trust,
+    accepted_digest, labelled_digest16, ContactRecord, DeliveryState, DepositDone, Failure,
+    InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit,
+    SentMessage, SessionEntry, SessionRecord, Store, StoreError, Trust,
 };
 use crate::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxOp,
@@ -439,6 +439,31 @@ impl Answers {
         }
         self.urgent.extend(batch.urgent);
         self.unaccepted.extend(batch.unaccepted);
+    }
+}
+
+/// What a deposit attempt came to, before the store records it.
+enum Deposit {
+    /// The relay has the envelope: it leaves the outbox.
+    Done,
+    /// Never deliverable (too large, malformed): it leaves the outbox and
+    /// the error says why.
+    Dropped(TransportError),
+    /// Refused for now, or the relay unreachable: it stays queued.
+    Later,
+}
+
+/// How many deposits [`Client::flush_outbox`] records per store
+/// transaction: one transaction for a usual outbox, and a bound on what a
+/// crash makes it deposit again.
+const FLUSH_BATCH: usize = 256;
+
+/// The state a message moves to once an envelope of it is deposited.
+fn deposited_state(message: &SentMessage) -> DeliveryState {
+    if message.sends > 1 {
+        DeliveryState::Resent
+    } else {
+        DeliveryState::Deposited
     }
 }
 
@@ -1044,11 +1069,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ) -> Result<bool, ClientError> {
         match self.deposit(entry).await {
             Ok(true) => {
-                message.state = if message.sends > 1 {
-                    DeliveryState::Resent
-                } else {
-                    DeliveryState::Deposited
-                };
+                message.state = deposited_state(message);
                 self.store.update_sent(message).await?;
                 Ok(true)
             }
@@ -1161,62 +1182,133 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
 
     /// Deposits with retries; removes the entry from the outbox on success.
     async fn deposit(&mut self, entry: &OutboxEntry) -> Result<bool, ClientError> {
+        match self.try_deposit(entry).await {
+            Deposit::Done => {
+                self.store.remove_outbox(&entry.envelope.id).await?;
+                Ok(true)
+            }
+            Deposit::Dropped(e) => {
+                self.store.remove_outbox(&entry.envelope.id).await?;
+                Err(e.into())
+            }
+            Deposit::Later => Ok(false),
+        }
+    }
+
+    /// Deposits with retries, writing nothing: the caller records the
+    /// outcome ([`Client::deposit`], [`Store::commit_deposits`]).
+    async fn try_deposit(&self, entry: &OutboxEntry) -> Deposit {
         let mailbox = entry.to.mailbox();
         for _ in 0..self.config.deposit_attempts.max(1) {
             match self.mailbox.deposit(&mailbox, &entry.envelope).await {
-                Ok(()) => {
-                    self.store.remove_outbox(&entry.envelope.id).await?;
-                    return Ok(true);
-                }
+                Ok(()) => return Deposit::Done,
                 Err(TransportError::Unavailable(_) | TransportError::Io { .. }) => continue,
                 // Never deliverable: drop it from the outbox (the receiver's
                 // counters will show it as missing) and say so.
                 Err(e @ TransportError::LimitExceeded(crate::relay::reason::ENVELOPE_SIZE))
-                | Err(e @ TransportError::BadRequest(_)) => {
-                    self.store.remove_outbox(&entry.envelope.id).await?;
-                    return Err(e.into());
-                }
+                | Err(e @ TransportError::BadRequest(_)) => return Deposit::Dropped(e),
                 // Refused for now (mailbox full, rate limited): keep it
                 // queued for a later flush and tell the caller.
-                Err(_) => return Ok(false),
+                Err(_) => return Deposit::Later,
             }
         }
-        Ok(false)
+        Deposit::Later
+    }
+
+    /// Deposits each committed entry with its sent message, then records
+    /// every outcome in one store transaction ([`Store::commit_deposits`],
+    /// SPEC.md 25.13): a deposited entry leaves the outbox and its message
+    /// becomes deposited; one the relay refuses for good leaves it and its
+    /// message fails ([`Failure::Refused`]); one not deposited now stays
+    /// queued, its message stored. Returns how many were deposited.
+    ///
+    /// # Errors
+    /// [`ClientError::Store`] if the outcomes could not be recorded: every
+    /// entry is then still queued and its message stored, so
+    /// [`Client::flush_outbox`] deposits the deposited ones again (same
+    /// envelope ids: the relay takes them idempotently).
+    pub(crate) async fn deposit_all(
+        &mut self,
+        items: Vec<(OutboxEntry, SentMessage)>,
+    ) -> Result<usize, ClientError> {
+        let mut deposited = 0;
+        let mut done = Vec::with_capacity(items.len());
+        for (entry, mut message) in items {
+            match self.try_deposit(&entry).await {
+                Deposit::Done => {
+                    deposited += 1;
+                    message.state = deposited_state(&message);
+                }
+                Deposit::Dropped(_) => {
+                    message.state = DeliveryState::Failed(Failure::Refused);
+                    message.body.clear();
+                }
+                Deposit::Later => continue,
+            }
+            done.push(DepositDone {
+                envelope: entry.envelope.id,
+                sent: Some(message),
+            });
+        }
+        self.store.commit_deposits(&done).await?;
+        Ok(deposited)
     }
 
     /// Deposits every envelope left in the outbox (after a crash or a failed
-    /// deposit), with the same ids. Returns how many were deposited.
+    /// deposit), with the same ids, and records the outcomes (the entries
+    /// that left the outbox, their messages' new states) in one store
+    /// transaction per 256 entries ([`Store::commit_deposits`]).
+    /// Returns how many were deposited.
     ///
     /// # Errors
     /// [`ClientError::Store`].
     ///
     /// # Cancel safety
     /// Safe; deposits are idempotent by envelope id, and an
-    /// envelope leaves the outbox only after its deposit succeeded.
+    /// envelope leaves the outbox only after its deposit succeeded (dropped
+    /// before its batch is recorded, it is deposited again by the next
+    /// flush).
     pub async fn flush_outbox(&mut self) -> Result<usize, ClientError> {
-        let mut done = 0;
+        let mut deposited = 0;
+        let mut done = Vec::new();
         for entry in self.store.outbox().await? {
-            match self.deposit(&entry).await {
-                Ok(true) => {
-                    done += 1;
+            let sent = match self.try_deposit(&entry).await {
+                Deposit::Done => {
+                    deposited += 1;
                     let sent = match entry.message {
-                        Some(id) => self.store.sent_message(&id).await?,
+                        Some(id) => match self.store.sent_message(&id).await {
+                            Ok(sent) => sent,
+                            Err(e) => {
+                                // Record what was done before failing.
+                                self.store.commit_deposits(&done).await?;
+                                return Err(e.into());
+                            }
+                        },
                         None => None,
                     };
-                    if let Some(mut m) = sent.filter(|m| m.state == DeliveryState::Stored) {
-                        m.state = if m.sends > 1 {
-                            DeliveryState::Resent
-                        } else {
-                            DeliveryState::Deposited
-                        };
-                        self.store.update_sent(&m).await?;
-                    }
+                    // Several entries of one message (a re-send queued
+                    // beside the first send) read the same stored state and
+                    // record the same new one.
+                    sent.filter(|m| m.state == DeliveryState::Stored)
+                        .map(|mut m| {
+                            m.state = deposited_state(&m);
+                            m
+                        })
                 }
-                Ok(false) | Err(ClientError::Transport(_)) => {}
-                Err(e) => return Err(e),
+                Deposit::Dropped(_) => None,
+                Deposit::Later => continue,
+            };
+            done.push(DepositDone {
+                envelope: entry.envelope.id,
+                sent,
+            });
+            if done.len() >= FLUSH_BATCH {
+                self.store.commit_deposits(&done).await?;
+                done.clear();
             }
         }
-        Ok(done)
+        self.store.commit_deposits(&done).await?;
+        Ok(deposited)
     }
 
     async fn auth(&self, op: MailboxOp) -> Result<MailboxAuth, ClientError> {

@@ -56,6 +56,8 @@
 //! | `peers` | peer records: replace by address, [`Store::peers`], [`Store::peers_with_identity`] |
 //! | `contacts` | contact records: round trip, replace by name, [`Store::contacts`] |
 //! | `commit_send` | the session record, the outbox entry and the sent message are all stored |
+//! | `commit_send_many` | every copy of a fan-out: session records, outbox entries (in order), sent messages |
+//! | `commit_deposits` | removes exactly the outbox entries named, stores exactly the sent messages given; an empty batch changes nothing |
 //! | `pairing` | [`Store::set_pairing`] / [`Store::pairing`] round trip every field; a second offer replaces it; `None` drops it |
 //! | `outbox` | oldest first; [`Store::remove_outbox`] removes one entry |
 //! | `processed` | marks are set by [`Store::commit_receive`]; [`Store::processed_among`] agrees with [`Store::is_processed`]; [`Store::prune_processed`] drops those older than `before` only |
@@ -115,9 +117,9 @@ use rand_core::{CryptoRng, RngCore};
 use zeroize::Zeroizing;
 
 use super::{
-    AccountRecord, ContactRecord, DeliveryState, Failure, InboxMessage, LocalIdentity, MessageId,
-    OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SentMessage,
-    SessionEntry, SessionRecord, Store, StoreError, Trust,
+    AccountRecord, ContactRecord, DeliveryState, DepositDone, Failure, InboxMessage, LocalIdentity,
+    MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit,
+    SentMessage, SessionEntry, SessionRecord, Store, StoreError, Trust,
 };
 use crate::protocol::bundle::{FreshnessPolicy, VerifiedBundle};
 use crate::protocol::devices::AccountId;
@@ -291,6 +293,13 @@ checks! {
     /// each recipient's session record, each outbox entry (in the order
     /// given, after those already queued) and each sent message.
     check_commit_send_many => "commit_send_many", commit_send_many;
+    /// `commit_deposits`: after a [`Store::commit_send_many`] of several
+    /// copies, [`Store::commit_deposits`] removes exactly the outbox entries
+    /// it names (the others stay, in their order; one no longer queued is
+    /// no error) and stores exactly the sent messages it carries (in place,
+    /// a later item of the batch winning; an item without one changes no
+    /// message); an empty batch changes nothing.
+    check_commit_deposits => "commit_deposits", commit_deposits;
     /// `accounts`: [`Store::own_account`] returns what
     /// [`Store::set_own_account`] stored (every field), a second one
     /// replaces it (even of another account); [`Store::account`] and
@@ -1428,6 +1437,126 @@ async fn commit_send_many<S: Store>(store: &mut S) -> Outcome {
     let mut want = vec![s0, s1];
     want.sort_by_key(|m| m.id);
     same(&format!("{what}: sent_messages()"), &got, &want)
+}
+
+async fn commit_deposits<S: Store>(store: &mut S) -> Outcome {
+    let mut fx = Fixture::new()?;
+    store.set_identity(&fx.me).await.or_fail("set_identity")?;
+    let (a0, a1, a2) = (fx.address(0), fx.address(1), fx.address(2));
+    // Queued before the fan-out: a control frame (no sent message).
+    let e9 = entry(a2, eid(9), vec![9; 10], NOW - 1);
+    store
+        .commit_send(&fx.record(2)?, &e9, None)
+        .await
+        .or_fail("commit_send")?;
+    let (e0, e1, e2) = (
+        entry(a0, eid(0), vec![1; 40], NOW),
+        entry(a1, eid(1), vec![2; 30], NOW),
+        entry(a2, eid(2), vec![3; 20], NOW),
+    );
+    let (s0, s1, s2) = (
+        sent(0, a0, DeliveryState::Stored, NOW),
+        sent(1, a1, DeliveryState::Stored, NOW),
+        sent(2, a2, DeliveryState::Stored, NOW),
+    );
+    store
+        .commit_send_many(&[
+            (fx.record(0)?, e0.clone(), Some(s0.clone())),
+            (fx.record(1)?, e1.clone(), Some(s1.clone())),
+            (fx.record(2)?, e2.clone(), Some(s2.clone())),
+        ])
+        .await
+        .or_fail("commit_send_many")?;
+    let sorted = |mut v: Vec<SentMessage>| {
+        v.sort_by_key(|m| m.id);
+        v
+    };
+
+    store
+        .commit_deposits(&[])
+        .await
+        .or_fail("commit_deposits")?;
+    let what = "after an empty commit_deposits";
+    same(
+        &format!("{what}: outbox()"),
+        &store.outbox().await.or_fail("outbox")?,
+        &vec![e9.clone(), e0.clone(), e1.clone(), e2.clone()],
+    )?;
+    same(
+        &format!("{what}: sent_messages()"),
+        &sorted(store.sent_messages().await.or_fail("sent_messages")?),
+        &sorted(vec![s0.clone(), s1.clone(), s2.clone()]),
+    )?;
+
+    // Copy 1 deposited, copy 0 refused for good (failed, body dropped), the
+    // control frame deposited; copy 2 not deposited (stays, Stored).
+    let s1_deposited = SentMessage {
+        state: DeliveryState::Deposited,
+        ..s1.clone()
+    };
+    let s0_failed = sent(0, a0, DeliveryState::Failed(Failure::Refused), NOW);
+    store
+        .commit_deposits(&[
+            DepositDone {
+                envelope: e1.envelope.id,
+                sent: Some(s1_deposited.clone()),
+            },
+            DepositDone {
+                envelope: e9.envelope.id,
+                sent: None,
+            },
+            DepositDone {
+                envelope: e0.envelope.id,
+                sent: Some(s0_failed.clone()),
+            },
+        ])
+        .await
+        .or_fail("commit_deposits")?;
+    let what = "after commit_deposits of 3 of 4 queued entries";
+    same(
+        &format!("{what}: outbox()"),
+        &store.outbox().await.or_fail("outbox")?,
+        &vec![e2.clone()],
+    )?;
+    same(
+        &format!("{what}: sent_messages()"),
+        &sorted(store.sent_messages().await.or_fail("sent_messages")?),
+        &sorted(vec![s0_failed.clone(), s1_deposited, s2.clone()]),
+    )?;
+
+    // An envelope already gone (deposited again), with two states of one
+    // message: the later wins; nothing else changes.
+    let s1_resent = SentMessage {
+        state: DeliveryState::Resent,
+        sends: 2,
+        last_sent: NOW + 5,
+        ..s1.clone()
+    };
+    let s1_delivered = sent(1, a1, DeliveryState::Delivered, NOW);
+    store
+        .commit_deposits(&[
+            DepositDone {
+                envelope: e1.envelope.id,
+                sent: Some(s1_resent),
+            },
+            DepositDone {
+                envelope: e1.envelope.id,
+                sent: Some(s1_delivered.clone()),
+            },
+        ])
+        .await
+        .or_fail("commit_deposits")?;
+    let what = "after commit_deposits of an envelope no longer queued";
+    same(
+        &format!("{what}: outbox()"),
+        &store.outbox().await.or_fail("outbox")?,
+        &vec![e2],
+    )?;
+    same(
+        &format!("{what}: sent_messages()"),
+        &sorted(store.sent_messages().await.or_fail("sent_messages")?),
+        &sorted(vec![s0_failed, s1_delivered, s2]),
+    )
 }
 
 fn account_record(k: u8, trust: Trust, evidence: bool) -> AccountRecord {

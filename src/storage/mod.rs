@@ -660,6 +660,18 @@ impl PairingRecord {
 /// sent message kept for re-sending.
 pub type SendCopy = (SessionRecord, OutboxEntry, Option<SentMessage>);
 
+/// One deposit to record ([`Store::commit_deposits`]): the envelope the
+/// relay accepted (or refused for good), to remove from the outbox, and, if
+/// its sent message changed state (deposited, re-sent, failed), the message
+/// as updated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepositDone {
+    /// The envelope to remove from the outbox.
+    pub envelope: EnvelopeId,
+    /// The sent message to store (keyed by its id), if it changed.
+    pub sent: Option<SentMessage>,
+}
+
 fn accounts_unsupported() -> StoreError {
     StoreError::Backend("this store does not keep accounts".into())
 }
@@ -890,6 +902,30 @@ pub trait BlockingStore {
     fn commit_send_many(&mut self, copies: &[SendCopy]) -> Result<(), StoreError> {
         let _ = copies;
         Err(accounts_unsupported())
+    }
+    /// Records the outcome of several deposits (SPEC.md 25.13): for each
+    /// item, in order, removes its envelope from the outbox
+    /// ([`Self::remove_outbox`]) and, if given, stores its sent message
+    /// ([`Self::update_sent`]). An empty batch changes nothing.
+    ///
+    /// A store SHOULD apply the whole batch in one atomic transaction (the
+    /// client records a fan-out's deposits with one call: one transaction
+    /// instead of two per copy). The default does the per-item calls in
+    /// order, not atomically, which is safe: a crash or a failure in the
+    /// middle only leaves some of the work undone, and what is left is
+    /// repaired. An envelope left in the outbox is deposited again by the
+    /// next [`crate::client::Client::flush_outbox`] with the same id (the
+    /// relay takes it idempotently, the receiver's processed mark drops a
+    /// redelivery); a sent message left `Stored` is moved on by that
+    /// deposit, its receipt or its re-send.
+    fn commit_deposits(&mut self, done: &[DepositDone]) -> Result<(), StoreError> {
+        for d in done {
+            self.remove_outbox(&d.envelope)?;
+            if let Some(sent) = &d.sent {
+                self.update_sent(sent)?;
+            }
+        }
+        Ok(())
     }
     /// The device's own account (`None`: it has none yet). The default
     /// keeps none.
@@ -1201,6 +1237,23 @@ pub trait Store: MaybeSend + MaybeSync {
         let _ = copies;
         core::future::ready(Err(accounts_unsupported()))
     }
+    /// [`BlockingStore::commit_deposits`]; the default awaits
+    /// [`Store::remove_outbox`] and [`Store::update_sent`] per item, in
+    /// order (not atomic: see there why that is safe).
+    fn commit_deposits(
+        &mut self,
+        done: &[DepositDone],
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        async move {
+            for d in done {
+                self.remove_outbox(&d.envelope).await?;
+                if let Some(sent) = &d.sent {
+                    self.update_sent(sent).await?;
+                }
+            }
+            Ok(())
+        }
+    }
     /// [`BlockingStore::own_account`].
     fn own_account(
         &self,
@@ -1493,6 +1546,12 @@ impl<T: BlockingStore + MaybeSend + MaybeSync> Store for T {
         copies: &[SendCopy],
     ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
         core::future::ready(BlockingStore::commit_send_many(self, copies))
+    }
+    fn commit_deposits(
+        &mut self,
+        done: &[DepositDone],
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::commit_deposits(self, done))
     }
     fn own_account(
         &self,

@@ -22,9 +22,9 @@ use zeroize::Zeroizing;
 #[allow(unused_imports)] // the docs' links
 use super::Store;
 use super::{
-    AccountRecord, BlockingStore, ContactRecord, DeliveryState, InboxMessage, LocalIdentity,
-    MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit,
-    SendCopy, SentMessage, SessionRecord, StoreError, Trust, LOCAL_IDENTITY_LEN,
+    AccountRecord, BlockingStore, ContactRecord, DeliveryState, DepositDone, InboxMessage,
+    LocalIdentity, MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined,
+    ReceiveCommit, SendCopy, SentMessage, SessionRecord, StoreError, Trust, LOCAL_IDENTITY_LEN,
 };
 use crate::protocol::devices::AccountId;
 use crate::protocol::keys::IdentityKey;
@@ -764,6 +764,10 @@ impl BlockingStore for SqliteStore {
 
     fn commit_send_many(&mut self, copies: &[SendCopy]) -> Result<(), StoreError> {
         self.get_mut().commit_send_many(copies)
+    }
+
+    fn commit_deposits(&mut self, done: &[DepositDone]) -> Result<(), StoreError> {
+        self.get_mut().commit_deposits(done)
     }
 
     fn own_account(&self) -> Result<Option<AccountRecord>, StoreError> {
@@ -1758,6 +1762,36 @@ impl BlockingStore for Db {
             .map_err(backend)?;
         for ((_, entry, _), sealed) in copies.iter().zip(&sealed) {
             write_send(&tx, entry, sealed)?;
+        }
+        tx.commit().map_err(backend)
+    }
+
+    /// One IMMEDIATE transaction for the whole batch: every outbox removal
+    /// and every sent-message update, all or none (the bodies are sealed
+    /// before it opens). An empty batch opens none.
+    fn commit_deposits(&mut self, done: &[DepositDone]) -> Result<(), StoreError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let sealed = done
+            .iter()
+            .map(|d| d.sent.as_ref().map(|m| self.seal_sent(m)).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        {
+            let mut remove = tx
+                .prepare_cached("DELETE FROM outbox WHERE envelope_id = ?1")
+                .map_err(backend)?;
+            let mut upsert = tx.prepare_cached(SENT_UPSERT).map_err(backend)?;
+            for (d, body) in done.iter().zip(&sealed) {
+                remove.execute([&d.envelope.0[..]]).map_err(backend)?;
+                if let (Some(m), Some(body)) = (&d.sent, body) {
+                    upsert.execute(sent_params(m, body)).map_err(backend)?;
+                }
+            }
         }
         tx.commit().map_err(backend)
     }
