@@ -352,6 +352,7 @@ impl DeviceList {
     /// without decoding the keys again (the costly part of
     /// [`DeviceList::decode`]). `None` if the bytes do not have a list's
     /// layout. Never use it on bytes from outside.
+    #[cfg(feature = "std")]
     pub(crate) fn stored_entries(bytes: &[u8]) -> Option<Vec<([u8; 32], u32)>> {
         if *bytes.first()? != FORMAT {
             return None;
