@@ -2617,8 +2617,8 @@ pub fn device_list_chain(data: &[u8]) -> Reach {
     let versions: BTreeSet<u64> = offered.iter().map(|l| l.version()).collect();
     let mut reversed = offered.clone();
     reversed.reverse();
-    let again = (versions.len() == offered.len())
-        .then(|| DeviceListChain::accept(Some(&fx.v2), &reversed));
+    let again =
+        (versions.len() == offered.len()).then(|| DeviceListChain::accept(Some(&fx.v2), &reversed));
     match &result {
         Ok(accepted) => {
             assert!(offered.iter().all(|l| l.account_id() == &fx.account));
@@ -2658,7 +2658,11 @@ pub fn device_list_chain(data: &[u8]) -> Reach {
         }
         Err(e) => {
             if let Some(again) = again {
-                assert_eq!(kind_of(&again), e.profile_kind(), "order changed the outcome");
+                assert_eq!(
+                    kind_of(&again),
+                    e.profile_kind(),
+                    "order changed the outcome"
+                );
             }
             // A conflict: another list of a held version, or a list of
             // the next one signed by a device of the head that does not
