@@ -327,6 +327,61 @@ const INTENDED_DECODE_ERRORS: &[(&str, &str, &str)] = &[
         "seed-truncated",
         "State(\"session record\")",
     ),
+    ("decode_device_list", "seed-empty", "Malformed"),
+    ("decode_device_list", "seed-truncated", "Malformed"),
+    ("decode_device_list", "seed-trailing-byte", "Malformed"),
+    ("decode_device_list", "seed-zero-count", "Malformed"),
+    ("decode_device_list", "seed-keys-unsorted", "Malformed"),
+    ("decode_device_list", "seed-version-zero", "Malformed"),
+    (
+        "decode_device_list",
+        "seed-signature-index-out-of-range",
+        "Malformed",
+    ),
+    ("decode_account_header", "seed-short-by-one", "None"),
+    ("decode_account_header", "seed-bad-magic", "None"),
+    ("decode_account_header", "seed-kind-0", "None"),
+    ("decode_account_header", "seed-kind-3", "None"),
+    ("decode_account_header", "seed-empty", "None"),
+    ("decode_pairing_message", "seed-trailing-byte", "Malformed"),
+    (
+        "decode_pairing_message",
+        "seed-account-mismatch",
+        "Malformed",
+    ),
+    ("decode_pairing_message", "seed-bad-trust", "Malformed"),
+    (
+        "decode_pairing_message",
+        "seed-count-without-contacts",
+        "Malformed",
+    ),
+    (
+        "decode_pairing_message",
+        "seed-too-many-contacts",
+        "Malformed",
+    ),
+    (
+        "decode_pairing_message",
+        "seed-list-length-overrun",
+        "Malformed",
+    ),
+    (
+        "decode_pairing_message",
+        "seed-account-message",
+        "Malformed",
+    ),
+    // Found by cargo-fuzz: a contact count with too few bytes behind it made
+    // the decoder reserve room for every contact (src/client/pairing.rs).
+    (
+        "decode_pairing_message",
+        "crash-contact-count-allocation",
+        "Malformed",
+    ),
+    ("decode_pairing_offer", "seed-short", "Length(52)"),
+    ("decode_pairing_offer", "seed-long", "Length(54)"),
+    ("decode_pairing_offer", "seed-format-2", "Format(2)"),
+    ("decode_pairing_offer", "seed-bad-key", "IdentityKey"),
+    ("decode_pairing_offer", "seed-empty", "Length(0)"),
 ];
 
 /// Every corpus file reaches past its target's decoder, or is listed in
@@ -478,6 +533,31 @@ fn decode_acknowledge() {
 #[test]
 fn decode_fetch_query() {
     replay("decode_fetch_query");
+}
+
+#[test]
+fn decode_device_list() {
+    replay("decode_device_list");
+}
+
+#[test]
+fn device_list_chain() {
+    replay("device_list_chain");
+}
+
+#[test]
+fn decode_account_header() {
+    replay("decode_account_header");
+}
+
+#[test]
+fn decode_pairing_message() {
+    replay("decode_pairing_message");
+}
+
+#[test]
+fn decode_pairing_offer() {
+    replay("decode_pairing_offer");
 }
 
 /// The allocation bounds of the decoder targets are checked in this

@@ -24,15 +24,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use cubbyhole::bundle::{BUNDLE_LEN_WITHOUT_OPK, BUNDLE_LEN_WITH_OPK};
+use cubbyhole::client::accounts::{AccountHeader, ACCOUNT_HEADER_LEN};
 use cubbyhole::client::frame::{BadFrame, Frame};
+use cubbyhole::client::pairing::{
+    PairingContact, PairingMessage, PairingOffer, PairingRefusal, PayloadError,
+    MAX_PAIRING_CONTACTS, PAIRING_PAYLOAD_LEN,
+};
+use cubbyhole::devices::MAX_DEVICES;
 use cubbyhole::relay::{MailboxUsage, MemoryRelayStorage, Relay, RelayConfig, RelayStorage};
 use cubbyhole::storage::{
-    LocalIdentity, PrekeyState, SessionEntry, SessionRecord, LOCAL_IDENTITY_LEN,
+    LocalIdentity, MessageId, PrekeyState, SessionEntry, SessionRecord, Trust, LOCAL_IDENTITY_LEN,
 };
 use cubbyhole::transport::{
     self, encode_acknowledge, encode_envelope, encode_envelope_list, BundleSetUpload,
     DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxOp, SignedPrekeyRecord,
     TransportError, MAILBOX_AUTH_LEN,
+};
+use cubbyhole::{
+    AccountId, DeviceEntry, DeviceList, DeviceListChain, DeviceListError, UnsignedDeviceList,
+    VerifiedDeviceList,
 };
 use cubbyhole::{
     Error, FreshnessPolicy, Header, IdentityKey, IdentityKeyPair, Incoming, PrekeyBundle,
@@ -2057,11 +2067,757 @@ pub fn run_two_party(config: SessionConfig, with_opk: bool, ops: &[Op], restore_
 }
 
 // ---------------------------------------------------------------------------
+// Accounts (issue 15): decode_device_list, device_list_chain,
+// decode_account_header, decode_pairing_message, decode_pairing_offer
+// ---------------------------------------------------------------------------
+
+/// The device keys of the device-list fixtures: key `i` has seed
+/// `[0xD0 ^ i; 32]` and device number `i + 1` unless a script renumbers it.
+pub fn device_keys() -> &'static [IdentityKeyPair] {
+    static K: OnceLock<Vec<IdentityKeyPair>> = OnceLock::new();
+    K.get_or_init(|| {
+        (0..MAX_DEVICES as u8)
+            .map(|i| IdentityKeyPair::from_seed(&[0xD0 ^ i; 32]))
+            .collect()
+    })
+}
+
+/// A signed list with the crate's builder: `devices` are (key index,
+/// device number), `signers` key indices (listed ones).
+pub fn build_device_list(
+    account: AccountId,
+    version: u64,
+    previous: [u8; 32],
+    devices: &[(usize, u32)],
+    signers: &[usize],
+) -> DeviceList {
+    let keys = device_keys();
+    let entries: Vec<DeviceEntry> = devices
+        .iter()
+        .map(|(k, id)| DeviceEntry {
+            identity: *keys[*k].public(),
+            device_id: *id,
+        })
+        .collect();
+    let mut u = UnsignedDeviceList::new(account, version, previous, &entries).expect("structure");
+    for s in signers {
+        u.sign(&keys[*s]).expect("listed signer");
+    }
+    u.into_list().expect("signed")
+}
+
+/// Account A (founded by key 0) at version 2, and a relay that holds it.
+pub struct DeviceListFixture {
+    /// Account A: `AccountId::of_founder(key 0)`.
+    pub account: AccountId,
+    /// Version 1: key 0 alone, device 1 (its genesis).
+    pub v1: VerifiedDeviceList,
+    /// Version 2, the known head: keys 0 and 1 (devices 1 and 2), signed
+    /// by both; verified as the successor of v1.
+    pub v2: VerifiedDeviceList,
+    /// A relay storage holding v1 and v2 of account A, nothing else.
+    pub storage: MemoryRelayStorage,
+}
+
+/// The shared, deterministic device-list fixture.
+pub fn device_list_fixture() -> &'static DeviceListFixture {
+    static F: OnceLock<DeviceListFixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let keys = device_keys();
+        let account = AccountId::of_founder(keys[0].public());
+        let v1 = DeviceList::genesis(&keys[0], 1)
+            .verify_genesis()
+            .expect("genesis");
+        let v2 = build_device_list(account, 2, *v1.body_hash(), &[(0, 1), (1, 2)], &[0, 1])
+            .verify_successor(&v1)
+            .expect("v2");
+        let mut relay = Relay::new(MemoryRelayStorage::new(), RelayConfig::default());
+        relay.publish_device_list(&v1.encode()).expect("v1");
+        relay.publish_device_list(&v2.encode()).expect("v2");
+        DeviceListFixture {
+            account,
+            v1,
+            v2,
+            storage: relay.into_storage(),
+        }
+    })
+}
+
+/// The structure of a decoded list, checked against its bytes: the layout
+/// of SPEC.md 25.4 (header, entries in strictly increasing key order with
+/// distinct device numbers, signatures in strictly increasing index order),
+/// and the encoding is canonical.
+fn check_list_bytes(data: &[u8], list: &DeviceList) {
+    assert!(same(&list.encode(), data), "device list does not re-encode");
+    let n = list.devices().len();
+    let s = list.signatures().len();
+    assert!((1..=MAX_DEVICES).contains(&n) && (1..=n).contains(&s));
+    assert_eq!(data.len(), 74 + 36 * n + 1 + 65 * s, "device list length");
+    assert_eq!(data[0], 0x01);
+    assert_eq!(&data[1..33], list.account_id().as_bytes());
+    assert_eq!(data[33..41], list.version().to_be_bytes());
+    assert!(list.version() >= 1);
+    assert_eq!(&data[41..73], list.previous());
+    assert_eq!(usize::from(data[73]), n);
+    for (i, d) in list.devices().iter().enumerate() {
+        let at = 74 + 36 * i;
+        assert_eq!(&data[at..at + 32], d.identity.as_bytes());
+        assert_eq!(data[at + 32..at + 36], d.device_id.to_be_bytes());
+        for e in &list.devices()[i + 1..] {
+            assert!(d.identity.as_bytes() < e.identity.as_bytes(), "key order");
+            assert_ne!(d.device_id, e.device_id, "a device number twice");
+        }
+    }
+    assert!(same(list.body(), &data[..74 + 36 * n]));
+    assert_eq!(
+        list.body_hash(),
+        &cubbyhole::devices::list_hash(list.body())
+    );
+    assert_eq!(usize::from(data[74 + 36 * n]), s);
+    for (j, (index, signature)) in list.signatures().iter().enumerate() {
+        let at = 74 + 36 * n + 1 + 65 * j;
+        assert_eq!(data[at], *index);
+        assert_eq!(&data[at + 1..at + 65], &signature[..]);
+        assert!(usize::from(*index) < n);
+        if j > 0 {
+            assert!(list.signatures()[j - 1].0 < *index, "signature order");
+        }
+    }
+    assert_eq!(list.signers().count(), s);
+    assert_eq!(DeviceList::decode(data).as_ref(), Ok(list));
+}
+
+/// Whether any signer of `list` is a device of `of`.
+fn signed_by_one_of(list: &DeviceList, of: &DeviceList) -> bool {
+    list.signers().any(|s| of.device(&s.identity).is_some())
+}
+
+/// The error kind (SPEC.md 25.6) SPEC.md 25.5 prescribes for
+/// `list.verify_successor(prev)`, given whether the list's signatures
+/// verify; "ok" if it is a valid successor. A model: written from the
+/// spec's order of checks, not from the implementation.
+fn successor_model(list: &DeviceList, prev: &DeviceList, signatures_ok: bool) -> &'static str {
+    if list.account_id() != prev.account_id() {
+        return "wrong_account";
+    }
+    match list.version().cmp(&(prev.version() + 1)) {
+        std::cmp::Ordering::Less => return "stale",
+        std::cmp::Ordering::Greater => return "gap",
+        std::cmp::Ordering::Equal => {}
+    }
+    if !signatures_ok {
+        return "bad_signature";
+    }
+    if list.previous() != prev.body_hash() {
+        return if signed_by_one_of(list, prev) {
+            "conflict"
+        } else {
+            "unauthorized"
+        };
+    }
+    for d in list.devices() {
+        match prev.device(&d.identity) {
+            Some(kept) if kept.device_id != d.device_id => return "device_id_changed",
+            Some(_) => {}
+            None if prev.devices().iter().any(|p| p.device_id == d.device_id) => {
+                return "device_id_reused"
+            }
+            None => {}
+        }
+    }
+    if !signed_by_one_of(list, prev) {
+        return "unauthorized";
+    }
+    let signed: BTreeSet<[u8; 32]> = list.signers().map(|s| *s.identity.as_bytes()).collect();
+    let added_unsigned = list
+        .devices()
+        .iter()
+        .any(|d| prev.device(&d.identity).is_none() && !signed.contains(d.identity.as_bytes()));
+    if added_unsigned {
+        return "unauthorized";
+    }
+    "ok"
+}
+
+/// The error kind SPEC.md 25.5 prescribes for `list.verify_genesis()`.
+fn genesis_model(list: &DeviceList, signatures_ok: bool) -> &'static str {
+    let devices = list.devices();
+    if list.version() != 1 || list.previous() != &[0; 32] || devices.len() != 1 {
+        return "not_genesis";
+    }
+    if AccountId::of_founder(&devices[0].identity) != *list.account_id() {
+        return "wrong_account";
+    }
+    if !signatures_ok {
+        return "bad_signature";
+    }
+    "ok"
+}
+
+fn kind_of<T>(result: &Result<T, DeviceListError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(e) => e.profile_kind(),
+    }
+}
+
+/// The relay's answer for a refusal of kind `kind` (SPEC.md 25.12's
+/// table, written out here).
+fn relay_answer(kind: &str) -> Result<(), TransportError> {
+    use cubbyhole::relay::device_list_reason as r;
+    Err(match kind {
+        "ok" => return Ok(()),
+        "stale" => TransportError::Replayed,
+        "conflict" => TransportError::Conflict,
+        "bad_signature" | "unauthorized" => TransportError::Unauthorized,
+        "not_genesis" => TransportError::BadRequest(r::NOT_GENESIS),
+        "wrong_account" => TransportError::BadRequest(r::WRONG_ACCOUNT),
+        "gap" => TransportError::BadRequest(r::GAP),
+        "device_id_changed" => TransportError::BadRequest(r::DEVICE_ID_CHANGED),
+        "device_id_reused" => TransportError::BadRequest(r::DEVICE_ID_REUSED),
+        _ => TransportError::BadRequest(r::MALFORMED),
+    })
+}
+
+/// What SPEC.md 25.12 says the relay answers to `list` given the versions
+/// it stores for the list's account (`stored[i]` is version `i + 1`, each
+/// verified), and whether the relay then stores it as a new head.
+fn relay_model(
+    stored: &[VerifiedDeviceList],
+    list: &DeviceList,
+    signatures_ok: bool,
+) -> (Result<(), TransportError>, bool) {
+    let Some(head) = stored.last() else {
+        let kind = genesis_model(list, signatures_ok);
+        return (relay_answer(kind), kind == "ok");
+    };
+    let version = list.version();
+    if version > head.version() {
+        let kind = successor_model(list, head, signatures_ok);
+        return (relay_answer(kind), kind == "ok");
+    }
+    let held = &stored[version as usize - 1];
+    if held.body() == list.body() {
+        return (Ok(()), false);
+    }
+    // Another body of a held version: a conflict if it is authentic.
+    let kind = match version {
+        1 => genesis_model(list, signatures_ok),
+        _ => successor_model(list, &stored[version as usize - 2], signatures_ok),
+    };
+    let answer = match kind {
+        "ok" | "conflict" => Err(TransportError::Conflict),
+        other => relay_answer(other),
+    };
+    (answer, false)
+}
+
+/// The checks every decoded (or built) list goes through against the
+/// fixture's head v2: `verify_genesis`, `verify_successor` (of v1 and of
+/// v2) and `accept_unverified` give exactly the spec's outcome; a verified
+/// successor keeps every kept device's number; `DeviceListChain::accept`
+/// with v2 known (or nothing known) agrees with them and never answers a
+/// head below v2.
+fn check_list_verdicts(list: &DeviceList) -> bool {
+    let fx = device_list_fixture();
+    let unverified = list.accept_unverified();
+    let signatures_ok = match &unverified {
+        Ok(v) => {
+            assert_eq!(v.list(), list);
+            assert!(v.parent().is_none());
+            true
+        }
+        Err(DeviceListError::BadSignature) => false,
+        Err(e) => panic!("accept_unverified returned {e:?}"),
+    };
+
+    let genesis = list.verify_genesis();
+    assert_eq!(kind_of(&genesis), genesis_model(list, signatures_ok));
+    if let Ok(g) = &genesis {
+        assert_eq!(g.list(), list);
+        assert!(g.parent().is_none());
+    }
+
+    for prev in [&fx.v1, &fx.v2] {
+        let successor = list.verify_successor(prev);
+        assert_eq!(
+            kind_of(&successor),
+            successor_model(list, prev, signatures_ok),
+            "verify_successor of version {}",
+            prev.version()
+        );
+        match &successor {
+            Ok(s) => {
+                assert_eq!(s.list(), list);
+                assert_eq!(s.parent(), Some(prev.list()));
+                for d in list.devices() {
+                    if let Some(kept) = prev.device(&d.identity) {
+                        assert_eq!(kept.device_id, d.device_id, "a kept device renumbered");
+                    }
+                }
+            }
+            Err(DeviceListError::Conflict { ours, theirs }) => {
+                assert_eq!(**ours, *prev.list());
+                assert_eq!(**theirs, *list);
+            }
+            Err(_) => {}
+        }
+    }
+
+    // The contact side, one list offered.
+    let offered = std::slice::from_ref(list);
+    let chain = DeviceListChain::accept(Some(&fx.v2), offered);
+    if let Ok(accepted) = &chain {
+        let head = accepted.head().map_or(fx.v2.version(), |h| h.version());
+        assert!(
+            head >= fx.v2.version(),
+            "accept went back to version {head}"
+        );
+    }
+    if list.account_id() != &fx.account {
+        assert_eq!(kind_of(&chain), "wrong_account");
+    } else if list.version() < 2 || list.body() == fx.v2.body() {
+        assert_eq!(chain.map(|a| a.new), Ok(Vec::new()));
+    } else if list.version() == 2 {
+        // A sibling of the head: refused, a conflict if authentic.
+        let authentic = successor_model(list, &fx.v1, signatures_ok);
+        let expected = if authentic == "ok" {
+            "conflict"
+        } else {
+            authentic
+        };
+        assert_eq!(kind_of(&chain), expected, "a sibling of the head");
+    } else {
+        let expected = successor_model(list, &fx.v2, signatures_ok);
+        assert_eq!(kind_of(&chain), expected);
+        if let Ok(accepted) = chain {
+            assert_eq!(accepted.new.len(), 1);
+            assert_eq!(accepted.new[0].list(), list);
+        }
+    }
+    let fresh = DeviceListChain::accept(None, offered);
+    let expected = match list.version() {
+        1 => genesis_model(list, signatures_ok),
+        _ => "gap",
+    };
+    assert_eq!(kind_of(&fresh), expected, "accept with nothing known");
+    signatures_ok
+}
+
+/// The relay's model state of `decode_device_list` and
+/// `device_list_chain`: the verified versions it stores per account.
+struct RelayLists(Vec<(AccountId, Vec<VerifiedDeviceList>)>);
+
+impl RelayLists {
+    fn fixture() -> Self {
+        let fx = device_list_fixture();
+        RelayLists(vec![(fx.account, vec![fx.v1.clone(), fx.v2.clone()])])
+    }
+
+    fn stored(&mut self, account: &AccountId) -> &mut Vec<VerifiedDeviceList> {
+        if let Some(i) = self.0.iter().position(|(a, _)| a == account) {
+            return &mut self.0[i].1;
+        }
+        self.0.push((*account, Vec::new()));
+        &mut self.0.last_mut().expect("just pushed").1
+    }
+
+    /// Publishes `bytes` (which decode to `list`) and checks the relay's
+    /// answer and what it then serves against the model.
+    fn publish(
+        &mut self,
+        relay: &mut Relay<MemoryRelayStorage>,
+        bytes: &[u8],
+        list: &DeviceList,
+        signatures_ok: bool,
+    ) {
+        let stored = self.stored(list.account_id());
+        let (expected, appended) = relay_model(stored, list, signatures_ok);
+        let answer = relay.publish_device_list(bytes);
+        assert_eq!(
+            answer,
+            expected,
+            "the relay's answer to version {}",
+            list.version()
+        );
+        if appended {
+            let verified = match stored.last() {
+                Some(head) => list.verify_successor(head),
+                None => list.verify_genesis(),
+            };
+            stored.push(verified.expect("the model appended a valid list"));
+            assert_eq!(
+                relay.publish_device_list(bytes),
+                Ok(()),
+                "a stored list published again"
+            );
+        }
+        let served = relay.fetch_device_lists(list.account_id(), 0);
+        if stored.is_empty() {
+            assert_eq!(served, Err(TransportError::NotFound));
+        } else {
+            let expected: Vec<Vec<u8>> = stored.iter().map(|l| l.encode()).collect();
+            assert_eq!(served, Ok(expected), "the relay serves what it stored");
+        }
+    }
+}
+
+/// `DeviceList::decode` (a list from the directory, from the body of
+/// `PUT /v1/accounts/{account}/devices`, or in-band): only `Malformed`,
+/// bounded allocation, canonical (see [`check_list_bytes`]); then the
+/// verdicts of the verifier and of the contact's chain against the fixture
+/// head ([`check_list_verdicts`]), and the relay holding v1 and v2 answers
+/// the upload exactly as SPEC.md 25.12 says and serves what it stored.
+pub fn decode_device_list(data: &[u8]) -> Reach {
+    let list = match decode_bounded("DeviceList::decode", data.len(), || {
+        DeviceList::decode(data)
+    }) {
+        Ok(l) => l,
+        Err(e @ DeviceListError::Malformed) => return rejected(e),
+        Err(e) => panic!("DeviceList::decode returned {e:?}"),
+    };
+    check_list_bytes(data, &list);
+    let signatures_ok = check_list_verdicts(&list);
+    let mut relay = Relay::new(
+        device_list_fixture().storage.clone(),
+        RelayConfig::default(),
+    );
+    RelayLists::fixture().publish(&mut relay, data, &list, signatures_ok);
+    Reach::Decoded
+}
+
+/// Most lists a [`device_list_chain`] script builds.
+pub const MAX_CHAIN_LISTS: usize = 4;
+
+/// Lists built from fuzzer fields, signed, for `device_list_chain`: six
+/// bytes a list (zeros once they run out), at most [`MAX_CHAIN_LISTS`]:
+///
+/// - `flags`: bits 0-2 the version (0 to 7); bit 3 account B (founded by
+///   key 2) instead of A; bits 4-5 `previous`: 0 the hash of the list
+///   built before (v2's for the first), 1 v1's hash, 2 zero, 3 v2's hash;
+///   bit 6 flip a bit of the last signature; bit 7 renumber one device;
+/// - `devices` (2): bit `i` lists key `i` (device number `i + 1`);
+/// - `signers` (2): bit `i`: key `i` signs (if listed);
+/// - `renumber`: device `renumber & 15` gets number `(renumber >> 4) + 1`.
+///
+/// Returns each list's bytes, the list, and whether its signatures are
+/// intact; fields the builder refuses (no device, version 0, a number
+/// twice, no signer) are checked to be refused and build nothing.
+fn chain_lists(data: &[u8]) -> Vec<(Vec<u8>, DeviceList, bool)> {
+    let fx = device_list_fixture();
+    let keys = device_keys();
+    let account_b = AccountId::of_founder(keys[2].public());
+    let mut f = Fields(data);
+    let mut out: Vec<(Vec<u8>, DeviceList, bool)> = Vec::new();
+    let mut before = *fx.v2.body_hash();
+    while !f.0.is_empty() && out.len() < MAX_CHAIN_LISTS {
+        let flags = f.u8();
+        let devices = u16::from_be_bytes(f.array());
+        let signers = u16::from_be_bytes(f.array());
+        let renumber = f.u8();
+        let version = u64::from(flags & 7);
+        let account = if flags & 8 == 0 {
+            fx.account
+        } else {
+            account_b
+        };
+        let previous = match (flags >> 4) & 3 {
+            0 => before,
+            1 => *fx.v1.body_hash(),
+            2 => [0; 32],
+            _ => *fx.v2.body_hash(),
+        };
+        let mut entries: Vec<(usize, u32)> = (0..MAX_DEVICES)
+            .filter(|i| devices & (1 << i) != 0)
+            .map(|i| (i, i as u32 + 1))
+            .collect();
+        if flags & 0x80 != 0 {
+            let who = usize::from(renumber & 15);
+            for e in entries.iter_mut().filter(|(k, _)| *k == who) {
+                e.1 = u32::from(renumber >> 4) + 1;
+            }
+        }
+        let numbers: BTreeSet<u32> = entries.iter().map(|(_, id)| *id).collect();
+        let well_formed = !entries.is_empty() && version >= 1 && numbers.len() == entries.len();
+        let signing: Vec<usize> = entries
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| signers & (1 << k) != 0)
+            .collect();
+        let entry_list: Vec<DeviceEntry> = entries
+            .iter()
+            .map(|(k, id)| DeviceEntry {
+                identity: *keys[*k].public(),
+                device_id: *id,
+            })
+            .collect();
+        let unsigned = UnsignedDeviceList::new(account, version, previous, &entry_list);
+        let Ok(mut unsigned) = unsigned else {
+            assert!(!well_formed, "the builder refused a well-formed list");
+            assert_eq!(unsigned.err(), Some(DeviceListError::Malformed));
+            continue;
+        };
+        assert!(well_formed, "the builder took a malformed list");
+        for s in &signing {
+            unsigned.sign(&keys[*s]).expect("a listed signer");
+        }
+        // An unlisted key cannot sign.
+        if let Some(stranger) = (0..MAX_DEVICES).find(|k| !entries.iter().any(|(e, _)| e == k)) {
+            assert_eq!(
+                unsigned.clone().sign(&keys[stranger]),
+                Err(DeviceListError::Unauthorized)
+            );
+        }
+        let list = match unsigned.into_list() {
+            Ok(l) => l,
+            Err(e) => {
+                assert!(signing.is_empty() && e == DeviceListError::Unauthorized);
+                continue;
+            }
+        };
+        before = *list.body_hash();
+        let mut bytes = list.encode();
+        let intact = flags & 0x40 == 0;
+        if !intact {
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0x01;
+        }
+        let decoded = DeviceList::decode(&bytes).expect("a built list decodes");
+        check_list_bytes(&bytes, &decoded);
+        if intact {
+            assert_eq!(decoded, list, "a built list does not decode to itself");
+        }
+        out.push((bytes, decoded, intact));
+    }
+    out
+}
+
+/// Structured device lists (see [`chain_lists`]): built with the crate's
+/// API from fuzzer fields and signed, so the fuzzer reaches past the
+/// signatures. Each list goes through [`check_list_verdicts`]; the
+/// sequence is offered to `DeviceListChain::accept` with v2 known: it
+/// succeeds only if every list is of account A and every version-2 list is
+/// v2, the new lists are exactly the offered lists above v2, each the
+/// valid successor of the one before (kept devices keep their numbers),
+/// the head never goes below v2; offered again to the new head, nothing is
+/// new; in reverse order, the same outcome. Then the relay holding v1 and
+/// v2 takes the lists in script order, exactly as SPEC.md 25.12 says.
+pub fn device_list_chain(data: &[u8]) -> Reach {
+    let fx = device_list_fixture();
+    let built = chain_lists(data);
+    for (_, list, intact) in &built {
+        assert_eq!(check_list_verdicts(list), *intact, "signature verdict");
+    }
+    let offered: Vec<DeviceList> = built.iter().map(|(_, l, _)| l.clone()).collect();
+    let result = DeviceListChain::accept(Some(&fx.v2), &offered);
+    // In another order: the same outcome if the versions are distinct.
+    // (Not otherwise: a list with the body of the head is skipped unchecked,
+    // so a copy of a valid list with a broken signature is refused before
+    // the valid one and skipped after it; seed same-body-bad-copy.)
+    let versions: BTreeSet<u64> = offered.iter().map(|l| l.version()).collect();
+    let mut reversed = offered.clone();
+    reversed.reverse();
+    let again =
+        (versions.len() == offered.len()).then(|| DeviceListChain::accept(Some(&fx.v2), &reversed));
+    match &result {
+        Ok(accepted) => {
+            assert!(offered.iter().all(|l| l.account_id() == &fx.account));
+            assert!(offered
+                .iter()
+                .all(|l| l.version() != 2 || l.body() == fx.v2.body()));
+            let mut head = &fx.v2;
+            for new in &accepted.new {
+                assert_eq!(new.version(), head.version() + 1, "versions in a row");
+                assert_eq!(new.parent(), Some(head.list()));
+                assert_eq!(
+                    kind_of(&new.verify_successor(head)),
+                    "ok",
+                    "a new list is not a valid successor"
+                );
+                for d in new.devices() {
+                    if let Some(kept) = head.device(&d.identity) {
+                        assert_eq!(kept.device_id, d.device_id, "a kept device renumbered");
+                    }
+                }
+                assert!(offered.iter().any(|l| l == new.list()));
+                head = new;
+            }
+            assert!(head.version() >= fx.v2.version());
+            for l in &offered {
+                if l.version() > fx.v2.version() {
+                    let took = accepted.new.iter().any(|n| n.body() == l.body());
+                    assert!(took, "an offered list above the head was dropped");
+                }
+            }
+            let repeat = DeviceListChain::accept(Some(head), &offered);
+            assert_eq!(repeat.map(|a| a.new), Ok(Vec::new()), "accepted twice");
+            if let Some(again) = again {
+                let again = again.expect("the same lists in another order");
+                assert_eq!(again.new, accepted.new);
+            }
+        }
+        Err(e) => {
+            if let Some(again) = again {
+                assert_eq!(
+                    kind_of(&again),
+                    e.profile_kind(),
+                    "order changed the outcome"
+                );
+            }
+            // A conflict: another list of a held version, or a list of
+            // the next one signed by a device of the head that does not
+            // extend it.
+            if let DeviceListError::Conflict { ours, theirs } = e {
+                let next = theirs.version() == ours.version() + 1;
+                assert!(theirs.version() == ours.version() || next);
+                assert!(next || ours.body() != theirs.body());
+                assert!(!next || theirs.previous() != ours.body_hash());
+                assert!(signed_by_one_of(theirs, ours) || !next);
+                assert!(offered.iter().any(|l| l == &**theirs));
+            }
+        }
+    }
+
+    let mut relay = Relay::new(fx.storage.clone(), RelayConfig::default());
+    let mut model = RelayLists::fixture();
+    for (bytes, list, intact) in &built {
+        model.publish(&mut relay, bytes, list, *intact);
+    }
+    Reach::Decoded
+}
+
+/// `AccountHeader::decode` (the start of every account message's body,
+/// decrypted from an authenticated but possibly malicious peer): it takes
+/// exactly the inputs of 73 bytes or more with the magic and kind 1 or 2;
+/// then the header re-encodes with the body to exactly the input. The
+/// header built from the same fields (a zero `previous` is none) decodes
+/// back to itself and the body.
+pub fn decode_account_header(data: &[u8]) -> Reach {
+    let decoded = decode_bounded("AccountHeader::decode", data.len(), || {
+        AccountHeader::decode(data)
+    });
+    let well_formed = data.len() >= ACCOUNT_HEADER_LEN
+        && data[..8] == *b"\x00chacct1"
+        && matches!(data[8], 1 | 2);
+    let reach = match decoded {
+        None => {
+            assert!(!well_formed, "a well-formed account header refused");
+            Reach::Rejected("None".to_string())
+        }
+        Some((header, body)) => {
+            assert!(well_formed, "a malformed account header decoded");
+            assert!(same(body, &data[ACCOUNT_HEADER_LEN..]), "the body");
+            assert!(
+                same(&header.encode(body), data),
+                "account header does not re-encode"
+            );
+            assert_eq!(header.sent_copy, data[8] == 2);
+            assert!(!PairingMessage::is_pairing(data));
+            Reach::Decoded
+        }
+    };
+    // Encode then decode, from fields read out of the input.
+    let mut f = Fields(data);
+    let previous: [u8; 16] = f.array();
+    let header = AccountHeader {
+        sent_copy: f.u8() & 1 == 1,
+        message: MessageId(f.array()),
+        to: AccountId(f.array()),
+        previous: (previous != [0; 16]).then_some(MessageId(previous)),
+    };
+    let body = f.0;
+    let bytes = header.encode(body);
+    assert_eq!(bytes.len(), ACCOUNT_HEADER_LEN + body.len());
+    assert_eq!(
+        AccountHeader::decode(&bytes),
+        Some((header, body)),
+        "an account header does not decode to itself"
+    );
+    reach
+}
+
+/// `PairingMessage::decode` (the body of a pairing message, decrypted from
+/// an authenticated but possibly malicious peer): only `Malformed`,
+/// bounded allocation; a decoded message re-encodes to exactly its input,
+/// its list to its bytes inside, its account is the list's, at most
+/// `MAX_PAIRING_CONTACTS` contacts; Debug does not print the code.
+pub fn decode_pairing_message(data: &[u8]) -> Reach {
+    let message = match decode_bounded("PairingMessage::decode", data.len(), || {
+        PairingMessage::decode(data)
+    }) {
+        Ok(m) => m,
+        Err(e @ PairingRefusal::Malformed) => {
+            return rejected(e);
+        }
+        Err(e) => panic!("PairingMessage::decode returned {e:?}"),
+    };
+    assert!(PairingMessage::is_pairing(data));
+    assert!(
+        same(&message.encode(), data),
+        "pairing message does not re-encode"
+    );
+    let list = message.list.encode();
+    let n = message.contacts.len();
+    assert!(n <= MAX_PAIRING_CONTACTS);
+    assert_eq!(
+        data.len(),
+        8 + 1 + 16 + 32 + 16 + 2 + list.len() + 2 + 73 * n
+    );
+    assert_eq!(&data[25..57], message.list.account_id().as_bytes());
+    assert_eq!(data[57..73], message.code[..]);
+    assert_eq!(data[73..75], (list.len() as u16).to_be_bytes());
+    assert!(same(&data[75..75 + list.len()], &list));
+    assert_eq!(message.message.0, data[9..25]);
+    let debug = format!("{message:?}");
+    assert!(debug.contains("<redacted>") && !debug.contains(&format!("{:?}", &message.code[..])));
+    assert_eq!(
+        AccountHeader::decode(data),
+        None,
+        "a pairing message read as an account message"
+    );
+    Reach::Decoded
+}
+
+/// `PairingOffer::decode` (what a new device shows; typed in or scanned):
+/// the checks in their documented order (length, format byte, identity
+/// key); a decoded offer re-encodes to exactly its input, expires at 0,
+/// and its Debug does not print the code.
+pub fn decode_pairing_offer(data: &[u8]) -> Reach {
+    let result = decode_bounded("PairingOffer::decode", data.len(), || {
+        PairingOffer::decode(data)
+    });
+    let expected = if data.len() != PAIRING_PAYLOAD_LEN {
+        Err(PayloadError::Length(data.len()))
+    } else if data[0] != 0x01 {
+        Err(PayloadError::Format(data[0]))
+    } else if IdentityKey::from_bytes(&data[1..33]).is_err() {
+        Err(PayloadError::IdentityKey)
+    } else {
+        Ok(())
+    };
+    let offer = match result {
+        Err(e) => {
+            assert_eq!(Err(e), expected, "the offer's checks in order");
+            return rejected(e);
+        }
+        Ok(offer) => offer,
+    };
+    assert_eq!(expected, Ok(()));
+    assert!(same(&offer.encode(), data), "offer does not re-encode");
+    assert_eq!(offer.expires_at, 0);
+    assert_eq!(offer.device.identity, data[1..33]);
+    assert_eq!(offer.device.device_id.to_be_bytes(), data[33..37]);
+    let debug = format!("{offer:?}");
+    assert!(debug.contains("<redacted>") && !debug.contains(&format!("{:?}", &offer.code[..])));
+    Reach::Decoded
+}
+
+// ---------------------------------------------------------------------------
 // Seed corpora
 // ---------------------------------------------------------------------------
 
 /// The names of every target, as in `fuzz/fuzz_targets/`.
-pub const TARGETS: [&str; 17] = [
+pub const TARGETS: [&str; 22] = [
     "decode_incoming",
     "decode_bundle",
     "decode_state",
@@ -2079,6 +2835,11 @@ pub const TARGETS: [&str; 17] = [
     "decode_fetch_query",
     "decode_frame",
     "decode_record",
+    "decode_device_list",
+    "device_list_chain",
+    "decode_account_header",
+    "decode_pairing_message",
+    "decode_pairing_offer",
 ];
 
 /// Runs the target called `name` on `data`; returns how far it got.
@@ -2101,6 +2862,11 @@ pub fn run(name: &str, data: &[u8]) -> Reach {
         "decode_fetch_query" => decode_fetch_query(data),
         "decode_frame" => decode_frame(data),
         "decode_record" => decode_record(data),
+        "decode_device_list" => decode_device_list(data),
+        "device_list_chain" => device_list_chain(data),
+        "decode_account_header" => decode_account_header(data),
+        "decode_pairing_message" => decode_pairing_message(data),
+        "decode_pairing_offer" => decode_pairing_offer(data),
         _ => panic!("unknown fuzz target {name}"),
     }
 }
@@ -2430,6 +3196,7 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
 
     stored_record_seeds(&mut add);
     relay_seeds(&mut add);
+    account_seeds(&mut add);
     out
 }
 
@@ -2692,4 +3459,232 @@ fn relay_seeds(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
     for (name, query) in queries {
         add("decode_fetch_query", name, query.to_vec());
     }
+}
+
+/// Seeds of the account targets (issue 15).
+fn account_seeds(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
+    let fx = device_list_fixture();
+    let keys = device_keys();
+    let (account, v1_hash, v2_hash) = (fx.account, *fx.v1.body_hash(), *fx.v2.body_hash());
+
+    // decode_device_list: valid lists of every verdict, and malformed ones.
+    let v3 = build_device_list(account, 3, v2_hash, &[(1, 2), (3, 4)], &[1, 3]);
+    let all: Vec<(usize, u32)> = (0..MAX_DEVICES).map(|i| (i, i as u32 + 1)).collect();
+    let lists = [
+        ("genesis", fx.v1.list().clone()),
+        ("add-device", fx.v2.list().clone()),
+        ("remove-founder-add", v3.clone()),
+        (
+            "sixteen-devices",
+            build_device_list(
+                account,
+                3,
+                v2_hash,
+                &all,
+                &(1..MAX_DEVICES).collect::<Vec<_>>(),
+            ),
+        ),
+        (
+            "conflicting-sibling",
+            build_device_list(account, 2, v1_hash, &[(0, 1), (2, 3)], &[0, 2]),
+        ),
+        ("other-account-genesis", DeviceList::genesis(&keys[2], 3)),
+        (
+            "gap",
+            build_device_list(account, 4, [7; 32], &[(0, 1)], &[0]),
+        ),
+        (
+            "device-id-reused",
+            build_device_list(account, 3, v2_hash, &[(0, 1), (4, 2)], &[0, 4]),
+        ),
+        (
+            "device-id-changed",
+            build_device_list(account, 3, v2_hash, &[(0, 1), (1, 5)], &[0]),
+        ),
+        (
+            "added-unsigned",
+            build_device_list(account, 3, v2_hash, &[(0, 1), (1, 2), (5, 6)], &[0]),
+        ),
+    ];
+    for (name, list) in &lists {
+        add("decode_device_list", name, list.encode());
+    }
+    let mut bad_signature = v3.encode();
+    let last = bad_signature.len() - 1;
+    bad_signature[last] ^= 1;
+    add("decode_device_list", "bad-signature", bad_signature);
+    let v1 = fx.v1.encode();
+    let v2 = fx.v2.encode();
+    add("decode_device_list", "empty", Vec::new());
+    add(
+        "decode_device_list",
+        "truncated",
+        v2[..v2.len() - 1].to_vec(),
+    );
+    let mut trailing = v2.clone();
+    trailing.push(0);
+    add("decode_device_list", "trailing-byte", trailing);
+    let mut zero_count = v1.clone();
+    zero_count[73] = 0;
+    add("decode_device_list", "zero-count", zero_count);
+    let mut unsorted = v2.clone();
+    unsorted[74..146].rotate_left(36);
+    add("decode_device_list", "keys-unsorted", unsorted);
+    let mut version_zero = v1.clone();
+    version_zero[33..41].fill(0);
+    add("decode_device_list", "version-zero", version_zero);
+    let mut bad_index = v1.clone();
+    bad_index[74 + 36 + 1] = 1;
+    add(
+        "decode_device_list",
+        "signature-index-out-of-range",
+        bad_index,
+    );
+
+    // device_list_chain: scripts of six bytes a list (see chain_lists).
+    let scripts: [(&str, &[u8]); 9] = [
+        ("empty", &[]),
+        ("add-device", &[3, 0, 7, 0, 5, 0]),
+        (
+            "chain-of-three",
+            &[3, 0, 7, 0, 5, 0, 4, 0, 6, 0, 2, 0, 5, 0, 0x0e, 0, 0x0a, 0],
+        ),
+        ("conflict", &[3, 0, 7, 0, 5, 0, 0x33, 0, 0x0b, 0, 0x09, 0]),
+        ("sixteen", &[3, 0xff, 0xff, 0xff, 0xfe, 0]),
+        (
+            "other-account",
+            &[0x29, 0, 4, 0, 4, 0, 0x0a, 0, 0x24, 0, 0x24, 0],
+        ),
+        (
+            "renumbered-and-corrupted",
+            &[0x83, 0, 3, 0, 1, 0x41, 0x43, 0, 7, 0, 5, 0],
+        ),
+        // v3, then the same body under v2's hash with a broken signature.
+        (
+            "same-body-bad-copy",
+            &[3, 0, 7, 0, 5, 0, 0x73, 0, 7, 0, 5, 0],
+        ),
+        (
+            "builder-refusals",
+            &[
+                0, 0, 1, 0, 1, 0, 3, 0, 0, 0, 0, 0, 3, 0, 3, 0, 0, 0, 0x83, 0, 3, 0, 3, 0x10,
+            ],
+        ),
+    ];
+    for (name, script) in scripts {
+        add("device_list_chain", name, script.to_vec());
+    }
+
+    // decode_account_header: kinds 1 and 2, with and without previous.
+    let headers = [
+        ("to-account", false, None, &b"hello"[..]),
+        ("to-account-previous", false, Some([0x22; 16]), &b""[..]),
+        ("sent-copy", true, None, &b"\x02\x00\x00\x00\x01"[..]),
+        ("sent-copy-previous", true, Some([0xff; 16]), &b"body"[..]),
+    ];
+    let to_account = AccountHeader {
+        sent_copy: false,
+        message: MessageId([0x11; 16]),
+        to: account,
+        previous: None,
+    };
+    for (name, sent_copy, previous, body) in headers {
+        let header = AccountHeader {
+            sent_copy,
+            previous: previous.map(MessageId),
+            ..to_account
+        };
+        add("decode_account_header", name, header.encode(body));
+    }
+    let valid = to_account.encode(b"");
+    add(
+        "decode_account_header",
+        "short-by-one",
+        valid[..ACCOUNT_HEADER_LEN - 1].to_vec(),
+    );
+    let mut bad_magic = valid.clone();
+    bad_magic[0] = b'x';
+    add("decode_account_header", "bad-magic", bad_magic);
+    for kind in [0u8, 3] {
+        let mut other = valid.clone();
+        other[8] = kind;
+        add("decode_account_header", &format!("kind-{kind}"), other);
+    }
+    add("decode_account_header", "empty", Vec::new());
+
+    // decode_pairing_offer.
+    let payload = |identity: &[u8; 32], device_id: u32| {
+        let mut p = vec![0x01];
+        p.extend_from_slice(identity);
+        p.extend_from_slice(&device_id.to_be_bytes());
+        p.extend_from_slice(&[0x44; 16]);
+        p
+    };
+    let offer = payload(keys[2].public().as_bytes(), 3);
+    add("decode_pairing_offer", "offer", offer.clone());
+    add(
+        "decode_pairing_offer",
+        "device-max",
+        payload(keys[3].public().as_bytes(), u32::MAX),
+    );
+    add("decode_pairing_offer", "short", offer[..52].to_vec());
+    let mut long = offer.clone();
+    long.push(0);
+    add("decode_pairing_offer", "long", long);
+    let mut format = offer.clone();
+    format[0] = 2;
+    add("decode_pairing_offer", "format-2", format);
+    add("decode_pairing_offer", "bad-key", payload(&[0xff; 32], 3));
+    add("decode_pairing_offer", "empty", Vec::new());
+
+    // decode_pairing_message: key 0 adds key 2 (the offer's device).
+    let code = PairingOffer::decode(&offer).expect("the offer").code;
+    let list = build_device_list(account, 3, v2_hash, &[(0, 1), (1, 2), (2, 3)], &[0]);
+    let contact = |n: u8, trust| PairingContact {
+        account: AccountId([n; 32]),
+        trust,
+        version: u64::from(n),
+        head_hash: [n ^ 0xff; 32],
+    };
+    let message = |contacts| PairingMessage {
+        message: MessageId([0x33; 16]),
+        code: code.clone(),
+        list: list.clone(),
+        contacts,
+    };
+    let none = message(Vec::new()).encode().to_vec();
+    add("decode_pairing_message", "no-contacts", none.clone());
+    let contacts = vec![
+        contact(1, Trust::Unvalidated),
+        contact(2, Trust::Validated),
+        contact(3, Trust::Compromised),
+    ];
+    let three = message(contacts).encode().to_vec();
+    add("decode_pairing_message", "three-contacts", three.clone());
+    let mut trailing = three.clone();
+    trailing.push(0);
+    add("decode_pairing_message", "trailing-byte", trailing);
+    let mut mismatch = none.clone();
+    mismatch[25] ^= 1;
+    add("decode_pairing_message", "account-mismatch", mismatch);
+    let mut bad_trust = three.clone();
+    bad_trust[none.len() + 32] = 3;
+    add("decode_pairing_message", "bad-trust", bad_trust);
+    let count_at = none.len() - 2;
+    let mut counted = none.clone();
+    counted[count_at..].copy_from_slice(&(MAX_PAIRING_CONTACTS as u16).to_be_bytes());
+    add("decode_pairing_message", "count-without-contacts", counted);
+    let mut too_many = none.clone();
+    too_many[count_at..].copy_from_slice(&(MAX_PAIRING_CONTACTS as u16 + 1).to_be_bytes());
+    add("decode_pairing_message", "too-many-contacts", too_many);
+    let mut list_overrun = none.clone();
+    list_overrun[73..75].copy_from_slice(&u16::MAX.to_be_bytes());
+    add(
+        "decode_pairing_message",
+        "list-length-overrun",
+        list_overrun,
+    );
+    let mut kind_1 = none;
+    kind_1[8] = 1;
+    add("decode_pairing_message", "account-message", kind_1);
 }

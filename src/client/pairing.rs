@@ -238,7 +238,9 @@ impl PairingMessage {
         if count > MAX_PAIRING_CONTACTS {
             return Err(bad);
         }
-        let mut contacts = Vec::with_capacity(count);
+        // Reserve only what the remaining bytes can hold: `count` alone
+        // would reserve for 256 contacts before their bytes are there.
+        let mut contacts = Vec::with_capacity(count.min(r.len() / PAIRING_CONTACT_LEN));
         for _ in 0..count {
             let account = AccountId(array(&mut r)?);
             let [trust] = array::<1>(&mut r)?;
