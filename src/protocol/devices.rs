@@ -793,16 +793,19 @@ pub struct DeviceListChain;
 
 impl DeviceListChain {
     /// Verifies `offered` (from the directory or in-band, any order) against
-    /// the known head, in version order: a list older than the head is
-    /// skipped; one with the head's version and the same body is skipped;
-    /// one with the head's version and another body is a
+    /// the known head, version by version (SPEC.md 25.7): lists older than
+    /// the head are skipped; of the lists of the next version, the first
+    /// that passes [`DeviceList::verify_successor`] becomes the head (none:
+    /// the first one's error); then a list with the head's version and the
+    /// same body is skipped, one with another body is a
     /// [`DeviceListError::Conflict`] if it is authentic (it verifies
     /// against the head's parent, or as a first version, or, for a head
     /// without parent, carries valid signatures including one of a device
-    /// of the head), else that check's error; the next version must pass
-    /// [`DeviceList::verify_successor`]; a version further on is a
-    /// [`DeviceListError::Gap`]. With no known head the first list must be
-    /// a first version (else [`DeviceListError::Gap`]).
+    /// of the head), else that check's error; a version further on is a
+    /// [`DeviceListError::Gap`]. With no known head the first version must
+    /// be 1 (else [`DeviceListError::Gap`]). The outcome does not depend on
+    /// the order of `offered` (only which error is reported when several
+    /// lists fail).
     ///
     /// # Errors
     /// The first list's error, as above; what was verified before it is
@@ -814,28 +817,58 @@ impl DeviceListChain {
         let mut order: Vec<&DeviceList> = offered.iter().collect();
         order.sort_by_key(|l| l.version());
         let mut new: Vec<VerifiedDeviceList> = Vec::new();
-        for list in order {
-            let head = new.last().or(known);
-            let Some(head) = head else {
-                if list.version() == 1 {
-                    new.push(list.verify_genesis()?);
-                    continue;
+        for group in order.chunk_by(|a, b| a.version() == b.version()) {
+            let version = group[0].version();
+            match new.last().or(known) {
+                None => {
+                    if version != 1 {
+                        return Err(DeviceListError::Gap);
+                    }
+                    new.push(Self::first_that(group, DeviceList::verify_genesis)?);
                 }
-                return Err(DeviceListError::Gap);
-            };
-            if list.account_id() != head.account_id() {
-                return Err(DeviceListError::WrongAccount);
+                Some(head) => {
+                    if group.iter().any(|l| l.account_id() != head.account_id()) {
+                        return Err(DeviceListError::WrongAccount);
+                    }
+                    if version < head.version() {
+                        continue;
+                    }
+                    if version > head.version().saturating_add(1) {
+                        return Err(DeviceListError::Gap);
+                    }
+                    if version > head.version() {
+                        let next = Self::first_that(group, |l| l.verify_successor(head))?;
+                        new.push(next);
+                    }
+                }
             }
-            if list.version() < head.version() || list.body() == head.body() {
-                continue;
+            // Every list of the group now has the head's version: the same
+            // body is skipped, another body is a sibling.
+            if let Some(head) = new.last().or(known) {
+                if let Some(other) = group.iter().find(|l| l.body() != head.body()) {
+                    return Err(Self::sibling(head, other));
+                }
             }
-            if list.version() == head.version() {
-                return Err(Self::sibling(head, list));
-            }
-            let verified = list.verify_successor(head)?;
-            new.push(verified);
         }
         Ok(Accepted { new })
+    }
+
+    /// The first list of `group` (in the order offered) that `check`
+    /// accepts, else the first list's error.
+    fn first_that(
+        group: &[&DeviceList],
+        check: impl Fn(&DeviceList) -> Result<VerifiedDeviceList, DeviceListError>,
+    ) -> Result<VerifiedDeviceList, DeviceListError> {
+        let mut first_error = None;
+        for list in group {
+            match check(list) {
+                Ok(verified) => return Ok(verified),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or(DeviceListError::Gap))
     }
 
     /// The error for `list`, of the head's version with another body.
