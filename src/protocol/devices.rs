@@ -818,7 +818,9 @@ impl DeviceListChain {
         order.sort_by_key(|l| l.version());
         let mut new: Vec<VerifiedDeviceList> = Vec::new();
         for group in order.chunk_by(|a, b| a.version() == b.version()) {
-            let version = group[0].version();
+            let Some(version) = group.first().map(|l| l.version()) else {
+                continue;
+            };
             match new.last().or(known) {
                 None => {
                     if version != 1 {
