@@ -16,6 +16,7 @@
 
 mod codec;
 pub mod conformance;
+pub mod stamp;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
