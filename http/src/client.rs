@@ -137,6 +137,10 @@ pub struct HttpRelayConfig {
     /// [`TransportError::Unavailable`]. Default 32 MiB (a fetch answers at
     /// most the relay's 8 MiB per fetch by default).
     pub max_response_bytes: usize,
+    /// The local address to connect from (a multi-homed host, or a test
+    /// that gives each device its own loopback address). Default `None`:
+    /// the system picks.
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 impl Default for HttpRelayConfig {
@@ -150,6 +154,7 @@ impl Default for HttpRelayConfig {
             backoff_max: Duration::from_secs(2),
             pool_idle_timeout: Duration::from_secs(5),
             max_response_bytes: 32 * 1024 * 1024,
+            local_address: None,
         }
     }
 }
@@ -354,6 +359,7 @@ impl HttpRelay {
             .connect_timeout(config.connect_timeout)
             .tcp_nodelay(true)
             .pool_idle_timeout(config.pool_idle_timeout)
+            .local_address(config.local_address)
             // A relay answers, it does not send clients elsewhere.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("cubbyhole-http/", env!("CARGO_PKG_VERSION")))

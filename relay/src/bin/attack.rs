@@ -15,7 +15,7 @@
 //! interface), at most `--addresses` (default 64) of them; the honest
 //! devices connect from 127.0.0.1. For each attack it prints what the
 //! attacker spent (addresses, requests, how they were answered) and what
-//! the honest pair saw while it lasted: messages sent one every 100 ms
+//! the honest pair saw while it lasted: messages sent one every 200 ms
 //! from Alice to Bob, how many Bob received (within a drain of 2 s after
 //! the attack, 5 s with `--full`), their latency from send to Bob's inbox
 //! (p50, p99, max), how long Alice's `send` calls took (p99), and how long
@@ -38,7 +38,7 @@ use cubbyhole::client::{Client, ClientConfig};
 use cubbyhole::storage::MemoryStore;
 use cubbyhole::transport::{encode_envelope, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId};
 use cubbyhole::{IdentityKeyPair, OneTimePrekey, OsRng, SignedPrekey};
-use cubbyhole_http::HttpRelay;
+use cubbyhole_http::{HttpRelay, HttpRelayConfig};
 use cubbyhole_relay::{serve, ServerConfig, StorageConfig};
 use rand_core::RngCore;
 use tokio::io::AsyncWriteExt;
@@ -102,9 +102,11 @@ fn parse() -> Result<Options, String> {
                 }
                 o.only = Some(name);
             }
-            "--help" | "-h" => return Err(format!(
+            "--help" | "-h" => {
+                return Err(format!(
                 "attack [--full | --seconds S] [--addresses N] [--only NAME]\nattacks: {ATTACKS:?}"
-            )),
+            ))
+            }
             other => return Err(format!("unknown argument {other} (--help)")),
         }
     }
@@ -245,6 +247,8 @@ struct Honest {
     send_ms: Vec<u64>,
     send_errors: u64,
     receive_errors: u64,
+    /// The kinds of errors seen, counted.
+    error_kinds: BTreeMap<String, u64>,
     /// How long the stranger's first message took (ms), if it arrived.
     stranger: Option<u64>,
     stranger_sent_at: Option<u64>,
@@ -312,11 +316,21 @@ async fn classify(r: Result<reqwest::Response, reqwest::Error>) -> String {
 async fn run(name: &str, options: &Options) -> Result<String, Failure> {
     let relay = start_relay(name).await?;
     let url = relay.url();
-    let http = HttpRelay::new(&url)?;
+    // Each honest device connects from its own address (as different
+    // people do), none of them an attacker's.
+    let from = |last: u8| {
+        HttpRelay::with_config(
+            &url,
+            HttpRelayConfig {
+                local_address: Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))),
+                ..HttpRelayConfig::default()
+            },
+        )
+    };
     // The honest pair, set up before the attack: both publish, Alice writes
     // first, Bob answers, so they have a session and receipts flow.
-    let mut alice = device(&http, 1).await?;
-    let mut bob = device(&http, 1).await?;
+    let mut alice = device(&from(2)?, 1).await?;
+    let mut bob = device(&from(3)?, 1).await?;
     let bob_address = bob.address();
     alice
         .send(&mut OsRng, &bob_address, b"hello", now())
@@ -327,7 +341,7 @@ async fn run(name: &str, options: &Options) -> Result<String, Failure> {
     }
     bob.send(&mut OsRng, &alice.address(), b"hi", now()).await?;
     alice.receive(&mut OsRng, now()).await?;
-    let stranger = device(&http, 7).await?;
+    let stranger = device(&from(4)?, 7).await?;
     let stranger_address = stranger.address();
 
     let seconds = options.seconds;
@@ -342,11 +356,12 @@ async fn run(name: &str, options: &Options) -> Result<String, Failure> {
         let receiving = receiving.clone();
         tokio::spawn(async move {
             while receiving.load(Ordering::Relaxed) {
-                if bob.receive_waiting(&mut OsRng, now(), 500).await.is_err() {
-                    honest
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .receive_errors += 1;
+                if let Err(e) = bob.receive_waiting(&mut OsRng, now(), 5_000).await {
+                    {
+                        let mut h = honest.lock().unwrap_or_else(|e| e.into_inner());
+                        h.receive_errors += 1;
+                        *h.error_kinds.entry(format!("receive: {e}")).or_default() += 1;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 let Ok(inbox) = bob.inbox().await else {
@@ -372,7 +387,7 @@ async fn run(name: &str, options: &Options) -> Result<String, Failure> {
             }
         })
     };
-    // Alice: one message every 100 ms while the attack lasts; she also
+    // Alice: one message every 200 ms while the attack lasts; she also
     // receives (receipts) every second.
     let alice_task = {
         let honest = honest.clone();
@@ -388,8 +403,9 @@ async fn run(name: &str, options: &Options) -> Result<String, Failure> {
                     let mut h = honest.lock().unwrap_or_else(|e| e.into_inner());
                     h.sent.insert(n, sent);
                     h.send_ms.push(now_ms().saturating_sub(sent));
-                    if r.is_err() {
+                    if let Err(e) = &r {
                         h.send_errors += 1;
+                        *h.error_kinds.entry(format!("send: {e}")).or_default() += 1;
                     }
                 }
                 if n % 10 == 9 {
@@ -397,7 +413,7 @@ async fn run(name: &str, options: &Options) -> Result<String, Failure> {
                     let _ = alice.flush_outbox().await;
                 }
                 n += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             // Re-send what is left in the outbox (the client's own retry).
             for _ in 0..5 {
@@ -497,6 +513,9 @@ async fn run(name: &str, options: &Options) -> Result<String, Failure> {
         h.send_errors,
         h.receive_errors,
     ));
+    for (kind, n) in &h.error_kinds {
+        out.push_str(&format!("\n   honest error {kind}: {n}"));
+    }
     out.push_str(&match (h.stranger, &h.stranger_error) {
         (Some(ms), _) => format!("\n   stranger's first message: arrived after {ms} ms"),
         (None, Some(e)) => format!("\n   stranger's first message: send failed: {e}"),
