@@ -1273,9 +1273,18 @@ pub fn decode_envelope(data: &[u8]) -> Reach {
     let mailbox = fx.device.mailbox();
     let max = relay.config().max_envelope_bytes as usize;
     match relay.deposit(NOW, &mailbox, &envelope) {
-        Ok(()) => assert!(envelope.payload.len() <= max),
+        Ok(()) => assert!(!envelope.payload.is_empty() && envelope.payload.len() <= max),
         Err(TransportError::LimitExceeded(_)) => {
             assert!(envelope.payload.len() > max);
+            return Reach::Decoded;
+        }
+        Err(TransportError::BadRequest(why)) => {
+            assert!(envelope.payload.is_empty(), "refused: {why}");
+            assert_eq!(
+                usage(&relay, &fx.device),
+                before,
+                "a refused deposit was stored"
+            );
             return Reach::Decoded;
         }
         Err(e) => panic!("deposit returned {e:?}"),

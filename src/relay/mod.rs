@@ -127,6 +127,9 @@ use crate::transport::{
 
 /// The reasons carried by [`TransportError::LimitExceeded`] from a relay.
 pub mod reason {
+    /// An envelope's payload is empty (no wire message is: nothing to
+    /// store).
+    pub const EMPTY_PAYLOAD: &str = "empty payload";
     /// An envelope's payload is larger than
     /// [`RelayConfig::max_envelope_bytes`](super::RelayConfig::max_envelope_bytes).
     pub const ENVELOPE_SIZE: &str = "envelope size";
@@ -746,6 +749,8 @@ impl<S: RelayStorage> Relay<S> {
     /// envelope id (see the module docs).
     ///
     /// # Errors
+    /// [`TransportError::BadRequest`] ([`reason::EMPTY_PAYLOAD`]) for an
+    /// empty payload (checked first),
     /// [`TransportError::LimitExceeded`] ([`reason::ENVELOPE_SIZE`],
     /// [`reason::PENDING_ENVELOPES`], [`reason::PENDING_BYTES`]),
     /// [`TransportError::NotFound`] for an unpublished mailbox (with
@@ -757,6 +762,9 @@ impl<S: RelayStorage> Relay<S> {
         mailbox: &MailboxId,
         envelope: &Envelope,
     ) -> Result<(), TransportError> {
+        if envelope.payload.is_empty() {
+            return Err(TransportError::BadRequest(reason::EMPTY_PAYLOAD));
+        }
         if envelope.payload.len() > self.config.max_envelope_bytes as usize {
             return Err(TransportError::LimitExceeded(reason::ENVELOPE_SIZE));
         }
@@ -793,7 +801,9 @@ impl<S: RelayStorage> Relay<S> {
         let mut accepted: Vec<(MailboxId, Envelope)> = Vec::with_capacity(batch.len());
         let mut slots = Vec::with_capacity(batch.len());
         for (mailbox, envelope) in batch {
-            let checked = if envelope.payload.len() > self.config.max_envelope_bytes as usize {
+            let checked = if envelope.payload.is_empty() {
+                Err(TransportError::BadRequest(reason::EMPTY_PAYLOAD))
+            } else if envelope.payload.len() > self.config.max_envelope_bytes as usize {
                 Err(TransportError::LimitExceeded(reason::ENVELOPE_SIZE))
             } else {
                 self.require_mailbox(mailbox)

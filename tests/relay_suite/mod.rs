@@ -663,6 +663,30 @@ pub fn envelope_size_bound<S: RelayStorage>(storage: S) {
     );
 }
 
+/// An empty payload is refused (no wire message is empty), before any
+/// other check, and nothing is stored.
+pub fn empty_payload_is_refused<S: RelayStorage>(storage: S) {
+    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::default());
+    assert_eq!(
+        relay.deposit(NOW, &bob.mailbox(), &envelope(1, 0)),
+        Err(TransportError::BadRequest(reason::EMPTY_PAYLOAD))
+    );
+    let unknown = DeviceAddress {
+        identity: [9; 32],
+        device_id: 1,
+    }
+    .mailbox();
+    assert_eq!(
+        relay.deposit(NOW, &unknown, &envelope(2, 0)),
+        Err(TransportError::BadRequest(reason::EMPTY_PAYLOAD))
+    );
+    relay.deposit(NOW, &bob.mailbox(), &envelope(3, 1)).unwrap();
+    assert_eq!(
+        fetch_all(&mut relay, &mut rng, &bob, NOW),
+        vec![envelope(3, 1)]
+    );
+}
+
 pub fn mailbox_count_bound<S: RelayStorage>(storage: S) {
     let config = RelayConfig {
         max_pending_envelopes: 2,
@@ -755,7 +779,8 @@ pub fn deposit_batch_checks_each_envelope<S: RelayStorage>(storage: S) {
         (b, envelope(8, 40)),       // 260 bytes: over the byte bound
         (unknown, envelope(9, 10)), // never published
         (b, envelope(10, 30)),      // stored: five envelopes, 250 bytes
-        (b, envelope(11, 0)),       // a sixth: over the count bound
+        (b, envelope(11, 1)),       // a sixth: over the count bound
+        (b, envelope(13, 0)),       // empty: refused before anything
         (c, envelope(12, 100)),     // stored
     ];
     let results = relay.deposit_batch(now, &batch);
@@ -777,6 +802,7 @@ pub fn deposit_batch_checks_each_envelope<S: RelayStorage>(storage: S) {
             Err(TransportError::NotFound),
             Ok(true),
             pending_envelopes,
+            Err(TransportError::BadRequest(reason::EMPTY_PAYLOAD)),
             Ok(true),
         ]
     );
@@ -1029,6 +1055,7 @@ macro_rules! all_tests {
                 challenges_are_single_use_fresh_and_per_op,
                 outstanding_challenges_are_bounded,
                 envelope_size_bound,
+                empty_payload_is_refused,
                 mailbox_count_bound,
                 mailbox_bytes_bound,
                 deposit_batch_checks_each_envelope,
