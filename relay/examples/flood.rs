@@ -51,7 +51,9 @@ fn parse() -> Result<Options, String> {
             "--pid" => options.pid = value.parse().map_err(|_| bad(()))?,
             "--connections" => options.connections = value.parse().map_err(|_| bad(()))?,
             "--sources" => options.sources = value.parse().map_err(|_| bad(()))?,
-            "--hold-secs" => options.hold = Duration::from_secs(value.parse().map_err(|_| bad(()))?),
+            "--hold-secs" => {
+                options.hold = Duration::from_secs(value.parse().map_err(|_| bad(()))?)
+            }
             "--after-secs" => {
                 options.after = Duration::from_secs(value.parse().map_err(|_| bad(()))?)
             }
@@ -154,7 +156,12 @@ async fn main() -> Result<(), String> {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..options.connections {
         let permit = Arc::clone(&limit).acquire_owned().await.unwrap();
-        let source = IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1 + (i % options.sources as usize) as u8));
+        let source = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            1,
+            1 + (i % options.sources as usize) as u8,
+        ));
         let (addr, first) = (options.addr, Arc::clone(&first));
         let (opened, refused) = (Arc::clone(&opened), Arc::clone(&refused));
         tasks.spawn(async move {

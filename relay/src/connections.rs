@@ -289,8 +289,7 @@ pub(crate) fn canned_error_status(buf: &[u8]) -> Option<u16> {
     for line in lines {
         let (name, value) = line.split_once(':')?;
         let name = name.trim();
-        if name.eq_ignore_ascii_case("content-type") || name.eq_ignore_ascii_case("x-request-id")
-        {
+        if name.eq_ignore_ascii_case("content-type") || name.eq_ignore_ascii_case("x-request-id") {
             return None;
         }
         if name.eq_ignore_ascii_case("content-length") {

@@ -1859,12 +1859,16 @@ async fn run<S: Storage>(
     let fail_stop = Arc::clone(&shared.fail_stop);
     let mut failed = std::pin::pin!(fail_stop.failed());
     loop {
-        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             biased;
             () = &mut shutdown => break,
             // A flush failed: stop (see `FailStop`).
             () = &mut failed => break,
+            // Reaps each connection's task as it ends: a finished task's
+            // memory (sized for the whole connection future) is only
+            // freed with its handle, so after a flood of connections,
+            // with no new connection to trigger a sweep, it would stay.
+            Some(_) = connections.join_next() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -1884,7 +1888,9 @@ async fn run<S: Storage>(
         let admitted = match caps.admit(ip) {
             Ok(admitted) => admitted,
             Err(refused) => {
-                shared.metrics.record("no_route", Some(Reason::Connections.name()));
+                shared
+                    .metrics
+                    .record("no_route", Some(Reason::Connections.name()));
                 debug!(?refused, "connection refused");
                 connections::refuse(
                     stream,
@@ -2284,9 +2290,11 @@ fn has_body(headers: &HeaderMap) -> bool {
 /// without parameters (`; charset=...`).
 fn is_octet_stream(value: &HeaderValue) -> bool {
     value.to_str().is_ok_and(|v| {
-        v.split(';')
-            .next()
-            .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/octet-stream"))
+        v.split(';').next().is_some_and(|essence| {
+            essence
+                .trim()
+                .eq_ignore_ascii_case("application/octet-stream")
+        })
     })
 }
 

@@ -861,11 +861,7 @@ impl Fake {
                         if !body.is_empty() {
                             request = request.header("content-type", "application/octet-stream");
                         }
-                        let r = request
-                            .body(body.to_vec())
-                            .send()
-                            .await
-                            .unwrap();
+                        let r = request.body(body.to_vec()).send().await.unwrap();
                         let status = StatusCode::from_u16(r.status().as_u16()).unwrap();
                         (status, r.bytes().await.unwrap().to_vec()).into_response()
                     }

@@ -32,8 +32,8 @@ impl Answer {
             Some("application/json"),
             "{self:?}"
         );
-        let json: serde_json::Value = serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("not JSON: {self:?}"));
+        let json: serde_json::Value =
+            serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {self:?}"));
         assert!(json["message"].is_string(), "{json}");
         assert_eq!(json.as_object().unwrap().len(), 2, "{json}");
         json["error"].as_str().expect("error field").to_owned()
@@ -411,7 +411,9 @@ async fn only_canonical_paths_are_served() {
     call(addr, "POST", &deposit, &[OCTETS], &envelope(1, b"x"))
         .await
         .is(404, "no_route");
-    let encoded_mailbox = bob.deposit_path().replacen("/mailboxes/", "/mailboxes/%", 1);
+    let encoded_mailbox = bob
+        .deposit_path()
+        .replacen("/mailboxes/", "/mailboxes/%", 1);
     let encoded_mailbox = {
         // `%` followed by the hex of the first character, which it replaces.
         let at = encoded_mailbox.find('%').unwrap();
@@ -423,9 +425,15 @@ async fn only_canonical_paths_are_served() {
             &encoded_mailbox[at + 2..]
         )
     };
-    call(addr, "POST", &encoded_mailbox, &[OCTETS], &envelope(1, b"x"))
-        .await
-        .is(400, "bad_request");
+    call(
+        addr,
+        "POST",
+        &encoded_mailbox,
+        &[OCTETS],
+        &envelope(1, b"x"),
+    )
+    .await
+    .is(400, "bad_request");
     // Trailing slashes and empty segments are other paths: no such route.
     for other in [
         "/v1/health/".to_owned(),
@@ -473,7 +481,10 @@ async fn connections_are_capped_per_address_and_in_total() {
     let a2 = connect_from("127.0.0.1", addr).await;
     let over = health_on(connect_from("127.0.0.1", addr).await).await;
     over.is(503, "connections");
-    assert_eq!(over.headers.get("retry-after").map(String::as_str), Some("1"));
+    assert_eq!(
+        over.headers.get("retry-after").map(String::as_str),
+        Some("1")
+    );
     // Another address gets the last one of the total, then a third
     // address is refused.
     let b1 = connect_from("127.0.0.2", addr).await;
@@ -551,8 +562,14 @@ async fn an_empty_envelope_payload_is_refused() {
     let server = Server::default().await;
     let addr = server.addr;
     let bob = Device::published(addr, 1, 0).await;
-    call(addr, "POST", &bob.deposit_path(), &[OCTETS], &envelope(1, b""))
-        .await
-        .is(400, "bad_request");
+    call(
+        addr,
+        "POST",
+        &bob.deposit_path(),
+        &[OCTETS],
+        &envelope(1, b""),
+    )
+    .await
+    .is(400, "bad_request");
     server.stop().await;
 }
