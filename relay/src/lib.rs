@@ -43,6 +43,7 @@ pub mod postgres;
 pub mod restore;
 pub mod server;
 
+mod connections;
 mod durability;
 mod metrics;
 mod ratelimit;

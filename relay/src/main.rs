@@ -230,6 +230,37 @@ const KEYS: &[Key] = &[
         apply: limit!(header_timeout_ms),
     },
     Key {
+        key: "BODY_TIMEOUT_MS",
+        switch: false,
+        default: "10000",
+        help: "time allowed for a request body after its headers, extended by 1 s per \
+               MIN_BODY_BYTES_PER_SEC bytes received; slower is 408 (0: none)",
+        apply: limit!(body_timeout_ms),
+    },
+    Key {
+        key: "MIN_BODY_BYTES_PER_SEC",
+        switch: false,
+        default: "1024",
+        help: "upload rate that keeps extending BODY_TIMEOUT_MS (0: a fixed body timeout)",
+        apply: limit!(min_body_bytes_per_sec),
+    },
+    Key {
+        key: "MAX_CONNECTIONS",
+        switch: false,
+        default: "8192",
+        help: "most connections open at once, also kept below the file-descriptor limit \
+               (which the relay raises to its hard limit at start) less 64 (0: that limit only)",
+        apply: limit!(max_connections),
+    },
+    Key {
+        key: "MAX_CONNECTIONS_PER_ADDRESS",
+        switch: false,
+        default: "64",
+        help: "most connections open at once from one client address (IPv6: per /64; not \
+               applied with TRUST_FORWARDED_FOR) (0: no limit)",
+        apply: limit!(max_connections_per_address),
+    },
+    Key {
         key: "MAX_WAIT_MS",
         switch: false,
         default: "30000",
@@ -600,6 +631,17 @@ fn after_restore(settings: &Settings, margin: Option<u64>) -> ExitCode {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit (each connection
+/// is a file descriptor), and logs what it got: the server keeps its
+/// connection cap below it.
+fn raise_file_limit() {
+    #[cfg(unix)]
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!(file_descriptors = limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -666,6 +708,7 @@ fn main() -> ExitCode {
         }
     };
     init_logs(settings.log.as_deref(), settings.log_format);
+    raise_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

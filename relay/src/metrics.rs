@@ -49,6 +49,8 @@ pub(crate) struct Live {
     /// Fetches parked waiting for an envelope (their first listing found
     /// the mailbox empty; a deposit now wakes them).
     pub(crate) long_polls: u64,
+    /// Connections open (admitted by the connection caps).
+    pub(crate) connections: u64,
 }
 
 impl Metrics {
@@ -154,6 +156,12 @@ impl Metrics {
             "cubbyhole_relay_long_polls",
             "Fetches parked waiting for an envelope (the mailbox was empty; a deposit wakes them).",
             live.long_polls,
+        );
+        gauge(
+            &mut out,
+            "cubbyhole_relay_connections",
+            "Connections open (admitted by the connection caps).",
+            live.connections,
         );
         counter(
             &mut out,
@@ -442,12 +450,16 @@ mod tests {
         metrics.record("deposit", None);
         metrics.record("deposit", Some("rate_requests"));
         metrics.deposits.fetch_add(1, Ordering::Relaxed);
-        let text = metrics.render(Live { long_polls: 3 });
+        let text = metrics.render(Live {
+            long_polls: 3,
+            connections: 5,
+        });
         assert!(text.contains("cubbyhole_relay_requests_total{route=\"deposit\"} 2\n"));
         assert!(text.contains("cubbyhole_relay_requests_total{route=\"health\"} 0\n"));
         assert!(text.contains("cubbyhole_relay_rejections_total{reason=\"rate_requests\"} 1\n"));
         assert!(text.contains("cubbyhole_relay_deposits_total 1\n"));
         assert!(text.contains("cubbyhole_relay_long_polls 3\n"));
+        assert!(text.contains("cubbyhole_relay_connections 5\n"));
         for name in [
             "cubbyhole_relay_envelopes ",
             "cubbyhole_relay_mailboxes ",

@@ -99,6 +99,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::{debug, error, info, trace, warn};
 
+use crate::connections::{self, ConnectionCaps, Io, Refused, Rewrite};
 use crate::durability::{SqliteCheckpointer, WalSync};
 use crate::metrics::{Live, Metrics};
 use crate::ratelimit::{Kind, RateLimiter};
@@ -169,9 +170,47 @@ pub struct Limits {
     /// Take the client address for rate limits from the first entry of
     /// `X-Forwarded-For` (when it parses) instead of the peer address. Only
     /// behind a reverse proxy that sets that header itself; otherwise any
-    /// client picks its own address. Default `false`.
+    /// client picks its own address. The per-address connection cap
+    /// ([`Self::max_connections_per_address`]) is then not applied (every
+    /// connection comes from the proxy). Default `false`.
     pub trust_forwarded_for: bool,
+    /// Most connections open at once, in total: a connection over it gets
+    /// `503 connections` and is closed at once. Also held below the
+    /// process's file-descriptor limit (minus [`RESERVED_FDS`]) where the
+    /// platform tells it. 0: only that limit. Default 8 192.
+    pub max_connections: usize,
+    /// Most connections open at once from one client address (an IPv6
+    /// address counts for its /64): more are answered `503 connections`
+    /// and closed at once. 0: no limit. Default 64.
+    pub max_connections_per_address: usize,
+    /// Time allowed for a request body, in milliseconds, counted from the
+    /// end of its headers, plus one second for every
+    /// [`Self::min_body_bytes_per_sec`] bytes received (a minimum upload
+    /// rate): a body that falls behind is `408 timeout` and its connection
+    /// closed. 0: no body timeout (the request timeout still applies).
+    /// Default 10 000.
+    pub body_timeout_ms: u64,
+    /// The upload rate, in bytes per second, that keeps extending
+    /// [`Self::body_timeout_ms`]. 0: the body timeout is fixed. Default
+    /// 1 024.
+    pub min_body_bytes_per_sec: u64,
 }
+
+/// File descriptors kept free for the storage, the listener and the
+/// runtime when the connection cap is derived from the file-descriptor
+/// limit ([`Limits::max_connections`]).
+pub const RESERVED_FDS: u64 = 64;
+
+/// Longest request target (path and query) in bytes: longer is `414
+/// uri_size`. The longest target of the API is about 150 bytes.
+pub const MAX_URI_BYTES: usize = 2048;
+
+/// Largest request head (request line and headers) in bytes: larger is
+/// `431 header_size`, and so are more than [`MAX_HEADERS`] headers.
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+
+/// Most headers in a request.
+pub const MAX_HEADERS: usize = 64;
 
 impl Limits {
     /// Default [`Self::max_body_bytes`]: 512 KiB.
@@ -190,6 +229,14 @@ impl Limits {
     pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
     /// Default [`Self::max_wait_ms`]: 30 s.
     pub const DEFAULT_MAX_WAIT_MS: u32 = 30_000;
+    /// Default [`Self::max_connections`]: 8 192.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 8_192;
+    /// Default [`Self::max_connections_per_address`]: 64.
+    pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
+    /// Default [`Self::body_timeout_ms`]: 10 s.
+    pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 10_000;
+    /// Default [`Self::min_body_bytes_per_sec`]: 1 KiB/s.
+    pub const DEFAULT_MIN_BODY_BYTES_PER_SEC: u64 = 1_024;
 
     /// The time allowed to a request to `route`.
     fn budget(&self, route: Option<Route>) -> Option<Duration> {
@@ -218,6 +265,10 @@ impl Default for Limits {
             header_timeout_ms: Self::DEFAULT_HEADER_TIMEOUT_MS,
             max_wait_ms: Self::DEFAULT_MAX_WAIT_MS,
             trust_forwarded_for: false,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_address: Self::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            body_timeout_ms: Self::DEFAULT_BODY_TIMEOUT_MS,
+            min_body_bytes_per_sec: Self::DEFAULT_MIN_BODY_BYTES_PER_SEC,
         }
     }
 }
@@ -357,8 +408,10 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// Every error reason the server answers with (the `error` field of an
 /// error body) and its HTTP status. `no_route`, `method_not_allowed`,
-/// `internal` (a bug) and `limit` (a relay bound this server does not
-/// know, for a newer relay core) can come from any request; the others are
+/// `internal` (a bug), `limit` (a relay bound this server does not know,
+/// for a newer relay core), `uri_size`, `header_size`, `bad_request` (a
+/// request hyper cannot parse) and `connections` (a connection over a
+/// cap, before any request) can come from any request; the others are
 /// listed per route by [`route_responses`].
 pub const REASONS: &[(&str, u16)] = &[
     Reason::BadRequest.spec(),
@@ -385,6 +438,10 @@ pub const REASONS: &[(&str, u16)] = &[
     Reason::StaleDeviceList.spec(),
     Reason::DeviceListConflict.spec(),
     Reason::DeviceListGap.spec(),
+    Reason::ContentType.spec(),
+    Reason::UriSize.spec(),
+    Reason::HeaderSize.spec(),
+    Reason::Connections.spec(),
 ];
 
 /// The answers a route can give: `(status, None)` for a success,
@@ -488,6 +545,7 @@ impl Route {
                 Replayed,
                 OneTimePrekeys,
                 BodySize,
+                ContentType,
                 RateRequests,
                 Timeout,
                 Unavailable,
@@ -515,6 +573,7 @@ impl Route {
                 NotFound,
                 EnvelopeSize,
                 BodySize,
+                ContentType,
                 PendingEnvelopes,
                 PendingBytes,
                 TotalStorage,
@@ -528,6 +587,7 @@ impl Route {
                 BadRequest,
                 NotFound,
                 BodySize,
+                ContentType,
                 RateRequests,
                 Timeout,
                 Unavailable,
@@ -537,6 +597,7 @@ impl Route {
                 BadRequest,
                 Unauthorized,
                 BodySize,
+                ContentType,
                 RateRequests,
                 Timeout,
                 Unavailable,
@@ -547,6 +608,7 @@ impl Route {
                 Unauthorized,
                 AcknowledgeIds,
                 BodySize,
+                ContentType,
                 RateRequests,
                 Timeout,
                 Unavailable,
@@ -559,6 +621,7 @@ impl Route {
                 DeviceListConflict,
                 DeviceListGap,
                 BodySize,
+                ContentType,
                 RateRequests,
                 Timeout,
                 Unavailable,
@@ -629,7 +692,9 @@ impl Route {
             Route::Health => get(health::<S>),
             Route::Metrics => get(metrics::<S>),
             Route::Publish => limited(post(publish::<S>)),
-            Route::Bundle => get(bundle::<S>),
+            // Not `HEAD`: axum would run the `GET` handler, which claims
+            // (and so destroys) a one-time prekey, and drop the bundle.
+            Route::Bundle => get(bundle::<S>).head(no_head),
             Route::OneTimePrekeys => get(one_time_prekeys::<S>),
             Route::Deposit => limited(post(deposit::<S>)),
             Route::Challenge => limited(post(challenge::<S>)),
@@ -680,11 +745,15 @@ enum Reason {
     StaleDeviceList,
     DeviceListConflict,
     DeviceListGap,
+    ContentType,
+    UriSize,
+    HeaderSize,
+    Connections,
 }
 
 impl Reason {
     #[cfg(test)]
-    const ALL: [Reason; 24] = [
+    const ALL: [Reason; 28] = [
         Reason::BadRequest,
         Reason::Unauthorized,
         Reason::NotFound,
@@ -709,6 +778,10 @@ impl Reason {
         Reason::StaleDeviceList,
         Reason::DeviceListConflict,
         Reason::DeviceListGap,
+        Reason::ContentType,
+        Reason::UriSize,
+        Reason::HeaderSize,
+        Reason::Connections,
     ];
 
     const fn spec(self) -> (&'static str, u16) {
@@ -737,6 +810,10 @@ impl Reason {
             Reason::StaleDeviceList => ("stale_device_list", 409),
             Reason::DeviceListConflict => ("device_list_conflict", 409),
             Reason::DeviceListGap => ("device_list_gap", 409),
+            Reason::ContentType => ("content_type", 415),
+            Reason::UriSize => ("uri_size", 414),
+            Reason::HeaderSize => ("header_size", 431),
+            Reason::Connections => ("connections", 503),
         }
     }
 
@@ -1199,6 +1276,8 @@ struct Shared<S> {
     jobs: mpsc::Sender<Job<S>>,
     /// Set once a flush of the write-ahead log failed.
     fail_stop: Arc<FailStop>,
+    /// The connection caps and the open connections.
+    connections: Arc<ConnectionCaps>,
 }
 
 /// The peer address of a connection.
@@ -1545,7 +1624,7 @@ fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
     Ok(Some(
         CorsLayer::new()
             .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST])
+            .allow_methods([Method::GET, Method::POST, Method::PUT])
             .allow_headers([
                 header::CONTENT_TYPE,
                 header::HeaderName::from_static(REQUEST_ID_HEADER),
@@ -1556,6 +1635,85 @@ fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
             ])
             .max_age(Duration::from_secs(600)),
     ))
+}
+
+/// The connection caps: [`Limits::max_connections`], held below the
+/// file-descriptor limit (less [`RESERVED_FDS`]) where the platform tells
+/// it, and [`Limits::max_connections_per_address`] (not applied behind a
+/// trusted proxy).
+fn connection_caps(limits: &Limits) -> Arc<ConnectionCaps> {
+    let fds = file_descriptor_limit();
+    let room = fds.map(|n| usize::try_from(n.saturating_sub(RESERVED_FDS)).unwrap_or(usize::MAX));
+    let total = match (limits.max_connections, room) {
+        (0, Some(room)) => room.max(1),
+        (n, Some(room)) if n > room => {
+            warn!(
+                max_connections = n,
+                file_descriptors = fds.unwrap_or(0),
+                "max_connections is above the file-descriptor limit: capped at {}",
+                room.max(1)
+            );
+            room.max(1)
+        }
+        (n, _) => n,
+    };
+    let per_address = match limits.trust_forwarded_for {
+        true => 0,
+        false => limits.max_connections_per_address,
+    };
+    info!(
+        max_connections = total,
+        max_connections_per_address = per_address,
+        file_descriptors = fds.unwrap_or(0),
+        "connection caps (0: none)"
+    );
+    ConnectionCaps::new(total, per_address)
+}
+
+/// The process's soft limit on open files, where the platform tells it.
+fn file_descriptor_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        rlimit::getrlimit(rlimit::Resource::NOFILE)
+            .ok()
+            .map(|(soft, _)| soft)
+            .filter(|n| *n != rlimit::INFINITY)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// The message of a JSON answer replacing one of hyper's own.
+fn hyper_message(reason: Reason) -> &'static str {
+    match reason {
+        Reason::UriSize => "the request target is too long",
+        Reason::HeaderSize => "the request headers are too large or too many",
+        Reason::Timeout => "the request took too long",
+        _ => "malformed request",
+    }
+}
+
+/// A whole HTTP/1.1 answer with the JSON error body of `reason`, closing
+/// the connection: for answers written outside the router (a connection
+/// over a cap, a request hyper could not parse).
+fn canned_answer(reason: Reason, message: &str) -> Vec<u8> {
+    let body = serde_json::json!({ "error": reason.name(), "message": message }).to_string();
+    let status = reason.status();
+    let mut answer = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    if reason == Reason::Connections {
+        answer.push_str("retry-after: 1\r\n");
+    }
+    answer.push_str("\r\n");
+    answer.push_str(&body);
+    answer.into_bytes()
 }
 
 fn router<S: Storage>(shared: Arc<Shared<S>>, cors: Option<CorsLayer>) -> Router {
@@ -1612,6 +1770,7 @@ async fn run<S: Storage>(
             limits.deposits_per_minute,
             limits.claims_per_minute,
         ),
+        connections: connection_caps(&limits),
         limits,
         waiters,
         metrics: Metrics::new(&routes, &reasons),
@@ -1658,6 +1817,37 @@ async fn run<S: Storage>(
         ms => Some(Duration::from_millis(ms)),
     });
     http.keep_alive(true);
+    // Small heads, and a read buffer that stays small (hyper's default
+    // grows to 400 KiB per connection).
+    http.max_header_size(MAX_HEAD_BYTES);
+    http.max_headers(MAX_HEADERS);
+    http.max_buf_size(MAX_HEAD_BYTES.max(64 * 1024));
+    // One buffer per answer, so that `connections::Io` sees hyper's own
+    // error answers whole.
+    http.writev(false);
+    let caps = Arc::clone(&shared.connections);
+    let rewrite: Rewrite = {
+        let shared = Arc::clone(&shared);
+        Arc::new(move |status| {
+            let reason = match status {
+                400 => Reason::BadRequest,
+                408 => Reason::Timeout,
+                414 => Reason::UriSize,
+                431 => Reason::HeaderSize,
+                _ => return None,
+            };
+            shared.metrics.record("no_route", Some(reason.name()));
+            Some(canned_answer(reason, hyper_message(reason)))
+        })
+    };
+    let refusal_total = canned_answer(
+        Reason::Connections,
+        "the relay holds as many connections as it serves; retry later",
+    );
+    let refusal_address = canned_answer(
+        Reason::Connections,
+        "too many connections from this address; close some or retry later",
+    );
 
     match listener.local_addr() {
         Ok(addr) => info!(%addr, "relay listening"),
@@ -1669,12 +1859,16 @@ async fn run<S: Storage>(
     let fail_stop = Arc::clone(&shared.fail_stop);
     let mut failed = std::pin::pin!(fail_stop.failed());
     loop {
-        while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             biased;
             () = &mut shutdown => break,
             // A flush failed: stop (see `FailStop`).
             () = &mut failed => break,
+            // Reaps each connection's task as it ends: a finished task's
+            // memory (sized for the whole connection future) is only
+            // freed with its handle, so after a flood of connections,
+            // with no new connection to trigger a sweep, it would stay.
+            Some(_) = connections.join_next() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -1685,17 +1879,48 @@ async fn run<S: Storage>(
                 }
             },
         };
+        // The cap counts the peer, not `X-Forwarded-For`: behind a proxy
+        // every connection is the proxy's, so only the total applies.
+        let ip = match shared.limits.trust_forwarded_for {
+            true => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            false => peer.ip(),
+        };
+        let admitted = match caps.admit(ip) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                shared
+                    .metrics
+                    .record("no_route", Some(Reason::Connections.name()));
+                debug!(?refused, "connection refused");
+                connections::refuse(
+                    stream,
+                    match refused {
+                        Refused::Total => &refusal_total,
+                        Refused::Address => &refusal_address,
+                    },
+                );
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let app = router.clone();
         let service = hyper::service::service_fn(move |mut request: Request<_>| {
             request.extensions_mut().insert(PeerAddr(peer));
             app.clone().oneshot(request)
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let stream = Arc::new(stream);
+        let (io, errored) = Io::new(Arc::clone(&stream), Arc::clone(&rewrite));
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(io), service));
         connections.spawn(async move {
             if let Err(e) = connection.await {
                 debug!(error = %e, "connection ended with an error");
             }
+            if errored.load(Ordering::Relaxed) {
+                if let Ok(stream) = Arc::try_unwrap(stream) {
+                    connections::linger(stream).await;
+                }
+            }
+            drop(admitted);
         });
     }
 
@@ -2052,6 +2277,83 @@ fn client_ip(request: &Request, trust_forwarded_for: bool) -> IpAddr {
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip())
 }
 
+/// Whether the request has a body: a `Content-Length` above 0, or a
+/// `Transfer-Encoding`.
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+/// Whether `value` is `application/octet-stream`, in any case, with or
+/// without parameters (`; charset=...`).
+fn is_octet_stream(value: &HeaderValue) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.split(';').next().is_some_and(|essence| {
+            essence
+                .trim()
+                .eq_ignore_ascii_case("application/octet-stream")
+        })
+    })
+}
+
+/// The checks on a request's form before its route runs: the target's
+/// length (`414 uri_size`), canonical path segments (no percent-encoding:
+/// `400 bad_request`; the other forms are the parsers'), and the body's
+/// `Content-Type` on the routes that take one (`415 content_type`).
+fn hygiene(request: &Request, route: Option<Route>) -> Result<(), ApiError> {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if target > MAX_URI_BYTES {
+        return Err(ApiError::new(
+            Reason::UriSize,
+            format!("the request target is longer than {MAX_URI_BYTES} bytes"),
+        ));
+    }
+    let Some(route) = route else {
+        return Ok(());
+    };
+    if request.uri().path().contains('%') {
+        return Err(ApiError::bad(
+            "malformed path: percent-encoded segments are not accepted (every path \
+             parameter is lowercase hex or decimal)",
+        ));
+    }
+    let takes_body =
+        request.method().as_str() == route.spec().0 && matches!(route.spec().0, "POST" | "PUT");
+    if takes_body
+        && has_body(request.headers())
+        && !request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(is_octet_stream)
+    {
+        return Err(ApiError::new(
+            Reason::ContentType,
+            "a request body must be sent as Content-Type: application/octet-stream",
+        ));
+    }
+    Ok(())
+}
+
+/// Puts the body of a request that has one under the body deadline
+/// ([`Paced`]).
+fn pace(request: Request, limits: &Limits) -> Request {
+    if limits.body_timeout_ms == 0 || !has_body(request.headers()) {
+        return request;
+    }
+    let (parts, body) = request.into_parts();
+    let paced = Paced::new(
+        body,
+        Duration::from_millis(limits.body_timeout_ms),
+        limits.min_body_bytes_per_sec,
+    );
+    Request::from_parts(parts, Body::new(paced))
+}
+
 fn content_length(headers: &HeaderMap) -> u64 {
     headers
         .get(header::CONTENT_LENGTH)
@@ -2132,14 +2434,19 @@ async fn frame_inner<S: Storage>(
         Ok(()) if uses_storage && shared.fail_stop.has_failed() => {
             ApiError::storage_failed().into_response()
         }
-        Ok(()) => match shared.limits.budget(route) {
-            None => next.run(request).await,
-            Some(budget) => match tokio::time::timeout(budget, next.run(request)).await {
-                Ok(response) => response,
-                Err(_) => {
-                    ApiError::new(Reason::Timeout, "the request took too long").into_response()
+        Ok(()) => match hygiene(&request, route) {
+            Err(e) => e.into_response(),
+            Ok(()) => {
+                let request = pace(request, &shared.limits);
+                match shared.limits.budget(route) {
+                    None => next.run(request).await,
+                    Some(budget) => match tokio::time::timeout(budget, next.run(request)).await {
+                        Ok(response) => response,
+                        Err(_) => ApiError::new(Reason::Timeout, "the request took too long")
+                            .into_response(),
+                    },
                 }
-            },
+            }
         },
     };
     let response = normalize(response);
@@ -2189,8 +2496,17 @@ fn parse_hex32(value: &str, what: &'static str) -> Result<[u8; 32], ApiError> {
     Ok(out)
 }
 
+/// A decimal `u32` path segment in its one canonical form: digits only,
+/// no leading zero (but `0` itself).
 fn parse_u32(value: &str, what: &'static str) -> Result<u32, ApiError> {
-    parse_decimal_u32(value).ok_or_else(|| ApiError::bad(format!("{what}: expected a decimal u32")))
+    let canonical = value == "0" || !value.starts_with('0');
+    parse_decimal_u32(value)
+        .filter(|_| canonical)
+        .ok_or_else(|| {
+            ApiError::bad(format!(
+                "{what}: expected a decimal u32 without leading zeros"
+            ))
+        })
 }
 
 fn parse_mailbox(path: Result<Path<String>, PathRejection>) -> Result<MailboxId, ApiError> {
@@ -2238,18 +2554,125 @@ fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+fn is_too_slow(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<BodyTooSlow>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
 async fn read_body(body: Body) -> Result<Bytes, ApiError> {
-    // The size limit is the RequestBodyLimitLayer's, on the body.
+    // The size limit is the RequestBodyLimitLayer's, on the body; the time
+    // limit the `Paced` wrapper's.
     axum::body::to_bytes(body, usize::MAX).await.map_err(|e| {
         if is_length_limit(&e) {
             ApiError::new(
                 Reason::BodySize,
                 "the request body is larger than the server's limit",
             )
+        } else if is_too_slow(&e) {
+            ApiError::new(
+                Reason::Timeout,
+                "the request body arrived too slowly (below the server's minimum upload rate)",
+            )
         } else {
             ApiError::bad("the request body could not be read")
         }
     })
+}
+
+/// A request body that arrives slower than the server allows
+/// ([`Limits::body_timeout_ms`], [`Limits::min_body_bytes_per_sec`]).
+#[derive(Debug)]
+struct BodyTooSlow;
+
+impl fmt::Display for BodyTooSlow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the request body arrived too slowly")
+    }
+}
+
+impl std::error::Error for BodyTooSlow {}
+
+/// A request body with a deadline: [`Limits::body_timeout_ms`] after the
+/// headers, plus one second per [`Limits::min_body_bytes_per_sec`] bytes
+/// received. Past it the body ends with [`BodyTooSlow`].
+struct Paced {
+    inner: Body,
+    start: tokio::time::Instant,
+    grace: Duration,
+    rate: u64,
+    received: u64,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    failed: bool,
+}
+
+impl Paced {
+    fn new(inner: Body, grace: Duration, rate: u64) -> Self {
+        let start = tokio::time::Instant::now();
+        Paced {
+            inner,
+            start,
+            grace,
+            rate,
+            received: 0,
+            deadline: Box::pin(tokio::time::sleep_until(start + grace)),
+            failed: false,
+        }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        let earned = match self.rate {
+            0 => Duration::ZERO,
+            rate => Duration::from_secs_f64(self.received as f64 / rate as f64),
+        };
+        self.start + self.grace + earned
+    }
+}
+
+impl HttpBody for Paced {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        use std::task::Poll;
+        if self.failed {
+            return Poll::Ready(None);
+        }
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.received = self.received.saturating_add(data.len() as u64);
+                    let deadline = self.deadline();
+                    self.deadline.as_mut().reset(deadline);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                if self.deadline.as_mut().poll(cx).is_ready() {
+                    self.failed = true;
+                    return Poll::Ready(Some(Err(axum::Error::new(BodyTooSlow))));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 fn decode_auth(bytes: &[u8], mailbox: &MailboxId) -> Result<MailboxAuth, ApiError> {
@@ -2312,6 +2735,19 @@ async fn no_route() -> ApiError {
     ApiError::new(Reason::NoRoute, "no such route")
 }
 
+/// `HEAD` on the bundle route: `405` (see [`Route::method_router`]).
+async fn no_head() -> Response {
+    let mut response = ApiError::new(
+        Reason::MethodNotAllowed,
+        "HEAD is not served on this route (a bundle fetch claims a one-time prekey); use GET",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET"));
+    response
+}
+
 async fn health<S: Storage>(State(shared): AppState<S>) -> Result<Response, ApiError> {
     shared
         .call(|core, _, _| {
@@ -2327,6 +2763,7 @@ async fn health<S: Storage>(State(shared): AppState<S>) -> Result<Response, ApiE
 async fn metrics<S: Storage>(State(shared): AppState<S>) -> Response {
     let text = shared.metrics.render(Live {
         long_polls: shared.waiters.parked(),
+        connections: shared.connections.open() as u64,
     });
     (
         StatusCode::OK,

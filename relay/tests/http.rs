@@ -856,12 +856,12 @@ impl Fake {
                     let (method, uri, body) = (method.clone(), uri.clone(), body.clone());
                     async move {
                         let m = reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap();
-                        let r = reqwest::Client::new()
-                            .request(m, format!("{upstream}{uri}"))
-                            .body(body.to_vec())
-                            .send()
-                            .await
-                            .unwrap();
+                        let mut request =
+                            reqwest::Client::new().request(m, format!("{upstream}{uri}"));
+                        if !body.is_empty() {
+                            request = request.header("content-type", "application/octet-stream");
+                        }
+                        let r = request.body(body.to_vec()).send().await.unwrap();
                         let status = StatusCode::from_u16(r.status().as_u16()).unwrap();
                         (status, r.bytes().await.unwrap().to_vec()).into_response()
                     }

@@ -85,6 +85,13 @@ fn call(
          Content-Length: {}\r\n",
         body.len()
     );
+    if !body.is_empty()
+        && !headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+    {
+        request.push_str("Content-Type: application/octet-stream\r\n");
+    }
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }

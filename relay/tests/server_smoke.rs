@@ -110,6 +110,13 @@ async fn call_with(
          Content-Length: {}\r\n",
         body.len()
     );
+    if !body.is_empty()
+        && !headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+    {
+        request.push_str("Content-Type: application/octet-stream\r\n");
+    }
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -488,7 +495,7 @@ async fn serves_the_api() {
     );
     let mut chunked = format!(
         "POST {deposit_path} HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n\
-         Transfer-Encoding: chunked\r\n\r\n"
+         Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     .into_bytes();
     for _ in 0..5 {
@@ -789,7 +796,8 @@ async fn times_out_slow_clients() {
     // A body that never arrives: 408 timeout.
     let mut slow = TcpStream::connect(addr).await.unwrap();
     slow.write_all(
-        b"POST /v1/directory HTTP/1.1\r\nHost: relay.test\r\nContent-Length: 100\r\n\r\nshort",
+        b"POST /v1/directory HTTP/1.1\r\nHost: relay.test\r\n\
+          Content-Type: application/octet-stream\r\nContent-Length: 100\r\n\r\nshort",
     )
     .await
     .unwrap();
@@ -815,6 +823,11 @@ async fn concurrent_deposits_are_each_stored_once() {
     std::fs::create_dir_all(&dir).unwrap();
     let server = Server::start(ServerConfig {
         storage: StorageConfig::Sqlite(dir.join("relay.db")),
+        limits: Limits {
+            // 120 connections at once, all from loopback.
+            max_connections_per_address: 0,
+            ..Limits::default()
+        },
         ..ServerConfig::default()
     })
     .await;

@@ -92,13 +92,14 @@ OPTIONS:
                          only; build with `--features postgres`)
     -h, --help           this text
 
-The in-process relay runs with its rate limits and total storage bound off
-(Limits: deposits_per_minute, claims_per_minute, requests_per_minute and
-total_storage_bytes 0). A relay given with --relay must be started with them
-off too, and preferably without the access log, for example:
+The in-process relay runs with its rate limits, total storage bound and
+per-address connection cap off (Limits: deposits_per_minute,
+claims_per_minute, requests_per_minute, total_storage_bytes and
+max_connections_per_address 0). A relay given with --relay must be started
+with them off too, and preferably without the access log, for example:
     cubbyhole-relay --db relay.db --listen 127.0.0.1:8080 \\
         --deposits-per-minute 0 --requests-per-minute 0 \\
-        --total-storage-bytes 0 --log warn
+        --total-storage-bytes 0 --max-connections-per-address 0 --log warn
 ";
 
 /// Where the relay under load is.
@@ -513,6 +514,8 @@ async fn start_local(target: &Target) -> Result<(SocketAddr, Local, String), Str
             claims_per_minute: 0,
             requests_per_minute: 0,
             total_storage_bytes: 0,
+            // Every client is on loopback.
+            max_connections_per_address: 0,
             ..Limits::default()
         },
         ..ServerConfig::default()
