@@ -554,10 +554,9 @@ async fn a_body_sent_too_slowly_is_cut_off() {
     server.stop().await;
 }
 
-/// Needs the relay core to refuse empty payloads (`src/relay`, not this
-/// crate's HTTP layer): see the report of issue 16's HTTP part.
+/// The relay core refuses empty payloads (`Relay::deposit`, SPEC 16.3 step
+/// 0): through the server, `400 bad_request`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the relay core (src/relay) does not refuse empty envelope payloads yet"]
 async fn an_empty_envelope_payload_is_refused() {
     let server = Server::default().await;
     let addr = server.addr;
