@@ -60,6 +60,9 @@ const ATTACKS: [&str; 8] = [
 ];
 
 struct Options {
+    /// Attacks whose defence is checked (the run fails if it does not
+    /// hold): properties that do not depend on timing, see [`check`].
+    check: Vec<String>,
     seconds: u64,
     /// How long Bob keeps receiving after the attack.
     drain: u64,
@@ -69,6 +72,7 @@ struct Options {
 
 fn parse() -> Result<Options, String> {
     let mut o = Options {
+        check: Vec::new(),
         seconds: 3,
         drain: 2,
         addresses: 64,
@@ -95,6 +99,15 @@ fn parse() -> Result<Options, String> {
                     .filter(|n| (1..=250).contains(n))
                     .ok_or("--addresses takes 1..=250")?;
             }
+            "--check" => {
+                let list = args.next().ok_or("--check takes attack names, comma-separated")?;
+                for name in list.split(',') {
+                    if !ATTACKS.contains(&name) {
+                        return Err(format!("unknown attack {name}: one of {ATTACKS:?}"));
+                    }
+                    o.check.push(name.to_owned());
+                }
+            }
             "--only" => {
                 let name = args.next().ok_or("--only takes an attack name")?;
                 if !ATTACKS.contains(&name.as_str()) {
@@ -104,7 +117,7 @@ fn parse() -> Result<Options, String> {
             }
             "--help" | "-h" => {
                 return Err(format!(
-                "attack [--full | --seconds S] [--addresses N] [--only NAME]\nattacks: {ATTACKS:?}"
+                "attack [--full | --seconds S] [--addresses N] [--only NAME] [--check NAME,...]\nattacks: {ATTACKS:?}"
             ))
             }
             other => return Err(format!("unknown argument {other} (--help)")),
@@ -131,6 +144,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let mut failed = 0;
     println!(
         "relay attack suite: {} s per attack, up to {} attacker addresses, default relay settings",
         options.seconds, options.addresses
@@ -140,12 +154,28 @@ fn main() -> ExitCode {
             continue;
         }
         match runtime.block_on(run(name, &options)) {
-            Ok(report) => println!("{report}"),
+            Ok((report, problems)) => {
+                println!("{report}");
+                if options.check.iter().any(|c| c == name) {
+                    if problems.is_empty() {
+                        println!("   check: the defence held");
+                    } else {
+                        for p in &problems {
+                            println!("   check FAILED: {p}");
+                        }
+                        failed += 1;
+                    }
+                }
+            }
             Err(e) => {
                 eprintln!("{name}: harness failed: {e}");
                 return ExitCode::FAILURE;
             }
         }
+    }
+    if failed > 0 {
+        eprintln!("{failed} checked attack(s) were not defended");
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }
@@ -262,6 +292,8 @@ struct Spent {
     connections: AtomicU64,
     /// Slow connections still open when the attack ended.
     still_open: AtomicU64,
+    /// Bob's one-time prekeys on the relay before and after the attack.
+    prekeys: Mutex<(Option<u64>, Option<u64>)>,
     answers: Mutex<BTreeMap<String, u64>>,
     notes: Mutex<Vec<String>>,
 }
@@ -313,7 +345,7 @@ async fn classify(r: Result<reqwest::Response, reqwest::Error>) -> String {
     }
 }
 
-async fn run(name: &str, options: &Options) -> Result<String, Failure> {
+async fn run(name: &str, options: &Options) -> Result<(String, Vec<String>), Failure> {
     let relay = start_relay(name).await?;
     let url = relay.url();
     // Each honest device connects from its own address (as different
@@ -521,7 +553,46 @@ async fn run(name: &str, options: &Options) -> Result<String, Failure> {
         (None, Some(e)) => format!("\n   stranger's first message: send failed: {e}"),
         (None, None) => "\n   stranger's first message: not arrived".to_owned(),
     });
-    Ok(out)
+    let problems = check(name, &h, &spent);
+    Ok((out, problems))
+}
+
+/// The properties of a defended attack that do not depend on timing (no
+/// latency is asserted: the machine's load decides those): nothing the
+/// honest pair did failed, no one-time prekey was lost to `HEAD`, the
+/// drain left Bob's pool not empty, the attacker's slow connections were
+/// capped.
+fn check(name: &str, h: &Honest, spent: &Spent) -> Vec<String> {
+    let mut problems = Vec::new();
+    if h.send_errors > 0 || h.receive_errors > 0 {
+        problems.push(format!(
+            "honest errors: {} sends, {} receives",
+            h.send_errors, h.receive_errors
+        ));
+    }
+    if h.stranger_error.is_some() {
+        problems.push("the stranger could not send its first message".into());
+    }
+    let (before, after) = *spent.prekeys.lock().unwrap_or_else(|e| e.into_inner());
+    match name {
+        "head_claims" if before != after => {
+            problems.push(format!(
+                "HEAD took one-time prekeys: {before:?} -> {after:?}"
+            ));
+        }
+        "prekey_drain" if after.is_none_or(|n| n == 0) => {
+            problems.push(format!("the pool was drained: {before:?} -> {after:?}"));
+        }
+        "slow_connections" => {
+            let held = spent.still_open.load(Ordering::Relaxed);
+            let cap = 64 * 64;
+            if held > cap {
+                problems.push(format!("{held} slow connections held, over {cap}"));
+            }
+        }
+        _ => {}
+    }
+    problems
 }
 
 /// Runs one attack until `deadline`.
@@ -624,6 +695,7 @@ async fn attack(
     while tasks.join_next().await.is_some() {}
     if matches!(name, "prekey_drain" | "head_claims") {
         let after = one_time_prekeys(&count).await;
+        *spent.prekeys.lock().unwrap_or_else(|e| e.into_inner()) = (before, after);
         spent.note(format!(
             "Bob's one-time prekeys on the relay: {before:?} before, {after:?} after"
         ));
