@@ -1049,7 +1049,7 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
     backup(&db, &saved);
     // After the backup: a prekey is claimed, and an upload (which someone
     // may keep) raises the counter.
-    assert!(has_one_time_prekey(&relay.fetch_bundle(&address).unwrap()));
+    assert!(has_one_time_prekey(&relay.fetch_bundle(NOW, &address).unwrap()));
     let later = device.upload(NOW - 500);
     relay.publish(NOW - 500, &later).unwrap();
     drop(relay);
@@ -1072,7 +1072,7 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
 
     let mut relay = relay_on(&db);
     assert_eq!(relay.one_time_prekeys_left(&address).unwrap(), 0);
-    assert!(!has_one_time_prekey(&relay.fetch_bundle(&address).unwrap()));
+    assert!(!has_one_time_prekey(&relay.fetch_bundle(NOW, &address).unwrap()));
     assert!(matches!(
         relay.publish(NOW, &later),
         Err(TransportError::Replayed)

@@ -121,7 +121,7 @@ fn schema_is_created_once_and_versioned() {
     let bob = Device::new(&mut rng, 1, 3);
     let mut relay = Relay::new(db.storage(), RelayConfig::default());
     relay.publish(NOW, &bob.upload(7, true)).unwrap();
-    relay.fetch_bundle(&bob.address()).unwrap();
+    relay.fetch_bundle(NOW, &bob.address()).unwrap();
     relay
         .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
         .unwrap();
@@ -409,7 +409,7 @@ fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
                 // As many fetches in all as there are prekeys: each must
                 // get one.
                 for _ in 0..PER_THREAD {
-                    let bundle = relay.fetch_bundle(&address).unwrap();
+                    let bundle = relay.fetch_bundle(NOW, &address).unwrap();
                     let bundle = PrekeyBundle::decode(&bundle).unwrap();
                     let (id, _) = bundle.one_time_prekey().expect("a prekey was left");
                     claimed.push(id);
@@ -439,7 +439,7 @@ fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
     assert_eq!(all_authorized, KEYS);
     // The pool is empty now: bundles come without.
     let mut relay = Relay::new(db.storage(), RelayConfig::default());
-    let bundle = relay.fetch_bundle(&address).unwrap();
+    let bundle = relay.fetch_bundle(NOW, &address).unwrap();
     assert_eq!(
         PrekeyBundle::decode(&bundle).unwrap().one_time_prekey(),
         None
@@ -566,7 +566,7 @@ fn concurrent_uploads_keep_counters_increasing() {
                         Err(e) => panic!("{e:?}: {:?}", relay.take_storage_error()),
                     }
                     // Claims race with the uploads too.
-                    relay.fetch_bundle(&bob.address()).unwrap();
+                    relay.fetch_bundle(NOW, &bob.address()).unwrap();
                 }
                 applied
             })
@@ -754,7 +754,7 @@ fn works_from_a_tokio_blocking_thread() {
                 RelayConfig::default(),
             );
             relay.publish(NOW, &bob.upload(1, true)).unwrap();
-            relay.fetch_bundle(&bob.address()).unwrap();
+            relay.fetch_bundle(NOW, &bob.address()).unwrap();
             relay.one_time_prekeys_left(&bob.address())
         })
         .await

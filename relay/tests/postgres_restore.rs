@@ -75,7 +75,7 @@ fn after_restore_on_postgres() {
     relay
         .publish(NOW - 100, &high.upload(u64::MAX - 5))
         .unwrap();
-    relay.fetch_bundle(&device.address()).unwrap();
+    relay.fetch_bundle(NOW, &device.address()).unwrap();
     let mailbox = device.address().mailbox();
     let challenge = relay.challenge(NOW - 10, &mut OsRng, &mailbox).unwrap();
     let replayable = device.upload(NOW - 50);
