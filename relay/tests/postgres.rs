@@ -504,6 +504,7 @@ fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
     drop(relay);
 
     let challenges = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
     let address = bob.address();
     let bob = Arc::new(bob);
     let start = Arc::new(Barrier::new(THREADS));
@@ -511,6 +512,7 @@ fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
         .map(|n| {
             let storage = db.storage();
             let challenges = Arc::clone(&challenges);
+            let kept = Arc::clone(&kept);
             let start = Arc::clone(&start);
             let bob = Arc::clone(&bob);
             let config = config.clone();
@@ -525,6 +527,8 @@ fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
                 for _ in 0..PER_THREAD {
                     let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
                     challenges.lock().unwrap().push(challenge);
+                    let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+                    kept.lock().unwrap().push(challenge);
                 }
                 // As many fetches in all as there are prekeys.
                 for _ in 0..PER_THREAD {
@@ -568,8 +572,22 @@ fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
         .unwrap()
         .get(0);
     assert_eq!(keys, 1);
-    // The budget is spent: bundles come without, the pool keeps the rest.
+    // Every relay issued its challenges under the key stored: a new relay
+    // process accepts each of them, once.
     let mut relay = Relay::new(db.storage(), config);
+    let kept: Vec<[u8; 32]> = kept.lock().unwrap().clone();
+    for round in [true, false] {
+        let accepted = kept
+            .iter()
+            .filter(|c| {
+                relay
+                    .fetch(NOW, &bob.auth(MailboxOp::Fetch, **c), 1)
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(accepted, if round { kept.len() } else { 0 });
+    }
+    // The budget is spent: bundles come without, the pool keeps the rest.
     let bundle = relay.fetch_bundle(NOW, &address).unwrap();
     assert_eq!(
         PrekeyBundle::decode(&bundle).unwrap().one_time_prekey(),
