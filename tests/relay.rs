@@ -172,7 +172,8 @@ mod sqlite_file {
                     let mut authorized = 0;
                     for auth in auths.iter() {
                         let bundle =
-                            PrekeyBundle::decode(&relay.fetch_bundle(NOW, &address).unwrap()).unwrap();
+                            PrekeyBundle::decode(&relay.fetch_bundle(NOW, &address).unwrap())
+                                .unwrap();
                         if let Some((id, _)) = bundle.one_time_prekey() {
                             claimed.push(id);
                         }
@@ -195,10 +196,7 @@ mod sqlite_file {
         // connections spent one claim budget of 30), and every challenge
         // authorized exactly one fetch.
         all_claimed.sort_unstable();
-        let expected: Vec<u32> = bob.one_time_prekeys[..30]
-            .iter()
-            .map(|k| k.id())
-            .collect();
+        let expected: Vec<u32> = bob.one_time_prekeys[..30].iter().map(|k| k.id()).collect();
         assert_eq!(all_claimed, expected);
         assert_eq!(all_authorized, 40);
     }

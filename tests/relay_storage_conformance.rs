@@ -5,8 +5,9 @@
 
 use cubbyhole::relay::conformance::{self, Violation, CHECKS};
 use cubbyhole::relay::{
-    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, MemoryRelayStorage,
-    RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
+    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
+    MailboxUsage, MemoryRelayStorage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList,
+    UploadOutcome,
 };
 use cubbyhole::transport::{BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId};
 use cubbyhole::AccountId;

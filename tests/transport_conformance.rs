@@ -7,9 +7,9 @@
 
 use cubbyhole::client::block_on;
 use cubbyhole::relay::{
-    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InProcessRelay, InsertOutcome, MailboxLimits, MailboxUsage,
-    MemoryRelayStorage, Relay, RelayConfig, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList,
-    UploadOutcome,
+    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InProcessRelay, InsertOutcome,
+    MailboxLimits, MailboxUsage, MemoryRelayStorage, Relay, RelayConfig, RelayKey, RelayStorage,
+    RelayStorageError, StoredDeviceList, UploadOutcome,
 };
 use cubbyhole::transport::conformance::{self, Options, Violation, CHECKS};
 use cubbyhole::transport::{

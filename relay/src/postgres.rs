@@ -83,8 +83,8 @@ use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cubbyhole::relay::{
-    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage,
-    RelayKey, RelayStorageError, StoredDeviceList, UploadOutcome,
+    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
+    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
 };
 use cubbyhole::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,

@@ -139,9 +139,7 @@ fn sqlite_after_restore(path: &Path, floor: u64) -> Result<RestoreReport, Server
     let one_time_prekeys_deleted = tx
         .execute("DELETE FROM one_time_prekeys", [])
         .map_err(sql)?;
-    let challenges_deleted = tx
-        .execute("DELETE FROM used_challenges", [])
-        .map_err(sql)?;
+    let challenges_deleted = tx.execute("DELETE FROM used_challenges", []).map_err(sql)?;
     tx.execute("DELETE FROM relay_key", []).map_err(sql)?;
     let devices: i64 = tx
         .query_row("SELECT count(*) FROM devices", [], |r| r.get(0))

@@ -1054,7 +1054,9 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
     // After the backup: a prekey is claimed, the owner uses its challenge
     // (someone may keep the proof), and an upload (which someone may keep
     // too) raises the counter.
-    assert!(has_one_time_prekey(&relay.fetch_bundle(NOW, &address).unwrap()));
+    assert!(has_one_time_prekey(
+        &relay.fetch_bundle(NOW, &address).unwrap()
+    ));
     relay.fetch(NOW - 800, &proof, 10).unwrap();
     let later = device.upload(NOW - 500);
     relay.publish(NOW - 500, &later).unwrap();
@@ -1079,7 +1081,9 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
 
     let mut relay = relay_on(&db);
     assert_eq!(relay.one_time_prekeys_left(&address).unwrap(), 0);
-    assert!(!has_one_time_prekey(&relay.fetch_bundle(NOW, &address).unwrap()));
+    assert!(!has_one_time_prekey(
+        &relay.fetch_bundle(NOW, &address).unwrap()
+    ));
     // The relay key was replaced: the used challenge's proof is refused.
     assert!(matches!(
         relay.fetch(NOW - 800, &proof, 10),

@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use cubbyhole::relay::{reason, Relay, RelayConfig, RelayStorage, RelayStorageError};
-use cubbyhole::transport::{MailboxAuth, MailboxId, MailboxOp, TransportError};
+use cubbyhole::transport::{MailboxId, MailboxOp, TransportError};
 use cubbyhole::{DeviceEntry, DeviceList, IdentityKeyPair, PrekeyBundle, VerifiedDeviceList};
 use cubbyhole_relay::postgres::{spawn_listener, PostgresRelayStorage, DEPOSIT_CHANNEL};
 use postgres::{Client, NoTls};

@@ -90,8 +90,8 @@ use std::vec;
 use std::vec::Vec;
 
 use super::{
-    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage,
-    RelayKey, RelayStorageError, StoredDeviceList, UploadOutcome,
+    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
+    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
 };
 use crate::protocol::devices::AccountId;
 use crate::protocol::keys::{IdentityKeyPair, SignedPrekey};
@@ -482,17 +482,16 @@ fn claim_one(
     {
         ClaimOutcome::Claimed(id, key) => Ok(Some((id, key))),
         ClaimOutcome::Empty => Ok(None),
-        ClaimOutcome::Limited => Err(
-            "claim_one_time_prekey() without a budget is ClaimOutcome::Limited".into(),
-        ),
+        ClaimOutcome::Limited => {
+            Err("claim_one_time_prekey() without a budget is ClaimOutcome::Limited".into())
+        }
     }
 }
 
 /// Claims every key left, in order.
 fn claim_all(s: &mut dyn RelayStorage, d: &DeviceAddress) -> Result<Vec<u32>, String> {
     let mut out = Vec::new();
-    while let Some((id, _)) = claim_one(s, d)?
-    {
+    while let Some((id, _)) = claim_one(s, d)? {
         out.push(id);
         ensure!(
             out.len() <= 1_000,
@@ -544,11 +543,7 @@ fn empty(s: &mut dyn RelayStorage) -> Outcome {
         "mailbox_exists() is true in a new storage"
     );
     same("one_time_prekey_count()", &count(s, &a.address)?, &0)?;
-    same(
-        "claim_one_time_prekey()",
-        &claim_one(s, &a.address)?,
-        &None,
-    )?;
+    same("claim_one_time_prekey()", &claim_one(s, &a.address)?, &None)?;
     same("list_envelopes()", &list_all(s, &a.mailbox())?, &Vec::new())?;
     usage_is(s, &a.mailbox(), "of a new storage", 0, 0)?;
     same(
@@ -618,8 +613,7 @@ fn upload(s: &mut dyn RelayStorage) -> Outcome {
         &4,
     )?;
     let mut claimed = Vec::new();
-    while let Some(key) = claim_one(s, &a.address)?
-    {
+    while let Some(key) = claim_one(s, &a.address)? {
         claimed.push(key);
         ensure!(claimed.len() <= 10, "claim_one_time_prekey never runs out");
     }
@@ -1202,9 +1196,18 @@ fn challenges(s: &mut dyn RelayStorage) -> Outcome {
     )?;
 
     // purge_challenges: expires_at < now only, every mailbox.
-    ensure!(consume(s, &a, 30, NOW, NOW + 400)?, "a new challenge is used");
-    ensure!(consume(s, &a, 31, NOW, NOW + 500)?, "a new challenge is used");
-    ensure!(consume(s, &b, 32, NOW, NOW + 350)?, "a new challenge is used");
+    ensure!(
+        consume(s, &a, 30, NOW, NOW + 400)?,
+        "a new challenge is used"
+    );
+    ensure!(
+        consume(s, &a, 31, NOW, NOW + 500)?,
+        "a new challenge is used"
+    );
+    ensure!(
+        consume(s, &b, 32, NOW, NOW + 350)?,
+        "a new challenge is used"
+    );
     // Now: a holds 1, 2, 4 (NOW + 300), 30 (+ 400), 31 (+ 500); b holds 1
     // (+ 300), 32 (+ 350).
     same(

@@ -725,7 +725,10 @@ pub trait RelayStorage {
     /// concurrent first calls, one stores its key and all return that one.
     /// The key never changes afterwards except by an operator deleting it
     /// (a rotation, after a restore from a backup).
-    fn relay_key(&mut self, fresh: Option<&RelayKey>) -> Result<Option<RelayKey>, RelayStorageError>;
+    fn relay_key(
+        &mut self,
+        fresh: Option<&RelayKey>,
+    ) -> Result<Option<RelayKey>, RelayStorageError>;
 
     /// Records the use of a challenge (SPEC.md 16.4), which the caller
     /// checked (a valid one, of this mailbox, that expires at

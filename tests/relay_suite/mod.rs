@@ -209,7 +209,10 @@ pub fn publish_and_fetch<S: RelayStorage>(storage: S) {
         device_id: 4,
         ..bob.address()
     };
-    assert_eq!(relay.fetch_bundle(NOW, &other), Err(TransportError::NotFound));
+    assert_eq!(
+        relay.fetch_bundle(NOW, &other),
+        Err(TransportError::NotFound)
+    );
 }
 
 pub fn unknown_device_is_not_found<S: RelayStorage>(storage: S) {
