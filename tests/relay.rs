@@ -30,7 +30,8 @@ fn default_bounds_are_the_documented_ones() {
     assert_eq!(c.max_one_time_prekeys, 1_000);
     assert_eq!(c.retention, 30 * 24 * 60 * 60);
     assert_eq!(c.challenge_ttl, 300);
-    assert_eq!(c.max_outstanding_challenges, 64);
+    assert_eq!(c.claims_per_device_burst, 20);
+    assert_eq!(c.claims_per_device_per_hour, 60);
     assert_eq!(c.max_fetch_envelopes, 1_000);
     assert_eq!(c.max_fetch_bytes, 8 * 1024 * 1024);
     assert_eq!(c.max_acknowledge_ids, 1_000);
@@ -88,7 +89,7 @@ mod sqlite_file {
             let storage = SqliteRelayStorage::open(&db.0).unwrap();
             let mut relay = Relay::new(storage, RelayConfig::default());
             relay.publish(NOW, &first_upload).unwrap();
-            relay.fetch_bundle(&bob.address()).unwrap();
+            relay.fetch_bundle(NOW, &bob.address()).unwrap();
             relay
                 .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
                 .unwrap();
@@ -105,7 +106,7 @@ mod sqlite_file {
             relay.publish(NOW, &first_upload),
             Err(TransportError::Replayed)
         );
-        let bundle = PrekeyBundle::decode(&relay.fetch_bundle(&bob.address()).unwrap())
+        let bundle = PrekeyBundle::decode(&relay.fetch_bundle(NOW, &bob.address()).unwrap())
             .unwrap()
             .verify(NOW, FreshnessPolicy::default())
             .unwrap();
@@ -116,7 +117,8 @@ mod sqlite_file {
                 bob.one_time_prekeys[1].public()
             ))
         );
-        // So are the envelopes, in order, and the outstanding challenge.
+        // So are the envelopes, in order, and the relay key: the challenge
+        // issued before the restart is good.
         let fetched = relay
             .fetch(NOW + 3, &bob.auth(MailboxOp::Fetch, challenge), 10)
             .unwrap();
@@ -165,12 +167,13 @@ mod sqlite_file {
                 let auths = Arc::clone(&auths);
                 std::thread::spawn(move || {
                     let storage = SqliteRelayStorage::open(&path).unwrap();
-                    let mut relay = Relay::new(storage, RelayConfig::default());
+                    let mut relay = Relay::new(storage, shared_budget());
                     let mut claimed = Vec::new();
                     let mut authorized = 0;
                     for auth in auths.iter() {
                         let bundle =
-                            PrekeyBundle::decode(&relay.fetch_bundle(&address).unwrap()).unwrap();
+                            PrekeyBundle::decode(&relay.fetch_bundle(NOW, &address).unwrap())
+                                .unwrap();
                         if let Some((id, _)) = bundle.one_time_prekey() {
                             claimed.push(id);
                         }
@@ -189,12 +192,142 @@ mod sqlite_file {
             all_claimed.extend(claimed);
             all_authorized += authorized;
         }
-        // Every one-time prekey went out exactly once, every challenge
+        // Every one-time prekey went out at most once, the oldest 30 (the
+        // connections spent one claim budget of 30), and every challenge
         // authorized exactly one fetch.
         all_claimed.sort_unstable();
-        let expected: Vec<u32> = bob.one_time_prekeys.iter().map(|k| k.id()).collect();
+        let expected: Vec<u32> = bob.one_time_prekeys[..30].iter().map(|k| k.id()).collect();
         assert_eq!(all_claimed, expected);
         assert_eq!(all_authorized, 40);
+    }
+
+    /// A claim budget of a burst of 30 (an hour to refill).
+    fn shared_budget() -> RelayConfig {
+        RelayConfig {
+            claims_per_device_burst: 30,
+            claims_per_device_per_hour: 1,
+            ..RelayConfig::default()
+        }
+    }
+
+    /// Two relays over one file share the relay key (the first one stored)
+    /// and the record of used challenges: each accepts the other's
+    /// challenges, once.
+    #[test]
+    fn relays_sharing_a_file_share_the_relay_key() {
+        let db = TempDb::new("shared-key");
+        let mut rng = rng(12);
+        let bob = Device::new(&mut rng, 1, 0);
+        let mut a = Relay::new(
+            SqliteRelayStorage::open(&db.0).unwrap(),
+            RelayConfig::default(),
+        );
+        let mut b = Relay::new(
+            SqliteRelayStorage::open(&db.0).unwrap(),
+            RelayConfig::default(),
+        );
+        a.publish(NOW, &bob.upload(1, true)).unwrap();
+        let from_a = a.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+        let from_b = b.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+        for (relay, challenge) in [(&mut a, from_b), (&mut b, from_a)] {
+            relay
+                .fetch(NOW, &bob.auth(MailboxOp::Fetch, challenge), 1)
+                .unwrap();
+        }
+        for (relay, challenge) in [(&mut a, from_a), (&mut b, from_b)] {
+            assert_eq!(
+                relay.fetch(NOW, &bob.auth(MailboxOp::Fetch, challenge), 1),
+                Err(TransportError::Unauthorized)
+            );
+        }
+    }
+
+    /// From the schema version 4 to version 3 as the previous release wrote
+    /// it: outstanding challenges, no used ones, no relay key, no claim
+    /// times.
+    const DOWNGRADE_4_TO_3: &str = "
+        DROP TABLE used_challenges;
+        DROP TABLE relay_key;
+        ALTER TABLE devices DROP COLUMN claimed_until;
+        CREATE TABLE challenges (
+            seq INTEGER PRIMARY KEY,
+            mailbox BLOB NOT NULL,
+            challenge BLOB NOT NULL,
+            expires_at INTEGER NOT NULL,
+            UNIQUE (mailbox, challenge)
+        );
+        CREATE INDEX challenges_by_mailbox ON challenges (mailbox, seq);
+        CREATE INDEX challenges_by_expiry ON challenges (expires_at);
+        PRAGMA user_version = 3;
+    ";
+
+    /// A version-3 database (outstanding challenges stored, no claim
+    /// times, no relay key) opens as version 4: its devices and pools stay,
+    /// claims are budgeted from a full budget, the old challenges are gone
+    /// and a relay key is made at the first challenge.
+    #[test]
+    fn migrates_a_version_3_database() {
+        let db = TempDb::new("migrate-3");
+        let mut rng = rng(13);
+        let bob = Device::new(&mut rng, 1, 30);
+        {
+            let mut relay = Relay::new(
+                SqliteRelayStorage::open(&db.0).unwrap(),
+                RelayConfig::default(),
+            );
+            relay.publish(NOW, &bob.upload(1, true)).unwrap();
+        }
+        {
+            // Back to version 3, as the previous release wrote it, with an
+            // outstanding challenge.
+            let conn = rusqlite::Connection::open(&db.0).unwrap();
+            conn.execute_batch(DOWNGRADE_4_TO_3).unwrap();
+            conn.execute(
+                "INSERT INTO challenges (mailbox, challenge, expires_at) VALUES (?1, ?2, ?3)",
+                rusqlite::params![bob.mailbox().0, [7u8; 32], NOW as i64 + 300],
+            )
+            .unwrap();
+        }
+        let mut relay = Relay::new(
+            SqliteRelayStorage::open(&db.0).unwrap(),
+            RelayConfig::default(),
+        );
+        {
+            let conn = rusqlite::Connection::open(&db.0).unwrap();
+            let version: u32 = conn
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap();
+            assert_eq!(version, 4);
+            let tables: Vec<String> = conn
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '%challenge%'")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(tables, vec!["used_challenges".to_string()]);
+            let keys: i64 = conn
+                .query_row("SELECT count(*) FROM relay_key", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(keys, 0);
+        }
+        // The record and pool stayed; the budget starts full (20).
+        assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(30));
+        let claimed = (0..30)
+            .filter(|_| {
+                PrekeyBundle::decode(&relay.fetch_bundle(NOW, &bob.address()).unwrap())
+                    .unwrap()
+                    .one_time_prekey()
+                    .is_some()
+            })
+            .count();
+        assert_eq!(claimed, 20);
+        // The old challenge is refused; new ones work.
+        assert_eq!(
+            relay.fetch(NOW, &bob.auth(MailboxOp::Fetch, [7; 32]), 1),
+            Err(TransportError::Unauthorized)
+        );
+        fetch_all(&mut relay, &mut rng, &bob, NOW);
     }
 
     #[test]
@@ -213,11 +346,11 @@ mod sqlite_file {
         drop(SqliteRelayStorage::open(&db.0).unwrap());
         {
             let conn = rusqlite::Connection::open(&db.0).unwrap();
-            conn.pragma_update(None, "user_version", 4).unwrap();
+            conn.pragma_update(None, "user_version", 5).unwrap();
         }
         assert!(matches!(
             SqliteRelayStorage::open(&db.0),
-            Err(RelayStorageError::UnsupportedSchema(4))
+            Err(RelayStorageError::UnsupportedSchema(5))
         ));
     }
 
@@ -499,7 +632,7 @@ mod sqlite_file {
             let version: u32 = conn
                 .pragma_query_value(None, "user_version", |r| r.get(0))
                 .unwrap();
-            assert_eq!(version, 3);
+            assert_eq!(version, 4);
         }
         // The device lists' table came with the migration.
         assert_device_lists_work(&mut storage);
@@ -634,6 +767,7 @@ mod sqlite_file {
         {
             // Back to version 2, as the previous release wrote it.
             let conn = rusqlite::Connection::open(&db.0).unwrap();
+            conn.execute_batch(DOWNGRADE_4_TO_3).unwrap();
             conn.execute_batch("DROP TABLE device_lists; PRAGMA user_version = 2;")
                 .unwrap();
         }
@@ -643,7 +777,7 @@ mod sqlite_file {
             let version: u32 = conn
                 .pragma_query_value(None, "user_version", |r| r.get(0))
                 .unwrap();
-            assert_eq!(version, 3);
+            assert_eq!(version, 4);
         }
         assert_eq!(
             storage.list_envelopes(&a, 0, 10, u64::MAX).unwrap(),

@@ -5,8 +5,9 @@
 
 use cubbyhole::relay::conformance::{self, Violation, CHECKS};
 use cubbyhole::relay::{
-    AppendOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, MemoryRelayStorage,
-    RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
+    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
+    MailboxUsage, MemoryRelayStorage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList,
+    UploadOutcome,
 };
 use cubbyhole::transport::{BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId};
 use cubbyhole::AccountId;
@@ -105,8 +106,15 @@ enum Fault {
     UsageNoBytes,
     /// `expire_envelopes` also deletes what was received at the cutoff.
     ExpireInclusive,
-    /// `consume_challenge` does not delete the challenge.
+    /// `consume_challenge` does not record the challenge.
     ChallengeReusable,
+    /// `consume_challenge` forgets every record of the mailbox first, not
+    /// only the expired ones.
+    ChallengeForgetsAll,
+    /// `claim_one_time_prekey` ignores the budget.
+    ClaimIgnoresBudget,
+    /// `relay_key` replaces the stored key with the one offered.
+    KeyReplaced,
     /// `purge_challenges` is not supported.
     PurgeUnsupported,
     /// `commit_group` drops the group's writes.
@@ -133,6 +141,8 @@ struct Broken {
     group: Option<MemoryRelayStorage>,
     /// The device lists, by account and version.
     lists: std::collections::BTreeMap<(AccountId, u64), StoredDeviceList>,
+    /// The relay key (for `KeyReplaced`).
+    key: Option<RelayKey>,
 }
 
 impl Broken {
@@ -152,6 +162,7 @@ impl Broken {
             fault,
             group: None,
             lists: std::collections::BTreeMap::new(),
+            key: None,
         }
     }
     fn maker(fault: Fault) -> impl FnMut() -> Broken {
@@ -207,12 +218,16 @@ impl RelayStorage for Broken {
     fn claim_one_time_prekey(
         &mut self,
         device: &DeviceAddress,
-    ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError> {
+        budget: Option<ClaimBudget>,
+    ) -> Result<ClaimOutcome, RelayStorageError> {
         if self.fault == Fault::ClaimKeeps {
             let mut copy = self.inner.clone();
-            return copy.claim_one_time_prekey(device);
+            return copy.claim_one_time_prekey(device, budget);
         }
-        self.inner.claim_one_time_prekey(device)
+        if self.fault == Fault::ClaimIgnoresBudget {
+            return self.inner.claim_one_time_prekey(device, None);
+        }
+        self.inner.claim_one_time_prekey(device, budget)
     }
     fn one_time_prekey_count(&self, device: &DeviceAddress) -> Result<u32, RelayStorageError> {
         self.inner.one_time_prekey_count(device)
@@ -343,28 +358,35 @@ impl RelayStorage for Broken {
         }
         Ok(())
     }
-    fn insert_challenge(
+    fn relay_key(
         &mut self,
-        mailbox: &MailboxId,
-        challenge: &[u8; 32],
-        now: u64,
-        expires_at: u64,
-        max_outstanding: u32,
-    ) -> Result<(), RelayStorageError> {
-        self.inner
-            .insert_challenge(mailbox, challenge, now, expires_at, max_outstanding)
+        fresh: Option<&RelayKey>,
+    ) -> Result<Option<RelayKey>, RelayStorageError> {
+        if self.fault == Fault::KeyReplaced {
+            if let Some(fresh) = fresh {
+                self.key = Some(fresh.clone());
+            }
+            return Ok(self.key.clone());
+        }
+        self.inner.relay_key(fresh)
     }
     fn consume_challenge(
         &mut self,
         mailbox: &MailboxId,
         challenge: &[u8; 32],
         now: u64,
+        expires_at: u64,
     ) -> Result<bool, RelayStorageError> {
         if self.fault == Fault::ChallengeReusable {
             let mut copy = self.inner.clone();
-            return copy.consume_challenge(mailbox, challenge, now);
+            return copy.consume_challenge(mailbox, challenge, now, expires_at);
         }
-        self.inner.consume_challenge(mailbox, challenge, now)
+        if self.fault == Fault::ChallengeForgetsAll {
+            // Records of every mailbox go: a coarse stand-in.
+            self.inner.purge_challenges(u64::MAX)?;
+        }
+        self.inner
+            .consume_challenge(mailbox, challenge, now, expires_at)
     }
     fn device_list_head(
         &self,
@@ -481,6 +503,9 @@ fn every_fault_is_caught_by_its_check() {
         (Fault::UsageNoBytes, "usage"),
         (Fault::ExpireInclusive, "expiry"),
         (Fault::ChallengeReusable, "challenges"),
+        (Fault::ChallengeForgetsAll, "challenges"),
+        (Fault::ClaimIgnoresBudget, "claim_budget"),
+        (Fault::KeyReplaced, "relay_key"),
         (Fault::PurgeUnsupported, "challenges"),
         (Fault::CommitDrops, "groups"),
         (Fault::ClampsCreated, "large_values"),

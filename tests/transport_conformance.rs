@@ -7,9 +7,9 @@
 
 use cubbyhole::client::block_on;
 use cubbyhole::relay::{
-    AppendOutcome, DeviceRecord, InProcessRelay, InsertOutcome, MailboxLimits, MailboxUsage,
-    MemoryRelayStorage, Relay, RelayConfig, RelayStorage, RelayStorageError, StoredDeviceList,
-    UploadOutcome,
+    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InProcessRelay, InsertOutcome,
+    MailboxLimits, MailboxUsage, MemoryRelayStorage, Relay, RelayConfig, RelayKey, RelayStorage,
+    RelayStorageError, StoredDeviceList, UploadOutcome,
 };
 use cubbyhole::transport::conformance::{self, Options, Violation, CHECKS};
 use cubbyhole::transport::{
@@ -178,11 +178,12 @@ impl RelayStorage for BrokenStorage {
     fn claim_one_time_prekey(
         &mut self,
         device: &DeviceAddress,
-    ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError> {
+        budget: Option<ClaimBudget>,
+    ) -> Result<ClaimOutcome, RelayStorageError> {
         if self.fault == Fault::PrekeyHandedOutTwice {
-            return self.inner.clone().claim_one_time_prekey(device);
+            return self.inner.clone().claim_one_time_prekey(device, budget);
         }
-        self.inner.claim_one_time_prekey(device)
+        self.inner.claim_one_time_prekey(device, budget)
     }
     fn one_time_prekey_count(&self, device: &DeviceAddress) -> Result<u32, RelayStorageError> {
         self.inner.one_time_prekey_count(device)
@@ -253,30 +254,27 @@ impl RelayStorage for BrokenStorage {
     fn expire_envelopes(&mut self, received_before: u64) -> Result<u64, RelayStorageError> {
         self.inner.expire_envelopes(received_before)
     }
-    fn insert_challenge(
+    fn relay_key(
         &mut self,
-        mailbox: &MailboxId,
-        challenge: &[u8; 32],
-        now: u64,
-        expires_at: u64,
-        max_outstanding: u32,
-    ) -> Result<(), RelayStorageError> {
-        self.inner
-            .insert_challenge(mailbox, challenge, now, expires_at, max_outstanding)
+        fresh: Option<&RelayKey>,
+    ) -> Result<Option<RelayKey>, RelayStorageError> {
+        self.inner.relay_key(fresh)
     }
     fn consume_challenge(
         &mut self,
         mailbox: &MailboxId,
         challenge: &[u8; 32],
         now: u64,
+        expires_at: u64,
     ) -> Result<bool, RelayStorageError> {
         if self.fault == Fault::ChallengeReusable {
             return self
                 .inner
                 .clone()
-                .consume_challenge(mailbox, challenge, now);
+                .consume_challenge(mailbox, challenge, now, expires_at);
         }
-        self.inner.consume_challenge(mailbox, challenge, now)
+        self.inner
+            .consume_challenge(mailbox, challenge, now, expires_at)
     }
     fn purge_challenges(&mut self, now: u64) -> Result<u64, RelayStorageError> {
         self.inner.purge_challenges(now)

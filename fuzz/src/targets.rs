@@ -1048,7 +1048,7 @@ fn check_upload(data: &[u8], upload: &BundleSetUpload) {
         Ok(()) => {
             assert!(distinct && n <= max);
             assert_eq!(relay.one_time_prekeys_left(&upload.device), Ok(n as u32));
-            let bundle = relay.fetch_bundle(&upload.device).expect("bundle");
+            let bundle = relay.fetch_bundle(NOW, &upload.device).expect("bundle");
             let bundle = PrekeyBundle::decode(&bundle).expect("the relay's bundle decodes");
             assert_eq!(bundle.identity().as_bytes(), &upload.device.identity);
             assert_eq!(bundle.signed_prekey_id(), upload.signed_prekey.id);
@@ -1182,7 +1182,7 @@ fn signed_upload(data: &[u8]) {
         relay.one_time_prekeys_left(&fx.device),
         Ok(pool.len() as u32)
     );
-    let bundle = relay.fetch_bundle(&fx.device).expect("bundle");
+    let bundle = relay.fetch_bundle(NOW, &fx.device).expect("bundle");
     let bundle = PrekeyBundle::decode(&bundle).expect("the relay's bundle decodes");
     assert_eq!(
         bundle.one_time_prekey().map(|(id, key)| (id, *key)),

@@ -320,11 +320,18 @@ const KEYS: &[Key] = &[
         apply: bound!(challenge_ttl),
     },
     Key {
-        key: "MAX_OUTSTANDING_CHALLENGES",
+        key: "CLAIMS_PER_DEVICE_BURST",
         switch: false,
-        default: "64",
-        help: "most challenges outstanding per mailbox",
-        apply: bound!(max_outstanding_challenges),
+        default: "20",
+        help: "one-time prekeys claimed from one device at once, before the hourly rate applies",
+        apply: bound!(claims_per_device_burst),
+    },
+    Key {
+        key: "CLAIMS_PER_DEVICE_PER_HOUR",
+        switch: false,
+        default: "60",
+        help: "one-time prekeys claimed from one device per hour, whoever asks (0: no limit)",
+        apply: bound!(claims_per_device_per_hour),
     },
     Key {
         key: "MAX_FETCH_ENVELOPES",

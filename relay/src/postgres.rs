@@ -12,16 +12,19 @@
 //! - an upload ([`RelayStorage::apply_upload`]) locks the device's row
 //!   (`INSERT ... ON CONFLICT DO NOTHING`, then `SELECT ... FOR UPDATE`)
 //!   before comparing counters, so accepted counters strictly increase;
-//! - a one-time prekey claim takes the device's row `FOR SHARE` (no upload
-//!   can change the pool meanwhile) and deletes the oldest prekey that no
-//!   concurrent claim holds (`FOR UPDATE SKIP LOCKED`): each prekey is
-//!   handed out once;
+//! - a one-time prekey claim takes the device's row `FOR UPDATE` (no
+//!   upload or other claim changes the pool or the claim time meanwhile),
+//!   checks the device's claim budget, deletes the oldest prekey and
+//!   advances the claim time: each prekey is handed out once, and
+//!   concurrent claims spend one budget;
 //! - a deposit takes a transaction-scoped advisory lock on its mailbox
 //!   (`pg_advisory_xact_lock`), so the duplicate check and the mailbox's
 //!   bounds see every earlier deposit to that mailbox;
-//! - challenge issuance takes another per-mailbox advisory lock (bounding
-//!   the outstanding challenges); consuming one is a single
-//!   `DELETE ... RETURNING`, which succeeds for one caller only.
+//! - challenges are stateless (SPEC.md 16.4): issuing one writes nothing
+//!   but, once per database, the relay key (`INSERT ... ON CONFLICT DO
+//!   NOTHING`, then read back: every process gets the first key stored);
+//!   using one is a single `INSERT ... ON CONFLICT DO NOTHING` into the
+//!   used challenges, which succeeds for one caller only.
 //!
 //! A transaction that PostgreSQL aborts as a deadlock victim or for a
 //! serialization failure (possible when an operator makes `SERIALIZABLE`
@@ -80,8 +83,8 @@ use std::thread;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cubbyhole::relay::{
-    AppendOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage,
-    RelayStorageError, StoredDeviceList, UploadOutcome,
+    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
+    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
 };
 use cubbyhole::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,
@@ -96,18 +99,19 @@ use postgres::{Client, Config, NoTls, Statement};
 pub const DEPOSIT_CHANNEL: &str = "cubbyhole_deposit";
 
 /// The schema version this code writes (`cubbyhole_relay_meta`).
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 
 /// Advisory lock classes (first key of the two-key advisory locks; the
 /// second is the schema's `0` or the first four bytes of a mailbox id, which
 /// is a hash). Advisory locks are per database.
 const LOCK_SCHEMA: i32 = 0x6362_726c; // "cbrl"
 const LOCK_DEPOSIT: i32 = 0x6362_6d62; // "cbmb"
-const LOCK_CHALLENGE: i32 = 0x6362_6368; // "cbch"
 const LOCK_DEVICE_LIST: i32 = 0x6362_646c; // "cbdl"
 
 /// The tables besides `cubbyhole_relay_meta`.
-const TABLES: [&str; 6] = [
+const TABLES: [&str; 8] = [
+    "cubbyhole_relay_key",
+    "cubbyhole_relay_used_challenges",
     "cubbyhole_relay_device_lists",
     "cubbyhole_relay_devices",
     "cubbyhole_relay_one_time_prekeys",
@@ -196,6 +200,30 @@ CREATE TABLE cubbyhole_relay_device_lists (
     body_hash bytea NOT NULL,
     signed bytea NOT NULL,
     PRIMARY KEY (account_id, version)
+);
+";
+
+/// From schema version 2 to 3 (SPEC.md 16.2, 16.4), the last step of
+/// every creation or migration: each device gets its claim time (the
+/// one-time-prekey claim budget, milliseconds, 0 for never claimed from);
+/// the table of issued challenges gives way to the table of used ones
+/// (challenges are stateless now: those outstanding at the migration carry
+/// no tag and could not be used anyway); the relay key's table holds at
+/// most one key, created at the first challenge.
+const MIGRATE_2_TO_3: &str = "
+ALTER TABLE cubbyhole_relay_devices ADD COLUMN claimed_until bigint NOT NULL DEFAULT 0;
+DROP TABLE cubbyhole_relay_challenges;
+CREATE TABLE cubbyhole_relay_used_challenges (
+    mailbox bytea NOT NULL,
+    challenge bytea NOT NULL,
+    expires_at bigint NOT NULL,
+    PRIMARY KEY (mailbox, challenge)
+);
+CREATE INDEX cubbyhole_relay_used_challenges_by_expiry
+    ON cubbyhole_relay_used_challenges (expires_at);
+CREATE TABLE cubbyhole_relay_key (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    key bytea NOT NULL
 );
 ";
 
@@ -323,7 +351,8 @@ struct Statements {
     clear_pool: Statement,
     extend_pool: Statement,
     pool_count: Statement,
-    share_device: Statement,
+    lock_claims: Statement,
+    set_claimed_until: Statement,
     claim: Statement,
     lock_mailbox: Statement,
     list_envelopes: Statement,
@@ -335,11 +364,10 @@ struct Statements {
     notify_batch: Statement,
     acknowledge: Statement,
     expire_all: Statement,
-    lock_challenges: Statement,
-    expire_challenges: Statement,
-    insert_challenge: Statement,
-    evict_challenges: Statement,
-    consume_challenge: Statement,
+    insert_key: Statement,
+    key: Statement,
+    expire_used: Statement,
+    use_challenge: Statement,
     purge_challenges: Statement,
 }
 
@@ -387,8 +415,10 @@ impl Statements {
                             DO UPDATE SET public = excluded.public")?,
             pool_count: p("SELECT count(*) FROM cubbyhole_relay_one_time_prekeys
                            WHERE identity = $1 AND device_id = $2")?,
-            share_device: p("SELECT 1 FROM cubbyhole_relay_devices
-                             WHERE identity = $1 AND device_id = $2 FOR SHARE")?,
+            lock_claims: p("SELECT claimed_until FROM cubbyhole_relay_devices
+                            WHERE identity = $1 AND device_id = $2 FOR UPDATE")?,
+            set_claimed_until: p("UPDATE cubbyhole_relay_devices SET claimed_until = $3
+                                  WHERE identity = $1 AND device_id = $2")?,
             claim: p("DELETE FROM cubbyhole_relay_one_time_prekeys
                       WHERE identity = $1 AND device_id = $2 AND key_id = (
                           SELECT key_id FROM cubbyhole_relay_one_time_prekeys
@@ -453,24 +483,18 @@ impl Statements {
             expire_all: p("WITH acknowledged AS (
                                DELETE FROM cubbyhole_relay_acknowledged WHERE received_at < $1)
                            DELETE FROM cubbyhole_relay_envelopes WHERE received_at < $1")?,
-            lock_challenges: p(&format!(
-                "SELECT pg_advisory_xact_lock({LOCK_CHALLENGE}, $1::integer)"
-            ))?,
-            expire_challenges: p("DELETE FROM cubbyhole_relay_challenges
-                                  WHERE mailbox = $1 AND expires_at < $2")?,
-            insert_challenge: p("INSERT INTO cubbyhole_relay_challenges
-                                     (mailbox, challenge, expires_at)
-                                 VALUES ($1, $2, $3)
-                                 ON CONFLICT (mailbox, challenge)
-                                 DO UPDATE SET expires_at = excluded.expires_at")?,
-            evict_challenges: p("DELETE FROM cubbyhole_relay_challenges
-                                 WHERE mailbox = $1 AND seq NOT IN (
-                                     SELECT seq FROM cubbyhole_relay_challenges
-                                     WHERE mailbox = $1 ORDER BY seq DESC LIMIT $2::bigint)")?,
-            consume_challenge: p("DELETE FROM cubbyhole_relay_challenges
-                                  WHERE mailbox = $1 AND challenge = $2
-                                  RETURNING expires_at")?,
-            purge_challenges: p("DELETE FROM cubbyhole_relay_challenges WHERE expires_at < $1")?,
+            insert_key: p("INSERT INTO cubbyhole_relay_key (key) VALUES ($1)
+                           ON CONFLICT DO NOTHING")?,
+            key: p("SELECT key FROM cubbyhole_relay_key")?,
+            expire_used: p("DELETE FROM cubbyhole_relay_used_challenges
+                            WHERE mailbox = $1 AND expires_at < $2")?,
+            use_challenge: p("INSERT INTO cubbyhole_relay_used_challenges
+                                  (mailbox, challenge, expires_at)
+                              VALUES ($1, $2, $3)
+                              ON CONFLICT (mailbox, challenge) DO NOTHING")?,
+            purge_challenges: p(
+                "DELETE FROM cubbyhole_relay_used_challenges WHERE expires_at < $1",
+            )?,
         })
     }
 }
@@ -521,9 +545,12 @@ fn ensure_schema(client: &mut Client) -> Result<(), RelayStorageError> {
         };
         return match version {
             SCHEMA_VERSION => Ok(()),
-            1 => {
-                // Version 1 to 2: the device lists' table.
-                tx.batch_execute(DEVICE_LIST_TABLE).map_err(db)?;
+            1 | 2 => {
+                if version == 1 {
+                    // Version 1 to 2: the device lists' table.
+                    tx.batch_execute(DEVICE_LIST_TABLE).map_err(db)?;
+                }
+                tx.batch_execute(MIGRATE_2_TO_3).map_err(db)?;
                 tx.execute(
                     "UPDATE cubbyhole_relay_meta SET schema_version = $1",
                     &[&SCHEMA_VERSION],
@@ -555,6 +582,7 @@ fn ensure_schema(client: &mut Client) -> Result<(), RelayStorageError> {
     }
     tx.batch_execute(SCHEMA).map_err(db)?;
     tx.batch_execute(DEVICE_LIST_TABLE).map_err(db)?;
+    tx.batch_execute(MIGRATE_2_TO_3).map_err(db)?;
     tx.execute(
         "INSERT INTO cubbyhole_relay_meta (schema_version) VALUES ($1)",
         &[&SCHEMA_VERSION],
@@ -608,8 +636,8 @@ impl PostgresRelayStorage {
 
     /// The step to run once after restoring the database from a backup,
     /// before any relay serves it ([`crate::restore`] explains why): in
-    /// one transaction, deletes every one-time prekey and every
-    /// outstanding challenge, and raises the stored upload counter of every
+    /// one transaction, deletes every one-time prekey, every record of a
+    /// used challenge and the relay key, and raises the stored upload counter of every
     /// device below `floor` to `floor` (stored counters are compared as
     /// unsigned: a stored value at or above 2^63 is above any floor and
     /// stays). `floor` is capped at `i64::MAX`.
@@ -627,7 +655,9 @@ impl PostgresRelayStorage {
             let mut tx = client.transaction()?;
             let one_time_prekeys_deleted =
                 tx.execute("DELETE FROM cubbyhole_relay_one_time_prekeys", &[])?;
-            let challenges_deleted = tx.execute("DELETE FROM cubbyhole_relay_challenges", &[])?;
+            let challenges_deleted =
+                tx.execute("DELETE FROM cubbyhole_relay_used_challenges", &[])?;
+            tx.execute("DELETE FROM cubbyhole_relay_key", &[])?;
             let devices: i64 = tx
                 .query_one("SELECT count(*) FROM cubbyhole_relay_devices", &[])?
                 .try_get(0)?;
@@ -916,27 +946,35 @@ impl RelayStorage for PostgresRelayStorage {
     fn claim_one_time_prekey(
         &mut self,
         device: &DeviceAddress,
-    ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError> {
+        budget: Option<ClaimBudget>,
+    ) -> Result<ClaimOutcome, RelayStorageError> {
         let identity = &device.identity[..];
         let device_id = i64::from(device.device_id);
         self.run(|client, st| {
             let mut tx = client.transaction()?;
-            // Shared with other claims, exclusive with uploads: the pool
-            // does not change under us except by concurrent claims, whose
-            // prekeys SKIP LOCKED passes over.
-            if tx
-                .query_opt(&st.share_device, &[&identity, &device_id])?
-                .is_none()
-            {
-                return Ok(None);
-            }
-            let claimed = match tx.query_opt(&st.claim, &[&identity, &device_id])? {
-                Some(row) => Some((
-                    small(row.try_get(0)?, "one-time prekey id")?,
-                    fixed(row.try_get(1)?, "one-time prekey")?,
-                )),
+            // Exclusive with uploads and other claims of this device: the
+            // pool and the claim time do not change under us.
+            let Some(row) = tx.query_opt(&st.lock_claims, &[&identity, &device_id])? else {
+                return Ok(ClaimOutcome::Empty);
+            };
+            let claimed_until: i64 = row.try_get(0)?;
+            let next = match budget {
+                Some(budget) => match budget.admit(unbits(claimed_until)) {
+                    Some(next) => Some(next),
+                    None => return Ok(ClaimOutcome::Limited),
+                },
                 None => None,
             };
+            let Some(row) = tx.query_opt(&st.claim, &[&identity, &device_id])? else {
+                return Ok(ClaimOutcome::Empty);
+            };
+            let claimed = ClaimOutcome::Claimed(
+                small(row.try_get(0)?, "one-time prekey id")?,
+                fixed(row.try_get(1)?, "one-time prekey")?,
+            );
+            if let Some(next) = next {
+                tx.execute(&st.set_claimed_until, &[&identity, &device_id, &bits(next)])?;
+            }
             tx.commit()?;
             Ok(claimed)
         })
@@ -1129,30 +1167,24 @@ impl RelayStorage for PostgresRelayStorage {
         self.run(|client, st| Ok(client.execute(&st.expire_all, &[&cutoff])?))
     }
 
-    fn insert_challenge(
+    fn relay_key(
         &mut self,
-        mailbox: &MailboxId,
-        challenge: &[u8; 32],
-        now: u64,
-        expires_at: u64,
-        max_outstanding: u32,
-    ) -> Result<(), RelayStorageError> {
-        let mailbox_bytes = &mailbox.0[..];
-        let challenge = &challenge[..];
+        fresh: Option<&RelayKey>,
+    ) -> Result<Option<RelayKey>, RelayStorageError> {
         self.run(|client, st| {
-            let mut tx = client.transaction()?;
-            tx.execute(&st.lock_challenges, &[&lock_key(mailbox)])?;
-            tx.execute(&st.expire_challenges, &[&mailbox_bytes, &time(now)])?;
-            tx.execute(
-                &st.insert_challenge,
-                &[&mailbox_bytes, &challenge, &time(expires_at)],
-            )?;
-            tx.execute(
-                &st.evict_challenges,
-                &[&mailbox_bytes, &i64::from(max_outstanding)],
-            )?;
-            tx.commit()?;
-            Ok(())
+            if let Some(fresh) = fresh {
+                // Of concurrent first calls, one inserts; all read it.
+                client.execute(&st.insert_key, &[&&fresh.as_bytes()[..]])?;
+            }
+            match client.query_opt(&st.key, &[])? {
+                None => Ok(None),
+                // Borrowed from the row: no copy of the key is left behind
+                // but the one returned (wiped when dropped).
+                Some(row) => Ok(Some(RelayKey::from_bytes(fixed(
+                    row.try_get::<_, &[u8]>(0)?,
+                    "the relay key",
+                )?))),
+            }
         })
     }
 
@@ -1161,16 +1193,20 @@ impl RelayStorage for PostgresRelayStorage {
         mailbox: &MailboxId,
         challenge: &[u8; 32],
         now: u64,
+        expires_at: u64,
     ) -> Result<bool, RelayStorageError> {
         let mailbox = &mailbox.0[..];
         let challenge = &challenge[..];
-        // One statement: of concurrent consumers, one deletes the row.
         self.run(|client, st| {
-            let expires_at: Option<i64> = client
-                .query_opt(&st.consume_challenge, &[&mailbox, &challenge])?
-                .map(|row| row.try_get(0))
-                .transpose()?;
-            Ok(expires_at.is_some_and(|e| time(now) <= e))
+            let mut tx = client.transaction()?;
+            tx.execute(&st.expire_used, &[&mailbox, &time(now)])?;
+            // Of concurrent uses, one inserts the row.
+            let recorded = tx.execute(
+                &st.use_challenge,
+                &[&mailbox, &challenge, &time(expires_at)],
+            )?;
+            tx.commit()?;
+            Ok(recorded == 1)
         })
     }
 

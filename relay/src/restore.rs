@@ -16,8 +16,15 @@
 //!   an upload made between the backup and the restore, if someone kept
 //!   its bytes, would be accepted again.
 //!
-//! [`after_restore`] closes both, in one transaction: it deletes every
-//! one-time prekey (and every outstanding challenge), and raises every
+//! A third is closed on the way: **a challenge is used once.** The relay
+//! records the challenges used since the backup only in the live database
+//! (SPEC.md 16.4), so the step also deletes the relay key: the next
+//! challenge makes a new one, and every challenge issued before the
+//! restore, used or not, is refused.
+//!
+//! [`after_restore`] closes them in one transaction: it deletes every
+//! one-time prekey, every record of a used challenge and the relay key,
+//! and raises every
 //! device's stored counter to at least a floor, **the time of the restore
 //! plus a margin** (default [`DEFAULT_COUNTER_MARGIN_SECS`]). Clients take
 //! `max(last counter, now) + 1` as an upload's counter (SPEC.md 17.2), so
@@ -55,7 +62,8 @@ pub const DEFAULT_COUNTER_MARGIN_SECS: u64 = 3_600;
 pub struct RestoreReport {
     /// One-time prekeys deleted (all of them).
     pub one_time_prekeys_deleted: u64,
-    /// Outstanding mailbox challenges deleted (all of them).
+    /// Records of used mailbox challenges deleted (all of them; the relay
+    /// key goes with them, so every challenge issued before is refused).
     pub challenges_deleted: u64,
     /// Devices in the database.
     pub devices: u64,
@@ -131,7 +139,8 @@ fn sqlite_after_restore(path: &Path, floor: u64) -> Result<RestoreReport, Server
     let one_time_prekeys_deleted = tx
         .execute("DELETE FROM one_time_prekeys", [])
         .map_err(sql)?;
-    let challenges_deleted = tx.execute("DELETE FROM challenges", []).map_err(sql)?;
+    let challenges_deleted = tx.execute("DELETE FROM used_challenges", []).map_err(sql)?;
+    tx.execute("DELETE FROM relay_key", []).map_err(sql)?;
     let devices: i64 = tx
         .query_row("SELECT count(*) FROM devices", [], |r| r.get(0))
         .map_err(sql)?;

@@ -2797,7 +2797,7 @@ async fn bundle<S: Storage>(
     let device = parse_device(path)?;
     shared.check_rate(client(ip), Kind::Claim, Reason::RateClaims)?;
     let bundle = shared
-        .call(move |core, _, _| core.relay.fetch_bundle(&device))
+        .call(move |core, _, now| core.relay.fetch_bundle(now, &device))
         .await?;
     Ok(binary(StatusCode::OK, bundle))
 }

@@ -1053,10 +1053,18 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
     relay
         .publish(NOW - 1000, &high.upload(u64::MAX - 5))
         .unwrap();
+    let challenge = relay
+        .challenge(NOW - 900, &mut OsRng, &address.mailbox())
+        .unwrap();
+    let proof = MailboxAuth::sign(&device.identity, 1, MailboxOp::Fetch, challenge);
     backup(&db, &saved);
-    // After the backup: a prekey is claimed, and an upload (which someone
-    // may keep) raises the counter.
-    assert!(has_one_time_prekey(&relay.fetch_bundle(&address).unwrap()));
+    // After the backup: a prekey is claimed, the owner uses its challenge
+    // (someone may keep the proof), and an upload (which someone may keep
+    // too) raises the counter.
+    assert!(has_one_time_prekey(
+        &relay.fetch_bundle(NOW, &address).unwrap()
+    ));
+    relay.fetch(NOW - 800, &proof, 10).unwrap();
     let later = device.upload(NOW - 500);
     relay.publish(NOW - 500, &later).unwrap();
     drop(relay);
@@ -1067,6 +1075,7 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
     restore(&saved, &unsafe_copy);
     let mut relay = relay_on(&unsafe_copy);
     assert_eq!(relay.one_time_prekeys_left(&address).unwrap(), 3);
+    relay.fetch(NOW - 800, &proof, 10).unwrap();
     relay.publish(NOW, &later).unwrap();
     drop(relay);
 
@@ -1079,7 +1088,14 @@ fn after_restore_forgets_claimed_prekeys_and_refuses_replayed_uploads() {
 
     let mut relay = relay_on(&db);
     assert_eq!(relay.one_time_prekeys_left(&address).unwrap(), 0);
-    assert!(!has_one_time_prekey(&relay.fetch_bundle(&address).unwrap()));
+    assert!(!has_one_time_prekey(
+        &relay.fetch_bundle(NOW, &address).unwrap()
+    ));
+    // The relay key was replaced: the used challenge's proof is refused.
+    assert!(matches!(
+        relay.fetch(NOW - 800, &proof, 10),
+        Err(TransportError::Unauthorized)
+    ));
     assert!(matches!(
         relay.publish(NOW, &later),
         Err(TransportError::Replayed)

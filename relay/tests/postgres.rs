@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use cubbyhole::relay::{reason, Relay, RelayConfig, RelayStorage, RelayStorageError};
-use cubbyhole::transport::{MailboxAuth, MailboxId, MailboxOp, TransportError};
+use cubbyhole::transport::{MailboxId, MailboxOp, TransportError};
 use cubbyhole::{DeviceEntry, DeviceList, IdentityKeyPair, PrekeyBundle, VerifiedDeviceList};
 use cubbyhole_relay::postgres::{spawn_listener, PostgresRelayStorage, DEPOSIT_CHANNEL};
 use postgres::{Client, NoTls};
@@ -121,7 +121,7 @@ fn schema_is_created_once_and_versioned() {
     let bob = Device::new(&mut rng, 1, 3);
     let mut relay = Relay::new(db.storage(), RelayConfig::default());
     relay.publish(NOW, &bob.upload(7, true)).unwrap();
-    relay.fetch_bundle(&bob.address()).unwrap();
+    relay.fetch_bundle(NOW, &bob.address()).unwrap();
     relay
         .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
         .unwrap();
@@ -142,11 +142,11 @@ fn schema_is_created_once_and_versioned() {
     // A newer schema is refused, a damaged one too.
     let mut client = db.client();
     client
-        .batch_execute("UPDATE cubbyhole_relay_meta SET schema_version = 3")
+        .batch_execute("UPDATE cubbyhole_relay_meta SET schema_version = 4")
         .unwrap();
     assert!(matches!(
         PostgresRelayStorage::connect(&db.url),
-        Err(RelayStorageError::UnsupportedSchema(3))
+        Err(RelayStorageError::UnsupportedSchema(4))
     ));
     client
         .batch_execute("UPDATE cubbyhole_relay_meta SET schema_version = 0")
@@ -193,9 +193,34 @@ fn successor(prev: &VerifiedDeviceList, devices: &[u8]) -> VerifiedDeviceList {
     list.into_list().unwrap().verify_successor(prev).unwrap()
 }
 
-/// The state of a version-1 database (before device lists): what this
-/// code creates, less the device lists' table, at version 1.
+/// The state of a version-2 database (stored outstanding challenges, no
+/// claim times, no relay key), as the previous release created it.
+fn downgrade_to_schema_2(client: &mut Client) {
+    client
+        .batch_execute(
+            "DROP TABLE cubbyhole_relay_used_challenges;
+             DROP TABLE cubbyhole_relay_key;
+             ALTER TABLE cubbyhole_relay_devices DROP COLUMN claimed_until;
+             CREATE TABLE cubbyhole_relay_challenges (
+                 seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                 mailbox bytea NOT NULL,
+                 challenge bytea NOT NULL,
+                 expires_at bigint NOT NULL,
+                 UNIQUE (mailbox, challenge)
+             );
+             CREATE INDEX cubbyhole_relay_challenges_by_mailbox
+                 ON cubbyhole_relay_challenges (mailbox, seq);
+             CREATE INDEX cubbyhole_relay_challenges_by_expiry
+                 ON cubbyhole_relay_challenges (expires_at);
+             UPDATE cubbyhole_relay_meta SET schema_version = 2",
+        )
+        .unwrap();
+}
+
+/// The state of a version-1 database (before device lists): version 2
+/// less the device lists' table.
 fn downgrade_to_schema_1(client: &mut Client) {
+    downgrade_to_schema_2(client);
     client
         .batch_execute(
             "DROP TABLE cubbyhole_relay_device_lists;
@@ -211,8 +236,9 @@ fn schema_version(client: &mut Client) -> i32 {
         .get(0)
 }
 
-/// Schema 1 -> 2 (device lists): relays starting together on a version-1
-/// database migrate it once; what it held stays; device lists work.
+/// Schema 1 -> 3 (device lists, then stateless challenges and claim
+/// times): relays starting together on a version-1 database migrate it
+/// once; what it held stays; device lists work.
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
@@ -246,7 +272,7 @@ fn schema_1_is_migrated_to_2() {
     for starter in starters {
         starter.join().unwrap().unwrap();
     }
-    assert_eq!(schema_version(&mut client), 2);
+    assert_eq!(schema_version(&mut client), 3);
 
     let mut relay = Relay::new(db.storage(), RelayConfig::default());
     assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(3));
@@ -264,6 +290,89 @@ fn schema_1_is_migrated_to_2() {
     assert_eq!(
         relay.fetch_device_lists(v1.account_id(), 0),
         Ok(vec![v1.encode(), v2.encode()])
+    );
+}
+
+/// Schema 2 -> 3: relays starting together on a version-2 database
+/// migrate it once; devices and pools stay; the stored challenges are gone
+/// (and refused); claims are budgeted from a full budget; the relay key is
+/// made at the first challenge.
+#[test]
+#[cfg_attr(
+    not(cubbyhole_test_postgres),
+    ignore = "needs PostgreSQL: CUBBYHOLE_TEST_POSTGRES, or its server binaries and a user other than root (relay/tests/support/pg.rs)"
+)]
+fn schema_2_is_migrated_to_3() {
+    let db = TestDb::create();
+    let mut rng = rng(23);
+    let bob = Device::new(&mut rng, 1, 30);
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    relay.publish(NOW, &bob.upload(7, true)).unwrap();
+    relay
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .unwrap();
+    drop(relay);
+    let mut client = db.client();
+    downgrade_to_schema_2(&mut client);
+    let mailbox = &bob.mailbox().0[..];
+    let old_challenge = &[7u8; 32][..];
+    client
+        .execute(
+            "INSERT INTO cubbyhole_relay_challenges (mailbox, challenge, expires_at)
+             VALUES ($1, $2, $3)",
+            &[&mailbox, &old_challenge, &(NOW as i64 + 300)],
+        )
+        .unwrap();
+    assert_eq!(schema_version(&mut client), 2);
+
+    let start = Arc::new(Barrier::new(4));
+    let starters: Vec<_> = (0..4)
+        .map(|_| {
+            let url = db.url.clone();
+            let start = Arc::clone(&start);
+            thread::spawn(move || {
+                start.wait();
+                PostgresRelayStorage::connect(&url).map(|_| ())
+            })
+        })
+        .collect();
+    for starter in starters {
+        starter.join().unwrap().unwrap();
+    }
+    assert_eq!(schema_version(&mut client), 3);
+    let old_table: bool = client
+        .query_one(
+            "SELECT to_regclass('cubbyhole_relay_challenges') IS NOT NULL",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!old_table);
+    let keys: i64 = client
+        .query_one("SELECT count(*) FROM cubbyhole_relay_key", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 0);
+
+    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(30));
+    let claimed = (0..30)
+        .filter(|_| {
+            PrekeyBundle::decode(&relay.fetch_bundle(NOW, &bob.address()).unwrap())
+                .unwrap()
+                .one_time_prekey()
+                .is_some()
+        })
+        .count();
+    assert_eq!(claimed, 20, "the default burst");
+    assert_eq!(
+        relay.fetch(NOW, &bob.auth(MailboxOp::Fetch, [7; 32]), 10),
+        Err(TransportError::Unauthorized)
+    );
+    let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+    assert_eq!(
+        relay.fetch(NOW + 1, &bob.auth(MailboxOp::Fetch, challenge), 10),
+        Ok(vec![envelope(1, 10)])
     );
 }
 
@@ -381,42 +490,59 @@ fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
     const THREADS: usize = 8;
     const PER_THREAD: usize = 8;
     const KEYS: u32 = (THREADS * PER_THREAD) as u32;
+    // One claim budget for the device, whichever relay claims: 48 of 64.
+    const BURST: u32 = 48;
+    let config = RelayConfig {
+        claims_per_device_burst: BURST,
+        claims_per_device_per_hour: 1,
+        ..RelayConfig::default()
+    };
     let mut rng = rng(22);
     let bob = Device::new(&mut rng, 1, KEYS);
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let mut relay = Relay::new(db.storage(), config.clone());
     relay.publish(NOW, &bob.upload(1, true)).unwrap();
-    let auths: Vec<MailboxAuth> = (0..KEYS)
-        .map(|_| {
-            let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
-            bob.auth(MailboxOp::Fetch, challenge)
-        })
-        .collect();
     drop(relay);
 
-    let auths = Arc::new(auths);
+    let challenges = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = Arc::new(std::sync::Mutex::new(Vec::new()));
     let address = bob.address();
+    let bob = Arc::new(bob);
     let start = Arc::new(Barrier::new(THREADS));
     let threads: Vec<_> = (0..THREADS)
-        .map(|_| {
+        .map(|n| {
             let storage = db.storage();
-            let auths = Arc::clone(&auths);
+            let challenges = Arc::clone(&challenges);
+            let kept = Arc::clone(&kept);
             let start = Arc::clone(&start);
+            let bob = Arc::clone(&bob);
+            let config = config.clone();
             thread::spawn(move || {
-                let mut relay = Relay::new(storage, RelayConfig::default());
+                let mut relay = Relay::new(storage, config);
+                let mut rng = relay_suite::rng(100 + n as u64);
                 let mut claimed = Vec::new();
                 let mut authorized = 0;
                 start.wait();
-                // As many fetches in all as there are prekeys: each must
-                // get one.
+                // The relays' first challenges race to create the relay
+                // key: they must all end up with the same one.
                 for _ in 0..PER_THREAD {
-                    let bundle = relay.fetch_bundle(&address).unwrap();
-                    let bundle = PrekeyBundle::decode(&bundle).unwrap();
-                    let (id, _) = bundle.one_time_prekey().expect("a prekey was left");
-                    claimed.push(id);
+                    let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+                    challenges.lock().unwrap().push(challenge);
+                    let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+                    kept.lock().unwrap().push(challenge);
                 }
+                // As many fetches in all as there are prekeys.
+                for _ in 0..PER_THREAD {
+                    let bundle = relay.fetch_bundle(NOW, &address).unwrap();
+                    let bundle = PrekeyBundle::decode(&bundle).unwrap();
+                    if let Some((id, _)) = bundle.one_time_prekey() {
+                        claimed.push(id);
+                    }
+                }
+                start.wait();
                 // Every thread tries every challenge.
-                for auth in auths.iter() {
-                    match relay.fetch(NOW, auth, 1) {
+                let all: Vec<[u8; 32]> = challenges.lock().unwrap().clone();
+                for challenge in all {
+                    match relay.fetch(NOW, &bob.auth(MailboxOp::Fetch, challenge), 1) {
                         Ok(_) => authorized += 1,
                         Err(TransportError::Unauthorized) => {}
                         Err(e) => panic!("{e:?}: {:?}", relay.take_storage_error()),
@@ -434,16 +560,40 @@ fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
         all_authorized += authorized;
     }
     all_claimed.sort_unstable();
-    let expected: Vec<u32> = bob.one_time_prekeys.iter().map(|k| k.id()).collect();
-    assert_eq!(all_claimed, expected);
-    assert_eq!(all_authorized, KEYS);
-    // The pool is empty now: bundles come without.
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
-    let bundle = relay.fetch_bundle(&address).unwrap();
+    let expected: Vec<u32> = bob.one_time_prekeys[..BURST as usize]
+        .iter()
+        .map(|k| k.id())
+        .collect();
+    assert_eq!(all_claimed, expected, "the oldest {BURST}, each once");
+    assert_eq!(all_authorized, KEYS, "every challenge once");
+    let mut client = db.client();
+    let keys: i64 = client
+        .query_one("SELECT count(*) FROM cubbyhole_relay_key", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 1);
+    // Every relay issued its challenges under the key stored: a new relay
+    // process accepts each of them, once.
+    let mut relay = Relay::new(db.storage(), config);
+    let kept: Vec<[u8; 32]> = kept.lock().unwrap().clone();
+    for round in [true, false] {
+        let accepted = kept
+            .iter()
+            .filter(|c| {
+                relay
+                    .fetch(NOW, &bob.auth(MailboxOp::Fetch, **c), 1)
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(accepted, if round { kept.len() } else { 0 });
+    }
+    // The budget is spent: bundles come without, the pool keeps the rest.
+    let bundle = relay.fetch_bundle(NOW, &address).unwrap();
     assert_eq!(
         PrekeyBundle::decode(&bundle).unwrap().one_time_prekey(),
         None
     );
+    assert_eq!(relay.one_time_prekeys_left(&address), Ok(KEYS - BURST));
 }
 
 /// Deposits racing for the last places of a mailbox: exactly as many are
@@ -566,7 +716,7 @@ fn concurrent_uploads_keep_counters_increasing() {
                         Err(e) => panic!("{e:?}: {:?}", relay.take_storage_error()),
                     }
                     // Claims race with the uploads too.
-                    relay.fetch_bundle(&bob.address()).unwrap();
+                    relay.fetch_bundle(NOW, &bob.address()).unwrap();
                 }
                 applied
             })
@@ -754,7 +904,7 @@ fn works_from_a_tokio_blocking_thread() {
                 RelayConfig::default(),
             );
             relay.publish(NOW, &bob.upload(1, true)).unwrap();
-            relay.fetch_bundle(&bob.address()).unwrap();
+            relay.fetch_bundle(NOW, &bob.address()).unwrap();
             relay.one_time_prekeys_left(&bob.address())
         })
         .await

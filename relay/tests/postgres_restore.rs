@@ -75,8 +75,17 @@ fn after_restore_on_postgres() {
     relay
         .publish(NOW - 100, &high.upload(u64::MAX - 5))
         .unwrap();
-    relay.fetch_bundle(&device.address()).unwrap();
+    relay.fetch_bundle(NOW, &device.address()).unwrap();
     let mailbox = device.address().mailbox();
+    // One challenge used (recorded), one issued and not used.
+    let used = relay.challenge(NOW - 10, &mut OsRng, &mailbox).unwrap();
+    relay
+        .fetch(
+            NOW - 10,
+            &MailboxAuth::sign(&device.identity, 1, MailboxOp::Fetch, used),
+            10,
+        )
+        .unwrap();
     let challenge = relay.challenge(NOW - 10, &mut OsRng, &mailbox).unwrap();
     let replayable = device.upload(NOW - 50);
     drop(relay);
@@ -93,11 +102,21 @@ fn after_restore_on_postgres() {
         RelayConfig::default(),
     );
     assert_eq!(relay.one_time_prekeys_left(&device.address()).unwrap(), 0);
+    // The relay key was replaced: a challenge issued before the restore
+    // is refused; new ones work.
     let proof = MailboxAuth::sign(&device.identity, 1, MailboxOp::Fetch, challenge);
     assert!(matches!(
         relay.fetch(NOW, &proof, 10),
         Err(TransportError::Unauthorized)
     ));
+    let fresh = relay.challenge(NOW, &mut OsRng, &mailbox).unwrap();
+    relay
+        .fetch(
+            NOW,
+            &MailboxAuth::sign(&device.identity, 1, MailboxOp::Fetch, fresh),
+            10,
+        )
+        .unwrap();
     for counter in [NOW - 50, NOW + MARGIN] {
         let upload = if counter == NOW - 50 {
             replayable.clone()

@@ -41,7 +41,7 @@
 //!
 //! | name | contract |
 //! |---|---|
-//! | `empty` | a new storage holds nothing; reading, claiming, acknowledging, expiring and consuming nothing succeeds |
+//! | `empty` | a new storage holds nothing (no relay key either); reading, claiming, acknowledging, expiring and purging nothing succeeds |
 //! | `upload` | [`RelayStorage::apply_upload`] writes the record; adding to and replacing the pool; [`RelayStorage::mailbox_exists`] |
 //! | `upload_counter` | a counter not above the stored one is [`UploadOutcome::Replayed`] and writes nothing; counters compare as `u64` |
 //! | `prekey_bound` | a pool over the bound is [`UploadOutcome::TooManyOneTimePrekeys`] and writes nothing (not even the counter) |
@@ -53,7 +53,9 @@
 //! | `acknowledge` | [`RelayStorage::acknowledge_envelopes`] deletes only the named pending ids of that mailbox, remembers them, counts them |
 //! | `usage` | [`RelayStorage::mailbox_usage`] exact after inserts, refusals, acknowledgments and expiry |
 //! | `expiry` | [`RelayStorage::expire_envelopes`] and `insert_envelope`'s `expire_before`: strictly before, acknowledged ids too |
-//! | `challenges` | single use, per mailbox, expiry inclusive, eviction beyond `max_outstanding`, [`RelayStorage::purge_challenges`] |
+//! | `claim_budget` | [`RelayStorage::claim_one_time_prekey`] with a [`ClaimBudget`]: a burst then a rate, [`ClaimOutcome::Limited`] writes nothing, the claim time survives uploads, per device, an empty pool spends nothing |
+//! | `challenges` | [`RelayStorage::consume_challenge`]: single use, per mailbox, records kept up to their expiry (inclusive), [`RelayStorage::purge_challenges`] |
+//! | `relay_key` | [`RelayStorage::relay_key`]: the first key stored stays, `None` only reads |
 //! | `groups` | [`RelayStorage::begin_group`] / [`RelayStorage::commit_group`]: reads inside see the group's writes, a refused call writes nothing, everything is there after the commit |
 //! | `large_values` | counters and signed-prekey creation times over their whole `u64` range; an expiry of `u64::MAX` |
 //! | `device_lists` | [`RelayStorage::append_device_list`] stores only the next version over the head it names: a second version 1, a version over another head, a gap and a second list of a stored version are [`AppendOutcome::HeadMoved`] and write nothing; accounts are separate |
@@ -88,8 +90,8 @@ use std::vec;
 use std::vec::Vec;
 
 use super::{
-    AppendOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage,
-    RelayStorageError, StoredDeviceList, UploadOutcome,
+    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
+    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
 };
 use crate::protocol::devices::AccountId;
 use crate::protocol::keys::{IdentityKeyPair, SignedPrekey};
@@ -199,9 +201,9 @@ macro_rules! checks {
 
 checks! {
     /// `empty`: a new storage has no device record, no mailbox, no
-    /// one-time prekeys, envelopes or challenges; claiming, acknowledging,
-    /// expiring, purging and consuming what is not there succeeds and finds
-    /// nothing.
+    /// one-time prekeys, envelopes, used challenges or relay key
+    /// (`relay_key(None)` is `None`); claiming, acknowledging, expiring and
+    /// purging what is not there succeeds and finds nothing.
     check_empty => "empty", empty;
     /// `upload`: [`RelayStorage::apply_upload`] returns
     /// [`UploadOutcome::Applied`] and [`RelayStorage::device`] returns the
@@ -268,14 +270,26 @@ checks! {
     /// be inserted again); [`RelayStorage::insert_envelope`] first expires
     /// the mailbox by `expire_before` (freeing room under the bounds).
     check_expiry => "expiry", expiry;
-    /// `challenges`: [`RelayStorage::consume_challenge`] is true once for a
-    /// stored, unexpired challenge (`now <= expires_at`) and false after;
-    /// false for an unknown challenge or another mailbox's (which stays
-    /// usable); an expired challenge is false and deleted;
-    /// [`RelayStorage::insert_challenge`] evicts the oldest beyond
-    /// `max_outstanding`; [`RelayStorage::purge_challenges`] deletes and
-    /// counts those with `expires_at < now` and keeps the others.
+    /// `claim_budget`: [`RelayStorage::claim_one_time_prekey`] with a
+    /// [`ClaimBudget`] of a burst of 3 and one claim a second claims 3 keys
+    /// at once (oldest first), then is [`ClaimOutcome::Limited`] (the pool
+    /// keeps its keys) until a second has passed, then claims one; an
+    /// upload does not reset the claim time; another device's budget is its
+    /// own; claims of an empty pool ([`ClaimOutcome::Empty`]) spend
+    /// nothing; without a budget a claim is not limited.
+    check_claim_budget => "claim_budget", claim_budget;
+    /// `challenges`: [`RelayStorage::consume_challenge`] is true at a
+    /// challenge's first use and false after (per mailbox: the same bytes
+    /// in another mailbox are another challenge); a record is kept while
+    /// `now <= expires_at` and deleted by the mailbox's next use after
+    /// that; [`RelayStorage::purge_challenges`] deletes and counts the
+    /// records with `expires_at < now` of every mailbox and keeps the
+    /// others.
     check_challenges => "challenges", challenges;
+    /// `relay_key`: [`RelayStorage::relay_key`] with a key stores it in a
+    /// storage without one and returns it; afterwards it returns that key
+    /// whatever key it is offered, and with `None` too.
+    check_relay_key => "relay_key", relay_key;
     /// `groups`: between [`RelayStorage::begin_group`] and
     /// [`RelayStorage::commit_group`] reads see the group's writes, a call
     /// refused by an outcome writes nothing while the others' writes stay,
@@ -283,7 +297,8 @@ checks! {
     check_groups => "groups", groups;
     /// `large_values`: upload counters and signed-prekey creation times
     /// round trip over the whole `u64` range (bit for bit) and counters
-    /// compare as `u64`; a challenge expiring at `u64::MAX` is valid.
+    /// compare as `u64`; a used challenge expiring at `u64::MAX` is
+    /// remembered.
     check_large_values => "large_values", large_values;
     /// `device_lists`: a new storage has no device list; version 1 of an
     /// account appends ([`AppendOutcome::Appended`]) and is the head; a
@@ -456,13 +471,27 @@ fn usage_is(
     )
 }
 
+/// Claims a key without a budget: `None` for [`ClaimOutcome::Empty`].
+fn claim_one(
+    s: &mut dyn RelayStorage,
+    d: &DeviceAddress,
+) -> Result<Option<(u32, [u8; 32])>, String> {
+    match s
+        .claim_one_time_prekey(d, None)
+        .or_fail("claim_one_time_prekey")?
+    {
+        ClaimOutcome::Claimed(id, key) => Ok(Some((id, key))),
+        ClaimOutcome::Empty => Ok(None),
+        ClaimOutcome::Limited => {
+            Err("claim_one_time_prekey() without a budget is ClaimOutcome::Limited".into())
+        }
+    }
+}
+
 /// Claims every key left, in order.
 fn claim_all(s: &mut dyn RelayStorage, d: &DeviceAddress) -> Result<Vec<u32>, String> {
     let mut out = Vec::new();
-    while let Some((id, _)) = s
-        .claim_one_time_prekey(d)
-        .or_fail("claim_one_time_prekey")?
-    {
+    while let Some((id, _)) = claim_one(s, d)? {
         out.push(id);
         ensure!(
             out.len() <= 1_000,
@@ -480,25 +509,27 @@ fn record(s: &dyn RelayStorage, d: &Device) -> Result<Option<DeviceRecord>, Stri
     s.device(&d.address).or_fail("device")
 }
 
+/// Uses challenge `[c; 32]` of mailbox `m` at `now`, expiring at
+/// `expires_at`: whether it was the first use.
 fn consume(
-    s: &mut dyn RelayStorage,
-    m: &MailboxId,
-    c: &[u8; 32],
-    now: u64,
-) -> Result<bool, String> {
-    s.consume_challenge(m, c, now).or_fail("consume_challenge")
-}
-
-fn challenge(
     s: &mut dyn RelayStorage,
     m: &MailboxId,
     c: u8,
     now: u64,
-    ttl: u64,
-    max: u32,
-) -> Outcome {
-    s.insert_challenge(m, &[c; 32], now, now + ttl, max)
-        .or_fail("insert_challenge")
+    expires_at: u64,
+) -> Result<bool, String> {
+    s.consume_challenge(m, &[c; 32], now, expires_at)
+        .or_fail("consume_challenge")
+}
+
+/// A claim with `budget`.
+fn claim_with(
+    s: &mut dyn RelayStorage,
+    d: &DeviceAddress,
+    budget: ClaimBudget,
+) -> Result<ClaimOutcome, String> {
+    s.claim_one_time_prekey(d, Some(budget))
+        .or_fail("claim_one_time_prekey")
 }
 
 // ---------------------------------------------------------------------------
@@ -512,12 +543,7 @@ fn empty(s: &mut dyn RelayStorage) -> Outcome {
         "mailbox_exists() is true in a new storage"
     );
     same("one_time_prekey_count()", &count(s, &a.address)?, &0)?;
-    same(
-        "claim_one_time_prekey()",
-        &s.claim_one_time_prekey(&a.address)
-            .or_fail("claim_one_time_prekey")?,
-        &None,
-    )?;
+    same("claim_one_time_prekey()", &claim_one(s, &a.address)?, &None)?;
     same("list_envelopes()", &list_all(s, &a.mailbox())?, &Vec::new())?;
     usage_is(s, &a.mailbox(), "of a new storage", 0, 0)?;
     same(
@@ -537,8 +563,8 @@ fn empty(s: &mut dyn RelayStorage) -> Outcome {
         &0,
     )?;
     ensure!(
-        !consume(s, &a.mailbox(), &[7; 32], NOW)?,
-        "consume_challenge() of a challenge never stored is true"
+        s.relay_key(None).or_fail("relay_key")?.is_none(),
+        "relay_key(None) of a new storage returned a key"
     );
     Ok(())
 }
@@ -587,10 +613,7 @@ fn upload(s: &mut dyn RelayStorage) -> Outcome {
         &4,
     )?;
     let mut claimed = Vec::new();
-    while let Some(key) = s
-        .claim_one_time_prekey(&a.address)
-        .or_fail("claim_one_time_prekey")?
-    {
+    while let Some(key) = claim_one(s, &a.address)? {
         claimed.push(key);
         ensure!(claimed.len() <= 10, "claim_one_time_prekey never runs out");
     }
@@ -719,8 +742,7 @@ fn claim(s: &mut dyn RelayStorage) -> Outcome {
     for (left, id) in [(2u32, 30u32), (1, 10), (0, 20)] {
         same(
             "claim_one_time_prekey() (the oldest first)",
-            &s.claim_one_time_prekey(&a.address)
-                .or_fail("claim_one_time_prekey")?,
+            &claim_one(s, &a.address)?,
             &Some((id, opk(id, 1))),
         )?;
         same(
@@ -732,8 +754,7 @@ fn claim(s: &mut dyn RelayStorage) -> Outcome {
     for _ in 0..2 {
         same(
             "claim_one_time_prekey() of an exhausted pool",
-            &s.claim_one_time_prekey(&a.address)
-                .or_fail("claim_one_time_prekey")?,
+            &claim_one(s, &a.address)?,
             &None,
         )?;
     }
@@ -744,8 +765,7 @@ fn claim(s: &mut dyn RelayStorage) -> Outcome {
     )?;
     same(
         "claim_one_time_prekey() of an unknown device",
-        &s.claim_one_time_prekey(&Device::new(3).address)
-            .or_fail("claim_one_time_prekey")?,
+        &claim_one(s, &Device::new(3).address)?,
         &None,
     )?;
     Ok(())
@@ -1138,93 +1158,188 @@ fn expiry(s: &mut dyn RelayStorage) -> Outcome {
 
 fn challenges(s: &mut dyn RelayStorage) -> Outcome {
     let (a, b) = (Device::new(1).mailbox(), Device::new(2).mailbox());
-    challenge(s, &a, 1, NOW, 300, 8)?;
-    challenge(s, &a, 2, NOW, 300, 8)?;
     ensure!(
-        !consume(s, &b, &[1; 32], NOW)?,
-        "consume_challenge() of another mailbox's challenge is true"
+        consume(s, &a, 1, NOW, NOW + 300)?,
+        "consume_challenge() of a challenge never used is false"
     );
     ensure!(
-        !consume(s, &a, &[3; 32], NOW)?,
-        "consume_challenge() of an unknown challenge is true"
+        !consume(s, &a, 1, NOW + 1, NOW + 300)?,
+        "consume_challenge() of a challenge already used is true (not single use)"
     );
     ensure!(
-        consume(s, &a, &[1; 32], NOW + 1)?,
-        "consume_challenge() of a stored challenge is false (or it was consumed by a try on another mailbox)"
+        consume(s, &b, 1, NOW + 1, NOW + 300)?,
+        "consume_challenge() of a challenge used in another mailbox is false (not per mailbox)"
     );
     ensure!(
-        !consume(s, &a, &[1; 32], NOW + 1)?,
-        "consume_challenge() of a challenge already consumed is true (not single use)"
-    );
-    ensure!(
-        consume(s, &a, &[2; 32], NOW + 300)?,
-        "consume_challenge() at its expiry time (now == expires_at) is false"
-    );
-    challenge(s, &a, 4, NOW, 300, 8)?;
-    ensure!(
-        !consume(s, &a, &[4; 32], NOW + 301)?,
-        "consume_challenge() after its expiry is true"
-    );
-    ensure!(
-        !consume(s, &a, &[4; 32], NOW)?,
-        "an expired challenge was not deleted by consume_challenge()"
+        consume(s, &a, 2, NOW + 1, NOW + 300)?,
+        "consume_challenge() of another challenge of a mailbox is false"
     );
 
-    // Eviction beyond max_outstanding: the oldest go.
-    for c in 10..15 {
-        challenge(s, &a, c, NOW, 300, 3)?;
-    }
-    for c in [10, 11] {
-        ensure!(
-            !consume(s, &a, &[c; 32], NOW)?,
-            "challenge {c} was not evicted (5 inserted with max_outstanding 3)"
-        );
-    }
-    for c in [12, 13, 14] {
-        ensure!(
-            consume(s, &a, &[c; 32], NOW)?,
-            "challenge {c}, among the 3 newest, was evicted"
-        );
-    }
-
-    // insert_challenge deletes the mailbox's expired challenges first.
-    challenge(s, &a, 20, NOW, 10, 8)?;
-    challenge(s, &a, 21, NOW + 11, 10, 8)?;
+    // A record is kept up to its expiry time, inclusive, and deleted by
+    // the mailbox's next use after it.
     ensure!(
-        !consume(s, &a, &[20; 32], NOW)?,
-        "insert_challenge() did not delete the mailbox's expired challenge"
+        consume(s, &a, 3, NOW, NOW + 10)?,
+        "consume_challenge() of a challenge never used is false"
     );
     ensure!(
-        consume(s, &a, &[21; 32], NOW + 11)?,
-        "a fresh challenge was lost"
+        !consume(s, &a, 3, NOW + 10, NOW + 10)?,
+        "a used challenge was forgotten at its expiry time (now == expires_at)"
     );
+    ensure!(
+        consume(s, &a, 4, NOW + 11, NOW + 300)?,
+        "consume_challenge() of a challenge never used is false"
+    );
+    same(
+        "purge_challenges(NOW + 11) after the mailbox's use at NOW + 11 deleted its expired record",
+        &s.purge_challenges(NOW + 11).or_fail("purge_challenges")?,
+        &0,
+    )?;
 
     // purge_challenges: expires_at < now only, every mailbox.
-    challenge(s, &a, 30, NOW, 10, 8)?; // expires NOW + 10
-    challenge(s, &a, 31, NOW, 20, 8)?; // expires NOW + 20
-    challenge(s, &b, 32, NOW, 5, 8)?; // expires NOW + 5
+    ensure!(
+        consume(s, &a, 30, NOW, NOW + 400)?,
+        "a new challenge is used"
+    );
+    ensure!(
+        consume(s, &a, 31, NOW, NOW + 500)?,
+        "a new challenge is used"
+    );
+    ensure!(
+        consume(s, &b, 32, NOW, NOW + 350)?,
+        "a new challenge is used"
+    );
+    // Now: a holds 1, 2, 4 (NOW + 300), 30 (+ 400), 31 (+ 500); b holds 1
+    // (+ 300), 32 (+ 350).
     same(
-        "purge_challenges(NOW + 10)",
-        &s.purge_challenges(NOW + 10).or_fail("purge_challenges")?,
-        &1,
+        "purge_challenges(NOW + 400)",
+        &s.purge_challenges(NOW + 400).or_fail("purge_challenges")?,
+        &5,
     )?;
     ensure!(
-        !consume(s, &b, &[32; 32], NOW)?,
-        "a purged challenge is still there"
+        !consume(s, &a, 30, NOW + 400, NOW + 400)?,
+        "purge_challenges() deleted a record expiring at `now`"
     );
     ensure!(
-        consume(s, &a, &[30; 32], NOW + 10)?,
-        "purge_challenges() deleted a challenge expiring at `now`"
+        !consume(s, &a, 31, NOW + 400, NOW + 500)?,
+        "purge_challenges() deleted a record expiring after `now`"
+    );
+    ensure!(
+        consume(s, &b, 32, NOW + 400, NOW + 400)?,
+        "a purged record (another mailbox's) is still there"
     );
     same(
-        "purge_challenges(NOW + 21)",
-        &s.purge_challenges(NOW + 21).or_fail("purge_challenges")?,
-        &1,
+        "purge_challenges(NOW + 501)",
+        &s.purge_challenges(NOW + 501).or_fail("purge_challenges")?,
+        &3,
     )?;
+    Ok(())
+}
+
+fn relay_key(s: &mut dyn RelayStorage) -> Outcome {
+    let first = RelayKey::from_bytes([0x11; 32]);
+    let second = RelayKey::from_bytes([0x22; 32]);
+    let got = s.relay_key(Some(&first)).or_fail("relay_key")?;
     ensure!(
-        !consume(s, &a, &[31; 32], NOW)?,
-        "a purged challenge is still there"
+        got.as_ref() == Some(&first),
+        "relay_key(Some(key)) of a storage without one did not return that key"
     );
+    let got = s.relay_key(Some(&second)).or_fail("relay_key")?;
+    ensure!(
+        got.as_ref() == Some(&first),
+        "relay_key(Some(another key)) replaced the stored key (or returned another)"
+    );
+    let got = s.relay_key(None).or_fail("relay_key")?;
+    ensure!(
+        got.as_ref() == Some(&first),
+        "relay_key(None) did not return the stored key"
+    );
+    Ok(())
+}
+
+fn claim_budget(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b, c) = (Device::new(1), Device::new(2), Device::new(3));
+    apply(s, &a.upload(1, &[1, 2, 3, 4, 5, 6], 1, false), NOW, 100)?;
+    apply(s, &b.upload(1, &[7], 1, false), NOW, 100)?;
+    apply(s, &c.upload(1, &[], 1, false), NOW, 100)?;
+    // A burst of 3, then one a second.
+    let at = |ms: u64| ClaimBudget {
+        now_ms: NOW * 1000 + ms,
+        interval_ms: 1000,
+        tolerance_ms: 2000,
+    };
+    for id in 1..=3 {
+        same(
+            &format!("claim {id} of a burst of 3"),
+            &claim_with(s, &a.address, at(0))?,
+            &ClaimOutcome::Claimed(id, opk(id, 1)),
+        )?;
+    }
+    same(
+        "a 4th claim in a burst of 3",
+        &claim_with(s, &a.address, at(0))?,
+        &ClaimOutcome::Limited,
+    )?;
+    same(
+        "one_time_prekey_count() after a limited claim",
+        &count(s, &a.address)?,
+        &3,
+    )?;
+    same(
+        "a claim 999 ms after a spent burst (one a second)",
+        &claim_with(s, &a.address, at(999))?,
+        &ClaimOutcome::Limited,
+    )?;
+    same(
+        "a claim 1 s after a spent burst (the stored claim time was lost?)",
+        &claim_with(s, &a.address, at(1000))?,
+        &ClaimOutcome::Claimed(4, opk(4, 1)),
+    )?;
+    same(
+        "a second claim 1 s after a spent burst",
+        &claim_with(s, &a.address, at(1000))?,
+        &ClaimOutcome::Limited,
+    )?;
+    // An upload keeps the claim time.
+    apply(s, &a.upload(2, &[8], 1, false), NOW, 100)?;
+    same(
+        "a claim right after an upload (the upload reset the claim time)",
+        &claim_with(s, &a.address, at(1000))?,
+        &ClaimOutcome::Limited,
+    )?;
+    // Another device has a budget of its own.
+    same(
+        "a claim of another device",
+        &claim_with(s, &b.address, at(1000))?,
+        &ClaimOutcome::Claimed(7, opk(7, 1)),
+    )?;
+    // An empty pool spends nothing.
+    for _ in 0..5 {
+        same(
+            "a claim of an empty pool",
+            &claim_with(s, &c.address, at(0))?,
+            &ClaimOutcome::Empty,
+        )?;
+    }
+    apply(s, &c.upload(2, &[9, 10, 11], 1, false), NOW, 100)?;
+    for id in 9..=11 {
+        same(
+            &format!("claim {id} after claims of an empty pool (they spent the budget)"),
+            &claim_with(s, &c.address, at(0))?,
+            &ClaimOutcome::Claimed(id, opk(id, 1)),
+        )?;
+    }
+    // Without a budget, the claim time is not in the way.
+    same(
+        "a claim without a budget from a device whose budget is spent",
+        &s.claim_one_time_prekey(&a.address, None)
+            .or_fail("claim_one_time_prekey")?,
+        &ClaimOutcome::Claimed(5, opk(5, 1)),
+    )?;
+    same(
+        "a claim of a device without a record",
+        &claim_with(s, &Device::new(4).address, at(0))?,
+        &ClaimOutcome::Empty,
+    )?;
     Ok(())
 }
 
@@ -1252,14 +1367,16 @@ fn groups(s: &mut dyn RelayStorage) -> Outcome {
     )?;
     same(
         "inside a group, claim_one_time_prekey()",
-        &s.claim_one_time_prekey(&a.address)
-            .or_fail("claim_one_time_prekey")?,
+        &claim_one(s, &a.address)?,
         &Some((1, opk(1, 1))),
     )?;
-    challenge(s, &m, 1, NOW, 300, 8)?;
     ensure!(
-        consume(s, &m, &[1; 32], NOW)?,
-        "inside a group, a challenge inserted in the group cannot be consumed"
+        consume(s, &m, 1, NOW, NOW + 300)?,
+        "inside a group, a new challenge cannot be used"
+    );
+    ensure!(
+        !consume(s, &m, 1, NOW, NOW + 300)?,
+        "inside a group, a challenge used in the group can be used again"
     );
     same(
         "inside a group, list_envelopes()",
@@ -1280,8 +1397,8 @@ fn groups(s: &mut dyn RelayStorage) -> Outcome {
         &vec![env(1, 10, 1)],
     )?;
     ensure!(
-        !consume(s, &m, &[1; 32], NOW)?,
-        "after the commit, a challenge consumed in the group is back"
+        !consume(s, &m, 1, NOW, NOW + 300)?,
+        "after the commit, a challenge used in the group can be used again"
     );
 
     // A second group, then calls outside any group.
@@ -1326,8 +1443,7 @@ fn large_values(s: &mut dyn RelayStorage) -> Outcome {
     )?;
     same(
         "claim_one_time_prekey() of id u32::MAX",
-        &s.claim_one_time_prekey(&a.address)
-            .or_fail("claim_one_time_prekey")?,
+        &claim_one(s, &a.address)?,
         &Some((u32::MAX, opk(u32::MAX, 1))),
     )?;
     same(
@@ -1338,11 +1454,14 @@ fn large_values(s: &mut dyn RelayStorage) -> Outcome {
     )?;
     apply(s, &a.upload(u64::MAX, &[], 1, false), NOW, 10)?;
     let m = a.mailbox();
-    s.insert_challenge(&m, &[1; 32], NOW, u64::MAX, 8)
-        .or_fail("insert_challenge")?;
     ensure!(
-        consume(s, &m, &[1; 32], NOW)?,
-        "a challenge expiring at u64::MAX is not valid now"
+        consume(s, &m, 1, NOW, u64::MAX)?,
+        "consume_challenge() of a new challenge expiring at u64::MAX is false"
+    );
+    s.purge_challenges(u64::MAX).or_fail("purge_challenges")?;
+    ensure!(
+        !consume(s, &m, 1, u64::MAX, u64::MAX)?,
+        "a used challenge expiring at u64::MAX was forgotten"
     );
     Ok(())
 }

@@ -116,7 +116,7 @@ impl<S: RelayStorage + Send> PrekeyDirectory for InProcessRelay<S> {
         &self,
         device: &DeviceAddress,
     ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + Send {
-        ready(self.call(|relay, _| relay.fetch_bundle(device)))
+        ready(self.call(|relay, now| relay.fetch_bundle(now, device)))
     }
 
     fn one_time_prekeys_left(

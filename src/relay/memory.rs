@@ -2,11 +2,10 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::vec::Vec;
-use subtle::ConstantTimeEq;
 
 use super::{
-    AppendOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage,
-    RelayStorageError, StoredDeviceList, UploadOutcome,
+    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
+    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
 };
 use crate::protocol::devices::AccountId;
 use crate::transport::{BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId};
@@ -19,7 +18,11 @@ pub struct MemoryRelayStorage {
     published_mailboxes: HashSet<MailboxId>,
     pools: HashMap<DeviceAddress, VecDeque<(u32, [u8; 32])>>,
     mailboxes: HashMap<MailboxId, Queue>,
-    challenges: HashMap<MailboxId, VecDeque<([u8; 32], u64)>>,
+    /// Per mailbox, the used challenges and when each expires.
+    challenges: HashMap<MailboxId, HashMap<[u8; 32], u64>>,
+    /// Per device, its claim time ([`ClaimBudget`]).
+    claimed_until: HashMap<DeviceAddress, u64>,
+    key: Option<RelayKey>,
     /// Per account, the stored versions, oldest first (consecutive).
     device_lists: HashMap<AccountId, VecDeque<StoredDeviceList>>,
 }
@@ -203,8 +206,21 @@ impl RelayStorage for MemoryRelayStorage {
     fn claim_one_time_prekey(
         &mut self,
         device: &DeviceAddress,
-    ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError> {
-        Ok(self.pools.get_mut(device).and_then(VecDeque::pop_front))
+        budget: Option<ClaimBudget>,
+    ) -> Result<ClaimOutcome, RelayStorageError> {
+        let claimed_until = self.claimed_until.get(device).copied().unwrap_or(0);
+        let next = match budget {
+            Some(budget) => match budget.admit(claimed_until) {
+                Some(next) => next,
+                None => return Ok(ClaimOutcome::Limited),
+            },
+            None => claimed_until,
+        };
+        let Some((id, key)) = self.pools.get_mut(device).and_then(VecDeque::pop_front) else {
+            return Ok(ClaimOutcome::Empty);
+        };
+        self.claimed_until.insert(*device, next);
+        Ok(ClaimOutcome::Claimed(id, key))
     }
 
     fn one_time_prekey_count(&self, device: &DeviceAddress) -> Result<u32, RelayStorageError> {
@@ -326,21 +342,14 @@ impl RelayStorage for MemoryRelayStorage {
         Ok(expired)
     }
 
-    fn insert_challenge(
+    fn relay_key(
         &mut self,
-        mailbox: &MailboxId,
-        challenge: &[u8; 32],
-        now: u64,
-        expires_at: u64,
-        max_outstanding: u32,
-    ) -> Result<(), RelayStorageError> {
-        let outstanding = self.challenges.entry(*mailbox).or_default();
-        outstanding.retain(|(_, expiry)| *expiry >= now);
-        outstanding.push_back((*challenge, expires_at));
-        while outstanding.len() > max_outstanding as usize {
-            outstanding.pop_front();
+        fresh: Option<&RelayKey>,
+    ) -> Result<Option<RelayKey>, RelayStorageError> {
+        if self.key.is_none() {
+            self.key = fresh.cloned();
         }
-        Ok(())
+        Ok(self.key.clone())
     }
 
     fn consume_challenge(
@@ -348,35 +357,20 @@ impl RelayStorage for MemoryRelayStorage {
         mailbox: &MailboxId,
         challenge: &[u8; 32],
         now: u64,
+        expires_at: u64,
     ) -> Result<bool, RelayStorageError> {
-        let Some(outstanding) = self.challenges.get_mut(mailbox) else {
-            return Ok(false);
-        };
-        // Compared in constant time, every outstanding one: a challenge
-        // is only as good as it is unguessable.
-        let mut found = None;
-        for (i, (c, _)) in outstanding.iter().enumerate() {
-            if bool::from(c.ct_eq(challenge)) {
-                found = Some(i);
-            }
-        }
-        let Some(position) = found else {
-            return Ok(false);
-        };
-        let (_, expires_at) = outstanding.remove(position).unwrap_or_default();
-        if outstanding.is_empty() {
-            self.challenges.remove(mailbox);
-        }
-        Ok(now <= expires_at)
+        let used = self.challenges.entry(*mailbox).or_default();
+        used.retain(|_, expiry| *expiry >= now);
+        Ok(used.insert(*challenge, expires_at).is_none())
     }
 
     fn purge_challenges(&mut self, now: u64) -> Result<u64, RelayStorageError> {
         let mut purged = 0;
-        self.challenges.retain(|_, outstanding| {
-            let before = outstanding.len();
-            outstanding.retain(|(_, expiry)| *expiry >= now);
-            purged += (before - outstanding.len()) as u64;
-            !outstanding.is_empty()
+        self.challenges.retain(|_, used| {
+            let before = used.len();
+            used.retain(|_, expiry| *expiry >= now);
+            purged += (before - used.len()) as u64;
+            !used.is_empty()
         });
         Ok(purged)
     }

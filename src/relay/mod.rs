@@ -35,8 +35,13 @@
 //!   within one upload are a [`TransportError::BadRequest`].
 //! - **Fetching a bundle** ([`Relay::fetch_bundle`]) needs no identity and
 //!   claims at most one one-time prekey (the oldest in the pool), which is
-//!   deleted when claimed, so it is handed out once. A device without a
-//!   record is [`TransportError::NotFound`] (also for
+//!   deleted when claimed, so it is handed out once. Claims from one device
+//!   are limited by a budget kept with the device (a burst of
+//!   [`RelayConfig::claims_per_device_burst`], refilled at
+//!   [`RelayConfig::claims_per_device_per_hour`]), whoever asks: once it is
+//!   spent, bundles are served without a one-time prekey, so nobody can
+//!   empty a device's pool faster than that. A device without a record is
+//!   [`TransportError::NotFound`] (also for
 //!   [`Relay::one_time_prekeys_left`]).
 //! - **Depositing** ([`Relay::deposit`]) needs no identity: senders stay
 //!   anonymous to the relay as far as the wire format allows. It is
@@ -52,8 +57,13 @@
 //!   identity key of the mailbox's owner (the mailbox is derived from the
 //!   owner's address), and its challenge must have been issued by
 //!   [`Relay::challenge`] for that mailbox, be unexpired, and is consumed
-//!   (single use). Any failure is [`TransportError::Unauthorized`]; a proof
-//!   that fails before the challenge check does not consume the challenge.
+//!   (single use). Challenges are stateless: each carries its issue time
+//!   and a tag made with the relay's key ([`RelayKey`], kept in the
+//!   storage), which the relay recomputes; only a challenge used by a
+//!   valid proof is recorded, until it expires. Issuing a challenge writes
+//!   nothing, so requesting challenges cannot evict anyone's. Any failure
+//!   is [`TransportError::Unauthorized`]; a proof that fails before the
+//!   challenge check does not consume the challenge.
 //!   Acknowledging deletes the envelopes (unknown ids are ignored) and
 //!   remembers their ids until they would have expired, for idempotent
 //!   redeposits. The relay never parses an envelope's payload.
@@ -88,16 +98,16 @@
 //! - retention: 30 days. An envelope older than it (`now - received >
 //!   retention`) is expired: never returned by a fetch, not counted against
 //!   the mailbox's bounds at the next deposit, deleted by [`Relay::sweep`];
-//! - challenge lifetime: 300 s; outstanding challenges per mailbox: 64
-//!   (issuing one more evicts the oldest, so a stranger requesting
-//!   challenges cannot lock the owner out; they can only race it);
+//! - challenge lifetime: 300 s;
+//! - one-time-prekey claims per device: a burst of 20, then 60 per hour
+//!   (further bundles come without a one-time prekey);
 //! - envelopes per fetch: 1 000, payload bytes per fetch: 8 MiB; ids per
 //!   acknowledgment: 1 000 ([`reason::ACKNOWLEDGE_IDS`]).
 //!
 //! These bound each device and mailbox; they do not bound the relay's total
-//! storage or work. Anonymous requests (deposits, bundle fetches, which
-//! drain one-time prekeys, challenges) are for the network server in front
-//! of the relay to rate-limit.
+//! storage or work. Anonymous requests (deposits, bundle fetches,
+//! challenges) are for the network server in front of the relay to
+//! rate-limit per client.
 
 pub mod conformance;
 mod in_process;
@@ -110,7 +120,11 @@ use std::fmt;
 use std::string::String;
 use std::vec::Vec;
 
+use hmac::{Hmac, Mac};
 use rand_core::CryptoRngCore;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, ZeroizeOnDrop};
 
 pub use in_process::{Clock, InProcessRelay};
 pub use memory::MemoryRelayStorage;
@@ -210,9 +224,16 @@ pub struct RelayConfig {
     /// How long a challenge stays valid, in seconds: it is refused once
     /// `now - issued > challenge_ttl`. Default 300.
     pub challenge_ttl: u64,
-    /// Most challenges outstanding for one mailbox; issuing another evicts
-    /// the oldest. Default 64.
-    pub max_outstanding_challenges: u32,
+    /// Most one-time prekeys claimed from one device at once (the claim
+    /// budget's burst, SPEC.md 16.2): once a device's budget is spent, its
+    /// bundles are served without a one-time prekey until the budget
+    /// refills at [`Self::claims_per_device_per_hour`]. Default 20 (0 acts
+    /// as 1).
+    pub claims_per_device_burst: u32,
+    /// How fast a device's claim budget refills, in claims per hour (one
+    /// every `3600 / rate` seconds). 0 turns the budget off (every fetch
+    /// claims a one-time prekey while any is left). Default 60.
+    pub claims_per_device_per_hour: u32,
     /// Most envelopes returned by one fetch (the caller's limit is capped
     /// to it). Default 1 000.
     pub max_fetch_envelopes: u32,
@@ -240,8 +261,10 @@ impl RelayConfig {
     pub const DEFAULT_RETENTION: u64 = 30 * 24 * 60 * 60;
     /// Default [`Self::challenge_ttl`]: 300 seconds.
     pub const DEFAULT_CHALLENGE_TTL: u64 = 300;
-    /// Default [`Self::max_outstanding_challenges`]: 64.
-    pub const DEFAULT_MAX_OUTSTANDING_CHALLENGES: u32 = 64;
+    /// Default [`Self::claims_per_device_burst`]: 20.
+    pub const DEFAULT_CLAIMS_PER_DEVICE_BURST: u32 = 20;
+    /// Default [`Self::claims_per_device_per_hour`]: 60.
+    pub const DEFAULT_CLAIMS_PER_DEVICE_PER_HOUR: u32 = 60;
     /// Default [`Self::max_fetch_envelopes`]: 1 000.
     pub const DEFAULT_MAX_FETCH_ENVELOPES: u32 = 1_000;
     /// Default [`Self::max_fetch_bytes`]: 8 MiB.
@@ -259,7 +282,8 @@ impl Default for RelayConfig {
             max_one_time_prekeys: Self::DEFAULT_MAX_ONE_TIME_PREKEYS,
             retention: Self::DEFAULT_RETENTION,
             challenge_ttl: Self::DEFAULT_CHALLENGE_TTL,
-            max_outstanding_challenges: Self::DEFAULT_MAX_OUTSTANDING_CHALLENGES,
+            claims_per_device_burst: Self::DEFAULT_CLAIMS_PER_DEVICE_BURST,
+            claims_per_device_per_hour: Self::DEFAULT_CLAIMS_PER_DEVICE_PER_HOUR,
             max_fetch_envelopes: Self::DEFAULT_MAX_FETCH_ENVELOPES,
             max_fetch_bytes: Self::DEFAULT_MAX_FETCH_BYTES,
             max_acknowledge_ids: Self::DEFAULT_MAX_ACKNOWLEDGE_IDS,
@@ -335,8 +359,99 @@ pub struct MailboxUsage {
 pub struct SweepReport {
     /// Pending envelopes past the retention period.
     pub envelopes_expired: u64,
-    /// Challenges past their lifetime.
+    /// Records of used challenges past their lifetime.
     pub challenges_expired: u64,
+}
+
+/// The relay's secret key (SPEC.md 16.4): it authenticates the challenges
+/// the relay issues, so that it can check them without storing them. One
+/// per relay storage, created at the first challenge
+/// ([`RelayStorage::relay_key`]) and shared by every relay over that
+/// storage. Wiped when dropped; its `Debug` shows nothing of it.
+#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+pub struct RelayKey([u8; 32]);
+
+impl RelayKey {
+    /// The key from its bytes (as a storage keeps them).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        RelayKey(bytes)
+    }
+
+    /// A fresh random key.
+    pub fn generate(rng: &mut impl CryptoRngCore) -> Self {
+        let mut key = RelayKey([0; 32]);
+        rng.fill_bytes(&mut key.0);
+        key
+    }
+
+    /// The key's bytes (for a storage to keep them).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RelayKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RelayKey(..)")
+    }
+}
+
+/// A device's one-time-prekey claim budget (SPEC.md 16.2), as a generic
+/// cell rate: each device has a stored *claim time* (milliseconds, 0 for a
+/// device never claimed from), the time at which its budget would be full
+/// again. [`RelayStorage::claim_one_time_prekey`] passes the stored value to
+/// [`ClaimBudget::admit`] and, if a prekey is claimed, stores what it
+/// returns, in the same transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimBudget {
+    /// The current time, in milliseconds.
+    pub now_ms: u64,
+    /// Milliseconds per claim at the sustained rate.
+    pub interval_ms: u64,
+    /// How far the claim time may run ahead of `now_ms`: `interval_ms *
+    /// (burst - 1)`.
+    pub tolerance_ms: u64,
+}
+
+impl ClaimBudget {
+    /// The budget of [`RelayConfig`] at `now` (unix seconds), `None` if the
+    /// config turns it off (`claims_per_device_per_hour` 0).
+    pub fn new(config: &RelayConfig, now: u64) -> Option<Self> {
+        let per_hour = u64::from(config.claims_per_device_per_hour);
+        if per_hour == 0 {
+            return None;
+        }
+        let interval_ms = (3_600_000 / per_hour).max(1);
+        let burst = u64::from(config.claims_per_device_burst.max(1));
+        Some(ClaimBudget {
+            now_ms: now.saturating_mul(1000),
+            interval_ms,
+            tolerance_ms: interval_ms.saturating_mul(burst - 1),
+        })
+    }
+
+    /// Whether a device whose stored claim time is `claimed_until` may
+    /// claim now: `Some(new claim time)` if so, `None` if its budget is
+    /// spent.
+    pub fn admit(&self, claimed_until: u64) -> Option<u64> {
+        let from = claimed_until.max(self.now_ms);
+        if from - self.now_ms > self.tolerance_ms {
+            return None;
+        }
+        Some(from.saturating_add(self.interval_ms))
+    }
+}
+
+/// What [`RelayStorage::claim_one_time_prekey`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// This one-time prekey (id, public key) was removed from the pool and
+    /// the device's claim time advanced.
+    Claimed(u32, [u8; 32]),
+    /// The pool is empty (or the device has no record); nothing written.
+    Empty,
+    /// The device's claim budget is spent; nothing written.
+    Limited,
 }
 
 /// A stored version of an account's device list (SPEC.md 25.12): what
@@ -454,13 +569,21 @@ pub trait RelayStorage {
         max_one_time_prekeys: u32,
     ) -> Result<UploadOutcome, RelayStorageError>;
 
-    /// Atomically removes and returns the device's oldest one-time prekey
-    /// (`None` if its pool is empty or it has none): no key is ever
-    /// returned twice.
+    /// Atomically: reads the device's claim time (0 if it was never
+    /// claimed from); if `budget` is `Some` and [`ClaimBudget::admit`]
+    /// refuses it, writes nothing and returns [`ClaimOutcome::Limited`];
+    /// else removes and returns the device's oldest one-time prekey and,
+    /// with a budget, stores the claim time `admit` returned
+    /// ([`ClaimOutcome::Claimed`]), or, if its pool is empty or it has no
+    /// record, writes nothing ([`ClaimOutcome::Empty`]). No key is ever
+    /// returned twice, and concurrent claims see each other's claim times.
+    /// The claim time is kept with the device (durably, for a durable
+    /// storage): an upload does not change it.
     fn claim_one_time_prekey(
         &mut self,
         device: &DeviceAddress,
-    ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError>;
+        budget: Option<ClaimBudget>,
+    ) -> Result<ClaimOutcome, RelayStorageError>;
 
     /// How many one-time prekeys the device's pool holds (0 for a device
     /// without a record).
@@ -599,29 +722,34 @@ pub trait RelayStorage {
         retain: u32,
     ) -> Result<AppendOutcome, RelayStorageError>;
 
-    /// Atomically: deletes the mailbox's challenges that expired before
-    /// `now`, stores the challenge with its expiry, and evicts the
-    /// mailbox's oldest challenges beyond `max_outstanding`.
-    fn insert_challenge(
+    /// The relay's key (SPEC.md 16.4). Atomically: if the storage holds
+    /// none and `fresh` is `Some`, stores `fresh`; returns the key it then
+    /// holds (`None` only if it holds none and `fresh` is `None`). Of
+    /// concurrent first calls, one stores its key and all return that one.
+    /// The key never changes afterwards except by an operator deleting it
+    /// (a rotation, after a restore from a backup).
+    fn relay_key(
         &mut self,
-        mailbox: &MailboxId,
-        challenge: &[u8; 32],
-        now: u64,
-        expires_at: u64,
-        max_outstanding: u32,
-    ) -> Result<(), RelayStorageError>;
+        fresh: Option<&RelayKey>,
+    ) -> Result<Option<RelayKey>, RelayStorageError>;
 
-    /// Atomically: if the challenge was stored for this mailbox, deletes it
-    /// and returns whether it was still valid (`now <= expires_at`).
+    /// Records the use of a challenge (SPEC.md 16.4), which the caller
+    /// checked (a valid one, of this mailbox, that expires at
+    /// `expires_at`). Atomically: deletes the mailbox's records that
+    /// expired before `now` (`expires_at < now`); then, if this challenge
+    /// is recorded for this mailbox, returns `false` (it was used before)
+    /// and writes nothing; else records it until `expires_at` and returns
+    /// `true`. Of concurrent calls with one challenge, one returns `true`.
     fn consume_challenge(
         &mut self,
         mailbox: &MailboxId,
         challenge: &[u8; 32],
         now: u64,
+        expires_at: u64,
     ) -> Result<bool, RelayStorageError>;
 
-    /// Deletes every challenge that expired before `now` (`expires_at <
-    /// now`). Returns how many.
+    /// Deletes every record of a used challenge that expired before `now`
+    /// (`expires_at < now`). Returns how many.
     fn purge_challenges(&mut self, now: u64) -> Result<u64, RelayStorageError>;
 }
 
@@ -631,6 +759,8 @@ pub struct Relay<S> {
     storage: S,
     config: RelayConfig,
     storage_error: Option<RelayStorageError>,
+    /// The storage's relay key, once read.
+    key: Option<RelayKey>,
 }
 
 impl<S: RelayStorage> Relay<S> {
@@ -640,6 +770,7 @@ impl<S: RelayStorage> Relay<S> {
             storage,
             config,
             storage_error: None,
+            key: None,
         }
     }
 
@@ -713,17 +844,26 @@ impl<S: RelayStorage> Relay<S> {
     }
 
     /// A bundle for the device, in the profile's bundle encoding, with one
-    /// of its one-time prekeys if any is left (claimed: never handed out
-    /// again).
+    /// of its one-time prekeys if any is left and the device's claim budget
+    /// allows it (claimed: never handed out again), else without one
+    /// (SPEC.md 16.2).
     ///
     /// # Errors
     /// [`TransportError::NotFound`] if the device never published,
     /// [`TransportError::Unavailable`] for a storage failure.
-    pub fn fetch_bundle(&mut self, device: &DeviceAddress) -> Result<Vec<u8>, TransportError> {
+    pub fn fetch_bundle(
+        &mut self,
+        now: u64,
+        device: &DeviceAddress,
+    ) -> Result<Vec<u8>, TransportError> {
         let record = self.storage.device(device);
         let record = self.check(record)?.ok_or(TransportError::NotFound)?;
-        let one_time_prekey = self.storage.claim_one_time_prekey(device);
-        let one_time_prekey = self.check(one_time_prekey)?;
+        let budget = ClaimBudget::new(&self.config, now);
+        let claim = self.storage.claim_one_time_prekey(device, budget);
+        let one_time_prekey = match self.check(claim)? {
+            ClaimOutcome::Claimed(id, key) => Some((id, key)),
+            ClaimOutcome::Empty | ClaimOutcome::Limited => None,
+        };
         Ok(encode_bundle(
             &record.device.identity,
             &record.signed_prekey,
@@ -851,7 +991,11 @@ impl<S: RelayStorage> Relay<S> {
     }
 
     /// Issues a fresh, single-use challenge for proving ownership of a
-    /// mailbox, valid for [`RelayConfig::challenge_ttl`] seconds.
+    /// mailbox, valid for [`RelayConfig::challenge_ttl`] seconds. The
+    /// challenge is authenticated with the relay's key and stored nowhere
+    /// (SPEC.md 16.4): issuing one writes nothing (but the relay key, at the
+    /// first challenge a storage ever sees), so nobody can crowd out
+    /// another's challenges.
     ///
     /// # Errors
     /// [`TransportError::NotFound`] for an unpublished mailbox (with
@@ -864,16 +1008,27 @@ impl<S: RelayStorage> Relay<S> {
         mailbox: &MailboxId,
     ) -> Result<[u8; 32], TransportError> {
         self.require_mailbox(mailbox)?;
+        let key = match self.key.take() {
+            Some(key) => key,
+            None => {
+                let fresh = RelayKey::generate(rng);
+                let stored = self.storage.relay_key(Some(&fresh));
+                match self.check(stored)? {
+                    Some(key) => key,
+                    None => {
+                        return Err(self.storage_failed(RelayStorageError::Backend(
+                            "the storage kept no relay key".into(),
+                        )))
+                    }
+                }
+            }
+        };
         let mut challenge = [0u8; 32];
-        rng.fill_bytes(&mut challenge);
-        let result = self.storage.insert_challenge(
-            mailbox,
-            &challenge,
-            now,
-            now.saturating_add(self.config.challenge_ttl),
-            self.config.max_outstanding_challenges.max(1),
-        );
-        self.check(result)?;
+        challenge[..8].copy_from_slice(&now.to_be_bytes());
+        rng.fill_bytes(&mut challenge[8..16]);
+        let tag = challenge_tag(&key, mailbox, &challenge);
+        challenge[16..].copy_from_slice(&tag);
+        self.key = Some(key);
         Ok(challenge)
     }
 
@@ -1102,7 +1257,8 @@ impl<S: RelayStorage> Relay<S> {
         }
     }
 
-    /// The mailbox check: op, signature, then the challenge (consumed).
+    /// The mailbox check: op, signature, then the challenge (its tag, its
+    /// age, then its single use).
     fn authorize(
         &mut self,
         now: u64,
@@ -1114,15 +1270,53 @@ impl<S: RelayStorage> Relay<S> {
         }
         auth.verify()?;
         let mailbox = auth.mailbox();
+        let key = match self.key.take() {
+            Some(key) => key,
+            None => {
+                let stored = self.storage.relay_key(None);
+                // No key: no relay over this storage ever issued a
+                // challenge.
+                self.check(stored)?.ok_or(TransportError::Unauthorized)?
+            }
+        };
+        let tag = challenge_tag(&key, &mailbox, &auth.challenge);
+        self.key = Some(key);
+        if !bool::from(tag.ct_eq(&auth.challenge[16..])) {
+            return Err(TransportError::Unauthorized);
+        }
+        let mut issued = [0u8; 8];
+        issued.copy_from_slice(&auth.challenge[..8]);
+        let expires_at = u64::from_be_bytes(issued).saturating_add(self.config.challenge_ttl);
+        if now > expires_at {
+            return Err(TransportError::Unauthorized);
+        }
         let fresh = self
             .storage
-            .consume_challenge(&mailbox, &auth.challenge, now);
+            .consume_challenge(&mailbox, &auth.challenge, now, expires_at);
         if self.check(fresh)? {
             Ok(mailbox)
         } else {
             Err(TransportError::Unauthorized)
         }
     }
+}
+
+/// The domain of a challenge's tag (SPEC.md 16.4).
+const CHALLENGE_DOMAIN: &[u8] = b"cubbyhole/v1 relay challenge";
+
+/// A challenge's tag: the first 16 bytes of `HMAC-SHA-256(key, domain ||
+/// mailbox || issued_at || random)`, over the challenge's first 16 bytes
+/// (`issued_at || random`).
+fn challenge_tag(key: &RelayKey, mailbox: &MailboxId, challenge: &[u8; 32]) -> [u8; 16] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.as_bytes())
+        .expect("HMAC accepts keys of any length");
+    mac.update(CHALLENGE_DOMAIN);
+    mac.update(&mailbox.0);
+    mac.update(&challenge[..16]);
+    let full = mac.finalize().into_bytes();
+    let mut tag = [0u8; 16];
+    tag.copy_from_slice(&full[..16]);
+    tag
 }
 
 /// The profile's bundle encoding from published parts:

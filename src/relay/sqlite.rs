@@ -5,7 +5,7 @@
 //! that a deposit checks the mailbox's bounds without counting its
 //! envelopes), envelopes (an acknowledged one keeps its row, without its
 //! payload, until it expires, so that its id stays a duplicate) and
-//! challenges. The file runs in WAL mode with
+//! used challenges with the relay key. The file runs in WAL mode with
 //! `synchronous = FULL` (an accepted deposit or upload survives a power
 //! loss), a busy timeout (several relay processes may share it), and
 //! `user_version` schema versioning under a relay `application_id`. Every
@@ -25,8 +25,8 @@ use std::vec::Vec;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    AppendOutcome, DeviceRecord, InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage,
-    RelayStorageError, StoredDeviceList, UploadOutcome,
+    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
+    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
 };
 use crate::protocol::devices::AccountId;
 use crate::transport::{
@@ -36,7 +36,7 @@ use crate::transport::{
 /// `PRAGMA application_id` of a relay database ("cbrl").
 const APPLICATION_ID: i32 = 0x6362_726c;
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: u32 = 3;
+const SCHEMA_VERSION: u32 = 4;
 
 /// The tables every schema version shares.
 const COMMON_SCHEMA: &str = "
@@ -165,6 +165,30 @@ CREATE TABLE device_lists (
     signed BLOB NOT NULL,
     PRIMARY KEY (account_id, version)
 ) WITHOUT ROWID;
+";
+
+/// From schema version 3 to 4 (SPEC.md 16.2, 16.4), the last step of
+/// every opening that creates or migrates: each device gets its claim time
+/// (the one-time-prekey claim budget, milliseconds, 0 for never claimed
+/// from); the table of issued challenges gives way to the table of used
+/// ones (challenges are stateless now: the challenges outstanding at the
+/// migration were random bytes without a tag and could not be used
+/// anyway); the relay key's table holds at most one key, created at the
+/// first challenge.
+const MIGRATE_3_TO_4: &str = "
+ALTER TABLE devices ADD COLUMN claimed_until INTEGER NOT NULL DEFAULT 0;
+DROP TABLE challenges;
+CREATE TABLE used_challenges (
+    mailbox BLOB NOT NULL,
+    challenge BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, challenge)
+) WITHOUT ROWID;
+CREATE INDEX used_challenges_by_expiry ON used_challenges (expires_at);
+CREATE TABLE relay_key (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+    key BLOB NOT NULL
+);
 ";
 
 /// A device-list version as an SQLite integer (versions grow by one from
@@ -398,6 +422,7 @@ impl SqliteRelayStorage {
                 tx.execute_batch(MAILBOX_TABLES).map_err(db)?;
                 tx.execute_batch(MAILBOX_INDEXES).map_err(db)?;
                 tx.execute_batch(DEVICE_LIST_TABLE).map_err(db)?;
+                tx.execute_batch(MIGRATE_3_TO_4).map_err(db)?;
                 tx.pragma_update(None, "application_id", APPLICATION_ID)
                     .map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -408,11 +433,18 @@ impl SqliteRelayStorage {
                 tx.execute_batch(MIGRATE_1_TO_2).map_err(db)?;
                 tx.execute_batch(MAILBOX_INDEXES).map_err(db)?;
                 tx.execute_batch(DEVICE_LIST_TABLE).map_err(db)?;
+                tx.execute_batch(MIGRATE_3_TO_4).map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(db)?;
             }
             (APPLICATION_ID, 2) => {
                 tx.execute_batch(DEVICE_LIST_TABLE).map_err(db)?;
+                tx.execute_batch(MIGRATE_3_TO_4).map_err(db)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(db)?;
+            }
+            (APPLICATION_ID, 3) => {
+                tx.execute_batch(MIGRATE_3_TO_4).map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(db)?;
             }
@@ -589,10 +621,15 @@ impl RelayStorage for SqliteRelayStorage {
             return Ok(UploadOutcome::Replayed);
         }
         let spk = &upload.signed_prekey;
+        // An upsert, not a replace: the device's claim time stays.
         tx.prepare_cached(
-            "INSERT OR REPLACE INTO devices (identity, device_id, mailbox, counter, spk_id,
+            "INSERT INTO devices (identity, device_id, mailbox, counter, spk_id,
                  spk_created, spk_public, spk_signature, published_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (identity, device_id) DO UPDATE SET
+                 counter = excluded.counter, spk_id = excluded.spk_id,
+                 spk_created = excluded.spk_created, spk_public = excluded.spk_public,
+                 spk_signature = excluded.spk_signature, published_at = excluded.published_at",
         )
         .map_err(db)?
         .execute(params![
@@ -648,11 +685,31 @@ impl RelayStorage for SqliteRelayStorage {
     fn claim_one_time_prekey(
         &mut self,
         device: &DeviceAddress,
-    ) -> Result<Option<(u32, [u8; 32])>, RelayStorageError> {
-        // One statement, in an IMMEDIATE transaction (the write lock is
-        // taken up front, waiting on the busy timeout, never upgraded).
+        budget: Option<ClaimBudget>,
+    ) -> Result<ClaimOutcome, RelayStorageError> {
+        // In an IMMEDIATE transaction (the write lock is taken up front,
+        // waiting on the busy timeout, never upgraded): the claim time
+        // read is the one the update replaces.
         let tx = self.begin()?;
-        let claimed = tx
+        let claimed_until: Option<i64> = tx
+            .prepare_cached(
+                "SELECT claimed_until FROM devices WHERE identity = ?1 AND device_id = ?2",
+            )
+            .map_err(db)?
+            .query_row(params![device.identity, device.device_id], |r| r.get(0))
+            .optional()
+            .map_err(db)?;
+        let Some(claimed_until) = claimed_until else {
+            return Ok(ClaimOutcome::Empty);
+        };
+        let next = match budget {
+            Some(budget) => match budget.admit(unbits(claimed_until)) {
+                Some(next) => Some(next),
+                None => return Ok(ClaimOutcome::Limited),
+            },
+            None => None,
+        };
+        let claimed: Option<(u32, [u8; 32])> = tx
             .prepare_cached(
                 "DELETE FROM one_time_prekeys WHERE seq = (
                      SELECT seq FROM one_time_prekeys
@@ -665,8 +722,19 @@ impl RelayStorage for SqliteRelayStorage {
             })
             .optional()
             .map_err(db)?;
+        let Some((id, key)) = claimed else {
+            return Ok(ClaimOutcome::Empty);
+        };
+        if let Some(next) = next {
+            tx.prepare_cached(
+                "UPDATE devices SET claimed_until = ?3 WHERE identity = ?1 AND device_id = ?2",
+            )
+            .map_err(db)?
+            .execute(params![device.identity, device.device_id, bits(next)])
+            .map_err(db)?;
+        }
         tx.commit().map_err(db)?;
-        Ok(claimed)
+        Ok(ClaimOutcome::Claimed(id, key))
     }
 
     fn one_time_prekey_count(&self, device: &DeviceAddress) -> Result<u32, RelayStorageError> {
@@ -842,35 +910,31 @@ impl RelayStorage for SqliteRelayStorage {
         Ok(expired)
     }
 
-    fn insert_challenge(
+    fn relay_key(
         &mut self,
-        mailbox: &MailboxId,
-        challenge: &[u8; 32],
-        now: u64,
-        expires_at: u64,
-        max_outstanding: u32,
-    ) -> Result<(), RelayStorageError> {
+        fresh: Option<&RelayKey>,
+    ) -> Result<Option<RelayKey>, RelayStorageError> {
         let tx = self.begin()?;
-        tx.prepare_cached("DELETE FROM challenges WHERE mailbox = ?1 AND expires_at < ?2")
+        if let Some(fresh) = fresh {
+            tx.prepare_cached("INSERT OR IGNORE INTO relay_key (singleton, key) VALUES (1, ?1)")
+                .map_err(db)?
+                .execute(params![&fresh.as_bytes()[..]])
+                .map_err(db)?;
+        }
+        let key: Option<Vec<u8>> = tx
+            .prepare_cached("SELECT key FROM relay_key WHERE singleton = 1")
             .map_err(db)?
-            .execute(params![mailbox.0, time(now)])
+            .query_row([], |r| r.get(0))
+            .optional()
             .map_err(db)?;
-        tx.prepare_cached(
-            "INSERT OR REPLACE INTO challenges (mailbox, challenge, expires_at)
-             VALUES (?1, ?2, ?3)",
-        )
-        .map_err(db)?
-        .execute(params![mailbox.0, challenge, time(expires_at)])
-        .map_err(db)?;
-        tx.prepare_cached(
-            "DELETE FROM challenges WHERE mailbox = ?1 AND seq NOT IN (
-                 SELECT seq FROM challenges WHERE mailbox = ?1 ORDER BY seq DESC LIMIT ?2)",
-        )
-        .map_err(db)?
-        .execute(params![mailbox.0, max_outstanding])
-        .map_err(db)?;
         tx.commit().map_err(db)?;
-        Ok(())
+        key.map(|bytes| {
+            let bytes = zeroize::Zeroizing::new(bytes);
+            <[u8; 32]>::try_from(&bytes[..])
+                .map(RelayKey::from_bytes)
+                .map_err(|_| RelayStorageError::Corrupted("the relay key is not 32 bytes".into()))
+        })
+        .transpose()
     }
 
     fn consume_challenge(
@@ -878,25 +942,29 @@ impl RelayStorage for SqliteRelayStorage {
         mailbox: &MailboxId,
         challenge: &[u8; 32],
         now: u64,
+        expires_at: u64,
     ) -> Result<bool, RelayStorageError> {
         let tx = self.begin()?;
-        let expires_at: Option<i64> = tx
+        tx.prepare_cached("DELETE FROM used_challenges WHERE mailbox = ?1 AND expires_at < ?2")
+            .map_err(db)?
+            .execute(params![mailbox.0, time(now)])
+            .map_err(db)?;
+        let recorded = tx
             .prepare_cached(
-                "DELETE FROM challenges WHERE mailbox = ?1 AND challenge = ?2
-                 RETURNING expires_at",
+                "INSERT INTO used_challenges (mailbox, challenge, expires_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (mailbox, challenge) DO NOTHING",
             )
             .map_err(db)?
-            .query_row(params![mailbox.0, challenge], |r| r.get(0))
-            .optional()
+            .execute(params![mailbox.0, challenge, time(expires_at)])
             .map_err(db)?;
         tx.commit().map_err(db)?;
-        Ok(expires_at.is_some_and(|e| time(now) <= e))
+        Ok(recorded == 1)
     }
 
     fn purge_challenges(&mut self, now: u64) -> Result<u64, RelayStorageError> {
         let mut stmt = self
             .conn
-            .prepare_cached("DELETE FROM challenges WHERE expires_at < ?1")
+            .prepare_cached("DELETE FROM used_challenges WHERE expires_at < ?1")
             .map_err(db)?;
         let purged = stmt.execute(params![time(now)]).map_err(db)?;
         Ok(purged as u64)

@@ -175,7 +175,7 @@ pub fn publish_and_fetch<S: RelayStorage>(storage: S) {
 
     // Each fetch claims one one-time prekey, oldest first, exactly once.
     for (left, opk) in [(1, &bob.one_time_prekeys[0]), (0, &bob.one_time_prekeys[1])] {
-        let bytes = relay.fetch_bundle(&bob.address()).unwrap();
+        let bytes = relay.fetch_bundle(NOW, &bob.address()).unwrap();
         assert_eq!(
             bytes,
             PrekeyBundle::new(&bob.keys, &bob.signed_prekey, Some(opk)).encode()
@@ -191,7 +191,7 @@ pub fn publish_and_fetch<S: RelayStorage>(storage: S) {
 
     // An empty pool gives bundles without a one-time prekey.
     for _ in 0..2 {
-        let bytes = relay.fetch_bundle(&bob.address()).unwrap();
+        let bytes = relay.fetch_bundle(NOW, &bob.address()).unwrap();
         assert_eq!(
             bytes,
             PrekeyBundle::new(&bob.keys, &bob.signed_prekey, None).encode()
@@ -209,7 +209,10 @@ pub fn publish_and_fetch<S: RelayStorage>(storage: S) {
         device_id: 4,
         ..bob.address()
     };
-    assert_eq!(relay.fetch_bundle(&other), Err(TransportError::NotFound));
+    assert_eq!(
+        relay.fetch_bundle(NOW, &other),
+        Err(TransportError::NotFound)
+    );
 }
 
 pub fn unknown_device_is_not_found<S: RelayStorage>(storage: S) {
@@ -217,7 +220,7 @@ pub fn unknown_device_is_not_found<S: RelayStorage>(storage: S) {
     let nobody = Device::new(&mut rng, 1, 0);
     let mut relay = Relay::new(storage, RelayConfig::default());
     assert_eq!(
-        relay.fetch_bundle(&nobody.address()),
+        relay.fetch_bundle(NOW, &nobody.address()),
         Err(TransportError::NotFound)
     );
     assert_eq!(
@@ -252,7 +255,7 @@ pub fn add_and_replace_pool<S: RelayStorage>(storage: S) {
         .publish(NOW, &bob.upload_of(3, &[&opk[4]], true).sign(&bob.keys))
         .unwrap();
     assert_eq!(relay.one_time_prekeys_left(&addr), Ok(1));
-    let bundle = PrekeyBundle::decode(&relay.fetch_bundle(&addr).unwrap()).unwrap();
+    let bundle = PrekeyBundle::decode(&relay.fetch_bundle(NOW, &addr).unwrap()).unwrap();
     assert_eq!(
         bundle.one_time_prekey(),
         Some((opk[4].id(), opk[4].public()))
@@ -264,7 +267,7 @@ pub fn add_and_replace_pool<S: RelayStorage>(storage: S) {
     relay
         .publish(NOW + 100, &bob.upload_of(4, &[], false).sign(&bob.keys))
         .unwrap();
-    let bundle = PrekeyBundle::decode(&relay.fetch_bundle(&addr).unwrap()).unwrap();
+    let bundle = PrekeyBundle::decode(&relay.fetch_bundle(NOW, &addr).unwrap()).unwrap();
     assert_eq!(bundle.signed_prekey_id(), 2);
     assert_eq!(bundle.signed_prekey(), bob.signed_prekey.public());
 
@@ -282,7 +285,7 @@ pub fn replayed_upload_is_refused<S: RelayStorage>(storage: S) {
     let mut relay = Relay::new(storage, RelayConfig::default());
     let first = bob.upload(5, false);
     relay.publish(NOW, &first).unwrap();
-    let claimed = relay.fetch_bundle(&bob.address()).unwrap();
+    let claimed = relay.fetch_bundle(NOW, &bob.address()).unwrap();
     assert!(PrekeyBundle::decode(&claimed)
         .unwrap()
         .one_time_prekey()
@@ -347,7 +350,7 @@ pub fn forged_upload_is_refused<S: RelayStorage>(storage: S) {
 
     // Bob's record and pool are untouched.
     assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(2));
-    let bundle = PrekeyBundle::decode(&relay.fetch_bundle(&bob.address()).unwrap()).unwrap();
+    let bundle = PrekeyBundle::decode(&relay.fetch_bundle(NOW, &bob.address()).unwrap()).unwrap();
     assert_eq!(bundle.signed_prekey(), bob.signed_prekey.public());
     assert_eq!(
         bundle.one_time_prekey(),
@@ -371,7 +374,7 @@ pub fn one_time_prekey_bound<S: RelayStorage>(storage: S) {
 
     assert_eq!(relay.publish(NOW, &bob.upload(1, true)), limit);
     assert_eq!(
-        relay.fetch_bundle(&bob.address()),
+        relay.fetch_bundle(NOW, &bob.address()),
         Err(TransportError::NotFound)
     );
     relay
@@ -621,27 +624,157 @@ pub fn challenges_are_single_use_fresh_and_per_op<S: RelayStorage>(storage: S) {
     );
 }
 
-pub fn outstanding_challenges_are_bounded<S: RelayStorage>(storage: S) {
-    let config = RelayConfig {
-        max_outstanding_challenges: 2,
-        ..RelayConfig::default()
-    };
-    let (mut relay, mut rng, bob) = with_bob(storage, config);
-    let first = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
-    let second = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
-    let third = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
-    assert_ne!(second, third);
-    // The oldest was evicted.
+/// Requesting challenges writes nothing, so a stranger who requests many
+/// for a mailbox cannot evict the owner's (SPEC.md 16.4).
+pub fn strangers_cannot_evict_a_challenge<S: RelayStorage>(storage: S) {
+    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::default());
+    let bobs = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+    let mut strangers = ChaCha20Rng::seed_from_u64(99);
+    for _ in 0..10_000 {
+        relay
+            .challenge(NOW + 1, &mut strangers, &bob.mailbox())
+            .unwrap();
+    }
+    // Nothing was stored for them (nor for Bob's).
+    assert_eq!(relay.storage_mut().purge_challenges(u64::MAX).unwrap(), 0);
+    relay
+        .fetch(NOW + 2, &bob.auth(MailboxOp::Fetch, bobs), 10)
+        .unwrap();
+    // Used once, it is refused the second time.
     assert_eq!(
-        relay.fetch(NOW, &bob.auth(MailboxOp::Fetch, first), 1),
+        relay.fetch(NOW + 3, &bob.auth(MailboxOp::Fetch, bobs), 10),
         Err(TransportError::Unauthorized)
     );
+}
+
+/// A challenge is checked by its tag (SPEC.md 16.4): one altered in any
+/// byte, one issued for another mailbox and one from a relay with another
+/// key are refused; none of them is used up by the refusal.
+pub fn challenges_are_authenticated<S: RelayStorage>(storage: S) {
+    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::default());
+    let mallory = Device::new(&mut rng, 2, 0);
+    relay.publish(NOW, &mallory.upload(1, true)).unwrap();
     relay
-        .fetch(NOW, &bob.auth(MailboxOp::Fetch, second), 1)
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
         .unwrap();
+
+    let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+    assert_eq!(challenge[..8], NOW.to_be_bytes(), "issued_at first");
+    for byte in [0, 7, 8, 15, 16, 31] {
+        let mut forged = challenge;
+        forged[byte] ^= 1;
+        assert_eq!(
+            relay.fetch(NOW, &bob.auth(MailboxOp::Fetch, forged), 10),
+            Err(TransportError::Unauthorized),
+            "a challenge with byte {byte} altered"
+        );
+    }
+    // An issue time moved back into the window with the tag kept: refused.
+    let mut moved = challenge;
+    moved[..8].copy_from_slice(&(NOW - 1).to_be_bytes());
+    assert_eq!(
+        relay.fetch(NOW, &bob.auth(MailboxOp::Fetch, moved), 10),
+        Err(TransportError::Unauthorized)
+    );
+
+    // Mallory's own challenge, signed by Bob for his mailbox.
+    let mallorys = relay.challenge(NOW, &mut rng, &mallory.mailbox()).unwrap();
+    assert_eq!(
+        relay.fetch(NOW, &bob.auth(MailboxOp::Fetch, mallorys), 10),
+        Err(TransportError::Unauthorized)
+    );
+    // ... which still works for Mallory (the refusal did not use it).
     relay
-        .fetch(NOW, &bob.auth(MailboxOp::Fetch, third), 1)
+        .fetch(NOW, &mallory.auth(MailboxOp::Fetch, mallorys), 10)
         .unwrap();
+
+    // A challenge made with another key (another relay's).
+    let mut other = Relay::new(
+        cubbyhole::relay::MemoryRelayStorage::new(),
+        RelayConfig {
+            require_published_mailbox: false,
+            ..RelayConfig::default()
+        },
+    );
+    let foreign = other.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
+    assert_eq!(
+        relay.fetch(NOW, &bob.auth(MailboxOp::Fetch, foreign), 10),
+        Err(TransportError::Unauthorized)
+    );
+
+    // The genuine one still works, once.
+    assert_eq!(
+        relay
+            .fetch(NOW, &bob.auth(MailboxOp::Fetch, challenge), 10)
+            .unwrap(),
+        vec![envelope(1, 10)]
+    );
+    assert_eq!(
+        relay.fetch(NOW, &bob.auth(MailboxOp::Fetch, challenge), 10),
+        Err(TransportError::Unauthorized)
+    );
+}
+
+/// Whether a bundle carries a one-time prekey (and is a bundle of `owner`).
+fn has_one_time_prekey(bytes: &[u8], owner: &Device) -> bool {
+    let bundle = PrekeyBundle::decode(bytes)
+        .unwrap()
+        .verify(NOW, FreshnessPolicy::default())
+        .unwrap();
+    assert_eq!(bundle.identity(), owner.keys.public());
+    bundle.one_time_prekey().is_some()
+}
+
+/// One-time-prekey claims are limited per device, whoever asks (SPEC.md
+/// 16.2): a burst, then the rate; the bundles keep coming, without a
+/// one-time prekey.
+pub fn one_time_prekey_claims_are_limited_per_device<S: RelayStorage>(storage: S) {
+    let config = RelayConfig {
+        claims_per_device_burst: 5,
+        claims_per_device_per_hour: 60,
+        ..RelayConfig::default()
+    };
+    let mut rng = rng(11);
+    let bob = Device::new(&mut rng, 1, 50);
+    let alice = Device::new(&mut rng, 2, 3);
+    let mut relay = Relay::new(storage, config);
+    relay.publish(NOW, &bob.upload(1, true)).unwrap();
+    relay.publish(NOW, &alice.upload(1, true)).unwrap();
+
+    let claimed = |relay: &mut Relay<S>, at: u64, fetches: u32| -> u32 {
+        (0..fetches)
+            .filter(|_| has_one_time_prekey(&relay.fetch_bundle(at, &bob.address()).unwrap(), &bob))
+            .count() as u32
+    };
+    // A flood (as from any number of addresses): the burst, then nothing.
+    assert_eq!(claimed(&mut relay, NOW, 200), 5);
+    assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(45));
+    // Another device's budget is its own.
+    assert!(has_one_time_prekey(
+        &relay.fetch_bundle(NOW, &alice.address()).unwrap(),
+        &alice
+    ));
+    // One a minute.
+    assert_eq!(claimed(&mut relay, NOW + 59, 10), 0);
+    assert_eq!(claimed(&mut relay, NOW + 60, 10), 1);
+    assert_eq!(claimed(&mut relay, NOW + 180, 10), 2);
+    // An hour of quiet refills the burst, no more.
+    assert_eq!(claimed(&mut relay, NOW + 3780, 100), 5);
+    assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(37));
+    // Bob's refill (an upload) does not reset the budget.
+    relay.publish(NOW + 3780, &bob.upload(2, true)).unwrap();
+    assert_eq!(claimed(&mut relay, NOW + 3780, 10), 0);
+    assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(50));
+
+    // With the budget off, every fetch claims.
+    let mut open = Relay::new(
+        relay.into_storage(),
+        RelayConfig {
+            claims_per_device_per_hour: 0,
+            ..RelayConfig::default()
+        },
+    );
+    assert_eq!(claimed(&mut open, NOW + 3780, 60), 50);
 }
 
 pub fn envelope_size_bound<S: RelayStorage>(storage: S) {
@@ -895,7 +1028,8 @@ pub fn retention_expires_envelopes<S: RelayStorage>(storage: S) {
     let mailbox = bob.mailbox();
     relay.deposit(NOW, &mailbox, &envelope(1, 10)).unwrap();
     relay.deposit(NOW + 10, &mailbox, &envelope(2, 10)).unwrap();
-    relay.challenge(NOW, &mut rng, &mailbox).unwrap();
+    // A used challenge is remembered until it expires.
+    fetch_all(&mut relay, &mut rng, &bob, NOW);
 
     // Exactly `retention` old: kept.
     let report = relay.sweep(NOW + retention).unwrap();
@@ -1053,7 +1187,9 @@ macro_rules! all_tests {
                 deposit_needs_a_published_mailbox,
                 stranger_cannot_read_or_delete,
                 challenges_are_single_use_fresh_and_per_op,
-                outstanding_challenges_are_bounded,
+                strangers_cannot_evict_a_challenge,
+                challenges_are_authenticated,
+                one_time_prekey_claims_are_limited_per_device,
                 envelope_size_bound,
                 empty_payload_is_refused,
                 mailbox_count_bound,
