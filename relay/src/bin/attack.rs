@@ -398,7 +398,7 @@ async fn run(name: &str, options: &Options) -> Result<(String, Vec<String>), Fai
                     {
                         let mut h = honest.lock().unwrap_or_else(|e| e.into_inner());
                         h.receive_errors += 1;
-                        *h.error_kinds.entry(format!("receive: {e}")).or_default() += 1;
+                        *h.error_kinds.entry(format!("receive: {e:?}")).or_default() += 1;
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -443,7 +443,7 @@ async fn run(name: &str, options: &Options) -> Result<(String, Vec<String>), Fai
                     h.send_ms.push(now_ms().saturating_sub(sent));
                     if let Err(e) = &r {
                         h.send_errors += 1;
-                        *h.error_kinds.entry(format!("send: {e}")).or_default() += 1;
+                        *h.error_kinds.entry(format!("send: {e:?}")).or_default() += 1;
                     }
                 }
                 if n % 10 == 9 {
