@@ -746,6 +746,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// The listen backlog asked for: room for a burst of connections (the
+/// kernel caps it at `net.core.somaxconn`, 4096 on current Linux). Tokio's
+/// default of 1024 overflowed under a connection flood, and the honest
+/// handshakes dropped then waited a second for their retransmission.
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds the listening socket (address reuse as tokio's `bind` sets it).
+fn bind(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if listen.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -911,22 +929,4 @@ mod tests {
             );
         }
     }
-}
-
-/// The listen backlog asked for: room for a burst of connections (the
-/// kernel caps it at `net.core.somaxconn`, 4096 on current Linux). Tokio's
-/// default of 1024 overflowed under a connection flood, and the honest
-/// handshakes dropped then waited a second for their retransmission.
-const LISTEN_BACKLOG: u32 = 8192;
-
-/// Binds the listening socket (address reuse as tokio's `bind` sets it).
-fn bind(listen: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if listen.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(listen)?;
-    socket.listen(LISTEN_BACKLOG)
 }
