@@ -368,8 +368,18 @@ pub struct SweepReport {
 /// per relay storage, created at the first challenge
 /// ([`RelayStorage::relay_key`]) and shared by every relay over that
 /// storage. Wiped when dropped; its `Debug` shows nothing of it.
-#[derive(Clone, PartialEq, Eq, Zeroize, ZeroizeOnDrop)]
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct RelayKey([u8; 32]);
+
+/// Compared in constant time: a secret is never compared with `==` on its
+/// bytes.
+impl PartialEq for RelayKey {
+    fn eq(&self, other: &Self) -> bool {
+        bool::from(self.0[..].ct_eq(&other.0[..]))
+    }
+}
+
+impl Eq for RelayKey {}
 
 impl RelayKey {
     /// The key from its bytes (as a storage keeps them).
