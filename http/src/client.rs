@@ -12,10 +12,13 @@ use std::time::Duration;
 use cubbyhole::protocol::devices::{AccountId, DeviceList};
 use cubbyhole::relay::{device_list_error, device_list_reason, reason as core_reason};
 use cubbyhole::transport::{
-    decode_envelope_list, encode_acknowledge, encode_envelope, DeviceAddress, DeviceDirectory,
+    decode_envelope_list, encode_acknowledge, encode_envelope, DepositPass, DeviceAddress,
+    DeviceDirectory,
     Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory, TransportError,
 };
 use rand_core::{OsRng, RngCore};
+use reqwest::header::HeaderValue;
+use zeroize::Zeroizing;
 use reqwest::{Method, StatusCode};
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
@@ -50,6 +53,9 @@ fn limit_reason(wire: &str) -> &'static str {
         "pending_bytes" => core_reason::PENDING_BYTES,
         "one_time_prekeys" => core_reason::ONE_TIME_PREKEYS,
         "acknowledge_ids" => core_reason::ACKNOWLEDGE_IDS,
+        "stranger_envelopes" => core_reason::STRANGER_ENVELOPES,
+        "stranger_bytes" => core_reason::STRANGER_BYTES,
+        "strangers_closed" => core_reason::STRANGERS_CLOSED,
         "body_size" => reason::BODY_SIZE,
         "rate_deposits" => reason::RATE_DEPOSITS,
         "rate_claims" => reason::RATE_CLAIMS,
@@ -489,11 +495,27 @@ impl Inner {
         retry: Retry,
         what: &'static str,
     ) -> Result<Vec<u8>, TransportError> {
+        self.call_with(method, path, body, &[], timeout, retry, what)
+            .await
+    }
+
+    /// [`Inner::call`] with extra request headers.
+    #[allow(clippy::too_many_arguments)]
+    async fn call_with(
+        &self,
+        method: Method,
+        path: String,
+        body: Option<Vec<u8>>,
+        headers: &[(&'static str, HeaderValue)],
+        timeout: Duration,
+        retry: Retry,
+        what: &'static str,
+    ) -> Result<Vec<u8>, TransportError> {
         let url = format!("{}{path}", self.base);
         let mut retries = 0;
         loop {
             let failure = match self
-                .attempt(&method, &url, body.as_deref(), timeout, what)
+                .attempt(&method, &url, body.as_deref(), headers, timeout, what)
                 .await
             {
                 Ok(answer) => return Ok(answer),
@@ -518,10 +540,14 @@ impl Inner {
         method: &Method,
         url: &str,
         body: Option<&[u8]>,
+        headers: &[(&'static str, HeaderValue)],
         timeout: Duration,
         what: &'static str,
     ) -> Result<Vec<u8>, Failure> {
         let mut request = self.http.request(method.clone(), url).timeout(timeout);
+        for (name, value) in headers {
+            request = request.header(*name, value.clone());
+        }
         if let Some(body) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
@@ -546,9 +572,40 @@ impl Inner {
             Some(b) => (Some(b.error.as_str()), b.message.as_deref()),
             None => (None, None),
         };
+        if status == StatusCode::FORBIDDEN && wire == Some("stamp_required") {
+            if let Some(difficulty) = body.as_ref().and_then(|b| b.difficulty) {
+                return Err(Failure::answered(TransportError::StampRequired(difficulty)));
+            }
+        }
         Err(Failure::answered(error_for(status, wire, message, what)))
     }
 }
+
+/// The request headers of a deposit's pass (relay/API.md): the access
+/// key (`Cubbyhole-Access`) and the stamp (`Cubbyhole-Stamp`), each 32
+/// lowercase hex digits. The key's header value is marked sensitive (an
+/// HTTP/2 encoder never indexes it; `Debug` does not show it).
+fn pass_headers(pass: &DepositPass) -> Vec<(&'static str, HeaderValue)> {
+    let mut headers = Vec::new();
+    if let Some(key) = &pass.access {
+        let hex = Zeroizing::new(hex::encode(key.as_bytes()));
+        if let Ok(mut value) = HeaderValue::from_str(&hex) {
+            value.set_sensitive(true);
+            headers.push((ACCESS_HEADER, value));
+        }
+    }
+    if let Some(stamp) = &pass.stamp {
+        if let Ok(value) = HeaderValue::from_str(&hex::encode(stamp.encode())) {
+            headers.push((STAMP_HEADER, value));
+        }
+    }
+    headers
+}
+
+/// The header carrying a deposit's access key.
+pub const ACCESS_HEADER: &str = "cubbyhole-access";
+/// The header carrying a deposit's stamp.
+pub const STAMP_HEADER: &str = "cubbyhole-stamp";
 
 /// The JSON error body.
 #[derive(serde::Deserialize)]
@@ -556,6 +613,9 @@ struct ErrorBody {
     error: String,
     #[serde(default)]
     message: Option<String>,
+    /// With `403 stamp_required`: the difficulty to mint at.
+    #[serde(default)]
+    difficulty: Option<u8>,
 }
 
 /// A delay drawn uniformly from `[delay / 2, delay]`.
@@ -738,16 +798,19 @@ impl Mailbox for HttpRelay {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let path = Self::mailbox_path(to, "envelopes");
         let body = encode_envelope(envelope);
+        let headers = pass_headers(pass);
         self.spawn(move |inner| async move {
             let timeout = inner.config.request_timeout;
             inner
-                .call(
+                .call_with(
                     Method::POST,
                     path,
                     Some(body),
+                    &headers,
                     timeout,
                     Retry::Idempotent,
                     "envelope",

@@ -84,7 +84,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cubbyhole::relay::{
     AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
-    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
+    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, Share, StoredDeviceList,
+    UploadOutcome,
 };
 use cubbyhole::transport::{
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,
@@ -851,6 +852,10 @@ impl RelayStorage for PostgresRelayStorage {
                     public: fixed(row.try_get(3)?, "signed prekey")?,
                     signature: fixed(row.try_get(4)?, "signed prekey signature")?,
                 },
+                access: None,
+                previous_access: None,
+                access_changed_at: 0,
+                owner_seen_at: u64::MAX,
                 published_at: count(row.try_get(5)?),
             }))
         })
@@ -997,6 +1002,7 @@ impl RelayStorage for PostgresRelayStorage {
         &mut self,
         mailbox: &MailboxId,
         envelope: &Envelope,
+        _share: Share,
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<InsertOutcome, RelayStorageError> {
@@ -1018,7 +1024,7 @@ impl RelayStorage for PostgresRelayStorage {
     /// and one notification per mailbox that got an envelope.
     fn insert_envelopes(
         &mut self,
-        batch: &[(MailboxId, Envelope)],
+        batch: &[(MailboxId, Envelope, Share)],
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<Vec<InsertOutcome>, RelayStorageError> {
@@ -1062,7 +1068,7 @@ impl RelayStorage for PostgresRelayStorage {
             let mut payloads = Vec::new();
             let mut notices = Vec::new();
             let mut notified = HashSet::new();
-            for (mailbox, envelope) in batch {
+            for (mailbox, envelope, _share) in batch {
                 let size = envelope.payload.len() as u64;
                 let (envelopes, bytes) = usage.entry(*mailbox).or_insert((0, 0));
                 let outcome = if seen.contains(&(*mailbox, envelope.id)) {
@@ -1142,6 +1148,7 @@ impl RelayStorage for PostgresRelayStorage {
             Ok(MailboxUsage {
                 envelopes: count(row.try_get(0)?),
                 bytes: count(row.try_get(1)?),
+                ..MailboxUsage::default()
             })
         })
     }
@@ -1165,6 +1172,18 @@ impl RelayStorage for PostgresRelayStorage {
     fn expire_envelopes(&mut self, received_before: u64) -> Result<u64, RelayStorageError> {
         let cutoff = time(received_before);
         self.run(|client, st| Ok(client.execute(&st.expire_all, &[&cutoff])?))
+    }
+
+    fn mailbox_owner(&self, _mailbox: &MailboxId) -> Result<Option<DeviceRecord>, RelayStorageError> {
+        Err(RelayStorageError::Backend("schema 4: not yet".into()))
+    }
+
+    fn expire_inactive(&mut self, _seen_before: u64, _received_before: u64) -> Result<u64, RelayStorageError> {
+        Ok(0)
+    }
+
+    fn expire_devices(&mut self, _seen_before: u64) -> Result<u64, RelayStorageError> {
+        Ok(0)
     }
 
     fn relay_key(

@@ -59,6 +59,7 @@ use crate::storage::{
     SentMessage, SessionEntry, SessionRecord, Store, StoreError, Trust,
 };
 use crate::transport::{
+    DepositPass,
     BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxOp,
     PrekeyDirectory, TransportError,
 };
@@ -1200,7 +1201,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     async fn try_deposit(&self, entry: &OutboxEntry) -> Deposit {
         let mailbox = entry.to.mailbox();
         for _ in 0..self.config.deposit_attempts.max(1) {
-            match self.mailbox.deposit(&mailbox, &entry.envelope).await {
+            match self.mailbox.deposit(&mailbox, &entry.envelope, &DepositPass::NONE).await {
                 Ok(()) => return Deposit::Done,
                 Err(TransportError::Unavailable(_) | TransportError::Io { .. }) => continue,
                 // Never deliverable: drop it from the outbox (the receiver's

@@ -90,7 +90,7 @@ use std::vec;
 use std::vec::Vec;
 
 use super::{
-    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
+    Share, AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
     MailboxUsage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
 };
 use crate::protocol::devices::AccountId;
@@ -387,6 +387,8 @@ impl Device {
             signed_prekey: self.signed_prekey,
             replace_one_time_prekeys: replace,
             one_time_prekeys: ids.iter().map(|&id| (id, opk(id, salt))).collect(),
+            access_verifier: None,
+            identity_stamp: None,
         }
     }
 
@@ -425,6 +427,8 @@ fn ids(envelopes: &[Envelope]) -> Vec<u8> {
 const OPEN: MailboxLimits = MailboxLimits {
     max_envelopes: u32::MAX,
     max_bytes: u64::MAX,
+    max_stranger_envelopes: u32::MAX,
+    max_stranger_bytes: u64::MAX,
     expire_before: 0,
 };
 
@@ -439,7 +443,7 @@ fn apply(s: &mut dyn RelayStorage, upload: &BundleSetUpload, at: u64, max: u32) 
 
 fn insert_stored(s: &mut dyn RelayStorage, m: &MailboxId, e: &Envelope, at: u64) -> Outcome {
     let outcome = s
-        .insert_envelope(m, e, at, OPEN)
+        .insert_envelope(m, e, Share::Contacts, at, OPEN)
         .or_fail("insert_envelope")?;
     same(
         &format!("insert_envelope of a new id {:?}", e.id),
@@ -467,7 +471,11 @@ fn usage_is(
     same(
         &format!("mailbox_usage {when}"),
         &usage(s, m)?,
-        &MailboxUsage { envelopes, bytes },
+        &MailboxUsage {
+            envelopes,
+            bytes,
+            ..MailboxUsage::default()
+        },
     )
 }
 
@@ -580,6 +588,10 @@ fn upload(s: &mut dyn RelayStorage) -> Outcome {
             counter: 5,
             signed_prekey: a.signed_prekey,
             published_at: NOW,
+            access: None,
+            previous_access: None,
+            access_changed_at: 0,
+            owner_seen_at: NOW,
         }),
     )?;
     ensure!(
@@ -605,6 +617,10 @@ fn upload(s: &mut dyn RelayStorage) -> Outcome {
             counter: 6,
             signed_prekey: a.rotated(),
             published_at: NOW + 1,
+            access: None,
+            previous_access: None,
+            access_changed_at: 0,
+            owner_seen_at: NOW + 1,
         }),
     )?;
     same(
@@ -776,7 +792,7 @@ fn insert(s: &mut dyn RelayStorage) -> Outcome {
     insert_stored(s, &a, &env(1, 10, 0xaa), NOW)?;
     same(
         "insert_envelope of an id already pending",
-        &s.insert_envelope(&a, &env(1, 20, 0xbb), NOW + 1, OPEN)
+        &s.insert_envelope(&a, &env(1, 20, 0xbb), Share::Contacts, NOW + 1, OPEN)
             .or_fail("insert_envelope")?,
         &InsertOutcome::Duplicate,
     )?;
@@ -809,12 +825,14 @@ fn insert(s: &mut dyn RelayStorage) -> Outcome {
 fn insert_bounds(s: &mut dyn RelayStorage) -> Outcome {
     let m = Device::new(1).mailbox();
     let limits = MailboxLimits {
+        max_stranger_envelopes: u32::MAX,
+        max_stranger_bytes: u64::MAX,
         max_envelopes: 3,
         max_bytes: 100,
         expire_before: 0,
     };
     let try_insert = |s: &mut dyn RelayStorage, e: &Envelope| {
-        s.insert_envelope(&m, e, NOW, limits)
+        s.insert_envelope(&m, e, Share::Contacts, NOW, limits)
             .or_fail("insert_envelope")
     };
     same(
@@ -856,7 +874,7 @@ fn insert_bounds(s: &mut dyn RelayStorage) -> Outcome {
     // Refused ids were not remembered: with room, they are stored.
     same(
         "insert of an id refused earlier, with room",
-        &s.insert_envelope(&m, &env(2, 41, 2), NOW, OPEN)
+        &s.insert_envelope(&m, &env(2, 41, 2), Share::Contacts, NOW, OPEN)
             .or_fail("insert_envelope")?,
         &InsertOutcome::Stored,
     )?;
@@ -867,19 +885,21 @@ fn insert_batch(s: &mut dyn RelayStorage) -> Outcome {
     let (a, b) = (Device::new(1).mailbox(), Device::new(2).mailbox());
     insert_stored(s, &a, &env(1, 10, 1), NOW)?;
     let limits = MailboxLimits {
+        max_stranger_envelopes: u32::MAX,
+        max_stranger_bytes: u64::MAX,
         max_envelopes: 3,
         max_bytes: 1_000,
         expire_before: 0,
     };
     let batch = vec![
-        (a, env(1, 10, 9)),  // pending: duplicate
-        (a, env(2, 10, 2)),  // stored (2 pending)
-        (b, env(2, 10, 2)),  // another mailbox: stored
-        (a, env(2, 10, 9)),  // earlier in the batch: duplicate
-        (a, env(3, 10, 3)),  // stored (3 pending)
-        (a, env(4, 10, 4)),  // full
-        (b, env(5, 995, 5)), // over b's bytes (10 + 995)
-        (b, env(6, 990, 6)), // fits exactly
+        (a, env(1, 10, 9), Share::Contacts),  // pending: duplicate
+        (a, env(2, 10, 2), Share::Contacts),  // stored (2 pending)
+        (b, env(2, 10, 2), Share::Contacts),  // another mailbox: stored
+        (a, env(2, 10, 9), Share::Contacts),  // earlier in the batch: duplicate
+        (a, env(3, 10, 3), Share::Contacts),  // stored (3 pending)
+        (a, env(4, 10, 4), Share::Contacts),  // full
+        (b, env(5, 995, 5), Share::Contacts), // over b's bytes (10 + 995)
+        (b, env(6, 990, 6), Share::Contacts), // fits exactly
     ];
     let outcomes = s
         .insert_envelopes(&batch, NOW + 1, limits)
@@ -1020,7 +1040,7 @@ fn acknowledge(s: &mut dyn RelayStorage) -> Outcome {
     )?;
     same(
         "insert_envelope of an acknowledged id",
-        &s.insert_envelope(&a, &env(2, 10, 9), NOW + 1, OPEN)
+        &s.insert_envelope(&a, &env(2, 10, 9), Share::Contacts, NOW + 1, OPEN)
             .or_fail("insert_envelope")?,
         &InsertOutcome::Duplicate,
     )?;
@@ -1049,14 +1069,14 @@ fn usage_check(s: &mut dyn RelayStorage) -> Outcome {
     insert_stored(s, &b, &env(1, 7, 1), NOW)?;
     usage_is(s, &a, "after two inserts", 2, 150)?;
     usage_is(s, &b, "of another mailbox", 1, 7)?;
-    s.insert_envelope(&a, &env(1, 999, 1), NOW, OPEN)
+    s.insert_envelope(&a, &env(1, 999, 1), Share::Contacts, NOW, OPEN)
         .or_fail("insert_envelope")?;
     usage_is(s, &a, "after a duplicate", 2, 150)?;
     let full = MailboxLimits {
         max_envelopes: 2,
         ..OPEN
     };
-    s.insert_envelope(&a, &env(3, 30, 3), NOW, full)
+    s.insert_envelope(&a, &env(3, 30, 3), Share::Contacts, NOW, full)
         .or_fail("insert_envelope")?;
     usage_is(s, &a, "after a refused insert", 2, 150)?;
     insert_stored(s, &a, &env(3, 30, 3), NOW + 20)?;
@@ -1107,13 +1127,13 @@ fn expiry(s: &mut dyn RelayStorage) -> Outcome {
     )?;
     same(
         "insert_envelope of an acknowledged id after its expiry",
-        &s.insert_envelope(&a, &env(1, 10, 1), NOW, OPEN)
+        &s.insert_envelope(&a, &env(1, 10, 1), Share::Contacts, NOW, OPEN)
             .or_fail("insert_envelope")?,
         &InsertOutcome::Stored,
     )?;
     same(
         "insert_envelope of an expired id",
-        &s.insert_envelope(&a, &env(2, 10, 2), NOW, OPEN)
+        &s.insert_envelope(&a, &env(2, 10, 2), Share::Contacts, NOW, OPEN)
             .or_fail("insert_envelope")?,
         &InsertOutcome::Stored,
     )?;
@@ -1137,13 +1157,15 @@ fn expiry(s: &mut dyn RelayStorage) -> Outcome {
     s.acknowledge_envelopes(&c, &[eid(2)])
         .or_fail("acknowledge_envelopes")?;
     let limits = MailboxLimits {
+        max_stranger_envelopes: u32::MAX,
+        max_stranger_bytes: u64::MAX,
         max_envelopes: 2,
         max_bytes: 20,
         expire_before: NOW - 9,
     };
     same(
         "insert_envelope with expire_before after an acknowledged id's receipt",
-        &s.insert_envelope(&c, &env(2, 10, 2), NOW, limits)
+        &s.insert_envelope(&c, &env(2, 10, 2), Share::Contacts, NOW, limits)
             .or_fail("insert_envelope")?,
         &InsertOutcome::Stored,
     )?;
@@ -1361,7 +1383,7 @@ fn groups(s: &mut dyn RelayStorage) -> Outcome {
     insert_stored(s, &m, &env(1, 10, 1), NOW)?;
     same(
         "inside a group, a duplicate",
-        &s.insert_envelope(&m, &env(1, 20, 2), NOW, OPEN)
+        &s.insert_envelope(&m, &env(1, 20, 2), Share::Contacts, NOW, OPEN)
             .or_fail("insert_envelope")?,
         &InsertOutcome::Duplicate,
     )?;

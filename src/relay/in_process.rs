@@ -12,7 +12,7 @@ use rand_core::OsRng;
 use super::{Relay, RelayStorage, SweepReport};
 use crate::protocol::devices::AccountId;
 use crate::transport::{
-    DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
+    DepositPass, DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
     PrekeyDirectory, TransportError,
 };
 
@@ -149,8 +149,9 @@ impl<S: RelayStorage + Send> Mailbox for InProcessRelay<S> {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
-        ready(self.call(|relay, now| relay.deposit(now, to, envelope)))
+        ready(self.call(|relay, now| relay.deposit(now, to, envelope, pass)))
     }
 
     fn challenge(

@@ -5,7 +5,8 @@ use std::vec::Vec;
 
 use super::{
     AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
-    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
+    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, Share, StoredDeviceList,
+    UploadOutcome,
 };
 use crate::protocol::devices::AccountId;
 use crate::transport::{BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId};
@@ -15,7 +16,8 @@ use crate::transport::{BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mai
 #[derive(Clone, Debug, Default)]
 pub struct MemoryRelayStorage {
     devices: HashMap<DeviceAddress, DeviceRecord>,
-    published_mailboxes: HashSet<MailboxId>,
+    /// Mailbox -> the device whose mailbox it is.
+    mailbox_owners: HashMap<MailboxId, DeviceAddress>,
     pools: HashMap<DeviceAddress, VecDeque<(u32, [u8; 32])>>,
     mailboxes: HashMap<MailboxId, Queue>,
     /// Per mailbox, the used challenges and when each expires.
@@ -33,6 +35,9 @@ struct Queue {
     pending: VecDeque<Stored>,
     pending_ids: HashSet<EnvelopeId>,
     bytes: u64,
+    /// Of the pending envelopes, those of the strangers' share.
+    stranger_envelopes: u64,
+    stranger_bytes: u64,
     /// Acknowledged id -> receipt time.
     acknowledged: HashMap<EnvelopeId, u64>,
     /// No receipt time in `pending` or `acknowledged` is below this, so
@@ -44,6 +49,7 @@ struct Queue {
 #[derive(Clone, Debug)]
 struct Stored {
     envelope: Envelope,
+    share: Share,
     received_at: u64,
 }
 
@@ -55,15 +61,17 @@ impl Queue {
             return 0;
         }
         let before = self.pending.len();
-        let (pending_ids, bytes) = (&mut self.pending_ids, &mut self.bytes);
+        let mut removed = Vec::new();
         self.pending.retain(|s| {
             let keep = s.received_at >= cutoff;
             if !keep {
-                pending_ids.remove(&s.envelope.id);
-                *bytes -= s.envelope.payload.len() as u64;
+                removed.push((s.envelope.id, s.envelope.payload.len() as u64, s.share));
             }
             keep
         });
+        for (id, size, share) in removed {
+            self.forget(&id, size, share);
+        }
         self.acknowledged.retain(|_, received| *received >= cutoff);
         self.oldest = self
             .pending
@@ -73,6 +81,16 @@ impl Queue {
             .min()
             .unwrap_or(u64::MAX);
         (before - self.pending.len()) as u64
+    }
+
+    /// Takes a deleted pending envelope out of the counts.
+    fn forget(&mut self, id: &EnvelopeId, size: u64, share: Share) {
+        self.pending_ids.remove(id);
+        self.bytes -= size;
+        if share == Share::Strangers {
+            self.stranger_envelopes -= 1;
+            self.stranger_bytes -= size;
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -161,7 +179,15 @@ impl RelayStorage for MemoryRelayStorage {
     }
 
     fn mailbox_exists(&self, mailbox: &MailboxId) -> Result<bool, RelayStorageError> {
-        Ok(self.published_mailboxes.contains(mailbox))
+        Ok(self.mailbox_owners.contains_key(mailbox))
+    }
+
+    fn mailbox_owner(&self, mailbox: &MailboxId) -> Result<Option<DeviceRecord>, RelayStorageError> {
+        Ok(self
+            .mailbox_owners
+            .get(mailbox)
+            .and_then(|device| self.devices.get(device))
+            .copied())
     }
 
     fn apply_upload(
@@ -189,6 +215,18 @@ impl RelayStorage for MemoryRelayStorage {
         if pool.len() > max_one_time_prekeys as usize {
             return Ok(UploadOutcome::TooManyOneTimePrekeys);
         }
+        let old = self.devices.get(&upload.device);
+        let (mut access, mut previous_access, mut access_changed_at) = old.map_or(
+            (None, None, 0),
+            |r| (r.access, r.previous_access, r.access_changed_at),
+        );
+        if let Some(verifier) = upload.access_verifier {
+            if access != Some(verifier) {
+                previous_access = access;
+                access = Some(verifier);
+                access_changed_at = published_at;
+            }
+        }
         self.devices.insert(
             upload.device,
             DeviceRecord {
@@ -196,9 +234,14 @@ impl RelayStorage for MemoryRelayStorage {
                 counter: upload.counter,
                 signed_prekey: upload.signed_prekey,
                 published_at,
+                access,
+                previous_access,
+                access_changed_at,
+                owner_seen_at: published_at,
             },
         );
-        self.published_mailboxes.insert(upload.device.mailbox());
+        self.mailbox_owners
+            .insert(upload.device.mailbox(), upload.device);
         self.pools.insert(upload.device, pool);
         Ok(UploadOutcome::Applied)
     }
@@ -232,6 +275,7 @@ impl RelayStorage for MemoryRelayStorage {
         &mut self,
         mailbox: &MailboxId,
         envelope: &Envelope,
+        share: Share,
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<InsertOutcome, RelayStorageError> {
@@ -241,18 +285,37 @@ impl RelayStorage for MemoryRelayStorage {
         {
             return Ok(InsertOutcome::Duplicate);
         }
-        if queue.pending.len() >= limits.max_envelopes as usize {
+        let (count, bytes, max_count, max_bytes) = match share {
+            Share::Contacts => (
+                queue.pending.len() as u64 - queue.stranger_envelopes,
+                queue.bytes - queue.stranger_bytes,
+                limits.max_envelopes,
+                limits.max_bytes,
+            ),
+            Share::Strangers => (
+                queue.stranger_envelopes,
+                queue.stranger_bytes,
+                limits.max_stranger_envelopes,
+                limits.max_stranger_bytes,
+            ),
+        };
+        if count >= u64::from(max_count) {
             return Ok(InsertOutcome::TooManyEnvelopes);
         }
         let size = envelope.payload.len() as u64;
-        if queue.bytes.saturating_add(size) > limits.max_bytes {
+        if bytes.saturating_add(size) > max_bytes {
             return Ok(InsertOutcome::TooManyBytes);
         }
         queue.pending_ids.insert(envelope.id);
         queue.bytes += size;
+        if share == Share::Strangers {
+            queue.stranger_envelopes += 1;
+            queue.stranger_bytes += size;
+        }
         queue.oldest = queue.oldest.min(received_at);
         queue.pending.push_back(Stored {
             envelope: envelope.clone(),
+            share,
             received_at,
         });
         Ok(InsertOutcome::Stored)
@@ -295,6 +358,8 @@ impl RelayStorage for MemoryRelayStorage {
             .map_or_else(MailboxUsage::default, |q| MailboxUsage {
                 envelopes: q.pending.len() as u64,
                 bytes: q.bytes,
+                stranger_envelopes: q.stranger_envelopes,
+                stranger_bytes: q.stranger_bytes,
             }))
     }
 
@@ -313,24 +378,26 @@ impl RelayStorage for MemoryRelayStorage {
         if ids.is_empty() {
             return Ok(0);
         }
-        let Queue {
-            pending,
-            pending_ids,
-            bytes,
-            acknowledged,
-            ..
-        } = queue;
-        pending.retain(|s| {
+        let mut removed = Vec::new();
+        queue.pending.retain(|s| {
             if ids.contains(&s.envelope.id) {
-                pending_ids.remove(&s.envelope.id);
-                *bytes -= s.envelope.payload.len() as u64;
-                acknowledged.insert(s.envelope.id, s.received_at);
+                removed.push((
+                    s.envelope.id,
+                    s.envelope.payload.len() as u64,
+                    s.share,
+                    s.received_at,
+                ));
                 false
             } else {
                 true
             }
         });
-        Ok(ids.len() as u64)
+        let count = removed.len() as u64;
+        for (id, size, share, received_at) in removed {
+            queue.forget(&id, size, share);
+            queue.acknowledged.insert(id, received_at);
+        }
+        Ok(count)
     }
 
     fn expire_envelopes(&mut self, received_before: u64) -> Result<u64, RelayStorageError> {
@@ -340,6 +407,46 @@ impl RelayStorage for MemoryRelayStorage {
             !queue.is_empty()
         });
         Ok(expired)
+    }
+
+    fn expire_inactive(
+        &mut self,
+        seen_before: u64,
+        received_before: u64,
+    ) -> Result<u64, RelayStorageError> {
+        let mut expired = 0;
+        for record in self.devices.values() {
+            if record.owner_seen_at >= seen_before {
+                continue;
+            }
+            let mailbox = record.device.mailbox();
+            if let Some(queue) = self.mailboxes.get_mut(&mailbox) {
+                expired += queue.expire(received_before);
+                if queue.is_empty() {
+                    self.mailboxes.remove(&mailbox);
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    fn expire_devices(&mut self, seen_before: u64) -> Result<u64, RelayStorageError> {
+        let idle: Vec<DeviceAddress> = self
+            .devices
+            .values()
+            .filter(|r| r.owner_seen_at < seen_before)
+            .map(|r| r.device)
+            .collect();
+        for device in &idle {
+            let mailbox = device.mailbox();
+            self.devices.remove(device);
+            self.pools.remove(device);
+            self.claimed_until.remove(device);
+            self.mailbox_owners.remove(&mailbox);
+            self.mailboxes.remove(&mailbox);
+            self.challenges.remove(&mailbox);
+        }
+        Ok(idle.len() as u64)
     }
 
     fn relay_key(
@@ -361,7 +468,17 @@ impl RelayStorage for MemoryRelayStorage {
     ) -> Result<bool, RelayStorageError> {
         let used = self.challenges.entry(*mailbox).or_default();
         used.retain(|_, expiry| *expiry >= now);
-        Ok(used.insert(*challenge, expires_at).is_none())
+        if used.insert(*challenge, expires_at).is_some() {
+            return Ok(false);
+        }
+        if let Some(record) = self
+            .mailbox_owners
+            .get(mailbox)
+            .and_then(|device| self.devices.get_mut(device))
+        {
+            record.owner_seen_at = record.owner_seen_at.max(now);
+        }
+        Ok(true)
     }
 
     fn purge_challenges(&mut self, now: u64) -> Result<u64, RelayStorageError> {

@@ -134,9 +134,11 @@ pub use sqlite::SqliteRelayStorage;
 use crate::protocol::bundle::BUNDLE_LEN_WITH_OPK;
 use crate::protocol::devices::{AccountId, DeviceList, DeviceListError};
 use crate::protocol::wire::VERSION;
+use crate::transport::stamp::Stamp;
 use crate::transport::{
-    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxId, MailboxOp,
-    SignedPrekeyRecord, TransportError, DEVICE_LIST_RETENTION,
+    AccessVerifier, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId,
+    MailboxAuth, MailboxId, MailboxOp, SignedPrekeyRecord, TransportError,
+    DEVICE_LIST_RETENTION,
 };
 
 /// The reasons carried by [`TransportError::LimitExceeded`] from a relay.
@@ -160,6 +162,16 @@ pub mod reason {
     /// An acknowledgment lists more than
     /// [`RelayConfig::max_acknowledge_ids`](super::RelayConfig::max_acknowledge_ids).
     pub const ACKNOWLEDGE_IDS: &str = "ids per acknowledgment";
+    /// The mailbox's strangers' share holds
+    /// [`RelayConfig::max_stranger_envelopes`](super::RelayConfig::max_stranger_envelopes).
+    pub const STRANGER_ENVELOPES: &str = "strangers' envelopes per mailbox";
+    /// The envelope would take the mailbox's strangers' share over
+    /// [`RelayConfig::max_stranger_bytes`](super::RelayConfig::max_stranger_bytes).
+    pub const STRANGER_BYTES: &str = "strangers' bytes per mailbox";
+    /// The mailbox's owner has not been seen for
+    /// [`RelayConfig::stranger_idle`](super::RelayConfig::stranger_idle):
+    /// its strangers' share takes nothing.
+    pub const STRANGERS_CLOSED: &str = "strangers' share closed";
 }
 
 /// The reasons carried by [`TransportError::BadRequest`] when the relay
@@ -246,6 +258,40 @@ pub struct RelayConfig {
     /// Refuse deposits and challenges for mailboxes of devices that never
     /// published ([`TransportError::NotFound`]). Default `true`.
     pub require_published_mailbox: bool,
+    /// The difficulty of the stamp a deposit without a valid access key
+    /// needs (SPEC.md 16.6: `difficulty + ceil(log2(4 KiB blocks))`
+    /// leading zero bits). 0 asks no stamp (such deposits still go to the
+    /// strangers' share). Default 20 (about 10^6 SHA-256 per 4 KiB).
+    pub deposit_stamp_difficulty: u8,
+    /// The difficulty of the identity stamp a device's first upload needs
+    /// (SPEC.md 16.7). 0 asks none. Default 24.
+    pub identity_stamp_difficulty: u8,
+    /// Most envelopes pending in a mailbox's strangers' share (deposits
+    /// admitted by a stamp, not an access key). Default 100.
+    pub max_stranger_envelopes: u32,
+    /// Most payload bytes pending in a mailbox's strangers' share.
+    /// Default 1 MiB.
+    pub max_stranger_bytes: u64,
+    /// The strangers' share of a mailbox whose owner has not been seen
+    /// (published or fetched) for this long, in seconds, is closed:
+    /// stamped deposits are refused ([`reason::STRANGERS_CLOSED`]).
+    /// Default 7 days.
+    pub stranger_idle: u64,
+    /// A mailbox whose owner has not been seen for this long, in seconds,
+    /// is inactive: its envelopes expire after
+    /// [`Self::inactive_retention`] instead of [`Self::retention`].
+    /// Default 30 days.
+    pub inactive_after: u64,
+    /// The retention of an inactive mailbox's envelopes, in seconds.
+    /// Default 7 days.
+    pub inactive_retention: u64,
+    /// A device whose owner has not been seen for this long, in seconds,
+    /// is deleted by [`Relay::sweep`] with its prekeys and mailbox.
+    /// Default 90 days.
+    pub directory_idle: u64,
+    /// After a rotation of a mailbox's access key, the previous key is
+    /// still accepted for this long, in seconds. Default 1 day.
+    pub access_grace: u64,
 }
 
 impl RelayConfig {
@@ -271,6 +317,36 @@ impl RelayConfig {
     pub const DEFAULT_MAX_FETCH_BYTES: u64 = 8 * 1024 * 1024;
     /// Default [`Self::max_acknowledge_ids`]: 1 000.
     pub const DEFAULT_MAX_ACKNOWLEDGE_IDS: u32 = 1_000;
+    /// Default [`Self::deposit_stamp_difficulty`]: 20.
+    pub const DEFAULT_DEPOSIT_STAMP_DIFFICULTY: u8 = 20;
+    /// Default [`Self::identity_stamp_difficulty`]: 24.
+    pub const DEFAULT_IDENTITY_STAMP_DIFFICULTY: u8 = 24;
+    /// Default [`Self::max_stranger_envelopes`]: 100.
+    pub const DEFAULT_MAX_STRANGER_ENVELOPES: u32 = 100;
+    /// Default [`Self::max_stranger_bytes`]: 1 MiB.
+    pub const DEFAULT_MAX_STRANGER_BYTES: u64 = 1024 * 1024;
+    /// Default [`Self::stranger_idle`]: 7 days.
+    pub const DEFAULT_STRANGER_IDLE: u64 = 7 * 24 * 60 * 60;
+    /// Default [`Self::inactive_after`]: 30 days.
+    pub const DEFAULT_INACTIVE_AFTER: u64 = 30 * 24 * 60 * 60;
+    /// Default [`Self::inactive_retention`]: 7 days.
+    pub const DEFAULT_INACTIVE_RETENTION: u64 = 7 * 24 * 60 * 60;
+    /// Default [`Self::directory_idle`]: 90 days.
+    pub const DEFAULT_DIRECTORY_IDLE: u64 = 90 * 24 * 60 * 60;
+    /// Default [`Self::access_grace`]: 1 day.
+    pub const DEFAULT_ACCESS_GRACE: u64 = 24 * 60 * 60;
+
+    /// The defaults, but asking no stamps (both difficulties 0): for tests
+    /// and embedded relays whose callers are known (a stamp of difficulty
+    /// 20 costs about 0.1 s of CPU, an identity stamp about 1.5 s). The
+    /// shares and every other bound stay.
+    pub fn unpriced() -> Self {
+        RelayConfig {
+            deposit_stamp_difficulty: 0,
+            identity_stamp_difficulty: 0,
+            ..RelayConfig::default()
+        }
+    }
 }
 
 impl Default for RelayConfig {
@@ -288,6 +364,15 @@ impl Default for RelayConfig {
             max_fetch_bytes: Self::DEFAULT_MAX_FETCH_BYTES,
             max_acknowledge_ids: Self::DEFAULT_MAX_ACKNOWLEDGE_IDS,
             require_published_mailbox: true,
+            deposit_stamp_difficulty: Self::DEFAULT_DEPOSIT_STAMP_DIFFICULTY,
+            identity_stamp_difficulty: Self::DEFAULT_IDENTITY_STAMP_DIFFICULTY,
+            max_stranger_envelopes: Self::DEFAULT_MAX_STRANGER_ENVELOPES,
+            max_stranger_bytes: Self::DEFAULT_MAX_STRANGER_BYTES,
+            stranger_idle: Self::DEFAULT_STRANGER_IDLE,
+            inactive_after: Self::DEFAULT_INACTIVE_AFTER,
+            inactive_retention: Self::DEFAULT_INACTIVE_RETENTION,
+            directory_idle: Self::DEFAULT_DIRECTORY_IDLE,
+            access_grace: Self::DEFAULT_ACCESS_GRACE,
         }
     }
 }
@@ -303,6 +388,16 @@ pub struct DeviceRecord {
     pub signed_prekey: SignedPrekeyRecord,
     /// When the last upload was accepted (unix seconds).
     pub published_at: u64,
+    /// The verifier of the mailbox's current deposit access key (SPEC.md
+    /// 16.6), if an upload registered one.
+    pub access: Option<AccessVerifier>,
+    /// The verifier it replaced, if any.
+    pub previous_access: Option<AccessVerifier>,
+    /// When `access` was registered (unix seconds; 0 if never).
+    pub access_changed_at: u64,
+    /// When the owner was last seen: its last accepted upload or valid
+    /// mailbox proof (unix seconds).
+    pub owner_seen_at: u64,
 }
 
 /// What [`RelayStorage::apply_upload`] did.
@@ -316,14 +411,29 @@ pub enum UploadOutcome {
     TooManyOneTimePrekeys,
 }
 
+/// Which part of a mailbox an envelope is stored in (SPEC.md 16.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Share {
+    /// Deposits that showed the mailbox's access key.
+    Contacts,
+    /// Deposits admitted by a stamp (or, at difficulty 0, by nothing).
+    Strangers,
+}
+
 /// The bounds [`RelayStorage::insert_envelope`] enforces, atomically with
-/// the insert.
+/// the insert. Each share is bounded on its own: an envelope counts only
+/// against the bounds of its share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MailboxLimits {
-    /// Most envelopes pending in the mailbox after the insert.
+    /// Most envelopes pending in the mailbox's contacts' share after the
+    /// insert.
     pub max_envelopes: u32,
-    /// Most payload bytes pending in the mailbox after the insert.
+    /// Most payload bytes pending in the contacts' share after the insert.
     pub max_bytes: u64,
+    /// Most envelopes pending in the strangers' share after the insert.
+    pub max_stranger_envelopes: u32,
+    /// Most payload bytes pending in the strangers' share after the insert.
+    pub max_stranger_bytes: u64,
     /// Envelopes (and acknowledged ids) of this mailbox received before
     /// this time are expired: delete them first.
     pub expire_before: u64,
@@ -337,21 +447,25 @@ pub enum InsertOutcome {
     /// An envelope with that id is pending or was acknowledged; nothing
     /// was written.
     Duplicate,
-    /// The mailbox holds its maximum number of envelopes; nothing was
-    /// written.
+    /// The envelope's share holds its maximum number of envelopes;
+    /// nothing was written.
     TooManyEnvelopes,
-    /// The envelope would take the mailbox over its byte bound; nothing
-    /// was written.
+    /// The envelope would take its share over its byte bound; nothing was
+    /// written.
     TooManyBytes,
 }
 
 /// How much a mailbox holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MailboxUsage {
-    /// Pending envelopes.
+    /// Pending envelopes (both shares).
     pub envelopes: u64,
     /// Their payload bytes.
     pub bytes: u64,
+    /// Of those, the envelopes in the strangers' share.
+    pub stranger_envelopes: u64,
+    /// Their payload bytes.
+    pub stranger_bytes: u64,
 }
 
 /// What [`Relay::sweep`] removed.
@@ -361,6 +475,12 @@ pub struct SweepReport {
     pub envelopes_expired: u64,
     /// Records of used challenges past their lifetime.
     pub challenges_expired: u64,
+    /// Envelopes of inactive mailboxes past the shorter retention
+    /// ([`RelayConfig::inactive_retention`]).
+    pub inactive_expired: u64,
+    /// Devices deleted because their owner was not seen for
+    /// [`RelayConfig::directory_idle`].
+    pub devices_expired: u64,
 }
 
 /// The relay's secret key (SPEC.md 16.4): it authenticates the challenges
@@ -563,15 +683,25 @@ pub trait RelayStorage {
     /// record.
     fn mailbox_exists(&self, mailbox: &MailboxId) -> Result<bool, RelayStorageError>;
 
+    /// The record of the device whose [`DeviceAddress::mailbox`] is
+    /// `mailbox` (`None` if none has one).
+    fn mailbox_owner(&self, mailbox: &MailboxId) -> Result<Option<DeviceRecord>, RelayStorageError>;
+
     /// Atomically: unless the device has a record with a counter at or
     /// above `upload.counter` ([`UploadOutcome::Replayed`]), writes the
-    /// record (counter, signed prekey, `published_at`) and replaces
+    /// record (counter, signed prekey, `published_at`, and
+    /// `owner_seen_at` = `published_at`) and replaces
     /// (`upload.replace_one_time_prekeys`) or extends the pool with
     /// `upload.one_time_prekeys` (an id already pooled keeps its place and
     /// takes the new key; new ids go to the back); if the pool would then
     /// hold more than `max_one_time_prekeys`, writes nothing
-    /// ([`UploadOutcome::TooManyOneTimePrekeys`]). The upload's signatures
-    /// were checked by the caller and its ids are distinct.
+    /// ([`UploadOutcome::TooManyOneTimePrekeys`]). If the upload carries
+    /// an access verifier other than the record's `access` (or the device
+    /// has no record), the record's `access` becomes `previous_access` and
+    /// the upload's verifier becomes `access`, with `access_changed_at` =
+    /// `published_at`; an upload without a verifier (or with the same one)
+    /// keeps the three fields. The upload's signatures were checked by the
+    /// caller and its ids are distinct.
     fn apply_upload(
         &mut self,
         upload: &BundleSetUpload,
@@ -601,13 +731,15 @@ pub trait RelayStorage {
 
     /// Atomically: deletes the mailbox's envelopes and acknowledged ids
     /// received before `limits.expire_before`; then, if the envelope's id
-    /// is pending or acknowledged in the mailbox, returns
-    /// [`InsertOutcome::Duplicate`]; else, if the bounds allow it, stores
-    /// the envelope with its receipt time.
+    /// is pending or acknowledged in the mailbox (in either share), returns
+    /// [`InsertOutcome::Duplicate`]; else, if the bounds of `share` allow
+    /// it (counting only the mailbox's envelopes of that share), stores
+    /// the envelope with its share and receipt time.
     fn insert_envelope(
         &mut self,
         mailbox: &MailboxId,
         envelope: &Envelope,
+        share: Share,
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<InsertOutcome, RelayStorageError>;
@@ -621,13 +753,15 @@ pub trait RelayStorage {
     /// one by one.
     fn insert_envelopes(
         &mut self,
-        batch: &[(MailboxId, Envelope)],
+        batch: &[(MailboxId, Envelope, Share)],
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<Vec<InsertOutcome>, RelayStorageError> {
         batch
             .iter()
-            .map(|(mailbox, envelope)| self.insert_envelope(mailbox, envelope, received_at, limits))
+            .map(|(mailbox, envelope, share)| {
+                self.insert_envelope(mailbox, envelope, *share, received_at, limits)
+            })
             .collect()
     }
 
@@ -662,6 +796,22 @@ pub trait RelayStorage {
     /// Deletes every envelope and acknowledged id received before
     /// `received_before`. Returns how many pending envelopes were deleted.
     fn expire_envelopes(&mut self, received_before: u64) -> Result<u64, RelayStorageError>;
+
+    /// Deletes the envelopes and acknowledged ids received before
+    /// `received_before` of every mailbox whose owner's record has
+    /// `owner_seen_at < seen_before` (inactive mailboxes). Returns how many
+    /// pending envelopes were deleted.
+    fn expire_inactive(
+        &mut self,
+        seen_before: u64,
+        received_before: u64,
+    ) -> Result<u64, RelayStorageError>;
+
+    /// Deletes every device whose record has `owner_seen_at <
+    /// seen_before`: its record, one-time prekeys and claim time, and its
+    /// mailbox's envelopes, acknowledged ids and used challenges. Returns
+    /// how many devices were deleted.
+    fn expire_devices(&mut self, seen_before: u64) -> Result<u64, RelayStorageError>;
 
     /// Opens a group: until [`RelayStorage::commit_group`], every call's
     /// writes are kept together and made durable by that one commit (the
@@ -748,8 +898,10 @@ pub trait RelayStorage {
     /// `expires_at`). Atomically: deletes the mailbox's records that
     /// expired before `now` (`expires_at < now`); then, if this challenge
     /// is recorded for this mailbox, returns `false` (it was used before)
-    /// and writes nothing; else records it until `expires_at` and returns
-    /// `true`. Of concurrent calls with one challenge, one returns `true`.
+    /// and writes nothing more; else records it until `expires_at`, sets
+    /// the `owner_seen_at` of the mailbox's device record (if any) to
+    /// `now` (if that is later), and returns `true`. Of concurrent calls
+    /// with one challenge, one returns `true`.
     fn consume_challenge(
         &mut self,
         mailbox: &MailboxId,
@@ -761,6 +913,27 @@ pub trait RelayStorage {
     /// Deletes every record of a used challenge that expired before `now`
     /// (`expires_at < now`). Returns how many.
     fn purge_challenges(&mut self, now: u64) -> Result<u64, RelayStorageError>;
+}
+
+/// A deposit's answer from the storage's outcome: `Ok(true)` stored,
+/// `Ok(false)` already there, else the share's bound.
+fn insert_result(outcome: InsertOutcome, share: Share) -> Result<bool, TransportError> {
+    match (outcome, share) {
+        (InsertOutcome::Stored, _) => Ok(true),
+        (InsertOutcome::Duplicate, _) => Ok(false),
+        (InsertOutcome::TooManyEnvelopes, Share::Contacts) => {
+            Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES))
+        }
+        (InsertOutcome::TooManyBytes, Share::Contacts) => {
+            Err(TransportError::LimitExceeded(reason::PENDING_BYTES))
+        }
+        (InsertOutcome::TooManyEnvelopes, Share::Strangers) => {
+            Err(TransportError::LimitExceeded(reason::STRANGER_ENVELOPES))
+        }
+        (InsertOutcome::TooManyBytes, Share::Strangers) => {
+            Err(TransportError::LimitExceeded(reason::STRANGER_BYTES))
+        }
+    }
 }
 
 /// The relay's rules over a storage backend. See the module docs.
@@ -825,12 +998,29 @@ impl<S: RelayStorage> Relay<S> {
     /// # Errors
     /// [`TransportError::BadRequest`] for a malformed upload or duplicate
     /// one-time prekey ids, [`TransportError::Unauthorized`] for a
-    /// signature that fails, [`TransportError::Replayed`] for a counter not
+    /// signature that fails, [`TransportError::StampRequired`] for a
+    /// device's first upload without a valid identity stamp (SPEC.md 16.7;
+    /// with [`RelayConfig::identity_stamp_difficulty`] above 0),
+    /// [`TransportError::Replayed`] for a counter not
     /// above the last accepted one, [`TransportError::LimitExceeded`]
     /// ([`reason::ONE_TIME_PREKEYS`]) for a pool over the bound,
     /// [`TransportError::Unavailable`] for a storage failure.
     pub fn publish(&mut self, now: u64, upload: &[u8]) -> Result<(), TransportError> {
         let upload = BundleSetUpload::decode_verified(upload)?;
+        let difficulty = self.config.identity_stamp_difficulty;
+        if difficulty > 0 {
+            let record = self.storage.device(&upload.device);
+            if self.check(record)?.is_none() {
+                let valid = upload.identity_stamp.is_some_and(|stamp| {
+                    stamp
+                        .verify_identity(&upload.device, difficulty, now)
+                        .is_ok()
+                });
+                if !valid {
+                    return Err(TransportError::StampRequired(difficulty));
+                }
+            }
+        }
         let max = self.config.max_one_time_prekeys;
         if upload.one_time_prekeys.len() > max as usize {
             return Err(TransportError::LimitExceeded(reason::ONE_TIME_PREKEYS));
@@ -895,45 +1085,96 @@ impl<S: RelayStorage> Relay<S> {
         self.check(count)
     }
 
-    /// Deposits an envelope for a mailbox, anonymously. Idempotent by
-    /// envelope id (see the module docs).
+    /// Which share of `mailbox` a deposit goes to, or why it is refused
+    /// (SPEC.md 16.6), in this order: an empty payload
+    /// ([`TransportError::BadRequest`], [`reason::EMPTY_PAYLOAD`]); a
+    /// payload over [`RelayConfig::max_envelope_bytes`]
+    /// ([`TransportError::LimitExceeded`], [`reason::ENVELOPE_SIZE`]); an
+    /// unpublished mailbox ([`TransportError::NotFound`], with
+    /// [`RelayConfig::require_published_mailbox`]); then the pass: an
+    /// access key whose verifier is the mailbox's, or the previous one
+    /// within [`RelayConfig::access_grace`] of the rotation, admits it to
+    /// [`Share::Contacts`]; otherwise it is a stranger's deposit: refused
+    /// if the owner has not been seen for [`RelayConfig::stranger_idle`]
+    /// ([`TransportError::LimitExceeded`], [`reason::STRANGERS_CLOSED`]),
+    /// then, with [`RelayConfig::deposit_stamp_difficulty`] above 0,
+    /// refused without a stamp valid for this mailbox, envelope id, payload
+    /// length and time ([`TransportError::StampRequired`]), and admitted
+    /// to [`Share::Strangers`]. Reads one device record; writes nothing.
     ///
     /// # Errors
-    /// [`TransportError::BadRequest`] ([`reason::EMPTY_PAYLOAD`]) for an
-    /// empty payload (checked first),
-    /// [`TransportError::LimitExceeded`] ([`reason::ENVELOPE_SIZE`],
-    /// [`reason::PENDING_ENVELOPES`], [`reason::PENDING_BYTES`]),
-    /// [`TransportError::NotFound`] for an unpublished mailbox (with
-    /// [`RelayConfig::require_published_mailbox`]),
-    /// [`TransportError::Unavailable`] for a storage failure.
-    pub fn deposit(
+    /// As above, and [`TransportError::Unavailable`] for a storage failure.
+    pub fn admit(
         &mut self,
         now: u64,
         mailbox: &MailboxId,
         envelope: &Envelope,
-    ) -> Result<(), TransportError> {
+        pass: &DepositPass,
+    ) -> Result<Share, TransportError> {
         if envelope.payload.is_empty() {
             return Err(TransportError::BadRequest(reason::EMPTY_PAYLOAD));
         }
         if envelope.payload.len() > self.config.max_envelope_bytes as usize {
             return Err(TransportError::LimitExceeded(reason::ENVELOPE_SIZE));
         }
-        self.require_mailbox(mailbox)?;
-        let limits = MailboxLimits {
-            max_envelopes: self.config.max_pending_envelopes,
-            max_bytes: self.config.max_pending_bytes,
-            expire_before: self.expiry_cutoff(now),
-        };
-        let outcome = self.storage.insert_envelope(mailbox, envelope, now, limits);
-        match self.check(outcome)? {
-            InsertOutcome::Stored | InsertOutcome::Duplicate => Ok(()),
-            InsertOutcome::TooManyEnvelopes => {
-                Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES))
-            }
-            InsertOutcome::TooManyBytes => {
-                Err(TransportError::LimitExceeded(reason::PENDING_BYTES))
+        let owner = self.storage.mailbox_owner(mailbox);
+        let owner = self.check(owner)?;
+        if owner.is_none() && self.config.require_published_mailbox {
+            return Err(TransportError::NotFound);
+        }
+        if let (Some(key), Some(record)) = (&pass.access, &owner) {
+            let shown = key.verifier(mailbox);
+            let current = record.access.is_some_and(|v| v == shown);
+            let previous = record.previous_access.is_some_and(|v| v == shown)
+                && now.saturating_sub(record.access_changed_at) <= self.config.access_grace;
+            if current || previous {
+                return Ok(Share::Contacts);
             }
         }
+        if let Some(record) = &owner {
+            if now.saturating_sub(record.owner_seen_at) > self.config.stranger_idle {
+                return Err(TransportError::LimitExceeded(reason::STRANGERS_CLOSED));
+            }
+        }
+        let difficulty = self.config.deposit_stamp_difficulty;
+        if difficulty > 0 {
+            let len = u32::try_from(envelope.payload.len()).unwrap_or(u32::MAX);
+            let valid = pass.stamp.is_some_and(|stamp: Stamp| {
+                stamp
+                    .verify(mailbox, &envelope.id, len, difficulty, now)
+                    .is_ok()
+            });
+            if !valid {
+                return Err(TransportError::StampRequired(difficulty));
+            }
+        }
+        Ok(Share::Strangers)
+    }
+
+    /// Deposits an envelope for a mailbox, anonymously: [`Relay::admit`],
+    /// then the insert into its share. Idempotent by envelope id (see the
+    /// module docs).
+    ///
+    /// # Errors
+    /// [`Relay::admit`]'s, then [`TransportError::LimitExceeded`]
+    /// ([`reason::PENDING_ENVELOPES`], [`reason::PENDING_BYTES`] for the
+    /// contacts' share, [`reason::STRANGER_ENVELOPES`],
+    /// [`reason::STRANGER_BYTES`] for the strangers'),
+    /// [`TransportError::Unavailable`] for a storage failure.
+    pub fn deposit(
+        &mut self,
+        now: u64,
+        mailbox: &MailboxId,
+        envelope: &Envelope,
+        pass: &DepositPass,
+    ) -> Result<(), TransportError> {
+        let share = self.admit(now, mailbox, envelope, pass)?;
+        let limits = self.limits(now);
+        let outcome = self
+            .storage
+            .insert_envelope(mailbox, envelope, share, now, limits);
+        let outcome = self.check(outcome)?;
+        insert_result(outcome, share).map(|_| ())
     }
 
     /// Deposits several envelopes with one storage commit (group commit),
@@ -945,59 +1186,63 @@ impl<S: RelayStorage> Relay<S> {
     pub fn deposit_batch(
         &mut self,
         now: u64,
-        batch: &[(MailboxId, Envelope)],
+        batch: &[(MailboxId, Envelope, DepositPass)],
     ) -> Vec<Result<bool, TransportError>> {
+        let admitted: Vec<Result<Share, TransportError>> = batch
+            .iter()
+            .map(|(mailbox, envelope, pass)| self.admit(now, mailbox, envelope, pass))
+            .collect();
         let mut results: Vec<Result<bool, TransportError>> = Vec::with_capacity(batch.len());
-        let mut accepted: Vec<(MailboxId, Envelope)> = Vec::with_capacity(batch.len());
+        let mut accepted: Vec<(MailboxId, Envelope, Share)> = Vec::with_capacity(batch.len());
         let mut slots = Vec::with_capacity(batch.len());
-        for (mailbox, envelope) in batch {
-            let checked = if envelope.payload.is_empty() {
-                Err(TransportError::BadRequest(reason::EMPTY_PAYLOAD))
-            } else if envelope.payload.len() > self.config.max_envelope_bytes as usize {
-                Err(TransportError::LimitExceeded(reason::ENVELOPE_SIZE))
-            } else {
-                self.require_mailbox(mailbox)
-            };
-            match checked {
-                Ok(()) => {
+        for ((mailbox, envelope, _), share) in batch.iter().zip(admitted) {
+            match share {
+                Ok(share) => {
                     slots.push(results.len());
-                    accepted.push((*mailbox, envelope.clone()));
+                    accepted.push((*mailbox, envelope.clone(), share));
                     results.push(Ok(false));
                 }
                 Err(e) => results.push(Err(e)),
             }
         }
-        if accepted.is_empty() {
-            return results;
-        }
-        let limits = MailboxLimits {
-            max_envelopes: self.config.max_pending_envelopes,
-            max_bytes: self.config.max_pending_bytes,
-            expire_before: self.expiry_cutoff(now),
-        };
-        let outcome = self.storage.insert_envelopes(&accepted, now, limits);
-        match self.check(outcome) {
-            Ok(outcomes) => {
-                for (slot, outcome) in slots.into_iter().zip(outcomes) {
-                    results[slot] = match outcome {
-                        InsertOutcome::Stored => Ok(true),
-                        InsertOutcome::Duplicate => Ok(false),
-                        InsertOutcome::TooManyEnvelopes => {
-                            Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES))
-                        }
-                        InsertOutcome::TooManyBytes => {
-                            Err(TransportError::LimitExceeded(reason::PENDING_BYTES))
-                        }
-                    };
-                }
-            }
-            Err(e) => {
-                for slot in slots {
-                    results[slot] = Err(e.clone());
-                }
-            }
+        let stored = self.deposit_admitted(now, &accepted);
+        for (slot, result) in slots.into_iter().zip(stored) {
+            results[slot] = result;
         }
         results
+    }
+
+    /// Stores deposits that [`Relay::admit`] admitted to the given shares,
+    /// with one storage commit; one result per deposit as
+    /// [`Relay::deposit_batch`] gives.
+    pub fn deposit_admitted(
+        &mut self,
+        now: u64,
+        batch: &[(MailboxId, Envelope, Share)],
+    ) -> Vec<Result<bool, TransportError>> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let limits = self.limits(now);
+        let outcome = self.storage.insert_envelopes(batch, now, limits);
+        match self.check(outcome) {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .zip(batch)
+                .map(|(outcome, (_, _, share))| insert_result(outcome, *share))
+                .collect(),
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    fn limits(&self, now: u64) -> MailboxLimits {
+        MailboxLimits {
+            max_envelopes: self.config.max_pending_envelopes,
+            max_bytes: self.config.max_pending_bytes,
+            max_stranger_envelopes: self.config.max_stranger_envelopes,
+            max_stranger_bytes: self.config.max_stranger_bytes,
+            expire_before: self.expiry_cutoff(now),
+        }
     }
 
     /// Issues a fresh, single-use challenge for proving ownership of a
@@ -1234,19 +1479,34 @@ impl<S: RelayStorage> Relay<S> {
         Ok(lists.into_iter().map(|l| l.signed).collect())
     }
 
-    /// Deletes expired envelopes (and acknowledged ids) and challenges.
-    /// Call it periodically; the rules hold without it, it frees space.
+    /// Deletes, in this order: devices whose owner was not seen for
+    /// [`RelayConfig::directory_idle`] (record, prekeys, mailbox), expired
+    /// envelopes (and acknowledged ids), the envelopes of inactive
+    /// mailboxes (owner not seen for [`RelayConfig::inactive_after`])
+    /// older than [`RelayConfig::inactive_retention`], and expired
+    /// challenge records. Call it periodically; the rules hold without it,
+    /// it frees space (SPEC.md 16.8).
     ///
     /// # Errors
     /// [`TransportError::Unavailable`] for a storage failure.
     pub fn sweep(&mut self, now: u64) -> Result<SweepReport, TransportError> {
+        let idle = now.saturating_sub(self.config.directory_idle);
+        let devices = self.storage.expire_devices(idle);
+        let devices_expired = self.check(devices)?;
         let expired = self.storage.expire_envelopes(self.expiry_cutoff(now));
         let envelopes_expired = self.check(expired)?;
+        let inactive = self.storage.expire_inactive(
+            now.saturating_sub(self.config.inactive_after),
+            now.saturating_sub(self.config.inactive_retention),
+        );
+        let inactive_expired = self.check(inactive)?;
         let purged = self.storage.purge_challenges(now);
         let challenges_expired = self.check(purged)?;
         Ok(SweepReport {
             envelopes_expired,
             challenges_expired,
+            inactive_expired,
+            devices_expired,
         })
     }
 

@@ -26,7 +26,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
-    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
+    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, Share, StoredDeviceList,
+    UploadOutcome,
 };
 use crate::protocol::devices::AccountId;
 use crate::transport::{
@@ -588,6 +589,10 @@ impl RelayStorage for SqliteRelayStorage {
                     public: r.get(3)?,
                     signature: r.get(4)?,
                 },
+                access: None,
+                previous_access: None,
+                access_changed_at: 0,
+                owner_seen_at: u64::MAX,
                 published_at: count(r.get(5)?),
             })
         })
@@ -754,6 +759,7 @@ impl RelayStorage for SqliteRelayStorage {
         &mut self,
         mailbox: &MailboxId,
         envelope: &Envelope,
+        _share: Share,
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<InsertOutcome, RelayStorageError> {
@@ -767,7 +773,7 @@ impl RelayStorage for SqliteRelayStorage {
 
     fn insert_envelopes(
         &mut self,
-        batch: &[(MailboxId, Envelope)],
+        batch: &[(MailboxId, Envelope, Share)],
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<Vec<InsertOutcome>, RelayStorageError> {
@@ -775,7 +781,7 @@ impl RelayStorage for SqliteRelayStorage {
         let tx = self.begin()?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut touched = Touched::new();
-        for (mailbox, envelope) in batch {
+        for (mailbox, envelope, _share) in batch {
             outcomes.push(insert_one(
                 &tx,
                 &mut touched,
@@ -874,6 +880,7 @@ impl RelayStorage for SqliteRelayStorage {
                 MailboxUsage {
                     envelopes: deleted,
                     bytes,
+                    ..MailboxUsage::default()
                 },
             )?;
         }
@@ -908,6 +915,18 @@ impl RelayStorage for SqliteRelayStorage {
         }
         tx.commit().map_err(db)?;
         Ok(expired)
+    }
+
+    fn mailbox_owner(&self, _mailbox: &MailboxId) -> Result<Option<DeviceRecord>, RelayStorageError> {
+        Err(RelayStorageError::Backend("schema 5: not yet".into()))
+    }
+
+    fn expire_inactive(&mut self, _seen_before: u64, _received_before: u64) -> Result<u64, RelayStorageError> {
+        Ok(0)
+    }
+
+    fn expire_devices(&mut self, _seen_before: u64) -> Result<u64, RelayStorageError> {
+        Ok(0)
     }
 
     fn relay_key(
@@ -1084,6 +1103,7 @@ fn touch(
                 MailboxUsage {
                     envelopes: count(r.get(1)?),
                     bytes: count(r.get(2)?),
+                    ..MailboxUsage::default()
                 },
                 r.get::<_, i64>(3)?,
             ))
@@ -1180,6 +1200,7 @@ fn usage_of(conn: &Connection, mailbox: &MailboxId) -> Result<MailboxUsage, Rela
             Ok(MailboxUsage {
                 envelopes: count(r.get(0)?),
                 bytes: count(r.get(1)?),
+                ..MailboxUsage::default()
             })
         })
         .optional()

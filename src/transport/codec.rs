@@ -11,6 +11,13 @@
 //!   signature = Ed25519 by the identity key over
 //!               "cubbyhole/v1 directory upload" || every byte before it
 //!
+//! upload v2 = 0x02 || the v1 fields from identity to the one-time prekeys
+//!          || has_verifier (1: 0x00 | 0x01) || [access_verifier (32)]
+//!          || has_stamp (1: 0x00 | 0x01) || [identity stamp (16)]
+//!          || signature (64)        (same label, over every byte before it)
+//!   (encoded as v2 exactly when a verifier or a stamp is present;
+//!    SPEC.md 16.6, 16.7)
+//!
 //! auth   = identity (32) || device_id (4) || op (1: 0x01 fetch | 0x02 acknowledge)
 //!          || challenge (32) || signature (64)
 //!   signature = Ed25519 by the identity key over
@@ -33,11 +40,15 @@ use crate::protocol::keys::{
     spk_signed_message, IdentityKey, IdentityKeyPair, OneTimePrekey, SignedPrekey,
 };
 use crate::protocol::wire::Reader;
-use crate::transport::{DeviceAddress, Envelope, EnvelopeId, MailboxId, TransportError};
+use crate::transport::stamp::{Stamp, STAMP_LEN};
+use crate::transport::{
+    AccessVerifier, DeviceAddress, Envelope, EnvelopeId, MailboxId, TransportError,
+};
 
 const UPLOAD_LABEL: &[u8] = b"cubbyhole/v1 directory upload";
 const AUTH_LABEL: &[u8] = b"cubbyhole/v1 mailbox auth";
 const UPLOAD_VERSION: u8 = 0x01;
+const UPLOAD_VERSION_2: u8 = 0x02;
 
 fn bad(what: &'static str) -> impl Fn(crate::Error) -> TransportError {
     move |_| TransportError::BadRequest(what)
@@ -85,6 +96,14 @@ pub struct BundleSetUpload {
     pub replace_one_time_prekeys: bool,
     /// One-time prekeys (id, X25519 public key).
     pub one_time_prekeys: Vec<(u32, [u8; 32])>,
+    /// The verifier of the device mailbox's deposit access key (SPEC.md
+    /// 16.6): the relay admits to the contacts' share the deposits that
+    /// show the key. `None` keeps the one the relay holds (none for a
+    /// first upload: every deposit then needs a stamp).
+    pub access_verifier: Option<AccessVerifier>,
+    /// The identity stamp a device's first upload needs at a relay that
+    /// prices new identities (SPEC.md 16.7); ignored on later uploads.
+    pub identity_stamp: Option<Stamp>,
 }
 
 impl BundleSetUpload {
@@ -106,12 +125,23 @@ impl BundleSetUpload {
                 .iter()
                 .map(|k| (k.id(), *k.public()))
                 .collect(),
+            access_verifier: None,
+            identity_stamp: None,
         }
     }
 
+    /// Whether this upload encodes as version 2 (a verifier or a stamp).
+    fn is_v2(&self) -> bool {
+        self.access_verifier.is_some() || self.identity_stamp.is_some()
+    }
+
     fn body(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(155 + 36 * self.one_time_prekeys.len() + 64);
-        out.push(UPLOAD_VERSION);
+        let mut out = Vec::with_capacity(155 + 36 * self.one_time_prekeys.len() + 64 + 50);
+        out.push(if self.is_v2() {
+            UPLOAD_VERSION_2
+        } else {
+            UPLOAD_VERSION
+        });
         out.extend_from_slice(&self.device.identity);
         out.extend_from_slice(&self.device.device_id.to_be_bytes());
         out.extend_from_slice(&self.counter.to_be_bytes());
@@ -126,6 +156,22 @@ impl BundleSetUpload {
         for (id, key) in self.one_time_prekeys.iter().take(usize::from(count)) {
             out.extend_from_slice(&id.to_be_bytes());
             out.extend_from_slice(key);
+        }
+        if self.is_v2() {
+            match &self.access_verifier {
+                Some(v) => {
+                    out.push(1);
+                    out.extend_from_slice(&v.0);
+                }
+                None => out.push(0),
+            }
+            match &self.identity_stamp {
+                Some(stamp) => {
+                    out.push(1);
+                    out.extend_from_slice(&stamp.encode());
+                }
+                None => out.push(0),
+            }
         }
         out
     }
@@ -150,7 +196,8 @@ impl BundleSetUpload {
     /// [`TransportError::Unauthorized`] for a signature that fails.
     pub fn decode_verified(bytes: &[u8]) -> Result<Self, TransportError> {
         let mut r = Reader::new(bytes);
-        if r.u8("upload version").map_err(bad("upload version"))? != UPLOAD_VERSION {
+        let version = r.u8("upload version").map_err(bad("upload version"))?;
+        if version != UPLOAD_VERSION && version != UPLOAD_VERSION_2 {
             return Err(TransportError::BadRequest("upload version"));
         }
         let identity: [u8; 32] = r.array("upload identity").map_err(bad("upload identity"))?;
@@ -166,7 +213,15 @@ impl BundleSetUpload {
         let count = usize::from(u16::from_be_bytes(
             r.array("").map_err(bad("upload count"))?,
         ));
-        if r.remaining() != count * 36 + 64 {
+        // v1: exactly the prekeys and the signature; v2: at least the two
+        // flags besides (their optional fields are checked as read).
+        let fixed = count * 36 + 64;
+        let length_ok = if version == UPLOAD_VERSION {
+            r.remaining() == fixed
+        } else {
+            r.remaining() >= fixed + 2 && r.remaining() <= fixed + 2 + 32 + STAMP_LEN
+        };
+        if !length_ok {
             return Err(TransportError::BadRequest("upload length"));
         }
         let mut one_time_prekeys = Vec::with_capacity(count);
@@ -174,6 +229,29 @@ impl BundleSetUpload {
             let id = r.u32("").map_err(bad("upload one-time prekey"))?;
             let key: [u8; 32] = r.array("").map_err(bad("upload one-time prekey"))?;
             one_time_prekeys.push((id, key));
+        }
+        let mut access_verifier = None;
+        let mut identity_stamp = None;
+        if version == UPLOAD_VERSION_2 {
+            if r.bool("").map_err(bad("upload verifier flag"))? {
+                access_verifier = Some(AccessVerifier(
+                    r.array("").map_err(bad("upload verifier"))?,
+                ));
+            }
+            if r.bool("").map_err(bad("upload stamp flag"))? {
+                let bytes: [u8; STAMP_LEN] = r.array("").map_err(bad("upload stamp"))?;
+                identity_stamp = Some(
+                    Stamp::decode(&bytes).map_err(|_| TransportError::BadRequest("upload stamp"))?,
+                );
+            }
+            if r.remaining() != 64 {
+                return Err(TransportError::BadRequest("upload length"));
+            }
+            if access_verifier.is_none() && identity_stamp.is_none() {
+                // The encoding of such an upload is v1: one upload, one
+                // encoding.
+                return Err(TransportError::BadRequest("upload version"));
+            }
         }
         let signed_len = bytes.len() - 64;
         let signature: [u8; 64] = r.array("").map_err(bad("upload signature"))?;
@@ -197,6 +275,8 @@ impl BundleSetUpload {
             signed_prekey: spk,
             replace_one_time_prekeys: replace,
             one_time_prekeys,
+            access_verifier,
+            identity_stamp,
         })
     }
 }

@@ -119,8 +119,9 @@ use std::sync::Arc;
 use std::vec;
 use std::vec::Vec;
 
+use super::stamp::Stamp;
 use super::{
-    BundleSetUpload, DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth,
+    AccessKey, BundleSetUpload, DepositPass, DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth,
     MailboxId, MailboxOp, PrekeyDirectory, TransportError, DEVICE_LIST_RETENTION,
 };
 use crate::protocol::bundle::{FreshnessPolicy, PrekeyBundle};
@@ -559,6 +560,7 @@ struct Device {
     device_id: u32,
     signed_prekey: SignedPrekey,
     one_time_prekeys: Vec<OneTimePrekey>,
+    access: AccessKey,
 }
 
 impl Device {
@@ -578,11 +580,15 @@ impl Device {
                 OneTimePrekey::from_secret(100 + u32::from(i), secret)
             })
             .collect();
+        secret[2] = 0xac;
+        let mut access = [0u8; 16];
+        access.copy_from_slice(&secret[..16]);
         Device {
             keys,
             device_id: 1 + u32::from(n),
             signed_prekey,
             one_time_prekeys,
+            access: AccessKey::from_bytes(access),
         }
     }
 
@@ -594,17 +600,27 @@ impl Device {
         self.address().mailbox()
     }
 
-    /// The upload of its signed prekey and all its one-time prekeys.
+    /// The upload of its signed prekey and all its one-time prekeys,
+    /// registering its mailbox's access key (SPEC.md 16.6).
     fn upload(&self, counter: u64) -> BundleSetUpload {
         let opks: Vec<&OneTimePrekey> = self.one_time_prekeys.iter().collect();
-        BundleSetUpload::new(
+        let mut upload = BundleSetUpload::new(
             self.device_id,
             &self.keys,
             counter,
             &self.signed_prekey,
             &opks,
             true,
-        )
+        );
+        upload.access_verifier = Some(self.access.verifier(&self.mailbox()));
+        upload
+    }
+
+    /// The pass of a deposit to its mailbox: its access key (the checks
+    /// deposit as a contact would, so a relay that prices strangers'
+    /// deposits admits them without work).
+    fn pass(&self) -> DepositPass {
+        DepositPass::with_access(self.access.clone())
     }
 
     /// Another signed prekey (id 2).
@@ -650,10 +666,25 @@ impl<D: PrekeyDirectory, M: Mailbox> Under<'_, D, M> {
     }
 
     async fn publish(&self, device: &Device, counter: u64) -> Outcome {
-        self.d
-            .publish(&device.upload(counter).sign(&device.keys))
-            .await
-            .or_fail(&format!("publish (a valid upload, counter {counter})"))
+        let mut upload = device.upload(counter);
+        let mut result = self.d.publish(&upload.sign(&device.keys)).await;
+        if let Err(TransportError::StampRequired(difficulty)) = result {
+            // A relay that prices new identities: pay, as a client does.
+            upload.identity_stamp = Stamp::mint_identity(
+                &device.address(),
+                difficulty,
+                // The relay's clock is taken to be the system's.
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                0,
+                u64::MAX,
+            )
+            .map_err(|e| format!("minting an identity stamp: {e}"))?
+            .ok();
+            result = self.d.publish(&upload.sign(&device.keys)).await;
+        }
+        result.or_fail(&format!("publish (a valid upload, counter {counter})"))
     }
 
     /// A device, published.
@@ -692,7 +723,7 @@ impl<D: PrekeyDirectory, M: Mailbox> Under<'_, D, M> {
 
     async fn deposit(&self, to: &Device, envelope: &Envelope) -> Outcome {
         self.m
-            .deposit(&to.mailbox(), envelope)
+            .deposit(&to.mailbox(), envelope, &to.pass())
             .await
             .or_fail("deposit")
     }
@@ -1181,7 +1212,7 @@ async fn fetch_waiting<D: PrekeyDirectory, M: Mailbox>(t: &Under<'_, D, M>) -> O
                 }
                 None => delay(DEPOSIT_DELAY_MS).await,
             }
-            t.m.deposit(&a.mailbox(), &envelope).await
+            t.m.deposit(&a.mailbox(), &envelope, &a.pass()).await
         };
         let (fetched, deposited) = join(fetch, deposit).await;
         deposited.or_fail("deposit (during a waiting fetch)")?;
@@ -1215,7 +1246,8 @@ async fn bounds<D: PrekeyDirectory, M: Mailbox>(t: &Under<'_, D, M>) -> Outcome 
         .map_err(|e| format!("a deposit of max_envelope_bytes ({max}): {e}"))?;
     refused(
         &format!("deposit of max_envelope_bytes + 1 ({})", max + 1),
-        t.m.deposit(&a.mailbox(), &env(2, max + 1, 2)).await,
+        t.m.deposit(&a.mailbox(), &env(2, max + 1, 2), &a.pass())
+            .await,
         &TransportError::LimitExceeded(""),
     )?;
     let got = t.fetch(&a, LIMIT).await?;

@@ -14,6 +14,7 @@
 //! promises), so implementations may use any runtime (or none: the
 //! in-process relay answers immediately).
 
+mod access;
 mod codec;
 pub mod conformance;
 pub mod stamp;
@@ -25,6 +26,9 @@ use core::future::Future;
 
 use sha2::{Digest, Sha256};
 
+pub use access::{
+    AccessKey, AccessVerifier, DepositPass, ACCESS_KEY_LEN, ACCESS_VERIFIER_LABEL,
+};
 pub use codec::{
     decode_acknowledge, decode_envelope, decode_envelope_list, encode_acknowledge, encode_envelope,
     encode_envelope_list, BundleSetUpload, MailboxAuth, MailboxOp, SignedPrekeyRecord,
@@ -142,6 +146,12 @@ pub enum TransportError {
     /// The service could not be reached or failed; the request may be
     /// retried if it is idempotent.
     Unavailable(&'static str),
+    /// The request needs a proof of work ([`stamp`]) at this difficulty:
+    /// a deposit that shows no valid access key for the mailbox, or the
+    /// first upload of a device (SPEC.md 16.6, 16.7). The stamp it carried,
+    /// if any, was missing, too weak or of another epoch; nothing changed.
+    /// Mint one at this difficulty and retry.
+    StampRequired(u8),
     /// The transport itself failed (I/O, TLS, a driver...), with the
     /// underlying error; the request may be retried if it is idempotent.
     /// `Display` shows the context only; the underlying error is the
@@ -185,6 +195,7 @@ impl PartialEq for TransportError {
             (E::BadRequest(a), E::BadRequest(b))
             | (E::LimitExceeded(a), E::LimitExceeded(b))
             | (E::Unavailable(a), E::Unavailable(b)) => a == b,
+            (E::StampRequired(a), E::StampRequired(b)) => a == b,
             (E::Unauthorized, E::Unauthorized)
             | (E::Replayed, E::Replayed)
             | (E::NotFound, E::NotFound)
@@ -215,6 +226,9 @@ impl fmt::Display for TransportError {
             TransportError::NotFound => f.write_str("not found"),
             TransportError::Conflict => f.write_str("conflicting device list"),
             TransportError::Unavailable(why) => write!(f, "unavailable: {why}"),
+            TransportError::StampRequired(difficulty) => {
+                write!(f, "a stamp of difficulty {difficulty} is required")
+            }
             TransportError::Io { context, .. } => write!(f, "transport failed: {context}"),
         }
     }
@@ -371,8 +385,11 @@ pub trait DeviceDirectory: MaybeSend + MaybeSync {
 /// An implementation (a relay, or a client of one) must keep all of this;
 /// [`conformance`] checks it against any implementation:
 ///
-/// - [`deposit`](Self::deposit) needs no identity and is idempotent by
-///   envelope id within a mailbox: an id already pending, or acknowledged
+/// - [`deposit`](Self::deposit) needs no identity. A relay that prices
+///   strangers' deposits admits one only with the mailbox's access key or
+///   a valid stamp ([`DepositPass`], SPEC.md 16.6), else
+///   [`TransportError::StampRequired`] and nothing is stored. It is
+///   idempotent by envelope id within a mailbox: an id already pending, or acknowledged
 ///   within the retention period, is accepted (`Ok`) and not stored again;
 ///   the first payload stays. A payload over the size bound is
 ///   [`TransportError::LimitExceeded`] and is not stored (so are deposits
@@ -402,13 +419,16 @@ pub trait DeviceDirectory: MaybeSend + MaybeSync {
 ///   fetch may be retried (the first two are idempotent, fetching deletes
 ///   nothing), with a fresh proof.
 pub trait Mailbox: MaybeSend + MaybeSync {
-    /// Deposits an encoded envelope for a mailbox. Needs no identity.
-    /// Idempotent: depositing the same envelope id again is accepted and
-    /// stored once.
+    /// Deposits an encoded envelope for a mailbox. Needs no identity, but
+    /// a pass: the mailbox's access key, or a stamp on the envelope
+    /// (SPEC.md 16.6; [`TransportError::StampRequired`] if neither admits
+    /// it). Idempotent: depositing the same envelope id again is accepted
+    /// and stored once.
     fn deposit(
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend;
 
     /// A fresh, single-use challenge for proving ownership of a mailbox.

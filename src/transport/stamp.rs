@@ -26,10 +26,13 @@
 
 use sha2::{Digest, Sha256};
 
-use super::{EnvelopeId, MailboxId};
+use super::{DeviceAddress, EnvelopeId, MailboxId};
 
 /// The domain-separation label of a stamp's digest.
 pub const STAMP_LABEL: &[u8] = b"cubbyhole/v1 stamp";
+/// The domain-separation label of an identity stamp's digest (the stamp
+/// on a device's first directory upload, SPEC.md 16.7).
+pub const IDENTITY_STAMP_LABEL: &[u8] = b"cubbyhole/v1 identity stamp";
 /// How long one stamp epoch lasts, in seconds (one hour).
 pub const STAMP_EPOCH_SECONDS: u64 = 3600;
 /// The payload bytes one unit of difficulty pays for.
@@ -109,6 +112,16 @@ fn prefix(mailbox: &MailboxId, envelope_id: &EnvelopeId, payload_len: u32, epoch
     h.update(mailbox.0);
     h.update(envelope_id.0);
     h.update(payload_len.to_be_bytes());
+    h.update(epoch.to_be_bytes());
+    h
+}
+
+/// The identity stamp's hasher state after everything but the nonce.
+fn identity_prefix(device: &DeviceAddress, epoch: u64) -> Sha256 {
+    let mut h = Sha256::new();
+    h.update(IDENTITY_STAMP_LABEL);
+    h.update(device.identity);
+    h.update(device.device_id.to_be_bytes());
     h.update(epoch.to_be_bytes());
     h
 }
@@ -193,6 +206,70 @@ impl Stamp {
             return Err(StampError::Epoch);
         }
         let digest = stamp_digest(mailbox, envelope_id, payload_len, self);
+        if leading_zero_bits(&digest) < bits {
+            return Err(StampError::Work);
+        }
+        Ok(())
+    }
+
+    /// Searches for an identity stamp (SPEC.md 16.7) on `device`'s first
+    /// upload at `now`'s epoch, as [`Stamp::mint`] does for a deposit:
+    /// `SHA-256("cubbyhole/v1 identity stamp" || identity (32) || device_id
+    /// (4, big-endian) || epoch (8) || nonce (8))` with at least
+    /// `difficulty` leading zero bits.
+    ///
+    /// # Errors
+    /// [`StampError::Difficulty`] if `difficulty` is above
+    /// [`MAX_STAMP_BITS`]; `Ok(Err(Unfinished))` when the budget ran out.
+    pub fn mint_identity(
+        device: &DeviceAddress,
+        difficulty: u8,
+        now: u64,
+        start: u64,
+        budget: u64,
+    ) -> Result<Result<Stamp, Unfinished>, StampError> {
+        let bits = u32::from(difficulty);
+        if bits > MAX_STAMP_BITS {
+            return Err(StampError::Difficulty);
+        }
+        let epoch = epoch_of(now);
+        let base = identity_prefix(device, epoch);
+        let mut nonce = start;
+        for _ in 0..budget {
+            let mut h = base.clone();
+            h.update(nonce.to_be_bytes());
+            let digest: [u8; 32] = h.finalize().into();
+            if leading_zero_bits(&digest) >= bits {
+                return Ok(Ok(Stamp { epoch, nonce }));
+            }
+            nonce = nonce.wrapping_add(1);
+        }
+        Ok(Err(Unfinished { next_nonce: nonce }))
+    }
+
+    /// Checks an identity stamp at the verifier's time `now`, as
+    /// [`Stamp::verify`] (epoch, then work).
+    ///
+    /// # Errors
+    /// [`StampError::Difficulty`], [`StampError::Epoch`],
+    /// [`StampError::Work`].
+    pub fn verify_identity(
+        &self,
+        device: &DeviceAddress,
+        difficulty: u8,
+        now: u64,
+    ) -> Result<(), StampError> {
+        let bits = u32::from(difficulty);
+        if bits > MAX_STAMP_BITS {
+            return Err(StampError::Difficulty);
+        }
+        let current = epoch_of(now);
+        if self.epoch != current && self.epoch.checked_add(1) != Some(current) {
+            return Err(StampError::Epoch);
+        }
+        let mut h = identity_prefix(device, self.epoch);
+        h.update(self.nonce.to_be_bytes());
+        let digest: [u8; 32] = h.finalize().into();
         if leading_zero_bits(&digest) < bits {
             return Err(StampError::Work);
         }
@@ -325,6 +402,47 @@ mod tests {
         let harder = u8::try_from(bits + 1).unwrap();
         assert_eq!(
             stamp.verify(&MAILBOX, &ID, 100, harder, NOW),
+            Err(StampError::Work)
+        );
+    }
+
+    #[test]
+    fn identity_stamps_cover_the_documented_bytes_and_the_device() {
+        let device = DeviceAddress {
+            identity: [3; 32],
+            device_id: 5,
+        };
+        let stamp = Stamp::mint_identity(&device, 12, NOW, 0, 1 << 24)
+            .unwrap()
+            .unwrap();
+        // The digest, recomputed from the definition.
+        let mut input = Vec::new();
+        input.extend_from_slice(b"cubbyhole/v1 identity stamp");
+        input.extend_from_slice(&[3; 32]);
+        input.extend_from_slice(&5u32.to_be_bytes());
+        input.extend_from_slice(&(NOW / 3600).to_be_bytes());
+        input.extend_from_slice(&stamp.nonce.to_be_bytes());
+        let digest: [u8; 32] = Sha256::digest(&input).into();
+        assert!(leading_zero_bits(&digest) >= 12);
+        assert_eq!(stamp.verify_identity(&device, 12, NOW), Ok(()));
+        assert_eq!(stamp.verify_identity(&device, 12, NOW + 3600), Ok(()));
+        assert_eq!(
+            stamp.verify_identity(&device, 12, NOW + 7200),
+            Err(StampError::Epoch)
+        );
+        let other = DeviceAddress {
+            device_id: 6,
+            ..device
+        };
+        // Another device: the work does not carry over (12 more bits by
+        // chance: 1 in 4096, and this nonce is fixed by the test's inputs).
+        assert_eq!(
+            stamp.verify_identity(&other, 12, NOW),
+            Err(StampError::Work)
+        );
+        // Not a deposit stamp either.
+        assert_eq!(
+            stamp.verify(&MAILBOX, &ID, 0, 12, NOW),
             Err(StampError::Work)
         );
     }
