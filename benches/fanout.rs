@@ -49,6 +49,7 @@
 //! are the sends' plus the 57-byte account header each. `FANOUT_VERBOSE=1`
 //! prints the sizes and the store writes of each.
 
+use cubbyhole::transport::DepositPass;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -103,13 +104,14 @@ impl Mailbox for Sink {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let sink = self.sink.load(Relaxed);
         if sink {
             self.dropped.fetch_add(1, Relaxed);
             self.bytes.fetch_add(envelope.payload.len(), Relaxed);
         }
-        let forward = (!sink).then(|| self.relay.deposit(to, envelope));
+        let forward = (!sink).then(|| self.relay.deposit(to, envelope, pass));
         async move {
             match forward {
                 Some(f) => f.await,
@@ -190,7 +192,7 @@ impl<S: BlockingStore + Send + Sync> World<S> {
     fn new(store: S, established: bool) -> Self {
         let mut rng = ChaCha20Rng::seed_from_u64(0x0000_6661_6e6f_7574);
         let relay = InProcessRelay::with_clock(
-            Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+            Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()),
             Arc::new(|| NOW),
         );
         let sink = Sink {

@@ -27,7 +27,7 @@ fn run<S: Store>(bob_store: S, messages: usize, rng: &mut ChaCha20Rng) -> (Durat
     let relay_config = RelayConfig {
         max_pending_envelopes: messages as u32 + 10,
         max_fetch_envelopes: 1000,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let relay = InProcessRelay::with_clock(
         Relay::new(MemoryRelayStorage::new(), relay_config),

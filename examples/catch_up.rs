@@ -54,7 +54,7 @@ fn relay(messages: usize) -> Relayed {
             MemoryRelayStorage::new(),
             RelayConfig {
                 max_pending_envelopes: 2 * messages as u32 + 10,
-                ..RelayConfig::default()
+                ..RelayConfig::unpriced()
             },
         ),
         Arc::new(|| NOW),

@@ -103,7 +103,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let clock = Clock(Arc::new(Mutex::new(1_900_000_000)));
     let c = clock.clone();
     let relay = InProcessRelay::with_clock(
-        Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+        Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()),
         Arc::new(move || c.now()),
     );
 

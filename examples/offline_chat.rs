@@ -97,7 +97,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("files in {}", dir.display());
     let relay: Relayed = InProcessRelay::new(Relay::new(
         SqliteRelayStorage::open(dir.join("relay.db"))?,
-        RelayConfig::default(),
+        RelayConfig::unpriced(),
     ));
     let (bob_key, alice_key) = ([0xB0; 32], [0xA1; 32]); // from each app's keychain
 

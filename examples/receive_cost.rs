@@ -53,7 +53,7 @@ fn run(n: usize) {
             MemoryRelayStorage::new(),
             RelayConfig {
                 max_pending_envelopes: 4 * n as u32 + 1000,
-                ..RelayConfig::default()
+                ..RelayConfig::unpriced()
             },
         ),
         Arc::new(|| NOW),

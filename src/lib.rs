@@ -32,7 +32,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let mut rng = cubbyhole::OsRng;
 //! let now = 1_700_000_000; // unix seconds, from the application's clock
-//! let relay = InProcessRelay::new(Relay::new(MemoryRelayStorage::new(), RelayConfig::default()));
+//! let relay = InProcessRelay::new(Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()));
 //!
 //! block_on(async {
 //!     let config = ClientConfig::default();

@@ -21,6 +21,7 @@
 //!   in it leaves every copy queued and stored, `flush_outbox` records them
 //!   later, and every device shows each message exactly once.
 
+use cubbyhole::transport::DepositPass;
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -54,7 +55,7 @@ struct NetState {
     lose_next: usize,
     /// Every envelope deposited (before any fault), with its mailbox.
     log: Vec<(MailboxId, Envelope)>,
-    delayed: Vec<(MailboxId, Envelope)>,
+    delayed: Vec<(MailboxId, Envelope, DepositPass)>,
     /// (account, version) the directory withholds from fetches.
     withheld: HashSet<([u8; 32], u64)>,
     dropped: usize,
@@ -73,7 +74,7 @@ impl Net {
         let clock = Arc::new(Mutex::new(T0));
         let c = clock.clone();
         let relay = InProcessRelay::with_clock(
-            Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+            Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()),
             Arc::new(move || *c.lock().unwrap()),
         );
         Net {
@@ -101,14 +102,14 @@ impl Net {
     fn faulty(&self, on: bool) {
         self.state.lock().unwrap().faulty = on;
     }
-    fn put(&self, to: &MailboxId, envelope: &Envelope) {
-        let _ = block_on(self.relay.deposit(to, envelope));
+    fn put(&self, to: &MailboxId, envelope: &Envelope, pass: &DepositPass) {
+        let _ = block_on(self.relay.deposit(to, envelope, pass));
     }
     /// Releases every delayed envelope.
     fn release(&self) {
         let held = std::mem::take(&mut self.state.lock().unwrap().delayed);
-        for (to, envelope) in held.into_iter().rev() {
-            self.put(&to, &envelope);
+        for (to, envelope, pass) in held.into_iter().rev() {
+            self.put(&to, &envelope, &pass);
         }
     }
 }
@@ -169,6 +170,7 @@ impl Mailbox for Net {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let mut copies = Vec::new();
         let result = {
@@ -186,7 +188,7 @@ impl Mailbox for Net {
                 let roll = if s.faulty { s.rng.next_u32() % 100 } else { 99 };
                 match roll {
                     0..=14 => s.dropped += 1,
-                    15..=29 => s.delayed.push((*to, envelope.clone())),
+                    15..=29 => s.delayed.push((*to, envelope.clone(), pass.clone())),
                     30..=39 => {
                         s.duplicated += 1;
                         let mut again = envelope.clone();
@@ -202,7 +204,7 @@ impl Mailbox for Net {
             }
         };
         for copy in copies {
-            self.put(to, &copy);
+            self.put(to, &copy, pass);
         }
         std::future::ready(result)
     }
@@ -640,7 +642,7 @@ fn a_stolen_device_opens_nothing_addressed_to_other_devices() {
         "the laptop's own copies (3 to Alice, 3 sent)"
     );
     for e in &elsewhere {
-        net.put(&laptop.mailbox(), e);
+        net.put(&laptop.mailbox(), e, &DepositPass::NONE);
     }
     let r = block_on(a[1].receive(&mut rng, net.now())).unwrap();
     assert_eq!(r.received, 0, "nothing opened: {r:?}");

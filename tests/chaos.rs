@@ -15,6 +15,7 @@
 //! `CHAOS_SCHEDULES=1 CHAOS_SEED=<seed>` replays it alone. A longer soak:
 //! `CHAOS_SCHEDULES=20000 cargo test --release --test chaos`.
 
+use cubbyhole::transport::DepositPass;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -293,7 +294,7 @@ struct NetState {
     rng: ChaCha20Rng,
     faulty: bool,
     /// Deposits held back, released later in random order.
-    delayed: Vec<(MailboxId, Envelope)>,
+    delayed: Vec<(MailboxId, Envelope, DepositPass)>,
     /// Everything ever deposited by a device (for replays).
     log: Vec<(MailboxId, Envelope)>,
     /// Per (ratchet key, counter): the payload first seen with it.
@@ -348,10 +349,10 @@ fn fresh_id(rng: &mut ChaCha20Rng) -> EnvelopeId {
 }
 
 impl Net {
-    fn put(&self, to: &MailboxId, envelope: &Envelope) {
+    fn put(&self, to: &MailboxId, envelope: &Envelope, pass: &DepositPass) {
         // Errors (a full mailbox) are the relay's business; the envelope is
         // then simply not there, like a drop.
-        let _ = block_on(self.relay.deposit(to, envelope));
+        let _ = block_on(self.relay.deposit(to, envelope, pass));
     }
 
     /// Releases some delayed envelopes and replays some old ones.
@@ -370,11 +371,11 @@ impl Net {
                 let (to, mut envelope) = s.log[i].clone();
                 envelope.id = fresh_id(&mut s.rng);
                 s.stats.replayed += 1;
-                out.push((to, envelope));
+                out.push((to, envelope, DepositPass::NONE));
             }
         }
-        for (to, envelope) in out {
-            self.put(&to, &envelope);
+        for (to, envelope, pass) in out {
+            self.put(&to, &envelope, &pass);
         }
     }
 
@@ -385,8 +386,8 @@ impl Net {
             s.faulty = false;
             std::mem::take(&mut s.delayed)
         };
-        for (to, envelope) in held {
-            self.put(&to, &envelope);
+        for (to, envelope, pass) in held {
+            self.put(&to, &envelope, &pass);
         }
     }
 }
@@ -414,6 +415,7 @@ impl Mailbox for Net {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let mut copies = Vec::new();
         {
@@ -436,7 +438,7 @@ impl Mailbox for Net {
                 0..=9 => s.stats.dropped += 1,
                 10..=19 => {
                     s.stats.delayed += 1;
-                    s.delayed.push((*to, envelope.clone()));
+                    s.delayed.push((*to, envelope.clone(), pass.clone()));
                 }
                 20..=24 => {
                     s.stats.duplicated += 1;
@@ -449,7 +451,7 @@ impl Mailbox for Net {
             }
         }
         for copy in copies {
-            self.put(to, &copy);
+            self.put(to, &copy, pass);
         }
         std::future::ready(Ok(()))
     }
@@ -538,7 +540,7 @@ impl World {
         let clock = Arc::new(Mutex::new(T0));
         let c = clock.clone();
         let relay = InProcessRelay::with_clock(
-            Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+            Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()),
             Arc::new(move || *c.lock().unwrap()),
         );
         let net = Net {

@@ -30,6 +30,7 @@
 //! schedules from `CHAOS_SEED` (default 0); a failing schedule prints its
 //! seed.
 
+use cubbyhole::transport::DepositPass;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -195,7 +196,7 @@ impl Stats {
 struct NetState {
     rng: ChaCha20Rng,
     faulty: bool,
-    delayed: Vec<(MailboxId, Envelope)>,
+    delayed: Vec<(MailboxId, Envelope, DepositPass)>,
     stats: Stats,
 }
 
@@ -206,8 +207,8 @@ struct Net {
 }
 
 impl Net {
-    fn put(&self, to: &MailboxId, envelope: &Envelope) {
-        let _ = block_on(self.relay.deposit(to, envelope));
+    fn put(&self, to: &MailboxId, envelope: &Envelope, pass: &DepositPass) {
+        let _ = block_on(self.relay.deposit(to, envelope, pass));
     }
     /// Releases some delayed envelopes.
     fn churn(&self) {
@@ -220,8 +221,8 @@ impl Net {
                 }
             }
         }
-        for (to, e) in out {
-            self.put(&to, &e);
+        for (to, e, pass) in out {
+            self.put(&to, &e, &pass);
         }
     }
     fn calm(&self) {
@@ -230,8 +231,8 @@ impl Net {
             s.faulty = false;
             std::mem::take(&mut s.delayed)
         };
-        for (to, e) in held {
-            self.put(&to, &e);
+        for (to, e, pass) in held {
+            self.put(&to, &e, &pass);
         }
     }
 }
@@ -296,6 +297,7 @@ impl Mailbox for Net {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let mut copies = Vec::new();
         {
@@ -305,7 +307,7 @@ impl Mailbox for Net {
                 0..=9 => s.stats.dropped += 1,
                 10..=19 => {
                     s.stats.delayed += 1;
-                    s.delayed.push((*to, envelope.clone()));
+                    s.delayed.push((*to, envelope.clone(), pass.clone()));
                 }
                 20..=24 => {
                     s.stats.duplicated += 1;
@@ -320,7 +322,7 @@ impl Mailbox for Net {
             }
         }
         for copy in copies {
-            self.put(to, &copy);
+            self.put(to, &copy, pass);
         }
         std::future::ready(Ok(()))
     }
@@ -426,7 +428,7 @@ impl World {
         let clock = Arc::new(Mutex::new(T0));
         let c = clock.clone();
         let relay = InProcessRelay::with_clock(
-            Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+            Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()),
             Arc::new(move || *c.lock().unwrap()),
         );
         World {

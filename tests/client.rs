@@ -2,6 +2,7 @@
 //! reorders and replays envelopes, substituted and stale bundles, strangers
 //! at the mailbox, an exhausted one-time-prekey pool, restarts.
 
+use cubbyhole::transport::DepositPass;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -25,7 +26,7 @@ type Honest = InProcessRelay<MemoryRelayStorage>;
 fn relay_at(clock: Arc<Mutex<u64>>) -> Honest {
     let c = clock.clone();
     InProcessRelay::with_clock(
-        Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+        Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()),
         Arc::new(move || *c.lock().unwrap()),
     )
 }
@@ -100,6 +101,7 @@ impl Mailbox for Evil {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let drop = self
             .how
@@ -108,12 +110,12 @@ impl Mailbox for Evil {
             .drop_first_bytes
             .contains(&envelope.id.0[0]);
         let inner = self.inner.clone();
-        let (to, envelope) = (*to, envelope.clone());
+        let (to, envelope, pass) = (*to, envelope.clone(), pass.clone());
         async move {
             if drop {
                 Ok(()) // claims success, keeps nothing
             } else {
-                inner.deposit(&to, &envelope).await
+                inner.deposit(&to, &envelope, &pass).await
             }
         }
     }
@@ -530,7 +532,12 @@ fn restart_from_the_same_store_and_outbox_flush() {
     let alice_store = alice.into_store();
     struct Down;
     impl Mailbox for Down {
-        async fn deposit(&self, _: &MailboxId, _: &Envelope) -> Result<(), TransportError> {
+        async fn deposit(
+            &self,
+            _: &MailboxId,
+            _: &Envelope,
+            _: &DepositPass,
+        ) -> Result<(), TransportError> {
             Err(TransportError::Unavailable("down"))
         }
         async fn challenge(&self, _: &MailboxId) -> Result<[u8; 32], TransportError> {
@@ -601,8 +608,9 @@ impl Mailbox for LosesAcks {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
-        self.0.deposit(to, envelope)
+        self.0.deposit(to, envelope, pass)
     }
     fn challenge(
         &self,

@@ -8,6 +8,7 @@
 //!
 //! Every expected value is a literal or counted by the test itself.
 
+use cubbyhole::transport::DepositPass;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -78,6 +79,7 @@ impl Mailbox for Net {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         let drop = self
             .drop_deposits
@@ -86,14 +88,14 @@ impl Mailbox for Net {
         let refuse = self.refuse_deposits.load(Ordering::SeqCst);
         // The in-process relay acts when called: call it only to deposit.
         let relay = self.relay.clone();
-        let (to, envelope) = (*to, envelope.clone());
+        let (to, envelope, pass) = (*to, envelope.clone(), pass.clone());
         async move {
             if refuse {
                 Err(TransportError::Unavailable("relay unreachable"))
             } else if drop {
                 Ok(())
             } else {
-                relay.deposit(&to, &envelope).await
+                relay.deposit(&to, &envelope, &pass).await
             }
         }
     }
@@ -150,7 +152,7 @@ impl World {
         let clock = Arc::new(Mutex::new(T0));
         let c = clock.clone();
         let relay = InProcessRelay::with_clock(
-            Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+            Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()),
             Arc::new(move || *c.lock().unwrap()),
         );
         World {
@@ -532,7 +534,7 @@ fn an_empty_frame_from_a_stranger_is_refused_and_changes_nothing() {
             &Envelope {
                 id: EnvelopeId(id),
                 payload,
-            },
+            }, &DepositPass::NONE,
         ))
         .unwrap();
     }
@@ -1204,7 +1206,7 @@ fn dead_session_notices_are_rate_limited_to_one_per_interval() {
             &Envelope {
                 id: EnvelopeId(id),
                 payload,
-            },
+            }, &DepositPass::NONE,
         ))
         .unwrap();
         w.set(at);

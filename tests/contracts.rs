@@ -5,6 +5,7 @@
 //! signed message, the relay body codecs at their boundaries, and how the
 //! relay reports a storage failure.
 
+use cubbyhole::transport::DepositPass;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
@@ -211,7 +212,7 @@ mod storage_failures {
         let config = RelayConfig {
             max_pending_envelopes: 7,
             require_published_mailbox: false,
-            ..RelayConfig::default()
+            ..RelayConfig::unpriced()
         };
         let mut relay = Relay::new(SqliteRelayStorage::open(&path).unwrap(), config.clone());
         assert_eq!(relay.config(), &config);
@@ -224,7 +225,7 @@ mod storage_failures {
         let mut rng = ChaCha20Rng::seed_from_u64(7);
         let bob = IdentityKeyPair::generate(&mut rng);
         let mailbox = DeviceAddress::new(bob.public(), 1).mailbox();
-        let answer = relay.deposit(NOW, &mailbox, &envelope(1, 10));
+        let answer = relay.deposit(NOW, &mailbox, &envelope(1, 10), &DepositPass::NONE);
         assert!(
             matches!(answer, Err(TransportError::Unavailable(_))),
             "{answer:?}"

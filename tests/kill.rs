@@ -66,7 +66,7 @@ fn open(dir: &Path, name: &str, key: &[u8; 32]) -> Device {
     };
     let relay = InProcessRelay::new(Relay::new(
         SqliteRelayStorage::open(dir.join("relay.db")).expect("relay"),
-        RelayConfig::default(),
+        RelayConfig::unpriced(),
     ));
     let store = SqliteStore::open(dir.join(format!("{name}.db")), key).expect("store");
     Client::open(store, relay.clone(), relay, config, &mut OsRng)

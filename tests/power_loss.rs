@@ -80,7 +80,7 @@ fn open(data: &Path, off: &Path, name: &str, key: &[u8; 32]) -> Device {
     };
     let relay = InProcessRelay::new(Relay::new(
         SqliteRelayStorage::open(off.join("relay.db")).expect("relay"),
-        RelayConfig::default(),
+        RelayConfig::unpriced(),
     ));
     let store = SqliteStore::open(data.join(format!("{name}.db")), key).expect("store");
     Client::open(store, relay.clone(), relay, config, &mut OsRng)

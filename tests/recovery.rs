@@ -4,6 +4,7 @@
 //! a responder that lost its prekeys, a corrupted session row, and trust
 //! kept per device number instead of per identity key.
 
+use cubbyhole::transport::DepositPass;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
@@ -52,9 +53,10 @@ impl Mailbox for Net {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         self.log.lock().unwrap().push((*to, envelope.clone()));
-        self.relay.deposit(to, envelope)
+        self.relay.deposit(to, envelope, pass)
     }
     fn challenge(
         &self,
@@ -91,7 +93,7 @@ impl World {
         let clock = Arc::new(Mutex::new(T0));
         let c = clock.clone();
         let relay = InProcessRelay::with_clock(
-            Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+            Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()),
             Arc::new(move || *c.lock().unwrap()),
         );
         World {
@@ -147,7 +149,7 @@ impl World {
             id: EnvelopeId(id),
             payload: envelope.payload.clone(),
         };
-        block_on(self.net.relay.deposit(to, &again)).unwrap();
+        block_on(self.net.relay.deposit(to, &again, &DepositPass::NONE)).unwrap();
     }
 }
 

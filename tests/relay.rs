@@ -10,6 +10,7 @@
 #[path = "relay_suite/mod.rs"]
 mod relay_suite;
 
+use cubbyhole::transport::DepositPass;
 use cubbyhole::relay::{MemoryRelayStorage, RelayConfig};
 use relay_suite::*;
 
@@ -23,7 +24,7 @@ all_tests!(
 
 #[test]
 fn default_bounds_are_the_documented_ones() {
-    let c = RelayConfig::default();
+    let c = RelayConfig::unpriced();
     assert_eq!(c.max_envelope_bytes, 256 * 1024);
     assert_eq!(c.max_pending_envelopes, 10_000);
     assert_eq!(c.max_pending_bytes, 64 * 1024 * 1024);
@@ -87,19 +88,19 @@ mod sqlite_file {
         let challenge;
         {
             let storage = SqliteRelayStorage::open(&db.0).unwrap();
-            let mut relay = Relay::new(storage, RelayConfig::default());
+            let mut relay = Relay::new(storage, RelayConfig::unpriced());
             relay.publish(NOW, &first_upload).unwrap();
             relay.fetch_bundle(NOW, &bob.address()).unwrap();
             relay
-                .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+                .deposit(NOW, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
                 .unwrap();
             relay
-                .deposit(NOW + 1, &bob.mailbox(), &envelope(2, 20))
+                .deposit(NOW + 1, &bob.mailbox(), &envelope(2, 20), &DepositPass::NONE)
                 .unwrap();
             challenge = relay.challenge(NOW + 2, &mut rng, &bob.mailbox()).unwrap();
         }
         let storage = SqliteRelayStorage::open(&db.0).unwrap();
-        let mut relay = Relay::new(storage, RelayConfig::default());
+        let mut relay = Relay::new(storage, RelayConfig::unpriced());
         // The device record, its counter and its pool are still there.
         assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(2));
         assert_eq!(
@@ -129,10 +130,10 @@ mod sqlite_file {
         // The acknowledgment persisted too (and its id is remembered).
         let mut relay = Relay::new(
             SqliteRelayStorage::open(&db.0).unwrap(),
-            RelayConfig::default(),
+            RelayConfig::unpriced(),
         );
         relay
-            .deposit(NOW + 5, &bob.mailbox(), &envelope(1, 10))
+            .deposit(NOW + 5, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
             .unwrap();
         assert_eq!(
             fetch_all(&mut relay, &mut rng, &bob, NOW + 6),
@@ -147,7 +148,7 @@ mod sqlite_file {
         let bob = Device::new(&mut rng, 1, 40);
         let mut relay = Relay::new(
             SqliteRelayStorage::open(&db.0).unwrap(),
-            RelayConfig::default(),
+            RelayConfig::unpriced(),
         );
         relay.publish(NOW, &bob.upload(1, true)).unwrap();
         let challenges: Vec<[u8; 32]> = (0..40)
@@ -206,7 +207,7 @@ mod sqlite_file {
         RelayConfig {
             claims_per_device_burst: 30,
             claims_per_device_per_hour: 1,
-            ..RelayConfig::default()
+            ..RelayConfig::unpriced()
         }
     }
 
@@ -220,11 +221,11 @@ mod sqlite_file {
         let bob = Device::new(&mut rng, 1, 0);
         let mut a = Relay::new(
             SqliteRelayStorage::open(&db.0).unwrap(),
-            RelayConfig::default(),
+            RelayConfig::unpriced(),
         );
         let mut b = Relay::new(
             SqliteRelayStorage::open(&db.0).unwrap(),
-            RelayConfig::default(),
+            RelayConfig::unpriced(),
         );
         a.publish(NOW, &bob.upload(1, true)).unwrap();
         let from_a = a.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
@@ -273,7 +274,7 @@ mod sqlite_file {
         {
             let mut relay = Relay::new(
                 SqliteRelayStorage::open(&db.0).unwrap(),
-                RelayConfig::default(),
+                RelayConfig::unpriced(),
             );
             relay.publish(NOW, &bob.upload(1, true)).unwrap();
         }
@@ -290,7 +291,7 @@ mod sqlite_file {
         }
         let mut relay = Relay::new(
             SqliteRelayStorage::open(&db.0).unwrap(),
-            RelayConfig::default(),
+            RelayConfig::unpriced(),
         );
         {
             let conn = rusqlite::Connection::open(&db.0).unwrap();
@@ -380,7 +381,7 @@ mod sqlite_file {
     /// autocheckpoint, which would have reset it at about 4 MiB.
     #[test]
     fn defer_checkpoints_lets_the_log_grow_past_the_default_checkpoint() {
-        use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage};
+        use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage, Share};
         use cubbyhole::transport::{Envelope, MailboxId};
 
         let wal_after_8_mib = |defer: bool| {
@@ -390,6 +391,8 @@ mod sqlite_file {
                 s.defer_checkpoints().unwrap();
             }
             let limits = MailboxLimits {
+                max_stranger_envelopes: u32::MAX,
+                max_stranger_bytes: u64::MAX,
                 max_envelopes: 1_000,
                 max_bytes: 1 << 30,
                 expire_before: 0,
@@ -400,7 +403,7 @@ mod sqlite_file {
                     payload: vec![i; 200 * 1024],
                 };
                 let outcome = s
-                    .insert_envelope(&MailboxId([7; 32]), &envelope, 100, limits)
+                    .insert_envelope(&MailboxId([7; 32]), &envelope, Share::Contacts, 100, limits)
                     .unwrap();
                 assert_eq!(outcome, InsertOutcome::Stored);
             }
@@ -435,7 +438,7 @@ mod sqlite_file {
     /// group leaves nothing behind.
     #[test]
     fn a_group_commits_its_calls_together() {
-        use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage, UploadOutcome};
+        use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage, Share, UploadOutcome};
 
         let db = TempDb::new("group");
         let mut rng = rng(13);
@@ -443,6 +446,8 @@ mod sqlite_file {
         let opk = &bob.one_time_prekeys;
         let mailbox = bob.mailbox();
         let limits = MailboxLimits {
+            max_stranger_envelopes: u32::MAX,
+            max_stranger_bytes: u64::MAX,
             max_envelopes: 100,
             max_bytes: 1 << 20,
             expire_before: 0,
@@ -453,7 +458,7 @@ mod sqlite_file {
             assert!(storage.begin_group().is_err(), "groups do not nest");
             assert_eq!(
                 storage
-                    .insert_envelope(&mailbox, &envelope(1, 10), NOW, limits)
+                    .insert_envelope(&mailbox, &envelope(1, 10), Share::Contacts, NOW, limits)
                     .unwrap(),
                 InsertOutcome::Stored
             );
@@ -465,7 +470,7 @@ mod sqlite_file {
             );
             assert_eq!(
                 storage
-                    .insert_envelope(&mailbox, &envelope(2, 20), NOW, limits)
+                    .insert_envelope(&mailbox, &envelope(2, 20), Share::Contacts, NOW, limits)
                     .unwrap(),
                 InsertOutcome::Stored
             );
@@ -514,7 +519,7 @@ mod sqlite_file {
         assert_eq!(storage.mailbox_usage(&mailbox).unwrap().envelopes, 1);
         assert_eq!(
             storage
-                .insert_envelope(&mailbox, &envelope(1, 10), NOW, limits)
+                .insert_envelope(&mailbox, &envelope(1, 10), Share::Contacts, NOW, limits)
                 .unwrap(),
             InsertOutcome::Duplicate
         );
@@ -524,7 +529,7 @@ mod sqlite_file {
         // Outside a group every call commits on its own again.
         assert_eq!(
             storage
-                .insert_envelope(&mailbox, &envelope(3, 5), NOW, limits)
+                .insert_envelope(&mailbox, &envelope(3, 5), Share::Contacts, NOW, limits)
                 .unwrap(),
             InsertOutcome::Stored
         );
@@ -580,7 +585,7 @@ mod sqlite_file {
 
     #[test]
     fn migrates_a_version_1_database() {
-        use cubbyhole::relay::{InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage};
+        use cubbyhole::relay::{InsertOutcome, MailboxLimits, MailboxUsage, RelayStorage, Share};
         use cubbyhole::transport::MailboxId;
 
         let db = TempDb::new("migrate");
@@ -645,7 +650,8 @@ mod sqlite_file {
             storage.mailbox_usage(&a).unwrap(),
             MailboxUsage {
                 envelopes: 3,
-                bytes: 60
+                bytes: 60,
+                ..MailboxUsage::default()
             }
         );
         assert_eq!(storage.mailbox_usage(&b).unwrap(), MailboxUsage::default());
@@ -655,6 +661,8 @@ mod sqlite_file {
             .is_empty());
         // Acknowledged ids are still duplicates, pending ones too.
         let limits = MailboxLimits {
+            max_stranger_envelopes: u32::MAX,
+            max_stranger_bytes: u64::MAX,
             max_envelopes: 100,
             max_bytes: 1 << 20,
             expire_before: 0,
@@ -662,7 +670,7 @@ mod sqlite_file {
         for (mailbox, n) in [(&a, 1u8), (&a, 9), (&b, 3)] {
             assert_eq!(
                 storage
-                    .insert_envelope(mailbox, &envelope(n, 5), NOW + 20, limits)
+                    .insert_envelope(mailbox, &envelope(n, 5), Share::Contacts, NOW + 20, limits)
                     .unwrap(),
                 InsertOutcome::Duplicate,
                 "envelope {n}"
@@ -671,7 +679,7 @@ mod sqlite_file {
         // New deposits go after the migrated ones.
         assert_eq!(
             storage
-                .insert_envelope(&a, &envelope(2, 5), NOW + 20, limits)
+                .insert_envelope(&a, &envelope(2, 5), Share::Contacts, NOW + 20, limits)
                 .unwrap(),
             InsertOutcome::Stored
         );
@@ -689,7 +697,8 @@ mod sqlite_file {
             storage.mailbox_usage(&a).unwrap(),
             MailboxUsage {
                 envelopes: 3,
-                bytes: 55
+                bytes: 55,
+                ..MailboxUsage::default()
             }
         );
         // Receipt times survived: expiring before NOW + 5 drops a's two
@@ -700,18 +709,19 @@ mod sqlite_file {
             storage.mailbox_usage(&a).unwrap(),
             MailboxUsage {
                 envelopes: 1,
-                bytes: 5
+                bytes: 5,
+                ..MailboxUsage::default()
             }
         );
         assert_eq!(
             storage
-                .insert_envelope(&a, &envelope(1, 5), NOW + 20, limits)
+                .insert_envelope(&a, &envelope(1, 5), Share::Contacts, NOW + 20, limits)
                 .unwrap(),
             InsertOutcome::Stored
         );
         assert_eq!(
             storage
-                .insert_envelope(&b, &envelope(3, 5), NOW + 20, limits)
+                .insert_envelope(&b, &envelope(3, 5), Share::Contacts, NOW + 20, limits)
                 .unwrap(),
             InsertOutcome::Duplicate
         );
@@ -745,12 +755,14 @@ mod sqlite_file {
     /// version 3 with its data and a working device-list table.
     #[test]
     fn migrates_a_version_2_database() {
-        use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage};
+        use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage, Share};
         use cubbyhole::transport::MailboxId;
 
         let db = TempDb::new("migrate-2");
         let a = MailboxId([0xa1; 32]);
         let limits = MailboxLimits {
+            max_stranger_envelopes: u32::MAX,
+            max_stranger_bytes: u64::MAX,
             max_envelopes: 100,
             max_bytes: 1 << 20,
             expire_before: 0,
@@ -759,7 +771,7 @@ mod sqlite_file {
             let mut storage = SqliteRelayStorage::open(&db.0).unwrap();
             assert_eq!(
                 storage
-                    .insert_envelope(&a, &envelope(4, 12), NOW, limits)
+                    .insert_envelope(&a, &envelope(4, 12), Share::Contacts, NOW, limits)
                     .unwrap(),
                 InsertOutcome::Stored
             );
@@ -794,12 +806,14 @@ mod sqlite_file {
 /// trait, so compared through `Debug`, which shows every map.
 #[test]
 fn memory_storage_forgets_a_mailbox_once_everything_in_it_expired() {
-    use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage};
+    use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage, Share};
     use cubbyhole::transport::{Envelope, EnvelopeId, MailboxId};
 
     let empty = format!("{:?}", MemoryRelayStorage::new());
     let mut s = MemoryRelayStorage::new();
     let limits = MailboxLimits {
+        max_stranger_envelopes: u32::MAX,
+        max_stranger_bytes: u64::MAX,
         max_envelopes: 10,
         max_bytes: 1_000,
         expire_before: 0,
@@ -811,7 +825,7 @@ fn memory_storage_forgets_a_mailbox_once_everything_in_it_expired() {
             payload: vec![id; 5],
         };
         assert_eq!(
-            s.insert_envelope(mailbox, &envelope, at, limits).unwrap(),
+            s.insert_envelope(mailbox, &envelope, Share::Contacts, at, limits).unwrap(),
             InsertOutcome::Stored
         );
     }

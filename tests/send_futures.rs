@@ -55,7 +55,7 @@ fn devices_run_in_tokio_spawn_on_a_multi_threaded_runtime() {
         .unwrap();
     runtime.block_on(async {
         let relay = InProcessRelay::with_clock(
-            Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+            Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()),
             Arc::new(|| NOW),
         );
         let dir = std::env::temp_dir().join(format!("cubbyhole-send-{}", std::process::id()));

@@ -265,7 +265,7 @@ fn the_client_refuses_a_millisecond_clock_before_doing_anything() {
 
     let relay = InProcessRelay::new(Relay::new(
         MemoryRelayStorage::new(),
-        RelayConfig::default(),
+        RelayConfig::unpriced(),
     ));
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
     let mut c = block_on(Client::open(

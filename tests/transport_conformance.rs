@@ -5,11 +5,12 @@
 //! relay crate runs it against its HTTP server and client:
 //! `relay/tests/transport_conformance.rs`.)
 
+use cubbyhole::transport::DepositPass;
 use cubbyhole::client::block_on;
 use cubbyhole::relay::{
     AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InProcessRelay, InsertOutcome,
     MailboxLimits, MailboxUsage, MemoryRelayStorage, Relay, RelayConfig, RelayKey, RelayStorage,
-    RelayStorageError, StoredDeviceList, UploadOutcome,
+    RelayStorageError, Share, StoredDeviceList, UploadOutcome,
 };
 use cubbyhole::transport::conformance::{self, Options, Violation, CHECKS};
 use cubbyhole::transport::{
@@ -18,7 +19,7 @@ use cubbyhole::transport::{
 };
 
 fn in_process<S: RelayStorage + Send>(storage: S) -> (InProcessRelay<S>, InProcessRelay<S>) {
-    let relay = InProcessRelay::new(Relay::new(storage, RelayConfig::default()));
+    let relay = InProcessRelay::new(Relay::new(storage, RelayConfig::unpriced()));
     (relay.clone(), relay)
 }
 
@@ -59,7 +60,7 @@ fn every_check_has_a_distinct_name_and_runs_alone() {
 fn a_smaller_envelope_bound_is_checked_as_configured() {
     let config = RelayConfig {
         max_envelope_bytes: 1_000,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let make = || {
         let relay = InProcessRelay::new(Relay::new(MemoryRelayStorage::new(), config.clone()));
@@ -156,6 +157,22 @@ impl RelayStorage for BrokenStorage {
     fn mailbox_exists(&self, mailbox: &MailboxId) -> Result<bool, RelayStorageError> {
         self.inner.mailbox_exists(mailbox)
     }
+    fn mailbox_owner(
+        &self,
+        mailbox: &MailboxId,
+    ) -> Result<Option<DeviceRecord>, RelayStorageError> {
+        self.inner.mailbox_owner(mailbox)
+    }
+    fn expire_inactive(
+        &mut self,
+        seen_before: u64,
+        received_before: u64,
+    ) -> Result<u64, RelayStorageError> {
+        self.inner.expire_inactive(seen_before, received_before)
+    }
+    fn expire_devices(&mut self, seen_before: u64) -> Result<u64, RelayStorageError> {
+        self.inner.expire_devices(seen_before)
+    }
     fn apply_upload(
         &mut self,
         upload: &BundleSetUpload,
@@ -192,18 +209,19 @@ impl RelayStorage for BrokenStorage {
         &mut self,
         mailbox: &MailboxId,
         envelope: &Envelope,
+        share: Share,
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<InsertOutcome, RelayStorageError> {
         let outcome = self
             .inner
-            .insert_envelope(mailbox, envelope, received_at, limits)?;
+            .insert_envelope(mailbox, envelope, share, received_at, limits)?;
         if self.fault == Fault::DepositNotIdempotent && outcome == InsertOutcome::Duplicate {
             let mut copy = envelope.clone();
             copy.id.0[15] ^= 0xff;
             return self
                 .inner
-                .insert_envelope(mailbox, &copy, received_at, limits);
+                .insert_envelope(mailbox, &copy, share, received_at, limits);
         }
         Ok(outcome)
     }
@@ -293,7 +311,7 @@ impl Broken {
             inner: MemoryRelayStorage::new(),
             fault,
         };
-        let relay = InProcessRelay::new(Relay::new(storage, RelayConfig::default()));
+        let relay = InProcessRelay::new(Relay::new(storage, RelayConfig::unpriced()));
         (
             Broken {
                 relay: relay.clone(),
@@ -328,8 +346,13 @@ impl PrekeyDirectory for Broken {
 }
 
 impl Mailbox for Broken {
-    async fn deposit(&self, to: &MailboxId, envelope: &Envelope) -> Result<(), TransportError> {
-        match self.relay.deposit(to, envelope).await {
+    async fn deposit(
+        &self,
+        to: &MailboxId,
+        envelope: &Envelope,
+        pass: &DepositPass,
+    ) -> Result<(), TransportError> {
+        match self.relay.deposit(to, envelope, pass).await {
             Err(TransportError::LimitExceeded(_)) if self.fault == Fault::SizeBoundSilent => Ok(()),
             other => other,
         }

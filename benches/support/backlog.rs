@@ -41,7 +41,7 @@ impl<S: Store> Backlog<S> {
     pub fn prepare(bob_store: S, rng: &mut ChaCha20Rng) -> Self {
         let relay_config = RelayConfig {
             max_pending_envelopes: 2 * MESSAGES as u32,
-            ..RelayConfig::default()
+            ..RelayConfig::unpriced()
         };
         let relay = InProcessRelay::with_clock(
             Relay::new(MemoryRelayStorage::new(), relay_config),

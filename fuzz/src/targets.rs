@@ -36,8 +36,8 @@ use cubbyhole::storage::{
     LocalIdentity, MessageId, PrekeyState, SessionEntry, SessionRecord, Trust, LOCAL_IDENTITY_LEN,
 };
 use cubbyhole::transport::{
-    self, encode_acknowledge, encode_envelope, encode_envelope_list, BundleSetUpload,
-    DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxOp, SignedPrekeyRecord,
+    self, encode_acknowledge, encode_envelope, encode_envelope_list, stamp::Stamp,
+    AccessVerifier, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxOp, SignedPrekeyRecord,
     TransportError, MAILBOX_AUTH_LEN,
 };
 use cubbyhole::{
@@ -933,7 +933,7 @@ pub struct RelayFixture {
 impl RelayFixture {
     /// A relay (default bounds) over a copy of the fixture's storage.
     pub fn relay(&self) -> Relay<MemoryRelayStorage> {
-        Relay::new(self.storage.clone(), RelayConfig::default())
+        Relay::new(self.storage.clone(), RelayConfig::unpriced())
     }
 }
 
@@ -953,7 +953,7 @@ pub fn relay_fixture() -> &'static RelayFixture {
             true,
         )
         .sign(&dir.bob);
-        let mut relay = Relay::new(MemoryRelayStorage::new(), RelayConfig::default());
+        let mut relay = Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced());
         relay.publish(NOW, &upload).expect("publish");
         let envelopes: Vec<Envelope> = (1..=3u8)
             .map(|i| Envelope {
@@ -962,7 +962,7 @@ pub fn relay_fixture() -> &'static RelayFixture {
             })
             .collect();
         for e in &envelopes {
-            relay.deposit(NOW, &device.mailbox(), e).expect("deposit");
+            relay.deposit(NOW, &device.mailbox(), e, &DepositPass::NONE).expect("deposit");
         }
         let mut rng = TestRng::new(0xC4A1);
         let mut challenge = || {
@@ -1042,7 +1042,7 @@ fn check_upload(data: &[u8], upload: &BundleSetUpload) {
         .collect::<BTreeSet<_>>()
         .len()
         == n;
-    let mut relay = Relay::new(MemoryRelayStorage::new(), RelayConfig::default());
+    let mut relay = Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced());
     let max = relay.config().max_one_time_prekeys as usize;
     match relay.publish(NOW, data) {
         Ok(()) => {
@@ -1126,6 +1126,12 @@ fn signed_upload(data: &[u8]) {
         signed_prekey: SignedPrekeyRecord::of(&spk),
         replace_one_time_prekeys: flags & 1 == 1,
         one_time_prekeys,
+        // Upload v2 (SPEC.md 16.6, 16.7) when either is present.
+        access_verifier: (flags & 2 == 2).then(|| AccessVerifier([flags; 32])),
+        identity_stamp: (flags & 4 == 4).then(|| Stamp {
+            epoch: u64::from(counter as u32),
+            nonce: counter,
+        }),
     };
     let bytes = upload.sign(&dir.bob);
     assert_eq!(
@@ -1272,7 +1278,7 @@ pub fn decode_envelope(data: &[u8]) -> Reach {
     let duplicate = fx.envelopes.iter().any(|e| e.id == envelope.id);
     let mailbox = fx.device.mailbox();
     let max = relay.config().max_envelope_bytes as usize;
-    match relay.deposit(NOW, &mailbox, &envelope) {
+    match relay.deposit(NOW, &mailbox, &envelope, &DepositPass::NONE) {
         Ok(()) => assert!(!envelope.payload.is_empty() && envelope.payload.len() <= max),
         Err(TransportError::LimitExceeded(_)) => {
             assert!(envelope.payload.len() > max);
@@ -1296,7 +1302,7 @@ pub fn decode_envelope(data: &[u8]) -> Reach {
         assert_eq!(after.envelopes, before.envelopes + 1);
         assert_eq!(after.bytes, before.bytes + envelope.payload.len() as u64);
     }
-    assert_eq!(relay.deposit(NOW, &mailbox, &envelope), Ok(()));
+    assert_eq!(relay.deposit(NOW, &mailbox, &envelope, &DepositPass::NONE), Ok(()));
     assert_eq!(
         usage(&relay, &fx.device),
         after,
@@ -1384,7 +1390,7 @@ pub fn decode_acknowledge(data: &[u8]) -> Reach {
             );
             assert_eq!(after.bytes, before.bytes - bytes as u64);
             for e in acknowledged {
-                assert_eq!(relay.deposit(NOW, &fx.device.mailbox(), e), Ok(()));
+                assert_eq!(relay.deposit(NOW, &fx.device.mailbox(), e, &DepositPass::NONE), Ok(()));
             }
             assert_eq!(
                 usage(&relay, &fx.device),
@@ -2140,7 +2146,7 @@ pub fn device_list_fixture() -> &'static DeviceListFixture {
         let v2 = build_device_list(account, 2, *v1.body_hash(), &[(0, 1), (1, 2)], &[0, 1])
             .verify_successor(&v1)
             .expect("v2");
-        let mut relay = Relay::new(MemoryRelayStorage::new(), RelayConfig::default());
+        let mut relay = Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced());
         relay.publish_device_list(&v1.encode()).expect("v1");
         relay.publish_device_list(&v2.encode()).expect("v2");
         DeviceListFixture {
@@ -2489,7 +2495,7 @@ pub fn decode_device_list(data: &[u8]) -> Reach {
     let signatures_ok = check_list_verdicts(&list);
     let mut relay = Relay::new(
         device_list_fixture().storage.clone(),
-        RelayConfig::default(),
+        RelayConfig::unpriced(),
     );
     RelayLists::fixture().publish(&mut relay, data, &list, signatures_ok);
     Reach::Decoded
@@ -2694,7 +2700,7 @@ pub fn device_list_chain(data: &[u8]) -> Reach {
         }
     }
 
-    let mut relay = Relay::new(fx.storage.clone(), RelayConfig::default());
+    let mut relay = Relay::new(fx.storage.clone(), RelayConfig::unpriced());
     let mut model = RelayLists::fixture();
     for (bytes, list, intact) in &built {
         model.publish(&mut relay, bytes, list, *intact);

@@ -75,7 +75,7 @@ fn start_relay() -> Result<(String, tokio::sync::oneshot::Sender<()>), Box<dyn E
                 .expect("a loopback port");
             let url = format!("http://{}", listener.local_addr().expect("its address"));
             let _ = url_tx.send(url);
-            let config = cubbyhole_relay::ServerConfig::default();
+            let config = cubbyhole_relay::ServerConfig::unpriced();
             cubbyhole_relay::serve(listener, config, async move {
                 let _ = stopped.await;
             })

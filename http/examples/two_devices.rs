@@ -112,7 +112,7 @@ async fn main() -> Result<(), Failure> {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("http://{}", listener.local_addr()?);
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let config = cubbyhole_relay::ServerConfig::default();
+            let config = cubbyhole_relay::ServerConfig::unpriced();
             let task = tokio::spawn(cubbyhole_relay::serve(listener, config, async move {
                 let _ = stopped.await;
             }));

@@ -23,7 +23,7 @@ use reqwest::{Method, StatusCode};
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
 
-use crate::wire::{decode_device_lists, DeviceListQuery, FetchQuery};
+use crate::wire::{decode_device_lists, DeviceListQuery, FetchQuery, ACCESS_HEADER, STAMP_HEADER};
 
 /// The reasons carried by [`TransportError::LimitExceeded`] for the bounds
 /// the HTTP server adds to the relay rules (the rules' own bounds use the
@@ -601,11 +601,6 @@ fn pass_headers(pass: &DepositPass) -> Vec<(&'static str, HeaderValue)> {
     }
     headers
 }
-
-/// The header carrying a deposit's access key.
-pub const ACCESS_HEADER: &str = "cubbyhole-access";
-/// The header carrying a deposit's stamp.
-pub const STAMP_HEADER: &str = "cubbyhole-stamp";
 
 /// The JSON error body.
 #[derive(serde::Deserialize)]

@@ -27,6 +27,13 @@ use std::fmt::Write;
 use cubbyhole::protocol::devices::MAX_DEVICES;
 use cubbyhole::transport::{TransportError, DEVICE_LIST_RETENTION};
 
+/// The request header carrying a deposit's access key (32 lowercase hex
+/// digits; SPEC.md 16.6, relay/API.md).
+pub const ACCESS_HEADER: &str = "cubbyhole-access";
+/// The request header carrying a deposit's stamp (32 lowercase hex digits:
+/// epoch and nonce, SPEC.md 16.6).
+pub const STAMP_HEADER: &str = "cubbyhole-stamp";
+
 /// The largest signed device list (SPEC.md 25.3, 25.10): 74 bytes of body
 /// header, 36 per device, the signature count, 65 per signature, with
 /// [`MAX_DEVICES`] devices all signing: 1691 bytes. The relay's body limit

@@ -36,7 +36,7 @@ fn relay_server() -> (String, tokio::sync::oneshot::Sender<()>) {
             url_tx
                 .send(format!("http://{}", listener.local_addr().unwrap()))
                 .unwrap();
-            let config = cubbyhole_relay::ServerConfig::default();
+            let config = cubbyhole_relay::ServerConfig::unpriced();
             cubbyhole_relay::serve(listener, config, async move {
                 let _ = stopped.await;
             })
@@ -105,7 +105,7 @@ async fn spawned_tasks_use_it_on_a_multi_thread_runtime() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(cubbyhole_relay::serve(
         listener,
-        cubbyhole_relay::ServerConfig::default(),
+        cubbyhole_relay::ServerConfig::unpriced(),
         async move {
             let _ = stopped.await;
         },

@@ -42,6 +42,7 @@
 //! (`thrpt`, messages per second). `BACKLOG_VERBOSE=1` also prints each
 //! run's set-up and receive times.
 
+use cubbyhole::transport::DepositPass;
 use std::future::{ready, Future};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -85,7 +86,7 @@ fn verbose() -> bool {
 fn relay_config() -> RelayConfig {
     RelayConfig {
         max_pending_envelopes: 2 * MESSAGES as u32,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     }
 }
 
@@ -108,7 +109,7 @@ impl Server {
                 total_storage_bytes: 0,
                 ..Limits::default()
             },
-            ..ServerConfig::default()
+            ..ServerConfig::unpriced()
         };
         let listener = server_rt
             .block_on(TcpListener::bind("127.0.0.1:0"))
@@ -167,7 +168,7 @@ type FileRelay = InProcessRelay<SqliteRelayStorage>;
 #[derive(Clone)]
 struct Collector {
     relay: FileRelay,
-    deposits: Arc<Mutex<Vec<(MailboxId, Envelope)>>>,
+    deposits: Arc<Mutex<Vec<(MailboxId, Envelope, DepositPass)>>>,
 }
 
 impl Mailbox for Collector {
@@ -175,11 +176,12 @@ impl Mailbox for Collector {
         &self,
         to: &MailboxId,
         envelope: &Envelope,
+        pass: &DepositPass,
     ) -> impl Future<Output = Result<(), TransportError>> + Send {
         self.deposits
             .lock()
             .expect("collector lock")
-            .push((*to, envelope.clone()));
+            .push((*to, envelope.clone(), pass.clone()));
         ready(Ok(()))
     }
 

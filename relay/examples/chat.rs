@@ -384,7 +384,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
             let url = format!("http://{}", listener.local_addr()?);
             let config = ServerConfig {
                 storage: StorageConfig::Sqlite(dir.join("relay.db")),
-                ..ServerConfig::default()
+                ..ServerConfig::unpriced()
             };
             let (stop, stopped) = oneshot::channel::<()>();
             let task = tokio::spawn(serve(listener, config, async move {

@@ -148,7 +148,7 @@ impl WalSync {
 mod tests {
     use std::path::PathBuf;
 
-    use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage};
+    use cubbyhole::relay::{InsertOutcome, MailboxLimits, RelayStorage, Share};
     use cubbyhole::transport::{Envelope, EnvelopeId, MailboxId};
 
     use super::*;
@@ -158,6 +158,8 @@ mod tests {
     const LIMITS: MailboxLimits = MailboxLimits {
         max_envelopes: 1_000,
         max_bytes: 1 << 24,
+        max_stranger_envelopes: 0,
+        max_stranger_bytes: 0,
         expire_before: 0,
     };
 
@@ -193,7 +195,7 @@ mod tests {
     fn store(storage: &mut SqliteRelayStorage, envelope: &Envelope) {
         assert_eq!(
             storage
-                .insert_envelope(&MAILBOX, envelope, NOW, LIMITS)
+                .insert_envelope(&MAILBOX, envelope, Share::Contacts, NOW, LIMITS)
                 .unwrap(),
             InsertOutcome::Stored
         );

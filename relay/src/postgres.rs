@@ -1002,11 +1002,11 @@ impl RelayStorage for PostgresRelayStorage {
         &mut self,
         mailbox: &MailboxId,
         envelope: &Envelope,
-        _share: Share,
+        share: Share,
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<InsertOutcome, RelayStorageError> {
-        let batch = [(*mailbox, envelope.clone())];
+        let batch = [(*mailbox, envelope.clone(), share)];
         let outcome = self.insert_envelopes(&batch, received_at, limits)?;
         outcome
             .into_iter()
@@ -1031,15 +1031,15 @@ impl RelayStorage for PostgresRelayStorage {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut mailboxes: Vec<MailboxId> = batch.iter().map(|(m, _)| *m).collect();
+        let mut mailboxes: Vec<MailboxId> = batch.iter().map(|(m, _, _)| *m).collect();
         mailboxes.sort_unstable_by_key(|m| m.0);
         mailboxes.dedup();
         let mut keys: Vec<i32> = mailboxes.iter().map(lock_key).collect();
         keys.sort_unstable();
         keys.dedup();
         let mailbox_list: Vec<&[u8]> = mailboxes.iter().map(|m| &m.0[..]).collect();
-        let batch_mailboxes: Vec<&[u8]> = batch.iter().map(|(m, _)| &m.0[..]).collect();
-        let batch_ids: Vec<&[u8]> = batch.iter().map(|(_, e)| &e.id.0[..]).collect();
+        let batch_mailboxes: Vec<&[u8]> = batch.iter().map(|(m, _, _)| &m.0[..]).collect();
+        let batch_ids: Vec<&[u8]> = batch.iter().map(|(_, e, _)| &e.id.0[..]).collect();
         let cutoff = time(limits.expire_before);
         self.run(|client, st| {
             let mut tx = client.transaction()?;

@@ -76,15 +76,16 @@ use axum::Router;
 use cubbyhole::protocol::devices::{AccountId, DeviceList};
 use cubbyhole::relay::{
     device_list_error, device_list_reason, reason as core_reason, MailboxUsage, Relay, RelayConfig,
-    RelayStorage, RelayStorageError, SqliteRelayStorage,
+    RelayStorage, RelayStorageError, Share, SqliteRelayStorage,
 };
+use cubbyhole::transport::stamp::Stamp;
 use cubbyhole::transport::{
-    decode_acknowledge, decode_envelope, encode_envelope_list, DeviceAddress, Envelope,
-    MailboxAuth, MailboxId, TransportError,
+    decode_acknowledge, decode_envelope, encode_envelope_list, AccessKey, DepositPass,
+    DeviceAddress, Envelope, MailboxAuth, MailboxId, TransportError,
 };
 use cubbyhole_http::wire::{
-    encode_device_lists, parse_decimal_u32, DeviceListQuery, FetchQuery,
-    MAX_SIGNED_DEVICE_LIST_BYTES,
+    encode_device_lists, parse_decimal_u32, DeviceListQuery, FetchQuery, ACCESS_HEADER,
+    MAX_SIGNED_DEVICE_LIST_BYTES, STAMP_HEADER,
 };
 use http_body_util::LengthLimitError;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -194,6 +195,19 @@ pub struct Limits {
     /// [`Self::body_timeout_ms`]. 0: the body timeout is fixed. Default
     /// 1 024.
     pub min_body_bytes_per_sec: u64,
+    /// The part of [`Self::total_storage_bytes`] that strangers' deposits
+    /// (admitted by a stamp, not an access key: SPEC.md 16.6) may take
+    /// together, in percent: a stranger's deposit over it is `507
+    /// strangers_total`. Default 25.
+    pub strangers_storage_percent: u8,
+    /// Above this part of [`Self::total_storage_bytes`] (in percent), only
+    /// mailboxes that hold less than [`Self::fair_share_bytes`] accept
+    /// deposits (`507 total_storage` for the others), so that the last
+    /// part of the relay's storage stays for mailboxes that hold little
+    /// (SPEC.md 16.8). Default 75.
+    pub fair_share_percent: u8,
+    /// See [`Self::fair_share_percent`]. Default 1 MiB.
+    pub fair_share_bytes: u64,
 }
 
 /// File descriptors kept free for the storage, the listener and the
@@ -237,6 +251,12 @@ impl Limits {
     pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 10_000;
     /// Default [`Self::min_body_bytes_per_sec`]: 1 KiB/s.
     pub const DEFAULT_MIN_BODY_BYTES_PER_SEC: u64 = 1_024;
+    /// Default [`Self::strangers_storage_percent`]: 25.
+    pub const DEFAULT_STRANGERS_STORAGE_PERCENT: u8 = 25;
+    /// Default [`Self::fair_share_percent`]: 75.
+    pub const DEFAULT_FAIR_SHARE_PERCENT: u8 = 75;
+    /// Default [`Self::fair_share_bytes`]: 1 MiB.
+    pub const DEFAULT_FAIR_SHARE_BYTES: u64 = 1024 * 1024;
 
     /// The time allowed to a request to `route`.
     fn budget(&self, route: Option<Route>) -> Option<Duration> {
@@ -269,6 +289,9 @@ impl Default for Limits {
             max_connections_per_address: Self::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
             body_timeout_ms: Self::DEFAULT_BODY_TIMEOUT_MS,
             min_body_bytes_per_sec: Self::DEFAULT_MIN_BODY_BYTES_PER_SEC,
+            strangers_storage_percent: Self::DEFAULT_STRANGERS_STORAGE_PERCENT,
+            fair_share_percent: Self::DEFAULT_FAIR_SHARE_PERCENT,
+            fair_share_bytes: Self::DEFAULT_FAIR_SHARE_BYTES,
         }
     }
 }
@@ -287,6 +310,17 @@ pub struct ServerConfig {
     /// Origins allowed to call the relay from a browser (CORS), such as
     /// `https://app.example`; `*` allows any. Empty: no CORS headers.
     pub cors_origins: Vec<String>,
+}
+
+impl ServerConfig {
+    /// The defaults with a relay that asks no stamps
+    /// ([`RelayConfig::unpriced`]): for tests and trusted deployments.
+    pub fn unpriced() -> Self {
+        ServerConfig {
+            relay: RelayConfig::unpriced(),
+            ..ServerConfig::default()
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -388,6 +422,13 @@ impl From<RelayStorageError> for ServerError {
 // ---------------------------------------------------------------------------
 // Routes and reasons
 // ---------------------------------------------------------------------------
+
+/// `percent` % of `total` (0 for 0 %, `total` for 100 % or more).
+fn percent_of(total: u64, percent: u8) -> u64 {
+    let percent = u64::from(percent.min(100));
+    // Without overflow for any total: total / 100 * percent + the rest's.
+    total / 100 * percent + total % 100 * percent / 100
+}
 
 /// The route table: `(method, path template)` for every route of
 /// `relay/API.md`, with `{name}` path parameters. The router is built from
@@ -542,6 +583,7 @@ impl Route {
             Route::Publish => &[
                 BadRequest,
                 Unauthorized,
+                StampRequired,
                 Replayed,
                 OneTimePrekeys,
                 BodySize,
@@ -577,6 +619,11 @@ impl Route {
                 PendingEnvelopes,
                 PendingBytes,
                 TotalStorage,
+                StampRequired,
+                StrangerEnvelopes,
+                StrangerBytes,
+                StrangersClosed,
+                StrangersTotal,
                 RateDeposits,
                 RateRequests,
                 Timeout,
@@ -749,11 +796,16 @@ enum Reason {
     UriSize,
     HeaderSize,
     Connections,
+    StampRequired,
+    StrangerEnvelopes,
+    StrangerBytes,
+    StrangersClosed,
+    StrangersTotal,
 }
 
 impl Reason {
     #[cfg(test)]
-    const ALL: [Reason; 28] = [
+    const ALL: [Reason; 33] = [
         Reason::BadRequest,
         Reason::Unauthorized,
         Reason::NotFound,
@@ -782,6 +834,11 @@ impl Reason {
         Reason::UriSize,
         Reason::HeaderSize,
         Reason::Connections,
+        Reason::StampRequired,
+        Reason::StrangerEnvelopes,
+        Reason::StrangerBytes,
+        Reason::StrangersClosed,
+        Reason::StrangersTotal,
     ];
 
     const fn spec(self) -> (&'static str, u16) {
@@ -814,6 +871,11 @@ impl Reason {
             Reason::UriSize => ("uri_size", 414),
             Reason::HeaderSize => ("header_size", 431),
             Reason::Connections => ("connections", 503),
+            Reason::StampRequired => ("stamp_required", 403),
+            Reason::StrangerEnvelopes => ("stranger_envelopes", 507),
+            Reason::StrangerBytes => ("stranger_bytes", 507),
+            Reason::StrangersClosed => ("strangers_closed", 403),
+            Reason::StrangersTotal => ("strangers_total", 507),
         }
     }
 
@@ -840,6 +902,8 @@ struct ApiError {
     reason: Reason,
     message: Cow<'static, str>,
     retry_after: Option<Duration>,
+    /// For `403 stamp_required`: the difficulty to mint at.
+    difficulty: Option<u8>,
 }
 
 impl ApiError {
@@ -848,6 +912,7 @@ impl ApiError {
             reason,
             message: message.into(),
             retry_after: None,
+            difficulty: None,
         }
     }
 
@@ -865,6 +930,7 @@ impl ApiError {
             reason,
             message: format!("too many {what} from this address; retry later").into(),
             retry_after: Some(wait),
+            difficulty: None,
         }
     }
 
@@ -909,6 +975,9 @@ impl ApiError {
                     core_reason::PENDING_BYTES => Reason::PendingBytes,
                     core_reason::ONE_TIME_PREKEYS => Reason::OneTimePrekeys,
                     core_reason::ACKNOWLEDGE_IDS => Reason::AcknowledgeIds,
+                    core_reason::STRANGER_ENVELOPES => Reason::StrangerEnvelopes,
+                    core_reason::STRANGER_BYTES => Reason::StrangerBytes,
+                    core_reason::STRANGERS_CLOSED => Reason::StrangersClosed,
                     _ => Reason::Limit,
                 };
                 Self::new(reason, format!("limit exceeded: {bound}"))
@@ -922,6 +991,16 @@ impl ApiError {
                 Reason::Unavailable,
                 format!("{why} unavailable; retry later"),
             ),
+            TransportError::StampRequired(difficulty) => ApiError {
+                difficulty: Some(difficulty),
+                ..Self::new(
+                    Reason::StampRequired,
+                    format!(
+                        "this request needs a stamp of difficulty {difficulty} (a deposit \
+                         without the mailbox's access key, or a device's first upload)"
+                    ),
+                )
+            },
             other => Self::new(Reason::Internal, other.to_string()),
         }
     }
@@ -952,11 +1031,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "error": self.reason.name(),
             "message": self.message,
-        })
-        .to_string();
+        });
+        if let Some(difficulty) = self.difficulty {
+            body["difficulty"] = serde_json::json!(difficulty);
+        }
+        let body = body.to_string();
         let mut response = (
             self.reason.status(),
             [(header::CONTENT_TYPE, "application/json")],
@@ -1034,6 +1116,8 @@ struct Core<S> {
     usage: HashMap<MailboxId, MailboxUsage>,
     envelopes: u64,
     bytes: u64,
+    /// Of `bytes`, those in strangers' shares.
+    stranger_bytes: u64,
 }
 
 impl<S: Storage> Core<S> {
@@ -1043,6 +1127,7 @@ impl<S: Storage> Core<S> {
             usage: HashMap::new(),
             envelopes: 0,
             bytes: 0,
+            stranger_bytes: 0,
         }
     }
 
@@ -1061,6 +1146,10 @@ impl<S: Storage> Core<S> {
             .bytes
             .saturating_sub(old.bytes)
             .saturating_add(usage.bytes);
+        self.stranger_bytes = self
+            .stranger_bytes
+            .saturating_sub(old.stranger_bytes)
+            .saturating_add(usage.stranger_bytes);
         metrics.envelopes.store(self.envelopes, Ordering::Relaxed);
         metrics.pending_bytes.store(self.bytes, Ordering::Relaxed);
         metrics
@@ -1079,23 +1168,41 @@ impl<S: Storage> Core<S> {
         Ok(())
     }
 
-    /// An envelope of `size` payload bytes was stored in the mailbox.
+    /// An envelope of `size` payload bytes was stored in the mailbox's
+    /// `share`.
     fn stored(
         &mut self,
         mailbox: MailboxId,
         size: u64,
+        share: Share,
         metrics: &Metrics,
     ) -> Result<(), RelayStorageError> {
         match self.usage.get(&mailbox).copied() {
             Some(usage) => {
+                let stranger = u64::from(share == Share::Strangers);
                 let usage = MailboxUsage {
                     envelopes: usage.envelopes.saturating_add(1),
                     bytes: usage.bytes.saturating_add(size),
+                    stranger_envelopes: usage.stranger_envelopes.saturating_add(stranger),
+                    stranger_bytes: usage.stranger_bytes.saturating_add(stranger * size),
                 };
                 self.set_usage(mailbox, usage, metrics);
                 Ok(())
             }
             None => self.refresh_usage(mailbox, metrics),
+        }
+    }
+
+    /// The payload bytes the mailbox holds: this process's count, or the
+    /// storage's for a mailbox it has not counted (0 if that read fails).
+    fn held_bytes(&self, mailbox: &MailboxId) -> u64 {
+        match self.usage.get(mailbox) {
+            Some(usage) => usage.bytes,
+            None => self
+                .relay
+                .storage()
+                .mailbox_usage(mailbox)
+                .map_or(0, |usage| usage.bytes),
         }
     }
 
@@ -1131,6 +1238,7 @@ impl<S: Storage> Core<S> {
 struct DepositJob {
     mailbox: MailboxId,
     envelope: Envelope,
+    pass: DepositPass,
     /// `Ok(true)`: stored now; `Ok(false)`: already there.
     reply: oneshot::Sender<Result<bool, ApiError>>,
 }
@@ -1341,27 +1449,70 @@ impl<S: Storage> Shared<S> {
         jobs: Vec<DepositJob>,
         answers: &mut Vec<Answer>,
     ) -> Vec<MailboxId> {
-        let total = self.limits.total_storage_bytes;
+        let now = unix_now();
+        let limits = &self.limits;
+        let total = limits.total_storage_bytes;
+        let strangers_cap = percent_of(total, limits.strangers_storage_percent);
+        let high_water = percent_of(total, limits.fair_share_percent);
         let mut reserved = core.bytes;
+        let mut reserved_strangers = core.stranger_bytes;
         let mut batch = Vec::with_capacity(jobs.len());
         let mut replies = Vec::with_capacity(jobs.len());
         for job in jobs {
+            let share = match core
+                .relay
+                .admit(now, &job.mailbox, &job.envelope, &job.pass)
+            {
+                Ok(share) => share,
+                Err(e) => {
+                    let _ = job.reply.send(Err(ApiError::from_transport(e)));
+                    continue;
+                }
+            };
             let size = job.envelope.payload.len() as u64;
-            if total > 0 && reserved.saturating_add(size) > total {
-                let _ = job.reply.send(Err(ApiError::new(
-                    Reason::TotalStorage,
-                    "the relay holds its configured total of pending envelopes; retry later",
-                )));
-                continue;
+            if total > 0 {
+                let refusal = if reserved.saturating_add(size) > total {
+                    Some(ApiError::new(
+                        Reason::TotalStorage,
+                        "the relay holds its configured total of pending envelopes; retry later",
+                    ))
+                } else if share == Share::Strangers
+                    && reserved_strangers.saturating_add(size) > strangers_cap
+                {
+                    Some(ApiError::new(
+                        Reason::StrangersTotal,
+                        "strangers' deposits hold their part of the relay's storage; retry later",
+                    ))
+                } else if reserved.saturating_add(size) > high_water
+                    && core
+                        .held_bytes(&job.mailbox)
+                        .saturating_add(size)
+                        > limits.fair_share_bytes
+                {
+                    Some(ApiError::new(
+                        Reason::TotalStorage,
+                        "the relay is nearly full: only mailboxes that hold little accept \
+                         deposits; retry later",
+                    ))
+                } else {
+                    None
+                };
+                if let Some(refusal) = refusal {
+                    let _ = job.reply.send(Err(refusal));
+                    continue;
+                }
             }
             reserved = reserved.saturating_add(size);
-            batch.push((job.mailbox, job.envelope));
+            if share == Share::Strangers {
+                reserved_strangers = reserved_strangers.saturating_add(size);
+            }
+            batch.push((job.mailbox, job.envelope, share));
             replies.push(job.reply);
         }
         if batch.is_empty() {
             return Vec::new();
         }
-        let results = core.relay.deposit_batch(unix_now(), &batch);
+        let results = core.relay.deposit_admitted(now, &batch);
         if let Some(e) = core.relay.take_storage_error() {
             error!(error = %e, deposits = batch.len(), "relay storage failed");
         }
@@ -1369,7 +1520,8 @@ impl<S: Storage> Shared<S> {
         // Mailboxes whose usage this batch read from the storage (which
         // has all of the batch's envelopes already): counted.
         let mut counted: HashSet<MailboxId> = HashSet::new();
-        for (((mailbox, envelope), result), reply) in batch.iter().zip(results).zip(replies) {
+        for (((mailbox, envelope, share), result), reply) in batch.iter().zip(results).zip(replies)
+        {
             let answer = match result {
                 Ok(true) => {
                     self.metrics.deposits.fetch_add(1, Ordering::Relaxed);
@@ -1377,9 +1529,12 @@ impl<S: Storage> Shared<S> {
                         if !core.usage.contains_key(mailbox) {
                             counted.insert(*mailbox);
                         }
-                        if let Err(e) =
-                            core.stored(*mailbox, envelope.payload.len() as u64, &self.metrics)
-                        {
+                        if let Err(e) = core.stored(
+                            *mailbox,
+                            envelope.payload.len() as u64,
+                            *share,
+                            &self.metrics,
+                        ) {
                             warn!(error = %e, "could not read a mailbox's usage");
                         }
                     }
@@ -1628,6 +1783,8 @@ fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
             .allow_headers([
                 header::CONTENT_TYPE,
                 header::HeaderName::from_static(REQUEST_ID_HEADER),
+                header::HeaderName::from_static(ACCESS_HEADER),
+                header::HeaderName::from_static(STAMP_HEADER),
             ])
             .expose_headers([
                 header::RETRY_AFTER,
@@ -2498,6 +2655,53 @@ fn parse_hex32(value: &str, what: &'static str) -> Result<[u8; 32], ApiError> {
 
 /// A decimal `u32` path segment in its one canonical form: digits only,
 /// no leading zero (but `0` itself).
+/// A deposit's pass from its headers (relay/API.md): `Cubbyhole-Access`
+/// (the mailbox's access key) and `Cubbyhole-Stamp`, each exactly 32
+/// lowercase hex digits, at most once each; anything else is `400`.
+fn parse_pass(headers: &HeaderMap) -> Result<DepositPass, ApiError> {
+    fn one<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+        let mut values = headers.get_all(name).iter();
+        let Some(value) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(ApiError::bad(format!("{name} given twice")));
+        }
+        value
+            .to_str()
+            .map(Some)
+            .map_err(|_| ApiError::bad(format!("{name} is not 32 lowercase hex digits")))
+    }
+    fn hex16(value: &str, name: &str) -> Result<[u8; 16], ApiError> {
+        let mut out = [0u8; 16];
+        let valid = value.len() == 32
+            && value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && hex::decode_to_slice(value, &mut out).is_ok();
+        if valid {
+            Ok(out)
+        } else {
+            Err(ApiError::bad(format!(
+                "{name} is not 32 lowercase hex digits"
+            )))
+        }
+    }
+    let access = match one(headers, ACCESS_HEADER)? {
+        Some(value) => {
+            let bytes = zeroize::Zeroizing::new(hex16(value, ACCESS_HEADER)?);
+            Some(AccessKey::from_bytes(*bytes))
+        }
+        None => None,
+    };
+    let stamp = match one(headers, STAMP_HEADER)? {
+        Some(value) => Some(
+            Stamp::decode(&hex16(value, STAMP_HEADER)?)
+                .map_err(|_| ApiError::bad(format!("{STAMP_HEADER} is not a stamp")))?,
+        ),
+        None => None,
+    };
+    Ok(DepositPass { access, stamp })
+}
+
 fn parse_u32(value: &str, what: &'static str) -> Result<u32, ApiError> {
     let canonical = value == "0" || !value.starts_with('0');
     parse_decimal_u32(value)
@@ -2817,9 +3021,11 @@ async fn deposit<S: Storage>(
     State(shared): AppState<S>,
     ip: Option<Extension<ClientIp>>,
     path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let mailbox = parse_mailbox(path)?;
+    let pass = parse_pass(&headers)?;
     shared.check_rate(client(ip), Kind::Deposit, Reason::RateDeposits)?;
     let bytes = read_body(body).await?;
     let envelope = decode_envelope(&bytes).map_err(ApiError::from_transport)?;
@@ -2827,6 +3033,7 @@ async fn deposit<S: Storage>(
     let job = DepositJob {
         mailbox,
         envelope,
+        pass,
         reply,
     };
     shared

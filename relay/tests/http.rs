@@ -3,6 +3,7 @@
 //! [`HttpRelay`], and by raw HTTP where the status and reason themselves
 //! are under test.
 
+use cubbyhole::transport::DepositPass;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -120,7 +121,7 @@ impl Drop for Server {
 fn config(storage: StorageConfig) -> ServerConfig {
     ServerConfig {
         storage,
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     }
 }
 
@@ -350,7 +351,7 @@ const LONG_WAIT_MS: u32 = 60_000;
 #[tokio::test(flavor = "multi_thread")]
 async fn online_recipient_gets_messages_pushed_by_long_poll() {
     let server = Server::with(
-        RelayConfig::default(),
+        RelayConfig::unpriced(),
         Limits {
             max_wait_ms: LONG_WAIT_MS,
             ..Limits::default()
@@ -550,7 +551,7 @@ async fn a_stranger_cannot_read_acknowledge_or_replace_bobs_keys() {
 async fn oversized_envelope_is_413_envelope_size() {
     let relay_config = RelayConfig {
         max_envelope_bytes: 1024,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let server = Server::with(relay_config, Limits::default()).await;
     let relay = server.relay();
@@ -563,11 +564,11 @@ async fn oversized_envelope_is_413_envelope_size() {
     .await;
     assert_eq!((status, why.as_deref()), (413, Some("envelope_size")));
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(2, 1025)).await,
+        relay.deposit(&bob.mailbox(), &envelope(2, 1025), &DepositPass::NONE).await,
         Err(TransportError::LimitExceeded(core_reason::ENVELOPE_SIZE))
     );
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(3, 1024)).await,
+        relay.deposit(&bob.mailbox(), &envelope(3, 1024), &DepositPass::NONE).await,
         Ok(())
     );
     server.stop().await;
@@ -579,7 +580,7 @@ async fn body_over_the_server_limit_is_413_body_size() {
         max_body_bytes: 4096,
         ..Limits::default()
     };
-    let server = Server::with(RelayConfig::default(), limits).await;
+    let server = Server::with(RelayConfig::unpriced(), limits).await;
     let relay = server.relay();
     let bob = published(&relay).await.address();
     let (status, why) = raw(
@@ -590,7 +591,7 @@ async fn body_over_the_server_limit_is_413_body_size() {
     .await;
     assert_eq!((status, why.as_deref()), (413, Some("body_size")));
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(2, 8192)).await,
+        relay.deposit(&bob.mailbox(), &envelope(2, 8192), &DepositPass::NONE).await,
         Err(TransportError::LimitExceeded(reason::BODY_SIZE))
     );
     // An upload too: 100 one-time prekeys are about 3.7 KB, 200 are not.
@@ -615,14 +616,14 @@ async fn body_over_the_server_limit_is_413_body_size() {
 async fn full_mailbox_is_507_pending_envelopes() {
     let relay_config = RelayConfig {
         max_pending_envelopes: 3,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let server = Server::with(relay_config, Limits::default()).await;
     let relay = server.relay();
     let bob = published(&relay).await.address();
     for id in 1..=3 {
         relay
-            .deposit(&bob.mailbox(), &envelope(id, 10))
+            .deposit(&bob.mailbox(), &envelope(id, 10), &DepositPass::NONE)
             .await
             .unwrap();
     }
@@ -634,14 +635,14 @@ async fn full_mailbox_is_507_pending_envelopes() {
     .await;
     assert_eq!((status, why.as_deref()), (507, Some("pending_envelopes")));
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(5, 10)).await,
+        relay.deposit(&bob.mailbox(), &envelope(5, 10), &DepositPass::NONE).await,
         Err(TransportError::LimitExceeded(
             core_reason::PENDING_ENVELOPES
         ))
     );
     // A repeat of a pending id is still accepted (idempotent), not stored.
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(1, 10)).await,
+        relay.deposit(&bob.mailbox(), &envelope(1, 10), &DepositPass::NONE).await,
         Ok(())
     );
     server.stop().await;
@@ -651,7 +652,7 @@ async fn full_mailbox_is_507_pending_envelopes() {
 async fn too_many_one_time_prekeys_is_422() {
     let relay_config = RelayConfig {
         max_one_time_prekeys: 10,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let server = Server::with(relay_config, Limits::default()).await;
     let relay = server.relay();
@@ -695,12 +696,12 @@ async fn deposit_rate_is_429_rate_deposits() {
         deposits_per_minute: 5,
         ..Limits::default()
     };
-    let server = Server::with(RelayConfig::default(), limits).await;
+    let server = Server::with(RelayConfig::unpriced(), limits).await;
     let relay = server.relay();
     let bob = published(&relay).await.address();
     for id in 1..=5 {
         relay
-            .deposit(&bob.mailbox(), &envelope(id, 10))
+            .deposit(&bob.mailbox(), &envelope(id, 10), &DepositPass::NONE)
             .await
             .unwrap();
     }
@@ -720,7 +721,7 @@ async fn deposit_rate_is_429_rate_deposits() {
     assert_eq!(
         HttpRelay::new(&proxy.url)
             .unwrap()
-            .deposit(&bob.mailbox(), &envelope(7, 10))
+            .deposit(&bob.mailbox(), &envelope(7, 10), &DepositPass::NONE)
             .await,
         Err(TransportError::LimitExceeded(reason::RATE_DEPOSITS))
     );
@@ -734,7 +735,7 @@ async fn claim_rate_is_429_rate_claims_and_stops_draining_one_time_prekeys() {
         claims_per_minute: 10,
         ..Limits::default()
     };
-    let server = Server::with(RelayConfig::default(), limits).await;
+    let server = Server::with(RelayConfig::unpriced(), limits).await;
     let relay = server.relay();
     let bob = published(&relay).await.address();
     let before = relay.one_time_prekeys_left(&bob).await.unwrap();
@@ -800,7 +801,7 @@ async fn a_repeated_deposit_lands_once() {
             .0,
         200
     );
-    assert_eq!(relay.deposit(&to.mailbox(), &envelope(7, 40)).await, Ok(()));
+    assert_eq!(relay.deposit(&to.mailbox(), &envelope(7, 40), &DepositPass::NONE).await, Ok(()));
 
     let auth = owner_auth(&bob, &relay, MailboxOp::Fetch).await;
     let got = relay.fetch(&auth, 100).await.unwrap();
@@ -960,7 +961,7 @@ async fn idempotent_calls_back_off_on_503_and_others_are_not_retried() {
         device_id: 1,
     };
     let started = Instant::now();
-    let result = relay.deposit(&to.mailbox(), &envelope(1, 10)).await;
+    let result = relay.deposit(&to.mailbox(), &envelope(1, 10), &DepositPass::NONE).await;
     let elapsed = started.elapsed();
     assert!(matches!(result, Err(TransportError::Unavailable(_))));
     assert_eq!(down.requests(), 4, "one attempt and three retries");
@@ -1000,7 +1001,7 @@ async fn idempotent_calls_back_off_on_503_and_others_are_not_retried() {
     .await;
     let relay = HttpRelay::new(&flaky.url).unwrap();
     relay
-        .deposit(&bob.address().mailbox(), &envelope(3, 10))
+        .deposit(&bob.address().mailbox(), &envelope(3, 10), &DepositPass::NONE)
         .await
         .unwrap();
     assert_eq!(flaky.requests(), 3);
@@ -1049,7 +1050,7 @@ async fn a_closed_port_is_unavailable_after_the_retries() {
     ] {
         let started = Instant::now();
         let result = match call {
-            0 => relay.deposit(&to.mailbox(), &envelope(1, 10)).await,
+            0 => relay.deposit(&to.mailbox(), &envelope(1, 10), &DepositPass::NONE).await,
             1 => relay.challenge(&to.mailbox()).await.map(drop),
             2 => relay.one_time_prekeys_left(&to).await.map(drop),
             3 => relay.publish(&[1]).await,

@@ -134,7 +134,7 @@ impl Server {
     }
 
     async fn default() -> Server {
-        Self::start(ServerConfig::default()).await
+        Self::start(ServerConfig::unpriced()).await
     }
 
     async fn stop(mut self) {
@@ -254,7 +254,7 @@ async fn every_error_of_the_http_layer_is_a_json_error() {
             max_body_bytes: 4096,
             ..Limits::default()
         },
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     })
     .await;
     let addr = server.addr;
@@ -305,7 +305,7 @@ async fn every_error_of_the_http_layer_is_a_json_error() {
 async fn bodies_need_the_octet_stream_content_type() {
     let server = Server::start(ServerConfig {
         cors_origins: vec!["https://app.example".into()],
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     })
     .await;
     let addr = server.addr;
@@ -472,7 +472,7 @@ async fn connections_are_capped_per_address_and_in_total() {
             max_connections_per_address: 2,
             ..Limits::default()
         },
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     })
     .await;
     let addr = server.addr;
@@ -521,7 +521,7 @@ async fn a_body_sent_too_slowly_is_cut_off() {
             min_body_bytes_per_sec: 100,
             ..Limits::default()
         },
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     })
     .await;
     let addr = server.addr;

@@ -4,6 +4,7 @@
 //! second relay off a SQLite database, and the after-restore step on
 //! SQLite (PostgreSQL: `tests/postgres_restore.rs`).
 
+use cubbyhole::transport::DepositPass;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -613,10 +614,15 @@ impl PrekeyDirectory for Recorder {
 }
 
 impl Mailbox for Recorder {
-    async fn deposit(&self, to: &MailboxId, envelope: &Envelope) -> Result<(), TransportError> {
+    async fn deposit(
+        &self,
+        to: &MailboxId,
+        envelope: &Envelope,
+        pass: &DepositPass,
+    ) -> Result<(), TransportError> {
         self.keep("an envelope payload", &envelope.payload);
         self.keep("a deposit body", &encode_envelope(envelope));
-        self.relay.deposit(to, envelope).await
+        self.relay.deposit(to, envelope, pass).await
     }
 
     async fn challenge(&self, mailbox: &MailboxId) -> Result<[u8; 32], TransportError> {
@@ -853,7 +859,7 @@ async fn metrics_have_latency_histograms_and_process_metrics() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, ServerConfig::default(), async {
+    let server = tokio::spawn(serve(listener, ServerConfig::unpriced(), async {
         let _ = stopped.await;
     }));
     let text = tokio::task::spawn_blocking(move || {
@@ -962,7 +968,7 @@ async fn serve_refuses_a_database_it_already_serves() {
     let db = dir.0.join("relay.db");
     let config = ServerConfig {
         storage: StorageConfig::Sqlite(db.clone()),
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1009,7 +1015,7 @@ const MARGIN: u64 = 3_600;
 fn relay_on(path: &Path) -> Relay<SqliteRelayStorage> {
     Relay::new(
         SqliteRelayStorage::open(path).unwrap(),
-        RelayConfig::default(),
+        RelayConfig::unpriced(),
     )
 }
 

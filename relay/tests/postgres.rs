@@ -17,6 +17,7 @@
 #[path = "../../tests/relay_suite/mod.rs"]
 mod relay_suite;
 
+use cubbyhole::transport::DepositPass;
 use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -119,15 +120,15 @@ fn schema_is_created_once_and_versioned() {
     // What one connection wrote, another (a later process) reads.
     let mut rng = rng(20);
     let bob = Device::new(&mut rng, 1, 3);
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
     relay.publish(NOW, &bob.upload(7, true)).unwrap();
     relay.fetch_bundle(NOW, &bob.address()).unwrap();
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
         .unwrap();
     let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
     drop(relay);
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
     assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(2));
     assert_eq!(
         relay.publish(NOW, &bob.upload(7, true)),
@@ -248,10 +249,10 @@ fn schema_1_is_migrated_to_2() {
     let db = TestDb::create();
     let mut rng = rng(21);
     let bob = Device::new(&mut rng, 1, 3);
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
     relay.publish(NOW, &bob.upload(7, true)).unwrap();
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
         .unwrap();
     drop(relay);
     let mut client = db.client();
@@ -274,7 +275,7 @@ fn schema_1_is_migrated_to_2() {
     }
     assert_eq!(schema_version(&mut client), 3);
 
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
     assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(3));
     let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
     assert_eq!(
@@ -286,7 +287,7 @@ fn schema_1_is_migrated_to_2() {
     relay.publish_device_list(&v1.encode()).unwrap();
     relay.publish_device_list(&v2.encode()).unwrap();
     drop(relay);
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
     assert_eq!(
         relay.fetch_device_lists(v1.account_id(), 0),
         Ok(vec![v1.encode(), v2.encode()])
@@ -306,10 +307,10 @@ fn schema_2_is_migrated_to_3() {
     let db = TestDb::create();
     let mut rng = rng(23);
     let bob = Device::new(&mut rng, 1, 30);
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
     relay.publish(NOW, &bob.upload(7, true)).unwrap();
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
         .unwrap();
     drop(relay);
     let mut client = db.client();
@@ -354,7 +355,7 @@ fn schema_2_is_migrated_to_3() {
         .get(0);
     assert_eq!(keys, 0);
 
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
     assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(30));
     let claimed = (0..30)
         .filter(|_| {
@@ -393,7 +394,7 @@ fn relays_sharing_a_database_never_fork_a_device_list() {
         .collect();
     for _round in 0..3 {
         let db = TestDb::create();
-        let mut relay = Relay::new(db.storage(), RelayConfig::default());
+        let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
         relay.publish_device_list(&v1.encode()).unwrap();
         drop(relay);
         let start = Arc::new(Barrier::new(usize::from(RELAYS)));
@@ -401,7 +402,7 @@ fn relays_sharing_a_database_never_fork_a_device_list() {
             .iter()
             .cloned()
             .map(|list| {
-                let mut relay = Relay::new(db.storage(), RelayConfig::default());
+                let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
                 let start = Arc::clone(&start);
                 thread::spawn(move || {
                     start.wait();
@@ -418,7 +419,7 @@ fn relays_sharing_a_database_never_fork_a_device_list() {
                 assert_eq!(result, &Err(TransportError::Conflict), "relay {i}");
             }
         }
-        let mut relay = Relay::new(db.storage(), RelayConfig::default());
+        let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
         assert_eq!(
             relay.fetch_device_lists(v1.account_id(), 0),
             Ok(vec![v1.encode(), forks[winners[0]].clone()])
@@ -457,7 +458,7 @@ fn large_counters_compare_unsigned() {
     let db = TestDb::create();
     let mut rng = rng(21);
     let bob = Device::new(&mut rng, 1, 0);
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
     relay.publish(NOW, &bob.upload(5, true)).unwrap();
     // Above i64::MAX: stored bit for bit, compared as u64.
     relay.publish(NOW, &bob.upload(1 << 63, true)).unwrap();
@@ -495,7 +496,7 @@ fn relays_sharing_a_database_claim_prekeys_and_consume_challenges_once() {
     let config = RelayConfig {
         claims_per_device_burst: BURST,
         claims_per_device_per_hour: 1,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let mut rng = rng(22);
     let bob = Device::new(&mut rng, 1, KEYS);
@@ -610,7 +611,7 @@ fn concurrent_deposits_respect_mailbox_bounds() {
     let config = RelayConfig {
         max_pending_envelopes: 20,
         max_pending_bytes: 1_000,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let mut rng = rng(23);
     let bob = Device::new(&mut rng, 1, 0);
@@ -623,12 +624,12 @@ fn concurrent_deposits_respect_mailbox_bounds() {
     // Bob's mailbox: 15 of 20 envelopes. Carol's: 700 of 1000 bytes.
     for n in 0..15 {
         relay
-            .deposit(NOW, &bob.mailbox(), &envelope(n, 10))
+            .deposit(NOW, &bob.mailbox(), &envelope(n, 10), &DepositPass::NONE)
             .unwrap();
     }
     for n in 0..7 {
         relay
-            .deposit(NOW, &carol.mailbox(), &envelope(n, 100))
+            .deposit(NOW, &carol.mailbox(), &envelope(n, 100), &DepositPass::NONE)
             .unwrap();
     }
     drop(relay);
@@ -654,14 +655,14 @@ fn concurrent_deposits_respect_mailbox_bounds() {
                     .into_iter()
                     .enumerate()
                     {
-                        match relay.deposit(NOW, &mailbox, &envelope(n, size)) {
+                        match relay.deposit(NOW, &mailbox, &envelope(n, size), &DepositPass::NONE) {
                             Ok(()) => stored[k] += 1,
                             Err(TransportError::LimitExceeded(r)) if r == refusal => {}
                             Err(e) => panic!("{e:?}: {:?}", relay.take_storage_error()),
                         }
                     }
                     // Everyone retries the same envelope to Dave.
-                    relay.deposit(NOW, &dave_box, &envelope(1, 10)).unwrap();
+                    relay.deposit(NOW, &dave_box, &envelope(1, 10), &DepositPass::NONE).unwrap();
                 }
                 stored
             })
@@ -706,7 +707,7 @@ fn concurrent_uploads_keep_counters_increasing() {
             thread::spawn(move || {
                 let uploads: Vec<Vec<u8>> =
                     (1..=COUNTERS).map(|c| bob.upload(c, c % 2 == 0)).collect();
-                let mut relay = Relay::new(storage, RelayConfig::default());
+                let mut relay = Relay::new(storage, RelayConfig::unpriced());
                 let mut applied = Vec::new();
                 start.wait();
                 for (upload, counter) in uploads.iter().zip(1..) {
@@ -763,7 +764,7 @@ fn deposits_wake_the_listener() {
 
     let config = RelayConfig {
         max_pending_envelopes: 1,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let mut rng = rng(25);
     let bob = Device::new(&mut rng, 1, 0);
@@ -774,7 +775,7 @@ fn deposits_wake_the_listener() {
 
     // A stored deposit wakes the listener.
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
         .unwrap();
     assert_eq!(next(&rx, HEARD), Some(bob.mailbox()));
 
@@ -783,10 +784,10 @@ fn deposits_wake_the_listener() {
     // (PostgreSQL delivers notifications in commit order, so one for Bob
     // sent now would come first).
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
         .unwrap();
     assert_eq!(
-        relay.deposit(NOW, &bob.mailbox(), &envelope(2, 10)),
+        relay.deposit(NOW, &bob.mailbox(), &envelope(2, 10), &DepositPass::NONE),
         Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES))
     );
 
@@ -799,14 +800,14 @@ fn deposits_wake_the_listener() {
         ))
         .unwrap();
     relay
-        .deposit(NOW, &carol.mailbox(), &envelope(1, 10))
+        .deposit(NOW, &carol.mailbox(), &envelope(1, 10), &DepositPass::NONE)
         .unwrap();
     assert_eq!(next(&rx, HEARD), Some(carol.mailbox()));
 
     // A deposit through another connection (another relay process) too.
-    let mut other = Relay::new(db.storage(), RelayConfig::default());
+    let mut other = Relay::new(db.storage(), RelayConfig::unpriced());
     other
-        .deposit(NOW, &carol.mailbox(), &envelope(2, 10))
+        .deposit(NOW, &carol.mailbox(), &envelope(2, 10), &DepositPass::NONE)
         .unwrap();
     assert_eq!(next(&rx, HEARD), Some(carol.mailbox()));
 }
@@ -825,10 +826,10 @@ fn the_listener_reconnects() {
     .unwrap();
     let mut rng = rng(26);
     let bob = Device::new(&mut rng, 1, 0);
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
     relay.publish(NOW, &bob.upload(1, true)).unwrap();
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(0, 10))
+        .deposit(NOW, &bob.mailbox(), &envelope(0, 10), &DepositPass::NONE)
         .unwrap();
     assert_eq!(next(&rx, HEARD), Some(bob.mailbox()));
 
@@ -840,7 +841,7 @@ fn the_listener_reconnects() {
     loop {
         assert!(Instant::now() < deadline, "the listener did not come back");
         relay
-            .deposit(NOW, &bob.mailbox(), &envelope(n, 10))
+            .deposit(NOW, &bob.mailbox(), &envelope(n, 10), &DepositPass::NONE)
             .unwrap();
         n += 1;
         if next(&rx, Duration::from_millis(200)) == Some(bob.mailbox()) {
@@ -858,13 +859,13 @@ fn the_storage_reconnects() {
     let db = TestDb::create();
     let mut rng = rng(27);
     let bob = Device::new(&mut rng, 1, 0);
-    let mut relay = Relay::new(db.storage(), RelayConfig::default());
+    let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
     relay.publish(NOW, &bob.upload(1, true)).unwrap();
     assert_eq!(db.terminate(false), 1);
     // The call that finds the connection broken may fail (Unavailable,
     // with the cause kept); the next one reconnects.
     let mut failures = 0;
-    while let Err(e) = relay.deposit(NOW, &bob.mailbox(), &envelope(1, 10)) {
+    while let Err(e) = relay.deposit(NOW, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE) {
         assert_eq!(e, TransportError::Unavailable("relay storage"));
         assert!(matches!(
             relay.take_storage_error(),
@@ -901,7 +902,7 @@ fn works_from_a_tokio_blocking_thread() {
             let bob = Device::new(&mut rng, 1, 2);
             let mut relay = Relay::new(
                 PostgresRelayStorage::connect(&url).unwrap(),
-                RelayConfig::default(),
+                RelayConfig::unpriced(),
             );
             relay.publish(NOW, &bob.upload(1, true)).unwrap();
             relay.fetch_bundle(NOW, &bob.address()).unwrap();

@@ -69,7 +69,7 @@ fn after_restore_on_postgres() {
     let high = Device::new(0);
     let mut relay = Relay::new(
         PostgresRelayStorage::connect(&db.url).unwrap(),
-        RelayConfig::default(),
+        RelayConfig::unpriced(),
     );
     relay.publish(NOW - 100, &device.upload(100)).unwrap();
     relay
@@ -99,7 +99,7 @@ fn after_restore_on_postgres() {
 
     let mut relay = Relay::new(
         PostgresRelayStorage::connect(&db.url).unwrap(),
-        RelayConfig::default(),
+        RelayConfig::unpriced(),
     );
     assert_eq!(relay.one_time_prekeys_left(&device.address()).unwrap(), 0);
     // The relay key was replaced: a challenge issued before the restore

@@ -285,7 +285,7 @@ fn small_limits() -> Limits {
 async fn serves_the_api() {
     let server = Server::start(ServerConfig {
         limits: small_limits(),
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     })
     .await;
     let addr = server.addr;
@@ -549,7 +549,7 @@ async fn enforces_the_relay_bounds_and_rate_limits() {
             total_storage_bytes: 20,
             ..Limits::default()
         },
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     };
     config.relay.max_envelope_bytes = 16;
     let server = Server::start(config).await;
@@ -626,7 +626,7 @@ async fn enforces_the_relay_bounds_and_rate_limits() {
             trust_forwarded_for: true,
             ..Limits::default()
         },
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     })
     .await;
     let from = |ip: &'static str| [("X-Forwarded-For", ip)];
@@ -673,7 +673,7 @@ async fn survives_a_restart_on_sqlite_and_shuts_down_gracefully() {
             max_wait_ms: LONG_WAIT_MS,
             ..Limits::default()
         },
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     };
     let carol = Device::new(5);
     let path = format!("/v1/mailboxes/{}/envelopes", carol.mailbox_hex());
@@ -765,7 +765,7 @@ async fn postgres_without_the_feature_is_a_clear_error() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = ServerConfig {
         storage: StorageConfig::Postgres("postgres://localhost/none".into()),
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     };
     let error = serve(listener, config, async {}).await.unwrap_err();
     assert!(error.to_string().contains("postgres"), "{error}");
@@ -779,7 +779,7 @@ async fn times_out_slow_clients() {
             request_timeout_ms: 300,
             ..Limits::default()
         },
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     })
     .await;
     let addr = server.addr;
@@ -828,7 +828,7 @@ async fn concurrent_deposits_are_each_stored_once() {
             max_connections_per_address: 0,
             ..Limits::default()
         },
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     })
     .await;
     let addr = server.addr;

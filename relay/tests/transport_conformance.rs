@@ -21,7 +21,7 @@ fn start(stops: &mut Vec<oneshot::Sender<()>>, max_wait_ms: u32) -> String {
     let listener = TcpListener::from_std(listener).unwrap();
     let config = ServerConfig {
         storage: StorageConfig::SqliteMemory,
-        relay: RelayConfig::default(),
+        relay: RelayConfig::unpriced(),
         // The suite makes a few dozen requests per check from one address.
         limits: Limits {
             deposits_per_minute: 0,
@@ -30,7 +30,7 @@ fn start(stops: &mut Vec<oneshot::Sender<()>>, max_wait_ms: u32) -> String {
             max_wait_ms,
             ..Limits::default()
         },
-        ..ServerConfig::default()
+        ..ServerConfig::unpriced()
     };
     let (stop, stopped) = oneshot::channel::<()>();
     stops.push(stop);

@@ -337,8 +337,10 @@ impl RelayConfig {
     pub const DEFAULT_ACCESS_GRACE: u64 = 24 * 60 * 60;
 
     /// The defaults, but asking no stamps (both difficulties 0): for tests
-    /// and embedded relays whose callers are known (a stamp of difficulty
-    /// 20 costs about 0.1 s of CPU, an identity stamp about 1.5 s). The
+    /// and embedded relays whose callers are known; never for a relay that
+    /// strangers reach (a stamp of difficulty 20 costs about 0.1 s of CPU,
+    /// an identity stamp about 1.5 s: that price, with the small
+    /// strangers' share, is what keeps them from filling mailboxes). The
     /// shares and every other bound stay.
     pub fn unpriced() -> Self {
         RelayConfig {
@@ -1091,16 +1093,20 @@ impl<S: RelayStorage> Relay<S> {
     /// payload over [`RelayConfig::max_envelope_bytes`]
     /// ([`TransportError::LimitExceeded`], [`reason::ENVELOPE_SIZE`]); an
     /// unpublished mailbox ([`TransportError::NotFound`], with
-    /// [`RelayConfig::require_published_mailbox`]); then the pass: an
-    /// access key whose verifier is the mailbox's, or the previous one
-    /// within [`RelayConfig::access_grace`] of the rotation, admits it to
-    /// [`Share::Contacts`]; otherwise it is a stranger's deposit: refused
+    /// [`RelayConfig::require_published_mailbox`]); then, for a mailbox
+    /// whose owner registered an access key, the pass: an access key whose
+    /// verifier is the mailbox's, or the previous one within
+    /// [`RelayConfig::access_grace`] of the rotation, admits it to
+    /// [`Share::Contacts`]; otherwise it is a stranger's deposit, refused
     /// if the owner has not been seen for [`RelayConfig::stranger_idle`]
-    /// ([`TransportError::LimitExceeded`], [`reason::STRANGERS_CLOSED`]),
-    /// then, with [`RelayConfig::deposit_stamp_difficulty`] above 0,
-    /// refused without a stamp valid for this mailbox, envelope id, payload
-    /// length and time ([`TransportError::StampRequired`]), and admitted
-    /// to [`Share::Strangers`]. Reads one device record; writes nothing.
+    /// ([`TransportError::LimitExceeded`], [`reason::STRANGERS_CLOSED`]).
+    /// Then, with [`RelayConfig::deposit_stamp_difficulty`] above 0, a
+    /// deposit not admitted by its key is refused without a stamp valid for
+    /// this mailbox, envelope id, payload length and time
+    /// ([`TransportError::StampRequired`]); it goes to [`Share::Strangers`]
+    /// of a mailbox with an access key, to the only share
+    /// ([`Share::Contacts`]) of one without. Reads one device record;
+    /// writes nothing.
     ///
     /// # Errors
     /// As above, and [`TransportError::Unavailable`] for a storage failure.
@@ -1122,16 +1128,21 @@ impl<S: RelayStorage> Relay<S> {
         if owner.is_none() && self.config.require_published_mailbox {
             return Err(TransportError::NotFound);
         }
-        if let (Some(key), Some(record)) = (&pass.access, &owner) {
-            let shown = key.verifier(mailbox);
-            let current = record.access.is_some_and(|v| v == shown);
-            let previous = record.previous_access.is_some_and(|v| v == shown)
-                && now.saturating_sub(record.access_changed_at) <= self.config.access_grace;
-            if current || previous {
-                return Ok(Share::Contacts);
+        // A mailbox whose owner registered an access key has two shares;
+        // one whose owner registered none (or an unknown mailbox, when the
+        // relay does not require publication) has one, the contacts'
+        // bounds, as before access keys: every deposit then needs a stamp.
+        let keyed = owner.as_ref().filter(|record| record.access.is_some());
+        if let Some(record) = keyed {
+            if let Some(key) = &pass.access {
+                let shown = key.verifier(mailbox);
+                let current = record.access.is_some_and(|v| v == shown);
+                let previous = record.previous_access.is_some_and(|v| v == shown)
+                    && now.saturating_sub(record.access_changed_at) <= self.config.access_grace;
+                if current || previous {
+                    return Ok(Share::Contacts);
+                }
             }
-        }
-        if let Some(record) = &owner {
             if now.saturating_sub(record.owner_seen_at) > self.config.stranger_idle {
                 return Err(TransportError::LimitExceeded(reason::STRANGERS_CLOSED));
             }
@@ -1148,7 +1159,11 @@ impl<S: RelayStorage> Relay<S> {
                 return Err(TransportError::StampRequired(difficulty));
             }
         }
-        Ok(Share::Strangers)
+        Ok(if keyed.is_some() {
+            Share::Strangers
+        } else {
+            Share::Contacts
+        })
     }
 
     /// Deposits an envelope for a mailbox, anonymously: [`Relay::admit`],

@@ -24,7 +24,7 @@
 //! use cubbyhole::transport::conformance::{self, Options};
 //!
 //! let make = || {
-//!     let relay = InProcessRelay::new(Relay::new(MemoryRelayStorage::new(), RelayConfig::default()));
+//!     let relay = InProcessRelay::new(Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()));
 //!     (relay.clone(), relay)
 //! };
 //! conformance::run(make, &Options::default());
@@ -37,7 +37,7 @@
 //! use cubbyhole::transport::conformance::{self, Options};
 //!
 //! # fn connect() -> InProcessRelay<MemoryRelayStorage> {
-//! #     InProcessRelay::new(Relay::new(MemoryRelayStorage::new(), RelayConfig::default()))
+//! #     InProcessRelay::new(Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()))
 //! # }
 //! async fn conforms() {
 //!     // A fresh relay for each check (here: a made-up `connect`).

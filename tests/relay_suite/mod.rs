@@ -10,6 +10,7 @@
 // Each including crate uses a different part of the helpers.
 #![allow(dead_code)]
 
+use cubbyhole::transport::DepositPass;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,7 +170,7 @@ pub fn with_bob<S: RelayStorage>(
 pub fn publish_and_fetch<S: RelayStorage>(storage: S) {
     let mut rng = rng(1);
     let bob = Device::new(&mut rng, 3, 2);
-    let mut relay = Relay::new(storage, RelayConfig::default());
+    let mut relay = Relay::new(storage, RelayConfig::unpriced());
     relay.publish(NOW, &bob.upload(1, false)).unwrap();
     assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(2));
 
@@ -218,7 +219,7 @@ pub fn publish_and_fetch<S: RelayStorage>(storage: S) {
 pub fn unknown_device_is_not_found<S: RelayStorage>(storage: S) {
     let mut rng = rng(2);
     let nobody = Device::new(&mut rng, 1, 0);
-    let mut relay = Relay::new(storage, RelayConfig::default());
+    let mut relay = Relay::new(storage, RelayConfig::unpriced());
     assert_eq!(
         relay.fetch_bundle(NOW, &nobody.address()),
         Err(TransportError::NotFound)
@@ -233,7 +234,7 @@ pub fn add_and_replace_pool<S: RelayStorage>(storage: S) {
     let mut rng = rng(3);
     let mut bob = Device::new(&mut rng, 1, 5);
     let opk = &bob.one_time_prekeys;
-    let mut relay = Relay::new(storage, RelayConfig::default());
+    let mut relay = Relay::new(storage, RelayConfig::unpriced());
     let addr = bob.address();
 
     relay
@@ -282,7 +283,7 @@ pub fn add_and_replace_pool<S: RelayStorage>(storage: S) {
 pub fn replayed_upload_is_refused<S: RelayStorage>(storage: S) {
     let mut rng = rng(4);
     let bob = Device::new(&mut rng, 1, 2);
-    let mut relay = Relay::new(storage, RelayConfig::default());
+    let mut relay = Relay::new(storage, RelayConfig::unpriced());
     let first = bob.upload(5, false);
     relay.publish(NOW, &first).unwrap();
     let claimed = relay.fetch_bundle(NOW, &bob.address()).unwrap();
@@ -310,7 +311,7 @@ pub fn forged_upload_is_refused<S: RelayStorage>(storage: S) {
     let mut rng = rng(5);
     let bob = Device::new(&mut rng, 1, 2);
     let mallory = Device::new(&mut rng, 1, 2);
-    let mut relay = Relay::new(storage, RelayConfig::default());
+    let mut relay = Relay::new(storage, RelayConfig::unpriced());
     relay.publish(NOW, &bob.upload(1, true)).unwrap();
 
     // A flipped bit in the upload signature.
@@ -367,7 +368,7 @@ pub fn one_time_prekey_bound<S: RelayStorage>(storage: S) {
     let opk = &bob.one_time_prekeys;
     let config = RelayConfig {
         max_one_time_prekeys: 3,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let mut relay = Relay::new(storage, config);
     let limit = Err(TransportError::LimitExceeded(reason::ONE_TIME_PREKEYS));
@@ -404,10 +405,10 @@ pub fn one_time_prekey_bound<S: RelayStorage>(storage: S) {
 }
 
 pub fn mailbox_round_trip<S: RelayStorage>(storage: S) {
-    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::default());
+    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::unpriced());
     for n in 1..=3 {
         relay
-            .deposit(NOW + u64::from(n), &bob.mailbox(), &envelope(n, 10))
+            .deposit(NOW + u64::from(n), &bob.mailbox(), &envelope(n, 10), &DepositPass::NONE)
             .unwrap();
     }
     let fetched = fetch_all(&mut relay, &mut rng, &bob, NOW + 5);
@@ -440,14 +441,14 @@ pub fn mailbox_round_trip<S: RelayStorage>(storage: S) {
 }
 
 pub fn deposit_is_idempotent<S: RelayStorage>(storage: S) {
-    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::default());
+    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::unpriced());
     let mailbox = bob.mailbox();
-    relay.deposit(NOW, &mailbox, &envelope(1, 10)).unwrap();
-    relay.deposit(NOW + 1, &mailbox, &envelope(1, 10)).unwrap();
+    relay.deposit(NOW, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
+    relay.deposit(NOW + 1, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
     // Same id, other bytes: still the first one, stored once.
     let mut other = envelope(1, 20);
     other.payload[0] = 0xee;
-    relay.deposit(NOW + 2, &mailbox, &other).unwrap();
+    relay.deposit(NOW + 2, &mailbox, &other, &DepositPass::NONE).unwrap();
     let usage = relay.storage().mailbox_usage(&mailbox).unwrap();
     assert_eq!((usage.envelopes, usage.bytes), (1, 10));
     assert_eq!(
@@ -460,7 +461,7 @@ pub fn deposit_is_idempotent<S: RelayStorage>(storage: S) {
     let carol = Device::new(&mut rng2, 1, 0);
     relay.publish(NOW, &carol.upload(1, true)).unwrap();
     relay
-        .deposit(NOW, &carol.mailbox(), &envelope(1, 10))
+        .deposit(NOW, &carol.mailbox(), &envelope(1, 10), &DepositPass::NONE)
         .unwrap();
     assert_eq!(
         fetch_all(&mut relay, &mut rng, &carol, NOW + 3),
@@ -469,11 +470,11 @@ pub fn deposit_is_idempotent<S: RelayStorage>(storage: S) {
 
     // A retry after the acknowledgment is not delivered again.
     acknowledge(&mut relay, &mut rng, &bob, NOW + 4, &[EnvelopeId([1; 16])]);
-    relay.deposit(NOW + 5, &mailbox, &envelope(1, 10)).unwrap();
+    relay.deposit(NOW + 5, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
     assert!(fetch_all(&mut relay, &mut rng, &bob, NOW + 6).is_empty());
     // ... until the retention period of the original is over.
     let later = NOW + RelayConfig::DEFAULT_RETENTION + 1;
-    relay.deposit(later, &mailbox, &envelope(1, 10)).unwrap();
+    relay.deposit(later, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
     assert_eq!(
         fetch_all(&mut relay, &mut rng, &bob, later),
         vec![envelope(1, 10)]
@@ -483,9 +484,9 @@ pub fn deposit_is_idempotent<S: RelayStorage>(storage: S) {
 pub fn deposit_needs_a_published_mailbox<S: RelayStorage>(storage: S) {
     let mut rng = rng(8);
     let stranger = Device::new(&mut rng, 1, 0);
-    let mut relay = Relay::new(storage, RelayConfig::default());
+    let mut relay = Relay::new(storage, RelayConfig::unpriced());
     assert_eq!(
-        relay.deposit(NOW, &stranger.mailbox(), &envelope(1, 10)),
+        relay.deposit(NOW, &stranger.mailbox(), &envelope(1, 10), &DepositPass::NONE),
         Err(TransportError::NotFound)
     );
     assert_eq!(
@@ -494,7 +495,7 @@ pub fn deposit_needs_a_published_mailbox<S: RelayStorage>(storage: S) {
     );
     relay.publish(NOW, &stranger.upload(1, true)).unwrap();
     relay
-        .deposit(NOW, &stranger.mailbox(), &envelope(1, 10))
+        .deposit(NOW, &stranger.mailbox(), &envelope(1, 10), &DepositPass::NONE)
         .unwrap();
 
     // The check can be turned off.
@@ -503,19 +504,19 @@ pub fn deposit_needs_a_published_mailbox<S: RelayStorage>(storage: S) {
         relay.into_storage(),
         RelayConfig {
             require_published_mailbox: false,
-            ..RelayConfig::default()
+            ..RelayConfig::unpriced()
         },
     );
-    open.deposit(NOW, &anyone, &envelope(1, 10)).unwrap();
+    open.deposit(NOW, &anyone, &envelope(1, 10), &DepositPass::NONE).unwrap();
     open.challenge(NOW, &mut rng, &anyone).unwrap();
 }
 
 pub fn stranger_cannot_read_or_delete<S: RelayStorage>(storage: S) {
-    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::default());
+    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::unpriced());
     let mallory = Device::new(&mut rng, 1, 0);
     relay.publish(NOW, &mallory.upload(1, true)).unwrap();
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
         .unwrap();
 
     let mut bobs_challenges = Vec::new();
@@ -559,11 +560,11 @@ pub fn stranger_cannot_read_or_delete<S: RelayStorage>(storage: S) {
 }
 
 pub fn challenges_are_single_use_fresh_and_per_op<S: RelayStorage>(storage: S) {
-    let config = RelayConfig::default();
+    let config = RelayConfig::unpriced();
     let ttl = config.challenge_ttl;
     let (mut relay, mut rng, bob) = with_bob(storage, config);
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
         .unwrap();
 
     // Reuse.
@@ -627,7 +628,7 @@ pub fn challenges_are_single_use_fresh_and_per_op<S: RelayStorage>(storage: S) {
 /// Requesting challenges writes nothing, so a stranger who requests many
 /// for a mailbox cannot evict the owner's (SPEC.md 16.4).
 pub fn strangers_cannot_evict_a_challenge<S: RelayStorage>(storage: S) {
-    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::default());
+    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::unpriced());
     let bobs = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
     let mut strangers = ChaCha20Rng::seed_from_u64(99);
     for _ in 0..10_000 {
@@ -651,11 +652,11 @@ pub fn strangers_cannot_evict_a_challenge<S: RelayStorage>(storage: S) {
 /// byte, one issued for another mailbox and one from a relay with another
 /// key are refused; none of them is used up by the refusal.
 pub fn challenges_are_authenticated<S: RelayStorage>(storage: S) {
-    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::default());
+    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::unpriced());
     let mallory = Device::new(&mut rng, 2, 0);
     relay.publish(NOW, &mallory.upload(1, true)).unwrap();
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(1, 10))
+        .deposit(NOW, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
         .unwrap();
 
     let challenge = relay.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
@@ -693,7 +694,7 @@ pub fn challenges_are_authenticated<S: RelayStorage>(storage: S) {
         cubbyhole::relay::MemoryRelayStorage::new(),
         RelayConfig {
             require_published_mailbox: false,
-            ..RelayConfig::default()
+            ..RelayConfig::unpriced()
         },
     );
     let foreign = other.challenge(NOW, &mut rng, &bob.mailbox()).unwrap();
@@ -732,7 +733,7 @@ pub fn one_time_prekey_claims_are_limited_per_device<S: RelayStorage>(storage: S
     let config = RelayConfig {
         claims_per_device_burst: 5,
         claims_per_device_per_hour: 60,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let mut rng = rng(11);
     let bob = Device::new(&mut rng, 1, 50);
@@ -771,7 +772,7 @@ pub fn one_time_prekey_claims_are_limited_per_device<S: RelayStorage>(storage: S
         relay.into_storage(),
         RelayConfig {
             claims_per_device_per_hour: 0,
-            ..RelayConfig::default()
+            ..RelayConfig::unpriced()
         },
     );
     assert_eq!(claimed(&mut open, NOW + 3780, 60), 50);
@@ -780,15 +781,15 @@ pub fn one_time_prekey_claims_are_limited_per_device<S: RelayStorage>(storage: S
 pub fn envelope_size_bound<S: RelayStorage>(storage: S) {
     let config = RelayConfig {
         max_envelope_bytes: 100,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let (mut relay, mut rng, bob) = with_bob(storage, config);
     assert_eq!(
-        relay.deposit(NOW, &bob.mailbox(), &envelope(1, 101)),
+        relay.deposit(NOW, &bob.mailbox(), &envelope(1, 101), &DepositPass::NONE),
         Err(TransportError::LimitExceeded(reason::ENVELOPE_SIZE))
     );
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(2, 100))
+        .deposit(NOW, &bob.mailbox(), &envelope(2, 100), &DepositPass::NONE)
         .unwrap();
     assert_eq!(
         fetch_all(&mut relay, &mut rng, &bob, NOW),
@@ -799,9 +800,9 @@ pub fn envelope_size_bound<S: RelayStorage>(storage: S) {
 /// An empty payload is refused (no wire message is empty), before any
 /// other check, and nothing is stored.
 pub fn empty_payload_is_refused<S: RelayStorage>(storage: S) {
-    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::default());
+    let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::unpriced());
     assert_eq!(
-        relay.deposit(NOW, &bob.mailbox(), &envelope(1, 0)),
+        relay.deposit(NOW, &bob.mailbox(), &envelope(1, 0), &DepositPass::NONE),
         Err(TransportError::BadRequest(reason::EMPTY_PAYLOAD))
     );
     let unknown = DeviceAddress {
@@ -810,10 +811,10 @@ pub fn empty_payload_is_refused<S: RelayStorage>(storage: S) {
     }
     .mailbox();
     assert_eq!(
-        relay.deposit(NOW, &unknown, &envelope(2, 0)),
+        relay.deposit(NOW, &unknown, &envelope(2, 0), &DepositPass::NONE),
         Err(TransportError::BadRequest(reason::EMPTY_PAYLOAD))
     );
-    relay.deposit(NOW, &bob.mailbox(), &envelope(3, 1)).unwrap();
+    relay.deposit(NOW, &bob.mailbox(), &envelope(3, 1), &DepositPass::NONE).unwrap();
     assert_eq!(
         fetch_all(&mut relay, &mut rng, &bob, NOW),
         vec![envelope(3, 1)]
@@ -823,21 +824,21 @@ pub fn empty_payload_is_refused<S: RelayStorage>(storage: S) {
 pub fn mailbox_count_bound<S: RelayStorage>(storage: S) {
     let config = RelayConfig {
         max_pending_envelopes: 2,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let (mut relay, mut rng, bob) = with_bob(storage, config);
     let mailbox = bob.mailbox();
-    relay.deposit(NOW, &mailbox, &envelope(1, 10)).unwrap();
-    relay.deposit(NOW, &mailbox, &envelope(2, 10)).unwrap();
+    relay.deposit(NOW, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
+    relay.deposit(NOW, &mailbox, &envelope(2, 10), &DepositPass::NONE).unwrap();
     assert_eq!(
-        relay.deposit(NOW, &mailbox, &envelope(3, 10)),
+        relay.deposit(NOW, &mailbox, &envelope(3, 10), &DepositPass::NONE),
         Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES))
     );
     // A retry of a stored envelope is still accepted.
-    relay.deposit(NOW, &mailbox, &envelope(2, 10)).unwrap();
+    relay.deposit(NOW, &mailbox, &envelope(2, 10), &DepositPass::NONE).unwrap();
     // Acknowledging makes room.
     acknowledge(&mut relay, &mut rng, &bob, NOW, &[EnvelopeId([1; 16])]);
-    relay.deposit(NOW, &mailbox, &envelope(3, 10)).unwrap();
+    relay.deposit(NOW, &mailbox, &envelope(3, 10), &DepositPass::NONE).unwrap();
     assert_eq!(
         ids(&fetch_all(&mut relay, &mut rng, &bob, NOW)),
         vec![EnvelopeId([2; 16]), EnvelopeId([3; 16])]
@@ -847,23 +848,23 @@ pub fn mailbox_count_bound<S: RelayStorage>(storage: S) {
 pub fn mailbox_bytes_bound<S: RelayStorage>(storage: S) {
     let config = RelayConfig {
         max_pending_bytes: 250,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let (mut relay, mut rng, bob) = with_bob(storage, config);
     let mailbox = bob.mailbox();
-    relay.deposit(NOW, &mailbox, &envelope(1, 100)).unwrap();
-    relay.deposit(NOW, &mailbox, &envelope(2, 100)).unwrap();
+    relay.deposit(NOW, &mailbox, &envelope(1, 100), &DepositPass::NONE).unwrap();
+    relay.deposit(NOW, &mailbox, &envelope(2, 100), &DepositPass::NONE).unwrap();
     assert_eq!(
-        relay.deposit(NOW, &mailbox, &envelope(3, 100)),
+        relay.deposit(NOW, &mailbox, &envelope(3, 100), &DepositPass::NONE),
         Err(TransportError::LimitExceeded(reason::PENDING_BYTES))
     );
-    relay.deposit(NOW, &mailbox, &envelope(4, 50)).unwrap();
+    relay.deposit(NOW, &mailbox, &envelope(4, 50), &DepositPass::NONE).unwrap();
     assert_eq!(
-        relay.deposit(NOW, &mailbox, &envelope(5, 1)),
+        relay.deposit(NOW, &mailbox, &envelope(5, 1), &DepositPass::NONE),
         Err(TransportError::LimitExceeded(reason::PENDING_BYTES))
     );
     acknowledge(&mut relay, &mut rng, &bob, NOW, &[EnvelopeId([1; 16])]);
-    relay.deposit(NOW, &mailbox, &envelope(3, 100)).unwrap();
+    relay.deposit(NOW, &mailbox, &envelope(3, 100), &DepositPass::NONE).unwrap();
     let usage = relay.storage().mailbox_usage(&mailbox).unwrap();
     assert_eq!((usage.envelopes, usage.bytes), (3, 250));
 }
@@ -878,7 +879,7 @@ pub fn deposit_batch_checks_each_envelope<S: RelayStorage>(storage: S) {
         max_envelope_bytes: 100,
         max_pending_envelopes: 5,
         max_pending_bytes: 250,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let mut rng = rng(21);
     let bob = Device::new(&mut rng, 1, 0);
@@ -894,27 +895,27 @@ pub fn deposit_batch_checks_each_envelope<S: RelayStorage>(storage: S) {
     let (b, c) = (bob.mailbox(), carol.mailbox());
     // Pending before the batch: 1 (old enough to expire during it) and 2;
     // acknowledged: 3.
-    relay.deposit(NOW, &b, &envelope(1, 10)).unwrap();
+    relay.deposit(NOW, &b, &envelope(1, 10), &DepositPass::NONE).unwrap();
     let later = NOW + RelayConfig::DEFAULT_RETENTION / 2 + 1;
-    relay.deposit(later, &b, &envelope(2, 10)).unwrap();
-    relay.deposit(later, &b, &envelope(3, 10)).unwrap();
+    relay.deposit(later, &b, &envelope(2, 10), &DepositPass::NONE).unwrap();
+    relay.deposit(later, &b, &envelope(3, 10), &DepositPass::NONE).unwrap();
     acknowledge(&mut relay, &mut rng, &bob, later, &[EnvelopeId([3; 16])]);
     let now = NOW + RelayConfig::DEFAULT_RETENTION + 1;
     let batch = vec![
-        (b, envelope(2, 10)),       // pending: a repeat
-        (b, envelope(3, 10)),       // acknowledged: a repeat
-        (b, envelope(1, 10)),       // expired just now: new again
-        (b, envelope(4, 101)),      // too big
-        (c, envelope(5, 100)),      // stored
-        (b, envelope(6, 100)),      // stored: Bob has 2, 1, 6 (120 bytes)
-        (c, envelope(5, 100)),      // a repeat within the batch
-        (b, envelope(7, 100)),      // stored: 220 bytes
-        (b, envelope(8, 40)),       // 260 bytes: over the byte bound
-        (unknown, envelope(9, 10)), // never published
-        (b, envelope(10, 30)),      // stored: five envelopes, 250 bytes
-        (b, envelope(11, 1)),       // a sixth: over the count bound
-        (b, envelope(13, 0)),       // empty: refused before anything
-        (c, envelope(12, 100)),     // stored
+        (b, envelope(2, 10), DepositPass::NONE),       // pending: a repeat
+        (b, envelope(3, 10), DepositPass::NONE),       // acknowledged: a repeat
+        (b, envelope(1, 10), DepositPass::NONE),       // expired just now: new again
+        (b, envelope(4, 101), DepositPass::NONE),      // too big
+        (c, envelope(5, 100), DepositPass::NONE),      // stored
+        (b, envelope(6, 100), DepositPass::NONE),      // stored: Bob has 2, 1, 6 (120 bytes)
+        (c, envelope(5, 100), DepositPass::NONE),      // a repeat within the batch
+        (b, envelope(7, 100), DepositPass::NONE),      // stored: 220 bytes
+        (b, envelope(8, 40), DepositPass::NONE),       // 260 bytes: over the byte bound
+        (unknown, envelope(9, 10), DepositPass::NONE), // never published
+        (b, envelope(10, 30), DepositPass::NONE),      // stored: five envelopes, 250 bytes
+        (b, envelope(11, 1), DepositPass::NONE),       // a sixth: over the count bound
+        (b, envelope(13, 0), DepositPass::NONE),       // empty: refused before anything
+        (c, envelope(12, 100), DepositPass::NONE),     // stored
     ];
     let results = relay.deposit_batch(now, &batch);
     let pending_envelopes = Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES));
@@ -961,12 +962,12 @@ pub fn fetch_and_acknowledge_bounds<S: RelayStorage>(storage: S) {
         max_fetch_envelopes: 3,
         max_fetch_bytes: 250,
         max_acknowledge_ids: 2,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let (mut relay, mut rng, bob) = with_bob(storage, config);
     for n in 1..=5 {
         relay
-            .deposit(NOW, &bob.mailbox(), &envelope(n, 10))
+            .deposit(NOW, &bob.mailbox(), &envelope(n, 10), &DepositPass::NONE)
             .unwrap();
     }
     // At most three per fetch.
@@ -1002,15 +1003,15 @@ pub fn fetch_and_acknowledge_bounds<S: RelayStorage>(storage: S) {
         &[EnvelopeId([4; 16]), EnvelopeId([5; 16])],
     );
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(6, 300))
+        .deposit(NOW, &bob.mailbox(), &envelope(6, 300), &DepositPass::NONE)
         .unwrap();
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(7, 200))
+        .deposit(NOW, &bob.mailbox(), &envelope(7, 200), &DepositPass::NONE)
         .unwrap();
     relay
-        .deposit(NOW, &bob.mailbox(), &envelope(8, 50))
+        .deposit(NOW, &bob.mailbox(), &envelope(8, 50), &DepositPass::NONE)
         .unwrap();
-    relay.deposit(NOW, &bob.mailbox(), &envelope(9, 1)).unwrap();
+    relay.deposit(NOW, &bob.mailbox(), &envelope(9, 1), &DepositPass::NONE).unwrap();
     let batch = fetch_all(&mut relay, &mut rng, &bob, NOW);
     assert_eq!(ids(&batch), vec![EnvelopeId([6; 16])]);
     acknowledge(&mut relay, &mut rng, &bob, NOW, &ids(&batch));
@@ -1021,13 +1022,13 @@ pub fn fetch_and_acknowledge_bounds<S: RelayStorage>(storage: S) {
 pub fn retention_expires_envelopes<S: RelayStorage>(storage: S) {
     let config = RelayConfig {
         max_pending_envelopes: 2,
-        ..RelayConfig::default()
+        ..RelayConfig::unpriced()
     };
     let retention = config.retention;
     let (mut relay, mut rng, bob) = with_bob(storage, config);
     let mailbox = bob.mailbox();
-    relay.deposit(NOW, &mailbox, &envelope(1, 10)).unwrap();
-    relay.deposit(NOW + 10, &mailbox, &envelope(2, 10)).unwrap();
+    relay.deposit(NOW, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
+    relay.deposit(NOW + 10, &mailbox, &envelope(2, 10), &DepositPass::NONE).unwrap();
     // A used challenge is remembered until it expires.
     fetch_all(&mut relay, &mut rng, &bob, NOW);
 
@@ -1046,7 +1047,7 @@ pub fn retention_expires_envelopes<S: RelayStorage>(storage: S) {
         fetch_all(&mut relay, &mut rng, &bob, later),
         vec![envelope(2, 10)]
     );
-    relay.deposit(later, &mailbox, &envelope(3, 10)).unwrap();
+    relay.deposit(later, &mailbox, &envelope(3, 10), &DepositPass::NONE).unwrap();
     assert_eq!(
         relay.storage().mailbox_usage(&mailbox).unwrap().envelopes,
         2
@@ -1069,7 +1070,7 @@ pub fn in_process_relay<S: RelayStorage + Send + 'static>(storage: S) {
     let alice = Device::new(&mut rng, 1, 0);
     let bob = Device::new(&mut rng, 2, 1);
     let clock = Arc::new(AtomicU64::new(NOW));
-    let relay = InProcessRelay::with_clock(Relay::new(storage, RelayConfig::default()), {
+    let relay = InProcessRelay::with_clock(Relay::new(storage, RelayConfig::unpriced()), {
         let clock = Arc::clone(&clock);
         Arc::new(move || clock.load(Ordering::SeqCst))
     });
@@ -1091,7 +1092,7 @@ pub fn in_process_relay<S: RelayStorage + Send + 'static>(storage: S) {
         Ok(0)
     );
 
-    block_on(assert_send(relay.deposit(&bob.mailbox(), &envelope(1, 10)))).unwrap();
+    block_on(assert_send(relay.deposit(&bob.mailbox(), &envelope(1, 10), &DepositPass::NONE))).unwrap();
     clock.store(NOW + 60, Ordering::SeqCst);
     let challenge = block_on(assert_send(relay.challenge(&bob.mailbox()))).unwrap();
     let fetched = block_on(assert_send(
@@ -1124,7 +1125,7 @@ pub fn in_process_relay<S: RelayStorage + Send + 'static>(storage: S) {
     );
 
     // Retention through the in-process sweep.
-    block_on(relay.deposit(&alice.mailbox(), &envelope(2, 10))).unwrap();
+    block_on(relay.deposit(&alice.mailbox(), &envelope(2, 10), &DepositPass::NONE)).unwrap();
     clock.fetch_add(RelayConfig::DEFAULT_RETENTION + 1, Ordering::SeqCst);
     assert_eq!(relay.sweep().unwrap().envelopes_expired, 1);
     assert_eq!(relay.now(), clock.load(Ordering::SeqCst));
