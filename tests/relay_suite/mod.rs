@@ -10,7 +10,6 @@
 // Each including crate uses a different part of the helpers.
 #![allow(dead_code)]
 
-use cubbyhole::transport::DepositPass;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +18,9 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use cubbyhole::bundle::FreshnessPolicy;
 use cubbyhole::relay::{reason, InProcessRelay, Relay, RelayConfig, RelayStorage};
+use cubbyhole::transport::stamp::Stamp;
 use cubbyhole::transport::{
-    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
+    AccessKey, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
     MailboxOp, PrekeyDirectory, TransportError,
 };
 use cubbyhole::{IdentityKeyPair, OneTimePrekey, PrekeyBundle, SignedPrekey};
@@ -1137,6 +1137,271 @@ pub fn in_process_relay<S: RelayStorage + Send + 'static>(storage: S) {
 
 // --------------------------------------------------- instantiations
 
+
+// ------------------------------------------ access keys, stamps, shares
+
+/// Low difficulties (a test mints in microseconds) and a small strangers'
+/// share.
+pub fn priced() -> RelayConfig {
+    RelayConfig {
+        deposit_stamp_difficulty: 8,
+        identity_stamp_difficulty: 8,
+        max_stranger_envelopes: 3,
+        max_stranger_bytes: 1_000,
+        ..RelayConfig::unpriced()
+    }
+}
+
+/// A stamp on this deposit at `now` (difficulty 8).
+pub fn stamp(to: &MailboxId, envelope: &Envelope, now: u64) -> DepositPass {
+    let len = envelope.payload.len() as u32;
+    let stamp = Stamp::mint(to, &envelope.id, len, 8, now, 0, u64::MAX)
+        .unwrap()
+        .unwrap();
+    DepositPass::with_stamp(stamp)
+}
+
+/// An identity stamp for `device`'s first upload at `now` (difficulty 8).
+pub fn identity_stamp(device: &Device, now: u64) -> Stamp {
+    Stamp::mint_identity(&device.address(), 8, now, 0, u64::MAX)
+        .unwrap()
+        .unwrap()
+}
+
+/// `device`'s upload registering `key`, with an identity stamp.
+pub fn keyed_upload(device: &Device, counter: u64, key: &AccessKey, now: u64) -> Vec<u8> {
+    let mut upload = device.upload_of(counter, &[], true);
+    upload.access_verifier = Some(key.verifier(&device.mailbox()));
+    upload.identity_stamp = Some(identity_stamp(device, now));
+    upload.sign(&device.keys)
+}
+
+/// A relay (config [`priced`]) with Bob published with access key `[1; 16]`.
+pub fn with_keyed_bob<S: RelayStorage>(
+    storage: S,
+    config: RelayConfig,
+) -> (Relay<S>, ChaCha20Rng, Device, AccessKey) {
+    let mut rng = rng(11);
+    let bob = Device::new(&mut rng, 1, 0);
+    let key = AccessKey::from_bytes([1; 16]);
+    let mut relay = Relay::new(storage, config);
+    relay.publish(NOW, &keyed_upload(&bob, 1, &key, NOW)).unwrap();
+    (relay, rng, bob, key)
+}
+
+pub fn contacts_share_needs_the_access_key<S: RelayStorage>(storage: S) {
+    let (mut relay, _, bob, key) = with_keyed_bob(storage, priced());
+    let to = bob.mailbox();
+    let contact = DepositPass::with_access(key.clone());
+    let stranger = |e: &Envelope| stamp(&to, e, NOW);
+    // The key admits without work, to the contacts' share.
+    relay.deposit(NOW, &to, &envelope(1, 10), &contact).unwrap();
+    // No key, a wrong key, a stamp of another deposit, of another mailbox,
+    // of an epoch too old: a stamp is required.
+    let required = Err(TransportError::StampRequired(8));
+    assert_eq!(relay.deposit(NOW, &to, &envelope(2, 10), &DepositPass::NONE), required);
+    let wrong = DepositPass::with_access(AccessKey::from_bytes([2; 16]));
+    assert_eq!(relay.deposit(NOW, &to, &envelope(2, 10), &wrong), required);
+    let other = stranger(&envelope(3, 10));
+    assert_eq!(relay.deposit(NOW, &to, &envelope(2, 10), &other), required);
+    let elsewhere = stamp(&MailboxId([9; 32]), &envelope(2, 10), NOW);
+    assert_eq!(relay.deposit(NOW, &to, &envelope(2, 10), &elsewhere), required);
+    let old = stamp(&to, &envelope(2, 10), NOW - 7200);
+    assert_eq!(relay.deposit(NOW, &to, &envelope(2, 10), &old), required);
+    let usage = relay.storage().mailbox_usage(&to).unwrap();
+    assert_eq!((usage.envelopes, usage.stranger_envelopes), (1, 0));
+    // A stamp admits to the strangers' share; the previous hour's too.
+    relay
+        .deposit(NOW, &to, &envelope(2, 10), &stranger(&envelope(2, 10)))
+        .unwrap();
+    let last_hour = stamp(&to, &envelope(4, 10), NOW - 3600);
+    relay.deposit(NOW, &to, &envelope(4, 10), &last_hour).unwrap();
+    relay
+        .deposit(NOW, &to, &envelope(5, 10), &stranger(&envelope(5, 10)))
+        .unwrap();
+    let usage = relay.storage().mailbox_usage(&to).unwrap();
+    assert_eq!((usage.envelopes, usage.stranger_envelopes), (4, 3));
+    assert_eq!(usage.stranger_bytes, 30);
+    // The strangers' share is full (3): strangers are refused, contacts not.
+    assert_eq!(
+        relay.deposit(NOW, &to, &envelope(6, 10), &stranger(&envelope(6, 10))),
+        Err(TransportError::LimitExceeded(reason::STRANGER_ENVELOPES))
+    );
+    relay.deposit(NOW, &to, &envelope(7, 10), &contact).unwrap();
+    // A repeat of a stranger's id is a repeat, whatever the pass.
+    relay.deposit(NOW, &to, &envelope(2, 99), &contact).unwrap();
+    let usage = relay.storage().mailbox_usage(&to).unwrap();
+    assert_eq!((usage.envelopes, usage.stranger_envelopes), (5, 3));
+}
+
+pub fn strangers_share_has_a_byte_bound<S: RelayStorage>(storage: S) {
+    let (mut relay, mut rng, bob, key) = with_keyed_bob(storage, priced());
+    let to = bob.mailbox();
+    let big = envelope(1, 900);
+    relay.deposit(NOW, &to, &big, &stamp(&to, &big, NOW)).unwrap();
+    let over = envelope(2, 101);
+    assert_eq!(
+        relay.deposit(NOW, &to, &over, &stamp(&to, &over, NOW)),
+        Err(TransportError::LimitExceeded(reason::STRANGER_BYTES))
+    );
+    let fits = envelope(3, 100);
+    relay.deposit(NOW, &to, &fits, &stamp(&to, &fits, NOW)).unwrap();
+    // Contacts' bytes do not count against it, and the share refills once
+    // the owner acknowledges.
+    relay
+        .deposit(NOW, &to, &envelope(4, 5_000), &DepositPass::with_access(key))
+        .unwrap();
+    acknowledge(&mut relay, &mut rng, &bob, NOW, &[EnvelopeId([1; 16])]);
+    relay.deposit(NOW, &to, &over, &stamp(&to, &over, NOW)).unwrap();
+    let usage = relay.storage().mailbox_usage(&to).unwrap();
+    assert_eq!((usage.stranger_envelopes, usage.stranger_bytes), (2, 201));
+    assert_eq!((usage.envelopes, usage.bytes), (3, 5_201));
+}
+
+pub fn rotation_keeps_the_previous_key_for_the_grace<S: RelayStorage>(storage: S) {
+    let config = priced();
+    let grace = config.access_grace;
+    let (mut relay, _, bob, old) = with_keyed_bob(storage, config);
+    let to = bob.mailbox();
+    let new = AccessKey::from_bytes([3; 16]);
+    let rotated = NOW + 100;
+    relay
+        .publish(rotated, &keyed_upload(&bob, 2, &new, rotated))
+        .unwrap();
+    let old_pass = DepositPass::with_access(old.clone());
+    let new_pass = DepositPass::with_access(new.clone());
+    relay.deposit(rotated, &to, &envelope(1, 10), &new_pass).unwrap();
+    relay
+        .deposit(rotated + grace, &to, &envelope(2, 10), &old_pass)
+        .unwrap();
+    assert_eq!(
+        relay.deposit(rotated + grace + 1, &to, &envelope(3, 10), &old_pass),
+        Err(TransportError::StampRequired(8))
+    );
+    relay
+        .deposit(rotated + grace + 1, &to, &envelope(4, 10), &new_pass)
+        .unwrap();
+    // An upload without a verifier keeps the key.
+    let plain = bob.upload_of(3, &[], true).sign(&bob.keys);
+    relay.publish(rotated + 2, &plain).unwrap();
+    relay
+        .deposit(rotated + grace + 2, &to, &envelope(5, 10), &new_pass)
+        .unwrap();
+    let usage = relay.storage().mailbox_usage(&to).unwrap();
+    assert_eq!((usage.envelopes, usage.stranger_envelopes), (4, 0));
+}
+
+pub fn strangers_share_closes_while_the_owner_is_away<S: RelayStorage>(storage: S) {
+    let config = priced();
+    let idle = config.stranger_idle;
+    let (mut relay, mut rng, bob, key) = with_keyed_bob(storage, config);
+    let to = bob.mailbox();
+    let later = NOW + idle + 1;
+    let e = envelope(1, 10);
+    assert_eq!(
+        relay.deposit(later, &to, &e, &stamp(&to, &e, later)),
+        Err(TransportError::LimitExceeded(reason::STRANGERS_CLOSED))
+    );
+    // Contacts still get through.
+    relay
+        .deposit(later, &to, &envelope(2, 10), &DepositPass::with_access(key))
+        .unwrap();
+    // The owner fetches: the share opens again.
+    assert_eq!(fetch_all(&mut relay, &mut rng, &bob, later).len(), 1);
+    relay.deposit(later, &to, &e, &stamp(&to, &e, later)).unwrap();
+}
+
+pub fn a_first_upload_needs_an_identity_stamp<S: RelayStorage>(storage: S) {
+    let mut rng = rng(12);
+    let bob = Device::new(&mut rng, 1, 0);
+    let carol = Device::new(&mut rng, 2, 0);
+    let mut relay = Relay::new(storage, priced());
+    let plain = bob.upload_of(1, &[], true).sign(&bob.keys);
+    assert_eq!(
+        relay.publish(NOW, &plain),
+        Err(TransportError::StampRequired(8))
+    );
+    // Carol's stamp does not pay for Bob.
+    let mut upload = bob.upload_of(1, &[], true);
+    upload.identity_stamp = Some(identity_stamp(&carol, NOW));
+    assert_eq!(
+        relay.publish(NOW, &upload.sign(&bob.keys)),
+        Err(TransportError::StampRequired(8))
+    );
+    assert_eq!(
+        relay.fetch_bundle(NOW, &bob.address()),
+        Err(TransportError::NotFound)
+    );
+    upload.identity_stamp = Some(identity_stamp(&bob, NOW));
+    relay.publish(NOW, &upload.sign(&bob.keys)).unwrap();
+    // Later uploads need none.
+    relay
+        .publish(NOW + 1, &bob.upload_of(2, &[], true).sign(&bob.keys))
+        .unwrap();
+}
+
+pub fn sweep_expires_inactive_mailboxes_and_idle_devices<S: RelayStorage>(storage: S) {
+    const DAY: u64 = 24 * 3600;
+    let config = RelayConfig {
+        inactive_after: 10 * DAY,
+        inactive_retention: 2 * DAY,
+        directory_idle: 20 * DAY,
+        ..priced()
+    };
+    let (mut relay, mut rng, bob, key) = with_keyed_bob(storage, config);
+    let carol = Device::new(&mut rng, 2, 0);
+    let carol_key = AccessKey::from_bytes([5; 16]);
+    relay
+        .publish(NOW, &keyed_upload(&carol, 1, &carol_key, NOW))
+        .unwrap();
+    let to_bob = DepositPass::with_access(key);
+    let to_carol = DepositPass::with_access(carol_key);
+    relay
+        .deposit(NOW + 5 * DAY, &bob.mailbox(), &envelope(1, 10), &to_bob)
+        .unwrap();
+    relay
+        .deposit(NOW + 10 * DAY, &bob.mailbox(), &envelope(2, 10), &to_bob)
+        .unwrap();
+    relay
+        .deposit(NOW + 5 * DAY, &carol.mailbox(), &envelope(3, 10), &to_carol)
+        .unwrap();
+    // Carol fetches on day 9 (and so stays active); Bob was last seen on
+    // day 0.
+    assert_eq!(fetch_all(&mut relay, &mut rng, &carol, NOW + 9 * DAY).len(), 1);
+    let report = relay.sweep(NOW + 11 * DAY).unwrap();
+    // Bob's mailbox is inactive: its envelope of day 5 is older than 2
+    // days and goes; day 10's stays. Carol's stays (active).
+    assert_eq!(report.inactive_expired, 1);
+    assert_eq!(report.devices_expired, 0);
+    assert_eq!(
+        relay.storage().mailbox_usage(&bob.mailbox()).unwrap().envelopes,
+        1
+    );
+    assert_eq!(
+        relay.storage().mailbox_usage(&carol.mailbox()).unwrap().envelopes,
+        1
+    );
+    // Day 21: Bob is idle for 20 days and is deleted with his mailbox;
+    // Carol (seen on day 9) stays.
+    let report = relay.sweep(NOW + 21 * DAY).unwrap();
+    assert_eq!(report.devices_expired, 1);
+    assert_eq!(
+        relay.fetch_bundle(NOW + 21 * DAY, &bob.address()),
+        Err(TransportError::NotFound)
+    );
+    assert_eq!(
+        relay.storage().mailbox_usage(&bob.mailbox()).unwrap(),
+        Default::default()
+    );
+    assert!(relay.fetch_bundle(NOW + 21 * DAY, &carol.address()).is_ok());
+    // A deposit to the deleted mailbox is refused; Bob can publish again
+    // (with a new identity stamp).
+    assert_eq!(
+        relay.deposit(NOW + 21 * DAY, &bob.mailbox(), &envelope(4, 10), &to_bob),
+        Err(TransportError::NotFound)
+    );
+}
+
 /// One test of the suite: runs `setup` (statements, in braces), then the
 /// generic body over `make`.
 macro_rules! suite_test {
@@ -1199,6 +1464,12 @@ macro_rules! all_tests {
                 fetch_and_acknowledge_bounds,
                 retention_expires_envelopes,
                 in_process_relay,
+                contacts_share_needs_the_access_key,
+                strangers_share_has_a_byte_bound,
+                rotation_keeps_the_previous_key_for_the_grace,
+                strangers_share_closes_while_the_owner_is_away,
+                a_first_upload_needs_an_identity_stamp,
+                sweep_expires_inactive_mailboxes_and_idle_devices,
             ]
         );
     };
