@@ -28,10 +28,10 @@ use cubbyhole::protocol::devices::MAX_DEVICES;
 use cubbyhole::transport::{TransportError, DEVICE_LIST_RETENTION};
 
 /// The request header carrying a deposit's access key (32 lowercase hex
-/// digits; SPEC.md 16.6, relay/API.md).
+/// digits; SPEC.md 16.10, relay/API.md).
 pub const ACCESS_HEADER: &str = "cubbyhole-access";
 /// The request header carrying a deposit's stamp (32 lowercase hex digits:
-/// epoch and nonce, SPEC.md 16.6).
+/// epoch and nonce, SPEC.md 16.11).
 pub const STAMP_HEADER: &str = "cubbyhole-stamp";
 
 /// The largest signed device list (SPEC.md 25.3, 25.10): 74 bytes of body

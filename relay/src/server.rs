@@ -196,7 +196,7 @@ pub struct Limits {
     /// 1 024.
     pub min_body_bytes_per_sec: u64,
     /// The part of [`Self::total_storage_bytes`] that strangers' deposits
-    /// (admitted by a stamp, not an access key: SPEC.md 16.6) may take
+    /// (admitted by a stamp, not an access key: SPEC.md 16.10) may take
     /// together, in percent: a stranger's deposit over it is `507
     /// strangers_total`. Default 25.
     pub strangers_storage_percent: u8,
@@ -204,7 +204,7 @@ pub struct Limits {
     /// mailboxes that hold less than [`Self::fair_share_bytes`] accept
     /// deposits (`507 total_storage` for the others), so that the last
     /// part of the relay's storage stays for mailboxes that hold little
-    /// (SPEC.md 16.8). Default 75.
+    /// (SPEC.md 16.12). Default 75.
     pub fair_share_percent: u8,
     /// See [`Self::fair_share_percent`]. Default 1 MiB.
     pub fair_share_bytes: u64,

@@ -259,12 +259,12 @@ pub struct RelayConfig {
     /// published ([`TransportError::NotFound`]). Default `true`.
     pub require_published_mailbox: bool,
     /// The difficulty of the stamp a deposit without a valid access key
-    /// needs (SPEC.md 16.6: `difficulty + ceil(log2(4 KiB blocks))`
+    /// needs (SPEC.md 16.11: `difficulty + ceil(log2(4 KiB blocks))`
     /// leading zero bits). 0 asks no stamp (such deposits still go to the
     /// strangers' share). Default 20 (about 10^6 SHA-256 per 4 KiB).
     pub deposit_stamp_difficulty: u8,
     /// The difficulty of the identity stamp a device's first upload needs
-    /// (SPEC.md 16.7). 0 asks none. Default 24.
+    /// (SPEC.md 16.11). 0 asks none. Default 24.
     pub identity_stamp_difficulty: u8,
     /// Most envelopes pending in a mailbox's strangers' share (deposits
     /// admitted by a stamp, not an access key). Default 100.
@@ -413,7 +413,7 @@ pub enum UploadOutcome {
     TooManyOneTimePrekeys,
 }
 
-/// Which part of a mailbox an envelope is stored in (SPEC.md 16.6).
+/// Which part of a mailbox an envelope is stored in (SPEC.md 16.10).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Share {
     /// Deposits that showed the mailbox's access key.
@@ -1001,7 +1001,7 @@ impl<S: RelayStorage> Relay<S> {
     /// [`TransportError::BadRequest`] for a malformed upload or duplicate
     /// one-time prekey ids, [`TransportError::Unauthorized`] for a
     /// signature that fails, [`TransportError::StampRequired`] for a
-    /// device's first upload without a valid identity stamp (SPEC.md 16.7;
+    /// device's first upload without a valid identity stamp (SPEC.md 16.11;
     /// with [`RelayConfig::identity_stamp_difficulty`] above 0),
     /// [`TransportError::Replayed`] for a counter not
     /// above the last accepted one, [`TransportError::LimitExceeded`]
@@ -1088,7 +1088,7 @@ impl<S: RelayStorage> Relay<S> {
     }
 
     /// Which share of `mailbox` a deposit goes to, or why it is refused
-    /// (SPEC.md 16.6), in this order: an empty payload
+    /// (SPEC.md 16.10), in this order: an empty payload
     /// ([`TransportError::BadRequest`], [`reason::EMPTY_PAYLOAD`]); a
     /// payload over [`RelayConfig::max_envelope_bytes`]
     /// ([`TransportError::LimitExceeded`], [`reason::ENVELOPE_SIZE`]); an
@@ -1500,7 +1500,7 @@ impl<S: RelayStorage> Relay<S> {
     /// mailboxes (owner not seen for [`RelayConfig::inactive_after`])
     /// older than [`RelayConfig::inactive_retention`], and expired
     /// challenge records. Call it periodically; the rules hold without it,
-    /// it frees space (SPEC.md 16.8).
+    /// it frees space (SPEC.md 16.12).
     ///
     /// # Errors
     /// [`TransportError::Unavailable`] for a storage failure.

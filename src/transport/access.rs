@@ -1,4 +1,4 @@
-//! Deposit access keys and deposit passes (SPEC.md 16.6).
+//! Deposit access keys and deposit passes (SPEC.md 16.10).
 //!
 //! A mailbox's owner draws a random [`AccessKey`] and registers only its
 //! verifier with the relay (in its signed directory upload):
@@ -104,7 +104,7 @@ impl fmt::Debug for AccessVerifier {
     }
 }
 
-/// What a deposit shows the relay to be admitted (SPEC.md 16.6): the
+/// What a deposit shows the relay to be admitted (SPEC.md 16.10): the
 /// mailbox's access key, a stamp, both or neither. The relay tries the key
 /// first; a deposit whose key is missing or not the mailbox's needs a
 /// valid stamp (unless the relay's difficulty is 0).

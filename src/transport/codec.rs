@@ -16,7 +16,7 @@
 //!          || has_stamp (1: 0x00 | 0x01) || [identity stamp (16)]
 //!          || signature (64)        (same label, over every byte before it)
 //!   (encoded as v2 exactly when a verifier or a stamp is present;
-//!    SPEC.md 16.6, 16.7)
+//!    SPEC.md 16.10, 16.11)
 //!
 //! auth   = identity (32) || device_id (4) || op (1: 0x01 fetch | 0x02 acknowledge)
 //!          || challenge (32) || signature (64)
@@ -102,7 +102,7 @@ pub struct BundleSetUpload {
     /// first upload: every deposit then needs a stamp).
     pub access_verifier: Option<AccessVerifier>,
     /// The identity stamp a device's first upload needs at a relay that
-    /// prices new identities (SPEC.md 16.7); ignored on later uploads.
+    /// prices new identities (SPEC.md 16.11); ignored on later uploads.
     pub identity_stamp: Option<Stamp>,
 }
 

@@ -601,7 +601,7 @@ impl Device {
     }
 
     /// The upload of its signed prekey and all its one-time prekeys,
-    /// registering its mailbox's access key (SPEC.md 16.6).
+    /// registering its mailbox's access key (SPEC.md 16.10).
     fn upload(&self, counter: u64) -> BundleSetUpload {
         let opks: Vec<&OneTimePrekey> = self.one_time_prekeys.iter().collect();
         let mut upload = BundleSetUpload::new(

@@ -148,7 +148,7 @@ pub enum TransportError {
     Unavailable(&'static str),
     /// The request needs a proof of work ([`stamp`]) at this difficulty:
     /// a deposit that shows no valid access key for the mailbox, or the
-    /// first upload of a device (SPEC.md 16.6, 16.7). The stamp it carried,
+    /// first upload of a device (SPEC.md 16.10, 16.11). The stamp it carried,
     /// if any, was missing, too weak or of another epoch; nothing changed.
     /// Mint one at this difficulty and retry.
     StampRequired(u8),
@@ -387,7 +387,7 @@ pub trait DeviceDirectory: MaybeSend + MaybeSync {
 ///
 /// - [`deposit`](Self::deposit) needs no identity. A relay that prices
 ///   strangers' deposits admits one only with the mailbox's access key or
-///   a valid stamp ([`DepositPass`], SPEC.md 16.6), else
+///   a valid stamp ([`DepositPass`], SPEC.md 16.10), else
 ///   [`TransportError::StampRequired`] and nothing is stored. It is
 ///   idempotent by envelope id within a mailbox: an id already pending, or acknowledged
 ///   within the retention period, is accepted (`Ok`) and not stored again;
@@ -421,7 +421,7 @@ pub trait DeviceDirectory: MaybeSend + MaybeSync {
 pub trait Mailbox: MaybeSend + MaybeSync {
     /// Deposits an encoded envelope for a mailbox. Needs no identity, but
     /// a pass: the mailbox's access key, or a stamp on the envelope
-    /// (SPEC.md 16.6; [`TransportError::StampRequired`] if neither admits
+    /// (SPEC.md 16.10; [`TransportError::StampRequired`] if neither admits
     /// it). Idempotent: depositing the same envelope id again is accepted
     /// and stored once.
     fn deposit(

@@ -31,7 +31,7 @@ use super::{DeviceAddress, EnvelopeId, MailboxId};
 /// The domain-separation label of a stamp's digest.
 pub const STAMP_LABEL: &[u8] = b"cubbyhole/v1 stamp";
 /// The domain-separation label of an identity stamp's digest (the stamp
-/// on a device's first directory upload, SPEC.md 16.7).
+/// on a device's first directory upload, SPEC.md 16.11).
 pub const IDENTITY_STAMP_LABEL: &[u8] = b"cubbyhole/v1 identity stamp";
 /// How long one stamp epoch lasts, in seconds (one hour).
 pub const STAMP_EPOCH_SECONDS: u64 = 3600;
@@ -212,7 +212,7 @@ impl Stamp {
         Ok(())
     }
 
-    /// Searches for an identity stamp (SPEC.md 16.7) on `device`'s first
+    /// Searches for an identity stamp (SPEC.md 16.11) on `device`'s first
     /// upload at `now`'s epoch, as [`Stamp::mint`] does for a deposit:
     /// `SHA-256("cubbyhole/v1 identity stamp" || identity (32) || device_id
     /// (4, big-endian) || epoch (8) || nonce (8))` with at least
