@@ -36,7 +36,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cubbyhole::client::{Client, ClientConfig};
 use cubbyhole::storage::MemoryStore;
-use cubbyhole::transport::{encode_envelope, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId};
+use cubbyhole::transport::stamp::Stamp;
+use cubbyhole::transport::{
+    encode_envelope, AccessKey, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId,
+};
 use cubbyhole::{IdentityKeyPair, OneTimePrekey, OsRng, SignedPrekey};
 use cubbyhole_http::{HttpRelay, HttpRelayConfig};
 use cubbyhole_relay::{serve, ServerConfig, StorageConfig};
@@ -302,6 +305,13 @@ struct Spent {
     relay_connections: Mutex<Option<u64>>,
     answers: Mutex<BTreeMap<String, u64>>,
     notes: Mutex<Vec<String>>,
+    /// Time the attacker's one stamp-minting core was busy, in ms.
+    stamp_ms: AtomicU64,
+    /// Stamps minted (deposit stamps, identity stamps).
+    stamps: AtomicU64,
+    identity_stamps: AtomicU64,
+    /// Payload bytes of the attacker's deposits the relay accepted.
+    stored_bytes: AtomicU64,
 }
 
 impl Spent {
@@ -319,6 +329,77 @@ impl Spent {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(note);
+    }
+}
+
+/// What the attacker's minting core is asked for.
+enum MintJob {
+    /// A stamp for a deposit of `len` bytes with this id to this mailbox.
+    Deposit(MailboxId, EnvelopeId, u32),
+    /// An identity stamp for this device's first upload.
+    Identity(DeviceAddress),
+}
+
+/// The attacker's stamp minting: ONE thread (one core), whatever the
+/// number of addresses, at the relay's default difficulties.
+#[derive(Clone)]
+struct Minter {
+    jobs: std::sync::mpsc::Sender<(MintJob, oneshot::Sender<Stamp>)>,
+}
+
+impl Minter {
+    fn start(spent: Arc<Spent>, deadline: Instant) -> Minter {
+        let (jobs, queue) = std::sync::mpsc::channel::<(MintJob, oneshot::Sender<Stamp>)>();
+        std::thread::spawn(move || {
+            let deposit = cubbyhole::relay::RelayConfig::DEFAULT_DEPOSIT_STAMP_DIFFICULTY;
+            let identity = cubbyhole::relay::RelayConfig::DEFAULT_IDENTITY_STAMP_DIFFICULTY;
+            while let Ok((job, reply)) = queue.recv() {
+                if Instant::now() >= deadline {
+                    continue;
+                }
+                let started = Instant::now();
+                let start = OsRng.next_u64();
+                // In slices, so that the attack ends on time.
+                let mut next = start;
+                let stamp = loop {
+                    let slice = match &job {
+                        MintJob::Deposit(mailbox, id, len) => {
+                            Stamp::mint(mailbox, id, *len, deposit, now(), next, 1 << 16)
+                        }
+                        MintJob::Identity(device) => {
+                            Stamp::mint_identity(device, identity, now(), next, 1 << 16)
+                        }
+                    };
+                    match slice {
+                        Ok(Ok(stamp)) => break Some(stamp),
+                        Ok(Err(unfinished)) if Instant::now() < deadline => {
+                            next = unfinished.next_nonce;
+                        }
+                        _ => break None,
+                    }
+                };
+                spent.stamp_ms.fetch_add(
+                    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                if let Some(stamp) = stamp {
+                    match job {
+                        MintJob::Deposit(..) => spent.stamps.fetch_add(1, Ordering::Relaxed),
+                        MintJob::Identity(_) => {
+                            spent.identity_stamps.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    let _ = reply.send(stamp);
+                }
+            }
+        });
+        Minter { jobs }
+    }
+
+    async fn mint(&self, job: MintJob) -> Option<Stamp> {
+        let (reply, stamp) = oneshot::channel();
+        self.jobs.send((job, reply)).ok()?;
+        stamp.await.ok()
     }
 }
 
@@ -461,8 +542,10 @@ async fn run(name: &str, options: &Options) -> Result<(String, Vec<String>), Fai
         })
     };
     // The stranger's first message, half-way through.
+    let stranger_waiting = Arc::new(AtomicBool::new(true));
     let stranger_task = {
         let honest = honest.clone();
+        let stranger_waiting = stranger_waiting.clone();
         let mut stranger = stranger;
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(seconds * 500)).await;
@@ -478,6 +561,20 @@ async fn run(name: &str, options: &Options) -> Result<(String, Vec<String>), Fai
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .stranger_error = Some(e.to_string());
+            }
+            // What was not deposited (a full strangers' share) is re-sent,
+            // as an application's client does, until Bob has it.
+            while stranger_waiting.load(Ordering::Relaxed) {
+                let arrived = honest
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .stranger
+                    .is_some();
+                if arrived {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1_000)).await;
+                let _ = stranger.flush_outbox().await;
             }
         })
     };
@@ -497,9 +594,10 @@ async fn run(name: &str, options: &Options) -> Result<(String, Vec<String>), Fai
     attacking.store(false, Ordering::Relaxed);
     let attack_wall = started.elapsed();
     let _ = alice_task.await;
-    let _ = stranger_task.await;
     // Drain: Bob keeps receiving a little after the attack.
     tokio::time::sleep(Duration::from_secs(options.drain)).await;
+    stranger_waiting.store(false, Ordering::Relaxed);
+    let _ = stranger_task.await;
     receiving.store(false, Ordering::Relaxed);
     let _ = tokio::time::timeout(Duration::from_secs(5), bob_task).await;
     relay.stop().await;
@@ -541,6 +639,25 @@ async fn run(name: &str, options: &Options) -> Result<(String, Vec<String>), Fai
         out.push_str(&format!(
             "\n   slow connections the attacker still wrote to at the end: {still_open}; open at the relay (its gauge): {}",
             held.map_or("-".to_owned(), |n| n.to_string())
+        ));
+    }
+    let stamp_ms = spent.stamp_ms.load(Ordering::Relaxed);
+    if stamp_ms > 0 {
+        let stored = spent.stored_bytes.load(Ordering::Relaxed);
+        out.push_str(&format!(
+            "\n   attacker's minting core: {:.1} CPU-s for {} deposit stamps and {} identity stamps; {} payload bytes stored ({})",
+            stamp_ms as f64 / 1000.0,
+            spent.stamps.load(Ordering::Relaxed),
+            spent.identity_stamps.load(Ordering::Relaxed),
+            stored,
+            if stored == 0 {
+                "-".to_owned()
+            } else {
+                format!(
+                    "{:.1} CPU-s per MiB",
+                    stamp_ms as f64 / 1000.0 / (stored as f64 / 1_048_576.0)
+                )
+            },
         ));
     }
     for note in spent.notes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -585,6 +702,18 @@ fn check(name: &str, h: &Honest, spent: &Spent) -> Vec<String> {
         problems.push("the stranger could not send its first message".into());
     }
     let (before, after) = *spent.prekeys.lock().unwrap_or_else(|e| e.into_inner());
+    if matches!(name, "mailbox_fill" | "tiny_flood" | "identity_flood") && h.stranger.is_none() {
+        problems.push("the stranger's first message did not arrive".into());
+    }
+    if matches!(name, "mailbox_fill" | "tiny_flood" | "identity_flood") {
+        let delivered = h.sent.keys().filter(|n| h.received.contains_key(n)).count();
+        if delivered < h.sent.len() {
+            problems.push(format!(
+                "honest delivery {delivered}/{} during the attack",
+                h.sent.len()
+            ));
+        }
+    }
     match name {
         // The stranger's first message claims one, legitimately.
         "head_claims"
@@ -634,6 +763,8 @@ async fn attack(
         bob.device_id
     );
     let before = one_time_prekeys(&count).await;
+    let minter = Minter::start(spent.clone(), deadline);
+    let bob_mailbox = bob.mailbox();
     let mut tasks = tokio::task::JoinSet::new();
     for k in 0..addresses {
         let ip = attacker_ip(k);
@@ -644,17 +775,43 @@ async fn attack(
         let spent = spent.clone();
         let (url, mailbox, bundle) = (url.to_owned(), mailbox.clone(), bundle.clone());
         let kind = name.to_owned();
+        let minter = minter.clone();
         tasks.spawn(async move {
             let name = kind;
             match name.as_str() {
-                "mailbox_fill" | "tiny_flood" => {
-                    let size = if name == "mailbox_fill" { 64 * 1024 } else { 1 };
+                "mailbox_fill" => {
+                    // Paying strangers: each 64 KiB envelope with a stamp
+                    // from the one minting core.
+                    let to = format!("{url}/v1/mailboxes/{mailbox}/envelopes");
+                    while Instant::now() < deadline {
+                        let envelope = junk_envelope(64 * 1024);
+                        let job = MintJob::Deposit(bob_mailbox, envelope.id, 64 * 1024);
+                        let Some(stamp) = minter.mint(job).await else {
+                            break;
+                        };
+                        let r = client
+                            .post(&to)
+                            .header("content-type", OCTETS)
+                            .header("cubbyhole-stamp", hex::encode(stamp.encode()))
+                            .body(encode_envelope(&envelope))
+                            .send()
+                            .await;
+                        let answer = classify(r).await;
+                        if answer.starts_with("201") {
+                            spent.stored_bytes.fetch_add(64 * 1024, Ordering::Relaxed);
+                        }
+                        spent.answer(answer);
+                    }
+                }
+                "tiny_flood" => {
+                    // Strangers who do not pay: tiny envelopes as fast as
+                    // the relay answers, without a key or a stamp.
                     let to = format!("{url}/v1/mailboxes/{mailbox}/envelopes");
                     while Instant::now() < deadline {
                         let r = client
                             .post(&to)
                             .header("content-type", OCTETS)
-                            .body(junk(size))
+                            .body(junk(1))
                             .send()
                             .await;
                         spent.answer(classify(r).await);
@@ -662,7 +819,7 @@ async fn attack(
                 }
                 "identity_flood" => {
                     while Instant::now() < deadline {
-                        let Ok((upload, own)) = identity_upload() else {
+                        let Some((upload, own, key)) = identity_upload(&minter).await else {
                             break;
                         };
                         let r = client
@@ -682,13 +839,19 @@ async fn attack(
                             if Instant::now() >= deadline {
                                 break;
                             }
+                            // Into its own mailbox, with its own access key.
                             let r = client
                                 .post(&to)
                                 .header("content-type", OCTETS)
+                                .header("cubbyhole-access", hex::encode(key.as_bytes()))
                                 .body(junk(64 * 1024))
                                 .send()
                                 .await;
-                            spent.answer(format!("deposit {}", classify(r).await));
+                            let answer = classify(r).await;
+                            if answer.starts_with("201") {
+                                spent.stored_bytes.fetch_add(64 * 1024, Ordering::Relaxed);
+                            }
+                            spent.answer(format!("deposit {answer}"));
                         }
                     }
                 }
@@ -785,28 +948,38 @@ async fn slow_connections(ip: IpAddr, relay: SocketAddr, deadline: Instant, spen
         .fetch_add(open.len() as u64, Ordering::Relaxed);
 }
 
-fn junk(size: usize) -> Vec<u8> {
+fn junk_envelope(size: usize) -> Envelope {
     let mut id = [0u8; 16];
     OsRng.fill_bytes(&mut id);
     let mut payload = vec![0u8; size];
     OsRng.fill_bytes(&mut payload);
-    encode_envelope(&Envelope {
+    Envelope {
         id: EnvelopeId(id),
         payload,
-    })
+    }
 }
 
-/// A new identity with 1,000 one-time prekeys, and its mailbox (hex).
-fn identity_upload() -> Result<(Vec<u8>, String), Failure> {
+fn junk(size: usize) -> Vec<u8> {
+    encode_envelope(&junk_envelope(size))
+}
+
+/// A new identity with 1,000 one-time prekeys, an access key for its own
+/// mailbox and the identity stamp from the minting core: the upload, its
+/// mailbox (hex) and its key.
+async fn identity_upload(minter: &Minter) -> Option<(Vec<u8>, String, AccessKey)> {
     let keys = IdentityKeyPair::generate(&mut OsRng);
-    let signed = SignedPrekey::generate(&mut OsRng, &keys, 1, now())?;
+    let signed = SignedPrekey::generate(&mut OsRng, &keys, 1, now()).ok()?;
     let one_time: Vec<OneTimePrekey> = (0..1000)
         .map(|i| OneTimePrekey::generate(&mut OsRng, i))
         .collect();
     let refs: Vec<&OneTimePrekey> = one_time.iter().collect();
-    let upload = BundleSetUpload::new(1, &keys, now(), &signed, &refs, true).sign(&keys);
-    let mailbox = hex::encode(DeviceAddress::new(keys.public(), 1).mailbox().0);
-    Ok((upload, mailbox))
+    let address = DeviceAddress::new(keys.public(), 1);
+    let key = AccessKey::generate(&mut OsRng);
+    let mut upload = BundleSetUpload::new(1, &keys, now(), &signed, &refs, true);
+    upload.access_verifier = Some(key.verifier(&address.mailbox()));
+    upload.identity_stamp = Some(minter.mint(MintJob::Identity(address)).await?);
+    let mailbox = hex::encode(address.mailbox().0);
+    Some((upload.sign(&keys), mailbox, key))
 }
 
 async fn one_time_prekeys(url: &str) -> Option<u64> {

@@ -48,7 +48,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cubbyhole::transport::{BundleSetUpload, DeviceAddress, MailboxAuth, MailboxOp};
+use cubbyhole::relay::RelayConfig;
+use cubbyhole::transport::{AccessKey, BundleSetUpload, DeviceAddress, MailboxAuth, MailboxOp};
 use cubbyhole::{IdentityKeyPair, OsRng, SignedPrekey};
 use cubbyhole_relay::{serve, Limits, ServerConfig, StorageConfig};
 use rand_core::RngCore;
@@ -83,6 +84,10 @@ OPTIONS:
     --drain-seconds S    time the fetchers get after the deposits to empty the
                          mailboxes (default 10, 0 to 600)
     --no-fetch           no fetchers: deposits only (the mailboxes fill up)
+    --no-access          deposits without access keys, to mailboxes without
+                         one, as before issue 16 (the in-process relay then
+                         asks no stamps); by default every owner registers
+                         an access key and every deposit carries it
     --threads N          tokio worker threads (default: the number of CPUs)
     --relay URL          load the relay at URL (http, loopback only) instead of
                          starting one in this process
@@ -125,6 +130,8 @@ struct Options {
     idle_ms: u64,
     drain_seconds: u64,
     fetch: bool,
+    /// Owners register an access key and deposits carry it.
+    access: bool,
     threads: usize,
     target: Target,
 }
@@ -173,6 +180,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Options>, Str
         idle_ms: 20,
         drain_seconds: 10,
         fetch: true,
+        access: true,
         threads: cpus(),
         target: Target::Sqlite(None),
     };
@@ -183,6 +191,10 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Options>, Str
             "-h" | "--help" => return Ok(None),
             "--no-fetch" => {
                 options.fetch = false;
+                continue;
+            }
+            "--no-access" => {
+                options.access = false;
                 continue;
             }
             _ => {}
@@ -312,7 +324,17 @@ impl Conn {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), Failure> {
-        let result = self.exchange(path, body).await;
+        self.request_with(path, body, "").await
+    }
+
+    /// [`Conn::request`] with extra header lines (each ending in CRLF).
+    async fn request_with(
+        &mut self,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &str,
+    ) -> Result<(u16, Vec<u8>), Failure> {
+        let result = self.exchange(path, body, headers).await;
         if result.is_err() {
             self.stream = None;
         }
@@ -333,6 +355,7 @@ impl Conn {
         &mut self,
         path: &str,
         body: Option<&[u8]>,
+        headers: &str,
     ) -> Result<(u16, Vec<u8>), Failure> {
         self.connect().await?;
         let Some(stream) = self.stream.as_ref() else {
@@ -344,7 +367,7 @@ impl Conn {
                 let _ = write!(
                     Writer(&mut request),
                     "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\n\
-                     Content-Length: {}\r\n\r\n",
+                     {headers}Content-Length: {}\r\n\r\n",
                     self.host,
                     body.len()
                 );
@@ -482,7 +505,10 @@ impl Local {
 
 /// Starts the relay in this process on `127.0.0.1:0`, with the rate limits
 /// and the total storage bound off.
-async fn start_local(target: &Target) -> Result<(SocketAddr, Local, String), String> {
+async fn start_local(
+    target: &Target,
+    access: bool,
+) -> Result<(SocketAddr, Local, String), String> {
     let mut temp_dir = None;
     let (storage, described) = match target {
         Target::Sqlite(Some(path)) => (
@@ -517,6 +543,18 @@ async fn start_local(target: &Target) -> Result<(SocketAddr, Local, String), Str
             // Every client is on loopback.
             max_connections_per_address: 0,
             ..Limits::default()
+        },
+        // With access keys, the default relay rules (deposits that show the
+        // key need no stamp); the owners' identity stamps are setup, not
+        // load, and are off. Without, a relay that asks no stamps (the
+        // mailboxes have no key: every deposit would need one).
+        relay: if access {
+            RelayConfig {
+                identity_stamp_difficulty: 0,
+                ..RelayConfig::default()
+            }
+        } else {
+            RelayConfig::unpriced()
         },
         ..ServerConfig::default()
     };
@@ -595,6 +633,8 @@ impl SplitMix {
 /// A published mailbox and its owner.
 struct Owner {
     keys: IdentityKeyPair,
+    /// The `Cubbyhole-Access` header line of deposits (empty without).
+    access_header: String,
     deposit_path: String,
     challenge_path: String,
     fetch_path: String,
@@ -712,7 +752,10 @@ async fn depositor(shared: Arc<Shared>, mut conn: Conn, index: usize, seed: u64)
         body[0] = 0x01;
         rng.fill(&mut body[1..]);
         let started = due.unwrap_or_else(Instant::now);
-        match conn.request(&owner.deposit_path, Some(&body)).await {
+        match conn
+            .request_with(&owner.deposit_path, Some(&body), &owner.access_header)
+            .await
+        {
             Ok((201, _)) => {
                 tally.deposit.push(micros(started.elapsed()));
                 tally.accepted += 1;
@@ -852,11 +895,24 @@ async fn fetcher(shared: Arc<Shared>, mut conn: Conn, index: usize) -> Tally {
 
 /// Publishes a device (a real signed upload, no one-time prekeys) and
 /// returns its owner.
-async fn publish(conn: &mut Conn, counter: u64, fetch_limit: u32) -> Result<Owner, String> {
+async fn publish(
+    conn: &mut Conn,
+    counter: u64,
+    fetch_limit: u32,
+    access: bool,
+) -> Result<Owner, String> {
     let keys = IdentityKeyPair::generate(&mut OsRng);
     let signed_prekey = SignedPrekey::generate(&mut OsRng, &keys, 1, counter / 1000)
         .map_err(|e| format!("signed prekey: {e}"))?;
-    let upload = BundleSetUpload::new(1, &keys, counter, &signed_prekey, &[], true).sign(&keys);
+    let mut upload = BundleSetUpload::new(1, &keys, counter, &signed_prekey, &[], true);
+    let mailbox_id = DeviceAddress::new(keys.public(), 1).mailbox();
+    let mut access_header = String::new();
+    if access {
+        let key = AccessKey::generate(&mut OsRng);
+        upload.access_verifier = Some(key.verifier(&mailbox_id));
+        access_header = format!("Cubbyhole-Access: {}\r\n", hex::encode(key.as_bytes()));
+    }
+    let upload = upload.sign(&keys);
     match conn.request("/v1/directory", Some(&upload)).await {
         Ok((204, _)) => {}
         Ok((status, answer)) => return Err(format!("publish: {}", reason_of(status, &answer))),
@@ -865,6 +921,7 @@ async fn publish(conn: &mut Conn, counter: u64, fetch_limit: u32) -> Result<Owne
     let mailbox = hex::encode(DeviceAddress::new(keys.public(), 1).mailbox().0);
     let path = |what: &str| format!("/v1/mailboxes/{mailbox}/{what}");
     Ok(Owner {
+        access_header,
         deposit_path: path("envelopes"),
         challenge_path: path("challenge"),
         fetch_path: format!("{}?limit={fetch_limit}&wait_ms=0", path("fetch")),
@@ -896,7 +953,7 @@ async fn run(options: Options) -> Result<String, String> {
     let (addr, local, storage) = match &options.target {
         Target::Remote(url) => (resolve(url).await?, None, format!("the relay at {url}")),
         target => {
-            let (addr, local, storage) = start_local(target).await?;
+            let (addr, local, storage) = start_local(target, options.access).await?;
             (addr, Some(local), format!("in-process relay on {storage}"))
         }
     };
@@ -917,7 +974,15 @@ async fn load(options: &Options, addr: SocketAddr, storage: &str) -> Result<Stri
     let mut conn = Conn::new(addr);
     let mut owners = Vec::with_capacity(options.mailboxes);
     for i in 0..options.mailboxes {
-        owners.push(publish(&mut conn, counter + i as u64, options.fetch_limit).await?);
+        owners.push(
+            publish(
+                &mut conn,
+                counter + i as u64,
+                options.fetch_limit,
+                options.access,
+            )
+            .await?,
+        );
     }
     drop(conn);
     // Every client connects before the clock starts: the figures are those
@@ -1012,7 +1077,15 @@ fn report(
         options.threads,
         cpus()
     );
-    let _ = writeln!(out, "relay: {storage}");
+    let _ = writeln!(
+        out,
+        "relay: {storage}; {}",
+        if options.access {
+            "deposits carry the mailbox's access key (contacts' share)"
+        } else {
+            "no access keys (one share per mailbox, no stamps)"
+        }
+    );
     let _ = writeln!(
         out,
         "deposits: {sent} sent in {seconds:.2} s: {} accepted (201), {} repeats (200), \
