@@ -483,6 +483,11 @@ pub const REASONS: &[(&str, u16)] = &[
     Reason::UriSize.spec(),
     Reason::HeaderSize.spec(),
     Reason::Connections.spec(),
+    Reason::StampRequired.spec(),
+    Reason::StrangerEnvelopes.spec(),
+    Reason::StrangerBytes.spec(),
+    Reason::StrangersClosed.spec(),
+    Reason::StrangersTotal.spec(),
 ];
 
 /// The answers a route can give: `(status, None)` for a success,
