@@ -38,8 +38,12 @@ pub mod reason {
     pub const RATE_CLAIMS: &str = "bundle fetches per minute";
     /// `429 rate_requests`: requests per client address per minute.
     pub const RATE_REQUESTS: &str = "requests per minute";
-    /// `507 total_storage`: the relay holds its configured total.
+    /// `507 total_storage`: the relay holds its configured total (or is
+    /// nearly full and the mailbox holds more than its fair share).
     pub const TOTAL_STORAGE: &str = "relay total storage";
+    /// `507 strangers_total`: strangers' deposits hold their part of the
+    /// relay's total.
+    pub const STRANGERS_TOTAL: &str = "strangers' total storage";
     /// A `413`, `422`, `429` or `507` with a reason this client does not
     /// know (a newer server).
     pub const OTHER: &str = "relay limit";
@@ -61,6 +65,7 @@ fn limit_reason(wire: &str) -> &'static str {
         "rate_claims" => reason::RATE_CLAIMS,
         "rate_requests" => reason::RATE_REQUESTS,
         "total_storage" => reason::TOTAL_STORAGE,
+        "strangers_total" => reason::STRANGERS_TOTAL,
         _ => reason::OTHER,
     }
 }
@@ -97,6 +102,9 @@ fn error_for(
             TransportError::BadRequest(message.and_then(device_list_bad_request).unwrap_or(what))
         }
         401 => TransportError::Unauthorized,
+        403 if wire == Some("strangers_closed") => {
+            TransportError::LimitExceeded(core_reason::STRANGERS_CLOSED)
+        }
         404 if wire == Some("no_route") => TransportError::BadRequest("no such route on the relay"),
         404 => TransportError::NotFound,
         405 => TransportError::BadRequest("method not allowed by the relay"),
