@@ -216,6 +216,42 @@ ALTER TABLE mailboxes ADD COLUMN stranger_bytes INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE envelopes ADD COLUMN share INTEGER NOT NULL DEFAULT 0 CHECK (share IN (0, 1));
 ";
 
+/// The envelopes (and acknowledged ids) of inactive mailboxes received
+/// before `?2` (owners seen before `?1`): the idle owners through
+/// `devices_by_owner_seen`, their mailboxes' keys through the mailbox
+/// index, each mailbox's old envelopes through `envelopes_by_mailbox_time`.
+const EXPIRE_INACTIVE: &str = "DELETE FROM envelopes INDEXED BY envelopes_by_mailbox_time
+     WHERE mid IN (
+         SELECT m.mid FROM devices d INDEXED BY devices_by_owner_seen
+         JOIN mailboxes m ON m.mailbox = d.mailbox
+         WHERE d.owner_seen_at < ?1)
+     AND received_at < ?2";
+
+/// Everything of the devices not seen since `?1`, each statement finding
+/// them through `devices_by_owner_seen`: their mailboxes' envelopes,
+/// mailbox rows (usage, sequence) and used challenges, their pools, then
+/// the devices (with their claim times).
+const EXPIRE_DEVICES: [&str; 5] = [
+    "DELETE FROM envelopes WHERE mid IN (
+         SELECT m.mid FROM devices d INDEXED BY devices_by_owner_seen
+         JOIN mailboxes m ON m.mailbox = d.mailbox
+         WHERE d.owner_seen_at < ?1)",
+    "DELETE FROM mailboxes WHERE mailbox IN (
+         SELECT mailbox FROM devices INDEXED BY devices_by_owner_seen
+         WHERE owner_seen_at < ?1)",
+    "DELETE FROM used_challenges WHERE mailbox IN (
+         SELECT mailbox FROM devices INDEXED BY devices_by_owner_seen
+         WHERE owner_seen_at < ?1)",
+    "DELETE FROM one_time_prekeys WHERE (identity, device_id) IN (
+         SELECT identity, device_id FROM devices INDEXED BY devices_by_owner_seen
+         WHERE owner_seen_at < ?1)",
+    "DELETE FROM devices WHERE owner_seen_at < ?1",
+];
+
+/// Raises the owner's `owner_seen_at` of mailbox `?1` to `?2`.
+const OWNER_SEEN: &str = "UPDATE devices SET owner_seen_at = ?2
+     WHERE mailbox = ?1 AND owner_seen_at < ?2";
+
 /// A share as stored in `envelopes.share`.
 fn share_code(share: Share) -> i64 {
     match share {
@@ -1015,19 +1051,10 @@ impl RelayStorage for SqliteRelayStorage {
         let tx = self.begin()?;
         let mut freed: HashMap<i64, MailboxUsage> = HashMap::new();
         {
-            // The idle owners through `devices_by_owner_seen`, their
-            // mailboxes' keys through the mailbox index, then each
-            // mailbox's old envelopes through `envelopes_by_mailbox_time`.
             let mut expire = tx
-                .prepare_cached(
-                    "DELETE FROM envelopes INDEXED BY envelopes_by_mailbox_time
-                     WHERE mid IN (
-                         SELECT m.mid FROM devices d INDEXED BY devices_by_owner_seen
-                         JOIN mailboxes m ON m.mailbox = d.mailbox
-                         WHERE d.owner_seen_at < ?1)
-                     AND received_at < ?2
-                     RETURNING mid, acknowledged, size, share",
-                )
+                .prepare_cached(&format!(
+                    "{EXPIRE_INACTIVE} RETURNING mid, acknowledged, size, share"
+                ))
                 .map_err(db)?;
             let rows = expire
                 .query(params![time(seen_before), time(received_before)])
@@ -1042,34 +1069,15 @@ impl RelayStorage for SqliteRelayStorage {
     fn expire_devices(&mut self, seen_before: u64) -> Result<u64, RelayStorageError> {
         let tx = self.begin()?;
         let seen_before = time(seen_before);
-        // Everything of the idle devices' mailboxes and pools first (each
-        // statement finds them through `devices_by_owner_seen`), then the
-        // devices (with their claim times).
-        for statement in [
-            "DELETE FROM envelopes WHERE mid IN (
-                 SELECT m.mid FROM devices d INDEXED BY devices_by_owner_seen
-                 JOIN mailboxes m ON m.mailbox = d.mailbox
-                 WHERE d.owner_seen_at < ?1)",
-            "DELETE FROM mailboxes WHERE mailbox IN (
-                 SELECT mailbox FROM devices INDEXED BY devices_by_owner_seen
-                 WHERE owner_seen_at < ?1)",
-            "DELETE FROM used_challenges WHERE mailbox IN (
-                 SELECT mailbox FROM devices INDEXED BY devices_by_owner_seen
-                 WHERE owner_seen_at < ?1)",
-            "DELETE FROM one_time_prekeys WHERE (identity, device_id) IN (
-                 SELECT identity, device_id FROM devices INDEXED BY devices_by_owner_seen
-                 WHERE owner_seen_at < ?1)",
-        ] {
-            tx.prepare_cached(statement)
+        // The last statement deletes the devices: its count is theirs.
+        let mut deleted = 0;
+        for statement in EXPIRE_DEVICES {
+            deleted = tx
+                .prepare_cached(statement)
                 .map_err(db)?
                 .execute(params![seen_before])
                 .map_err(db)?;
         }
-        let deleted = tx
-            .prepare_cached("DELETE FROM devices WHERE owner_seen_at < ?1")
-            .map_err(db)?
-            .execute(params![seen_before])
-            .map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(deleted as u64)
     }
@@ -1123,13 +1131,10 @@ impl RelayStorage for SqliteRelayStorage {
             .map_err(db)?;
         if recorded == 1 {
             // The owner proved itself: seen now (never earlier than seen).
-            tx.prepare_cached(
-                "UPDATE devices SET owner_seen_at = ?2
-                 WHERE mailbox = ?1 AND owner_seen_at < ?2",
-            )
-            .map_err(db)?
-            .execute(params![mailbox.0, time(now)])
-            .map_err(db)?;
+            tx.prepare_cached(OWNER_SEEN)
+                .map_err(db)?
+                .execute(params![mailbox.0, time(now)])
+                .map_err(db)?;
         }
         tx.commit().map_err(db)?;
         Ok(recorded == 1)
@@ -1451,4 +1456,215 @@ fn usage_of(conn: &Connection, mailbox: &MailboxId) -> Result<MailboxUsage, Rela
         .optional()
         .map_err(db)?;
     Ok(usage.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::keys::{IdentityKeyPair, SignedPrekey};
+
+    const NOW: u64 = 1_800_000_000;
+
+    /// From version 5 back to version 4 as the previous release wrote it.
+    const DOWNGRADE_5_TO_4: &str = "
+        DROP INDEX devices_by_owner_seen;
+        ALTER TABLE devices DROP COLUMN access;
+        ALTER TABLE devices DROP COLUMN previous_access;
+        ALTER TABLE devices DROP COLUMN access_changed_at;
+        ALTER TABLE devices DROP COLUMN owner_seen_at;
+        ALTER TABLE mailboxes DROP COLUMN stranger_envelopes;
+        ALTER TABLE mailboxes DROP COLUMN stranger_bytes;
+        ALTER TABLE envelopes DROP COLUMN share;
+        PRAGMA user_version = 4;
+    ";
+
+    fn upload(counter: u64) -> BundleSetUpload {
+        let keys = IdentityKeyPair::from_seed(&[7; 32]);
+        let spk = SignedPrekey::from_secret(&keys, 1, NOW, [8; 32]).unwrap();
+        BundleSetUpload {
+            device: DeviceAddress::new(keys.public(), 1),
+            counter,
+            signed_prekey: SignedPrekeyRecord::of(&spk),
+            replace_one_time_prekeys: false,
+            one_time_prekeys: vec![(1, [1; 32]), (2, [2; 32])],
+            access_verifier: None,
+            identity_stamp: None,
+        }
+    }
+
+    fn env(k: u8, len: usize) -> Envelope {
+        Envelope {
+            id: EnvelopeId([k; 16]),
+            payload: vec![k; len],
+        }
+    }
+
+    const LIMITS: MailboxLimits = MailboxLimits {
+        max_envelopes: 2,
+        max_bytes: 1000,
+        max_stranger_envelopes: 1,
+        max_stranger_bytes: 1000,
+        expire_before: 0,
+    };
+
+    struct TempFile(std::path::PathBuf);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut path = self.0.clone().into_os_string();
+                path.push(suffix);
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    /// A version-4 database opens as version 5: devices are seen at their
+    /// last upload and have no verifier, envelopes are the contacts', and
+    /// the strangers' share starts empty.
+    #[test]
+    fn migrates_a_version_4_database() {
+        let file = TempFile(std::env::temp_dir().join(format!(
+            "cubbyhole-relay-migrate-4-{}.db",
+            std::process::id()
+        )));
+        let up = upload(3);
+        let mailbox = up.device.mailbox();
+        {
+            let mut storage = SqliteRelayStorage::open(&file.0).unwrap();
+            storage.apply_upload(&up, NOW - 10, 100).unwrap();
+            for k in 1..=2 {
+                let outcome = storage
+                    .insert_envelope(&mailbox, &env(k, 10), Share::Contacts, NOW, LIMITS)
+                    .unwrap();
+                assert_eq!(outcome, InsertOutcome::Stored);
+            }
+            storage
+                .acknowledge_envelopes(&mailbox, &[EnvelopeId([1; 16])])
+                .unwrap();
+        }
+        {
+            let conn = Connection::open(&file.0).unwrap();
+            conn.execute_batch(DOWNGRADE_5_TO_4).unwrap();
+        }
+        let mut storage = SqliteRelayStorage::open(&file.0).unwrap();
+        let version: u32 = storage
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 5);
+        let record = storage.mailbox_owner(&mailbox).unwrap().unwrap();
+        assert_eq!(
+            (record.counter, record.published_at, record.owner_seen_at),
+            (3, NOW - 10, NOW - 10)
+        );
+        assert_eq!(
+            (
+                record.access,
+                record.previous_access,
+                record.access_changed_at
+            ),
+            (None, None, 0)
+        );
+        assert_eq!(storage.one_time_prekey_count(&up.device).unwrap(), 2);
+        assert_eq!(
+            storage.mailbox_usage(&mailbox).unwrap(),
+            MailboxUsage {
+                envelopes: 1,
+                bytes: 10,
+                stranger_envelopes: 0,
+                stranger_bytes: 0,
+            }
+        );
+        // The migrated envelope is a contact's: the contacts' share holds
+        // one more, the strangers' share one, the acknowledged id stays.
+        let put = |s: &mut SqliteRelayStorage, k: u8, share: Share| {
+            s.insert_envelope(&mailbox, &env(k, 10), share, NOW, LIMITS)
+                .unwrap()
+        };
+        assert_eq!(
+            put(&mut storage, 1, Share::Strangers),
+            InsertOutcome::Duplicate
+        );
+        assert_eq!(
+            put(&mut storage, 3, Share::Strangers),
+            InsertOutcome::Stored
+        );
+        assert_eq!(
+            put(&mut storage, 4, Share::Strangers),
+            InsertOutcome::TooManyEnvelopes
+        );
+        assert_eq!(put(&mut storage, 5, Share::Contacts), InsertOutcome::Stored);
+        assert_eq!(
+            put(&mut storage, 6, Share::Contacts),
+            InsertOutcome::TooManyEnvelopes
+        );
+        // The sweeps find the device by when it was last seen.
+        assert_eq!(storage.expire_inactive(NOW - 10, NOW + 1).unwrap(), 0);
+        assert_eq!(storage.expire_inactive(NOW - 9, NOW + 1).unwrap(), 3);
+        assert_eq!(
+            storage.mailbox_usage(&mailbox).unwrap(),
+            MailboxUsage::default()
+        );
+        assert_eq!(storage.expire_devices(NOW - 9).unwrap(), 1);
+        assert_eq!(storage.mailbox_owner(&mailbox).unwrap(), None);
+    }
+
+    /// A share code other than 0 and 1 is corruption, not a panic (the
+    /// column's check keeps new ones out; an old or edited file may hold
+    /// one).
+    #[test]
+    fn a_bad_share_is_corrupted() {
+        let mut storage = SqliteRelayStorage::open_in_memory().unwrap();
+        let mailbox = MailboxId([3; 32]);
+        storage
+            .insert_envelope(&mailbox, &env(1, 10), Share::Strangers, NOW, LIMITS)
+            .unwrap();
+        storage
+            .conn
+            .execute_batch("PRAGMA ignore_check_constraints = ON; UPDATE envelopes SET share = 7;")
+            .unwrap();
+        assert!(matches!(
+            storage.acknowledge_envelopes(&mailbox, &[EnvelopeId([1; 16])]),
+            Err(RelayStorageError::Corrupted(_))
+        ));
+        assert!(matches!(
+            storage.expire_envelopes(NOW + 1),
+            Err(RelayStorageError::Corrupted(_))
+        ));
+        // Nothing was deleted by the refused calls.
+        assert_eq!(
+            storage.mailbox_usage(&mailbox).unwrap().stranger_envelopes,
+            1
+        );
+    }
+
+    /// The sweeps and the owner's updates go through indexes, not scans of
+    /// the envelopes, pools or devices.
+    #[test]
+    fn sweeps_use_indexes() {
+        let storage = SqliteRelayStorage::open_in_memory().unwrap();
+        let mut plans = vec![EXPIRE_INACTIVE, OWNER_SEEN];
+        plans.extend(EXPIRE_DEVICES);
+        for sql in plans {
+            let mut stmt = storage
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap();
+            let zeros = vec![0i64; stmt.parameter_count()];
+            let details: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(zeros), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let scans: Vec<&String> = details
+                .iter()
+                .filter(|d| d.starts_with("SCAN") && !d.contains("LIST SUBQUERY"))
+                .collect();
+            assert!(
+                scans.is_empty() && details.iter().any(|d| d.starts_with("SEARCH")),
+                "{sql}: {details:?}"
+            );
+        }
+    }
 }
