@@ -255,8 +255,9 @@ fn schema_version(client: &mut Client) -> i32 {
 }
 
 /// Schema 1 -> 4 (device lists, then stateless challenges and claim
-/// times, then access verifiers, owners seen and shares): relays starting together on a version-1 database migrate it
-/// once; what it held stays; device lists work.
+/// times, then access verifiers, owners seen and shares): relays starting
+/// together on a version-1 database migrate it once; what it held stays;
+/// device lists work.
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
