@@ -6,8 +6,8 @@
 use cubbyhole::relay::conformance::{self, Violation, CHECKS};
 use cubbyhole::relay::{
     AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
-    MailboxUsage, MemoryRelayStorage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList,
-    UploadOutcome,
+    MailboxUsage, MemoryRelayStorage, RelayKey, RelayStorage, RelayStorageError, Share,
+    StoredDeviceList, UploadOutcome,
 };
 use cubbyhole::transport::{BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId};
 use cubbyhole::AccountId;
@@ -131,6 +131,35 @@ enum Fault {
     AppendOverwrites,
     /// `append_device_list` keeps every version.
     RetainsAll,
+    /// `insert_envelope` bounds a share by the envelopes and bytes of both
+    /// shares.
+    SharesCombined,
+    /// `insert_envelope` stores every envelope in the contacts' share.
+    StrangersAsContacts,
+    /// A duplicate is recognised only within its share.
+    DuplicatesPerShare,
+    /// `acknowledge_envelopes` takes a strangers' envelope off the totals
+    /// but not off the strangers' counts.
+    AckKeepsStrangerCount,
+    /// An upload without an access verifier clears the stored one.
+    UploadClearsAccess,
+    /// A rotation does not keep the previous verifier.
+    RotationForgetsPrevious,
+    /// `mailbox_owner` finds nothing.
+    NoMailboxOwner,
+    /// `consume_challenge` does not mark the owner seen.
+    ChallengeNotSeen,
+    /// A refused `consume_challenge` marks the owner seen too.
+    RefusedChallengeSeen,
+    /// `expire_inactive` expires every mailbox, active or not.
+    InactiveIgnoresSeen,
+    /// `expire_inactive` also deletes what was received at the cutoff.
+    InactiveInclusive,
+    /// `expire_devices` hides the idle devices' records but keeps their
+    /// pools, mailboxes and challenges.
+    DevicesOnlyHidden,
+    /// `expire_devices` also deletes devices seen at the cutoff.
+    DevicesInclusive,
 }
 
 /// The memory storage with one fault.
@@ -143,6 +172,20 @@ struct Broken {
     lists: std::collections::BTreeMap<(AccountId, u64), StoredDeviceList>,
     /// The relay key (for `KeyReplaced`).
     key: Option<RelayKey>,
+    /// For the faults of `owner_seen_at`: the value reads report, by
+    /// device, where it differs from the inner storage's.
+    seen: std::collections::HashMap<DeviceAddress, u64>,
+    /// For the faults of the access verifiers: the `access` reads report.
+    access: std::collections::HashMap<DeviceAddress, Option<cubbyhole::transport::AccessVerifier>>,
+    /// For `DevicesOnlyHidden`: the devices reads do not see.
+    hidden: std::collections::HashSet<DeviceAddress>,
+    /// Every device with an applied upload.
+    known: std::collections::HashSet<DeviceAddress>,
+    /// For `DuplicatesPerShare`: the share of each envelope stored.
+    shares: std::collections::HashMap<(MailboxId, EnvelopeId), Share>,
+    /// For `AckKeepsStrangerCount`: what the strangers' counts of each
+    /// mailbox still hold of acknowledged envelopes.
+    stale: std::collections::HashMap<MailboxId, (u64, u64)>,
 }
 
 impl Broken {
@@ -154,7 +197,13 @@ impl Broken {
                 payload: b"left over".to_vec(),
             };
             inner
-                .insert_envelope(&MailboxId([0; 32]), &left_over, 1, limits::OPEN)
+                .insert_envelope(
+                    &MailboxId([0; 32]),
+                    &left_over,
+                    Share::Contacts,
+                    1,
+                    limits::OPEN,
+                )
                 .unwrap();
         }
         Broken {
@@ -163,34 +212,44 @@ impl Broken {
             group: None,
             lists: std::collections::BTreeMap::new(),
             key: None,
+            seen: std::collections::HashMap::new(),
+            access: std::collections::HashMap::new(),
+            hidden: std::collections::HashSet::new(),
+            known: std::collections::HashSet::new(),
+            shares: std::collections::HashMap::new(),
+            stale: std::collections::HashMap::new(),
         }
     }
     fn maker(fault: Fault) -> impl FnMut() -> Broken {
         move || Broken::new(fault)
     }
-}
 
-impl RelayStorage for Broken {
-    fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
-        let record = self.inner.device(device)?;
-        if self.fault == Fault::ClampsCreated {
-            return Ok(record.map(|mut r| {
-                r.signed_prekey.created = r.signed_prekey.created.min(i64::MAX as u64);
-                r
-            }));
+    /// A record as the faults make reads report it.
+    fn shown(&self, record: Option<DeviceRecord>) -> Option<DeviceRecord> {
+        let mut record = record?;
+        if self.hidden.contains(&record.device) {
+            return None;
         }
-        Ok(record)
+        if let Some(seen) = self.seen.get(&record.device) {
+            record.owner_seen_at = *seen;
+        }
+        if let Some(access) = self.access.get(&record.device) {
+            record.access = *access;
+        }
+        if self.fault == Fault::RotationForgetsPrevious {
+            record.previous_access = None;
+        }
+        Some(record)
     }
-    fn mailbox_exists(&self, mailbox: &MailboxId) -> Result<bool, RelayStorageError> {
-        self.inner.mailbox_exists(mailbox)
-    }
-    fn apply_upload(
+
+    /// `apply_upload` with the upload faults.
+    fn apply_upload_inner(
         &mut self,
         upload: &BundleSetUpload,
         published_at: u64,
         max_one_time_prekeys: u32,
+        stored: Option<DeviceRecord>,
     ) -> Result<UploadOutcome, RelayStorageError> {
-        let stored = self.inner.device(&upload.device)?;
         if self.fault == Fault::ReplayEqualCounter
             && stored.is_some_and(|r| r.counter == upload.counter)
         {
@@ -215,6 +274,132 @@ impl RelayStorage for Broken {
         }
         Ok(outcome)
     }
+    /// `insert_envelope` with the insert faults of the suite before shares.
+    fn insert_one(
+        &mut self,
+        mailbox: &MailboxId,
+        envelope: &Envelope,
+        share: Share,
+        received_at: u64,
+        limits: MailboxLimits,
+    ) -> Result<InsertOutcome, RelayStorageError> {
+        let outcome = match self.fault {
+            Fault::InsertNotIdempotent => {
+                // A duplicate goes in under another id.
+                let outcome =
+                    self.inner
+                        .insert_envelope(mailbox, envelope, share, received_at, limits)?;
+                if outcome == InsertOutcome::Duplicate {
+                    let mut copy = envelope.clone();
+                    copy.id.0[15] ^= 0xff;
+                    return self
+                        .inner
+                        .insert_envelope(mailbox, &copy, share, received_at, limits);
+                }
+                Ok(outcome)
+            }
+            Fault::BoundsBeforeDuplicates => {
+                let usage = self.inner.mailbox_usage(mailbox)?;
+                if usage.envelopes >= u64::from(limits.max_envelopes) {
+                    return Ok(InsertOutcome::TooManyEnvelopes);
+                }
+                self.inner
+                    .insert_envelope(mailbox, envelope, share, received_at, limits)
+            }
+            _ => self
+                .inner
+                .insert_envelope(mailbox, envelope, share, received_at, limits),
+        }?;
+        if outcome == InsertOutcome::Stored {
+            self.shares.insert((*mailbox, envelope.id), share);
+        }
+        Ok(outcome)
+    }
+
+    fn is_pending(&self, mailbox: &MailboxId, id: &EnvelopeId) -> bool {
+        self.inner
+            .list_envelopes(mailbox, 0, u32::MAX, u64::MAX)
+            .is_ok_and(|all| all.iter().any(|e| e.id == *id))
+    }
+}
+
+impl RelayStorage for Broken {
+    fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
+        let record = self.shown(self.inner.device(device)?);
+        if self.fault == Fault::ClampsCreated {
+            return Ok(record.map(|mut r| {
+                r.signed_prekey.created = r.signed_prekey.created.min(i64::MAX as u64);
+                r
+            }));
+        }
+        Ok(record)
+    }
+    fn mailbox_exists(&self, mailbox: &MailboxId) -> Result<bool, RelayStorageError> {
+        Ok(self.mailbox_owner(mailbox)?.is_some())
+    }
+    fn mailbox_owner(
+        &self,
+        mailbox: &MailboxId,
+    ) -> Result<Option<DeviceRecord>, RelayStorageError> {
+        if self.fault == Fault::NoMailboxOwner {
+            return Ok(None);
+        }
+        Ok(self.shown(self.inner.mailbox_owner(mailbox)?))
+    }
+    fn expire_inactive(
+        &mut self,
+        seen_before: u64,
+        received_before: u64,
+    ) -> Result<u64, RelayStorageError> {
+        match self.fault {
+            Fault::InactiveIgnoresSeen => self.inner.expire_inactive(u64::MAX, received_before),
+            Fault::InactiveInclusive => self
+                .inner
+                .expire_inactive(seen_before, received_before.saturating_add(1)),
+            _ => self.inner.expire_inactive(seen_before, received_before),
+        }
+    }
+    fn expire_devices(&mut self, seen_before: u64) -> Result<u64, RelayStorageError> {
+        match self.fault {
+            Fault::DevicesInclusive => self.inner.expire_devices(seen_before.saturating_add(1)),
+            Fault::DevicesOnlyHidden => {
+                // The records look deleted; nothing else is.
+                let mut idle = Vec::new();
+                for device in &self.known {
+                    if self
+                        .device(device)?
+                        .is_some_and(|r| r.owner_seen_at < seen_before)
+                    {
+                        idle.push(*device);
+                    }
+                }
+                self.hidden.extend(idle.iter().copied());
+                Ok(idle.len() as u64)
+            }
+            _ => self.inner.expire_devices(seen_before),
+        }
+    }
+    fn apply_upload(
+        &mut self,
+        upload: &BundleSetUpload,
+        published_at: u64,
+        max_one_time_prekeys: u32,
+    ) -> Result<UploadOutcome, RelayStorageError> {
+        let stored = self.inner.device(&upload.device)?;
+        let outcome =
+            self.apply_upload_inner(upload, published_at, max_one_time_prekeys, stored)?;
+        if outcome == UploadOutcome::Applied {
+            self.known.insert(upload.device);
+            self.hidden.remove(&upload.device);
+            self.seen.remove(&upload.device);
+            if self.fault == Fault::UploadClearsAccess && upload.access_verifier.is_none() {
+                self.access.insert(upload.device, None);
+            } else {
+                self.access.remove(&upload.device);
+            }
+        }
+        Ok(outcome)
+    }
     fn claim_one_time_prekey(
         &mut self,
         device: &DeviceAddress,
@@ -236,52 +421,61 @@ impl RelayStorage for Broken {
         &mut self,
         mailbox: &MailboxId,
         envelope: &Envelope,
+        share: Share,
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<InsertOutcome, RelayStorageError> {
         match self.fault {
-            Fault::InsertNotIdempotent => {
-                // A duplicate goes in under another id.
-                let outcome = self
-                    .inner
-                    .insert_envelope(mailbox, envelope, received_at, limits)?;
-                if outcome == InsertOutcome::Duplicate {
-                    let mut copy = envelope.clone();
-                    copy.id.0[15] ^= 0xff;
-                    return self
-                        .inner
-                        .insert_envelope(mailbox, &copy, received_at, limits);
-                }
-                Ok(outcome)
-            }
-            Fault::BoundsBeforeDuplicates => {
+            Fault::SharesCombined => {
                 let usage = self.inner.mailbox_usage(mailbox)?;
-                if usage.envelopes >= u64::from(limits.max_envelopes) {
+                let max = match share {
+                    Share::Contacts => limits.max_envelopes,
+                    Share::Strangers => limits.max_stranger_envelopes,
+                };
+                if usage.envelopes >= u64::from(max) && !self.is_pending(mailbox, &envelope.id) {
                     return Ok(InsertOutcome::TooManyEnvelopes);
                 }
-                self.inner
-                    .insert_envelope(mailbox, envelope, received_at, limits)
+                self.insert_one(mailbox, envelope, share, received_at, limits)
             }
-            _ => self
-                .inner
-                .insert_envelope(mailbox, envelope, received_at, limits),
+            Fault::StrangersAsContacts => {
+                // Checked and stored as a contact's.
+                self.insert_one(mailbox, envelope, Share::Contacts, received_at, limits)
+            }
+            Fault::DuplicatesPerShare => {
+                let other = self.shares.get(&(*mailbox, envelope.id)).copied();
+                if other.is_some_and(|other| other != share) {
+                    // New to its share: stored (under another id).
+                    let mut copy = envelope.clone();
+                    copy.id.0[15] ^= 0x55;
+                    return self.insert_one(mailbox, &copy, share, received_at, limits);
+                }
+                self.insert_one(mailbox, envelope, share, received_at, limits)
+            }
+            _ => self.insert_one(mailbox, envelope, share, received_at, limits),
         }
     }
+
     fn insert_envelopes(
         &mut self,
-        batch: &[(MailboxId, Envelope)],
+        batch: &[(MailboxId, Envelope, Share)],
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<Vec<InsertOutcome>, RelayStorageError> {
         if self.fault == Fault::BatchIgnoresEarlier {
             let before = self.inner.clone();
             let mut outcomes = Vec::new();
-            for (mailbox, envelope) in batch {
+            for (mailbox, envelope, share) in batch {
                 let mut alone = before.clone();
-                let outcome = alone.insert_envelope(mailbox, envelope, received_at, limits)?;
+                let outcome =
+                    alone.insert_envelope(mailbox, envelope, *share, received_at, limits)?;
                 if outcome == InsertOutcome::Stored {
-                    self.inner
-                        .insert_envelope(mailbox, envelope, received_at, limits::OPEN)?;
+                    self.inner.insert_envelope(
+                        mailbox,
+                        envelope,
+                        *share,
+                        received_at,
+                        limits::OPEN,
+                    )?;
                 }
                 outcomes.push(outcome);
             }
@@ -289,7 +483,7 @@ impl RelayStorage for Broken {
         }
         batch
             .iter()
-            .map(|(m, e)| self.insert_envelope(m, e, received_at, limits))
+            .map(|(m, e, share)| self.insert_envelope(m, e, *share, received_at, limits))
             .collect()
     }
     fn list_envelopes(
@@ -322,7 +516,12 @@ impl RelayStorage for Broken {
         if self.fault == Fault::UsageNoBytes {
             return Ok(MailboxUsage { bytes: 0, ..usage });
         }
-        Ok(usage)
+        let (envelopes, bytes) = self.stale.get(mailbox).copied().unwrap_or_default();
+        Ok(MailboxUsage {
+            stranger_envelopes: usage.stranger_envelopes + envelopes,
+            stranger_bytes: usage.stranger_bytes + bytes,
+            ..usage
+        })
     }
     fn acknowledge_envelopes(
         &mut self,
@@ -334,6 +533,17 @@ impl RelayStorage for Broken {
             let all: Vec<EnvelopeId> = pending.iter().map(|e| e.id).collect();
             self.inner.acknowledge_envelopes(mailbox, &all)?;
             return Ok(all.iter().filter(|id| ids.contains(id)).count() as u64);
+        }
+        if self.fault == Fault::AckKeepsStrangerCount {
+            for e in self.inner.list_envelopes(mailbox, 0, u32::MAX, u64::MAX)? {
+                if ids.contains(&e.id)
+                    && self.shares.get(&(*mailbox, e.id)) == Some(&Share::Strangers)
+                {
+                    let stale = self.stale.entry(*mailbox).or_default();
+                    stale.0 += 1;
+                    stale.1 += e.payload.len() as u64;
+                }
+            }
         }
         self.inner.acknowledge_envelopes(mailbox, ids)
     }
@@ -385,8 +595,19 @@ impl RelayStorage for Broken {
             // Records of every mailbox go: a coarse stand-in.
             self.inner.purge_challenges(u64::MAX)?;
         }
-        self.inner
-            .consume_challenge(mailbox, challenge, now, expires_at)
+        let owner = self.mailbox_owner(mailbox)?;
+        let used = self
+            .inner
+            .consume_challenge(mailbox, challenge, now, expires_at)?;
+        if let Some(owner) = owner {
+            if used && self.fault == Fault::ChallengeNotSeen {
+                self.seen.insert(owner.device, owner.owner_seen_at);
+            }
+            if !used && self.fault == Fault::RefusedChallengeSeen {
+                self.seen.insert(owner.device, owner.owner_seen_at.max(now));
+            }
+        }
+        Ok(used)
     }
     fn device_list_head(
         &self,
@@ -467,6 +688,8 @@ mod limits {
     pub const OPEN: MailboxLimits = MailboxLimits {
         max_envelopes: u32::MAX,
         max_bytes: u64::MAX,
+        max_stranger_envelopes: u32::MAX,
+        max_stranger_bytes: u64::MAX,
         expire_before: 0,
     };
 }
@@ -513,6 +736,19 @@ fn every_fault_is_caught_by_its_check() {
         (Fault::AppendIgnoresHead, "device_lists"),
         (Fault::AppendOverwrites, "device_lists"),
         (Fault::RetainsAll, "device_list_retention"),
+        (Fault::SharesCombined, "shares"),
+        (Fault::StrangersAsContacts, "shares"),
+        (Fault::DuplicatesPerShare, "shares"),
+        (Fault::AckKeepsStrangerCount, "shares"),
+        (Fault::UploadClearsAccess, "access"),
+        (Fault::RotationForgetsPrevious, "access"),
+        (Fault::NoMailboxOwner, "access"),
+        (Fault::ChallengeNotSeen, "owner_seen"),
+        (Fault::RefusedChallengeSeen, "owner_seen"),
+        (Fault::InactiveIgnoresSeen, "inactive"),
+        (Fault::InactiveInclusive, "inactive"),
+        (Fault::DevicesOnlyHidden, "expire_devices"),
+        (Fault::DevicesInclusive, "expire_devices"),
     ];
     let mut missed = Vec::new();
     for (fault, check) in cases {

@@ -88,7 +88,8 @@ use cubbyhole::relay::{
     UploadOutcome,
 };
 use cubbyhole::transport::{
-    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,
+    AccessVerifier, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId,
+    SignedPrekeyRecord,
 };
 use cubbyhole::AccountId;
 use postgres::error::SqlState;
@@ -100,7 +101,7 @@ use postgres::{Client, Config, NoTls, Statement};
 pub const DEPOSIT_CHANNEL: &str = "cubbyhole_deposit";
 
 /// The schema version this code writes (`cubbyhole_relay_meta`).
-const SCHEMA_VERSION: i32 = 3;
+const SCHEMA_VERSION: i32 = 4;
 
 /// Advisory lock classes (first key of the two-key advisory locks; the
 /// second is the schema's `0` or the first four bytes of a mailbox id, which
@@ -228,6 +229,45 @@ CREATE TABLE cubbyhole_relay_key (
 );
 ";
 
+/// From schema version 3 to 4 (SPEC.md 16.6, 16.8), the last step of
+/// every creation or migration: each device gets the verifiers of its
+/// mailbox's access key (current and previous, `NULL` for none), when the
+/// current one was registered (0 for never) and when its owner was last
+/// seen (`owner_seen_at`: its last upload's time for an existing device),
+/// indexed for the sweeps that look for idle owners; each envelope gets its
+/// share (0 contacts, 1 strangers; existing ones were deposited before
+/// shares existed: contacts). The envelopes get an index by mailbox and
+/// receipt time, for the expiry of inactive mailboxes.
+const MIGRATE_3_TO_4: &str = "
+ALTER TABLE cubbyhole_relay_devices
+    ADD COLUMN access bytea CHECK (length(access) = 32),
+    ADD COLUMN previous_access bytea CHECK (length(previous_access) = 32),
+    ADD COLUMN access_changed_at bigint NOT NULL DEFAULT 0,
+    ADD COLUMN owner_seen_at bigint NOT NULL DEFAULT 0;
+UPDATE cubbyhole_relay_devices SET owner_seen_at = published_at;
+CREATE INDEX cubbyhole_relay_devices_by_owner_seen
+    ON cubbyhole_relay_devices (owner_seen_at);
+ALTER TABLE cubbyhole_relay_envelopes
+    ADD COLUMN share smallint NOT NULL DEFAULT 0 CHECK (share IN (0, 1));
+CREATE INDEX cubbyhole_relay_envelopes_by_mailbox_time
+    ON cubbyhole_relay_envelopes (mailbox, received_at);
+CREATE INDEX cubbyhole_relay_acknowledged_by_mailbox_time
+    ON cubbyhole_relay_acknowledged (mailbox, received_at);
+";
+
+/// The columns of a device record, in the order [`device_record`] reads
+/// them.
+const DEVICE_COLUMNS: &str = "identity, device_id, counter, spk_id, spk_created, spk_public,
+     spk_signature, published_at, access, previous_access, access_changed_at, owner_seen_at";
+
+/// A share as stored in `share` columns.
+fn share_code(share: Share) -> i16 {
+    match share {
+        Share::Contacts => 0,
+        Share::Strangers => 1,
+    }
+}
+
 /// How often a transaction aborted as a deadlock victim or for a
 /// serialization failure is tried again.
 const MAX_RETRIES: u32 = 8;
@@ -322,6 +362,46 @@ fn stored_list(row: &postgres::Row) -> Result<StoredDeviceList, Failure> {
     })
 }
 
+/// An access verifier column (`NULL` for none).
+fn verifier(row: &postgres::Row, column: usize) -> Result<Option<AccessVerifier>, Failure> {
+    row.try_get::<_, Option<&[u8]>>(column)?
+        .map(|bytes| fixed(bytes, "access verifier").map(AccessVerifier))
+        .transpose()
+}
+
+/// A device record from a row of [`DEVICE_COLUMNS`].
+fn device_record(row: &postgres::Row) -> Result<DeviceRecord, Failure> {
+    Ok(DeviceRecord {
+        device: DeviceAddress {
+            identity: fixed(row.try_get(0)?, "identity key")?,
+            device_id: small(row.try_get(1)?, "device id")?,
+        },
+        counter: unbits(row.try_get(2)?),
+        signed_prekey: SignedPrekeyRecord {
+            id: small(row.try_get(3)?, "signed prekey id")?,
+            created: unbits(row.try_get(4)?),
+            public: fixed(row.try_get(5)?, "signed prekey")?,
+            signature: fixed(row.try_get(6)?, "signed prekey signature")?,
+        },
+        published_at: count(row.try_get(7)?),
+        access: verifier(row, 8)?,
+        previous_access: verifier(row, 9)?,
+        access_changed_at: count(row.try_get(10)?),
+        owner_seen_at: count(row.try_get(11)?),
+    })
+}
+
+/// A usage from four `bigint` columns from `first` (envelopes, bytes,
+/// stranger envelopes, stranger bytes).
+fn usage_row(row: &postgres::Row, first: usize) -> Result<MailboxUsage, Failure> {
+    Ok(MailboxUsage {
+        envelopes: count(row.try_get(first)?),
+        bytes: count(row.try_get(first + 1)?),
+        stranger_envelopes: count(row.try_get(first + 2)?),
+        stranger_bytes: count(row.try_get(first + 3)?),
+    })
+}
+
 /// The second key of a mailbox's advisory locks.
 fn lock_key(mailbox: &MailboxId) -> i32 {
     i32::from_be_bytes([mailbox.0[0], mailbox.0[1], mailbox.0[2], mailbox.0[3]])
@@ -345,6 +425,7 @@ fn parse_config(url: &str) -> Result<Config, RelayStorageError> {
 /// Every statement, prepared once per connection.
 struct Statements {
     device: Statement,
+    mailbox_owner: Statement,
     mailbox_exists: Statement,
     insert_device: Statement,
     lock_device: Statement,
@@ -370,35 +451,43 @@ struct Statements {
     expire_used: Statement,
     use_challenge: Statement,
     purge_challenges: Statement,
+    owner_seen: Statement,
+    expire_inactive: Statement,
+    expire_devices: Statement,
 }
 
 impl Statements {
     fn prepare(client: &mut Client) -> Result<Self, postgres::Error> {
         let mut p = |sql: &str| client.prepare(sql);
         Ok(Statements {
-            device: p(
-                "SELECT counter, spk_id, spk_created, spk_public, spk_signature,
-                          published_at
-                   FROM cubbyhole_relay_devices WHERE identity = $1 AND device_id = $2",
-            )?,
+            device: p(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM cubbyhole_relay_devices
+                 WHERE identity = $1 AND device_id = $2"
+            ))?,
+            mailbox_owner: p(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM cubbyhole_relay_devices WHERE mailbox = $1"
+            ))?,
             mailbox_exists: p("SELECT EXISTS (
                                    SELECT 1 FROM cubbyhole_relay_devices WHERE mailbox = $1)")?,
             insert_device: p(
                 "INSERT INTO cubbyhole_relay_devices (identity, device_id, mailbox,
                                   counter, spk_id, spk_created, spk_public, spk_signature,
-                                  published_at)
-                              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                                  published_at, access, access_changed_at, owner_seen_at)
+                              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+                                      CASE WHEN $10::bytea IS NULL THEN 0 ELSE $9::bigint END, $9::bigint)
                               -- No conflict target: the mailbox is derived
                               -- from (identity, device_id), so a racing first
                               -- upload hits either unique index for the same
                               -- row, and both mean it is already there.
                               ON CONFLICT DO NOTHING",
             )?,
-            lock_device: p("SELECT counter FROM cubbyhole_relay_devices
+            lock_device: p("SELECT counter, access, previous_access, access_changed_at
+                            FROM cubbyhole_relay_devices
                             WHERE identity = $1 AND device_id = $2 FOR UPDATE")?,
             update_device: p("UPDATE cubbyhole_relay_devices
                               SET counter = $3, spk_id = $4, spk_created = $5, spk_public = $6,
-                                  spk_signature = $7, published_at = $8
+                                  spk_signature = $7, published_at = $8, owner_seen_at = $8,
+                                  access = $9, previous_access = $10, access_changed_at = $11
                               WHERE identity = $1 AND device_id = $2")?,
             clear_pool: p("DELETE FROM cubbyhole_relay_one_time_prekeys
                            WHERE identity = $1 AND device_id = $2")?,
@@ -441,7 +530,9 @@ impl Statements {
                                FROM head JOIN cubbyhole_relay_envelopes e ON e.seq = head.seq
                                WHERE head.n = 1 OR head.total <= $4::bigint
                                ORDER BY head.seq")?,
-            usage: p("SELECT count(*), coalesce(sum(size), 0)::bigint
+            usage: p("SELECT count(*), coalesce(sum(size), 0)::bigint,
+                             count(*) FILTER (WHERE share = 1),
+                             coalesce(sum(size) FILTER (WHERE share = 1), 0)::bigint
                       FROM cubbyhole_relay_envelopes WHERE mailbox = $1")?,
             // One statement per step for all of a deposit batch's mailboxes.
             expire_mailboxes: p("WITH acknowledged AS (
@@ -449,7 +540,9 @@ impl Statements {
                                      WHERE mailbox = ANY($1::bytea[]) AND received_at < $2)
                                  DELETE FROM cubbyhole_relay_envelopes
                                  WHERE mailbox = ANY($1::bytea[]) AND received_at < $2")?,
-            usage_of_mailboxes: p("SELECT mailbox, count(*), coalesce(sum(size), 0)::bigint
+            usage_of_mailboxes: p("SELECT mailbox, count(*), coalesce(sum(size), 0)::bigint,
+                                          count(*) FILTER (WHERE share = 1),
+                                          coalesce(sum(size) FILTER (WHERE share = 1), 0)::bigint
                                    FROM cubbyhole_relay_envelopes
                                    WHERE mailbox = ANY($1::bytea[])
                                    GROUP BY mailbox")?,
@@ -464,10 +557,11 @@ impl Statements {
                                      ON a.mailbox = b.mailbox AND a.id = b.id")?,
             // In batch order, so that `seq` (the delivery order) follows it.
             insert_batch: p("INSERT INTO cubbyhole_relay_envelopes
-                                 (mailbox, id, received_at, size, payload)
-                             SELECT b.mailbox, b.id, $5, b.size, b.payload
-                             FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bytea[])
-                                 WITH ORDINALITY AS b(mailbox, id, size, payload, n)
+                                 (mailbox, id, received_at, size, payload, share)
+                             SELECT b.mailbox, b.id, $5, b.size, b.payload, b.share
+                             FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bytea[],
+                                         $6::smallint[])
+                                 WITH ORDINALITY AS b(mailbox, id, size, payload, share, n)
                              ORDER BY b.n")?,
             notify_batch: p(&format!(
                 "SELECT pg_notify('{DEPOSIT_CHANNEL}', m) FROM unnest($1::text[]) AS m"
@@ -496,6 +590,37 @@ impl Statements {
             purge_challenges: p(
                 "DELETE FROM cubbyhole_relay_used_challenges WHERE expires_at < $1",
             )?,
+            owner_seen: p("UPDATE cubbyhole_relay_devices SET owner_seen_at = $2
+                           WHERE mailbox = $1 AND owner_seen_at < $2")?,
+            // The idle owners through the owner-seen index, then each
+            // mailbox's old rows through its (mailbox, received_at) index.
+            expire_inactive: p("WITH inactive AS (
+                                    SELECT mailbox FROM cubbyhole_relay_devices
+                                    WHERE owner_seen_at < $1),
+                                acknowledged AS (
+                                    DELETE FROM cubbyhole_relay_acknowledged a
+                                    USING inactive i
+                                    WHERE a.mailbox = i.mailbox AND a.received_at < $2)
+                                DELETE FROM cubbyhole_relay_envelopes e USING inactive i
+                                WHERE e.mailbox = i.mailbox AND e.received_at < $2")?,
+            // One statement: the devices and everything of theirs.
+            expire_devices: p("WITH idle AS (
+                                   DELETE FROM cubbyhole_relay_devices WHERE owner_seen_at < $1
+                                   RETURNING identity, device_id, mailbox),
+                               pools AS (
+                                   DELETE FROM cubbyhole_relay_one_time_prekeys o USING idle
+                                   WHERE o.identity = idle.identity
+                                       AND o.device_id = idle.device_id),
+                               envelopes AS (
+                                   DELETE FROM cubbyhole_relay_envelopes e USING idle
+                                   WHERE e.mailbox = idle.mailbox),
+                               acknowledged AS (
+                                   DELETE FROM cubbyhole_relay_acknowledged a USING idle
+                                   WHERE a.mailbox = idle.mailbox),
+                               challenges AS (
+                                   DELETE FROM cubbyhole_relay_used_challenges c USING idle
+                                   WHERE c.mailbox = idle.mailbox)
+                               SELECT count(*) FROM idle")?,
         })
     }
 }
@@ -546,12 +671,15 @@ fn ensure_schema(client: &mut Client) -> Result<(), RelayStorageError> {
         };
         return match version {
             SCHEMA_VERSION => Ok(()),
-            1 | 2 => {
+            1..=3 => {
                 if version == 1 {
                     // Version 1 to 2: the device lists' table.
                     tx.batch_execute(DEVICE_LIST_TABLE).map_err(db)?;
                 }
-                tx.batch_execute(MIGRATE_2_TO_3).map_err(db)?;
+                if version <= 2 {
+                    tx.batch_execute(MIGRATE_2_TO_3).map_err(db)?;
+                }
+                tx.batch_execute(MIGRATE_3_TO_4).map_err(db)?;
                 tx.execute(
                     "UPDATE cubbyhole_relay_meta SET schema_version = $1",
                     &[&SCHEMA_VERSION],
@@ -584,6 +712,7 @@ fn ensure_schema(client: &mut Client) -> Result<(), RelayStorageError> {
     tx.batch_execute(SCHEMA).map_err(db)?;
     tx.batch_execute(DEVICE_LIST_TABLE).map_err(db)?;
     tx.batch_execute(MIGRATE_2_TO_3).map_err(db)?;
+    tx.batch_execute(MIGRATE_3_TO_4).map_err(db)?;
     tx.execute(
         "INSERT INTO cubbyhole_relay_meta (schema_version) VALUES ($1)",
         &[&SCHEMA_VERSION],
@@ -836,28 +965,25 @@ impl RelayStorage for PostgresRelayStorage {
     fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
         let device = *device;
         self.run(|client, st| {
-            let Some(row) = client.query_opt(
-                &st.device,
-                &[&&device.identity[..], &i64::from(device.device_id)],
-            )?
-            else {
-                return Ok(None);
-            };
-            Ok(Some(DeviceRecord {
-                device,
-                counter: unbits(row.try_get(0)?),
-                signed_prekey: SignedPrekeyRecord {
-                    id: small(row.try_get(1)?, "signed prekey id")?,
-                    created: unbits(row.try_get(2)?),
-                    public: fixed(row.try_get(3)?, "signed prekey")?,
-                    signature: fixed(row.try_get(4)?, "signed prekey signature")?,
-                },
-                access: None,
-                previous_access: None,
-                access_changed_at: 0,
-                owner_seen_at: u64::MAX,
-                published_at: count(row.try_get(5)?),
-            }))
+            client
+                .query_opt(
+                    &st.device,
+                    &[&&device.identity[..], &i64::from(device.device_id)],
+                )?
+                .map(|row| device_record(&row))
+                .transpose()
+        })
+    }
+
+    fn mailbox_owner(
+        &self,
+        mailbox: &MailboxId,
+    ) -> Result<Option<DeviceRecord>, RelayStorageError> {
+        self.run(|client, st| {
+            client
+                .query_opt(&st.mailbox_owner, &[&&mailbox.0[..]])?
+                .map(|row| device_record(&row))
+                .transpose()
         })
     }
 
@@ -890,11 +1016,12 @@ impl RelayStorage for PostgresRelayStorage {
             .iter()
             .map(|(_, key)| &key[..])
             .collect();
+        let new_access: Option<&[u8]> = upload.access_verifier.as_ref().map(|v| &v.0[..]);
         self.run(|client, st| {
             let mut tx = client.transaction()?;
-            // A new device's row is inserted (and locked) at once; a
-            // concurrent first upload of the same device waits for this
-            // transaction, then finds the row.
+            // A new device's row is inserted (and locked) at once, with the
+            // upload's verifier; a concurrent first upload of the same
+            // device waits for this transaction, then finds the row.
             let inserted = tx.execute(
                 &st.insert_device,
                 &[
@@ -907,15 +1034,24 @@ impl RelayStorage for PostgresRelayStorage {
                     &&spk.public[..],
                     &&spk.signature[..],
                     &time(published_at),
+                    &new_access,
                 ],
             )?;
             if inserted == 0 {
-                let stored: i64 = tx
-                    .query_one(&st.lock_device, &[&identity, &device_id])?
-                    .try_get(0)?;
+                let row = tx.query_one(&st.lock_device, &[&identity, &device_id])?;
+                let stored: i64 = row.try_get(0)?;
                 if upload.counter <= unbits(stored) {
                     // Dropping the transaction rolls it back.
                     return Ok(UploadOutcome::Replayed);
+                }
+                // A new verifier rotates; none (or the same) keeps.
+                let mut access: Option<&[u8]> = row.try_get(1)?;
+                let mut previous: Option<&[u8]> = row.try_get(2)?;
+                let mut changed_at: i64 = row.try_get(3)?;
+                if new_access.is_some() && new_access != access {
+                    previous = access;
+                    access = new_access;
+                    changed_at = time(published_at);
                 }
                 tx.execute(
                     &st.update_device,
@@ -928,6 +1064,9 @@ impl RelayStorage for PostgresRelayStorage {
                         &&spk.public[..],
                         &&spk.signature[..],
                         &time(published_at),
+                        &access,
+                        &previous,
+                        &changed_at,
                     ],
                 )?;
             }
@@ -1031,14 +1170,14 @@ impl RelayStorage for PostgresRelayStorage {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let mut mailboxes: Vec<MailboxId> = batch.iter().map(|(m, _, _)| *m).collect();
+        let mut mailboxes: Vec<MailboxId> = batch.iter().map(|(m, ..)| *m).collect();
         mailboxes.sort_unstable_by_key(|m| m.0);
         mailboxes.dedup();
         let mut keys: Vec<i32> = mailboxes.iter().map(lock_key).collect();
         keys.sort_unstable();
         keys.dedup();
         let mailbox_list: Vec<&[u8]> = mailboxes.iter().map(|m| &m.0[..]).collect();
-        let batch_mailboxes: Vec<&[u8]> = batch.iter().map(|(m, _, _)| &m.0[..]).collect();
+        let batch_mailboxes: Vec<&[u8]> = batch.iter().map(|(m, ..)| &m.0[..]).collect();
         let batch_ids: Vec<&[u8]> = batch.iter().map(|(_, e, _)| &e.id.0[..]).collect();
         let cutoff = time(limits.expire_before);
         self.run(|client, st| {
@@ -1047,12 +1186,17 @@ impl RelayStorage for PostgresRelayStorage {
                 tx.execute(&st.lock_mailbox, &[key])?;
             }
             tx.execute(&st.expire_mailboxes, &[&mailbox_list, &cutoff])?;
-            let mut usage: HashMap<MailboxId, (u64, u64)> = HashMap::new();
+            // Per mailbox and share: (envelopes, bytes), contacts first.
+            let mut usage: HashMap<MailboxId, [(u64, u64); 2]> = HashMap::new();
             for row in tx.query(&st.usage_of_mailboxes, &[&mailbox_list])? {
                 let mailbox = MailboxId(fixed(row.try_get(0)?, "mailbox id")?);
-                let envelopes: i64 = row.try_get(1)?;
-                let bytes: i64 = row.try_get(2)?;
-                usage.insert(mailbox, (count(envelopes), count(bytes)));
+                let all = usage_row(&row, 1)?;
+                let contacts = (
+                    all.envelopes.saturating_sub(all.stranger_envelopes),
+                    all.bytes.saturating_sub(all.stranger_bytes),
+                );
+                let strangers = (all.stranger_envelopes, all.stranger_bytes);
+                usage.insert(mailbox, [contacts, strangers]);
             }
             let mut seen: HashSet<(MailboxId, EnvelopeId)> = HashSet::new();
             for row in tx.query(&st.batch_duplicates, &[&batch_mailboxes, &batch_ids])? {
@@ -1066,16 +1210,24 @@ impl RelayStorage for PostgresRelayStorage {
             let mut ids = Vec::new();
             let mut sizes = Vec::new();
             let mut payloads = Vec::new();
+            let mut shares = Vec::new();
             let mut notices = Vec::new();
             let mut notified = HashSet::new();
-            for (mailbox, envelope, _share) in batch {
+            for (mailbox, envelope, share) in batch {
                 let size = envelope.payload.len() as u64;
-                let (envelopes, bytes) = usage.entry(*mailbox).or_insert((0, 0));
+                // Each share against its own bounds.
+                let (slot, max_envelopes, max_bytes) = match share {
+                    Share::Contacts => (0, limits.max_envelopes, limits.max_bytes),
+                    Share::Strangers => {
+                        (1, limits.max_stranger_envelopes, limits.max_stranger_bytes)
+                    }
+                };
+                let (envelopes, bytes) = &mut usage.entry(*mailbox).or_default()[slot];
                 let outcome = if seen.contains(&(*mailbox, envelope.id)) {
                     InsertOutcome::Duplicate
-                } else if *envelopes >= u64::from(limits.max_envelopes) {
+                } else if *envelopes >= u64::from(max_envelopes) {
                     InsertOutcome::TooManyEnvelopes
-                } else if bytes.saturating_add(size) > limits.max_bytes {
+                } else if bytes.saturating_add(size) > max_bytes {
                     InsertOutcome::TooManyBytes
                 } else {
                     *envelopes += 1;
@@ -1088,6 +1240,7 @@ impl RelayStorage for PostgresRelayStorage {
                     ids.push(&envelope.id.0[..]);
                     sizes.push(time(size));
                     payloads.push(&envelope.payload[..]);
+                    shares.push(share_code(*share));
                     InsertOutcome::Stored
                 };
                 outcomes.push(outcome);
@@ -1101,6 +1254,7 @@ impl RelayStorage for PostgresRelayStorage {
                         &sizes,
                         &payloads,
                         &time(received_at),
+                        &shares,
                     ],
                 )?;
                 // Delivered on commit, once per mailbox.
@@ -1145,11 +1299,7 @@ impl RelayStorage for PostgresRelayStorage {
         let mailbox = &mailbox.0[..];
         self.run(|client, st| {
             let row = client.query_one(&st.usage, &[&mailbox])?;
-            Ok(MailboxUsage {
-                envelopes: count(row.try_get(0)?),
-                bytes: count(row.try_get(1)?),
-                ..MailboxUsage::default()
-            })
+            usage_row(&row, 0)
         })
     }
 
@@ -1174,16 +1324,25 @@ impl RelayStorage for PostgresRelayStorage {
         self.run(|client, st| Ok(client.execute(&st.expire_all, &[&cutoff])?))
     }
 
-    fn mailbox_owner(&self, _mailbox: &MailboxId) -> Result<Option<DeviceRecord>, RelayStorageError> {
-        Err(RelayStorageError::Backend("schema 4: not yet".into()))
+    fn expire_inactive(
+        &mut self,
+        seen_before: u64,
+        received_before: u64,
+    ) -> Result<u64, RelayStorageError> {
+        let (seen_before, received_before) = (time(seen_before), time(received_before));
+        self.run(|client, st| {
+            Ok(client.execute(&st.expire_inactive, &[&seen_before, &received_before])?)
+        })
     }
 
-    fn expire_inactive(&mut self, _seen_before: u64, _received_before: u64) -> Result<u64, RelayStorageError> {
-        Ok(0)
-    }
-
-    fn expire_devices(&mut self, _seen_before: u64) -> Result<u64, RelayStorageError> {
-        Ok(0)
+    fn expire_devices(&mut self, seen_before: u64) -> Result<u64, RelayStorageError> {
+        let seen_before = time(seen_before);
+        self.run(|client, st| {
+            let expired: i64 = client
+                .query_one(&st.expire_devices, &[&seen_before])?
+                .try_get(0)?;
+            Ok(count(expired))
+        })
     }
 
     fn relay_key(
@@ -1224,6 +1383,10 @@ impl RelayStorage for PostgresRelayStorage {
                 &st.use_challenge,
                 &[&mailbox, &challenge, &time(expires_at)],
             )?;
+            if recorded == 1 {
+                // The owner proved itself: seen now (never earlier).
+                tx.execute(&st.owner_seen, &[&mailbox, &time(now)])?;
+            }
             tx.commit()?;
             Ok(recorded == 1)
         })

@@ -143,11 +143,11 @@ fn schema_is_created_once_and_versioned() {
     // A newer schema is refused, a damaged one too.
     let mut client = db.client();
     client
-        .batch_execute("UPDATE cubbyhole_relay_meta SET schema_version = 4")
+        .batch_execute("UPDATE cubbyhole_relay_meta SET schema_version = 5")
         .unwrap();
     assert!(matches!(
         PostgresRelayStorage::connect(&db.url),
-        Err(RelayStorageError::UnsupportedSchema(4))
+        Err(RelayStorageError::UnsupportedSchema(5))
     ));
     client
         .batch_execute("UPDATE cubbyhole_relay_meta SET schema_version = 0")
@@ -194,9 +194,27 @@ fn successor(prev: &VerifiedDeviceList, devices: &[u8]) -> VerifiedDeviceList {
     list.into_list().unwrap().verify_successor(prev).unwrap()
 }
 
+/// The state of a version-3 database (no access verifiers, owners seen or
+/// envelope shares), as the previous release created it.
+fn downgrade_to_schema_3(client: &mut Client) {
+    client
+        .batch_execute(
+            "DROP INDEX cubbyhole_relay_devices_by_owner_seen;
+             DROP INDEX cubbyhole_relay_envelopes_by_mailbox_time;
+             DROP INDEX cubbyhole_relay_acknowledged_by_mailbox_time;
+             ALTER TABLE cubbyhole_relay_devices
+                 DROP COLUMN access, DROP COLUMN previous_access,
+                 DROP COLUMN access_changed_at, DROP COLUMN owner_seen_at;
+             ALTER TABLE cubbyhole_relay_envelopes DROP COLUMN share;
+             UPDATE cubbyhole_relay_meta SET schema_version = 3",
+        )
+        .unwrap();
+}
+
 /// The state of a version-2 database (stored outstanding challenges, no
 /// claim times, no relay key), as the previous release created it.
 fn downgrade_to_schema_2(client: &mut Client) {
+    downgrade_to_schema_3(client);
     client
         .batch_execute(
             "DROP TABLE cubbyhole_relay_used_challenges;
@@ -237,9 +255,10 @@ fn schema_version(client: &mut Client) -> i32 {
         .get(0)
 }
 
-/// Schema 1 -> 3 (device lists, then stateless challenges and claim
-/// times): relays starting together on a version-1 database migrate it
-/// once; what it held stays; device lists work.
+/// Schema 1 -> 4 (device lists, then stateless challenges and claim
+/// times, then access verifiers, owners seen and shares): relays starting
+/// together on a version-1 database migrate it once; what it held stays;
+/// device lists work.
 #[test]
 #[cfg_attr(
     not(cubbyhole_test_postgres),
@@ -273,7 +292,7 @@ fn schema_1_is_migrated_to_2() {
     for starter in starters {
         starter.join().unwrap().unwrap();
     }
-    assert_eq!(schema_version(&mut client), 3);
+    assert_eq!(schema_version(&mut client), 4);
 
     let mut relay = Relay::new(db.storage(), RelayConfig::unpriced());
     assert_eq!(relay.one_time_prekeys_left(&bob.address()), Ok(3));
@@ -340,7 +359,7 @@ fn schema_2_is_migrated_to_3() {
     for starter in starters {
         starter.join().unwrap().unwrap();
     }
-    assert_eq!(schema_version(&mut client), 3);
+    assert_eq!(schema_version(&mut client), 4);
     let old_table: bool = client
         .query_one(
             "SELECT to_regclass('cubbyhole_relay_challenges') IS NOT NULL",

@@ -41,7 +41,7 @@
 //!
 //! | name | contract |
 //! |---|---|
-//! | `empty` | a new storage holds nothing (no relay key either); reading, claiming, acknowledging, expiring and purging nothing succeeds |
+//! | `empty` | a new storage holds nothing (no relay key, no mailbox owner either); reading, claiming, acknowledging, expiring (envelopes, inactive mailboxes, devices) and purging nothing succeeds |
 //! | `upload` | [`RelayStorage::apply_upload`] writes the record; adding to and replacing the pool; [`RelayStorage::mailbox_exists`] |
 //! | `upload_counter` | a counter not above the stored one is [`UploadOutcome::Replayed`] and writes nothing; counters compare as `u64` |
 //! | `prekey_bound` | a pool over the bound is [`UploadOutcome::TooManyOneTimePrekeys`] and writes nothing (not even the counter) |
@@ -60,6 +60,11 @@
 //! | `large_values` | counters and signed-prekey creation times over their whole `u64` range; an expiry of `u64::MAX` |
 //! | `device_lists` | [`RelayStorage::append_device_list`] stores only the next version over the head it names: a second version 1, a version over another head, a gap and a second list of a stored version are [`AppendOutcome::HeadMoved`] and write nothing; accounts are separate |
 //! | `device_list_retention` | the newest `retain` versions are kept; [`RelayStorage::device_lists_after`] is oldest first, above `after`, at most `limit` |
+//! | `shares` | [`Share`]s: each bounded on its own by its [`MailboxLimits`] (a full strangers' share does not stop contacts' deposits, nor the reverse), in a batch too; duplicates span both shares; [`MailboxUsage`] counts per share, and acknowledgments and expiry keep the counts right (a share refills) |
+//! | `access` | [`RelayStorage::apply_upload`] stores, rotates and keeps the access verifiers as documented (a refused upload changes nothing); [`RelayStorage::mailbox_owner`] is the record of the mailbox's device, `None` for another mailbox |
+//! | `owner_seen` | `owner_seen_at` is the last accepted upload's `published_at` or the time of the last successful [`RelayStorage::consume_challenge`] (never moved back); a refused use or upload leaves it |
+//! | `inactive` | [`RelayStorage::expire_inactive`] deletes the envelopes and acknowledged ids received before the cutoff of the mailboxes whose owner was seen before the other cutoff (both strict), only those, counts them, keeps usage right |
+//! | `expire_devices` | [`RelayStorage::expire_devices`] deletes each device not seen since the cutoff (strict) with its pool, claim time, mailbox content and used challenges, and counts them; a re-publish starts afresh; other devices keep everything |
 //!
 //! An error returned by the storage fails the check that met it, naming
 //! the method and the error. A storage that panics is not caught.
@@ -90,13 +95,15 @@ use std::vec;
 use std::vec::Vec;
 
 use super::{
-    Share, AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
-    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, StoredDeviceList, UploadOutcome,
+    AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InsertOutcome, MailboxLimits,
+    MailboxUsage, RelayKey, RelayStorage, RelayStorageError, Share, StoredDeviceList,
+    UploadOutcome,
 };
 use crate::protocol::devices::AccountId;
 use crate::protocol::keys::{IdentityKeyPair, SignedPrekey};
 use crate::transport::{
-    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,
+    AccessVerifier, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId,
+    SignedPrekeyRecord,
 };
 
 /// A broken promise: which check found it and what was wrong.
@@ -314,6 +321,55 @@ checks! {
     /// returns the versions above `after`, oldest first, at most `limit`
     /// (the oldest of them), nothing above the head.
     check_device_list_retention => "device_list_retention", device_list_retention;
+    /// `shares`: [`RelayStorage::insert_envelope`] bounds each [`Share`] of
+    /// a mailbox by its own [`MailboxLimits`] fields, counting only that
+    /// share's pending envelopes: a full strangers' share refuses
+    /// ([`InsertOutcome::TooManyEnvelopes`], [`InsertOutcome::TooManyBytes`])
+    /// while the contacts' share still takes deposits, and the reverse; an
+    /// id pending or acknowledged in one share is a duplicate in the other
+    /// (even with room); [`RelayStorage::insert_envelopes`] counts the
+    /// batch's earlier envelopes per share; [`MailboxUsage`] counts both
+    /// shares in `envelopes`/`bytes` and the strangers' in
+    /// `stranger_envelopes`/`stranger_bytes`, exactly, after
+    /// acknowledgments and expiry (by `expire_envelopes` and by
+    /// `expire_before`), so that a share refills; listing returns both
+    /// shares in deposit order.
+    check_shares => "shares", shares;
+    /// `access`: [`RelayStorage::apply_upload`] of a device's first upload
+    /// stores its access verifier (or none) with `access_changed_at` =
+    /// `published_at` (0 without one); an upload with another verifier
+    /// moves the current one to `previous_access` and stamps the time; one
+    /// without a verifier, or with the current one, keeps all three; a
+    /// replayed upload or one over the prekey bound changes nothing;
+    /// [`RelayStorage::mailbox_owner`] returns the same record as
+    /// [`RelayStorage::device`] for the device's mailbox, `None` for a
+    /// mailbox without a device.
+    check_access => "access", access;
+    /// `owner_seen`: `owner_seen_at` is set to `published_at` by an applied
+    /// upload and raised to `now` by a successful
+    /// [`RelayStorage::consume_challenge`] of the device's mailbox (never
+    /// lowered by an earlier `now`); a use of a challenge already used, a
+    /// replayed upload and another mailbox's challenge leave it; a
+    /// challenge of a mailbox without a device creates no record.
+    check_owner_seen => "owner_seen", owner_seen;
+    /// `inactive`: [`RelayStorage::expire_inactive`] deletes the envelopes
+    /// (of both shares) and acknowledged ids received before
+    /// `received_before` of each mailbox whose owner has `owner_seen_at <
+    /// seen_before`, keeps those of other mailboxes (seen at the cutoff or
+    /// later, or without a device) and those received at the cutoff or
+    /// later, returns how many pending envelopes it deleted, keeps the
+    /// device and its pool, and leaves the usage right.
+    check_inactive => "inactive", inactive;
+    /// `expire_devices`: [`RelayStorage::expire_devices`] deletes each
+    /// device with `owner_seen_at < seen_before` (not one seen at the
+    /// cutoff): its record ([`RelayStorage::device`],
+    /// [`RelayStorage::mailbox_owner`], [`RelayStorage::mailbox_exists`]),
+    /// one-time prekeys, claim time, and its mailbox's envelopes,
+    /// acknowledged ids and used challenges; it returns how many devices; a
+    /// new upload of the device starts afresh (any counter, no verifier,
+    /// the new pool only, a full claim budget, an empty mailbox); other
+    /// devices keep everything.
+    check_expire_devices => "expire_devices", expire_devices_check;
 }
 
 // ---------------------------------------------------------------------------
@@ -546,6 +602,22 @@ fn claim_with(
 fn empty(s: &mut dyn RelayStorage) -> Outcome {
     let a = Device::new(1);
     same("device() of a new storage", &record(s, &a)?, &None)?;
+    same(
+        "mailbox_owner() of a new storage",
+        &s.mailbox_owner(&a.mailbox()).or_fail("mailbox_owner")?,
+        &None,
+    )?;
+    same(
+        "expire_inactive() of a new storage",
+        &s.expire_inactive(u64::MAX, u64::MAX)
+            .or_fail("expire_inactive")?,
+        &0,
+    )?;
+    same(
+        "expire_devices() of a new storage",
+        &s.expire_devices(u64::MAX).or_fail("expire_devices")?,
+        &0,
+    )?;
     ensure!(
         !s.mailbox_exists(&a.mailbox()).or_fail("mailbox_exists")?,
         "mailbox_exists() is true in a new storage"
@@ -1694,6 +1766,788 @@ fn device_list_retention(s: &mut dyn RelayStorage) -> Outcome {
         "device_list_head() after retention",
         &s.device_list_head(&a).or_fail("device_list_head")?,
         &Some(lists[5].clone()),
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Shares, access verifiers, owners seen, inactive mailboxes, idle devices.
+
+/// Inserts into a share: the outcome.
+fn put(
+    s: &mut dyn RelayStorage,
+    m: &MailboxId,
+    e: &Envelope,
+    share: Share,
+    at: u64,
+    limits: MailboxLimits,
+) -> Result<InsertOutcome, String> {
+    s.insert_envelope(m, e, share, at, limits)
+        .or_fail("insert_envelope")
+}
+
+/// The full usage of a mailbox: both shares, then the strangers' share.
+fn usage_full(
+    s: &dyn RelayStorage,
+    m: &MailboxId,
+    when: &str,
+    (envelopes, bytes): (u64, u64),
+    (stranger_envelopes, stranger_bytes): (u64, u64),
+) -> Outcome {
+    same(
+        &format!("mailbox_usage {when}"),
+        &usage(s, m)?,
+        &MailboxUsage {
+            envelopes,
+            bytes,
+            stranger_envelopes,
+            stranger_bytes,
+        },
+    )
+}
+
+fn shares(s: &mut dyn RelayStorage) -> Outcome {
+    use InsertOutcome::*;
+    use Share::{Contacts, Strangers};
+    let (m, n) = (Device::new(1).mailbox(), Device::new(2).mailbox());
+    // Two envelopes and 100 bytes for contacts, two and 50 for strangers.
+    let limits = MailboxLimits {
+        max_envelopes: 2,
+        max_bytes: 100,
+        max_stranger_envelopes: 2,
+        max_stranger_bytes: 50,
+        expire_before: 0,
+    };
+    // The strangers' share fills up.
+    let steps: [(u8, usize, Share, u64, InsertOutcome, &str); 10] = [
+        (1, 30, Strangers, NOW - 10, Stored, "a stranger's 30 bytes"),
+        (
+            2,
+            21,
+            Strangers,
+            NOW,
+            TooManyBytes,
+            "21 more strangers' bytes (max 50)",
+        ),
+        (
+            2,
+            20,
+            Strangers,
+            NOW,
+            Stored,
+            "20 more strangers' bytes (exactly 50)",
+        ),
+        (
+            3,
+            0,
+            Strangers,
+            NOW,
+            TooManyEnvelopes,
+            "a third stranger's envelope (max 2)",
+        ),
+        // Contacts are not counted against it, nor it against them.
+        (
+            4,
+            60,
+            Contacts,
+            NOW,
+            Stored,
+            "a contact's 60 bytes beside a full strangers' share",
+        ),
+        (
+            5,
+            40,
+            Contacts,
+            NOW,
+            Stored,
+            "a contact's 40 more (exactly 100)",
+        ),
+        (
+            6,
+            0,
+            Contacts,
+            NOW,
+            TooManyEnvelopes,
+            "a third contact's envelope (max 2)",
+        ),
+        // Ids span the shares, even where the other share has room.
+        (
+            1,
+            5,
+            Contacts,
+            NOW,
+            Duplicate,
+            "a stranger's pending id as a contact's",
+        ),
+        (
+            4,
+            5,
+            Strangers,
+            NOW,
+            Duplicate,
+            "a contact's pending id as a stranger's",
+        ),
+        (
+            3,
+            0,
+            Strangers,
+            NOW,
+            TooManyEnvelopes,
+            "a stranger's envelope into its full share",
+        ),
+    ];
+    for (k, len, share, at, want, what) in steps {
+        same(
+            &format!("insert_envelope of {what}"),
+            &put(s, &m, &env(k, len, k), share, at, limits)?,
+            &want,
+        )?;
+    }
+    same(
+        "list_envelopes() of both shares (deposit order)",
+        &ids(&list_all(s, &m)?),
+        &vec![1, 2, 4, 5],
+    )?;
+    usage_full(s, &m, "with both shares full", (4, 150), (2, 50))?;
+
+    // A full contacts' share does not stop strangers.
+    same(
+        "insert_envelope of a contact's envelope (mailbox n)",
+        &put(s, &n, &env(1, 100, 1), Contacts, NOW, limits)?,
+        &Stored,
+    )?;
+    same(
+        "insert_envelope of a contact's 1 byte over max_bytes (mailbox n)",
+        &put(s, &n, &env(2, 1, 2), Contacts, NOW, limits)?,
+        &TooManyBytes,
+    )?;
+    same(
+        "insert_envelope of a stranger's envelope beside a full contacts' share",
+        &put(s, &n, &env(2, 1, 2), Strangers, NOW, limits)?,
+        &Stored,
+    )?;
+    usage_full(s, &n, "of mailbox n", (2, 101), (1, 1))?;
+
+    // An acknowledgment frees room in its share only, and its id stays a
+    // duplicate in either share.
+    same(
+        "acknowledge_envelopes() of a stranger's envelope",
+        &s.acknowledge_envelopes(&m, &[eid(2)])
+            .or_fail("acknowledge_envelopes")?,
+        &1,
+    )?;
+    usage_full(
+        s,
+        &m,
+        "after acknowledging a stranger's 20 bytes",
+        (3, 130),
+        (1, 30),
+    )?;
+    same(
+        "insert_envelope of a contact's envelope after a stranger's was acknowledged",
+        &put(s, &m, &env(6, 0, 6), Contacts, NOW, limits)?,
+        &TooManyEnvelopes,
+    )?;
+    same(
+        "insert_envelope of an acknowledged stranger's id as a contact's",
+        &put(s, &m, &env(2, 1, 2), Contacts, NOW, limits)?,
+        &Duplicate,
+    )?;
+    same(
+        "insert_envelope of a stranger's 20 bytes after an acknowledgment (refilled)",
+        &put(s, &m, &env(7, 20, 7), Strangers, NOW, limits)?,
+        &Stored,
+    )?;
+    same(
+        "acknowledge_envelopes() of a contact's envelope",
+        &s.acknowledge_envelopes(&m, &[eid(5)])
+            .or_fail("acknowledge_envelopes")?,
+        &1,
+    )?;
+    usage_full(
+        s,
+        &m,
+        "after acknowledging a contact's 40 bytes",
+        (3, 110),
+        (2, 50),
+    )?;
+    same(
+        "insert_envelope of a stranger's envelope after a contact's was acknowledged",
+        &put(s, &m, &env(8, 0, 8), Strangers, NOW, limits)?,
+        &TooManyEnvelopes,
+    )?;
+    same(
+        "insert_envelope of a contact's 40 bytes after an acknowledgment (refilled)",
+        &put(s, &m, &env(9, 40, 9), Contacts, NOW, limits)?,
+        &Stored,
+    )?;
+    usage_full(s, &m, "with both shares full again", (4, 150), (2, 50))?;
+
+    // Expiry: the stranger's envelope 1 (NOW - 10) goes, its share refills.
+    same(
+        "expire_envelopes(NOW - 5)",
+        &s.expire_envelopes(NOW - 5).or_fail("expire_envelopes")?,
+        &1,
+    )?;
+    usage_full(
+        s,
+        &m,
+        "after a stranger's envelope expired",
+        (3, 120),
+        (1, 20),
+    )?;
+    same(
+        "insert_envelope of a stranger's 30 bytes after an expiry (refilled)",
+        &put(s, &m, &env(10, 30, 10), Strangers, NOW, limits)?,
+        &Stored,
+    )?;
+    // And by expire_before: a strangers' share full of old envelopes.
+    let o = Device::new(3).mailbox();
+    for k in 1..=2 {
+        same(
+            "insert_envelope of an old stranger's envelope",
+            &put(s, &o, &env(k, 25, k), Strangers, NOW - 10, limits)?,
+            &Stored,
+        )?;
+    }
+    same(
+        "insert_envelope of a contact's envelope (mailbox o)",
+        &put(s, &o, &env(3, 10, 3), Contacts, NOW - 10, limits)?,
+        &Stored,
+    )?;
+    let expiring = MailboxLimits {
+        expire_before: NOW - 9,
+        ..limits
+    };
+    same(
+        "insert_envelope of a stranger's envelope into a full share of expired ones",
+        &put(s, &o, &env(4, 50, 4), Strangers, NOW, expiring)?,
+        &Stored,
+    )?;
+    usage_full(
+        s,
+        &o,
+        "after an insert that expired the mailbox",
+        (1, 50),
+        (1, 50),
+    )?;
+
+    // A batch counts its earlier envelopes per share.
+    let b = Device::new(4).mailbox();
+    let one = MailboxLimits {
+        max_envelopes: 1,
+        max_bytes: 100,
+        max_stranger_envelopes: 1,
+        max_stranger_bytes: 100,
+        expire_before: 0,
+    };
+    let batch = vec![
+        (b, env(1, 10, 1), Strangers),
+        (b, env(2, 10, 2), Strangers),
+        (b, env(3, 10, 3), Contacts),
+        (b, env(1, 10, 1), Contacts),
+        (b, env(4, 10, 4), Contacts),
+    ];
+    same(
+        "insert_envelopes outcomes (one envelope per share)",
+        &s.insert_envelopes(&batch, NOW, one)
+            .or_fail("insert_envelopes")?,
+        &vec![
+            Stored,
+            TooManyEnvelopes,
+            Stored,
+            Duplicate,
+            TooManyEnvelopes,
+        ],
+    )?;
+    same(
+        "list_envelopes() after the batch",
+        &ids(&list_all(s, &b)?),
+        &vec![1, 3],
+    )?;
+    usage_full(s, &b, "after the batch", (2, 20), (1, 10))?;
+    Ok(())
+}
+
+fn verifier(n: u8) -> AccessVerifier {
+    AccessVerifier([n; 32])
+}
+
+/// An upload of `d` with `counter`, no one-time prekeys, and `access`.
+fn upload_with(d: &Device, counter: u64, access: Option<AccessVerifier>) -> BundleSetUpload {
+    let mut upload = d.upload(counter, &[], 1, false);
+    upload.access_verifier = access;
+    upload
+}
+
+fn access(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b) = (Device::new(1), Device::new(2));
+    let expect = |published_at: u64,
+                  counter: u64,
+                  access: Option<u8>,
+                  previous_access: Option<u8>,
+                  access_changed_at: u64| {
+        Some(DeviceRecord {
+            device: a.address,
+            counter,
+            signed_prekey: a.signed_prekey,
+            published_at,
+            access: access.map(verifier),
+            previous_access: previous_access.map(verifier),
+            access_changed_at,
+            owner_seen_at: published_at,
+        })
+    };
+    let steps: [(u64, u64, Option<u8>, _, &str); 6] = [
+        (
+            1,
+            NOW,
+            None,
+            expect(NOW, 1, None, None, 0),
+            "a first upload without a verifier",
+        ),
+        (
+            2,
+            NOW + 1,
+            Some(1),
+            expect(NOW + 1, 2, Some(1), None, NOW + 1),
+            "an upload with a first verifier",
+        ),
+        (
+            3,
+            NOW + 2,
+            None,
+            expect(NOW + 2, 3, Some(1), None, NOW + 1),
+            "an upload without a verifier (keeps it)",
+        ),
+        (
+            4,
+            NOW + 3,
+            Some(1),
+            expect(NOW + 3, 4, Some(1), None, NOW + 1),
+            "an upload with the same verifier (keeps it)",
+        ),
+        (
+            5,
+            NOW + 4,
+            Some(2),
+            expect(NOW + 4, 5, Some(2), Some(1), NOW + 4),
+            "an upload with another verifier (rotates)",
+        ),
+        (
+            6,
+            NOW + 5,
+            None,
+            expect(NOW + 5, 6, Some(2), Some(1), NOW + 4),
+            "an upload without a verifier after a rotation",
+        ),
+    ];
+    for (counter, at, v, want, what) in steps {
+        apply(s, &upload_with(&a, counter, v.map(verifier)), at, 100)?;
+        same(&format!("device() after {what}"), &record(s, &a)?, &want)?;
+        same(
+            &format!("mailbox_owner() after {what}"),
+            &s.mailbox_owner(&a.mailbox()).or_fail("mailbox_owner")?,
+            &want,
+        )?;
+    }
+    // Refused uploads change nothing.
+    let before = record(s, &a)?;
+    same(
+        "apply_upload of a replayed counter with another verifier",
+        &s.apply_upload(&upload_with(&a, 6, Some(verifier(3))), NOW + 6, 100)
+            .or_fail("apply_upload")?,
+        &UploadOutcome::Replayed,
+    )?;
+    let mut over = a.upload(7, &[1, 2], 1, false);
+    over.access_verifier = Some(verifier(3));
+    same(
+        "apply_upload over the prekey bound with another verifier",
+        &s.apply_upload(&over, NOW + 6, 1).or_fail("apply_upload")?,
+        &UploadOutcome::TooManyOneTimePrekeys,
+    )?;
+    same("device() after refused uploads", &record(s, &a)?, &before)?;
+    // A rotation again: the previous one goes.
+    apply(s, &upload_with(&a, 7, Some(verifier(3))), NOW + 7, 100)?;
+    same(
+        "device() after a second rotation",
+        &record(s, &a)?,
+        &expect(NOW + 7, 7, Some(3), Some(2), NOW + 7),
+    )?;
+    // Another device: its first upload with a verifier; its own mailbox.
+    same(
+        "mailbox_owner() of a mailbox without a device",
+        &s.mailbox_owner(&b.mailbox()).or_fail("mailbox_owner")?,
+        &None,
+    )?;
+    apply(s, &upload_with(&b, 1, Some(verifier(9))), NOW + 8, 100)?;
+    let b_record = Some(DeviceRecord {
+        device: b.address,
+        counter: 1,
+        signed_prekey: b.signed_prekey,
+        published_at: NOW + 8,
+        access: Some(verifier(9)),
+        previous_access: None,
+        access_changed_at: NOW + 8,
+        owner_seen_at: NOW + 8,
+    });
+    same(
+        "device() after a first upload with a verifier",
+        &record(s, &b)?,
+        &b_record,
+    )?;
+    same(
+        "mailbox_owner() of the second device's mailbox",
+        &s.mailbox_owner(&b.mailbox()).or_fail("mailbox_owner")?,
+        &b_record,
+    )?;
+    same(
+        "mailbox_owner() of the first device's mailbox after another device's upload",
+        &s.mailbox_owner(&a.mailbox()).or_fail("mailbox_owner")?,
+        &expect(NOW + 7, 7, Some(3), Some(2), NOW + 7),
+    )?;
+    Ok(())
+}
+
+/// `owner_seen_at` of `d` (`None` without a record).
+fn seen(s: &dyn RelayStorage, d: &Device) -> Result<Option<u64>, String> {
+    Ok(record(s, d)?.map(|r| r.owner_seen_at))
+}
+
+fn owner_seen(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b, c) = (Device::new(1), Device::new(2), Device::new(3));
+    apply(s, &a.upload(1, &[], 1, false), NOW, 100)?;
+    apply(s, &b.upload(1, &[], 1, false), NOW, 100)?;
+    same("owner_seen_at after an upload", &seen(s, &a)?, &Some(NOW))?;
+    ensure!(
+        consume(s, &a.mailbox(), 1, NOW + 100, NOW + 400)?,
+        "consume_challenge() of a new challenge is false"
+    );
+    same(
+        "owner_seen_at after a successful consume_challenge at NOW + 100",
+        &seen(s, &a)?,
+        &Some(NOW + 100),
+    )?;
+    same(
+        "published_at after a consume_challenge",
+        &record(s, &a)?.map(|r| r.published_at),
+        &Some(NOW),
+    )?;
+    same(
+        "another device's owner_seen_at after a's consume_challenge",
+        &seen(s, &b)?,
+        &Some(NOW),
+    )?;
+    ensure!(
+        !consume(s, &a.mailbox(), 1, NOW + 200, NOW + 400)?,
+        "consume_challenge() of a used challenge is true"
+    );
+    same(
+        "owner_seen_at after a refused consume_challenge at NOW + 200",
+        &seen(s, &a)?,
+        &Some(NOW + 100),
+    )?;
+    ensure!(
+        consume(s, &a.mailbox(), 2, NOW + 50, NOW + 400)?,
+        "consume_challenge() of a new challenge is false"
+    );
+    same(
+        "owner_seen_at after a successful consume_challenge at an earlier now",
+        &seen(s, &a)?,
+        &Some(NOW + 100),
+    )?;
+    // A mailbox without a device: the challenge is used, no record made.
+    ensure!(
+        consume(s, &c.mailbox(), 1, NOW + 300, NOW + 400)?,
+        "consume_challenge() of a new challenge of a mailbox without a device is false"
+    );
+    same(
+        "device() after a challenge of its mailbox without a record",
+        &record(s, &c)?,
+        &None,
+    )?;
+    // Uploads: a refused one leaves it, an applied one sets it.
+    same(
+        "a replayed upload",
+        &s.apply_upload(&a.upload(1, &[], 1, false), NOW + 300, 100)
+            .or_fail("apply_upload")?,
+        &UploadOutcome::Replayed,
+    )?;
+    same(
+        "owner_seen_at after a replayed upload",
+        &seen(s, &a)?,
+        &Some(NOW + 100),
+    )?;
+    apply(s, &a.upload(2, &[], 1, false), NOW + 300, 100)?;
+    same(
+        "owner_seen_at after an upload at NOW + 300",
+        &seen(s, &a)?,
+        &Some(NOW + 300),
+    )?;
+    ensure!(
+        consume(s, &b.mailbox(), 1, NOW + 301, NOW + 400)?,
+        "consume_challenge() of a new challenge is false"
+    );
+    same(
+        "the second device's owner_seen_at after its consume_challenge",
+        &seen(s, &b)?,
+        &Some(NOW + 301),
+    )?;
+    same(
+        "the first device's owner_seen_at after b's consume_challenge",
+        &seen(s, &a)?,
+        &Some(NOW + 300),
+    )?;
+    Ok(())
+}
+
+fn inactive(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b, c) = (Device::new(1), Device::new(2), Device::new(3));
+    // a: seen at NOW - 100 (inactive); b: seen at NOW (a challenge);
+    // c: seen at NOW - 50 (the cutoff: active); mailbox d has no device.
+    apply(s, &a.upload(1, &[1, 2], 1, false), NOW - 100, 100)?;
+    apply(s, &b.upload(1, &[], 1, false), NOW - 100, 100)?;
+    apply(s, &c.upload(1, &[], 1, false), NOW - 50, 100)?;
+    ensure!(
+        consume(s, &b.mailbox(), 1, NOW, NOW + 300)?,
+        "consume_challenge() of a new challenge is false"
+    );
+    let d = Device::new(4).mailbox();
+    let (ma, mb, mc) = (a.mailbox(), b.mailbox(), c.mailbox());
+    let deposit = |s: &mut dyn RelayStorage, m: &MailboxId, k: u8, share: Share, at: u64| {
+        let outcome = put(s, m, &env(k, 10, k), share, at, OPEN)?;
+        same(
+            "insert_envelope of a new id",
+            &outcome,
+            &InsertOutcome::Stored,
+        )
+    };
+    deposit(s, &ma, 1, Share::Contacts, NOW - 40)?;
+    deposit(s, &ma, 2, Share::Strangers, NOW - 40)?;
+    deposit(s, &ma, 3, Share::Strangers, NOW - 20)?;
+    deposit(s, &ma, 4, Share::Contacts, NOW - 40)?;
+    deposit(s, &ma, 5, Share::Contacts, NOW)?;
+    s.acknowledge_envelopes(&ma, &[eid(4)])
+        .or_fail("acknowledge_envelopes")?;
+    for m in [&mb, &mc, &d] {
+        deposit(s, m, 1, Share::Strangers, NOW - 40)?;
+    }
+    same(
+        "expire_inactive(NOW - 100, ..) (nobody seen before NOW - 100)",
+        &s.expire_inactive(NOW - 100, u64::MAX)
+            .or_fail("expire_inactive")?,
+        &0,
+    )?;
+    same(
+        "expire_inactive(NOW - 50, NOW - 20) (a: 1 and 2 before, 4 acknowledged)",
+        &s.expire_inactive(NOW - 50, NOW - 20)
+            .or_fail("expire_inactive")?,
+        &2,
+    )?;
+    same(
+        "list_envelopes() of the inactive mailbox",
+        &ids(&list_all(s, &ma)?),
+        &vec![3, 5],
+    )?;
+    usage_full(s, &ma, "of the inactive mailbox", (2, 20), (1, 10))?;
+    for (m, which) in [
+        (&mb, "a mailbox seen since"),
+        (&mc, "a mailbox seen at the cutoff"),
+        (&d, "a mailbox without a device"),
+    ] {
+        same(
+            &format!("list_envelopes() of {which}"),
+            &ids(&list_all(s, m)?),
+            &vec![1],
+        )?;
+        usage_full(s, m, &format!("of {which}"), (1, 10), (1, 10))?;
+    }
+    same(
+        "insert_envelope of an acknowledged id expired as inactive",
+        &put(s, &ma, &env(4, 10, 4), Share::Contacts, NOW, OPEN)?,
+        &InsertOutcome::Stored,
+    )?;
+    same(
+        "one_time_prekey_count() of the inactive mailbox's device",
+        &count(s, &a.address)?,
+        &2,
+    )?;
+    same(
+        "device() of the inactive mailbox's device",
+        &record(s, &a)?.map(|r| (r.counter, r.owner_seen_at)),
+        &Some((1, NOW - 100)),
+    )?;
+    same(
+        "expire_inactive(NOW - 50, NOW - 20) again",
+        &s.expire_inactive(NOW - 50, NOW - 20)
+            .or_fail("expire_inactive")?,
+        &0,
+    )?;
+    Ok(())
+}
+
+fn expire_devices_check(s: &mut dyn RelayStorage) -> Outcome {
+    let (a, b, c) = (Device::new(1), Device::new(2), Device::new(3));
+    // A budget of one claim an hour.
+    let budget = ClaimBudget {
+        now_ms: NOW * 1000,
+        interval_ms: 3_600_000,
+        tolerance_ms: 0,
+    };
+    // a: seen at NOW - 100 (idle), with a verifier, a pool, a spent claim
+    // budget, envelopes (one acknowledged) and a used challenge.
+    let mut upload = a.upload(50, &[1, 2, 3], 1, false);
+    upload.access_verifier = Some(verifier(1));
+    apply(s, &upload, NOW - 100, 100)?;
+    // b: seen at NOW - 100 too, then by a challenge; c: at the cutoff.
+    apply(s, &b.upload(1, &[4, 5], 1, false), NOW - 100, 100)?;
+    apply(s, &c.upload(1, &[6], 1, false), NOW - 50, 100)?;
+    for (d, oldest) in [(&a, 1), (&b, 4)] {
+        ensure!(
+            consume(s, &d.mailbox(), 1, NOW - 100, NOW + 300)?,
+            "consume_challenge() of a new challenge is false"
+        );
+        same(
+            "a claim with a budget",
+            &claim_with(s, &d.address, budget)?,
+            &ClaimOutcome::Claimed(oldest, opk(oldest, 1)),
+        )?;
+    }
+    ensure!(
+        consume(s, &b.mailbox(), 2, NOW, NOW + 300)?,
+        "consume_challenge() of a new challenge is false"
+    );
+    for d in [&a, &b, &c] {
+        for k in 1..=2 {
+            let outcome = put(
+                s,
+                &d.mailbox(),
+                &env(k, 10, k),
+                Share::Strangers,
+                NOW - 90,
+                OPEN,
+            )?;
+            same(
+                "insert_envelope of a new id",
+                &outcome,
+                &InsertOutcome::Stored,
+            )?;
+        }
+        s.acknowledge_envelopes(&d.mailbox(), &[eid(1)])
+            .or_fail("acknowledge_envelopes")?;
+    }
+    let b_before = record(s, &b)?;
+    let c_before = record(s, &c)?;
+
+    same(
+        "expire_devices(NOW - 100) (nobody seen before NOW - 100)",
+        &s.expire_devices(NOW - 100).or_fail("expire_devices")?,
+        &0,
+    )?;
+    same(
+        "expire_devices(NOW - 50) (a only)",
+        &s.expire_devices(NOW - 50).or_fail("expire_devices")?,
+        &1,
+    )?;
+    let ma = a.mailbox();
+    same("device() of an expired device", &record(s, &a)?, &None)?;
+    same(
+        "mailbox_owner() of an expired device's mailbox",
+        &s.mailbox_owner(&ma).or_fail("mailbox_owner")?,
+        &None,
+    )?;
+    ensure!(
+        !s.mailbox_exists(&ma).or_fail("mailbox_exists")?,
+        "mailbox_exists() is true for an expired device's mailbox"
+    );
+    same(
+        "one_time_prekey_count() of an expired device",
+        &count(s, &a.address)?,
+        &0,
+    )?;
+    same(
+        "claim_one_time_prekey() of an expired device",
+        &claim_one(s, &a.address)?,
+        &None,
+    )?;
+    same(
+        "list_envelopes() of an expired device's mailbox",
+        &list_all(s, &ma)?,
+        &Vec::new(),
+    )?;
+    usage_full(s, &ma, "of an expired device's mailbox", (0, 0), (0, 0))?;
+    ensure!(
+        consume(s, &ma, 1, NOW, NOW + 300)?,
+        "a challenge used in an expired device's mailbox is still recorded"
+    );
+
+    // A re-publish starts afresh: a low counter, no verifier, a new pool
+    // and a full budget, and ids of the old mailbox are new.
+    apply(s, &a.upload(1, &[7, 8], 2, false), NOW, 100)?;
+    same(
+        "device() after the expired device publishes again",
+        &record(s, &a)?,
+        &Some(DeviceRecord {
+            device: a.address,
+            counter: 1,
+            signed_prekey: a.signed_prekey,
+            published_at: NOW,
+            access: None,
+            previous_access: None,
+            access_changed_at: 0,
+            owner_seen_at: NOW,
+        }),
+    )?;
+    same(
+        "a claim with a budget after the expired device published again (claim time kept?)",
+        &claim_with(s, &a.address, budget)?,
+        &ClaimOutcome::Claimed(7, opk(7, 2)),
+    )?;
+    same(
+        "one_time_prekey_count() after publishing again (the old pool kept?)",
+        &count(s, &a.address)?,
+        &1,
+    )?;
+    for k in 1..=2 {
+        same(
+            "insert_envelope of an id of the expired mailbox (pending or acknowledged then)",
+            &put(s, &ma, &env(k, 10, k), Share::Contacts, NOW, OPEN)?,
+            &InsertOutcome::Stored,
+        )?;
+    }
+
+    // The others keep everything.
+    for (d, before, pool) in [(&b, b_before, 1u32), (&c, c_before, 1)] {
+        same("device() of a device kept", &record(s, d)?, &before)?;
+        same(
+            "one_time_prekey_count() of a device kept",
+            &count(s, &d.address)?,
+            &pool,
+        )?;
+        same(
+            "list_envelopes() of a device kept",
+            &ids(&list_all(s, &d.mailbox())?),
+            &vec![2],
+        )?;
+        same(
+            "insert_envelope of an acknowledged id of a device kept",
+            &put(s, &d.mailbox(), &env(1, 10, 1), Share::Contacts, NOW, OPEN)?,
+            &InsertOutcome::Duplicate,
+        )?;
+    }
+    ensure!(
+        !consume(s, &b.mailbox(), 2, NOW, NOW + 300)?,
+        "a challenge used in a kept device's mailbox was forgotten"
+    );
+    same(
+        "a claim with a budget of a kept device whose budget is spent",
+        &claim_with(s, &b.address, budget)?,
+        &ClaimOutcome::Limited,
+    )?;
+    same(
+        "expire_devices(NOW - 50) again",
+        &s.expire_devices(NOW - 50).or_fail("expire_devices")?,
+        &0,
     )?;
     Ok(())
 }

@@ -1,11 +1,13 @@
 //! The persistent relay storage over SQLite (feature `sqlite`).
 //!
-//! One database file holds devices, one-time prekeys, mailboxes (each with
-//! a small integer key and its usage, the envelope count and bytes, so
-//! that a deposit checks the mailbox's bounds without counting its
-//! envelopes), envelopes (an acknowledged one keeps its row, without its
-//! payload, until it expires, so that its id stays a duplicate) and
-//! used challenges with the relay key. The file runs in WAL mode with
+//! One database file holds devices (with their mailbox's access verifiers
+//! and when their owner was last seen), one-time prekeys, mailboxes (each
+//! with a small integer key and its usage, the envelope count and bytes of
+//! both shares and of the strangers' share, so that a deposit checks its
+//! share's bounds without counting envelopes), envelopes (each with its
+//! share; an acknowledged one keeps its row, without its payload, until it
+//! expires, so that its id stays a duplicate) and used challenges with the
+//! relay key. The file runs in WAL mode with
 //! `synchronous = FULL` (an accepted deposit or upload survives a power
 //! loss), a busy timeout (several relay processes may share it), and
 //! `user_version` schema versioning under a relay `application_id`. Every
@@ -31,13 +33,14 @@ use super::{
 };
 use crate::protocol::devices::AccountId;
 use crate::transport::{
-    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId, SignedPrekeyRecord,
+    AccessVerifier, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, MailboxId,
+    SignedPrekeyRecord,
 };
 
 /// `PRAGMA application_id` of a relay database ("cbrl").
 const APPLICATION_ID: i32 = 0x6362_726c;
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: u32 = 4;
+const SCHEMA_VERSION: u32 = 5;
 
 /// The tables every schema version shares.
 const COMMON_SCHEMA: &str = "
@@ -191,6 +194,113 @@ CREATE TABLE relay_key (
     key BLOB NOT NULL
 );
 ";
+
+/// From schema version 4 to 5 (SPEC.md 16.6, 16.8), the last step of
+/// every opening that creates or migrates: each device gets the verifiers
+/// of its mailbox's access key (current and previous, `NULL` for none, 32
+/// bytes each), when the current one was registered (0 for never) and when
+/// its owner was last seen (`owner_seen_at`, its last upload's time for an
+/// existing device), indexed for the sweeps that look for idle owners; each
+/// envelope gets its share (0 contacts, 1 strangers; existing ones were
+/// all deposited before shares existed: contacts) and each mailbox the
+/// usage of its strangers' share (nothing yet).
+const MIGRATE_4_TO_5: &str = "
+ALTER TABLE devices ADD COLUMN access BLOB;
+ALTER TABLE devices ADD COLUMN previous_access BLOB;
+ALTER TABLE devices ADD COLUMN access_changed_at INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN owner_seen_at INTEGER NOT NULL DEFAULT 0;
+UPDATE devices SET owner_seen_at = published_at;
+CREATE INDEX devices_by_owner_seen ON devices (owner_seen_at);
+ALTER TABLE mailboxes ADD COLUMN stranger_envelopes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE mailboxes ADD COLUMN stranger_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE envelopes ADD COLUMN share INTEGER NOT NULL DEFAULT 0 CHECK (share IN (0, 1));
+";
+
+/// The envelopes (and acknowledged ids) of inactive mailboxes received
+/// before `?2` (owners seen before `?1`): the idle owners through
+/// `devices_by_owner_seen`, their mailboxes' keys through the mailbox
+/// index, each mailbox's old envelopes through `envelopes_by_mailbox_time`.
+const EXPIRE_INACTIVE: &str = "DELETE FROM envelopes INDEXED BY envelopes_by_mailbox_time
+     WHERE mid IN (
+         SELECT m.mid FROM devices d INDEXED BY devices_by_owner_seen
+         JOIN mailboxes m ON m.mailbox = d.mailbox
+         WHERE d.owner_seen_at < ?1)
+     AND received_at < ?2";
+
+/// Everything of the devices not seen since `?1`, each statement finding
+/// them through `devices_by_owner_seen`: their mailboxes' envelopes,
+/// mailbox rows (usage, sequence) and used challenges, their pools, then
+/// the devices (with their claim times).
+const EXPIRE_DEVICES: [&str; 5] = [
+    "DELETE FROM envelopes WHERE mid IN (
+         SELECT m.mid FROM devices d INDEXED BY devices_by_owner_seen
+         JOIN mailboxes m ON m.mailbox = d.mailbox
+         WHERE d.owner_seen_at < ?1)",
+    "DELETE FROM mailboxes WHERE mailbox IN (
+         SELECT mailbox FROM devices INDEXED BY devices_by_owner_seen
+         WHERE owner_seen_at < ?1)",
+    "DELETE FROM used_challenges WHERE mailbox IN (
+         SELECT mailbox FROM devices INDEXED BY devices_by_owner_seen
+         WHERE owner_seen_at < ?1)",
+    "DELETE FROM one_time_prekeys WHERE (identity, device_id) IN (
+         SELECT identity, device_id FROM devices INDEXED BY devices_by_owner_seen
+         WHERE owner_seen_at < ?1)",
+    "DELETE FROM devices WHERE owner_seen_at < ?1",
+];
+
+/// Raises the owner's `owner_seen_at` of mailbox `?1` to `?2`.
+const OWNER_SEEN: &str = "UPDATE devices SET owner_seen_at = ?2
+     WHERE mailbox = ?1 AND owner_seen_at < ?2";
+
+/// A share as stored in `envelopes.share`.
+fn share_code(share: Share) -> i64 {
+    match share {
+        Share::Contacts => 0,
+        Share::Strangers => 1,
+    }
+}
+
+/// Whether a stored share code is the strangers' share (any value but the
+/// two written is corruption).
+fn is_stranger(code: i64) -> Result<bool, RelayStorageError> {
+    match code {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(RelayStorageError::Corrupted(format!(
+            "an envelope's share is {other}"
+        ))),
+    }
+}
+
+/// The columns of a device record, in the order [`device_record`] reads
+/// them.
+const DEVICE_COLUMNS: &str = "identity, device_id, counter, spk_id, spk_created, spk_public,
+     spk_signature, published_at, access, previous_access, access_changed_at, owner_seen_at";
+
+/// A device record from a row of [`DEVICE_COLUMNS`].
+fn device_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
+    let verifier = |i: usize| -> rusqlite::Result<Option<AccessVerifier>> {
+        Ok(r.get::<_, Option<[u8; 32]>>(i)?.map(AccessVerifier))
+    };
+    Ok(DeviceRecord {
+        device: DeviceAddress {
+            identity: r.get(0)?,
+            device_id: r.get(1)?,
+        },
+        counter: unbits(r.get(2)?),
+        signed_prekey: SignedPrekeyRecord {
+            id: r.get(3)?,
+            created: unbits(r.get(4)?),
+            public: r.get(5)?,
+            signature: r.get(6)?,
+        },
+        published_at: count(r.get(7)?),
+        access: verifier(8)?,
+        previous_access: verifier(9)?,
+        access_changed_at: count(r.get(10)?),
+        owner_seen_at: count(r.get(11)?),
+    })
+}
 
 /// A device-list version as an SQLite integer (versions grow by one from
 /// 1, so they never reach `i64::MAX`; a larger one is refused).
@@ -424,6 +534,7 @@ impl SqliteRelayStorage {
                 tx.execute_batch(MAILBOX_INDEXES).map_err(db)?;
                 tx.execute_batch(DEVICE_LIST_TABLE).map_err(db)?;
                 tx.execute_batch(MIGRATE_3_TO_4).map_err(db)?;
+                tx.execute_batch(MIGRATE_4_TO_5).map_err(db)?;
                 tx.pragma_update(None, "application_id", APPLICATION_ID)
                     .map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
@@ -435,17 +546,25 @@ impl SqliteRelayStorage {
                 tx.execute_batch(MAILBOX_INDEXES).map_err(db)?;
                 tx.execute_batch(DEVICE_LIST_TABLE).map_err(db)?;
                 tx.execute_batch(MIGRATE_3_TO_4).map_err(db)?;
+                tx.execute_batch(MIGRATE_4_TO_5).map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(db)?;
             }
             (APPLICATION_ID, 2) => {
                 tx.execute_batch(DEVICE_LIST_TABLE).map_err(db)?;
                 tx.execute_batch(MIGRATE_3_TO_4).map_err(db)?;
+                tx.execute_batch(MIGRATE_4_TO_5).map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(db)?;
             }
             (APPLICATION_ID, 3) => {
                 tx.execute_batch(MIGRATE_3_TO_4).map_err(db)?;
+                tx.execute_batch(MIGRATE_4_TO_5).map_err(db)?;
+                tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                    .map_err(db)?;
+            }
+            (APPLICATION_ID, 4) => {
+                tx.execute_batch(MIGRATE_4_TO_5).map_err(db)?;
                 tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                     .map_err(db)?;
             }
@@ -572,32 +691,28 @@ impl RelayStorage for SqliteRelayStorage {
     }
 
     fn device(&self, device: &DeviceAddress) -> Result<Option<DeviceRecord>, RelayStorageError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT counter, spk_id, spk_created, spk_public, spk_signature, published_at
-                 FROM devices WHERE identity = ?1 AND device_id = ?2",
-            )
-            .map_err(db)?;
-        stmt.query_row(params![device.identity, device.device_id], |r| {
-            Ok(DeviceRecord {
-                device: *device,
-                counter: unbits(r.get(0)?),
-                signed_prekey: SignedPrekeyRecord {
-                    id: r.get(1)?,
-                    created: unbits(r.get(2)?),
-                    public: r.get(3)?,
-                    signature: r.get(4)?,
-                },
-                access: None,
-                previous_access: None,
-                access_changed_at: 0,
-                owner_seen_at: u64::MAX,
-                published_at: count(r.get(5)?),
-            })
-        })
-        .optional()
-        .map_err(db)
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE identity = ?1 AND device_id = ?2"
+            ))
+            .map_err(db)?
+            .query_row(params![device.identity, device.device_id], device_record)
+            .optional()
+            .map_err(db)
+    }
+
+    fn mailbox_owner(
+        &self,
+        mailbox: &MailboxId,
+    ) -> Result<Option<DeviceRecord>, RelayStorageError> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE mailbox = ?1"
+            ))
+            .map_err(db)?
+            .query_row(params![mailbox.0], device_record)
+            .optional()
+            .map_err(db)
     }
 
     fn mailbox_exists(&self, mailbox: &MailboxId) -> Result<bool, RelayStorageError> {
@@ -616,25 +731,45 @@ impl RelayStorage for SqliteRelayStorage {
     ) -> Result<UploadOutcome, RelayStorageError> {
         let device = &upload.device;
         let tx = self.begin()?;
-        let stored: Option<i64> = tx
-            .prepare_cached("SELECT counter FROM devices WHERE identity = ?1 AND device_id = ?2")
+        type Stored = (i64, Option<[u8; 32]>, Option<[u8; 32]>, i64);
+        let stored: Option<Stored> = tx
+            .prepare_cached(
+                "SELECT counter, access, previous_access, access_changed_at
+                 FROM devices WHERE identity = ?1 AND device_id = ?2",
+            )
             .map_err(db)?
-            .query_row(params![device.identity, device.device_id], |r| r.get(0))
+            .query_row(params![device.identity, device.device_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .optional()
             .map_err(db)?;
-        if stored.is_some_and(|c| upload.counter <= unbits(c)) {
+        if stored.is_some_and(|(c, ..)| upload.counter <= unbits(c)) {
             return Ok(UploadOutcome::Replayed);
+        }
+        // The access verifiers: a new one rotates, none (or the same) keeps.
+        let (mut access, mut previous_access, mut access_changed_at) =
+            stored.map_or((None, None, 0), |(_, a, p, at)| (a, p, at));
+        if let Some(verifier) = upload.access_verifier {
+            if access != Some(verifier.0) {
+                previous_access = access;
+                access = Some(verifier.0);
+                access_changed_at = time(published_at);
+            }
         }
         let spk = &upload.signed_prekey;
         // An upsert, not a replace: the device's claim time stays.
         tx.prepare_cached(
             "INSERT INTO devices (identity, device_id, mailbox, counter, spk_id,
-                 spk_created, spk_public, spk_signature, published_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 spk_created, spk_public, spk_signature, published_at,
+                 access, previous_access, access_changed_at, owner_seen_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?9)
              ON CONFLICT (identity, device_id) DO UPDATE SET
                  counter = excluded.counter, spk_id = excluded.spk_id,
                  spk_created = excluded.spk_created, spk_public = excluded.spk_public,
-                 spk_signature = excluded.spk_signature, published_at = excluded.published_at",
+                 spk_signature = excluded.spk_signature, published_at = excluded.published_at,
+                 access = excluded.access, previous_access = excluded.previous_access,
+                 access_changed_at = excluded.access_changed_at,
+                 owner_seen_at = excluded.owner_seen_at",
         )
         .map_err(db)?
         .execute(params![
@@ -647,6 +782,9 @@ impl RelayStorage for SqliteRelayStorage {
             spk.public,
             spk.signature,
             time(published_at),
+            access,
+            previous_access,
+            access_changed_at,
         ])
         .map_err(db)?;
         if upload.replace_one_time_prekeys {
@@ -759,13 +897,21 @@ impl RelayStorage for SqliteRelayStorage {
         &mut self,
         mailbox: &MailboxId,
         envelope: &Envelope,
-        _share: Share,
+        share: Share,
         received_at: u64,
         limits: MailboxLimits,
     ) -> Result<InsertOutcome, RelayStorageError> {
         let tx = self.begin()?;
         let mut touched = Touched::new();
-        let outcome = insert_one(&tx, &mut touched, mailbox, envelope, received_at, limits)?;
+        let outcome = insert_one(
+            &tx,
+            &mut touched,
+            mailbox,
+            envelope,
+            share,
+            received_at,
+            limits,
+        )?;
         write_usage(&tx, &touched)?;
         tx.commit().map_err(db)?;
         Ok(outcome)
@@ -781,12 +927,13 @@ impl RelayStorage for SqliteRelayStorage {
         let tx = self.begin()?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut touched = Touched::new();
-        for (mailbox, envelope, _share) in batch {
+        for (mailbox, envelope, share) in batch {
             outcomes.push(insert_one(
                 &tx,
                 &mut touched,
                 mailbox,
                 envelope,
+                *share,
                 received_at,
                 limits,
             )?);
@@ -850,8 +997,7 @@ impl RelayStorage for SqliteRelayStorage {
         let Some(mid) = mailbox_key(&tx, mailbox)? else {
             return Ok(0);
         };
-        let mut deleted = 0u64;
-        let mut bytes = 0u64;
+        let mut freed = MailboxUsage::default();
         {
             // The row stays (with its receipt time, for expiry) so that the
             // id remains a duplicate; the payload goes.
@@ -859,33 +1005,24 @@ impl RelayStorage for SqliteRelayStorage {
                 .prepare_cached(
                     "UPDATE envelopes SET acknowledged = 1, payload = X''
                      WHERE mid = ?1 AND id = ?2 AND acknowledged = 0
-                     RETURNING size",
+                     RETURNING size, share",
                 )
                 .map_err(db)?;
             for id in ids {
-                let size: Option<i64> = acknowledge
-                    .query_row(params![mid, id.0], |r| r.get(0))
+                let row: Option<(i64, i64)> = acknowledge
+                    .query_row(params![mid, id.0], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
                     .map_err(db)?;
-                if let Some(size) = size {
-                    deleted += 1;
-                    bytes = bytes.saturating_add(count(size));
+                if let Some((size, share)) = row {
+                    freed.add(count(size), is_stranger(share)?);
                 }
             }
         }
-        if deleted > 0 {
-            release(
-                &tx,
-                mid,
-                MailboxUsage {
-                    envelopes: deleted,
-                    bytes,
-                    ..MailboxUsage::default()
-                },
-            )?;
+        if freed.envelopes > 0 {
+            release(&tx, mid, freed)?;
         }
         tx.commit().map_err(db)?;
-        Ok(deleted)
+        Ok(freed.envelopes)
     }
 
     fn expire_envelopes(&mut self, received_before: u64) -> Result<u64, RelayStorageError> {
@@ -895,38 +1032,54 @@ impl RelayStorage for SqliteRelayStorage {
             let mut expire = tx
                 .prepare_cached(
                     "DELETE FROM envelopes WHERE received_at < ?1
-                     RETURNING mid, acknowledged, size",
+                     RETURNING mid, acknowledged, size, share",
                 )
                 .map_err(db)?;
-            let mut rows = expire.query(params![time(received_before)]).map_err(db)?;
-            while let Some(row) = rows.next().map_err(db)? {
-                let acknowledged: i64 = row.get(1).map_err(db)?;
-                if acknowledged == 0 {
-                    let usage = freed.entry(row.get(0).map_err(db)?).or_default();
-                    usage.envelopes += 1;
-                    usage.bytes = usage.bytes.saturating_add(count(row.get(2).map_err(db)?));
-                }
-            }
+            let rows = expire.query(params![time(received_before)]).map_err(db)?;
+            collect_freed(rows, &mut freed)?;
         }
-        let mut expired = 0u64;
-        for (mid, usage) in &freed {
-            release(&tx, *mid, *usage)?;
-            expired += usage.envelopes;
-        }
+        let expired = release_all(&tx, &freed)?;
         tx.commit().map_err(db)?;
         Ok(expired)
     }
 
-    fn mailbox_owner(&self, _mailbox: &MailboxId) -> Result<Option<DeviceRecord>, RelayStorageError> {
-        Err(RelayStorageError::Backend("schema 5: not yet".into()))
+    fn expire_inactive(
+        &mut self,
+        seen_before: u64,
+        received_before: u64,
+    ) -> Result<u64, RelayStorageError> {
+        let tx = self.begin()?;
+        let mut freed: HashMap<i64, MailboxUsage> = HashMap::new();
+        {
+            let mut expire = tx
+                .prepare_cached(&format!(
+                    "{EXPIRE_INACTIVE} RETURNING mid, acknowledged, size, share"
+                ))
+                .map_err(db)?;
+            let rows = expire
+                .query(params![time(seen_before), time(received_before)])
+                .map_err(db)?;
+            collect_freed(rows, &mut freed)?;
+        }
+        let expired = release_all(&tx, &freed)?;
+        tx.commit().map_err(db)?;
+        Ok(expired)
     }
 
-    fn expire_inactive(&mut self, _seen_before: u64, _received_before: u64) -> Result<u64, RelayStorageError> {
-        Ok(0)
-    }
-
-    fn expire_devices(&mut self, _seen_before: u64) -> Result<u64, RelayStorageError> {
-        Ok(0)
+    fn expire_devices(&mut self, seen_before: u64) -> Result<u64, RelayStorageError> {
+        let tx = self.begin()?;
+        let seen_before = time(seen_before);
+        // The last statement deletes the devices: its count is theirs.
+        let mut deleted = 0;
+        for statement in EXPIRE_DEVICES {
+            deleted = tx
+                .prepare_cached(statement)
+                .map_err(db)?
+                .execute(params![seen_before])
+                .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(deleted as u64)
     }
 
     fn relay_key(
@@ -976,6 +1129,13 @@ impl RelayStorage for SqliteRelayStorage {
             .map_err(db)?
             .execute(params![mailbox.0, challenge, time(expires_at)])
             .map_err(db)?;
+        if recorded == 1 {
+            // The owner proved itself: seen now (never earlier than seen).
+            tx.prepare_cached(OWNER_SEEN)
+                .map_err(db)?
+                .execute(params![mailbox.0, time(now)])
+                .map_err(db)?;
+        }
         tx.commit().map_err(db)?;
         Ok(recorded == 1)
     }
@@ -1043,6 +1203,7 @@ fn insert_one(
     touched: &mut Touched,
     mailbox: &MailboxId,
     envelope: &Envelope,
+    share: Share,
     received_at: u64,
     limits: MailboxLimits,
 ) -> Result<InsertOutcome, RelayStorageError> {
@@ -1059,15 +1220,31 @@ fn insert_one(
         return Ok(InsertOutcome::Duplicate);
     }
     let size = envelope.payload.len() as u64;
-    if entry.usage.envelopes >= u64::from(limits.max_envelopes) {
+    // Each share against its own bounds, counting only its envelopes.
+    let usage = &entry.usage;
+    let (held, held_bytes, max_envelopes, max_bytes) = match share {
+        Share::Contacts => (
+            usage.envelopes.saturating_sub(usage.stranger_envelopes),
+            usage.bytes.saturating_sub(usage.stranger_bytes),
+            limits.max_envelopes,
+            limits.max_bytes,
+        ),
+        Share::Strangers => (
+            usage.stranger_envelopes,
+            usage.stranger_bytes,
+            limits.max_stranger_envelopes,
+            limits.max_stranger_bytes,
+        ),
+    };
+    if held >= u64::from(max_envelopes) {
         return Ok(InsertOutcome::TooManyEnvelopes);
     }
-    if entry.usage.bytes.saturating_add(size) > limits.max_bytes {
+    if held_bytes.saturating_add(size) > max_bytes {
         return Ok(InsertOutcome::TooManyBytes);
     }
     tx.prepare_cached(
-        "INSERT INTO envelopes (mid, seq, id, received_at, size, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO envelopes (mid, seq, id, received_at, size, payload, share)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )
     .map_err(db)?
     .execute(params![
@@ -1077,10 +1254,15 @@ fn insert_one(
         time(received_at),
         time(size),
         envelope.payload,
+        share_code(share),
     ])
     .map_err(db)?;
     entry.usage.envelopes += 1;
     entry.usage.bytes = entry.usage.bytes.saturating_add(size);
+    if share == Share::Strangers {
+        entry.usage.stranger_envelopes += 1;
+        entry.usage.stranger_bytes = entry.usage.stranger_bytes.saturating_add(size);
+    }
     entry.next_seq += 1;
     entry.changed = true;
     Ok(InsertOutcome::Stored)
@@ -1095,18 +1277,13 @@ fn touch(
     expire_before: u64,
 ) -> Result<TouchedMailbox, RelayStorageError> {
     let known = tx
-        .prepare_cached("SELECT mid, envelopes, bytes, next_seq FROM mailboxes WHERE mailbox = ?1")
+        .prepare_cached(
+            "SELECT mid, envelopes, bytes, stranger_envelopes, stranger_bytes, next_seq
+             FROM mailboxes WHERE mailbox = ?1",
+        )
         .map_err(db)?
         .query_row(params![mailbox.0], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                MailboxUsage {
-                    envelopes: count(r.get(1)?),
-                    bytes: count(r.get(2)?),
-                    ..MailboxUsage::default()
-                },
-                r.get::<_, i64>(3)?,
-            ))
+            Ok((r.get::<_, i64>(0)?, usage_row(r, 1)?, r.get::<_, i64>(5)?))
         })
         .optional()
         .map_err(db)?;
@@ -1127,7 +1304,7 @@ fn touch(
     let mut expire = tx
         .prepare_cached(
             "DELETE FROM envelopes INDEXED BY envelopes_by_mailbox_time
-             WHERE mid = ?1 AND received_at < ?2 RETURNING acknowledged, size",
+             WHERE mid = ?1 AND received_at < ?2 RETURNING acknowledged, size, share",
         )
         .map_err(db)?;
     let mut rows = expire
@@ -1136,8 +1313,13 @@ fn touch(
     while let Some(row) = rows.next().map_err(db)? {
         let acknowledged: i64 = row.get(0).map_err(db)?;
         if acknowledged == 0 {
+            let size = count(row.get(1).map_err(db)?);
             usage.envelopes = usage.envelopes.saturating_sub(1);
-            usage.bytes = usage.bytes.saturating_sub(count(row.get(1).map_err(db)?));
+            usage.bytes = usage.bytes.saturating_sub(size);
+            if is_stranger(row.get(2).map_err(db)?)? {
+                usage.stranger_envelopes = usage.stranger_envelopes.saturating_sub(1);
+                usage.stranger_bytes = usage.stranger_bytes.saturating_sub(size);
+            }
             changed = true;
         }
     }
@@ -1154,19 +1336,88 @@ fn touch(
 fn release(tx: &Connection, mid: i64, freed: MailboxUsage) -> Result<(), RelayStorageError> {
     tx.prepare_cached(
         "UPDATE mailboxes SET envelopes = max(envelopes - ?2, 0),
-             bytes = max(bytes - ?3, 0) WHERE mid = ?1",
+             bytes = max(bytes - ?3, 0),
+             stranger_envelopes = max(stranger_envelopes - ?4, 0),
+             stranger_bytes = max(stranger_bytes - ?5, 0) WHERE mid = ?1",
     )
     .map_err(db)?
-    .execute(params![mid, time(freed.envelopes), time(freed.bytes)])
+    .execute(params![
+        mid,
+        time(freed.envelopes),
+        time(freed.bytes),
+        time(freed.stranger_envelopes),
+        time(freed.stranger_bytes),
+    ])
     .map_err(db)?;
     Ok(())
+}
+
+/// Adds one pending envelope of `size` bytes (of the strangers' share or
+/// not) to a count of freed envelopes.
+trait Freed {
+    fn add(&mut self, size: u64, stranger: bool);
+}
+
+impl Freed for MailboxUsage {
+    fn add(&mut self, size: u64, stranger: bool) {
+        self.envelopes += 1;
+        self.bytes = self.bytes.saturating_add(size);
+        if stranger {
+            self.stranger_envelopes += 1;
+            self.stranger_bytes = self.stranger_bytes.saturating_add(size);
+        }
+    }
+}
+
+/// Sums, per mailbox, the pending envelopes among deleted rows of `mid,
+/// acknowledged, size, share`.
+fn collect_freed(
+    mut rows: rusqlite::Rows<'_>,
+    freed: &mut HashMap<i64, MailboxUsage>,
+) -> Result<(), RelayStorageError> {
+    while let Some(row) = rows.next().map_err(db)? {
+        let acknowledged: i64 = row.get(1).map_err(db)?;
+        if acknowledged == 0 {
+            let stranger = is_stranger(row.get(3).map_err(db)?)?;
+            freed
+                .entry(row.get(0).map_err(db)?)
+                .or_default()
+                .add(count(row.get(2).map_err(db)?), stranger);
+        }
+    }
+    Ok(())
+}
+
+/// [`release`]s each mailbox's freed envelopes; returns how many in all.
+fn release_all(
+    tx: &Connection,
+    freed: &HashMap<i64, MailboxUsage>,
+) -> Result<u64, RelayStorageError> {
+    let mut released = 0u64;
+    for (mid, usage) in freed {
+        release(tx, *mid, *usage)?;
+        released += usage.envelopes;
+    }
+    Ok(released)
+}
+
+/// A [`MailboxUsage`] from four columns of a `mailboxes` row from `first`
+/// (envelopes, bytes, stranger_envelopes, stranger_bytes).
+fn usage_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<MailboxUsage> {
+    Ok(MailboxUsage {
+        envelopes: count(r.get(first)?),
+        bytes: count(r.get(first + 1)?),
+        stranger_envelopes: count(r.get(first + 2)?),
+        stranger_bytes: count(r.get(first + 3)?),
+    })
 }
 
 /// Writes the usage of the mailboxes a transaction changed.
 fn write_usage(tx: &Connection, touched: &Touched) -> Result<(), RelayStorageError> {
     let mut update = tx
         .prepare_cached(
-            "UPDATE mailboxes SET envelopes = ?2, bytes = ?3, next_seq = ?4 WHERE mid = ?1",
+            "UPDATE mailboxes SET envelopes = ?2, bytes = ?3, stranger_envelopes = ?4,
+                 stranger_bytes = ?5, next_seq = ?6 WHERE mid = ?1",
         )
         .map_err(db)?;
     for entry in touched.values().filter(|t| t.changed) {
@@ -1175,6 +1426,8 @@ fn write_usage(tx: &Connection, touched: &Touched) -> Result<(), RelayStorageErr
                 entry.mid,
                 time(entry.usage.envelopes),
                 time(entry.usage.bytes),
+                time(entry.usage.stranger_envelopes),
+                time(entry.usage.stranger_bytes),
                 entry.next_seq,
             ])
             .map_err(db)?;
@@ -1194,16 +1447,224 @@ fn mailbox_key(conn: &Connection, mailbox: &MailboxId) -> Result<Option<i64>, Re
 /// The mailbox's usage, as the code keeps it in its `mailboxes` row.
 fn usage_of(conn: &Connection, mailbox: &MailboxId) -> Result<MailboxUsage, RelayStorageError> {
     let usage = conn
-        .prepare_cached("SELECT envelopes, bytes FROM mailboxes WHERE mailbox = ?1")
+        .prepare_cached(
+            "SELECT envelopes, bytes, stranger_envelopes, stranger_bytes
+             FROM mailboxes WHERE mailbox = ?1",
+        )
         .map_err(db)?
-        .query_row(params![mailbox.0], |r| {
-            Ok(MailboxUsage {
-                envelopes: count(r.get(0)?),
-                bytes: count(r.get(1)?),
-                ..MailboxUsage::default()
-            })
-        })
+        .query_row(params![mailbox.0], |r| usage_row(r, 0))
         .optional()
         .map_err(db)?;
     Ok(usage.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::keys::{IdentityKeyPair, SignedPrekey};
+
+    const NOW: u64 = 1_800_000_000;
+
+    /// From version 5 back to version 4 as the previous release wrote it.
+    const DOWNGRADE_5_TO_4: &str = "
+        DROP INDEX devices_by_owner_seen;
+        ALTER TABLE devices DROP COLUMN access;
+        ALTER TABLE devices DROP COLUMN previous_access;
+        ALTER TABLE devices DROP COLUMN access_changed_at;
+        ALTER TABLE devices DROP COLUMN owner_seen_at;
+        ALTER TABLE mailboxes DROP COLUMN stranger_envelopes;
+        ALTER TABLE mailboxes DROP COLUMN stranger_bytes;
+        ALTER TABLE envelopes DROP COLUMN share;
+        PRAGMA user_version = 4;
+    ";
+
+    fn upload(counter: u64) -> BundleSetUpload {
+        let keys = IdentityKeyPair::from_seed(&[7; 32]);
+        let spk = SignedPrekey::from_secret(&keys, 1, NOW, [8; 32]).unwrap();
+        BundleSetUpload {
+            device: DeviceAddress::new(keys.public(), 1),
+            counter,
+            signed_prekey: SignedPrekeyRecord::of(&spk),
+            replace_one_time_prekeys: false,
+            one_time_prekeys: vec![(1, [1; 32]), (2, [2; 32])],
+            access_verifier: None,
+            identity_stamp: None,
+        }
+    }
+
+    fn env(k: u8, len: usize) -> Envelope {
+        Envelope {
+            id: EnvelopeId([k; 16]),
+            payload: vec![k; len],
+        }
+    }
+
+    const LIMITS: MailboxLimits = MailboxLimits {
+        max_envelopes: 2,
+        max_bytes: 1000,
+        max_stranger_envelopes: 1,
+        max_stranger_bytes: 1000,
+        expire_before: 0,
+    };
+
+    struct TempFile(std::path::PathBuf);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut path = self.0.clone().into_os_string();
+                path.push(suffix);
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    /// A version-4 database opens as version 5: devices are seen at their
+    /// last upload and have no verifier, envelopes are the contacts', and
+    /// the strangers' share starts empty.
+    #[test]
+    fn migrates_a_version_4_database() {
+        let file = TempFile(std::env::temp_dir().join(format!(
+            "cubbyhole-relay-migrate-4-{}.db",
+            std::process::id()
+        )));
+        let up = upload(3);
+        let mailbox = up.device.mailbox();
+        {
+            let mut storage = SqliteRelayStorage::open(&file.0).unwrap();
+            storage.apply_upload(&up, NOW - 10, 100).unwrap();
+            for k in 1..=2 {
+                let outcome = storage
+                    .insert_envelope(&mailbox, &env(k, 10), Share::Contacts, NOW, LIMITS)
+                    .unwrap();
+                assert_eq!(outcome, InsertOutcome::Stored);
+            }
+            storage
+                .acknowledge_envelopes(&mailbox, &[EnvelopeId([1; 16])])
+                .unwrap();
+        }
+        {
+            let conn = Connection::open(&file.0).unwrap();
+            conn.execute_batch(DOWNGRADE_5_TO_4).unwrap();
+        }
+        let mut storage = SqliteRelayStorage::open(&file.0).unwrap();
+        let version: u32 = storage
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 5);
+        let record = storage.mailbox_owner(&mailbox).unwrap().unwrap();
+        assert_eq!(
+            (record.counter, record.published_at, record.owner_seen_at),
+            (3, NOW - 10, NOW - 10)
+        );
+        assert_eq!(
+            (
+                record.access,
+                record.previous_access,
+                record.access_changed_at
+            ),
+            (None, None, 0)
+        );
+        assert_eq!(storage.one_time_prekey_count(&up.device).unwrap(), 2);
+        assert_eq!(
+            storage.mailbox_usage(&mailbox).unwrap(),
+            MailboxUsage {
+                envelopes: 1,
+                bytes: 10,
+                stranger_envelopes: 0,
+                stranger_bytes: 0,
+            }
+        );
+        // The migrated envelope is a contact's: the contacts' share holds
+        // one more, the strangers' share one, the acknowledged id stays.
+        let put = |s: &mut SqliteRelayStorage, k: u8, share: Share| {
+            s.insert_envelope(&mailbox, &env(k, 10), share, NOW, LIMITS)
+                .unwrap()
+        };
+        assert_eq!(
+            put(&mut storage, 1, Share::Strangers),
+            InsertOutcome::Duplicate
+        );
+        assert_eq!(
+            put(&mut storage, 3, Share::Strangers),
+            InsertOutcome::Stored
+        );
+        assert_eq!(
+            put(&mut storage, 4, Share::Strangers),
+            InsertOutcome::TooManyEnvelopes
+        );
+        assert_eq!(put(&mut storage, 5, Share::Contacts), InsertOutcome::Stored);
+        assert_eq!(
+            put(&mut storage, 6, Share::Contacts),
+            InsertOutcome::TooManyEnvelopes
+        );
+        // The sweeps find the device by when it was last seen.
+        assert_eq!(storage.expire_inactive(NOW - 10, NOW + 1).unwrap(), 0);
+        assert_eq!(storage.expire_inactive(NOW - 9, NOW + 1).unwrap(), 3);
+        assert_eq!(
+            storage.mailbox_usage(&mailbox).unwrap(),
+            MailboxUsage::default()
+        );
+        assert_eq!(storage.expire_devices(NOW - 9).unwrap(), 1);
+        assert_eq!(storage.mailbox_owner(&mailbox).unwrap(), None);
+    }
+
+    /// A share code other than 0 and 1 is corruption, not a panic (the
+    /// column's check keeps new ones out; an old or edited file may hold
+    /// one).
+    #[test]
+    fn a_bad_share_is_corrupted() {
+        let mut storage = SqliteRelayStorage::open_in_memory().unwrap();
+        let mailbox = MailboxId([3; 32]);
+        storage
+            .insert_envelope(&mailbox, &env(1, 10), Share::Strangers, NOW, LIMITS)
+            .unwrap();
+        storage
+            .conn
+            .execute_batch("PRAGMA ignore_check_constraints = ON; UPDATE envelopes SET share = 7;")
+            .unwrap();
+        assert!(matches!(
+            storage.acknowledge_envelopes(&mailbox, &[EnvelopeId([1; 16])]),
+            Err(RelayStorageError::Corrupted(_))
+        ));
+        assert!(matches!(
+            storage.expire_envelopes(NOW + 1),
+            Err(RelayStorageError::Corrupted(_))
+        ));
+        // Nothing was deleted by the refused calls.
+        assert_eq!(
+            storage.mailbox_usage(&mailbox).unwrap().stranger_envelopes,
+            1
+        );
+    }
+
+    /// The sweeps and the owner's updates go through indexes, not scans of
+    /// the envelopes, pools or devices.
+    #[test]
+    fn sweeps_use_indexes() {
+        let storage = SqliteRelayStorage::open_in_memory().unwrap();
+        let mut plans = vec![EXPIRE_INACTIVE, OWNER_SEEN];
+        plans.extend(EXPIRE_DEVICES);
+        for sql in plans {
+            let mut stmt = storage
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap();
+            let zeros = vec![0i64; stmt.parameter_count()];
+            let details: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(zeros), |r| r.get::<_, String>(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let scans: Vec<&String> = details
+                .iter()
+                .filter(|d| d.starts_with("SCAN") && !d.contains("LIST SUBQUERY"))
+                .collect();
+            assert!(
+                scans.is_empty() && details.iter().any(|d| d.starts_with("SEARCH")),
+                "{sql}: {details:?}"
+            );
+        }
+    }
 }
