@@ -828,33 +828,21 @@ mod tests {
         parse_args(args.iter().map(|s| s.to_string()))
     }
 
-    /// The binary allocates with jemalloc (a large allocation shows in
-    /// jemalloc's own count), and `tune_jemalloc` turns on its background
-    /// threads and the short decay: without them the memory of a connection
-    /// flood stayed with the relay.
+    /// `tune_jemalloc` turns on jemalloc's background threads and the short
+    /// decay, for arenas made later and for the main thread's: without them
+    /// the memory of a connection flood stayed with the relay. (That the
+    /// binary allocates with jemalloc at all is not checked here: jemalloc's
+    /// counts need its `stats` build; BENCHMARKS.md has the measurement.)
     #[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
     #[test]
-    fn the_allocator_is_jemalloc_and_gives_memory_back() {
-        use tikv_jemalloc_ctl::{background_thread, epoch, stats, Access, AsName};
+    fn tune_jemalloc_turns_on_purging_in_the_background() {
+        use tikv_jemalloc_ctl::{background_thread, Access, AsName};
         tune_jemalloc().unwrap();
         assert!(background_thread::read().unwrap());
         let decay: isize = b"arenas.dirty_decay_ms\0".name().read().unwrap();
         assert_eq!(decay, DIRTY_DECAY_MS);
         let decay: isize = b"arena.0.dirty_decay_ms\0".name().read().unwrap();
         assert_eq!(decay, DIRTY_DECAY_MS);
-
-        const SIZE: usize = 64 << 20;
-        epoch::advance().unwrap();
-        let before = stats::allocated::read().unwrap();
-        let block = std::hint::black_box(vec![1u8; SIZE]);
-        epoch::advance().unwrap();
-        let during = stats::allocated::read().unwrap();
-        drop(block);
-        // Other tests allocate meanwhile, but not tens of MiB.
-        assert!(
-            during >= before + SIZE / 2,
-            "jemalloc counted {before} then {during} bytes around a {SIZE}-byte allocation"
-        );
     }
 
     #[test]
