@@ -10,6 +10,59 @@ use std::process::ExitCode;
 use cubbyhole_relay::{serve, ServerConfig, StorageConfig};
 use tracing::{error, info};
 
+/// The binary's allocator: jemalloc (the `jemalloc` feature, on by
+/// default), tuned by [`tune_allocator`]. With the system's malloc (glibc)
+/// the memory of a connection flood stayed with the process after it
+/// (about 218 MiB instead of 7 MiB; BENCHMARKS.md "Memory after a
+/// connection flood").
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// How long jemalloc keeps freed ("dirty") pages before giving them back to
+/// the system, in milliseconds (its default is 10 s).
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+const DIRTY_DECAY_MS: isize = 1000;
+
+/// Has jemalloc give freed memory back to the system within about
+/// [`DIRTY_DECAY_MS`], from its own background threads: without them it
+/// purges only when the process allocates again, so an idle relay kept the
+/// memory of a flood. Through jemalloc's control interface (safe calls).
+/// Nothing is changed when `_RJEM_MALLOC_CONF` is set: an operator's own
+/// jemalloc settings (`background_thread:true,dirty_decay_ms:N`) apply
+/// then. A failure is logged and otherwise ignored: the relay then just
+/// keeps more memory.
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+fn tune_allocator() {
+    if std::env::var_os("_RJEM_MALLOC_CONF").is_some() {
+        info!("allocator: jemalloc, as _RJEM_MALLOC_CONF sets it");
+        return;
+    }
+    match tune_jemalloc() {
+        Ok(()) => info!(dirty_decay_ms = DIRTY_DECAY_MS, "allocator: jemalloc"),
+        Err(e) => tracing::warn!(error = %e, "could not tune the allocator (jemalloc)"),
+    }
+}
+
+/// The settings [`tune_allocator`] makes.
+#[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+fn tune_jemalloc() -> tikv_jemalloc_ctl::Result<()> {
+    use tikv_jemalloc_ctl::{arenas, background_thread, Access, AsName};
+    // The default for arenas made from now on (one per runtime thread)...
+    b"arenas.dirty_decay_ms\0".name().write(DIRTY_DECAY_MS)?;
+    // ... and those made already (the main thread's).
+    for arena in 0..arenas::narenas::read().unwrap_or(0) {
+        let name = format!("arena.{arena}.dirty_decay_ms\0");
+        // Arenas not made yet refuse: they will take the default above.
+        let _ = name.as_bytes().name().write(DIRTY_DECAY_MS);
+    }
+    background_thread::write(true)
+}
+
+/// The system's allocator: nothing to tune.
+#[cfg(not(all(feature = "jemalloc", not(target_env = "msvc"))))]
+fn tune_allocator() {}
+
 const PREFIX: &str = "CUBBYHOLE_RELAY_";
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
@@ -802,6 +855,7 @@ fn main() -> ExitCode {
         }
     };
     init_logs(settings.log.as_deref(), settings.log_format);
+    tune_allocator();
     raise_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -859,6 +913,23 @@ mod tests {
 
     fn run(args: &[&str]) -> Result<Command, String> {
         parse_args(args.iter().map(|s| s.to_string()))
+    }
+
+    /// `tune_jemalloc` turns on jemalloc's background threads and the short
+    /// decay, for arenas made later and for the main thread's: without them
+    /// the memory of a connection flood stayed with the relay. (That the
+    /// binary allocates with jemalloc at all is not checked here: jemalloc's
+    /// counts need its `stats` build; BENCHMARKS.md has the measurement.)
+    #[cfg(all(feature = "jemalloc", not(target_env = "msvc")))]
+    #[test]
+    fn tune_jemalloc_turns_on_purging_in_the_background() {
+        use tikv_jemalloc_ctl::{background_thread, Access, AsName};
+        tune_jemalloc().unwrap();
+        assert!(background_thread::read().unwrap());
+        let decay: isize = b"arenas.dirty_decay_ms\0".name().read().unwrap();
+        assert_eq!(decay, DIRTY_DECAY_MS);
+        let decay: isize = b"arena.0.dirty_decay_ms\0".name().read().unwrap();
+        assert_eq!(decay, DIRTY_DECAY_MS);
     }
 
     #[test]
