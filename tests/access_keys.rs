@@ -101,7 +101,9 @@ impl World {
 }
 
 fn own<S: Store>(device: &Device<S>) -> AccessKeyRecord {
-    block_on(device.access_key()).unwrap().expect("an access key")
+    block_on(device.access_key())
+        .unwrap()
+        .expect("an access key")
 }
 
 fn held<S: Store>(device: &Device<S>, peer: &DeviceAddress) -> PeerAccess {
@@ -277,7 +279,10 @@ fn an_older_epoch_does_not_replace_a_newer_key() {
     let b = bob.address();
     let a = alice.address();
     let now = w.now();
-    assert_eq!(block_on(alice.rotate_access_key(&mut w.rng, now)).unwrap(), 2);
+    assert_eq!(
+        block_on(alice.rotate_access_key(&mut w.rng, now)).unwrap(),
+        2
+    );
     let newer = own(&alice);
     w.send(&mut alice, &b, b"epoch 2");
     assert_eq!(w.receive(&mut bob), [b"epoch 2".to_vec()]);
@@ -345,7 +350,11 @@ fn an_envelope_that_does_not_decrypt_stores_no_key() {
     // The authentic bytes (under a fresh id) do store it.
     let mut authentic = original;
     authentic.id = EnvelopeId([0xf1; 16]);
-    block_on(w.relay.deposit(&b.mailbox(), &authentic, &DepositPass::NONE)).unwrap();
+    block_on(
+        w.relay
+            .deposit(&b.mailbox(), &authentic, &DepositPass::NONE),
+    )
+    .unwrap();
     assert_eq!(w.receive(&mut bob), [b"hello".to_vec()]);
     assert_eq!(held(&bob, &a).key, Some(own(&alice)));
 }

@@ -151,7 +151,11 @@ impl BlockingStore for ChaosStore {
         self.write()?;
         self.inner.set_peer_access_key(peer, key)
     }
-    fn set_peer_excluded(&mut self, peer: &DeviceAddress, excluded: bool) -> Result<(), StoreError> {
+    fn set_peer_excluded(
+        &mut self,
+        peer: &DeviceAddress,
+        excluded: bool,
+    ) -> Result<(), StoreError> {
         self.write()?;
         self.inner.set_peer_excluded(peer, excluded)
     }

@@ -68,7 +68,11 @@ impl BlockingStore for FailingStore {
         self.op("set_access")?;
         self.inner.set_peer_access_key(peer, key)
     }
-    fn set_peer_excluded(&mut self, peer: &DeviceAddress, excluded: bool) -> Result<(), StoreError> {
+    fn set_peer_excluded(
+        &mut self,
+        peer: &DeviceAddress,
+        excluded: bool,
+    ) -> Result<(), StoreError> {
         self.op("set_access")?;
         self.inner.set_peer_excluded(peer, excluded)
     }

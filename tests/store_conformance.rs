@@ -280,7 +280,11 @@ impl BlockingStore for Broken {
     ) -> Result<(), StoreError> {
         self.inner.set_peer_access_key(peer, key)
     }
-    fn set_peer_excluded(&mut self, peer: &DeviceAddress, excluded: bool) -> Result<(), StoreError> {
+    fn set_peer_excluded(
+        &mut self,
+        peer: &DeviceAddress,
+        excluded: bool,
+    ) -> Result<(), StoreError> {
         self.inner.set_peer_excluded(peer, excluded)
     }
     fn identity(&self) -> Result<Option<LocalIdentity>, StoreError> {

@@ -119,7 +119,11 @@ impl<S: BlockingStore> BlockingStore for Counted<S> {
         self.write();
         self.inner.set_peer_access_key(peer, key)
     }
-    fn set_peer_excluded(&mut self, peer: &DeviceAddress, excluded: bool) -> Result<(), StoreError> {
+    fn set_peer_excluded(
+        &mut self,
+        peer: &DeviceAddress,
+        excluded: bool,
+    ) -> Result<(), StoreError> {
         self.write();
         self.inner.set_peer_excluded(peer, excluded)
     }

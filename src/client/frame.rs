@@ -248,7 +248,10 @@ mod tests {
         };
         let bytes = frame.encode();
         assert_eq!(bytes.len(), 6 + 8 + 1 + 16 + 20 + 2 + 32 + 16 + 2);
-        assert_eq!(bytes[5], MESSAGE | SESSION | RESET | RECEIPTS | DEAD | ACCESS);
+        assert_eq!(
+            bytes[5],
+            MESSAGE | SESSION | RESET | RECEIPTS | DEAD | ACCESS
+        );
         // ACCESS sits after DEAD and before RECEIPTS.
         let at = 6 + 8 + 1 + 16;
         assert_eq!(&bytes[at..at + 4], &[1, 2, 3, 4]);
@@ -319,7 +322,10 @@ mod tests {
         // Debug shows the epoch, never the key.
         let frame = Frame::decode(good).unwrap();
         let shown = format!("{frame:?}");
-        assert!(shown.contains("AccessKey(..)") && !shown.contains("3, 3, 3"), "{shown}");
+        assert!(
+            shown.contains("AccessKey(..)") && !shown.contains("3, 3, 3"),
+            "{shown}"
+        );
     }
 
     #[test]

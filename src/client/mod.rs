@@ -55,9 +55,9 @@ use crate::protocol::time::check_timestamp;
 use crate::protocol::wire::Incoming;
 use crate::storage::record::DEFAULT_ARCHIVED_SESSIONS;
 use crate::storage::{
-    accepted_digest, labelled_digest16, AccessKeyRecord, ContactRecord, DeliveryState, DepositDone, Failure,
-    InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit,
-    SentMessage, SessionEntry, SessionRecord, Store, StoreError, Trust,
+    accepted_digest, labelled_digest16, AccessKeyRecord, ContactRecord, DeliveryState, DepositDone,
+    Failure, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState,
+    ReceiveCommit, SentMessage, SessionEntry, SessionRecord, Store, StoreError, Trust,
 };
 use crate::transport::stamp::{required_bits, Stamp};
 use crate::transport::{
@@ -1186,8 +1186,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     ) -> Result<u32, ClientError> {
         check_timestamp(now)?;
         self.saw_time(now);
-        if self.store.prekeys().await?.is_none() || self.store.own_access_key().await?.is_none()
-        {
+        if self.store.prekeys().await?.is_none() || self.store.own_access_key().await?.is_none() {
             self.maintain_prekeys(rng, now).await?;
         }
         let mut state = self
@@ -1684,10 +1683,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         for entry in self.store.outbox().await? {
             // No clock here: a stamp is minted for the latest time the
             // client was given (or the entry's own).
-            let now = self
-                .last_now
-                .load(Ordering::Relaxed)
-                .max(entry.created);
+            let now = self.last_now.load(Ordering::Relaxed).max(entry.created);
             let start = start_of(&entry.envelope.id);
             let sent = match self.try_deposit(&entry, now, start).await {
                 Deposit::Done => {

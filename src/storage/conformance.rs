@@ -118,9 +118,10 @@ use rand_core::{CryptoRng, RngCore};
 use zeroize::Zeroizing;
 
 use super::{
-    AccessKeyRecord, AccountRecord, ContactRecord, DeliveryState, DepositDone, Failure, InboxMessage, LocalIdentity,
-    MessageId, OutboxEntry, PairingRecord, PeerAccess, PeerRecord, PrekeyState, Quarantined, ReceiveCommit,
-    SentMessage, SessionEntry, SessionRecord, Store, StoreError, Trust,
+    AccessKeyRecord, AccountRecord, ContactRecord, DeliveryState, DepositDone, Failure,
+    InboxMessage, LocalIdentity, MessageId, OutboxEntry, PairingRecord, PeerAccess, PeerRecord,
+    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionEntry, SessionRecord, Store,
+    StoreError, Trust,
 };
 use crate::protocol::bundle::{FreshnessPolicy, VerifiedBundle};
 use crate::protocol::devices::AccountId;
@@ -1266,7 +1267,11 @@ async fn access_keys<S: Store>(store: &mut S) -> Outcome {
     let fx = Fixture::new()?;
     let (a0, a1, a2) = (fx.address(0), fx.address(1), fx.address(2));
     let own = async |s: &S| s.own_access_key().await;
-    same("own_access_key() of a new store", &own(store).await.or_fail("own_access_key")?, &None)?;
+    same(
+        "own_access_key() of a new store",
+        &own(store).await.or_fail("own_access_key")?,
+        &None,
+    )?;
     store
         .set_own_access_key(&access(1, 0x11))
         .await
@@ -1287,7 +1292,11 @@ async fn access_keys<S: Store>(store: &mut S) -> Outcome {
     )?;
 
     let peer = async |s: &S, a: &DeviceAddress| s.peer_access(a).await.or_fail("peer_access");
-    same("peer_access() of an unknown peer", &peer(store, &a0).await?, &PeerAccess::default())?;
+    same(
+        "peer_access() of an unknown peer",
+        &peer(store, &a0).await?,
+        &PeerAccess::default(),
+    )?;
     store
         .set_peer_access_key(&a0, &access(3, 0x30))
         .await
@@ -1299,12 +1308,18 @@ async fn access_keys<S: Store>(store: &mut S) -> Outcome {
     same(
         "peer_access() after set_peer_access_key",
         &peer(store, &a0).await?,
-        &PeerAccess { key: Some(access(3, 0x30)), excluded: false },
+        &PeerAccess {
+            key: Some(access(3, 0x30)),
+            excluded: false,
+        },
     )?;
     same(
         "peer_access() after set_peer_excluded",
         &peer(store, &a1).await?,
-        &PeerAccess { key: None, excluded: true },
+        &PeerAccess {
+            key: None,
+            excluded: true,
+        },
     )?;
     // Each write keeps the other field.
     store
@@ -1318,12 +1333,18 @@ async fn access_keys<S: Store>(store: &mut S) -> Outcome {
     same(
         "peer_access() after set_peer_excluded of a peer with a key (the key stays)",
         &peer(store, &a0).await?,
-        &PeerAccess { key: Some(access(3, 0x30)), excluded: true },
+        &PeerAccess {
+            key: Some(access(3, 0x30)),
+            excluded: true,
+        },
     )?;
     same(
         "peer_access() after set_peer_access_key of an excluded peer (still excluded)",
         &peer(store, &a1).await?,
-        &PeerAccess { key: Some(access(7, 0x70)), excluded: true },
+        &PeerAccess {
+            key: Some(access(7, 0x70)),
+            excluded: true,
+        },
     )?;
     store
         .set_peer_access_key(&a0, &access(4, 0x40))
@@ -1336,14 +1357,24 @@ async fn access_keys<S: Store>(store: &mut S) -> Outcome {
     same(
         "peer_access() after a second set_peer_access_key (replaced, still excluded)",
         &peer(store, &a0).await?,
-        &PeerAccess { key: Some(access(4, 0x40)), excluded: true },
+        &PeerAccess {
+            key: Some(access(4, 0x40)),
+            excluded: true,
+        },
     )?;
     same(
         "peer_access() after set_peer_excluded(false)",
         &peer(store, &a1).await?,
-        &PeerAccess { key: Some(access(7, 0x70)), excluded: false },
+        &PeerAccess {
+            key: Some(access(7, 0x70)),
+            excluded: false,
+        },
     )?;
-    same("peer_access() of a peer never written", &peer(store, &a2).await?, &PeerAccess::default())?;
+    same(
+        "peer_access() of a peer never written",
+        &peer(store, &a2).await?,
+        &PeerAccess::default(),
+    )?;
     same(
         "own_access_key() after the peers' writes",
         &own(store).await.or_fail("own_access_key")?,

@@ -7,9 +7,9 @@ use std::vec::Vec;
 use std::string::ToString;
 
 use super::{
-    AccessKeyRecord, AccountRecord, BlockingStore, ContactRecord, InboxMessage, LocalIdentity, MessageId,
-    OutboxEntry, PairingRecord, PeerAccess, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy,
-    SentMessage, SessionRecord, StoreError,
+    AccessKeyRecord, AccountRecord, BlockingStore, ContactRecord, InboxMessage, LocalIdentity,
+    MessageId, OutboxEntry, PairingRecord, PeerAccess, PeerRecord, PrekeyState, Quarantined,
+    ReceiveCommit, SendCopy, SentMessage, SessionRecord, StoreError,
 };
 use crate::protocol::devices::AccountId;
 use crate::transport::{DeviceAddress, EnvelopeId};

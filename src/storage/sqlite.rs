@@ -22,9 +22,10 @@ use zeroize::Zeroizing;
 #[allow(unused_imports)] // the docs' links
 use super::Store;
 use super::{
-    AccessKeyRecord, AccountRecord, BlockingStore, ContactRecord, DeliveryState, DepositDone, InboxMessage,
-    LocalIdentity, MessageId, OutboxEntry, PairingRecord, PeerAccess, PeerRecord, PrekeyState, Quarantined,
-    ReceiveCommit, SendCopy, SentMessage, SessionRecord, StoreError, Trust, LOCAL_IDENTITY_LEN,
+    AccessKeyRecord, AccountRecord, BlockingStore, ContactRecord, DeliveryState, DepositDone,
+    InboxMessage, LocalIdentity, MessageId, OutboxEntry, PairingRecord, PeerAccess, PeerRecord,
+    PrekeyState, Quarantined, ReceiveCommit, SendCopy, SentMessage, SessionRecord, StoreError,
+    Trust, LOCAL_IDENTITY_LEN,
 };
 use crate::protocol::devices::AccountId;
 use crate::protocol::keys::IdentityKey;
@@ -1576,9 +1577,11 @@ impl BlockingStore for Db {
     }
 
     fn set_own_access_key(&mut self, key: &AccessKeyRecord) -> Result<(), StoreError> {
-        let sealed =
-            self.sealer
-                .seal(T_OWN_ACCESS, &SINGLETON.to_be_bytes(), key.to_bytes().as_ref())?;
+        let sealed = self.sealer.seal(
+            T_OWN_ACCESS,
+            &SINGLETON.to_be_bytes(),
+            key.to_bytes().as_ref(),
+        )?;
         self.conn
             .prepare_cached(
                 "INSERT INTO own_access (id, secret) VALUES (?1, ?2)
