@@ -284,7 +284,7 @@ fn world(
 ) {
     let mut rng = ChaCha20Rng::seed_from_u64(14);
     let relay = InProcessRelay::with_clock(
-        Relay::new(MemoryRelayStorage::new(), RelayConfig::default()),
+        Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()),
         Arc::new(|| NOW),
     );
     let store = FailingStore {
