@@ -1750,6 +1750,7 @@ fn frame_cases() -> Vec<Value> {
                 generation: Some(g_big),
                 reset: true,
                 dead: vec![s(2), s(3)],
+                access: None,
                 receipts: vec![r(6), r(7), r(8)],
                 message: Some((Some(m(6)), b"everything at once".to_vec())),
             },

@@ -138,6 +138,8 @@ impl BlockingStore for CrashStore {
         last_pending_to(to: &DeviceAddress) -> Option<MessageId>;
         sent_message(id: &MessageId) -> Option<SentMessage>;
         inbox() -> Vec<InboxMessage>;
+        own_access_key() -> Option<cubbyhole::storage::AccessKeyRecord>;
+        peer_access(peer: &DeviceAddress) -> cubbyhole::storage::PeerAccess;
     }
     write! {
         set_identity(identity: &LocalIdentity);
@@ -157,6 +159,9 @@ impl BlockingStore for CrashStore {
         update_sent(message: &SentMessage);
         prune_sent(before: u64);
         remove_inbox(id: &EnvelopeId);
+        set_own_access_key(key: &cubbyhole::storage::AccessKeyRecord);
+        set_peer_access_key(peer: &DeviceAddress, key: &cubbyhole::storage::AccessKeyRecord);
+        set_peer_excluded(peer: &DeviceAddress, excluded: bool);
     }
 }
 

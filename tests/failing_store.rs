@@ -42,6 +42,40 @@ impl FailingStore {
 }
 
 impl BlockingStore for FailingStore {
+    fn own_access_key(&self) -> Result<Option<cubbyhole::storage::AccessKeyRecord>, StoreError> {
+        self.op("peer_access")?;
+        self.inner.own_access_key()
+    }
+    fn set_own_access_key(
+        &mut self,
+        key: &cubbyhole::storage::AccessKeyRecord,
+    ) -> Result<(), StoreError> {
+        self.op("set_access")?;
+        self.inner.set_own_access_key(key)
+    }
+    fn peer_access(
+        &self,
+        peer: &DeviceAddress,
+    ) -> Result<cubbyhole::storage::PeerAccess, StoreError> {
+        self.op("peer_access")?;
+        self.inner.peer_access(peer)
+    }
+    fn set_peer_access_key(
+        &mut self,
+        peer: &DeviceAddress,
+        key: &cubbyhole::storage::AccessKeyRecord,
+    ) -> Result<(), StoreError> {
+        self.op("set_access")?;
+        self.inner.set_peer_access_key(peer, key)
+    }
+    fn set_peer_excluded(
+        &mut self,
+        peer: &DeviceAddress,
+        excluded: bool,
+    ) -> Result<(), StoreError> {
+        self.op("set_access")?;
+        self.inner.set_peer_excluded(peer, excluded)
+    }
     fn identity(&self) -> Result<Option<LocalIdentity>, StoreError> {
         self.op("identity")?;
         self.inner.identity()

@@ -250,6 +250,7 @@ fn mark(envelope_id: EnvelopeId, processed_at: u64) -> ReceiveCommit<'static> {
         peer: None,
         message: None,
         sent: None,
+        access: None,
     }
 }
 
@@ -513,6 +514,7 @@ fn exercise(store: &mut impl BlockingStore, w: &mut World) -> Keys {
             peer: Some(&peer2),
             message: Some(&m3),
             sent: Some(&delivered1),
+            access: None,
         },
         ReceiveCommit {
             envelope_id: ids[4],
@@ -522,6 +524,7 @@ fn exercise(store: &mut impl BlockingStore, w: &mut World) -> Keys {
             peer: None,
             message: Some(&m4),
             sent: Some(&s5),
+            access: None,
         },
         ReceiveCommit {
             envelope_id: ids[6],
@@ -531,6 +534,7 @@ fn exercise(store: &mut impl BlockingStore, w: &mut World) -> Keys {
             peer: None,
             message: Some(&m4dup),
             sent: Some(&failed2),
+            access: None,
         },
         ReceiveCommit {
             sent: Some(&s7),
@@ -544,6 +548,7 @@ fn exercise(store: &mut impl BlockingStore, w: &mut World) -> Keys {
             peer: None,
             message: Some(&m5),
             sent: Some(&s5_deposited),
+            access: None,
         },
     ];
     store.commit_receive(&batch).unwrap();
@@ -716,7 +721,7 @@ fn reopening_from_disk_keeps_everything() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, SqliteStore::SCHEMA_VERSION);
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 6);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 7);
 }
 
 #[test]
@@ -729,6 +734,14 @@ fn secrets_are_not_on_disk_in_the_clear() {
     let receipt_marker = b"a sent body stored by a receipt".to_vec();
     let (a, s) = w.peers[0].clone();
     let two = w.two_sessions(1);
+    // Deposit access keys (own and peers'), recognisable bytes.
+    let access = |epoch, byte| cubbyhole::storage::AccessKeyRecord {
+        epoch,
+        key: cubbyhole::transport::AccessKey::from_bytes([byte; 16]),
+    };
+    let own_access_key = access(1, 0xa1);
+    let peer_access_key = access(2, 0xa2);
+    let other_access_key = access(3, 0xa3);
     {
         let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
         store.set_identity(&w.me).unwrap();
@@ -747,7 +760,12 @@ fn secrets_are_not_on_disk_in_the_clear() {
                 peer: None,
                 message: Some(&m),
                 sent: Some(&by_receipt),
+                access: Some((&a, &peer_access_key)),
             }])
+            .unwrap();
+        store.set_own_access_key(&own_access_key).unwrap();
+        store
+            .set_peer_access_key(&w.peers[1].0, &other_access_key)
             .unwrap();
         let mid = w.message_id();
         let m = sent(mid, w.peers[1].0, &sent_marker, DeliveryState::Stored, NOW);
@@ -772,6 +790,9 @@ fn secrets_are_not_on_disk_in_the_clear() {
     assert!(!contains(&sent_marker), "sent body leaked");
     assert!(!contains(&resent_marker), "updated sent body leaked");
     assert!(!contains(&receipt_marker), "sent body of a receipt leaked");
+    for byte in [0xa1, 0xa2, 0xa3] {
+        assert!(!contains(&[byte; 16]), "access key {byte:#x} leaked");
+    }
     let otk = w.prekeys.prekeys.one_time_prekeys().next().unwrap();
     assert!(!contains(&otk.secret_bytes()[..]), "prekey secret leaked");
     for state in [s.to_bytes(), w.peers[1].1.to_bytes(), w.extra[1].to_bytes()] {
@@ -1565,6 +1586,7 @@ fn commit_receive_is_all_or_nothing() {
             peer: (i == 1).then_some(&peer),
             message: Some(&messages[i]),
             sent: [Some(&delivered), None, Some(&new)][i],
+            access: None,
         })
         .collect();
 
@@ -1852,7 +1874,7 @@ fn tables(c: &rusqlite::Connection) -> Vec<String> {
 
 #[test]
 fn a_version_1_database_is_migrated_with_its_data() {
-    assert_eq!(SqliteStore::SCHEMA_VERSION, 6);
+    assert_eq!(SqliteStore::SCHEMA_VERSION, 7);
     let dir = TempDir::new("migrate");
     let mut w = world(19);
     let v1 = version_1_database(&dir.db(), &mut w);
@@ -1866,7 +1888,14 @@ fn a_version_1_database_is_migrated_with_its_data() {
 
     let mut store = SqliteStore::open(dir.db(), &KEY).unwrap();
     let c = raw(&dir.db());
-    assert_eq!(version(&c), 6);
+    assert_eq!(version(&c), 7);
+    // Version 7's tables; a migrated store has no access key yet (the
+    // client draws one at its next publish) and knows none of its peers'.
+    let names = tables(&c);
+    assert!(names.contains(&"own_access".to_string()), "{names:?}");
+    assert!(names.contains(&"peer_access".to_string()), "{names:?}");
+    assert!(store.own_access_key().unwrap().is_none());
+    assert_eq!(store.peer_access(&a).unwrap(), Default::default());
     // Version 6's index, and the "last pending to" query uses it.
     let plan: Vec<String> = c
         .prepare(
@@ -1962,7 +1991,7 @@ fn a_version_1_database_is_migrated_with_its_data() {
     store.set_own_account(&own).unwrap();
     drop(store);
     let store = SqliteStore::open(dir.db(), &KEY).unwrap();
-    assert_eq!(version(&raw(&dir.db())), 6);
+    assert_eq!(version(&raw(&dir.db())), 7);
     assert_eq!(store.own_account().unwrap(), Some(own));
     assert!(store.accounts().unwrap().is_empty());
     assert_eq!(store.sent_messages().unwrap(), [m]);

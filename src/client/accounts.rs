@@ -672,7 +672,7 @@ impl<S: Store, D: PrekeyDirectory + DeviceDirectory, M: Mailbox> Client<S, D, M>
                 queued.push((entry, message));
             }
         }
-        let deposited = match self.deposit_all(queued).await {
+        let deposited = match self.deposit_all(queued, now, rng).await {
             Ok(deposited) => deposited,
             Err(ClientError::Store(_)) => 0,
             Err(e) => return Err(e),

@@ -6,16 +6,28 @@
 //! v2: 0x02 || sender device id (4) || flags (1)
 //!       || [SESSION]  generation (8)
 //!       || [DEAD]     count (1, >= 1) || count x session id (16)
+//!       || [ACCESS]   epoch (4) || deposit access key (16)
 //!       || [RECEIPTS] count (2, >= 1) || count x message id (16)
 //!       || [MESSAGE]  message id (16) || body (the rest)
 //! ```
 //!
 //! Flags: `MESSAGE` 0x01, `SESSION` 0x02, `RESET` 0x04 (only with
-//! `SESSION`), `RECEIPTS` 0x08, `DEAD` 0x10; other bits are zero, and at
-//! least one of `MESSAGE`, `SESSION`, `RECEIPTS` is set. Without `MESSAGE`
-//! nothing follows the last field.
+//! `SESSION`), `RECEIPTS` 0x08, `DEAD` 0x10, `ACCESS` 0x20; other bits are
+//! zero, and at least one of `MESSAGE`, `SESSION`, `RECEIPTS` is set
+//! (`ACCESS` and `DEAD` ride along, never alone). Without `MESSAGE`
+//! nothing follows the last field. Numbers are big-endian.
+//!
+//! `ACCESS` carries the sender device's current deposit access key and its
+//! epoch (SPEC.md, "Access keys in the client"): the receiver keeps it for
+//! the sender device if the epoch is above the one it holds (or it holds
+//! none), in the same commit as the message, and shows it when depositing
+//! to that device's mailbox.
 
 use std::vec::Vec;
+
+use zeroize::Zeroizing;
+
+use crate::transport::{AccessKey, ACCESS_KEY_LEN};
 
 /// Frame version 1 (device id and body only; still accepted).
 pub const V1: u8 = 0x01;
@@ -35,7 +47,11 @@ pub const RECEIPTS: u8 = 0x08;
 /// The frame names sessions of the recipient's that the sender could not
 /// open (their prekey messages failed): the recipient supersedes them.
 pub const DEAD: u8 = 0x10;
-const KNOWN: u8 = MESSAGE | SESSION | RESET | RECEIPTS | DEAD;
+/// The frame carries the sender device's deposit access key and its epoch.
+pub const ACCESS: u8 = 0x20;
+const KNOWN: u8 = MESSAGE | SESSION | RESET | RECEIPTS | DEAD | ACCESS;
+/// The length of the `ACCESS` field: epoch (4) and key (16).
+pub const ACCESS_FIELD_LEN: usize = 4 + ACCESS_KEY_LEN;
 
 /// A decoded frame.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -48,6 +64,9 @@ pub struct Frame {
     pub reset: bool,
     /// Session ids the sender could not open.
     pub dead: Vec<[u8; 16]>,
+    /// The sender device's deposit access key with its epoch (its `Debug`
+    /// shows only the epoch).
+    pub access: Option<(u32, AccessKey)>,
     /// Ids of messages the sender received.
     pub receipts: Vec<[u8; 16]>,
     /// The message: its id (`None` for a v1 frame) and body.
@@ -59,7 +78,8 @@ pub struct Frame {
 pub struct BadFrame;
 
 impl Frame {
-    /// Encodes a v2 frame. At most 255 dead ids and 65,535 receipts are
+    /// Encodes a v2 frame (the caller wipes the bytes once encrypted: they
+    /// hold the access key, if any). At most 255 dead ids and 65,535 receipts are
     /// encoded (the caller sends the rest in another frame).
     ///
     /// The caller makes a frame that decodes: at least one of `message`,
@@ -84,8 +104,9 @@ impl Frame {
         let dead = &self.dead[..self.dead.len().min(255)];
         let receipts = &self.receipts[..self.receipts.len().min(65_535)];
         let body_len = self.message.as_ref().map_or(0, |(_, b)| 16 + b.len());
-        let mut out =
-            Vec::with_capacity(6 + 9 + 1 + 16 * dead.len() + 2 + 16 * receipts.len() + body_len);
+        let mut out = Vec::with_capacity(
+            6 + 9 + 1 + 16 * dead.len() + ACCESS_FIELD_LEN + 2 + 16 * receipts.len() + body_len,
+        );
         let mut flags = 0;
         if self.message.is_some() {
             flags |= MESSAGE;
@@ -102,6 +123,9 @@ impl Frame {
         if !dead.is_empty() {
             flags |= DEAD;
         }
+        if self.access.is_some() {
+            flags |= ACCESS;
+        }
         out.push(V2);
         out.extend_from_slice(&self.device_id.to_be_bytes());
         out.push(flags);
@@ -113,6 +137,10 @@ impl Frame {
             for id in dead {
                 out.extend_from_slice(id);
             }
+        }
+        if let Some((epoch, key)) = &self.access {
+            out.extend_from_slice(&epoch.to_be_bytes());
+            out.extend_from_slice(key.as_bytes());
         }
         if !receipts.is_empty() {
             out.extend_from_slice(&(receipts.len() as u16).to_be_bytes());
@@ -128,12 +156,14 @@ impl Frame {
     }
 
     /// Decodes a v1 or v2 frame; consumes the plaintext (the body is split
-    /// off it without a copy).
+    /// off it without a copy; the rest, which holds the access key if any,
+    /// is wiped).
     ///
     /// # Errors
     /// [`BadFrame`] for an unknown version, a truncated field, an unknown
     /// or inconsistent flag, a zero count or trailing bytes.
-    pub fn decode(mut plaintext: Vec<u8>) -> Result<Frame, BadFrame> {
+    pub fn decode(plaintext: Vec<u8>) -> Result<Frame, BadFrame> {
+        let mut plaintext = Zeroizing::new(plaintext);
         let (&version, rest) = plaintext.split_first().ok_or(BadFrame)?;
         let (device, rest) = rest.split_first_chunk::<4>().ok_or(BadFrame)?;
         let device_id = u32::from_be_bytes(*device);
@@ -166,6 +196,11 @@ impl Frame {
         if flags & DEAD != 0 {
             let [count] = take::<1>(&mut r)?;
             frame.dead = ids(&mut r, usize::from(count))?;
+        }
+        if flags & ACCESS != 0 {
+            let epoch = u32::from_be_bytes(take(&mut r)?);
+            let key = Zeroizing::new(take::<ACCESS_KEY_LEN>(&mut r)?);
+            frame.access = Some((epoch, AccessKey::from_bytes(*key)));
         }
         if flags & RECEIPTS != 0 {
             let count = u16::from_be_bytes(take(&mut r)?);
@@ -207,12 +242,90 @@ mod tests {
             generation: Some(1_700_000_000),
             reset: true,
             dead: vec![[1; 16]],
+            access: Some((0x0102_0304, AccessKey::from_bytes([5; 16]))),
             receipts: vec![[2; 16], [3; 16]],
             message: Some((Some([4; 16]), b"hi".to_vec())),
         };
         let bytes = frame.encode();
-        assert_eq!(bytes.len(), 6 + 8 + 1 + 16 + 2 + 32 + 16 + 2);
+        assert_eq!(bytes.len(), 6 + 8 + 1 + 16 + 20 + 2 + 32 + 16 + 2);
+        assert_eq!(
+            bytes[5],
+            MESSAGE | SESSION | RESET | RECEIPTS | DEAD | ACCESS
+        );
+        // ACCESS sits after DEAD and before RECEIPTS.
+        let at = 6 + 8 + 1 + 16;
+        assert_eq!(&bytes[at..at + 4], &[1, 2, 3, 4]);
+        assert_eq!(&bytes[at + 4..at + 20], &[5; 16]);
+        assert_eq!(&bytes[at + 20..at + 22], &[0, 2]);
         assert_eq!(Frame::decode(bytes).unwrap(), frame);
+    }
+
+    #[test]
+    fn access_rides_with_any_content_and_costs_21_bytes() {
+        for content in [
+            Frame {
+                receipts: vec![[7; 16]],
+                ..Frame::default()
+            },
+            Frame {
+                generation: Some(3),
+                ..Frame::default()
+            },
+            Frame {
+                message: Some((Some([8; 16]), b"body".to_vec())),
+                ..Frame::default()
+            },
+        ] {
+            let with = Frame {
+                device_id: 2,
+                access: Some((9, AccessKey::from_bytes([0xaa; 16]))),
+                ..content.clone()
+            };
+            let bytes = with.encode();
+            assert_eq!(bytes.len(), content.encode().len() + ACCESS_FIELD_LEN);
+            assert_eq!(Frame::decode(bytes).unwrap(), with);
+        }
+        // The field's bytes, in place.
+        let receipts = Frame {
+            device_id: 1,
+            access: Some((1, AccessKey::from_bytes([0xaa; 16]))),
+            receipts: vec![[9; 16]],
+            ..Frame::default()
+        };
+        let mut want = vec![2, 0, 0, 0, 1, RECEIPTS | ACCESS, 0, 0, 0, 1];
+        want.extend_from_slice(&[0xaa; 16]);
+        want.extend_from_slice(&[0, 1]);
+        want.extend_from_slice(&[9; 16]);
+        assert_eq!(receipts.encode(), want);
+    }
+
+    #[test]
+    fn malformed_access_is_refused() {
+        let good = Frame {
+            device_id: 1,
+            access: Some((4, AccessKey::from_bytes([3; 16]))),
+            receipts: vec![[9; 16]],
+            ..Frame::default()
+        }
+        .encode();
+        // Every truncation fails, and ACCESS alone is no content.
+        for cut in 6..good.len() {
+            assert_eq!(Frame::decode(good[..cut].to_vec()), Err(BadFrame), "{cut}");
+        }
+        let mut alone = vec![2, 0, 0, 0, 1, ACCESS, 0, 0, 0, 1];
+        alone.extend_from_slice(&[3; 16]);
+        assert_eq!(Frame::decode(alone), Err(BadFrame));
+        // A frame with ACCESS but no message has nothing after its fields.
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(Frame::decode(trailing), Err(BadFrame));
+        // Debug shows the epoch, never the key.
+        let frame = Frame::decode(good).unwrap();
+        let shown = format!("{frame:?}");
+        assert!(
+            shown.contains("AccessKey(..)") && !shown.contains("3, 3, 3"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -220,7 +333,8 @@ mod tests {
         // Unknown flag, no content flag, RESET without SESSION, zero count,
         // trailing bytes after a receipt-only frame, truncation.
         for bad in [
-            &[2, 0, 0, 0, 1, 0x20][..],
+            &[2, 0, 0, 0, 1, 0x40][..],
+            &[2, 0, 0, 0, 1, 0x80 | RECEIPTS, 0, 1][..],
             &[2, 0, 0, 0, 1, 0][..],
             &[2, 0, 0, 0, 1, RESET | RECEIPTS, 0, 1][..],
             &[2, 0, 0, 0, 1, RECEIPTS, 0, 0][..],

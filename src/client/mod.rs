@@ -36,6 +36,7 @@ pub mod pairing;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::vec::Vec;
 
 use rand_core::CryptoRngCore;
@@ -54,14 +55,14 @@ use crate::protocol::time::check_timestamp;
 use crate::protocol::wire::Incoming;
 use crate::storage::record::DEFAULT_ARCHIVED_SESSIONS;
 use crate::storage::{
-    accepted_digest, labelled_digest16, ContactRecord, DeliveryState, DepositDone, Failure,
-    InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState, ReceiveCommit,
-    SentMessage, SessionEntry, SessionRecord, Store, StoreError, Trust,
+    accepted_digest, labelled_digest16, AccessKeyRecord, ContactRecord, DeliveryState, DepositDone,
+    Failure, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState,
+    ReceiveCommit, SentMessage, SessionEntry, SessionRecord, Store, StoreError, Trust,
 };
+use crate::transport::stamp::{required_bits, Stamp};
 use crate::transport::{
-    DepositPass,
-    BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxOp,
-    PrekeyDirectory, TransportError,
+    AccessKey, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId, Mailbox,
+    MailboxAuth, MailboxId, MailboxOp, PrekeyDirectory, TransportError,
 };
 use frame::Frame;
 
@@ -129,6 +130,13 @@ pub struct ClientConfig {
     /// set: a lost or given-up message never blocks its successors for
     /// longer.
     pub hold_back: u64,
+    /// The most leading zero bits the client grinds for one stamp (SPEC.md
+    /// 16.6, 16.7; a deposit stamp needs the relay's difficulty plus
+    /// `ceil(log2(4 KiB blocks))`). A relay that asks more is not obeyed:
+    /// the deposit stays queued, the upload fails. Default 30 (about 2^30
+    /// SHA-256, minutes of one core; the default relay asks 20 to 26 for a
+    /// deposit, 24 for a new identity).
+    pub max_stamp_bits: u32,
 }
 
 const DAY: u64 = 24 * 60 * 60;
@@ -155,6 +163,7 @@ impl Default for ClientConfig {
             notice_interval: 60 * 60,
             dead_after_messages: 50,
             hold_back: 2 * DAY,
+            max_stamp_bits: 30,
         }
     }
 }
@@ -362,6 +371,47 @@ pub struct Client<S, D, M> {
     /// When the last dead-session notice went to each peer (in memory: a
     /// restart allows one more).
     notices: HashMap<DeviceAddress, u64>,
+    /// The highest deposit stamp difficulty a relay asked of this client
+    /// (in memory): a deposit without an access key mints a stamp at it
+    /// before its first try.
+    stamp_difficulty: AtomicU8,
+    /// The latest time the client was given (in memory): the time of the
+    /// stamps [`Client::flush_outbox`] mints.
+    last_now: AtomicU64,
+}
+
+/// Nonces tried between two yields to the executor while minting a stamp.
+const STAMP_SLICE: u64 = 1 << 16;
+
+/// A future that is pending once (waking its task at once), then ready:
+/// lets other tasks of a single-threaded executor (a browser's) run
+/// between two slices of stamp minting. Runtime-agnostic.
+struct YieldNow(bool);
+
+impl core::future::Future for YieldNow {
+    type Output = ();
+    fn poll(
+        mut self: core::pin::Pin<&mut Self>,
+        cx: &mut core::task::Context<'_>,
+    ) -> core::task::Poll<()> {
+        if self.0 {
+            core::task::Poll::Ready(())
+        } else {
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            core::task::Poll::Pending
+        }
+    }
+}
+
+/// The first nonce of a stamp minted without the caller's randomness
+/// ([`Client::flush_outbox`]): from the envelope id, which the client drew
+/// from its rng (a stamp is bound to its envelope id, so no one else mints
+/// for it).
+fn start_of(id: &EnvelopeId) -> u64 {
+    let mut start = [0u8; 8];
+    start.copy_from_slice(&id.0[..8]);
+    u64::from_be_bytes(start)
 }
 
 impl<S, D, M> fmt::Debug for Client<S, D, M> {
@@ -405,6 +455,11 @@ struct Batch {
     /// The record `route` found to open the next message's new chain
     /// (tried first).
     new_chain_owner: Option<DeviceAddress>,
+    /// Per peer device heard from, the highest access-key epoch known
+    /// (stored or received in this batch).
+    access_epochs: HashMap<DeviceAddress, Option<u32>>,
+    /// Peer devices' new access keys, to commit with the batch.
+    access: HashMap<DeviceAddress, AccessKeyRecord>,
 }
 
 impl Batch {
@@ -527,6 +582,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             config,
             identity,
             notices: HashMap::new(),
+            stamp_difficulty: AtomicU8::new(0),
+            last_now: AtomicU64::new(0),
         })
     }
 
@@ -885,6 +942,32 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 accepted: Vec::new(),
             },
         };
+        self.saw_time(now);
+        // A device without an access key (new, or a store from before
+        // access keys) draws one; the upload that registers its verifier
+        // is marked pending first, so a crash before the upload still
+        // leads to one.
+        let own = match self.store.own_access_key().await {
+            Ok(own) => own,
+            // Unreadable: a new key replaces it.
+            Err(StoreError::Corrupted { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let access = match own {
+            Some(access) => access,
+            None => {
+                if !state.upload_pending {
+                    state.upload_pending = true;
+                    self.store.set_prekeys(&state).await?;
+                }
+                let access = AccessKeyRecord {
+                    epoch: 1,
+                    key: AccessKey::generate(rng),
+                };
+                self.store.set_own_access_key(&access).await?;
+                access
+            }
+        };
         let mut changed = false;
         let mut replace = state.upload_pending;
         if now.saturating_sub(state.last_rotation) >= self.config.signed_prekey_rotation {
@@ -948,19 +1031,267 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             .one_time_prekeys()
             .filter(|k| k.id() >= first_new)
             .collect();
-        let upload = BundleSetUpload::new(
+        let mut upload = BundleSetUpload::new(
             self.identity.device_id,
             keys,
             state.upload_counter,
             state.prekeys.current_signed_prekey(),
             &one_time,
             replace,
-        )
-        .sign(keys);
-        self.directory.publish(&upload).await?;
+        );
+        upload.access_verifier = Some(access.key.verifier(&me.mailbox()));
+        self.publish_upload(upload, rng, now).await?;
         state.upload_pending = false;
         self.store.set_prekeys(&state).await?;
         Ok(true)
+    }
+
+    /// Signs and publishes an upload; if the relay asks for an identity
+    /// stamp (a first upload, SPEC.md 16.7), mints one at the difficulty
+    /// it names (in slices, yielding between them) and publishes again,
+    /// once.
+    async fn publish_upload(
+        &self,
+        mut upload: BundleSetUpload,
+        rng: &mut (impl CryptoRngCore + MaybeSend),
+        now: u64,
+    ) -> Result<(), ClientError> {
+        let keys = &self.identity.keys;
+        match self.directory.publish(&upload.sign(keys)).await {
+            Err(TransportError::StampRequired(difficulty)) => {
+                let device = upload.device;
+                let stamp = self
+                    .mint(rng.next_u64(), u32::from(difficulty), |start, budget| {
+                        Stamp::mint_identity(&device, difficulty, now, start, budget)
+                    })
+                    .await
+                    .ok_or(TransportError::StampRequired(difficulty))?;
+                upload.identity_stamp = Some(stamp);
+                Ok(self.directory.publish(&upload.sign(keys)).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Grinds a stamp needing `bits` leading zero bits with `step(start,
+    /// budget)` ([`Stamp::mint`] or [`Stamp::mint_identity`]), from nonce
+    /// `start`, [`STAMP_SLICE`] nonces at a time, yielding to the executor
+    /// between slices. `None` if `bits` is above
+    /// [`ClientConfig::max_stamp_bits`], or nothing was found in 2^(bits +
+    /// 8) tries (a chance of e^-256).
+    async fn mint(
+        &self,
+        start: u64,
+        bits: u32,
+        mut step: impl FnMut(
+            u64,
+            u64,
+        ) -> Result<
+            Result<Stamp, crate::transport::stamp::Unfinished>,
+            crate::transport::stamp::StampError,
+        >,
+    ) -> Option<Stamp> {
+        if bits > self.config.max_stamp_bits {
+            return None;
+        }
+        let limit = 1u64 << (bits + 8).min(63);
+        let mut next = start;
+        let mut tried = 0u64;
+        while tried < limit {
+            match step(next, STAMP_SLICE) {
+                Ok(Ok(stamp)) => return Some(stamp),
+                Ok(Err(unfinished)) => next = unfinished.next_nonce,
+                Err(_) => return None,
+            }
+            tried += STAMP_SLICE;
+            YieldNow(false).await;
+        }
+        None
+    }
+
+    /// A deposit stamp for `envelope` to `mailbox` at `difficulty`, time
+    /// `now`, from nonce `start` (see [`Client::mint`]).
+    async fn mint_deposit(
+        &self,
+        mailbox: &MailboxId,
+        envelope: &Envelope,
+        difficulty: u8,
+        now: u64,
+        start: u64,
+    ) -> Option<Stamp> {
+        let len = u32::try_from(envelope.payload.len()).ok()?;
+        let bits = required_bits(difficulty, len);
+        self.mint(start, bits, |start, budget| {
+            Stamp::mint(mailbox, &envelope.id, len, difficulty, now, start, budget)
+        })
+        .await
+    }
+
+    /// Remembers the latest time the client was given.
+    fn saw_time(&self, now: u64) {
+        self.last_now.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// This device's current deposit access key and its epoch (`None`
+    /// until the first [`Client::maintain_prekeys`] draws one).
+    ///
+    /// # Errors
+    /// [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe (a read).
+    pub async fn access_key(&self) -> Result<Option<AccessKeyRecord>, ClientError> {
+        Ok(self.store.own_access_key().await?)
+    }
+
+    /// Replaces this device's deposit access key (SPEC.md, "Access keys in
+    /// the client"): draws a new key with the epoch + 1 and registers its
+    /// verifier with the relay in one upload. The relay still takes the
+    /// previous key for its grace period (`RelayConfig::access_grace`, a
+    /// day by default); contacts get the new key in the next frame this
+    /// device sends them (unless excluded: [`Client::exclude_contact`]).
+    /// Returns the new epoch. A device that never published publishes
+    /// first ([`Client::maintain_prekeys`]).
+    ///
+    /// ```
+    /// # use cubbyhole::client::{block_on, Client, ClientConfig};
+    /// # use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
+    /// # use cubbyhole::storage::MemoryStore;
+    /// # use rand_core::OsRng;
+    /// # let relay = InProcessRelay::new(Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()));
+    /// # let now = relay.now();
+    /// let mut device = block_on(Client::open(
+    ///     MemoryStore::new(), relay.clone(), relay.clone(), ClientConfig::default(), &mut OsRng,
+    /// )).unwrap();
+    /// block_on(device.maintain_prekeys(&mut OsRng, now)).unwrap();
+    /// let first = block_on(device.access_key()).unwrap().unwrap();
+    /// assert_eq!(first.epoch, 1);
+    /// assert_eq!(block_on(device.rotate_access_key(&mut OsRng, now)).unwrap(), 2);
+    /// let second = block_on(device.access_key()).unwrap().unwrap();
+    /// assert_ne!(first.key, second.key);
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::Store`]; [`ClientError::Transport`] if the upload
+    /// fails: the new key is kept and the next
+    /// [`Client::maintain_prekeys`] uploads it.
+    ///
+    /// # Cancel safety
+    /// Safe; an upload committed locally but not confirmed is redone by
+    /// the next [`Client::maintain_prekeys`].
+    pub async fn rotate_access_key(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + MaybeSend),
+        now: u64,
+    ) -> Result<u32, ClientError> {
+        check_timestamp(now)?;
+        self.saw_time(now);
+        if self.store.prekeys().await?.is_none() || self.store.own_access_key().await?.is_none() {
+            self.maintain_prekeys(rng, now).await?;
+        }
+        let mut state = self
+            .store
+            .prekeys()
+            .await?
+            .ok_or(ClientError::Protocol(Error::State("no prekeys")))?;
+        let epoch = self
+            .store
+            .own_access_key()
+            .await?
+            .map_or(0, |a| a.epoch)
+            .saturating_add(1);
+        let access = AccessKeyRecord {
+            epoch,
+            key: AccessKey::generate(rng),
+        };
+        let pending = state.upload_pending;
+        // Marked pending (with a fresh counter) before the key is stored:
+        // whatever is interrupted, the next maintenance uploads.
+        state.upload_counter = state.upload_counter.max(now).saturating_add(1);
+        state.upload_pending = true;
+        self.store.set_prekeys(&state).await?;
+        self.store.set_own_access_key(&access).await?;
+        if pending {
+            // An earlier upload was not confirmed: the full one replaces
+            // the pool and carries the new verifier.
+            self.maintain_prekeys(rng, now).await?;
+            return Ok(epoch);
+        }
+        let keys = &self.identity.keys;
+        let mut upload = BundleSetUpload::new(
+            self.identity.device_id,
+            keys,
+            state.upload_counter,
+            state.prekeys.current_signed_prekey(),
+            &[],
+            false,
+        );
+        upload.access_verifier = Some(access.key.verifier(&self.address().mailbox()));
+        self.publish_upload(upload, rng, now).await?;
+        state.upload_pending = false;
+        self.store.set_prekeys(&state).await?;
+        Ok(epoch)
+    }
+
+    /// Stops handing this device's access key to `peers` (devices of a
+    /// contact to shut out): the frames sent to them no longer carry it,
+    /// then the key is rotated ([`Client::rotate_access_key`]), so once the
+    /// relay's grace period for the previous key is over, their deposits
+    /// need a stamp and land in the small strangers' share. The other
+    /// contacts get the new key in the next frame sent to them. Returns the
+    /// new epoch. [`Client::include_contact`] undoes it.
+    ///
+    /// ```
+    /// # use cubbyhole::client::{block_on, Client, ClientConfig};
+    /// # use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
+    /// # use cubbyhole::storage::{MemoryStore, Store};
+    /// # use cubbyhole::transport::DeviceAddress;
+    /// # use rand_core::OsRng;
+    /// # let relay = InProcessRelay::new(Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()));
+    /// # let now = relay.now();
+    /// # let mut device = block_on(Client::open(
+    /// #     MemoryStore::new(), relay.clone(), relay.clone(), ClientConfig::default(), &mut OsRng,
+    /// # )).unwrap();
+    /// # let pest = DeviceAddress { identity: [9; 32], device_id: 1 };
+    /// block_on(device.exclude_contact(&mut OsRng, &[pest], now)).unwrap();
+    /// assert!(block_on(device.store().peer_access(&pest)).unwrap().excluded);
+    /// block_on(device.include_contact(&[pest])).unwrap();
+    /// assert!(!block_on(device.store().peer_access(&pest)).unwrap().excluded);
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::Store`]; [`ClientError::Transport`] as
+    /// [`Client::rotate_access_key`] (the exclusion is stored before).
+    ///
+    /// # Cancel safety
+    /// Safe; each exclusion is stored before the rotation: call it again
+    /// if it was dropped (a second rotation does no harm).
+    pub async fn exclude_contact(
+        &mut self,
+        rng: &mut (impl CryptoRngCore + MaybeSend),
+        peers: &[DeviceAddress],
+        now: u64,
+    ) -> Result<u32, ClientError> {
+        check_timestamp(now)?;
+        for peer in peers {
+            self.store.set_peer_excluded(peer, true).await?;
+        }
+        self.rotate_access_key(rng, now).await
+    }
+
+    /// Undoes [`Client::exclude_contact`] for `peers`: the next frame sent
+    /// to each carries this device's current access key again.
+    ///
+    /// # Errors
+    /// [`ClientError::Store`].
+    ///
+    /// # Cancel safety
+    /// Safe; each device's flag is written on its own (call it again).
+    pub async fn include_contact(&mut self, peers: &[DeviceAddress]) -> Result<(), ClientError> {
+        for peer in peers {
+            self.store.set_peer_excluded(peer, false).await?;
+        }
+        Ok(())
     }
 
     /// Whether the peer's identity key is marked compromised (a store
@@ -1050,7 +1381,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         // Committed: the message is handed over whatever happens next (a
         // failed deposit, or a store failure recording it, is repaired by
         // `flush_outbox` and `resend`).
-        let deposited = match self.deposit_message(&entry, &mut message).await {
+        let start = rng.next_u64();
+        let deposited = match self.deposit_message(&entry, &mut message, now, start).await {
             Ok(deposited) => deposited,
             Err(ClientError::Store(_)) => false,
             Err(e) => return Err(e),
@@ -1067,8 +1399,10 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         &mut self,
         entry: &OutboxEntry,
         message: &mut SentMessage,
+        now: u64,
+        start: u64,
     ) -> Result<bool, ClientError> {
-        match self.deposit(entry).await {
+        match self.deposit(entry, now, start).await {
             Ok(true) => {
                 message.state = deposited_state(message);
                 self.store.update_sent(message).await?;
@@ -1096,6 +1430,18 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         now: u64,
     ) -> Result<(SessionRecord, OutboxEntry), ClientError> {
         let me = self.address();
+        let access = match self.store.own_access_key().await {
+            Ok(access) => access,
+            // Unreadable: frames go without it until it is redrawn.
+            Err(StoreError::Corrupted { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let excluded = match self.store.peer_access(to).await {
+            Ok(peer) => peer.excluded,
+            // Unreadable: the key is not handed out (fail closed).
+            Err(StoreError::Corrupted { .. }) => true,
+            Err(e) => return Err(e.into()),
+        };
         let stored = self.load_record(to, now).await?;
         let mut record = match stored {
             Some(record) if record.current(&me, to).is_some() => record,
@@ -1121,13 +1467,20 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             frame.generation = Some(current.generation);
             frame.reset = current.reset && prekey;
         }
-        let payload = current
-            .session
-            .encrypt(rng, &frame.encode())
-            .map_err(|e| match e {
-                Error::PlaintextTooLong => ClientError::TooLong,
-                e => ClientError::Protocol(e),
-            })?;
+        // Every frame carries this device's access key, unless the peer
+        // is excluded (SPEC.md, "Access keys in the client").
+        frame.access = match access {
+            Some(access) if !excluded => Some((access.epoch, access.key)),
+            _ => None,
+        };
+        let mut plaintext = frame.encode();
+        let encrypted = current.session.encrypt(rng, &plaintext);
+        plaintext.zeroize();
+        frame.access = None;
+        let payload = encrypted.map_err(|e| match e {
+            Error::PlaintextTooLong => ClientError::TooLong,
+            e => ClientError::Protocol(e),
+        })?;
         let mut id = [0u8; 16];
         rng.fill_bytes(&mut id);
         let message = frame.message.as_ref().and_then(|(id, _)| id.map(MessageId));
@@ -1178,12 +1531,17 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut frame = frame;
         let (record, entry) = self.encrypt_frame(rng, to, &mut frame, now).await?;
         self.store.commit_send(&record, &entry, None).await?;
-        self.deposit(&entry).await
+        self.deposit(&entry, now, rng.next_u64()).await
     }
 
     /// Deposits with retries; removes the entry from the outbox on success.
-    async fn deposit(&mut self, entry: &OutboxEntry) -> Result<bool, ClientError> {
-        match self.try_deposit(entry).await {
+    async fn deposit(
+        &mut self,
+        entry: &OutboxEntry,
+        now: u64,
+        start: u64,
+    ) -> Result<bool, ClientError> {
+        match self.try_deposit(entry, now, start).await {
             Deposit::Done => {
                 self.store.remove_outbox(&entry.envelope.id).await?;
                 Ok(true)
@@ -1198,12 +1556,55 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
 
     /// Deposits with retries, writing nothing: the caller records the
     /// outcome ([`Client::deposit`], [`Store::commit_deposits`]).
-    async fn try_deposit(&self, entry: &OutboxEntry) -> Deposit {
+    ///
+    /// The pass (SPEC.md, "Access keys in the client"): the recipient
+    /// device's access key if it sent one; without one, a stamp at the
+    /// highest difficulty a relay asked of this client so far, minted
+    /// before the first try. A refusal for want of a stamp
+    /// ([`TransportError::StampRequired`]) is answered once with a stamp at
+    /// the difficulty it names (minted at time `now` from nonce `start`),
+    /// beside the key; a stamp that is too costly
+    /// ([`ClientConfig::max_stamp_bits`]) leaves the entry queued.
+    async fn try_deposit(&self, entry: &OutboxEntry, now: u64, start: u64) -> Deposit {
+        self.saw_time(now);
         let mailbox = entry.to.mailbox();
-        for _ in 0..self.config.deposit_attempts.max(1) {
-            match self.mailbox.deposit(&mailbox, &entry.envelope, &DepositPass::NONE).await {
+        let access = match self.store.peer_access(&entry.to).await {
+            Ok(peer) => peer.key.map(|k| k.key),
+            // Unreadable: deposit as a stranger would.
+            Err(_) => None,
+        };
+        let mut pass = DepositPass {
+            access,
+            stamp: None,
+        };
+        let known = self.stamp_difficulty.load(Ordering::Relaxed);
+        if pass.access.is_none() && known > 0 {
+            pass.stamp = self
+                .mint_deposit(&mailbox, &entry.envelope, known, now, start)
+                .await;
+        }
+        let mut stamped_on_request = false;
+        let mut attempts = 0;
+        while attempts < self.config.deposit_attempts.max(1) {
+            match self.mailbox.deposit(&mailbox, &entry.envelope, &pass).await {
                 Ok(()) => return Deposit::Done,
-                Err(TransportError::Unavailable(_) | TransportError::Io { .. }) => continue,
+                Err(TransportError::Unavailable(_) | TransportError::Io { .. }) => {
+                    attempts += 1;
+                    continue;
+                }
+                Err(TransportError::StampRequired(difficulty)) if !stamped_on_request => {
+                    stamped_on_request = true;
+                    self.stamp_difficulty
+                        .fetch_max(difficulty, Ordering::Relaxed);
+                    match self
+                        .mint_deposit(&mailbox, &entry.envelope, difficulty, now, start)
+                        .await
+                    {
+                        Some(stamp) => pass.stamp = Some(stamp),
+                        None => return Deposit::Later,
+                    }
+                    continue;
+                }
                 // Never deliverable: drop it from the outbox (the receiver's
                 // counters will show it as missing) and say so.
                 Err(e @ TransportError::LimitExceeded(crate::relay::reason::ENVELOPE_SIZE))
@@ -1231,11 +1632,13 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     pub(crate) async fn deposit_all(
         &mut self,
         items: Vec<(OutboxEntry, SentMessage)>,
+        now: u64,
+        rng: &mut (impl CryptoRngCore + MaybeSend),
     ) -> Result<usize, ClientError> {
         let mut deposited = 0;
         let mut done = Vec::with_capacity(items.len());
         for (entry, mut message) in items {
-            match self.try_deposit(&entry).await {
+            match self.try_deposit(&entry, now, rng.next_u64()).await {
                 Deposit::Done => {
                     deposited += 1;
                     message.state = deposited_state(&message);
@@ -1259,7 +1662,12 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// deposit), with the same ids, and records the outcomes (the entries
     /// that left the outbox, their messages' new states) in one store
     /// transaction per 256 entries ([`Store::commit_deposits`]).
-    /// Returns how many were deposited.
+    /// Returns how many were deposited. Each deposit shows the recipient's
+    /// access key, or a stamp as [`Client::send`]'s does; this method is
+    /// given no time, so a stamp is minted for the latest time any other
+    /// method was given (or the entry's creation, if later): after a long
+    /// pause, call [`Client::resend`] or [`Client::receive`] with the
+    /// current time first.
     ///
     /// # Errors
     /// [`ClientError::Store`].
@@ -1273,7 +1681,11 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut deposited = 0;
         let mut done = Vec::new();
         for entry in self.store.outbox().await? {
-            let sent = match self.try_deposit(&entry).await {
+            // No clock here: a stamp is minted for the latest time the
+            // client was given (or the entry's own).
+            let now = self.last_now.load(Ordering::Relaxed).max(entry.created);
+            let start = start_of(&entry.envelope.id);
+            let sent = match self.try_deposit(&entry, now, start).await {
                 Deposit::Done => {
                     deposited += 1;
                     let sent = match entry.message {
@@ -1351,6 +1763,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         now: u64,
     ) -> Result<ResendReport, ClientError> {
         check_timestamp(now)?;
+        self.saw_time(now);
         self.resend_urgent(rng, now, &HashSet::new(), true).await
     }
 
@@ -1541,7 +1954,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             m.state = DeliveryState::Stored;
             self.store.commit_send(&record, &entry, Some(&m)).await?;
             report.resent += 1;
-            self.deposit_message(&entry, &mut m).await?;
+            let start = rng.next_u64();
+            self.deposit_message(&entry, &mut m, now, start).await?;
         }
         Ok(())
     }
@@ -1594,6 +2008,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         wait_ms: u32,
     ) -> Result<ReceiveReport, ClientError> {
         check_timestamp(now)?;
+        self.saw_time(now);
         let mut report = ReceiveReport::default();
         let mut wait_ms = wait_ms;
         let mut urgent = HashSet::new();
@@ -2005,6 +2420,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             peer: None,
             message: None,
             sent: None,
+            access: None,
         };
         let mut commits: Vec<ReceiveCommit<'_>> = Vec::with_capacity(
             b.processed.len()
@@ -2012,8 +2428,15 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 + b.touched.len()
                 + b.new_peers.len()
                 + b.sent.len()
+                + b.access.len()
                 + 1,
         );
+        for (peer, key) in &b.access {
+            commits.push(ReceiveCommit {
+                access: Some((peer, key)),
+                ..blank(last)
+            });
+        }
         for (id, index) in &b.processed {
             commits.push(ReceiveCommit {
                 message: index.map(|i| &b.messages[i]),
@@ -2056,12 +2479,31 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     async fn take_frame(
         &self,
         from: DeviceAddress,
-        frame: Frame,
+        mut frame: Frame,
         now: u64,
         b: &mut Batch,
         report: &mut ReceiveReport,
         already: &HashSet<EnvelopeId>,
     ) -> Result<Option<Vec<u8>>, ClientError> {
+        if let Some((epoch, key)) = frame.access.take() {
+            // Kept only if newer than what is held: a replayed or
+            // reordered older frame never brings back a rotated key.
+            let known = match b.access_epochs.get(&from) {
+                Some(known) => *known,
+                None => match self.store.peer_access(&from).await {
+                    Ok(peer) => peer.key.map(|k| k.epoch),
+                    // Unreadable: replaced by the key received.
+                    Err(StoreError::Corrupted { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                },
+            };
+            if known.is_none_or(|known| epoch > known) {
+                b.access_epochs.insert(from, Some(epoch));
+                b.access.insert(from, AccessKeyRecord { epoch, key });
+            } else {
+                b.access_epochs.insert(from, known);
+            }
+        }
         if !frame.dead.is_empty() {
             let record = b.records.entry(from).or_default();
             let mut hit = false;

@@ -55,13 +55,14 @@
 //! | `quarantine` | [`Store::quarantine_session`] moves the record to [`Store::quarantined`] (oldest first); no record: nothing happens |
 //! | `peers` | peer records: replace by address, [`Store::peers`], [`Store::peers_with_identity`] |
 //! | `contacts` | contact records: round trip, replace by name, [`Store::contacts`] |
+//! | `access_keys` | the own access key and the peers' keys and exclusions round trip; a peer's key and its exclusion are written without touching each other |
 //! | `commit_send` | the session record, the outbox entry and the sent message are all stored |
 //! | `commit_send_many` | every copy of a fan-out: session records, outbox entries (in order), sent messages |
 //! | `commit_deposits` | removes exactly the outbox entries named, stores exactly the sent messages given; an empty batch changes nothing |
 //! | `pairing` | [`Store::set_pairing`] / [`Store::pairing`] round trip every field; a second offer replaces it; `None` drops it |
 //! | `outbox` | oldest first; [`Store::remove_outbox`] removes one entry |
 //! | `processed` | marks are set by [`Store::commit_receive`]; [`Store::processed_among`] agrees with [`Store::is_processed`]; [`Store::prune_processed`] drops those older than `before` only |
-//! | `commit_receive` | every part of every commit of a batch is applied, later ones winning |
+//! | `commit_receive` | every part of every commit of a batch is applied (a peer's access key included, its exclusion kept), later ones winning |
 //! | `inbox` | in the order received; a duplicate envelope id adds nothing; [`Store::remove_inbox`] |
 //! | `sent_messages` | first-stored order, [`Store::update_sent`] in place, [`Store::sent_message`], [`Store::pending_sent`], [`Store::last_pending_to`] |
 //! | `prune_sent` | drops delivered and failed messages created before `before`, never pending ones |
@@ -117,9 +118,10 @@ use rand_core::{CryptoRng, RngCore};
 use zeroize::Zeroizing;
 
 use super::{
-    AccountRecord, ContactRecord, DeliveryState, DepositDone, Failure, InboxMessage, LocalIdentity,
-    MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit,
-    SentMessage, SessionEntry, SessionRecord, Store, StoreError, Trust,
+    AccessKeyRecord, AccountRecord, ContactRecord, DeliveryState, DepositDone, Failure,
+    InboxMessage, LocalIdentity, MessageId, OutboxEntry, PairingRecord, PeerAccess, PeerRecord,
+    PrekeyState, Quarantined, ReceiveCommit, SentMessage, SessionEntry, SessionRecord, Store,
+    StoreError, Trust,
 };
 use crate::protocol::bundle::{FreshnessPolicy, VerifiedBundle};
 use crate::protocol::devices::AccountId;
@@ -128,7 +130,7 @@ use crate::protocol::prekeys::PrekeyStore;
 use crate::protocol::ratchet::SessionConfig;
 use crate::protocol::session::Session;
 use crate::protocol::wire::Incoming;
-use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
+use crate::transport::{AccessKey, DeviceAddress, Envelope, EnvelopeId};
 
 /// A broken promise: which check found it and what was wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -284,6 +286,14 @@ checks! {
     /// lists each contact once, an unknown name has none, and a name of
     /// [`ContactRecord::MAX_NAME`] bytes (any bytes) is kept whole.
     check_contacts => "contacts", contacts;
+    /// `access_keys`: [`Store::own_access_key`] returns what
+    /// [`Store::set_own_access_key`] stored (epoch and key), a second one
+    /// replaces it; [`Store::peer_access`] of an unknown peer is
+    /// [`PeerAccess::default`], and returns the key of
+    /// [`Store::set_peer_access_key`] and the flag of
+    /// [`Store::set_peer_excluded`], each write keeping the other field and
+    /// touching no other peer.
+    check_access_keys => "access_keys", access_keys;
     /// `commit_send`: [`Store::commit_send`] stores the session record of
     /// the entry's recipient, appends the entry to the outbox and, if
     /// given, stores the sent message (a known id is updated in place); a
@@ -324,9 +334,10 @@ checks! {
     check_processed => "processed", processed;
     /// `commit_receive`: every part of every commit of a batch is applied:
     /// the session record, the prekeys, the peer record, the inbox message,
-    /// the sent message and the processed mark; a later commit of the batch
-    /// wins over an earlier one (same peer, sent message, prekeys); an empty
-    /// batch changes nothing.
+    /// the sent message, the peer's access key (its exclusion kept) and the
+    /// processed mark; a later commit of the batch wins over an earlier one
+    /// (same peer, sent message, prekeys, access key); an empty batch
+    /// changes nothing.
     check_commit_receive => "commit_receive", commit_receive;
     /// `inbox`: [`Store::inbox`] lists the received messages, whole, in the
     /// order received (whatever their ids); a message whose envelope id is
@@ -604,6 +615,15 @@ fn mark(envelope_id: EnvelopeId, processed_at: u64) -> ReceiveCommit<'static> {
         peer: None,
         message: None,
         sent: None,
+        access: None,
+    }
+}
+
+/// An access key record made of one repeated byte.
+fn access(epoch: u32, k: u8) -> AccessKeyRecord {
+    AccessKeyRecord {
+        epoch,
+        key: AccessKey::from_bytes([k; 16]),
     }
 }
 
@@ -801,6 +821,19 @@ async fn is_empty<S: Store>(store: &S, fx: &Fixture, when: &str) -> Outcome {
         store.prekeys().await.or_fail("prekeys")?.is_none(),
         "{when}: prekeys() is Some"
     );
+    ensure!(
+        store
+            .own_access_key()
+            .await
+            .or_fail("own_access_key")?
+            .is_none(),
+        "{when}: own_access_key() is Some"
+    );
+    same(
+        &format!("{when}: peer_access()"),
+        &store.peer_access(&a).await.or_fail("peer_access")?,
+        &PeerAccess::default(),
+    )?;
     ensure!(
         store.session(&a).await.or_fail("session")?.is_none(),
         "{when}: session() is Some"
@@ -1227,6 +1260,125 @@ async fn contacts<S: Store>(store: &mut S) -> Outcome {
         "contact() of a name that is a prefix of another",
         &store.contact(b"ali").await.or_fail("contact")?,
         &None,
+    )
+}
+
+async fn access_keys<S: Store>(store: &mut S) -> Outcome {
+    let fx = Fixture::new()?;
+    let (a0, a1, a2) = (fx.address(0), fx.address(1), fx.address(2));
+    let own = async |s: &S| s.own_access_key().await;
+    same(
+        "own_access_key() of a new store",
+        &own(store).await.or_fail("own_access_key")?,
+        &None,
+    )?;
+    store
+        .set_own_access_key(&access(1, 0x11))
+        .await
+        .or_fail("set_own_access_key")?;
+    same(
+        "own_access_key() after set_own_access_key",
+        &own(store).await.or_fail("own_access_key")?,
+        &Some(access(1, 0x11)),
+    )?;
+    store
+        .set_own_access_key(&access(u32::MAX, 0x12))
+        .await
+        .or_fail("set_own_access_key")?;
+    same(
+        "own_access_key() after a second set_own_access_key (replaced)",
+        &own(store).await.or_fail("own_access_key")?,
+        &Some(access(u32::MAX, 0x12)),
+    )?;
+
+    let peer = async |s: &S, a: &DeviceAddress| s.peer_access(a).await.or_fail("peer_access");
+    same(
+        "peer_access() of an unknown peer",
+        &peer(store, &a0).await?,
+        &PeerAccess::default(),
+    )?;
+    store
+        .set_peer_access_key(&a0, &access(3, 0x30))
+        .await
+        .or_fail("set_peer_access_key")?;
+    store
+        .set_peer_excluded(&a1, true)
+        .await
+        .or_fail("set_peer_excluded")?;
+    same(
+        "peer_access() after set_peer_access_key",
+        &peer(store, &a0).await?,
+        &PeerAccess {
+            key: Some(access(3, 0x30)),
+            excluded: false,
+        },
+    )?;
+    same(
+        "peer_access() after set_peer_excluded",
+        &peer(store, &a1).await?,
+        &PeerAccess {
+            key: None,
+            excluded: true,
+        },
+    )?;
+    // Each write keeps the other field.
+    store
+        .set_peer_excluded(&a0, true)
+        .await
+        .or_fail("set_peer_excluded")?;
+    store
+        .set_peer_access_key(&a1, &access(7, 0x70))
+        .await
+        .or_fail("set_peer_access_key")?;
+    same(
+        "peer_access() after set_peer_excluded of a peer with a key (the key stays)",
+        &peer(store, &a0).await?,
+        &PeerAccess {
+            key: Some(access(3, 0x30)),
+            excluded: true,
+        },
+    )?;
+    same(
+        "peer_access() after set_peer_access_key of an excluded peer (still excluded)",
+        &peer(store, &a1).await?,
+        &PeerAccess {
+            key: Some(access(7, 0x70)),
+            excluded: true,
+        },
+    )?;
+    store
+        .set_peer_access_key(&a0, &access(4, 0x40))
+        .await
+        .or_fail("set_peer_access_key")?;
+    store
+        .set_peer_excluded(&a1, false)
+        .await
+        .or_fail("set_peer_excluded")?;
+    same(
+        "peer_access() after a second set_peer_access_key (replaced, still excluded)",
+        &peer(store, &a0).await?,
+        &PeerAccess {
+            key: Some(access(4, 0x40)),
+            excluded: true,
+        },
+    )?;
+    same(
+        "peer_access() after set_peer_excluded(false)",
+        &peer(store, &a1).await?,
+        &PeerAccess {
+            key: Some(access(7, 0x70)),
+            excluded: false,
+        },
+    )?;
+    same(
+        "peer_access() of a peer never written",
+        &peer(store, &a2).await?,
+        &PeerAccess::default(),
+    )?;
+    same(
+        "own_access_key() after the peers' writes",
+        &own(store).await.or_fail("own_access_key")?,
+        &Some(access(u32::MAX, 0x12)),
     )
 }
 
@@ -1819,6 +1971,11 @@ async fn commit_receive<S: Store>(store: &mut S) -> Outcome {
     store.set_peer(&p1).await.or_fail("set_peer")?;
     let waiting = sent(0, a0, DeliveryState::Deposited, NOW - 50);
     store.update_sent(&waiting).await.or_fail("update_sent")?;
+    store
+        .set_peer_excluded(&a1, true)
+        .await
+        .or_fail("set_peer_excluded")?;
+    let (k0, k0b, k1) = (access(1, 0xa0), access(2, 0xa1), access(9, 0xa9));
 
     // The batch: two envelopes from peer 0 (the second session record
     // wins), one from peer 1, a mark alone.
@@ -1864,6 +2021,7 @@ async fn commit_receive<S: Store>(store: &mut S) -> Outcome {
             peer: Some(&p0),
             message: Some(&m0),
             sent: Some(&delivered),
+            access: Some((&a0, &k0)),
         },
         ReceiveCommit {
             envelope_id: eid(1),
@@ -1873,6 +2031,7 @@ async fn commit_receive<S: Store>(store: &mut S) -> Outcome {
             peer: None,
             message: Some(&m1),
             sent: Some(&new),
+            access: Some((&a0, &k0b)),
         },
         ReceiveCommit {
             envelope_id: eid(2),
@@ -1882,6 +2041,7 @@ async fn commit_receive<S: Store>(store: &mut S) -> Outcome {
             peer: Some(&p1v),
             message: Some(&m2),
             sent: Some(&new_deposited),
+            access: Some((&a1, &k1)),
         },
         mark(eid(3), NOW + 3),
     ];
@@ -1915,6 +2075,22 @@ async fn commit_receive<S: Store>(store: &mut S) -> Outcome {
             &format!("{what}: peer() of an updated peer"),
             &store.peer(&a1).await.or_fail("peer")?,
             &Some(p1v.clone()),
+        )?;
+        same(
+            &format!("{what}: peer_access() of a peer whose key came twice (the later wins)"),
+            &store.peer_access(&a0).await.or_fail("peer_access")?,
+            &PeerAccess {
+                key: Some(k0b.clone()),
+                excluded: false,
+            },
+        )?;
+        same(
+            &format!("{what}: peer_access() of an excluded peer (the key set, still excluded)"),
+            &store.peer_access(&a1).await.or_fail("peer_access")?,
+            &PeerAccess {
+                key: Some(k1.clone()),
+                excluded: true,
+            },
         )?;
         same(
             &format!("{what}: inbox()"),
@@ -2584,6 +2760,8 @@ struct Snapshot {
     processed: Vec<bool>,
     routes: Vec<DeviceAddress>,
     awaiting: Vec<DeviceAddress>,
+    /// The access of the peers the atomicity check writes.
+    access: Vec<PeerAccess>,
 }
 
 async fn snapshot<S: Store>(
@@ -2609,6 +2787,10 @@ async fn snapshot<S: Store>(
         .await
         .or_fail("awaiting_ratchet_key")?;
     awaiting.sort_unstable();
+    let mut access = Vec::new();
+    for a in &sessions_of_interest(&sessions) {
+        access.push(store.peer_access(a).await.or_fail("peer_access")?);
+    }
     Ok(Snapshot {
         prekeys: store
             .prekeys()
@@ -2627,7 +2809,16 @@ async fn snapshot<S: Store>(
             .or_fail("processed_among")?,
         routes,
         awaiting,
+        access,
     })
+}
+
+/// The peers whose access a snapshot reads: those with a session record
+/// (the atomicity check gives every peer it writes one).
+fn sessions_of_interest(
+    sessions: &[(DeviceAddress, Result<Secret, String>)],
+) -> Vec<DeviceAddress> {
+    sessions.iter().map(|(a, _)| *a).collect()
 }
 
 /// The most write failures the atomicity check injects per commit (a
@@ -2641,7 +2832,8 @@ pub const MAX_INJECTED_WRITE: u32 = 400;
 /// Some(n))` to make the `n`-th write from then on fail (0: the first) and
 /// runs the commit: while it fails, everything the trait shows must be as
 /// before it (records, prekeys, peers, outbox, sent messages, inbox,
-/// processed marks, routes, quarantine); once it succeeds (the fault came
+/// processed marks, routes, quarantine, the access of the peers with a
+/// record); once it succeeds (the fault came
 /// after its last write), everything must be as after it. `inject(store,
 /// None)` removes the fault. How a write is made to fail is the
 /// implementation's (SQLite: a trigger that raises on the `n`-th row
@@ -2732,6 +2924,7 @@ async fn atomicity<S: Store>(
         ..waiting.clone()
     };
     let r1b = fx.record(1)?;
+    let (k0, k1) = (access(5, 0xd0), access(6, 0xd1));
     let batch = [
         ReceiveCommit {
             session: Some((&a0, &r0b)),
@@ -2739,11 +2932,13 @@ async fn atomicity<S: Store>(
             peer: Some(&p0),
             message: Some(&m0),
             sent: Some(&delivered),
+            access: Some((&a0, &k0)),
             ..mark(eid(0), NOW)
         },
         ReceiveCommit {
             session: Some((&a1, &r1b)),
             message: Some(&m1),
+            access: Some((&a1, &k1)),
             ..mark(eid(1), NOW)
         },
         mark(eid(2), NOW),
@@ -2854,5 +3049,6 @@ fn diff(a: &Snapshot, b: &Snapshot) -> Vec<&'static str> {
     field("processed", a.processed == b.processed);
     field("routes", a.routes == b.routes);
     field("awaiting", a.awaiting == b.awaiting);
+    field("access", a.access == b.access);
     out
 }

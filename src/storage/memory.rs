@@ -7,9 +7,9 @@ use std::vec::Vec;
 use std::string::ToString;
 
 use super::{
-    AccountRecord, BlockingStore, ContactRecord, InboxMessage, LocalIdentity, MessageId,
-    OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined, ReceiveCommit, SendCopy,
-    SentMessage, SessionRecord, StoreError,
+    AccessKeyRecord, AccountRecord, BlockingStore, ContactRecord, InboxMessage, LocalIdentity,
+    MessageId, OutboxEntry, PairingRecord, PeerAccess, PeerRecord, PrekeyState, Quarantined,
+    ReceiveCommit, SendCopy, SentMessage, SessionRecord, StoreError,
 };
 use crate::protocol::devices::AccountId;
 use crate::transport::{DeviceAddress, EnvelopeId};
@@ -40,6 +40,8 @@ pub struct MemoryStore {
     own_account: Option<AccountRecord>,
     accounts: BTreeMap<[u8; 32], AccountRecord>,
     pairing: Option<PairingRecord>,
+    own_access: Option<AccessKeyRecord>,
+    peer_access: BTreeMap<DeviceAddress, PeerAccess>,
 }
 
 impl MemoryStore {
@@ -65,6 +67,32 @@ impl BlockingStore for MemoryStore {
     }
     fn prekeys(&self) -> Result<Option<PrekeyState>, StoreError> {
         Ok(self.prekeys.clone())
+    }
+    fn own_access_key(&self) -> Result<Option<AccessKeyRecord>, StoreError> {
+        Ok(self.own_access.clone())
+    }
+    fn set_own_access_key(&mut self, key: &AccessKeyRecord) -> Result<(), StoreError> {
+        self.own_access = Some(key.clone());
+        Ok(())
+    }
+    fn peer_access(&self, peer: &DeviceAddress) -> Result<PeerAccess, StoreError> {
+        Ok(self.peer_access.get(peer).cloned().unwrap_or_default())
+    }
+    fn set_peer_access_key(
+        &mut self,
+        peer: &DeviceAddress,
+        key: &AccessKeyRecord,
+    ) -> Result<(), StoreError> {
+        self.peer_access.entry(*peer).or_default().key = Some(key.clone());
+        Ok(())
+    }
+    fn set_peer_excluded(
+        &mut self,
+        peer: &DeviceAddress,
+        excluded: bool,
+    ) -> Result<(), StoreError> {
+        self.peer_access.entry(*peer).or_default().excluded = excluded;
+        Ok(())
     }
     fn set_prekeys(&mut self, state: &PrekeyState) -> Result<(), StoreError> {
         self.prekeys = Some(state.clone());
@@ -244,6 +272,9 @@ impl BlockingStore for MemoryStore {
             }
             if let Some(peer) = c.peer {
                 self.peers.insert(peer.address, peer.clone());
+            }
+            if let Some((peer, key)) = c.access {
+                self.peer_access.entry(*peer).or_default().key = Some(key.clone());
             }
             if let Some(m) = c.message {
                 if self.inbox_ids.insert(m.envelope_id) {

@@ -74,7 +74,7 @@ use crate::bounds::{MaybeSend, MaybeSync};
 use crate::protocol::devices::AccountId;
 use crate::protocol::keys::IdentityKeyPair;
 use crate::protocol::prekeys::PrekeyStore;
-use crate::transport::{DeviceAddress, Envelope, EnvelopeId};
+use crate::transport::{AccessKey, DeviceAddress, Envelope, EnvelopeId, ACCESS_KEY_LEN};
 
 /// The device's identity and number.
 #[derive(Clone, Debug)]
@@ -173,6 +173,62 @@ pub struct PeerRecord {
     pub first_seen: u64,
 }
 
+/// A deposit access key with its epoch (SPEC.md, "Access keys in the
+/// client"): the device's own, which it hands to its contacts in every
+/// frame, or a peer device's, which this device shows when depositing to
+/// that peer's mailbox. A secret: the key is wiped when dropped and its
+/// `Debug` shows only the epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessKeyRecord {
+    /// The key's epoch: 1 for a device's first key, one more at each
+    /// rotation. A receiver keeps a peer's key only if its epoch is above
+    /// the one it holds.
+    pub epoch: u32,
+    /// The key.
+    pub key: AccessKey,
+}
+
+impl AccessKeyRecord {
+    /// The length of [`AccessKeyRecord::to_bytes`].
+    pub const LEN: usize = 4 + ACCESS_KEY_LEN;
+
+    /// `epoch (4, big-endian) || key (16)`, wiped when dropped.
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<[u8; Self::LEN]> {
+        let mut out = zeroize::Zeroizing::new([0u8; Self::LEN]);
+        out[..4].copy_from_slice(&self.epoch.to_be_bytes());
+        out[4..].copy_from_slice(self.key.as_bytes());
+        out
+    }
+
+    /// The inverse of [`AccessKeyRecord::to_bytes`].
+    ///
+    /// # Errors
+    /// [`crate::Error::Decode`] unless exactly [`AccessKeyRecord::LEN`]
+    /// bytes.
+    pub fn from_bytes(bytes: &[u8]) -> crate::Result<Self> {
+        let bytes: &[u8; Self::LEN] = bytes
+            .try_into()
+            .map_err(|_| crate::Error::Decode("access key record length"))?;
+        let (epoch, key) = bytes.split_at(4);
+        let mut raw = zeroize::Zeroizing::new([0u8; ACCESS_KEY_LEN]);
+        raw.copy_from_slice(key);
+        Ok(AccessKeyRecord {
+            epoch: u32::from_be_bytes([epoch[0], epoch[1], epoch[2], epoch[3]]),
+            key: AccessKey::from_bytes(*raw),
+        })
+    }
+}
+
+/// What the device keeps about deposit access for one peer device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerAccess {
+    /// The peer's access key (the newest epoch received), if it sent one.
+    pub key: Option<AccessKeyRecord>,
+    /// Excluded: the frames this device sends to the peer do not carry
+    /// this device's access key ([`crate::client::Client::exclude_contact`]).
+    pub excluded: bool,
+}
+
 /// An envelope waiting to be deposited (committed before the deposit, so a
 /// crash does not lose it; retried with the same id).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,6 +286,9 @@ pub struct ReceiveCommit<'a> {
     pub message: Option<&'a InboxMessage>,
     /// A sent message whose state changed (a receipt arrived).
     pub sent: Option<&'a SentMessage>,
+    /// A peer device's new access key (its frame carried a higher epoch):
+    /// replaces the key of [`Store::peer_access`], keeps `excluded`.
+    pub access: Option<(&'a DeviceAddress, &'a AccessKeyRecord)>,
 }
 
 /// The id a sender gives a message, inside the encrypted frame: the
@@ -782,6 +841,25 @@ pub trait BlockingStore {
             .collect())
     }
 
+    /// The device's own deposit access key (`None`: not drawn yet).
+    fn own_access_key(&self) -> Result<Option<AccessKeyRecord>, StoreError>;
+    /// Replaces the device's own deposit access key (a secret: a store
+    /// that persists keeps it confidential at rest).
+    fn set_own_access_key(&mut self, key: &AccessKeyRecord) -> Result<(), StoreError>;
+    /// What is kept about a peer device's access ([`PeerAccess::default`]
+    /// if nothing).
+    fn peer_access(&self, peer: &DeviceAddress) -> Result<PeerAccess, StoreError>;
+    /// Replaces a peer device's access key (a secret, as the own one),
+    /// keeping its `excluded` flag.
+    fn set_peer_access_key(
+        &mut self,
+        peer: &DeviceAddress,
+        key: &AccessKeyRecord,
+    ) -> Result<(), StoreError>;
+    /// Sets a peer device's `excluded` flag, keeping its key.
+    fn set_peer_excluded(&mut self, peer: &DeviceAddress, excluded: bool)
+        -> Result<(), StoreError>;
+
     /// Atomically stores the session record of `entry.to`, adds the
     /// envelope to the outbox and, if given, stores the sent message (new
     /// or updated: keyed by its id).
@@ -1064,6 +1142,36 @@ pub trait Store: MaybeSend + MaybeSync {
             Ok(all)
         }
     }
+    /// The device's own deposit access key (`None`: not drawn yet).
+    fn own_access_key(
+        &self,
+    ) -> impl Future<Output = Result<Option<AccessKeyRecord>, StoreError>> + MaybeSend;
+    /// Replaces the device's own deposit access key (a secret: a store
+    /// that persists keeps it confidential at rest).
+    fn set_own_access_key(
+        &mut self,
+        key: &AccessKeyRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// What is kept about a peer device's access ([`PeerAccess::default`]
+    /// if nothing).
+    fn peer_access(
+        &self,
+        peer: &DeviceAddress,
+    ) -> impl Future<Output = Result<PeerAccess, StoreError>> + MaybeSend;
+    /// Replaces a peer device's access key (a secret, as the own one),
+    /// keeping its `excluded` flag.
+    fn set_peer_access_key(
+        &mut self,
+        peer: &DeviceAddress,
+        key: &AccessKeyRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+    /// Sets a peer device's `excluded` flag, keeping its key.
+    fn set_peer_excluded(
+        &mut self,
+        peer: &DeviceAddress,
+        excluded: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend;
+
     /// Atomically stores the session record of `entry.to`, adds the
     /// envelope to the outbox and, if given, stores the sent message (new
     /// or updated: keyed by its id).
@@ -1319,6 +1427,42 @@ impl<T: BlockingStore + MaybeSend + MaybeSync> Store for T {
         identity: &LocalIdentity,
     ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
         core::future::ready(BlockingStore::set_identity(self, identity))
+    }
+
+    fn own_access_key(
+        &self,
+    ) -> impl Future<Output = Result<Option<AccessKeyRecord>, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::own_access_key(self))
+    }
+
+    fn set_own_access_key(
+        &mut self,
+        key: &AccessKeyRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::set_own_access_key(self, key))
+    }
+
+    fn peer_access(
+        &self,
+        peer: &DeviceAddress,
+    ) -> impl Future<Output = Result<PeerAccess, StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::peer_access(self, peer))
+    }
+
+    fn set_peer_access_key(
+        &mut self,
+        peer: &DeviceAddress,
+        key: &AccessKeyRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::set_peer_access_key(self, peer, key))
+    }
+
+    fn set_peer_excluded(
+        &mut self,
+        peer: &DeviceAddress,
+        excluded: bool,
+    ) -> impl Future<Output = Result<(), StoreError>> + MaybeSend {
+        core::future::ready(BlockingStore::set_peer_excluded(self, peer, excluded))
     }
 
     fn prekeys(&self) -> impl Future<Output = Result<Option<PrekeyState>, StoreError>> + MaybeSend {

@@ -22,9 +22,10 @@ use zeroize::Zeroizing;
 #[allow(unused_imports)] // the docs' links
 use super::Store;
 use super::{
-    AccountRecord, BlockingStore, ContactRecord, DeliveryState, DepositDone, InboxMessage,
-    LocalIdentity, MessageId, OutboxEntry, PairingRecord, PeerRecord, PrekeyState, Quarantined,
-    ReceiveCommit, SendCopy, SentMessage, SessionRecord, StoreError, Trust, LOCAL_IDENTITY_LEN,
+    AccessKeyRecord, AccountRecord, BlockingStore, ContactRecord, DeliveryState, DepositDone,
+    InboxMessage, LocalIdentity, MessageId, OutboxEntry, PairingRecord, PeerAccess, PeerRecord,
+    PrekeyState, Quarantined, ReceiveCommit, SendCopy, SentMessage, SessionRecord, StoreError,
+    Trust, LOCAL_IDENTITY_LEN,
 };
 use crate::protocol::devices::AccountId;
 use crate::protocol::keys::IdentityKey;
@@ -42,6 +43,8 @@ const T_SENT: &str = "sent";
 const T_CONTACTS: &str = "contacts";
 const T_ACCOUNTS: &str = "accounts";
 const T_PAIRING: &str = "pairing";
+const T_OWN_ACCESS: &str = "own_access";
+const T_PEER_ACCESS: &str = "peer_access";
 
 /// The key of the singleton rows (identity, prekeys), as stored and as
 /// bound into their associated data.
@@ -139,7 +142,7 @@ type Migration = fn(&Transaction<'_>, &Sealer) -> Result<(), StoreError>;
 /// The schema steps, in order. To change the schema, append a step: never
 /// edit a published one.
 const MIGRATIONS: &[Migration] = &[
-    migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5, migrate_v6,
+    migrate_v1, migrate_v2, migrate_v3, migrate_v4, migrate_v5, migrate_v6, migrate_v7,
 ];
 
 /// Version 1: the tables and the key check row.
@@ -276,6 +279,48 @@ fn migrate_v6(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> 
     )
     .map_err(backend)
 }
+
+/// Version 7: deposit access keys (SPEC.md, "Access keys in the client").
+/// `own_access` holds the device's own key and epoch (at most one row,
+/// sealed under row id 1); `peer_access` holds, per peer device, its key
+/// and epoch (`access_key`, sealed under the address and `k`; NULL if none
+/// received) and this device's exclusion of it (`exclusion`, one sealed
+/// byte under the address and `x`). A store migrated from version 6 has
+/// no own key: the client draws one at its next publish.
+fn migrate_v7(tx: &Transaction<'_>, _sealer: &Sealer) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE TABLE own_access (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             secret BLOB NOT NULL
+         ) STRICT;
+         CREATE TABLE peer_access (
+             identity BLOB NOT NULL CHECK (length(identity) = 32),
+             device_id INTEGER NOT NULL,
+             access_key BLOB,
+             exclusion BLOB NOT NULL,
+             PRIMARY KEY (identity, device_id)
+         ) WITHOUT ROWID, STRICT;",
+    )
+    .map_err(backend)
+}
+
+/// The associated-data row of a peer's access key (`kind` b'k') or
+/// exclusion flag (`kind` b'x').
+fn peer_access_binding(peer: &DeviceAddress, kind: u8) -> [u8; 37] {
+    let mut out = [0u8; 37];
+    out[..36].copy_from_slice(&address_bytes(peer));
+    out[36] = kind;
+    out
+}
+
+const PEER_ACCESS_KEY_UPSERT: &str =
+    "INSERT INTO peer_access (identity, device_id, access_key, exclusion) VALUES (?1, ?2, ?3, ?4)
+     ON CONFLICT (identity, device_id) DO UPDATE SET access_key = excluded.access_key";
+const PEER_EXCLUSION_UPSERT: &str =
+    "INSERT INTO peer_access (identity, device_id, access_key, exclusion) VALUES (?1, ?2, NULL, ?3)
+     ON CONFLICT (identity, device_id) DO UPDATE SET exclusion = excluded.exclusion";
+const PEER_ACCESS_SELECT: &str = "SELECT identity, device_id, access_key, exclusion
+     FROM peer_access ORDER BY identity, device_id";
 
 /// One copy of a send, sealed before its transaction opens.
 struct SealedSend<'a> {
@@ -662,7 +707,8 @@ impl SqliteStore {
 
     /// Opens and decodes every row that [`Store`] reads and returns one
     /// [`StoreError::Corrupted`] per row that fails, in table order
-    /// (identity, prekeys, sessions, quarantine, peers, outbox, sent,
+    /// (identity, prekeys, own access key, peer access keys, sessions,
+    /// quarantine, peers, outbox, sent,
     /// inbox). Empty means the store is healthy. (A quarantined record is
     /// not opened: only its columns are decoded.)
     ///
@@ -688,6 +734,34 @@ impl BlockingStore for SqliteStore {
 
     fn set_prekeys(&mut self, state: &PrekeyState) -> Result<(), StoreError> {
         self.get_mut().set_prekeys(state)
+    }
+
+    fn own_access_key(&self) -> Result<Option<AccessKeyRecord>, StoreError> {
+        self.lock().own_access_key()
+    }
+
+    fn set_own_access_key(&mut self, key: &AccessKeyRecord) -> Result<(), StoreError> {
+        self.get_mut().set_own_access_key(key)
+    }
+
+    fn peer_access(&self, peer: &DeviceAddress) -> Result<PeerAccess, StoreError> {
+        self.lock().peer_access(peer)
+    }
+
+    fn set_peer_access_key(
+        &mut self,
+        peer: &DeviceAddress,
+        key: &AccessKeyRecord,
+    ) -> Result<(), StoreError> {
+        self.get_mut().set_peer_access_key(peer, key)
+    }
+
+    fn set_peer_excluded(
+        &mut self,
+        peer: &DeviceAddress,
+        excluded: bool,
+    ) -> Result<(), StoreError> {
+        self.get_mut().set_peer_excluded(peer, excluded)
     }
 
     fn session(&self, peer: &DeviceAddress) -> Result<Option<SessionRecord>, StoreError> {
@@ -1008,7 +1082,8 @@ impl Db {
 
     /// Opens and decodes every row that [`Store`] reads and returns one
     /// [`StoreError::Corrupted`] per row that fails, in table order
-    /// (identity, prekeys, sessions, quarantine, peers, outbox, sent,
+    /// (identity, prekeys, own access key, peer access keys, sessions,
+    /// quarantine, peers, outbox, sent,
     /// inbox). Empty means the store is healthy. (A quarantined record is
     /// not opened: only its columns are decoded.)
     ///
@@ -1026,6 +1101,15 @@ impl Db {
         };
         keep(self.identity().map(drop))?;
         keep(self.prekeys().map(drop))?;
+        keep(self.own_access_key().map(drop))?;
+        self.scan(
+            PEER_ACCESS_SELECT,
+            |row| {
+                let address = address_key(T_PEER_ACCESS, row, 0, 1)?;
+                self.peer_access_row(&address, row, 2).map(drop)
+            },
+            &mut keep,
+        )?;
         self.scan(
             SESSIONS_SELECT,
             |row| self.session_row(row).map(drop),
@@ -1468,6 +1552,92 @@ impl BlockingStore for Db {
         self.conn
             .prepare_cached(PREKEYS_UPSERT)
             .and_then(|mut s| s.execute(params![SINGLETON, sealed]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn own_access_key(&self) -> Result<Option<AccessKeyRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT secret FROM own_access WHERE id = ?1")
+            .map_err(backend)?;
+        let mut rows = stmt.query([SINGLETON]).map_err(backend)?;
+        let Some(row) = rows.next().map_err(backend)? else {
+            return Ok(None);
+        };
+        let fail = |r: String| corrupted(T_OWN_ACCESS, SINGLETON.to_string(), r);
+        let sealed = blob(row, 0, "secret").map_err(fail)?;
+        let plain = self
+            .sealer
+            .open(T_OWN_ACCESS, &SINGLETON.to_be_bytes(), sealed)
+            .map_err(fail)?;
+        AccessKeyRecord::from_bytes(&plain)
+            .map(Some)
+            .map_err(|e| fail(e.to_string()))
+    }
+
+    fn set_own_access_key(&mut self, key: &AccessKeyRecord) -> Result<(), StoreError> {
+        let sealed = self.sealer.seal(
+            T_OWN_ACCESS,
+            &SINGLETON.to_be_bytes(),
+            key.to_bytes().as_ref(),
+        )?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO own_access (id, secret) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET secret = excluded.secret",
+            )
+            .and_then(|mut s| s.execute(params![SINGLETON, sealed]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn peer_access(&self, peer: &DeviceAddress) -> Result<PeerAccess, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT access_key, exclusion FROM peer_access
+                 WHERE identity = ?1 AND device_id = ?2",
+            )
+            .map_err(backend)?;
+        let mut rows = stmt
+            .query(params![&peer.identity[..], peer.device_id])
+            .map_err(backend)?;
+        match rows.next().map_err(backend)? {
+            None => Ok(PeerAccess::default()),
+            Some(row) => self.peer_access_row(peer, row, 0),
+        }
+    }
+
+    fn set_peer_access_key(
+        &mut self,
+        peer: &DeviceAddress,
+        key: &AccessKeyRecord,
+    ) -> Result<(), StoreError> {
+        let (sealed, exclusion) = self.seal_peer_access_key(peer, key)?;
+        self.conn
+            .prepare_cached(PEER_ACCESS_KEY_UPSERT)
+            .and_then(|mut s| {
+                s.execute(params![
+                    &peer.identity[..],
+                    peer.device_id,
+                    sealed,
+                    exclusion
+                ])
+            })
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn set_peer_excluded(
+        &mut self,
+        peer: &DeviceAddress,
+        excluded: bool,
+    ) -> Result<(), StoreError> {
+        let sealed = self.seal_exclusion(peer, excluded)?;
+        self.conn
+            .prepare_cached(PEER_EXCLUSION_UPSERT)
+            .and_then(|mut s| s.execute(params![&peer.identity[..], peer.device_id, sealed]))
             .map_err(backend)?;
         Ok(())
     }
@@ -1940,9 +2110,13 @@ impl BlockingStore for Db {
         let mut sent_at: BTreeMap<MessageId, usize> = BTreeMap::new();
         let mut sent: Vec<&SentMessage> = Vec::new();
         let mut prekeys = None;
+        let mut access: BTreeMap<DeviceAddress, &AccessKeyRecord> = BTreeMap::new();
         for c in batch {
             if let Some((address, record)) = c.session {
                 sessions.insert(*address, record);
+            }
+            if let Some((address, key)) = c.access {
+                access.insert(*address, key);
             }
             if let Some(peer) = c.peer {
                 peers.insert(peer.address, peer);
@@ -1973,6 +2147,10 @@ impl BlockingStore for Db {
             .map(|p| Ok((p, self.sealer.seal(T_PEERS, &peer_binding(p), &[])?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
         let prekeys = prekeys.map(|p| self.seal_prekeys(p)).transpose()?;
+        let access = access
+            .into_iter()
+            .map(|(a, k)| Ok((a, self.seal_peer_access_key(&a, k)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let messages = batch
             .iter()
             .filter_map(|c| c.message)
@@ -2006,6 +2184,13 @@ impl BlockingStore for Db {
                 tx.prepare_cached(PREKEYS_UPSERT)
                     .and_then(|mut s| s.execute(params![SINGLETON, sealed]))
                     .map_err(backend)?;
+            }
+            if !access.is_empty() {
+                let mut stmt = tx.prepare_cached(PEER_ACCESS_KEY_UPSERT).map_err(backend)?;
+                for (a, (sealed, exclusion)) in &access {
+                    stmt.execute(params![&a.identity[..], a.device_id, sealed, exclusion])
+                        .map_err(backend)?;
+                }
             }
             if !sent.is_empty() {
                 let mut stmt = tx.prepare_cached(SENT_UPSERT).map_err(backend)?;
@@ -2148,6 +2333,64 @@ impl Db {
     ) -> Result<Vec<u8>, StoreError> {
         self.sealer
             .seal(T_SESSIONS, &address_bytes(address), &record.to_bytes())
+    }
+
+    /// The sealed key column and a sealed "not excluded" flag of a peer's
+    /// access row (the flag is written only if the row is new).
+    fn seal_peer_access_key(
+        &self,
+        peer: &DeviceAddress,
+        key: &AccessKeyRecord,
+    ) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+        Ok((
+            self.sealer.seal(
+                T_PEER_ACCESS,
+                &peer_access_binding(peer, b'k'),
+                key.to_bytes().as_ref(),
+            )?,
+            self.seal_exclusion(peer, false)?,
+        ))
+    }
+
+    fn seal_exclusion(&self, peer: &DeviceAddress, excluded: bool) -> Result<Vec<u8>, StoreError> {
+        self.sealer.seal(
+            T_PEER_ACCESS,
+            &peer_access_binding(peer, b'x'),
+            &[u8::from(excluded)],
+        )
+    }
+
+    /// Decodes `(access_key, exclusion)` at `column..` of a `peer_access`
+    /// row of `peer`.
+    fn peer_access_row(
+        &self,
+        peer: &DeviceAddress,
+        row: &Row<'_>,
+        column: usize,
+    ) -> Result<PeerAccess, StoreError> {
+        let fail = |r: String| corrupted(T_PEER_ACCESS, address_name(peer), r);
+        let key = match row.get_ref(column).map_err(|e| fail(e.to_string()))? {
+            ValueRef::Null => None,
+            ValueRef::Blob(sealed) => {
+                let plain = self
+                    .sealer
+                    .open(T_PEER_ACCESS, &peer_access_binding(peer, b'k'), sealed)
+                    .map_err(fail)?;
+                Some(AccessKeyRecord::from_bytes(&plain).map_err(|e| fail(e.to_string()))?)
+            }
+            v => return Err(fail(format!("access_key: a {}", v.data_type()))),
+        };
+        let sealed = blob(row, column + 1, "exclusion").map_err(fail)?;
+        let plain = self
+            .sealer
+            .open(T_PEER_ACCESS, &peer_access_binding(peer, b'x'), sealed)
+            .map_err(fail)?;
+        let excluded = match plain.as_slice() {
+            [0] => false,
+            [1] => true,
+            _ => return Err(fail("exclusion: not a flag".to_string())),
+        };
+        Ok(PeerAccess { key, excluded })
     }
 
     fn seal_sent(&self, message: &SentMessage) -> Result<Vec<u8>, StoreError> {
