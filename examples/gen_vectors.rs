@@ -25,6 +25,7 @@ use std::path::PathBuf;
 
 use cubbyhole::bundle::FreshnessPolicy;
 use cubbyhole::client::frame::{BadFrame, Frame};
+use cubbyhole::transport::AccessKey;
 use cubbyhole::{
     hazmat, Error, IdentityKey, IdentityKeyPair, Incoming, OneTimePrekey, PrekeyBundle,
     PrekeyStore, SafetyNumber, Session, SessionConfig, SignedPrekey,
@@ -1531,9 +1532,11 @@ not part of the cubbyhole/v1 profile. \
 v1: 0x01 || device_id (4, big-endian) || body. \
 v2: 0x02 || device_id (4, big-endian) || flags (1) || [SESSION] generation (8, big-endian) \
 || [DEAD] count (1, >= 1) || count x session id (16) \
+|| [ACCESS] epoch (4, big-endian) || deposit access key (16) \
 || [RECEIPTS] count (2, big-endian, >= 1) || count x message id (16) \
 || [MESSAGE] message id (16) || body (the rest). \
-Flags: MESSAGE 0x01, SESSION 0x02, RESET 0x04 (only with SESSION), RECEIPTS 0x08, DEAD 0x10; \
+Flags: MESSAGE 0x01, SESSION 0x02, RESET 0x04 (only with SESSION), RECEIPTS 0x08, DEAD 0x10, \
+ACCESS 0x20; access is null or {epoch, key}; \
 other bits are zero; at least one of MESSAGE, SESSION, RECEIPTS is set; \
 without MESSAGE nothing follows the last field. \
 A case with error null decodes to its fields (message.id null: a v1 frame) and, \
@@ -1551,6 +1554,7 @@ mod layout {
     pub const RESET: u8 = 0x04;
     pub const RECEIPTS: u8 = 0x08;
     pub const DEAD: u8 = 0x10;
+    pub const ACCESS: u8 = 0x20;
 }
 
 /// A 16-byte id: the first half of SHA-256 of a label.
@@ -1570,11 +1574,12 @@ struct GoodFrame {
 }
 
 fn frame_cases() -> Vec<Value> {
-    use layout::{DEAD, MESSAGE, RECEIPTS, RESET, SESSION, V1, V2};
+    use layout::{ACCESS, DEAD, MESSAGE, RECEIPTS, RESET, SESSION, V1, V2};
 
     let m = |n: u32| frame_id(&format!("message {n}"));
     let r = |n: u32| frame_id(&format!("received message {n}"));
     let s = |n: u32| frame_id(&format!("dead session {n}"));
+    let a = |n: u32| frame_id(&format!("access key {n}"));
     // Generations are seconds (2026-01-01T00:00:00Z and after), and one
     // with seven significant bytes (below 2^53, exact in any JSON reader).
     let g0: u64 = 1_767_225_600;
@@ -1772,6 +1777,54 @@ fn frame_cases() -> Vec<Value> {
             decode_only: false,
         },
         GoodFrame {
+            name: "access_with_message",
+            description: "a message carrying the sender's deposit access key: ACCESS and MESSAGE (flags 0x21), epoch then key, before the message",
+            frame: Frame {
+                device_id: 11,
+                access: Some((7, AccessKey::from_bytes(a(1)))),
+                message: Some((Some(m(7)), b"with my key".to_vec())),
+                ..Frame::default()
+            },
+            encoding: cat(&[
+                &[V2],
+                &be32(11),
+                &[MESSAGE | ACCESS],
+                &be32(7),
+                &a(1),
+                &m(7),
+                b"with my key",
+            ]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "everything_with_access",
+            description: "every flag (0x3f), in the order generation, dead ids, access (epoch, key), receipts, message",
+            frame: Frame {
+                device_id: 12,
+                generation: Some(g0 + 9),
+                reset: true,
+                dead: vec![s(4)],
+                access: Some((0xfffe_fffd, AccessKey::from_bytes(a(2)))),
+                receipts: vec![r(9)],
+                message: Some((Some(m(8)), b"all of it".to_vec())),
+            },
+            encoding: cat(&[
+                &[V2],
+                &be32(12),
+                &[MESSAGE | SESSION | RESET | RECEIPTS | DEAD | ACCESS],
+                &be64(g0 + 9),
+                &[1],
+                &s(4),
+                &be32(0xfffe_fffd),
+                &a(2),
+                &[0, 1],
+                &r(9),
+                &m(8),
+                b"all of it",
+            ]),
+            decode_only: false,
+        },
+        GoodFrame {
             name: "v1_message",
             description: "a v1 frame: decodes as a message without id (decode only: v1 is never encoded)",
             frame: Frame {
@@ -1819,6 +1872,10 @@ fn frame_cases() -> Vec<Value> {
             "generation": f.generation,
             "reset": f.reset,
             "dead": f.dead.iter().map(|id| h(id)).collect::<Vec<_>>(),
+            "access": f.access.as_ref().map_or(Value::Null, |(epoch, key)| json!({
+                "epoch": epoch,
+                "key": h(key.as_bytes()),
+            })),
             "receipts": f.receipts.iter().map(|id| h(id)).collect::<Vec<_>>(),
             "message": f.message.as_ref().map_or(Value::Null, |(id, body)| json!({
                 "id": id.as_ref().map_or(Value::Null, |id| h(id)),
@@ -1845,9 +1902,14 @@ fn frame_cases() -> Vec<Value> {
             cat(&[&[0x03], &dev, &[MESSAGE], &m(1), b"hello"]),
         ),
         (
-            "unknown_flag_0x20",
-            "flags MESSAGE | 0x20: bit 0x20 is not defined",
-            cat(&[&[V2], &dev, &[MESSAGE | 0x20], &m(1), b"hello"]),
+            "access_truncated",
+            "flags ACCESS | RECEIPTS: the access field has 19 of its 20 bytes",
+            cat(&[&[V2], &dev, &[ACCESS | RECEIPTS], &be32(1), &a(3)[..15]]),
+        ),
+        (
+            "access_only",
+            "flags ACCESS alone: an access key is not content (a frame needs MESSAGE, SESSION or RECEIPTS)",
+            cat(&[&[V2], &dev, &[ACCESS], &be32(1), &a(3)]),
         ),
         (
             "unknown_flag_0x40",

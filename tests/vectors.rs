@@ -39,6 +39,7 @@ use std::path::PathBuf;
 
 use cubbyhole::bundle::FreshnessPolicy;
 use cubbyhole::client::frame::{BadFrame, Frame};
+use cubbyhole::transport::AccessKey;
 use cubbyhole::devices::{
     AccountId, DeviceEntry, DeviceList, DeviceListChain, DeviceListError, UnsignedDeviceList,
     VerifiedDeviceList,
@@ -765,6 +766,10 @@ fn frame_fields(case: &Value) -> Frame {
         generation: (!case["generation"].is_null()).then(|| num(&case["generation"])),
         reset: case["reset"].as_bool().expect("reset"),
         dead: hex16_list(&case["dead"]),
+        access: (!case["access"].is_null()).then(|| {
+            let epoch = u32::try_from(num(&case["access"]["epoch"])).expect("u32 epoch");
+            (epoch, AccessKey::from_bytes(hex16(&case["access"]["key"])))
+        }),
         receipts: hex16_list(&case["receipts"]),
         message: (!message.is_null()).then(|| {
             (
