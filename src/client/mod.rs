@@ -1047,7 +1047,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     }
 
     /// Signs and publishes an upload; if the relay asks for an identity
-    /// stamp (a first upload, SPEC.md 16.7), mints one at the difficulty
+    /// stamp (a first upload, SPEC.md 16.11), mints one at the difficulty
     /// it names (in slices, yielding between them) and publishes again,
     /// once.
     async fn publish_upload(
