@@ -4,7 +4,6 @@
 //! second relay off a SQLite database, and the after-restore step on
 //! SQLite (PostgreSQL: `tests/postgres_restore.rs`).
 
-use cubbyhole::transport::DepositPass;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -15,8 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cubbyhole::client::{Client, ClientConfig};
 use cubbyhole::relay::{Relay, RelayConfig, SqliteRelayStorage};
 use cubbyhole::storage::MemoryStore;
+use cubbyhole::transport::stamp::Stamp;
 use cubbyhole::transport::{
-    encode_envelope, BundleSetUpload, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth,
+    encode_envelope, AccessKey, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth,
     MailboxId, MailboxOp, PrekeyDirectory, TransportError,
 };
 use cubbyhole::{IdentityKeyPair, OneTimePrekey, OsRng, PrekeyBundle, PrekeyStore};
@@ -134,6 +134,8 @@ struct Device {
     identity: IdentityKeyPair,
     store: PrekeyStore,
     device_id: u32,
+    /// Its mailbox's deposit access key (registered by every upload).
+    access: AccessKey,
 }
 
 impl Device {
@@ -146,21 +148,38 @@ impl Device {
             identity,
             store,
             device_id,
+            access: AccessKey::generate(&mut OsRng),
         }
     }
 
-    /// An upload of the current pool, replacing the relay's.
+    /// An upload of the current pool, replacing the relay's, registering
+    /// its access key, with an identity stamp of difficulty
+    /// [`STAMP_DIFFICULTY`] at the system's time.
     fn upload(&self, counter: u64) -> Vec<u8> {
         let one_time: Vec<&OneTimePrekey> = self.store.one_time_prekeys().collect();
-        BundleSetUpload::new(
+        let mut upload = BundleSetUpload::new(
             self.device_id,
             &self.identity,
             counter,
             self.store.current_signed_prekey(),
             &one_time,
             true,
+        );
+        upload.access_verifier = Some(self.access.verifier(&self.address().mailbox()));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        upload.identity_stamp = Stamp::mint_identity(
+            &self.address(),
+            STAMP_DIFFICULTY,
+            now,
+            0,
+            u64::MAX,
         )
-        .sign(&self.identity)
+        .unwrap()
+        .ok();
+        upload.sign(&self.identity)
     }
 
     fn address(&self) -> DeviceAddress {
@@ -176,10 +195,21 @@ struct RelayProcess {
     seen: Vec<Vec<u8>>,
 }
 
+/// The stamp difficulties of the relays these tests start (low: the
+/// tests mint in microseconds; the stamp paths still run).
+const STAMP_DIFFICULTY: u8 = 8;
+
 impl RelayProcess {
     fn spawn(args: &[&str]) -> RelayProcess {
+        let difficulty = STAMP_DIFFICULTY.to_string();
         let mut child = Command::new(BIN)
             .args(args)
+            .args([
+                "--identity-stamp-difficulty",
+                &difficulty,
+                "--deposit-stamp-difficulty",
+                &difficulty,
+            ])
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -333,7 +363,10 @@ fn logs_never_carry_the_secrets(format: &str) {
         addr,
         "POST",
         &format!("/v1/mailboxes/{mailbox_hex}/envelopes"),
-        &[("x-request-id", "client-chosen-42")],
+        &[
+            ("x-request-id", "client-chosen-42"),
+            ("cubbyhole-access", &hex::encode(device.access.as_bytes())),
+        ],
         &encode_envelope(&envelope),
     );
     assert_eq!(deposited.status, 201);
@@ -390,6 +423,10 @@ fn logs_never_carry_the_secrets(format: &str) {
         ("the mailbox proof".into(), proof.clone()),
         ("the challenge".into(), challenge.body.clone()),
         ("the upload".into(), upload.clone()),
+        (
+            "the access key".into(),
+            device.access.as_bytes().to_vec(),
+        ),
         (
             "the signed prekey".into(),
             device.store.current_signed_prekey().public().to_vec(),
@@ -709,6 +746,7 @@ fn full_exchange(addr: SocketAddr, secrets: &mut Secrets) {
         format!("secret message {n}: {}", hex::encode(random)).into_bytes()
     };
     let mut sent = Vec::new();
+    let mut keys = Vec::new();
     let devices = runtime.block_on(async {
         let mut devices = Vec::new();
         for _ in 0..2 {
@@ -786,8 +824,16 @@ fn full_exchange(addr: SocketAddr, secrets: &mut Secrets) {
         let mut want = sent.clone();
         want.sort();
         assert_eq!(got, want, "every message arrived");
+        // Their access keys crossed the wire in deposit headers.
+        for device in [&alice, &bob] {
+            let key = device.access_key().await.unwrap().expect("an access key");
+            keys.push(key.key.as_bytes().to_vec());
+        }
         [a, b]
     });
+    for key in keys {
+        secrets.push(("a client's access key".into(), key));
+    }
     for device in devices {
         secrets.push(("a client's identity key".into(), device.identity.to_vec()));
         secrets.push(("a client's mailbox id".into(), device.mailbox().0.to_vec()));
