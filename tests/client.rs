@@ -742,6 +742,10 @@ fn receive_takes_everything_even_when_batches_are_cut_by_size() {
     let mut w = World::new(12);
     let mut bob = w.device(MemoryStore::new(), ClientConfig::default());
     let mut alice = w.device(MemoryStore::new(), ClientConfig::default());
+    // Bob writes first, so that Alice holds his access key: 9 MiB from a
+    // stranger would not fit the strangers' share (1 MiB).
+    w.send(&mut bob, &alice, b"hello");
+    w.receive(&mut alice);
     // 36 envelopes of ~250 KiB: the relay's 8 MiB fetch limit cuts batches.
     let body = vec![7u8; 250 * 1024];
     for _ in 0..36 {

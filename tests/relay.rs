@@ -243,6 +243,20 @@ mod sqlite_file {
         }
     }
 
+    /// From the schema version 5 to version 4 as the previous release wrote
+    /// it: no access verifiers, owner-seen times or envelope shares.
+    const DOWNGRADE_5_TO_4: &str = "
+        DROP INDEX devices_by_owner_seen;
+        ALTER TABLE devices DROP COLUMN access;
+        ALTER TABLE devices DROP COLUMN previous_access;
+        ALTER TABLE devices DROP COLUMN access_changed_at;
+        ALTER TABLE devices DROP COLUMN owner_seen_at;
+        ALTER TABLE mailboxes DROP COLUMN stranger_envelopes;
+        ALTER TABLE mailboxes DROP COLUMN stranger_bytes;
+        ALTER TABLE envelopes DROP COLUMN share;
+        PRAGMA user_version = 4;
+    ";
+
     /// From the schema version 4 to version 3 as the previous release wrote
     /// it: outstanding challenges, no used ones, no relay key, no claim
     /// times.
@@ -263,7 +277,7 @@ mod sqlite_file {
     ";
 
     /// A version-3 database (outstanding challenges stored, no claim
-    /// times, no relay key) opens as version 4: its devices and pools stay,
+    /// times, no relay key) opens as version 5: its devices and pools stay,
     /// claims are budgeted from a full budget, the old challenges are gone
     /// and a relay key is made at the first challenge.
     #[test]
@@ -282,6 +296,7 @@ mod sqlite_file {
             // Back to version 3, as the previous release wrote it, with an
             // outstanding challenge.
             let conn = rusqlite::Connection::open(&db.0).unwrap();
+            conn.execute_batch(DOWNGRADE_5_TO_4).unwrap();
             conn.execute_batch(DOWNGRADE_4_TO_3).unwrap();
             conn.execute(
                 "INSERT INTO challenges (mailbox, challenge, expires_at) VALUES (?1, ?2, ?3)",
@@ -298,7 +313,7 @@ mod sqlite_file {
             let version: u32 = conn
                 .pragma_query_value(None, "user_version", |r| r.get(0))
                 .unwrap();
-            assert_eq!(version, 4);
+            assert_eq!(version, 5);
             let tables: Vec<String> = conn
                 .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '%challenge%'")
                 .unwrap()
@@ -347,11 +362,11 @@ mod sqlite_file {
         drop(SqliteRelayStorage::open(&db.0).unwrap());
         {
             let conn = rusqlite::Connection::open(&db.0).unwrap();
-            conn.pragma_update(None, "user_version", 5).unwrap();
+            conn.pragma_update(None, "user_version", 6).unwrap();
         }
         assert!(matches!(
             SqliteRelayStorage::open(&db.0),
-            Err(RelayStorageError::UnsupportedSchema(5))
+            Err(RelayStorageError::UnsupportedSchema(6))
         ));
     }
 
@@ -637,7 +652,7 @@ mod sqlite_file {
             let version: u32 = conn
                 .pragma_query_value(None, "user_version", |r| r.get(0))
                 .unwrap();
-            assert_eq!(version, 4);
+            assert_eq!(version, 5);
         }
         // The device lists' table came with the migration.
         assert_device_lists_work(&mut storage);
@@ -779,6 +794,7 @@ mod sqlite_file {
         {
             // Back to version 2, as the previous release wrote it.
             let conn = rusqlite::Connection::open(&db.0).unwrap();
+            conn.execute_batch(DOWNGRADE_5_TO_4).unwrap();
             conn.execute_batch(DOWNGRADE_4_TO_3).unwrap();
             conn.execute_batch("DROP TABLE device_lists; PRAGMA user_version = 2;")
                 .unwrap();
@@ -789,7 +805,7 @@ mod sqlite_file {
             let version: u32 = conn
                 .pragma_query_value(None, "user_version", |r| r.get(0))
                 .unwrap();
-            assert_eq!(version, 4);
+            assert_eq!(version, 5);
         }
         assert_eq!(
             storage.list_envelopes(&a, 0, 10, u64::MAX).unwrap(),

@@ -620,29 +620,44 @@ async fn full_mailbox_is_507_pending_envelopes() {
     };
     let server = Server::with(relay_config, Limits::default()).await;
     let relay = server.relay();
-    let bob = published(&relay).await.address();
+    let bob_client = published(&relay).await;
+    let bob = bob_client.address();
+    // A contact's deposits: with Bob's access key (the contacts' share,
+    // bounded by max_pending_envelopes).
+    let key = bob_client.access_key().await.unwrap().unwrap().key;
+    let contact = DepositPass::with_access(key.clone());
     for id in 1..=3 {
         relay
-            .deposit(&bob.mailbox(), &envelope(id, 10), &DepositPass::NONE)
+            .deposit(&bob.mailbox(), &envelope(id, 10), &contact)
             .await
             .unwrap();
     }
-    let (status, why) = raw(
-        reqwest::Method::POST,
-        deposit_url(&server.url, &bob),
-        encode_envelope(&envelope(4, 10)),
-    )
-    .await;
-    assert_eq!((status, why.as_deref()), (507, Some("pending_envelopes")));
+    let answer = reqwest::Client::new()
+        .post(deposit_url(&server.url, &bob))
+        .header("content-type", "application/octet-stream")
+        .header("cubbyhole-access", hex::encode(key.as_bytes()))
+        .body(encode_envelope(&envelope(4, 10)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 507);
+    let body: serde_json::Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"], "pending_envelopes");
+    // A stranger (no key, at a relay that asks no stamps) still has the
+    // strangers' share.
+    relay
+        .deposit(&bob.mailbox(), &envelope(6, 10), &DepositPass::NONE)
+        .await
+        .unwrap();
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(5, 10), &DepositPass::NONE).await,
+        relay.deposit(&bob.mailbox(), &envelope(5, 10), &contact).await,
         Err(TransportError::LimitExceeded(
             core_reason::PENDING_ENVELOPES
         ))
     );
     // A repeat of a pending id is still accepted (idempotent), not stored.
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(1, 10), &DepositPass::NONE).await,
+        relay.deposit(&bob.mailbox(), &envelope(1, 10), &contact).await,
         Ok(())
     );
     server.stop().await;
