@@ -534,7 +534,8 @@ fn an_empty_frame_from_a_stranger_is_refused_and_changes_nothing() {
             &Envelope {
                 id: EnvelopeId(id),
                 payload,
-            }, &DepositPass::NONE,
+            },
+            &DepositPass::NONE,
         ))
         .unwrap();
     }
@@ -1206,7 +1207,8 @@ fn dead_session_notices_are_rate_limited_to_one_per_interval() {
             &Envelope {
                 id: EnvelopeId(id),
                 payload,
-            }, &DepositPass::NONE,
+            },
+            &DepositPass::NONE,
         ))
         .unwrap();
         w.set(at);

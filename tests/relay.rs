@@ -10,8 +10,8 @@
 #[path = "relay_suite/mod.rs"]
 mod relay_suite;
 
-use cubbyhole::transport::DepositPass;
 use cubbyhole::relay::{MemoryRelayStorage, RelayConfig};
+use cubbyhole::transport::DepositPass;
 use relay_suite::*;
 
 all_tests!(memory, MemoryRelayStorage::new());
@@ -95,7 +95,12 @@ mod sqlite_file {
                 .deposit(NOW, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
                 .unwrap();
             relay
-                .deposit(NOW + 1, &bob.mailbox(), &envelope(2, 20), &DepositPass::NONE)
+                .deposit(
+                    NOW + 1,
+                    &bob.mailbox(),
+                    &envelope(2, 20),
+                    &DepositPass::NONE,
+                )
                 .unwrap();
             challenge = relay.challenge(NOW + 2, &mut rng, &bob.mailbox()).unwrap();
         }
@@ -133,7 +138,12 @@ mod sqlite_file {
             RelayConfig::unpriced(),
         );
         relay
-            .deposit(NOW + 5, &bob.mailbox(), &envelope(1, 10), &DepositPass::NONE)
+            .deposit(
+                NOW + 5,
+                &bob.mailbox(),
+                &envelope(1, 10),
+                &DepositPass::NONE,
+            )
             .unwrap();
         assert_eq!(
             fetch_all(&mut relay, &mut rng, &bob, NOW + 6),
@@ -841,7 +851,8 @@ fn memory_storage_forgets_a_mailbox_once_everything_in_it_expired() {
             payload: vec![id; 5],
         };
         assert_eq!(
-            s.insert_envelope(mailbox, &envelope, Share::Contacts, at, limits).unwrap(),
+            s.insert_envelope(mailbox, &envelope, Share::Contacts, at, limits)
+                .unwrap(),
             InsertOutcome::Stored
         );
     }

@@ -5,7 +5,6 @@
 //! relay crate runs it against its HTTP server and client:
 //! `relay/tests/transport_conformance.rs`.)
 
-use cubbyhole::transport::DepositPass;
 use cubbyhole::client::block_on;
 use cubbyhole::relay::{
     AppendOutcome, ClaimBudget, ClaimOutcome, DeviceRecord, InProcessRelay, InsertOutcome,
@@ -13,6 +12,7 @@ use cubbyhole::relay::{
     RelayStorageError, Share, StoredDeviceList, UploadOutcome,
 };
 use cubbyhole::transport::conformance::{self, Options, Violation, CHECKS};
+use cubbyhole::transport::DepositPass;
 use cubbyhole::transport::{
     BundleSetUpload, DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth,
     MailboxId, PrekeyDirectory, TransportError,

@@ -39,11 +39,11 @@ use std::path::PathBuf;
 
 use cubbyhole::bundle::FreshnessPolicy;
 use cubbyhole::client::frame::{BadFrame, Frame};
-use cubbyhole::transport::AccessKey;
 use cubbyhole::devices::{
     AccountId, DeviceEntry, DeviceList, DeviceListChain, DeviceListError, UnsignedDeviceList,
     VerifiedDeviceList,
 };
+use cubbyhole::transport::AccessKey;
 use cubbyhole::{
     hazmat, Error, IdentityKey, IdentityKeyPair, Incoming, OneTimePrekey, PrekeyBundle,
     PrekeyStore, SafetyNumber, Session, SessionConfig, SignedPrekey,

@@ -36,9 +36,9 @@ use cubbyhole::storage::{
     LocalIdentity, MessageId, PrekeyState, SessionEntry, SessionRecord, Trust, LOCAL_IDENTITY_LEN,
 };
 use cubbyhole::transport::{
-    self, encode_acknowledge, encode_envelope, encode_envelope_list, stamp::Stamp,
-    AccessVerifier, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxOp, SignedPrekeyRecord,
-    TransportError, MAILBOX_AUTH_LEN,
+    self, encode_acknowledge, encode_envelope, encode_envelope_list, stamp::Stamp, AccessVerifier,
+    BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId, MailboxAuth, MailboxOp,
+    SignedPrekeyRecord, TransportError, MAILBOX_AUTH_LEN,
 };
 use cubbyhole::{
     AccountId, DeviceEntry, DeviceList, DeviceListChain, DeviceListError, UnsignedDeviceList,
@@ -962,7 +962,9 @@ pub fn relay_fixture() -> &'static RelayFixture {
             })
             .collect();
         for e in &envelopes {
-            relay.deposit(NOW, &device.mailbox(), e, &DepositPass::NONE).expect("deposit");
+            relay
+                .deposit(NOW, &device.mailbox(), e, &DepositPass::NONE)
+                .expect("deposit");
         }
         let mut rng = TestRng::new(0xC4A1);
         let mut challenge = || {
@@ -1127,7 +1129,7 @@ fn signed_upload(data: &[u8]) {
         replace_one_time_prekeys: flags & 1 == 1,
         one_time_prekeys,
         // Upload v2 (SPEC.md 16.6, 16.7) when either is present.
-        access_verifier: (flags & 2 == 2).then(|| AccessVerifier([flags; 32])),
+        access_verifier: (flags & 2 == 2).then_some(AccessVerifier([flags; 32])),
         identity_stamp: (flags & 4 == 4).then(|| Stamp {
             epoch: u64::from(counter as u32),
             nonce: counter,
@@ -1302,7 +1304,10 @@ pub fn decode_envelope(data: &[u8]) -> Reach {
         assert_eq!(after.envelopes, before.envelopes + 1);
         assert_eq!(after.bytes, before.bytes + envelope.payload.len() as u64);
     }
-    assert_eq!(relay.deposit(NOW, &mailbox, &envelope, &DepositPass::NONE), Ok(()));
+    assert_eq!(
+        relay.deposit(NOW, &mailbox, &envelope, &DepositPass::NONE),
+        Ok(())
+    );
     assert_eq!(
         usage(&relay, &fx.device),
         after,
@@ -1390,7 +1395,10 @@ pub fn decode_acknowledge(data: &[u8]) -> Reach {
             );
             assert_eq!(after.bytes, before.bytes - bytes as u64);
             for e in acknowledged {
-                assert_eq!(relay.deposit(NOW, &fx.device.mailbox(), e, &DepositPass::NONE), Ok(()));
+                assert_eq!(
+                    relay.deposit(NOW, &fx.device.mailbox(), e, &DepositPass::NONE),
+                    Ok(())
+                );
             }
             assert_eq!(
                 usage(&relay, &fx.device),

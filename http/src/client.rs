@@ -13,15 +13,15 @@ use cubbyhole::protocol::devices::{AccountId, DeviceList};
 use cubbyhole::relay::{device_list_error, device_list_reason, reason as core_reason};
 use cubbyhole::transport::{
     decode_envelope_list, encode_acknowledge, encode_envelope, DepositPass, DeviceAddress,
-    DeviceDirectory,
-    Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory, TransportError,
+    DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory,
+    TransportError,
 };
 use rand_core::{OsRng, RngCore};
 use reqwest::header::HeaderValue;
-use zeroize::Zeroizing;
 use reqwest::{Method, StatusCode};
 use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinHandle;
+use zeroize::Zeroizing;
 
 use crate::wire::{decode_device_lists, DeviceListQuery, FetchQuery, ACCESS_HEADER, STAMP_HEADER};
 

@@ -1489,10 +1489,7 @@ impl<S: Storage> Shared<S> {
                         "strangers' deposits hold their part of the relay's storage; retry later",
                     ))
                 } else if reserved.saturating_add(size) > high_water
-                    && core
-                        .held_bytes(&job.mailbox)
-                        .saturating_add(size)
-                        > limits.fair_share_bytes
+                    && core.held_bytes(&job.mailbox).saturating_add(size) > limits.fair_share_bytes
                 {
                     Some(ApiError::new(
                         Reason::TotalStorage,
@@ -2680,7 +2677,9 @@ fn parse_pass(headers: &HeaderMap) -> Result<DepositPass, ApiError> {
     fn hex16(value: &str, name: &str) -> Result<[u8; 16], ApiError> {
         let mut out = [0u8; 16];
         let valid = value.len() == 32
-            && value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && value
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
             && hex::decode_to_slice(value, &mut out).is_ok();
         if valid {
             Ok(out)

@@ -133,7 +133,10 @@ async fn raw_deposit(
     headers: &[(&str, &str)],
 ) -> (u16, serde_json::Value) {
     let mut request = reqwest::Client::new()
-        .post(format!("{url}/v1/mailboxes/{}/envelopes", hex::encode(to.0)))
+        .post(format!(
+            "{url}/v1/mailboxes/{}/envelopes",
+            hex::encode(to.0)
+        ))
         .header("content-type", "application/octet-stream")
         .body(encode_envelope(envelope));
     for (name, value) in headers {
@@ -178,7 +181,10 @@ async fn stamps_and_access_keys_over_http() {
         Err(TransportError::StampRequired(DIFFICULTY))
     );
     let (status, body) = raw_deposit(&server.url, &to, &e1, &[]).await;
-    assert_eq!((status, body["error"].as_str()), (403, Some("stamp_required")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("stamp_required"))
+    );
     assert_eq!(body["difficulty"], u64::from(DIFFICULTY));
     // A wrong key is no key.
     let wrong = DepositPass::with_access(AccessKey::from_bytes([7; 16]));
@@ -194,7 +200,9 @@ async fn stamps_and_access_keys_over_http() {
     let e3 = envelope(3, 100);
     assert_eq!(
         relay.deposit(&to, &e3, &stamped(&to, &e3)).await,
-        Err(TransportError::LimitExceeded(core_reason::STRANGER_ENVELOPES))
+        Err(TransportError::LimitExceeded(
+            core_reason::STRANGER_ENVELOPES
+        ))
     );
     relay.deposit(&to, &e3, &bob.contact()).await.unwrap();
     // A retried stamped deposit lands once, even with the share full.
@@ -261,7 +269,10 @@ async fn strangers_total_and_the_fair_share() {
     // Strangers together: 25 % of 10,000 bytes.
     for n in 1..=2 {
         let e = envelope(n, 1_000);
-        relay.deposit(&to_bob, &e, &stamped(&to_bob, &e)).await.unwrap();
+        relay
+            .deposit(&to_bob, &e, &stamped(&to_bob, &e))
+            .await
+            .unwrap();
     }
     let e = envelope(3, 1_000);
     assert_eq!(

@@ -564,11 +564,15 @@ async fn oversized_envelope_is_413_envelope_size() {
     .await;
     assert_eq!((status, why.as_deref()), (413, Some("envelope_size")));
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(2, 1025), &DepositPass::NONE).await,
+        relay
+            .deposit(&bob.mailbox(), &envelope(2, 1025), &DepositPass::NONE)
+            .await,
         Err(TransportError::LimitExceeded(core_reason::ENVELOPE_SIZE))
     );
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(3, 1024), &DepositPass::NONE).await,
+        relay
+            .deposit(&bob.mailbox(), &envelope(3, 1024), &DepositPass::NONE)
+            .await,
         Ok(())
     );
     server.stop().await;
@@ -591,7 +595,9 @@ async fn body_over_the_server_limit_is_413_body_size() {
     .await;
     assert_eq!((status, why.as_deref()), (413, Some("body_size")));
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(2, 8192), &DepositPass::NONE).await,
+        relay
+            .deposit(&bob.mailbox(), &envelope(2, 8192), &DepositPass::NONE)
+            .await,
         Err(TransportError::LimitExceeded(reason::BODY_SIZE))
     );
     // An upload too: 100 one-time prekeys are about 3.7 KB, 200 are not.
@@ -650,14 +656,18 @@ async fn full_mailbox_is_507_pending_envelopes() {
         .await
         .unwrap();
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(5, 10), &contact).await,
+        relay
+            .deposit(&bob.mailbox(), &envelope(5, 10), &contact)
+            .await,
         Err(TransportError::LimitExceeded(
             core_reason::PENDING_ENVELOPES
         ))
     );
     // A repeat of a pending id is still accepted (idempotent), not stored.
     assert_eq!(
-        relay.deposit(&bob.mailbox(), &envelope(1, 10), &contact).await,
+        relay
+            .deposit(&bob.mailbox(), &envelope(1, 10), &contact)
+            .await,
         Ok(())
     );
     server.stop().await;
@@ -816,7 +826,12 @@ async fn a_repeated_deposit_lands_once() {
             .0,
         200
     );
-    assert_eq!(relay.deposit(&to.mailbox(), &envelope(7, 40), &DepositPass::NONE).await, Ok(()));
+    assert_eq!(
+        relay
+            .deposit(&to.mailbox(), &envelope(7, 40), &DepositPass::NONE)
+            .await,
+        Ok(())
+    );
 
     let auth = owner_auth(&bob, &relay, MailboxOp::Fetch).await;
     let got = relay.fetch(&auth, 100).await.unwrap();
@@ -976,7 +991,9 @@ async fn idempotent_calls_back_off_on_503_and_others_are_not_retried() {
         device_id: 1,
     };
     let started = Instant::now();
-    let result = relay.deposit(&to.mailbox(), &envelope(1, 10), &DepositPass::NONE).await;
+    let result = relay
+        .deposit(&to.mailbox(), &envelope(1, 10), &DepositPass::NONE)
+        .await;
     let elapsed = started.elapsed();
     assert!(matches!(result, Err(TransportError::Unavailable(_))));
     assert_eq!(down.requests(), 4, "one attempt and three retries");
@@ -1016,7 +1033,11 @@ async fn idempotent_calls_back_off_on_503_and_others_are_not_retried() {
     .await;
     let relay = HttpRelay::new(&flaky.url).unwrap();
     relay
-        .deposit(&bob.address().mailbox(), &envelope(3, 10), &DepositPass::NONE)
+        .deposit(
+            &bob.address().mailbox(),
+            &envelope(3, 10),
+            &DepositPass::NONE,
+        )
         .await
         .unwrap();
     assert_eq!(flaky.requests(), 3);
@@ -1065,7 +1086,11 @@ async fn a_closed_port_is_unavailable_after_the_retries() {
     ] {
         let started = Instant::now();
         let result = match call {
-            0 => relay.deposit(&to.mailbox(), &envelope(1, 10), &DepositPass::NONE).await,
+            0 => {
+                relay
+                    .deposit(&to.mailbox(), &envelope(1, 10), &DepositPass::NONE)
+                    .await
+            }
             1 => relay.challenge(&to.mailbox()).await.map(drop),
             2 => relay.one_time_prekeys_left(&to).await.map(drop),
             3 => relay.publish(&[1]).await,

@@ -16,8 +16,8 @@ use cubbyhole::relay::{Relay, RelayConfig, SqliteRelayStorage};
 use cubbyhole::storage::MemoryStore;
 use cubbyhole::transport::stamp::Stamp;
 use cubbyhole::transport::{
-    encode_envelope, AccessKey, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth,
-    MailboxId, MailboxOp, PrekeyDirectory, TransportError,
+    encode_envelope, AccessKey, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId,
+    Mailbox, MailboxAuth, MailboxId, MailboxOp, PrekeyDirectory, TransportError,
 };
 use cubbyhole::{IdentityKeyPair, OneTimePrekey, OsRng, PrekeyBundle, PrekeyStore};
 use cubbyhole_http::HttpRelay;
@@ -170,15 +170,10 @@ impl Device {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        upload.identity_stamp = Stamp::mint_identity(
-            &self.address(),
-            STAMP_DIFFICULTY,
-            now,
-            0,
-            u64::MAX,
-        )
-        .unwrap()
-        .ok();
+        upload.identity_stamp =
+            Stamp::mint_identity(&self.address(), STAMP_DIFFICULTY, now, 0, u64::MAX)
+                .unwrap()
+                .ok();
         upload.sign(&self.identity)
     }
 
@@ -423,10 +418,7 @@ fn logs_never_carry_the_secrets(format: &str) {
         ("the mailbox proof".into(), proof.clone()),
         ("the challenge".into(), challenge.body.clone()),
         ("the upload".into(), upload.clone()),
-        (
-            "the access key".into(),
-            device.access.as_bytes().to_vec(),
-        ),
+        ("the access key".into(), device.access.as_bytes().to_vec()),
         (
             "the signed prekey".into(),
             device.store.current_signed_prekey().public().to_vec(),

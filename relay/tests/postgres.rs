@@ -681,7 +681,9 @@ fn concurrent_deposits_respect_mailbox_bounds() {
                         }
                     }
                     // Everyone retries the same envelope to Dave.
-                    relay.deposit(NOW, &dave_box, &envelope(1, 10), &DepositPass::NONE).unwrap();
+                    relay
+                        .deposit(NOW, &dave_box, &envelope(1, 10), &DepositPass::NONE)
+                        .unwrap();
                 }
                 stored
             })

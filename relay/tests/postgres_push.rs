@@ -331,7 +331,10 @@ fn a_deposit_through_one_process_wakes_a_fetch_waiting_on_another() {
                 payload: format!("envelope {round}").into_bytes(),
             };
             let sent = Instant::now();
-            depositing.deposit(&bob.mailbox(), &envelope, &DepositPass::NONE).await.unwrap();
+            depositing
+                .deposit(&bob.mailbox(), &envelope, &DepositPass::NONE)
+                .await
+                .unwrap();
             let deposited = Instant::now();
             let (got, started, answered) = waiter.await.unwrap();
             assert_eq!(got.unwrap(), vec![envelope.clone()]);
@@ -372,7 +375,10 @@ fn a_deposit_through_one_process_wakes_a_fetch_waiting_on_another() {
             id: EnvelopeId([0xCC; 16]),
             payload: b"for Carol".to_vec(),
         };
-        relay_a.deposit(&carol.mailbox(), &other, &DepositPass::NONE).await.unwrap();
+        relay_a
+            .deposit(&carol.mailbox(), &other, &DepositPass::NONE)
+            .await
+            .unwrap();
         let (got, waited) = waiter.await.unwrap();
         assert_eq!(got.unwrap(), Vec::new());
         assert!(waited >= Duration::from_millis(1_400), "{waited:?}");

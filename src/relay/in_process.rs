@@ -12,8 +12,8 @@ use rand_core::OsRng;
 use super::{Relay, RelayStorage, SweepReport};
 use crate::protocol::devices::AccountId;
 use crate::transport::{
-    DepositPass, DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
-    PrekeyDirectory, TransportError,
+    DepositPass, DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth,
+    MailboxId, PrekeyDirectory, TransportError,
 };
 
 /// A clock: the current time in unix seconds.

@@ -182,7 +182,10 @@ impl RelayStorage for MemoryRelayStorage {
         Ok(self.mailbox_owners.contains_key(mailbox))
     }
 
-    fn mailbox_owner(&self, mailbox: &MailboxId) -> Result<Option<DeviceRecord>, RelayStorageError> {
+    fn mailbox_owner(
+        &self,
+        mailbox: &MailboxId,
+    ) -> Result<Option<DeviceRecord>, RelayStorageError> {
         Ok(self
             .mailbox_owners
             .get(mailbox)
@@ -216,10 +219,10 @@ impl RelayStorage for MemoryRelayStorage {
             return Ok(UploadOutcome::TooManyOneTimePrekeys);
         }
         let old = self.devices.get(&upload.device);
-        let (mut access, mut previous_access, mut access_changed_at) = old.map_or(
-            (None, None, 0),
-            |r| (r.access, r.previous_access, r.access_changed_at),
-        );
+        let (mut access, mut previous_access, mut access_changed_at) = old
+            .map_or((None, None, 0), |r| {
+                (r.access, r.previous_access, r.access_changed_at)
+            });
         if let Some(verifier) = upload.access_verifier {
             if access != Some(verifier) {
                 previous_access = access;

@@ -136,9 +136,8 @@ use crate::protocol::devices::{AccountId, DeviceList, DeviceListError};
 use crate::protocol::wire::VERSION;
 use crate::transport::stamp::Stamp;
 use crate::transport::{
-    AccessVerifier, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId,
-    MailboxAuth, MailboxId, MailboxOp, SignedPrekeyRecord, TransportError,
-    DEVICE_LIST_RETENTION,
+    AccessVerifier, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId, MailboxAuth,
+    MailboxId, MailboxOp, SignedPrekeyRecord, TransportError, DEVICE_LIST_RETENTION,
 };
 
 /// The reasons carried by [`TransportError::LimitExceeded`] from a relay.
@@ -687,7 +686,8 @@ pub trait RelayStorage {
 
     /// The record of the device whose [`DeviceAddress::mailbox`] is
     /// `mailbox` (`None` if none has one).
-    fn mailbox_owner(&self, mailbox: &MailboxId) -> Result<Option<DeviceRecord>, RelayStorageError>;
+    fn mailbox_owner(&self, mailbox: &MailboxId)
+        -> Result<Option<DeviceRecord>, RelayStorageError>;
 
     /// Atomically: unless the device has a record with a counter at or
     /// above `upload.counter` ([`UploadOutcome::Replayed`]), writes the

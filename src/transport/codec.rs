@@ -234,14 +234,14 @@ impl BundleSetUpload {
         let mut identity_stamp = None;
         if version == UPLOAD_VERSION_2 {
             if r.bool("").map_err(bad("upload verifier flag"))? {
-                access_verifier = Some(AccessVerifier(
-                    r.array("").map_err(bad("upload verifier"))?,
-                ));
+                access_verifier =
+                    Some(AccessVerifier(r.array("").map_err(bad("upload verifier"))?));
             }
             if r.bool("").map_err(bad("upload stamp flag"))? {
                 let bytes: [u8; STAMP_LEN] = r.array("").map_err(bad("upload stamp"))?;
                 identity_stamp = Some(
-                    Stamp::decode(&bytes).map_err(|_| TransportError::BadRequest("upload stamp"))?,
+                    Stamp::decode(&bytes)
+                        .map_err(|_| TransportError::BadRequest("upload stamp"))?,
                 );
             }
             if r.remaining() != 64 {

@@ -121,8 +121,9 @@ use std::vec::Vec;
 
 use super::stamp::Stamp;
 use super::{
-    AccessKey, BundleSetUpload, DepositPass, DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth,
-    MailboxId, MailboxOp, PrekeyDirectory, TransportError, DEVICE_LIST_RETENTION,
+    AccessKey, BundleSetUpload, DepositPass, DeviceAddress, DeviceDirectory, Envelope, EnvelopeId,
+    Mailbox, MailboxAuth, MailboxId, MailboxOp, PrekeyDirectory, TransportError,
+    DEVICE_LIST_RETENTION,
 };
 use crate::protocol::bundle::{FreshnessPolicy, PrekeyBundle};
 use crate::protocol::devices::{AccountId, DeviceEntry, DeviceList, VerifiedDeviceList};

@@ -26,9 +26,7 @@ use core::future::Future;
 
 use sha2::{Digest, Sha256};
 
-pub use access::{
-    AccessKey, AccessVerifier, DepositPass, ACCESS_KEY_LEN, ACCESS_VERIFIER_LABEL,
-};
+pub use access::{AccessKey, AccessVerifier, DepositPass, ACCESS_KEY_LEN, ACCESS_VERIFIER_LABEL};
 pub use codec::{
     decode_acknowledge, decode_envelope, decode_envelope_list, encode_acknowledge, encode_envelope,
     encode_envelope_list, BundleSetUpload, MailboxAuth, MailboxOp, SignedPrekeyRecord,

@@ -20,8 +20,8 @@ use cubbyhole::bundle::FreshnessPolicy;
 use cubbyhole::relay::{reason, InProcessRelay, Relay, RelayConfig, RelayStorage};
 use cubbyhole::transport::stamp::Stamp;
 use cubbyhole::transport::{
-    AccessKey, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId,
-    MailboxOp, PrekeyDirectory, TransportError,
+    AccessKey, BundleSetUpload, DepositPass, DeviceAddress, Envelope, EnvelopeId, Mailbox,
+    MailboxAuth, MailboxId, MailboxOp, PrekeyDirectory, TransportError,
 };
 use cubbyhole::{IdentityKeyPair, OneTimePrekey, PrekeyBundle, SignedPrekey};
 use rand_chacha::rand_core::SeedableRng;
@@ -408,7 +408,12 @@ pub fn mailbox_round_trip<S: RelayStorage>(storage: S) {
     let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::unpriced());
     for n in 1..=3 {
         relay
-            .deposit(NOW + u64::from(n), &bob.mailbox(), &envelope(n, 10), &DepositPass::NONE)
+            .deposit(
+                NOW + u64::from(n),
+                &bob.mailbox(),
+                &envelope(n, 10),
+                &DepositPass::NONE,
+            )
             .unwrap();
     }
     let fetched = fetch_all(&mut relay, &mut rng, &bob, NOW + 5);
@@ -443,12 +448,18 @@ pub fn mailbox_round_trip<S: RelayStorage>(storage: S) {
 pub fn deposit_is_idempotent<S: RelayStorage>(storage: S) {
     let (mut relay, mut rng, bob) = with_bob(storage, RelayConfig::unpriced());
     let mailbox = bob.mailbox();
-    relay.deposit(NOW, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
-    relay.deposit(NOW + 1, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW, &mailbox, &envelope(1, 10), &DepositPass::NONE)
+        .unwrap();
+    relay
+        .deposit(NOW + 1, &mailbox, &envelope(1, 10), &DepositPass::NONE)
+        .unwrap();
     // Same id, other bytes: still the first one, stored once.
     let mut other = envelope(1, 20);
     other.payload[0] = 0xee;
-    relay.deposit(NOW + 2, &mailbox, &other, &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW + 2, &mailbox, &other, &DepositPass::NONE)
+        .unwrap();
     let usage = relay.storage().mailbox_usage(&mailbox).unwrap();
     assert_eq!((usage.envelopes, usage.bytes), (1, 10));
     assert_eq!(
@@ -470,11 +481,15 @@ pub fn deposit_is_idempotent<S: RelayStorage>(storage: S) {
 
     // A retry after the acknowledgment is not delivered again.
     acknowledge(&mut relay, &mut rng, &bob, NOW + 4, &[EnvelopeId([1; 16])]);
-    relay.deposit(NOW + 5, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW + 5, &mailbox, &envelope(1, 10), &DepositPass::NONE)
+        .unwrap();
     assert!(fetch_all(&mut relay, &mut rng, &bob, NOW + 6).is_empty());
     // ... until the retention period of the original is over.
     let later = NOW + RelayConfig::DEFAULT_RETENTION + 1;
-    relay.deposit(later, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(later, &mailbox, &envelope(1, 10), &DepositPass::NONE)
+        .unwrap();
     assert_eq!(
         fetch_all(&mut relay, &mut rng, &bob, later),
         vec![envelope(1, 10)]
@@ -486,7 +501,12 @@ pub fn deposit_needs_a_published_mailbox<S: RelayStorage>(storage: S) {
     let stranger = Device::new(&mut rng, 1, 0);
     let mut relay = Relay::new(storage, RelayConfig::unpriced());
     assert_eq!(
-        relay.deposit(NOW, &stranger.mailbox(), &envelope(1, 10), &DepositPass::NONE),
+        relay.deposit(
+            NOW,
+            &stranger.mailbox(),
+            &envelope(1, 10),
+            &DepositPass::NONE
+        ),
         Err(TransportError::NotFound)
     );
     assert_eq!(
@@ -495,7 +515,12 @@ pub fn deposit_needs_a_published_mailbox<S: RelayStorage>(storage: S) {
     );
     relay.publish(NOW, &stranger.upload(1, true)).unwrap();
     relay
-        .deposit(NOW, &stranger.mailbox(), &envelope(1, 10), &DepositPass::NONE)
+        .deposit(
+            NOW,
+            &stranger.mailbox(),
+            &envelope(1, 10),
+            &DepositPass::NONE,
+        )
         .unwrap();
 
     // The check can be turned off.
@@ -507,7 +532,8 @@ pub fn deposit_needs_a_published_mailbox<S: RelayStorage>(storage: S) {
             ..RelayConfig::unpriced()
         },
     );
-    open.deposit(NOW, &anyone, &envelope(1, 10), &DepositPass::NONE).unwrap();
+    open.deposit(NOW, &anyone, &envelope(1, 10), &DepositPass::NONE)
+        .unwrap();
     open.challenge(NOW, &mut rng, &anyone).unwrap();
 }
 
@@ -814,7 +840,9 @@ pub fn empty_payload_is_refused<S: RelayStorage>(storage: S) {
         relay.deposit(NOW, &unknown, &envelope(2, 0), &DepositPass::NONE),
         Err(TransportError::BadRequest(reason::EMPTY_PAYLOAD))
     );
-    relay.deposit(NOW, &bob.mailbox(), &envelope(3, 1), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW, &bob.mailbox(), &envelope(3, 1), &DepositPass::NONE)
+        .unwrap();
     assert_eq!(
         fetch_all(&mut relay, &mut rng, &bob, NOW),
         vec![envelope(3, 1)]
@@ -828,17 +856,25 @@ pub fn mailbox_count_bound<S: RelayStorage>(storage: S) {
     };
     let (mut relay, mut rng, bob) = with_bob(storage, config);
     let mailbox = bob.mailbox();
-    relay.deposit(NOW, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
-    relay.deposit(NOW, &mailbox, &envelope(2, 10), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW, &mailbox, &envelope(1, 10), &DepositPass::NONE)
+        .unwrap();
+    relay
+        .deposit(NOW, &mailbox, &envelope(2, 10), &DepositPass::NONE)
+        .unwrap();
     assert_eq!(
         relay.deposit(NOW, &mailbox, &envelope(3, 10), &DepositPass::NONE),
         Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES))
     );
     // A retry of a stored envelope is still accepted.
-    relay.deposit(NOW, &mailbox, &envelope(2, 10), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW, &mailbox, &envelope(2, 10), &DepositPass::NONE)
+        .unwrap();
     // Acknowledging makes room.
     acknowledge(&mut relay, &mut rng, &bob, NOW, &[EnvelopeId([1; 16])]);
-    relay.deposit(NOW, &mailbox, &envelope(3, 10), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW, &mailbox, &envelope(3, 10), &DepositPass::NONE)
+        .unwrap();
     assert_eq!(
         ids(&fetch_all(&mut relay, &mut rng, &bob, NOW)),
         vec![EnvelopeId([2; 16]), EnvelopeId([3; 16])]
@@ -852,19 +888,27 @@ pub fn mailbox_bytes_bound<S: RelayStorage>(storage: S) {
     };
     let (mut relay, mut rng, bob) = with_bob(storage, config);
     let mailbox = bob.mailbox();
-    relay.deposit(NOW, &mailbox, &envelope(1, 100), &DepositPass::NONE).unwrap();
-    relay.deposit(NOW, &mailbox, &envelope(2, 100), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW, &mailbox, &envelope(1, 100), &DepositPass::NONE)
+        .unwrap();
+    relay
+        .deposit(NOW, &mailbox, &envelope(2, 100), &DepositPass::NONE)
+        .unwrap();
     assert_eq!(
         relay.deposit(NOW, &mailbox, &envelope(3, 100), &DepositPass::NONE),
         Err(TransportError::LimitExceeded(reason::PENDING_BYTES))
     );
-    relay.deposit(NOW, &mailbox, &envelope(4, 50), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW, &mailbox, &envelope(4, 50), &DepositPass::NONE)
+        .unwrap();
     assert_eq!(
         relay.deposit(NOW, &mailbox, &envelope(5, 1), &DepositPass::NONE),
         Err(TransportError::LimitExceeded(reason::PENDING_BYTES))
     );
     acknowledge(&mut relay, &mut rng, &bob, NOW, &[EnvelopeId([1; 16])]);
-    relay.deposit(NOW, &mailbox, &envelope(3, 100), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW, &mailbox, &envelope(3, 100), &DepositPass::NONE)
+        .unwrap();
     let usage = relay.storage().mailbox_usage(&mailbox).unwrap();
     assert_eq!((usage.envelopes, usage.bytes), (3, 250));
 }
@@ -895,27 +939,33 @@ pub fn deposit_batch_checks_each_envelope<S: RelayStorage>(storage: S) {
     let (b, c) = (bob.mailbox(), carol.mailbox());
     // Pending before the batch: 1 (old enough to expire during it) and 2;
     // acknowledged: 3.
-    relay.deposit(NOW, &b, &envelope(1, 10), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW, &b, &envelope(1, 10), &DepositPass::NONE)
+        .unwrap();
     let later = NOW + RelayConfig::DEFAULT_RETENTION / 2 + 1;
-    relay.deposit(later, &b, &envelope(2, 10), &DepositPass::NONE).unwrap();
-    relay.deposit(later, &b, &envelope(3, 10), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(later, &b, &envelope(2, 10), &DepositPass::NONE)
+        .unwrap();
+    relay
+        .deposit(later, &b, &envelope(3, 10), &DepositPass::NONE)
+        .unwrap();
     acknowledge(&mut relay, &mut rng, &bob, later, &[EnvelopeId([3; 16])]);
     let now = NOW + RelayConfig::DEFAULT_RETENTION + 1;
     let batch = vec![
-        (b, envelope(2, 10), DepositPass::NONE),       // pending: a repeat
-        (b, envelope(3, 10), DepositPass::NONE),       // acknowledged: a repeat
-        (b, envelope(1, 10), DepositPass::NONE),       // expired just now: new again
-        (b, envelope(4, 101), DepositPass::NONE),      // too big
-        (c, envelope(5, 100), DepositPass::NONE),      // stored
-        (b, envelope(6, 100), DepositPass::NONE),      // stored: Bob has 2, 1, 6 (120 bytes)
-        (c, envelope(5, 100), DepositPass::NONE),      // a repeat within the batch
-        (b, envelope(7, 100), DepositPass::NONE),      // stored: 220 bytes
-        (b, envelope(8, 40), DepositPass::NONE),       // 260 bytes: over the byte bound
+        (b, envelope(2, 10), DepositPass::NONE),  // pending: a repeat
+        (b, envelope(3, 10), DepositPass::NONE),  // acknowledged: a repeat
+        (b, envelope(1, 10), DepositPass::NONE),  // expired just now: new again
+        (b, envelope(4, 101), DepositPass::NONE), // too big
+        (c, envelope(5, 100), DepositPass::NONE), // stored
+        (b, envelope(6, 100), DepositPass::NONE), // stored: Bob has 2, 1, 6 (120 bytes)
+        (c, envelope(5, 100), DepositPass::NONE), // a repeat within the batch
+        (b, envelope(7, 100), DepositPass::NONE), // stored: 220 bytes
+        (b, envelope(8, 40), DepositPass::NONE),  // 260 bytes: over the byte bound
         (unknown, envelope(9, 10), DepositPass::NONE), // never published
-        (b, envelope(10, 30), DepositPass::NONE),      // stored: five envelopes, 250 bytes
-        (b, envelope(11, 1), DepositPass::NONE),       // a sixth: over the count bound
-        (b, envelope(13, 0), DepositPass::NONE),       // empty: refused before anything
-        (c, envelope(12, 100), DepositPass::NONE),     // stored
+        (b, envelope(10, 30), DepositPass::NONE), // stored: five envelopes, 250 bytes
+        (b, envelope(11, 1), DepositPass::NONE),  // a sixth: over the count bound
+        (b, envelope(13, 0), DepositPass::NONE),  // empty: refused before anything
+        (c, envelope(12, 100), DepositPass::NONE), // stored
     ];
     let results = relay.deposit_batch(now, &batch);
     let pending_envelopes = Err(TransportError::LimitExceeded(reason::PENDING_ENVELOPES));
@@ -1011,7 +1061,9 @@ pub fn fetch_and_acknowledge_bounds<S: RelayStorage>(storage: S) {
     relay
         .deposit(NOW, &bob.mailbox(), &envelope(8, 50), &DepositPass::NONE)
         .unwrap();
-    relay.deposit(NOW, &bob.mailbox(), &envelope(9, 1), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW, &bob.mailbox(), &envelope(9, 1), &DepositPass::NONE)
+        .unwrap();
     let batch = fetch_all(&mut relay, &mut rng, &bob, NOW);
     assert_eq!(ids(&batch), vec![EnvelopeId([6; 16])]);
     acknowledge(&mut relay, &mut rng, &bob, NOW, &ids(&batch));
@@ -1027,8 +1079,12 @@ pub fn retention_expires_envelopes<S: RelayStorage>(storage: S) {
     let retention = config.retention;
     let (mut relay, mut rng, bob) = with_bob(storage, config);
     let mailbox = bob.mailbox();
-    relay.deposit(NOW, &mailbox, &envelope(1, 10), &DepositPass::NONE).unwrap();
-    relay.deposit(NOW + 10, &mailbox, &envelope(2, 10), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(NOW, &mailbox, &envelope(1, 10), &DepositPass::NONE)
+        .unwrap();
+    relay
+        .deposit(NOW + 10, &mailbox, &envelope(2, 10), &DepositPass::NONE)
+        .unwrap();
     // A used challenge is remembered until it expires.
     fetch_all(&mut relay, &mut rng, &bob, NOW);
 
@@ -1047,7 +1103,9 @@ pub fn retention_expires_envelopes<S: RelayStorage>(storage: S) {
         fetch_all(&mut relay, &mut rng, &bob, later),
         vec![envelope(2, 10)]
     );
-    relay.deposit(later, &mailbox, &envelope(3, 10), &DepositPass::NONE).unwrap();
+    relay
+        .deposit(later, &mailbox, &envelope(3, 10), &DepositPass::NONE)
+        .unwrap();
     assert_eq!(
         relay.storage().mailbox_usage(&mailbox).unwrap().envelopes,
         2
@@ -1092,7 +1150,12 @@ pub fn in_process_relay<S: RelayStorage + Send + 'static>(storage: S) {
         Ok(0)
     );
 
-    block_on(assert_send(relay.deposit(&bob.mailbox(), &envelope(1, 10), &DepositPass::NONE))).unwrap();
+    block_on(assert_send(relay.deposit(
+        &bob.mailbox(),
+        &envelope(1, 10),
+        &DepositPass::NONE,
+    )))
+    .unwrap();
     clock.store(NOW + 60, Ordering::SeqCst);
     let challenge = block_on(assert_send(relay.challenge(&bob.mailbox()))).unwrap();
     let fetched = block_on(assert_send(
@@ -1136,7 +1199,6 @@ pub fn in_process_relay<S: RelayStorage + Send + 'static>(storage: S) {
 }
 
 // --------------------------------------------------- instantiations
-
 
 // ------------------------------------------ access keys, stamps, shares
 
@@ -1185,7 +1247,9 @@ pub fn with_keyed_bob<S: RelayStorage>(
     let bob = Device::new(&mut rng, 1, 0);
     let key = AccessKey::from_bytes([1; 16]);
     let mut relay = Relay::new(storage, config);
-    relay.publish(NOW, &keyed_upload(&bob, 1, &key, NOW)).unwrap();
+    relay
+        .publish(NOW, &keyed_upload(&bob, 1, &key, NOW))
+        .unwrap();
     (relay, rng, bob, key)
 }
 
@@ -1199,13 +1263,19 @@ pub fn contacts_share_needs_the_access_key<S: RelayStorage>(storage: S) {
     // No key, a wrong key, a stamp of another deposit, of another mailbox,
     // of an epoch too old: a stamp is required.
     let required = Err(TransportError::StampRequired(8));
-    assert_eq!(relay.deposit(NOW, &to, &envelope(2, 10), &DepositPass::NONE), required);
+    assert_eq!(
+        relay.deposit(NOW, &to, &envelope(2, 10), &DepositPass::NONE),
+        required
+    );
     let wrong = DepositPass::with_access(AccessKey::from_bytes([2; 16]));
     assert_eq!(relay.deposit(NOW, &to, &envelope(2, 10), &wrong), required);
     let other = stranger(&envelope(3, 10));
     assert_eq!(relay.deposit(NOW, &to, &envelope(2, 10), &other), required);
     let elsewhere = stamp(&MailboxId([9; 32]), &envelope(2, 10), NOW);
-    assert_eq!(relay.deposit(NOW, &to, &envelope(2, 10), &elsewhere), required);
+    assert_eq!(
+        relay.deposit(NOW, &to, &envelope(2, 10), &elsewhere),
+        required
+    );
     let old = stamp(&to, &envelope(2, 10), NOW - 7200);
     assert_eq!(relay.deposit(NOW, &to, &envelope(2, 10), &old), required);
     let usage = relay.storage().mailbox_usage(&to).unwrap();
@@ -1215,7 +1285,9 @@ pub fn contacts_share_needs_the_access_key<S: RelayStorage>(storage: S) {
         .deposit(NOW, &to, &envelope(2, 10), &stranger(&envelope(2, 10)))
         .unwrap();
     let last_hour = stamp(&to, &envelope(4, 10), NOW - 3600);
-    relay.deposit(NOW, &to, &envelope(4, 10), &last_hour).unwrap();
+    relay
+        .deposit(NOW, &to, &envelope(4, 10), &last_hour)
+        .unwrap();
     relay
         .deposit(NOW, &to, &envelope(5, 10), &stranger(&envelope(5, 10)))
         .unwrap();
@@ -1238,21 +1310,32 @@ pub fn strangers_share_has_a_byte_bound<S: RelayStorage>(storage: S) {
     let (mut relay, mut rng, bob, key) = with_keyed_bob(storage, priced());
     let to = bob.mailbox();
     let big = envelope(1, 900);
-    relay.deposit(NOW, &to, &big, &stamp(&to, &big, NOW)).unwrap();
+    relay
+        .deposit(NOW, &to, &big, &stamp(&to, &big, NOW))
+        .unwrap();
     let over = envelope(2, 101);
     assert_eq!(
         relay.deposit(NOW, &to, &over, &stamp(&to, &over, NOW)),
         Err(TransportError::LimitExceeded(reason::STRANGER_BYTES))
     );
     let fits = envelope(3, 100);
-    relay.deposit(NOW, &to, &fits, &stamp(&to, &fits, NOW)).unwrap();
+    relay
+        .deposit(NOW, &to, &fits, &stamp(&to, &fits, NOW))
+        .unwrap();
     // Contacts' bytes do not count against it, and the share refills once
     // the owner acknowledges.
     relay
-        .deposit(NOW, &to, &envelope(4, 5_000), &DepositPass::with_access(key))
+        .deposit(
+            NOW,
+            &to,
+            &envelope(4, 5_000),
+            &DepositPass::with_access(key),
+        )
         .unwrap();
     acknowledge(&mut relay, &mut rng, &bob, NOW, &[EnvelopeId([1; 16])]);
-    relay.deposit(NOW, &to, &over, &stamp(&to, &over, NOW)).unwrap();
+    relay
+        .deposit(NOW, &to, &over, &stamp(&to, &over, NOW))
+        .unwrap();
     let usage = relay.storage().mailbox_usage(&to).unwrap();
     assert_eq!((usage.stranger_envelopes, usage.stranger_bytes), (2, 201));
     assert_eq!((usage.envelopes, usage.bytes), (3, 5_201));
@@ -1270,7 +1353,9 @@ pub fn rotation_keeps_the_previous_key_for_the_grace<S: RelayStorage>(storage: S
         .unwrap();
     let old_pass = DepositPass::with_access(old.clone());
     let new_pass = DepositPass::with_access(new.clone());
-    relay.deposit(rotated, &to, &envelope(1, 10), &new_pass).unwrap();
+    relay
+        .deposit(rotated, &to, &envelope(1, 10), &new_pass)
+        .unwrap();
     relay
         .deposit(rotated + grace, &to, &envelope(2, 10), &old_pass)
         .unwrap();
@@ -1308,7 +1393,9 @@ pub fn strangers_share_closes_while_the_owner_is_away<S: RelayStorage>(storage: 
         .unwrap();
     // The owner fetches: the share opens again.
     assert_eq!(fetch_all(&mut relay, &mut rng, &bob, later).len(), 1);
-    relay.deposit(later, &to, &e, &stamp(&to, &e, later)).unwrap();
+    relay
+        .deposit(later, &to, &e, &stamp(&to, &e, later))
+        .unwrap();
 }
 
 pub fn a_first_upload_needs_an_identity_stamp<S: RelayStorage>(storage: S) {
@@ -1367,18 +1454,29 @@ pub fn sweep_expires_inactive_mailboxes_and_idle_devices<S: RelayStorage>(storag
         .unwrap();
     // Carol fetches on day 9 (and so stays active); Bob was last seen on
     // day 0.
-    assert_eq!(fetch_all(&mut relay, &mut rng, &carol, NOW + 9 * DAY).len(), 1);
+    assert_eq!(
+        fetch_all(&mut relay, &mut rng, &carol, NOW + 9 * DAY).len(),
+        1
+    );
     let report = relay.sweep(NOW + 11 * DAY).unwrap();
     // Bob's mailbox is inactive: its envelope of day 5 is older than 2
     // days and goes; day 10's stays. Carol's stays (active).
     assert_eq!(report.inactive_expired, 1);
     assert_eq!(report.devices_expired, 0);
     assert_eq!(
-        relay.storage().mailbox_usage(&bob.mailbox()).unwrap().envelopes,
+        relay
+            .storage()
+            .mailbox_usage(&bob.mailbox())
+            .unwrap()
+            .envelopes,
         1
     );
     assert_eq!(
-        relay.storage().mailbox_usage(&carol.mailbox()).unwrap().envelopes,
+        relay
+            .storage()
+            .mailbox_usage(&carol.mailbox())
+            .unwrap()
+            .envelopes,
         1
     );
     // Day 21: Bob is idle for 20 days and is deleted with his mailbox;

@@ -505,10 +505,7 @@ impl Local {
 
 /// Starts the relay in this process on `127.0.0.1:0`, with the rate limits
 /// and the total storage bound off.
-async fn start_local(
-    target: &Target,
-    access: bool,
-) -> Result<(SocketAddr, Local, String), String> {
+async fn start_local(target: &Target, access: bool) -> Result<(SocketAddr, Local, String), String> {
     let mut temp_dir = None;
     let (storage, described) = match target {
         Target::Sqlite(Some(path)) => (
