@@ -141,6 +141,10 @@ impl RelayProcess {
             .arg("--listen")
             .arg(addr.to_string())
             .args(["--postgres", url])
+            // No stamps: the devices here are raw uploads and anonymous
+            // deposits (mailboxes without an access key, SPEC.md 16.3).
+            .args(["--identity-stamp-difficulty", "0"])
+            .args(["--deposit-stamp-difficulty", "0"])
             .args(["--log", "warn"])
             .args(["--max-wait-ms", &WAIT_MS.to_string()])
             .stdin(Stdio::null())
