@@ -337,8 +337,8 @@ impl RelayConfig {
 
     /// The defaults, but asking no stamps (both difficulties 0): for tests
     /// and embedded relays whose callers are known; never for a relay that
-    /// strangers reach (a stamp of difficulty 20 costs about 0.1 s of CPU,
-    /// an identity stamp about 1.5 s: that price, with the small
+    /// strangers reach (a stamp of difficulty 20 costs about 0.06 s of CPU,
+    /// an identity stamp about 1 s: that price, with the small
     /// strangers' share, is what keeps them from filling mailboxes). The
     /// shares and every other bound stay.
     pub fn unpriced() -> Self {
