@@ -26,6 +26,11 @@ const NOW: u64 = 1_900_000_000;
 fn run<S: Store>(bob_store: S, messages: usize, rng: &mut ChaCha20Rng) -> (Duration, usize) {
     let relay_config = RelayConfig {
         max_pending_envelopes: messages as u32 + 10,
+        // The backlog is a first contact's (Alice holds no access key
+        // of Bob's: he never wrote to her), so it lands in Bob's
+        // strangers' share, made as large as the contacts' here.
+        max_stranger_envelopes: messages as u32 + 10,
+        max_stranger_bytes: RelayConfig::DEFAULT_MAX_PENDING_BYTES,
         max_fetch_envelopes: 1000,
         ..RelayConfig::unpriced()
     };

@@ -54,6 +54,11 @@ fn relay(messages: usize) -> Relayed {
             MemoryRelayStorage::new(),
             RelayConfig {
                 max_pending_envelopes: 2 * messages as u32 + 10,
+                // The backlog is a first contact's (Alice holds no access key
+                // of Bob's: he never wrote to her), so it lands in Bob's
+                // strangers' share, made as large as the contacts' here.
+                max_stranger_envelopes: 2 * messages as u32 + 10,
+                max_stranger_bytes: RelayConfig::DEFAULT_MAX_PENDING_BYTES,
                 ..RelayConfig::unpriced()
             },
         ),

@@ -53,6 +53,11 @@ fn run(n: usize) {
             MemoryRelayStorage::new(),
             RelayConfig {
                 max_pending_envelopes: 4 * n as u32 + 1000,
+                // The backlog is a first contact's (Alice holds no access key
+                // of Bob's: he never wrote to her), so it lands in Bob's
+                // strangers' share, made as large as the contacts' here.
+                max_stranger_envelopes: 4 * n as u32 + 1000,
+                max_stranger_bytes: RelayConfig::DEFAULT_MAX_PENDING_BYTES,
                 ..RelayConfig::unpriced()
             },
         ),

@@ -41,6 +41,11 @@ impl<S: Store> Backlog<S> {
     pub fn prepare(bob_store: S, rng: &mut ChaCha20Rng) -> Self {
         let relay_config = RelayConfig {
             max_pending_envelopes: 2 * MESSAGES as u32,
+            // The backlog is a first contact's (Alice holds no access key
+            // of Bob's: he never wrote to her), so it lands in Bob's
+            // strangers' share, made as large as the contacts' here.
+            max_stranger_envelopes: 2 * MESSAGES as u32,
+            max_stranger_bytes: RelayConfig::DEFAULT_MAX_PENDING_BYTES,
             ..RelayConfig::unpriced()
         };
         let relay = InProcessRelay::with_clock(

@@ -86,6 +86,11 @@ fn verbose() -> bool {
 fn relay_config() -> RelayConfig {
     RelayConfig {
         max_pending_envelopes: 2 * MESSAGES as u32,
+        // The backlog is a first contact's (Alice holds no access key
+        // of Bob's: he never wrote to her), so it lands in Bob's
+        // strangers' share, made as large as the contacts' here.
+        max_stranger_envelopes: 2 * MESSAGES as u32,
+        max_stranger_bytes: RelayConfig::DEFAULT_MAX_PENDING_BYTES,
         ..RelayConfig::unpriced()
     }
 }
