@@ -194,40 +194,62 @@ impl Midstate {
     }
 }
 
-/// The bytes before the nonce of a stamp's digest input.
+/// The length of a deposit stamp's digest input before the nonce.
+const PREFIX_LEN: usize = STAMP_LABEL.len() + 32 + 16 + 4 + 8;
+/// The length of an identity stamp's digest input before the nonce.
+const IDENTITY_PREFIX_LEN: usize = IDENTITY_STAMP_LABEL.len() + 32 + 4 + 8;
+
+/// Concatenates `parts` into an array of exactly their total length `N`.
+fn concat<const N: usize>(parts: &[&[u8]]) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut at = 0;
+    for part in parts {
+        out[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    debug_assert_eq!(at, N);
+    out
+}
+
+/// The bytes before the nonce of a stamp's digest input (the module docs'
+/// layout; the only place it is written).
 fn prefix_bytes(
     mailbox: &MailboxId,
     envelope_id: &EnvelopeId,
     payload_len: u32,
     epoch: u64,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(STAMP_LABEL.len() + 60);
-    out.extend_from_slice(STAMP_LABEL);
-    out.extend_from_slice(&mailbox.0);
-    out.extend_from_slice(&envelope_id.0);
-    out.extend_from_slice(&payload_len.to_be_bytes());
-    out.extend_from_slice(&epoch.to_be_bytes());
-    out
+) -> [u8; PREFIX_LEN] {
+    concat(&[
+        STAMP_LABEL,
+        &mailbox.0,
+        &envelope_id.0,
+        &payload_len.to_be_bytes(),
+        &epoch.to_be_bytes(),
+    ])
 }
 
 /// The bytes before the nonce of an identity stamp's digest input.
-fn identity_prefix_bytes(device: &DeviceAddress, epoch: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(IDENTITY_STAMP_LABEL.len() + 44);
-    out.extend_from_slice(IDENTITY_STAMP_LABEL);
-    out.extend_from_slice(&device.identity);
-    out.extend_from_slice(&device.device_id.to_be_bytes());
-    out.extend_from_slice(&epoch.to_be_bytes());
-    out
+fn identity_prefix_bytes(device: &DeviceAddress, epoch: u64) -> [u8; IDENTITY_PREFIX_LEN] {
+    concat(&[
+        IDENTITY_STAMP_LABEL,
+        &device.identity,
+        &device.device_id.to_be_bytes(),
+        &epoch.to_be_bytes(),
+    ])
+}
+
+/// `SHA-256(prefix || nonce)`, with the hasher.
+fn digest(prefix: &[u8], nonce: u64) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(prefix)
+        .chain_update(nonce.to_be_bytes())
+        .finalize()
+        .into()
 }
 
 /// The leading zero bits of `SHA-256(prefix || nonce)`, with the hasher.
 fn digest_zero_bits(prefix: &[u8], nonce: u64) -> u32 {
-    let digest: [u8; 32] = Sha256::new()
-        .chain_update(prefix)
-        .chain_update(nonce.to_be_bytes())
-        .finalize()
-        .into();
-    leading_zero_bits(&digest)
+    leading_zero_bits(&digest(prefix, nonce))
 }
 
 /// Searches with a midstate where the layout allows (always, for this
@@ -256,27 +278,6 @@ fn search(prefix: &[u8], bits: u32, start: u64, budget: u64) -> Result<u64, Unfi
     Ok(found)
 }
 
-/// The hasher state after everything but the nonce.
-fn prefix(mailbox: &MailboxId, envelope_id: &EnvelopeId, payload_len: u32, epoch: u64) -> Sha256 {
-    let mut h = Sha256::new();
-    h.update(STAMP_LABEL);
-    h.update(mailbox.0);
-    h.update(envelope_id.0);
-    h.update(payload_len.to_be_bytes());
-    h.update(epoch.to_be_bytes());
-    h
-}
-
-/// The identity stamp's hasher state after everything but the nonce.
-fn identity_prefix(device: &DeviceAddress, epoch: u64) -> Sha256 {
-    let mut h = Sha256::new();
-    h.update(IDENTITY_STAMP_LABEL);
-    h.update(device.identity);
-    h.update(device.device_id.to_be_bytes());
-    h.update(epoch.to_be_bytes());
-    h
-}
-
 /// A stamp's digest (see the module docs).
 pub fn stamp_digest(
     mailbox: &MailboxId,
@@ -284,9 +285,19 @@ pub fn stamp_digest(
     payload_len: u32,
     stamp: &Stamp,
 ) -> [u8; 32] {
-    let mut h = prefix(mailbox, envelope_id, payload_len, stamp.epoch);
-    h.update(stamp.nonce.to_be_bytes());
-    h.finalize().into()
+    digest(
+        &prefix_bytes(mailbox, envelope_id, payload_len, stamp.epoch),
+        stamp.nonce,
+    )
+}
+
+/// `bits` if a stamp can be asked for that many.
+fn checked_bits(bits: u32) -> Result<u32, StampError> {
+    if bits > MAX_STAMP_BITS {
+        Err(StampError::Difficulty)
+    } else {
+        Ok(bits)
+    }
 }
 
 /// Where minting stopped without a stamp: call again from `next_nonce`.
@@ -314,10 +325,7 @@ impl Stamp {
         start: u64,
         budget: u64,
     ) -> Result<Result<Stamp, Unfinished>, StampError> {
-        let bits = required_bits(difficulty, payload_len);
-        if bits > MAX_STAMP_BITS {
-            return Err(StampError::Difficulty);
-        }
+        let bits = checked_bits(required_bits(difficulty, payload_len))?;
         let epoch = epoch_of(now);
         let bytes = prefix_bytes(mailbox, envelope_id, payload_len, epoch);
         Ok(search(&bytes, bits, start, budget).map(|nonce| Stamp { epoch, nonce }))
@@ -338,19 +346,10 @@ impl Stamp {
         difficulty: u8,
         now: u64,
     ) -> Result<(), StampError> {
-        let bits = required_bits(difficulty, payload_len);
-        if bits > MAX_STAMP_BITS {
-            return Err(StampError::Difficulty);
-        }
-        let current = epoch_of(now);
-        if self.epoch != current && self.epoch.checked_add(1) != Some(current) {
-            return Err(StampError::Epoch);
-        }
-        let digest = stamp_digest(mailbox, envelope_id, payload_len, self);
-        if leading_zero_bits(&digest) < bits {
-            return Err(StampError::Work);
-        }
-        Ok(())
+        let bits = checked_bits(required_bits(difficulty, payload_len))?;
+        self.check_epoch(now)?;
+        let bytes = prefix_bytes(mailbox, envelope_id, payload_len, self.epoch);
+        self.check_work(&bytes, bits)
     }
 
     /// Searches for an identity stamp (SPEC.md 16.11) on `device`'s first
@@ -369,10 +368,7 @@ impl Stamp {
         start: u64,
         budget: u64,
     ) -> Result<Result<Stamp, Unfinished>, StampError> {
-        let bits = u32::from(difficulty);
-        if bits > MAX_STAMP_BITS {
-            return Err(StampError::Difficulty);
-        }
+        let bits = checked_bits(u32::from(difficulty))?;
         let epoch = epoch_of(now);
         let bytes = identity_prefix_bytes(device, epoch);
         Ok(search(&bytes, bits, start, budget).map(|nonce| Stamp { epoch, nonce }))
@@ -390,21 +386,28 @@ impl Stamp {
         difficulty: u8,
         now: u64,
     ) -> Result<(), StampError> {
-        let bits = u32::from(difficulty);
-        if bits > MAX_STAMP_BITS {
-            return Err(StampError::Difficulty);
-        }
+        let bits = checked_bits(u32::from(difficulty))?;
+        self.check_epoch(now)?;
+        self.check_work(&identity_prefix_bytes(device, self.epoch), bits)
+    }
+
+    /// The stamp's epoch is `now`'s or the one before.
+    fn check_epoch(&self, now: u64) -> Result<(), StampError> {
         let current = epoch_of(now);
-        if self.epoch != current && self.epoch.checked_add(1) != Some(current) {
-            return Err(StampError::Epoch);
+        if self.epoch == current || self.epoch.checked_add(1) == Some(current) {
+            Ok(())
+        } else {
+            Err(StampError::Epoch)
         }
-        let mut h = identity_prefix(device, self.epoch);
-        h.update(self.nonce.to_be_bytes());
-        let digest: [u8; 32] = h.finalize().into();
-        if leading_zero_bits(&digest) < bits {
-            return Err(StampError::Work);
+    }
+
+    /// `SHA-256(prefix || nonce)` has at least `bits` leading zero bits.
+    fn check_work(&self, prefix: &[u8], bits: u32) -> Result<(), StampError> {
+        if digest_zero_bits(prefix, self.nonce) >= bits {
+            Ok(())
+        } else {
+            Err(StampError::Work)
         }
-        Ok(())
     }
 
     /// `epoch (8, big-endian) || nonce (8, big-endian)`.
