@@ -172,7 +172,8 @@ pub use protocol::hazmat;
 pub use protocol::keys::{IdentityKey, IdentityKeyPair, OneTimePrekey, SignedPrekey};
 pub use protocol::prekeys::PrekeyStore;
 pub use protocol::ratchet::SessionConfig;
-pub use protocol::session::{Accepted, PrekeyLookup, Role, Session};
+pub use protocol::sealed;
+pub use protocol::session::{Accepted, PrekeyLookup, Role, Sealed, Session};
 pub use protocol::time::{check_timestamp, MAX_TIMESTAMP};
 pub use protocol::wire::{Header, Incoming, PrekeyFields};
 

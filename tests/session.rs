@@ -252,7 +252,7 @@ fn state_decoding_rejects_every_truncation_and_bad_version() {
         let mut longer = bytes.to_vec();
         longer.push(0);
         assert!(matches!(restore(&longer, session), Err(Error::State(_))));
-        for version in [0, 1, 3, 0xff] {
+        for version in [0, 1, 4, 0xff] {
             let mut other = bytes.to_vec();
             other[0] = version;
             assert_eq!(

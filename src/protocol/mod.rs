@@ -16,6 +16,7 @@ pub mod hazmat;
 pub mod keys;
 pub mod prekeys;
 pub mod ratchet;
+pub mod sealed;
 pub mod session;
 pub mod state;
 pub mod time;

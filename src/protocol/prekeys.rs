@@ -168,6 +168,17 @@ impl PrekeyStore {
         PrekeyBundle::new(identity, &self.current, self.one_time.values().next())
     }
 
+    /// Opens a profile v2 sealed prekey message with the held signed
+    /// prekeys ([`open_sealed_prekey`](crate::protocol::sealed::open_sealed_prekey)),
+    /// returning the inner prekey message for [`Incoming::decode`] and
+    /// [`PrekeyStore::accept`] (or the session it continues).
+    ///
+    /// # Errors
+    /// `Decode`, `InvalidKey` or `Auth`, as `open_sealed_prekey`.
+    pub fn open_sealed(&self, payload: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        crate::protocol::sealed::open_sealed_prekey(payload, self.signed_prekeys()).map(|(m, _)| m)
+    }
+
     /// [`Session::accept`] followed by deleting the consumed one-time prekey.
     ///
     /// # Errors

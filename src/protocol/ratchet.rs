@@ -41,6 +41,9 @@ const ROOT_INFO: &[u8] = b"cubbyhole/v1 root";
 /// clamped scalar) when there is no ratchet secret to use.
 const CONTRIBUTORY_PROBE: [u8; 32] = [0x5a; 32];
 const MESSAGE_INFO: &[u8] = b"cubbyhole/v1 message";
+/// HK's label (profile v2): 23 bytes, never the length of KDF_RK's input
+/// (a 32-byte DH output) under the same HMAC key.
+pub(crate) const HEADER_KEY_INFO: &[u8] = b"cubbyhole/v2 header key";
 
 /// Limits on skipped message keys. Values above the hard maxima
 /// ([`Self::LIMIT_MAX_SKIP`], [`Self::LIMIT_MAX_SKIPPED_KEYS`]) are clamped
@@ -112,6 +115,11 @@ secret32!(
     /// A message key: single use.
     MessageKey
 );
+secret32!(
+    /// A header key (profile v2): names and encrypts the headers of one
+    /// chain.
+    HeaderKey
+);
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -128,6 +136,19 @@ pub(crate) fn hkdf<const N: usize>(salt: &[u8], ikm: &[u8], info: &[u8]) -> Zero
     okm
 }
 
+/// HMAC-SHA-256 over the concatenation of `parts`.
+pub(crate) fn hmac32(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    // Reasoned exception: HMAC accepts keys of any length, so
+    // `new_from_slice` cannot fail.
+    #[allow(clippy::expect_used)]
+    let mut mac =
+        <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
 /// Copies `src` into `dst` as far as both go (no index can panic).
 pub(crate) fn copy(dst: &mut [u8], src: impl IntoIterator<Item = u8>) {
     for (d, s) in dst.iter_mut().zip(src) {
@@ -136,6 +157,12 @@ pub(crate) fn copy(dst: &mut [u8], src: impl IntoIterator<Item = u8>) {
 }
 
 impl RootKey {
+    /// HK(rk) (profile v2): the header key of the chain that `KDF_RK(rk, ..)`
+    /// creates.
+    pub(crate) fn header_key(&self) -> HeaderKey {
+        HeaderKey(hmac32(&self.0, &[HEADER_KEY_INFO]))
+    }
+
     /// KDF_RK.
     fn step(&self, dh_out: &[u8; 32]) -> (RootKey, ChainKey) {
         let okm = hkdf::<64>(&self.0, dh_out, ROOT_INFO);
@@ -233,6 +260,8 @@ pub(crate) type StoredKey = (u32, Box<MessageKey>);
 #[derive(Clone)]
 pub(crate) struct SkippedChain {
     pub(crate) ratchet_key: [u8; 32],
+    /// The chain's header key (profile v2 sessions only).
+    pub(crate) header_key: Option<HeaderKey>,
     pub(crate) keys: VecDeque<StoredKey>,
 }
 
@@ -281,7 +310,12 @@ impl SkippedKeys {
         }
     }
 
-    fn append(&mut self, ratchet_key: &[u8; 32], keys: Vec<StoredKey>) {
+    fn append(
+        &mut self,
+        ratchet_key: &[u8; 32],
+        header_key: Option<&HeaderKey>,
+        keys: Vec<StoredKey>,
+    ) {
         if keys.is_empty() {
             return;
         }
@@ -290,6 +324,7 @@ impl SkippedKeys {
             Some(last) if &last.ratchet_key == ratchet_key => last.keys.extend(keys),
             _ => self.chains.push_back(SkippedChain {
                 ratchet_key: *ratchet_key,
+                header_key: header_key.cloned(),
                 keys: keys.into_iter().collect(),
             }),
         }
@@ -331,6 +366,17 @@ pub(crate) struct Ratchet {
     pub(crate) nr: u32,
     pub(crate) skipped: SkippedKeys,
     pub(crate) config: SessionConfig,
+    /// Header keys (profile v2 sessions only): `Some` exactly for v2.
+    pub(crate) header: Option<HeaderKeys>,
+}
+
+/// The header keys of a profile v2 session (SPEC 26.3): the current
+/// sending chain's and the current receiving chain's. The header key of
+/// the peer's next chain is `HK(root)`, derived when needed.
+#[derive(Clone, Default)]
+pub(crate) struct HeaderKeys {
+    pub(crate) sending: Option<HeaderKey>,
+    pub(crate) receiving: Option<HeaderKey>,
 }
 
 /// What a message would change, computed before the AEAD check.
@@ -346,6 +392,8 @@ enum Plan {
     /// A message with a new ratchet key: a DH ratchet step.
     NewChain {
         old_skipped: Vec<StoredKey>,
+        /// The new receiving chain's header key (v2): HK(old root).
+        header_key: Option<HeaderKey>,
         root: RootKey,
         skipped: Vec<StoredKey>,
         mk: MessageKey,
@@ -360,11 +408,17 @@ impl Ratchet {
         shared_secret: &[u8; 32],
         their_signed_prekey: [u8; 32],
         config: SessionConfig,
+        v2: bool,
     ) -> Result<Self> {
         let dhs = KeyPair::generate(rng);
-        let (root, sending) =
-            RootKey(*shared_secret).step(&*dh(&dhs.secret, &their_signed_prekey)?);
+        let sk = RootKey(*shared_secret);
+        let (root, sending) = sk.step(&*dh(&dhs.secret, &their_signed_prekey)?);
+        let header = v2.then(|| HeaderKeys {
+            sending: Some(sk.header_key()),
+            receiving: None,
+        });
         Ok(Ratchet {
+            header,
             root,
             dhs: Some(dhs),
             dhr: Some(their_signed_prekey),
@@ -383,8 +437,10 @@ impl Ratchet {
         shared_secret: &[u8; 32],
         signed_prekey: KeyPair,
         config: SessionConfig,
+        v2: bool,
     ) -> Self {
         Ratchet {
+            header: v2.then(HeaderKeys::default),
             root: RootKey(*shared_secret),
             dhs: Some(signed_prekey),
             dhr: None,
@@ -421,6 +477,9 @@ impl Ratchet {
                 let (root, chain) = self.root.step(&*dh(&dhs.secret, &dhr)?);
                 let (mk, next) = chain.step();
                 let public = dhs.public;
+                if let Some(header) = self.header.as_mut() {
+                    header.sending = Some(self.root.header_key());
+                }
                 self.root = root;
                 self.dhs = Some(dhs);
                 (mk, next, public)
@@ -489,6 +548,7 @@ impl Ratchet {
         let (skipped, mk, next) = chain.derive(0, n);
         Ok(Plan::NewChain {
             old_skipped,
+            header_key: self.header.as_ref().map(|_| self.root.header_key()),
             root,
             skipped,
             mk,
@@ -497,7 +557,9 @@ impl Ratchet {
     }
 
     /// Decrypts a message's ciphertext, appending the plaintext to `out`.
-    /// On any error `self` and `out` are unchanged.
+    /// `finish` sees the plaintext before anything is committed and returns
+    /// how many of its bytes to keep (v2: the length without padding), or
+    /// an error. On any error `self` and `out` are unchanged.
     pub(crate) fn decrypt(
         &mut self,
         header: &Header,
@@ -505,6 +567,7 @@ impl Ratchet {
         ciphertext: &[u8],
         tag: &[u8],
         out: &mut Vec<u8>,
+        finish: impl FnOnce(&[u8]) -> Result<usize>,
     ) -> Result<()> {
         let plan = self.plan(header)?;
         let mk = match &plan {
@@ -520,9 +583,17 @@ impl Ratchet {
             Some(buf) => mk.open(aad, buf, tag),
             None => Err(Error::Auth),
         };
-        if let Err(e) = opened {
-            out.truncate(start);
-            return Err(e);
+        let kept = opened.and_then(|()| finish(out.get(start..).unwrap_or_default()));
+        match kept {
+            Ok(len) => {
+                // Padding is zeroized as it is cut (it holds no secret,
+                // but the buffer may be reused).
+                out.truncate(start + len);
+            }
+            Err(e) => {
+                out.truncate(start);
+                return Err(e);
+            }
         }
         // Commit.
         let cap = self.config.max_skipped_keys as usize;
@@ -530,7 +601,8 @@ impl Ratchet {
             Plan::Stored(ci, ki) => self.skipped.remove(ci, ki),
             Plan::Current { skipped, next, .. } => {
                 if let Some(dhr) = self.dhr {
-                    self.skipped.append(&dhr, skipped);
+                    let hk = self.header.as_ref().and_then(|h| h.receiving.as_ref());
+                    self.skipped.append(&dhr, hk, skipped);
                 }
                 self.skipped.evict_to(cap);
                 self.receiving = Some(next);
@@ -538,21 +610,30 @@ impl Ratchet {
             }
             Plan::NewChain {
                 old_skipped,
+                header_key,
                 root,
                 skipped,
                 next,
                 ..
             } => {
                 if let Some(old) = self.dhr {
-                    self.skipped.append(&old, old_skipped);
+                    let hk = self.header.as_ref().and_then(|h| h.receiving.as_ref());
+                    self.skipped.append(&old, hk, old_skipped);
                 }
-                self.skipped.append(&header.ratchet_key, skipped);
+                self.skipped
+                    .append(&header.ratchet_key, header_key.as_ref(), skipped);
+                if let Some(h) = self.header.as_mut() {
+                    h.receiving = header_key;
+                }
                 self.skipped.evict_to(cap);
                 self.root = root;
                 self.dhr = Some(header.ratchet_key);
                 self.receiving = Some(next);
                 self.nr = header.n + 1;
                 self.dhs = None;
+                if let Some(h) = self.header.as_mut() {
+                    h.sending = None;
+                }
                 if self.sending.take().is_some() {
                     self.pn = self.ns;
                     self.ns = 0;

@@ -17,7 +17,8 @@ use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 use crate::protocol::bundle::VerifiedBundle;
 use crate::protocol::keys::{IdentityKey, IdentityKeyPair, KeyPair, OneTimePrekey, SignedPrekey};
-use crate::protocol::ratchet::{copy, MessageKey, Ratchet, SessionConfig};
+use crate::protocol::ratchet::{copy, HeaderKey, MessageKey, Ratchet, SessionConfig};
+use crate::protocol::sealed::{self, TAG_BYTES};
 use crate::protocol::state::{session_tag, SESSION_TAG_LEN};
 use crate::protocol::wire::{
     Incoming, PrekeyFields, KIND_MESSAGE, KIND_PREKEY, MAX_PREFIX_LEN, TAG_LEN, VERSION,
@@ -93,6 +94,31 @@ impl Session {
         bundle: &VerifiedBundle,
         config: SessionConfig,
     ) -> Result<Session> {
+        Self::initiate_profile(rng, identity, bundle, config, false)
+    }
+
+    /// [`Session::initiate`] for a profile v2 session (SPEC.md section 26):
+    /// its messages are sealed envelopes ([`Session::seal`]). Draws the
+    /// same randomness as `initiate`.
+    ///
+    /// # Errors
+    /// As [`Session::initiate`].
+    pub fn initiate_sealed(
+        rng: &mut impl CryptoRngCore,
+        identity: &IdentityKeyPair,
+        bundle: &VerifiedBundle,
+        config: SessionConfig,
+    ) -> Result<Session> {
+        Self::initiate_profile(rng, identity, bundle, config, true)
+    }
+
+    fn initiate_profile(
+        rng: &mut impl CryptoRngCore,
+        identity: &IdentityKeyPair,
+        bundle: &VerifiedBundle,
+        config: SessionConfig,
+        v2: bool,
+    ) -> Result<Session> {
         let ephemeral = KeyPair::generate(rng);
         let x3dh = x3dh::initiator(
             identity,
@@ -101,8 +127,13 @@ impl Session {
             bundle.signed_prekey(),
             bundle.one_time_prekey().map(|(_, k)| k),
         )?;
-        let ratchet =
-            Ratchet::initiator(rng, &x3dh.shared_secret, *bundle.signed_prekey(), config)?;
+        let ratchet = Ratchet::initiator(
+            rng,
+            &x3dh.shared_secret,
+            *bundle.signed_prekey(),
+            config,
+            v2,
+        )?;
         Ok(Session {
             role: Role::Initiator,
             local: *identity.public(),
@@ -168,6 +199,7 @@ impl Session {
                 public: *spk.public(),
             },
             config,
+            message.is_sealed_inner(),
         );
         let mut session = Session {
             role: Role::Responder,
@@ -214,7 +246,7 @@ impl Session {
             initiator,
             &ephemeral.public,
         )?;
-        let ratchet = Ratchet::initiator(rng, &x3dh.shared_secret, *spk.public(), config)?;
+        let ratchet = Ratchet::initiator(rng, &x3dh.shared_secret, *spk.public(), config, false)?;
         Ok(Session {
             role: Role::Initiator,
             local: *initiator,
@@ -273,6 +305,9 @@ impl Session {
         plaintext: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<MessageKey> {
+        if self.is_sealed() {
+            return Err(Error::State("a v2 session encrypts with Session::seal"));
+        }
         if !plaintext_fits(plaintext.len()) {
             return Err(Error::PlaintextTooLong);
         }
@@ -326,17 +361,25 @@ impl Session {
     /// # Errors
     /// As [`Session::decrypt`].
     pub fn decrypt_incoming(&mut self, message: &Incoming<'_>, out: &mut Vec<u8>) -> Result<()> {
-        if !self.matches(message) {
+        if !self.matches(message) || message.is_sealed_inner() != self.is_sealed() {
             return Err(Error::SessionMismatch);
         }
         let mut aad = [0u8; 64 + MAX_PREFIX_LEN];
         let aad = self.fill_aad(&mut aad, message.prefix());
+        let v2 = self.is_sealed();
         self.ratchet.decrypt(
             message.header(),
             aad,
             message.ciphertext(),
             message.tag(),
             out,
+            |plain| {
+                if v2 {
+                    sealed::unpadded_len(plain)
+                } else {
+                    Ok(plain.len())
+                }
+            },
         )?;
         // The initiator has heard back: no more prekey messages.
         self.pending_prekey = None;
@@ -360,6 +403,215 @@ impl Session {
                 .copied(),
         );
         buf.get(..len).unwrap_or_default()
+    }
+
+    /// Whether this is a profile v2 session: its messages are sealed
+    /// envelopes ([`Session::seal`], [`Session::open`], SPEC.md section 26).
+    pub fn is_sealed(&self) -> bool {
+        self.ratchet.header.is_some()
+    }
+
+    /// Encrypts `plaintext` into a profile v2 envelope: a sealed prekey
+    /// message until the initiator has heard back (to the peer's signed
+    /// prekey, with a fresh ephemeral key: 32 bytes from `rng`), a chain
+    /// message after that (its id is the routing tag the peer expects).
+    /// Either is padded to its size class. Draws 32 more bytes from `rng`
+    /// when a DH ratchet step is due.
+    ///
+    /// # Errors
+    /// `State` for a v1 session, and the errors of [`Session::encrypt`].
+    pub fn seal(&mut self, rng: &mut impl CryptoRngCore, plaintext: &[u8]) -> Result<Sealed> {
+        if !self.is_sealed() {
+            return Err(Error::State("a v1 session encrypts with Session::encrypt"));
+        }
+        if !plaintext_fits(plaintext.len().saturating_add(plaintext.len() / 8 + 1024)) {
+            return Err(Error::PlaintextTooLong);
+        }
+        let (header, mk) = self.ratchet.next_sending_key(rng)?;
+        let mut inner = Zeroizing::new(Vec::new());
+        let overhead;
+        let aad_prefix_len;
+        match self.pending_prekey {
+            Some((signed_prekey_id, one_time_prekey_id)) => {
+                overhead = if one_time_prekey_id.is_some() {
+                    sealed::SEALED_PREKEY_OVERHEAD_OPK
+                } else {
+                    sealed::SEALED_PREKEY_OVERHEAD
+                };
+                inner.reserve(
+                    MAX_PREFIX_LEN
+                        + sealed::padding_len(overhead, plaintext.len())
+                        + plaintext.len()
+                        + TAG_LEN,
+                );
+                inner.push(sealed::VERSION_2);
+                inner.push(sealed::KIND_INNER_PREKEY);
+                PrekeyFields {
+                    identity: *self.local.as_bytes(),
+                    ephemeral: self.ephemeral,
+                    signed_prekey_id,
+                    one_time_prekey_id,
+                }
+                .write(&mut inner);
+                header.write(&mut inner);
+                aad_prefix_len = inner.len();
+            }
+            None => {
+                overhead = sealed::CHAIN_OVERHEAD;
+                inner.push(sealed::VERSION_2);
+                inner.push(sealed::KIND_CHAIN);
+                header.write(&mut inner);
+                aad_prefix_len = inner.len();
+            }
+        }
+        let mut aad = [0u8; 64 + MAX_PREFIX_LEN];
+        let aad = self.fill_aad(&mut aad, inner.get(..aad_prefix_len).unwrap_or_default());
+        let body = inner.len();
+        inner.extend_from_slice(plaintext);
+        sealed::pad(&mut inner, body, overhead);
+        let t = match inner.get_mut(body..) {
+            Some(buf) => mk.seal(aad, buf)?,
+            None => return Err(Error::State("output buffer")),
+        };
+        inner.extend_from_slice(&t);
+        let mut payload = Vec::new();
+        let id = if self.pending_prekey.is_some() {
+            let spk = self.ratchet.dhr.ok_or(Error::State("no signed prekey"))?;
+            sealed::seal_prekey(rng, &spk, &inner, &mut payload)?;
+            let mut id = [0u8; TAG_BYTES];
+            rng.fill_bytes(&mut id);
+            id
+        } else {
+            let hk = self
+                .ratchet
+                .header
+                .as_ref()
+                .and_then(|h| h.sending.as_ref())
+                .ok_or(Error::State("no sending header key"))?;
+            let id = sealed::tag(hk, header.n);
+            payload.reserve(overhead + inner.len() - aad_prefix_len);
+            payload.push(sealed::VERSION_2);
+            payload.push(sealed::KIND_CHAIN);
+            sealed::seal_header(hk, &id, &header, &mut payload)?;
+            payload.extend_from_slice(inner.get(aad_prefix_len..).unwrap_or_default());
+            id
+        };
+        Ok(Sealed { id, payload })
+    }
+
+    /// Where a routing tag points in this session, if it is one this session
+    /// expects (SPEC.md 26.6): a stored skipped key, the current receiving
+    /// chain within `window` of its next message, or the peer's next chain
+    /// within `window` of its start.
+    fn locate(&self, id: &[u8; TAG_BYTES], window: u32) -> Option<(HeaderKey, u32, Expected)> {
+        let h = self.ratchet.header.as_ref()?;
+        for chain in self.ratchet.skipped.chains.iter().rev() {
+            if let Some(hk) = &chain.header_key {
+                for (n, _) in &chain.keys {
+                    if &sealed::tag(hk, *n) == id {
+                        return Some((hk.clone(), *n, Expected::Chain(chain.ratchet_key)));
+                    }
+                }
+            }
+        }
+        if let (Some(hk), Some(dhr), Some(_)) =
+            (&h.receiving, self.ratchet.dhr, &self.ratchet.receiving)
+        {
+            let nr = self.ratchet.nr;
+            for n in nr..nr.saturating_add(window) {
+                if &sealed::tag(hk, n) == id {
+                    return Some((hk.clone(), n, Expected::Chain(dhr)));
+                }
+            }
+        }
+        if self.ratchet.dhs.is_some() {
+            let hk = self.ratchet.root.header_key();
+            for n in 0..window {
+                if &sealed::tag(&hk, n) == id {
+                    return Some((hk, n, Expected::New));
+                }
+            }
+        }
+        None
+    }
+
+    /// The routing tags this session expects (SPEC.md 26.6): those of its
+    /// stored skipped keys, of the next `window` messages of its receiving
+    /// chain, and of the first `window` messages of the peer's next chain
+    /// (while it holds a ratchet key pair). Empty for a v1 session. A client
+    /// indexes them to route chain messages without trying sessions.
+    pub fn routing_tags(&self, window: u32) -> Vec<[u8; TAG_BYTES]> {
+        let Some(h) = self.ratchet.header.as_ref() else {
+            return Vec::new();
+        };
+        let mut tags = Vec::new();
+        for chain in &self.ratchet.skipped.chains {
+            if let Some(hk) = &chain.header_key {
+                tags.extend(chain.keys.iter().map(|(n, _)| sealed::tag(hk, *n)));
+            }
+        }
+        if let (Some(hk), Some(_)) = (&h.receiving, &self.ratchet.receiving) {
+            let nr = self.ratchet.nr;
+            tags.extend((nr..nr.saturating_add(window)).map(|n| sealed::tag(hk, n)));
+        }
+        if self.ratchet.dhs.is_some() {
+            let hk = self.ratchet.root.header_key();
+            tags.extend((0..window).map(|n| sealed::tag(&hk, n)));
+        }
+        tags
+    }
+
+    /// Opens a v2 chain message whose envelope id is `id`, appending the
+    /// plaintext (without padding) to `out`. Order of checks (SPEC.md
+    /// 26.7): the payload's structure (`Decode`); `id` is a tag this
+    /// session expects within `window` (`SessionMismatch`); the header
+    /// opens under its key and names the chain the tag names (`Auth`); the
+    /// ratchet checks and the AEAD as for v1 (8.4); the padding
+    /// (`Decode`). On error neither the session nor `out` changes.
+    ///
+    /// # Errors
+    /// As above.
+    pub fn open(
+        &mut self,
+        id: &[u8; TAG_BYTES],
+        payload: &[u8],
+        window: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let parts = sealed::chain_parts(payload)?;
+        if !self.is_sealed() {
+            return Err(Error::SessionMismatch);
+        }
+        let (hk, n, expected) = self.locate(id, window).ok_or(Error::SessionMismatch)?;
+        let header = sealed::open_header(&hk, n, id, parts.sealed_header)?;
+        let chain_ok = match expected {
+            Expected::Chain(key) => header.ratchet_key == key,
+            Expected::New => Some(header.ratchet_key) != self.ratchet.dhr,
+        };
+        if !chain_ok {
+            return Err(Error::Auth);
+        }
+        let mut prefix = [0u8; 2 + crate::protocol::wire::HEADER_LEN];
+        let mut plain = Vec::with_capacity(crate::protocol::wire::HEADER_LEN);
+        header.write(&mut plain);
+        copy(
+            &mut prefix,
+            [sealed::VERSION_2, sealed::KIND_CHAIN]
+                .into_iter()
+                .chain(plain.iter().copied()),
+        );
+        let mut aad = [0u8; 64 + MAX_PREFIX_LEN];
+        let aad = self.fill_aad(&mut aad, &prefix);
+        self.ratchet.decrypt(
+            &header,
+            aad,
+            parts.ciphertext,
+            parts.tag,
+            out,
+            sealed::unpadded_len,
+        )?;
+        self.pending_prekey = None;
+        Ok(())
     }
 
     /// The session's name: the first 16 bytes of SHA-256(EK_A), the same
@@ -429,7 +681,8 @@ impl Session {
     /// have a sending chain the peer may have seen). Only such sessions can
     /// own a message whose ratchet key no session knows yet.
     pub fn awaits_new_ratchet_key(&self) -> bool {
-        self.ratchet.sending.is_some()
+        // A v2 session's new chains are found by their routing tags.
+        self.ratchet.sending.is_some() && !self.is_sealed()
     }
 
     /// Serializes the session state (see SPEC.md, "Session state encoding"):
@@ -451,6 +704,25 @@ impl Session {
     pub fn from_bytes(bytes: &[u8], local: &IdentityKey, remote: &IdentityKey) -> Result<Session> {
         crate::protocol::state::decode(bytes, local, remote)
     }
+}
+
+/// A profile v2 envelope ([`Session::seal`]): the envelope id and the
+/// payload a relay stores.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sealed {
+    /// The envelope id: the routing tag of a chain message, 16 random bytes
+    /// for a sealed prekey message.
+    pub id: [u8; TAG_BYTES],
+    /// The padded payload.
+    pub payload: Vec<u8>,
+}
+
+/// The chain a routing tag names.
+enum Expected {
+    /// A known chain with this ratchet key.
+    Chain([u8; 32]),
+    /// The peer's next chain (a new ratchet key).
+    New,
 }
 
 impl fmt::Debug for Accepted {

@@ -60,13 +60,17 @@ use zeroize::Zeroizing;
 use crate::error::{Error, Result};
 use crate::protocol::keys::{IdentityKey, KeyPair};
 use crate::protocol::ratchet::{
-    copy, ChainKey, MessageKey, Ratchet, RootKey, SessionConfig, SkippedChain, SkippedKeys,
+    copy, ChainKey, HeaderKey, HeaderKeys, MessageKey, Ratchet, RootKey, SessionConfig,
+    SkippedChain, SkippedKeys,
 };
 use crate::protocol::session::{Role, Session};
 use crate::protocol::wire::Reader;
 
-/// The current state encoding version.
+/// The state encoding version of profile v1 sessions.
 pub const STATE_VERSION: u8 = 2;
+/// The state encoding version of profile v2 sessions: version 2's layout
+/// with the header keys added (SPEC.md 26.9).
+pub const STATE_VERSION_SEALED: u8 = 3;
 
 /// Bytes of the digest of EK_A a responder keeps to recognise its
 /// session's prekey messages.
@@ -118,7 +122,12 @@ pub(crate) fn encode(s: &Session) -> Zeroizing<Vec<u8>> {
     if !r.skipped.chains.is_empty() {
         flags |= HAS_SKIPPED;
     }
-    out.push(STATE_VERSION);
+    let header = r.header.as_ref();
+    out.push(if header.is_some() {
+        STATE_VERSION_SEALED
+    } else {
+        STATE_VERSION
+    });
     out.push(flags);
     if let Some((spk, opk)) = s.pending_prekey {
         out.extend_from_slice(&s.ephemeral);
@@ -138,11 +147,17 @@ pub(crate) fn encode(s: &Session) -> Zeroizing<Vec<u8>> {
     out.extend_from_slice(r.dhr.as_ref().unwrap_or(&[0; 32]));
     if let Some(ck) = &r.sending {
         out.extend_from_slice(&ck.0);
+        if let Some(h) = header {
+            out.extend_from_slice(h.sending.as_ref().map_or(&[0; 32], |k| &k.0));
+        }
     }
     out.extend_from_slice(&r.ns.to_be_bytes());
     out.extend_from_slice(&r.pn.to_be_bytes());
     if let Some(ck) = &r.receiving {
         out.extend_from_slice(&ck.0);
+        if let Some(h) = header {
+            out.extend_from_slice(h.receiving.as_ref().map_or(&[0; 32], |k| &k.0));
+        }
     }
     out.extend_from_slice(&r.nr.to_be_bytes());
     if flags & CUSTOM_LIMITS != 0 {
@@ -153,6 +168,9 @@ pub(crate) fn encode(s: &Session) -> Zeroizing<Vec<u8>> {
         out.extend_from_slice(&(r.skipped.chains.len() as u32).to_be_bytes());
         for chain in &r.skipped.chains {
             out.extend_from_slice(&chain.ratchet_key);
+            if header.is_some() {
+                out.extend_from_slice(chain.header_key.as_ref().map_or(&[0; 32], |k| &k.0));
+            }
             out.extend_from_slice(&(chain.keys.len() as u32).to_be_bytes());
             for (n, mk) in &chain.keys {
                 out.extend_from_slice(&n.to_be_bytes());
@@ -194,9 +212,12 @@ impl<'a> StateReader<'a> {
 
 pub(crate) fn decode(bytes: &[u8], local: &IdentityKey, remote: &IdentityKey) -> Result<Session> {
     let mut r = StateReader(Reader::new(bytes));
-    if r.u8("state version")? != STATE_VERSION {
-        return Err(Error::State("state version"));
-    }
+    let v2 = match r.u8("state version")? {
+        STATE_VERSION => false,
+        STATE_VERSION_SEALED => true,
+        _ => return Err(Error::State("state version")),
+    };
+    let mut header = v2.then(HeaderKeys::default);
     let flags = r.u8("state flags")?;
     let role = if flags & RESPONDER != 0 {
         Role::Responder
@@ -237,14 +258,22 @@ pub(crate) fn decode(bytes: &[u8], local: &IdentityKey, remote: &IdentityKey) ->
     };
     let dhr = Some(r.key("state remote ratchet key")?);
     let sending = if flags & HAS_SENDING != 0 {
-        Some(ChainKey(*r.secret("state sending chain")?))
+        let ck = ChainKey(*r.secret("state sending chain")?);
+        if let Some(h) = header.as_mut() {
+            h.sending = Some(HeaderKey(*r.secret("state sending header key")?));
+        }
+        Some(ck)
     } else {
         None
     };
     let ns = r.u32("state ns")?;
     let pn = r.u32("state pn")?;
     let receiving = if flags & HAS_RECEIVING != 0 {
-        Some(ChainKey(*r.secret("state receiving chain")?))
+        let ck = ChainKey(*r.secret("state receiving chain")?);
+        if let Some(h) = header.as_mut() {
+            h.receiving = Some(HeaderKey(*r.secret("state receiving header key")?));
+        }
+        Some(ck)
     } else {
         None
     };
@@ -274,6 +303,11 @@ pub(crate) fn decode(bytes: &[u8], local: &IdentityKey, remote: &IdentityKey) ->
     let mut seen_chains = BTreeSet::new();
     for _ in 0..chain_count {
         let ratchet_key = r.key("state skipped chain key")?;
+        let header_key = if v2 {
+            Some(HeaderKey(*r.secret("state skipped chain header key")?))
+        } else {
+            None
+        };
         let count = r.u32("state skipped key count")? as usize;
         if count == 0
             || skipped.len + count > config.max_skipped_keys as usize
@@ -296,7 +330,11 @@ pub(crate) fn decode(bytes: &[u8], local: &IdentityKey, remote: &IdentityKey) ->
             ));
         }
         skipped.len += count;
-        skipped.chains.push_back(SkippedChain { ratchet_key, keys });
+        skipped.chains.push_back(SkippedChain {
+            ratchet_key,
+            header_key,
+            keys,
+        });
     }
     // Keys are stored chain by chain, and the chain of the current
     // receiving key is the newest: if it has stored keys, it is the last.
@@ -329,6 +367,7 @@ pub(crate) fn decode(bytes: &[u8], local: &IdentityKey, remote: &IdentityKey) ->
             nr,
             skipped,
             config,
+            header,
         }),
     })
 }

@@ -137,6 +137,7 @@ impl PrekeyFields {
 /// A decoded message of either kind, borrowing the input bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct Incoming<'a> {
+    version: u8,
     prefix: &'a [u8],
     ciphertext: &'a [u8],
     tag: &'a [u8],
@@ -155,22 +156,26 @@ impl<'a> Incoming<'a> {
     /// a message shorter than header and tag.
     pub fn decode(raw: &'a [u8]) -> Result<Self> {
         let mut r = Reader::new(raw);
-        if r.u8("version")? != VERSION {
+        let version = r.u8("version")?;
+        if version != VERSION && version != crate::protocol::sealed::VERSION_2 {
             return Err(Error::Decode("version"));
         }
         let kind = r.u8("kind")?;
-        let prekey = match kind {
-            KIND_MESSAGE => None,
-            KIND_PREKEY => Some(PrekeyFields {
-                identity: r.array("prekey identity key")?,
-                ephemeral: r.array("prekey ephemeral key")?,
-                signed_prekey_id: r.u32("prekey signed prekey id")?,
-                one_time_prekey_id: if r.bool("prekey has_opk")? {
-                    Some(r.u32("prekey one-time prekey id")?)
-                } else {
-                    None
-                },
-            }),
+        let prekey = match (version, kind) {
+            (VERSION, KIND_MESSAGE) => None,
+            (VERSION, KIND_PREKEY)
+            | (crate::protocol::sealed::VERSION_2, crate::protocol::sealed::KIND_INNER_PREKEY) => {
+                Some(PrekeyFields {
+                    identity: r.array("prekey identity key")?,
+                    ephemeral: r.array("prekey ephemeral key")?,
+                    signed_prekey_id: r.u32("prekey signed prekey id")?,
+                    one_time_prekey_id: if r.bool("prekey has_opk")? {
+                        Some(r.u32("prekey one-time prekey id")?)
+                    } else {
+                        None
+                    },
+                })
+            }
             _ => return Err(Error::Decode("kind")),
         };
         let header = Header::read(&mut r)?;
@@ -179,12 +184,22 @@ impl<'a> Incoming<'a> {
         let tag = r.take(TAG_LEN, "tag")?;
         let (prefix, _) = raw.split_at(raw.len() - body);
         Ok(Incoming {
+            version,
             prefix,
             ciphertext,
             tag,
             prekey,
             header,
         })
+    }
+
+    /// Whether this is the inner prekey message of a v2 sealed prekey
+    /// message (version 0x02, kind 0x03), as [`open_sealed_prekey`] returns
+    /// it; such a message starts or continues a v2 session only.
+    ///
+    /// [`open_sealed_prekey`]: crate::protocol::sealed::open_sealed_prekey
+    pub fn is_sealed_inner(&self) -> bool {
+        self.version == crate::protocol::sealed::VERSION_2
     }
 
     /// The X3DH fields, if this is a prekey message.
