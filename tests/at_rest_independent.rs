@@ -166,7 +166,7 @@ fn the_routing_index_holds_hmac_digests_of_the_ratchet_keys() {
         .ratchet_keys()
         .map(|key| {
             let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&k_route).unwrap();
-            mac.update(key);
+            mac.update(&key);
             mac.finalize().into_bytes()[..16].to_vec()
         })
         .collect();

@@ -280,27 +280,50 @@ fn lose_prekeys<S: Store>(w: &mut World, c: &mut Dev<S>) {
     block_on(c.maintain_prekeys(&mut w.rng, now)).unwrap();
 }
 
+/// v1 sessions (`sealed: false`): the prekey message names its sender in
+/// clear, so the rejection does too.
+fn v1() -> ClientConfig {
+    ClientConfig {
+        sealed: false,
+        ..ClientConfig::default()
+    }
+}
+
 #[test]
 fn a_sender_whose_responder_lost_its_prekeys_starts_again_after_a_timeout() {
+    for sealed in [false, true] {
+        lost_prekeys_then_timeout(sealed);
+    }
+}
+
+fn lost_prekeys_then_timeout(sealed: bool) {
     let mut w = World::new(4);
-    let mut alice = w.device(MemoryStore::new());
-    let mut bob = w.device(MemoryStore::new());
+    let config = if sealed { ClientConfig::default() } else { v1() };
+    let mut alice = w.device_with(MemoryStore::new(), config);
+    let mut bob = w.device_with(MemoryStore::new(), config);
     let (a, b) = (alice.address(), bob.address());
     let now = w.now();
     let sent = block_on(alice.send(&mut w.rng, &b, b"lost?", now)).unwrap();
     lose_prekeys(&mut w, &mut bob);
     let report = w.receive(&mut bob);
-    // The rejection names the sender's identity key (the new signed
-    // prekey has the old one's id: the AEAD fails).
     assert_eq!(report.rejected.len(), 1);
-    assert!(
-        matches!(
-            report.rejected[0].1,
-            Rejection::Prekey { identity, error: Error::Auth | Error::UnknownPrekey }
-                if identity == a.identity
-        ),
-        "{report:?}"
-    );
+    if sealed {
+        // A sealed prekey message no held signed prekey opens names no one
+        // (SPEC.md 26.7): Bob cannot tell whom to notify.
+        assert_eq!(report.rejected[0].1, Rejection::Protocol(Error::Auth));
+        assert!(report.notices.is_empty());
+    } else {
+        // The rejection names the sender's identity key (the new signed
+        // prekey has the old one's id: the AEAD fails).
+        assert!(
+            matches!(
+                report.rejected[0].1,
+                Rejection::Prekey { identity, error: Error::Auth | Error::UnknownPrekey }
+                    if identity == a.identity
+            ),
+            "{report:?}"
+        );
+    }
     assert_eq!(
         alice.delivery(&sent.message).wait().unwrap(),
         Some(DeliveryState::Deposited)
@@ -325,11 +348,13 @@ fn a_sender_whose_responder_lost_its_prekeys_starts_again_after_a_timeout() {
     );
 }
 
+/// A v1 behaviour: with v2 the lost prekey message names no sender, and the
+/// sender recovers after its resend timeout instead (the test above).
 #[test]
 fn a_responder_that_lost_its_prekeys_tells_a_known_sender_at_once() {
     let mut w = World::new(5);
-    let mut alice = w.device(MemoryStore::new());
-    let mut bob = w.device(MemoryStore::new());
+    let mut alice = w.device_with(MemoryStore::new(), v1());
+    let mut bob = w.device_with(MemoryStore::new(), v1());
     let (a, b) = (alice.address(), bob.address());
     // Bob knows Alice (he wrote to her); Alice, before reading it, starts
     // her own session, and Bob loses the prekeys it used.

@@ -1946,7 +1946,7 @@ fn a_version_1_database_is_migrated_with_its_data() {
         w.peers[0].1.to_bytes()
     );
     // Version 3 filled the routing index for the old record.
-    let keys: Vec<[u8; 32]> = record.ratchet_keys().copied().collect();
+    let keys: Vec<[u8; 32]> = record.ratchet_keys().collect();
     assert!(!keys.is_empty());
     assert_eq!(store.route_ratchet_keys(&keys).unwrap(), [a]);
     assert_eq!(store.route_ratchet_keys(&[[9; 32]]).unwrap(), []);

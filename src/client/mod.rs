@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::vec::Vec;
 
 use rand_core::CryptoRngCore;
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::bounds::MaybeSend;
 use crate::error::Error;
@@ -49,11 +49,12 @@ use crate::protocol::fingerprint::SafetyNumber;
 use crate::protocol::keys::{IdentityKey, IdentityKeyPair};
 use crate::protocol::prekeys::PrekeyStore;
 use crate::protocol::ratchet::SessionConfig;
+use crate::protocol::sealed;
 use crate::protocol::session::Session;
 use crate::protocol::state::session_tag;
 use crate::protocol::time::check_timestamp;
 use crate::protocol::wire::Incoming;
-use crate::storage::record::DEFAULT_ARCHIVED_SESSIONS;
+use crate::storage::record::{tag_route_key, DEFAULT_ARCHIVED_SESSIONS, ROUTING_WINDOW};
 use crate::storage::{
     accepted_digest, labelled_digest16, AccessKeyRecord, ContactRecord, DeliveryState, DepositDone,
     Failure, InboxMessage, LocalIdentity, MessageId, OutboxEntry, PeerRecord, PrekeyState,
@@ -137,6 +138,12 @@ pub struct ClientConfig {
     /// SHA-256, minutes of one core; the default relay asks 20 to 26 for a
     /// deposit, 24 for a new identity).
     pub max_stamp_bits: u32,
+    /// Whether new sessions use profile v2 (SPEC.md section 26): sealed
+    /// prekey messages, encrypted headers, routing tags as envelope ids and
+    /// padded payloads, so that a relay learns no sender and cannot link
+    /// one conversation's envelopes. Default `true`. Existing sessions keep
+    /// the profile they were created with, and the client receives both.
+    pub sealed: bool,
 }
 
 const DAY: u64 = 24 * 60 * 60;
@@ -164,6 +171,7 @@ impl Default for ClientConfig {
             dead_after_messages: 50,
             hold_back: 2 * DAY,
             max_stamp_bits: 30,
+            sealed: true,
         }
     }
 }
@@ -1474,15 +1482,27 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             _ => None,
         };
         let mut plaintext = frame.encode();
-        let encrypted = current.session.encrypt(rng, &plaintext);
+        // A v2 session names its envelope (the routing tag, or random for a
+        // sealed prekey message); a v1 envelope id is drawn after it.
+        let encrypted = if current.session.is_sealed() {
+            current
+                .session
+                .seal(rng, &plaintext)
+                .map(|sealed| (Some(sealed.id), sealed.payload))
+        } else {
+            current.session.encrypt(rng, &plaintext).map(|p| (None, p))
+        };
         plaintext.zeroize();
         frame.access = None;
-        let payload = encrypted.map_err(|e| match e {
+        let (id, payload) = encrypted.map_err(|e| match e {
             Error::PlaintextTooLong => ClientError::TooLong,
             e => ClientError::Protocol(e),
         })?;
-        let mut id = [0u8; 16];
-        rng.fill_bytes(&mut id);
+        let id = id.unwrap_or_else(|| {
+            let mut id = [0u8; 16];
+            rng.fill_bytes(&mut id);
+            id
+        });
         let message = frame.message.as_ref().and_then(|(id, _)| id.map(MessageId));
         let entry = OutboxEntry {
             to: *to,
@@ -1512,7 +1532,11 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             return Err(ClientError::WrongIdentity);
         }
         let bundle = bundle.verify(now, self.config.freshness)?;
-        let session = Session::initiate(rng, &self.identity.keys, &bundle, self.config.session)?;
+        let session = if self.config.sealed {
+            Session::initiate_sealed(rng, &self.identity.keys, &bundle, self.config.session)?
+        } else {
+            Session::initiate(rng, &self.identity.keys, &bundle, self.config.session)?
+        };
         let generation = now.max(record.max_generation().saturating_add(1));
         let mut entry = SessionEntry::new(session, generation, now);
         entry.reset = reset;
@@ -2257,7 +2281,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let key = &incoming.header().ratchet_key;
         if b.records
             .values()
-            .any(|r| r.ratchet_keys().any(|k| k == key))
+            .any(|r| r.ratchet_keys().any(|k| &k == key))
         {
             return Ok(());
         }
@@ -2316,16 +2340,41 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         // loaded record knows (see `route`).
         let mut keys = Vec::new();
         let mut identities = Vec::new();
+        // Sealed prekey messages are opened once, here (one X25519 per
+        // signed prekey tried, SPEC.md 26.7), and their inner message is
+        // routed like a v1 prekey message.
+        let mut inners: Vec<Option<Result<Zeroizing<Vec<u8>>, Error>>> =
+            Vec::with_capacity(envelopes.len());
         for (envelope, done) in envelopes.iter().zip(&done) {
-            if *done {
-                continue;
-            }
-            if let Ok(incoming) = Incoming::decode(&envelope.payload) {
-                match incoming.prekey() {
-                    Some(fields) => identities.push(fields.identity),
-                    None => keys.push(incoming.header().ratchet_key),
+            let mut inner = None;
+            if !*done {
+                match payload_kind(&envelope.payload) {
+                    PayloadKind::Chain => keys.push(tag_route_key(&envelope.id.0)),
+                    PayloadKind::SealedPrekey => {
+                        let opened = match &b.prekeys {
+                            Some(state) => state.prekeys.open_sealed(&envelope.payload),
+                            None => Err(Error::UnknownPrekey),
+                        };
+                        if let Some(fields) = opened
+                            .as_ref()
+                            .ok()
+                            .and_then(|m| Incoming::decode(m).ok()?.prekey().copied())
+                        {
+                            identities.push(fields.identity);
+                        }
+                        inner = Some(opened);
+                    }
+                    PayloadKind::V1 => {
+                        if let Ok(incoming) = Incoming::decode(&envelope.payload) {
+                            match incoming.prekey() {
+                                Some(fields) => identities.push(fields.identity),
+                                None => keys.push(incoming.header().ratchet_key),
+                            }
+                        }
+                    }
                 }
             }
+            inners.push(inner);
         }
         keys.sort_unstable();
         keys.dedup();
@@ -2343,14 +2392,23 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             }
         }
         let mut opened = Vec::with_capacity(envelopes.len());
-        for (envelope, done) in envelopes.iter().zip(done) {
+        for ((envelope, done), inner) in envelopes.iter().zip(done).zip(&inners) {
             ack.push(envelope.id);
             if !seen_in_batch.insert(envelope.id) || done {
                 report.redelivered += 1;
                 continue;
             }
-            self.route(envelope, now, &mut b, report).await?;
-            let result = self.open_envelope(envelope, now, &mut b).await;
+            let result = match inner {
+                Some(Ok(inner)) => self.open_message(inner, now, &mut b).await,
+                Some(Err(e)) => Err(Rejection::Protocol(*e)),
+                None if payload_kind(&envelope.payload) == PayloadKind::Chain => {
+                    self.open_chain(envelope, now, &mut b).await
+                }
+                None => {
+                    self.route(envelope, now, &mut b, report).await?;
+                    self.open_message(&envelope.payload, now, &mut b).await
+                }
+            };
             if let Some(e) = b.failed.take() {
                 return Err(e.into());
             }
@@ -2358,9 +2416,12 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 Ok((from, frame)) => opened.push((envelope.id, from, frame)),
                 Err(why) => {
                     if let Rejection::Prekey { identity, .. } = why {
-                        if let Some(fields) = Incoming::decode(&envelope.payload)
-                            .ok()
-                            .and_then(|i| i.prekey().copied())
+                        let bytes = match inner {
+                            Some(Ok(inner)) => &inner[..],
+                            _ => &envelope.payload[..],
+                        };
+                        if let Some(fields) =
+                            Incoming::decode(bytes).ok().and_then(|i| i.prekey().copied())
                         {
                             b.unaccepted
                                 .push((identity, session_tag(&fields.ephemeral)));
@@ -2555,15 +2616,57 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         Ok(Some(body))
     }
 
-    /// Routes and decrypts one envelope against the working copies; records
-    /// every record it changed in `b.touched`.
-    async fn open_envelope(
+    /// Routes and opens a v2 chain message (SPEC.md 26.6): the session
+    /// whose routing tags hold the envelope id. The batch loaded the records
+    /// the store's index names for the batch's tags; the working copies are
+    /// tried in turn (a session that does not expect the tag answers
+    /// `SessionMismatch` after at most 2W + its skipped keys HMACs, and
+    /// changes nothing), so a record that moved its window within the batch
+    /// is found too.
+    async fn open_chain(
         &self,
         envelope: &Envelope,
         now: u64,
         b: &mut Batch,
     ) -> Result<(DeviceAddress, Frame), Rejection> {
-        let incoming = Incoming::decode(&envelope.payload).map_err(Rejection::Protocol)?;
+        let mut plaintext = Vec::new();
+        let mut found = None;
+        'records: for (address, record) in b.records.iter_mut() {
+            for (i, entry) in record.entries_mut().iter_mut().enumerate() {
+                if !entry.session.is_sealed() {
+                    continue;
+                }
+                match entry.session.open(
+                    &envelope.id.0,
+                    &envelope.payload,
+                    ROUTING_WINDOW,
+                    &mut plaintext,
+                ) {
+                    Ok(()) => {
+                        found = Some((*address, i));
+                        break 'records;
+                    }
+                    Err(Error::SessionMismatch) => {}
+                    // The tag is this session's: the envelope is rejected
+                    // with its error, no other session is tried.
+                    Err(e) => return Err(Rejection::Protocol(e)),
+                }
+            }
+        }
+        let (address, index) = found.ok_or(Rejection::NoSession)?;
+        self.finish_open(address, index, plaintext, now, b).await
+    }
+
+    /// Routes and decrypts one v1 message or prekey message, or the inner
+    /// prekey message of a v2 sealed prekey message, against the working
+    /// copies; records every record it changed in `b.touched`.
+    async fn open_message(
+        &self,
+        bytes: &[u8],
+        now: u64,
+        b: &mut Batch,
+    ) -> Result<(DeviceAddress, Frame), Rejection> {
+        let incoming = Incoming::decode(bytes).map_err(Rejection::Protocol)?;
         let mut plaintext = Vec::new();
         // The session the message belongs to: by IK_A and EK_A for a prekey
         // message, by the header's ratchet key otherwise; archived sessions
@@ -2626,6 +2729,19 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 }
             }
         };
+        self.finish_open(address, index, plaintext, now, b).await
+    }
+
+    /// After a session of `address` (entry `index`) decrypted a message:
+    /// the checks after decryption (SPEC.md 18.3).
+    async fn finish_open(
+        &self,
+        address: DeviceAddress,
+        index: usize,
+        plaintext: Vec<u8>,
+        now: u64,
+        b: &mut Batch,
+    ) -> Result<(DeviceAddress, Frame), Rejection> {
         b.touch(address);
         if let Some(entry) = b
             .records
@@ -2809,5 +2925,24 @@ pub fn block_on<F: core::future::Future>(future: F) -> F::Output {
             Poll::Ready(output) => return output,
             Poll::Pending => thread::park(),
         }
+    }
+}
+
+/// What a payload is, by its first two bytes (SPEC.md 26.4).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PayloadKind {
+    /// Anything that is not v2: decoded as a v1 wire message.
+    V1,
+    /// A v2 sealed prekey message.
+    SealedPrekey,
+    /// A v2 chain message.
+    Chain,
+}
+
+fn payload_kind(payload: &[u8]) -> PayloadKind {
+    match payload {
+        [sealed::VERSION_2, sealed::KIND_SEALED_PREKEY, ..] => PayloadKind::SealedPrekey,
+        [sealed::VERSION_2, sealed::KIND_CHAIN, ..] => PayloadKind::Chain,
+        _ => PayloadKind::V1,
     }
 }

@@ -161,6 +161,14 @@ impl<'a> Incoming<'a> {
             return Err(Error::Decode("version"));
         }
         let kind = r.u8("kind")?;
+        // Version 0x02 is decoded here only as the inner prekey message of
+        // a sealed prekey message (kind 0x03, SPEC.md 26.4); other v2
+        // payloads are not wire messages of this decoder.
+        if version == crate::protocol::sealed::VERSION_2
+            && kind != crate::protocol::sealed::KIND_INNER_PREKEY
+        {
+            return Err(Error::Decode("version"));
+        }
         let prekey = match (version, kind) {
             (VERSION, KIND_MESSAGE) => None,
             (VERSION, KIND_PREKEY)

@@ -2529,7 +2529,7 @@ async fn routes_are<S: Store>(
     };
     // Each record's keys, one by one and all at once.
     for (address, record) in probe {
-        let keys: Vec<[u8; 32]> = record.ratchet_keys().copied().collect();
+        let keys: Vec<[u8; 32]> = record.ratchet_keys().collect();
         ensure!(
             !keys.is_empty(),
             "building the test data: a record without keys"
@@ -2537,7 +2537,7 @@ async fn routes_are<S: Store>(
         let want = sorted(
             stored
                 .iter()
-                .filter(|(_, r)| r.ratchet_keys().any(|k| keys.contains(k)))
+                .filter(|(_, r)| r.ratchet_keys().any(|k| keys.contains(&k)))
                 .map(|(a, _)| *a)
                 .collect(),
         );
@@ -2557,12 +2557,12 @@ async fn routes_are<S: Store>(
     }
     let all: Vec<[u8; 32]> = probe
         .iter()
-        .flat_map(|(_, r)| r.ratchet_keys().copied())
+        .flat_map(|(_, r)| r.ratchet_keys())
         .collect();
     let want = sorted(
         stored
             .iter()
-            .filter(|(_, r)| r.ratchet_keys().any(|k| all.contains(k)))
+            .filter(|(_, r)| r.ratchet_keys().any(|k| all.contains(&k)))
             .map(|(a, _)| *a)
             .collect(),
     );
@@ -2890,7 +2890,7 @@ async fn atomicity<S: Store>(
     let r1 = fx.record(1)?;
     let keys: Vec<[u8; 32]> = [&r0, &r0b, &r1, &r2]
         .iter()
-        .flat_map(|r| r.ratchet_keys().copied())
+        .flat_map(|r| r.ratchet_keys())
         .collect();
 
     // 1. commit_send: a record, an outbox entry, a new sent message.

@@ -138,7 +138,7 @@ impl BlockingStore for MemoryStore {
         Ok(self
             .sessions
             .iter()
-            .filter(|(_, r)| r.ratchet_keys().any(|k| keys.contains(k)))
+            .filter(|(_, r)| r.ratchet_keys().any(|k| keys.contains(&k)))
             .map(|(a, _)| *a)
             .collect())
     }

@@ -66,7 +66,7 @@ use std::string::String;
 use std::vec::Vec;
 
 pub use memory::MemoryStore;
-pub use record::{SessionEntry, SessionRecord};
+pub use record::{tag_route_key, SessionEntry, SessionRecord, ROUTING_WINDOW};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
@@ -950,7 +950,7 @@ pub trait BlockingStore {
             .sessions()?
             .into_iter()
             .filter(|(_, r)| match r {
-                Ok(r) => r.ratchet_keys().any(|k| keys.contains(k)),
+                Ok(r) => r.ratchet_keys().any(|k| keys.contains(&k)),
                 Err(_) => true,
             })
             .map(|(a, _)| a)
@@ -1308,7 +1308,7 @@ pub trait Store: MaybeSend + MaybeSync {
                 .await?
                 .into_iter()
                 .filter(|(_, r)| match r {
-                    Ok(r) => r.ratchet_keys().any(|k| keys.contains(k)),
+                    Ok(r) => r.ratchet_keys().any(|k| keys.contains(&k)),
                     Err(_) => true,
                 })
                 .map(|(a, _)| a)

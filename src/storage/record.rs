@@ -129,16 +129,25 @@ impl SessionRecord {
         &mut self.entries
     }
 
-    /// The peer's ratchet public keys the record's sessions can decrypt
-    /// under without a DH ratchet step (each session's
-    /// [`Session::receiving_ratchet_keys`]): what a store indexes to route
-    /// a message to its record ([`Store::route_ratchet_keys`]).
+    /// The route keys of the record: what a store indexes to route a
+    /// message to its record ([`Store::route_ratchet_keys`]). For v1
+    /// sessions, the peer's ratchet public keys they can decrypt under
+    /// without a DH ratchet step ([`Session::receiving_ratchet_keys`]); for
+    /// v2 sessions, the routing tags they expect
+    /// ([`Session::routing_tags`] with [`ROUTING_WINDOW`]), each as
+    /// [`tag_route_key`] (SPEC.md 26.6).
     ///
     /// [`Store::route_ratchet_keys`]: super::Store::route_ratchet_keys
-    pub fn ratchet_keys(&self) -> impl Iterator<Item = &[u8; 32]> {
-        self.entries
-            .iter()
-            .flat_map(|e| e.session.receiving_ratchet_keys())
+    pub fn ratchet_keys(&self) -> impl Iterator<Item = [u8; 32]> + '_ {
+        self.entries.iter().flat_map(|e| {
+            let v1 = e.session.receiving_ratchet_keys().copied();
+            let v2 = e
+                .session
+                .routing_tags(ROUTING_WINDOW)
+                .into_iter()
+                .map(|t| tag_route_key(&t));
+            v1.chain(v2)
+        })
     }
 
     /// Whether one of the record's sessions awaits a new ratchet key from
@@ -334,4 +343,19 @@ impl SessionRecord {
         }
         Ok(SessionRecord { entries })
     }
+}
+
+/// How many messages ahead in a chain (and from the start of the peer's
+/// next chain) a v2 session's routing tags reach (SPEC.md 26.6): the
+/// receiver's window `W`. A message further ahead is not routable.
+pub const ROUTING_WINDOW: u32 = 32;
+
+/// The route key of a v2 routing tag: the tag followed by 16 zero bytes,
+/// so that tags and v1 ratchet keys share one index (a ratchet key with 16
+/// trailing zero bytes is not a key anyone holds the secret of, and a tag
+/// is 128 pseudorandom bits).
+pub fn tag_route_key(tag: &[u8; 16]) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    key[..16].copy_from_slice(tag);
+    key
 }

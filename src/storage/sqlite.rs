@@ -2443,7 +2443,7 @@ impl Sealer {
 
     /// The routing index entries of a record.
     fn routes(&self, record: &SessionRecord) -> Routes {
-        let mut keys: Vec<[u8; 16]> = record.ratchet_keys().map(|k| self.route(k)).collect();
+        let mut keys: Vec<[u8; 16]> = record.ratchet_keys().map(|k| self.route(&k)).collect();
         keys.sort_unstable();
         keys.dedup();
         Routes {
