@@ -2404,6 +2404,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 None if payload_kind(&envelope.payload) == PayloadKind::Chain => {
                     self.open_chain(envelope, now, &mut b).await
                 }
+                None if payload_kind(&envelope.payload) == PayloadKind::OtherV2 => {
+                    Err(Rejection::Protocol(Error::Decode("kind")))
+                }
                 None => {
                     self.route(envelope, now, &mut b, report).await?;
                     self.open_message(&envelope.payload, now, &mut b).await
@@ -2937,12 +2940,16 @@ enum PayloadKind {
     SealedPrekey,
     /// A v2 chain message.
     Chain,
+    /// Any other payload beginning with the v2 version byte (an inner
+    /// prekey message outside its seal included): refused.
+    OtherV2,
 }
 
 fn payload_kind(payload: &[u8]) -> PayloadKind {
     match payload {
         [sealed::VERSION_2, sealed::KIND_SEALED_PREKEY, ..] => PayloadKind::SealedPrekey,
         [sealed::VERSION_2, sealed::KIND_CHAIN, ..] => PayloadKind::Chain,
+        [sealed::VERSION_2, ..] => PayloadKind::OtherV2,
         _ => PayloadKind::V1,
     }
 }

@@ -249,7 +249,8 @@ pub const MIN_SEALED_PREKEY_LEN: usize = 177;
 /// of that prekey. Order of checks: length, version and kind (`Decode`); no
 /// signed prekey (`UnknownPrekey`); a non-contributory `DH(spk, E)`
 /// (`InvalidKey`, found with the first prekey); no prekey opens it
-/// (`Auth`). Costs one X25519, one HKDF and one AES-GCM tag check per
+/// (`Auth`); the opened message does not begin with `0x02 0x03`
+/// (`Decode("inner message")`). Costs one X25519, one HKDF and one AES-GCM tag check per
 /// prekey tried.
 pub fn open_sealed_prekey<'k>(
     payload: &[u8],
@@ -281,6 +282,11 @@ pub fn open_sealed_prekey<'k>(
                     )
                     .is_ok()
                 {
+                    // The seal holds an inner prekey message (0x02 0x03),
+                    // never a v1 message: a v2 session only.
+                    if buf.get(..2) != Some(&[VERSION_2, KIND_INNER_PREKEY][..]) {
+                        return Err(Error::Decode("inner message"));
+                    }
                     return Ok((buf, i));
                 }
             }

@@ -685,8 +685,9 @@ impl Session {
         self.ratchet.sending.is_some() && !self.is_sealed()
     }
 
-    /// Serializes the session state (see SPEC.md, "Session state encoding"):
-    /// at most 190 bytes without skipped message keys. The bytes contain
+    /// Serializes the session state (see SPEC.md, "Session state encoding"
+    /// and 26.9): at most 190 bytes without skipped message keys for a v1
+    /// session, 254 for a v2 session. The bytes contain
     /// secret keys: store them encrypted. They do not contain the two
     /// identity keys, which [`Session::from_bytes`] takes back.
     pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {

@@ -1,4 +1,7 @@
-//! Session state encoding (version 2), so that sessions survive restarts.
+//! Session state encoding (version 2 for profile v1 sessions, version 3
+//! for profile v2 sessions: version 2's layout with the header keys after
+//! the chain keys they belong to and one per skipped chain, SPEC.md 26.9),
+//! so that sessions survive restarts.
 //!
 //! All integers big-endian. The encoding holds secret keys: store it
 //! encrypted, and drop it promptly (it is returned in a zeroizing buffer).
