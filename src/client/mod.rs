@@ -2364,6 +2364,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                         }
                         inner = Some(opened);
                     }
+                    PayloadKind::OtherV2 => {}
                     PayloadKind::V1 => {
                         if let Ok(incoming) = Incoming::decode(&envelope.payload) {
                             match incoming.prekey() {
