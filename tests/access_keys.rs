@@ -294,10 +294,12 @@ fn an_older_epoch_does_not_replace_a_newer_key() {
         AccessKeyRecord {
             epoch: 1,
             key: AccessKey::from_bytes([1; 16]),
+            inbox: None,
         },
         AccessKeyRecord {
             epoch: 2,
             key: AccessKey::from_bytes([2; 16]),
+            inbox: None,
         },
     ] {
         block_on(alice.store_mut().set_own_access_key(&stale)).unwrap();
@@ -309,6 +311,7 @@ fn an_older_epoch_does_not_replace_a_newer_key() {
     let newest = AccessKeyRecord {
         epoch: 3,
         key: AccessKey::from_bytes([3; 16]),
+        inbox: None,
     };
     block_on(alice.store_mut().set_own_access_key(&newest)).unwrap();
     w.send(&mut alice, &b, b"epoch 3");

@@ -298,7 +298,11 @@ fn a_sender_whose_responder_lost_its_prekeys_starts_again_after_a_timeout() {
 
 fn lost_prekeys_then_timeout(sealed: bool) {
     let mut w = World::new(4);
-    let config = if sealed { ClientConfig::default() } else { v1() };
+    let config = if sealed {
+        ClientConfig::default()
+    } else {
+        v1()
+    };
     let mut alice = w.device_with(MemoryStore::new(), config);
     let mut bob = w.device_with(MemoryStore::new(), config);
     let (a, b) = (alice.address(), bob.address());

@@ -49,7 +49,11 @@ pub const RECEIPTS: u8 = 0x08;
 pub const DEAD: u8 = 0x10;
 /// The frame carries the sender device's deposit access key and its epoch.
 pub const ACCESS: u8 = 0x20;
-const KNOWN: u8 = MESSAGE | SESSION | RESET | RECEIPTS | DEAD | ACCESS;
+/// The frame carries the mailbox id of the sender device's private inbox
+/// for its access key's epoch (profile v2, SPEC.md 26.11); only beside
+/// `ACCESS`.
+pub const INBOX: u8 = 0x40;
+const KNOWN: u8 = MESSAGE | SESSION | RESET | RECEIPTS | DEAD | ACCESS | INBOX;
 /// The length of the `ACCESS` field: epoch (4) and key (16).
 pub const ACCESS_FIELD_LEN: usize = 4 + ACCESS_KEY_LEN;
 
@@ -67,6 +71,9 @@ pub struct Frame {
     /// The sender device's deposit access key with its epoch (its `Debug`
     /// shows only the epoch).
     pub access: Option<(u32, AccessKey)>,
+    /// The mailbox id of the sender device's private inbox (SPEC.md 26.11),
+    /// for the epoch of `access`.
+    pub inbox: Option<[u8; 32]>,
     /// Ids of messages the sender received.
     pub receipts: Vec<[u8; 16]>,
     /// The message: its id (`None` for a v1 frame) and body.
@@ -105,7 +112,14 @@ impl Frame {
         let receipts = &self.receipts[..self.receipts.len().min(65_535)];
         let body_len = self.message.as_ref().map_or(0, |(_, b)| 16 + b.len());
         let mut out = Vec::with_capacity(
-            6 + 9 + 1 + 16 * dead.len() + ACCESS_FIELD_LEN + 2 + 16 * receipts.len() + body_len,
+            6 + 9
+                + 1
+                + 16 * dead.len()
+                + ACCESS_FIELD_LEN
+                + 32
+                + 2
+                + 16 * receipts.len()
+                + body_len,
         );
         let mut flags = 0;
         if self.message.is_some() {
@@ -125,6 +139,9 @@ impl Frame {
         }
         if self.access.is_some() {
             flags |= ACCESS;
+            if self.inbox.is_some() {
+                flags |= INBOX;
+            }
         }
         out.push(V2);
         out.extend_from_slice(&self.device_id.to_be_bytes());
@@ -141,6 +158,9 @@ impl Frame {
         if let Some((epoch, key)) = &self.access {
             out.extend_from_slice(&epoch.to_be_bytes());
             out.extend_from_slice(key.as_bytes());
+            if let Some(inbox) = &self.inbox {
+                out.extend_from_slice(inbox);
+            }
         }
         if !receipts.is_empty() {
             out.extend_from_slice(&(receipts.len() as u16).to_be_bytes());
@@ -182,6 +202,7 @@ impl Frame {
         if flags & !KNOWN != 0
             || flags & (MESSAGE | SESSION | RECEIPTS) == 0
             || (flags & RESET != 0 && flags & SESSION == 0)
+            || (flags & INBOX != 0 && flags & ACCESS == 0)
         {
             return Err(BadFrame);
         }
@@ -201,6 +222,9 @@ impl Frame {
             let epoch = u32::from_be_bytes(take(&mut r)?);
             let key = Zeroizing::new(take::<ACCESS_KEY_LEN>(&mut r)?);
             frame.access = Some((epoch, AccessKey::from_bytes(*key)));
+            if flags & INBOX != 0 {
+                frame.inbox = Some(take::<32>(&mut r)?);
+            }
         }
         if flags & RECEIPTS != 0 {
             let count = u16::from_be_bytes(take(&mut r)?);
@@ -243,21 +267,36 @@ mod tests {
             reset: true,
             dead: vec![[1; 16]],
             access: Some((0x0102_0304, AccessKey::from_bytes([5; 16]))),
+            inbox: Some([9; 32]),
             receipts: vec![[2; 16], [3; 16]],
             message: Some((Some([4; 16]), b"hi".to_vec())),
         };
         let bytes = frame.encode();
-        assert_eq!(bytes.len(), 6 + 8 + 1 + 16 + 20 + 2 + 32 + 16 + 2);
+        assert_eq!(bytes.len(), 6 + 8 + 1 + 16 + 20 + 32 + 2 + 32 + 16 + 2);
         assert_eq!(
             bytes[5],
-            MESSAGE | SESSION | RESET | RECEIPTS | DEAD | ACCESS
+            MESSAGE | SESSION | RESET | RECEIPTS | DEAD | ACCESS | INBOX
         );
-        // ACCESS sits after DEAD and before RECEIPTS.
+        // ACCESS sits after DEAD and before RECEIPTS, INBOX right after it.
         let at = 6 + 8 + 1 + 16;
         assert_eq!(&bytes[at..at + 4], &[1, 2, 3, 4]);
         assert_eq!(&bytes[at + 4..at + 20], &[5; 16]);
-        assert_eq!(&bytes[at + 20..at + 22], &[0, 2]);
-        assert_eq!(Frame::decode(bytes).unwrap(), frame);
+        assert_eq!(&bytes[at + 20..at + 52], &[9; 32]);
+        assert_eq!(&bytes[at + 52..at + 54], &[0, 2]);
+        assert_eq!(Frame::decode(bytes.clone()).unwrap(), frame);
+        // INBOX without ACCESS is refused, and so is a cut inbox.
+        let mut alone = bytes.clone();
+        alone[5] &= !ACCESS;
+        assert_eq!(Frame::decode(alone), Err(BadFrame));
+        let cut = Frame {
+            receipts: Vec::new(),
+            message: None,
+            ..frame.clone()
+        }
+        .encode();
+        for len in 0..cut.len() {
+            assert_eq!(Frame::decode(cut[..len].to_vec()), Err(BadFrame), "{len}");
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub mod pairing;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::vec::Vec;
 
 use rand_core::CryptoRngCore;
@@ -46,7 +46,7 @@ use crate::bounds::MaybeSend;
 use crate::error::Error;
 use crate::protocol::bundle::{FreshnessPolicy, PrekeyBundle};
 use crate::protocol::fingerprint::SafetyNumber;
-use crate::protocol::keys::{IdentityKey, IdentityKeyPair};
+use crate::protocol::keys::{IdentityKey, IdentityKeyPair, SignedPrekey};
 use crate::protocol::prekeys::PrekeyStore;
 use crate::protocol::ratchet::SessionConfig;
 use crate::protocol::sealed;
@@ -386,6 +386,9 @@ pub struct Client<S, D, M> {
     /// The latest time the client was given (in memory): the time of the
     /// stamps [`Client::flush_outbox`] mints.
     last_now: AtomicU64,
+    /// The access-key epoch whose private inbox this process published
+    /// (0: none yet).
+    inbox_published: AtomicU32,
 }
 
 /// Nonces tried between two yields to the executor while minting a stamp.
@@ -465,7 +468,7 @@ struct Batch {
     new_chain_owner: Option<DeviceAddress>,
     /// Per peer device heard from, the highest access-key epoch known
     /// (stored or received in this batch).
-    access_epochs: HashMap<DeviceAddress, Option<u32>>,
+    access_epochs: HashMap<DeviceAddress, Option<(u32, bool)>>,
     /// Peer devices' new access keys, to commit with the batch.
     access: HashMap<DeviceAddress, AccessKeyRecord>,
 }
@@ -591,6 +594,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             identity,
             notices: HashMap::new(),
             stamp_difficulty: AtomicU8::new(0),
+            inbox_published: AtomicU32::new(0),
             last_now: AtomicU64::new(0),
         })
     }
@@ -971,6 +975,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 let access = AccessKeyRecord {
                     epoch: 1,
                     key: AccessKey::generate(rng),
+                    inbox: None,
                 };
                 self.store.set_own_access_key(&access).await?;
                 access
@@ -1048,7 +1053,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             replace,
         );
         upload.access_verifier = Some(access.key.verifier(&me.mailbox()));
-        self.publish_upload(upload, rng, now).await?;
+        self.publish_upload(&self.identity.keys, upload, rng, now)
+            .await?;
         state.upload_pending = false;
         self.store.set_prekeys(&state).await?;
         Ok(true)
@@ -1060,11 +1066,11 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// once.
     async fn publish_upload(
         &self,
+        keys: &IdentityKeyPair,
         mut upload: BundleSetUpload,
         rng: &mut (impl CryptoRngCore + MaybeSend),
         now: u64,
     ) -> Result<(), ClientError> {
-        let keys = &self.identity.keys;
         match self.directory.publish(&upload.sign(keys)).await {
             Err(TransportError::StampRequired(difficulty)) => {
                 let device = upload.device;
@@ -1211,6 +1217,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let access = AccessKeyRecord {
             epoch,
             key: AccessKey::generate(rng),
+            inbox: None,
         };
         let pending = state.upload_pending;
         // Marked pending (with a fresh counter) before the key is stored:
@@ -1235,7 +1242,8 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             false,
         );
         upload.access_verifier = Some(access.key.verifier(&self.address().mailbox()));
-        self.publish_upload(upload, rng, now).await?;
+        self.publish_upload(&self.identity.keys, upload, rng, now)
+            .await?;
         state.upload_pending = false;
         self.store.set_prekeys(&state).await?;
         Ok(epoch)
@@ -1477,8 +1485,16 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         }
         // Every frame carries this device's access key, unless the peer
         // is excluded (SPEC.md, "Access keys in the client").
-        frame.access = match access {
-            Some(access) if !excluded => Some((access.epoch, access.key)),
+        frame.access = match &access {
+            Some(access) if !excluded => Some((access.epoch, access.key.clone())),
+            _ => None,
+        };
+        // With v2, the frame names this device's private inbox for the
+        // key's epoch: the peer deposits chain messages there (26.11).
+        frame.inbox = match &frame.access {
+            Some((epoch, _)) if self.config.sealed => {
+                Some(inbox_for(&self.identity.keys, *epoch).address.mailbox().0)
+            }
             _ => None,
         };
         let mut plaintext = frame.encode();
@@ -1591,12 +1607,21 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
     /// ([`ClientConfig::max_stamp_bits`]) leaves the entry queued.
     async fn try_deposit(&self, entry: &OutboxEntry, now: u64, start: u64) -> Deposit {
         self.saw_time(now);
-        let mailbox = entry.to.mailbox();
-        let access = match self.store.peer_access(&entry.to).await {
-            Ok(peer) => peer.key.map(|k| k.key),
+        let record = match self.store.peer_access(&entry.to).await {
+            Ok(peer) => peer.key,
             // Unreadable: deposit as a stranger would.
             Err(_) => None,
         };
+        // A v2 chain message goes to the peer's private inbox when it named
+        // one (26.11); everything else (sealed prekey messages, v1) to its
+        // published mailbox.
+        let mailbox = match &record {
+            Some(AccessKeyRecord {
+                inbox: Some(inbox), ..
+            }) if payload_kind(&entry.envelope.payload) == PayloadKind::Chain => MailboxId(*inbox),
+            _ => entry.to.mailbox(),
+        };
+        let access = record.map(|k| k.key);
         let mut pass = DepositPass {
             access,
             stamp: None,
@@ -1748,14 +1773,62 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         Ok(deposited)
     }
 
-    async fn auth(&self, op: MailboxOp) -> Result<MailboxAuth, ClientError> {
-        let challenge = self.mailbox.challenge(&self.address().mailbox()).await?;
+    async fn auth(&self, owner: &Owner<'_>, op: MailboxOp) -> Result<MailboxAuth, ClientError> {
+        let challenge = self.mailbox.challenge(&owner.address.mailbox()).await?;
         Ok(MailboxAuth::sign(
-            &self.identity.keys,
-            self.identity.device_id,
+            owner.keys,
+            owner.address.device_id,
             op,
             challenge,
         ))
+    }
+
+    /// The mailboxes a receive fetches, in order: with v2, the private
+    /// inbox of the current access-key epoch (published first if this
+    /// process has not yet, SPEC.md 26.11; the long poll waits on it), the
+    /// published mailbox, then the inbox of the previous epoch (contacts
+    /// that have not heard of the rotation yet still deposit there).
+    async fn owners(
+        &self,
+        rng: &mut (impl CryptoRngCore + MaybeSend),
+        now: u64,
+    ) -> Result<Vec<(IdentityKeyPair, DeviceAddress)>, ClientError> {
+        let me = (self.identity.keys.clone(), self.address());
+        if !self.config.sealed {
+            return Ok(vec![me]);
+        }
+        let access = match self.store.own_access_key().await {
+            Ok(Some(access)) => access,
+            // No key yet (never published) or unreadable: no inbox yet.
+            Ok(None) | Err(StoreError::Corrupted { .. }) => return Ok(vec![me]),
+            Err(e) => return Err(e.into()),
+        };
+        let current = inbox_for(&self.identity.keys, access.epoch);
+        if self.inbox_published.load(Ordering::Relaxed) != access.epoch {
+            let spk = SignedPrekey::generate(rng, &current.keys, 1, now)?;
+            let mut upload = BundleSetUpload::new(
+                INBOX_DEVICE_ID,
+                &current.keys,
+                now.saturating_add(1),
+                &spk,
+                &[],
+                true,
+            );
+            upload.access_verifier = Some(access.key.verifier(&current.address.mailbox()));
+            match self.publish_upload(&current.keys, upload, rng, now).await {
+                // Replayed: published already (by this device, earlier).
+                Ok(()) | Err(ClientError::Transport(TransportError::Replayed)) => {
+                    self.inbox_published.store(access.epoch, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut owners = vec![(current.keys, current.address), me];
+        if access.epoch > 1 {
+            let previous = inbox_for(&self.identity.keys, access.epoch - 1);
+            owners.push((previous.keys, previous.address));
+        }
+        Ok(owners)
     }
 
     /// Re-sends what is due, at time `now`:
@@ -2038,32 +2111,41 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut urgent = HashSet::new();
         let mut answers = Answers::default();
         let mut gap_counts: HashMap<DeviceAddress, usize> = HashMap::new();
-        for _ in 0..self.config.max_receive_rounds.max(1) {
-            let auth = self.auth(MailboxOp::Fetch).await?;
-            let envelopes = self
-                .mailbox
-                .fetch_waiting(&auth, self.config.receive_batch, wait_ms)
-                .await?;
-            wait_ms = 0;
-            if envelopes.is_empty() {
-                break;
-            }
-            let redelivered_before = report.redelivered;
-            let (ids, batch) = self.process_batch(&envelopes, now, &mut report).await?;
-            for peer in &batch.touched {
-                if let Some(record) = batch.records.get(peer) {
-                    gap_counts.insert(*peer, gaps(record));
+        let owners = self.owners(rng, now).await?;
+        let mut rounds = 0;
+        for (keys, address) in &owners {
+            let owner = Owner {
+                keys,
+                address: *address,
+            };
+            while rounds < self.config.max_receive_rounds.max(1) {
+                rounds += 1;
+                let auth = self.auth(&owner, MailboxOp::Fetch).await?;
+                let envelopes = self
+                    .mailbox
+                    .fetch_waiting(&auth, self.config.receive_batch, wait_ms)
+                    .await?;
+                wait_ms = 0;
+                if envelopes.is_empty() {
+                    break;
                 }
-            }
-            let auth = self.auth(MailboxOp::Acknowledge).await?;
-            self.mailbox.acknowledge(&auth, &ids).await?;
-            // Answered once, after the last batch: one receipt per sender
-            // per receive, however many batches it took.
-            answers.take(batch);
-            // Fetch until the mailbox is empty (a batch may be cut short by
-            // the relay's byte limit), but stop if a batch held nothing new.
-            if report.redelivered - redelivered_before == envelopes.len() {
-                break;
+                let redelivered_before = report.redelivered;
+                let (ids, batch) = self.process_batch(&envelopes, now, &mut report).await?;
+                for peer in &batch.touched {
+                    if let Some(record) = batch.records.get(peer) {
+                        gap_counts.insert(*peer, gaps(record));
+                    }
+                }
+                let auth = self.auth(&owner, MailboxOp::Acknowledge).await?;
+                self.mailbox.acknowledge(&auth, &ids).await?;
+                // Answered once, after the last batch: one receipt per sender
+                // per receive, however many batches it took.
+                answers.take(batch);
+                // Fetch until the mailbox is empty (a batch may be cut short by
+                // the relay's byte limit), but stop if a batch held nothing new.
+                if report.redelivered - redelivered_before == envelopes.len() {
+                    break;
+                }
             }
         }
         self.answer(rng, answers, now, &mut report, &mut urgent)
@@ -2424,8 +2506,9 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                             Some(Ok(inner)) => &inner[..],
                             _ => &envelope.payload[..],
                         };
-                        if let Some(fields) =
-                            Incoming::decode(bytes).ok().and_then(|i| i.prekey().copied())
+                        if let Some(fields) = Incoming::decode(bytes)
+                            .ok()
+                            .and_then(|i| i.prekey().copied())
                         {
                             b.unaccepted
                                 .push((identity, session_tag(&fields.ephemeral)));
@@ -2551,20 +2634,26 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         already: &HashSet<EnvelopeId>,
     ) -> Result<Option<Vec<u8>>, ClientError> {
         if let Some((epoch, key)) = frame.access.take() {
+            let inbox = frame.inbox.take();
             // Kept only if newer than what is held: a replayed or
-            // reordered older frame never brings back a rotated key.
+            // reordered older frame never brings back a rotated key. The
+            // same epoch is taken again only to add the inbox a v1-era
+            // record lacks (an epoch names one inbox).
             let known = match b.access_epochs.get(&from) {
                 Some(known) => *known,
                 None => match self.store.peer_access(&from).await {
-                    Ok(peer) => peer.key.map(|k| k.epoch),
+                    Ok(peer) => peer.key.map(|k| (k.epoch, k.inbox.is_some())),
                     // Unreadable: replaced by the key received.
                     Err(StoreError::Corrupted { .. }) => None,
                     Err(e) => return Err(e.into()),
                 },
             };
-            if known.is_none_or(|known| epoch > known) {
-                b.access_epochs.insert(from, Some(epoch));
-                b.access.insert(from, AccessKeyRecord { epoch, key });
+            let newer = known.is_none_or(|(known, has_inbox)| {
+                epoch > known || (epoch == known && !has_inbox && inbox.is_some())
+            });
+            if newer {
+                b.access_epochs.insert(from, Some((epoch, inbox.is_some())));
+                b.access.insert(from, AccessKeyRecord { epoch, key, inbox });
             } else {
                 b.access_epochs.insert(from, known);
             }
@@ -2953,4 +3042,36 @@ fn payload_kind(payload: &[u8]) -> PayloadKind {
         [sealed::VERSION_2, ..] => PayloadKind::OtherV2,
         _ => PayloadKind::V1,
     }
+}
+
+/// The device number of every private inbox (SPEC.md 26.11): the same for
+/// all, so it tells nothing.
+pub const INBOX_DEVICE_ID: u32 = 0;
+
+const INBOX_INFO: &[u8] = b"cubbyhole/v2 inbox";
+
+/// A mailbox owner: the keys that sign its proofs and its address.
+struct Owner<'a> {
+    keys: &'a IdentityKeyPair,
+    address: DeviceAddress,
+}
+
+/// A device's private inbox for one access-key epoch (SPEC.md 26.11): a
+/// pseudonymous identity derived from the device's identity seed, `seed =
+/// HKDF-SHA-256(salt 0^32, ikm = identity seed, info = "cubbyhole/v2 inbox"
+/// || epoch (4), 32)`, with device number [`INBOX_DEVICE_ID`]. Nobody
+/// without the seed can link it to the device.
+struct Inbox {
+    keys: IdentityKeyPair,
+    address: DeviceAddress,
+}
+
+fn inbox_for(identity: &IdentityKeyPair, epoch: u32) -> Inbox {
+    let mut info = [0u8; 18 + 4];
+    info[..18].copy_from_slice(INBOX_INFO);
+    info[18..].copy_from_slice(&epoch.to_be_bytes());
+    let seed = crate::protocol::ratchet::hkdf::<32>(&[0u8; 32], &identity.seed()[..], &info);
+    let keys = IdentityKeyPair::from_seed(&seed);
+    let address = DeviceAddress::new(keys.public(), INBOX_DEVICE_ID);
+    Inbox { keys, address }
 }

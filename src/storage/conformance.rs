@@ -624,6 +624,8 @@ fn access(epoch: u32, k: u8) -> AccessKeyRecord {
     AccessKeyRecord {
         epoch,
         key: AccessKey::from_bytes([k; 16]),
+        // Every other record names a peer's private inbox (kept, compared).
+        inbox: (k % 2 == 0).then_some([k; 32]),
     }
 }
 
@@ -2555,10 +2557,7 @@ async fn routes_are<S: Store>(
             want.iter().map(name).collect::<Vec<_>>().join(", ")
         );
     }
-    let all: Vec<[u8; 32]> = probe
-        .iter()
-        .flat_map(|(_, r)| r.ratchet_keys())
-        .collect();
+    let all: Vec<[u8; 32]> = probe.iter().flat_map(|(_, r)| r.ratchet_keys()).collect();
     let want = sorted(
         stored
             .iter()

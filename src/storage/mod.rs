@@ -186,35 +186,54 @@ pub struct AccessKeyRecord {
     pub epoch: u32,
     /// The key.
     pub key: AccessKey,
+    /// A peer device's private inbox for this epoch (profile v2, SPEC.md
+    /// 26.11): the mailbox id its chain messages are deposited into. `None`
+    /// for the device's own key (its inbox is derived) and for a peer that
+    /// gave none.
+    pub inbox: Option<[u8; 32]>,
 }
 
 impl AccessKeyRecord {
-    /// The length of [`AccessKeyRecord::to_bytes`].
+    /// The length of [`AccessKeyRecord::to_bytes`] without an inbox.
     pub const LEN: usize = 4 + ACCESS_KEY_LEN;
+    /// The length of [`AccessKeyRecord::to_bytes`] with an inbox.
+    pub const LEN_WITH_INBOX: usize = Self::LEN + 32;
 
-    /// `epoch (4, big-endian) || key (16)`, wiped when dropped.
-    pub fn to_bytes(&self) -> zeroize::Zeroizing<[u8; Self::LEN]> {
-        let mut out = zeroize::Zeroizing::new([0u8; Self::LEN]);
-        out[..4].copy_from_slice(&self.epoch.to_be_bytes());
-        out[4..].copy_from_slice(self.key.as_bytes());
+    /// `epoch (4, big-endian) || key (16) [|| inbox (32)]`, wiped when
+    /// dropped.
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut out = zeroize::Zeroizing::new(Vec::with_capacity(Self::LEN_WITH_INBOX));
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(self.key.as_bytes());
+        if let Some(inbox) = &self.inbox {
+            out.extend_from_slice(inbox);
+        }
         out
     }
 
     /// The inverse of [`AccessKeyRecord::to_bytes`].
     ///
     /// # Errors
-    /// [`crate::Error::Decode`] unless exactly [`AccessKeyRecord::LEN`]
-    /// bytes.
+    /// [`crate::Error::Decode`] unless exactly [`AccessKeyRecord::LEN`] or
+    /// [`AccessKeyRecord::LEN_WITH_INBOX`] bytes.
     pub fn from_bytes(bytes: &[u8]) -> crate::Result<Self> {
-        let bytes: &[u8; Self::LEN] = bytes
-            .try_into()
-            .map_err(|_| crate::Error::Decode("access key record length"))?;
-        let (epoch, key) = bytes.split_at(4);
+        let (record, inbox) = match bytes.len() {
+            Self::LEN => (bytes, None),
+            Self::LEN_WITH_INBOX => {
+                let (record, inbox) = bytes.split_at(Self::LEN);
+                let mut id = [0u8; 32];
+                id.copy_from_slice(inbox);
+                (record, Some(id))
+            }
+            _ => return Err(crate::Error::Decode("access key record length")),
+        };
+        let (epoch, key) = record.split_at(4);
         let mut raw = zeroize::Zeroizing::new([0u8; ACCESS_KEY_LEN]);
         raw.copy_from_slice(key);
         Ok(AccessKeyRecord {
             epoch: u32::from_be_bytes([epoch[0], epoch[1], epoch[2], epoch[3]]),
             key: AccessKey::from_bytes(*raw),
+            inbox,
         })
     }
 }
