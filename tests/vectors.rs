@@ -1058,6 +1058,38 @@ const LOOSE: &[(&str, &str, &str)] = &[
         "a refused list with one more bit flipped is often refused for the same reason",
     ),
     (
+        "sealed.json",
+        "classes[].length",
+        "every length up to 512 has the class 512",
+    ),
+    (
+        "sealed.json",
+        "messages[].envelope_id",
+        "a sealed prekey message's id is 16 random bytes, fed to the crate and given back; \
+         a chain message's (its tag) is recomputed",
+    ),
+    (
+        "sealed.json",
+        "receiver",
+        "an envelope rejected by its format is rejected the same way by either party",
+    ),
+    (
+        "sealed.json",
+        "payload",
+        "a rejected envelope with one more bit flipped is often rejected for the same reason",
+    ),
+    (
+        "sealed.json",
+        "after_deliveries",
+        "the same bad envelope is often rejected the same way one delivery later",
+    ),
+    (
+        "sealed.json",
+        "envelope_id",
+        "the id of a sealed prekey message is not looked at, and a chain message's \
+         unexpected id stays unexpected with one more bit flipped",
+    ),
+    (
         "negative.json",
         "input",
         "a rejected input with one more bit flipped is often rejected for the same reason",
@@ -1199,6 +1231,7 @@ fn every_field_is_checked() {
     let fingerprint = load("fingerprint.json");
     let frames = load_optional("frames.json");
     let devices = load_optional("devices.json");
+    let sealed = load_optional("sealed.json");
     let mut files: Vec<(&str, &Value, CaseCheck<'_>)> = vec![
         ("x3dh.json", &x3dh, Box::new(x3dh_case)),
         ("fingerprint.json", &fingerprint, Box::new(fingerprint_case)),
@@ -1226,6 +1259,13 @@ fn every_field_is_checked() {
     }
     if let Some(devices) = &devices {
         files.push(("devices.json", devices, Box::new(device_case)));
+    }
+    if let Some(sealed) = &sealed {
+        files.push((
+            "sealed.json",
+            sealed,
+            Box::new(move |c| sealed_case(c, sealed)),
+        ));
     }
 
     let mut unchecked = Vec::new();
