@@ -3304,8 +3304,10 @@ fn v2_negative_cases(
         let body = bad_padding(m0, &aad, cubbyhole::sealed::SEALED_PREKEY_OVERHEAD_OPK);
         [&m0.prefix[..], &body].concat()
     };
-    let mut wrong_n = m2.header;
-    wrong_n[36..].copy_from_slice(&1u32.to_be_bytes());
+    // m3's header (n = 1) under m2's tag (n = 0): with m3's own body, the
+    // envelope would open if the header's n were not compared with the tag's.
+    let wrong_n = m3.header;
+    assert_eq!(m2.header[..36], m3.header[..36]);
     let mut wrong_key = m3.header;
     wrong_key[..32].copy_from_slice(&e0);
 
@@ -3343,8 +3345,8 @@ fn v2_negative_cases(
          "one bit of EH flipped: the header's AEAD fails"),
         ("chain_tampered_body", "chain", 2, Who::Initiator, m2.id, flip(p2.clone(), p2.len() - 1), "auth",
          "one bit of the body's tag flipped: the header opens, the message AEAD fails"),
-        ("chain_header_n_differs", "chain", 2, Who::Initiator, m2.id, chain(&m2.header_key, 0, &m2.id, &wrong_n, &body_of(m2)), "auth",
-         "m2's tag (n = 0) with a header saying n = 1, sealed under hkey(HK, 0): the header opens but names another message"),
+        ("chain_header_n_differs", "chain", 2, Who::Initiator, m2.id, chain(&m2.header_key, 0, &m2.id, &wrong_n, &body_of(m3)), "auth",
+         "m2's tag (n = 0) with m3's header (n = 1) sealed under hkey(HK, 0), and m3's body: the header opens but names another message than its tag"),
         ("chain_header_ratchet_key_differs", "chain", 4, Who::Initiator, m3.id, chain(&m3.header_key, 1, &m3.id, &wrong_key, &body_of(m3)), "auth",
          "m3's tag (a stored skipped key of Bob's first chain) with a header naming another ratchet key, sealed under hkey(HK, 1): the header opens but names another chain"),
         ("chain_bad_padding", "chain", 2, Who::Initiator, m2.id, chain(&m2.header_key, 0, &m2.id, &m2.header, &bad_padding(m2, &[&ad[..], &[0x02, 0x02], &m2.header].concat(), cubbyhole::sealed::CHAIN_OVERHEAD)), "decode",
