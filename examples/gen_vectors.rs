@@ -2968,7 +2968,11 @@ fn v2_script() -> (Vec<(Who, usize, Vec<u8>)>, Vec<(Who, usize)>) {
         (B, 2, b"hi alice: a chain message".to_vec()),
         (B, 2, b"this one arrives after the next".to_vec()),
         (B, 2, vec![0x42; 1000]),
-        (A, 5, b"a new chain of alice's; its second message arrives first".to_vec()),
+        (
+            A,
+            5,
+            b"a new chain of alice's; its second message arrives first".to_vec(),
+        ),
         (A, 5, b"second of the chain, delivered first".to_vec()),
         (B, 7, b"a new chain of bob's".to_vec()),
     ];
@@ -3000,9 +3004,13 @@ fn v2_conversation(rng: &mut ChaCha20Rng) -> (Value, Vec<V2Message>, Vec<V2Parti
         inner: rng,
         drawn: Vec::new(),
     };
-    let alice_session =
-        Session::initiate_sealed(&mut rec, &keys.initiator(), &bundle, SessionConfig::default())
-            .expect("initiate");
+    let alice_session = Session::initiate_sealed(
+        &mut rec,
+        &keys.initiator(),
+        &bundle,
+        SessionConfig::default(),
+    )
+    .expect("initiate");
     let ephemeral: [u8; 32] = rec.drawn[..32].try_into().expect("EK_A");
     let alice_first_ratchet: [u8; 32] = rec.drawn[32..64].try_into().expect("32");
     assert_eq!(rec.drawn.len(), 64);
@@ -3032,8 +3040,7 @@ fn v2_conversation(rng: &mut ChaCha20Rng) -> (Value, Vec<V2Message>, Vec<V2Parti
     let mut rk = *x.shared_secret;
     let mut last_chain: Option<(Who, [u8; 32])> = None;
     // Per party: (ratchet private, public, next chain key, next n, HK).
-    let mut chains: BTreeMap<Who, ([u8; 32], [u8; 32], [u8; 32], u32, [u8; 32])> =
-        BTreeMap::new();
+    let mut chains: BTreeMap<Who, ([u8; 32], [u8; 32], [u8; 32], u32, [u8; 32])> = BTreeMap::new();
     // The peer's ratchet private that answers each ratchet public.
     let mut privates: BTreeMap<[u8; 32], [u8; 32]> = BTreeMap::new();
     privates.insert(spk_public, keys.spk_private);
@@ -3169,8 +3176,12 @@ fn v2_conversation(rng: &mut ChaCha20Rng) -> (Value, Vec<V2Message>, Vec<V2Parti
                 let e = prim::x25519_public(&seal_private);
                 let sdh = prim::x25519(&seal_private, &spk_public);
                 let sk = prim::seal_keys(&sdh, &e, &spk_public);
-                let sealed_inner =
-                    prim::aead(&sk[..32], &sk[32..], &[&[0x02, 0x01][..], &e].concat(), &inner);
+                let sealed_inner = prim::aead(
+                    &sk[..32],
+                    &sk[32..],
+                    &[&[0x02, 0x01][..], &e].concat(),
+                    &inner,
+                );
                 m.insert("aead_associated_data".into(), h(&aad));
                 m.insert("body".into(), h(&body));
                 m.insert("inner".into(), h(&inner));
@@ -3257,11 +3268,13 @@ fn v2_negative_cases(
     messages: &[V2Message],
     snapshots: &[V2Parties],
 ) -> Vec<Value> {
-    let ad: Vec<u8> = hex::decode(conversation["associated_data"].as_str().expect("AD")).expect("hex");
-    let spk_public: [u8; 32] = hex::decode(conversation["signed_prekey_public"].as_str().expect("spk"))
-        .expect("hex")
-        .try_into()
-        .expect("32");
+    let ad: Vec<u8> =
+        hex::decode(conversation["associated_data"].as_str().expect("AD")).expect("hex");
+    let spk_public: [u8; 32] =
+        hex::decode(conversation["signed_prekey_public"].as_str().expect("spk"))
+            .expect("hex")
+            .try_into()
+            .expect("32");
     let m0 = &messages[0];
     let m2 = &messages[2];
     let m3 = &messages[3];
@@ -3271,7 +3284,12 @@ fn v2_negative_cases(
     let seal = |spk: &[u8; 32], inner: &[u8]| {
         let sdh = prim::x25519(&m0.seal_private, spk);
         let k = prim::seal_keys(&sdh, &e0, spk);
-        let s = prim::aead(&k[..32], &k[32..], &[&[0x02, 0x01][..], &e0].concat(), inner);
+        let s = prim::aead(
+            &k[..32],
+            &k[32..],
+            &[&[0x02, 0x01][..], &e0].concat(),
+            inner,
+        );
         [&[0x02, 0x01][..], &e0, &s].concat()
     };
     // A chain payload for `id` with the header `header` sealed under
@@ -3311,7 +3329,16 @@ fn v2_negative_cases(
     let mut wrong_key = m3.header;
     wrong_key[..32].copy_from_slice(&e0);
 
-    type Case<'a> = (&'a str, &'a str, usize, Who, [u8; 16], Vec<u8>, &'a str, &'a str);
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        usize,
+        Who,
+        [u8; 16],
+        Vec<u8>,
+        &'a str,
+        &'a str,
+    );
     let p0 = m0.payload.clone();
     let p2 = m2.payload.clone();
     let cases: Vec<Case<'_>> = vec![
@@ -3354,31 +3381,33 @@ fn v2_negative_cases(
     ];
     cases
         .into_iter()
-        .map(|(name, kind, after, receiver, id, payload, error, description)| {
-            let mut parties = snapshots[after].clone();
-            let before = parties.state();
-            let result = match kind {
-                "sealed_prekey" => parties.receive_sealed_prekey(&payload),
-                _ => parties.receive_chain(receiver, &id, &payload),
-            };
-            match result {
-                Ok(_) => panic!("{name}: accepted, expected {error}"),
-                Err(e) => assert_eq!(v2_error_kind(&e), error, "{name}: {e:?}"),
-            }
-            assert_eq!(parties.state(), before, "{name}: state changed");
-            json!({
-                "name": name,
-                "kind": "negative",
-                "description": description,
-                "conversation": "conversation",
-                "envelope": kind,
-                "after_deliveries": after,
-                "receiver": receiver.name(),
-                "envelope_id": h(&id),
-                "payload": h(&payload),
-                "error": error,
-            })
-        })
+        .map(
+            |(name, kind, after, receiver, id, payload, error, description)| {
+                let mut parties = snapshots[after].clone();
+                let before = parties.state();
+                let result = match kind {
+                    "sealed_prekey" => parties.receive_sealed_prekey(&payload),
+                    _ => parties.receive_chain(receiver, &id, &payload),
+                };
+                match result {
+                    Ok(_) => panic!("{name}: accepted, expected {error}"),
+                    Err(e) => assert_eq!(v2_error_kind(&e), error, "{name}: {e:?}"),
+                }
+                assert_eq!(parties.state(), before, "{name}: state changed");
+                json!({
+                    "name": name,
+                    "kind": "negative",
+                    "description": description,
+                    "conversation": "conversation",
+                    "envelope": kind,
+                    "after_deliveries": after,
+                    "receiver": receiver.name(),
+                    "envelope_id": h(&id),
+                    "payload": h(&payload),
+                    "error": error,
+                })
+            },
+        )
         .collect()
 }
 
@@ -3387,7 +3416,11 @@ fn inner_of(m: &V2Message, ad: &[u8]) -> Vec<u8> {
     let keys = prim::message_keys(&m.message_key);
     let aad = [ad, &m.prefix].concat();
     let padded = prim::pad(&m.plaintext, cubbyhole::sealed::SEALED_PREKEY_OVERHEAD_OPK);
-    [&m.prefix[..], &prim::aead(&keys[..32], &keys[32..], &aad, &padded)].concat()
+    [
+        &m.prefix[..],
+        &prim::aead(&keys[..32], &keys[32..], &aad, &padded),
+    ]
+    .concat()
 }
 
 fn sealed_vectors() -> Value {

@@ -1495,7 +1495,11 @@ fn sealed_padding_case(case: &Value) {
     let name = case["name"].as_str().expect("name");
     for c in case["classes"].as_array().expect("classes") {
         let len = num(&c["length"]);
-        assert_eq!(num(&c["class"]), v2::size_class(len), "{name}: class of {len}");
+        assert_eq!(
+            num(&c["class"]),
+            v2::size_class(len),
+            "{name}: class of {len}"
+        );
         // The crate agrees.
         assert_eq!(
             cubbyhole::sealed::size_class(len as usize) as u64,
@@ -1536,8 +1540,16 @@ fn sealed_conversation_primitives(case: &Value) {
         .verifying_key()
         .to_bytes();
     let ik_b = sign_b.verifying_key().to_bytes();
-    chk("initiator_identity_public", &case["initiator_identity_public"], &ik_a);
-    chk("responder_identity_public", &case["responder_identity_public"], &ik_b);
+    chk(
+        "initiator_identity_public",
+        &case["initiator_identity_public"],
+        &ik_a,
+    );
+    chk(
+        "responder_identity_public",
+        &case["responder_identity_public"],
+        &ik_b,
+    );
     let xa = v2::identity_x25519_private(&seed_a);
     let xb = v2::identity_x25519_private(&seed_b);
     chk(
@@ -1552,7 +1564,11 @@ fn sealed_conversation_primitives(case: &Value) {
     );
     let spk = unhex32(&case["signed_prekey_private"]);
     let spk_pub = v2::x25519_public(&spk);
-    chk("signed_prekey_public", &case["signed_prekey_public"], &spk_pub);
+    chk(
+        "signed_prekey_public",
+        &case["signed_prekey_public"],
+        &spk_pub,
+    );
     let spk_id = u32::try_from(num(&case["signed_prekey_id"])).expect("u32");
     let signed = [
         &b"cubbyhole/v1 signed prekey"[..],
@@ -1569,15 +1585,29 @@ fn sealed_conversation_primitives(case: &Value) {
     );
     let opk = unhex32(&case["one_time_prekey_private"]);
     let opk_pub = v2::x25519_public(&opk);
-    chk("one_time_prekey_public", &case["one_time_prekey_public"], &opk_pub);
+    chk(
+        "one_time_prekey_public",
+        &case["one_time_prekey_public"],
+        &opk_pub,
+    );
     let opk_id = u32::try_from(num(&case["one_time_prekey_id"])).expect("u32");
     let ek = unhex32(&case["initiator_ephemeral_private"]);
     let ek_pub = v2::x25519_public(&ek);
-    chk("initiator_ephemeral_public", &case["initiator_ephemeral_public"], &ek_pub);
+    chk(
+        "initiator_ephemeral_public",
+        &case["initiator_ephemeral_public"],
+        &ek_pub,
+    );
     // X3DH, from both sides.
     let dhs = [
-        (v2::x25519(&xa, &spk_pub), v2::x25519(&spk, &v2::x25519_public(&xa))),
-        (v2::x25519(&ek, &v2::x25519_public(&xb)), v2::x25519(&xb, &ek_pub)),
+        (
+            v2::x25519(&xa, &spk_pub),
+            v2::x25519(&spk, &v2::x25519_public(&xa)),
+        ),
+        (
+            v2::x25519(&ek, &v2::x25519_public(&xb)),
+            v2::x25519(&xb, &ek_pub),
+        ),
         (v2::x25519(&ek, &spk_pub), v2::x25519(&spk, &ek_pub)),
         (v2::x25519(&ek, &opk_pub), v2::x25519(&opk, &ek_pub)),
     ];
@@ -1600,7 +1630,12 @@ fn sealed_conversation_primitives(case: &Value) {
     let mut chains: BTreeMap<&str, ([u8; 32], [u8; 32], u32, [u8; 32], u32)> = BTreeMap::new();
     let mut privates: BTreeMap<[u8; 32], [u8; 32]> = BTreeMap::new();
     privates.insert(spk_pub, spk);
-    for (i, m) in case["messages"].as_array().expect("messages").iter().enumerate() {
+    for (i, m) in case["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .enumerate()
+    {
         let f = |field: &str| format!("messages[{i}].{field}");
         let sender = role(&m["sender"]);
         let after = num(&m["after_deliveries"]) as usize;
@@ -1620,7 +1655,12 @@ fn sealed_conversation_primitives(case: &Value) {
             let public = v2::x25519_public(&private);
             let peer = last_chain.map_or(spk_pub, |(_, p)| p);
             let dh = v2::x25519(&private, &peer);
-            assert_eq!(dh, v2::x25519(&privates[&peer], &public), "{name}: {}", f("ratchet_dh"));
+            assert_eq!(
+                dh,
+                v2::x25519(&privates[&peer], &public),
+                "{name}: {}",
+                f("ratchet_dh")
+            );
             chk(&f("root_key_in"), &m["root_key_in"], &rk);
             chk(&f("ratchet_dh"), &m["ratchet_dh"], &dh);
             let okm = v2::hkdf(&rk, &dh, b"cubbyhole/v1 root", 64);
@@ -1635,8 +1675,17 @@ fn sealed_conversation_primitives(case: &Value) {
             last_chain = Some((sender, public));
             rk = okm[..32].to_vec();
         } else {
-            for field in ["ratchet_private", "root_key_in", "ratchet_dh", "root_key_out"] {
-                assert!(m[field].is_null(), "{name}: {} in a running chain", f(field));
+            for field in [
+                "ratchet_private",
+                "root_key_in",
+                "ratchet_dh",
+                "root_key_out",
+            ] {
+                assert!(
+                    m[field].is_null(),
+                    "{name}: {} in a running chain",
+                    f(field)
+                );
             }
         }
         let chain = chains.get_mut(sender).expect("chain");
@@ -1659,7 +1708,12 @@ fn sealed_conversation_primitives(case: &Value) {
         let overhead: u64 = if prekey { 181 } else { 74 };
         let plen = plaintext.len() as u64;
         let padding = v2::size_class(overhead + plen + 1) - overhead - plen;
-        assert_eq!(num(&m["padding_length"]), padding, "{name}: {}", f("padding_length"));
+        assert_eq!(
+            num(&m["padding_length"]),
+            padding,
+            "{name}: {}",
+            f("padding_length")
+        );
         let mut padded = plaintext.clone();
         padded.push(0x80);
         padded.resize((plen + padding) as usize, 0);
@@ -1684,7 +1738,11 @@ fn sealed_conversation_primitives(case: &Value) {
             chk(&f("inner"), &m["inner"], &inner);
             let e = unhex32(&m["seal_ephemeral_private"]);
             let e_pub = v2::x25519_public(&e);
-            chk(&f("seal_ephemeral_public"), &m["seal_ephemeral_public"], &e_pub);
+            chk(
+                &f("seal_ephemeral_public"),
+                &m["seal_ephemeral_public"],
+                &e_pub,
+            );
             let sdh = v2::x25519(&e, &spk_pub);
             assert_eq!(sdh, v2::x25519(&spk, &e_pub), "{name}: {}", f("seal_dh"));
             chk(&f("seal_dh"), &m["seal_dh"], &sdh);
@@ -1692,7 +1750,12 @@ fn sealed_conversation_primitives(case: &Value) {
             let okm = v2::hkdf(&[0; 32], &sdh, &info, 44);
             chk(&f("seal_key"), &m["seal_key"], &okm[..32]);
             chk(&f("seal_nonce"), &m["seal_nonce"], &okm[32..]);
-            let sealed = v2::aead(&okm[..32], &okm[32..], &[&[0x02, 0x01][..], &e_pub].concat(), &inner);
+            let sealed = v2::aead(
+                &okm[..32],
+                &okm[32..],
+                &[&[0x02, 0x01][..], &e_pub].concat(),
+                &inner,
+            );
             [&[0x02, 0x01][..], &e_pub, &sealed].concat()
         } else {
             let aad = [&ad[..], &[0x02, 0x02], &header].concat();
@@ -1787,7 +1850,12 @@ impl<'a> V2Replay<'a> {
         Ok(a.plaintext)
     }
 
-    fn receive_chain(&mut self, who: &str, id: &[u8; 16], payload: &[u8]) -> Result<Vec<u8>, Error> {
+    fn receive_chain(
+        &mut self,
+        who: &str,
+        id: &[u8; 16],
+        payload: &[u8],
+    ) -> Result<Vec<u8>, Error> {
         let s = self.session(who).ok_or(Error::SessionMismatch)?;
         let mut out = Vec::new();
         s.open(id, payload, V2_WINDOW, &mut out)?;
@@ -1813,7 +1881,11 @@ impl<'a> V2Replay<'a> {
             if after > self.delivered {
                 break;
             }
-            assert_eq!(after, self.delivered, "{}: after_deliveries must not decrease", self.name);
+            assert_eq!(
+                after, self.delivered,
+                "{}: after_deliveries must not decrease",
+                self.name
+            );
             let i = self.sent.len();
             let mut draws = Vec::new();
             if i != 0 {
@@ -1834,8 +1906,18 @@ impl<'a> V2Replay<'a> {
                 .seal(&mut rng, &plaintext)
                 .unwrap_or_else(|e| panic!("{name}: seal message {i}: {e}"));
             rng.assert_used_up(&format!("{name}: message {i}"));
-            check_hex(name, &format!("messages[{i}].envelope_id"), &m["envelope_id"], &sealed.id);
-            check_hex(name, &format!("messages[{i}].payload"), &m["payload"], &sealed.payload);
+            check_hex(
+                name,
+                &format!("messages[{i}].envelope_id"),
+                &m["envelope_id"],
+                &sealed.id,
+            );
+            check_hex(
+                name,
+                &format!("messages[{i}].payload"),
+                &m["payload"],
+                &sealed.payload,
+            );
             self.sent.push((sealed.id, sealed.payload));
         }
     }
@@ -1844,30 +1926,59 @@ impl<'a> V2Replay<'a> {
     /// what is due.
     fn run_to(&mut self, k: usize) {
         let deliveries = self.case["delivery"].as_array().expect("delivery");
-        assert!(k <= deliveries.len(), "{}: after_deliveries {k} out of range", self.name);
+        assert!(
+            k <= deliveries.len(),
+            "{}: after_deliveries {k} out of range",
+            self.name
+        );
         self.send_due();
         while self.delivered < k {
             let event = &deliveries[self.delivered];
             let index = num(&event["index"]) as usize;
             let receiver = role(&event["receiver"]);
             let m = &self.case["messages"][index];
-            assert_ne!(role(&m["sender"]), receiver, "{}: delivery to the sender", self.name);
+            assert_ne!(
+                role(&m["sender"]),
+                receiver,
+                "{}: delivery to the sender",
+                self.name
+            );
             let (id, payload) = self.sent.get(index).cloned().unwrap_or_else(|| {
-                panic!("{}: message {index} delivered before it was sent", self.name)
+                panic!(
+                    "{}: message {index} delivered before it was sent",
+                    self.name
+                )
             });
             let name = self.name;
             let got = if m["kind"] == "sealed_prekey" {
-                assert_eq!(receiver, "responder", "{name}: sealed prekey messages go to Bob");
+                assert_eq!(
+                    receiver, "responder",
+                    "{name}: sealed prekey messages go to Bob"
+                );
                 self.receive_sealed_prekey(&payload)
             } else {
                 let expected = self
                     .session(receiver)
                     .map(|s| s.routing_tags(V2_WINDOW).contains(&id));
-                assert_eq!(expected, Some(true), "{name}: message {index}: its tag is not expected");
+                assert_eq!(
+                    expected,
+                    Some(true),
+                    "{name}: message {index}: its tag is not expected"
+                );
                 self.receive_chain(receiver, &id, &payload)
             }
-            .unwrap_or_else(|e| panic!("{name}: delivery {} (message {index}): {e:?}", self.delivered));
-            check_hex(name, &format!("messages[{index}].plaintext"), &m["plaintext"], &got);
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{name}: delivery {} (message {index}): {e:?}",
+                    self.delivered
+                )
+            });
+            check_hex(
+                name,
+                &format!("messages[{index}].plaintext"),
+                &m["plaintext"],
+                &got,
+            );
             self.delivered += 1;
             self.send_due();
         }
@@ -1892,8 +2003,18 @@ fn setup_v2(case: &Value) -> Setup {
     let name = case["name"].as_str().expect("name");
     let initiator = IdentityKeyPair::from_seed(&unhex32(&case["initiator_identity_seed"]));
     let responder = IdentityKeyPair::from_seed(&unhex32(&case["responder_identity_seed"]));
-    check_hex(name, "initiator_identity_public", &case["initiator_identity_public"], initiator.public().as_bytes());
-    check_hex(name, "responder_identity_public", &case["responder_identity_public"], responder.public().as_bytes());
+    check_hex(
+        name,
+        "initiator_identity_public",
+        &case["initiator_identity_public"],
+        initiator.public().as_bytes(),
+    );
+    check_hex(
+        name,
+        "responder_identity_public",
+        &case["responder_identity_public"],
+        responder.public().as_bytes(),
+    );
     let signed_prekey = SignedPrekey::from_secret(
         &responder,
         u32::try_from(num(&case["signed_prekey_id"])).expect("u32 id"),
@@ -1901,7 +2022,12 @@ fn setup_v2(case: &Value) -> Setup {
         unhex32(&case["signed_prekey_private"]),
     )
     .expect("time in unix seconds");
-    check_hex(name, "signed_prekey_signature", &case["signed_prekey_signature"], signed_prekey.signature());
+    check_hex(
+        name,
+        "signed_prekey_signature",
+        &case["signed_prekey_signature"],
+        signed_prekey.signature(),
+    );
     let one_time_prekey = opt_hex32(&case["one_time_prekey_private"]).map(|secret| {
         OneTimePrekey::from_secret(
             u32::try_from(num(&case["one_time_prekey_id"])).expect("u32 id"),
@@ -1929,7 +2055,10 @@ fn sealed_conversation_case(case: &Value) {
 /// parties' states unchanged, and the rest of the conversation played out.
 fn sealed_negative_case(c: &Value, conversation: &Value) {
     let name = c["name"].as_str().expect("name");
-    assert_eq!(c["conversation"], conversation["name"], "{name}: conversation");
+    assert_eq!(
+        c["conversation"], conversation["name"],
+        "{name}: conversation"
+    );
     let expected = c["error"].as_str().expect("error");
     let payload = unhex(&c["payload"]);
     let id = hex16(&c["envelope_id"]);
@@ -1939,7 +2068,10 @@ fn sealed_negative_case(c: &Value, conversation: &Value) {
     let receiver = role(&c["receiver"]);
     let result = match c["envelope"].as_str() {
         Some("sealed_prekey") => {
-            assert_eq!(receiver, "responder", "{name}: sealed prekey messages go to Bob");
+            assert_eq!(
+                receiver, "responder",
+                "{name}: sealed prekey messages go to Bob"
+            );
             replay.receive_sealed_prekey(&payload)
         }
         Some("chain") => replay.receive_chain(receiver, &id, &payload),
@@ -1949,7 +2081,10 @@ fn sealed_negative_case(c: &Value, conversation: &Value) {
         Ok(_) => panic!("{name}: accepted, expected {expected}"),
         Err(e) => assert_eq!(v2_error_kind(&e), expected, "{name}: error kind ({e:?})"),
     }
-    assert!(replay.state() == before, "{name}: the rejected envelope changed a state");
+    assert!(
+        replay.state() == before,
+        "{name}: the rejected envelope changed a state"
+    );
     replay.finish();
 }
 
@@ -1976,7 +2111,9 @@ fn sealed_vectors() {
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     for case in cases(&file) {
         sealed_case(case, &file);
-        *kinds.entry(case["kind"].as_str().unwrap_or("?").to_owned()).or_default() += 1;
+        *kinds
+            .entry(case["kind"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
     }
     for kind in ["header_keys", "padding", "conversation", "negative"] {
         assert!(kinds.contains_key(kind), "sealed.json: no {kind} case");

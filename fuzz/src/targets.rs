@@ -2964,7 +2964,10 @@ pub fn sealed(data: &[u8]) -> Reach {
             Ok(()) => {
                 assert_eq!(out.first(), Some(&0xEE), "output not appended");
                 let after = session.to_bytes();
-                assert!(!same(&after, &before), "opened envelope did not change the state");
+                assert!(
+                    !same(&after, &before),
+                    "opened envelope did not change the state"
+                );
                 let restored = restore_as(&after, &session).expect("state after open restores");
                 assert!(same(&restored.to_bytes(), &after));
                 assert_eq!(
@@ -2972,7 +2975,10 @@ pub fn sealed(data: &[u8]) -> Reach {
                     Err(Error::SessionMismatch),
                     "envelope opened twice"
                 );
-                assert!(same(&session.to_bytes(), &after), "rejected replay changed the state");
+                assert!(
+                    same(&session.to_bytes(), &after),
+                    "rejected replay changed the state"
+                );
             }
         }
     }
@@ -3104,8 +3110,16 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     // sealed: every envelope of the v2 pair, as id || payload.
     let sfx = sealed_fixture();
     for (i, (id, payload)) in sfx.sent.iter().chain(&sfx.undelivered).enumerate() {
-        let kind = if payload.get(1) == Some(&0x01) { "prekey" } else { "chain" };
-        add("sealed", &format!("envelope-{i:02}-{kind}"), [&id[..], payload].concat());
+        let kind = if payload.get(1) == Some(&0x01) {
+            "prekey"
+        } else {
+            "chain"
+        };
+        add(
+            "sealed",
+            &format!("envelope-{i:02}-{kind}"),
+            [&id[..], payload].concat(),
+        );
     }
 
     // decode_incoming and decrypt_session: real messages and edges.
