@@ -3040,7 +3040,8 @@ fn v2_conversation(rng: &mut ChaCha20Rng) -> (Value, Vec<V2Message>, Vec<V2Parti
     let mut rk = *x.shared_secret;
     let mut last_chain: Option<(Who, [u8; 32])> = None;
     // Per party: (ratchet private, public, next chain key, next n, HK).
-    let mut chains: BTreeMap<Who, ([u8; 32], [u8; 32], [u8; 32], u32, [u8; 32])> = BTreeMap::new();
+    type Chain = ([u8; 32], [u8; 32], [u8; 32], u32, [u8; 32]);
+    let mut chains: BTreeMap<Who, Chain> = BTreeMap::new();
     // The peer's ratchet private that answers each ratchet public.
     let mut privates: BTreeMap<[u8; 32], [u8; 32]> = BTreeMap::new();
     privates.insert(spk_public, keys.spk_private);

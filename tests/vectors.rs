@@ -1627,7 +1627,8 @@ fn sealed_conversation_primitives(case: &Value) {
     let mut rk: Vec<u8> = sk;
     let mut last_chain: Option<(&str, [u8; 32])> = None;
     // Per sender: (public, next chain key, next n, HK, pn).
-    let mut chains: BTreeMap<&str, ([u8; 32], [u8; 32], u32, [u8; 32], u32)> = BTreeMap::new();
+    type Chain = ([u8; 32], [u8; 32], u32, [u8; 32], u32);
+    let mut chains: BTreeMap<&str, Chain> = BTreeMap::new();
     let mut privates: BTreeMap<[u8; 32], [u8; 32]> = BTreeMap::new();
     privates.insert(spk_pub, spk);
     for (i, m) in case["messages"]
