@@ -1461,6 +1461,8 @@ fn main() {
     );
     // Device lists (SPEC 25): no randomness, so the files above are
     // unchanged by it.
+    // Profile v2 (SPEC 26): its own seed, so the files above are unchanged.
+    write_json("sealed.json", sealed_vectors());
     write_json(
         "devices.json",
         json!({
@@ -2701,4 +2703,739 @@ fn device_cases() -> Vec<Value> {
         cases.push(case);
     }
     cases
+}
+
+// ------------------------------------------------------------ sealed (v2)
+
+/// The seed of `sealed.json`'s generator: its own, so that the v1 files
+/// are unchanged by it.
+const SEED_V2: [u8; 32] = *b"cubbyhole/v2 test vectors seed!!";
+/// The routing window the conversation is replayed with (SPEC 26.6).
+const WINDOW: u32 = 32;
+
+const SEALED_DESCRIPTION: &str = "Profile cubbyhole/v2 (SPEC.md section 26): header keys and \
+    routing tags, size classes and padding, one conversation of sealed prekey messages and \
+    chain messages with every intermediate value, and rejected envelopes with their error \
+    kinds (session_mismatch: no session expects the envelope id). Intermediate values are \
+    computed here with the primitives (hmac, hkdf, aes-gcm, x25519-dalek), and the generator \
+    refuses to write a payload the crate does not produce byte for byte.";
+
+/// The primitives of profile v2, written out for the generator (not the
+/// crate's code).
+mod prim {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use aes_gcm::{Aes256Gcm, Nonce};
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
+    pub fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+        for p in parts {
+            mac.update(p);
+        }
+        mac.finalize().into_bytes().into()
+    }
+    pub fn hkdf<const N: usize>(salt: &[u8], ikm: &[u8], info: &[u8]) -> [u8; N] {
+        let mut okm = [0u8; N];
+        hkdf::Hkdf::<Sha256>::new(Some(salt), ikm)
+            .expand(info, &mut okm)
+            .expect("length");
+        okm
+    }
+    pub fn aead(key: &[u8], nonce: &[u8], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        Aes256Gcm::new_from_slice(key)
+            .expect("32-byte key")
+            .encrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .expect("encrypt")
+    }
+    pub fn x25519(private: &[u8; 32], public: &[u8; 32]) -> [u8; 32] {
+        x25519_dalek::x25519(*private, *public)
+    }
+    pub fn x25519_public(private: &[u8; 32]) -> [u8; 32] {
+        x25519_dalek::x25519(*private, x25519_dalek::X25519_BASEPOINT_BYTES)
+    }
+    pub fn header_key(rk: &[u8; 32]) -> [u8; 32] {
+        hmac(rk, &[b"cubbyhole/v2 header key"])
+    }
+    pub fn tag(hk: &[u8; 32], n: u32) -> [u8; 16] {
+        hmac(hk, &[b"cubbyhole/v2 tag", &n.to_be_bytes()])[..16]
+            .try_into()
+            .expect("16")
+    }
+    pub fn hkey(hk: &[u8; 32], n: u32) -> [u8; 32] {
+        hmac(hk, &[b"cubbyhole/v2 header", &n.to_be_bytes()])
+    }
+    pub fn kdf_rk(rk: &[u8; 32], dh: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
+        let okm = hkdf::<64>(rk, dh, b"cubbyhole/v1 root");
+        (
+            okm[..32].try_into().expect("32"),
+            okm[32..].try_into().expect("32"),
+        )
+    }
+    pub fn kdf_ck(ck: &[u8; 32]) -> ([u8; 32], [u8; 32]) {
+        (hmac(ck, &[&[1]]), hmac(ck, &[&[2]]))
+    }
+    pub fn message_keys(mk: &[u8; 32]) -> [u8; 44] {
+        hkdf::<44>(&[0; 32], mk, b"cubbyhole/v1 message")
+    }
+    pub fn seal_keys(dh: &[u8; 32], e: &[u8; 32], spk: &[u8; 32]) -> [u8; 44] {
+        let info = [&b"cubbyhole/v2 seal"[..], e, spk].concat();
+        hkdf::<44>(&[0; 32], dh, &info)
+    }
+    /// PADMÉ above 512 bytes.
+    pub fn size_class(len: usize) -> usize {
+        if len <= 512 {
+            return 512;
+        }
+        let e = len.ilog2();
+        let s = e.ilog2() + 1;
+        let mask = (1usize << (e - s)) - 1;
+        (len + mask) & !mask
+    }
+    pub fn pad(plaintext: &[u8], overhead: usize) -> Vec<u8> {
+        let class = size_class(overhead + plaintext.len() + 1);
+        let mut out = plaintext.to_vec();
+        out.push(0x80);
+        out.resize(class - overhead, 0);
+        out
+    }
+}
+
+/// One message of the v2 conversation, as the generator's model computes it.
+#[derive(Clone)]
+struct V2Message {
+    sender: Who,
+    plaintext: Vec<u8>,
+    prekey: bool,
+    json: Value,
+    header_key: [u8; 32],
+    message_key: [u8; 32],
+    header: [u8; 40],
+    id: [u8; 16],
+    payload: Vec<u8>,
+    /// The inner message's bytes before its ciphertext (sealed prekey only).
+    prefix: Vec<u8>,
+    /// E's private key (sealed prekey only).
+    seal_private: [u8; 32],
+}
+
+/// The parties of the v2 conversation, driven through the crate's API.
+#[derive(Clone)]
+struct V2Parties {
+    bob: IdentityKeyPair,
+    alice_session: Session,
+    bob_prekeys: PrekeyStore,
+    bob_session: Option<Session>,
+}
+
+impl V2Parties {
+    fn session(&mut self, who: Who) -> Option<&mut Session> {
+        match who {
+            Who::Initiator => Some(&mut self.alice_session),
+            Who::Responder => self.bob_session.as_mut(),
+        }
+    }
+
+    /// Bob's receipt of a sealed prekey message: opened with his signed
+    /// prekeys, then given to the session it continues or accepted.
+    fn receive_sealed_prekey(&mut self, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        let inner = self.bob_prekeys.open_sealed(payload)?;
+        let incoming = Incoming::decode(&inner)?;
+        if let Some(s) = self.bob_session.as_mut().filter(|s| s.matches(&incoming)) {
+            let mut out = Vec::new();
+            s.decrypt_incoming(&incoming, &mut out)?;
+            return Ok(out);
+        }
+        let a = self
+            .bob_prekeys
+            .accept(&self.bob, &incoming, SessionConfig::default())?;
+        self.bob_session = Some(a.session);
+        Ok(a.plaintext)
+    }
+
+    fn receive_chain(&mut self, who: Who, id: &[u8; 16], payload: &[u8]) -> Result<Vec<u8>, Error> {
+        let s = self.session(who).ok_or(Error::SessionMismatch)?;
+        let mut out = Vec::new();
+        s.open(id, payload, WINDOW, &mut out)?;
+        Ok(out)
+    }
+
+    fn state(&self) -> Vec<u8> {
+        let mut all = self.alice_session.to_bytes().to_vec();
+        all.extend_from_slice(&self.bob_prekeys.to_bytes());
+        if let Some(s) = &self.bob_session {
+            all.extend_from_slice(&s.to_bytes());
+        }
+        all
+    }
+}
+
+fn v2_error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::SessionMismatch => "session_mismatch",
+        e => e.profile_kind().expect("a profile kind"),
+    }
+}
+
+/// The header keys cases: HK(rk), and tag and hkey for several n.
+fn v2_header_key_cases(rng: &mut ChaCha20Rng) -> Vec<Value> {
+    (0..3)
+        .map(|i| {
+            let rk = bytes32(rng);
+            let hk = prim::header_key(&rk);
+            let tags: Vec<Value> = [0u32, 1, 2, 31, 32, 1000, u32::MAX - 1, u32::MAX]
+                .into_iter()
+                .map(|n| {
+                    json!({
+                        "n": n,
+                        "tag": h(&prim::tag(&hk, n)),
+                        "header_aead_key": h(&prim::hkey(&hk, n)),
+                    })
+                })
+                .collect();
+            json!({
+                "name": format!("header_keys_{i}"),
+                "kind": "header_keys",
+                "root_key": h(&rk),
+                "header_key": h(&hk),
+                "tags": tags,
+            })
+        })
+        .collect()
+}
+
+/// Size classes and padding lengths, from the crate (the test recomputes
+/// them with its own PADMÉ); the generator checks them against its own.
+fn v2_padding_case() -> Value {
+    let classes: Vec<Value> = [
+        0usize,
+        1,
+        511,
+        512,
+        513,
+        1024,
+        1025,
+        4096,
+        65_536 + 74,
+        1 << 20,
+    ]
+    .into_iter()
+    .map(|l| {
+        let c = cubbyhole::sealed::size_class(l);
+        assert_eq!(c, prim::size_class(l), "size class {l}");
+        json!({"length": l, "class": c})
+    })
+    .collect();
+    let mut padding = Vec::new();
+    for overhead in [
+        cubbyhole::sealed::CHAIN_OVERHEAD,
+        cubbyhole::sealed::SEALED_PREKEY_OVERHEAD,
+        cubbyhole::sealed::SEALED_PREKEY_OVERHEAD_OPK,
+    ] {
+        for len in [64usize, 1024, 65_536] {
+            let p = cubbyhole::sealed::padding_len(overhead, len);
+            assert_eq!(p, prim::pad(&vec![0; len], overhead).len() - len);
+            padding.push(json!({
+                "overhead": overhead,
+                "plaintext_length": len,
+                "padding_length": p,
+                "payload_length": overhead + len + p,
+            }));
+        }
+    }
+    json!({
+        "name": "size_classes",
+        "kind": "padding",
+        "classes": classes,
+        "padding": padding,
+    })
+}
+
+/// The conversation: who sends (and after how many deliveries), and the
+/// delivery events (receiver, message index).
+#[allow(clippy::type_complexity)]
+fn v2_script() -> (Vec<(Who, usize, Vec<u8>)>, Vec<(Who, usize)>) {
+    use Who::{Initiator as A, Responder as B};
+    let sends = vec![
+        (A, 0, b"hello bob: a sealed prekey message".to_vec()),
+        (A, 0, b"a second one, with a fresh E".to_vec()),
+        (B, 2, b"hi alice: a chain message".to_vec()),
+        (B, 2, b"this one arrives after the next".to_vec()),
+        (B, 2, vec![0x42; 1000]),
+        (
+            A,
+            5,
+            b"a new chain of alice's; its second message arrives first".to_vec(),
+        ),
+        (A, 5, b"second of the chain, delivered first".to_vec()),
+        (B, 7, b"a new chain of bob's".to_vec()),
+    ];
+    let deliveries = vec![
+        (B, 0),
+        (B, 1),
+        (A, 2),
+        (A, 4),
+        (A, 3),
+        (B, 6),
+        (B, 5),
+        (A, 7),
+    ];
+    (sends, deliveries)
+}
+
+/// Runs the conversation through the crate (recording what it draws) and
+/// through the model (the intermediate values); they must agree on every
+/// envelope. Returns the case, the messages and the parties' states after
+/// each number of deliveries.
+fn v2_conversation(rng: &mut ChaCha20Rng) -> (Value, Vec<V2Message>, Vec<V2Parties>) {
+    let keys = Keys::random(rng, true);
+    // Alice's session: EK_A, then her first ratchet key.
+    let bundle = keys
+        .bundle()
+        .verify(keys.spk_created, FreshnessPolicy::default())
+        .expect("verifies");
+    let mut rec = Recording {
+        inner: rng,
+        drawn: Vec::new(),
+    };
+    let alice_session = Session::initiate_sealed(
+        &mut rec,
+        &keys.initiator(),
+        &bundle,
+        SessionConfig::default(),
+    )
+    .expect("initiate");
+    let ephemeral: [u8; 32] = rec.drawn[..32].try_into().expect("EK_A");
+    let alice_first_ratchet: [u8; 32] = rec.drawn[32..64].try_into().expect("32");
+    assert_eq!(rec.drawn.len(), 64);
+    let mut case = keys.setup_json("conversation", &ephemeral);
+    case.remove("bundle");
+    case.insert("kind".into(), json!("conversation"));
+    case.insert(
+        "initiator_ephemeral_public".into(),
+        h(&prim::x25519_public(&ephemeral)),
+    );
+    let bob = keys.responder();
+    let x = hazmat::x3dh_initiator(&keys.initiator(), &ephemeral, &keys.bundle()).expect("X3DH");
+    let ad = x.associated_data;
+    let spk_public = *keys.signed_prekey().public();
+    let (opk_id, _) = keys.opk.expect("an OPK");
+
+    let mut prekeys = PrekeyStore::with_signed_prekey(keys.signed_prekey());
+    prekeys.insert_one_time_prekey(keys.one_time_prekey().expect("OPK"));
+    let mut parties = V2Parties {
+        bob,
+        alice_session,
+        bob_prekeys: prekeys,
+        bob_session: None,
+    };
+
+    // The model.
+    let mut rk = *x.shared_secret;
+    let mut last_chain: Option<(Who, [u8; 32])> = None;
+    // Per party: (ratchet private, public, next chain key, next n, HK).
+    type Chain = ([u8; 32], [u8; 32], [u8; 32], u32, [u8; 32]);
+    let mut chains: BTreeMap<Who, Chain> = BTreeMap::new();
+    // The peer's ratchet private that answers each ratchet public.
+    let mut privates: BTreeMap<[u8; 32], [u8; 32]> = BTreeMap::new();
+    privates.insert(spk_public, keys.spk_private);
+
+    let (sends, deliveries) = v2_script();
+    let mut messages: Vec<V2Message> = Vec::new();
+    let mut snapshots = Vec::new();
+    let mut delivered = 0;
+    loop {
+        // Send what is due.
+        while let Some((sender, after, plaintext)) = sends.get(messages.len()) {
+            if *after != delivered {
+                assert!(*after > delivered);
+                break;
+            }
+            let i = messages.len();
+            let mut rec = Recording {
+                inner: rng,
+                drawn: Vec::new(),
+            };
+            let sealed = parties
+                .session(*sender)
+                .expect("sender's session")
+                .seal(&mut rec, plaintext)
+                .expect("seal");
+            let mut drawn = &rec.drawn[..];
+            let prekey = *sender == Who::Initiator
+                && !deliveries[..delivered]
+                    .iter()
+                    .any(|(r, _)| *r == Who::Initiator);
+            let mut m = serde_json::Map::new();
+            m.insert("sender".into(), json!(sender.name()));
+            m.insert("after_deliveries".into(), json!(after));
+            m.insert("plaintext".into(), h(plaintext));
+            m.insert(
+                "kind".into(),
+                json!(if prekey { "sealed_prekey" } else { "chain" }),
+            );
+            // A new chain?
+            let new_chain = last_chain.is_none_or(|(who, _)| who != *sender);
+            if new_chain {
+                let private = if i == 0 {
+                    alice_first_ratchet
+                } else {
+                    let p: [u8; 32] = drawn[..32].try_into().expect("a ratchet key drawn");
+                    drawn = &drawn[32..];
+                    p
+                };
+                let public = prim::x25519_public(&private);
+                let peer = last_chain.map_or(spk_public, |(_, p)| p);
+                let dh = prim::x25519(&private, &peer);
+                assert_eq!(
+                    dh,
+                    prim::x25519(&privates[&peer], &public),
+                    "both sides' DH"
+                );
+                let hk = prim::header_key(&rk);
+                let (rk_out, ck) = prim::kdf_rk(&rk, &dh);
+                m.insert("ratchet_private".into(), h(&private));
+                m.insert("root_key_in".into(), h(&rk));
+                m.insert("ratchet_dh".into(), h(&dh));
+                m.insert("root_key_out".into(), h(&rk_out));
+                rk = rk_out;
+                privates.insert(public, private);
+                let pn = chains.get(sender).map_or(0, |c| c.3);
+                chains.insert(*sender, (private, public, ck, 0, hk));
+                last_chain = Some((*sender, public));
+                m.insert("pn".into(), json!(pn));
+            } else {
+                m.insert("ratchet_private".into(), Value::Null);
+                m.insert("root_key_in".into(), Value::Null);
+                m.insert("ratchet_dh".into(), Value::Null);
+                m.insert("root_key_out".into(), Value::Null);
+            }
+            let pn = m
+                .get("pn")
+                .and_then(Value::as_u64)
+                .map(|p| p as u32)
+                .unwrap_or_else(|| {
+                    // The pn of the chain's first message.
+                    messages
+                        .iter()
+                        .rev()
+                        .find(|x| x.sender == *sender)
+                        .map(|x| u32::from_be_bytes(x.header[32..36].try_into().expect("4")))
+                        .expect("a previous message of the chain")
+                });
+            m.insert("pn".into(), json!(pn));
+            let chain = chains.get_mut(sender).expect("a sending chain");
+            let (ratchet_public, ck, n, hk) = (chain.1, chain.2, chain.3, chain.4);
+            let (mk, next) = prim::kdf_ck(&ck);
+            chain.2 = next;
+            chain.3 += 1;
+            let mut header = [0u8; 40];
+            header[..32].copy_from_slice(&ratchet_public);
+            header[32..36].copy_from_slice(&pn.to_be_bytes());
+            header[36..].copy_from_slice(&n.to_be_bytes());
+            let keys44 = prim::message_keys(&mk);
+            m.insert("ratchet_public".into(), h(&ratchet_public));
+            m.insert("n".into(), json!(n));
+            m.insert("header".into(), h(&header));
+            m.insert("header_key".into(), h(&hk));
+            m.insert("chain_key".into(), h(&ck));
+            m.insert("message_key".into(), h(&mk));
+            m.insert("message_aes_key".into(), h(&keys44[..32]));
+            m.insert("message_nonce".into(), h(&keys44[32..]));
+            let overhead = if prekey {
+                cubbyhole::sealed::SEALED_PREKEY_OVERHEAD_OPK
+            } else {
+                cubbyhole::sealed::CHAIN_OVERHEAD
+            };
+            let padded = prim::pad(plaintext, overhead);
+            m.insert(
+                "padding_length".into(),
+                json!(padded.len() - plaintext.len()),
+            );
+            let mut prefix = Vec::new();
+            let mut seal_private = [0u8; 32];
+            let (id, payload) = if prekey {
+                prefix.extend_from_slice(&[0x02, 0x03]);
+                prefix.extend_from_slice(keys.initiator().public().as_bytes());
+                prefix.extend_from_slice(&prim::x25519_public(&ephemeral));
+                prefix.extend_from_slice(&keys.spk_id.to_be_bytes());
+                prefix.push(1);
+                prefix.extend_from_slice(&opk_id.to_be_bytes());
+                prefix.extend_from_slice(&header);
+                let aad = [&ad[..], &prefix].concat();
+                let body = prim::aead(&keys44[..32], &keys44[32..], &aad, &padded);
+                let inner = [&prefix[..], &body].concat();
+                seal_private = drawn[..32].try_into().expect("e drawn");
+                let id: [u8; 16] = drawn[32..48].try_into().expect("id drawn");
+                assert_eq!(drawn.len(), 48, "message {i}: draws");
+                let e = prim::x25519_public(&seal_private);
+                let sdh = prim::x25519(&seal_private, &spk_public);
+                let sk = prim::seal_keys(&sdh, &e, &spk_public);
+                let sealed_inner = prim::aead(
+                    &sk[..32],
+                    &sk[32..],
+                    &[&[0x02, 0x01][..], &e].concat(),
+                    &inner,
+                );
+                m.insert("aead_associated_data".into(), h(&aad));
+                m.insert("body".into(), h(&body));
+                m.insert("inner".into(), h(&inner));
+                m.insert("seal_ephemeral_private".into(), h(&seal_private));
+                m.insert("seal_ephemeral_public".into(), h(&e));
+                m.insert("seal_dh".into(), h(&sdh));
+                m.insert("seal_key".into(), h(&sk[..32]));
+                m.insert("seal_nonce".into(), h(&sk[32..]));
+                (id, [&[0x02, 0x01][..], &e, &sealed_inner].concat())
+            } else {
+                assert!(drawn.is_empty(), "message {i}: draws");
+                let aad = [&ad[..], &[0x02, 0x02], &header].concat();
+                let body = prim::aead(&keys44[..32], &keys44[32..], &aad, &padded);
+                let id = prim::tag(&hk, n);
+                let hkey = prim::hkey(&hk, n);
+                let eh = prim::aead(&hkey, &[0; 12], &[&[0x02, 0x02][..], &id].concat(), &header);
+                m.insert("aead_associated_data".into(), h(&aad));
+                m.insert("body".into(), h(&body));
+                m.insert("header_aead_key".into(), h(&hkey));
+                m.insert("encrypted_header".into(), h(&eh));
+                (id, [&[0x02, 0x02][..], &eh, &body].concat())
+            };
+            assert_eq!(sealed.id, id, "message {i}: envelope id");
+            assert_eq!(
+                hex::encode(&sealed.payload),
+                hex::encode(&payload),
+                "message {i}: the crate's payload differs from the model's"
+            );
+            m.insert("envelope_id".into(), h(&id));
+            m.insert("payload".into(), h(&payload));
+            messages.push(V2Message {
+                sender: *sender,
+                plaintext: plaintext.clone(),
+                prekey,
+                json: Value::Object(m),
+                header_key: hk,
+                message_key: mk,
+                header,
+                id,
+                payload,
+                prefix,
+                seal_private,
+            });
+        }
+        snapshots.push(parties.clone());
+        let Some((receiver, index)) = deliveries.get(delivered) else {
+            break;
+        };
+        let msg = &messages[*index];
+        assert_ne!(msg.sender, *receiver);
+        let got = if msg.prekey {
+            parties.receive_sealed_prekey(&msg.payload)
+        } else {
+            parties.receive_chain(*receiver, &msg.id, &msg.payload)
+        }
+        .unwrap_or_else(|e| panic!("delivery {delivered}: {e:?}"));
+        assert_eq!(got, msg.plaintext, "delivery {delivered}");
+        delivered += 1;
+    }
+    assert_eq!(messages.len(), sends.len(), "every message sent");
+    case.insert(
+        "messages".into(),
+        Value::Array(messages.iter().map(|m| m.json.clone()).collect()),
+    );
+    case.insert(
+        "delivery".into(),
+        Value::Array(
+            deliveries
+                .iter()
+                .map(|(r, i)| json!({"receiver": r.name(), "index": i}))
+                .collect(),
+        ),
+    );
+    (Value::Object(case), messages, snapshots)
+}
+
+/// The rejected envelopes. Each is built from a message of the conversation
+/// (by a byte change, or anew with the primitives), given to `receiver`
+/// after `after_deliveries` delivery events, and must be rejected with
+/// `error`, the state unchanged.
+fn v2_negative_cases(
+    rng: &mut ChaCha20Rng,
+    conversation: &Value,
+    messages: &[V2Message],
+    snapshots: &[V2Parties],
+) -> Vec<Value> {
+    let ad: Vec<u8> =
+        hex::decode(conversation["associated_data"].as_str().expect("AD")).expect("hex");
+    let spk_public: [u8; 32] =
+        hex::decode(conversation["signed_prekey_public"].as_str().expect("spk"))
+            .expect("hex")
+            .try_into()
+            .expect("32");
+    let m0 = &messages[0];
+    let m2 = &messages[2];
+    let m3 = &messages[3];
+    assert!(m0.prekey && !m2.prekey && !m3.prekey);
+    let e0 = prim::x25519_public(&m0.seal_private);
+    // A payload sealed to `spk` with m0's E (the inner's bytes given).
+    let seal = |spk: &[u8; 32], inner: &[u8]| {
+        let sdh = prim::x25519(&m0.seal_private, spk);
+        let k = prim::seal_keys(&sdh, &e0, spk);
+        let s = prim::aead(
+            &k[..32],
+            &k[32..],
+            &[&[0x02, 0x01][..], &e0].concat(),
+            inner,
+        );
+        [&[0x02, 0x01][..], &e0, &s].concat()
+    };
+    // A chain payload for `id` with the header `header` sealed under
+    // hkey(hk, n), and the body given.
+    let chain = |hk: &[u8; 32], n: u32, id: &[u8; 16], header: &[u8; 40], body: &[u8]| {
+        let eh = prim::aead(
+            &prim::hkey(hk, n),
+            &[0; 12],
+            &[&[0x02, 0x02][..], id].concat(),
+            header,
+        );
+        [&[0x02, 0x02][..], &eh, body].concat()
+    };
+    let body_of = |m: &V2Message| m.payload[2 + 56..].to_vec();
+    // m's plaintext with a bad ending (0x81 where 0x80 belongs), encrypted
+    // under m's message key with the aad of its header.
+    let bad_padding = |m: &V2Message, aad: &[u8], overhead: usize| {
+        let mut padded = prim::pad(&m.plaintext, overhead);
+        padded[m.plaintext.len()] = 0x81;
+        let keys = prim::message_keys(&m.message_key);
+        prim::aead(&keys[..32], &keys[32..], aad, &padded)
+    };
+    let flip = |mut b: Vec<u8>, at: usize| {
+        b[at] ^= 0x01;
+        b
+    };
+    let other_spk = prim::x25519_public(&bytes32(rng));
+    let inner0_bad_padding = {
+        let aad = [&ad[..], &m0.prefix].concat();
+        let body = bad_padding(m0, &aad, cubbyhole::sealed::SEALED_PREKEY_OVERHEAD_OPK);
+        [&m0.prefix[..], &body].concat()
+    };
+    // m3's header (n = 1) under m2's tag (n = 0): with m3's own body, the
+    // envelope would open if the header's n were not compared with the tag's.
+    let wrong_n = m3.header;
+    assert_eq!(m2.header[..36], m3.header[..36]);
+    let mut wrong_key = m3.header;
+    wrong_key[..32].copy_from_slice(&e0);
+
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        usize,
+        Who,
+        [u8; 16],
+        Vec<u8>,
+        &'a str,
+        &'a str,
+    );
+    let p0 = m0.payload.clone();
+    let p2 = m2.payload.clone();
+    let cases: Vec<Case<'_>> = vec![
+        ("sealed_prekey_too_short", "sealed_prekey", 0, Who::Responder, m0.id, p0[..176].to_vec(), "decode",
+         "176 bytes: one less than the smallest sealed prekey message (177)"),
+        ("sealed_prekey_wrong_version", "sealed_prekey", 0, Who::Responder, m0.id, with(p0.clone(), 0, &[0x01]), "decode",
+         "version byte 0x01"),
+        ("sealed_prekey_wrong_kind", "sealed_prekey", 0, Who::Responder, m0.id, with(p0.clone(), 1, &[0x02]), "decode",
+         "kind byte 0x02 (a chain message's) given as a sealed prekey message"),
+        ("sealed_prekey_small_order_e", "sealed_prekey", 0, Who::Responder, m0.id, with(p0.clone(), 2, &X25519_ONE), "invalid_key",
+         "E = the X25519 point u = 1: DH(SPK, E) is not contributory"),
+        ("sealed_prekey_tampered_seal", "sealed_prekey", 0, Who::Responder, m0.id, flip(p0.clone(), 100), "auth",
+         "one bit of S flipped: the seal's AEAD fails"),
+        ("sealed_prekey_tampered_seal_tag", "sealed_prekey", 0, Who::Responder, m0.id, flip(p0.clone(), p0.len() - 1), "auth",
+         "one bit of ST flipped"),
+        ("sealed_prekey_unknown_signed_prekey", "sealed_prekey", 0, Who::Responder, m0.id, seal(&other_spk, &inner_of(m0, &ad)), "auth",
+         "m0's inner sealed (with its E) to a signed prekey Bob does not hold: no held prekey opens it"),
+        ("sealed_prekey_bad_padding", "sealed_prekey", 0, Who::Responder, m0.id, seal(&spk_public, &inner0_bad_padding), "decode",
+         "m0's inner with its plaintext padded with 0x81 instead of 0x80, encrypted under m0's message key and sealed to Bob's signed prekey: every AEAD opens, the padding is refused"),
+        ("chain_too_short", "chain", 2, Who::Initiator, m2.id, p2[..73].to_vec(), "decode",
+         "73 bytes: one less than a chain message's overhead (74)"),
+        ("chain_wrong_version", "chain", 2, Who::Initiator, m2.id, with(p2.clone(), 0, &[0x01]), "decode",
+         "version byte 0x01"),
+        ("chain_wrong_kind", "chain", 2, Who::Initiator, m2.id, with(p2.clone(), 1, &[0x01]), "decode",
+         "kind byte 0x01 (a sealed prekey message's) given as a chain message"),
+        ("chain_unexpected_tag", "chain", 2, Who::Initiator, { let mut t = m2.id; t[8] ^= 1; t }, p2.clone(), "session_mismatch",
+         "m2 with one bit of its envelope id flipped: no tag the session expects"),
+        ("chain_replayed", "chain", 3, Who::Initiator, m2.id, p2.clone(), "session_mismatch",
+         "m2 again after it was opened: its tag is no longer expected"),
+        ("chain_tampered_header", "chain", 2, Who::Initiator, m2.id, flip(p2.clone(), 10), "auth",
+         "one bit of EH flipped: the header's AEAD fails"),
+        ("chain_tampered_body", "chain", 2, Who::Initiator, m2.id, flip(p2.clone(), p2.len() - 1), "auth",
+         "one bit of the body's tag flipped: the header opens, the message AEAD fails"),
+        ("chain_header_n_differs", "chain", 2, Who::Initiator, m2.id, chain(&m2.header_key, 0, &m2.id, &wrong_n, &body_of(m3)), "auth",
+         "m2's tag (n = 0) with m3's header (n = 1) sealed under hkey(HK, 0), and m3's body: the header opens but names another message than its tag"),
+        ("chain_header_ratchet_key_differs", "chain", 4, Who::Initiator, m3.id, chain(&m3.header_key, 1, &m3.id, &wrong_key, &body_of(m3)), "auth",
+         "m3's tag (a stored skipped key of Bob's first chain) with a header naming another ratchet key, sealed under hkey(HK, 1): the header opens but names another chain"),
+        ("chain_bad_padding", "chain", 2, Who::Initiator, m2.id, chain(&m2.header_key, 0, &m2.id, &m2.header, &bad_padding(m2, &[&ad[..], &[0x02, 0x02], &m2.header].concat(), cubbyhole::sealed::CHAIN_OVERHEAD)), "decode",
+         "m2 with its plaintext padded with 0x81 instead of 0x80, encrypted under m2's message key: both AEADs open, the padding is refused"),
+    ];
+    cases
+        .into_iter()
+        .map(
+            |(name, kind, after, receiver, id, payload, error, description)| {
+                let mut parties = snapshots[after].clone();
+                let before = parties.state();
+                let result = match kind {
+                    "sealed_prekey" => parties.receive_sealed_prekey(&payload),
+                    _ => parties.receive_chain(receiver, &id, &payload),
+                };
+                match result {
+                    Ok(_) => panic!("{name}: accepted, expected {error}"),
+                    Err(e) => assert_eq!(v2_error_kind(&e), error, "{name}: {e:?}"),
+                }
+                assert_eq!(parties.state(), before, "{name}: state changed");
+                json!({
+                    "name": name,
+                    "kind": "negative",
+                    "description": description,
+                    "conversation": "conversation",
+                    "envelope": kind,
+                    "after_deliveries": after,
+                    "receiver": receiver.name(),
+                    "envelope_id": h(&id),
+                    "payload": h(&payload),
+                    "error": error,
+                })
+            },
+        )
+        .collect()
+}
+
+/// The inner message of `m` (a sealed prekey message), rebuilt.
+fn inner_of(m: &V2Message, ad: &[u8]) -> Vec<u8> {
+    let keys = prim::message_keys(&m.message_key);
+    let aad = [ad, &m.prefix].concat();
+    let padded = prim::pad(&m.plaintext, cubbyhole::sealed::SEALED_PREKEY_OVERHEAD_OPK);
+    [
+        &m.prefix[..],
+        &prim::aead(&keys[..32], &keys[32..], &aad, &padded),
+    ]
+    .concat()
+}
+
+fn sealed_vectors() -> Value {
+    let mut rng = ChaCha20Rng::from_seed(SEED_V2);
+    let mut cases = v2_header_key_cases(&mut rng);
+    cases.push(v2_padding_case());
+    let (conversation, messages, snapshots) = v2_conversation(&mut rng);
+    let negative = v2_negative_cases(&mut rng, &conversation, &messages, &snapshots);
+    cases.push(conversation);
+    cases.extend(negative);
+    json!({
+        "profile": "cubbyhole/v2",
+        "description": SEALED_DESCRIPTION,
+        "generator": "cubbyhole examples/gen_vectors.rs (ChaCha20, fixed seed)",
+        "cases": cases,
+    })
 }

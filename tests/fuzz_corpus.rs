@@ -456,6 +456,11 @@ fn decode_incoming() {
 }
 
 #[test]
+fn sealed() {
+    replay("sealed");
+}
+
+#[test]
 fn decode_bundle() {
     replay("decode_bundle");
 }

@@ -1058,6 +1058,38 @@ const LOOSE: &[(&str, &str, &str)] = &[
         "a refused list with one more bit flipped is often refused for the same reason",
     ),
     (
+        "sealed.json",
+        "classes[].length",
+        "every length up to 512 has the class 512",
+    ),
+    (
+        "sealed.json",
+        "messages[].envelope_id",
+        "a sealed prekey message's id is 16 random bytes, fed to the crate and given back; \
+         a chain message's (its tag) is recomputed",
+    ),
+    (
+        "sealed.json",
+        "receiver",
+        "an envelope rejected by its format is rejected the same way by either party",
+    ),
+    (
+        "sealed.json",
+        "payload",
+        "a rejected envelope with one more bit flipped is often rejected for the same reason",
+    ),
+    (
+        "sealed.json",
+        "after_deliveries",
+        "the same bad envelope is often rejected the same way one delivery later",
+    ),
+    (
+        "sealed.json",
+        "envelope_id",
+        "the id of a sealed prekey message is not looked at, and a chain message's \
+         unexpected id stays unexpected with one more bit flipped",
+    ),
+    (
         "negative.json",
         "input",
         "a rejected input with one more bit flipped is often rejected for the same reason",
@@ -1199,6 +1231,7 @@ fn every_field_is_checked() {
     let fingerprint = load("fingerprint.json");
     let frames = load_optional("frames.json");
     let devices = load_optional("devices.json");
+    let sealed = load_optional("sealed.json");
     let mut files: Vec<(&str, &Value, CaseCheck<'_>)> = vec![
         ("x3dh.json", &x3dh, Box::new(x3dh_case)),
         ("fingerprint.json", &fingerprint, Box::new(fingerprint_case)),
@@ -1226,6 +1259,13 @@ fn every_field_is_checked() {
     }
     if let Some(devices) = &devices {
         files.push(("devices.json", devices, Box::new(device_case)));
+    }
+    if let Some(sealed) = &sealed {
+        files.push((
+            "sealed.json",
+            sealed,
+            Box::new(move |c| sealed_case(c, sealed)),
+        ));
     }
 
     let mut unchecked = Vec::new();
@@ -1320,6 +1360,13 @@ fn main() {
             dir().display()
         );
     }
+    let sealed = dir().join("sealed.json").exists();
+    if !sealed {
+        eprintln!(
+            "note: sealed_vectors ignored: no sealed.json in {}",
+            dir().display()
+        );
+    }
     let trials = vec![
         trial("x3dh_vectors", x3dh_vectors),
         trial("session_vectors", session_vectors),
@@ -1327,7 +1374,750 @@ fn main() {
         trial("fingerprint_vectors", fingerprint_vectors),
         trial("frame_vectors", frame_vectors).with_ignored_flag(!frames),
         trial("device_vectors", device_vectors).with_ignored_flag(!devices),
+        trial("sealed_vectors", sealed_vectors).with_ignored_flag(!sealed),
         trial("every_field_is_checked", every_field_is_checked),
     ];
     libtest_mimic::run(&Arguments::from_args(), trials).exit();
+}
+
+// ------------------------------------------------------------ sealed.json
+
+/// The routing window of the replay (SPEC 26.6's default).
+const V2_WINDOW: u32 = 32;
+
+/// Profile v2's primitives, written out here from SPEC.md with hmac, hkdf,
+/// sha2, aes-gcm, x25519-dalek and ed25519-dalek: nothing of
+/// `cubbyhole::sealed`, so no expected value is computed by the code under
+/// test.
+mod v2 {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use aes_gcm::{Aes256Gcm, Nonce};
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
+    pub fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+        for p in parts {
+            mac.update(p);
+        }
+        mac.finalize().into_bytes().into()
+    }
+    pub fn hkdf(salt: &[u8], ikm: &[u8], info: &[u8], len: usize) -> Vec<u8> {
+        let mut okm = vec![0u8; len];
+        hkdf::Hkdf::<Sha256>::new(Some(salt), ikm)
+            .expand(info, &mut okm)
+            .expect("length");
+        okm
+    }
+    /// AES-256-GCM: ciphertext || tag.
+    pub fn aead(key: &[u8], nonce: &[u8], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        Aes256Gcm::new_from_slice(key)
+            .expect("32-byte key")
+            .encrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .expect("encrypt")
+    }
+    pub fn x25519(private: &[u8; 32], public: &[u8; 32]) -> [u8; 32] {
+        x25519_dalek::x25519(*private, *public)
+    }
+    pub fn x25519_public(private: &[u8; 32]) -> [u8; 32] {
+        x25519(private, &x25519_dalek::X25519_BASEPOINT_BYTES)
+    }
+    /// An identity key's X25519 private scalar (SPEC 2.1).
+    pub fn identity_x25519_private(seed: &[u8; 32]) -> [u8; 32] {
+        use sha2::Digest;
+        let digest = sha2::Sha512::digest(seed);
+        let mut k: [u8; 32] = digest[..32].try_into().expect("32");
+        k[0] &= 248;
+        k[31] &= 127;
+        k[31] |= 64;
+        k
+    }
+    pub fn header_key(rk: &[u8]) -> [u8; 32] {
+        hmac(rk, &[b"cubbyhole/v2 header key"])
+    }
+    pub fn tag(hk: &[u8], n: u32) -> Vec<u8> {
+        hmac(hk, &[b"cubbyhole/v2 tag", &n.to_be_bytes()])[..16].to_vec()
+    }
+    pub fn header_aead_key(hk: &[u8], n: u32) -> [u8; 32] {
+        hmac(hk, &[b"cubbyhole/v2 header", &n.to_be_bytes()])
+    }
+    /// PADMÉ (SPEC 26), with the floor of 512, by counting bits.
+    pub fn size_class(len: u64) -> u64 {
+        if len <= 512 {
+            return 512;
+        }
+        let log2 = |x: u64| 63 - u64::from(x.leading_zeros());
+        let e = log2(len);
+        let s = log2(e) + 1;
+        let low = e - s;
+        len.div_ceil(1 << low) << low
+    }
+}
+
+/// An RNG that yields the given bytes (any lengths) and fails the test if
+/// asked for more.
+fn fixed_bytes(bytes: Vec<u8>) -> FixedRng {
+    FixedRng(bytes.into())
+}
+
+fn v2_error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::SessionMismatch => "session_mismatch",
+        e => error_kind(e),
+    }
+}
+
+fn sealed_header_keys_case(case: &Value) {
+    let name = case["name"].as_str().expect("name");
+    let hk = v2::header_key(&unhex(&case["root_key"]));
+    check_hex(name, "header_key", &case["header_key"], &hk);
+    let tags = case["tags"].as_array().expect("tags");
+    assert!(!tags.is_empty(), "{name}: tags");
+    for t in tags {
+        let n = u32::try_from(num(&t["n"])).expect("u32 n");
+        check_hex(name, &format!("tags[{n}].tag"), &t["tag"], &v2::tag(&hk, n));
+        check_hex(
+            name,
+            &format!("tags[{n}].header_aead_key"),
+            &t["header_aead_key"],
+            &v2::header_aead_key(&hk, n),
+        );
+    }
+}
+
+fn sealed_padding_case(case: &Value) {
+    let name = case["name"].as_str().expect("name");
+    for c in case["classes"].as_array().expect("classes") {
+        let len = num(&c["length"]);
+        assert_eq!(
+            num(&c["class"]),
+            v2::size_class(len),
+            "{name}: class of {len}"
+        );
+        // The crate agrees.
+        assert_eq!(
+            cubbyhole::sealed::size_class(len as usize) as u64,
+            num(&c["class"]),
+            "{name}: the crate's class of {len}"
+        );
+    }
+    for p in case["padding"].as_array().expect("padding") {
+        let (overhead, len) = (num(&p["overhead"]), num(&p["plaintext_length"]));
+        assert!(
+            [74, 177, 181].contains(&overhead),
+            "{name}: overhead {overhead} is none of the profile's"
+        );
+        let payload = v2::size_class(overhead + len + 1);
+        assert_eq!(num(&p["payload_length"]), payload, "{name}: payload_length");
+        assert_eq!(
+            num(&p["padding_length"]),
+            payload - overhead - len,
+            "{name}: padding_length"
+        );
+        assert_eq!(
+            cubbyhole::sealed::padding_len(overhead as usize, len as usize) as u64,
+            num(&p["padding_length"]),
+            "{name}: the crate's padding_length"
+        );
+    }
+}
+
+/// The sending side of the conversation recomputed from the primitives,
+/// field by field (nothing of the crate).
+fn sealed_conversation_primitives(case: &Value) {
+    let name = case["name"].as_str().expect("name");
+    let chk = |field: &str, v: &Value, actual: &[u8]| check_hex(name, field, v, actual);
+    let seed_a = unhex32(&case["initiator_identity_seed"]);
+    let seed_b = unhex32(&case["responder_identity_seed"]);
+    let sign_b = ed25519_dalek::SigningKey::from_bytes(&seed_b);
+    let ik_a = ed25519_dalek::SigningKey::from_bytes(&seed_a)
+        .verifying_key()
+        .to_bytes();
+    let ik_b = sign_b.verifying_key().to_bytes();
+    chk(
+        "initiator_identity_public",
+        &case["initiator_identity_public"],
+        &ik_a,
+    );
+    chk(
+        "responder_identity_public",
+        &case["responder_identity_public"],
+        &ik_b,
+    );
+    let xa = v2::identity_x25519_private(&seed_a);
+    let xb = v2::identity_x25519_private(&seed_b);
+    chk(
+        "initiator_identity_x25519_public",
+        &case["initiator_identity_x25519_public"],
+        &v2::x25519_public(&xa),
+    );
+    chk(
+        "responder_identity_x25519_public",
+        &case["responder_identity_x25519_public"],
+        &v2::x25519_public(&xb),
+    );
+    let spk = unhex32(&case["signed_prekey_private"]);
+    let spk_pub = v2::x25519_public(&spk);
+    chk(
+        "signed_prekey_public",
+        &case["signed_prekey_public"],
+        &spk_pub,
+    );
+    let spk_id = u32::try_from(num(&case["signed_prekey_id"])).expect("u32");
+    let signed = [
+        &b"cubbyhole/v1 signed prekey"[..],
+        &spk_id.to_be_bytes(),
+        &num(&case["signed_prekey_created"]).to_be_bytes(),
+        &spk_pub,
+    ]
+    .concat();
+    use ed25519_dalek::Signer;
+    chk(
+        "signed_prekey_signature",
+        &case["signed_prekey_signature"],
+        &sign_b.sign(&signed).to_bytes(),
+    );
+    let opk = unhex32(&case["one_time_prekey_private"]);
+    let opk_pub = v2::x25519_public(&opk);
+    chk(
+        "one_time_prekey_public",
+        &case["one_time_prekey_public"],
+        &opk_pub,
+    );
+    let opk_id = u32::try_from(num(&case["one_time_prekey_id"])).expect("u32");
+    let ek = unhex32(&case["initiator_ephemeral_private"]);
+    let ek_pub = v2::x25519_public(&ek);
+    chk(
+        "initiator_ephemeral_public",
+        &case["initiator_ephemeral_public"],
+        &ek_pub,
+    );
+    // X3DH, from both sides.
+    let dhs = [
+        (
+            v2::x25519(&xa, &spk_pub),
+            v2::x25519(&spk, &v2::x25519_public(&xa)),
+        ),
+        (
+            v2::x25519(&ek, &v2::x25519_public(&xb)),
+            v2::x25519(&xb, &ek_pub),
+        ),
+        (v2::x25519(&ek, &spk_pub), v2::x25519(&spk, &ek_pub)),
+        (v2::x25519(&ek, &opk_pub), v2::x25519(&opk, &ek_pub)),
+    ];
+    let mut ikm = vec![0xff; 32];
+    for (i, (a, b)) in dhs.iter().enumerate() {
+        assert_eq!(a, b, "{name}: dh{} differs between the sides", i + 1);
+        chk(&format!("dh{}", i + 1), &case[format!("dh{}", i + 1)], a);
+        ikm.extend_from_slice(a);
+    }
+    let sk = v2::hkdf(&[0; 32], &ikm, b"cubbyhole/v1 x3dh", 32);
+    chk("shared_secret", &case["shared_secret"], &sk);
+    let ad = [ik_a, ik_b].concat();
+    chk("associated_data", &case["associated_data"], &ad);
+
+    // The messages, in sending order: the ratchet of both sides.
+    let deliveries = case["delivery"].as_array().expect("delivery");
+    let mut rk: Vec<u8> = sk;
+    let mut last_chain: Option<(&str, [u8; 32])> = None;
+    // Per sender: (public, next chain key, next n, HK, pn).
+    type Chain = ([u8; 32], [u8; 32], u32, [u8; 32], u32);
+    let mut chains: BTreeMap<&str, Chain> = BTreeMap::new();
+    let mut privates: BTreeMap<[u8; 32], [u8; 32]> = BTreeMap::new();
+    privates.insert(spk_pub, spk);
+    for (i, m) in case["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .enumerate()
+    {
+        let f = |field: &str| format!("messages[{i}].{field}");
+        let sender = role(&m["sender"]);
+        let after = num(&m["after_deliveries"]) as usize;
+        let prekey = sender == "initiator"
+            && !deliveries[..after.min(deliveries.len())]
+                .iter()
+                .any(|d| role(&d["receiver"]) == "initiator");
+        assert_eq!(
+            m["kind"],
+            if prekey { "sealed_prekey" } else { "chain" },
+            "{name}: {}",
+            f("kind")
+        );
+        if last_chain.is_none_or(|(who, _)| who != sender) {
+            // A DH ratchet step: this message starts the sender's next chain.
+            let private = unhex32(&m["ratchet_private"]);
+            let public = v2::x25519_public(&private);
+            let peer = last_chain.map_or(spk_pub, |(_, p)| p);
+            let dh = v2::x25519(&private, &peer);
+            assert_eq!(
+                dh,
+                v2::x25519(&privates[&peer], &public),
+                "{name}: {}",
+                f("ratchet_dh")
+            );
+            chk(&f("root_key_in"), &m["root_key_in"], &rk);
+            chk(&f("ratchet_dh"), &m["ratchet_dh"], &dh);
+            let okm = v2::hkdf(&rk, &dh, b"cubbyhole/v1 root", 64);
+            chk(&f("root_key_out"), &m["root_key_out"], &okm[..32]);
+            let hk = v2::header_key(&rk);
+            let pn = chains.get(sender).map_or(0, |c| c.2);
+            chains.insert(
+                sender,
+                (public, okm[32..].try_into().expect("32"), 0, hk, pn),
+            );
+            privates.insert(public, private);
+            last_chain = Some((sender, public));
+            rk = okm[..32].to_vec();
+        } else {
+            for field in [
+                "ratchet_private",
+                "root_key_in",
+                "ratchet_dh",
+                "root_key_out",
+            ] {
+                assert!(
+                    m[field].is_null(),
+                    "{name}: {} in a running chain",
+                    f(field)
+                );
+            }
+        }
+        let chain = chains.get_mut(sender).expect("chain");
+        let (public, ck, n, hk, pn) = *chain;
+        let mk = v2::hmac(&ck, &[&[0x01]]);
+        chain.1 = v2::hmac(&ck, &[&[0x02]]);
+        chain.2 += 1;
+        assert_eq!(num(&m["n"]), u64::from(n), "{name}: {}", f("n"));
+        assert_eq!(num(&m["pn"]), u64::from(pn), "{name}: {}", f("pn"));
+        chk(&f("ratchet_public"), &m["ratchet_public"], &public);
+        let header = [&public[..], &pn.to_be_bytes(), &n.to_be_bytes()].concat();
+        chk(&f("header"), &m["header"], &header);
+        chk(&f("header_key"), &m["header_key"], &hk);
+        chk(&f("chain_key"), &m["chain_key"], &ck);
+        chk(&f("message_key"), &m["message_key"], &mk);
+        let keys = v2::hkdf(&[0; 32], &mk, b"cubbyhole/v1 message", 44);
+        chk(&f("message_aes_key"), &m["message_aes_key"], &keys[..32]);
+        chk(&f("message_nonce"), &m["message_nonce"], &keys[32..]);
+        let plaintext = unhex(&m["plaintext"]);
+        let overhead: u64 = if prekey { 181 } else { 74 };
+        let plen = plaintext.len() as u64;
+        let padding = v2::size_class(overhead + plen + 1) - overhead - plen;
+        assert_eq!(
+            num(&m["padding_length"]),
+            padding,
+            "{name}: {}",
+            f("padding_length")
+        );
+        let mut padded = plaintext.clone();
+        padded.push(0x80);
+        padded.resize((plen + padding) as usize, 0);
+        let id = unhex(&m["envelope_id"]);
+        assert_eq!(id.len(), 16, "{name}: {}", f("envelope_id"));
+        let payload = if prekey {
+            let prefix = [
+                &[0x02, 0x03][..],
+                &ik_a,
+                &ek_pub,
+                &spk_id.to_be_bytes(),
+                &[0x01],
+                &opk_id.to_be_bytes(),
+                &header,
+            ]
+            .concat();
+            let aad = [&ad[..], &prefix].concat();
+            chk(&f("aead_associated_data"), &m["aead_associated_data"], &aad);
+            let body = v2::aead(&keys[..32], &keys[32..], &aad, &padded);
+            chk(&f("body"), &m["body"], &body);
+            let inner = [prefix, body].concat();
+            chk(&f("inner"), &m["inner"], &inner);
+            let e = unhex32(&m["seal_ephemeral_private"]);
+            let e_pub = v2::x25519_public(&e);
+            chk(
+                &f("seal_ephemeral_public"),
+                &m["seal_ephemeral_public"],
+                &e_pub,
+            );
+            let sdh = v2::x25519(&e, &spk_pub);
+            assert_eq!(sdh, v2::x25519(&spk, &e_pub), "{name}: {}", f("seal_dh"));
+            chk(&f("seal_dh"), &m["seal_dh"], &sdh);
+            let info = [&b"cubbyhole/v2 seal"[..], &e_pub, &spk_pub].concat();
+            let okm = v2::hkdf(&[0; 32], &sdh, &info, 44);
+            chk(&f("seal_key"), &m["seal_key"], &okm[..32]);
+            chk(&f("seal_nonce"), &m["seal_nonce"], &okm[32..]);
+            let sealed = v2::aead(
+                &okm[..32],
+                &okm[32..],
+                &[&[0x02, 0x01][..], &e_pub].concat(),
+                &inner,
+            );
+            [&[0x02, 0x01][..], &e_pub, &sealed].concat()
+        } else {
+            let aad = [&ad[..], &[0x02, 0x02], &header].concat();
+            chk(&f("aead_associated_data"), &m["aead_associated_data"], &aad);
+            let body = v2::aead(&keys[..32], &keys[32..], &aad, &padded);
+            chk(&f("body"), &m["body"], &body);
+            chk(&f("envelope_id"), &m["envelope_id"], &v2::tag(&hk, n));
+            let hkey = v2::header_aead_key(&hk, n);
+            chk(&f("header_aead_key"), &m["header_aead_key"], &hkey);
+            let eh = v2::aead(&hkey, &[0; 12], &[&[0x02, 0x02][..], &id].concat(), &header);
+            chk(&f("encrypted_header"), &m["encrypted_header"], &eh);
+            [&[0x02, 0x02][..], &eh, &body].concat()
+        };
+        assert_eq!(
+            payload.len() as u64,
+            v2::size_class(payload.len() as u64),
+            "{name}: {} is not a size class",
+            f("payload")
+        );
+        chk(&f("payload"), &m["payload"], &payload);
+    }
+}
+
+/// The conversation of sealed.json played through the crate's API: the
+/// listed random bytes fed to it, every envelope compared byte for byte,
+/// every delivery opened in the listed order.
+#[derive(Clone)]
+struct V2Replay<'a> {
+    name: &'a str,
+    case: &'a Value,
+    alice: IdentityKeyPair,
+    bob: IdentityKeyPair,
+    alice_session: Session,
+    bob_prekeys: PrekeyStore,
+    bob_session: Option<Session>,
+    sent: Vec<([u8; 16], Vec<u8>)>,
+    delivered: usize,
+}
+
+impl<'a> V2Replay<'a> {
+    fn new(case: &'a Value) -> Self {
+        let name = case["name"].as_str().expect("name");
+        let s = setup_v2(case);
+        let messages = case["messages"].as_array().expect("messages");
+        let first = unhex32(&messages[0]["ratchet_private"]);
+        let mut rng = FixedRng::new(&[&s.ephemeral, &first]);
+        let bundle = s
+            .bundle
+            .clone()
+            .verify(s.bundle.signed_prekey_created(), FreshnessPolicy::default())
+            .expect("bundle verifies");
+        let alice_session =
+            Session::initiate_sealed(&mut rng, &s.initiator, &bundle, SessionConfig::default())
+                .expect("initiate_sealed");
+        rng.assert_used_up(name);
+        let mut bob_prekeys = PrekeyStore::with_signed_prekey(s.signed_prekey);
+        if let Some(k) = s.one_time_prekey {
+            bob_prekeys.insert_one_time_prekey(k);
+        }
+        V2Replay {
+            name,
+            case,
+            alice: s.initiator,
+            bob: s.responder,
+            alice_session,
+            bob_prekeys,
+            bob_session: None,
+            sent: Vec::new(),
+            delivered: 0,
+        }
+    }
+
+    fn session(&mut self, who: &str) -> Option<&mut Session> {
+        match who {
+            "initiator" => Some(&mut self.alice_session),
+            _ => self.bob_session.as_mut(),
+        }
+    }
+
+    fn receive_sealed_prekey(&mut self, payload: &[u8]) -> Result<Vec<u8>, Error> {
+        let inner = self.bob_prekeys.open_sealed(payload)?;
+        let incoming = Incoming::decode(&inner)?;
+        if let Some(s) = self.bob_session.as_mut().filter(|s| s.matches(&incoming)) {
+            let mut out = Vec::new();
+            s.decrypt_incoming(&incoming, &mut out)?;
+            return Ok(out);
+        }
+        let a = self
+            .bob_prekeys
+            .accept(&self.bob, &incoming, SessionConfig::default())?;
+        self.bob_session = Some(a.session);
+        Ok(a.plaintext)
+    }
+
+    fn receive_chain(
+        &mut self,
+        who: &str,
+        id: &[u8; 16],
+        payload: &[u8],
+    ) -> Result<Vec<u8>, Error> {
+        let s = self.session(who).ok_or(Error::SessionMismatch)?;
+        let mut out = Vec::new();
+        s.open(id, payload, V2_WINDOW, &mut out)?;
+        Ok(out)
+    }
+
+    /// Both parties' whole state, serialized.
+    fn state(&self) -> Vec<u8> {
+        let mut all = self.alice.seed().to_vec();
+        all.extend_from_slice(&self.bob.seed()[..]);
+        all.extend_from_slice(&self.alice_session.to_bytes());
+        all.extend_from_slice(&self.bob_prekeys.to_bytes());
+        if let Some(s) = &self.bob_session {
+            all.extend_from_slice(&s.to_bytes());
+        }
+        all
+    }
+
+    fn send_due(&mut self) {
+        let messages = self.case["messages"].as_array().expect("messages");
+        while let Some(m) = messages.get(self.sent.len()) {
+            let after = num(&m["after_deliveries"]) as usize;
+            if after > self.delivered {
+                break;
+            }
+            assert_eq!(
+                after, self.delivered,
+                "{}: after_deliveries must not decrease",
+                self.name
+            );
+            let i = self.sent.len();
+            let mut draws = Vec::new();
+            if i != 0 {
+                if let Some(k) = opt_hex32(&m["ratchet_private"]) {
+                    draws.extend_from_slice(&k);
+                }
+            }
+            if m["kind"] == "sealed_prekey" {
+                draws.extend_from_slice(&unhex32(&m["seal_ephemeral_private"]));
+                draws.extend_from_slice(&hex16(&m["envelope_id"]));
+            }
+            let mut rng = fixed_bytes(draws);
+            let plaintext = unhex(&m["plaintext"]);
+            let name = self.name;
+            let sealed = self
+                .session(role(&m["sender"]))
+                .expect("the sender has a session")
+                .seal(&mut rng, &plaintext)
+                .unwrap_or_else(|e| panic!("{name}: seal message {i}: {e}"));
+            rng.assert_used_up(&format!("{name}: message {i}"));
+            check_hex(
+                name,
+                &format!("messages[{i}].envelope_id"),
+                &m["envelope_id"],
+                &sealed.id,
+            );
+            check_hex(
+                name,
+                &format!("messages[{i}].payload"),
+                &m["payload"],
+                &sealed.payload,
+            );
+            self.sent.push((sealed.id, sealed.payload));
+        }
+    }
+
+    /// Applies delivery events until `k` have been applied, then sends
+    /// what is due.
+    fn run_to(&mut self, k: usize) {
+        let deliveries = self.case["delivery"].as_array().expect("delivery");
+        assert!(
+            k <= deliveries.len(),
+            "{}: after_deliveries {k} out of range",
+            self.name
+        );
+        self.send_due();
+        while self.delivered < k {
+            let event = &deliveries[self.delivered];
+            let index = num(&event["index"]) as usize;
+            let receiver = role(&event["receiver"]);
+            let m = &self.case["messages"][index];
+            assert_ne!(
+                role(&m["sender"]),
+                receiver,
+                "{}: delivery to the sender",
+                self.name
+            );
+            let (id, payload) = self.sent.get(index).cloned().unwrap_or_else(|| {
+                panic!(
+                    "{}: message {index} delivered before it was sent",
+                    self.name
+                )
+            });
+            let name = self.name;
+            let got = if m["kind"] == "sealed_prekey" {
+                assert_eq!(
+                    receiver, "responder",
+                    "{name}: sealed prekey messages go to Bob"
+                );
+                self.receive_sealed_prekey(&payload)
+            } else {
+                let expected = self
+                    .session(receiver)
+                    .map(|s| s.routing_tags(V2_WINDOW).contains(&id));
+                assert_eq!(
+                    expected,
+                    Some(true),
+                    "{name}: message {index}: its tag is not expected"
+                );
+                self.receive_chain(receiver, &id, &payload)
+            }
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{name}: delivery {} (message {index}): {e:?}",
+                    self.delivered
+                )
+            });
+            check_hex(
+                name,
+                &format!("messages[{index}].plaintext"),
+                &m["plaintext"],
+                &got,
+            );
+            self.delivered += 1;
+            self.send_due();
+        }
+    }
+
+    fn finish(&mut self) {
+        let n = self.case["delivery"].as_array().expect("delivery").len();
+        self.run_to(n);
+        assert_eq!(
+            self.sent.len(),
+            self.case["messages"].as_array().expect("messages").len(),
+            "{}: messages left unsent",
+            self.name
+        );
+    }
+}
+
+/// The keys of the conversation, built by the crate from the listed
+/// private keys (their public halves are checked from the primitives in
+/// [`sealed_conversation_primitives`]; the crate must agree).
+fn setup_v2(case: &Value) -> Setup {
+    let name = case["name"].as_str().expect("name");
+    let initiator = IdentityKeyPair::from_seed(&unhex32(&case["initiator_identity_seed"]));
+    let responder = IdentityKeyPair::from_seed(&unhex32(&case["responder_identity_seed"]));
+    check_hex(
+        name,
+        "initiator_identity_public",
+        &case["initiator_identity_public"],
+        initiator.public().as_bytes(),
+    );
+    check_hex(
+        name,
+        "responder_identity_public",
+        &case["responder_identity_public"],
+        responder.public().as_bytes(),
+    );
+    let signed_prekey = SignedPrekey::from_secret(
+        &responder,
+        u32::try_from(num(&case["signed_prekey_id"])).expect("u32 id"),
+        num(&case["signed_prekey_created"]),
+        unhex32(&case["signed_prekey_private"]),
+    )
+    .expect("time in unix seconds");
+    check_hex(
+        name,
+        "signed_prekey_signature",
+        &case["signed_prekey_signature"],
+        signed_prekey.signature(),
+    );
+    let one_time_prekey = opt_hex32(&case["one_time_prekey_private"]).map(|secret| {
+        OneTimePrekey::from_secret(
+            u32::try_from(num(&case["one_time_prekey_id"])).expect("u32 id"),
+            secret,
+        )
+    });
+    let bundle = PrekeyBundle::new(&responder, &signed_prekey, one_time_prekey.as_ref());
+    Setup {
+        initiator,
+        responder,
+        signed_prekey,
+        one_time_prekey,
+        ephemeral: unhex32(&case["initiator_ephemeral_private"]),
+        bundle,
+    }
+}
+
+fn sealed_conversation_case(case: &Value) {
+    sealed_conversation_primitives(case);
+    V2Replay::new(case).finish();
+}
+
+/// A rejected envelope: the conversation replayed to `after_deliveries`,
+/// the envelope given to `receiver`, the error kind compared, both
+/// parties' states unchanged, and the rest of the conversation played out.
+fn sealed_negative_case(c: &Value, conversation: &Value) {
+    let name = c["name"].as_str().expect("name");
+    assert_eq!(
+        c["conversation"], conversation["name"],
+        "{name}: conversation"
+    );
+    let expected = c["error"].as_str().expect("error");
+    let payload = unhex(&c["payload"]);
+    let id = hex16(&c["envelope_id"]);
+    let mut replay = V2Replay::new(conversation);
+    replay.run_to(num(&c["after_deliveries"]) as usize);
+    let before = replay.state();
+    let receiver = role(&c["receiver"]);
+    let result = match c["envelope"].as_str() {
+        Some("sealed_prekey") => {
+            assert_eq!(
+                receiver, "responder",
+                "{name}: sealed prekey messages go to Bob"
+            );
+            replay.receive_sealed_prekey(&payload)
+        }
+        Some("chain") => replay.receive_chain(receiver, &id, &payload),
+        other => panic!("{name}: unknown envelope {other:?}"),
+    };
+    match result {
+        Ok(_) => panic!("{name}: accepted, expected {expected}"),
+        Err(e) => assert_eq!(v2_error_kind(&e), expected, "{name}: error kind ({e:?})"),
+    }
+    assert!(
+        replay.state() == before,
+        "{name}: the rejected envelope changed a state"
+    );
+    replay.finish();
+}
+
+fn sealed_case(case: &Value, file: &Value) {
+    match case["kind"].as_str() {
+        Some("header_keys") => sealed_header_keys_case(case),
+        Some("padding") => sealed_padding_case(case),
+        Some("conversation") => sealed_conversation_case(case),
+        Some("negative") => {
+            let conversation = cases(file)
+                .find(|c| c["kind"] == "conversation" && c["name"] == case["conversation"])
+                .unwrap_or_else(|| panic!("{}: no such conversation", case["name"]));
+            sealed_negative_case(case, conversation)
+        }
+        other => panic!("unknown sealed.json case kind {other:?}"),
+    }
+}
+
+fn sealed_vectors() {
+    let Some(file) = load_optional("sealed.json") else {
+        panic!("sealed.json: not in {}", dir().display());
+    };
+    assert_eq!(file["profile"], "cubbyhole/v2", "sealed.json: profile");
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for case in cases(&file) {
+        sealed_case(case, &file);
+        *kinds
+            .entry(case["kind"].as_str().unwrap_or("?").to_owned())
+            .or_default() += 1;
+    }
+    for kind in ["header_keys", "padding", "conversation", "negative"] {
+        assert!(kinds.contains_key(kind), "sealed.json: no {kind} case");
+    }
+    eprintln!("sealed.json: cases checked by kind: {kinds:?}");
 }

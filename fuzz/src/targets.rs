@@ -2843,11 +2843,157 @@ pub fn decode_pairing_offer(data: &[u8]) -> Reach {
 }
 
 // ---------------------------------------------------------------------------
+// sealed (profile v2)
+// ---------------------------------------------------------------------------
+
+/// The routing window of the v2 fixture (SPEC 26.6's default).
+const SEALED_WINDOW: u32 = 32;
+
+/// A live profile v2 session pair (SPEC 26) after some traffic, and its
+/// envelopes as (id, payload).
+pub struct SealedFixture {
+    /// Alice: has heard back, holds a skipped key of Bob's first chain.
+    pub alice: Session,
+    /// Bob: holds a skipped key of Alice's second chain.
+    pub bob: Session,
+    /// Every envelope sent, in order.
+    pub sent: Vec<([u8; 16], Vec<u8>)>,
+    /// Envelopes never delivered: Bob's next (a new chain) and Alice's
+    /// next; the skipped ones are in `sent`.
+    pub undelivered: Vec<([u8; 16], Vec<u8>)>,
+}
+
+/// The shared, deterministic v2 session pair of `sealed`.
+pub fn sealed_fixture() -> &'static SealedFixture {
+    static F: OnceLock<SealedFixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = directory();
+        let mut rng = TestRng::new(0x5EA1);
+        let config = SessionConfig::default();
+        let mut a =
+            Session::initiate_sealed(&mut rng, alice(), &dir.with_opk, config).expect("initiate");
+        let mut store = dir.store.clone();
+        let mut sent = Vec::new();
+        let mut seal = |s: &mut Session, rng: &mut TestRng, text: &[u8]| {
+            let m = s.seal(rng, text).expect("seal");
+            sent.push((m.id, m.payload.clone()));
+            m
+        };
+        let open = |s: &mut Session, m: &cubbyhole::Sealed| {
+            let mut out = Vec::new();
+            s.open(&m.id, &m.payload, SEALED_WINDOW, &mut out)
+                .expect("open");
+            out
+        };
+        let first = seal(&mut a, &mut rng, b"hello Bob");
+        let inner = store.open_sealed(&first.payload).expect("open_sealed");
+        let mut b = store
+            .accept(&dir.bob, &Incoming::decode(&inner).expect("decode"), config)
+            .expect("accept")
+            .session;
+        let b0 = seal(&mut b, &mut rng, b"b0");
+        let _b1 = seal(&mut b, &mut rng, b"b1 (skipped)");
+        let b2 = seal(&mut b, &mut rng, &[0x42; 600]);
+        open(&mut a, &b0);
+        open(&mut a, &b2);
+        let _a0 = seal(&mut a, &mut rng, b"a0 (skipped)");
+        let a1 = seal(&mut a, &mut rng, b"a1");
+        open(&mut b, &a1);
+        let undelivered = [
+            b.seal(&mut rng, b"b3").expect("seal"),
+            a.seal(&mut rng, b"a2").expect("seal"),
+        ]
+        .into_iter()
+        .map(|m| (m.id, m.payload))
+        .collect();
+        SealedFixture {
+            alice: a,
+            bob: b,
+            sent,
+            undelivered,
+        }
+    })
+}
+
+/// Arbitrary bytes as an envelope: the first 16 bytes are the envelope id
+/// (zero-padded), the rest the payload. The payload goes to
+/// `PrekeyStore::open_sealed` of Bob's fixture store (only `Decode`,
+/// `InvalidKey` or `Auth`; what opens goes on to `accept`), and with the id
+/// to `Session::open` of both sides of a live v2 pair: a rejection leaves
+/// the session and the output byte-identical; an opened envelope changes
+/// the state, which restores, and the same envelope is then refused
+/// (`SessionMismatch`: its tag was single-use) without a change.
+pub fn sealed(data: &[u8]) -> Reach {
+    let (head, payload) = data.split_at(data.len().min(16));
+    let mut id = [0u8; 16];
+    id[..head.len()].copy_from_slice(head);
+    let dir = directory();
+    let sealed_decoded = match dir.store.open_sealed(payload) {
+        Ok(inner) => {
+            let mut store = dir.store.clone();
+            if let Ok(incoming) = Incoming::decode(&inner) {
+                let _ = store.accept(&dir.bob, &incoming, SessionConfig::default());
+            }
+            true
+        }
+        Err(Error::Decode(_)) => false,
+        Err(Error::InvalidKey | Error::Auth) => true,
+        Err(e) => panic!("open_sealed: {e:?}"),
+    };
+    let fx = sealed_fixture();
+    let mut chain_error = None;
+    for receiver in [&fx.alice, &fx.bob] {
+        let mut session = receiver.clone();
+        let before = session.to_bytes();
+        let mut out = vec![0xEE];
+        match session.open(&id, payload, SEALED_WINDOW, &mut out) {
+            Err(Error::State(e)) => panic!("open returned a state error: {e}"),
+            Err(e) => {
+                assert!(
+                    same(&session.to_bytes(), &before),
+                    "rejected envelope changed the state"
+                );
+                assert_eq!(out, [0xEE], "rejected envelope changed the output");
+                if matches!(
+                    e,
+                    Error::Decode("chain message length" | "kind" | "version")
+                ) {
+                    chain_error = Some(e);
+                }
+            }
+            Ok(()) => {
+                assert_eq!(out.first(), Some(&0xEE), "output not appended");
+                let after = session.to_bytes();
+                assert!(
+                    !same(&after, &before),
+                    "opened envelope did not change the state"
+                );
+                let restored = restore_as(&after, &session).expect("state after open restores");
+                assert!(same(&restored.to_bytes(), &after));
+                assert_eq!(
+                    session.open(&id, payload, SEALED_WINDOW, &mut out),
+                    Err(Error::SessionMismatch),
+                    "envelope opened twice"
+                );
+                assert!(
+                    same(&session.to_bytes(), &after),
+                    "rejected replay changed the state"
+                );
+            }
+        }
+    }
+    match chain_error {
+        Some(e) if !sealed_decoded => rejected(e),
+        _ => Reach::Decoded,
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Seed corpora
 // ---------------------------------------------------------------------------
 
 /// The names of every target, as in `fuzz/fuzz_targets/`.
-pub const TARGETS: [&str; 22] = [
+pub const TARGETS: [&str; 23] = [
     "decode_incoming",
     "decode_bundle",
     "decode_state",
@@ -2870,6 +3016,7 @@ pub const TARGETS: [&str; 22] = [
     "decode_account_header",
     "decode_pairing_message",
     "decode_pairing_offer",
+    "sealed",
 ];
 
 /// Runs the target called `name` on `data`; returns how far it got.
@@ -2897,6 +3044,7 @@ pub fn run(name: &str, data: &[u8]) -> Reach {
         "decode_account_header" => decode_account_header(data),
         "decode_pairing_message" => decode_pairing_message(data),
         "decode_pairing_offer" => decode_pairing_offer(data),
+        "sealed" => sealed(data),
         _ => panic!("unknown fuzz target {name}"),
     }
 }
@@ -2958,6 +3106,21 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
             m
         }),
     ];
+
+    // sealed: every envelope of the v2 pair, as id || payload.
+    let sfx = sealed_fixture();
+    for (i, (id, payload)) in sfx.sent.iter().chain(&sfx.undelivered).enumerate() {
+        let kind = if payload.get(1) == Some(&0x01) {
+            "prekey"
+        } else {
+            "chain"
+        };
+        add(
+            "sealed",
+            &format!("envelope-{i:02}-{kind}"),
+            [&id[..], payload].concat(),
+        );
+    }
 
     // decode_incoming and decrypt_session: real messages and edges.
     for (i, (to_bob, m)) in fx.sent.iter().chain(&fx.undelivered).enumerate() {
