@@ -1557,6 +1557,7 @@ mod layout {
     pub const RECEIPTS: u8 = 0x08;
     pub const DEAD: u8 = 0x10;
     pub const ACCESS: u8 = 0x20;
+    pub const INBOX: u8 = 0x40;
 }
 
 /// A 16-byte id: the first half of SHA-256 of a label.
@@ -1576,7 +1577,7 @@ struct GoodFrame {
 }
 
 fn frame_cases() -> Vec<Value> {
-    use layout::{ACCESS, DEAD, MESSAGE, RECEIPTS, RESET, SESSION, V1, V2};
+    use layout::{ACCESS, DEAD, INBOX, MESSAGE, RECEIPTS, RESET, SESSION, V1, V2};
 
     let m = |n: u32| frame_id(&format!("message {n}"));
     let r = |n: u32| frame_id(&format!("received message {n}"));
@@ -1758,6 +1759,7 @@ fn frame_cases() -> Vec<Value> {
                 reset: true,
                 dead: vec![s(2), s(3)],
                 access: None,
+                inbox: None,
                 receipts: vec![r(6), r(7), r(8)],
                 message: Some((Some(m(6)), b"everything at once".to_vec())),
             },
@@ -1807,6 +1809,7 @@ fn frame_cases() -> Vec<Value> {
                 reset: true,
                 dead: vec![s(4)],
                 access: Some((0xfffe_fffd, AccessKey::from_bytes(a(2)))),
+                inbox: None,
                 receipts: vec![r(9)],
                 message: Some((Some(m(8)), b"all of it".to_vec())),
             },
@@ -1823,6 +1826,36 @@ fn frame_cases() -> Vec<Value> {
                 &r(9),
                 &m(8),
                 b"all of it",
+            ]),
+            decode_only: false,
+        },
+        GoodFrame {
+            name: "everything_with_inbox",
+            description: "every flag (0x7f): the private inbox's mailbox id (32 bytes, profile v2) right after the access key",
+            frame: Frame {
+                device_id: 13,
+                generation: Some(g0 + 10),
+                reset: false,
+                dead: vec![s(5)],
+                access: Some((2, AccessKey::from_bytes(a(4)))),
+                inbox: Some([0x1b; 32]),
+                receipts: vec![r(10)],
+                message: Some((Some(m(9)), b"reply to my inbox".to_vec())),
+            },
+            encoding: cat(&[
+                &[V2],
+                &be32(13),
+                &[MESSAGE | SESSION | RECEIPTS | DEAD | ACCESS | INBOX],
+                &be64(g0 + 10),
+                &[1],
+                &s(5),
+                &be32(2),
+                &a(4),
+                &[0x1b; 32],
+                &[0, 1],
+                &r(10),
+                &m(9),
+                b"reply to my inbox",
             ]),
             decode_only: false,
         },
@@ -1878,6 +1911,7 @@ fn frame_cases() -> Vec<Value> {
                 "epoch": epoch,
                 "key": h(key.as_bytes()),
             })),
+            "inbox": f.inbox.as_ref().map_or(Value::Null, |id| h(id)),
             "receipts": f.receipts.iter().map(|id| h(id)).collect::<Vec<_>>(),
             "message": f.message.as_ref().map_or(Value::Null, |(id, body)| json!({
                 "id": id.as_ref().map_or(Value::Null, |id| h(id)),
@@ -1914,9 +1948,14 @@ fn frame_cases() -> Vec<Value> {
             cat(&[&[V2], &dev, &[ACCESS], &be32(1), &a(3)]),
         ),
         (
-            "unknown_flag_0x40",
-            "flags MESSAGE | 0x40: bit 0x40 is not defined",
-            cat(&[&[V2], &dev, &[MESSAGE | 0x40], &m(1), b"hello"]),
+            "inbox_without_access",
+            "flags MESSAGE | INBOX: an inbox rides only beside an access key",
+            cat(&[&[V2], &dev, &[MESSAGE | INBOX], &[0x1b; 32], &m(1), b"hello"]),
+        ),
+        (
+            "inbox_truncated",
+            "flags ACCESS | INBOX | RECEIPTS: the inbox field has 31 of its 32 bytes",
+            cat(&[&[V2], &dev, &[ACCESS | INBOX | RECEIPTS], &be32(1), &a(3), &[0x1b; 31]]),
         ),
         (
             "unknown_flag_0x80",

@@ -59,13 +59,19 @@ impl World {
         *self.clock.lock().unwrap() += seconds;
     }
 
-    /// A device on `store`, published.
+    /// A device on `store`, published. Its sessions are v1 (`sealed:
+    /// false`): these tests follow every deposit into the published
+    /// mailbox; v2 deposits chain messages into private inboxes, whose
+    /// access is tested in `tests/privacy.rs`.
     fn device<S: Store>(&mut self, store: S) -> Device<S> {
         let mut device = block_on(Client::open(
             store,
             self.relay.clone(),
             self.relay.clone(),
-            ClientConfig::default(),
+            ClientConfig {
+                sealed: false,
+                ..ClientConfig::default()
+            },
             &mut self.rng,
         ))
         .unwrap();
@@ -252,7 +258,10 @@ fn access_keys_survive_a_restart() {
         store,
         w.relay.clone(),
         w.relay.clone(),
-        ClientConfig::default(),
+        ClientConfig {
+            sealed: false,
+            ..ClientConfig::default()
+        },
         &mut w.rng,
     ))
     .unwrap();

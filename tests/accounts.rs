@@ -405,9 +405,10 @@ fn every_device_of_each_person_shows_each_message_once() {
                     }
                 }
                 let mut ids: Vec<MessageId> = got.iter().map(|m| m.0).collect();
-                if !faulty {
-                    assert_eq!(ids, expected, "seed {seed}: person {p} device {i}: order");
-                }
+                // Across senders the order shown is the order fetched,
+                // which with v2 depends on the mailbox each envelope waited
+                // in (the published one or a private inbox, SPEC.md 26.11);
+                // each sender's own order is kept, faults or not (below).
                 // Each sender device's messages in the order it sent them,
                 // faults or not (lost ones were re-sent and held behind).
                 for (sp, sd) in sent.iter().map(|s| (s.0, s.1)).collect::<HashSet<_>>() {
@@ -620,7 +621,12 @@ fn a_stolen_device_opens_nothing_addressed_to_other_devices() {
         settle(&net, &mut all, &mut rng);
     }
     let laptop = a[1].address();
-    let others = [a[0].address().mailbox(), b[0].address().mailbox()];
+    // Their published mailboxes and their private inboxes (v2 chain
+    // messages wait there).
+    let mut others = vec![a[0].address().mailbox(), b[0].address().mailbox()];
+    for device in [&a[0], &b[0]] {
+        others.extend(block_on(device.private_inbox()).unwrap());
+    }
     let elsewhere: Vec<Envelope> = net
         .state
         .lock()

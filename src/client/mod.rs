@@ -97,7 +97,8 @@ pub struct ClientConfig {
     /// The longest body [`Client::send`] accepts (default 256 KiB minus 256
     /// bytes, so that the envelope fits the relay's default 256 KiB).
     pub max_body: usize,
-    /// Fetch rounds one [`Client::receive`] makes at most (default 100): a
+    /// Fetch rounds one [`Client::receive`] makes at most per mailbox it
+    /// fetches (default 100; with v2 a receive fetches up to three): a
     /// relay that keeps serving envelopes cannot hold the client forever.
     pub max_receive_rounds: u32,
     /// Archived sessions kept per peer device beside the current one
@@ -1491,12 +1492,15 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         };
         // With v2, the frame names this device's private inbox for the
         // key's epoch: the peer deposits chain messages there (26.11).
-        frame.inbox = match &frame.access {
-            Some((epoch, _)) if self.config.sealed => {
-                Some(inbox_for(&self.identity.keys, *epoch).address.mailbox().0)
+        frame.inbox = None;
+        if let (Some(own), false, true) = (&access, excluded, self.config.sealed) {
+            // Named only once published: a peer would deposit into it at
+            // once. A failed publish leaves it out (the peer keeps using
+            // the published mailbox) and is retried at the next frame.
+            if let Ok(inbox) = self.ensure_inbox(own, rng, now).await {
+                frame.inbox = Some(inbox.address.mailbox().0);
             }
-            _ => None,
-        };
+        }
         let mut plaintext = frame.encode();
         // A v2 session names its envelope (the routing tag, or random for a
         // sealed prekey message); a v1 envelope id is drawn after it.
@@ -1615,11 +1619,12 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         // A v2 chain message goes to the peer's private inbox when it named
         // one (26.11); everything else (sealed prekey messages, v1) to its
         // published mailbox.
-        let mailbox = match &record {
+        let published = entry.to.mailbox();
+        let mut mailbox = match &record {
             Some(AccessKeyRecord {
                 inbox: Some(inbox), ..
             }) if payload_kind(&entry.envelope.payload) == PayloadKind::Chain => MailboxId(*inbox),
-            _ => entry.to.mailbox(),
+            _ => published,
         };
         let access = record.map(|k| k.key);
         let mut pass = DepositPass {
@@ -1637,6 +1642,12 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         while attempts < self.config.deposit_attempts.max(1) {
             match self.mailbox.deposit(&mailbox, &entry.envelope, &pass).await {
                 Ok(()) => return Deposit::Done,
+                // The peer's inbox is gone (expired, or a relay that lost
+                // it): its published mailbox takes the envelope.
+                Err(TransportError::NotFound) if mailbox != published => {
+                    mailbox = published;
+                    continue;
+                }
                 Err(TransportError::Unavailable(_) | TransportError::Io { .. }) => {
                     attempts += 1;
                     continue;
@@ -1783,6 +1794,58 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         ))
     }
 
+    /// The mailbox id of this device's current private inbox (profile v2,
+    /// SPEC.md 26.11): where its contacts deposit chain messages once they
+    /// hold its access key. `None` without v2 (`ClientConfig::sealed`) or
+    /// before the device's first publish (no access key yet).
+    ///
+    /// # Errors
+    /// A store failure reading the access key.
+    pub async fn private_inbox(&self) -> Result<Option<MailboxId>, ClientError> {
+        if !self.config.sealed {
+            return Ok(None);
+        }
+        Ok(self.store.own_access_key().await?.map(|access| {
+            inbox_for(&self.identity.keys, access.epoch)
+                .address
+                .mailbox()
+        }))
+    }
+
+    /// Publishes the private inbox of `access`'s epoch unless this process
+    /// did (SPEC.md 26.11): an upload by the inbox's own identity, with a
+    /// signed prekey nobody uses, no one-time prekeys, the access key's
+    /// verifier for the inbox's mailbox and, at a priced relay, an identity
+    /// stamp. Its counter is `now + 1`; a refusal as replayed means it is
+    /// published already.
+    async fn ensure_inbox(
+        &self,
+        access: &AccessKeyRecord,
+        rng: &mut (impl CryptoRngCore + MaybeSend),
+        now: u64,
+    ) -> Result<Inbox, ClientError> {
+        let inbox = inbox_for(&self.identity.keys, access.epoch);
+        if self.inbox_published.load(Ordering::Relaxed) != access.epoch {
+            let spk = SignedPrekey::generate(rng, &inbox.keys, 1, now)?;
+            let mut upload = BundleSetUpload::new(
+                INBOX_DEVICE_ID,
+                &inbox.keys,
+                now.saturating_add(1),
+                &spk,
+                &[],
+                true,
+            );
+            upload.access_verifier = Some(access.key.verifier(&inbox.address.mailbox()));
+            match self.publish_upload(&inbox.keys, upload, rng, now).await {
+                Ok(()) | Err(ClientError::Transport(TransportError::Replayed)) => {
+                    self.inbox_published.store(access.epoch, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(inbox)
+    }
+
     /// The mailboxes a receive fetches, in order: with v2, the private
     /// inbox of the current access-key epoch (published first if this
     /// process has not yet, SPEC.md 26.11; the long poll waits on it), the
@@ -1803,26 +1866,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             Ok(None) | Err(StoreError::Corrupted { .. }) => return Ok(vec![me]),
             Err(e) => return Err(e.into()),
         };
-        let current = inbox_for(&self.identity.keys, access.epoch);
-        if self.inbox_published.load(Ordering::Relaxed) != access.epoch {
-            let spk = SignedPrekey::generate(rng, &current.keys, 1, now)?;
-            let mut upload = BundleSetUpload::new(
-                INBOX_DEVICE_ID,
-                &current.keys,
-                now.saturating_add(1),
-                &spk,
-                &[],
-                true,
-            );
-            upload.access_verifier = Some(access.key.verifier(&current.address.mailbox()));
-            match self.publish_upload(&current.keys, upload, rng, now).await {
-                // Replayed: published already (by this device, earlier).
-                Ok(()) | Err(ClientError::Transport(TransportError::Replayed)) => {
-                    self.inbox_published.store(access.epoch, Ordering::Relaxed);
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let current = self.ensure_inbox(&access, rng, now).await?;
         let mut owners = vec![(current.keys, current.address), me];
         if access.epoch > 1 {
             let previous = inbox_for(&self.identity.keys, access.epoch - 1);
@@ -2112,14 +2156,12 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut answers = Answers::default();
         let mut gap_counts: HashMap<DeviceAddress, usize> = HashMap::new();
         let owners = self.owners(rng, now).await?;
-        let mut rounds = 0;
         for (keys, address) in &owners {
             let owner = Owner {
                 keys,
                 address: *address,
             };
-            while rounds < self.config.max_receive_rounds.max(1) {
-                rounds += 1;
+            for _ in 0..self.config.max_receive_rounds.max(1) {
                 let auth = self.auth(&owner, MailboxOp::Fetch).await?;
                 let envelopes = self
                     .mailbox
