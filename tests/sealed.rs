@@ -301,3 +301,58 @@ fn payloads_are_padded_to_their_size_class() {
         MIN_CLASS - CHAIN_OVERHEAD
     );
 }
+
+/// Forward secrecy of seals (SPEC.md 26.10): a sealed prekey message is
+/// sealed to the signed prekey, not to the identity key, so once the signed
+/// prekey is deleted nothing the recipient still holds opens it, its
+/// identity key included.
+#[test]
+fn a_deleted_signed_prekey_takes_its_seals_with_it() {
+    let mut p = pair(9, 0);
+    let mut alice = p.initiate();
+    let recorded = alice.seal(&mut p.rng, b"recorded by the relay").unwrap();
+    let old = p.bob_prekeys.current_signed_prekey().id();
+    p.bob_prekeys
+        .rotate_signed_prekey(&mut p.rng, &p.bob, NOW + 10)
+        .unwrap();
+    assert!(
+        p.bob_prekeys.open_sealed(&recorded.payload).is_ok(),
+        "retained"
+    );
+    assert!(p.bob_prekeys.remove_retired_signed_prekey(old));
+    assert_eq!(
+        p.bob_prekeys.open_sealed(&recorded.payload).unwrap_err(),
+        Error::Auth
+    );
+    // A fresh prekey store for the same identity (what a thief of the
+    // identity key could build) does not open it either.
+    let thief = PrekeyStore::new(&mut p.rng, &p.bob, NOW).unwrap();
+    assert_eq!(
+        thief.open_sealed(&recorded.payload).unwrap_err(),
+        Error::Auth
+    );
+}
+
+/// Header keys are forward secret per chain: once both sides have moved to
+/// later chains, a recorded chain message is expected by no session (its
+/// tag is gone) and its header key is no longer held.
+#[test]
+fn a_recorded_chain_message_is_not_expected_after_the_conversation_moves_on() {
+    let mut p = pair(10, 0);
+    let mut alice = p.initiate();
+    let first = alice.seal(&mut p.rng, b"x").unwrap();
+    let (mut bob, _) = p.accept(&first.payload).unwrap();
+    let recorded = bob.seal(&mut p.rng, b"old chain").unwrap();
+    let keep = alice.clone();
+    open(&mut alice, &recorded).unwrap();
+    for i in 0..3u8 {
+        let a = alice.seal(&mut p.rng, &[i]).unwrap();
+        open(&mut bob, &a).unwrap();
+        let b = bob.seal(&mut p.rng, &[i]).unwrap();
+        open(&mut alice, &b).unwrap();
+    }
+    assert!(!alice.routing_tags(W).contains(&recorded.id));
+    assert_eq!(open(&mut alice, &recorded), Err(Error::SessionMismatch));
+    // The state from before opened it: the difference is the state alone.
+    assert_eq!(open(&mut keep.clone(), &recorded).unwrap(), b"old chain");
+}
