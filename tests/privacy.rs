@@ -27,7 +27,7 @@
 //! inbox to its owner from a single deposit, because the client registers
 //! the same access key for both.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
@@ -809,7 +809,9 @@ fn chain_messages_go_to_a_private_inbox() {
 /// How an attacker maps mailboxes to directory identities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Attacker {
-    /// (a) the directory only: a published mailbox is its device's.
+    /// (a) the directory only: a mailbox is the identity's that the
+    /// directory names for it, if that identity has a real device (a
+    /// device number other than 0).
     Directory,
     /// (b) also: a mailbox fetched right next to (only challenges and
     /// acknowledgements between) the fetch of a published mailbox is that
@@ -827,12 +829,22 @@ type Attribution = HashMap<MailboxId, ([u8; 32], usize)>;
 fn attribute(log: &[Event], attacker: Attacker) -> Attribution {
     let mut map = Attribution::new();
     let mut verifiers: Vec<(MailboxId, [u8; 32], [u8; 32])> = Vec::new();
-    for (t, upload) in uploads(log) {
-        if upload.device.device_id != 0 {
+    let uploads = uploads(log);
+    // The identities of real devices (a device number other than the
+    // inboxes' 0): the ones the attacker ranks.
+    let real: HashSet<[u8; 32]> = uploads
+        .iter()
+        .filter(|(_, u)| u.device.device_id != 0)
+        .map(|(_, u)| u.device.identity)
+        .collect();
+    // Every mailbox the directory names with a real identity key.
+    for (t, upload) in &uploads {
+        let identity = upload.device.identity;
+        if real.contains(&identity) {
             let mailbox = upload.device.mailbox();
-            map.entry(mailbox).or_insert((upload.device.identity, t));
+            map.entry(mailbox).or_insert((identity, *t));
             if let Some(v) = upload.access_verifier {
-                verifiers.push((mailbox, upload.device.identity, v.0));
+                verifiers.push((mailbox, identity, v.0));
             }
         }
     }
