@@ -704,8 +704,8 @@ fn envelopes_of_one_conversation_are_unlinkable() {
     }
 }
 
-/// The directory's device records, as the uploads in the log name them:
-/// (time, device, access verifier).
+/// The uploads in the log that verify (what the directory holds), with
+/// their times.
 fn uploads(log: &[Event]) -> Vec<(usize, BundleSetUpload)> {
     log.iter()
         .filter_map(|e| match &e.call {
