@@ -1831,14 +1831,14 @@ fn frame_cases() -> Vec<Value> {
         },
         GoodFrame {
             name: "everything_with_inbox",
-            description: "every flag (0x7f): the private inbox's mailbox id (32 bytes, profile v2) right after the access key",
+            description: "every flag (0x7f): the private inbox (profile v2: mailbox id, 32 bytes, then its access key, 16 bytes) right after the access key",
             frame: Frame {
                 device_id: 13,
                 generation: Some(g0 + 10),
                 reset: false,
                 dead: vec![s(5)],
                 access: Some((2, AccessKey::from_bytes(a(4)))),
-                inbox: Some([0x1b; 32]),
+                inbox: Some(([0x1b; 32], AccessKey::from_bytes(a(5)))),
                 receipts: vec![r(10)],
                 message: Some((Some(m(9)), b"reply to my inbox".to_vec())),
             },
@@ -1852,6 +1852,7 @@ fn frame_cases() -> Vec<Value> {
                 &be32(2),
                 &a(4),
                 &[0x1b; 32],
+                &a(5),
                 &[0, 1],
                 &r(10),
                 &m(9),
@@ -1911,7 +1912,10 @@ fn frame_cases() -> Vec<Value> {
                 "epoch": epoch,
                 "key": h(key.as_bytes()),
             })),
-            "inbox": f.inbox.as_ref().map_or(Value::Null, |id| h(id)),
+            "inbox": f.inbox.as_ref().map_or(Value::Null, |(id, key)| json!({
+                "mailbox": h(id),
+                "key": h(key.as_bytes()),
+            })),
             "receipts": f.receipts.iter().map(|id| h(id)).collect::<Vec<_>>(),
             "message": f.message.as_ref().map_or(Value::Null, |(id, body)| json!({
                 "id": id.as_ref().map_or(Value::Null, |id| h(id)),
@@ -1950,12 +1954,12 @@ fn frame_cases() -> Vec<Value> {
         (
             "inbox_without_access",
             "flags MESSAGE | INBOX: an inbox rides only beside an access key",
-            cat(&[&[V2], &dev, &[MESSAGE | INBOX], &[0x1b; 32], &m(1), b"hello"]),
+            cat(&[&[V2], &dev, &[MESSAGE | INBOX], &[0x1b; 32], &a(5), &m(1), b"hello"]),
         ),
         (
             "inbox_truncated",
-            "flags ACCESS | INBOX | RECEIPTS: the inbox field has 31 of its 32 bytes",
-            cat(&[&[V2], &dev, &[ACCESS | INBOX | RECEIPTS], &be32(1), &a(3), &[0x1b; 31]]),
+            "flags ACCESS | INBOX | RECEIPTS: the inbox field has 47 of its 48 bytes",
+            cat(&[&[V2], &dev, &[ACCESS | INBOX | RECEIPTS], &be32(1), &a(3), &[0x1b; 32], &a(5)[..15]]),
         ),
         (
             "unknown_flag_0x80",

@@ -738,7 +738,12 @@ fn secrets_are_not_on_disk_in_the_clear() {
     let access = |epoch, byte| cubbyhole::storage::AccessKeyRecord {
         epoch,
         key: cubbyhole::transport::AccessKey::from_bytes([byte; 16]),
-        inbox: (epoch == 2).then_some([byte; 32]),
+        inbox: (epoch == 2).then(|| {
+            (
+                [byte; 32],
+                cubbyhole::transport::AccessKey::from_bytes([!byte; 16]),
+            )
+        }),
     };
     let own_access_key = access(1, 0xa1);
     let peer_access_key = access(2, 0xa2);

@@ -770,9 +770,13 @@ fn frame_fields(case: &Value) -> Frame {
             let epoch = u32::try_from(num(&case["access"]["epoch"])).expect("u32 epoch");
             (epoch, AccessKey::from_bytes(hex16(&case["access"]["key"])))
         }),
-        inbox: case["inbox"].as_str().map(|h| {
-            let bytes = hex::decode(h).expect("hex inbox");
-            <[u8; 32]>::try_from(bytes.as_slice()).expect("32-byte inbox")
+        inbox: (!case["inbox"].is_null()).then(|| {
+            let bytes = hex::decode(case["inbox"]["mailbox"].as_str().expect("inbox mailbox"))
+                .expect("hex inbox");
+            (
+                <[u8; 32]>::try_from(bytes.as_slice()).expect("32-byte inbox"),
+                AccessKey::from_bytes(hex16(&case["inbox"]["key"])),
+            )
         }),
         receipts: hex16_list(&case["receipts"]),
         message: (!message.is_null()).then(|| {

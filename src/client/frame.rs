@@ -49,9 +49,9 @@ pub const RECEIPTS: u8 = 0x08;
 pub const DEAD: u8 = 0x10;
 /// The frame carries the sender device's deposit access key and its epoch.
 pub const ACCESS: u8 = 0x20;
-/// The frame carries the mailbox id of the sender device's private inbox
-/// for its access key's epoch (profile v2, SPEC.md 26.11); only beside
-/// `ACCESS`.
+/// The frame carries the sender device's private inbox for its access
+/// key's epoch: mailbox id (32) and inbox access key (16) (profile v2,
+/// SPEC.md 26.11); only beside `ACCESS`.
 pub const INBOX: u8 = 0x40;
 const KNOWN: u8 = MESSAGE | SESSION | RESET | RECEIPTS | DEAD | ACCESS | INBOX;
 /// The length of the `ACCESS` field: epoch (4) and key (16).
@@ -71,9 +71,10 @@ pub struct Frame {
     /// The sender device's deposit access key with its epoch (its `Debug`
     /// shows only the epoch).
     pub access: Option<(u32, AccessKey)>,
-    /// The mailbox id of the sender device's private inbox (SPEC.md 26.11),
-    /// for the epoch of `access`.
-    pub inbox: Option<[u8; 32]>,
+    /// The sender device's private inbox (SPEC.md 26.11) for the epoch of
+    /// `access`: its mailbox id and the access key deposits into it show
+    /// (its `Debug` hides the key).
+    pub inbox: Option<([u8; 32], AccessKey)>,
     /// Ids of messages the sender received.
     pub receipts: Vec<[u8; 16]>,
     /// The message: its id (`None` for a v1 frame) and body.
@@ -116,7 +117,7 @@ impl Frame {
                 + 1
                 + 16 * dead.len()
                 + ACCESS_FIELD_LEN
-                + 32
+                + 48
                 + 2
                 + 16 * receipts.len()
                 + body_len,
@@ -158,8 +159,9 @@ impl Frame {
         if let Some((epoch, key)) = &self.access {
             out.extend_from_slice(&epoch.to_be_bytes());
             out.extend_from_slice(key.as_bytes());
-            if let Some(inbox) = &self.inbox {
+            if let Some((inbox, key)) = &self.inbox {
                 out.extend_from_slice(inbox);
+                out.extend_from_slice(key.as_bytes());
             }
         }
         if !receipts.is_empty() {
@@ -223,7 +225,9 @@ impl Frame {
             let key = Zeroizing::new(take::<ACCESS_KEY_LEN>(&mut r)?);
             frame.access = Some((epoch, AccessKey::from_bytes(*key)));
             if flags & INBOX != 0 {
-                frame.inbox = Some(take::<32>(&mut r)?);
+                let inbox = take::<32>(&mut r)?;
+                let key = Zeroizing::new(take::<ACCESS_KEY_LEN>(&mut r)?);
+                frame.inbox = Some((inbox, AccessKey::from_bytes(*key)));
             }
         }
         if flags & RECEIPTS != 0 {
@@ -267,12 +271,12 @@ mod tests {
             reset: true,
             dead: vec![[1; 16]],
             access: Some((0x0102_0304, AccessKey::from_bytes([5; 16]))),
-            inbox: Some([9; 32]),
+            inbox: Some(([9; 32], AccessKey::from_bytes([6; 16]))),
             receipts: vec![[2; 16], [3; 16]],
             message: Some((Some([4; 16]), b"hi".to_vec())),
         };
         let bytes = frame.encode();
-        assert_eq!(bytes.len(), 6 + 8 + 1 + 16 + 20 + 32 + 2 + 32 + 16 + 2);
+        assert_eq!(bytes.len(), 6 + 8 + 1 + 16 + 20 + 48 + 2 + 32 + 16 + 2);
         assert_eq!(
             bytes[5],
             MESSAGE | SESSION | RESET | RECEIPTS | DEAD | ACCESS | INBOX
@@ -282,7 +286,8 @@ mod tests {
         assert_eq!(&bytes[at..at + 4], &[1, 2, 3, 4]);
         assert_eq!(&bytes[at + 4..at + 20], &[5; 16]);
         assert_eq!(&bytes[at + 20..at + 52], &[9; 32]);
-        assert_eq!(&bytes[at + 52..at + 54], &[0, 2]);
+        assert_eq!(&bytes[at + 52..at + 68], &[6; 16]);
+        assert_eq!(&bytes[at + 68..at + 70], &[0, 2]);
         assert_eq!(Frame::decode(bytes.clone()).unwrap(), frame);
         // INBOX without ACCESS is refused, and so is a cut inbox.
         let mut alone = bytes.clone();

@@ -1498,7 +1498,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
             // once. A failed publish leaves it out (the peer keeps using
             // the published mailbox) and is retried at the next frame.
             if let Ok(inbox) = self.ensure_inbox(own, rng, now).await {
-                frame.inbox = Some(inbox.address.mailbox().0);
+                frame.inbox = Some((inbox.address.mailbox().0, inbox.key.clone()));
             }
         }
         let mut plaintext = frame.encode();
@@ -1620,13 +1620,19 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         // one (26.11); everything else (sealed prekey messages, v1) to its
         // published mailbox.
         let published = entry.to.mailbox();
-        let mut mailbox = match &record {
+        let (mut mailbox, inbox_key) = match &record {
             Some(AccessKeyRecord {
-                inbox: Some(inbox), ..
-            }) if payload_kind(&entry.envelope.payload) == PayloadKind::Chain => MailboxId(*inbox),
-            _ => published,
+                inbox: Some((inbox, key)),
+                ..
+            }) if payload_kind(&entry.envelope.payload) == PayloadKind::Chain => {
+                (MailboxId(*inbox), Some(key.clone()))
+            }
+            _ => (published, None),
         };
-        let access = record.map(|k| k.key);
+        // The inbox's own key there, the published mailbox's elsewhere: the
+        // relay never sees one key at both, so it cannot link them (26.11).
+        let published_key = record.map(|k| k.key);
+        let access = inbox_key.or_else(|| published_key.clone());
         let mut pass = DepositPass {
             access,
             stamp: None,
@@ -1646,6 +1652,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 // it): its published mailbox takes the envelope.
                 Err(TransportError::NotFound) if mailbox != published => {
                     mailbox = published;
+                    pass.access = published_key.clone();
                     continue;
                 }
                 Err(TransportError::Unavailable(_) | TransportError::Io { .. }) => {
@@ -1835,7 +1842,7 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
                 &[],
                 true,
             );
-            upload.access_verifier = Some(access.key.verifier(&inbox.address.mailbox()));
+            upload.access_verifier = Some(inbox.key.verifier(&inbox.address.mailbox()));
             match self.publish_upload(&inbox.keys, upload, rng, now).await {
                 Ok(()) | Err(ClientError::Transport(TransportError::Replayed)) => {
                     self.inbox_published.store(access.epoch, Ordering::Relaxed);
@@ -3099,21 +3106,33 @@ struct Owner<'a> {
 }
 
 /// A device's private inbox for one access-key epoch (SPEC.md 26.11): a
-/// pseudonymous identity derived from the device's identity seed, `seed =
-/// HKDF-SHA-256(salt 0^32, ikm = identity seed, info = "cubbyhole/v2 inbox"
-/// || epoch (4), 32)`, with device number [`INBOX_DEVICE_ID`]. Nobody
-/// without the seed can link it to the device.
+/// pseudonymous identity and its own access key, derived from the device's
+/// identity seed, `okm = HKDF-SHA-256(salt 0^32, ikm = identity seed, info
+/// = "cubbyhole/v2 inbox" || epoch (4), 48)`: the identity's seed is
+/// `okm[..32]`, the inbox access key `okm[32..48]`; device number
+/// [`INBOX_DEVICE_ID`]. Nobody without the seed can link either to the
+/// device, and the inbox key is unrelated to the access key that deposits
+/// into the published mailbox show.
 struct Inbox {
     keys: IdentityKeyPair,
     address: DeviceAddress,
+    key: AccessKey,
 }
 
 fn inbox_for(identity: &IdentityKeyPair, epoch: u32) -> Inbox {
     let mut info = [0u8; 18 + 4];
     info[..18].copy_from_slice(INBOX_INFO);
     info[18..].copy_from_slice(&epoch.to_be_bytes());
-    let seed = crate::protocol::ratchet::hkdf::<32>(&[0u8; 32], &identity.seed()[..], &info);
+    let okm = crate::protocol::ratchet::hkdf::<48>(&[0u8; 32], &identity.seed()[..], &info);
+    let mut seed = Zeroizing::new([0u8; 32]);
+    crate::protocol::ratchet::copy(seed.as_mut(), okm.iter().copied());
+    let mut key = Zeroizing::new([0u8; 16]);
+    crate::protocol::ratchet::copy(key.as_mut(), okm.iter().copied().skip(32));
     let keys = IdentityKeyPair::from_seed(&seed);
     let address = DeviceAddress::new(keys.public(), INBOX_DEVICE_ID);
-    Inbox { keys, address }
+    Inbox {
+        keys,
+        address,
+        key: AccessKey::from_bytes(*key),
+    }
 }

@@ -625,7 +625,7 @@ fn access(epoch: u32, k: u8) -> AccessKeyRecord {
         epoch,
         key: AccessKey::from_bytes([k; 16]),
         // Every other record names a peer's private inbox (kept, compared).
-        inbox: (k % 2 == 0).then_some([k; 32]),
+        inbox: (k % 2 == 0).then(|| ([k; 32], AccessKey::from_bytes([k ^ 0xff; 16]))),
     }
 }
 

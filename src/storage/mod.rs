@@ -187,26 +187,27 @@ pub struct AccessKeyRecord {
     /// The key.
     pub key: AccessKey,
     /// A peer device's private inbox for this epoch (profile v2, SPEC.md
-    /// 26.11): the mailbox id its chain messages are deposited into. `None`
-    /// for the device's own key (its inbox is derived) and for a peer that
-    /// gave none.
-    pub inbox: Option<[u8; 32]>,
+    /// 26.11): the mailbox id its chain messages are deposited into and the
+    /// access key they show there. `None` for the device's own key (its
+    /// inbox is derived) and for a peer that gave none.
+    pub inbox: Option<([u8; 32], AccessKey)>,
 }
 
 impl AccessKeyRecord {
     /// The length of [`AccessKeyRecord::to_bytes`] without an inbox.
     pub const LEN: usize = 4 + ACCESS_KEY_LEN;
     /// The length of [`AccessKeyRecord::to_bytes`] with an inbox.
-    pub const LEN_WITH_INBOX: usize = Self::LEN + 32;
+    pub const LEN_WITH_INBOX: usize = Self::LEN + 32 + ACCESS_KEY_LEN;
 
-    /// `epoch (4, big-endian) || key (16) [|| inbox (32)]`, wiped when
-    /// dropped.
+    /// `epoch (4, big-endian) || key (16) [|| inbox (32) || inbox key
+    /// (16)]`, wiped when dropped.
     pub fn to_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
         let mut out = zeroize::Zeroizing::new(Vec::with_capacity(Self::LEN_WITH_INBOX));
         out.extend_from_slice(&self.epoch.to_be_bytes());
         out.extend_from_slice(self.key.as_bytes());
-        if let Some(inbox) = &self.inbox {
+        if let Some((inbox, key)) = &self.inbox {
             out.extend_from_slice(inbox);
+            out.extend_from_slice(key.as_bytes());
         }
         out
     }
@@ -221,9 +222,12 @@ impl AccessKeyRecord {
             Self::LEN => (bytes, None),
             Self::LEN_WITH_INBOX => {
                 let (record, inbox) = bytes.split_at(Self::LEN);
-                let mut id = [0u8; 32];
-                id.copy_from_slice(inbox);
-                (record, Some(id))
+                let (id, key) = inbox.split_at(32);
+                let mut mailbox = [0u8; 32];
+                mailbox.copy_from_slice(id);
+                let mut raw = zeroize::Zeroizing::new([0u8; ACCESS_KEY_LEN]);
+                raw.copy_from_slice(key);
+                (record, Some((mailbox, AccessKey::from_bytes(*raw))))
             }
             _ => return Err(crate::Error::Decode("access key record length")),
         };
