@@ -73,7 +73,7 @@
 use std::cell::{Cell, OnceCell};
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use aes_gcm::aead::AeadInPlace;
@@ -1118,11 +1118,11 @@ fn criterion_dir() -> PathBuf {
         .join("criterion")
 }
 
-/// This run's medians (ns) by bench id without the group, e.g.
-/// `floor/x25519_dh`.
-fn medians(since: SystemTime) -> HashMap<String, f64> {
+/// The medians (ns) under `<root>/sealed`, by bench id without the group
+/// (e.g. `floor/x25519_dh`); with `since`, only those written since.
+fn medians(root: &Path, since: Option<SystemTime>) -> HashMap<String, f64> {
     let mut out = HashMap::new();
-    let mut stack = vec![criterion_dir().join("sealed")];
+    let mut stack = vec![root.join("sealed")];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -1144,7 +1144,7 @@ fn medians(since: SystemTime) -> HashMap<String, f64> {
             }
             let fresh = std::fs::metadata(&path)
                 .and_then(|m| m.modified())
-                .is_ok_and(|t| t >= since);
+                .is_ok_and(|t| since.is_none_or(|since| t >= since));
             let read = |p: PathBuf| -> Option<serde_json::Value> {
                 serde_json::from_slice(&std::fs::read(p).ok()?).ok()
             };
@@ -1176,17 +1176,44 @@ fn fmt_ns(ns: f64) -> String {
     }
 }
 
-fn report(since: SystemTime) {
-    let m = medians(since);
+/// The report from one run's medians, or from several passes' (each figure
+/// the median of the passes' medians; the step table adds the range of the
+/// per-pass ratios).
+fn report(passes: &[HashMap<String, f64>]) {
+    let mut m: HashMap<String, f64> = HashMap::new();
+    for id in passes.iter().flat_map(|p| p.keys()) {
+        let mut v: Vec<f64> = passes.iter().filter_map(|p| p.get(id).copied()).collect();
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        let median = if v.len() % 2 == 1 {
+            v[mid]
+        } else {
+            (v[mid - 1] + v[mid]) / 2.0
+        };
+        m.insert(id.clone(), median);
+    }
     if m.is_empty() {
         return;
     }
-    let floor_of = |step: &str| -> Option<f64> {
+    let floor_in = |m: &HashMap<String, f64>, step: &str| -> Option<f64> {
         let (_, terms) = STEPS.iter().find(|(id, _)| *id == step)?;
         terms
             .iter()
             .map(|(k, t)| m.get(&format!("floor/{t}")).map(|v| f64::from(*k) * v))
             .sum()
+    };
+    let floor_of = |step: &str| floor_in(&m, step);
+    let range = |step: &str| -> String {
+        let ratios: Vec<f64> = passes
+            .iter()
+            .filter_map(|p| Some(p.get(step)? / floor_in(p, step)?))
+            .collect();
+        if ratios.len() < 2 {
+            return String::new();
+        }
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(0.0, f64::max);
+        format!("{lo:.2}–{hi:.2}")
     };
     let terms = |step: &str| -> String {
         STEPS
@@ -1206,17 +1233,24 @@ fn report(since: SystemTime) {
             })
             .unwrap_or_default()
     };
-    println!("\n## sealed: this run's medians ({} benches)\n", m.len());
-    println!("| step | median | floor | ratio | floor terms |\n|---|---:|---:|---:|---|");
+    println!(
+        "\n## sealed: medians of {} pass(es), {} benches\n",
+        passes.len(),
+        m.len()
+    );
+    println!(
+        "| step | median | floor | ratio | ratio range | floor terms |\n|---|---:|---:|---:|---:|---|"
+    );
     for (id, _) in STEPS {
         let (Some(v), Some(f)) = (m.get(*id), floor_of(id)) else {
             continue;
         };
         println!(
-            "| {id} | {} | {} | {:.2}x | {} |",
+            "| {id} | {} | {} | {:.2}x | {} | {} |",
             fmt_ns(*v),
             fmt_ns(f),
             v / f,
+            range(id),
             terms(id)
         );
     }
@@ -1244,13 +1278,6 @@ fn report(since: SystemTime) {
         );
     }
     println!("\n| sessions | hash map lookup | SQLite lookup | lookup + open, hash map | lookup + open, SQLite | v1 trials, half / all awaiting (protocol only) |\n|---:|---:|---:|---:|---:|---:|");
-    if let Some(f) = floor_of("open_new_chain") {
-        println!(
-            "\nfloor of one `Session::open` of these envelopes (a new chain): {} ({})",
-            fmt_ns(f),
-            terms("open_new_chain")
-        );
-    }
     let trial = m.get("v1/trial_decrypt_fail").copied();
     for n in ROUTING_SIZES {
         let get = |k: &str| {
@@ -1271,16 +1298,32 @@ fn report(since: SystemTime) {
             get("sqlite/envelope"),
         );
     }
+    if let Some(f) = floor_of("open_new_chain") {
+        println!(
+            "\nfloor of one `Session::open` of these envelopes (a new chain): {} ({})",
+            fmt_ns(f),
+            terms("open_new_chain")
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
 
 fn main() {
+    // SEALED_REPORT=DIR[:DIR...]: no run, the report of saved passes (each
+    // DIR holds a copy of `<criterion dir>/sealed` as `DIR/sealed`).
+    if let Some(dirs) = std::env::var_os("SEALED_REPORT") {
+        let passes: Vec<_> = std::env::split_paths(&dirs)
+            .map(|d| medians(&d, None))
+            .collect();
+        report(&passes);
+        return;
+    }
     let since = SystemTime::now();
     sizes();
     let mut c = Criterion::default()
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_millis(1500))
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1000))
         .configure_from_args();
     {
         let mut g = c.benchmark_group("sealed");
@@ -1293,6 +1336,6 @@ fn main() {
     }
     c.final_summary();
     if !test_mode() {
-        report(since);
+        report(&[medians(&criterion_dir(), Some(since))]);
     }
 }
