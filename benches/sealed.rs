@@ -3,7 +3,7 @@
 //! every figure reads as a ratio.
 //!
 //! ```text
-//! cargo bench --features sqlite --bench sealed                   # ~2 min
+//! cargo bench --features sqlite --bench sealed      # ~3 min (100 s: the 100,000 sessions)
 //! cargo bench --features sqlite --bench sealed -- --warm-up-time 1 --measurement-time 3
 //! cargo bench --features sqlite --bench sealed -- 'sealed/routing/1000/'
 //! ```
