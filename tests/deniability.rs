@@ -102,3 +102,57 @@ fn simulation_needs_the_responders_prekeys() {
         cubbyhole::Error::UnknownPrekey
     );
 }
+
+/// Profile v2 (SPEC.md 26.10): sealing adds no signature, so the responder
+/// fabricates sealed envelopes "from" the initiator just as well, and its
+/// own receive path opens and accepts them.
+#[test]
+fn responder_fabricates_sealed_envelopes_from_the_initiator() {
+    let mut rng = ChaCha20Rng::seed_from_u64(8);
+    let now = 1_800_000_000;
+    let alice = IdentityKeyPair::generate(&mut rng);
+    let bob = IdentityKeyPair::generate(&mut rng);
+    let mut bob_prekeys = PrekeyStore::new(&mut rng, &bob, now).expect("time in unix seconds");
+    let spk_id = bob_prekeys.current_signed_prekey().id();
+    let alice_public = *alice.public();
+    let mut forged = hazmat::simulate_initiator_sealed(
+        &mut rng,
+        &bob,
+        &bob_prekeys,
+        spk_id,
+        None,
+        &alice_public,
+        SessionConfig::default(),
+    )
+    .expect("Bob simulates Alice");
+    assert!(forged.is_sealed());
+    let m1 = forged.seal(&mut rng, b"I owe Bob 100 coins").unwrap();
+    let inner = bob_prekeys.open_sealed(&m1.payload).unwrap();
+    let accepted = bob_prekeys
+        .accept(
+            &bob,
+            &Incoming::decode(&inner).unwrap(),
+            SessionConfig::default(),
+        )
+        .expect("Bob accepts the fabricated sealed prekey message");
+    assert_eq!(accepted.plaintext, b"I owe Bob 100 coins");
+    assert_eq!(accepted.session.remote_identity(), &alice_public);
+    // Its envelope has the form of a real one: same length, same kind.
+    let bundle = PrekeyBundle::decode(&bob_prekeys.bundle(&bob).encode())
+        .unwrap()
+        .verify(now, FreshnessPolicy::default())
+        .unwrap();
+    let mut real =
+        Session::initiate_sealed(&mut rng, &alice, &bundle, SessionConfig::default()).unwrap();
+    let r1 = real.seal(&mut rng, b"I owe Bob 100 coins").unwrap();
+    assert_eq!(r1.payload.len(), m1.payload.len());
+    assert_eq!(r1.payload[..2], m1.payload[..2]);
+    // And the fabricated conversation continues with chain messages.
+    let mut bob_session = accepted.session;
+    let reply = bob_session.seal(&mut rng, b"noted").unwrap();
+    let mut out = Vec::new();
+    forged
+        .open(&reply.id, &reply.payload, 32, &mut out)
+        .unwrap();
+    assert_eq!(out, b"noted");
+}

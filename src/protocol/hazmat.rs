@@ -138,5 +138,36 @@ pub fn simulate_initiator(
         one_time_prekey_id,
         initiator,
         config,
+        false,
+    )
+}
+
+/// [`simulate_initiator`] for a profile v2 session (SPEC.md 26.10): the
+/// fabricated session seals its prekey messages ([`Session::seal`]) to the
+/// responder's signed prekey, which the responder's own
+/// [`PrekeyStore::open_sealed`](crate::PrekeyStore::open_sealed) and
+/// [`Session::accept`] take as coming from `initiator`. Sealing adds no
+/// signature: v2 is exactly as deniable as v1.
+///
+/// # Errors
+/// As [`simulate_initiator`].
+pub fn simulate_initiator_sealed(
+    rng: &mut impl CryptoRngCore,
+    responder: &IdentityKeyPair,
+    prekeys: &impl PrekeyLookup,
+    signed_prekey_id: u32,
+    one_time_prekey_id: Option<u32>,
+    initiator: &IdentityKey,
+    config: SessionConfig,
+) -> Result<Session> {
+    Session::simulate_initiator(
+        rng,
+        responder,
+        prekeys,
+        signed_prekey_id,
+        one_time_prekey_id,
+        initiator,
+        config,
+        true,
     )
 }

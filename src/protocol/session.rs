@@ -220,6 +220,8 @@ impl Session {
     }
 
     /// See [`crate::hazmat::simulate_initiator`].
+    // Reasoned exception: the hazmat functions' arguments plus the profile.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn simulate_initiator(
         rng: &mut impl CryptoRngCore,
         responder: &IdentityKeyPair,
@@ -228,6 +230,7 @@ impl Session {
         one_time_prekey_id: Option<u32>,
         initiator: &IdentityKey,
         config: SessionConfig,
+        v2: bool,
     ) -> Result<Session> {
         let spk = prekeys
             .signed_prekey(signed_prekey_id)
@@ -246,7 +249,7 @@ impl Session {
             initiator,
             &ephemeral.public,
         )?;
-        let ratchet = Ratchet::initiator(rng, &x3dh.shared_secret, *spk.public(), config, false)?;
+        let ratchet = Ratchet::initiator(rng, &x3dh.shared_secret, *spk.public(), config, v2)?;
         Ok(Session {
             role: Role::Initiator,
             local: *initiator,
