@@ -84,7 +84,10 @@ pub fn size_class(len: usize) -> usize {
 /// of `overhead + plaintext` bytes to its size class.
 pub fn padding_len(overhead: usize, plaintext: usize) -> usize {
     let unpadded = overhead.saturating_add(plaintext).saturating_add(1);
-    size_class(unpadded) - unpadded + 1
+    // `size_class` never rounds down below 2^62 bytes; beyond, saturate
+    // rather than underflow (no message is that long: `Session::seal`
+    // refuses plaintexts above AES-GCM's limit first).
+    size_class(unpadded).saturating_sub(unpadded) + 1
 }
 
 /// Appends the padding for a payload of `overhead` bytes around `out[start..]`.
