@@ -248,7 +248,7 @@ pub const MIN_SEALED_PREKEY_LEN: usize = 177;
 
 /// Opens a sealed prekey message with the first of `signed_prekeys` that
 /// opens it (a device tries its current signed prekey, then the retained
-/// ones: [`PrekeyStore::signed_prekeys`]), returning the inner prekey message and the index
+/// ones: [`PrekeyStore::signed_prekeys`](crate::PrekeyStore::signed_prekeys)), returning the inner prekey message and the index
 /// of that prekey. Order of checks: length, version and kind (`Decode`); no
 /// signed prekey (`UnknownPrekey`); a non-contributory `DH(spk, E)`
 /// (`InvalidKey`, found with the first prekey); no prekey opens it
