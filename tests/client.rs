@@ -795,3 +795,48 @@ trait Wait: std::future::Future + Sized {
     }
 }
 impl<F: std::future::Future> Wait for F {}
+
+/// Profile v2 routes a chain message only within W = 32 of the receiver's
+/// window (SPEC.md 26.6). A relay that drops more than that of one chain
+/// makes the next message unroutable; the conversation recovers when the
+/// receiver writes (the sender's next chain starts inside the window) and
+/// the sender re-sends what got no receipt: every message arrives, once.
+#[test]
+fn a_gap_beyond_the_routing_window_heals_and_nothing_is_lost() {
+    let mut w = World::new(12);
+    let mut bob = w.device(MemoryStore::new(), ClientConfig::default());
+    let mut alice = w.device(MemoryStore::new(), ClientConfig::default());
+    // A v2 conversation with chains both ways.
+    w.send(&mut alice, &bob, b"hello");
+    assert_eq!(w.receive(&mut bob).received, 1);
+    w.send(&mut bob, &alice, b"hi");
+    assert_eq!(w.receive(&mut alice).received, 1);
+    take_all(&mut bob);
+    // The relay drops the next 40 messages of Alice's chain.
+    w.evil.how.lock().unwrap().drop_first_bytes = (0..=255).collect();
+    for i in 0..40u8 {
+        w.send(&mut alice, &bob, &[i]);
+    }
+    w.evil.how.lock().unwrap().drop_first_bytes.clear();
+    w.send(&mut alice, &bob, b"beyond the window");
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 0, "{report:?}");
+    assert_eq!(report.rejected.len(), 1, "{report:?}");
+    assert_eq!(report.rejected[0].1, Rejection::NoSession);
+    // Bob writes; Alice's next chain starts at n = 0, inside Bob's window,
+    // and her re-sends (no receipt came for 41 messages) travel on it.
+    w.send(&mut bob, &alice, b"are you there?");
+    assert_eq!(w.receive(&mut alice).received, 1);
+    w.advance(2 * 3600);
+    let now = w.now();
+    let resend = block_on(alice.resend(&mut w.rng, now)).unwrap();
+    assert_eq!(resend.resent, 41, "{resend:?}");
+    let report = w.receive(&mut bob);
+    assert_eq!(report.received, 41, "{report:?}");
+    let mut got = take_all(&mut bob);
+    got.sort();
+    let mut want: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i]).collect();
+    want.push(b"beyond the window".to_vec());
+    want.sort();
+    assert_eq!(got, want);
+}
