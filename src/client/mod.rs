@@ -395,6 +395,25 @@ pub struct Client<S, D, M> {
 /// Nonces tried between two yields to the executor while minting a stamp.
 const STAMP_SLICE: u64 = 1 << 16;
 
+/// Completes when the first of two futures does (its output dropped; the
+/// other future is dropped unfinished). Runtime-agnostic: both are polled
+/// with the caller's waker.
+struct FirstOf<A, B>(core::pin::Pin<Box<A>>, core::pin::Pin<Box<B>>);
+
+impl<A: core::future::Future, B: core::future::Future> core::future::Future for FirstOf<A, B> {
+    type Output = ();
+    fn poll(
+        mut self: core::pin::Pin<&mut Self>,
+        cx: &mut core::task::Context<'_>,
+    ) -> core::task::Poll<()> {
+        if self.0.as_mut().poll(cx).is_ready() || self.1.as_mut().poll(cx).is_ready() {
+            core::task::Poll::Ready(())
+        } else {
+            core::task::Poll::Pending
+        }
+    }
+}
+
 /// A future that is pending once (waking its task at once), then ready:
 /// lets other tasks of a single-threaded executor (a browser's) run
 /// between two slices of stamp minting. Runtime-agnostic.
@@ -2171,6 +2190,27 @@ impl<S: Store, D: PrekeyDirectory, M: Mailbox> Client<S, D, M> {
         let mut answers = Answers::default();
         let mut gap_counts: HashMap<DeviceAddress, usize> = HashMap::new();
         let owners = self.owners(rng, now).await?;
+        if wait_ms > 0 && owners.len() > 1 {
+            // With v2, a message may arrive in either of two mailboxes: the
+            // current inbox (chain messages) or the published mailbox
+            // (first contacts, new sessions). Long-poll both at once and
+            // go on when either answers; the fetches below take what came
+            // (a long poll consumes nothing, so dropping the other is safe).
+            let mut waits = Vec::with_capacity(2);
+            for (keys, address) in owners.iter().take(2) {
+                let owner = Owner {
+                    keys,
+                    address: *address,
+                };
+                waits.push(self.auth(&owner, MailboxOp::Fetch).await?);
+            }
+            if let [first, second] = &waits[..] {
+                let a = self.mailbox.fetch_waiting(first, 1, wait_ms);
+                let b = self.mailbox.fetch_waiting(second, 1, wait_ms);
+                FirstOf(Box::pin(a), Box::pin(b)).await;
+            }
+            wait_ms = 0;
+        }
         for (keys, address) in &owners {
             let owner = Owner {
                 keys,
