@@ -136,10 +136,7 @@ pub(crate) fn seal_header(
     header: &Header,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let mut buf = [0u8; HEADER_LEN];
-    let mut plain = Vec::with_capacity(HEADER_LEN);
-    header.write(&mut plain);
-    copy(&mut buf, plain.iter().copied());
+    let mut buf = header.encoded();
     let aad = aad2(KIND_CHAIN, tag);
     let t = header_cipher(hk, header.n)
         .encrypt_in_place_detached(Nonce::from_slice(&[0; 12]), &aad, &mut buf)
@@ -190,12 +187,29 @@ pub(crate) fn open_header(
     Ok(header)
 }
 
-fn aad2(kind: u8, rest: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(2 + rest.len());
-    aad.push(VERSION_2);
-    aad.push(kind);
-    aad.extend_from_slice(rest);
-    aad
+/// `0x02 || kind || rest` for `rest` of up to 32 bytes (a tag or E), on
+/// the stack: the per-message path does not allocate for it.
+fn aad2(kind: u8, rest: &[u8]) -> AadBuf {
+    let mut buf = [0u8; 34];
+    let len = 2 + rest.len().min(32);
+    copy(
+        &mut buf,
+        [VERSION_2, kind].into_iter().chain(rest.iter().copied()),
+    );
+    AadBuf { buf, len }
+}
+
+/// A short associated-data buffer ([`aad2`]).
+struct AadBuf {
+    buf: [u8; 34],
+    len: usize,
+}
+
+impl core::ops::Deref for AadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
+    }
 }
 
 fn seal_cipher(shared: &[u8; 32], e: &[u8; 32], spk: &[u8; 32]) -> (Aes256Gcm, [u8; 12]) {

@@ -502,17 +502,31 @@ impl Session {
         Ok(Sealed { id, payload })
     }
 
-    /// Where a routing tag points in this session, if it is one this session
-    /// expects (SPEC.md 26.6): a stored skipped key, the current receiving
-    /// chain within `window` of its next message, or the peer's next chain
-    /// within `window` of its start.
-    fn locate(&self, id: &[u8; TAG_BYTES], window: u32) -> Option<(HeaderKey, u32, Expected)> {
-        let h = self.ratchet.header.as_ref()?;
+    /// Visits the tags this session expects (SPEC.md 26.6), in the order
+    /// `locate` searches them: stored skipped keys (newest chain first,
+    /// then increasing n), the current receiving chain within `window` of
+    /// its next message, the peer's next chain within `window` of its
+    /// start (while a ratchet key pair is held). `visit(hk, n, expected,
+    /// tag)` returns `true` to stop. One definition for routing and for
+    /// opening, so the two cannot disagree.
+    fn visit_expected(
+        &self,
+        window: u32,
+        mut visit: impl FnMut(&HeaderKey, u32, Expected, &[u8; TAG_BYTES]) -> bool,
+    ) {
+        let Some(h) = self.ratchet.header.as_ref() else {
+            return;
+        };
         for chain in self.ratchet.skipped.chains.iter().rev() {
             if let Some(hk) = &chain.header_key {
                 for (n, _) in &chain.keys {
-                    if &sealed::tag(hk, *n) == id {
-                        return Some((hk.clone(), *n, Expected::Chain(chain.ratchet_key)));
+                    if visit(
+                        hk,
+                        *n,
+                        Expected::Chain(chain.ratchet_key),
+                        &sealed::tag(hk, *n),
+                    ) {
+                        return;
                     }
                 }
             }
@@ -522,20 +536,32 @@ impl Session {
         {
             let nr = self.ratchet.nr;
             for n in nr..nr.saturating_add(window) {
-                if &sealed::tag(hk, n) == id {
-                    return Some((hk.clone(), n, Expected::Chain(dhr)));
+                if visit(hk, n, Expected::Chain(dhr), &sealed::tag(hk, n)) {
+                    return;
                 }
             }
         }
         if self.ratchet.dhs.is_some() {
             let hk = self.ratchet.root.header_key();
             for n in 0..window {
-                if &sealed::tag(&hk, n) == id {
-                    return Some((hk, n, Expected::New));
+                if visit(&hk, n, Expected::New, &sealed::tag(&hk, n)) {
+                    return;
                 }
             }
         }
-        None
+    }
+
+    /// Where a routing tag points in this session, if it is one this session
+    /// expects ([`Session::visit_expected`]).
+    fn locate(&self, id: &[u8; TAG_BYTES], window: u32) -> Option<(HeaderKey, u32, Expected)> {
+        let mut found = None;
+        self.visit_expected(window, |hk, n, expected, tag| {
+            if tag == id {
+                found = Some((hk.clone(), n, expected));
+            }
+            found.is_some()
+        });
+        found
     }
 
     /// The routing tags this session expects (SPEC.md 26.6): those of its
@@ -544,23 +570,11 @@ impl Session {
     /// (while it holds a ratchet key pair). Empty for a v1 session. A client
     /// indexes them to route chain messages without trying sessions.
     pub fn routing_tags(&self, window: u32) -> Vec<[u8; TAG_BYTES]> {
-        let Some(h) = self.ratchet.header.as_ref() else {
-            return Vec::new();
-        };
         let mut tags = Vec::new();
-        for chain in &self.ratchet.skipped.chains {
-            if let Some(hk) = &chain.header_key {
-                tags.extend(chain.keys.iter().map(|(n, _)| sealed::tag(hk, *n)));
-            }
-        }
-        if let (Some(hk), Some(_)) = (&h.receiving, &self.ratchet.receiving) {
-            let nr = self.ratchet.nr;
-            tags.extend((nr..nr.saturating_add(window)).map(|n| sealed::tag(hk, n)));
-        }
-        if self.ratchet.dhs.is_some() {
-            let hk = self.ratchet.root.header_key();
-            tags.extend((0..window).map(|n| sealed::tag(&hk, n)));
-        }
+        self.visit_expected(window, |_, _, _, tag| {
+            tags.push(*tag);
+            false
+        });
         tags
     }
 
@@ -595,13 +609,11 @@ impl Session {
             return Err(Error::Auth);
         }
         let mut prefix = [0u8; 2 + crate::protocol::wire::HEADER_LEN];
-        let mut plain = Vec::with_capacity(crate::protocol::wire::HEADER_LEN);
-        header.write(&mut plain);
         copy(
             &mut prefix,
             [sealed::VERSION_2, sealed::KIND_CHAIN]
                 .into_iter()
-                .chain(plain.iter().copied()),
+                .chain(header.encoded()),
         );
         let mut aad = [0u8; 64 + MAX_PREFIX_LEN];
         let aad = self.fill_aad(&mut aad, &prefix);

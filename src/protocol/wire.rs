@@ -97,9 +97,20 @@ impl Header {
         })
     }
     pub(crate) fn write(&self, out: &mut alloc::vec::Vec<u8>) {
-        out.extend_from_slice(&self.ratchet_key);
-        out.extend_from_slice(&self.pn.to_be_bytes());
-        out.extend_from_slice(&self.n.to_be_bytes());
+        out.extend_from_slice(&self.encoded());
+    }
+    /// The 40-byte encoding, without allocating.
+    pub(crate) fn encoded(&self) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        crate::protocol::ratchet::copy(
+            &mut out,
+            self.ratchet_key
+                .iter()
+                .copied()
+                .chain(self.pn.to_be_bytes())
+                .chain(self.n.to_be_bytes()),
+        );
+        out
     }
 }
 
