@@ -10,6 +10,7 @@ use core::future::{ready, Future};
 use rand_core::OsRng;
 
 use super::{Relay, RelayStorage, SweepReport};
+use crate::bounds::MaybeSend;
 use crate::protocol::devices::AccountId;
 use crate::transport::{
     DepositPass, DeviceAddress, DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth,
@@ -108,21 +109,21 @@ impl<S: RelayStorage> InProcessRelay<S> {
 }
 
 impl<S: RelayStorage + Send> PrekeyDirectory for InProcessRelay<S> {
-    fn publish(&self, upload: &[u8]) -> impl Future<Output = Result<(), TransportError>> + Send {
+    fn publish(&self, upload: &[u8]) -> impl Future<Output = Result<(), TransportError>> + MaybeSend {
         ready(self.call(|relay, now| relay.publish(now, upload)))
     }
 
     fn fetch_bundle(
         &self,
         device: &DeviceAddress,
-    ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + Send {
+    ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + MaybeSend {
         ready(self.call(|relay, now| relay.fetch_bundle(now, device)))
     }
 
     fn one_time_prekeys_left(
         &self,
         device: &DeviceAddress,
-    ) -> impl Future<Output = Result<u32, TransportError>> + Send {
+    ) -> impl Future<Output = Result<u32, TransportError>> + MaybeSend {
         ready(self.call(|relay, _| relay.one_time_prekeys_left(device)))
     }
 }
@@ -131,7 +132,7 @@ impl<S: RelayStorage + Send> DeviceDirectory for InProcessRelay<S> {
     fn publish_device_list(
         &self,
         signed: &[u8],
-    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend {
         ready(self.call(|relay, _| relay.publish_device_list(signed)))
     }
 
@@ -139,7 +140,7 @@ impl<S: RelayStorage + Send> DeviceDirectory for InProcessRelay<S> {
         &self,
         account: &AccountId,
         after: u64,
-    ) -> impl Future<Output = Result<Vec<Vec<u8>>, TransportError>> + Send {
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, TransportError>> + MaybeSend {
         ready(self.call(|relay, _| relay.fetch_device_lists(account, after)))
     }
 }
@@ -150,14 +151,14 @@ impl<S: RelayStorage + Send> Mailbox for InProcessRelay<S> {
         to: &MailboxId,
         envelope: &Envelope,
         pass: &DepositPass,
-    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend {
         ready(self.call(|relay, now| relay.deposit(now, to, envelope, pass)))
     }
 
     fn challenge(
         &self,
         mailbox: &MailboxId,
-    ) -> impl Future<Output = Result<[u8; 32], TransportError>> + Send {
+    ) -> impl Future<Output = Result<[u8; 32], TransportError>> + MaybeSend {
         ready(self.call(|relay, now| relay.challenge(now, &mut OsRng, mailbox)))
     }
 
@@ -165,7 +166,7 @@ impl<S: RelayStorage + Send> Mailbox for InProcessRelay<S> {
         &self,
         auth: &MailboxAuth,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send {
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + MaybeSend {
         ready(self.call(|relay, now| relay.fetch(now, auth, limit)))
     }
 
@@ -173,7 +174,7 @@ impl<S: RelayStorage + Send> Mailbox for InProcessRelay<S> {
         &self,
         auth: &MailboxAuth,
         ids: &[EnvelopeId],
-    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend {
         ready(self.call(|relay, now| relay.acknowledge(now, auth, ids)))
     }
 }

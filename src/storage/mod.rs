@@ -55,6 +55,7 @@
 //!   targets: the client holds it across awaits).
 
 pub mod conformance;
+pub mod kv;
 mod memory;
 pub mod record;
 #[cfg(feature = "sqlite")]
