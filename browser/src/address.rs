@@ -5,7 +5,8 @@
 use cubbyhole::transport::DeviceAddress;
 
 /// Why a text is not an address or an id.
-pub const BAD_ADDRESS: &str = "an address is 64 hex digits, ':', and a device number (1 to 4294967295)";
+pub const BAD_ADDRESS: &str =
+    "an address is 64 hex digits, ':', and a device number (1 to 4294967295)";
 
 /// `bytes` in lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {

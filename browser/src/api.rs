@@ -268,7 +268,8 @@ impl Device {
     /// `"delivered"` (the recipient's receipt came), `"failed"`, or
     /// `"unknown"`.
     pub async fn delivery(&self, id: String) -> Result<String, JsValue> {
-        let message = unhex::<16>(id.trim()).ok_or_else(|| argument("a message id is 32 hex digits"))?;
+        let message =
+            unhex::<16>(id.trim()).ok_or_else(|| argument("a message id is 32 hex digits"))?;
         let shared = Rc::clone(&self.shared);
         let client = shared.client().await?;
         let state = client
@@ -293,7 +294,10 @@ impl Device {
     /// messages received, each once: they leave the device's inbox as they
     /// are returned.
     #[wasm_bindgen(unchecked_return_type = "Message[]")]
-    pub async fn receive(&self, #[wasm_bindgen(js_name = waitMs)] wait_ms: Option<u32>) -> Result<JsValue, JsValue> {
+    pub async fn receive(
+        &self,
+        #[wasm_bindgen(js_name = waitMs)] wait_ms: Option<u32>,
+    ) -> Result<JsValue, JsValue> {
         let shared = Rc::clone(&self.shared);
         let mut client = shared.client().await?;
         shared.interrupt.clear();
@@ -405,7 +409,10 @@ fn safety_number_of(me: &DeviceAddress, peer: &DeviceAddress) -> Result<String, 
 }
 
 /// Hands every inbox message to `deliver`, then removes it from the inbox.
-async fn take_inbox(client: &mut Inner, mut deliver: impl FnMut(&InboxMessage)) -> Result<(), JsValue> {
+async fn take_inbox(
+    client: &mut Inner,
+    mut deliver: impl FnMut(&InboxMessage),
+) -> Result<(), JsValue> {
     let messages = client.inbox().await.map_err(|e| client_error(&e))?;
     for m in &messages {
         deliver(m);
@@ -416,4 +423,3 @@ async fn take_inbox(client: &mut Inner, mut deliver: impl FnMut(&InboxMessage)) 
     }
     Ok(())
 }
-

@@ -189,7 +189,10 @@ impl Browser {
             }
             if Instant::now() > deadline {
                 let status = self
-                    .run("return document.getElementById('status').textContent", json!([]))
+                    .run(
+                        "return document.getElementById('status').textContent",
+                        json!([]),
+                    )
                     .await;
                 panic!("timed out waiting for {what}; the page's status: {status}");
             }
@@ -327,7 +330,10 @@ impl Browser {
         let handles = self
             .call(reqwest::Method::GET, "/window/handles", Value::Null)
             .await;
-        assert!(!handles.as_array().unwrap().contains(&old), "the tab is still open");
+        assert!(
+            !handles.as_array().unwrap().contains(&old),
+            "the tab is still open"
+        );
     }
 
     /// Whether any value in the device's IndexedDB contains `needle` (as
@@ -420,7 +426,9 @@ async fn two_browser_profiles_chat_through_the_relay_and_a_closed_tab_catches_up
     let alice = Browser::open(&driver, "alice").await;
     let bob = Browser::open(&driver, "bob").await;
 
-    alice.open_device(&page, "alice", "alice's passphrase").await;
+    alice
+        .open_device(&page, "alice", "alice's passphrase")
+        .await;
     bob.open_device(&page, "bob", "bob's passphrase").await;
     let alice_address = alice.wait_ready("alice").await;
     let bob_address = bob.wait_ready("bob").await;
@@ -471,7 +479,9 @@ async fn two_browser_profiles_chat_through_the_relay_and_a_closed_tab_catches_up
     bob.wait_state("are you there?", "deposited").await;
 
     // A wrong passphrase does not open Alice's device.
-    alice.open_device(&page, "alice", "not alice's passphrase").await;
+    alice
+        .open_device(&page, "alice", "not alice's passphrase")
+        .await;
     let error = alice
         .wait_for(
             "the wrong passphrase to be refused",
@@ -489,7 +499,9 @@ async fn two_browser_profiles_chat_through_the_relay_and_a_closed_tab_catches_up
     // Reopened with her passphrase, the device is the same one (its identity
     // came back from IndexedDB) and gets what Bob wrote while it was closed,
     // through the session it had: no new first contact.
-    alice.open_device(&page, "alice", "alice's passphrase").await;
+    alice
+        .open_device(&page, "alice", "alice's passphrase")
+        .await;
     assert_eq!(alice.wait_ready("alice").await, alice_address);
     alice.wait_received(&bob_address, "are you there?").await;
     alice.send(&bob_address, "back again").await;
