@@ -9,6 +9,11 @@ include!("tests/support/pg_bin.rs");
 
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(cubbyhole_test_postgres)");
+    println!("cargo:rustc-check-cfg=cfg(cubbyhole_test_browser)");
+    println!("cargo:rerun-if-env-changed=CUBBYHOLE_TEST_BROWSER");
+    if std::env::var("CUBBYHOLE_TEST_BROWSER").is_ok_and(|v| !v.trim().is_empty() && v != "0") {
+        println!("cargo:rustc-cfg=cubbyhole_test_browser");
+    }
     println!("cargo:rerun-if-env-changed=CUBBYHOLE_TEST_POSTGRES");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=tests/support/pg_bin.rs");

@@ -73,15 +73,16 @@ pub const LOCK_PREFIX: &str = "cubbyhole-idb:";
 /// docs](self)): open it with [`IdbBackend::open`], hand it to a
 /// `KvStore`.
 ///
-/// Dropping it closes the connection and releases the lock;
-/// [`IdbBackend::close`] does the same and waits until the lock is
-/// released.
+/// [`IdbBackend::close`] or dropping it closes the connection and releases
+/// the lock.
 pub struct IdbBackend {
     name: String,
     db: IdbDatabase,
     /// Closes the connection on `versionchange`; kept alive with it.
     _on_version_change: Closure<dyn FnMut(Event)>,
-    lock: Option<LockGuard>,
+    /// `None` without the Locks API, and once closed.
+    lock: RefCell<Option<LockGuard>>,
+    closed: Cell<bool>,
     fault: FaultInjector,
 }
 
@@ -89,7 +90,8 @@ impl core::fmt::Debug for IdbBackend {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("IdbBackend")
             .field("name", &self.name)
-            .field("exclusive", &self.lock.is_some())
+            .field("exclusive", &self.exclusive())
+            .field("closed", &self.closed.get())
             .finish_non_exhaustive()
     }
 }
@@ -159,7 +161,8 @@ impl IdbBackend {
             name: name.to_string(),
             db,
             _on_version_change: on_version_change,
-            lock,
+            lock: RefCell::new(lock),
+            closed: Cell::new(false),
             fault: FaultInjector::default(),
         })
     }
@@ -169,10 +172,10 @@ impl IdbBackend {
         &self.name
     }
 
-    /// Whether this backend holds the store's exclusive lock (`false` only
-    /// where the Locks API is absent).
+    /// Whether this backend holds the store's exclusive lock (`false`
+    /// where the Locks API is absent, and once closed).
     pub fn exclusive(&self) -> bool {
-        self.lock.is_some()
+        self.lock.borrow().is_some()
     }
 
     /// The test fault injector: see [`FaultInjector::fail_after`].
@@ -186,18 +189,22 @@ impl IdbBackend {
         self.fault.clone()
     }
 
-    /// Closes the connection and releases the lock, and waits until the
-    /// lock is released (so that an open of the same name right after
-    /// succeeds). Dropping the backend does the same without waiting; an
-    /// open in this tab then waits for the release itself.
-    pub async fn close(mut self) {
+    /// Closes the connection (after the transactions under way) and
+    /// releases the lock, so that another tab may open the store; the
+    /// backend's operations fail from then on. An open of the same name in
+    /// this tab waits for the release to be done; another tab may need a
+    /// moment to see it.
+    pub fn close(&self) {
+        self.closed.set(true);
         self.db.close();
-        if let Some(lock) = self.lock.take() {
-            lock.release().await;
-        }
+        // Dropping the guard releases the lock.
+        self.lock.borrow_mut().take();
     }
 
     fn transaction(&self, mode: IdbTransactionMode) -> Result<IdbTransaction, StoreError> {
+        if self.closed.get() {
+            return Err(StoreError::Backend("the store is closed".into()));
+        }
         if mode == IdbTransactionMode::Readwrite {
             // `db.transaction(RECORDS, "readwrite", {durability: "strict"})`,
             // called through Reflect: web-sys has the options only behind
@@ -230,9 +237,7 @@ impl IdbBackend {
 impl Drop for IdbBackend {
     fn drop(&mut self) {
         self.db.set_onversionchange(None);
-        self.db.close();
-        // Dropping the lock releases it.
-        self.lock = None;
+        self.close();
     }
 }
 
@@ -616,14 +621,6 @@ impl LockGuard {
             })),
             Ok(_) => Err(StoreError::Backend(LOCKED.into())),
             Err(e) => Err(js_error(e)),
-        }
-    }
-
-    /// Releases the lock; waits until it is released.
-    async fn release(mut self) {
-        if let Some(released) = self.released.take() {
-            let _ = self.release.call0(&JsValue::UNDEFINED);
-            let _ = JsFuture::from(released).await;
         }
     }
 }

@@ -72,7 +72,7 @@ mod browser {
         assert_eq!(load(&b).await, Records::new());
         b.write(&[]).await.expect("an empty batch");
         assert_eq!(load(&b).await, Records::new());
-        b.close().await;
+        b.close();
         delete_database(&name).await.expect("delete");
     }
 
@@ -103,10 +103,10 @@ mod browser {
             .expect("write");
         let after = expect(&[(2, b"two again"), (3, b"three again"), (5, b"")]);
         assert_eq!(load(&b).await, after);
-        b.close().await;
+        b.close();
         let b = open(&name).await;
         assert_eq!(load(&b).await, after);
-        b.close().await;
+        b.close();
         delete_database(&name).await.expect("delete");
     }
 
@@ -118,7 +118,7 @@ mod browser {
         b.write(&[put(1, b"a"), put(2, &big), put(3, &[0u8; 1])])
             .await
             .expect("write");
-        b.close().await;
+        b.close();
         let b = open(&name).await;
         let mut want = vec![
             (key(1), b"a".to_vec()),
@@ -134,7 +134,7 @@ mod browser {
         let b = open(&name).await;
         want.retain(|(k, _)| *k != key(1));
         assert_eq!(load(&b).await, want);
-        b.close().await;
+        b.close();
         delete_database(&name).await.expect("delete");
     }
 
@@ -164,7 +164,7 @@ mod browser {
             assert_eq!(load(&b).await, before, "after an abort at request {n}");
         }
         // Nothing of the aborted batches is there after reopening either.
-        b.close().await;
+        b.close();
         let b = open(&name).await;
         assert_eq!(load(&b).await, before);
         // The fault counts across writes: after 2 requests of a 1-request and a
@@ -186,10 +186,10 @@ mod browser {
             (7, b"seven"),
         ]);
         assert_eq!(load(&b).await, after);
-        b.close().await;
+        b.close();
         let b = open(&name).await;
         assert_eq!(load(&b).await, after);
-        b.close().await;
+        b.close();
         delete_database(&name).await.expect("delete");
     }
 
@@ -207,15 +207,15 @@ mod browser {
         let other = open(&other_name).await;
         // The first is still usable, and once closed its store opens again.
         first.write(&[put(1, b"x")]).await.expect("write");
-        first.close().await;
+        first.close();
         let again = open(&name).await;
         assert_eq!(load(&again).await, expect(&[(1, b"x")]));
         match IdbBackend::open(&name).await {
             Err(StoreError::Backend(e)) => assert_eq!(e, LOCKED),
             other => panic!("expected the lock error, got {:?}", other.map(|_| ())),
         }
-        again.close().await;
-        other.close().await;
+        again.close();
+        other.close();
         delete_database(&name).await.expect("delete");
         delete_database(&other_name).await.expect("delete");
     }
@@ -235,7 +235,7 @@ mod browser {
         drop(b);
         let b = open(&name).await;
         assert_eq!(load(&b).await, Records::new(), "the records went");
-        b.close().await;
+        b.close();
         delete_database(&name).await.expect("delete");
     }
 
@@ -335,7 +335,7 @@ mod browser {
             let b = open(&name).await;
             b.write(&[put(1, b"fine")]).await.expect("write");
             assert_eq!(load(&b).await, expect(&[(1, b"fine")]));
-            b.close().await;
+            b.close();
             raw_put(&name, &bad_key, &bad_value).await;
             let b = open(&name).await;
             match b.load().await {
@@ -344,7 +344,7 @@ mod browser {
                 }
                 other => panic!("{tag}: load returned {other:?}"),
             }
-            b.close().await;
+            b.close();
             delete_database(&name).await.expect("delete");
         }
     }
@@ -369,7 +369,7 @@ mod browser {
         // The refused opens released the lock.
         delete_database(&name).await.expect("delete");
         let b = open(&name).await;
-        b.close().await;
+        b.close();
         delete_database(&name).await.expect("delete");
     }
 }

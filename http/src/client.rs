@@ -1,12 +1,16 @@
 //! [`HttpRelay`]: the relay's HTTP API (`relay/API.md`) as a
 //! [`PrekeyDirectory`], a [`DeviceDirectory`] and a [`Mailbox`]. The crate docs describe its
 //! errors, retries, runtime and cancellation.
+//!
+//! What does not depend on the target is here: the paths, the retry
+//! policy and its loop, the mapping of answers to transport errors, the
+//! headers of a deposit. One attempt of a request and the sleep between
+//! attempts are an engine's: `native` (`reqwest` on a Tokio runtime) or,
+//! on `wasm32`, `web` (the browser's `fetch`).
 
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use cubbyhole::protocol::devices::{AccountId, DeviceList};
@@ -16,14 +20,20 @@ use cubbyhole::transport::{
     DeviceDirectory, Envelope, EnvelopeId, Mailbox, MailboxAuth, MailboxId, PrekeyDirectory,
     TransportError,
 };
+use cubbyhole::MaybeSend;
 use rand_core::{OsRng, RngCore};
-use reqwest::header::HeaderValue;
-use reqwest::{Method, StatusCode};
-use tokio::runtime::{Handle, Runtime};
-use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
 use crate::wire::{decode_device_lists, DeviceListQuery, FetchQuery, ACCESS_HEADER, STAMP_HEADER};
+
+#[cfg(not(target_arch = "wasm32"))]
+mod native;
+#[cfg(not(target_arch = "wasm32"))]
+use native as engine;
+#[cfg(target_arch = "wasm32")]
+mod web;
+#[cfg(target_arch = "wasm32")]
+use web as engine;
 
 /// The reasons carried by [`TransportError::LimitExceeded`] for the bounds
 /// the HTTP server adds to the relay rules (the rules' own bounds use the
@@ -92,12 +102,12 @@ fn device_list_bad_request(message: &str) -> Option<&'static str> {
 /// `what` names the request for [`TransportError::BadRequest`] (unless the
 /// message is a [`device_list_reason`]).
 fn error_for(
-    status: StatusCode,
+    status: u16,
     wire: Option<&str>,
     message: Option<&str>,
     what: &'static str,
 ) -> TransportError {
-    match status.as_u16() {
+    match status {
         400 => {
             TransportError::BadRequest(message.and_then(device_list_bad_request).unwrap_or(what))
         }
@@ -125,7 +135,9 @@ fn error_for(
 /// field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpRelayConfig {
-    /// How long to wait for a connection (TCP and TLS). Default 5 s.
+    /// How long to wait for a connection (TCP and TLS). Default 5 s. No
+    /// effect in the browser (the browser connects; `request_timeout`
+    /// covers the connection there).
     pub connect_timeout: Duration,
     /// How long one attempt of a request may take, from sending it to the
     /// last byte of the answer. Default 15 s.
@@ -145,7 +157,8 @@ pub struct HttpRelayConfig {
     /// How long an idle pooled connection is kept for the next request.
     /// Keep it below the relay's idle timeout (its `header_timeout_ms`,
     /// 10 s by default), so a request is not sent on a connection the relay
-    /// is closing. Default 5 s.
+    /// is closing. Default 5 s. No effect in the browser (it pools the
+    /// connections itself).
     pub pool_idle_timeout: Duration,
     /// The largest answer accepted; a larger one is
     /// [`TransportError::Unavailable`]. Default 32 MiB (a fetch answers at
@@ -153,7 +166,7 @@ pub struct HttpRelayConfig {
     pub max_response_bytes: usize,
     /// The local address to connect from (a multi-homed host, or a test
     /// that gives each device its own loopback address). Default `None`:
-    /// the system picks.
+    /// the system picks. No effect in the browser (it picks).
     pub local_address: Option<std::net::IpAddr>,
 }
 
@@ -193,10 +206,14 @@ pub enum HttpRelayError {
     /// The base URL is not an absolute `http` or `https` URL (the reason
     /// says what is wrong).
     InvalidUrl(&'static str),
-    /// The HTTP client could not be built (its TLS setup failed).
+    /// The HTTP client could not be built (its TLS setup failed). Not on
+    /// `wasm32` (the browser's `fetch` needs no client).
+    #[cfg(not(target_arch = "wasm32"))]
     Client(reqwest::Error),
     /// Built outside a Tokio runtime, the relay could not start its private
-    /// runtime (the operating system refused a thread).
+    /// runtime (the operating system refused a thread). Not on `wasm32`
+    /// (no runtime there: the requests run in the future that awaits them).
+    #[cfg(not(target_arch = "wasm32"))]
     Runtime(std::io::Error),
 }
 
@@ -204,7 +221,9 @@ impl fmt::Display for HttpRelayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HttpRelayError::InvalidUrl(why) => write!(f, "invalid relay URL: {why}"),
+            #[cfg(not(target_arch = "wasm32"))]
             HttpRelayError::Client(e) => write!(f, "HTTP client: {e}"),
+            #[cfg(not(target_arch = "wasm32"))]
             HttpRelayError::Runtime(e) => write!(f, "HTTP runtime: {e}"),
         }
     }
@@ -214,7 +233,9 @@ impl std::error::Error for HttpRelayError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             HttpRelayError::InvalidUrl(_) => None,
+            #[cfg(not(target_arch = "wasm32"))]
             HttpRelayError::Client(e) => Some(e),
+            #[cfg(not(target_arch = "wasm32"))]
             HttpRelayError::Runtime(e) => Some(e),
         }
     }
@@ -230,6 +251,23 @@ enum Retry {
     /// Nothing.
     Never,
 }
+
+/// The HTTP methods of the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    Get,
+    Post,
+    Put,
+}
+
+/// A request header: its (lowercase) name and value. The value of
+/// [`ACCESS_HEADER`] is a key: wiped on drop, and an engine marks it
+/// sensitive where it can.
+type Header = (&'static str, Zeroizing<String>);
+
+/// The most bytes of an error answer's body an engine reads (it is small
+/// JSON): a larger or unreadable one counts as no body.
+const ERROR_BODY_MAX: usize = 64 * 1024;
 
 /// One failed attempt.
 struct Failure {
@@ -260,37 +298,25 @@ impl Failure {
 /// only wait for that task. So they are `Send` and `'static`, and any
 /// executor can poll them, [`cubbyhole::client::block_on`] included.
 /// Dropping one of them aborts its request ([Cancellation](crate#cancellation)).
+///
+/// On `wasm32` the requests are the browser's `fetch`, run by the futures
+/// themselves, which are not `Send` ([In the browser](crate#in-the-browser)).
 #[derive(Clone)]
 pub struct HttpRelay {
-    /// What a request task needs (it holds a clone of this, never the
-    /// runtime's owner, so that the last user handle shuts a private
-    /// runtime down from the user's side, not from one of its own tasks).
+    /// What a request needs (natively a request task holds a clone of
+    /// this, never the runtime's owner, so that the last user handle shuts
+    /// a private runtime down from the user's side, not from one of its
+    /// own tasks).
     inner: Arc<Inner>,
-    /// Where the requests run.
-    handle: Handle,
-    /// The private runtime, when the relay was built outside any runtime.
-    private: Option<Arc<PrivateRuntime>>,
+    /// Where the requests run (natively: the runtime, and the private
+    /// runtime if the relay owns one).
+    exec: engine::Executor,
 }
 
 struct Inner {
-    http: reqwest::Client,
+    engine: engine::Engine,
     base: String,
     config: HttpRelayConfig,
-}
-
-/// A runtime owned by the [`HttpRelay`]s cloned from one that was built
-/// outside any Tokio runtime: one worker thread (`cubbyhole-http`), I/O and
-/// timers enabled. The last clone's drop shuts it down with
-/// [`Runtime::shutdown_background`], which neither blocks nor panics, even
-/// inside an async context; requests still running are cancelled.
-struct PrivateRuntime(Option<Runtime>);
-
-impl Drop for PrivateRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
 }
 
 impl fmt::Debug for HttpRelay {
@@ -298,37 +324,8 @@ impl fmt::Debug for HttpRelay {
         f.debug_struct("HttpRelay")
             .field("base", &self.inner.base)
             .field("config", &self.inner.config)
-            .field("private_runtime", &self.private.is_some())
+            .field("private_runtime", &self.has_private_runtime())
             .finish_non_exhaustive()
-    }
-}
-
-/// The future of one request: waits for the request's task. Dropping it
-/// aborts the task.
-struct Spawned<T>(JoinHandle<Result<T, TransportError>>);
-
-impl<T> Future for Spawned<T> {
-    type Output = Result<T, TransportError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match Pin::new(&mut self.get_mut().0).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(answer)) => Poll::Ready(answer),
-            // A panic in the request task is a bug: it goes on in the
-            // caller, as it would have with the request polled in place.
-            Poll::Ready(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // Cancelled: the runtime was shut down under the request.
-            Poll::Ready(Err(_)) => Poll::Ready(Err(TransportError::Unavailable(
-                "the HTTP client's runtime is shut down",
-            ))),
-        }
-    }
-}
-
-impl<T> Drop for Spawned<T> {
-    fn drop(&mut self) {
-        // A no-op once the task has finished.
-        self.0.abort();
     }
 }
 
@@ -339,11 +336,12 @@ impl HttpRelay {
     ///
     /// Called inside a Tokio runtime, the relay's requests run on that
     /// runtime; called outside any, it starts a private runtime of one
-    /// thread (see [Runtimes](crate#runtimes)).
+    /// thread (see [Runtimes](crate#runtimes)). On `wasm32` there is no
+    /// runtime: the requests run in the futures that await them.
     ///
     /// # Errors
-    /// [`HttpRelayError::InvalidUrl`], [`HttpRelayError::Client`],
-    /// [`HttpRelayError::Runtime`].
+    /// [`HttpRelayError::InvalidUrl`]; natively also
+    /// `HttpRelayError::Client` and `HttpRelayError::Runtime`.
     pub fn new(base_url: &str) -> Result<Self, HttpRelayError> {
         Self::with_config(base_url, HttpRelayConfig::default())
     }
@@ -352,50 +350,18 @@ impl HttpRelay {
     /// by [`HttpRelay::new`]).
     ///
     /// # Errors
-    /// [`HttpRelayError::InvalidUrl`], [`HttpRelayError::Client`],
-    /// [`HttpRelayError::Runtime`].
+    /// [`HttpRelayError::InvalidUrl`]; natively also
+    /// `HttpRelayError::Client` and `HttpRelayError::Runtime`.
     pub fn with_config(base_url: &str, config: HttpRelayConfig) -> Result<Self, HttpRelayError> {
-        let url =
-            reqwest::Url::parse(base_url).map_err(|_| HttpRelayError::InvalidUrl("syntax"))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(HttpRelayError::InvalidUrl(
-                "the scheme must be http or https",
-            ));
-        }
-        if url.host_str().is_none() {
-            return Err(HttpRelayError::InvalidUrl("no host"));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(HttpRelayError::InvalidUrl("a query or fragment"));
-        }
-        let base = url.as_str().trim_end_matches('/').to_owned();
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .local_address(config.local_address)
-            // A relay answers, it does not send clients elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("cubbyhole-http/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(HttpRelayError::Client)?;
-        let (handle, private) = match Handle::try_current() {
-            Ok(handle) => (handle, None),
-            Err(_) => {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .thread_name("cubbyhole-http")
-                    .enable_all()
-                    .build()
-                    .map_err(HttpRelayError::Runtime)?;
-                let handle = runtime.handle().clone();
-                (handle, Some(Arc::new(PrivateRuntime(Some(runtime)))))
-            }
-        };
+        let base = engine::parse_base(base_url)?;
+        let (engine, exec) = engine::build(&config)?;
         Ok(HttpRelay {
-            inner: Arc::new(Inner { http, base, config }),
-            handle,
-            private,
+            inner: Arc::new(Inner {
+                engine,
+                base,
+                config,
+            }),
+            exec,
         })
     }
 
@@ -411,9 +377,10 @@ impl HttpRelay {
 
     /// Whether the requests run on a private runtime of this relay (it was
     /// built outside any Tokio runtime) rather than on the runtime it was
-    /// built in (see [Runtimes](crate#runtimes)).
+    /// built in (see [Runtimes](crate#runtimes)). Always `false` on
+    /// `wasm32`, which has no runtime.
     pub fn has_private_runtime(&self) -> bool {
-        self.private.is_some()
+        self.exec.is_private()
     }
 
     /// Checks `GET /v1/health` (retried like an idempotent call).
@@ -421,12 +388,12 @@ impl HttpRelay {
     /// # Errors
     /// [`TransportError::Unavailable`] when the relay or its storage does
     /// not answer.
-    pub fn health(&self) -> impl Future<Output = Result<(), TransportError>> + Send + 'static {
+    pub fn health(&self) -> impl Future<Output = Result<(), TransportError>> + MaybeSend + 'static {
         let timeout = self.inner.config.request_timeout;
-        self.spawn(move |inner| async move {
+        self.run(move |inner| async move {
             inner
                 .call(
-                    Method::GET,
+                    Method::Get,
                     "/v1/health".to_owned(),
                     None,
                     timeout,
@@ -436,15 +403,6 @@ impl HttpRelay {
                 .await
                 .map(drop)
         })
-    }
-
-    /// Runs a request as a task on the relay's runtime.
-    fn spawn<T, F>(&self, request: impl FnOnce(Arc<Inner>) -> F) -> Spawned<T>
-    where
-        T: Send + 'static,
-        F: Future<Output = Result<T, TransportError>> + Send + 'static,
-    {
-        Spawned(self.handle.spawn(request(Arc::clone(&self.inner))))
     }
 
     fn device_path(device: &DeviceAddress, what: &str) -> String {
@@ -465,12 +423,17 @@ impl HttpRelay {
 
     /// A fetch, waiting up to `wait_ms` on the relay when nothing is
     /// pending.
-    fn fetch_inner(&self, auth: &MailboxAuth, limit: u32, wait_ms: u32) -> Spawned<Vec<Envelope>> {
+    fn fetch_inner(
+        &self,
+        auth: &MailboxAuth,
+        limit: u32,
+        wait_ms: u32,
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + MaybeSend + 'static {
         let mut path = Self::mailbox_path(&auth.mailbox(), "fetch");
         path.push('?');
         path.push_str(&FetchQuery { limit, wait_ms }.encode());
         let body = auth.encode();
-        self.spawn(move |inner| async move {
+        self.run(move |inner| async move {
             let timeout = if wait_ms > 0 {
                 Duration::from_millis(u64::from(wait_ms)) + inner.config.long_poll_margin
             } else {
@@ -478,7 +441,7 @@ impl HttpRelay {
             };
             let answer = inner
                 .call(
-                    Method::POST,
+                    Method::Post,
                     path,
                     Some(body),
                     timeout,
@@ -514,7 +477,7 @@ impl Inner {
         method: Method,
         path: String,
         body: Option<Vec<u8>>,
-        headers: &[(&'static str, HeaderValue)],
+        headers: &[Header],
         timeout: Duration,
         retry: Retry,
         what: &'static str,
@@ -523,7 +486,7 @@ impl Inner {
         let mut retries = 0;
         loop {
             let failure = match self
-                .attempt(&method, &url, body.as_deref(), headers, timeout, what)
+                .attempt(method, &url, body.as_deref(), headers, timeout, what)
                 .await
             {
                 Ok(answer) => return Ok(answer),
@@ -537,50 +500,44 @@ impl Inner {
             if !retryable || retries >= self.config.retries {
                 return Err(failure.error);
             }
-            tokio::time::sleep(jitter(self.config.backoff(retries))).await;
+            engine::sleep(jitter(self.config.backoff(retries))).await;
             retries += 1;
         }
     }
 
-    /// One attempt.
+    /// One attempt: the engine's exchange, then the answer's status mapped
+    /// to the body or to the error.
     async fn attempt(
         &self,
-        method: &Method,
+        method: Method,
         url: &str,
         body: Option<&[u8]>,
-        headers: &[(&'static str, HeaderValue)],
+        headers: &[Header],
         timeout: Duration,
         what: &'static str,
     ) -> Result<Vec<u8>, Failure> {
-        let mut request = self.http.request(method.clone(), url).timeout(timeout);
-        for (name, value) in headers {
-            request = request.header(*name, value.clone());
+        let (status, bytes) = self
+            .engine
+            .attempt(
+                method,
+                url,
+                body,
+                headers,
+                timeout,
+                self.config.max_response_bytes,
+            )
+            .await?;
+        if (200..300).contains(&status) {
+            return Ok(bytes);
         }
-        if let Some(body) = body {
-            request = request
-                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-                .body(body.to_vec());
-        }
-        let mut response = request.send().await.map_err(|e| Failure {
-            error: network_error(&e),
-            unsent: e.is_connect(),
-        })?;
-        let status = response.status();
-        if status.is_success() {
-            return read_body(&mut response, self.config.max_response_bytes)
-                .await
-                .map_err(Failure::answered);
-        }
-        // The error body is small JSON; an unreadable one still has a status.
-        let body = match read_body(&mut response, 64 * 1024).await {
-            Ok(bytes) => serde_json::from_slice::<ErrorBody>(&bytes).ok(),
-            Err(_) => None,
-        };
+        // The error body is small JSON; an unreadable one (the engine gives
+        // it as empty) still has a status.
+        let body = serde_json::from_slice::<ErrorBody>(&bytes).ok();
         let (wire, message) = match &body {
             Some(b) => (Some(b.error.as_str()), b.message.as_deref()),
             None => (None, None),
         };
-        if status == StatusCode::FORBIDDEN && wire == Some("stamp_required") {
+        if status == 403 && wire == Some("stamp_required") {
             if let Some(difficulty) = body.as_ref().and_then(|b| b.difficulty) {
                 return Err(Failure::answered(TransportError::StampRequired(difficulty)));
             }
@@ -591,21 +548,16 @@ impl Inner {
 
 /// The request headers of a deposit's pass (relay/API.md): the access
 /// key (`Cubbyhole-Access`) and the stamp (`Cubbyhole-Stamp`), each 32
-/// lowercase hex digits. The key's header value is marked sensitive (an
-/// HTTP/2 encoder never indexes it; `Debug` does not show it).
-fn pass_headers(pass: &DepositPass) -> Vec<(&'static str, HeaderValue)> {
+/// lowercase hex digits. The key's value is wiped on drop; the native
+/// engine marks it sensitive (an HTTP/2 encoder never indexes it; `Debug`
+/// does not show it).
+fn pass_headers(pass: &DepositPass) -> Vec<Header> {
     let mut headers = Vec::new();
     if let Some(key) = &pass.access {
-        let hex = Zeroizing::new(hex::encode(key.as_bytes()));
-        if let Ok(mut value) = HeaderValue::from_str(&hex) {
-            value.set_sensitive(true);
-            headers.push((ACCESS_HEADER, value));
-        }
+        headers.push((ACCESS_HEADER, Zeroizing::new(hex::encode(key.as_bytes()))));
     }
     if let Some(stamp) = &pass.stamp {
-        if let Ok(value) = HeaderValue::from_str(&hex::encode(stamp.encode())) {
-            headers.push((STAMP_HEADER, value));
-        }
+        headers.push((STAMP_HEADER, Zeroizing::new(hex::encode(stamp.encode()))));
     }
     headers
 }
@@ -633,36 +585,6 @@ fn jitter(delay: Duration) -> Duration {
     half + Duration::from_micros(extra)
 }
 
-/// A network failure (no answer) as a transport error.
-fn network_error(e: &reqwest::Error) -> TransportError {
-    if e.is_timeout() {
-        TransportError::Unavailable("relay timed out")
-    } else if e.is_connect() {
-        TransportError::Unavailable("cannot connect to the relay")
-    } else {
-        TransportError::Unavailable("relay connection failed")
-    }
-}
-
-/// Reads a body of at most `max` bytes.
-async fn read_body(
-    response: &mut reqwest::Response,
-    max: usize,
-) -> Result<Vec<u8>, TransportError> {
-    let too_big = TransportError::Unavailable("relay answer too large");
-    if response.content_length().is_some_and(|n| n > max as u64) {
-        return Err(too_big);
-    }
-    let mut out = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| network_error(&e))? {
-        if out.len() + chunk.len() > max {
-            return Err(too_big);
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
-}
-
 /// Decodes a fetch answer: `length (4) || encoded envelope`, repeated
 /// ([`decode_envelope_list`]).
 fn decode_envelopes(bytes: &[u8]) -> Result<Vec<Envelope>, TransportError> {
@@ -676,13 +598,16 @@ struct CountBody {
 }
 
 impl PrekeyDirectory for HttpRelay {
-    fn publish(&self, upload: &[u8]) -> impl Future<Output = Result<(), TransportError>> + Send {
+    fn publish(
+        &self,
+        upload: &[u8],
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend {
         let body = upload.to_vec();
-        self.spawn(move |inner| async move {
+        self.run(move |inner| async move {
             let timeout = inner.config.request_timeout;
             inner
                 .call(
-                    Method::POST,
+                    Method::Post,
                     "/v1/directory".to_owned(),
                     Some(body),
                     timeout,
@@ -697,13 +622,13 @@ impl PrekeyDirectory for HttpRelay {
     fn fetch_bundle(
         &self,
         device: &DeviceAddress,
-    ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + Send {
+    ) -> impl Future<Output = Result<Vec<u8>, TransportError>> + MaybeSend {
         let path = Self::device_path(device, "bundle");
-        self.spawn(move |inner| async move {
+        self.run(move |inner| async move {
             let timeout = inner.config.request_timeout;
             inner
                 .call(
-                    Method::GET,
+                    Method::Get,
                     path,
                     None,
                     timeout,
@@ -717,13 +642,13 @@ impl PrekeyDirectory for HttpRelay {
     fn one_time_prekeys_left(
         &self,
         device: &DeviceAddress,
-    ) -> impl Future<Output = Result<u32, TransportError>> + Send {
+    ) -> impl Future<Output = Result<u32, TransportError>> + MaybeSend {
         let path = Self::device_path(device, "one-time-prekeys");
-        self.spawn(move |inner| async move {
+        self.run(move |inner| async move {
             let timeout = inner.config.request_timeout;
             let answer = inner
                 .call(
-                    Method::GET,
+                    Method::Get,
                     path,
                     None,
                     timeout,
@@ -747,17 +672,17 @@ impl DeviceDirectory for HttpRelay {
     fn publish_device_list(
         &self,
         signed: &[u8],
-    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend {
         let path = DeviceList::decode(signed)
             .map(|list| Self::devices_path(list.account_id()))
             .map_err(|e| device_list_error(&e));
         let body = signed.to_vec();
-        self.spawn(move |inner| async move {
+        self.run(move |inner| async move {
             let path = path?;
             let timeout = inner.config.request_timeout;
             inner
                 .call(
-                    Method::PUT,
+                    Method::Put,
                     path,
                     Some(body),
                     timeout,
@@ -775,15 +700,15 @@ impl DeviceDirectory for HttpRelay {
         &self,
         account: &AccountId,
         after: u64,
-    ) -> impl Future<Output = Result<Vec<Vec<u8>>, TransportError>> + Send {
+    ) -> impl Future<Output = Result<Vec<Vec<u8>>, TransportError>> + MaybeSend {
         let mut path = Self::devices_path(account);
         path.push('?');
         path.push_str(&DeviceListQuery { after }.encode());
-        self.spawn(move |inner| async move {
+        self.run(move |inner| async move {
             let timeout = inner.config.request_timeout;
             let answer = inner
                 .call(
-                    Method::GET,
+                    Method::Get,
                     path,
                     None,
                     timeout,
@@ -802,15 +727,15 @@ impl Mailbox for HttpRelay {
         to: &MailboxId,
         envelope: &Envelope,
         pass: &DepositPass,
-    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend {
         let path = Self::mailbox_path(to, "envelopes");
         let body = encode_envelope(envelope);
         let headers = pass_headers(pass);
-        self.spawn(move |inner| async move {
+        self.run(move |inner| async move {
             let timeout = inner.config.request_timeout;
             inner
                 .call_with(
-                    Method::POST,
+                    Method::Post,
                     path,
                     Some(body),
                     &headers,
@@ -826,13 +751,13 @@ impl Mailbox for HttpRelay {
     fn challenge(
         &self,
         mailbox: &MailboxId,
-    ) -> impl Future<Output = Result<[u8; 32], TransportError>> + Send {
+    ) -> impl Future<Output = Result<[u8; 32], TransportError>> + MaybeSend {
         let path = Self::mailbox_path(mailbox, "challenge");
-        self.spawn(move |inner| async move {
+        self.run(move |inner| async move {
             let timeout = inner.config.request_timeout;
             let answer = inner
                 .call(
-                    Method::POST,
+                    Method::Post,
                     path,
                     None,
                     timeout,
@@ -849,7 +774,7 @@ impl Mailbox for HttpRelay {
         &self,
         auth: &MailboxAuth,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send {
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + MaybeSend {
         self.fetch_inner(auth, limit, 0)
     }
 
@@ -858,7 +783,7 @@ impl Mailbox for HttpRelay {
         auth: &MailboxAuth,
         limit: u32,
         wait_ms: u32,
-    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + Send {
+    ) -> impl Future<Output = Result<Vec<Envelope>, TransportError>> + MaybeSend {
         self.fetch_inner(auth, limit, wait_ms)
     }
 
@@ -866,15 +791,15 @@ impl Mailbox for HttpRelay {
         &self,
         auth: &MailboxAuth,
         ids: &[EnvelopeId],
-    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend {
         let path = Self::mailbox_path(&auth.mailbox(), "acknowledge");
         let body = encode_acknowledge(auth, ids);
-        self.spawn(move |inner| async move {
+        self.run(move |inner| async move {
             let body = body.ok_or(TransportError::LimitExceeded(core_reason::ACKNOWLEDGE_IDS))?;
             let timeout = inner.config.request_timeout;
             inner
                 .call(
-                    Method::POST,
+                    Method::Post,
                     path,
                     Some(body),
                     timeout,
@@ -893,7 +818,7 @@ mod tests {
 
     #[test]
     fn maps_statuses_and_reasons() {
-        let s = |n| StatusCode::from_u16(n).unwrap();
+        let s = |n: u16| n;
         assert_eq!(
             error_for(s(400), Some("bad_request"), None, "x"),
             TransportError::BadRequest("x")

@@ -7,8 +7,9 @@
 //! [`cubbyhole::client::Client`] talks to a remote relay exactly as it
 //! talks to an in-process one. The crate depends on the protocol crate,
 //! `reqwest` (with rustls) and a minimal Tokio, and on nothing of the
-//! server. [`wire`] holds what the client and the server share of the
-//! API's syntax.
+//! server; on `wasm32` it uses the browser's `fetch` instead (no `reqwest`,
+//! no Tokio: see [In the browser](#in-the-browser)). [`wire`] holds what
+//! the client and the server share of the API's syntax.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,6 +32,7 @@
 //!
 //! # Runtimes
 //!
+//! (Natively; a browser has none: see [In the browser](#in-the-browser).)
 //! The HTTP library (`reqwest`, on `hyper`) needs a Tokio reactor and
 //! timer. So every request of an [`HttpRelay`] runs as a task spawned on a
 //! Tokio runtime, chosen once, when the relay is built
@@ -176,7 +178,9 @@
 //!   a lost reply is harmless), `fetch_device_lists` and
 //!   [`HttpRelay::health`];
 //! - `publish` and `fetch_bundle` are retried only when the connection
-//!   could not be made, so the request certainly never reached the relay: a
+//!   could not be made, so the request certainly never reached the relay
+//!   (never in the browser, which cannot tell: see
+//!   [In the browser](#in-the-browser)): a
 //!   publish whose reply was lost may have been applied, and sending the
 //!   same bytes again would answer `409` (`Replayed`) although it landed
 //!   (the caller re-signs with a higher counter instead); a bundle fetch
@@ -186,6 +190,61 @@
 //!   (the [`cubbyhole::client::Client`] asks for one on its next receive).
 //!
 //! Refusals (`4xx` other than `408`, `507`) are never retried.
+//!
+//! # In the browser
+//!
+//! On `wasm32` (`wasm32-unknown-unknown`, in a page or a Web Worker) the
+//! crate has the same API, and [`HttpRelay`] the same paths, headers
+//! (`Cubbyhole-Access`, `Cubbyhole-Stamp`; bodies sent as
+//! `Content-Type: application/octet-stream`), retry policy and backoff,
+//! timeouts, status and error mapping and answer bound as natively, with
+//! its requests made by the global scope's `fetch` (wasm-bindgen,
+//! `web-sys`). What differs:
+//!
+//! - **No runtime.** A request runs in the future that awaits it, driven
+//!   by whoever polls it (typically `wasm_bindgen_futures::spawn_local`
+//!   or a promise returned to JavaScript); the sleeps between retries are
+//!   the global scope's `setTimeout`, so a relay works in a window and in
+//!   a worker alike (anywhere else every call answers
+//!   [`TransportError::Unavailable`](cubbyhole::transport::TransportError::Unavailable)).
+//!   The futures are not `Send` (the traits bound them by
+//!   [`cubbyhole::MaybeSend`], which is no bound on `wasm32`);
+//!   [`HttpRelay::health`]'s is still `'static`.
+//!   [`HttpRelay::has_private_runtime`] is always `false`, and
+//!   [`HttpRelayError`] has no `Client` or `Runtime` variant.
+//! - **Settings without effect**: [`HttpRelayConfig::connect_timeout`],
+//!   [`HttpRelayConfig::pool_idle_timeout`] and
+//!   [`HttpRelayConfig::local_address`] (the browser connects and pools).
+//!   The request timeout ([`HttpRelayConfig::request_timeout`]; for a long
+//!   poll its wait plus [`HttpRelayConfig::long_poll_margin`]) is a timer
+//!   that aborts the `fetch`, from sending to the answer's last byte, as
+//!   natively (`Unavailable("relay timed out")`).
+//! - **Cancellation.** Dropping a future aborts its `fetch` (an
+//!   `AbortController`), with the consequences listed under
+//!   [Cancellation](#cancellation).
+//! - **Network failures.** A rejected `fetch` (no connection, a DNS or TLS
+//!   failure, a CORS refusal, a redirect) is
+//!   `Unavailable("cannot connect to the relay")`. The browser does not
+//!   tell whether the request had left, so it counts as possibly sent:
+//!   idempotent calls are retried as natively, but `publish` and
+//!   `fetch_bundle` are not retried on it: they answer `Unavailable` (the
+//!   client's next prekey maintenance publishes again; a send that needed
+//!   the bundle fails and can be tried again). Deposits are idempotent, so
+//!   their retries lose nothing.
+//! - **The request.** `credentials: "omit"` (no cookies or HTTP
+//!   authentication), `redirect: "error"` (a relay never redirects),
+//!   `cache: "no-store"`; no `User-Agent` of this crate (the browser's).
+//!   The content type and the `Cubbyhole-*` headers make the browser send
+//!   a CORS preflight: a relay on another origin must allow the page's
+//!   origin (`cubbyhole-relay`'s `cors_origins`).
+//! - **The answer bound** ([`HttpRelayConfig::max_response_bytes`]): an
+//!   answer is refused by its `Content-Length` when that says too much,
+//!   else read from its body stream chunk by chunk, stopping (and
+//!   aborting the `fetch`) at the first chunk that would go above. A
+//!   compressed answer is bounded after the browser decompressed it.
+//! - **The access key's header** is copied into a JavaScript string, which
+//!   cannot be wiped (natively it is marked sensitive and the crate's copy
+//!   is wiped; here too the crate's copy is).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]

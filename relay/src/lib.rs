@@ -48,5 +48,6 @@ mod durability;
 mod metrics;
 mod ratelimit;
 mod waiters;
+mod web;
 
 pub use server::{serve, Limits, ServerConfig, ServerError, StorageConfig};

@@ -207,6 +207,17 @@ const KEYS: &[Key] = &[
         },
     },
     Key {
+        key: "WEB_ROOT",
+        switch: false,
+        default: "",
+        help: "serve the static files of this directory (a browser client) on GET and HEAD \
+               outside /v1/, `/` being index.html; none by default",
+        apply: |s, v| {
+            s.server.web_root = Some(PathBuf::from(v));
+            Ok(())
+        },
+    },
+    Key {
         key: "LOG",
         switch: false,
         default: "info",
@@ -566,6 +577,7 @@ fn value_name(key: &str) -> &'static str {
     match key {
         "LISTEN" => "ADDR",
         "DB" => "PATH",
+        "WEB_ROOT" => "DIR",
         "POSTGRES" => "URL",
         "LOG" => "FILTER",
         "LOG_FORMAT" => "FORMAT",
@@ -986,6 +998,20 @@ mod tests {
         );
         assert!(s.server.limits.trust_forwarded_for);
         assert_eq!(s.server.limits.max_wait_ms, 1000);
+        assert_eq!(s.server.web_root, None);
+        let Command::Run(sets, _) = run(&["--web-root", "/srv/web", "--memory"]).unwrap() else {
+            panic!("not a run")
+        };
+        let mut web = Settings::default();
+        apply(&mut web, &sets, "test").unwrap();
+        assert_eq!(web.server.web_root, Some(PathBuf::from("/srv/web")));
+        let web = settings(
+            vec![("MEMORY", "true".into())],
+            None,
+            vec![("CUBBYHOLE_RELAY_WEB_ROOT".into(), "/srv/env".into())],
+        )
+        .unwrap();
+        assert_eq!(web.server.web_root, Some(PathBuf::from("/srv/env")));
         assert!(run(&["--bogus"]).is_err());
         assert!(
             run(&["--counter-margin-secs", "5"]).is_err(),

@@ -7,8 +7,13 @@
 //! configured), the access log and metrics, the per-address request rate
 //! limit (`rate_requests`), the request timeout (`timeout`), a panic guard
 //! (a bug answers `500 internal` instead of dropping the connection), the
-//! router (`no_route`, `method_not_allowed`), the body size limit on routes
-//! with a body (`body_size`), and the route's handler. Handlers parse the
+//! router (`no_route`, `method_not_allowed`; with a web root, a `GET` or
+//! `HEAD` outside `/v1/` that no route takes is a static file, see
+//! [`ServerConfig::web_root`]), the body size limit on routes
+//! with a body (`body_size`), and the route's handler. CORS being
+//! outermost, every answer of the router, errors included, carries its
+//! headers for an allowed origin; a preflight (`OPTIONS`) is answered by
+//! the CORS layer alone. Handlers parse the
 //! path, query and body (`bad_request`), apply the per-address deposit and
 //! bundle-fetch rate limits and the relay-wide storage bound, and call the
 //! [`Relay`]: **every rule of the directory and the mailbox (owner proofs,
@@ -105,6 +110,7 @@ use crate::durability::{SqliteCheckpointer, WalSync};
 use crate::metrics::{Live, Metrics};
 use crate::ratelimit::{Kind, RateLimiter};
 use crate::waiters::Waiters;
+use crate::web;
 
 /// Where the relay keeps its state.
 #[derive(Clone, PartialEq, Eq)]
@@ -226,6 +232,20 @@ pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// Most headers in a request.
 pub const MAX_HEADERS: usize = 64;
 
+/// Largest static file served from [`ServerConfig::web_root`], in bytes
+/// (16 MiB): a larger one is `404 no_route` (and logged). Each `GET` holds
+/// the file in memory while it is sent.
+pub const MAX_WEB_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// How long a browser may keep a CORS preflight answer
+/// (`Access-Control-Max-Age`), in seconds: 2 hours, the most Chromium
+/// keeps (Firefox keeps up to a day). Every request with a body is a
+/// non-simple request (its `Content-Type` is `application/octet-stream`),
+/// preflighted once per URL: a long-polling client asks for the same
+/// fetch URL all day, and each preflight is one more round trip before
+/// its request.
+pub const CORS_MAX_AGE_SECS: u64 = 7200;
+
 impl Limits {
     /// Default [`Self::max_body_bytes`]: 512 KiB.
     pub const DEFAULT_MAX_BODY_BYTES: usize = 512 * 1024;
@@ -310,6 +330,14 @@ pub struct ServerConfig {
     /// Origins allowed to call the relay from a browser (CORS), such as
     /// `https://app.example`; `*` allows any. Empty: no CORS headers.
     pub cors_origins: Vec<String>,
+    /// A directory whose files the relay serves to browsers: `GET` and
+    /// `HEAD` on paths outside `/v1/` (`/` is `index.html`), read from the
+    /// disk per request, never outside the directory (symbolic links out
+    /// of it are refused), with a `Content-Type` by extension and a
+    /// `Content-Security-Policy` that lets the page talk to this relay
+    /// only. `None` (the default): no static files, every path outside the
+    /// API is `404 no_route`.
+    pub web_root: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -330,6 +358,7 @@ impl Default for ServerConfig {
             relay: RelayConfig::default(),
             limits: Limits::default(),
             cors_origins: Vec::new(),
+            web_root: None,
         }
     }
 }
@@ -1391,6 +1420,8 @@ struct Shared<S> {
     fail_stop: Arc<FailStop>,
     /// The connection caps and the open connections.
     connections: Arc<ConnectionCaps>,
+    /// The static files' directory, resolved ([`ServerConfig::web_root`]).
+    web_root: Option<PathBuf>,
 }
 
 /// The peer address of a connection.
@@ -1642,6 +1673,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let cors = cors_layer(&config.cors_origins)?;
+    let mut config = config;
+    config.web_root = match config.web_root.take() {
+        None => None,
+        Some(root) => Some(web_root(root).await?),
+    };
     let waiters = Arc::new(Waiters::default());
     match config.storage.clone() {
         StorageConfig::SqliteMemory => {
@@ -1762,6 +1798,23 @@ async fn blocking<R: Send + 'static>(
         .map_err(|e| ServerError::Io(std::io::Error::other(e.to_string())))
 }
 
+/// The web root, resolved (so that each file's resolved path can be checked
+/// to lie under it), which must be a directory.
+async fn web_root(root: PathBuf) -> Result<PathBuf, ServerError> {
+    let shown = root.display().to_string();
+    let resolved = blocking(move || {
+        let resolved = std::fs::canonicalize(&root)?;
+        match std::fs::metadata(&resolved)?.is_dir() {
+            true => Ok(resolved),
+            false => Err(std::io::Error::other("not a directory")),
+        }
+    })
+    .await?
+    .map_err(|e| ServerError::Config(format!("web root {shown:?}: {e}")))?;
+    info!(web_root = %resolved.display(), "serving static files");
+    Ok(resolved)
+}
+
 fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
     if origins.is_empty() {
         return Ok(None);
@@ -1792,7 +1845,7 @@ fn cors_layer(origins: &[String]) -> Result<Option<CorsLayer>, ServerError> {
                 header::RETRY_AFTER,
                 header::HeaderName::from_static(REQUEST_ID_HEADER),
             ])
-            .max_age(Duration::from_secs(600)),
+            .max_age(Duration::from_secs(CORS_MAX_AGE_SECS)),
     ))
 }
 
@@ -1882,7 +1935,7 @@ fn router<S: Storage>(shared: Arc<Shared<S>>, cors: Option<CorsLayer>) -> Router
         router = router.route(&route.axum_path(), route.method_router::<S>(body_limit));
     }
     let router = router
-        .fallback(no_route)
+        .fallback(fallback::<S>)
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&shared),
@@ -1914,12 +1967,18 @@ async fn run<S: Storage>(
     waiters: Arc<Waiters>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let ServerConfig { relay, limits, .. } = config;
+    let ServerConfig {
+        relay,
+        limits,
+        web_root,
+        ..
+    } = config;
     let (jobs, queue) = mpsc::channel(JOB_QUEUE);
     let routes: Vec<&'static str> = Route::ALL
         .iter()
         .map(|r| r.name())
         .chain(["no_route"])
+        .chain(web_root.as_ref().map(|_| "web"))
         .collect();
     let reasons: Vec<&'static str> = REASONS.iter().map(|(name, _)| *name).collect();
     let shared = Arc::new(Shared {
@@ -1935,6 +1994,7 @@ async fn run<S: Storage>(
         metrics: Metrics::new(&routes, &reasons),
         jobs,
         fail_stop: Arc::new(FailStop::default()),
+        web_root,
     });
     let router = router(Arc::clone(&shared), cors);
 
@@ -2579,7 +2639,15 @@ async fn frame_inner<S: Storage>(
         .extensions()
         .get::<MatchedPath>()
         .and_then(|p| Route::from_axum_path(request.method().as_str(), p.as_str()));
-    let label = route.map_or("no_route", Route::name);
+    let label = match route {
+        Some(route) => route.name(),
+        None if shared.web_root.is_some()
+            && web::is_web_request(request.method(), request.uri().path()) =>
+        {
+            "web"
+        }
+        None => "no_route",
+    };
     let method = request.method().clone();
     let request_bytes = content_length(request.headers());
     let ip = client_ip(&request, shared.limits.trust_forwarded_for);
@@ -2941,6 +3009,24 @@ type AppState<S> = State<Arc<Shared<S>>>;
 
 async fn no_route() -> ApiError {
     ApiError::new(Reason::NoRoute, "no such route")
+}
+
+/// What no route takes: a static file ([`ServerConfig::web_root`]), else
+/// `404 no_route`.
+async fn fallback<S: Storage>(State(shared): AppState<S>, request: Request) -> Response {
+    let root = match &shared.web_root {
+        Some(root) if web::is_web_request(request.method(), request.uri().path()) => root.clone(),
+        _ => return no_route().await.into_response(),
+    };
+    match web::serve(root, &request).await {
+        Ok(response) => response,
+        Err(web::Miss::Malformed) => ApiError::bad(
+            "malformed path: `.` and `..` segments, empty segments, percent-encoding, \
+             backslashes, colons and control characters are not accepted",
+        )
+        .into_response(),
+        Err(web::Miss::NotFound) => no_route().await.into_response(),
+    }
 }
 
 /// `HEAD` on the bundle route: `405` (see [`Route::method_router`]).

@@ -109,7 +109,10 @@ impl<S: RelayStorage> InProcessRelay<S> {
 }
 
 impl<S: RelayStorage + Send> PrekeyDirectory for InProcessRelay<S> {
-    fn publish(&self, upload: &[u8]) -> impl Future<Output = Result<(), TransportError>> + MaybeSend {
+    fn publish(
+        &self,
+        upload: &[u8],
+    ) -> impl Future<Output = Result<(), TransportError>> + MaybeSend {
         ready(self.call(|relay, now| relay.publish(now, upload)))
     }
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds the browser package into web/pkg: cubbyhole-browser for
+# wasm32-unknown-unknown (release), then wasm-bindgen's JavaScript glue and
+# TypeScript declarations (--target web: an ES module the page imports).
+# Needs `rustup target add wasm32-unknown-unknown` and the wasm-bindgen CLI
+# of the version in Cargo.lock (the CLI refuses another):
+#   cargo install wasm-bindgen-cli --version "$(scripts/build-web.sh --wasm-bindgen-version)"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+version=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/"/, "", $3); print $3; exit }' Cargo.lock)
+if [ "${1:-}" = "--wasm-bindgen-version" ]; then
+  echo "$version"
+  exit 0
+fi
+if ! command -v wasm-bindgen >/dev/null || [ "$(wasm-bindgen --version | awk '{print $2}')" != "$version" ]; then
+  echo "wasm-bindgen $version is needed: cargo install wasm-bindgen-cli --version $version" >&2
+  exit 1
+fi
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+cargo build --release --target wasm32-unknown-unknown -p cubbyhole-browser
+rm -rf web/pkg
+wasm-bindgen --target web --out-dir web/pkg \
+  "$target_dir/wasm32-unknown-unknown/release/cubbyhole_browser.wasm"
+ls -l web/pkg
