@@ -17,7 +17,7 @@ use cubbyhole::storage::{DeliveryState, InboxMessage, KvStore, MessageId};
 use cubbyhole::transport::DeviceAddress;
 use cubbyhole::{IdentityKey, OsRng, SafetyNumber};
 use cubbyhole_http::HttpRelay;
-use futures_util::lock::Mutex;
+use futures_util::lock::{Mutex, MutexGuard};
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
 use wasm_bindgen::prelude::*;
 use zeroize::Zeroizing;
@@ -106,6 +106,15 @@ fn argument(message: &str) -> JsValue {
     js_error("Argument", "", message)
 }
 
+fn closed() -> JsValue {
+    js_error("Closed", "", "the device is closed")
+}
+
+/// The client in a guard that [`Shared::client`] checked.
+fn open_client<'a>(guard: &'a mut MutexGuard<'_, Option<Inner>>) -> Result<&'a mut Inner, JsValue> {
+    guard.as_mut().ok_or_else(closed)
+}
+
 fn parse(text: &str) -> Result<DeviceAddress, JsValue> {
     parse_address(text).map_err(argument)
 }
@@ -135,7 +144,8 @@ fn options_field(options: &JsValue, name: &str) -> Result<JsValue, JsValue> {
 
 /// The state the [`Device`] handle and its listeners share.
 struct Shared {
-    client: Mutex<Inner>,
+    /// `None` once closed.
+    client: Mutex<Option<Inner>>,
     address: DeviceAddress,
     /// Ends a listener's long poll so another call gets the client now.
     interrupt: Interrupt,
@@ -146,12 +156,15 @@ struct Shared {
 
 impl Shared {
     /// The client, after interrupting a listener's long poll.
-    async fn client(&self) -> Result<futures_util::lock::MutexGuard<'_, Inner>, JsValue> {
+    async fn client(&self) -> Result<MutexGuard<'_, Option<Inner>>, JsValue> {
         if self.closed.get() {
-            return Err(argument("the device is closed"));
+            return Err(closed());
         }
         self.interrupt.fire();
         let guard = self.client.lock().await;
+        if guard.is_none() {
+            return Err(closed());
+        }
         Ok(guard)
     }
 }
@@ -210,7 +223,7 @@ impl Device {
         let address = client.address();
         Ok(Device {
             shared: Rc::new(Shared {
-                client: Mutex::new(client),
+                client: Mutex::new(Some(client)),
                 address,
                 interrupt: Interrupt::default(),
                 generation: Cell::new(0),
@@ -232,7 +245,8 @@ impl Device {
     #[wasm_bindgen(js_name = publishPrekeys)]
     pub async fn publish_prekeys(&self) -> Result<bool, JsValue> {
         let shared = Rc::clone(&self.shared);
-        let mut client = shared.client().await?;
+        let mut guard = shared.client().await?;
+        let client = open_client(&mut guard)?;
         client
             .maintain_prekeys(&mut OsRng, now())
             .await
@@ -256,7 +270,8 @@ impl Device {
             return Err(argument("message must be a string or a Uint8Array"));
         };
         let shared = Rc::clone(&self.shared);
-        let mut client = shared.client().await?;
+        let mut guard = shared.client().await?;
+        let client = open_client(&mut guard)?;
         let sent = client
             .send(&mut OsRng, &to, &body, now())
             .await
@@ -271,7 +286,8 @@ impl Device {
         let message =
             unhex::<16>(id.trim()).ok_or_else(|| argument("a message id is 32 hex digits"))?;
         let shared = Rc::clone(&self.shared);
-        let client = shared.client().await?;
+        let mut guard = shared.client().await?;
+        let client = open_client(&mut guard)?;
         let state = client
             .delivery(&MessageId(message))
             .await
@@ -299,7 +315,8 @@ impl Device {
         #[wasm_bindgen(js_name = waitMs)] wait_ms: Option<u32>,
     ) -> Result<JsValue, JsValue> {
         let shared = Rc::clone(&self.shared);
-        let mut client = shared.client().await?;
+        let mut guard = shared.client().await?;
+        let client = open_client(&mut guard)?;
         shared.interrupt.clear();
         let wait = wait_ms.unwrap_or(0).min(60_000);
         // Interrupted by another call, it returns what the inbox holds.
@@ -308,7 +325,7 @@ impl Device {
             result.map_err(|e| client_error(&e))?;
         }
         let out = Array::new();
-        take_inbox(&mut client, |m| {
+        take_inbox(client, |m| {
             out.push(&message_object(m));
         })
         .await?;
@@ -337,7 +354,10 @@ impl Device {
                 if delay_ms > 0 {
                     crate::sleep_ms(delay_ms).await;
                 }
-                let mut client = shared.client.lock().await;
+                let mut guard = shared.client.lock().await;
+                let Some(client) = guard.as_mut() else {
+                    break;
+                };
                 if shared.closed.get() || shared.generation.get() != generation {
                     break;
                 }
@@ -358,14 +378,14 @@ impl Device {
                     }
                     _ => delay_ms = 0,
                 }
-                let delivered = take_inbox(&mut client, |m| {
+                let delivered = take_inbox(client, |m| {
                     let _ = on_message.call1(&JsValue::NULL, &message_object(m));
                 })
                 .await;
                 if let (Err(e), Some(on_error)) = (delivered, &on_error) {
                     let _ = on_error.call1(&JsValue::NULL, &e);
                 }
-                drop(client);
+                drop(guard);
                 // Let a call that interrupted the poll take the client.
                 crate::sleep_ms(0).await;
             }
@@ -393,8 +413,10 @@ impl Device {
     pub async fn close(&self) {
         self.stop();
         self.shared.closed.set(true);
-        let client = self.shared.client.lock().await;
-        client.store().backend().close();
+        // Dropping the client drops the store and its IndexedDB backend,
+        // which closes the database and releases the tab's lock on it.
+        let client = self.shared.client.lock().await.take();
+        drop(client);
     }
 }
 

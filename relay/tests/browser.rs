@@ -115,9 +115,11 @@ impl Browser {
         let profile = TempDir::new(name);
         let binary = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
         let http = reqwest::Client::new();
-        let answer: Value = http
-            .post(format!("{}/session", driver.url))
-            .json(&json!({"capabilities": {"alwaysMatch": {
+        let answer = post_json(
+            &http,
+            reqwest::Method::POST,
+            &format!("{}/session", driver.url),
+            &json!({"capabilities": {"alwaysMatch": {
                 "browserName": "chrome",
                 "goog:chromeOptions": {
                     "binary": binary,
@@ -129,13 +131,9 @@ impl Browser {
                         format!("--user-data-dir={}", profile.0.display()),
                     ],
                 },
-            }}}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            }}}),
+        )
+        .await;
         let id = answer["value"]["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no WebDriver session: {answer}"))
@@ -148,16 +146,7 @@ impl Browser {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let answer: Value = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = post_json(&self.http, method, &format!("{}{path}", self.base), &body).await;
         if answer["value"].get("error").is_some() {
             panic!("WebDriver {path}: {answer}");
         }
@@ -379,6 +368,24 @@ impl Browser {
     }
 }
 
+/// A WebDriver call: `body` as JSON, the answer parsed.
+async fn post_json(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: &Value,
+) -> Value {
+    let mut request = http.request(method.clone(), url);
+    if method != reqwest::Method::GET {
+        request = request
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(body).unwrap());
+    }
+    let bytes = request.send().await.unwrap().bytes().await.unwrap();
+    serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("WebDriver {url}: {e}: {}", String::from_utf8_lossy(&bytes)))
+}
+
 /// The relay serving the page, on a loopback port, SQLite in a file.
 async fn start_relay(db: &Path) -> (String, oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -439,17 +446,11 @@ async fn two_browser_profiles_chat_through_the_relay_and_a_closed_tab_catches_up
     alice.send(&bob_address, "hello bob").await;
     bob.wait_received(&alice_address, "hello bob").await;
     // Bob's page took the sender as its peer: both show one safety number.
-    let safety = |b: &Browser| {
-        let b = b;
-        async move {
-            b.run(
-                "return document.getElementById('safety').textContent",
-                json!([]),
-            )
-            .await
-        }
-    };
-    let (a_safety, b_safety) = (safety(&alice).await, safety(&bob).await);
+    let safety = "return document.getElementById('safety').textContent";
+    let (a_safety, b_safety) = (
+        alice.run(safety, json!([])).await,
+        bob.run(safety, json!([])).await,
+    );
     assert_eq!(a_safety, b_safety);
     assert_eq!(
         a_safety.as_str().unwrap().replace(' ', "").len(),

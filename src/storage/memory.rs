@@ -50,6 +50,53 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// Appends an outbox entry as loaded from a persistent store (which
+    /// restores the outbox in its stored order).
+    pub(crate) fn restore_outbox(&mut self, entry: OutboxEntry) {
+        self.outbox.push(entry);
+    }
+
+    /// Appends an inbox message as loaded (in its stored order).
+    pub(crate) fn restore_inbox(&mut self, message: InboxMessage) {
+        if self.inbox_ids.insert(message.envelope_id) {
+            self.inbox.push(message);
+        }
+    }
+
+    /// Sets a processed mark as loaded, with its time.
+    pub(crate) fn restore_processed(&mut self, id: EnvelopeId, at: u64) {
+        self.processed.insert(id, at);
+    }
+
+    /// Appends a quarantined record as loaded (oldest first), or as moved
+    /// there by a store that kept the record outside this cache.
+    pub(crate) fn restore_quarantined(&mut self, quarantined: Quarantined) {
+        self.quarantine.push(quarantined);
+    }
+
+    /// Whether the inbox holds a message of this envelope.
+    pub(crate) fn has_inbox(&self, id: &EnvelopeId) -> bool {
+        self.inbox_ids.contains(id)
+    }
+
+    /// Every processed mark with its time, in no order.
+    pub(crate) fn processed_marks(&self) -> impl Iterator<Item = (&EnvelopeId, u64)> + '_ {
+        self.processed.iter().map(|(id, at)| (id, *at))
+    }
+
+    /// Forgets a sent message, if kept.
+    pub(crate) fn remove_sent(&mut self, id: &MessageId) {
+        if self.sent_index.remove(id).is_some() {
+            self.sent.retain(|m| m.id != *id);
+            self.sent_index = self
+                .sent
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (m.id, i))
+                .collect();
+        }
+    }
+
     fn put_session(&mut self, peer: DeviceAddress, record: &SessionRecord) {
         self.writes += 1;
         self.written.insert(peer, self.writes);

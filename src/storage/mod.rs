@@ -14,9 +14,11 @@
 //!   blanket implementation whose futures are ready at once: the work is
 //!   done when the method is **called**, on the calling thread.
 //!
-//! Implementations in the crate: [`MemoryStore`] (never blocks) and
-//! `SqliteStore` (feature `sqlite`, `Send + Sync`: its connection is behind
-//! a mutex). `SqliteStore` blocks the thread that calls it for the length
+//! Implementations in the crate: [`MemoryStore`] (never blocks),
+//! [`KvStore`] (a [`Store`] over any atomic key-value backend, such as the
+//! browser's IndexedDB: state decoded in memory, every write one sealed
+//! batch) and `SqliteStore` (feature `sqlite`, `Send + Sync`: its
+//! connection is behind a mutex). `SqliteStore` blocks the thread that calls it for the length
 //! of one SQLite statement or transaction, and every commit waits for the
 //! write-ahead log to reach the disk (`synchronous=FULL`). Measured with
 //! `examples/receive_cost.rs` (BENCHMARKS.md, "Routing a receive"): a
@@ -66,6 +68,7 @@ use std::fmt;
 use std::string::String;
 use std::vec::Vec;
 
+pub use kv::{KvBackend, KvKey, KvOp, KvStore, MemoryKv};
 pub use memory::MemoryStore;
 pub use record::{tag_route_key, SessionEntry, SessionRecord, ROUTING_WINDOW};
 #[cfg(feature = "sqlite")]
@@ -1882,6 +1885,40 @@ impl PrekeyState {
             accepted,
         })
     }
+}
+
+/// The key of a session or peer as the persistent stores write it:
+/// `identity || device_id (4, big-endian)`.
+pub(crate) fn address_bytes(a: &DeviceAddress) -> [u8; 36] {
+    let mut out = [0u8; 36];
+    out[..32].copy_from_slice(&a.identity);
+    out[32..].copy_from_slice(&a.device_id.to_be_bytes());
+    out
+}
+
+/// The inverse of [`address_bytes`] (`None` unless exactly 36 bytes).
+pub(crate) fn address_from_bytes(bytes: &[u8]) -> Option<DeviceAddress> {
+    let (identity, device) = bytes.split_first_chunk::<32>()?;
+    let device: [u8; 4] = device.try_into().ok()?;
+    Some(DeviceAddress {
+        identity: *identity,
+        device_id: u32::from_be_bytes(device),
+    })
+}
+
+/// Lower-case hex, for naming a stored record in an error.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use core::fmt::Write;
+    let mut s = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// `hex(identity)/device_id`: a session or peer, in an error.
+pub(crate) fn address_name(a: &DeviceAddress) -> String {
+    std::format!("{}/{}", hex(&a.identity), a.device_id)
 }
 
 /// A minimal reader for the stored records' encodings.

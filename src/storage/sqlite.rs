@@ -21,6 +21,7 @@ use zeroize::Zeroizing;
 
 #[allow(unused_imports)] // the docs' links
 use super::Store;
+use super::{address_bytes, address_name, hex};
 use super::{
     AccessKeyRecord, AccountRecord, BlockingStore, ContactRecord, DeliveryState, DepositDone,
     InboxMessage, LocalIdentity, MessageId, OutboxEntry, PairingRecord, PeerAccess, PeerRecord,
@@ -2502,14 +2503,6 @@ fn aad(table: &str, row: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The row key of a session or peer: `identity || device_id (4, BE)`.
-fn address_bytes(a: &DeviceAddress) -> [u8; 36] {
-    let mut out = [0u8; 36];
-    out[..32].copy_from_slice(&a.identity);
-    out[32..].copy_from_slice(&a.device_id.to_be_bytes());
-    out
-}
-
 /// What a peer row's tag covers: `address || trust (1) || first_seen (8)`.
 fn peer_binding(p: &PeerRecord) -> [u8; 45] {
     let mut out = [0u8; 45];
@@ -2587,19 +2580,6 @@ fn corrupted(table: &'static str, row: String, reason: impl Into<String>) -> Sto
         row,
         reason: reason.into(),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use core::fmt::Write;
-    let mut s = String::with_capacity(2 * bytes.len());
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
-fn address_name(a: &DeviceAddress) -> String {
-    format!("{}/{}", hex(&a.identity), a.device_id)
 }
 
 fn blob<'r>(row: &'r Row<'_>, i: usize, what: &str) -> Result<&'r [u8], String> {
