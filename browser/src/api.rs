@@ -299,7 +299,6 @@ impl Device {
             Some(DeliveryState::Resent) => "resent",
             Some(DeliveryState::Delivered) => "delivered",
             Some(DeliveryState::Failed(_)) => "failed",
-            Some(_) => "unknown",
         }
         .to_owned())
     }
@@ -320,7 +319,8 @@ impl Device {
         shared.interrupt.clear();
         let wait = wait_ms.unwrap_or(0).min(60_000);
         // Interrupted by another call, it returns what the inbox holds.
-        let receive = client.receive_waiting(&mut OsRng, now(), wait);
+        let mut rng = OsRng;
+        let receive = client.receive_waiting(&mut rng, now(), wait);
         if let First::Left(result) = first(receive, shared.interrupt.wait()).await {
             result.map_err(|e| client_error(&e))?;
         }
@@ -363,7 +363,8 @@ impl Device {
                 }
                 shared.interrupt.clear();
                 let outcome = {
-                    let receive = client.receive_waiting(&mut OsRng, now(), 25_000);
+                    let mut rng = OsRng;
+                    let receive = client.receive_waiting(&mut rng, now(), 25_000);
                     match first(receive, shared.interrupt.wait()).await {
                         First::Left(result) => Some(result),
                         First::Right(()) => None,

@@ -25,7 +25,11 @@
 //! - `backlog/<store>`: a `Client` receiving a backlog of 1,000 64-byte
 //!   messages (a first contact's) from an in-process relay into its store,
 //!   until all are in its inbox (the set-up, publishing and sending, is not
-//!   timed).
+//!   timed): `memory` is `MemoryStore`; `kv/indexeddb` is
+//!   `KvStore<IdbBackend>` (in the browser: every store write sealed, one
+//!   IndexedDB transaction with strict durability); `kv/memory` is
+//!   `KvStore<MemoryKv>` (natively: the sealing and encoding without a
+//!   disk).
 
 use std::sync::Arc;
 
@@ -321,6 +325,44 @@ async fn backlog_memory() {
     report("backlog/memory (1,000 messages)", &mut per, "ms");
 }
 
+/// The store's key in the `kv` backlogs.
+const STORE_KEY: [u8; 32] = [0x4b; 32];
+
+#[cfg(target_arch = "wasm32")]
+async fn backlog_kv() {
+    use cubbyhole::storage::KvStore;
+    use cubbyhole_browser::{delete_database, IdbBackend};
+    let mut per = Vec::new();
+    for pass in 0..BACKLOG_PASSES {
+        let name = format!(
+            "bench-backlog-{pass}-{}",
+            (js_sys::Math::random() * 1e15) as u64
+        );
+        let backend = IdbBackend::open(&name).await.expect("open");
+        let store = KvStore::open(backend, &STORE_KEY).await.expect("KvStore");
+        let mut bob = backlog(store).await;
+        per.push(receive_all(&mut bob).await);
+        drop(bob);
+        delete_database(&name).await.expect("delete");
+    }
+    report("backlog/kv/indexeddb (1,000 messages)", &mut per, "ms");
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+async fn backlog_kv() {
+    use cubbyhole::storage::kv::MemoryKv;
+    use cubbyhole::storage::KvStore;
+    let mut per = Vec::new();
+    for _ in 0..BACKLOG_PASSES {
+        let store = KvStore::open(MemoryKv::new(), &STORE_KEY)
+            .await
+            .expect("KvStore");
+        let mut bob = backlog(store).await;
+        per.push(receive_all(&mut bob).await);
+    }
+    report("backlog/kv/memory (1,000 messages)", &mut per, "ms");
+}
+
 #[cfg(target_arch = "wasm32")]
 mod browser {
     use wasm_bindgen_test::*;
@@ -344,6 +386,12 @@ mod browser {
     async fn backlog_memory() {
         super::backlog_memory().await;
     }
+
+    #[wasm_bindgen_test]
+    #[ignore = "a benchmark: run with -- --include-ignored (and --release)"]
+    async fn backlog_indexeddb() {
+        super::backlog_kv().await;
+    }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -366,5 +414,11 @@ mod native {
     #[ignore = "a benchmark: run with --release -- --ignored --nocapture"]
     fn backlog_memory() {
         block_on(super::backlog_memory());
+    }
+
+    #[test]
+    #[ignore = "a benchmark: run with --release -- --ignored --nocapture"]
+    fn backlog_kv_memory() {
+        block_on(super::backlog_kv());
     }
 }

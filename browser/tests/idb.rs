@@ -372,4 +372,163 @@ mod browser {
         b.close();
         delete_database(&name).await.expect("delete");
     }
+
+    // The persistent store over IndexedDB.
+
+    use cubbyhole::client::{Client, ClientConfig};
+    use cubbyhole::relay::{InProcessRelay, MemoryRelayStorage, Relay, RelayConfig};
+    use cubbyhole::storage::conformance::{self, CHECKS};
+    use cubbyhole::storage::{KvStore, MemoryStore};
+    use cubbyhole::OsRng;
+
+    const STORE_KEY: [u8; 32] = [0x4b; 32];
+
+    async fn kv_store(name: &str) -> KvStore<IdbBackend> {
+        KvStore::open(open(name).await, &STORE_KEY)
+            .await
+            .expect("KvStore::open")
+    }
+
+    #[wasm_bindgen_test]
+    async fn store_conformance_kv_store_over_indexeddb() {
+        // The suite makes its stores synchronously: open them first, one
+        // database each.
+        let mut names = Vec::new();
+        let mut stores = Vec::new();
+        for check in CHECKS {
+            let name = fresh(check.name);
+            stores.push(kv_store(&name).await);
+            names.push(name);
+        }
+        stores.reverse();
+        let result = conformance::try_run_async(|| stores.pop().expect("a store per check")).await;
+        if let Err(v) = result {
+            let lines: Vec<String> = v.iter().map(|v| format!("  {v}")).collect();
+            panic!("{} checks failed:\n{}", v.len(), lines.join("\n"));
+        }
+        for name in names {
+            delete_database(&name).await.expect("delete");
+        }
+    }
+
+    #[wasm_bindgen_test]
+    async fn store_atomicity_kv_store_over_indexeddb() {
+        let name = fresh("atomicity");
+        let mut store = kv_store(&name).await;
+        let mut deepest = 0;
+        conformance::check_atomicity(&mut store, |s: &mut KvStore<IdbBackend>, n| {
+            deepest = deepest.max(n.unwrap_or(0));
+            s.backend().fail_after(n);
+        })
+        .await
+        .unwrap_or_else(|v| panic!("{v}"));
+        // The commits failed at every request before succeeding (the
+        // injector is not a no-op).
+        assert!(deepest >= 2, "the injector was asked for {deepest} at most");
+        drop(store);
+        delete_database(&name).await.expect("delete");
+    }
+
+    fn now() -> u64 {
+        (js_sys::Date::now() / 1000.0) as u64
+    }
+
+    #[wasm_bindgen_test]
+    async fn a_client_on_indexeddb_keeps_its_state_across_reopening() {
+        let at = now();
+        let name = fresh("client");
+        let relay = InProcessRelay::with_clock(
+            Relay::new(MemoryRelayStorage::new(), RelayConfig::unpriced()),
+            std::sync::Arc::new(now),
+        );
+        let config = ClientConfig::default();
+        let mut bob = Client::open(
+            kv_store(&name).await,
+            relay.clone(),
+            relay.clone(),
+            config,
+            &mut OsRng,
+        )
+        .await
+        .expect("bob");
+        let mut alice = Client::open(
+            MemoryStore::new(),
+            relay.clone(),
+            relay.clone(),
+            config,
+            &mut OsRng,
+        )
+        .await
+        .expect("alice");
+        assert!(bob.maintain_prekeys(&mut OsRng, at).await.expect("publish"));
+        alice
+            .maintain_prekeys(&mut OsRng, at)
+            .await
+            .expect("publish");
+        let to = bob.address();
+        for text in [&b"one"[..], b"two"] {
+            alice.send(&mut OsRng, &to, text, at).await.expect("send");
+        }
+        assert_eq!(
+            bob.receive(&mut OsRng, at).await.expect("receive").received,
+            2
+        );
+        let from = alice.address();
+        bob.send(&mut OsRng, &from, b"reply", at)
+            .await
+            .expect("send");
+
+        // The tab closes: the client and its store go.
+        drop(bob);
+        // While it is open elsewhere, no second store opens.
+        let held = kv_store(&name).await;
+        match IdbBackend::open(&name).await {
+            Err(StoreError::Backend(e)) => assert_eq!(e, LOCKED),
+            other => panic!("expected the lock error, got {:?}", other.map(|_| ())),
+        }
+        drop(held);
+        // Another key is refused.
+        match KvStore::open(open(&name).await, &[0x4c; 32]).await {
+            Err(StoreError::WrongKey) => {}
+            other => panic!("another key: {:?}", other.map(|_| ())),
+        }
+        // Reopened under the key: the same device, its inbox, its sessions.
+        let mut bob = Client::open(
+            kv_store(&name).await,
+            relay.clone(),
+            relay.clone(),
+            config,
+            &mut OsRng,
+        )
+        .await
+        .expect("bob again");
+        assert_eq!(bob.address(), to, "the same identity");
+        let inbox: Vec<Vec<u8>> = bob
+            .inbox()
+            .await
+            .expect("inbox")
+            .into_iter()
+            .map(|m| m.body)
+            .collect();
+        assert_eq!(inbox, [b"one".to_vec(), b"two".to_vec()]);
+        alice.receive(&mut OsRng, at).await.expect("receive");
+        assert!(alice
+            .inbox()
+            .await
+            .expect("inbox")
+            .iter()
+            .any(|m| m.body == b"reply"));
+        alice
+            .send(&mut OsRng, &to, b"three", at)
+            .await
+            .expect("send");
+        assert_eq!(
+            bob.receive(&mut OsRng, at).await.expect("receive").received,
+            1
+        );
+        let last = bob.inbox().await.expect("inbox");
+        assert_eq!(last.last().map(|m| m.body.as_slice()), Some(&b"three"[..]));
+        drop(bob);
+        delete_database(&name).await.expect("delete");
+    }
 }
