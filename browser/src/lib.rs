@@ -4,7 +4,9 @@
 //! - `IdbBackend`, an IndexedDB backend for the crate's persistent
 //!   [`KvStore`](cubbyhole::storage::KvStore): one IndexedDB transaction
 //!   per store write (so `commit_send` and `commit_receive` stay atomic),
-//!   every record sealed under the application's key;
+//!   every record sealed under the application's key; one tab at a time
+//!   (an exclusive Web Lock per open store); `delete_database` forgets a
+//!   store (module `idb`, which also has the tests' `FaultInjector`);
 //! - the relay over `fetch`: `cubbyhole_http::HttpRelay`, built for this
 //!   target, with the native client's retries, timeouts and long polls;
 //! - `Device`, a JavaScript API (wasm-bindgen, TypeScript declarations
@@ -29,7 +31,7 @@ mod sync;
 #[cfg(target_arch = "wasm32")]
 pub use api::Device;
 #[cfg(target_arch = "wasm32")]
-pub use idb::IdbBackend;
+pub use idb::{delete_database, FaultInjector, IdbBackend};
 
 /// Resolves after `ms` milliseconds (`setTimeout` on the global scope: a
 /// window or a worker).
