@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the browser package into web/pkg: cubbyhole-browser for
-# wasm32-unknown-unknown (release), then wasm-bindgen's JavaScript glue and
+# wasm32-unknown-unknown (profile `wasm`: LTO, size-optimized), then wasm-bindgen's JavaScript glue and
 # TypeScript declarations (--target web: an ES module the page imports).
 # Needs `rustup target add wasm32-unknown-unknown` and the wasm-bindgen CLI
 # of the version in Cargo.lock (the CLI refuses another):
@@ -17,8 +17,8 @@ if ! command -v wasm-bindgen >/dev/null || [ "$(wasm-bindgen --version | awk '{p
   exit 1
 fi
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-cargo build --release --target wasm32-unknown-unknown -p cubbyhole-browser
+cargo build --profile wasm --target wasm32-unknown-unknown -p cubbyhole-browser
 rm -rf web/pkg
 wasm-bindgen --target web --out-dir web/pkg \
-  "$target_dir/wasm32-unknown-unknown/release/cubbyhole_browser.wasm"
+  "$target_dir/wasm32-unknown-unknown/wasm/cubbyhole_browser.wasm"
 ls -l web/pkg
