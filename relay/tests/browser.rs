@@ -509,7 +509,11 @@ async fn two_browser_profiles_chat_through_the_relay_and_a_closed_tab_catches_up
     bob.wait_received(&alice_address, "back again").await;
     bob.wait_state("are you there?", "delivered").await;
 
-    eprintln!("alice shows {:?}\nbob shows {:?}", alice.log().await, bob.log().await);
+    eprintln!(
+        "alice shows {:?}\nbob shows {:?}",
+        alice.log().await,
+        bob.log().await
+    );
     // Each page shows each message once.
     let alice_log = alice.log().await;
     let bob_log = bob.log().await;
