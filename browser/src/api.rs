@@ -179,7 +179,9 @@ pub struct Device {
 #[wasm_bindgen]
 impl Device {
     /// Opens the device stored in IndexedDB database `options.name`,
-    /// creating its identity if it has none. Another tab holding the same
+    /// creating its identity (as device `options.deviceId`, default 1) if
+    /// it has none; a stored device keeps its number (another
+    /// `deviceId` throws, `kind` `"Argument"`). Another tab holding the same
     /// database makes this throw (`kind` `"Store"`): one device's state is
     /// never used by two tabs at once.
     #[wasm_bindgen(unchecked_return_type = "Device")]
@@ -200,11 +202,15 @@ impl Device {
             .ok_or_else(|| argument("storeKey must be a Uint8Array of 32 bytes"))?;
         let mut key = Zeroizing::new([0u8; 32]);
         key_array.copy_to(&mut key[..]);
-        let device_id = match options_field(&options, "deviceId")?.as_f64() {
-            None => 1,
-            Some(n) if n.fract() == 0.0 && (1.0..=f64::from(u32::MAX)).contains(&n) => n as u32,
-            Some(_) => return Err(argument("deviceId must be a positive integer")),
+        let device_field = options_field(&options, "deviceId")?;
+        let asked = match device_field.as_f64() {
+            None if device_field.is_undefined() || device_field.is_null() => None,
+            Some(n) if n.fract() == 0.0 && (1.0..=f64::from(u32::MAX)).contains(&n) => {
+                Some(n as u32)
+            }
+            _ => return Err(argument("deviceId must be a positive integer")),
         };
+        let device_id = asked.unwrap_or(1);
         let relay = HttpRelay::new(&relay_url)
             .map_err(|e| js_error("Transport", "InvalidUrl", &e.to_string()))?;
         let backend = IdbBackend::open(&name)
@@ -221,6 +227,14 @@ impl Device {
             .await
             .map_err(|e| client_error(&e))?;
         let address = client.address();
+        // A stored device keeps its number: asking for another one is a
+        // mistake the page should hear about, not a silent substitution.
+        if asked.is_some_and(|n| n != address.device_id) {
+            return Err(argument(&format!(
+                "this database holds device {}, not device {device_id}",
+                address.device_id
+            )));
+        }
         Ok(Device {
             shared: Rc::new(Shared {
                 client: Mutex::new(Some(client)),

@@ -22,6 +22,12 @@
 //!   and verify the bundle, initiate, encrypt the first 64-byte message,
 //!   and the receiver's accept of it (for v2: open the sealed envelope,
 //!   then accept).
+//! - `floor/x25519`, `floor/sha256 (86 B)`: the primitives under them (a
+//!   session's creation is dominated by X25519 and Ed25519; a stamp try is
+//!   one SHA-256 of 86 bytes), so each ratio reads against the ratio of
+//!   its floor; `stamp/try`: one nonce of a stamp search (an identity
+//!   stamp at the relay's default difficulty 24 takes 2^24 tries on
+//!   average).
 //! - `backlog/<store>`: a `Client` receiving a backlog of 1,000 64-byte
 //!   messages (a first contact's) from an in-process relay into its store,
 //!   until all are in its inbox (the set-up, publishing and sending, is not
@@ -228,6 +234,50 @@ fn messages() {
     }
 }
 
+fn floors() {
+    use sha2::{Digest, Sha256};
+    use x25519_dalek::{PublicKey, StaticSecret};
+    const DH: usize = 200;
+    const HASHES: usize = 20_000;
+    let secret = StaticSecret::random_from_rng(OsRng);
+    let mut public = PublicKey::from(&StaticSecret::random_from_rng(OsRng));
+    let (mut dh, mut sha, mut tries) = (Vec::new(), Vec::new(), Vec::new());
+    let mailbox = cubbyhole::transport::MailboxId([7; 32]);
+    let id = cubbyhole::transport::EnvelopeId([9; 16]);
+    for _ in 0..PASSES {
+        let start = now_ms();
+        for _ in 0..DH {
+            // Chained, so no call can be skipped.
+            public = PublicKey::from(secret.diffie_hellman(&public).to_bytes());
+        }
+        let dh_done = now_ms();
+        let mut input = [0x5au8; 86];
+        for _ in 0..HASHES {
+            let digest = Sha256::digest(input);
+            input[..32].copy_from_slice(&digest);
+        }
+        let sha_done = now_ms();
+        let r = cubbyhole::transport::stamp::Stamp::mint(
+            &mailbox,
+            &id,
+            64,
+            64,
+            NOW,
+            u64::from(input[0]),
+            HASHES as u64,
+        )
+        .expect("64 bits is the ceiling");
+        assert!(r.is_err(), "no 64-bit stamp in {HASHES} tries");
+        let stamp_done = now_ms();
+        dh.push((dh_done - start) / DH as f64);
+        sha.push((sha_done - dh_done) / HASHES as f64);
+        tries.push((stamp_done - sha_done) / HASHES as f64);
+    }
+    report("floor/x25519", &mut dh, "us");
+    report("floor/sha256 (86 B)", &mut sha, "us");
+    report("stamp/try", &mut tries, "us");
+}
+
 fn sessions() {
     for v2 in [false, true] {
         let b = bob();
@@ -371,6 +421,12 @@ mod browser {
 
     #[wasm_bindgen_test]
     #[ignore = "a benchmark: run with -- --include-ignored (and --release)"]
+    fn floors() {
+        super::floors();
+    }
+
+    #[wasm_bindgen_test]
+    #[ignore = "a benchmark: run with -- --include-ignored (and --release)"]
     fn messages() {
         super::messages();
     }
@@ -397,6 +453,12 @@ mod browser {
 #[cfg(not(target_arch = "wasm32"))]
 mod native {
     use cubbyhole::client::block_on;
+
+    #[test]
+    #[ignore = "a benchmark: run with --release -- --ignored --nocapture"]
+    fn floors() {
+        super::floors();
+    }
 
     #[test]
     #[ignore = "a benchmark: run with --release -- --ignored --nocapture"]
