@@ -19,6 +19,8 @@ fi
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 cargo build --profile wasm --target wasm32-unknown-unknown -p cubbyhole-browser
 rm -rf web/pkg
-wasm-bindgen --target web --out-dir web/pkg \
+# No name or producers section: 0.8 MB instead of 1.1 (gzip 305 KB
+# instead of 368); a panic's stack trace then shows function indices.
+wasm-bindgen --target web --remove-name-section --remove-producers-section --out-dir web/pkg \
   "$target_dir/wasm32-unknown-unknown/wasm/cubbyhole_browser.wasm"
 ls -l web/pkg
