@@ -137,6 +137,20 @@
 //! - `serde`: `Serialize`/`Deserialize` for addresses, ids, delivery states
 //!   and the stored records ([`forms`], with `std`); never for key
 //!   material. `serde` is used without its `std` feature.
+//!
+//! ## In a browser (`wasm32-unknown-unknown`)
+//! With `default-features = false, features = ["std"]` (or `std` and
+//! `serde`; not `sqlite`, whose bundled SQLite needs a C toolchain for the
+//! target) the whole client layer builds for `wasm32-unknown-unknown`, and
+//! [`OsRng`] is the browser's `crypto.getRandomValues` (getrandom's `js`
+//! backend, a dependency only on that target). The client's futures are
+//! bounded by [`MaybeSend`], which asks nothing there, so a store or
+//! transport may await JavaScript promises. The persistent store for it is
+//! [`storage::KvStore`] over an IndexedDB backend, and the relay is
+//! `cubbyhole-http`'s `HttpRelay` over `fetch` (both in the repository's
+//! `browser/` crate, `cubbyhole-browser`). Nothing reads a clock there
+//! either: [`relay::InProcessRelay`] needs its `with_clock` form, as
+//! `SystemTime` panics on that target.
 
 #![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]

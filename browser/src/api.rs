@@ -357,8 +357,7 @@ impl Device {
         &self,
         #[wasm_bindgen(js_name = onMessage, unchecked_param_type = "(message: Message) => void")]
         on_message: Function,
-        #[wasm_bindgen(js_name = onError, unchecked_param_type = "(error: CubbyholeError) => void")]
-        on_error: Option<Function>,
+        #[wasm_bindgen(js_name = onError)] on_error: Option<Function>,
     ) {
         let shared = Rc::clone(&self.shared);
         let generation = shared.generation.get();
