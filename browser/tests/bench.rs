@@ -35,7 +35,8 @@
 //!   `KvStore<IdbBackend>` (in the browser: every store write sealed, one
 //!   IndexedDB transaction with strict durability); `kv/memory` is
 //!   `KvStore<MemoryKv>` (natively: the sealing and encoding without a
-//!   disk).
+//!   disk); `sqlite file` is `SqliteStore` in a file (natively: the
+//!   durable store IndexedDB stands in for).
 
 use std::sync::Arc;
 
@@ -88,7 +89,7 @@ fn report(name: &str, per_op_ms: &mut [f64], unit: &str) {
     let median = per_op_ms[per_op_ms.len() / 2];
     let line = if unit == "us" {
         format!(
-            "bench {PLATFORM}: {name}: {:.2} us (median of {} passes; min {:.2}, max {:.2})",
+            "bench {PLATFORM}: {name}: {:.3} us (median of {} passes; min {:.3}, max {:.3})",
             median * 1000.0,
             per_op_ms.len(),
             per_op_ms[0] * 1000.0,
@@ -413,6 +414,30 @@ async fn backlog_kv() {
     report("backlog/kv/memory (1,000 messages)", &mut per, "ms");
 }
 
+/// Natively, the same backlog into the SQLite store in a file (every
+/// commit synced: `synchronous=FULL`), the native counterpart of
+/// IndexedDB with strict durability.
+#[cfg(not(target_arch = "wasm32"))]
+async fn backlog_sqlite() {
+    use cubbyhole::storage::SqliteStore;
+    let mut per = Vec::new();
+    for pass in 0..BACKLOG_PASSES {
+        let path = std::env::temp_dir().join(format!(
+            "cubbyhole-bench-backlog-{}-{pass}.db",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let store = SqliteStore::open(&path, &STORE_KEY).expect("SqliteStore");
+        let mut bob = backlog(store).await;
+        per.push(receive_all(&mut bob).await);
+        drop(bob);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+    report("backlog/sqlite file (1,000 messages)", &mut per, "ms");
+}
+
 #[cfg(target_arch = "wasm32")]
 mod browser {
     use wasm_bindgen_test::*;
@@ -476,6 +501,12 @@ mod native {
     #[ignore = "a benchmark: run with --release -- --ignored --nocapture"]
     fn backlog_memory() {
         block_on(super::backlog_memory());
+    }
+
+    #[test]
+    #[ignore = "a benchmark: run with --release -- --ignored --nocapture"]
+    fn backlog_sqlite() {
+        block_on(super::backlog_sqlite());
     }
 
     #[test]
