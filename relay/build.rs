@@ -10,6 +10,16 @@ include!("tests/support/pg_bin.rs");
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(cubbyhole_test_postgres)");
     println!("cargo:rustc-check-cfg=cfg(cubbyhole_test_browser)");
+    println!("cargo:rustc-check-cfg=cfg(cubbyhole_test_mkfifo)");
+    // tests/web.rs makes a FIFO with the mkfifo command (the crate has no
+    // unsafe code to call mkfifo(3)): without one, that test is ignored.
+    let mkfifo = std::process::Command::new("mkfifo")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if cfg!(unix) && mkfifo {
+        println!("cargo:rustc-cfg=cubbyhole_test_mkfifo");
+    }
     println!("cargo:rerun-if-env-changed=CUBBYHOLE_TEST_BROWSER");
     if std::env::var("CUBBYHOLE_TEST_BROWSER").is_ok_and(|v| !v.trim().is_empty() && v != "0") {
         println!("cargo:rustc-cfg=cubbyhole_test_browser");
