@@ -66,15 +66,14 @@ use std::string::{String, ToString};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::vec::Vec;
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use aes_gcm::{Aes256Gcm, KeyInit};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
-use rand_core::{OsRng, RngCore};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use super::at_rest::{self, OpenError};
 use super::{
     address_bytes, address_from_bytes, address_name, hex, AccessKeyRecord, AccountRecord,
     BlockingStore, ContactRecord, Cursor, DeliveryState, DepositDone, InboxMessage, LocalIdentity,
@@ -148,8 +147,6 @@ const NAME_INFO: &[u8] = b"cubbyhole/v1 kv store name";
 const KEY_CHECK_VALUE: &[u8] = b"cubbyhole kv store key check v1";
 /// The first byte of every record's plaintext.
 const FORMAT: u8 = 1;
-const NONCE_LEN: usize = 12;
-const TAG_LEN: usize = 16;
 
 /// What a record is: the first byte of its name's input and of its
 /// plaintext (the values are part of the format at rest).
@@ -291,41 +288,17 @@ impl Sealer {
 
     /// `nonce || ciphertext || tag`, bound to the backend key `name`.
     fn seal(&self, name: &KvKey, plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let mut out = Zeroizing::new(Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN));
-        out.resize(NONCE_LEN, 0);
-        OsRng
-            .try_fill_bytes(&mut out[..NONCE_LEN])
-            .map_err(|e| StoreError::Backend(format!("operating system RNG: {e}")))?;
-        out.extend_from_slice(plaintext);
-        let (nonce, body) = out.split_at_mut(NONCE_LEN);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), name, body)
-            .map_err(|_| StoreError::Backend("value too long to encrypt".to_string()))?;
-        out.extend_from_slice(&tag);
-        // Only ciphertext is left in the buffer: no need to wipe it.
-        Ok(core::mem::take(&mut *out))
+        at_rest::seal(&self.cipher, name, plaintext)
     }
 
     /// Opens [`Self::seal`]'s output; the error is the reason.
     fn open(&self, name: &KvKey, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
-        if sealed.len() < NONCE_LEN + TAG_LEN {
-            return Err(format!("sealed value too short ({} bytes)", sealed.len()));
-        }
-        let (nonce, rest) = sealed.split_at(NONCE_LEN);
-        let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let mut plain = Zeroizing::new(body.to_vec());
-        self.cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(nonce),
-                name,
-                &mut plain,
-                Tag::from_slice(tag),
-            )
-            .map_err(|_| {
+        at_rest::open(&self.cipher, name, sealed).map_err(|e| match e {
+            OpenError::TooShort(n) => format!("sealed value too short ({n} bytes)"),
+            OpenError::Auth => {
                 "authentication failed (altered, cut, or moved from another key)".to_string()
-            })?;
-        Ok(plain)
+            }
+        })
     }
 }
 

@@ -56,6 +56,7 @@
 //! - A store must be `MaybeSend + MaybeSync` (`Send + Sync` on native
 //!   targets: the client holds it across awaits).
 
+mod at_rest;
 pub mod conformance;
 pub mod kv;
 mod memory;

@@ -9,16 +9,15 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use std::vec::Vec;
 
-use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use aes_gcm::{Aes256Gcm, KeyInit};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
-use rand_core::{OsRng, RngCore};
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+use super::at_rest::{self, OpenError, NONCE_LEN, TAG_LEN};
 #[allow(unused_imports)] // the docs' links
 use super::Store;
 use super::{address_bytes, address_name, hex};
@@ -130,8 +129,6 @@ const ROUTE_KEY_INFO: &[u8] = b"cubbyhole/v1 sqlite store route key";
 /// Prefix of every associated data.
 const AAD_DOMAIN: &[u8] = b"cubbyhole/v1 sqlite\0";
 
-const NONCE_LEN: usize = 12;
-const TAG_LEN: usize = 16;
 /// How long a writer waits for another connection's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -2455,41 +2452,17 @@ impl Sealer {
 
     /// `nonce || ciphertext || tag`, bound to `table` and `row`.
     fn seal(&self, table: &str, row: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, StoreError> {
-        let mut out = Zeroizing::new(Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN));
-        out.resize(NONCE_LEN, 0);
-        OsRng
-            .try_fill_bytes(&mut out[..NONCE_LEN])
-            .map_err(|e| StoreError::Backend(format!("operating system RNG: {e}")))?;
-        out.extend_from_slice(plaintext);
-        let (nonce, body) = out.split_at_mut(NONCE_LEN);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), &aad(table, row), body)
-            .map_err(|_| StoreError::Backend("value too long to encrypt".to_string()))?;
-        out.extend_from_slice(&tag);
-        // The buffer now holds only ciphertext: no need to wipe it.
-        Ok(core::mem::take(&mut *out))
+        at_rest::seal(&self.cipher, &aad(table, row), plaintext)
     }
 
     /// Opens [`Self::seal`]'s output; the error is the reason.
     fn open(&self, table: &str, row: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
-        if sealed.len() < NONCE_LEN + TAG_LEN {
-            return Err(format!("sealed value too short ({} bytes)", sealed.len()));
-        }
-        let (nonce, rest) = sealed.split_at(NONCE_LEN);
-        let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let mut plain = Zeroizing::new(body.to_vec());
-        self.cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(nonce),
-                &aad(table, row),
-                &mut plain,
-                Tag::from_slice(tag),
-            )
-            .map_err(|_| {
+        at_rest::open(&self.cipher, &aad(table, row), sealed).map_err(|e| match e {
+            OpenError::TooShort(n) => format!("sealed value too short ({n} bytes)"),
+            OpenError::Auth => {
                 "authentication failed (altered, cut, or moved from another row)".to_string()
-            })?;
-        Ok(plain)
+            }
+        })
     }
 }
 
